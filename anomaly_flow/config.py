@@ -1,0 +1,230 @@
+"""Frozen, validated configuration for the model and for training.
+
+A configuration is saved as JSON beside every checkpoint and every logged model, so a
+model can be rebuilt from its files alone. Presets are TOML files with a ``[model]`` and
+a ``[train]`` table (see ``pipelines/configs/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+Coupling = Literal["affine", "additive"]
+InvConv = Literal["lu", "plain"]
+Optimizer = Literal["adam", "adamax"]
+Device = Literal["auto", "cpu", "cuda"]
+
+PRESETS = ("tiny", "small", "fashion-mnist")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check(condition: bool, field: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field} = {value!r} is invalid: {requirement}.")
+
+
+def _check_choice(field: str, value: Any, literal: Any) -> None:
+    choices = get_args(literal)
+    _check(value in choices, field, value, f"choose one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True)
+class GlowConfig:
+    """Architecture of a multi-scale Glow.
+
+    Attributes:
+        in_channels: Image channels: 1 (mode ``L``) or 3 (mode ``RGB``).
+        image_size: Side of the square input in pixels; divisible by ``2**levels``.
+        levels: Number of scales L; each starts with a squeeze, all but the last end
+            with a split.
+        steps_per_level: Flow steps K per level (actnorm, 1x1 conv, coupling).
+        hidden_channels: Width of the coupling networks.
+        coupling: ``"affine"`` (scale ``sigmoid(h + 2)``) or ``"additive"``.
+        invconv: ``"lu"`` (LU-parametrised 1x1 convolution) or ``"plain"``.
+        n_bits: Bits per colour channel the images are quantised to; ``n_bins = 2**n_bits``.
+    """
+
+    in_channels: int = 1
+    image_size: int = 32
+    levels: int = 3
+    steps_per_level: int = 32
+    hidden_channels: int = 512
+    coupling: Coupling = "affine"
+    invconv: InvConv = "lu"
+    n_bits: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels in (1, 3), "in_channels", self.in_channels,
+               "use 1 for grey images or 3 for RGB")
+        _check(self.levels >= 1, "levels", self.levels, "need at least one level")
+        _check(self.steps_per_level >= 1, "steps_per_level", self.steps_per_level,
+               "need at least one flow step per level")
+        _check(self.hidden_channels >= 1, "hidden_channels", self.hidden_channels,
+               "must be a positive width")
+        _check(1 <= self.n_bits <= 8, "n_bits", self.n_bits, "must be between 1 and 8")
+        factor = 2**self.levels
+        _check(self.image_size >= factor and self.image_size % factor == 0, "image_size",
+               self.image_size,
+               f"must be a positive multiple of 2**levels = {factor}; resize the images or "
+               "change levels")
+        _check_choice("coupling", self.coupling, Coupling)
+        _check_choice("invconv", self.invconv, InvConv)
+
+    @property
+    def mode(self) -> Literal["L", "RGB"]:
+        """PIL mode images are converted to."""
+        return "L" if self.in_channels == 1 else "RGB"
+
+    @property
+    def n_bins(self) -> int:
+        return 2**self.n_bits
+
+    @property
+    def n_dims(self) -> int:
+        """D = C * H * W, the dimension bits/dim is divided by."""
+        return self.in_channels * self.image_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GlowConfig:
+        return _from_dict(cls, data, "model")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GlowConfig:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a Glow is trained.
+
+    Attributes:
+        epochs: Passes over the training images.
+        batch_size: Global batch size (split across ranks under DDP).
+        lr: Peak learning rate, reached after ``warmup_steps``.
+        warmup_steps: Linear learning-rate warm-up from 0.
+        optimizer: ``"adam"`` or ``"adamax"``.
+        grad_clip: Maximum gradient norm; 0 disables clipping.
+        val_fraction: Share of the images held out for validation bits/dim.
+        seed: Seed for the split, initialisation, shuffling and dequantisation noise.
+        bf16: Run the coupling networks under bf16 autocast (CUDA only); log-dets and
+            priors stay in float32.
+        checkpoint_every: Write a checkpoint every N optimiser steps (and at the end).
+        max_nonfinite_steps: Stop with an error after this many non-finite losses in a row.
+        num_workers: DataLoader workers decoding images.
+        sample_temperature: Temperature of the sample grid drawn after training.
+        init_batch_size: Images used for the data-dependent ActNorm initialisation.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    optimizer: Optimizer = "adam"
+    grad_clip: float = 50.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    bf16: bool = False
+    checkpoint_every: int = 500
+    max_nonfinite_steps: int = 20
+    num_workers: int = 0
+    sample_temperature: float = 0.7
+    init_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, "train for at least one epoch")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be positive")
+        _check(self.lr > 0, "lr", self.lr, "must be positive")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check_choice("optimizer", self.optimizer, Optimizer)
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction,
+               "must be in [0, 1)")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every,
+               "must be positive")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps",
+               self.max_nonfinite_steps, "must be positive")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _check(self.sample_temperature > 0, "sample_temperature", self.sample_temperature,
+               "must be positive")
+        _check(self.init_batch_size >= 1, "init_batch_size", self.init_batch_size,
+               "must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, "train")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A model and its training, as read from a preset or config file."""
+
+    model: GlowConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": self.train.to_dict()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        unknown = set(data) - {"model", "train"}
+        if unknown:
+            raise ConfigError(f"unknown section(s) {sorted(unknown)}; use [model] and [train].")
+        return cls(GlowConfig.from_dict(data.get("model", {})),
+                   TrainConfig.from_dict(data.get("train", {})))
+
+    def replace(self, **train_overrides: Any) -> RunConfig:
+        """A copy with some training fields changed (``None`` values are ignored)."""
+        changes = {k: v for k, v in train_overrides.items() if v is not None}
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+
+def _from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {sorted(unknown)} in [{section}]; known fields: {sorted(names)}."
+        )
+    return cls(**data)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML (preset) or JSON run configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing .toml or .json.")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    return RunConfig.from_dict(data)
+
+
+def load_preset(name: str) -> RunConfig:
+    """Read one of the presets shipped with the package (``tiny``, ``small``, ...)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    text = resources.files("anomaly_flow.presets").joinpath(f"{name}.toml").read_text()
+    return RunConfig.from_dict(tomllib.loads(text))

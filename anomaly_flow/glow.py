@@ -1,0 +1,296 @@
+"""The multi-scale Glow and its exact likelihood.
+
+``Glow.forward`` maps an image batch to its latents and returns, per level, the
+log-determinant and the prior log-density *per spatial position*. Everything else
+(``log_prob``, bits/dim, the per-level breakdown, the per-pixel heatmap) is a sum of
+those maps, so the pieces add up to the total exactly, by construction.
+
+Images enter the flow as ``x = (k + u) / n_bins - 0.5`` for quantised values
+``k in {0, ..., n_bins - 1}``: ``u ~ U[0, 1)`` while training (dequantisation), ``u = 0.5``
+when scoring, so the same image always gets the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from anomaly_flow.config import GlowConfig
+from anomaly_flow.layers import FlowStep, SplitPrior, TopPrior, squeeze, unsqueeze
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelFileError(ValueError):
+    """A saved model folder is missing a file or does not match its config."""
+
+
+class FlowOutput(NamedTuple):
+    """What :meth:`Glow.forward` returns; lists are indexed by level, finest first.
+
+    Attributes:
+        latents: The latent split off at each level (the last is the top latent),
+            ``(B, C_l, H_l, W_l)``.
+        logdet_maps: Log-determinant of each level's flow steps per position,
+            ``(B, H_l, W_l)``, nats.
+        prior_maps: Log-density of each level's latent under its prior per position,
+            ``(B, H_l, W_l)``, nats.
+    """
+
+    latents: list[Tensor]
+    logdet_maps: list[Tensor]
+    prior_maps: list[Tensor]
+
+
+@dataclass(frozen=True)
+class LikelihoodBreakdown:
+    """Exact decomposition of ``log p(x)`` for a batch.
+
+    Attributes:
+        log_prob: ``(B,)`` log-density of the dequantised image in nats.
+        bpd: ``(B,)`` bits per dimension of the quantised image.
+        level_bits: ``(B, L)`` each level's share of ``-log p(x)`` in bits/dim;
+            ``bpd == n_bits + level_bits.sum(1)``.
+        pixel_bpd: ``(B, H, W)`` per-pixel bits/dim; its mean over pixels is ``bpd``.
+    """
+
+    log_prob: Tensor
+    bpd: Tensor
+    level_bits: Tensor
+    pixel_bpd: Tensor
+
+
+def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tensor:
+    """Quantise ``uint8`` images to ``n_bits`` and map them into the flow's input range.
+
+    Args:
+        images: ``(B, C, H, W)`` uint8 (or integer-valued) pixels in [0, 255].
+        n_bits: Bits per channel kept.
+        noise: Dequantisation noise in [0, 1) of the same shape; ``None`` puts every
+            value at the centre of its bin (deterministic scoring).
+
+    Returns:
+        ``(B, C, H, W)`` float32 in [-0.5, 0.5).
+    """
+    n_bins = 2**n_bits
+    k = torch.div(images.to(torch.int32), 2 ** (8 - n_bits), rounding_mode="floor")
+    u = 0.5 if noise is None else noise
+    return (k.to(torch.float32) + u) / n_bins - 0.5
+
+
+def postprocess(x: Tensor, n_bits: int) -> Tensor:
+    """Map flow inputs back to ``uint8`` images (inverse of :func:`preprocess`)."""
+    n_bins = 2**n_bits
+    k = torch.floor((x + 0.5) * n_bins).clamp(0, n_bins - 1)
+    return (k * 2 ** (8 - n_bits)).to(torch.uint8)
+
+
+class Level(nn.Module):
+    """Squeeze, K flow steps, then a split with a conditional prior (or the top prior)."""
+
+    def __init__(self, in_channels: int, size: int, config: GlowConfig, last: bool) -> None:
+        super().__init__()
+        channels = in_channels * 4
+        self.steps = nn.ModuleList(
+            FlowStep(channels, config.hidden_channels, config.coupling, config.invconv)
+            for _ in range(config.steps_per_level)
+        )
+        self.last = last
+        self.prior = TopPrior(channels, size) if last else SplitPrior(channels)
+        self.out_channels = channels if last else channels // 2
+
+    def run_steps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = squeeze(x)
+        logdet_map = x.new_zeros(x.shape[0], *x.shape[2:])
+        for step in self.steps:
+            x, step_map = step.forward_map(x)
+            logdet_map = logdet_map + step_map
+        return x, logdet_map
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return (what goes on to the next level, this level's latent, log-det map,
+        prior map)."""
+        x, logdet_map = self.run_steps(x)
+        if self.last:
+            return x, x, logdet_map, self.prior.log_prob_map(x)
+        z1, z2, prior_map = self.prior.log_prob_map(x)
+        return z1, z2, logdet_map, prior_map
+
+    def inverse(self, z: Tensor, latent: Tensor | None, temperature: float) -> Tensor:
+        """Rebuild this level's input from the next level's output and this level's
+        latent (drawn from the prior at ``temperature`` when ``None``)."""
+        if self.last:
+            x = latent if latent is not None else self.prior.sample(z.shape[0], temperature)
+        else:
+            x = self.prior.sample(z, temperature, latent)
+        for step in reversed(self.steps):
+            x, _ = step.inverse(x)
+        return unsqueeze(x)
+
+
+class Glow(nn.Module):
+    """Multi-scale Glow density model over ``(B, C, H, W)`` images.
+
+    Example:
+        >>> model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=2,
+        ...                         hidden_channels=8))
+        >>> images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+        >>> model.initialize(preprocess(images, 8))
+        >>> model.bpd(preprocess(images, 8)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, config: GlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        levels = []
+        channels, size = config.in_channels, config.image_size
+        for i in range(config.levels):
+            size //= 2
+            level = Level(channels, size, config, last=i == config.levels - 1)
+            levels.append(level)
+            channels = level.out_channels
+        self.levels = nn.ModuleList(levels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def initialized(self) -> bool:
+        """Whether every ActNorm has had its data-dependent initialisation."""
+        return all(bool(step.actnorm.initialized) for lvl in self.levels for step in lvl.steps)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent ActNorm initialisation on a batch ``x`` of flow inputs.
+
+        Call once, on the first batch, before training (and before wrapping the model
+        in DistributedDataParallel, so every rank starts from the same weights).
+        """
+        for level in self.levels:
+            x = squeeze(x)
+            for step in level.steps:
+                x = step.initialize(x)
+            if not level.last:
+                x = x[:, : level.prior.kept]
+
+    def set_coupling_autocast(self, dtype: torch.dtype | None) -> None:
+        """Run the coupling networks (only) under autocast to ``dtype``; None turns it off."""
+        for level in self.levels:
+            for step in level.steps:
+                step.coupling.net.autocast_dtype = dtype
+
+    def forward(self, x: Tensor) -> FlowOutput:
+        """Map flow inputs ``(B, C, H, W)`` to latents with per-position log-det and
+        prior maps (see :class:`FlowOutput`)."""
+        latents, logdet_maps, prior_maps = [], [], []
+        for level in self.levels:
+            x, latent, logdet_map, prior_map = level(x)
+            latents.append(latent)
+            logdet_maps.append(logdet_map)
+            prior_maps.append(prior_map)
+        return FlowOutput(latents, logdet_maps, prior_maps)
+
+    def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Latents and total log-determinant ``(B,)`` of a batch of flow inputs."""
+        out = self(x)
+        return out.latents, sum(m.sum(dim=(1, 2)) for m in out.logdet_maps)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)`` in nats, shape ``(B,)``, of flow inputs ``x`` ``(B, C, H, W)``."""
+        return log_prob_from_output(self(x))
+
+    def bpd(self, x: Tensor) -> Tensor:
+        """Bits per dimension ``(B,)`` of the quantised images behind flow inputs ``x``."""
+        return bits_per_dim(self.log_prob(x), self.config)
+
+    def breakdown(self, x: Tensor) -> LikelihoodBreakdown:
+        """Exact per-level and per-pixel decomposition of ``-log p(x)``."""
+        return breakdown_from_output(self(x), self.config)
+
+    @torch.no_grad()
+    def inverse(self, latents: list[Tensor]) -> Tensor:
+        """Reconstruct flow inputs from all the latents :meth:`forward` returned."""
+        z = latents[-1]
+        for level, latent in zip(reversed(self.levels), reversed(latents), strict=True):
+            z = level.inverse(z, latent, temperature=1.0)
+        return z
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 0.7) -> Tensor:
+        """Draw ``n`` flow inputs ``(n, C, H, W)``; temperature scales the prior std."""
+        z = torch.empty(n, 0, device=self.device)
+        for level in reversed(self.levels):
+            z = level.inverse(z, None, temperature)
+        return z
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(self.config.to_json())
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Glow:
+        """Rebuild a model from the config and weights :meth:`save` wrote; never unpickles."""
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise ModelFileError(
+                    f"{folder / name} is missing; a model folder holds {CONFIG_FILE} and "
+                    f"{WEIGHTS_FILE} as written by Glow.save."
+                )
+        config = GlowConfig.from_json((folder / CONFIG_FILE).read_text())
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        except RuntimeError as exc:
+            raise ModelFileError(
+                f"the weights in {folder} do not fit its {CONFIG_FILE}: {exc}"
+            ) from exc
+        return model.to(device).eval()
+
+
+def log_prob_from_output(out: FlowOutput) -> Tensor:
+    """Total ``log p(x)`` ``(B,)`` in nats from a :class:`FlowOutput`."""
+    maps = out.logdet_maps + out.prior_maps
+    return torch.stack([m.sum(dim=(1, 2)) for m in maps], dim=1).sum(dim=1)
+
+
+def bits_per_dim(log_prob: Tensor, config: GlowConfig) -> Tensor:
+    """``(-log p + D log n_bins) / (D ln 2)`` for log-densities in nats."""
+    d = config.n_dims
+    return (-log_prob + d * math.log(config.n_bins)) / (d * math.log(2.0))
+
+
+def breakdown_from_output(out: FlowOutput, config: GlowConfig) -> LikelihoodBreakdown:
+    """See :meth:`Glow.breakdown`."""
+    d, ln2, size = config.n_dims, math.log(2.0), config.image_size
+    level_maps = [ld + pr for ld, pr in zip(out.logdet_maps, out.prior_maps, strict=True)]
+    level_log_prob = torch.stack([m.sum(dim=(1, 2)) for m in level_maps], dim=1)
+    log_prob = level_log_prob.sum(dim=1)
+    # Spread each position's nats evenly over the pixels it covers: sums are kept.
+    pixel_log_prob = sum(
+        F.interpolate(m[:, None], size=(size, size), mode="nearest")[:, 0]
+        / (size // m.shape[-1]) ** 2
+        for m in level_maps
+    )
+    pixel_bpd = -pixel_log_prob / (config.in_channels * ln2) + config.n_bits
+    return LikelihoodBreakdown(
+        log_prob=log_prob,
+        bpd=bits_per_dim(log_prob, config),
+        level_bits=-level_log_prob / (d * ln2),
+        pixel_bpd=pixel_bpd,
+    )

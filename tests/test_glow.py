@@ -1,0 +1,195 @@
+"""The whole Glow against the change-of-variables formula, in float64."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+from torch.distributions import Normal
+
+from anomaly_flow.config import ConfigError, GlowConfig
+from anomaly_flow.glow import Glow, ModelFileError, postprocess, preprocess
+from anomaly_flow.layers import squeeze
+
+
+def make_model(channels: int, size: int, levels: int, seed: int = 0, **kw) -> Glow:
+    torch.manual_seed(seed)
+    config = GlowConfig(in_channels=channels, image_size=size, levels=levels,
+                        steps_per_level=2, hidden_channels=6, **kw)
+    model = Glow(config).double()
+    x = torch.rand(16, channels, size, size, dtype=torch.float64) - 0.5
+    model.initialize(x)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move every parameter off its (partly zero) initial value
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def reference_log_prob(model: Glow, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) = log p_Z(f(x)) + log|det df/dx| with the Jacobian from autograd and the
+    priors written out with torch.distributions."""
+
+    def latents(flat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z.reshape(-1) for z in model(flat.view_as(x)).latents])
+
+    _, logdet = torch.linalg.slogdet(jacobian(latents, x.reshape(-1)))
+    log_pz = torch.zeros((), dtype=x.dtype)
+    h = x
+    for level in model.levels:
+        h = squeeze(h)
+        for step in level.steps:
+            h, _ = step(h)
+        if level.last:
+            prior = Normal(level.prior.mean, level.prior.log_std.exp())
+            log_pz = log_pz + prior.log_prob(h).sum()
+        else:
+            z1, z2 = h[:, : level.prior.kept], h[:, level.prior.kept :]
+            params = level.prior.net(z1)
+            prior = Normal(params[:, 0::2], params[:, 1::2].exp())
+            log_pz = log_pz + prior.log_prob(z2).sum()
+            h = z1
+    return log_pz + logdet
+
+
+CASES = [(1, 4, 2, {}), (3, 8, 2, {}), (3, 8, 3, {"coupling": "additive", "invconv": "plain"})]
+
+
+@pytest.mark.parametrize(("channels", "size", "levels", "kw"), CASES)
+def test_log_prob_is_change_of_variables(channels, size, levels, kw) -> None:
+    model = make_model(channels, size, levels, **kw)
+    x = torch.rand(1, channels, size, size, dtype=torch.float64) - 0.5
+    expected = reference_log_prob(model, x)
+    torch.testing.assert_close(model.log_prob(x)[0], expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("channels", "size", "levels", "kw"), CASES)
+def test_reconstruction_and_pieces_sum_to_total(channels, size, levels, kw) -> None:
+    model = make_model(channels, size, levels, **kw)
+    x = torch.rand(5, channels, size, size, dtype=torch.float64) - 0.5
+    latents, logdet = model.encode(x)
+    torch.testing.assert_close(model.inverse(latents), x, rtol=1e-6, atol=1e-10)
+
+    log_prob = model.log_prob(x)
+    parts = model.breakdown(x)
+    config = model.config
+    torch.testing.assert_close(parts.log_prob, log_prob)
+    expected_bpd = (-log_prob + config.n_dims * math.log(256)) / (config.n_dims * math.log(2))
+    torch.testing.assert_close(parts.bpd, expected_bpd)
+    assert parts.level_bits.shape == (5, levels)
+    torch.testing.assert_close(parts.level_bits.sum(1) + config.n_bits, parts.bpd)
+    assert parts.pixel_bpd.shape == (5, size, size)
+    torch.testing.assert_close(parts.pixel_bpd.mean(dim=(1, 2)), parts.bpd)
+    # The log-det from encode is the flow part alone: log_prob minus the priors.
+    out = model(x)
+    priors = sum(m.sum(dim=(1, 2)) for m in out.prior_maps)
+    torch.testing.assert_close(logdet + priors, log_prob)
+
+
+def test_bpd_of_uniform_density_is_n_bits() -> None:
+    # An untrained flow is not uniform, but the formula is: log p = 0 on [-0.5, 0.5)^D
+    # gives exactly n_bits bits/dim.
+    from anomaly_flow.glow import bits_per_dim
+
+    config = GlowConfig(image_size=8, levels=1, n_bits=5)
+    assert bits_per_dim(torch.zeros(2), config).tolist() == [5.0, 5.0]
+
+
+def test_preprocess_is_deterministic_and_inverts() -> None:
+    images = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x = preprocess(images, 8)
+    assert x.min() >= -0.5 and x.max() < 0.5
+    torch.testing.assert_close(x, preprocess(images, 8))
+    assert torch.equal(postprocess(x, 8), images)
+    x5 = preprocess(images, 5)
+    assert torch.equal(postprocess(x5, 5), (images // 8) * 8)
+
+
+def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
+    model = make_model(3, 8, 2)
+    assert model.sample(3, temperature=0.7).shape == (3, 3, 8, 8)
+    torch.testing.assert_close(model.sample(2, temperature=0.0),
+                               model.sample(2, temperature=0.0))
+
+
+def test_save_load_round_trip_keeps_actnorm_init(tmp_path) -> None:
+    model = make_model(1, 8, 2).float()
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    model.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 8
+    loaded = Glow.load(tmp_path)
+    assert loaded.initialized
+    assert torch.equal(loaded.log_prob(x), model.eval().log_prob(x))
+    fresh = Glow(model.config)
+    assert not fresh.initialized
+
+
+def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
+    with pytest.raises(ModelFileError, match=r"config\.json is missing"):
+        Glow.load(tmp_path)
+    make_model(1, 8, 2).float().save(tmp_path)
+    (tmp_path / "config.json").write_text(GlowConfig(image_size=8, levels=2,
+                                                     steps_per_level=3).to_json())
+    with pytest.raises(ModelFileError, match="do not fit"):
+        Glow.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [("image_size", {"image_size": 30, "levels": 2}), ("steps_per_level",
+      {"steps_per_level": 0}), ("in_channels", {"in_channels": 2}),
+     ("coupling", {"coupling": "spline"}), ("levels", {"levels": 0})],
+)
+def test_config_validation_names_the_field(field, kwargs) -> None:
+    with pytest.raises(ConfigError, match=field):
+        GlowConfig(**kwargs)
+
+
+def test_config_json_round_trip() -> None:
+    config = GlowConfig(in_channels=3, image_size=16, levels=2, coupling="additive")
+    assert GlowConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match="unknown field"):
+        GlowConfig.from_dict({**config.to_dict(), "depth": 3})
+
+
+@pytest.mark.slow
+def test_forward_compiles_without_graph_breaks() -> None:
+    model = make_model(1, 8, 2).float().eval()
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    expected = model.log_prob(x)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    from anomaly_flow.glow import log_prob_from_output
+
+    with torch.no_grad():
+        got = log_prob_from_output(compiled(x))
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-3)
+
+
+def test_training_lowers_bits_per_dim() -> None:
+    """A tiny Glow on a structured image set (random-width bars) drops well below its
+    starting bits/dim in 300 Adam steps: from about 8.35 to about 4.0 (asserted < 5)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    n, size = 256, 8
+    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    widths = torch.randint(1, size, (n,), generator=gen)
+    for i, w in enumerate(widths.tolist()):
+        images[i, 0, :, :w] = 200
+    model = Glow(GlowConfig(image_size=size, levels=2, steps_per_level=2, hidden_channels=16))
+    x_all = preprocess(images, 8)
+    model.initialize(x_all[:64])
+    start = model.bpd(x_all).mean().item()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(300):
+        idx = torch.randint(0, n, (32,), generator=gen)
+        x = preprocess(images[idx], 8, noise=torch.rand(32, 1, size, size, generator=gen))
+        loss = model.bpd(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = model.bpd(x_all).mean().item()
+    assert start > 7.5, start
+    assert end < 5.0, (start, end)
