@@ -1,0 +1,3 @@
+from anomaly_flow.cli import main
+
+main()

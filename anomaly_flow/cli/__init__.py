@@ -1,0 +1,24 @@
+"""The ``anomaly-flow`` command line: a thin click layer over the library.
+
+Expected failures become ``click.ClickException`` (one line, exit code 1) or usage errors
+(exit code 2); data goes to stdout, progress and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="anomaly-flow")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """Image anomaly detection by exact likelihood (Glow), tracked in MLflow."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# Each command lives in its own module and registers itself on `main`.
+from anomaly_flow.cli import commands  # noqa: E402,F401
