@@ -1,0 +1,910 @@
+"""Calibration: turning anomaly scores into p-values, thresholds and decisions.
+
+Everything here is a plain function over 1-D numpy arrays of scores, one score per
+image, where **a higher score means more anomalous** (bits per dimension, a complexity-
+corrected score, a per-level score, ...). Nothing here knows about models, MLflow or
+the command line.
+
+The decision rule, used everywhere in this package, is strict::
+
+    is_anomaly = score > threshold
+
+so a threshold is "the highest score still called normal". Every threshold-selection
+function returns its value in that convention, and `operating_point` measures rates
+under that same rule.
+
+Split-conformal calibration (no anomalies needed). Given ``n`` scores of held-out
+normal images (never training images), ``c_(1) <= ... <= c_(n)``:
+
+* the p-value of a new score ``s`` is ``p(s) = (1 + #{i : c_i >= s}) / (n + 1)``;
+* the threshold for a target false-positive rate ``alpha`` is ``t = c_(k)`` with
+  ``k = ceil((1 - alpha) (n + 1))`` (1-indexed). It exists only if ``k <= n``, i.e.
+  ``n >= 1/alpha - 1``; with fewer images we refuse rather than guess.
+
+If the new normal score and the calibration scores are exchangeable (same
+distribution, independent of which image went where), then
+``P(s > t) = P(p(s) <= alpha) <= alpha``, ties included.
+
+The two rules are the same rule. For any score ``s``, ties included,
+``s > c_(k)  <=>  p(s) <= alpha``. Proof: ``s > c_(k)`` holds iff at least ``k``
+calibration scores are ``< s``, i.e. ``#{c_i >= s} <= n - k``. And ``p(s) <= alpha``
+iff ``1 + #{c_i >= s} <= alpha (n + 1)`` iff (the left side is an integer)
+``#{c_i >= s} <= floor(alpha (n + 1)) - 1 = n - k``, using
+``floor(alpha (n + 1)) = (n + 1) - ceil((1 - alpha)(n + 1))``. A score equal to the
+threshold is therefore normal under both. (With float p-values the equivalence holds
+for ``p <= alpha`` compared as floats as well, because ``(1 + m)/(n + 1)`` and
+``alpha`` are both correctly rounded.)
+
+``alpha`` is read as the decimal number it prints as (``0.3`` means 3/10, not the
+binary float just below it), and ``k`` is computed in exact rational arithmetic, so
+``alpha=0.3, n=9`` gives ``k=7``, not the ``8`` that ``ceil(0.7 * 10)`` gives in floats.
+
+With labelled anomalies, `f1_threshold`, `youden_threshold` and `cost_threshold`
+pick an operating point from scikit-learn's ROC curve. scikit-learn flags
+``score >= t``; we convert each of its thresholds to the equivalent strict threshold:
+the next lower distinct observed score (or, if every image is flagged, the largest
+float below the smallest score). Among equally good operating points the one that
+flags the fewest images (the highest threshold) wins.
+
+`Calibration` is what is stored, as JSON, with a model version: the score name, the
+chosen `Threshold` and the sorted calibration scores, from which p-values (and
+Benjamini-Hochberg decisions over a batch) can be recomputed later.
+
+Example:
+    >>> import numpy as np
+    >>> t = conformal_threshold(np.arange(1.0, 10.0), alpha=0.1)
+    >>> t.value
+    9.0
+    >>> conformal_p_values(np.arange(1.0, 10.0), np.array([9.0, 9.5]))
+    array([0.2, 0.1])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fractions import Fraction
+from typing import Any, Literal, get_args
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+__all__ = [
+    "Calibration",
+    "CalibrationError",
+    "DetectionMetrics",
+    "Method",
+    "Threshold",
+    "benjamini_hochberg",
+    "calibrate",
+    "conformal_p_values",
+    "conformal_threshold",
+    "cost_threshold",
+    "detection_metrics",
+    "f1_threshold",
+    "min_calibration_size",
+    "operating_point",
+    "youden_threshold",
+]
+
+Method = Literal["conformal", "f1", "youden", "cost"]
+METHODS: tuple[str, ...] = get_args(Method)
+SCHEMA_VERSION = 1
+
+# Relative tolerance under which two objective values (F1, J, cost) count as a tie.
+_TIE_RTOL = 1e-12
+
+
+class CalibrationError(ValueError):
+    """Calibration inputs or stored calibration data are unusable; the message says why."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_scores(values: ArrayLike, name: str) -> np.ndarray:
+    """Return ``values`` as a finite, non-empty 1-D float64 array, or raise.
+
+    Args:
+        values: Scores, shape (N,). Higher = more anomalous.
+        name: What these scores are, for error messages ("calibration", "normal", ...).
+
+    Returns:
+        A float64 array of shape (N,) (a copy when conversion was needed).
+    """
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise CalibrationError(
+            f"{name} scores must be numbers; could not convert them ({error})."
+        ) from error
+    if array.ndim != 1:
+        raise CalibrationError(
+            f"{name} scores must be a 1-D array with one score per image; "
+            f"got shape {array.shape}. Flatten or select one score per image."
+        )
+    if array.size == 0:
+        raise CalibrationError(
+            f"no {name} scores were given; at least one scored image is needed. "
+            "Check that the image folder is not empty and that scoring succeeded."
+        )
+    bad = ~np.isfinite(array)
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise CalibrationError(
+            f"{n_bad} of {array.size} {name} scores are NaN or infinite: those images "
+            "failed to score (unreadable files, or a model that overflows on them). "
+            "Remove or fix those images, or check the model, then run again."
+        )
+    return array
+
+
+def _check_rate(value: float, name: str, hint: str) -> float:
+    """Return ``value`` as a float strictly inside (0, 1), or raise with ``hint``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise CalibrationError(f"{name} must be a number in (0, 1); got {value!r}. {hint}")
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise CalibrationError(f"{name} must be strictly between 0 and 1; got {value}. {hint}")
+    return value
+
+
+def _check_alpha(alpha: float) -> Fraction:
+    """Validate a target false-positive rate and return it as an exact decimal fraction."""
+    alpha = _check_rate(
+        alpha, "alpha (the target false-positive rate)", "Use e.g. 0.01 for 1 false alarm in 100."
+    )
+    # repr gives the shortest decimal that round-trips, i.e. the number the user wrote.
+    return Fraction(repr(alpha))
+
+
+def _conformal_rank(n: int, alpha: Fraction) -> int:
+    """The 1-indexed rank ``k = ceil((1 - alpha)(n + 1))``, computed exactly."""
+    return math.ceil((1 - alpha) * (n + 1))
+
+
+def min_calibration_size(alpha: float) -> int:
+    """Smallest number of calibration scores for which a conformal threshold exists.
+
+    That is the smallest ``n >= 1`` with ``n >= 1/alpha - 1`` (so that
+    ``ceil((1 - alpha)(n + 1)) <= n``), computed in exact arithmetic.
+
+    Args:
+        alpha: Target false-positive rate, in (0, 1).
+
+    Returns:
+        The minimum number of held-out normal images.
+
+    Example:
+        >>> min_calibration_size(0.01), min_calibration_size(0.1), min_calibration_size(0.3)
+        (99, 9, 3)
+    """
+    exact = _check_alpha(alpha)
+    return max(1, math.ceil(1 / exact - 1))
+
+
+# ---------------------------------------------------------------------- operating points
+
+
+def _counts(
+    normal: np.ndarray, anomalous: np.ndarray | None, threshold: float
+) -> tuple[int, int, int, int]:
+    """(false positives, true negatives, true positives, false negatives) under ``s > t``."""
+    fp = int(np.count_nonzero(normal > threshold))
+    tn = normal.size - fp
+    if anomalous is None:
+        return fp, tn, 0, 0
+    tp = int(np.count_nonzero(anomalous > threshold))
+    return fp, tn, tp, anomalous.size - tp
+
+
+def _rates(fp: int, tn: int, tp: int, fn: int, labelled: bool) -> dict[str, float]:
+    rates = {"fpr": fp / (fp + tn)}
+    if labelled:
+        recall = tp / (tp + fn)
+        # Nothing flagged: precision is taken as 1 (no false alarms), as scikit-learn's
+        # precision-recall curve does at its end point; F1 is then 0.
+        precision = tp / (tp + fp) if tp + fp else 1.0
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        rates.update(tpr=recall, recall=recall, precision=precision, f1=f1)
+    return rates
+
+
+def operating_point(
+    normal_scores: ArrayLike, anomalous_scores: ArrayLike | None, threshold: float
+) -> dict[str, float]:
+    """Error rates at ``threshold`` under the rule ``score > threshold``.
+
+    Args:
+        normal_scores: Scores of normal images, shape (N,).
+        anomalous_scores: Scores of known anomalies, shape (M,), or None.
+        threshold: Decision threshold; a score equal to it is normal.
+
+    Returns:
+        ``{"fpr": ...}`` and, when anomalies are given, also ``"tpr"``, ``"recall"``
+        (the same number), ``"precision"`` (1.0 when nothing is flagged) and ``"f1"``.
+
+    Example:
+        >>> operating_point([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6], 0.3)["f1"]
+        0.8571428571428571
+    """
+    normal = _as_scores(normal_scores, "normal")
+    anomalous = None if anomalous_scores is None else _as_scores(anomalous_scores, "anomalous")
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise CalibrationError(f"threshold must be a finite number; got {threshold}.")
+    return _rates(*_counts(normal, anomalous, threshold), labelled=anomalous is not None)
+
+
+# ------------------------------------------------------------------------ result objects
+
+
+def _optional_unit(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise CalibrationError(f"Threshold.{name} must be in [0, 1]; got {value}.")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold and how well it did on the data that chose it.
+
+    The rule is ``is_anomaly = score > value``. Rates are measured in-sample on the
+    calibration data; for the conformal method the out-of-sample guarantee is the
+    expected false-positive rate ``<= alpha``.
+
+    Attributes:
+        value: The highest score still called normal (same units as the score).
+        method: How it was chosen: ``"conformal"``, ``"f1"``, ``"youden"`` or ``"cost"``.
+        alpha: Target false-positive rate for ``"conformal"``; None otherwise.
+        n_calibration: Number of normal scores it was chosen on.
+        fpr: False-positive rate on those normal scores.
+        n_anomalous: Number of labelled anomalous scores used (0 if none).
+        precision: Precision on the labelled data, or None without anomalies.
+        recall: Recall (true-positive rate) on the labelled data, or None.
+        f1: F1 on the labelled data, or None.
+        cost_fp: Cost of one false positive, for ``"cost"``; None otherwise.
+        cost_fn: Cost of one false negative, for ``"cost"``; None otherwise.
+    """
+
+    value: float
+    method: Method
+    alpha: float | None
+    n_calibration: int
+    fpr: float
+    n_anomalous: int = 0
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    cost_fp: float | None = None
+    cost_fn: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CalibrationError(
+                f"unknown threshold method {self.method!r}; expected one of {list(METHODS)}."
+            )
+        value = float(self.value)
+        if not math.isfinite(value):
+            raise CalibrationError(f"Threshold.value must be finite; got {value}.")
+        object.__setattr__(self, "value", value)
+        if self.method == "conformal":
+            if self.alpha is None:
+                raise CalibrationError("a conformal threshold needs its alpha (target FPR).")
+            object.__setattr__(self, "alpha", float(_check_alpha(self.alpha)))
+        elif self.alpha is not None:
+            raise CalibrationError(
+                f"alpha is only meaningful for the conformal method; got alpha={self.alpha} "
+                f"with method {self.method!r}."
+            )
+        for name, minimum in (("n_calibration", 1), ("n_anomalous", 0)):
+            count = getattr(self, name)
+            if not _is_int(count) or count < minimum:
+                raise CalibrationError(
+                    f"Threshold.{name} must be an integer >= {minimum}; got {count!r}."
+                )
+            object.__setattr__(self, name, int(count))
+        object.__setattr__(self, "fpr", _optional_unit(self.fpr, "fpr"))
+        if self.fpr is None:
+            raise CalibrationError("Threshold.fpr is required.")
+        for name in ("precision", "recall", "f1"):
+            object.__setattr__(self, name, _optional_unit(getattr(self, name), name))
+        labelled = self.n_anomalous > 0
+        missing = [n for n in ("precision", "recall", "f1") if getattr(self, n) is None]
+        if labelled and missing:
+            raise CalibrationError(
+                f"Threshold has {self.n_anomalous} anomalies but no {', '.join(missing)}."
+            )
+        if self.method != "conformal" and not labelled:
+            raise CalibrationError(
+                f"method {self.method!r} needs labelled anomalies; n_anomalous is 0."
+            )
+        costs = (self.cost_fp, self.cost_fn)
+        if self.method == "cost":
+            if None in costs:
+                raise CalibrationError("a cost threshold needs both cost_fp and cost_fn.")
+            object.__setattr__(self, "cost_fp", float(self.cost_fp))  # type: ignore[arg-type]
+            object.__setattr__(self, "cost_fn", float(self.cost_fn))  # type: ignore[arg-type]
+        elif costs != (None, None):
+            raise CalibrationError(
+                f"cost_fp/cost_fn are only meaningful for the cost method, not {self.method!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Threshold:
+        """Rebuild from `to_dict` output, validating every field.
+
+        Raises:
+            CalibrationError: Missing or unknown keys, or invalid values.
+        """
+        if not isinstance(data, Mapping):
+            raise CalibrationError(f"a threshold must be a JSON object; got {type(data).__name__}.")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CalibrationError(
+                f"unknown threshold field(s) {unknown}; expected only {sorted(known)}. "
+                "The file may come from a newer version of anomaly-flow."
+            )
+        missing = sorted({"value", "method", "alpha", "n_calibration", "fpr"} - set(data))
+        if missing:
+            raise CalibrationError(f"threshold is missing field(s) {missing}.")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            if isinstance(error, CalibrationError):
+                raise
+            raise CalibrationError(f"invalid threshold {dict(data)!r}: {error}") from error
+
+
+@dataclass(frozen=True)
+class DetectionMetrics:
+    """Threshold-free separation of normal and anomalous scores (anomalies positive).
+
+    Attributes:
+        auroc: Area under the ROC curve.
+        aupr: Average precision (area under the precision-recall curve).
+        fpr_at_95_tpr: Smallest FPR among ROC points with TPR >= 0.95.
+        n_normal: Number of normal scores.
+        n_anomalous: Number of anomalous scores.
+    """
+
+    auroc: float
+    aupr: float
+    fpr_at_95_tpr: float
+    n_normal: int
+    n_anomalous: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain dict, e.g. for ``mlflow.log_metrics``."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def _labelled(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (1 = anomaly) and scores, concatenated, for scikit-learn."""
+    y_true = np.concatenate([np.zeros(normal.size, np.int8), np.ones(anomalous.size, np.int8)])
+    return y_true, np.concatenate([normal, anomalous])
+
+
+def detection_metrics(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> DetectionMetrics:
+    """AUROC, AUPR and FPR at 95 % TPR, anomalies being the positive class.
+
+    Args:
+        normal_scores: Scores of normal images, shape (N,).
+        anomalous_scores: Scores of anomalous images, shape (M,).
+
+    Returns:
+        The metrics; ties between a normal and an anomalous score count half in AUROC.
+
+    Example:
+        >>> detection_metrics([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6]).fpr_at_95_tpr
+        0.25
+    """
+    normal = _as_scores(normal_scores, "normal")
+    anomalous = _as_scores(anomalous_scores, "anomalous")
+    y_true, y_score = _labelled(normal, anomalous)
+    fpr, tpr, _ = roc_curve(y_true, y_score, drop_intermediate=False)
+    return DetectionMetrics(
+        auroc=float(roc_auc_score(y_true, y_score)),
+        aupr=float(average_precision_score(y_true, y_score)),
+        fpr_at_95_tpr=float(fpr[tpr >= 0.95].min()),
+        n_normal=normal.size,
+        n_anomalous=anomalous.size,
+    )
+
+
+# -------------------------------------------------------------------- conformal p-values
+
+
+def _sorted_calibration(calibration_scores: ArrayLike) -> np.ndarray:
+    return np.sort(_as_scores(calibration_scores, "calibration"))
+
+
+def _p_values_sorted(sorted_cal: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    n = sorted_cal.size
+    n_at_least = n - np.searchsorted(sorted_cal, scores, side="left")
+    return (1.0 + n_at_least) / (n + 1.0)
+
+
+def conformal_p_values(calibration_scores: ArrayLike, scores: ArrayLike) -> np.ndarray:
+    """Split-conformal p-values ``p = (1 + #{cal >= s}) / (n + 1)``.
+
+    A small p-value means the score is higher than almost all calibration (normal)
+    scores. For a normal image exchangeable with the calibration set,
+    ``P(p <= alpha) <= alpha`` for every alpha.
+
+    Args:
+        calibration_scores: Scores of held-out normal images, shape (n,).
+        scores: Scores to test, shape (B,).
+
+    Returns:
+        p-values in ``[1/(n+1), 1]``, shape (B,), float64.
+
+    Example:
+        >>> conformal_p_values([1.0, 2.0, 2.0, 3.0], [0.0, 2.0, 2.5, 4.0])
+        array([1. , 0.8, 0.4, 0.2])
+    """
+    return _p_values_sorted(_sorted_calibration(calibration_scores), _as_scores(scores, "test"))
+
+
+def _refusal(n: int, alpha: float) -> CalibrationError:
+    needed = min_calibration_size(alpha)
+    return CalibrationError(
+        f"the conformal threshold needs at least {needed} held-out normal images for a "
+        f"false-positive rate of {alpha:g}; got {n}. Add more normal images to the "
+        "calibration folder or raise --target-fpr."
+    )
+
+
+def _conformal_from_sorted(
+    sorted_cal: np.ndarray, alpha: float, anomalous: np.ndarray | None = None
+) -> Threshold:
+    exact = _check_alpha(alpha)
+    n = sorted_cal.size
+    k = _conformal_rank(n, exact)
+    if k > n:
+        raise _refusal(n, float(alpha))
+    value = float(sorted_cal[k - 1])
+    rates = _rates(*_counts(sorted_cal, anomalous, value), labelled=anomalous is not None)
+    return Threshold(
+        value=value,
+        method="conformal",
+        alpha=float(alpha),
+        n_calibration=n,
+        fpr=rates["fpr"],
+        n_anomalous=0 if anomalous is None else anomalous.size,
+        precision=rates.get("precision"),
+        recall=rates.get("recall"),
+        f1=rates.get("f1"),
+    )
+
+
+def conformal_threshold(
+    calibration_scores: ArrayLike,
+    alpha: float,
+    *,
+    anomalous_scores: ArrayLike | None = None,
+) -> Threshold:
+    """Threshold whose false-positive rate on new normal images is at most ``alpha``.
+
+    The threshold is the ``ceil((1 - alpha)(n + 1))``-th smallest calibration score
+    (1-indexed, exact arithmetic). With the rule ``score > threshold`` this flags
+    exactly the scores whose conformal p-value is ``<= alpha``.
+
+    Args:
+        calibration_scores: Scores of held-out normal images (never training
+            images), shape (n,).
+        alpha: Target false-positive rate, in (0, 1).
+        anomalous_scores: Optional scores of known anomalies, shape (M,), only used
+            to report precision, recall and F1 at the threshold.
+
+    Returns:
+        A `Threshold` with method ``"conformal"``.
+
+    Raises:
+        CalibrationError: If ``n < 1/alpha - 1`` (the message says how many images
+            are needed), or on empty / non-finite scores or alpha outside (0, 1).
+
+    Example:
+        >>> conformal_threshold([1, 2, 3, 4, 5, 6, 7, 8, 9], alpha=0.3).value
+        7.0
+    """
+    anomalous = None if anomalous_scores is None else _as_scores(anomalous_scores, "anomalous")
+    return _conformal_from_sorted(_sorted_calibration(calibration_scores), alpha, anomalous)
+
+
+# ------------------------------------------------------------- thresholds from labels
+
+
+def _candidates(
+    normal: np.ndarray, anomalous: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct operating point, as (strict thresholds, FP counts, TP counts).
+
+    scikit-learn's ROC thresholds ``t`` flag ``score >= t`` (the first one is +inf,
+    flagging nothing). The same set of images is flagged by ``score > t'`` where ``t'``
+    is the largest observed score below ``t``, or the largest float below the smallest
+    score when there is none.
+    """
+    y_true, y_score = _labelled(normal, anomalous)
+    fpr, tpr, sk_thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
+    distinct = np.unique(y_score)
+    below = np.searchsorted(distinct, sk_thresholds, side="left")
+    strict = np.where(
+        below > 0,
+        distinct[np.maximum(below - 1, 0)],
+        np.nextafter(distinct[0], -np.inf),
+    )
+    # Rates are counts / totals; recover the integer counts exactly.
+    fp = np.rint(fpr * normal.size).astype(np.int64)
+    tp = np.rint(tpr * anomalous.size).astype(np.int64)
+    return strict, fp, tp
+
+
+def _pick(objective: np.ndarray, strict: np.ndarray) -> float:
+    """Highest threshold whose objective is maximal (up to float round-off)."""
+    best = objective.max()
+    ties = objective >= best - _TIE_RTOL * max(1.0, abs(best))
+    return float(strict[ties].max())
+
+
+def _labelled_threshold(
+    normal_scores: ArrayLike,
+    anomalous_scores: ArrayLike,
+    method: Method,
+    cost_fp: float | None = None,
+    cost_fn: float | None = None,
+) -> Threshold:
+    normal = _as_scores(normal_scores, "normal")
+    anomalous = _as_scores(anomalous_scores, "anomalous")
+    strict, fp, tp = _candidates(normal, anomalous)
+    fn = anomalous.size - tp
+    if method == "f1":
+        objective = 2.0 * tp / (2 * tp + fp + fn)
+    elif method == "youden":
+        # J = TPR - FPR, kept in integers over the common denominator for exact ties.
+        objective = (tp * normal.size - fp * anomalous.size).astype(np.float64)
+    else:
+        objective = -(cost_fp * fp + cost_fn * fn)  # type: ignore[operator]
+    value = _pick(objective, strict)
+    rates = _rates(*_counts(normal, anomalous, value), labelled=True)
+    return Threshold(
+        value=value,
+        method=method,
+        alpha=None,
+        n_calibration=normal.size,
+        fpr=rates["fpr"],
+        n_anomalous=anomalous.size,
+        precision=rates["precision"],
+        recall=rates["recall"],
+        f1=rates["f1"],
+        cost_fp=cost_fp,
+        cost_fn=cost_fn,
+    )
+
+
+def f1_threshold(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> Threshold:
+    """Threshold maximising F1 (anomalies positive) on labelled data.
+
+    Args:
+        normal_scores: Scores of normal images, shape (N,).
+        anomalous_scores: Scores of known anomalies, shape (M,).
+
+    Returns:
+        A `Threshold` with method ``"f1"``; ties go to the highest threshold.
+
+    Example:
+        >>> f1_threshold([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6]).value
+        0.3
+    """
+    return _labelled_threshold(normal_scores, anomalous_scores, "f1")
+
+
+def youden_threshold(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> Threshold:
+    """Threshold maximising Youden's J = TPR - FPR on labelled data.
+
+    Args:
+        normal_scores: Scores of normal images, shape (N,).
+        anomalous_scores: Scores of known anomalies, shape (M,).
+
+    Returns:
+        A `Threshold` with method ``"youden"``; ties go to the highest threshold.
+    """
+    return _labelled_threshold(normal_scores, anomalous_scores, "youden")
+
+
+def cost_threshold(
+    normal_scores: ArrayLike,
+    anomalous_scores: ArrayLike,
+    cost_fp: float = 1.0,
+    cost_fn: float = 1.0,
+) -> Threshold:
+    """Threshold minimising ``cost_fp * FP + cost_fn * FN`` on labelled data.
+
+    The counts are over the given data, so with unbalanced sets the costs act on
+    counts, not rates: pass costs per image as they are felt in production.
+
+    Args:
+        normal_scores: Scores of normal images, shape (N,).
+        anomalous_scores: Scores of known anomalies, shape (M,).
+        cost_fp: Cost of one false alarm (normal image flagged), >= 0.
+        cost_fn: Cost of one missed anomaly, >= 0.
+
+    Returns:
+        A `Threshold` with method ``"cost"``; ties go to the highest threshold.
+    """
+    costs = []
+    for name, cost in (("cost_fp", cost_fp), ("cost_fn", cost_fn)):
+        if isinstance(cost, bool) or not isinstance(cost, (int, float, np.number)):
+            raise CalibrationError(f"{name} must be a number; got {cost!r}.")
+        if not (math.isfinite(cost) and cost >= 0):
+            raise CalibrationError(f"{name} must be a finite number >= 0; got {cost}.")
+        costs.append(float(cost))
+    if costs[0] == 0 and costs[1] == 0:
+        raise CalibrationError(
+            "cost_fp and cost_fn are both 0, so every threshold costs the same. "
+            "Give at least one of them a positive cost."
+        )
+    return _labelled_threshold(normal_scores, anomalous_scores, "cost", *costs)
+
+
+# --------------------------------------------------------------------------- multiplicity
+
+
+def benjamini_hochberg(p_values: ArrayLike, q: float) -> np.ndarray:
+    """Benjamini-Hochberg step-up procedure controlling the false discovery rate.
+
+    With ``p_(1) <= ... <= p_(m)`` and ``k`` the largest index with
+    ``p_(k) <= k q / m``, reject (flag as anomalous) every p-value ``<= p_(k)``.
+    Conformal p-values of one batch share their calibration set; they are positively
+    dependent in the way BH tolerates (Bates et al., 2023), so FDR <= q still holds.
+
+    Args:
+        p_values: p-values in [0, 1], shape (B,).
+        q: Target false discovery rate, in (0, 1).
+
+    Returns:
+        Boolean reject mask, shape (B,), in the input order.
+
+    Example:
+        >>> benjamini_hochberg([0.001, 0.025, 0.026, 0.035, 0.3], q=0.05)
+        array([ True,  True,  True,  True, False])
+    """
+    q = _check_rate(q, "q (the target false discovery rate)", "Use e.g. 0.05 or 0.1.")
+    p = _as_scores(p_values, "p-value")
+    if p.min() < 0 or p.max() > 1:
+        raise CalibrationError(
+            f"p-values must lie in [0, 1]; got values from {p.min()} to {p.max()}. "
+            "Pass p-values, not raw scores."
+        )
+    m = p.size
+    sorted_p = np.sort(p)
+    passing = np.flatnonzero(sorted_p <= q * np.arange(1, m + 1) / m)
+    if passing.size == 0:
+        return np.zeros(m, dtype=bool)
+    return p <= sorted_p[passing[-1]]
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Everything needed to turn one kind of score into decisions, stored as JSON.
+
+    Built with `calibrate` (or from parts); stored with a model version via
+    `to_json` and read back with `from_json`, which validates it.
+
+    Attributes:
+        score_name: Which score this calibrates, e.g. ``"bpd"``, ``"complexity"``,
+            ``"level_1"``.
+        threshold: The chosen `Threshold` (rule: ``score > threshold.value``).
+        calibration_scores: The normal calibration scores, sorted ascending, shape
+            (n,) as a tuple of floats; any array-like is accepted and sorted.
+        created_at: ISO 8601 timestamp (UTC) of creation.
+    """
+
+    score_name: str
+    threshold: Threshold
+    calibration_scores: tuple[float, ...] = field(repr=False)
+    created_at: str = field(default_factory=_now)
+    _sorted: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.score_name, str) or not self.score_name:
+            raise CalibrationError(
+                f"score_name must be a non-empty string; got {self.score_name!r}."
+            )
+        if not isinstance(self.threshold, Threshold):
+            raise CalibrationError(
+                f"threshold must be a Threshold; got {type(self.threshold).__name__}."
+            )
+        sorted_cal = _sorted_calibration(self.calibration_scores)
+        sorted_cal.setflags(write=False)
+        object.__setattr__(self, "_sorted", sorted_cal)
+        object.__setattr__(self, "calibration_scores", tuple(sorted_cal.tolist()))
+        threshold = self.threshold
+        if threshold.n_calibration != sorted_cal.size:
+            raise CalibrationError(
+                f"threshold was chosen on {threshold.n_calibration} normal scores but "
+                f"{sorted_cal.size} calibration scores are stored; they must be the same set."
+            )
+        if threshold.method == "conformal":
+            expected = _conformal_from_sorted(sorted_cal, threshold.alpha).value  # type: ignore[arg-type]
+            if threshold.value != expected:
+                raise CalibrationError(
+                    f"conformal threshold {threshold.value} does not match the stored "
+                    f"calibration scores (expected {expected} for alpha={threshold.alpha}); "
+                    "the calibration data was altered. Re-run calibration."
+                )
+        try:
+            datetime.fromisoformat(self.created_at)
+        except (TypeError, ValueError) as error:
+            raise CalibrationError(
+                f"created_at must be an ISO 8601 timestamp; got {self.created_at!r}."
+            ) from error
+
+    @property
+    def sorted_scores(self) -> np.ndarray:
+        """Calibration scores as a read-only sorted float64 array, shape (n,)."""
+        return self._sorted
+
+    def p_values(self, scores: ArrayLike) -> np.ndarray:
+        """Conformal p-values of ``scores`` (shape (B,)) against the stored scores."""
+        return _p_values_sorted(self._sorted, _as_scores(scores, "test"))
+
+    def decide(self, scores: ArrayLike, fdr: float | None = None) -> np.ndarray:
+        """Flag anomalies in a batch of scores.
+
+        Args:
+            scores: Scores to decide on, shape (B,).
+            fdr: If given, ignore the threshold and flag by Benjamini-Hochberg on the
+                conformal p-values at this false discovery rate, in (0, 1).
+
+        Returns:
+            Boolean mask, shape (B,): ``scores > threshold.value``, or the BH rejections.
+        """
+        scores = _as_scores(scores, "test")
+        if fdr is not None:
+            return benjamini_hochberg(_p_values_sorted(self._sorted, scores), fdr)
+        return scores > self.threshold.value
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (see `to_json` for the layout)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "score_name": self.score_name,
+            "created_at": self.created_at,
+            "threshold": self.threshold.to_dict(),
+            "calibration_scores": list(self.calibration_scores),
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        """Serialise to strict JSON; floats round-trip exactly.
+
+        Layout::
+
+            {"schema_version": 1, "score_name": "bpd", "created_at": "...",
+             "threshold": {Threshold.to_dict()}, "calibration_scores": [sorted floats]}
+        """
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        """Rebuild from `to_dict` output, validating it.
+
+        Raises:
+            CalibrationError: Wrong schema version, missing fields, unknown method,
+                non-finite scores, or a threshold inconsistent with the scores.
+        """
+        if not isinstance(data, Mapping):
+            raise CalibrationError(
+                f"a calibration must be a JSON object; got {type(data).__name__}."
+            )
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CalibrationError(
+                f"unsupported calibration schema_version {version!r}; this version of "
+                f"anomaly-flow reads {SCHEMA_VERSION}. Re-run calibration or upgrade."
+            )
+        required = ("score_name", "created_at", "threshold", "calibration_scores")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise CalibrationError(f"calibration is missing field(s) {missing}.")
+        scores = data["calibration_scores"]
+        if not isinstance(scores, list) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
+        ):
+            raise CalibrationError("calibration_scores must be a JSON list of numbers.")
+        return cls(
+            score_name=data["score_name"],
+            threshold=Threshold.from_dict(data["threshold"]),
+            calibration_scores=scores,  # type: ignore[arg-type]
+            created_at=data["created_at"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        """Parse and validate `to_json` output."""
+
+        def reject_constant(name: str) -> None:
+            raise CalibrationError(f"calibration JSON contains {name}; scores must be finite.")
+
+        try:
+            data = json.loads(text, parse_constant=reject_constant)
+        except json.JSONDecodeError as error:
+            raise CalibrationError(f"calibration file is not valid JSON: {error}.") from error
+        return cls.from_dict(data)
+
+
+def calibrate(
+    score_name: str,
+    normal_scores: ArrayLike,
+    *,
+    method: Method = "conformal",
+    alpha: float | None = None,
+    anomalous_scores: ArrayLike | None = None,
+    cost_fp: float = 1.0,
+    cost_fn: float = 1.0,
+) -> Calibration:
+    """Choose a threshold and package it with the calibration scores.
+
+    Args:
+        score_name: Name of the score, e.g. ``"bpd"``.
+        normal_scores: Scores of held-out normal images, shape (n,).
+        method: ``"conformal"`` (needs ``alpha``), or ``"f1"``, ``"youden"``,
+            ``"cost"`` (need ``anomalous_scores``).
+        alpha: Target false-positive rate for ``"conformal"``.
+        anomalous_scores: Scores of known anomalies, shape (M,). Optional for
+            ``"conformal"`` (then only used to report precision/recall).
+        cost_fp: Cost of a false positive, for ``"cost"``.
+        cost_fn: Cost of a false negative, for ``"cost"``.
+
+    Returns:
+        A validated `Calibration`.
+    """
+    if method not in METHODS:
+        raise CalibrationError(f"unknown method {method!r}; choose one of {list(METHODS)}.")
+    if method == "conformal":
+        if alpha is None:
+            raise CalibrationError(
+                "the conformal method needs a target false-positive rate (alpha / --target-fpr)."
+            )
+        threshold = conformal_threshold(normal_scores, alpha, anomalous_scores=anomalous_scores)
+    else:
+        if alpha is not None:
+            raise CalibrationError(
+                f"alpha (target FPR) only applies to the conformal method, not {method!r}; "
+                "drop it, or use method='conformal'."
+            )
+        if anomalous_scores is None:
+            raise CalibrationError(
+                f"method {method!r} needs scores of labelled anomalous images; give an "
+                "anomaly folder, or use the conformal method with a target FPR."
+            )
+        if method == "f1":
+            threshold = f1_threshold(normal_scores, anomalous_scores)
+        elif method == "youden":
+            threshold = youden_threshold(normal_scores, anomalous_scores)
+        else:
+            threshold = cost_threshold(normal_scores, anomalous_scores, cost_fp, cost_fn)
+    return Calibration(score_name, threshold, normal_scores)  # type: ignore[arg-type]

@@ -1,0 +1,574 @@
+"""Tests for anomaly_flow.calibration: hand-computed examples, brute-force references,
+and statistical properties of split-conformal calibration on exchangeable data."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anomaly_flow.calibration import (
+    Calibration,
+    CalibrationError,
+    Threshold,
+    benjamini_hochberg,
+    calibrate,
+    conformal_p_values,
+    conformal_threshold,
+    cost_threshold,
+    detection_metrics,
+    f1_threshold,
+    min_calibration_size,
+    operating_point,
+    youden_threshold,
+)
+
+PROPERTY = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+# A small labelled set used by several hand-computed examples. Under `s > t`:
+#   t     flagged normal  flagged anomalous  FP FN  precision recall  F1    J
+#   0.6   -               -                  0  3   (1)       0       0     0
+#   0.5   -               .6                 0  2   1         1/3     1/2   1/3
+#   0.4   -               .5 .6              0  1   1         2/3     4/5   2/3
+#   0.35  .4              .5 .6              1  1   2/3       2/3     2/3   5/12
+#   0.3   .4              all                1  0   3/4       1       6/7   3/4
+#   0.2   .3 .4           all                2  0   3/5       1       3/4   1/2
+NORMAL = [0.1, 0.2, 0.3, 0.4]
+ANOMALOUS = [0.35, 0.5, 0.6]
+
+
+# ------------------------------------------------------------------ references
+
+
+def brute_p_values(cal: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    return np.array([(1 + np.sum(cal >= s)) / (len(cal) + 1) for s in scores])
+
+
+def brute_bh(p: np.ndarray, q: float) -> np.ndarray:
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    k = 0
+    for rank, i in enumerate(order, start=1):
+        if p[i] <= q * rank / m:
+            k = rank
+    reject = np.zeros(m, dtype=bool)
+    for i in order[:k]:
+        reject[i] = True
+    return reject
+
+
+def brute_best(normal, anomalous, objective) -> tuple[float, float]:
+    """(best objective, highest strict threshold attaining it) over all cut points."""
+    normal, anomalous = np.asarray(normal, float), np.asarray(anomalous, float)
+    values = np.unique(np.concatenate([normal, anomalous]))
+    cuts = [np.nextafter(values[0], -np.inf), *values]
+    scored = []
+    for t in cuts:
+        fp, tp = int(np.sum(normal > t)), int(np.sum(anomalous > t))
+        scored.append((objective(fp, tp, len(normal) - fp, len(anomalous) - tp), t))
+    best = max(s for s, _ in scored)
+    return best, max(t for s, t in scored if math.isclose(s, best, rel_tol=1e-12, abs_tol=1e-12))
+
+
+def f1_of(fp, tp, tn, fn):
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def youden_of(fp, tp, tn, fn):
+    return Fraction(tp, tp + fn) - Fraction(fp, fp + tn)
+
+
+# -------------------------------------------------------------- conformal maths
+
+
+@pytest.mark.parametrize(
+    ("alpha", "expected"),
+    [(0.01, 99), (0.1, 9), (0.05, 19), (0.3, 3), (0.2, 4), (0.5, 1), (0.9, 1), (1e-4, 9999)],
+)
+def test_min_calibration_size(alpha, expected):
+    assert min_calibration_size(alpha) == expected
+    conformal_threshold(np.arange(expected, dtype=float), alpha)  # exactly enough: accepted
+    if expected > 1:
+        with pytest.raises(CalibrationError):
+            conformal_threshold(np.arange(expected - 1, dtype=float), alpha)
+
+
+def test_p_values_hand_computed():
+    cal = np.arange(1.0, 10.0)  # 1..9, n = 9
+    scores = np.array([0.0, 1.0, 5.0, 9.0, 9.5])
+    # #{cal >= s} = 9, 9, 5, 1, 0  ->  p = (1 + count) / 10
+    np.testing.assert_array_equal(conformal_p_values(cal, scores), [1.0, 1.0, 0.6, 0.2, 0.1])
+
+
+def test_p_values_ties():
+    cal = [3.0, 1.0, 2.0, 2.0, 2.0]  # unsorted on purpose; n = 5
+    p = conformal_p_values(cal, [1.0, 2.0, 2.5, 3.0, 4.0])
+    np.testing.assert_allclose(p, [6 / 6, 5 / 6, 2 / 6, 2 / 6, 1 / 6])
+
+
+@PROPERTY
+@given(
+    cal=st.lists(st.integers(0, 6), min_size=1, max_size=30),
+    scores=st.lists(st.integers(-1, 7), min_size=1, max_size=30),
+)
+def test_p_values_match_brute_force(cal, scores):
+    cal, scores = np.array(cal, float), np.array(scores, float)
+    np.testing.assert_array_equal(conformal_p_values(cal, scores), brute_p_values(cal, scores))
+
+
+@pytest.mark.parametrize(
+    ("alpha", "expected"),
+    [
+        (0.1, 9.0),  # k = ceil(0.9 * 10) = 9: the largest of 1..9
+        (0.2, 8.0),  # k = ceil(0.8 * 10) = 8
+        (0.3, 7.0),  # k = ceil(0.7 * 10) = 7
+        (0.7, 3.0),  # k = ceil(0.3 * 10) = 3 exactly; in floats (1 - 0.7) * 10 = 3.0000000000000004
+        (0.25, 8.0),  # k = ceil(7.5) = 8
+        (0.5, 5.0),  # k = ceil(5) = 5
+    ],
+)
+def test_conformal_threshold_hand_computed(alpha, expected):
+    cal = np.arange(9.0, 0.0, -1.0)  # 9..1, order must not matter
+    threshold = conformal_threshold(cal, alpha)
+    assert threshold.value == expected
+    assert threshold.method == "conformal"
+    assert threshold.alpha == alpha
+    assert threshold.n_calibration == 9
+    assert threshold.fpr == pytest.approx((9 - expected) / 9)  # in-sample: #{cal > t} / n
+    assert threshold.precision is None and threshold.recall is None and threshold.f1 is None
+
+
+def test_conformal_rank_is_exact_for_large_n():
+    # k = ceil(0.55 * 100) = 55; in floats (1 - 0.45) * 100 = 55.00000000000001 -> 56
+    assert conformal_threshold(np.arange(1.0, 100.0), alpha=0.45).value == 55.0
+
+
+def test_conformal_threshold_ties_and_decision_at_the_threshold():
+    cal = [1.0, 2.0, 2.0, 2.0, 3.0]
+    threshold = conformal_threshold(cal, alpha=0.5)  # k = ceil(0.5 * 6) = 3 -> 2.0
+    assert threshold.value == 2.0
+    assert threshold.fpr == pytest.approx(1 / 5)
+    scores = np.array([2.0, 2.5, 3.0])
+    # a score equal to the threshold is normal; p-values 5/6, 2/6, 2/6
+    calibration = Calibration("bpd", threshold, cal)
+    np.testing.assert_array_equal(calibration.decide(scores), [False, True, True])
+    np.testing.assert_array_equal(calibration.p_values(scores) <= 0.5, [False, True, True])
+
+
+def test_conformal_threshold_reports_labelled_metrics_when_given_anomalies():
+    threshold = conformal_threshold(NORMAL, alpha=0.5, anomalous_scores=ANOMALOUS)
+    # n = 4, k = ceil(0.5 * 5) = 3 -> 0.3; row t = 0.3 of the table above
+    assert threshold.value == 0.3
+    assert (threshold.fpr, threshold.precision, threshold.recall) == (0.25, 0.75, 1.0)
+    assert threshold.f1 == pytest.approx(6 / 7)
+    assert threshold.n_anomalous == 3
+
+
+@PROPERTY
+@given(
+    cal=st.lists(st.integers(0, 8), min_size=1, max_size=60),
+    scores=st.lists(st.integers(-1, 9), min_size=1, max_size=20),
+    alpha=st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.7, 0.9]),
+)
+def test_threshold_rule_equals_p_value_rule_with_ties(cal, scores, alpha):
+    """score > threshold  <=>  p <= alpha, for every score, ties included."""
+    if len(cal) < min_calibration_size(alpha):
+        with pytest.raises(CalibrationError):
+            conformal_threshold(cal, alpha)
+        return
+    cal, scores = np.array(cal, float), np.array(scores, float)
+    threshold = conformal_threshold(cal, alpha)
+    probe = np.concatenate([scores, cal])  # include every calibration value exactly
+    p = conformal_p_values(cal, probe)
+    np.testing.assert_array_equal(probe > threshold.value, p <= alpha)
+    # and the same with exact rational p-values
+    exact = [Fraction(round(x * (len(cal) + 1)), len(cal) + 1) for x in p]
+    np.testing.assert_array_equal(
+        probe > threshold.value, [x <= Fraction(repr(alpha)) for x in exact]
+    )
+
+
+def test_refusal_message_says_how_many_images_are_needed():
+    with pytest.raises(CalibrationError) as info:
+        conformal_threshold(np.linspace(0, 1, 40), alpha=0.01)
+    message = str(info.value)
+    assert "at least 99" in message
+    assert "got 40" in message
+    assert "0.01" in message
+    assert "--target-fpr" in message
+
+
+def test_refusal_is_a_value_error():
+    with pytest.raises(ValueError, match="at least 9 "):
+        conformal_threshold(np.arange(8.0), alpha=0.1)
+
+
+# ------------------------------------------------------- statistical properties
+
+DISTRIBUTIONS = {
+    "normal": lambda rng, size: rng.normal(3.0, 0.5, size),
+    "exponential": lambda rng, size: rng.exponential(1.0, size),
+    "heavy_tail": lambda rng, size: rng.standard_t(2, size),
+    "discrete": lambda rng, size: rng.poisson(3.0, size).astype(float),  # many ties
+}
+
+
+def achieved_rates(pool, n_cal, n_test, alpha, rng, n_splits):
+    """Mean over random splits of (FPR of the threshold, fraction of p <= alpha)."""
+    fprs, small_p = [], []
+    for _ in range(n_splits):
+        permuted = rng.permutation(pool)
+        cal, test = permuted[:n_cal], permuted[n_cal : n_cal + n_test]
+        threshold = conformal_threshold(cal, alpha)
+        fprs.append(np.mean(test > threshold.value))
+        small_p.append(np.mean(conformal_p_values(cal, test) <= alpha))
+    return float(np.mean(fprs)), float(np.mean(small_p))
+
+
+@PROPERTY
+@given(
+    alpha=st.sampled_from([0.05, 0.1, 0.2, 0.3]),
+    extra_cal=st.integers(0, 300),
+    n_test=st.integers(20, 300),
+    seed=st.integers(0, 2**32 - 1),
+    distribution=st.sampled_from(sorted(DISTRIBUTIONS)),
+)
+def test_conformal_fpr_and_p_value_validity_on_exchangeable_data(
+    alpha, extra_cal, n_test, seed, distribution
+):
+    n_cal = min_calibration_size(alpha) + extra_cal
+    rng = np.random.default_rng(seed)
+    pool = DISTRIBUTIONS[distribution](rng, n_cal + n_test)
+    fpr, p_rate = achieved_rates(pool, n_cal, n_test, alpha, rng, n_splits=10)
+    bound = alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_test) + 1 / (n_cal + 1)
+    assert fpr <= bound
+    assert p_rate <= bound  # super-uniform p-values: P(p <= alpha) <= alpha
+    assert fpr == pytest.approx(p_rate)  # same rule
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.01])
+def test_benchmark_b5_mean_fpr_over_20_splits(alpha):
+    """B5: half the held-out normals calibrate, half check; 20 random splits."""
+    rng = np.random.default_rng(5)
+    pool = rng.gamma(4.0, 0.5, size=4000) + 3.0  # bpd-like, right-skewed
+    n_check = 2000
+    fpr, _ = achieved_rates(pool, 2000, n_check, alpha, rng, n_splits=20)
+    assert fpr <= alpha + 2 * math.sqrt(alpha * (1 - alpha) / n_check)
+    assert fpr >= alpha - 2 * math.sqrt(alpha * (1 - alpha) / n_check)  # not wastefully low
+
+
+# ---------------------------------------------------------- labelled thresholds
+
+
+def test_f1_threshold_hand_computed():
+    threshold = f1_threshold(NORMAL, ANOMALOUS)
+    assert threshold.value == 0.3
+    assert threshold.method == "f1"
+    assert threshold.alpha is None
+    assert (threshold.n_calibration, threshold.n_anomalous) == (4, 3)
+    assert (threshold.fpr, threshold.precision, threshold.recall) == (0.25, 0.75, 1.0)
+    assert threshold.f1 == pytest.approx(6 / 7)
+
+
+def test_youden_threshold_hand_computed():
+    threshold = youden_threshold(NORMAL, ANOMALOUS)
+    assert threshold.value == 0.3  # J = 3/4 there
+    assert threshold.recall - threshold.fpr == pytest.approx(0.75)
+
+
+def test_ties_go_to_the_highest_threshold():
+    # normal 1,2,3,4; anomalous 2.5, 5. t = 4 -> TPR 1/2, FPR 0; t = 2 -> TPR 1, FPR 1/2:
+    # J = 1/2 and F1 = 2/3 at both; the higher threshold (fewer alarms) wins.
+    normal, anomalous = [1.0, 2.0, 3.0, 4.0], [2.5, 5.0]
+    assert youden_threshold(normal, anomalous).value == 4.0
+    assert f1_threshold(normal, anomalous).value == 4.0
+    # FP + FN is 1 at t = 0.4 and at t = 0.3 (table above): 0.4 wins
+    assert cost_threshold(NORMAL, ANOMALOUS).value == 0.4
+
+
+@pytest.mark.parametrize(
+    ("cost_fp", "cost_fn", "expected"),
+    [(1.0, 1.0, 0.4), (1.0, 5.0, 0.3), (10.0, 1.0, 0.4), (0.0, 1.0, 0.3), (1.0, 0.0, 0.6)],
+)
+def test_cost_threshold_hand_computed(cost_fp, cost_fn, expected):
+    threshold = cost_threshold(NORMAL, ANOMALOUS, cost_fp=cost_fp, cost_fn=cost_fn)
+    assert threshold.value == expected
+    assert (threshold.cost_fp, threshold.cost_fn) == (cost_fp, cost_fn)
+
+
+def test_flag_everything_uses_the_float_just_below_the_smallest_score():
+    # normal 5; anomalous 1, 2, 3: F1 is best (6/7) when all four images are flagged
+    threshold = f1_threshold([5.0], [1.0, 2.0, 3.0])
+    assert threshold.value == np.nextafter(1.0, -np.inf)
+    assert (threshold.fpr, threshold.recall) == (1.0, 1.0)
+
+
+def test_flag_nothing_uses_the_largest_score():
+    # false alarms are very expensive and the anomalies are below the normal score
+    threshold = cost_threshold([5.0], [1.0, 2.0], cost_fp=100.0, cost_fn=1.0)
+    assert threshold.value == 5.0
+    assert (threshold.fpr, threshold.recall, threshold.precision) == (0.0, 0.0, 1.0)
+
+
+def test_ties_between_normal_and_anomalous_scores():
+    # t = 2 flags {3}: F1 2/3; t = 1 flags {2, 2, 2, 3}: F1 2/3; the higher wins
+    threshold = f1_threshold([1.0, 2.0, 2.0], [2.0, 3.0])
+    assert threshold.value == 2.0
+    assert (threshold.fpr, threshold.recall, threshold.precision) == (0.0, 0.5, 1.0)
+
+
+labelled_sets = st.tuples(
+    st.lists(st.integers(0, 12), min_size=1, max_size=25),
+    st.lists(st.integers(0, 12), min_size=1, max_size=25),
+)
+
+
+@PROPERTY
+@given(data=labelled_sets, costs=st.tuples(st.integers(0, 5), st.integers(1, 5)))
+def test_labelled_thresholds_match_brute_force(data, costs):
+    normal, anomalous = (np.array(x, float) / 4 for x in data)  # many ties
+    cost_fp, cost_fn = map(float, costs)
+    cases = [
+        (f1_threshold(normal, anomalous), f1_of),
+        (youden_threshold(normal, anomalous), youden_of),
+        (
+            cost_threshold(normal, anomalous, cost_fp, cost_fn),
+            lambda fp, tp, tn, fn: -(cost_fp * fp + cost_fn * fn),
+        ),
+    ]
+    for threshold, objective in cases:
+        _, best_t = brute_best(normal, anomalous, objective)
+        assert threshold.value == best_t
+        point = operating_point(normal, anomalous, threshold.value)
+        assert threshold.fpr == point["fpr"]
+        assert threshold.recall == point["recall"]
+        assert threshold.precision == point["precision"]
+        assert threshold.f1 == point["f1"]
+
+
+# --------------------------------------------------------------------- metrics
+
+
+def test_operating_point_hand_computed():
+    point = operating_point(NORMAL, ANOMALOUS, 0.35)
+    assert point == pytest.approx(
+        {"fpr": 0.25, "tpr": 2 / 3, "recall": 2 / 3, "precision": 2 / 3, "f1": 2 / 3}
+    )
+    assert operating_point(NORMAL, None, 0.2) == {"fpr": 0.5}
+    assert operating_point(NORMAL, None, 0.4) == {"fpr": 0.0}  # equal to threshold: normal
+
+
+def test_detection_metrics_hand_computed():
+    metrics = detection_metrics(NORMAL, ANOMALOUS)
+    assert metrics.auroc == pytest.approx(11 / 12)  # 11 of 12 pairs ordered correctly
+    # ranking .6A .5A .4N .35A: AP = 1/3 * 1 + 1/3 * 1 + 1/3 * 3/4
+    assert metrics.aupr == pytest.approx(11 / 12)
+    assert metrics.fpr_at_95_tpr == 0.25  # TPR >= .95 needs all three anomalies
+    assert (metrics.n_normal, metrics.n_anomalous) == (4, 3)
+    assert set(metrics.to_dict()) == {"auroc", "aupr", "fpr_at_95_tpr", "n_normal", "n_anomalous"}
+
+
+def test_fpr_at_95_tpr_uses_smallest_fpr_reaching_it():
+    normal = np.arange(100.0)
+    anomalous = np.concatenate([np.full(19, 1000.0), [50.5]])  # 19/20 = 0.95 exactly
+    # TPR 0.95 is reached before any normal image is flagged
+    assert detection_metrics(normal, anomalous).fpr_at_95_tpr == 0.0
+    anomalous = np.concatenate([np.full(18, 1000.0), [50.5, 60.5]])
+    # TPR 0.95 needs 60.5 flagged (t < 60.5): normals 61..99 flagged -> 39 / 100
+    assert detection_metrics(normal, anomalous).fpr_at_95_tpr == pytest.approx(0.39)
+
+
+def test_detection_metrics_perfect_and_tied_separation():
+    assert detection_metrics([0.0, 1.0], [2.0, 3.0]).auroc == 1.0
+    assert detection_metrics([1.0, 1.0], [1.0, 1.0]).auroc == 0.5
+
+
+# --------------------------------------------------------------- Benjamini-Hochberg
+
+
+def test_benjamini_hochberg_hand_example():
+    # sorted: .001 .025 .026 .035 .3 vs k q / m = .01 .02 .03 .04 .05
+    # .025 > .02 fails its own test, but k = 4 (.035 <= .04) and step-up rejects all <= .035
+    p = np.array([0.3, 0.026, 0.001, 0.035, 0.025])
+    np.testing.assert_array_equal(benjamini_hochberg(p, 0.05), [False, True, True, True, True])
+    np.testing.assert_array_equal(benjamini_hochberg(p, 0.01), [False, False, True, False, False])
+    np.testing.assert_array_equal(benjamini_hochberg(p, 0.004), [False] * 5)
+
+
+def test_benjamini_hochberg_ties():
+    # all equal to 0.04 <= 5 * 0.05 / 5: all rejected; none at q = 0.03
+    p = np.full(5, 0.04)
+    assert benjamini_hochberg(p, 0.05).all()
+    assert not benjamini_hochberg(p, 0.03).any()
+
+
+@PROPERTY
+@given(
+    p=st.lists(st.integers(1, 40).map(lambda i: i / 41), min_size=1, max_size=40),
+    q=st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.5]),
+)
+def test_benjamini_hochberg_matches_brute_force(p, q):
+    p = np.array(p)
+    np.testing.assert_array_equal(benjamini_hochberg(p, q), brute_bh(p, q))
+
+
+def test_decide_with_fdr_uses_bh_on_p_values():
+    calibration = calibrate("bpd", np.arange(1.0, 20.0), alpha=0.1)  # n = 19
+    scores = np.array([25.0, 30.0, 10.0, 19.5])
+    p = calibration.p_values(scores)  # (1 + #{cal >= s}) / 20 = 1/20, 1/20, 11/20, 1/20
+    np.testing.assert_allclose(p, [0.05, 0.05, 0.55, 0.05])
+    # q = 0.1: sorted .05 .05 .05 .55 vs .025 .05 .075 .1 -> k = 3; q = 0.05: none pass
+    np.testing.assert_array_equal(calibration.decide(scores, fdr=0.1), benjamini_hochberg(p, 0.1))
+    np.testing.assert_array_equal(calibration.decide(scores, fdr=0.1), [True, True, False, True])
+    np.testing.assert_array_equal(calibration.decide(scores, fdr=0.05), [False] * 4)
+
+
+# ------------------------------------------------------------------- storage
+
+
+def test_calibration_json_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    normal, anomalous = rng.normal(3.0, 0.3, 250), rng.normal(4.0, 0.5, 30)
+    for calibration in [
+        calibrate("bpd", normal, alpha=0.01, anomalous_scores=anomalous),
+        calibrate("complexity", normal, alpha=0.1),
+        calibrate("level_1", normal, method="f1", anomalous_scores=anomalous),
+        calibrate("bpd", normal, method="youden", anomalous_scores=anomalous),
+        calibrate("bpd", normal, method="cost", anomalous_scores=anomalous, cost_fn=3.5),
+    ]:
+        text = calibration.to_json()
+        loaded = Calibration.from_json(text)
+        assert loaded == calibration
+        assert loaded.to_json() == text
+        np.testing.assert_array_equal(loaded.sorted_scores, np.sort(normal))
+        probe = rng.normal(3.5, 1.0, 50)
+        np.testing.assert_array_equal(loaded.p_values(probe), calibration.p_values(probe))
+        np.testing.assert_array_equal(loaded.decide(probe), calibration.decide(probe))
+
+
+def test_calibration_json_layout():
+    calibration = calibrate("bpd", [3.0, 1.0, 2.0], alpha=0.5)
+    data = json.loads(calibration.to_json(indent=2))
+    assert set(data) == {
+        "schema_version",
+        "score_name",
+        "created_at",
+        "threshold",
+        "calibration_scores",
+    }
+    assert data["schema_version"] == 1
+    assert data["calibration_scores"] == [1.0, 2.0, 3.0]  # sorted
+    assert data["threshold"]["method"] == "conformal"
+    assert data["threshold"]["value"] == 2.0  # k = ceil(0.5 * 4) = 2
+    assert Threshold.from_dict(data["threshold"]) == calibration.threshold
+
+
+def test_calibration_is_frozen_and_scores_read_only():
+    calibration = calibrate("bpd", [3.0, 1.0, 2.0], alpha=0.5)
+    with pytest.raises(AttributeError):
+        calibration.score_name = "other"  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        calibration.sorted_scores[0] = 0.0
+
+
+def valid_dict() -> dict:
+    return calibrate("bpd", np.arange(1.0, 10.0), alpha=0.1).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d["threshold"].update(method="magic"), "unknown threshold method 'magic'"),
+        (lambda d: d["calibration_scores"].__setitem__(0, None), "list of numbers"),
+        (lambda d: d["threshold"].update(value=5.0), "does not match"),
+        (lambda d: d["calibration_scores"].pop(), "9 normal scores but 8"),
+        (lambda d: d.update(schema_version=2), "schema_version 2"),
+        (lambda d: d.pop("threshold"), "missing field"),
+        (lambda d: d["threshold"].update(extra=1), "unknown threshold field"),
+        (lambda d: d["threshold"].update(alpha=1.5), "between 0 and 1"),
+        (lambda d: d.update(created_at="yesterday"), "ISO 8601"),
+        (lambda d: d.update(score_name=""), "score_name"),
+    ],
+)
+def test_from_dict_validates(mutate, match):
+    data = valid_dict()
+    mutate(data)
+    with pytest.raises(CalibrationError, match=match):
+        Calibration.from_dict(data)
+
+
+def test_from_json_rejects_non_finite_and_garbage():
+    text = valid_dict()
+    text["calibration_scores"][3] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN"):
+        Calibration.from_json(json.dumps(text))
+    with pytest.raises(CalibrationError, match="not valid JSON"):
+        Calibration.from_json("{not json")
+
+
+# -------------------------------------------------------------------- errors
+
+
+def test_non_finite_scores_say_how_many_failed():
+    with pytest.raises(CalibrationError, match=r"2 of 5 calibration scores .* failed to score"):
+        conformal_threshold([1.0, np.nan, 2.0, np.inf, 3.0], alpha=0.5)
+    with pytest.raises(CalibrationError, match="1 of 2 test scores"):
+        conformal_p_values([1.0, 2.0], [np.nan, 1.0])
+    with pytest.raises(CalibrationError, match="1 of 3 anomalous scores"):
+        f1_threshold([1.0], [2.0, -np.inf, 3.0])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: conformal_threshold([], 0.1),
+        lambda: conformal_p_values([1.0], []),
+        lambda: f1_threshold([1.0], []),
+        lambda: detection_metrics([], [1.0]),
+        lambda: benjamini_hochberg([], 0.1),
+    ],
+)
+def test_empty_scores_are_refused(call):
+    with pytest.raises(CalibrationError, match=r"no .* were given"):
+        call()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan"), True, "0.1"])
+def test_alpha_outside_unit_interval(alpha):
+    with pytest.raises(CalibrationError, match="alpha"):
+        conformal_threshold(np.arange(100.0), alpha)
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0, 2.0, float("nan")])
+def test_q_outside_unit_interval(q):
+    with pytest.raises(CalibrationError, match="q "):
+        benjamini_hochberg([0.1, 0.2], q)
+
+
+def test_other_errors():
+    with pytest.raises(CalibrationError, match="1-D"):
+        conformal_p_values(np.ones((2, 2)), [1.0])
+    with pytest.raises(CalibrationError, match=r"\[0, 1\]"):
+        benjamini_hochberg([0.5, 3.0], 0.1)
+    with pytest.raises(CalibrationError, match="both 0"):
+        cost_threshold(NORMAL, ANOMALOUS, cost_fp=0.0, cost_fn=0.0)
+    with pytest.raises(CalibrationError, match="cost_fn"):
+        cost_threshold(NORMAL, ANOMALOUS, cost_fn=-1.0)
+    with pytest.raises(CalibrationError, match="needs scores of labelled anomalous"):
+        calibrate("bpd", NORMAL, method="f1")
+    with pytest.raises(CalibrationError, match="needs a target false-positive rate"):
+        calibrate("bpd", NORMAL)
+    with pytest.raises(CalibrationError, match="only applies to the conformal"):
+        calibrate("bpd", NORMAL, method="f1", alpha=0.1, anomalous_scores=ANOMALOUS)
+    with pytest.raises(CalibrationError, match="finite"):
+        operating_point(NORMAL, None, float("nan"))
