@@ -1,0 +1,590 @@
+"""Finding, decoding and loading images: the one place pixels enter the package.
+
+Training and scoring both go through :func:`load_image`, so an image file becomes the
+same ``(C, H, W)`` uint8 array whichever command reads it. A file that cannot be read
+never stops a run: :func:`find_images` lists every candidate file, and decoding turns
+each failure into an :class:`ImageDecodeError` (or an ``error`` string) with a one-line
+reason.
+
+Example:
+    >>> paths = find_images(Path("parts/"))  # doctest: +SKIP
+    >>> array, error = try_load_image(paths[0], mode="L", size=32)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import stat
+import struct
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+ImageMode = Literal["L", "RGB"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+"""File name extensions (compared in lower case) that :func:`find_images` lists."""
+
+MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+"""Images with more pixels are refused (decompression-bomb protection). PIL's own limit,
+``PIL.Image.MAX_IMAGE_PIXELS``, applies as well: the lower of the two wins."""
+
+RESAMPLE = Image.Resampling.BICUBIC
+"""The one filter used to resize every image to the model's size."""
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+_CHANNELS = {"L": 1, "RGB": 3}
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_UNIDENTIFIED = "cannot identify image file (not an image or unsupported format)"
+
+
+class DataError(ValueError):
+    """The images or data files given cannot be used; the message says why and what to do."""
+
+
+class ImageDecodeError(DataError):
+    """One image could not be read or decoded.
+
+    Attributes:
+        source: The file, as printable text (see :func:`display_path`).
+        reason: The cause in one line, without the file name.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = " ".join(reason.split())
+        super().__init__(f"{source}: {self.reason}")
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that can always be printed or written as UTF-8.
+
+    File names that are not valid UTF-8 reach Python as lone surrogates; they are shown as
+    ``\\xff`` escapes instead of making a log handler or CSV writer fail.
+    """
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every file under ``root`` whose extension is an image extension, in sorted order.
+
+    Nothing is skipped for being unreadable: dangling symlinks, symlink loops, files
+    without read permission and names that are not valid UTF-8 are all listed, so that
+    scoring gives them a row with an error. Symlinked folders are followed, each real
+    folder at most once, so a link to a parent folder cannot cause an endless walk.
+    Folders that cannot be listed are logged as warnings.
+
+    Args:
+        root: The folder to search recursively.
+
+    Returns:
+        Paths below ``root`` (``root / relative``), sorted by their relative path.
+
+    Raises:
+        DataError: ``root`` is missing, is not a folder, cannot be listed, or holds no
+            image files.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder not found: {display_path(root)}; check the path")
+    if not root.is_dir():
+        raise DataError(f"{display_path(root)} is not a folder; pass the folder of images")
+    # Real folders are known first, so that a file reachable both directly and through a
+    # symlinked folder is listed once, under its real path.
+    real_dirs = {_dir_id(Path(d)) for d, _, _ in os.walk(root)}
+    seen_dirs = set(real_dirs)
+    walk_errors: list[OSError] = []
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
+        dirnames[:] = [d for d in dirnames if _enter(Path(dirpath, d), real_dirs, seen_dirs)]
+        found.extend(
+            Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    for exc in walk_errors:
+        where = display_path(exc.filename or root)
+        if Path(exc.filename or root) == root:
+            raise DataError(
+                f"cannot list image folder {where}: {exc.strerror}; check its permissions"
+            )
+        logger.warning(
+            "cannot list folder %s (%s); images inside it are not included", where, exc.strerror
+        )
+    if not found:
+        raise DataError(
+            f"no image files found in {display_path(root)} (looked recursively for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
+        )
+    return sorted(found, key=lambda p: os.fsencode(p.relative_to(root)))
+
+
+def _dir_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int]]) -> bool:
+    """Enter every real folder of the tree, and a symlinked folder only if it is new."""
+    try:
+        folder = _dir_id(path)
+    except OSError:
+        return True  # os.walk reports it through onerror
+    if folder in real_dirs and not path.is_symlink():
+        return True
+    if folder in seen:
+        logger.info("not following %s: it leads to a folder already searched", display_path(path))
+        return False
+    seen.add(folder)
+    return True
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int) -> np.ndarray:
+    """Read one image file and convert it exactly as training and scoring expect.
+
+    The steps: take the first frame (GIF, multi-page TIFF); apply the EXIF orientation;
+    16-bit grey is scaled to 8 bits (``round(v / 257)``), float grey is clipped to
+    0..255; palette images with transparency and images with an alpha channel are
+    composited onto **black** (``rgb * alpha / 255``); CMYK and other modes are converted
+    by PIL; then to ``mode`` and resized to ``size × size`` with :data:`RESAMPLE` (the
+    aspect ratio is not kept).
+
+    Args:
+        source: A file path, or the encoded file content as ``bytes``.
+        mode: ``"L"`` (grey, C = 1) or ``"RGB"`` (C = 3).
+        size: Side length in pixels of the square output.
+
+    Returns:
+        uint8 array of shape ``(C, size, size)``.
+
+    Raises:
+        ImageDecodeError: The file cannot be read or decoded; ``reason`` says why.
+    """
+    _check_mode_size(mode, size)
+    if isinstance(source, bytes | bytearray | memoryview):
+        name, data = "<bytes>", bytes(source)
+    else:
+        name, data = display_path(source), _read_regular_file(Path(source))
+    if not data:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's notes on odd files would flood the log
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                pixels = img.width * img.height
+                if pixels > MAX_IMAGE_PIXELS:
+                    raise ImageDecodeError(name, _too_large(pixels))
+                img.load()  # decode everything now, so truncated files fail here
+                return image_to_array(img, mode, size)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageDecodeError(name, _too_large(int(found[1])) if found else str(exc)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(name, _UNIDENTIFIED) from None
+    except MemoryError:
+        raise ImageDecodeError(name, "out of memory while decoding") from None
+    except Exception as exc:  # PIL's plugins raise many types for damaged data
+        if "truncated" in str(exc).lower():
+            raise ImageDecodeError(name, "truncated image file") from None
+        raise ImageDecodeError(name, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def try_load_image(
+    source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int
+) -> tuple[np.ndarray | None, str | None]:
+    """Like :func:`load_image`, but returns ``(array, None)`` or ``(None, reason)``."""
+    try:
+        return load_image(source, mode, size), None
+    except ImageDecodeError as exc:
+        return None, exc.reason
+
+
+def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
+    """Convert a decoded PIL image to the model's input; the conversion :func:`load_image` uses.
+
+    Returns:
+        uint8 array of shape ``(C, size, size)``.
+    """
+    _check_mode_size(mode, size)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # a damaged EXIF block should not cost an otherwise good image
+        logger.debug("ignoring unreadable EXIF orientation: %s", exc)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257
+        img = Image.fromarray(np.rint(grey).astype(np.uint8))
+    elif img.mode == "F":
+        grey = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0, 255)
+        img = Image.fromarray(np.rint(grey).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("PA", "LA", "RGBa", "RGBA"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        on_black = np.rint(rgba[..., :3] * rgba[..., 3:] / 255).astype(np.uint8)
+        img = Image.fromarray(on_black)
+    if img.mode not in ("L", "RGB"):  # CMYK, YCbCr, LAB, HSV, 1, RGBX: PIL knows them all
+        img = img.convert("RGB")
+    if img.mode != mode:
+        img = img.convert(mode)
+    if img.size != (size, size):
+        img = img.resize((size, size), resample=RESAMPLE)
+    array = np.array(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _check_mode_size(mode: str, size: int) -> None:
+    if mode not in _CHANNELS:
+        raise ValueError(f"image mode must be 'L' or 'RGB', got {mode!r}")
+    if not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"image size must be a positive integer, got {size!r}")
+
+
+def _too_large(pixels: int) -> str:
+    limit = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
+    return f"image too large: {pixels} pixels exceeds the {limit}-pixel safety limit"
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``; refuses folders, pipes and devices before opening (no hang)."""
+    name = display_path(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, socket or device"
+            raise ImageDecodeError(name, f"not a regular file ({kind})")
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            reason = "symlink loop"
+        elif exc.errno == errno.ENOENT:
+            reason = "dangling symlink (target missing)" if path.is_symlink() else "file not found"
+        elif isinstance(exc, PermissionError):
+            reason = "permission denied"
+        else:
+            reason = f"cannot read file ({exc.strerror or exc})"
+        raise ImageDecodeError(name, reason) from None
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class ImageItem(NamedTuple):
+    """One dataset item; PyTorch's default collate batches a list of them field by field."""
+
+    image: torch.Tensor  # uint8 (C, H, W); zeros when ok is False
+    ok: bool
+    error: str  # one-line reason when ok is False, else ""
+    index: int  # position in the dataset
+
+
+class TrainBatch(NamedTuple):
+    """A training batch from :func:`collate_skip_failed`."""
+
+    images: torch.Tensor  # uint8 (B, C, H, W), failed items removed (B may be 0)
+    n_failed: int
+
+
+class ImageFolderDataset(Dataset[ImageItem]):
+    """Image files decoded on access by :func:`try_load_image`; never raises for a bad file.
+
+    Holds only paths and settings (no open files), so it works with DataLoader workers.
+
+    Args:
+        paths: Image files, e.g. from :func:`find_images`.
+        mode: ``"L"`` or ``"RGB"``.
+        size: Output side length.
+    """
+
+    def __init__(self, paths: Sequence[Path], mode: ImageMode, size: int) -> None:
+        _check_mode_size(mode, size)
+        self.paths = [Path(p) for p in paths]
+        self.mode: ImageMode = mode
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        array, error = try_load_image(self.paths[index], self.mode, self.size)
+        if array is None:
+            blank = torch.zeros(_CHANNELS[self.mode], self.size, self.size, dtype=torch.uint8)
+            return ImageItem(blank, False, error or "unknown error", index)
+        return ImageItem(torch.from_numpy(array), True, "", index)
+
+
+class ArrayDataset(Dataset[ImageItem]):
+    """In-memory uint8 images ``(N, C, H, W)`` with the same items as :class:`ImageFolderDataset`.
+
+    Given ``mode`` and ``size``, images of another shape are converted once, up front, by
+    :func:`image_to_array`, exactly as if they had been read from files.
+    """
+
+    def __init__(
+        self, images: np.ndarray, mode: ImageMode | None = None, size: int | None = None
+    ) -> None:
+        _check_image_array(images)
+        if (mode is None) != (size is None):
+            raise ValueError("give ArrayDataset both mode and size, or neither")
+        if mode is not None and size is not None:
+            wanted = (_CHANNELS[mode], size, size)
+            if images.shape[1:] != wanted:
+                images = np.stack([image_to_array(_to_pil(a), mode, size) for a in images])
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> ImageItem:
+        return ImageItem(self.images[index], True, "", index)
+
+
+def collate_skip_failed(batch: Sequence[ImageItem]) -> TrainBatch:
+    """Collate for training: drop the items that failed to decode and count them.
+
+    Example:
+        >>> loader = DataLoader(dataset, batch_size=64, collate_fn=collate_skip_failed)
+        >>> for images, n_failed in loader:
+        ...     skipped += n_failed
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    kept = [item.image for item in batch if item.ok]
+    images = torch.stack(kept) if kept else batch[0].image.new_empty((0, *batch[0].image.shape))
+    return TrainBatch(images, len(batch) - len(kept))
+
+
+def _check_image_array(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"expected uint8 images of shape (N, C, H, W) with C = 1 or 3, "
+            f"got {images.dtype} {images.shape}"
+        )
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+
+
+def write_image_folder(
+    images: np.ndarray, folder: Path, prefix: str, fmt: str = "png"
+) -> list[Path]:
+    """Write uint8 images ``(N, C, H, W)`` as files ``folder/<prefix><00000>.<fmt>``.
+
+    ``fmt`` is ``png``, ``bmp``, ``tiff``, ``webp`` (lossless) or ``jpg`` (lossy).
+    """
+    _check_image_array(images)
+    formats = {"png": "PNG", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "jpg": "JPEG"}
+    if fmt not in formats:
+        raise ValueError(f"unknown image format {fmt!r}; choose one of {sorted(formats)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(len(images) - 1)))
+    paths = []
+    for i, array in enumerate(images):
+        path = folder / f"{prefix}{i:0{width}d}.{fmt}"
+        _to_pil(array).save(
+            path, format=formats[fmt], **({"lossless": True} if fmt == "webp" else {})
+        )
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- IDX / Fashion-MNIST
+
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzip-compressed or plain.
+
+    Returns:
+        The array, in native byte order, with the shape the header gives.
+
+    Raises:
+        DataError: The file is missing, damaged or not an IDX file.
+    """
+    path, name = Path(path), display_path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read IDX file {name}: {exc.strerror or exc}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{name} is a damaged gzip file ({exc}); download it again") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{name} is not an IDX file: it lacks the magic number 00 00 <type> <ndim>")
+    ndim = raw[3]
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name} is a damaged IDX file: header cut short; download it again")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{name} is a damaged IDX file: its header promises shape {shape} ({expected} "
+            f"bytes) but it holds {len(raw) - header} bytes of data; download it again"
+        )
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def load_fashion_mnist(
+    split: Literal["train", "test"], root: Path = FASHION_MNIST_DIR
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from its IDX files (``.gz`` or plain).
+
+    Returns:
+        ``(images, labels)``: uint8 ``(N, 1, 28, 28)`` and int64 ``(N,)`` class indices
+        into :data:`FASHION_MNIST_CLASSES`.
+
+    Raises:
+        DataError: The files are missing or damaged.
+    """
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):
+        candidates = [root / f"{prefix}-{kind}-ubyte{ext}" for ext in (".gz", "")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise DataError(
+                f"Fashion-MNIST {split} file {candidates[0].name} not found in {root}; "
+                "install it with `apt-get install dataset-fashion-mnist` or pass the folder as root"
+            )
+        found.append(read_idx(path))
+    images, labels = found
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        raise DataError(
+            f"Fashion-MNIST files in {root} do not match: images {images.dtype} {images.shape}, "
+            f"labels {labels.shape}; download them again"
+        )
+    return images[:, None], labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def fingerprint(paths: Sequence[Path], root: Path) -> str:
+    """A SHA-256 hex digest of a set of files: their paths relative to ``root``, sizes and contents.
+
+    Every file's content is hashed (fine for image folders of up to a few GB), so the
+    digest changes when any byte does and not when files are touched or copied. The order
+    of ``paths`` does not matter. A file that cannot be read enters as its error code.
+    """
+    records = []
+    for path in paths:
+        relative = os.fsencode(os.path.relpath(path, root))
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                content = hashlib.file_digest(file, "sha256").hexdigest()
+        except OSError as exc:
+            size, content = -1, f"unreadable:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+        records.append(relative + f"\0{size}\0{content}\n".encode())
+    digest = hashlib.sha256()
+    for record in sorted(records):
+        digest.update(record)
+    return digest.hexdigest()
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into sorted, disjoint training and validation indices, reproducibly.
+
+    ``round(n * val_fraction)`` indices (at least 1, at most ``n - 1``) go to validation
+    when ``val_fraction > 0``.
+
+    Raises:
+        ValueError: ``val_fraction`` is outside ``[0, 1)``.
+        DataError: Too few images to give both sides at least one.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if n < 1:
+        raise DataError("no images to split; the image folder is empty")
+    if val_fraction > 0 and n < 2:
+        raise DataError(
+            f"at least 2 images are needed to hold out a validation set, found {n}; "
+            "add images or set the validation fraction to 0"
+        )
+    n_val = min(max(round(n * val_fraction), 1), n - 1) if val_fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+# --------------------------------------------------------------------------- shipped sample
+
+
+@dataclass(frozen=True, eq=False)
+class SampleData:
+    """The Fashion-MNIST subset shipped for the demo (built by ``scripts/build_sample.py``).
+
+    Attributes:
+        train: uint8 ``(N, 1, 28, 28)``, the normal class, from the training split.
+        calibration: uint8 ``(M, 1, 28, 28)``, more of the normal class, disjoint from ``train``.
+        test_images: uint8 ``(T, 1, 28, 28)`` from the test split, normal and anomalous.
+        test_labels: int64 ``(T,)`` class indices into ``classes``.
+        normal_class: Index of the normal class.
+        classes: Class names.
+    """
+
+    train: np.ndarray
+    calibration: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    normal_class: int
+    classes: tuple[str, ...]
+
+    @property
+    def test_is_anomaly(self) -> np.ndarray:
+        """bool ``(T,)``: True for test images not of the normal class."""
+        return self.test_labels != self.normal_class
+
+
+def load_sample() -> SampleData:
+    """Load the sample data shipped inside the package."""
+    resource = resources.files("anomaly_flow") / "sample_data" / "fashion_mnist_sample.npz"
+    with resource.open("rb") as file, np.load(file, allow_pickle=False) as npz:
+        return SampleData(
+            train=npz["train"],
+            calibration=npz["calibration"],
+            test_images=npz["test_images"],
+            test_labels=npz["test_labels"].astype(np.int64),
+            normal_class=int(npz["normal_class"]),
+            classes=tuple(str(c) for c in npz["classes"]),
+        )

@@ -1,0 +1,534 @@
+"""Tests for anomaly_flow.data, on real image files written to disk."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from anomaly_flow import data
+from anomaly_flow.data import (
+    ArrayDataset,
+    DataError,
+    ImageDecodeError,
+    ImageFolderDataset,
+    collate_skip_failed,
+    find_images,
+    fingerprint,
+    image_to_array,
+    load_image,
+    read_idx,
+    split_train_val,
+    try_load_image,
+    write_image_folder,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+FORMATS = {"png": "PNG", "jpg": "JPEG", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "gif": "GIF"}
+LOSSLESS = {"png", "bmp", "tiff", "webp"}
+
+
+def rgb_pattern(width: int = 40, height: int = 30) -> Image.Image:
+    """A smooth RGB image with a distinct value in each channel."""
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def save(img: Image.Image, path: Path, **kwargs: object) -> Path:
+    img.save(path, **kwargs)
+    return path
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature, IHDR and IEND claiming ``width × height``, with no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def reason_of(path: Path | bytes, mode: str = "L", size: int = 8) -> str:
+    array, reason = try_load_image(path, mode, size)
+    assert array is None and reason is not None
+    assert "\n" not in reason
+    return reason
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("ext", sorted(FORMATS))
+def test_each_format_decodes_to_mode_and_size(tmp_path: Path, ext: str) -> None:
+    img = rgb_pattern()
+    options = {"lossless": True} if ext == "webp" else {}
+    path = save(img, tmp_path / f"pattern.{ext}", format=FORMATS[ext], **options)
+    rgb = load_image(path, "RGB", 16)
+    grey = load_image(path, "L", 16)
+    assert rgb.shape == (3, 16, 16) and grey.shape == (1, 16, 16)
+    assert rgb.dtype == grey.dtype == np.uint8
+    expected = image_to_array(img, "RGB", 16)
+    tolerance = 0 if ext in LOSSLESS else 40  # JPEG and GIF (256 colours) are lossy
+    assert np.abs(rgb.astype(int) - expected).max() <= tolerance
+
+
+def test_bytes_and_path_decode_identically(tmp_path: Path) -> None:
+    path = save(rgb_pattern(), tmp_path / "a.png")
+    np.testing.assert_array_equal(
+        load_image(path, "RGB", 8), load_image(path.read_bytes(), "RGB", 8)
+    )
+
+
+def test_native_size_is_not_resampled(tmp_path: Path) -> None:
+    array = np.random.default_rng(0).integers(0, 256, (12, 12), dtype=np.uint8)
+    path = save(Image.fromarray(array), tmp_path / "a.png")
+    np.testing.assert_array_equal(load_image(path, "L", 12)[0], array)
+
+
+def test_first_frame_of_gif_and_tiff(tmp_path: Path) -> None:
+    frames = [Image.new("L", (8, 8), 40), Image.new("L", (8, 8), 200)]
+    for ext in ("gif", "tiff"):
+        path = save(frames[0], tmp_path / f"anim.{ext}", save_all=True, append_images=frames[1:])
+        assert Image.open(path).n_frames == 2
+        assert np.all(load_image(path, "L", 8) == 40)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    array = np.zeros((32, 32), dtype=np.uint8)
+    array[:, 16:] = 255  # white right half
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180°
+    path = save(Image.fromarray(array), tmp_path / "rotated.jpg", exif=exif, quality=95)
+    out = load_image(path, "L", 32)[0].astype(int)
+    assert out[:, :12].mean() > 200 and out[:, 20:].mean() < 50
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
+    path = save(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(path).mode == "CMYK"
+    out = load_image(path, "RGB", 16)
+    np.testing.assert_allclose(out.reshape(3, -1).mean(1), [0, 255, 255], atol=3)  # cyan
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 257 * 100, 65535, 1000]], dtype=np.uint16).repeat(4, 0)
+    path = save(Image.fromarray(values), tmp_path / "deep.png")
+    assert Image.open(path).mode.startswith("I")
+    out = load_image(path, "L", 4)[0]
+    np.testing.assert_array_equal(out[0], [0, 100, 255, 4])  # round(v / 257)
+
+
+def test_int32_and_float_images() -> None:
+    as_int = Image.fromarray(np.array([[0, 65535, 70000, -3]], dtype=np.int32))
+    assert as_int.mode == "I"
+    np.testing.assert_array_equal(
+        image_to_array(as_int.resize((4, 4)), "L", 4)[0, 0], [0, 255, 255, 0]
+    )
+    as_float = Image.fromarray(np.array([[-5.0, 300.7, 12.4, np.nan]], dtype=np.float32))
+    assert as_float.mode == "F"
+    np.testing.assert_array_equal(
+        image_to_array(as_float.resize((4, 4)), "L", 4)[0, 0], [0, 255, 12, 0]
+    )
+
+
+@pytest.mark.parametrize("mode", ["1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "I;16B"])
+def test_unusual_modes_convert(mode: str) -> None:
+    img = Image.new(mode, (6, 4))
+    assert image_to_array(img, "L", 8).shape == (1, 8, 8)
+    assert image_to_array(img, "RGB", 8).shape == (3, 8, 8)
+
+
+def test_palette_with_transparency_composites_onto_black(tmp_path: Path) -> None:
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)  # 0 = red, 1 = green
+    img.putpixel((0, 0), 1)
+    path = save(img, tmp_path / "palette.png", transparency=0)
+    out = load_image(path, "RGB", 4)
+    np.testing.assert_array_equal(out[:, 0, 0], [0, 255, 0])
+    np.testing.assert_array_equal(out[:, 1, 1], [0, 0, 0])  # transparent red → black
+
+
+def test_alpha_composites_onto_black(tmp_path: Path) -> None:
+    rgba = save(Image.new("RGBA", (4, 4), (200, 100, 50, 128)), tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(rgba, "RGB", 4)[:, 0, 0], [100, 50, 25])
+    la = save(Image.new("LA", (4, 4), (200, 64)), tmp_path / "la.png")
+    np.testing.assert_array_equal(load_image(la, "L", 4)[0, 0, 0], 50)
+
+
+def test_bad_mode_or_size_is_a_value_error(tmp_path: Path) -> None:
+    path = save(rgb_pattern(), tmp_path / "a.png")
+    with pytest.raises(ValueError, match="'L' or 'RGB'"):
+        load_image(path, "RGBA", 8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive integer"):
+        load_image(path, "L", 0)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """A folder with good images and one of each kind of bad file."""
+    root = tmp_path / "messy"
+    (root / "sub").mkdir(parents=True)
+    save(rgb_pattern(), root / "good.png")
+    save(rgb_pattern(), root / "sub" / "good.JPG")
+    (root / "text.png").write_text("this is not an image\n")
+    (root / "empty.png").touch()
+    full_png = png_bytes(rgb_pattern())
+    (root / "truncated.png").write_bytes(full_png[: len(full_png) // 2])
+    jpeg = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(jpeg, "JPEG")
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "loop.png").symlink_to("loop2.png")
+    (root / "loop2.png").symlink_to("loop.png")
+    (root / "dangling.png").symlink_to("missing.png")
+    os.mkfifo(root / "pipe.png")
+    (root / "notes.txt").write_text("not listed: not an image extension")
+    with open(os.path.join(os.fsencode(root), b"bad\xff.png"), "wb") as file:
+        file.write(full_png)
+    return root
+
+
+EXPECTED_REASONS = {
+    "text.png": "cannot identify image file (not an image or unsupported format)",
+    "empty.png": "empty file (0 bytes)",
+    "truncated.png": "truncated image file",
+    "truncated.jpg": "truncated image file",
+    "loop.png": "symlink loop",
+    "loop2.png": "symlink loop",
+    "dangling.png": "dangling symlink (target missing)",
+    "pipe.png": "not a regular file (a pipe, socket or device)",
+}
+
+
+def test_find_images_lists_every_candidate(messy_folder: Path) -> None:
+    found = find_images(messy_folder)
+    names = [str(p.relative_to(messy_folder)) for p in found]
+    assert sorted(names, key=os.fsencode) == names
+    assert set(names) == {*EXPECTED_REASONS, "good.png", "sub/good.JPG", "bad\udcff.png"}
+    assert all(p.parent == messy_folder or p.parent.parent == messy_folder for p in found)
+
+
+def test_each_bad_file_gets_a_one_line_reason(messy_folder: Path) -> None:
+    for name, expected in EXPECTED_REASONS.items():
+        assert reason_of(messy_folder / name) == expected, name
+        with pytest.raises(ImageDecodeError) as info:
+            load_image(messy_folder / name, "L", 8)
+        assert str(info.value) == f"{messy_folder / name}: {expected}"
+
+
+def test_non_utf8_name_decodes_and_prints(messy_folder: Path) -> None:
+    (path,) = [p for p in find_images(messy_folder) if p.name.startswith("bad")]
+    assert load_image(path, "RGB", 8).shape == (3, 8, 8)
+    assert data.display_path(path).endswith("bad\\xff.png")
+    broken = Path(str(path).replace("bad", "worse"))
+    os.replace(path, broken)
+    broken.write_bytes(b"garbage")
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(broken, "L", 8)
+    str(info.value).encode("utf-8")  # printable: no lone surrogates
+
+
+def test_folder_dataset_reports_failures_without_raising(messy_folder: Path) -> None:
+    paths = find_images(messy_folder)
+    dataset = ImageFolderDataset(paths, "L", 8)
+    batches = list(DataLoader(dataset, batch_size=4))
+    ok = torch.cat([b.ok for b in batches])
+    errors = [e for b in batches for e in b.error]
+    indices = torch.cat([b.index for b in batches])
+    assert batches[0].image.shape == (4, 1, 8, 8) and batches[0].image.dtype == torch.uint8
+    assert indices.tolist() == list(range(len(paths)))
+    assert int(ok.sum()) == 3  # good.png, sub/good.JPG, bad\xff.png
+    for path, good, error in zip(paths, ok.tolist(), errors, strict=True):
+        assert good == (error == "")
+        if path.name in EXPECTED_REASONS:
+            assert error == EXPECTED_REASONS[path.name]
+    failed = [item for item in dataset if not item.ok]
+    assert all(int(item.image.abs().sum()) == 0 for item in failed)
+
+
+def test_collate_skip_failed_in_worker_processes(messy_folder: Path) -> None:
+    dataset = ImageFolderDataset(find_images(messy_folder), "RGB", 8)
+    copy = pickle.loads(pickle.dumps(dataset))  # what spawn-started workers receive
+    assert [item.error for item in copy] == [item.error for item in dataset]
+    loader = DataLoader(dataset, batch_size=5, num_workers=2, collate_fn=collate_skip_failed)
+    batches = list(loader)
+    assert sum(b.images.shape[0] for b in batches) == 3
+    assert sum(b.n_failed for b in batches) == len(EXPECTED_REASONS)
+    assert all(b.images.shape[1:] == (3, 8, 8) for b in batches)
+
+
+def test_collate_of_an_all_failed_batch_is_empty() -> None:
+    failed = data.ImageItem(torch.zeros(1, 4, 4, dtype=torch.uint8), False, "boom", 0)
+    images, n_failed = collate_skip_failed([failed, failed._replace(index=1)])
+    assert images.shape == (0, 1, 4, 4) and n_failed == 2
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = data.MAX_IMAGE_PIXELS
+    assert limit == Image.MAX_IMAGE_PIXELS == 89_478_485
+    # Above PIL's warning level and above twice it (where PIL raises): both refused.
+    for width, height in [(10_000, 10_000), (20_000, 10_000)]:
+        path = tmp_path / f"bomb{width}.png"
+        path.write_bytes(png_header_only(width, height))
+        expected = (
+            f"image too large: {width * height} pixels exceeds the {limit}-pixel safety limit"
+        )
+        assert reason_of(path) == expected
+    # The module constant is the policy: lower it and a small real image is refused.
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    small = save(Image.new("L", (20, 20)), tmp_path / "small.png")
+    assert reason_of(small) == "image too large: 400 pixels exceeds the 100-pixel safety limit"
+
+
+PERMISSION_CHECK = """
+import json, sys
+from anomaly_flow.data import find_images, try_load_image
+root = sys.argv[1]
+found = [p.name for p in find_images(root)]
+print(json.dumps({"found": found, "reason": try_load_image(root + "/secret.png", "L", 8)[1]}))
+"""
+
+
+def test_permission_denied_is_reported(tmp_path: Path) -> None:
+    save(rgb_pattern(), tmp_path / "open.png")
+    save(rgb_pattern(), tmp_path / "secret.png").chmod(0o000)
+    (tmp_path / "locked").mkdir(mode=0o000)
+    save(rgb_pattern(), tmp_path / "locked" / "hidden.png")
+    command = [sys.executable, "-c", PERMISSION_CHECK, str(tmp_path)]
+    if os.geteuid() == 0:
+        # root reads anything; without these two capabilities it obeys file modes.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, and setpriv (util-linux) is missing to drop privileges")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out == {"found": ["open.png", "secret.png"], "reason": "permission denied"}
+    assert "cannot list folder" in result.stderr  # the unreadable folder is logged
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_find_images_extensions_and_order(tmp_path: Path) -> None:
+    names = ["b/z.PNG", "a.jpeg", "a.JPG", "c.bmp", "d.tif", "e.TIFF", "f.webp", "g.gif", "b/a.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "readme.md").write_text("x")
+    (tmp_path / "folder.png").mkdir()  # a folder is never listed as an image
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == sorted(names)
+    assert find_images(tmp_path) == find_images(tmp_path)
+
+
+def test_find_images_survives_a_symlinked_folder_loop(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    save(rgb_pattern(), tmp_path / "sub" / "a.png")
+    (tmp_path / "sub" / "up").symlink_to("..")
+    (tmp_path / "again").symlink_to("sub")
+    found = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["sub/a.png"]
+
+
+def test_find_images_errors_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"not found: .*nowhere"):
+        find_images(tmp_path / "nowhere")
+    (tmp_path / "only.txt").write_text("x")
+    with pytest.raises(DataError, match=f"no image files found in {tmp_path}"):
+        find_images(tmp_path)
+    with pytest.raises(DataError, match="is not a folder"):
+        find_images(tmp_path / "only.txt")
+
+
+# --------------------------------------------------------------------------- in-memory data
+
+
+def test_array_dataset_converts_exactly_like_files(tmp_path: Path) -> None:
+    images = np.random.default_rng(1).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    paths = write_image_folder(images, tmp_path / "out", "img")
+    assert [p.name for p in paths] == [f"img{i:05d}.png" for i in range(5)]
+    from_files = ImageFolderDataset(paths, "L", 32)
+    from_arrays = ArrayDataset(images, "L", 32)
+    for i in range(5):
+        assert from_files[i].ok and from_arrays[i].ok and from_arrays[i].index == i
+        torch.testing.assert_close(from_files[i].image, from_arrays[i].image, atol=0, rtol=0)
+    same_size = ArrayDataset(images)
+    np.testing.assert_array_equal(same_size[2].image.numpy(), images[2])
+    np.testing.assert_array_equal(load_image(paths[2], "L", 28), images[2])
+    as_rgb = ArrayDataset(images, "RGB", 28)[0].image
+    assert as_rgb.shape == (3, 28, 28) and torch.equal(as_rgb[0], as_rgb[2])
+    with pytest.raises(ValueError, match="both mode and size"):
+        ArrayDataset(images, "L")
+
+
+def test_write_image_folder_formats_and_validation(tmp_path: Path) -> None:
+    images = np.random.default_rng(2).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+    for fmt in ("png", "bmp", "tiff", "webp"):
+        (path, _) = write_image_folder(images, tmp_path / fmt, "x", fmt=fmt)
+        np.testing.assert_array_equal(load_image(path, "RGB", 8), images[0])
+    with pytest.raises(ValueError, match="unknown image format"):
+        write_image_folder(images, tmp_path, "x", fmt="xcf")
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        write_image_folder(images.astype(np.float32), tmp_path, "x")
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def idx_bytes(array: np.ndarray, code: int) -> bytes:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_read_idx_types_and_compression(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    cases = [
+        (rng.integers(0, 256, (3, 4, 5), dtype=np.uint8), 0x08),
+        (rng.integers(-(2**31), 2**31, (6, 2), dtype=np.int32), 0x0C),
+        (rng.normal(size=7), 0x0E),
+    ]
+    for i, (array, code) in enumerate(cases):
+        plain = tmp_path / f"case{i}-idx"
+        plain.write_bytes(idx_bytes(array, code))
+        packed = tmp_path / f"case{i}-idx.gz"
+        packed.write_bytes(gzip.compress(idx_bytes(array, code)))
+        for path in (plain, packed):
+            out = read_idx(path)
+            assert out.dtype.isnative and out.shape == array.shape
+            np.testing.assert_array_equal(out, array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
+    good = idx_bytes(np.zeros((2, 3), np.uint8), 0x08)
+    cases = {
+        "text": (b"hello world", "not an IDX file"),
+        "type": (b"\0\0\x07\x01" + good[4:], "not an IDX file"),
+        "header": (good[:6], "header cut short"),
+        "short": (good[:-1], r"promises shape \(2, 3\) \(6 bytes\) but it holds 5"),
+        "long": (good + b"\0", "but it holds 7"),
+        "gzip": (gzip.compress(good)[:-6], "damaged gzip file"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            read_idx(tmp_path / name)
+    with pytest.raises(DataError, match="cannot read IDX file"):
+        read_idx(tmp_path / "missing")
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("test", root=tmp_path)
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        data.load_fashion_mnist("val", root=tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    not data.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed"
+)
+def test_real_fashion_mnist_test_split() -> None:
+    images, labels = data.load_fashion_mnist("test")
+    assert images.shape == (10_000, 1, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(np.bincount(labels), [1000] * 10)
+    assert len(data.FASHION_MNIST_CLASSES) == 10
+
+
+def test_shipped_sample() -> None:
+    sample = data.load_sample()
+    assert sample.classes == data.FASHION_MNIST_CLASSES
+    assert sample.train.shape == (2000, 1, 28, 28) and sample.train.dtype == np.uint8
+    assert sample.calibration.shape == (600, 1, 28, 28)
+    assert sample.test_images.shape == (600, 1, 28, 28) and sample.test_labels.shape == (600,)
+    assert int(sample.test_is_anomaly.sum()) == 300
+    counts = np.bincount(sample.test_labels[sample.test_is_anomaly], minlength=10)
+    assert counts[sample.normal_class] == 0 and set(np.delete(counts, sample.normal_class)) <= {
+        33,
+        34,
+    }
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def test_fingerprint_follows_content_and_names_only(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    for i in range(3):
+        save(rgb_pattern(10 + i, 10), a / f"{i}.png")
+    (a / "dangling.png").symlink_to("nowhere.png")
+    paths = find_images(a)
+    digest = fingerprint(paths, a)
+    assert len(digest) == 64 and digest == fingerprint(paths[::-1], a)
+    shutil.copytree(a, b, symlinks=True)
+    assert fingerprint(find_images(b), b) == digest  # copied elsewhere: same data
+    os.utime(a / "0.png", (0, 0))
+    assert fingerprint(paths, a) == digest  # touched: same data
+    (a / "0.png").write_bytes((a / "0.png").read_bytes()[:-1] + b"\1")
+    assert fingerprint(paths, a) != digest
+    (b / "1.png").rename(b / "renamed.png")
+    assert fingerprint(find_images(b), b) != digest
+    assert fingerprint(paths[:-1], a) != fingerprint(paths, a)
+
+
+def test_split_is_reproducible_and_disjoint() -> None:
+    train, val = split_train_val(100, 0.2, seed=7)
+    again = split_train_val(100, 0.2, seed=7)
+    np.testing.assert_array_equal(train, again[0])
+    np.testing.assert_array_equal(val, again[1])
+    assert len(val) == 20 and not set(train) & set(val)
+    assert not np.array_equal(val, split_train_val(100, 0.2, seed=8)[1])
+    train, val = split_train_val(5, 0.0, seed=0)
+    assert train.tolist() == list(range(5)) and val.size == 0
+
+
+def test_split_errors() -> None:
+    with pytest.raises(DataError, match=r"at least 2 images are needed.*found 1"):
+        split_train_val(1, 0.1, seed=0)
+    with pytest.raises(DataError, match="no images"):
+        split_train_val(0, 0.0, seed=0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+            split_train_val(10, bad, seed=0)
+
+
+@given(n=st.integers(2, 500), fraction=st.floats(0.001, 0.999), seed=st.integers(0, 2**32))
+def test_split_properties(n: int, fraction: float, seed: int) -> None:
+    train, val = split_train_val(n, fraction, seed)
+    assert len(train) >= 1 and len(val) >= 1
+    assert sorted([*train.tolist(), *val.tolist()]) == list(range(n))
