@@ -121,8 +121,8 @@ class TrainConfig:
         grad_clip: Maximum gradient norm; 0 disables clipping.
         val_fraction: Share of the images held out for validation bits/dim.
         seed: Seed for the split, initialisation, shuffling and dequantisation noise.
-        bf16: Run the coupling networks under bf16 autocast (CUDA only); log-dets and
-            priors stay in float32.
+        bf16: Run the coupling networks under bf16 autocast; log-dets and priors stay
+            in float32. CUDA only: ignored (float32, logged) when training on the CPU.
         checkpoint_every: Write a checkpoint every N optimiser steps (and at the end).
         max_nonfinite_steps: Stop with an error after this many non-finite losses in a row.
         num_workers: DataLoader workers decoding images.

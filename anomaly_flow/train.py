@@ -8,14 +8,28 @@ Determinism: the image order of every epoch is a permutation drawn from
 so a resumed run sees exactly the batches and noise of an uninterrupted one, and a
 DDP run (each rank taking its share of the same global batch) sees those of a
 single-process run.
+
+Several processes: started by ``torchrun``, :func:`train` joins the process group
+(NCCL on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel after the
+ActNorm initialisation, and leaves the group again at the end if it was the one that
+joined it. Only rank 0 calls the callback, shows the progress bar and writes
+checkpoints; validation is shared out over the ranks.
+
+Example:
+    >>> data = folder_datasets("parts/normal", config)  # doctest: +SKIP
+    >>> result = train(config, data.train, data.val, checkpoint_dir="ckpt")  # doctest: +SKIP
+    >>> result.val_bpd  # doctest: +SKIP
+    3.41
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +44,25 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from anomaly_flow.config import RunConfig
-from anomaly_flow.data import ImageFolderDataset, find_images, fingerprint, split_train_val
+from anomaly_flow.config import RunConfig, TrainConfig
+from anomaly_flow.data import (
+    ImageFolderDataset,
+    display_path,
+    find_images,
+    fingerprint,
+    split_train_val,
+)
 from anomaly_flow.glow import Glow, bits_per_dim, log_prob_from_output, postprocess, preprocess
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_LATEST = "latest"
+"""Name of the file in a checkpoint folder that names the newest checkpoint."""
+
+CHECKPOINTS_KEPT = 2
+"""How many checkpoints a checkpoint folder keeps; older ones are deleted."""
+
+_CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
 
 
 class TrainingError(RuntimeError):
@@ -50,6 +76,9 @@ class TrainEvent:
     ``kind`` is ``"step"`` after every optimiser step (train bits/dim, lr, images/s,
     grad norm, skipped steps), ``"epoch"`` after every epoch (validation bits/dim,
     epoch means) and ``"checkpoint"`` when a checkpoint was written (``path`` set).
+    ``step`` counts the optimiser steps done; ``epoch`` is the epoch in progress
+    (0-based) for step events and checkpoints within an epoch, and the number of epochs
+    completed for epoch events and checkpoints at an epoch's end.
     """
 
     kind: Literal["step", "epoch", "checkpoint"]
@@ -64,7 +93,19 @@ Callback = Callable[[TrainEvent], None]
 
 @dataclass
 class TrainResult:
-    """The outcome of :func:`train`; ``model`` is on the training device, in eval mode."""
+    """The outcome of :func:`train`; ``model`` is on the training device, in eval mode.
+
+    Attributes:
+        steps: Optimiser steps taken in all (skipped ones included).
+        val_bpd: Validation bits/dim after the last epoch (NaN without a validation set).
+        train_bpd: Bits/dim of the last finite training batch.
+        images_per_sec: Training throughput over the last epoch, decoding included.
+        skipped_steps: Steps skipped for a non-finite loss or gradient.
+        failed_files: Undecodable training images, file (or ``item N``) -> reason.
+        samples: uint8 grid of 16 samples, ``(H, W)`` or ``(H, W, 3)``; empty off rank 0.
+        checkpoint_dir: The final checkpoint (None when none was written).
+        history: One dict of epoch metrics per epoch.
+    """
 
     model: Glow
     config: RunConfig
@@ -73,8 +114,8 @@ class TrainResult:
     train_bpd: float
     images_per_sec: float
     skipped_steps: int
-    failed_files: dict[int, str]
-    samples: np.ndarray  # uint8 (H, W) or (H, W, 3) grid of samples
+    failed_files: dict[str, str]
+    samples: np.ndarray
     checkpoint_dir: Path | None
     history: list[dict[str, float]]
 
@@ -103,12 +144,19 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
 
 class GlobalBatchSampler(Sampler[list[int]]):
     """Batches of a per-epoch permutation; under DDP each rank takes every world-th
-    index of the same global batch. ``start`` skips batches already done (resume)."""
+    index of the same global batch. ``start`` skips batches already done (resume).
+
+    The DataLoader iterates this sampler in the main process, so :meth:`set_epoch`
+    between epochs works with persistent workers.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
                  rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
-        self.start, self.rank, self.world = start, rank, world
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.start, self.rank, self.world = epoch, start, rank, world
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size) - self.start
@@ -122,75 +170,187 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 def _step_noise(seed: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Dequantisation noise ``U[0, 1)`` of one global batch, drawn from ``(seed, step)``."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
     return torch.rand(shape, generator=gen)
 
 
-def resolve_device(device: str) -> torch.device:
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): linear warm-up, then flat.
+
+    A pure function of the step, so a resumed run continues the same schedule.
+    """
+    return config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
-    if device == "auto":
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu or cuda.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but CUDA is not available on this "
                             "machine; use --device cpu or auto.")
-    return torch.device(device)
+    return resolved
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun set up, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _world_size() -> int:
+    """The number of processes: the joined group's, else what torchrun set in WORLD_SIZE."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _batch_images(batch: Any, failed: dict[int, str]) -> torch.Tensor:
-    """Keep the decoded images of a collated batch; remember the files that failed."""
-    images, ok, errors, index = batch
-    if not bool(ok.all()):
-        for i in torch.nonzero(~ok).flatten().tolist():
-            idx = int(index[i])
-            if idx not in failed:
-                failed[idx] = errors[i]
-                logger.warning("skipping an undecodable training image: %s", errors[i])
-    return images[ok], ok
+def _join_process_group(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call joined the group) under torchrun."""
+    created = False
+    if _world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), created
+    return 0, 1, False
+
+
+class _FailedFiles:
+    """Undecodable training images met so far: name -> reason, each logged once (rank 0)."""
+
+    def __init__(self, dataset: Dataset, log: bool) -> None:
+        base = dataset
+        while isinstance(base, Subset):  # ImageItem.index is the index in the base set
+            base = base.dataset
+        self._paths: list[Path] | None = getattr(base, "paths", None)
+        self._log = log
+        self.reasons: dict[str, str] = {}
+
+    def _name(self, index: int) -> str:
+        return display_path(self._paths[index]) if self._paths is not None else f"item {index}"
+
+    def add(self, name: str, reason: str) -> None:
+        if name not in self.reasons:
+            self.reasons[name] = reason
+            if self._log:
+                logger.warning("skipping undecodable training image %s: %s", name, reason)
+
+    def keep(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded images ``(b, C, H, W)`` of a collated batch and its ``ok`` mask."""
+        images, ok, errors, index = batch
+        if not bool(ok.all()):
+            for i in torch.nonzero(~ok).flatten().tolist():
+                self.add(self._name(int(index[i])), errors[i])
+        return images[ok], ok
+
+    def gather(self, world: int) -> None:
+        """Merge what every rank has met (a collective: all ranks call it)."""
+        if world > 1:
+            everyone: list[dict[str, str] | None] = [None] * world
+            dist.all_gather_object(everyone, self.reasons)
+            for reasons in everyone:
+                for name, reason in (reasons or {}).items():
+                    self.add(name, reason)
+
+
+class _Throughput:
+    """Images per second over an epoch: decoding and the training step count, the
+    callback and checkpoint writing do not."""
+
+    def __init__(self) -> None:
+        self.start, self.paused, self.images = time.perf_counter(), 0.0, 0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - tick
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start - self.paused
+        return self.images / elapsed if elapsed > 0 else 0.0
 
 
 @torch.no_grad()
 def evaluate_bpd(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
-                 num_workers: int = 0) -> float:
-    """Mean bits/dim (deterministic, bin centres) over the decodable images of a set."""
+                 num_workers: int = 0, rank: int = 0, world: int = 1) -> float:
+    """Mean bits/dim (deterministic, bin centres) over the decodable images of a set.
+
+    With ``world > 1`` every rank scores its share and the sums are all-reduced (a
+    collective: all ranks call it); every rank gets the same figure.
+    """
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # bits/dim sum, images
     for batch in loader:
         images = batch[0][batch[1]].to(device)
         if len(images):
-            total += model.bpd(preprocess(images, model.config.n_bits)).double().sum()
-            count += len(images)
-    return float(total) / max(count, 1) if count else float("nan")
+            sums[0] += model.bpd(preprocess(images, model.config.n_bits)).double().sum()
+            sums[1] += len(images)
+    if world > 1:
+        dist.all_reduce(sums)
+    total, count = sums.tolist()
+    return total / count if count else float("nan")
 
 
-def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7) -> np.ndarray:
-    """A square grid of ``n`` samples as a uint8 image (H, W) or (H, W, 3)."""
+def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
+                seed: int = 0) -> np.ndarray:
+    """A square grid of ``n`` samples as a uint8 image (H, W) or (H, W, 3).
+
+    Drawn from ``seed`` without touching the caller's random state.
+    """
     model.eval()
     side = math.isqrt(n)
-    images = postprocess(model.sample(side * side, temperature), model.config.n_bits).cpu()
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        images = postprocess(model.sample(side * side, temperature), model.config.n_bits)
     c, h, w = images.shape[1:]
-    grid = images.view(side, side, c, h, w).permute(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
+    grid = images.cpu().view(side, side, c, h, w).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(side * h, side * w, c)
     return grid[..., 0].numpy() if c == 1 else grid.numpy()
 
 
 # --------------------------------------------------------------------- checkpoints
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (folders: where the OS allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    found = _CHECKPOINT_NAME.fullmatch(path.name)
+    return int(found[1]) if found and path.is_dir() else None
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest first (only finished ones carry the
+    ``step-N`` name: they are written under a temp name and renamed)."""
+    if not folder.is_dir():
+        return []
+    found = [(s, p) for p in folder.iterdir() if (s := _checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
 def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
                     config: RunConfig, step: int, extra: dict[str, Any]) -> Path:
-    """Write ``folder/step-N`` atomically (a temp folder renamed into place), point
-    ``folder/latest`` at it, and keep the two newest."""
+    """Write ``folder/step-N`` and point ``folder/latest`` at it; keep the two newest.
+
+    Atomic: everything is written and flushed under a temp name, then renamed into
+    place, then the pointer is swapped with ``os.replace``. A run killed at any moment
+    leaves the previous checkpoint usable (:func:`latest_checkpoint` also falls back to
+    the newest complete folder should the pointer name a missing one).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -198,40 +358,77 @@ def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
     model.save(tmp)
     (tmp / "run_config.json").write_text(config.to_json())
     opt_state = optimizer.state_dict()
-    tensors = {f"{pid}.{key}": value.detach().cpu().contiguous()
-               for pid, state in opt_state["state"].items() for key, value in state.items()}
+    tensors, scalars = {}, {}
+    for pid, state in opt_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "param_groups": opt_state["param_groups"], **extra}
+    meta = {"step": step, "param_groups": opt_state["param_groups"],
+            "optimizer_scalars": scalars, **extra}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    if final.exists():  # same step written before (an earlier attempt): set it aside
+        stale = folder / f".old-{final.name}-{os.getpid()}"
+        final.rename(stale)
+        tmp.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        tmp.rename(final)
     pointer = folder / f".{CHECKPOINT_LATEST}.tmp"
     pointer.write_text(final.name)
+    _fsync(pointer)
     pointer.replace(folder / CHECKPOINT_LATEST)
-    for old in sorted(folder.glob("step-*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync(folder)
+    for old in _checkpoints(folder)[:-CHECKPOINTS_KEPT]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder``, or None."""
+    """The newest complete checkpoint in ``folder`` (the one ``latest`` names), or None."""
     pointer = folder / CHECKPOINT_LATEST
-    if not pointer.is_file():
-        return None
-    path = folder / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    if pointer.is_file():
+        path = folder / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    complete = [p for p in _checkpoints(folder) if (p / "state.json").is_file()]
+    return complete[-1] if complete else None
 
 
 def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
-                     device: torch.device) -> dict[str, Any]:
-    loaded = Glow.load(path, device)
-    model.load_state_dict(loaded.state_dict())
+                     config: RunConfig) -> dict[str, Any]:
+    """Restore weights and optimizer state in place; return the saved training state."""
+    saved = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
+    if saved.model != config.model:
+        raise TrainingError(
+            f"the checkpoint {path} is of another architecture ({saved.model}) than the "
+            f"configuration given ({config.model}); resume with the run's own configuration "
+            "or start afresh in an empty checkpoint folder.")
+    changed = sorted(k for k, v in config.train.to_dict().items()
+                     if saved.train.to_dict()[k] != v)
+    if changed:
+        logger.warning("resuming with changed training settings %s; the run will not "
+                       "match an uninterrupted one", changed)
+    weights = load_file(str(path / "model.safetensors"), device=str(model.device))
+    model.load_state_dict(weights)
     meta = json.loads((path / "state.json").read_text())
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, Any]] = {}
     for name, tensor in load_file(str(path / "optimizer.safetensors")).items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = tensor
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for name, value in meta.get("optimizer_scalars", {}).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    # JSON turned tuples (Adam's betas) into lists; give them back their type.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
+               for k, v in group.items()} for group in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     return meta
 
 
@@ -243,13 +440,13 @@ def _make_optimizer(model: Glow, config: RunConfig) -> torch.optim.Optimizer:
     return cls(model.parameters(), lr=config.train.lr)
 
 
-def _init_batch(dataset: Dataset, config: RunConfig, failed: dict[int, str]) -> torch.Tensor:
+def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> torch.Tensor:
     """The first images of epoch 0's order, for the data-dependent ActNorm init."""
     t = config.train
     order = next(iter(GlobalBatchSampler(len(dataset), len(dataset), t.seed, epoch=0)))
     loader = DataLoader(Subset(dataset, order[: t.init_batch_size]),
                         batch_size=t.init_batch_size, num_workers=0)
-    images, _ = _batch_images(next(iter(loader)), failed)
+    images, _ = failed.keep(next(iter(loader)))
     if len(images) == 0:
         raise TrainingError("none of the first training images could be decoded; check the "
                             "training folder holds readable images.")
@@ -269,156 +466,239 @@ def train(
 ) -> TrainResult:
     """Train a Glow by maximum likelihood on ``train_set`` (items as in ``anomaly_flow.data``).
 
+    The loss is the mean bits/dim of each global batch's decodable images under
+    uniform dequantisation. A step whose loss or gradient is not finite is skipped
+    (no update; counted in ``skipped_steps``); ``max_nonfinite_steps`` of them in a row
+    stop training with a :class:`TrainingError`. Undecodable images are left out of
+    their batch, logged once each and listed in ``failed_files``.
+
     Args:
         config: Model and training configuration.
         train_set: Images of normal data; undecodable files are skipped and reported.
         val_set: Held-out images for per-epoch validation bits/dim.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device.
         checkpoint_dir: Where checkpoints go (every ``checkpoint_every`` steps and at the
-            end); ``None`` writes none.
-        resume: Continue from the latest checkpoint in ``checkpoint_dir``.
+            end); ``None`` writes none. A fresh run needs a folder without checkpoints.
+        resume: Continue from the latest checkpoint in ``checkpoint_dir``, with the same
+            configuration: the result equals that of an uninterrupted run.
         callback: Receives a :class:`TrainEvent` per step, epoch and checkpoint (rank 0).
-        progress: Show a progress bar; ``None`` shows it only on a terminal.
+            An exception it raises stops training (the checkpoints stay).
+        progress: Show a progress bar on stderr; ``None`` shows it only on a terminal.
 
     Returns:
         The trained model and its figures.
+
+    Raises:
+        TrainingError: Empty training set, CUDA asked for but missing, a batch size not
+            divisible by the process count, resume without a checkpoint (or a fresh run
+            over old checkpoints), no decodable first images, or a diverged model.
     """
-    t, m = config.train, config.model
-    rank, world = _distributed()
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
+    t = config.train
+    dev = resolve_device(device)
     if len(train_set) == 0:
         raise TrainingError("the training set is empty; put images of normal data in the "
                             "training folder.")
+    world = _world_size()
     if t.batch_size % world:
         raise TrainingError(f"batch_size {t.batch_size} is not divisible by the {world} "
                             "processes; pick a multiple of the process count.")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    emit = callback if (callback is not None and rank == 0) else (lambda event: None)
-
-    torch.manual_seed(t.seed)
-    model = Glow(m).to(dev)
-    optimizer = _make_optimizer(model, config)
-    failed: dict[int, str] = {}
-    step, skipped_steps = 0, 0
-    history: list[dict[str, float]] = []
-    latest = latest_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
+    latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if resume and latest is None:
-        raise TrainingError(f"--resume found no checkpoint in {ckpt_dir}; train without "
-                            "--resume to start afresh.")
-    if latest is not None:
-        meta = _load_checkpoint(latest, model, optimizer, dev)
-        step, skipped_steps = meta["step"], meta.get("skipped_steps", 0)
-        history = meta.get("history", [])
-        failed = {int(k): v for k, v in meta.get("failed_files", {}).items()}
-        logger.info("resuming from %s at step %d", latest, step)
+        where = f"in {ckpt_dir}" if ckpt_dir is not None else "(no checkpoint_dir was given)"
+        raise TrainingError(f"resume was asked for but there is no checkpoint {where}; "
+                            "train without --resume to start afresh.")
+    if not resume and latest is not None:
+        raise TrainingError(f"the checkpoint folder {ckpt_dir} already holds a run "
+                            f"({latest.name}); pass --resume to continue it, or choose an "
+                            "empty folder.")
+
+    rank, world, joined = _join_process_group(dev)
+    if dev.type == "cuda" and world > 1 and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # NCCL and all_gather_object use the current device
+    try:
+        return _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
+                      latest if resume else None, callback, progress)
+    finally:
+        if joined:  # whoever joined the group leaves it; a caller's own group stays
+            dist.destroy_process_group()
+
+
+def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
+           dev: torch.device, rank: int, world: int, ckpt_dir: Path | None,
+           resume_from: Path | None, callback: Callback | None,
+           progress: bool | None) -> TrainResult:
+    """The training loop of :func:`train`, inside the process group."""
+    t, m = config.train, config.model
+
+    def emit(event: TrainEvent) -> None:
+        if callback is not None and rank == 0:
+            callback(event)
+
+    with torch.random.fork_rng(devices=[]):  # the seed decides the weights, not the caller
+        torch.manual_seed(t.seed)
+        model = Glow(m)
+    model.to(dev)
+    optimizer = _make_optimizer(model, config)
+    failed = _FailedFiles(train_set, log=rank == 0)
+    step, skipped_steps, nonfinite_run, last_bpd = 0, 0, 0, float("nan")
+    epoch_sum, epoch_n = 0.0, 0  # the running epoch's bits/dim sum over its images
+    history: list[dict[str, float]] = []
+    if resume_from is not None:
+        meta = _load_checkpoint(resume_from, model, optimizer, config)
+        step, skipped_steps = meta["step"], meta["skipped_steps"]
+        nonfinite_run, last_bpd = meta["nonfinite_run"], meta["train_bpd"]
+        epoch_sum, epoch_n = meta["epoch_bpd_sum"], meta["epoch_images"]
+        history = meta["history"]
+        for name, reason in meta["failed_files"].items():
+            failed.reasons[name] = reason  # already reported before the interruption
+        logger.info("resuming from %s at step %d", resume_from, step)
     else:
         init = _init_batch(train_set, config, failed).to(dev)
         noise = _step_noise(t.seed, -1, tuple(init.shape)).to(dev)
         model.initialize(preprocess(init, m.n_bits, noise))
-    if t.bf16 and dev.type == "cuda":
-        model.set_coupling_autocast(torch.bfloat16)
+    use_bf16 = t.bf16 and dev.type == "cuda"
+    if t.bf16 and not use_bf16:
+        logger.info("bf16 autocast is CUDA-only; training in float32 on %s", dev)
+    model.set_coupling_autocast(torch.bfloat16 if use_bf16 else None)
 
     net: torch.nn.Module = model
-    if world > 1:
+    if world > 1:  # after the ActNorm init, so every rank starts from the same weights
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
     total_steps = steps_per_epoch * t.epochs
     shape = (t.batch_size, m.in_channels, m.image_size, m.image_size)
-    nonfinite_run, last_bpd, val_bpd, imgs_per_sec = 0, float("nan"), float("nan"), 0.0
-    bar = tqdm(total=total_steps, initial=step, disable=(not progress) if progress is not None
-               else None, desc="train", unit="step", dynamic_ncols=True)
-    start_epoch = step // steps_per_epoch
-    for epoch in range(start_epoch, t.epochs):
-        model.train()
-        sampler = GlobalBatchSampler(len(train_set), t.batch_size, t.seed, epoch,
-                                     start=step - epoch * steps_per_epoch, rank=rank,
-                                     world=world)
-        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
-                            pin_memory=dev.type == "cuda",
-                            persistent_workers=False)
-        epoch_sum, epoch_n, epoch_time, epoch_images = 0.0, 0, 0.0, 0
-        for batch in loader:
-            tick = time.perf_counter()
-            images, ok = _batch_images(batch, failed)
-            noise = _step_noise(t.seed, step, shape)[rank :: world][: len(ok)][ok]
-            x = preprocess(images.to(dev, non_blocking=True), m.n_bits, noise.to(dev))
-            for group in optimizer.param_groups:
-                group["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
-            loss = _bpd_loss(net, model, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            if world > 1:
-                finite = finite.to(torch.int32)
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            step += 1
-            if bool(finite):
-                optimizer.step()
-                nonfinite_run = 0
-                last_bpd = float(loss.detach())
-                epoch_sum += last_bpd * len(images)
-                epoch_n += len(images)
-            else:
-                skipped_steps += 1
-                nonfinite_run += 1
-                logger.warning("step %d: non-finite loss or gradient; step skipped", step)
-                if nonfinite_run >= t.max_nonfinite_steps:
-                    bar.close()
-                    raise TrainingError(
-                        f"{nonfinite_run} non-finite losses in a row (step {step}); the "
-                        "model diverged. Lower lr, raise warmup_steps or grad clipping, "
-                        "or check the images.")
-            elapsed = time.perf_counter() - tick
-            epoch_time += elapsed
-            epoch_images += len(images) * world
-            imgs_per_sec = epoch_images / max(epoch_time, 1e-9)
-            bar.update(1)
-            bar.set_postfix(bpd=f"{last_bpd:.3f}", img_s=f"{imgs_per_sec:.0f}")
-            emit(TrainEvent("step", step, epoch, {
-                "train_bpd": last_bpd, "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm), "images_per_sec": imgs_per_sec,
-                "skipped_steps": float(skipped_steps)}))
-            if ckpt_dir is not None and step % t.checkpoint_every == 0 and rank == 0:
-                extra = {"skipped_steps": skipped_steps, "history": history,
-                         "failed_files": failed}
-                path = save_checkpoint(ckpt_dir, model, optimizer, config, step, extra)
-                emit(TrainEvent("checkpoint", step, epoch, path=path))
-        if val_set is not None and rank == 0:
-            val_bpd = evaluate_bpd(model, val_set, t.batch_size, dev, t.num_workers)
+    max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+    val_bpd = history[-1]["val_bpd"] if history else float("nan")
+    imgs_per_sec, saved_step = 0.0, step if resume_from is not None else -1
+    sampler = GlobalBatchSampler(len(train_set), t.batch_size, t.seed, 0, rank=rank,
+                                 world=world)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=t.num_workers > 0)
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal saved_step
+        failed.gather(world)
+        if rank == 0 and ckpt_dir is not None:
+            extra = {"skipped_steps": skipped_steps, "nonfinite_run": nonfinite_run,
+                     "train_bpd": last_bpd, "epoch_bpd_sum": epoch_sum,
+                     "epoch_images": epoch_n, "history": history,
+                     "failed_files": failed.reasons}
+            path = save_checkpoint(ckpt_dir, model, optimizer, config, step, extra)
+            emit(TrainEvent("checkpoint", step, epoch, path=path))
+        saved_step = step
+
+    disable = True if rank != 0 else (None if progress is None else not progress)
+    with tqdm(total=total_steps, initial=step, disable=disable, desc="train", unit="step",
+              dynamic_ncols=True) as bar:
+        for epoch in range(step // steps_per_epoch, t.epochs):
             model.train()
-        epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
-                         "train_bpd_epoch": epoch_sum / max(epoch_n, 1) if epoch_n else
-                         float("nan"), "images_per_sec_epoch": imgs_per_sec,
-                         "skipped_steps": float(skipped_steps),
-                         "failed_files": float(len(failed))}
-        history.append(epoch_metrics)
-        emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
-    bar.close()
+            sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
+            if step == epoch * steps_per_epoch:
+                epoch_sum, epoch_n = 0.0, 0
+            clock = _Throughput()
+            for batch in loader:
+                images, ok = failed.keep(batch)
+                noise = _step_noise(t.seed, step, shape)[rank::world][: len(ok)][ok]
+                x = preprocess(images.to(dev, non_blocking=True), m.n_bits,
+                               noise.to(dev, non_blocking=True))
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(t, step)
+                batch_bpd, n_images, bad, grad_norm = _forward_backward(
+                    net, model, optimizer, x, world, max_norm)
+                step += 1
+                if n_images == 0:
+                    logger.warning("step %d: no image of the batch could be decoded; no "
+                                   "update", step)
+                elif not bad:
+                    optimizer.step()
+                    nonfinite_run, last_bpd = 0, batch_bpd
+                    epoch_sum += batch_bpd * n_images
+                    epoch_n += n_images
+                else:
+                    skipped_steps += 1
+                    nonfinite_run += 1
+                    logger.warning("step %d: non-finite loss or gradient; step skipped", step)
+                    if nonfinite_run >= t.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{nonfinite_run} non-finite losses in a row (step {step}); the "
+                            "model diverged. Lower lr, raise warmup_steps or grad clipping, "
+                            "or check the images.")
+                clock.images += n_images
+                imgs_per_sec = clock.rate
+                bar.set_postfix(bpd=f"{last_bpd:.3f}", img_s=f"{imgs_per_sec:.0f}",
+                                refresh=False)
+                bar.update(1)
+                with clock.pause():
+                    emit(TrainEvent("step", step, epoch, {
+                        "train_bpd": last_bpd, "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": grad_norm, "images_per_sec": imgs_per_sec,
+                        "skipped_steps": float(skipped_steps)}))
+                    # The epoch's last step is checkpointed after validation, below.
+                    if step % t.checkpoint_every == 0 and step % steps_per_epoch:
+                        checkpoint(epoch)
+            failed.gather(world)
+            if val_set is not None and len(val_set):
+                model.set_coupling_autocast(None)  # validation in float32, as scoring
+                val_bpd = evaluate_bpd(model, val_set, t.batch_size, dev, t.num_workers,
+                                       rank, world)
+                model.set_coupling_autocast(torch.bfloat16 if use_bf16 else None)
+            epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
+                             "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
+                             float("nan"), "images_per_sec_epoch": imgs_per_sec,
+                             "skipped_steps": float(skipped_steps),
+                             "failed_files": float(len(failed.reasons))}
+            history.append(epoch_metrics)
+            emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
+            if step % t.checkpoint_every == 0:
+                checkpoint(epoch + 1)
+    del loader  # ends persistent workers
 
     model.eval()
     model.set_coupling_autocast(None)
-    checkpoint = None
-    if ckpt_dir is not None and rank == 0:
-        extra = {"skipped_steps": skipped_steps, "history": history, "failed_files": failed}
-        checkpoint = save_checkpoint(ckpt_dir, model, optimizer, config, step, extra)
-        emit(TrainEvent("checkpoint", step, t.epochs, path=checkpoint))
-    if failed:
-        logger.warning("%d training file(s) could not be decoded and were skipped",
-                       len(failed))
-    samples = sample_grid(model, 16, t.sample_temperature) if rank == 0 else np.zeros((0, 0))
+    if step != saved_step:
+        checkpoint(t.epochs)
+    final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
+    if failed.reasons and rank == 0:
+        logger.warning("%d training file(s) could not be decoded and were skipped: %s",
+                       len(failed.reasons), ", ".join(sorted(failed.reasons)))
+    samples = (sample_grid(model, 16, t.sample_temperature, t.seed) if rank == 0
+               else np.zeros((0, 0), dtype=np.uint8))
     return TrainResult(model=model, config=config, steps=step, val_bpd=val_bpd,
                        train_bpd=last_bpd, images_per_sec=imgs_per_sec,
-                       skipped_steps=skipped_steps, failed_files=failed, samples=samples,
-                       checkpoint_dir=checkpoint, history=history)
+                       skipped_steps=skipped_steps, failed_files=dict(failed.reasons),
+                       samples=samples, checkpoint_dir=final, history=history)
 
 
-def _bpd_loss(net: torch.nn.Module, model: Glow, x: torch.Tensor) -> torch.Tensor:
-    """Mean bits/dim of a batch through ``net`` (the model, or its DDP wrapper)."""
-    return bits_per_dim(log_prob_from_output(net(x)), model.config).mean()
+def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.Optimizer,
+                      x: torch.Tensor, world: int,
+                      max_norm: float) -> tuple[float, int, bool, float]:
+    """Gradients of the global batch's mean bits/dim, clipped.
+
+    ``x`` ``(b, C, H, W)`` is this rank's share (``b`` may be 0). DDP averages gradients
+    over ranks, so each rank's sum is scaled by ``world / n`` with ``n`` the decodable
+    images of the whole global batch: the gradient is that of the global mean,
+    whatever share of it each rank could decode.
+
+    Returns:
+        (the batch's mean bits/dim, n, whether any rank saw a non-finite loss or
+        gradient, gradient norm before clipping).
+    """
+    n = torch.tensor(float(len(x)), device=x.device)
+    if world > 1:
+        dist.all_reduce(n)
+    bpd = bits_per_dim(log_prob_from_output(net(x)), model.config)
+    loss = bpd.sum() * (world / n.clamp_min(1.0))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+    flags = torch.stack([loss.detach() / world, bad.float()])
+    if world > 1:
+        dist.all_reduce(flags)  # the mean loss over ranks; how many ranks saw a NaN
+    batch_bpd, n_bad, n_images, norm = torch.cat([flags, n[None], grad_norm[None]]).tolist()
+    return batch_bpd, int(n_images), n_bad > 0, norm

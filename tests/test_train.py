@@ -1,0 +1,437 @@
+"""Training on real image files written to a temp folder (PNG and JPEG, 28x28 sneakers
+from the shipped sample, resized by the dataset to a 16x16 model).
+
+All runs are on the CPU with one thread, a tiny Glow (L=2, K=2, width 16) and batches
+of 16, so the whole file takes well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Subset
+
+import anomaly_flow.train as train_module
+from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
+from anomaly_flow.data import display_path, load_sample, write_image_folder
+from anomaly_flow.glow import Glow, preprocess
+from anomaly_flow.train import (
+    TrainEvent,
+    TrainingError,
+    evaluate_bpd,
+    folder_datasets,
+    latest_checkpoint,
+    learning_rate,
+    save_checkpoint,
+    train,
+)
+
+MODEL = GlowConfig(in_channels=1, image_size=16, levels=2, steps_per_level=2,
+                   hidden_channels=16)
+
+
+def run_config(**train_fields) -> RunConfig:
+    fields = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5,
+              "val_fraction": 0.1, "seed": 0, "checkpoint_every": 1000,
+              "init_batch_size": 64, **train_fields}
+    return RunConfig(MODEL, TrainConfig(**fields))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: fair to the other tests on a 2-core machine, and the same
+    reduction order in every run of a comparison."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sneakers() -> np.ndarray:
+    return load_sample().train  # uint8 (2000, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory, sneakers: np.ndarray) -> Path:
+    """320 images: 300 PNG and 20 JPEG. With val_fraction 0.1: 288 training images,
+    18 full batches of 16 per epoch."""
+    folder = tmp_path_factory.mktemp("sneakers")
+    write_image_folder(sneakers[:300], folder / "png", "s", "png")
+    write_image_folder(sneakers[300:320], folder / "jpg", "s", "jpg")
+    return folder
+
+
+def add_corrupt_files(folder: Path) -> dict[str, str]:
+    """A text file named .png, a truncated PNG and a zero-byte .jpg: name -> reason part."""
+    good = sorted(folder.rglob("*.png"))[0].read_bytes()
+    (folder / "notes.png").write_text("this is not an image\n")
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    return {display_path(folder / "notes.png"): "cannot identify image file",
+            display_path(folder / "cut.png"): "truncated",
+            display_path(folder / "empty.jpg"): "empty file"}
+
+
+def untrained_val_bpd(config: RunConfig, data) -> float:
+    """Validation bits/dim of the model train() starts from (seeded init + ActNorm init)."""
+    torch.manual_seed(config.train.seed)
+    model = Glow(config.model)
+    failed = train_module._FailedFiles(data.train, log=False)
+    init = train_module._init_batch(data.train, config, failed)
+    noise = train_module._step_noise(config.train.seed, -1, tuple(init.shape))
+    model.initialize(preprocess(init, config.model.n_bits, noise))
+    return evaluate_bpd(model, data.val, 64, torch.device("cpu"))
+
+
+def final_checkpoint_files(folder: Path) -> tuple[dict, dict, dict]:
+    path = latest_checkpoint(folder)
+    assert path is not None
+    return (load_file(str(path / "model.safetensors")),
+            load_file(str(path / "optimizer.safetensors")),
+            json.loads((path / "state.json").read_text()))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_bits_per_dim_falls(image_folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Validation bits/dim falls from 7.78 (untrained, ActNorm initialised) to 6.37 after
+    the first epoch and 5.47 after the fourth (72 steps of 16 images; measured on CPU,
+    one thread: 7.78 -> 6.37, 5.83, 5.77, 5.47)."""
+    config = run_config(epochs=4)
+    data = folder_datasets(image_folder, config)
+    before = untrained_val_bpd(config, data)
+    steps: list[TrainEvent] = []
+    result = train(config, data.train, data.val, device="cpu", progress=True,
+                   callback=lambda e: steps.append(e) if e.kind == "step" else None)
+
+    val = [h["val_bpd"] for h in result.history]
+    assert before == pytest.approx(7.78, abs=0.1)
+    assert result.val_bpd == val[-1] < val[0] - 0.5 < before - 1.0
+    assert result.val_bpd < 5.6
+    assert result.steps == len(steps) == 4 * 18 and result.skipped_steps == 0
+    assert result.failed_files == {} and math.isfinite(result.train_bpd)
+    # Warm-up, recomputed from the step.
+    assert [e.metrics["lr"] for e in steps[:6]] == [learning_rate(config.train, s)
+                                                    for s in range(6)]
+    assert steps[5].metrics["lr"] == config.train.lr
+    # images/s counts decoding; the first step of an epoch is in the same range.
+    rates = [e.metrics["images_per_sec"] for e in steps]
+    assert all(0 < r < math.inf for r in rates)
+    assert rates[0] > result.images_per_sec / 20
+    # The progress bar shows bits/dim and images/s when asked for.
+    err = capfd.readouterr().err
+    assert "bpd=" in err and "img_s=" in err
+    assert result.samples.shape == (64, 64) and result.samples.dtype == np.uint8
+
+
+def test_corrupt_files_are_skipped_counted_and_reported(
+        tmp_path: Path, sneakers: np.ndarray, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "train"
+    write_image_folder(sneakers[:60], folder, "s", "png")
+    expected = add_corrupt_files(folder)
+    config = run_config(epochs=2, val_fraction=0.0)
+    data = folder_datasets(folder, config)
+    assert len(data.train) == 63 and data.val is None
+
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        result = train(config, data.train, device="cpu")
+
+    assert set(result.failed_files) == set(expected)
+    for name, reason in expected.items():
+        assert reason in result.failed_files[name]
+        per_file = [r for r in caplog.records if name in r.getMessage()
+                    and "skipping" in r.getMessage()]
+        assert len(per_file) == 1, "each bad file is reported once, not once per epoch"
+    summary = [r.getMessage() for r in caplog.records if "3 training file(s)" in r.getMessage()]
+    assert len(summary) == 1
+    assert result.steps == 2 * 4 and result.skipped_steps == 0
+    assert result.history[-1]["failed_files"] == 3
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    # progress=None and stderr is not a terminal (captured): no bar.
+    assert "img_s=" not in capfd.readouterr().err
+
+
+def test_bf16_is_ignored_on_cpu(tmp_path: Path, sneakers: np.ndarray,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    """bf16 autocast is CUDA-only: on the CPU the run is the float32 run, bit for bit."""
+    write_image_folder(sneakers[:48], tmp_path, "s", "png")
+    results = []
+    for bf16 in (False, True):
+        config = run_config(epochs=1, bf16=bf16, val_fraction=0.0)
+        data = folder_datasets(tmp_path, config)
+        with caplog.at_level(logging.INFO, logger="anomaly_flow.train"):
+            results.append(train(config, data.train, device="cpu").model.state_dict())
+    assert any("bf16 autocast is CUDA-only" in r.getMessage() for r in caplog.records)
+    for key, value in results[0].items():
+        assert torch.equal(value, results[1][key]), key
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def test_resume_is_bit_identical(image_folder: Path, tmp_path: Path) -> None:
+    """3 epochs of 18 steps = 2N steps with N = 27; the interrupted run is killed just
+    after its checkpoint at step 27, half way through epoch 2, and resumed with the same
+    configuration."""
+    n = 27
+    config = run_config(epochs=3, checkpoint_every=n)
+    data = folder_datasets(image_folder, config)
+    full = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path / "full")
+
+    def kill_after_checkpoint(event: TrainEvent) -> None:
+        if event.kind == "checkpoint" and event.step == n:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path / "cut",
+              callback=kill_after_checkpoint)
+    assert latest_checkpoint(tmp_path / "cut").name == f"step-{n:08d}"
+    resumed_steps: list[int] = []
+    resumed = train(config, data.train, data.val, device="cpu",
+                    checkpoint_dir=tmp_path / "cut", resume=True,
+                    callback=lambda e: resumed_steps.append(e.step) if e.kind == "step"
+                    else None)
+
+    assert resumed_steps == list(range(n + 1, 2 * n + 1))
+    assert full.steps == resumed.steps == 2 * n
+    full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
+    assert full_state.keys() == resumed_state.keys()
+    for key, value in full_state.items():
+        assert torch.equal(value, resumed_state[key]), key
+    full_w, full_opt, full_meta = final_checkpoint_files(tmp_path / "full")
+    cut_w, cut_opt, cut_meta = final_checkpoint_files(tmp_path / "cut")
+    assert full_opt.keys() == cut_opt.keys() and any(k.endswith(".step") for k in full_opt)
+    for key, value in full_opt.items():  # Adam's step, exp_avg, exp_avg_sq
+        assert torch.equal(value, cut_opt[key]), key
+    for key, value in full_w.items():
+        assert torch.equal(value, cut_w[key]), key
+    assert full_meta["param_groups"] == cut_meta["param_groups"]
+    for a, b in zip(full.history, resumed.history, strict=True):
+        assert {k: v for k, v in a.items() if "per_sec" not in k} == \
+               {k: v for k, v in b.items() if "per_sec" not in k}
+    assert full.val_bpd == resumed.val_bpd
+    assert np.array_equal(full.samples, resumed.samples)
+    # Two checkpoints kept, nothing half-written left behind.
+    for folder in (tmp_path / "full", tmp_path / "cut"):
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == ["latest", f"step-{n:08d}", f"step-{2 * n:08d}"]
+
+
+def test_checkpoints_atomic_pruned_and_restore_optimizer_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = run_config()
+    model = Glow(MODEL)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(4, 1, 16, 16) - 0.5
+    model.initialize(x)
+    folder = tmp_path / "ckpt"
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        model.log_prob(x).mean().neg().backward()
+        optimizer.step()
+        save_checkpoint(folder, model, optimizer, config, step, {"note": step})
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-00000003",
+                                                        "step-00000004"]
+    assert latest_checkpoint(folder) == folder / "step-00000004"
+
+    fresh = Glow(MODEL)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    meta = train_module._load_checkpoint(folder / "step-00000004", fresh, fresh_opt, config)
+    assert meta["step"] == 4 and meta["note"] == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    want, got = optimizer.state_dict(), fresh_opt.state_dict()
+    assert want["param_groups"] == got["param_groups"]
+    for pid, state in want["state"].items():
+        for key, value in state.items():
+            restored = got["state"][pid][key]
+            assert restored.dtype == value.dtype and restored.device == value.device
+            assert torch.equal(restored, value), (pid, key)
+
+    # A pointer naming a missing folder (killed between two renames): fall back to the
+    # newest complete checkpoint.
+    (folder / "latest").write_text("step-00000009")
+    assert latest_checkpoint(folder) == folder / "step-00000004"
+
+
+# --------------------------------------------------------------------------- non-finite
+
+
+def poison_preprocess(monkeypatch: pytest.MonkeyPatch, steps: set[int] | None) -> None:
+    """Put a NaN into the input of the given training steps (1-based; None: all)."""
+    original = train_module.preprocess
+    calls = {"train": 0}
+
+    def poisoned(images, n_bits, noise=None):
+        x = original(images, n_bits, noise)
+        if noise is not None:  # training calls carry noise: the ActNorm init, then steps
+            index = calls["train"]
+            calls["train"] += 1
+            if index > 0 and (steps is None or index in steps):
+                x = x.clone()
+                x[0, 0, 0, 0] = math.nan
+        return x
+
+    monkeypatch.setattr(train_module, "preprocess", poisoned)
+
+
+def test_injected_nan_is_skipped_and_counted(image_folder: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+    poison_preprocess(monkeypatch, {5})
+    events: list[TrainEvent] = []
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        result = train(config, data.train, data.val, device="cpu", callback=events.append)
+
+    assert result.skipped_steps == 1 and result.steps == 18
+    assert [e.metrics["skipped_steps"] for e in events if e.kind == "step"][3:6] == [0, 1, 1]
+    assert any("step 5: non-finite" in r.getMessage() for r in caplog.records)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert math.isfinite(result.val_bpd) and math.isfinite(result.train_bpd)
+
+
+def test_many_nans_in_a_row_stop_training(image_folder: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = run_config(epochs=1, max_nonfinite_steps=3)
+    data = folder_datasets(image_folder, config)
+    poison_preprocess(monkeypatch, None)
+    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row \(step 3\)"):
+        train(config, data.train, data.val, device="cpu")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+    with pytest.raises(TrainingError, match="training set is empty"):
+        train(config, Subset(data.train, []), device="cpu")
+    with pytest.raises(TrainingError, match="no checkpoint in"):
+        train(config, data.train, device="cpu", checkpoint_dir=tmp_path / "none", resume=True)
+    with pytest.raises(TrainingError, match="no checkpoint_dir"):
+        train(config, data.train, device="cpu", resume=True)
+
+    model = Glow(MODEL)
+    save_checkpoint(tmp_path / "old", model, torch.optim.Adam(model.parameters()), config,
+                    7, {})
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(config, data.train, device="cpu", checkpoint_dir=tmp_path / "old")
+    wider = RunConfig(GlowConfig(image_size=16, levels=2, steps_per_level=2,
+                                 hidden_channels=8), config.train)
+    with pytest.raises(TrainingError, match="another architecture"):
+        train(wider, data.train, device="cpu", checkpoint_dir=tmp_path / "old", resume=True)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="CUDA is not available"):
+        train(config, data.train, device="cuda")
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it; checked before joining
+    with pytest.raises(TrainingError, match="batch_size 16 is not divisible by the 3"):
+        train(config, data.train, device="cpu")
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path: Path, sneakers: np.ndarray) -> None:
+    """torchrun, gloo, 2 CPU processes, each taking 8 of every global batch of 16, against
+    one process on the same folder (which holds a bad file, met by one rank only).
+
+    Not bit-identical: DDP sums the two half-batch gradients in another order than one
+    process summing the whole batch, so float32 rounding differs (max difference seen
+    ~1e-7 after 12 Adam steps); hence allclose.
+    """
+    folder = tmp_path / "data"
+    write_image_folder(sneakers[:100], folder, "s", "png")
+    (folder / "notes.png").write_text("not an image")
+    config = run_config(epochs=2, val_fraction=0.1, checkpoint_every=5)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.to_json())
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(worker), str(folder), str(config_file),
+           str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    data = folder_datasets(folder, config)
+    single = train(config, data.train, data.val, device="cpu",
+                   checkpoint_dir=tmp_path / "single")
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    weights = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+
+    assert [r["world"] for r in reports] == [2, 2]
+    assert all(r["group_left"] for r in reports), "train() leaves the group it joined"
+    for key, value in single.model.state_dict().items():
+        assert torch.equal(weights[0][key], weights[1][key]), key  # ranks agree exactly
+        torch.testing.assert_close(weights[0][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    assert reports[0]["steps"] == reports[1]["steps"] == single.steps == 2 * 6
+    assert reports[0]["val_bpd"] == reports[1]["val_bpd"]
+    assert reports[0]["val_bpd"] == pytest.approx(single.val_bpd, rel=1e-5)
+    bad = {display_path(folder / "notes.png")}
+    assert set(reports[0]["failed_files"]) == set(reports[1]["failed_files"]) == bad
+    assert set(single.failed_files) == bad
+    # Rank 0 alone writes checkpoints (two kept: steps 10 and 12) and draws samples.
+    assert reports[0]["checkpoint_dir"].endswith("step-00000012")
+    assert reports[1]["checkpoint_dir"] is None
+    assert reports[1]["samples_shape"] == [0, 0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "step-00000010", "step-00000012"]
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_on_cuda(image_folder: Path) -> None:
+    """A few steps with the coupling networks under bf16 autocast: finite, close to the
+    float32 run on the same GPU but not equal to it (so autocast was on)."""
+    runs = {}
+    for bf16 in (False, True):
+        config = run_config(epochs=1, bf16=bf16)
+        data = folder_datasets(image_folder, config)
+        runs[bf16] = train(config, data.train, data.val, device="cuda")
+    result = runs[True]
+    assert result.model.device.type == "cuda" and result.steps == 18
+    assert result.skipped_steps == 0 and math.isfinite(result.val_bpd)
+    assert result.val_bpd == pytest.approx(runs[False].val_bpd, abs=0.1)
+    assert not all(torch.equal(a, b) for a, b in zip(
+        result.model.parameters(), runs[False].model.parameters(), strict=True))
+    assert all(step.coupling.net.autocast_dtype is None
+               for level in result.model.levels for step in level.steps)
