@@ -1,0 +1,166 @@
+"""``anomaly-flow calibrate`` and ``anomaly-flow evaluate``: thin wrappers over
+:func:`anomaly_flow.evaluation.calibrate_model` and :func:`~anomaly_flow.evaluation.evaluate_model`.
+
+The library is imported inside the commands, so ``anomaly-flow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from anomaly_flow.cli import main
+from anomaly_flow.cli.common import device_option, mlruns_option, model_option, user_errors
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METHODS = ("conformal", "f1", "youden", "cost")  # anomaly_flow.calibration.METHODS
+_MAX_FAILURES_SHOWN = 10
+
+existing_dir = click.Path(file_okay=False, path_type=Path)
+
+
+def _scoring_options(func):  # type: ignore[no-untyped-def]
+    func = click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="DataLoader worker processes decoding images.")(func)
+    func = click.option("--batch-size", type=click.IntRange(min=1), default=256,
+                        show_default=True, help="Images per forward pass.")(func)
+    return func
+
+
+def _report_failures(failures: dict[str, list[tuple[str, str]]]) -> None:
+    """Say on stderr which files were left out and why."""
+    for kind, rows in failures.items():
+        if not rows:
+            continue
+        click.echo(f"warning: {len(rows)} {kind} image(s) could not be scored and were left "
+                   "out:", err=True)
+        for path, reason in rows[:_MAX_FAILURES_SHOWN]:
+            click.echo(f"  {path}: {reason}", err=True)
+        if len(rows) > _MAX_FAILURES_SHOWN:
+            click.echo(f"  ... and {len(rows) - _MAX_FAILURES_SHOWN} more (see "
+                       "failed_images.json in the run's artifacts)", err=True)
+
+
+@main.command()
+@model_option
+@click.option("--normal", required=True, type=existing_dir,
+              help="Folder of held-out normal images (never the training images).")
+@click.option("--anomalous", type=existing_dir, default=None,
+              help="Folder of labelled anomalies: adds precision/recall, ROC and PR curves, "
+                   "and enables --method f1, youden and cost.")
+@click.option("--score", default="bpd", show_default=True,
+              help="Score the threshold applies to: bpd, complexity, level_1 ... level_L.")
+@click.option("--target-fpr", type=float, default=None,
+              help="Target false-positive rate α for --method conformal, e.g. 0.01; needs "
+                   "at least 1/α − 1 normal images.")
+@click.option("--method", type=click.Choice(METHODS), default="conformal", show_default=True,
+              help="conformal: threshold for --target-fpr from normal images alone; f1, "
+                   "youden, cost: from labelled anomalies (--anomalous).")
+@click.option("--cost-fp", type=click.FloatRange(min=0), default=None,
+              help="Cost of one false alarm (--method cost) [default: 1].")
+@click.option("--cost-fn", type=click.FloatRange(min=0), default=None,
+              help="Cost of one missed anomaly (--method cost) [default: 1].")
+@click.option("--promote", is_flag=True, help="Move alias 'champion' to the new version.")
+@device_option
+@_scoring_options
+@mlruns_option
+@user_errors
+def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
+              target_fpr: float | None, method: str, cost_fp: float | None,
+              cost_fn: float | None,
+              promote: bool, device: str, batch_size: int, workers: int,
+              mlruns: Path | None) -> None:
+    """Fit a decision threshold on held-out images and register a calibrated version.
+
+    Scores the folders, fits the threshold, logs a run (metrics, score histogram with
+    the threshold, ROC/PR curves with --anomalous, calibration.json) and registers a
+    new model version carrying the calibration. Prints the new model URI and the
+    threshold.
+
+    \b
+    Example:
+      anomaly-flow calibrate --model models:/parts@candidate \\
+          --normal data/val/normal --target-fpr 0.01 --promote
+    """
+    if method != "conformal" and target_fpr is not None:
+        raise click.UsageError(f"--target-fpr only applies to --method conformal, not {method}.")
+    if method == "conformal" and target_fpr is None:
+        raise click.UsageError("--method conformal needs --target-fpr, e.g. --target-fpr 0.01.")
+    if method != "conformal" and anomalous is None:
+        raise click.UsageError(f"--method {method} needs labelled anomalies: pass --anomalous DIR.")
+    if method != "cost" and (cost_fp, cost_fn) != (None, None):
+        raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
+    if target_fpr is not None and not 0 < target_fpr < 1:
+        raise click.BadParameter(f"must be between 0 and 1 (e.g. 0.01), got {target_fpr}.",
+                                 param_hint="--target-fpr")
+
+    from anomaly_flow.evaluation import calibrate_model
+
+    outcome = calibrate_model(
+        model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
+        cost_fp=1.0 if cost_fp is None else cost_fp, cost_fn=1.0 if cost_fn is None else cost_fn,
+        promote=promote, device=device,
+        batch_size=batch_size, workers=workers, mlruns=mlruns,
+    )
+    _report_failures(outcome.failures)
+    threshold = outcome.calibration.threshold
+    click.echo(f"model: {outcome.model_uri}")
+    click.echo(f"threshold: {threshold.value} ({score}, {method}"
+               + (f", target FPR {target_fpr:g}" if target_fpr is not None else "") + ")")
+    line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
+    if threshold.n_anomalous:
+        line += (f"; precision {threshold.precision:.4g}, recall {threshold.recall:.4g}, "
+                 f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} anomalies")
+    click.echo(line)
+    click.echo(f"run: {outcome.run_id}" + ("; alias 'champion' moved" if outcome.promoted else ""),
+               err=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Fixed-width text table of per-score detection metrics (AUROC etc.)."""
+    header = f"{'score':<12} {'AUROC':>7} {'AUPR':>7} {'FPR@95TPR':>10}"
+    lines = [header, "-" * len(header)]
+    for name, row in table.iterrows():
+        lines.append(f"{name!s:<12} {row['auroc']:>7.4f} {row['aupr']:>7.4f} "
+                     f"{row['fpr_at_95_tpr']:>10.4f}")
+    return "\n".join(lines)
+
+
+@main.command()
+@model_option
+@click.option("--normal", required=True, type=existing_dir, help="Folder of normal test images.")
+@click.option("--anomalous", required=True, type=existing_dir,
+              help="Folder of anomalous test images.")
+@device_option
+@_scoring_options
+@mlruns_option
+@user_errors
+def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size: int,
+             workers: int, mlruns: Path | None) -> None:
+    """AUROC, AUPR and FPR at 95% TPR of every score type on labelled folders.
+
+    Prints a table (one row per score: bpd, complexity, level_1 ... level_L) and logs
+    it as a run with ROC and PR curves and score histograms.
+
+    \b
+    Example:
+      anomaly-flow evaluate --model models:/parts@champion \\
+          --normal data/test/normal --anomalous data/test/anomalous
+    """
+    from anomaly_flow.evaluation import evaluate_model
+
+    outcome = evaluate_model(model, normal, anomalous, device=device, batch_size=batch_size,
+                             workers=workers, mlruns=mlruns)
+    _report_failures(outcome.failures)
+    click.echo(format_table(outcome.table))
+    metrics = outcome.metrics
+    if "calibrated_fpr" in metrics:
+        click.echo(f"at the stored threshold {metrics['calibrated_threshold']:.6g}: "
+                   f"FPR {metrics['calibrated_fpr']:.4g}, "
+                   f"recall {metrics['calibrated_recall']:.4g}, "
+                   f"precision {metrics['calibrated_precision']:.4g}")
+    click.echo(f"run: {outcome.run_id}", err=True)

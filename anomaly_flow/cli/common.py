@@ -1,0 +1,120 @@
+"""Pieces every command shares: user errors as one-line messages, and common options.
+
+- :func:`user_errors`: a decorator turning the library's user-facing exceptions
+  (``DataError``, ``ConfigError``, ``TrainingError``, ``ModelNotFoundError``,
+  ``CalibrationError``, ...) into ``click.ClickException``: ``Error: <message>`` on
+  stderr, exit code 1, no traceback.
+- :data:`model_option` (``--model``, a :class:`ModelURI`), :data:`mlruns_option`
+  (``--mlruns``) and :data:`device_option` (``--device``).
+
+This module imports neither torch nor mlflow, so ``anomaly-flow --help`` stays fast;
+commands import the library inside their function.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("anomaly_flow.config", "ConfigError"),
+    ("anomaly_flow.data", "DataError"),
+    ("anomaly_flow.glow", "ModelFileError"),
+    ("anomaly_flow.train", "TrainingError"),
+    ("anomaly_flow.scoring", "ScoringError"),
+    ("anomaly_flow.calibration", "CalibrationError"),
+    ("anomaly_flow.tracking.models", "ModelNotFoundError"),
+    ("anomaly_flow.tracking.store", "TrackingError"),
+)
+"""(module, class) of every exception a user can cause. Looked up lazily: a class whose
+module was never imported cannot have been raised."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types = []
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        error = getattr(module, class_name, None) if module is not None else None
+        if isinstance(error, type):
+            types.append(error)
+    return tuple(types)
+
+
+def one_line(message: str) -> str:
+    """``message`` with its whitespace (newlines included) collapsed."""
+    return " ".join(str(message).split())
+
+
+def user_errors(func: F) -> F:
+    """Run a command so that errors a user can cause end it with a one-line message.
+
+    Example:
+        >>> @main.command()  # doctest: +SKIP
+        ... @user_errors
+        ... def score(...): ...
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if isinstance(exc, _user_error_types()):
+                raise click.ClickException(one_line(str(exc))) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ModelURI(click.ParamType):
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``, another
+    MLflow model URI (``models:/m-...``), or a local model folder. Only the form is
+    checked here; whether the model exists is found out when it is loaded."""
+
+    name = "model"
+    _FORMS = re.compile(r"^(models:/[^/@\s]+(@[^/@\s]+|/\d+|)/?|runs:/[0-9A-Za-z]+/\S+)$")
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if text.startswith(("models:", "runs:")):
+            if not self._FORMS.match(text):
+                self.fail(f"{text!r} is not a model URI; use models:/NAME@ALIAS, "
+                          "models:/NAME/VERSION or runs:/RUN_ID/model", param, ctx)
+            return text
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) and not text.startswith("file://"):
+            return text  # another store URI (mlflow-artifacts:, s3:, ...): let MLflow try it
+        path = Path(text.removeprefix("file://")).expanduser()
+        if not path.exists():
+            self.fail(f"{text!r} is neither a model URI nor an existing folder; use "
+                      "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
+                      "model folder", param, ctx)
+        return text
+
+
+MODEL_URI = ModelURI()
+
+model_option = click.option(
+    "--model", "model", type=MODEL_URI, required=True, metavar="URI",
+    help="The model: models:/NAME@ALIAS (e.g. @candidate, @champion), models:/NAME/VERSION, "
+         "runs:/RUN_ID/model, or a local model folder.")
+
+mlruns_option = click.option(
+    "--mlruns", type=click.Path(file_okay=False, path_type=Path), default=None,
+    metavar="DIR",
+    help="Folder of the local MLflow store (mlflow.db, artifacts/) and of training "
+         "checkpoints [default: ./mlruns]. MLFLOW_TRACKING_URI, when set, replaces the store.")
+
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="Where the model runs; auto picks CUDA when available.")

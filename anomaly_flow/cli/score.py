@@ -1,0 +1,118 @@
+"""``anomaly-flow score``: a thin wrapper over :func:`anomaly_flow.scoring.score_folder`."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from anomaly_flow.cli import main
+from anomaly_flow.cli.common import device_option, mlruns_option, model_option, user_errors
+
+_FAILURES_SHOWN = 5
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # scoring then writes what it has before stopping
+
+
+@main.command(epilog="""\b
+Examples:
+  anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.csv
+  anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.parquet \\
+      --heatmaps heatmaps/ --workers 8 --device cuda
+  anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.csv --resume
+""")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@model_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE", help="The table to write: FILE.csv or FILE.parquet.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader worker processes decoding images [default: CPU cores, at "
+                   "most 8]; 0 decodes in the main process.")
+@device_option
+@click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Also write, for each scored image, a PNG heatmap of where "
+                                  "it is unlikely (same relative path under DIR, .png): "
+                                  "per-pixel bits/dim on a fixed scale, 0 (black) to the "
+                                  "model's n_bits, e.g. 8 (yellow), inferno colours.")
+@click.option("--resume", is_flag=True,
+              help="Keep the rows already in --out and score only the files missing from it.")
+@click.option("--strict", is_flag=True,
+              help="Exit with an error when any file could not be scored (the table is "
+                   "still written).")
+@click.option("--precision", type=click.Choice(["float32", "tf32", "bf16"]),
+              default="float32", show_default=True,
+              help="float32: exact and deterministic. tf32 (CUDA) and bf16 (the coupling "
+                   "networks only) are faster on a GPU but approximate (bf16 moves bits/dim "
+                   "by about 1e-4 to 1e-3). Resume with the precision the table was started "
+                   "with.")
+@click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, metavar="Q",
+              help="Flag anomalies by Benjamini-Hochberg at false discovery rate Q over "
+                   "all files, instead of the calibrated threshold.")
+@mlruns_option
+@user_errors
+def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | None,
+          device: str, heatmaps: Path | None, resume: bool, strict: bool, precision: str,
+          fdr: float | None, mlruns: Path | None) -> None:
+    """Score every image file under DIR into one table, one row per file.
+
+    Columns: path, bpd, complexity, level_1..level_L (bits/dim), score, p_value and
+    is_anomaly (filled when the model is calibrated), error (why a file could not be
+    scored; empty otherwise). Files that cannot be read (not images, truncated, empty,
+    too large, unreadable) get a row with the reason and do not stop the run. The
+    table is written atomically and rewritten now and then during long runs; after an
+    interruption, --resume scores only the files still missing. A summary goes to
+    stderr: N scored, M failed, K anomalous.
+    """
+    from anomaly_flow import tracking
+    from anomaly_flow.scoring import check_writable, output_format, score_folder
+    from anomaly_flow.train import resolve_device
+
+    output_format(out)
+    check_writable(out)  # before loading a model or scoring anything
+    if mlruns is not None:
+        tracking.configure(mlruns)
+    loaded = tracking.load_model(model, device=str(resolve_device(device)))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = score_folder(
+            loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
+            num_workers=_default_workers() if workers is None else workers,
+            heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
+        )
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command with --resume to score the files "
+                   f"not yet in {out}", err=True)
+        raise click.exceptions.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    if summary.n_failed:
+        click.echo(f"{summary.n_failed} file(s) could not be scored:", err=True)
+        for path, reason in summary.failures[:_FAILURES_SHOWN]:
+            click.echo(f"  {path}: {reason}", err=True)
+        if summary.n_failed > _FAILURES_SHOWN:
+            click.echo(f"  ... and {summary.n_failed - _FAILURES_SHOWN} more (see the error "
+                       "column)", err=True)
+    decided = (f"{summary.n_anomalous} anomalous" if summary.n_anomalous is not None
+               else "anomalies not decided (uncalibrated model; see anomaly-flow calibrate)")
+    click.echo(f"{summary.n_scored} scored, {summary.n_failed} failed, {decided}", err=True)
+    resumed = f", {summary.n_resumed} kept from before" if summary.n_resumed else ""
+    click.echo(f"wrote {summary.n_files} rows to {out}{resumed}", err=True)
+    if summary.heatmaps is not None:
+        click.echo(f"wrote {summary.n_heatmaps} heatmaps under {summary.heatmaps}", err=True)
+    if strict and summary.n_failed:
+        raise click.ClickException(
+            f"{summary.n_failed} file(s) could not be scored (--strict); the error column of "
+            f"{out} says why for each")

@@ -1,0 +1,70 @@
+"""``anomaly-flow train``: a thin wrapper over :func:`anomaly_flow.tracking.train_and_register`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from anomaly_flow.cli import main
+from anomaly_flow.cli.common import device_option, mlruns_option, user_errors
+from anomaly_flow.config import PRESETS, load_config, load_preset
+
+DEFAULT_PRESET = "small"
+
+
+@main.command(epilog="""\b
+Examples:
+  anomaly-flow train images/good --name bottle-caps --preset tiny --epochs 2
+  anomaly-flow train images/good --name bottle-caps --config my-glow.toml --device cuda
+  anomaly-flow train images/good --name bottle-caps --config my-glow.toml --resume
+
+\b
+Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held-out/ ...
+""")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True,
+              help="Registered model name; also the MLflow experiment's name.")
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
+              help=f"A shipped configuration [default: {DEFAULT_PRESET}].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="A TOML or JSON configuration with [model] and [train] "
+                                 "tables (see anomaly_flow/presets/*.toml).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Override the configuration's epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Override the configuration's batch size.")
+@device_option
+@click.option("--resume", is_flag=True,
+              help="Continue the last training of --name from its latest checkpoint "
+                   "(<mlruns>/checkpoints/NAME), in the same MLflow run.")
+@mlruns_option
+@user_errors
+def train(data: Path, name: str, preset: str | None, config_file: Path | None,
+          epochs: int | None, batch_size: int | None, device: str, resume: bool,
+          mlruns: Path | None) -> None:
+    """Train a Glow on the images under DATA and register it as NAME@candidate.
+
+    DATA is a folder of images of normal data, searched recursively; a share of them
+    (train.val_fraction) is held out for validation bits/dim. The run (params, metrics,
+    sample grid, training curves) goes to MLflow; a model whose validation bits/dim is
+    finite becomes a new version of NAME with alias 'candidate'. Prints the run id and
+    the model URI on stdout.
+    """
+    if preset is not None and config_file is not None:
+        raise click.UsageError("give --preset or --config, not both.")
+    config = (load_config(config_file) if config_file is not None
+              else load_preset(preset or DEFAULT_PRESET))
+    config = config.replace(epochs=epochs, batch_size=batch_size)
+
+    from anomaly_flow.tracking import train_and_register
+
+    outcome = train_and_register(data, name, config, device=device, resume=resume,
+                                 mlruns=mlruns)
+    click.echo(f"run_id: {outcome.run_id}")
+    click.echo(f"model_uri: {outcome.model_uri}")
+    if outcome.version is None:
+        raise click.ClickException(outcome.message)
+    click.echo(f"candidate: models:/{name}@candidate")
+    click.echo(f"val_bpd: {outcome.val_bpd:.6f}")
+    click.echo(outcome.message, err=True)

@@ -1,0 +1,701 @@
+"""Calibrating and evaluating a registered model on folders of images, logged to MLflow.
+
+This module orchestrates the pieces: it scores image folders with
+:mod:`anomaly_flow.scoring`, fits thresholds with :mod:`anomaly_flow.calibration`,
+draws figures with :mod:`anomaly_flow.plots` and logs runs and model versions through
+:mod:`anomaly_flow.tracking` (the only module that talks to MLflow).
+
+* :func:`calibrate_model` — held-out normal images (and optionally labelled anomalies)
+  in; a new model version carrying the calibration out, with a logged run (metrics,
+  score histogram with the threshold, ROC and PR curves when labels exist, the
+  calibration JSON), tagged with the training run. ``promote=True`` moves ``champion``.
+* :func:`evaluate_model` — normal and anomalous folders in; AUROC, AUPR and FPR at
+  95 % TPR for every score type, ROC/PR curves and histograms, logged as a run.
+
+Images that fail to decode are never used: each folder's failures are counted,
+reported with their reasons (log, outcome object, ``failed_images.json`` artifact) and
+left out. A decoded image whose score is not finite is treated the same way.
+
+Example:
+    >>> outcome = calibrate_model("models:/parts@candidate", Path("val/normal"),
+    ...                           target_fpr=0.01, promote=True)  # doctest: +SKIP
+    >>> outcome.model_uri, outcome.threshold  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly_flow import plots, tracking
+from anomaly_flow.calibration import (
+    METHODS,
+    Calibration,
+    CalibrationError,
+    Method,
+    calibrate,
+    detection_metrics,
+    min_calibration_size,
+    operating_point,
+)
+from anomaly_flow.data import DataError, display_path, find_images, fingerprint
+from anomaly_flow.glow import Glow
+from anomaly_flow.scoring import ScoringDataset, paths_frame, score_dataset, score_names
+from anomaly_flow.train import resolve_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrateOutcome",
+    "EvaluateOutcome",
+    "FolderScores",
+    "calibrate_model",
+    "calibrate_scores",
+    "compare_thresholds",
+    "default_experiment",
+    "detection_table",
+    "evaluate_model",
+    "evaluate_scores",
+    "open_model",
+    "score_folder_table",
+]
+
+DEFAULT_EXPERIMENT = "anomaly-flow"
+"""Experiment for runs on a model that has no registered name (a local model folder)."""
+
+_MAX_REASONS_LOGGED = 10
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True, eq=False)
+class FolderScores:
+    """Every image file found in one folder, with its scores or the reason it failed.
+
+    Attributes:
+        folder: The folder that was searched (recursively).
+        table: One row per file: ``path``, ``bpd``, ``complexity``, ``level_1..L``,
+            ``error`` (empty for scored images; score columns NaN for failed ones).
+        fingerprint: SHA-256 of the folder's files (for MLflow tags).
+    """
+
+    folder: Path
+    table: pd.DataFrame
+    fingerprint: str
+
+    @property
+    def n_files(self) -> int:
+        """Number of image files found."""
+        return len(self.table)
+
+    def usable(self, score: str) -> np.ndarray:
+        """Boolean mask, shape (n_files,): decoded and with a finite ``score``."""
+        values = self.table[score].to_numpy(dtype=np.float64)
+        return (self.table["error"].to_numpy() == "") & np.isfinite(values)
+
+    def values(self, score: str) -> np.ndarray:
+        """The usable values of ``score``, shape (n,), float64, in file order."""
+        return self.table[score].to_numpy(dtype=np.float64)[self.usable(score)]
+
+    def failures(self, score: str = "bpd") -> list[tuple[str, str]]:
+        """``(path, reason)`` for every file left out when using ``score``."""
+        left_out = ~self.usable(score)
+        rows = self.table.loc[left_out, ["path", "error"]]
+        return [
+            (str(path), str(error) or f"the model gave a non-finite {score} for this image")
+            for path, error in rows.itertuples(index=False)
+        ]
+
+
+def score_folder_table(
+    model: Glow,
+    folder: str | Path,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> FolderScores:
+    """Score every image file under ``folder`` with ``model``.
+
+    Files that fail to decode get a row with the reason in ``error`` and NaN scores; a
+    warning states how many failed and why (first few reasons).
+
+    Args:
+        model: A loaded Glow on its scoring device.
+        folder: Folder searched recursively for image files.
+        batch_size: Images per forward pass.
+        workers: DataLoader worker processes decoding images.
+        progress: Progress bar on stderr; None shows it only on a terminal.
+
+    Returns:
+        The folder's scores.
+
+    Raises:
+        DataError: The folder is missing, not a folder, or holds no image files.
+    """
+    root = Path(folder)
+    paths = find_images(root)
+    config = model.config
+    dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits)
+    table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
+                          progress=progress)
+    table = table.reset_index(drop=True)
+    table.insert(0, "path", paths_frame(paths).to_numpy(dtype=object))
+    table["error"] = table["error"].fillna("").astype(str)
+    scores = FolderScores(root, table, fingerprint(paths, root))
+    failed = scores.failures("bpd")
+    if failed:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in failed[:_MAX_REASONS_LOGGED])
+        more = len(failed) - _MAX_REASONS_LOGGED
+        logger.warning(
+            "%d of %d image files in %s could not be scored and are left out: %s%s",
+            len(failed), len(paths), display_path(root), shown,
+            f" (and {more} more)" if more > 0 else "",
+        )
+    return scores
+
+
+# ------------------------------------------------------------------------------ outcomes
+
+
+@dataclass(frozen=True)
+class CalibrateOutcome:
+    """What :func:`calibrate_model` did.
+
+    Attributes:
+        run_id: The MLflow run that logged the calibration.
+        model_uri: URI of the new model version carrying the calibration
+            (``models:/NAME/VERSION``).
+        version: The new model version.
+        calibration: The fitted calibration (also stored with the version).
+        metrics: The metrics logged on the run.
+        failures: ``{"normal": [(path, reason)], "anomalous": [...]}``: files left out.
+        promoted: Whether alias ``champion`` now points at the new version.
+    """
+
+    run_id: str
+    model_uri: str
+    version: str | int | None
+    calibration: Calibration
+    metrics: dict[str, float]
+    failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    promoted: bool = False
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold: ``score > threshold`` is an anomaly."""
+        return self.calibration.threshold.value
+
+
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    """What :func:`evaluate_model` measured.
+
+    Attributes:
+        run_id: The MLflow run that logged the evaluation.
+        table: One row per score type (index ``score``), columns ``auroc``, ``aupr``,
+            ``fpr_at_95_tpr``, ``n_normal``, ``n_anomalous``.
+        metrics: The metrics logged on the run (``<score>_auroc`` etc., and
+            ``calibrated_*`` at the model's stored threshold when it has one).
+        failures: ``{"normal": [(path, reason)], "anomalous": [...]}``: files left out.
+    """
+
+    run_id: str
+    table: pd.DataFrame
+    metrics: dict[str, float]
+    failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def default_experiment(loaded: tracking.LoadedModel) -> str:
+    """The experiment of a loaded model: its registered name, else ``anomaly-flow``."""
+    return getattr(loaded, "name", None) or DEFAULT_EXPERIMENT
+
+
+def _check_score(score: str, levels: int) -> None:
+    names = score_names(levels)
+    if score not in names:
+        raise CalibrationError(
+            f"unknown score {score!r} for this model; choose one of {', '.join(names)}."
+        )
+
+
+def _check_registered(loaded: tracking.LoadedModel) -> None:
+    """A calibrated version is added to the model's registered name: there must be one."""
+    if not getattr(loaded, "name", None):
+        raise CalibrationError(
+            f"{loaded.uri} is not a registered model version, so there is no model to add "
+            "the calibrated version to; pass --model models:/NAME@ALIAS or "
+            "models:/NAME/VERSION (anomaly-flow train registers NAME@candidate)."
+        )
+
+
+def _check_method(method: str, target_fpr: float | None, has_anomalous: bool) -> None:
+    """Reject inconsistent options before any image is scored."""
+    if method not in METHODS:
+        raise CalibrationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method == "conformal" and target_fpr is None:
+        raise CalibrationError(
+            "the conformal method needs a target false-positive rate; pass --target-fpr "
+            "(e.g. 0.01), or choose --method f1, youden or cost with an anomaly folder."
+        )
+    if method != "conformal" and target_fpr is not None:
+        raise CalibrationError(
+            f"--target-fpr only applies to the conformal method, not {method!r}; drop it, "
+            "or use --method conformal."
+        )
+    if method != "conformal" and not has_anomalous:
+        raise CalibrationError(
+            f"method {method!r} chooses the threshold from labelled anomalies; pass "
+            "--anomalous DIR, or use --method conformal with --target-fpr."
+        )
+
+
+def _precheck_size(folder: Path, target_fpr: float) -> None:
+    """Refuse early, before scoring, when the folder cannot hold enough images."""
+    needed = min_calibration_size(target_fpr)
+    n_files = len(find_images(folder))
+    if n_files < needed:
+        raise CalibrationError(
+            f"the conformal threshold needs at least {needed} held-out normal images for a "
+            f"false-positive rate of {target_fpr:g}; {display_path(folder)} holds only "
+            f"{n_files}. Add more normal images to the calibration folder or raise "
+            "--target-fpr."
+        )
+
+
+def _failures_dict(
+    normal: FolderScores, anomalous: FolderScores | None, score: str
+) -> dict[str, list[tuple[str, str]]]:
+    out = {"normal": normal.failures(score)}
+    if anomalous is not None:
+        out["anomalous"] = anomalous.failures(score)
+    return out
+
+
+def _log_failures(run: tracking.Run, failures: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+    if any(failures.values()):
+        run.log_dict(
+            {kind: [{"path": p, "reason": r} for p, r in rows] for kind, rows in failures.items()},
+            "failed_images.json",
+        )
+
+
+def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
+          anomalous: FolderScores | None) -> dict[str, str]:
+    tags = {
+        "model_uri": str(loaded.uri),
+        "normal_folder": display_path(normal.folder.resolve()),
+        "normal_fingerprint": normal.fingerprint,
+    }
+    training_run = getattr(loaded, "training_run_id", None) or getattr(loaded, "run_id", None)
+    if training_run:
+        tags["training_run_id"] = str(training_run)
+    if anomalous is not None:
+        tags["anomalous_folder"] = display_path(anomalous.folder.resolve())
+        tags["anomalous_fingerprint"] = anomalous.fingerprint
+    return tags
+
+
+def open_model(model_uri: str, device: str = "auto",
+               mlruns: Path | None = None) -> tracking.LoadedModel:
+    """Configure the MLflow store and load a model (weights and calibration) by URI.
+
+    Args:
+        model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, a run URI or a folder.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
+
+    Returns:
+        A :class:`anomaly_flow.tracking.LoadedModel`.
+    """
+    tracking.configure(mlruns)
+    return tracking.load_model(model_uri, device=str(resolve_device(device)))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibrate_scores(
+    loaded: tracking.LoadedModel,
+    normal: FolderScores,
+    anomalous: FolderScores | None = None,
+    *,
+    score: str = "bpd",
+    target_fpr: float | None = None,
+    method: Method = "conformal",
+    cost_fp: float = 1.0,
+    cost_fn: float = 1.0,
+    promote: bool = False,
+    nested: bool = False,
+    experiment: str | None = None,
+    run_name: str = "calibrate",
+) -> CalibrateOutcome:
+    """Fit a calibration on already-scored folders, log it and register a new version.
+
+    Args:
+        loaded: A :class:`anomaly_flow.tracking.LoadedModel`.
+        normal: Scores of held-out normal images (never training images).
+        anomalous: Scores of labelled anomalies, or None.
+        score: Score type the threshold applies to (``bpd``, ``complexity``, ``level_i``).
+        target_fpr: Target false-positive rate α, for ``method="conformal"``.
+        method: ``conformal``, ``f1``, ``youden`` or ``cost``.
+        cost_fp: Cost of a false positive (``cost`` method).
+        cost_fn: Cost of a false negative (``cost`` method).
+        promote: Move alias ``champion`` to the new version.
+        nested: Log as a child of the active run.
+        experiment: MLflow experiment; defaults to the model's name.
+        run_name: Name of the run.
+
+    Returns:
+        The outcome: run, new model URI and version, calibration, metrics, failures.
+
+    Raises:
+        CalibrationError: Bad options, or too few usable normal images for α (the
+            message says how many are needed).
+    """
+    _check_registered(loaded)
+    _check_score(score, loaded.model.config.levels)
+    _check_method(method, target_fpr, anomalous is not None)
+    normal_values = normal.values(score)
+    anomalous_values = None if anomalous is None else anomalous.values(score)
+    failures = _failures_dict(normal, anomalous, score)
+    if normal_values.size == 0:
+        raise CalibrationError(
+            f"none of the {normal.n_files} images in {display_path(normal.folder)} could be "
+            "scored, so there is nothing to calibrate on; see the warnings for the reasons."
+        )
+    if anomalous is not None and anomalous_values is not None and anomalous_values.size == 0:
+        raise CalibrationError(
+            f"none of the {anomalous.n_files} images in {display_path(anomalous.folder)} "
+            "could be scored; fix them or leave out --anomalous."
+        )
+    if method == "conformal" and failures["normal"]:
+        needed = min_calibration_size(target_fpr)  # type: ignore[arg-type]
+        if normal_values.size < needed:
+            raise CalibrationError(
+                f"the conformal threshold needs at least {needed} held-out normal images for "
+                f"a false-positive rate of {target_fpr:g}; only {normal_values.size} of the "
+                f"{normal.n_files} files in {display_path(normal.folder)} could be scored "
+                f"({len(failures['normal'])} failed). Add or fix normal images, or raise "
+                "--target-fpr."
+            )
+    calibration = calibrate(
+        score, normal_values, method=method, alpha=target_fpr,
+        anomalous_scores=anomalous_values, cost_fp=cost_fp, cost_fn=cost_fn,
+    )
+    threshold = calibration.threshold
+    metrics: dict[str, float] = {
+        "threshold": threshold.value,
+        "fpr": threshold.fpr,
+        "n_calibration": threshold.n_calibration,
+        "n_anomalous": threshold.n_anomalous,
+        "n_failed_normal": len(failures["normal"]),
+    }
+    if anomalous_values is not None:
+        detection = detection_metrics(normal_values, anomalous_values)
+        metrics.update(
+            precision=threshold.precision, recall=threshold.recall, f1=threshold.f1,
+            auroc=detection.auroc, aupr=detection.aupr,
+            fpr_at_95_tpr=detection.fpr_at_95_tpr,
+            n_failed_anomalous=len(failures["anomalous"]),
+        )
+    params: dict[str, Any] = {
+        "model_uri": loaded.uri, "score": score, "method": method,
+        "target_fpr": target_fpr, "normal_folder": display_path(normal.folder),
+        "anomalous_folder": None if anomalous is None else display_path(anomalous.folder),
+    }
+    if method == "cost":
+        params.update(cost_fp=cost_fp, cost_fn=cost_fn)
+
+    with tracking.start_run(experiment or default_experiment(loaded), run_name, nested=nested,
+                            tags=_tags(loaded, normal, anomalous)) as run:
+        run.log_params({k: v for k, v in params.items() if v is not None})
+        run.log_metrics(metrics)
+        run.log_text(calibration.to_json(indent=2), "calibration.json")
+        run.log_figure(
+            plots.score_histogram(normal_values, anomalous_values, threshold=threshold.value,
+                                  score_name=score,
+                                  title=f"{score}: threshold {threshold.value:.4g} ({method})"),
+            "score_histogram.png",
+        )
+        if anomalous_values is not None:
+            curves = {score: (normal_values, anomalous_values)}
+            run.log_figure(
+                plots.roc_curves(curves, operating_points={score: (threshold.fpr,
+                                                                   threshold.recall)}),
+                "roc_curve.png",
+            )
+            run.log_figure(
+                plots.pr_curves(curves, operating_points={score: (threshold.recall,
+                                                                  threshold.precision)}),
+                "pr_curve.png",
+            )
+        _log_failures(run, failures)
+        model_uri, version = tracking.register_calibrated_version(
+            loaded, calibration, run, promote=promote
+        )
+        run.set_tags({"calibrated_model_uri": str(model_uri)})
+        run_id = run.run_id
+    logger.info("calibrated %s on %s: threshold %.6g (%s), new version %s", loaded.uri, score,
+                threshold.value, method, model_uri)
+    return CalibrateOutcome(
+        run_id=run_id, model_uri=str(model_uri), version=version, calibration=calibration,
+        metrics=metrics, failures=failures, promoted=promote,
+    )
+
+
+def calibrate_model(
+    model_uri: str,
+    normal: str | Path,
+    anomalous: str | Path | None = None,
+    *,
+    score: str = "bpd",
+    target_fpr: float | None = None,
+    method: Method = "conformal",
+    cost_fp: float = 1.0,
+    cost_fn: float = 1.0,
+    promote: bool = False,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int = 0,
+    mlruns: Path | None = None,
+    nested: bool = False,
+    progress: bool | None = None,
+) -> CalibrateOutcome:
+    """Score held-out folders with a model, fit a threshold, log it, register a version.
+
+    The new version carries the calibration, so ``anomaly-flow score`` and the pyfunc
+    return p-values and verdicts; it is tagged with this calibration run, and the run
+    with the model's training run (``training_run_id``).
+
+    Args:
+        model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, a run URI or a
+            local model folder.
+        normal: Folder of held-out normal images (never training images).
+        anomalous: Folder of labelled anomalies, or None.
+        score: Score type the threshold applies to.
+        target_fpr: Target false-positive rate α (``conformal``).
+        method: ``conformal``, ``f1``, ``youden`` or ``cost``.
+        cost_fp: Cost of a false positive (``cost``).
+        cost_fn: Cost of a false negative (``cost``).
+        promote: Move alias ``champion`` to the new version.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: Images per forward pass.
+        workers: DataLoader workers decoding images.
+        mlruns: Root of the local MLflow store (default: ``./mlruns``), unless
+            ``MLFLOW_TRACKING_URI`` is set.
+        nested: Log as a child of the active run.
+        progress: Progress bars on stderr; None shows them only on a terminal.
+
+    Returns:
+        The outcome (new model URI, threshold, run, failures).
+
+    Raises:
+        CalibrationError: Inconsistent options or too few normal images for α.
+        DataError: A folder is missing or holds no image files.
+    """
+    normal, anomalous_path = Path(normal), None if anomalous is None else Path(anomalous)
+    _check_method(method, target_fpr, anomalous_path is not None)
+    if method == "conformal":
+        _precheck_size(normal, target_fpr)  # type: ignore[arg-type]
+    if anomalous_path is not None:
+        find_images(anomalous_path)  # a missing or empty folder fails before any scoring
+    loaded = open_model(model_uri, device, mlruns)
+    _check_registered(loaded)
+    _check_score(score, loaded.model.config.levels)
+    options = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    normal_scores = score_folder_table(loaded.model, normal, **options)
+    anomalous_scores = (
+        None if anomalous_path is None
+        else score_folder_table(loaded.model, anomalous_path, **options)
+    )
+    return calibrate_scores(
+        loaded, normal_scores, anomalous_scores, score=score, target_fpr=target_fpr,
+        method=method, cost_fp=cost_fp, cost_fn=cost_fn, promote=promote, nested=nested,
+    )
+
+
+def compare_thresholds(
+    normal: FolderScores,
+    anomalous: FolderScores,
+    score: str = "bpd",
+    *,
+    methods: Sequence[str] = ("f1", "youden", "cost"),
+    target_fpr: float | None = None,
+    cost_fp: float = 1.0,
+    cost_fn: float = 1.0,
+) -> pd.DataFrame:
+    """Thresholds chosen by several methods on the same labelled scores, side by side.
+
+    Args:
+        normal: Scores of held-out normal images.
+        anomalous: Scores of labelled anomalies.
+        score: Score type.
+        methods: Labelled methods to compare (``f1``, ``youden``, ``cost``).
+        target_fpr: Also add a ``conformal`` row at this α when given.
+        cost_fp: Cost of a false positive (``cost``).
+        cost_fn: Cost of a false negative (``cost``).
+
+    Returns:
+        One row per method (index ``method``): ``threshold``, ``fpr``, ``precision``,
+        ``recall``, ``f1``, and ``cost = cost_fp·FP + cost_fn·FN`` on these data.
+    """
+    normal_values, anomalous_values = normal.values(score), anomalous.values(score)
+    chosen: list[tuple[str, float | None]] = [(m, None) for m in methods]
+    if target_fpr is not None:
+        chosen.insert(0, ("conformal", target_fpr))
+    rows = []
+    for method, alpha in chosen:
+        threshold = calibrate(score, normal_values, method=method, alpha=alpha,  # type: ignore[arg-type]
+                              anomalous_scores=anomalous_values, cost_fp=cost_fp,
+                              cost_fn=cost_fn).threshold
+        fp = round(threshold.fpr * normal_values.size)
+        fn = round((1 - threshold.recall) * anomalous_values.size)  # type: ignore[operator]
+        rows.append({"method": method, "threshold": threshold.value, "fpr": threshold.fpr,
+                     "precision": threshold.precision, "recall": threshold.recall,
+                     "f1": threshold.f1, "cost": cost_fp * fp + cost_fn * fn})
+    return pd.DataFrame(rows).set_index("method")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def detection_table(normal: FolderScores, anomalous: FolderScores,
+                    scores: Sequence[str]) -> pd.DataFrame:
+    """AUROC, AUPR and FPR at 95 % TPR for each score type, one row each.
+
+    Score types with no usable value on either side are left out with a warning.
+    """
+    rows = []
+    for name in scores:
+        normal_values, anomalous_values = normal.values(name), anomalous.values(name)
+        if normal_values.size == 0 or anomalous_values.size == 0:
+            logger.warning("score %s has no finite values on one side; left out", name)
+            continue
+        rows.append({"score": name, **detection_metrics(normal_values,
+                                                        anomalous_values).to_dict()})
+    if not rows:
+        raise DataError("no score type could be evaluated: no image could be scored on "
+                        "one side; see the warnings for the reasons.")
+    return pd.DataFrame(rows).set_index("score")
+
+
+def evaluate_scores(
+    loaded: tracking.LoadedModel,
+    normal: FolderScores,
+    anomalous: FolderScores,
+    *,
+    nested: bool = False,
+    experiment: str | None = None,
+    run_name: str = "evaluate",
+) -> EvaluateOutcome:
+    """Measure how well every score type separates two scored folders; log a run.
+
+    Args:
+        loaded: A :class:`anomaly_flow.tracking.LoadedModel`.
+        normal: Scores of normal test images.
+        anomalous: Scores of anomalous test images.
+        nested: Log as a child of the active run.
+        experiment: MLflow experiment; defaults to the model's name.
+        run_name: Name of the run.
+
+    Returns:
+        The per-score table, metrics logged and failures.
+    """
+    names = score_names(loaded.model.config.levels)
+    table = detection_table(normal, anomalous, names)
+    metrics: dict[str, float] = {}
+    for name, row in table.iterrows():
+        for column in ("auroc", "aupr", "fpr_at_95_tpr"):
+            metrics[f"{name}_{column}"] = float(row[column])
+    metrics["n_normal"] = float(normal.n_files - len(normal.failures("bpd")))
+    metrics["n_anomalous"] = float(anomalous.n_files - len(anomalous.failures("bpd")))
+    failures = _failures_dict(normal, anomalous, "bpd")
+    metrics["n_failed_normal"] = len(failures["normal"])
+    metrics["n_failed_anomalous"] = len(failures["anomalous"])
+
+    calibration: Calibration | None = getattr(loaded, "calibration", None)
+    thresholds: dict[str, float] = {}
+    roc_points: dict[str, tuple[float, float]] = {}
+    pr_points: dict[str, tuple[float, float]] = {}
+    if calibration is not None and calibration.score_name in table.index:
+        name, value = calibration.score_name, calibration.threshold.value
+        point = operating_point(normal.values(name), anomalous.values(name), value)
+        metrics.update({f"calibrated_{key}": val for key, val in point.items()})
+        metrics["calibrated_threshold"] = value
+        thresholds[name] = value
+        roc_points[name] = (point["fpr"], point["tpr"])
+        pr_points[name] = (point["recall"], point["precision"])
+
+    curves = {name: (normal.values(name), anomalous.values(name)) for name in table.index}
+    with tracking.start_run(experiment or default_experiment(loaded), run_name, nested=nested,
+                            tags=_tags(loaded, normal, anomalous)) as run:
+        run.log_params({"model_uri": loaded.uri,
+                        "normal_folder": display_path(normal.folder),
+                        "anomalous_folder": display_path(anomalous.folder)})
+        run.log_metrics(metrics)
+        run.log_dict({"scores": {name: {k: float(v) for k, v in row.items()}
+                                 for name, row in table.iterrows()}},
+                     "detection_metrics.json")
+        run.log_figure(plots.roc_curves(curves, operating_points=roc_points), "roc_curves.png")
+        run.log_figure(plots.pr_curves(curves, operating_points=pr_points), "pr_curves.png")
+        run.log_figure(plots.score_histograms(curves, thresholds=thresholds),
+                       "score_histograms.png")
+        _log_failures(run, failures)
+        run_id = run.run_id
+    return EvaluateOutcome(run_id=run_id, table=table, metrics=metrics, failures=failures)
+
+
+def evaluate_model(
+    model_uri: str,
+    normal: str | Path,
+    anomalous: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int = 0,
+    mlruns: Path | None = None,
+    nested: bool = False,
+    progress: bool | None = None,
+) -> EvaluateOutcome:
+    """AUROC, AUPR and FPR at 95 % TPR of every score type on labelled folders, logged.
+
+    Args:
+        model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, a run URI or a
+            local model folder.
+        normal: Folder of normal test images.
+        anomalous: Folder of anomalous test images.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: Images per forward pass.
+        workers: DataLoader workers decoding images.
+        mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
+        nested: Log as a child of the active run.
+        progress: Progress bars on stderr; None shows them only on a terminal.
+
+    Returns:
+        The per-score table (also logged), metrics and failures.
+
+    Raises:
+        DataError: A folder is missing or holds no image files, or nothing scored.
+    """
+    normal, anomalous = Path(normal), Path(anomalous)
+    find_images(normal)
+    find_images(anomalous)
+    loaded = open_model(model_uri, device, mlruns)
+    options = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    return evaluate_scores(
+        loaded,
+        score_folder_table(loaded.model, normal, **options),
+        score_folder_table(loaded.model, anomalous, **options),
+        nested=nested,
+    )

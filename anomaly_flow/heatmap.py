@@ -1,0 +1,196 @@
+"""Heatmaps: where in an image the model finds it unlikely.
+
+The map is the exact per-pixel decomposition of the bits/dim
+(:attr:`anomaly_flow.glow.LikelihoodBreakdown.pixel_bpd`): its mean over pixels is the
+image's ``bpd``. Each map is colour-mapped and blended over the image the model saw
+(converted to the model's mode and size), upsampled by an integer factor with nearest
+neighbours so that one model pixel stays one block of screen pixels.
+
+Colour scale: **fixed**, the same for every image, so heatmaps can be compared with one
+another: ``vmin = 0`` bits/dim (perfectly predicted) to ``vmax = n_bits`` bits/dim (no
+better than uniform noise over the ``2**n_bits`` levels), clipped at both ends, through
+matplotlib's ``inferno`` colormap (black → purple → orange → yellow). The overlay's
+opacity grows with the value (``0.2`` at ``vmin`` to ``0.8`` at ``vmax``), so likely
+regions show the image and unlikely regions glow. Each PNG records its scale and the
+map's mean (the image's bpd) as text chunks (``anomaly-flow:*``).
+
+Colour-mapping is a table look-up in numpy (no matplotlib figure per image), and files
+are encoded on background threads, off the scoring loop.
+
+Example:
+    >>> rgb = render_heatmap(image, pixel_bpd, vmin=0.0, vmax=8.0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from anomaly_flow.data import display_path
+
+logger = logging.getLogger(__name__)
+
+COLORMAP = "inferno"
+MIN_SIDE = 256
+"""Heatmaps are upsampled by the smallest integer factor that makes them at least this wide."""
+ALPHA_RANGE = (0.2, 0.8)
+"""Overlay opacity at ``vmin`` and at ``vmax`` (linear in between)."""
+
+
+def colormap_table(name: str = COLORMAP) -> np.ndarray:
+    """The matplotlib colormap ``name`` sampled at 256 levels: uint8 ``(256, 3)``."""
+    import matplotlib  # imported here: only heatmaps need it
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown colormap {name!r}; use a matplotlib colormap name such as {COLORMAP!r}"
+        ) from None
+    return np.rint(cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def render_heatmap(
+    image: np.ndarray,
+    pixel_bpd: np.ndarray,
+    *,
+    vmin: float,
+    vmax: float,
+    table: np.ndarray | None = None,
+    min_side: int = MIN_SIDE,
+) -> np.ndarray:
+    """Blend the colour-mapped per-pixel bits/dim over the image.
+
+    Args:
+        image: uint8 ``(C, H, W)``, C = 1 or 3: the image as the model saw it.
+        pixel_bpd: ``(H, W)`` per-pixel bits/dim.
+        vmin: Bits/dim drawn in the colormap's first colour (values below are clipped).
+        vmax: Bits/dim drawn in its last colour (values above are clipped).
+        table: uint8 ``(256, 3)`` from :func:`colormap_table`; ``inferno`` when None.
+        min_side: The output is upsampled (nearest, integer factor) to at least this size.
+
+    Returns:
+        uint8 ``(H * f, W * f, 3)`` RGB, ``f = ceil(min_side / W)`` (at least 1).
+    """
+    if not vmax > vmin:
+        raise ValueError(f"heatmap scale needs vmax > vmin, got vmin={vmin}, vmax={vmax}")
+    table = colormap_table() if table is None else table
+    if image.shape[1:] != pixel_bpd.shape:
+        raise ValueError(
+            f"image {image.shape} and pixel map {pixel_bpd.shape} differ in height and width"
+        )
+    t = np.clip((np.nan_to_num(pixel_bpd, nan=vmax).astype(np.float32) - vmin) / (vmax - vmin),
+                0.0, 1.0)
+    colour = table[np.rint(t * 255).astype(np.intp)].astype(np.float32)  # (H, W, 3)
+    alpha = (ALPHA_RANGE[0] + (ALPHA_RANGE[1] - ALPHA_RANGE[0]) * t)[..., None]
+    base = np.moveaxis(image, 0, -1).astype(np.float32)  # (H, W, C)
+    blended = np.rint((1 - alpha) * base + alpha * colour).astype(np.uint8)  # grey broadcasts
+    factor = max(1, -(-min_side // blended.shape[1]))
+    return blended.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def heatmap_names(relative_paths: Sequence[Path]) -> list[Path]:
+    """Where each file's heatmap goes, relative to the heatmap folder.
+
+    The file's relative path with its suffix replaced by ``.png`` (``a/b.jpg`` →
+    ``a/b.png``). Where two files would share a name (``b.jpg`` and ``b.png``), each of
+    them keeps its whole name and gets ``.png`` appended (``b.jpg.png``, ``b.png.png``).
+    """
+    plain = [p.with_suffix(".png") for p in relative_paths]
+    counts: dict[Path, int] = {}
+    for name in plain:
+        counts[name] = counts.get(name, 0) + 1
+    return [
+        name if counts[name] == 1 else path.with_name(path.name + ".png")
+        for name, path in zip(plain, relative_paths, strict=True)
+    ]
+
+
+class HeatmapWriter:
+    """A :data:`anomaly_flow.scoring.HeatmapSink` writing one PNG per scored image.
+
+    Rendering and PNG encoding run on ``threads`` background threads; at most a few
+    batches wait in the queue, so memory stays bounded. Call :meth:`close` (or use it as
+    a context manager) to wait for every file. A file that cannot be written is logged
+    and counted in :attr:`n_failed`; it does not stop scoring.
+
+    Args:
+        folder: Root of the heatmap tree (created if missing).
+        names: For each dataset index, the heatmap's path relative to ``folder``.
+        vmin: Bits/dim at the bottom of the fixed colour scale.
+        vmax: Bits/dim at the top of the fixed colour scale.
+        colormap: A matplotlib colormap name.
+        threads: Background encoder threads.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        names: Sequence[Path],
+        *,
+        vmin: float,
+        vmax: float,
+        colormap: str = COLORMAP,
+        threads: int = 2,
+    ) -> None:
+        self.folder = Path(folder)
+        self.names = list(names)
+        self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
+        self.table = colormap_table(colormap)
+        self.n_written = 0
+        self.n_failed = 0
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(2 * threads)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="heatmap")
+        self._futures: list[Future[None]] = []
+
+    def __call__(self, indices: Sequence[int], images: torch.Tensor,
+                 pixel_bpd: torch.Tensor) -> None:
+        """Queue heatmaps for a batch: uint8 ``(B, C, H, W)`` images, ``(B, H, W)`` maps."""
+        if not len(indices):
+            return
+        self._slots.acquire()  # back-pressure: wait while the threads are behind
+        future = self._pool.submit(self._write_batch, list(indices), images.numpy(),
+                                   pixel_bpd.float().numpy())
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+
+    def _write_batch(self, indices: list[int], images: np.ndarray, maps: np.ndarray) -> None:
+        for index, image, pixel_map in zip(indices, images, maps, strict=True):
+            path = self.folder / self.names[index]
+            try:
+                rgb = render_heatmap(image, pixel_map, vmin=self.vmin, vmax=self.vmax,
+                                     table=self.table)
+                info = PngImagePlugin.PngInfo()
+                info.add_text("anomaly-flow:bpd", repr(float(pixel_map.astype(np.float64).mean())))
+                info.add_text("anomaly-flow:scale",
+                              f"{self.colormap} {self.vmin:g}..{self.vmax:g} bits/dim (fixed)")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rgb).save(path, format="PNG", compress_level=1, pnginfo=info)
+            except (OSError, ValueError) as exc:
+                with self._lock:
+                    self.n_failed += 1
+                logger.warning("cannot write heatmap %s: %s", display_path(path), exc)
+            else:
+                with self._lock:
+                    self.n_written += 1
+
+    def close(self) -> None:
+        """Wait for every queued heatmap, then stop the threads."""
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> HeatmapWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

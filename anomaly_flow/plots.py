@@ -1,0 +1,227 @@
+"""Figures for calibration and evaluation: score histograms, ROC and precision-recall curves.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot``, so
+nothing registers in a global figure list and no GUI backend is touched: saving goes
+through the Agg renderer. The caller logs or saves the figure (``fig.savefig(path)``).
+
+Scores follow the package convention: higher means more anomalous, and a threshold ``t``
+flags ``score > t``. Anomalies are the positive class in ROC and PR curves.
+
+Example:
+    >>> fig = score_histogram([1.0, 1.2, 1.1], [2.0, 2.5], threshold=1.5)
+    >>> fig.savefig("hist.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
+from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+__all__ = ["pr_curves", "roc_curves", "score_histogram", "score_histograms"]
+
+NORMAL_COLOR = "tab:blue"
+ANOMALOUS_COLOR = "tab:red"
+THRESHOLD_COLOR = "black"
+
+LabelledScores = tuple[ArrayLike, ArrayLike]
+"""(normal scores (N,), anomalous scores (M,)) for one score type."""
+
+
+def _finite(values: ArrayLike | None) -> np.ndarray:
+    if values is None:
+        return np.empty(0)
+    array = np.asarray(values, dtype=np.float64).ravel()
+    return array[np.isfinite(array)]
+
+
+def _draw_histogram(
+    ax: Axes,
+    normal: np.ndarray,
+    anomalous: np.ndarray,
+    threshold: float | None,
+    score_name: str,
+    bins: int,
+) -> None:
+    """Draw overlaid density histograms on ``ax`` with shared bin edges."""
+    both = np.concatenate([normal, anomalous])
+    if both.size == 0:
+        ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes)
+    else:
+        low, high = float(both.min()), float(both.max())
+        if threshold is not None:
+            low, high = min(low, threshold), max(high, threshold)
+        if high <= low:  # all equal: give the single bar some width
+            low, high = low - 0.5, high + 0.5
+        edges = np.linspace(low, high, bins + 1)
+        if normal.size:
+            ax.hist(normal, bins=edges, density=True, alpha=0.55, color=NORMAL_COLOR,
+                    label=f"normal (n={normal.size})")
+        if anomalous.size:
+            ax.hist(anomalous, bins=edges, density=True, alpha=0.55, color=ANOMALOUS_COLOR,
+                    label=f"anomalous (n={anomalous.size})")
+    if threshold is not None:
+        ax.axvline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
+                   label=f"threshold {threshold:.4g}")
+    ax.set_xlabel(f"{score_name} (higher = more anomalous)")
+    ax.set_ylabel("density")
+    ax.set_title(score_name)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def score_histogram(
+    normal_scores: ArrayLike,
+    anomalous_scores: ArrayLike | None = None,
+    *,
+    threshold: float | None = None,
+    score_name: str = "score",
+    bins: int = 50,
+    title: str | None = None,
+) -> Figure:
+    """Histogram of normal scores, and anomalous ones if given, with the threshold drawn.
+
+    Args:
+        normal_scores: Scores of normal images, shape (N,); non-finite values are left out.
+        anomalous_scores: Scores of anomalous images, shape (M,), or None.
+        threshold: Decision threshold drawn as a dashed vertical line, or None.
+        score_name: Axis label, e.g. ``"bpd"``.
+        bins: Number of shared histogram bins.
+        title: Figure title; defaults to the score name.
+
+    Returns:
+        The figure (one axes).
+    """
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    _draw_histogram(ax, _finite(normal_scores), _finite(anomalous_scores), threshold,
+                    score_name, bins)
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
+def score_histograms(
+    scores: Mapping[str, tuple[ArrayLike, ArrayLike | None]],
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    bins: int = 50,
+    columns: int = 3,
+) -> Figure:
+    """One histogram panel per score type (normal vs anomalous), in a grid.
+
+    Args:
+        scores: ``{score_name: (normal (N,), anomalous (M,) or None)}``, in panel order.
+        thresholds: Optional ``{score_name: threshold}`` to draw on matching panels.
+        bins: Number of bins per panel.
+        columns: Panels per row.
+
+    Returns:
+        The figure.
+    """
+    if not scores:
+        raise ValueError("score_histograms needs at least one score type to plot")
+    thresholds = thresholds or {}
+    n = len(scores)
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (name, (normal, anomalous)) in zip(axes, scores.items(), strict=False):
+        _draw_histogram(ax, _finite(normal), _finite(anomalous), thresholds.get(name), name,
+                        bins)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig
+
+
+def _labels(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if normal.size == 0 or anomalous.size == 0:
+        raise ValueError(
+            "ROC and precision-recall curves need both normal and anomalous scores; "
+            f"got {normal.size} normal and {anomalous.size} anomalous"
+        )
+    y_true = np.concatenate([np.zeros(normal.size), np.ones(anomalous.size)])
+    return y_true, np.concatenate([normal, anomalous])
+
+
+def roc_curves(
+    curves: Mapping[str, LabelledScores],
+    *,
+    operating_points: Mapping[str, tuple[float, float]] | None = None,
+    title: str = "ROC (anomalies positive)",
+) -> Figure:
+    """ROC curves of one or more score types on one axes, AUROC in the legend.
+
+    Args:
+        curves: ``{score_name: (normal (N,), anomalous (M,))}``.
+        operating_points: Optional ``{score_name: (fpr, tpr)}`` marked with a dot, e.g.
+            the calibrated threshold.
+        title: Axes title.
+
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=(5.2, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    for name, (normal, anomalous) in curves.items():
+        y_true, y_score = _labels(_finite(normal), _finite(anomalous))
+        fpr, tpr, _ = roc_curve(y_true, y_score)
+        (line,) = ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
+        if operating_points and name in operating_points:
+            x, y = operating_points[name]
+            ax.plot([x], [y], "o", color=line.get_color(), markersize=7)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def pr_curves(
+    curves: Mapping[str, LabelledScores],
+    *,
+    operating_points: Mapping[str, tuple[float, float]] | None = None,
+    title: str = "Precision-recall (anomalies positive)",
+) -> Figure:
+    """Precision-recall curves of one or more score types, average precision in the legend.
+
+    Args:
+        curves: ``{score_name: (normal (N,), anomalous (M,))}``.
+        operating_points: Optional ``{score_name: (recall, precision)}`` marked with a dot.
+        title: Axes title.
+
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=(5.2, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    prevalence = None
+    for name, (normal, anomalous) in curves.items():
+        y_true, y_score = _labels(_finite(normal), _finite(anomalous))
+        precision, recall, _ = precision_recall_curve(y_true, y_score)
+        # Average precision, the step-wise area scikit-learn reports as AUPR.
+        ap = float(-np.sum(np.diff(recall) * precision[:-1]))
+        (line,) = ax.step(recall, precision, where="post", linewidth=1.5,
+                          label=f"{name} (AP {ap:.3f})")
+        if operating_points and name in operating_points:
+            x, y = operating_points[name]
+            ax.plot([x], [y], "o", color=line.get_color(), markersize=7)
+        prevalence = float(y_true.mean())
+    if prevalence is not None:
+        ax.axhline(prevalence, color="grey", linestyle=":", linewidth=1,
+                   label=f"chance ({prevalence:.2f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="lower left")
+    return fig

@@ -1,0 +1,72 @@
+"""Everything MLflow: the store, runs, the packaged model, the registry, training runs.
+
+This package is the only place that imports ``mlflow``; the model, training and scoring
+code report through plain return values and callbacks.
+
+- :mod:`.store`: the tracking URI (:func:`default_tracking_uri`, :func:`configure`),
+  experiments and the :class:`Run` handle (:func:`start_run`).
+- :mod:`.pyfunc` and ``model_code.py``: the pyfunc model logged from code.
+- :mod:`.models`: :func:`log_model`, :func:`register_model`, :func:`set_alias`,
+  :func:`register_calibrated_version`, :func:`load_model` (:class:`LoadedModel`).
+- :mod:`.training`: :func:`train_and_register` (:class:`TrainOutcome`).
+
+Example:
+    >>> from anomaly_flow.config import load_preset
+    >>> from anomaly_flow.tracking import load_model, train_and_register
+    >>> outcome = train_and_register("parts/", "parts", load_preset("tiny"))  # doctest: +SKIP
+    >>> loaded = load_model("models:/parts@candidate")  # doctest: +SKIP
+"""
+
+from anomaly_flow.tracking.models import (
+    CANDIDATE,
+    CHAMPION,
+    LoadedModel,
+    ModelNotFoundError,
+    load_model,
+    log_model,
+    register_calibrated_version,
+    register_model,
+    set_alias,
+)
+from anomaly_flow.tracking.pyfunc import model_signature, output_columns, predict_frame
+from anomaly_flow.tracking.store import (
+    Run,
+    TrackingError,
+    configure,
+    default_tracking_uri,
+    ensure_configured,
+    ensure_experiment,
+    flatten,
+    git_commit,
+    mlruns_dir,
+    start_run,
+)
+from anomaly_flow.tracking.training import TrainOutcome, checkpoint_dir, train_and_register
+
+__all__ = [
+    "CANDIDATE",
+    "CHAMPION",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "Run",
+    "TrackingError",
+    "TrainOutcome",
+    "checkpoint_dir",
+    "configure",
+    "default_tracking_uri",
+    "ensure_configured",
+    "ensure_experiment",
+    "flatten",
+    "git_commit",
+    "load_model",
+    "log_model",
+    "mlruns_dir",
+    "model_signature",
+    "output_columns",
+    "predict_frame",
+    "register_calibrated_version",
+    "register_model",
+    "set_alias",
+    "start_run",
+    "train_and_register",
+]

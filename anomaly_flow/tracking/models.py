@@ -1,0 +1,310 @@
+"""Logging, registering and loading the packaged model.
+
+A logged model is an MLflow pyfunc logged from code (see :mod:`.pyfunc`) whose one
+artifact, ``glow/``, holds ``config.json``, ``model.safetensors`` and, once calibrated,
+``calibration.json``. :func:`load_model` reads those files directly (no pickle, no
+pyfunc code run) from any of:
+
+- ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` (the registry),
+- ``runs:/RUN_ID/model`` and ``models:/<logged model id>`` (what a run logged),
+- a local MLflow model folder (with an ``MLmodel`` file),
+- a local folder written by ``Glow.save`` (``config.json`` + ``model.safetensors``,
+  optionally ``calibration.json`` beside them).
+
+Registered model versions carry tags that link runs: ``training_run_id`` on every
+version, ``calibration_run_id`` on calibrated ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+from anomaly_flow.calibration import Calibration
+from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow
+from anomaly_flow.tracking.pyfunc import (
+    CALIBRATION_FILE,
+    GLOW_ARTIFACT,
+    load_calibration,
+    model_signature,
+)
+from anomaly_flow.tracking.store import Run, ensure_configured, quiet_mlflow
+
+logger = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+CANDIDATE, CHAMPION = "candidate", "champion"
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_URI_HELP = ("use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model "
+             "folder")
+
+
+class ModelNotFoundError(ValueError):
+    """No model at the given URI or path; the message says what was tried and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model read back from the registry, a run or a folder.
+
+    Attributes:
+        model: The Glow, in eval mode, on the requested device.
+        calibration: Its calibration, or None when uncalibrated.
+        uri: The URI or path it was loaded from.
+        name: Registered model name (registry URIs only).
+        version: Registered version (registry URIs only).
+        run_id: The run that logged it, when known.
+        tags: The registered version's tags (``training_run_id``, ...), when known.
+    """
+
+    model: Glow
+    calibration: Calibration | None
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def training_run_id(self) -> str | None:
+        """The run that trained the weights (the version's tag, else the logging run)."""
+        return self.tags.get("training_run_id") or self.run_id
+
+
+def _pip_requirements() -> list[str]:
+    """What the model needs; informative for ``--env-manager local``, where the current
+    environment (with anomaly-flow installed) is used as it is."""
+    names = ["anomaly-flow", "mlflow", "torch", "numpy", "pandas", "pillow", "safetensors"]
+    pins = []
+    for name in names:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pins.append(name)
+            continue
+        pins.append(f"{name}=={version.split('+')[0]}")
+    return pins
+
+
+def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
+              artifact_path: str = "model") -> str:
+    """Log ``model`` (and its calibration) as a pyfunc in ``run``, which must be active.
+
+    Returns:
+        The logged model's URI (``models:/m-...``); ``runs:/<run_id>/<artifact_path>``
+        names the same model.
+    """
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run.run_id:
+        raise ValueError(f"log_model needs run {run.run_id} to be the active run; call it "
+                         "inside its `with start_run(...)` block (innermost).")
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
+        folder = model.save(Path(tmp) / GLOW_ARTIFACT)
+        if calibration is not None:
+            (folder / CALIBRATION_FILE).write_text(calibration.to_json(indent=2))
+        info = mlflow.pyfunc.log_model(
+            name=artifact_path,
+            python_model=str(MODEL_CODE),
+            artifacts={GLOW_ARTIFACT: str(folder)},
+            signature=model_signature(model.config),
+            pip_requirements=_pip_requirements(),
+            metadata={"anomaly_flow": {"calibrated": calibration is not None,
+                                       "score_name": getattr(calibration, "score_name", None)}},
+        )
+    logger.info("logged model %s in run %s", info.model_uri, run.run_id)
+    return info.model_uri
+
+
+def register_model(model_uri: str, name: str, *, alias: str | None = None,
+                   tags: dict[str, Any] | None = None) -> str:
+    """Register ``model_uri`` as a new version of ``name`` (created if new).
+
+    Returns:
+        The new version number, as a string.
+    """
+    ensure_configured()
+    version = mlflow.register_model(
+        model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()} or None)
+    if alias:
+        set_alias(name, alias, version.version)
+    logger.info("registered %s as models:/%s/%s%s", model_uri, name, version.version,
+                f" (alias {alias})" if alias else "")
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    """Point ``models:/name@alias`` at ``version``."""
+    ensure_configured()
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def register_calibrated_version(source: LoadedModel, calibration: Calibration, run: Run, *,
+                                promote: bool, name: str | None = None) -> tuple[str, str]:
+    """Log ``source``'s weights with ``calibration`` in ``run`` and register them.
+
+    The new version of ``name`` (default: the source's registered name) is tagged with
+    ``calibration_run_id``, ``training_run_id`` (when known) and ``source_version``;
+    ``promote`` moves the ``champion`` alias to it. The run is tagged with the same links.
+
+    Returns:
+        ``(models:/NAME/VERSION, VERSION)``.
+
+    Raises:
+        ModelNotFoundError: The source is not a registered version and no ``name`` is
+            given (a run or folder has no name to register under).
+    """
+    target = name or source.name
+    if not target:
+        raise ModelNotFoundError(
+            f"{source.uri} is not a registered model version, so there is no model name to "
+            "add the calibrated version to; load it as models:/NAME@ALIAS or give a name.")
+    links = {"calibration_run_id": run.run_id, "source_model_uri": source.uri}
+    if source.training_run_id:
+        links["training_run_id"] = source.training_run_id
+    if source.version and target == source.name:
+        links["source_version"] = source.version
+    threshold = calibration.threshold
+    tags = {**links, "calibrated": "true", "score_name": calibration.score_name,
+            "threshold": repr(float(threshold.value)), "threshold_method": threshold.method}
+    run.set_tags(links)
+    model_uri = log_model(run, source.model, calibration)
+    version = register_model(model_uri, target, tags=tags)
+    if promote:
+        set_alias(target, CHAMPION, version)
+        logger.info("alias %s now points at models:/%s/%s", CHAMPION, target, version)
+    return f"models:/{target}/{version}", version
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _local_path(uri: str) -> Path | None:
+    """The local path ``uri`` names, or None for a store URI."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):
+        return None
+    return Path(uri).expanduser()
+
+
+def _glow_folder(model_dir: Path) -> Path:
+    """The ``glow`` artifact folder inside an MLflow model folder."""
+    try:
+        flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+        relative = flavor.get("artifacts", {}).get(GLOW_ARTIFACT, {}).get("path")
+    except Exception as exc:  # an unreadable MLmodel file
+        raise ModelNotFoundError(f"cannot read {model_dir / 'MLmodel'}: {exc}") from None
+    folder = model_dir / relative if relative else model_dir / "artifacts" / GLOW_ARTIFACT
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelNotFoundError(
+            f"the MLflow model in {model_dir} is not an anomaly-flow model (no "
+            f"{GLOW_ARTIFACT}/{CONFIG_FILE} artifact); log it with anomaly-flow")
+    return folder
+
+
+def _read(folder: Path, uri: str, device: str, **where: Any) -> LoadedModel:
+    model = Glow.load(folder, torch.device(device) if device != "auto" else _auto())
+    return LoadedModel(model, load_calibration(folder), uri, **where)
+
+
+def _auto() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_local(path: Path, uri: str, device: str) -> LoadedModel:
+    if (path / "MLmodel").is_file():
+        run_id = None
+        with contextlib.suppress(Exception):  # informative only; _glow_folder reports it
+            run_id = Model.load(str(path)).run_id
+        return _read(_glow_folder(path), uri, device, run_id=run_id)
+    if (path / CONFIG_FILE).is_file():
+        return _read(path, uri, device)
+    if path.is_dir():
+        raise ModelNotFoundError(
+            f"{path} holds no model: a model folder has an MLmodel file, or {CONFIG_FILE} "
+            f"and {WEIGHTS_FILE} written by Glow.save; {_URI_HELP}")
+    raise ModelNotFoundError(f"no model at {uri}: that path does not exist; {_URI_HELP}")
+
+
+def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | None:
+    """``(name, version, run_id, tags)`` for a registry URI, None for other URIs."""
+    client = mlflow.MlflowClient()
+    by_alias, by_version = _ALIAS_URI.match(uri), _VERSION_URI.match(uri)
+    if not (by_alias or by_version):
+        return None
+    name = (by_alias or by_version)["name"]  # type: ignore[index]
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        raise ModelNotFoundError(
+            f"no registered model {name!r} in {mlflow.get_registry_uri()}; train one with "
+            f"`anomaly-flow train DATA --name {name}`, or point --mlruns / "
+            "MLFLOW_TRACKING_URI at the store that holds it") from None
+    try:
+        if by_alias:
+            mv = client.get_model_version_by_alias(name, by_alias["alias"])
+        else:
+            mv = client.get_model_version(name, by_version["version"])  # type: ignore[index]
+    except MlflowException:
+        aliases = sorted(registered.aliases) if registered.aliases else []
+        if by_alias:
+            raise ModelNotFoundError(
+                f"registered model {name!r} has no alias {by_alias['alias']!r} (its aliases: "
+                f"{', '.join(aliases) or 'none'}); use one of those, a version "
+                f"(models:/{name}/N), or set the alias (e.g. calibrate --promote)") from None
+        raise ModelNotFoundError(
+            f"registered model {name!r} has no version {by_version['version']}; "  # type: ignore[index]
+            f"see its versions in the MLflow UI, or use models:/{name}@{CANDIDATE}") from None
+    return name, str(mv.version), mv.run_id, dict(mv.tags or {})
+
+
+def load_model(uri: str, device: str = "cpu") -> LoadedModel:
+    """Load a model and its calibration from a registry URI, run URI or folder.
+
+    Args:
+        uri: See the module docstring for the accepted forms.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+
+    Raises:
+        ModelNotFoundError: Nothing loadable at ``uri``; the message says what to do.
+    """
+    uri = str(uri)
+    local = _local_path(uri)
+    if local is not None:
+        return _load_local(local, uri, device)
+    ensure_configured()
+    name = version = run_id = None
+    tags: dict[str, str] = {}
+    entry = _registry_entry(uri)
+    if entry is not None:
+        name, version, run_id, tags = entry
+    elif uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/", 1)[0]
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
+        try:
+            model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except (MlflowException, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelNotFoundError(
+                f"no model at {uri} in {mlflow.get_tracking_uri()} ({first}); {_URI_HELP}, "
+                "and check --mlruns / MLFLOW_TRACKING_URI") from None
+        if not (model_dir / "MLmodel").is_file():
+            raise ModelNotFoundError(
+                f"{uri} exists but is not an MLflow model (no MLmodel file); {_URI_HELP}")
+        if run_id is None:
+            with contextlib.suppress(Exception):  # informative only
+                run_id = Model.load(str(model_dir)).run_id
+        return _read(_glow_folder(model_dir), uri, device, name=name, version=version,
+                     run_id=run_id, tags=tags)

@@ -1,0 +1,157 @@
+"""The packaged model: a Glow with its calibration behind MLflow's pyfunc interface.
+
+The model is logged *from code* (``model_code.py`` calls ``mlflow.models.set_model``), so
+loading it executes this package's code and reads ``config.json``, ``model.safetensors``
+and the optional ``calibration.json``: nothing is unpickled.
+
+Input: a DataFrame with a ``path`` column (image files readable where the model runs)
+and/or an ``image`` column (encoded file bytes; base64 in JSON requests). Where a row has
+both, the bytes win. Output: one row per input row, in order, with ``bpd``,
+``complexity``, ``level_1..level_L``, ``score``, ``p_value``, ``is_anomaly`` and
+``error`` (see :func:`predict_frame`).
+
+Params at predict time: ``threshold`` (decide ``score > threshold`` instead of the
+calibrated threshold; also works on an uncalibrated model, whose score is ``bpd``) and
+``batch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from anomaly_flow.calibration import Calibration
+from anomaly_flow.config import GlowConfig
+from anomaly_flow.glow import Glow
+from anomaly_flow.scoring import ScoringDataset, apply_calibration, level_columns, score_dataset
+
+logger = logging.getLogger(__name__)
+
+GLOW_ARTIFACT = "glow"
+"""Name of the pyfunc artifact: a folder written by ``Glow.save`` (+ ``calibration.json``)."""
+
+CALIBRATION_FILE = "calibration.json"
+DEFAULT_BATCH_SIZE = 256
+
+
+def output_columns(levels: int) -> list[str]:
+    """Columns of the prediction frame, in order."""
+    return ["bpd", "complexity", *level_columns(levels), "score", "p_value", "is_anomaly",
+            "error"]
+
+
+def model_signature(config: GlowConfig) -> ModelSignature:
+    """The explicit signature: optional ``path``/``image`` inputs, the score columns out,
+    and the ``threshold`` and ``batch_size`` params."""
+    inputs = Schema([
+        ColSpec(DataType.string, "path", required=False),
+        ColSpec(DataType.binary, "image", required=False),
+    ])
+    doubles = ["bpd", "complexity", *level_columns(config.levels), "score", "p_value"]
+    outputs = Schema([
+        *(ColSpec(DataType.double, name) for name in doubles),
+        ColSpec(DataType.boolean, "is_anomaly", required=False),
+        ColSpec(DataType.string, "error"),
+    ])
+    params = ParamSchema([
+        ParamSpec("threshold", DataType.double, None),
+        ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _missing(value: Any) -> bool:
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and np.isnan(value)
+
+
+def input_sources(frame: pd.DataFrame) -> list[str | bytes | None]:
+    """One image source per row: the ``image`` bytes where given, else the ``path``."""
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    if "path" not in frame.columns and "image" not in frame.columns:
+        raise ValueError(
+            f"the input has columns {list(frame.columns)}, but the model needs a 'path' "
+            "(string) or an 'image' (bytes) column; pass one of them")
+    n = len(frame)
+    paths = frame["path"].tolist() if "path" in frame.columns else [None] * n
+    images = frame["image"].tolist() if "image" in frame.columns else [None] * n
+    sources: list[str | bytes | None] = []
+    for path, image in zip(paths, images, strict=True):
+        if not _missing(image):
+            sources.append(bytes(image))
+        elif not _missing(path):
+            sources.append(str(path))
+        else:
+            sources.append(None)
+    return sources
+
+
+def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFrame, *,
+                  threshold: float | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> pd.DataFrame:
+    """Score the images a frame names; what the pyfunc's ``predict`` returns.
+
+    Args:
+        model: The Glow, in eval mode, on its device.
+        calibration: Turns scores into p-values and verdicts; ``None`` leaves
+            ``p_value`` NaN and ``is_anomaly`` None (``score`` is then ``bpd``).
+        frame: ``path`` and/or ``image`` columns, one image per row.
+        threshold: Overrides the calibrated threshold: ``is_anomaly = score > threshold``.
+        batch_size: Images per forward pass.
+
+    Returns:
+        One row per input row, columns :func:`output_columns`; a row whose image cannot
+        be read has NaN scores, ``is_anomaly`` None and the reason in ``error``.
+    """
+    cfg = model.config
+    dataset = ScoringDataset(input_sources(frame), cfg.mode, cfg.image_size, cfg.n_bits)
+    scores = score_dataset(model, dataset, batch_size=batch_size, progress=False)
+    out = apply_calibration(scores, calibration)
+    verdict = out["is_anomaly"].astype(object).where(out["is_anomaly"].notna(), None)
+    if threshold is not None:
+        values = out["score"].to_numpy(dtype=float)
+        verdict = pd.Series([bool(v > threshold) if np.isfinite(v) else None for v in values],
+                            index=out.index, dtype=object)
+    out["is_anomaly"] = verdict
+    return out[output_columns(cfg.levels)].reset_index(drop=True)
+
+
+def load_calibration(folder: Path) -> Calibration | None:
+    """The ``calibration.json`` beside a saved Glow, or None when uncalibrated."""
+    path = Path(folder) / CALIBRATION_FILE
+    return Calibration.from_json(path.read_text()) if path.is_file() else None
+
+
+class GlowPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper. ``model_config={"device": "cpu"|"cuda"|"auto"}`` picks where
+    it runs (default: CUDA when available)."""
+
+    model: Glow
+    calibration: Calibration | None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        folder = Path(context.artifacts[GLOW_ARTIFACT])
+        device = (context.model_config or {}).get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = Glow.load(folder, device)
+        self.calibration = load_calibration(folder)
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        params = params or {}
+        threshold = params.get("threshold")
+        batch_size = int(params.get("batch_size") or DEFAULT_BATCH_SIZE)
+        return predict_frame(self.model, self.calibration, model_input,
+                             threshold=None if threshold is None else float(threshold),
+                             batch_size=batch_size)

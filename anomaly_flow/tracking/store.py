@@ -1,0 +1,319 @@
+"""Where runs go: the tracking URI, experiments, and a small handle on one run.
+
+The default store is ``sqlite:///<mlruns>/mlflow.db`` with artifacts under
+``<mlruns>/artifacts/<experiment>``, where ``<mlruns>`` is ``./mlruns`` (absolute) unless
+a folder is given (``--mlruns DIR`` makes ``DIR`` itself the folder). The environment
+variable ``MLFLOW_TRACKING_URI``, read at call time, overrides it (e.g. a real
+``mlflow server``); the server then decides where artifacts go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+CHECKPOINTS_DIR = "checkpoints"
+
+# MLflow's limits per log_batch call.
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
+_MAX_PARAM_LENGTH = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used; the message says which and what to do."""
+
+
+@dataclass
+class _State:
+    uri: str | None = None
+    artifact_root: Path | None = None  # set only for the default (sqlite) store
+
+
+_state = _State()
+
+
+def mlruns_dir(mlruns: str | Path | None = None) -> Path:
+    """The absolute folder of the default store: ``mlruns`` or ``./mlruns``."""
+    return Path(mlruns if mlruns is not None else Path.cwd() / "mlruns").expanduser().absolute()
+
+
+def default_tracking_uri(mlruns: str | Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<mlruns>/mlflow.db`` (absolute).
+
+    Args:
+        mlruns: The store's folder; ``None`` means ``./mlruns``.
+    """
+    env = os.environ.get(TRACKING_ENV)
+    if env:
+        return env
+    return f"sqlite:///{mlruns_dir(mlruns) / DB_FILE}"
+
+
+def configure(mlruns: str | Path | None = None) -> str:
+    """Point MLflow's tracking and registry at :func:`default_tracking_uri` and check it.
+
+    Creates ``<mlruns>/`` and ``<mlruns>/artifacts/`` for the default store. MLflow's
+    own ``set_tracking_uri`` exports the URI to the environment; that is undone, so
+    ``MLFLOW_TRACKING_URI`` keeps meaning only what the user set.
+
+    Returns:
+        The tracking URI now in use.
+
+    Raises:
+        TrackingError: The store cannot be opened (bad URI, server down, locked file).
+    """
+    uri = default_tracking_uri(mlruns)
+    env_given = bool(os.environ.get(TRACKING_ENV))
+    artifact_root = None
+    if not env_given:
+        folder = mlruns_dir(mlruns)
+        artifact_root = folder / ARTIFACTS_DIR
+        try:
+            artifact_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the MLflow store folder {folder}: "
+                                f"{exc.strerror or exc}; pass a writable --mlruns DIR") from None
+    saved = {name: os.environ.get(name) for name in (TRACKING_ENV, REGISTRY_ENV)}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    _state.uri, _state.artifact_root = uri, artifact_root
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means the store is unusable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ("check MLFLOW_TRACKING_URI and that the server is running" if env_given
+                else "check that the folder is writable, or pass another --mlruns DIR")
+        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {first}; {hint}") \
+            from None
+    logger.info("MLflow tracking store: %s", uri)
+    return uri
+
+
+@contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """Silence MLflow's artifact progress bars and its advice to add an input example,
+    unless the user asked for the bars (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    if saved is None:
+        os.environ[key] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+
+
+def ensure_configured() -> str:
+    """The configured tracking URI, configuring the default one on first use."""
+    return _state.uri if _state.uri is not None else configure()
+
+
+def safe_name(name: str) -> str:
+    """``name`` reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment ``name``, created (or restored from deletion) when needed.
+
+    On the default store its artifacts go to ``<mlruns>/artifacts/<name>``.
+    """
+    ensure_configured()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            logger.info("restoring deleted experiment %r", name)
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    location = None
+    if _state.artifact_root is not None:
+        location = str(_state.artifact_root / safe_name(name))
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # created concurrently
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"levels": 3}}`` -> ``{"model.levels": 3}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` in ``cwd`` (default: the working directory), or None."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+class Run:
+    """A handle on one MLflow run, as :func:`start_run` yields it.
+
+    Metrics are buffered and sent in batches (at most every ``flush_seconds``, or when
+    1,000 are waiting, and when the run ends), so per-step logging does not make the
+    store the bottleneck. Everything else is written at once.
+
+    Attributes:
+        run_id: The MLflow run id.
+        experiment_id: Its experiment's id.
+    """
+
+    def __init__(self, run_id: str, experiment_id: str, flush_seconds: float = 5.0) -> None:
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.flush_seconds = flush_seconds
+        self._client = mlflow.MlflowClient()
+        self._pending: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"Run(run_id={self.run_id!r}, experiment_id={self.experiment_id!r})"
+
+    @property
+    def info(self) -> Any:
+        """MLflow's ``RunInfo`` (status, artifact URI, ...), read from the store."""
+        return self._client.get_run(self.run_id).info
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters; nested dicts are flattened to ``a.b`` keys."""
+        items = [Param(key, str(value)[:_MAX_PARAM_LENGTH])
+                 for key, value in flatten(params).items()]
+        for start in range(0, len(items), _MAX_PARAMS):
+            self._client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Queue metrics (at ``step``, default 0); see the class docstring for batching."""
+        stamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            number = float(value)
+            self._pending.append(Metric(key, number, stamp, int(step or 0)))
+        if (len(self._pending) >= _MAX_METRICS
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued metrics now."""
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), _MAX_METRICS):
+            self._client.log_batch(self.run_id, metrics=pending[start : start + _MAX_METRICS])
+        self._last_flush = time.monotonic()
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (values as strings)."""
+        items = [RunTag(key, str(value)) for key, value in tags.items()]
+        for start in range(0, len(items), _MAX_TAGS):
+            self._client.log_batch(self.run_id, tags=items[start : start + _MAX_TAGS])
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Store a dict as a JSON (or YAML, by extension) artifact."""
+        self._client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store text as an artifact file."""
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Store a matplotlib figure (PNG, SVG, ... by extension)."""
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """Store a uint8 image ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` as a PNG artifact."""
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise ValueError(f"log_image needs a uint8 (H, W) or (H, W, C) array, got "
+                             f"{array.dtype} {array.shape}")
+        path = Path(artifact_file)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / path.name
+            Image.fromarray(array).save(local)
+            self.log_artifact(local, str(path.parent) if str(path.parent) != "." else None)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local file or folder into the run's artifacts (under ``artifact_path``)."""
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextmanager
+def start_run(experiment: str, run_name: str | None = None, *, nested: bool = False,
+              tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> Iterator[Run]:
+    """Start (or, given ``run_id``, reopen) a run in ``experiment`` and make it active.
+
+    The run ends when the block does: ``FINISHED``, or ``FAILED`` on an exception
+    (``KILLED`` on Ctrl-C). Queued metrics are flushed either way.
+
+    Example:
+        >>> with start_run("parts", "train") as run:  # doctest: +SKIP
+        ...     run.log_metrics({"val_bpd": 3.1}, step=100)
+    """
+    experiment_id = ensure_experiment(experiment)
+    tag_values = {key: str(value) for key, value in (tags or {}).items()}
+    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                              run_name=None if run_id else run_name, nested=nested,
+                              tags=tag_values or None)
+    run = Run(active.info.run_id, active.info.experiment_id)
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            run.flush()
+        finally:
+            mlflow.end_run(status)
+

@@ -1,0 +1,291 @@
+"""A training run in MLflow: :func:`train_and_register`.
+
+Checkpoints and ``--resume``: checkpoints of model ``NAME`` go to
+``<mlruns>/checkpoints/<NAME>/`` (``<mlruns>`` is ``./mlruns`` or ``--mlruns DIR``, also
+when ``MLFLOW_TRACKING_URI`` points elsewhere: they are local files for resuming, not
+results). Beside them, ``run.json`` records the MLflow run, the data fingerprint and the
+configuration. A fresh training of ``NAME`` clears that folder; ``resume=True`` continues
+from its latest checkpoint, logging into the same MLflow run when the store still has it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from matplotlib.figure import Figure
+
+from anomaly_flow.config import RunConfig
+from anomaly_flow.data import display_path
+from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
+from anomaly_flow.tracking.store import (
+    CHECKPOINTS_DIR,
+    Run,
+    configure,
+    flatten,
+    git_commit,
+    mlruns_dir,
+    safe_name,
+    start_run,
+)
+from anomaly_flow.train import FolderData, TrainEvent, TrainingError, folder_datasets, train
+
+logger = logging.getLogger(__name__)
+
+RUN_STATE_FILE = "run.json"
+_STEP_METRICS = ("train_bpd", "lr", "grad_norm", "images_per_sec", "skipped_steps")
+_RESUME_MUST_MATCH = ("batch_size", "seed", "val_fraction")
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a training run produced.
+
+    Attributes:
+        run_id: The MLflow run.
+        model_uri: ``models:/NAME/VERSION`` when registered, else the logged model's URI.
+        version: The registered version, or None when the model was not registered.
+        val_bpd: Validation bits/dim of the final model (NaN when there was none).
+        message: One line for the user: what was registered, or why nothing was.
+    """
+
+    run_id: str
+    model_uri: str
+    version: str | None
+    val_bpd: float
+    message: str
+
+
+def checkpoint_dir(name: str, mlruns: str | Path | None = None) -> Path:
+    """Where the checkpoints of model ``name`` live: ``<mlruns>/checkpoints/<name>``."""
+    return mlruns_dir(mlruns) / CHECKPOINTS_DIR / safe_name(name)
+
+
+class _MetricLogger:
+    """The training callback: per-step and per-epoch metrics into the run (batched)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def __call__(self, event: TrainEvent) -> None:
+        if event.kind == "step":
+            self.run.log_metrics({k: v for k, v in event.metrics.items() if k in _STEP_METRICS},
+                                 step=event.step)
+        elif event.kind == "epoch":
+            # skipped_steps is already a per-step metric at this step.
+            self.run.log_metrics({k: v for k, v in event.metrics.items()
+                                  if k != "skipped_steps"}, step=event.step)
+        elif event.kind == "checkpoint" and event.path is not None:
+            self.run.set_tags({"last_checkpoint": str(event.path)})
+
+
+def _read_run_state(folder: Path) -> dict[str, Any]:
+    path = folder / RUN_STATE_FILE
+    if not path.is_file():
+        raise TrainingError(f"--resume found no earlier training in {folder}; train without "
+                            "--resume to start afresh (or pass the --mlruns DIR used before).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"{path} is damaged ({exc}); train without --resume.") from None
+
+
+def _check_resumable(state: dict[str, Any], config: RunConfig, fingerprint: str) -> None:
+    """Refuse a resume that would not continue the same training."""
+    before = RunConfig.from_dict(state["config"])
+    if before.model != config.model:
+        raise TrainingError("the model configuration differs from the checkpoint's; resume "
+                            "with the same preset or config file, or train without --resume.")
+    changed = [f"train.{f} is {getattr(config.train, f)!r} but was "
+               f"{getattr(before.train, f)!r}" for f in _RESUME_MUST_MATCH
+               if getattr(before.train, f) != getattr(config.train, f)]
+    if changed:
+        raise TrainingError(f"cannot resume: {'; '.join(changed)} in the checkpoint's run; "
+                            "resume with the same values, or train without --resume.")
+    if state.get("data_fingerprint") != fingerprint:
+        raise TrainingError("the images in the training folder changed since the checkpoint "
+                            "(different fingerprint), so the train/validation split would "
+                            "change; train without --resume.")
+
+
+def _reusable_run(run_id: str | None, experiment: str) -> str | None:
+    """``run_id`` if the current store still has it, live, in ``experiment``."""
+    if not run_id:
+        return None
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        experiment_name = client.get_experiment(run.info.experiment_id).name
+    except mlflow.exceptions.MlflowException:
+        return None
+    live = run.info.lifecycle_stage == "active" and experiment_name == experiment
+    return run_id if live else None
+
+
+def _log_params(run: Run, params: dict[str, Any], resumed: bool) -> None:
+    """Log params; on a resumed run only the new ones (MLflow forbids changing a param),
+    with changed values recorded as ``resumed.<key>`` tags."""
+    if not resumed:
+        run.log_params(params)
+        return
+    logged = mlflow.MlflowClient().get_run(run.run_id).data.params
+    new = {k: v for k, v in params.items() if k not in logged}
+    changed = {f"resumed.{k}": v for k, v in params.items()
+               if k in logged and logged[k] != str(v)}
+    if new:
+        run.log_params(new)
+    if changed:
+        run.set_tags(changed)
+
+
+def curves_figure(run_id: str) -> Figure:
+    """Train (per step) and validation (per epoch) bits/dim of a run, from the store."""
+    client = mlflow.MlflowClient()
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    for key, style in (("train_bpd", {"lw": 1, "alpha": 0.8}),
+                       ("val_bpd", {"marker": "o", "lw": 2})):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)
+                         if math.isfinite(m.value))
+        if history:
+            steps, values = zip(*history, strict=True)
+            axes.plot(steps, values, label=key, **style)
+    axes.set_xlabel("step")
+    axes.set_ylabel("bits/dim")
+    axes.set_title("training curves")
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def _failed_files_report(result_failed: dict[str, str]) -> list[str]:
+    """``file<TAB>reason`` lines; ``TrainResult.failed_files`` is keyed by file name."""
+    return [f"{name}\t{reason}" for name, reason in sorted(result_failed.items())]
+
+
+def _not_registered_reason(val_bpd: float, data: FolderData) -> str:
+    if data.val is None:
+        return ("there is no validation set (val_fraction = 0), so the model cannot be "
+                "checked; set train.val_fraction > 0")
+    return (f"validation bits/dim is {val_bpd} (not finite): the model diverged or none of "
+            f"the {len(data.val)} validation images could be decoded; check the images, or "
+            "lower lr / raise warmup_steps")
+
+
+def train_and_register(data: str | Path, name: str, config: RunConfig, *,
+                       device: str = "auto", resume: bool = False,
+                       mlruns: str | Path | None = None,
+                       progress: bool | None = None, nested: bool = False) -> TrainOutcome:
+    """Train a Glow on the images under ``data``, log the run and register the model.
+
+    One experiment per model ``name``. The run gets: params (the whole config, flattened,
+    plus the data counts) and ``config.json``; per-step metrics (``train_bpd``, ``lr``,
+    ``grad_norm``, ``images_per_sec``, ``skipped_steps``) and per-epoch ones
+    (``val_bpd``, ``train_bpd_epoch``, ``images_per_sec_epoch``, ``failed_files``);
+    ``samples.png``, ``training_curves.png`` and, when files failed to decode,
+    ``failed_files.txt``; tags ``data_fingerprint``, ``data_folder``, ``git_commit``
+    (when the working directory is a git checkout). The model is logged as a pyfunc and,
+    when its validation bits/dim is finite, registered as a new version of ``name`` with
+    alias ``candidate``.
+
+    Args:
+        data: Folder of images of normal data (searched recursively).
+        name: Registered model name (also the experiment name).
+        config: Model and training configuration.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        resume: Continue the last training of ``name`` from its latest checkpoint (see
+            the module docstring for where checkpoints live).
+        mlruns: Folder of the default store and of the checkpoints (default ``./mlruns``).
+        progress: Progress bar on stderr; ``None``: only on a terminal.
+        nested: Log the run as a child of the active run (e.g. an end-to-end pipeline's).
+
+    Raises:
+        DataError: The folder is missing or holds no images.
+        TrainingError: Training failed (diverged, nothing to resume, ...).
+        TrackingError: The tracking store cannot be used.
+    """
+    if not name or name != name.strip():
+        raise TrainingError(f"model name {name!r} is invalid; use a non-empty name without "
+                            "surrounding spaces, e.g. --name bottle-caps.")
+    folder = folder_datasets(data, config)
+    ckpt = checkpoint_dir(name, mlruns)
+    previous_run, state = None, {}
+    if resume:
+        state = _read_run_state(ckpt)
+        _check_resumable(state, config, folder.fingerprint)
+    configure(mlruns)
+    if resume:
+        previous_run = _reusable_run(state.get("run_id"), name)
+        if previous_run is None:
+            logger.warning("the run %s of the checkpoint is not in %s; logging the resumed "
+                           "training as a new run", state.get("run_id"), mlflow.get_tracking_uri())
+    elif ckpt.exists():
+        logger.info("starting afresh: clearing the earlier checkpoints in %s", ckpt)
+        shutil.rmtree(ckpt)
+
+    data_root = Path(data).resolve()
+    tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
+                            "data_folder": display_path(data_root), "model_name": name,
+                            "command": "train"}
+    if commit := git_commit():
+        tags["git_commit"] = commit
+    if resume:
+        tags["resumed"] = "true"
+        if previous_run is None:
+            tags["resumed_from_run_id"] = state.get("run_id", "unknown")
+    with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
+                   run_id=previous_run, nested=nested) as run:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps(
+            {"run_id": run.run_id, "tracking_uri": mlflow.get_tracking_uri(),
+             "data_fingerprint": folder.fingerprint, "data_folder": display_path(data_root),
+             "config": config.to_dict()}, indent=2))
+        params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
+                  "data.n_train": len(folder.train),
+                  "data.n_val": len(folder.val) if folder.val is not None else 0}
+        _log_params(run, params, resumed=previous_run is not None)
+        run.log_dict(config.to_dict(), "config.json")
+
+        result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
+                       resume=resume, callback=_MetricLogger(run), progress=progress)
+        run.log_metrics({"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
+                         "steps": float(result.steps)}, step=result.steps)
+        run.flush()
+
+        if result.samples.size:
+            run.log_image(result.samples, "samples.png")
+        run.log_figure(curves_figure(run.run_id), "training_curves.png")
+        if result.failed_files:
+            lines = _failed_files_report(result.failed_files)
+            run.log_text("\n".join(lines) + "\n", "failed_files.txt")
+            run.set_tags({"failed_files": len(lines),
+                          "failed_files_examples": "; ".join(lines[:3]).replace("\t", ": ")})
+            logger.warning("%d training file(s) could not be decoded and were skipped; see "
+                           "failed_files.txt in run %s", len(lines), run.run_id)
+
+        logged_uri = log_model(run, result.model, None)
+        if math.isfinite(result.val_bpd):
+            version = register_model(logged_uri, name, alias=CANDIDATE, tags={
+                "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
+                "val_bpd": repr(result.val_bpd)})
+            run.set_tags({"registered_version": version})
+            model_uri = f"models:/{name}/{version}"
+            message = (f"registered {model_uri} with alias {CANDIDATE} "
+                       f"(validation bits/dim {result.val_bpd:.4f})")
+        else:
+            version, model_uri = None, logged_uri
+            reason = _not_registered_reason(result.val_bpd, folder)
+            run.set_tags({"registered_version": "none", "not_registered_reason": reason})
+            message = f"model not registered: {reason}"
+            logger.warning(message)
+        if result.failed_files:
+            message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+    return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)

@@ -1,0 +1,177 @@
+"""Train, calibrate and evaluate in one go: a parent MLflow run with three nested runs.
+
+A thin script over the library: :func:`anomaly_flow.tracking.train_and_register`
+(child run ``train-NAME``, registers ``NAME@candidate``), then
+:func:`anomaly_flow.evaluation.calibrate_model` on held-out normal images (child run
+``calibrate``, registers a calibrated version, moves ``champion`` unless
+``--no-promote``), then :func:`anomaly_flow.evaluation.evaluate_model` of the calibrated
+version on labelled test folders (child run ``evaluate``). The parent run
+(``end-to-end``, in experiment NAME) records the options, the headline metrics and the
+child run ids.
+
+Data: either four folders (``--train``, ``--calibration``, ``--test-normal``,
+``--test-anomalous``), or ``--sample DIR``, which writes the Fashion-MNIST sample shipped
+with the package into ``DIR`` (``--limit`` caps each folder, for quick runs).
+
+Example:
+    python pipelines/end_to_end.py --name sneakers --sample /tmp/sneakers --preset tiny \\
+        --epochs 1 --target-fpr 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from anomaly_flow import tracking
+from anomaly_flow.calibration import CalibrationError
+from anomaly_flow.config import ConfigError, load_config, load_preset
+from anomaly_flow.data import DataError, load_sample, write_image_folder
+from anomaly_flow.evaluation import (
+    CalibrateOutcome,
+    EvaluateOutcome,
+    calibrate_model,
+    evaluate_model,
+)
+from anomaly_flow.train import TrainingError
+
+logger = logging.getLogger("pipelines.end_to_end")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """The parent run and what each stage produced."""
+
+    run_id: str
+    train: tracking.TrainOutcome
+    calibrate: CalibrateOutcome
+    evaluate: EvaluateOutcome
+
+
+def write_sample(root: Path, limit: int | None = None) -> dict[str, Path]:
+    """Write the shipped sample as ``train``, ``calibration``, ``test/normal`` and
+    ``test/anomalous`` image folders under ``root`` (at most ``limit`` images each)."""
+    sample = load_sample()
+    cap = slice(None, limit)
+    test_normal = sample.test_images[~sample.test_is_anomaly]
+    test_anomalous = sample.test_images[sample.test_is_anomaly]
+    folders = {"train": root / "train", "calibration": root / "calibration",
+               "test_normal": root / "test" / "normal",
+               "test_anomalous": root / "test" / "anomalous"}
+    for key, images in (("train", sample.train), ("calibration", sample.calibration),
+                        ("test_normal", test_normal), ("test_anomalous", test_anomalous)):
+        write_image_folder(images[cap], folders[key], f"{key}_")
+    return folders
+
+
+def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tiny",
+                 epochs: int | None = None, target_fpr: float = 0.01, score: str = "bpd",
+                 promote: bool = True, device: str = "auto", mlruns: Path | None = None,
+                 progress: bool | None = None) -> PipelineResult:
+    """Train, calibrate and evaluate model ``name`` under one parent run.
+
+    Args:
+        name: Registered model name (and experiment).
+        folders: ``train``, ``calibration``, ``test_normal``, ``test_anomalous`` folders.
+        config_name: A preset name or a path to a TOML/JSON configuration.
+        epochs: Override the configuration's epochs.
+        target_fpr: Target false-positive rate of the conformal threshold.
+        score: Score type the threshold applies to.
+        promote: Move alias ``champion`` to the calibrated version.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        mlruns: Root of the local MLflow store (default ``./mlruns``).
+        progress: Progress bars on stderr; None: only on a terminal.
+
+    Returns:
+        The parent run id and the three stages' outcomes.
+    """
+    config_path = Path(config_name)
+    config = load_config(config_path) if config_path.suffix in (".toml", ".json") \
+        else load_preset(config_name)
+    config = config.replace(epochs=epochs)
+    tracking.configure(mlruns)
+    params = {"name": name, "config": config_name, "epochs": config.train.epochs,
+              "target_fpr": target_fpr, "score": score, "promote": promote,
+              **{f"folder.{key}": str(path) for key, path in folders.items()}}
+    with tracking.start_run(name, "end-to-end", tags={"pipeline": "end_to_end"}) as parent:
+        parent.log_params(params)
+        trained = tracking.train_and_register(folders["train"], name, config, device=device,
+                                              mlruns=mlruns, progress=progress, nested=True)
+        parent.set_tags({"train_run_id": trained.run_id})
+        if trained.version is None:
+            raise TrainingError(trained.message)
+        calibrated = calibrate_model(
+            trained.model_uri, folders["calibration"], score=score, target_fpr=target_fpr,
+            promote=promote, device=device, mlruns=mlruns, nested=True, progress=progress)
+        parent.set_tags({"calibrate_run_id": calibrated.run_id,
+                         "calibrated_model_uri": calibrated.model_uri})
+        evaluated = evaluate_model(
+            calibrated.model_uri, folders["test_normal"], folders["test_anomalous"],
+            device=device, mlruns=mlruns, nested=True, progress=progress)
+        parent.set_tags({"evaluate_run_id": evaluated.run_id})
+        headline = {"val_bpd": trained.val_bpd, "threshold": calibrated.threshold,
+                    **{key: value for key, value in evaluated.metrics.items()
+                       if key.startswith((f"{score}_", "calibrated_"))}}
+        parent.log_metrics(headline)
+        run_id = parent.run_id
+    return PipelineResult(run_id, trained, calibrated, evaluated)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--sample", type=Path, default=None,
+                        help="write the shipped sample here and use it as the data")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="with --sample: at most this many images per folder")
+    parser.add_argument("--train", type=Path, help="folder of normal training images")
+    parser.add_argument("--calibration", type=Path, help="folder of held-out normal images")
+    parser.add_argument("--test-normal", type=Path, help="folder of normal test images")
+    parser.add_argument("--test-anomalous", type=Path, help="folder of anomalous test images")
+    parser.add_argument("--preset", default="tiny", help="preset name or config file")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument("--score", default="bpd")
+    parser.add_argument("--no-promote", action="store_true",
+                        help="do not move alias 'champion' to the calibrated version")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--mlruns", type=Path, default=None)
+    args = parser.parse_args(argv)
+    given = [args.train, args.calibration, args.test_normal, args.test_anomalous]
+    if args.sample is None and None in given:
+        parser.error("give --sample DIR, or all of --train, --calibration, --test-normal "
+                     "and --test-anomalous")
+    if args.sample is not None and any(g is not None for g in given):
+        parser.error("give --sample DIR or the four folders, not both")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.sample is not None:
+        folders = write_sample(args.sample, args.limit)
+    else:
+        folders = {"train": args.train, "calibration": args.calibration,
+                   "test_normal": args.test_normal, "test_anomalous": args.test_anomalous}
+    try:
+        result = run_pipeline(
+            args.name, folders, config_name=args.preset, epochs=args.epochs,
+            target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,
+            device=args.device, mlruns=args.mlruns)
+    except (CalibrationError, ConfigError, DataError, TrainingError,
+            tracking.TrackingError, tracking.ModelNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"parent run: {result.run_id}")
+    print(f"trained: {result.train.model_uri} (val bpd {result.train.val_bpd:.4f})")
+    print(f"calibrated: {result.calibrate.model_uri} (threshold {result.calibrate.threshold:.6g})")
+    print(result.evaluate.table.to_string(float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Choose a threshold from labelled data: compare F1, Youden's J and cost side by side.
+
+Scores a folder of held-out normal images and one of labelled anomalies once, prints the
+threshold each method picks with its false-positive rate, precision, recall, F1 and
+cost on these data, and with ``--register METHOD`` logs a calibration run and registers
+a model version carrying that method's threshold (``--promote`` moves ``champion``).
+
+Example:
+    python pipelines/select_threshold.py --model models:/parts@candidate \\
+        --normal data/val/normal --anomalous data/val/defects \\
+        --cost-fp 1 --cost-fn 20 --target-fpr 0.01 --register cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from anomaly_flow.calibration import CalibrationError
+from anomaly_flow.data import DataError
+from anomaly_flow.evaluation import (
+    calibrate_scores,
+    compare_thresholds,
+    open_model,
+    score_folder_table,
+)
+
+LABELLED = ("f1", "youden", "cost")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@candidate")
+    parser.add_argument("--normal", required=True, type=Path,
+                        help="folder of held-out normal images")
+    parser.add_argument("--anomalous", required=True, type=Path,
+                        help="folder of labelled anomalies")
+    parser.add_argument("--score", default="bpd", help="bpd, complexity, level_1, ...")
+    parser.add_argument("--cost-fp", type=float, default=1.0, help="cost of a false alarm")
+    parser.add_argument("--cost-fn", type=float, default=1.0, help="cost of a missed anomaly")
+    parser.add_argument("--target-fpr", type=float, default=None,
+                        help="also show the conformal threshold at this false-positive rate")
+    parser.add_argument("--register", choices=(*LABELLED, "conformal"), default=None,
+                        help="register a model version with this method's threshold")
+    parser.add_argument("--promote", action="store_true", help="with --register: move champion")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--mlruns", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.register == "conformal" and args.target_fpr is None:
+        print("error: --register conformal needs --target-fpr", file=sys.stderr)
+        return 2
+    try:
+        loaded = open_model(args.model, args.device, args.mlruns)
+        options = {"batch_size": args.batch_size, "workers": args.workers}
+        normal = score_folder_table(loaded.model, args.normal, **options)
+        anomalous = score_folder_table(loaded.model, args.anomalous, **options)
+        table = compare_thresholds(normal, anomalous, args.score, methods=LABELLED,
+                                   target_fpr=args.target_fpr, cost_fp=args.cost_fp,
+                                   cost_fn=args.cost_fn)
+        print(f"score {args.score}: {len(normal.values(args.score))} normal, "
+              f"{len(anomalous.values(args.score))} anomalous images; "
+              f"cost = {args.cost_fp:g}·FP + {args.cost_fn:g}·FN")
+        print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+        if args.register is not None:
+            conformal = args.register == "conformal"
+            outcome = calibrate_scores(
+                loaded, normal, anomalous, score=args.score, method=args.register,
+                target_fpr=args.target_fpr if conformal else None,
+                cost_fp=args.cost_fp, cost_fn=args.cost_fn, promote=args.promote,
+                run_name=f"select-threshold-{args.register}",
+            )
+            print(f"registered {outcome.model_uri} with the {args.register} threshold "
+                  f"{outcome.threshold:.6g} (run {outcome.run_id})")
+    except (CalibrationError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

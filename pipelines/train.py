@@ -1,0 +1,62 @@
+"""Train a Glow on a folder of images, log the run to MLflow and register the model.
+
+A thin script over :func:`anomaly_flow.tracking.train_and_register`, the same call as
+``anomaly-flow train``: params, per-step and per-epoch metrics, sample grid and training
+curves go to MLflow; a model with a finite validation bits/dim becomes a new version of
+NAME with alias ``candidate``. Checkpoints go to ``<mlruns>/checkpoints/NAME``.
+
+Example:
+    python pipelines/train.py data/good --name parts --preset tiny --epochs 2
+    python pipelines/train.py data/good --name parts --config pipelines/configs/small.toml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from anomaly_flow.config import PRESETS, ConfigError, load_config, load_preset
+from anomaly_flow.data import DataError
+from anomaly_flow.tracking import ModelNotFoundError, TrackingError, train_and_register
+from anomaly_flow.train import TrainingError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path, help="folder of images of normal data")
+    parser.add_argument("--name", required=True, help="registered model name")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=PRESETS, default=None,
+                        help="shipped configuration (default: small)")
+    source.add_argument("--config", type=Path, default=None, help="TOML or JSON configuration")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint of --name")
+    parser.add_argument("--mlruns", type=Path, default=None,
+                        help="folder of the local MLflow store (default: ./mlruns)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config) if args.config else load_preset(args.preset or "small")
+        config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
+        outcome = train_and_register(args.data, args.name, config, device=args.device,
+                                     resume=args.resume, mlruns=args.mlruns)
+    except (ConfigError, DataError, TrainingError, TrackingError, ModelNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"run_id: {outcome.run_id}")
+    print(f"model_uri: {outcome.model_uri}")
+    print(outcome.message, file=sys.stderr)
+    return 0 if outcome.version is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

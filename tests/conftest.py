@@ -1,0 +1,202 @@
+"""Shared fixtures: real image folders, MLflow stores, and one tiny trained model.
+
+MLflow's tracking URI is process-global. Every fixture below that hands out a store
+calls :func:`anomaly_flow.tracking.configure` on it before the test runs; a test that
+switches stores itself must do the same. ``MLFLOW_TRACKING_URI`` and
+``MLFLOW_REGISTRY_URI`` are removed for the whole session, so tests never write to a
+developer's own server.
+
+Fixtures:
+    sample: The Fashion-MNIST sample shipped with the package (``load_sample()``).
+    image_dirs (session): Real PNG folders written from the sample (28x28 grey):
+        ``train`` (48 normal), ``calibration`` (40 normal, disjoint from train),
+        ``test_normal`` (16 normal) and ``test_anomalous`` (16 other classes). Read only.
+    mlflow_db_template (session): An empty, migrated ``mlflow.db``; copying it is much
+        faster than letting MLflow create a new database (seconds of migrations).
+    mlruns: A fresh, empty store in ``tmp_path / "mlruns"``, configured.
+    trained (session store, configured per test): a :class:`TrainedModel` - the
+        ``tiny`` preset (2 epochs) trained on ``image_dirs.train`` by
+        ``train_and_register`` and registered as ``tiny-parts`` version 1 with alias
+        ``candidate``. Shared: do not move its aliases or add versions to it; register
+        calibrated versions in a store of your own (``mlruns``), e.g. by logging
+        ``load_model(trained.alias_uri).model`` there.
+    tracking_env: ``os.environ`` plus the venv's ``bin`` on ``PATH`` (``mlflow models
+        serve`` starts ``uvicorn`` by name), for subprocesses.
+    free_port: A TCP port on 127.0.0.1 that was free a moment ago.
+
+Helpers (``from tests.conftest import ...``): ``tiny_config(epochs)``, ``new_store(folder,
+template)``, ``corrupt_png(path)``, ``gray_images(n)``, and the ``ImageDirs`` and
+``TrainedModel`` types.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly_flow.config import RunConfig, load_preset
+from anomaly_flow.data import SampleData, load_sample, write_image_folder
+
+MODEL_NAME = "tiny-parts"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_mlflow_store() -> Iterator[None]:
+    saved = {key: os.environ.pop(key, None)
+             for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is not None:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def sample() -> SampleData:
+    return load_sample()
+
+
+@dataclass(frozen=True)
+class ImageDirs:
+    """Folders of real PNG files (see the module docstring)."""
+
+    root: Path
+    train: Path
+    calibration: Path
+    test_normal: Path
+    test_anomalous: Path
+
+    def files(self, folder: Path) -> list[Path]:
+        """The images of one folder, sorted."""
+        return sorted(folder.glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def image_dirs(tmp_path_factory: pytest.TempPathFactory, sample: SampleData) -> ImageDirs:
+    root = tmp_path_factory.mktemp("images")
+    normal = sample.test_images[~sample.test_is_anomaly]
+    anomalous = sample.test_images[sample.test_is_anomaly]
+    dirs = ImageDirs(root, root / "train", root / "calibration", root / "test" / "normal",
+                     root / "test" / "anomalous")
+    write_image_folder(sample.train[:48], dirs.train, "train-")
+    write_image_folder(sample.calibration[:40], dirs.calibration, "cal-")
+    write_image_folder(normal[:16], dirs.test_normal, "normal-")
+    write_image_folder(anomalous[:16], dirs.test_anomalous, "anomalous-")
+    return dirs
+
+
+def tiny_config(epochs: int = 2) -> RunConfig:
+    """The ``tiny`` preset with fewer epochs, for tests."""
+    return load_preset("tiny").replace(epochs=epochs)
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    db = folder / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}",
+                        registry_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def new_store(folder: Path, template: Path) -> Path:
+    """An empty store in ``folder`` (created), from the migrated template database."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return folder
+
+
+@pytest.fixture
+def mlruns(tmp_path: Path, mlflow_db_template: Path) -> Path:
+    from anomaly_flow import tracking
+
+    folder = new_store(tmp_path / "mlruns", mlflow_db_template)
+    tracking.configure(folder)
+    return folder
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The session's tiny trained model and the store that holds it."""
+
+    name: str
+    mlruns: Path
+    tracking_uri: str
+    run_id: str
+    version: str
+    val_bpd: float
+    config: RunConfig
+    data: Path
+
+    @property
+    def alias_uri(self) -> str:
+        return f"models:/{self.name}@candidate"
+
+    @property
+    def version_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def run_uri(self) -> str:
+        return f"runs:/{self.run_id}/model"
+
+
+@pytest.fixture(scope="session")
+def _trained_store(tmp_path_factory: pytest.TempPathFactory, image_dirs: ImageDirs,
+                   mlflow_db_template: Path) -> TrainedModel:
+    from anomaly_flow import tracking
+
+    mlruns = new_store(tmp_path_factory.mktemp("trained") / "mlruns", mlflow_db_template)
+    config = tiny_config()
+    outcome = tracking.train_and_register(image_dirs.train, MODEL_NAME, config, device="cpu",
+                                          mlruns=mlruns, progress=False)
+    assert outcome.version == "1", outcome.message
+    return TrainedModel(MODEL_NAME, mlruns, tracking.default_tracking_uri(mlruns),
+                        outcome.run_id, outcome.version, outcome.val_bpd, config,
+                        image_dirs.train)
+
+
+@pytest.fixture
+def trained(_trained_store: TrainedModel) -> TrainedModel:
+    from anomaly_flow import tracking
+
+    tracking.configure(_trained_store.mlruns)
+    return _trained_store
+
+
+@pytest.fixture
+def tracking_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+
+def corrupt_png(path: Path) -> Path:
+    """Write a file named like a PNG that is not an image (parent folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not a PNG\n")
+    return path
+
+
+def gray_images(n: int, seed: int = 0, size: int = 28) -> np.ndarray:
+    """``n`` random blocky grey images ``(n, 1, size, size)`` uint8 (no sample needed)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, size // 4, size // 4)).astype(np.uint8)
+    return base.repeat(4, axis=2).repeat(4, axis=3)

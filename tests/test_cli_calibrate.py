@@ -1,0 +1,236 @@
+"""``anomaly-flow calibrate`` and ``anomaly-flow evaluate`` with real PNG folders, the
+session's tiny trained model and a real sqlite MLflow store of this module's own (the
+shared store's model must not get new versions or aliases)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+
+from anomaly_flow import tracking
+from anomaly_flow.calibration import (
+    Calibration,
+    conformal_threshold,
+    cost_threshold,
+    detection_metrics,
+    f1_threshold,
+    youden_threshold,
+)
+from anomaly_flow.cli import main
+from anomaly_flow.evaluation import score_folder_table
+from anomaly_flow.scoring import score_names
+from tests.conftest import ImageDirs, TrainedModel, corrupt_png, new_store
+from tests.test_scoring import make_tiny_model
+
+NAME = "cal-parts"
+CANDIDATE = f"models:/{NAME}@candidate"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, _trained_store: TrainedModel,
+          mlflow_db_template: Path) -> Path:
+    """A store of its own holding the session's trained weights as ``NAME@candidate``."""
+    tracking.configure(_trained_store.mlruns)
+    weights = tracking.load_model(_trained_store.version_uri).model
+    mlruns = new_store(tmp_path_factory.mktemp("calibrate") / "mlruns", mlflow_db_template)
+    tracking.configure(mlruns)
+    with tracking.start_run(NAME, "train-copy") as run:
+        uri = tracking.log_model(run, weights)
+    tracking.register_model(uri, NAME, alias="candidate", tags={"training_run_id": run.run_id})
+    return mlruns
+
+
+@pytest.fixture
+def client(store: Path) -> mlflow.MlflowClient:
+    tracking.configure(store)
+    return mlflow.MlflowClient()
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result: Result, *expected: str) -> None:
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def run_id_from(result: Result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("run: ")]
+    assert lines, result.stderr
+    return lines[-1].removeprefix("run: ").split(";")[0]
+
+
+def model_uri_from(result: Result) -> str:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("model: ")]
+    assert len(lines) == 1, result.stdout
+    return lines[0].removeprefix("model: ")
+
+
+def test_calibrate_promote_then_score_with_champion(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    normal = tmp_path / "held-out"
+    shutil.copytree(image_dirs.calibration, normal)
+    corrupt_png(normal / "zz-broken.png")
+    n_good = len(image_dirs.files(image_dirs.calibration))
+
+    result = run("calibrate", "--model", CANDIDATE, "--normal", normal, "--target-fpr", "0.1",
+                 "--promote", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    uri = model_uri_from(result)
+    new_version = uri.rsplit("/", 1)[1]
+    assert uri == f"models:/{NAME}/{new_version}" and new_version != "1"
+    # The broken file is reported, with its reason, and left out.
+    assert "1 normal image(s) could not be scored" in result.stderr
+    assert "zz-broken.png: " in result.stderr
+
+    champion = tracking.load_model(f"models:/{NAME}@champion")
+    assert champion.version == new_version
+    calibration = champion.calibration
+    assert isinstance(calibration, Calibration)
+    threshold = calibration.threshold
+    assert (threshold.method, threshold.alpha, threshold.n_calibration) == ("conformal", 0.1,
+                                                                             n_good)
+    assert f"threshold: {threshold.value} (bpd, conformal, target FPR 0.1)" in result.stdout
+    # The stored scores are this model's scores of the good files, and the threshold is
+    # the conformal one for them.
+    rescored = score_folder_table(champion.model, image_dirs.calibration).values("bpd")
+    np.testing.assert_allclose(calibration.sorted_scores, np.sort(rescored), rtol=1e-6)
+    assert threshold.value == conformal_threshold(calibration.sorted_scores, 0.1).value
+
+    # MLflow: the version is tagged with its calibration run, which links to training.
+    version = client.get_model_version(NAME, new_version)
+    calibration_run = client.get_run(version.tags["calibration_run_id"])
+    assert calibration_run.info.run_id == run_id_from(result)
+    candidate = client.get_model_version(NAME, "1")
+    assert calibration_run.data.tags["training_run_id"] == candidate.tags["training_run_id"]
+    assert calibration_run.data.metrics["threshold"] == threshold.value
+    assert calibration_run.data.metrics["n_failed_normal"] == 1
+    artifacts = {a.path for a in client.list_artifacts(calibration_run.info.run_id)}
+    assert {"calibration.json", "score_histogram.png", "failed_images.json"} <= artifacts
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == new_version
+
+    # `score` with the champion: p-values and verdicts follow the stored threshold.
+    out = tmp_path / "scores.csv"
+    result = run("score", image_dirs.test_normal.parent, "--model", f"models:/{NAME}@champion",
+                 "--out", out, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert len(table) == 32 and table["error"].isna().all()
+    scores = table["score"].to_numpy(float)
+    is_anomaly = table["is_anomaly"].astype(bool).to_numpy()
+    np.testing.assert_array_equal(scores, table["bpd"].to_numpy(float))
+    np.testing.assert_array_equal(is_anomaly, scores > threshold.value)
+    np.testing.assert_array_equal(table["p_value"] <= 0.1, is_anomaly)
+    np.testing.assert_array_equal(table["p_value"], calibration.p_values(scores))
+
+
+def test_refusal_when_too_few_normal_images(store: Path, image_dirs: ImageDirs) -> None:
+    n = len(image_dirs.files(image_dirs.calibration))
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.01", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 1
+    assert_one_line_error(result, "at least 99 held-out normal images", f"only {n}")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "f1"], "--method f1 needs labelled anomalies"),
+    ([], "--method conformal needs --target-fpr"),
+    (["--target-fpr", "1.5"], "must be between 0 and 1"),
+    (["--method", "youden", "--anomalous", ".", "--target-fpr", "0.1"],
+     "--target-fpr only applies to --method conformal"),
+    (["--target-fpr", "0.1", "--cost-fn", "3"], "only apply to --method cost"),
+])
+def test_usage_errors(store: Path, image_dirs: ImageDirs, args: list[str],
+                      message: str) -> None:
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--mlruns", store, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> None:
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.1", "--score", "level_9", "--device", "cpu",
+                 "--mlruns", store)
+    assert_one_line_error(result, "unknown score 'level_9'", "bpd, complexity, level_1, level_2")
+
+
+@pytest.mark.parametrize("method", ["f1", "youden", "cost"])
+def test_labelled_methods_store_the_calibration_modules_threshold(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, method: str) -> None:
+    costs = ["--cost-fp", "1", "--cost-fn", "4"] if method == "cost" else []
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--anomalous", image_dirs.test_anomalous, "--method", method,
+                 "--score", "complexity", *costs, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    loaded = tracking.load_model(model_uri_from(result))
+    calibration = loaded.calibration
+    assert calibration is not None and calibration.score_name == "complexity"
+
+    model = loaded.model
+    normal = score_folder_table(model, image_dirs.calibration).values("complexity")
+    anomalous = score_folder_table(model, image_dirs.test_anomalous).values("complexity")
+    expected = {"f1": lambda: f1_threshold(normal, anomalous),
+                "youden": lambda: youden_threshold(normal, anomalous),
+                "cost": lambda: cost_threshold(normal, anomalous, 1.0, 4.0)}[method]()
+    assert calibration.threshold.method == method
+    assert calibration.threshold.value == pytest.approx(expected.value, rel=1e-6)
+    assert calibration.threshold.f1 == expected.f1
+    assert calibration.threshold.n_anomalous == len(anomalous) == 16
+
+    metrics = client.get_run(run_id_from(result)).data.metrics
+    for key in ("precision", "recall", "f1", "auroc", "aupr", "fpr_at_95_tpr"):
+        assert key in metrics
+    assert metrics["auroc"] == pytest.approx(detection_metrics(normal, anomalous).auroc)
+    artifacts = {a.path for a in client.list_artifacts(run_id_from(result))}
+    assert {"calibration.json", "score_histogram.png", "roc_curve.png", "pr_curve.png"} \
+        <= artifacts
+    assert "champion" not in client.get_model_version(NAME, str(loaded.version)).aliases
+
+
+def test_evaluate_prints_and_logs_every_score(store: Path, client: mlflow.MlflowClient,
+                                              image_dirs: ImageDirs) -> None:
+    result = run("evaluate", "--model", CANDIDATE, "--normal", image_dirs.test_normal,
+                 "--anomalous", image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    names = score_names(2)
+    table_rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    assert table_rows[: len(names)] == names
+
+    model = tracking.load_model(CANDIDATE).model
+    normal = score_folder_table(model, image_dirs.test_normal)
+    anomalous = score_folder_table(model, image_dirs.test_anomalous)
+    logged = client.get_run(run_id_from(result))
+    for name in names:
+        reference = detection_metrics(normal.values(name), anomalous.values(name))
+        assert logged.data.metrics[f"{name}_auroc"] == pytest.approx(reference.auroc)
+        assert logged.data.metrics[f"{name}_aupr"] == pytest.approx(reference.aupr)
+        assert f"{name}_fpr_at_95_tpr" in logged.data.metrics
+        line = next(row for row in result.stdout.splitlines() if row.startswith(f"{name} "))
+        assert f"{reference.auroc:.4f}" in line
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"roc_curves.png", "pr_curves.png", "score_histograms.png",
+            "detection_metrics.json"} <= artifacts
+    assert logged.data.tags["training_run_id"] == \
+        client.get_model_version(NAME, "1").tags["training_run_id"]
+
+
+def test_a_model_folder_cannot_get_a_calibrated_version(store: Path, image_dirs: ImageDirs,
+                                                         tmp_path: Path) -> None:
+    folder = make_tiny_model().save(tmp_path / "model")
+    result = run("calibrate", "--model", folder, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 1
+    assert_one_line_error(result, "is not a registered model version", "models:/NAME@ALIAS")

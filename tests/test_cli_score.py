@@ -1,0 +1,167 @@
+"""Tests for ``anomaly-flow score``, with real files, a real model folder and, for the
+unreadable file, the real command in a process without root's right to read anything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from anomaly_flow.calibration import Calibration, calibrate
+from anomaly_flow.cli import main
+from anomaly_flow.data import ArrayDataset
+from anomaly_flow.scoring import score_images, write_table
+from tests.test_scoring import (
+    MESSY,
+    N_BAD,
+    N_GOOD,
+    TINY,
+    ULPS,
+    make_messy_folder,
+    make_tiny_model,
+    read_csv,
+    sample_images,
+)
+
+CALIBRATION_FILE = "calibration.json"  # beside config.json, as tracking.load_model reads it
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_messy_folder(tmp_path_factory.mktemp("messy") / "images")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain ``Glow.save`` folder with a conformal calibration (α = 0.2) beside it."""
+    model = make_tiny_model()
+    folder = model.save(tmp_path_factory.mktemp("model") / "tiny")
+    normal = ArrayDataset(sample_images(24, offset=200), TINY.mode, TINY.image_size).images
+    scores = score_images(model, normal).bpd.numpy()
+    (folder / CALIBRATION_FILE).write_text(calibrate("bpd", scores, alpha=0.2).to_json())
+    return folder
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result: Result, expected: str) -> None:
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0], errors[0]
+
+
+def test_help_shows_an_example() -> None:
+    result = run("score", "--help")
+    assert result.exit_code == 0
+    assert "Examples:" in result.output
+    assert "anomaly-flow score incoming/ --model models:/bottle-caps@champion" in result.output
+    assert "--resume" in result.output and "--heatmaps" in result.output
+
+
+def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    heat = tmp_path / "heat"
+    result = run("score", messy, "--model", model_dir, "--out", out, "--workers", "0",
+                 "--batch-size", "5", "--heatmaps", heat)
+    assert result.exit_code == 0, result.output
+    table = read_csv(out)
+    assert len(table) == len(MESSY)
+    scored = table["error"] == ""
+    assert int(scored.sum()) == N_GOOD
+    cal = Calibration.from_json((model_dir / CALIBRATION_FILE).read_text())
+    values = table.loc[scored, "score"].to_numpy()
+    np.testing.assert_array_equal(table.loc[scored, "p_value"], cal.p_values(values))
+    verdict = table.loc[scored, "is_anomaly"].to_numpy() == 1.0
+    np.testing.assert_array_equal(verdict, values > cal.threshold.value)
+    assert table.loc[~scored, ["p_value", "is_anomaly"]].isna().all().all()
+    k = int(verdict.sum())
+    assert f"{N_GOOD} scored, {N_BAD} failed, {k} anomalous" in result.stderr
+    assert f"{N_BAD} file(s) could not be scored:" in result.stderr
+    assert f"wrote {len(MESSY)} rows to {out}" in result.stderr
+    assert f"wrote {N_GOOD} heatmaps under {heat}" in result.stderr
+    assert result.stdout == ""
+    assert len(list(heat.rglob("*.png"))) == N_GOOD
+
+    # a run killed after 8 files, then --resume: the same table, no duplicates
+    partial = tmp_path / "partial.csv"
+    write_table(table.head(8), partial)
+    resumed = run("score", messy, "--model", model_dir, "--out", partial, "--workers", "1",
+                  "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"wrote {len(MESSY)} rows to {partial}, 8 kept from before" in resumed.stderr
+    again = read_csv(partial)
+    assert not again["path"].duplicated().any()
+    pd.testing.assert_frame_equal(again, table, check_exact=False, rtol=0, atol=ULPS)
+
+
+def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "scores.parquet"
+    result = run("score", messy, "--model", model_dir, "--out", out, "--workers", "0",
+                 "--strict", "--fdr", "0.1")
+    assert_one_line_error(result, f"{N_BAD} file(s) could not be scored (--strict)")
+    assert result.exit_code == 1
+    assert f"{N_GOOD} scored, {N_BAD} failed" in result.stderr
+    assert len(pd.read_parquet(out)) == len(MESSY)
+
+
+def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: Path) -> None:
+    """The real command, in a process that obeys file modes (root's override dropped)."""
+    out = tmp_path / "scores.csv"
+    command = [sys.executable, "-m", "anomaly_flow", "score", str(messy), "--model",
+               str(model_dir), "--out", str(out), "--workers", "2", "--strict"]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, and setpriv (util-linux) is missing to drop "
+                        "root's right to read unreadable files")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr  # --strict: one file more failed
+    table = read_csv(out)
+    secret = table[table["path"].str.endswith("/secret.png")]
+    assert secret["error"].tolist() == ["permission denied"]
+    assert np.isnan(secret["bpd"].to_numpy()).all()
+    n_failed = N_BAD + (os.geteuid() == 0)  # as root, secret.png counts as good in MESSY
+    assert f"{len(MESSY) - n_failed} scored, {n_failed} failed" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {n_failed} file(s) could not be scored (--strict); the error column of "
+        f"{out} says why for each")
+
+
+def test_user_errors_are_one_line(messy: Path, model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "file.csv").write_text("a file, not a folder")
+    good = ("--model", model_dir, "--out", tmp_path / "out.csv")
+    cases = [
+        (("score", tmp_path / "nowhere", *good), "image folder not found"),
+        (("score", messy, "--model", tmp_path / "no-model", "--out", tmp_path / "o.csv"),
+         "is neither a model URI nor an existing folder"),
+        (("score", messy, "--model", "models:/nope@champion", "--out", tmp_path / "o.csv",
+          "--mlruns", tmp_path / "mlruns"), "no registered model 'nope'"),
+        (("score", messy, "--model", model_dir, "--out", tmp_path / "file.csv" / "out.csv"),
+         "file.csv is not a folder"),
+        (("score", messy, "--model", model_dir, "--out", tmp_path / "out.txt"),
+         "use a file name ending in .csv, .parquet"),
+        (("score", messy, "--model", model_dir, "--out", tmp_path / "r.csv", "--heatmaps",
+          tmp_path / "file.csv" / "heat"), "cannot write heatmaps to"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((("score", messy, *good, "--device", "cuda"), "CUDA is not available"))
+    for args, expected in cases:
+        assert_one_line_error(run(*args), expected)
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "o.csv").exists()

@@ -1,0 +1,180 @@
+"""Tests for ``anomaly-flow train`` through click's CliRunner, with real files and stores,
+for the thin script ``pipelines/train.py``, and for the shared pieces in
+``anomaly_flow.cli.common``."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import click
+import mlflow
+import pytest
+from click.testing import CliRunner, Result
+
+from anomaly_flow.cli import main
+from anomaly_flow.cli.common import model_option, user_errors
+from anomaly_flow.data import SampleData, split_train_val, write_image_folder
+from tests.conftest import ImageDirs, new_store, tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, ["train", *args])
+
+
+def assert_one_line_error(result: Result, code: int, *fragments: str) -> None:
+    """A usage (2) or user (1) error: no traceback, and the message is one line."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_help_shows_an_example() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "anomaly-flow train images/good --name bottle-caps --preset tiny" in result.output
+    for option in ("--name", "--preset", "--config", "--epochs", "--device", "--resume",
+                   "--mlruns"):
+        assert option in result.output
+
+
+@pytest.mark.parametrize(("args", "code", "fragments"), [
+    (["/no/such/folder", "--name", "x"], 2, ["'/no/such/folder' does not exist"]),
+    (["{data}", "--name", "x", "--preset", "huge"], 2, ["--preset", "'huge'"]),
+    (["{data}", "--name", "x", "--epochs", "0"], 2, ["--epochs", "0"]),
+    (["{data}", "--name", "x", "--bogus"], 2, ["No such option '--bogus'"]),
+    (["{data}"], 2, ["Missing option '--name'"]),
+    (["{data}", "--name", "x", "--preset", "tiny", "--config", "c.toml"], 2,
+     ["--preset or --config, not both"]),
+    (["{data}", "--name", "x", "--config", "/no/such.toml"], 1,
+     ["config file /no/such.toml does not exist"]),
+    (["{empty}", "--name", "x", "--mlruns", "{store}"], 1, ["no image files found"]),
+    (["{data}", "--name", "x", "--resume", "--mlruns", "{store}", "--preset", "tiny"], 1,
+     ["--resume found no earlier training"]),
+])
+def test_bad_input_gives_a_one_line_error(
+        tmp_path: Path, image_dirs: ImageDirs, args: list[str], code: int,
+        fragments: list[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    values = {"data": str(image_dirs.train), "empty": str(tmp_path / "empty"),
+              "store": str(tmp_path / "store")}
+    result = invoke(*(arg.format(**values) for arg in args))
+    assert_one_line_error(result, code, *fragments)
+    assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store
+
+
+def test_a_config_with_an_unknown_field_is_a_one_line_error(
+        tmp_path: Path, image_dirs: ImageDirs) -> None:
+    config = tmp_path / "glow.toml"
+    config.write_text("[model]\nlevles = 2\n")
+    result = invoke(str(image_dirs.train), "--name", "x", "--config", str(config))
+    assert_one_line_error(result, 1, "unknown field(s) ['levles'] in [model]")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available")
+def test_asking_for_cuda_without_it_is_a_one_line_error(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    result = invoke(str(image_dirs.train), "--name", "x", "--preset", "tiny", "--device",
+                    "cuda", "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "CUDA is not available")
+
+
+def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    common = [str(image_dirs.train), "--name", "cli-parts", "--preset", "tiny",
+              "--batch-size", "24", "--mlruns", str(mlruns)]
+    first = invoke(*common, "--epochs", "1")
+    assert first.exit_code == 0, first.output
+    lines = dict(line.split(": ", 1) for line in first.stdout.splitlines())
+    assert lines["model_uri"] == "models:/cli-parts/1"
+    assert lines["candidate"] == "models:/cli-parts@candidate"
+    run_id = lines["run_id"]
+    client = mlflow.MlflowClient()
+    assert client.get_run(run_id).data.params["train.batch_size"] == "24"
+    steps_before = client.get_metric_history(run_id, "train_bpd")
+
+    again = invoke(*common, "--epochs", "2", "--resume")
+    assert again.exit_code == 0, again.output
+    lines = dict(line.split(": ", 1) for line in again.stdout.splitlines())
+    assert lines["run_id"] == run_id  # the same MLflow run goes on
+    assert lines["model_uri"] == "models:/cli-parts/2"
+    run = client.get_run(run_id)
+    assert run.data.tags["resumed.train.epochs"] == "2"
+    steps = [m.step for m in client.get_metric_history(run_id, "train_bpd")]
+    assert max(steps) == 2 * max(m.step for m in steps_before)
+    assert str(client.get_model_version_by_alias("cli-parts", "candidate").version) == "2"
+
+
+def test_an_unregistrable_model_exits_1_and_says_why(
+        tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
+    config = tiny_config(epochs=1)
+    _, val_idx = split_train_val(10, config.train.val_fraction, config.train.seed)
+    paths = write_image_folder(sample.train[:10], tmp_path / "data", "img-")
+    paths[int(val_idx[0])].write_bytes(b"")  # the only validation image cannot be decoded
+    result = invoke(str(tmp_path / "data"), "--name", "nan-parts", "--preset", "tiny",
+                    "--epochs", "1", "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "model not registered", "not finite")
+    assert result.stdout.startswith("run_id: ")
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_the_pipeline_script_trains_and_registers(
+        image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("train_pipeline",
+                                                  REPO / "pipelines" / "train.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    store = new_store(tmp_path / "store", mlflow_db_template)
+    code = script.main([str(image_dirs.train), "--name", "script-parts", "--preset", "tiny",
+                        "--epochs", "1", "--device", "cpu", "--mlruns", str(store)])
+    assert code == 0
+    assert "model_uri: models:/script-parts/1" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "missing"), "--name", "x", "--mlruns", str(store)]) == 1
+    assert "image folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("models:/parts@champion", True), ("models:/parts/3", True),
+    ("models:/m-0123abcd", True), ("runs:/0123abcd/model", True),
+    ("models:/parts@", False), ("models:/parts/three", False), ("runs:/", False),
+    ("/no/such/model/folder", False),
+])
+def test_model_option_checks_the_form_of_a_uri(value: str, ok: bool) -> None:
+    @click.command()
+    @model_option
+    def show(model: str) -> None:
+        click.echo(model)
+
+    result = CliRunner().invoke(show, ["--model", value])
+    assert result.exit_code == (0 if ok else 2), result.output
+    if ok:
+        assert result.stdout.strip() == value
+    else:
+        assert "Traceback" not in result.output and "Error: Invalid value" in result.stderr
+
+
+def test_user_errors_become_one_line_click_errors() -> None:
+    from anomaly_flow.tracking import ModelNotFoundError
+
+    @click.command()
+    @user_errors
+    def fail() -> None:
+        raise ModelNotFoundError("no model at x;\nuse models:/NAME@ALIAS")
+
+    @click.command()
+    @user_errors
+    def bug() -> None:
+        raise KeyError("a bug stays a bug")
+
+    result = CliRunner().invoke(fail, [])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: no model at x; use models:/NAME@ALIAS\n"
+    assert isinstance(CliRunner().invoke(bug, []).exception, KeyError)

@@ -1,0 +1,192 @@
+"""Tests for :mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.plots` without MLflow:
+scoring real folders (with broken files), option checks that fail before any scoring,
+threshold comparison and detection tables against :mod:`anomaly_flow.calibration`, and
+the figures. Calibration runs against a real store are in ``test_cli_calibrate.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from anomaly_flow import plots
+from anomaly_flow.calibration import (
+    CalibrationError,
+    cost_threshold,
+    detection_metrics,
+    f1_threshold,
+    youden_threshold,
+)
+from anomaly_flow.data import DataError, write_image_folder
+from anomaly_flow.evaluation import (
+    FolderScores,
+    calibrate_model,
+    calibrate_scores,
+    compare_thresholds,
+    detection_table,
+    score_folder_table,
+)
+from tests.conftest import corrupt_png
+from tests.test_scoring import make_tiny_model, sample_images
+
+RNG = np.random.default_rng(7)
+NORMAL = RNG.normal(0.0, 1.0, 60)
+ANOMALOUS = RNG.normal(1.5, 1.0, 30)
+
+
+def fake_scores(values: np.ndarray, errors: list[str] | None = None,
+                folder: str = "normal") -> FolderScores:
+    """FolderScores over given bpd values (NaN where ``errors`` names a reason)."""
+    errors = errors or [""] * len(values)
+    table = pd.DataFrame({
+        "path": [f"/data/{folder}/{i:03d}.png" for i in range(len(values))],
+        "bpd": np.where([e == "" for e in errors], values, np.nan),
+        "complexity": values - 1.0,
+        "level_1": values / 2, "level_2": values / 2,
+        "error": errors,
+    })
+    return FolderScores(Path(f"/data/{folder}"), table, "fingerprint")
+
+
+LOADED = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(levels=2)),
+                         uri="models:/fake@candidate", name="fake", run_id=None)
+
+
+# ------------------------------------------------------------------------- scoring folders
+
+
+def test_score_folder_table_reports_and_leaves_out_broken_files(tmp_path: Path) -> None:
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(6), folder, "ok-")
+    corrupt_png(folder / "broken.png")
+    (folder / "empty.png").write_bytes(b"")
+    scores = score_folder_table(make_tiny_model(), folder, batch_size=4)
+
+    assert scores.n_files == 8
+    assert list(scores.table.columns[:3]) == ["path", "bpd", "complexity"]
+    assert scores.values("bpd").shape == (6,) and np.isfinite(scores.values("bpd")).all()
+    failed = dict(scores.failures("bpd"))
+    assert sorted(Path(p).name for p in failed) == ["broken.png", "empty.png"]
+    assert all(reason for reason in failed.values())
+    assert len(scores.fingerprint) == 64
+
+
+def test_missing_folder_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        score_folder_table(make_tiny_model(), tmp_path / "nowhere")
+
+
+# --------------------------------------------------- options refused before any scoring
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target_fpr": None}, "needs a target false-positive rate"),
+    ({"method": "f1", "target_fpr": None}, "pass --anomalous"),
+    ({"method": "youden", "target_fpr": 0.1}, "only applies to the conformal method"),
+    ({"method": "median", "target_fpr": None}, "unknown method"),
+])
+def test_inconsistent_options_fail_before_loading(tmp_path: Path, kwargs: dict,
+                                                  message: str) -> None:
+    # The model URI does not exist: the check must come first.
+    with pytest.raises(CalibrationError, match=message):
+        calibrate_model("models:/does-not-exist@candidate", tmp_path, **kwargs)
+
+
+def test_too_small_folder_refused_before_loading(tmp_path: Path) -> None:
+    write_image_folder(sample_images(20), tmp_path / "few", "n-")
+    with pytest.raises(CalibrationError) as info:
+        calibrate_model("models:/does-not-exist@candidate", tmp_path / "few", target_fpr=0.01)
+    assert "at least 99" in str(info.value) and "only 20" in str(info.value)
+
+
+def test_failed_images_do_not_count_towards_the_minimum() -> None:
+    # alpha = 0.1 needs 9; 12 files of which 4 failed leave 8.
+    errors = [""] * 8 + ["cannot identify image file"] * 4
+    with pytest.raises(CalibrationError) as info:
+        calibrate_scores(LOADED, fake_scores(NORMAL[:12], errors), target_fpr=0.1)
+    text = str(info.value)
+    assert "at least 9" in text and "only 8 of the 12" in text and "4 failed" in text
+
+
+def test_unknown_score_is_refused() -> None:
+    with pytest.raises(CalibrationError, match="choose one of bpd, complexity, level_1, level_2"):
+        calibrate_scores(LOADED, fake_scores(NORMAL), score="level_3", target_fpr=0.1)
+
+
+# --------------------------------------------------------- thresholds and detection tables
+
+
+def test_compare_thresholds_matches_the_calibration_module() -> None:
+    normal, anomalous = fake_scores(NORMAL), fake_scores(ANOMALOUS, folder="anomalous")
+    table = compare_thresholds(normal, anomalous, "bpd", target_fpr=0.1, cost_fp=1.0,
+                               cost_fn=5.0)
+    assert list(table.index) == ["conformal", "f1", "youden", "cost"]
+    expected = {
+        "f1": f1_threshold(NORMAL, ANOMALOUS),
+        "youden": youden_threshold(NORMAL, ANOMALOUS),
+        "cost": cost_threshold(NORMAL, ANOMALOUS, 1.0, 5.0),
+    }
+    for method, threshold in expected.items():
+        assert table.loc[method, "threshold"] == threshold.value
+        assert table.loc[method, "f1"] == pytest.approx(threshold.f1)
+        fp = np.sum(threshold.value < NORMAL)
+        fn = np.sum(threshold.value >= ANOMALOUS)
+        if method == "cost":
+            assert table.loc[method, "cost"] == fp + 5 * fn
+    # No other method's threshold is cheaper than the cost threshold.
+    assert table.loc["cost", "cost"] == table["cost"].min()
+
+
+def test_detection_table_has_every_score_and_matches_sklearn_metrics() -> None:
+    normal, anomalous = fake_scores(NORMAL), fake_scores(ANOMALOUS, folder="anomalous")
+    table = detection_table(normal, anomalous, ["bpd", "complexity", "level_1", "level_2"])
+    assert list(table.index) == ["bpd", "complexity", "level_1", "level_2"]
+    reference = detection_metrics(NORMAL, ANOMALOUS)
+    assert table.loc["bpd", "auroc"] == reference.auroc
+    assert table.loc["bpd", "aupr"] == reference.aupr
+    assert table.loc["bpd", "fpr_at_95_tpr"] == reference.fpr_at_95_tpr
+    # A shift or a positive scale does not change a ranking metric.
+    assert table.loc["level_1", "auroc"] == pytest.approx(reference.auroc)
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def test_histogram_draws_both_groups_and_the_threshold(tmp_path: Path) -> None:
+    fig = plots.score_histogram(NORMAL, ANOMALOUS, threshold=1.25, score_name="bpd")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "threshold 1.25" in labels
+    assert any(label.startswith("normal (n=60)") for label in labels)
+    assert any(label.startswith("anomalous (n=30)") for label in labels)
+    assert [line.get_xdata()[0] for line in ax.lines] == [1.25]
+    fig.savefig(tmp_path / "hist.png")
+    assert (tmp_path / "hist.png").stat().st_size > 1000
+
+
+def test_roc_and_pr_curves_label_every_score_with_its_area(tmp_path: Path) -> None:
+    curves = {"bpd": (NORMAL, ANOMALOUS), "complexity": (NORMAL, -ANOMALOUS)}
+    auroc = detection_metrics(NORMAL, ANOMALOUS).auroc
+    roc = plots.roc_curves(curves, operating_points={"bpd": (0.1, 0.5)})
+    labels = roc.axes[0].get_legend_handles_labels()[1]
+    assert labels[0] == f"bpd (AUROC {auroc:.3f})"
+    assert labels[1].startswith("complexity (AUROC")
+    pr = plots.pr_curves(curves)
+    aupr = detection_metrics(NORMAL, ANOMALOUS).aupr
+    assert pr.axes[0].get_legend_handles_labels()[1][0] == f"bpd (AP {aupr:.3f})"
+    roc.savefig(tmp_path / "roc.png")
+    pr.savefig(tmp_path / "pr.png")
+
+
+def test_curves_need_both_classes_and_grids_hide_unused_panels() -> None:
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        plots.roc_curves({"bpd": (NORMAL, [])})
+    fig = plots.score_histograms({"bpd": (NORMAL, ANOMALOUS), "level_1": (NORMAL, None)},
+                                 thresholds={"bpd": 0.5}, columns=3)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["bpd", "level_1"]

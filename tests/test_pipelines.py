@@ -1,0 +1,110 @@
+"""The scripts under ``pipelines/`` (calibrate, select_threshold, end_to_end), run in-process
+through their ``main(argv)`` on real PNG folders and real sqlite MLflow stores."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import mlflow
+import pytest
+
+from anomaly_flow import tracking
+from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
+from anomaly_flow.evaluation import score_folder_table
+from tests.conftest import ImageDirs, TrainedModel
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", PIPELINES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_end_to_end_logs_a_parent_run_with_three_nested_runs(
+        mlruns: Path, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str]) -> None:
+    end_to_end, calibrate = load_script("end_to_end"), load_script("calibrate")
+    argv = ["--name", "e2e", "--train", image_dirs.train,
+            "--calibration", image_dirs.calibration, "--test-normal", image_dirs.test_normal,
+            "--test-anomalous", image_dirs.test_anomalous, "--preset", "tiny", "--epochs", "1",
+            "--target-fpr", "0.1", "--device", "cpu", "--mlruns", mlruns]
+    assert end_to_end.main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    parent_id = out.split("parent run: ")[1].split()[0]
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in parent.data.tags
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_name = {child.info.run_name: child for child in children}
+    assert sorted(by_name) == ["calibrate", "evaluate", "train-e2e"]
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert parent.data.tags["train_run_id"] == by_name["train-e2e"].info.run_id
+    assert parent.data.tags["calibrate_run_id"] == by_name["calibrate"].info.run_id
+    assert parent.data.tags["evaluate_run_id"] == by_name["evaluate"].info.run_id
+    assert by_name["calibrate"].data.tags["training_run_id"] == by_name["train-e2e"].info.run_id
+    assert "bpd_auroc" in by_name["evaluate"].data.metrics
+    assert {"val_bpd", "threshold", "bpd_auroc", "calibrated_fpr"} <= set(parent.data.metrics)
+    # Trained as version 1 (candidate), calibrated and promoted as version 2.
+    assert str(client.get_model_version_by_alias("e2e", "candidate").version) == "1"
+    champion = client.get_model_version_by_alias("e2e", "champion")
+    assert str(champion.version) == "2"
+    assert champion.tags["calibration_run_id"] == by_name["calibrate"].info.run_id
+
+    # pipelines/calibrate.py on the same model: the cost method, not promoted.
+    argv = ["--model", "models:/e2e@candidate", "--normal", image_dirs.calibration,
+            "--anomalous", image_dirs.test_anomalous, "--method", "cost", "--cost-fn", "3",
+            "--device", "cpu", "--mlruns", mlruns]
+    assert calibrate.main([str(a) for a in argv]) == 0
+    assert "model: models:/e2e/3" in capsys.readouterr().out
+    loaded = tracking.load_model("models:/e2e/3")
+    normal = score_folder_table(loaded.model, image_dirs.calibration).values("bpd")
+    anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous).values("bpd")
+    assert loaded.calibration is not None
+    assert loaded.calibration.threshold.value == pytest.approx(
+        cost_threshold(normal, anomalous, 1.0, 3.0).value, rel=1e-6)
+    assert str(client.get_model_version_by_alias("e2e", "champion").version) == "2"
+
+
+def test_calibrate_pipeline_refusal_is_one_line(
+        trained: TrainedModel, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str]) -> None:
+    calibrate = load_script("calibrate")
+    argv = ["--model", trained.alias_uri, "--normal", image_dirs.calibration,
+            "--target-fpr", "0.01", "--mlruns", trained.mlruns]
+    assert calibrate.main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least 99" in err[0]
+
+
+def test_select_threshold_compares_the_labelled_methods(
+        trained: TrainedModel, image_dirs: ImageDirs,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    select = load_script("select_threshold")
+    argv = ["--model", trained.version_uri, "--normal", image_dirs.calibration,
+            "--anomalous", image_dirs.test_anomalous, "--cost-fn", "4", "--target-fpr", "0.1",
+            "--device", "cpu", "--mlruns", trained.mlruns]
+    assert select.main([str(a) for a in argv]) == 0  # nothing registered: read-only
+    out = capsys.readouterr().out
+    methods = {"conformal", "f1", "youden", "cost"}
+    rows = {tokens[0]: tokens for line in out.splitlines()
+            if (tokens := line.split()) and tokens[0] in methods}
+    assert set(rows) == methods, out
+
+    model = tracking.load_model(trained.version_uri).model
+    normal = score_folder_table(model, image_dirs.calibration).values("bpd")
+    anomalous = score_folder_table(model, image_dirs.test_anomalous).values("bpd")
+    expected = {"f1": f1_threshold(normal, anomalous),
+                "youden": youden_threshold(normal, anomalous),
+                "cost": cost_threshold(normal, anomalous, 1.0, 4.0)}
+    for method, threshold in expected.items():
+        assert float(rows[method][1]) == pytest.approx(threshold.value, abs=1e-4)
+    assert len(mlflow.MlflowClient().search_model_versions(f"name = '{trained.name}'")) == 1

@@ -1,0 +1,470 @@
+"""Tests for anomaly_flow.scoring and anomaly_flow.heatmap, on real image files.
+
+The model is a tiny, untrained but initialised Glow saved with ``Glow.save``: scores are
+meaningless as anomaly scores but exact as likelihoods, which is all these tests need.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_flow import scoring
+from anomaly_flow.calibration import Calibration, benjamini_hochberg, calibrate
+from anomaly_flow.config import GlowConfig
+from anomaly_flow.data import (
+    ArrayDataset,
+    DataError,
+    find_images,
+    load_image,
+    load_sample,
+    write_image_folder,
+)
+from anomaly_flow.glow import Glow, preprocess
+from anomaly_flow.heatmap import colormap_table, heatmap_names, render_heatmap
+from anomaly_flow.scoring import (
+    NON_FINITE_ERROR,
+    ScoringDataset,
+    ScoringError,
+    output_columns,
+    read_table,
+    score_dataset,
+    score_folder,
+    write_table,
+)
+
+TINY = GlowConfig(image_size=16, levels=2, steps_per_level=2, hidden_channels=16)
+ULPS = 4e-6
+"""Scores are float32 sums: another batch composition may change their last bit or two
+(one float32 ulp is 9.5e-7 at 4 to 8 bits/dim, 1.9e-6 at 8 to 16), never more."""
+BOMB_SIDE = 9_500  # 90.25 M pixels: above PIL's 89.48 M-pixel limit, below twice it
+
+# file name -> the one-line reason it cannot be scored (None: it must be scored)
+MESSY = {
+    "a_good.png": None,
+    "b_good.jpg": None,
+    "sub/c_good.png": None,
+    "sub/dup.png": None,  # dup.png and dup.jpg would share a heatmap name
+    "sub/dup.jpg": None,
+    "cmyk.jpg": None,
+    "gray16.png": None,
+    "palette_alpha.png": None,
+    "rgba.png": None,
+    # chmod 000: root reads it anyway (test_cli_score drops root's rights to see the refusal)
+    "secret.png": None if os.geteuid() == 0 else "permission denied",
+    "bad\udcff.png": None,  # a name that is not valid UTF-8
+    "text.png": "cannot identify image file (not an image or unsupported format)",
+    "truncated.png": "truncated image file",
+    "truncated.jpg": "truncated image file",
+    "empty.png": "empty file (0 bytes)",
+    "bomb.png": (
+        f"image too large: {BOMB_SIDE**2} pixels exceeds the "
+        f"{Image.MAX_IMAGE_PIXELS}-pixel safety limit"
+    ),
+    "loop.png": "symlink loop",
+}
+N_GOOD = sum(reason is None for reason in MESSY.values())
+N_BAD = len(MESSY) - N_GOOD
+
+
+# --------------------------------------------------------------------------- real files
+
+
+def sample_images(n: int, offset: int = 0) -> np.ndarray:
+    """uint8 ``(n, 1, 28, 28)`` Fashion-MNIST images from the shipped sample."""
+    return load_sample().test_images[offset : offset + n]
+
+
+def png_bytes(img: Image.Image, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid 8-bit grey PNG of ``width × height`` black pixels (tiny once compressed)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body)
+        )
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + pixels
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+def make_messy_folder(root: Path) -> Path:
+    """Good images and one of each kind of troublesome file (see :data:`MESSY`)."""
+    (root / "sub").mkdir(parents=True)
+    grey = sample_images(5)
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    Image.fromarray(grey[0, 0]).save(root / "a_good.png")
+    Image.fromarray(grey[1, 0]).save(root / "b_good.jpg", quality=95)
+    Image.fromarray(grey[2, 0]).save(root / "sub" / "c_good.png")
+    Image.fromarray(grey[3, 0]).save(root / "sub" / "dup.png")
+    Image.fromarray(grey[4, 0]).save(root / "sub" / "dup.jpg")
+    Image.new("CMYK", (20, 18), (0, 128, 255, 30)).save(root / "cmyk.jpg")
+    ramp = (np.arange(24 * 24, dtype=np.uint16).reshape(24, 24) * 113).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "gray16.png")  # mode I;16: a 16-bit PNG
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(root / "palette_alpha.png", transparency=0)
+    alpha = np.dstack([rgb, np.linspace(0, 255, 20, dtype=np.uint8)[None].repeat(24, 0)])
+    Image.fromarray(alpha, "RGBA").save(root / "rgba.png")
+    (root / "secret.png").write_bytes(png_bytes(Image.fromarray(grey[0, 0])))
+    (root / "secret.png").chmod(0o000)
+    with open(os.path.join(os.fsencode(root), b"bad\xff.png"), "wb") as file:
+        file.write(png_bytes(Image.fromarray(grey[1, 0])))
+    (root / "text.png").write_text("this is a text file, not a PNG\n")
+    full = png_bytes(Image.fromarray(rgb))
+    (root / "truncated.png").write_bytes(full[: len(full) // 2])
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, "JPEG")
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "empty.png").touch()
+    (root / "bomb.png").write_bytes(blank_png(BOMB_SIDE, BOMB_SIDE))
+    (root / "loop.png").symlink_to("loop.png")
+    (root / "notes.txt").write_text("not an image extension: not listed")
+    return root
+
+
+def make_tiny_model() -> Glow:
+    """The tiny Glow, its ActNorms initialised on sample images."""
+    torch.manual_seed(0)
+    model = Glow(TINY)
+    images = ArrayDataset(load_sample().train[:64], TINY.mode, TINY.image_size).images
+    model.initialize(preprocess(images, TINY.n_bits))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Glow:
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_messy_folder(tmp_path_factory.mktemp("messy") / "images")
+
+
+@pytest.fixture(scope="module")
+def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> pd.DataFrame:
+    """An uninterrupted run over the messy folder, read back from CSV."""
+    out = tmp_path_factory.mktemp("full") / "scores.csv"
+    score_folder(model, None, messy, out, batch_size=64)
+    return read_csv(out)
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
+                       na_values={c: [""] for c in ("bpd", "complexity", "level_1", "level_2",
+                                                    "score", "p_value", "is_anomaly")})
+
+
+def relative(table: pd.DataFrame, root: Path) -> list[str]:
+    prefix = str(root) + "/"
+    assert all(p.startswith(prefix) for p in table["path"])
+    return [p[len(prefix):] for p in table["path"]]
+
+
+# --------------------------------------------------------------------------- every file
+
+
+def test_every_file_gets_a_row_with_scores_or_a_reason(model: Glow, messy: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    summary = score_folder(model, None, messy, out, batch_size=4)
+    assert (summary.n_files, summary.n_scored, summary.n_failed) == (len(MESSY), N_GOOD, N_BAD)
+    assert summary.n_anomalous is None and summary.out == out
+    assert sorted(os.listdir(tmp_path)) == ["scores.csv"]  # the temp file was renamed away
+
+    table = read_csv(out)
+    assert list(table.columns) == output_columns(2)
+    names = relative(table, messy)
+    assert names == sorted(names, key=lambda n: os.fsencode(n.replace("\\xff", "\udcff")))
+    assert set(names) == {n.replace("\udcff", "\\xff") for n in MESSY}
+    for name, row in zip(names, table.itertuples(index=False), strict=True):
+        expected = MESSY[name.replace("\\xff", "\udcff")]
+        if expected is None:
+            assert row.error == "", name
+            assert np.isfinite([row.bpd, row.complexity, row.level_1, row.level_2]).all(), name
+            assert row.score == row.bpd
+            assert row.bpd == pytest.approx(TINY.n_bits + row.level_1 + row.level_2, abs=1e-5)
+        else:
+            assert row.error == expected, name
+            assert np.isnan([row.bpd, row.complexity, row.level_1, row.level_2, row.score]).all()
+        assert np.isnan(row.p_value) and np.isnan(row.is_anomaly)  # uncalibrated
+
+
+def test_scores_are_the_models_bits_per_dim(model: Glow, messy: Path,
+                                            full_table: pd.DataFrame) -> None:
+    names = ["cmyk.jpg", "gray16.png", "palette_alpha.png", "rgba.png", "sub/c_good.png"]
+    images = torch.stack([
+        torch.from_numpy(load_image(messy / n, TINY.mode, TINY.image_size)) for n in names
+    ])
+    with torch.no_grad():
+        expected = model.bpd(preprocess(images, TINY.n_bits)).double().numpy()
+    rows = full_table.set_index(pd.Index(relative(full_table, messy)))
+    np.testing.assert_allclose(rows.loc[names, "bpd"], expected, rtol=0, atol=ULPS)
+    # complexity = bpd - 8 · (bytes of the image saved as PNG, level 9) / D
+    png = [8 * len(png_bytes(Image.fromarray(a[0].numpy()), compress_level=9)) / a.numel()
+           for a in images]
+    np.testing.assert_allclose(rows.loc[names, "complexity"], expected - png, rtol=0,
+                               atol=ULPS)
+
+
+def test_same_numbers_whatever_the_batching_workers_or_format(
+    model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path
+) -> None:
+    # batch 64 in one process (full_table) vs batches of 3 decoded by 2 worker processes
+    out = tmp_path / "scores.parquet"
+    score_folder(model, None, messy, out, batch_size=3, num_workers=2)
+    table = pd.read_parquet(out)
+    assert table["is_anomaly"].dtype == "boolean" and table["is_anomaly"].isna().all()
+    assert table["error"].tolist() == full_table["error"].tolist()
+    # Same file, same numbers: bit-identical here; a CPU kernel that sums in a
+    # batch-size-dependent order may change the last float32 bit, no more.
+    for column in ("bpd", "complexity", "level_1", "level_2", "score"):
+        np.testing.assert_allclose(table[column], full_table[column], rtol=0, atol=ULPS)
+
+
+def test_model_overflow_is_an_error_row(model: Glow, messy: Path, tmp_path: Path) -> None:
+    broken = make_tiny_model()
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    out = tmp_path / "scores.csv"
+    summary = score_folder(broken, None, messy, out)
+    assert (summary.n_scored, summary.n_failed) == (0, len(MESSY))
+    table = read_csv(out)
+    assert (table["error"] == NON_FINITE_ERROR).sum() == N_GOOD
+    assert table["bpd"].isna().all()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_output_problems_are_found_before_scoring(model: Glow, messy: Path,
+                                                  tmp_path: Path) -> None:
+    (tmp_path / "file.csv").write_text("a file, not a folder")
+    cases = {
+        tmp_path / "scores.xlsx": "use a file name ending in .csv, .parquet",
+        tmp_path / "file.csv" / "out.csv": "file.csv is not a folder",
+        tmp_path / "missing" / "out.csv": "does not exist; create it",
+        tmp_path / "dir.csv": "it is a folder",
+    }
+    (tmp_path / "dir.csv").mkdir()
+    for out, message in cases.items():
+        with pytest.raises(ScoringError, match=message) as info:
+            score_folder(model, None, messy, out)
+        assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="image folder not found"):
+        score_folder(model, None, tmp_path / "nowhere", tmp_path / "out.csv")
+    with pytest.raises(ScoringError, match="no calibration"):
+        score_folder(model, None, messy, tmp_path / "out.csv", fdr=0.1)
+    assert sorted(os.listdir(tmp_path)) == ["dir.csv", "file.csv"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
+    model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / f"scores{suffix}"
+    k = 7
+    partial = full_table.head(k).copy()  # what a run killed after k files leaves
+    partial["is_anomaly"] = partial["is_anomaly"].astype("boolean")
+    assert partial.loc[0, "error"] == ""
+    partial.loc[0, "bpd"] = np.nan  # neither a score nor a reason: to be scored again
+    write_table(partial, out)
+    summary = score_folder(model, None, messy, out, batch_size=4, resume=True,
+                           heatmaps=tmp_path / "heat")
+    assert summary.n_resumed == k - 1 and summary.n_files == len(MESSY)
+    # only the missing files were scored: heatmaps exist for those alone
+    n_good_missing = int((full_table["error"].iloc[k:] == "").sum()) + 1
+    assert summary.n_heatmaps == n_good_missing
+    resumed = read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert not resumed["path"].duplicated().any()
+    pd.testing.assert_frame_equal(
+        resumed.astype({"is_anomaly": float, "path": str, "error": str}),
+        full_table.astype({"is_anomaly": float, "path": str, "error": str}),
+        check_exact=False, rtol=0, atol=ULPS,
+    )
+    # resuming a finished table scores nothing and changes nothing
+    again = score_folder(model, None, messy, out, resume=True)
+    assert again.n_resumed == len(MESSY)
+
+
+def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
+                                               full_table: pd.DataFrame, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    launches = 0
+    real_launch = scoring._launch
+
+    def launch_then_interrupt(*args: object, **kwargs: object) -> object:
+        nonlocal launches
+        launches += 1
+        if launches == 4:
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, through the CLI) mid-run
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_launch", launch_then_interrupt)
+    out = tmp_path / "scores.csv"
+    with pytest.raises(KeyboardInterrupt):
+        score_folder(model, None, messy, out, batch_size=3, flush_every_s=float("inf"))
+    partial = read_csv(out)
+    assert len(partial) == 6  # batches 1 and 2 finished; batch 3 was still on the device
+    assert partial["path"].tolist() == full_table["path"].head(6).tolist()
+    monkeypatch.setattr(scoring, "_launch", real_launch)
+    summary = score_folder(model, None, messy, out, batch_size=5, resume=True)
+    assert summary.n_resumed == 6
+    pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=False, rtol=0,
+                                  atol=ULPS)
+
+
+def test_partial_table_is_flushed_during_the_run(model: Glow, messy: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "scores.csv"
+    sizes: list[int] = []
+    real_write = scoring.write_table
+
+    def spy(table: pd.DataFrame, path: Path) -> None:
+        sizes.append(len(table))
+        real_write(table, path)
+
+    monkeypatch.setattr(scoring, "write_table", spy)
+    score_folder(model, None, messy, out, batch_size=5, flush_every_s=0)
+    assert sizes == [5, 10, 15, len(MESSY), len(MESSY)]  # after each batch, then the final
+
+
+def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_table: pd.DataFrame,
+                                                tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(ScoringError, match=r"cannot read the earlier output .*garbage\.parquet"):
+        score_folder(model, None, messy, garbage, resume=True)
+    other = tmp_path / "other.csv"
+    full_table[["path", "bpd"]].to_csv(other, index=False)
+    with pytest.raises(ScoringError, match=r"lacks column\(s\) \['complexity'"):
+        score_folder(model, None, messy, other, resume=True)
+    deeper = tmp_path / "deeper.csv"
+    full_table.assign(level_3=1.0).to_csv(deeper, index=False)
+    with pytest.raises(ScoringError, match=r"per-level column\(s\) \['level_3'\]"):
+        score_folder(model, None, messy, deeper, resume=True)
+    with pytest.raises(ScoringError, match="lacks column"):
+        read_table(other, 2)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibrated_run_fills_p_values_and_verdicts(model: Glow, messy: Path,
+                                                    full_table: pd.DataFrame,
+                                                    tmp_path: Path) -> None:
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(19, offset=100), folder, "n")
+    score_folder(model, None, folder, tmp_path / "normal.csv")
+    normal = read_csv(tmp_path / "normal.csv")["bpd"].to_numpy()
+    cal = Calibration.from_json(calibrate("bpd", normal, alpha=0.1).to_json())
+    out = tmp_path / "scores.parquet"
+    summary = score_folder(model, cal, messy, out)
+    table = pd.read_parquet(out)
+    scored = table["error"] == ""
+    assert table.loc[~scored, "p_value"].isna().all()
+    assert table.loc[~scored, "is_anomaly"].isna().all()
+    values = table.loc[scored, "score"].to_numpy()
+    np.testing.assert_array_equal(table.loc[scored, "p_value"], cal.p_values(values))
+    verdict = table.loc[scored, "is_anomaly"].to_numpy(dtype=bool)
+    np.testing.assert_array_equal(verdict, values > cal.threshold.value)
+    assert summary.n_anomalous == int(verdict.sum())
+    # Benjamini-Hochberg over the whole table instead of the threshold
+    score_folder(model, cal, messy, out, fdr=0.2)
+    bh = pd.read_parquet(out)
+    np.testing.assert_array_equal(bh.loc[scored, "is_anomaly"].to_numpy(dtype=bool),
+                                  benjamini_hochberg(cal.p_values(values), 0.2))
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: pd.DataFrame,
+                                         tmp_path: Path) -> None:
+    heat = tmp_path / "heat"
+    summary = score_folder(model, None, messy, tmp_path / "s.csv", batch_size=4, heatmaps=heat)
+    assert summary.n_heatmaps == N_GOOD and summary.heatmaps == heat
+    heatmap_of = {n: str(Path(n).with_suffix(".png")) for n, r in MESSY.items() if r is None}
+    heatmap_of.update({"sub/dup.png": "sub/dup.png.png", "sub/dup.jpg": "sub/dup.jpg.png"})
+    assert len(list(heat.rglob("*.png"))) == N_GOOD
+    bpd = dict(zip(relative(full_table, messy), full_table["bpd"], strict=True))
+    for name, heatmap in heatmap_of.items():
+        with Image.open(heat / heatmap) as img:
+            assert img.mode == "RGB" and img.size == (256, 256)  # 16 px, upsampled × 16
+            # the map's mean is the image's bpd (float32 map, averaged in float64)
+            stored = float(img.text["anomaly-flow:bpd"])
+            assert stored == pytest.approx(bpd[name.replace("\udcff", "\\xff")], abs=1e-5)
+            assert img.text["anomaly-flow:scale"] == "inferno 0..8 bits/dim (fixed)"
+
+
+def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
+    received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    paths = find_images(messy)
+    dataset = ScoringDataset(paths, TINY.mode, TINY.image_size, TINY.n_bits)
+    table = score_dataset(model, dataset, batch_size=5,
+                          heatmaps=lambda i, x, m: received.append((list(i), x, m)))
+    indices = [i for batch in received for i in batch[0]]
+    assert indices == [i for i in range(len(paths)) if table.loc[i, "error"] == ""]
+    maps = torch.cat([batch[2] for batch in received]).double()
+    assert maps.shape == (N_GOOD, 16, 16)
+    np.testing.assert_allclose(maps.mean(dim=(1, 2)).numpy(), table.loc[indices, "bpd"],
+                               rtol=0, atol=1e-5)
+    images = torch.cat([batch[1] for batch in received])
+    assert images.dtype == torch.uint8 and images.shape == (N_GOOD, 1, 16, 16)
+
+
+def test_render_heatmap_uses_the_fixed_scale() -> None:
+    table = colormap_table("inferno")
+    image = np.zeros((1, 4, 4), dtype=np.uint8)  # black: the blend shows colour × alpha
+    pixel_bpd = np.array([[-3.0, 0.0, 4.0, 8.0]] * 4)
+    rgb = render_heatmap(image, pixel_bpd, vmin=0.0, vmax=8.0, table=table, min_side=10)
+    assert rgb.shape == (12, 12, 3) and rgb.dtype == np.uint8  # factor ceil(10 / 4) = 3
+    low, mid, top = table[0] * 0.2, table[128] * 0.5, table[255] * 0.8
+    for column, expected in [(0, low), (1, low), (2, mid), (3, top)]:
+        np.testing.assert_allclose(rgb[0, 3 * column], expected, atol=0.51)
+    white = np.full((3, 4, 4), 255, dtype=np.uint8)
+    rgb = render_heatmap(white, np.zeros((4, 4)), vmin=0.0, vmax=8.0, table=table, min_side=4)
+    np.testing.assert_allclose(rgb[0, 0], 0.8 * 255 + 0.2 * table[0], atol=0.51)
+    with pytest.raises(ValueError, match="vmax > vmin"):
+        render_heatmap(image, pixel_bpd, vmin=1.0, vmax=1.0)
+
+
+def test_heatmap_names_avoid_collisions() -> None:
+    names = heatmap_names([Path("a/x.jpg"), Path("a/x.png"), Path("b/y.tif"), Path("z.png")])
+    assert names == [Path("a/x.jpg.png"), Path("a/x.png.png"), Path("b/y.png"), Path("z.png")]
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_bf16_is_close_to_float32_and_repeatable(model: Glow, messy: Path,
+                                                 full_table: pd.DataFrame,
+                                                 tmp_path: Path) -> None:
+    for run in ("a", "b"):
+        score_folder(model, None, messy, tmp_path / f"{run}.csv", precision="bf16")
+    first, second = read_csv(tmp_path / "a.csv"), read_csv(tmp_path / "b.csv")
+    pd.testing.assert_frame_equal(first, second)  # deterministic
+    assert first["error"].tolist() == full_table["error"].tolist()
+    np.testing.assert_allclose(first["bpd"], full_table["bpd"], atol=0.05)
+    assert model.levels[0].steps[0].coupling.net.autocast_dtype is None  # restored
+    with pytest.raises(ScoringError, match="unknown precision 'fp8'"):
+        score_folder(model, None, messy, tmp_path / "c.csv", precision="fp8")  # type: ignore[arg-type]

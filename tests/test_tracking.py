@@ -1,0 +1,412 @@
+"""Tests for anomaly_flow.tracking with real parts: sqlite stores, image files on disk,
+``mlflow models serve`` and ``mlflow server`` processes, and Spark in local mode."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from anomaly_flow import tracking
+from anomaly_flow.calibration import calibrate
+from anomaly_flow.data import SampleData, split_train_val, write_image_folder
+from anomaly_flow.glow import Glow
+from anomaly_flow.scoring import ScoringDataset, score_dataset
+from anomaly_flow.tracking import ModelNotFoundError
+from tests.conftest import ImageDirs, TrainedModel, new_store, tiny_config
+
+# The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
+# that exact comparisons hold on a GPU machine too.
+AUTO = "auto"
+
+
+def library_scores(model: Glow, sources: list) -> pd.DataFrame:
+    """What the library itself says for these files: the reference for every path."""
+    cfg = model.config
+    return score_dataset(model, ScoringDataset(sources, cfg.mode, cfg.image_size, cfg.n_bits))
+
+
+# ------------------------------------------------------------------- the store
+
+
+def test_default_uri_is_absolute_sqlite_and_env_overrides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert tracking.default_tracking_uri(Path("store")) == f"sqlite:///{tmp_path}/store/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.default_tracking_uri(tmp_path) == "http://127.0.0.1:1"
+
+
+def test_configure_creates_the_store_and_leaves_the_environment_alone(
+        tmp_path: Path, mlflow_db_template: Path) -> None:
+    folder = new_store(tmp_path / "store", mlflow_db_template)
+    uri = tracking.configure(folder)
+    assert uri == f"sqlite:///{folder}/mlflow.db"
+    assert (folder / "artifacts").is_dir()
+    assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow exports it; configure undoes that
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_unreachable_store_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking store"):
+        tracking.configure()
+
+
+def test_run_handle_logs_everything_and_batches_metrics(mlruns: Path) -> None:
+    import matplotlib.figure
+
+    with tracking.start_run("handles", "unit", tags={"purpose": "test"}) as run:
+        run.log_params({"model": {"levels": 2}, "lr": 0.1})
+        for step in range(1, 251):
+            run.log_metrics({"loss": 1.0 / step}, step=step)
+        assert len(run._pending) > 0  # queued, not one request per step
+        run.log_dict({"a": 1}, "d/config.json")
+        run.log_text("hello", "notes.txt")
+        run.log_image(np.zeros((4, 6), np.uint8), "img/zeros.png")
+        figure = matplotlib.figure.Figure()
+        figure.add_subplot().plot([1, 2])
+        run.log_figure(figure, "fig.png")
+        run.set_tags({"stage": "done"})
+        run_id = run.run_id
+    client = mlflow.MlflowClient()
+    data = client.get_run(run_id)
+    assert data.info.status == "FINISHED"
+    assert data.data.params == {"model.levels": "2", "lr": "0.1"}
+    assert data.data.tags["purpose"] == "test" and data.data.tags["stage"] == "done"
+    assert len(client.get_metric_history(run_id, "loss")) == 250
+    files = {f.path for f in client.list_artifacts(run_id)}
+    assert {"d", "notes.txt", "img", "fig.png"} <= files
+    artifacts = Path(data.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(mlruns / "artifacts" / "handles")
+
+
+def test_failed_block_marks_the_run_failed(mlruns: Path) -> None:
+    with pytest.raises(RuntimeError), tracking.start_run("handles") as run:
+        raise RuntimeError("boom")
+    assert mlflow.MlflowClient().get_run(run.run_id).info.status == "FAILED"
+
+
+# ------------------------------------------------------------------- training runs
+
+
+def test_training_run_has_params_metrics_artifacts_tags_and_candidate(
+        trained: TrainedModel) -> None:
+    client = mlflow.MlflowClient()
+    run = client.get_run(trained.run_id)
+    params = run.data.params
+    assert params["model.levels"] == str(trained.config.model.levels)
+    assert params["train.epochs"] == "2" and params["train.lr"] == str(trained.config.train.lr)
+    assert params["data.n_images"] == "48"
+    steps = client.get_metric_history(trained.run_id, "train_bpd")
+    assert len(steps) >= 4 and [m.step for m in steps] == sorted(m.step for m in steps)
+    assert len(client.get_metric_history(trained.run_id, "val_bpd")) == 2  # per epoch
+    for key in ("images_per_sec", "skipped_steps", "lr", "images_per_sec_epoch"):
+        assert key in run.data.metrics
+    assert np.isclose(run.data.metrics["val_bpd"], trained.val_bpd)
+    files = {f.path for f in client.list_artifacts(trained.run_id)}
+    assert {"config.json", "samples.png", "training_curves.png"} <= files
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=trained.run_id, artifact_path="config.json")).read_text())
+    assert config == trained.config.to_dict()
+    tags = run.data.tags
+    assert len(tags["data_fingerprint"]) == 64
+    assert tags["data_folder"] == str(trained.data.resolve())
+    commit = tracking.git_commit()
+    assert tags.get("git_commit") == commit  # present whenever the tests run in a checkout
+    version = client.get_model_version_by_alias(trained.name, "candidate")
+    assert str(version.version) == trained.version and version.run_id == trained.run_id
+    assert version.tags["training_run_id"] == trained.run_id
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == trained.name
+    checkpoints = tracking.checkpoint_dir(trained.name, trained.mlruns)
+    assert (checkpoints / "latest").is_file() and (checkpoints / "run.json").is_file()
+
+
+def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
+                                                     tmp_path: Path) -> None:
+    by_alias = tracking.load_model(trained.alias_uri)
+    assert (by_alias.name, by_alias.version, by_alias.run_id) == (
+        trained.name, trained.version, trained.run_id)
+    assert by_alias.calibration is None
+    mlflow_folder = mlflow.artifacts.download_artifacts(trained.alias_uri,
+                                                        dst_path=str(tmp_path / "mlflow"))
+    plain_folder = by_alias.model.save(tmp_path / "plain")
+    others = {
+        trained.version_uri: tracking.load_model(trained.version_uri),
+        trained.run_uri: tracking.load_model(trained.run_uri),
+        "mlflow folder": tracking.load_model(mlflow_folder),
+        "plain folder": tracking.load_model(str(plain_folder)),
+    }
+    assert others[trained.run_uri].run_id == trained.run_id
+    assert others["mlflow folder"].run_id == trained.run_id
+    reference = by_alias.model.state_dict()
+    for where, loaded in others.items():
+        state = loaded.model.state_dict()
+        assert state.keys() == reference.keys(), where
+        assert all(torch.equal(state[k], reference[k]) for k in reference), where
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("models:/no-such-model@candidate", "no registered model 'no-such-model'"),
+    ("models:/tiny-parts@champion", "has no alias 'champion'"),
+    ("models:/tiny-parts/99", "has no version 99"),
+    ("runs:/0123456789abcdef0123456789abcdef/model", "no model at runs:/"),
+    ("/no/such/folder", "that path does not exist"),
+])
+def test_missing_models_give_one_line_errors(trained: TrainedModel, uri: str,
+                                             message: str) -> None:
+    with pytest.raises(ModelNotFoundError, match=message) as info:
+        tracking.load_model(uri)
+    assert "\n" not in str(info.value)
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="holds no model"):
+        tracking.load_model(str(tmp_path))
+
+
+def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
+        trained: TrainedModel, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    loaded = tracking.load_model(trained.alias_uri, device=AUTO)
+    files = image_dirs.files(image_dirs.test_normal)[:6] + image_dirs.files(
+        image_dirs.test_anomalous)[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    paths = [str(p) for p in files]
+    expected = library_scores(loaded.model, paths)
+
+    pyfunc = mlflow.pyfunc.load_model(trained.alias_uri)
+    by_path = pyfunc.predict(pd.DataFrame({"path": [*paths, str(broken)]}))
+    by_bytes = pyfunc.predict(pd.DataFrame({"image": [p.read_bytes() for p in files]}))
+
+    columns = ["bpd", "complexity", "level_1", "level_2", "score", "p_value", "is_anomaly",
+               "error"]
+    assert list(by_path.columns) == columns
+    np.testing.assert_array_equal(by_path["bpd"].to_numpy()[:-1], expected["bpd"].to_numpy())
+    np.testing.assert_array_equal(by_bytes["bpd"].to_numpy(), expected["bpd"].to_numpy())
+    np.testing.assert_array_equal(by_path["complexity"].to_numpy()[:-1],
+                                  expected["complexity"].to_numpy())
+    assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
+    assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
+    assert (by_path["error"][:-1] == "").all()
+    assert np.isnan(by_path["bpd"].iloc[-1]) and by_path["error"].iloc[-1]
+
+    threshold = float(np.median(expected["bpd"]))
+    decided = pyfunc.predict(pd.DataFrame({"path": paths}), params={"threshold": threshold})
+    assert decided["is_anomaly"].tolist() == (expected["bpd"] > threshold).tolist()
+
+
+def test_calibrated_version_is_registered_linked_and_promoted(
+        trained: TrainedModel, image_dirs: ImageDirs, mlruns: Path) -> None:
+    tracking.configure(trained.mlruns)  # the `mlruns` fixture configured the empty store
+    source_weights = tracking.load_model(trained.alias_uri, device="cpu").model
+    # A store of our own, so the shared one keeps a single uncalibrated version.
+    tracking.configure(mlruns)
+    with tracking.start_run("calibrated-parts", "train") as run:
+        uri = tracking.log_model(run, source_weights, None)
+        assert tracking.register_model(uri, "calibrated-parts", alias="candidate",
+                                       tags={"training_run_id": run.run_id}) == "1"
+        training_run = run.run_id
+    source = tracking.load_model("models:/calibrated-parts@candidate", device=AUTO)
+    cal_paths = [str(p) for p in image_dirs.files(image_dirs.calibration)]
+    cal_scores = library_scores(source.model, cal_paths)["bpd"].to_numpy()
+    calibration = calibrate("bpd", cal_scores, alpha=0.1)
+
+    with tracking.start_run("calibrated-parts", "calibrate") as run:
+        model_uri, version = tracking.register_calibrated_version(
+            source, calibration, run, promote=True)
+        calibration_run = run.run_id
+    assert (model_uri, version) == ("models:/calibrated-parts/2", "2")
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version_by_alias("calibrated-parts", "champion")
+    assert str(mv.version) == "2"
+    assert mv.tags["calibration_run_id"] == calibration_run
+    assert mv.tags["training_run_id"] == training_run
+    assert str(client.get_model_version_by_alias("calibrated-parts", "candidate").version) == "1"
+
+    champion = tracking.load_model("models:/calibrated-parts@champion")
+    assert champion.calibration == calibration
+    test_paths = [str(p) for p in image_dirs.files(image_dirs.test_anomalous)]
+    out = mlflow.pyfunc.load_model("models:/calibrated-parts@champion").predict(
+        pd.DataFrame({"path": test_paths}))
+    scores = library_scores(source.model, test_paths)["bpd"].to_numpy()
+    np.testing.assert_array_equal(out["p_value"].to_numpy(), calibration.p_values(scores))
+    assert out["is_anomaly"].tolist() == calibration.decide(scores).tolist()
+
+    with pytest.raises(ModelNotFoundError, match="not a registered model version"):
+        tracking.register_calibrated_version(tracking.load_model(f"runs:/{training_run}/model"),
+                                             calibration, run, promote=False)
+
+
+def test_non_finite_validation_bpd_is_never_registered(
+        tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
+    """An honest way to get a NaN validation bits/dim: the only validation image is a
+    file that cannot be decoded. A broken training file rides along to check reporting."""
+    config = tiny_config(epochs=1)
+    n = 12
+    train_idx, val_idx = split_train_val(n, config.train.val_fraction, config.train.seed)
+    assert len(val_idx) == 1
+    folder = tmp_path / "data"
+    paths = write_image_folder(sample.train[:n], folder, "img-")
+    for index in (int(val_idx[0]), int(train_idx[0])):
+        paths[index].write_bytes(b"not an image")
+
+    outcome = tracking.train_and_register(folder, "never", config, device="cpu",
+                                          mlruns=mlruns, progress=False)
+    assert outcome.version is None
+    assert "not registered" in outcome.message and "not finite" in outcome.message
+    assert "1 training file(s) could not be decoded" in outcome.message
+    client = mlflow.MlflowClient()
+    assert client.search_registered_models(filter_string="name = 'never'") == []
+    run = client.get_run(outcome.run_id)
+    assert "not finite" in run.data.tags["not_registered_reason"]
+    assert run.data.tags["failed_files"] == "1"
+    failed = Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
+                                                      artifact_path="failed_files.txt"))
+    assert paths[int(train_idx[0])].name in failed.read_text()
+    assert outcome.model_uri.startswith("models:/m-")  # logged for inspection, not registered
+
+
+# ------------------------------------------------------------------- real processes
+
+
+@contextlib.contextmanager
+def process(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Run ``command`` in its own process group; kill the whole group afterwards."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with (contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+              urllib.request.urlopen(url, timeout=2) as response):
+            if response.status == 200:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def post_json(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_same_scores(
+        trained: TrainedModel, image_dirs: ImageDirs, tracking_env: dict[str, str],
+        free_port: int, tmp_path: Path) -> None:
+    files = image_dirs.files(image_dirs.test_normal)[:4] + image_dirs.files(
+        image_dirs.test_anomalous)[:4]
+    paths = [str(p) for p in files]
+    expected = library_scores(tracking.load_model(trained.alias_uri, device=AUTO).model, paths)
+    env = {**tracking_env, "MLFLOW_TRACKING_URI": trained.tracking_uri}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", trained.alias_uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(free_port), "-w", "1"]
+    log = tmp_path / "serve.log"
+    with process(command, env, log) as proc:
+        base = f"http://127.0.0.1:{free_port}"
+        wait_for(f"{base}/ping", proc, log)
+        by_path = post_json(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["path"], "data": [[p] for p in paths]},
+            "params": {"threshold": 100.0}})
+        by_bytes = post_json(f"{base}/invocations", {"dataframe_split": {
+            "columns": ["image"],
+            "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files]}})
+    rows = by_path["predictions"]
+    assert [row["bpd"] for row in rows] == expected["bpd"].tolist()
+    assert [row["is_anomaly"] for row in rows] == [False] * len(paths)
+    assert [row["bpd"] for row in by_bytes["predictions"]] == expected["bpd"].tolist()
+    assert all(row["error"] == "" for row in rows)
+
+
+@pytest.mark.slow
+def test_training_logs_and_registers_on_a_real_mlflow_server(
+        image_dirs: ImageDirs, tracking_env: dict[str, str], free_port: int, tmp_path: Path,
+        mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_store = new_store(tmp_path / "server", mlflow_db_template)
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{server_store / 'mlflow.db'}",
+               "--default-artifact-root", str(server_store / "artifacts"),
+               "-h", "127.0.0.1", "-p", str(free_port), "--workers", "1"]
+    log = tmp_path / "server.log"
+    with process(command, tracking_env, log) as proc:
+        url = f"http://127.0.0.1:{free_port}"
+        wait_for(f"{url}/health", proc, log)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        outcome = tracking.train_and_register(image_dirs.train, "served", tiny_config(1),
+                                              device="cpu", mlruns=tmp_path / "local",
+                                              progress=False)
+        assert mlflow.get_tracking_uri() == url
+        client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
+        run = client.get_run(outcome.run_id)
+        assert run.data.params["model.levels"] == "2" and "val_bpd" in run.data.metrics
+        assert str(client.get_model_version_by_alias("served", "candidate").version) == "1"
+        loaded = tracking.load_model("models:/served@candidate")
+        assert loaded.run_id == outcome.run_id
+    assert (server_store / "artifacts").is_dir()
+    assert not (tmp_path / "local" / "mlflow.db").exists()  # nothing went to a local store
+    assert (tmp_path / "local" / "checkpoints" / "served" / "latest").is_file()
+
+
+@pytest.mark.slow
+def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
+        trained: TrainedModel, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    pyspark_sql = pytest.importorskip("pyspark.sql")
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    monkeypatch.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
+    files = image_dirs.files(image_dirs.test_normal) + image_dirs.files(
+        image_dirs.test_anomalous)
+    paths = [str(p) for p in files]
+    expected = library_scores(tracking.load_model(trained.alias_uri, device=AUTO).model, paths)
+    spark = (pyspark_sql.SparkSession.builder.master("local[1]").appName("anomaly-flow-test")
+             .config("spark.ui.enabled", "false").config("spark.driver.memory", "1g")
+             .config("spark.sql.shuffle.partitions", "1")
+             .config("spark.local.dir", str(tmp_path / "spark"))
+             .getOrCreate())
+    try:
+        udf = mlflow.pyfunc.spark_udf(spark, trained.alias_uri, env_manager="local")
+        table = spark.createDataFrame([(p,) for p in paths], ["path"])
+        scored = table.withColumn("scores", udf("path")).select(
+            "path", "scores.bpd", "scores.score", "scores.is_anomaly", "scores.error"
+        ).toPandas()
+    finally:
+        spark.stop()
+    assert scored["path"].tolist() == paths
+    np.testing.assert_array_equal(scored["bpd"].to_numpy(), expected["bpd"].to_numpy())
+    assert scored["is_anomaly"].isna().all() and (scored["error"] == "").all()
