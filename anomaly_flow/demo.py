@@ -57,14 +57,14 @@ def write_sample_folders(root: Path) -> dict[str, Path]:
     folders = {name: root / name for name in ("train", "calibration", "test")}
     for folder in folders.values():
         shutil.rmtree(folder, ignore_errors=True)
-    normal_name = sample.classes[sample.normal_class].lower().replace("/", "-")
+    normal_name = sample.classes[sample.normal_class].lower().replace("/", "-").replace(" ", "-")
     write_image_folder(sample.train, folders["train"], f"{normal_name}_")
     write_image_folder(sample.calibration, folders["calibration"], f"{normal_name}_")
     is_anomaly = sample.test_is_anomaly
     write_image_folder(sample.test_images[~is_anomaly], folders["test"] / "normal",
                        f"{normal_name}_")
     for label in np.unique(sample.test_labels[is_anomaly]):
-        name = sample.classes[label].lower().replace("/", "-")
+        name = sample.classes[label].lower().replace("/", "-").replace(" ", "-")
         write_image_folder(sample.test_images[sample.test_labels == label],
                            folders["test"] / "anomalous" / name, f"{name}_")
     return folders
