@@ -308,13 +308,6 @@ class ImageItem(NamedTuple):
     index: int  # position in the dataset
 
 
-class TrainBatch(NamedTuple):
-    """A training batch from :func:`collate_skip_failed`."""
-
-    images: torch.Tensor  # uint8 (B, C, H, W), failed items removed (B may be 0)
-    n_failed: int
-
-
 class ImageFolderDataset(Dataset[ImageItem]):
     """Image files decoded on access by :func:`try_load_image`; never raises for a bad file.
 
@@ -367,21 +360,6 @@ class ArrayDataset(Dataset[ImageItem]):
 
     def __getitem__(self, index: int) -> ImageItem:
         return ImageItem(self.images[index], True, "", index)
-
-
-def collate_skip_failed(batch: Sequence[ImageItem]) -> TrainBatch:
-    """Collate for training: drop the items that failed to decode and count them.
-
-    Example:
-        >>> loader = DataLoader(dataset, batch_size=64, collate_fn=collate_skip_failed)
-        >>> for images, n_failed in loader:
-        ...     skipped += n_failed
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    kept = [item.image for item in batch if item.ok]
-    images = torch.stack(kept) if kept else batch[0].image.new_empty((0, *batch[0].image.shape))
-    return TrainBatch(images, len(batch) - len(kept))
 
 
 def _check_image_array(images: np.ndarray) -> None:

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm.auto import tqdm
 
 from anomaly_flow.config import RunConfig, TrainConfig
@@ -167,6 +168,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         for b in range(self.start, math.ceil(self.n / self.batch_size)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield batch[self.rank :: self.world]
+
+
+def _collate_share(items: list[Any], image_shape: tuple[int, int, int]) -> Any:
+    """Default collate, except that an empty share gives an empty batch: under DDP a
+    last global batch shorter than the process count leaves some ranks nothing."""
+    if items:
+        return default_collate(items)
+    return (torch.zeros((0, *image_shape), dtype=torch.uint8),
+            torch.zeros(0, dtype=torch.bool), [], torch.zeros(0, dtype=torch.long))
 
 
 def _step_noise(seed: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -577,8 +587,10 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     imgs_per_sec, saved_step = 0.0, step if resume_from is not None else -1
     sampler = GlobalBatchSampler(len(train_set), t.batch_size, t.seed, 0, rank=rank,
                                  world=world)
+    collate = functools.partial(_collate_share, image_shape=shape[1:])
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
-                        pin_memory=dev.type == "cuda", persistent_workers=t.num_workers > 0)
+                        collate_fn=collate, pin_memory=dev.type == "cuda",
+                        persistent_workers=t.num_workers > 0)
 
     def checkpoint(epoch: int) -> None:
         nonlocal saved_step

@@ -28,7 +28,6 @@ from anomaly_flow.data import (
     DataError,
     ImageDecodeError,
     ImageFolderDataset,
-    collate_skip_failed,
     find_images,
     fingerprint,
     image_to_array,
@@ -275,21 +274,15 @@ def test_folder_dataset_reports_failures_without_raising(messy_folder: Path) -> 
     assert all(int(item.image.abs().sum()) == 0 for item in failed)
 
 
-def test_collate_skip_failed_in_worker_processes(messy_folder: Path) -> None:
+def test_dataset_works_in_worker_processes(messy_folder: Path) -> None:
     dataset = ImageFolderDataset(find_images(messy_folder), "RGB", 8)
     copy = pickle.loads(pickle.dumps(dataset))  # what spawn-started workers receive
     assert [item.error for item in copy] == [item.error for item in dataset]
-    loader = DataLoader(dataset, batch_size=5, num_workers=2, collate_fn=collate_skip_failed)
-    batches = list(loader)
-    assert sum(b.images.shape[0] for b in batches) == 3
-    assert sum(b.n_failed for b in batches) == len(EXPECTED_REASONS)
-    assert all(b.images.shape[1:] == (3, 8, 8) for b in batches)
-
-
-def test_collate_of_an_all_failed_batch_is_empty() -> None:
-    failed = data.ImageItem(torch.zeros(1, 4, 4, dtype=torch.uint8), False, "boom", 0)
-    images, n_failed = collate_skip_failed([failed, failed._replace(index=1)])
-    assert images.shape == (0, 1, 4, 4) and n_failed == 2
+    batches = list(DataLoader(dataset, batch_size=5, num_workers=2))
+    ok = torch.cat([b.ok for b in batches])
+    assert int(ok.sum()) == 3
+    assert int((~ok).sum()) == len(EXPECTED_REASONS)
+    assert all(b.image.shape[1:] == (3, 8, 8) for b in batches)
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -414,6 +414,36 @@ def test_ddp_two_processes_match_one(tmp_path: Path, sneakers: np.ndarray) -> No
         "latest", "step-00000010", "step-00000012"]
 
 
+
+@pytest.mark.slow
+def test_ddp_rank_with_an_empty_share_of_the_last_batch(tmp_path: Path,
+                                                       sneakers: np.ndarray) -> None:
+    """17 training images in batches of 16 over 2 ranks: the last global batch holds one
+    image, so rank 1 gets none; it still takes part, and the result matches one process."""
+    folder = tmp_path / "data"
+    write_image_folder(sneakers[:17], folder, "s", "png")
+    config = run_config(epochs=1, val_fraction=0.0)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.to_json())
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_worker.py")),
+           str(folder), str(config_file), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    single = train(config, folder_datasets(folder, config).train, device="cpu")
+    assert single.steps == 2
+    weights = load_file(str(out / "rank1.safetensors"))
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
 # --------------------------------------------------------------------------- GPU
 
 
