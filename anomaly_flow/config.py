@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Coupling = Literal["affine", "additive"]
 InvConv = Literal["lu", "plain"]
@@ -187,7 +187,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        unknown = set(data) - {"model", "train"}
+        if not isinstance(data, dict):
+            raise ConfigError("a configuration must be a table with [model] and [train] "
+                              f"sections, got {data!r}.")
+        unknown = set(map(str, data)) - {"model", "train"}
         if unknown:
             raise ConfigError(f"unknown section(s) {sorted(unknown)}; use [model] and [train].")
         return cls(GlowConfig.from_dict(data.get("model", {})),
@@ -199,13 +202,37 @@ class RunConfig:
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
 
 
-def _from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from TOML/JSON) fits a field annotated ``hint``."""
+    if get_origin(hint) is Literal:
+        return isinstance(value, str)  # the choice itself is checked by __post_init__
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return True
+
+
+def _from_dict(cls: type, data: Any, section: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{section}] must be a table of fields, got {data!r}; "
+                          "see anomaly_flow/presets/*.toml.")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(
-            f"unknown field(s) {sorted(unknown)} in [{section}]; known fields: {sorted(names)}."
+            f"unknown field(s) {sorted(map(str, unknown))} in [{section}]; known fields: "
+            f"{sorted(names)}."
         )
+    hints = get_type_hints(cls)
+    for name, value in data.items():
+        hint = hints[name]
+        if not _type_ok(value, hint):
+            kind = ("a string" if get_origin(hint) is Literal
+                    else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
+            raise ConfigError(f"{name} = {value!r} in [{section}] is invalid: must be {kind}.")
     return cls(**data)
 
 

@@ -458,8 +458,11 @@ def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> to
                         batch_size=t.init_batch_size, num_workers=0)
     images, _ = failed.keep(next(iter(loader)))
     if len(images) == 0:
-        raise TrainingError("none of the first training images could be decoded; check the "
-                            "training folder holds readable images.")
+        example = next(iter(failed.reasons.items()), None)
+        seen = f" (e.g. {example[0]}: {example[1]})" if example else ""
+        raise TrainingError(f"none of the {len(order[: t.init_batch_size])} training image(s) "
+                            f"tried first could be decoded{seen}; check that the training "
+                            "folder holds readable images.")
     return images
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
-from tests.conftest import ImageDirs, new_store, tiny_config
+from tests.conftest import ImageDirs, corrupt_png, new_store, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,6 +75,49 @@ def test_a_config_with_an_unknown_field_is_a_one_line_error(
     config.write_text("[model]\nlevles = 2\n")
     result = invoke(str(image_dirs.train), "--name", "x", "--config", str(config))
     assert_one_line_error(result, 1, "unknown field(s) ['levles'] in [model]")
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), [
+    ("glow.toml", '[model]\nlevels = "x"\n', "levels = 'x' in [model] is invalid"),
+    ("glow.toml", "[model]\nlevels = 1.5\n", "levels = 1.5 in [model] is invalid"),
+    ("glow.toml", "[train]\nepochs = true\n", "epochs = True in [train] is invalid"),
+    ("glow.toml", "[train]\nbf16 = 1\n", "bf16 = 1 in [train] is invalid"),
+    ("glow.toml", "model = 3\n", "[model] must be a table"),
+    ("glow.json", "5", "a configuration must be a table"),
+])
+def test_a_config_with_a_value_of_the_wrong_type_is_a_one_line_error(
+        tmp_path: Path, image_dirs: ImageDirs, name: str, text: str, fragment: str) -> None:
+    config = tmp_path / name
+    config.write_text(text)
+    result = invoke(str(image_dirs.train), "--name", "x", "--config", str(config))
+    assert_one_line_error(result, 1, fragment)
+
+
+def test_a_folder_of_only_corrupt_files_names_one_of_them(
+        tmp_path: Path, mlflow_db_template: Path) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        corrupt_png(tmp_path / "data" / name)
+    store = new_store(tmp_path / "mlruns", mlflow_db_template)
+    result = invoke(str(tmp_path / "data"), "--name", "x", "--preset", "tiny", "--epochs", "1",
+                    "--mlruns", str(store))
+    assert_one_line_error(result, 1, "could be decoded (e.g. ", ".png: cannot identify")
+
+
+def test_mlflow_chatter_stays_off_the_terminal_on_a_fresh_store(
+        tmp_path: Path, sample: SampleData, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("mlflow"), "level", logging.INFO)  # as at import
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    write_image_folder(sample.train[:12], tmp_path / "data", "img-")
+    result = invoke(str(tmp_path / "data"), "--name", "quiet", "--preset", "tiny",
+                    "--epochs", "1", "--mlruns", str(tmp_path / "fresh"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "fresh" / "mlflow.db").exists()  # the tables were created just now
+    for chatter in ("INFO mlflow", "Creating initial MLflow database tables",
+                    "Successfully registered model", "Created version"):
+        assert chatter not in result.stderr, result.stderr
+    assert "registered models:/quiet/1 with alias candidate" in result.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available")

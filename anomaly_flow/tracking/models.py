@@ -18,8 +18,10 @@ version, ``calibration_run_id`` on calibrated ones.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -127,6 +129,28 @@ def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
     return info.model_uri
 
 
+_CHATTER = re.compile(r"^(Successfully registered model |Registered model .* already exists|"
+                      r"Created version ')")
+
+
+@contextlib.contextmanager
+def _without_registration_chatter() -> Any:
+    """Drop the lines MLflow prints on stderr when registering ("Successfully registered
+    model ...", "Created version ...") unless MLflow's INFO logs are on (``-v``); any
+    other line it writes there is passed on."""
+    if logging.getLogger("mlflow").getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if not _CHATTER.match(line)]
+        sys.stderr.write("".join(kept))
+
+
 def register_model(model_uri: str, name: str, *, alias: str | None = None,
                    tags: dict[str, Any] | None = None) -> str:
     """Register ``model_uri`` as a new version of ``name`` (created if new).
@@ -135,8 +159,9 @@ def register_model(model_uri: str, name: str, *, alias: str | None = None,
         The new version number, as a string.
     """
     ensure_configured()
-    version = mlflow.register_model(
-        model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()} or None)
+    with _without_registration_chatter():
+        version = mlflow.register_model(
+            model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()} or None)
     if alias:
         set_alias(name, alias, version.version)
     logger.info("registered %s as models:/%s/%s%s", model_uri, name, version.version,

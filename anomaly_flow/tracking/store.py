@@ -71,6 +71,16 @@ def default_tracking_uri(mlruns: str | Path | None = None) -> str:
     return f"sqlite:///{mlruns_dir(mlruns) / DB_FILE}"
 
 
+def quiet_mlflow_logs() -> None:
+    """Keep MLflow's INFO lines ("Creating initial MLflow database tables...") off the
+    terminal unless the user asked for INFO logs (``-v``) or set ``MLFLOW_LOGGING_LEVEL``."""
+    if logging.getLogger().getEffectiveLevel() >= logging.WARNING \
+            and not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        mlflow_logger = logging.getLogger("mlflow")
+        if mlflow_logger.getEffectiveLevel() < logging.WARNING:
+            mlflow_logger.setLevel(logging.WARNING)
+
+
 def configure(mlruns: str | Path | None = None) -> str:
     """Point MLflow's tracking and registry at :func:`default_tracking_uri` and check it.
 
@@ -84,6 +94,7 @@ def configure(mlruns: str | Path | None = None) -> str:
     Raises:
         TrackingError: The store cannot be opened (bad URI, server down, locked file).
     """
+    quiet_mlflow_logs()
     uri = default_tracking_uri(mlruns)
     env_given = bool(os.environ.get(TRACKING_ENV))
     artifact_root = None
