@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from anomaly_flow import plots, report, tracking
@@ -25,6 +24,7 @@ from anomaly_flow.config import load_preset
 from anomaly_flow.data import load_sample, write_image_folder
 from anomaly_flow.evaluation import calibrate_model
 from anomaly_flow.scoring import score_folder, score_names
+from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device).type == "cuda"
     preset = preset or (GPU_PRESET if use_cuda else CPU_PRESET)
     config = load_preset(preset).replace(epochs=epochs)
     mlruns = out / "mlruns"
@@ -107,7 +107,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     )
 
     champion = f"models:/{MODEL_NAME}@champion"
-    loaded = tracking.load_model(champion, device="cuda" if use_cuda else "cpu")
+    loaded = tracking.load_model(champion, device=device)
     scores_csv, heatmaps = out / "scores.csv", out / "heatmaps"
     shutil.rmtree(heatmaps, ignore_errors=True)
     score_folder(loaded.model, loaded.calibration, folders["test"], scores_csv,

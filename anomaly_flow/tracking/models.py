@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
@@ -42,6 +41,7 @@ from anomaly_flow.tracking.pyfunc import (
     model_signature,
 )
 from anomaly_flow.tracking.store import Run, ensure_configured, quiet_mlflow
+from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +240,8 @@ def _glow_folder(model_dir: Path) -> Path:
 
 
 def _read(folder: Path, uri: str, device: str, **where: Any) -> LoadedModel:
-    model = Glow.load(folder, torch.device(device) if device != "auto" else _auto())
+    model = Glow.load(folder, resolve_device(device))
     return LoadedModel(model, load_calibration(folder), uri, **where)
-
-
-def _auto() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_local(path: Path, uri: str, device: str) -> LoadedModel:

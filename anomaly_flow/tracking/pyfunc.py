@@ -24,7 +24,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -32,6 +31,7 @@ from anomaly_flow.calibration import Calibration
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, apply_calibration, level_columns, score_dataset
+from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +142,7 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         folder = Path(context.artifacts[GLOW_ARTIFACT])
         device = (context.model_config or {}).get("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = Glow.load(folder, device)
+        self.model = Glow.load(folder, resolve_device(device))
         self.calibration = load_calibration(folder)
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
