@@ -16,8 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from anomaly_flow.calibration import METHODS, CalibrationError
-from anomaly_flow.data import DataError
+from anomaly_flow.calibration import METHODS
+from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import calibrate_model
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             cost_fn=args.cost_fn, promote=args.promote, device=args.device,
             batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
         )
-    except (CalibrationError, DataError) as error:
+    except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"model: {outcome.model_uri}")

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly_flow import tracking
-from anomaly_flow.calibration import CalibrationError
-from anomaly_flow.config import ConfigError, load_config, load_preset
-from anomaly_flow.data import DataError, load_sample, write_image_folder
+from anomaly_flow.config import load_config, load_preset
+from anomaly_flow.data import load_sample, write_image_folder
+from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import (
     CalibrateOutcome,
     EvaluateOutcome,
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             args.name, folders, config_name=args.preset, epochs=args.epochs,
             target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,
             device=args.device, mlruns=args.mlruns)
-    except (CalibrationError, ConfigError, DataError, TrainingError,
-            tracking.TrackingError, tracking.ModelNotFoundError) as error:
+    except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"parent run: {result.run_id}")

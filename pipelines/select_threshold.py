@@ -18,8 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from anomaly_flow.calibration import CalibrationError
-from anomaly_flow.data import DataError
+from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import (
     calibrate_scores,
     compare_thresholds,
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"registered {outcome.model_uri} with the {args.register} threshold "
                   f"{outcome.threshold:.6g} (run {outcome.run_id})")
-    except (CalibrationError, DataError) as error:
+    except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -17,10 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-from anomaly_flow.config import PRESETS, ConfigError, load_config, load_preset
-from anomaly_flow.data import DataError
-from anomaly_flow.tracking import ModelNotFoundError, TrackingError, train_and_register
-from anomaly_flow.train import TrainingError
+from anomaly_flow.config import PRESETS, load_config, load_preset
+from anomaly_flow.errors import user_error_types
+from anomaly_flow.tracking import train_and_register
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
         outcome = train_and_register(args.data, args.name, config, device=args.device,
                                      resume=args.resume, mlruns=args.mlruns)
-    except (ConfigError, DataError, TrainingError, TrackingError, ModelNotFoundError) as error:
+    except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"run_id: {outcome.run_id}")

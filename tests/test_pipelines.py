@@ -85,6 +85,18 @@ def test_calibrate_pipeline_refusal_is_one_line(
     assert len(err) == 1 and "at least 99" in err[0]
 
 
+@pytest.mark.parametrize("script", ["calibrate", "select_threshold"])
+def test_pipeline_with_an_unknown_model_is_one_line(
+        script: str, trained: TrainedModel, image_dirs: ImageDirs,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model", "models:/no-such-model@champion", "--normal", image_dirs.calibration,
+            "--anomalous", image_dirs.calibration, "--target-fpr", "0.1",
+            "--mlruns", trained.mlruns]
+    assert load_script(script).main([str(a) for a in argv]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "no registered model 'no-such-model'" in err[0]
+
+
 def test_select_threshold_compares_the_labelled_methods(
         trained: TrainedModel, image_dirs: ImageDirs,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,38 +15,15 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from anomaly_flow.errors import user_error_types
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-USER_ERRORS: tuple[tuple[str, str], ...] = (
-    ("anomaly_flow.config", "ConfigError"),
-    ("anomaly_flow.data", "DataError"),
-    ("anomaly_flow.glow", "ModelFileError"),
-    ("anomaly_flow.train", "TrainingError"),
-    ("anomaly_flow.scoring", "ScoringError"),
-    ("anomaly_flow.calibration", "CalibrationError"),
-    ("anomaly_flow.tracking.models", "ModelNotFoundError"),
-    ("anomaly_flow.tracking.store", "TrackingError"),
-)
-"""(module, class) of every exception a user can cause. Looked up lazily: a class whose
-module was never imported cannot have been raised."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types = []
-    for module_name, class_name in USER_ERRORS:
-        module = sys.modules.get(module_name)
-        error = getattr(module, class_name, None) if module is not None else None
-        if isinstance(error, type):
-            types.append(error)
-    return tuple(types)
-
 
 def one_line(message: str) -> str:
     """``message`` with its whitespace (newlines included) collapsed."""
@@ -69,7 +46,7 @@ def user_errors(func: F) -> F:
         except click.ClickException:
             raise
         except Exception as exc:
-            if isinstance(exc, _user_error_types()):
+            if isinstance(exc, user_error_types()):
                 raise click.ClickException(one_line(str(exc))) from None
             raise
 
