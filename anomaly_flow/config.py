@@ -128,6 +128,10 @@ class TrainConfig:
         num_workers: DataLoader workers decoding images.
         sample_temperature: Temperature of the sample grid drawn after training.
         init_batch_size: Images used for the data-dependent ActNorm initialisation.
+        compile: ``torch.compile`` the model for the training steps (after the ActNorm
+            initialisation, around DDP). The first steps pay the compilation (tens of
+            seconds on a CPU, minutes for the reference architecture); validation,
+            sampling and the saved model stay eager. Needs a C++ compiler on the CPU.
     """
 
     epochs: int = 10
@@ -144,6 +148,7 @@ class TrainConfig:
     num_workers: int = 0
     sample_temperature: float = 0.7
     init_batch_size: int = 256
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "train for at least one epoch")

@@ -17,9 +17,13 @@ What is timed (``--loop``):
 * ``step``: the same per-step code (``preprocess``, ``_step_noise``,
   ``anomaly_flow.train._forward_backward``, ``optimizer.step()``) in a bare loop over a
   pre-stacked batch tensor (images in order; ``train()`` shuffles them), without
-  DataLoader, callback or progress bar. Needed for
-  ``--compile`` (``train()`` builds its model itself, so it cannot be handed a compiled
-  one); the gap between the two loops is the cost of the training loop around the step.
+  DataLoader, callback or progress bar. Needed for ``--compile-mode`` other than
+  ``default`` and for ``--channels-last`` (experiments the library does not offer); the
+  gap between the two loops is the cost of the training loop around the step.
+
+``--compile`` sets ``TrainConfig.compile`` (``train()`` compiles its model after the
+ActNorm initialisation); in the ``step`` loop the bare loop compiles with
+``--compile-mode``. Warm-up steps must cover the compilation (the first step).
 
 ``--bf16`` sets ``TrainConfig.bf16`` (the coupling networks under bf16 autocast; CUDA only,
 the library trains in float32 elsewhere). ``--profile`` runs ``train()`` under
@@ -91,6 +95,7 @@ def build_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
         preset.train.num_workers if device.type == "cuda" else 0)
     train_cfg = dataclasses.replace(
         preset.train, epochs=1, batch_size=batch, bf16=args.bf16, num_workers=workers,
+        compile=args.compile,
         checkpoint_every=10**9, init_batch_size=min(batch, preset.train.init_batch_size))
     return RunConfig(model, train_cfg)
 
@@ -166,7 +171,7 @@ def time_step_loop(config: RunConfig, images: np.ndarray, device: torch.device,
     shape = tuple(batches.shape[1:])
     init = batches[0][: t.init_batch_size].to(device)
     model.initialize(preprocess(init, m.n_bits, train_module._step_noise(
-        t.seed, -1, tuple(init.shape)).to(device)))
+        t.seed, -1, tuple(init.shape), device)))
     model.set_coupling_autocast(torch.bfloat16 if t.bf16 and device.type == "cuda" else None)
     model.train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -177,9 +182,9 @@ def time_step_loop(config: RunConfig, images: np.ndarray, device: torch.device,
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
     stamps, bpd = [], math.nan
     for step, batch in enumerate(batches):
-        noise = train_module._step_noise(t.seed, step, shape)
+        noise = train_module._step_noise(t.seed, step, shape, device)
         x = preprocess(batch.to(device, non_blocking=True), m.n_bits,
-                       noise.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+                       noise).contiguous(memory_format=fmt)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(t, step)
         bpd, _, bad, _ = train_module._forward_backward(net, model, optimizer, x, 1, max_norm)
@@ -344,10 +349,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--bf16", action="store_true", help="TrainConfig.bf16 (CUDA only)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (implies --loop step)")
+                        help="torch.compile the model: TrainConfig.compile in --loop "
+                        "train, --compile-mode in --loop step")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode: default, reduce-overhead (CUDA graphs), "
-                        "max-autotune, max-autotune-no-cudagraphs")
+                        "max-autotune, max-autotune-no-cudagraphs (other than default: "
+                        "implies --loop step)")
     parser.add_argument("--loop", choices=("train", "step"), default="train")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--workers", type=int, default=None,
@@ -373,7 +380,8 @@ def main() -> None:
     config = build_config(args, device)
     steps = args.steps or (30 if args.tiny else 50)
     warmup = args.warmup if args.warmup is not None else (5 if args.tiny else 10)
-    loop = "step" if args.compile or args.channels_last else args.loop
+    custom_compile = args.compile and args.compile_mode != "default"
+    loop = "step" if custom_compile or args.channels_last else args.loop
     batch = config.train.batch_size
     images = training_images(config, (warmup + steps) * batch)
     bf16_active = args.bf16 and device.type == "cuda"
