@@ -48,7 +48,9 @@ flags the fewest images (the highest threshold) wins.
 
 `Calibration` is what is stored, as JSON, with a model version: the score name, the
 chosen `Threshold` and the sorted calibration scores, from which p-values (and
-Benjamini-Hochberg decisions over a batch) can be recomputed later.
+Benjamini-Hochberg decisions over a batch) can be recomputed later. When the score
+itself was chosen from data, `select_score` records the evidence as a `ScoreSelection`
+(the AUROC of every candidate on labelled anomalies), stored with the calibration.
 
 Example:
     >>> import numpy as np
@@ -67,6 +69,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -78,6 +81,7 @@ __all__ = [
     "CalibrationError",
     "DetectionMetrics",
     "Method",
+    "ScoreSelection",
     "Threshold",
     "benjamini_hochberg",
     "calibrate",
@@ -88,6 +92,7 @@ __all__ = [
     "f1_threshold",
     "min_calibration_size",
     "operating_point",
+    "select_score",
     "youden_threshold",
 ]
 
@@ -95,8 +100,11 @@ Method = Literal["conformal", "f1", "youden", "cost"]
 METHODS: tuple[str, ...] = get_args(Method)
 SCHEMA_VERSION = 1
 
-# Relative tolerance under which two objective values (F1, J, cost) count as a tie.
+# Relative tolerance under which two objective values (F1, J, cost, AUROC) count as a tie.
 _TIE_RTOL = 1e-12
+
+SCORE_SELECTION_RULE = "max AUROC on labelled anomalies"
+"""The rule `select_score` applies; ties go to the candidate listed first."""
 
 
 class CalibrationError(ValueError):
@@ -428,6 +436,158 @@ def detection_metrics(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> 
     )
 
 
+# ------------------------------------------------------------------------ score selection
+
+
+def _first_best(auroc: Mapping[str, float]) -> str:
+    """The first name, in order, whose AUROC is maximal (up to float round-off)."""
+    best = max(auroc.values())
+    return next(name for name, value in auroc.items()
+                if value >= best - _TIE_RTOL * max(1.0, abs(best)))
+
+
+@dataclass(frozen=True)
+class ScoreSelection:
+    """Which score type a calibration uses, and the evidence it was chosen on.
+
+    The AUROCs are measured on the same labelled images that chose the score, so the
+    winner's AUROC is optimistic (a maximum over candidates); judge it on other data
+    (``anomaly-flow evaluate``) before trusting the number.
+
+    Attributes:
+        chosen: The selected score, e.g. ``"complexity"``.
+        auroc: AUROC of every candidate, in candidate order (the tie-break order), e.g.
+            ``{"bpd": 0.61, "complexity": 0.83, "level_1": 0.58, "level_2": 0.66}``.
+        n_normal: Normal images the AUROCs were measured on (the same for every candidate).
+        n_anomalous: Labelled anomalous images they were measured on.
+        rule: How ``chosen`` follows from ``auroc``.
+    """
+
+    chosen: str
+    auroc: Mapping[str, float] = field(hash=False)
+    n_normal: int
+    n_anomalous: int
+    rule: str = SCORE_SELECTION_RULE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str) or not self.rule:
+            raise CalibrationError(f"ScoreSelection.rule must be a non-empty string; got "
+                                   f"{self.rule!r}.")
+        if not isinstance(self.auroc, Mapping) or not self.auroc:
+            raise CalibrationError(
+                "ScoreSelection.auroc must map each candidate score name to its AUROC; "
+                f"got {self.auroc!r}."
+            )
+        auroc: dict[str, float] = {}
+        for name, value in self.auroc.items():
+            if not isinstance(name, str) or not name:
+                raise CalibrationError(f"score names must be non-empty strings; got {name!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not 0.0 <= float(value) <= 1.0:
+                raise CalibrationError(
+                    f"the AUROC of {name!r} must be a number in [0, 1]; got {value!r}."
+                )
+            auroc[name] = float(value)
+        object.__setattr__(self, "auroc", MappingProxyType(auroc))  # read-only, like the rest
+        if self.chosen not in auroc:
+            raise CalibrationError(
+                f"the chosen score {self.chosen!r} is not among the candidates {list(auroc)}."
+            )
+        if self.rule == SCORE_SELECTION_RULE and self.chosen != _first_best(auroc):
+            raise CalibrationError(
+                f"score {self.chosen!r} (AUROC {auroc[self.chosen]}) does not have the highest "
+                f"AUROC among {auroc}; the selection was altered. Re-run calibration."
+            )
+        for name in ("n_normal", "n_anomalous"):
+            count = getattr(self, name)
+            if not _is_int(count) or count < 1:
+                raise CalibrationError(
+                    f"ScoreSelection.{name} must be an integer >= 1; got {count!r}."
+                )
+            object.__setattr__(self, name, int(count))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return {"rule": self.rule, "chosen": self.chosen, "auroc": dict(self.auroc),
+                "n_normal": self.n_normal, "n_anomalous": self.n_anomalous}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreSelection:
+        """Rebuild from `to_dict` output, validating every field.
+
+        Raises:
+            CalibrationError: Missing or unknown keys, or invalid values.
+        """
+        if not isinstance(data, Mapping):
+            raise CalibrationError(
+                f"a score selection must be a JSON object; got {type(data).__name__}."
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CalibrationError(
+                f"unknown score_selection field(s) {unknown}; expected only {sorted(known)}. "
+                "The file may come from a newer version of anomaly-flow."
+            )
+        missing = sorted(known - set(data))
+        if missing:
+            raise CalibrationError(f"score_selection is missing field(s) {missing}.")
+        return cls(**data)
+
+
+def select_score(
+    normal_scores: Mapping[str, ArrayLike], anomalous_scores: Mapping[str, ArrayLike]
+) -> ScoreSelection:
+    """Choose the score type that best separates labelled anomalies from normal images.
+
+    Each candidate's AUROC (anomalies positive) is measured on the same images; the
+    highest wins, and ties go to the candidate that comes first in ``normal_scores``
+    (pass them as ``bpd, complexity, level_1, ...``).
+
+    The winner's AUROC is measured on the images that chose it, so it is optimistic.
+
+    Args:
+        normal_scores: ``{score name: scores of the normal images, shape (N,)}``, the
+            same N images, in the same order, for every candidate.
+        anomalous_scores: ``{score name: scores of the anomalous images, shape (M,)}``,
+            with the same names.
+
+    Returns:
+        A `ScoreSelection` with every candidate's AUROC and the chosen name.
+
+    Raises:
+        CalibrationError: No candidates, different names on the two sides, different
+            image counts between candidates, or empty / non-finite scores.
+
+    Example:
+        >>> normal = {"bpd": [1.0, 2.0, 3.0], "complexity": [1.0, 2.0, 3.0]}
+        >>> anomalous = {"bpd": [2.5, 0.5], "complexity": [4.0, 5.0]}
+        >>> select_score(normal, anomalous).chosen
+        'complexity'
+    """
+    names = list(normal_scores)
+    if not names:
+        raise CalibrationError("no candidate scores were given to choose from.")
+    if set(anomalous_scores) != set(names):
+        raise CalibrationError(
+            f"normal and anomalous scores must name the same candidates; got {names} and "
+            f"{list(anomalous_scores)}."
+        )
+    auroc: dict[str, float] = {}
+    sizes: set[tuple[int, int]] = set()
+    for name in names:
+        metrics = detection_metrics(normal_scores[name], anomalous_scores[name])
+        auroc[name] = metrics.auroc
+        sizes.add((metrics.n_normal, metrics.n_anomalous))
+    if len(sizes) > 1:
+        raise CalibrationError(
+            "every candidate score must be measured on the same images, but the candidates "
+            f"have different numbers of (normal, anomalous) scores: {sorted(sizes)}."
+        )
+    n_normal, n_anomalous = sizes.pop()
+    return ScoreSelection(_first_best(auroc), auroc, n_normal, n_anomalous)
+
+
 # -------------------------------------------------------------------- conformal p-values
 
 
@@ -721,12 +881,16 @@ class Calibration:
         calibration_scores: The normal calibration scores, sorted ascending, shape
             (n,) as a tuple of floats; any array-like is accepted and sorted.
         created_at: ISO 8601 timestamp (UTC) of creation.
+        score_selection: How ``score_name`` was chosen from data (`select_score`), or
+            None when it was named by the user (and in calibrations stored before
+            selection existed).
     """
 
     score_name: str
     threshold: Threshold
     calibration_scores: tuple[float, ...] = field(repr=False)
     created_at: str = field(default_factory=_now)
+    score_selection: ScoreSelection | None = None
     _sorted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -762,6 +926,17 @@ class Calibration:
             raise CalibrationError(
                 f"created_at must be an ISO 8601 timestamp; got {self.created_at!r}."
             ) from error
+        selection = self.score_selection
+        if selection is not None:
+            if not isinstance(selection, ScoreSelection):
+                raise CalibrationError(
+                    f"score_selection must be a ScoreSelection; got {type(selection).__name__}."
+                )
+            if selection.chosen != self.score_name:
+                raise CalibrationError(
+                    f"the score selection chose {selection.chosen!r} but the calibration is "
+                    f"for {self.score_name!r}; they must be the same score."
+                )
 
     @property
     def sorted_scores(self) -> np.ndarray:
@@ -790,13 +965,16 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (see `to_json` for the layout)."""
-        return {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "score_name": self.score_name,
             "created_at": self.created_at,
             "threshold": self.threshold.to_dict(),
             "calibration_scores": list(self.calibration_scores),
         }
+        if self.score_selection is not None:
+            data["score_selection"] = self.score_selection.to_dict()
+        return data
 
     def to_json(self, indent: int | None = None) -> str:
         """Serialise to strict JSON; floats round-trip exactly.
@@ -804,7 +982,11 @@ class Calibration:
         Layout::
 
             {"schema_version": 1, "score_name": "bpd", "created_at": "...",
-             "threshold": {Threshold.to_dict()}, "calibration_scores": [sorted floats]}
+             "threshold": {Threshold.to_dict()}, "calibration_scores": [sorted floats],
+             "score_selection": {ScoreSelection.to_dict()}}
+
+        ``score_selection`` is present only when the score was chosen from data; files
+        without it (named scores, older files) read back with ``score_selection=None``.
         """
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
@@ -835,11 +1017,13 @@ class Calibration:
             isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
         ):
             raise CalibrationError("calibration_scores must be a JSON list of numbers.")
+        selection = data.get("score_selection")
         return cls(
             score_name=data["score_name"],
             threshold=Threshold.from_dict(data["threshold"]),
             calibration_scores=scores,  # type: ignore[arg-type]
             created_at=data["created_at"],
+            score_selection=None if selection is None else ScoreSelection.from_dict(selection),
         )
 
     @classmethod
@@ -865,6 +1049,7 @@ def calibrate(
     anomalous_scores: ArrayLike | None = None,
     cost_fp: float = 1.0,
     cost_fn: float = 1.0,
+    score_selection: ScoreSelection | None = None,
 ) -> Calibration:
     """Choose a threshold and package it with the calibration scores.
 
@@ -878,6 +1063,8 @@ def calibrate(
             ``"conformal"`` (then only used to report precision/recall).
         cost_fp: Cost of a false positive, for ``"cost"``.
         cost_fn: Cost of a false negative, for ``"cost"``.
+        score_selection: How ``score_name`` was chosen (`select_score`), stored with the
+            calibration; None when the score was named.
 
     Returns:
         A validated `Calibration`.
@@ -907,4 +1094,5 @@ def calibrate(
             threshold = youden_threshold(normal_scores, anomalous_scores)
         else:
             threshold = cost_threshold(normal_scores, anomalous_scores, cost_fp, cost_fn)
-    return Calibration(score_name, threshold, normal_scores)  # type: ignore[arg-type]
+    return Calibration(score_name, threshold, normal_scores,  # type: ignore[arg-type]
+                       score_selection=score_selection)

@@ -9,12 +9,15 @@ draws figures with :mod:`anomaly_flow.plots` and logs runs and model versions th
   in; a new model version carrying the calibration out, with a logged run (metrics,
   score histogram with the threshold, ROC and PR curves when labels exist, the
   calibration JSON), tagged with the training run. ``promote=True`` moves ``champion``.
+  ``score="auto"`` chooses the score type with the highest AUROC on the labelled
+  anomalies and records that evidence in the calibration and the run.
 * :func:`evaluate_model` — normal and anomalous folders in; AUROC, AUPR and FPR at
   95 % TPR for every score type, ROC/PR curves and histograms, logged as a run.
 
 Images that fail to decode are never used: each folder's failures are counted,
-reported with their reasons (log, outcome object, ``failed_images.json`` artifact) and
-left out. A decoded image whose score is not finite is treated the same way.
+reported with their reasons (one warning per folder from :func:`score_folder_table`,
+the outcome object, a ``failed_images.json`` artifact) and left out. A decoded image
+whose score is not finite is treated the same way.
 
 Example:
     >>> outcome = calibrate_model("models:/parts@candidate", Path("val/normal"),
@@ -39,10 +42,12 @@ from anomaly_flow.calibration import (
     Calibration,
     CalibrationError,
     Method,
+    ScoreSelection,
     calibrate,
     detection_metrics,
     min_calibration_size,
     operating_point,
+    select_score,
 )
 from anomaly_flow.data import DataError, display_path, find_images, fingerprint
 from anomaly_flow.glow import Glow
@@ -52,6 +57,7 @@ from anomaly_flow.train import resolve_device
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO_SCORE",
     "CalibrateOutcome",
     "EvaluateOutcome",
     "FolderScores",
@@ -64,10 +70,14 @@ __all__ = [
     "evaluate_scores",
     "open_model",
     "score_folder_table",
+    "select_folder_score",
 ]
 
 DEFAULT_EXPERIMENT = "anomaly-flow"
 """Experiment for runs on a model that has no registered name (a local model folder)."""
+
+AUTO_SCORE = "auto"
+"""``score=AUTO_SCORE``: choose the score type by AUROC on labelled anomalies."""
 
 _MAX_REASONS_LOGGED = 10
 
@@ -124,8 +134,11 @@ def score_folder_table(
 ) -> FolderScores:
     """Score every image file under ``folder`` with ``model``.
 
-    Files that fail to decode get a row with the reason in ``error`` and NaN scores; a
-    warning states how many failed and why (first few reasons).
+    Files that fail to decode get a row with the reason in ``error`` and NaN scores; one
+    warning states how many failed and why (the first ten files with their reasons,
+    then how many more). This is the only place a failing file is named in the log:
+    :func:`calibrate_scores` and :func:`evaluate_scores` add only where the full list
+    was stored.
 
     Args:
         model: A loaded Glow on its scoring device.
@@ -152,13 +165,11 @@ def score_folder_table(
     scores = FolderScores(root, table, fingerprint(paths, root))
     failed = scores.failures("bpd")
     if failed:
-        shown = "; ".join(f"{path}: {reason}" for path, reason in failed[:_MAX_REASONS_LOGGED])
-        more = len(failed) - _MAX_REASONS_LOGGED
-        logger.warning(
-            "%d of %d image files in %s could not be scored and are left out: %s%s",
-            len(failed), len(paths), display_path(root), shown,
-            f" (and {more} more)" if more > 0 else "",
-        )
+        lines = [f"  {path}: {reason}" for path, reason in failed[:_MAX_REASONS_LOGGED]]
+        if len(failed) > _MAX_REASONS_LOGGED:
+            lines.append(f"  ... and {len(failed) - _MAX_REASONS_LOGGED} more")
+        logger.warning("%d of %d image files in %s could not be scored and are left out:\n%s",
+                       len(failed), len(paths), display_path(root), "\n".join(lines))
     return scores
 
 
@@ -223,9 +234,20 @@ def default_experiment(loaded: tracking.LoadedModel) -> str:
 
 def _check_score(score: str, levels: int) -> None:
     names = score_names(levels)
-    if score not in names:
+    if score not in names and score != AUTO_SCORE:
         raise CalibrationError(
-            f"unknown score {score!r} for this model; choose one of {', '.join(names)}."
+            f"unknown score {score!r} for this model; choose one of {', '.join(names)}, or "
+            f"{AUTO_SCORE} (with labelled anomalies)."
+        )
+
+
+def _check_auto(score: str, has_anomalous: bool) -> None:
+    """``auto`` picks the score on labelled anomalies: refuse it without them."""
+    if score == AUTO_SCORE and not has_anomalous:
+        raise CalibrationError(
+            "score 'auto' chooses the score with the highest AUROC on labelled anomalies, "
+            "and none were given; pass --anomalous DIR, or name a score (bpd, complexity, "
+            "level_1 ...)."
         )
 
 
@@ -283,11 +305,38 @@ def _failures_dict(
 
 
 def _log_failures(run: tracking.Run, failures: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+    """Store every left-out file with its reason as ``failed_images.json`` in ``run``.
+
+    :func:`score_folder_table` already named the first ten of each folder in its
+    warning; this one names no file, and is logged only when some were not shown there,
+    to say where the full list is.
+    """
     if any(failures.values()):
         run.log_dict(
             {kind: [{"path": p, "reason": r} for p, r in rows] for kind, rows in failures.items()},
             "failed_images.json",
         )
+    if any(len(rows) > _MAX_REASONS_LOGGED for rows in failures.values()):
+        counts = ", ".join(f"{len(rows)} {kind}" for kind, rows in failures.items() if rows)
+        logger.warning("all image files left out (%s), with their reasons, are listed in "
+                       "failed_images.json in the artifacts of run %s", counts, run.run_id)
+
+
+def select_folder_score(normal: FolderScores, anomalous: FolderScores,
+                  names: Sequence[str]) -> ScoreSelection:
+    """:func:`~anomaly_flow.calibration.select_score` over the images usable for every
+    candidate, so that all AUROCs are measured on the same images."""
+    common: dict[str, dict[str, np.ndarray]] = {}
+    for side, scores in (("normal", normal), ("anomalous", anomalous)):
+        usable = np.logical_and.reduce([scores.usable(name) for name in names])
+        if not usable.any():
+            raise CalibrationError(
+                f"none of the {scores.n_files} {side} images in {display_path(scores.folder)} "
+                "could be scored, so no score can be chosen; see the warnings for the reasons."
+            )
+        common[side] = {name: scores.table[name].to_numpy(dtype=np.float64)[usable]
+                        for name in names}
+    return select_score(common["normal"], common["anomalous"])
 
 
 def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
@@ -346,7 +395,17 @@ def calibrate_scores(
         loaded: A :class:`anomaly_flow.tracking.LoadedModel`.
         normal: Scores of held-out normal images (never training images).
         anomalous: Scores of labelled anomalies, or None.
-        score: Score type the threshold applies to (``bpd``, ``complexity``, ``level_i``).
+        score: Score type the threshold applies to (``bpd``, ``complexity``, ``level_i``),
+            or ``"auto"`` (needs ``anomalous``): the one with the highest AUROC on the
+            labelled images, ties going to the first in ``bpd, complexity, level_1, ...``.
+            The choice and its AUROCs are stored in ``calibration.score_selection`` and
+            logged (params ``score``/``score_selection``, metrics
+            ``selection_<score>_auroc``, tags). The selection and the reported AUROC use
+            the same labelled images, so that AUROC is optimistic. A conformal threshold
+            is still computed from the normal images alone, though strictly, choosing
+            the score on those same images makes its false-positive guarantee
+            approximate; for the exact guarantee, choose on other data (``evaluate``)
+            and name the score.
         target_fpr: Target false-positive rate α, for ``method="conformal"``.
         method: ``conformal``, ``f1``, ``youden`` or ``cost``.
         cost_fp: Cost of a false positive (``cost`` method).
@@ -365,7 +424,17 @@ def calibrate_scores(
     """
     _check_registered(loaded)
     _check_score(score, loaded.model.config.levels)
+    _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
+    selection = None
+    if score == AUTO_SCORE:
+        selection = select_folder_score(normal, anomalous,  # type: ignore[arg-type]
+                                        score_names(loaded.model.config.levels))
+        score = selection.chosen
+        logger.info("chose score %s: %s (AUROC %s on %d normal, %d anomalous images)", score,
+                    selection.rule,
+                    ", ".join(f"{name} {value:.4f}" for name, value in selection.auroc.items()),
+                    selection.n_normal, selection.n_anomalous)
     normal_values = normal.values(score)
     anomalous_values = None if anomalous is None else anomalous.values(score)
     failures = _failures_dict(normal, anomalous, score)
@@ -392,6 +461,7 @@ def calibrate_scores(
     calibration = calibrate(
         score, normal_values, method=method, alpha=target_fpr,
         anomalous_scores=anomalous_values, cost_fp=cost_fp, cost_fn=cost_fn,
+        score_selection=selection,
     )
     threshold = calibration.threshold
     metrics: dict[str, float] = {
@@ -416,9 +486,19 @@ def calibrate_scores(
     }
     if method == "cost":
         params.update(cost_fp=cost_fp, cost_fn=cost_fn)
+    tags = _tags(loaded, normal, anomalous)
+    curves = {} if anomalous_values is None else {score: (normal_values, anomalous_values)}
+    if selection is not None:
+        params["score_selection"] = AUTO_SCORE
+        metrics.update({f"selection_{name}_auroc": value
+                        for name, value in selection.auroc.items()})
+        tags.update(score_name=score, score_selection=selection.rule)
+        # Every candidate's curve, so the evidence for the choice is in the figures too.
+        curves = {name: (normal.values(name), anomalous.values(name))  # type: ignore[union-attr]
+                  for name in selection.auroc}
 
     with tracking.start_run(experiment or default_experiment(loaded), run_name, nested=nested,
-                            tags=_tags(loaded, normal, anomalous)) as run:
+                            tags=tags) as run:
         run.log_params({k: v for k, v in params.items() if v is not None})
         run.log_metrics(metrics)
         run.log_text(calibration.to_json(indent=2), "calibration.json")
@@ -428,8 +508,7 @@ def calibrate_scores(
                                   title=f"{score}: threshold {threshold.value:.4g} ({method})"),
             "score_histogram.png",
         )
-        if anomalous_values is not None:
-            curves = {score: (normal_values, anomalous_values)}
+        if curves:
             run.log_figure(
                 plots.roc_curves(curves, operating_points={score: (threshold.fpr,
                                                                    threshold.recall)}),
@@ -483,7 +562,12 @@ def calibrate_model(
             local model folder.
         normal: Folder of held-out normal images (never training images).
         anomalous: Folder of labelled anomalies, or None.
-        score: Score type the threshold applies to.
+        score: Score type the threshold applies to (``bpd``, ``complexity``,
+            ``level_i``), or ``"auto"`` (needs ``anomalous``): the one with the highest
+            AUROC on the labelled images, recorded with its evidence in the calibration.
+            The selection and the reported AUROC use the same labelled images
+            (optimistic); a conformal threshold is still computed from the normal images
+            only (see :func:`calibrate_scores`).
         target_fpr: Target false-positive rate α (``conformal``).
         method: ``conformal``, ``f1``, ``youden`` or ``cost``.
         cost_fp: Cost of a false positive (``cost``).
@@ -505,6 +589,7 @@ def calibrate_model(
         DataError: A folder is missing or holds no image files.
     """
     normal, anomalous_path = Path(normal), None if anomalous is None else Path(anomalous)
+    _check_auto(score, anomalous_path is not None)
     _check_method(method, target_fpr, anomalous_path is not None)
     if method == "conformal":
         _precheck_size(normal, target_fpr)  # type: ignore[arg-type]

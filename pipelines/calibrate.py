@@ -20,25 +20,36 @@ from anomaly_flow.calibration import METHODS
 from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import calibrate_model
 
+if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
+    _ROOT = str(Path(__file__).resolve().parent.parent)
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+from pipelines._options import (
+    add_cost_options,
+    add_device_option,
+    add_loader_options,
+    add_mlruns_option,
+    add_model_option,
+    add_score_option,
+    add_target_fpr_option,
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@candidate")
+    add_model_option(parser)
     parser.add_argument("--normal", required=True, type=Path,
                         help="folder of held-out normal images (never training images)")
     parser.add_argument("--anomalous", type=Path, default=None,
                         help="folder of labelled anomalies (optional)")
-    parser.add_argument("--score", default="bpd", help="bpd, complexity, level_1, ...")
-    parser.add_argument("--target-fpr", type=float, default=None,
-                        help="target false-positive rate for the conformal method")
+    add_score_option(parser)
+    add_target_fpr_option(parser, help="target false-positive rate for the conformal method")
     parser.add_argument("--method", choices=METHODS, default="conformal")
-    parser.add_argument("--cost-fp", type=float, default=1.0)
-    parser.add_argument("--cost-fn", type=float, default=1.0)
+    add_cost_options(parser, explained=False)
     parser.add_argument("--promote", action="store_true", help="move alias 'champion'")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--mlruns", type=Path, default=None)
+    add_device_option(parser)
+    add_loader_options(parser)
+    add_mlruns_option(parser)
     return parser.parse_args(argv)
 
 
@@ -56,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"model: {outcome.model_uri}")
-    print(f"threshold: {outcome.threshold:.6g} ({args.score}, {args.method})")
+    print(f"threshold: {outcome.threshold:.6g} ({outcome.calibration.score_name}, {args.method})")
     print(f"run: {outcome.run_id}")
     return 0
 

@@ -38,6 +38,19 @@ from anomaly_flow.evaluation import (
 )
 from anomaly_flow.train import TrainingError
 
+if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
+    _ROOT = str(Path(__file__).resolve().parent.parent)
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+from pipelines._options import (
+    add_device_option,
+    add_epochs_option,
+    add_mlruns_option,
+    add_name_option,
+    add_score_option,
+    add_target_fpr_option,
+)
+
 logger = logging.getLogger("pipelines.end_to_end")
 
 
@@ -122,7 +135,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="registered model name")
+    add_name_option(parser)
     parser.add_argument("--sample", type=Path, default=None,
                         help="write the shipped sample here and use it as the data")
     parser.add_argument("--limit", type=int, default=None,
@@ -132,13 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-normal", type=Path, help="folder of normal test images")
     parser.add_argument("--test-anomalous", type=Path, help="folder of anomalous test images")
     parser.add_argument("--preset", default="tiny", help="preset name or config file")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--target-fpr", type=float, default=0.01)
-    parser.add_argument("--score", default="bpd")
+    add_epochs_option(parser)
+    add_target_fpr_option(parser, default=0.01)
+    add_score_option(parser, help=None)
     parser.add_argument("--no-promote", action="store_true",
                         help="do not move alias 'champion' to the calibrated version")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mlruns", type=Path, default=None)
+    add_device_option(parser)
+    add_mlruns_option(parser)
     args = parser.parse_args(argv)
     given = [args.train, args.calibration, args.test_normal, args.test_anomalous]
     if args.sample is None and None in given:

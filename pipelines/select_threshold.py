@@ -20,10 +20,27 @@ from pathlib import Path
 
 from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import (
+    AUTO_SCORE,
     calibrate_scores,
     compare_thresholds,
     open_model,
     score_folder_table,
+    select_folder_score,
+)
+from anomaly_flow.scoring import score_names
+
+if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
+    _ROOT = str(Path(__file__).resolve().parent.parent)
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+from pipelines._options import (
+    add_cost_options,
+    add_device_option,
+    add_loader_options,
+    add_mlruns_option,
+    add_model_option,
+    add_score_option,
+    add_target_fpr_option,
 )
 
 LABELLED = ("f1", "youden", "cost")
@@ -31,23 +48,21 @@ LABELLED = ("f1", "youden", "cost")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@candidate")
+    add_model_option(parser)
     parser.add_argument("--normal", required=True, type=Path,
                         help="folder of held-out normal images")
     parser.add_argument("--anomalous", required=True, type=Path,
                         help="folder of labelled anomalies")
-    parser.add_argument("--score", default="bpd", help="bpd, complexity, level_1, ...")
-    parser.add_argument("--cost-fp", type=float, default=1.0, help="cost of a false alarm")
-    parser.add_argument("--cost-fn", type=float, default=1.0, help="cost of a missed anomaly")
-    parser.add_argument("--target-fpr", type=float, default=None,
-                        help="also show the conformal threshold at this false-positive rate")
+    add_score_option(parser)
+    add_cost_options(parser)
+    add_target_fpr_option(
+        parser, help="also show the conformal threshold at this false-positive rate")
     parser.add_argument("--register", choices=(*LABELLED, "conformal"), default=None,
                         help="register a model version with this method's threshold")
     parser.add_argument("--promote", action="store_true", help="with --register: move champion")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--mlruns", type=Path, default=None)
+    add_device_option(parser)
+    add_loader_options(parser)
+    add_mlruns_option(parser)
     return parser.parse_args(argv)
 
 
@@ -62,11 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = score_folder_table(loaded.model, args.normal, **options)
         anomalous = score_folder_table(loaded.model, args.anomalous, **options)
-        table = compare_thresholds(normal, anomalous, args.score, methods=LABELLED,
+        score = args.score
+        if score == AUTO_SCORE:
+            selection = select_folder_score(normal, anomalous,
+                                            score_names(loaded.model.config.levels))
+            score = selection.chosen
+            print("AUROC by score: " + ", ".join(
+                f"{name} {value:.4f}" for name, value in selection.auroc.items())
+                + f"; chosen: {score} (optimistic: chosen on these images)")
+        table = compare_thresholds(normal, anomalous, score, methods=LABELLED,
                                    target_fpr=args.target_fpr, cost_fp=args.cost_fp,
                                    cost_fn=args.cost_fn)
-        print(f"score {args.score}: {len(normal.values(args.score))} normal, "
-              f"{len(anomalous.values(args.score))} anomalous images; "
+        print(f"score {score}: {len(normal.values(score))} normal, "
+              f"{len(anomalous.values(score))} anomalous images; "
               f"cost = {args.cost_fp:g}·FP + {args.cost_fn:g}·FN")
         print(table.to_string(float_format=lambda v: f"{v:.4f}"))
         if args.register is not None:

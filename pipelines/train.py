@@ -21,22 +21,32 @@ from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import user_error_types
 from anomaly_flow.tracking import train_and_register
 
+if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
+    _ROOT = str(Path(__file__).resolve().parent.parent)
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+from pipelines._options import (
+    add_device_option,
+    add_epochs_option,
+    add_mlruns_option,
+    add_name_option,
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="folder of images of normal data")
-    parser.add_argument("--name", required=True, help="registered model name")
+    add_name_option(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=PRESETS, default=None,
                         help="shipped configuration (default: small)")
     source.add_argument("--config", type=Path, default=None, help="TOML or JSON configuration")
-    parser.add_argument("--epochs", type=int, default=None)
+    add_epochs_option(parser)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint of --name")
-    parser.add_argument("--mlruns", type=Path, default=None,
-                        help="folder of the local MLflow store (default: ./mlruns)")
+    add_mlruns_option(parser, help="folder of the local MLflow store (default: ./mlruns)")
     return parser.parse_args(argv)
 
 

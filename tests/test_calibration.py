@@ -13,8 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anomaly_flow.calibration import (
+    SCORE_SELECTION_RULE,
     Calibration,
     CalibrationError,
+    ScoreSelection,
     Threshold,
     benjamini_hochberg,
     calibrate,
@@ -25,6 +27,7 @@ from anomaly_flow.calibration import (
     f1_threshold,
     min_calibration_size,
     operating_point,
+    select_score,
     youden_threshold,
 )
 
@@ -514,6 +517,116 @@ def test_from_json_rejects_non_finite_and_garbage():
         Calibration.from_json(json.dumps(text))
     with pytest.raises(CalibrationError, match="not valid JSON"):
         Calibration.from_json("{not json")
+
+
+# ------------------------------------------------------------------- score selection
+
+# Four candidates with hand-computed AUROCs on the same 4 normal and 3 anomalous images:
+# bpd as in NORMAL/ANOMALOUS (11 of 12 pairs ordered), complexity separates perfectly,
+# level_1 is reversed, level_2 is constant (every pair tied).
+CANDIDATES_NORMAL = {"bpd": NORMAL, "complexity": [1.0, 2.0, 3.0, 4.0],
+                     "level_1": [4.0, 3.0, 2.0, 1.0], "level_2": [7.0] * 4}
+CANDIDATES_ANOMALOUS = {"bpd": ANOMALOUS, "complexity": [5.0, 6.0, 7.0],
+                        "level_1": [-1.0, -2.0, -3.0], "level_2": [7.0] * 3}
+
+
+def test_select_score_picks_the_highest_auroc_and_keeps_the_evidence():
+    selection = select_score(CANDIDATES_NORMAL, CANDIDATES_ANOMALOUS)
+    assert selection.chosen == "complexity"
+    assert dict(selection.auroc) == {"bpd": 11 / 12, "complexity": 1.0, "level_1": 0.0,
+                                     "level_2": 0.5}
+    assert list(selection.auroc) == ["bpd", "complexity", "level_1", "level_2"]
+    assert (selection.n_normal, selection.n_anomalous) == (4, 3)
+    assert selection.rule == SCORE_SELECTION_RULE == "max AUROC on labelled anomalies"
+    for name in CANDIDATES_NORMAL:  # the same numbers as the detection metrics
+        assert selection.auroc[name] == detection_metrics(
+            CANDIDATES_NORMAL[name], CANDIDATES_ANOMALOUS[name]).auroc
+    with pytest.raises(TypeError):
+        selection.auroc["bpd"] = 1.0  # type: ignore[index]
+
+
+def test_select_score_ties_go_to_the_first_candidate():
+    normal = {"bpd": [1.0, 2.0, 3.0], "complexity": [0.0, 0.5, 2.0], "level_1": [0.5, 1.0, 1.5]}
+    anomalous = {"bpd": [4.0, 5.0], "complexity": [3.0, 9.0], "level_1": [2.0, 2.5]}
+    assert {name: detection_metrics(normal[name], anomalous[name]).auroc
+            for name in normal} == {"bpd": 1.0, "complexity": 1.0, "level_1": 1.0}
+    assert select_score(normal, anomalous).chosen == "bpd"
+    reordered = {name: normal[name] for name in ("level_1", "complexity", "bpd")}
+    assert select_score(reordered, anomalous).chosen == "level_1"
+
+
+def test_select_score_needs_the_same_candidates_and_images():
+    with pytest.raises(CalibrationError, match="same candidates"):
+        select_score({"bpd": NORMAL}, {"complexity": ANOMALOUS})
+    with pytest.raises(CalibrationError, match="same images"):
+        select_score({"bpd": NORMAL, "complexity": NORMAL[:3]},
+                     {"bpd": ANOMALOUS, "complexity": ANOMALOUS})
+    with pytest.raises(CalibrationError, match="no candidate"):
+        select_score({}, {})
+
+
+def selected_calibration() -> Calibration:
+    selection = select_score(CANDIDATES_NORMAL, CANDIDATES_ANOMALOUS)
+    return calibrate("complexity", CANDIDATES_NORMAL["complexity"], alpha=0.25,
+                     anomalous_scores=CANDIDATES_ANOMALOUS["complexity"],
+                     score_selection=selection)
+
+
+def test_score_selection_json_round_trip():
+    calibration = selected_calibration()
+    text = calibration.to_json(indent=2)
+    data = json.loads(text)
+    assert data["score_name"] == "complexity"
+    assert data["score_selection"] == {
+        "rule": "max AUROC on labelled anomalies", "chosen": "complexity",
+        "auroc": {"bpd": 11 / 12, "complexity": 1.0, "level_1": 0.0, "level_2": 0.5},
+        "n_normal": 4, "n_anomalous": 3,
+    }
+    assert list(data["score_selection"]["auroc"]) == list(CANDIDATES_NORMAL)  # tie-break order
+    loaded = Calibration.from_json(text)
+    assert loaded == calibration
+    assert loaded.score_selection == calibration.score_selection
+    assert list(loaded.score_selection.auroc) == list(CANDIDATES_NORMAL)  # type: ignore[union-attr]
+    assert loaded.to_json(indent=2) == text
+
+
+def test_calibration_json_without_score_selection_still_loads():
+    # Written before score selection existed (and still written for a named score).
+    legacy = """{"schema_version": 1, "score_name": "bpd",
+        "created_at": "2024-05-01T12:00:00+00:00",
+        "threshold": {"value": 4.0, "method": "conformal", "alpha": 0.25,
+                      "n_calibration": 4, "fpr": 0.0, "n_anomalous": 0, "precision": null,
+                      "recall": null, "f1": null, "cost_fp": null, "cost_fn": null},
+        "calibration_scores": [1.0, 2.0, 3.0, 4.0]}"""
+    calibration = Calibration.from_json(legacy)
+    assert calibration.score_selection is None
+    assert calibration.threshold.value == 4.0  # k = ceil(0.75 * 5) = 4
+    assert "score_selection" not in calibration.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d.update(score_name="bpd"), "chose 'complexity' but the calibration is for"),
+        (lambda d: d["score_selection"]["auroc"].update(bpd=1.0), "does not have the highest"),
+        (lambda d: d["score_selection"].update(chosen="level_9"), "not among the candidates"),
+        (lambda d: d["score_selection"]["auroc"].update(level_2=1.5), r"in \[0, 1\]"),
+        (lambda d: d["score_selection"].update(n_normal=0), "n_normal"),
+        (lambda d: d["score_selection"].pop("rule"), "missing field"),
+        (lambda d: d["score_selection"].update(extra=1), "unknown score_selection field"),
+    ],
+)
+def test_score_selection_is_validated_on_load(mutate, match):
+    data = selected_calibration().to_dict()
+    mutate(data)
+    with pytest.raises(CalibrationError, match=match):
+        Calibration.from_dict(data)
+
+
+def test_a_score_selection_of_another_rule_keeps_its_choice():
+    selection = ScoreSelection("bpd", {"bpd": 0.6, "complexity": 0.9}, 10, 5,
+                               rule="named by an engineer after a review")
+    assert ScoreSelection.from_dict(selection.to_dict()) == selection
 
 
 # -------------------------------------------------------------------- errors

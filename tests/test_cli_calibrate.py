@@ -4,6 +4,7 @@ shared store's model must not get new versions or aliases)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from anomaly_flow.calibration import (
     cost_threshold,
     detection_metrics,
     f1_threshold,
+    select_score,
     youden_threshold,
 )
 from anomaly_flow.cli import main
-from anomaly_flow.evaluation import score_folder_table
+from anomaly_flow.evaluation import FolderScores, calibrate_scores, score_folder_table
 from anomaly_flow.scoring import score_names
 from tests.conftest import ImageDirs, TrainedModel, corrupt_png, new_store
 from tests.test_scoring import make_tiny_model
@@ -92,7 +94,7 @@ def test_calibrate_promote_then_score_with_champion(
     new_version = uri.rsplit("/", 1)[1]
     assert uri == f"models:/{NAME}/{new_version}" and new_version != "1"
     # The broken file is reported, with its reason, and left out.
-    assert "1 normal image(s) could not be scored" in result.stderr
+    assert "1 of 41 image files in " in result.stderr
     assert "zz-broken.png: " in result.stderr
 
     champion = tracking.load_model(f"models:/{NAME}@champion")
@@ -136,6 +138,59 @@ def test_calibrate_promote_then_score_with_champion(
     np.testing.assert_array_equal(table["p_value"], calibration.p_values(scores))
 
 
+def with_broken_files(source: Path, target: Path, names: list[str]) -> Path:
+    """A copy of ``source`` plus files that are not images: garbage, empty, truncated."""
+    shutil.copytree(source, target)
+    real = next(iter(sorted(source.glob("*.png")))).read_bytes()
+    for i, name in enumerate(names):
+        kind = i % 3
+        if kind == 0:
+            corrupt_png(target / name)
+        elif kind == 1:
+            (target / name).write_bytes(b"")
+        else:
+            (target / name).write_bytes(real[: len(real) // 2])
+    return target
+
+
+def test_calibrate_reports_each_unreadable_file_once(store: Path, image_dirs: ImageDirs,
+                                                    tmp_path: Path) -> None:
+    broken_normal = ["zz-garbage-normal.png", "zz-empty-normal.png", "zz-truncated-normal.png"]
+    broken_anomalous = ["zz-garbage-anomaly.png", "zz-empty-anomaly.png"]
+    normal = with_broken_files(image_dirs.calibration, tmp_path / "normal", broken_normal)
+    anomalous = with_broken_files(image_dirs.test_anomalous, tmp_path / "anomalous",
+                                  broken_anomalous)
+    result = run("calibrate", "--model", CANDIDATE, "--normal", normal, "--anomalous",
+                 anomalous, "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    for name in broken_normal + broken_anomalous:
+        assert result.output.count(name) == 1, result.output
+    assert result.stderr.count("3 of 43 image files in ") == 1, result.stderr
+    assert result.stderr.count("2 of 18 image files in ") == 1, result.stderr
+    assert "failed_images.json" not in result.output  # every file was named already
+
+
+def test_evaluate_names_ten_unreadable_files_once_and_points_to_the_rest(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    broken = [f"zz-broken-{i:02d}.png" for i in range(12)]
+    anomalous = with_broken_files(image_dirs.test_anomalous, tmp_path / "anomalous", broken)
+    result = run("evaluate", "--model", CANDIDATE, "--normal", image_dirs.test_normal,
+                 "--anomalous", anomalous, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    counts = [result.output.count(name) for name in broken]
+    assert max(counts) == 1 and sum(counts) == 10, result.output
+    assert result.output.count("... and 2 more") == 1, result.output
+    assert result.output.count("failed_images.json") == 1, result.output
+    assert "12 anomalous" in result.stderr
+    # The artifact holds all twelve, with their reasons.
+    run_id = run_id_from(result)
+    stored = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="failed_images.json", dst_path=str(tmp_path / "dl")))
+        .read_text())
+    assert sorted(Path(row["path"]).name for row in stored["anomalous"]) == broken
+    assert stored["normal"] == [] and all(row["reason"] for row in stored["anomalous"])
+
+
 def test_refusal_when_too_few_normal_images(store: Path, image_dirs: ImageDirs) -> None:
     n = len(image_dirs.files(image_dirs.calibration))
     result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
@@ -151,6 +206,7 @@ def test_refusal_when_too_few_normal_images(store: Path, image_dirs: ImageDirs) 
     (["--method", "youden", "--anomalous", ".", "--target-fpr", "0.1"],
      "--target-fpr only applies to --method conformal"),
     (["--target-fpr", "0.1", "--cost-fn", "3"], "only apply to --method cost"),
+    (["--target-fpr", "0.1", "--score", "auto"], "pass --anomalous DIR, or name a score"),
 ])
 def test_usage_errors(store: Path, image_dirs: ImageDirs, args: list[str],
                       message: str) -> None:
@@ -234,3 +290,101 @@ def test_a_model_folder_cannot_get_a_calibrated_version(store: Path, image_dirs:
                  "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 1
     assert_one_line_error(result, "is not a registered model version", "models:/NAME@ALIAS")
+
+
+# ---------------------------------------------------------------------------- --score auto
+
+
+def hand_scores(folder: str, columns: dict[str, np.ndarray]) -> FolderScores:
+    """FolderScores over given score columns (every file decoded)."""
+    n = len(next(iter(columns.values())))
+    table = pd.DataFrame({"path": [f"/data/{folder}/{i:03d}.png" for i in range(n)],
+                          **columns, "error": [""] * n})
+    return FolderScores(Path(f"/data/{folder}"), table, "fingerprint")
+
+
+def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evidence(
+        store: Path, client: mlflow.MlflowClient) -> None:
+    rng = np.random.default_rng(3)
+    base_normal, base_anomalous = rng.normal(0.0, 1.0, 30), rng.normal(0.0, 1.0, 12)
+    normal = hand_scores("normal", {
+        "bpd": base_normal, "complexity": base_normal, "level_1": base_normal,
+        "level_2": base_normal})
+    anomalous = hand_scores("anomalous", {
+        "bpd": base_anomalous + 0.5,        # a little separated
+        "complexity": base_anomalous + 4.0,  # well separated: the right choice
+        "level_1": base_anomalous - 4.0,     # reversed
+        "level_2": base_anomalous + 1.0})
+    # One normal image with a non-finite level_2 is left out for every candidate.
+    normal.table.loc[0, "level_2"] = np.nan
+    loaded = tracking.load_model(CANDIDATE)
+    outcome = calibrate_scores(loaded, normal, anomalous, score="auto", target_fpr=0.1)
+
+    calibration = outcome.calibration
+    selection = calibration.score_selection
+    assert selection is not None and calibration.score_name == selection.chosen == "complexity"
+    columns = ["bpd", "complexity", "level_1", "level_2"]
+    reference = select_score({c: normal.table[c].to_numpy()[1:] for c in columns},
+                             {c: anomalous.table[c].to_numpy() for c in columns})
+    assert selection == reference
+    assert (selection.n_normal, selection.n_anomalous) == (29, 12)
+    assert selection.auroc["complexity"] > selection.auroc["bpd"] > selection.auroc["level_1"]
+    # The threshold is fitted on the chosen score, on all its usable normal images.
+    assert calibration.threshold.value == conformal_threshold(
+        normal.values("complexity"), 0.1).value
+    assert calibration.threshold.n_calibration == 30
+
+    logged = client.get_run(outcome.run_id).data
+    assert logged.params["score"] == "complexity" and logged.params["score_selection"] == "auto"
+    assert logged.tags["score_name"] == "complexity"
+    assert logged.tags["score_selection"] == "max AUROC on labelled anomalies"
+    for name, value in selection.auroc.items():
+        assert logged.metrics[f"selection_{name}_auroc"] == pytest.approx(value)
+    stored = Calibration.from_json(Path(mlflow.artifacts.download_artifacts(
+        run_id=outcome.run_id, artifact_path="calibration.json")).read_text())
+    assert stored.score_selection == selection
+
+
+def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--anomalous", image_dirs.test_anomalous, "--score", "auto",
+                 "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    loaded = tracking.load_model(model_uri_from(result))
+    calibration = loaded.calibration
+    assert calibration is not None and calibration.score_selection is not None
+    chosen = calibration.score_name
+    assert chosen == calibration.score_selection.chosen in score_names(2)
+
+    # The evidence is this model's AUROCs on the same folders, and the choice follows.
+    names = score_names(2)
+    normal = score_folder_table(loaded.model, image_dirs.calibration)
+    anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous)
+    reference = select_score({n: normal.values(n) for n in names},
+                             {n: anomalous.values(n) for n in names})
+    assert chosen == reference.chosen
+    assert calibration.score_selection.auroc == pytest.approx(reference.auroc)
+    assert (calibration.score_selection.n_normal,
+            calibration.score_selection.n_anomalous) == (40, 16)
+    assert f"threshold: {calibration.threshold.value} ({chosen}, conformal, target FPR 0.1)" \
+        in result.stdout
+    assert "auto" not in result.stdout.replace("AUROC", "")
+    assert f"score: {chosen} (max AUROC on labelled anomalies: bpd " in result.stdout
+    assert calibration.threshold.value == conformal_threshold(
+        calibration.sorted_scores, 0.1).value
+    np.testing.assert_allclose(calibration.sorted_scores, np.sort(normal.values(chosen)),
+                               rtol=1e-6)
+    version = client.get_model_version(NAME, str(loaded.version))
+    assert version.tags["score_name"] == chosen
+
+    # `score` with that version: the score column is the chosen score.
+    out = tmp_path / "scores.csv"
+    result = run("score", image_dirs.test_normal, "--model", model_uri_from(result),
+                 "--out", out, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    scores = table["score"].to_numpy(float)
+    np.testing.assert_array_equal(scores, table[chosen].to_numpy(float))
+    np.testing.assert_array_equal(table["is_anomaly"].astype(bool).to_numpy(),
+                                  scores > calibration.threshold.value)

@@ -5,6 +5,7 @@ the figures. Calibration runs against a real store are in ``test_cli_calibrate.p
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,12 +60,14 @@ LOADED = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(levels=2))
 # ------------------------------------------------------------------------- scoring folders
 
 
-def test_score_folder_table_reports_and_leaves_out_broken_files(tmp_path: Path) -> None:
+def test_score_folder_table_reports_and_leaves_out_broken_files(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "normal"
     write_image_folder(sample_images(6), folder, "ok-")
     corrupt_png(folder / "broken.png")
     (folder / "empty.png").write_bytes(b"")
-    scores = score_folder_table(make_tiny_model(), folder, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
+        scores = score_folder_table(make_tiny_model(), folder, batch_size=4)
 
     assert scores.n_files == 8
     assert list(scores.table.columns[:3]) == ["path", "bpd", "complexity"]
@@ -73,6 +76,30 @@ def test_score_folder_table_reports_and_leaves_out_broken_files(tmp_path: Path) 
     assert sorted(Path(p).name for p in failed) == ["broken.png", "empty.png"]
     assert all(reason for reason in failed.values())
     assert len(scores.fingerprint) == 64
+    # One warning for the folder, naming each failed file once, with its reason.
+    [record] = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert message.startswith("2 of 8 image files in ")
+    for path, reason in failed.items():
+        assert message.count(Path(path).name) == 1
+        assert f"{path}: {reason}" in message
+    assert "more" not in message
+
+
+def test_score_folder_table_names_ten_failed_files_and_counts_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(2), folder, "ok-")
+    for i in range(13):
+        corrupt_png(folder / f"broken-{i:02d}.png")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
+        score_folder_table(make_tiny_model(), folder, batch_size=4)
+    [record] = caplog.records
+    message = record.getMessage()
+    counts = [message.count(f"broken-{i:02d}.png") for i in range(13)]
+    assert max(counts) == 1 and sum(counts) == 10
+    assert message.count("... and 3 more") == 1
 
 
 def test_missing_folder_is_a_data_error(tmp_path: Path) -> None:
@@ -88,6 +115,7 @@ def test_missing_folder_is_a_data_error(tmp_path: Path) -> None:
     ({"method": "f1", "target_fpr": None}, "pass --anomalous"),
     ({"method": "youden", "target_fpr": 0.1}, "only applies to the conformal method"),
     ({"method": "median", "target_fpr": None}, "unknown method"),
+    ({"score": "auto", "target_fpr": 0.1}, "pass --anomalous DIR, or name a score"),
 ])
 def test_inconsistent_options_fail_before_loading(tmp_path: Path, kwargs: dict,
                                                   message: str) -> None:
@@ -115,6 +143,14 @@ def test_failed_images_do_not_count_towards_the_minimum() -> None:
 def test_unknown_score_is_refused() -> None:
     with pytest.raises(CalibrationError, match="choose one of bpd, complexity, level_1, level_2"):
         calibrate_scores(LOADED, fake_scores(NORMAL), score="level_3", target_fpr=0.1)
+
+
+def test_auto_score_without_anomalies_says_what_to_do() -> None:
+    with pytest.raises(CalibrationError) as info:
+        calibrate_scores(LOADED, fake_scores(NORMAL), score="auto", target_fpr=0.1)
+    text = str(info.value)
+    assert "highest AUROC on labelled anomalies" in text
+    assert "pass --anomalous DIR, or name a score (bpd, complexity" in text
 
 
 # --------------------------------------------------------- thresholds and detection tables

@@ -9,11 +9,14 @@ from pathlib import Path
 from types import ModuleType
 
 import mlflow
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
 from anomaly_flow.evaluation import score_folder_table
+from anomaly_flow.scoring import score_names
 from tests.conftest import ImageDirs, TrainedModel
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -120,3 +123,34 @@ def test_select_threshold_compares_the_labelled_methods(
     for method, threshold in expected.items():
         assert float(rows[method][1]) == pytest.approx(threshold.value, abs=1e-4)
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{trained.name}'")) == 1
+
+
+def test_select_threshold_auto_score_registers_the_chosen_score(
+        trained: TrainedModel, image_dirs: ImageDirs,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--score auto`` prints every candidate's AUROC, compares the methods on the
+    winner, and the registered version's calibration records that winner."""
+    select = load_script("select_threshold")
+    argv = ["--model", trained.version_uri, "--normal", image_dirs.calibration,
+            "--anomalous", image_dirs.test_anomalous, "--score", "auto",
+            "--register", "f1", "--device", "cpu", "--mlruns", trained.mlruns]
+    assert select.main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+
+    model = tracking.load_model(trained.version_uri).model
+    normal = score_folder_table(model, image_dirs.calibration)
+    anomalous = score_folder_table(model, image_dirs.test_anomalous)
+    names = score_names(model.config.levels)
+    auroc = {name: roc_auc_score(
+        np.r_[np.zeros(len(normal.values(name))), np.ones(len(anomalous.values(name)))],
+        np.r_[normal.values(name), anomalous.values(name)]) for name in names}
+    best = max(names, key=lambda name: (auroc[name], -names.index(name)))
+    assert f"chosen: {best}" in out and f"score {best}:" in out, out
+
+    registered = out.split("registered ", 1)[1].split()[0]
+    calibration = tracking.load_model(registered).calibration
+    assert calibration.score_name == best
+    assert calibration.score_selection is not None
+    assert calibration.score_selection.auroc == pytest.approx(auroc)
+    assert calibration.threshold.value == pytest.approx(
+        f1_threshold(normal.values(best), anomalous.values(best)).value)

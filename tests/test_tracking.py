@@ -24,6 +24,7 @@ import torch
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
+from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, score_dataset
@@ -254,6 +255,40 @@ def test_calibrated_version_is_registered_linked_and_promoted(
     with pytest.raises(ModelNotFoundError, match="not a registered model version"):
         tracking.register_calibrated_version(tracking.load_model(f"runs:/{training_run}/model"),
                                              calibration, run, promote=False)
+
+
+def test_registration_prints_nothing_and_links_the_logged_model(
+        mlruns: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    model = Glow(GlowConfig(image_size=8, levels=1, n_bits=5))
+    with tracking.start_run("quiet-parts", "train") as run:
+        first_uri = tracking.log_model(run, model)
+        second_uri = tracking.log_model(run, model, artifact_path="again")
+    capfd.readouterr()
+    assert tracking.register_model(first_uri, "quiet-parts", alias="candidate",
+                                   tags={"val_bpd": 1.5}) == "1"  # a new registered model
+    assert tracking.register_model(second_uri, "quiet-parts") == "2"  # an existing one
+    assert tracking.register_model(f"runs:/{run.run_id}/again", "other-parts") == "1"
+    err = capfd.readouterr().err
+    for chatter in ("Successfully registered", "already exists", "Created version",
+                    "registering model based on"):
+        assert chatter not in err, err
+
+    client = mlflow.MlflowClient()
+    first, second = (uri.removeprefix("models:/") for uri in (first_uri, second_uri))
+    expected = {("quiet-parts", "1"): first_uri, ("quiet-parts", "2"): second_uri,
+                ("other-parts", "1"): second_uri}
+    for (name, version), source in expected.items():
+        mv = client.get_model_version(name, version)
+        assert (mv.source, mv.run_id, mv.status) == (source, run.run_id, "READY")
+    assert client.get_model_version("quiet-parts", "1").tags == {"val_bpd": "1.5"}
+    assert json.loads(client.get_logged_model(first).tags["mlflow.modelVersions"]) == [
+        {"name": "quiet-parts", "version": 1}]
+    assert json.loads(client.get_logged_model(second).tags["mlflow.modelVersions"]) == [
+        {"name": "quiet-parts", "version": 2}, {"name": "other-parts", "version": 1}]
+    for uri, version in (("models:/quiet-parts@candidate", "1"), ("models:/quiet-parts/2", "2")):
+        loaded = tracking.load_model(uri)
+        assert (loaded.version, loaded.run_id) == (version, run.run_id)
+        assert mlflow.pyfunc.load_model(uri).metadata.run_id == run.run_id
 
 
 def test_non_finite_validation_bpd_is_never_registered(

@@ -6,9 +6,9 @@ Expected failures become ``click.ClickException`` (one line, exit code 1) or usa
 
 from __future__ import annotations
 
-import logging
-
 import click
+
+from anomaly_flow.cli.common import configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,8 +16,7 @@ import click
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 def main(verbose: int) -> None:
     """Image anomaly detection by exact likelihood (Glow), tracked in MLflow."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 # Each command lives in its own module and registers itself on `main`.

@@ -2,6 +2,9 @@
 :func:`anomaly_flow.evaluation.calibrate_model` and :func:`~anomaly_flow.evaluation.evaluate_model`.
 
 The library is imported inside the commands, so ``anomaly-flow --help`` stays fast.
+Files that could not be scored are reported by the library's log warnings (one per
+folder, naming the first ten files, and where the full list was stored), which the
+group's log handler writes to stderr; the commands do not repeat them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 METHODS = ("conformal", "f1", "youden", "cost")  # anomaly_flow.calibration.METHODS
-_MAX_FAILURES_SHOWN = 10
 
 existing_dir = click.Path(file_okay=False, path_type=Path)
 
@@ -31,29 +33,19 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
     return func
 
 
-def _report_failures(failures: dict[str, list[tuple[str, str]]]) -> None:
-    """Say on stderr which files were left out and why."""
-    for kind, rows in failures.items():
-        if not rows:
-            continue
-        click.echo(f"warning: {len(rows)} {kind} image(s) could not be scored and were left "
-                   "out:", err=True)
-        for path, reason in rows[:_MAX_FAILURES_SHOWN]:
-            click.echo(f"  {path}: {reason}", err=True)
-        if len(rows) > _MAX_FAILURES_SHOWN:
-            click.echo(f"  ... and {len(rows) - _MAX_FAILURES_SHOWN} more (see "
-                       "failed_images.json in the run's artifacts)", err=True)
-
-
 @main.command()
 @model_option
 @click.option("--normal", required=True, type=existing_dir,
               help="Folder of held-out normal images (never the training images).")
 @click.option("--anomalous", type=existing_dir, default=None,
               help="Folder of labelled anomalies: adds precision/recall, ROC and PR curves, "
-                   "and enables --method f1, youden and cost.")
+                   "and enables --method f1, youden and cost, and --score auto.")
 @click.option("--score", default="bpd", show_default=True,
-              help="Score the threshold applies to: bpd, complexity, level_1 ... level_L.")
+              help="Score the threshold applies to: bpd, complexity, level_1 ... level_L; or "
+                   "auto (needs --anomalous): the one with the highest AUROC on the labelled "
+                   "images, recorded in the calibration. That AUROC is measured on the same "
+                   "images that chose it, so it is optimistic; a conformal threshold still "
+                   "comes from the normal images alone.")
 @click.option("--target-fpr", type=float, default=None,
               help="Target false-positive rate α for --method conformal, e.g. 0.01; needs "
                    "at least 1/α − 1 normal images.")
@@ -79,7 +71,8 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
     Scores the folders, fits the threshold, logs a run (metrics, score histogram with
     the threshold, ROC/PR curves with --anomalous, calibration.json) and registers a
     new model version carrying the calibration. Prints the new model URI and the
-    threshold.
+    threshold. With --score auto, the score is chosen by AUROC on --anomalous and the
+    AUROC of every candidate is printed and stored with the calibration.
 
     \b
     Example:
@@ -92,6 +85,10 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
         raise click.UsageError("--method conformal needs --target-fpr, e.g. --target-fpr 0.01.")
     if method != "conformal" and anomalous is None:
         raise click.UsageError(f"--method {method} needs labelled anomalies: pass --anomalous DIR.")
+    if score == "auto" and anomalous is None:
+        raise click.UsageError("--score auto chooses the score with the highest AUROC on "
+                               "labelled anomalies: pass --anomalous DIR, or name a score "
+                               "(--score bpd, complexity, level_1 ...).")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
     if target_fpr is not None and not 0 < target_fpr < 1:
@@ -106,10 +103,16 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
         promote=promote, device=device,
         batch_size=batch_size, workers=workers, mlruns=mlruns,
     )
-    _report_failures(outcome.failures)
-    threshold = outcome.calibration.threshold
+    calibration = outcome.calibration
+    threshold = calibration.threshold
     click.echo(f"model: {outcome.model_uri}")
-    click.echo(f"threshold: {threshold.value} ({score}, {method}"
+    selection = calibration.score_selection
+    if selection is not None:
+        aurocs = ", ".join(f"{name} {value:.4f}" for name, value in selection.auroc.items())
+        click.echo(f"score: {calibration.score_name} ({selection.rule}: {aurocs}; on "
+                   f"{selection.n_normal} normal and {selection.n_anomalous} anomalous images, "
+                   "the same that chose it, so optimistic)")
+    click.echo(f"threshold: {threshold.value} ({calibration.score_name}, {method}"
                + (f", target FPR {target_fpr:g}" if target_fpr is not None else "") + ")")
     line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
     if threshold.n_anomalous:
@@ -155,7 +158,6 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
 
     outcome = evaluate_model(model, normal, anomalous, device=device, batch_size=batch_size,
                              workers=workers, mlruns=mlruns)
-    _report_failures(outcome.failures)
     click.echo(format_table(outcome.table))
     metrics = outcome.metrics
     if "calibrated_fpr" in metrics:

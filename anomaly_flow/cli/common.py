@@ -6,6 +6,7 @@
   stderr, exit code 1, no traceback.
 - :data:`model_option` (``--model``, a :class:`ModelURI`), :data:`mlruns_option`
   (``--mlruns``) and :data:`device_option` (``--device``).
+- :func:`configure_logging`: the library's log records on click's stderr.
 
 This module imports neither torch nor mlflow, so ``anomaly-flow --help`` stays fast;
 commands import the library inside their function.
@@ -14,6 +15,7 @@ commands import the library inside their function.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,38 @@ import click
 from anomaly_flow.errors import user_error_types
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class ClickLogHandler(logging.Handler):
+    """Writes log records with ``click.echo(err=True)``, looking the stream up per record.
+
+    A ``StreamHandler`` keeps the ``sys.stderr`` it was made with; this one follows the
+    stderr click uses now, so records land in the command's output also when the
+    command runs inside another program (``CliRunner``, a notebook).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(verbose: int) -> None:
+    """Show the library's warnings (``-v``: info, ``-vv``: debug) on stderr.
+
+    Installs one :class:`ClickLogHandler` on the root logger, however many commands run
+    in the process; handlers others installed (pytest's, an application's) stay.
+    """
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    if not any(isinstance(handler, ClickLogHandler) for handler in root.handlers):
+        handler = ClickLogHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+
 
 def one_line(message: str) -> str:
     """``message`` with its whitespace (newlines included) collapsed."""

@@ -18,11 +18,10 @@ version, ``calibration_run_id`` on calibrated ones.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import re
-import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM, disable_logging, enable_logging
 
 from anomaly_flow.calibration import Calibration
 from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow
@@ -129,31 +129,33 @@ def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
     return info.model_uri
 
 
-_CHATTER = re.compile(r"^(Successfully registered model |Registered model .* already exists|"
-                      r"Created version ')")
-
-
 @contextlib.contextmanager
-def _without_registration_chatter() -> Any:
-    """Drop the lines MLflow prints on stderr when registering ("Successfully registered
-    model ...", "Created version ...") unless MLflow's INFO logs are on (``-v``); any
-    other line it writes there is passed on."""
+def _without_registration_chatter() -> Iterator[None]:
+    """Silence MLflow's event stream while registering: ``mlflow.register_model`` prints
+    "Successfully registered model ..." and "Created version ..." there for every call.
+    Left on when MLflow's INFO logs are asked for (``-v``). Errors still raise."""
     if logging.getLogger("mlflow").getEffectiveLevel() <= logging.INFO:
         yield
         return
-    captured = io.StringIO()
+    was_enabled = MLFLOW_LOGGING_STREAM.enabled
+    disable_logging()
     try:
-        with contextlib.redirect_stderr(captured):
-            yield
+        yield
     finally:
-        kept = [line for line in captured.getvalue().splitlines(keepends=True)
-                if not _CHATTER.match(line)]
-        sys.stderr.write("".join(kept))
+        if was_enabled:
+            enable_logging()
 
 
 def register_model(model_uri: str, name: str, *, alias: str | None = None,
                    tags: dict[str, Any] | None = None) -> str:
     """Register ``model_uri`` as a new version of ``name`` (created if new).
+
+    Args:
+        model_uri: What :func:`log_model` returned (``models:/m-...``), or
+            ``runs:/RUN_ID/PATH``, a registry URI or a local MLflow model folder.
+        name: The registered model's name.
+        alias: An alias to point at the new version.
+        tags: Tags for the new version; values are stored as strings.
 
     Returns:
         The new version number, as a string.

@@ -1,0 +1,77 @@
+"""Command-line options the pipeline scripts share, each spelled once.
+
+Every function adds one option, or one group that always travels together, to an
+``argparse`` parser: its flag, type, default and help. A script that words an option's
+help for its own context passes ``help=``. The ``anomaly-flow`` CLI has its click
+counterparts in :mod:`anomaly_flow.cli.common`.
+
+Example:
+    >>> parser = argparse.ArgumentParser()
+    >>> add_model_option(parser)
+    >>> add_device_option(parser)
+    >>> parser.parse_args(["--model", "models:/parts@candidate"]).device
+    'auto'
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SCORE_HELP = "bpd, complexity, level_1, ..., or auto (the highest AUROC on --anomalous)"
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model URI`` (required): the model to load."""
+    parser.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@candidate")
+
+
+def add_name_option(parser: argparse.ArgumentParser) -> None:
+    """``--name NAME`` (required): the registered model (and experiment) to train."""
+    parser.add_argument("--name", required=True, help="registered model name")
+
+
+def add_epochs_option(parser: argparse.ArgumentParser) -> None:
+    """``--epochs N``: replaces the configuration's number of epochs."""
+    parser.add_argument("--epochs", type=int, default=None)
+
+
+def add_score_option(parser: argparse.ArgumentParser, *,
+                     help: str | None = SCORE_HELP) -> None:
+    """``--score NAME`` (default ``bpd``): the score the threshold applies to."""
+    parser.add_argument("--score", default="bpd", help=help)
+
+
+def add_target_fpr_option(parser: argparse.ArgumentParser, *, default: float | None = None,
+                          help: str | None = None) -> None:
+    """``--target-fpr RATE``: the false-positive rate of the conformal threshold."""
+    parser.add_argument("--target-fpr", type=float, default=default, help=help)
+
+
+def add_cost_options(parser: argparse.ArgumentParser, *, explained: bool = True) -> None:
+    """``--cost-fp`` and ``--cost-fn`` (default 1 each): the costs the ``cost`` method
+    weighs; ``explained`` adds their help lines."""
+    parser.add_argument("--cost-fp", type=float, default=1.0,
+                        help="cost of a false alarm" if explained else None)
+    parser.add_argument("--cost-fn", type=float, default=1.0,
+                        help="cost of a missed anomaly" if explained else None)
+
+
+def add_device_option(parser: argparse.ArgumentParser, *,
+                      choices: tuple[str, ...] | None = None) -> None:
+    """``--device`` (default ``auto``): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; the
+    library rejects anything else with a message, or ``choices`` does it while parsing."""
+    parser.add_argument("--device", choices=choices, default="auto")
+
+
+def add_loader_options(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size`` (default 256) and ``--workers`` (default 0) for scoring folders."""
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0)
+
+
+def add_mlruns_option(parser: argparse.ArgumentParser, *,
+                      help: str | None = None) -> None:
+    """``--mlruns DIR``: the local MLflow store (None: ``./mlruns``, or
+    ``MLFLOW_TRACKING_URI`` when set)."""
+    parser.add_argument("--mlruns", type=Path, default=None, help=help)
