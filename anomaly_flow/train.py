@@ -608,7 +608,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                         collate_fn=collate, pin_memory=dev.type == "cuda",
                         persistent_workers=t.num_workers > 0)
 
-    def checkpoint(epoch: int) -> None:
+    def checkpoint(epoch: int, at_step: int) -> None:
         nonlocal saved_step
         failed.gather(world)
         if rank == 0 and ckpt_dir is not None:
@@ -616,10 +616,48 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                      "train_bpd": last_bpd, "epoch_bpd_sum": epoch_sum,
                      "epoch_images": epoch_n, "history": history,
                      "failed_files": failed.reasons}
-            path = save_checkpoint(ckpt_dir, model, optimizer, config, step, extra)
-            emit(TrainEvent("checkpoint", step, epoch, path=path))
-        saved_step = step
+            path = save_checkpoint(ckpt_dir, model, optimizer, config, at_step, extra)
+            emit(TrainEvent("checkpoint", at_step, epoch, path=path))
+        saved_step = at_step
 
+    def settle(done: _LaunchedStep, epoch: int, clock: _Throughput, bar: tqdm) -> None:
+        """The host's side of a finished step: counts, metrics, its event, a checkpoint
+        when one is due. Runs before the next step's update, so a checkpoint holds the
+        weights and optimizer state of ``done.step`` exactly."""
+        nonlocal skipped_steps, nonfinite_run, last_bpd, epoch_sum, epoch_n, imgs_per_sec
+        batch_bpd, n_bad, n_images, grad_norm = done.read()
+        if n_images == 0:
+            logger.warning("step %d: no image of the batch could be decoded; no update",
+                           done.step)
+        elif not n_bad:
+            nonfinite_run, last_bpd = 0, batch_bpd
+            epoch_sum += batch_bpd * n_images
+            epoch_n += int(n_images)
+        else:
+            skipped_steps += 1
+            nonfinite_run += 1
+            logger.warning("step %d: non-finite loss or gradient; step skipped", done.step)
+            if nonfinite_run >= t.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{nonfinite_run} non-finite losses in a row (step {done.step}); the "
+                    "model diverged. Lower lr, raise warmup_steps or grad clipping, or "
+                    "check the images.")
+        clock.images += int(n_images)
+        imgs_per_sec = clock.rate
+        bar.set_postfix(bpd=f"{last_bpd:.3f}", img_s=f"{imgs_per_sec:.0f}", refresh=False)
+        bar.update(1)
+        with clock.pause():
+            emit(TrainEvent("step", done.step, epoch, {
+                "train_bpd": last_bpd, "lr": done.lr, "grad_norm": grad_norm,
+                "images_per_sec": imgs_per_sec, "skipped_steps": float(skipped_steps)}))
+            # The epoch's last step is checkpointed after validation, below.
+            if done.step % t.checkpoint_every == 0 and done.step % steps_per_epoch:
+                checkpoint(epoch, done.step)
+
+    # Fused Adam skips a non-finite step on the device (it takes a `found_inf` flag, as
+    # under GradScaler), so the host reads each step's figures one step late and never
+    # waits for the device; Adamax reads them at once to decide on the update.
+    deferred = _skips_on_device(optimizer)
     disable = True if rank != 0 else (None if progress is None else not progress)
     with tqdm(total=total_steps, initial=step, disable=disable, desc="train", unit="step",
               dynamic_ncols=True) as bar:
@@ -629,47 +667,30 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             if step == epoch * steps_per_epoch:
                 epoch_sum, epoch_n = 0.0, 0
             clock = _Throughput()
+            pending: _LaunchedStep | None = None
             for batch in loader:
                 images, ok = failed.keep(batch)
                 noise = _step_noise(t.seed, step, shape, dev)[rank::world][: len(ok)]
                 if not bool(ok.all()):  # a CPU mask: no device sync when all decoded
                     noise = noise[ok.to(dev)]
                 x = preprocess(images.to(dev, non_blocking=True), m.n_bits, noise)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(t, step)
-                batch_bpd, n_images, bad, grad_norm = _forward_backward(
-                    net, model, optimizer, x, world, max_norm)
+                figures = _forward_backward(net, model, optimizer, x, world, max_norm)
+                launched = _LaunchedStep(step + 1, learning_rate(t, step), figures)
                 step += 1
-                if n_images == 0:
-                    logger.warning("step %d: no image of the batch could be decoded; no "
-                                   "update", step)
-                elif not bad:
+                if pending is not None:  # the previous step, before this one's update
+                    settle(pending, epoch, clock, bar)
+                for group in optimizer.param_groups:
+                    group["lr"] = launched.lr
+                if deferred:
+                    optimizer.found_inf = launched.skip  # type: ignore[attr-defined]
                     optimizer.step()
-                    nonfinite_run, last_bpd = 0, batch_bpd
-                    epoch_sum += batch_bpd * n_images
-                    epoch_n += n_images
+                    pending = launched
                 else:
-                    skipped_steps += 1
-                    nonfinite_run += 1
-                    logger.warning("step %d: non-finite loss or gradient; step skipped", step)
-                    if nonfinite_run >= t.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"{nonfinite_run} non-finite losses in a row (step {step}); the "
-                            "model diverged. Lower lr, raise warmup_steps or grad clipping, "
-                            "or check the images.")
-                clock.images += n_images
-                imgs_per_sec = clock.rate
-                bar.set_postfix(bpd=f"{last_bpd:.3f}", img_s=f"{imgs_per_sec:.0f}",
-                                refresh=False)
-                bar.update(1)
-                with clock.pause():
-                    emit(TrainEvent("step", step, epoch, {
-                        "train_bpd": last_bpd, "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": grad_norm, "images_per_sec": imgs_per_sec,
-                        "skipped_steps": float(skipped_steps)}))
-                    # The epoch's last step is checkpointed after validation, below.
-                    if step % t.checkpoint_every == 0 and step % steps_per_epoch:
-                        checkpoint(epoch)
+                    if not launched.skips():
+                        optimizer.step()
+                    settle(launched, epoch, clock, bar)
+            if pending is not None:
+                settle(pending, epoch, clock, bar)
             failed.gather(world)
             if val_set is not None and len(val_set):
                 model.set_coupling_autocast(None)  # validation in float32, as scoring
@@ -684,13 +705,13 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             history.append(epoch_metrics)
             emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
             if step % t.checkpoint_every == 0:
-                checkpoint(epoch + 1)
+                checkpoint(epoch + 1, step)
     del loader  # ends persistent workers
 
     model.eval()
     model.set_coupling_autocast(None)
     if step != saved_step:
-        checkpoint(t.epochs)
+        checkpoint(t.epochs, step)
     final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
     if failed.reasons and rank == 0:
         logger.warning("%d training file(s) could not be decoded and were skipped: %s",
@@ -703,10 +724,52 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                        samples=samples, checkpoint_dir=final, history=history)
 
 
+class _LaunchedStep:
+    """A training step whose figures are on their way to the host.
+
+    ``figures`` ``(4,)`` on the training device: the global batch's mean bits/dim, how
+    many ranks saw a non-finite loss or gradient, the decodable images of the global
+    batch, the gradient norm before clipping. From CUDA they are copied to pinned memory
+    without waiting; :meth:`read` waits for that copy only.
+    """
+
+    def __init__(self, step: int, lr: float, figures: torch.Tensor) -> None:
+        self.step, self.lr = step, lr
+        # No update when any rank saw a non-finite value or no image was decoded.
+        self.skip = ((figures[1] > 0) | (figures[2] == 0)).float()
+        self._ready: torch.cuda.Event | None = None
+        if figures.is_cuda:
+            self._host = torch.empty(figures.shape, dtype=figures.dtype, pin_memory=True)
+            self._host.copy_(figures, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = figures
+        self._values: tuple[float, float, float, float] | None = None
+
+    def read(self) -> tuple[float, float, float, float]:
+        """(mean bits/dim, ranks with a non-finite value, images, gradient norm)."""
+        if self._values is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            bpd, n_bad, n_images, norm = self._host.tolist()
+            self._values = (bpd, n_bad, n_images, norm)
+        return self._values
+
+    def skips(self) -> bool:
+        """Whether this step must leave the weights alone (reads the figures)."""
+        _, n_bad, n_images, _ = self.read()
+        return n_bad > 0 or n_images == 0
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours a ``found_inf`` flag (the fused kernels)."""
+    return bool(optimizer.defaults.get("fused"))
+
+
 def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.Optimizer,
-                      x: torch.Tensor, world: int,
-                      max_norm: float) -> tuple[float, int, bool, float]:
-    """Gradients of the global batch's mean bits/dim, clipped.
+                      x: torch.Tensor, world: int, max_norm: float) -> torch.Tensor:
+    """Gradients of the global batch's mean bits/dim, clipped; nothing waits for them.
 
     ``x`` ``(b, C, H, W)`` is this rank's share (``b`` may be 0). DDP averages gradients
     over ranks, so each rank's sum is scaled by ``world / n`` with ``n`` the decodable
@@ -714,8 +777,9 @@ def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.
     whatever share of it each rank could decode.
 
     Returns:
-        (the batch's mean bits/dim, n, whether any rank saw a non-finite loss or
-        gradient, gradient norm before clipping).
+        ``(4,)`` on ``x``'s device, the same on every rank: the batch's mean bits/dim,
+        how many ranks saw a non-finite loss or gradient, ``n``, and the gradient norm
+        before clipping (see :class:`_LaunchedStep`).
     """
     n = torch.tensor(float(len(x)), device=x.device)
     if world > 1:
@@ -729,5 +793,4 @@ def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.
     flags = torch.stack([loss.detach() / world, bad.float()])
     if world > 1:
         dist.all_reduce(flags)  # the mean loss over ranks; how many ranks saw a NaN
-    batch_bpd, n_bad, n_images, norm = torch.cat([flags, n[None], grad_norm[None]]).tolist()
-    return batch_bpd, int(n_images), n_bad > 0, norm
+    return torch.cat([flags, n[None], grad_norm[None].float()])

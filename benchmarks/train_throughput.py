@@ -180,20 +180,29 @@ def time_step_loop(config: RunConfig, images: np.ndarray, device: torch.device,
     net: torch.nn.Module = (torch.compile(model, mode=compile_mode) if compile_mode
                             else model)
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-    stamps, bpd = [], math.nan
+    deferred = train_module._skips_on_device(optimizer)
+    stamps, pending = [], None
     for step, batch in enumerate(batches):
         noise = train_module._step_noise(t.seed, step, shape, device)
         x = preprocess(batch.to(device, non_blocking=True), m.n_bits,
                        noise).contiguous(memory_format=fmt)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(t, step)
-        bpd, _, bad, _ = train_module._forward_backward(net, model, optimizer, x, 1, max_norm)
-        if not bad:
+        figures = train_module._forward_backward(net, model, optimizer, x, 1, max_norm)
+        launched = train_module._LaunchedStep(step + 1, learning_rate(t, step), figures)
+        if pending is not None:  # as train(): the previous step's figures, one step late
+            pending.read()
+        if deferred:
+            optimizer.found_inf = launched.skip
             optimizer.step()
+        elif not launched.skips():
+            optimizer.step()
+        pending = launched
         if step in (warmup - 1, len(batches) - 1):
             _sync(device)
         stamps.append(time.perf_counter())
     model.set_coupling_autocast(None)
+    bpd = pending.read()[0] if pending is not None else math.nan
     return stamps, bpd, model.to(memory_format=torch.contiguous_format).eval()
 
 
