@@ -71,7 +71,7 @@ def build_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
                             lr=args.lr or lr, warmup_steps=warmup if args.warmup_steps is None
                             else args.warmup_steps, bf16=args.bf16,
                             num_workers=args.workers if args.workers is not None else 0,
-                            seed=args.seed)
+                            seed=args.seed, compile=args.compile)
     return RunConfig(model, train_cfg)
 
 
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--warmup-steps", type=int, default=None)
     parser.add_argument("--bf16", action="store_true", help="TrainConfig.bf16 (CUDA only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="TrainConfig.compile (the compilation counts against the budget)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-images", type=int, default=2000,
