@@ -457,7 +457,8 @@ class ScoreSelection:
     Attributes:
         chosen: The selected score, e.g. ``"complexity"``.
         auroc: AUROC of every candidate, in candidate order (the tie-break order), e.g.
-            ``{"bpd": 0.61, "complexity": 0.83, "level_1": 0.58, "level_2": 0.66}``.
+            ``{"bpd": 0.61, "complexity": 0.83, "coarse_complexity": 0.86,
+            "level_1": 0.58, "level_2": 0.66}``.
         n_normal: Normal images the AUROCs were measured on (the same for every candidate).
         n_anomalous: Labelled anomalous images they were measured on.
         rule: How ``chosen`` follows from ``auroc``.
@@ -542,7 +543,7 @@ def select_score(
 
     Each candidate's AUROC (anomalies positive) is measured on the same images; the
     highest wins, and ties go to the candidate that comes first in ``normal_scores``
-    (pass them as ``bpd, complexity, level_1, ...``).
+    (pass them as ``bpd, complexity, coarse_complexity, level_1, ...``).
 
     The winner's AUROC is measured on the images that chose it, so it is optimistic.
 

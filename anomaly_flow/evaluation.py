@@ -91,8 +91,9 @@ class FolderScores:
 
     Attributes:
         folder: The folder that was searched (recursively).
-        table: One row per file: ``path``, ``bpd``, ``complexity``, ``level_1..L``,
-            ``error`` (empty for scored images; score columns NaN for failed ones).
+        table: One row per file: ``path``, the score columns
+            (:func:`~anomaly_flow.scoring.score_names`), ``error`` (empty for scored
+            images; score columns NaN for failed ones).
         fingerprint: SHA-256 of the folder's files (for MLflow tags).
     """
 
@@ -156,7 +157,8 @@ def score_folder_table(
     root = Path(folder)
     paths = find_images(root)
     config = model.config
-    dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits)
+    dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
+                             config.levels)
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
                           progress=progress)
     table = table.reset_index(drop=True)
@@ -247,7 +249,7 @@ def _check_auto(score: str, has_anomalous: bool) -> None:
         raise CalibrationError(
             "score 'auto' chooses the score with the highest AUROC on labelled anomalies, "
             "and none were given; pass --anomalous DIR, or name a score (bpd, complexity, "
-            "level_1 ...)."
+            "coarse_complexity, level_1 ...)."
         )
 
 
@@ -395,9 +397,10 @@ def calibrate_scores(
         loaded: A :class:`anomaly_flow.tracking.LoadedModel`.
         normal: Scores of held-out normal images (never training images).
         anomalous: Scores of labelled anomalies, or None.
-        score: Score type the threshold applies to (``bpd``, ``complexity``, ``level_i``),
-            or ``"auto"`` (needs ``anomalous``): the one with the highest AUROC on the
-            labelled images, ties going to the first in ``bpd, complexity, level_1, ...``.
+        score: Score type the threshold applies to (``bpd``, ``complexity``,
+            ``coarse_complexity``, ``level_i``), or ``"auto"`` (needs ``anomalous``): the
+            one with the highest AUROC on the labelled images, ties going to the first in
+            ``bpd, complexity, coarse_complexity, level_1, ...``.
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
             logged (params ``score``/``score_selection``, metrics
             ``selection_<score>_auroc``, tags). The selection and the reported AUROC use
@@ -563,11 +566,11 @@ def calibrate_model(
         normal: Folder of held-out normal images (never training images).
         anomalous: Folder of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``level_i``), or ``"auto"`` (needs ``anomalous``): the one with the highest
-            AUROC on the labelled images, recorded with its evidence in the calibration.
-            The selection and the reported AUROC use the same labelled images
-            (optimistic); a conformal threshold is still computed from the normal images
-            only (see :func:`calibrate_scores`).
+            ``coarse_complexity``, ``level_i``), or ``"auto"`` (needs ``anomalous``): the
+            one with the highest AUROC on the labelled images, recorded with its evidence
+            in the calibration. The selection and the reported AUROC use the same
+            labelled images (optimistic); a conformal threshold is still computed from the
+            normal images only (see :func:`calibrate_scores`).
         target_fpr: Target false-positive rate α (``conformal``).
         method: ``conformal``, ``f1``, ``youden`` or ``cost``.
         cost_fp: Cost of a false positive (``cost``).

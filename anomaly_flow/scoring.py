@@ -5,10 +5,12 @@ Scores, higher always more anomalous (PRODUCT.md "Scores"):
 - ``bpd``: bits per dimension of the quantised image, deterministic (bin centres).
 - ``complexity``: ``bpd`` minus the length of the losslessly PNG-compressed quantised
   image in bits per dimension (Serrà et al. 2020).
+- ``coarse_complexity``: ``level_L`` minus the PNG length of the image at the coarsest
+  scale, in bits per dimension of the full image (see :func:`coarse_complexity`).
 - ``level_1`` ... ``level_L``: each scale's exact share of ``-log p(x)`` in bits/dim,
   finest first; ``bpd == n_bits + sum(level_l)``.
 
-Decoding and PNG compression happen in DataLoader workers; the model sees whole
+Decoding and both PNG compressions happen in DataLoader workers; the model sees whole
 batches (failed files ride along as blank images and are masked out afterwards, so
 shapes never depend on the data), with no per-image Python work on the device side.
 Results come back to the host one batch late, so the device is never idle while the
@@ -51,7 +53,6 @@ from anomaly_flow.glow import Glow, breakdown_from_output, preprocess
 
 logger = logging.getLogger(__name__)
 
-BASE_COLUMNS = ("path", "bpd", "complexity")
 DECISION_COLUMNS = ("score", "p_value", "is_anomaly", "error")
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 """Output file extensions (lower case) and the format each one means."""
@@ -76,24 +77,33 @@ def level_columns(levels: int) -> list[str]:
 
 
 def score_names(levels: int) -> list[str]:
-    """Every score a calibration can be built on."""
-    return ["bpd", "complexity", *level_columns(levels)]
+    """Every score a calibration can be built on, in column (and tie-break) order."""
+    return ["bpd", "complexity", "coarse_complexity", *level_columns(levels)]
 
 
 def output_columns(levels: int) -> list[str]:
     """The columns of a :func:`score_folder` table, in order."""
-    return [*BASE_COLUMNS, *level_columns(levels), *DECISION_COLUMNS]
+    return ["path", *score_names(levels), *DECISION_COLUMNS]
 
 
-def png_bits_per_dim(image: np.ndarray, n_bits: int) -> float:
+def png_bits_per_dim(image: np.ndarray, n_bits: int, downsample: int = 1) -> float:
     """Length in bits/dim of the quantised image ``(C, H, W)`` uint8 compressed as PNG.
 
     The quantised values ``k = pixel >> (8 - n_bits)`` are what is compressed, at the
-    strongest (deterministic) PNG compression level.
+    strongest (deterministic) PNG compression level. With ``downsample`` f > 1, ``k`` is
+    first box-downsampled by f in each spatial direction (the mean of each f×f block,
+    rounded half up); the length is still divided by the full image's ``C·H·W``, so it is
+    in the units of the model's bits/dim.
+
+    Raises:
+        ValueError: ``downsample`` is not a positive divisor of ``H`` and ``W``.
     """
     k = image.astype(np.uint8, copy=False)
     if n_bits < 8:
         k = k >> (8 - n_bits)  # stays uint8
+    n_dims = k.size
+    if downsample != 1:
+        k = _box_downsample(k, downsample)
     channels, height, width = k.shape
     # frombuffer: a third cheaper than fromarray at these sizes, and the same image
     mode = "L" if channels == 1 else "RGB"
@@ -101,7 +111,55 @@ def png_bits_per_dim(image: np.ndarray, n_bits: int) -> float:
     pil = Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG", optimize=False, compress_level=9)
-    return 8.0 * buffer.tell() / k.size
+    return 8.0 * buffer.tell() / n_dims
+
+
+def _box_downsample(k: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each ``factor × factor`` block of uint8 ``(C, H, W)``, rounded half up."""
+    channels, height, width = k.shape
+    if factor < 1 or height % factor or width % factor:
+        raise ValueError(f"cannot box-downsample a {height}x{width} image by {factor}: the "
+                         "factor must be a positive divisor of both sides")
+    blocks = k.reshape(channels, height // factor, factor, width // factor, factor)
+    sums = blocks.sum(axis=(2, 4), dtype=np.int64)
+    area = factor * factor
+    return ((2 * sums + area) // (2 * area)).astype(np.uint8)  # floor(mean + 1/2), exactly
+
+
+def coarse_png_bits_per_dim(image: np.ndarray, n_bits: int, levels: int) -> float:
+    """``L_png(x↓) / D`` of uint8 ``(C, H, W)`` for a model with ``levels`` levels: what
+    :func:`coarse_complexity` subtracts (``x↓`` downsampled by ``2**(levels - 1)``)."""
+    return png_bits_per_dim(image, n_bits, downsample=2 ** (levels - 1))
+
+
+def coarse_complexity(level_bits: np.ndarray, coarse_png_bpd: np.ndarray) -> np.ndarray:
+    """The ``coarse_complexity`` score: ``level_L − L_png(x↓) / D``.
+
+    ``level_L`` is the coarsest scale's share of ``−log p(x)`` in bits/dim of the full
+    image. ``x↓`` is the quantised image box-downsampled by ``f = 2**(L−1)`` in each
+    spatial direction (the resolution level L works at; each f×f block's mean, rounded
+    half up), ``L_png(x↓)`` its PNG-compressed length in bits, and ``D = C·H·W`` the full
+    image's dimensions, so both terms are in the same units. For ``L = 1`` it is
+    ``level_1 − L_png(x) / D``.
+
+    Why: likelihood models give simple images high likelihood, and subtracting the
+    image's compressed length corrects that (Serrà et al. 2020, "Input complexity and
+    out-of-distribution detection with likelihood-based generative models"). In a
+    multi-scale flow the finest scales carry local pixel statistics, which dominate
+    ``bpd`` for any image, while the coarsest carries the global structure (Schirrmeister
+    et al. 2020, "Understanding anomaly detection with deep invertible networks through
+    hierarchies of distributions and features"). This score applies the complexity
+    correction at the coarsest scale only, where it matters.
+
+    Args:
+        level_bits: ``(N, L)`` per-level bits/dim, finest first.
+        coarse_png_bpd: ``(N,)`` :func:`coarse_png_bits_per_dim` of the same images.
+
+    Returns:
+        ``(N,)`` float64; higher means more anomalous.
+    """
+    level_bits = np.asarray(level_bits, dtype=np.float64)
+    return level_bits[:, -1] - np.asarray(coarse_png_bpd, dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------- batches
@@ -155,18 +213,23 @@ class ScoreItem(NamedTuple):
     error: str
     index: int
     png_bpd: float  # NaN when ok is False
+    coarse_png_bpd: float  # NaN when ok is False
 
 
 class ScoringDataset(Dataset[ScoreItem]):
     """Images from file paths or encoded bytes, decoded (and PNG-measured) in workers.
 
+    ``mode``, ``size``, ``n_bits`` and ``levels`` are the scoring model's (its
+    :class:`~anomaly_flow.config.GlowConfig`): ``levels`` sets the resolution of the
+    coarse PNG length (:func:`coarse_png_bits_per_dim`).
+
     Never raises for a bad input: the item carries ``ok=False`` and a one-line reason.
     """
 
     def __init__(self, sources: Sequence[str | Path | bytes], mode: ImageMode, size: int,
-                 n_bits: int) -> None:
+                 n_bits: int, levels: int) -> None:
         self.sources = list(sources)
-        self.mode, self.size, self.n_bits = mode, size, n_bits
+        self.mode, self.size, self.n_bits, self.levels = mode, size, n_bits, levels
         self.channels = 1 if mode == "L" else 3
 
     def __len__(self) -> int:
@@ -180,9 +243,12 @@ class ScoringDataset(Dataset[ScoreItem]):
             array, error = try_load_image(source, self.mode, self.size)
         if array is None:
             blank = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
-            return ScoreItem(blank, False, error or "unknown error", index, float("nan"))
-        return ScoreItem(torch.from_numpy(array), True, "", index,
-                         png_bits_per_dim(array, self.n_bits))
+            return ScoreItem(blank, False, error or "unknown error", index, float("nan"),
+                             float("nan"))
+        png_bpd = png_bits_per_dim(array, self.n_bits)
+        coarse = (png_bpd if self.levels == 1
+                  else coarse_png_bits_per_dim(array, self.n_bits, self.levels))
+        return ScoreItem(torch.from_numpy(array), True, "", index, png_bpd, coarse)
 
 
 @dataclass(frozen=True)
@@ -232,6 +298,7 @@ class _Pending(NamedTuple):
     errors: list[str]
     index: torch.Tensor
     png_bpd: torch.Tensor
+    coarse_png_bpd: torch.Tensor
     stats: torch.Tensor  # (B, 1 + L) float64 on the host (filled once `ready` is done)
     maps: torch.Tensor | None
     ready: Any  # torch.cuda.Event, or None on CPU
@@ -261,10 +328,18 @@ def score_dataset(
         precision: ``float32`` (exact), ``tf32`` or ``bf16``; see :func:`numerics`.
 
     Returns:
-        Columns ``bpd``, ``complexity``, ``level_1..level_L`` and ``error`` (empty for
-        scored images; the score columns are NaN for failed ones, including images on
-        which the model overflows), indexed by dataset index.
+        Columns :func:`score_names` (``bpd``, ``complexity``, ``coarse_complexity``,
+        ``level_1..level_L``) and ``error`` (empty for scored images; the score columns
+        are NaN for failed ones, including images on which the model overflows), indexed
+        by dataset index.
+
+    Raises:
+        ValueError: The dataset was built for a model with another number of levels.
     """
+    if dataset.levels != model.config.levels:
+        raise ValueError(f"the dataset measures PNG lengths for a {dataset.levels}-level "
+                         f"model, but this model has {model.config.levels} levels; build it "
+                         "with the model's config.levels")
     device = model.device
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -292,12 +367,12 @@ def score_dataset(
         torch.inference_mode(),
     ):
         pending: _Pending | None = None
-        for images, ok, errors, index, png_bpd in loader:
+        for images, ok, errors, index, png_bpd, coarse_png_bpd in loader:
             stats, maps = _launch(model, images.to(device, non_blocking=True),
                                   heatmaps is not None)
             cuda = device.type == "cuda"
             launched = _Pending(
-                images, ok, list(errors), index, png_bpd,
+                images, ok, list(errors), index, png_bpd, coarse_png_bpd,
                 stats.to("cpu", non_blocking=cuda),
                 None if maps is None else maps.to("cpu", non_blocking=cuda),
                 _recorded_event() if cuda else None,
@@ -308,7 +383,7 @@ def score_dataset(
         if pending is not None:
             finish(pending)
     if not frames:
-        return pd.DataFrame(columns=["bpd", "complexity", *levels, "error"])
+        return pd.DataFrame(columns=[*score_names(model.config.levels), "error"])
     return pd.concat(frames)
 
 
@@ -327,6 +402,8 @@ def _batch_frame(pending: _Pending, levels: list[str]) -> pd.DataFrame:
     errors[non_finite] = NON_FINITE_ERROR
     stats[~ok | non_finite] = np.nan
     frame = pd.DataFrame(stats[:, 1:], columns=levels)
+    frame.insert(0, "coarse_complexity",
+                 coarse_complexity(stats[:, 1:], pending.coarse_png_bpd.double().numpy()))
     frame.insert(0, "complexity", stats[:, 0] - pending.png_bpd.double().numpy())
     frame.insert(0, "bpd", stats[:, 0])
     frame["error"] = errors.astype(str)
@@ -461,9 +538,12 @@ def read_table(out: Path, levels: int) -> pd.DataFrame:
     """Read a table :func:`score_folder` wrote, for ``resume``.
 
     Returns:
-        The stored raw score columns (``bpd``, ``complexity``, levels, ``error``)
-        indexed by ``path``, one row per path (the first row kept if a path repeats);
-        rows with neither a score nor an error are left out (to be scored again).
+        The stored raw score columns (:func:`score_names`, ``error``) indexed by
+        ``path``, one row per path (the first row kept if a path repeats); rows with
+        neither every score nor an error are left out (to be scored again). A table
+        written before the ``coarse_complexity`` score existed lacks that column: its
+        scored rows are left out too, so that resuming rescores those files and the
+        finished table has every column filled; its failed rows are kept.
 
     Raises:
         ScoringError: The file cannot be read, or lacks the columns of a table written
@@ -484,8 +564,12 @@ def read_table(out: Path, levels: int) -> pd.DataFrame:
             f"cannot read the earlier output {name} to resume from ({reason}); delete it "
             "or choose another output path, then run again"
         ) from None
-    raw = [*BASE_COLUMNS, *level_columns(levels), "error"]
+    raw = ["path", *score_names(levels), "error"]
     missing = [c for c in raw if c not in table.columns]
+    older = missing == ["coarse_complexity"]  # written before that score existed
+    if older:
+        table["coarse_complexity"] = np.nan
+        missing = []
     extra = [c for c in table.columns if c.startswith("level_") and c not in raw]
     if missing or extra:
         problem = (f"lacks column(s) {missing}" if missing
@@ -500,11 +584,16 @@ def read_table(out: Path, levels: int) -> pd.DataFrame:
     table["error"] = table["error"].fillna("").astype(str)
     for column in raw[1:-1]:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
-    unanswered = (table["error"] == "") & ~np.isfinite(table["bpd"].to_numpy())
-    if unanswered.any():  # neither a score nor a reason: score those files again
-        logger.warning("the earlier output %s has %d row(s) with neither a score nor an "
+    complete = np.isfinite(table[raw[1:-1]].to_numpy()).all(axis=1)
+    unanswered = (table["error"] == "") & ~complete
+    if older and unanswered.any():
+        logger.warning("the earlier output %s has no coarse_complexity column (it was written "
+                       "by an older anomaly-flow); scoring its %d scored file(s) again to fill "
+                       "it in (rows with an error are kept)", name, int(unanswered.sum()))
+    elif unanswered.any():  # neither the scores nor a reason: score those files again
+        logger.warning("the earlier output %s has %d row(s) with neither every score nor an "
                        "error; scoring those files again", name, int(unanswered.sum()))
-        table = table[~unanswered]
+    table = table[~unanswered]
     repeated = table["path"].duplicated()
     if repeated.any():
         logger.warning("the earlier output %s lists %d path(s) more than once; keeping the "
@@ -562,10 +651,11 @@ def score_folder(
 
     One row per file found (:func:`anomaly_flow.data.find_images`), in sorted path order,
     with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
-    ``complexity``, ``level_1..level_L`` (bits/dim), ``score`` (the calibration's score,
-    or ``bpd`` when uncalibrated), ``p_value`` and ``is_anomaly`` (filled when calibrated)
-    and ``error`` (empty for scored files, else a one-line reason; the score columns
-    are then empty). A file that cannot be read never stops the run.
+    ``complexity``, ``coarse_complexity``, ``level_1..level_L`` (bits/dim), ``score``
+    (the calibration's score, or ``bpd`` when uncalibrated), ``p_value`` and
+    ``is_anomaly`` (filled when calibrated) and ``error`` (empty for scored files, else
+    a one-line reason; the score columns are then empty). A file that cannot be read
+    never stops the run.
 
     The table is written atomically. During a long run the partial table (the rows done
     so far, in order) is rewritten every ``flush_every_s`` seconds or more (at least ten
@@ -590,6 +680,8 @@ def score_folder(
         resume: Keep the rows of an existing ``out`` and score only the missing files.
             Rows that failed before are kept as they are (run without ``resume`` to
             retry them). Decisions (``p_value``, ``is_anomaly``) are recomputed for all.
+            A table from before the ``coarse_complexity`` score has its scored files
+            scored again, to fill that column (see :func:`read_table`).
         fdr: Decide by Benjamini-Hochberg at this false discovery rate over the whole
             table instead of the calibration's threshold.
         progress: Progress bar on stderr; None shows it only on a terminal.
@@ -667,7 +759,7 @@ def score_folder(
                 write_table(assemble(), out)
 
     dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
-                             config.n_bits)
+                             config.n_bits, config.levels)
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,

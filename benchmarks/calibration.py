@@ -95,7 +95,7 @@ def scores_from_training(args: argparse.Namespace) -> tuple[np.ndarray, dict[str
     result = train(config, ArrayDataset(train_images, m.mode, m.image_size),
                    device=args.device, progress=False)
     train_s = time.perf_counter() - start
-    dataset = ScoringDataset(_png_bytes(held_out), m.mode, m.image_size, m.n_bits)
+    dataset = ScoringDataset(_png_bytes(held_out), m.mode, m.image_size, m.n_bits, m.levels)
     table = score_dataset(result.model, dataset, batch_size=512, progress=False)
     info = {"source": source, "preset": args.preset, "epochs": args.epochs,
             "n_train": len(train_images), "train_seconds": round(train_s, 1),

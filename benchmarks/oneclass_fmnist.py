@@ -10,6 +10,9 @@ score = more anomalous) for every score:
 
 * ``bpd``: bits/dim (deterministic, bin centres), the product's default score;
 * ``complexity``: bpd minus the PNG-compressed length of the image in bits/dim;
+* ``coarse_complexity``: ``level_L`` minus the PNG-compressed length of the image
+  box-downsampled to level L's resolution, in bits per dimension of the full image
+  (:func:`anomaly_flow.scoring.coarse_complexity`);
 * ``level_1`` .. ``level_L``: each scale's share of ``-log p(x)`` in bits/dim.
 
 Baselines, fitted on the same class-k training images, raw pixels scaled to [0, 1]:
@@ -48,7 +51,12 @@ from anomaly_flow.calibration import detection_metrics
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
 from anomaly_flow.data import FASHION_MNIST_CLASSES, ArrayDataset, load_fashion_mnist
 from anomaly_flow.glow import Glow
-from anomaly_flow.scoring import png_bits_per_dim, score_images
+from anomaly_flow.scoring import (
+    coarse_complexity,
+    coarse_png_bits_per_dim,
+    png_bits_per_dim,
+    score_images,
+)
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     import sys
@@ -141,11 +149,14 @@ def main() -> None:
     train_all, train_labels = load_fashion_mnist("train")
     test, test_labels = load_fashion_mnist("test")
     tick = time.perf_counter()
-    png_bpd = np.array([png_bits_per_dim(image, config.model.n_bits) for image in test])
-    logger.info("PNG bits/dim of %d test images in %.1f s", len(test),
+    n_bits, levels = config.model.n_bits, config.model.levels
+    png_bpd = np.array([png_bits_per_dim(image, n_bits) for image in test])
+    coarse_png_bpd = np.array([coarse_png_bits_per_dim(image, n_bits, levels)
+                               for image in test])
+    logger.info("PNG bits/dim (full and coarse) of %d test images in %.1f s", len(test),
                 time.perf_counter() - tick)
-    level_names = [f"level_{i + 1}" for i in range(config.model.levels)]
-    flow_methods = ["bpd", "complexity", *level_names]
+    level_names = [f"level_{i + 1}" for i in range(levels)]
+    flow_methods = ["bpd", "complexity", "coarse_complexity", *level_names]
     methods = flow_methods + ([] if args.no_baselines else list(BASELINES))
     logger.info("B4 on %s, classes %s: %s; %s", device, classes, config.model, config.train)
 
@@ -162,6 +173,7 @@ def main() -> None:
         tick = time.perf_counter()
         bpd, level_bits = score_test_set(run.model, test, device)
         scores = {"bpd": bpd, "complexity": bpd - png_bpd,
+                  "coarse_complexity": coarse_complexity(level_bits, coarse_png_bpd),
                   **{name: level_bits[:, i] for i, name in enumerate(level_names)}}
         score_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -188,9 +200,10 @@ def main() -> None:
             "score_seconds": score_seconds, "baseline_seconds": baseline_seconds,
             "auroc": aurocs,
         }
-        logger.info("class %d (%s): %d steps in %.0f s, bpd AUROC %.1f, complexity %.1f%s",
-                    k, FASHION_MNIST_CLASSES[k], run.steps, train_seconds, aurocs["bpd"],
-                    aurocs["complexity"], "" if args.no_baselines else
+        logger.info("class %d (%s): %d steps in %.0f s, bpd AUROC %.1f, complexity %.1f, "
+                    "coarse_complexity %.1f%s", k, FASHION_MNIST_CLASSES[k], run.steps,
+                    train_seconds, aurocs["bpd"], aurocs["complexity"],
+                    aurocs["coarse_complexity"], "" if args.no_baselines else
                     f", 5-NN {aurocs['knn5_mean']:.1f}, IF {aurocs['iforest']:.1f}")
 
     mean = {m: float(np.mean([per_class[k]["auroc"][m] for k in classes])) for m in methods}

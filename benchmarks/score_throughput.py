@@ -8,7 +8,8 @@ DataLoader workers and batch size:
 1. **decode-only**: iterate a DataLoader over the files that only decodes them and
    converts them to the model's mode and size (``ImageFolderDataset``), no model;
 2. **decode + complexity**: the same over ``ScoringDataset``, which also measures each
-   image's PNG-compressed length for the ``complexity`` score (part of scoring's cost);
+   image's PNG-compressed lengths for the ``complexity`` and ``coarse_complexity``
+   scores (part of scoring's cost);
 3. **model only**: the forward pass on in-memory batches (no files), for context;
 4. **scoring**: :func:`anomaly_flow.scoring.score_folder` end to end, into a CSV.
 
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n, bs, workers = len(paths), args.batch_size, args.workers
 
     decoding = ImageFolderDataset(paths, config.mode, config.image_size)
-    scoring = ScoringDataset(paths, config.mode, config.image_size, config.n_bits)
+    scoring = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
+                             config.levels)
     time_loader(decoding, bs, workers)  # warm-up: files into the page cache
 
     def score_once() -> float:

@@ -220,7 +220,35 @@ def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> 
     result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
                  "--target-fpr", "0.1", "--score", "level_9", "--device", "cpu",
                  "--mlruns", store)
-    assert_one_line_error(result, "unknown score 'level_9'", "bpd, complexity, level_1, level_2")
+    assert_one_line_error(result, "unknown score 'level_9'",
+                          "bpd, complexity, coarse_complexity, level_1, level_2")
+
+
+def test_coarse_complexity_calibrates_and_then_drives_score(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--score", "coarse_complexity", "--target-fpr", "0.1", "--device", "cpu",
+                 "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert "(coarse_complexity, conformal, target FPR 0.1)" in result.stdout
+    loaded = tracking.load_model(model_uri_from(result))
+    calibration = loaded.calibration
+    assert calibration is not None and calibration.score_name == "coarse_complexity"
+    normal = score_folder_table(loaded.model, image_dirs.calibration).values("coarse_complexity")
+    assert normal.shape == (40,)
+    assert calibration.threshold.value == pytest.approx(
+        conformal_threshold(normal, 0.1).value, rel=1e-6)
+    assert client.get_model_version(NAME, str(loaded.version)).tags["score_name"] == \
+        "coarse_complexity"
+
+    out = tmp_path / "scores.parquet"
+    result = run("score", image_dirs.test_anomalous, "--model", model_uri_from(result),
+                 "--out", out, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out)
+    np.testing.assert_array_equal(table["score"], table["coarse_complexity"])
+    np.testing.assert_array_equal(table["is_anomaly"].to_numpy(dtype=bool),
+                                  table["score"].to_numpy() > calibration.threshold.value)
 
 
 @pytest.mark.parametrize("method", ["f1", "youden", "cost"])
@@ -303,17 +331,20 @@ def hand_scores(folder: str, columns: dict[str, np.ndarray]) -> FolderScores:
     return FolderScores(Path(f"/data/{folder}"), table, "fingerprint")
 
 
+@pytest.mark.parametrize(("best", "runner_up"), [("complexity", "coarse_complexity"),
+                                                 ("coarse_complexity", "complexity")])
 def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evidence(
-        store: Path, client: mlflow.MlflowClient) -> None:
+        store: Path, client: mlflow.MlflowClient, best: str, runner_up: str) -> None:
     rng = np.random.default_rng(3)
     base_normal, base_anomalous = rng.normal(0.0, 1.0, 30), rng.normal(0.0, 1.0, 12)
-    normal = hand_scores("normal", {
-        "bpd": base_normal, "complexity": base_normal, "level_1": base_normal,
-        "level_2": base_normal})
+    columns = score_names(2)
+    assert columns == ["bpd", "complexity", "coarse_complexity", "level_1", "level_2"]
+    normal = hand_scores("normal", dict.fromkeys(columns, base_normal))
     anomalous = hand_scores("anomalous", {
         "bpd": base_anomalous + 0.5,        # a little separated
-        "complexity": base_anomalous + 4.0,  # well separated: the right choice
-        "level_1": base_anomalous - 4.0,     # reversed
+        best: base_anomalous + 4.0,         # well separated: the right choice
+        runner_up: base_anomalous + 2.0,    # separated, less well
+        "level_1": base_anomalous - 4.0,    # reversed
         "level_2": base_anomalous + 1.0})
     # One normal image with a non-finite level_2 is left out for every candidate.
     normal.table.loc[0, "level_2"] = np.nan
@@ -322,21 +353,21 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
 
     calibration = outcome.calibration
     selection = calibration.score_selection
-    assert selection is not None and calibration.score_name == selection.chosen == "complexity"
-    columns = ["bpd", "complexity", "level_1", "level_2"]
+    assert selection is not None and calibration.score_name == selection.chosen == best
+    assert list(selection.auroc) == columns  # every score was a candidate, in column order
     reference = select_score({c: normal.table[c].to_numpy()[1:] for c in columns},
                              {c: anomalous.table[c].to_numpy() for c in columns})
     assert selection == reference
     assert (selection.n_normal, selection.n_anomalous) == (29, 12)
-    assert selection.auroc["complexity"] > selection.auroc["bpd"] > selection.auroc["level_1"]
+    assert selection.auroc[best] > selection.auroc[runner_up] > selection.auroc["bpd"] \
+        > selection.auroc["level_1"]
     # The threshold is fitted on the chosen score, on all its usable normal images.
-    assert calibration.threshold.value == conformal_threshold(
-        normal.values("complexity"), 0.1).value
+    assert calibration.threshold.value == conformal_threshold(normal.values(best), 0.1).value
     assert calibration.threshold.n_calibration == 30
 
     logged = client.get_run(outcome.run_id).data
-    assert logged.params["score"] == "complexity" and logged.params["score_selection"] == "auto"
-    assert logged.tags["score_name"] == "complexity"
+    assert logged.params["score"] == best and logged.params["score_selection"] == "auto"
+    assert logged.tags["score_name"] == best
     assert logged.tags["score_selection"] == "max AUROC on labelled anomalies"
     for name, value in selection.auroc.items():
         assert logged.metrics[f"selection_{name}_auroc"] == pytest.approx(value)
@@ -364,7 +395,9 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
     reference = select_score({n: normal.values(n) for n in names},
                              {n: anomalous.values(n) for n in names})
     assert chosen == reference.chosen
+    assert list(calibration.score_selection.auroc) == names  # coarse_complexity included
     assert calibration.score_selection.auroc == pytest.approx(reference.auroc)
+    assert f"coarse_complexity {reference.auroc['coarse_complexity']:.4f}" in result.stdout
     assert (calibration.score_selection.n_normal,
             calibration.score_selection.n_anomalous) == (40, 16)
     assert f"threshold: {calibration.threshold.value} ({chosen}, conformal, target FPR 0.1)" \

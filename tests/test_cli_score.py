@@ -106,6 +106,18 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert not again["path"].duplicated().any()
     pd.testing.assert_frame_equal(again, table, check_exact=False, rtol=0, atol=ULPS)
 
+    # a table from before coarse_complexity existed: its scored files are scored again
+    older = tmp_path / "older.csv"
+    table.head(8).drop(columns="coarse_complexity").to_csv(older, index=False)
+    n_kept = int((table.head(8)["error"] != "").sum())
+    resumed = run("score", messy, "--model", model_dir, "--out", older, "--workers", "0",
+                  "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "has no coarse_complexity column (it was written by an older anomaly-flow); " \
+           f"scoring its {8 - n_kept} scored file(s) again" in resumed.stderr
+    assert f"wrote {len(MESSY)} rows to {older}, {n_kept} kept from before" in resumed.stderr
+    pd.testing.assert_frame_equal(read_csv(older), table, check_exact=False, rtol=0, atol=ULPS)
+
 
 def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model_dir: Path,
                                                               tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def fake_scores(values: np.ndarray, errors: list[str] | None = None,
         "path": [f"/data/{folder}/{i:03d}.png" for i in range(len(values))],
         "bpd": np.where([e == "" for e in errors], values, np.nan),
         "complexity": values - 1.0,
+        "coarse_complexity": values / 2 - 1.0,
         "level_1": values / 2, "level_2": values / 2,
         "error": errors,
     })
@@ -70,7 +71,8 @@ def test_score_folder_table_reports_and_leaves_out_broken_files(
         scores = score_folder_table(make_tiny_model(), folder, batch_size=4)
 
     assert scores.n_files == 8
-    assert list(scores.table.columns[:3]) == ["path", "bpd", "complexity"]
+    assert list(scores.table.columns) == ["path", "bpd", "complexity", "coarse_complexity",
+                                          "level_1", "level_2", "error"]
     assert scores.values("bpd").shape == (6,) and np.isfinite(scores.values("bpd")).all()
     failed = dict(scores.failures("bpd"))
     assert sorted(Path(p).name for p in failed) == ["broken.png", "empty.png"]
@@ -141,7 +143,8 @@ def test_failed_images_do_not_count_towards_the_minimum() -> None:
 
 
 def test_unknown_score_is_refused() -> None:
-    with pytest.raises(CalibrationError, match="choose one of bpd, complexity, level_1, level_2"):
+    with pytest.raises(CalibrationError,
+                       match="choose one of bpd, complexity, coarse_complexity, level_1, level_2"):
         calibrate_scores(LOADED, fake_scores(NORMAL), score="level_3", target_fpr=0.1)
 
 
@@ -179,8 +182,9 @@ def test_compare_thresholds_matches_the_calibration_module() -> None:
 
 def test_detection_table_has_every_score_and_matches_sklearn_metrics() -> None:
     normal, anomalous = fake_scores(NORMAL), fake_scores(ANOMALOUS, folder="anomalous")
-    table = detection_table(normal, anomalous, ["bpd", "complexity", "level_1", "level_2"])
-    assert list(table.index) == ["bpd", "complexity", "level_1", "level_2"]
+    names = ["bpd", "complexity", "coarse_complexity", "level_1", "level_2"]
+    table = detection_table(normal, anomalous, names)
+    assert list(table.index) == names
     reference = detection_metrics(NORMAL, ANOMALOUS)
     assert table.loc["bpd", "auroc"] == reference.auroc
     assert table.loc["bpd", "aupr"] == reference.aupr

@@ -7,6 +7,8 @@ meaningless as anomaly scores but exact as likelihoods, which is all these tests
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import struct
 import zlib
@@ -170,8 +172,9 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
-                       na_values={c: [""] for c in ("bpd", "complexity", "level_1", "level_2",
-                                                    "score", "p_value", "is_anomaly")})
+                       na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
+                                                    "level_1", "level_2", "score", "p_value",
+                                                    "is_anomaly")})
 
 
 def relative(table: pd.DataFrame, root: Path) -> list[str]:
@@ -200,12 +203,14 @@ def test_every_file_gets_a_row_with_scores_or_a_reason(model: Glow, messy: Path,
         expected = MESSY[name.replace("\\xff", "\udcff")]
         if expected is None:
             assert row.error == "", name
-            assert np.isfinite([row.bpd, row.complexity, row.level_1, row.level_2]).all(), name
+            assert np.isfinite([row.bpd, row.complexity, row.coarse_complexity, row.level_1,
+                                row.level_2]).all(), name
             assert row.score == row.bpd
             assert row.bpd == pytest.approx(TINY.n_bits + row.level_1 + row.level_2, abs=1e-5)
         else:
             assert row.error == expected, name
-            assert np.isnan([row.bpd, row.complexity, row.level_1, row.level_2, row.score]).all()
+            assert np.isnan([row.bpd, row.complexity, row.coarse_complexity, row.level_1,
+                             row.level_2, row.score]).all()
         assert np.isnan(row.p_value) and np.isnan(row.is_anomaly)  # uncalibrated
 
 
@@ -226,6 +231,119 @@ def test_scores_are_the_models_bits_per_dim(model: Glow, messy: Path,
                                atol=ULPS)
 
 
+def hand_built_images(channels: int) -> np.ndarray:
+    """Three uint8 ``(channels, 16, 16)`` images with structure at several scales: a
+    ramp, a blocky pattern whose 2×2 block means end in exactly .5, and a checkerboard."""
+    y, x = np.mgrid[0:16, 0:16]
+    ramp = (x * 16 + y).astype(np.uint8)
+    halves = np.where(x % 2 == 0, 2, 3) * (1 + (y // 4) * 20) + 8 * (x // 8)  # means k + .5
+    checker = np.where((x // 2 + y // 2) % 2 == 0, 250, 5)
+    planes = [ramp, halves.astype(np.uint8), checker.astype(np.uint8)]
+    return np.stack([np.stack([np.roll(p, 3 * c, axis=1) for c in range(channels)])
+                     for p in planes]).astype(np.uint8)
+
+
+def pil_png_bits(k: np.ndarray, factor: int) -> int:
+    """Bits of the quantised image ``k`` (C, H, W) box-downsampled by PIL's ``reduce``
+    (the mean of each block, rounded half up) and saved as PNG at level 9."""
+    mode = "L" if k.shape[0] == 1 else "RGB"
+    img = Image.fromarray(k[0] if k.shape[0] == 1 else k.transpose(1, 2, 0), mode)
+    if factor > 1:
+        img = img.reduce(factor)
+    return 8 * len(png_bytes(img, compress_level=9))
+
+
+def test_png_length_downsamples_block_means_rounded_half_up() -> None:
+    # 2x2 blocks of 5-bit values (low 3 bits set, to be dropped) with means .25 .. 2.5
+    k = np.array([[0, 0, 0, 1, 2, 3, 1, 1],
+                  [0, 1, 1, 1, 2, 3, 2, 2]], dtype=np.uint8)
+    image = np.tile(k, (4, 1))[None] * 8 + 7  # (1, 8, 8), 8-bit pixels
+    down = np.tile(np.array([[0, 1, 3, 2]], dtype=np.uint8), (4, 1))  # by hand
+    expected = 8 * len(png_bytes(Image.fromarray(down), compress_level=9)) / 64
+    assert scoring.png_bits_per_dim(image, 5, downsample=2) == expected
+    assert scoring.coarse_png_bits_per_dim(image, 5, levels=2) == expected
+    assert scoring.png_bits_per_dim(image, 5, downsample=1) == \
+        scoring.png_bits_per_dim(image, 5) == scoring.coarse_png_bits_per_dim(image, 5, 1)
+    with pytest.raises(ValueError, match="cannot box-downsample a 8x8 image by 3"):
+        scoring.png_bits_per_dim(image, 5, downsample=3)
+
+
+@pytest.mark.parametrize(("channels", "levels", "n_bits"),
+                         [(1, 2, 8), (3, 2, 5), (1, 1, 8), (3, 1, 8), (1, 3, 6)])
+def test_coarse_complexity_is_level_L_minus_the_coarse_png_length(
+        tmp_path: Path, channels: int, levels: int, n_bits: int) -> None:
+    config = GlowConfig(in_channels=channels, image_size=16, levels=levels,
+                        steps_per_level=2, hidden_channels=8, n_bits=n_bits)
+    images = hand_built_images(channels)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    model = Glow(config)
+    model.initialize(preprocess(torch.from_numpy(gray_or_rgb(channels, 32)), n_bits))
+    model.eval()
+
+    for name in ("a.csv", "b.csv", "c.parquet"):
+        score_folder(model, None, folder, tmp_path / name, batch_size=2)
+    table = read_csv(tmp_path / "a.csv")
+    assert list(table.columns) == output_columns(levels)
+    assert table["coarse_complexity"].dtype == np.float64
+    parquet = pd.read_parquet(tmp_path / "c.parquet")
+    assert parquet["coarse_complexity"].dtype == np.float64
+    # deterministic: the same files give the same numbers in every run and format
+    np.testing.assert_array_equal(read_csv(tmp_path / "b.csv")["coarse_complexity"],
+                                  table["coarse_complexity"])
+    np.testing.assert_array_equal(parquet["coarse_complexity"], table["coarse_complexity"])
+
+    # the reference: level_L from the model's own breakdown, the PNG length from PIL
+    with torch.no_grad():
+        level_l = model.breakdown(preprocess(torch.from_numpy(images), n_bits)).level_bits
+    k = images >> (8 - n_bits)
+    d = channels * 16 * 16
+    png = np.array([pil_png_bits(image, 2 ** (levels - 1)) / d for image in k])
+    expected = level_l[:, -1].double().numpy() - png
+    np.testing.assert_allclose(table["coarse_complexity"], expected, rtol=0, atol=ULPS)
+    np.testing.assert_allclose(table["coarse_complexity"],
+                               table[f"level_{levels}"] - png, rtol=0, atol=1e-12)
+    if levels == 1:  # level_1 − L(x)/D = complexity − n_bits, up to float32 sums
+        np.testing.assert_allclose(table["coarse_complexity"],
+                                   table["complexity"] - n_bits, rtol=0, atol=ULPS)
+
+
+def gray_or_rgb(channels: int, n: int) -> np.ndarray:
+    """``n`` random uint8 ``(channels, 16, 16)`` images to initialise ActNorm on."""
+    return np.random.default_rng(1).integers(0, 256, (n, channels, 16, 16), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("score_name", ["bpd", "complexity", "level_1", "level_2"])
+def test_calibrations_from_before_coarse_complexity_still_drive_decisions(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        score_name: str) -> None:
+    """A calibration.json as older versions stored it (schema 1, one of the old scores)
+    loads unchanged and decides on its own score column."""
+    scored = full_table[full_table["error"] == ""]
+    values = np.sort(scored[score_name].to_numpy())
+    stored = json.dumps({
+        "schema_version": 1, "score_name": score_name, "created_at": "2025-01-01T00:00:00+00:00",
+        "threshold": {"value": float(values[-2]), "method": "conformal", "alpha": 0.2,
+                      "n_calibration": len(values), "fpr": 1 / len(values), "n_anomalous": 0,
+                      "precision": None, "recall": None, "f1": None, "cost_fp": None,
+                      "cost_fn": None},
+        "calibration_scores": values.tolist(),
+    })
+    calibration = Calibration.from_json(stored)
+    assert calibration.score_name == score_name
+    out = tmp_path / "scores.csv"
+    score_folder(model, calibration, messy, out)
+    table = read_csv(out)
+    ok = table["error"] == ""
+    np.testing.assert_array_equal(table.loc[ok, "score"], table.loc[ok, score_name])
+    np.testing.assert_array_equal(table.loc[ok, "is_anomaly"] == 1.0,
+                                  table.loc[ok, score_name] > values[-2])
+
+
 def test_same_numbers_whatever_the_batching_workers_or_format(
     model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -237,7 +355,7 @@ def test_same_numbers_whatever_the_batching_workers_or_format(
     assert table["error"].tolist() == full_table["error"].tolist()
     # Same file, same numbers: bit-identical here; a CPU kernel that sums in a
     # batch-size-dependent order may change the last float32 bit, no more.
-    for column in ("bpd", "complexity", "level_1", "level_2", "score"):
+    for column in ("bpd", "complexity", "coarse_complexity", "level_1", "level_2", "score"):
         np.testing.assert_allclose(table[column], full_table[column], rtol=0, atol=ULPS)
 
 
@@ -366,6 +484,36 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
         read_table(other, 2)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_resume_from_a_table_without_coarse_complexity_rescores_its_files(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A table written before ``coarse_complexity`` existed: resuming scores its files
+    again to fill the column, keeps its failed rows, and finishes the whole table."""
+    out = tmp_path / f"scores{suffix}"
+    k = 7
+    older = full_table.head(k).drop(columns="coarse_complexity")
+    older["is_anomaly"] = older["is_anomaly"].astype("boolean")
+    n_failed = int((older["error"] != "").sum())
+    assert 0 < n_failed < k
+    write_table(older, out)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"):
+        summary = score_folder(model, None, messy, out, batch_size=4, resume=True,
+                               heatmaps=tmp_path / "heat")
+    assert summary.n_resumed == n_failed and summary.n_files == len(MESSY)
+    assert summary.n_heatmaps == N_GOOD  # every file with scores was scored by this run
+    [message] = [r.getMessage() for r in caplog.records if "coarse_complexity" in r.getMessage()]
+    assert f"has no coarse_complexity column (it was written by an older anomaly-flow); " \
+           f"scoring its {k - n_failed} scored file(s) again" in message
+    resumed = read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert list(resumed.columns) == output_columns(2)
+    pd.testing.assert_frame_equal(
+        resumed.astype({"is_anomaly": float, "path": str, "error": str}),
+        full_table.astype({"is_anomaly": float, "path": str, "error": str}),
+        check_exact=False, rtol=0, atol=ULPS,
+    )
+
+
 # --------------------------------------------------------------------------- calibration
 
 
@@ -419,7 +567,7 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
 def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     paths = find_images(messy)
-    dataset = ScoringDataset(paths, TINY.mode, TINY.image_size, TINY.n_bits)
+    dataset = ScoringDataset(paths, TINY.mode, TINY.image_size, TINY.n_bits, TINY.levels)
     table = score_dataset(model, dataset, batch_size=5,
                           heatmaps=lambda i, x, m: received.append((list(i), x, m)))
     indices = [i for batch in received for i in batch[0]]

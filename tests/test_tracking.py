@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.types.schema import DataType
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
@@ -39,7 +40,8 @@ AUTO = "auto"
 def library_scores(model: Glow, sources: list) -> pd.DataFrame:
     """What the library itself says for these files: the reference for every path."""
     cfg = model.config
-    return score_dataset(model, ScoringDataset(sources, cfg.mode, cfg.image_size, cfg.n_bits))
+    return score_dataset(model, ScoringDataset(sources, cfg.mode, cfg.image_size, cfg.n_bits,
+                                               cfg.levels))
 
 
 # ------------------------------------------------------------------- the store
@@ -198,13 +200,19 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     by_path = pyfunc.predict(pd.DataFrame({"path": [*paths, str(broken)]}))
     by_bytes = pyfunc.predict(pd.DataFrame({"image": [p.read_bytes() for p in files]}))
 
-    columns = ["bpd", "complexity", "level_1", "level_2", "score", "p_value", "is_anomaly",
-               "error"]
+    columns = ["bpd", "complexity", "coarse_complexity", "level_1", "level_2", "score",
+               "p_value", "is_anomaly", "error"]
     assert list(by_path.columns) == columns
     np.testing.assert_array_equal(by_path["bpd"].to_numpy()[:-1], expected["bpd"].to_numpy())
     np.testing.assert_array_equal(by_bytes["bpd"].to_numpy(), expected["bpd"].to_numpy())
-    np.testing.assert_array_equal(by_path["complexity"].to_numpy()[:-1],
-                                  expected["complexity"].to_numpy())
+    for name in ("complexity", "coarse_complexity"):
+        assert by_path[name].dtype == by_bytes[name].dtype == np.float64, name
+        np.testing.assert_array_equal(by_path[name].to_numpy()[:-1], expected[name].to_numpy())
+        np.testing.assert_array_equal(by_bytes[name].to_numpy(), expected[name].to_numpy())
+    assert np.isnan(by_path["coarse_complexity"].iloc[-1])
+    signature = {spec.name: spec.type for spec in pyfunc.metadata.get_output_schema().inputs}
+    assert list(signature) == columns
+    assert signature["coarse_complexity"] == DataType.double
     assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
     assert (by_path["error"][:-1] == "").all()

@@ -41,7 +41,8 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
               help="Folder of labelled anomalies: adds precision/recall, ROC and PR curves, "
                    "and enables --method f1, youden and cost, and --score auto.")
 @click.option("--score", default="bpd", show_default=True,
-              help="Score the threshold applies to: bpd, complexity, level_1 ... level_L; or "
+              help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
+                   "level_1 ... level_L; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
                    "images, recorded in the calibration. That AUROC is measured on the same "
                    "images that chose it, so it is optimistic; a conformal threshold still "
@@ -88,7 +89,7 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
     if score == "auto" and anomalous is None:
         raise click.UsageError("--score auto chooses the score with the highest AUROC on "
                                "labelled anomalies: pass --anomalous DIR, or name a score "
-                               "(--score bpd, complexity, level_1 ...).")
+                               "(--score bpd, complexity, coarse_complexity, level_1 ...).")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
     if target_fpr is not None and not 0 < target_fpr < 1:
@@ -125,10 +126,11 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
 
 def format_table(table: pd.DataFrame) -> str:
     """Fixed-width text table of per-score detection metrics (AUROC etc.)."""
-    header = f"{'score':<12} {'AUROC':>7} {'AUPR':>7} {'FPR@95TPR':>10}"
+    width = max([12, *(len(str(name)) for name in table.index)])
+    header = f"{'score':<{width}} {'AUROC':>7} {'AUPR':>7} {'FPR@95TPR':>10}"
     lines = [header, "-" * len(header)]
     for name, row in table.iterrows():
-        lines.append(f"{name!s:<12} {row['auroc']:>7.4f} {row['aupr']:>7.4f} "
+        lines.append(f"{name!s:<{width}} {row['auroc']:>7.4f} {row['aupr']:>7.4f} "
                      f"{row['fpr_at_95_tpr']:>10.4f}")
     return "\n".join(lines)
 
@@ -146,8 +148,8 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
              workers: int, mlruns: Path | None) -> None:
     """AUROC, AUPR and FPR at 95% TPR of every score type on labelled folders.
 
-    Prints a table (one row per score: bpd, complexity, level_1 ... level_L) and logs
-    it as a run with ROC and PR curves and score histograms.
+    Prints a table (one row per score: bpd, complexity, coarse_complexity, level_1 ...
+    level_L) and logs it as a run with ROC and PR curves and score histograms.
 
     \b
     Example:

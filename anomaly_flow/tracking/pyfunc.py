@@ -7,8 +7,8 @@ and the optional ``calibration.json``: nothing is unpickled.
 Input: a DataFrame with a ``path`` column (image files readable where the model runs)
 and/or an ``image`` column (encoded file bytes; base64 in JSON requests). Where a row has
 both, the bytes win. Output: one row per input row, in order, with ``bpd``,
-``complexity``, ``level_1..level_L``, ``score``, ``p_value``, ``is_anomaly`` and
-``error`` (see :func:`predict_frame`).
+``complexity``, ``coarse_complexity``, ``level_1..level_L``, ``score``, ``p_value``,
+``is_anomaly`` and ``error`` (see :func:`predict_frame`).
 
 Params at predict time: ``threshold`` (decide ``score > threshold`` instead of the
 calibrated threshold; also works on an uncalibrated model, whose score is ``bpd``) and
@@ -30,7 +30,7 @@ from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schem
 from anomaly_flow.calibration import Calibration
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.glow import Glow
-from anomaly_flow.scoring import ScoringDataset, apply_calibration, level_columns, score_dataset
+from anomaly_flow.scoring import ScoringDataset, apply_calibration, score_dataset, score_names
 from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ DEFAULT_BATCH_SIZE = 256
 
 def output_columns(levels: int) -> list[str]:
     """Columns of the prediction frame, in order."""
-    return ["bpd", "complexity", *level_columns(levels), "score", "p_value", "is_anomaly",
-            "error"]
+    return [*score_names(levels), "score", "p_value", "is_anomaly", "error"]
 
 
 def model_signature(config: GlowConfig) -> ModelSignature:
@@ -55,7 +54,7 @@ def model_signature(config: GlowConfig) -> ModelSignature:
         ColSpec(DataType.string, "path", required=False),
         ColSpec(DataType.binary, "image", required=False),
     ])
-    doubles = ["bpd", "complexity", *level_columns(config.levels), "score", "p_value"]
+    doubles = [*score_names(config.levels), "score", "p_value"]
     outputs = Schema([
         *(ColSpec(DataType.double, name) for name in doubles),
         ColSpec(DataType.boolean, "is_anomaly", required=False),
@@ -114,7 +113,8 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         be read has NaN scores, ``is_anomaly`` None and the reason in ``error``.
     """
     cfg = model.config
-    dataset = ScoringDataset(input_sources(frame), cfg.mode, cfg.image_size, cfg.n_bits)
+    dataset = ScoringDataset(input_sources(frame), cfg.mode, cfg.image_size, cfg.n_bits,
+                             cfg.levels)
     scores = score_dataset(model, dataset, batch_size=batch_size, progress=False)
     out = apply_calibration(scores, calibration)
     verdict = out["is_anomaly"].astype(object).where(out["is_anomaly"].notna(), None)
