@@ -132,6 +132,8 @@ class TrainConfig:
             initialisation, around DDP). The first steps pay the compilation (tens of
             seconds on a CPU, minutes for the reference architecture); validation,
             sampling and the saved model stay eager. Needs a C++ compiler on the CPU.
+            Tested in one process; under DDP every rank compiles on its own (the
+            compiled DDP module), which is untested here.
     """
 
     epochs: int = 10

@@ -64,6 +64,10 @@ CHECKPOINTS_KEPT = 2
 """How many checkpoints a checkpoint folder keeps; older ones are deleted."""
 
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
+_EXECUTION_ONLY = frozenset({"compile", "num_workers"})
+"""Training settings that change how fast a run goes, not its result."""
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+"""Optimizer settings that choose a kernel, not the arithmetic."""
 
 
 class TrainingError(RuntimeError):
@@ -255,9 +259,10 @@ class _FailedFiles:
     def keep(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoded images ``(b, C, H, W)`` of a collated batch and its ``ok`` mask."""
         images, ok, errors, index = batch
-        if not bool(ok.all()):
-            for i in torch.nonzero(~ok).flatten().tolist():
-                self.add(self._name(int(index[i])), errors[i])
+        if bool(ok.all()):
+            return images, ok  # no copy: the loader's pinned memory stays pinned
+        for i in torch.nonzero(~ok).flatten().tolist():
+            self.add(self._name(int(index[i])), errors[i])
         return images[ok], ok
 
     def gather(self, world: int) -> None:
@@ -428,7 +433,7 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
             f"configuration given ({config.model}); resume with the run's own configuration "
             "or start afresh in an empty checkpoint folder.")
     changed = sorted(k for k, v in config.train.to_dict().items()
-                     if saved.train.to_dict()[k] != v)
+                     if saved.train.to_dict()[k] != v and k not in _EXECUTION_ONLY)
     if changed:
         logger.warning("resuming with changed training settings %s; the run will not "
                        "match an uninterrupted one", changed)
@@ -442,9 +447,14 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
     for name, value in meta.get("optimizer_scalars", {}).items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    # JSON turned tuples (Adam's betas) into lists; give them back their type.
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
-               for k, v in group.items()} for group in meta["param_groups"]]
+    # JSON turned tuples (Adam's betas) into lists; give them back their type. Which
+    # kernel runs the update (fused, foreach) is this optimizer's choice, not the
+    # checkpoint's: a checkpoint of per-tensor Adam (older versions) resumes fused, with
+    # the same state and the same update up to float rounding.
+    how = {k: optimizer.param_groups[0][k] for k in _IMPLEMENTATION_KEYS
+           if k in optimizer.param_groups[0]}
+    groups = [{**{k: tuple(v) if isinstance(v, list) and k != "params" else v
+                  for k, v in group.items()}, **how} for group in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return meta
 
@@ -678,6 +688,8 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 launched = _LaunchedStep(step + 1, learning_rate(t, step), figures)
                 step += 1
                 if pending is not None:  # the previous step, before this one's update
+                    # (a checkpoint written here already lists this batch's undecodable
+                    # files: harmless, they are only not logged again after a resume)
                     settle(pending, epoch, clock, bar)
                 for group in optimizer.param_groups:
                     group["lr"] = launched.lr
@@ -764,7 +776,7 @@ class _LaunchedStep:
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` honours a ``found_inf`` flag (the fused kernels)."""
-    return bool(optimizer.defaults.get("fused"))
+    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.Optimizer,
@@ -781,7 +793,7 @@ def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.
         how many ranks saw a non-finite loss or gradient, ``n``, and the gradient norm
         before clipping (see :class:`_LaunchedStep`).
     """
-    n = torch.tensor(float(len(x)), device=x.device)
+    n = torch.full((), float(len(x)), device=x.device)  # torch.tensor() would wait on CUDA
     if world > 1:
         dist.all_reduce(n)
     bpd = bits_per_dim(log_prob_from_output(net(x)), model.config)

@@ -159,6 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "and --test-anomalous")
     if args.sample is not None and any(g is not None for g in given):
         parser.error("give --sample DIR or the four folders, not both")
+    if args.score == "auto":  # checked before training, not after
+        parser.error("--score auto needs labelled anomalies, and this pipeline calibrates "
+                     "on normal images only: name a score (bpd, complexity, "
+                     "coarse_complexity, level_1, ...), or run pipelines/select_threshold.py "
+                     "--score auto on the trained model")
     return args
 
 

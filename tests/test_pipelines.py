@@ -88,6 +88,15 @@ def test_calibrate_pipeline_refusal_is_one_line(
     assert len(err) == 1 and "at least 99" in err[0]
 
 
+def test_end_to_end_refuses_score_auto_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    end_to_end = load_script("end_to_end")
+    with pytest.raises(SystemExit) as exit_info:
+        end_to_end.parse_args(["--name", "e2e", "--sample", str(tmp_path), "--score", "auto"])
+    assert exit_info.value.code == 2
+    assert "--score auto needs labelled anomalies" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["calibrate", "select_threshold"])
 def test_pipeline_with_an_unknown_model_is_one_line(
         script: str, trained: TrainedModel, image_dirs: ImageDirs,

@@ -214,10 +214,13 @@ class Killed(Exception):
     """Stands for the process being killed."""
 
 
-def test_resume_is_bit_identical(image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("written_by", ["this version", "per-tensor Adam"])
+def test_resume_is_bit_identical(image_folder: Path, tmp_path: Path,
+                                 written_by: str) -> None:
     """3 epochs of 18 steps = 2N steps with N = 27; the interrupted run is killed just
     after its checkpoint at step 27, half way through epoch 2, and resumed with the same
-    configuration."""
+    configuration. A checkpoint as versions before fused Adam wrote it (``fused`` and
+    ``foreach`` null in its parameter groups) resumes fused, with the same result."""
     n = 27
     config = run_config(epochs=3, checkpoint_every=n)
     data = folder_datasets(image_folder, config)
@@ -231,6 +234,13 @@ def test_resume_is_bit_identical(image_folder: Path, tmp_path: Path) -> None:
         train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path / "cut",
               callback=kill_after_checkpoint)
     assert latest_checkpoint(tmp_path / "cut").name == f"step-{n:08d}"
+    if written_by == "per-tensor Adam":
+        state_file = latest_checkpoint(tmp_path / "cut") / "state.json"
+        state = json.loads(state_file.read_text())
+        assert state["param_groups"][0]["fused"] is True
+        for group in state["param_groups"]:
+            group.update(fused=None, foreach=None)
+        state_file.write_text(json.dumps(state))
     resumed_steps: list[int] = []
     resumed = train(config, data.train, data.val, device="cpu",
                     checkpoint_dir=tmp_path / "cut", resume=True,

@@ -133,7 +133,11 @@ def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
 def _without_registration_chatter() -> Iterator[None]:
     """Silence MLflow's event stream while registering: ``mlflow.register_model`` prints
     "Successfully registered model ..." and "Created version ..." there for every call.
-    Left on when MLflow's INFO logs are asked for (``-v``). Errors still raise."""
+
+    The switch is MLflow's own and process-wide, so MLflow's log lines from the same
+    moment (a warning from another thread too) are dropped with the chatter; failures
+    still raise. Left on when MLflow's INFO logs are asked for (``-v``).
+    """
     if logging.getLogger("mlflow").getEffectiveLevel() <= logging.INFO:
         yield
         return
