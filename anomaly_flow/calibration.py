@@ -264,6 +264,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _check_fields(data: Any, what: str, known: set[str], required: set[str]) -> None:
+    """Refuse a stored ``what`` that is not a JSON object, has fields this version does not
+    know, or lacks required ones."""
+    if not isinstance(data, Mapping):
+        raise CalibrationError(f"{what} must be a JSON object; got {type(data).__name__}.")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CalibrationError(
+            f"unknown {what} field(s) {unknown}; expected only {sorted(known)}. "
+            "The file may come from a newer version of anomaly-flow."
+        )
+    missing = sorted(required - set(data))
+    if missing:
+        raise CalibrationError(f"{what} is missing field(s) {missing}.")
+
+
 @dataclass(frozen=True)
 class Threshold:
     """A decision threshold and how well it did on the data that chose it.
@@ -360,18 +376,8 @@ class Threshold:
         Raises:
             CalibrationError: Missing or unknown keys, or invalid values.
         """
-        if not isinstance(data, Mapping):
-            raise CalibrationError(f"a threshold must be a JSON object; got {type(data).__name__}.")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CalibrationError(
-                f"unknown threshold field(s) {unknown}; expected only {sorted(known)}. "
-                "The file may come from a newer version of anomaly-flow."
-            )
-        missing = sorted({"value", "method", "alpha", "n_calibration", "fpr"} - set(data))
-        if missing:
-            raise CalibrationError(f"threshold is missing field(s) {missing}.")
+        _check_fields(data, "threshold", set(cls.__dataclass_fields__),
+                      {"value", "method", "alpha", "n_calibration", "fpr"})
         try:
             return cls(**data)
         except (TypeError, ValueError) as error:
@@ -519,20 +525,8 @@ class ScoreSelection:
         Raises:
             CalibrationError: Missing or unknown keys, or invalid values.
         """
-        if not isinstance(data, Mapping):
-            raise CalibrationError(
-                f"a score selection must be a JSON object; got {type(data).__name__}."
-            )
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CalibrationError(
-                f"unknown score_selection field(s) {unknown}; expected only {sorted(known)}. "
-                "The file may come from a newer version of anomaly-flow."
-            )
-        missing = sorted(known - set(data))
-        if missing:
-            raise CalibrationError(f"score_selection is missing field(s) {missing}.")
+        _check_fields(data, "score_selection", known, known)
         return cls(**data)
 
 
