@@ -7,6 +7,7 @@ of 16, so the whole file takes well under a minute on 2 cores.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -417,6 +418,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_ranks(folder: Path, config: RunConfig,
+                  tmp_path: Path) -> tuple[list[dict], list[dict[str, torch.Tensor]]]:
+    """Train under torchrun (gloo, 2 CPU processes, tests/ddp_worker.py): each rank's
+    report and final weights."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.to_json())
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(worker), str(folder), str(config_file),
+           str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)],
+            [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)])
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path, sneakers: np.ndarray) -> None:
     """torchrun, gloo, 2 CPU processes, each taking 8 of every global batch of 16, against
@@ -430,25 +452,11 @@ def test_ddp_two_processes_match_one(tmp_path: Path, sneakers: np.ndarray) -> No
     write_image_folder(sneakers[:100], folder, "s", "png")
     (folder / "notes.png").write_text("not an image")
     config = run_config(epochs=2, val_fraction=0.1, checkpoint_every=5)
-    config_file = tmp_path / "config.json"
-    config_file.write_text(config.to_json())
-    out = tmp_path / "out"
-    out.mkdir()
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(worker), str(folder), str(config_file),
-           str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports, weights = run_two_ranks(folder, config, tmp_path)
 
     data = folder_datasets(folder, config)
     single = train(config, data.train, data.val, device="cpu",
                    checkpoint_dir=tmp_path / "single")
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    weights = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
 
     assert [r["world"] for r in reports] == [2, 2]
     assert all(r["group_left"] for r in reports), "train() leaves the group it joined"
@@ -466,9 +474,34 @@ def test_ddp_two_processes_match_one(tmp_path: Path, sneakers: np.ndarray) -> No
     assert reports[0]["checkpoint_dir"].endswith("step-00000012")
     assert reports[1]["checkpoint_dir"] is None
     assert reports[1]["samples_shape"] == [0, 0]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
         "latest", "step-00000010", "step-00000012"]
 
+
+
+@pytest.mark.slow
+def test_ddp_with_compile_matches_one_eager_process(tmp_path: Path,
+                                                   sneakers: np.ndarray) -> None:
+    """``compile=True`` under DDP: each rank compiles the DDP-wrapped model; a bad file
+    met by one rank and the short last batch give the ranks batches of different sizes
+    (each recompiles on its own). Same weights as one eager process, up to the float32
+    reordering of compiled kernels and DDP's reduction."""
+    folder = tmp_path / "data"
+    write_image_folder(sneakers[:56], folder, "s", "png")  # 3 global batches of 16, one of 8
+    (folder / "notes.png").write_text("not an image")
+    model = GlowConfig(in_channels=1, image_size=16, levels=2, steps_per_level=1,
+                       hidden_channels=8)
+    train_cfg = run_config(epochs=1, val_fraction=0.0, checkpoint_every=1000).train
+    reports, weights = run_two_ranks(
+        folder, RunConfig(model, dataclasses.replace(train_cfg, compile=True)), tmp_path)
+
+    config = RunConfig(model, train_cfg)
+    single = train(config, folder_datasets(folder, config).train, device="cpu")
+    assert reports[0]["steps"] == reports[1]["steps"] == single.steps == 4
+    for key, value in single.model.state_dict().items():
+        assert torch.equal(weights[0][key], weights[1][key]), key
+        torch.testing.assert_close(weights[0][key], value, rtol=1e-3, atol=1e-4,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.slow
