@@ -169,6 +169,12 @@ Precision = Literal["float32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ScoringError(f"unknown precision {precision!r}; choose one of "
+                           f"{', '.join(PRECISIONS)}")
+
+
 @contextlib.contextmanager
 def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     """The arithmetic scoring runs in, set for the duration and then restored.
@@ -185,9 +191,7 @@ def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     Raises:
         ScoringError: An unknown ``precision``.
     """
-    if precision not in PRECISIONS:
-        raise ScoringError(f"unknown precision {precision!r}; choose one of "
-                           f"{', '.join(PRECISIONS)}")
+    _check_precision(precision)
     cuda = model.device.type == "cuda"
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     with warnings.catch_warnings():
@@ -701,9 +705,7 @@ def score_folder(
     out = Path(out)
     output_format(out)
     check_writable(out)
-    if precision not in PRECISIONS:
-        raise ScoringError(f"unknown precision {precision!r}; choose one of "
-                           f"{', '.join(PRECISIONS)}")
+    _check_precision(precision)
     if fdr is not None and calibration is None:
         apply_calibration(pd.DataFrame({"bpd": []}), None, fdr)  # raises the explanation
     if heatmaps is not None:

@@ -54,6 +54,7 @@ from anomaly_flow.data import (
     split_train_val,
 )
 from anomaly_flow.glow import Glow, bits_per_dim, log_prob_from_output, postprocess, preprocess
+from anomaly_flow.scoring import numerics
 
 logger = logging.getLogger(__name__)
 
@@ -308,11 +309,12 @@ def evaluate_bpd(model: Glow, dataset: Dataset, batch_size: int, device: torch.d
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # bits/dim sum, images
-    for batch in loader:
-        images = batch[0][batch[1]].to(device)
-        if len(images):
-            sums[0] += model.bpd(preprocess(images, model.config.n_bits)).double().sum()
-            sums[1] += len(images)
+    with numerics(model, "float32"):  # the arithmetic of scoring (no bf16, no TF32)
+        for batch in loader:
+            images = batch[0][batch[1]].to(device)
+            if len(images):
+                sums[0] += model.bpd(preprocess(images, model.config.n_bits)).double().sum()
+                sums[1] += len(images)
     if world > 1:
         dist.all_reduce(sums)
     total, count = sums.tolist()
@@ -705,10 +707,8 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 settle(pending, epoch, clock, bar)
             failed.gather(world)
             if val_set is not None and len(val_set):
-                model.set_coupling_autocast(None)  # validation in float32, as scoring
                 val_bpd = evaluate_bpd(model, val_set, t.batch_size, dev, t.num_workers,
                                        rank, world)
-                model.set_coupling_autocast(torch.bfloat16 if use_bf16 else None)
             epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
                              "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
                              float("nan"), "images_per_sec_epoch": imgs_per_sec,
