@@ -409,7 +409,7 @@ class DetectionMetrics:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def _labelled(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def labelled_scores(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels (1 = anomaly) and scores, concatenated, for scikit-learn."""
     y_true = np.concatenate([np.zeros(normal.size, np.int8), np.ones(anomalous.size, np.int8)])
     return y_true, np.concatenate([normal, anomalous])
@@ -431,7 +431,7 @@ def detection_metrics(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> 
     """
     normal = _as_scores(normal_scores, "normal")
     anomalous = _as_scores(anomalous_scores, "anomalous")
-    y_true, y_score = _labelled(normal, anomalous)
+    y_true, y_score = labelled_scores(normal, anomalous)
     fpr, tpr, _ = roc_curve(y_true, y_score, drop_intermediate=False)
     return DetectionMetrics(
         auroc=float(roc_auc_score(y_true, y_score)),
@@ -696,7 +696,7 @@ def _candidates(
     is the largest observed score below ``t``, or the largest float below the smallest
     score when there is none.
     """
-    y_true, y_score = _labelled(normal, anomalous)
+    y_true, y_score = labelled_scores(normal, anomalous)
     fpr, tpr, sk_thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
     distinct = np.unique(y_score)
     below = np.searchsorted(distinct, sk_thresholds, side="left")

@@ -14,13 +14,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
-from sklearn.metrics import auc, precision_recall_curve, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from anomaly_flow.calibration import labelled_scores
 
 __all__ = ["pr_curves", "roc_curves", "score_histogram", "score_histograms"]
 
@@ -139,14 +146,55 @@ def score_histograms(
     return fig
 
 
-def _labels(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if normal.size == 0 or anomalous.size == 0:
-        raise ValueError(
-            "ROC and precision-recall curves need both normal and anomalous scores; "
-            f"got {normal.size} normal and {anomalous.size} anomalous"
-        )
-    y_true = np.concatenate([np.zeros(normal.size), np.ones(anomalous.size)])
-    return y_true, np.concatenate([normal, anomalous])
+def _curve_figure(
+    curves: Mapping[str, LabelledScores],
+    operating_points: Mapping[str, tuple[float, float]] | None,
+    curve: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, str]],
+    *,
+    step: bool,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> tuple[Figure, Axes, float]:
+    """One axes with ``curve(y_true, y_score) -> (x, y, legend figure)`` per score type,
+    operating points dotted in the line's colour. Also returns the share of anomalies."""
+    fig = Figure(figsize=(5.2, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    prevalence = float("nan")
+    for name, (normal, anomalous) in curves.items():
+        normal, anomalous = _finite(normal), _finite(anomalous)
+        if normal.size == 0 or anomalous.size == 0:
+            raise ValueError(
+                "ROC and precision-recall curves need both normal and anomalous scores; "
+                f"got {normal.size} normal and {anomalous.size} anomalous"
+            )
+        y_true, y_score = labelled_scores(normal, anomalous)
+        x, y, figure = curve(y_true, y_score)
+        label = f"{name} ({figure})"
+        if step:
+            draw = ax.step(x, y, where="post", linewidth=1.5, label=label)
+        else:
+            draw = ax.plot(x, y, linewidth=1.5, label=label)
+        if operating_points and name in operating_points:
+            ox, oy = operating_points[name]
+            ax.plot([ox], [oy], "o", color=draw[0].get_color(), markersize=7)
+        prevalence = float(y_true.mean())
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax, prevalence
+
+
+def _roc(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    fpr, tpr, _ = roc_curve(y_true, y_score)
+    return fpr, tpr, f"AUROC {roc_auc_score(y_true, y_score):.3f}"
+
+
+def _pr(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    precision, recall, _ = precision_recall_curve(y_true, y_score)
+    return recall, precision, f"AP {average_precision_score(y_true, y_score):.3f}"
 
 
 def roc_curves(
@@ -166,21 +214,9 @@ def roc_curves(
     Returns:
         The figure.
     """
-    fig = Figure(figsize=(5.2, 5.0), layout="constrained")
-    ax = fig.add_subplot()
-    for name, (normal, anomalous) in curves.items():
-        y_true, y_score = _labels(_finite(normal), _finite(anomalous))
-        fpr, tpr, _ = roc_curve(y_true, y_score)
-        (line,) = ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
-        if operating_points and name in operating_points:
-            x, y = operating_points[name]
-            ax.plot([x], [y], "o", color=line.get_color(), markersize=7)
+    fig, ax, _ = _curve_figure(curves, operating_points, _roc, step=False, title=title,
+                               xlabel="false-positive rate", ylabel="true-positive rate")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title(title)
     ax.legend(fontsize="small", loc="lower right")
     return fig
 
@@ -191,7 +227,8 @@ def pr_curves(
     operating_points: Mapping[str, tuple[float, float]] | None = None,
     title: str = "Precision-recall (anomalies positive)",
 ) -> Figure:
-    """Precision-recall curves of one or more score types, average precision in the legend.
+    """Precision-recall curves of one or more score types, average precision (AUPR) in
+    the legend.
 
     Args:
         curves: ``{score_name: (normal (N,), anomalous (M,))}``.
@@ -201,27 +238,10 @@ def pr_curves(
     Returns:
         The figure.
     """
-    fig = Figure(figsize=(5.2, 5.0), layout="constrained")
-    ax = fig.add_subplot()
-    prevalence = None
-    for name, (normal, anomalous) in curves.items():
-        y_true, y_score = _labels(_finite(normal), _finite(anomalous))
-        precision, recall, _ = precision_recall_curve(y_true, y_score)
-        # Average precision, the step-wise area scikit-learn reports as AUPR.
-        ap = float(-np.sum(np.diff(recall) * precision[:-1]))
-        (line,) = ax.step(recall, precision, where="post", linewidth=1.5,
-                          label=f"{name} (AP {ap:.3f})")
-        if operating_points and name in operating_points:
-            x, y = operating_points[name]
-            ax.plot([x], [y], "o", color=line.get_color(), markersize=7)
-        prevalence = float(y_true.mean())
-    if prevalence is not None:
+    fig, ax, prevalence = _curve_figure(curves, operating_points, _pr, step=True,
+                                        title=title, xlabel="recall", ylabel="precision")
+    if curves:
         ax.axhline(prevalence, color="grey", linestyle=":", linewidth=1,
                    label=f"chance ({prevalence:.2f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(title)
     ax.legend(fontsize="small", loc="lower left")
     return fig
