@@ -231,7 +231,7 @@ class EvaluateOutcome:
 
 def default_experiment(loaded: tracking.LoadedModel) -> str:
     """The experiment of a loaded model: its registered name, else ``anomaly-flow``."""
-    return getattr(loaded, "name", None) or DEFAULT_EXPERIMENT
+    return loaded.name or DEFAULT_EXPERIMENT
 
 
 def _check_score(score: str, levels: int) -> None:
@@ -255,7 +255,7 @@ def _check_auto(score: str, has_anomalous: bool) -> None:
 
 def _check_registered(loaded: tracking.LoadedModel) -> None:
     """A calibrated version is added to the model's registered name: there must be one."""
-    if not getattr(loaded, "name", None):
+    if not loaded.name:
         raise CalibrationError(
             f"{loaded.uri} is not a registered model version, so there is no model to add "
             "the calibrated version to; pass --model models:/NAME@ALIAS or "
@@ -348,9 +348,8 @@ def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
         "normal_folder": display_path(normal.folder.resolve()),
         "normal_fingerprint": normal.fingerprint,
     }
-    training_run = getattr(loaded, "training_run_id", None) or getattr(loaded, "run_id", None)
-    if training_run:
-        tags["training_run_id"] = str(training_run)
+    if loaded.training_run_id:
+        tags["training_run_id"] = loaded.training_run_id
     if anomalous is not None:
         tags["anomalous_folder"] = display_path(anomalous.folder.resolve())
         tags["anomalous_fingerprint"] = anomalous.fingerprint
@@ -388,7 +387,6 @@ def calibrate_scores(
     cost_fn: float = 1.0,
     promote: bool = False,
     nested: bool = False,
-    experiment: str | None = None,
     run_name: str = "calibrate",
 ) -> CalibrateOutcome:
     """Fit a calibration on already-scored folders, log it and register a new version.
@@ -415,7 +413,6 @@ def calibrate_scores(
         cost_fn: Cost of a false negative (``cost`` method).
         promote: Move alias ``champion`` to the new version.
         nested: Log as a child of the active run.
-        experiment: MLflow experiment; defaults to the model's name.
         run_name: Name of the run.
 
     Returns:
@@ -500,7 +497,7 @@ def calibrate_scores(
         curves = {name: (normal.values(name), anomalous.values(name))  # type: ignore[union-attr]
                   for name in selection.auroc}
 
-    with tracking.start_run(experiment or default_experiment(loaded), run_name, nested=nested,
+    with tracking.start_run(default_experiment(loaded), run_name, nested=nested,
                             tags=tags) as run:
         run.log_params({k: v for k, v in params.items() if v is not None})
         run.log_metrics(metrics)
@@ -684,8 +681,6 @@ def evaluate_scores(
     anomalous: FolderScores,
     *,
     nested: bool = False,
-    experiment: str | None = None,
-    run_name: str = "evaluate",
 ) -> EvaluateOutcome:
     """Measure how well every score type separates two scored folders; log a run.
 
@@ -694,8 +689,6 @@ def evaluate_scores(
         normal: Scores of normal test images.
         anomalous: Scores of anomalous test images.
         nested: Log as a child of the active run.
-        experiment: MLflow experiment; defaults to the model's name.
-        run_name: Name of the run.
 
     Returns:
         The per-score table, metrics logged and failures.
@@ -706,13 +699,13 @@ def evaluate_scores(
     for name, row in table.iterrows():
         for column in ("auroc", "aupr", "fpr_at_95_tpr"):
             metrics[f"{name}_{column}"] = float(row[column])
-    metrics["n_normal"] = float(normal.n_files - len(normal.failures("bpd")))
-    metrics["n_anomalous"] = float(anomalous.n_files - len(anomalous.failures("bpd")))
     failures = _failures_dict(normal, anomalous, "bpd")
+    metrics["n_normal"] = float(normal.n_files - len(failures["normal"]))
+    metrics["n_anomalous"] = float(anomalous.n_files - len(failures["anomalous"]))
     metrics["n_failed_normal"] = len(failures["normal"])
     metrics["n_failed_anomalous"] = len(failures["anomalous"])
 
-    calibration: Calibration | None = getattr(loaded, "calibration", None)
+    calibration = loaded.calibration
     thresholds: dict[str, float] = {}
     roc_points: dict[str, tuple[float, float]] = {}
     pr_points: dict[str, tuple[float, float]] = {}
@@ -726,7 +719,7 @@ def evaluate_scores(
         pr_points[name] = (point["recall"], point["precision"])
 
     curves = {name: (normal.values(name), anomalous.values(name)) for name in table.index}
-    with tracking.start_run(experiment or default_experiment(loaded), run_name, nested=nested,
+    with tracking.start_run(default_experiment(loaded), "evaluate", nested=nested,
                             tags=_tags(loaded, normal, anomalous)) as run:
         run.log_params({"model_uri": loaded.uri,
                         "normal_folder": display_path(normal.folder),

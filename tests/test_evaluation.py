@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from anomaly_flow import plots
+from anomaly_flow import plots, tracking
 from anomaly_flow.calibration import (
     CalibrationError,
     cost_threshold,
@@ -22,6 +21,7 @@ from anomaly_flow.calibration import (
     f1_threshold,
     youden_threshold,
 )
+from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import DataError, write_image_folder
 from anomaly_flow.evaluation import (
     FolderScores,
@@ -31,6 +31,7 @@ from anomaly_flow.evaluation import (
     detection_table,
     score_folder_table,
 )
+from anomaly_flow.glow import Glow
 from tests.conftest import corrupt_png
 from tests.test_scoring import make_tiny_model, sample_images
 
@@ -54,8 +55,9 @@ def fake_scores(values: np.ndarray, errors: list[str] | None = None,
     return FolderScores(Path(f"/data/{folder}"), table, "fingerprint")
 
 
-LOADED = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(levels=2)),
-                         uri="models:/fake@candidate", name="fake", run_id=None)
+LOADED = tracking.LoadedModel(model=Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
+                                                   hidden_channels=4)),
+                              calibration=None, uri="models:/fake@candidate", name="fake")
 
 
 # ------------------------------------------------------------------------- scoring folders
