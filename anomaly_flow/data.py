@@ -566,3 +566,29 @@ def load_sample() -> SampleData:
             normal_class=int(npz["normal_class"]),
             classes=tuple(str(c) for c in npz["classes"]),
         )
+
+
+def write_sample_folders(root: Path, limit: int | None = None) -> dict[str, Path]:
+    """Write the shipped sample as PNG folders under ``root``: ``train``, ``calibration``
+    (held-out normal images), ``test_normal`` (``test/normal``) and ``test_anomalous``
+    (``test/anomalous/<class>``); ``test`` is their parent. Files are named after their
+    class; with ``limit``, at most that many images go to each of the four folders."""
+    sample = load_sample()
+
+    def slug(label: int) -> str:
+        return sample.classes[label].lower().replace("/", "-").replace(" ", "-")
+
+    folders = {"train": root / "train", "calibration": root / "calibration",
+               "test": root / "test", "test_normal": root / "test" / "normal",
+               "test_anomalous": root / "test" / "anomalous"}
+    normal = f"{slug(sample.normal_class)}_"
+    cap = slice(None, limit)
+    write_image_folder(sample.train[cap], folders["train"], normal)
+    write_image_folder(sample.calibration[cap], folders["calibration"], normal)
+    is_anomaly = sample.test_is_anomaly
+    write_image_folder(sample.test_images[~is_anomaly][cap], folders["test_normal"], normal)
+    images, labels = sample.test_images[is_anomaly][cap], sample.test_labels[is_anomaly][cap]
+    for label in np.unique(labels):
+        write_image_folder(images[labels == label], folders["test_anomalous"] / slug(label),
+                           f"{slug(label)}_")
+    return folders

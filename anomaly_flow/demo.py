@@ -21,7 +21,7 @@ from PIL import Image
 from anomaly_flow import plots, report, tracking
 from anomaly_flow.calibration import detection_metrics, operating_point
 from anomaly_flow.config import load_preset
-from anomaly_flow.data import load_sample, write_image_folder
+from anomaly_flow.data import write_sample_folders
 from anomaly_flow.evaluation import calibrate_model
 from anomaly_flow.scoring import score_folder, score_names
 from anomaly_flow.train import resolve_device
@@ -50,26 +50,6 @@ class DemoResult:
     threshold: float
 
 
-def write_sample_folders(root: Path) -> dict[str, Path]:
-    """Write the shipped sample as PNG folders: ``train``, ``calibration`` and ``test``
-    (``test/normal`` and ``test/anomalous/<class>``), replacing earlier copies."""
-    sample = load_sample()
-    folders = {name: root / name for name in ("train", "calibration", "test")}
-    for folder in folders.values():
-        shutil.rmtree(folder, ignore_errors=True)
-    normal_name = sample.classes[sample.normal_class].lower().replace("/", "-").replace(" ", "-")
-    write_image_folder(sample.train, folders["train"], f"{normal_name}_")
-    write_image_folder(sample.calibration, folders["calibration"], f"{normal_name}_")
-    is_anomaly = sample.test_is_anomaly
-    write_image_folder(sample.test_images[~is_anomaly], folders["test"] / "normal",
-                       f"{normal_name}_")
-    for label in np.unique(sample.test_labels[is_anomaly]):
-        name = sample.classes[label].lower().replace("/", "-").replace(" ", "-")
-        write_image_folder(sample.test_images[sample.test_labels == label],
-                           folders["test"] / "anomalous" / name, f"{name}_")
-    return folders
-
-
 def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
              epochs: int | None = None, progress: bool | None = None) -> DemoResult:
     """Run the demo end to end into ``out``; see the module docstring.
@@ -91,6 +71,8 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     uri = tracking.configure(mlruns)
 
     logger.info("writing the sample images to %s", out / "data")
+    for old in ("train", "calibration", "test"):  # a fresh copy, whatever was there
+        shutil.rmtree(out / "data" / old, ignore_errors=True)
     folders = write_sample_folders(out / "data")
 
     logger.info("training preset %r on %s", preset, folders["train"])
@@ -115,14 +97,16 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
 
     table = pd.read_csv(scores_csv, keep_default_na=False, na_values=[""])
     table["label"] = np.where(table["path"].str.contains("/anomalous/"), "anomalous", "normal")
-    anomalous = table["label"] == "anomalous"
+    scored = table["error"].fillna("") == ""  # a file that failed has no scores
+    normal = scored & (table["label"] == "normal")
+    anomalous = scored & (table["label"] == "anomalous")
     calibration = loaded.calibration
     score_name = calibration.score_name
     threshold = calibration.threshold.value
-    point = operating_point(table.loc[~anomalous, score_name].to_numpy(float),
+    point = operating_point(table.loc[normal, score_name].to_numpy(float),
                             table.loc[anomalous, score_name].to_numpy(float), threshold)
     detection = {
-        name: detection_metrics(table.loc[~anomalous, name].to_numpy(float),
+        name: detection_metrics(table.loc[normal, name].to_numpy(float),
                                 table.loc[anomalous, name].to_numpy(float))
         for name in score_names(loaded.model.config.levels)
     }

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from anomaly_flow import tracking
 from anomaly_flow.config import load_config, load_preset
-from anomaly_flow.data import load_sample, write_image_folder
+from anomaly_flow.data import write_sample_folders
 from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import (
     CalibrateOutcome,
@@ -62,22 +62,6 @@ class PipelineResult:
     train: tracking.TrainOutcome
     calibrate: CalibrateOutcome
     evaluate: EvaluateOutcome
-
-
-def write_sample(root: Path, limit: int | None = None) -> dict[str, Path]:
-    """Write the shipped sample as ``train``, ``calibration``, ``test/normal`` and
-    ``test/anomalous`` image folders under ``root`` (at most ``limit`` images each)."""
-    sample = load_sample()
-    cap = slice(None, limit)
-    test_normal = sample.test_images[~sample.test_is_anomaly]
-    test_anomalous = sample.test_images[sample.test_is_anomaly]
-    folders = {"train": root / "train", "calibration": root / "calibration",
-               "test_normal": root / "test" / "normal",
-               "test_anomalous": root / "test" / "anomalous"}
-    for key, images in (("train", sample.train), ("calibration", sample.calibration),
-                        ("test_normal", test_normal), ("test_anomalous", test_anomalous)):
-        write_image_folder(images[cap], folders[key], f"{key}_")
-    return folders
 
 
 def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tiny",
@@ -171,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.sample is not None:
-        folders = write_sample(args.sample, args.limit)
+        folders = write_sample_folders(args.sample, args.limit)
     else:
         folders = {"train": args.train, "calibration": args.calibration,
                    "test_normal": args.test_normal, "test_anomalous": args.test_anomalous}
