@@ -308,6 +308,21 @@ class ImageItem(NamedTuple):
     index: int  # position in the dataset
 
 
+def load_item(source: str | Path | bytes | None, mode: ImageMode, size: int,
+              index: int) -> ImageItem:
+    """Decode one image (a path or encoded bytes) into an :class:`ImageItem`; a failure,
+    a missing source (``None`` or NaN, as an empty table cell reads) included, gives a
+    blank image with ``ok=False`` and the one-line reason."""
+    if source is None or (isinstance(source, float) and math.isnan(source)):
+        array, error = None, "no image given (empty value)"
+    else:
+        array, error = try_load_image(source, mode, size)
+    if array is None:
+        blank = torch.zeros(_CHANNELS[mode], size, size, dtype=torch.uint8)
+        return ImageItem(blank, False, error or "unknown error", index)
+    return ImageItem(torch.from_numpy(array), True, "", index)
+
+
 class ImageFolderDataset(Dataset[ImageItem]):
     """Image files decoded on access by :func:`try_load_image`; never raises for a bad file.
 
@@ -329,11 +344,7 @@ class ImageFolderDataset(Dataset[ImageItem]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> ImageItem:
-        array, error = try_load_image(self.paths[index], self.mode, self.size)
-        if array is None:
-            blank = torch.zeros(_CHANNELS[self.mode], self.size, self.size, dtype=torch.uint8)
-            return ImageItem(blank, False, error or "unknown error", index)
-        return ImageItem(torch.from_numpy(array), True, "", index)
+        return load_item(self.paths[index], self.mode, self.size, index)
 
 
 class ArrayDataset(Dataset[ImageItem]):

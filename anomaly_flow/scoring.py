@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from anomaly_flow.data import ImageMode, display_path, find_images, try_load_image
+from anomaly_flow.data import ImageMode, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, preprocess
 
 logger = logging.getLogger(__name__)
@@ -234,25 +234,19 @@ class ScoringDataset(Dataset[ScoreItem]):
                  n_bits: int, levels: int) -> None:
         self.sources = list(sources)
         self.mode, self.size, self.n_bits, self.levels = mode, size, n_bits, levels
-        self.channels = 1 if mode == "L" else 3
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int) -> ScoreItem:
-        source = self.sources[index]
-        if source is None or (isinstance(source, float) and np.isnan(source)):
-            array, error = None, "no image given (empty value)"
-        else:
-            array, error = try_load_image(source, self.mode, self.size)
-        if array is None:
-            blank = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
-            return ScoreItem(blank, False, error or "unknown error", index, float("nan"),
-                             float("nan"))
+        item = load_item(self.sources[index], self.mode, self.size, index)
+        if not item.ok:
+            return ScoreItem(*item, float("nan"), float("nan"))
+        array = item.image.numpy()
         png_bpd = png_bits_per_dim(array, self.n_bits)
         coarse = (png_bpd if self.levels == 1
                   else coarse_png_bits_per_dim(array, self.n_bits, self.levels))
-        return ScoreItem(torch.from_numpy(array), True, "", index, png_bpd, coarse)
+        return ScoreItem(*item, png_bpd, coarse)
 
 
 @dataclass(frozen=True)
