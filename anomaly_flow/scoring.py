@@ -729,20 +729,30 @@ def score_folder(
         writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits))
 
     todo_keys = np.array([keys[i] for i in todo], dtype=object)
+    todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
     frames: list[pd.DataFrame] = []
     flush = _Flusher(flush_every_s)
+    # Rows go out in `keys` order; the earlier rows' places are looked up once.
+    parts: list[tuple[pd.DataFrame, np.ndarray]] = []
+    if previous is not None and len(previous):
+        place = {key: i for i, key in enumerate(keys)}
+        parts.append((previous.reset_index(),
+                      np.fromiter((place[k] for k in previous.index), np.int64, len(previous))))
 
     def assemble() -> pd.DataFrame:
-        parts = [] if previous is None else [previous.reset_index()]
+        pieces = list(parts)
         for frame in frames:
+            rows = frame.index.to_numpy()
             frame = frame.copy()
-            frame.insert(0, "path", todo_keys[frame.index.to_numpy()])
-            parts.append(frame)
-        table = pd.concat([p for p in parts if len(p)], ignore_index=True) if parts else None
-        order = {key: i for i, key in enumerate(keys)}
-        if table is None or not len(table):
+            frame.insert(0, "path", todo_keys[rows])
+            pieces.append((frame, todo_positions[rows]))
+        pieces = [(frame, at) for frame, at in pieces if len(frame)]
+        if pieces:
+            table = pd.concat([frame for frame, _ in pieces], ignore_index=True)
+            table = table.iloc[np.argsort(np.concatenate([at for _, at in pieces]),
+                                          kind="stable")]
+        else:
             table = pd.DataFrame({c: [] for c in ["path", *columns[1:-4], "error"]})
-        table = table.iloc[np.argsort([order[k] for k in table["path"]], kind="stable")]
         table = apply_calibration(table.reset_index(drop=True), calibration, fdr)
         table["path"] = table["path"].astype("string")
         table["error"] = table["error"].fillna("").astype("string")
