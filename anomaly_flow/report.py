@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 _STYLE = """
@@ -53,13 +54,11 @@ def png_data_uri(image: np.ndarray | Image.Image, scale: int = 1) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def figure_data_uri(fig) -> str:
-    """A matplotlib figure as a PNG data URI (the figure is closed afterwards)."""
-    import matplotlib.pyplot as plt
-
+def figure_data_uri(fig: Figure) -> str:
+    """A matplotlib figure as a PNG data URI (the figures of :mod:`anomaly_flow.plots`
+    are not held by pyplot: nothing to close)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

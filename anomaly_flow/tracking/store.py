@@ -227,11 +227,6 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(run_id={self.run_id!r}, experiment_id={self.experiment_id!r})"
 
-    @property
-    def info(self) -> Any:
-        """MLflow's ``RunInfo`` (status, artifact URI, ...), read from the store."""
-        return self._client.get_run(self.run_id).info
-
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log parameters; nested dicts are flattened to ``a.b`` keys."""
         items = [Param(key, str(value)[:_MAX_PARAM_LENGTH])
