@@ -52,7 +52,6 @@ from anomaly_flow.calibration import (
 from anomaly_flow.data import DataError, display_path, find_images, fingerprint
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, paths_frame, score_dataset, score_names
-from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +368,7 @@ def open_model(model_uri: str, device: str = "auto",
         A :class:`anomaly_flow.tracking.LoadedModel`.
     """
     tracking.configure(mlruns)
-    return tracking.load_model(model_uri, device=str(resolve_device(device)))
+    return tracking.load_model(model_uri, device=device)
 
 
 # --------------------------------------------------------------------------- calibration

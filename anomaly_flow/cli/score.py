@@ -78,13 +78,12 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     """
     from anomaly_flow import tracking
     from anomaly_flow.scoring import check_writable, output_format, score_folder
-    from anomaly_flow.train import resolve_device
 
     output_format(out)
     check_writable(out)  # before loading a model or scoring anything
     if mlruns is not None:
         tracking.configure(mlruns)
-    loaded = tracking.load_model(model, device=str(resolve_device(device)))
+    loaded = tracking.load_model(model, device=device)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = score_folder(
