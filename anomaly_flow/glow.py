@@ -59,13 +59,14 @@ class LikelihoodBreakdown:
         bpd: ``(B,)`` bits per dimension of the quantised image.
         level_bits: ``(B, L)`` each level's share of ``-log p(x)`` in bits/dim;
             ``bpd == n_bits + level_bits.sum(1)``.
-        pixel_bpd: ``(B, H, W)`` per-pixel bits/dim; its mean over pixels is ``bpd``.
+        pixel_bpd: ``(B, H, W)`` per-pixel bits/dim; its mean over pixels is ``bpd``
+            (None when not asked for).
     """
 
     log_prob: Tensor
     bpd: Tensor
     level_bits: Tensor
-    pixel_bpd: Tensor
+    pixel_bpd: Tensor | None
 
 
 def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tensor:
@@ -275,19 +276,21 @@ def bits_per_dim(log_prob: Tensor, config: GlowConfig) -> Tensor:
     return (-log_prob + d * math.log(config.n_bins)) / (d * math.log(2.0))
 
 
-def breakdown_from_output(out: FlowOutput, config: GlowConfig) -> LikelihoodBreakdown:
-    """See :meth:`Glow.breakdown`."""
+def breakdown_from_output(out: FlowOutput, config: GlowConfig,
+                          pixel_maps: bool = True) -> LikelihoodBreakdown:
+    """See :meth:`Glow.breakdown`; ``pixel_maps=False`` skips the per-pixel map."""
     d, ln2, size = config.n_dims, math.log(2.0), config.image_size
     level_maps = [ld + pr for ld, pr in zip(out.logdet_maps, out.prior_maps, strict=True)]
     level_log_prob = torch.stack([m.sum(dim=(1, 2)) for m in level_maps], dim=1)
     log_prob = level_log_prob.sum(dim=1)
-    # Spread each position's nats evenly over the pixels it covers: sums are kept.
-    pixel_log_prob = sum(
-        F.interpolate(m[:, None], size=(size, size), mode="nearest")[:, 0]
-        / (size // m.shape[-1]) ** 2
-        for m in level_maps
-    )
-    pixel_bpd = -pixel_log_prob / (config.in_channels * ln2) + config.n_bits
+    pixel_bpd = None
+    if pixel_maps:  # spread each position's nats evenly over its pixels: sums are kept
+        pixel_log_prob = sum(
+            F.interpolate(m[:, None], size=(size, size), mode="nearest")[:, 0]
+            / (size // m.shape[-1]) ** 2
+            for m in level_maps
+        )
+        pixel_bpd = -pixel_log_prob / (config.in_channels * ln2) + config.n_bits
     return LikelihoodBreakdown(
         log_prob=log_prob,
         bpd=bits_per_dim(log_prob, config),

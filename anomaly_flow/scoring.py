@@ -279,9 +279,10 @@ def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
 def _launch(model: Glow, images: torch.Tensor,
             pixel_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Queue the forward pass: ``(B, 1 + L)`` float64 ``[bpd, level bits]`` and the maps."""
-    parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)), model.config)
+    parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)), model.config,
+                                  pixel_maps)
     stats = torch.cat([parts.bpd[:, None], parts.level_bits], dim=1).double()
-    return stats, parts.pixel_bpd.float() if pixel_maps else None
+    return stats, None if parts.pixel_bpd is None else parts.pixel_bpd.float()
 
 
 HeatmapSink = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
