@@ -421,3 +421,11 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
     np.testing.assert_array_equal(scores, table[chosen].to_numpy(float))
     np.testing.assert_array_equal(table["is_anomaly"].astype(bool).to_numpy(),
                                   scores > calibration.threshold.value)
+
+
+def test_cli_method_choices_are_the_library_methods() -> None:
+    """The CLI keeps its own tuple (importing the library would slow `--help`)."""
+    from anomaly_flow.calibration import METHODS
+    from anomaly_flow.cli import calibrate as cli_calibrate
+
+    assert cli_calibrate.METHODS == METHODS
