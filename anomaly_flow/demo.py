@@ -108,7 +108,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     detection = {
         name: detection_metrics(table.loc[normal, name].to_numpy(float),
                                 table.loc[anomalous, name].to_numpy(float))
-        for name in score_names(loaded.model.config.levels)
+        for name in score_names(loaded.model)
     }
     page = _render(table, folders["test"], heatmaps, detection, point, calibration,
                    preset=preset, model_uri=champion, tracking_uri=uri,

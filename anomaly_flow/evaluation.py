@@ -233,8 +233,14 @@ def default_experiment(loaded: tracking.LoadedModel) -> str:
     return loaded.name or DEFAULT_EXPERIMENT
 
 
-def _check_score(score: str, levels: int) -> None:
-    names = score_names(levels)
+def _check_score(score: str, model: Glow) -> None:
+    names = score_names(model)
+    if score == "typicality" and not model.has_reference:
+        raise CalibrationError(
+            "score 'typicality' needs the model's normal reference, and this model has none "
+            "(it was trained without a validation set, or by an older anomaly-flow); "
+            "retrain it with train.val_fraction > 0, or choose one of "
+            f"{', '.join(names)}.")
     if score not in names and score != AUTO_SCORE:
         raise CalibrationError(
             f"unknown score {score!r} for this model; choose one of {', '.join(names)}, or "
@@ -395,7 +401,8 @@ def calibrate_scores(
         normal: Scores of held-out normal images (never training images).
         anomalous: Scores of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``level_i``), or ``"auto"`` (needs ``anomalous``): the
+            ``coarse_complexity``, ``typicality``, ``level_i``), or ``"auto"`` (needs
+            ``anomalous``): the
             one with the highest AUROC on the labelled images, ties going to the first in
             ``bpd, complexity, coarse_complexity, level_1, ...``.
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
@@ -422,13 +429,13 @@ def calibrate_scores(
             message says how many are needed).
     """
     _check_registered(loaded)
-    _check_score(score, loaded.model.config.levels)
+    _check_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
     selection = None
     if score == AUTO_SCORE:
         selection = select_folder_score(normal, anomalous,  # type: ignore[arg-type]
-                                        score_names(loaded.model.config.levels))
+                                        score_names(loaded.model))
         score = selection.chosen
         logger.info("chose score %s: %s (AUROC %s on %d normal, %d anomalous images)", score,
                     selection.rule,
@@ -562,7 +569,8 @@ def calibrate_model(
         normal: Folder of held-out normal images (never training images).
         anomalous: Folder of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``level_i``), or ``"auto"`` (needs ``anomalous``): the
+            ``coarse_complexity``, ``typicality``, ``level_i``), or ``"auto"`` (needs
+            ``anomalous``): the
             one with the highest AUROC on the labelled images, recorded with its evidence
             in the calibration. The selection and the reported AUROC use the same
             labelled images (optimistic); a conformal threshold is still computed from the
@@ -596,7 +604,7 @@ def calibrate_model(
         find_images(anomalous_path)  # a missing or empty folder fails before any scoring
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
-    _check_score(score, loaded.model.config.levels)
+    _check_score(score, loaded.model)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     normal_scores = score_folder_table(loaded.model, normal, **options)
     anomalous_scores = (
@@ -692,7 +700,7 @@ def evaluate_scores(
     Returns:
         The per-score table, metrics logged and failures.
     """
-    names = score_names(loaded.model.config.levels)
+    names = score_names(loaded.model)
     table = detection_table(normal, anomalous, names)
     metrics: dict[str, float] = {}
     for name, row in table.iterrows():

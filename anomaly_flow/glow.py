@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,13 @@ from anomaly_flow.layers import FlowStep, SplitPrior, TopPrior, squeeze, unsquee
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+REFERENCE_KEYS = ("reference_mean", "reference_std")
+"""State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional."""
+
+REFERENCE_STD_FLOOR = 1e-3
+"""Bits/dim added to every per-pixel standard deviation of the normal reference, so a
+pixel that never varies over the normal images (a blank border) cannot divide by zero."""
 
 
 class ModelFileError(ValueError):
@@ -160,6 +167,12 @@ class Glow(nn.Module):
             levels.append(level)
             channels = level.out_channels
         self.levels = nn.ModuleList(levels)
+        # The normal reference: per-pixel mean and std of pixel_bpd over held-out normal
+        # images (set by training); None until set, and then absent from the state dict.
+        self.reference_mean: Tensor | None
+        self.reference_std: Tensor | None
+        self.register_buffer("reference_mean", None)
+        self.register_buffer("reference_std", None)
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +196,63 @@ class Glow(nn.Module):
                 x = step.initialize(x)
             if not level.last:
                 x = x[:, : level.prior.kept]
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the model carries a normal reference, so it can score ``typicality``."""
+        return self.reference_mean is not None
+
+    def set_reference(self, mean: Tensor, std: Tensor) -> None:
+        """Store the normal reference: the per-pixel mean and standard deviation of
+        ``pixel_bpd`` (:class:`LikelihoodBreakdown`) over held-out normal images, each
+        ``(H, W)`` at the model's image size. Saved and loaded with the weights.
+
+        Raises:
+            ValueError: A shape other than ``(H, W)``, or a non-finite or negative value.
+        """
+        size = self.config.image_size
+        for name, value in (("mean", mean), ("std", std)):
+            if tuple(value.shape) != (size, size):
+                raise ValueError(f"the reference {name} must have shape ({size}, {size}), "
+                                 f"the model's image size; got {tuple(value.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"the reference {name} has non-finite values")
+        if bool((std < 0).any()):
+            raise ValueError("the reference std has negative values")
+        device = self.device
+        self.reference_mean = mean.detach().to(device, torch.float32).clone()
+        self.reference_std = std.detach().to(device, torch.float32).clone()
+
+    def typicality(self, pixel_bpd: Tensor) -> Tensor:
+        """The ``typicality`` score ``(B,)`` of per-pixel bits/dim maps ``(B, H, W)``: the
+        mean over pixels of ``|pixel_bpd − μ| / (σ + REFERENCE_STD_FLOOR)``, with μ, σ the
+        normal reference. 0 for an image exactly like the average normal one; higher
+        means further from what the normal images look like to the model, per pixel,
+        in either direction (too likely counts as much as too unlikely).
+
+        Raises:
+            ValueError: The model has no normal reference.
+        """
+        if self.reference_mean is None or self.reference_std is None:
+            raise ValueError("this model has no normal reference, so it cannot score "
+                             "typicality; train it with a validation set (val_fraction > 0)")
+        z = (pixel_bpd - self.reference_mean) / (self.reference_std + REFERENCE_STD_FLOOR)
+        return z.abs().mean(dim=(1, 2))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True,
+                        assign: bool = False) -> Any:
+        """As :meth:`torch.nn.Module.load_state_dict`; the normal reference is optional
+        (present in the state or not, the model then has it or not)."""
+        state = dict(state_dict)
+        reference = [state.pop(key, None) for key in REFERENCE_KEYS]
+        if any(r is None for r in reference) and any(r is not None for r in reference):
+            raise RuntimeError(f"the state has only part of the normal reference "
+                               f"({', '.join(REFERENCE_KEYS)} go together)")
+        self.reference_mean = self.reference_std = None
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if reference[0] is not None:
+            self.set_reference(reference[0], reference[1])
+        return result
 
     def set_coupling_autocast(self, dtype: torch.dtype | None) -> None:
         """Run the coupling networks (only) under autocast to ``dtype``; None turns it off."""

@@ -7,6 +7,9 @@ Scores, higher always more anomalous (PRODUCT.md "Scores"):
   image in bits per dimension (Serrà et al. 2020).
 - ``coarse_complexity``: ``level_L`` minus the PNG length of the image at the coarsest
   scale, in bits per dimension of the full image (see :func:`coarse_complexity`).
+- ``typicality`` (models with a normal reference, i.e. trained with a validation set):
+  how far the image's per-pixel bits/dim map is from the normal images' map, pixel by
+  pixel, in units of its normal spread (:meth:`~anomaly_flow.glow.Glow.typicality`).
 - ``level_1`` ... ``level_L``: each scale's exact share of ``-log p(x)`` in bits/dim,
   finest first; ``bpd == n_bits + sum(level_l)``.
 
@@ -76,14 +79,22 @@ def level_columns(levels: int) -> list[str]:
     return [f"level_{i + 1}" for i in range(levels)]
 
 
-def score_names(levels: int) -> list[str]:
-    """Every score a calibration can be built on, in column (and tie-break) order."""
-    return ["bpd", "complexity", "coarse_complexity", *level_columns(levels)]
+LATER_SCORES = ("coarse_complexity", "typicality")
+"""Scores added after the first release: a table written before them lacks the column,
+and resuming it scores its scored files again to fill the column in."""
 
 
-def output_columns(levels: int) -> list[str]:
+def score_names(model: Glow) -> list[str]:
+    """Every score ``model`` gives, which a calibration can be built on, in column (and
+    tie-break) order: ``typicality`` only when the model has a normal reference."""
+    typicality = ["typicality"] if model.has_reference else []
+    return ["bpd", "complexity", "coarse_complexity", *typicality,
+            *level_columns(model.config.levels)]
+
+
+def output_columns(model: Glow) -> list[str]:
     """The columns of a :func:`score_folder` table, in order."""
-    return ["path", *score_names(levels), *DECISION_COLUMNS]
+    return ["path", *score_names(model), *DECISION_COLUMNS]
 
 
 def png_bits_per_dim(image: np.ndarray, n_bits: int, downsample: int = 1) -> float:
@@ -256,11 +267,13 @@ class BatchScores:
     Attributes:
         bpd: ``(B,)`` float64 bits/dim.
         level_bits: ``(B, L)`` float64 per-level share in bits/dim.
+        typicality: ``(B,)`` float64, or None for a model without a normal reference.
         pixel_bpd: ``(B, H, W)`` float32 per-pixel bits/dim, or None when not asked for.
     """
 
     bpd: torch.Tensor
     level_bits: torch.Tensor
+    typicality: torch.Tensor | None
     pixel_bpd: torch.Tensor | None
 
 
@@ -270,19 +283,27 @@ def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
 
     ``precision`` is ``float32`` (exact), ``tf32`` or ``bf16``; see :func:`numerics`.
     """
+    levels = model.config.levels
     with numerics(model, precision), torch.inference_mode():
         stats, maps = _launch(model, images, pixel_maps)
-        return BatchScores(bpd=stats[:, 0].cpu(), level_bits=stats[:, 1:].cpu(),
+        stats = stats.cpu()
+        return BatchScores(bpd=stats[:, 0], level_bits=stats[:, 1:1 + levels],
+                           typicality=stats[:, 1 + levels] if model.has_reference else None,
                            pixel_bpd=None if maps is None else maps.cpu())
 
 
 def _launch(model: Glow, images: torch.Tensor,
             pixel_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Queue the forward pass: ``(B, 1 + L)`` float64 ``[bpd, level bits]`` and the maps."""
+    """Queue the forward pass: ``(B, 1 + L [+ 1])`` float64 ``[bpd, level bits,
+    typicality when the model has a normal reference]`` and the maps when asked for."""
+    reference = model.has_reference
     parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)), model.config,
-                                  pixel_maps)
-    stats = torch.cat([parts.bpd[:, None], parts.level_bits], dim=1).double()
-    return stats, None if parts.pixel_bpd is None else parts.pixel_bpd.float()
+                                  pixel_maps or reference)
+    columns = [parts.bpd[:, None], parts.level_bits]
+    if reference:
+        columns.append(model.typicality(parts.pixel_bpd)[:, None])
+    stats = torch.cat(columns, dim=1).double()
+    return stats, parts.pixel_bpd.float() if pixel_maps else None
 
 
 HeatmapSink = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
@@ -328,7 +349,8 @@ def score_dataset(
 
     Returns:
         Columns :func:`score_names` (``bpd``, ``complexity``, ``coarse_complexity``,
-        ``level_1..level_L``) and ``error`` (empty for scored images; the score columns
+        ``typicality`` when the model has a normal reference, ``level_1..level_L``) and
+        ``error`` (empty for scored images; the score columns
         are NaN for failed ones, including images on which the model overflows), indexed
         by dataset index.
 
@@ -343,13 +365,13 @@ def score_dataset(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    levels = level_columns(model.config.levels)
+    names = score_names(model)
     frames = []
 
     def finish(pending: _Pending) -> None:
         if pending.ready is not None:
             pending.ready.synchronize()
-        frame = _batch_frame(pending, levels)
+        frame = _batch_frame(pending, names)
         if heatmaps is not None and pending.maps is not None:
             scored = pending.ok & torch.from_numpy(frame["error"].to_numpy() == "")
             heatmaps(pending.index[scored].tolist(), pending.images[scored],
@@ -382,7 +404,7 @@ def score_dataset(
         if pending is not None:
             finish(pending)
     if not frames:
-        return pd.DataFrame(columns=[*score_names(model.config.levels), "error"])
+        return pd.DataFrame(columns=[*names, "error"])
     return pd.concat(frames)
 
 
@@ -392,21 +414,29 @@ def _recorded_event() -> Any:
     return event
 
 
-def _batch_frame(pending: _Pending, levels: list[str]) -> pd.DataFrame:
-    """One batch's rows: scores where decoding worked and the result is finite."""
-    stats = pending.stats.numpy().copy()
+def _batch_frame(pending: _Pending, names: list[str]) -> pd.DataFrame:
+    """One batch's rows (columns ``names``, then ``error``): scores where decoding worked
+    and the result is finite."""
+    stats = pending.stats.numpy().copy()  # bpd, level bits, [typicality]
     errors = np.array(pending.errors, dtype=object)
     ok = pending.ok.numpy()
     non_finite = ok & ~np.isfinite(stats).all(axis=1)
     errors[non_finite] = NON_FINITE_ERROR
     stats[~ok | non_finite] = np.nan
-    frame = pd.DataFrame(stats[:, 1:], columns=levels)
-    frame.insert(0, "coarse_complexity",
-                 coarse_complexity(stats[:, 1:], pending.coarse_png_bpd.double().numpy()))
-    frame.insert(0, "complexity", stats[:, 0] - pending.png_bpd.double().numpy())
-    frame.insert(0, "bpd", stats[:, 0])
+    levels = [name for name in names if name.startswith("level_")]
+    level_bits = stats[:, 1:1 + len(levels)]
+    columns = {
+        "bpd": stats[:, 0],
+        "complexity": stats[:, 0] - pending.png_bpd.double().numpy(),
+        "coarse_complexity": coarse_complexity(level_bits,
+                                               pending.coarse_png_bpd.double().numpy()),
+        **dict(zip(levels, level_bits.T, strict=True)),
+    }
+    if "typicality" in names:
+        columns["typicality"] = stats[:, 1 + len(levels)]
+    frame = pd.DataFrame({name: columns[name] for name in names},
+                         index=pending.index.numpy())
     frame["error"] = errors.astype(str)
-    frame.index = pending.index.numpy()
     return frame
 
 
@@ -533,20 +563,24 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
         raise
 
 
-def read_table(out: Path, levels: int) -> pd.DataFrame:
+def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     """Read a table :func:`score_folder` wrote, for ``resume``.
 
+    Args:
+        out: The table.
+        names: The scores the resuming model gives (:func:`score_names`).
+
     Returns:
-        The stored raw score columns (:func:`score_names`, ``error``) indexed by
-        ``path``, one row per path (the first row kept if a path repeats); rows with
-        neither every score nor an error are left out (to be scored again). A table
-        written before the ``coarse_complexity`` score existed lacks that column: its
-        scored rows are left out too, so that resuming rescores those files and the
-        finished table has every column filled; its failed rows are kept.
+        The stored raw score columns (``names``, ``error``) indexed by ``path``, one row
+        per path (the first row kept if a path repeats); rows with neither every score
+        nor an error are left out (to be scored again). A table written before a score
+        of :data:`LATER_SCORES` existed lacks that column: its scored rows are left out
+        too, so that resuming rescores those files and the finished table has every
+        column filled; its failed rows are kept.
 
     Raises:
-        ScoringError: The file cannot be read, or lacks the columns of a table written
-            by a model with ``levels`` levels.
+        ScoringError: The file cannot be read, or its score columns are not ``names``
+            (another model wrote it).
     """
     out = Path(out)
     fmt = output_format(out)
@@ -563,16 +597,18 @@ def read_table(out: Path, levels: int) -> pd.DataFrame:
             f"cannot read the earlier output {name} to resume from ({reason}); delete it "
             "or choose another output path, then run again"
         ) from None
-    raw = ["path", *score_names(levels), "error"]
+    raw = ["path", *names, "error"]
     missing = [c for c in raw if c not in table.columns]
-    older = missing == ["coarse_complexity"]  # written before that score existed
-    if older:
-        table["coarse_complexity"] = np.nan
+    filled = missing if missing and set(missing) <= set(LATER_SCORES) else []
+    for column in filled:  # the table was written before these scores existed
+        table[column] = np.nan
+    if filled:
         missing = []
-    extra = [c for c in table.columns if c.startswith("level_") and c not in raw]
+    extra = [c for c in table.columns
+             if (c.startswith("level_") or c in LATER_SCORES) and c not in raw]
     if missing or extra:
         problem = (f"lacks column(s) {missing}" if missing
-                   else f"has per-level column(s) {extra} this {levels}-level model lacks")
+                   else f"has score column(s) {extra} this model does not give")
         raise ScoringError(
             f"the earlier output {name} {problem}, so it was not written by this model's "
             "scoring; resume with the same model, or choose another output path"
@@ -585,10 +621,12 @@ def read_table(out: Path, levels: int) -> pd.DataFrame:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
     complete = np.isfinite(table[raw[1:-1]].to_numpy()).all(axis=1)
     unanswered = (table["error"] == "") & ~complete
-    if older and unanswered.any():
-        logger.warning("the earlier output %s has no coarse_complexity column (it was written "
-                       "by an older anomaly-flow); scoring its %d scored file(s) again to fill "
-                       "it in (rows with an error are kept)", name, int(unanswered.sum()))
+    if filled and unanswered.any():
+        logger.warning("the earlier output %s has no %s column%s (it was written by an older "
+                       "anomaly-flow); scoring its %d scored file(s) again to fill %s in (rows "
+                       "with an error are kept)", name, " or ".join(filled),
+                       "s" if len(filled) > 1 else "", int(unanswered.sum()),
+                       "them" if len(filled) > 1 else "it")
     elif unanswered.any():  # neither the scores nor a reason: score those files again
         logger.warning("the earlier output %s has %d row(s) with neither every score nor an "
                        "error; scoring those files again", name, int(unanswered.sum()))
@@ -650,7 +688,8 @@ def score_folder(
 
     One row per file found (:func:`anomaly_flow.data.find_images`), in sorted path order,
     with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
-    ``complexity``, ``coarse_complexity``, ``level_1..level_L`` (bits/dim), ``score``
+    ``complexity``, ``coarse_complexity``, ``typicality`` (models with a normal
+    reference), ``level_1..level_L`` (bits/dim), ``score``
     (the calibration's score, or ``bpd`` when uncalibrated), ``p_value`` and
     ``is_anomaly`` (filled when calibrated) and ``error`` (empty for scored files, else
     a one-line reason; the score columns are then empty). A file that cannot be read
@@ -679,8 +718,8 @@ def score_folder(
         resume: Keep the rows of an existing ``out`` and score only the missing files.
             Rows that failed before are kept as they are (run without ``resume`` to
             retry them). Decisions (``p_value``, ``is_anomaly``) are recomputed for all.
-            A table from before the ``coarse_complexity`` score has its scored files
-            scored again, to fill that column (see :func:`read_table`).
+            A table from before a newer score (:data:`LATER_SCORES`) has its scored files
+            scored again, to fill that column in (see :func:`read_table`).
         fdr: Decide by Benjamini-Hochberg at this false discovery rate over the whole
             table instead of the calibration's threshold.
         progress: Progress bar on stderr; None shows it only on a terminal.
@@ -713,9 +752,9 @@ def score_folder(
                        display_path(heatmaps), display_path(root))
     keys = [display_path(p) for p in paths]
     config = model.config
-    columns = output_columns(config.levels)
+    columns = output_columns(model)
 
-    previous = _previous_rows(out, config.levels, keys) if resume else None
+    previous = _previous_rows(out, score_names(model), keys) if resume else None
     done = previous.index if previous is not None else pd.Index([], dtype="string")
     todo = [i for i, key in enumerate(keys) if key not in done]
     if previous is not None:
@@ -816,12 +855,12 @@ def _check_heatmap_folder(folder: Path) -> None:
                            f"{exc.strerror or exc}; choose another heatmap folder") from None
 
 
-def _previous_rows(out: Path, levels: int, keys: list[str]) -> pd.DataFrame | None:
+def _previous_rows(out: Path, names: list[str], keys: list[str]) -> pd.DataFrame | None:
     """The earlier output's rows for files still present, or None if there is no output."""
     if not out.exists():
         logger.info("no earlier output at %s; scoring every file", display_path(out))
         return None
-    previous = read_table(out, levels)
+    previous = read_table(out, names)
     present = previous.index.isin(keys)
     if not present.all():
         logger.info("dropping %d row(s) of %s whose files are no longer in the folder",

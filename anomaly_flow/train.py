@@ -53,7 +53,14 @@ from anomaly_flow.data import (
     fingerprint,
     split_train_val,
 )
-from anomaly_flow.glow import Glow, bits_per_dim, log_prob_from_output, postprocess, preprocess
+from anomaly_flow.glow import (
+    Glow,
+    bits_per_dim,
+    breakdown_from_output,
+    log_prob_from_output,
+    postprocess,
+    preprocess,
+)
 from anomaly_flow.scoring import numerics
 
 logger = logging.getLogger(__name__)
@@ -319,6 +326,43 @@ def evaluate_bpd(model: Glow, dataset: Dataset, batch_size: int, device: torch.d
         dist.all_reduce(sums)
     total, count = sums.tolist()
     return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
+                  num_workers: int = 0, rank: int = 0, world: int = 1) -> int:
+    """Set the model's normal reference from held-out normal images; return how many
+    images it is built on (0 leaves the model as it was).
+
+    The reference is the per-pixel mean and (population) standard deviation of the
+    deterministic per-pixel bits/dim map over the decodable images of ``dataset``
+    (:meth:`Glow.set_reference`); scoring turns it into the ``typicality`` score. Sums
+    are accumulated in float64. With ``world > 1`` every rank maps its share and the
+    sums are all-reduced (a collective: all ranks call it); every rank gets the same
+    reference.
+    """
+    model.eval()
+    shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+    size = model.config.image_size
+    sums = torch.zeros(3, size, size, dtype=torch.float64, device=device)  # n, Σm, Σm²
+    with numerics(model, "float32"):
+        for batch in loader:
+            images = batch[0][batch[1]].to(device)
+            if len(images):
+                out = model(preprocess(images, model.config.n_bits))
+                maps = breakdown_from_output(out, model.config).pixel_bpd.double()
+                sums[0] += len(images)
+                sums[1] += maps.sum(dim=0)
+                sums[2] += maps.square().sum(dim=0)
+    if world > 1:
+        dist.all_reduce(sums)
+    n = int(sums[0, 0, 0].item())
+    if n:
+        mean = sums[1] / n
+        std = (sums[2] / n - mean.square()).clamp_min(0).sqrt()
+        model.set_reference(mean, std)
+    return n
 
 
 def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
@@ -709,6 +753,9 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             if val_set is not None and len(val_set):
                 val_bpd = evaluate_bpd(model, val_set, t.batch_size, dev, t.num_workers,
                                        rank, world)
+                if epoch == t.epochs - 1:  # before the final checkpoint, which keeps it
+                    fit_reference(model, val_set, t.batch_size, dev, t.num_workers, rank,
+                                  world)
             epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
                              "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
                              float("nan"), "images_per_sec_epoch": imgs_per_sec,

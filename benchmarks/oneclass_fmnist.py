@@ -3,7 +3,9 @@ baselines run in the same script.
 
 Protocol (../shared/BENCHMARKS.md, B4; Golan & El-Yaniv 2018, Ruff et al. 2018): for each
 class k, train a Glow with the library's :func:`anomaly_flow.train.train` on the training
-images of class k only (28x28, L=2); score the whole test set with
+images of class k only (28x28, L=2), holding out ``--val-fraction`` of them (0.1, as
+``anomaly-flow train`` does) for validation and the normal reference; score the whole
+test set with
 :func:`anomaly_flow.scoring.score_images`; class k is normal, the nine others anomalous;
 AUROC (:func:`anomaly_flow.calibration.detection_metrics`, anomalies positive, higher
 score = more anomalous) for every score:
@@ -13,9 +15,12 @@ score = more anomalous) for every score:
 * ``coarse_complexity``: ``level_L`` minus the PNG-compressed length of the image
   box-downsampled to level L's resolution, in bits per dimension of the full image
   (:func:`anomaly_flow.scoring.coarse_complexity`);
+* ``typicality``: how far the per-pixel bits/dim map is from the held-out normal
+  images' maps, per pixel, in their standard deviations (:meth:`Glow.typicality`);
 * ``level_1`` .. ``level_L``: each scale's share of ``-log p(x)`` in bits/dim.
 
-Baselines, fitted on the same class-k training images, raw pixels scaled to [0, 1]:
+Baselines, fitted on all the class-k training images (the held-out tenth included, so
+they see more data than the Glow), raw pixels scaled to [0, 1]:
 
 * ``knn5_mean``: mean Euclidean distance to the 5 nearest training images
   (``sklearn.neighbors.NearestNeighbors(n_neighbors=5)``), ``knn5_kth`` the distance
@@ -49,7 +54,12 @@ from sklearn.neighbors import NearestNeighbors
 
 from anomaly_flow.calibration import detection_metrics
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
-from anomaly_flow.data import FASHION_MNIST_CLASSES, ArrayDataset, load_fashion_mnist
+from anomaly_flow.data import (
+    FASHION_MNIST_CLASSES,
+    ArrayDataset,
+    load_fashion_mnist,
+    split_train_val,
+)
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
     coarse_complexity,
@@ -57,6 +67,7 @@ from anomaly_flow.scoring import (
     png_bits_per_dim,
     score_images,
 )
+from anomaly_flow.train import fit_reference
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     import sys
@@ -96,14 +107,17 @@ def build_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
 
 
 def score_test_set(model: Glow, test: np.ndarray, device: torch.device,
-                   batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """(bpd ``(N,)``, level bits ``(N, L)``) of uint8 images ``(N, 1, 28, 28)``."""
-    bpd, levels = [], []
+                   batch: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bpd ``(N,)``, level bits ``(N, L)``, typicality ``(N,)``) of uint8 images
+    ``(N, 1, 28, 28)``; the model must have a normal reference."""
+    bpd, levels, typicality = [], [], []
     for start in range(0, len(test), batch):
         scores = score_images(model, torch.from_numpy(test[start : start + batch]).to(device))
+        assert scores.typicality is not None
         bpd.append(scores.bpd.numpy())
         levels.append(scores.level_bits.numpy())
-    return np.concatenate(bpd), np.concatenate(levels)
+        typicality.append(scores.typicality.numpy())
+    return np.concatenate(bpd), np.concatenate(levels), np.concatenate(typicality)
 
 
 def baseline_scores(train: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
@@ -134,6 +148,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=None,
                         help="use only the first N training images of the class")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of each class's training images held out for validation "
+                             "and the normal reference (default 0.1)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
@@ -156,24 +173,28 @@ def main() -> None:
     logger.info("PNG bits/dim (full and coarse) of %d test images in %.1f s", len(test),
                 time.perf_counter() - tick)
     level_names = [f"level_{i + 1}" for i in range(levels)]
-    flow_methods = ["bpd", "complexity", "coarse_complexity", *level_names]
+    flow_methods = ["bpd", "complexity", "coarse_complexity", "typicality", *level_names]
     methods = flow_methods + ([] if args.no_baselines else list(BASELINES))
     logger.info("B4 on %s, classes %s: %s; %s", device, classes, config.model, config.train)
 
     per_class: dict[int, dict[str, Any]] = {}
     for k in classes:
         train_k = train_all[train_labels == k][: args.train_images]
+        fit_idx, val_idx = split_train_val(len(train_k), args.val_fraction, args.seed)
+        fit, val = ArrayDataset(train_k[fit_idx]), ArrayDataset(train_k[val_idx])
         tick = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"b4-{k}-") as tmp:
-            run = train_for(config, ArrayDataset(train_k), None, device,
-                            args.minutes_per_class, Path(tmp),
-                            check_every=max(1, math.ceil(len(train_k) / config.train.batch_size)),
+            run = train_for(config, fit, val, device, args.minutes_per_class, Path(tmp),
+                            check_every=max(1, math.ceil(len(fit) / config.train.batch_size)),
                             progress=False)
+        if not run.model.has_reference:  # stopped by the time budget, before the last epoch
+            fit_reference(run.model, val, config.train.batch_size, device)
         train_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
-        bpd, level_bits = score_test_set(run.model, test, device)
+        bpd, level_bits, typicality = score_test_set(run.model, test, device)
         scores = {"bpd": bpd, "complexity": bpd - png_bpd,
                   "coarse_complexity": coarse_complexity(level_bits, coarse_png_bpd),
+                  "typicality": typicality,
                   **{name: level_bits[:, i] for i, name in enumerate(level_names)}}
         score_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -192,7 +213,8 @@ def main() -> None:
         last_bpd = next((r["train_bpd"] for r in reversed(run.step_log)
                          if math.isfinite(r.get("train_bpd", math.nan))), math.nan)
         per_class[k] = {
-            "class_name": FASHION_MNIST_CLASSES[k], "n_train": len(train_k),
+            "class_name": FASHION_MNIST_CLASSES[k], "n_train": len(fit),
+            "n_val": len(val), "n_baseline_train": len(train_k),
             "steps": run.steps, "train_seconds": train_seconds,
             "stopped_by_budget": run.stopped_by_budget, "last_train_bpd": last_bpd,
             "test_bpd_normal_mean": float(bpd[normal].mean()),
@@ -201,15 +223,17 @@ def main() -> None:
             "auroc": aurocs,
         }
         logger.info("class %d (%s): %d steps in %.0f s, bpd AUROC %.1f, complexity %.1f, "
-                    "coarse_complexity %.1f%s", k, FASHION_MNIST_CLASSES[k], run.steps,
-                    train_seconds, aurocs["bpd"], aurocs["complexity"],
-                    aurocs["coarse_complexity"], "" if args.no_baselines else
+                    "coarse_complexity %.1f, typicality %.1f%s", k, FASHION_MNIST_CLASSES[k],
+                    run.steps, train_seconds, aurocs["bpd"], aurocs["complexity"],
+                    aurocs["coarse_complexity"], aurocs["typicality"],
+                    "" if args.no_baselines else
                     f", 5-NN {aurocs['knn5_mean']:.1f}, IF {aurocs['iforest']:.1f}")
 
     mean = {m: float(np.mean([per_class[k]["auroc"][m] for k in classes])) for m in methods}
     worst = {m: float(np.min([per_class[k]["auroc"][m] for k in classes])) for m in methods}
     payload = {"config": config.to_dict(), "classes": classes,
                "minutes_per_class": args.minutes_per_class,
+               "val_fraction": args.val_fraction,
                "knn": "Euclidean distance on raw pixels in [0, 1]: knn5_mean = mean of the 5 "
                       "nearest, knn5_kth = the 5th nearest",
                "iforest": "IsolationForest(random_state=0), defaults, score = -score_samples",

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SCORE_HELP = ("bpd, complexity, coarse_complexity, level_1, ..., or auto (the highest AUROC "
-              "on --anomalous)")
+SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, level_1, ..., or auto (the "
+              "highest AUROC on --anomalous)")
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         score = args.score
         if score == AUTO_SCORE:
             selection = select_folder_score(normal, anomalous,
-                                            score_names(loaded.model.config.levels))
+                                            score_names(loaded.model))
             score = selection.chosen
             print("AUROC by score: " + ", ".join(
                 f"{name} {value:.4f}" for name, value in selection.auroc.items())

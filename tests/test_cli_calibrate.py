@@ -17,6 +17,7 @@ from click.testing import CliRunner, Result
 from anomaly_flow import tracking
 from anomaly_flow.calibration import (
     Calibration,
+    CalibrationError,
     conformal_threshold,
     cost_threshold,
     detection_metrics,
@@ -221,7 +222,7 @@ def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> 
                  "--target-fpr", "0.1", "--score", "level_9", "--device", "cpu",
                  "--mlruns", store)
     assert_one_line_error(result, "unknown score 'level_9'",
-                          "bpd, complexity, coarse_complexity, level_1, level_2")
+                          "bpd, complexity, coarse_complexity, typicality, level_1, level_2")
 
 
 def test_coarse_complexity_calibrates_and_then_drives_score(
@@ -289,11 +290,12 @@ def test_evaluate_prints_and_logs_every_score(store: Path, client: mlflow.Mlflow
     result = run("evaluate", "--model", CANDIDATE, "--normal", image_dirs.test_normal,
                  "--anomalous", image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 0, result.output
-    names = score_names(2)
+    model = tracking.load_model(CANDIDATE).model
+    names = score_names(model)
+    assert "typicality" in names  # trained with a validation set: it has a normal reference
     table_rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
     assert table_rows[: len(names)] == names
 
-    model = tracking.load_model(CANDIDATE).model
     normal = score_folder_table(model, image_dirs.test_normal)
     anomalous = score_folder_table(model, image_dirs.test_anomalous)
     logged = client.get_run(run_id_from(result))
@@ -337,18 +339,20 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
         store: Path, client: mlflow.MlflowClient, best: str, runner_up: str) -> None:
     rng = np.random.default_rng(3)
     base_normal, base_anomalous = rng.normal(0.0, 1.0, 30), rng.normal(0.0, 1.0, 12)
-    columns = score_names(2)
-    assert columns == ["bpd", "complexity", "coarse_complexity", "level_1", "level_2"]
+    loaded = tracking.load_model(CANDIDATE)
+    columns = score_names(loaded.model)
+    assert columns == ["bpd", "complexity", "coarse_complexity", "typicality", "level_1",
+                       "level_2"]
     normal = hand_scores("normal", dict.fromkeys(columns, base_normal))
     anomalous = hand_scores("anomalous", {
         "bpd": base_anomalous + 0.5,        # a little separated
         best: base_anomalous + 4.0,         # well separated: the right choice
         runner_up: base_anomalous + 2.0,    # separated, less well
+        "typicality": base_anomalous + 0.25,
         "level_1": base_anomalous - 4.0,    # reversed
         "level_2": base_anomalous + 1.0})
     # One normal image with a non-finite level_2 is left out for every candidate.
     normal.table.loc[0, "level_2"] = np.nan
-    loaded = tracking.load_model(CANDIDATE)
     outcome = calibrate_scores(loaded, normal, anomalous, score="auto", target_fpr=0.1)
 
     calibration = outcome.calibration
@@ -376,6 +380,18 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     assert stored.score_selection == selection
 
 
+def test_typicality_needs_the_normal_reference(store: Path) -> None:
+    loaded = tracking.load_model(CANDIDATE)
+    loaded.model.load_state_dict({k: v for k, v in loaded.model.state_dict().items()
+                                  if not k.startswith("reference_")})
+    assert "typicality" not in score_names(loaded.model)
+    values = {"bpd": np.linspace(5.0, 6.0, 20)}
+    with pytest.raises(CalibrationError, match=r"needs the model.s normal reference, and this "
+                                                r"model has none.*val_fraction > 0"):
+        calibrate_scores(loaded, hand_scores("normal", values), None, score="typicality",
+                         target_fpr=0.1)
+
+
 def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
     result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
@@ -386,16 +402,16 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
     calibration = loaded.calibration
     assert calibration is not None and calibration.score_selection is not None
     chosen = calibration.score_name
-    assert chosen == calibration.score_selection.chosen in score_names(2)
+    names = score_names(loaded.model)
+    assert chosen == calibration.score_selection.chosen in names
 
     # The evidence is this model's AUROCs on the same folders, and the choice follows.
-    names = score_names(2)
     normal = score_folder_table(loaded.model, image_dirs.calibration)
     anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous)
     reference = select_score({n: normal.values(n) for n in names},
                              {n: anomalous.values(n) for n in names})
     assert chosen == reference.chosen
-    assert list(calibration.score_selection.auroc) == names  # coarse_complexity included
+    assert list(calibration.score_selection.auroc) == names  # typicality included
     assert calibration.score_selection.auroc == pytest.approx(reference.auroc)
     assert f"coarse_complexity {reference.auroc['coarse_complexity']:.4f}" in result.stdout
     assert (calibration.score_selection.n_normal,

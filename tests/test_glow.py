@@ -11,7 +11,13 @@ from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 
 from anomaly_flow.config import ConfigError, GlowConfig
-from anomaly_flow.glow import Glow, ModelFileError, postprocess, preprocess
+from anomaly_flow.glow import (
+    REFERENCE_STD_FLOOR,
+    Glow,
+    ModelFileError,
+    postprocess,
+    preprocess,
+)
 from anomaly_flow.layers import squeeze
 
 
@@ -125,6 +131,57 @@ def test_save_load_round_trip_keeps_actnorm_init(tmp_path) -> None:
     assert torch.equal(loaded.log_prob(x), model.eval().log_prob(x))
     fresh = Glow(model.config)
     assert not fresh.initialized
+
+
+def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> None:
+    model = make_model(1, 8, 2).float().eval()
+    assert not model.has_reference and "reference_mean" not in model.state_dict()
+    with pytest.raises(ValueError, match="no normal reference"):
+        model.typicality(torch.zeros(1, 8, 8))
+    with torch.no_grad():
+        maps = model.breakdown(torch.rand(6, 1, 8, 8) - 0.5).pixel_bpd
+    mean, std = maps[:4].mean(dim=0), maps[:4].std(dim=0)
+    std[0, 0] = 0.0  # a pixel that never varies: the floor keeps the score finite
+    model.set_reference(mean, std)
+    assert model.has_reference
+
+    # By hand, pixel by pixel: mean of |m - mu| / (sigma + floor).
+    m, mu, sd = maps.double().numpy(), mean.double().numpy(), std.double().numpy()
+    by_hand = [sum(abs(m[b, i, j] - mu[i, j]) / (sd[i, j] + REFERENCE_STD_FLOOR)
+                   for i in range(8) for j in range(8)) / 64 for b in range(6)]
+    typicality = model.typicality(maps)
+    torch.testing.assert_close(typicality.double(), torch.tensor(by_hand, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    assert float(model.typicality(mean[None])[0]) == 0.0  # the average normal map
+    doubled = model.typicality(mean + 2 * (maps - mean))
+    torch.testing.assert_close(doubled, 2 * typicality, rtol=1e-5, atol=0)
+
+    loaded = Glow.load(model.save(tmp_path / "with"))
+    assert loaded.has_reference
+    assert torch.equal(loaded.reference_mean, mean) and torch.equal(loaded.reference_std, std)
+    assert torch.equal(loaded.typicality(maps), typicality)
+
+    # A model saved without a reference (an older anomaly-flow's too) loads without one,
+    # and loading such a state clears a reference the model had.
+    bare = Glow.load(make_model(1, 8, 2).float().save(tmp_path / "without"))
+    assert not bare.has_reference
+    loaded.load_state_dict(bare.state_dict())
+    assert not loaded.has_reference
+
+
+def test_normal_reference_is_checked(tmp_path) -> None:
+    model = make_model(1, 8, 2).float()
+    with pytest.raises(ValueError, match=r"shape \(8, 8\).*got \(4, 4\)"):
+        model.set_reference(torch.zeros(4, 4), torch.ones(4, 4))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.set_reference(torch.full((8, 8), math.nan), torch.ones(8, 8))
+    with pytest.raises(ValueError, match="negative"):
+        model.set_reference(torch.zeros(8, 8), -torch.ones(8, 8))
+    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8))
+    state = model.state_dict()
+    del state["reference_std"]
+    with pytest.raises(RuntimeError, match="only part of the normal reference"):
+        Glow(model.config).load_state_dict(state)
 
 
 def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:

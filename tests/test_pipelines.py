@@ -149,7 +149,7 @@ def test_select_threshold_auto_score_registers_the_chosen_score(
     model = tracking.load_model(trained.version_uri).model
     normal = score_folder_table(model, image_dirs.calibration)
     anomalous = score_folder_table(model, image_dirs.test_anomalous)
-    names = score_names(model.config.levels)
+    names = score_names(model)
     auroc = {name: roc_auc_score(
         np.r_[np.zeros(len(normal.values(name))), np.ones(len(anomalous.values(name)))],
         np.r_[normal.values(name), anomalous.values(name)]) for name in names}

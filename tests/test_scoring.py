@@ -26,6 +26,7 @@ from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import (
     ArrayDataset,
     DataError,
+    display_path,
     find_images,
     load_image,
     load_sample,
@@ -41,8 +42,10 @@ from anomaly_flow.scoring import (
     read_table,
     score_dataset,
     score_folder,
+    score_names,
     write_table,
 )
+from anomaly_flow.train import fit_reference
 
 TINY = GlowConfig(image_size=16, levels=2, steps_per_level=2, hidden_channels=16)
 ULPS = 4e-6
@@ -143,11 +146,14 @@ def make_messy_folder(root: Path) -> Path:
 
 
 def make_tiny_model() -> Glow:
-    """The tiny Glow, its ActNorms initialised on sample images."""
+    """The tiny Glow, its ActNorms initialised on sample images, with a normal reference
+    from other sample images (so it scores ``typicality`` too)."""
     torch.manual_seed(0)
     model = Glow(TINY)
     images = ArrayDataset(load_sample().train[:64], TINY.mode, TINY.image_size).images
     model.initialize(preprocess(images, TINY.n_bits))
+    held_out = ArrayDataset(load_sample().train[64:128], TINY.mode, TINY.image_size)
+    assert fit_reference(model, held_out, 32, torch.device("cpu")) == 64
     return model.eval()
 
 
@@ -173,8 +179,8 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
-                                                    "level_1", "level_2", "score", "p_value",
-                                                    "is_anomaly")})
+                                                    "typicality", "level_1", "level_2",
+                                                    "score", "p_value", "is_anomaly")})
 
 
 def relative(table: pd.DataFrame, root: Path) -> list[str]:
@@ -195,7 +201,7 @@ def test_every_file_gets_a_row_with_scores_or_a_reason(model: Glow, messy: Path,
     assert sorted(os.listdir(tmp_path)) == ["scores.csv"]  # the temp file was renamed away
 
     table = read_csv(out)
-    assert list(table.columns) == output_columns(2)
+    assert list(table.columns) == output_columns(model)
     names = relative(table, messy)
     assert names == sorted(names, key=lambda n: os.fsencode(n.replace("\\xff", "\udcff")))
     assert set(names) == {n.replace("\udcff", "\\xff") for n in MESSY}
@@ -288,7 +294,7 @@ def test_coarse_complexity_is_level_L_minus_the_coarse_png_length(
     for name in ("a.csv", "b.csv", "c.parquet"):
         score_folder(model, None, folder, tmp_path / name, batch_size=2)
     table = read_csv(tmp_path / "a.csv")
-    assert list(table.columns) == output_columns(levels)
+    assert list(table.columns) == output_columns(model)
     assert table["coarse_complexity"].dtype == np.float64
     parquet = pd.read_parquet(tmp_path / "c.parquet")
     assert parquet["coarse_complexity"].dtype == np.float64
@@ -310,6 +316,24 @@ def test_coarse_complexity_is_level_L_minus_the_coarse_png_length(
     if levels == 1:  # level_1 − L(x)/D = complexity − n_bits, up to float32 sums
         np.testing.assert_allclose(table["coarse_complexity"],
                                    table["complexity"] - n_bits, rtol=0, atol=ULPS)
+
+
+def test_typicality_column_is_the_models_typicality_of_each_file(
+        model: Glow, messy: Path, full_table: pd.DataFrame) -> None:
+    """Per file: ``Glow.typicality`` of the file's per-pixel bits/dim map, as the library
+    computes it from the decoded image."""
+    assert model.has_reference
+    scored = full_table[full_table["error"] == ""]
+    files = {display_path(path): path for path in find_images(messy)}
+    images = torch.from_numpy(np.stack([load_image(files[key], TINY.mode, TINY.image_size)
+                                        for key in scored["path"]]))
+    with torch.no_grad():
+        maps = model.breakdown(preprocess(images, TINY.n_bits)).pixel_bpd
+        expected = model.typicality(maps).double().numpy()
+    np.testing.assert_allclose(scored["typicality"], expected, rtol=1e-5, atol=0)
+    assert (scored["typicality"] > 0).all()
+    failed = full_table[full_table["error"] != ""]
+    assert failed["typicality"].isna().all()
 
 
 def gray_or_rgb(channels: int, n: int) -> np.ndarray:
@@ -478,10 +502,11 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
         score_folder(model, None, messy, other, resume=True)
     deeper = tmp_path / "deeper.csv"
     full_table.assign(level_3=1.0).to_csv(deeper, index=False)
-    with pytest.raises(ScoringError, match=r"per-level column\(s\) \['level_3'\]"):
+    with pytest.raises(ScoringError,
+                       match=r"score column\(s\) \[.level_3.\] this model does not give"):
         score_folder(model, None, messy, deeper, resume=True)
     with pytest.raises(ScoringError, match="lacks column"):
-        read_table(other, 2)
+        read_table(other, score_names(model))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -506,7 +531,7 @@ def test_resume_from_a_table_without_coarse_complexity_rescores_its_files(
     assert f"has no coarse_complexity column (it was written by an older anomaly-flow); " \
            f"scoring its {k - n_failed} scored file(s) again" in message
     resumed = read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
-    assert list(resumed.columns) == output_columns(2)
+    assert list(resumed.columns) == output_columns(model)
     pd.testing.assert_frame_equal(
         resumed.astype({"is_anomaly": float, "path": str, "error": str}),
         full_table.astype({"is_anomaly": float, "path": str, "error": str}),

@@ -139,6 +139,34 @@ def test_bits_per_dim_falls(image_folder: Path, capfd: pytest.CaptureFixture[str
     assert result.samples.shape == (64, 64) and result.samples.dtype == np.uint8
 
 
+def test_training_fits_the_normal_reference_on_the_validation_images(
+        image_folder: Path, tmp_path: Path) -> None:
+    """The reference is the per-pixel mean and std of the validation images' bits/dim
+    maps under the final weights; the final checkpoint keeps it; without a validation
+    set there is none."""
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+    result = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path)
+    model = result.model
+    assert model.has_reference
+
+    images = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    assert len(images) == 32
+    with torch.no_grad():
+        maps = model.breakdown(preprocess(images, MODEL.n_bits)).pixel_bpd.double().numpy()
+    np.testing.assert_allclose(model.reference_mean.numpy(), maps.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(model.reference_std.numpy(), maps.std(axis=0), rtol=1e-5)
+    assert float(model.reference_std.min()) > 0
+    weights, _, _ = final_checkpoint_files(tmp_path)
+    assert torch.equal(weights["reference_mean"], model.reference_mean)
+    assert torch.equal(weights["reference_std"], model.reference_std)
+
+    no_val = run_config(epochs=1, val_fraction=0.0)
+    data = folder_datasets(image_folder, no_val)
+    assert data.val is None
+    assert not train(no_val, data.train, None, device="cpu").model.has_reference
+
+
 def test_corrupt_files_are_skipped_counted_and_reported(
         tmp_path: Path, sneakers: np.ndarray, caplog: pytest.LogCaptureFixture,
         capfd: pytest.CaptureFixture[str]) -> None:

@@ -42,7 +42,8 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
                    "and enables --method f1, youden and cost, and --score auto.")
 @click.option("--score", default="bpd", show_default=True,
               help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
-                   "level_1 ... level_L; or "
+                   "typicality (models trained with a validation set), level_1 ... "
+                   "level_L; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
                    "images, recorded in the calibration. That AUROC is measured on the same "
                    "images that chose it, so it is optimistic; a conformal threshold still "
@@ -89,7 +90,8 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
     if score == "auto" and anomalous is None:
         raise click.UsageError("--score auto chooses the score with the highest AUROC on "
                                "labelled anomalies: pass --anomalous DIR, or name a score "
-                               "(--score bpd, complexity, coarse_complexity, level_1 ...).")
+                               "(--score bpd, complexity, coarse_complexity, typicality, "
+                               "level_1 ...).")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
     if target_fpr is not None and not 0 < target_fpr < 1:
@@ -148,8 +150,8 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
              workers: int, mlruns: Path | None) -> None:
     """AUROC, AUPR and FPR at 95% TPR of every score type on labelled folders.
 
-    Prints a table (one row per score: bpd, complexity, coarse_complexity, level_1 ...
-    level_L) and logs it as a run with ROC and PR curves and score histograms.
+    Prints a table (one row per score: bpd, complexity, coarse_complexity, typicality,
+    level_1 ... level_L) and logs it as a run with ROC and PR curves and score histograms.
 
     \b
     Example:

@@ -67,14 +67,15 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
           fdr: float | None, mlruns: Path | None) -> None:
     """Score every image file under DIR into one table, one row per file.
 
-    Columns: path, bpd, complexity, coarse_complexity, level_1..level_L (bits/dim),
-    score, p_value and is_anomaly (filled when the model is calibrated), error (why a
-    file could not be scored; empty otherwise). Files that cannot be read (not images,
-    truncated, empty, too large, unreadable) get a row with the reason and do not stop
-    the run. The table is written atomically and rewritten now and then during long
-    runs; after an interruption, --resume scores only the files still missing (and
-    rescores the files of a table written before coarse_complexity existed, to fill
-    that column). A summary goes to stderr: N scored, M failed, K anomalous.
+    Columns: path, bpd, complexity, coarse_complexity, typicality (models trained with a
+    validation set), level_1..level_L (bits/dim), score, p_value and is_anomaly (filled
+    when the model is calibrated), error (why a file could not be scored; empty
+    otherwise). Files that cannot be read (not images, truncated, empty, too large,
+    unreadable) get a row with the reason and do not stop the run. The table is written
+    atomically and rewritten now and then during long runs; after an interruption,
+    --resume scores only the files still missing (and rescores the files of a table
+    written before coarse_complexity or typicality existed, to fill that column). A
+    summary goes to stderr: N scored, M failed, K anomalous.
     """
     from anomaly_flow import tracking
     from anomaly_flow.scoring import check_writable, output_format, score_folder

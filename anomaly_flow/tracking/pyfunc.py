@@ -28,7 +28,6 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from anomaly_flow.calibration import Calibration
-from anomaly_flow.config import GlowConfig
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, apply_calibration, score_dataset, score_names
 from anomaly_flow.train import resolve_device
@@ -42,19 +41,19 @@ CALIBRATION_FILE = "calibration.json"
 DEFAULT_BATCH_SIZE = 256
 
 
-def output_columns(levels: int) -> list[str]:
+def output_columns(model: Glow) -> list[str]:
     """Columns of the prediction frame, in order."""
-    return [*score_names(levels), "score", "p_value", "is_anomaly", "error"]
+    return [*score_names(model), "score", "p_value", "is_anomaly", "error"]
 
 
-def model_signature(config: GlowConfig) -> ModelSignature:
+def model_signature(model: Glow) -> ModelSignature:
     """The explicit signature: optional ``path``/``image`` inputs, the score columns out,
     and the ``threshold`` and ``batch_size`` params."""
     inputs = Schema([
         ColSpec(DataType.string, "path", required=False),
         ColSpec(DataType.binary, "image", required=False),
     ])
-    doubles = [*score_names(config.levels), "score", "p_value"]
+    doubles = [*score_names(model), "score", "p_value"]
     outputs = Schema([
         *(ColSpec(DataType.double, name) for name in doubles),
         ColSpec(DataType.boolean, "is_anomaly", required=False),
@@ -123,7 +122,7 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         verdict = pd.Series([bool(v > threshold) if np.isfinite(v) else None for v in values],
                             index=out.index, dtype=object)
     out["is_anomaly"] = verdict
-    return out[output_columns(cfg.levels)].reset_index(drop=True)
+    return out[output_columns(model)].reset_index(drop=True)
 
 
 def load_calibration(folder: Path) -> Calibration | None:
