@@ -402,9 +402,8 @@ def calibrate_scores(
         anomalous: Scores of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
             ``coarse_complexity``, ``typicality``, ``level_i``), or ``"auto"`` (needs
-            ``anomalous``): the
-            one with the highest AUROC on the labelled images, ties going to the first in
-            ``bpd, complexity, coarse_complexity, level_1, ...``.
+            ``anomalous``): the one with the highest AUROC on the labelled images, ties
+            going to the first in :func:`~anomaly_flow.scoring.score_names` order.
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
             logged (params ``score``/``score_selection``, metrics
             ``selection_<score>_auroc``, tags). The selection and the reported AUROC use

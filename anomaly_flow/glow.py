@@ -8,6 +8,11 @@ those maps, so the pieces add up to the total exactly, by construction.
 Images enter the flow as ``x = (k + u) / n_bins - 0.5`` for quantised values
 ``k in {0, ..., n_bins - 1}``: ``u ~ U[0, 1)`` while training (dequantisation), ``u = 0.5``
 when scoring, so the same image always gets the same number.
+
+A trained model may also carry a *normal reference* (:meth:`Glow.set_reference`): the
+per-pixel mean and spread of the bits/dim map over held-out normal images, from which
+:meth:`Glow.typicality` scores how unlike a normal image's map an image's map is. It
+lives in the state dict (``reference_mean``, ``reference_std``) only once set.
 """
 
 from __future__ import annotations
