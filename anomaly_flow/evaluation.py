@@ -51,7 +51,13 @@ from anomaly_flow.calibration import (
 )
 from anomaly_flow.data import DataError, display_path, find_images, fingerprint
 from anomaly_flow.glow import Glow
-from anomaly_flow.scoring import ScoringDataset, paths_frame, score_dataset, score_names
+from anomaly_flow.scoring import (
+    ScoringDataset,
+    default_score,
+    paths_frame,
+    score_dataset,
+    score_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +254,7 @@ def _check_score(score: str, model: Glow) -> None:
         )
 
 
-def _check_auto(score: str, has_anomalous: bool) -> None:
+def _check_auto(score: str | None, has_anomalous: bool) -> None:
     """``auto`` picks the score on labelled anomalies: refuse it without them."""
     if score == AUTO_SCORE and not has_anomalous:
         raise CalibrationError(
@@ -385,7 +391,7 @@ def calibrate_scores(
     normal: FolderScores,
     anomalous: FolderScores | None = None,
     *,
-    score: str = "bpd",
+    score: str | None = None,
     target_fpr: float | None = None,
     method: Method = "conformal",
     cost_fp: float = 1.0,
@@ -401,9 +407,11 @@ def calibrate_scores(
         normal: Scores of held-out normal images (never training images).
         anomalous: Scores of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``typicality``, ``level_i``), or ``"auto"`` (needs
-            ``anomalous``): the one with the highest AUROC on the labelled images, ties
-            going to the first in :func:`~anomaly_flow.scoring.score_names` order.
+            ``coarse_complexity``, ``typicality``, ``level_i``); None (default) for
+            :func:`~anomaly_flow.scoring.default_score` (``typicality`` when the model
+            has a normal reference, else ``bpd``); or ``"auto"`` (needs ``anomalous``):
+            the one with the highest AUROC on the labelled images, ties going to the
+            first in :func:`~anomaly_flow.scoring.score_names` order.
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
             logged (params ``score``/``score_selection``, metrics
             ``selection_<score>_auroc``, tags). The selection and the reported AUROC use
@@ -428,6 +436,7 @@ def calibrate_scores(
             message says how many are needed).
     """
     _check_registered(loaded)
+    score = default_score(loaded.model) if score is None else score
     _check_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
@@ -543,7 +552,7 @@ def calibrate_model(
     normal: str | Path,
     anomalous: str | Path | None = None,
     *,
-    score: str = "bpd",
+    score: str | None = None,
     target_fpr: float | None = None,
     method: Method = "conformal",
     cost_fp: float = 1.0,
@@ -568,7 +577,8 @@ def calibrate_model(
         normal: Folder of held-out normal images (never training images).
         anomalous: Folder of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``typicality``, ``level_i``), or ``"auto"`` (needs
+            ``coarse_complexity``, ``typicality``, ``level_i``); None (default) for
+            :func:`~anomaly_flow.scoring.default_score`; or ``"auto"`` (needs
             ``anomalous``): the
             one with the highest AUROC on the labelled images, recorded with its evidence
             in the calibration. The selection and the reported AUROC use the same
@@ -603,6 +613,7 @@ def calibrate_model(
         find_images(anomalous_path)  # a missing or empty folder fails before any scoring
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
+    score = default_score(loaded.model) if score is None else score
     _check_score(score, loaded.model)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     normal_scores = score_folder_table(loaded.model, normal, **options)

@@ -19,7 +19,8 @@ import argparse
 from pathlib import Path
 
 SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, level_1, ..., or auto (the "
-              "highest AUROC on --anomalous)")
+              "highest AUROC on --anomalous); default: typicality, or bpd for a model "
+              "without a normal reference")
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +40,9 @@ def add_epochs_option(parser: argparse.ArgumentParser) -> None:
 
 def add_score_option(parser: argparse.ArgumentParser, *,
                      help: str | None = SCORE_HELP) -> None:
-    """``--score NAME`` (default ``bpd``): the score the threshold applies to."""
-    parser.add_argument("--score", default="bpd", help=help)
+    """``--score NAME``: the score the threshold applies to (default None: the model's
+    :func:`~anomaly_flow.scoring.default_score`)."""
+    parser.add_argument("--score", default=None, help=help)
 
 
 def add_target_fpr_option(parser: argparse.ArgumentParser, *, default: float | None = None,

@@ -65,7 +65,7 @@ class PipelineResult:
 
 
 def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tiny",
-                 epochs: int | None = None, target_fpr: float = 0.01, score: str = "bpd",
+                 epochs: int | None = None, target_fpr: float = 0.01, score: str | None = None,
                  promote: bool = True, device: str = "auto", mlruns: Path | None = None,
                  progress: bool | None = None) -> PipelineResult:
     """Train, calibrate and evaluate model ``name`` under one parent run.
@@ -76,7 +76,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         config_name: A preset name or a path to a TOML/JSON configuration.
         epochs: Override the configuration's epochs.
         target_fpr: Target false-positive rate of the conformal threshold.
-        score: Score type the threshold applies to.
+        score: Score type the threshold applies to; None for the model's default
+            (:func:`anomaly_flow.scoring.default_score`).
         promote: Move alias ``champion`` to the calibrated version.
         device: ``auto``, ``cpu`` or ``cuda``.
         mlruns: Root of the local MLflow store (default ``./mlruns``).
@@ -91,7 +92,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     config = config.replace(epochs=epochs)
     tracking.configure(mlruns)
     params = {"name": name, "config": config_name, "epochs": config.train.epochs,
-              "target_fpr": target_fpr, "score": score, "promote": promote,
+              "target_fpr": target_fpr, "score": score or "default", "promote": promote,
               **{f"folder.{key}": str(path) for key, path in folders.items()}}
     with tracking.start_run(name, "end-to-end", tags={"pipeline": "end_to_end"}) as parent:
         parent.log_params(params)
@@ -103,7 +104,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         calibrated = calibrate_model(
             trained.model_uri, folders["calibration"], score=score, target_fpr=target_fpr,
             promote=promote, device=device, mlruns=mlruns, nested=True, progress=progress)
-        parent.set_tags({"calibrate_run_id": calibrated.run_id,
+        score = calibrated.calibration.score_name
+        parent.set_tags({"calibrate_run_id": calibrated.run_id, "score_name": score,
                          "calibrated_model_uri": calibrated.model_uri})
         evaluated = evaluate_model(
             calibrated.model_uri, folders["test_normal"], folders["test_anomalous"],

@@ -27,7 +27,7 @@ from anomaly_flow.evaluation import (
     score_folder_table,
     select_folder_score,
 )
-from anomaly_flow.scoring import score_names
+from anomaly_flow.scoring import default_score, score_names
 
 if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
     _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = score_folder_table(loaded.model, args.normal, **options)
         anomalous = score_folder_table(loaded.model, args.anomalous, **options)
-        score = args.score
+        score = default_score(loaded.model) if args.score is None else args.score
         if score == AUTO_SCORE:
             selection = select_folder_score(normal, anomalous,
                                             score_names(loaded.model))

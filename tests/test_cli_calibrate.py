@@ -105,10 +105,13 @@ def test_calibrate_promote_then_score_with_champion(
     threshold = calibration.threshold
     assert (threshold.method, threshold.alpha, threshold.n_calibration) == ("conformal", 0.1,
                                                                              n_good)
-    assert f"threshold: {threshold.value} (bpd, conformal, target FPR 0.1)" in result.stdout
+    # No --score: the default for a model with a normal reference is typicality.
+    assert calibration.score_name == "typicality"
+    assert f"threshold: {threshold.value} (typicality, conformal, target FPR 0.1)" \
+        in result.stdout
     # The stored scores are this model's scores of the good files, and the threshold is
     # the conformal one for them.
-    rescored = score_folder_table(champion.model, image_dirs.calibration).values("bpd")
+    rescored = score_folder_table(champion.model, image_dirs.calibration).values("typicality")
     np.testing.assert_allclose(calibration.sorted_scores, np.sort(rescored), rtol=1e-6)
     assert threshold.value == conformal_threshold(calibration.sorted_scores, 0.1).value
 
@@ -133,7 +136,7 @@ def test_calibrate_promote_then_score_with_champion(
     assert len(table) == 32 and table["error"].isna().all()
     scores = table["score"].to_numpy(float)
     is_anomaly = table["is_anomaly"].astype(bool).to_numpy()
-    np.testing.assert_array_equal(scores, table["bpd"].to_numpy(float))
+    np.testing.assert_array_equal(scores, table["typicality"].to_numpy(float))
     np.testing.assert_array_equal(is_anomaly, scores > threshold.value)
     np.testing.assert_array_equal(table["p_value"] <= 0.1, is_anomaly)
     np.testing.assert_array_equal(table["p_value"], calibration.p_values(scores))

@@ -40,10 +40,11 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
 @click.option("--anomalous", type=existing_dir, default=None,
               help="Folder of labelled anomalies: adds precision/recall, ROC and PR curves, "
                    "and enables --method f1, youden and cost, and --score auto.")
-@click.option("--score", default="bpd", show_default=True,
+@click.option("--score", default=None,
               help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
                    "typicality (models trained with a validation set), level_1 ... "
-                   "level_L; or "
+                   "level_L [default: typicality, or bpd for a model without a normal "
+                   "reference]; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
                    "images, recorded in the calibration. That AUROC is measured on the same "
                    "images that chose it, so it is optimistic; a conformal threshold still "
@@ -63,7 +64,7 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
 @_scoring_options
 @mlruns_option
 @user_errors
-def calibrate(model: str, normal: Path, anomalous: Path | None, score: str,
+def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | None,
               target_fpr: float | None, method: str, cost_fp: float | None,
               cost_fn: float | None,
               promote: bool, device: str, batch_size: int, workers: int,
