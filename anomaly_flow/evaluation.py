@@ -379,6 +379,7 @@ def open_model(model_uri: str, device: str = "auto",
     Returns:
         A :class:`anomaly_flow.tracking.LoadedModel`.
     """
+    tracking.require_store(model_uri, mlruns)  # before configure() creates an empty one
     tracking.configure(mlruns)
     return tracking.load_model(model_uri, device=device)
 

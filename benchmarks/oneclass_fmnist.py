@@ -10,13 +10,14 @@ test set with
 AUROC (:func:`anomaly_flow.calibration.detection_metrics`, anomalies positive, higher
 score = more anomalous) for every score:
 
-* ``bpd``: bits/dim (deterministic, bin centres), the product's default score;
+* ``bpd``: bits/dim (deterministic, bin centres);
 * ``complexity``: bpd minus the PNG-compressed length of the image in bits/dim;
 * ``coarse_complexity``: ``level_L`` minus the PNG-compressed length of the image
   box-downsampled to level L's resolution, in bits per dimension of the full image
   (:func:`anomaly_flow.scoring.coarse_complexity`);
 * ``typicality``: how far the per-pixel bits/dim map is from the held-out normal
-  images' maps, per pixel, in their standard deviations (:meth:`Glow.typicality`);
+  images' maps, per pixel, in their standard deviations (:meth:`Glow.typicality`); the
+  score ``anomaly-flow calibrate`` uses by default;
 * ``level_1`` .. ``level_L``: each scale's share of ``-log p(x)`` in bits/dim.
 
 Baselines, fitted on all the class-k training images (the held-out tenth included, so

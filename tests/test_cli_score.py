@@ -156,7 +156,8 @@ def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: 
         f"{out} says why for each")
 
 
-def test_user_errors_are_one_line(messy: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
+                                  tmp_path: Path) -> None:
     (tmp_path / "file.csv").write_text("a file, not a folder")
     good = ("--model", model_dir, "--out", tmp_path / "out.csv")
     cases = [
@@ -164,7 +165,9 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, tmp_path: Path) 
         (("score", messy, "--model", tmp_path / "no-model", "--out", tmp_path / "o.csv"),
          "is neither a model URI nor an existing folder"),
         (("score", messy, "--model", "models:/nope@champion", "--out", tmp_path / "o.csv",
-          "--mlruns", tmp_path / "mlruns"), "no registered model 'nope'"),
+          "--mlruns", mlruns), "no registered model 'nope'"),
+        (("score", messy, "--model", "models:/nope@champion", "--out", tmp_path / "o.csv",
+          "--mlruns", tmp_path / "absent"), "there is no MLflow store at"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "file.csv" / "out.csv"),
          "file.csv is not a folder"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "out.txt"),
@@ -177,3 +180,22 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, tmp_path: Path) 
     for args, expected in cases:
         assert_one_line_error(run(*args), expected)
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "o.csv").exists()
+    assert not (tmp_path / "absent").exists()  # reading a missing store does not create it
+
+
+def test_a_registry_uri_without_a_store_creates_nothing(messy: Path, tmp_path: Path,
+                                                        tracking_env: dict[str, str]) -> None:
+    """A fresh process in a folder with no ``mlruns/``: one line, and no empty store."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "anomaly_flow", "score", str(messy), "--model",
+         "models:/parts@champion", "--out", "scores.csv"],
+        cwd=empty, env=tracking_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot load models:/parts@champion: there is no MLflow store at "
+        f"{empty / 'mlruns' / 'mlflow.db'} (nothing was trained or logged there); train a "
+        "model first (anomaly-flow train DATA --name NAME), or point --mlruns / "
+        "MLFLOW_TRACKING_URI at the store that holds it"]
+    assert sorted(os.listdir(empty)) == []

@@ -83,6 +83,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     output_format(out)
     check_writable(out)  # before loading a model or scoring anything
     if mlruns is not None:
+        tracking.require_store(model, mlruns)  # before configure() creates an empty one
         tracking.configure(mlruns)
     loaded = tracking.load_model(model, device=device)
     previous = signal.signal(signal.SIGTERM, _interrupt)

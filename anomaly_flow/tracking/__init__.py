@@ -26,6 +26,7 @@ from anomaly_flow.tracking.models import (
     log_model,
     register_calibrated_version,
     register_model,
+    require_store,
     set_alias,
 )
 from anomaly_flow.tracking.pyfunc import model_signature, output_columns, predict_frame
@@ -66,6 +67,7 @@ __all__ = [
     "predict_frame",
     "register_calibrated_version",
     "register_model",
+    "require_store",
     "set_alias",
     "start_run",
     "train_and_register",

@@ -40,7 +40,13 @@ from anomaly_flow.tracking.pyfunc import (
     load_calibration,
     model_signature,
 )
-from anomaly_flow.tracking.store import Run, ensure_configured, quiet_mlflow
+from anomaly_flow.tracking.store import (
+    Run,
+    configured_uri,
+    ensure_configured,
+    missing_default_store,
+    quiet_mlflow,
+)
 from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -297,6 +303,24 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
     return name, str(mv.version), mv.run_id, dict(mv.tags or {})
 
 
+def require_store(uri: str, mlruns: str | Path | None = None) -> None:
+    """Refuse a registry or run URI when the store it would be read from does not exist,
+    rather than create an empty store (and a ``mlruns/`` folder) while failing.
+
+    Raises:
+        ModelNotFoundError: ``uri`` is not a local folder, ``MLFLOW_TRACKING_URI`` is
+            unset and the default store under ``mlruns`` (``./mlruns``) has no database.
+    """
+    if _local_path(str(uri)) is not None:
+        return
+    missing = missing_default_store(mlruns)
+    if missing is not None:
+        raise ModelNotFoundError(
+            f"cannot load {uri}: there is no MLflow store at {missing} (nothing was trained "
+            "or logged there); train a model first (anomaly-flow train DATA --name NAME), or "
+            "point --mlruns / MLFLOW_TRACKING_URI at the store that holds it")
+
+
 def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     """Load a model and its calibration from a registry URI, run URI or folder.
 
@@ -311,6 +335,8 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     local = _local_path(uri)
     if local is not None:
         return _load_local(local, uri, device)
+    if configured_uri() is None:  # configuring would create the default store
+        require_store(uri)
     ensure_configured()
     name = version = run_id = None
     tags: dict[str, str] = {}

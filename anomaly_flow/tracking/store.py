@@ -146,6 +146,21 @@ def quiet_mlflow() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
+    """The default store's database file when it does not exist yet (and
+    ``MLFLOW_TRACKING_URI`` is unset), else None. Opening a missing sqlite store creates
+    an empty one; a command that only reads from the store checks this first."""
+    if os.environ.get(TRACKING_ENV):
+        return None
+    db = mlruns_dir(mlruns) / DB_FILE
+    return None if db.is_file() else db
+
+
+def configured_uri() -> str | None:
+    """The tracking URI :func:`configure` set, or None before the first call."""
+    return _state.uri
+
+
 def ensure_configured() -> str:
     """The configured tracking URI, configuring the default one on first use."""
     return _state.uri if _state.uri is not None else configure()
