@@ -140,6 +140,9 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             val_bpd: float, calibrate_run: str) -> str:
     anomalous = table["label"] == "anomalous"
     name = calibration.score_name
+    caption = ("how far each pixel's bits/dim is from the normal images', in their standard "
+               "deviations (bright = unlike a normal image)." if name == "typicality"
+               else "its per-pixel bits/dim (bright = unlikely).")
     scored = table[table["error"].fillna("") == ""]
     summary = [
         {"item": "model", "value": model_uri},
@@ -191,7 +194,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             ("Figures", report.figures_section(figures)),
             ("Most anomalous test images", report.gallery_section(
                 _gallery(ranked.head(12), test_root, heatmaps),
-                "Left: the image; right: its per-pixel bits/dim (bright = unlikely).")),
+                f"Left: the image; right: {caption}")),
             ("Least anomalous test images", report.gallery_section(
                 _gallery(ranked.tail(12).iloc[::-1], test_root, heatmaps))),
         ],

@@ -14,6 +14,13 @@ opacity grows with the value (``0.2`` at ``vmin`` to ``0.8`` at ``vmax``), so li
 regions show the image and unlikely regions glow. Each PNG records its scale and the
 map's mean (the image's bpd) as text chunks (``anomaly-flow:*``).
 
+When a model's decisions rest on ``typicality`` (its calibration says so), the map drawn
+is that score's per-pixel terms instead: ``|m − μ| / (σ + floor)`` against the model's
+normal reference (:meth:`anomaly_flow.glow.Glow.typicality`), whose mean over pixels is
+the image's ``typicality``, on a fixed scale from 0 to :data:`TYPICALITY_VMAX` normal
+standard deviations. Pixels that look as they do in normal images stay dark, whatever
+their bits; the PNG then records ``anomaly-flow:typicality``.
+
 Colour-mapping is a table look-up in numpy (no matplotlib figure per image), and files
 are encoded on background threads, off the scoring loop.
 
@@ -34,6 +41,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from anomaly_flow.data import display_path
+from anomaly_flow.glow import REFERENCE_STD_FLOOR
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,8 @@ MIN_SIDE = 256
 """Heatmaps are upsampled by the smallest integer factor that makes them at least this wide."""
 ALPHA_RANGE = (0.2, 0.8)
 """Overlay opacity at ``vmin`` and at ``vmax`` (linear in between)."""
+TYPICALITY_VMAX = 5.0
+"""Top of the fixed colour scale of typicality heatmaps, in normal standard deviations."""
 
 
 def colormap_table(name: str = COLORMAP) -> np.ndarray:
@@ -128,6 +138,9 @@ class HeatmapWriter:
         vmax: Bits/dim at the top of the fixed colour scale.
         colormap: A matplotlib colormap name.
         threads: Background encoder threads.
+        reference: The model's normal reference ``(mean, std)``, each ``(H, W)``: draw
+            the typicality terms ``|m − mean| / (std + REFERENCE_STD_FLOOR)`` instead of
+            the bits (``vmin``/``vmax`` are then in standard deviations).
     """
 
     def __init__(
@@ -139,8 +152,13 @@ class HeatmapWriter:
         vmax: float,
         colormap: str = COLORMAP,
         threads: int = 2,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.reference = None
+        if reference is not None:
+            mean, std = (np.asarray(r, dtype=np.float32) for r in reference)
+            self.reference = (mean, std + np.float32(REFERENCE_STD_FLOOR))
         self.names = list(names)
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
@@ -166,12 +184,19 @@ class HeatmapWriter:
         for index, image, pixel_map in zip(indices, images, maps, strict=True):
             path = self.folder / self.names[index]
             try:
+                info = PngImagePlugin.PngInfo()
+                if self.reference is None:
+                    key, unit = "bpd", "bits/dim"
+                else:
+                    mean, spread = self.reference
+                    pixel_map = np.abs(pixel_map - mean) / spread
+                    key, unit = "typicality", "normal standard deviations"
                 rgb = render_heatmap(image, pixel_map, vmin=self.vmin, vmax=self.vmax,
                                      table=self.table)
-                info = PngImagePlugin.PngInfo()
-                info.add_text("anomaly-flow:bpd", repr(float(pixel_map.astype(np.float64).mean())))
+                info.add_text(f"anomaly-flow:{key}",
+                              repr(float(pixel_map.astype(np.float64).mean())))
                 info.add_text("anomaly-flow:scale",
-                              f"{self.colormap} {self.vmin:g}..{self.vmax:g} bits/dim (fixed)")
+                              f"{self.colormap} {self.vmin:g}..{self.vmax:g} {unit} (fixed)")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(rgb).save(path, format="PNG", compress_level=1, pnginfo=info)
             except (OSError, ValueError) as exc:

@@ -725,7 +725,9 @@ def score_folder(
         batch_size: Images per forward pass.
         num_workers: DataLoader worker processes that decode images.
         heatmaps: Folder for one heatmap PNG per scored image (same relative path,
-            ``.png`` suffix; see :mod:`anomaly_flow.heatmap`), or None.
+            ``.png`` suffix; see :mod:`anomaly_flow.heatmap`), or None. The map is the
+            per-pixel bits/dim, or the per-pixel typicality terms when the calibration
+            decides by ``typicality``.
         resume: Keep the rows of an existing ``out`` and score only the missing files.
             Rows that failed before are kept as they are (run without ``resume`` to
             retry them). Decisions (``p_value``, ``is_anomaly``) are recomputed for all.
@@ -774,10 +776,17 @@ def score_folder(
 
     writer = None
     if heatmaps is not None:
-        from anomaly_flow.heatmap import HeatmapWriter, heatmap_names
+        from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, heatmap_names
 
         names = heatmap_names([paths[i].relative_to(root) for i in todo])
-        writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits))
+        decides_by = getattr(calibration, "score_name", "bpd")
+        if decides_by == "typicality" and model.reference_mean is not None \
+                and model.reference_std is not None:  # the map of the deciding score
+            reference = (model.reference_mean.cpu().numpy(), model.reference_std.cpu().numpy())
+            writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
+                                   reference=reference)
+        else:
+            writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits))
 
     todo_keys = np.array([keys[i] for i in todo], dtype=object)
     todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`

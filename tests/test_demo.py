@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -27,16 +28,18 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert table["error"].isna().all()
     is_anomalous = table["path"].str.contains("/anomalous/")
     assert is_anomalous.sum() == sample.test_is_anomaly.sum()
-    # Every verdict follows the stored threshold's rule.
+    # Calibrated on the default score, typicality; every verdict follows its threshold.
+    np.testing.assert_array_equal(table["score"], table["typicality"])
     assert table["is_anomaly"].notna().all()
     assert (table["p_value"] > 0).all()
 
     page = (out / "report.html").read_text()
     for heading in ("Summary", "Every score", "Most anomalous test images"):
         assert heading in page
-    for name in ("bpd", "complexity", "coarse_complexity", "level_1"):  # the score table
+    for name in ("bpd", "complexity", "coarse_complexity", "typicality", "level_1"):
         assert f"<td class='l'>{name}</td>" in page, name
     assert "data:image/png;base64," in page  # self-contained: figures inlined
     assert "src='http" not in page and 'src="http' not in page
     assert len(list((out / "heatmaps").rglob("*.png"))) == len(table)
+    assert "in their standard deviations (bright = unlike a normal image)" in page
     assert (out / "mlruns" / "mlflow.db").is_file()

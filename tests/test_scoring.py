@@ -589,6 +589,28 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
             assert img.text["anomaly-flow:scale"] == "inferno 0..8 bits/dim (fixed)"
 
 
+def test_heatmaps_of_a_typicality_calibration_show_its_terms(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
+    """Calibrated on typicality: each heatmap draws |m - mu| / (sigma + floor), whose mean
+    is the image's typicality, on the fixed 0..5 standard-deviation scale."""
+    scored = full_table[full_table["error"] == ""]
+    cal = calibrate("typicality", scored["typicality"].to_numpy(), alpha=0.25)
+    heat = tmp_path / "heat"
+    summary = score_folder(model, cal, messy, tmp_path / "s.csv", batch_size=4, heatmaps=heat)
+    assert summary.n_heatmaps == N_GOOD
+    typicality = dict(zip(relative(full_table, messy), full_table["typicality"], strict=True))
+    for name, reason in MESSY.items():
+        if reason is not None or name.startswith("sub/dup"):
+            continue
+        with Image.open(heat / Path(name).with_suffix(".png")) as img:
+            assert "anomaly-flow:bpd" not in img.text
+            stored = float(img.text["anomaly-flow:typicality"])
+            assert stored == pytest.approx(typicality[name.replace("\udcff", "\\xff")],
+                                           rel=1e-5)
+            assert img.text["anomaly-flow:scale"] == \
+                "inferno 0..5 normal standard deviations (fixed)"
+
+
 def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     paths = find_images(messy)
