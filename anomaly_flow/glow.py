@@ -246,20 +246,31 @@ class Glow(nn.Module):
         z = (pixel_bpd - self.reference_mean) / (self.reference_std + REFERENCE_STD_FLOOR)
         return z.abs().mean(dim=(1, 2))
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True,
-                        assign: bool = False) -> Any:
-        """As :meth:`torch.nn.Module.load_state_dict`; the normal reference is optional
-        (present in the state or not, the model then has it or not)."""
-        state = dict(state_dict)
-        reference = [state.pop(key, None) for key in REFERENCE_KEYS]
-        if any(r is None for r in reference) and any(r is not None for r in reference):
-            raise RuntimeError(f"the state has only part of the normal reference "
-                               f"({', '.join(REFERENCE_KEYS)} go together)")
-        self.reference_mean = self.reference_std = None
-        result = super().load_state_dict(state, strict=strict, assign=assign)
-        if reference[0] is not None:
-            self.set_reference(reference[0], reference[1])
-        return result
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
+                              strict: bool, missing_keys: list[str],
+                              unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """The normal reference is optional in a state dict: a state with it gives the
+        model one, a state without it (an older model's) leaves the model without one.
+        Runs for every way of loading (``load_state_dict`` on the model or on a wrapper
+        such as DistributedDataParallel)."""
+        present = [prefix + key in state_dict for key in REFERENCE_KEYS]
+        if any(present) and not all(present):
+            error_msgs.append(f"the state has only part of the normal reference "
+                              f"({', '.join(REFERENCE_KEYS)} go together)")
+            return
+        if all(present):  # buffers for the loader to copy into
+            size = self.config.image_size
+            shapes = [tuple(state_dict[prefix + key].shape) for key in REFERENCE_KEYS]
+            if any(shape != (size, size) for shape in shapes):
+                error_msgs.append(f"the normal reference has shapes {shapes}; this model's "
+                                  f"images are {size}x{size}")
+                return
+            for key in REFERENCE_KEYS:
+                setattr(self, key, torch.empty(size, size, device=self.device))
+        else:
+            self.reference_mean = self.reference_std = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
 
     def set_coupling_autocast(self, dtype: torch.dtype | None) -> None:
         """Run the coupling networks (only) under autocast to ``dtype``; None turns it off."""

@@ -330,7 +330,7 @@ class _Pending(NamedTuple):
     index: torch.Tensor
     png_bpd: torch.Tensor
     coarse_png_bpd: torch.Tensor
-    stats: torch.Tensor  # (B, 1 + L) float64 on the host (filled once `ready` is done)
+    stats: torch.Tensor  # (B, 1 + L [+ 1]) float64 on the host (filled once `ready` is done)
     maps: torch.Tensor | None
     ready: Any  # torch.cuda.Event, or None on CPU
 
@@ -634,8 +634,9 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     unanswered = (table["error"] == "") & ~complete
     if filled and unanswered.any():
         logger.warning("the earlier output %s has no %s column%s (it was written by an older "
-                       "anomaly-flow); scoring its %d scored file(s) again to fill %s in (rows "
-                       "with an error are kept)", name, " or ".join(filled),
+                       "anomaly-flow, or by a model without that score); scoring its %d "
+                       "scored file(s) again to fill %s in (rows with an error are kept)",
+                       name, " or ".join(filled),
                        "s" if len(filled) > 1 else "", int(unanswered.sum()),
                        "them" if len(filled) > 1 else "it")
     elif unanswered.any():  # neither the scores nor a reason: score those files again
@@ -755,6 +756,9 @@ def score_folder(
     _check_precision(precision)
     if fdr is not None and calibration is None:
         apply_calibration(pd.DataFrame({"bpd": []}), None, fdr)  # raises the explanation
+    if calibration is not None:  # a score the model does not give: fail before scoring
+        apply_calibration(pd.DataFrame({name: [] for name in score_names(model)}),
+                          calibration)
     if heatmaps is not None:
         _check_heatmap_folder(Path(heatmaps))
     root = Path(os.path.abspath(folder))

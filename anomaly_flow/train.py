@@ -71,6 +71,9 @@ CHECKPOINT_LATEST = "latest"
 CHECKPOINTS_KEPT = 2
 """How many checkpoints a checkpoint folder keeps; older ones are deleted."""
 
+REFERENCE_MIN_IMAGES = 30
+"""Fewer validation images than this for the normal reference draw a warning."""
+
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
 _EXECUTION_ONLY = frozenset({"compile", "num_workers"})
 """Training settings that change how fast a run goes, not its result."""
@@ -336,28 +339,35 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
 
     The reference is the per-pixel mean and (population) standard deviation of the
     deterministic per-pixel bits/dim map over the decodable images of ``dataset``
-    (:meth:`Glow.set_reference`); scoring turns it into the ``typicality`` score. Sums
-    are accumulated in float64. With ``world > 1`` every rank maps its share and the
-    sums are all-reduced (a collective: all ranks call it); every rank gets the same
-    reference.
+    (:meth:`Glow.set_reference`); scoring turns it into the ``typicality`` score. An
+    image whose map is not finite (the model overflows on it) is left out and counted in
+    a warning; this never raises. Sums are accumulated in float64. With ``world > 1``
+    every rank maps its share and the sums are all-reduced (a collective: all ranks call
+    it); every rank gets the same reference.
     """
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
     size = model.config.image_size
-    sums = torch.zeros(3, size, size, dtype=torch.float64, device=device)  # n, Σm, Σm²
+    sums = torch.zeros(4, size, size, dtype=torch.float64, device=device)  # n, Σm, Σm², bad
     with numerics(model, "float32"):
         for batch in loader:
             images = batch[0][batch[1]].to(device)
             if len(images):
                 out = model(preprocess(images, model.config.n_bits))
                 maps = breakdown_from_output(out, model.config).pixel_bpd.double()
-                sums[0] += len(images)
+                finite = torch.isfinite(maps).all(dim=(1, 2))
+                maps = maps[finite]
+                sums[0] += len(maps)
                 sums[1] += maps.sum(dim=0)
                 sums[2] += maps.square().sum(dim=0)
+                sums[3] += (~finite).sum()
     if world > 1:
         dist.all_reduce(sums)
-    n = int(sums[0, 0, 0].item())
+    n, n_bad = int(sums[0, 0, 0].item()), int(sums[3, 0, 0].item())
+    if n_bad and rank == 0:
+        logger.warning("the normal reference leaves out %d validation image(s) on which the "
+                       "model gives a non-finite bits/dim", n_bad)
     if n:
         mean = sums[1] / n
         std = (sums[2] / n - mean.square()).clamp_min(0).sqrt()
@@ -657,6 +667,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
     val_bpd = history[-1]["val_bpd"] if history else float("nan")
     imgs_per_sec, saved_step = 0.0, step if resume_from is not None else -1
+    n_reference: int | None = None  # validation images of the normal reference, once fitted
     sampler = GlobalBatchSampler(len(train_set), t.batch_size, t.seed, 0, rank=rank,
                                  world=world)
     collate = functools.partial(_collate_share, image_shape=shape[1:])
@@ -754,13 +765,14 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 val_bpd = evaluate_bpd(model, val_set, t.batch_size, dev, t.num_workers,
                                        rank, world)
                 if epoch == t.epochs - 1:  # before the final checkpoint, which keeps it
-                    fit_reference(model, val_set, t.batch_size, dev, t.num_workers, rank,
-                                  world)
+                    n_reference = _fit_final_reference(model, val_set, t, dev, rank, world)
             epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
                              "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
                              float("nan"), "images_per_sec_epoch": imgs_per_sec,
                              "skipped_steps": float(skipped_steps),
                              "failed_files": float(len(failed.reasons))}
+            if n_reference is not None:
+                epoch_metrics["reference_images"] = float(n_reference)
             history.append(epoch_metrics)
             emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
             if step % t.checkpoint_every == 0:
@@ -769,6 +781,9 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
 
     model.eval()
     model.set_coupling_autocast(None)
+    if n_reference is None and val_set is not None and len(val_set) \
+            and not model.has_reference:  # a finished run resumed from an older checkpoint
+        _fit_final_reference(model, val_set, t, dev, rank, world)
     if step != saved_step:
         checkpoint(t.epochs, step)
     final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
@@ -781,6 +796,18 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                        train_bpd=last_bpd, images_per_sec=imgs_per_sec,
                        skipped_steps=skipped_steps, failed_files=dict(failed.reasons),
                        samples=samples, checkpoint_dir=final, history=history)
+
+
+def _fit_final_reference(model: Glow, val_set: Dataset, t: TrainConfig, dev: torch.device,
+                         rank: int, world: int) -> int:
+    """:func:`fit_reference` at the end of training, with a warning when it is thin."""
+    n = fit_reference(model, val_set, t.batch_size, dev, t.num_workers, rank, world)
+    if rank == 0 and n < REFERENCE_MIN_IMAGES:
+        logger.warning(
+            "the normal reference (the typicality score) rests on %d validation image(s); "
+            "with fewer than %d its per-pixel spread is unreliable: raise val_fraction or "
+            "add images", n, REFERENCE_MIN_IMAGES)
+    return n
 
 
 class _LaunchedStep:

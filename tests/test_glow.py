@@ -182,6 +182,14 @@ def test_normal_reference_is_checked(tmp_path) -> None:
     del state["reference_std"]
     with pytest.raises(RuntimeError, match="only part of the normal reference"):
         Glow(model.config).load_state_dict(state)
+    state = model.state_dict()
+    state["reference_mean"] = state["reference_std"] = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match=r"this model's images are 8x8"):
+        Glow(model.config).load_state_dict(state)
+    # A wrapper's state dict (prefixed keys) loads the reference too.
+    wrapper = torch.nn.ModuleDict({"glow": Glow(model.config)})
+    wrapper.load_state_dict({f"glow.{k}": v for k, v in model.state_dict().items()})
+    assert torch.equal(wrapper["glow"].reference_std, torch.ones(8, 8))
 
 
 def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:

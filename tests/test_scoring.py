@@ -38,6 +38,7 @@ from anomaly_flow.scoring import (
     NON_FINITE_ERROR,
     ScoringDataset,
     ScoringError,
+    default_score,
     output_columns,
     read_table,
     score_dataset,
@@ -509,15 +510,21 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
         read_table(other, score_names(model))
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_resume_from_a_table_without_coarse_complexity_rescores_its_files(
+@pytest.mark.parametrize(("suffix", "dropped", "named"), [
+    (".csv", ["coarse_complexity"], "coarse_complexity column"),
+    (".parquet", ["coarse_complexity"], "coarse_complexity column"),
+    (".csv", ["typicality"], "typicality column"),
+    (".parquet", ["coarse_complexity", "typicality"], "coarse_complexity or typicality columns"),
+])
+def test_resume_from_a_table_without_a_later_score_rescores_its_files(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A table written before ``coarse_complexity`` existed: resuming scores its files
-    again to fill the column, keeps its failed rows, and finishes the whole table."""
+        dropped: list[str], named: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A table written before ``coarse_complexity`` or ``typicality`` existed: resuming
+    scores its files again to fill the columns, keeps its failed rows, and finishes the
+    whole table."""
     out = tmp_path / f"scores{suffix}"
     k = 7
-    older = full_table.head(k).drop(columns="coarse_complexity")
+    older = full_table.head(k).drop(columns=dropped)
     older["is_anomaly"] = older["is_anomaly"].astype("boolean")
     n_failed = int((older["error"] != "").sum())
     assert 0 < n_failed < k
@@ -527,9 +534,9 @@ def test_resume_from_a_table_without_coarse_complexity_rescores_its_files(
                                heatmaps=tmp_path / "heat")
     assert summary.n_resumed == n_failed and summary.n_files == len(MESSY)
     assert summary.n_heatmaps == N_GOOD  # every file with scores was scored by this run
-    [message] = [r.getMessage() for r in caplog.records if "coarse_complexity" in r.getMessage()]
-    assert f"has no coarse_complexity column (it was written by an older anomaly-flow); " \
-           f"scoring its {k - n_failed} scored file(s) again" in message
+    [message] = [r.getMessage() for r in caplog.records if "has no" in r.getMessage()]
+    assert f"has no {named} (it was written by an older anomaly-flow, or by a model without " \
+           f"that score); scoring its {k - n_failed} scored file(s) again" in message
     resumed = read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
     assert list(resumed.columns) == output_columns(model)
     pd.testing.assert_frame_equal(
@@ -587,6 +594,22 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
             stored = float(img.text["anomaly-flow:bpd"])
             assert stored == pytest.approx(bpd[name.replace("\udcff", "\\xff")], abs=1e-5)
             assert img.text["anomaly-flow:scale"] == "inferno 0..8 bits/dim (fixed)"
+
+
+def test_default_score_and_a_calibration_the_model_cannot_serve(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
+    assert default_score(model) == "typicality"
+    bare = Glow(model.config)
+    bare.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if not k.startswith("reference_")})
+    assert default_score(bare) == "bpd" and "typicality" not in score_names(bare)
+    scored = full_table[full_table["error"] == ""]
+    cal = calibrate("typicality", scored["typicality"].to_numpy(), alpha=0.25)
+    out = tmp_path / "never.csv"
+    with pytest.raises(ScoringError, match="uses score 'typicality', which this model does "
+                                           "not produce"):
+        score_folder(bare.eval(), cal, messy, out)
+    assert not out.exists()  # refused before scoring anything
 
 
 def test_heatmaps_of_a_typicality_calibration_show_its_terms(

@@ -26,12 +26,13 @@ from torch.utils.data import Subset
 
 import anomaly_flow.train as train_module
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
-from anomaly_flow.data import display_path, load_sample, write_image_folder
+from anomaly_flow.data import ArrayDataset, display_path, load_sample, write_image_folder
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.train import (
     TrainEvent,
     TrainingError,
     evaluate_bpd,
+    fit_reference,
     folder_datasets,
     latest_checkpoint,
     learning_rate,
@@ -151,7 +152,7 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     assert model.has_reference
 
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
-    assert len(images) == 32
+    assert len(images) == 32 == result.history[-1]["reference_images"]
     with torch.no_grad():
         maps = model.breakdown(preprocess(images, MODEL.n_bits)).pixel_bpd.double().numpy()
     np.testing.assert_allclose(model.reference_mean.numpy(), maps.mean(axis=0), rtol=1e-6)
@@ -165,6 +166,27 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     data = folder_datasets(image_folder, no_val)
     assert data.val is None
     assert not train(no_val, data.train, None, device="cpu").model.has_reference
+
+
+def test_fit_reference_leaves_out_images_with_non_finite_maps(
+        sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = Glow(MODEL)
+    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
+    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    real = train_module.breakdown_from_output
+
+    def one_overflow(out, config, pixel_maps=True):  # image 3 of each batch overflows
+        parts = real(out, config, pixel_maps)
+        parts.pixel_bpd[3, 2, 5] = math.inf
+        return parts
+
+    monkeypatch.setattr(train_module, "breakdown_from_output", one_overflow)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        assert fit_reference(model, held_out, 16, torch.device("cpu")) == 37
+    assert "leaves out 3 validation image(s)" in caplog.text
+    assert model.has_reference and bool(torch.isfinite(model.reference_std).all())
 
 
 def test_corrupt_files_are_skipped_counted_and_reported(
