@@ -40,7 +40,8 @@ REFERENCE_STD_FLOOR = 0.1
 """Bits/dim added to every per-pixel standard deviation of the normal reference: a pixel
 that barely varies over the normal images (a blank border, or any pixel when there are
 few of them) must not turn a difference of a few hundredths of a bit into a large score.
-On B4 the choice between 0.001 and 0.3 moves no class's AUROC by more than 0.3."""
+On B4 (benchmarks/NOTES.md) floors of 0.001 and 0.1 give every class the same AUROC to
+within 0.1."""
 
 
 class ModelFileError(ValueError):

@@ -565,7 +565,8 @@ def train(
     Args:
         config: Model and training configuration.
         train_set: Images of normal data; undecodable files are skipped and reported.
-        val_set: Held-out images for per-epoch validation bits/dim.
+        val_set: Held-out images for per-epoch validation bits/dim and, after the last
+            epoch, the model's normal reference (:func:`fit_reference`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device.
         checkpoint_dir: Where checkpoints go (every ``checkpoint_every`` steps and at the
             end); ``None`` writes none. A fresh run needs a folder without checkpoints.

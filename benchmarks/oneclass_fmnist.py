@@ -61,7 +61,7 @@ from anomaly_flow.data import (
     load_fashion_mnist,
     split_train_val,
 )
-from anomaly_flow.glow import Glow
+from anomaly_flow.glow import REFERENCE_STD_FLOOR, Glow
 from anomaly_flow.scoring import (
     coarse_complexity,
     coarse_png_bits_per_dim,
@@ -235,6 +235,7 @@ def main() -> None:
     payload = {"config": config.to_dict(), "classes": classes,
                "minutes_per_class": args.minutes_per_class,
                "val_fraction": args.val_fraction,
+               "reference_std_floor": REFERENCE_STD_FLOOR,
                "knn": "Euclidean distance on raw pixels in [0, 1]: knn5_mean = mean of the 5 "
                       "nearest, knn5_kth = the 5th nearest",
                "iforest": "IsolationForest(random_state=0), defaults, score = -score_samples",

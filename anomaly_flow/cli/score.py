@@ -44,7 +44,9 @@ Examples:
               metavar="DIR", help="Also write, for each scored image, a PNG heatmap of where "
                                   "it is unlikely (same relative path under DIR, .png): "
                                   "per-pixel bits/dim on a fixed scale, 0 (black) to the "
-                                  "model's n_bits, e.g. 8 (yellow), inferno colours.")
+                                  "model's n_bits, e.g. 8 (yellow), inferno colours; for a "
+                                  "model calibrated on typicality, that score's per-pixel "
+                                  "terms, 0 to 5 normal standard deviations.")
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out and score only the files missing from it.")
 @click.option("--strict", is_flag=True,

@@ -46,7 +46,8 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
     """Train a Glow on the images under DATA and register it as NAME@candidate.
 
     DATA is a folder of images of normal data, searched recursively; a share of them
-    (train.val_fraction) is held out for validation bits/dim. The run (params, metrics,
+    (train.val_fraction) is held out for validation bits/dim and for the normal
+    reference behind the typicality score. The run (params, metrics,
     sample grid, training curves) goes to MLflow; a model whose validation bits/dim is
     finite becomes a new version of NAME with alias 'candidate'. Prints the run id and
     the model URI on stdout.
