@@ -56,7 +56,7 @@ from anomaly_flow.data import (
 )
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.scoring import ScoringDataset, score_folder, score_images
-from anomaly_flow.train import resolve_device
+from anomaly_flow.train import fit_reference, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.3
@@ -102,9 +102,13 @@ def build_model(preset: str, model_uri: str | None, device: torch.device,
     config = load_preset(preset).model
     torch.manual_seed(0)
     model = Glow(config)
-    batch = ArrayDataset(init_images, config.mode, config.image_size).images
-    model.initialize(preprocess(batch, config.n_bits))
-    return model.to(device).eval(), f"preset {preset} (untrained, initialised)"
+    images = ArrayDataset(init_images, config.mode, config.image_size)
+    model.initialize(preprocess(images.images, config.n_bits))
+    model = model.to(device).eval()
+    # As every trained model has one, so scoring also computes typicality (speed only:
+    # the statistics' content does not matter here).
+    fit_reference(model, images, 256, device)
+    return model, f"preset {preset} (untrained, initialised, with a normal reference)"
 
 
 def time_loader(dataset: Any, batch_size: int, workers: int) -> float:
