@@ -11,9 +11,12 @@ Where the held-out normal scores come from (one of):
 
 * default: train a small Glow (preset ``tiny``) on images of one Fashion-MNIST class
   (the Debian ``dataset-fashion-mnist`` files; the sample shipped with the package when
-  they are missing) and score that class's images the model never saw;
+  they are missing), holding out the preset's validation share for its normal reference
+  as ``anomaly-flow train`` does, and score that class's images the model never saw;
 * ``--model URI --normal DIR``: a registered model scoring a folder of held-out normals;
-* ``--scores FILE --column bpd``: a table written by ``anomaly-flow score`` (CSV/Parquet).
+* ``--scores FILE --score bpd``: a table written by ``anomaly-flow score`` (CSV/Parquet).
+
+The score defaults to ``typicality``, the one ``anomaly-flow calibrate`` uses.
 
 Prints a table and writes JSON to ``benchmarks/results/calibration.json``.
 
@@ -42,7 +45,13 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_flow.calibration import CalibrationError, conformal_threshold, min_calibration_size
-from anomaly_flow.data import ArrayDataset, DataError, load_fashion_mnist, load_sample
+from anomaly_flow.data import (
+    ArrayDataset,
+    DataError,
+    load_fashion_mnist,
+    load_sample,
+    split_train_val,
+)
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.train import train
 
@@ -91,14 +100,16 @@ def scores_from_training(args: argparse.Namespace) -> tuple[np.ndarray, dict[str
     train_images, held_out, source = _normal_images(args.normal_class, args.train_images,
                                                     args.seed)
     m = config.model
+    fit, val = split_train_val(len(train_images), config.train.val_fraction, args.seed)
     start = time.perf_counter()
-    result = train(config, ArrayDataset(train_images, m.mode, m.image_size),
+    result = train(config, ArrayDataset(train_images[fit], m.mode, m.image_size),
+                   ArrayDataset(train_images[val], m.mode, m.image_size),
                    device=args.device, progress=False)
     train_s = time.perf_counter() - start
     dataset = ScoringDataset(_png_bytes(held_out), m.mode, m.image_size, m.n_bits, m.levels)
     table = score_dataset(result.model, dataset, batch_size=512, progress=False)
     info = {"source": source, "preset": args.preset, "epochs": args.epochs,
-            "n_train": len(train_images), "train_seconds": round(train_s, 1),
+            "n_train": len(fit), "n_reference": len(val), "train_seconds": round(train_s, 1),
             "val_bpd": result.val_bpd, "train_bpd": result.train_bpd}
     return table[args.score].to_numpy(dtype=np.float64), info
 
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model URI (with --normal)")
     parser.add_argument("--normal", type=Path, help="folder of held-out normal images")
     parser.add_argument("--scores", type=Path, help="scores table (CSV or Parquet)")
-    parser.add_argument("--score", default="bpd", help="score column (default bpd)")
+    parser.add_argument("--score", default="typicality",
+                        help="score column (default typicality, calibrate's default)")
     parser.add_argument("--mlruns", type=Path, default=None)
     parser.add_argument("--preset", default="tiny", help="preset trained by default")
     parser.add_argument("--epochs", type=int, default=2)
