@@ -537,7 +537,7 @@ def select_score(
 
     Each candidate's AUROC (anomalies positive) is measured on the same images; the
     highest wins, and ties go to the candidate that comes first in ``normal_scores``
-    (pass them as ``bpd, complexity, coarse_complexity, level_1, ...``).
+    (pass them in :func:`anomaly_flow.scoring.score_names` order).
 
     The winner's AUROC is measured on the images that chose it, so it is optimistic.
 

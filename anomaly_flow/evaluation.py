@@ -260,7 +260,7 @@ def _check_auto(score: str | None, has_anomalous: bool) -> None:
         raise CalibrationError(
             "score 'auto' chooses the score with the highest AUROC on labelled anomalies, "
             "and none were given; pass --anomalous DIR, or name a score (bpd, complexity, "
-            "coarse_complexity, level_1 ...)."
+            "coarse_complexity, typicality, level_1 ...)."
         )
 
 
