@@ -19,12 +19,7 @@ from pathlib import Path
 from anomaly_flow.calibration import METHODS
 from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import calibrate_model
-
-if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
-from pipelines._options import (
+from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
     add_loader_options,

@@ -36,13 +36,7 @@ from anomaly_flow.evaluation import (
     calibrate_model,
     evaluate_model,
 )
-from anomaly_flow.train import TrainingError
-
-if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
-from pipelines._options import (
+from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
     add_mlruns_option,
@@ -50,6 +44,7 @@ from pipelines._options import (
     add_score_option,
     add_target_fpr_option,
 )
+from anomaly_flow.train import TrainingError
 
 logger = logging.getLogger("pipelines.end_to_end")
 

@@ -27,13 +27,7 @@ from anomaly_flow.evaluation import (
     score_folder_table,
     select_folder_score,
 )
-from anomaly_flow.scoring import default_score, score_names
-
-if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
-from pipelines._options import (
+from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
     add_loader_options,
@@ -42,6 +36,7 @@ from pipelines._options import (
     add_score_option,
     add_target_fpr_option,
 )
+from anomaly_flow.scoring import default_score, score_names
 
 LABELLED = ("f1", "youden", "cost")
 

@@ -19,18 +19,13 @@ from pathlib import Path
 
 from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import user_error_types
-from anomaly_flow.tracking import train_and_register
-
-if __package__ in (None, ""):  # run as a script: make `pipelines._options` importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
-from pipelines._options import (
+from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
     add_mlruns_option,
     add_name_option,
 )
+from anomaly_flow.tracking import train_and_register
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Command-line options the pipeline scripts share, each spelled once.
+"""Command-line options the pipeline scripts (``pipelines/*.py``) share, each spelled once.
 
 Every function adds one option, or one group that always travels together, to an
 ``argparse`` parser: its flag, type, default and help. A script that words an option's
