@@ -231,12 +231,10 @@ class Glow(nn.Module):
         self.reference_mean = mean.detach().to(device, torch.float32).clone()
         self.reference_std = std.detach().to(device, torch.float32).clone()
 
-    def typicality(self, pixel_bpd: Tensor) -> Tensor:
-        """The ``typicality`` score ``(B,)`` of per-pixel bits/dim maps ``(B, H, W)``: the
-        mean over pixels of ``|pixel_bpd − μ| / (σ + REFERENCE_STD_FLOOR)``, with μ, σ the
-        normal reference. 0 for an image exactly like the average normal one; higher
-        means further from what the normal images look like to the model, per pixel,
-        in either direction (too likely counts as much as too unlikely).
+    def typicality_map(self, pixel_bpd: Tensor) -> Tensor:
+        """The per-pixel terms ``(B, H, W)`` of :meth:`typicality` for per-pixel bits/dim
+        maps ``(B, H, W)``: ``|pixel_bpd − μ| / (σ + REFERENCE_STD_FLOOR)``, with μ, σ the
+        normal reference.
 
         Raises:
             ValueError: The model has no normal reference.
@@ -244,8 +242,20 @@ class Glow(nn.Module):
         if self.reference_mean is None or self.reference_std is None:
             raise ValueError("this model has no normal reference, so it cannot score "
                              "typicality; train it with a validation set (val_fraction > 0)")
-        z = (pixel_bpd - self.reference_mean) / (self.reference_std + REFERENCE_STD_FLOOR)
-        return z.abs().mean(dim=(1, 2))
+        return ((pixel_bpd - self.reference_mean)
+                / (self.reference_std + REFERENCE_STD_FLOOR)).abs()
+
+    def typicality(self, pixel_bpd: Tensor) -> Tensor:
+        """The ``typicality`` score ``(B,)`` of per-pixel bits/dim maps ``(B, H, W)``: the
+        mean over pixels of :meth:`typicality_map`. 0 for an image exactly like the
+        average normal one; higher means further from what the normal images look like
+        to the model, per pixel, in either direction (too likely counts as much as too
+        unlikely).
+
+        Raises:
+            ValueError: The model has no normal reference.
+        """
+        return self.typicality_map(pixel_bpd).mean(dim=(1, 2))
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str],

@@ -41,7 +41,6 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from anomaly_flow.data import display_path
-from anomaly_flow.glow import REFERENCE_STD_FLOOR
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +49,8 @@ MIN_SIDE = 256
 """Heatmaps are upsampled by the smallest integer factor that makes them at least this wide."""
 ALPHA_RANGE = (0.2, 0.8)
 """Overlay opacity at ``vmin`` and at ``vmax`` (linear in between)."""
+UNITS = {"bpd": "bits/dim", "typicality": "normal standard deviations"}
+"""The quantities a heatmap can draw, and the unit its scale is written in."""
 TYPICALITY_VMAX = 5.0
 """Top of the fixed colour scale of typicality heatmaps, in normal standard deviations."""
 
@@ -138,9 +139,10 @@ class HeatmapWriter:
         vmax: Bits/dim at the top of the fixed colour scale.
         colormap: A matplotlib colormap name.
         threads: Background encoder threads.
-        reference: The model's normal reference ``(mean, std)``, each ``(H, W)``: draw
-            the typicality terms ``|m − mean| / (std + REFERENCE_STD_FLOOR)`` instead of
-            the bits (``vmin``/``vmax`` are then in standard deviations).
+        quantity: What the maps are: ``bpd`` (per-pixel bits/dim) or ``typicality``
+            (its per-pixel terms, :meth:`anomaly_flow.glow.Glow.typicality_map`; ``vmin``
+            and ``vmax`` are then in normal standard deviations). Names the PNG's text
+            chunk that records the map's mean.
     """
 
     def __init__(
@@ -152,13 +154,13 @@ class HeatmapWriter:
         vmax: float,
         colormap: str = COLORMAP,
         threads: int = 2,
-        reference: tuple[np.ndarray, np.ndarray] | None = None,
+        quantity: str = "bpd",
     ) -> None:
+        if quantity not in UNITS:
+            raise ValueError(f"unknown heatmap quantity {quantity!r}; use one of "
+                             f"{', '.join(UNITS)}")
         self.folder = Path(folder)
-        self.reference = None
-        if reference is not None:
-            mean, std = (np.asarray(r, dtype=np.float32) for r in reference)
-            self.reference = (mean, std + np.float32(REFERENCE_STD_FLOOR))
+        self.quantity = quantity
         self.names = list(names)
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
@@ -170,13 +172,13 @@ class HeatmapWriter:
         self._futures: list[Future[None]] = []
 
     def __call__(self, indices: Sequence[int], images: torch.Tensor,
-                 pixel_bpd: torch.Tensor) -> None:
+                 maps: torch.Tensor) -> None:
         """Queue heatmaps for a batch: uint8 ``(B, C, H, W)`` images, ``(B, H, W)`` maps."""
         if not len(indices):
             return
         self._slots.acquire()  # back-pressure: wait while the threads are behind
         future = self._pool.submit(self._write_batch, list(indices), images.numpy(),
-                                   pixel_bpd.float().numpy())
+                                   maps.float().numpy())
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
 
@@ -184,19 +186,13 @@ class HeatmapWriter:
         for index, image, pixel_map in zip(indices, images, maps, strict=True):
             path = self.folder / self.names[index]
             try:
-                info = PngImagePlugin.PngInfo()
-                if self.reference is None:
-                    key, unit = "bpd", "bits/dim"
-                else:
-                    mean, spread = self.reference
-                    pixel_map = np.abs(pixel_map - mean) / spread
-                    key, unit = "typicality", "normal standard deviations"
                 rgb = render_heatmap(image, pixel_map, vmin=self.vmin, vmax=self.vmax,
                                      table=self.table)
-                info.add_text(f"anomaly-flow:{key}",
+                info = PngImagePlugin.PngInfo()
+                info.add_text(f"anomaly-flow:{self.quantity}",
                               repr(float(pixel_map.astype(np.float64).mean())))
-                info.add_text("anomaly-flow:scale",
-                              f"{self.colormap} {self.vmin:g}..{self.vmax:g} {unit} (fixed)")
+                info.add_text("anomaly-flow:scale", f"{self.colormap} {self.vmin:g}.."
+                              f"{self.vmax:g} {UNITS[self.quantity]} (fixed)")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(rgb).save(path, format="PNG", compress_level=1, pnginfo=info)
             except (OSError, ValueError) as exc:

@@ -296,29 +296,42 @@ def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
     """
     levels = model.config.levels
     with numerics(model, precision), torch.inference_mode():
-        stats, maps = _launch(model, images, pixel_maps)
+        stats, maps = _launch(model, images, "bpd" if pixel_maps else None)
         stats = stats.cpu()
         return BatchScores(bpd=stats[:, 0], level_bits=stats[:, 1:1 + levels],
                            typicality=stats[:, 1 + levels] if model.has_reference else None,
                            pixel_bpd=None if maps is None else maps.cpu())
 
 
+HeatmapKind = Literal["bpd", "typicality"]
+"""Which per-pixel map a heatmap draws: the bits/dim, or the typicality terms
+(:meth:`~anomaly_flow.glow.Glow.typicality_map`)."""
+
+
 def _launch(model: Glow, images: torch.Tensor,
-            pixel_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            maps: HeatmapKind | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Queue the forward pass: ``(B, 1 + L [+ 1])`` float64 ``[bpd, level bits,
-    typicality when the model has a normal reference]`` and the maps when asked for."""
+    typicality when the model has a normal reference]`` and the ``maps`` asked for."""
     reference = model.has_reference
     parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)), model.config,
-                                  pixel_maps or reference)
+                                  maps is not None or reference)
     columns = [parts.bpd[:, None], parts.level_bits]
-    if reference:
-        columns.append(model.typicality(parts.pixel_bpd)[:, None])
+    typical = model.typicality_map(parts.pixel_bpd) if reference else None
+    if typical is not None:
+        columns.append(typical.mean(dim=(1, 2))[:, None])
     stats = torch.cat(columns, dim=1).double()
-    return stats, parts.pixel_bpd.float() if pixel_maps else None
+    if maps is None:
+        return stats, None
+    if maps == "typicality":
+        if typical is None:
+            raise ScoringError("typicality heatmaps need the model's normal reference, and "
+                               "this model has none")
+        return stats, typical.float()
+    return stats, parts.pixel_bpd.float()
 
 
 HeatmapSink = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
-"""Receives (dataset indices, uint8 images (B, C, H, W), per-pixel bits/dim (B, H, W))."""
+"""Receives (dataset indices, uint8 images (B, C, H, W), per-pixel maps (B, H, W))."""
 
 
 class _Pending(NamedTuple):
@@ -342,6 +355,7 @@ def score_dataset(
     batch_size: int = 256,
     num_workers: int = 0,
     heatmaps: HeatmapSink | None = None,
+    heatmap_kind: HeatmapKind = "bpd",
     progress: bool | None = None,
     on_batch: Callable[[pd.DataFrame], Any] | None = None,
     precision: Precision = "float32",
@@ -353,7 +367,9 @@ def score_dataset(
         dataset: What to score.
         batch_size: Images per forward pass.
         num_workers: DataLoader worker processes that decode images.
-        heatmaps: Receives each batch's scored images and per-pixel bits/dim maps.
+        heatmaps: Receives each batch's scored images and per-pixel maps.
+        heatmap_kind: The maps ``heatmaps`` receives: ``bpd`` (per-pixel bits/dim) or
+            ``typicality`` (its per-pixel terms; needs the model's normal reference).
         progress: Progress bar on stderr; None shows it only on a terminal.
         on_batch: Receives each batch's rows as they are done (for incremental output).
         precision: ``float32`` (exact), ``tf32`` or ``bf16``; see :func:`numerics`.
@@ -401,7 +417,7 @@ def score_dataset(
         pending: _Pending | None = None
         for images, ok, errors, index, png_bpd, coarse_png_bpd in loader:
             stats, maps = _launch(model, images.to(device, non_blocking=True),
-                                  heatmaps is not None)
+                                  None if heatmaps is None else heatmap_kind)
             cuda = device.type == "cuda"
             launched = _Pending(
                 images, ok, list(errors), index, png_bpd, coarse_png_bpd,
@@ -779,16 +795,16 @@ def score_folder(
                     len(keys), display_path(out), len(todo))
 
     writer = None
+    heatmap_kind: HeatmapKind = "bpd"
     if heatmaps is not None:
         from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, heatmap_names
 
         names = heatmap_names([paths[i].relative_to(root) for i in todo])
-        decides_by = getattr(calibration, "score_name", "bpd")
-        if decides_by == "typicality" and model.reference_mean is not None \
-                and model.reference_std is not None:  # the map of the deciding score
-            reference = (model.reference_mean.cpu().numpy(), model.reference_std.cpu().numpy())
+        # the map of the deciding score (checked above to be one this model gives)
+        if getattr(calibration, "score_name", "bpd") == "typicality":
+            heatmap_kind = "typicality"
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
-                                   reference=reference)
+                                   quantity="typicality")
         else:
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits))
 
@@ -833,8 +849,8 @@ def score_folder(
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
-                          heatmaps=writer, progress=progress, on_batch=on_batch,
-                          precision=precision)
+                          heatmaps=writer, heatmap_kind=heatmap_kind, progress=progress,
+                          on_batch=on_batch, precision=precision)
     except KeyboardInterrupt:
         if frames:
             write_table(assemble(), out)
