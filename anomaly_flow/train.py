@@ -315,20 +315,8 @@ def evaluate_bpd(model: Glow, dataset: Dataset, batch_size: int, device: torch.d
     With ``world > 1`` every rank scores its share and the sums are all-reduced (a
     collective: all ranks call it); every rank gets the same figure.
     """
-    model.eval()
-    shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # bits/dim sum, images
-    with numerics(model, "float32"):  # the arithmetic of scoring (no bf16, no TF32)
-        for batch in loader:
-            images = batch[0][batch[1]].to(device)
-            if len(images):
-                sums[0] += model.bpd(preprocess(images, model.config.n_bits)).double().sum()
-                sums[1] += len(images)
-    if world > 1:
-        dist.all_reduce(sums)
-    total, count = sums.tolist()
-    return total / count if count else float("nan")
+    return _held_out_pass(model, dataset, batch_size, device, num_workers, rank, world,
+                          reference=False)[0]
 
 
 @torch.no_grad()
@@ -345,34 +333,52 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
     every rank maps its share and the sums are all-reduced (a collective: all ranks call
     it); every rank gets the same reference.
     """
+    return _held_out_pass(model, dataset, batch_size, device, num_workers, rank, world,
+                          reference=True)[1]
+
+
+def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
+                   num_workers: int, rank: int, world: int,
+                   reference: bool) -> tuple[float, int]:
+    """One pass over held-out images in the arithmetic of scoring: their mean bits/dim
+    (:func:`evaluate_bpd`) and, with ``reference``, the normal reference fitted on the
+    same forward passes (:func:`fit_reference`) and the number of images behind it."""
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
     size = model.config.image_size
-    sums = torch.zeros(4, size, size, dtype=torch.float64, device=device)  # n, Σm, Σm², bad
-    with numerics(model, "float32"):
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σbpd, images, mapped, bad
+    map_sums = (torch.zeros(2, size, size, dtype=torch.float64, device=device)  # Σm, Σm²
+                if reference else None)
+    with numerics(model, "float32"):  # no bf16, no TF32
         for batch in loader:
             images = batch[0][batch[1]].to(device)
-            if len(images):
-                out = model(preprocess(images, model.config.n_bits))
-                maps = breakdown_from_output(out, model.config).pixel_bpd.double()
+            if not len(images):
+                continue
+            parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)),
+                                          model.config, pixel_maps=reference)
+            sums[0] += parts.bpd.double().sum()
+            sums[1] += len(images)
+            if map_sums is not None and parts.pixel_bpd is not None:
+                maps = parts.pixel_bpd.double()
                 finite = torch.isfinite(maps).all(dim=(1, 2))
                 maps = maps[finite]
-                sums[0] += len(maps)
-                sums[1] += maps.sum(dim=0)
-                sums[2] += maps.square().sum(dim=0)
+                sums[2] += len(maps)
                 sums[3] += (~finite).sum()
+                map_sums[0] += maps.sum(dim=0)
+                map_sums[1] += maps.square().sum(dim=0)
     if world > 1:
         dist.all_reduce(sums)
-    n, n_bad = int(sums[0, 0, 0].item()), int(sums[3, 0, 0].item())
+        if map_sums is not None:
+            dist.all_reduce(map_sums)
+    total, count, n, n_bad = sums.tolist()
     if n_bad and rank == 0:
         logger.warning("the normal reference leaves out %d validation image(s) on which the "
-                       "model gives a non-finite bits/dim", n_bad)
-    if n:
-        mean = sums[1] / n
-        std = (sums[2] / n - mean.square()).clamp_min(0).sqrt()
-        model.set_reference(mean, std)
-    return n
+                       "model gives a non-finite bits/dim", int(n_bad))
+    if map_sums is not None and n:
+        mean = map_sums[0] / n
+        model.set_reference(mean, (map_sums[1] / n - mean.square()).clamp_min(0).sqrt())
+    return (total / count if count else float("nan")), int(n)
 
 
 def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
@@ -763,10 +769,13 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 settle(pending, epoch, clock, bar)
             failed.gather(world)
             if val_set is not None and len(val_set):
-                val_bpd = evaluate_bpd(model, val_set, t.batch_size, dev, t.num_workers,
-                                       rank, world)
-                if epoch == t.epochs - 1:  # before the final checkpoint, which keeps it
-                    n_reference = _fit_final_reference(model, val_set, t, dev, rank, world)
+                # after the last epoch the same pass fits the normal reference, before
+                # the final checkpoint, which keeps it
+                last = epoch == t.epochs - 1
+                val_bpd, n = _held_out_pass(model, val_set, t.batch_size, dev,
+                                            t.num_workers, rank, world, reference=last)
+                if last:
+                    n_reference = _checked_reference(n, rank)
             epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
                              "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
                              float("nan"), "images_per_sec_epoch": imgs_per_sec,
@@ -784,7 +793,8 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     model.set_coupling_autocast(None)
     if n_reference is None and val_set is not None and len(val_set) \
             and not model.has_reference:  # a finished run resumed from an older checkpoint
-        _fit_final_reference(model, val_set, t, dev, rank, world)
+        _checked_reference(fit_reference(model, val_set, t.batch_size, dev, t.num_workers,
+                                         rank, world), rank)
     if step != saved_step:
         checkpoint(t.epochs, step)
     final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
@@ -799,10 +809,9 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                        samples=samples, checkpoint_dir=final, history=history)
 
 
-def _fit_final_reference(model: Glow, val_set: Dataset, t: TrainConfig, dev: torch.device,
-                         rank: int, world: int) -> int:
-    """:func:`fit_reference` at the end of training, with a warning when it is thin."""
-    n = fit_reference(model, val_set, t.batch_size, dev, t.num_workers, rank, world)
+def _checked_reference(n: int, rank: int) -> int:
+    """``n``, the validation images behind the normal reference, with a warning when
+    they are too few for it to be reliable."""
     if rank == 0 and n < REFERENCE_MIN_IMAGES:
         logger.warning(
             "the normal reference (the typicality score) rests on %d validation image(s); "
