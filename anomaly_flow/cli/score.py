@@ -79,15 +79,12 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     written before coarse_complexity or typicality existed, to fill that column). A
     summary goes to stderr: N scored, M failed, K anomalous.
     """
-    from anomaly_flow import tracking
+    from anomaly_flow.evaluation import open_model
     from anomaly_flow.scoring import check_writable, output_format, score_folder
 
     output_format(out)
     check_writable(out)  # before loading a model or scoring anything
-    if mlruns is not None:
-        tracking.require_store(model, mlruns)  # before configure() creates an empty one
-        tracking.configure(mlruns)
-    loaded = tracking.load_model(model, device=device)
+    loaded = open_model(model, device, mlruns)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = score_folder(
