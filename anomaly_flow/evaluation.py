@@ -239,7 +239,10 @@ def default_experiment(loaded: tracking.LoadedModel) -> str:
     return loaded.name or DEFAULT_EXPERIMENT
 
 
-def _check_score(score: str, model: Glow) -> None:
+def _resolve_score(score: str | None, model: Glow) -> str:
+    """The score named (``None``: the model's :func:`default_score`), checked to be one
+    the model gives, or ``auto``."""
+    score = default_score(model) if score is None else score
     names = score_names(model)
     if score == "typicality" and not model.has_reference:
         raise CalibrationError(
@@ -252,6 +255,7 @@ def _check_score(score: str, model: Glow) -> None:
             f"unknown score {score!r} for this model; choose one of {', '.join(names)}, or "
             f"{AUTO_SCORE} (with labelled anomalies)."
         )
+    return score
 
 
 def _check_auto(score: str | None, has_anomalous: bool) -> None:
@@ -437,8 +441,7 @@ def calibrate_scores(
             message says how many are needed).
     """
     _check_registered(loaded)
-    score = default_score(loaded.model) if score is None else score
-    _check_score(score, loaded.model)
+    score = _resolve_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
     selection = None
@@ -614,8 +617,7 @@ def calibrate_model(
         find_images(anomalous_path)  # a missing or empty folder fails before any scoring
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
-    score = default_score(loaded.model) if score is None else score
-    _check_score(score, loaded.model)
+    score = _resolve_score(score, loaded.model)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     normal_scores = score_folder_table(loaded.model, normal, **options)
     anomalous_scores = (

@@ -30,7 +30,13 @@ from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schem
 
 from anomaly_flow.calibration import Calibration
 from anomaly_flow.glow import Glow
-from anomaly_flow.scoring import ScoringDataset, apply_calibration, score_dataset, score_names
+from anomaly_flow.scoring import (
+    DECISION_COLUMNS,
+    ScoringDataset,
+    apply_calibration,
+    score_dataset,
+    score_names,
+)
 from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ DEFAULT_BATCH_SIZE = 256
 
 def output_columns(model: Glow) -> list[str]:
     """Columns of the prediction frame, in order."""
-    return [*score_names(model), "score", "p_value", "is_anomaly", "error"]
+    return [*score_names(model), *DECISION_COLUMNS]
 
 
 def model_signature(model: Glow) -> ModelSignature:
