@@ -23,7 +23,7 @@ from anomaly_flow.calibration import detection_metrics, operating_point
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import write_sample_folders
 from anomaly_flow.evaluation import calibrate_model
-from anomaly_flow.scoring import score_folder, score_names
+from anomaly_flow.scoring import REFERENCE_SCORES, score_folder, score_names
 from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
     anomalous = table["label"] == "anomalous"
     name = calibration.score_name
     caption = ("how far each pixel's bits/dim is from the normal images', in their standard "
-               "deviations (bright = unlike a normal image)." if name == "typicality"
+               "deviations (bright = unlike a normal image)." if name in REFERENCE_SCORES
                else "its per-pixel bits/dim (bright = unlikely).")
     scored = table[table["error"].fillna("") == ""]
     summary = [

@@ -52,6 +52,7 @@ from anomaly_flow.calibration import (
 from anomaly_flow.data import DataError, display_path, find_images, fingerprint
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
+    REFERENCE_SCORES,
     ScoringDataset,
     default_score,
     paths_frame,
@@ -244,9 +245,9 @@ def _resolve_score(score: str | None, model: Glow) -> str:
     the model gives, or ``auto``."""
     score = default_score(model) if score is None else score
     names = score_names(model)
-    if score == "typicality" and not model.has_reference:
+    if score in REFERENCE_SCORES and not model.has_reference:
         raise CalibrationError(
-            "score 'typicality' needs the model's normal reference, and this model has none "
+            f"score {score!r} needs the model's normal reference, and this model has none "
             "(it was trained without a validation set, or by an older anomaly-flow); "
             "retrain it with train.val_fraction > 0, or choose one of "
             f"{', '.join(names)}.")

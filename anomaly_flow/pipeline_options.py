@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, level_1, ..., or auto (the "
-              "highest AUROC on --anomalous); default: typicality, or bpd for a model "
+SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, level_1, ..., or auto "
+              "(the highest AUROC on --anomalous); default: knn, or bpd for a model "
               "without a normal reference")
 
 

@@ -54,10 +54,13 @@ from anomaly_flow.data import (
     split_train_val,
 )
 from anomaly_flow.glow import (
+    REFERENCE_MAX_MAPS,
     Glow,
     bits_per_dim,
     breakdown_from_output,
+    knn_grid,
     log_prob_from_output,
+    pool_to_grid,
     postprocess,
     preprocess,
 )
@@ -326,12 +329,14 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
     images it is built on (0 leaves the model as it was).
 
     The reference is the per-pixel mean and (population) standard deviation of the
-    deterministic per-pixel bits/dim map over the decodable images of ``dataset``
-    (:meth:`Glow.set_reference`); scoring turns it into the ``typicality`` score. An
-    image whose map is not finite (the model overflows on it) is left out and counted in
-    a warning; this never raises. Sums are accumulated in float64. With ``world > 1``
-    every rank maps its share and the sums are all-reduced (a collective: all ranks call
-    it); every rank gets the same reference.
+    deterministic per-pixel bits/dim map over the decodable images of ``dataset``, and the
+    first ``REFERENCE_MAX_MAPS`` of those maps pooled to :func:`~anomaly_flow.glow.knn_grid`
+    (:meth:`Glow.set_reference`); scoring turns it into the ``typicality`` and ``knn``
+    scores. An image whose map is not finite (the model overflows on it) is left out and
+    counted in a warning; this never raises. Sums are accumulated in float64. With
+    ``world > 1`` every rank maps its share, the sums are all-reduced and the pooled maps
+    gathered in the dataset's order (a collective: all ranks call it); every rank gets
+    the same reference as a single process would.
     """
     return _held_out_pass(model, dataset, batch_size, device, num_workers, rank, world,
                           reference=True)[1]
@@ -346,13 +351,19 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
-    size = model.config.image_size
+    size, grid = model.config.image_size, knn_grid(model.config)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σbpd, images, mapped, bad
     map_sums = (torch.zeros(2, size, size, dtype=torch.float64, device=device)  # Σm, Σm²
                 if reference else None)
+    pooled: list[torch.Tensor] = []  # maps pooled to the knn grid, at most REFERENCE_MAX_MAPS
+    positions: list[torch.Tensor] = []  # their indices in `dataset`
+    start = 0  # index in `shard` of the batch's first item
     with numerics(model, "float32"):  # no bf16, no TF32
         for batch in loader:
-            images = batch[0][batch[1]].to(device)
+            ok = batch[1]
+            index = (start + torch.arange(len(ok)))[ok] * world + rank
+            start += len(ok)
+            images = batch[0][ok].to(device)
             if not len(images):
                 continue
             parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)),
@@ -367,6 +378,9 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                 sums[3] += (~finite).sum()
                 map_sums[0] += maps.sum(dim=0)
                 map_sums[1] += maps.square().sum(dim=0)
+                if sum(len(p) for p in positions) < REFERENCE_MAX_MAPS:
+                    pooled.append(pool_to_grid(maps.float(), grid).cpu())
+                    positions.append(index[finite.cpu()])
     if world > 1:
         dist.all_reduce(sums)
         if map_sums is not None:
@@ -377,8 +391,24 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                        "model gives a non-finite bits/dim", int(n_bad))
     if map_sums is not None and n:
         mean = map_sums[0] / n
-        model.set_reference(mean, (map_sums[1] / n - mean.square()).clamp_min(0).sqrt())
+        model.set_reference(mean, (map_sums[1] / n - mean.square()).clamp_min(0).sqrt(),
+                            _first_maps(pooled, positions, grid, world))
     return (total / count if count else float("nan")), int(n)
+
+
+def _first_maps(pooled: list[torch.Tensor], positions: list[torch.Tensor], grid: int,
+                world: int) -> torch.Tensor:
+    """The first ``REFERENCE_MAX_MAPS`` pooled maps ``(N, G, G)`` in the dataset's order,
+    from every rank's share when ``world > 1`` (a collective)."""
+    maps = torch.cat(pooled) if pooled else torch.empty(0, grid, grid)
+    index = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
+    if world > 1:
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, (index, maps))
+        index = torch.cat([share[0] for share in shares])
+        maps = torch.cat([share[1] for share in shares])
+    order = torch.argsort(index)[:REFERENCE_MAX_MAPS]
+    return maps[order]
 
 
 def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
@@ -814,7 +844,7 @@ def _checked_reference(n: int, rank: int) -> int:
     they are too few for it to be reliable."""
     if rank == 0 and n < REFERENCE_MIN_IMAGES:
         logger.warning(
-            "the normal reference (the typicality score) rests on %d validation image(s); "
+            "the normal reference (the typicality and knn scores) rests on %d validation image(s); "
             "with fewer than %d its per-pixel spread is unreliable: raise val_fraction or "
             "add images", n, REFERENCE_MIN_IMAGES)
     return n

@@ -16,8 +16,10 @@ score = more anomalous) for every score:
   box-downsampled to level L's resolution, in bits per dimension of the full image
   (:func:`anomaly_flow.scoring.coarse_complexity`);
 * ``typicality``: how far the per-pixel bits/dim map is from the held-out normal
-  images' maps, per pixel, in their standard deviations (:meth:`Glow.typicality`); the
-  score ``anomaly-flow calibrate`` uses by default;
+  images' average map, per pixel, in their standard deviations (:meth:`Glow.typicality`);
+* ``knn``: the mean distance from the map to the 5 nearest held-out normal maps, on a
+  7x7 grid, in the normal standard deviations (:meth:`Glow.knn`); the score
+  ``anomaly-flow calibrate`` uses by default;
 * ``level_1`` .. ``level_L``: each scale's share of ``-log p(x)`` in bits/dim.
 
 Baselines, fitted on all the class-k training images (the held-out tenth included, so
@@ -108,17 +110,17 @@ def build_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
 
 
 def score_test_set(model: Glow, test: np.ndarray, device: torch.device,
-                   batch: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bpd ``(N,)``, level bits ``(N, L)``, typicality ``(N,)``) of uint8 images
-    ``(N, 1, 28, 28)``; the model must have a normal reference."""
-    bpd, levels, typicality = [], [], []
+                   batch: int = 1000) -> dict[str, np.ndarray]:
+    """``bpd`` ``(N,)``, ``level_bits`` ``(N, L)``, ``typicality`` and ``knn`` ``(N,)`` of
+    uint8 images ``(N, 1, 28, 28)``; the model must have a normal reference."""
+    parts: dict[str, list[np.ndarray]] = {"bpd": [], "level_bits": [], "typicality": [],
+                                          "knn": []}
     for start in range(0, len(test), batch):
         scores = score_images(model, torch.from_numpy(test[start : start + batch]).to(device))
-        assert scores.typicality is not None
-        bpd.append(scores.bpd.numpy())
-        levels.append(scores.level_bits.numpy())
-        typicality.append(scores.typicality.numpy())
-    return np.concatenate(bpd), np.concatenate(levels), np.concatenate(typicality)
+        assert scores.typicality is not None and scores.knn is not None
+        for name in parts:
+            parts[name].append(getattr(scores, name).numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def baseline_scores(train: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
@@ -174,7 +176,8 @@ def main() -> None:
     logger.info("PNG bits/dim (full and coarse) of %d test images in %.1f s", len(test),
                 time.perf_counter() - tick)
     level_names = [f"level_{i + 1}" for i in range(levels)]
-    flow_methods = ["bpd", "complexity", "coarse_complexity", "typicality", *level_names]
+    flow_methods = ["bpd", "complexity", "coarse_complexity", "typicality", "knn",
+                    *level_names]
     methods = flow_methods + ([] if args.no_baselines else list(BASELINES))
     logger.info("B4 on %s, classes %s: %s; %s", device, classes, config.model, config.train)
 
@@ -192,10 +195,11 @@ def main() -> None:
             fit_reference(run.model, val, config.train.batch_size, device)
         train_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
-        bpd, level_bits, typicality = score_test_set(run.model, test, device)
+        flow = score_test_set(run.model, test, device)
+        bpd, level_bits = flow["bpd"], flow["level_bits"]
         scores = {"bpd": bpd, "complexity": bpd - png_bpd,
                   "coarse_complexity": coarse_complexity(level_bits, coarse_png_bpd),
-                  "typicality": typicality,
+                  "typicality": flow["typicality"], "knn": flow["knn"],
                   **{name: level_bits[:, i] for i, name in enumerate(level_names)}}
         score_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -224,9 +228,10 @@ def main() -> None:
             "auroc": aurocs,
         }
         logger.info("class %d (%s): %d steps in %.0f s, bpd AUROC %.1f, complexity %.1f, "
-                    "coarse_complexity %.1f, typicality %.1f%s", k, FASHION_MNIST_CLASSES[k],
-                    run.steps, train_seconds, aurocs["bpd"], aurocs["complexity"],
-                    aurocs["coarse_complexity"], aurocs["typicality"],
+                    "coarse_complexity %.1f, typicality %.1f, knn %.1f%s", k,
+                    FASHION_MNIST_CLASSES[k], run.steps, train_seconds, aurocs["bpd"],
+                    aurocs["complexity"], aurocs["coarse_complexity"], aurocs["typicality"],
+                    aurocs["knn"],
                     "" if args.no_baselines else
                     f", 5-NN {aurocs['knn5_mean']:.1f}, IF {aurocs['iforest']:.1f}")
 

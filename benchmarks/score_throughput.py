@@ -93,7 +93,7 @@ def png_folder(n: int, folder: Path | None) -> tuple[Path, str]:
 
 
 def build_model(preset: str, model_uri: str | None, device: torch.device,
-                init_images: np.ndarray) -> tuple[Glow, str]:
+                reference_images: np.ndarray) -> tuple[Glow, str]:
     """The model to score with, on ``device``, and a description of it."""
     if model_uri is not None:
         from anomaly_flow.tracking import load_model  # only this path needs MLflow
@@ -102,13 +102,15 @@ def build_model(preset: str, model_uri: str | None, device: torch.device,
     config = load_preset(preset).model
     torch.manual_seed(0)
     model = Glow(config)
-    images = ArrayDataset(init_images, config.mode, config.image_size)
-    model.initialize(preprocess(images.images, config.n_bits))
+    images = ArrayDataset(reference_images, config.mode, config.image_size)
+    model.initialize(preprocess(images.images[:256], config.n_bits))
     model = model.to(device).eval()
-    # As every trained model has one, so scoring also computes typicality (speed only:
-    # the statistics' content does not matter here).
-    fit_reference(model, images, 256, device)
-    return model, f"preset {preset} (untrained, initialised, with a normal reference)"
+    # As every trained model has one, so scoring also computes typicality and knn (speed
+    # only: the statistics' content does not matter here, their size does: knn compares
+    # every image with all the reference maps).
+    n_maps = fit_reference(model, images, 256, device)
+    return model, (f"preset {preset} (untrained, initialised, with a normal reference of "
+                   f"{n_maps} images)")
 
 
 def time_loader(dataset: Any, batch_size: int, workers: int) -> float:
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="DataLoader worker processes (default: CPU cores, at most 16)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--reference-images", type=int, default=6000,
+                        help="held-out images behind the untrained model's normal reference "
+                             "(default 6000: a tenth of Fashion-MNIST's training set, as "
+                             "anomaly-flow train holds out)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--preset", choices=PRESETS, default="fashion-mnist",
                         help="architecture of the untrained model (default: fashion-mnist, B1)")
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     folder, source = png_folder(args.n, args.data)
-    model, described = build_model(args.preset, args.model, device, fashion_mnist(256)[0])
+    model, described = build_model(args.preset, args.model, device,
+                                   fashion_mnist(args.reference_images)[0])
     config = model.config
     paths = find_images(folder)
     n, bs, workers = len(paths), args.batch_size, args.workers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.autograd.functional import jacobian
@@ -15,6 +16,7 @@ from anomaly_flow.glow import (
     REFERENCE_STD_FLOOR,
     Glow,
     ModelFileError,
+    knn_grid,
     postprocess,
     preprocess,
 )
@@ -142,7 +144,8 @@ def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> N
         maps = model.breakdown(torch.rand(6, 1, 8, 8) - 0.5).pixel_bpd
     mean, std = maps[:4].mean(dim=0), maps[:4].std(dim=0)
     std[0, 0] = 0.0  # a pixel that never varies: the floor keeps the score finite
-    model.set_reference(mean, std)
+    assert knn_grid(model.config) == 8  # too small to pool
+    model.set_reference(mean, std, maps[:4])
     assert model.has_reference
 
     # By hand, pixel by pixel: mean of |m - mu| / (sigma + floor).
@@ -159,7 +162,9 @@ def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> N
     loaded = Glow.load(model.save(tmp_path / "with"))
     assert loaded.has_reference
     assert torch.equal(loaded.reference_mean, mean) and torch.equal(loaded.reference_std, std)
+    assert torch.equal(loaded.reference_maps, maps[:4])
     assert torch.equal(loaded.typicality(maps), typicality)
+    assert torch.equal(loaded.knn(maps), model.knn(maps))
 
     # A model saved without a reference (an older anomaly-flow's too) loads without one,
     # and loading such a state clears a reference the model had.
@@ -169,23 +174,74 @@ def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> N
     assert not loaded.has_reference
 
 
+@pytest.mark.parametrize(("size", "levels", "grid"), [
+    (28, 2, 7), (32, 3, 8), (256, 4, 16), (16, 1, 8), (14, 1, 7), (8, 2, 8), (64, 1, 32)])
+def test_knn_grid_is_the_coarsest_level_grid_of_at_least_seven(size, levels, grid) -> None:
+    config = GlowConfig(image_size=size, levels=levels, steps_per_level=1)
+    assert knn_grid(config) == grid
+
+
+def test_knn_by_hand_on_pooled_maps() -> None:
+    """16x16 at L=1: maps are compared on the 8x8 grid of 2x2 block means, each position
+    standardised by the reference maps' mean and (population) std plus the floor; the
+    score is the mean distance to the 5 nearest reference maps (all of them when fewer)."""
+    model = make_model(1, 16, 1).float().eval()
+    assert knn_grid(model.config) == 8
+    with pytest.raises(ValueError, match="cannot score knn"):
+        model.knn(torch.zeros(1, 16, 16))
+    with torch.no_grad():
+        maps = model.breakdown(torch.rand(9, 1, 16, 16) - 0.5).pixel_bpd
+    pooled = maps.double().numpy().reshape(9, 8, 2, 8, 2).mean(axis=(2, 4))
+    model.set_reference(maps.mean(0), maps.std(0), torch.from_numpy(pooled[:7]).float())
+    for k, kept in ((5, 7), (3, 3)):
+        model.reference_maps = torch.from_numpy(pooled[:kept]).float()
+        refs = pooled[:kept].reshape(kept, -1)
+        centre, spread = refs.mean(axis=0), refs.std(axis=0) + REFERENCE_STD_FLOOR
+        by_hand = []
+        for query in pooled.reshape(9, -1):
+            distances = sorted(math.dist((query - centre) / spread, (ref - centre) / spread)
+                               for ref in refs)
+            by_hand.append(sum(distances[:k]) / k)
+        np.testing.assert_allclose(model.knn(maps).double().numpy(), by_hand, rtol=1e-5)
+    # A query equal to every reference map is at distance 0.
+    model.reference_maps = torch.from_numpy(np.repeat(pooled[:1], 6, axis=0)).float()
+    assert float(model.knn(maps[:1])[0]) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_normal_reference_is_checked(tmp_path) -> None:
     model = make_model(1, 8, 2).float()
+    ones = torch.ones(3, 8, 8)
     with pytest.raises(ValueError, match=r"shape \(8, 8\).*got \(4, 4\)"):
-        model.set_reference(torch.zeros(4, 4), torch.ones(4, 4))
+        model.set_reference(torch.zeros(4, 4), torch.ones(4, 4), ones)
+    with pytest.raises(ValueError, match=r"\(N, 8, 8\).*got \(3, 4, 4\)"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), torch.ones(3, 4, 4))
+    with pytest.raises(ValueError, match=r"1 <= N.*got \(0, 8, 8\)"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones[:0])
     with pytest.raises(ValueError, match="non-finite"):
-        model.set_reference(torch.full((8, 8), math.nan), torch.ones(8, 8))
+        model.set_reference(torch.full((8, 8), math.nan), torch.ones(8, 8), ones)
+    with pytest.raises(ValueError, match="maps has non-finite"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones * math.inf)
     with pytest.raises(ValueError, match="negative"):
-        model.set_reference(torch.zeros(8, 8), -torch.ones(8, 8))
-    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8))
-    state = model.state_dict()
-    del state["reference_std"]
-    with pytest.raises(RuntimeError, match="only part of the normal reference"):
-        Glow(model.config).load_state_dict(state)
+        model.set_reference(torch.zeros(8, 8), -torch.ones(8, 8), ones)
+    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones)
+    for key in ("reference_std", "reference_maps"):
+        state = model.state_dict()
+        del state[key]
+        with pytest.raises(RuntimeError, match="only part of the normal reference"):
+            Glow(model.config).load_state_dict(state)
     state = model.state_dict()
     state["reference_mean"] = state["reference_std"] = torch.zeros(4, 4)
-    with pytest.raises(RuntimeError, match=r"this model's images are 8x8"):
+    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice and \(N, 8, 8\)"):
         Glow(model.config).load_state_dict(state)
+    state = model.state_dict()
+    state["reference_maps"] = torch.zeros(2, 4, 4)
+    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice and \(N, 8, 8\)"):
+        Glow(model.config).load_state_dict(state)
+    # Any number of maps loads: the buffer takes the saved shape.
+    state["reference_maps"] = torch.full((5, 8, 8), 2.0)
+    other = Glow(model.config)
+    other.load_state_dict(state)
+    assert torch.equal(other.reference_maps, state["reference_maps"])
     # A wrapper's state dict (prefixed keys) loads the reference too.
     wrapper = torch.nn.ModuleDict({"glow": Glow(model.config)})
     wrapper.load_state_dict({f"glow.{k}": v for k, v in model.state_dict().items()})

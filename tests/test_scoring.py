@@ -148,7 +148,7 @@ def make_messy_folder(root: Path) -> Path:
 
 def make_tiny_model() -> Glow:
     """The tiny Glow, its ActNorms initialised on sample images, with a normal reference
-    from other sample images (so it scores ``typicality`` too)."""
+    from other sample images (so it scores ``typicality`` and ``knn`` too)."""
     torch.manual_seed(0)
     model = Glow(TINY)
     images = ArrayDataset(load_sample().train[:64], TINY.mode, TINY.image_size).images
@@ -180,7 +180,7 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
-                                                    "typicality", "level_1", "level_2",
+                                                    "typicality", "knn", "level_1", "level_2",
                                                     "score", "p_value", "is_anomaly")})
 
 
@@ -319,10 +319,11 @@ def test_coarse_complexity_is_level_L_minus_the_coarse_png_length(
                                    table["complexity"] - n_bits, rtol=0, atol=ULPS)
 
 
-def test_typicality_column_is_the_models_typicality_of_each_file(
-        model: Glow, messy: Path, full_table: pd.DataFrame) -> None:
-    """Per file: ``Glow.typicality`` of the file's per-pixel bits/dim map, as the library
-    computes it from the decoded image."""
+@pytest.mark.parametrize("name", ["typicality", "knn"])
+def test_reference_columns_are_the_models_scores_of_each_file(
+        model: Glow, messy: Path, full_table: pd.DataFrame, name: str) -> None:
+    """Per file: ``Glow.typicality`` and ``Glow.knn`` of the file's per-pixel bits/dim map,
+    as the library computes them from the decoded image."""
     assert model.has_reference
     scored = full_table[full_table["error"] == ""]
     files = {display_path(path): path for path in find_images(messy)}
@@ -330,11 +331,11 @@ def test_typicality_column_is_the_models_typicality_of_each_file(
                                         for key in scored["path"]]))
     with torch.no_grad():
         maps = model.breakdown(preprocess(images, TINY.n_bits)).pixel_bpd
-        expected = model.typicality(maps).double().numpy()
-    np.testing.assert_allclose(scored["typicality"], expected, rtol=1e-5, atol=0)
-    assert (scored["typicality"] > 0).all()
+        expected = getattr(model, name)(maps).double().numpy()
+    np.testing.assert_allclose(scored[name], expected, rtol=1e-5, atol=0)
+    assert (scored[name] > 0).all()
     failed = full_table[full_table["error"] != ""]
-    assert failed["typicality"].isna().all()
+    assert failed[name].isna().all()
 
 
 def gray_or_rgb(channels: int, n: int) -> np.ndarray:
@@ -515,11 +516,12 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     (".parquet", ["coarse_complexity"], "coarse_complexity column"),
     (".csv", ["typicality"], "typicality column"),
     (".parquet", ["coarse_complexity", "typicality"], "coarse_complexity or typicality columns"),
+    (".csv", ["knn"], "knn column"),
 ])
 def test_resume_from_a_table_without_a_later_score_rescores_its_files(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str,
         dropped: list[str], named: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A table written before ``coarse_complexity`` or ``typicality`` existed: resuming
+    """A table written before ``coarse_complexity``, ``typicality`` or ``knn`` existed: resuming
     scores its files again to fill the columns, keeps its failed rows, and finishes the
     whole table."""
     out = tmp_path / f"scores{suffix}"
@@ -598,11 +600,12 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
 
 def test_default_score_and_a_calibration_the_model_cannot_serve(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
-    assert default_score(model) == "typicality"
+    assert default_score(model) == "knn"
     bare = Glow(model.config)
     bare.load_state_dict({k: v for k, v in model.state_dict().items()
                           if not k.startswith("reference_")})
-    assert default_score(bare) == "bpd" and "typicality" not in score_names(bare)
+    assert default_score(bare) == "bpd"
+    assert "typicality" not in score_names(bare) and "knn" not in score_names(bare)
     scored = full_table[full_table["error"] == ""]
     cal = calibrate("typicality", scored["typicality"].to_numpy(), alpha=0.25)
     out = tmp_path / "never.csv"
@@ -612,12 +615,13 @@ def test_default_score_and_a_calibration_the_model_cannot_serve(
     assert not out.exists()  # refused before scoring anything
 
 
-def test_heatmaps_of_a_typicality_calibration_show_its_terms(
-        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
-    """Calibrated on typicality: each heatmap draws |m - mu| / (sigma + floor), whose mean
-    is the image's typicality, on the fixed 0..5 standard-deviation scale."""
+@pytest.mark.parametrize("score", ["typicality", "knn"])
+def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, score: str) -> None:
+    """Calibrated on typicality or knn: each heatmap draws |m - mu| / (sigma + floor), whose
+    mean is the image's typicality, on the fixed 0..5 standard-deviation scale."""
     scored = full_table[full_table["error"] == ""]
-    cal = calibrate("typicality", scored["typicality"].to_numpy(), alpha=0.25)
+    cal = calibrate(score, scored[score].to_numpy(), alpha=0.25)
     heat = tmp_path / "heat"
     summary = score_folder(model, cal, messy, tmp_path / "s.csv", batch_size=4, heatmaps=heat)
     assert summary.n_heatmaps == N_GOOD

@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 import anomaly_flow.train as train_module
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
 from anomaly_flow.data import ArrayDataset, display_path, load_sample, write_image_folder
-from anomaly_flow.glow import Glow, preprocess
+from anomaly_flow.glow import REFERENCE_KEYS, Glow, knn_grid, preprocess
 from anomaly_flow.train import (
     TrainEvent,
     TrainingError,
@@ -158,9 +158,13 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     np.testing.assert_allclose(model.reference_mean.numpy(), maps.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(model.reference_std.numpy(), maps.std(axis=0), rtol=1e-5)
     assert float(model.reference_std.min()) > 0
+    # every validation map, in order, pooled to the knn grid (16x16 at L=2: 8x8)
+    assert knn_grid(model.config) == 8 and model.reference_maps.shape == (32, 8, 8)
+    pooled = maps.reshape(32, 8, 2, 8, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(model.reference_maps.numpy(), pooled, rtol=1e-5, atol=1e-6)
     weights, _, _ = final_checkpoint_files(tmp_path)
-    assert torch.equal(weights["reference_mean"], model.reference_mean)
-    assert torch.equal(weights["reference_std"], model.reference_std)
+    for key in REFERENCE_KEYS:
+        assert torch.equal(weights[key], getattr(model, key))
 
     no_val = run_config(epochs=1, val_fraction=0.0)
     data = folder_datasets(image_folder, no_val)
@@ -187,6 +191,22 @@ def test_fit_reference_leaves_out_images_with_non_finite_maps(
         assert fit_reference(model, held_out, 16, torch.device("cpu")) == 37
     assert "leaves out 3 validation image(s)" in caplog.text
     assert model.has_reference and bool(torch.isfinite(model.reference_std).all())
+    assert len(model.reference_maps) == 37
+
+
+def test_fit_reference_keeps_the_first_maps_up_to_the_cap(
+        sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond REFERENCE_MAX_MAPS held-out images the mean and std use them all, the knn
+    maps only the first ones, in the held-out set's order."""
+    torch.manual_seed(0)
+    model = Glow(MODEL)
+    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
+    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    assert fit_reference(model, held_out, 16, torch.device("cpu")) == 40
+    every_map = model.reference_maps.clone()
+    monkeypatch.setattr(train_module, "REFERENCE_MAX_MAPS", 20)
+    assert fit_reference(model, held_out, 16, torch.device("cpu")) == 40
+    assert torch.equal(model.reference_maps, every_map[:20])
 
 
 def test_corrupt_files_are_skipped_counted_and_reported(
