@@ -13,8 +13,10 @@ A trained model may also carry a *normal reference* (:meth:`Glow.set_reference`)
 per-pixel mean and spread of the bits/dim map over held-out normal images, and those
 images' maps averaged over blocks (:func:`knn_grid`). From it :meth:`Glow.typicality`
 scores how far an image's map is from the average normal map, and :meth:`Glow.knn` how
-far it is from the nearest normal maps. It lives in the state dict (``reference_mean``,
-``reference_std``, ``reference_maps``) only once set.
+far it is from the nearest normal maps; the mean and spread of ``knn`` and of
+``coarse_complexity`` over those images put the two on one scale for the ``ensemble``
+score (:meth:`Glow.ensemble`). It lives in the state dict (``reference_mean``,
+``reference_std``, ``reference_maps``, ``reference_scale``) only once set.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ from anomaly_flow.layers import FlowStep, SplitPrior, TopPrior, squeeze, unsquee
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps")
+REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "reference_scale")
 """State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional."""
 
 REFERENCE_MAX_MAPS = 10_000
-"""Most held-out maps a normal reference keeps for :meth:`Glow.knn` (the first ones, in
-the held-out set's order); 10,000 maps of 16x16 are 10 MB of weights."""
+"""Most held-out maps a normal reference keeps for :meth:`Glow.knn` (training keeps every
+k-th held-out image beyond it); 10,000 maps of 16x16 are 10 MB of weights."""
 
 KNN_NEIGHBOURS = 5
 """How many nearest normal maps :meth:`Glow.knn` averages the distance to (fewer when
@@ -75,6 +77,16 @@ def knn_grid(config: GlowConfig) -> int:
         if size // 2**level >= KNN_MIN_GRID:
             return size // 2**level
     return size
+
+
+def _mean_and_std(values: Tensor) -> Tensor:
+    """``[mean, std]`` float64 of ``(N,)`` values for standardising them: the population
+    std, or 1 where it is 0 or there are no values (mean 0 then), so dividing by it
+    never fails."""
+    if not len(values):
+        return torch.tensor([0.0, 1.0], dtype=torch.float64, device=values.device)
+    std = values.std(correction=0)
+    return torch.stack([values.mean(), torch.where(std > 0, std, torch.ones_like(std))])
 
 
 def pool_to_grid(pixel_bpd: Tensor, grid: int) -> Tensor:
@@ -214,11 +226,13 @@ class Glow(nn.Module):
             channels = level.out_channels
         self.levels = nn.ModuleList(levels)
         # The normal reference: per-pixel mean and std of pixel_bpd over held-out normal
-        # images, and their maps pooled to knn_grid (set by training); None until set,
-        # and then absent from the state dict.
+        # images, their maps pooled to knn_grid, and the (mean, std) of their knn and
+        # coarse_complexity (set by training); None until set, and then absent from the
+        # state dict.
         self.reference_mean: Tensor | None
         self.reference_std: Tensor | None
         self.reference_maps: Tensor | None
+        self.reference_scale: Tensor | None
         for key in REFERENCE_KEYS:
             self.register_buffer(key, None)
 
@@ -251,12 +265,17 @@ class Glow(nn.Module):
         and ``knn``."""
         return self.reference_mean is not None
 
-    def set_reference(self, mean: Tensor, std: Tensor, maps: Tensor) -> None:
-        """Store the normal reference, from held-out normal images: the per-pixel mean and
-        standard deviation of ``pixel_bpd`` (:class:`LikelihoodBreakdown`), each ``(H, W)``
-        at the model's image size, and the images' maps pooled to :func:`knn_grid`,
-        ``(N, G, G)`` with ``1 <= N <= REFERENCE_MAX_MAPS``. Saved and loaded with the
-        weights.
+    def set_reference(self, mean: Tensor, std: Tensor, maps: Tensor,
+                      coarse_complexity: Tensor) -> None:
+        """Store the normal reference, from N held-out normal images: the per-pixel mean
+        and standard deviation of ``pixel_bpd`` (:class:`LikelihoodBreakdown`), each
+        ``(H, W)`` at the model's image size; the images' maps pooled to
+        :func:`knn_grid`, ``(N, G, G)`` with ``1 <= N <= REFERENCE_MAX_MAPS``; and their
+        ``coarse_complexity`` scores ``(N,)``. Derives the mean and standard deviation of
+        ``knn`` over the N images (each against the other N − 1, leave-one-out) and of
+        ``coarse_complexity`` (``reference_scale``, rows ``knn`` and
+        ``coarse_complexity``, columns mean and std), which :meth:`ensemble` uses. Saved
+        and loaded with the weights.
 
         Raises:
             ValueError: A shape other than these, or a non-finite or negative value.
@@ -270,7 +289,11 @@ class Glow(nn.Module):
                 or not 1 <= len(maps) <= REFERENCE_MAX_MAPS:
             raise ValueError(f"the reference maps must have shape (N, {grid}, {grid}) with "
                              f"1 <= N <= {REFERENCE_MAX_MAPS}; got {tuple(maps.shape)}")
-        for name, value in (("mean", mean), ("std", std), ("maps", maps)):
+        if tuple(coarse_complexity.shape) != (len(maps),):
+            raise ValueError(f"the reference coarse_complexity must have shape ({len(maps)},), "
+                             f"one per map; got {tuple(coarse_complexity.shape)}")
+        for name, value in (("mean", mean), ("std", std), ("maps", maps),
+                            ("coarse_complexity", coarse_complexity)):
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"the reference {name} has non-finite values")
         if bool((std < 0).any()):
@@ -279,6 +302,24 @@ class Glow(nn.Module):
         self.reference_mean = mean.detach().to(device, torch.float32).clone()
         self.reference_std = std.detach().to(device, torch.float32).clone()
         self.reference_maps = maps.detach().to(device, torch.float32).clone()
+        self.reference_scale = torch.stack([
+            _mean_and_std(self._reference_knn()),
+            _mean_and_std(coarse_complexity.detach().to(device, torch.float64)),
+        ]).float()
+
+    def _reference_knn(self, chunk: int = 1024) -> Tensor:
+        """``knn`` ``(N,)`` float64 of each reference map against the other N − 1 (empty
+        for N = 1), in chunks of rows so the distance matrix never exceeds chunk × N."""
+        assert self.reference_maps is not None
+        refs = self.reference_maps.flatten(1)
+        n = len(refs)
+        if n < 2:
+            return refs.new_zeros(0, dtype=torch.float64)
+        parts = []
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(start + chunk, n), device=refs.device)
+            parts.append(self._knn_pooled(refs[rows], exclude=rows))
+        return torch.cat(parts)
 
     def typicality_map(self, pixel_bpd: Tensor) -> Tensor:
         """The per-pixel terms ``(B, H, W)`` of :meth:`typicality` for per-pixel bits/dim
@@ -324,17 +365,48 @@ class Glow(nn.Module):
         if self.reference_maps is None:
             raise ValueError("this model has no normal reference, so it cannot score knn; "
                              "train it with a validation set (val_fraction > 0)")
+        pooled = pool_to_grid(pixel_bpd, knn_grid(self.config)).flatten(1)
+        return self._knn_pooled(pooled).to(pixel_bpd.dtype)
+
+    def _knn_pooled(self, pooled: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """``knn`` ``(B,)`` float64 of pooled maps ``(B, G·G)``; ``exclude`` ``(B,)`` names
+        a reference map each one must not count (itself, for leave-one-out)."""
+        assert self.reference_maps is not None
         refs = self.reference_maps.flatten(1).double()
         centre = refs.mean(dim=0)
         spread = refs.std(dim=0, correction=0) + REFERENCE_STD_FLOOR
-        grid = knn_grid(self.config)
-        queries = (pool_to_grid(pixel_bpd, grid).flatten(1).double() - centre) / spread
+        queries = (pooled.double() - centre) / spread
         # |a|² + |b|² − 2a·b as one matrix product: several times faster than differencing
         # every pair, and in float64 its cancellation costs nothing visible (~1e-14).
         distances = torch.cdist(queries, (refs - centre) / spread,
                                 compute_mode="use_mm_for_euclid_dist")
-        k = min(KNN_NEIGHBOURS, len(refs))
-        return distances.topk(k, dim=1, largest=False).values.mean(dim=1).to(pixel_bpd.dtype)
+        available = len(refs)
+        if exclude is not None:
+            distances[torch.arange(len(queries), device=distances.device), exclude] = math.inf
+            available -= 1
+        k = min(KNN_NEIGHBOURS, available)
+        return distances.topk(k, dim=1, largest=False).values.mean(dim=1)
+
+    def ensemble(self, knn: Tensor, coarse_complexity: Tensor) -> Tensor:
+        """The ``ensemble`` score ``(B,)``: ``knn`` and ``coarse_complexity`` ``(B,)``, each
+        in standard deviations from its mean over the normal reference images
+        (``reference_scale``), summed. 0 for an image average on both; each term counts
+        as much as the other whatever its units.
+
+        Why: ``knn`` sees how unlike normal images the likelihood map is, and
+        ``coarse_complexity`` how likely the image's global structure is for its
+        simplicity (:func:`anomaly_flow.scoring.coarse_complexity`); their errors differ,
+        so the sum separates better than either (B4, ``benchmarks/NOTES.md``).
+
+        Raises:
+            ValueError: The model has no normal reference.
+        """
+        if self.reference_scale is None:
+            raise ValueError("this model has no normal reference, so it cannot score "
+                             "ensemble; train it with a validation set (val_fraction > 0)")
+        scale = self.reference_scale.to(knn.device, torch.float64)
+        return ((knn.double() - scale[0, 0]) / scale[0, 1]
+                + (coarse_complexity.double() - scale[1, 0]) / scale[1, 1])
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str],
@@ -350,14 +422,16 @@ class Glow(nn.Module):
             return
         if all(present):  # buffers for the loader to copy into
             size, grid = self.config.image_size, knn_grid(self.config)
-            mean, std, maps = (state_dict[prefix + key] for key in REFERENCE_KEYS)
+            mean, std, maps, scale = (state_dict[prefix + key] for key in REFERENCE_KEYS)
             if tuple(mean.shape) != (size, size) or tuple(std.shape) != (size, size) \
-                    or maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid) or not len(maps):
-                shapes = [tuple(value.shape) for value in (mean, std, maps)]
+                    or maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid) \
+                    or not len(maps) or tuple(scale.shape) != (2, 2):
+                shapes = [tuple(value.shape) for value in (mean, std, maps, scale)]
                 error_msgs.append(f"the normal reference has shapes {shapes}; this model "
-                                  f"needs ({size}, {size}) twice and (N, {grid}, {grid})")
+                                  f"needs ({size}, {size}) twice, (N, {grid}, {grid}) and "
+                                  "(2, 2)")
                 return
-            for key, value in zip(REFERENCE_KEYS, (mean, std, maps), strict=True):
+            for key, value in zip(REFERENCE_KEYS, (mean, std, maps, scale), strict=True):
                 setattr(self, key, torch.empty(value.shape, device=self.device))
         else:
             for key in REFERENCE_KEYS:

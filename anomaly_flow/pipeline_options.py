@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, level_1, ..., or auto "
-              "(the highest AUROC on --anomalous); default: knn, or bpd for a model "
-              "without a normal reference")
+SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, ensemble, level_1, ..., "
+              "or auto (the highest AUROC on --anomalous); default: ensemble, or bpd for a "
+              "model without a normal reference")
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:

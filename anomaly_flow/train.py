@@ -64,7 +64,7 @@ from anomaly_flow.glow import (
     postprocess,
     preprocess,
 )
-from anomaly_flow.scoring import numerics
+from anomaly_flow.scoring import coarse_complexity, coarse_png_bits_per_dim, numerics
 
 logger = logging.getLogger(__name__)
 
@@ -329,11 +329,13 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
     images it is built on (0 leaves the model as it was).
 
     The reference is the per-pixel mean and (population) standard deviation of the
-    deterministic per-pixel bits/dim map over the decodable images of ``dataset``, and the
-    first ``REFERENCE_MAX_MAPS`` of those maps pooled to :func:`~anomaly_flow.glow.knn_grid`
-    (:meth:`Glow.set_reference`); scoring turns it into the ``typicality`` and ``knn``
-    scores. An image whose map is not finite (the model overflows on it) is left out and
-    counted in a warning; this never raises. Sums are accumulated in float64. With
+    deterministic per-pixel bits/dim map over the decodable images of ``dataset``, and
+    those maps pooled to :func:`~anomaly_flow.glow.knn_grid` with the same images'
+    ``coarse_complexity`` (:meth:`Glow.set_reference`) — all of them, or beyond
+    ``REFERENCE_MAX_MAPS`` images an evenly spaced subset (every k-th); scoring
+    turns it into the ``typicality``, ``knn`` and ``ensemble`` scores. An image whose map
+    is not finite (the model overflows on it) is left out and counted in a warning; this
+    never raises. Sums are accumulated in float64. With
     ``world > 1`` every rank maps its share, the sums are all-reduced and the pooled maps
     gathered in the dataset's order (a collective: all ranks call it); every rank gets
     the same reference as a single process would.
@@ -342,6 +344,7 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
                           reference=True)[1]
 
 
+@torch.no_grad()
 def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
                    num_workers: int, rank: int, world: int,
                    reference: bool) -> tuple[float, int]:
@@ -355,15 +358,21 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σbpd, images, mapped, bad
     map_sums = (torch.zeros(2, size, size, dtype=torch.float64, device=device)  # Σm, Σm²
                 if reference else None)
-    pooled: list[torch.Tensor] = []  # maps pooled to the knn grid, at most REFERENCE_MAX_MAPS
-    positions: list[torch.Tensor] = []  # their indices in `dataset`
+    # The knn maps: every `stride`-th image of `dataset` (all of them up to
+    # REFERENCE_MAX_MAPS), pooled to the knn grid, with its coarse_complexity and index.
+    stride = max(1, math.ceil(len(dataset) / REFERENCE_MAX_MAPS))
+    pooled: list[torch.Tensor] = []
+    coarse: list[torch.Tensor] = []
+    positions: list[torch.Tensor] = []
     start = 0  # index in `shard` of the batch's first item
+    n_bits, levels = model.config.n_bits, model.config.levels
     with numerics(model, "float32"):  # no bf16, no TF32
         for batch in loader:
             ok = batch[1]
             index = (start + torch.arange(len(ok)))[ok] * world + rank
             start += len(ok)
-            images = batch[0][ok].to(device)
+            host_images = batch[0][ok]
+            images = host_images.to(device)
             if not len(images):
                 continue
             parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)),
@@ -378,9 +387,14 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                 sums[3] += (~finite).sum()
                 map_sums[0] += maps.sum(dim=0)
                 map_sums[1] += maps.square().sum(dim=0)
-                if sum(len(p) for p in positions) < REFERENCE_MAX_MAPS:
-                    pooled.append(pool_to_grid(maps.float(), grid).cpu())
-                    positions.append(index[finite.cpu()])
+                kept = finite.cpu() & (index % stride == 0)
+                if kept.any():
+                    pooled.append(pool_to_grid(parts.pixel_bpd[kept.to(device)], grid).cpu())
+                    positions.append(index[kept])
+                    png = [coarse_png_bits_per_dim(image.numpy(), n_bits, levels)
+                           for image in host_images[kept]]
+                    coarse.append(torch.from_numpy(coarse_complexity(
+                        parts.level_bits[kept.to(device)].cpu().numpy(), np.array(png))))
     if world > 1:
         dist.all_reduce(sums)
         if map_sums is not None:
@@ -392,23 +406,25 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     if map_sums is not None and n:
         mean = map_sums[0] / n
         model.set_reference(mean, (map_sums[1] / n - mean.square()).clamp_min(0).sqrt(),
-                            _first_maps(pooled, positions, grid, world))
+                            *_gathered_maps(pooled, coarse, positions, grid, world))
     return (total / count if count else float("nan")), int(n)
 
 
-def _first_maps(pooled: list[torch.Tensor], positions: list[torch.Tensor], grid: int,
-                world: int) -> torch.Tensor:
-    """The first ``REFERENCE_MAX_MAPS`` pooled maps ``(N, G, G)`` in the dataset's order,
-    from every rank's share when ``world > 1`` (a collective)."""
+def _gathered_maps(pooled: list[torch.Tensor], coarse: list[torch.Tensor],
+                positions: list[torch.Tensor], grid: int,
+                world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled maps ``(N, G, G)`` in the dataset's order (at most
+    ``REFERENCE_MAX_MAPS``) and their images' ``coarse_complexity`` ``(N,)``, from every
+    rank's share when ``world > 1`` (a collective)."""
     maps = torch.cat(pooled) if pooled else torch.empty(0, grid, grid)
+    values = torch.cat(coarse) if coarse else torch.empty(0, dtype=torch.float64)
     index = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
     if world > 1:
         shares: list[Any] = [None] * world
-        dist.all_gather_object(shares, (index, maps))
-        index = torch.cat([share[0] for share in shares])
-        maps = torch.cat([share[1] for share in shares])
+        dist.all_gather_object(shares, (index, maps, values))
+        index, maps, values = (torch.cat([share[i] for share in shares]) for i in range(3))
     order = torch.argsort(index)[:REFERENCE_MAX_MAPS]
-    return maps[order]
+    return maps[order], values[order]
 
 
 def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
@@ -844,7 +860,7 @@ def _checked_reference(n: int, rank: int) -> int:
     they are too few for it to be reliable."""
     if rank == 0 and n < REFERENCE_MIN_IMAGES:
         logger.warning(
-            "the normal reference (the typicality and knn scores) rests on %d validation image(s); "
+            "the normal reference (typicality, knn, ensemble) rests on %d validation image(s); "
             "with fewer than %d its per-pixel spread is unreliable: raise val_fraction or "
             "add images", n, REFERENCE_MIN_IMAGES)
     return n

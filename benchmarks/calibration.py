@@ -16,7 +16,7 @@ Where the held-out normal scores come from (one of):
 * ``--model URI --normal DIR``: a registered model scoring a folder of held-out normals;
 * ``--scores FILE --score bpd``: a table written by ``anomaly-flow score`` (CSV/Parquet).
 
-The score defaults to ``knn``, the one ``anomaly-flow calibrate`` uses.
+The score defaults to ``ensemble``, the one ``anomaly-flow calibrate`` uses.
 
 Prints a table and writes JSON to ``benchmarks/results/calibration.json``.
 
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model URI (with --normal)")
     parser.add_argument("--normal", type=Path, help="folder of held-out normal images")
     parser.add_argument("--scores", type=Path, help="scores table (CSV or Parquet)")
-    parser.add_argument("--score", default="knn",
-                        help="score column (default knn, calibrate's default)")
+    parser.add_argument("--score", default="ensemble",
+                        help="score column (default ensemble, calibrate's default)")
     parser.add_argument("--mlruns", type=Path, default=None)
     parser.add_argument("--preset", default="tiny", help="preset trained by default")
     parser.add_argument("--epochs", type=int, default=2)

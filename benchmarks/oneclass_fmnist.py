@@ -18,7 +18,9 @@ score = more anomalous) for every score:
 * ``typicality``: how far the per-pixel bits/dim map is from the held-out normal
   images' average map, per pixel, in their standard deviations (:meth:`Glow.typicality`);
 * ``knn``: the mean distance from the map to the 5 nearest held-out normal maps, on a
-  7x7 grid, in the normal standard deviations (:meth:`Glow.knn`); the score
+  7x7 grid, in the normal standard deviations (:meth:`Glow.knn`);
+* ``ensemble``: ``knn`` plus ``coarse_complexity``, each standardised by its mean and
+  std over the held-out normal images (:meth:`Glow.ensemble`); the score
   ``anomaly-flow calibrate`` uses by default;
 * ``level_1`` .. ``level_L``: each scale's share of ``-log p(x)`` in bits/dim.
 
@@ -177,7 +179,7 @@ def main() -> None:
                 time.perf_counter() - tick)
     level_names = [f"level_{i + 1}" for i in range(levels)]
     flow_methods = ["bpd", "complexity", "coarse_complexity", "typicality", "knn",
-                    *level_names]
+                    "ensemble", *level_names]
     methods = flow_methods + ([] if args.no_baselines else list(BASELINES))
     logger.info("B4 on %s, classes %s: %s; %s", device, classes, config.model, config.train)
 
@@ -197,9 +199,11 @@ def main() -> None:
         tick = time.perf_counter()
         flow = score_test_set(run.model, test, device)
         bpd, level_bits = flow["bpd"], flow["level_bits"]
-        scores = {"bpd": bpd, "complexity": bpd - png_bpd,
-                  "coarse_complexity": coarse_complexity(level_bits, coarse_png_bpd),
-                  "typicality": flow["typicality"], "knn": flow["knn"],
+        coarse = coarse_complexity(level_bits, coarse_png_bpd)
+        ensemble = run.model.ensemble(torch.from_numpy(flow["knn"]),
+                                      torch.from_numpy(coarse)).numpy()
+        scores = {"bpd": bpd, "complexity": bpd - png_bpd, "coarse_complexity": coarse,
+                  "typicality": flow["typicality"], "knn": flow["knn"], "ensemble": ensemble,
                   **{name: level_bits[:, i] for i, name in enumerate(level_names)}}
         score_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -228,10 +232,10 @@ def main() -> None:
             "auroc": aurocs,
         }
         logger.info("class %d (%s): %d steps in %.0f s, bpd AUROC %.1f, complexity %.1f, "
-                    "coarse_complexity %.1f, typicality %.1f, knn %.1f%s", k,
+                    "coarse_complexity %.1f, typicality %.1f, knn %.1f, ensemble %.1f%s", k,
                     FASHION_MNIST_CLASSES[k], run.steps, train_seconds, aurocs["bpd"],
                     aurocs["complexity"], aurocs["coarse_complexity"], aurocs["typicality"],
-                    aurocs["knn"],
+                    aurocs["knn"], aurocs["ensemble"],
                     "" if args.no_baselines else
                     f", 5-NN {aurocs['knn5_mean']:.1f}, IF {aurocs['iforest']:.1f}")
 

@@ -105,7 +105,7 @@ def build_model(preset: str, model_uri: str | None, device: torch.device,
     images = ArrayDataset(reference_images, config.mode, config.image_size)
     model.initialize(preprocess(images.images[:256], config.n_bits))
     model = model.to(device).eval()
-    # As every trained model has one, so scoring also computes typicality and knn (speed
+    # As every trained model has one, so scoring also computes the reference scores (speed
     # only: the statistics' content does not matter here, their size does: knn compares
     # every image with all the reference maps).
     n_maps = fit_reference(model, images, 256, device)

@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.score == "auto":  # checked before training, not after
         parser.error("--score auto needs labelled anomalies, and this pipeline calibrates "
                      "on normal images only: name a score (bpd, complexity, "
-                     "coarse_complexity, typicality, knn, level_1, ...), or run "
+                     "coarse_complexity, typicality, knn, ensemble, level_1, ...), or run "
                      "pipelines/select_threshold.py --score auto on the trained model")
     return args
 

@@ -105,13 +105,13 @@ def test_calibrate_promote_then_score_with_champion(
     threshold = calibration.threshold
     assert (threshold.method, threshold.alpha, threshold.n_calibration) == ("conformal", 0.1,
                                                                              n_good)
-    # No --score: the default for a model with a normal reference is knn.
-    assert calibration.score_name == "knn"
-    assert f"threshold: {threshold.value} (knn, conformal, target FPR 0.1)" \
+    # No --score: the default for a model with a normal reference is ensemble.
+    assert calibration.score_name == "ensemble"
+    assert f"threshold: {threshold.value} (ensemble, conformal, target FPR 0.1)" \
         in result.stdout
     # The stored scores are this model's scores of the good files, and the threshold is
     # the conformal one for them.
-    rescored = score_folder_table(champion.model, image_dirs.calibration).values("knn")
+    rescored = score_folder_table(champion.model, image_dirs.calibration).values("ensemble")
     np.testing.assert_allclose(calibration.sorted_scores, np.sort(rescored), rtol=1e-6)
     assert threshold.value == conformal_threshold(calibration.sorted_scores, 0.1).value
 
@@ -136,7 +136,7 @@ def test_calibrate_promote_then_score_with_champion(
     assert len(table) == 32 and table["error"].isna().all()
     scores = table["score"].to_numpy(float)
     is_anomaly = table["is_anomaly"].astype(bool).to_numpy()
-    np.testing.assert_array_equal(scores, table["knn"].to_numpy(float))
+    np.testing.assert_array_equal(scores, table["ensemble"].to_numpy(float))
     np.testing.assert_array_equal(is_anomaly, scores > threshold.value)
     np.testing.assert_array_equal(table["p_value"] <= 0.1, is_anomaly)
     np.testing.assert_array_equal(table["p_value"], calibration.p_values(scores))
@@ -225,8 +225,8 @@ def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> 
                  "--target-fpr", "0.1", "--score", "level_9", "--device", "cpu",
                  "--mlruns", store)
     assert_one_line_error(result, "unknown score 'level_9'",
-                          "bpd, complexity, coarse_complexity, typicality, knn, level_1, "
-                          "level_2")
+                          "bpd, complexity, coarse_complexity, typicality, knn, ensemble, "
+                          "level_1, level_2")
 
 
 def test_coarse_complexity_calibrates_and_then_drives_score(
@@ -297,7 +297,7 @@ def test_evaluate_prints_and_logs_every_score(store: Path, client: mlflow.Mlflow
     model = tracking.load_model(CANDIDATE).model
     names = score_names(model)
     # trained with a validation set: it has a normal reference
-    assert {"typicality", "knn"} <= set(names)
+    assert {"typicality", "knn", "ensemble"} <= set(names)
     table_rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
     assert table_rows[: len(names)] == names
 
@@ -347,7 +347,7 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     loaded = tracking.load_model(CANDIDATE)
     columns = score_names(loaded.model)
     assert columns == ["bpd", "complexity", "coarse_complexity", "typicality", "knn",
-                       "level_1", "level_2"]
+                       "ensemble", "level_1", "level_2"]
     normal = hand_scores("normal", dict.fromkeys(columns, base_normal))
     anomalous = hand_scores("anomalous", {
         "bpd": base_anomalous + 0.5,        # a little separated
@@ -355,6 +355,7 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
         runner_up: base_anomalous + 2.0,    # separated, less well
         "typicality": base_anomalous + 0.25,
         "knn": base_anomalous + 0.75,
+        "ensemble": base_anomalous + 1.5,
         "level_1": base_anomalous - 4.0,    # reversed
         "level_2": base_anomalous + 1.0})
     # One normal image with a non-finite level_2 is left out for every candidate.
@@ -386,7 +387,7 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     assert stored.score_selection == selection
 
 
-@pytest.mark.parametrize("score", ["typicality", "knn"])
+@pytest.mark.parametrize("score", ["typicality", "knn", "ensemble"])
 def test_reference_scores_need_the_normal_reference(store: Path, score: str) -> None:
     loaded = tracking.load_model(CANDIDATE)
     loaded.model.load_state_dict({k: v for k, v in loaded.model.state_dict().items()
@@ -419,7 +420,7 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
     reference = select_score({n: normal.values(n) for n in names},
                              {n: anomalous.values(n) for n in names})
     assert chosen == reference.chosen
-    assert list(calibration.score_selection.auroc) == names  # typicality, knn included
+    assert list(calibration.score_selection.auroc) == names  # reference scores included
     assert calibration.score_selection.auroc == pytest.approx(reference.auroc)
     assert f"coarse_complexity {reference.auroc['coarse_complexity']:.4f}" in result.stdout
     assert (calibration.score_selection.n_normal,

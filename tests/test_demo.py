@@ -28,15 +28,16 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert table["error"].isna().all()
     is_anomalous = table["path"].str.contains("/anomalous/")
     assert is_anomalous.sum() == sample.test_is_anomaly.sum()
-    # Calibrated on the default score, knn; every verdict follows its threshold.
-    np.testing.assert_array_equal(table["score"], table["knn"])
+    # Calibrated on the default score, ensemble; every verdict follows its threshold.
+    np.testing.assert_array_equal(table["score"], table["ensemble"])
     assert table["is_anomaly"].notna().all()
     assert (table["p_value"] > 0).all()
 
     page = (out / "report.html").read_text()
     for heading in ("Summary", "Every score", "Most anomalous test images"):
         assert heading in page
-    for name in ("bpd", "complexity", "coarse_complexity", "typicality", "knn", "level_1"):
+    for name in ("bpd", "complexity", "coarse_complexity", "typicality", "knn", "ensemble",
+                 "level_1"):
         assert f"<td class='l'>{name}</td>" in page, name
     assert "data:image/png;base64," in page  # self-contained: figures inlined
     assert "src='http" not in page and 'src="http' not in page

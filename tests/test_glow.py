@@ -145,7 +145,7 @@ def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> N
     mean, std = maps[:4].mean(dim=0), maps[:4].std(dim=0)
     std[0, 0] = 0.0  # a pixel that never varies: the floor keeps the score finite
     assert knn_grid(model.config) == 8  # too small to pool
-    model.set_reference(mean, std, maps[:4])
+    model.set_reference(mean, std, maps[:4], torch.tensor([0.5, 1.0, 1.5, 2.0]))
     assert model.has_reference
 
     # By hand, pixel by pixel: mean of |m - mu| / (sigma + floor).
@@ -162,7 +162,8 @@ def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> N
     loaded = Glow.load(model.save(tmp_path / "with"))
     assert loaded.has_reference
     assert torch.equal(loaded.reference_mean, mean) and torch.equal(loaded.reference_std, std)
-    assert torch.equal(loaded.reference_maps, maps[:4])
+    for key in ("reference_maps", "reference_scale"):
+        assert torch.equal(getattr(loaded, key), getattr(model, key))
     assert torch.equal(loaded.typicality(maps), typicality)
     assert torch.equal(loaded.knn(maps), model.knn(maps))
 
@@ -192,7 +193,8 @@ def test_knn_by_hand_on_pooled_maps() -> None:
     with torch.no_grad():
         maps = model.breakdown(torch.rand(9, 1, 16, 16) - 0.5).pixel_bpd
     pooled = maps.double().numpy().reshape(9, 8, 2, 8, 2).mean(axis=(2, 4))
-    model.set_reference(maps.mean(0), maps.std(0), torch.from_numpy(pooled[:7]).float())
+    model.set_reference(maps.mean(0), maps.std(0), torch.from_numpy(pooled[:7]).float(),
+                        torch.zeros(7))
     for k, kept in ((5, 7), (3, 3)):
         model.reference_maps = torch.from_numpy(pooled[:kept]).float()
         refs = pooled[:kept].reshape(kept, -1)
@@ -208,34 +210,71 @@ def test_knn_by_hand_on_pooled_maps() -> None:
     assert float(model.knn(maps[:1])[0]) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_ensemble_standardises_knn_and_coarse_complexity_by_the_reference_images() -> None:
+    """reference_scale holds the mean and population std of each reference map's knn
+    against the other maps (leave-one-out, by hand here) and of the given
+    coarse_complexity values; ensemble sums the two standardised scores."""
+    model = make_model(1, 16, 1).float().eval()
+    with pytest.raises(ValueError, match="cannot score ensemble"):
+        model.ensemble(torch.zeros(2), torch.zeros(2))
+    with torch.no_grad():
+        maps = model.breakdown(torch.rand(8, 1, 16, 16) - 0.5).pixel_bpd
+    pooled = maps.double().reshape(8, 8, 2, 8, 2).mean(dim=(2, 4))
+    coarse = torch.tensor([0.3, -0.2, 0.8, 0.1, 0.0, 0.5, -0.4, 0.2])
+    model.set_reference(maps.mean(0), maps.std(0), pooled.float(), coarse)
+
+    refs = pooled.float().double().reshape(8, -1).numpy()
+    centre, spread = refs.mean(axis=0), refs.std(axis=0) + REFERENCE_STD_FLOOR
+    loo = []
+    for i, query in enumerate(refs):
+        distances = sorted(math.dist((query - centre) / spread, (ref - centre) / spread)
+                           for j, ref in enumerate(refs) if j != i)
+        loo.append(sum(distances[:5]) / 5)
+    expected = [[np.mean(loo), np.std(loo)], [coarse.double().mean(), coarse.double().std(
+        correction=0)]]
+    np.testing.assert_allclose(model.reference_scale.double().numpy(), expected, rtol=1e-5)
+    knn, cc = torch.tensor([1.0, 4.0]), torch.tensor([0.2, -1.0])
+    by_hand = [(k - expected[0][0]) / expected[0][1] + (c - expected[1][0]) / expected[1][1]
+               for k, c in zip(knn.tolist(), cc.tolist(), strict=True)]
+    np.testing.assert_allclose(model.ensemble(knn, cc).numpy(), by_hand, rtol=1e-5)
+
+    # One reference image: no leave-one-out knn, and no spread: nothing to divide by 0.
+    model.set_reference(maps.mean(0), maps.std(0), pooled[:1].float(), coarse[:1])
+    assert model.reference_scale.tolist() == [[0.0, 1.0], [pytest.approx(0.3), 1.0]]
+
+
 def test_normal_reference_is_checked(tmp_path) -> None:
     model = make_model(1, 8, 2).float()
-    ones = torch.ones(3, 8, 8)
+    ones, cc = torch.ones(3, 8, 8), torch.zeros(3)
     with pytest.raises(ValueError, match=r"shape \(8, 8\).*got \(4, 4\)"):
-        model.set_reference(torch.zeros(4, 4), torch.ones(4, 4), ones)
+        model.set_reference(torch.zeros(4, 4), torch.ones(4, 4), ones, cc)
     with pytest.raises(ValueError, match=r"\(N, 8, 8\).*got \(3, 4, 4\)"):
-        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), torch.ones(3, 4, 4))
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), torch.ones(3, 4, 4), cc)
     with pytest.raises(ValueError, match=r"1 <= N.*got \(0, 8, 8\)"):
-        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones[:0])
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones[:0], cc[:0])
+    with pytest.raises(ValueError, match=r"coarse_complexity must have shape \(3,\).*got \(2,\)"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc[:2])
     with pytest.raises(ValueError, match="non-finite"):
-        model.set_reference(torch.full((8, 8), math.nan), torch.ones(8, 8), ones)
+        model.set_reference(torch.full((8, 8), math.nan), torch.ones(8, 8), ones, cc)
     with pytest.raises(ValueError, match="maps has non-finite"):
-        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones * math.inf)
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones * math.inf, cc)
+    with pytest.raises(ValueError, match="coarse_complexity has non-finite"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc + math.nan)
     with pytest.raises(ValueError, match="negative"):
-        model.set_reference(torch.zeros(8, 8), -torch.ones(8, 8), ones)
-    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones)
-    for key in ("reference_std", "reference_maps"):
+        model.set_reference(torch.zeros(8, 8), -torch.ones(8, 8), ones, cc)
+    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc)
+    for key in ("reference_std", "reference_maps", "reference_scale"):
         state = model.state_dict()
         del state[key]
         with pytest.raises(RuntimeError, match="only part of the normal reference"):
             Glow(model.config).load_state_dict(state)
     state = model.state_dict()
     state["reference_mean"] = state["reference_std"] = torch.zeros(4, 4)
-    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice and \(N, 8, 8\)"):
+    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice, \(N, 8, 8\) and \(2, 2\)"):
         Glow(model.config).load_state_dict(state)
     state = model.state_dict()
     state["reference_maps"] = torch.zeros(2, 4, 4)
-    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice and \(N, 8, 8\)"):
+    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice, \(N, 8, 8\) and \(2, 2\)"):
         Glow(model.config).load_state_dict(state)
     # Any number of maps loads: the buffer takes the saved shape.
     state["reference_maps"] = torch.full((5, 8, 8), 2.0)

@@ -55,11 +55,11 @@ def test_end_to_end_logs_a_parent_run_with_three_nested_runs(
     assert parent.data.tags["calibrate_run_id"] == by_name["calibrate"].info.run_id
     assert parent.data.tags["evaluate_run_id"] == by_name["evaluate"].info.run_id
     assert by_name["calibrate"].data.tags["training_run_id"] == by_name["train-e2e"].info.run_id
-    assert {"bpd_auroc", "typicality_auroc", "knn_auroc"} \
+    assert {"bpd_auroc", "typicality_auroc", "knn_auroc", "ensemble_auroc"} \
         <= set(by_name["evaluate"].data.metrics)
-    # No --score: calibrated on the default, knn; its figures head the parent run.
-    assert parent.data.tags["score_name"] == "knn"
-    assert {"val_bpd", "threshold", "knn_auroc", "calibrated_fpr"} \
+    # No --score: calibrated on the default, ensemble; its figures head the parent run.
+    assert parent.data.tags["score_name"] == "ensemble"
+    assert {"val_bpd", "threshold", "ensemble_auroc", "calibrated_fpr"} \
         <= set(parent.data.metrics)
     # Trained as version 1 (candidate), calibrated and promoted as version 2.
     assert str(client.get_model_version_by_alias("e2e", "candidate").version) == "1"
@@ -74,9 +74,9 @@ def test_end_to_end_logs_a_parent_run_with_three_nested_runs(
     assert calibrate.main([str(a) for a in argv]) == 0
     assert "model: models:/e2e/3" in capsys.readouterr().out
     loaded = tracking.load_model("models:/e2e/3")
-    normal = score_folder_table(loaded.model, image_dirs.calibration).values("knn")
-    anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous).values("knn")
-    assert loaded.calibration is not None and loaded.calibration.score_name == "knn"
+    normal = score_folder_table(loaded.model, image_dirs.calibration).values("ensemble")
+    anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous).values("ensemble")
+    assert loaded.calibration is not None and loaded.calibration.score_name == "ensemble"
     assert loaded.calibration.threshold.value == pytest.approx(
         cost_threshold(normal, anomalous, 1.0, 3.0).value, rel=1e-6)
     assert str(client.get_model_version_by_alias("e2e", "champion").version) == "2"
@@ -128,10 +128,10 @@ def test_select_threshold_compares_the_labelled_methods(
     assert set(rows) == methods, out
 
     model = tracking.load_model(trained.version_uri).model
-    # No --score: the model's default, knn.
-    normal = score_folder_table(model, image_dirs.calibration).values("knn")
-    anomalous = score_folder_table(model, image_dirs.test_anomalous).values("knn")
-    assert "score knn:" in out
+    # No --score: the model's default, ensemble.
+    normal = score_folder_table(model, image_dirs.calibration).values("ensemble")
+    anomalous = score_folder_table(model, image_dirs.test_anomalous).values("ensemble")
+    assert "score ensemble:" in out
     expected = {"f1": f1_threshold(normal, anomalous),
                 "youden": youden_threshold(normal, anomalous),
                 "cost": cost_threshold(normal, anomalous, 1.0, 4.0)}

@@ -148,7 +148,7 @@ def make_messy_folder(root: Path) -> Path:
 
 def make_tiny_model() -> Glow:
     """The tiny Glow, its ActNorms initialised on sample images, with a normal reference
-    from other sample images (so it scores ``typicality`` and ``knn`` too)."""
+    from other sample images (so it scores ``typicality``, ``knn`` and ``ensemble`` too)."""
     torch.manual_seed(0)
     model = Glow(TINY)
     images = ArrayDataset(load_sample().train[:64], TINY.mode, TINY.image_size).images
@@ -180,7 +180,8 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
-                                                    "typicality", "knn", "level_1", "level_2",
+                                                    "typicality", "knn", "ensemble",
+                                                    "level_1", "level_2",
                                                     "score", "p_value", "is_anomaly")})
 
 
@@ -336,6 +337,18 @@ def test_reference_columns_are_the_models_scores_of_each_file(
     assert (scored[name] > 0).all()
     failed = full_table[full_table["error"] != ""]
     assert failed[name].isna().all()
+
+
+def test_ensemble_column_sums_standardised_knn_and_coarse_complexity(
+        model: Glow, full_table: pd.DataFrame) -> None:
+    """Per file: knn and coarse_complexity, each standardised by the mean and std over the
+    normal reference images (reference_scale), summed; empty where the file failed."""
+    (knn_mean, knn_std), (cc_mean, cc_std) = model.reference_scale.double().tolist()
+    assert knn_std > 0 and cc_std > 0
+    by_hand = ((full_table["knn"] - knn_mean) / knn_std
+               + (full_table["coarse_complexity"] - cc_mean) / cc_std)
+    np.testing.assert_allclose(full_table["ensemble"], by_hand, rtol=1e-9, atol=1e-9)
+    assert full_table.loc[full_table["error"] != "", "ensemble"].isna().all()
 
 
 def gray_or_rgb(channels: int, n: int) -> np.ndarray:
@@ -517,11 +530,12 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     (".csv", ["typicality"], "typicality column"),
     (".parquet", ["coarse_complexity", "typicality"], "coarse_complexity or typicality columns"),
     (".csv", ["knn"], "knn column"),
+    (".parquet", ["knn", "ensemble"], "knn or ensemble columns"),
 ])
 def test_resume_from_a_table_without_a_later_score_rescores_its_files(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str,
         dropped: list[str], named: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A table written before ``coarse_complexity``, ``typicality`` or ``knn`` existed: resuming
+    """A table written before a later score (:data:`LATER_SCORES`) existed: resuming
     scores its files again to fill the columns, keeps its failed rows, and finishes the
     whole table."""
     out = tmp_path / f"scores{suffix}"
@@ -600,12 +614,12 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
 
 def test_default_score_and_a_calibration_the_model_cannot_serve(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
-    assert default_score(model) == "knn"
+    assert default_score(model) == "ensemble"
     bare = Glow(model.config)
     bare.load_state_dict({k: v for k, v in model.state_dict().items()
                           if not k.startswith("reference_")})
     assert default_score(bare) == "bpd"
-    assert "typicality" not in score_names(bare) and "knn" not in score_names(bare)
+    assert not {"typicality", "knn", "ensemble"} & set(score_names(bare))
     scored = full_table[full_table["error"] == ""]
     cal = calibrate("typicality", scored["typicality"].to_numpy(), alpha=0.25)
     out = tmp_path / "never.csv"
@@ -615,11 +629,12 @@ def test_default_score_and_a_calibration_the_model_cannot_serve(
     assert not out.exists()  # refused before scoring anything
 
 
-@pytest.mark.parametrize("score", ["typicality", "knn"])
+@pytest.mark.parametrize("score", ["typicality", "knn", "ensemble"])
 def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, score: str) -> None:
-    """Calibrated on typicality or knn: each heatmap draws |m - mu| / (sigma + floor), whose
-    mean is the image's typicality, on the fixed 0..5 standard-deviation scale."""
+    """Calibrated on typicality, knn or ensemble: each heatmap draws the typicality terms
+    |m - mu| / (sigma + floor), whose mean is the image's typicality, on the fixed 0..5
+    standard-deviation scale."""
     scored = full_table[full_table["error"] == ""]
     cal = calibrate(score, scored[score].to_numpy(), alpha=0.25)
     heat = tmp_path / "heat"

@@ -28,6 +28,7 @@ import anomaly_flow.train as train_module
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
 from anomaly_flow.data import ArrayDataset, display_path, load_sample, write_image_folder
 from anomaly_flow.glow import REFERENCE_KEYS, Glow, knn_grid, preprocess
+from anomaly_flow.scoring import coarse_complexity, coarse_png_bits_per_dim
 from anomaly_flow.train import (
     TrainEvent,
     TrainingError,
@@ -154,7 +155,8 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
     assert len(images) == 32 == result.history[-1]["reference_images"]
     with torch.no_grad():
-        maps = model.breakdown(preprocess(images, MODEL.n_bits)).pixel_bpd.double().numpy()
+        parts = model.breakdown(preprocess(images, MODEL.n_bits))
+    maps = parts.pixel_bpd.double().numpy()
     np.testing.assert_allclose(model.reference_mean.numpy(), maps.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(model.reference_std.numpy(), maps.std(axis=0), rtol=1e-5)
     assert float(model.reference_std.min()) > 0
@@ -162,6 +164,11 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     assert knn_grid(model.config) == 8 and model.reference_maps.shape == (32, 8, 8)
     pooled = maps.reshape(32, 8, 2, 8, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(model.reference_maps.numpy(), pooled, rtol=1e-5, atol=1e-6)
+    # the same images' coarse_complexity, as scoring computes it, sets the ensemble's scale
+    png = [coarse_png_bits_per_dim(image.numpy(), MODEL.n_bits, MODEL.levels) for image in images]
+    coarse = coarse_complexity(parts.level_bits.numpy(), np.array(png))
+    np.testing.assert_allclose(model.reference_scale[1].numpy(), [coarse.mean(), coarse.std()],
+                               rtol=1e-5)
     weights, _, _ = final_checkpoint_files(tmp_path)
     for key in REFERENCE_KEYS:
         assert torch.equal(weights[key], getattr(model, key))
@@ -194,19 +201,20 @@ def test_fit_reference_leaves_out_images_with_non_finite_maps(
     assert len(model.reference_maps) == 37
 
 
-def test_fit_reference_keeps_the_first_maps_up_to_the_cap(
-        sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("cap", "stride"), [(20, 2), (15, 3), (39, 2)])
+def test_fit_reference_keeps_an_evenly_spaced_subset_beyond_the_cap(
+        sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch, cap: int, stride: int) -> None:
     """Beyond REFERENCE_MAX_MAPS held-out images the mean and std use them all, the knn
-    maps only the first ones, in the held-out set's order."""
+    maps every k-th image (k = ceil(N / cap)), in the held-out set's order."""
     torch.manual_seed(0)
     model = Glow(MODEL)
     held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
     model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
     assert fit_reference(model, held_out, 16, torch.device("cpu")) == 40
     every_map = model.reference_maps.clone()
-    monkeypatch.setattr(train_module, "REFERENCE_MAX_MAPS", 20)
+    monkeypatch.setattr(train_module, "REFERENCE_MAX_MAPS", cap)
     assert fit_reference(model, held_out, 16, torch.device("cpu")) == 40
-    assert torch.equal(model.reference_maps, every_map[:20])
+    assert torch.equal(model.reference_maps, every_map[::stride])
 
 
 def test_corrupt_files_are_skipped_counted_and_reported(

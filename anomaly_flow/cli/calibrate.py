@@ -42,9 +42,9 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
                    "and enables --method f1, youden and cost, and --score auto.")
 @click.option("--score", default=None,
               help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
-                   "typicality, knn (these two: models trained with a validation set), "
-                   "level_1 ... level_L [default: knn, or bpd for a model without a "
-                   "normal reference]; or "
+                   "typicality, knn, ensemble (these three: models trained with a "
+                   "validation set), level_1 ... level_L [default: ensemble, or bpd for a "
+                   "model without a normal reference]; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
                    "images, recorded in the calibration. That AUROC is measured on the same "
                    "images that chose it, so it is optimistic; a conformal threshold still "
@@ -91,8 +91,8 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
     if score == "auto" and anomalous is None:
         raise click.UsageError("--score auto chooses the score with the highest AUROC on "
                                "labelled anomalies: pass --anomalous DIR, or name a score "
-                               "(--score bpd, complexity, coarse_complexity, typicality, knn, "
-                               "level_1 ...).")
+                               "(--score bpd, complexity, coarse_complexity, typicality, "
+                               "knn, ensemble, level_1 ...).")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
     if target_fpr is not None and not 0 < target_fpr < 1:
@@ -152,6 +152,7 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
     """AUROC, AUPR and FPR at 95% TPR of every score type on labelled folders.
 
     Prints a table (one row per score: bpd, complexity, coarse_complexity, typicality, knn,
+    ensemble,
     level_1 ... level_L) and logs it as a run with ROC and PR curves and score histograms.
 
     \b

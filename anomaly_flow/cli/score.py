@@ -45,7 +45,7 @@ Examples:
                                   "it is unlikely (same relative path under DIR, .png): "
                                   "per-pixel bits/dim on a fixed scale, 0 (black) to the "
                                   "model's n_bits, e.g. 8 (yellow), inferno colours; for a "
-                                  "model calibrated on typicality or knn, the typicality "
+                                  "model calibrated on typicality, knn or ensemble, the typicality "
                                   "score's per-pixel terms, 0 to 5 normal standard "
                                   "deviations.")
 @click.option("--resume", is_flag=True,
@@ -70,14 +70,15 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
           fdr: float | None, mlruns: Path | None) -> None:
     """Score every image file under DIR into one table, one row per file.
 
-    Columns: path, bpd, complexity, coarse_complexity, typicality and knn (models trained
-    with a validation set), level_1..level_L (bits/dim), score, p_value and is_anomaly (filled
-    when the model is calibrated), error (why a file could not be scored; empty
-    otherwise). Files that cannot be read (not images, truncated, empty, too large,
-    unreadable) get a row with the reason and do not stop the run. The table is written
-    atomically and rewritten now and then during long runs; after an interruption,
-    --resume scores only the files still missing (and rescores the files of a table
-    written before coarse_complexity, typicality or knn existed, to fill the column). A
+    Columns: path, bpd, complexity, coarse_complexity, typicality, knn and ensemble
+    (models trained with a validation set), level_1..level_L (bits/dim), score, p_value
+    and is_anomaly (filled when the model is calibrated), error (why a file could not be
+    scored; empty otherwise). Files that cannot be read (not images, truncated, empty,
+    too large, unreadable) get a row with the reason and do not stop the run. The table
+    is written atomically and rewritten now and then during long runs; after an
+    interruption, --resume scores only the files still missing (and rescores the files
+    of a table written before coarse_complexity, typicality, knn or ensemble existed, to
+    fill the column). A
     summary goes to stderr: N scored, M failed, K anomalous.
     """
     from anomaly_flow.evaluation import open_model
