@@ -179,6 +179,25 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     assert not train(no_val, data.train, None, device="cpu").model.has_reference
 
 
+def test_validation_passes_build_no_autograd_graph(image_folder: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every epoch's validation (the last one fits the reference too) runs with gradients
+    off: with them on, each batch's graph would be kept alive by the running sums until
+    the pass ends."""
+    seen: list[bool] = []
+    real = train_module.breakdown_from_output
+
+    def recording(out, config, pixel_maps=True):
+        seen.append(torch.is_grad_enabled())
+        return real(out, config, pixel_maps)
+
+    monkeypatch.setattr(train_module, "breakdown_from_output", recording)
+    config = run_config(epochs=2)
+    data = folder_datasets(image_folder, config)
+    assert train(config, data.train, data.val, device="cpu").model.has_reference
+    assert seen and not any(seen)
+
+
 def test_fit_reference_leaves_out_images_with_non_finite_maps(
         sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
