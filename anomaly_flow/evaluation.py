@@ -245,12 +245,14 @@ def _resolve_score(score: str | None, model: Glow) -> str:
     the model gives, or ``auto``."""
     score = default_score(model) if score is None else score
     names = score_names(model)
-    if score in REFERENCE_SCORES and not model.has_reference:
+    if score in REFERENCE_SCORES and score not in names:
+        why = ("its reference predates knn and ensemble (an older anomaly-flow trained it)"
+               if model.has_reference else
+               "this model has none (it was trained without a validation set, or by an "
+               "older anomaly-flow)")
         raise CalibrationError(
-            f"score {score!r} needs the model's normal reference, and this model has none "
-            "(it was trained without a validation set, or by an older anomaly-flow); "
-            "retrain it with train.val_fraction > 0, or choose one of "
-            f"{', '.join(names)}.")
+            f"score {score!r} needs the model's normal reference, and {why}; retrain it "
+            f"with train.val_fraction > 0, or choose one of {', '.join(names)}.")
     if score not in names and score != AUTO_SCORE:
         raise CalibrationError(
             f"unknown score {score!r} for this model; choose one of {', '.join(names)}, or "
@@ -265,7 +267,7 @@ def _check_auto(score: str | None, has_anomalous: bool) -> None:
         raise CalibrationError(
             "score 'auto' chooses the score with the highest AUROC on labelled anomalies, "
             "and none were given; pass --anomalous DIR, or name a score (bpd, complexity, "
-            "coarse_complexity, typicality, level_1 ...)."
+            "coarse_complexity, typicality, knn, ensemble, level_1 ...)."
         )
 
 
@@ -413,9 +415,10 @@ def calibrate_scores(
         normal: Scores of held-out normal images (never training images).
         anomalous: Scores of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``typicality``, ``level_i``); None (default) for
-            :func:`~anomaly_flow.scoring.default_score` (``typicality`` when the model
-            has a normal reference, else ``bpd``); or ``"auto"`` (needs ``anomalous``):
+            ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble``, ``level_i``);
+            None (default) for :func:`~anomaly_flow.scoring.default_score` (``ensemble``
+            when the model has a normal reference, else ``bpd``); or ``"auto"`` (needs
+            ``anomalous``):
             the one with the highest AUROC on the labelled images, ties going to the
             first in :func:`~anomaly_flow.scoring.score_names` order.
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
@@ -582,8 +585,8 @@ def calibrate_model(
         normal: Folder of held-out normal images (never training images).
         anomalous: Folder of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``typicality``, ``level_i``); None (default) for
-            :func:`~anomaly_flow.scoring.default_score`; or ``"auto"`` (needs
+            ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble``, ``level_i``);
+            None (default) for :func:`~anomaly_flow.scoring.default_score`; or ``"auto"`` (needs
             ``anomalous``): the
             one with the highest AUROC on the labelled images, recorded with its evidence
             in the calibration. The selection and the reported AUROC use the same

@@ -38,7 +38,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "reference_scale")
-"""State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional."""
+"""State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional. The
+first two alone (the reference of an older anomaly-flow, before ``knn``) also load."""
 
 REFERENCE_MAX_MAPS = 10_000
 """Most held-out maps a normal reference keeps for :meth:`Glow.knn` (training keeps every
@@ -52,6 +53,10 @@ AUROCs within 0.2 of each other; 1 is 0.4 to 0.8 lower."""
 KNN_MIN_GRID = 7
 """The smallest grid side :func:`knn_grid` pools maps to."""
 
+KNN_MAX_GRID = 16
+"""The grid side :func:`knn_grid` halves down to, where it can: bounds the stored maps
+(10,000 of 16x16 are 10 MB)."""
+
 REFERENCE_STD_FLOOR = 0.1
 """Bits/dim added to every per-pixel standard deviation of the normal reference: a pixel
 that barely varies over the normal images (a blank border, or any pixel when there are
@@ -64,19 +69,27 @@ def knn_grid(config: GlowConfig) -> int:
     """Side of the grid on which :meth:`Glow.knn` compares maps: the image size divided by
     the largest ``2**l`` (``l <= levels``) that leaves at least :data:`KNN_MIN_GRID`
     positions per side (28x28 at L=2: 7x7; 32x32 at L=3: 8x8; 256x256 at L=4: 16x16), or
-    the image size itself for images too small for that.
+    the image size itself for images too small for that; then halved while it is even,
+    above :data:`KNN_MAX_GRID` and stays at least :data:`KNN_MIN_GRID` (256x256 at L=1:
+    16x16, not 128x128).
 
-    The blocks are positions of level ``l``, so no block straddles two positions of a
-    coarser level. Averaging over them keeps the maps small enough to store hundreds
+    The blocks are positions of level ``l`` or unions of them, so no block straddles two
+    positions of a coarser level. Averaging over them keeps the maps small enough to store hundreds
     or thousands of them in the model, and on B4 comparing at 7x7 does as well as at
     14x14 (mean AUROC 92.4 against 92.0), while blocks that do straddle (4x4 at 28x28)
     do worse (90.7).
     """
     size = config.image_size
-    for level in range(config.levels, 0, -1):
-        if size // 2**level >= KNN_MIN_GRID:
-            return size // 2**level
-    return size
+    grid = next((size // 2**level for level in range(config.levels, 0, -1)
+                 if size // 2**level >= KNN_MIN_GRID), size)
+    if grid < size:  # a level grid: halving it keeps blocks whole
+        while grid > KNN_MAX_GRID and grid % 2 == 0 and grid // 2 >= KNN_MIN_GRID:
+            grid //= 2
+    return grid
+
+
+_RETRAIN = ("train it with a validation set (val_fraction > 0); a model trained by an older "
+            "anomaly-flow has a reference without maps (typicality only): train it again")
 
 
 def _mean_and_std(values: Tensor) -> Tensor:
@@ -235,6 +248,7 @@ class Glow(nn.Module):
         self.reference_scale: Tensor | None
         for key in REFERENCE_KEYS:
             self.register_buffer(key, None)
+        self._knn_cache: tuple[Any, tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -261,39 +275,53 @@ class Glow(nn.Module):
 
     @property
     def has_reference(self) -> bool:
-        """Whether the model carries a normal reference, so it can score ``typicality``
-        and ``knn``."""
+        """Whether the model carries a normal reference, so it can score ``typicality``."""
         return self.reference_mean is not None
 
-    def set_reference(self, mean: Tensor, std: Tensor, maps: Tensor,
-                      coarse_complexity: Tensor) -> None:
+    @property
+    def has_knn_reference(self) -> bool:
+        """Whether its normal reference also holds the maps behind ``knn`` and
+        ``ensemble`` (every reference fitted by this version does; an older one does not)."""
+        return self.reference_maps is not None
+
+    def set_reference(self, mean: Tensor, std: Tensor, maps: Tensor | None = None,
+                      coarse_complexity: Tensor | None = None) -> None:
         """Store the normal reference, from N held-out normal images: the per-pixel mean
         and standard deviation of ``pixel_bpd`` (:class:`LikelihoodBreakdown`), each
-        ``(H, W)`` at the model's image size; the images' maps pooled to
-        :func:`knn_grid`, ``(N, G, G)`` with ``1 <= N <= REFERENCE_MAX_MAPS``; and their
-        ``coarse_complexity`` scores ``(N,)``. Derives the mean and standard deviation of
-        ``knn`` over the N images (each against the other N − 1, leave-one-out) and of
-        ``coarse_complexity`` (``reference_scale``, rows ``knn`` and
-        ``coarse_complexity``, columns mean and std), which :meth:`ensemble` uses. Saved
-        and loaded with the weights.
+        ``(H, W)`` at the model's image size; and, for ``knn`` and ``ensemble``, the
+        images' maps pooled to :func:`knn_grid`, ``(N, G, G)`` with
+        ``1 <= N <= REFERENCE_MAX_MAPS``, with their ``coarse_complexity`` scores ``(N,)``.
+        From those it derives the mean and standard deviation of ``knn`` over the N images
+        (each against the other N − 1, leave-one-out) and of ``coarse_complexity``
+        (``reference_scale``: rows ``knn`` and ``coarse_complexity``, columns mean and
+        std), which :meth:`ensemble` uses. Without maps the model scores ``typicality``
+        only. Saved and loaded with the weights.
 
         Raises:
-            ValueError: A shape other than these, or a non-finite or negative value.
+            ValueError: A shape other than these, only one of ``maps`` and
+                ``coarse_complexity``, or a non-finite or negative value.
         """
         size, grid = self.config.image_size, knn_grid(self.config)
         for name, value in (("mean", mean), ("std", std)):
             if tuple(value.shape) != (size, size):
                 raise ValueError(f"the reference {name} must have shape ({size}, {size}), "
                                  f"the model's image size; got {tuple(value.shape)}")
-        if maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid) \
-                or not 1 <= len(maps) <= REFERENCE_MAX_MAPS:
-            raise ValueError(f"the reference maps must have shape (N, {grid}, {grid}) with "
-                             f"1 <= N <= {REFERENCE_MAX_MAPS}; got {tuple(maps.shape)}")
-        if tuple(coarse_complexity.shape) != (len(maps),):
-            raise ValueError(f"the reference coarse_complexity must have shape ({len(maps)},), "
-                             f"one per map; got {tuple(coarse_complexity.shape)}")
-        for name, value in (("mean", mean), ("std", std), ("maps", maps),
-                            ("coarse_complexity", coarse_complexity)):
+        checked = [("mean", mean), ("std", std)]
+        if (maps is None) != (coarse_complexity is None):
+            raise ValueError("the reference maps and coarse_complexity go together: give both "
+                             "or neither")
+        if maps is not None and coarse_complexity is not None:
+            if maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid) \
+                    or not 1 <= len(maps) <= REFERENCE_MAX_MAPS:
+                raise ValueError(f"the reference maps must have shape (N, {grid}, {grid}) "
+                                 f"with 1 <= N <= {REFERENCE_MAX_MAPS}; got "
+                                 f"{tuple(maps.shape)}")
+            if tuple(coarse_complexity.shape) != (len(maps),):
+                raise ValueError(f"the reference coarse_complexity must have shape "
+                                 f"({len(maps)},), one per map; got "
+                                 f"{tuple(coarse_complexity.shape)}")
+            checked += [("maps", maps), ("coarse_complexity", coarse_complexity)]
+        for name, value in checked:
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"the reference {name} has non-finite values")
         if bool((std < 0).any()):
@@ -301,11 +329,13 @@ class Glow(nn.Module):
         device = self.device
         self.reference_mean = mean.detach().to(device, torch.float32).clone()
         self.reference_std = std.detach().to(device, torch.float32).clone()
-        self.reference_maps = maps.detach().to(device, torch.float32).clone()
-        self.reference_scale = torch.stack([
-            _mean_and_std(self._reference_knn()),
-            _mean_and_std(coarse_complexity.detach().to(device, torch.float64)),
-        ]).float()
+        self.reference_maps = self.reference_scale = None
+        if maps is not None and coarse_complexity is not None:
+            self.reference_maps = maps.detach().to(device, torch.float32).clone()
+            self.reference_scale = torch.stack([
+                _mean_and_std(self._reference_knn()),
+                _mean_and_std(coarse_complexity.detach().to(device, torch.float64)),
+            ]).float()
 
     def _reference_knn(self, chunk: int = 1024) -> Tensor:
         """``knn`` ``(N,)`` float64 of each reference map against the other N − 1 (empty
@@ -363,29 +393,38 @@ class Glow(nn.Module):
             ValueError: The model has no normal reference.
         """
         if self.reference_maps is None:
-            raise ValueError("this model has no normal reference, so it cannot score knn; "
-                             "train it with a validation set (val_fraction > 0)")
+            raise ValueError(f"this model has no reference maps, so it cannot score knn; "
+                             f"{_RETRAIN}")
         pooled = pool_to_grid(pixel_bpd, knn_grid(self.config)).flatten(1)
         return self._knn_pooled(pooled).to(pixel_bpd.dtype)
 
     def _knn_pooled(self, pooled: Tensor, exclude: Tensor | None = None) -> Tensor:
         """``knn`` ``(B,)`` float64 of pooled maps ``(B, G·G)``; ``exclude`` ``(B,)`` names
         a reference map each one must not count (itself, for leave-one-out)."""
-        assert self.reference_maps is not None
-        refs = self.reference_maps.flatten(1).double()
-        centre = refs.mean(dim=0)
-        spread = refs.std(dim=0, correction=0) + REFERENCE_STD_FLOOR
+        centre, spread, keys = self._standardised_reference()
         queries = (pooled.double() - centre) / spread
         # |a|² + |b|² − 2a·b as one matrix product: several times faster than differencing
         # every pair, and in float64 its cancellation costs nothing visible (~1e-14).
-        distances = torch.cdist(queries, (refs - centre) / spread,
-                                compute_mode="use_mm_for_euclid_dist")
-        available = len(refs)
+        distances = torch.cdist(queries, keys, compute_mode="use_mm_for_euclid_dist")
+        available = len(keys)
         if exclude is not None:
             distances[torch.arange(len(queries), device=distances.device), exclude] = math.inf
             available -= 1
         k = min(KNN_NEIGHBOURS, available)
         return distances.topk(k, dim=1, largest=False).values.mean(dim=1)
+
+    def _standardised_reference(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(centre ``(G·G,)``, spread ``(G·G,)``, standardised maps ``(N, G·G)``), float64,
+        of the reference maps; computed once per set of maps (on its device)."""
+        maps = self.reference_maps
+        assert maps is not None
+        key = (maps.data_ptr(), maps.device, maps._version)
+        if self._knn_cache is None or self._knn_cache[0] != key:
+            refs = maps.flatten(1).double()
+            centre = refs.mean(dim=0)
+            spread = refs.std(dim=0, correction=0) + REFERENCE_STD_FLOOR
+            self._knn_cache = (key, (centre, spread, (refs - centre) / spread))
+        return self._knn_cache[1]
 
     def ensemble(self, knn: Tensor, coarse_complexity: Tensor) -> Tensor:
         """The ``ensemble`` score ``(B,)``: ``knn`` and ``coarse_complexity`` ``(B,)``, each
@@ -402,8 +441,8 @@ class Glow(nn.Module):
             ValueError: The model has no normal reference.
         """
         if self.reference_scale is None:
-            raise ValueError("this model has no normal reference, so it cannot score "
-                             "ensemble; train it with a validation set (val_fraction > 0)")
+            raise ValueError(f"this model has no reference maps, so it cannot score "
+                             f"ensemble; {_RETRAIN}")
         scale = self.reference_scale.to(knn.device, torch.float64)
         return ((knn.double() - scale[0, 0]) / scale[0, 1]
                 + (coarse_complexity.double() - scale[1, 0]) / scale[1, 1])
@@ -411,31 +450,34 @@ class Glow(nn.Module):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str],
                               unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        """The normal reference is optional in a state dict: a state with it gives the
-        model one, a state without it (an older model's) leaves the model without one.
-        Runs for every way of loading (``load_state_dict`` on the model or on a wrapper
-        such as DistributedDataParallel)."""
+        """The normal reference is optional in a state dict: a state with all of it gives
+        the model one, a state with only its mean and std (an older anomaly-flow's) gives
+        a reference for ``typicality`` only, a state without it leaves the model without
+        one. Runs for every way of loading (``load_state_dict`` on the model or on a
+        wrapper such as DistributedDataParallel)."""
         present = [prefix + key in state_dict for key in REFERENCE_KEYS]
-        if any(present) and not all(present):
+        if present not in ([False] * 4, [True, True, False, False], [True] * 4):
             error_msgs.append(f"the state has only part of the normal reference "
-                              f"({', '.join(REFERENCE_KEYS)} go together)")
+                              f"({', '.join(REFERENCE_KEYS)} go together; the first two "
+                              "may come alone)")
             return
-        if all(present):  # buffers for the loader to copy into
-            size, grid = self.config.image_size, knn_grid(self.config)
-            mean, std, maps, scale = (state_dict[prefix + key] for key in REFERENCE_KEYS)
-            if tuple(mean.shape) != (size, size) or tuple(std.shape) != (size, size) \
-                    or maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid) \
-                    or not len(maps) or tuple(scale.shape) != (2, 2):
-                shapes = [tuple(value.shape) for value in (mean, std, maps, scale)]
-                error_msgs.append(f"the normal reference has shapes {shapes}; this model "
-                                  f"needs ({size}, {size}) twice, (N, {grid}, {grid}) and "
-                                  "(2, 2)")
-                return
-            for key, value in zip(REFERENCE_KEYS, (mean, std, maps, scale), strict=True):
-                setattr(self, key, torch.empty(value.shape, device=self.device))
-        else:
-            for key in REFERENCE_KEYS:
-                setattr(self, key, None)
+        values = [state_dict[prefix + key] if there else None
+                  for key, there in zip(REFERENCE_KEYS, present, strict=True)]
+        size, grid = self.config.image_size, knn_grid(self.config)
+        mean, std, maps, scale = values
+        shapes_ok = mean is None or (
+            tuple(mean.shape) == (size, size) and tuple(std.shape) == (size, size)
+            and (maps is None or (maps.ndim == 3 and tuple(maps.shape[1:]) == (grid, grid)
+                                  and len(maps) > 0 and tuple(scale.shape) == (2, 2))))
+        if not shapes_ok:
+            shapes = [tuple(value.shape) for value in values if value is not None]
+            error_msgs.append(f"the normal reference has shapes {shapes}; this model "
+                              f"needs ({size}, {size}) twice, (N, {grid}, {grid}) and "
+                              "(2, 2)")
+            return
+        for key, value in zip(REFERENCE_KEYS, values, strict=True):  # buffers to copy into
+            setattr(self, key, None if value is None
+                    else torch.empty(value.shape, device=self.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 

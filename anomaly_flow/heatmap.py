@@ -14,8 +14,9 @@ opacity grows with the value (``0.2`` at ``vmin`` to ``0.8`` at ``vmax``), so li
 regions show the image and unlikely regions glow. Each PNG records its scale and the
 map's mean (the image's bpd) as text chunks (``anomaly-flow:*``).
 
-When a model's decisions rest on ``typicality`` (its calibration says so), the map drawn
-is that score's per-pixel terms instead: ``|m − μ| / (σ + floor)`` against the model's
+When a model's decisions rest on its normal reference (its calibration chose
+``typicality``, ``knn`` or ``ensemble``), the map drawn is the typicality score's
+per-pixel terms instead: ``|m − μ| / (σ + floor)`` against the model's
 normal reference (:meth:`anomaly_flow.glow.Glow.typicality`), whose mean over pixels is
 the image's ``typicality``, on a fixed scale from 0 to :data:`TYPICALITY_VMAX` normal
 standard deviations. Pixels that look as they do in normal images stay dark, whatever

@@ -96,23 +96,26 @@ REFERENCE_SCORES = ("typicality", "knn", "ensemble")
 
 def score_names(model: Glow) -> list[str]:
     """Every score ``model`` gives, which a calibration can be built on, in column (and
-    tie-break) order: ``typicality``, ``knn`` and ``ensemble`` only when the model has a
-    normal reference."""
-    reference = list(REFERENCE_SCORES) if model.has_reference else []
+    tie-break) order: ``typicality`` only when the model has a normal reference, ``knn``
+    and ``ensemble`` only when that reference has maps (every one this version fits)."""
+    reference = (list(REFERENCE_SCORES) if model.has_knn_reference
+                 else ["typicality"] if model.has_reference else [])
     return ["bpd", "complexity", "coarse_complexity", *reference,
             *level_columns(model.config.levels)]
 
 
 def default_score(model: Glow) -> str:
     """The score a calibration uses when none is named: ``ensemble`` for a model with a
-    normal reference, else ``bpd``.
+    normal reference (``typicality`` for an older one without maps), else ``bpd``.
 
     Chosen on evidence: on the one-class Fashion-MNIST benchmark (B4,
     ``benchmarks/NOTES.md``, CPU-sized models) ``ensemble`` has the best mean AUROC of the
     Glow scores, ahead of ``knn``, ``typicality`` and far ahead of ``bpd``, and the best
     on the five hardest classes after three times the training as well.
     """
-    return "ensemble" if model.has_reference else "bpd"
+    if model.has_knn_reference:
+        return "ensemble"
+    return "typicality" if model.has_reference else "bpd"
 
 
 def output_columns(model: Glow) -> list[str]:
@@ -291,7 +294,7 @@ class BatchScores:
         bpd: ``(B,)`` float64 bits/dim.
         level_bits: ``(B, L)`` float64 per-level share in bits/dim.
         typicality: ``(B,)`` float64, or None for a model without a normal reference.
-        knn: ``(B,)`` float64, or None for a model without a normal reference.
+        knn: ``(B,)`` float64, or None for a model without reference maps.
         pixel_bpd: ``(B, H, W)`` float32 per-pixel bits/dim, or None when not asked for.
     """
 
@@ -312,10 +315,9 @@ def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
     with numerics(model, precision), torch.inference_mode():
         stats, maps = _launch(model, images, "bpd" if pixel_maps else None)
         stats = stats.cpu()
-        reference = model.has_reference
         return BatchScores(bpd=stats[:, 0], level_bits=stats[:, 1:1 + levels],
-                           typicality=stats[:, 1 + levels] if reference else None,
-                           knn=stats[:, 2 + levels] if reference else None,
+                           typicality=stats[:, 1 + levels] if model.has_reference else None,
+                           knn=stats[:, 2 + levels] if model.has_knn_reference else None,
                            pixel_bpd=None if maps is None else maps.cpu())
 
 
@@ -326,16 +328,18 @@ HeatmapKind = Literal["bpd", "typicality"]
 
 def _launch(model: Glow, images: torch.Tensor,
             maps: HeatmapKind | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Queue the forward pass: ``(B, 1 + L [+ 2])`` float64 ``[bpd, level bits,
-    typicality and knn when the model has a normal reference]`` and the ``maps`` asked
-    for."""
+    """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1]])`` float64 ``[bpd, level bits,
+    typicality when the model has a normal reference, knn when it has reference maps]``
+    and the ``maps`` asked for."""
     reference = model.has_reference
     parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)), model.config,
                                   maps is not None or reference)
     columns = [parts.bpd[:, None], parts.level_bits]
     typical = model.typicality_map(parts.pixel_bpd) if reference else None
     if typical is not None:
-        columns += [typical.mean(dim=(1, 2))[:, None], model.knn(parts.pixel_bpd)[:, None]]
+        columns.append(typical.mean(dim=(1, 2))[:, None])
+    if model.has_knn_reference:
+        columns.append(model.knn(parts.pixel_bpd)[:, None])
     stats = torch.cat(columns, dim=1).double()
     if maps is None:
         return stats, None
@@ -479,6 +483,7 @@ def _batch_frame(pending: _Pending, names: list[str], model: Glow) -> pd.DataFra
     }
     if "typicality" in names:
         columns["typicality"] = stats[:, 1 + len(levels)]
+    if "knn" in names:
         columns["knn"] = stats[:, 2 + len(levels)]
         columns["ensemble"] = model.ensemble(
             torch.from_numpy(columns["knn"]),

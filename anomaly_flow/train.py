@@ -405,8 +405,19 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                        "model gives a non-finite bits/dim", int(n_bad))
     if map_sums is not None and n:
         mean = map_sums[0] / n
-        model.set_reference(mean, (map_sums[1] / n - mean.square()).clamp_min(0).sqrt(),
-                            *_gathered_maps(pooled, coarse, positions, grid, world))
+        std = (map_sums[1] / n - mean.square()).clamp_min(0).sqrt()
+        maps, values = _gathered_maps(pooled, coarse, positions, grid, world)
+        if len(maps):
+            model.set_reference(mean, std, maps, values)
+        else:  # every k-th image failed: no maps, so no knn or ensemble
+            model.set_reference(mean, std)
+            if rank == 0:
+                logger.warning(
+                    "none of the %d validation images sampled for the knn reference (every "
+                    "%d-th) could be used (undecodable, or the model overflows on them), so this "
+                    "model scores typicality but not knn or "
+                    "ensemble; remove the undecodable images from the validation folder "
+                    "and train again", math.ceil(len(dataset) / stride), stride)
     return (total / count if count else float("nan")), int(n)
 
 
@@ -838,7 +849,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     model.eval()
     model.set_coupling_autocast(None)
     if n_reference is None and val_set is not None and len(val_set) \
-            and not model.has_reference:  # a finished run resumed from an older checkpoint
+            and not model.has_knn_reference:  # a finished run resumed from an older checkpoint
         _checked_reference(fit_reference(model, val_set, t.batch_size, dev, t.num_workers,
                                          rank, world), rank)
     if step != saved_step:

@@ -401,6 +401,21 @@ def test_reference_scores_need_the_normal_reference(store: Path, score: str) -> 
                          target_fpr=0.1)
 
 
+@pytest.mark.parametrize("score", ["knn", "ensemble"])
+def test_knn_scores_need_a_reference_with_maps(store: Path, score: str) -> None:
+    """A model whose reference predates knn (mean and std only) is told so by name."""
+    loaded = tracking.load_model(CANDIDATE)
+    loaded.model.load_state_dict({k: v for k, v in loaded.model.state_dict().items()
+                                  if k not in ("reference_maps", "reference_scale")})
+    assert "typicality" in score_names(loaded.model) and score not in score_names(loaded.model)
+    values = {"bpd": np.linspace(5.0, 6.0, 20)}
+    with pytest.raises(CalibrationError, match=rf"score '{score}' needs the model.s normal "
+                                                r"reference, and its reference predates knn "
+                                                r"and ensemble.*typicality"):
+        calibrate_scores(loaded, hand_scores("normal", values), None, score=score,
+                         target_fpr=0.1)
+
+
 def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
     result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,

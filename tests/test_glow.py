@@ -176,7 +176,9 @@ def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> N
 
 
 @pytest.mark.parametrize(("size", "levels", "grid"), [
-    (28, 2, 7), (32, 3, 8), (256, 4, 16), (16, 1, 8), (14, 1, 7), (8, 2, 8), (64, 1, 32)])
+    (28, 2, 7), (32, 3, 8), (256, 4, 16), (16, 1, 8), (14, 1, 7), (8, 2, 8),
+    # above 16, halved while even and at least 7
+    (64, 1, 16), (256, 1, 16), (512, 3, 16), (96, 2, 12), (100, 2, 25), (36, 1, 9)])
 def test_knn_grid_is_the_coarsest_level_grid_of_at_least_seven(size, levels, grid) -> None:
     config = GlowConfig(image_size=size, levels=levels, steps_per_level=1)
     assert knn_grid(config) == grid
@@ -241,6 +243,51 @@ def test_ensemble_standardises_knn_and_coarse_complexity_by_the_reference_images
     # One reference image: no leave-one-out knn, and no spread: nothing to divide by 0.
     model.set_reference(maps.mean(0), maps.std(0), pooled[:1].float(), coarse[:1])
     assert model.reference_scale.tolist() == [[0.0, 1.0], [pytest.approx(0.3), 1.0]]
+
+
+def test_a_reference_without_maps_scores_typicality_only(tmp_path) -> None:
+    """An older anomaly-flow saved only the reference's mean and std: such a state loads,
+    and the model scores typicality but says plainly that it cannot score knn or
+    ensemble. set_reference without maps gives the same."""
+    model = make_model(1, 8, 2).float().eval()
+    with torch.no_grad():
+        maps = model.breakdown(torch.rand(6, 1, 8, 8) - 0.5).pixel_bpd
+    model.set_reference(maps.mean(0), maps.std(0), maps, torch.zeros(6))
+    old_state = {k: v for k, v in model.state_dict().items()
+                 if k not in ("reference_maps", "reference_scale")}
+    older = Glow(model.config)
+    older.load_state_dict(old_state)
+    older.eval()
+    assert older.has_reference and not older.has_knn_reference
+    assert torch.equal(older.typicality(maps), model.typicality(maps))
+    for score in (lambda: older.knn(maps), lambda: older.ensemble(torch.ones(1), torch.ones(1))):
+        with pytest.raises(ValueError, match=r"no reference maps.*older anomaly-flow"):
+            score()
+    # a full state loaded over it brings the maps back; set_reference without maps drops them
+    older.load_state_dict(model.state_dict())
+    assert older.has_knn_reference and torch.equal(older.knn(maps), model.knn(maps))
+    older.set_reference(maps.mean(0), maps.std(0))
+    assert older.has_reference and not older.has_knn_reference
+    assert "reference_maps" not in older.state_dict()
+    with pytest.raises(ValueError, match="go together"):
+        older.set_reference(maps.mean(0), maps.std(0), maps)
+
+
+def test_knn_follows_reference_maps_loaded_in_place() -> None:
+    """The standardised reference maps are cached; loading other maps into the same
+    buffer (load_state_dict copies in place) must not reuse the old ones."""
+    model = make_model(1, 8, 2).float().eval()
+    with torch.no_grad():
+        maps = model.breakdown(torch.rand(6, 1, 8, 8) - 0.5).pixel_bpd
+    model.set_reference(maps.mean(0), maps.std(0), maps[:3], torch.zeros(3))
+    first = model.knn(maps)
+    state = model.state_dict()
+    state["reference_maps"] = maps[3:].clone()
+    model.load_state_dict(state)
+    fresh = Glow(model.config)
+    fresh.load_state_dict(state)
+    assert torch.equal(model.knn(maps), fresh.eval().knn(maps))
+    assert not torch.equal(model.knn(maps), first)
 
 
 def test_normal_reference_is_checked(tmp_path) -> None:

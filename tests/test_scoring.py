@@ -620,6 +620,18 @@ def test_default_score_and_a_calibration_the_model_cannot_serve(
                           if not k.startswith("reference_")})
     assert default_score(bare) == "bpd"
     assert not {"typicality", "knn", "ensemble"} & set(score_names(bare))
+    # An older reference (mean and std, no maps): typicality, the default, and no knn.
+    older = Glow(model.config)
+    older.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if k not in ("reference_maps", "reference_scale")})
+    assert default_score(older) == "typicality"
+    assert score_names(older) == ["bpd", "complexity", "coarse_complexity", "typicality",
+                                  "level_1", "level_2"]
+    older_out = tmp_path / "older.csv"
+    score_folder(older.eval(), None, messy, older_out, batch_size=4)
+    older_table = read_csv(older_out)
+    assert list(older_table.columns) == output_columns(older)
+    np.testing.assert_allclose(older_table["typicality"], full_table["typicality"], rtol=1e-6)
     scored = full_table[full_table["error"] == ""]
     cal = calibrate("typicality", scored["typicality"].to_numpy(), alpha=0.25)
     out = tmp_path / "never.csv"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 import anomaly_flow.train as train_module
@@ -196,6 +196,50 @@ def test_validation_passes_build_no_autograd_graph(image_folder: Path,
     data = folder_datasets(image_folder, config)
     assert train(config, data.train, data.val, device="cpu").model.has_reference
     assert seen and not any(seen)
+
+
+def test_fit_reference_without_a_usable_sampled_map_keeps_typicality(
+        sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Beyond the cap only every k-th image is kept for knn; when each of those overflows,
+    the reference keeps its mean and std (typicality) without maps, and says so."""
+    torch.manual_seed(0)
+    model = Glow(MODEL)
+    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
+    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    real = train_module.breakdown_from_output
+
+    def first_overflows(out, config, pixel_maps=True):  # image 0 of each batch of 20
+        parts = real(out, config, pixel_maps)
+        parts.pixel_bpd[0, 1, 1] = math.inf
+        return parts
+
+    monkeypatch.setattr(train_module, "breakdown_from_output", first_overflows)
+    monkeypatch.setattr(train_module, "REFERENCE_MAX_MAPS", 2)  # every 20th: images 0, 20
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        assert fit_reference(model, held_out, 20, torch.device("cpu")) == 38
+    assert model.has_reference and not model.has_knn_reference
+    assert "none of the 2 validation images sampled for the knn reference (every 20-th)" \
+        in caplog.text
+
+
+def test_resuming_a_finished_run_from_an_older_checkpoint_fits_the_knn_reference(
+        image_folder: Path, tmp_path: Path) -> None:
+    """A finished run whose last checkpoint holds an older reference (mean and std only)
+    gets the whole reference when resumed: nothing left to train, the reference refitted."""
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+    first = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path)
+    path = latest_checkpoint(tmp_path)
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items()
+               if k not in ("reference_maps", "reference_scale")},
+              str(path / "model.safetensors"))
+    resumed = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path,
+                    resume=True)
+    assert resumed.steps == first.steps and resumed.model.has_knn_reference
+    for key in REFERENCE_KEYS:
+        torch.testing.assert_close(getattr(resumed.model, key), getattr(first.model, key))
 
 
 def test_fit_reference_leaves_out_images_with_non_finite_maps(
