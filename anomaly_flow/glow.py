@@ -92,6 +92,14 @@ _RETRAIN = ("train it with a validation set (val_fraction > 0); a model trained 
             "anomaly-flow has a reference without maps (typicality only): train it again")
 
 
+def ensemble_score(knn: Tensor, coarse_complexity: Tensor, scale: Tensor) -> Tensor:
+    """:meth:`Glow.ensemble` ``(B,)`` float64 for a ``reference_scale`` ``(2, 2)`` already
+    at hand (scoring keeps a host copy, so that no batch waits for the device)."""
+    scale = scale.to(knn.device, torch.float64)
+    return ((knn.double() - scale[0, 0]) / scale[0, 1]
+            + (coarse_complexity.double() - scale[1, 0]) / scale[1, 1])
+
+
 def _mean_and_std(values: Tensor) -> Tensor:
     """``[mean, std]`` float64 of ``(N,)`` values for standardising them: the population
     std, or 1 where it is 0 or there are no values (mean 0 then), so dividing by it
@@ -443,9 +451,7 @@ class Glow(nn.Module):
         if self.reference_scale is None:
             raise ValueError(f"this model has no reference maps, so it cannot score "
                              f"ensemble; {_RETRAIN}")
-        scale = self.reference_scale.to(knn.device, torch.float64)
-        return ((knn.double() - scale[0, 0]) / scale[0, 1]
-                + (coarse_complexity.double() - scale[1, 0]) / scale[1, 1])
+        return ensemble_score(knn, coarse_complexity, self.reference_scale)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str],

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from anomaly_flow.data import ImageMode, display_path, find_images, load_item
-from anomaly_flow.glow import Glow, breakdown_from_output, preprocess
+from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -415,12 +415,15 @@ def score_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     names = score_names(model)
+    # ensemble's (mean, std) table on the host once: copying it per batch would make the
+    # host wait for the batch just launched on the device
+    scale = model.reference_scale.cpu() if model.reference_scale is not None else None
     frames = []
 
     def finish(pending: _Pending) -> None:
         if pending.ready is not None:
             pending.ready.synchronize()
-        frame = _batch_frame(pending, names, model)
+        frame = _batch_frame(pending, names, scale)
         if heatmaps is not None and pending.maps is not None:
             scored = pending.ok & torch.from_numpy(frame["error"].to_numpy() == "")
             heatmaps(pending.index[scored].tolist(), pending.images[scored],
@@ -463,9 +466,11 @@ def _recorded_event() -> Any:
     return event
 
 
-def _batch_frame(pending: _Pending, names: list[str], model: Glow) -> pd.DataFrame:
+def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None
+                 ) -> pd.DataFrame:
     """One batch's rows (columns ``names``, then ``error``): scores where decoding worked
-    and the result is finite."""
+    and the result is finite; ``scale`` is the model's ``reference_scale`` on the host
+    (for ``ensemble``)."""
     stats = pending.stats.numpy().copy()  # bpd, level bits, [typicality, knn]
     errors = np.array(pending.errors, dtype=object)
     ok = pending.ok.numpy()
@@ -483,11 +488,11 @@ def _batch_frame(pending: _Pending, names: list[str], model: Glow) -> pd.DataFra
     }
     if "typicality" in names:
         columns["typicality"] = stats[:, 1 + len(levels)]
-    if "knn" in names:
+    if "knn" in names and scale is not None:
         columns["knn"] = stats[:, 2 + len(levels)]
-        columns["ensemble"] = model.ensemble(
-            torch.from_numpy(columns["knn"]),
-            torch.from_numpy(columns["coarse_complexity"])).numpy()
+        columns["ensemble"] = ensemble_score(
+            torch.from_numpy(columns["knn"]), torch.from_numpy(columns["coarse_complexity"]),
+            scale).numpy()
     frame = pd.DataFrame({name: columns[name] for name in names},
                          index=pending.index.numpy())
     frame["error"] = errors.astype(str)
