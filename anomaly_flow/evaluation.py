@@ -418,9 +418,8 @@ def calibrate_scores(
             ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble``, ``level_i``);
             None (default) for :func:`~anomaly_flow.scoring.default_score` (``ensemble``
             when the model has a normal reference, else ``bpd``); or ``"auto"`` (needs
-            ``anomalous``):
-            the one with the highest AUROC on the labelled images, ties going to the
-            first in :func:`~anomaly_flow.scoring.score_names` order.
+            ``anomalous``): the one with the highest AUROC on the labelled images, ties
+            going to the first in :func:`~anomaly_flow.scoring.score_names` order.
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
             logged (params ``score``/``score_selection``, metrics
             ``selection_<score>_auroc``, tags). The selection and the reported AUROC use
@@ -586,12 +585,11 @@ def calibrate_model(
         anomalous: Folder of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
             ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble``, ``level_i``);
-            None (default) for :func:`~anomaly_flow.scoring.default_score`; or ``"auto"`` (needs
-            ``anomalous``): the
-            one with the highest AUROC on the labelled images, recorded with its evidence
-            in the calibration. The selection and the reported AUROC use the same
-            labelled images (optimistic); a conformal threshold is still computed from the
-            normal images only (see :func:`calibrate_scores`).
+            None (default) for :func:`~anomaly_flow.scoring.default_score`; or ``"auto"``
+            (needs ``anomalous``): the one with the highest AUROC on the labelled images,
+            recorded with its evidence in the calibration. The selection and the reported
+            AUROC use the same labelled images (optimistic); a conformal threshold is still
+            computed from the normal images only (see :func:`calibrate_scores`).
         target_fpr: Target false-positive rate α (``conformal``).
         method: ``conformal``, ``f1``, ``youden`` or ``cost``.
         cost_fp: Cost of a false positive (``cost``).

@@ -74,8 +74,8 @@ def knn_grid(config: GlowConfig) -> int:
     16x16, not 128x128).
 
     The blocks are positions of level ``l`` or unions of them, so no block straddles two
-    positions of a coarser level. Averaging over them keeps the maps small enough to store hundreds
-    or thousands of them in the model, and on B4 comparing at 7x7 does as well as at
+    positions of a coarser level. Averaging over them keeps the maps small enough to
+    store thousands of them in the model, and on B4 comparing at 7x7 does as well as at
     14x14 (mean AUROC 92.4 against 92.0), while blocks that do straddle (4x4 at 28x28)
     do worse (90.7).
     """
@@ -108,6 +108,29 @@ def _mean_and_std(values: Tensor) -> Tensor:
         return torch.tensor([0.0, 1.0], dtype=torch.float64, device=values.device)
     std = values.std(correction=0)
     return torch.stack([values.mean(), torch.where(std > 0, std, torch.ones_like(std))])
+
+
+def _reference_shape_problem(config: GlowConfig, mean: Tensor, std: Tensor,
+                             maps: Tensor | None = None,
+                             companion: tuple[str, Tensor, tuple[int, ...]] | None = None
+                             ) -> str | None:
+    """What is wrong with the shapes of a normal reference for a model of ``config``, or
+    None: ``mean`` and ``std`` ``(H, W)``; ``maps`` ``(N, G, G)`` with
+    ``1 <= N <= REFERENCE_MAX_MAPS``; and the maps' ``companion`` (name, tensor, shape it
+    must have: their ``coarse_complexity`` when set, ``reference_scale`` when loaded)."""
+    size, grid = config.image_size, knn_grid(config)
+    for name, value in (("mean", mean), ("std", std)):
+        if tuple(value.shape) != (size, size):
+            return (f"the reference {name} must have shape ({size}, {size}), the model's "
+                    f"image size; got {tuple(value.shape)}")
+    if maps is not None and (maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid)
+                             or not 1 <= len(maps) <= REFERENCE_MAX_MAPS):
+        return (f"the reference maps must have shape (N, {grid}, {grid}) with "
+                f"1 <= N <= {REFERENCE_MAX_MAPS}; got {tuple(maps.shape)}")
+    if companion is not None and tuple(companion[1].shape) != companion[2]:
+        name, value, shape = companion
+        return f"the reference {name} must have shape {shape}; got {tuple(value.shape)}"
+    return None
 
 
 def pool_to_grid(pixel_bpd: Tensor, grid: int) -> Tensor:
@@ -309,28 +332,18 @@ class Glow(nn.Module):
             ValueError: A shape other than these, only one of ``maps`` and
                 ``coarse_complexity``, or a non-finite or negative value.
         """
-        size, grid = self.config.image_size, knn_grid(self.config)
-        for name, value in (("mean", mean), ("std", std)):
-            if tuple(value.shape) != (size, size):
-                raise ValueError(f"the reference {name} must have shape ({size}, {size}), "
-                                 f"the model's image size; got {tuple(value.shape)}")
-        checked = [("mean", mean), ("std", std)]
         if (maps is None) != (coarse_complexity is None):
             raise ValueError("the reference maps and coarse_complexity go together: give both "
                              "or neither")
-        if maps is not None and coarse_complexity is not None:
-            if maps.ndim != 3 or tuple(maps.shape[1:]) != (grid, grid) \
-                    or not 1 <= len(maps) <= REFERENCE_MAX_MAPS:
-                raise ValueError(f"the reference maps must have shape (N, {grid}, {grid}) "
-                                 f"with 1 <= N <= {REFERENCE_MAX_MAPS}; got "
-                                 f"{tuple(maps.shape)}")
-            if tuple(coarse_complexity.shape) != (len(maps),):
-                raise ValueError(f"the reference coarse_complexity must have shape "
-                                 f"({len(maps)},), one per map; got "
-                                 f"{tuple(coarse_complexity.shape)}")
-            checked += [("maps", maps), ("coarse_complexity", coarse_complexity)]
-        for name, value in checked:
-            if not bool(torch.isfinite(value).all()):
+        problem = _reference_shape_problem(
+            self.config, mean, std, maps,
+            None if maps is None or coarse_complexity is None
+            else ("coarse_complexity", coarse_complexity, (len(maps),)))
+        if problem:
+            raise ValueError(problem)
+        for name, value in (("mean", mean), ("std", std), ("maps", maps),
+                            ("coarse_complexity", coarse_complexity)):
+            if value is not None and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"the reference {name} has non-finite values")
         if bool((std < 0).any()):
             raise ValueError("the reference std has negative values")
@@ -469,13 +482,11 @@ class Glow(nn.Module):
             return
         values = [state_dict[prefix + key] if there else None
                   for key, there in zip(REFERENCE_KEYS, present, strict=True)]
-        size, grid = self.config.image_size, knn_grid(self.config)
         mean, std, maps, scale = values
-        shapes_ok = mean is None or (
-            tuple(mean.shape) == (size, size) and tuple(std.shape) == (size, size)
-            and (maps is None or (maps.ndim == 3 and tuple(maps.shape[1:]) == (grid, grid)
-                                  and len(maps) > 0 and tuple(scale.shape) == (2, 2))))
-        if not shapes_ok:
+        if mean is not None and std is not None and _reference_shape_problem(
+                self.config, mean, std, maps,
+                None if scale is None else ("reference_scale", scale, (2, 2))):
+            size, grid = self.config.image_size, knn_grid(self.config)
             shapes = [tuple(value.shape) for value in values if value is not None]
             error_msgs.append(f"the normal reference has shapes {shapes}; this model "
                               f"needs ({size}, {size}) twice, (N, {grid}, {grid}) and "

@@ -364,7 +364,7 @@ class _Pending(NamedTuple):
     index: torch.Tensor
     png_bpd: torch.Tensor
     coarse_png_bpd: torch.Tensor
-    stats: torch.Tensor  # (B, 1 + L [+ 2]) float64 on the host (filled once `ready` is done)
+    stats: torch.Tensor  # (B, 1 + L [+ 1 [+ 1]]) float64 on the host, once `ready` is done
     maps: torch.Tensor | None
     ready: Any  # torch.cuda.Event, or None on CPU
 
@@ -398,8 +398,7 @@ def score_dataset(
     Returns:
         Columns :func:`score_names` (``bpd``, ``complexity``, ``coarse_complexity``,
         ``typicality``, ``knn`` and ``ensemble`` when the model has a normal reference,
-        ``level_1..level_L``) and
-        ``error`` (empty for scored images; the score columns
+        ``level_1..level_L``) and ``error`` (empty for scored images; the score columns
         are NaN for failed ones, including images on which the model overflows), indexed
         by dataset index.
 
@@ -488,7 +487,7 @@ def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None
     }
     if "typicality" in names:
         columns["typicality"] = stats[:, 1 + len(levels)]
-    if "knn" in names and scale is not None:
+    if scale is not None:  # the model has reference maps: knn and ensemble
         columns["knn"] = stats[:, 2 + len(levels)]
         columns["ensemble"] = ensemble_score(
             torch.from_numpy(columns["knn"]), torch.from_numpy(columns["coarse_complexity"]),
@@ -748,8 +747,8 @@ def score_folder(
 
     One row per file found (:func:`anomaly_flow.data.find_images`), in sorted path order,
     with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
-    ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble`` (models with a
-    normal reference), ``level_1..level_L`` (bits/dim), ``score``
+    ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble`` (models
+    with a normal reference), ``level_1..level_L`` (bits/dim), ``score``
     (the calibration's score, or ``bpd`` when uncalibrated), ``p_value`` and
     ``is_anomaly`` (filled when calibrated) and ``error`` (empty for scored files, else
     a one-line reason; the score columns are then empty). A file that cannot be read

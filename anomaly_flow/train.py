@@ -310,7 +310,6 @@ class _Throughput:
         return self.images / elapsed if elapsed > 0 else 0.0
 
 
-@torch.no_grad()
 def evaluate_bpd(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
                  num_workers: int = 0, rank: int = 0, world: int = 1) -> float:
     """Mean bits/dim (deterministic, bin centres) over the decodable images of a set.
@@ -322,7 +321,6 @@ def evaluate_bpd(model: Glow, dataset: Dataset, batch_size: int, device: torch.d
                           reference=False)[0]
 
 
-@torch.no_grad()
 def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
                   num_workers: int = 0, rank: int = 0, world: int = 1) -> int:
     """Set the model's normal reference from held-out normal images; return how many
@@ -335,10 +333,10 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
     ``REFERENCE_MAX_MAPS`` images an evenly spaced subset (every k-th); scoring
     turns it into the ``typicality``, ``knn`` and ``ensemble`` scores. An image whose map
     is not finite (the model overflows on it) is left out and counted in a warning; this
-    never raises. Sums are accumulated in float64. With
-    ``world > 1`` every rank maps its share, the sums are all-reduced and the pooled maps
-    gathered in the dataset's order (a collective: all ranks call it); every rank gets
-    the same reference as a single process would.
+    never raises. Sums are accumulated in float64. With ``world > 1`` every rank maps its
+    share, the sums are all-reduced and the pooled maps gathered in the dataset's order
+    (a collective: all ranks call it); every rank gets the same reference as a single
+    process would.
     """
     return _held_out_pass(model, dataset, batch_size, device, num_workers, rank, world,
                           reference=True)[1]
@@ -389,12 +387,13 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                 map_sums[1] += maps.square().sum(dim=0)
                 kept = finite.cpu() & (index % stride == 0)
                 if kept.any():
-                    pooled.append(pool_to_grid(parts.pixel_bpd[kept.to(device)], grid).cpu())
+                    on_device = kept.to(device)
+                    pooled.append(pool_to_grid(parts.pixel_bpd[on_device], grid).cpu())
                     positions.append(index[kept])
                     png = [coarse_png_bits_per_dim(image.numpy(), n_bits, levels)
                            for image in host_images[kept]]
                     coarse.append(torch.from_numpy(coarse_complexity(
-                        parts.level_bits[kept.to(device)].cpu().numpy(), np.array(png))))
+                        parts.level_bits[on_device].cpu().numpy(), np.array(png))))
     if world > 1:
         dist.all_reduce(sums)
         if map_sums is not None:
@@ -414,16 +413,16 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
             if rank == 0:
                 logger.warning(
                     "none of the %d validation images sampled for the knn reference (every "
-                    "%d-th) could be used (undecodable, or the model overflows on them), so this "
-                    "model scores typicality but not knn or "
-                    "ensemble; remove the undecodable images from the validation folder "
-                    "and train again", math.ceil(len(dataset) / stride), stride)
+                    "%d-th) could be used (undecodable, or the model overflows on them), so "
+                    "this model scores typicality but not knn or ensemble; remove the files "
+                    "reported as failed from the training folder and train again",
+                    math.ceil(len(dataset) / stride), stride)
     return (total / count if count else float("nan")), int(n)
 
 
 def _gathered_maps(pooled: list[torch.Tensor], coarse: list[torch.Tensor],
-                positions: list[torch.Tensor], grid: int,
-                world: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   positions: list[torch.Tensor], grid: int,
+                   world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled maps ``(N, G, G)`` in the dataset's order (at most
     ``REFERENCE_MAX_MAPS``) and their images' ``coarse_complexity`` ``(N,)``, from every
     rank's share when ``world > 1`` (a collective)."""

@@ -152,8 +152,8 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
     """AUROC, AUPR and FPR at 95% TPR of every score type on labelled folders.
 
     Prints a table (one row per score: bpd, complexity, coarse_complexity, typicality, knn,
-    ensemble,
-    level_1 ... level_L) and logs it as a run with ROC and PR curves and score histograms.
+    ensemble, level_1 ... level_L) and logs it as a run with ROC and PR curves and score
+    histograms.
 
     \b
     Example:

@@ -45,9 +45,9 @@ Examples:
                                   "it is unlikely (same relative path under DIR, .png): "
                                   "per-pixel bits/dim on a fixed scale, 0 (black) to the "
                                   "model's n_bits, e.g. 8 (yellow), inferno colours; for a "
-                                  "model calibrated on typicality, knn or ensemble, the typicality "
-                                  "score's per-pixel terms, 0 to 5 normal standard "
-                                  "deviations.")
+                                  "model calibrated on typicality, knn or ensemble, the "
+                                  "typicality score's per-pixel terms, 0 to 5 normal "
+                                  "standard deviations.")
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out and score only the files missing from it.")
 @click.option("--strict", is_flag=True,
@@ -78,8 +78,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     is written atomically and rewritten now and then during long runs; after an
     interruption, --resume scores only the files still missing (and rescores the files
     of a table written before coarse_complexity, typicality, knn or ensemble existed, to
-    fill the column). A
-    summary goes to stderr: N scored, M failed, K anomalous.
+    fill the column). A summary goes to stderr: N scored, M failed, K anomalous.
     """
     from anomaly_flow.evaluation import open_model
     from anomaly_flow.scoring import check_writable, output_format, score_folder
