@@ -27,6 +27,7 @@ from anomaly_flow.calibration import (
 )
 from anomaly_flow.cli import main
 from anomaly_flow.evaluation import FolderScores, calibrate_scores, score_folder_table
+from anomaly_flow.glow import REFERENCE_KEYS
 from anomaly_flow.scoring import score_names
 from tests.conftest import ImageDirs, TrainedModel, corrupt_png, new_store
 from tests.test_scoring import make_tiny_model
@@ -387,31 +388,28 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     assert stored.score_selection == selection
 
 
-@pytest.mark.parametrize("score", ["typicality", "knn", "ensemble"])
-def test_reference_scores_need_the_normal_reference(store: Path, score: str) -> None:
+NO_REFERENCE = r"and this model has none.*val_fraction > 0"
+OLDER_REFERENCE = r"and its reference predates knn and ensemble.*typicality"
+
+
+@pytest.mark.parametrize(("score", "dropped", "why"), [
+    ("typicality", REFERENCE_KEYS, NO_REFERENCE),
+    ("knn", REFERENCE_KEYS, NO_REFERENCE),
+    ("ensemble", REFERENCE_KEYS, NO_REFERENCE),
+    # a model whose reference predates knn (mean and std only) is told so by name
+    ("knn", ("reference_maps", "reference_scale"), OLDER_REFERENCE),
+    ("ensemble", ("reference_maps", "reference_scale"), OLDER_REFERENCE),
+])
+def test_reference_scores_need_the_normal_reference(store: Path, score: str,
+                                                    dropped: tuple[str, ...], why: str) -> None:
     loaded = tracking.load_model(CANDIDATE)
     loaded.model.load_state_dict({k: v for k, v in loaded.model.state_dict().items()
-                                  if not k.startswith("reference_")})
+                                  if k not in dropped})
     assert score not in score_names(loaded.model)
+    assert ("typicality" in score_names(loaded.model)) == (why == OLDER_REFERENCE)
     values = {"bpd": np.linspace(5.0, 6.0, 20)}
-    with pytest.raises(CalibrationError, match=rf"score '{score}' needs the model.s normal "
-                                                r"reference, and this model has none.*"
-                                                r"val_fraction > 0"):
-        calibrate_scores(loaded, hand_scores("normal", values), None, score=score,
-                         target_fpr=0.1)
-
-
-@pytest.mark.parametrize("score", ["knn", "ensemble"])
-def test_knn_scores_need_a_reference_with_maps(store: Path, score: str) -> None:
-    """A model whose reference predates knn (mean and std only) is told so by name."""
-    loaded = tracking.load_model(CANDIDATE)
-    loaded.model.load_state_dict({k: v for k, v in loaded.model.state_dict().items()
-                                  if k not in ("reference_maps", "reference_scale")})
-    assert "typicality" in score_names(loaded.model) and score not in score_names(loaded.model)
-    values = {"bpd": np.linspace(5.0, 6.0, 20)}
-    with pytest.raises(CalibrationError, match=rf"score '{score}' needs the model.s normal "
-                                                r"reference, and its reference predates knn "
-                                                r"and ensemble.*typicality"):
+    with pytest.raises(CalibrationError,
+                       match=rf"score '{score}' needs the model.s normal reference, {why}"):
         calibrate_scores(loaded, hand_scores("normal", values), None, score=score,
                          target_fpr=0.1)
 

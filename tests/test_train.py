@@ -198,15 +198,21 @@ def test_validation_passes_build_no_autograd_graph(image_folder: Path,
     assert seen and not any(seen)
 
 
+def initialised_model_and_held_out(sneakers: np.ndarray) -> tuple[Glow, ArrayDataset]:
+    """A Glow of MODEL with its ActNorms initialised, and 40 held-out sneakers."""
+    torch.manual_seed(0)
+    model = Glow(MODEL)
+    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
+    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    return model, held_out
+
+
 def test_fit_reference_without_a_usable_sampled_map_keeps_typicality(
         sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """Beyond the cap only every k-th image is kept for knn; when each of those overflows,
     the reference keeps its mean and std (typicality) without maps, and says so."""
-    torch.manual_seed(0)
-    model = Glow(MODEL)
-    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
-    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    model, held_out = initialised_model_and_held_out(sneakers)
     real = train_module.breakdown_from_output
 
     def first_overflows(out, config, pixel_maps=True):  # image 0 of each batch of 20
@@ -245,10 +251,7 @@ def test_resuming_a_finished_run_from_an_older_checkpoint_fits_the_knn_reference
 def test_fit_reference_leaves_out_images_with_non_finite_maps(
         sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    torch.manual_seed(0)
-    model = Glow(MODEL)
-    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
-    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    model, held_out = initialised_model_and_held_out(sneakers)
     real = train_module.breakdown_from_output
 
     def one_overflow(out, config, pixel_maps=True):  # image 3 of each batch overflows
@@ -269,10 +272,7 @@ def test_fit_reference_keeps_an_evenly_spaced_subset_beyond_the_cap(
         sneakers: np.ndarray, monkeypatch: pytest.MonkeyPatch, cap: int, stride: int) -> None:
     """Beyond REFERENCE_MAX_MAPS held-out images the mean and std use them all, the knn
     maps every k-th image (k = ceil(N / cap)), in the held-out set's order."""
-    torch.manual_seed(0)
-    model = Glow(MODEL)
-    held_out = ArrayDataset(sneakers[:40], MODEL.mode, MODEL.image_size)
-    model.initialize(preprocess(held_out.images[:32], MODEL.n_bits))
+    model, held_out = initialised_model_and_held_out(sneakers)
     assert fit_reference(model, held_out, 16, torch.device("cpu")) == 40
     every_map = model.reference_maps.clone()
     monkeypatch.setattr(train_module, "REFERENCE_MAX_MAPS", cap)
