@@ -52,7 +52,13 @@ from anomaly_flow.data import (
     load_fashion_mnist,
     split_train_val,
 )
-from anomaly_flow.glow import REFERENCE_STD_FLOOR, Glow, preprocess
+from anomaly_flow.glow import (
+    REFERENCE_STD_FLOOR,
+    FlowOutput,
+    Glow,
+    breakdown_from_output,
+    preprocess,
+)
 from anomaly_flow.scoring import coarse_complexity, coarse_png_bits_per_dim
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
@@ -70,37 +76,38 @@ PRODUCT = {"typicality": "typicality", "knn_map_7": "knn", "knn_map_7+cc": "ense
 
 @torch.no_grad()
 def flow_parts(model: Glow, images: np.ndarray, batch: int = 1000) -> dict[str, np.ndarray]:
-    """Per level l: ``logdet{l}``, ``prior{l}`` ``(N, H_l, W_l)`` nats, the latent
-    ``z{l}`` and its standardised form ``eps{l}`` ``(N, C_l, H_l, W_l)``, for uint8 images
-    ``(N, 1, 28, 28)``, deterministic (bin centres)."""
+    """For uint8 images ``(N, 1, 28, 28)``, deterministic (bin centres): per level l,
+    ``logdet{l}`` and ``prior{l}`` ``(N, H_l, W_l)`` nats, the latent ``z{l}`` and its
+    standardised form ``eps{l}`` ``(N, C_l, H_l, W_l)``; and the library's
+    ``pixel_bpd`` ``(N, 28, 28)`` and ``level_bits`` ``(N, L)``
+    (:func:`anomaly_flow.glow.breakdown_from_output` of the same maps)."""
     parts: dict[str, list[np.ndarray]] = {}
     device = model.device
     for start in range(0, len(images), batch):
         h = preprocess(torch.from_numpy(images[start:start + batch]).to(device),
                        model.config.n_bits)
+        out = FlowOutput([], [], [])
         for i, level in enumerate(model.levels):
             h, logdet = level.run_steps(h)
-            if level.last:
+            if level.last:  # the walk of Level.forward, keeping the prior's parameters
                 z, mean, log_std = h, level.prior.mean, level.prior.log_std
                 prior = level.prior.log_prob_map(z)
             else:
                 h, z, prior = level.prior.log_prob_map(h)
                 mean, log_std = level.prior._params(h)
-            for name, value in ((f"logdet{i}", logdet), (f"prior{i}", prior), (f"z{i}", z),
-                                (f"eps{i}", (z - mean) / torch.exp(log_std))):
-                parts.setdefault(name, []).append(value.float().cpu().numpy())
+            for maps, value in ((out.latents, z), (out.logdet_maps, logdet),
+                                (out.prior_maps, prior)):
+                maps.append(value)
+            parts.setdefault(f"eps{i}", []).append(
+                ((z - mean) / torch.exp(log_std)).float().cpu().numpy())
+        breakdown = breakdown_from_output(out, model.config)
+        for name, values in (("z", out.latents), ("logdet", out.logdet_maps),
+                             ("prior", out.prior_maps)):
+            for i, value in enumerate(values):
+                parts.setdefault(f"{name}{i}", []).append(value.float().cpu().numpy())
+        parts.setdefault("pixel_bpd", []).append(breakdown.pixel_bpd.float().cpu().numpy())
+        parts.setdefault("level_bits", []).append(breakdown.level_bits.double().cpu().numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def pixel_bpd(parts: dict[str, np.ndarray], levels: int, size: int) -> np.ndarray:
-    """``(N, size, size)`` per-pixel bits/dim (one channel, 8 bits), as
-    :func:`anomaly_flow.glow.breakdown_from_output` builds it."""
-    total = 0.0
-    for i in range(levels):
-        m = parts[f"logdet{i}"] + parts[f"prior{i}"]
-        f = size // m.shape[-1]
-        total = total + np.repeat(np.repeat(m, f, axis=1), f, axis=2) / f**2
-    return -total / math.log(2.0) + 8
 
 
 def abs_z(reference: np.ndarray, x: np.ndarray, floor: float) -> np.ndarray:
@@ -135,8 +142,7 @@ def standardised(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
 def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: int,
              ref_cc: np.ndarray, test_cc: np.ndarray) -> dict[str, np.ndarray]:
     """Every variant's test scores (higher = more anomalous)."""
-    size = 28
-    m_ref, m_test = pixel_bpd(ref, levels, size), pixel_bpd(test, levels, size)
+    m_ref, m_test = ref["pixel_bpd"], test["pixel_bpd"]
     flat = {name: tuple(np.concatenate([d[f"{name}{i}"].reshape(len(d[f"{name}{i}"]), -1)
                                         for i in range(levels)], 1) for d in (ref, test))
             for name in ("z", "eps")}
@@ -211,14 +217,10 @@ def main() -> None:
         model = run.model.eval()
         ref, tst = flow_parts(model, images[val_idx]), flow_parts(model, test)
 
-        def cc(d: dict[str, np.ndarray], cpng: np.ndarray) -> np.ndarray:
-            bits = np.stack([-(d[f"logdet{i}"] + d[f"prior{i}"]).sum((1, 2))
-                             / (784 * math.log(2.0)) for i in range(levels)], 1)
-            return coarse_complexity(bits, cpng)
-
         ref_cpng = np.array([coarse_png_bits_per_dim(image, n_bits, levels)
                              for image in images[val_idx]])
-        scores = variants(ref, tst, levels, cc(ref, ref_cpng), cc(tst, test_cpng))
+        scores = variants(ref, tst, levels, coarse_complexity(ref["level_bits"], ref_cpng),
+                          coarse_complexity(tst["level_bits"], test_cpng))
         normal = test_labels == k
         aurocs[k] = {name: 100 * detection_metrics(s[normal], s[~normal]).auroc
                      for name, s in scores.items()}
