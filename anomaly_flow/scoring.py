@@ -45,6 +45,7 @@ import secrets
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,17 +131,84 @@ def png_bits_per_dim(image: np.ndarray, n_bits: int, downsample: int = 1) -> flo
     strongest (deterministic) PNG compression level. With ``downsample`` f > 1, ``k`` is
     first box-downsampled by f in each spatial direction (the mean of each f×f block,
     rounded half up); the length is still divided by the full image's ``C·H·W``, so it is
-    in the units of the model's bits/dim.
+    in the units of the model's bits/dim. One image of :func:`batch_png_bits_per_dim`.
 
     Raises:
         ValueError: ``downsample`` is not a positive divisor of ``H`` and ``W``.
     """
-    k = image.astype(np.uint8, copy=False)
+    return float(batch_png_bits_per_dim(image[None], n_bits, downsample)[0])
+
+
+def batch_png_bits_per_dim(images: np.ndarray, n_bits: int, downsample: int = 1
+                           ) -> np.ndarray:
+    """:func:`png_bits_per_dim` of each image of uint8 ``(N, C, H, W)``: ``(N,)`` float64.
+
+    The length is that of the file Pillow writes with ``save(format="PNG",
+    compress_level=9)`` (8-bit grey or RGB): signature, IHDR, the IDAT chunk(s), IEND
+    around a zlib stream (level 9, 32 KiB window, ``memLevel`` 9, ``Z_FILTERED``) of
+    the rows, each behind the filter Pillow picks for it (of None, Up, Sub, Paeth, in
+    that order, the first with the least sum of the filtered bytes read as signed).
+    Built here, the filters for a whole batch are a few array operations, and only the
+    deflate runs per image: about three times faster than saving each image with Pillow
+    (tests check the lengths against Pillow's). A stream too long for one IDAT chunk of
+    Pillow's is measured by Pillow itself.
+
+    Raises:
+        ValueError: ``downsample`` is not a positive divisor of ``H`` and ``W``.
+    """
+    k = images.astype(np.uint8, copy=False)
     if n_bits < 8:
         k = k >> (8 - n_bits)  # stays uint8
-    n_dims = k.size
+    n_dims = int(np.prod(k.shape[1:]))
     if downsample != 1:
         k = _box_downsample(k, downsample)
+    rows = _png_filtered_rows(k)
+    lengths = np.empty(len(k), dtype=np.float64)
+    for i, image_rows in enumerate(rows):
+        deflate = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_FILTERED)
+        stream = len(deflate.compress(image_rows.tobytes())) + len(deflate.flush())
+        lengths[i] = (stream + PNG_OVERHEAD_BYTES if stream < PNG_MAX_IDAT_BYTES
+                      else _pillow_png_bytes(k[i]))
+    return 8.0 * lengths / n_dims
+
+
+PNG_OVERHEAD_BYTES = 8 + 25 + 12 + 12
+"""Bytes of a PNG around its one IDAT chunk's data: signature, IHDR chunk, the IDAT
+chunk's length, type and CRC, IEND chunk."""
+
+PNG_MAX_IDAT_BYTES = 65536
+"""Pillow writes a zlib stream of this many bytes or more as several IDAT chunks."""
+
+_SIGNED_MAGNITUDE = np.minimum(np.arange(256), 256 - np.arange(256)).astype(np.int32)
+"""|b| of each byte value b read as a signed byte: what PNG's filter heuristic sums."""
+
+_PNG_FILTER_TYPES = np.array([0, 2, 1, 4], dtype=np.uint8)
+"""PNG filter types (None, Up, Sub, Paeth) in the order Pillow tries them."""
+
+
+def _png_filtered_rows(k: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, C, H, W)`` → ``(N, H, 1 + W·C)`` uint8: each scanline of the
+    interleaved image behind its filter-type byte, filtered as Pillow filters it."""
+    n, channels, height, width = k.shape
+    x = np.ascontiguousarray(k.transpose(0, 2, 3, 1)).reshape(n, height, width * channels)
+    up = np.zeros_like(x)
+    up[:, 1:] = x[:, :-1]
+    left = np.zeros_like(x)  # the same channel of the pixel to the left
+    left[:, :, channels:] = x[:, :, :-channels]
+    up_left = np.zeros_like(x)
+    up_left[:, 1:, channels:] = x[:, :-1, :-channels]
+    a, b, c = (v.astype(np.int16) for v in (left, up, up_left))
+    pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c)).astype(np.uint8)
+    candidates = np.stack([x, x - up, x - left, x - paeth])  # uint8 arithmetic wraps
+    cost = _SIGNED_MAGNITUDE[candidates].sum(axis=-1)  # (4, N, H)
+    best = cost.argmin(axis=0)  # ties go to the earlier filter, as Pillow's strict '<'
+    chosen = np.take_along_axis(candidates, best[None, :, :, None], axis=0)[0]
+    return np.concatenate([_PNG_FILTER_TYPES[best][..., None], chosen], axis=-1)
+
+
+def _pillow_png_bytes(k: np.ndarray) -> int:
+    """Bytes of uint8 ``(C, H, W)`` saved by Pillow as PNG at level 9."""
     channels, height, width = k.shape
     # frombuffer: a third cheaper than fromarray at these sizes, and the same image
     mode = "L" if channels == 1 else "RGB"
@@ -148,17 +216,17 @@ def png_bits_per_dim(image: np.ndarray, n_bits: int, downsample: int = 1) -> flo
     pil = Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG", optimize=False, compress_level=9)
-    return 8.0 * buffer.tell() / n_dims
+    return buffer.tell()
 
 
 def _box_downsample(k: np.ndarray, factor: int) -> np.ndarray:
-    """Mean of each ``factor × factor`` block of uint8 ``(C, H, W)``, rounded half up."""
-    channels, height, width = k.shape
+    """Mean of each ``factor × factor`` block of uint8 ``(N, C, H, W)``, rounded half up."""
+    n, channels, height, width = k.shape
     if factor < 1 or height % factor or width % factor:
         raise ValueError(f"cannot box-downsample a {height}x{width} image by {factor}: the "
                          "factor must be a positive divisor of both sides")
-    blocks = k.reshape(channels, height // factor, factor, width // factor, factor)
-    sums = blocks.sum(axis=(2, 4), dtype=np.int64)
+    blocks = k.reshape(n, channels, height // factor, factor, width // factor, factor)
+    sums = blocks.sum(axis=(3, 5), dtype=np.int64)
     area = factor * factor
     return ((2 * sums + area) // (2 * area)).astype(np.uint8)  # floor(mean + 1/2), exactly
 
@@ -167,6 +235,12 @@ def coarse_png_bits_per_dim(image: np.ndarray, n_bits: int, levels: int) -> floa
     """``L_png(x↓) / D`` of uint8 ``(C, H, W)`` for a model with ``levels`` levels: what
     :func:`coarse_complexity` subtracts (``x↓`` downsampled by ``2**(levels - 1)``)."""
     return png_bits_per_dim(image, n_bits, downsample=2 ** (levels - 1))
+
+
+def batch_coarse_png_bits_per_dim(images: np.ndarray, n_bits: int, levels: int
+                                  ) -> np.ndarray:
+    """:func:`coarse_png_bits_per_dim` of each image of uint8 ``(N, C, H, W)``."""
+    return batch_png_bits_per_dim(images, n_bits, downsample=2 ** (levels - 1))
 
 
 def coarse_complexity(level_bits: np.ndarray, coarse_png_bpd: np.ndarray) -> np.ndarray:
@@ -262,7 +336,9 @@ class ScoringDataset(Dataset[ScoreItem]):
 
     ``mode``, ``size``, ``n_bits`` and ``levels`` are the scoring model's (its
     :class:`~anomaly_flow.config.GlowConfig`): ``levels`` sets the resolution of the
-    coarse PNG length (:func:`coarse_png_bits_per_dim`).
+    coarse PNG length (:func:`coarse_png_bits_per_dim`). A DataLoader fetches whole
+    batches (``__getitems__``), so the PNG lengths of a batch are measured together
+    (:func:`batch_png_bits_per_dim`).
 
     Never raises for a bad input: the item carries ``ok=False`` and a one-line reason.
     """
@@ -276,14 +352,20 @@ class ScoringDataset(Dataset[ScoreItem]):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> ScoreItem:
-        item = load_item(self.sources[index], self.mode, self.size, index)
-        if not item.ok:
-            return ScoreItem(*item, float("nan"), float("nan"))
-        array = item.image.numpy()
-        png_bpd = png_bits_per_dim(array, self.n_bits)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[ScoreItem]:
+        items = [load_item(self.sources[i], self.mode, self.size, i) for i in indices]
+        ok = [item for item in items if item.ok]
+        if not ok:
+            return [ScoreItem(*item, float("nan"), float("nan")) for item in items]
+        images = torch.stack([item.image for item in ok]).numpy()
+        png_bpd = batch_png_bits_per_dim(images, self.n_bits)
         coarse = (png_bpd if self.levels == 1
-                  else coarse_png_bits_per_dim(array, self.n_bits, self.levels))
-        return ScoreItem(*item, png_bpd, coarse)
+                  else batch_coarse_png_bits_per_dim(images, self.n_bits, self.levels))
+        measured = iter(zip(png_bpd.tolist(), coarse.tolist(), strict=True))
+        return [ScoreItem(*item, *(next(measured) if item.ok else (float("nan"),) * 2))
+                for item in items]
 
 
 @dataclass(frozen=True)
@@ -435,6 +517,7 @@ def score_dataset(
     with (
         tqdm(total=len(dataset), disable=(not progress) if progress is not None else None,
              desc="score", unit="img", dynamic_ncols=True) as bar,
+        _threads_beside_workers(device, num_workers),
         numerics(model, precision),
         torch.inference_mode(),
     ):
@@ -457,6 +540,25 @@ def score_dataset(
     if not frames:
         return pd.DataFrame(columns=[*names, "error"])
     return pd.concat(frames)
+
+
+@contextlib.contextmanager
+def _threads_beside_workers(device: torch.device, num_workers: int) -> Iterator[None]:
+    """On a CPU device, leave the cores the decoding workers use to them: torch's
+    intra-op threads (one per core by default) would otherwise share cores with the
+    workers, and every operator waits for its slowest thread (2 cores, 2 workers, tiny
+    preset: 1,700 → 2,100 images/s with one thread). The thread count is restored after.
+    """
+    if device.type != "cpu" or num_workers == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, min(before, (cores or 1) - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _recorded_event() -> Any:

@@ -64,7 +64,7 @@ from anomaly_flow.glow import (
     postprocess,
     preprocess,
 )
-from anomaly_flow.scoring import coarse_complexity, coarse_png_bits_per_dim, numerics
+from anomaly_flow.scoring import batch_coarse_png_bits_per_dim, coarse_complexity, numerics
 
 logger = logging.getLogger(__name__)
 
@@ -390,10 +390,10 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                     on_device = kept.to(device)
                     pooled.append(pool_to_grid(parts.pixel_bpd[on_device], grid).cpu())
                     positions.append(index[kept])
-                    png = [coarse_png_bits_per_dim(image.numpy(), n_bits, levels)
-                           for image in host_images[kept]]
+                    png = batch_coarse_png_bits_per_dim(host_images[kept].numpy(), n_bits,
+                                                        levels)
                     coarse.append(torch.from_numpy(coarse_complexity(
-                        parts.level_bits[on_device].cpu().numpy(), np.array(png))))
+                        parts.level_bits[on_device].cpu().numpy(), png)))
     if world > 1:
         dist.all_reduce(sums)
         if map_sums is not None:

@@ -67,9 +67,9 @@ from anomaly_flow.data import (
 )
 from anomaly_flow.glow import REFERENCE_STD_FLOOR, Glow
 from anomaly_flow.scoring import (
+    batch_coarse_png_bits_per_dim,
+    batch_png_bits_per_dim,
     coarse_complexity,
-    coarse_png_bits_per_dim,
-    png_bits_per_dim,
     score_images,
 )
 from anomaly_flow.train import fit_reference
@@ -172,9 +172,8 @@ def main() -> None:
     test, test_labels = load_fashion_mnist("test")
     tick = time.perf_counter()
     n_bits, levels = config.model.n_bits, config.model.levels
-    png_bpd = np.array([png_bits_per_dim(image, n_bits) for image in test])
-    coarse_png_bpd = np.array([coarse_png_bits_per_dim(image, n_bits, levels)
-                               for image in test])
+    png_bpd = batch_png_bits_per_dim(test, n_bits)
+    coarse_png_bpd = batch_coarse_png_bits_per_dim(test, n_bits, levels)
     logger.info("PNG bits/dim (full and coarse) of %d test images in %.1f s", len(test),
                 time.perf_counter() - tick)
     level_names = [f"level_{i + 1}" for i in range(levels)]

@@ -59,7 +59,7 @@ from anomaly_flow.glow import (
     breakdown_from_output,
     preprocess,
 )
-from anomaly_flow.scoring import coarse_complexity, coarse_png_bits_per_dim
+from anomaly_flow.scoring import batch_coarse_png_bits_per_dim, coarse_complexity
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
     import sys
@@ -203,7 +203,7 @@ def main() -> None:
     classes = [int(c) for c in args.classes.split(",")]
     train_all, train_labels = load_fashion_mnist("train")
     test, test_labels = load_fashion_mnist("test")
-    test_cpng = np.array([coarse_png_bits_per_dim(image, n_bits, levels) for image in test])
+    test_cpng = batch_coarse_png_bits_per_dim(test, n_bits, levels)
 
     aurocs: dict[int, dict[str, float]] = {}
     for k in classes:
@@ -217,8 +217,7 @@ def main() -> None:
         model = run.model.eval()
         ref, tst = flow_parts(model, images[val_idx]), flow_parts(model, test)
 
-        ref_cpng = np.array([coarse_png_bits_per_dim(image, n_bits, levels)
-                             for image in images[val_idx]])
+        ref_cpng = batch_coarse_png_bits_per_dim(images[val_idx], n_bits, levels)
         scores = variants(ref, tst, levels, coarse_complexity(ref["level_bits"], ref_cpng),
                           coarse_complexity(tst["level_bits"], test_cpng))
         normal = test_labels == k
