@@ -55,6 +55,7 @@ from anomaly_flow.scoring import (
     REFERENCE_SCORES,
     ScoringDataset,
     default_score,
+    is_score_name,
     paths_frame,
     score_dataset,
     score_names,
@@ -259,6 +260,16 @@ def _resolve_score(score: str | None, model: Glow) -> str:
             f"{AUTO_SCORE} (with labelled anomalies)."
         )
     return score
+
+
+def _check_score_name(score: str | None) -> None:
+    """Refuse a name no model gives before anything is counted, loaded or scored (whether
+    this model gives it is checked once it is loaded, by :func:`_resolve_score`)."""
+    if score is not None and score != AUTO_SCORE and not is_score_name(score):
+        raise CalibrationError(
+            f"unknown score {score!r}; choose one of bpd, complexity, coarse_complexity, "
+            f"typicality, knn, ensemble, level_1 ... level_L, or {AUTO_SCORE} (with labelled "
+            "anomalies).")
 
 
 def _check_auto(score: str | None, has_anomalous: bool) -> None:
@@ -611,6 +622,7 @@ def calibrate_model(
         DataError: A folder is missing or holds no image files.
     """
     normal, anomalous_path = Path(normal), None if anomalous is None else Path(anomalous)
+    _check_score_name(score)
     _check_auto(score, anomalous_path is not None)
     _check_method(method, target_fpr, anomalous_path is not None)
     if method == "conformal":

@@ -41,6 +41,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -93,6 +94,12 @@ and resuming it scores its scored files again to fill the column in."""
 
 REFERENCE_SCORES = ("typicality", "knn", "ensemble")
 """Scores built on the model's normal reference (:meth:`Glow.set_reference`)."""
+
+
+def is_score_name(name: str) -> bool:
+    """Whether ``name`` is a score some model gives (``level_l`` for any level ``l``)."""
+    return (name in ("bpd", "complexity", "coarse_complexity", *REFERENCE_SCORES)
+            or re.fullmatch(r"level_[1-9][0-9]*", name) is not None)
 
 
 def score_names(model: Glow) -> list[str]:

@@ -230,6 +230,17 @@ def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> 
                           "level_1, level_2")
 
 
+def test_a_score_no_model_gives_is_named_before_the_image_count(
+        store: Path, image_dirs: ImageDirs) -> None:
+    # both wrong (a misspelt score, too few images for 1 %): the name comes first, so the
+    # user does not fix the folder only to meet the next refusal
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.01", "--score", "ensmble", "--device", "cpu",
+                 "--mlruns", store)
+    assert_one_line_error(result, "unknown score 'ensmble'", "level_1 ... level_L, or auto")
+    assert "held-out normal images" not in result.output
+
+
 def test_coarse_complexity_calibrates_and_then_drives_score(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, tmp_path: Path) -> None:
     result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
