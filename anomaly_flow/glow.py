@@ -455,7 +455,7 @@ class Glow(nn.Module):
 
         Why: ``knn`` sees how unlike normal images the likelihood map is, and
         ``coarse_complexity`` how likely the image's global structure is for its
-        simplicity (:func:`anomaly_flow.scoring.coarse_complexity`); their errors differ,
+        simplicity (:func:`anomaly_flow.complexity.coarse_complexity`); their errors differ,
         so the sum separates better than either (B4, ``benchmarks/NOTES.md``).
 
         Raises:

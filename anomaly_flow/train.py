@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm.auto import tqdm
 
+from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
 from anomaly_flow.config import RunConfig, TrainConfig
 from anomaly_flow.data import (
     ImageFolderDataset,
@@ -64,7 +65,7 @@ from anomaly_flow.glow import (
     postprocess,
     preprocess,
 )
-from anomaly_flow.scoring import batch_coarse_png_bits_per_dim, coarse_complexity, numerics
+from anomaly_flow.scoring import numerics
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ score = more anomalous) for every score:
 * ``complexity``: bpd minus the PNG-compressed length of the image in bits/dim;
 * ``coarse_complexity``: ``level_L`` minus the PNG-compressed length of the image
   box-downsampled to level L's resolution, in bits per dimension of the full image
-  (:func:`anomaly_flow.scoring.coarse_complexity`);
+  (:func:`anomaly_flow.complexity.coarse_complexity`);
 * ``typicality``: how far the per-pixel bits/dim map is from the held-out normal
   images' average map, per pixel, in their standard deviations (:meth:`Glow.typicality`);
 * ``knn``: the mean distance from the map to the 5 nearest held-out normal maps, on a
@@ -58,6 +58,11 @@ from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
 
 from anomaly_flow.calibration import detection_metrics
+from anomaly_flow.complexity import (
+    batch_coarse_png_bits_per_dim,
+    batch_png_bits_per_dim,
+    coarse_complexity,
+)
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
 from anomaly_flow.data import (
     FASHION_MNIST_CLASSES,
@@ -66,12 +71,7 @@ from anomaly_flow.data import (
     split_train_val,
 )
 from anomaly_flow.glow import REFERENCE_STD_FLOOR, Glow
-from anomaly_flow.scoring import (
-    batch_coarse_png_bits_per_dim,
-    batch_png_bits_per_dim,
-    coarse_complexity,
-    score_images,
-)
+from anomaly_flow.scoring import score_images
 from anomaly_flow.train import fit_reference
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable

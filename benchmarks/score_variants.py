@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from anomaly_flow.calibration import detection_metrics
+from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
 from anomaly_flow.data import (
     FASHION_MNIST_CLASSES,
     ArrayDataset,
@@ -59,7 +60,6 @@ from anomaly_flow.glow import (
     breakdown_from_output,
     preprocess,
 )
-from anomaly_flow.scoring import batch_coarse_png_bits_per_dim, coarse_complexity
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
     import sys

@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 import anomaly_flow.train as train_module
+from anomaly_flow.complexity import coarse_complexity, coarse_png_bits_per_dim
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
 from anomaly_flow.data import ArrayDataset, display_path, load_sample, write_image_folder
 from anomaly_flow.glow import REFERENCE_KEYS, Glow, knn_grid, preprocess
-from anomaly_flow.scoring import coarse_complexity, coarse_png_bits_per_dim
 from anomaly_flow.train import (
     TrainEvent,
     TrainingError,
