@@ -378,7 +378,6 @@ def score_dataset(
     with (
         tqdm(total=len(dataset), disable=(not progress) if progress is not None else None,
              desc="score", unit="img", dynamic_ncols=True) as bar,
-        _threads_beside_workers(device, num_workers),
         numerics(model, precision),
         torch.inference_mode(),
     ):
@@ -401,25 +400,6 @@ def score_dataset(
     if not frames:
         return pd.DataFrame(columns=[*names, "error"])
     return pd.concat(frames)
-
-
-@contextlib.contextmanager
-def _threads_beside_workers(device: torch.device, num_workers: int) -> Iterator[None]:
-    """On a CPU device, leave the cores the decoding workers use to them: torch's
-    intra-op threads (one per core by default) would otherwise share cores with the
-    workers, and every operator waits for its slowest thread (2 cores, 2 workers, tiny
-    preset: 1,700 → 2,100 images/s with one thread). The thread count is restored after.
-    """
-    if device.type != "cpu" or num_workers == 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, min(before, (cores or 1) - num_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _recorded_event() -> Any:

@@ -677,29 +677,6 @@ def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     assert images.dtype == torch.uint8 and images.shape == (N_GOOD, 1, 16, 16)
 
 
-def test_cpu_scoring_leaves_the_workers_their_cores(model: Glow, messy: Path,
-                                                   full_table: pd.DataFrame) -> None:
-    cores = len(os.sched_getaffinity(0))
-    paths = find_images(messy)
-    dataset = ScoringDataset(paths, TINY.mode, TINY.image_size, TINY.n_bits, TINY.levels)
-    before = torch.get_num_threads()
-    seen: list[int] = []
-    try:
-        torch.set_num_threads(cores)
-        table = score_dataset(model, dataset, batch_size=4, num_workers=1,
-                              on_batch=lambda frame: seen.append(torch.get_num_threads()))
-        assert torch.get_num_threads() == cores  # restored
-        assert set(seen) == {max(1, cores - 1)}
-        seen.clear()
-        score_dataset(model, dataset, batch_size=4,  # no workers: every core
-                      on_batch=lambda frame: seen.append(torch.get_num_threads()))
-        assert set(seen) == {cores}
-    finally:
-        torch.set_num_threads(before)
-    assert table["error"].tolist() == full_table["error"].tolist()
-    np.testing.assert_allclose(table["bpd"], full_table["bpd"], rtol=0, atol=1e-5)
-
-
 def test_render_heatmap_uses_the_fixed_scale() -> None:
     table = colormap_table("inferno")
     image = np.zeros((1, 4, 4), dtype=np.uint8)  # black: the blend shows colour × alpha
