@@ -15,6 +15,11 @@ image the model sees, in bits per dimension of the full image (the model's units
 The batch functions are what scoring uses: the PNG filters of a whole batch are a few
 array operations and only the deflate runs per image.
 
+The deflate is Python's ``zlib`` module, so a length is reproducible wherever the zlib
+library is the same (``zlib.ZLIB_RUNTIME_VERSION``); another implementation (zlib-ng,
+say) may compress a few bytes differently, which moves these scores slightly. Calibrate
+and score with the same one.
+
 Example:
     >>> image = np.zeros((1, 16, 16), dtype=np.uint8)
     >>> round(png_bits_per_dim(image, n_bits=8), 4)  # a blank image compresses to little

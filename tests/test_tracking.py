@@ -13,7 +13,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -94,6 +96,11 @@ def test_run_handle_logs_everything_and_batches_metrics(mlruns: Path) -> None:
     assert data.info.status == "FINISHED"
     assert data.data.params == {"model.levels": "2", "lr": "0.1"}
     assert data.data.tags["purpose"] == "test" and data.data.tags["stage"] == "done"
+    # what the numbers depend on besides data and config, on every run
+    assert data.data.tags["torch_version"] == torch.__version__
+    assert data.data.tags["zlib_version"] == zlib.ZLIB_RUNTIME_VERSION
+    assert data.data.tags["anomaly_flow_version"] == metadata.version("anomaly-flow")
+    assert {"pillow_version", "python_version"} <= set(data.data.tags)
     assert len(client.get_metric_history(run_id, "loss")) == 250
     files = {f.path for f in client.list_artifacts(run_id)}
     assert {"d", "notes.txt", "img", "fig.png"} <= files

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 import subprocess
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import PIL
+import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from PIL import Image
@@ -219,6 +224,19 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
+def environment_tags() -> dict[str, str]:
+    """What a run's numbers depend on besides its data and config: the versions of
+    anomaly-flow, torch, Pillow and the zlib library (the PNG lengths of the complexity
+    scores are zlib's), and Python. :func:`start_run` sets them on every run."""
+    try:
+        version = metadata.version("anomaly-flow")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "unknown"
+    return {"anomaly_flow_version": version, "torch_version": torch.__version__,
+            "pillow_version": PIL.__version__, "zlib_version": zlib.ZLIB_RUNTIME_VERSION,
+            "python_version": platform.python_version()}
+
+
 class Run:
     """A handle on one MLflow run, as :func:`start_run` yields it.
 
@@ -310,7 +328,8 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
               tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> Iterator[Run]:
     """Start (or, given ``run_id``, reopen) a run in ``experiment`` and make it active.
 
-    The run ends when the block does: ``FINISHED``, or ``FAILED`` on an exception
+    A new run is tagged with :func:`environment_tags` (``tags`` win on a clash). The run
+    ends when the block does: ``FINISHED``, or ``FAILED`` on an exception
     (``KILLED`` on Ctrl-C). Queued metrics are flushed either way.
 
     Example:
@@ -318,7 +337,8 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         ...     run.log_metrics({"val_bpd": 3.1}, step=100)
     """
     experiment_id = ensure_experiment(experiment)
-    tag_values = {key: str(value) for key, value in (tags or {}).items()}
+    tag_values = {} if run_id else environment_tags()
+    tag_values.update({key: str(value) for key, value in (tags or {}).items()})
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                               run_name=None if run_id else run_name, nested=nested,
                               tags=tag_values or None)
