@@ -53,6 +53,7 @@ from anomaly_flow.data import DataError, display_path, find_images, fingerprint
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
     REFERENCE_SCORES,
+    SCORE_CHOICES,
     ScoringDataset,
     default_score,
     is_score_name,
@@ -267,9 +268,8 @@ def _check_score_name(score: str | None) -> None:
     this model gives it is checked once it is loaded, by :func:`_resolve_score`)."""
     if score is not None and score != AUTO_SCORE and not is_score_name(score):
         raise CalibrationError(
-            f"unknown score {score!r}; choose one of bpd, complexity, coarse_complexity, "
-            f"typicality, knn, ensemble, level_1 ... level_L, or {AUTO_SCORE} (with labelled "
-            "anomalies).")
+            f"unknown score {score!r}; choose one of {SCORE_CHOICES}, or {AUTO_SCORE} (with "
+            "labelled anomalies).")
 
 
 def _check_auto(score: str | None, has_anomalous: bool) -> None:
@@ -277,8 +277,7 @@ def _check_auto(score: str | None, has_anomalous: bool) -> None:
     if score == AUTO_SCORE and not has_anomalous:
         raise CalibrationError(
             "score 'auto' chooses the score with the highest AUROC on labelled anomalies, "
-            "and none were given; pass --anomalous DIR, or name a score (bpd, complexity, "
-            "coarse_complexity, typicality, knn, ensemble, level_1 ...)."
+            f"and none were given; pass --anomalous DIR, or name a score ({SCORE_CHOICES})."
         )
 
 

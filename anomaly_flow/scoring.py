@@ -98,10 +98,16 @@ and resuming it scores its scored files again to fill the column in."""
 REFERENCE_SCORES = ("typicality", "knn", "ensemble")
 """Scores built on the model's normal reference (:meth:`Glow.set_reference`)."""
 
+LIKELIHOOD_SCORES = ("bpd", "complexity", "coarse_complexity")
+"""Scores every model gives (besides its per-level columns ``level_1..level_L``)."""
+
+SCORE_CHOICES = ", ".join([*LIKELIHOOD_SCORES, *REFERENCE_SCORES, "level_1 ... level_L"])
+"""Every score name, for messages."""
+
 
 def is_score_name(name: str) -> bool:
     """Whether ``name`` is a score some model gives (``level_l`` for any level ``l``)."""
-    return (name in ("bpd", "complexity", "coarse_complexity", *REFERENCE_SCORES)
+    return (name in (*LIKELIHOOD_SCORES, *REFERENCE_SCORES)
             or re.fullmatch(r"level_[1-9][0-9]*", name) is not None)
 
 
@@ -111,8 +117,7 @@ def score_names(model: Glow) -> list[str]:
     and ``ensemble`` only when that reference has maps (every one this version fits)."""
     reference = (list(REFERENCE_SCORES) if model.has_knn_reference
                  else ["typicality"] if model.has_reference else [])
-    return ["bpd", "complexity", "coarse_complexity", *reference,
-            *level_columns(model.config.levels)]
+    return [*LIKELIHOOD_SCORES, *reference, *level_columns(model.config.levels)]
 
 
 def default_score(model: Glow) -> str:

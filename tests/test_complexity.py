@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, features
+from PIL import Image, ImageFile, features
 
 from anomaly_flow import complexity
+
+# the lengths equal Pillow's files only where both use the same zlib
+ZLIB_AS_PILLOWS = pytest.mark.skipif(
+    features.version("zlib") != zlib.ZLIB_RUNTIME_VERSION,
+    reason="Pillow's zlib is not Python's: their deflate streams may differ")
 
 
 def png_bytes(img: Image.Image, **kwargs: object) -> bytes:
@@ -71,8 +76,7 @@ def image_batches(draw: st.DrawFn) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(images, dtype=np.uint8), draw(st.integers(1, 8)), factor
 
 
-@pytest.mark.skipif(features.version("zlib") != zlib.ZLIB_RUNTIME_VERSION,
-                    reason="Pillow's zlib is not Python's: their deflate streams may differ")
+@ZLIB_AS_PILLOWS
 @settings(max_examples=150, deadline=None)
 @given(image_batches())
 def test_batch_png_lengths_are_pillows(batch: tuple[np.ndarray, int, int]) -> None:
@@ -112,9 +116,27 @@ def png_file(rows: np.ndarray, width: int, height: int, channels: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b""))
 
 
-def test_png_length_of_a_stream_over_one_chunk_is_pillows() -> None:
-    # incompressible 3 x 160 x 160: Pillow writes its ~77 kB stream as two IDAT chunks
-    image = np.random.default_rng(0).integers(0, 256, (1, 3, 160, 160), dtype=np.uint8)
+@ZLIB_AS_PILLOWS
+@pytest.mark.parametrize("shape", [
+    (3, 160, 160),  # a ~77 kB stream: two chunks of Pillow's 64 KiB block
+    (1, 19, 20000),  # wider than 16,384 pixels: blocks of 4 x width = 80,000 bytes, 5 chunks
+    (1, 256, 256),  # exactly one block of uncompressed noise, and a little more
+])
+def test_png_length_over_several_idat_chunks_is_pillows(shape: tuple[int, int, int]) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (1, *shape), dtype=np.uint8)
     assert complexity.batch_png_bits_per_dim(image, 8).tolist() == \
         [pil_png_bits(image[0], 1) / image[0].size]
-    assert pil_png_bits(image[0], 1) / 8 > complexity.PNG_MAX_IDAT_BYTES
+    assert pil_png_bits(image[0], 1) / 8 > ImageFile.MAXBLOCK
+
+
+@ZLIB_AS_PILLOWS
+def test_png_lengths_of_a_batch_filtered_in_slices_are_pillows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the filters run on slices of the batch to bound memory: slice edges change nothing
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (7, 3, 12, 10), dtype=np.uint8) // rng.integers(
+        1, 64, (7, 1, 1, 1), dtype=np.uint8)
+    whole = complexity.batch_png_bits_per_dim(images, 8)
+    monkeypatch.setattr(complexity, "_FILTER_SLICE_BYTES", 2 * images[0].size)
+    assert complexity.batch_png_bits_per_dim(images, 8).tolist() == whole.tolist() == \
+        [pil_png_bits(image, 1) / image.size for image in images]
