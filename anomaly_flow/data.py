@@ -120,12 +120,15 @@ def find_images(root: Path) -> list[Path]:
     real_dirs = {_dir_id(Path(d)) for d, _, _ in os.walk(root)}
     seen_dirs = set(real_dirs)
     walk_errors: list[OSError] = []
-    found: list[Path] = []
+    # (relative path as bytes, folder, name): strings until the end, since a folder of
+    # 50,000 images would otherwise spend most of the search building Path objects
+    found: list[tuple[bytes, str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
         dirnames[:] = [d for d in dirnames if _enter(Path(dirpath, d), real_dirs, seen_dirs)]
-        found.extend(
-            Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS
-        )
+        below = os.path.relpath(dirpath, root)
+        prefix = "" if below == os.curdir else below + os.sep
+        found.extend((os.fsencode(prefix + f), dirpath, f) for f in filenames
+                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
     for exc in walk_errors:
         where = display_path(exc.filename or root)
         if Path(exc.filename or root) == root:
@@ -140,7 +143,8 @@ def find_images(root: Path) -> list[Path]:
             f"no image files found in {display_path(root)} (looked recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
         )
-    return sorted(found, key=lambda p: os.fsencode(p.relative_to(root)))
+    found.sort(key=lambda item: item[0])
+    return [Path(folder, name) for _, folder, name in found]
 
 
 def _dir_id(path: Path) -> tuple[int, int]:
