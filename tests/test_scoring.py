@@ -430,6 +430,30 @@ def test_output_problems_are_found_before_scoring(model: Glow, messy: Path,
     assert sorted(os.listdir(tmp_path)) == ["dir.csv", "file.csv"]
 
 
+def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:
+    # the table's CSV (Arrow's writer) reads back to what pandas' writer gives: floats
+    # to the last bit, empty and missing cells, booleans, quotes, commas, line breaks
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(300) * 10.0 ** rng.integers(-15, 15, 300)
+    values[::7] = np.nan
+    table = pd.DataFrame({
+        "path": pd.array([f"/data/{i},é \\xff.png" if i % 10 == 0 else f"/data/{i}.png"
+                          for i in range(300)], dtype="string"),
+        "bpd": values,
+        "p_value": np.where(np.arange(300) % 3 == 0, np.nan, rng.random(300)),
+        "is_anomaly": pd.array([True, False, None] * 100, dtype="boolean"),
+        "error": pd.array(["" if i % 4 else 'cannot decode "x",\nline two' for i in range(300)],
+                          dtype="string"),
+    })
+    write_table(table, tmp_path / "ours.csv")
+    table.to_csv(tmp_path / "pandas.csv", index=False)
+    options = {"keep_default_na": False, "na_values": {"bpd": [""], "p_value": [""]}}
+    ours = pd.read_csv(tmp_path / "ours.csv", **options)
+    pd.testing.assert_frame_equal(ours, pd.read_csv(tmp_path / "pandas.csv", **options))
+    np.testing.assert_array_equal(ours["bpd"].to_numpy(), values)  # bit for bit
+    assert ours["is_anomaly"].tolist()[:3] == ["True", "False", ""]
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
     model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str
