@@ -114,8 +114,11 @@ def build_model(preset: str, model_uri: str | None, device: torch.device,
 
 
 def time_loader(dataset: Any, batch_size: int, workers: int) -> float:
-    """Seconds to iterate a DataLoader over ``dataset`` once."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    """Seconds to iterate a DataLoader over ``dataset`` once (with the collate scoring
+    uses for a :class:`ScoringDataset`, PyTorch's default otherwise)."""
+    collate = ScoringDataset.collate if isinstance(dataset, ScoringDataset) else None
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate)
     start = time.perf_counter()
     for _ in loader:
         pass
