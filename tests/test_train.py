@@ -308,6 +308,25 @@ def test_corrupt_files_are_skipped_counted_and_reported(
     assert "img_s=" not in capfd.readouterr().err
 
 
+def test_decoding_workers_train_the_same_model(tmp_path: Path, sneakers: np.ndarray) -> None:
+    # batches decoded in 2 worker processes (their own collate: images in shared memory,
+    # masks and indices in the pickle) train bit for bit the model of in-process decoding,
+    # undecodable files skipped and reported alike
+    folder = tmp_path / "train"
+    write_image_folder(sneakers[:40], folder, "s", "png")
+    expected = add_corrupt_files(folder)
+    results = []
+    for workers in (0, 2):
+        config = run_config(epochs=2, val_fraction=0.0, num_workers=workers)
+        results.append(train(config, folder_datasets(folder, config).train, device="cpu"))
+    in_process, in_workers = results
+    assert set(in_workers.failed_files) == set(in_process.failed_files) == set(expected)
+    assert in_workers.steps == in_process.steps == 2 * 3
+    for a, b in zip(in_process.model.state_dict().values(),
+                    in_workers.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bf16_is_ignored_on_cpu(tmp_path: Path, sneakers: np.ndarray,
                                 caplog: pytest.LogCaptureFixture) -> None:
     """bf16 autocast is CUDA-only: on the CPU the run is the float32 run, bit for bit."""
