@@ -66,6 +66,8 @@ def batch_png_bits_per_dim(images: np.ndarray, n_bits: int, downsample: int = 1
         ValueError: ``downsample`` is not a positive divisor of ``H`` and ``W``.
     """
     k = images.astype(np.uint8, copy=False)
+    if not len(k):
+        return np.empty(0, dtype=np.float64)
     if n_bits < 8:
         k = k >> (8 - n_bits)  # stays uint8
     n_dims = int(np.prod(k.shape[1:]))
@@ -92,7 +94,7 @@ PNG_CHUNK_BYTES = 12
 """Bytes of a chunk besides its data: length, type, CRC."""
 
 _FILTER_SLICE_BYTES = 1 << 20
-"""Pixels filtered at once: the filters' scratch arrays are about 20 times this."""
+"""Bytes of image filtered at once: the filters' scratch arrays are about 20 times this."""
 
 _PNG_FILTER_TYPES = np.array([0, 2, 1, 4], dtype=np.uint8)
 """PNG filter types (None, Up, Sub, Paeth) in the order Pillow tries them."""

@@ -128,7 +128,7 @@ def find_images(root: Path) -> list[Path]:
         below = os.path.relpath(dirpath, root)
         prefix = "" if below == os.curdir else below + os.sep
         found.extend((os.fsencode(prefix + f), dirpath, f) for f in filenames
-                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+                     if _suffix(f).lower() in IMAGE_EXTENSIONS)
     for exc in walk_errors:
         where = display_path(exc.filename or root)
         if Path(exc.filename or root) == root:
@@ -145,6 +145,13 @@ def find_images(root: Path) -> list[Path]:
         )
     found.sort(key=lambda item: item[0])
     return [Path(folder, name) for _, folder, name in found]
+
+
+def _suffix(name: str) -> str:
+    """``Path(name).suffix`` without building a Path: ``..png`` has the suffix ``.png``
+    (``os.path.splitext`` would give none), ``.png`` and ``a.`` have none."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def _dir_id(path: Path) -> tuple[int, int]:

@@ -78,6 +78,11 @@ FLUSH_EVERY_S = 60.0
 """A long run rewrites its partial table at least this many seconds apart (see
 :func:`score_folder`), so a killed run leaves something to ``resume`` from."""
 
+EXACT_FLOATS: dict[str, Any] = (
+    {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"})
+"""``pandas.read_csv`` options that read every float back to the last bit: the default
+from pandas 3 (which deprecates ``float_precision``), ``round_trip`` before."""
+
 FAILURES_KEPT = 10
 """How many failed files a :class:`ScoreSummary` names."""
 
@@ -255,8 +260,8 @@ class ScoringDataset(Dataset[ScoreItem]):
         Only the images travel from a worker as a tensor (in shared memory); the rest goes
         as arrays inside the pickled batch. torch's default collate would make five
         tensors, and each tensor from a worker costs a socket connection with an
-        authentication handshake to receive (~1 ms; at 50,000 images, 0.8 s of the main
-        process's time).
+        authentication handshake to receive (~0.5–1 ms; at 50,000 images, up to 0.8 s of
+        the main process's time).
         """
         return ScoreBatch(
             images=torch.stack([item.image for item in items]),
@@ -608,15 +613,31 @@ def _write_csv(table: pd.DataFrame, file: Any) -> None:
     50,000 rows (0.1 against 0.75 s), which a big scoring run pays at its end.
 
     Strings are quoted, empty and missing cells are empty, floats are written in their
-    shortest round-trip form and booleans as ``True``/``False`` (pandas' spelling);
-    ``pandas.read_csv`` reads the file back to the same table as pandas' own writer's.
+    shortest round-trip form (with ``.0`` where a column holds only whole numbers) and
+    booleans as ``True``/``False`` (pandas' spelling); ``pandas.read_csv`` reads the file
+    back to the same table as pandas' own writer's.
     """
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     for i, field in enumerate(arrow.schema):
+        column = arrow.column(i)
         if pa.types.is_boolean(field.type):
             arrow = arrow.set_column(i, field.name,
-                                     pa_compute.if_else(arrow.column(i), "True", "False"))
+                                     pa_compute.if_else(column, "True", "False"))
+        elif pa.types.is_floating(field.type) and _only_whole_numbers(table[field.name]):
+            # Arrow writes 1.0 as "1", so such a column (p-values all 1, say) would read
+            # back as integers: give its numbers a decimal point (they are then quoted)
+            text = pa_compute.replace_substring_regex(
+                pa_compute.cast(column, pa.string()), r"^(-?[0-9]+)$", r"\1.0")
+            arrow = arrow.set_column(i, field.name, text)
     pa_csv.write_csv(arrow, file)
+
+
+def _only_whole_numbers(column: pd.Series) -> bool:
+    """Whether a float column's finite values, of which it has at least one, are all
+    whole numbers."""
+    values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = values[np.isfinite(values)]
+    return bool(len(finite)) and bool((finite == np.round(finite)).all())
 
 
 def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
@@ -643,8 +664,8 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     name = display_path(out)
     try:
         if fmt == "csv":
-            table = pd.read_csv(out, float_precision="round_trip",
-                                dtype={"path": "string", "error": "string"})
+            table = pd.read_csv(out, dtype={"path": "string", "error": "string"},
+                                **EXACT_FLOATS)
         else:
             table = pd.read_parquet(out)
     except Exception as exc:  # pandas and pyarrow raise many types for damaged files

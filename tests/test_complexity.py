@@ -140,3 +140,9 @@ def test_png_lengths_of_a_batch_filtered_in_slices_are_pillows(
     monkeypatch.setattr(complexity, "_FILTER_SLICE_BYTES", 2 * images[0].size)
     assert complexity.batch_png_bits_per_dim(images, 8).tolist() == whole.tolist() == \
         [pil_png_bits(image, 1) / image.size for image in images]
+
+
+def test_an_empty_batch_has_no_lengths() -> None:
+    for factor in (1, 2):
+        lengths = complexity.batch_png_bits_per_dim(np.zeros((0, 3, 8, 8), np.uint8), 8, factor)
+        assert lengths.shape == (0,) and lengths.dtype == np.float64

@@ -338,11 +338,14 @@ def test_permission_denied_is_reported(tmp_path: Path) -> None:
 
 
 def test_find_images_extensions_and_order(tmp_path: Path) -> None:
-    names = ["b/z.PNG", "a.jpeg", "a.JPG", "c.bmp", "d.tif", "e.TIFF", "f.webp", "g.gif", "b/a.png"]
+    names = ["b/z.PNG", "a.jpeg", "a.JPG", "c.bmp", "d.tif", "e.TIFF", "f.webp", "g.gif", "b/a.png",
+             "..png", "b/...jpg", "h.x.png"]  # the extension is the last suffix, as Path's
     for name in names:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "readme.md").write_text("x")
+    for no_suffix in (".png", "b/.jpg", "png.", "jpg"):  # no extension at all
+        (tmp_path / no_suffix).write_bytes(b"x")
     (tmp_path / "folder.png").mkdir()  # a folder is never listed as an image
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
     assert found == sorted(names)

@@ -179,7 +179,7 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
+    return pd.read_csv(path, **scoring.EXACT_FLOATS, keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
                                                     "typicality", "knn", "ensemble",
                                                     "level_1", "level_2",
@@ -444,14 +444,19 @@ def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:
         "is_anomaly": pd.array([True, False, None] * 100, dtype="boolean"),
         "error": pd.array(["" if i % 4 else 'cannot decode "x",\nline two' for i in range(300)],
                           dtype="string"),
+        # whole numbers only (every image above all calibration scores): still floats
+        "whole": np.arange(300) % 3 - 1.0,
+        "all_missing": np.full(300, np.nan),
     })
     write_table(table, tmp_path / "ours.csv")
     table.to_csv(tmp_path / "pandas.csv", index=False)
-    options = {"keep_default_na": False, "na_values": {"bpd": [""], "p_value": [""]}}
+    options = {"keep_default_na": False,
+               "na_values": {name: [""] for name in ("bpd", "p_value", "whole", "all_missing")}}
     ours = pd.read_csv(tmp_path / "ours.csv", **options)
     pd.testing.assert_frame_equal(ours, pd.read_csv(tmp_path / "pandas.csv", **options))
     np.testing.assert_array_equal(ours["bpd"].to_numpy(), values)  # bit for bit
     assert ours["is_anomaly"].tolist()[:3] == ["True", "False", ""]
+    assert ours["whole"].dtype == ours["all_missing"].dtype == np.float64
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
