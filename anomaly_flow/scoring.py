@@ -316,13 +316,58 @@ HeatmapKind = Literal["bpd", "typicality"]
 (:meth:`~anomaly_flow.glow.Glow.typicality_map`)."""
 
 
-def _launch(model: Glow, images: torch.Tensor,
-            maps: HeatmapKind | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+class _Forward:
+    """The flow's forward pass for a scoring run, compiled by ``torch.compile`` for
+    batches of one size (a shorter last batch is padded with blank images, whose rows are
+    dropped), so it compiles once; the model itself again if compiling fails here.
+
+    Compiled kernels fuse the elementwise work around the convolutions: 2.1-2.3x the
+    images/s of eager on 2 CPU cores (tiny and small presets, batch 256), after ~30-40 s
+    of compiling. The numbers are the same float32 sums in another order: bits/dim within
+    about 1e-6 of eager's, every score within about 1e-6 relative.
+    """
+
+    def __init__(self, model: Glow, batch_size: int) -> None:
+        self.model, self.batch_size = model, batch_size
+        self.compiled: Callable[[torch.Tensor], Any] | None = torch.compile(model)
+        self.tried = False
+
+    def pads(self, n: int) -> bool:
+        return self.compiled is not None and n < self.batch_size
+
+    def pad(self, images: torch.Tensor) -> torch.Tensor:
+        blank = images.new_zeros((self.batch_size - len(images), *images.shape[1:]))
+        return torch.cat([images, blank])
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        if self.compiled is None:
+            return self.model(x)
+        if self.tried:
+            return self.compiled(x)
+        self.tried = True
+        logger.info("compiling the model for scoring (once per run; about half a minute "
+                    "on a CPU)")
+        try:
+            return self.compiled(x)
+        except Exception as exc:  # no C++ compiler, an unsupported platform, ...
+            logger.warning("could not compile the model here (%s: %s); scoring without "
+                           "compiling", type(exc).__name__, " ".join(str(exc).split())[:300])
+            self.compiled = None
+            return self.model(x)
+
+
+def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
+            forward: _Forward | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1]])`` float64 ``[bpd, level bits,
     typicality when the model has a normal reference, knn when it has reference maps]``
-    and the ``maps`` asked for."""
+    and the ``maps`` asked for. ``forward`` (default: the model itself) runs the flow."""
+    if forward is not None and forward.pads(len(images)):
+        stats, pixel_maps = _launch(model, forward.pad(images), maps, forward)
+        n = len(images)
+        return stats[:n], None if pixel_maps is None else pixel_maps[:n]
     reference = model.has_reference
-    parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)), model.config,
+    flow = model if forward is None else forward
+    parts = breakdown_from_output(flow(preprocess(images, model.config.n_bits)), model.config,
                                   maps is not None or reference)
     columns = [parts.bpd[:, None], parts.level_bits]
     typical = model.typicality_map(parts.pixel_bpd) if reference else None
@@ -365,6 +410,7 @@ def score_dataset(
     progress: bool | None = None,
     on_batch: Callable[[pd.DataFrame], Any] | None = None,
     precision: Precision = "float32",
+    compile: bool = False,
 ) -> pd.DataFrame:
     """Score every item of ``dataset``; one row per item, in dataset order.
 
@@ -379,6 +425,9 @@ def score_dataset(
         progress: Progress bar on stderr; None shows it only on a terminal.
         on_batch: Receives each batch's rows as they are done (for incremental output).
         precision: ``float32`` (exact), ``tf32`` or ``bf16``; see :func:`numerics`.
+        compile: Run the flow compiled by ``torch.compile``: about twice the images/s once
+            compiled (tens of seconds), scores within about 1e-6 bits/dim of the eager
+            ones; falls back to eager, with a warning, where compiling fails.
 
     Returns:
         Columns :func:`score_names` (``bpd``, ``complexity``, ``coarse_complexity``,
@@ -403,6 +452,7 @@ def score_dataset(
     # ensemble's (mean, std) table on the host once: copying it per batch would make the
     # host wait for the batch just launched on the device
     scale = model.reference_scale.cpu() if model.reference_scale is not None else None
+    forward = _Forward(model, batch_size) if compile else None
     frames = []
 
     def finish(pending: _Pending) -> None:
@@ -428,7 +478,7 @@ def score_dataset(
         pending: _Pending | None = None
         for batch in loader:
             stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
-                                  None if heatmaps is None else heatmap_kind)
+                                  None if heatmaps is None else heatmap_kind, forward)
             cuda = device.type == "cuda"
             launched = _Pending(
                 batch,
@@ -761,6 +811,7 @@ def score_folder(
     progress: bool | None = None,
     flush_every_s: float = FLUSH_EVERY_S,
     precision: Precision = "float32",
+    compile: bool = False,
 ) -> ScoreSummary:
     """Score every image file under ``folder`` into one table at ``out``.
 
@@ -808,6 +859,8 @@ def score_folder(
             writes only at the end (and on interruption), ``0`` after every batch.
         precision: ``float32`` (exact, the default), ``tf32`` or ``bf16`` (faster on a
             GPU, approximate); see :func:`numerics`. Resume with the same precision.
+        compile: Run the flow compiled (see :func:`score_dataset`): for big
+            folders; the scores move by about 1e-6 bits/dim.
 
     Returns:
         Counts of the rows written.
@@ -901,7 +954,7 @@ def score_folder(
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
                           heatmaps=writer, heatmap_kind=heatmap_kind, progress=progress,
-                          on_batch=on_batch, precision=precision)
+                          on_batch=on_batch, precision=precision, compile=compile)
     except KeyboardInterrupt:
         if frames:
             write_table(assemble(), out)

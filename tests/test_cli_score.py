@@ -119,6 +119,15 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert f"wrote {len(MESSY)} rows to {older}, {n_kept} kept from before" in resumed.stderr
     pd.testing.assert_frame_equal(read_csv(older), table, check_exact=False, rtol=0, atol=ULPS)
 
+    # --compile: the same table to float32 rounding (the sums run in another order)
+    compiled = tmp_path / "compiled.csv"
+    result = run("score", messy, "--model", model_dir, "--out", compiled, "--workers", "0",
+                 "--batch-size", "5", "--compile")
+    assert result.exit_code == 0, result.output
+    assert "could not compile" not in result.stderr
+    pd.testing.assert_frame_equal(read_csv(compiled), table, check_exact=False, rtol=1e-5,
+                                  atol=1e-5)
+
 
 def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model_dir: Path,
                                                               tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -428,6 +430,38 @@ def test_output_problems_are_found_before_scoring(model: Glow, messy: Path,
     with pytest.raises(ScoringError, match="no calibration"):
         score_folder(model, None, messy, tmp_path / "out.csv", fdr=0.1)
     assert sorted(os.listdir(tmp_path)) == ["dir.csv", "file.csv"]
+
+
+def test_compiled_scoring_matches_eager(model: Glow, messy: Path, full_table: pd.DataFrame,
+                                       tmp_path: Path) -> None:
+    # batches of 4 leave a short last batch: padded, compiled once, its rows kept
+    out = tmp_path / "compiled.csv"
+    summary = score_folder(model, None, messy, out, batch_size=4, compile=True,
+                           heatmaps=tmp_path / "heat")
+    assert len(full_table) % 4 and summary.n_heatmaps == N_GOOD
+    compiled = read_csv(out)
+    assert compiled["error"].tolist() == full_table["error"].tolist()
+    # the same float32 sums in another order: ~1e-6 relative (knn, in normal standard
+    # deviations, carries it to ~1e-5 absolute)
+    pd.testing.assert_frame_equal(compiled, full_table, check_exact=False, rtol=1e-5,
+                                  atol=1e-5)
+    np.testing.assert_allclose(compiled["bpd"], full_table["bpd"], rtol=0, atol=5e-6)
+
+
+def test_scoring_without_compiling_where_compiling_fails(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def no_compiler(module: torch.nn.Module) -> Callable[[torch.Tensor], Any]:
+        def compiled(x: torch.Tensor) -> Any:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"):
+        score_folder(model, None, messy, tmp_path / "out.csv", batch_size=64, compile=True)
+    warned = [r.getMessage() for r in caplog.records if "could not compile" in r.getMessage()]
+    assert len(warned) == 1 and "InvalidCxxCompiler" in warned[0]
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "out.csv"), full_table)  # eager's
 
 
 def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:

@@ -59,6 +59,11 @@ Examples:
                    "networks only) are faster on a GPU but approximate (bf16 moves bits/dim "
                    "by about 1e-4 to 1e-3). Resume with the precision the table was started "
                    "with.")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="Compile the model (torch.compile) first: about twice the images/s on "
+                   "a CPU for big folders, after tens of seconds of compiling; scores "
+                   "within about 1e-6 bits/dim of the uncompiled ones. Scores without it, "
+                   "with a warning, where compiling fails.")
 @click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, metavar="Q",
               help="Flag anomalies by Benjamini-Hochberg at false discovery rate Q over "
@@ -67,7 +72,7 @@ Examples:
 @user_errors
 def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | None,
           device: str, heatmaps: Path | None, resume: bool, strict: bool, precision: str,
-          fdr: float | None, mlruns: Path | None) -> None:
+          compile_model: bool, fdr: float | None, mlruns: Path | None) -> None:
     """Score every image file under DIR into one table, one row per file.
 
     Columns: path, bpd, complexity, coarse_complexity, typicality, knn and ensemble
@@ -92,6 +97,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
             loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
             num_workers=_default_workers() if workers is None else workers,
             heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
+            compile=compile_model,
         )
     except KeyboardInterrupt:
         click.echo("interrupted; run the same command with --resume to score the files "
