@@ -452,7 +452,8 @@ def score_dataset(
     # ensemble's (mean, std) table on the host once: copying it per batch would make the
     # host wait for the batch just launched on the device
     scale = model.reference_scale.cpu() if model.reference_scale is not None else None
-    forward = _Forward(model, batch_size) if compile else None
+    # one batch shape: the batch size, or the whole dataset when it is smaller
+    forward = _Forward(model, min(batch_size, len(dataset))) if compile else None
     frames = []
 
     def finish(pending: _Pending) -> None:
