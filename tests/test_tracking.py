@@ -108,6 +108,21 @@ def test_run_handle_logs_everything_and_batches_metrics(mlruns: Path) -> None:
     assert artifacts.is_relative_to(mlruns / "artifacts" / "handles")
 
 
+def test_a_reopened_run_records_what_changed_in_its_environment(
+        mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with tracking.start_run("handles", "first") as run:
+        run_id = run.run_id
+    same = tracking.store.environment_tags()
+    monkeypatch.setattr(tracking.store, "environment_tags",
+                        lambda: {**same, "torch_version": "9.9.9"})
+    with tracking.start_run("handles", run_id=run_id):
+        pass
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    assert tags["torch_version"] == torch.__version__  # what the run started under
+    assert tags["resumed.torch_version"] == "9.9.9"
+    assert not {"resumed.zlib_version", "resumed.python_version"} & set(tags)
+
+
 def test_failed_block_marks_the_run_failed(mlruns: Path) -> None:
     with pytest.raises(RuntimeError), tracking.start_run("handles") as run:
         raise RuntimeError("boom")

@@ -328,16 +328,22 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
               tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> Iterator[Run]:
     """Start (or, given ``run_id``, reopen) a run in ``experiment`` and make it active.
 
-    A new run is tagged with :func:`environment_tags` (``tags`` win on a clash). The run
-    ends when the block does: ``FINISHED``, or ``FAILED`` on an exception
-    (``KILLED`` on Ctrl-C). Queued metrics are flushed either way.
+    A new run is tagged with :func:`environment_tags` (``tags`` win on a clash); a
+    reopened one keeps its tags and gets ``resumed.<tag>`` for each that differs now (a
+    training resumed under another torch, say). The run ends when the block does:
+    ``FINISHED``, or ``FAILED`` on an exception (``KILLED`` on Ctrl-C). Queued metrics are
+    flushed either way.
 
     Example:
         >>> with start_run("parts", "train") as run:  # doctest: +SKIP
         ...     run.log_metrics({"val_bpd": 3.1}, step=100)
     """
     experiment_id = ensure_experiment(experiment)
-    tag_values = {} if run_id else environment_tags()
+    tag_values = environment_tags()
+    if run_id:
+        before = mlflow.MlflowClient().get_run(run_id).data.tags
+        tag_values = {(f"resumed.{key}" if key in before else key): value
+                      for key, value in tag_values.items() if before.get(key) != value}
     tag_values.update({key: str(value) for key, value in (tags or {}).items()})
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                               run_name=None if run_id else run_name, nested=nested,
