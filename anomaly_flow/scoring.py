@@ -319,7 +319,9 @@ HeatmapKind = Literal["bpd", "typicality"]
 class _Forward:
     """The flow's forward pass for a scoring run, compiled by ``torch.compile`` for
     batches of one size (a shorter last batch is padded with blank images, whose rows are
-    dropped), so it compiles once; the model itself again if compiling fails here.
+    dropped), so it compiles once. Where compiling or a compiled call fails (no C++
+    compiler, an unsupported platform) and the model itself runs the batch, the run goes on
+    uncompiled with one warning; where the model fails too, its own error is raised.
 
     Compiled kernels fuse the elementwise work around the convolutions: 2.1-2.3x the
     images/s of eager on 2 CPU cores (tiny and small presets, batch 256), after ~30-40 s
@@ -329,31 +331,35 @@ class _Forward:
 
     def __init__(self, model: Glow, batch_size: int) -> None:
         self.model, self.batch_size = model, batch_size
-        self.compiled: Callable[[torch.Tensor], Any] | None = torch.compile(model)
-        self.tried = False
+        self.compiled: Callable[[torch.Tensor], Any] | None = None
+        self.failed = False
 
     def pads(self, n: int) -> bool:
-        return self.compiled is not None and n < self.batch_size
+        return not self.failed and n < self.batch_size
 
     def pad(self, images: torch.Tensor) -> torch.Tensor:
         blank = images.new_zeros((self.batch_size - len(images), *images.shape[1:]))
         return torch.cat([images, blank])
 
     def __call__(self, x: torch.Tensor) -> Any:
-        if self.compiled is None:
+        if self.failed:
             return self.model(x)
-        if self.tried:
-            return self.compiled(x)
-        self.tried = True
-        logger.info("compiling the model for scoring (once per run; about half a minute "
-                    "on a CPU)")
         try:
+            if self.compiled is None:
+                logger.info("compiling the model for scoring (once per run; about half a "
+                            "minute on a CPU unless torch has it cached)")
+                self.compiled = torch.compile(self.model)
             return self.compiled(x)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # no C++ compiler, an unsupported platform, ...
+            # the model itself must work on this batch, or the problem is not compiling
+            # and its own error says what it is
+            out = self.model(x)
             logger.warning("could not compile the model here (%s: %s); scoring without "
                            "compiling", type(exc).__name__, " ".join(str(exc).split())[:300])
-            self.compiled = None
-            return self.model(x)
+            self.failed = True
+            return out
 
 
 def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,

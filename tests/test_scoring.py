@@ -448,20 +448,50 @@ def test_compiled_scoring_matches_eager(model: Glow, messy: Path, full_table: pd
     np.testing.assert_allclose(compiled["bpd"], full_table["bpd"], rtol=0, atol=5e-6)
 
 
+@pytest.mark.parametrize("fails_at", ["torch.compile", "first batch", "second batch"])
 def test_scoring_without_compiling_where_compiling_fails(
-        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        fails_at: str, model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
     def no_compiler(module: torch.nn.Module) -> Callable[[torch.Tensor], Any]:
+        if fails_at == "torch.compile":
+            raise RuntimeError("torch.compile is not supported on this platform")
+
         def compiled(x: torch.Tensor) -> Any:
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+            calls.append(len(x))
+            if fails_at == "first batch" or len(calls) == 2:
+                raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+            return module(x)
         return compiled
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"):
-        score_folder(model, None, messy, tmp_path / "out.csv", batch_size=64, compile=True)
+        score_folder(model, None, messy, tmp_path / "out.csv", batch_size=4, compile=True)
     warned = [r.getMessage() for r in caplog.records if "could not compile" in r.getMessage()]
-    assert len(warned) == 1 and "InvalidCxxCompiler" in warned[0]
-    pd.testing.assert_frame_equal(read_csv(tmp_path / "out.csv"), full_table)  # eager's
+    assert len(warned) == 1
+    assert ("not supported" if fails_at == "torch.compile" else "InvalidCxxCompiler") \
+        in warned[0]
+    assert calls == {"torch.compile": [], "first batch": [4], "second batch": [4, 4]}[fails_at]
+    # eager's numbers, every row, the short last batch unpadded once uncompiled
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "out.csv"), full_table)
+
+
+def test_compiled_scoring_reports_the_models_own_error(
+        model: Glow, messy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # a batch the model itself cannot run is not a compiling problem: its error is raised
+    # and nothing claims compiling failed
+    def broken(self: Glow, x: torch.Tensor) -> Any:
+        raise RuntimeError("out of memory on the device")
+
+    monkeypatch.setattr(torch, "compile", lambda module: module)
+    monkeypatch.setattr(Glow, "forward", broken)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"), \
+            pytest.raises(RuntimeError, match="out of memory on the device"):
+        score_folder(model, None, messy, tmp_path / "out.csv", batch_size=4, compile=True)
+    assert not [r for r in caplog.records if "could not compile" in r.getMessage()]
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:

@@ -121,6 +121,27 @@ def test_a_reopened_run_records_what_changed_in_its_environment(
     assert tags["torch_version"] == torch.__version__  # what the run started under
     assert tags["resumed.torch_version"] == "9.9.9"
     assert not {"resumed.zlib_version", "resumed.python_version"} & set(tags)
+    # resumed again under the torch it started with: the latest resume says so
+    monkeypatch.setattr(tracking.store, "environment_tags", lambda: same)
+    with tracking.start_run("handles", run_id=run_id):
+        pass
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    assert tags["torch_version"] == tags["resumed.torch_version"] == torch.__version__
+
+
+def test_a_run_started_without_environment_tags_is_not_given_start_values(
+        mlruns: Path) -> None:
+    # a run from before these tags existed: what it started under is unknown, so a resume
+    # records only what it ran under
+    tracking.ensure_experiment("handles")
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("handles")
+                          .experiment_id) as bare:
+        run_id = bare.info.run_id
+    with tracking.start_run("handles", run_id=run_id):
+        pass
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    assert "torch_version" not in tags
+    assert tags["resumed.torch_version"] == torch.__version__
 
 
 def test_failed_block_marks_the_run_failed(mlruns: Path) -> None:

@@ -329,10 +329,10 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
     """Start (or, given ``run_id``, reopen) a run in ``experiment`` and make it active.
 
     A new run is tagged with :func:`environment_tags` (``tags`` win on a clash); a
-    reopened one keeps its tags and gets ``resumed.<tag>`` for each that differs now (a
-    training resumed under another torch, say). The run ends when the block does:
-    ``FINISHED``, or ``FAILED`` on an exception (``KILLED`` on Ctrl-C). Queued metrics are
-    flushed either way.
+    reopened one keeps its tags and gets ``resumed.<tag>`` for each that differs now from
+    the last resume (or the start): a training resumed under another torch, say. The run
+    ends when the block does: ``FINISHED``, or ``FAILED`` on an exception (``KILLED`` on
+    Ctrl-C). Queued metrics are flushed either way.
 
     Example:
         >>> with start_run("parts", "train") as run:  # doctest: +SKIP
@@ -342,8 +342,10 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
     tag_values = environment_tags()
     if run_id:
         before = mlflow.MlflowClient().get_run(run_id).data.tags
-        tag_values = {(f"resumed.{key}" if key in before else key): value
-                      for key, value in tag_values.items() if before.get(key) != value}
+        # against the latest resume's values, else the start's; a run started without
+        # these tags (before they existed) gets resumed.* tags only, never a start value
+        tag_values = {f"resumed.{key}": value for key, value in tag_values.items()
+                      if before.get(f"resumed.{key}", before.get(key)) != value}
     tag_values.update({key: str(value) for key, value in (tags or {}).items()})
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                               run_name=None if run_id else run_name, nested=nested,
