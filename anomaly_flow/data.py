@@ -498,6 +498,29 @@ def load_fashion_mnist(
 # --------------------------------------------------------------------------- bookkeeping
 
 
+def file_digests(paths: Sequence[Path]) -> list[str]:
+    """The SHA-256 hex digest of each file's content, in the order of ``paths``; a file
+    that cannot be read gets ``unreadable:<errno name>`` instead (never a hex digest)."""
+    return [_read_digest(path)[1] for path in paths]
+
+
+def is_digest(value: str) -> bool:
+    """Whether ``value`` is a file's content digest (not an unreadable file's marker)."""
+    return len(value) == 64 and not value.startswith("unreadable:")
+
+
+def _read_digest(path: Path) -> tuple[int, str]:
+    """``(size, SHA-256 hex)`` of a regular file, or ``(-1, "unreadable:<errno>")``."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            return size, hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as exc:
+        return -1, f"unreadable:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+
+
 def fingerprint(paths: Sequence[Path], root: Path) -> str:
     """A SHA-256 hex digest of a set of files: their paths relative to ``root``, sizes and contents.
 
@@ -505,22 +528,21 @@ def fingerprint(paths: Sequence[Path], root: Path) -> str:
     digest changes when any byte does and not when files are touched or copied. The order
     of ``paths`` does not matter. A file that cannot be read enters as its error code.
     """
-    records = []
+    return fingerprint_and_digests(paths, root)[0]
+
+
+def fingerprint_and_digests(paths: Sequence[Path], root: Path) -> tuple[str, list[str]]:
+    """:func:`fingerprint` and :func:`file_digests` from one read of each file."""
+    records, digests = [], []
     for path in paths:
         relative = os.fsencode(os.path.relpath(path, root))
-        try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-            with open(path, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                content = hashlib.file_digest(file, "sha256").hexdigest()
-        except OSError as exc:
-            size, content = -1, f"unreadable:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+        size, content = _read_digest(path)
+        digests.append(content)
         records.append(relative + f"\0{size}\0{content}\n".encode())
     digest = hashlib.sha256()
     for record in sorted(records):
         digest.update(record)
-    return digest.hexdigest()
+    return digest.hexdigest(), digests
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

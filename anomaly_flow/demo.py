@@ -3,8 +3,8 @@
 Steps: write the Fashion-MNIST sample as image folders; train a Glow on the normal class
 (sneakers) and register it; calibrate a threshold at 1% false-positive rate on held-out
 sneakers and promote the model to ``champion``; score a test folder that mixes sneakers
-with the nine other classes; write ``scores.csv``, heatmaps and a self-contained
-``report.html``.
+with the nine other classes; evaluate every score type on it (an MLflow run with ROC, PR
+and histogram plots); write ``scores.csv``, heatmaps and a self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_flow import plots, report, tracking
-from anomaly_flow.calibration import detection_metrics, operating_point
+from anomaly_flow.calibration import DetectionMetrics, operating_point
 from anomaly_flow.config import load_preset
-from anomaly_flow.data import write_sample_folders
-from anomaly_flow.evaluation import calibrate_model
-from anomaly_flow.scoring import REFERENCE_SCORES, score_folder, score_names
+from anomaly_flow.data import fingerprint_and_digests, write_sample_folders
+from anomaly_flow.evaluation import FolderScores, calibrate_model, evaluate_scores
+from anomaly_flow.scoring import REFERENCE_SCORES, score_folder
 from anomaly_flow.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,11 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
                  heatmaps=heatmaps, progress=progress)
 
     table = pd.read_csv(scores_csv, keep_default_na=False, na_values=[""])
-    table["label"] = np.where(table["path"].str.contains("/anomalous/"), "anomalous", "normal")
-    scored = table["error"].fillna("") == ""  # a file that failed has no scores
+    table["error"] = table["error"].fillna("")
+    # test/normal/... or test/anomalous/<class>/..., whatever the folders above test/ are
+    table["label"] = [Path(path).relative_to(folders["test"]).parts[0]
+                      for path in table["path"]]
+    scored = table["error"] == ""  # a file that failed has no scores
     normal = scored & (table["label"] == "normal")
     anomalous = scored & (table["label"] == "anomalous")
     calibration = loaded.calibration
@@ -105,19 +108,28 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     threshold = calibration.threshold.value
     point = operating_point(table.loc[normal, score_name].to_numpy(float),
                             table.loc[anomalous, score_name].to_numpy(float), threshold)
-    detection = {
-        name: detection_metrics(table.loc[normal, name].to_numpy(float),
-                                table.loc[anomalous, name].to_numpy(float))
-        for name in score_names(loaded.model)
-    }
+    evaluated = evaluate_scores(loaded, _folder_scores(table, folders, "normal"),
+                                _folder_scores(table, folders, "anomalous"))
+    detection = {name: DetectionMetrics(row.auroc, row.aupr, row.fpr_at_95_tpr,
+                                        int(row.n_normal), int(row.n_anomalous))
+                 for name, row in evaluated.table.iterrows()}
     page = _render(table, folders["test"], heatmaps, detection, point, calibration,
                    preset=preset, model_uri=champion, tracking_uri=uri,
-                   val_bpd=trained.val_bpd, calibrate_run=calibrated.run_id)
+                   val_bpd=trained.val_bpd, calibrate_run=calibrated.run_id,
+                   evaluate_run=evaluated.run_id)
     report_html = report.write_report(out / "report.html", page)
     return DemoResult(out=out, tracking_uri=uri, model_uri=champion, scores_csv=scores_csv,
                       report_html=report_html, heatmaps=heatmaps,
                       auroc=detection[score_name].auroc, test_fpr=point["fpr"],
                       test_tpr=point["tpr"], threshold=threshold)
+
+
+def _folder_scores(table: pd.DataFrame, folders: dict[str, Path], label: str) -> FolderScores:
+    """The rows of ``scores.csv`` under ``test/<label>`` as the folder's scores."""
+    rows = table.loc[table["label"] == label].drop(columns="label").reset_index(drop=True)
+    folder = folders[f"test_{label}"]
+    digest, digests = fingerprint_and_digests([Path(p) for p in rows["path"]], folder)
+    return FolderScores(folder, rows, digest, tuple(digests))
 
 
 def _gallery(rows: pd.DataFrame, test_root: Path, heatmaps: Path) -> list[report.GalleryItem]:
@@ -137,7 +149,7 @@ def _gallery(rows: pd.DataFrame, test_root: Path, heatmaps: Path) -> list[report
 
 def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dict,
             point: dict, calibration, *, preset: str, model_uri: str, tracking_uri: str,
-            val_bpd: float, calibrate_run: str) -> str:
+            val_bpd: float, calibrate_run: str, evaluate_run: str) -> str:
     anomalous = table["label"] == "anomalous"
     name = calibration.score_name
     caption = ("how far each pixel's bits/dim is from the normal images', in their standard "
@@ -183,7 +195,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
     db = tracking_uri.removeprefix("sqlite:///")
     how = (f"<p>Open the runs and the registry with <code>mlflow ui --backend-store-uri "
            f"{tracking_uri}</code> (store: <code>{db}</code>); calibration run "
-           f"<code>{calibrate_run}</code>.</p>")
+           f"<code>{calibrate_run}</code>, evaluation run <code>{evaluate_run}</code>.</p>")
     return report.render_report(
         "anomaly-flow demo: Fashion-MNIST sneakers",
         "A Glow trained on sneakers only; every other class is an anomaly.",

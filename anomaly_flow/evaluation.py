@@ -17,7 +17,9 @@ draws figures with :mod:`anomaly_flow.plots` and logs runs and model versions th
 Images that fail to decode are never used: each folder's failures are counted,
 reported with their reasons (one warning per folder from :func:`score_folder_table`,
 the outcome object, a ``failed_images.json`` artifact) and left out. A decoded image
-whose score is not finite is treated the same way.
+whose score is not finite is treated the same way. So is a normal image the model
+was trained on (the same content as one in its training split, as recorded by the
+training run): calibration and evaluation use held-out images only.
 
 Example:
     >>> outcome = calibrate_model("models:/parts@candidate", Path("val/normal"),
@@ -49,7 +51,13 @@ from anomaly_flow.calibration import (
     operating_point,
     select_score,
 )
-from anomaly_flow.data import DataError, display_path, find_images, fingerprint
+from anomaly_flow.data import (
+    DataError,
+    display_path,
+    find_images,
+    fingerprint_and_digests,
+    is_digest,
+)
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
     REFERENCE_SCORES,
@@ -76,6 +84,7 @@ __all__ = [
     "detection_table",
     "evaluate_model",
     "evaluate_scores",
+    "leave_out_training_images",
     "open_model",
     "score_folder_table",
     "select_folder_score",
@@ -100,14 +109,16 @@ class FolderScores:
     Attributes:
         folder: The folder that was searched (recursively).
         table: One row per file: ``path``, the score columns
-            (:func:`~anomaly_flow.scoring.score_names`), ``error`` (empty for scored
-            images; score columns NaN for failed ones).
+            (:func:`~anomaly_flow.scoring.score_names`), ``error`` (empty for images
+            that are used; score columns NaN for files that failed to decode).
         fingerprint: SHA-256 of the folder's files (for MLflow tags).
+        digests: SHA-256 of each file's content, in row order (empty when unknown).
     """
 
     folder: Path
     table: pd.DataFrame
     fingerprint: str
+    digests: tuple[str, ...] = ()
 
     @property
     def n_files(self) -> int:
@@ -172,7 +183,8 @@ def score_folder_table(
     table = table.reset_index(drop=True)
     table.insert(0, "path", paths_frame(paths).to_numpy(dtype=object))
     table["error"] = table["error"].fillna("").astype(str)
-    scores = FolderScores(root, table, fingerprint(paths, root))
+    folder_digest, digests = fingerprint_and_digests(paths, root)
+    scores = FolderScores(root, table, folder_digest, tuple(digests))
     failed = scores.failures("bpd")
     if failed:
         lines = [f"  {path}: {reason}" for path, reason in failed[:_MAX_REASONS_LOGGED]]
@@ -286,8 +298,9 @@ def _check_registered(loaded: tracking.LoadedModel) -> None:
     if not loaded.name:
         raise CalibrationError(
             f"{loaded.uri} is not a registered model version, so there is no model to add "
-            "the calibrated version to; pass --model models:/NAME@ALIAS or "
-            "models:/NAME/VERSION (anomaly-flow train registers NAME@candidate)."
+            "the calibrated version to; pass --model models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or the runs:/ URI of a registered model (anomaly-flow "
+            "train registers NAME@candidate)."
         )
 
 
@@ -367,6 +380,49 @@ def select_folder_score(normal: FolderScores, anomalous: FolderScores,
         common[side] = {name: scores.table[name].to_numpy(dtype=np.float64)[usable]
                         for name in names}
     return select_score(common["normal"], common["anomalous"])
+
+
+def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores,
+                              purpose: str) -> FolderScores:
+    """``scores`` with each image the model was trained on left out for ``purpose``.
+
+    An image counts as trained on when its content digest is among those the model's
+    training run recorded for its training split (its validation images are held out, so
+    they stay). Left-out rows keep their scores and get the reason in ``error``, so they
+    are listed with the other failures; a warning says how many. A model whose training
+    run recorded no digests, or ``scores`` without a digest per row (built by hand, not
+    by :func:`score_folder_table`), is used as it is, with a note that nothing was checked.
+
+    Raises:
+        CalibrationError: Every image of the folder is one the model was trained on.
+    """
+    run_id = loaded.training_run_id
+    trained_on = None
+    if run_id is not None and len(scores.digests) == scores.n_files:
+        trained_on = tracking.training_image_digests(run_id)
+    if trained_on is None:
+        logger.info("no record of %s's training images or of the contents of %s, so %s "
+                    "cannot check that those images were held out of training", loaded.uri,
+                    display_path(scores.folder), purpose)
+        return scores
+    seen = np.fromiter((is_digest(d) and d in trained_on for d in scores.digests),
+                       dtype=bool, count=scores.n_files)
+    if not seen.any():
+        return scores
+    folder = display_path(scores.folder)
+    if seen.all():
+        raise CalibrationError(
+            f"all {scores.n_files} images in {folder} are images {loaded.uri} was trained "
+            f"on (run {run_id}), and {purpose} needs held-out normal images the model never "
+            "saw; pass a folder of normal images that were kept out of training."
+        )
+    table = scores.table.copy()
+    table.loc[seen, "error"] = (f"an image the model was trained on (same content as one in "
+                                f"training run {run_id}); {purpose} uses held-out images only")
+    logger.warning("%d of the %d images in %s are images %s was trained on (same content); "
+                   "%s leaves them out and uses the other %d", int(seen.sum()),
+                   scores.n_files, folder, loaded.uri, purpose, int((~seen).sum()))
+    return FolderScores(scores.folder, table, scores.fingerprint, scores.digests)
 
 
 def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
@@ -457,6 +513,7 @@ def calibrate_scores(
     score = _resolve_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
+    normal = leave_out_training_images(loaded, normal, "calibration")
     selection = None
     if score == AUTO_SCORE:
         selection = select_folder_score(normal, anomalous,  # type: ignore[arg-type]
@@ -485,9 +542,9 @@ def calibrate_scores(
             raise CalibrationError(
                 f"the conformal threshold needs at least {needed} held-out normal images for "
                 f"a false-positive rate of {target_fpr:g}; only {normal_values.size} of the "
-                f"{normal.n_files} files in {display_path(normal.folder)} could be scored "
-                f"({len(failures['normal'])} failed). Add or fix normal images, or raise "
-                "--target-fpr."
+                f"{normal.n_files} files in {display_path(normal.folder)} can be used "
+                f"({len(failures['normal'])} left out; the warnings say why). Add or fix "
+                "held-out normal images, or raise --target-fpr."
             )
     calibration = calibrate(
         score, normal_values, method=method, alpha=target_fpr,
@@ -726,6 +783,7 @@ def evaluate_scores(
     Returns:
         The per-score table, metrics logged and failures.
     """
+    normal = leave_out_training_images(loaded, normal, "evaluation")
     names = score_names(loaded.model)
     table = detection_table(normal, anomalous, names)
     metrics: dict[str, float] = {}

@@ -48,11 +48,13 @@ from tqdm.auto import tqdm
 from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
 from anomaly_flow.config import RunConfig, TrainConfig
 from anomaly_flow.data import (
+    DataError,
     ImageFolderDataset,
     ImageItem,
     display_path,
     find_images,
-    fingerprint,
+    fingerprint_and_digests,
+    is_digest,
     split_train_val,
 )
 from anomaly_flow.glow import (
@@ -143,24 +145,39 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class FolderData:
-    """Training and validation sets drawn from one image folder."""
+    """Training and validation sets drawn from one image folder.
+
+    ``train_digests``: the sorted, distinct SHA-256 content digests of the training
+    split's files (not the validation images), so that calibration can tell images the
+    model was trained on from held-out ones.
+    """
 
     train: Dataset
     val: Dataset | None
     paths: list[Path]
     fingerprint: str
+    train_digests: tuple[str, ...] = ()
 
 
 def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
     """Find the images under ``folder`` and split them reproducibly (seed, val_fraction)."""
     root = Path(folder)
     paths = find_images(root)
+    if len(paths) == 1 and config.train.val_fraction > 0:
+        raise DataError(
+            f"{display_path(root)} holds a single image ({display_path(paths[0])}); training "
+            "needs at least 2, some to train on and at least one held out to measure "
+            "validation bits/dim (a model is registered only with a finite one). Add more "
+            "normal images to the folder."
+        )
     train_idx, val_idx = split_train_val(len(paths), config.train.val_fraction,
                                          config.train.seed)
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
-    return FolderData(Subset(dataset, train_idx.tolist()), val, paths,
-                      fingerprint(paths, root))
+    digest, digests = fingerprint_and_digests(paths, root)
+    trained_on = sorted({digests[i] for i in train_idx if is_digest(digests[i])})
+    return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
+                      tuple(trained_on))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -26,6 +26,7 @@ from anomaly_flow.calibration import (
     youden_threshold,
 )
 from anomaly_flow.cli import main
+from anomaly_flow.data import file_digests
 from anomaly_flow.evaluation import FolderScores, calibrate_scores, score_folder_table
 from anomaly_flow.glow import REFERENCE_KEYS
 from anomaly_flow.scoring import score_names
@@ -39,13 +40,17 @@ CANDIDATE = f"models:/{NAME}@candidate"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, _trained_store: TrainedModel,
           mlflow_db_template: Path) -> Path:
-    """A store of its own holding the session's trained weights as ``NAME@candidate``."""
+    """A store of its own holding the session's trained weights as ``NAME@candidate``,
+    with the record of the images they were trained on."""
     tracking.configure(_trained_store.mlruns)
     weights = tracking.load_model(_trained_store.version_uri).model
+    trained_on = tracking.training_image_digests(_trained_store.run_id)
+    assert trained_on is not None
     mlruns = new_store(tmp_path_factory.mktemp("calibrate") / "mlruns", mlflow_db_template)
     tracking.configure(mlruns)
     with tracking.start_run(NAME, "train-copy") as run:
         uri = tracking.log_model(run, weights)
+        run.log_text("".join(f"{d}\n" for d in sorted(trained_on)), "training_images.sha256")
     tracking.register_model(uri, NAME, alias="candidate", tags={"training_run_id": run.run_id})
     return mlruns
 
@@ -339,6 +344,26 @@ def test_a_model_folder_cannot_get_a_calibrated_version(store: Path, image_dirs:
     assert_one_line_error(result, "is not a registered model version", "models:/NAME@ALIAS")
 
 
+def test_a_run_uri_calibrates_the_version_that_run_registered(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs) -> None:
+    first = client.get_model_version(NAME, "1")
+    result = run("calibrate", "--model", f"runs:/{first.run_id}/model", "--normal",
+                 image_dirs.calibration, "--target-fpr", "0.1", "--device", "cpu",
+                 "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    new = client.get_model_version(NAME, model_uri_from(result).rsplit("/", 1)[1])
+    assert new.tags["source_version"] == "1"
+    assert new.tags["training_run_id"] == first.tags["training_run_id"]
+    # a run that registered nothing has no model to add a version to
+    with tracking.start_run(NAME, "unregistered") as logged:
+        tracking.log_model(logged, make_tiny_model())
+    result = run("calibrate", "--model", f"runs:/{logged.run_id}/model", "--normal",
+                 image_dirs.calibration, "--target-fpr", "0.1", "--device", "cpu",
+                 "--mlruns", store)
+    assert_one_line_error(result, "is not a registered model version",
+                          "the runs:/ URI of a registered model")
+
+
 # ---------------------------------------------------------------------------- --score auto
 
 
@@ -478,3 +503,74 @@ def test_cli_method_choices_are_the_library_methods() -> None:
     from anomaly_flow.cli import calibrate as cli_calibrate
 
     assert cli_calibrate.METHODS == METHODS
+
+
+def candidate_trained_on(client: mlflow.MlflowClient) -> frozenset[str]:
+    """The training record of the candidate's training run."""
+    version = client.get_model_version_by_alias(NAME, "candidate")
+    trained_on = tracking.training_image_digests(version.tags["training_run_id"])
+    assert trained_on is not None
+    return trained_on
+
+
+def test_calibration_leaves_out_the_images_the_model_was_trained_on(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
+        tmp_path: Path) -> None:
+    # held-out images plus copies (renamed) of five training images: the copies are left
+    # out by content, with their reason, and the threshold uses the 40 held-out ones
+    train_files = image_dirs.files(image_dirs.train)
+    trained_on = candidate_trained_on(client)
+    assert 0 < len(trained_on) < len(train_files)  # the validation split is held out
+    digests = dict(zip(train_files, file_digests(train_files), strict=True))
+    copies = [path for path in train_files if digests[path] in trained_on][:5]
+    normal = tmp_path / "normal"
+    shutil.copytree(image_dirs.calibration, normal)
+    for i, path in enumerate(copies):
+        shutil.copy(path, normal / f"looks-new-{i}.png")
+    result = run("calibrate", "--model", CANDIDATE, "--normal", normal, "--target-fpr", "0.1",
+                 "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert "5 of the 45 images in " in result.stderr and "trained on" in result.stderr
+    calibration = tracking.load_model(model_uri_from(result)).calibration
+    assert calibration is not None and calibration.threshold.n_calibration == 40
+    run_id = run_id_from(result)
+    assert client.get_run(run_id).data.metrics["n_failed_normal"] == 5
+    listed = json.loads(Path(client.download_artifacts(run_id, "failed_images.json"))
+                        .read_text())["normal"]
+    assert sorted(Path(row["path"]).name for row in listed) == \
+        [f"looks-new-{i}.png" for i in range(5)]
+    assert all("trained on" in row["reason"] for row in listed)
+
+
+def test_calibrating_on_the_training_folder_is_refused(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
+        _trained_store: TrainedModel, tmp_path: Path) -> None:
+    # the training folder itself: only its validation split is held out, too few for 0.1
+    n_val = _trained_store.config.train.val_fraction * len(image_dirs.files(image_dirs.train))
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.train,
+                 "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert_one_line_error(result, "needs at least 9 held-out normal images",
+                          f"only {round(n_val)} of the 48 files", "left out")
+    assert "were trained on" in result.stderr or "was trained on" in result.stderr
+    # only training images: refused whatever the target
+    only_trained = tmp_path / "only-trained"
+    only_trained.mkdir()
+    trained_on = candidate_trained_on(client)
+    for path in image_dirs.files(image_dirs.train):
+        if file_digests([path])[0] in trained_on:
+            shutil.copy(path, only_trained / path.name)
+    result = run("calibrate", "--model", CANDIDATE, "--normal", only_trained,
+                 "--target-fpr", "0.5", "--device", "cpu", "--mlruns", store)
+    assert_one_line_error(result, f"all {len(trained_on)} images in ",
+                          "pass a folder of normal images that were kept out of training")
+
+
+def test_evaluation_leaves_out_the_images_the_model_was_trained_on(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs) -> None:
+    result = run("evaluate", "--model", CANDIDATE, "--normal", image_dirs.train,
+                 "--anomalous", image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert "evaluation leaves them out" in result.stderr
+    metrics = client.get_run(run_id_from(result)).data.metrics
+    trained_on = candidate_trained_on(client)
+    assert metrics["n_normal"] == len(image_dirs.files(image_dirs.train)) - len(trained_on)

@@ -5,6 +5,7 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import click
@@ -55,6 +56,8 @@ def test_help_shows_an_example() -> None:
     (["{data}", "--name", "x", "--config", "/no/such.toml"], 1,
      ["config file /no/such.toml does not exist"]),
     (["{empty}", "--name", "x", "--mlruns", "{store}"], 1, ["no image files found"]),
+    (["{single}", "--name", "x", "--mlruns", "{store}"], 1,
+     ["{single} holds a single image ({single}/only.png)", "Add more normal images"]),
     (["{data}", "--name", "x", "--resume", "--mlruns", "{store}", "--preset", "tiny"], 1,
      ["--resume found no earlier training"]),
 ])
@@ -62,10 +65,12 @@ def test_bad_input_gives_a_one_line_error(
         tmp_path: Path, image_dirs: ImageDirs, args: list[str], code: int,
         fragments: list[str]) -> None:
     (tmp_path / "empty").mkdir()
+    (tmp_path / "single").mkdir()
+    shutil.copy(image_dirs.files(image_dirs.train)[0], tmp_path / "single" / "only.png")
     values = {"data": str(image_dirs.train), "empty": str(tmp_path / "empty"),
-              "store": str(tmp_path / "store")}
+              "single": str(tmp_path / "single"), "store": str(tmp_path / "store")}
     result = invoke(*(arg.format(**values) for arg in args))
-    assert_one_line_error(result, code, *fragments)
+    assert_one_line_error(result, code, *(f.format(**values) for f in fragments))
     assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from anomaly_flow import tracking
 from anomaly_flow.cli import main
 from anomaly_flow.data import load_sample
 
@@ -14,7 +18,7 @@ from anomaly_flow.data import load_sample
 @pytest.mark.slow
 def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tmp_path / "demo"
+    out = tmp_path / "anomalous" / "demo"  # a folder above named like a label fools nothing
     result = CliRunner().invoke(
         main, ["demo", "--out", str(out), "--preset", "tiny", "--epochs", "1",
                "--device", "cpu"])
@@ -26,7 +30,8 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     table = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
     assert len(table) == len(sample.test_images)
     assert table["error"].isna().all()
-    is_anomalous = table["path"].str.contains("/anomalous/")
+    is_anomalous = table["path"].map(
+        lambda path: Path(path).relative_to(out / "data" / "test").parts[0] == "anomalous")
     assert is_anomalous.sum() == sample.test_is_anomaly.sum()
     # Calibrated on the default score, ensemble; every verdict follows its threshold.
     np.testing.assert_array_equal(table["score"], table["ensemble"])
@@ -44,3 +49,14 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert len(list((out / "heatmaps").rglob("*.png"))) == len(table)
     assert "in their standard deviations (bright = unlike a normal image)" in page
     assert (out / "mlruns" / "mlflow.db").is_file()
+
+    # train, calibrate and evaluate runs, the last with every score's AUROC on the test set
+    tracking.configure(out / "mlruns")
+    runs = mlflow.search_runs(experiment_names=["fashion-sneaker"], output_format="list")
+    by_name = {run.info.run_name: run for run in runs}
+    assert {"calibrate", "evaluate"} <= set(by_name) and len(runs) == 3
+    evaluated = by_name["evaluate"].data.metrics
+    assert evaluated["n_normal"] + evaluated["n_anomalous"] == len(table)
+    assert evaluated["n_anomalous"] == sample.test_is_anomaly.sum()
+    assert f"AUROC {evaluated['ensemble_auroc']:.4f}" in result.output
+    assert by_name["evaluate"].info.run_id in page

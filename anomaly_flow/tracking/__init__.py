@@ -42,7 +42,12 @@ from anomaly_flow.tracking.store import (
     mlruns_dir,
     start_run,
 )
-from anomaly_flow.tracking.training import TrainOutcome, checkpoint_dir, train_and_register
+from anomaly_flow.tracking.training import (
+    TrainOutcome,
+    checkpoint_dir,
+    train_and_register,
+    training_image_digests,
+)
 
 __all__ = [
     "CANDIDATE",
@@ -71,4 +76,5 @@ __all__ = [
     "set_alias",
     "start_run",
     "train_and_register",
+    "training_image_digests",
 ]

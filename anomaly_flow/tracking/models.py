@@ -271,6 +271,18 @@ def _load_local(path: Path, uri: str, device: str) -> LoadedModel:
     raise ModelNotFoundError(f"no model at {uri}: that path does not exist; {_URI_HELP}")
 
 
+def _registered_from_run(run_id: str) -> tuple[str, str, dict[str, str]] | None:
+    """``(name, version, tags)`` of the one registered version logged by ``run_id``, or
+    None when the run's model was not registered (or, ambiguously, more than once)."""
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    if len(versions) != 1:
+        return None
+    return versions[0].name, str(versions[0].version), dict(versions[0].tags or {})
+
+
 def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | None:
     """``(name, version, run_id, tags)`` for a registry URI, None for other URIs."""
     client = mlflow.MlflowClient()
@@ -345,6 +357,9 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         name, version, run_id, tags = entry
     elif uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/", 1)[0]
+        registered = _registered_from_run(run_id)
+        if registered is not None:
+            name, version, tags = registered
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         try:
             model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))

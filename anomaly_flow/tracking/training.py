@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow
 from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
 
 from anomaly_flow.config import RunConfig
 from anomaly_flow.data import display_path
@@ -31,6 +32,7 @@ from anomaly_flow.tracking.store import (
     flatten,
     git_commit,
     mlruns_dir,
+    quiet_mlflow,
     safe_name,
     start_run,
 )
@@ -39,6 +41,8 @@ from anomaly_flow.train import FolderData, TrainEvent, TrainingError, folder_dat
 logger = logging.getLogger(__name__)
 
 RUN_STATE_FILE = "run.json"
+TRAINING_IMAGES_FILE = "training_images.sha256"
+"""Run artifact: the SHA-256 content digest of each training image, one per line."""
 _STEP_METRICS = ("train_bpd", "lr", "grad_norm", "images_per_sec", "skipped_steps")
 _RESUME_MUST_MATCH = ("batch_size", "seed", "val_fraction")
 
@@ -190,11 +194,12 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     plus the data counts) and ``config.json``; per-step metrics (``train_bpd``, ``lr``,
     ``grad_norm``, ``images_per_sec``, ``skipped_steps``) and per-epoch ones
     (``val_bpd``, ``train_bpd_epoch``, ``images_per_sec_epoch``, ``failed_files``);
-    ``samples.png``, ``training_curves.png`` and, when files failed to decode,
-    ``failed_files.txt``; tags ``data_fingerprint``, ``data_folder``, ``git_commit``
-    (when the working directory is a git checkout). The model is logged as a pyfunc and,
-    when its validation bits/dim is finite, registered as a new version of ``name`` with
-    alias ``candidate``.
+    ``samples.png``, ``training_curves.png``, ``training_images.sha256`` (the content
+    digests of the training split, which calibration checks its images against) and,
+    when files failed to decode, ``failed_files.txt``; tags ``data_fingerprint``,
+    ``data_folder``, ``git_commit`` (when the working directory is a git checkout). The
+    model is logged as a pyfunc and, when its validation bits/dim is finite, registered
+    as a new version of ``name`` with alias ``candidate``.
 
     Args:
         data: Folder of images of normal data (searched recursively).
@@ -253,6 +258,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                   "data.n_val": len(folder.val) if folder.val is not None else 0}
         _log_params(run, params, resumed=previous_run is not None)
         run.log_dict(config.to_dict(), "config.json")
+        run.log_text("".join(f"{d}\n" for d in folder.train_digests), TRAINING_IMAGES_FILE)
 
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
                        resume=resume, callback=_MetricLogger(run), progress=progress)
@@ -289,3 +295,14 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         if result.failed_files:
             message += f"; {len(result.failed_files)} training file(s) could not be decoded"
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+
+
+def training_image_digests(run_id: str) -> frozenset[str] | None:
+    """The content digests of the images run ``run_id`` trained on, or None where the
+    run recorded none (trained before they were recorded, or not by this package)."""
+    try:
+        with quiet_mlflow():
+            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES_FILE}")
+    except (MlflowException, OSError):
+        return None
+    return frozenset(text.split())
