@@ -137,12 +137,12 @@ def test_too_small_folder_refused_before_loading(tmp_path: Path) -> None:
 
 
 def test_failed_images_do_not_count_towards_the_minimum() -> None:
-    # alpha = 0.1 needs 9; 12 files of which 4 failed leave 8.
+    # alpha = 0.1 needs 9; 12 files of which 4 failed (left out) leave 8.
     errors = [""] * 8 + ["cannot identify image file"] * 4
     with pytest.raises(CalibrationError) as info:
         calibrate_scores(LOADED, fake_scores(NORMAL[:12], errors), target_fpr=0.1)
     text = str(info.value)
-    assert "at least 9" in text and "only 8 of the 12" in text and "4 failed" in text
+    assert "at least 9" in text and "only 8 of the 12" in text and "4 left out" in text
 
 
 def test_unknown_score_is_refused() -> None:

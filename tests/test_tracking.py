@@ -266,6 +266,52 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert decided["is_anomaly"].tolist() == (expected["bpd"] > threshold).tolist()
 
 
+_NO_UNPICKLING = """
+import sys
+sys.modules["_pickle"] = None  # pickle falls back to its Python unpickler, patched below
+import pickle
+
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("something was unpickled while loading the model")
+
+
+pickle._Unpickler.load = refuse
+import json
+
+import mlflow
+import pandas as pd
+
+from anomaly_flow import tracking
+
+uri, paths = sys.argv[1], sys.argv[2:]
+tracking.configure(None)
+loaded = tracking.load_model(uri)
+frame = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"path": paths}))
+print(json.dumps({"config": loaded.model.config.to_dict(), "bpd": frame["bpd"].tolist()}))
+"""
+
+
+def test_loading_a_model_never_unpickles(trained: TrainedModel, image_dirs: ImageDirs,
+                                         tracking_env: dict[str, str]) -> None:
+    # a fresh process where any unpickling raises loads the registered model with the
+    # library and as a pyfunc, and scores: the same numbers as here
+    paths = [str(p) for p in image_dirs.files(image_dirs.test_normal)[:4]]
+    env = {**tracking_env, "MLFLOW_TRACKING_URI": trained.tracking_uri}
+    done = subprocess.run([sys.executable, "-c", _NO_UNPICKLING, trained.alias_uri, *paths],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = tracking.load_model(trained.alias_uri)
+    assert result["config"] == loaded.model.config.to_dict()
+    assert result["bpd"] == library_scores(loaded.model, paths)["bpd"].tolist()
+    # and the unpickler really is refused in such a process
+    probe = subprocess.run(
+        [sys.executable, "-c", _NO_UNPICKLING.split("import json")[0]
+         + "pickle.loads(pickle.dumps(1))"], capture_output=True, text=True, check=False)
+    assert probe.returncode != 0 and "something was unpickled" in probe.stderr
+
+
 def test_calibrated_version_is_registered_linked_and_promoted(
         trained: TrainedModel, image_dirs: ImageDirs, mlruns: Path) -> None:
     tracking.configure(trained.mlruns)  # the `mlruns` fixture configured the empty store
@@ -303,9 +349,15 @@ def test_calibrated_version_is_registered_linked_and_promoted(
     np.testing.assert_array_equal(out["p_value"].to_numpy(), calibration.p_values(scores))
     assert out["is_anomaly"].tolist() == calibration.decide(scores).tolist()
 
-    with pytest.raises(ModelNotFoundError, match="not a registered model version"):
-        tracking.register_calibrated_version(tracking.load_model(f"runs:/{training_run}/model"),
-                                             calibration, run, promote=False)
+    # the run URI of a registered model is that version; of an unregistered one, none
+    from_run = tracking.load_model(f"runs:/{training_run}/model")
+    assert (from_run.name, from_run.version) == ("calibrated-parts", "1")
+    with tracking.start_run("calibrated-parts", "unregistered") as run:
+        tracking.log_model(run, source_weights, None)
+        unregistered = tracking.load_model(f"runs:/{run.run_id}/model")
+        assert unregistered.name is None and unregistered.version is None
+        with pytest.raises(ModelNotFoundError, match="not a registered model version"):
+            tracking.register_calibrated_version(unregistered, calibration, run, promote=False)
 
 
 def test_registration_prints_nothing_and_links_the_logged_model(
