@@ -820,6 +820,7 @@ def score_folder(
     flush_every_s: float = FLUSH_EVERY_S,
     precision: Precision = "float32",
     compile: bool = False,
+    heatmap_kind: HeatmapKind | Literal["auto"] = "auto",
 ) -> ScoreSummary:
     """Score every image file under ``folder`` into one table at ``out``.
 
@@ -851,10 +852,8 @@ def score_folder(
         batch_size: Images per forward pass.
         num_workers: DataLoader worker processes that decode images.
         heatmaps: Folder for one heatmap PNG per scored image (same relative path,
-            ``.png`` suffix; see :mod:`anomaly_flow.heatmap`), or None. The map is the
-            per-pixel bits/dim, or the per-pixel typicality terms (where the image departs
-            from the normal images) when the calibration decides by ``typicality``,
-            ``knn`` or ``ensemble``.
+            ``.png`` suffix; see :mod:`anomaly_flow.heatmap`), or None; ``heatmap_kind``
+            says which map.
         resume: Keep the rows of an existing ``out`` and score only the missing files.
             Rows that failed before are kept as they are (run without ``resume`` to
             retry them). Decisions (``p_value``, ``is_anomaly``) are recomputed for all.
@@ -869,6 +868,12 @@ def score_folder(
             GPU, approximate); see :func:`numerics`. Resume with the same precision.
         compile: Run the flow compiled (see :func:`score_dataset`): for big
             folders; the scores move by about 1e-6 bits/dim.
+        heatmap_kind: ``bpd``: the per-pixel bits/dim (the exact decomposition of
+            ``-log p(x)``); ``typicality``: its per-pixel typicality terms, how far each
+            pixel's bits/dim is from the normal images' (needs the model's normal
+            reference); ``auto`` (default): the map of the deciding score,
+            ``typicality`` when the calibration decides by ``typicality``, ``knn`` or
+            ``ensemble``, else ``bpd``.
 
     Returns:
         Counts of the rows written.
@@ -876,7 +881,8 @@ def score_folder(
     Raises:
         DataError: The folder is missing, not a folder, or holds no image files.
         ScoringError: The output cannot be written, the earlier output cannot be
-            resumed from, or ``fdr`` is given for an uncalibrated model.
+            resumed from, ``fdr`` is given for an uncalibrated model, or typicality
+            heatmaps for a model without a normal reference.
     """
     out = Path(out)
     output_format(out)
@@ -888,6 +894,7 @@ def score_folder(
         apply_calibration(pd.DataFrame({name: [] for name in score_names(model)}),
                           calibration)
     if heatmaps is not None:
+        heatmap_kind = _resolve_heatmap_kind(heatmap_kind, model, calibration)
         _check_heatmap_folder(Path(heatmaps))
     root = Path(os.path.abspath(folder))
     paths = find_images(root)
@@ -907,14 +914,11 @@ def score_folder(
                     len(keys), display_path(out), len(todo))
 
     writer = None
-    heatmap_kind: HeatmapKind = "bpd"
     if heatmaps is not None:
         from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, heatmap_names
 
         names = heatmap_names([paths[i].relative_to(root) for i in todo])
-        # the map of the deciding score (checked above to be one this model gives)
-        if getattr(calibration, "score_name", "bpd") in REFERENCE_SCORES:
-            heatmap_kind = "typicality"
+        if heatmap_kind == "typicality":
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
                                    quantity="typicality")
         else:
@@ -961,7 +965,8 @@ def score_folder(
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
-                          heatmaps=writer, heatmap_kind=heatmap_kind, progress=progress,
+                          heatmaps=writer, heatmap_kind="bpd" if heatmap_kind == "auto"
+                          else heatmap_kind, progress=progress,
                           on_batch=on_batch, precision=precision, compile=compile)
     except KeyboardInterrupt:
         if frames:
@@ -993,6 +998,23 @@ def score_folder(
             .itertuples(index=False)
         ),
     )
+
+
+def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> HeatmapKind:
+    """The map ``kind`` names (``auto``: the deciding score's); refused before scoring
+    when the model cannot give it."""
+    if kind not in ("auto", "bpd", "typicality"):
+        raise ScoringError(f"unknown heatmap kind {kind!r}; choose auto, bpd or typicality")
+    if kind == "auto":
+        # the deciding score was checked above to be one this model gives
+        deciding = getattr(calibration, "score_name", "bpd")
+        return "typicality" if deciding in REFERENCE_SCORES else "bpd"
+    if kind == "typicality" and not model.has_reference:
+        raise ScoringError(
+            "typicality heatmaps need the model's normal reference (measured on the "
+            "validation images at training), and this model has none; use bpd heatmaps "
+            "(--heatmap-kind bpd), or train with a validation fraction above 0")
+    return kind  # type: ignore[return-value]
 
 
 def _check_heatmap_folder(folder: Path) -> None:

@@ -184,6 +184,9 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
          "use a file name ending in .csv, .parquet"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "r.csv", "--heatmaps",
           tmp_path / "file.csv" / "heat"), "cannot write heatmaps to"),
+        (("score", messy, *good, "--heatmap-kind", "bpd"), "add --heatmaps DIR"),
+        (("score", messy, *good, "--heatmaps", tmp_path / "h", "--heatmap-kind", "pink"),
+         "'pink' is not one of 'auto', 'bpd', 'typicality'"),
     ]
     if not torch.cuda.is_available():
         cases.append((("score", messy, *good, "--device", "cuda"), "CUDA is not available"))

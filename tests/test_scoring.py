@@ -754,6 +754,35 @@ def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
                 "inferno 0..5 normal standard deviations (fixed)"
 
 
+def test_heatmap_kind_overrides_the_deciding_scores_map(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
+    scored = full_table[full_table["error"] == ""]
+    cal = calibrate("ensemble", scored["ensemble"].to_numpy(), alpha=0.25)
+    values = {"bpd": dict(zip(relative(full_table, messy), full_table["bpd"], strict=True)),
+              "typicality": dict(zip(relative(full_table, messy), full_table["typicality"],
+                                     strict=True))}
+    name = next(n for n, reason in MESSY.items() if reason is None and n.isascii()
+                and not n.startswith("sub/dup"))
+    # per-pixel bits/dim although ensemble decides; typicality terms although uncalibrated
+    for calibration, kind in ((cal, "bpd"), (None, "typicality")):
+        heat = tmp_path / f"heat-{kind}"
+        score_folder(model, calibration, messy, tmp_path / f"{kind}.csv", batch_size=4,
+                     heatmaps=heat, heatmap_kind=kind)  # type: ignore[arg-type]
+        with Image.open(heat / Path(name).with_suffix(".png")) as img:
+            assert float(img.text[f"anomaly-flow:{kind}"]) == pytest.approx(
+                values[kind][name], rel=1e-5)
+    # a model without a normal reference has no typicality map: refused before scoring
+    bare = Glow(model.config)
+    bare.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if not k.startswith("reference_")})
+    out = tmp_path / "never.csv"
+    with pytest.raises(ScoringError, match=r"typicality heatmaps need the model's normal "
+                                           r"reference.*--heatmap-kind bpd"):
+        score_folder(bare.eval(), None, messy, out, heatmaps=tmp_path / "never",
+                     heatmap_kind="typicality")
+    assert not out.exists() and not (tmp_path / "never").exists()
+
+
 def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     paths = find_images(messy)

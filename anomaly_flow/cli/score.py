@@ -42,12 +42,15 @@ Examples:
 @device_option
 @click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="DIR", help="Also write, for each scored image, a PNG heatmap of where "
-                                  "it is unlikely (same relative path under DIR, .png): "
-                                  "per-pixel bits/dim on a fixed scale, 0 (black) to the "
-                                  "model's n_bits, e.g. 8 (yellow), inferno colours; for a "
-                                  "model calibrated on typicality, knn or ensemble, the "
-                                  "typicality score's per-pixel terms, 0 to 5 normal "
-                                  "standard deviations.")
+                                  "it is unlikely (same relative path under DIR, .png), in "
+                                  "inferno colours on a fixed scale; see --heatmap-kind.")
+@click.option("--heatmap-kind", type=click.Choice(["auto", "bpd", "typicality"]),
+              default=None,
+              help="bpd: per-pixel bits/dim, 0 (black) to the model's n_bits, e.g. 8 "
+                   "(yellow). typicality: how far each pixel's bits/dim is from the normal "
+                   "images', 0 to 5 of their standard deviations (models trained with a "
+                   "validation set). auto (default): typicality for a model calibrated on "
+                   "typicality, knn or ensemble, else bpd.")
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out and score only the files missing from it.")
 @click.option("--strict", is_flag=True,
@@ -71,8 +74,9 @@ Examples:
 @mlruns_option
 @user_errors
 def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | None,
-          device: str, heatmaps: Path | None, resume: bool, strict: bool, precision: str,
-          compile_model: bool, fdr: float | None, mlruns: Path | None) -> None:
+          device: str, heatmaps: Path | None, heatmap_kind: str | None, resume: bool,
+          strict: bool, precision: str, compile_model: bool, fdr: float | None,
+          mlruns: Path | None) -> None:
     """Score every image file under DIR into one table, one row per file.
 
     Columns: path, bpd, complexity, coarse_complexity, typicality, knn and ensemble
@@ -88,6 +92,9 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     from anomaly_flow.evaluation import open_model
     from anomaly_flow.scoring import check_writable, output_format, score_folder
 
+    if heatmap_kind is not None and heatmaps is None:
+        raise click.UsageError("--heatmap-kind says which heatmaps to write; add --heatmaps "
+                               "DIR, or drop --heatmap-kind")
     output_format(out)
     check_writable(out)  # before loading a model or scoring anything
     loaded = open_model(model, device, mlruns)
@@ -97,7 +104,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
             loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
             num_workers=_default_workers() if workers is None else workers,
             heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
-            compile=compile_model,
+            compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
         )
     except KeyboardInterrupt:
         click.echo("interrupted; run the same command with --resume to score the files "
