@@ -22,7 +22,12 @@ from anomaly_flow import plots, report, tracking
 from anomaly_flow.calibration import DetectionMetrics, operating_point
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import fingerprint_and_digests, write_sample_folders
-from anomaly_flow.evaluation import FolderScores, calibrate_model, evaluate_scores
+from anomaly_flow.evaluation import (
+    FolderScores,
+    calibrate_model,
+    evaluate_scores,
+    leave_out_training_images,
+)
 from anomaly_flow.scoring import REFERENCE_SCORES, score_folder
 from anomaly_flow.train import resolve_device
 
@@ -100,16 +105,16 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     # test/normal/... or test/anomalous/<class>/..., whatever the folders above test/ are
     table["label"] = [Path(path).relative_to(folders["test"]).parts[0]
                       for path in table["path"]]
-    scored = table["error"] == ""  # a file that failed has no scores
-    normal = scored & (table["label"] == "normal")
-    anomalous = scored & (table["label"] == "anomalous")
+    # the images the evaluation uses (held out of training, scored) give every figure
+    normal = leave_out_training_images(loaded, _folder_scores(table, folders, "normal"),
+                                       "evaluation")
+    anomalous = _folder_scores(table, folders, "anomalous")
     calibration = loaded.calibration
     score_name = calibration.score_name
     threshold = calibration.threshold.value
-    point = operating_point(table.loc[normal, score_name].to_numpy(float),
-                            table.loc[anomalous, score_name].to_numpy(float), threshold)
-    evaluated = evaluate_scores(loaded, _folder_scores(table, folders, "normal"),
-                                _folder_scores(table, folders, "anomalous"))
+    point = operating_point(normal.values(score_name), anomalous.values(score_name),
+                            threshold)
+    evaluated = evaluate_scores(loaded, normal, anomalous)
     detection = {name: DetectionMetrics(row.auroc, row.aupr, row.fpr_at_95_tpr,
                                         int(row.n_normal), int(row.n_anomalous))
                  for name, row in evaluated.table.iterrows()}

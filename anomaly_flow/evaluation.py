@@ -17,9 +17,9 @@ draws figures with :mod:`anomaly_flow.plots` and logs runs and model versions th
 Images that fail to decode are never used: each folder's failures are counted,
 reported with their reasons (one warning per folder from :func:`score_folder_table`,
 the outcome object, a ``failed_images.json`` artifact) and left out. A decoded image
-whose score is not finite is treated the same way. So is a normal image the model
-was trained on (the same content as one in its training split, as recorded by the
-training run): calibration and evaluation use held-out images only.
+whose score is not finite is treated the same way. So is a normal image of the model's
+training folder (the same content as one the training run recorded, either split):
+calibration and evaluation use held-out images only.
 
 Example:
     >>> outcome = calibrate_model("models:/parts@candidate", Path("val/normal"),
@@ -85,6 +85,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_scores",
     "leave_out_training_images",
+    "n_trained_on",
     "open_model",
     "score_folder_table",
     "select_folder_score",
@@ -382,47 +383,65 @@ def select_folder_score(normal: FolderScores, anomalous: FolderScores,
     return select_score(common["normal"], common["anomalous"])
 
 
+TRAINED_ON = "an image of the model's training folder"
+"""Start of the ``error`` of a row left out by :func:`leave_out_training_images`."""
+
+
 def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores,
                               purpose: str) -> FolderScores:
-    """``scores`` with each image the model was trained on left out for ``purpose``.
+    """``scores`` with each image of the model's training folder left out for ``purpose``.
 
-    An image counts as trained on when its content digest is among those the model's
-    training run recorded for its training split (its validation images are held out, so
-    they stay). Left-out rows keep their scores and get the reason in ``error``, so they
-    are listed with the other failures; a warning says how many. A model whose training
-    run recorded no digests, or ``scores`` without a digest per row (built by hand, not
-    by :func:`score_folder_table`), is used as it is, with a note that nothing was checked.
+    An image counts when its content digest is among those the model's training run
+    recorded for its training folder: the training split, and the validation split too,
+    since the normal reference behind ``typicality``, ``knn`` and ``ensemble`` was
+    fitted on it (a validation image is its own nearest neighbour there). Left-out rows
+    keep their scores and get the reason in ``error`` (starting with :data:`TRAINED_ON`),
+    so they are listed with the other failures; a warning says how many. Rows that
+    already failed keep their own reason. Where the training run recorded no digests
+    (trained before they were recorded, or not by this package) nothing can be checked,
+    and a warning says so; ``scores`` built by hand without digests are used as they are.
 
     Raises:
-        CalibrationError: Every image of the folder is one the model was trained on.
+        CalibrationError: Every usable image of the folder is one of the training folder.
     """
-    run_id = loaded.training_run_id
-    trained_on = None
-    if run_id is not None and len(scores.digests) == scores.n_files:
-        trained_on = tracking.training_image_digests(run_id)
-    if trained_on is None:
-        logger.info("no record of %s's training images or of the contents of %s, so %s "
-                    "cannot check that those images were held out of training", loaded.uri,
-                    display_path(scores.folder), purpose)
+    folder = display_path(scores.folder)
+    if len(scores.digests) != scores.n_files:
+        logger.info("no content digests for the images of %s, so %s cannot check that they "
+                    "were held out of training", folder, purpose)
         return scores
-    seen = np.fromiter((is_digest(d) and d in trained_on for d in scores.digests),
-                       dtype=bool, count=scores.n_files)
+    run_id = loaded.training_run_id
+    trained_on = None if run_id is None else tracking.training_image_digests(run_id)
+    if trained_on is None:
+        logger.warning("%s has no record of the images it was trained on, so %s cannot check "
+                       "that the images of %s were held out of training; make sure they were",
+                       loaded.uri, purpose, folder)
+        return scores
+    usable = (scores.table["error"] == "").to_numpy()
+    seen = usable & np.fromiter((is_digest(d) and d in trained_on for d in scores.digests),
+                                dtype=bool, count=scores.n_files)
     if not seen.any():
         return scores
-    folder = display_path(scores.folder)
-    if seen.all():
+    if not (usable & ~seen).any():
+        counted = (f"all {scores.n_files} images" if usable.all()
+                   else f"all {int(seen.sum())} usable images (of {scores.n_files} files)")
         raise CalibrationError(
-            f"all {scores.n_files} images in {folder} are images {loaded.uri} was trained "
-            f"on (run {run_id}), and {purpose} needs held-out normal images the model never "
+            f"{counted} in {folder} are images of the folder {loaded.uri} was trained on "
+            f"(run {run_id}), and {purpose} needs held-out normal images the model never "
             "saw; pass a folder of normal images that were kept out of training."
         )
     table = scores.table.copy()
-    table.loc[seen, "error"] = (f"an image the model was trained on (same content as one in "
-                                f"training run {run_id}); {purpose} uses held-out images only")
-    logger.warning("%d of the %d images in %s are images %s was trained on (same content); "
-                   "%s leaves them out and uses the other %d", int(seen.sum()),
-                   scores.n_files, folder, loaded.uri, purpose, int((~seen).sum()))
+    table.loc[seen, "error"] = (f"{TRAINED_ON} (same content as one recorded by training run "
+                                f"{run_id}); {purpose} uses held-out images only")
+    logger.warning("%d of the %d images in %s are images of the folder %s was trained on "
+                   "(same content); %s leaves them out and uses the other %d",
+                   int(seen.sum()), scores.n_files, folder, loaded.uri, purpose,
+                   int((usable & ~seen).sum()))
     return FolderScores(scores.folder, table, scores.fingerprint, scores.digests)
+
+
+def n_trained_on(scores: FolderScores) -> int:
+    """How many rows :func:`leave_out_training_images` left out."""
+    return int(scores.table["error"].str.startswith(TRAINED_ON).sum())
 
 
 def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
@@ -558,6 +577,7 @@ def calibrate_scores(
         "n_calibration": threshold.n_calibration,
         "n_anomalous": threshold.n_anomalous,
         "n_failed_normal": len(failures["normal"]),
+        "n_trained_on_normal": n_trained_on(normal),
     }
     if anomalous_values is not None:
         detection = detection_metrics(normal_values, anomalous_values)
@@ -782,6 +802,10 @@ def evaluate_scores(
 
     Returns:
         The per-score table, metrics logged and failures.
+
+    Raises:
+        DataError: No score type could be evaluated (nothing scored on one side).
+        CalibrationError: Every usable normal image is one of the model's training folder.
     """
     normal = leave_out_training_images(loaded, normal, "evaluation")
     names = score_names(loaded.model)
@@ -794,6 +818,7 @@ def evaluate_scores(
     metrics["n_normal"] = float(normal.n_files - len(failures["normal"]))
     metrics["n_anomalous"] = float(anomalous.n_files - len(failures["anomalous"]))
     metrics["n_failed_normal"] = len(failures["normal"])
+    metrics["n_trained_on_normal"] = n_trained_on(normal)
     metrics["n_failed_anomalous"] = len(failures["anomalous"])
 
     calibration = loaded.calibration
@@ -859,6 +884,7 @@ def evaluate_model(
 
     Raises:
         DataError: A folder is missing or holds no image files, or nothing scored.
+        CalibrationError: Every usable normal image is one of the model's training folder.
     """
     normal, anomalous = Path(normal), Path(anomalous)
     find_images(normal)

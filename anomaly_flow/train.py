@@ -147,20 +147,25 @@ class TrainResult:
 class FolderData:
     """Training and validation sets drawn from one image folder.
 
-    ``train_digests``: the sorted, distinct SHA-256 content digests of the training
-    split's files (not the validation images), so that calibration can tell images the
-    model was trained on from held-out ones.
+    ``digests``: the sorted, distinct SHA-256 content digests of the folder's files,
+    both splits (the validation split is fitted by the normal reference), so that
+    calibration can tell the images the model was trained on from held-out ones.
     """
 
     train: Dataset
     val: Dataset | None
     paths: list[Path]
     fingerprint: str
-    train_digests: tuple[str, ...] = ()
+    digests: tuple[str, ...] = ()
 
 
 def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
-    """Find the images under ``folder`` and split them reproducibly (seed, val_fraction)."""
+    """Find the images under ``folder`` and split them reproducibly (seed, val_fraction).
+
+    Raises:
+        DataError: The folder is missing, holds no image files, or holds a single image
+            while a validation split is asked for.
+    """
     root = Path(folder)
     paths = find_images(root)
     if len(paths) == 1 and config.train.val_fraction > 0:
@@ -175,9 +180,8 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
     digest, digests = fingerprint_and_digests(paths, root)
-    trained_on = sorted({digests[i] for i in train_idx if is_digest(digests[i])})
     return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
-                      tuple(trained_on))
+                      tuple(sorted({d for d in digests if is_digest(d)})))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

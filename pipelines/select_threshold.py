@@ -23,6 +23,7 @@ from anomaly_flow.evaluation import (
     AUTO_SCORE,
     calibrate_scores,
     compare_thresholds,
+    leave_out_training_images,
     open_model,
     score_folder_table,
     select_folder_score,
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = open_model(args.model, args.device, args.mlruns)
         options = {"batch_size": args.batch_size, "workers": args.workers}
-        normal = score_folder_table(loaded.model, args.normal, **options)
+        normal = leave_out_training_images(
+            loaded, score_folder_table(loaded.model, args.normal, **options),
+            "threshold selection")
         anomalous = score_folder_table(loaded.model, args.anomalous, **options)
         score = default_score(loaded.model) if args.score is None else args.score
         if score == AUTO_SCORE:

@@ -516,61 +516,59 @@ def candidate_trained_on(client: mlflow.MlflowClient) -> frozenset[str]:
 def test_calibration_leaves_out_the_images_the_model_was_trained_on(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
         tmp_path: Path) -> None:
-    # held-out images plus copies (renamed) of five training images: the copies are left
-    # out by content, with their reason, and the threshold uses the 40 held-out ones
+    # held-out images plus renamed copies of five images of the training folder: the
+    # copies are left out by content, with their reason, and the threshold uses the 40
+    # held-out ones
     train_files = image_dirs.files(image_dirs.train)
-    trained_on = candidate_trained_on(client)
-    assert 0 < len(trained_on) < len(train_files)  # the validation split is held out
-    digests = dict(zip(train_files, file_digests(train_files), strict=True))
-    copies = [path for path in train_files if digests[path] in trained_on][:5]
+    # both splits are recorded: the validation split was fitted by the normal reference
+    assert candidate_trained_on(client) == set(file_digests(train_files))
     normal = tmp_path / "normal"
     shutil.copytree(image_dirs.calibration, normal)
-    for i, path in enumerate(copies):
+    for i, path in enumerate(train_files[:5]):
         shutil.copy(path, normal / f"looks-new-{i}.png")
     result = run("calibrate", "--model", CANDIDATE, "--normal", normal, "--target-fpr", "0.1",
                  "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 0, result.output
-    assert "5 of the 45 images in " in result.stderr and "trained on" in result.stderr
+    assert "5 of the 45 images in " in result.stderr
+    assert "the folder models:/cal-parts@candidate was trained on" in result.stderr
     calibration = tracking.load_model(model_uri_from(result)).calibration
     assert calibration is not None and calibration.threshold.n_calibration == 40
     run_id = run_id_from(result)
-    assert client.get_run(run_id).data.metrics["n_failed_normal"] == 5
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["n_trained_on_normal"] == metrics["n_failed_normal"] == 5
     listed = json.loads(Path(client.download_artifacts(run_id, "failed_images.json"))
                         .read_text())["normal"]
     assert sorted(Path(row["path"]).name for row in listed) == \
         [f"looks-new-{i}.png" for i in range(5)]
-    assert all("trained on" in row["reason"] for row in listed)
+    assert all("training folder" in row["reason"] for row in listed)
 
 
 def test_calibrating_on_the_training_folder_is_refused(
-        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
-        _trained_store: TrainedModel, tmp_path: Path) -> None:
-    # the training folder itself: only its validation split is held out, too few for 0.1
-    n_val = _trained_store.config.train.val_fraction * len(image_dirs.files(image_dirs.train))
+        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
     result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.train,
-                 "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
-    assert_one_line_error(result, "needs at least 9 held-out normal images",
-                          f"only {round(n_val)} of the 48 files", "left out")
-    assert "were trained on" in result.stderr or "was trained on" in result.stderr
-    # only training images: refused whatever the target
-    only_trained = tmp_path / "only-trained"
-    only_trained.mkdir()
-    trained_on = candidate_trained_on(client)
-    for path in image_dirs.files(image_dirs.train):
-        if file_digests([path])[0] in trained_on:
-            shutil.copy(path, only_trained / path.name)
-    result = run("calibrate", "--model", CANDIDATE, "--normal", only_trained,
                  "--target-fpr", "0.5", "--device", "cpu", "--mlruns", store)
-    assert_one_line_error(result, f"all {len(trained_on)} images in ",
+    assert_one_line_error(result, "all 48 images in ", "was trained on",
                           "pass a folder of normal images that were kept out of training")
+    # a file that cannot be decoded keeps its own reason; every usable image is trained on
+    mixed = tmp_path / "mixed"
+    shutil.copytree(image_dirs.train, mixed)
+    corrupt_png(mixed / "zz-broken.png")
+    result = run("calibrate", "--model", CANDIDATE, "--normal", mixed,
+                 "--target-fpr", "0.5", "--device", "cpu", "--mlruns", store)
+    assert_one_line_error(result, "all 48 usable images (of 49 files) in ")
 
 
 def test_evaluation_leaves_out_the_images_the_model_was_trained_on(
-        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs) -> None:
-    result = run("evaluate", "--model", CANDIDATE, "--normal", image_dirs.train,
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
+        tmp_path: Path) -> None:
+    normal = tmp_path / "normal"
+    shutil.copytree(image_dirs.test_normal, normal)
+    for i, path in enumerate(image_dirs.files(image_dirs.train)[:3]):
+        shutil.copy(path, normal / f"looks-new-{i}.png")
+    result = run("evaluate", "--model", CANDIDATE, "--normal", normal,
                  "--anomalous", image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 0, result.output
     assert "evaluation leaves them out" in result.stderr
     metrics = client.get_run(run_id_from(result)).data.metrics
-    trained_on = candidate_trained_on(client)
-    assert metrics["n_normal"] == len(image_dirs.files(image_dirs.train)) - len(trained_on)
+    assert metrics["n_trained_on_normal"] == 3
+    assert metrics["n_normal"] == len(image_dirs.files(image_dirs.test_normal))

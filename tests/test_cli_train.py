@@ -13,6 +13,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner, Result
 
+from anomaly_flow import tracking
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
@@ -157,6 +158,9 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     steps = [m.step for m in client.get_metric_history(run_id, "train_bpd")]
     assert max(steps) == 2 * max(m.step for m in steps_before)
     assert str(client.get_model_version_by_alias("cli-parts", "candidate").version) == "2"
+    # the run logged and registered two models: its runs:/ URI names the latest, version 2
+    from_run = tracking.load_model(f"runs:/{run_id}/model")
+    assert (from_run.name, from_run.version) == ("cli-parts", "2")
 
 
 def test_an_unregistrable_model_exits_1_and_says_why(

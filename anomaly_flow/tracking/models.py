@@ -271,16 +271,20 @@ def _load_local(path: Path, uri: str, device: str) -> LoadedModel:
     raise ModelNotFoundError(f"no model at {uri}: that path does not exist; {_URI_HELP}")
 
 
-def _registered_from_run(run_id: str) -> tuple[str, str, dict[str, str]] | None:
-    """``(name, version, tags)`` of the one registered version logged by ``run_id``, or
-    None when the run's model was not registered (or, ambiguously, more than once)."""
+def _registered_from_run(run_id: str, model_id: str | None
+                         ) -> tuple[str, str, dict[str, str]] | None:
+    """``(name, version, tags)`` of the registered version of the model ``model_id`` that
+    run ``run_id`` logged (a resumed training logs and registers more than one), or None
+    when that model was not registered."""
     try:
         versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
     except MlflowException:
         return None
-    if len(versions) != 1:
+    mine = [mv for mv in versions if model_id and model_id in (
+        getattr(mv, "model_id", None), str(mv.source).removeprefix("models:/"))]
+    if len(mine) != 1:
         return None
-    return versions[0].name, str(versions[0].version), dict(versions[0].tags or {})
+    return mine[0].name, str(mine[0].version), dict(mine[0].tags or {})
 
 
 def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | None:
@@ -357,9 +361,6 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         name, version, run_id, tags = entry
     elif uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/", 1)[0]
-        registered = _registered_from_run(run_id)
-        if registered is not None:
-            name, version, tags = registered
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         try:
             model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
@@ -374,5 +375,9 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         if run_id is None:
             with contextlib.suppress(Exception):  # informative only
                 run_id = Model.load(str(model_dir)).run_id
+        elif name is None:  # a run URI: the registered version of the model it names
+            registered = _registered_from_run(run_id, Model.load(str(model_dir)).model_id)
+            if registered is not None:
+                name, version, tags = registered
         return _read(_glow_folder(model_dir), uri, device, name=name, version=version,
                      run_id=run_id, tags=tags)

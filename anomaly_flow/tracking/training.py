@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 RUN_STATE_FILE = "run.json"
 TRAINING_IMAGES_FILE = "training_images.sha256"
-"""Run artifact: the SHA-256 content digest of each training image, one per line."""
+"""Run artifact: the SHA-256 content digest of each image of the training folder (both
+splits), one per line."""
 _STEP_METRICS = ("train_bpd", "lr", "grad_norm", "images_per_sec", "skipped_steps")
 _RESUME_MUST_MATCH = ("batch_size", "seed", "val_fraction")
 
@@ -195,7 +196,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     ``grad_norm``, ``images_per_sec``, ``skipped_steps``) and per-epoch ones
     (``val_bpd``, ``train_bpd_epoch``, ``images_per_sec_epoch``, ``failed_files``);
     ``samples.png``, ``training_curves.png``, ``training_images.sha256`` (the content
-    digests of the training split, which calibration checks its images against) and,
+    digests of the training folder, which calibration checks its images against) and,
     when files failed to decode, ``failed_files.txt``; tags ``data_fingerprint``,
     ``data_folder``, ``git_commit`` (when the working directory is a git checkout). The
     model is logged as a pyfunc and, when its validation bits/dim is finite, registered
@@ -258,7 +259,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                   "data.n_val": len(folder.val) if folder.val is not None else 0}
         _log_params(run, params, resumed=previous_run is not None)
         run.log_dict(config.to_dict(), "config.json")
-        run.log_text("".join(f"{d}\n" for d in folder.train_digests), TRAINING_IMAGES_FILE)
+        run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
 
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
                        resume=resume, callback=_MetricLogger(run), progress=progress)
@@ -298,8 +299,9 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
 
 
 def training_image_digests(run_id: str) -> frozenset[str] | None:
-    """The content digests of the images run ``run_id`` trained on, or None where the
-    run recorded none (trained before they were recorded, or not by this package)."""
+    """The content digests of the images of the folder run ``run_id`` trained on (both
+    splits), or None where the run recorded none (trained before they were recorded, or
+    not by this package)."""
     try:
         with quiet_mlflow():
             text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES_FILE}")
