@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU figures of issues 3, 5 and 8 in one device call (about 9 minutes of commands,
+# so that it fits a 15-minute device lease with the machine's start).
+#
+# Prepare on this machine first (once per checkout; see benchmarks/gpu_prepare.sh):
+#     bash benchmarks/gpu_prepare.sh
+# then call the device tool's `run` with
+#     command:   bash benchmarks/gpu_session.sh
+#     carry:     [".whl", ".fmnist"]
+#     timeout_s: 600
+# Everything comes back as $OUT/summary.txt (each step's exit status, seconds and table)
+# and $OUT/gpu-session.tar.gz (each step's log, and the JSON the benchmarks wrote).
+#
+# Steps, most important first, each under its own time limit:
+#   issue3   `anomaly-flow train` on the 60,000 Fashion-MNIST training images as PNG files,
+#            preset fashion-mnist (the B1 architecture, bf16), one epoch: images/s and
+#            validation bits/dim, logged to a real sqlite MLflow store
+#   b1-fp32  B1 as the public implementations run it (float32, eager)
+#   b1-bf16  B1 with the preset's bf16 autocast
+#   b1-bf16-compile   B1 with bf16 and torch.compile
+#   b2       B2: scoring 50,000 PNG files to CSV vs decoding them, 16 workers
+# B3 (15 minutes of training) and B4 (ten models) do not fit one lease beside these.
+#
+# SMOKE=1 DEVICE=cpu runs every step with tiny sizes on the CPU, to check the wiring here.
+set -u
+out=${OUT:-/tmp/gpu-session}
+device=${DEVICE:-cuda}
+smoke=${SMOKE:-0}
+work=$(mktemp -d)
+touch "$work/started"
+mkdir -p "$out/logs"
+summary=$out/summary.txt
+: > "$summary"
+
+if [ -d .whl ] && [ "$smoke" != 1 ]; then  # the smoke run uses this machine's environment
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        > "$out/logs/pip.log" 2>&1 || { echo "pip install failed" >> "$summary"; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d .fmnist ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    mkdir -p /usr/share/datasets/fashion-mnist && cp .fmnist/*.gz /usr/share/datasets/fashion-mnist/
+fi
+command -v nvidia-smi > /dev/null && nvidia-smi > "$out/logs/nvidia-smi.txt" 2>&1
+python3 -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.is_available())" \
+    > "$out/logs/python.txt" 2>&1
+
+# step NAME SECONDS COMMAND...: run under a time limit, log to logs/NAME.log, one summary line
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/logs/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc seconds=$((SECONDS - start)) limit=$limit" | tee -a "$summary"
+    grep -E "^\|" "$out/logs/$name.log" | tail -12 >> "$summary"
+}
+
+if [ "$smoke" = 1 ]; then
+    n_train=600; preset=tiny; b1=(--tiny --steps 3 --warmup 1 --eval-images 200); n_score=300; workers=2
+else
+    n_train=60000; preset=fashion-mnist; b1=(--steps 30 --warmup 5 --eval-images 2000); n_score=50000; workers=16
+fi
+
+# The PNG folders of issue3 and b2, written by all cores (one process writes ~1,200/s).
+python3 - "$work" "$n_train" "$n_score" > "$out/logs/write-pngs.log" 2>&1 <<'EOF'
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+import numpy as np
+from anomaly_flow.data import load_fashion_mnist, write_image_folder
+from benchmarks.score_throughput import fashion_mnist
+
+def write(images, folder, prefix):
+    chunks = np.array_split(images, os.cpu_count() or 1)
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(write_image_folder, chunks, [folder] * len(chunks),
+                      [f"{prefix}{k:03d}-" for k in range(len(chunks))]))
+
+start = time.perf_counter()
+work, n_train, n_score = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+write(load_fashion_mnist("train")[0][:n_train], work / "fmnist-train", "train")
+write(fashion_mnist(n_score)[0], work / "b2-pngs", "fmnist")
+print(f"wrote {n_train} + {n_score} PNG files in {time.perf_counter() - start:.1f} s")
+EOF
+echo "write-pngs rc=$? $(tail -1 "$out/logs/write-pngs.log")" >> "$summary"
+
+step issue3 150 python3 -m anomaly_flow train "$work/fmnist-train" --name fmnist-gpu \
+    --preset "$preset" --epochs 1 --device "$device" --mlruns "$work/mlruns"
+grep -E "registered|run_id|model_uri" "$out/logs/issue3.log" | tail -4 >> "$summary"
+python3 - "$work/mlruns" >> "$summary" 2>> "$out/logs/issue3.log" <<'EOF'
+import sys
+import mlflow
+from anomaly_flow import tracking
+tracking.configure(sys.argv[1])
+for run in mlflow.search_runs(experiment_names=["fmnist-gpu"], output_format="list"):
+    m = run.data.metrics
+    keys = ("images_per_sec_epoch", "train_bpd_epoch", "val_bpd", "final_val_bpd", "steps")
+    print("issue3 metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m))
+EOF
+step b1-fp32 60 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
+    --out "$out/logs/b1-fp32.json"
+step b1-bf16 60 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" --bf16 \
+    --out "$out/logs/b1-bf16.json"
+step b1-bf16-compile 150 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
+    --bf16 --compile --out "$out/logs/b1-bf16-compile.json"
+step b2 120 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
+    --workers "$workers" --preset "$preset" --data "$work/b2-pngs"
+tail -7 "$out/logs/b2.log" >> "$summary"
+
+find benchmarks/results -type f -newer "$work/started" -exec cp {} "$out/logs/" \;
+tar -czf "$out/gpu-session.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+rm -rf "$work"
