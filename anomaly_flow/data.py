@@ -498,15 +498,12 @@ def load_fashion_mnist(
 # --------------------------------------------------------------------------- bookkeeping
 
 
-def file_digests(paths: Sequence[Path]) -> list[str]:
-    """The SHA-256 hex digest of each file's content, in the order of ``paths``; a file
-    that cannot be read gets ``unreadable:<errno name>`` instead (never a hex digest)."""
-    return [_read_digest(path)[1] for path in paths]
+_UNREADABLE = "unreadable:"
 
 
-def is_digest(value: str) -> bool:
-    """Whether ``value`` is a file's content digest (not an unreadable file's marker)."""
-    return len(value) == 64 and not value.startswith("unreadable:")
+def is_unreadable(digest: str) -> bool:
+    """Whether a digest of :func:`fingerprint_and_digests` marks a file it could not read."""
+    return digest.startswith(_UNREADABLE)
 
 
 def _read_digest(path: Path) -> tuple[int, str]:
@@ -518,7 +515,7 @@ def _read_digest(path: Path) -> tuple[int, str]:
             size = os.fstat(file.fileno()).st_size
             return size, hashlib.file_digest(file, "sha256").hexdigest()
     except OSError as exc:
-        return -1, f"unreadable:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+        return -1, f"{_UNREADABLE}{errno.errorcode.get(exc.errno or 0, exc.errno)}"
 
 
 def fingerprint(paths: Sequence[Path], root: Path) -> str:
@@ -532,7 +529,8 @@ def fingerprint(paths: Sequence[Path], root: Path) -> str:
 
 
 def fingerprint_and_digests(paths: Sequence[Path], root: Path) -> tuple[str, list[str]]:
-    """:func:`fingerprint` and :func:`file_digests` from one read of each file."""
+    """:func:`fingerprint`, and each file's SHA-256 hex digest in the order of ``paths``
+    (``unreadable:<errno name>`` for a file that cannot be read), from one read of each."""
     records, digests = [], []
     for path in paths:
         relative = os.fsencode(os.path.relpath(path, root))

@@ -56,7 +56,6 @@ from anomaly_flow.data import (
     display_path,
     find_images,
     fingerprint_and_digests,
-    is_digest,
 )
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
@@ -417,8 +416,8 @@ def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores
                        loaded.uri, purpose, folder)
         return scores
     usable = (scores.table["error"] == "").to_numpy()
-    seen = usable & np.fromiter((is_digest(d) and d in trained_on for d in scores.digests),
-                                dtype=bool, count=scores.n_files)
+    seen = usable & np.fromiter((d in trained_on for d in scores.digests), dtype=bool,
+                                count=scores.n_files)
     if not seen.any():
         return scores
     if not (usable & ~seen).any():

@@ -893,8 +893,9 @@ def score_folder(
     if calibration is not None:  # a score the model does not give: fail before scoring
         apply_calibration(pd.DataFrame({name: [] for name in score_names(model)}),
                           calibration)
+    maps: HeatmapKind = "bpd"
     if heatmaps is not None:
-        heatmap_kind = _resolve_heatmap_kind(heatmap_kind, model, calibration)
+        maps = _resolve_heatmap_kind(heatmap_kind, model, calibration)
         _check_heatmap_folder(Path(heatmaps))
     root = Path(os.path.abspath(folder))
     paths = find_images(root)
@@ -918,7 +919,7 @@ def score_folder(
         from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, heatmap_names
 
         names = heatmap_names([paths[i].relative_to(root) for i in todo])
-        if heatmap_kind == "typicality":
+        if maps == "typicality":
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
                                    quantity="typicality")
         else:
@@ -965,8 +966,7 @@ def score_folder(
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
-                          heatmaps=writer, heatmap_kind="bpd" if heatmap_kind == "auto"
-                          else heatmap_kind, progress=progress,
+                          heatmaps=writer, heatmap_kind=maps, progress=progress,
                           on_batch=on_batch, precision=precision, compile=compile)
     except KeyboardInterrupt:
         if frames:

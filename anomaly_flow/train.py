@@ -54,7 +54,7 @@ from anomaly_flow.data import (
     display_path,
     find_images,
     fingerprint_and_digests,
-    is_digest,
+    is_unreadable,
     split_train_val,
 )
 from anomaly_flow.glow import (
@@ -168,20 +168,21 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
     """
     root = Path(folder)
     paths = find_images(root)
-    if len(paths) == 1 and config.train.val_fraction > 0:
+    try:
+        train_idx, val_idx = split_train_val(len(paths), config.train.val_fraction,
+                                             config.train.seed)
+    except DataError:  # a single image and a validation split asked for
         raise DataError(
             f"{display_path(root)} holds a single image ({display_path(paths[0])}); training "
             "needs at least 2, some to train on and at least one held out to measure "
             "validation bits/dim (a model is registered only with a finite one). Add more "
             "normal images to the folder."
-        )
-    train_idx, val_idx = split_train_val(len(paths), config.train.val_fraction,
-                                         config.train.seed)
+        ) from None
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
     digest, digests = fingerprint_and_digests(paths, root)
     return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
-                      tuple(sorted({d for d in digests if is_digest(d)})))
+                      tuple(sorted({d for d in digests if not is_unreadable(d)})))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -26,7 +26,7 @@ from anomaly_flow.calibration import (
     youden_threshold,
 )
 from anomaly_flow.cli import main
-from anomaly_flow.data import file_digests
+from anomaly_flow.data import fingerprint_and_digests
 from anomaly_flow.evaluation import FolderScores, calibrate_scores, score_folder_table
 from anomaly_flow.glow import REFERENCE_KEYS
 from anomaly_flow.scoring import score_names
@@ -521,7 +521,8 @@ def test_calibration_leaves_out_the_images_the_model_was_trained_on(
     # held-out ones
     train_files = image_dirs.files(image_dirs.train)
     # both splits are recorded: the validation split was fitted by the normal reference
-    assert candidate_trained_on(client) == set(file_digests(train_files))
+    assert candidate_trained_on(client) == set(
+        fingerprint_and_digests(train_files, image_dirs.train)[1])
     normal = tmp_path / "normal"
     shutil.copytree(image_dirs.calibration, normal)
     for i, path in enumerate(train_files[:5]):

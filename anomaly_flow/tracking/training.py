@@ -298,13 +298,21 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
+_RECORDS: dict[tuple[str, str], frozenset[str]] = {}
+"""Training records read so far, by (tracking URI, run id): a run's record never changes
+(a resumed training must see the same folder), and calibrating then evaluating asks twice."""
+
+
 def training_image_digests(run_id: str) -> frozenset[str] | None:
     """The content digests of the images of the folder run ``run_id`` trained on (both
     splits), or None where the run recorded none (trained before they were recorded, or
     not by this package)."""
-    try:
-        with quiet_mlflow():
-            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES_FILE}")
-    except (MlflowException, OSError):
-        return None
-    return frozenset(text.split())
+    key = (mlflow.get_tracking_uri(), run_id)
+    if key not in _RECORDS:
+        try:
+            with quiet_mlflow():
+                text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES_FILE}")
+        except (MlflowException, OSError):
+            return None
+        _RECORDS[key] = frozenset(text.split())
+    return _RECORDS[key]
