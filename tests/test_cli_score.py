@@ -24,7 +24,6 @@ from tests.test_scoring import (
     N_BAD,
     N_GOOD,
     TINY,
-    ULPS,
     make_messy_folder,
     make_tiny_model,
     read_csv,
@@ -101,10 +100,12 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     resumed = run("score", messy, "--model", model_dir, "--out", partial, "--workers", "1",
                   "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert f"wrote {len(MESSY)} rows to {partial}, 8 kept from before" in resumed.stderr
+    assert f"{N_GOOD} scored, {N_BAD} failed, {k} anomalous in the whole table (8 rows kept " \
+        f"from before, {len(MESSY) - 8} files read now)" in resumed.stderr
+    assert f"wrote {len(MESSY)} rows to {partial}" in resumed.stderr
     again = read_csv(partial)
     assert not again["path"].duplicated().any()
-    pd.testing.assert_frame_equal(again, table, check_exact=False, rtol=0, atol=ULPS)
+    pd.testing.assert_frame_equal(again, table, check_exact=True)
 
     # a table from before coarse_complexity existed: its scored files are scored again
     older = tmp_path / "older.csv"
@@ -116,8 +117,9 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert "has no coarse_complexity column (it was written by an older anomaly-flow, or by " \
            f"a model without that score); scoring its {8 - n_kept} scored file(s) again" \
         in resumed.stderr
-    assert f"wrote {len(MESSY)} rows to {older}, {n_kept} kept from before" in resumed.stderr
-    pd.testing.assert_frame_equal(read_csv(older), table, check_exact=False, rtol=0, atol=ULPS)
+    assert f"({n_kept} rows kept from before, {len(MESSY) - n_kept} files read now)" \
+        in resumed.stderr
+    pd.testing.assert_frame_equal(read_csv(older), table, check_exact=True)
 
     # --compile: the same table to float32 rounding (the sums run in another order)
     compiled = tmp_path / "compiled.csv"

@@ -28,6 +28,7 @@ from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import (
     ArrayDataset,
     DataError,
+    SampleData,
     display_path,
     find_images,
     load_image,
@@ -45,6 +46,7 @@ from anomaly_flow.scoring import (
     read_table,
     score_dataset,
     score_folder,
+    score_images,
     score_names,
     write_table,
 )
@@ -53,8 +55,10 @@ from tests.test_complexity import pil_png_bits
 
 TINY = GlowConfig(image_size=16, levels=2, steps_per_level=2, hidden_channels=16)
 ULPS = 4e-6
-"""Scores are float32 sums: another batch composition may change their last bit or two
-(one float32 ulp is 9.5e-7 at 4 to 8 bits/dim, 1.9e-6 at 8 to 16), never more."""
+"""Scores are float32 sums: computed another way (``Glow.bpd`` sums all levels at once,
+the breakdown level by level) their last bit or two may differ (one float32 ulp is
+9.5e-7 at 4 to 8 bits/dim, 1.9e-6 at 8 to 16), never more. The same file scored again,
+in any batch, gives the same bits."""
 BOMB_SIDE = 9_500  # 90.25 M pixels: above PIL's 89.48 M-pixel limit, below twice it
 
 # file name -> the one-line reason it cannot be scored (None: it must be scored)
@@ -390,10 +394,48 @@ def test_same_numbers_whatever_the_batching_workers_or_format(
     table = pd.read_parquet(out)
     assert table["is_anomaly"].dtype == "boolean" and table["is_anomaly"].isna().all()
     assert table["error"].tolist() == full_table["error"].tolist()
-    # Same file, same numbers: bit-identical here; a CPU kernel that sums in a
-    # batch-size-dependent order may change the last float32 bit, no more.
+    # Same file, same numbers, to the bit
     for column in ("bpd", "complexity", "coarse_complexity", "level_1", "level_2", "score"):
-        np.testing.assert_allclose(table[column], full_table[column], rtol=0, atol=ULPS)
+        np.testing.assert_array_equal(table[column], full_table[column])
+
+
+def test_a_file_scored_alone_gets_its_folder_run_numbers(
+    model: Glow, messy: Path, full_table: pd.DataFrame
+) -> None:
+    # One image at a time (a served request, the last row of a Spark batch) and with the
+    # PNG bytes instead of the path: every number equals the folder run's, to the bit.
+    # (This model's sums happen to agree even unpadded; the next test's wider ones not.)
+    rows = full_table[full_table["error"] == ""]
+    files = {display_path(path): path for path in find_images(messy)}
+    columns = ["bpd", "level_1", "level_2", "typicality", "knn"]
+    alone = []
+    for path in rows["path"]:
+        dataset = ScoringDataset([files[path].read_bytes()], TINY.mode, TINY.image_size,
+                                 TINY.n_bits, TINY.levels)
+        scores = score_images(model, ScoringDataset.collate([dataset[0]]).images)
+        alone.append([float(scores.bpd[0]), *scores.level_bits[0].tolist(),
+                      float(scores.typicality[0]), float(scores.knn[0])])
+    np.testing.assert_array_equal(np.array(alone), rows[columns].to_numpy())
+
+
+@pytest.mark.parametrize("hidden", [32, 96])
+def test_scores_do_not_depend_on_the_batch_size(sample: SampleData, hidden: int) -> None:
+    config = GlowConfig(image_size=28, levels=2, steps_per_level=2, hidden_channels=hidden)
+    torch.manual_seed(1)
+    model = Glow(config)
+    images = ArrayDataset(sample.train[:24], config.mode, config.image_size).images
+    model.initialize(preprocess(images, config.n_bits))
+    with torch.no_grad():  # a trained model's couplings are not the identity
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    model.eval()
+    together = score_images(model, images)
+    for size in (1, 2, 5, 7):
+        parts = [score_images(model, images[i:i + size]) for i in range(0, len(images), size)]
+        torch.testing.assert_close(torch.cat([p.bpd for p in parts]), together.bpd,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([p.level_bits for p in parts]),
+                                   together.level_bits, rtol=0, atol=0)
 
 
 def test_model_overflow_is_an_error_row(model: Glow, messy: Path, tmp_path: Path) -> None:
@@ -545,7 +587,7 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
     pd.testing.assert_frame_equal(
         resumed.astype({"is_anomaly": float, "path": str, "error": str}),
         full_table.astype({"is_anomaly": float, "path": str, "error": str}),
-        check_exact=False, rtol=0, atol=ULPS,
+        check_exact=True,
     )
     # resuming a finished table scores nothing and changes nothing
     again = score_folder(model, None, messy, out, resume=True)
@@ -575,8 +617,7 @@ def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
     monkeypatch.setattr(scoring, "_launch", real_launch)
     summary = score_folder(model, None, messy, out, batch_size=5, resume=True)
     assert summary.n_resumed == 6
-    pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=False, rtol=0,
-                                  atol=ULPS)
+    pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
 
 
 def test_partial_table_is_flushed_during_the_run(model: Glow, messy: Path, tmp_path: Path,
@@ -647,7 +688,7 @@ def test_resume_from_a_table_without_a_later_score_rescores_its_files(
     pd.testing.assert_frame_equal(
         resumed.astype({"is_anomaly": float, "path": str, "error": str}),
         full_table.astype({"is_anomaly": float, "path": str, "error": str}),
-        check_exact=False, rtol=0, atol=ULPS,
+        check_exact=True,
     )
 
 

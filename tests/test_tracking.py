@@ -256,6 +256,7 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     signature = {spec.name: spec.type for spec in pyfunc.metadata.get_output_schema().inputs}
     assert list(signature) == columns
     assert signature["coarse_complexity"] == DataType.double
+    assert signature["is_anomaly"] == DataType.double  # so Spark keeps nulls (see pyfunc)
     assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
     assert (by_path["error"][:-1] == "").all()
@@ -485,8 +486,13 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         by_bytes = post_json(f"{base}/invocations", {"dataframe_split": {
             "columns": ["image"],
             "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files]}})
+        # one file per request, as a live service sends them: the same bits
+        alone = [post_json(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["path"], "data": [[p]]}})["predictions"][0]["bpd"]
+            for p in paths[:3]]
     rows = by_path["predictions"]
     assert [row["bpd"] for row in rows] == expected["bpd"].tolist()
+    assert alone == expected["bpd"].tolist()[:3]
     assert [row["is_anomaly"] for row in rows] == [False] * len(paths)
     assert [row["bpd"] for row in by_bytes["predictions"]] == expected["bpd"].tolist()
     assert all(row["error"] == "" for row in rows)
@@ -530,7 +536,9 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
     monkeypatch.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
     files = image_dirs.files(image_dirs.test_normal) + image_dirs.files(
         image_dirs.test_anomalous)
-    paths = [str(p) for p in files]
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    paths = [str(p) for p in files] + [str(not_an_image)]
     expected = library_scores(tracking.load_model(trained.alias_uri, device=AUTO).model, paths)
     spark = (pyspark_sql.SparkSession.builder.master("local[1]").appName("anomaly-flow-test")
              .config("spark.ui.enabled", "false").config("spark.driver.memory", "1g")
@@ -543,8 +551,18 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
         scored = table.withColumn("scores", udf("path")).select(
             "path", "scores.bpd", "scores.score", "scores.is_anomaly", "scores.error"
         ).toPandas()
+        # a decision threshold passed as a param: 1.0 or 0.0, null where the row failed
+        decide = mlflow.pyfunc.spark_udf(spark, trained.alias_uri, env_manager="local",
+                                         params={"threshold": 100.0})
+        decided = table.withColumn("scores", decide("path")).selectExpr(
+            "scores.is_anomaly", "isnull(scores.is_anomaly) AS missing").toPandas()
     finally:
         spark.stop()
     assert scored["path"].tolist() == paths
     np.testing.assert_array_equal(scored["bpd"].to_numpy(), expected["bpd"].to_numpy())
-    assert scored["is_anomaly"].isna().all() and (scored["error"] == "").all()
+    assert scored["is_anomaly"].isna().all()  # uncalibrated
+    assert (scored["error"].iloc[:-1] == "").all()
+    assert np.isnan(scored["bpd"].iloc[-1]) and scored["error"].iloc[-1] == \
+        expected["error"].iloc[-1] != ""
+    assert decided["is_anomaly"].iloc[:-1].tolist() == [0.0] * len(files)
+    assert decided["missing"].tolist() == [False] * len(files) + [True]  # null, not NaN

@@ -55,7 +55,14 @@ def output_columns(model: Glow) -> list[str]:
 
 def model_signature(model: Glow) -> ModelSignature:
     """The explicit signature: optional ``path``/``image`` inputs, the score columns out,
-    and the ``threshold`` and ``batch_size`` params."""
+    and the ``threshold`` and ``batch_size`` params.
+
+    ``is_anomaly`` is declared a double although ``predict`` returns True, False or None
+    (so a REST answer has ``true``, ``false`` or ``null``): ``mlflow.pyfunc.spark_udf``
+    takes its column types from here and casts each column with numpy, which turns a
+    missing boolean into False, so an unreadable file would read as "not anomalous". As
+    a double, Spark gets 1.0, 0.0 or null.
+    """
     inputs = Schema([
         ColSpec(DataType.string, "path", required=False),
         ColSpec(DataType.binary, "image", required=False),
@@ -63,7 +70,7 @@ def model_signature(model: Glow) -> ModelSignature:
     doubles = [*score_names(model), "score", "p_value"]
     outputs = Schema([
         *(ColSpec(DataType.double, name) for name in doubles),
-        ColSpec(DataType.boolean, "is_anomaly", required=False),
+        ColSpec(DataType.double, "is_anomaly", required=False),
         ColSpec(DataType.string, "error"),
     ])
     params = ParamSchema([
