@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ __all__ = [
     "FolderScores",
     "calibrate_model",
     "calibrate_scores",
+    "check_separate_folders",
     "compare_thresholds",
     "default_experiment",
     "detection_table",
@@ -338,6 +340,52 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
         )
 
 
+def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
+    """Refuse a normal and an anomalous folder that are one folder or contain each other.
+
+    Both are searched recursively, so the inner folder's images would be labelled both
+    ways and every metric and labelled threshold would be wrong.
+
+    Raises:
+        CalibrationError: The folders are the same, or one is inside the other.
+    """
+    a, b = Path(os.path.realpath(normal)), Path(os.path.realpath(anomalous))
+    if a == b:
+        raise CalibrationError(
+            f"the normal and the anomalous folder are the same folder ({display_path(a)}); "
+            "its images cannot be both: pass the anomalies in a folder of their own")
+    for inner, outer, inner_side, outer_side in ((b, a, "anomalous", "normal"),
+                                                 (a, b, "normal", "anomalous")):
+        if inner.is_relative_to(outer):
+            raise CalibrationError(
+                f"the {inner_side} folder {display_path(inner)} is inside the {outer_side} "
+                f"folder {display_path(outer)}, which is searched recursively, so its images "
+                f"would count as {outer_side} too; pass two folders that do not contain "
+                "each other")
+
+
+def _warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
+    """Warn about anomalous images with the same content as a normal one (by digest)."""
+    if len(normal.digests) != normal.n_files or len(anomalous.digests) != anomalous.n_files:
+        return
+    normal_paths = dict(zip(normal.digests, normal.table["path"], strict=True))
+    both = [(path, normal_paths[digest])
+            for digest, path in zip(anomalous.digests, anomalous.table["path"], strict=True)
+            if digest in normal_paths]
+    if both:
+        logger.warning(
+            "%d image(s) of %s have the same content as an image of %s (e.g. %s and %s): "
+            "they are labelled both anomalous and normal, and count on both sides; check "
+            "the labels", len(both), display_path(anomalous.folder),
+            display_path(normal.folder), both[0][0], both[0][1])
+
+
+def _check_labels(normal: FolderScores, anomalous: FolderScores | None) -> None:
+    if anomalous is not None:
+        check_separate_folders(normal.folder, anomalous.folder)
+        _warn_labelled_both(normal, anomalous)
+
+
 def _failures_dict(
     normal: FolderScores, anomalous: FolderScores | None, score: str
 ) -> dict[str, list[tuple[str, str]]]:
@@ -458,20 +506,23 @@ def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
     return tags
 
 
-def open_model(model_uri: str, device: str = "auto",
-               mlruns: Path | None = None) -> tracking.LoadedModel:
+def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None, *,
+               logs: bool = True) -> tracking.LoadedModel:
     """Configure the MLflow store and load a model (weights and calibration) by URI.
 
     Args:
         model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, a run URI or a folder.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
+        logs: The caller will log to the store. When False and ``model_uri`` is a local
+            folder, no store is opened (so none is created in the working directory).
 
     Returns:
         A :class:`anomaly_flow.tracking.LoadedModel`.
     """
     tracking.require_store(model_uri, mlruns)  # before configure() creates an empty one
-    tracking.configure(mlruns)
+    if logs or not tracking.is_local_model_uri(model_uri):
+        tracking.configure(mlruns)
     return tracking.load_model(model_uri, device=device)
 
 
@@ -531,6 +582,7 @@ def calibrate_scores(
     score = _resolve_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
+    _check_labels(normal, anomalous)
     normal = leave_out_training_images(loaded, normal, "calibration")
     selection = None
     if score == AUTO_SCORE:
@@ -704,6 +756,7 @@ def calibrate_model(
         _precheck_size(normal, target_fpr)  # type: ignore[arg-type]
     if anomalous_path is not None:
         find_images(anomalous_path)  # a missing or empty folder fails before any scoring
+        check_separate_folders(normal, anomalous_path)
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
     score = _resolve_score(score, loaded.model)
@@ -806,6 +859,7 @@ def evaluate_scores(
         DataError: No score type could be evaluated (nothing scored on one side).
         CalibrationError: Every usable normal image is one of the model's training folder.
     """
+    _check_labels(normal, anomalous)
     normal = leave_out_training_images(loaded, normal, "evaluation")
     names = score_names(loaded.model)
     table = detection_table(normal, anomalous, names)
@@ -888,6 +942,7 @@ def evaluate_model(
     normal, anomalous = Path(normal), Path(anomalous)
     find_images(normal)
     find_images(anomalous)
+    check_separate_folders(normal, anomalous)
     loaded = open_model(model_uri, device, mlruns)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     return evaluate_scores(

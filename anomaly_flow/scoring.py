@@ -921,7 +921,10 @@ def score_folder(
     config = model.config
     columns = output_columns(model)
 
-    previous = _previous_rows(out, score_names(model), keys) if resume else None
+    previous = _previous_rows(out, score_names(model), keys, root) if resume else None
+    if previous is not None:
+        _check_same_scores(model, previous, dict(zip(keys, paths, strict=True)), out,
+                           precision)
     done = previous.index if previous is not None else pd.Index([], dtype="string")
     todo = [i for i, key in enumerate(keys) if key not in done]
     if previous is not None:
@@ -1043,17 +1046,63 @@ def _check_heatmap_folder(folder: Path) -> None:
                            f"{exc.strerror or exc}; choose another heatmap folder") from None
 
 
-def _previous_rows(out: Path, names: list[str], keys: list[str]) -> pd.DataFrame | None:
-    """The earlier output's rows for files still present, or None if there is no output."""
+def _previous_rows(out: Path, names: list[str], keys: list[str], root: Path
+                   ) -> pd.DataFrame | None:
+    """The earlier output's rows for files still present, or None if there is no output.
+
+    Rows of files no longer under ``root`` are dropped with a warning; a table none of
+    whose rows is under ``root`` was made from another folder, and resuming it is refused
+    (it would throw all of them away)."""
     if not out.exists():
         logger.info("no earlier output at %s; scoring every file", display_path(out))
         return None
     previous = read_table(out, names)
     present = previous.index.isin(keys)
+    if len(previous) and not present.any():
+        raise ScoringError(
+            f"none of the {len(previous)} rows of {display_path(out)} is a file under "
+            f"{display_path(root)}, so resuming would drop them all; resume with the folder "
+            "the table was made from, or write to another --out")
     if not present.all():
-        logger.info("dropping %d row(s) of %s whose files are no longer in the folder",
-                    int((~present).sum()), display_path(out))
+        logger.warning("dropping %d row(s) of %s whose files are no longer under %s",
+                       int((~present).sum()), display_path(out), display_path(root))
     return previous[present]
+
+
+RESUME_PROBES = 4
+"""Kept rows scored again on resuming, to check they are the same model's numbers."""
+
+
+def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Path],
+                       out: Path, precision: Precision) -> None:
+    """Refuse to resume a table whose kept rows another model (or precision) scored.
+
+    Scoring is deterministic, so up to :data:`RESUME_PROBES` of the kept files, scored
+    again, must give their ``bpd`` back; the tolerance (1e-5 relative) admits the last
+    digits ``--compile`` moves and nothing a retrained, fine-tuned or bf16 model would
+    give. A table of the same weights with another calibration passes: decisions are
+    recomputed for every row anyway.
+    """
+    scored = previous.index[previous["error"] == ""]
+    if not len(scored):
+        return
+    probes = scored[np.linspace(0, len(scored) - 1, min(RESUME_PROBES, len(scored)))
+                    .round().astype(int)].unique()
+    config = model.config
+    dataset = ScoringDataset([files[key] for key in probes], config.mode, config.image_size,
+                             config.n_bits, config.levels)
+    again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
+                          precision=precision)
+    before = previous.loc[probes, "bpd"].to_numpy(dtype=float)
+    now = again["bpd"].to_numpy(dtype=float)
+    off = ~np.isclose(now, before, rtol=1e-5, atol=0.0)
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ScoringError(
+            f"{display_path(out)} was scored by another model or precision, or its files "
+            f"changed since: {probes[i]} has bpd {before[i]:.6f} there and {now[i]:.6f} "
+            "now; resume only with the model and --precision that started the table, or "
+            "score everything again (without --resume, or to another --out)")
 
 
 class _Flusher:

@@ -22,6 +22,7 @@ from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import (
     AUTO_SCORE,
     calibrate_scores,
+    check_separate_folders,
     compare_thresholds,
     leave_out_training_images,
     open_model,
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --register conformal needs --target-fpr", file=sys.stderr)
         return 2
     try:
+        check_separate_folders(args.normal, args.anomalous)
         loaded = open_model(args.model, args.device, args.mlruns)
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = leave_out_training_images(

@@ -70,7 +70,9 @@ def test_help_shows_an_example() -> None:
     assert "--resume" in result.output and "--heatmaps" in result.output
 
 
-def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # scoring with a model folder makes no MLflow store here
     out = tmp_path / "scores.csv"
     heat = tmp_path / "heat"
     result = run("score", messy, "--model", model_dir, "--out", out, "--workers", "0",
@@ -129,6 +131,7 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert "could not compile" not in result.stderr
     pd.testing.assert_frame_equal(read_csv(compiled), table, check_exact=False, rtol=1e-5,
                                   atol=1e-5)
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model_dir: Path,

@@ -27,8 +27,11 @@ from anomaly_flow.evaluation import (
     FolderScores,
     calibrate_model,
     calibrate_scores,
+    check_separate_folders,
     compare_thresholds,
     detection_table,
+    evaluate_model,
+    evaluate_scores,
     score_folder_table,
 )
 from anomaly_flow.glow import Glow
@@ -134,6 +137,48 @@ def test_too_small_folder_refused_before_loading(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError) as info:
         calibrate_model("models:/does-not-exist@candidate", tmp_path / "few", target_fpr=0.01)
     assert "at least 99" in str(info.value) and "only 20" in str(info.value)
+
+
+def test_normal_and_anomalous_folders_must_not_contain_each_other(tmp_path: Path) -> None:
+    test = tmp_path / "test"
+    write_image_folder(sample_images(12), test / "normal", "n-")
+    write_image_folder(sample_images(4, offset=12), test / "anomalous", "a-")
+    (tmp_path / "link").symlink_to(test)
+    for normal, anomalous, message in [
+        (test, test / "anomalous", r"the anomalous folder .*test/anomalous is inside the "
+                                   r"normal folder .*test, which is searched recursively, so "
+                                   r"its images would count as normal too"),
+        (test / "normal", test, "the normal folder .* is inside the anomalous folder"),
+        (test, tmp_path / "link", r"are the same folder \(.*test\); its images cannot be "
+                                  r"both"),
+    ]:
+        # refused before the model is opened (the URI does not exist)
+        with pytest.raises(CalibrationError, match=message):
+            calibrate_model("models:/does-not-exist@candidate", normal, anomalous=anomalous,
+                            method="f1")
+        with pytest.raises(CalibrationError, match=message):
+            evaluate_model("models:/does-not-exist@candidate", normal, anomalous)
+    check_separate_folders(test / "normal", test / "anomalous")  # siblings are fine
+
+
+def test_an_image_labelled_both_ways_is_named_in_a_warning(
+        tmp_path: Path, mlruns: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images = sample_images(8)
+    write_image_folder(images, tmp_path / "normal", "n-")
+    write_image_folder(np.concatenate([images[5:6], sample_images(3, offset=40)]),
+                       tmp_path / "anomalous", "a-")
+    model = make_tiny_model()
+    normal = score_folder_table(model, tmp_path / "normal")
+    anomalous = score_folder_table(model, tmp_path / "anomalous")
+    loaded = tracking.LoadedModel(model=model, calibration=None, uri="models:/tiny@candidate")
+    with caplog.at_level(logging.WARNING):
+        outcome = evaluate_scores(loaded, normal, anomalous)
+    [message] = [r.getMessage() for r in caplog.records if "labelled both" in r.getMessage()]
+    assert message.startswith(f"1 image(s) of {tmp_path / 'anomalous'} have the same content "
+                              f"as an image of {tmp_path / 'normal'} (e.g. "
+                              f"{tmp_path / 'anomalous' / 'a-00000.png'} and "
+                              f"{tmp_path / 'normal' / 'n-00005.png'})")
+    assert outcome.metrics["n_anomalous"] == 4  # counted, not dropped: the warning says so
 
 
 def test_failed_images_do_not_count_towards_the_minimum() -> None:

@@ -654,6 +654,46 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
         read_table(other, score_names(model))
 
 
+def test_resume_refuses_a_table_another_model_or_folder_made(
+    model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "scores.csv"
+    write_table(full_table.head(10), out)
+    other = make_tiny_model()
+    with torch.no_grad():  # a fine-tuned model: the same architecture, other weights
+        other.levels[0].steps[0].actnorm.log_scale.add_(0.01)
+    with pytest.raises(ScoringError, match=r"scores\.csv was scored by another model or "
+                       r"precision, or its files changed since: .* has bpd .* there and .* "
+                       r"now; resume only with the model and --precision"):
+        score_folder(other, None, messy, out, resume=True)
+    changed = full_table.head(10).copy()
+    changed.loc[9, "bpd"] += 1e-3  # a file rewritten since it was scored
+    write_table(changed, out)
+    with pytest.raises(ScoringError, match="or its files changed since"):
+        score_folder(model, None, messy, out, resume=True)
+    assert read_csv(out)["bpd"].equals(changed["bpd"])  # a refusal writes nothing
+
+    # a table of another folder: resuming would throw away every row
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(sample_images(1)[0, 0]).save(elsewhere / "a.png")
+    write_table(full_table.head(10), out)
+    with pytest.raises(ScoringError, match=r"none of the 10 rows of .*scores\.csv is a file "
+                       r"under .*elsewhere, so resuming would drop them all"):
+        score_folder(model, None, elsewhere, out, resume=True)
+    # some rows of files gone: dropped, with a warning
+    table = full_table.head(10).copy()
+    table.loc[10] = table.loc[9].copy()
+    table.loc[10, "path"] = str(messy / "gone.png")
+    write_table(table, out)
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, messy, out, resume=True)
+    assert summary.n_resumed == 10
+    assert "dropping 1 row(s) of" in caplog.text and "no longer under" in caplog.text
+    pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
+
+
 @pytest.mark.parametrize(("suffix", "dropped", "named"), [
     (".csv", ["coarse_complexity"], "coarse_complexity column"),
     (".parquet", ["coarse_complexity"], "coarse_complexity column"),

@@ -214,6 +214,9 @@ def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
     ("models:/no-such-model@candidate", "no registered model 'no-such-model'"),
     ("models:/tiny-parts@champion", "has no alias 'champion'"),
     ("models:/tiny-parts/99", "has no version 99"),
+    ("models:/tiny-parts", "names a model but not which of its versions; use "
+                           "models:/tiny-parts@candidate, models:/tiny-parts@champion or "
+                           "models:/tiny-parts/VERSION"),
     ("runs:/0123456789abcdef0123456789abcdef/model", "no model at runs:/"),
     ("/no/such/folder", "that path does not exist"),
 ])

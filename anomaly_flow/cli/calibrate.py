@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import device_option, mlruns_option, model_option, user_errors
+from anomaly_flow.cli.common import (
+    MODEL_URI,
+    device_option,
+    mlruns_option,
+    model_option,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,7 +40,11 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
 
 
 @main.command()
-@model_option
+@click.option("--model", "model", type=MODEL_URI, required=True, metavar="URI",
+              help="The registered model to calibrate: models:/NAME@ALIAS (e.g. @candidate), "
+                   "models:/NAME/VERSION, or runs:/RUN_ID/model of a registered training "
+                   "run; the calibration becomes a new version of NAME (so not a local "
+                   "folder).")
 @click.option("--normal", required=True, type=existing_dir,
               help="Folder of held-out normal images (never the training images).")
 @click.option("--anomalous", type=existing_dir, default=None,

@@ -52,7 +52,10 @@ Examples:
                    "validation set). auto (default): typicality for a model calibrated on "
                    "typicality, knn or ensemble, else bpd.")
 @click.option("--resume", is_flag=True,
-              help="Keep the rows already in --out and score only the files missing from it.")
+              help="Keep the rows already in --out and score only the files missing from "
+                   "it. Rows that failed stay as they were (run without --resume to retry "
+                   "them); a few kept files are scored again first, and a table another "
+                   "model or --precision scored is refused.")
 @click.option("--strict", is_flag=True,
               help="Exit with an error when any file could not be scored (the table is "
                    "still written).")
@@ -66,9 +69,9 @@ Examples:
               help="Compile the model (torch.compile) first: about twice the images/s on "
                    "a CPU for big folders, after tens of seconds of compiling. The same "
                    "float32 sums in another order: each score moves by a few millionths "
-                   "of its size (up to ~2e-6 relative), so resume a table with or without "
-                   "--compile as it was started. Scores without it, with a warning, where "
-                   "compiling fails.")
+                   "of its size (up to ~2e-6 relative; a table started without it can be "
+                   "resumed with it, and the reverse). Scores without it, with a warning, "
+                   "where compiling fails.")
 @click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, metavar="Q",
               help="Flag anomalies by Benjamini-Hochberg at false discovery rate Q over "
@@ -99,7 +102,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                                "DIR, or drop --heatmap-kind")
     output_format(out)
     check_writable(out)  # before loading a model or scoring anything
-    loaded = open_model(model, device, mlruns)
+    loaded = open_model(model, device, mlruns, logs=False)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = score_folder(

@@ -227,6 +227,11 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
 # --------------------------------------------------------------------------- loading
 
 
+def is_local_model_uri(uri: str) -> bool:
+    """Whether ``uri`` names a model folder on disk rather than one in an MLflow store."""
+    return _local_path(str(uri)) is not None
+
+
 def _local_path(uri: str) -> Path | None:
     """The local path ``uri`` names, or None for a store URI."""
     if uri.startswith("file://"):
@@ -351,6 +356,12 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     local = _local_path(uri)
     if local is not None:
         return _load_local(local, uri, device)
+    bare = re.fullmatch(r"models:/([^/@]+)/?", uri)
+    if bare is not None and not bare.group(1).startswith("m-"):  # m-...: a logged model id
+        name = bare.group(1)
+        raise ModelNotFoundError(
+            f"{uri} names a model but not which of its versions; use "
+            f"models:/{name}@{CANDIDATE}, models:/{name}@{CHAMPION} or models:/{name}/VERSION")
     if configured_uri() is None:  # configuring would create the default store
         require_store(uri)
     ensure_configured()
