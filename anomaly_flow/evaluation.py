@@ -100,6 +100,10 @@ AUTO_SCORE = "auto"
 
 _MAX_REASONS_LOGGED = 10
 
+LABELLED_MIN_IMAGES = 30
+"""Fewer usable images than this on either side: a labelled threshold (f1, youden, cost)
+is fitted anyway, with a warning that its figures are rough."""
+
 
 # ------------------------------------------------------------------------------- scoring
 
@@ -368,10 +372,13 @@ def _warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
     """Warn about anomalous images with the same content as a normal one (by digest)."""
     if len(normal.digests) != normal.n_files or len(anomalous.digests) != anomalous.n_files:
         return
-    normal_paths = dict(zip(normal.digests, normal.table["path"], strict=True))
-    both = [(path, normal_paths[digest])
-            for digest, path in zip(anomalous.digests, anomalous.table["path"], strict=True)
-            if digest in normal_paths]
+    # images only: files that could not be read (two empty files, say) carry no label
+    normal_paths = {digest: path for digest, path, error in zip(
+        normal.digests, normal.table["path"], normal.table["error"], strict=True)
+        if error == ""}
+    both = [(path, normal_paths[digest]) for digest, path, error in zip(
+        anomalous.digests, anomalous.table["path"], anomalous.table["error"], strict=True)
+        if error == "" and digest in normal_paths]
     if both:
         logger.warning(
             "%d image(s) of %s have the same content as an image of %s (e.g. %s and %s): "
@@ -616,6 +623,13 @@ def calibrate_scores(
                 f"({len(failures['normal'])} left out; the warnings say why). Add or fix "
                 "held-out normal images, or raise --target-fpr."
             )
+    if method != "conformal" and anomalous_values is not None and min(
+            normal_values.size, anomalous_values.size) < LABELLED_MIN_IMAGES:
+        logger.warning(
+            "the %s threshold is fitted on %d normal and %d anomalous images; with fewer "
+            "than %d on a side its precision, recall and false-positive rate are rough "
+            "estimates (one image moves them by several points); add labelled images",
+            method, normal_values.size, anomalous_values.size, LABELLED_MIN_IMAGES)
     calibration = calibrate(
         score, normal_values, method=method, alpha=target_fpr,
         anomalous_scores=anomalous_values, cost_fp=cost_fp, cost_fn=cost_fn,
@@ -823,17 +837,23 @@ def detection_table(normal: FolderScores, anomalous: FolderScores,
 
     Score types with no usable value on either side are left out with a warning.
     """
-    rows = []
+    rows, empty = [], []
     for name in scores:
         normal_values, anomalous_values = normal.values(name), anomalous.values(name)
         if normal_values.size == 0 or anomalous_values.size == 0:
-            logger.warning("score %s has no finite values on one side; left out", name)
+            empty.append(name)
             continue
         rows.append({"score": name, **detection_metrics(normal_values,
                                                         anomalous_values).to_dict()})
     if not rows:
-        raise DataError("no score type could be evaluated: no image could be scored on "
-                        "one side; see the warnings for the reasons.")
+        sides = [scores.folder for scores in (normal, anomalous)
+                 if not scores.usable("bpd").any()]
+        where = " and ".join(display_path(folder) for folder in sides) or "one side"
+        raise DataError(f"no score type could be evaluated: no image of {where} could be "
+                        "scored; see the warnings above for the reasons.")
+    if empty:
+        logger.warning("score(s) %s have no finite values on one side; left out",
+                       ", ".join(empty))
     return pd.DataFrame(rows).set_index("score")
 
 

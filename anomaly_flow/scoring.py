@@ -935,7 +935,10 @@ def score_folder(
     if heatmaps is not None:
         from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, heatmap_names
 
-        names = heatmap_names([paths[i].relative_to(root) for i in todo])
+        # named over every file, so a file scored now cannot take the name of one
+        # scored before (x.bmp added beside an earlier x.png)
+        every_name = heatmap_names([path.relative_to(root) for path in paths])
+        names = [every_name[i] for i in todo]
         if maps == "typicality":
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
                                    quantity="typicality")

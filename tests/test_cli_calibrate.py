@@ -295,6 +295,9 @@ def test_labelled_methods_store_the_calibration_modules_threshold(
     assert calibration.threshold.value == pytest.approx(expected.value, rel=1e-6)
     assert calibration.threshold.f1 == expected.f1
     assert calibration.threshold.n_anomalous == len(anomalous) == 16
+    assert f"the {method} threshold is fitted on 40 normal and 16 anomalous images; with " \
+        "fewer than 30 on a side its precision, recall and false-positive rate are rough " \
+        "estimates" in result.stderr
 
     metrics = client.get_run(run_id_from(result)).data.metrics
     for key in ("precision", "recall", "f1", "auroc", "aupr", "fpr_at_95_tpr"):

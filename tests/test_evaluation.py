@@ -241,6 +241,24 @@ def test_detection_table_has_every_score_and_matches_sklearn_metrics() -> None:
     assert table.loc["level_1", "auroc"] == pytest.approx(reference.auroc)
 
 
+def test_detection_table_names_an_unscorable_folder_and_warns_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    names = ["bpd", "complexity", "coarse_complexity", "level_1", "level_2"]
+    broken = fake_scores(ANOMALOUS[:3], ["cannot identify image file"] * 3, "anomalous")
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            DataError, match=r"no score type could be evaluated: no image of /data/anomalous "
+                             r"could be scored"):
+        detection_table(fake_scores(NORMAL), broken, names)
+    assert not caplog.records  # the error says it all: no warning per score before it
+    partial = fake_scores(ANOMALOUS, folder="anomalous")
+    partial.table["level_2"] = np.nan
+    with caplog.at_level(logging.WARNING):
+        table = detection_table(fake_scores(NORMAL), partial, names)
+    assert list(table.index) == names[:-1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "score(s) level_2 have no finite values on one side; left out"]
+
+
 # ----------------------------------------------------------------------------------- plots
 
 

@@ -106,7 +106,7 @@ def test_pipeline_with_an_unknown_model_is_one_line(
         script: str, trained: TrainedModel, image_dirs: ImageDirs,
         capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--model", "models:/no-such-model@champion", "--normal", image_dirs.calibration,
-            "--anomalous", image_dirs.calibration, "--target-fpr", "0.1",
+            "--anomalous", image_dirs.test_anomalous, "--target-fpr", "0.1",
             "--mlruns", trained.mlruns]
     assert load_script(script).main([str(a) for a in argv]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]

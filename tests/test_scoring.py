@@ -896,6 +896,21 @@ def test_render_heatmap_uses_the_fixed_scale() -> None:
         render_heatmap(image, pixel_bpd, vmin=1.0, vmax=1.0)
 
 
+def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(model: Glow,
+                                                              tmp_path: Path) -> None:
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "scores.csv"
+    folder.mkdir()
+    first, second = sample_images(2)
+    Image.fromarray(first[0]).save(folder / "x.png")
+    score_folder(model, None, folder, out, heatmaps=heat)
+    before = (heat / "x.png").read_bytes()
+    Image.fromarray(second[0]).save(folder / "x.bmp")  # added later, same stem
+    summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_resumed == 1 and summary.n_heatmaps == 1
+    assert (heat / "x.png").read_bytes() == before
+    assert (heat / "x.bmp.png").is_file()
+
+
 def test_heatmap_names_avoid_collisions() -> None:
     names = heatmap_names([Path("a/x.jpg"), Path("a/x.png"), Path("b/y.tif"), Path("z.png")])
     assert names == [Path("a/x.jpg.png"), Path("a/x.png.png"), Path("b/y.png"), Path("z.png")]

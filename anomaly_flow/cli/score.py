@@ -42,8 +42,10 @@ Examples:
 @device_option
 @click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="DIR", help="Also write, for each scored image, a PNG heatmap of where "
-                                  "it is unlikely (same relative path under DIR, .png), in "
-                                  "inferno colours on a fixed scale; see --heatmap-kind.")
+                                  "it is unlikely (same relative path under DIR, suffix .png; "
+                                  "files that differ only in their suffix keep it: x.jpg.png, "
+                                  "x.bmp.png), in inferno colours on a fixed scale; see "
+                                  "--heatmap-kind.")
 @click.option("--heatmap-kind", type=click.Choice(["auto", "bpd", "typicality"]),
               default=None,
               help="bpd: per-pixel bits/dim, 0 (black) to the model's n_bits, e.g. 8 "
