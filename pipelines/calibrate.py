@@ -28,10 +28,13 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
 )
+from anomaly_flow.pipeline_options import (
+    parser as pipeline_parser,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = pipeline_parser(__doc__)
     add_model_option(parser)
     parser.add_argument("--normal", required=True, type=Path,
                         help="folder of held-out normal images (never training images)")
@@ -39,8 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder of labelled anomalies (optional)")
     add_score_option(parser)
     add_target_fpr_option(parser, help="target false-positive rate for the conformal method")
-    parser.add_argument("--method", choices=METHODS, default="conformal")
-    add_cost_options(parser, explained=False)
+    parser.add_argument("--method", choices=METHODS, default="conformal",
+                        help="conformal (normal images only, needs --target-fpr), or with "
+                             "--anomalous: f1, youden or cost")
+    add_cost_options(parser)
     parser.add_argument("--promote", action="store_true", help="move alias 'champion'")
     add_device_option(parser)
     add_loader_options(parser)

@@ -44,6 +44,9 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
 )
+from anomaly_flow.pipeline_options import (
+    parser as pipeline_parser,
+)
 from anomaly_flow.train import TrainingError
 
 logger = logging.getLogger("pipelines.end_to_end")
@@ -115,7 +118,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = pipeline_parser(__doc__)
     add_name_option(parser)
     parser.add_argument("--sample", type=Path, default=None,
                         help="write the shipped sample here and use it as the data")
@@ -128,7 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", help="preset name or config file")
     add_epochs_option(parser)
     add_target_fpr_option(parser, default=0.01)
-    add_score_option(parser, help=None)
+    add_score_option(parser, help="the score the threshold applies to: bpd, complexity, "
+                                  "coarse_complexity, typicality, knn, ensemble, level_1, "
+                                  "...; default: ensemble, or bpd for a model without a "
+                                  "normal reference")
     parser.add_argument("--no-promote", action="store_true",
                         help="do not move alias 'champion' to the calibrated version")
     add_device_option(parser)

@@ -38,13 +38,16 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
 )
+from anomaly_flow.pipeline_options import (
+    parser as pipeline_parser,
+)
 from anomaly_flow.scoring import default_score, score_names
 
 LABELLED = ("f1", "youden", "cost")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = pipeline_parser(__doc__)
     add_model_option(parser)
     parser.add_argument("--normal", required=True, type=Path,
                         help="folder of held-out normal images")

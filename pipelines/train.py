@@ -25,11 +25,14 @@ from anomaly_flow.pipeline_options import (
     add_mlruns_option,
     add_name_option,
 )
+from anomaly_flow.pipeline_options import (
+    parser as pipeline_parser,
+)
 from anomaly_flow.tracking import train_and_register
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = pipeline_parser(__doc__)
     parser.add_argument("data", type=Path, help="folder of images of normal data")
     add_name_option(parser)
     source = parser.add_mutually_exclusive_group()
@@ -37,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shipped configuration (default: small)")
     source.add_argument("--config", type=Path, default=None, help="TOML or JSON configuration")
     add_epochs_option(parser)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per step (default: the preset's)")
     add_device_option(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint of --name")

@@ -169,3 +169,23 @@ def test_select_threshold_auto_score_registers_the_chosen_score(
     assert calibration.score_selection.auroc == pytest.approx(auroc)
     assert calibration.threshold.value == pytest.approx(
         f1_threshold(normal.values(best), anomalous.values(best)).value)
+
+
+@pytest.mark.parametrize("script", ["train", "calibrate", "select_threshold", "end_to_end"])
+def test_help_explains_every_option_and_shows_its_default(
+        script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    # every option line carries help text: a flag alone on its line is followed by an
+    # indented line of help, any other line has both
+    lines = options.splitlines()[1:]
+    for i, line in enumerate(lines):
+        if line.startswith("  -"):
+            flag_only = len(line.split("  ")) <= 2 and not line.strip().startswith("-h")
+            assert not flag_only or lines[i + 1].startswith(" " * 10), line
+    assert "(default: auto)" in text  # --device
+    if script != "train":
+        assert "(default: 256)" in text or script == "end_to_end"  # --batch-size
