@@ -918,6 +918,13 @@ def score_folder(
                        "%s will score the heatmaps too; put them elsewhere",
                        display_path(heatmaps), display_path(root))
     keys = [display_path(p) for p in paths]
+    clash = pd.Index(keys).duplicated()
+    if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge
+        raise ScoringError(
+            f"two files under {display_path(root)} print as the same name, "
+            f"{keys[int(np.flatnonzero(clash)[0])]} (one name is not valid UTF-8 and its "
+            "bytes are shown as \\x escapes, the other has those characters); rename one "
+            "of them, or their rows could not be told apart")
     config = model.config
     columns = output_columns(model)
 

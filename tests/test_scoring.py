@@ -911,6 +911,18 @@ def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(model: Glow,
     assert (heat / "x.bmp.png").is_file()
 
 
+def test_two_files_printing_as_one_name_are_refused(model: Glow, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = Image.fromarray(sample_images(1)[0, 0])
+    image.save(os.fsdecode(bytes(folder) + b"/lat\xe9.png"), format="PNG")  # Latin-1 name
+    image.save(folder / "lat\\xe9.png")  # its printed form, as a real name
+    with pytest.raises(ScoringError, match=r"two files under .*images print as the same "
+                                           r"name, .*lat\\xe9\.png .* rename one"):
+        score_folder(model, None, folder, tmp_path / "scores.csv")
+    assert not (tmp_path / "scores.csv").exists()
+
+
 def test_heatmap_names_avoid_collisions() -> None:
     names = heatmap_names([Path("a/x.jpg"), Path("a/x.png"), Path("b/y.tif"), Path("z.png")])
     assert names == [Path("a/x.jpg.png"), Path("a/x.png.png"), Path("b/y.png"), Path("z.png")]
