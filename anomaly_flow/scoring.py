@@ -342,8 +342,7 @@ class _Forward:
         return not self.failed and n < self.batch_size
 
     def pad(self, images: torch.Tensor) -> torch.Tensor:
-        blank = images.new_zeros((self.batch_size - len(images), *images.shape[1:]))
-        return torch.cat([images, blank])
+        return _pad_to(images, self.batch_size)
 
     def __call__(self, x: torch.Tensor) -> Any:
         if self.failed:
@@ -366,13 +365,27 @@ class _Forward:
             return out
 
 
-def _pad_single(images: torch.Tensor) -> torch.Tensor:
-    """A one-image batch with a blank image added. On a CPU, oneDNN convolves a batch of
-    one with other kernels than any larger batch, and the float32 sums come out in
-    another order (a few images in 64 then differ in the last digit of bits/dim); batches
-    of two or more all agree. So a file scored alone (a served request, the last row of a
-    Spark batch) gets the same numbers as in a folder run."""
-    return torch.cat([images, torch.zeros_like(images)])
+def _min_batch(device: torch.device) -> int:
+    """The smallest batch whose sums come out as in any larger batch.
+
+    On a CPU, oneDNN convolves small batches with other kernels than large ones, and the
+    float32 sums then run in another order (a few images in a hundred differ in the last
+    digit of bits/dim). Measured with torch 2.13 on x86: batches of 2 or more agree when
+    torch uses several threads, batches of 16 or more with one thread (as in a Spark
+    worker with ``OMP_NUM_THREADS=1``). Shorter batches are padded to this size, so a file
+    scored alone (a served request, the last rows of a Spark batch) gets the numbers of
+    a folder run, at the cost of the padding's compute. On CUDA a lone image is padded
+    to two, so the kernels a batch of one might get are never used.
+    """
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return 16
+    return 2
+
+
+def _pad_to(images: torch.Tensor, n: int) -> torch.Tensor:
+    """``images`` followed by blank images, ``n`` in all."""
+    blank = images.new_zeros((n - len(images), *images.shape[1:]))
+    return torch.cat([images, blank])
 
 
 def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
@@ -380,8 +393,9 @@ def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
     """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1]])`` float64 ``[bpd, level bits,
     typicality when the model has a normal reference, knn when it has reference maps]``
     and the ``maps`` asked for. ``forward`` (default: the model itself) runs the flow."""
+    smallest = _min_batch(images.device)
     padded = forward.pad(images) if forward is not None and forward.pads(len(images)) else (
-        _pad_single(images) if len(images) == 1 else None)
+        _pad_to(images, smallest) if len(images) < smallest else None)
     if padded is not None:
         stats, pixel_maps = _launch(model, padded, maps, forward)
         n = len(images)
@@ -854,9 +868,10 @@ def score_folder(
     (``KeyboardInterrupt``, which the CLI also raises on SIGTERM); ``resume=True`` then
     scores only the files missing from it.
 
-    The same file gets the same numbers in every run on the same device and precision,
-    in a batch of any size or composition (a resumed run, a one-image batch; see
-    :func:`_pad_single`) - bit for bit on a CPU, where this is tested.
+    The same file gets the same numbers in every run on the same device, precision and
+    thread count, in a batch of any size or composition (a resumed run, a one-image
+    batch; see :func:`_min_batch`): bit for bit on the CPUs this was measured and tested
+    on. Another CPU model or another number of threads may change the last bit.
 
     Args:
         model: The flow, already on its scoring device.
