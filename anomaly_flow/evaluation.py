@@ -345,14 +345,31 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
 
 
 def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
-    """Refuse a normal and an anomalous folder that are one folder or contain each other.
+    """Refuse a normal and an anomalous folder that share image files.
 
-    Both are searched recursively, so the inner folder's images would be labelled both
-    ways and every metric and labelled threshold would be wrong.
+    Both are searched recursively (symlinked folders followed), so a shared file would
+    be labelled both ways and every metric and labelled threshold would be wrong: the
+    folders must not be one folder, lie inside each other, or reach one file (through a
+    symlink, say).
 
     Raises:
-        CalibrationError: The folders are the same, or one is inside the other.
+        CalibrationError: The folders share files.
+        DataError: A folder is missing or holds no image files.
     """
+    _check_folder_paths(normal, anomalous)
+    files = {os.path.realpath(path): path for path in find_images(Path(normal))}
+    shared = [(path, files[os.path.realpath(path)]) for path in find_images(Path(anomalous))
+              if os.path.realpath(path) in files]
+    if shared:
+        raise CalibrationError(
+            f"{len(shared)} image file(s) are in both the anomalous folder "
+            f"{display_path(anomalous)} and the normal folder {display_path(normal)} (e.g. "
+            f"{display_path(shared[0][0])} is {display_path(shared[0][1])}, through a "
+            "symlink), so they would count as both; pass folders that share no files")
+
+
+def _check_folder_paths(normal: str | Path, anomalous: str | Path) -> None:
+    """Refuse two folders that are one folder or lie inside each other."""
     a, b = Path(os.path.realpath(normal)), Path(os.path.realpath(anomalous))
     if a == b:
         raise CalibrationError(
@@ -389,7 +406,7 @@ def _warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
 
 def _check_labels(normal: FolderScores, anomalous: FolderScores | None) -> None:
     if anomalous is not None:
-        check_separate_folders(normal.folder, anomalous.folder)
+        _check_folder_paths(normal.folder, anomalous.folder)
         _warn_labelled_both(normal, anomalous)
 
 

@@ -29,7 +29,8 @@ class ShowDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS)
+        shown = not any(action.default is hidden  # `is`: 0 == False, and 0 is shown
+                        for hidden in (None, False, argparse.SUPPRESS))
         if shown and action.option_strings and "%(default)" not in text \
                 and "default:" not in text:
             text += " (default: %(default)s)"

@@ -131,6 +131,13 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert "could not compile" not in result.stderr
     pd.testing.assert_frame_equal(read_csv(compiled), table, check_exact=False, rtol=1e-5,
                                   atol=1e-5)
+    # a table started with --compile resumes without it: its last digits are within
+    # the resume check's tolerance
+    write_table(read_csv(compiled).head(8), compiled)
+    resumed = run("score", messy, "--model", model_dir, "--out", compiled, "--workers", "0",
+                  "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "8 rows kept from before" in resumed.stderr
     assert not (tmp_path / "mlruns").exists()
 
 

@@ -159,6 +159,11 @@ def test_normal_and_anomalous_folders_must_not_contain_each_other(tmp_path: Path
         with pytest.raises(CalibrationError, match=message):
             evaluate_model("models:/does-not-exist@candidate", normal, anomalous)
     check_separate_folders(test / "normal", test / "anomalous")  # siblings are fine
+    (test / "normal" / "more").symlink_to(test / "anomalous")  # reaches the anomalies too
+    with pytest.raises(CalibrationError, match=r"4 image file\(s\) are in both the anomalous "
+                       r"folder .*anomalous and the normal folder .*normal \(e\.g\. "
+                       r".*anomalous/a-00000\.png is .*normal/more/a-00000\.png"):
+        evaluate_model("models:/does-not-exist@candidate", test / "normal", test / "anomalous")
 
 
 def test_an_image_labelled_both_ways_is_named_in_a_warning(

@@ -694,7 +694,8 @@ def test_resume_refuses_a_table_another_model_or_folder_made(
     Image.fromarray(sample_images(1)[0, 0]).save(elsewhere / "a.png")
     write_table(full_table.head(10), out)
     with pytest.raises(ScoringError, match=r"none of the 10 rows of .*scores\.csv is a file "
-                       r"under .*elsewhere, so resuming would drop them all"):
+                       r"under .*elsewhere \(its first row is .*messy.*/a_good\.png\), so "
+                       r"resuming would drop them all"):
         score_folder(model, None, elsewhere, out, resume=True)
     # some rows of files gone: dropped, with a warning
     table = full_table.head(10).copy()
@@ -910,8 +911,8 @@ def test_render_heatmap_uses_the_fixed_scale() -> None:
         render_heatmap(image, pixel_bpd, vmin=1.0, vmax=1.0)
 
 
-def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(model: Glow,
-                                                              tmp_path: Path) -> None:
+def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "scores.csv"
     folder.mkdir()
     first, second = sample_images(2)
@@ -919,8 +920,12 @@ def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(model: Glow,
     score_folder(model, None, folder, out, heatmaps=heat)
     before = (heat / "x.png").read_bytes()
     Image.fromarray(second[0]).save(folder / "x.bmp")  # added later, same stem
-    summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
     assert summary.n_resumed == 1 and summary.n_heatmaps == 1
+    assert f"1 earlier heatmap(s) keep the name they were written under, although a file " \
+        f"with the same stem has come since (e.g. x.png's heatmap is {heat / 'x.png'};" \
+        in caplog.text
     assert (heat / "x.png").read_bytes() == before
     assert (heat / "x.bmp.png").is_file()
 
@@ -935,6 +940,17 @@ def test_two_files_printing_as_one_name_are_refused(model: Glow, tmp_path: Path)
                                            r"name, .*lat\\xe9\.png .* rename one"):
         score_folder(model, None, folder, tmp_path / "scores.csv")
     assert not (tmp_path / "scores.csv").exists()
+
+
+def test_a_kept_file_unreadable_now_does_not_block_a_resume(model: Glow,
+                                                            tmp_path: Path) -> None:
+    folder, out = tmp_path / "images", tmp_path / "scores.csv"
+    write_image_folder(sample_images(3), folder, "x-")
+    first = score_folder(model, None, folder, out)
+    (folder / "x-00000.png").write_bytes(b"overwritten")  # a probe that cannot be read now
+    write_image_folder(sample_images(1, offset=3), folder, "y-")
+    summary = score_folder(model, None, folder, out, resume=True)
+    assert (first.n_files, summary.n_resumed, summary.n_files) == (3, 3, 4)
 
 
 def test_heatmap_names_avoid_collisions() -> None:

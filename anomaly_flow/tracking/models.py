@@ -357,7 +357,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     if local is not None:
         return _load_local(local, uri, device)
     bare = re.fullmatch(r"models:/([^/@]+)/?", uri)
-    if bare is not None and not bare.group(1).startswith("m-"):  # m-...: a logged model id
+    if bare is not None and not re.fullmatch(r"m-[0-9a-f]{32}", bare.group(1)):  # model id
         name = bare.group(1)
         raise ModelNotFoundError(
             f"{uri} names a model but not which of its versions; use "
