@@ -90,6 +90,7 @@ __all__ = [
     "open_model",
     "score_folder_table",
     "select_folder_score",
+    "warn_labelled_both",
 ]
 
 DEFAULT_EXPERIMENT = "anomaly-flow"
@@ -385,7 +386,7 @@ def _check_folder_paths(normal: str | Path, anomalous: str | Path) -> None:
                 "each other")
 
 
-def _warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
+def warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
     """Warn about anomalous images with the same content as a normal one (by digest)."""
     if len(normal.digests) != normal.n_files or len(anomalous.digests) != anomalous.n_files:
         return
@@ -407,7 +408,7 @@ def _warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
 def _check_labels(normal: FolderScores, anomalous: FolderScores | None) -> None:
     if anomalous is not None:
         _check_folder_paths(normal.folder, anomalous.folder)
-        _warn_labelled_both(normal, anomalous)
+        warn_labelled_both(normal, anomalous)
 
 
 def _failures_dict(

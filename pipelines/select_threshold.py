@@ -28,6 +28,7 @@ from anomaly_flow.evaluation import (
     open_model,
     score_folder_table,
     select_folder_score,
+    warn_labelled_both,
 )
 from anomaly_flow.pipeline_options import (
     add_cost_options,
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded, score_folder_table(loaded.model, args.normal, **options),
             "threshold selection")
         anomalous = score_folder_table(loaded.model, args.anomalous, **options)
+        if args.register is None:  # calibrate_scores below warns when registering
+            warn_labelled_both(normal, anomalous)
         score = default_score(loaded.model) if args.score is None else args.score
         if score == AUTO_SCORE:
             selection = select_folder_score(normal, anomalous,
