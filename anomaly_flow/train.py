@@ -576,6 +576,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def total_steps(config: RunConfig, n_train: int) -> int:
+    """Optimiser steps of a whole training of ``n_train`` images."""
+    return math.ceil(n_train / config.train.batch_size) * config.train.epochs
+
+
 def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
                      config: RunConfig) -> dict[str, Any]:
     """Restore weights and optimizer state in place; return the saved training state."""
@@ -760,7 +765,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         net = torch.compile(net)
 
     steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
-    total_steps = steps_per_epoch * t.epochs
+    n_steps = steps_per_epoch * t.epochs
     shape = (t.batch_size, m.in_channels, m.image_size, m.image_size)
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
     val_bpd = history[-1]["val_bpd"] if history else float("nan")
@@ -824,7 +829,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     # waits for the device; Adamax reads them at once to decide on the update.
     deferred = _skips_on_device(optimizer)
     disable = True if rank != 0 else (None if progress is None else not progress)
-    with tqdm(total=total_steps, initial=step, disable=disable, desc="train", unit="step",
+    with tqdm(total=n_steps, initial=step, disable=disable, desc="train", unit="step",
               dynamic_ncols=True) as bar:
         for epoch in range(step // steps_per_epoch, t.epochs):
             model.train()

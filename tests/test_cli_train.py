@@ -61,6 +61,10 @@ def test_help_shows_an_example() -> None:
      ["{single} holds a single image ({single}/only.png)", "Add more normal images"]),
     (["{data}", "--name", "x", "--resume", "--mlruns", "{store}", "--preset", "tiny"], 1,
      ["--resume found no earlier training"]),
+    (["{data}", "--name", "a/b", "--mlruns", "{store}", "--preset", "tiny"], 1,
+     ["model name 'a/b' is invalid", "'/' or ':'"]),
+    (["{data}", "--name", "x", "--mlruns", "{store}", "--config", "{no_val}"], 1,
+     ["train.val_fraction is 0", "set train.val_fraction > 0"]),
 ])
 def test_bad_input_gives_a_one_line_error(
         tmp_path: Path, image_dirs: ImageDirs, args: list[str], code: int,
@@ -68,8 +72,12 @@ def test_bad_input_gives_a_one_line_error(
     (tmp_path / "empty").mkdir()
     (tmp_path / "single").mkdir()
     shutil.copy(image_dirs.files(image_dirs.train)[0], tmp_path / "single" / "only.png")
+    no_val = tmp_path / "no_val.toml"
+    no_val.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
+                      'hidden_channels = 16\n[train]\nval_fraction = 0.0\n')
     values = {"data": str(image_dirs.train), "empty": str(tmp_path / "empty"),
-              "single": str(tmp_path / "single"), "store": str(tmp_path / "store")}
+              "single": str(tmp_path / "single"), "store": str(tmp_path / "store"),
+              "no_val": str(no_val)}
     result = invoke(*(arg.format(**values) for arg in args))
     assert_one_line_error(result, code, *(f.format(**values) for f in fragments))
     assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store
@@ -162,6 +170,20 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     from_run = tracking.load_model(f"runs:/{run_id}/model")
     assert (from_run.name, from_run.version) == ("cli-parts", "2")
 
+    # finished: resuming again has nothing to do, and registers nothing
+    done = invoke(*common, "--epochs", "2", "--resume")
+    assert_one_line_error(done, 1, "the training of 'cli-parts' already finished", "of 4 steps",
+                          "resume with a larger --epochs")
+    # a name that maps to the same checkpoint folder does not take it over or delete it
+    other = [str(image_dirs.train), "--name", "cli-parts!", "--preset", "tiny",
+             "--mlruns", str(mlruns), "--epochs", "1"]
+    for extra in ([], ["--resume"]):
+        clash = invoke(*other, *extra)
+        assert_one_line_error(clash, 1, "holds the training of model 'cli-parts', whose name "
+                              "maps to the same folder as 'cli-parts!'")
+    assert (mlruns / "checkpoints" / "cli-parts" / "latest").is_file()
+    assert str(client.get_model_version_by_alias("cli-parts", "candidate").version) == "2"
+
 
 def test_an_unregistrable_model_exits_1_and_says_why(
         tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
@@ -173,6 +195,18 @@ def test_an_unregistrable_model_exits_1_and_says_why(
                     "--epochs", "1", "--mlruns", str(mlruns))
     assert_one_line_error(result, 1, "model not registered", "not finite")
     assert result.stdout.startswith("run_id: ")
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_a_diverged_training_is_not_registered(image_dirs: ImageDirs, mlruns: Path) -> None:
+    config = mlruns.parent / "hot.toml"
+    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
+                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 8\n'
+                      'lr = 1.0\nwarmup_steps = 1\n')
+    result = invoke(str(image_dirs.train), "--name", "hot", "--config", str(config),
+                    "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "model not registered:", "steps were skipped for a "
+                          "non-finite loss or gradient: training diverged; lower lr")
     assert mlflow.MlflowClient().search_registered_models() == []
 
 

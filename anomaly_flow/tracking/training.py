@@ -36,7 +36,15 @@ from anomaly_flow.tracking.store import (
     safe_name,
     start_run,
 )
-from anomaly_flow.train import FolderData, TrainEvent, TrainingError, folder_datasets, train
+from anomaly_flow.train import (
+    FolderData,
+    TrainEvent,
+    TrainingError,
+    folder_datasets,
+    latest_checkpoint,
+    total_steps,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +125,28 @@ def _check_resumable(state: dict[str, Any], config: RunConfig, fingerprint: str)
         raise TrainingError("the images in the training folder changed since the checkpoint "
                             "(different fingerprint), so the train/validation split would "
                             "change; train without --resume.")
+
+
+def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
+    """Refuse checkpoints of another model whose name maps to the same folder."""
+    owner = state.get("model_name", name)
+    if owner != name:
+        raise TrainingError(
+            f"the checkpoint folder {ckpt} holds the training of model {owner!r}, whose name "
+            f"maps to the same folder as {name!r}; choose a name that differs in letters, "
+            "digits, '.', '_' or '-', or another --mlruns DIR")
+
+
+def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str) -> None:
+    """Refuse to resume a training that already reached its last step."""
+    latest = latest_checkpoint(ckpt)
+    state = {} if latest is None else json.loads((latest / "state.json").read_text())
+    done, planned = int(state.get("step", 0)), total_steps(config, n_train)
+    if latest is not None and done >= planned:
+        raise TrainingError(
+            f"the training of {name!r} already finished ({done} of {planned} steps, "
+            f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
+            "longer, resume with a larger --epochs; to start again, drop --resume")
 
 
 def _reusable_run(run_id: str | None, experiment: str) -> str | None:
@@ -218,15 +248,24 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrainingError: Training failed (diverged, nothing to resume, ...).
         TrackingError: The tracking store cannot be used.
     """
-    if not name or name != name.strip():
+    if not name or name != name.strip() or any(c in name for c in "/:"):
         raise TrainingError(f"model name {name!r} is invalid; use a non-empty name without "
-                            "surrounding spaces, e.g. --name bottle-caps.")
+                            "surrounding spaces, '/' or ':', e.g. --name bottle-caps.")
+    if config.train.val_fraction == 0:
+        raise TrainingError(
+            "train.val_fraction is 0, so there would be no validation images to check the "
+            "model (and fit its normal reference) before registering it; set "
+            "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
     folder = folder_datasets(data, config)
     ckpt = checkpoint_dir(name, mlruns)
     previous_run, state = None, {}
     if resume:
         state = _read_run_state(ckpt)
+        _check_owner(state, name, ckpt)
         _check_resumable(state, config, folder.fingerprint)
+        _check_unfinished(ckpt, config, len(folder.train), name)
+    elif (ckpt / RUN_STATE_FILE).is_file():
+        _check_owner(_read_run_state(ckpt), name, ckpt)
     configure(mlruns)
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
@@ -251,7 +290,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                    run_id=previous_run, nested=nested) as run:
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / RUN_STATE_FILE).write_text(json.dumps(
-            {"run_id": run.run_id, "tracking_uri": mlflow.get_tracking_uri(),
+            {"model_name": name, "run_id": run.run_id, "tracking_uri": mlflow.get_tracking_uri(),
              "data_fingerprint": folder.fingerprint, "data_folder": display_path(data_root),
              "config": config.to_dict()}, indent=2))
         params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
@@ -279,7 +318,8 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                            "failed_files.txt in run %s", len(lines), run.run_id)
 
         logged_uri = log_model(run, result.model, None)
-        if math.isfinite(result.val_bpd):
+        diverged = 2 * result.skipped_steps > result.steps
+        if math.isfinite(result.val_bpd) and not diverged:
             version = register_model(logged_uri, name, alias=CANDIDATE, tags={
                 "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
                 "val_bpd": repr(result.val_bpd)})
@@ -289,10 +329,16 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                        f"(validation bits/dim {result.val_bpd:.4f})")
         else:
             version, model_uri = None, logged_uri
-            reason = _not_registered_reason(result.val_bpd, folder)
+            reason = (_not_registered_reason(result.val_bpd, folder) if not diverged else
+                      f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
+                      "non-finite loss or gradient: training diverged; lower lr or raise "
+                      "warmup_steps")
             run.set_tags({"registered_version": "none", "not_registered_reason": reason})
             message = f"model not registered: {reason}"
             logger.warning(message)
+        if result.skipped_steps and not diverged:
+            message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
+                        "non-finite loss or gradient")
         if result.failed_files:
             message += f"; {len(result.failed_files)} training file(s) could not be decoded"
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
