@@ -210,6 +210,38 @@ def test_a_diverged_training_is_not_registered(image_dirs: ImageDirs, mlruns: Pa
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
+def test_ctrl_c_says_where_training_can_resume_from(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomaly_flow import tracking as tracking_module
+    from anomaly_flow import train as train_module
+
+    real_train = train_module.train
+
+    def interrupted(*args: object, callback: object = None, **kwargs: object) -> object:
+        def stop_after_first_checkpoint(event: object) -> None:
+            callback(event)  # type: ignore[operator]
+            if event.kind == "step" and event.step == 3:  # type: ignore[attr-defined]
+                raise KeyboardInterrupt  # Ctrl-C in epoch 2, after epoch 1's checkpoint
+        return real_train(*args, callback=stop_after_first_checkpoint, **kwargs)
+
+    config = mlruns.parent / "often.toml"
+    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
+                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 24\n'
+                      'checkpoint_every = 2\n')
+    common = [str(image_dirs.train), "--name", "ctrl-c", "--config", str(config),
+              "--mlruns", str(mlruns)]
+    monkeypatch.setattr(tracking_module.training, "train", interrupted)
+    result = invoke(*common)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted; the last checkpoint is {mlruns / 'checkpoints' / 'ctrl-c'}" \
+        "/step-" in result.stderr
+    assert "(one every 2 steps, train.checkpoint_every); run the same command with --resume " \
+        "to go on from it" in result.stderr
+    monkeypatch.setattr(tracking_module.training, "train", real_train)
+    resumed = invoke(*common, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_the_pipeline_script_trains_and_registers(
         image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

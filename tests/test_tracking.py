@@ -32,6 +32,7 @@ from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
+from anomaly_flow.tracking.pyfunc import input_sources
 from tests.conftest import ImageDirs, TrainedModel, new_store, tiny_config
 
 # The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
@@ -230,6 +231,15 @@ def test_missing_models_give_one_line_errors(trained: TrainedModel, uri: str,
 def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="holds no model"):
         tracking.load_model(str(tmp_path))
+
+
+def test_input_sources_take_the_bytes_else_the_path_and_blank_is_no_image() -> None:
+    frame = pd.DataFrame({"path": ["a.png", "b.png", "", "  ", None, None],
+                          "image": [b"PNG", None, None, None, b"", np.nan]})
+    assert input_sources(frame) == [b"PNG", "b.png", None, None, None, None]
+    # a blank path is "no image given", not the working directory
+    dataset = ScoringDataset(input_sources(pd.DataFrame({"path": [""]})), "L", 16, 8, 2)
+    assert dataset[0].error == "no image given (empty value)"
 
 
 def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(

@@ -81,8 +81,11 @@ def model_signature(model: Glow) -> ModelSignature:
 
 
 def _missing(value: Any) -> bool:
+    """None, NA, NaN, or an empty (or blank) string or bytes: no image given."""
     if value is None or value is pd.NA:
         return True
+    if isinstance(value, str | bytes | bytearray):
+        return not value.strip()
     return isinstance(value, float) and np.isnan(value)
 
 
