@@ -32,7 +32,7 @@ from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
-from anomaly_flow.tracking.pyfunc import input_sources
+from anomaly_flow.tracking.pyfunc import GlowPyfunc, input_sources, output_columns
 from tests.conftest import ImageDirs, TrainedModel, new_store, tiny_config
 
 # The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
@@ -240,6 +240,26 @@ def test_input_sources_take_the_bytes_else_the_path_and_blank_is_no_image() -> N
     # a blank path is "no image given", not the working directory
     dataset = ScoringDataset(input_sources(pd.DataFrame({"path": [""]})), "L", 16, 8, 2)
     assert dataset[0].error == "no image given (empty value)"
+
+
+def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
+    wrapper = GlowPyfunc()
+    wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
+                                    hidden_channels=4)).eval()
+    wrapper.calibration = None
+    empty = wrapper.predict(None, pd.DataFrame())  # type: ignore[arg-type]
+    assert len(empty) == 0 and list(empty.columns) == output_columns(wrapper.model)
+    with pytest.raises(ValueError, match=r"the input has no column the model takes \(served, "
+                                         r"MLflow drops the columns its signature does not "
+                                         r"name\), but the model needs a 'path'"):
+        wrapper.predict(None, pd.DataFrame(index=[0, 1]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="has columns \\['foo'\\], but the model needs"):
+        wrapper.predict(None, pd.DataFrame({"foo": ["x"]}))  # type: ignore[arg-type]
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"the batch_size param must be a positive number "
+                                             f"of images, not {bad}"):
+            wrapper.predict(None, pd.DataFrame({"path": ["x.png"]}),  # type: ignore[arg-type]
+                            params={"batch_size": bad})
 
 
 def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(

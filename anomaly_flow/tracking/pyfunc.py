@@ -93,11 +93,15 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | None]:
     """One image source per row: the ``image`` bytes where given, else the ``path``."""
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
-    if "path" not in frame.columns and "image" not in frame.columns:
-        raise ValueError(
-            f"the input has columns {list(frame.columns)}, but the model needs a 'path' "
-            "(string) or an 'image' (bytes) column; pass one of them")
     n = len(frame)
+    if "path" not in frame.columns and "image" not in frame.columns:
+        if n == 0:
+            return []
+        named = (f"has columns {list(frame.columns)}" if len(frame.columns) else
+                 "has no column the model takes (served, MLflow drops the columns its "
+                 "signature does not name)")
+        raise ValueError(f"the input {named}, but the model needs a 'path' (string) or an "
+                         "'image' (bytes) column; pass one of them")
     paths = frame["path"].tolist() if "path" in frame.columns else [None] * n
     images = frame["image"].tolist() if "image" in frame.columns else [None] * n
     sources: list[str | bytes | None] = []
@@ -165,7 +169,11 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = params or {}
         threshold = params.get("threshold")
-        batch_size = int(params.get("batch_size") or DEFAULT_BATCH_SIZE)
+        given = params.get("batch_size")
+        batch_size = DEFAULT_BATCH_SIZE if given is None else int(given)
+        if batch_size < 1:
+            raise ValueError(f"the batch_size param must be a positive number of images, "
+                             f"not {given!r}; leave it out for {DEFAULT_BATCH_SIZE}")
         return predict_frame(self.model, self.calibration, model_input,
                              threshold=None if threshold is None else float(threshold),
                              batch_size=batch_size)
