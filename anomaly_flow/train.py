@@ -639,9 +639,10 @@ def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> to
     if len(images) == 0:
         example = next(iter(failed.reasons.items()), None)
         seen = f" (e.g. {example[0]}: {example[1]})" if example else ""
-        raise TrainingError(f"none of the {len(order[: t.init_batch_size])} training image(s) "
-                            f"tried first could be decoded{seen}; check that the training "
-                            "folder holds readable images.")
+        raise TrainingError(f"none of the first {len(order[: t.init_batch_size])} of the "
+                            f"{len(dataset)} image(s) of the training split (the validation "
+                            f"split is held apart) could be decoded{seen}; check that the "
+                            "training folder holds readable images.")
     return images
 
 
