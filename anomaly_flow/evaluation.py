@@ -786,8 +786,7 @@ def calibrate_model(
     _check_method(method, target_fpr, anomalous_path is not None)
     if method == "conformal":
         _precheck_size(normal, target_fpr)  # type: ignore[arg-type]
-    if anomalous_path is not None:
-        find_images(anomalous_path)  # a missing or empty folder fails before any scoring
+    if anomalous_path is not None:  # lists both: a missing or empty folder fails here
         check_separate_folders(normal, anomalous_path)
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
@@ -978,9 +977,7 @@ def evaluate_model(
         CalibrationError: Every usable normal image is one of the model's training folder.
     """
     normal, anomalous = Path(normal), Path(anomalous)
-    find_images(normal)
-    find_images(anomalous)
-    check_separate_folders(normal, anomalous)
+    check_separate_folders(normal, anomalous)  # lists both: a missing folder fails here
     loaded = open_model(model_uri, device, mlruns)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     return evaluate_scores(

@@ -338,11 +338,9 @@ class _Forward:
         self.compiled: Callable[[torch.Tensor], Any] | None = None
         self.failed = False
 
-    def pads(self, n: int) -> bool:
-        return not self.failed and n < self.batch_size
-
-    def pad(self, images: torch.Tensor) -> torch.Tensor:
-        return _pad_to(images, self.batch_size)
+    def min_batch(self) -> int:
+        """The batch size compiled for (while compiling is in use)."""
+        return 1 if self.failed else self.batch_size
 
     def __call__(self, x: torch.Tensor) -> Any:
         if self.failed:
@@ -382,23 +380,16 @@ def _min_batch(device: torch.device) -> int:
     return 2
 
 
-def _pad_to(images: torch.Tensor, n: int) -> torch.Tensor:
-    """``images`` followed by blank images, ``n`` in all."""
-    blank = images.new_zeros((n - len(images), *images.shape[1:]))
-    return torch.cat([images, blank])
-
-
 def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
             forward: _Forward | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1]])`` float64 ``[bpd, level bits,
     typicality when the model has a normal reference, knn when it has reference maps]``
     and the ``maps`` asked for. ``forward`` (default: the model itself) runs the flow."""
-    smallest = _min_batch(images.device)
-    padded = forward.pad(images) if forward is not None and forward.pads(len(images)) else (
-        _pad_to(images, smallest) if len(images) < smallest else None)
-    if padded is not None:
-        stats, pixel_maps = _launch(model, padded, maps, forward)
-        n = len(images)
+    n = len(images)
+    smallest = max(_min_batch(images.device), 1 if forward is None else forward.min_batch())
+    if n < smallest:  # padded with blank images, whose rows are dropped
+        blank = images.new_zeros((smallest - n, *images.shape[1:]))
+        stats, pixel_maps = _launch(model, torch.cat([images, blank]), maps, forward)
         return stats[:n], None if pixel_maps is None else pixel_maps[:n]
     reference = model.has_reference
     flow = model if forward is None else forward
@@ -964,9 +955,9 @@ def score_folder(
         relative = [path.relative_to(root) for path in paths]
         every_name = heatmap_names(relative)
         names = [every_name[i] for i in todo]
-        scoring_now = set(todo)
-        renamed = [relative[i] for i in range(len(paths)) if i not in scoring_now
-                   and every_name[i] != relative[i].with_suffix(".png")]
+        kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
+        renamed = [relative[i] for i in kept
+                   if every_name[i] != relative[i].with_suffix(".png")]
         if renamed:  # kept files whose heatmap was written before a same-stem file came
             logger.warning(
                 "%d earlier heatmap(s) keep the name they were written under, although a "

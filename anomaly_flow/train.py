@@ -503,7 +503,8 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def _checkpoint_step(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint folder holds (from its ``step-N`` name), or None."""
     found = _CHECKPOINT_NAME.fullmatch(path.name)
     return int(found[1]) if found and path.is_dir() else None
 
@@ -513,7 +514,7 @@ def _checkpoints(folder: Path) -> list[Path]:
     ``step-N`` name: they are written under a temp name and renamed)."""
     if not folder.is_dir():
         return []
-    found = [(s, p) for p in folder.iterdir() if (s := _checkpoint_step(p)) is not None]
+    found = [(s, p) for p in folder.iterdir() if (s := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -766,7 +767,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         net = torch.compile(net)
 
     steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
-    n_steps = steps_per_epoch * t.epochs
+    n_steps = total_steps(config, len(train_set))
     shape = (t.batch_size, m.in_channels, m.image_size, m.image_size)
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
     val_bpd = history[-1]["val_bpd"] if history else float("nan")

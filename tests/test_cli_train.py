@@ -5,6 +5,7 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -298,3 +299,14 @@ def test_user_errors_become_one_line_click_errors() -> None:
     assert result.exit_code == 1
     assert result.stderr == "Error: no model at x; use models:/NAME@ALIAS\n"
     assert isinstance(CliRunner().invoke(bug, []).exception, KeyError)
+
+
+def test_a_fresh_training_clears_a_damaged_checkpoint_record(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    record = mlruns / "checkpoints" / "damaged" / "run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{not json")
+    result = invoke(str(image_dirs.train), "--name", "damaged", "--preset", "tiny",
+                    "--epochs", "1", "--mlruns", str(mlruns))
+    assert result.exit_code == 0, result.output
+    assert json.loads(record.read_text())["model_name"] == "damaged"

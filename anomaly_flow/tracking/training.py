@@ -10,6 +10,7 @@ from its latest checkpoint, logging into the same MLflow run when the store stil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from anomaly_flow.train import (
     FolderData,
     TrainEvent,
     TrainingError,
+    checkpoint_step,
     folder_datasets,
     latest_checkpoint,
     total_steps,
@@ -140,9 +142,9 @@ def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
 def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str) -> None:
     """Refuse to resume a training that already reached its last step."""
     latest = latest_checkpoint(ckpt)
-    state = {} if latest is None else json.loads((latest / "state.json").read_text())
-    done, planned = int(state.get("step", 0)), total_steps(config, n_train)
-    if latest is not None and done >= planned:
+    done = None if latest is None else checkpoint_step(latest)
+    planned = total_steps(config, n_train)
+    if done is not None and done >= planned:
         raise TrainingError(
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
@@ -265,7 +267,10 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         _check_resumable(state, config, folder.fingerprint)
         _check_unfinished(ckpt, config, len(folder.train), name)
     elif (ckpt / RUN_STATE_FILE).is_file():
-        _check_owner(_read_run_state(ckpt), name, ckpt)
+        earlier: dict[str, Any] = {}
+        with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
+            earlier = _read_run_state(ckpt)
+        _check_owner(earlier, name, ckpt)
     configure(mlruns)
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
