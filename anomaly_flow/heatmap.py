@@ -31,8 +31,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -109,20 +112,41 @@ def render_heatmap(
 
 
 def heatmap_names(relative_paths: Sequence[Path]) -> list[Path]:
-    """Where each file's heatmap goes, relative to the heatmap folder.
+    """Where each file's heatmap goes, relative to the heatmap folder; all different.
 
     The file's relative path with its suffix replaced by ``.png`` (``a/b.jpg`` →
     ``a/b.png``). Where two files would share a name (``b.jpg`` and ``b.png``), each of
     them keeps its whole name and gets ``.png`` appended (``b.jpg.png``, ``b.png.png``).
+    A name still taken after that (``b.png.png`` was also a file there), or one that is
+    a folder of other heatmaps (``x.jpg`` beside a folder ``x.png/``), gets ``~2``,
+    ``~3``, ... before its suffix, in the order of ``relative_paths``.
     """
     plain = [p.with_suffix(".png") for p in relative_paths]
-    counts: dict[Path, int] = {}
-    for name in plain:
-        counts[name] = counts.get(name, 0) + 1
-    return [
-        name if counts[name] == 1 else path.with_name(path.name + ".png")
-        for name, path in zip(plain, relative_paths, strict=True)
-    ]
+    counts = Counter(plain)
+    wanted = [name if counts[name] == 1 else path.with_name(path.name + ".png")
+              for name, path in zip(plain, relative_paths, strict=True)]
+    folders = {parent for name in wanted for parent in name.parents}
+    taken: set[Path] = set()
+    names = []
+    for name in wanted:
+        candidate, n = name, 1
+        while candidate in taken or candidate in folders:
+            n += 1
+            candidate = name.with_name(f"{name.stem}~{n}.png")
+        taken.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def is_heatmap(path: Path) -> bool:
+    """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
+    text chunk): the only kind of existing file a heatmap may replace."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and any(
+                str(key).startswith("anomaly-flow:") for key in image.info)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 class HeatmapWriter:
@@ -195,6 +219,9 @@ class HeatmapWriter:
                 info.add_text("anomaly-flow:scale", f"{self.colormap} {self.vmin:g}.."
                               f"{self.vmax:g} {UNITS[self.quantity]} (fixed)")
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if os.path.lexists(path) and not is_heatmap(path):
+                    raise OSError(f"{display_path(path)} exists and is not a heatmap; "
+                                  "it is left as it is")
                 Image.fromarray(rgb).save(path, format="PNG", compress_level=1, pnginfo=info)
             except (OSError, ValueError) as exc:
                 with self._lock:
@@ -203,6 +230,18 @@ class HeatmapWriter:
             else:
                 with self._lock:
                     self.n_written += 1
+
+    def discard(self, indices: Sequence[int]) -> int:
+        """Delete the heatmaps an earlier run wrote for these dataset indices (files that
+        fail now); only files :func:`is_heatmap` recognises. Returns how many went."""
+        removed = 0
+        for index in indices:
+            path = self.folder / self.names[index]
+            if path.is_file() and not path.is_symlink() and is_heatmap(path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def close(self) -> None:
         """Wait for every queued heatmap, then stop the threads."""

@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import tempfile
 import time
 import warnings
@@ -474,7 +475,8 @@ def score_dataset(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=_leave_sigterm_to_the_main_process)
     names = score_names(model)
     # ensemble's (mean, std) table on the host once: copying it per batch would make the
     # host wait for the batch just launched on the device
@@ -522,6 +524,13 @@ def score_dataset(
     if not frames:
         return pd.DataFrame(columns=[*names, "error"])
     return pd.concat(frames)
+
+
+def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """In a decoding worker: ignore SIGTERM. A stop sent to the whole process group (a
+    service manager, a container stop) then reaches the main process alone, which ends
+    the run in order and shuts its workers down, instead of finding them killed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _recorded_event() -> Any:
@@ -774,8 +783,16 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     table["error"] = table["error"].fillna("").astype(str)
     for column in raw[1:-1]:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
-    complete = np.isfinite(table[raw[1:-1]].to_numpy()).all(axis=1)
+    finite = np.isfinite(table[raw[1:-1]].to_numpy())
+    complete = finite.all(axis=1)
     unanswered = (table["error"] == "") & ~complete
+    contradictory = (table["error"] != "") & finite.any(axis=1)
+    if contradictory.any():  # scores and a reason: edited by hand, trust neither
+        logger.warning("the earlier output %s has %d row(s) with both scores and an error "
+                       "(e.g. %s); scoring those files again", name,
+                       int(contradictory.sum()), table.loc[contradictory, "path"].iloc[0])
+        table = table[~contradictory]
+        complete, unanswered = complete[~contradictory], unanswered[~contradictory]
     if filled and unanswered.any():
         logger.warning("the earlier output %s has no %s column%s (it was written by an older "
                        "anomaly-flow, or by a model without that score); scoring its %d "
@@ -907,6 +924,8 @@ def score_folder(
             model without a normal reference.
     """
     out = Path(out)
+    if out.is_symlink():  # replace the file the link names, not the link
+        out = Path(os.path.realpath(out))
     output_format(out)
     check_writable(out)
     _check_precision(precision)
@@ -918,13 +937,10 @@ def score_folder(
     maps: HeatmapKind = "bpd"
     if heatmaps is not None:
         maps = _resolve_heatmap_kind(heatmap_kind, model, calibration)
-        _check_heatmap_folder(Path(heatmaps))
     root = Path(os.path.abspath(folder))
+    if heatmaps is not None:
+        _check_heatmaps_apart(Path(heatmaps), root)
     paths = find_images(root)
-    if heatmaps is not None and Path(os.path.abspath(heatmaps)).is_relative_to(root):
-        logger.warning("the heatmap folder %s is inside the scored folder: the next run over "
-                       "%s will score the heatmaps too; put them elsewhere",
-                       display_path(heatmaps), display_path(root))
     keys = [display_path(p) for p in paths]
     clash = pd.Index(keys).duplicated()
     if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge
@@ -936,15 +952,18 @@ def score_folder(
     config = model.config
     columns = output_columns(model)
 
-    previous = _previous_rows(out, score_names(model), keys, root) if resume else None
+    files = dict(zip(keys, paths, strict=True))
+    previous = _previous_rows(out, score_names(model), files, root) if resume else None
     if previous is not None:
-        _check_same_scores(model, previous, dict(zip(keys, paths, strict=True)), out,
-                           precision)
+        _check_same_scores(model, previous, files, out, precision)
     done = previous.index if previous is not None else pd.Index([], dtype="string")
     todo = [i for i, key in enumerate(keys) if key not in done]
     if previous is not None:
         logger.info("resuming: %d of %d files already in %s, scoring %d", len(previous),
                     len(keys), display_path(out), len(todo))
+    elif out.exists():
+        logger.warning("replacing the earlier output %s (--resume would keep its rows)",
+                       display_path(out))
 
     writer = None
     if heatmaps is not None:
@@ -965,6 +984,14 @@ def score_folder(
                 "files' heatmaps keep their suffix, as x.png.png)", len(renamed),
                 display_path(renamed[0]),
                 display_path(Path(heatmaps) / renamed[0].with_suffix(".png")))
+        unmapped = [relative[i] for i in kept if previous is not None
+                    and previous.loc[keys[i], "error"] == ""
+                    and not (Path(heatmaps) / every_name[i]).exists()]
+        if unmapped:
+            logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: the "
+                           "run that scored them drew none); run without --resume to draw "
+                           "them", len(unmapped), display_path(out), display_path(heatmaps),
+                           display_path(unmapped[0]))
         if maps == "typicality":
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
                                    quantity="typicality")
@@ -1026,6 +1053,13 @@ def score_folder(
         if writer is not None:
             writer.close()
 
+    if writer is not None:  # a file that fails now keeps no heatmap from an earlier run
+        failed_now = [int(i) for frame in frames
+                      for i in frame.index[frame["error"].fillna("") != ""]]
+        removed = writer.discard(failed_now)
+        if removed:
+            logger.warning("removed %d heatmap(s) an earlier run drew of files that cannot "
+                           "be scored now", removed)
     table = assemble()
     write_table(table, out)
     failed = table["error"] != ""
@@ -1063,8 +1097,23 @@ def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> He
     return kind  # type: ignore[return-value]
 
 
-def _check_heatmap_folder(folder: Path) -> None:
-    """Create the heatmap folder now, or fail with a message, before any scoring."""
+def _check_heatmaps_apart(folder: Path, root: Path) -> None:
+    """Refuse a heatmap folder that overlaps the scored folder, then create it (or fail
+    with a message) before any scoring.
+
+    Inside the scored folder, heatmaps would take the names of the images they draw
+    (``x.png``'s heatmap is ``x.png``) and be scored by the next run; around it, they
+    land beside the user's own files.
+    """
+    real, real_root = Path(os.path.realpath(folder)), Path(os.path.realpath(root))
+    if real.is_relative_to(real_root) or real_root.is_relative_to(real):
+        where = ("is the scored folder" if real == real_root else
+                 "is inside the scored folder" if real.is_relative_to(real_root) else
+                 "contains the scored folder")
+        raise ScoringError(
+            f"the heatmap folder {display_path(folder)} {where} {display_path(root)}: its "
+            "heatmaps would overwrite or mix with the images (and the next run would score "
+            "them); choose a heatmap folder outside it, e.g. a new folder beside it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.", suffix=".png")
@@ -1075,28 +1124,61 @@ def _check_heatmap_folder(folder: Path) -> None:
                            f"{exc.strerror or exc}; choose another heatmap folder") from None
 
 
-def _previous_rows(out: Path, names: list[str], keys: list[str], root: Path
+def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Path
                    ) -> pd.DataFrame | None:
-    """The earlier output's rows for files still present, or None if there is no output.
+    """The earlier output's rows to keep, or None if there is no output.
 
-    Rows of files no longer under ``root`` are dropped with a warning; a table none of
-    whose rows is under ``root`` was made from another folder, and resuming it is refused
-    (it would throw all of them away)."""
+    ``files`` maps each file found under ``root`` to its row's ``path``. Kept: the rows of
+    files still there and unchanged since the table was last written (neither their
+    modification nor their status-change time is later; a file copied or rewritten over
+    an old one is scored again). Rows of files gone from ``root`` are dropped with a
+    warning. Resuming is refused when it would drop rows of files that still exist
+    outside ``root`` (a subfolder of the table's folder, or another folder): they are not
+    lost files but a slip of the folder argument.
+    """
     if not out.exists():
         logger.info("no earlier output at %s; scoring every file", display_path(out))
         return None
     previous = read_table(out, names)
-    present = previous.index.isin(keys)
+    present = previous.index.isin(list(files))
     if len(previous) and not present.any():
         raise ScoringError(
             f"none of the {len(previous)} rows of {display_path(out)} is a file under "
             f"{display_path(root)} (its first row is {previous.index[0]}), so resuming "
             "would drop them all; resume with the folder the table was made from, spelled "
             "as then, or write to another --out")
+    elsewhere = [key for key in previous.index[~present]
+                 if os.path.lexists(key) and not Path(key).is_relative_to(root)]
+    if elsewhere:
+        raise ScoringError(
+            f"{len(elsewhere)} row(s) of {display_path(out)} are files outside "
+            f"{display_path(root)} that still exist (e.g. {elsewhere[0]}), so resuming "
+            "would drop them; resume with the folder the table was made from, or write to "
+            "another --out")
     if not present.all():
         logger.warning("dropping %d row(s) of %s whose files are no longer under %s",
                        int((~present).sum()), display_path(out), display_path(root))
-    return previous[present]
+    previous = previous[present]
+    written = out.stat().st_mtime_ns
+    changed = np.fromiter((_changed_since(files[key], written) for key in previous.index),
+                          bool, len(previous))
+    if changed.any():
+        logger.warning("%d file(s) changed since %s was written (e.g. %s); scoring them "
+                       "again", int(changed.sum()), display_path(out),
+                       previous.index[int(np.flatnonzero(changed)[0])])
+    return previous[~changed]
+
+
+def _changed_since(path: Path, time_ns: int) -> bool:
+    """Whether ``path`` (the link, or the file it leads to) was modified or replaced
+    after ``time_ns``; a file gone since counts as changed, so it is read again."""
+    try:
+        stats = [os.lstat(path)]
+    except OSError:
+        return True
+    with contextlib.suppress(OSError):  # a dangling link or a loop is the link alone
+        stats.append(os.stat(path))
+    return any(max(st.st_mtime_ns, st.st_ctime_ns) > time_ns for st in stats)
 
 
 RESUME_PROBES = 4

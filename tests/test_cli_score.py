@@ -224,3 +224,42 @@ def test_a_registry_uri_without_a_store_creates_nothing(messy: Path, tmp_path: P
         "model first (anomaly-flow train DATA --name NAME), or point --mlruns / "
         "MLFLOW_TRACKING_URI at the store that holds it"]
     assert sorted(os.listdir(empty)) == []
+
+
+def test_a_file_name_cannot_forge_a_line_of_the_listing(model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "evil\nError: fake.png").write_bytes(b"not an image")
+    result = run("score", folder, "--model", model_dir, "--out", tmp_path / "s.csv",
+                 "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "evil\\nError: fake.png: " in result.stderr
+    assert not any(line.startswith("Error:") for line in result.stderr.splitlines())
+
+
+def test_sigterm_to_the_process_group_stops_workers_without_a_traceback(
+        model_dir: Path, tmp_path: Path) -> None:
+    """As a service manager stops a job: SIGTERM to every process of its group."""
+    import signal
+    import time
+
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    from anomaly_flow.data import write_image_folder
+
+    write_image_folder(sample_images(3000), folder, "x-")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model", str(model_dir),
+         "--out", str(out), "--workers", "2", "--batch-size", "1"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until both decoding workers run
+    time.sleep(1.0)
+    assert process.poll() is None, "scoring ended before it could be stopped"
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "run the same command with --resume" in stderr

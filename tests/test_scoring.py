@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -942,15 +943,15 @@ def test_two_files_printing_as_one_name_are_refused(model: Glow, tmp_path: Path)
     assert not (tmp_path / "scores.csv").exists()
 
 
-def test_a_kept_file_unreadable_now_does_not_block_a_resume(model: Glow,
-                                                            tmp_path: Path) -> None:
+def test_a_kept_file_unreadable_now_is_scored_again(model: Glow, tmp_path: Path) -> None:
     folder, out = tmp_path / "images", tmp_path / "scores.csv"
     write_image_folder(sample_images(3), folder, "x-")
     first = score_folder(model, None, folder, out)
-    (folder / "x-00000.png").write_bytes(b"overwritten")  # a probe that cannot be read now
+    (folder / "x-00000.png").write_bytes(b"overwritten")  # changed since: read again
     write_image_folder(sample_images(1, offset=3), folder, "y-")
     summary = score_folder(model, None, folder, out, resume=True)
-    assert (first.n_files, summary.n_resumed, summary.n_files) == (3, 3, 4)
+    assert (first.n_files, summary.n_resumed, summary.n_files) == (3, 2, 4)
+    assert summary.n_failed == 1
 
 
 def test_heatmap_names_avoid_collisions() -> None:
@@ -973,3 +974,143 @@ def test_bf16_is_close_to_float32_and_repeatable(model: Glow, messy: Path,
     assert model.levels[0].steps[0].coupling.net.autocast_dtype is None  # restored
     with pytest.raises(ScoringError, match="unknown precision 'fp8'"):
         score_folder(model, None, messy, tmp_path / "c.csv", precision="fp8")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- what a run may touch
+
+
+def test_heatmaps_refuse_a_folder_overlapping_the_scored_one(model: Glow,
+                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(2), folder, "x-")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for heat, where in [(folder, "is the scored folder"),
+                        (folder / "heat", "is inside the scored folder"),
+                        (tmp_path, "contains the scored folder")]:
+        with pytest.raises(ScoringError, match=f"the heatmap folder .* {where} .*images: its "
+                                               "heatmaps would overwrite or mix with the "
+                                               "images .* choose a heatmap folder outside"):
+            score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not (folder / "heat").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_a_heatmap_never_replaces_a_file_it_did_not_write(model: Glow, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    folder, heat = tmp_path / "images", tmp_path / "heat"
+    write_image_folder(sample_images(2), folder, "x-")
+    heat.mkdir()
+    (heat / "x-00000.png").write_bytes(b"the user's own file")
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
+    assert (heat / "x-00000.png").read_bytes() == b"the user's own file"
+    assert "x-00000.png exists and is not a heatmap; it is left as it is" in caplog.text
+    assert summary.n_heatmaps == 1
+    # its own heatmaps it does replace
+    before = (heat / "x-00001.png").stat().st_mtime_ns
+    summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
+    assert summary.n_heatmaps == 1 and (heat / "x-00001.png").stat().st_mtime_ns >= before
+
+
+def test_heatmap_names_stay_apart_from_each_other_and_from_folders() -> None:
+    names = heatmap_names([Path("x.jpg"), Path("x.png"), Path("x.png.png")])
+    assert names == [Path("x.jpg.png"), Path("x.png.png"), Path("x.png~2.png")]
+    # a heatmap file may not take the name of a folder of heatmaps
+    assert heatmap_names([Path("x.jpg"), Path("x.png/a.png")]) == [Path("x~2.png"),
+                                                                   Path("x.png/a.png")]
+
+
+def test_a_file_that_fails_now_loses_its_old_heatmap(model: Glow, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
+    write_image_folder(sample_images(2), folder, "x-")
+    score_folder(model, None, folder, out, heatmaps=heat)
+    (folder / "x-00000.png").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, heatmaps=heat)
+    assert summary.n_failed == 1 and not (heat / "x-00000.png").exists()
+    assert (heat / "x-00001.png").is_file()
+    assert "removed 1 heatmap(s) an earlier run drew of files that cannot be scored now" \
+        in caplog.text
+
+
+def test_resume_with_heatmaps_names_the_kept_files_without_one(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
+    write_image_folder(sample_images(3), folder, "x-")
+    score_folder(model, None, folder, out)  # no heatmaps
+    write_image_folder(sample_images(1, offset=3), folder, "y-")
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_heatmaps == 1
+    assert re.search(r"3 file\(s\) kept from .*s\.csv have no heatmap under .*heat \(e\.g\. "
+                     r"x-00000\.png: the run that scored them drew none\); run without "
+                     r"--resume to draw them", caplog.text)
+
+
+def test_resume_scores_again_the_files_changed_since_the_table(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    write_image_folder(sample_images(8), folder, "x-")
+    score_folder(model, None, folder, out)
+    # a file replaced by another image (not one of the rows a resume scores again first)
+    replacement = sample_images(1, offset=20)
+    Image.fromarray(replacement[0, 0]).save(folder / "x-00002.png")
+    fresh = score_folder(model, None, folder, tmp_path / "fresh.csv")
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, resume=True)
+    assert summary.n_resumed == 7
+    assert re.search(r"1 file\(s\) changed since .*s\.csv was written \(e\.g\. .*x-00002\.png\)"
+                     r"; scoring them again", caplog.text)
+    assert read_csv(out)["bpd"].equals(read_csv(tmp_path / "fresh.csv")["bpd"])
+    assert fresh.n_files == 8
+
+
+def test_resume_from_a_subfolder_keeps_the_tables_other_rows(model: Glow,
+                                                             tmp_path: Path) -> None:
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    write_image_folder(sample_images(2), folder / "a", "x-")
+    write_image_folder(sample_images(2, offset=2), folder / "b", "y-")
+    score_folder(model, None, folder, out)
+    table = out.read_bytes()
+    with pytest.raises(ScoringError, match=r"2 row\(s\) of .*s\.csv are files outside .*a that "
+                                           r"still exist \(e\.g\. .*y-00000\.png\), so "
+                                           "resuming would drop them; resume with the folder"):
+        score_folder(model, None, folder / "a", out, resume=True)
+    assert out.read_bytes() == table
+    (folder / "b" / "y-00000.png").unlink()  # a file gone: its row goes, with a warning
+    summary = score_folder(model, None, folder, out, resume=True)
+    assert (summary.n_resumed, summary.n_files) == (3, 3)
+
+
+def test_resume_scores_again_a_row_with_both_scores_and_an_error(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    write_image_folder(sample_images(3), folder, "x-")
+    score_folder(model, None, folder, out)
+    table = read_csv(out)
+    clean = table.copy()
+    table.loc[1, "error"] = "a note added by hand"
+    write_table(table, out)
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, resume=True)
+    assert "1 row(s) with both scores and an error" in caplog.text
+    assert summary.n_resumed == 2 and summary.n_failed == 0
+    assert read_csv(out)["bpd"].equals(clean["bpd"])
+
+
+def test_an_output_link_is_written_through_and_a_replaced_table_is_named(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(2), folder, "x-")
+    (tmp_path / "shared").mkdir()
+    target, link = tmp_path / "shared" / "real.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, link)
+    assert link.is_symlink() and summary.out == target
+    assert len(read_csv(link)) == 2
+    assert f"replacing the earlier output {target} (--resume would keep its rows)" \
+        in caplog.text

@@ -64,6 +64,13 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (a newline as ``\\n``), so that a
+    file name prints as one line and cannot pass itself off as another message."""
+    return re.sub(r"[\x00-\x1f\x7f]",
+                  lambda m: repr(m.group())[1:-1], text)
+
+
 def user_errors(func: F) -> F:
     """Run a command so that errors a user can cause end it with a one-line message.
 

@@ -10,7 +10,13 @@ from types import FrameType
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import device_option, mlruns_option, model_option, user_errors
+from anomaly_flow.cli.common import (
+    device_option,
+    mlruns_option,
+    model_option,
+    printable,
+    user_errors,
+)
 
 _FAILURES_SHOWN = 5
 
@@ -123,7 +129,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     if summary.n_failed:
         click.echo(f"{summary.n_failed} file(s) could not be scored:", err=True)
         for path, reason in summary.failures[:_FAILURES_SHOWN]:
-            click.echo(f"  {path}: {reason}", err=True)
+            click.echo(f"  {printable(path)}: {reason}", err=True)
         if summary.n_failed > _FAILURES_SHOWN:
             click.echo(f"  ... and {summary.n_failed - _FAILURES_SHOWN} more (see the error "
                        "column)", err=True)
