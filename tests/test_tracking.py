@@ -247,12 +247,18 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
     wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
                                     hidden_channels=4)).eval()
     wrapper.calibration = None
-    empty = wrapper.predict(None, pd.DataFrame())  # type: ignore[arg-type]
+    empty = wrapper.predict(None, pd.DataFrame({"path": []}))  # type: ignore[arg-type]
     assert len(empty) == 0 and list(empty.columns) == output_columns(wrapper.model)
-    with pytest.raises(ValueError, match=r"the input has no column the model takes \(served, "
-                                         r"MLflow drops the columns its signature does not "
-                                         r"name\), but the model needs a 'path'"):
-        wrapper.predict(None, pd.DataFrame(index=[0, 1]))  # type: ignore[arg-type]
+    for columnless in (pd.DataFrame(index=[0, 1]), pd.DataFrame()):  # what MLflow leaves
+        with pytest.raises(ValueError, match=r"the input has no column the model takes "
+                                             r"\(through MLflow, columns its signature does "
+                                             r"not name, such as 'Path', are dropped .*\), but "
+                                             r"the model needs a 'path'"):
+            wrapper.predict(None, columnless)  # type: ignore[arg-type]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="the threshold param must be a finite score"):
+            wrapper.predict(None, pd.DataFrame({"path": ["x.png"]}),  # type: ignore[arg-type]
+                            params={"threshold": bad})
     with pytest.raises(ValueError, match="has columns \\['foo'\\], but the model needs"):
         wrapper.predict(None, pd.DataFrame({"foo": ["x"]}))  # type: ignore[arg-type]
     for bad in (0, -1):
@@ -294,6 +300,11 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
     assert (by_path["error"][:-1] == "").all()
     assert np.isnan(by_path["bpd"].iloc[-1]) and by_path["error"].iloc[-1]
+
+    # a misnamed column reaches the model as no column at all: refused, not 0 rows
+    with pytest.raises(ValueError, match="but the model needs a 'path'"):
+        pyfunc.predict(pd.DataFrame({"Path": paths}))
+    assert len(pyfunc.predict(pd.DataFrame({"path": pd.Series([], dtype=str)}))) == 0
 
     threshold = float(np.median(expected["bpd"]))
     decided = pyfunc.predict(pd.DataFrame({"path": paths}), params={"threshold": threshold})

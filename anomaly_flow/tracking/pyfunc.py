@@ -95,11 +95,12 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | None]:
         frame = pd.DataFrame(frame)
     n = len(frame)
     if "path" not in frame.columns and "image" not in frame.columns:
-        if n == 0:
-            return []
+        # MLflow drops the columns the signature does not name before predict sees them,
+        # rows and all: a misnamed column ('Path') arrives as a frame without columns
+        # or rows, which must not pass for an empty request
         named = (f"has columns {list(frame.columns)}" if len(frame.columns) else
-                 "has no column the model takes (served, MLflow drops the columns its "
-                 "signature does not name)")
+                 "has no column the model takes (through MLflow, columns its signature "
+                 "does not name, such as 'Path', are dropped before the model sees them)")
         raise ValueError(f"the input {named}, but the model needs a 'path' (string) or an "
                          "'image' (bytes) column; pass one of them")
     paths = frame["path"].tolist() if "path" in frame.columns else [None] * n
@@ -171,6 +172,9 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
         threshold = params.get("threshold")
         given = params.get("batch_size")
         batch_size = DEFAULT_BATCH_SIZE if given is None else int(given)
+        if threshold is not None and not np.isfinite(float(threshold)):
+            raise ValueError(f"the threshold param must be a finite score, not {threshold!r}; "
+                             "leave it out to decide by the calibrated threshold")
         if batch_size < 1:
             raise ValueError(f"the batch_size param must be a positive number of images, "
                              f"not {given!r}; leave it out for {DEFAULT_BATCH_SIZE}")
