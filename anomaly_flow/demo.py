@@ -83,6 +83,9 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     logger.info("training preset %r on %s", preset, folders["train"])
     trained = tracking.train_and_register(folders["train"], MODEL_NAME, config,
                                           device=device, mlruns=mlruns, progress=progress)
+    if trained is None:
+        raise RuntimeError("the demo runs in one process; train on several with "
+                           "torchrun ... -m anomaly_flow train")
     if trained.version is None:
         raise RuntimeError(f"the demo model was not registered: {trained.message}")
 

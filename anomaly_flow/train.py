@@ -82,8 +82,10 @@ REFERENCE_MIN_IMAGES = 30
 """Fewer validation images than this for the normal reference draw a warning."""
 
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
-_EXECUTION_ONLY = frozenset({"compile", "num_workers"})
-"""Training settings that change how fast a run goes, not its result."""
+_EXECUTION_ONLY = frozenset({"compile", "num_workers", "epochs"})
+"""Training settings that change how fast a run goes or where it stops, not the steps it
+takes (the learning rate depends on the step alone, so a longer run's first steps are a
+shorter one's)."""
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 """Optimizer settings that choose a kernel, not the arithmetic."""
 
@@ -264,6 +266,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise TrainingError("--device cuda was asked for but CUDA is not available on this "
                             "machine; use --device cpu or auto.")
     return resolved
+
+
+def launch_rank() -> int:
+    """This process's rank: the joined group's, else what torchrun set in RANK (0 alone)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_batch_split(config: RunConfig) -> None:
+    """Refuse a global batch that the processes torchrun started cannot share equally."""
+    world = _world_size()
+    if config.train.batch_size % world:
+        raise TrainingError(f"batch_size {config.train.batch_size} is not divisible by the "
+                            f"{world} processes; pick a multiple of the process count.")
 
 
 def _world_size() -> int:
@@ -688,15 +705,11 @@ def train(
             divisible by the process count, resume without a checkpoint (or a fresh run
             over old checkpoints), no decodable first images, or a diverged model.
     """
-    t = config.train
     dev = resolve_device(device)
     if len(train_set) == 0:
         raise TrainingError("the training set is empty; put images of normal data in the "
                             "training folder.")
-    world = _world_size()
-    if t.batch_size % world:
-        raise TrainingError(f"batch_size {t.batch_size} is not divisible by the {world} "
-                            "processes; pick a multiple of the process count.")
+    check_batch_split(config)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     latest = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if resume and latest is None:

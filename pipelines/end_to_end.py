@@ -96,6 +96,9 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         parent.log_params(params)
         trained = tracking.train_and_register(folders["train"], name, config, device=device,
                                               mlruns=mlruns, progress=progress, nested=True)
+        if trained is None:
+            raise TrainingError("the end-to-end pipeline runs in one process; train on "
+                                "several with torchrun ... -m anomaly_flow train")
         parent.set_tags({"train_run_id": trained.run_id})
         if trained.version is None:
             raise TrainingError(trained.message)

@@ -28,7 +28,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.tracking import train_and_register
+from anomaly_flow.tracking import interrupted_message, train_and_register
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(interrupted_message(args.name, config, args.mlruns), file=sys.stderr)
+        return 130
+    if outcome is None:  # a process of rank above 0 under torchrun: rank 0 reports
+        return 0
     print(f"run_id: {outcome.run_id}")
     print(f"model_uri: {outcome.model_uri}")
     print(outcome.message, file=sys.stderr)

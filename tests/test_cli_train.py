@@ -63,7 +63,13 @@ def test_help_shows_an_example() -> None:
     (["{data}", "--name", "x", "--resume", "--mlruns", "{store}", "--preset", "tiny"], 1,
      ["--resume found no earlier training"]),
     (["{data}", "--name", "a/b", "--mlruns", "{store}", "--preset", "tiny"], 1,
-     ["model name 'a/b' is invalid", "'/' or ':'"]),
+     ["model name 'a/b' is invalid", "without spaces, '/', ':' or '@'"]),
+    (["{data}", "--name", "a b", "--mlruns", "{store}", "--preset", "tiny"], 1,
+     ["model name 'a b' is invalid", "models:/NAME@candidate could not name it"]),
+    (["{data}", "--name", "a@b", "--mlruns", "{store}", "--preset", "tiny"], 1,
+     ["model name 'a@b' is invalid"]),
+    (["{data}", "--name", "a" * 300, "--mlruns", "{store}", "--preset", "tiny"], 1,
+     ["model name 'aaaaaaaaaa", "...' is invalid; use 1 to 200 characters"]),
     (["{data}", "--name", "x", "--mlruns", "{store}", "--config", "{no_val}"], 1,
      ["train.val_fraction is 0", "set train.val_fraction > 0"]),
 ])
@@ -143,6 +149,9 @@ def test_asking_for_cuda_without_it_is_a_one_line_error(
     result = invoke(str(image_dirs.train), "--name", "x", "--preset", "tiny", "--device",
                     "cuda", "--mlruns", str(mlruns))
     assert_one_line_error(result, 1, "CUDA is not available")
+    # refused before the store or the checkpoints are touched
+    assert mlflow.MlflowClient().get_experiment_by_name("x") is None
+    assert not (mlruns / "checkpoints" / "x").exists()
 
 
 def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
@@ -310,3 +319,56 @@ def test_a_fresh_training_clears_a_damaged_checkpoint_record(
                     "--epochs", "1", "--mlruns", str(mlruns))
     assert result.exit_code == 0, result.output
     assert json.loads(record.read_text())["model_name"] == "damaged"
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp_path: Path,
+                                                      free_port: int) -> None:
+    """The README's several-process command (2 CPU processes, gloo): one run, one version;
+    only rank 0 prints the run and the model."""
+    import os
+    import subprocess
+    import sys
+
+
+    store = tmp_path / "store"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port), "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
+           "ddp-parts", "--preset", "tiny", "--epochs", "1", "--device", "cpu",
+           "--mlruns", str(store)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("run_id:") == 1 and proc.stdout.count("candidate:") == 1
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
+                                 registry_uri=f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddp-parts")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [v.version for v in client.search_model_versions("name='ddp-parts'")] == [1]
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_bpd")) > 0
+
+
+def test_the_pipeline_script_says_where_to_resume_on_ctrl_c(
+        image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomaly_flow import tracking as tracking_module
+
+    def ctrl_c(*args: object, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    spec = importlib.util.spec_from_file_location("train_pipeline",
+                                                  REPO / "pipelines" / "train.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    store = new_store(tmp_path / "store", mlflow_db_template)
+    monkeypatch.setattr(tracking_module.training, "train", ctrl_c)
+    code = script.main([str(image_dirs.train), "--name", "script-stop", "--preset", "tiny",
+                        "--device", "cpu", "--mlruns", str(store)])
+    assert code == 130
+    assert "interrupted; no checkpoint was written yet" in capsys.readouterr().err

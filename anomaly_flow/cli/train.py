@@ -58,22 +58,16 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
               else load_preset(preset or DEFAULT_PRESET))
     config = config.replace(epochs=epochs, batch_size=batch_size)
 
-    from anomaly_flow.tracking import checkpoint_dir, train_and_register
-    from anomaly_flow.train import latest_checkpoint
+    from anomaly_flow.tracking import interrupted_message, train_and_register
 
     try:
         outcome = train_and_register(data, name, config, device=device, resume=resume,
                                      mlruns=mlruns)
     except KeyboardInterrupt:
-        latest = latest_checkpoint(checkpoint_dir(name, mlruns))
-        every = config.train.checkpoint_every
-        where = (f"the last checkpoint is {latest} (one every {every} steps, "
-                 "train.checkpoint_every); run the same command with --resume to go on from "
-                 "it" if latest is not None else
-                 f"no checkpoint was written yet (one every {every} steps, "
-                 "train.checkpoint_every), so a new run starts from the beginning")
-        click.echo(f"interrupted; {where}", err=True)
+        click.echo(interrupted_message(name, config, mlruns), err=True)
         raise click.exceptions.Exit(130) from None
+    if outcome is None:  # a process of rank above 0 under torchrun: rank 0 reports
+        return
     click.echo(f"run_id: {outcome.run_id}")
     click.echo(f"model_uri: {outcome.model_uri}")
     if outcome.version is None:

@@ -46,6 +46,7 @@ from anomaly_flow.tracking.store import (
 from anomaly_flow.tracking.training import (
     TrainOutcome,
     checkpoint_dir,
+    interrupted_message,
     train_and_register,
     training_image_digests,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "ensure_experiment",
     "flatten",
     "git_commit",
+    "interrupted_message",
     "is_local_model_uri",
     "load_model",
     "log_model",

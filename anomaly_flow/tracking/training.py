@@ -41,9 +41,12 @@ from anomaly_flow.train import (
     FolderData,
     TrainEvent,
     TrainingError,
+    check_batch_split,
     checkpoint_step,
     folder_datasets,
     latest_checkpoint,
+    launch_rank,
+    resolve_device,
     total_steps,
     train,
 )
@@ -51,6 +54,8 @@ from anomaly_flow.train import (
 logger = logging.getLogger(__name__)
 
 RUN_STATE_FILE = "run.json"
+MAX_NAME_LENGTH = 200
+"""Longest model name: it names a checkpoint folder, and file names stop at 255 bytes."""
 TRAINING_IMAGES_FILE = "training_images.sha256"
 """Run artifact: the SHA-256 content digest of each image of the training folder (both
 splits), one per line."""
@@ -220,7 +225,8 @@ def _not_registered_reason(val_bpd: float, data: FolderData) -> str:
 def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                        device: str = "auto", resume: bool = False,
                        mlruns: str | Path | None = None,
-                       progress: bool | None = None, nested: bool = False) -> TrainOutcome:
+                       progress: bool | None = None, nested: bool = False
+                       ) -> TrainOutcome | None:
     """Train a Glow on the images under ``data``, log the run and register the model.
 
     One experiment per model ``name``. The run gets: params (the whole config, flattened,
@@ -245,21 +251,35 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         progress: Progress bar on stderr; ``None``: only on a terminal.
         nested: Log the run as a child of the active run (e.g. an end-to-end pipeline's).
 
+    Returns:
+        What was trained and registered; None in the processes of rank above 0 under
+        ``torchrun``, which train their share and leave the store to rank 0.
+
     Raises:
         DataError: The folder is missing or holds no images.
         TrainingError: Training failed (diverged, nothing to resume, ...).
         TrackingError: The tracking store cannot be used.
     """
-    if not name or name != name.strip() or any(c in name for c in "/:"):
-        raise TrainingError(f"model name {name!r} is invalid; use a non-empty name without "
-                            "surrounding spaces, '/' or ':', e.g. --name bottle-caps.")
+    if (not name or len(name) > MAX_NAME_LENGTH or any(c in name for c in "/:@")
+            or any(c.isspace() for c in name)):
+        shown = name if len(name) <= 60 else f"{name[:57]}..."
+        raise TrainingError(
+            f"model name {shown!r} is invalid; use 1 to {MAX_NAME_LENGTH} characters "
+            "without spaces, '/', ':' or '@' (model URIs such as models:/NAME@candidate "
+            "could not name it), e.g. --name bottle-caps.")
     if config.train.val_fraction == 0:
         raise TrainingError(
             "train.val_fraction is 0, so there would be no validation images to check the "
             "model (and fit its normal reference) before registering it; set "
             "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
+    resolve_device(device)  # before the store, the checkpoints or the data are touched
+    check_batch_split(config)
     folder = folder_datasets(data, config)
     ckpt = checkpoint_dir(name, mlruns)
+    if launch_rank() != 0:  # under torchrun: rank 0 checks, clears, logs and registers
+        train(config, folder.train, folder.val, device=device,
+              checkpoint_dir=ckpt if resume else None, resume=resume, progress=False)
+        return None
     previous_run, state = None, {}
     if resume:
         state = _read_run_state(ckpt)
@@ -278,7 +298,9 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
             logger.warning("the run %s of the checkpoint is not in %s; logging the resumed "
                            "training as a new run", state.get("run_id"), mlflow.get_tracking_uri())
     elif ckpt.exists():
-        logger.info("starting afresh: clearing the earlier checkpoints in %s", ckpt)
+        if (latest := latest_checkpoint(ckpt)) is not None:
+            logger.warning("starting afresh: deleting the earlier training's checkpoints in "
+                           "%s (the latest, %s, could go on with --resume)", ckpt, latest.name)
         shutil.rmtree(ckpt)
 
     data_root = Path(data).resolve()
@@ -347,6 +369,18 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         if result.failed_files:
             message += f"; {len(result.failed_files)} training file(s) could not be decoded"
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+
+
+def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None) -> str:
+    """What to tell a user whose training of ``name`` was interrupted: where it can go on
+    from, or that no checkpoint was written yet."""
+    latest = latest_checkpoint(checkpoint_dir(name, mlruns))
+    every = config.train.checkpoint_every
+    if latest is None:
+        return (f"interrupted; no checkpoint was written yet (one every {every} steps, "
+                "train.checkpoint_every), so a new run starts from the beginning")
+    return (f"interrupted; the last checkpoint is {latest} (one every {every} steps, "
+            "train.checkpoint_every); run the same command with --resume to go on from it")
 
 
 _RECORDS: dict[tuple[str, str], frozenset[str]] = {}
