@@ -261,7 +261,7 @@ def default_experiment(loaded: tracking.LoadedModel) -> str:
     return loaded.name or DEFAULT_EXPERIMENT
 
 
-def _resolve_score(score: str | None, model: Glow) -> str:
+def resolve_score(score: str | None, model: Glow) -> str:
     """The score named (``None``: the model's :func:`default_score`), checked to be one
     the model gives, or ``auto``."""
     score = default_score(model) if score is None else score
@@ -284,7 +284,7 @@ def _resolve_score(score: str | None, model: Glow) -> str:
 
 def _check_score_name(score: str | None) -> None:
     """Refuse a name no model gives before anything is counted, loaded or scored (whether
-    this model gives it is checked once it is loaded, by :func:`_resolve_score`)."""
+    this model gives it is checked once it is loaded, by :func:`resolve_score`)."""
     if score is not None and score != AUTO_SCORE and not is_score_name(score):
         raise CalibrationError(
             f"unknown score {score!r}; choose one of {SCORE_CHOICES}, or {AUTO_SCORE} (with "
@@ -330,6 +330,26 @@ def _check_method(method: str, target_fpr: float | None, has_anomalous: bool) ->
             f"method {method!r} chooses the threshold from labelled anomalies; pass "
             "--anomalous DIR, or use --method conformal with --target-fpr."
         )
+
+
+def precheck_calibration(normal: str | Path, anomalous: str | Path | None, *,
+                         score: str | None, method: str = "conformal",
+                         target_fpr: float | None = None) -> None:
+    """Everything about a calibration that can be refused before a model is loaded (or
+    trained): the score's name, the method's options, the normal folder's size for the
+    conformal threshold, and folders that share files.
+
+    Raises:
+        CalibrationError: What :func:`calibrate_model` would refuse, said the same way.
+        DataError: A folder is missing or holds no image files.
+    """
+    _check_score_name(score)
+    _check_auto(score, anomalous is not None)
+    _check_method(method, target_fpr, anomalous is not None)
+    if method == "conformal":
+        _precheck_size(Path(normal), target_fpr)  # type: ignore[arg-type]
+    if anomalous is not None:  # lists both: a missing or empty folder fails here
+        check_separate_folders(normal, anomalous)
 
 
 def _precheck_size(folder: Path, target_fpr: float) -> None:
@@ -604,7 +624,7 @@ def calibrate_scores(
             message says how many are needed).
     """
     _check_registered(loaded)
-    score = _resolve_score(score, loaded.model)
+    score = resolve_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
     _check_labels(normal, anomalous)
@@ -781,16 +801,11 @@ def calibrate_model(
         DataError: A folder is missing or holds no image files.
     """
     normal, anomalous_path = Path(normal), None if anomalous is None else Path(anomalous)
-    _check_score_name(score)
-    _check_auto(score, anomalous_path is not None)
-    _check_method(method, target_fpr, anomalous_path is not None)
-    if method == "conformal":
-        _precheck_size(normal, target_fpr)  # type: ignore[arg-type]
-    if anomalous_path is not None:  # lists both: a missing or empty folder fails here
-        check_separate_folders(normal, anomalous_path)
+    precheck_calibration(normal, anomalous_path, score=score, method=method,
+                         target_fpr=target_fpr)
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
-    score = _resolve_score(score, loaded.model)
+    score = resolve_score(score, loaded.model)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     normal_scores = score_folder_table(loaded.model, normal, **options)
     anomalous_scores = (

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, ensemble, level_1, ..., "
@@ -76,12 +77,24 @@ def add_target_fpr_option(parser: argparse.ArgumentParser, *, default: float | N
 
 
 def add_cost_options(parser: argparse.ArgumentParser) -> None:
-    """``--cost-fp`` and ``--cost-fn`` (default 1 each): the costs the ``cost`` method
-    weighs."""
-    parser.add_argument("--cost-fp", type=float, default=1.0,
-                        help="cost of a false alarm (method cost)")
-    parser.add_argument("--cost-fn", type=float, default=1.0,
-                        help="cost of a missed anomaly (method cost)")
+    """``--cost-fp`` and ``--cost-fn`` (None when not given, which the ``cost`` method
+    reads as 1): the costs it weighs. :func:`check_cost_options` refuses them with
+    another method."""
+    parser.add_argument("--cost-fp", type=float, default=None,
+                        help="cost of a false alarm (method cost; default 1)")
+    parser.add_argument("--cost-fn", type=float, default=None,
+                        help="cost of a missed anomaly (method cost; default 1)")
+
+
+def check_cost_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       method: str | None) -> None:
+    """Refuse ``--cost-fp``/``--cost-fn`` unless ``method`` is ``cost`` (they would be
+    ignored); then fill in the default cost of 1."""
+    if method != "cost" and (args.cost_fp is not None or args.cost_fn is not None):
+        parser.error("--cost-fp and --cost-fn only apply to the cost method; drop them, or "
+                     "use the cost method")
+    args.cost_fp = 1.0 if args.cost_fp is None else args.cost_fp
+    args.cost_fn = 1.0 if args.cost_fn is None else args.cost_fn
 
 
 def add_device_option(parser: argparse.ArgumentParser, *,
@@ -95,10 +108,24 @@ def add_device_option(parser: argparse.ArgumentParser, *,
 
 def add_loader_options(parser: argparse.ArgumentParser) -> None:
     """``--batch-size`` (default 256) and ``--workers`` (default 0) for scoring folders."""
-    parser.add_argument("--batch-size", type=int, default=256,
+    parser.add_argument("--batch-size", type=_at_least(1), default=256,
                         help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--workers", type=_at_least(0), default=0,
                         help="DataLoader worker processes decoding images")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    parse.__name__ = f"whole number >= {low}"
+    return parse
 
 
 def add_mlruns_option(parser: argparse.ArgumentParser, *,

@@ -27,6 +27,7 @@ from anomaly_flow.pipeline_options import (
     add_model_option,
     add_score_option,
     add_target_fpr_option,
+    check_cost_options,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -50,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_option(parser)
     add_loader_options(parser)
     add_mlruns_option(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_cost_options(parser, args, args.method)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from anomaly_flow.evaluation import (
     EvaluateOutcome,
     calibrate_model,
     evaluate_model,
+    precheck_calibration,
 )
 from anomaly_flow.pipeline_options import (
     add_device_option,
@@ -88,6 +89,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     config = load_config(config_path) if config_path.suffix in (".toml", ".json") \
         else load_preset(config_name)
     config = config.replace(epochs=epochs)
+    # what calibrating would refuse, refused before hours of training
+    precheck_calibration(folders["calibration"], None, score=score, target_fpr=target_fpr)
     tracking.configure(mlruns)
     params = {"name": name, "config": config_name, "epochs": config.train.epochs,
               "target_fpr": target_fpr, "score": score or "default", "promote": promote,
@@ -149,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "and --test-anomalous")
     if args.sample is not None and any(g is not None for g in given):
         parser.error("give --sample DIR or the four folders, not both")
+    if args.limit is not None and args.sample is None:
+        parser.error("--limit caps the folders --sample writes; with your own folders, "
+                     "drop it (or give fewer images)")
     if args.score == "auto":  # checked before training, not after
         parser.error("--score auto needs labelled anomalies, and this pipeline calibrates "
                      "on normal images only: name a score (bpd, complexity, "

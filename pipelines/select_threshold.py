@@ -22,10 +22,11 @@ from anomaly_flow.errors import user_error_types
 from anomaly_flow.evaluation import (
     AUTO_SCORE,
     calibrate_scores,
-    check_separate_folders,
     compare_thresholds,
     leave_out_training_images,
     open_model,
+    precheck_calibration,
+    resolve_score,
     score_folder_table,
     select_folder_score,
     warn_labelled_both,
@@ -38,11 +39,12 @@ from anomaly_flow.pipeline_options import (
     add_model_option,
     add_score_option,
     add_target_fpr_option,
+    check_cost_options,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.scoring import default_score, score_names
+from anomaly_flow.scoring import score_names
 
 LABELLED = ("f1", "youden", "cost")
 
@@ -64,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_option(parser)
     add_loader_options(parser)
     add_mlruns_option(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_cost_options(parser, args, "cost")  # the comparison always shows the cost method
+    if args.promote and args.register is None:
+        parser.error("--promote moves champion to the version --register makes; add "
+                     "--register METHOD, or drop --promote")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --register conformal needs --target-fpr", file=sys.stderr)
         return 2
     try:
-        check_separate_folders(args.normal, args.anomalous)
+        precheck_calibration(args.normal, args.anomalous, score=args.score,
+                             method="f1")  # the labelled methods' checks
         loaded = open_model(args.model, args.device, args.mlruns)
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = leave_out_training_images(
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         anomalous = score_folder_table(loaded.model, args.anomalous, **options)
         if args.register is None:  # calibrate_scores below warns when registering
             warn_labelled_both(normal, anomalous)
-        score = default_score(loaded.model) if args.score is None else args.score
+        score = resolve_score(args.score, loaded.model)
         if score == AUTO_SCORE:
             selection = select_folder_score(normal, anomalous,
                                             score_names(loaded.model))

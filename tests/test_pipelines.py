@@ -190,3 +190,56 @@ def test_help_explains_every_option_and_shows_its_default(
     if script in ("calibrate", "select_threshold"):
         words = " ".join(text.split())  # argparse wraps lines anywhere
         assert "(default: 256)" in words and "(default: 0)" in words  # batch size, workers
+
+
+def test_end_to_end_refuses_what_calibrating_would_before_training(
+        image_dirs: ImageDirs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    end_to_end = load_script("end_to_end")
+    store = tmp_path / "store"
+    folders = ["--train", image_dirs.train, "--calibration", image_dirs.calibration,
+               "--test-normal", image_dirs.test_normal, "--test-anomalous",
+               image_dirs.test_anomalous, "--mlruns", store, "--name", "e2e-early"]
+    for extra, expected in [(["--score", "foo"], "unknown score 'foo'"),
+                            (["--target-fpr", "0.01"], "needs at least 99 held-out normal")]:
+        assert end_to_end.main([str(a) for a in [*folders, *extra]]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert not store.exists()  # nothing trained, logged or registered
+
+
+def test_select_threshold_refuses_an_unknown_score_in_one_line(
+        trained: TrainedModel, image_dirs: ImageDirs,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model", trained.version_uri, "--normal", image_dirs.calibration,
+            "--anomalous", image_dirs.test_anomalous, "--mlruns", trained.mlruns]
+    select = load_script("select_threshold")
+    for score in ("foo", "level_7"):
+        assert select.main([str(a) for a in [*argv, "--score", score]]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"error: unknown score {score!r}" in err[-1], err
+
+
+@pytest.mark.parametrize(("script", "argv", "expected"), [
+    ("calibrate", ["--target-fpr", "0.1", "--cost-fp", "5"],
+     "--cost-fp and --cost-fn only apply to the cost method"),
+    ("calibrate", ["--target-fpr", "0.1", "--batch-size", "0"], "0 is below 1"),
+    ("calibrate", ["--target-fpr", "0.1", "--workers", "-1"], "-1 is below 0"),
+    ("select_threshold", ["--anomalous", "x", "--promote"],
+     "--promote moves champion to the version --register makes"),
+])
+def test_pipeline_options_that_would_be_ignored_or_fail_late_are_refused(
+        script: str, argv: list[str], expected: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).parse_args(["--model", "models:/m@candidate", "--normal", "n",
+                                        *argv])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_end_to_end_refuses_limit_without_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_script("end_to_end").parse_args(
+            ["--name", "e", "--train", "a", "--calibration", "b", "--test-normal", "c",
+             "--test-anomalous", "d", "--limit", "5"])
+    assert "--limit caps the folders --sample writes" in capsys.readouterr().err
