@@ -126,7 +126,7 @@ class TrainResult:
         train_bpd: Bits/dim of the last finite training batch.
         images_per_sec: Training throughput over the last epoch, decoding included.
         skipped_steps: Steps skipped for a non-finite loss or gradient.
-        failed_files: Undecodable training images, file (or ``item N``) -> reason.
+        failed_files: Undecodable images of both splits, file (or ``item N``) -> reason.
         samples: uint8 grid of 16 samples, ``(H, W)`` or ``(H, W, 3)``; empty off rank 0.
         checkpoint_dir: The final checkpoint (None when none was written).
         history: One dict of epoch metrics per epoch.
@@ -321,15 +321,21 @@ class _FailedFiles:
             if self._log:
                 logger.warning("skipping undecodable training image %s: %s", name, reason)
 
+    def record(self, batch: Any) -> torch.Tensor:
+        """Note the undecodable items of a collated batch; return its ``ok`` mask."""
+        _, ok, errors, index = batch
+        ok = torch.as_tensor(ok)  # the training loop's mask is a CPU tensor
+        if not bool(ok.all()):
+            for i in torch.nonzero(~ok).flatten().tolist():
+                self.add(self._name(int(index[i])), errors[i])
+        return ok
+
     def keep(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoded images ``(b, C, H, W)`` of a collated batch and its ``ok`` mask."""
-        images, ok, errors, index = batch
-        ok = torch.as_tensor(ok)  # the training loop's mask is a CPU tensor
+        ok = self.record(batch)
         if bool(ok.all()):
-            return images, ok  # no copy: the loader's pinned memory stays pinned
-        for i in torch.nonzero(~ok).flatten().tolist():
-            self.add(self._name(int(index[i])), errors[i])
-        return images[ok], ok
+            return batch[0], ok  # no copy: the loader's pinned memory stays pinned
+        return batch[0][ok], ok
 
     def gather(self, world: int) -> None:
         """Merge what every rank has met (a collective: all ranks call it)."""
@@ -396,11 +402,12 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
 
 @torch.no_grad()
 def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch.device,
-                   num_workers: int, rank: int, world: int,
-                   reference: bool) -> tuple[float, int]:
+                   num_workers: int, rank: int, world: int, reference: bool,
+                   failed: _FailedFiles | None = None) -> tuple[float, int]:
     """One pass over held-out images in the arithmetic of scoring: their mean bits/dim
     (:func:`evaluate_bpd`) and, with ``reference``, the normal reference fitted on the
-    same forward passes (:func:`fit_reference`) and the number of images behind it."""
+    same forward passes (:func:`fit_reference`) and the number of images behind it.
+    Undecodable images are noted in ``failed`` (this rank's share) when given."""
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
@@ -418,7 +425,7 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     n_bits, levels = model.config.n_bits, model.config.levels
     with numerics(model, "float32"):  # no bf16, no TF32
         for batch in loader:
-            ok = batch[1]
+            ok = failed.record(batch) if failed is not None else batch[1]
             index = (start + torch.arange(len(ok)))[ok] * world + rank
             start += len(ok)
             host_images = batch[0][ok]
@@ -884,7 +891,9 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 # the final checkpoint, which keeps it
                 last = epoch == t.epochs - 1
                 val_bpd, n = _held_out_pass(model, val_set, t.batch_size, dev,
-                                            t.num_workers, rank, world, reference=last)
+                                            t.num_workers, rank, world, reference=last,
+                                            failed=failed)
+                failed.gather(world)  # the validation images' failures too
                 if last:
                     n_reference = _checked_reference(n, rank)
             epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,

@@ -456,15 +456,17 @@ def test_non_finite_validation_bpd_is_never_registered(
                                           mlruns=mlruns, progress=False)
     assert outcome.version is None
     assert "not registered" in outcome.message and "not finite" in outcome.message
-    assert "1 training file(s) could not be decoded" in outcome.message
+    # both broken files, the validation one included, are reported
+    assert "2 training file(s) could not be decoded" in outcome.message
     client = mlflow.MlflowClient()
     assert client.search_registered_models(filter_string="name = 'never'") == []
     run = client.get_run(outcome.run_id)
     assert "not finite" in run.data.tags["not_registered_reason"]
-    assert run.data.tags["failed_files"] == "1"
+    assert run.data.tags["failed_files"] == "2"
     failed = Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
                                                       artifact_path="failed_files.txt"))
     assert paths[int(train_idx[0])].name in failed.read_text()
+    assert paths[int(val_idx[0])].name in failed.read_text()
     assert outcome.model_uri.startswith("models:/m-")  # logged for inspection, not registered
 
 

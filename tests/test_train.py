@@ -491,6 +491,23 @@ def poison_preprocess(monkeypatch: pytest.MonkeyPatch, steps: set[int] | None) -
     monkeypatch.setattr(train_module, "preprocess", poisoned)
 
 
+def test_undecodable_validation_images_are_reported_too(tmp_path: Path,
+                                                        sneakers: np.ndarray) -> None:
+    folder = tmp_path / "train"
+    write_image_folder(sneakers[:40], folder, "s", "png")
+    for i in range(20):
+        (folder / f"bad{i:02d}.png").write_text("not an image")
+    config = run_config(epochs=1, val_fraction=0.3)
+    data = folder_datasets(folder, config)
+    assert data.val is not None
+    val_names = {display_path(data.paths[i]) for i in data.val.indices}
+    bad = {display_path(folder / f"bad{i:02d}.png") for i in range(20)}
+    assert bad & val_names and bad - val_names  # some of each split
+    result = train(config, data.train, data.val, device="cpu")
+    assert set(result.failed_files) == bad
+    assert result.history[-1]["failed_files"] == 20
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamax"])
 def test_injected_nan_is_skipped_and_counted(image_folder: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch,
