@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -156,10 +157,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "train for at least one epoch")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be positive")
-        _check(self.lr > 0, "lr", self.lr, "must be positive")
+        _check(0 < self.lr < math.inf, "lr", self.lr, "must be a positive finite number")
         _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _check_choice("optimizer", self.optimizer, Optimizer)
-        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        _check(0 <= self.grad_clip < math.inf, "grad_clip", self.grad_clip,
+               "must be a finite number >= 0 (0 disables)")
         _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction,
                "must be in [0, 1)")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every,
@@ -167,8 +169,8 @@ class TrainConfig:
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps",
                self.max_nonfinite_steps, "must be positive")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
-        _check(self.sample_temperature > 0, "sample_temperature", self.sample_temperature,
-               "must be positive")
+        _check(0 < self.sample_temperature < math.inf, "sample_temperature",
+               self.sample_temperature, "must be a positive finite number")
         _check(self.init_batch_size >= 1, "init_batch_size", self.init_batch_size,
                "must be positive")
 
@@ -249,11 +251,20 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing .toml or .json.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 TOML or "
+                          "JSON.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}.") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if data == {}:
+        raise ConfigError(f"config file {path} is empty; give at least a [model] or [train] "
+                          "table (see the presets in anomaly_flow/presets/).")
     return RunConfig.from_dict(data)
 
 

@@ -105,11 +105,14 @@ def test_a_config_with_an_unknown_field_is_a_one_line_error(
     ("glow.toml", "[train]\nbf16 = 1\n", "bf16 = 1 in [train] is invalid"),
     ("glow.toml", "model = 3\n", "[model] must be a table"),
     ("glow.json", "5", "a configuration must be a table"),
+    ("glow.toml", "", "glow.toml is empty; give at least a [model] or [train] table"),
+    ("glow.toml", b"\xff\xfe[model]", "glow.toml is not UTF-8 text; save it as UTF-8"),
 ])
 def test_a_config_with_a_value_of_the_wrong_type_is_a_one_line_error(
-        tmp_path: Path, image_dirs: ImageDirs, name: str, text: str, fragment: str) -> None:
+        tmp_path: Path, image_dirs: ImageDirs, name: str, text: str | bytes,
+        fragment: str) -> None:
     config = tmp_path / name
-    config.write_text(text)
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
     result = invoke(str(image_dirs.train), "--name", "x", "--config", str(config))
     assert_one_line_error(result, 1, fragment)
 

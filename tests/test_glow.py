@@ -400,3 +400,14 @@ def test_training_lowers_bits_per_dim() -> None:
     end = model.bpd(x_all).mean().item()
     assert start > 7.5, start
     assert end < 5.0, (start, end)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("lr", float("inf")), ("lr", float("nan")), ("sample_temperature", float("inf")),
+    ("grad_clip", float("nan")), ("grad_clip", float("inf")),
+])
+def test_train_config_refuses_non_finite_numbers(field: str, value: float) -> None:
+    from anomaly_flow.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=f"{field} = {value!r} is invalid: must be a .*finite"):
+        TrainConfig(**{field: value})
