@@ -76,6 +76,19 @@ def test_unreachable_store_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         tracking.configure()
 
 
+def test_a_server_that_is_down_is_reported_in_seconds(
+        monkeypatch: pytest.MonkeyPatch, free_port: int) -> None:
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port}")
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError,
+                       match="check MLFLOW_TRACKING_URI and that the server is running"):
+        tracking.configure()
+    assert time.monotonic() - start < 30  # MLflow's own retries take about four minutes
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
 def test_run_handle_logs_everything_and_batches_metrics(mlruns: Path) -> None:
     import matplotlib.figure
 
@@ -547,7 +560,8 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
 @pytest.mark.slow
 def test_training_logs_and_registers_on_a_real_mlflow_server(
         image_dirs: ImageDirs, tracking_env: dict[str, str], free_port: int, tmp_path: Path,
-        mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     server_store = new_store(tmp_path / "server", mlflow_db_template)
     command = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{server_store / 'mlflow.db'}",
@@ -561,6 +575,9 @@ def test_training_logs_and_registers_on_a_real_mlflow_server(
         outcome = tracking.train_and_register(image_dirs.train, "served", tiny_config(1),
                                               device="cpu", mlruns=tmp_path / "local",
                                               progress=False)
+        # MLflow's link to the run goes to stderr: stdout is a command's data
+        captured = capsys.readouterr()
+        assert "View run" not in captured.out and "View run" in captured.err
         assert mlflow.get_tracking_uri() == url
         client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
         run = client.get_run(outcome.run_id)

@@ -9,11 +9,13 @@ variable ``MLFLOW_TRACKING_URI``, read at call time, overrides it (e.g. a real
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -123,7 +125,8 @@ def configure(mlruns: str | Path | None = None) -> str:
                 os.environ[name] = value
     _state.uri, _state.artifact_root = uri, artifact_root
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        with _first_contact():
+            mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # any failure here means the store is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ("check MLFLOW_TRACKING_URI and that the server is running" if env_given
@@ -132,6 +135,25 @@ def configure(mlruns: str | Path | None = None) -> str:
             from None
     logger.info("MLflow tracking store: %s", uri)
     return uri
+
+
+FIRST_CONTACT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+"""MLflow's HTTP settings for the first request to a tracking server, where the user has
+set none: a server that is down is reported in seconds, not after MLflow's default
+seven retries (about four minutes). Later requests keep MLflow's patient defaults."""
+
+
+@contextmanager
+def _first_contact() -> Iterator[None]:
+    added = {key: value for key, value in FIRST_CONTACT.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @contextmanager
@@ -364,5 +386,8 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         try:
             run.flush()
         finally:
-            mlflow.end_run(status)
+            # MLflow writes "View run ... at: URL" to stdout for a server store; stdout
+            # carries a command's data, so the link goes to stderr with the other news
+            with contextlib.redirect_stdout(sys.stderr):
+                mlflow.end_run(status)
 
