@@ -18,8 +18,24 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("anomaly_flow.calibration", "CalibrationError"),
     ("anomaly_flow.tracking.models", "ModelNotFoundError"),
     ("anomaly_flow.tracking.store", "TrackingError"),
+    ("mlflow.exceptions", "MlflowException"),
 )
-"""(module, class) of every exception a user can cause."""
+"""(module, class) of every exception a user can cause. MLflow's own errors are among
+them: past the store check, what reaches the user from MLflow is a store or server that
+went away or refused a request mid-run (:func:`describe`)."""
+
+
+def describe(error: BaseException) -> str:
+    """The message for a user error: its own, or for an MLflow error (whose message is
+    the failed request) what to check and to run the command again."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if type(error).__module__.startswith("mlflow"):
+        if len(message) > 400:
+            message = message[:397] + "..."
+        return (f"MLflow failed: {message}; check the tracking store (MLFLOW_TRACKING_URI, "
+                "or --mlruns) and run the command again (the run it was logging may be "
+                "incomplete)")
+    return message
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from anomaly_flow.calibration import METHODS
-from anomaly_flow.errors import user_error_types
+from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.evaluation import calibrate_model
 from anomaly_flow.pipeline_options import (
     add_cost_options,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
         )
     except user_error_types() as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe(error)}", file=sys.stderr)
         return 1
     print(f"model: {outcome.model_uri}")
     print(f"threshold: {outcome.threshold:.6g} ({outcome.calibration.score_name}, {args.method})")

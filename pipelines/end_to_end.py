@@ -29,7 +29,7 @@ from pathlib import Path
 from anomaly_flow import tracking
 from anomaly_flow.config import load_config, load_preset
 from anomaly_flow.data import write_sample_folders
-from anomaly_flow.errors import user_error_types
+from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.evaluation import (
     CalibrateOutcome,
     EvaluateOutcome,
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,
             device=args.device, mlruns=args.mlruns)
     except user_error_types() as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe(error)}", file=sys.stderr)
         return 1
     print(f"parent run: {result.run_id}")
     print(f"trained: {result.train.model_uri} (val bpd {result.train.val_bpd:.4f})")

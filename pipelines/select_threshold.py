@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from anomaly_flow.errors import user_error_types
+from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.evaluation import (
     AUTO_SCORE,
     calibrate_scores,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"registered {outcome.model_uri} with the {args.register} threshold "
                   f"{outcome.threshold:.6g} (run {outcome.run_id})")
     except user_error_types() as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe(error)}", file=sys.stderr)
         return 1
     return 0
 

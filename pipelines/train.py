@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from anomaly_flow.config import PRESETS, load_config, load_preset
-from anomaly_flow.errors import user_error_types
+from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = train_and_register(args.data, args.name, config, device=args.device,
                                      resume=args.resume, mlruns=args.mlruns)
     except user_error_types() as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(interrupted_message(args.name, config, args.mlruns), file=sys.stderr)

@@ -307,10 +307,25 @@ def test_user_errors_become_one_line_click_errors() -> None:
     def bug() -> None:
         raise KeyError("a bug stays a bug")
 
+    @click.command()
+    @user_errors
+    def server_gone() -> None:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException("API request to http://127.0.0.1:5077/api/2.0/mlflow/runs/"
+                              "log-batch failed with exception\nConnection refused")
+
     result = CliRunner().invoke(fail, [])
     assert result.exit_code == 1
     assert result.stderr == "Error: no model at x; use models:/NAME@ALIAS\n"
     assert isinstance(CliRunner().invoke(bug, []).exception, KeyError)
+    gone = CliRunner().invoke(server_gone, [])
+    assert gone.exit_code == 1 and "Traceback" not in gone.output
+    assert gone.stderr == (
+        "Error: MLflow failed: API request to http://127.0.0.1:5077/api/2.0/mlflow/runs/"
+        "log-batch failed with exception Connection refused; check the tracking store "
+        "(MLFLOW_TRACKING_URI, or --mlruns) and run the command again (the run it was "
+        "logging may be incomplete)\n")
 
 
 def test_a_fresh_training_clears_a_damaged_checkpoint_record(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -87,6 +88,18 @@ def test_a_server_that_is_down_is_reported_in_seconds(
         tracking.configure()
     assert time.monotonic() - start < 30  # MLflow's own retries take about four minutes
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_mlruns_given_beside_the_environment_store_is_named(
+        tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = new_store(tmp_path / "env-store", mlflow_db_template)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with caplog.at_level(logging.WARNING):
+        assert tracking.configure(tmp_path / "typed") == uri
+    assert f"MLFLOW_TRACKING_URI is set, so runs and models go to {uri}, not to the store " \
+        f"in {tmp_path / 'typed'}" in caplog.text
 
 
 def test_run_handle_logs_everything_and_batches_metrics(mlruns: Path) -> None:
@@ -188,6 +201,7 @@ def test_training_run_has_params_metrics_artifacts_tags_and_candidate(
     assert config == trained.config.to_dict()
     tags = run.data.tags
     assert len(tags["data_fingerprint"]) == 64
+    assert (tags["device"], tags["precision"]) == ("cpu", "float32")
     assert tags["data_folder"] == str(trained.data.resolve())
     commit = tracking.git_commit()
     assert tags.get("git_commit") == commit  # present whenever the tests run in a checkout

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import click
 
-from anomaly_flow.errors import user_error_types
+from anomaly_flow.errors import describe, user_error_types
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,11 +59,6 @@ def configure_logging(verbose: int) -> None:
         root.addHandler(handler)
 
 
-def one_line(message: str) -> str:
-    """``message`` with its whitespace (newlines included) collapsed."""
-    return " ".join(str(message).split())
-
-
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (a newline as ``\\n``), so that a
     file name prints as one line and cannot pass itself off as another message."""
@@ -88,7 +83,7 @@ def user_errors(func: F) -> F:
             raise
         except Exception as exc:
             if isinstance(exc, user_error_types()):
-                raise click.ClickException(one_line(str(exc))) from None
+                raise click.ClickException(describe(exc)) from None
             raise
 
     return wrapper  # type: ignore[return-value]

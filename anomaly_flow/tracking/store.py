@@ -104,6 +104,10 @@ def configure(mlruns: str | Path | None = None) -> str:
     quiet_mlflow_logs()
     uri = default_tracking_uri(mlruns)
     env_given = bool(os.environ.get(TRACKING_ENV))
+    if env_given and mlruns is not None:
+        logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
+                       "store in %s (--mlruns still holds training checkpoints); unset it to "
+                       "use that store", uri, mlruns)
     artifact_root = None
     if not env_given:
         folder = mlruns_dir(mlruns)

@@ -272,7 +272,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
             "train.val_fraction is 0, so there would be no validation images to check the "
             "model (and fit its normal reference) before registering it; set "
             "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
-    resolve_device(device)  # before the store, the checkpoints or the data are touched
+    dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
     check_batch_split(config)
     folder = folder_datasets(data, config)
     ckpt = checkpoint_dir(name, mlruns)
@@ -306,7 +306,10 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     data_root = Path(data).resolve()
     tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
                             "data_folder": display_path(data_root), "model_name": name,
-                            "command": "train"}
+                            "command": "train", "device": dev.type,
+                            # bf16 autocast is CUDA-only: what the run computed in
+                            "precision": "bf16" if config.train.bf16 and dev.type == "cuda"
+                            else "float32"}
     if commit := git_commit():
         tags["git_commit"] = commit
     if resume:
