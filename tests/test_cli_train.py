@@ -255,6 +255,10 @@ def test_ctrl_c_says_where_training_can_resume_from(
     monkeypatch.setattr(tracking_module.training, "train", real_train)
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output
+    # step 3 ran before the interruption and again after the resume: logged once
+    run_id = resumed.stdout.split("run_id: ")[1].split()[0]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_bpd")]
+    assert sorted(steps) == list(range(1, max(steps) + 1)), steps
 
 
 def test_the_pipeline_script_trains_and_registers(

@@ -88,16 +88,37 @@ def checkpoint_dir(name: str, mlruns: str | Path | None = None) -> Path:
 
 
 class _MetricLogger:
-    """The training callback: per-step and per-epoch metrics into the run (batched)."""
+    """The training callback: per-step and per-epoch metrics into the run (batched).
 
-    def __init__(self, run: Run) -> None:
+    A resumed training replays the steps between its checkpoint and the interruption;
+    those the run already holds (up to ``logged_steps`` and ``logged_epochs``, the last
+    steps with a per-step and a per-epoch metric) are not logged twice, so each metric
+    keeps one value per step.
+    """
+
+    def __init__(self, run: Run, logged_steps: int = 0, logged_epochs: int = 0) -> None:
         self.run = run
+        self.logged_steps, self.logged_epochs = logged_steps, logged_epochs
+
+    @classmethod
+    def resuming(cls, run: Run) -> _MetricLogger:
+        """A logger for a run reopened by a resumed training."""
+        client = mlflow.MlflowClient()
+
+        def last(key: str) -> int:
+            return max((m.step for m in client.get_metric_history(run.run_id, key)), default=0)
+
+        return cls(run, last("train_bpd"), last("val_bpd"))
 
     def __call__(self, event: TrainEvent) -> None:
         if event.kind == "step":
+            if event.step <= self.logged_steps:
+                return
             self.run.log_metrics({k: v for k, v in event.metrics.items() if k in _STEP_METRICS},
                                  step=event.step)
         elif event.kind == "epoch":
+            if event.step <= self.logged_epochs:
+                return
             # skipped_steps is already a per-step metric at this step.
             self.run.log_metrics({k: v for k, v in event.metrics.items()
                                   if k != "skipped_steps"}, step=event.step)
@@ -330,8 +351,10 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         run.log_dict(config.to_dict(), "config.json")
         run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
 
+        metrics = (_MetricLogger.resuming(run) if previous_run is not None
+                   else _MetricLogger(run))
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
-                       resume=resume, callback=_MetricLogger(run), progress=progress)
+                       resume=resume, callback=metrics, progress=progress)
         run.log_metrics({"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
                          "steps": float(result.steps)}, step=result.steps)
         run.flush()
