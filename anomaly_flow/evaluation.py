@@ -502,6 +502,8 @@ def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores
                     "were held out of training", folder, purpose)
         return scores
     run_id = loaded.training_run_id
+    if run_id is not None and "training_run_id" not in loaded.tags:
+        run_id = tracking.training_run_of(run_id)  # a copy of a calibrated version's folder
     trained_on = None if run_id is None else tracking.training_image_digests(run_id)
     if trained_on is None:
         logger.warning("%s has no record of the images it was trained on, so %s cannot check "

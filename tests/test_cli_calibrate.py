@@ -576,3 +576,17 @@ def test_evaluation_leaves_out_the_images_the_model_was_trained_on(
     metrics = client.get_run(run_id_from(result)).data.metrics
     assert metrics["n_trained_on_normal"] == 3
     assert metrics["n_normal"] == len(image_dirs.files(image_dirs.test_normal))
+
+
+def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
+        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    """The copy's MLmodel names the calibration run, which names the training run."""
+    calibrated = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                     "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert calibrated.exit_code == 0, calibrated.output
+    tracking.configure(store)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri_from(calibrated),
+                                                     dst_path=str(tmp_path / "copy")))
+    result = run("evaluate", "--model", local, "--normal", image_dirs.train, "--anomalous",
+                 image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
+    assert_one_line_error(result, "all 48 images in ", "was trained on")

@@ -49,6 +49,7 @@ from anomaly_flow.tracking.training import (
     interrupted_message,
     train_and_register,
     training_image_digests,
+    training_run_of,
 )
 
 __all__ = [
@@ -81,4 +82,5 @@ __all__ = [
     "start_run",
     "train_and_register",
     "training_image_digests",
+    "training_run_of",
 ]

@@ -414,6 +414,17 @@ _RECORDS: dict[tuple[str, str], frozenset[str]] = {}
 (a resumed training must see the same folder), and calibrating then evaluating asks twice."""
 
 
+def training_run_of(run_id: str) -> str:
+    """The run that trained the weights a run logged: for a calibration run (which logs
+    the calibrated model) its ``training_run_id`` tag, else the run itself (also when the
+    store does not have it)."""
+    try:
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    except MlflowException:
+        return run_id
+    return tags.get("training_run_id") or run_id
+
+
 def training_image_digests(run_id: str) -> frozenset[str] | None:
     """The content digests of the images of the folder run ``run_id`` trained on (both
     splits), or None where the run recorded none (trained before they were recorded, or
