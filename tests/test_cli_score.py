@@ -224,6 +224,16 @@ def test_a_registry_uri_without_a_store_creates_nothing(messy: Path, tmp_path: P
         "model first (anomaly-flow train DATA --name NAME), or point --mlruns / "
         "MLFLOW_TRACKING_URI at the store that holds it"]
     assert sorted(os.listdir(empty)) == []
+    # a sqlite MLFLOW_TRACKING_URI naming a file that is not there: the same, no new file
+    typo = empty / "nodir" / "x.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "anomaly_flow", "score", str(messy), "--model",
+         "models:/parts@champion", "--out", "scores.csv"],
+        cwd=empty, env={**tracking_env, "MLFLOW_TRACKING_URI": f"sqlite:///{typo}"},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"there is no MLflow store at {typo}" in result.stderr
+    assert sorted(os.listdir(empty)) == []
 
 
 def test_a_file_name_cannot_forge_a_line_of_the_listing(model_dir: Path,

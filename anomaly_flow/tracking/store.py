@@ -178,12 +178,19 @@ def quiet_mlflow() -> Iterator[None]:
 
 
 def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
-    """The default store's database file when it does not exist yet (and
-    ``MLFLOW_TRACKING_URI`` is unset), else None. Opening a missing sqlite store creates
-    an empty one; a command that only reads from the store checks this first."""
-    if os.environ.get(TRACKING_ENV):
-        return None
-    db = mlruns_dir(mlruns) / DB_FILE
+    """The store's sqlite database file when it does not exist yet, else None: the default
+    store's, or the one a ``sqlite:///`` ``MLFLOW_TRACKING_URI`` names (other URIs: None).
+    Opening a missing sqlite store creates an empty one; a command that only reads from
+    the store checks this first."""
+    env = os.environ.get(TRACKING_ENV)
+    if env:
+        if not env.startswith("sqlite:///") or ":memory:" in env:
+            return None
+        db = Path(env.removeprefix("sqlite:///").split("?")[0])
+        if not db.is_absolute():
+            db = Path.cwd() / db
+    else:
+        db = mlruns_dir(mlruns) / DB_FILE
     return None if db.is_file() else db
 
 
