@@ -102,6 +102,25 @@ def test_mlruns_given_beside_the_environment_store_is_named(
         f"in {tmp_path / 'typed'}" in caplog.text
 
 
+def test_git_commit_is_the_codes_not_the_working_directorys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    package = Path(tracking.__file__).resolve().parents[1]
+    own = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True,
+                         text=True, check=False).stdout.strip()
+    project = tmp_path / "user-project"  # the user's own checkout, where they train
+    project.mkdir()
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=project,
+                   check=True)
+    theirs = tracking.git_commit(project)
+    assert theirs is not None and theirs != own
+    monkeypatch.chdir(project)
+    assert tracking.git_commit() == (own or None)
+
+
 def test_run_handle_logs_everything_and_batches_metrics(mlruns: Path) -> None:
     import matplotlib.figure
 

@@ -247,10 +247,20 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` in ``cwd`` (default: the working directory), or None."""
+    """The commit of anomaly-flow's own code (``git rev-parse HEAD`` where the package
+    lies, when git tracks it there: a source checkout), or of the checkout at ``cwd``
+    when given; None where there is none (an installed package: its version is a tag of
+    every run, :func:`environment_tags`)."""
+    package = Path(__file__).resolve().parents[1]
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                              text=True, timeout=10, check=False)
+        if cwd is None:
+            tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"],
+                                     cwd=package, capture_output=True, timeout=10,
+                                     check=False)
+            if tracked.returncode != 0:  # not a checkout, or a venv inside someone's repo
+                return None
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or package,
+                              capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     commit = done.stdout.strip()

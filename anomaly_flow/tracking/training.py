@@ -257,7 +257,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     ``samples.png``, ``training_curves.png``, ``training_images.sha256`` (the content
     digests of the training folder, which calibration checks its images against) and,
     when files failed to decode, ``failed_files.txt``; tags ``data_fingerprint``,
-    ``data_folder``, ``git_commit`` (when the working directory is a git checkout). The
+    ``data_folder``, ``git_commit`` (of this code, when it runs from a git checkout). The
     model is logged as a pyfunc and, when its validation bits/dim is finite, registered
     as a new version of ``name`` with alias ``candidate``.
 
