@@ -217,6 +217,8 @@ class CalibrateOutcome:
         calibration: The fitted calibration (also stored with the version).
         metrics: The metrics logged on the run.
         failures: ``{"normal": [(path, reason)], "anomalous": [...]}``: files left out.
+        stored_threshold: The score and method of the model's calibration (``ensemble,
+            conformal``) when the ``calibrated_*`` metrics measure its threshold.
         promoted: Whether alias ``champion`` now points at the new version.
     """
 
@@ -245,12 +247,15 @@ class EvaluateOutcome:
         metrics: The metrics logged on the run (``<score>_auroc`` etc., and
             ``calibrated_*`` at the model's stored threshold when it has one).
         failures: ``{"normal": [(path, reason)], "anomalous": [...]}``: files left out.
+        stored_threshold: The score and method of the model's calibration (``ensemble,
+            conformal``) when the ``calibrated_*`` metrics measure its threshold.
     """
 
     run_id: str
     table: pd.DataFrame
     metrics: dict[str, float]
     failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    stored_threshold: str | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -957,7 +962,10 @@ def evaluate_scores(
                        "score_histograms.png")
         _log_failures(run, failures)
         run_id = run.run_id
-    return EvaluateOutcome(run_id=run_id, table=table, metrics=metrics, failures=failures)
+    stored = (f"{calibration.score_name}, {calibration.threshold.method}"
+              if thresholds and calibration is not None else None)
+    return EvaluateOutcome(run_id=run_id, table=table, metrics=metrics, failures=failures,
+                           stored_threshold=stored)
 
 
 def evaluate_model(

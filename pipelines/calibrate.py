@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1
     print(f"model: {outcome.model_uri}")
-    print(f"threshold: {outcome.threshold:.6g} ({outcome.calibration.score_name}, {args.method})")
+    print(f"threshold: {outcome.threshold!r} ({outcome.calibration.score_name}, {args.method})")
     print(f"run: {outcome.run_id}")
     return 0
 

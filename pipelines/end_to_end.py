@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"parent run: {result.run_id}")
     print(f"trained: {result.train.model_uri} (val bpd {result.train.val_bpd:.4f})")
-    print(f"calibrated: {result.calibrate.model_uri} (threshold {result.calibrate.threshold:.6g})")
+    print(f"calibrated: {result.calibrate.model_uri} (threshold {result.calibrate.threshold!r})")
     print(result.evaluate.table.to_string(float_format=lambda v: f"{v:.4f}"))
     return 0
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_name=f"select-threshold-{args.register}",
             )
             print(f"registered {outcome.model_uri} with the {args.register} threshold "
-                  f"{outcome.threshold:.6g} (run {outcome.run_id})")
+                  f"{outcome.threshold!r} (run {outcome.run_id})")
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1

@@ -590,3 +590,11 @@ def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
     result = run("evaluate", "--model", local, "--normal", image_dirs.train, "--anomalous",
                  image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
     assert_one_line_error(result, "all 48 images in ", "was trained on")
+    # the calibrated version's own evaluation names the threshold's score and method
+    threshold = tracking.load_model(model_uri_from(calibrated)).calibration.threshold.value
+    result = run("evaluate", "--model", model_uri_from(calibrated), "--normal",
+                 image_dirs.test_normal, "--anomalous", image_dirs.test_anomalous,
+                 "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert f"at the stored threshold {threshold!r} (ensemble, conformal): FPR " \
+        in result.stdout

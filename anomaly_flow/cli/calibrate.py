@@ -177,7 +177,8 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
     click.echo(format_table(outcome.table))
     metrics = outcome.metrics
     if "calibrated_fpr" in metrics:
-        click.echo(f"at the stored threshold {metrics['calibrated_threshold']:.6g}: "
+        click.echo(f"at the stored threshold {metrics['calibrated_threshold']!r} "
+                   f"({outcome.stored_threshold}): "
                    f"FPR {metrics['calibrated_fpr']:.4g}, "
                    f"recall {metrics['calibrated_recall']:.4g}, "
                    f"precision {metrics['calibrated_precision']:.4g}")
