@@ -297,6 +297,7 @@ class Glow(nn.Module):
         Call once, on the first batch, before training (and before wrapping the model
         in DistributedDataParallel, so every rank starts from the same weights).
         """
+        self.check_input(x)
         for level in self.levels:
             x = squeeze(x)
             for step in level.steps:
@@ -504,9 +505,28 @@ class Glow(nn.Module):
             for step in level.steps:
                 step.coupling.net.autocast_dtype = dtype
 
+    def check_input(self, x: Tensor) -> None:
+        """Refuse what is not a batch of this model's flow inputs (a check of shape and
+        dtype only: no values are looked at, so :meth:`forward` stays compilable).
+
+        Raises:
+            ValueError: Not ``(B, C, H, W)`` floats at the model's channels and size.
+        """
+        c, size = self.config.in_channels, self.config.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, size, size):
+            raise ValueError(
+                f"the model takes flow inputs of shape (B, {c}, {size}, {size}), not "
+                f"{tuple(x.shape)}; convert the images to its mode and size "
+                "(anomaly_flow.data.image_to_array) and pass them through preprocess()")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"the model takes flow inputs (floats in [-0.5, 0.5)), not {x.dtype} pixels; "
+                f"pass preprocess(images, n_bits={self.config.n_bits}) instead")
+
     def forward(self, x: Tensor) -> FlowOutput:
         """Map flow inputs ``(B, C, H, W)`` to latents with per-position log-det and
         prior maps (see :class:`FlowOutput`)."""
+        self.check_input(x)
         latents, logdet_maps, prior_maps = [], [], []
         for level in self.levels:
             x, latent, logdet_map, prior_map = level(x)

@@ -411,3 +411,17 @@ def test_train_config_refuses_non_finite_numbers(field: str, value: float) -> No
 
     with pytest.raises(ConfigError, match=f"{field} = {value!r} is invalid: must be a .*finite"):
         TrainConfig(**{field: value})
+
+
+def test_wrong_inputs_are_refused_with_what_the_model_takes() -> None:
+    model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1, hidden_channels=4))
+    good = preprocess(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8), n_bits=8)
+    model.initialize(good)
+    for bad in (good[:, :, :4, :4], good.expand(2, 3, 8, 8), good[0]):
+        with pytest.raises(ValueError, match=r"takes flow inputs of shape \(B, 1, 8, 8\), not"):
+            model.breakdown(bad)
+    with pytest.raises(ValueError, match=r"shape \(B, 1, 8, 8\), not \(2, 1, 4, 4\)"):
+        model.initialize(good[:, :, :4, :4])
+    with pytest.raises(ValueError, match=r"not torch.uint8 pixels; pass preprocess\(images, "
+                                         r"n_bits=8\)"):
+        model.breakdown(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
