@@ -656,7 +656,9 @@ def calibrate_scores(
     if anomalous is not None and anomalous_values is not None and anomalous_values.size == 0:
         raise CalibrationError(
             f"none of the {anomalous.n_files} images in {display_path(anomalous.folder)} "
-            "could be scored; fix them or leave out --anomalous."
+            "could be scored; fix them"
+            + (" or leave out --anomalous." if method == "conformal" else
+               f" (the {method} method chooses its threshold from them).")
         )
     if method == "conformal" and failures["normal"]:
         needed = min_calibration_size(target_fpr)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ shared store's model must not get new versions or aliases)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -598,3 +599,20 @@ def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
     assert result.exit_code == 0, result.output
     assert f"at the stored threshold {threshold!r} (ensemble, conformal): FPR " \
         in result.stdout
+
+
+@pytest.mark.parametrize(("method", "advice"), [
+    ("conformal", "fix them or leave out --anomalous."),
+    ("f1", "fix them (the f1 method chooses its threshold from them)."),
+])
+def test_an_unscorable_anomalous_folder_gets_advice_for_the_method(
+        store: Path, method: str, advice: str) -> None:
+    loaded = tracking.load_model(CANDIDATE)
+    names = score_names(loaded.model)
+    normal = hand_scores("normal", {n: np.linspace(5.0, 6.0, 40) for n in names})
+    anomalous = hand_scores("anomalous", {n: np.full(3, np.nan) for n in names})
+    anomalous.table["error"] = "cannot identify image file"
+    with pytest.raises(CalibrationError, match=r"none of the 3 images in /data/anomalous "
+                                               r"could be scored; " + re.escape(advice)):
+        calibrate_scores(loaded, normal, anomalous, score="bpd", method=method,
+                         target_fpr=0.1 if method == "conformal" else None)
