@@ -242,8 +242,13 @@ def _from_dict(cls: type, data: Any, section: str) -> Any:
         if not _type_ok(value, hint):
             kind = ("a string" if get_origin(hint) is Literal
                     else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
-            raise ConfigError(f"{name} = {value!r} in [{section}] is invalid: must be {kind}.")
-    return cls(**data)
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML
+            raise ConfigError(f"{name} = {shown} in [{section}] is invalid: must be {kind}.")
+    try:
+        return cls(**data)
+    except ConfigError as exc:  # a range check: say which table the field is in
+        raise ConfigError(str(exc).replace(" is invalid", f" in [{section}] is invalid", 1)) \
+            from None
 
 
 def load_config(path: str | Path) -> RunConfig:

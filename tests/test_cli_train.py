@@ -101,7 +101,8 @@ def test_a_config_with_an_unknown_field_is_a_one_line_error(
 @pytest.mark.parametrize(("name", "text", "fragment"), [
     ("glow.toml", '[model]\nlevels = "x"\n', "levels = 'x' in [model] is invalid"),
     ("glow.toml", "[model]\nlevels = 1.5\n", "levels = 1.5 in [model] is invalid"),
-    ("glow.toml", "[train]\nepochs = true\n", "epochs = True in [train] is invalid"),
+    ("glow.toml", "[train]\nepochs = true\n", "epochs = true in [train] is invalid"),
+    ("glow.toml", "[train]\nlr = -1.0\n", "lr = -1.0 in [train] is invalid: must be a positive"),
     ("glow.toml", "[train]\nbf16 = 1\n", "bf16 = 1 in [train] is invalid"),
     ("glow.toml", "model = 3\n", "[model] must be a table"),
     ("glow.json", "5", "a configuration must be a table"),
