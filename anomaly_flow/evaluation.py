@@ -217,8 +217,6 @@ class CalibrateOutcome:
         calibration: The fitted calibration (also stored with the version).
         metrics: The metrics logged on the run.
         failures: ``{"normal": [(path, reason)], "anomalous": [...]}``: files left out.
-        stored_threshold: The score and method of the model's calibration (``ensemble,
-            conformal``) when the ``calibrated_*`` metrics measure its threshold.
         promoted: Whether alias ``champion`` now points at the new version.
     """
 

@@ -124,7 +124,6 @@ def _at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below {low}")
         return value
-    parse.__name__ = f"whole number >= {low}"
     return parse
 
 

@@ -975,6 +975,8 @@ def score_folder(
         every_name = heatmap_names(relative)
         names = [every_name[i] for i in todo]
         kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
+        scored_before = (set() if previous is None
+                         else set(previous.index[previous["error"] == ""]))
         renamed = [relative[i] for i in kept
                    if every_name[i] != relative[i].with_suffix(".png")]
         if renamed:  # kept files whose heatmap was written before a same-stem file came
@@ -984,8 +986,7 @@ def score_folder(
                 "files' heatmaps keep their suffix, as x.png.png)", len(renamed),
                 display_path(renamed[0]),
                 display_path(Path(heatmaps) / renamed[0].with_suffix(".png")))
-        unmapped = [relative[i] for i in kept if previous is not None
-                    and previous.loc[keys[i], "error"] == ""
+        unmapped = [relative[i] for i in kept if keys[i] in scored_before
                     and not (Path(heatmaps) / every_name[i]).exists()]
         if unmapped:
             logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: the "

@@ -268,6 +268,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def uses_bf16(config: RunConfig, device: torch.device) -> bool:
+    """Whether training runs the coupling networks under bf16 autocast: asked for
+    (``train.bf16``) and on CUDA, the only device it is used on."""
+    return config.train.bf16 and device.type == "cuda"
+
+
 def launch_rank() -> int:
     """This process's rank: the joined group's, else what torchrun set in RANK (0 alone)."""
     if dist.is_available() and dist.is_initialized():
@@ -774,7 +780,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         init = _init_batch(train_set, config, failed).to(dev)
         noise = _step_noise(t.seed, -1, tuple(init.shape), dev)
         model.initialize(preprocess(init, m.n_bits, noise))
-    use_bf16 = t.bf16 and dev.type == "cuda"
+    use_bf16 = uses_bf16(config, dev)
     if t.bf16 and not use_bf16:
         logger.info("bf16 autocast is CUDA-only; training in float32 on %s", dev)
     model.set_coupling_autocast(torch.bfloat16 if use_bf16 else None)
@@ -885,7 +891,6 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                     settle(launched, epoch, clock, bar)
             if pending is not None:
                 settle(pending, epoch, clock, bar)
-            failed.gather(world)
             if val_set is not None and len(val_set):
                 # after the last epoch the same pass fits the normal reference, before
                 # the final checkpoint, which keeps it
@@ -893,9 +898,9 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 val_bpd, n = _held_out_pass(model, val_set, t.batch_size, dev,
                                             t.num_workers, rank, world, reference=last,
                                             failed=failed)
-                failed.gather(world)  # the validation images' failures too
                 if last:
                     n_reference = _checked_reference(n, rank)
+            failed.gather(world)  # both splits' failures, once an epoch
             epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
                              "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
                              float("nan"), "images_per_sec_epoch": imgs_per_sec,

@@ -4,7 +4,6 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,8 +18,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from tests.conftest import ImageDirs, corrupt_png, new_store, tiny_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_pipelines import load_script
 
 
 def invoke(*args: str) -> Result:
@@ -265,11 +263,7 @@ def test_ctrl_c_says_where_training_can_resume_from(
 def test_the_pipeline_script_trains_and_registers(
         image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("train_pipeline",
-                                                  REPO / "pipelines" / "train.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train")
     store = new_store(tmp_path / "store", mlflow_db_template)
     code = script.main([str(image_dirs.train), "--name", "script-parts", "--preset", "tiny",
                         "--epochs", "1", "--device", "cpu", "--mlruns", str(store)])
@@ -384,11 +378,7 @@ def test_the_pipeline_script_says_where_to_resume_on_ctrl_c(
     def ctrl_c(*args: object, **kwargs: object) -> object:
         raise KeyboardInterrupt
 
-    spec = importlib.util.spec_from_file_location("train_pipeline",
-                                                  REPO / "pipelines" / "train.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train")
     store = new_store(tmp_path / "store", mlflow_db_template)
     monkeypatch.setattr(tracking_module.training, "train", ctrl_c)
     code = script.main([str(image_dirs.train), "--name", "script-stop", "--preset", "tiny",

@@ -49,6 +49,7 @@ from anomaly_flow.train import (
     resolve_device,
     total_steps,
     train,
+    uses_bf16,
 )
 
 logger = logging.getLogger(__name__)
@@ -328,9 +329,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
                             "data_folder": display_path(data_root), "model_name": name,
                             "command": "train", "device": dev.type,
-                            # bf16 autocast is CUDA-only: what the run computed in
-                            "precision": "bf16" if config.train.bf16 and dev.type == "cuda"
-                            else "float32"}
+                            "precision": "bf16" if uses_bf16(config, dev) else "float32"}
     if commit := git_commit():
         tags["git_commit"] = commit
     if resume:
