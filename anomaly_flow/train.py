@@ -740,8 +740,11 @@ def train(
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # NCCL and all_gather_object use the current device
     try:
-        return _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
-                      latest if resume else None, callback, progress)
+        result = _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
+                        latest if resume else None, callback, progress)
+        if joined:  # leave together: rank 0 draws samples after the last collective, and
+            dist.barrier()  # a rank leaving a gloo group early can abort on its way out
+        return result
     finally:
         if joined:  # whoever joined the group leaves it; a caller's own group stays
             dist.destroy_process_group()
