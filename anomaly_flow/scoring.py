@@ -45,7 +45,6 @@ import re
 import secrets
 import signal
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -530,12 +529,8 @@ def score_dataset(
 def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
     """In a decoding worker: ignore SIGTERM. A stop sent to the whole process group (a
     service manager, a container stop) then reaches the main process alone, which ends
-    the run in order and shuts its workers down, instead of finding them killed. The
-    worker's only thread of its own, multiprocessing's resource sharer handing batches
-    over, may then lose its connection mid-handshake: that is the shutdown, not an
-    error, so its traceback is not printed."""
+    the run in order and shuts its workers down, instead of finding them killed."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.excepthook = lambda args: None
 
 
 def _recorded_event() -> Any:
