@@ -97,6 +97,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     )
 
     champion = f"models:/{MODEL_NAME}@champion"
+    logger.info("scoring %s with %s", folders["test"], champion)
     loaded = tracking.load_model(champion, device=device)
     scores_csv, heatmaps = out / "scores.csv", out / "heatmaps"
     shutil.rmtree(heatmaps, ignore_errors=True)
@@ -117,6 +118,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     threshold = calibration.threshold.value
     point = operating_point(normal.values(score_name), anomalous.values(score_name),
                             threshold)
+    logger.info("evaluating every score type on the test images; writing the report")
     evaluated = evaluate_scores(loaded, normal, anomalous)
     detection = {name: DetectionMetrics(row.auroc, row.aupr, row.fpr_at_95_tpr,
                                         int(row.n_normal), int(row.n_anomalous))

@@ -362,8 +362,8 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
     if n_files < needed:
         raise CalibrationError(
             f"the conformal threshold needs at least {needed} held-out normal images for a "
-            f"false-positive rate of {target_fpr:g}; {display_path(folder)} holds only "
-            f"{n_files}. Add more normal images to the calibration folder or raise "
+            f"false-positive rate of {target_fpr:g}; the folder {display_path(folder)} holds "
+            f"only {n_files}. Add more normal images to the calibration folder or raise "
             "--target-fpr."
         )
 

@@ -25,6 +25,10 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "models:/fashion-sneaker@champion" in result.output
     assert "mlflow ui --backend-store-uri sqlite:///" in result.output
+    # each stage says so without -v: no progress bar shows outside a terminal
+    for stage in ("writing the sample images", "training preset 'tiny'", "calibrating at 1%",
+                  "scoring", "evaluating every score type"):
+        assert f"INFO anomaly_flow.demo: {stage}" in result.stderr, stage
 
     sample = load_sample()
     table = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])

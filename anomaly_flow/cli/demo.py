@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -33,8 +34,10 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
     scores.csv, heatmaps/ and a self-contained report.html under OUT, and an MLflow
     store under OUT/mlruns.
     """
-    from anomaly_flow.demo import run_demo
+    from anomaly_flow.demo import logger, run_demo
 
+    # minutes of work: say which stage runs, also where no progress bar shows (a pipe, CI)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     result = run_demo(out, preset=preset, device=device, epochs=epochs)
     db = result.tracking_uri
     click.echo(f"model:    {result.model_uri}  (threshold {result.threshold:.4f})")
