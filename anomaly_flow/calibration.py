@@ -74,7 +74,6 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = [
     "Calibration",
@@ -431,6 +430,10 @@ def detection_metrics(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> 
     """
     normal = _as_scores(normal_scores, "normal")
     anomalous = _as_scores(anomalous_scores, "anomalous")
+    # scikit-learn loads in a second: imported where used, so the scripts that only read
+    # METHODS (their --help, their option errors) answer at once
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
     y_true, y_score = labelled_scores(normal, anomalous)
     fpr, tpr, _ = roc_curve(y_true, y_score, drop_intermediate=False)
     return DetectionMetrics(
@@ -696,6 +699,8 @@ def _candidates(
     is the largest observed score below ``t``, or the largest float below the smallest
     score when there is none.
     """
+    from sklearn.metrics import roc_curve
+
     y_true, y_score = labelled_scores(normal, anomalous)
     fpr, tpr, sk_thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
     distinct = np.unique(y_score)

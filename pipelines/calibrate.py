@@ -18,7 +18,6 @@ from pathlib import Path
 
 from anomaly_flow.calibration import METHODS
 from anomaly_flow.errors import describe, user_error_types
-from anomaly_flow.evaluation import calibrate_model
 from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
@@ -58,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # imported after parsing: --help and a mistyped option answer at once, not after
+    # the seconds torch and mlflow take to load
+    from anomaly_flow.evaluation import calibrate_model
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         outcome = calibrate_model(

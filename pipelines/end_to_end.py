@@ -25,18 +25,10 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from anomaly_flow import tracking
 from anomaly_flow.config import load_config, load_preset
-from anomaly_flow.data import write_sample_folders
 from anomaly_flow.errors import describe, user_error_types
-from anomaly_flow.evaluation import (
-    CalibrateOutcome,
-    EvaluateOutcome,
-    calibrate_model,
-    evaluate_model,
-    precheck_calibration,
-)
 from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
@@ -48,7 +40,10 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.train import TrainingError
+
+if TYPE_CHECKING:
+    from anomaly_flow.evaluation import CalibrateOutcome, EvaluateOutcome
+    from anomaly_flow.tracking import TrainOutcome
 
 logger = logging.getLogger("pipelines.end_to_end")
 
@@ -58,7 +53,7 @@ class PipelineResult:
     """The parent run and what each stage produced."""
 
     run_id: str
-    train: tracking.TrainOutcome
+    train: TrainOutcome
     calibrate: CalibrateOutcome
     evaluate: EvaluateOutcome
 
@@ -85,6 +80,11 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     Returns:
         The parent run id and the three stages' outcomes.
     """
+    # imported here: the script's --help and option errors answer without loading them
+    from anomaly_flow import tracking
+    from anomaly_flow.evaluation import calibrate_model, evaluate_model, precheck_calibration
+    from anomaly_flow.train import TrainingError
+
     config_path = Path(config_name)
     config = load_config(config_path) if config_path.suffix in (".toml", ".json") \
         else load_preset(config_name)
@@ -165,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from anomaly_flow.data import write_sample_folders
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.sample is not None:
         folders = write_sample_folders(args.sample, args.limit)

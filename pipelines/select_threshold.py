@@ -19,18 +19,6 @@ import sys
 from pathlib import Path
 
 from anomaly_flow.errors import describe, user_error_types
-from anomaly_flow.evaluation import (
-    AUTO_SCORE,
-    calibrate_scores,
-    compare_thresholds,
-    leave_out_training_images,
-    open_model,
-    precheck_calibration,
-    resolve_score,
-    score_folder_table,
-    select_folder_score,
-    warn_labelled_both,
-)
 from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
@@ -44,7 +32,6 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.scoring import score_names
 
 LABELLED = ("f1", "youden", "cost")
 
@@ -76,6 +63,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # imported after parsing: --help and a mistyped option answer at once, not after
+    # the seconds torch and mlflow take to load
+    from anomaly_flow.evaluation import (
+        AUTO_SCORE,
+        calibrate_scores,
+        compare_thresholds,
+        leave_out_training_images,
+        open_model,
+        precheck_calibration,
+        resolve_score,
+        score_folder_table,
+        select_folder_score,
+        warn_labelled_both,
+    )
+    from anomaly_flow.scoring import score_names
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.register == "conformal" and args.target_fpr is None:
         print("error: --register conformal needs --target-fpr", file=sys.stderr)

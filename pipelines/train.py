@@ -28,7 +28,6 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.tracking import interrupted_message, train_and_register
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # imported after parsing: --help and a mistyped option answer at once, not after
+    # the seconds torch and mlflow take to load
+    from anomaly_flow.tracking import interrupted_message, train_and_register
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config) if args.config else load_preset(args.preset or "small")

@@ -4,6 +4,7 @@ through their ``main(argv)`` on real PNG folders and real sqlite MLflow stores."
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -190,6 +191,25 @@ def test_help_explains_every_option_and_shows_its_default(
     if script in ("calibrate", "select_threshold"):
         words = " ".join(text.split())  # argparse wraps lines anywhere
         assert "(default: 256)" in words and "(default: 0)" in words  # batch size, workers
+
+
+@pytest.mark.parametrize("script", ["train", "calibrate", "select_threshold", "end_to_end"])
+def test_help_and_option_errors_come_before_torch_mlflow_or_sklearn_load(
+        script: str, tmp_path: Path) -> None:
+    """Seconds of imports stand between a mistyped option and its answer otherwise."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(PIPELINES / (script + '.py'))!r}, *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    loaded = {'torch', 'mlflow', 'sklearn'} & set(sys.modules)\n"
+        "    print(f'exit {stop.code} loaded {sorted(loaded)}')\n"
+    )
+    for argv, code in ((["--help"], 0), (["--no-such-option"], 2)):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+        assert f"exit {code} loaded []" in done.stdout, done.stdout + done.stderr
 
 
 def test_end_to_end_refuses_what_calibrating_would_before_training(
