@@ -189,7 +189,16 @@ def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tens
 
     Returns:
         ``(B, C, H, W)`` float32 in [-0.5, 0.5).
+
+    Raises:
+        TypeError: ``images`` are floats: their scale (0-1 or 0-255) cannot be told from
+            the dtype, and truncating 0-1 floats to integers would score black images.
     """
+    if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
+        raise TypeError(
+            f"preprocess takes integer pixels in [0, 255] (uint8), not {images.dtype}; "
+            "convert floats in [0, 1] with (images * 255).round().to(torch.uint8), or "
+            "floats in [0, 255] with images.round().to(torch.uint8)")
     n_bins = 2**n_bits
     k = torch.div(images.to(torch.int32), 2 ** (8 - n_bits), rounding_mode="floor")
     u = 0.5 if noise is None else noise

@@ -114,6 +114,11 @@ def test_preprocess_is_deterministic_and_inverts() -> None:
     assert torch.equal(postprocess(x, 8), images)
     x5 = preprocess(images, 5)
     assert torch.equal(postprocess(x5, 5), (images // 8) * 8)
+    # floats are refused, not truncated: 0-1 floats would all become black pixels
+    for floats in (images / 255.0, images.to(torch.float64), images.bool()):
+        with pytest.raises(TypeError, match=r"integer pixels in \[0, 255\] \(uint8\), not "
+                                            r"torch\.(float32|float64|bool); convert"):
+            preprocess(floats, 8)
 
 
 def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
