@@ -47,6 +47,12 @@ MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 """Images with more pixels are refused (decompression-bomb protection). PIL's own limit,
 ``PIL.Image.MAX_IMAGE_PIXELS``, applies as well: the lower of the two wins."""
 
+MAX_FILE_BYTES: int = 8 * MAX_IMAGE_PIXELS + 2**20
+"""Image files larger than this are refused unread: 8 bytes a pixel (uncompressed 16-bit
+RGBA, the widest pixels PIL decodes) at the pixel limit, plus 1 MiB of headers. Every
+file is read whole before decoding, so without it a multi-gigabyte file named like an
+image would take that much memory in each decoding worker."""
+
 RESAMPLE = Image.Resampling.BICUBIC
 """The one filter used to resize every image to the model's size."""
 
@@ -285,6 +291,12 @@ def _too_large(pixels: int) -> str:
     return f"image too large: {pixels} pixels exceeds the {limit}-pixel safety limit"
 
 
+def _file_too_large(size: int | None) -> str:
+    found = "more" if size is None else f"{size}"
+    return (f"file too large: {found} bytes exceeds the {MAX_FILE_BYTES}-byte safety limit "
+            "for an image file")
+
+
 def _read_regular_file(path: Path) -> bytes:
     """The bytes of ``path``; refuses folders, pipes and devices before opening (no hang)."""
     name = display_path(path)
@@ -293,8 +305,13 @@ def _read_regular_file(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, socket or device"
             raise ImageDecodeError(name, f"not a regular file ({kind})")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageDecodeError(name, _file_too_large(st.st_size))
         with open(path, "rb") as file:
-            return file.read()
+            data = file.read(MAX_FILE_BYTES + 1)  # the file may have grown since stat
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageDecodeError(name, _file_too_large(None))
+        return data
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             reason = "symlink loop"

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -599,7 +600,14 @@ class Glow(nn.Module):
         config = GlowConfig.from_json((folder / CONFIG_FILE).read_text())
         model = cls(config)
         try:
-            model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            weights = load_file(str(folder / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise ModelFileError(
+                f"{folder / WEIGHTS_FILE} is damaged or incomplete ({exc}); "
+                "copy or download the model again, or re-register it from its training "
+                "run's artifacts") from None
+        try:
+            model.load_state_dict(weights)
         except RuntimeError as exc:
             raise ModelFileError(
                 f"the weights in {folder} do not fit its {CONFIG_FILE}: {exc}"

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm.auto import tqdm
@@ -612,10 +613,19 @@ def total_steps(config: RunConfig, n_train: int) -> int:
     return math.ceil(n_train / config.train.batch_size) * config.train.epochs
 
 
+def _damaged_checkpoint(path: Path, error: Exception) -> str:
+    return (f"the checkpoint {path} is damaged or incomplete ({error}); delete that folder "
+            "to resume from the checkpoint before it, or train afresh without --resume")
+
+
 def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
                      config: RunConfig) -> dict[str, Any]:
     """Restore weights and optimizer state in place; return the saved training state."""
-    saved = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
+    try:
+        saved_json = json.loads((path / "run_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(_damaged_checkpoint(path, exc)) from None
+    saved = RunConfig.from_dict(saved_json)
     if saved.model != config.model:
         raise TrainingError(
             f"the checkpoint {path} is of another architecture ({saved.model}) than the "
@@ -626,11 +636,15 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
     if changed:
         logger.warning("resuming with changed training settings %s; the run will not "
                        "match an uninterrupted one", changed)
-    weights = load_file(str(path / "model.safetensors"), device=str(model.device))
+    try:
+        weights = load_file(str(path / "model.safetensors"), device=str(model.device))
+        meta = json.loads((path / "state.json").read_text())
+        moments = load_file(str(path / "optimizer.safetensors"))
+    except (SafetensorError, OSError, ValueError) as exc:  # JSON errors are ValueErrors
+        raise TrainingError(_damaged_checkpoint(path, exc)) from None
     model.load_state_dict(weights)
-    meta = json.loads((path / "state.json").read_text())
     state: dict[int, dict[str, Any]] = {}
-    for name, tensor in load_file(str(path / "optimizer.safetensors")).items():
+    for name, tensor in moments.items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = tensor
     for name, value in meta.get("optimizer_scalars", {}).items():

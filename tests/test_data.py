@@ -302,6 +302,24 @@ def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     assert reason_of(small) == "image too large: 400 pixels exceeds the 100-pixel safety limit"
 
 
+def test_a_file_too_large_to_be_an_image_is_refused_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = data.MAX_FILE_BYTES
+    assert limit == 8 * data.MAX_IMAGE_PIXELS + 2**20
+    huge = tmp_path / "video.png"
+    with open(huge, "wb") as file:  # sparse: no disk or memory spent on its bytes
+        file.truncate(limit + 1)
+    assert reason_of(huge) == (f"file too large: {limit + 1} bytes exceeds the {limit}-byte "
+                               "safety limit for an image file")
+    # The module constant is the policy: a real image one byte over it is refused, one at
+    # it decodes.
+    image = save(Image.fromarray(np.full((8, 8), 77, np.uint8)), tmp_path / "x.png")
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", image.stat().st_size - 1)
+    assert reason_of(image).startswith("file too large: ")
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", image.stat().st_size)
+    assert int(load_image(image, "L", 8).max()) == 77
+
+
 PERMISSION_CHECK = """
 import json, sys
 from anomaly_flow.data import find_images, try_load_image

@@ -347,6 +347,14 @@ def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
                                                      steps_per_level=3).to_json())
     with pytest.raises(ModelFileError, match="do not fit"):
         Glow.load(tmp_path)
+    # weights cut short (a failed copy or download): one line saying so, no traceback
+    make_model(1, 8, 2).float().save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    for damaged in (weights.read_bytes()[:1000], weights.read_bytes()[:-1000], b""):
+        weights.write_bytes(damaged)
+        with pytest.raises(ModelFileError, match=r"model\.safetensors is damaged or "
+                                                 r"incomplete \(.+\); copy or download"):
+            Glow.load(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -468,6 +469,21 @@ def test_checkpoints_atomic_pruned_and_restore_optimizer_exactly(tmp_path: Path)
     # newest complete checkpoint.
     (folder / "latest").write_text("step-00000009")
     assert latest_checkpoint(folder) == folder / "step-00000004"
+
+    # A damaged file (a disk error, a copy cut short): one line naming the checkpoint and
+    # the way out, for each of its files.
+    newest = folder / "step-00000004"
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json",
+                 "run_config.json"):
+        kept = (newest / name).read_bytes()
+        (newest / name).write_bytes(kept[: len(kept) // 2])
+        with pytest.raises(TrainingError, match=rf"the checkpoint {re.escape(str(newest))} "
+                                                r"is damaged or incomplete \(.+\); delete "
+                                                "that folder to resume from the checkpoint "
+                                                "before it"):
+            train_module._load_checkpoint(newest, Glow(MODEL), torch.optim.Adam(
+                Glow(MODEL).parameters()), config)
+        (newest / name).write_bytes(kept)
 
 
 # --------------------------------------------------------------------------- non-finite
