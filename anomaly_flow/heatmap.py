@@ -138,6 +138,56 @@ def heatmap_names(relative_paths: Sequence[Path]) -> list[Path]:
     return names
 
 
+SOURCE_KEY = "anomaly-flow:source"
+"""The PNG text chunk holding the scored file's path relative to the scored folder."""
+
+
+def recorded_sources(folder: Path) -> dict[str, Path]:
+    """For each source path recorded in a heatmap under ``folder`` (the :data:`SOURCE_KEY`
+    chunk), the heatmap's path relative to ``folder``: what a resumed run keeps. Reads
+    only PNG headers. Heatmaps from versions that did not record their source are not
+    listed."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.rglob("*.png")):
+        try:
+            with Image.open(path) as image:
+                source = image.info.get(SOURCE_KEY) if image.format == "PNG" else None
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if isinstance(source, str):
+            found.setdefault(source, path.relative_to(folder))
+    return found
+
+
+def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
+                  todo: Sequence[int]) -> list[Path]:
+    """Heatmap names for the files a resumed run scores (``todo``, indices into
+    ``every_name``, the :func:`heatmap_names` of every file found).
+
+    ``held`` maps a file's index to the heatmap an earlier run drew of it. A file scored
+    now that has one draws over it; any other takes its name from ``every_name``, as an
+    uninterrupted run would, unless another file's heatmap holds that name: then ``~2``,
+    ``~3``, ... as in :func:`heatmap_names`. No file's heatmap is ever replaced by another
+    image's.
+    """
+    taken = set(held.values())
+    names = []
+    for i in todo:
+        if i in held:
+            names.append(held[i])
+            continue
+        name = candidate = every_name[i]
+        n = 1
+        while candidate in taken:
+            n += 1
+            candidate = name.with_name(f"{name.stem}~{n}.png")
+        taken.add(candidate)
+        names.append(candidate)
+    return names
+
+
 def is_heatmap(path: Path) -> bool:
     """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
     text chunk): the only kind of existing file a heatmap may replace."""
@@ -160,6 +210,9 @@ class HeatmapWriter:
     Args:
         folder: Root of the heatmap tree (created if missing).
         names: For each dataset index, the heatmap's path relative to ``folder``.
+        sources: For each dataset index, the scored file's path relative to the scored
+            folder, recorded in the PNG (:data:`SOURCE_KEY`) so a resumed run knows which
+            heatmap is whose; None records none.
         vmin: Bits/dim at the bottom of the fixed colour scale.
         vmax: Bits/dim at the top of the fixed colour scale.
         colormap: A matplotlib colormap name.
@@ -180,6 +233,7 @@ class HeatmapWriter:
         colormap: str = COLORMAP,
         threads: int = 2,
         quantity: str = "bpd",
+        sources: Sequence[str] | None = None,
     ) -> None:
         if quantity not in UNITS:
             raise ValueError(f"unknown heatmap quantity {quantity!r}; use one of "
@@ -187,6 +241,7 @@ class HeatmapWriter:
         self.folder = Path(folder)
         self.quantity = quantity
         self.names = list(names)
+        self.sources = None if sources is None else list(sources)
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
         self.n_written = 0
@@ -218,6 +273,8 @@ class HeatmapWriter:
                               repr(float(pixel_map.astype(np.float64).mean())))
                 info.add_text("anomaly-flow:scale", f"{self.colormap} {self.vmin:g}.."
                               f"{self.vmax:g} {UNITS[self.quantity]} (fixed)")
+                if self.sources is not None:
+                    info.add_text(SOURCE_KEY, self.sources[index])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if os.path.lexists(path) and not is_heatmap(path):
                     raise OSError(f"{display_path(path)} exists and is not a heatmap; "

@@ -989,37 +989,45 @@ def score_folder(
 
     writer = None
     if heatmaps is not None:
-        from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, heatmap_names
+        from anomaly_flow.heatmap import (
+            TYPICALITY_VMAX,
+            HeatmapWriter,
+            heatmap_names,
+            resumed_names,
+        )
 
-        # named over every file, so a file scored now cannot take the name of one
-        # scored before (x.bmp added beside an earlier x.png)
+        # named over every file, so a file scored now gets the name an uninterrupted run
+        # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
+        # earlier x.png)
         relative = [path.relative_to(root) for path in paths]
+        sources = [display_path(path) for path in relative]
         every_name = heatmap_names(relative)
-        names = [every_name[i] for i in todo]
         kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
+        held = ({} if previous is None
+                else _earlier_heatmaps(Path(heatmaps), kept, relative, sources, every_name))
+        names = resumed_names(every_name, held, todo)
+        renamed = [i for i in kept if i in held and held[i] != every_name[i]]
+        if renamed:
+            logger.warning(
+                "%d kept file(s) keep the heatmap an earlier run wrote, under another name "
+                "than a run over the folder as it is now would give (e.g. %s's heatmap is "
+                "%s); run without --resume for a fresh set of names", len(renamed),
+                sources[renamed[0]], display_path(Path(heatmaps) / held[renamed[0]]))
         scored_before = (set() if previous is None
                          else set(previous.index[previous["error"] == ""]))
-        renamed = [relative[i] for i in kept
-                   if every_name[i] != relative[i].with_suffix(".png")]
-        if renamed:  # kept files whose heatmap was written before a same-stem file came
-            logger.warning(
-                "%d earlier heatmap(s) keep the name they were written under, although a "
-                "file with the same stem has come since (e.g. %s's heatmap is %s; the new "
-                "files' heatmaps keep their suffix, as x.png.png)", len(renamed),
-                display_path(renamed[0]),
-                display_path(Path(heatmaps) / renamed[0].with_suffix(".png")))
-        unmapped = [relative[i] for i in kept if keys[i] in scored_before
-                    and not (Path(heatmaps) / every_name[i]).exists()]
+        unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
         if unmapped:
             logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: the "
                            "run that scored them drew none); run without --resume to draw "
                            "them", len(unmapped), display_path(out), display_path(heatmaps),
                            display_path(unmapped[0]))
+        todo_sources = [sources[i] for i in todo]
         if maps == "typicality":
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
-                                   quantity="typicality")
+                                   quantity="typicality", sources=todo_sources)
         else:
-            writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits))
+            writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits),
+                                   sources=todo_sources)
 
     todo_keys = np.array([keys[i] for i in todo], dtype=object)
     todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
@@ -1101,6 +1109,28 @@ def score_folder(
             .itertuples(index=False)
         ),
     )
+
+
+def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
+                      sources: Sequence[str], every_name: Sequence[Path]) -> dict[int, Path]:
+    """For a resumed run: by file index, the heatmap an earlier run drew of each file
+    under ``folder`` (relative to it), by the source each heatmap records. For a kept file
+    whose heatmap, from a version that recorded none, sits under the file's name now or
+    its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that."""
+    from anomaly_flow.heatmap import is_heatmap, recorded_sources
+
+    recorded = recorded_sources(folder)
+    held = {i: recorded[source] for i, source in enumerate(sources) if source in recorded}
+    claimed = set(held.values()) | set(recorded.values())
+    for i in kept:
+        if i in held:
+            continue
+        for name in (every_name[i], relative[i].with_suffix(".png")):
+            if name not in claimed and is_heatmap(folder / name):
+                held[i] = name
+                claimed.add(name)
+                break
+    return held
 
 
 def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> HeatmapKind:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -924,11 +925,43 @@ def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(
     with caplog.at_level(logging.WARNING):
         summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
     assert summary.n_resumed == 1 and summary.n_heatmaps == 1
-    assert f"1 earlier heatmap(s) keep the name they were written under, although a file " \
-        f"with the same stem has come since (e.g. x.png's heatmap is {heat / 'x.png'};" \
-        in caplog.text
+    assert f"1 kept file(s) keep the heatmap an earlier run wrote, under another name than " \
+        f"a run over the folder as it is now would give (e.g. x.png's heatmap is " \
+        f"{heat / 'x.png'}); run without --resume" in caplog.text
+    assert "have no heatmap" not in caplog.text  # x.png has one, under its old name
     assert (heat / "x.png").read_bytes() == before
     assert (heat / "x.bmp.png").is_file()
+
+
+def test_a_resumed_run_never_draws_over_a_kept_files_heatmap(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each heatmap records its source, so a resumed run knows whose it is: a new b.png,
+    whose name is now b.png.png, does not take the heatmap of the kept file b.png.png."""
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "scores.csv"
+    folder.mkdir()
+    images = sample_images(3)
+    Image.fromarray(images[0, 0]).save(folder / "b.jpg", quality=95)
+    Image.fromarray(images[1, 0]).save(folder / "b.png.png")
+    score_folder(model, None, folder, out, heatmaps=heat)
+    assert sorted(p.name for p in heat.iterdir()) == ["b.png", "b.png.png"]
+    before = {name: (heat / name).read_bytes() for name in ("b.png", "b.png.png")}
+    Image.fromarray(images[2, 0]).save(folder / "b.png")  # added later
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_resumed == 2 and summary.n_heatmaps == 1
+    assert {name: (heat / name).read_bytes() for name in before} == before
+    with Image.open(heat / "b.png~2.png") as drawn:
+        assert drawn.info["anomaly-flow:source"] == "b.png"
+    assert "2 kept file(s) keep the heatmap an earlier run wrote" in caplog.text
+    assert "have no heatmap" not in caplog.text
+    # a file scored again (changed since the table) draws over its own heatmap, wherever
+    # it lies, leaving no stale copy
+    Image.fromarray(images[0, 0]).save(folder / "b.png.png")
+    os.utime(folder / "b.png.png", (time.time() + 5, time.time() + 5))
+    summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_heatmaps == 1
+    assert sorted(p.name for p in heat.iterdir()) == ["b.png", "b.png.png", "b.png~2.png"]
+    assert (heat / "b.png.png").read_bytes() != before["b.png.png"]
 
 
 def test_two_files_printing_as_one_name_are_refused(model: Glow, tmp_path: Path) -> None:
