@@ -1072,13 +1072,21 @@ def score_folder(
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
                           heatmaps=writer, heatmap_kind=maps, progress=progress,
                           on_batch=on_batch, precision=precision, compile=compile)
-    except KeyboardInterrupt:
+    except BaseException as stop:  # what is scored is kept, whatever stopped the run
         if frames:
-            write_table(assemble(), out)
+            interrupted = isinstance(stop, KeyboardInterrupt)
+            try:
+                write_table(assemble(), out)
+            except Exception as failed:
+                if interrupted:
+                    raise
+                logger.warning("could not keep the %d rows scored before the error in %s "
+                               "either: %s", sum(map(len, frames)), display_path(out), failed)
+                raise stop from None
             logger.warning(
-                "interrupted: %d of %d files are in %s; run again with resume (--resume) to "
-                "score the rest", sum(map(len, frames)) + len(done), len(keys),
-                display_path(out))
+                "%s: %d of %d files are in %s; run again with resume (--resume) to score "
+                "the rest", "interrupted" if interrupted else "stopped by an error",
+                sum(map(len, frames)) + len(done), len(keys), display_path(out))
         raise
     finally:
         if writer is not None:

@@ -610,23 +610,31 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
     assert again.n_resumed == len(MESSY)
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError])
 def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
                                                full_table: pd.DataFrame, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture,
+                                               stop: type[BaseException]) -> None:
+    """Ctrl-C (or SIGTERM, through the CLI), or an error no one expected (out of memory
+    on the device), mid-run: the rows scored so far are kept for --resume."""
     launches = 0
     real_launch = scoring._launch
 
-    def launch_then_interrupt(*args: object, **kwargs: object) -> object:
+    def launch_then_stop(*args: object, **kwargs: object) -> object:
         nonlocal launches
         launches += 1
         if launches == 4:
-            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, through the CLI) mid-run
+            raise stop
         return real_launch(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "_launch", launch_then_interrupt)
+    monkeypatch.setattr(scoring, "_launch", launch_then_stop)
     out = tmp_path / "scores.csv"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop), caplog.at_level(logging.WARNING):
         score_folder(model, None, messy, out, batch_size=3, flush_every_s=float("inf"))
+    said = "interrupted" if stop is KeyboardInterrupt else "stopped by an error"
+    assert f"{said}: 6 of {len(MESSY)} files are in {out}; run again with resume" \
+        in caplog.text
     partial = read_csv(out)
     assert len(partial) == 6  # batches 1 and 2 finished; batch 3 was still on the device
     assert partial["path"].tolist() == full_table["path"].head(6).tolist()
