@@ -43,8 +43,6 @@ import logging
 import os
 import re
 import secrets
-import signal
-import sys
 import tempfile
 import time
 import warnings
@@ -69,6 +67,7 @@ from anomaly_flow.complexity import (
 )
 from anomaly_flow.data import ImageMode, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
+from anomaly_flow.stopping import init_loader_worker
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +476,7 @@ def score_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=_init_decoding_worker)
+                        worker_init_fn=init_loader_worker)
     names = score_names(model)
     # ensemble's (mean, std) table on the host once: copying it per batch would make the
     # host wait for the batch just launched on the device
@@ -525,34 +524,6 @@ def score_dataset(
     if not frames:
         return pd.DataFrame(columns=[*names, "error"])
     return pd.concat(frames)
-
-
-def _init_decoding_worker(worker_id: int) -> None:
-    """In a decoding worker: ignore SIGTERM. A stop sent to the whole process group (a
-    service manager, a container stop) then reaches the main process alone, which ends
-    the run in order and shuts its workers down, instead of finding them killed.
-
-    The worker hands each batch over through multiprocessing's resource sharer, a thread
-    that serves the batch's shared-memory handle when the main process connects for it. A
-    main process stopped (SIGTERM or Ctrl-C) while connecting leaves that thread a broken
-    handshake, which it would print as a traceback; that is the stop, not an error."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.excepthook = _quiet_abandoned_handshakes(sys.excepthook)
-
-
-def _quiet_abandoned_handshakes(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """``hook``, except for a connection error that ends the resource sharer's loop: the
-    one receiver of a decoding worker's handles, the main process, went away mid-transfer
-    (had it not, its own side of the transfer would raise and be reported there)."""
-    from multiprocessing.resource_sharer import _ResourceSharer
-
-    def excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-        if (issubclass(kind, EOFError | ConnectionError) and trace is not None
-                and trace.tb_frame.f_code is _ResourceSharer._serve.__code__):
-            return
-        hook(kind, error, trace)
-
-    return excepthook
 
 
 def _recorded_event() -> Any:

@@ -70,6 +70,7 @@ from anomaly_flow.glow import (
     preprocess,
 )
 from anomaly_flow.scoring import numerics
+from anomaly_flow.stopping import init_loader_worker
 
 logger = logging.getLogger(__name__)
 
@@ -821,7 +822,8 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     collate = functools.partial(_collate_share, image_shape=shape[1:])
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
                         collate_fn=collate, pin_memory=dev.type == "cuda",
-                        persistent_workers=t.num_workers > 0)
+                        persistent_workers=t.num_workers > 0,
+                        worker_init_fn=init_loader_worker)
 
     def checkpoint(epoch: int, at_step: int) -> None:
         nonlocal saved_step

@@ -28,6 +28,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
+from anomaly_flow.stopping import sigterm_as_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config) if args.config else load_preset(args.preset or "small")
         config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
-        outcome = train_and_register(args.data, args.name, config, device=args.device,
-                                     resume=args.resume, mlruns=args.mlruns)
+        with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
+            outcome = train_and_register(args.data, args.name, config, device=args.device,
+                                         resume=args.resume, mlruns=args.mlruns)
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1

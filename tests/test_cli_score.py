@@ -258,9 +258,9 @@ def test_a_decoding_worker_abandoned_mid_handover_prints_no_traceback(
     script = textwrap.dedent(f"""
         import os, socket, time
         from multiprocessing import resource_sharer
-        from anomaly_flow.scoring import _init_decoding_worker
+        from anomaly_flow.stopping import init_loader_worker
         if {quiet}:
-            _init_decoding_worker(0)
+            init_loader_worker(0)
         handle = resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))  # a batch's handle
         peer = socket.socket(socket.AF_UNIX)
         peer.connect(resource_sharer._resource_sharer._address)

@@ -5,7 +5,12 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import click
@@ -368,6 +373,30 @@ def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [v.version for v in client.search_model_versions("name='ddp-parts'")] == [1]
     assert len(client.get_metric_history(runs[0].info.run_id, "train_bpd")) > 0
+
+
+def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Path) -> None:
+    """As a scheduler (Slurm, Kubernetes, timeout) stops a job: SIGTERM to its group."""
+    config = mlruns.parent / "long.toml"
+    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
+                      'hidden_channels = 16\n[train]\nepochs = 500\nbatch_size = 24\n'
+                      'checkpoint_every = 2\nnum_workers = 1\n')
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
+         "stopped", "--config", str(config), "--mlruns", str(mlruns), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    latest = mlruns / "checkpoints" / "stopped" / "latest"
+    deadline = time.monotonic() + 180
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be stopped"
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"interrupted; the last checkpoint is {latest.parent}/step-" in stderr
+    assert "Traceback" not in stderr, stderr
+    (run,) = mlflow.search_runs(experiment_names=["stopped"], output_format="list")
+    assert run.info.status == "KILLED"
 
 
 def test_the_pipeline_script_says_where_to_resume_on_ctrl_c(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -17,16 +15,13 @@ from anomaly_flow.cli.common import (
     printable,
     user_errors,
 )
+from anomaly_flow.stopping import sigterm_as_interrupt
 
 _FAILURES_SHOWN = 5
 
 
 def _default_workers() -> int:
     return min(8, os.cpu_count() or 1)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # scoring then writes what it has before stopping
 
 
 @main.command(epilog="""\b
@@ -111,20 +106,18 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     output_format(out)
     check_writable(out)  # before loading a model or scoring anything
     loaded = open_model(model, device, mlruns, logs=False)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = score_folder(
-            loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
-            num_workers=_default_workers() if workers is None else workers,
-            heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
-            compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
-        )
+        with sigterm_as_interrupt():  # scoring then writes what it has before stopping
+            summary = score_folder(
+                loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
+                num_workers=_default_workers() if workers is None else workers,
+                heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
+                compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
+            )
     except KeyboardInterrupt:
         click.echo("interrupted; run the same command with --resume to score the files "
                    f"not yet in {out}", err=True)
         raise click.exceptions.Exit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
     if summary.n_failed:
         click.echo(f"{summary.n_failed} file(s) could not be scored:", err=True)

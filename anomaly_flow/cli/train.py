@@ -9,6 +9,7 @@ import click
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import device_option, mlruns_option, user_errors
 from anomaly_flow.config import PRESETS, load_config, load_preset
+from anomaly_flow.stopping import sigterm_as_interrupt
 
 DEFAULT_PRESET = "small"
 
@@ -61,8 +62,9 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
     from anomaly_flow.tracking import interrupted_message, train_and_register
 
     try:
-        outcome = train_and_register(data, name, config, device=device, resume=resume,
-                                     mlruns=mlruns)
+        with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
+            outcome = train_and_register(data, name, config, device=device, resume=resume,
+                                         mlruns=mlruns)
     except KeyboardInterrupt:
         click.echo(interrupted_message(name, config, mlruns), err=True)
         raise click.exceptions.Exit(130) from None

@@ -1,0 +1,66 @@
+"""How a long command stops when asked to: SIGTERM handled as Ctrl-C is.
+
+A service manager, a batch scheduler (Slurm, Kubernetes) or ``timeout`` stops a job with
+SIGTERM, often sent to its whole process group. Python's default for it is to die on the
+spot: no partial table, no message, an MLflow run left RUNNING. Here it becomes the
+``KeyboardInterrupt`` Ctrl-C raises, so scoring keeps its rows, training ends its run as
+KILLED, and both say how to go on with ``--resume``.
+
+- :func:`sigterm_as_interrupt`: around a command's work in the main process.
+- :func:`init_loader_worker`: a DataLoader ``worker_init_fn`` that leaves the stop to the
+  main process.
+
+This module imports neither torch nor mlflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``KeyboardInterrupt`` in the main thread; the
+    previous handler comes back after it."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def init_loader_worker(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM. A stop sent to the whole process group then
+    reaches the main process alone, which ends the run in order and shuts its workers
+    down, instead of finding them killed.
+
+    The worker hands each batch over through multiprocessing's resource sharer, a thread
+    that serves the batch's shared-memory handle when the main process connects for it. A
+    main process stopped (SIGTERM or Ctrl-C) while connecting leaves that thread a broken
+    handshake, which it would print as a traceback; that is the stop, not an error."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = _quiet_abandoned_handshakes(sys.excepthook)
+
+
+def _quiet_abandoned_handshakes(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, except for a connection error that ends the resource sharer's loop: the
+    one receiver of a loader worker's handles, the main process, went away mid-transfer
+    (had it not, its own side of the transfer would raise and be reported there)."""
+    from multiprocessing.resource_sharer import _ResourceSharer
+
+    def excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        if (issubclass(kind, EOFError | ConnectionError) and trace is not None
+                and trace.tb_frame.f_code is _ResourceSharer._serve.__code__):
+            return
+        hook(kind, error, trace)
+
+    return excepthook
