@@ -7,8 +7,8 @@ spot: no partial table, no message, an MLflow run left RUNNING. Here it becomes 
 KILLED, and both say how to go on with ``--resume``.
 
 - :func:`sigterm_as_interrupt`: around a command's work in the main process.
-- :func:`init_loader_worker`: a DataLoader ``worker_init_fn`` that leaves the stop to the
-  main process.
+- :func:`init_loader_worker`: a DataLoader ``worker_init_fn`` that leaves a group's stop
+  to the main process.
 
 This module imports neither torch nor mlflow.
 """
@@ -16,8 +16,10 @@ This module imports neither torch nor mlflow.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -39,16 +41,30 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def init_loader_worker(worker_id: int) -> None:
-    """In a DataLoader worker: ignore SIGTERM. A stop sent to the whole process group then
-    reaches the main process alone, which ends the run in order and shuts its workers
-    down, instead of finding them killed.
+    """In a DataLoader worker: obey SIGTERM from the main process only. A stop sent to the
+    whole process group then ends the run through the main process alone, which stops in
+    order and shuts its workers down, instead of finding them killed; the main process's
+    own SIGTERM (DataLoader shutdown, multiprocessing's clean-up at exit) still ends the
+    worker at once, as it expects.
 
     The worker hands each batch over through multiprocessing's resource sharer, a thread
     that serves the batch's shared-memory handle when the main process connects for it. A
     main process stopped (SIGTERM or Ctrl-C) while connecting leaves that thread a broken
     handshake, which it would print as a traceback; that is the stop, not an error."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the default action (die), but blocked in this thread before any other starts, so in
+    # all of them; one thread waits for it and looks at who sent it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_obey_sigterm_from, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-main").start()
     sys.excepthook = _quiet_abandoned_handshakes(sys.excepthook)
+
+
+def _obey_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # a stop for the whole group: the main process ends the run
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # in this thread
+    signal.raise_signal(signal.SIGTERM)  # to this thread: the worker ends at once
 
 
 def _quiet_abandoned_handshakes(hook: Callable[..., Any]) -> Callable[..., Any]:

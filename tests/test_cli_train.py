@@ -384,14 +384,19 @@ def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Pat
     process = subprocess.Popen(
         [sys.executable, "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
          "stopped", "--config", str(config), "--mlruns", str(mlruns), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT shows where it hangs
     latest = mlruns / "checkpoints" / "stopped" / "latest"
     deadline = time.monotonic() + 180
     while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert process.poll() is None, "training ended before it could be stopped"
     os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        pytest.fail(f"training did not stop on SIGTERM:\n{process.communicate()[1]}")
     assert process.returncode == 130, stderr
     assert f"interrupted; the last checkpoint is {latest.parent}/step-" in stderr
     assert "Traceback" not in stderr, stderr

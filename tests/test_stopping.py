@@ -1,0 +1,63 @@
+"""How loader workers and commands stop: real processes, real signals."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from anomaly_flow.stopping import init_loader_worker
+
+
+def _sleeping_worker() -> None:
+    init_loader_worker(0)
+    time.sleep(120)
+
+
+def test_a_loader_worker_ignores_a_group_stop_but_obeys_its_main_process() -> None:
+    """A SIGTERM from elsewhere (a scheduler stopping the process group) is left to the
+    main process; the main process's own (DataLoader shutdown, multiprocessing's clean-up
+    at exit) ends the worker at once, or the exit would wait on it forever."""
+    worker = multiprocessing.get_context("fork").Process(target=_sleeping_worker,
+                                                         daemon=True)
+    worker.start()
+    try:
+        time.sleep(1.0)  # the worker has run init_loader_worker
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # not its parent
+        time.sleep(1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from its parent
+        worker.join(timeout=30)
+        assert worker.exitcode == -15
+    finally:
+        worker.kill()
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_loader_worker_abandoned_mid_handover_prints_no_traceback(
+        tmp_path: Path, quiet: bool) -> None:
+    """The race behind a stray traceback after a stop: the main process dies while it
+    connects to a worker's resource sharer for a batch. A real sharer, a real peer that
+    hangs up mid-handshake; without the worker's setup the traceback does appear."""
+    script = textwrap.dedent(f"""
+        import os, socket, time
+        from multiprocessing import resource_sharer
+        from anomaly_flow.stopping import init_loader_worker
+        if {quiet}:
+            init_loader_worker(0)
+        handle = resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))  # a batch's handle
+        peer = socket.socket(socket.AF_UNIX)
+        peer.connect(resource_sharer._resource_sharer._address)
+        peer.close()  # the main process, stopped before it answered the challenge
+        time.sleep(1.0)
+        raise ValueError("a real error in the worker is still reported")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert "ValueError: a real error in the worker is still reported" in done.stderr
+    assert ("resource_sharer.py" in done.stderr) is not quiet, done.stderr
