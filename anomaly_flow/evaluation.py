@@ -504,9 +504,7 @@ def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores
         logger.info("no content digests for the images of %s, so %s cannot check that they "
                     "were held out of training", folder, purpose)
         return scores
-    run_id = loaded.training_run_id
-    if run_id is not None and "training_run_id" not in loaded.tags:
-        run_id = tracking.training_run_of(run_id)  # a copy of a calibrated version's folder
+    run_id = _training_run(loaded)
     trained_on = None if run_id is None else tracking.training_image_digests(run_id)
     if trained_on is None:
         logger.warning("%s has no record of the images it was trained on, so %s cannot check "
@@ -541,15 +539,27 @@ def n_trained_on(scores: FolderScores) -> int:
     return int(scores.table["error"].str.startswith(TRAINED_ON).sum())
 
 
+def _training_run(loaded: tracking.LoadedModel) -> str | None:
+    """The run that trained ``loaded``'s weights. A registered version names it; a local
+    copy of a model folder knows only the run that logged it, which for a calibrated
+    model is the calibration run, tagged with its own training run."""
+    run_id = loaded.training_run_id
+    if run_id is not None and "training_run_id" not in loaded.tags:
+        run_id = tracking.training_run_of(run_id)
+    return run_id
+
+
 def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
           anomalous: FolderScores | None) -> dict[str, str]:
+    uri = str(loaded.uri)
     tags = {
-        "model_uri": str(loaded.uri),
+        # a model folder by its absolute path: the run is read from anywhere
+        "model_uri": display_path(Path(uri).resolve()) if Path(uri).is_dir() else uri,
         "normal_folder": display_path(normal.folder.resolve()),
         "normal_fingerprint": normal.fingerprint,
     }
-    if loaded.training_run_id:
-        tags["training_run_id"] = loaded.training_run_id
+    if training_run := _training_run(loaded):
+        tags["training_run_id"] = training_run
     if anomalous is not None:
         tags["anomalous_folder"] = display_path(anomalous.folder.resolve())
         tags["anomalous_fingerprint"] = anomalous.fingerprint

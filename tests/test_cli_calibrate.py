@@ -580,7 +580,8 @@ def test_evaluation_leaves_out_the_images_the_model_was_trained_on(
 
 
 def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
-        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
+        store: Path, image_dirs: ImageDirs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The copy's MLmodel names the calibration run, which names the training run."""
     calibrated = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
                      "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
@@ -591,6 +592,17 @@ def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
     result = run("evaluate", "--model", local, "--normal", image_dirs.train, "--anomalous",
                  image_dirs.test_anomalous, "--device", "cpu", "--mlruns", store)
     assert_one_line_error(result, "all 48 images in ", "was trained on")
+    # its evaluation run links the training run (not the calibration run that logged the
+    # copy) and the folder by its absolute path
+    monkeypatch.chdir(tmp_path)
+    result = run("evaluate", "--model", local.relative_to(tmp_path), "--normal",
+                 image_dirs.test_normal, "--anomalous", image_dirs.test_anomalous,
+                 "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    tags = mlflow.MlflowClient().get_run(run_id_from(result)).data.tags
+    version = mlflow.MlflowClient().get_model_version(NAME, "1")
+    assert tags["training_run_id"] == version.tags["training_run_id"]
+    assert tags["model_uri"] == str(local)
     # the calibrated version's own evaluation names the threshold's score and method
     threshold = tracking.load_model(model_uri_from(calibrated)).calibration.threshold.value
     result = run("evaluate", "--model", model_uri_from(calibrated), "--normal",

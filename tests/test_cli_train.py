@@ -193,6 +193,10 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     done = invoke(*common, "--epochs", "2", "--resume")
     assert_one_line_error(done, 1, "the training of 'cli-parts' already finished", "of 4 steps",
                           "resume with a larger --epochs")
+    fewer = invoke(*common, "--epochs", "1", "--resume")  # 4 steps done, 2 asked for
+    assert_one_line_error(fewer, 1, "the checkpoint of 'cli-parts' is at step 4, past the 2 "
+                          "steps of the 1 epoch(s) asked for; to go on, resume with --epochs 3 "
+                          "or more")
     # a name that maps to the same checkpoint folder does not take it over or delete it
     other = [str(image_dirs.train), "--name", "cli-parts!", "--preset", "tiny",
              "--mlruns", str(mlruns), "--epochs", "1"]
@@ -373,6 +377,46 @@ def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [v.version for v in client.search_model_versions("name='ddp-parts'")] == [1]
     assert len(client.get_metric_history(runs[0].info.run_id, "train_bpd")) > 0
+
+
+def test_resuming_against_another_store_than_the_run_was_logged_to_is_refused(
+        image_dirs: ImageDirs, mlruns: Path, mlflow_db_template: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forgetting the export of MLFLOW_TRACKING_URI must not split one training over two
+    stores: the checkpoints live under --mlruns, the run where it was logged."""
+    from anomaly_flow import tracking as tracking_module
+    from anomaly_flow import train as train_module
+
+    real_train = train_module.train
+
+    def interrupted(*args: object, callback: object = None, **kwargs: object) -> object:
+        def stop(event: object) -> None:
+            callback(event)  # type: ignore[operator]
+            if event.kind == "step" and event.step == 3:  # type: ignore[attr-defined]
+                raise KeyboardInterrupt
+        return real_train(*args, callback=stop, **kwargs)
+
+    config = mlruns.parent / "often.toml"
+    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
+                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 24\n'
+                      'checkpoint_every = 2\n')
+    common = [str(image_dirs.train), "--name", "split", "--config", str(config),
+              "--mlruns", str(mlruns)]
+    server = new_store(mlruns.parent / "server", mlflow_db_template)
+    server_uri = f"sqlite:///{server / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
+    monkeypatch.setattr(tracking_module.training, "train", interrupted)
+    assert invoke(*common).exit_code == 130
+    monkeypatch.setattr(tracking_module.training, "train", real_train)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    result = invoke(*common, "--resume")
+    assert result.exit_code == 1, result.output
+    assert f"Error: the training of 'split' was logged to {server_uri} (run " in result.stderr
+    assert f"resume it where it was logged (MLFLOW_TRACKING_URI={server_uri}, or that " \
+        "store's --mlruns), or drop --resume to start afresh here" in result.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
+    resumed = invoke(*common, "--resume")
+    assert resumed.exit_code == 0, resumed.output
 
 
 def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Path) -> None:

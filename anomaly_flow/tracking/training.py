@@ -171,7 +171,13 @@ def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str) ->
     latest = latest_checkpoint(ckpt)
     done = None if latest is None else checkpoint_step(latest)
     planned = total_steps(config, n_train)
-    if done is not None and done >= planned:
+    if done is not None and done > planned:
+        per_epoch = planned // config.train.epochs
+        raise TrainingError(
+            f"the checkpoint of {name!r} is at step {done}, past the {planned} steps of the "
+            f"{config.train.epochs} epoch(s) asked for; to go on, resume with --epochs "
+            f"{done // per_epoch + 1} or more; to start again, drop --resume")
+    if done is not None and done == planned:
         raise TrainingError(
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
@@ -316,6 +322,13 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     configure(mlruns)
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
+        recorded = state.get("tracking_uri")
+        if previous_run is None and recorded and recorded != mlflow.get_tracking_uri():
+            raise TrainingError(
+                f"the training of {name!r} was logged to {recorded} (run "
+                f"{state.get('run_id')}), not to {mlflow.get_tracking_uri()}; resume it where "
+                f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
+                "or drop --resume to start afresh here")
         if previous_run is None:
             logger.warning("the run %s of the checkpoint is not in %s; logging the resumed "
                            "training as a new run", state.get("run_id"), mlflow.get_tracking_uri())
