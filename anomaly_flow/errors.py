@@ -25,11 +25,16 @@ them: past the store check, what reaches the user from MLflow is a store or serv
 went away or refused a request mid-run (:func:`describe`)."""
 
 
+def is_store_error(error: BaseException) -> bool:
+    """Whether ``error`` is MLflow's: a tracking store or server failing a request."""
+    return type(error).__module__.startswith("mlflow")
+
+
 def describe(error: BaseException) -> str:
     """The message for a user error: its own, or for an MLflow error (whose message is
     the failed request) what to check and to run the command again."""
     message = " ".join(str(error).split()) or type(error).__name__
-    if type(error).__module__.startswith("mlflow"):
+    if is_store_error(error):
         if len(message) > 400:
             message = message[:397] + "..."
         return (f"MLflow failed: {message}; check the tracking store (MLFLOW_TRACKING_URI, "

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from anomaly_flow.config import PRESETS, load_config, load_preset
-from anomaly_flow.errors import describe, user_error_types
+from anomaly_flow.errors import describe, is_store_error, user_error_types
 from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                                          resume=args.resume, mlruns=args.mlruns)
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
+        if is_store_error(error):  # mid-training: where to go on, not to start again
+            print(interrupted_message(args.name, config, args.mlruns,
+                                      what="training stopped"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(interrupted_message(args.name, config, args.mlruns), file=sys.stderr)

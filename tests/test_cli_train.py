@@ -419,6 +419,40 @@ def test_resuming_against_another_store_than_the_run_was_logged_to_is_refused(
     assert resumed.exit_code == 0, resumed.output
 
 
+def test_a_store_failing_mid_training_says_to_resume_not_to_start_again(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run without --resume, "the same command" deletes the checkpoints."""
+    from mlflow.exceptions import MlflowException
+
+    from anomaly_flow import tracking as tracking_module
+    from anomaly_flow import train as train_module
+
+    real_train = train_module.train
+
+    def server_gone(*args: object, callback: object = None, **kwargs: object) -> object:
+        def stop(event: object) -> None:
+            callback(event)  # type: ignore[operator]
+            if event.kind == "step" and event.step == 3:  # type: ignore[attr-defined]
+                raise MlflowException("API request to http://127.0.0.1:5077/api/2.0/mlflow/"
+                                      "runs/log-batch failed: Connection refused")
+        return real_train(*args, callback=stop, **kwargs)
+
+    config = mlruns.parent / "often.toml"
+    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
+                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 24\n'
+                      'checkpoint_every = 2\n')
+    monkeypatch.setattr(tracking_module.training, "train", server_gone)
+    result = invoke(str(image_dirs.train), "--name", "gone", "--config", str(config),
+                    "--mlruns", str(mlruns))
+    assert result.exit_code == 1, result.output
+    assert "Error: MLflow failed: API request to http://127.0.0.1:5077" in result.stderr
+    assert f"training stopped; the last checkpoint is {mlruns / 'checkpoints' / 'gone'}/step-" \
+        in result.stderr
+    assert "run the same command with --resume to go on from it (without --resume, a new " \
+        "training deletes it)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Path) -> None:
     """As a scheduler (Slurm, Kubernetes, timeout) stops a job: SIGTERM to its group."""
     config = mlruns.parent / "long.toml"

@@ -9,6 +9,7 @@ import click
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import device_option, mlruns_option, user_errors
 from anomaly_flow.config import PRESETS, load_config, load_preset
+from anomaly_flow.errors import describe, is_store_error
 from anomaly_flow.stopping import sigterm_as_interrupt
 
 DEFAULT_PRESET = "small"
@@ -68,6 +69,13 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
     except KeyboardInterrupt:
         click.echo(interrupted_message(name, config, mlruns), err=True)
         raise click.exceptions.Exit(130) from None
+    except Exception as error:
+        if not is_store_error(error):
+            raise
+        # the store went away mid-training: "run the command again" must not mean without
+        # --resume, which would delete the checkpoints
+        raise click.ClickException(describe(error) + "\n" + interrupted_message(
+            name, config, mlruns, what="training stopped")) from None
     if outcome is None:  # a process of rank above 0 under torchrun: rank 0 reports
         return
     click.echo(f"run_id: {outcome.run_id}")

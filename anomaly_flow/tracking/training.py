@@ -409,16 +409,19 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
-def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None) -> str:
-    """What to tell a user whose training of ``name`` was interrupted: where it can go on
-    from, or that no checkpoint was written yet."""
+def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
+                        what: str = "interrupted") -> str:
+    """What to tell a user whose training of ``name`` stopped (``what``: interrupted, or
+    how else it stopped): where it can go on from, or that no checkpoint was written
+    yet."""
     latest = latest_checkpoint(checkpoint_dir(name, mlruns))
     every = config.train.checkpoint_every
     if latest is None:
-        return (f"interrupted; no checkpoint was written yet (one every {every} steps, "
+        return (f"{what}; no checkpoint was written yet (one every {every} steps, "
                 "train.checkpoint_every), so a new run starts from the beginning")
-    return (f"interrupted; the last checkpoint is {latest} (one every {every} steps, "
-            "train.checkpoint_every); run the same command with --resume to go on from it")
+    return (f"{what}; the last checkpoint is {latest} (one every {every} steps, "
+            "train.checkpoint_every); run the same command with --resume to go on from it "
+            "(without --resume, a new training deletes it)")
 
 
 _RECORDS: dict[tuple[str, str], frozenset[str]] = {}
