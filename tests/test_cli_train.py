@@ -233,27 +233,45 @@ def test_a_diverged_training_is_not_registered(image_dirs: ImageDirs, mlruns: Pa
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
+OFTEN = ('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\nhidden_channels = 16\n'
+         '[train]\nepochs = {epochs}\nbatch_size = 24\ncheckpoint_every = 2\n')
+"""A small model that checkpoints every 2 steps (epochs of 2 steps on image_dirs.train)."""
+
+
+def often_config(folder: Path, epochs: int = 3, extra: str = "") -> Path:
+    path = folder / f"often-{epochs}.toml"
+    path.write_text(OFTEN.format(epochs=epochs) + extra)
+    return path
+
+
+def stop_training_at(monkeypatch: pytest.MonkeyPatch, step: int, error: BaseException) -> None:
+    """Make the CLI's training raise ``error`` once ``step`` is done (epoch 2 at step 3,
+    after epoch 1's checkpoint): Ctrl-C, or a store failing mid-run."""
+    from anomaly_flow import tracking as tracking_module
+    from anomaly_flow import train as train_module
+
+    real_train = train_module.train
+
+    def stopped(*args: object, callback: object = None, **kwargs: object) -> object:
+        def stop(event: object) -> None:
+            callback(event)  # type: ignore[operator]
+            if event.kind == "step" and event.step == step:  # type: ignore[attr-defined]
+                raise error
+        return real_train(*args, callback=stop, **kwargs)
+
+    monkeypatch.setattr(tracking_module.training, "train", stopped)
+
+
 def test_ctrl_c_says_where_training_can_resume_from(
         image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from anomaly_flow import tracking as tracking_module
     from anomaly_flow import train as train_module
 
     real_train = train_module.train
-
-    def interrupted(*args: object, callback: object = None, **kwargs: object) -> object:
-        def stop_after_first_checkpoint(event: object) -> None:
-            callback(event)  # type: ignore[operator]
-            if event.kind == "step" and event.step == 3:  # type: ignore[attr-defined]
-                raise KeyboardInterrupt  # Ctrl-C in epoch 2, after epoch 1's checkpoint
-        return real_train(*args, callback=stop_after_first_checkpoint, **kwargs)
-
-    config = mlruns.parent / "often.toml"
-    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
-                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 24\n'
-                      'checkpoint_every = 2\n')
+    config = often_config(mlruns.parent)
     common = [str(image_dirs.train), "--name", "ctrl-c", "--config", str(config),
               "--mlruns", str(mlruns)]
-    monkeypatch.setattr(tracking_module.training, "train", interrupted)
+    stop_training_at(monkeypatch, 3, KeyboardInterrupt())
     result = invoke(*common)
     assert result.exit_code == 130, result.output
     assert f"interrupted; the last checkpoint is {mlruns / 'checkpoints' / 'ctrl-c'}" \
@@ -387,27 +405,15 @@ def test_resuming_against_another_store_than_the_run_was_logged_to_is_refused(
     from anomaly_flow import tracking as tracking_module
     from anomaly_flow import train as train_module
 
-    real_train = train_module.train
-
-    def interrupted(*args: object, callback: object = None, **kwargs: object) -> object:
-        def stop(event: object) -> None:
-            callback(event)  # type: ignore[operator]
-            if event.kind == "step" and event.step == 3:  # type: ignore[attr-defined]
-                raise KeyboardInterrupt
-        return real_train(*args, callback=stop, **kwargs)
-
-    config = mlruns.parent / "often.toml"
-    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
-                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 24\n'
-                      'checkpoint_every = 2\n')
+    config = often_config(mlruns.parent)
     common = [str(image_dirs.train), "--name", "split", "--config", str(config),
               "--mlruns", str(mlruns)]
     server = new_store(mlruns.parent / "server", mlflow_db_template)
     server_uri = f"sqlite:///{server / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
-    monkeypatch.setattr(tracking_module.training, "train", interrupted)
+    stop_training_at(monkeypatch, 3, KeyboardInterrupt())
     assert invoke(*common).exit_code == 130
-    monkeypatch.setattr(tracking_module.training, "train", real_train)
+    monkeypatch.setattr(tracking_module.training, "train", train_module.train)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     result = invoke(*common, "--resume")
     assert result.exit_code == 1, result.output
@@ -424,24 +430,10 @@ def test_a_store_failing_mid_training_says_to_resume_not_to_start_again(
     """Run without --resume, "the same command" deletes the checkpoints."""
     from mlflow.exceptions import MlflowException
 
-    from anomaly_flow import tracking as tracking_module
-    from anomaly_flow import train as train_module
-
-    real_train = train_module.train
-
-    def server_gone(*args: object, callback: object = None, **kwargs: object) -> object:
-        def stop(event: object) -> None:
-            callback(event)  # type: ignore[operator]
-            if event.kind == "step" and event.step == 3:  # type: ignore[attr-defined]
-                raise MlflowException("API request to http://127.0.0.1:5077/api/2.0/mlflow/"
-                                      "runs/log-batch failed: Connection refused")
-        return real_train(*args, callback=stop, **kwargs)
-
-    config = mlruns.parent / "often.toml"
-    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
-                      'hidden_channels = 16\n[train]\nepochs = 3\nbatch_size = 24\n'
-                      'checkpoint_every = 2\n')
-    monkeypatch.setattr(tracking_module.training, "train", server_gone)
+    config = often_config(mlruns.parent)
+    stop_training_at(monkeypatch, 3, MlflowException(
+        "API request to http://127.0.0.1:5077/api/2.0/mlflow/runs/log-batch failed: "
+        "Connection refused"))
     result = invoke(str(image_dirs.train), "--name", "gone", "--config", str(config),
                     "--mlruns", str(mlruns))
     assert result.exit_code == 1, result.output
@@ -455,10 +447,7 @@ def test_a_store_failing_mid_training_says_to_resume_not_to_start_again(
 
 def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Path) -> None:
     """As a scheduler (Slurm, Kubernetes, timeout) stops a job: SIGTERM to its group."""
-    config = mlruns.parent / "long.toml"
-    config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
-                      'hidden_channels = 16\n[train]\nepochs = 500\nbatch_size = 24\n'
-                      'checkpoint_every = 2\nnum_workers = 1\n')
+    config = often_config(mlruns.parent, epochs=500, extra="num_workers = 1\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
          "stopped", "--config", str(config), "--mlruns", str(mlruns), "--device", "cpu"],
