@@ -67,7 +67,7 @@ from anomaly_flow.complexity import (
 )
 from anomaly_flow.data import ImageMode, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
-from anomaly_flow.stopping import init_loader_worker
+from anomaly_flow.stopping import loader_worker_options
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def score_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=init_loader_worker)
+                        **loader_worker_options(num_workers))
     names = score_names(model)
     # ensemble's (mean, std) table on the host once: copying it per batch would make the
     # host wait for the batch just launched on the device
@@ -1053,7 +1053,7 @@ def score_folder(
                     raise
                 logger.warning("could not keep the %d rows scored before the error in %s "
                                "either: %s", sum(map(len, frames)), display_path(out), failed)
-                raise stop from None
+                raise stop from failed  # the stop first; what the write met, as its cause
             logger.warning(
                 "%s: %d of %d files are in %s; run again with resume (--resume) to score "
                 "the rest", "interrupted" if interrupted else "stopped by an error",

@@ -7,8 +7,8 @@ spot: no partial table, no message, an MLflow run left RUNNING. Here it becomes 
 KILLED, and both say how to go on with ``--resume``.
 
 - :func:`sigterm_as_interrupt`: around a command's work in the main process.
-- :func:`init_loader_worker`: a DataLoader ``worker_init_fn`` that leaves a group's stop
-  to the main process.
+- :func:`loader_worker_options`: DataLoader arguments whose workers leave a group's stop
+  to the main process (:func:`init_loader_worker`).
 
 This module imports neither torch nor mlflow.
 """
@@ -16,6 +16,8 @@ This module imports neither torch nor mlflow.
 from __future__ import annotations
 
 import contextlib
+import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -40,7 +42,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def init_loader_worker(worker_id: int) -> None:
+def loader_worker_options(num_workers: int) -> dict[str, Any]:
+    """``DataLoader`` keyword arguments for ``num_workers`` workers that obey SIGTERM from
+    this process only. That needs workers forked from it (under spawn or forkserver a
+    worker has a thread of its own before any init function runs, and another parent)
+    and ``signal.sigwaitinfo``; where either is missing, the workers keep SIGTERM's
+    default and die with a group stop."""
+    if num_workers == 0:
+        return {}
+    if "fork" in multiprocessing.get_all_start_methods() and hasattr(signal, "sigwaitinfo"):
+        return {"multiprocessing_context": "fork",
+                "worker_init_fn": functools.partial(init_loader_worker, main_pid=os.getpid())}
+    return {"worker_init_fn": init_loader_worker}
+
+
+def init_loader_worker(worker_id: int, main_pid: int | None = None) -> None:
     """In a DataLoader worker: obey SIGTERM from the main process only. A stop sent to the
     whole process group then ends the run through the main process alone, which stops in
     order and shuts its workers down, instead of finding them killed; the main process's
@@ -51,13 +67,15 @@ def init_loader_worker(worker_id: int) -> None:
     that serves the batch's shared-memory handle when the main process connects for it. A
     main process stopped (SIGTERM or Ctrl-C) while connecting leaves that thread a broken
     handshake, which it would print as a traceback; that is the stop, not an error."""
-    # the default action (die), but blocked in this thread before any other starts, so in
-    # all of them; one thread waits for it and looks at who sent it
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_obey_sigterm_from, args=(os.getppid(),), daemon=True,
-                     name="sigterm-from-main").start()
     sys.excepthook = _quiet_abandoned_handshakes(sys.excepthook)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
+    if main_pid is None:  # see loader_worker_options
+        return
+    # blocked in this thread before any other starts (a forked worker has no other), so
+    # in all of them; one thread waits for it and looks at who sent it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_obey_sigterm_from, args=(main_pid,), daemon=True,
+                     name="sigterm-from-main").start()
 
 
 def _obey_sigterm_from(parent: int) -> None:

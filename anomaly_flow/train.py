@@ -70,7 +70,7 @@ from anomaly_flow.glow import (
     preprocess,
 )
 from anomaly_flow.scoring import numerics
-from anomaly_flow.stopping import init_loader_worker
+from anomaly_flow.stopping import loader_worker_options
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +418,8 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     Undecodable images are noted in ``failed`` (this rank's share) when given."""
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                        **loader_worker_options(num_workers))
     size, grid = model.config.image_size, knn_grid(model.config)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σbpd, images, mapped, bad
     map_sums = (torch.zeros(2, size, size, dtype=torch.float64, device=device)  # Σm, Σm²
@@ -823,7 +824,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
                         collate_fn=collate, pin_memory=dev.type == "cuda",
                         persistent_workers=t.num_workers > 0,
-                        worker_init_fn=init_loader_worker)
+                        **loader_worker_options(t.num_workers))
 
     def checkpoint(epoch: int, at_step: int) -> None:
         nonlocal saved_step

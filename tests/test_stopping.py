@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from anomaly_flow.stopping import init_loader_worker
+from anomaly_flow.stopping import init_loader_worker, loader_worker_options
 
 
-def _sleeping_worker() -> None:
-    init_loader_worker(0)
+def _sleeping_worker(main_pid: int) -> None:
+    init_loader_worker(0, main_pid)
     time.sleep(120)
 
 
@@ -23,8 +23,11 @@ def test_a_loader_worker_ignores_a_group_stop_but_obeys_its_main_process() -> No
     """A SIGTERM from elsewhere (a scheduler stopping the process group) is left to the
     main process; the main process's own (DataLoader shutdown, multiprocessing's clean-up
     at exit) ends the worker at once, or the exit would wait on it forever."""
-    worker = multiprocessing.get_context("fork").Process(target=_sleeping_worker,
-                                                         daemon=True)
+    options = loader_worker_options(2)  # what the scoring and training loaders get
+    assert options["multiprocessing_context"] == "fork"
+    worker = multiprocessing.get_context("fork").Process(
+        target=_sleeping_worker, args=(options["worker_init_fn"].keywords["main_pid"],),
+        daemon=True)
     worker.start()
     try:
         time.sleep(1.0)  # the worker has run init_loader_worker
@@ -47,7 +50,7 @@ def test_a_loader_worker_abandoned_mid_handover_prints_no_traceback(
     script = textwrap.dedent(f"""
         import os, socket, time
         from multiprocessing import resource_sharer
-        from anomaly_flow.stopping import init_loader_worker
+        from anomaly_flow.stopping import init_loader_worker, loader_worker_options
         if {quiet}:
             init_loader_worker(0)
         handle = resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))  # a batch's handle
