@@ -445,6 +445,32 @@ def test_a_store_failing_mid_training_says_to_resume_not_to_start_again(
     assert "Traceback" not in result.stderr
 
 
+def test_a_store_failing_after_the_last_step_resumes_to_finish_logging(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last checkpoint is the finished model: --resume logs and registers it."""
+    from mlflow.exceptions import MlflowException
+
+    from anomaly_flow import tracking as tracking_module
+
+    def refused(*args: object, **kwargs: object) -> str:
+        raise MlflowException("API request to http://127.0.0.1:5077/api/2.0/mlflow/"
+                              "model-versions/create failed: Connection refused")
+
+    common = [str(image_dirs.train), "--name", "late", "--config",
+              str(often_config(mlruns.parent, epochs=1)), "--mlruns", str(mlruns)]
+    real_register = tracking_module.training.register_model
+    monkeypatch.setattr(tracking_module.training, "register_model", refused)
+    failed = invoke(*common)
+    assert failed.exit_code == 1, failed.output
+    assert "run the same command with --resume to go on from it" in failed.stderr
+    monkeypatch.setattr(tracking_module.training, "register_model", real_register)
+    resumed = invoke(*common, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "candidate: models:/late@candidate" in resumed.stdout
+    again = invoke(*common, "--resume")  # now concluded: nothing left to resume
+    assert_one_line_error(again, 1, "the training of 'late' already finished")
+
+
 def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Path) -> None:
     """As a scheduler (Slurm, Kubernetes, timeout) stops a job: SIGTERM to its group."""
     config = often_config(mlruns.parent, epochs=500, extra="num_workers = 1\n")

@@ -166,8 +166,10 @@ def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
             "digits, '.', '_' or '-', or another --mlruns DIR")
 
 
-def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str) -> None:
-    """Refuse to resume a training that already reached its last step."""
+def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str,
+                      state: dict[str, Any]) -> None:
+    """Refuse to resume a training that already reached its last step and was logged and
+    registered (one whose store failed after the last step resumes to finish that)."""
     latest = latest_checkpoint(ckpt)
     done = None if latest is None else checkpoint_step(latest)
     planned = total_steps(config, n_train)
@@ -177,7 +179,7 @@ def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str) ->
             f"the checkpoint of {name!r} is at step {done}, past the {planned} steps of the "
             f"{config.train.epochs} epoch(s) asked for; to go on, resume with --epochs "
             f"{done // per_epoch + 1} or more; to start again, drop --resume")
-    if done is not None and done == planned:
+    if done is not None and done == planned and state.get("concluded", True):
         raise TrainingError(
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
@@ -313,7 +315,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         state = _read_run_state(ckpt)
         _check_owner(state, name, ckpt)
         _check_resumable(state, config, folder.fingerprint)
-        _check_unfinished(ckpt, config, len(folder.train), name)
+        _check_unfinished(ckpt, config, len(folder.train), name, state)
     elif (ckpt / RUN_STATE_FILE).is_file():
         earlier: dict[str, Any] = {}
         with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
@@ -352,10 +354,12 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
                    run_id=previous_run, nested=nested) as run:
         ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps(
-            {"model_name": name, "run_id": run.run_id, "tracking_uri": mlflow.get_tracking_uri(),
-             "data_fingerprint": folder.fingerprint, "data_folder": display_path(data_root),
-             "config": config.to_dict()}, indent=2))
+        record = {"model_name": name, "run_id": run.run_id,
+                  "tracking_uri": mlflow.get_tracking_uri(),
+                  "data_fingerprint": folder.fingerprint,
+                  "data_folder": display_path(data_root), "config": config.to_dict(),
+                  "concluded": False}  # True once the model is logged and registered
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
         params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
                   "data.n_train": len(folder.train),
                   "data.n_val": len(folder.val) if folder.val is not None else 0}
@@ -406,6 +410,8 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
                         "non-finite loss or gradient")
         if result.failed_files:
             message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
+                                                      indent=2))
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
