@@ -127,15 +127,19 @@ def heatmap_names(relative_paths: Sequence[Path]) -> list[Path]:
               for name, path in zip(plain, relative_paths, strict=True)]
     folders = {parent for name in wanted for parent in name.parents}
     taken: set[Path] = set()
-    names = []
-    for name in wanted:
-        candidate, n = name, 1
-        while candidate in taken or candidate in folders:
-            n += 1
-            candidate = name.with_name(f"{name.stem}~{n}.png")
-        taken.add(candidate)
-        names.append(candidate)
-    return names
+    return [_take_free(name, taken, folders) for name in wanted]
+
+
+def _take_free(name: Path, taken: set[Path], folders: set[Path] | frozenset[Path] = frozenset()
+               ) -> Path:
+    """``name``, or the first of ``name~2.png``, ``name~3.png``, ... neither in ``taken``
+    nor in ``folders``; added to ``taken``."""
+    candidate, n = name, 1
+    while candidate in taken or candidate in folders:
+        n += 1
+        candidate = name.with_name(f"{name.stem}~{n}.png")
+    taken.add(candidate)
+    return candidate
 
 
 SOURCE_KEY = "anomaly-flow:source"
@@ -173,19 +177,7 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
     image's.
     """
     taken = set(held.values())
-    names = []
-    for i in todo:
-        if i in held:
-            names.append(held[i])
-            continue
-        name = candidate = every_name[i]
-        n = 1
-        while candidate in taken:
-            n += 1
-            candidate = name.with_name(f"{name.stem}~{n}.png")
-        taken.add(candidate)
-        names.append(candidate)
-    return names
+    return [held[i] if i in held else _take_free(every_name[i], taken) for i in todo]
 
 
 def is_heatmap(path: Path) -> bool:

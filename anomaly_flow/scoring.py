@@ -1100,7 +1100,7 @@ def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path
 
     recorded = recorded_sources(folder)
     held = {i: recorded[source] for i, source in enumerate(sources) if source in recorded}
-    claimed = set(held.values()) | set(recorded.values())
+    claimed = set(recorded.values())
     for i in kept:
         if i in held:
             continue
