@@ -3,10 +3,11 @@
 A service manager, a batch scheduler (Slurm, Kubernetes) or ``timeout`` stops a job with
 SIGTERM, often sent to its whole process group. Python's default for it is to die on the
 spot: no partial table, no message, an MLflow run left RUNNING. Here it becomes the
-``KeyboardInterrupt`` Ctrl-C raises, so scoring keeps its rows, training ends its run as
-KILLED, and both say how to go on with ``--resume``.
+``KeyboardInterrupt`` Ctrl-C raises (as :class:`Terminated`, its subclass), so scoring keeps
+its rows, training ends its run as KILLED, and both say how to go on with ``--resume``.
 
-- :func:`sigterm_as_interrupt`: around a command's work in the main process.
+- :func:`sigterm_as_interrupt`: around a command's work in the main process;
+  :func:`interrupt_exit_code` then gives the status a shell expects for the stop.
 - :func:`loader_worker_options`: DataLoader arguments whose workers leave a group's stop
   to the main process (:func:`init_loader_worker`).
 
@@ -27,14 +28,26 @@ from types import FrameType
 from typing import Any
 
 
+class Terminated(KeyboardInterrupt):
+    """The ``KeyboardInterrupt`` that SIGTERM raises inside :func:`sigterm_as_interrupt`:
+    handled everywhere as Ctrl-C is, told apart only for the exit status."""
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
+    """The exit status of a command ended by ``stop``: 128 + the signal's number, as a
+    shell reports a process the signal killed (130 for Ctrl-C, 143 for SIGTERM), so that a
+    scheduler or a script sees which stop it was."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``KeyboardInterrupt`` in the main thread; the
-    previous handler comes back after it."""
+    """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
+    the main thread; the previous handler comes back after it."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield

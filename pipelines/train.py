@@ -28,7 +28,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.stopping import sigterm_as_interrupt
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             print(interrupted_message(args.name, config, args.mlruns,
                                       what="training stopped"), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(interrupted_message(args.name, config, args.mlruns), file=sys.stderr)
-        return 130
+        return interrupt_exit_code(stop)
     if outcome is None:  # a process of rank above 0 under torchrun: rank 0 reports
         return 0
     print(f"run_id: {outcome.run_id}")

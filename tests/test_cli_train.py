@@ -490,7 +490,7 @@ def test_sigterm_ends_training_as_ctrl_c_does(image_dirs: ImageDirs, mlruns: Pat
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGABRT)
         pytest.fail(f"training did not stop on SIGTERM:\n{process.communicate()[1]}")
-    assert process.returncode == 130, stderr
+    assert process.returncode == 143, stderr  # 128 + SIGTERM, as a shell reports it
     assert f"interrupted; the last checkpoint is {latest.parent}/step-" in stderr
     assert "Traceback" not in stderr, stderr
     (run,) = mlflow.search_runs(experiment_names=["stopped"], output_format="list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from anomaly_flow.stopping import init_loader_worker, loader_worker_options
+from anomaly_flow.stopping import (
+    Terminated,
+    init_loader_worker,
+    interrupt_exit_code,
+    loader_worker_options,
+    sigterm_as_interrupt,
+)
 
 
 def _sleeping_worker(main_pid: int) -> None:
@@ -64,3 +71,16 @@ def test_a_loader_worker_abandoned_mid_handover_prints_no_traceback(
                           timeout=60, cwd=tmp_path)
     assert "ValueError: a real error in the worker is still reported" in done.stderr
     assert ("resource_sharer.py" in done.stderr) is not quiet, done.stderr
+
+
+def test_sigterm_raises_an_interrupt_that_exits_as_the_shell_reports_sigterm() -> None:
+    """Handled as Ctrl-C (a ``KeyboardInterrupt``), but a scheduler reading the status
+    still sees SIGTERM's 143, not Ctrl-C's 130; the previous handler comes back after."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as stopped, sigterm_as_interrupt():
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(5)  # not reached: the handler raises in the main thread
+    assert isinstance(stopped.value, Terminated)
+    assert interrupt_exit_code(stopped.value) == 143
+    assert interrupt_exit_code(KeyboardInterrupt()) == 130
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -15,7 +15,7 @@ from anomaly_flow.cli.common import (
     printable,
     user_errors,
 )
-from anomaly_flow.stopping import sigterm_as_interrupt
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 _FAILURES_SHOWN = 5
 
@@ -114,10 +114,10 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                 heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
                 compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         click.echo("interrupted; run the same command with --resume to score the files "
                    f"not yet in {out}", err=True)
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
 
     if summary.n_failed:
         click.echo(f"{summary.n_failed} file(s) could not be scored:", err=True)

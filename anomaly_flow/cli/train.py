@@ -10,7 +10,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.cli.common import device_option, mlruns_option, user_errors
 from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import describe, is_store_error
-from anomaly_flow.stopping import sigterm_as_interrupt
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 DEFAULT_PRESET = "small"
 
@@ -66,9 +66,9 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
         with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
             outcome = train_and_register(data, name, config, device=device, resume=resume,
                                          mlruns=mlruns)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         click.echo(interrupted_message(name, config, mlruns), err=True)
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
     except Exception as error:
         if not is_store_error(error):
             raise
