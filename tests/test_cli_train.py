@@ -445,6 +445,51 @@ def test_a_store_failing_mid_training_says_to_resume_not_to_start_again(
     assert "Traceback" not in result.stderr
 
 
+def test_metrics_queued_when_the_store_fails_are_logged_by_the_resume(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store goes away at step 3, while the run's buffer holds metrics no flush has
+    sent (the timer is set beyond the test): training stops before its next checkpoint,
+    and the resumed run ends with every step's and every epoch's metrics, once each."""
+    from mlflow.exceptions import MlflowException
+
+    from anomaly_flow import tracking as tracking_module
+    from anomaly_flow import train as train_module
+    from anomaly_flow.tracking import store as store_module
+
+    real_train, real_log_batch = train_module.train, mlflow.MlflowClient.log_batch
+    gone = {"now": False}
+
+    def dying(*args: object, callback: object = None, **kwargs: object) -> object:
+        def watch(event: object) -> None:
+            gone["now"] = gone["now"] or event.step == 3  # type: ignore[attr-defined]
+            callback(event)  # type: ignore[operator]
+        return real_train(*args, callback=watch, **kwargs)
+
+    def log_batch(self: mlflow.MlflowClient, *args: object, **kwargs: object) -> None:
+        if gone["now"]:
+            raise MlflowException("API request to http://127.0.0.1:5077/api/2.0/mlflow/"
+                                  "runs/log-batch failed: Connection refused")
+        real_log_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.Run.__init__, "__defaults__", (3600.0,))
+    monkeypatch.setattr(tracking_module.training, "train", dying)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
+    common = [str(image_dirs.train), "--name", "queued", "--config",
+              str(often_config(mlruns.parent)), "--mlruns", str(mlruns)]
+    failed = invoke(*common)
+    assert failed.exit_code == 1, failed.output
+    assert f"the last checkpoint is {mlruns / 'checkpoints' / 'queued'}/step-00000002 " \
+        in failed.stderr, failed.stderr  # not step 4: the flush before it failed
+    monkeypatch.setattr(tracking_module.training, "train", real_train)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real_log_batch)
+    resumed = invoke(*common, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    client = mlflow.MlflowClient()
+    run_id = dict(line.split(": ", 1) for line in resumed.stdout.splitlines())["run_id"]
+    for key, steps in [("train_bpd", [1, 2, 3, 4, 5, 6]), ("val_bpd", [2, 4, 6])]:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
+
+
 def test_a_store_failing_after_the_last_step_resumes_to_finish_logging(
         image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last checkpoint is the finished model: --resume logs and registers it."""

@@ -95,34 +95,41 @@ class _MetricLogger:
     those the run already holds (up to ``logged_steps`` and ``logged_epochs``, the last
     steps with a per-step and a per-epoch metric) are not logged twice, so each metric
     keeps one value per step.
+
+    The run's buffer is flushed before every checkpoint (at each step that is a multiple
+    of ``checkpoint_every`` and at each epoch's end, the only places one is written): a
+    store that fails then stops the training before the checkpoint, so the store holds
+    every step up to the checkpoint a resume starts from, and the replay fills in the rest.
     """
 
-    def __init__(self, run: Run, logged_steps: int = 0, logged_epochs: int = 0) -> None:
-        self.run = run
+    def __init__(self, run: Run, checkpoint_every: int, logged_steps: int = 0,
+                 logged_epochs: int = 0) -> None:
+        self.run, self.checkpoint_every = run, checkpoint_every
         self.logged_steps, self.logged_epochs = logged_steps, logged_epochs
 
     @classmethod
-    def resuming(cls, run: Run) -> _MetricLogger:
+    def resuming(cls, run: Run, checkpoint_every: int) -> _MetricLogger:
         """A logger for a run reopened by a resumed training."""
         client = mlflow.MlflowClient()
 
         def last(key: str) -> int:
             return max((m.step for m in client.get_metric_history(run.run_id, key)), default=0)
 
-        return cls(run, last("train_bpd"), last("val_bpd"))
+        return cls(run, checkpoint_every, last("train_bpd"), last("val_bpd"))
 
     def __call__(self, event: TrainEvent) -> None:
         if event.kind == "step":
-            if event.step <= self.logged_steps:
-                return
-            self.run.log_metrics({k: v for k, v in event.metrics.items() if k in _STEP_METRICS},
-                                 step=event.step)
+            if event.step > self.logged_steps:
+                self.run.log_metrics({k: v for k, v in event.metrics.items()
+                                      if k in _STEP_METRICS}, step=event.step)
+            if event.step % self.checkpoint_every == 0:
+                self.run.flush()
         elif event.kind == "epoch":
-            if event.step <= self.logged_epochs:
-                return
-            # skipped_steps is already a per-step metric at this step.
-            self.run.log_metrics({k: v for k, v in event.metrics.items()
-                                  if k != "skipped_steps"}, step=event.step)
+            if event.step > self.logged_epochs:
+                # skipped_steps is already a per-step metric at this step.
+                self.run.log_metrics({k: v for k, v in event.metrics.items()
+                                      if k != "skipped_steps"}, step=event.step)
+            self.run.flush()
         elif event.kind == "checkpoint" and event.path is not None:
             self.run.set_tags({"last_checkpoint": str(event.path)})
 
@@ -367,8 +374,9 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         run.log_dict(config.to_dict(), "config.json")
         run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
 
-        metrics = (_MetricLogger.resuming(run) if previous_run is not None
-                   else _MetricLogger(run))
+        every = config.train.checkpoint_every
+        metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
+                   else _MetricLogger(run, every))
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
                        resume=resume, callback=metrics, progress=progress)
         run.log_metrics({"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
