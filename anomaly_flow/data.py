@@ -336,13 +336,24 @@ class ImageItem(NamedTuple):
     index: int  # position in the dataset
 
 
-def load_item(source: str | Path | bytes | None, mode: ImageMode, size: int,
+@dataclass(frozen=True)
+class InvalidSource:
+    """In place of a path or bytes: a table cell that cannot name an image (a number, a
+    list). Its item fails with ``reason``, as an unreadable file does, so the row is kept."""
+
+    reason: str
+
+
+def load_item(source: str | Path | bytes | InvalidSource | None, mode: ImageMode, size: int,
               index: int) -> ImageItem:
     """Decode one image (a path or encoded bytes) into an :class:`ImageItem`; a failure,
-    a missing source (``None`` or NaN, as an empty table cell reads) included, gives a
-    blank image with ``ok=False`` and the one-line reason."""
+    a missing source (``None`` or NaN, as an empty table cell reads) or an
+    :class:`InvalidSource` included, gives a blank image with ``ok=False`` and the
+    one-line reason."""
     if source is None or (isinstance(source, float) and math.isnan(source)):
         array, error = None, "no image given (empty value)"
+    elif isinstance(source, InvalidSource):
+        array, error = None, source.reason
     else:
         array, error = try_load_image(source, mode, size)
     if array is None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -65,7 +66,7 @@ from anomaly_flow.complexity import (
     batch_png_bits_per_dim,
     coarse_complexity,
 )
-from anomaly_flow.data import ImageMode, display_path, find_images, load_item
+from anomaly_flow.data import ImageMode, InvalidSource, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.stopping import loader_worker_options
 
@@ -230,8 +231,8 @@ class ScoringDataset(Dataset[ScoreItem]):
     Never raises for a bad input: the item carries ``ok=False`` and a one-line reason.
     """
 
-    def __init__(self, sources: Sequence[str | Path | bytes], mode: ImageMode, size: int,
-                 n_bits: int, levels: int) -> None:
+    def __init__(self, sources: Sequence[str | Path | bytes | InvalidSource | None],
+                 mode: ImageMode, size: int, n_bits: int, levels: int) -> None:
         self.sources = list(sources)
         self.mode, self.size, self.n_bits, self.levels = mode, size, n_bits, levels
 
@@ -473,6 +474,8 @@ def score_dataset(
                          "with the model's config.levels")
     device = model.device
     model.eval()
+    # a worker per batch at most: more would only start processes with nothing to decode
+    num_workers = min(num_workers, math.ceil(len(dataset) / batch_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,

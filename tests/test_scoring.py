@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -398,6 +399,15 @@ def test_same_numbers_whatever_the_batching_workers_or_format(
     # Same file, same numbers, to the bit
     for column in ("bpd", "complexity", "coarse_complexity", "level_1", "level_2", "score"):
         np.testing.assert_array_equal(table[column], full_table[column])
+
+
+def test_no_more_workers_start_than_there_are_batches(model: Glow, messy: Path,
+                                                      tmp_path: Path) -> None:
+    """64 workers asked for a folder of one batch: one starts (torch warns about more
+    workers than cores, and each would be a process with nothing to do)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about the worker count included
+        score_folder(model, None, messy, tmp_path / "s.csv", batch_size=256, num_workers=64)
 
 
 def test_a_file_scored_alone_gets_its_folder_run_numbers(

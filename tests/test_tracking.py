@@ -286,6 +286,12 @@ def test_input_sources_take_the_bytes_else_the_path_and_blank_is_no_image() -> N
     # a blank path is "no image given", not the working directory
     dataset = ScoringDataset(input_sources(pd.DataFrame({"path": [""]})), "L", 16, 8, 2)
     assert dataset[0].error == "no image given (empty value)"
+    odd = input_sources(pd.DataFrame({"path": [3, Path("c.png"), None],
+                                      "image": [None, None, bytearray(b"PNG")]}))
+    assert odd[1:] == ["c.png", b"PNG"]
+    dataset = ScoringDataset(odd, "L", 16, 8, 2)
+    assert dataset[0].error == "the 'path' value is an int (3), not a string; pass one file " \
+        "path per row"
 
 
 def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
@@ -355,6 +361,22 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     threshold = float(np.median(expected["bpd"]))
     decided = pyfunc.predict(pd.DataFrame({"path": paths}), params={"threshold": threshold})
     assert decided["is_anomaly"].tolist() == (expected["bpd"] > threshold).tolist()
+
+    # a cell that cannot name an image is an error in its own row, not a failed request
+    png = files[0].read_bytes()
+    mixed = pyfunc.predict(pd.DataFrame({"image": [png, base64.b64encode(png).decode(),
+                                                   paths[1]]}))
+    assert mixed["bpd"].tolist()[:2] == [expected["bpd"].iloc[0]] * 2
+    assert mixed["error"].tolist() == ["", "", "the 'image' value is text but not base64; "
+                                       "pass the image file's bytes (or its path in the "
+                                       "'path' column)"]
+    listed = pyfunc.predict({"path": paths[:2]})  # MLflow makes this one row of a list
+    assert listed["error"].iloc[0].startswith("the 'path' value is a list (['")
+    assert listed["error"].iloc[0].endswith("not a string; pass one file path per row")
+    # the answer keeps the request's index, so it lines up with (and joins onto) it
+    frame = pd.DataFrame({"path": paths[:3]}, index=[10, 5, 7])
+    joined = frame.join(pyfunc.predict(frame))
+    assert joined["bpd"].tolist() == expected["bpd"].tolist()[:3]
 
 
 _NO_UNPICKLING = """

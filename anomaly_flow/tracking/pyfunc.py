@@ -18,7 +18,10 @@ calibrated threshold; also works on an uncalibrated model, whose score is ``bpd`
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from anomaly_flow.calibration import Calibration
+from anomaly_flow.data import InvalidSource
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
     DECISION_COLUMNS,
@@ -89,8 +93,9 @@ def _missing(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
 
 
-def input_sources(frame: pd.DataFrame) -> list[str | bytes | None]:
-    """One image source per row: the ``image`` bytes where given, else the ``path``."""
+def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | None]:
+    """One image source per row: the ``image`` bytes where given, else the ``path``; a
+    cell of another type becomes an :class:`InvalidSource`, an error in its own row."""
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     n = len(frame)
@@ -105,15 +110,43 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | None]:
                          "'image' (bytes) column; pass one of them")
     paths = frame["path"].tolist() if "path" in frame.columns else [None] * n
     images = frame["image"].tolist() if "image" in frame.columns else [None] * n
-    sources: list[str | bytes | None] = []
+    sources: list[str | bytes | InvalidSource | None] = []
     for path, image in zip(paths, images, strict=True):
         if not _missing(image):
-            sources.append(bytes(image))
+            sources.append(_image_source(image))
         elif not _missing(path):
-            sources.append(str(path))
+            sources.append(_path_source(path))
         else:
             sources.append(None)
     return sources
+
+
+def _image_source(value: Any) -> bytes | InvalidSource:
+    """An ``image`` cell: the encoded file's bytes, or text holding them in base64 (what a
+    REST request carries for a binary column)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:  # binascii.Error
+            return InvalidSource("the 'image' value is text but not base64; pass the image "
+                                 "file's bytes (or its path in the 'path' column)")
+    return InvalidSource(f"the 'image' value is {_described(value)}, not bytes; pass one "
+                         "image file's bytes per row")
+
+
+def _path_source(value: Any) -> str | InvalidSource:
+    """A ``path`` cell: a string (or path object) naming one file."""
+    if isinstance(value, str | os.PathLike):
+        return str(value)
+    return InvalidSource(f"the 'path' value is {_described(value)}, not a string; pass one "
+                         "file path per row")
+
+
+def _described(value: Any) -> str:
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({reprlib.repr(value)})"
 
 
 def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFrame, *,
@@ -130,8 +163,9 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         batch_size: Images per forward pass.
 
     Returns:
-        One row per input row, columns :func:`output_columns`; a row whose image cannot
-        be read has NaN scores, ``is_anomaly`` None and the reason in ``error``.
+        One row per input row, columns :func:`output_columns`, with the frame's index;
+        a row whose image cannot be read has NaN scores, ``is_anomaly`` None and the
+        reason in ``error``.
     """
     cfg = model.config
     dataset = ScoringDataset(input_sources(frame), cfg.mode, cfg.image_size, cfg.n_bits,
@@ -144,7 +178,10 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         verdict = pd.Series([bool(v > threshold) if np.isfinite(v) else None for v in values],
                             index=out.index, dtype=object)
     out["is_anomaly"] = verdict
-    return out[output_columns(model)].reset_index(drop=True)
+    result = out[output_columns(model)].reset_index(drop=True)
+    if isinstance(frame, pd.DataFrame):  # row i answers the frame's row i, label and all
+        result.index = frame.index
+    return result
 
 
 def load_calibration(folder: Path) -> Calibration | None:
