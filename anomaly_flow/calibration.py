@@ -620,8 +620,14 @@ def conformal_p_values(calibration_scores: ArrayLike, scores: ArrayLike) -> np.n
     return _p_values_sorted(_sorted_calibration(calibration_scores), _as_scores(scores, "test"))
 
 
+def count_text(n: int) -> str:
+    """A count for a message: exact, or rounded past a billion (an α of 1e-300 would
+    otherwise print a 300-digit number of images)."""
+    return str(n) if n <= 10**9 else f"{float(n):.3g}"
+
+
 def _refusal(n: int, alpha: float) -> CalibrationError:
-    needed = min_calibration_size(alpha)
+    needed = count_text(min_calibration_size(alpha))
     return CalibrationError(
         f"the conformal threshold needs at least {needed} held-out normal images for a "
         f"false-positive rate of {alpha:g}; got {n}. Add more normal images to the "

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import stat
 import struct
 import warnings
@@ -638,11 +639,42 @@ def load_sample() -> SampleData:
         )
 
 
+SAMPLE_MARKER = ".anomaly-flow-sample"
+"""The file :func:`write_sample_folders` leaves in a folder it wrote."""
+
+
 def write_sample_folders(root: Path, limit: int | None = None) -> dict[str, Path]:
     """Write the shipped sample as PNG folders under ``root``: ``train``, ``calibration``
     (held-out normal images), ``test_normal`` (``test/normal``) and ``test_anomalous``
     (``test/anomalous/<class>``); ``test`` is their parent. Files are named after their
-    class; with ``limit``, at most that many images go to each of the four folders."""
+    class; with ``limit``, at most that many images go to each of the four folders.
+
+    ``root`` must be new, empty, or a folder this function wrote before (it leaves
+    :data:`SAMPLE_MARKER` there), whose three folders are then replaced: images of an
+    earlier, larger sample must not stay among the new ones, nor the sample mix with
+    someone's own images.
+
+    Raises:
+        DataError: ``root`` is a file, or a folder with other contents.
+        ValueError: ``limit`` is below 1.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 image per folder, not {limit}")
+    root = Path(root)
+    if root.is_dir() and (root / SAMPLE_MARKER).is_file():
+        for old in ("train", "calibration", "test"):
+            shutil.rmtree(root / old, ignore_errors=True)
+    elif root.is_dir() and any(root.iterdir()):
+        raise DataError(f"{display_path(root)} is not empty, and the sample goes into a new "
+                        "or empty folder (or one it was written to before, which it "
+                        "replaces); give another folder, or empty this one")
+    elif root.exists() and not root.is_dir():
+        raise DataError(f"{display_path(root)} is a file, not a folder; give a folder for "
+                        "the sample")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SAMPLE_MARKER).write_text(
+        "The anomaly-flow sample images. Writing the sample here again replaces the "
+        "train, calibration and test folders.\n")
     sample = load_sample()
 
     def slug(label: int) -> str:

@@ -47,6 +47,7 @@ from anomaly_flow.calibration import (
     Method,
     ScoreSelection,
     calibrate,
+    count_text,
     detection_metrics,
     min_calibration_size,
     operating_point,
@@ -361,10 +362,38 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
     n_files = len(find_images(folder))
     if n_files < needed:
         raise CalibrationError(
-            f"the conformal threshold needs at least {needed} held-out normal images for a "
-            f"false-positive rate of {target_fpr:g}; the folder {display_path(folder)} holds "
-            f"only {n_files}. Add more normal images to the calibration folder or raise "
-            "--target-fpr."
+            f"the conformal threshold needs at least {count_text(needed)} held-out normal "
+            f"images for a false-positive rate of {target_fpr:g}; the folder "
+            f"{display_path(folder)} holds only {n_files}. Add more normal images to the "
+            "calibration folder or raise --target-fpr."
+        )
+
+
+def precheck_held_out(train: str | Path, calibration: str | Path,
+                      target_fpr: float) -> None:
+    """Before training on ``train``: refuse a ``calibration`` folder that will not hold
+    enough held-out images once its images of the training folder (same content, as
+    :func:`leave_out_training_images` finds them after training) are left out.
+
+    Raises:
+        CalibrationError: Too few calibration images are not also training images.
+        DataError: A folder is missing or holds no image files.
+    """
+    train, calibration = Path(train), Path(calibration)
+    _, trained_on = fingerprint_and_digests(find_images(train), train)
+    paths = find_images(calibration)
+    _, digests = fingerprint_and_digests(paths, calibration)
+    seen = {d for d in trained_on if not d.startswith("unreadable:")}
+    n_shared = sum(d in seen for d in digests)
+    held_out = len(paths) - n_shared
+    needed = min_calibration_size(target_fpr)
+    if n_shared and held_out < needed:
+        raise CalibrationError(
+            f"{n_shared} of the {len(paths)} images in {display_path(calibration)} are also "
+            f"in the training folder {display_path(train)} (same content), which leaves "
+            f"{held_out} held-out images, and the conformal threshold needs at least "
+            f"{count_text(needed)} for a false-positive rate of {target_fpr:g}; calibrate "
+            "on normal images kept out of the training folder."
         )
 
 
@@ -672,8 +701,9 @@ def calibrate_scores(
         needed = min_calibration_size(target_fpr)  # type: ignore[arg-type]
         if normal_values.size < needed:
             raise CalibrationError(
-                f"the conformal threshold needs at least {needed} held-out normal images for "
-                f"a false-positive rate of {target_fpr:g}; only {normal_values.size} of the "
+                f"the conformal threshold needs at least {count_text(needed)} held-out "
+                f"normal images for a false-positive rate of {target_fpr:g}; only "
+                f"{normal_values.size} of the "
                 f"{normal.n_files} files in {display_path(normal.folder)} can be used "
                 f"({len(failures['normal'])} left out; the warnings say why). Add or fix "
                 "held-out normal images, or raise --target-fpr."
@@ -759,6 +789,30 @@ def calibrate_scores(
         run_id=run_id, model_uri=str(model_uri), version=version, calibration=calibration,
         metrics=metrics, failures=failures, promoted=promote,
     )
+
+
+def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
+    """What a calibration chose, as the lines a command prints: the new model, the score
+    (with the AUROCs behind an automatic choice), the threshold, and how it does on the
+    images that set it."""
+    calibration = outcome.calibration
+    threshold = calibration.threshold
+    lines = [f"model: {outcome.model_uri}"]
+    selection = calibration.score_selection
+    if selection is not None:
+        aurocs = ", ".join(f"{name} {value:.4f}" for name, value in selection.auroc.items())
+        lines.append(f"score: {calibration.score_name} ({selection.rule}: {aurocs}; on "
+                     f"{selection.n_normal} normal and {selection.n_anomalous} anomalous "
+                     "images, the same that chose it, so optimistic)")
+    lines.append(f"threshold: {threshold.value} ({calibration.score_name}, {threshold.method}"
+                 + (f", target FPR {threshold.alpha:g}" if threshold.alpha is not None
+                    else "") + ")")
+    line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
+    if threshold.n_anomalous:
+        line += (f"; precision {threshold.precision:.4g}, recall {threshold.recall:.4g}, "
+                 f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} anomalies")
+    lines.append(line)
+    return lines
 
 
 def calibrate_model(

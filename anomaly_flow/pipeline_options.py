@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,10 +81,21 @@ def add_cost_options(parser: argparse.ArgumentParser) -> None:
     """``--cost-fp`` and ``--cost-fn`` (None when not given, which the ``cost`` method
     reads as 1): the costs it weighs. :func:`check_cost_options` refuses them with
     another method."""
-    parser.add_argument("--cost-fp", type=float, default=None,
+    parser.add_argument("--cost-fp", type=_cost, default=None,
                         help="cost of a false alarm (method cost; default 1)")
-    parser.add_argument("--cost-fn", type=float, default=None,
+    parser.add_argument("--cost-fn", type=_cost, default=None,
                         help="cost of a missed anomaly (method cost; default 1)")
+
+
+def _cost(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
 
 
 def check_cost_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -108,13 +120,13 @@ def add_device_option(parser: argparse.ArgumentParser, *,
 
 def add_loader_options(parser: argparse.ArgumentParser) -> None:
     """``--batch-size`` (default 256) and ``--workers`` (default 0) for scoring folders."""
-    parser.add_argument("--batch-size", type=_at_least(1), default=256,
+    parser.add_argument("--batch-size", type=at_least(1), default=256,
                         help="images per forward pass")
-    parser.add_argument("--workers", type=_at_least(0), default=0,
+    parser.add_argument("--workers", type=at_least(0), default=0,
                         help="DataLoader worker processes decoding images")
 
 
-def _at_least(low: int) -> Callable[[str], int]:
+def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: a whole number no smaller than ``low``."""
     def parse(text: str) -> int:
         try:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
-    from anomaly_flow.evaluation import calibrate_model
+    from anomaly_flow.evaluation import calibrate_model, calibration_summary
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1
-    print(f"model: {outcome.model_uri}")
-    print(f"threshold: {outcome.threshold!r} ({outcome.calibration.score_name}, {args.method})")
-    print(f"run: {outcome.run_id}")
+    for line in calibration_summary(outcome):
+        print(line)
+    print(f"run: {outcome.run_id}" + ("; alias 'champion' moved" if outcome.promoted else ""))
     return 0
 
 

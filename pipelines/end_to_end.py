@@ -11,7 +11,10 @@ child run ids.
 
 Data: either four folders (``--train``, ``--calibration``, ``--test-normal``,
 ``--test-anomalous``), or ``--sample DIR``, which writes the Fashion-MNIST sample shipped
-with the package into ``DIR`` (``--limit`` caps each folder, for quick runs).
+with the package into ``DIR`` (``--limit`` caps each folder, for quick runs). ``DIR`` must
+be new, empty, or a folder the sample was written to before, which is then replaced. A
+calibration folder that shares images with the training folder is refused before
+training when too few held-out images would be left.
 
 Example:
     python pipelines/end_to_end.py --name sneakers --sample /tmp/sneakers --preset tiny \\
@@ -36,6 +39,7 @@ from anomaly_flow.pipeline_options import (
     add_name_option,
     add_score_option,
     add_target_fpr_option,
+    at_least,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -82,7 +86,12 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     """
     # imported here: the script's --help and option errors answer without loading them
     from anomaly_flow import tracking
-    from anomaly_flow.evaluation import calibrate_model, evaluate_model, precheck_calibration
+    from anomaly_flow.evaluation import (
+        calibrate_model,
+        evaluate_model,
+        precheck_calibration,
+        precheck_held_out,
+    )
     from anomaly_flow.train import TrainingError
 
     config_path = Path(config_name)
@@ -91,6 +100,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     config = config.replace(epochs=epochs)
     # what calibrating would refuse, refused before hours of training
     precheck_calibration(folders["calibration"], None, score=score, target_fpr=target_fpr)
+    precheck_held_out(folders["train"], folders["calibration"], target_fpr)
     tracking.configure(mlruns)
     params = {"name": name, "config": config_name, "epochs": config.train.epochs,
               "target_fpr": target_fpr, "score": score or "default", "promote": promote,
@@ -127,8 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
     add_name_option(parser)
     parser.add_argument("--sample", type=Path, default=None,
-                        help="write the shipped sample here and use it as the data")
-    parser.add_argument("--limit", type=int, default=None,
+                        help="write the shipped sample here (a new or empty folder, or an "
+                             "earlier sample's, which is replaced) and use it as the data")
+    parser.add_argument("--limit", type=at_least(1), default=None,
                         help="with --sample: at most this many images per folder")
     parser.add_argument("--train", type=Path, help="folder of normal training images")
     parser.add_argument("--calibration", type=Path, help="folder of held-out normal images")
@@ -168,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly_flow.data import write_sample_folders
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.sample is not None:
-        folders = write_sample_folders(args.sample, args.limit)
-    else:
-        folders = {"train": args.train, "calibration": args.calibration,
-                   "test_normal": args.test_normal, "test_anomalous": args.test_anomalous}
     try:
+        if args.sample is not None:
+            folders = write_sample_folders(args.sample, args.limit)
+        else:
+            folders = {"train": args.train, "calibration": args.calibration,
+                       "test_normal": args.test_normal, "test_anomalous": args.test_anomalous}
         result = run_pipeline(
             args.name, folders, config_name=args.preset, epochs=args.epochs,
             target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,

@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --register conformal needs --target-fpr", file=sys.stderr)
         return 2
     try:
+        # the labelled methods' checks, and with --target-fpr the conformal row's size
         precheck_calibration(args.normal, args.anomalous, score=args.score,
-                             method="f1")  # the labelled methods' checks
+                             method="f1" if args.target_fpr is None else "conformal",
+                             target_fpr=args.target_fpr)
         loaded = open_model(args.model, args.device, args.mlruns)
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = leave_out_training_images(
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_name=f"select-threshold-{args.register}",
             )
             print(f"registered {outcome.model_uri} with the {args.register} threshold "
-                  f"{outcome.threshold!r} (run {outcome.run_id})")
+                  f"{outcome.threshold!r} (run {outcome.run_id})"
+                  + ("; alias 'champion' moved to it" if outcome.promoted else ""))
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1

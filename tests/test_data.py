@@ -497,6 +497,29 @@ def test_shipped_sample() -> None:
     }
 
 
+def test_sample_folders_replace_an_earlier_sample_and_leave_other_folders_alone(
+        tmp_path: Path) -> None:
+    root = tmp_path / "sample"
+    folders = data.write_sample_folders(root, limit=12)
+    assert len(find_images(folders["train"])) == 12
+    assert len(find_images(folders["test_anomalous"])) == 12
+    again = data.write_sample_folders(root, limit=5)  # a smaller sample, none of the first
+    assert {key: len(find_images(path)) for key, path in again.items()} == {
+        "train": 5, "calibration": 5, "test": 10, "test_normal": 5, "test_anomalous": 5}
+
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "photo.png").write_bytes(b"someone's image")
+    with pytest.raises(data.DataError, match=r"mine is not empty, and the sample goes into a "
+                                             r"new or empty folder .* give another folder"):
+        data.write_sample_folders(own)
+    assert [p.name for p in own.iterdir()] == ["photo.png"]
+    with pytest.raises(data.DataError, match="is a file, not a folder"):
+        data.write_sample_folders(own / "photo.png")
+    with pytest.raises(ValueError, match="limit must be at least 1 image per folder, not 0"):
+        data.write_sample_folders(tmp_path / "new", limit=0)
+
+
 # --------------------------------------------------------------------------- bookkeeping
 
 

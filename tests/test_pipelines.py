@@ -73,7 +73,10 @@ def test_end_to_end_logs_a_parent_run_with_three_nested_runs(
             "--anomalous", image_dirs.test_anomalous, "--method", "cost", "--cost-fn", "3",
             "--device", "cpu", "--mlruns", mlruns]
     assert calibrate.main([str(a) for a in argv]) == 0
-    assert "model: models:/e2e/3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model: models:/e2e/3" in out
+    assert "threshold: " in out and "(ensemble, cost)" in out
+    assert "alias 'champion' moved" not in out
     loaded = tracking.load_model("models:/e2e/3")
     normal = score_folder_table(loaded.model, image_dirs.calibration).values("ensemble")
     anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous).values("ensemble")
@@ -224,7 +227,44 @@ def test_end_to_end_refuses_what_calibrating_would_before_training(
         assert end_to_end.main([str(a) for a in [*folders, *extra]]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+    # calibrating on the training folder is refused after training: here, before it
+    folders[3] = image_dirs.train
+    assert end_to_end.main([str(a) for a in [*folders, "--target-fpr", "0.1"]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    n = len(list(image_dirs.train.iterdir()))
+    assert len(err) == 1 and f"{n} of the {n} images in {image_dirs.train} are also in the " \
+        f"training folder {image_dirs.train} (same content), which leaves 0 held-out " \
+        "images" in err[0], err
     assert not store.exists()  # nothing trained, logged or registered
+
+
+def test_end_to_end_refuses_a_sample_folder_with_other_contents_and_a_limit_below_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    end_to_end = load_script("end_to_end")
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = ["--name", "e", "--sample", str(tmp_path), "--mlruns", str(tmp_path / "store")]
+    assert end_to_end.main(argv) == 1
+    assert "is not empty, and the sample goes into a new or empty folder" \
+        in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    for limit in ("0", "-5"):
+        with pytest.raises(SystemExit) as exit_info:
+            end_to_end.parse_args([*argv, "--limit", limit])
+        assert exit_info.value.code == 2
+        assert f"argument --limit: {limit} is below 1" in capsys.readouterr().err
+
+
+def test_select_threshold_refuses_a_conformal_row_it_cannot_fill_before_scoring(
+        image_dirs: ImageDirs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The folder is too small for --target-fpr: said before any model is loaded (this
+    one does not exist) or any image is scored."""
+    argv = ["--model", "models:/never-trained@candidate", "--normal", image_dirs.calibration,
+            "--anomalous", image_dirs.test_anomalous, "--target-fpr", "1e-300",
+            "--mlruns", tmp_path / "store"]
+    assert load_script("select_threshold").main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least 1e+300 held-out normal images for a " \
+        "false-positive rate of 1e-300" in err[0], err
 
 
 def test_select_threshold_refuses_an_unknown_score_in_one_line(
@@ -242,6 +282,12 @@ def test_select_threshold_refuses_an_unknown_score_in_one_line(
 @pytest.mark.parametrize(("script", "argv", "expected"), [
     ("calibrate", ["--target-fpr", "0.1", "--cost-fp", "5"],
      "--cost-fp and --cost-fn only apply to the cost method"),
+    ("calibrate", ["--method", "cost", "--cost-fn", "inf"],
+     "argument --cost-fn: inf is not a finite number >= 0"),
+    ("select_threshold", ["--anomalous", "x", "--cost-fp", "nan"],
+     "argument --cost-fp: nan is not a finite number >= 0"),
+    ("select_threshold", ["--anomalous", "x", "--cost-fp", "-1"],
+     "argument --cost-fp: -1 is not a finite number >= 0"),
     ("calibrate", ["--target-fpr", "0.1", "--batch-size", "0"], "0 is below 1"),
     ("calibrate", ["--target-fpr", "0.1", "--workers", "-1"], "-1 is below 0"),
     ("select_threshold", ["--anomalous", "x", "--promote"],

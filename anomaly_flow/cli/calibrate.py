@@ -9,6 +9,7 @@ group's log handler writes to stderr; the commands do not repeat them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,13 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
     return func
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A cost must be a finite number (FloatRange lets inf and nan through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number >= 0")
+    return value
+
+
 @main.command()
 @click.option("--model", "model", type=MODEL_URI, required=True, metavar="URI",
               help="The registered model to calibrate: models:/NAME@ALIAS (e.g. @candidate), "
@@ -65,9 +73,9 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
 @click.option("--method", type=click.Choice(METHODS), default="conformal", show_default=True,
               help="conformal: threshold for --target-fpr from normal images alone; f1, "
                    "youden, cost: from labelled anomalies (--anomalous).")
-@click.option("--cost-fp", type=click.FloatRange(min=0), default=None,
+@click.option("--cost-fp", type=click.FloatRange(min=0), default=None, callback=_finite,
               help="Cost of one false alarm (--method cost) [default: 1].")
-@click.option("--cost-fn", type=click.FloatRange(min=0), default=None,
+@click.option("--cost-fn", type=click.FloatRange(min=0), default=None, callback=_finite,
               help="Cost of one missed anomaly (--method cost) [default: 1].")
 @click.option("--promote", is_flag=True, help="Move alias 'champion' to the new version.")
 @device_option
@@ -109,7 +117,7 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         raise click.BadParameter(f"must be between 0 and 1 (e.g. 0.01), got {target_fpr}.",
                                  param_hint="--target-fpr")
 
-    from anomaly_flow.evaluation import calibrate_model
+    from anomaly_flow.evaluation import calibrate_model, calibration_summary
 
     outcome = calibrate_model(
         model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
@@ -117,22 +125,8 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         promote=promote, device=device,
         batch_size=batch_size, workers=workers, mlruns=mlruns,
     )
-    calibration = outcome.calibration
-    threshold = calibration.threshold
-    click.echo(f"model: {outcome.model_uri}")
-    selection = calibration.score_selection
-    if selection is not None:
-        aurocs = ", ".join(f"{name} {value:.4f}" for name, value in selection.auroc.items())
-        click.echo(f"score: {calibration.score_name} ({selection.rule}: {aurocs}; on "
-                   f"{selection.n_normal} normal and {selection.n_anomalous} anomalous images, "
-                   "the same that chose it, so optimistic)")
-    click.echo(f"threshold: {threshold.value} ({calibration.score_name}, {method}"
-               + (f", target FPR {target_fpr:g}" if target_fpr is not None else "") + ")")
-    line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
-    if threshold.n_anomalous:
-        line += (f"; precision {threshold.precision:.4g}, recall {threshold.recall:.4g}, "
-                 f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} anomalies")
-    click.echo(line)
+    for line in calibration_summary(outcome):
+        click.echo(line)
     click.echo(f"run: {outcome.run_id}" + ("; alias 'champion' moved" if outcome.promoted else ""),
                err=True)
 
