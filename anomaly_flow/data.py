@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import errno
 import gzip
 import hashlib
@@ -105,7 +106,9 @@ def find_images(root: Path) -> list[Path]:
     without read permission and names that are not valid UTF-8 are all listed, so that
     scoring gives them a row with an error. Symlinked folders are followed, each real
     folder at most once, so a link to a parent folder cannot cause an endless walk.
-    Folders that cannot be listed are logged as warnings.
+    Folders that cannot be listed, and files left out for their extension (an image
+    saved as ``.heic``, say; hidden files and ``Thumbs.db`` aside), are logged as
+    warnings, once per folder and tally.
 
     Args:
         root: The folder to search recursively.
@@ -130,12 +133,19 @@ def find_images(root: Path) -> list[Path]:
     # (relative path as bytes, folder, name): strings until the end, since a folder of
     # 50,000 images would otherwise spend most of the search building Path objects
     found: list[tuple[bytes, str, str]] = []
+    others: collections.Counter[str] = collections.Counter()  # left out, by extension
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
         dirnames[:] = [d for d in dirnames if _enter(Path(dirpath, d), real_dirs, seen_dirs)]
         below = os.path.relpath(dirpath, root)
         prefix = "" if below == os.curdir else below + os.sep
-        found.extend((os.fsencode(prefix + f), dirpath, f) for f in filenames
-                     if _suffix(f).lower() in IMAGE_EXTENSIONS)
+        for f in filenames:
+            suffix = _suffix(f).lower()
+            if suffix in IMAGE_EXTENSIONS:
+                found.append((os.fsencode(prefix + f), dirpath, f))
+            elif not f.startswith(".") and f.lower() not in _NOT_DATA:
+                others[suffix or "no extension"] += 1
+    if others:
+        _warn_left_out(root, others)
     for exc in walk_errors:
         where = display_path(exc.filename or root)
         if Path(exc.filename or root) == root:
@@ -152,6 +162,27 @@ def find_images(root: Path) -> list[Path]:
         )
     found.sort(key=lambda item: item[0])
     return [Path(folder, name) for _, folder, name in found]
+
+
+_NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})
+"""Files an operating system leaves in image folders (with hidden files, never counted)."""
+
+_LEFT_OUT_WARNED: set[tuple[str, tuple[tuple[str, int], ...]]] = set()
+
+
+def _warn_left_out(root: Path, others: collections.Counter[str]) -> None:
+    """Say once per folder and tally which files :func:`find_images` leaves out."""
+    tally = tuple(sorted(others.items(), key=lambda item: (-item[1], item[0])))
+    key = (os.path.abspath(root), tally)
+    if key in _LEFT_OUT_WARNED:
+        return
+    _LEFT_OUT_WARNED.add(key)
+    shown = ", ".join(f"{suffix} {n}" for suffix, n in tally[:6])
+    more = f", and {len(tally) - 6} other kinds" if len(tally) > 6 else ""
+    logger.warning("%d file(s) under %s are left out: their extensions are not of images "
+                   "anomaly-flow reads (%s%s; it reads %s); convert or rename any images "
+                   "among them", sum(others.values()), display_path(root), shown, more,
+                   " ".join(sorted(IMAGE_EXTENSIONS)))
 
 
 def _suffix(name: str) -> str:

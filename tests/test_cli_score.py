@@ -273,3 +273,22 @@ def test_sigterm_to_the_process_group_stops_workers_without_a_traceback(
     assert process.returncode == 143, stderr  # 128 + SIGTERM, as a shell reports it
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert "run the same command with --resume" in stderr
+
+
+def test_a_stop_before_any_row_says_to_run_again(model_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing was written, so there is nothing to --resume from: say so."""
+    from anomaly_flow import scoring
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    from anomaly_flow.data import write_image_folder
+
+    write_image_folder(sample_images(3), folder, "x-")
+    monkeypatch.setattr(scoring, "score_folder", stopped)
+    result = run("score", folder, "--model", model_dir, "--out", out)
+    assert result.exit_code == 130
+    assert result.stderr.strip() == (f"interrupted before any row was written to {out}; run "
+                                     "the same command again")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -368,6 +369,25 @@ def test_find_images_extensions_and_order(tmp_path: Path) -> None:
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
     assert found == sorted(names)
     assert find_images(tmp_path) == find_images(tmp_path)
+
+
+def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An image in a format it does not read (HEIC, say) is not silently dropped; hidden
+    files and the files operating systems leave in folders are not worth a word."""
+    save(rgb_pattern(8, 8), tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    for name in ("sub/photo.heic", "sub/other.HEIC", "notes.txt", "README", ".DS_Store",
+                 "Thumbs.db", "sub/desktop.ini"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.data"):
+        assert find_images(tmp_path) == [tmp_path / "a.png"]
+        find_images(tmp_path)  # the same folder again: said once
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"4 file(s) under {tmp_path} are left out: their extensions "
+                              "are not of images anomaly-flow reads (.heic 2, .txt 1, no "
+                              "extension 1; it reads .bmp .gif .jpeg .jpg .png .tif .tiff "
+                              ".webp); convert or rename any images among them")
 
 
 def test_find_images_survives_a_symlinked_folder_loop(tmp_path: Path) -> None:

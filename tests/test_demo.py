@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -25,6 +30,9 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "models:/fashion-sneaker@champion" in result.output
     assert "mlflow ui --backend-store-uri sqlite:///" in result.output
+    db = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
+    assert f"serve:    MLFLOW_TRACKING_URI={db} mlflow models serve -m " \
+        "models:/fashion-sneaker@champion --env-manager local -p 5001" in result.output
     # each stage says so without -v: no progress bar shows outside a terminal
     for stage in ("writing the sample images", "training preset 'tiny'", "calibrating at 1%",
                   "scoring", "evaluating every score type"):
@@ -64,3 +72,27 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert evaluated["n_anomalous"] == sample.test_is_anomaly.sum()
     assert f"AUROC {evaluated['ensemble_auroc']:.4f}" in result.output
     assert by_name["evaluate"].info.run_id in page
+
+
+@pytest.mark.slow
+def test_a_stopped_demo_ends_its_run_and_says_how_to_go_on(tmp_path: Path) -> None:
+    """SIGTERM mid-training, as a scheduler stops a job: a message and SIGTERM's status,
+    and the MLflow run ends KILLED instead of staying RUNNING."""
+    out = tmp_path / "demo"
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anomaly_flow", "demo", "--out", str(out), "--preset", "tiny",
+         "--epochs", "50", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    checkpoints = out / "mlruns" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not checkpoints.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until training has started
+    assert process.poll() is None, "the demo ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert f"demo interrupted; run it again to start over (it rewrites {out})" in stderr
+    assert "Traceback" not in stderr, stderr
+    tracking.configure(out / "mlruns")
+    (run,) = mlflow.search_runs(experiment_names=["fashion-sneaker"], output_format="list")
+    assert run.info.status == "KILLED"

@@ -10,6 +10,7 @@ import click
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import user_errors
 from anomaly_flow.config import PRESETS
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 
 @main.command(epilog="""\b
@@ -38,7 +39,13 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
 
     # minutes of work: say which stage runs, also where no progress bar shows (a pipe, CI)
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    result = run_demo(out, preset=preset, device=device, epochs=epochs)
+    try:
+        with sigterm_as_interrupt():  # a stop ends the MLflow run as KILLED, not RUNNING
+            result = run_demo(out, preset=preset, device=device, epochs=epochs)
+    except KeyboardInterrupt as stop:
+        click.echo(f"demo interrupted; run it again to start over (it rewrites {out})",
+                   err=True)
+        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
     db = result.tracking_uri
     click.echo(f"model:    {result.model_uri}  (threshold {result.threshold:.4f})")
     click.echo(f"AUROC {result.auroc:.4f}; on the test set the threshold flags "
@@ -47,3 +54,5 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
     click.echo(f"heatmaps: {result.heatmaps}")
     click.echo(f"report:   {result.report_html}")
     click.echo(f"MLflow:   mlflow ui --backend-store-uri {db}")
+    click.echo(f"serve:    MLFLOW_TRACKING_URI={db} mlflow models serve -m "
+               f"{result.model_uri} --env-manager local -p 5001")

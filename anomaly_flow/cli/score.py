@@ -71,8 +71,9 @@ Examples:
 @click.option("--compile", "compile_model", is_flag=True,
               help="Compile the model (torch.compile) first: about twice the images/s on "
                    "a CPU for big folders, after tens of seconds of compiling. The same "
-                   "float32 sums in another order: each score moves by a few millionths "
-                   "of its size (up to ~2e-6 relative; a table started without it can be "
+                   "float32 sums in another order: bpd moves by a few millionths of its "
+                   "size, scores that are differences (complexity, coarse_complexity, "
+                   "ensemble) by up to a few 1e-5 (a table started without it can be "
                    "resumed with it, and the reverse). Scores without it, with a warning, "
                    "where compiling fails.")
 @click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -116,7 +117,8 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
             )
     except KeyboardInterrupt as stop:
         click.echo("interrupted; run the same command with --resume to score the files "
-                   f"not yet in {out}", err=True)
+                   f"not yet in {out}" if out.exists() else "interrupted before any row "
+                   f"was written to {out}; run the same command again", err=True)
         raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
 
     if summary.n_failed:
