@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+logger = logging.getLogger(__name__)
 
 Coupling = Literal["affine", "additive"]
 InvConv = Literal["lu", "plain"]
@@ -270,7 +273,15 @@ def load_config(path: str | Path) -> RunConfig:
     if data == {}:
         raise ConfigError(f"config file {path} is empty; give at least a [model] or [train] "
                           "table (see the presets in anomaly_flow/presets/).")
-    return RunConfig.from_dict(data)
+    config = RunConfig.from_dict(data)
+    if isinstance(data, dict) and "model" not in data:
+        m = config.model
+        logger.warning("%s has no [model] table, so the model is the default one: %d×%d "
+                       "%s, L=%d, K=%d, %d channels, slow to train on a CPU; copy the [model] "
+                       "table of a preset (anomaly_flow/presets/) to choose", path,
+                       m.image_size, m.image_size, "grey" if m.in_channels == 1 else "RGB",
+                       m.levels, m.steps_per_level, m.hidden_channels)
+    return config
 
 
 def load_preset(name: str) -> RunConfig:

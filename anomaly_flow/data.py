@@ -66,6 +66,7 @@ FASHION_MNIST_CLASSES = (
 
 _CHANNELS = {"L": 1, "RGB": 3}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_GREY_MODES = frozenset({"1", "L", "LA", "F", *_SIXTEEN_BIT_MODES})
 _UNIDENTIFIED = "cannot identify image file (not an image or unsupported format)"
 
 
@@ -309,6 +310,45 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
         img = img.resize((size, size), resample=RESAMPLE)
     array = np.array(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
+                     sample: int = 64) -> list[str]:
+    """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
+    of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
+    colour defect), and detail lost when most of them are larger than ``size``. Files that
+    cannot be read are passed over (training counts them)."""
+    step = max(1, len(paths) // sample)
+    checked, coloured = 0, 0
+    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
+    for path in list(paths)[::step][:sample]:
+        try:
+            with warnings.catch_warnings(), Image.open(path) as img:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                sizes[img.size] += 1
+                checked += 1
+                if mode == "L" and img.mode not in _GREY_MODES:
+                    img.draft("RGB", (64, 64))  # JPEG: decode at a fraction of the size
+                    small = img.convert("RGB")
+                    small.thumbnail((64, 64))
+                    rgb = np.asarray(small, dtype=np.int16)
+                    # chroma beyond a JPEG's rounding: colour, not grey stored as RGB
+                    coloured += int(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean() > 2)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    notes = []
+    if coloured:
+        notes.append(f"{coloured} of {checked} images looked at are in colour, and the model "
+                     "is grey (model.in_channels = 1): it sees them in grey and cannot tell "
+                     "colours apart; set in_channels = 3 in a --config for colour")
+    if sizes:
+        (width, height), n = sizes.most_common(1)[0]
+        if max(width, height) > size:
+            most = "all" if n == checked else "most"
+            notes.append(f"{most} images looked at are {width}×{height} pixels, resized to "
+                         f"{size}×{size} (model.image_size) for training and scoring: detail "
+                         "finer than that is lost; raise image_size in a --config to keep it")
+    return notes
 
 
 def _check_mode_size(mode: str, size: int) -> None:

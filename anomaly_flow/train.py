@@ -52,6 +52,7 @@ from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
     ImageItem,
+    conversion_notes,
     display_path,
     find_images,
     fingerprint_and_digests,
@@ -182,6 +183,8 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
             "validation bits/dim (a model is registered only with a finite one). Add more "
             "normal images to the folder."
         ) from None
+    for note in conversion_notes(paths, config.model.mode, config.model.image_size):
+        logger.warning("%s: %s", display_path(root), note)
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
     digest, digests = fingerprint_and_digests(paths, root)

@@ -5,6 +5,7 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from click.testing import CliRunner, Result
 from anomaly_flow import tracking
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
+from anomaly_flow.config import load_preset
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from tests.conftest import ImageDirs, corrupt_png, new_store, tiny_config
 from tests.test_pipelines import load_script
@@ -73,6 +75,10 @@ def test_help_shows_an_example() -> None:
      ["model name 'a@b' is invalid"]),
     (["{data}", "--name", "a" * 300, "--mlruns", "{store}", "--preset", "tiny"], 1,
      ["model name 'aaaaaaaaaa", "...' is invalid; use 1 to 200 characters"]),
+    (["{data}", "--name", "..", "--mlruns", "{store}", "--preset", "tiny"], 1,
+     ["model name '..' is invalid", "not starting with '.'", "MLflow refuses '.' and '..'"]),
+    (["{data}", "--name", "x", "--mlruns", "{blocked}", "--preset", "tiny"], 1,
+     ["{blocked}/checkpoints/x is a file, where the checkpoints of 'x' go; move it away"]),
     (["{data}", "--name", "x", "--mlruns", "{store}", "--config", "{no_val}"], 1,
      ["train.val_fraction is 0", "set train.val_fraction > 0"]),
 ])
@@ -85,12 +91,45 @@ def test_bad_input_gives_a_one_line_error(
     no_val = tmp_path / "no_val.toml"
     no_val.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
                       'hidden_channels = 16\n[train]\nval_fraction = 0.0\n')
+    (tmp_path / "blocked" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "blocked" / "checkpoints" / "x").write_text("not a folder")
     values = {"data": str(image_dirs.train), "empty": str(tmp_path / "empty"),
               "single": str(tmp_path / "single"), "store": str(tmp_path / "store"),
-              "no_val": str(no_val)}
+              "no_val": str(no_val), "blocked": str(tmp_path / "blocked")}
     result = invoke(*(arg.format(**values) for arg in args))
     assert_one_line_error(result, code, *(f.format(**values) for f in fragments))
     assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store
+
+
+def test_a_second_training_of_a_name_waits_its_turn(image_dirs: ImageDirs, mlruns: Path) -> None:
+    """Another terminal, or a scheduler's retry, would delete the running training's
+    checkpoints: while one holds the name's lock, the other is refused."""
+    import fcntl
+
+    (mlruns / "checkpoints").mkdir(parents=True)
+    lock = mlruns / "checkpoints" / ".busy.lock"
+    with open(lock, "w") as held:
+        held.write("pid 4242 on trainer-7\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = invoke(str(image_dirs.train), "--name", "busy", "--preset", "tiny",
+                        "--mlruns", str(mlruns))
+        assert_one_line_error(result, 1, "another training of 'busy' is running (pid 4242 on "
+                              f"trainer-7, holding {lock}); wait for it to end, or train under "
+                              "another --name")
+    assert not (mlruns / "checkpoints" / "busy").exists()
+
+
+def test_a_config_without_a_model_table_says_which_model_it_gets(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from anomaly_flow.config import load_config
+
+    config = tmp_path / "train-only.toml"
+    config.write_text("[train]\nepochs = 1\n")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.config"):
+        assert load_config(config).train.epochs == 1
+    assert f"{config} has no [model] table, so the model is the default one: 32×32 grey, " \
+        "L=3, K=32, 512 channels, slow to train on a CPU" in caplog.text
 
 
 def test_a_config_with_an_unknown_field_is_a_one_line_error(
@@ -193,6 +232,16 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     done = invoke(*common, "--epochs", "2", "--resume")
     assert_one_line_error(done, 1, "the training of 'cli-parts' already finished", "of 4 steps",
                           "resume with a larger --epochs")
+    tiny = load_preset("tiny")
+    wider = mlruns.parent / "wider.json"
+    wider.write_text(json.dumps(tiny.replace(epochs=3).to_dict() | {"model": {
+        **tiny.model.to_dict(), "hidden_channels": 2 * tiny.model.hidden_channels}}))
+    other_model = invoke(str(image_dirs.train), "--name", "cli-parts", "--config", str(wider),
+                         "--batch-size", "24", "--mlruns", str(mlruns), "--resume")
+    assert_one_line_error(other_model, 1, "the model configuration differs from the "
+                          f"checkpoint's (model.hidden_channels is "
+                          f"{2 * tiny.model.hidden_channels} but was "
+                          f"{tiny.model.hidden_channels}); resume with the same preset")
     fewer = invoke(*common, "--epochs", "1", "--resume")  # 4 steps done, 2 asked for
     assert_one_line_error(fewer, 1, "the checkpoint of 'cli-parts' is at step 4, past the 2 "
                           "steps of the 1 epoch(s) asked for; to go on, resume with --epochs 3 "
@@ -512,6 +561,10 @@ def test_a_store_failing_after_the_last_step_resumes_to_finish_logging(
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "candidate: models:/late@candidate" in resumed.stdout
+    run_id = dict(line.split(": ", 1) for line in resumed.stdout.splitlines())["run_id"]
+    for key in ("final_val_bpd", "final_train_bpd", "steps", "train_bpd"):
+        steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)  # none logged twice
     again = invoke(*common, "--resume")  # now concluded: nothing left to resume
     assert_one_line_error(again, 1, "the training of 'late' already finished")
 
@@ -557,3 +610,19 @@ def test_the_pipeline_script_says_where_to_resume_on_ctrl_c(
                         "--device", "cpu", "--mlruns", str(store)])
     assert code == 130
     assert "interrupted; no checkpoint was written yet" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_training_starts_exits_130_not_aborted(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the command still loads (its config, here), click's own answer would be
+    'Aborted!' and status 1."""
+    from anomaly_flow.cli import train as train_command
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "load_preset", ctrl_c)
+    result = invoke(str(image_dirs.train), "--name", "early", "--preset", "tiny",
+                    "--mlruns", str(mlruns))
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "interrupted"

@@ -29,6 +29,7 @@ from anomaly_flow.data import (
     DataError,
     ImageDecodeError,
     ImageFolderDataset,
+    conversion_notes,
     find_images,
     fingerprint,
     image_to_array,
@@ -369,6 +370,23 @@ def test_find_images_extensions_and_order(tmp_path: Path) -> None:
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
     assert found == sorted(names)
     assert find_images(tmp_path) == find_images(tmp_path)
+
+
+def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
+            tmp_path / f"colour-{i}.png")
+        grey = np.repeat(rng.integers(0, 256, (40, 30, 1), dtype=np.uint8), 3, axis=2)
+        Image.fromarray(grey).save(tmp_path / f"grey-as-rgb-{i}.jpg", quality=90)
+    paths = sorted(tmp_path.iterdir())
+    colour, size = conversion_notes(paths, "L", 16)
+    assert colour.startswith("4 of 8 images looked at are in colour, and the model is grey")
+    assert size.startswith("all images looked at are 30×40 pixels, resized to 16×16 "
+                           "(model.image_size)")
+    assert conversion_notes(paths, "RGB", 40) == []  # colour kept, nothing shrunk
+    greys = [p for p in paths if p.suffix == ".jpg"]  # grey stored as RGB JPEG: no colour
+    assert conversion_notes(greys, "L", 64) == []
 
 
 def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,

@@ -11,10 +11,14 @@ from its latest checkpoint, logging into the same MLflow run when the store stil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +121,12 @@ class _MetricLogger:
 
         return cls(run, checkpoint_every, last("train_bpd"), last("val_bpd"))
 
+    def has_value(self, key: str, step: int) -> bool:
+        """Whether the run's store already holds metric ``key`` at ``step``."""
+        self.run.flush()
+        history = mlflow.MlflowClient().get_metric_history(self.run.run_id, key)
+        return any(m.step == step for m in history)
+
     def __call__(self, event: TrainEvent) -> None:
         if event.kind == "step":
             if event.step > self.logged_steps:
@@ -145,12 +155,55 @@ def _read_run_state(folder: Path) -> dict[str, Any]:
         raise TrainingError(f"{path} is damaged ({exc}); train without --resume.") from None
 
 
+@contextlib.contextmanager
+def _training_lock(ckpt: Path, name: str) -> Iterator[None]:
+    """Hold ``<checkpoints>/.<folder>.lock`` while training ``name``: a second training of
+    the same name (another terminal, a scheduler's retry) would delete or take over the
+    checkpoints of the first. Where ``fcntl`` is missing (Windows) nothing is held."""
+    if ckpt.exists() and not ckpt.is_dir():
+        raise TrainingError(f"{ckpt} is a file, where the checkpoints of {name!r} go; move "
+                            "it away, or train under another --name")
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = ckpt.parent / f".{ckpt.name}.lock"
+    try:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 (held until the training ends)
+    except OSError as exc:
+        raise TrainingError(f"cannot use the checkpoint folder {ckpt.parent} ({exc.strerror}); "
+                            "check --mlruns and its permissions") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise TrainingError(
+                f"another training of {name!r} is running ({holder}, holding {path}); wait "
+                "for it to end, or train under another --name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _check_resumable(state: dict[str, Any], config: RunConfig, fingerprint: str) -> None:
     """Refuse a resume that would not continue the same training."""
     before = RunConfig.from_dict(state["config"])
     if before.model != config.model:
-        raise TrainingError("the model configuration differs from the checkpoint's; resume "
-                            "with the same preset or config file, or train without --resume.")
+        differ = [f"model.{f.name} is {getattr(config.model, f.name)!r} but was "
+                  f"{getattr(before.model, f.name)!r}" for f in dataclasses.fields(config.model)
+                  if getattr(config.model, f.name) != getattr(before.model, f.name)]
+        raise TrainingError(f"the model configuration differs from the checkpoint's "
+                            f"({'; '.join(differ)}); resume with the same preset or config "
+                            "file, or train without --resume.")
     changed = [f"train.{f} is {getattr(config.train, f)!r} but was "
                f"{getattr(before.train, f)!r}" for f in _RESUME_MUST_MATCH
                if getattr(before.train, f) != getattr(config.train, f)]
@@ -298,12 +351,13 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrackingError: The tracking store cannot be used.
     """
     if (not name or len(name) > MAX_NAME_LENGTH or any(c in name for c in "/:@")
-            or any(c.isspace() for c in name)):
+            or any(c.isspace() for c in name) or name.startswith(".")):
         shown = name if len(name) <= 60 else f"{name[:57]}..."
         raise TrainingError(
             f"model name {shown!r} is invalid; use 1 to {MAX_NAME_LENGTH} characters "
-            "without spaces, '/', ':' or '@' (model URIs such as models:/NAME@candidate "
-            "could not name it), e.g. --name bottle-caps.")
+            "without spaces, '/', ':' or '@', not starting with '.' (model URIs such as "
+            "models:/NAME@candidate could not name it, and MLflow refuses '.' and '..'), "
+            "e.g. --name bottle-caps.")
     if config.train.val_fraction == 0:
         raise TrainingError(
             "train.val_fraction is 0, so there would be no validation images to check the "
@@ -317,110 +371,118 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         train(config, folder.train, folder.val, device=device,
               checkpoint_dir=ckpt if resume else None, resume=resume, progress=False)
         return None
-    previous_run, state = None, {}
-    if resume:
-        state = _read_run_state(ckpt)
-        _check_owner(state, name, ckpt)
-        _check_resumable(state, config, folder.fingerprint)
-        _check_unfinished(ckpt, config, len(folder.train), name, state)
-    elif (ckpt / RUN_STATE_FILE).is_file():
-        earlier: dict[str, Any] = {}
-        with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
-            earlier = _read_run_state(ckpt)
-        _check_owner(earlier, name, ckpt)
-    configure(mlruns)
-    if resume:
-        previous_run = _reusable_run(state.get("run_id"), name)
-        recorded = state.get("tracking_uri")
-        if previous_run is None and recorded and recorded != mlflow.get_tracking_uri():
-            raise TrainingError(
-                f"the training of {name!r} was logged to {recorded} (run "
-                f"{state.get('run_id')}), not to {mlflow.get_tracking_uri()}; resume it where "
-                f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
-                "or drop --resume to start afresh here")
-        if previous_run is None:
-            logger.warning("the run %s of the checkpoint is not in %s; logging the resumed "
-                           "training as a new run", state.get("run_id"), mlflow.get_tracking_uri())
-    elif ckpt.exists():
-        if (latest := latest_checkpoint(ckpt)) is not None:
-            logger.warning("starting afresh: deleting the earlier training's checkpoints in "
-                           "%s (the latest, %s, could go on with --resume)", ckpt, latest.name)
-        shutil.rmtree(ckpt)
+    with _training_lock(ckpt, name):  # one training of a name at a time
+        previous_run, state = None, {}
+        earlier: dict[str, Any] = {}  # the record of a training this one replaces
+        if resume:
+            state = _read_run_state(ckpt)
+            _check_owner(state, name, ckpt)
+            _check_resumable(state, config, folder.fingerprint)
+            _check_unfinished(ckpt, config, len(folder.train), name, state)
+        elif (ckpt / RUN_STATE_FILE).is_file():
+            with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
+                earlier = _read_run_state(ckpt)
+            _check_owner(earlier, name, ckpt)
+        configure(mlruns)
+        if resume:
+            previous_run = _reusable_run(state.get("run_id"), name)
+            recorded = state.get("tracking_uri")
+            if previous_run is None and recorded and recorded != mlflow.get_tracking_uri():
+                raise TrainingError(
+                    f"the training of {name!r} was logged to {recorded} (run "
+                    f"{state.get('run_id')}), not to {mlflow.get_tracking_uri()}; resume it where "
+                    f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
+                    "or drop --resume to start afresh here")
+            if previous_run is None:
+                logger.warning("the run %s of the checkpoint is not in %s; logging the "
+                               "resumed training as a new run", state.get("run_id"),
+                               mlflow.get_tracking_uri())
+        elif ckpt.exists():
+            if (latest := latest_checkpoint(ckpt)) is not None:
+                could = ("was the finished model" if earlier.get("concluded")
+                         else "could go on with --resume")
+                logger.warning("starting afresh: deleting the earlier training's checkpoints "
+                               "in %s (the latest, %s, %s)", ckpt, latest.name, could)
+            shutil.rmtree(ckpt)
 
-    data_root = Path(data).resolve()
-    tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
-                            "data_folder": display_path(data_root), "model_name": name,
-                            "command": "train", "device": dev.type,
-                            "precision": "bf16" if uses_bf16(config, dev) else "float32"}
-    if commit := git_commit():
-        tags["git_commit"] = commit
-    if resume:
-        tags["resumed"] = "true"
-        if previous_run is None:
-            tags["resumed_from_run_id"] = state.get("run_id", "unknown")
-    with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
-                   run_id=previous_run, nested=nested) as run:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        record = {"model_name": name, "run_id": run.run_id,
-                  "tracking_uri": mlflow.get_tracking_uri(),
-                  "data_fingerprint": folder.fingerprint,
-                  "data_folder": display_path(data_root), "config": config.to_dict(),
-                  "concluded": False}  # True once the model is logged and registered
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
-        params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
-                  "data.n_train": len(folder.train),
-                  "data.n_val": len(folder.val) if folder.val is not None else 0}
-        _log_params(run, params, resumed=previous_run is not None)
-        run.log_dict(config.to_dict(), "config.json")
-        run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
+        data_root = Path(data).resolve()
+        tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
+                                "data_folder": display_path(data_root), "model_name": name,
+                                "command": "train", "device": dev.type,
+                                "precision": "bf16" if uses_bf16(config, dev) else "float32"}
+        if commit := git_commit():
+            tags["git_commit"] = commit
+        if resume:
+            tags["resumed"] = "true"
+            if previous_run is None:
+                tags["resumed_from_run_id"] = state.get("run_id", "unknown")
+        with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
+                       run_id=previous_run, nested=nested) as run:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            record = {"model_name": name, "run_id": run.run_id,
+                      "tracking_uri": mlflow.get_tracking_uri(),
+                      "data_fingerprint": folder.fingerprint,
+                      "data_folder": display_path(data_root), "config": config.to_dict(),
+                      "concluded": False}  # True once the model is logged and registered
+            (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
+            params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
+                      "data.n_train": len(folder.train),
+                      "data.n_val": len(folder.val) if folder.val is not None else 0}
+            _log_params(run, params, resumed=previous_run is not None)
+            run.log_dict(config.to_dict(), "config.json")
+            run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
 
-        every = config.train.checkpoint_every
-        metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
-                   else _MetricLogger(run, every))
-        result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
-                       resume=resume, callback=metrics, progress=progress)
-        run.log_metrics({"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
-                         "steps": float(result.steps)}, step=result.steps)
-        run.flush()
+            every = config.train.checkpoint_every
+            metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
+                       else _MetricLogger(run, every))
+            result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
+                           resume=resume, callback=metrics, progress=progress)
+            finals = {"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
+                      "steps": float(result.steps)}
+            if previous_run is not None:  # a resume that only finishes the logging
+                finals = {key: value for key, value in finals.items()
+                          if not metrics.has_value(key, result.steps)}
+            run.log_metrics(finals, step=result.steps)
+            run.flush()
 
-        if result.samples.size:
-            run.log_image(result.samples, "samples.png")
-        run.log_figure(curves_figure(run.run_id), "training_curves.png")
-        if result.failed_files:
-            lines = _failed_files_report(result.failed_files)
-            run.log_text("\n".join(lines) + "\n", "failed_files.txt")
-            run.set_tags({"failed_files": len(lines),
-                          "failed_files_examples": "; ".join(lines[:3]).replace("\t", ": ")})
-            logger.warning("%d training file(s) could not be decoded and were skipped; see "
-                           "failed_files.txt in run %s", len(lines), run.run_id)
+            if result.samples.size:
+                run.log_image(result.samples, "samples.png")
+            run.log_figure(curves_figure(run.run_id), "training_curves.png")
+            if result.failed_files:
+                lines = _failed_files_report(result.failed_files)
+                run.log_text("\n".join(lines) + "\n", "failed_files.txt")
+                run.set_tags({"failed_files": len(lines),
+                              "failed_files_examples": "; ".join(lines[:3]).replace("\t", ": ")})
+                logger.warning("%d training file(s) could not be decoded and were skipped; see "
+                               "failed_files.txt in run %s", len(lines), run.run_id)
 
-        logged_uri = log_model(run, result.model, None)
-        diverged = 2 * result.skipped_steps > result.steps
-        if math.isfinite(result.val_bpd) and not diverged:
-            version = register_model(logged_uri, name, alias=CANDIDATE, tags={
-                "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
-                "val_bpd": repr(result.val_bpd)})
-            run.set_tags({"registered_version": version})
-            model_uri = f"models:/{name}/{version}"
-            message = (f"registered {model_uri} with alias {CANDIDATE} "
-                       f"(validation bits/dim {result.val_bpd:.4f})")
-        else:
-            version, model_uri = None, logged_uri
-            reason = (_not_registered_reason(result.val_bpd, folder) if not diverged else
-                      f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
-                      "non-finite loss or gradient: training diverged; lower lr or raise "
-                      "warmup_steps")
-            run.set_tags({"registered_version": "none", "not_registered_reason": reason})
-            message = f"model not registered: {reason}"
-            logger.warning(message)
-        if result.skipped_steps and not diverged:
-            message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
-                        "non-finite loss or gradient")
-        if result.failed_files:
-            message += f"; {len(result.failed_files)} training file(s) could not be decoded"
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
-                                                      indent=2))
-    return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+            logged_uri = log_model(run, result.model, None)
+            diverged = 2 * result.skipped_steps > result.steps
+            if math.isfinite(result.val_bpd) and not diverged:
+                version = register_model(logged_uri, name, alias=CANDIDATE, tags={
+                    "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
+                    "val_bpd": repr(result.val_bpd)})
+                run.set_tags({"registered_version": version})
+                model_uri = f"models:/{name}/{version}"
+                message = (f"registered {model_uri} with alias {CANDIDATE} "
+                           f"(validation bits/dim {result.val_bpd:.4f})")
+            else:
+                version, model_uri = None, logged_uri
+                reason = (_not_registered_reason(result.val_bpd, folder) if not diverged else
+                          f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
+                          "non-finite loss or gradient: training diverged; lower lr or raise "
+                          "warmup_steps")
+                run.set_tags({"registered_version": "none", "not_registered_reason": reason})
+                message = f"model not registered: {reason}"
+                logger.warning(message)
+            if result.skipped_steps and not diverged:
+                message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
+                            "non-finite loss or gradient")
+            if result.failed_files:
+                message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+            (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
+                                                          indent=2))
+        return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
 def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
