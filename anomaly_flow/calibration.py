@@ -63,6 +63,7 @@ Example:
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 from collections.abc import Mapping
@@ -623,7 +624,9 @@ def conformal_p_values(calibration_scores: ArrayLike, scores: ArrayLike) -> np.n
 def count_text(n: int) -> str:
     """A count for a message: exact, or rounded past a billion (an α of 1e-300 would
     otherwise print a 300-digit number of images)."""
-    return str(n) if n <= 10**9 else f"{float(n):.3g}"
+    if n <= 10**9:
+        return str(n)
+    return f"{decimal.Decimal(n):.3g}".replace(".00e", "e")  # no float: n may pass 1e308
 
 
 def _refusal(n: int, alpha: float) -> CalibrationError:

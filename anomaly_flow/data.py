@@ -316,39 +316,54 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      sample: int = 64) -> list[str]:
     """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
     of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
-    colour defect), and detail lost when most of them are larger than ``size``. Files that
-    cannot be read are passed over (training counts them)."""
+    colour defect; judged on the first 16 colour-mode images), and detail lost when most
+    of them are larger than ``size``. Only regular files within the pixel limit are looked
+    at; others are passed over (training reports them)."""
     step = max(1, len(paths) // sample)
-    checked, coloured = 0, 0
-    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
+    checked, coloured, judged = 0, 0, 0
+    larger: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in list(paths)[::step][:sample]:
         try:
-            with warnings.catch_warnings(), Image.open(path) as img:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe named .png would block
+                continue
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                sizes[img.size] += 1
-                checked += 1
-                if mode == "L" and img.mode not in _GREY_MODES:
-                    img.draft("RGB", (64, 64))  # JPEG: decode at a fraction of the size
-                    small = img.convert("RGB")
-                    small.thumbnail((64, 64))
-                    rgb = np.asarray(small, dtype=np.int16)
-                    # chroma beyond a JPEG's rounding: colour, not grey stored as RGB
-                    coloured += int(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean() > 2)
+                with Image.open(path) as img:
+                    if img.width * img.height > MAX_IMAGE_PIXELS:
+                        continue
+                    checked += 1
+                    if max(img.size) > size:
+                        larger[img.size] += 1
+                    if (mode == "L" and img.mode not in _GREY_MODES and judged < 16
+                            and (img.format == "JPEG" or img.width * img.height <= 2**24)):
+                        judged += 1
+                        coloured += _in_colour(img)
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
     notes = []
     if coloured:
-        notes.append(f"{coloured} of {checked} images looked at are in colour, and the model "
-                     "is grey (model.in_channels = 1): it sees them in grey and cannot tell "
-                     "colours apart; set in_channels = 3 in a --config for colour")
-    if sizes:
-        (width, height), n = sizes.most_common(1)[0]
-        if max(width, height) > size:
-            most = "all" if n == checked else "most"
-            notes.append(f"{most} images looked at are {width}×{height} pixels, resized to "
-                         f"{size}×{size} (model.image_size) for training and scoring: detail "
-                         "finer than that is lost; raise image_size in a --config to keep it")
+        notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour, and "
+                     "the model is grey (model.in_channels = 1): it sees them in grey and "
+                     "cannot tell colours apart; set in_channels = 3 in a --config for colour")
+    n_larger = sum(larger.values())
+    if checked and 2 * n_larger > checked:
+        (width, height), _ = larger.most_common(1)[0]
+        share = "all" if n_larger == checked else f"{n_larger} of {checked}"
+        notes.append(f"{share} images looked at are larger than {size}×{size} (e.g. "
+                     f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
+                     "for training and scoring: detail finer than that is lost; raise "
+                     "image_size in a --config to keep it")
     return notes
+
+
+def _in_colour(img: Image.Image) -> bool:
+    """Whether an image's pixels differ between channels beyond a JPEG's rounding (grey
+    stored as RGB is not colour)."""
+    img.draft("RGB", (64, 64))  # JPEG: decode at a fraction of the size
+    small = img.convert("RGB")
+    small.thumbnail((64, 64))
+    rgb = np.asarray(small, dtype=np.int16)
+    return bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean() > 2)
 
 
 def _check_mode_size(mode: str, size: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -209,6 +210,15 @@ def test_refusal_message_says_how_many_images_are_needed():
     assert "got 40" in message
     assert "0.01" in message
     assert "--target-fpr" in message
+
+
+@pytest.mark.parametrize(("alpha", "shown"), [
+    (0.01, "at least 99 "), (1e-9, "at least 999999999 "), (1e-12, "at least 1e+12 "),
+    (1e-300, "at least 1e+300 "), (1e-310, "at least 1e+310 "),  # past a float's range
+])
+def test_refusal_message_counts_stay_readable(alpha: float, shown: str) -> None:
+    with pytest.raises(CalibrationError, match=re.escape(shown)):
+        conformal_threshold(np.arange(8.0), alpha=alpha)
 
 
 def test_refusal_is_a_value_error():

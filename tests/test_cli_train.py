@@ -120,6 +120,25 @@ def test_a_second_training_of_a_name_waits_its_turn(image_dirs: ImageDirs, mlrun
     assert not (mlruns / "checkpoints" / "busy").exists()
 
 
+def test_a_file_system_without_locks_trains_with_a_warning(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """NFS without lockd, FUSE stores: flock fails with ENOLCK, and training goes on."""
+    import errno
+    import fcntl
+
+    def no_locks(*args: object) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking.training"):
+        result = invoke(str(image_dirs.train), "--name", "nolock", "--config",
+                        str(often_config(mlruns.parent, epochs=1)), "--mlruns", str(mlruns))
+    assert result.exit_code == 0, result.output
+    assert "(No locks available), so nothing stops a second training of 'nolock'" \
+        in caplog.text
+
+
 def test_a_config_without_a_model_table_says_which_model_it_gets(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from anomaly_flow.config import load_config

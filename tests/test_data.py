@@ -379,14 +379,24 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
             tmp_path / f"colour-{i}.png")
         grey = np.repeat(rng.integers(0, 256, (40, 30, 1), dtype=np.uint8), 3, axis=2)
         Image.fromarray(grey).save(tmp_path / f"grey-as-rgb-{i}.jpg", quality=90)
+    os.mkfifo(tmp_path / "pipe.png")  # listed by find_images; opening it would block
     paths = sorted(tmp_path.iterdir())
     colour, size = conversion_notes(paths, "L", 16)
-    assert colour.startswith("4 of 8 images looked at are in colour, and the model is grey")
-    assert size.startswith("all images looked at are 30×40 pixels, resized to 16×16 "
-                           "(model.image_size)")
+    assert colour.startswith("4 of 8 colour-mode images looked at are in colour, and the "
+                             "model is grey")
+    assert size.startswith("all images looked at are larger than 16×16 (e.g. 30×40) and are "
+                           "resized to 16×16 (model.image_size)")
     assert conversion_notes(paths, "RGB", 40) == []  # colour kept, nothing shrunk
     greys = [p for p in paths if p.suffix == ".jpg"]  # grey stored as RGB JPEG: no colour
     assert conversion_notes(greys, "L", 64) == []
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):  # the most common size is small, but most images are large
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(small / f"a-{i}.png")
+    for i, side in enumerate((40, 48, 56, 64)):
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(small / f"b-{i}.png")
+    (note,) = conversion_notes(sorted(small.iterdir()), "L", 32)
+    assert note.startswith("4 of 7 images looked at are larger than 32×32")
 
 
 def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,

@@ -83,10 +83,10 @@ def test_a_stopped_demo_ends_its_run_and_says_how_to_go_on(tmp_path: Path) -> No
     process = subprocess.Popen(
         [sys.executable, "-m", "anomaly_flow", "demo", "--out", str(out), "--preset", "tiny",
          "--epochs", "50", "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
-    checkpoints = out / "mlruns" / "checkpoints"
+    checkpoints = out / "mlruns" / "checkpoints" / "fashion-sneaker"  # made in the run
     deadline = time.monotonic() + 180
     while not checkpoints.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # until training has started
+        time.sleep(0.2)  # until the MLflow run has started
     assert process.poll() is None, "the demo ended before it could be stopped"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -128,7 +128,8 @@ def _image_source(value: Any) -> bytes | InvalidSource:
         return bytes(value)
     if isinstance(value, str):
         try:
-            return base64.b64decode(value, validate=True)
+            # line breaks allowed, as `base64` and encodebytes write them
+            return base64.b64decode("".join(value.split()), validate=True)
         except ValueError:  # binascii.Error
             return InvalidSource("the 'image' value is text but not base64; pass the image "
                                  "file's bytes (or its path in the 'path' column)")

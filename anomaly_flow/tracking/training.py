@@ -184,6 +184,11 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[None]:
             raise TrainingError(
                 f"another training of {name!r} is running ({holder}, holding {path}); wait "
                 "for it to end, or train under another --name") from None
+        except OSError as exc:  # no locks on this file system (NFS without lockd, FUSE)
+            logger.warning("cannot lock %s (%s), so nothing stops a second training of %r "
+                           "from using its checkpoints meanwhile", path, exc.strerror, name)
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
