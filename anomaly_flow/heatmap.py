@@ -180,6 +180,17 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
     return [held[i] if i in held else _take_free(every_name[i], taken) for i in todo]
 
 
+def recorded_quantity(path: Path) -> str | None:
+    """What the heatmap at ``path`` draws (a key of :data:`UNITS`, from its
+    ``anomaly-flow:<quantity>`` chunk), or None when it records none or cannot be read."""
+    try:
+        with Image.open(path) as image:
+            keys = set(image.info) if image.format == "PNG" else set()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return next((q for q in UNITS if f"anomaly-flow:{q}" in keys), None)
+
+
 def is_heatmap(path: Path) -> bool:
     """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
     text chunk): the only kind of existing file a heatmap may replace."""

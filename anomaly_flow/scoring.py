@@ -967,6 +967,7 @@ def score_folder(
             TYPICALITY_VMAX,
             HeatmapWriter,
             heatmap_names,
+            recorded_quantity,
             resumed_names,
         )
 
@@ -991,10 +992,17 @@ def score_folder(
                          else set(previous.index[previous["error"] == ""]))
         unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
         if unmapped:
-            logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: the "
-                           "run that scored them drew none); run without --resume to draw "
+            logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: no "
+                           "earlier run drew one there); run without --resume to draw "
                            "them", len(unmapped), display_path(out), display_path(heatmaps),
                            display_path(unmapped[0]))
+        kept_kinds = {recorded_quantity(Path(heatmaps) / held[i]) for i in kept if i in held}
+        other_kinds = sorted(str(q) for q in kept_kinds - {maps, None})
+        if todo and other_kinds:
+            logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
+                           "folder would mix colour scales; resume with --heatmap-kind %s, "
+                           "or run without --resume for one kind", display_path(heatmaps),
+                           " and ".join(other_kinds), maps, other_kinds[0])
         todo_sources = [sources[i] for i in todo]
         if maps == "typicality":
             writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,

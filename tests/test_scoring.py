@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import time
 import warnings
@@ -1096,8 +1097,38 @@ def test_resume_with_heatmaps_names_the_kept_files_without_one(
         summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
     assert summary.n_heatmaps == 1
     assert re.search(r"3 file\(s\) kept from .*s\.csv have no heatmap under .*heat \(e\.g\. "
-                     r"x-00000\.png: the run that scored them drew none\); run without "
+                     r"x-00000\.png: no earlier run drew one there\); run without "
                      r"--resume to draw them", caplog.text)
+
+
+def test_resume_warns_when_its_heatmaps_would_mix_two_scales(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
+    write_image_folder(sample_images(3), folder, "x-")
+    score_folder(model, None, folder, out, heatmaps=heat, heatmap_kind="typicality")
+    write_image_folder(sample_images(1, offset=3), folder, "y-")
+    with caplog.at_level(logging.WARNING):
+        score_folder(model, None, folder, out, heatmaps=heat, heatmap_kind="bpd", resume=True)
+    assert re.search(r"the kept heatmaps under .*heat draw typicality, and this run draws "
+                     r"bpd: the folder would mix colour scales; resume with --heatmap-kind "
+                     r"typicality", caplog.text)
+    caplog.clear()
+    write_image_folder(sample_images(1, offset=4), folder, "z-")
+    with caplog.at_level(logging.WARNING):  # now both kinds are there, whichever is drawn
+        score_folder(model, None, folder, out, heatmaps=heat, heatmap_kind="bpd",
+                     resume=True)
+    assert "draw typicality, and this run draws bpd" in caplog.text
+    caplog.clear()
+    write_image_folder(sample_images(1, offset=5), folder, "w-")
+    (out.parent / "same.csv").write_bytes(out.read_bytes())
+    shutil.rmtree(heat)
+    score_folder(model, None, folder, out.parent / "same.csv", heatmaps=heat,
+                 heatmap_kind="bpd")
+    write_image_folder(sample_images(1, offset=6), folder, "v-")
+    with caplog.at_level(logging.WARNING):  # the same kind again: nothing to say
+        score_folder(model, None, folder, out.parent / "same.csv", heatmaps=heat,
+                     heatmap_kind="bpd", resume=True)
+    assert "mix colour scales" not in caplog.text
 
 
 def test_resume_scores_again_the_files_changed_since_the_table(
