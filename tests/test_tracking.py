@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,26 @@ def test_configure_creates_the_store_and_leaves_the_environment_alone(
     assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
     assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow exports it; configure undoes that
     assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_a_copied_store_says_its_artifacts_still_go_to_the_original(
+        tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original = new_store(tmp_path / "original", mlflow_db_template)
+    tracking.configure(original)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking.store"):
+        tracking.ensure_experiment("parts")
+        tracking.ensure_experiment("parts")  # its own store: nothing to say
+    assert "outside this store" not in caplog.text
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    tracking.configure(copy)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking.store"):
+        tracking.ensure_experiment("parts")
+    assert f"experiment 'parts' keeps its artifacts in {original / 'artifacts' / 'parts'}, " \
+        f"outside this store's {copy / 'artifacts'} (was the store moved or copied?" \
+        in caplog.text
 
 
 def test_unreachable_store_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

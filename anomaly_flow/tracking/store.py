@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -221,6 +222,7 @@ def ensure_experiment(name: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             logger.info("restoring deleted experiment %r", name)
             client.restore_experiment(experiment.experiment_id)
+        _warn_if_elsewhere(name, experiment.artifact_location)
         return experiment.experiment_id
     location = None
     if _state.artifact_root is not None:
@@ -232,6 +234,21 @@ def ensure_experiment(name: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def _warn_if_elsewhere(name: str, location: str) -> None:
+    """Warn when a local experiment keeps its artifacts outside this store's folder: MLflow
+    records absolute paths, so a store that was moved or copied keeps writing to (and
+    reading from) the old place."""
+    root = _state.artifact_root
+    parsed = urllib.parse.urlparse(location or "")
+    if root is None or parsed.scheme not in ("", "file"):
+        return
+    where = Path(urllib.parse.unquote(parsed.path)).resolve()
+    if not where.is_relative_to(root.resolve()):
+        logger.warning("experiment %r keeps its artifacts in %s, outside this store's %s (was "
+                       "the store moved or copied? MLflow records absolute paths); its new "
+                       "runs' artifacts go there too", name, where, root)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
