@@ -621,20 +621,20 @@ def conformal_p_values(calibration_scores: ArrayLike, scores: ArrayLike) -> np.n
     return _p_values_sorted(_sorted_calibration(calibration_scores), _as_scores(scores, "test"))
 
 
-def count_text(n: int) -> str:
-    """A count for a message: exact, or rounded past a billion (an α of 1e-300 would
-    otherwise print a 300-digit number of images)."""
-    if n <= 10**9:
-        return str(n)
-    return f"{decimal.Decimal(n):.3g}".replace(".00e", "e")  # no float: n may pass 1e308
+def conformal_need(alpha: float) -> str:
+    """The refusal's first clause, the same wherever it is said: how many held-out normal
+    images a conformal threshold at ``alpha`` needs (rounded past a billion: an α of
+    1e-300 would otherwise print a 300-digit count; no float, since it may pass 1e308)."""
+    n = min_calibration_size(alpha)
+    count = str(n) if n <= 10**9 else f"{decimal.Decimal(n):.3g}".replace(".00e", "e")
+    return (f"the conformal threshold needs at least {count} held-out normal images for a "
+            f"false-positive rate of {alpha:g}")
 
 
 def _refusal(n: int, alpha: float) -> CalibrationError:
-    needed = count_text(min_calibration_size(alpha))
     return CalibrationError(
-        f"the conformal threshold needs at least {needed} held-out normal images for a "
-        f"false-positive rate of {alpha:g}; got {n}. Add more normal images to the "
-        "calibration folder or raise --target-fpr."
+        f"{conformal_need(alpha)}; got {n}. Add more normal images to the calibration "
+        "folder or raise --target-fpr."
     )
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -252,6 +253,15 @@ def _from_dict(cls: type, data: Any, section: str) -> Any:
     except ConfigError as exc:  # a range check: say which table the field is in
         raise ConfigError(str(exc).replace(" is invalid", f" in [{section}] is invalid", 1)) \
             from None
+
+
+def changed_fields(before: Any, after: Any, section: str,
+                   names: Sequence[str] | None = None) -> list[str]:
+    """``"section.name is AFTER but was BEFORE"`` for each field of two config dataclasses
+    (of ``names``, default all) that differs: what a refusal to resume says."""
+    names = [f.name for f in dataclasses.fields(after)] if names is None else names
+    return [f"{section}.{name} is {getattr(after, name)!r} but was {getattr(before, name)!r}"
+            for name in names if getattr(before, name) != getattr(after, name)]
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -47,7 +47,7 @@ from anomaly_flow.calibration import (
     Method,
     ScoreSelection,
     calibrate,
-    count_text,
+    conformal_need,
     detection_metrics,
     min_calibration_size,
     operating_point,
@@ -362,10 +362,9 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
     n_files = len(find_images(folder))
     if n_files < needed:
         raise CalibrationError(
-            f"the conformal threshold needs at least {count_text(needed)} held-out normal "
-            f"images for a false-positive rate of {target_fpr:g}; the folder "
-            f"{display_path(folder)} holds only {n_files}. Add more normal images to the "
-            "calibration folder or raise --target-fpr."
+            f"{conformal_need(target_fpr)}; the folder {display_path(folder)} holds only "
+            f"{n_files}. Add more normal images to the calibration folder or raise "
+            "--target-fpr."
         )
 
 
@@ -391,9 +390,8 @@ def precheck_held_out(train: str | Path, calibration: str | Path,
         raise CalibrationError(
             f"{n_shared} of the {len(paths)} images in {display_path(calibration)} are also "
             f"in the training folder {display_path(train)} (same content), which leaves "
-            f"{held_out} held-out images, and the conformal threshold needs at least "
-            f"{count_text(needed)} for a false-positive rate of {target_fpr:g}; calibrate "
-            "on normal images kept out of the training folder."
+            f"{held_out} held-out images: {conformal_need(target_fpr)}; calibrate on "
+            "normal images kept out of the training folder."
         )
 
 
@@ -701,9 +699,7 @@ def calibrate_scores(
         needed = min_calibration_size(target_fpr)  # type: ignore[arg-type]
         if normal_values.size < needed:
             raise CalibrationError(
-                f"the conformal threshold needs at least {count_text(needed)} held-out "
-                f"normal images for a false-positive rate of {target_fpr:g}; only "
-                f"{normal_values.size} of the "
+                f"{conformal_need(target_fpr)}; only {normal_values.size} of the "  # type: ignore[arg-type]
                 f"{normal.n_files} files in {display_path(normal.folder)} can be used "
                 f"({len(failures['normal'])} left out; the warnings say why). Add or fix "
                 "held-out normal images, or raise --target-fpr."

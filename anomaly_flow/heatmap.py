@@ -146,22 +146,25 @@ SOURCE_KEY = "anomaly-flow:source"
 """The PNG text chunk holding the scored file's path relative to the scored folder."""
 
 
-def recorded_sources(folder: Path) -> dict[str, Path]:
+def recorded_heatmaps(folder: Path) -> dict[str, tuple[Path, str | None]]:
     """For each source path recorded in a heatmap under ``folder`` (the :data:`SOURCE_KEY`
-    chunk), the heatmap's path relative to ``folder``: what a resumed run keeps. Reads
-    only PNG headers. Heatmaps from versions that did not record their source are not
-    listed."""
-    found: dict[str, Path] = {}
+    chunk), the heatmap's path relative to ``folder`` (what a resumed run keeps) and what
+    it draws (a key of :data:`UNITS`, from its ``anomaly-flow:<quantity>`` chunk; None
+    when it records none). Reads only PNG headers. Heatmaps from versions that did not
+    record their source are not listed."""
+    found: dict[str, tuple[Path, str | None]] = {}
     if not folder.is_dir():
         return found
     for path in sorted(folder.rglob("*.png")):
         try:
             with Image.open(path) as image:
-                source = image.info.get(SOURCE_KEY) if image.format == "PNG" else None
+                info = dict(image.info) if image.format == "PNG" else {}
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
+        source = info.get(SOURCE_KEY)
         if isinstance(source, str):
-            found.setdefault(source, path.relative_to(folder))
+            quantity = next((q for q in UNITS if f"anomaly-flow:{q}" in info), None)
+            found.setdefault(source, (path.relative_to(folder), quantity))
     return found
 
 
@@ -178,17 +181,6 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
     """
     taken = set(held.values())
     return [held[i] if i in held else _take_free(every_name[i], taken) for i in todo]
-
-
-def recorded_quantity(path: Path) -> str | None:
-    """What the heatmap at ``path`` draws (a key of :data:`UNITS`, from its
-    ``anomaly-flow:<quantity>`` chunk), or None when it records none or cannot be read."""
-    try:
-        with Image.open(path) as image:
-            keys = set(image.info) if image.format == "PNG" else set()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return next((q for q in UNITS if f"anomaly-flow:{q}" in keys), None)
 
 
 def is_heatmap(path: Path) -> bool:

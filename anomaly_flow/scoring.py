@@ -967,7 +967,6 @@ def score_folder(
             TYPICALITY_VMAX,
             HeatmapWriter,
             heatmap_names,
-            recorded_quantity,
             resumed_names,
         )
 
@@ -978,8 +977,8 @@ def score_folder(
         sources = [display_path(path) for path in relative]
         every_name = heatmap_names(relative)
         kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
-        held = ({} if previous is None
-                else _earlier_heatmaps(Path(heatmaps), kept, relative, sources, every_name))
+        held, kept_kinds = (({}, set()) if previous is None else _earlier_heatmaps(
+            Path(heatmaps), kept, relative, sources, every_name))
         names = resumed_names(every_name, held, todo)
         renamed = [i for i in kept if i in held and held[i] != every_name[i]]
         if renamed:
@@ -996,20 +995,15 @@ def score_folder(
                            "earlier run drew one there); run without --resume to draw "
                            "them", len(unmapped), display_path(out), display_path(heatmaps),
                            display_path(unmapped[0]))
-        kept_kinds = {recorded_quantity(Path(heatmaps) / held[i]) for i in kept if i in held}
-        other_kinds = sorted(str(q) for q in kept_kinds - {maps, None})
+        other_kinds = sorted(kept_kinds - {maps})
         if todo and other_kinds:
             logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
                            "folder would mix colour scales; resume with --heatmap-kind %s, "
                            "or run without --resume for one kind", display_path(heatmaps),
                            " and ".join(other_kinds), maps, other_kinds[0])
-        todo_sources = [sources[i] for i in todo]
-        if maps == "typicality":
-            writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=TYPICALITY_VMAX,
-                                   quantity="typicality", sources=todo_sources)
-        else:
-            writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=float(config.n_bits),
-                                   sources=todo_sources)
+        vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
+        writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
+                               sources=[sources[i] for i in todo])
 
     todo_keys = np.array([keys[i] for i in todo], dtype=object)
     todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
@@ -1102,16 +1096,20 @@ def score_folder(
 
 
 def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
-                      sources: Sequence[str], every_name: Sequence[Path]) -> dict[int, Path]:
+                      sources: Sequence[str], every_name: Sequence[Path]
+                      ) -> tuple[dict[int, Path], set[str]]:
     """For a resumed run: by file index, the heatmap an earlier run drew of each file
     under ``folder`` (relative to it), by the source each heatmap records. For a kept file
     whose heatmap, from a version that recorded none, sits under the file's name now or
-    its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that."""
-    from anomaly_flow.heatmap import is_heatmap, recorded_sources
+    its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that.
+    Also what the kept files' recorded heatmaps draw (``bpd``, ``typicality``)."""
+    from anomaly_flow.heatmap import is_heatmap, recorded_heatmaps
 
-    recorded = recorded_sources(folder)
-    held = {i: recorded[source] for i, source in enumerate(sources) if source in recorded}
-    claimed = set(recorded.values())
+    recorded = recorded_heatmaps(folder)
+    held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
+    kinds = {kind for i in kept if sources[i] in recorded
+             and (kind := recorded[sources[i]][1]) is not None}
+    claimed = {name for name, _ in recorded.values()}
     for i in kept:
         if i in held:
             continue
@@ -1120,7 +1118,7 @@ def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path
                 held[i] = name
                 claimed.add(name)
                 break
-    return held
+    return held, kinds
 
 
 def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> HeatmapKind:

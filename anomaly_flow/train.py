@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from tqdm.auto import tqdm
 
 from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
-from anomaly_flow.config import RunConfig, TrainConfig
+from anomaly_flow.config import RunConfig, TrainConfig, changed_fields
 from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
@@ -631,11 +631,11 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
     except (OSError, ValueError) as exc:
         raise TrainingError(_damaged_checkpoint(path, exc)) from None
     saved = RunConfig.from_dict(saved_json)
-    if saved.model != config.model:
+    if differ := changed_fields(saved.model, config.model, "model"):
         raise TrainingError(
-            f"the checkpoint {path} is of another architecture ({saved.model}) than the "
-            f"configuration given ({config.model}); resume with the run's own configuration "
-            "or start afresh in an empty checkpoint folder.")
+            f"the checkpoint {path} is of another architecture than the configuration given "
+            f"({'; '.join(differ)}); resume with the run's own configuration or start "
+            "afresh in an empty checkpoint folder.")
     changed = sorted(k for k, v in config.train.to_dict().items()
                      if saved.train.to_dict()[k] != v and k not in _EXECUTION_ONLY)
     if changed:

@@ -11,7 +11,6 @@ from its latest checkpoint, logging into the same MLflow run when the store stil
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -21,13 +20,13 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 
-from anomaly_flow.config import RunConfig
+from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path
 from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
 from anomaly_flow.tracking.store import (
@@ -55,6 +54,9 @@ from anomaly_flow.train import (
     train,
     uses_bf16,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -202,16 +204,11 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[None]:
 def _check_resumable(state: dict[str, Any], config: RunConfig, fingerprint: str) -> None:
     """Refuse a resume that would not continue the same training."""
     before = RunConfig.from_dict(state["config"])
-    if before.model != config.model:
-        differ = [f"model.{f.name} is {getattr(config.model, f.name)!r} but was "
-                  f"{getattr(before.model, f.name)!r}" for f in dataclasses.fields(config.model)
-                  if getattr(config.model, f.name) != getattr(before.model, f.name)]
+    if differ := changed_fields(before.model, config.model, "model"):
         raise TrainingError(f"the model configuration differs from the checkpoint's "
                             f"({'; '.join(differ)}); resume with the same preset or config "
                             "file, or train without --resume.")
-    changed = [f"train.{f} is {getattr(config.train, f)!r} but was "
-               f"{getattr(before.train, f)!r}" for f in _RESUME_MUST_MATCH
-               if getattr(before.train, f) != getattr(config.train, f)]
+    changed = changed_fields(before.train, config.train, "train", _RESUME_MUST_MATCH)
     if changed:
         raise TrainingError(f"cannot resume: {'; '.join(changed)} in the checkpoint's run; "
                             "resume with the same values, or train without --resume.")
@@ -377,117 +374,127 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
               checkpoint_dir=ckpt if resume else None, resume=resume, progress=False)
         return None
     with _training_lock(ckpt, name):  # one training of a name at a time
-        previous_run, state = None, {}
-        earlier: dict[str, Any] = {}  # the record of a training this one replaces
-        if resume:
-            state = _read_run_state(ckpt)
-            _check_owner(state, name, ckpt)
-            _check_resumable(state, config, folder.fingerprint)
-            _check_unfinished(ckpt, config, len(folder.train), name, state)
-        elif (ckpt / RUN_STATE_FILE).is_file():
-            with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
-                earlier = _read_run_state(ckpt)
-            _check_owner(earlier, name, ckpt)
-        configure(mlruns)
-        if resume:
-            previous_run = _reusable_run(state.get("run_id"), name)
-            recorded = state.get("tracking_uri")
-            if previous_run is None and recorded and recorded != mlflow.get_tracking_uri():
-                raise TrainingError(
-                    f"the training of {name!r} was logged to {recorded} (run "
-                    f"{state.get('run_id')}), not to {mlflow.get_tracking_uri()}; resume it where "
-                    f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
-                    "or drop --resume to start afresh here")
-            if previous_run is None:
-                logger.warning("the run %s of the checkpoint is not in %s; logging the "
-                               "resumed training as a new run", state.get("run_id"),
-                               mlflow.get_tracking_uri())
-        elif ckpt.exists():
-            if (latest := latest_checkpoint(ckpt)) is not None:
-                could = ("was the finished model" if earlier.get("concluded")
-                         else "could go on with --resume")
-                logger.warning("starting afresh: deleting the earlier training's checkpoints "
-                               "in %s (the latest, %s, %s)", ckpt, latest.name, could)
-            shutil.rmtree(ckpt)
+        return _train_and_register_locked(data, name, config, dev, folder, ckpt,
+                                          device=device, resume=resume, mlruns=mlruns,
+                                          progress=progress, nested=nested)
 
-        data_root = Path(data).resolve()
-        tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
-                                "data_folder": display_path(data_root), "model_name": name,
-                                "command": "train", "device": dev.type,
-                                "precision": "bf16" if uses_bf16(config, dev) else "float32"}
-        if commit := git_commit():
-            tags["git_commit"] = commit
-        if resume:
-            tags["resumed"] = "true"
-            if previous_run is None:
-                tags["resumed_from_run_id"] = state.get("run_id", "unknown")
-        with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
-                       run_id=previous_run, nested=nested) as run:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            record = {"model_name": name, "run_id": run.run_id,
-                      "tracking_uri": mlflow.get_tracking_uri(),
-                      "data_fingerprint": folder.fingerprint,
-                      "data_folder": display_path(data_root), "config": config.to_dict(),
-                      "concluded": False}  # True once the model is logged and registered
-            (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
-            params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
-                      "data.n_train": len(folder.train),
-                      "data.n_val": len(folder.val) if folder.val is not None else 0}
-            _log_params(run, params, resumed=previous_run is not None)
-            run.log_dict(config.to_dict(), "config.json")
-            run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
 
-            every = config.train.checkpoint_every
-            metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
-                       else _MetricLogger(run, every))
-            result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
-                           resume=resume, callback=metrics, progress=progress)
-            finals = {"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
-                      "steps": float(result.steps)}
-            if previous_run is not None:  # a resume that only finishes the logging
-                finals = {key: value for key, value in finals.items()
-                          if not metrics.has_value(key, result.steps)}
-            run.log_metrics(finals, step=result.steps)
-            run.flush()
+def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
+                               dev: torch.device, folder: FolderData, ckpt: Path, *,
+                               device: str, resume: bool, mlruns: str | Path | None,
+                               progress: bool | None, nested: bool) -> TrainOutcome:
+    """:func:`train_and_register` past its checks, with the name's training lock held."""
+    previous_run, state = None, {}
+    earlier: dict[str, Any] = {}  # the record of a training this one replaces
+    if resume:
+        state = _read_run_state(ckpt)
+        _check_owner(state, name, ckpt)
+        _check_resumable(state, config, folder.fingerprint)
+        _check_unfinished(ckpt, config, len(folder.train), name, state)
+    elif (ckpt / RUN_STATE_FILE).is_file():
+        with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
+            earlier = _read_run_state(ckpt)
+        _check_owner(earlier, name, ckpt)
+    configure(mlruns)
+    if resume:
+        previous_run = _reusable_run(state.get("run_id"), name)
+        recorded = state.get("tracking_uri")
+        if previous_run is None and recorded and recorded != mlflow.get_tracking_uri():
+            raise TrainingError(
+                f"the training of {name!r} was logged to {recorded} (run "
+                f"{state.get('run_id')}), not to {mlflow.get_tracking_uri()}; resume it where "
+                f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
+                "or drop --resume to start afresh here")
+        if previous_run is None:
+            logger.warning("the run %s of the checkpoint is not in %s; logging the "
+                           "resumed training as a new run", state.get("run_id"),
+                           mlflow.get_tracking_uri())
+    elif ckpt.exists():
+        if (latest := latest_checkpoint(ckpt)) is not None:
+            could = ("was the finished model" if earlier.get("concluded")
+                     else "could go on with --resume")
+            logger.warning("starting afresh: deleting the earlier training's checkpoints "
+                           "in %s (the latest, %s, %s)", ckpt, latest.name, could)
+        shutil.rmtree(ckpt)
 
-            if result.samples.size:
-                run.log_image(result.samples, "samples.png")
-            run.log_figure(curves_figure(run.run_id), "training_curves.png")
-            if result.failed_files:
-                lines = _failed_files_report(result.failed_files)
-                run.log_text("\n".join(lines) + "\n", "failed_files.txt")
-                run.set_tags({"failed_files": len(lines),
-                              "failed_files_examples": "; ".join(lines[:3]).replace("\t", ": ")})
-                logger.warning("%d training file(s) could not be decoded and were skipped; see "
-                               "failed_files.txt in run %s", len(lines), run.run_id)
+    data_root = Path(data).resolve()
+    tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
+                            "data_folder": display_path(data_root), "model_name": name,
+                            "command": "train", "device": dev.type,
+                            "precision": "bf16" if uses_bf16(config, dev) else "float32"}
+    if commit := git_commit():
+        tags["git_commit"] = commit
+    if resume:
+        tags["resumed"] = "true"
+        if previous_run is None:
+            tags["resumed_from_run_id"] = state.get("run_id", "unknown")
+    with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
+                   run_id=previous_run, nested=nested) as run:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        record = {"model_name": name, "run_id": run.run_id,
+                  "tracking_uri": mlflow.get_tracking_uri(),
+                  "data_fingerprint": folder.fingerprint,
+                  "data_folder": display_path(data_root), "config": config.to_dict(),
+                  "concluded": False}  # True once the model is logged and registered
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
+        params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
+                  "data.n_train": len(folder.train),
+                  "data.n_val": len(folder.val) if folder.val is not None else 0}
+        _log_params(run, params, resumed=previous_run is not None)
+        run.log_dict(config.to_dict(), "config.json")
+        run.log_text("".join(f"{d}\n" for d in folder.digests), TRAINING_IMAGES_FILE)
 
-            logged_uri = log_model(run, result.model, None)
-            diverged = 2 * result.skipped_steps > result.steps
-            if math.isfinite(result.val_bpd) and not diverged:
-                version = register_model(logged_uri, name, alias=CANDIDATE, tags={
-                    "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
-                    "val_bpd": repr(result.val_bpd)})
-                run.set_tags({"registered_version": version})
-                model_uri = f"models:/{name}/{version}"
-                message = (f"registered {model_uri} with alias {CANDIDATE} "
-                           f"(validation bits/dim {result.val_bpd:.4f})")
-            else:
-                version, model_uri = None, logged_uri
-                reason = (_not_registered_reason(result.val_bpd, folder) if not diverged else
-                          f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
-                          "non-finite loss or gradient: training diverged; lower lr or raise "
-                          "warmup_steps")
-                run.set_tags({"registered_version": "none", "not_registered_reason": reason})
-                message = f"model not registered: {reason}"
-                logger.warning(message)
-            if result.skipped_steps and not diverged:
-                message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
-                            "non-finite loss or gradient")
-            if result.failed_files:
-                message += f"; {len(result.failed_files)} training file(s) could not be decoded"
-            (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
-                                                          indent=2))
-        return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+        every = config.train.checkpoint_every
+        metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
+                   else _MetricLogger(run, every))
+        result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
+                       resume=resume, callback=metrics, progress=progress)
+        finals = {"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
+                  "steps": float(result.steps)}
+        if previous_run is not None:  # a resume that only finishes the logging
+            finals = {key: value for key, value in finals.items()
+                      if not metrics.has_value(key, result.steps)}
+        run.log_metrics(finals, step=result.steps)
+        run.flush()
+
+        if result.samples.size:
+            run.log_image(result.samples, "samples.png")
+        run.log_figure(curves_figure(run.run_id), "training_curves.png")
+        if result.failed_files:
+            lines = _failed_files_report(result.failed_files)
+            run.log_text("\n".join(lines) + "\n", "failed_files.txt")
+            run.set_tags({"failed_files": len(lines),
+                          "failed_files_examples": "; ".join(lines[:3]).replace("\t", ": ")})
+            logger.warning("%d training file(s) could not be decoded and were skipped; see "
+                           "failed_files.txt in run %s", len(lines), run.run_id)
+
+        logged_uri = log_model(run, result.model, None)
+        diverged = 2 * result.skipped_steps > result.steps
+        if math.isfinite(result.val_bpd) and not diverged:
+            version = register_model(logged_uri, name, alias=CANDIDATE, tags={
+                "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
+                "val_bpd": repr(result.val_bpd)})
+            run.set_tags({"registered_version": version})
+            model_uri = f"models:/{name}/{version}"
+            message = (f"registered {model_uri} with alias {CANDIDATE} "
+                       f"(validation bits/dim {result.val_bpd:.4f})")
+        else:
+            version, model_uri = None, logged_uri
+            reason = (_not_registered_reason(result.val_bpd, folder) if not diverged else
+                      f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
+                      "non-finite loss or gradient: training diverged; lower lr or raise "
+                      "warmup_steps")
+            run.set_tags({"registered_version": "none", "not_registered_reason": reason})
+            message = f"model not registered: {reason}"
+            logger.warning(message)
+        if result.skipped_steps and not diverged:
+            message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
+                        "non-finite loss or gradient")
+        if result.failed_files:
+            message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
+                                                      indent=2))
+    return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
 def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
