@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config) if args.config else load_preset(args.preset or "small")
         config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
+    except user_error_types() as error:
+        print(f"error: {describe(error)}", file=sys.stderr)
+        return 1
+    # the configuration is read before the stop handling below, which names it in the
+    # resume hint
+    try:
         with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
             outcome = train_and_register(args.data, args.name, config, device=args.device,
                                          resume=args.resume, mlruns=args.mlruns)

@@ -584,6 +584,12 @@ def test_a_store_failing_after_the_last_step_resumes_to_finish_logging(
     for key in ("final_val_bpd", "final_train_bpd", "steps", "train_bpd"):
         steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)  # none logged twice
+    run = mlflow.get_run(run_id)
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         output_format="list")
+    assert [model.source_run_id for model in logged] == [run_id]  # the model logged once
+    version = mlflow.MlflowClient().get_model_version("late", "1")
+    assert version.source.endswith(logged[0].model_id), version.source  # that one registered
     again = invoke(*common, "--resume")  # now concluded: nothing left to resume
     assert_one_line_error(again, 1, "the training of 'late' already finished")
 

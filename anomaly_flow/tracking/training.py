@@ -468,7 +468,11 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             logger.warning("%d training file(s) could not be decoded and were skipped; see "
                            "failed_files.txt in run %s", len(lines), run.run_id)
 
-        logged_uri = log_model(run, result.model, None)
+        logged_uri = _logged_earlier(state, run.run_id, result.steps) if previous_run else None
+        if logged_uri is None:
+            logged_uri = log_model(run, result.model, None)
+            record.update(logged_model_uri=logged_uri, logged_at_step=result.steps)
+            (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
         diverged = 2 * result.skipped_steps > result.steps
         if math.isfinite(result.val_bpd) and not diverged:
             version = register_model(logged_uri, name, alias=CANDIDATE, tags={
@@ -495,6 +499,22 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
                                                       indent=2))
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+
+
+def _logged_earlier(state: dict[str, Any], run_id: str, steps: int) -> str | None:
+    """The model an earlier attempt of this run logged after its last step (its store
+    failed at registration), so that a resume which only finishes the logging registers
+    that one instead of leaving it beside a second copy; None when there is none to use."""
+    uri = state.get("logged_model_uri")
+    if not isinstance(uri, str) or state.get("logged_at_step") != steps:
+        return None
+    try:
+        with quiet_mlflow():
+            model = mlflow.get_logged_model(uri.removeprefix("models:/"))
+    except MlflowException:
+        return None
+    ready = str(model.status).upper().endswith("READY")
+    return uri if ready and model.source_run_id == run_id else None
 
 
 def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
