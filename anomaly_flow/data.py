@@ -97,6 +97,21 @@ def display_path(path: str | os.PathLike[str]) -> str:
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
+_BYTE_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+
+
+def undisplayed_path(text: str) -> str:
+    """The file a :func:`display_path` text names (a ``path`` from a scores table given
+    back): ``text`` itself where such a file exists or it holds no ``\\xff`` escape,
+    else the name with the escapes turned back into the bytes they stand for, where that
+    file exists."""
+    if "\\x" not in text or os.path.lexists(text):
+        return text
+    raw = _BYTE_ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), os.fsencode(text))
+    name = os.fsdecode(raw)
+    return name if os.path.lexists(name) else text
+
+
 # --------------------------------------------------------------------------- discovery
 
 

@@ -250,6 +250,8 @@ def test_non_utf8_name_decodes_and_prints(messy_folder: Path) -> None:
     (path,) = [p for p in find_images(messy_folder) if p.name.startswith("bad")]
     assert load_image(path, "RGB", 8).shape == (3, 8, 8)
     assert data.display_path(path).endswith("bad\\xff.png")
+    assert data.undisplayed_path(data.display_path(path)) == str(path)  # read back
+    assert data.undisplayed_path("gone\\xff.png") == "gone\\xff.png"  # no such file
     broken = Path(str(path).replace("bad", "worse"))
     os.replace(path, broken)
     broken.write_bytes(b"garbage")

@@ -315,6 +315,13 @@ def test_input_sources_take_the_bytes_else_the_path_and_blank_is_no_image() -> N
         "path per row"
 
 
+def test_a_path_as_a_scores_table_prints_it_is_read_back(tmp_path: Path) -> None:
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")  # Latin-1, not UTF-8
+    Path(os.fsdecode(raw)).write_bytes(b"PNG")
+    printed = f"{tmp_path}/caf\\xe9.png"  # the scores table's `path` of that file
+    assert input_sources(pd.DataFrame({"path": [printed]})) == [os.fsdecode(raw)]
+
+
 def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
     wrapper = GlowPyfunc()
     wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,

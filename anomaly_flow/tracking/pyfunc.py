@@ -32,7 +32,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from anomaly_flow.calibration import Calibration
-from anomaly_flow.data import InvalidSource
+from anomaly_flow.data import InvalidSource, undisplayed_path
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
     DECISION_COLUMNS,
@@ -138,9 +138,10 @@ def _image_source(value: Any) -> bytes | InvalidSource:
 
 
 def _path_source(value: Any) -> str | InvalidSource:
-    """A ``path`` cell: a string (or path object) naming one file."""
+    """A ``path`` cell: a string (or path object) naming one file; a name that is not
+    UTF-8 as a scores table prints it (``\\xff`` escapes) is taken back."""
     if isinstance(value, str | os.PathLike):
-        return str(value)
+        return undisplayed_path(str(value))
     return InvalidSource(f"the 'path' value is {_described(value)}, not a string; pass one "
                          "file path per row")
 
