@@ -63,10 +63,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -114,6 +115,19 @@ class CalibrationError(ValueError):
 # --------------------------------------------------------------------------- validation
 
 
+@contextlib.contextmanager
+def _invalid_as_calibration_error(what: str) -> Iterator[None]:
+    """Turn what a malformed stored value makes Python raise (a list where a name goes,
+    an integer past a float's range) into a :class:`CalibrationError` naming ``what``."""
+    try:
+        yield
+    except CalibrationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as error:
+        raise CalibrationError(f"invalid {what} in the stored calibration: {error}; "
+                               "re-run calibration") from error
+
+
 def _as_scores(values: ArrayLike, name: str) -> np.ndarray:
     """Return ``values`` as a finite, non-empty 1-D float64 array, or raise.
 
@@ -126,7 +140,7 @@ def _as_scores(values: ArrayLike, name: str) -> np.ndarray:
     """
     try:
         array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise CalibrationError(
             f"{name} scores must be numbers; could not convert them ({error})."
         ) from error
@@ -378,12 +392,8 @@ class Threshold:
         """
         _check_fields(data, "threshold", set(cls.__dataclass_fields__),
                       {"value", "method", "alpha", "n_calibration", "fpr"})
-        try:
+        with _invalid_as_calibration_error("threshold"):
             return cls(**data)
-        except (TypeError, ValueError) as error:
-            if isinstance(error, CalibrationError):
-                raise
-            raise CalibrationError(f"invalid threshold {dict(data)!r}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -531,7 +541,8 @@ class ScoreSelection:
         """
         known = set(cls.__dataclass_fields__)
         _check_fields(data, "score_selection", known, known)
-        return cls(**data)
+        with _invalid_as_calibration_error("score_selection"):
+            return cls(**data)
 
 
 def select_score(
@@ -863,7 +874,10 @@ def benjamini_hochberg(p_values: ArrayLike, q: float) -> np.ndarray:
         )
     m = p.size
     sorted_p = np.sort(p)
-    passing = np.flatnonzero(sorted_p <= q * np.arange(1, m + 1) / m)
+    # a p-value equal to q·k/m passes; computed in floats q·k/m can land a rounding step
+    # below it (0.3·1/3 = 0.09999999999999999), so allow a relative 1e-12, far below the
+    # gap between distinct conformal p-values (1/(n+1))
+    passing = np.flatnonzero(sorted_p <= q * np.arange(1, m + 1) / m * (1 + 1e-12))
     if passing.size == 0:
         return np.zeros(m, dtype=bool)
     return p <= sorted_p[passing[-1]]
@@ -1027,13 +1041,15 @@ class Calibration:
         ):
             raise CalibrationError("calibration_scores must be a JSON list of numbers.")
         selection = data.get("score_selection")
-        return cls(
-            score_name=data["score_name"],
-            threshold=Threshold.from_dict(data["threshold"]),
-            calibration_scores=scores,  # type: ignore[arg-type]
-            created_at=data["created_at"],
-            score_selection=None if selection is None else ScoreSelection.from_dict(selection),
-        )
+        with _invalid_as_calibration_error("calibration"):
+            return cls(
+                score_name=data["score_name"],
+                threshold=Threshold.from_dict(data["threshold"]),
+                calibration_scores=scores,  # type: ignore[arg-type]
+                created_at=data["created_at"],
+                score_selection=(None if selection is None
+                                 else ScoreSelection.from_dict(selection)),
+            )
 
     @classmethod
     def from_json(cls, text: str) -> Calibration:

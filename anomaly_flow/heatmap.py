@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -274,7 +275,16 @@ class HeatmapWriter:
                 if os.path.lexists(path) and not is_heatmap(path):
                     raise OSError(f"{display_path(path)} exists and is not a heatmap; "
                                   "it is left as it is")
-                Image.fromarray(rgb).save(path, format="PNG", compress_level=1, pnginfo=info)
+                # whole or not at all: a run killed mid-write must not leave a cut PNG
+                # whose header still passes for this heatmap on --resume
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                try:
+                    Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1,
+                                              pnginfo=info)
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
             except (OSError, ValueError) as exc:
                 with self._lock:
                     self.n_failed += 1

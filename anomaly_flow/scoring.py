@@ -95,6 +95,10 @@ class ScoringError(ValueError):
     """A scoring run cannot start or finish; the message says why and what to do."""
 
 
+class OutputWriteError(ScoringError):
+    """The table could not be written where it was asked for (disk full, name too long)."""
+
+
 def level_columns(levels: int) -> list[str]:
     """Names of the per-level columns, finest scale first."""
     return [f"level_{i + 1}" for i in range(levels)]
@@ -656,13 +660,20 @@ def check_writable(out: Path) -> None:
     if not parent.is_dir():
         raise ScoringError(f"cannot write the output {name}: {display_path(parent)} is not a "
                            "folder; choose another output path")
+    probe = _temporary_name(out)  # the name write_table will use, so as long a name
     try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+        with open(probe, "xb"):
+            pass
     except OSError as exc:
         raise ScoringError(f"cannot write the output {name}: {exc.strerror or exc}; "
                            "choose another output path") from None
-    os.close(fd)
     os.unlink(probe)
+
+
+def _temporary_name(out: Path) -> Path:
+    """Where :func:`write_table` writes ``out`` before renaming it: in the same folder,
+    hidden, unique to this process and call."""
+    return out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_table(table: pd.DataFrame, out: Path) -> None:
@@ -670,12 +681,16 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
 
     The table goes to a temporary file in the same folder, is flushed to disk, and then
     replaces ``out`` in one step: a reader sees the old file or the new one, never half.
+
+    Raises:
+        OutputWriteError: The file system refused (disk full, name too long, the folder
+            gone); ``out`` is as it was.
     """
     out = Path(out)
     fmt = output_format(out)
     # open(..., "xb") rather than mkstemp: the file gets the usual permissions (umask),
     # not mkstemp's owner-only 0600, which os.replace would carry over to `out`.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temporary_name(out)
     try:
         with open(tmp, "xb") as file:
             if fmt == "csv":
@@ -685,10 +700,37 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise OutputWriteError(f"cannot write the output {display_path(out)}: "
+                                   f"{error.strerror or error}") from error
         raise
+
+
+def write_or_keep(table: pd.DataFrame, out: Path) -> None:
+    """:func:`write_table`, and where ``out`` refuses the table, the table written to the
+    temporary-files folder instead, so that the scored rows are not lost.
+
+    Raises:
+        OutputWriteError: ``out`` refused; the message says where the rows are kept (or
+            that no place took them) and what to do.
+    """
+    try:
+        write_table(table, out)
+    except OutputWriteError as refused:
+        spare = Path(tempfile.gettempdir()) / f"anomaly-flow-{os.getpid()}-{Path(out).name}"
+        try:
+            write_table(table, spare)
+        except OutputWriteError:
+            raise OutputWriteError(f"{refused}; {len(table)} rows are lost (the folder "
+                                   f"{tempfile.gettempdir()} refused them too): free space or "
+                                   "choose another output path and run again") from refused
+        raise OutputWriteError(
+            f"{refused}; its {len(table)} rows are kept in {display_path(spare)}: once there "
+            f"is room, move that file to {display_path(out)} and run again with resume "
+            "(--resume) to score what it lacks") from refused
 
 
 def _write_csv(table: pd.DataFrame, file: Any) -> None:
@@ -1039,7 +1081,7 @@ def score_folder(
         frames.append(frame)
         if flush.due():
             with flush.timing():
-                write_table(assemble(), out)
+                write_or_keep(assemble(), out)
 
     dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
                              config.n_bits, config.levels)
@@ -1049,10 +1091,12 @@ def score_folder(
                           heatmaps=writer, heatmap_kind=maps, progress=progress,
                           on_batch=on_batch, precision=precision, compile=compile)
     except BaseException as stop:  # what is scored is kept, whatever stopped the run
+        if isinstance(stop, OutputWriteError):  # a flush failed: it said where rows went
+            raise
         if frames:
             interrupted = isinstance(stop, KeyboardInterrupt)
             try:
-                write_table(assemble(), out)
+                write_or_keep(assemble(), out)
             except Exception as failed:
                 if interrupted:
                     raise
@@ -1076,7 +1120,7 @@ def score_folder(
             logger.warning("removed %d heatmap(s) an earlier run drew of files that cannot "
                            "be scored now", removed)
     table = assemble()
-    write_table(table, out)
+    write_or_keep(table, out)
     failed = table["error"] != ""
     return ScoreSummary(
         n_files=len(table),

@@ -59,11 +59,14 @@ def brute_p_values(cal: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def brute_bh(p: np.ndarray, q: float) -> np.ndarray:
+    """BH in exact arithmetic, for p-values that are fractions with small denominators
+    (as conformal ones are) and q a short decimal."""
     m = len(p)
     order = sorted(range(m), key=lambda i: p[i])
+    exact_q = Fraction(repr(q))
     k = 0
     for rank, i in enumerate(order, start=1):
-        if p[i] <= q * rank / m:
+        if Fraction(p[i]).limit_denominator(10**6) <= exact_q * rank / m:
             k = rank
     reject = np.zeros(m, dtype=bool)
     for i in order[:k]:
@@ -425,10 +428,19 @@ def test_benjamini_hochberg_ties():
     assert not benjamini_hochberg(p, 0.03).any()
 
 
+def test_benjamini_hochberg_passes_p_values_exactly_at_the_cut():
+    # 0.1 <= 0.3·1/3 and 0.2 <= 0.3·2/3 exactly, though 0.3 * 1 / 3 is 0.09999999999999999
+    np.testing.assert_array_equal(benjamini_hochberg([0.1, 0.2, 0.9], 0.3),
+                                  [True, True, False])
+    calibration = calibrate("bpd", np.arange(1.0, 10.0), alpha=0.1)  # p = 0.1, 0.2, 1
+    np.testing.assert_array_equal(calibration.decide([10.0, 9.0, 0.0], fdr=0.3),
+                                  [True, True, False])
+
+
 @PROPERTY
 @given(
     p=st.lists(st.integers(1, 40).map(lambda i: i / 41), min_size=1, max_size=40),
-    q=st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.5]),
+    q=st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7]),
 )
 def test_benjamini_hochberg_matches_brute_force(p, q):
     p = np.array(p)
@@ -624,6 +636,10 @@ def test_calibration_json_without_score_selection_still_loads():
         (lambda d: d["score_selection"].update(n_normal=0), "n_normal"),
         (lambda d: d["score_selection"].pop("rule"), "missing field"),
         (lambda d: d["score_selection"].update(extra=1), "unknown score_selection field"),
+        (lambda d: d["score_selection"].update(chosen=["bpd"]),
+         "invalid score_selection in the stored calibration: unhashable"),
+        (lambda d: d["calibration_scores"].__setitem__(0, 10**400), "could not convert"),
+        (lambda d: d["threshold"].update(value=[1]), "invalid threshold in the stored"),
     ],
 )
 def test_score_selection_is_validated_on_load(mutate, match):

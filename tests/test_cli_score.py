@@ -192,6 +192,8 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
           "--mlruns", tmp_path / "absent"), "there is no MLflow store at"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "file.csv" / "out.csv"),
          "file.csv is not a folder"),
+        (("score", messy, "--model", model_dir, "--out", tmp_path / f"{'a' * 236}.csv"),
+         "cannot write the output"),  # its temporary file's name would be too long
         (("score", messy, "--model", model_dir, "--out", tmp_path / "out.txt"),
          "use a file name ending in .csv, .parquet"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "r.csv", "--heatmaps",

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import time
 import warnings
 import zlib
@@ -655,6 +656,41 @@ def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
     pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
 
 
+def test_rows_the_output_folder_refuses_are_kept_elsewhere(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output's folder is gone when the table is written (a full disk alike): the
+    scored rows go to the temporary-files folder, and the error says where."""
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "scores.csv"
+    spare_folder = tmp_path / "spare"
+    spare_folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spare_folder))
+    launches = 0
+    real_launch = scoring._launch
+
+    def launch_then_lose_the_folder(*args: object, **kwargs: object) -> object:
+        nonlocal launches
+        launches += 1
+        if launches == 2:
+            shutil.rmtree(out.parent)
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_launch", launch_then_lose_the_folder)
+    with pytest.raises(scoring.OutputWriteError) as info:
+        score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
+    (spare,) = spare_folder.iterdir()
+    assert str(info.value).startswith(f"cannot write the output {out}: No such file")
+    assert f"its {len(MESSY)} rows are kept in {spare}: once there is room, move that " \
+        f"file to {out} and run again with resume" in str(info.value)
+    pd.testing.assert_frame_equal(read_csv(spare), full_table, check_exact=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # no place at all
+    launches = 0
+    out.parent.mkdir()
+    with pytest.raises(scoring.OutputWriteError, match=f"; {len(MESSY)} rows are lost"):
+        score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
+
+
 def test_partial_table_is_flushed_during_the_run(model: Glow, messy: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "scores.csv"
@@ -1063,6 +1099,31 @@ def test_a_heatmap_never_replaces_a_file_it_did_not_write(model: Glow, tmp_path:
     before = (heat / "x-00001.png").stat().st_mtime_ns
     summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
     assert summary.n_heatmaps == 1 and (heat / "x-00001.png").stat().st_mtime_ns >= before
+
+
+def test_a_heatmap_is_written_whole_or_not_at_all(model: Glow, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Each heatmap goes to a temporary file first: a write that fails before the rename
+    leaves neither a cut PNG under the heatmap's name nor the temporary file."""
+    from anomaly_flow import heatmap as heatmap_module
+
+    folder, heat = tmp_path / "images", tmp_path / "heat"
+    write_image_folder(sample_images(2), folder, "x-")
+
+    real_replace = os.replace
+
+    def refused(source: Path, target: Path) -> None:
+        if Path(target).parent != heat:  # the table's own rename
+            return real_replace(source, target)
+        assert Path(source).stat().st_size > 0 and Path(source).parent == heat
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(heatmap_module.os, "replace", refused)  # os itself: one module
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
+    assert summary.n_heatmaps == 0 and list(heat.iterdir()) == []
+    assert caplog.text.count("No space left on device") == 2
 
 
 def test_heatmap_names_stay_apart_from_each_other_and_from_folders() -> None:

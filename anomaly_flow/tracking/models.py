@@ -372,9 +372,13 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         name, version, run_id, tags = entry
     elif uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/", 1)[0]
+    # an alias is read once: the files come from the version it named then, even if a
+    # --promote moves it meanwhile
+    source = uri if name is None else f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         try:
-            model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
+                                                                 dst_path=tmp))
         except (MlflowException, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelNotFoundError(
