@@ -21,7 +21,13 @@ from PIL import Image
 from anomaly_flow import plots, report, tracking
 from anomaly_flow.calibration import DetectionMetrics, operating_point
 from anomaly_flow.config import load_preset
-from anomaly_flow.data import fingerprint_and_digests, write_sample_folders
+from anomaly_flow.data import (
+    SAMPLE_MARKER,
+    DataError,
+    display_path,
+    fingerprint_and_digests,
+    write_sample_folders,
+)
 from anomaly_flow.evaluation import (
     FolderScores,
     calibrate_model,
@@ -37,6 +43,9 @@ MODEL_NAME = "fashion-sneaker"
 TARGET_FPR = 0.01
 CPU_PRESET = "small"
 GPU_PRESET = "fashion-mnist"
+DEMO_MARKER = ".anomaly-flow-demo"
+"""The file that marks a folder the demo wrote: only such a folder (or a new or empty
+one) is written to, since a second demo replaces what the first left there."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
         progress: Progress bars; ``None`` shows them on a terminal only.
     """
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     use_cuda = resolve_device(device).type == "cuda"
     preset = preset or (GPU_PRESET if use_cuda else CPU_PRESET)
     config = load_preset(preset).replace(epochs=epochs)
@@ -76,9 +85,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     uri = tracking.configure(mlruns)
 
     logger.info("writing the sample images to %s", out / "data")
-    for old in ("train", "calibration", "test"):  # a fresh copy, whatever was there
-        shutil.rmtree(out / "data" / old, ignore_errors=True)
-    folders = write_sample_folders(out / "data")
+    folders = write_sample_folders(out / "data")  # a fresh copy of the sample
 
     logger.info("training preset %r on %s", preset, folders["train"])
     trained = tracking.train_and_register(folders["train"], MODEL_NAME, config,
@@ -132,6 +139,27 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
                       report_html=report_html, heatmaps=heatmaps,
                       auroc=detection[score_name].auroc, test_fpr=point["fpr"],
                       test_tpr=point["tpr"], threshold=threshold)
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's folder, or refuse: it must be new, empty, or one an
+    earlier demo wrote (marked, or holding the sample it wrote before the mark existed),
+    since the demo replaces its images, ``scores.csv`` and ``heatmaps/`` there.
+
+    Raises:
+        DataError: ``out`` is a file, or a folder with someone else's contents.
+    """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{display_path(out)} is a file; give the demo a new or empty "
+                        "folder (--out DIR)")
+    ours = (out / DEMO_MARKER).is_file() or (out / "data" / SAMPLE_MARKER).is_file()
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise DataError(f"{display_path(out)} is not empty and no demo wrote it; the demo "
+                        "replaces its images, scores.csv and heatmaps/, so give it a new or "
+                        "empty folder (--out DIR), or one an earlier demo wrote")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("Written by `anomaly-flow demo`; a demo run here again "
+                                   "replaces data/, scores.csv, heatmaps/ and report.html.\n")
 
 
 def _folder_scores(table: pd.DataFrame, folders: dict[str, Path], label: str) -> FolderScores:

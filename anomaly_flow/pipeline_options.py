@@ -25,6 +25,15 @@ SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, ensemble, le
               "model without a normal reference")
 
 
+def given_path(text: str) -> Path:
+    """An argparse ``type`` for paths that refuses an empty value (``Path("")`` is the
+    current folder: an unset shell variable must not mean "here")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty; give a file or folder ('.' for "
+                                         "the current folder)")
+    return Path(text)
+
+
 class ShowDefaults(argparse.HelpFormatter):
     """``--help`` with each option's default, where it has one (not None or a flag's
     False), as the ``anomaly-flow`` commands show theirs."""
@@ -143,6 +152,6 @@ def add_mlruns_option(parser: argparse.ArgumentParser, *,
                       help: str | None = None) -> None:
     """``--mlruns DIR``: the local MLflow store (None: ``./mlruns``, or
     ``MLFLOW_TRACKING_URI`` when set)."""
-    parser.add_argument("--mlruns", type=Path, default=None, help=help or (
+    parser.add_argument("--mlruns", type=given_path, default=None, help=help or (
         "folder of the local MLflow store (default: ./mlruns); MLFLOW_TRACKING_URI, when "
         "set, replaces it"))

@@ -57,6 +57,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pa_compute
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pa_parquet
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
@@ -641,12 +642,14 @@ def output_format(out: Path) -> str:
     return fmt
 
 
-def check_writable(out: Path) -> None:
-    """Fail now, before any scoring, if ``out`` cannot be written (atomically).
+def check_writable(out: Path, *, resume: bool = False) -> None:
+    """Fail now, before any scoring, if ``out`` cannot be written (atomically), or would
+    replace a file that is not a scores table (``resume`` reads it instead, and says what
+    is wrong with it there).
 
     Raises:
         ScoringError: The folder is missing, is not a folder, or refuses a new file;
-            or ``out`` itself is a folder.
+            or ``out`` itself is a folder, or a file other than a scores table.
     """
     out = Path(out)
     parent = out.parent
@@ -660,6 +663,10 @@ def check_writable(out: Path) -> None:
     if not parent.is_dir():
         raise ScoringError(f"cannot write the output {name}: {display_path(parent)} is not a "
                            "folder; choose another output path")
+    if not resume and out.is_file() and out.stat().st_size and not _is_scores_table(out):
+        raise ScoringError(f"{name} exists and is not a scores table (it lacks a path, bpd "
+                           "or error column); only an earlier output is replaced: choose "
+                           "another output path, or move that file away")
     probe = _temporary_name(out)  # the name write_table will use, so as long a name
     try:
         with open(probe, "xb"):
@@ -668,6 +675,19 @@ def check_writable(out: Path) -> None:
         raise ScoringError(f"cannot write the output {name}: {exc.strerror or exc}; "
                            "choose another output path") from None
     os.unlink(probe)
+
+
+def _is_scores_table(path: Path) -> bool:
+    """Whether ``path`` has the columns every table :func:`score_folder` writes has (its
+    header alone is read)."""
+    try:
+        if output_format(path) == "csv":
+            columns = pd.read_csv(path, nrows=0).columns
+        else:
+            columns = pa_parquet.read_schema(path).names
+    except Exception:  # not CSV or Parquet at all: pandas and pyarrow raise many types
+        return False
+    return {"path", "bpd", "error"} <= set(columns)
 
 
 def _temporary_name(out: Path) -> Path:
@@ -965,7 +985,7 @@ def score_folder(
     if out.is_symlink():  # replace the file the link names, not the link
         out = Path(os.path.realpath(out))
     output_format(out)
-    check_writable(out)
+    check_writable(out, resume=resume)
     _check_precision(precision)
     if fdr is not None and calibration is None:
         apply_calibration(pd.DataFrame({"bpd": []}), None, fdr)  # raises the explanation

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from anomaly_flow.calibration import METHODS
 from anomaly_flow.errors import describe, user_error_types
@@ -27,6 +26,7 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
     check_cost_options,
+    given_path,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -36,9 +36,9 @@ from anomaly_flow.pipeline_options import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
     add_model_option(parser)
-    parser.add_argument("--normal", required=True, type=Path,
+    parser.add_argument("--normal", required=True, type=given_path,
                         help="folder of held-out normal images (never training images)")
-    parser.add_argument("--anomalous", type=Path, default=None,
+    parser.add_argument("--anomalous", type=given_path, default=None,
                         help="folder of labelled anomalies (optional)")
     add_score_option(parser)
     add_target_fpr_option(parser, help="target false-positive rate for the conformal method")

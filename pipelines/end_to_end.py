@@ -40,6 +40,7 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
     at_least,
+    given_path,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -136,15 +137,15 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
     add_name_option(parser)
-    parser.add_argument("--sample", type=Path, default=None,
+    parser.add_argument("--sample", type=given_path, default=None,
                         help="write the shipped sample here (a new or empty folder, or an "
                              "earlier sample's, which is replaced) and use it as the data")
     parser.add_argument("--limit", type=at_least(1), default=None,
                         help="with --sample: at most this many images per folder")
-    parser.add_argument("--train", type=Path, help="folder of normal training images")
-    parser.add_argument("--calibration", type=Path, help="folder of held-out normal images")
-    parser.add_argument("--test-normal", type=Path, help="folder of normal test images")
-    parser.add_argument("--test-anomalous", type=Path, help="folder of anomalous test images")
+    parser.add_argument("--train", type=given_path, help="folder of normal training images")
+    parser.add_argument("--calibration", type=given_path, help="folder of held-out normal images")
+    parser.add_argument("--test-normal", type=given_path, help="folder of normal test images")
+    parser.add_argument("--test-anomalous", type=given_path, help="folder of anomalous test images")
     parser.add_argument("--preset", default="tiny", help="preset name or config file")
     add_epochs_option(parser)
     add_target_fpr_option(parser, default=0.01)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.pipeline_options import (
@@ -28,6 +27,7 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
     check_cost_options,
+    given_path,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -39,9 +39,9 @@ LABELLED = ("f1", "youden", "cost")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
     add_model_option(parser)
-    parser.add_argument("--normal", required=True, type=Path,
+    parser.add_argument("--normal", required=True, type=given_path,
                         help="folder of held-out normal images")
-    parser.add_argument("--anomalous", required=True, type=Path,
+    parser.add_argument("--anomalous", required=True, type=given_path,
                         help="folder of labelled anomalies")
     add_score_option(parser)
     add_cost_options(parser)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import describe, is_store_error, user_error_types
@@ -24,6 +23,7 @@ from anomaly_flow.pipeline_options import (
     add_epochs_option,
     add_mlruns_option,
     add_name_option,
+    given_path,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -33,12 +33,13 @@ from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
-    parser.add_argument("data", type=Path, help="folder of images of normal data")
+    parser.add_argument("data", type=given_path, help="folder of images of normal data")
     add_name_option(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=PRESETS, default=None,
                         help="shipped configuration (default: small)")
-    source.add_argument("--config", type=Path, default=None, help="TOML or JSON configuration")
+    source.add_argument("--config", type=given_path, default=None,
+                        help="TOML or JSON configuration")
     add_epochs_option(parser)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per step (default: the preset's)")

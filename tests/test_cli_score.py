@@ -181,6 +181,7 @@ def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: 
 def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
                                   tmp_path: Path) -> None:
     (tmp_path / "file.csv").write_text("a file, not a folder")
+    (tmp_path / "ledger.csv").write_text("customer,amount\nalice,100\n")
     good = ("--model", model_dir, "--out", tmp_path / "out.csv")
     cases = [
         (("score", tmp_path / "nowhere", *good), "image folder not found"),
@@ -194,6 +195,9 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
          "file.csv is not a folder"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / f"{'a' * 236}.csv"),
          "cannot write the output"),  # its temporary file's name would be too long
+        (("score", messy, "--model", model_dir, "--out", tmp_path / "ledger.csv"),
+         "ledger.csv exists and is not a scores table (it lacks a path, bpd or error "
+         "column); only an earlier output is replaced"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "out.txt"),
          "use a file name ending in .csv, .parquet"),
         (("score", messy, "--model", model_dir, "--out", tmp_path / "r.csv", "--heatmaps",
@@ -207,7 +211,23 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
     for args, expected in cases:
         assert_one_line_error(run(*args), expected)
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "o.csv").exists()
+    assert (tmp_path / "ledger.csv").read_text() == "customer,amount\nalice,100\n"
     assert not (tmp_path / "absent").exists()  # reading a missing store does not create it
+
+
+@pytest.mark.parametrize("args", [
+    ["score", "", "--model", "models:/x@champion", "--out", "o.csv"],
+    ["score", "d", "--model", "models:/x@champion", "--out", "o.csv", "--heatmaps", ""],
+    ["calibrate", "--model", "models:/x@candidate", "--normal", "", "--target-fpr", "0.1"],
+    ["evaluate", "--model", "models:/x@candidate", "--normal", "n", "--anomalous", ""],
+    ["train", "", "--name", "x"],
+    ["demo", "--out", ""],
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(args: list[str]) -> None:
+    result = run(*args)  # as `--out "$UNSET"` gives it: the working folder is not meant
+    assert result.exit_code == 2, result.output
+    assert "the path is empty; give a file or folder ('.' for the current folder)" \
+        in result.output
 
 
 def test_a_registry_uri_without_a_store_creates_nothing(messy: Path, tmp_path: Path,

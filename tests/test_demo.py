@@ -96,3 +96,22 @@ def test_a_stopped_demo_ends_its_run_and_says_how_to_go_on(tmp_path: Path) -> No
     tracking.configure(out / "mlruns")
     (run,) = mlflow.search_runs(experiment_names=["fashion-sneaker"], output_format="list")
     assert run.info.status == "KILLED"
+
+
+def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: Path) -> None:
+    """A folder with someone's own files is refused before anything in it is touched."""
+    theirs = tmp_path / "project"
+    (theirs / "data" / "train").mkdir(parents=True)
+    (theirs / "data" / "train" / "only-copy.png").write_bytes(b"their image")
+    (theirs / "scores.csv").write_text("customer,amount\nalice,100\n")
+    result = CliRunner().invoke(main, ["demo", "--out", str(theirs)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: {theirs} is not empty and no demo wrote it; the demo replaces its images, "
+        "scores.csv and heatmaps/, so give it a new or empty folder (--out DIR), or one an "
+        "earlier demo wrote"]
+    assert sorted(p.relative_to(theirs).as_posix() for p in theirs.rglob("*")) == [
+        "data", "data/train", "data/train/only-copy.png", "scores.csv"]
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "is a file" in result.output  # click's own check

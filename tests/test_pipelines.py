@@ -105,6 +105,21 @@ def test_end_to_end_refuses_score_auto_before_training(
     assert "--score auto needs labelled anomalies" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("script", "argv"), [
+    ("train", ["", "--name", "x"]),
+    ("calibrate", ["--model", "models:/x@candidate", "--normal", " "]),
+    ("select_threshold", ["--model", "models:/x@candidate", "--normal", "n", "--anomalous", ""]),
+    ("end_to_end", ["--name", "x", "--sample", ""]),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
+        script: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "the path is empty; give a file or folder ('.' for the current folder)" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["calibrate", "select_threshold"])
 def test_pipeline_with_an_unknown_model_is_one_line(
         script: str, trained: TrainedModel, image_dirs: ImageDirs,

@@ -18,6 +18,7 @@ import click
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
     MODEL_URI,
+    PathGiven,
     device_option,
     mlruns_option,
     model_option,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 METHODS = ("conformal", "f1", "youden", "cost")  # anomaly_flow.calibration.METHODS
 
-existing_dir = click.Path(file_okay=False, path_type=Path)
+existing_dir = PathGiven(file_okay=False, path_type=Path)
 
 
 def _scoring_options(func):  # type: ignore[no-untyped-def]

@@ -30,6 +30,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+class PathGiven(click.Path):
+    """``click.Path`` that refuses an empty value: ``Path("")`` is the current folder, so
+    an unset shell variable (``--out "$DIR"``) would otherwise score, calibrate on, or
+    write heatmaps into whatever folder the command runs in."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("the path is empty; give a file or folder ('.' for the current "
+                      "folder)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class ClickLogHandler(logging.Handler):
     """Writes log records with ``click.echo(err=True)``, looking the stream up per record.
 
@@ -123,7 +136,7 @@ model_option = click.option(
          "runs:/RUN_ID/model, or a local model folder.")
 
 mlruns_option = click.option(
-    "--mlruns", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--mlruns", type=PathGiven(file_okay=False, path_type=Path), default=None,
     metavar="DIR",
     help="Folder of the local MLflow store (mlflow.db, artifacts/) and of training "
          "checkpoints [default: ./mlruns]. MLFLOW_TRACKING_URI, when set, replaces the store.")

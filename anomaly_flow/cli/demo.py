@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import user_errors
+from anomaly_flow.cli.common import PathGiven, user_errors
 from anomaly_flow.config import PRESETS
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
@@ -18,7 +18,7 @@ Example:
   anomaly-flow demo --out ./anomaly-flow-demo
   mlflow ui --backend-store-uri sqlite:///$PWD/anomaly-flow-demo/mlruns/mlflow.db
 """)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=PathGiven(file_okay=False, path_type=Path),
               default=Path("anomaly-flow-demo"), show_default=True,
               help="Folder for the images, the MLflow store, scores and the report.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,

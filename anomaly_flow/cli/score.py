@@ -9,6 +9,7 @@ import click
 
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
+    PathGiven,
     device_option,
     mlruns_option,
     model_option,
@@ -31,9 +32,9 @@ Examples:
       --heatmaps heatmaps/ --workers 8 --device cuda
   anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.csv --resume
 """)
-@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("folder", metavar="DIR", type=PathGiven(path_type=Path))
 @model_option
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", required=True, type=PathGiven(dir_okay=False, path_type=Path),
               metavar="FILE", help="The table to write: FILE.csv or FILE.parquet.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per forward pass.")
@@ -41,7 +42,7 @@ Examples:
               help="DataLoader worker processes decoding images [default: CPU cores, at "
                    "most 8]; 0 decodes in the main process.")
 @device_option
-@click.option("--heatmaps", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--heatmaps", type=PathGiven(file_okay=False, path_type=Path), default=None,
               metavar="DIR", help="Also write, for each scored image, a PNG heatmap of where "
                                   "it is unlikely (same relative path under DIR, suffix .png; "
                                   "files that differ only in their suffix keep it: x.jpg.png, "
@@ -105,7 +106,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
         raise click.UsageError("--heatmap-kind says which heatmaps to write; add --heatmaps "
                                "DIR, or drop --heatmap-kind")
     output_format(out)
-    check_writable(out)  # before loading a model or scoring anything
+    check_writable(out, resume=resume)  # before loading a model or scoring anything
     loaded = open_model(model, device, mlruns, logs=False)
     try:
         with sigterm_as_interrupt():  # scoring then writes what it has before stopping

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import device_option, mlruns_option, user_errors
+from anomaly_flow.cli.common import PathGiven, device_option, mlruns_option, user_errors
 from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import describe, is_store_error
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
@@ -24,12 +24,12 @@ Examples:
 \b
 Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held-out/ ...
 """)
-@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", type=PathGiven(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", required=True,
               help="Registered model name; also the MLflow experiment's name.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
               help=f"A shipped configuration [default: {DEFAULT_PRESET}].")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_file", type=PathGiven(dir_okay=False, path_type=Path),
               default=None, help="A TOML or JSON configuration with [model] and [train] "
                                  "tables (see anomaly_flow/presets/*.toml).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
