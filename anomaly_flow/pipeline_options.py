@@ -114,6 +114,9 @@ def check_cost_options(parser: argparse.ArgumentParser, args: argparse.Namespace
     if method != "cost" and (args.cost_fp is not None or args.cost_fn is not None):
         parser.error("--cost-fp and --cost-fn only apply to the cost method; drop them, or "
                      "use the cost method")
+    if args.cost_fp == 0 and args.cost_fn == 0:
+        parser.error("--cost-fp and --cost-fn are both 0, so every threshold costs the same; "
+                     "give at least one of them a positive cost")
     args.cost_fp = 1.0 if args.cost_fp is None else args.cost_fp
     args.cost_fn = 1.0 if args.cost_fn is None else args.cost_fn
 

@@ -219,9 +219,11 @@ def test_refusal_when_too_few_normal_images(store: Path, image_dirs: ImageDirs) 
     (["--target-fpr", "0.1", "--cost-fn", "3"], "only apply to --method cost"),
     (["--target-fpr", "0.1", "--score", "auto"], "pass --anomalous DIR, or name a score"),
     (["--method", "cost", "--anomalous", ".", "--cost-fn", "inf"],
-     "Invalid value for '--cost-fn': inf is not a finite number >= 0"),
+     "Invalid value for '--cost-fn': inf is not a finite number"),
     (["--method", "cost", "--anomalous", ".", "--cost-fp", "nan"],
-     "Invalid value for '--cost-fp': nan is not a finite number >= 0"),
+     "Invalid value for '--cost-fp': nan is not a finite number"),
+    (["--method", "cost", "--anomalous", ".", "--cost-fp", "0", "--cost-fn", "0"],
+     "--cost-fp and --cost-fn are both 0"),  # refused before any folder is scored
 ])
 def test_usage_errors(store: Path, image_dirs: ImageDirs, args: list[str],
                       message: str) -> None:

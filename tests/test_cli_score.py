@@ -230,6 +230,15 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(args: list[st
         in result.output
 
 
+def test_a_rate_that_is_not_a_number_is_refused_before_scoring(messy: Path, model_dir: Path,
+                                                               tmp_path: Path) -> None:
+    result = run("score", messy, "--model", model_dir, "--out", tmp_path / "o.csv",
+                 "--fdr", "nan")  # FloatRange's bounds let nan through
+    assert result.exit_code == 2 and "Invalid value for '--fdr': nan is not a finite " \
+        "number" in result.output
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_a_registry_uri_without_a_store_creates_nothing(messy: Path, tmp_path: Path,
                                                         tracking_env: dict[str, str]) -> None:
     """A fresh process in a folder with no ``mlruns/``: one line, and no empty store."""

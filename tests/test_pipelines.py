@@ -120,6 +120,15 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
         in capsys.readouterr().err
 
 
+def test_two_zero_costs_are_refused_before_scoring(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("select_threshold").parse_args(
+            ["--model", "models:/x@candidate", "--normal", "n", "--anomalous", "a",
+             "--cost-fp", "0", "--cost-fn", "0"])
+    assert exit_info.value.code == 2
+    assert "--cost-fp and --cost-fn are both 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["calibrate", "select_threshold"])
 def test_pipeline_with_an_unknown_model_is_one_line(
         script: str, trained: TrainedModel, image_dirs: ImageDirs,

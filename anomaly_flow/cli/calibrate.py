@@ -9,7 +9,6 @@ group's log handler writes to stderr; the commands do not repeat them.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from anomaly_flow.cli.common import (
     MODEL_URI,
     PathGiven,
     device_option,
+    finite,
     mlruns_option,
     model_option,
     user_errors,
@@ -39,13 +39,6 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
     func = click.option("--batch-size", type=click.IntRange(min=1), default=256,
                         show_default=True, help="Images per forward pass.")(func)
     return func
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """A cost must be a finite number (FloatRange lets inf and nan through)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number >= 0")
-    return value
 
 
 @main.command()
@@ -74,9 +67,9 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option("--method", type=click.Choice(METHODS), default="conformal", show_default=True,
               help="conformal: threshold for --target-fpr from normal images alone; f1, "
                    "youden, cost: from labelled anomalies (--anomalous).")
-@click.option("--cost-fp", type=click.FloatRange(min=0), default=None, callback=_finite,
+@click.option("--cost-fp", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Cost of one false alarm (--method cost) [default: 1].")
-@click.option("--cost-fn", type=click.FloatRange(min=0), default=None, callback=_finite,
+@click.option("--cost-fn", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Cost of one missed anomaly (--method cost) [default: 1].")
 @click.option("--promote", is_flag=True, help="Move alias 'champion' to the new version.")
 @device_option
@@ -114,6 +107,9 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
                                "knn, ensemble, level_1 ...).")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
+    if cost_fp == 0 and cost_fn == 0:
+        raise click.UsageError("--cost-fp and --cost-fn are both 0, so every threshold costs "
+                               "the same; give at least one of them a positive cost.")
     if target_fpr is not None and not 0 < target_fpr < 1:
         raise click.BadParameter(f"must be between 0 and 1 (e.g. 0.01), got {target_fpr}.",
                                  param_hint="--target-fpr")

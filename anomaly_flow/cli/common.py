@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,14 @@ from anomaly_flow.errors import describe, user_error_types
 F = TypeVar("F", bound=Callable[..., Any])
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Option callback: a number option must be finite (``click.FloatRange`` lets ``nan``
+    through every bound, and ``inf`` through open ones), refused before any work."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 class PathGiven(click.Path):

@@ -11,6 +11,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
     PathGiven,
     device_option,
+    finite,
     mlruns_option,
     model_option,
     printable,
@@ -80,7 +81,7 @@ Examples:
 @click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, metavar="Q",
               help="Flag anomalies by Benjamini-Hochberg at false discovery rate Q over "
-                   "all files, instead of the calibrated threshold.")
+                   "all files, instead of the calibrated threshold.", callback=finite)
 @mlruns_option
 @user_errors
 def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | None,
