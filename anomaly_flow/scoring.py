@@ -77,6 +77,9 @@ DECISION_COLUMNS = ("score", "p_value", "is_anomaly", "error")
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 """Output file extensions (lower case) and the format each one means."""
 
+_FILE_CLOCK = getattr(time, "CLOCK_REALTIME_COARSE", time.CLOCK_REALTIME)
+"""The clock file times come from (Linux's coarse real-time clock; elsewhere the plain one)."""
+
 FLUSH_EVERY_S = 60.0
 """A long run rewrites its partial table at least this many seconds apart (see
 :func:`score_folder`), so a killed run leaves something to ``resume`` from."""
@@ -1067,6 +1070,17 @@ def score_folder(
         writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
                                sources=[sources[i] for i in todo])
 
+    # The table's modification time is set back to when this run began reading: a file
+    # changed while the run went on is then newer than the table, and a later --resume
+    # reads it again. Read from the clock Linux stamps files with (it lags the precise
+    # one by up to a tick, which would make files written just before look newer).
+    started_ns = time.clock_gettime_ns(_FILE_CLOCK)
+
+    def write(table: pd.DataFrame) -> None:
+        write_or_keep(table, out)
+        with contextlib.suppress(OSError):
+            os.utime(out, ns=(time.time_ns(), started_ns))
+
     todo_keys = np.array([keys[i] for i in todo], dtype=object)
     todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
     frames: list[pd.DataFrame] = []
@@ -1101,7 +1115,7 @@ def score_folder(
         frames.append(frame)
         if flush.due():
             with flush.timing():
-                write_or_keep(assemble(), out)
+                write(assemble())
 
     dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
                              config.n_bits, config.levels)
@@ -1116,7 +1130,7 @@ def score_folder(
         if frames:
             interrupted = isinstance(stop, KeyboardInterrupt)
             try:
-                write_or_keep(assemble(), out)
+                write(assemble())
             except Exception as failed:
                 if interrupted:
                     raise
@@ -1140,7 +1154,7 @@ def score_folder(
             logger.warning("removed %d heatmap(s) an earlier run drew of files that cannot "
                            "be scored now", removed)
     table = assemble()
-    write_or_keep(table, out)
+    write(table)
     failed = table["error"] != ""
     return ScoreSummary(
         n_files=len(table),

@@ -656,6 +656,33 @@ def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
     pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
 
 
+def test_a_file_changed_while_the_run_goes_on_is_read_again_on_resume(
+        model: Glow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its row holds the old content's score, written after the change: the table's
+    time is that of the run's start, so --resume sees the file as newer."""
+    folder, out = tmp_path / "images", tmp_path / "scores.csv"
+    write_image_folder(sample_images(12), folder, "x-")
+    launches = 0
+    real_launch = scoring._launch
+
+    def launch_then_change_a_read_file(*args: object, **kwargs: object) -> object:
+        nonlocal launches
+        launches += 1
+        if launches == 3:  # x-00001 was read in the first batch
+            write_image_folder(sample_images(1, offset=50), folder, "x-00001-new")
+            os.replace(folder / "x-00001-new00000.png", folder / "x-00001.png")
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_launch", launch_then_change_a_read_file)
+    stale = read_csv(score_folder(model, None, folder, out, batch_size=3).out)
+    monkeypatch.setattr(scoring, "_launch", real_launch)
+    summary = score_folder(model, None, folder, out, batch_size=3, resume=True)
+    assert summary.n_resumed == 11  # all but the changed file
+    fresh = score_folder(model, None, folder, tmp_path / "fresh.csv", batch_size=3)
+    pd.testing.assert_frame_equal(read_csv(out), read_csv(fresh.out), check_exact=True)
+    assert not stale.equals(read_csv(out))
+
+
 def test_rows_the_output_folder_refuses_are_kept_elsewhere(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1249,7 +1276,7 @@ def test_an_output_link_is_written_through_and_a_replaced_table_is_named(
     write_image_folder(sample_images(2), folder, "x-")
     (tmp_path / "shared").mkdir()
     target, link = tmp_path / "shared" / "real.csv", tmp_path / "link.csv"
-    target.write_text("old\n")
+    target.write_text("path,bpd,error\n")  # an earlier table, with no rows
     link.symlink_to(target)
     with caplog.at_level(logging.WARNING):
         summary = score_folder(model, None, folder, link)
