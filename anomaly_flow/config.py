@@ -27,6 +27,14 @@ Device = Literal["auto", "cpu", "cuda"]
 
 PRESETS = ("tiny", "small", "fashion-mnist")
 
+MAX_IMAGE_SIZE = 1024
+"""The largest ``image_size`` a config accepts. A flow is invertible, so it discards no
+resolution: its first level's K coupling networks run at half the image side, and
+training keeps their activations for the backward pass. That memory grows with the
+square of the side; at 1024 one grey image needs about 0.5 GB of it with the ``tiny``
+preset and 75 GB with the default architecture (512 channels, K=32), and larger sizes
+end in an out-of-memory error, or the system's OOM killer, not in a model."""
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
@@ -48,7 +56,8 @@ class GlowConfig:
 
     Attributes:
         in_channels: Image channels: 1 (mode ``L``) or 3 (mode ``RGB``).
-        image_size: Side of the square input in pixels; divisible by ``2**levels``.
+        image_size: Side of the square input in pixels; divisible by ``2**levels``, at
+            most :data:`MAX_IMAGE_SIZE`.
         levels: Number of scales L; each starts with a squeeze, all but the last end
             with a split.
         steps_per_level: Flow steps K per level (actnorm, 1x1 conv, coupling).
@@ -76,6 +85,11 @@ class GlowConfig:
         _check(self.hidden_channels >= 1, "hidden_channels", self.hidden_channels,
                "must be a positive width")
         _check(1 <= self.n_bits <= 8, "n_bits", self.n_bits, "must be between 1 and 8")
+        _check(self.image_size <= MAX_IMAGE_SIZE, "image_size", self.image_size,
+               f"must be at most {MAX_IMAGE_SIZE}: the memory a flow's activations take in "
+               "training grows with image_size² (being invertible, it runs its coupling "
+               "networks at half the image side), and larger sizes exhaust it; use a "
+               "smaller image_size (the images are resized to it when loaded)")
         factor = 2**self.levels
         _check(self.image_size >= factor and self.image_size % factor == 0, "image_size",
                self.image_size,

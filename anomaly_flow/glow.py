@@ -143,6 +143,15 @@ class ModelFileError(ValueError):
     """A saved model folder is missing a file or does not match its config."""
 
 
+class SamplingError(RuntimeError):
+    """The model cannot draw samples: its flow has no inverse, or its samples overflow.
+
+    Both come from weights a diverged training left (a 1x1 convolution driven to a
+    singular matrix, values grown past float range); the density side
+    (:meth:`Glow.forward`) still runs and gives non-finite bits/dim instead.
+    """
+
+
 class FlowOutput(NamedTuple):
     """What :meth:`Glow.forward` returns; lists are indexed by level, finest first.
 
@@ -572,10 +581,28 @@ class Glow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7) -> Tensor:
-        """Draw ``n`` flow inputs ``(n, C, H, W)``; temperature scales the prior std."""
+        """Draw ``n`` flow inputs ``(n, C, H, W)``; temperature scales the prior std.
+
+        Raises:
+            SamplingError: A 1x1 convolution's weight is singular, so the flow cannot be
+                inverted, or the samples are not finite (checked here, a host sync).
+        """
         z = torch.empty(n, 0, device=self.device)
-        for level in reversed(self.levels):
-            z = level.inverse(z, None, temperature)
+        for index in reversed(range(len(self.levels))):
+            try:
+                z = self.levels[index].inverse(z, None, temperature)
+            except torch.linalg.LinAlgError:
+                raise SamplingError(
+                    f"the model cannot draw samples: a 1x1 convolution of level {index + 1} "
+                    "has a singular weight, so the flow has no inverse there; such weights "
+                    "come from a training that diverged (train again with a lower lr or a "
+                    "longer warmup_steps)") from None
+        bad = int((~torch.isfinite(z)).sum())
+        if bad:
+            raise SamplingError(
+                f"the model cannot draw samples: {bad} of the {z.numel()} sampled values are "
+                "NaN or infinite, so its weights overflow; such weights come from a training "
+                "that diverged (train again with a lower lr or a longer warmup_steps)")
         return z
 
     def save(self, folder: str | Path) -> Path:

@@ -62,6 +62,7 @@ from anomaly_flow.data import (
 from anomaly_flow.glow import (
     REFERENCE_MAX_MAPS,
     Glow,
+    SamplingError,
     bits_per_dim,
     breakdown_from_output,
     knn_grid,
@@ -91,6 +92,10 @@ takes (the learning rate depends on the step alone, so a longer run's first step
 shorter one's)."""
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 """Optimizer settings that choose a kernel, not the arithmetic."""
+_ALLOCATION = re.compile(r"tried to allocate (?:(\d+) bytes|(\d+(?:\.\d+)? ?[KMGTP]i?B))",
+                         re.IGNORECASE)
+"""The failed allocation in torch's out-of-memory messages: ``you tried to allocate N
+bytes`` (CPU), ``Tried to allocate 2.00 GiB`` (CUDA)."""
 
 
 class TrainingError(RuntimeError):
@@ -130,9 +135,12 @@ class TrainResult:
         images_per_sec: Training throughput over the last epoch, decoding included.
         skipped_steps: Steps skipped for a non-finite loss or gradient.
         failed_files: Undecodable images of both splits, file (or ``item N``) -> reason.
-        samples: uint8 grid of 16 samples, ``(H, W)`` or ``(H, W, 3)``; empty off rank 0.
+        samples: uint8 grid of 16 samples, ``(H, W)`` or ``(H, W, 3)``; empty off rank 0,
+            and empty when the model cannot draw samples (``samples_skipped`` says why).
         checkpoint_dir: The final checkpoint (None when none was written).
         history: One dict of epoch metrics per epoch.
+        samples_skipped: Why rank 0 drew no sample grid (a :class:`SamplingError`'s
+            message: the weights of a diverged training), else None.
     """
 
     model: Glow
@@ -146,6 +154,7 @@ class TrainResult:
     samples: np.ndarray
     checkpoint_dir: Path | None
     history: list[dict[str, float]]
+    samples_skipped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -513,6 +522,10 @@ def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
     """A square grid of ``n`` samples as a uint8 image (H, W) or (H, W, 3).
 
     Drawn from ``seed`` without touching the caller's random state.
+
+    Raises:
+        SamplingError: The model cannot draw samples (the weights of a diverged
+            training: a singular 1x1 convolution, or samples that are not finite).
     """
     model.eval()
     side = math.isqrt(n)
@@ -735,7 +748,8 @@ def train(
     Raises:
         TrainingError: Empty training set, CUDA asked for but missing, a batch size not
             divisible by the process count, resume without a checkpoint (or a fresh run
-            over old checkpoints), no decodable first images, or a diverged model.
+            over old checkpoints), no decodable first images, a diverged model, or out of
+            memory (CPU or GPU).
     """
     dev = resolve_device(device)
     if len(train_set) == 0:
@@ -764,9 +778,35 @@ def train(
         if joined:  # leave together: rank 0 draws samples after the last collective, and
             dist.barrier()  # a rank leaving a gloo group early can abort on its way out
         return result
+    except RuntimeError as exc:
+        message = None if isinstance(exc, TrainingError) else _out_of_memory(exc, config, dev)
+        if message is None:
+            raise
+        raise TrainingError(message) from None
     finally:
         if joined:  # whoever joined the group leaves it; a caller's own group stays
             dist.destroy_process_group()
+
+
+def _out_of_memory(error: RuntimeError, config: RunConfig, device: torch.device) -> str | None:
+    """What to tell a user whose training ran out of memory, or None when ``error`` is
+    not torch's out-of-memory error (``torch.OutOfMemoryError`` on CUDA, a RuntimeError
+    "DefaultCPUAllocator: can't allocate memory" on the CPU)."""
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    failed = ""
+    if found := _ALLOCATION.search(text):
+        size = found[2] or (f"{int(found[1]) / 2**30:.2f} GiB" if int(found[1]) >= 2**30
+                            else f"{int(found[1]) / 2**20:.1f} MiB")
+        failed = f" (an allocation of {size} failed)"
+    m, t = config.model, config.train
+    return (f"training ran out of memory on {device}{failed} with batch_size = "
+            f"{t.batch_size}, init_batch_size = {t.init_batch_size}, image_size = "
+            f"{m.image_size} and hidden_channels = {m.hidden_channels}; lower "
+            "train.batch_size (--batch-size) or train.init_batch_size, or use a smaller "
+            "model.image_size (the images are resized to it) or model.hidden_channels")
 
 
 def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
@@ -949,12 +989,18 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     if failed.reasons and rank == 0:
         logger.warning("%d training file(s) could not be decoded and were skipped: %s",
                        len(failed.reasons), ", ".join(sorted(failed.reasons)))
-    samples = (sample_grid(model, 16, t.sample_temperature, t.seed) if rank == 0
-               else np.zeros((0, 0), dtype=np.uint8))
+    samples, samples_skipped = np.zeros((0, 0), dtype=np.uint8), None
+    if rank == 0:
+        try:
+            samples = sample_grid(model, 16, t.sample_temperature, t.seed)
+        except SamplingError as exc:  # the model is still returned, to be judged by val_bpd
+            samples_skipped = str(exc)
+            logger.warning("no sample grid: %s", exc)
     return TrainResult(model=model, config=config, steps=step, val_bpd=val_bpd,
                        train_bpd=last_bpd, images_per_sec=imgs_per_sec,
                        skipped_steps=skipped_steps, failed_files=dict(failed.reasons),
-                       samples=samples, checkpoint_dir=final, history=history)
+                       samples=samples, checkpoint_dir=final, history=history,
+                       samples_skipped=samples_skipped)
 
 
 def _checked_reference(n: int, rank: int) -> int:

@@ -101,6 +101,25 @@ def test_bad_input_gives_a_one_line_error(
     assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store
 
 
+def test_an_image_size_too_large_for_memory_is_refused_before_the_store(
+        tmp_path: Path, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """image_size = 100000 was the OOM killer: no message, the MLflow run left RUNNING."""
+    from anomaly_flow.glow import Glow
+
+    def no_model(*args: object) -> None:  # should the refusal go, fail here, not in the
+        raise AssertionError("a model of image_size 100000 was built")  # OOM killer
+
+    monkeypatch.setattr(Glow, "__init__", no_model)
+    config = tmp_path / "huge.toml"
+    config.write_text("[model]\nimage_size = 100000\nlevels = 2\n")
+    result = invoke(str(image_dirs.train), "--name", "x", "--config", str(config),
+                    "--mlruns", str(tmp_path / "store"))
+    assert_one_line_error(result, 1, "image_size = 100000 in [model] is invalid: must be at "
+                          "most 1024: the memory a flow's activations take in training grows "
+                          "with image_size²", "use a smaller image_size")
+    assert not (tmp_path / "store" / "mlflow.db").exists()
+
+
 def test_a_second_training_of_a_name_waits_its_turn(image_dirs: ImageDirs, mlruns: Path) -> None:
     """Another terminal, or a scheduler's retry, would delete the running training's
     checkpoints: while one holds the name's lock, the other is refused."""
@@ -299,6 +318,51 @@ def test_a_diverged_training_is_not_registered(image_dirs: ImageDirs, mlruns: Pa
     assert_one_line_error(result, 1, "model not registered:", "steps were skipped for a "
                           "non-finite loss or gradient: training diverged; lower lr")
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_a_model_that_cannot_draw_samples_is_not_registered_and_says_why(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """lr = 1e6: the first step drives a 1x1 convolution singular, the second is skipped.
+    The sample grid ended the command in a LinAlgError traceback; now it is skipped with
+    a warning and a tag, and the model is logged but not registered, with the reason."""
+    preset = (Path(__file__).parents[1] / "anomaly_flow" / "presets" / "tiny.toml").read_text()
+    config = mlruns.parent / "lr-huge.toml"
+    config.write_text(preset.replace("lr = 2e-3", "lr = 1e6"))
+    result = invoke(str(image_dirs.train), "--name", "lrh", "--config", str(config),
+                    "--epochs", "1", "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "model not registered: validation bits/dim is nan (not "
+                          "finite) on the 5 validation image(s) that could be decoded: the "
+                          "model diverged; lower lr or raise warmup_steps")
+    assert "WARNING anomaly_flow.train: no sample grid: the model cannot draw samples: a 1x1 " \
+        "convolution of level 2 has a singular weight" in result.stderr
+    assert result.stdout.startswith("run_id: ")
+    client = mlflow.MlflowClient()
+    assert client.search_registered_models() == []
+    run = client.get_run(result.stdout.split()[1])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["registered_version"] == "none"
+    assert run.data.tags["samples_skipped"].startswith("the model cannot draw samples")
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "training_curves.png" in files and "samples.png" not in files
+
+
+def test_running_out_of_memory_is_a_one_line_error(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomaly_flow.glow import Glow
+    from tests.test_train import CPU_OOM
+
+    def forward(self: Glow, x: object) -> None:
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(Glow, "forward", forward)
+    result = invoke(str(image_dirs.train), "--name", "oom", "--preset", "tiny", "--epochs",
+                    "1", "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "training ran out of memory on cpu (an allocation of "
+                          "2.25 GiB failed) with batch_size = 32, init_batch_size = 256, "
+                          "image_size = 16 and hidden_channels = 32; lower train.batch_size "
+                          "(--batch-size)")
+    runs = mlflow.search_runs(experiment_names=["oom"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 OFTEN = ('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\nhidden_channels = 16\n'

@@ -11,11 +11,12 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 
-from anomaly_flow.config import ConfigError, GlowConfig
+from anomaly_flow.config import MAX_IMAGE_SIZE, ConfigError, GlowConfig, RunConfig
 from anomaly_flow.glow import (
     REFERENCE_STD_FLOOR,
     Glow,
     ModelFileError,
+    SamplingError,
     knn_grid,
     postprocess,
     preprocess,
@@ -126,6 +127,34 @@ def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
     assert model.sample(3, temperature=0.7).shape == (3, 3, 8, 8)
     torch.testing.assert_close(model.sample(2, temperature=0.0),
                                model.sample(2, temperature=0.0))
+
+
+SINGULAR = r"a 1x1 convolution of level 2 has a singular weight, so the flow has no inverse there"
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("lu", SINGULAR), ("plain", SINGULAR),
+    ("overflow", r"\d+ of the 192 sampled values are NaN or infinite, so its weights overflow"),
+], ids=["lu", "plain", "overflow"])
+def test_weights_of_a_diverged_training_refuse_to_sample(damage: str, message: str) -> None:
+    """What a huge learning rate leaves: a 1x1 convolution driven singular (the LU
+    variant's scales underflow to 0), or a scale whose inverse overflows. The density
+    side still runs; sampling says why it cannot, instead of a LinAlgError or a grid of
+    NaNs turned into black pixels."""
+    model = make_model(1, 8, 2, invconv="plain" if damage == "plain" else "lu")
+    step = model.levels[-1].steps[0]  # sampling inverts the last level first
+    with torch.no_grad():
+        if damage == "lu":
+            step.invconv.log_s.fill_(-1000.0)  # exp(-1000) is 0: a zero on W's diagonal
+        elif damage == "plain":
+            step.invconv.weight.zero_()
+        else:
+            step.actnorm.log_scale.fill_(-1000.0)  # its inverse multiplies by exp(1000)
+    model.log_prob(torch.rand(2, 1, 8, 8, dtype=torch.float64) - 0.5)  # still runs
+    with pytest.raises(SamplingError, match=f"^the model cannot draw samples: {message}; "
+                                            "such weights come from a training that "
+                                            r"diverged \(train again with a lower lr"):
+        model.sample(3, temperature=0.7)
 
 
 def test_save_load_round_trip_keeps_actnorm_init(tmp_path) -> None:
@@ -366,6 +395,21 @@ def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
 def test_config_validation_names_the_field(field, kwargs) -> None:
     with pytest.raises(ConfigError, match=field):
         GlowConfig(**kwargs)
+
+
+def test_config_refuses_an_image_size_too_large_for_memory(tmp_path) -> None:
+    """4096 ended in "DefaultCPUAllocator: can't allocate memory", 100000 in the OOM
+    killer (no message, the MLflow run left RUNNING): refused with the reason instead."""
+    assert GlowConfig(image_size=MAX_IMAGE_SIZE, levels=2).image_size == 1024
+    for size in (2048, 4096, 100_000):
+        with pytest.raises(ConfigError, match=rf"^image_size = {size} is invalid: must be at "
+                                              r"most 1024: the memory a flow's activations "
+                                              r"take in training grows with image_size²"):
+            GlowConfig(image_size=size, levels=2)
+    with pytest.raises(ConfigError, match=r"^image_size = 100000 in \[model\] is invalid: "
+                                          r"must be at most 1024: .*; use a smaller "
+                                          r"image_size \(the images are resized to it"):
+        RunConfig.from_dict({"model": {"image_size": 100_000, "levels": 2}})
 
 
 def test_config_json_round_trip() -> None:

@@ -561,6 +561,25 @@ def test_injected_nan_is_skipped_and_counted(image_folder: Path, tmp_path: Path,
     assert math.isfinite(result.val_bpd) and math.isfinite(result.train_bpd)
 
 
+def test_a_model_that_cannot_draw_samples_comes_back_without_a_grid(
+        tmp_path: Path, sneakers: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    """lr = 1e6: the first step drives a 1x1 convolution singular. Training ends (the
+    sample grid ended it with a LinAlgError), the grid is skipped with one warning, and
+    the non-finite validation bits/dim is left for the caller to judge."""
+    write_image_folder(sneakers[:40], tmp_path / "data", "s", "png")
+    config = run_config(epochs=1, lr=1e6)
+    data = folder_datasets(tmp_path / "data", config)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        result = train(config, data.train, data.val, device="cpu")
+    assert result.steps == 3 and result.samples.size == 0
+    assert not math.isfinite(result.val_bpd)
+    assert result.samples_skipped is not None
+    assert result.samples_skipped.startswith("the model cannot draw samples: a 1x1 "
+                                             "convolution of level 2 has a singular weight")
+    warnings = [r.getMessage() for r in caplog.records if "sample grid" in r.getMessage()]
+    assert warnings == [f"no sample grid: {result.samples_skipped}"]
+
+
 def test_many_nans_in_a_row_stop_training(image_folder: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     config = run_config(epochs=1, max_nonfinite_steps=3)
@@ -600,6 +619,52 @@ def test_errors(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it; checked before joining
     with pytest.raises(TrainingError, match="batch_size 16 is not divisible by the 3"):
         train(config, data.train, device="cpu")
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+           "allocate memory: you tried to allocate 2415919104 bytes. Error code 12 (Cannot "
+           "allocate memory)")
+"""What torch raised for image_size = 4096 (the tiny preset otherwise) on a 24 GB machine."""
+
+
+@pytest.mark.parametrize(("error", "failed"), [
+    (RuntimeError(CPU_OOM), "2.25 GiB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                            "total capacity of 79.10 GiB of which 3.12 GiB is free."),
+     "20.00 GiB"),
+], ids=["cpu", "cuda"])
+def test_running_out_of_memory_is_a_training_error(image_folder: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   error: RuntimeError, failed: str) -> None:
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+
+    def forward(self: Glow, x: torch.Tensor) -> None:
+        raise error
+
+    monkeypatch.setattr(Glow, "forward", forward)
+    with pytest.raises(TrainingError, match=(
+            rf"^training ran out of memory on cpu \(an allocation of {failed} failed\) with "
+            r"batch_size = 16, init_batch_size = 64, image_size = 16 and hidden_channels = "
+            r"16; lower train.batch_size \(--batch-size\) or train.init_batch_size, or use a "
+            r"smaller model.image_size \(the images are resized to it\) or "
+            r"model.hidden_channels$")):
+        train(config, data.train, data.val, device="cpu")
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(image_folder: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+
+    def forward(self: Glow, x: torch.Tensor) -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(Glow, "forward", forward)
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2") as raised:
+        train(config, data.train, data.val, device="cpu")
+    assert not isinstance(raised.value, TrainingError)
 
 
 # --------------------------------------------------------------------------- DDP

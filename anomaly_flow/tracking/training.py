@@ -305,10 +305,24 @@ def _failed_files_report(result_failed: dict[str, str]) -> list[str]:
     return [f"{name}\t{reason}" for name, reason in sorted(result_failed.items())]
 
 
-def _not_registered_reason(val_bpd: float, data: FolderData) -> str:
+def _not_registered_reason(val_bpd: float, data: FolderData,
+                           failed_files: dict[str, str]) -> str:
+    """Why a model whose validation bits/dim is not finite is not registered: its images
+    could not be decoded, or the model gives non-finite bits/dim on them (diverged)."""
     if data.val is None:
         return ("there is no validation set (val_fraction = 0), so the model cannot be "
                 "checked; set train.val_fraction > 0")
+    indices = getattr(data.val, "indices", None)  # folder_datasets' split is a Subset
+    undecodable = (None if indices is None else
+                   sum(display_path(data.paths[i]) in failed_files for i in indices))
+    if undecodable == len(data.val):
+        return (f"validation bits/dim is {val_bpd} (not finite): none of the {len(data.val)} "
+                "validation images could be decoded; check the images (failed_files.txt "
+                "lists them)")
+    if undecodable is not None:
+        return (f"validation bits/dim is {val_bpd} (not finite) on the "
+                f"{len(data.val) - undecodable} validation image(s) that could be decoded: "
+                "the model diverged; lower lr or raise warmup_steps")
     return (f"validation bits/dim is {val_bpd} (not finite): the model diverged or none of "
             f"the {len(data.val)} validation images could be decoded; check the images, or "
             "lower lr / raise warmup_steps")
@@ -325,7 +339,8 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     plus the data counts) and ``config.json``; per-step metrics (``train_bpd``, ``lr``,
     ``grad_norm``, ``images_per_sec``, ``skipped_steps``) and per-epoch ones
     (``val_bpd``, ``train_bpd_epoch``, ``images_per_sec_epoch``, ``failed_files``);
-    ``samples.png``, ``training_curves.png``, ``training_images.sha256`` (the content
+    ``samples.png`` (or, when the model cannot draw samples, a tag ``samples_skipped``
+    saying why), ``training_curves.png``, ``training_images.sha256`` (the content
     digests of the training folder, which calibration checks its images against) and,
     when files failed to decode, ``failed_files.txt``; tags ``data_fingerprint``,
     ``data_folder``, ``git_commit`` (of this code, when it runs from a git checkout). The
@@ -459,6 +474,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
 
         if result.samples.size:
             run.log_image(result.samples, "samples.png")
+        elif result.samples_skipped:  # the weights of a diverged training (warned about)
+            run.set_tags({"samples_skipped": result.samples_skipped})
         run.log_figure(curves_figure(run.run_id), "training_curves.png")
         if result.failed_files:
             lines = _failed_files_report(result.failed_files)
@@ -484,10 +501,10 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                        f"(validation bits/dim {result.val_bpd:.4f})")
         else:
             version, model_uri = None, logged_uri
-            reason = (_not_registered_reason(result.val_bpd, folder) if not diverged else
-                      f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
+            reason = (f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
                       "non-finite loss or gradient: training diverged; lower lr or raise "
-                      "warmup_steps")
+                      "warmup_steps" if diverged else
+                      _not_registered_reason(result.val_bpd, folder, result.failed_files))
             run.set_tags({"registered_version": "none", "not_registered_reason": reason})
             message = f"model not registered: {reason}"
             logger.warning(message)
