@@ -715,3 +715,23 @@ def test_ctrl_c_before_training_starts_exits_130_not_aborted(
                     "--mlruns", str(mlruns))
     assert result.exit_code == 130, result.output
     assert result.stderr.strip() == "interrupted"
+
+
+def test_a_refused_resume_leaves_the_stopped_run_as_it_was(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped at step 1, before the first checkpoint (step 2): --resume has nothing to go
+    on from, and says so before reopening the run (which it marked FAILED and resumed)."""
+    common = [str(image_dirs.train), "--name", "early-stop", "--config",
+              str(often_config(mlruns.parent)), "--mlruns", str(mlruns)]
+    stop_training_at(monkeypatch, 1, KeyboardInterrupt())
+    stopped = invoke(*common)
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.undo()
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("early-stop").experiment_id])
+    again = invoke(*common, "--resume")
+    assert_one_line_error(again, 1, "resume was asked for but there is no checkpoint in",
+                          "stopped before its first, one every 2 steps")
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == run.info.status == "KILLED"
+    assert after.data.tags == run.data.tags

@@ -233,15 +233,20 @@ def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str,
     """Refuse to resume a training that already reached its last step and was logged and
     registered (one whose store failed after the last step resumes to finish that)."""
     latest = latest_checkpoint(ckpt)
-    done = None if latest is None else checkpoint_step(latest)
+    if latest is None:  # refused here, before the earlier run is reopened and retagged
+        raise TrainingError(
+            f"resume was asked for but there is no checkpoint in {ckpt} (the training of "
+            f"{name!r} stopped before its first, one every "
+            f"{config.train.checkpoint_every} steps); train without --resume to start afresh")
+    done = checkpoint_step(latest)
     planned = total_steps(config, n_train)
-    if done is not None and done > planned:
+    if done > planned:
         per_epoch = planned // config.train.epochs
         raise TrainingError(
             f"the checkpoint of {name!r} is at step {done}, past the {planned} steps of the "
             f"{config.train.epochs} epoch(s) asked for; to go on, resume with --epochs "
             f"{done // per_epoch + 1} or more; to start again, drop --resume")
-    if done is not None and done == planned and state.get("concluded", True):
+    if done == planned and state.get("concluded", True):
         raise TrainingError(
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
