@@ -972,6 +972,10 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             if n_reference is not None:
                 epoch_metrics["reference_images"] = float(n_reference)
             history.append(epoch_metrics)
+            if rank == 0 and bar.disable:  # no bar (not a terminal): a line an epoch
+                logger.info("epoch %d of %d: train %.4f bits/dim, validation %.4f, "
+                            "%.0f images/s", epoch + 1, t.epochs,
+                            epoch_metrics["train_bpd_epoch"], val_bpd, imgs_per_sec)
             emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
             if step % t.checkpoint_every == 0:
                 checkpoint(epoch + 1, step)

@@ -143,13 +143,17 @@ def test_bits_per_dim_falls(image_folder: Path, capfd: pytest.CaptureFixture[str
 
 
 def test_training_fits_the_normal_reference_on_the_validation_images(
-        image_folder: Path, tmp_path: Path) -> None:
+        image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The reference is the per-pixel mean and std of the validation images' bits/dim
     maps under the final weights; the final checkpoint keeps it; without a validation
     set there is none."""
     config = run_config(epochs=1)
     data = folder_datasets(image_folder, config)
-    result = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="anomaly_flow.train"):
+        result = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path)
+    # no progress bar off a terminal: a line an epoch instead, so a log is not silent
+    assert re.search(r"epoch 1 of 1: train \d+\.\d{4} bits/dim, validation "
+                     f"{result.val_bpd:.4f}, \\d+ images/s", caplog.text), caplog.text
     model = result.model
     assert model.has_reference
 
