@@ -482,6 +482,12 @@ def score_dataset(
                          "with the model's config.levels")
     device = model.device
     model.eval()
+    batch_size = min(batch_size, max(len(dataset), 1))  # a batch past the data is the data
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and num_workers > cores:
+        logger.warning("%d decoding workers asked for, but this process may use %d CPU "
+                       "cores; using %d", num_workers, cores, cores)
+        num_workers = cores
     # a worker per batch at most: more would only start processes with nothing to decode
     num_workers = min(num_workers, math.ceil(len(dataset) / batch_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,

@@ -412,6 +412,22 @@ def test_no_more_workers_start_than_there_are_batches(model: Glow, messy: Path,
         score_folder(model, None, messy, tmp_path / "s.csv", batch_size=256, num_workers=64)
 
 
+def test_workers_past_the_cores_and_a_batch_past_any_size_are_cut_to_fit(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """1,000 workers for one image each would start 1,000 processes on 2 cores; a batch
+    size past sys.maxsize made torch's sampler raise."""
+    cores = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")  # torch's own worker-count warning included
+        score_folder(model, None, messy, tmp_path / "s.csv", batch_size=1, num_workers=1000)
+    assert f"1000 decoding workers asked for, but this process may use {cores} CPU " \
+        f"cores; using {cores}" in caplog.text
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "s.csv"), full_table, check_exact=True)
+    score_folder(model, None, messy, tmp_path / "big.csv", batch_size=10**20)
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "big.csv"), full_table, check_exact=True)
+
+
 def test_a_file_scored_alone_gets_its_folder_run_numbers(
     model: Glow, messy: Path, full_table: pd.DataFrame
 ) -> None:
