@@ -287,6 +287,7 @@ def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
                            "models:/tiny-parts/VERSION"),
     ("runs:/0123456789abcdef0123456789abcdef/model", "no model at runs:/"),
     ("/no/such/folder", "that path does not exist"),
+    (__file__, f"{__file__} is a file, not a model folder"),
 ])
 def test_missing_models_give_one_line_errors(trained: TrainedModel, uri: str,
                                              message: str) -> None:

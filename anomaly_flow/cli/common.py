@@ -134,6 +134,9 @@ class ModelURI(click.ParamType):
             self.fail(f"{text!r} is neither a model URI nor an existing folder; use "
                       "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
                       "model folder", param, ctx)
+        if not path.is_dir():
+            self.fail(f"{text!r} is a file, not a model folder; give the folder that holds "
+                      "the model (its MLmodel file), or a models:/ or runs:/ URI", param, ctx)
         return text
 
 

@@ -273,6 +273,9 @@ def _load_local(path: Path, uri: str, device: str) -> LoadedModel:
         raise ModelNotFoundError(
             f"{path} holds no model: a model folder has an MLmodel file, or {CONFIG_FILE} "
             f"and {WEIGHTS_FILE} written by Glow.save; {_URI_HELP}")
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is a file, not a model folder; give the folder "
+                                 f"that holds the model's MLmodel file; {_URI_HELP}")
     raise ModelNotFoundError(f"no model at {uri}: that path does not exist; {_URI_HELP}")
 
 
