@@ -296,6 +296,24 @@ def test_missing_models_give_one_line_errors(trained: TrainedModel, uri: str,
     assert "\n" not in str(info.value)
 
 
+def test_a_damaged_registry_is_not_called_a_missing_model(
+        trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store whose registry tables are broken: MLflow's error, not "train one first"."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    shutil.copy(trained.mlruns / "mlflow.db", tmp_path / "mlflow.db")
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("DROP TABLE registered_model_aliases")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure()
+    with pytest.raises(MlflowException) as info:
+        tracking.load_model(f"models:/{trained.name}@candidate")
+    assert not isinstance(info.value, ModelNotFoundError)
+    assert "registered_model_aliases" in str(info.value)
+
+
 def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="holds no model"):
         tracking.load_model(str(tmp_path))

@@ -304,7 +304,9 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
     name = (by_alias or by_version)["name"]  # type: ignore[index]
     try:
         registered = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # a damaged or unreachable store, not a missing name: said as such
         raise ModelNotFoundError(
             f"no registered model {name!r} in {mlflow.get_registry_uri()}; train one with "
             f"`anomaly-flow train DATA --name {name}`, or point --mlruns / "
@@ -314,7 +316,9 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
             mv = client.get_model_version_by_alias(name, by_alias["alias"])
         else:
             mv = client.get_model_version(name, by_version["version"])  # type: ignore[index]
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         aliases = sorted(registered.aliases) if registered.aliases else []
         if by_alias:
             raise ModelNotFoundError(
