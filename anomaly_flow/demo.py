@@ -62,6 +62,8 @@ class DemoResult:
     test_fpr: float
     test_tpr: float
     threshold: float
+    score_name: str = "bpd"
+    """The score the calibration decides on, which ``auroc`` and the threshold are of."""
 
 
 def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
@@ -138,7 +140,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     return DemoResult(out=out, tracking_uri=uri, model_uri=champion, scores_csv=scores_csv,
                       report_html=report_html, heatmaps=heatmaps,
                       auroc=detection[score_name].auroc, test_fpr=point["fpr"],
-                      test_tpr=point["tpr"], threshold=threshold)
+                      test_tpr=point["tpr"], threshold=threshold, score_name=score_name)
 
 
 def _claim(out: Path) -> None:

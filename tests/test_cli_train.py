@@ -519,6 +519,7 @@ def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("run_id:") == 1 and proc.stdout.count("candidate:") == 1
+    assert proc.stderr.count("are resized to 16×16") == 1, proc.stderr  # rank 0's alone
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
                                  registry_uri=f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddp-parts")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,8 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     evaluated = by_name["evaluate"].data.metrics
     assert evaluated["n_normal"] + evaluated["n_anomalous"] == len(table)
     assert evaluated["n_anomalous"] == sample.test_is_anomaly.sum()
-    assert f"AUROC {evaluated['ensemble_auroc']:.4f}" in result.output
+    assert f"AUROC {evaluated['ensemble_auroc']:.4f} (ensemble score)" in result.output
+    assert re.search(r"INFO anomaly_flow.train: epoch 1 of 1: train ", result.stderr)
     assert by_name["evaluate"].info.run_id in page
 
 

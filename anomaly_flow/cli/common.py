@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -75,10 +76,28 @@ def configure_logging(verbose: int) -> None:
     """
     root = logging.getLogger()
     root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    if _other_rank():  # under torchrun rank 0 speaks for all: the others show errors only
+        root.setLevel(logging.ERROR)
     if not any(isinstance(handler, ClickLogHandler) for handler in root.handlers):
         handler = ClickLogHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
+
+
+def _other_rank() -> bool:
+    """Whether this process is a torchrun rank other than 0."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def show_stages(*names: str) -> None:
+    """Let these loggers' INFO lines through (which stage runs, a line an epoch where no
+    progress bar shows): commands that run for minutes say so also in a pipe or CI log.
+    Not on torchrun ranks other than 0, which show errors only."""
+    if _other_rank():
+        return
+    for name in names:
+        named = logging.getLogger(name)
+        named.setLevel(min(named.getEffectiveLevel(), logging.INFO))
 
 
 def printable(text: str) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import PathGiven, user_errors
+from anomaly_flow.cli.common import PathGiven, show_stages, user_errors
 from anomaly_flow.config import PRESETS
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
@@ -35,10 +34,9 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
     scores.csv, heatmaps/ and a self-contained report.html under OUT, and an MLflow
     store under OUT/mlruns.
     """
-    from anomaly_flow.demo import logger, run_demo
+    from anomaly_flow.demo import run_demo
 
-    # minutes of work: say which stage runs, also where no progress bar shows (a pipe, CI)
-    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    show_stages("anomaly_flow.demo", "anomaly_flow.train")
     try:
         with sigterm_as_interrupt():  # a stop ends the MLflow run as KILLED, not RUNNING
             result = run_demo(out, preset=preset, device=device, epochs=epochs)
@@ -48,7 +46,8 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
         raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
     db = result.tracking_uri
     click.echo(f"model:    {result.model_uri}  (threshold {result.threshold:.4f})")
-    click.echo(f"AUROC {result.auroc:.4f}; on the test set the threshold flags "
+    click.echo(f"AUROC {result.auroc:.4f} ({result.score_name} score); on the test set "
+               "the threshold flags "
                f"{result.test_tpr:.1%} of anomalies at {result.test_fpr:.1%} false positives")
     click.echo(f"scores:   {result.scores_csv}")
     click.echo(f"heatmaps: {result.heatmaps}")

@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import PathGiven, device_option, mlruns_option, user_errors
+from anomaly_flow.cli.common import (
+    PathGiven,
+    device_option,
+    mlruns_option,
+    show_stages,
+    user_errors,
+)
 from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import describe, is_store_error
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
@@ -62,6 +68,7 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
 
     from anomaly_flow.tracking import interrupted_message, train_and_register
 
+    show_stages("anomaly_flow.train")  # a line an epoch where no progress bar shows
     try:
         with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
             outcome = train_and_register(data, name, config, device=device, resume=resume,
