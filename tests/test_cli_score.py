@@ -149,6 +149,7 @@ def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model
     assert_one_line_error(result, f"{N_BAD} file(s) could not be scored (--strict)")
     assert result.exit_code == 1
     assert f"{N_GOOD} scored, {N_BAD} failed" in result.stderr
+    assert "anomalous (Benjamini-Hochberg at FDR 0.1)" in result.stderr
     assert len(pd.read_parquet(out)) == len(MESSY)
 
 

@@ -130,7 +130,8 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
         if summary.n_failed > _FAILURES_SHOWN:
             click.echo(f"  ... and {summary.n_failed - _FAILURES_SHOWN} more (see the error "
                        "column)", err=True)
-    decided = (f"{summary.n_anomalous} anomalous" if summary.n_anomalous is not None
+    how = f" (Benjamini-Hochberg at FDR {fdr:g})" if fdr is not None else ""
+    decided = (f"{summary.n_anomalous} anomalous{how}" if summary.n_anomalous is not None
                else "anomalies not decided (uncalibrated model; see anomaly-flow calibrate)")
     # with --resume the counts are the whole table's, and the next words say so
     resumed = (f" in the whole table ({summary.n_resumed} rows kept from before, "
