@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anomaly_flow.config import load_config, load_preset
+from anomaly_flow.config import PRESETS, ConfigError, RunConfig, load_config, load_preset
 from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.pipeline_options import (
     add_device_option,
@@ -95,10 +95,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     )
     from anomaly_flow.train import TrainingError
 
-    config_path = Path(config_name)
-    config = load_config(config_path) if config_path.suffix in (".toml", ".json") \
-        else load_preset(config_name)
-    config = config.replace(epochs=epochs)
+    config = named_config(config_name).replace(epochs=epochs)
     # what calibrating would refuse, refused before hours of training
     precheck_calibration(folders["calibration"], None, score=score, target_fpr=target_fpr)
     precheck_held_out(folders["train"], folders["calibration"], target_fpr)
@@ -146,7 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration", type=given_path, help="folder of held-out normal images")
     parser.add_argument("--test-normal", type=given_path, help="folder of normal test images")
     parser.add_argument("--test-anomalous", type=given_path, help="folder of anomalous test images")
-    parser.add_argument("--preset", default="tiny", help="preset name or config file")
+    parser.add_argument("--preset", default="tiny",
+                        help=f"preset name ({', '.join(PRESETS)}) or a TOML/JSON config file")
     add_epochs_option(parser)
     add_target_fpr_option(parser, default=0.01)
     add_score_option(parser, help="the score the threshold applies to: bpd, complexity, "
@@ -175,12 +173,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def named_config(name: str) -> RunConfig:
+    """A shipped preset by name, else the TOML or JSON configuration file at ``name``."""
+    if name in PRESETS:
+        return load_preset(name)
+    if not Path(name).exists():
+        raise ConfigError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor "
+                          "an existing TOML/JSON config file")
+    return load_config(Path(name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from anomaly_flow.data import write_sample_folders
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        named_config(args.preset)  # a wrong --preset is refused before the sample is written
         if args.sample is not None:
             folders = write_sample_folders(args.sample, args.limit)
         else:

@@ -120,6 +120,20 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
         in capsys.readouterr().err
 
 
+def test_end_to_end_refuses_a_wrong_preset_before_writing_the_sample(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    end_to_end = load_script("end_to_end")
+    not_toml = tmp_path / "notes.txt"
+    not_toml.write_text("just words\n")
+    for preset, message in [("tinyy", "--preset 'tinyy' is neither a preset (tiny, small, "
+                                      "fashion-mnist) nor an existing TOML/JSON config file"),
+                            (str(not_toml), f"cannot parse {not_toml}")]:
+        argv = ["--name", "e2e", "--sample", str(tmp_path / "sample"), "--preset", preset]
+        assert end_to_end.main(argv) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "sample").exists()
+
+
 def test_two_zero_costs_are_refused_before_scoring(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         load_script("select_threshold").parse_args(
