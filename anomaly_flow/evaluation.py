@@ -610,6 +610,8 @@ def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None,
     tracking.require_store(model_uri, mlruns)  # before configure() creates an empty one
     if logs or not tracking.is_local_model_uri(model_uri):
         tracking.configure(mlruns)
+    if logs:
+        tracking.require_writable_store()  # not after the folders are scored
     return tracking.load_model(model_uri, device=device)
 
 
@@ -872,7 +874,13 @@ def calibrate_model(
                          target_fpr=target_fpr)
     loaded = open_model(model_uri, device, mlruns)
     _check_registered(loaded)
-    score = resolve_score(score, loaded.model)
+    asked, score = score, resolve_score(score, loaded.model)
+    if (earlier := loaded.calibration) is not None:
+        keep = (f"; pass --score {earlier.score_name} to keep its score"
+                if asked is None and earlier.score_name != score else "")
+        logger.warning("%s already carries a calibration (%s, %s threshold %.6g); the new "
+                       "version replaces it with one on %s%s", model_uri, earlier.score_name,
+                       earlier.threshold.method, earlier.threshold.value, score, keep)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     normal_scores = score_folder_table(loaded.model, normal, **options)
     anomalous_scores = (

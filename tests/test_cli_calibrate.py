@@ -148,6 +148,15 @@ def test_calibrate_promote_then_score_with_champion(
     np.testing.assert_array_equal(table["p_value"] <= 0.1, is_anomaly)
     np.testing.assert_array_equal(table["p_value"], calibration.p_values(scores))
 
+    # calibrating the champion again: told that its calibration is replaced, and how to
+    # keep its score when the default differs
+    again = run("calibrate", "--model", f"models:/{NAME}@champion", "--normal", normal,
+                "--target-fpr", "0.2", "--score", "bpd", "--device", "cpu", "--mlruns", store)
+    assert again.exit_code == 0, again.output
+    assert f"models:/{NAME}@champion already carries a calibration (ensemble, conformal " \
+        f"threshold {threshold.value:.6g}); the new version replaces it with one on bpd" \
+        in again.stderr
+
 
 def with_broken_files(source: Path, target: Path, names: list[str]) -> Path:
     """A copy of ``source`` plus files that are not images: garbage, empty, truncated."""
@@ -634,3 +643,37 @@ def test_an_unscorable_anomalous_folder_gets_advice_for_the_method(
                                                r"could be scored; " + re.escape(advice)):
         calibrate_scores(loaded, normal, anomalous, score="bpd", method=method,
                          target_fpr=0.1 if method == "conformal" else None)
+
+
+def test_a_read_only_store_is_refused_before_any_folder_is_scored(
+        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    """The real command in a process that obeys file modes (as root: setpriv drops the
+    override): one line before scoring, not MLflow's pages of SQL after it."""
+    import os
+    import subprocess
+    import sys
+
+    copy = tmp_path / "mlruns"
+    shutil.copytree(store, copy)
+    command = [sys.executable, "-m", "anomaly_flow", "calibrate", "--model", CANDIDATE,
+               "--normal", str(image_dirs.calibration), "--target-fpr", "0.1",
+               "--device", "cpu", "--mlruns", str(copy)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, and setpriv (util-linux) is missing to drop "
+                        "root's right to write read-only files")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    (copy / "mlflow.db").chmod(0o444)
+    copy.chmod(0o555)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        copy.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: the MLflow store sqlite:///{copy / 'mlflow.db'} cannot be written "
+        f"({copy / 'mlflow.db'} is read-only); this command logs a run and registers a "
+        "model there: pass a writable --mlruns DIR (a copy of the store, to keep its "
+        "models), or fix the permissions"]

@@ -41,6 +41,7 @@ from anomaly_flow.tracking.store import (
     flatten,
     git_commit,
     mlruns_dir,
+    require_writable_store,
     start_run,
 )
 from anomaly_flow.tracking.training import (
@@ -78,6 +79,7 @@ __all__ = [
     "register_calibrated_version",
     "register_model",
     "require_store",
+    "require_writable_store",
     "set_alias",
     "start_run",
     "train_and_register",

@@ -195,6 +195,30 @@ def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
     return None if db.is_file() else db
 
 
+def require_writable_store() -> None:
+    """Refuse, before any work, a local sqlite store this process cannot write (a
+    read-only mount, a file without write permission): MLflow would fail only at the
+    first write, after the folders were scored, with pages of SQL.
+
+    Raises:
+        TrackingError: The database file, its folder (sqlite writes a journal beside
+            it) or the artifact folder is read-only.
+    """
+    uri = ensure_configured()
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return  # a server, or another store: its own answer says what is wrong
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    places = [db, db.parent]
+    if _state.artifact_root is not None:
+        places.append(_state.artifact_root)
+    for place in places:
+        if place.exists() and not os.access(place, os.W_OK):
+            raise TrackingError(
+                f"the MLflow store {uri} cannot be written ({place} is read-only); this "
+                "command logs a run and registers a model there: pass a writable --mlruns "
+                "DIR (a copy of the store, to keep its models), or fix the permissions")
+
+
 def configured_uri() -> str | None:
     """The tracking URI :func:`configure` set, or None before the first call."""
     return _state.uri

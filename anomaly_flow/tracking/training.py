@@ -37,6 +37,7 @@ from anomaly_flow.tracking.store import (
     git_commit,
     mlruns_dir,
     quiet_mlflow,
+    require_writable_store,
     safe_name,
     start_run,
 )
@@ -416,6 +417,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             earlier = _read_run_state(ckpt)
         _check_owner(earlier, name, ckpt)
     configure(mlruns)
+    require_writable_store()
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
