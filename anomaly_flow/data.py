@@ -150,8 +150,12 @@ def find_images(root: Path) -> list[Path]:
     # 50,000 images would otherwise spend most of the search building Path objects
     found: list[tuple[bytes, str, str]] = []
     others: collections.Counter[str] = collections.Counter()  # left out, by extension
+    stores: list[Path] = []  # MLflow stores met below root, left out
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
         dirnames[:] = [d for d in dirnames if _enter(Path(dirpath, d), real_dirs, seen_dirs)]
+        for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
+            dirnames.remove(d)
+            stores.append(Path(dirpath, d))
         below = os.path.relpath(dirpath, root)
         prefix = "" if below == os.curdir else below + os.sep
         for f in filenames:
@@ -162,6 +166,11 @@ def find_images(root: Path) -> list[Path]:
                 others[suffix or "no extension"] += 1
     if others:
         _warn_left_out(root, others)
+    if stores:
+        logger.warning("left out %d MLflow store folder(s) under %s (e.g. %s): their files "
+                       "are runs' plots and models, not images to use; move any images of "
+                       "yours out of them", len(stores), display_path(root),
+                       display_path(stores[0]))
     for exc in walk_errors:
         where = display_path(exc.filename or root)
         if Path(exc.filename or root) == root:
@@ -206,6 +215,12 @@ def _suffix(name: str) -> str:
     (``os.path.splitext`` would give none), ``.png`` and ``a.`` have none."""
     dot = name.rfind(".")
     return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
+def _is_store(folder: Path) -> bool:
+    """Whether ``folder`` is a local MLflow store (``mlruns/``: its sqlite database beside
+    the ``artifacts/`` of the runs), which :func:`find_images` does not search."""
+    return (folder / "mlflow.db").is_file() and (folder / "artifacts").is_dir()
 
 
 def _dir_id(path: Path) -> tuple[int, int]:

@@ -238,6 +238,23 @@ def test_find_images_lists_every_candidate(messy_folder: Path) -> None:
     assert all(p.parent == messy_folder or p.parent.parent == messy_folder for p in found)
 
 
+def test_an_mlflow_store_inside_the_folder_is_left_out_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``anomaly-flow score .`` where ./mlruns is: its plots are not the user's images."""
+    write_image_folder(np.zeros((2, 1, 8, 8), np.uint8), tmp_path / "parts", "p-")
+    store = tmp_path / "mlruns"
+    write_image_folder(np.zeros((3, 1, 8, 8), np.uint8), store / "artifacts" / "1", "plot-")
+    (store / "mlflow.db").write_bytes(b"")
+    (tmp_path / "like-a-store").mkdir()  # a database alone is not a store
+    (tmp_path / "like-a-store" / "mlflow.db").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        found = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["parts/p-00000.png",
+                                                                   "parts/p-00001.png"]
+    assert f"left out 1 MLflow store folder(s) under {tmp_path} (e.g. {store})" in caplog.text
+    assert len(find_images(store)) == 3  # asked for by name: searched
+
+
 def test_each_bad_file_gets_a_one_line_reason(messy_folder: Path) -> None:
     for name, expected in EXPECTED_REASONS.items():
         assert reason_of(messy_folder / name) == expected, name
