@@ -220,7 +220,10 @@ def _suffix(name: str) -> str:
 def _is_store(folder: Path) -> bool:
     """Whether ``folder`` is a local MLflow store (``mlruns/``: its sqlite database beside
     the ``artifacts/`` of the runs), which :func:`find_images` does not search."""
-    return (folder / "mlflow.db").is_file() and (folder / "artifacts").is_dir()
+    try:
+        return (folder / "mlflow.db").is_file() and (folder / "artifacts").is_dir()
+    except OSError:  # a folder that cannot be searched: os.walk reports it
+        return False
 
 
 def _dir_id(path: Path) -> tuple[int, int]:

@@ -523,9 +523,15 @@ def score_dataset(
         torch.inference_mode(),
     ):
         pending: _Pending | None = None
+        # bpd, the level bits, typicality and knn where the model has them
+        n_stats = (1 + model.config.levels + model.has_reference
+                   + model.has_knn_reference)
         for batch in loader:
-            stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
-                                  None if heatmaps is None else heatmap_kind, forward)
+            if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
+                stats, maps = torch.full((len(batch.ok), n_stats), float("nan")), None
+            else:
+                stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
+                                      None if heatmaps is None else heatmap_kind, forward)
             cuda = device.type == "cuda"
             launched = _Pending(
                 batch,

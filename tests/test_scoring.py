@@ -412,6 +412,36 @@ def test_no_more_workers_start_than_there_are_batches(model: Glow, messy: Path,
         score_folder(model, None, messy, tmp_path / "s.csv", batch_size=256, num_workers=64)
 
 
+def test_a_batch_with_nothing_decoded_skips_the_model(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """20,000 empty cells sent to the served model took minutes of forward passes."""
+    launches, depth = 0, 0
+    real_launch = scoring._launch
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal launches, depth
+        launches += depth == 0  # a batch padded to the smallest size calls itself
+        depth += 1
+        try:
+            return real_launch(*args, **kwargs)
+        finally:
+            depth -= 1
+
+    monkeypatch.setattr(scoring, "_launch", counted)
+    config = model.config
+    empty = ScoringDataset([None] * 10, config.mode, config.image_size, config.n_bits,
+                           config.levels)
+    table = score_dataset(model, empty, batch_size=4)
+    assert launches == 0 and len(table) == 10
+    assert table["error"].eq("no image given (empty value)").all()
+    assert table[score_names(model)].isna().all().all()
+    # batches of one: the bad files' batches skip the model, the rest match the table
+    score_folder(model, None, messy, tmp_path / "s.csv", batch_size=1)
+    assert launches == int((full_table["error"] == "").sum())
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "s.csv"), full_table, check_exact=True)
+
+
 def test_workers_past_the_cores_and_a_batch_past_any_size_are_cut_to_fit(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
