@@ -280,6 +280,8 @@ def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
 
 @pytest.mark.parametrize(("uri", "message"), [
     ("models:/no-such-model@candidate", "no registered model 'no-such-model'"),
+    ("models:/Tiny-Parts@candidate", "no registered model 'Tiny-Parts' in sqlite:///.* "
+                                     r"\(did you mean 'tiny-parts'\?\); train one"),
     ("models:/tiny-parts@champion", "has no alias 'champion'"),
     ("models:/tiny-parts/99", "has no version 99"),
     ("models:/tiny-parts", "names a model but not which of its versions; use "

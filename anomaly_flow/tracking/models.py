@@ -18,6 +18,7 @@ version, ``calibration_run_id`` on calibrated ones.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import re
 import tempfile
@@ -295,6 +296,23 @@ def _registered_from_run(run_id: str, model_id: str | None
     return mine[0].name, str(mine[0].version), dict(mine[0].tags or {})
 
 
+def _other_names(client: mlflow.MlflowClient, name: str) -> str:
+    """The registered names, for a message about ``name`` that is not one: the closest
+    first as a suggestion (a case or a letter off), else up to ten of them."""
+    try:
+        names = sorted(m.name for m in client.search_registered_models(max_results=1000))
+    except MlflowException:
+        return ""
+    if not names:
+        return " (it holds no registered models)"
+    folded = {other.lower(): other for other in names}
+    close = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.8)
+    if close:
+        return f" (did you mean {folded[close[0]]!r}?)"
+    shown = ", ".join(names[:10]) + (f", and {len(names) - 10} more" if len(names) > 10 else "")
+    return f" (its models: {shown})"
+
+
 def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | None:
     """``(name, version, run_id, tags)`` for a registry URI, None for other URIs."""
     client = mlflow.MlflowClient()
@@ -308,7 +326,8 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise  # a damaged or unreachable store, not a missing name: said as such
         raise ModelNotFoundError(
-            f"no registered model {name!r} in {mlflow.get_registry_uri()}; train one with "
+            f"no registered model {name!r} in {mlflow.get_registry_uri()}"
+            f"{_other_names(client, name)}; train one with "
             f"`anomaly-flow train DATA --name {name}`, or point --mlruns / "
             "MLFLOW_TRACKING_URI at the store that holds it") from None
     try:
