@@ -98,6 +98,26 @@ def test_unreachable_store_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         tracking.configure()
 
 
+@pytest.mark.parametrize("uri", ["garbage", "/srv/mlruns", "file:///srv/mlruns"])
+def test_a_folder_as_tracking_uri_is_named_for_what_it_is(
+        uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's answer is a paragraph about its file store's maintenance mode."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.configure()
+    assert str(info.value) == (
+        f"MLFLOW_TRACKING_URI={uri!r} names a folder, MLflow's retired file store; give a "
+        "database (sqlite:////ABSOLUTE/PATH/mlflow.db) or a server (http://HOST:PORT), or "
+        "unset it to use the store under --mlruns")
+
+
+def test_a_folder_where_the_database_goes_is_named(tmp_path: Path) -> None:
+    (tmp_path / "mlruns" / "mlflow.db").mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match=r"mlflow.db is not a file, where the "
+                       "MLflow store's sqlite database goes; move it away"):
+        tracking.require_store("models:/parts@champion", tmp_path / "mlruns")
+
+
 def test_a_server_that_is_down_is_reported_in_seconds(
         monkeypatch: pytest.MonkeyPatch, free_port: int) -> None:
     import time

@@ -361,6 +361,11 @@ def require_store(uri: str, mlruns: str | Path | None = None) -> None:
     if _local_path(str(uri)) is not None:
         return
     missing = missing_default_store(mlruns)
+    if missing is not None and missing.exists():
+        raise ModelNotFoundError(
+            f"cannot load {uri}: {missing} is not a file, where the MLflow store's sqlite "
+            "database goes; move it away, or point --mlruns / MLFLOW_TRACKING_URI at the "
+            "store that holds the model")
     if missing is not None:
         raise ModelNotFoundError(
             f"cannot load {uri}: there is no MLflow store at {missing} (nothing was trained "

@@ -109,6 +109,13 @@ def configure(mlruns: str | Path | None = None) -> str:
         logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
                        "store in %s (--mlruns still holds training checkpoints); unset it to "
                        "use that store", uri, mlruns)
+    file_store = not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) or uri.startswith("file:")
+    if env_given and file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() \
+            not in ("true", "1"):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri!r} names a folder, MLflow's retired file store; give "
+            "a database (sqlite:////ABSOLUTE/PATH/mlflow.db) or a server "
+            "(http://HOST:PORT), or unset it to use the store under --mlruns")
     artifact_root = None
     if not env_given:
         folder = mlruns_dir(mlruns)
