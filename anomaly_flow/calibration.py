@@ -760,10 +760,14 @@ def _labelled_threshold(
         # J = TPR - FPR, kept in integers over the common denominator for exact ties.
         objective = (tp * normal.size - fp * anomalous.size).astype(np.float64)
     else:
-        # only the ratio matters; dividing by the larger keeps cost·count finite where
-        # two huge costs (1e308 each) would overflow every sum to inf and tie them all
-        largest = max(cost_fp, cost_fn)  # type: ignore[type-var]
-        objective = -(cost_fp / largest * fp + cost_fn / largest * fn)  # type: ignore[operator]
+        with np.errstate(over="ignore"):  # checked next
+            objective = -(cost_fp * fp + cost_fn * fn)  # type: ignore[operator]
+        if not np.isfinite(objective).all():
+            # only the ratio matters: two huge costs (1e308 each) overflow every sum to inf
+            # and tie them all; divided by the larger, they do not (and where they do not
+            # overflow, the plain sums keep the tie tolerance meaningful for tiny ratios)
+            largest = max(cost_fp, cost_fn)  # type: ignore[type-var]
+            objective = -(cost_fp / largest * fp + cost_fn / largest * fn)  # type: ignore[operator]
     value = _pick(objective, strict)
     rates = _rates(*_counts(normal, anomalous, value), labelled=True)
     return Threshold(

@@ -56,8 +56,8 @@ class GlowConfig:
 
     Attributes:
         in_channels: Image channels: 1 (mode ``L``) or 3 (mode ``RGB``).
-        image_size: Side of the square input in pixels; divisible by ``2**levels``, at
-            most :data:`MAX_IMAGE_SIZE`.
+        image_size: Side of the square input in pixels; divisible by ``2**levels`` (at
+            most :data:`MAX_IMAGE_SIZE` for training).
         levels: Number of scales L; each starts with a squeeze, all but the last end
             with a split.
         steps_per_level: Flow steps K per level (actnorm, 1x1 conv, coupling).
@@ -85,11 +85,6 @@ class GlowConfig:
         _check(self.hidden_channels >= 1, "hidden_channels", self.hidden_channels,
                "must be a positive width")
         _check(1 <= self.n_bits <= 8, "n_bits", self.n_bits, "must be between 1 and 8")
-        _check(self.image_size <= MAX_IMAGE_SIZE, "image_size", self.image_size,
-               f"must be at most {MAX_IMAGE_SIZE}: the memory a flow's activations take in "
-               "training grows with image_size² (being invertible, it runs its coupling "
-               "networks at half the image side), and larger sizes exhaust it; use a "
-               "smaller image_size (the images are resized to it when loaded)")
         factor = 2**self.levels
         _check(self.image_size >= factor and self.image_size % factor == 0, "image_size",
                self.image_size,
@@ -206,6 +201,16 @@ class RunConfig:
 
     model: GlowConfig
     train: TrainConfig
+
+    def __post_init__(self) -> None:
+        # a training limit, not the model's: a saved model of any size still loads
+        size = self.model.image_size
+        _check(size <= MAX_IMAGE_SIZE, "image_size", size,
+               f"must be at most {MAX_IMAGE_SIZE} for training: the memory a flow's "
+               "activations take in training grows with image_size² (being invertible, it "
+               "runs its coupling networks at half the image side), and larger sizes "
+               "exhaust it; use a smaller image_size (the images are resized to it when "
+               "loaded)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "train": self.train.to_dict()}

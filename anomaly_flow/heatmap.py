@@ -277,7 +277,8 @@ class HeatmapWriter:
                                   "it is left as it is")
                 # whole or not at all: a run killed mid-write must not leave a cut PNG
                 # whose header still passes for this heatmap on --resume
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                # short: the heatmap's own name may be near the file system's limit
+                tmp = path.with_name(f".hm.{os.getpid()}.{secrets.token_hex(4)}.tmp")
                 try:
                     Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1,
                                               pnginfo=info)

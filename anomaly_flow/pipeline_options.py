@@ -28,7 +28,7 @@ SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, ensemble, le
 def given_path(text: str) -> Path:
     """An argparse ``type`` for paths that refuses an empty value (``Path("")`` is the
     current folder: an unset shell variable must not mean "here")."""
-    if not text.strip():
+    if not text:
         raise argparse.ArgumentTypeError("the path is empty; give a file or folder ('.' for "
                                          "the current folder)")
     return Path(text)

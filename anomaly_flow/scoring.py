@@ -69,16 +69,13 @@ from anomaly_flow.complexity import (
 )
 from anomaly_flow.data import ImageMode, InvalidSource, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
-from anomaly_flow.stopping import loader_worker_options
+from anomaly_flow.stopping import loader_worker_options, raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
 DECISION_COLUMNS = ("score", "p_value", "is_anomaly", "error")
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 """Output file extensions (lower case) and the format each one means."""
-
-_FILE_CLOCK = getattr(time, "CLOCK_REALTIME_COARSE", time.CLOCK_REALTIME)
-"""The clock file times come from (Linux's coarse real-time clock; elsewhere the plain one)."""
 
 FLUSH_EVERY_S = 60.0
 """A long run rewrites its partial table at least this many seconds apart (see
@@ -527,6 +524,7 @@ def score_dataset(
         n_stats = (1 + model.config.levels + model.has_reference
                    + model.has_knn_reference)
         for batch in loader:
+            raise_if_stopped()  # a stop whose signal landed where Python ignores it
             if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
                 stats, maps = torch.full((len(batch.ok), n_stats), float("nan")), None
             else:
@@ -744,20 +742,28 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
         raise
 
 
-def write_or_keep(table: pd.DataFrame, out: Path) -> None:
+def write_or_keep(table: pd.DataFrame, out: Path, *, modified_ns: int | None = None) -> None:
     """:func:`write_table`, and where ``out`` refuses the table, the table written to the
-    temporary-files folder instead, so that the scored rows are not lost.
+    temporary-files folder instead, so that the scored rows are not lost. The file
+    written gets ``modified_ns`` as its modification time, where given (the start of the
+    run, which ``resume`` compares the files' times with).
 
     Raises:
         OutputWriteError: ``out`` refused; the message says where the rows are kept (or
             that no place took them) and what to do.
     """
+    def stamped(path: Path) -> None:
+        write_table(table, path)
+        if modified_ns is not None:
+            with contextlib.suppress(OSError):
+                os.utime(path, ns=(time.time_ns(), modified_ns))
+
     try:
-        write_table(table, out)
+        stamped(out)
     except OutputWriteError as refused:
         spare = Path(tempfile.gettempdir()) / f"anomaly-flow-{os.getpid()}-{Path(out).name}"
         try:
-            write_table(table, spare)
+            stamped(spare)
         except OutputWriteError:
             raise OutputWriteError(f"{refused}; {len(table)} rows are lost (the folder "
                                    f"{tempfile.gettempdir()} refused them too): free space or "
@@ -996,6 +1002,10 @@ def score_folder(
             ``fdr`` is given for an uncalibrated model; or typicality heatmaps for a
             model without a normal reference.
     """
+    # The table's modification time is set back to this moment, before any file or an
+    # earlier table is looked at: a file changed while the run goes on is then newer than
+    # the table, and a later --resume reads it again.
+    started_ns = time.time_ns()
     out = Path(out)
     if out.is_symlink():  # replace the file the link names, not the link
         out = Path(os.path.realpath(out))
@@ -1082,16 +1092,8 @@ def score_folder(
         writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
                                sources=[sources[i] for i in todo])
 
-    # The table's modification time is set back to when this run began reading: a file
-    # changed while the run went on is then newer than the table, and a later --resume
-    # reads it again. Read from the clock Linux stamps files with (it lags the precise
-    # one by up to a tick, which would make files written just before look newer).
-    started_ns = time.clock_gettime_ns(_FILE_CLOCK)
-
     def write(table: pd.DataFrame) -> None:
-        write_or_keep(table, out)
-        with contextlib.suppress(OSError):
-            os.utime(out, ns=(time.time_ns(), started_ns))
+        write_or_keep(table, out, modified_ns=started_ns)
 
     todo_keys = np.array([keys[i] for i in todo], dtype=object)
     todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`

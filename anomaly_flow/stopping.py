@@ -33,8 +33,23 @@ class Terminated(KeyboardInterrupt):
     handled everywhere as Ctrl-C is, told apart only for the exit status."""
 
 
+_PENDING: list[type[KeyboardInterrupt]] = []
+"""The stop a signal asked for, until it reaches :func:`sigterm_as_interrupt`: Python
+ignores an exception raised inside an at-fork callback (logging's lock release after a
+DataLoader forks its workers is one), so a signal landing there would be lost."""
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+    stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _PENDING[:] = [stop]
+    raise stop
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop a signal asked for whose exception was swallowed (see
+    :data:`_PENDING`); long loops call it once per step or batch."""
+    if _PENDING:
+        raise _PENDING.pop()
 
 
 def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
@@ -47,12 +62,23 @@ def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
-    the main thread; the previous handler comes back after it."""
+    the main thread, and Ctrl-C its ``KeyboardInterrupt`` as before; both are also kept
+    for :func:`raise_if_stopped`, should the exception be swallowed. The previous
+    handlers come back after it."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    ours_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours_int:  # a handler someone else installed stays theirs
+        signal.signal(signal.SIGINT, _interrupt)
+    _PENDING.clear()
     try:
         yield
+    except KeyboardInterrupt:
+        _PENDING.clear()  # it arrived: nothing is left pending
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if ours_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def loader_worker_options(num_workers: int) -> dict[str, Any]:

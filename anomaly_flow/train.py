@@ -72,7 +72,7 @@ from anomaly_flow.glow import (
     preprocess,
 )
 from anomaly_flow.scoring import numerics
-from anomaly_flow.stopping import loader_worker_options
+from anomaly_flow.stopping import loader_worker_options, raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -930,6 +930,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             clock = _Throughput()
             pending: _LaunchedStep | None = None
             for batch in loader:
+                raise_if_stopped()  # a stop whose signal landed where Python ignores it
                 images, ok = failed.keep(batch)
                 noise = _step_noise(t.seed, step, shape, dev)[rank::world][: len(ok)]
                 if not bool(ok.all()):  # a CPU mask: no device sync when all decoded

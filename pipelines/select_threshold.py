@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         precheck_calibration(args.normal, args.anomalous, score=args.score,
                              method="f1" if args.target_fpr is None else "conformal",
                              target_fpr=args.target_fpr)
-        loaded = open_model(args.model, args.device, args.mlruns)
+        # without --register nothing is logged: a read-only store serves
+        loaded = open_model(args.model, args.device, args.mlruns,
+                            logs=args.register is not None)
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = leave_out_training_images(
             loaded, score_folder_table(loaded.model, args.normal, **options),

@@ -315,7 +315,8 @@ def test_ties_go_to_the_highest_threshold():
 @pytest.mark.parametrize(
     ("cost_fp", "cost_fn", "expected"),
     [(1.0, 1.0, 0.4), (1.0, 5.0, 0.3), (10.0, 1.0, 0.4), (0.0, 1.0, 0.3), (1.0, 0.0, 0.6),
-     (1e308, 1e308, 0.4), (1e300, 5e300, 0.3)],  # huge costs: the sums must not overflow
+     (1e308, 1e308, 0.4), (1e300, 5e300, 0.3),  # huge costs: the sums must not overflow
+     (1e13, 1.0, 0.4), (1.0, 1e13, 0.3)],  # far-apart costs: one image still counts
 )
 def test_cost_threshold_hand_computed(cost_fp, cost_fn, expected):
     threshold = cost_threshold(NORMAL, ANOMALOUS, cost_fp=cost_fp, cost_fn=cost_fn)

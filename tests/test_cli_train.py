@@ -114,9 +114,9 @@ def test_an_image_size_too_large_for_memory_is_refused_before_the_store(
     config.write_text("[model]\nimage_size = 100000\nlevels = 2\n")
     result = invoke(str(image_dirs.train), "--name", "x", "--config", str(config),
                     "--mlruns", str(tmp_path / "store"))
-    assert_one_line_error(result, 1, "image_size = 100000 in [model] is invalid: must be at "
-                          "most 1024: the memory a flow's activations take in training grows "
-                          "with image_size²", "use a smaller image_size")
+    assert_one_line_error(result, 1, "image_size = 100000 is invalid: must be at most 1024 "
+                          "for training: the memory a flow's activations take in training "
+                          "grows with image_size²", "use a smaller image_size")
     assert not (tmp_path / "store" / "mlflow.db").exists()
 
 
@@ -641,6 +641,8 @@ def test_a_store_failing_after_the_last_step_resumes_to_finish_logging(
     failed = invoke(*common)
     assert failed.exit_code == 1, failed.output
     assert "run the same command with --resume to go on from it" in failed.stderr
+    failed_again = invoke(*common, "--resume")  # the store still refuses: a second attempt
+    assert failed_again.exit_code == 1, failed_again.output
     monkeypatch.setattr(tracking_module.training, "register_model", real_register)
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output

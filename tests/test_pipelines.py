@@ -107,7 +107,7 @@ def test_end_to_end_refuses_score_auto_before_training(
 
 @pytest.mark.parametrize(("script", "argv"), [
     ("train", ["", "--name", "x"]),
-    ("calibrate", ["--model", "models:/x@candidate", "--normal", " "]),
+    ("calibrate", ["--model", "models:/x@candidate", "--normal", ""]),
     ("select_threshold", ["--model", "models:/x@candidate", "--normal", "n", "--anomalous", ""]),
     ("end_to_end", ["--name", "x", "--sample", ""]),
 ])

@@ -746,9 +746,11 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
         nonlocal launches
         launches += 1
         if launches == 2:
+            lost.append(time.time_ns())
             shutil.rmtree(out.parent)
         return real_launch(*args, **kwargs)
 
+    lost: list[int] = []
     monkeypatch.setattr(scoring, "_launch", launch_then_lose_the_folder)
     with pytest.raises(scoring.OutputWriteError) as info:
         score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
@@ -757,6 +759,8 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
     assert f"its {len(MESSY)} rows are kept in {spare}: once there is room, move that " \
         f"file to {out} and run again with resume" in str(info.value)
     pd.testing.assert_frame_equal(read_csv(spare), full_table, check_exact=True)
+    # dated as the table would be: the run's start, for a --resume after moving it back
+    assert spare.stat().st_mtime_ns < lost[0]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # no place at all
     launches = 0
     out.parent.mkdir()
@@ -1197,6 +1201,14 @@ def test_a_heatmap_is_written_whole_or_not_at_all(model: Glow, tmp_path: Path,
         summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
     assert summary.n_heatmaps == 0 and list(heat.iterdir()) == []
     assert caplog.text.count("No space left on device") == 2
+
+
+def test_a_heatmap_of_a_file_with_a_long_name_is_written(model: Glow, tmp_path: Path) -> None:
+    """Its temporary file's name is short: a name near the 255-byte limit still fits."""
+    folder, heat = tmp_path / "images", tmp_path / "heat"
+    write_image_folder(sample_images(1), folder, "a" * 240)
+    summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
+    assert summary.n_heatmaps == 1 and (heat / f"{'a' * 240}00000.png").is_file()
 
 
 def test_heatmap_names_stay_apart_from_each_other_and_from_folders() -> None:

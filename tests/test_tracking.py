@@ -98,6 +98,13 @@ def test_unreachable_store_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         tracking.configure()
 
 
+def test_databricks_is_not_taken_for_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "databricks")  # MLflow's name, no colon
+    with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking "
+                       "store databricks: "):  # no credentials here: MLflow's own answer
+        tracking.configure()
+
+
 @pytest.mark.parametrize("uri", ["garbage", "/srv/mlruns", "file:///srv/mlruns"])
 def test_a_folder_as_tracking_uri_is_named_for_what_it_is(
         uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,6 +311,7 @@ def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
                                      r"\(did you mean 'tiny-parts'\?\); train one"),
     ("models:/tiny-parts@champion", "has no alias 'champion'"),
     ("models:/tiny-parts/99", "has no version 99"),
+    ("models:/tiny-parts/99999999999999999999", "has no version 99999999999999999999"),
     ("models:/tiny-parts", "names a model but not which of its versions; use "
                            "models:/tiny-parts@candidate, models:/tiny-parts@champion or "
                            "models:/tiny-parts/VERSION"),

@@ -150,7 +150,8 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     config = run_config(epochs=1)
     data = folder_datasets(image_folder, config)
     with caplog.at_level(logging.INFO, logger="anomaly_flow.train"):
-        result = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path)
+        result = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path,
+                       progress=False)
     # no progress bar off a terminal: a line an epoch instead, so a log is not silent
     assert re.search(r"epoch 1 of 1: train \d+\.\d{4} bits/dim, validation "
                      f"{result.val_bpd:.4f}, \\d+ images/s", caplog.text), caplog.text

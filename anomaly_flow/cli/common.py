@@ -47,7 +47,7 @@ class PathGiven(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and not value.strip():
+        if isinstance(value, str) and not value:
             self.fail("the path is empty; give a file or folder ('.' for the current "
                       "folder)", param, ctx)
         return super().convert(value, param, ctx)

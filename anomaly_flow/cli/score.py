@@ -23,7 +23,10 @@ _FAILURES_SHOWN = 5
 
 
 def _default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    """Up to 8, and no more than the cores this process may use (``taskset``, a
+    container's CPU set)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, cores or 1)
 
 
 @main.command(epilog="""\b

@@ -333,11 +333,15 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
     try:
         if by_alias:
             mv = client.get_model_version_by_alias(name, by_alias["alias"])
-        else:
+        elif int(by_version["version"]) < 2**63:  # type: ignore[index]  # sqlite's INTEGER
             mv = client.get_model_version(name, by_version["version"])  # type: ignore[index]
+        else:
+            mv = None  # past any version number
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
+        mv = None
+    if mv is None:
         aliases = sorted(registered.aliases) if registered.aliases else []
         if by_alias:
             raise ModelNotFoundError(

@@ -109,7 +109,8 @@ def configure(mlruns: str | Path | None = None) -> str:
         logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
                        "store in %s (--mlruns still holds training checkpoints); unset it to "
                        "use that store", uri, mlruns)
-    file_store = not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) or uri.startswith("file:")
+    file_store = ((not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) and uri != "databricks")
+                  or uri.startswith("file:"))
     if env_given and file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() \
             not in ("true", "1"):
         raise TrackingError(

@@ -495,8 +495,9 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         logged_uri = _logged_earlier(state, run.run_id, result.steps) if previous_run else None
         if logged_uri is None:
             logged_uri = log_model(run, result.model, None)
-            record.update(logged_model_uri=logged_uri, logged_at_step=result.steps)
-            (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
+        # kept for a resume after this attempt too (its registration may fail again)
+        record.update(logged_model_uri=logged_uri, logged_at_step=result.steps)
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
         diverged = 2 * result.skipped_steps > result.steps
         if math.isfinite(result.val_bpd) and not diverged:
             version = register_model(logged_uri, name, alias=CANDIDATE, tags={
