@@ -698,6 +698,10 @@ def _is_scores_table(path: Path) -> bool:
             columns = pd.read_csv(path, nrows=0).columns
         else:
             columns = pa_parquet.read_schema(path).names
+    except OSError as exc:  # unreadable: whose table it is cannot be told
+        raise ScoringError(f"cannot read {display_path(path)} to check that it is an earlier "
+                           f"scores table ({exc.strerror or exc}); choose another output path "
+                           "or fix its permissions") from None
     except Exception:  # not CSV or Parquet at all: pandas and pyarrow raise many types
         return False
     return {"path", "bpd", "error"} <= set(columns)

@@ -177,7 +177,7 @@ def named_config(name: str) -> RunConfig:
     """A shipped preset by name, else the TOML or JSON configuration file at ``name``."""
     if name in PRESETS:
         return load_preset(name)
-    if not Path(name).exists():
+    if not name or not Path(name).is_file():
         raise ConfigError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor "
                           "an existing TOML/JSON config file")
     return load_config(Path(name))

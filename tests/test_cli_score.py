@@ -326,3 +326,25 @@ def test_a_stop_before_any_row_says_to_run_again(model_dir: Path, tmp_path: Path
     assert result.exit_code == 130
     assert result.stderr.strip() == (f"interrupted before any row was written to {out}; run "
                                      "the same command again")
+
+
+def test_an_unreadable_earlier_output_is_not_called_a_foreign_file(tmp_path: Path) -> None:
+    """Whose table it is cannot be told: the refusal says it cannot be read."""
+    out = tmp_path / "scores.csv"
+    out.write_text("path,bpd,error\n")
+    out.chmod(0o000)
+    check = ("import sys; from pathlib import Path; from anomaly_flow.scoring import "
+             "check_writable\ntry:\n    check_writable(Path(sys.argv[1]))\n"
+             "except ValueError as error:\n    print(error)")
+    command = [sys.executable, "-c", check, str(out)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, and setpriv (util-linux) is missing to drop "
+                        "root's right to read unreadable files")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == (
+        f"cannot read {out} to check that it is an earlier scores table (Permission "
+        "denied); choose another output path or fix its permissions"), result.stderr

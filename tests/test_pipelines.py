@@ -127,7 +127,8 @@ def test_end_to_end_refuses_a_wrong_preset_before_writing_the_sample(
     not_toml.write_text("just words\n")
     for preset, message in [("tinyy", "--preset 'tinyy' is neither a preset (tiny, small, "
                                       "fashion-mnist) nor an existing TOML/JSON config file"),
-                            (str(not_toml), f"cannot parse {not_toml}")]:
+                            (str(not_toml), f"cannot parse {not_toml}"),
+                            (str(tmp_path), "is neither a preset")]:
         argv = ["--name", "e2e", "--sample", str(tmp_path / "sample"), "--preset", preset]
         assert end_to_end.main(argv) == 1
         assert message in capsys.readouterr().err
