@@ -200,3 +200,16 @@ def gray_images(n: int, seed: int = 0, size: int = 28) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (n, 1, size // 4, size // 4)).astype(np.uint8)
     return base.repeat(4, axis=2).repeat(4, axis=3)
+
+
+def obeying_file_modes(command: list[str]) -> list[str]:
+    """``command`` run so that file modes bind it: as root (who reads and writes past
+    them), through ``setpriv`` without the two capabilities that allow that; the test is
+    skipped where setpriv (util-linux) is missing."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, and setpriv (util-linux) is missing to drop root's "
+                    "power over file modes")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]

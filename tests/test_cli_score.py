@@ -4,7 +4,6 @@ unreadable file, the real command in a process without root's right to read anyt
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from anomaly_flow.calibration import Calibration, calibrate
 from anomaly_flow.cli import main
 from anomaly_flow.data import ArrayDataset
 from anomaly_flow.scoring import score_images, write_table
+from tests.conftest import obeying_file_modes
 from tests.test_scoring import (
     MESSY,
     N_BAD,
@@ -158,12 +158,7 @@ def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: 
     out = tmp_path / "scores.csv"
     command = [sys.executable, "-m", "anomaly_flow", "score", str(messy), "--model",
                str(model_dir), "--out", str(out), "--workers", "2", "--strict"]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root, and setpriv (util-linux) is missing to drop "
-                        "root's right to read unreadable files")
-        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    command = obeying_file_modes(command)
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert "Traceback" not in result.stderr, result.stderr
@@ -337,12 +332,7 @@ def test_an_unreadable_earlier_output_is_not_called_a_foreign_file(tmp_path: Pat
              "check_writable\ntry:\n    check_writable(Path(sys.argv[1]))\n"
              "except ValueError as error:\n    print(error)")
     command = [sys.executable, "-c", check, str(out)]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root, and setpriv (util-linux) is missing to drop "
-                        "root's right to read unreadable files")
-        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    command = obeying_file_modes(command)
     result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == (

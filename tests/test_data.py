@@ -39,6 +39,7 @@ from anomaly_flow.data import (
     try_load_image,
     write_image_folder,
 )
+from tests.conftest import obeying_file_modes
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = {"png": "PNG", "jpg": "JPEG", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "gif": "GIF"}
@@ -356,12 +357,7 @@ def test_permission_denied_is_reported(tmp_path: Path) -> None:
     (tmp_path / "locked").mkdir(mode=0o000)
     save(rgb_pattern(), tmp_path / "locked" / "hidden.png")
     command = [sys.executable, "-c", PERMISSION_CHECK, str(tmp_path)]
-    if os.geteuid() == 0:
-        # root reads anything; without these two capabilities it obeys file modes.
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root, and setpriv (util-linux) is missing to drop privileges")
-        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    command = obeying_file_modes(command)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
