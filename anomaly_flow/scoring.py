@@ -69,7 +69,7 @@ from anomaly_flow.complexity import (
 )
 from anomaly_flow.data import ImageMode, InvalidSource, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
-from anomaly_flow.stopping import loader_worker_options, raise_if_stopped
+from anomaly_flow.stopping import loader_worker_options, raise_if_stopped, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +387,12 @@ def _min_batch(device: torch.device) -> int:
     return 2
 
 
+def _n_stats(model: Glow) -> int:
+    """The width of :func:`_launch`'s stats: bpd, the level bits, typicality and knn
+    where the model has them."""
+    return 1 + model.config.levels + model.has_reference + model.has_knn_reference
+
+
 def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
             forward: _Forward | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1]])`` float64 ``[bpd, level bits,
@@ -480,8 +486,8 @@ def score_dataset(
     device = model.device
     model.eval()
     batch_size = min(batch_size, max(len(dataset), 1))  # a batch past the data is the data
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and num_workers > cores:
+    cores = usable_cores()
+    if num_workers > cores:
         logger.warning("%d decoding workers asked for, but this process may use %d CPU "
                        "cores; using %d", num_workers, cores, cores)
         num_workers = cores
@@ -520,13 +526,10 @@ def score_dataset(
         torch.inference_mode(),
     ):
         pending: _Pending | None = None
-        # bpd, the level bits, typicality and knn where the model has them
-        n_stats = (1 + model.config.levels + model.has_reference
-                   + model.has_knn_reference)
         for batch in loader:
             raise_if_stopped()  # a stop whose signal landed where Python ignores it
             if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
-                stats, maps = torch.full((len(batch.ok), n_stats), float("nan")), None
+                stats, maps = torch.full((len(batch.ok), _n_stats(model)), float("nan")), None
             else:
                 stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
                                       None if heatmaps is None else heatmap_kind, forward)

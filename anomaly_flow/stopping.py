@@ -9,7 +9,7 @@ its rows, training ends its run as KILLED, and both say how to go on with ``--re
 - :func:`sigterm_as_interrupt`: around a command's work in the main process;
   :func:`interrupt_exit_code` then gives the status a shell expects for the stop.
 - :func:`loader_worker_options`: DataLoader arguments whose workers leave a group's stop
-  to the main process (:func:`init_loader_worker`).
+  to the main process (:func:`init_loader_worker`); :func:`usable_cores` bounds how many.
 
 This module imports neither torch nor mlflow.
 """
@@ -79,6 +79,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
         if ours_int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (``taskset``, a container's CPU set), which
+    bound how many decoding workers are worth starting."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def loader_worker_options(num_workers: int) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -17,7 +16,7 @@ from anomaly_flow.cli.common import (
     printable,
     user_errors,
 )
-from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt, usable_cores
 
 _FAILURES_SHOWN = 5
 
@@ -25,8 +24,7 @@ _FAILURES_SHOWN = 5
 def _default_workers() -> int:
     """Up to 8, and no more than the cores this process may use (``taskset``, a
     container's CPU set)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, cores or 1)
+    return min(8, usable_cores())
 
 
 @main.command(epilog="""\b
