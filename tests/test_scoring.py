@@ -702,26 +702,40 @@ def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
     pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
 
 
+REAL_LAUNCH = scoring._launch
+
+
+def before_launch(monkeypatch: pytest.MonkeyPatch, number: int,
+                  action: Callable[[], object]) -> None:
+    """Run ``action`` just before the ``number``-th batch goes to the model (a call of
+    ``scoring._launch``), as something outside the run would at that moment; a second
+    call replaces the first's hook."""
+    launches = 0
+    real_launch = REAL_LAUNCH
+
+    def launch(*args: object, **kwargs: object) -> object:
+        nonlocal launches
+        launches += 1
+        if launches == number:
+            action()
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_launch", launch)
+
+
 def test_a_file_changed_while_the_run_goes_on_is_read_again_on_resume(
         model: Glow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its row holds the old content's score, written after the change: the table's
     time is that of the run's start, so --resume sees the file as newer."""
     folder, out = tmp_path / "images", tmp_path / "scores.csv"
     write_image_folder(sample_images(12), folder, "x-")
-    launches = 0
-    real_launch = scoring._launch
+    def change_a_read_file() -> None:
+        write_image_folder(sample_images(1, offset=50), folder, "x-00001-new")
+        os.replace(folder / "x-00001-new00000.png", folder / "x-00001.png")
 
-    def launch_then_change_a_read_file(*args: object, **kwargs: object) -> object:
-        nonlocal launches
-        launches += 1
-        if launches == 3:  # x-00001 was read in the first batch
-            write_image_folder(sample_images(1, offset=50), folder, "x-00001-new")
-            os.replace(folder / "x-00001-new00000.png", folder / "x-00001.png")
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "_launch", launch_then_change_a_read_file)
+    before_launch(monkeypatch, 3, change_a_read_file)  # x-00001 was read in the first batch
     stale = read_csv(score_folder(model, None, folder, out, batch_size=3).out)
-    monkeypatch.setattr(scoring, "_launch", real_launch)
+    monkeypatch.setattr(scoring, "_launch", REAL_LAUNCH)
     summary = score_folder(model, None, folder, out, batch_size=3, resume=True)
     assert summary.n_resumed == 11  # all but the changed file
     fresh = score_folder(model, None, folder, tmp_path / "fresh.csv", batch_size=3)
@@ -739,19 +753,13 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
     spare_folder = tmp_path / "spare"
     spare_folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spare_folder))
-    launches = 0
-    real_launch = scoring._launch
-
-    def launch_then_lose_the_folder(*args: object, **kwargs: object) -> object:
-        nonlocal launches
-        launches += 1
-        if launches == 2:
-            lost.append(time.time_ns())
-            shutil.rmtree(out.parent)
-        return real_launch(*args, **kwargs)
-
     lost: list[int] = []
-    monkeypatch.setattr(scoring, "_launch", launch_then_lose_the_folder)
+
+    def lose_the_folder() -> None:
+        lost.append(time.time_ns())
+        shutil.rmtree(out.parent)
+
+    before_launch(monkeypatch, 2, lose_the_folder)
     with pytest.raises(scoring.OutputWriteError) as info:
         score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
     (spare,) = spare_folder.iterdir()
@@ -762,7 +770,7 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
     # dated as the table would be: the run's start, for a --resume after moving it back
     assert spare.stat().st_mtime_ns < lost[0]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # no place at all
-    launches = 0
+    before_launch(monkeypatch, 2, lose_the_folder)
     out.parent.mkdir()
     with pytest.raises(scoring.OutputWriteError, match=f"; {len(MESSY)} rows are lost"):
         score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
