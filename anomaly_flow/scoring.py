@@ -486,13 +486,12 @@ def score_dataset(
     device = model.device
     model.eval()
     batch_size = min(batch_size, max(len(dataset), 1))  # a batch past the data is the data
-    cores = usable_cores()
-    if num_workers > cores:
-        logger.warning("%d decoding workers asked for, but this process may use %d CPU "
-                       "cores; using %d", num_workers, cores, cores)
-        num_workers = cores
     # a worker per batch at most: more would only start processes with nothing to decode
-    num_workers = min(num_workers, math.ceil(len(dataset) / batch_size))
+    asked, num_workers = num_workers, min(num_workers, math.ceil(len(dataset) / batch_size))
+    if num_workers > (cores := usable_cores()):  # warned only where it changes something
+        logger.warning("%d decoding workers asked for, but this process may use %d CPU "
+                       "cores; using %d", asked, cores, cores)
+        num_workers = cores
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
