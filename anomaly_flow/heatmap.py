@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import threading
 from collections import Counter
@@ -46,8 +47,12 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from anomaly_flow.data import display_path
+from anomaly_flow.stopping import remove_leftovers
 
 logger = logging.getLogger(__name__)
+
+_TEMPORARY = re.compile(r"\.hm\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+"""The name a heatmap has while it is written, the writer's process id as ``pid``."""
 
 COLORMAP = "inferno"
 MIN_SIDE = 256
@@ -293,6 +298,12 @@ class HeatmapWriter:
             else:
                 with self._lock:
                     self.n_written += 1
+
+    def remove_leftovers(self) -> int:
+        """Delete the unfinished heatmaps (temp files) that a run killed outright left in
+        the folders this writer writes to; returns how many went."""
+        folders = {(self.folder / name).parent for name in self.names}
+        return sum(remove_leftovers(folder, _TEMPORARY) for folder in sorted(folders))
 
     def discard(self, indices: Sequence[int]) -> int:
         """Delete the heatmaps an earlier run wrote for these dataset indices (files that

@@ -69,7 +69,12 @@ from anomaly_flow.complexity import (
 )
 from anomaly_flow.data import ImageMode, InvalidSource, display_path, find_images, load_item
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
-from anomaly_flow.stopping import loader_worker_options, raise_if_stopped, usable_cores
+from anomaly_flow.stopping import (
+    loader_worker_options,
+    raise_if_stopped,
+    remove_leftovers,
+    usable_cores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -715,6 +720,12 @@ def _temporary_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def _temporary_names(out: Path) -> re.Pattern[str]:
+    """Every name :func:`_temporary_name` gives ``out``, the writer's process id as
+    ``pid``: what :func:`anomaly_flow.stopping.remove_leftovers` looks for."""
+    return re.compile(re.escape(f".{out.name}.") + r"(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
 def write_table(table: pd.DataFrame, out: Path) -> None:
     """Write ``table`` to ``out`` (CSV or Parquet by extension) atomically.
 
@@ -1018,6 +1029,10 @@ def score_folder(
     output_format(out)
     check_writable(out, resume=resume)
     _check_precision(precision)
+    removed = remove_leftovers(out.parent, _temporary_names(out))
+    if removed:
+        logger.info("removed %d unfinished copy(ies) of %s that a killed run left",
+                    removed, display_path(out))
     if fdr is not None and calibration is None:
         apply_calibration(pd.DataFrame({"bpd": []}), None, fdr)  # raises the explanation
     if calibration is not None:  # a score the model does not give: fail before scoring
@@ -1097,6 +1112,10 @@ def score_folder(
         vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
         writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
                                sources=[sources[i] for i in todo])
+        removed = writer.remove_leftovers()
+        if removed:
+            logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
+                        removed, display_path(heatmaps))
 
     def write(table: pd.DataFrame) -> None:
         write_or_keep(table, out, modified_ns=started_ns)

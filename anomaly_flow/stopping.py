@@ -10,6 +10,8 @@ its rows, training ends its run as KILLED, and both say how to go on with ``--re
   :func:`interrupt_exit_code` then gives the status a shell expects for the stop.
 - :func:`loader_worker_options`: DataLoader arguments whose workers leave a group's stop
   to the main process (:func:`init_loader_worker`); :func:`usable_cores` bounds how many.
+- :func:`remove_leftovers`: the temp files and folders of a run that was killed outright
+  (SIGKILL, the OOM killer, a power cut), which no handler could clean up.
 
 This module imports neither torch nor mlflow.
 """
@@ -20,6 +22,8 @@ import contextlib
 import functools
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -79,6 +83,50 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
         if ours_int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user's too)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to someone else
+        return True
+    return True
+
+
+def remove_leftovers(folder: os.PathLike[str] | str, pattern: re.Pattern[str]) -> int:
+    """Delete the entries of ``folder`` (not below it) whose names match ``pattern`` in
+    full and whose group ``pid`` names a process no longer running: the temp files and
+    folders a killed run was writing when it died. A process still running keeps its
+    own, so two runs side by side never take each other's. Returns how many went; an
+    entry that cannot be removed stays, as does a folder that cannot be listed.
+
+    The write-then-rename temp names of this package carry the writer's process id for
+    this reason: without it, nothing tells a dead run's half-written file from a live
+    run's, and a run killed over and over would fill the folder.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or process_running(int(found["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+        removed += 1
+    return removed
 
 
 def usable_cores() -> int:

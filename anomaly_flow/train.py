@@ -72,7 +72,7 @@ from anomaly_flow.glow import (
     preprocess,
 )
 from anomaly_flow.scoring import numerics
-from anomaly_flow.stopping import loader_worker_options, raise_if_stopped
+from anomaly_flow.stopping import loader_worker_options, raise_if_stopped, remove_leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -567,6 +567,11 @@ def _checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+_UNFINISHED_CHECKPOINT = re.compile(r"\.(?:tmp|old)-step-\d{8}-(?P<pid>\d+)")
+"""The folders :func:`save_checkpoint` writes, or sets aside, before a rename; the
+writer's process id as ``pid``."""
+
+
 def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
                     config: RunConfig, step: int, extra: dict[str, Any]) -> Path:
     """Write ``folder/step-N`` and point ``folder/latest`` at it; keep the two newest.
@@ -772,6 +777,11 @@ def train(
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # NCCL and all_gather_object use the current device
+    if rank == 0 and ckpt_dir is not None:  # the one writer; another host's ids mean nothing
+        removed = remove_leftovers(ckpt_dir, _UNFINISHED_CHECKPOINT)
+        if removed:
+            logger.info("removed %d unfinished checkpoint folder(s) that a killed run left "
+                        "in %s", removed, ckpt_dir)
     try:
         result = _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
                         latest if resume else None, callback, progress)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,6 +194,14 @@ def corrupt_png(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a PNG\n")
     return path
+
+
+def ended_process_id() -> int:
+    """The id of a process that has run and ended (reaped): what a killed run's temp
+    names carry."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
 
 
 def gray_images(n: int, seed: int = 0, size: int = 28) -> np.ndarray:

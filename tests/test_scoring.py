@@ -55,6 +55,7 @@ from anomaly_flow.scoring import (
     write_table,
 )
 from anomaly_flow.train import fit_reference
+from tests.conftest import ended_process_id
 from tests.test_complexity import pil_png_bits
 
 TINY = GlowConfig(image_size=16, levels=2, steps_per_level=2, hidden_channels=16)
@@ -650,8 +651,17 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
     assert partial.loc[0, "error"] == ""
     partial.loc[0, "bpd"] = np.nan  # neither a score nor a reason: to be scored again
     write_table(partial, out)
+    # and, killed outright, its unfinished copies of the table and a heatmap
+    ended, alive = ended_process_id(), os.getpid()
+    (tmp_path / "heat" / "sub").mkdir(parents=True)
+    leftovers = [tmp_path / f".{out.name}.{ended}.0badf00d.tmp",
+                 tmp_path / "heat" / "sub" / f".hm.{ended}.12345678.tmp"]
+    running = tmp_path / f".{out.name}.{alive}.0badf00d.tmp"  # a live writer's: kept
+    for path in [*leftovers, running]:
+        path.write_bytes(b"cut short")
     summary = score_folder(model, None, messy, out, batch_size=4, resume=True,
                            heatmaps=tmp_path / "heat")
+    assert not any(path.exists() for path in leftovers) and running.exists()
     assert summary.n_resumed == k - 1 and summary.n_files == len(MESSY)
     # only the missing files were scored: heatmaps exist for those alone
     n_good_missing = int((full_table["error"].iloc[k:] == "").sum()) + 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +19,11 @@ from anomaly_flow.stopping import (
     init_loader_worker,
     interrupt_exit_code,
     loader_worker_options,
+    process_running,
+    remove_leftovers,
     sigterm_as_interrupt,
 )
+from tests.conftest import ended_process_id
 
 
 def _sleeping_worker(main_pid: int) -> None:
@@ -121,3 +126,23 @@ def test_a_stop_python_swallowed_is_raised_at_the_next_step() -> None:
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.split() == ["the", "fork", "went", "on", "stopped"], result.stderr
     assert "Exception ignored" in result.stderr  # the swallowed raise, as CI saw it
+
+
+def test_remove_leftovers_takes_what_ended_processes_left_and_nothing_else(
+        tmp_path: Path) -> None:
+    ended, alive = ended_process_id(), os.getpid()
+    assert not process_running(ended) and process_running(alive) and process_running(1)
+    assert not process_running(0) and not process_running(-5)
+    (tmp_path / f".x.{ended}.tmp").write_bytes(b"half")  # a killed run's file
+    (tmp_path / f".x.{ended}.dir").mkdir()  # and folder, with what it holds
+    (tmp_path / f".x.{ended}.dir" / "weights").write_bytes(b"w")
+    (tmp_path / f".x.{alive}.tmp").write_bytes(b"live")  # a running writer's
+    (tmp_path / f".y.{ended}.tmp").write_bytes(b"other")  # another pattern's
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / f".x.{ended}.tmp").write_bytes(b"below")  # not this folder
+    pattern = re.compile(r"\.x\.(?P<pid>\d+)\.(?:tmp|dir)")
+    assert remove_leftovers(tmp_path, pattern) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".x.{alive}.tmp", f".y.{ended}.tmp", "sub"])
+    assert (tmp_path / "sub" / f".x.{ended}.tmp").exists()
+    assert remove_leftovers(tmp_path / "missing", pattern) == 0

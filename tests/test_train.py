@@ -41,6 +41,7 @@ from anomaly_flow.train import (
     save_checkpoint,
     train,
 )
+from tests.conftest import ended_process_id
 
 MODEL = GlowConfig(in_channels=1, image_size=16, levels=2, steps_per_level=2,
                    hidden_channels=16)
@@ -401,6 +402,12 @@ def test_resume_is_bit_identical(image_folder: Path, tmp_path: Path,
         train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path / "cut",
               callback=kill_after_checkpoint)
     assert latest_checkpoint(tmp_path / "cut").name == f"step-{n:08d}"
+    ended = ended_process_id()  # killed outright while writing the next checkpoint
+    leftovers = [tmp_path / "cut" / f".tmp-step-{2 * n:08d}-{ended}",
+                 tmp_path / "cut" / f".old-step-{n:08d}-{ended}"]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"cut short")
     if written_by == "per-tensor Adam":
         state_file = latest_checkpoint(tmp_path / "cut") / "state.json"
         state = json.loads(state_file.read_text())
@@ -415,6 +422,7 @@ def test_resume_is_bit_identical(image_folder: Path, tmp_path: Path,
                     else None)
 
     assert resumed_steps == list(range(n + 1, 2 * n + 1))
+    assert not any(folder.exists() for folder in leftovers)
     assert full.steps == resumed.steps == 2 * n
     full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
     assert full_state.keys() == resumed_state.keys()
