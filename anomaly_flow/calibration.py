@@ -31,13 +31,16 @@ calibration scores are ``< s``, i.e. ``#{c_i >= s} <= n - k``. And ``p(s) <= alp
 iff ``1 + #{c_i >= s} <= alpha (n + 1)`` iff (the left side is an integer)
 ``#{c_i >= s} <= floor(alpha (n + 1)) - 1 = n - k``, using
 ``floor(alpha (n + 1)) = (n + 1) - ceil((1 - alpha)(n + 1))``. A score equal to the
-threshold is therefore normal under both. (With float p-values the equivalence holds
-for ``p <= alpha`` compared as floats as well, because ``(1 + m)/(n + 1)`` and
-``alpha`` are both correctly rounded.)
+threshold is therefore normal under both.
 
-``alpha`` is read as the decimal number it prints as (``0.3`` means 3/10, not the
-binary float just below it), and ``k`` is computed in exact rational arithmetic, so
-``alpha=0.3, n=9`` gives ``k=7``, not the ``8`` that ``ceil(0.7 * 10)`` gives in floats.
+In floats, ``k`` is taken from the same comparison the p-values meet: ``n - m`` for the
+largest ``m`` whose p-value ``(1 + m)/(n + 1)``, a correctly rounded float, is
+``<= alpha``. The two rules then agree for every float ``alpha``, and for one that is
+a short decimal ``k`` is ``ceil((1 - alpha)(n + 1))`` with ``alpha`` read as that
+decimal (``0.3`` as 3/10, not the binary float just below it): ``alpha=0.3, n=9`` gives
+``k=7``, not the ``8`` that ``ceil(0.7 * 10)`` gives in floats. An ``alpha`` computed
+rather than typed (``1/3``) may sit a rounding error from the rational it stands for;
+the p-value equal to that rational is flagged, as ``p <= alpha`` says.
 
 With labelled anomalies, `f1_threshold`, `youden_threshold` and `cost_threshold`
 pick an operating point from scikit-learn's ROC curve. scikit-learn flags
@@ -184,16 +187,34 @@ def _check_alpha(alpha: float) -> Fraction:
     return Fraction(repr(alpha))
 
 
-def _conformal_rank(n: int, alpha: Fraction) -> int:
-    """The 1-indexed rank ``k = ceil((1 - alpha)(n + 1))``, computed exactly."""
-    return math.ceil((1 - alpha) * (n + 1))
+def _first_true(predicate, low: int, high: int) -> int:
+    """Smallest ``i`` in ``[low, high]`` with ``predicate(i)``, for a predicate false then
+    true along the range and true at ``high``; bisection, so a range of 1e310 is fine."""
+    while low < high:
+        middle = (low + high) // 2
+        if predicate(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _conformal_rank(n: int, alpha: float) -> int:
+    """The 1-indexed rank ``k`` of the threshold among ``n`` sorted calibration scores:
+    ``n - m`` for the largest count ``m`` of calibration scores at or above a score whose
+    p-value ``(1 + m)/(n + 1)`` is ``<= alpha`` as floats (``n + 1`` when none is), so
+    that ``score > threshold`` and ``p <= alpha`` agree (module docstring)."""
+    # int / int is correctly rounded, so the p-value grows with m and bisection applies
+    first_too_large = _first_true(lambda m: (m + 1) / (n + 1) > alpha, 0, n)
+    return n - (first_too_large - 1)
 
 
 def min_calibration_size(alpha: float) -> int:
     """Smallest number of calibration scores for which a conformal threshold exists.
 
-    That is the smallest ``n >= 1`` with ``n >= 1/alpha - 1`` (so that
-    ``ceil((1 - alpha)(n + 1)) <= n``), computed in exact arithmetic.
+    That is the smallest ``n >= 1`` whose smallest p-value, ``1/(n + 1)``, is ``<= alpha``
+    compared as floats, as the p-values are: for a short decimal ``alpha``, the smallest
+    ``n >= 1/alpha - 1`` with ``alpha`` read as that decimal.
 
     Args:
         alpha: Target false-positive rate, in (0, 1).
@@ -205,8 +226,10 @@ def min_calibration_size(alpha: float) -> int:
         >>> min_calibration_size(0.01), min_calibration_size(0.1), min_calibration_size(0.3)
         (99, 9, 3)
     """
-    exact = _check_alpha(alpha)
-    return max(1, math.ceil(1 / exact - 1))
+    alpha = float(_check_alpha(alpha))
+    # 1/(n + 1) <= alpha holds from here on, exactly and so once rounded
+    enough = max(1, math.ceil(1 / Fraction(alpha) - 1))
+    return _first_true(lambda n: 1 / (n + 1) <= alpha, 1, enough)
 
 
 # ---------------------------------------------------------------------- operating points
@@ -652,9 +675,8 @@ def _refusal(n: int, alpha: float) -> CalibrationError:
 def _conformal_from_sorted(
     sorted_cal: np.ndarray, alpha: float, anomalous: np.ndarray | None = None
 ) -> Threshold:
-    exact = _check_alpha(alpha)
     n = sorted_cal.size
-    k = _conformal_rank(n, exact)
+    k = _conformal_rank(n, float(_check_alpha(alpha)))
     if k > n:
         raise _refusal(n, float(alpha))
     value = float(sorted_cal[k - 1])
@@ -681,8 +703,9 @@ def conformal_threshold(
     """Threshold whose false-positive rate on new normal images is at most ``alpha``.
 
     The threshold is the ``ceil((1 - alpha)(n + 1))``-th smallest calibration score
-    (1-indexed, exact arithmetic). With the rule ``score > threshold`` this flags
-    exactly the scores whose conformal p-value is ``<= alpha``.
+    (1-indexed, ``alpha`` read as the decimal it prints as; the module docstring says how
+    floats are met). With the rule ``score > threshold`` this flags exactly the scores
+    whose conformal p-value is ``<= alpha``.
 
     Args:
         calibration_scores: Scores of held-out normal images (never training
@@ -736,10 +759,12 @@ def _candidates(
     return strict, fp, tp
 
 
-def _pick(objective: np.ndarray, strict: np.ndarray) -> float:
-    """Highest threshold whose objective is maximal (up to float round-off)."""
+def _pick(objective: np.ndarray, strict: np.ndarray, *, floor: float = 1.0) -> float:
+    """Highest threshold whose objective is maximal, up to float round-off: relative to
+    the best value, or to ``floor`` where that is larger (F1's values lie in [0, 1]; a
+    sum of costs has no scale of its own, so its floor is 0)."""
     best = objective.max()
-    ties = objective >= best - _TIE_RTOL * max(1.0, abs(best))
+    ties = objective >= best - _TIE_RTOL * max(floor, abs(best))
     return float(strict[ties].max())
 
 
@@ -760,15 +785,12 @@ def _labelled_threshold(
         # J = TPR - FPR, kept in integers over the common denominator for exact ties.
         objective = (tp * normal.size - fp * anomalous.size).astype(np.float64)
     else:
-        with np.errstate(over="ignore"):  # checked next
-            objective = -(cost_fp * fp + cost_fn * fn)  # type: ignore[operator]
-        if not np.isfinite(objective).all():
-            # only the ratio matters: two huge costs (1e308 each) overflow every sum to inf
-            # and tie them all; divided by the larger, they do not (and where they do not
-            # overflow, the plain sums keep the tie tolerance meaningful for tiny ratios)
-            largest = max(cost_fp, cost_fn)  # type: ignore[type-var]
-            objective = -(cost_fp / largest * fp + cost_fn / largest * fn)  # type: ignore[operator]
-    value = _pick(objective, strict)
+        # only the ratio matters: in units of the larger cost, two huge costs (1e308
+        # each) do not overflow every sum to inf, nor two tiny ones (1e-300) sink into
+        # subnormals, and the tie tolerance is relative at any scale
+        largest = max(cost_fp, cost_fn)  # type: ignore[type-var]
+        objective = -(cost_fp / largest * fp + cost_fn / largest * fn)  # type: ignore[operator]
+    value = _pick(objective, strict, floor=0.0 if method == "cost" else 1.0)
     rates = _rates(*_counts(normal, anomalous, value), labelled=True)
     return Threshold(
         value=value,

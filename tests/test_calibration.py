@@ -205,6 +205,24 @@ def test_threshold_rule_equals_p_value_rule_with_ties(cal, scores, alpha):
     )
 
 
+@pytest.mark.parametrize("alpha", [1 / 3, 0.1 / 3, 2 / 3, 1 / 7, 0.3, 0.01])
+@pytest.mark.parametrize("n", [3, 8, 20, 59, 98, 99, 300])
+def test_threshold_rule_equals_float_p_value_rule_for_computed_alphas(alpha, n):
+    """An alpha computed rather than typed (a Bonferroni split, 1/3) sits a rounding error
+    from its rational; the p-value equal to that rational still gets one verdict."""
+    cal = np.arange(1.0, n + 1.0)
+    if n < min_calibration_size(alpha):
+        assert 1 / (n + 1) > alpha  # not even the smallest p-value reaches alpha
+        with pytest.raises(CalibrationError):
+            conformal_threshold(cal, alpha)
+        return
+    assert 1 / min_calibration_size(alpha) > alpha  # one fewer would be too few
+    probe = np.concatenate([cal, cal + 0.5, [0.0]])
+    calibration = Calibration("bpd", conformal_threshold(cal, alpha), cal)
+    np.testing.assert_array_equal(calibration.decide(probe),
+                                  calibration.p_values(probe) <= alpha)
+
+
 def test_refusal_message_says_how_many_images_are_needed():
     with pytest.raises(CalibrationError) as info:
         conformal_threshold(np.linspace(0, 1, 40), alpha=0.01)
@@ -316,7 +334,9 @@ def test_ties_go_to_the_highest_threshold():
     ("cost_fp", "cost_fn", "expected"),
     [(1.0, 1.0, 0.4), (1.0, 5.0, 0.3), (10.0, 1.0, 0.4), (0.0, 1.0, 0.3), (1.0, 0.0, 0.6),
      (1e308, 1e308, 0.4), (1e300, 5e300, 0.3),  # huge costs: the sums must not overflow
-     (1e13, 1.0, 0.4), (1.0, 1e13, 0.3)],  # far-apart costs: one image still counts
+     (1e13, 1.0, 0.4), (1.0, 1e13, 0.3),  # far-apart costs: one image still counts
+     (1e-13, 1e-13, 0.4), (1e-300, 5e-300, 0.3),  # tiny costs: not all tied
+     (1e3, 1e-9, 0.4), (1e-9, 1e3, 0.3)],  # and where the ratio is 1e12,
 )
 def test_cost_threshold_hand_computed(cost_fp, cost_fn, expected):
     threshold = cost_threshold(NORMAL, ANOMALOUS, cost_fp=cost_fp, cost_fn=cost_fn)
