@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from anomaly_flow.config import GlowConfig
@@ -37,6 +38,13 @@ from anomaly_flow.layers import FlowStep, SplitPrior, TopPrior, squeeze, unsquee
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Write ``tensors`` to a safetensors file with the mode any file gets (0644 under
+    umask 022): safetensors' ``save_file`` creates its file 0600, which another user (a
+    serving account, a shared registry's reader) could not read."""
+    path.write_bytes(safetensors.torch.save(tensors))
 
 REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "reference_scale")
 """State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional. The
@@ -611,7 +619,7 @@ class Glow(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(self.config.to_json())
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE))
+        save_tensors(state, folder / WEIGHTS_FILE)
         return folder
 
     @classmethod

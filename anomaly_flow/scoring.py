@@ -533,7 +533,9 @@ def score_dataset(
         for batch in loader:
             raise_if_stopped()  # a stop whose signal landed where Python ignores it
             if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
-                stats, maps = torch.full((len(batch.ok), _n_stats(model)), float("nan")), None
+                stats = torch.full((len(batch.ok), _n_stats(model)), float("nan"),
+                                   dtype=torch.float64)  # as _launch's
+                maps = None
             else:
                 stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
                                       None if heatmaps is None else heatmap_kind, forward)
@@ -549,8 +551,9 @@ def score_dataset(
             pending = launched
         if pending is not None:
             finish(pending)
-    if not frames:
-        return pd.DataFrame(columns=[*names, "error"])
+    if not frames:  # the columns' types all the same
+        return pd.DataFrame({**{name: pd.Series(dtype=np.float64) for name in names},
+                             "error": pd.Series(dtype=str)})
     return pd.concat(frames)
 
 

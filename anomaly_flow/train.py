@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm.auto import tqdm
 
@@ -70,6 +70,7 @@ from anomaly_flow.glow import (
     pool_to_grid,
     postprocess,
     preprocess,
+    save_tensors,
 )
 from anomaly_flow.scoring import numerics
 from anomaly_flow.stopping import loader_worker_options, raise_if_stopped, remove_leftovers
@@ -595,7 +596,7 @@ def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
                 tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{key}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     meta = {"step": step, "param_groups": opt_state["param_groups"],
             "optimizer_scalars": scalars, **extra}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -167,6 +169,18 @@ def test_save_load_round_trip_keeps_actnorm_init(tmp_path) -> None:
     assert torch.equal(loaded.log_prob(x), model.eval().log_prob(x))
     fresh = Glow(model.config)
     assert not fresh.initialized
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask: int) -> None:
+    # safetensors' own writer makes its file 0600: unreadable to a serving account
+    before = os.umask(umask)
+    try:
+        folder = make_model(1, 8, 2).float().save(tmp_path / "model")
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
 
 
 def test_normal_reference_gives_typicality_and_survives_save_load(tmp_path) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,14 @@ import zlib
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow.types.schema import DataType
+from mlflow.types.schema import AnyType, DataType
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
@@ -34,7 +36,7 @@ from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
-from anomaly_flow.tracking.pyfunc import GlowPyfunc, input_sources, output_columns
+from anomaly_flow.tracking.pyfunc import GlowPyfunc, PredictError, input_sources, output_columns
 from tests.conftest import ImageDirs, TrainedModel, new_store, tiny_config
 
 # The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
@@ -378,12 +380,21 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
     wrapper.calibration = None
     empty = wrapper.predict(None, pd.DataFrame({"path": []}))  # type: ignore[arg-type]
     assert len(empty) == 0 and list(empty.columns) == output_columns(wrapper.model)
-    for columnless in (pd.DataFrame(index=[0, 1]), pd.DataFrame()):  # what MLflow leaves
-        with pytest.raises(ValueError, match=r"the input has no column the model takes "
-                                             r"\(through MLflow, columns its signature does "
-                                             r"not name, such as 'Path', are dropped .*\), but "
-                                             r"the model needs a 'path'"):
+    failed = wrapper.predict(None, pd.DataFrame({"path": ["missing.png"]}))  # type: ignore[arg-type]
+    for answer in (empty, failed):  # the signature's doubles, rows or none, failed or not
+        for name in ("bpd", "complexity", "level_1", "score", "p_value"):
+            assert answer[name].dtype == np.float64, name
+    for columnless, empty_too in ((pd.DataFrame(index=[0, 1]), ""),  # what MLflow leaves
+                                  (pd.DataFrame(), ", so an empty request reads the same")):
+        with pytest.raises(PredictError, match=r"the input has no column the model takes "
+                                               r"\(through MLflow, columns its signature does "
+                                               r"not name, such as 'Path', are dropped before "
+                                               r"the model sees them, rows and all"
+                                               + re.escape(empty_too) + r"\), but the model "
+                                               r"needs a 'path'") as info:
             wrapper.predict(None, columnless)  # type: ignore[arg-type]
+        assert isinstance(info.value, ValueError)  # for Python callers
+        assert info.value.get_http_status_code() == 400  # for REST clients
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="the threshold param must be a finite score"):
             wrapper.predict(None, pd.DataFrame({"path": ["x.png"]}),  # type: ignore[arg-type]
@@ -425,6 +436,16 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert list(signature) == columns
     assert signature["coarse_complexity"] == DataType.double
     assert signature["is_anomaly"] == DataType.double  # so Spark keeps nulls (see pyfunc)
+    inputs = {spec.name: spec.type for spec in pyfunc.metadata.get_input_schema().inputs}
+    assert inputs == {"path": DataType.string, "image": AnyType()}  # see model_signature
+    # a device given at load time reaches the model (a bad one is refused by name)
+    assert pyfunc.model_config == {"device": "auto"}
+    on_cpu = mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "cpu"})
+    assert on_cpu.model_config == {"device": "cpu"}
+    assert on_cpu.predict(pd.DataFrame({"path": paths[:2]}))["bpd"].tolist() == \
+        expected["bpd"].tolist()[:2]
+    with pytest.raises(Exception, match="unknown device 'tpu'; use auto, cpu or cuda"):
+        mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "tpu"})
     assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
     assert (by_path["error"][:-1] == "").all()
@@ -650,11 +671,25 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) 
     pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def strict_json(text: str | bytes) -> Any:
+    """JSON as a strict parser reads it: a bare NaN or Infinity is an error."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: a bare {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def post_json(url: str, payload: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+        return strict_json(response.read())
+
+
+def post_refused(url: str, payload: dict) -> tuple[int, str]:
+    """The HTTP status and message of a request the server refuses."""
+    with pytest.raises(urllib.error.HTTPError) as info:
+        post_json(url, payload)
+    return info.value.code, strict_json(info.value.read())["message"]
 
 
 @pytest.mark.slow
@@ -682,8 +717,35 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         alone = [post_json(f"{base}/invocations", {
             "dataframe_split": {"columns": ["path"], "data": [[p]]}})["predictions"][0]["bpd"]
             for p in paths[:3]]
+        # a cell that names no image is an error in its row, not a refused request
+        png = base64.b64encode(files[0].read_bytes()).decode()
+        mixed = post_json(f"{base}/invocations", {"dataframe_split": {
+            "columns": ["image", "path"],
+            "data": [[png, None], [None, paths[1]], ["!!", None], [None, None], ["", ""]]}})
+        empty = post_refused(f"{base}/invocations", {"dataframe_records": []})
+        misnamed = post_refused(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["Path"], "data": [[p] for p in paths]}})
+        bad_param = post_refused(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["path"], "data": [[paths[0]]]},
+            "params": {"batch_size": 0}})
     rows = by_path["predictions"]
     assert [row["bpd"] for row in rows] == expected["bpd"].tolist()
+    assert [row["p_value"] for row in rows] == [None] * len(paths)  # null, not NaN
+    mixed_rows = mixed["predictions"]
+    assert [row["bpd"] for row in mixed_rows[:2]] == expected["bpd"].tolist()[:2]
+    assert [row["bpd"] for row in mixed_rows[2:]] == [None] * 3
+    assert [row["is_anomaly"] for row in mixed_rows] == [None] * 5
+    assert [row["error"] for row in mixed_rows] == [
+        "", "", "the 'image' value is text but not base64; pass the image file's bytes (or "
+        "its path in the 'path' column)", "no image given (empty value)",
+        "no image given (empty value)"]
+    for status, message in (empty, misnamed):
+        assert status == 400
+        assert "the input has no column the model takes" in message
+        assert "but the model needs a 'path' (string) or an 'image' (bytes) column" in message
+    assert "so an empty request reads the same" in empty[1]
+    assert bad_param[0] == 400
+    assert "the batch_size param must be a positive number of images, not 0" in bad_param[1]
     assert alone == expected["bpd"].tolist()[:3]
     assert [row["is_anomaly"] for row in rows] == [False] * len(paths)
     assert [row["bpd"] for row in by_bytes["predictions"]] == expected["bpd"].tolist()
@@ -752,6 +814,12 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
                                          params={"threshold": 100.0})
         decided = table.withColumn("scores", decide("path")).selectExpr(
             "scores.is_anomaly", "isnull(scores.is_anomaly) AS missing").toPandas()
+        # a binary column of file bytes, with a null where the path is to be read
+        with_bytes = spark.createDataFrame(
+            [(p, None if i % 2 else Path(p).read_bytes()) for i, p in enumerate(paths)],
+            "path string, image binary")
+        by_bytes = with_bytes.withColumn("scores", udf("path", "image")).select(
+            "scores.bpd", "scores.error").toPandas()
     finally:
         spark.stop()
     assert scored["path"].tolist() == paths
@@ -762,3 +830,5 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
         expected["error"].iloc[-1] != ""
     assert decided["is_anomaly"].iloc[:-1].tolist() == [0.0] * len(files)
     assert decided["missing"].tolist() == [False] * len(files) + [True]  # null, not NaN
+    np.testing.assert_array_equal(by_bytes["bpd"].to_numpy(), expected["bpd"].to_numpy())
+    assert by_bytes["error"].tolist() == expected["error"].tolist()

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -463,6 +464,10 @@ def test_checkpoints_atomic_pruned_and_restore_optimizer_exactly(tmp_path: Path)
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-00000003",
                                                         "step-00000004"]
     assert latest_checkpoint(folder) == folder / "step-00000004"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder / "step-00000004").iterdir():  # readable as any file the run writes
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
     fresh = Glow(MODEL)
     fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)

@@ -128,6 +128,9 @@ def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
             python_model=str(MODEL_CODE),
             artifacts={GLOW_ARTIFACT: str(folder)},
             signature=model_signature(model),
+            # declared, so that a model_config given at load time reaches load_context:
+            # MLflow passes one only to a model logged with one
+            model_config={"device": "auto"},
             pip_requirements=_pip_requirements(),
             metadata={"anomaly_flow": {"calibrated": calibration is not None,
                                        "score_name": getattr(calibration, "score_name", None)}},

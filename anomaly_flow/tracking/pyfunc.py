@@ -13,7 +13,13 @@ normal reference), ``level_1..level_L``, ``score``, ``p_value``, ``is_anomaly`` 
 
 Params at predict time: ``threshold`` (decide ``score > threshold`` instead of the
 calibrated threshold; also works on an uncalibrated model, whose score is ``bpd``) and
-``batch_size``.
+``batch_size``. A request without an image column or with a bad param raises
+:class:`PredictError` (HTTP 400 over REST). Behind MLflow's REST server a missing number
+is None (``null``), not NaN (see :func:`_json_safe`).
+
+``model_config={"device": "cpu"|"cuda"|"auto"}`` at load time (or the
+``MLFLOW_PYFUNC_INFERENCE_CONFIG`` environment variable for ``mlflow models serve``)
+picks the device; the default, ``auto``, is CUDA where there is one.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from anomaly_flow.calibration import Calibration
 from anomaly_flow.data import InvalidSource, undisplayed_path
@@ -52,6 +61,15 @@ CALIBRATION_FILE = "calibration.json"
 DEFAULT_BATCH_SIZE = 256
 
 
+class PredictError(MlflowException, ValueError):
+    """A request the model cannot answer (no image column, a bad param). An
+    ``MlflowException`` so that a REST client gets its message with HTTP 400, where a
+    plain exception would reach it as MLflow's generic "unexpected error"."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 def output_columns(model: Glow) -> list[str]:
     """Columns of the prediction frame, in order."""
     return [*score_names(model), *DECISION_COLUMNS]
@@ -66,10 +84,16 @@ def model_signature(model: Glow) -> ModelSignature:
     takes its column types from here and casts each column with numpy, which turns a
     missing boolean into False, so an unreadable file would read as "not anomalous". As
     a double, Spark gets 1.0, 0.0 or null.
+
+    ``image`` is declared ``Any``, not ``binary``: MLflow's REST server decodes the base64
+    of a binary column for the whole request before the model sees it, so one empty
+    (null) or mangled cell would fail every row with HTTP 400. Declared ``Any``, bytes
+    (Python, Spark) and base64 text (REST) reach :func:`input_sources`, which decodes
+    each cell and turns a bad one into an error in its own row.
     """
     inputs = Schema([
         ColSpec(DataType.string, "path", required=False),
-        ColSpec(DataType.binary, "image", required=False),
+        ColSpec(AnyType(), "image", required=False),
     ])
     doubles = [*score_names(model), "score", "p_value"]
     outputs = Schema([
@@ -103,11 +127,16 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | Non
         # MLflow drops the columns the signature does not name before predict sees them,
         # rows and all: a misnamed column ('Path') arrives as a frame without columns
         # or rows, which must not pass for an empty request
-        named = (f"has columns {list(frame.columns)}" if len(frame.columns) else
-                 "has no column the model takes (through MLflow, columns its signature "
-                 "does not name, such as 'Path', are dropped before the model sees them)")
-        raise ValueError(f"the input {named}, but the model needs a 'path' (string) or an "
-                         "'image' (bytes) column; pass one of them")
+        if len(frame.columns):
+            named = f"has columns {list(frame.columns)}"
+        else:
+            named = ("has no column the model takes (through MLflow, columns its signature "
+                     "does not name, such as 'Path', are dropped before the model sees them, "
+                     "rows and all" + (", so an empty request reads the same" if not n else "")
+                     + ")")
+        raise PredictError(f"the input {named}, but the model needs a 'path' (string) or "
+                           "an 'image' (bytes) column; pass one of them, with one row per "
+                           "image")
     paths = frame["path"].tolist() if "path" in frame.columns else [None] * n
     images = frame["image"].tolist() if "image" in frame.columns else [None] * n
     sources: list[str | bytes | InvalidSource | None] = []
@@ -212,11 +241,23 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
         given = params.get("batch_size")
         batch_size = DEFAULT_BATCH_SIZE if given is None else int(given)
         if threshold is not None and not np.isfinite(float(threshold)):
-            raise ValueError(f"the threshold param must be a finite score, not {threshold!r}; "
-                             "leave it out to decide by the calibrated threshold")
+            raise PredictError(f"the threshold param must be a finite score, not "
+                               f"{threshold!r}; leave it out to decide by the calibrated "
+                               "threshold")
         if batch_size < 1:
-            raise ValueError(f"the batch_size param must be a positive number of images, "
-                             f"not {given!r}; leave it out for {DEFAULT_BATCH_SIZE}")
-        return predict_frame(self.model, self.calibration, model_input,
-                             threshold=None if threshold is None else float(threshold),
-                             batch_size=batch_size)
+            raise PredictError(f"the batch_size param must be a positive number of "
+                               f"images, not {given!r}; leave it out for "
+                               f"{DEFAULT_BATCH_SIZE}")
+        frame = predict_frame(self.model, self.calibration, model_input,
+                              threshold=None if threshold is None else float(threshold),
+                              batch_size=batch_size)
+        return _json_safe(frame) if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() else frame
+
+
+def _json_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with None for its NaNs, for a REST answer (``mlflow models serve``, and
+    ``mlflow models predict``, which set MLflow's serving flag): MLflow writes a NaN as the
+    bare ``NaN`` that strict JSON parsers (a browser's ``JSON.parse``, Go, Java) refuse,
+    and None as ``null``. In Python and Spark the columns stay float64 with NaN."""
+    safe = frame.astype(object)
+    return safe.where(frame.notna(), None)
