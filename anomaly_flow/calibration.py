@@ -35,12 +35,17 @@ threshold is therefore normal under both.
 
 In floats, ``k`` is taken from the same comparison the p-values meet: ``n - m`` for the
 largest ``m`` whose p-value ``(1 + m)/(n + 1)``, a correctly rounded float, is
-``<= alpha``. The two rules then agree for every float ``alpha``, and for one that is
-a short decimal ``k`` is ``ceil((1 - alpha)(n + 1))`` with ``alpha`` read as that
-decimal (``0.3`` as 3/10, not the binary float just below it): ``alpha=0.3, n=9`` gives
-``k=7``, not the ``8`` that ``ceil(0.7 * 10)`` gives in floats. An ``alpha`` computed
-rather than typed (``1/3``) may sit a rounding error from the rational it stands for;
-the p-value equal to that rational is flagged, as ``p <= alpha`` says.
+``<= alpha``. The two rules then agree for every float ``alpha`` (a subnormal one,
+below 2.2e-308, excepted: there ``1/(n + 1)`` rounds to few bits), and for one that is
+a short decimal, with ``n`` below 10^12, ``k`` is ``ceil((1 - alpha)(n + 1))`` with
+``alpha`` read as that decimal (``0.3`` as 3/10, not the binary float just below it):
+``alpha=0.3, n=9`` gives ``k=7``, not the ``8`` that ``ceil(0.7 * 10)`` gives in
+floats. An ``alpha`` computed rather than typed (``1/3``, ``0.05/3``) may sit a
+rounding error from the rational it stands for; the p-value equal to that rational is
+flagged, as ``p <= alpha`` says, which can put ``k`` one below the decimal rule's.
+Calibrations stored before this rule took ``k`` from the decimal rule; they still load
+(:class:`Calibration` accepts either rank), and for them the two rules can disagree on
+that one boundary p-value.
 
 With labelled anomalies, `f1_threshold`, `youden_threshold` and `cost_threshold`
 pick an operating point from scikit-learn's ROC curve. scikit-learn flags
@@ -213,8 +218,8 @@ def min_calibration_size(alpha: float) -> int:
     """Smallest number of calibration scores for which a conformal threshold exists.
 
     That is the smallest ``n >= 1`` whose smallest p-value, ``1/(n + 1)``, is ``<= alpha``
-    compared as floats, as the p-values are: for a short decimal ``alpha``, the smallest
-    ``n >= 1/alpha - 1`` with ``alpha`` read as that decimal.
+    compared as floats, as the p-values are: for a short decimal ``alpha`` down to 1e-16,
+    the smallest ``n >= 1/alpha - 1`` with ``alpha`` read as that decimal.
 
     Args:
         alpha: Target false-positive rate, in (0, 1).
@@ -703,9 +708,10 @@ def conformal_threshold(
     """Threshold whose false-positive rate on new normal images is at most ``alpha``.
 
     The threshold is the ``ceil((1 - alpha)(n + 1))``-th smallest calibration score
-    (1-indexed, ``alpha`` read as the decimal it prints as; the module docstring says how
-    floats are met). With the rule ``score > threshold`` this flags exactly the scores
-    whose conformal p-value is ``<= alpha``.
+    (1-indexed, ``alpha`` read as the decimal it prints as; for an ``alpha`` computed
+    rather than typed, such as ``0.05/3``, it can be the one below: the module docstring
+    says how floats are met). With the rule ``score > threshold`` this flags exactly the
+    scores whose conformal p-value is ``<= alpha``.
 
     Args:
         calibration_scores: Scores of held-out normal images (never training
@@ -965,8 +971,13 @@ class Calibration:
                 f"{sorted_cal.size} calibration scores are stored; they must be the same set."
             )
         if threshold.method == "conformal":
-            expected = _conformal_from_sorted(sorted_cal, threshold.alpha).value  # type: ignore[arg-type]
-            if threshold.value != expected:
+            alpha = threshold.alpha
+            expected = _conformal_from_sorted(sorted_cal, alpha).value  # type: ignore[arg-type]
+            # or, stored before the float rule, the decimal rule's rank (module docstring)
+            n = sorted_cal.size
+            decimal_k = math.ceil((1 - _check_alpha(alpha)) * (n + 1))  # type: ignore[arg-type]
+            if threshold.value != expected and not (
+                    decimal_k <= n and threshold.value == sorted_cal[decimal_k - 1]):
                 raise CalibrationError(
                     f"conformal threshold {threshold.value} does not match the stored "
                     f"calibration scores (expected {expected} for alpha={threshold.alpha}); "

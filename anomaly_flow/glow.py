@@ -22,6 +22,7 @@ score (:meth:`Glow.ensemble`). It lives in the state dict (``reference_mean``,
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,10 +42,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """Write ``tensors`` to a safetensors file with the mode any file gets (0644 under
-    umask 022): safetensors' ``save_file`` creates its file 0600, which another user (a
-    serving account, a shared registry's reader) could not read."""
-    path.write_bytes(safetensors.torch.save(tensors))
+    """Write ``tensors`` to a safetensors file, atomically (a temp file renamed into
+    place), with the mode any new file gets (0644 under umask 022): safetensors'
+    ``save_file`` makes its file 0600, which another user (a serving account, a shared
+    registry's reader) could not read."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(safetensors.torch.save(tensors))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "reference_scale")
 """State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional. The

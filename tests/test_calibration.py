@@ -336,7 +336,7 @@ def test_ties_go_to_the_highest_threshold():
      (1e308, 1e308, 0.4), (1e300, 5e300, 0.3),  # huge costs: the sums must not overflow
      (1e13, 1.0, 0.4), (1.0, 1e13, 0.3),  # far-apart costs: one image still counts
      (1e-13, 1e-13, 0.4), (1e-300, 5e-300, 0.3),  # tiny costs: not all tied
-     (1e3, 1e-9, 0.4), (1e-9, 1e3, 0.3)],  # and where the ratio is 1e12,
+     (1e3, 1e-9, 0.4), (1e-9, 1e3, 0.3)],  # a ratio of 1e12: one image still counts,
 )
 def test_cost_threshold_hand_computed(cost_fp, cost_fn, expected):
     threshold = cost_threshold(NORMAL, ANOMALOUS, cost_fp=cost_fp, cost_fn=cost_fn)
@@ -646,6 +646,26 @@ def test_calibration_json_without_score_selection_still_loads():
     assert calibration.score_selection is None
     assert calibration.threshold.value == 4.0  # k = ceil(0.75 * 5) = 4
     assert "score_selection" not in calibration.to_dict()
+
+
+def test_a_stored_conformal_threshold_is_checked_against_its_scores():
+    # alpha = 0.05/3 with 299 scores: the float rule's rank is 295 (the p-value 5/300 is
+    # <= alpha as floats), the decimal rule's (alpha read as 0.016666666666666666) 296,
+    # which calibrations before the float rule stored; both load, a threshold at any
+    # other rank is refused as altered
+    alpha, cal = 0.05 / 3, np.arange(1.0, 300.0)
+    assert math.ceil((1 - Fraction(repr(alpha))) * 300) == 296
+    assert conformal_threshold(cal, alpha).value == 295.0  # cal[k - 1] is k
+    stored = json.loads(calibrate("bpd", cal, alpha=alpha).to_json())
+    for value in (295.0, 296.0):
+        stored["threshold"]["value"] = value
+        assert Calibration.from_json(json.dumps(stored)).threshold.value == value
+    for value in (294.0, 297.0, 295.5):
+        stored["threshold"]["value"] = value
+        with pytest.raises(CalibrationError, match=f"conformal threshold {value} does not "
+                                                   r"match the stored calibration scores "
+                                                   r"\(expected 295.0 for alpha="):
+            Calibration.from_json(json.dumps(stored))
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -251,7 +250,15 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
         frame = predict_frame(self.model, self.calibration, model_input,
                               threshold=None if threshold is None else float(threshold),
                               batch_size=batch_size)
-        return _json_safe(frame) if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() else frame
+        return _json_safe(frame) if _serving() else frame
+
+
+def _serving() -> bool:
+    """Whether MLflow's REST server (or ``mlflow models predict``) runs this process: the
+    flag it sets for its own use, read from the environment rather than imported, so
+    that an MLflow without it leaves NaN in answers instead of failing to load models."""
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").strip().lower() in (
+        "true", "1")
 
 
 def _json_safe(frame: pd.DataFrame) -> pd.DataFrame:
