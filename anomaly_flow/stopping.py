@@ -18,6 +18,7 @@ This module imports neither torch nor mlflow.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import multiprocessing
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -43,8 +45,26 @@ ignores an exception raised inside an at-fork callback (logging's lock release a
 DataLoader forks its workers is one), so a signal landing there would be lost."""
 
 
+REPEAT_GRACE_S = 10.0
+"""How long after a stop a repeated one (Ctrl-C pressed twice, a scheduler's SIGTERM
+after the user's Ctrl-C) is held rather than raised: a second exception would land in
+the middle of the first one's clean-up (scoring writing the rows it has, a DataLoader
+shutting its workers down) and lose what it was keeping. Past it, a stop raises again,
+for a clean-up that hangs."""
+
+_STOPPED_AT: list[float] = []
+"""When the current block's first stop came (``time.monotonic()``), while one has."""
+
+_HELD_MESSAGE = (b"\nstill stopping: keeping what is done so far (a stop more than "
+                 + str(int(REPEAT_GRACE_S)).encode() + b" s after the first ends it at once)\n")
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
+        os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
+        return
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _STOPPED_AT[:] = [time.monotonic()]
     _PENDING[:] = [stop]
     raise stop
 
@@ -64,25 +84,46 @@ def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
     the main thread, and Ctrl-C its ``KeyboardInterrupt`` as before; both are also kept
-    for :func:`raise_if_stopped`, should the exception be swallowed. The previous
-    handlers come back after it."""
+    for :func:`raise_if_stopped`, should the exception be swallowed. A stop repeated
+    within :data:`REPEAT_GRACE_S` of the first is held (a line on stderr says so).
+
+    The previous handlers come back after the block, except with ``hold_after_stop``
+    once a stop has come: for a command whose process then ends, a repeated stop still
+    held while it reports and exits (else it would print a traceback from the
+    interpreter's shutdown, or kill the process by the signal).
+    """
     previous = signal.signal(signal.SIGTERM, _interrupt)
     ours_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if ours_int:  # a handler someone else installed stays theirs
         signal.signal(signal.SIGINT, _interrupt)
     _PENDING.clear()
+    _STOPPED_AT.clear()
     try:
         yield
     except KeyboardInterrupt:
         _PENDING.clear()  # it arrived: nothing is left pending
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if ours_int:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if hold_after_stop and _STOPPED_AT:
+            atexit.register(_hold_stops_at_exit)
+        else:
+            _STOPPED_AT.clear()
+            signal.signal(signal.SIGTERM, previous)
+            if ours_int:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _hold_stops_at_exit() -> None:
+    """At the exit of a process a stop ended, still within the grace: ignore further
+    stops. The interpreter's shutdown puts back the default handler of every signal that
+    has a Python one, and a repeated Ctrl-C would then kill the process by the signal
+    instead of letting it exit with the status :func:`interrupt_exit_code` gave."""
+    if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def process_running(pid: int) -> bool:

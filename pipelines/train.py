@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # the configuration is read before the stop handling below, which names it in the
     # resume hint
     try:
-        with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
+        with sigterm_as_interrupt(hold_after_stop=True):  # SIGTERM as Ctrl-C
             outcome = train_and_register(args.data, args.name, config, device=args.device,
                                          resume=args.resume, mlruns=args.mlruns)
     except user_error_types() as error:

@@ -304,6 +304,42 @@ def test_sigterm_to_the_process_group_stops_workers_without_a_traceback(
     assert "run the same command with --resume" in stderr
 
 
+def test_ctrl_c_pressed_again_while_stopping_keeps_the_rows(model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """A second Ctrl-C (and a third...) while the first one's clean-up writes the table
+    is held: the rows scored are kept, no traceback, the status is still Ctrl-C's."""
+    import signal
+    import time
+
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    from anomaly_flow.data import write_image_folder
+
+    write_image_folder(sample_images(600), folder, "x-")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model", str(model_dir),
+         "--out", str(out), "--workers", "2", "--batch-size", "1"],
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until both decoding workers run
+    time.sleep(1.0)
+    assert process.poll() is None, "scoring ended before it could be stopped"
+    for _ in range(20):  # as a terminal sends Ctrl-C: to the whole group, here 20 times
+        try:
+            os.killpg(process.pid, signal.SIGINT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr  # not killed by the signal (-2)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "still stopping: keeping what is done so far" in stderr
+    assert "run the same command with --resume" in stderr
+    table = pd.read_csv(out, keep_default_na=False)
+    assert 0 < len(table) < 600 and (table["error"] == "").all()
+
+
 def test_a_stop_before_any_row_says_to_run_again(model_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing was written, so there is nothing to --resume from: say so."""

@@ -38,7 +38,7 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
 
     show_stages("anomaly_flow.demo", "anomaly_flow.train")
     try:
-        with sigterm_as_interrupt():  # a stop ends the MLflow run as KILLED, not RUNNING
+        with sigterm_as_interrupt(hold_after_stop=True):  # the MLflow run ends KILLED
             result = run_demo(out, preset=preset, device=device, epochs=epochs)
     except KeyboardInterrupt as stop:
         click.echo(f"demo interrupted; run it again to start over (it rewrites {out})",

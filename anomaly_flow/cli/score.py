@@ -111,7 +111,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     check_writable(out, resume=resume)  # before loading a model or scoring anything
     loaded = open_model(model, device, mlruns, logs=False)
     try:
-        with sigterm_as_interrupt():  # scoring then writes what it has before stopping
+        with sigterm_as_interrupt(hold_after_stop=True):  # the rows scored are kept
             summary = score_folder(
                 loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
                 num_workers=_default_workers() if workers is None else workers,

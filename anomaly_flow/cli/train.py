@@ -70,7 +70,7 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
 
     show_stages("anomaly_flow.train")  # a line an epoch where no progress bar shows
     try:
-        with sigterm_as_interrupt():  # a scheduler's stop ends the run as Ctrl-C does
+        with sigterm_as_interrupt(hold_after_stop=True):  # SIGTERM as Ctrl-C
             outcome = train_and_register(data, name, config, device=device, resume=resume,
                                          mlruns=mlruns)
     except KeyboardInterrupt as stop:
