@@ -1354,7 +1354,9 @@ def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Pat
     again, must give their ``bpd`` back. In float32 the tolerance (1e-5 relative) admits
     the last digits ``--compile`` moves and nothing a retrained, fine-tuned or bf16 model
     would give; in ``tf32`` or ``bf16``, whose GPU kernels may round otherwise in another
-    batch size, it is 1e-3, still far below what other weights change. A probe that
+    batch size, it is 1e-3, still far below what other weights change; a float32 table
+    falls within it, so there the probes are also scored in float32, and a table whose
+    numbers are float32's (and not this precision's too) is refused. A probe that
     cannot be read now is not compared. A table of the same weights with another
     calibration passes: decisions are recomputed for every row anyway.
     """
@@ -1364,15 +1366,29 @@ def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Pat
     probes = scored[np.linspace(0, len(scored) - 1, min(RESUME_PROBES, len(scored)))
                     .round().astype(int)].unique()
     config = model.config
-    dataset = ScoringDataset([files[key] for key in probes], config.mode, config.image_size,
-                             config.n_bits, config.levels)
-    again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
-                          precision=precision)
     before = previous.loc[probes, "bpd"].to_numpy(dtype=float)
-    now = again["bpd"].to_numpy(dtype=float)
+
+    def rescored(at: Precision) -> tuple[np.ndarray, np.ndarray]:
+        dataset = ScoringDataset([files[key] for key in probes], config.mode,
+                                 config.image_size, config.n_bits, config.levels)
+        again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
+                              precision=at)
+        return again["bpd"].to_numpy(dtype=float), (again["error"].fillna("") == "").to_numpy()
+
+    now, readable = rescored(precision)
     rtol = 1e-5 if precision == "float32" else 1e-3
-    readable = (again["error"].fillna("") == "").to_numpy()
     off = readable & ~np.isclose(now, before, rtol=rtol, atol=0.0)
+    if not off.any() and precision != "float32" and (readable & ~np.isclose(
+            now, before, rtol=1e-5, atol=0.0)).any():
+        # within the loose tolerance but not the same numbers: a float32 table, whose
+        # numbers a bf16 or tf32 run comes as close to, is not to be mixed with them
+        exact, _ = rescored("float32")
+        if np.isclose(exact, before, rtol=1e-5, atol=0.0)[readable].all():
+            raise ScoringError(
+                f"{display_path(out)} was scored in float32 (its bpd is float32's to 1e-5), "
+                f"and this run is {precision}: the table would mix the two; resume with "
+                "--precision float32, or score everything again in "
+                f"{precision} (without --resume, or to another --out)")
     if off.any():
         i = int(np.flatnonzero(off)[0])
         raise ScoringError(

@@ -1157,6 +1157,34 @@ def test_bf16_is_close_to_float32_and_repeatable(model: Glow, messy: Path,
     assert model.levels[0].steps[0].coupling.net.autocast_dtype is None  # restored
     with pytest.raises(ScoringError, match="unknown precision 'fp8'"):
         score_folder(model, None, messy, tmp_path / "c.csv", precision="fp8")  # type: ignore[arg-type]
+    # a table resumes only in the precision that scored it: bf16 numbers come within the
+    # loose tolerance of float32's, so they are told apart by float32's own numbers (a
+    # model whose coupling networks, zero at the start, give something for bf16 to round)
+    rounded = make_tiny_model()
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator()
+                                              .manual_seed(parameter.numel())))
+    exact, half = tmp_path / "exact.csv", tmp_path / "half.csv"
+    score_folder(rounded, None, messy, exact)
+    score_folder(rounded, None, messy, half, precision="bf16")
+    exact_rows, half_rows = read_csv(exact), read_csv(half)
+    ok = exact_rows["error"] == ""
+    gap = np.abs(half_rows["bpd"][ok] / exact_rows["bpd"][ok] - 1)
+    assert 1e-5 < gap.max() < 1e-3, gap.max()  # within the loose tolerance, not the tight
+    resumed = tmp_path / "resumed.csv"
+    write_table(exact_rows.head(10), resumed)
+    with pytest.raises(ScoringError, match=r"resumed\.csv was scored in float32 \(its bpd "
+                                           r"is float32's to 1e-5\), and this run is bf16: "
+                                           r"the table would mix the two; resume with "
+                                           r"--precision float32"):
+        score_folder(rounded, None, messy, resumed, resume=True, precision="bf16")
+    write_table(half_rows.head(10), resumed)  # bf16's rows, resumed in bf16
+    score_folder(rounded, None, messy, resumed, resume=True, precision="bf16")
+    pd.testing.assert_frame_equal(read_csv(resumed), half_rows)
+    write_table(exact_rows.head(10), resumed)  # tf32 on a CPU is float32: the same numbers
+    score_folder(rounded, None, messy, resumed, resume=True, precision="tf32")
+    pd.testing.assert_frame_equal(read_csv(resumed), exact_rows)
 
 
 # --------------------------------------------------------------------------- what a run may touch
