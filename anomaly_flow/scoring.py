@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -826,6 +827,21 @@ def _only_whole_numbers(column: pd.Series) -> bool:
     return bool(len(finite)) and bool((finite == np.round(finite)).all())
 
 
+def _whole_csv_records(data: bytes) -> bytes:
+    """``data`` up to the end of its last complete CSV record: the last line end outside
+    quotes (a quoted path may hold line ends; the quotes before a record's end, doubled
+    ones included, are even in number)."""
+    end, quotes, start = 0, 0, 0
+    at = data.find(b"\n")
+    while at != -1:
+        quotes += data.count(b'"', start, at)
+        start = at
+        if quotes % 2 == 0:
+            end = at + 1
+        at = data.find(b"\n", at + 1)
+    return data[:end]
+
+
 def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     """Read a table :func:`score_folder` wrote, for ``resume``.
 
@@ -836,7 +852,8 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     Returns:
         The stored raw score columns (``names``, ``error``) indexed by ``path``, one row
         per path (the first row kept if a path repeats); rows with neither every score
-        nor an error are left out (to be scored again). A table written before a score
+        nor an error are left out (to be scored again), as is a last row cut short (a
+        CSV that ends inside a line or a quoted path). A table written before a score
         of :data:`LATER_SCORES` existed lacks that column: its scored rows are left out
         too, so that resuming rescores those files and the finished table has every
         column filled; its failed rows are kept.
@@ -850,7 +867,16 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
     name = display_path(out)
     try:
         if fmt == "csv":
-            table = pd.read_csv(out, dtype={"path": "string", "error": "string"},
+            data = out.read_bytes()
+            # a copy or an edit cut it mid-row (it ends inside a line, or inside a quoted
+            # path holding a line end): the rows before the cut stand
+            if data and (not data.endswith(b"\n") or data.count(b'"') % 2):
+                whole = _whole_csv_records(data)
+                logger.warning("the earlier output %s ends in a row cut short (%d bytes "
+                               "after its last complete line); scoring that file again",
+                               name, len(data) - len(whole))
+                data = whole
+            table = pd.read_csv(io.BytesIO(data), dtype={"path": "string", "error": "string"},
                                 **EXACT_FLOATS)
         else:
             table = pd.read_parquet(out)

@@ -1388,3 +1388,29 @@ def test_an_output_link_is_written_through_and_a_replaced_table_is_named(
     assert len(read_csv(link)) == 2
     assert f"replacing the earlier output {target} (--resume would keep its rows)" \
         in caplog.text
+
+
+def test_resume_scores_again_a_last_row_cut_short(model: Glow, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A table cut mid-row (a copy or an edit, not our writes, which are atomic): the rows
+    before the cut stand, the cut one is scored again, wherever in the row the cut fell
+    (in a number, which would read as another number, or in a quoted path holding a line
+    end, which the CSV parser would refuse)."""
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    write_image_folder(sample_images(3), folder, "x-")
+    Image.fromarray(sample_images(1, offset=3)[0, 0]).save(folder / 'z "odd"\nname.png')
+    score_folder(model, None, folder, out)
+    whole = out.read_bytes()
+    last = whole.rindex(b"\n", 0, whole.index(b'z ""odd""')) + 1  # the last row's start
+    assert whole[last:].startswith(b'"') and whole.count(b"\n", last) == 2  # it sorts last
+    in_the_path = last + whole[last:].index(b"\n") + 1  # past the line end in the name
+    in_a_number = whole.rindex(b".", 0, len(whole) - 3) + 3  # two digits of a decimal
+    for cut in (in_the_path, in_a_number, len(whole) - 1):
+        out.write_bytes(whole[:cut])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            summary = score_folder(model, None, folder, out, resume=True)
+        assert f"ends in a row cut short ({cut - last} bytes after its last complete line)" \
+            in caplog.text
+        assert (summary.n_resumed, summary.n_files) == (3, 4)
+        assert out.read_bytes() == whole
