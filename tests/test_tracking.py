@@ -320,6 +320,11 @@ def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
     ("runs:/0123456789abcdef0123456789abcdef/model", "no model at runs:/"),
     ("/no/such/folder", "that path does not exist"),
     (__file__, f"{__file__} is a file, not a model folder"),
+    # other storage: its client library missing (as here), else what its store said
+    ("s3://no-bucket/model", r"cannot read s3://no-bucket/model: MLflow needs the Python "
+                             r"package '\w+' for that storage, and it is not installed; "
+                             r"install it \(boto3 for s3://|no model at s3://no-bucket"),
+    ("http://127.0.0.1:9/model", "no model at http://127.0.0.1:9/model in sqlite:///"),
 ])
 def test_missing_models_give_one_line_errors(trained: TrainedModel, uri: str,
                                              message: str) -> None:
@@ -344,6 +349,21 @@ def test_a_damaged_registry_is_not_called_a_missing_model(
         tracking.load_model(f"models:/{trained.name}@candidate")
     assert not isinstance(info.value, ModelNotFoundError)
     assert "registered_model_aliases" in str(info.value)
+
+
+def test_a_model_whose_files_were_moved_away_is_named_so(trained: TrainedModel) -> None:
+    artifacts = trained.mlruns / "artifacts"
+    away = trained.mlruns / "artifacts.away"
+    artifacts.rename(away)
+    try:
+        with pytest.raises(ModelNotFoundError, match=r"models:/tiny-parts@candidate is known "
+                                                     r"to sqlite:///.*, but none of its files "
+                                                     r"came from the artifact store: .* was "
+                                                     r"moved or deleted; put it back"):
+            tracking.load_model(trained.alias_uri)
+    finally:
+        shutil.rmtree(artifacts, ignore_errors=True)  # should loading have made one
+        away.rename(artifacts)
 
 
 def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:

@@ -417,11 +417,23 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         try:
             model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                                  dst_path=tmp))
-        except (MlflowException, OSError) as exc:
+        except ImportError as exc:  # s3://, gs://, ...: the storage's client library
+            raise ModelNotFoundError(
+                f"cannot read {uri}: MLflow needs the Python package {exc.name!r} for that "
+                "storage, and it is not installed; install it (boto3 for s3://, "
+                "google-cloud-storage for gs://, azure-storage-blob for wasbs://), or copy "
+                "the model to a local folder and give that") from None
+        except Exception as exc:  # MLflow's stores raise many types for what is not there
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelNotFoundError(
                 f"no model at {uri} in {mlflow.get_tracking_uri()} ({first}); {_URI_HELP}, "
                 "and check --mlruns / MLFLOW_TRACKING_URI") from None
+        if not any(model_dir.iterdir()):
+            raise ModelNotFoundError(
+                f"{uri} is known to {mlflow.get_tracking_uri()}, but none of its files came "
+                "from the artifact store: the store's artifacts folder (for the default "
+                "store, mlruns/artifacts beside mlflow.db) was moved or deleted; put it "
+                "back, or train and register the model again")
         if not (model_dir / "MLmodel").is_file():
             raise ModelNotFoundError(
                 f"{uri} exists but is not an MLflow model (no MLmodel file); {_URI_HELP}")
