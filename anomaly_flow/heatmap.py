@@ -200,13 +200,18 @@ def is_heatmap(path: Path) -> bool:
         return False
 
 
+FAILURES_LOGGED = 5
+"""Heatmaps that cannot be written logged one by one; the rest are counted."""
+
+
 class HeatmapWriter:
     """A :data:`anomaly_flow.scoring.HeatmapSink` writing one PNG per scored image.
 
     Rendering and PNG encoding run on ``threads`` background threads; at most a few
     batches wait in the queue, so memory stays bounded. Call :meth:`close` (or use it as
-    a context manager) to wait for every file. A file that cannot be written is logged
-    and counted in :attr:`n_failed`; it does not stop scoring.
+    a context manager) to wait for every file. A file that cannot be written is counted
+    in :attr:`n_failed` (the first reason kept in :attr:`first_failure`) and logged, the
+    first :data:`FAILURES_LOGGED` one by one; it does not stop scoring.
 
     Args:
         folder: Root of the heatmap tree (created if missing).
@@ -247,6 +252,7 @@ class HeatmapWriter:
         self.table = colormap_table(colormap)
         self.n_written = 0
         self.n_failed = 0
+        self.first_failure: str | None = None
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(2 * threads)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="heatmap")
@@ -292,9 +298,15 @@ class HeatmapWriter:
                     with contextlib.suppress(OSError):
                         tmp.unlink(missing_ok=True)
             except (OSError, ValueError) as exc:
+                reason = f"{display_path(path)}: {exc}"
                 with self._lock:
                     self.n_failed += 1
-                logger.warning("cannot write heatmap %s: %s", display_path(path), exc)
+                    failed = self.n_failed
+                    self.first_failure = self.first_failure or reason
+                if failed <= FAILURES_LOGGED:  # a full disk fails every one: not a flood
+                    logger.warning("cannot write heatmap %s%s", reason,
+                                   "; further failures are counted, not listed"
+                                   if failed == FAILURES_LOGGED else "")
             else:
                 with self._lock:
                     self.n_written += 1

@@ -953,6 +953,8 @@ class ScoreSummary:
         n_resumed: Rows taken over from the earlier output (``resume``).
         heatmaps: Where heatmaps were written, or None.
         n_heatmaps: Heatmap files written in this run.
+        heatmap_failures: Heatmaps this run could not write (a full disk, a name taken
+            by another file), and the first one's path and reason.
         failures: ``(path, reason)`` of the first :data:`FAILURES_KEPT` failed rows.
     """
 
@@ -964,6 +966,7 @@ class ScoreSummary:
     n_resumed: int = 0
     heatmaps: Path | None = None
     n_heatmaps: int = 0
+    heatmap_failures: tuple[int, str | None] = (0, None)
     failures: tuple[tuple[str, str], ...] = ()
 
 
@@ -1233,6 +1236,8 @@ def score_folder(
         n_resumed=len(done),
         heatmaps=None if heatmaps is None else Path(heatmaps),
         n_heatmaps=0 if writer is None else writer.n_written,
+        heatmap_failures=(0, None) if writer is None else (writer.n_failed,
+                                                            writer.first_failure),
         failures=tuple(
             (str(path), str(error))
             for path, error in table.loc[failed, ["path", "error"]].head(FAILURES_KEPT)

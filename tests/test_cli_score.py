@@ -4,6 +4,7 @@ unreadable file, the real command in a process without root's right to read anyt
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -374,3 +375,33 @@ def test_an_unreadable_earlier_output_is_not_called_a_foreign_file(tmp_path: Pat
     assert result.stdout.strip() == (
         f"cannot read {out} to check that it is an earlier scores table (Permission "
         "denied); choose another output path or fix its permissions"), result.stderr
+
+
+def test_heatmaps_that_cannot_be_written_are_counted_and_fail_strict(
+        model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every heatmap failing (a full disk; here names taken by other files): a few listed,
+    the rest counted, the summary says how many and why, and --strict fails."""
+    import logging
+
+    from anomaly_flow.data import write_image_folder
+    from anomaly_flow.heatmap import FAILURES_LOGGED
+
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
+    write_image_folder(sample_images(8), folder, "x-")
+    heat.mkdir()
+    for image in folder.iterdir():
+        (heat / image.name).write_text("a file of the user's, not a heatmap")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.heatmap"):
+        result = run("score", folder, "--model", model_dir, "--out", out, "--heatmaps", heat,
+                     "--strict", "--workers", "0")
+    assert result.exit_code == 1, result.output
+    listed = [r for r in caplog.records if r.getMessage().startswith("cannot write heatmap")]
+    assert len(listed) == FAILURES_LOGGED < 8
+    assert listed[-1].getMessage().endswith("; further failures are counted, not listed")
+    assert re.search(rf"wrote 0 heatmaps under {re.escape(str(heat))}; 8 could not be written "
+                     r"\(the first, .*x-0000\d\.png: .* exists and is not a heatmap; it is "
+                     r"left as it is\); make room or fix the folder, then score again "
+                     r"\(without --resume\) to draw them", result.stderr), result.stderr
+    assert_one_line_error(result, "8 heatmap(s) could not be written (--strict)")
+    assert len(pd.read_csv(out)) == 8  # the table is written all the same
+    assert all(p.read_text().startswith("a file of the user's") for p in heat.iterdir())

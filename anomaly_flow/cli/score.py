@@ -101,6 +101,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     of a table written before coarse_complexity, typicality, knn or ensemble existed, to
     fill the column). A summary goes to stderr: N scored, M failed, K anomalous.
     """
+    from anomaly_flow.data import display_path
     from anomaly_flow.evaluation import open_model
     from anomaly_flow.scoring import check_writable, output_format, score_folder
 
@@ -119,9 +120,10 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                 compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
             )
     except KeyboardInterrupt as stop:
+        shown = printable(display_path(out))
         click.echo("interrupted; run the same command with --resume to score the files "
-                   f"not yet in {out}" if out.exists() else "interrupted before any row "
-                   f"was written to {out}; run the same command again", err=True)
+                   f"not yet in {shown}" if out.exists() else "interrupted before any row "
+                   f"was written to {shown}; run the same command again", err=True)
         raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
 
     if summary.n_failed:
@@ -139,10 +141,19 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                f"{summary.n_files - summary.n_resumed} files read now)" if resume else "")
     click.echo(f"{summary.n_scored} scored, {summary.n_failed} failed, {decided}{resumed}",
                err=True)
-    click.echo(f"wrote {summary.n_files} rows to {out}", err=True)
+    shown = printable(display_path(out))
+    click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
+    unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:
-        click.echo(f"wrote {summary.n_heatmaps} heatmaps under {summary.heatmaps}", err=True)
+        lost = (f"; {unwritten} could not be written (the first, {first}); make room or fix "
+                "the folder, then score again (without --resume) to draw them"
+                if unwritten else "")
+        where = printable(display_path(summary.heatmaps))
+        click.echo(f"wrote {summary.n_heatmaps} heatmaps under {where}{lost}",
+                   err=True)
     if strict and summary.n_failed:
         raise click.ClickException(
             f"{summary.n_failed} file(s) could not be scored (--strict); the error column of "
-            f"{out} says why for each")
+            f"{shown} says why for each")
+    if strict and unwritten:
+        raise click.ClickException(f"{unwritten} heatmap(s) could not be written (--strict)")
