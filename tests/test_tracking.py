@@ -115,9 +115,10 @@ def test_a_folder_as_tracking_uri_is_named_for_what_it_is(
     with pytest.raises(tracking.TrackingError) as info:
         tracking.configure()
     assert str(info.value) == (
-        f"MLFLOW_TRACKING_URI={uri!r} names a folder, MLflow's retired file store; give a "
-        "database (sqlite:////ABSOLUTE/PATH/mlflow.db) or a server (http://HOST:PORT), or "
-        "unset it to use the store under --mlruns")
+        f"MLFLOW_TRACKING_URI={uri!r} is neither a database nor a server (MLflow takes it "
+        "for a folder of its retired file store); give a database "
+        "(sqlite:////ABSOLUTE/PATH/mlflow.db) or a server (http://HOST:PORT), or unset it to "
+        "use the store under --mlruns")
 
 
 def test_a_folder_where_the_database_goes_is_named(tmp_path: Path) -> None:

@@ -114,9 +114,10 @@ def configure(mlruns: str | Path | None = None) -> str:
     if env_given and file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() \
             not in ("true", "1"):
         raise TrackingError(
-            f"MLFLOW_TRACKING_URI={uri!r} names a folder, MLflow's retired file store; give "
-            "a database (sqlite:////ABSOLUTE/PATH/mlflow.db) or a server "
-            "(http://HOST:PORT), or unset it to use the store under --mlruns")
+            f"MLFLOW_TRACKING_URI={uri!r} is neither a database nor a server (MLflow takes "
+            "it for a folder of its retired file store); give a database "
+            "(sqlite:////ABSOLUTE/PATH/mlflow.db) or a server (http://HOST:PORT), or unset it "
+            "to use the store under --mlruns")
     artifact_root = None
     if not env_given:
         folder = mlruns_dir(mlruns)
