@@ -110,8 +110,9 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def new_store(folder: Path, template: Path) -> Path:
-    """An empty store in ``folder`` (created), from the migrated template database."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """An empty store in ``folder`` (created), from the migrated template database, with
+    its artifacts folder, as ``tracking.configure`` makes one."""
+    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, folder / "mlflow.db")
     return folder
 

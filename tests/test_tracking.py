@@ -64,14 +64,31 @@ def test_default_uri_is_absolute_sqlite_and_env_overrides(
 
 
 def test_configure_creates_the_store_and_leaves_the_environment_alone(
-        tmp_path: Path, mlflow_db_template: Path) -> None:
-    folder = new_store(tmp_path / "store", mlflow_db_template)
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "store"  # nothing there yet (MLflow builds the database: seconds)
     uri = tracking.configure(folder)
     assert uri == f"sqlite:///{folder}/mlflow.db"
-    assert (folder / "artifacts").is_dir()
+    assert (folder / "artifacts").is_dir() and (folder / "mlflow.db").is_file()
     assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
     assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow exports it; configure undoes that
     assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_a_store_whose_artifacts_were_moved_away_is_not_given_new_ones(
+        tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An empty folder made in its place would hide the loss, and catch the folder when
+    it is moved back (``mv artifacts.away artifacts`` puts it inside)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = new_store(tmp_path / "store", mlflow_db_template)
+    tracking.configure(folder)
+    (folder / "artifacts").rename(tmp_path / "artifacts.away")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking.store"):
+        tracking.configure(folder)
+    assert not (folder / "artifacts").exists()
+    assert f"the MLflow store {folder} has no artifacts folder: the models and files its " \
+        "runs logged cannot be read; put the folder back if it was moved" in caplog.text
 
 
 def test_a_copied_store_says_its_artifacts_still_go_to_the_original(
@@ -363,7 +380,6 @@ def test_a_model_whose_files_were_moved_away_is_named_so(trained: TrainedModel) 
                                                      r"moved or deleted; put it back"):
             tracking.load_model(trained.alias_uri)
     finally:
-        shutil.rmtree(artifacts, ignore_errors=True)  # should loading have made one
         away.rename(artifacts)
 
 

@@ -92,7 +92,8 @@ def quiet_mlflow_logs() -> None:
 def configure(mlruns: str | Path | None = None) -> str:
     """Point MLflow's tracking and registry at :func:`default_tracking_uri` and check it.
 
-    Creates ``<mlruns>/`` and ``<mlruns>/artifacts/`` for the default store. MLflow's
+    Creates ``<mlruns>/`` and ``<mlruns>/artifacts/`` for the default store (where a
+    store's database is there but its artifacts folder is not, it warns instead). MLflow's
     own ``set_tracking_uri`` exports the URI to the environment; that is undone, so
     ``MLFLOW_TRACKING_URI`` keeps meaning only what the user set.
 
@@ -123,7 +124,14 @@ def configure(mlruns: str | Path | None = None) -> str:
         folder = mlruns_dir(mlruns)
         artifact_root = folder / ARTIFACTS_DIR
         try:
-            artifact_root.mkdir(parents=True, exist_ok=True)
+            if (folder / DB_FILE).is_file() and not os.path.lexists(artifact_root):
+                # a store whose artifacts were moved away: an empty folder made here would
+                # hide that, and catch the folder moved back (`mv` puts it inside)
+                logger.warning("the MLflow store %s has no %s folder: the models and files "
+                               "its runs logged cannot be read; put the folder back if it "
+                               "was moved", folder, ARTIFACTS_DIR)
+            else:
+                artifact_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrackingError(f"cannot create the MLflow store folder {folder}: "
                                 f"{exc.strerror or exc}; pass a writable --mlruns DIR") from None
