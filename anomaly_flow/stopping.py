@@ -59,6 +59,20 @@ _HELD_MESSAGE = (b"\nstill stopping: keeping what is done so far (a stop more th
                  + str(int(REPEAT_GRACE_S)).encode() + b" s after the first ends it at once)\n")
 
 
+@functools.cache
+def _swallowing_code() -> frozenset[Any]:
+    """The code of logging's at-fork callbacks (its lock's acquire and release, whatever
+    this Python names them), in which a raised stop would be printed as "Exception
+    ignored" with a traceback and dropped: every DataLoader start runs them."""
+    import logging
+
+    names = ("_acquireLock", "_releaseLock", "_prepareFork", "_afterFork",
+             "_after_at_fork_child_reinit_locks")
+    return frozenset(function.__code__ for name in names
+                     if callable(function := getattr(logging, name, None))
+                     and hasattr(function, "__code__"))
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
         os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
@@ -66,6 +80,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     _STOPPED_AT[:] = [time.monotonic()]
     _PENDING[:] = [stop]
+    if frame is not None and frame.f_code in _swallowing_code():
+        return  # kept in _PENDING: raised by the loop's next raise_if_stopped()
     raise stop
 
 
@@ -101,8 +117,10 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
         signal.signal(signal.SIGINT, _interrupt)
     _PENDING.clear()
     _STOPPED_AT.clear()
+    _swallowing_code()  # looked up now, not inside a signal handler
     try:
         yield
+        raise_if_stopped()  # a stop that came after the block's last step
     except KeyboardInterrupt:
         _PENDING.clear()  # it arrived: nothing is left pending
         raise

@@ -128,6 +128,29 @@ def test_a_stop_python_swallowed_is_raised_at_the_next_step() -> None:
     assert "Exception ignored" in result.stderr  # the swallowed raise, as CI saw it
 
 
+def test_a_stop_landing_in_loggings_fork_callbacks_waits_for_the_next_step() -> None:
+    """There Python would print the raised stop as "Exception ignored" with a traceback
+    (CI met it: SIGTERM during a DataLoader's fork); it is kept for the next step, or
+    for the block's end."""
+    import types
+
+    from anomaly_flow import stopping
+
+    callbacks = stopping._swallowing_code()
+    assert callbacks  # this Python's logging has them under one of the names
+    inside = types.SimpleNamespace(f_code=next(iter(callbacks)))  # a frame in one
+    reached = []
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        stopping._interrupt(signal.SIGTERM, inside)  # type: ignore[arg-type]
+        reached.append("after the callback")
+        stopping.raise_if_stopped()
+        reached.append("after the step")
+    assert reached == ["after the callback"]
+    with pytest.raises(KeyboardInterrupt) as stopped, sigterm_as_interrupt():
+        stopping._interrupt(signal.SIGINT, inside)  # type: ignore[arg-type]
+    assert not isinstance(stopped.value, Terminated)  # Ctrl-C's, at the block's end
+
+
 def test_remove_leftovers_takes_what_ended_processes_left_and_nothing_else(
         tmp_path: Path) -> None:
     ended, alive = ended_process_id(), os.getpid()
