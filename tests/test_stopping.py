@@ -128,6 +128,29 @@ def test_a_stop_python_swallowed_is_raised_at_the_next_step() -> None:
     assert "Exception ignored" in result.stderr  # the swallowed raise, as CI saw it
 
 
+def test_a_stop_repeated_during_the_first_ones_clean_up_is_held(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C pressed twice: the second would land in the clean-up (scoring writing its
+    rows) and lose what it keeps; it is held, and a line says so."""
+    from anomaly_flow import stopping
+
+    cleaned = []
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        try:
+            stopping._interrupt(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            stopping._interrupt(signal.SIGINT, None)  # returns: held
+            stopping._interrupt(signal.SIGTERM, None)  # a scheduler's too
+            cleaned.append("the clean-up ran to its end")
+            raise
+    assert cleaned == ["the clean-up ran to its end"]
+    assert capfd.readouterr().err.count("still stopping: keeping what is done so far (a "
+                                        "stop more than 10 s after the first ends it at "
+                                        "once)") == 2
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():  # a new block: anew
+        stopping._interrupt(signal.SIGINT, None)
+
+
 def test_a_stop_landing_in_loggings_fork_callbacks_waits_for_the_next_step() -> None:
     """There Python would print the raised stop as "Exception ignored" with a traceback
     (CI met it: SIGTERM during a DataLoader's fork); it is kept for the next step, or
