@@ -59,20 +59,6 @@ _HELD_MESSAGE = (b"\nstill stopping: keeping what is done so far (a stop more th
                  + str(int(REPEAT_GRACE_S)).encode() + b" s after the first ends it at once)\n")
 
 
-@functools.cache
-def _swallowing_code() -> frozenset[Any]:
-    """The code of logging's at-fork callbacks (its lock's acquire and release, whatever
-    this Python names them), in which a raised stop would be printed as "Exception
-    ignored" with a traceback and dropped: every DataLoader start runs them."""
-    import logging
-
-    names = ("_acquireLock", "_releaseLock", "_prepareFork", "_afterFork",
-             "_after_at_fork_child_reinit_locks")
-    return frozenset(function.__code__ for name in names
-                     if callable(function := getattr(logging, name, None))
-                     and hasattr(function, "__code__"))
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
         os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
@@ -80,9 +66,21 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     _STOPPED_AT[:] = [time.monotonic()]
     _PENDING[:] = [stop]
-    if frame is not None and frame.f_code in _swallowing_code():
-        return  # kept in _PENDING: raised by the loop's next raise_if_stopped()
     raise stop
+
+
+def _quiet_swallowed_stops(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``hook`` (``sys.unraisablehook``), except for a stop of ours raised where Python
+    cannot raise it on (an at-fork callback such as logging's, run at every DataLoader
+    start; a weakref or garbage-collection callback): it would print "Exception ignored"
+    with a traceback. The stop stays in :data:`_PENDING` for the next step."""
+
+    def unraisablehook(unraisable: Any) -> None:
+        if _PENDING and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        hook(unraisable)
+
+    return unraisablehook
 
 
 def raise_if_stopped() -> None:
@@ -103,7 +101,8 @@ def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
 def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
     the main thread, and Ctrl-C its ``KeyboardInterrupt`` as before; both are also kept
-    for :func:`raise_if_stopped`, should the exception be swallowed. A stop repeated
+    for :func:`raise_if_stopped`, should the exception be swallowed (and then not printed
+    as Python's "Exception ignored" traceback: :func:`_quiet_swallowed_stops`). A stop repeated
     within :data:`REPEAT_GRACE_S` of the first is held (a line on stderr says so).
 
     The previous handlers come back after the block, except with ``hold_after_stop``
@@ -117,7 +116,8 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
         signal.signal(signal.SIGINT, _interrupt)
     _PENDING.clear()
     _STOPPED_AT.clear()
-    _swallowing_code()  # looked up now, not inside a signal handler
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_swallowed_stops(previous_hook)
     try:
         yield
         raise_if_stopped()  # a stop that came after the block's last step
@@ -125,6 +125,7 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
         _PENDING.clear()  # it arrived: nothing is left pending
         raise
     finally:
+        sys.unraisablehook = previous_hook
         if hold_after_stop and _STOPPED_AT:
             atexit.register(_hold_stops_at_exit)
         else:
