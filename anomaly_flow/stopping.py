@@ -7,7 +7,9 @@ spot: no partial table, no message, an MLflow run left RUNNING. Here it becomes 
 its rows, training ends its run as KILLED, and both say how to go on with ``--resume``.
 
 - :func:`sigterm_as_interrupt`: around a command's work in the main process;
-  :func:`interrupt_exit_code` then gives the status a shell expects for the stop.
+  :func:`interrupt_exit_code` then gives the status a shell expects for the stop. Within
+  it a stop repeated during the first one's clean-up is held (:data:`REPEAT_GRACE_S`),
+  and one raised where Python swallows it is kept for the next step, unprinted.
 - :func:`loader_worker_options`: DataLoader arguments whose workers leave a group's stop
   to the main process (:func:`init_loader_worker`); :func:`usable_cores` bounds how many.
 - :func:`remove_leftovers`: the temp files and folders of a run that was killed outright
@@ -42,7 +44,8 @@ class Terminated(KeyboardInterrupt):
 _PENDING: list[type[KeyboardInterrupt]] = []
 """The stop a signal asked for, until it reaches :func:`sigterm_as_interrupt`: Python
 ignores an exception raised inside an at-fork callback (logging's lock release after a
-DataLoader forks its workers is one), so a signal landing there would be lost."""
+DataLoader forks its workers is one) or a weakref callback, so a signal landing there
+would be lost."""
 
 
 REPEAT_GRACE_S = 10.0
