@@ -145,6 +145,25 @@ def test_a_folder_where_the_database_goes_is_named(tmp_path: Path) -> None:
         tracking.require_store("models:/parts@champion", tmp_path / "mlruns")
 
 
+def test_an_empty_database_file_is_not_made_a_store_by_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model reads the store: an empty file there is reported, not given
+    MLflow's tables (as opening it would)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    db.touch()
+    for where in ({"mlruns": tmp_path / "mlruns"}, {}):
+        if not where:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+        with pytest.raises(ModelNotFoundError, match=f"cannot load models:/parts@champion: "
+                                                     f"{re.escape(str(db))} is an empty "
+                                                     r"file, not an MLflow store \(nothing "
+                                                     r"was trained or logged there\)"):
+            tracking.require_store("models:/parts@champion", **where)
+    assert db.stat().st_size == 0
+
+
 def test_a_server_that_is_down_is_reported_in_seconds(
         monkeypatch: pytest.MonkeyPatch, free_port: int) -> None:
     import time

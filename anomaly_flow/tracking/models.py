@@ -368,6 +368,12 @@ def require_store(uri: str, mlruns: str | Path | None = None) -> None:
     if _local_path(str(uri)) is not None:
         return
     missing = missing_default_store(mlruns)
+    if missing is not None and missing.is_file():  # there, but empty
+        raise ModelNotFoundError(
+            f"cannot load {uri}: {missing} is an empty file, not an MLflow store (nothing "
+            "was trained or logged there); train a model first (anomaly-flow train DATA "
+            "--name NAME), or point --mlruns / MLFLOW_TRACKING_URI at the store that holds "
+            "it")
     if missing is not None and missing.exists():
         raise ModelNotFoundError(
             f"cannot load {uri}: {missing} is not a file, where the MLflow store's sqlite "

@@ -196,10 +196,10 @@ def quiet_mlflow() -> Iterator[None]:
 
 
 def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
-    """The store's sqlite database file when it does not exist yet, else None: the default
-    store's, or the one a ``sqlite:///`` ``MLFLOW_TRACKING_URI`` names (other URIs: None).
-    Opening a missing sqlite store creates an empty one; a command that only reads from
-    the store checks this first."""
+    """The store's sqlite database file when it does not exist yet (or is empty), else
+    None: the default store's, or the one a ``sqlite:///`` ``MLFLOW_TRACKING_URI`` names
+    (other URIs: None). Opening a missing or empty sqlite store builds one there; a
+    command that only reads from the store checks this first."""
     env = os.environ.get(TRACKING_ENV)
     if env:
         if not env.startswith("sqlite:///") or ":memory:" in env:
@@ -209,7 +209,8 @@ def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
             db = Path.cwd() / db
     else:
         db = mlruns_dir(mlruns) / DB_FILE
-    return None if db.is_file() else db
+    # an empty file is no store either: opening it would build one there
+    return None if db.is_file() and db.stat().st_size > 0 else db
 
 
 def require_writable_store() -> None:
