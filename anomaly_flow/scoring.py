@@ -887,6 +887,12 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
             "or choose another output path, then run again"
         ) from None
     raw = ["path", *names, "error"]
+    if "path" not in table.columns and "bpd" not in table.columns:
+        shown = [str(c) for c in table.columns[:8]]
+        raise ScoringError(
+            f"the earlier output {name} is not a scores table (no path or bpd column; its "
+            f"columns are {shown}{' ...' if len(table.columns) > 8 else ''}); choose "
+            "another output path, or run without --resume to replace it")
     missing = [c for c in raw if c not in table.columns]
     filled = missing if missing and set(missing) <= set(LATER_SCORES) else []
     for column in filled:  # the table was written before these scores existed

@@ -811,6 +811,12 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     full_table[["path", "bpd"]].to_csv(other, index=False)
     with pytest.raises(ScoringError, match=r"lacks column\(s\) \['complexity'"):
         score_folder(model, None, messy, other, resume=True)
+    unrelated = tmp_path / "unrelated.csv"
+    unrelated.write_text("name,price\nwidget,3\n")
+    with pytest.raises(ScoringError, match=r"unrelated\.csv is not a scores table \(no path "
+                                           r"or bpd column; its columns are \['name', "
+                                           r"'price'\]\); choose another output path"):
+        score_folder(model, None, messy, unrelated, resume=True)
     deeper = tmp_path / "deeper.csv"
     full_table.assign(level_3=1.0).to_csv(deeper, index=False)
     with pytest.raises(ScoringError,
