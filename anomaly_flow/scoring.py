@@ -75,6 +75,7 @@ from anomaly_flow.stopping import (
     raise_if_stopped,
     remove_leftovers,
     usable_cores,
+    worker_batches,
 )
 
 logger = logging.getLogger(__name__)
@@ -531,7 +532,7 @@ def score_dataset(
         torch.inference_mode(),
     ):
         pending: _Pending | None = None
-        for batch in loader:
+        for batch in worker_batches(loader):
             raise_if_stopped()  # a stop whose signal landed where Python ignores it
             if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
                 stats = torch.full((len(batch.ok), _n_stats(model)), float("nan"),

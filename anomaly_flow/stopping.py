@@ -31,9 +31,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -124,8 +127,13 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
     try:
         yield
         raise_if_stopped()  # a stop that came after the block's last step
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         _PENDING.clear()  # it arrived: nothing is left pending
+        # the frames it came through hold what they were using (a DataLoader's workers):
+        # let go of it now, while the process is whole, not in the interpreter's
+        # shutdown, after multiprocessing has killed the workers (whose deaths a live
+        # DataLoader then reports with a traceback)
+        traceback.clear_frames(stop.__traceback__)
         raise
     finally:
         sys.unraisablehook = previous_hook
@@ -208,10 +216,32 @@ def loader_worker_options(num_workers: int) -> dict[str, Any]:
     default and die with a group stop."""
     if num_workers == 0:
         return {}
-    if "fork" in multiprocessing.get_all_start_methods() and hasattr(signal, "sigwaitinfo"):
+    if _forked_workers():
         return {"multiprocessing_context": "fork",
                 "worker_init_fn": functools.partial(init_loader_worker, main_pid=os.getpid())}
     return {"worker_init_fn": init_loader_worker}
+
+
+def _forked_workers() -> bool:
+    """Whether loader workers are forked and wait for SIGTERM (see loader_worker_options)."""
+    return "fork" in multiprocessing.get_all_start_methods() and hasattr(signal, "sigwaitinfo")
+
+
+def worker_batches(loader: Iterable[T]) -> Iterator[T]:
+    """``iter(loader)``, its workers forked with SIGTERM blocked. A worker takes SIGTERM
+    from its main process only once :func:`init_loader_worker` has run; before, PyTorch's
+    own handler has it die of a stop sent to the whole group (a scheduler's), and the main
+    process reports "DataLoader worker ... is killed by signal" instead of stopping. Born
+    with SIGTERM blocked, the worker leaves it pending until its init decides."""
+    workers = getattr(loader, "num_workers", 0)
+    if not (workers and _forked_workers()
+            and threading.current_thread() is threading.main_thread()):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def init_loader_worker(worker_id: int, main_pid: int | None = None) -> None:

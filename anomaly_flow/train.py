@@ -73,7 +73,12 @@ from anomaly_flow.glow import (
     save_tensors,
 )
 from anomaly_flow.scoring import numerics
-from anomaly_flow.stopping import loader_worker_options, raise_if_stopped, remove_leftovers
+from anomaly_flow.stopping import (
+    loader_worker_options,
+    raise_if_stopped,
+    remove_leftovers,
+    worker_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +451,7 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     start = 0  # index in `shard` of the batch's first item
     n_bits, levels = model.config.n_bits, model.config.levels
     with numerics(model, "float32"):  # no bf16, no TF32
-        for batch in loader:
+        for batch in worker_batches(loader):
             ok = failed.record(batch) if failed is not None else batch[1]
             index = (start + torch.arange(len(ok)))[ok] * world + rank
             start += len(ok)
@@ -940,7 +945,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                 epoch_sum, epoch_n = 0.0, 0
             clock = _Throughput()
             pending: _LaunchedStep | None = None
-            for batch in loader:
+            for batch in worker_batches(loader):
                 raise_if_stopped()  # a stop whose signal landed where Python ignores it
                 images, ok = failed.keep(batch)
                 noise = _step_noise(t.seed, step, shape, dev)[rank::world][: len(ok)]

@@ -78,6 +78,43 @@ def test_a_loader_worker_abandoned_mid_handover_prints_no_traceback(
     assert ("resource_sharer.py" in done.stderr) is not quiet, done.stderr
 
 
+A_STOP_WHILE_A_WORKER_STARTS = textwrap.dedent("""
+    import functools, os, subprocess, sys, time
+    from torch.utils.data import DataLoader
+    from anomaly_flow.stopping import init_loader_worker, loader_worker_options, worker_batches
+
+    def slow_init(worker_id, main_pid):
+        time.sleep(2)  # widens the moment between a worker's start and its init
+        init_loader_worker(worker_id, main_pid)
+
+    options = loader_worker_options(1)
+    options["worker_init_fn"] = functools.partial(slow_init, main_pid=os.getpid())
+    loader = DataLoader(list(range(4)), batch_size=2, num_workers=1, **options)
+    batches = worker_batches(loader) if sys.argv[1] == "blocked" else iter(loader)
+    time.sleep(0.5)
+    # a stop for the whole group, from another process, while the worker starts
+    subprocess.run(["kill", "-TERM", str(batches._workers[0].pid)], check=True)
+    try:
+        print(sum(len(batch) for batch in batches))
+    except RuntimeError as error:
+        print("died:", error)
+""")
+
+
+@pytest.mark.parametrize("how", ["blocked", "plain"])
+def test_a_group_stop_while_a_worker_starts_leaves_it_to_the_main_process(how: str) -> None:
+    """Before its init, a worker has PyTorch's SIGTERM handler, which dies of a stop that
+    is not its parent's (CI met it: a training stopped at an epoch's start reported a
+    killed worker). Forked with SIGTERM blocked, it lives to ignore a group stop."""
+    result = subprocess.run([sys.executable, "-c", A_STOP_WHILE_A_WORKER_STARTS, how],
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    if how == "blocked":
+        assert result.stdout.strip() == "4", result.stdout + result.stderr
+    else:  # what worker_batches prevents
+        assert result.stdout.startswith("died: DataLoader worker (pid"), result.stdout
+
+
 def test_sigterm_raises_an_interrupt_that_exits_as_the_shell_reports_sigterm() -> None:
     """Handled as Ctrl-C (a ``KeyboardInterrupt``), but a scheduler reading the status
     still sees SIGTERM's 143, not Ctrl-C's 130; the previous handler comes back after."""
