@@ -65,14 +65,44 @@ _HELD_MESSAGE = (b"\nstill stopping: keeping what is done so far (a stop more th
                  + str(int(REPEAT_GRACE_S)).encode() + b" s after the first ends it at once)\n")
 
 
+_DEFERRING = [0]
+"""How many :func:`stops_deferred` blocks the main thread is in."""
+
+_DEFERRED: list[type[KeyboardInterrupt]] = []
+"""The stop a :func:`stops_deferred` block kept, to raise as it ends."""
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
         os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
         return
+    first = not _STOPPED_AT
     stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     _STOPPED_AT[:] = [time.monotonic()]
     _PENDING[:] = [stop]
+    if first and _DEFERRING[0]:
+        _DEFERRED[:] = [stop]
+        return  # raised when the write under way is done (a stop past the grace is not)
     raise stop
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Within the block, a first stop is kept, not raised, and raised as the block ends:
+    for a write that a stop must not cut half-way, such as a tracking store's
+    transaction (cut, it can leave an sqlite store locked, and ending the run as KILLED
+    then fails). A stop repeated past :data:`REPEAT_GRACE_S` still raises at once."""
+    _DEFERRING[0] += 1
+    try:
+        yield
+    except BaseException:
+        _DEFERRED.clear()  # the write's own error goes on; the stop waits for the next step
+        raise
+    finally:
+        _DEFERRING[0] -= 1
+    if not _DEFERRING[0] and _DEFERRED:
+        _PENDING.clear()
+        raise _DEFERRED.pop()
 
 
 def _quiet_swallowed_stops(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -93,6 +123,7 @@ def raise_if_stopped() -> None:
     """Raise the stop a signal asked for whose exception was swallowed (see
     :data:`_PENDING`); long loops call it once per step or batch."""
     if _PENDING:
+        _DEFERRED.clear()
         raise _PENDING.pop()
 
 
@@ -122,6 +153,7 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
         signal.signal(signal.SIGINT, _interrupt)
     _PENDING.clear()
     _STOPPED_AT.clear()
+    _DEFERRED.clear()
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_swallowed_stops(previous_hook)
     try:

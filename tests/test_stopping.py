@@ -235,3 +235,38 @@ def test_remove_leftovers_takes_what_ended_processes_left_and_nothing_else(
     assert (tmp_path / "sub" / f".x.{ended}.tmp").exists()
     assert remove_leftovers(tmp_path / "missing", pattern) == 0
 
+
+
+def test_a_stop_during_a_store_write_waits_for_the_write_to_finish(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Cut mid-transaction, an sqlite store can stay locked, and ending the run as KILLED
+    fails (CI met it); the write goes through, then the stop is raised. A stop past the
+    grace still raises at once, for a write that hangs."""
+    from anomaly_flow import stopping
+
+    written = []
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        with stopping.stops_deferred():
+            stopping._interrupt(signal.SIGTERM, None)  # returns: kept
+            with stopping.stops_deferred():  # nested writes: raised after the outer one
+                written.append("inner")
+            written.append("outer")
+        written.append("not reached")
+    assert written == ["inner", "outer"]
+    # a write that fails: its error goes on, the stop waits for the loop's next step
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        with pytest.raises(OSError), stopping.stops_deferred():
+            stopping._interrupt(signal.SIGINT, None)
+            raise OSError("disk full")
+        with stopping.stops_deferred():  # a later write (the run's end) is not cut
+            written.append("the run ended")
+        stopping.raise_if_stopped()
+    assert written[-1] == "the run ended"
+    # past the grace, a stop raises even inside a write
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt(), stopping.stops_deferred():
+        stopping._interrupt(signal.SIGINT, None)
+        stopping._STOPPED_AT[0] -= stopping.REPEAT_GRACE_S
+        with pytest.raises(KeyboardInterrupt):
+            stopping._interrupt(signal.SIGINT, None)
+        raise KeyboardInterrupt  # as the handler's raise would go on
+    assert "Traceback" not in capfd.readouterr().err

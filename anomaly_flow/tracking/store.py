@@ -10,6 +10,7 @@ variable ``MLFLOW_TRACKING_URI``, read at call time, overrides it (e.g. a real
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -21,7 +22,7 @@ import time
 import urllib.parse
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -35,6 +36,8 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from PIL import Image
+
+from anomaly_flow.stopping import stops_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +342,18 @@ def environment_tags() -> dict[str, str]:
             "python_version": platform.python_version()}
 
 
+def _uninterrupted(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, with a stop (Ctrl-C, SIGTERM) that comes during its store write raised
+    once the write is done (:func:`anomaly_flow.stopping.stops_deferred`)."""
+
+    @functools.wraps(method)
+    def write(*args: Any, **kwargs: Any) -> Any:
+        with stops_deferred():
+            return method(*args, **kwargs)
+
+    return write
+
+
 class Run:
     """A handle on one MLflow run, as :func:`start_run` yields it.
 
@@ -362,6 +377,7 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(run_id={self.run_id!r}, experiment_id={self.experiment_id!r})"
 
+    @_uninterrupted
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log parameters; nested dicts are flattened to ``a.b`` keys."""
         items = [Param(key, str(value)[:_MAX_PARAM_LENGTH])
@@ -379,6 +395,7 @@ class Run:
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
 
+    @_uninterrupted
     def flush(self) -> None:
         """Send the queued metrics now."""
         pending, self._pending = self._pending, []
@@ -386,24 +403,29 @@ class Run:
             self._client.log_batch(self.run_id, metrics=pending[start : start + _MAX_METRICS])
         self._last_flush = time.monotonic()
 
+    @_uninterrupted
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (values as strings)."""
         items = [RunTag(key, str(value)) for key, value in tags.items()]
         for start in range(0, len(items), _MAX_TAGS):
             self._client.log_batch(self.run_id, tags=items[start : start + _MAX_TAGS])
 
+    @_uninterrupted
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Store a dict as a JSON (or YAML, by extension) artifact."""
         self._client.log_dict(self.run_id, obj, artifact_file)
 
+    @_uninterrupted
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store text as an artifact file."""
         self._client.log_text(self.run_id, text, artifact_file)
 
+    @_uninterrupted
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Store a matplotlib figure (PNG, SVG, ... by extension)."""
         self._client.log_figure(self.run_id, figure, artifact_file)
 
+    @_uninterrupted
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Store a uint8 image ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` as a PNG artifact."""
         array = np.asarray(image)
@@ -416,6 +438,7 @@ class Run:
             Image.fromarray(array).save(local)
             self.log_artifact(local, str(path.parent) if str(path.parent) != "." else None)
 
+    @_uninterrupted
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file or folder into the run's artifacts (under ``artifact_path``)."""
         path = Path(path)
@@ -468,6 +491,6 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         finally:
             # MLflow writes "View run ... at: URL" to stdout for a server store; stdout
             # carries a command's data, so the link goes to stderr with the other news
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), stops_deferred():
                 mlflow.end_run(status)
 
