@@ -278,16 +278,17 @@ def test_a_file_name_cannot_forge_a_line_of_the_listing(model_dir: Path,
     assert not any(line.startswith("Error:") for line in result.stderr.splitlines())
 
 
-def test_sigterm_to_the_process_group_stops_workers_without_a_traceback(
-        model_dir: Path, tmp_path: Path) -> None:
-    """As a service manager stops a job: SIGTERM to every process of its group."""
-    import signal
+def scoring_in_its_own_group(model_dir: Path, tmp_path: Path
+                             ) -> tuple[subprocess.Popen, Path]:
+    """``score`` of the 600 shipped images in a process group of its own, with two
+    decoding workers, one image a batch (slow enough to stop), once both workers run;
+    and its output path."""
     import time
 
-    folder, out = tmp_path / "images", tmp_path / "s.csv"
     from anomaly_flow.data import write_image_folder
 
-    write_image_folder(sample_images(3000), folder, "x-")
+    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    write_image_folder(sample_images(600), folder, "x-")
     process = subprocess.Popen(
         [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model", str(model_dir),
          "--out", str(out), "--workers", "2", "--batch-size", "1"],
@@ -298,6 +299,15 @@ def test_sigterm_to_the_process_group_stops_workers_without_a_traceback(
         time.sleep(0.1)  # until both decoding workers run
     time.sleep(1.0)
     assert process.poll() is None, "scoring ended before it could be stopped"
+    return process, out
+
+
+def test_sigterm_to_the_process_group_stops_workers_without_a_traceback(
+        model_dir: Path, tmp_path: Path) -> None:
+    """As a service manager stops a job: SIGTERM to every process of its group."""
+    import signal
+
+    process, _ = scoring_in_its_own_group(model_dir, tmp_path)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr  # 128 + SIGTERM, as a shell reports it
@@ -312,20 +322,7 @@ def test_ctrl_c_pressed_again_while_stopping_keeps_the_rows(model_dir: Path,
     import signal
     import time
 
-    folder, out = tmp_path / "images", tmp_path / "s.csv"
-    from anomaly_flow.data import write_image_folder
-
-    write_image_folder(sample_images(600), folder, "x-")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model", str(model_dir),
-         "--out", str(out), "--workers", "2", "--batch-size", "1"],
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    deadline = time.monotonic() + 120
-    while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)  # until both decoding workers run
-    time.sleep(1.0)
-    assert process.poll() is None, "scoring ended before it could be stopped"
+    process, out = scoring_in_its_own_group(model_dir, tmp_path)
     for _ in range(20):  # as a terminal sends Ctrl-C: to the whole group, here 20 times
         try:
             os.killpg(process.pid, signal.SIGINT)
