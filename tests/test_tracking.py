@@ -662,6 +662,57 @@ def test_registration_prints_nothing_and_links_the_logged_model(
         assert mlflow.pyfunc.load_model(uri).metadata.run_id == run.run_id
 
 
+def stop_during(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+    """Make ``owner.name`` (an MLflow call) be interrupted by a SIGTERM as it begins, as a
+    scheduler's stop landing inside the call would be: the call itself is MLflow's own."""
+    from anomaly_flow import stopping
+
+    real = getattr(owner, name)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        stopping._interrupt(signal.SIGTERM, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def test_a_stop_during_a_run_start_model_logging_or_registration_finishes_it_first(
+        mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop landing inside one of these writes is raised once it is done, so the store
+    is never left with a run that stays RUNNING, a half-written model, or a version without
+    the alias it was registered for."""
+    from anomaly_flow.stopping import Terminated, sigterm_as_interrupt
+
+    client = mlflow.MlflowClient()
+    model = Glow(GlowConfig(image_size=8, levels=1, n_bits=5))
+    with monkeypatch.context() as patch:
+        stop_during(patch, mlflow, "start_run")
+        with pytest.raises(Terminated), sigterm_as_interrupt(), \
+                tracking.start_run("stopped-parts", "started"):
+            pytest.fail("the stop should be raised before the block runs")
+    assert mlflow.active_run() is None
+    (started,) = client.search_runs([client.get_experiment_by_name("stopped-parts")
+                                     .experiment_id])
+    assert started.info.status == "KILLED"
+
+    with pytest.raises(Terminated), sigterm_as_interrupt(), \
+            tracking.start_run("stopped-parts", "logged") as run:
+        with monkeypatch.context() as patch:
+            stop_during(patch, mlflow.pyfunc, "log_model")
+            tracking.log_model(run, model)  # raises once the model is logged
+        pytest.fail("the stop should be raised as the model is logged")
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    logged = mlflow.pyfunc.load_model(f"runs:/{run.run_id}/model")  # whole and loadable
+    assert logged.metadata.run_id == run.run_id
+    logged_uri = f"runs:/{run.run_id}/model"
+
+    with monkeypatch.context() as patch:
+        stop_during(patch, mlflow, "register_model")
+        with pytest.raises(Terminated), sigterm_as_interrupt():
+            tracking.register_model(logged_uri, "stopped-parts", alias="candidate")
+    assert str(client.get_model_version_by_alias("stopped-parts", "candidate").version) == "1"
+
+
 def test_non_finite_validation_bpd_is_never_registered(
         tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
     """An honest way to get a NaN validation bits/dim: the only validation image is a

@@ -35,6 +35,7 @@ from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM, disable_logging, e
 
 from anomaly_flow.calibration import Calibration
 from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow
+from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.pyfunc import (
     CALIBRATION_FILE,
     GLOW_ARTIFACT,
@@ -119,7 +120,8 @@ def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
     if active is None or active.info.run_id != run.run_id:
         raise ValueError(f"log_model needs run {run.run_id} to be the active run; call it "
                          "inside its `with start_run(...)` block (innermost).")
-    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
+    # a stop (Ctrl-C, SIGTERM) waits for the model's files and row to be written
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), stops_deferred():
         folder = model.save(Path(tmp) / GLOW_ARTIFACT)
         if calibration is not None:
             (folder / CALIBRATION_FILE).write_text(calibration.to_json(indent=2))
@@ -175,11 +177,13 @@ def register_model(model_uri: str, name: str, *, alias: str | None = None,
         The new version number, as a string.
     """
     ensure_configured()
-    with _without_registration_chatter():
+    # a stop waits for the version, its tags and its alias: a version without the alias
+    # it was meant to get would look like a failed registration
+    with _without_registration_chatter(), stops_deferred():
         version = mlflow.register_model(
             model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()} or None)
-    if alias:
-        set_alias(name, alias, version.version)
+        if alias:
+            set_alias(name, alias, version.version)
     logger.info("registered %s as models:/%s/%s%s", model_uri, name, version.version,
                 f" (alias {alias})" if alias else "")
     return str(version.version)
@@ -221,9 +225,11 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
             "threshold": repr(float(threshold.value)), "threshold_method": threshold.method}
     run.set_tags(links)
     model_uri = log_model(run, source.model, calibration)
-    version = register_model(model_uri, target, tags=tags)
+    with stops_deferred():  # a stop lets --promote finish what the registration began
+        version = register_model(model_uri, target, tags=tags)
+        if promote:
+            set_alias(target, CHAMPION, version)
     if promote:
-        set_alias(target, CHAMPION, version)
         logger.info("alias %s now points at models:/%s/%s", CHAMPION, target, version)
     return f"models:/{target}/{version}", version
 
@@ -419,7 +425,8 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     # an alias is read once: the files come from the version it named then, even if a
     # --promote moves it meanwhile
     source = uri if name is None else f"models:/{name}/{version}"
-    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
+    # a stop (Ctrl-C, SIGTERM) waits for the model's files and row to be written
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), stops_deferred():
         try:
             model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                                  dst_path=tmp))

@@ -472,9 +472,16 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         tag_values = {f"resumed.{key}": value for key, value in tag_values.items()
                       if before.get(f"resumed.{key}", before.get(key)) != value}
     tag_values.update({key: str(value) for key, value in (tags or {}).items()})
-    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                              run_name=None if run_id else run_name, nested=nested,
-                              tags=tag_values or None)
+    try:
+        with stops_deferred():  # a stop waits for the run's row and tags to be written
+            active = mlflow.start_run(
+                run_id=run_id, experiment_id=None if run_id else experiment_id,
+                run_name=None if run_id else run_name, nested=nested, tags=tag_values or None)
+    except KeyboardInterrupt:
+        if mlflow.active_run() is not None:  # the stop came during the start: end it too
+            with contextlib.redirect_stdout(sys.stderr), stops_deferred():
+                mlflow.end_run("KILLED")
+        raise
     run = Run(active.info.run_id, active.info.experiment_id)
     status = "FINISHED"
     try:
