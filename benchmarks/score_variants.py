@@ -140,7 +140,8 @@ def standardised(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: int,
-             ref_cc: np.ndarray, test_cc: np.ndarray) -> dict[str, np.ndarray]:
+             ref_cc: np.ndarray, test_cc: np.ndarray,
+             fit_maps: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every variant's test scores (higher = more anomalous)."""
     m_ref, m_test = ref["pixel_bpd"], test["pixel_bpd"]
     flat = {name: tuple(np.concatenate([d[f"{name}{i}"].reshape(len(d[f"{name}{i}"]), -1)
@@ -177,9 +178,15 @@ def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: in
         out[f"knn_map_7_k{k}"] = knn_distances(r7, t7, k)
     for n in (30, 100, 300):
         out[f"knn_map_7_refs{n}"] = knn_distances(r7[:n], t7)
+    if fit_maps is not None:  # the training images' maps as the k-NN reference
+        f7 = pooled(fit_maps, 7)
+        out["knn_map_7_fit"] = knn_distances(f7, t7)
+        scores_ref["knn_map_7_fit"] = knn_distances(f7, r7)
     out["cc"], scores_ref["cc"] = test_cc, ref_cc
-    for combo in (("typicality", "cc"), ("knn_map_7", "cc"),
-                  ("knn_map_28", "typicality_levels", "cc")):
+    combos = [("typicality", "cc"), ("knn_map_7", "cc"), ("knn_map_28", "typicality_levels", "cc")]
+    if fit_maps is not None:
+        combos += [("knn_map_7_fit", "cc"), ("knn_map_7_fit", "typicality", "cc")]
+    for combo in combos:
         name = "+".join(combo)
         out[name] = sum(standardised(scores_ref[c], out[c]) for c in combo)
     return out
@@ -192,6 +199,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs per class (default: oneclass_fmnist.py's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fit-reference", action="store_true",
+                        help="also k-NN against the training images' maps (knn_map_7_fit)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
     setup_logging()
@@ -218,8 +227,10 @@ def main() -> None:
         ref, tst = flow_parts(model, images[val_idx]), flow_parts(model, test)
 
         ref_cpng = batch_coarse_png_bits_per_dim(images[val_idx], n_bits, levels)
+        fit_maps = flow_parts(model, images[fit_idx])["pixel_bpd"] if args.fit_reference \
+            else None
         scores = variants(ref, tst, levels, coarse_complexity(ref["level_bits"], ref_cpng),
-                          coarse_complexity(tst["level_bits"], test_cpng))
+                          coarse_complexity(tst["level_bits"], test_cpng), fit_maps)
         normal = test_labels == k
         aurocs[k] = {name: 100 * detection_metrics(s[normal], s[~normal]).auroc
                      for name, s in scores.items()}
