@@ -502,6 +502,7 @@ def score_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator(),  # not the caller's random state
                         **loader_worker_options(num_workers))
     names = score_names(model)
     # ensemble's (mean, std) table on the host once: copying it per batch would make the
@@ -546,7 +547,7 @@ def score_dataset(
                 batch,
                 stats.to("cpu", non_blocking=cuda),
                 None if maps is None else maps.to("cpu", non_blocking=cuda),
-                _recorded_event() if cuda else None,
+                _recorded_event(device) if cuda else None,
             )
             if pending is not None:
                 finish(pending)  # the device is already busy with `launched`
@@ -559,9 +560,11 @@ def score_dataset(
     return pd.concat(frames)
 
 
-def _recorded_event() -> Any:
+def _recorded_event(device: torch.device) -> Any:
+    """An event after the work queued so far on ``device``'s current stream (where the
+    copies to the host went), not the current device's, which may be another GPU."""
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 

@@ -437,7 +437,7 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                        **loader_worker_options(num_workers))
+                        generator=torch.Generator(), **loader_worker_options(num_workers))
     size, grid = model.config.image_size, knn_grid(model.config)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # Σbpd, images, mapped, bad
     map_sums = (torch.zeros(2, size, size, dtype=torch.float64, device=device)  # Σm, Σm²
@@ -535,9 +535,11 @@ def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
     """
     model.eval()
     side = math.isqrt(n)
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    device = model.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":  # that GPU's generator only: the others are not restored
+            torch.cuda.default_generators[device.index].manual_seed(seed)
         images = postprocess(model.sample(side * side, temperature), model.config.n_bits)
     c, h, w = images.shape[1:]
     grid = images.cpu().view(side, side, c, h, w).permute(0, 3, 1, 4, 2)
@@ -708,7 +710,7 @@ def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> to
     t = config.train
     order = next(iter(GlobalBatchSampler(len(dataset), len(dataset), t.seed, epoch=0)))
     loader = DataLoader(Subset(dataset, order[: t.init_batch_size]),
-                        batch_size=t.init_batch_size, num_workers=0)
+                        batch_size=t.init_batch_size, num_workers=0, generator=torch.Generator())
     images, _ = failed.keep(next(iter(loader)))
     if len(images) == 0:
         example = next(iter(failed.reasons.items()), None)
@@ -778,11 +780,11 @@ def train(
                             f"({latest.name}); pass --resume to continue it, or choose an "
                             "empty folder.")
 
-    rank, world, joined = _join_process_group(dev)
-    if dev.type == "cuda" and world > 1 and dev.index is None:
+    if dev.type == "cuda" and _world_size() > 1 and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda" and dev.index is not None:
-        torch.cuda.set_device(dev)  # NCCL and all_gather_object use the current device
+        torch.cuda.set_device(dev)  # before NCCL starts: it and all_gather_object use it
+    rank, world, joined = _join_process_group(dev)
     if rank == 0 and ckpt_dir is not None:  # the one writer; another host's ids mean nothing
         removed = remove_leftovers(ckpt_dir, _UNFINISHED_CHECKPOINT)
         if removed:
@@ -837,7 +839,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             callback(event)
 
     with torch.random.fork_rng(devices=[]):  # the seed decides the weights, not the caller
-        torch.manual_seed(t.seed)
+        torch.default_generator.manual_seed(t.seed)  # built on the CPU; no GPU's generator
         model = Glow(m)
     model.to(dev)
     optimizer = _make_optimizer(model, config)
@@ -880,9 +882,11 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     sampler = GlobalBatchSampler(len(train_set), t.batch_size, t.seed, 0, rank=rank,
                                  world=world)
     collate = functools.partial(_collate_share, image_shape=shape[1:])
+    # each loader's own generator: a DataLoader draws its workers' base seed from the one
+    # it is given, else from the caller's global random state, which train() leaves alone
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
                         collate_fn=collate, pin_memory=dev.type == "cuda",
-                        persistent_workers=t.num_workers > 0,
+                        persistent_workers=t.num_workers > 0, generator=torch.Generator(),
                         **loader_worker_options(t.num_workers))
 
     def checkpoint(epoch: int, at_step: int) -> None:
@@ -1053,7 +1057,7 @@ class _LaunchedStep:
             self._host = torch.empty(figures.shape, dtype=figures.dtype, pin_memory=True)
             self._host.copy_(figures, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(figures.device))  # the copy's stream
         else:
             self._host = figures
         self._values: tuple[float, float, float, float] | None = None

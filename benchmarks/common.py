@@ -90,8 +90,12 @@ def environment(device: torch.device) -> dict[str, Any]:
                 break
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        # "float32" convolutions run in TF32 under PyTorch's default (cuDNN's flag on),
+        # as in the public implementations B1 compares with: recorded, not changed
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return env
 
 

@@ -11,10 +11,12 @@
 # Everything comes back as $OUT/summary.txt (each step's exit status, seconds and table)
 # and $OUT/gpu-session.tar.gz (each step's log, and the JSON the benchmarks wrote).
 #
-# Steps, most important first, each under its own time limit:
+# Steps, most important first, each under its own time limit (510 s in all):
 #   issue3   `anomaly-flow train` on the 60,000 Fashion-MNIST training images as PNG files,
 #            preset fashion-mnist (the B1 architecture, bf16), one epoch: images/s and
 #            validation bits/dim, logged to a real sqlite MLflow store
+#   gpu-tests  the test suite's CUDA tests (`pytest -m gpu`): bf16 autocast on, a NaN step
+#            skipped on the device, pinned-memory scoring equal to the CPU's
 #   b1-fp32  B1 as the public implementations run it (float32, eager)
 #   b1-bf16  B1 with the preset's bf16 autocast
 #   b1-bf16-compile   B1 with bf16 and torch.compile
@@ -45,6 +47,9 @@ fi
 command -v nvidia-smi > /dev/null && nvidia-smi > "$out/logs/nvidia-smi.txt" 2>&1
 python3 -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.is_available())" \
     > "$out/logs/python.txt" 2>&1
+# what every step needs, checked before the minutes go: MLflow from the carried wheels
+python3 -c "import mlflow, sqlalchemy, alembic, anomaly_flow.tracking; print('mlflow', mlflow.__version__)" \
+    >> "$summary" 2>&1 || echo "imports failed: the steps that log to MLflow will fail" >> "$summary"
 
 # step NAME SECONDS COMMAND...: run under a time limit, log to logs/NAME.log, one summary line
 step() {
@@ -86,7 +91,7 @@ print(f"wrote {n_train} + {n_score} PNG files in {time.perf_counter() - start:.1
 EOF
 echo "write-pngs rc=$? $(tail -1 "$out/logs/write-pngs.log")" >> "$summary"
 
-step issue3 150 python3 -m anomaly_flow train "$work/fmnist-train" --name fmnist-gpu \
+step issue3 140 python3 -m anomaly_flow train "$work/fmnist-train" --name fmnist-gpu \
     --preset "$preset" --epochs 1 --device "$device" --mlruns "$work/mlruns"
 grep -E "registered|run_id|model_uri" "$out/logs/issue3.log" | tail -4 >> "$summary"
 python3 - "$work/mlruns" >> "$summary" 2>> "$out/logs/issue3.log" <<'EOF'
@@ -99,13 +104,15 @@ for run in mlflow.search_runs(experiment_names=["fmnist-gpu"], output_format="li
     keys = ("images_per_sec_epoch", "train_bpd_epoch", "val_bpd", "final_val_bpd", "steps")
     print("issue3 metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m))
 EOF
-step b1-fp32 60 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
+step gpu-tests 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py
+tail -3 "$out/logs/gpu-tests.log" >> "$summary"
+step b1-fp32 50 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
     --out "$out/logs/b1-fp32.json"
-step b1-bf16 60 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" --bf16 \
+step b1-bf16 50 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" --bf16 \
     --out "$out/logs/b1-bf16.json"
-step b1-bf16-compile 150 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
+step b1-bf16-compile 130 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
     --bf16 --compile --out "$out/logs/b1-bf16-compile.json"
-step b2 120 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
+step b2 100 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
     --workers "$workers" --preset "$preset" --data "$work/b2-pngs"
 tail -7 "$out/logs/b2.log" >> "$summary"
 

@@ -7,6 +7,7 @@ of 16, so the whole file takes well under a minute on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -812,21 +813,93 @@ def test_ddp_rank_with_an_empty_share_of_the_last_batch(tmp_path: Path,
 # --------------------------------------------------------------------------- GPU
 
 
+@contextlib.contextmanager
+def conv_output_dtypes() -> Iterator[set[torch.dtype]]:
+    """The dtypes of every Conv2d output computed inside the block."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
+        if isinstance(module, torch.nn.Conv2d) and isinstance(output, torch.Tensor):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_training_and_samples_leave_the_callers_random_state_alone(
+        image_folder: Path) -> None:
+    """The seed decides the weights and the sample grid; the caller's own draws go on as
+    if neither they nor a scoring had run (on a GPU, every device's generator too:
+    test_cuda_paths)."""
+    from anomaly_flow.scoring import ScoringDataset, score_dataset
+
+    config = run_config(epochs=1, num_workers=1)
+    data = folder_datasets(image_folder, config)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    result = train(config, data.train, data.val, device="cpu")
+    grid = train_module.sample_grid(result.model, 4, 0.7, seed=5)
+    np.testing.assert_array_equal(grid, train_module.sample_grid(result.model, 4, 0.7, seed=5))
+    cfg = result.model.config
+    score_dataset(result.model, ScoringDataset(sorted(image_folder.iterdir())[:4], cfg.mode,
+                                               cfg.image_size, cfg.n_bits, cfg.levels))
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_training_on_cuda(image_folder: Path) -> None:
-    """A few steps with the coupling networks under bf16 autocast: finite, close to the
-    float32 run on the same GPU but not equal to it (so autocast was on)."""
-    runs = {}
+    """A few steps with the coupling networks under bf16 autocast (their convolutions
+    compute in bf16, the float32 run's do not): finite, and close to the float32 run."""
+    runs, dtypes = {}, {}
     for bf16 in (False, True):
         config = run_config(epochs=1, bf16=bf16)
         data = folder_datasets(image_folder, config)
-        runs[bf16] = train(config, data.train, data.val, device="cuda")
+        with conv_output_dtypes() as dtypes[bf16]:
+            runs[bf16] = train(config, data.train, data.val, device="cuda")
+    assert torch.bfloat16 in dtypes[True] and torch.bfloat16 not in dtypes[False]
     result = runs[True]
     assert result.model.device.type == "cuda" and result.steps == 18
     assert result.skipped_steps == 0 and math.isfinite(result.val_bpd)
     assert result.val_bpd == pytest.approx(runs[False].val_bpd, abs=0.1)
-    assert not all(torch.equal(a, b) for a, b in zip(
-        result.model.parameters(), runs[False].model.parameters(), strict=True))
     assert all(step.coupling.net.autocast_dtype is None
                for level in result.model.levels for step in level.steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_paths(image_folder: Path, tmp_path: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """What only runs on a GPU: the device skip of a step with a NaN (fused Adam's
+    found_inf), the one-step-late read of the step's figures, the sample grid's seeding
+    (every GPU's generator left alone), and scoring through pinned memory and events,
+    which gives the CPU's bits/dim to float32 rounding."""
+    from anomaly_flow.scoring import ScoringDataset, score_dataset
+
+    poison_preprocess(monkeypatch, {3})
+    config = run_config(epochs=1)
+    data = folder_datasets(image_folder, config)
+    torch.cuda.manual_seed_all(99)
+    states = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    result = train(config, data.train, data.val, device="cuda")
+    train_module.sample_grid(result.model, 4, 0.7, seed=5)
+    assert result.skipped_steps == 1 and math.isfinite(result.val_bpd)
+    assert all(torch.equal(torch.cuda.get_rng_state(i), state)
+               for i, state in enumerate(states))
+
+    cfg = result.model.config
+    files = ScoringDataset(sorted(p for p in image_folder.rglob("*") if p.is_file()),
+                           cfg.mode, cfg.image_size, cfg.n_bits, cfg.levels)
+    on_gpu = score_dataset(result.model, files, batch_size=64)  # several batches in flight
+    cpu_model = Glow(cfg)
+    cpu_model.load_state_dict(result.model.state_dict())
+    on_cpu = score_dataset(cpu_model.eval(), files, batch_size=64)
+    assert on_gpu["error"].eq("").all() and len(on_gpu) == len(files) > 64
+    np.testing.assert_allclose(on_gpu["bpd"], on_cpu["bpd"], rtol=1e-4)
