@@ -1,17 +1,20 @@
-"""Batch invariance of the scores on this CPU: how many images get other float32 bits
-when scored in small batches than in one large batch, unpadded and as scoring pads them.
+"""Batch invariance of the scores on this CPU (or a GPU, ``--device cuda``): how many
+images get other float32 bits when scored in small batches than in one large batch,
+unpadded and as scoring pads them.
 
 A Glow with ``--hidden``-wide couplings (weights perturbed, so the couplings are not the
 identity) scores ``--images`` Fashion-MNIST sample images in one batch, then in batches
-of each size of ``--sizes``, with torch on each thread count of ``--threads``. "unpadded"
+of each size of ``--sizes``, with torch on each thread count of ``--threads`` (on the
+CPU). Both ways compute in exact float32 (no TF32 on a GPU). "unpadded"
 runs the model on the short batches as they are; "scoring" goes through
 :func:`anomaly_flow.scoring.score_images`, which pads a batch shorter than
 ``scoring._min_batch`` with blank images. Prints, per thread count and batch size, the
 images whose bits/dim differ from the large batch's, and writes JSON under
 ``benchmarks/results/``.
 
-Example:
+Examples:
     /work/venv/bin/python benchmarks/batch_invariance.py
+    python3 benchmarks/batch_invariance.py --device cuda
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ from anomaly_flow import scoring
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import ArrayDataset, load_sample
 from anomaly_flow.glow import Glow, breakdown_from_output, preprocess
-from benchmarks.common import print_table, setup_logging, write_results
+from benchmarks.common import pick_device, print_table, setup_logging, write_results
 
 
 def unpadded_bpd(model: Glow, images: torch.Tensor) -> torch.Tensor:
-    """bits/dim of ``images`` by the scoring computation, without any padding."""
-    with torch.inference_mode():
+    """bits/dim of ``images`` by the scoring computation, without any padding (on the
+    CPU, float32)."""
+    with scoring.numerics(model, "float32"), torch.inference_mode():
         out = model(preprocess(images, model.config.n_bits))
-        return breakdown_from_output(out, model.config, False).bpd
+        return breakdown_from_output(out, model.config, False).bpd.float().cpu()
 
 
 def differing(score: object, images: torch.Tensor, size: int,
@@ -52,8 +56,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 7, 15, 16, 64])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args()
     setup_logging()
+    device = pick_device(args.device)
     config = GlowConfig(image_size=28, levels=2, steps_per_level=2,
                         hidden_channels=args.hidden)
     torch.manual_seed(1)
@@ -64,12 +70,14 @@ def main() -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
-    model.eval()
+    model.eval().to(device)
+    images = images.to(device)
+    thread_counts = args.threads if device.type == "cpu" else [torch.get_num_threads()]
 
     saved = torch.get_num_threads()
     rows, results = [], []
     try:
-        for threads in args.threads:
+        for threads in thread_counts:
             torch.set_num_threads(threads)
             reference = unpadded_bpd(model, images)
             padded_to = scoring._min_batch(images.device)
@@ -83,9 +91,9 @@ def main() -> None:
     finally:
         torch.set_num_threads(saved)
     print_table(["threads", "batch", "scoring pads to", "differ unpadded", "differ scoring"],
-                rows, title=f"{args.images} images, hidden {args.hidden}: images whose bits/dim "
-                            f"differ from one batch of {args.images}")
-    path = write_results("batch_invariance", torch.device("cpu"),
+                rows, title=f"{args.images} images, hidden {args.hidden}, {device}: images "
+                            f"whose bits/dim differ from one batch of {args.images}")
+    path = write_results("batch_invariance", device,
                          {"args": vars(args), "results": results})
     print(f"written {path}")
 
