@@ -249,6 +249,7 @@ def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> 
     assert_one_line_error(result, "unknown score 'level_9'",
                           "bpd, complexity, coarse_complexity, typicality, knn, ensemble, "
                           "level_1, level_2")
+    assert result.exit_code == 1  # a name scores have, but not this model's
 
 
 def test_a_score_no_model_gives_is_named_before_the_image_count(
@@ -259,6 +260,7 @@ def test_a_score_no_model_gives_is_named_before_the_image_count(
                  "--target-fpr", "0.01", "--score", "ensmble", "--device", "cpu",
                  "--mlruns", store)
     assert_one_line_error(result, "unknown score 'ensmble'", "level_1 ... level_L, or auto")
+    assert result.exit_code == 2  # a usage error: no model gives that name
     assert "held-out normal images" not in result.output
 
 

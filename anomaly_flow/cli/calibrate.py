@@ -105,6 +105,12 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
                                "labelled anomalies: pass --anomalous DIR, or name a score "
                                "(--score bpd, complexity, coarse_complexity, typicality, "
                                "knn, ensemble, level_1 ...).")
+    if score not in (None, "auto"):
+        from anomaly_flow.scoring import SCORE_CHOICES, is_score_name
+
+        if not is_score_name(score):  # whether this model gives it is known once loaded
+            raise click.BadParameter(f"unknown score {score!r}; choose one of {SCORE_CHOICES}, "
+                                     "or auto (with --anomalous).", param_hint="--score")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
     if cost_fp == 0 and cost_fn == 0:
