@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -632,3 +632,57 @@ def test_split_properties(n: int, fraction: float, seed: int) -> None:
     train, val = split_train_val(n, fraction, seed)
     assert len(train) >= 1 and len(val) >= 1
     assert sorted([*train.tolist(), *val.tolist()]) == list(range(n))
+
+
+def encoded_samples() -> dict[str, bytes]:
+    """One small real image in every format the folders are searched for, as file bytes:
+    a grey 28x28 sneaker (PNG, GIF, BMP, TIFF, WebP), in colour as JPEG and RGBA PNG."""
+    grey = Image.fromarray(data.load_sample().train[0, 0])
+    colour = Image.merge("RGB", (grey, grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grey))
+    encoded = {}
+    for name, img, fmt in (("png", grey, "PNG"), ("gif", grey, "GIF"), ("bmp", grey, "BMP"),
+                           ("tiff", grey, "TIFF"), ("webp", grey, "WEBP"),
+                           ("jpeg", colour, "JPEG"), ("rgba", colour.convert("RGBA"), "PNG")):
+        buffer = io.BytesIO()
+        img.save(buffer, fmt)
+        encoded[name] = buffer.getvalue()
+    return encoded
+
+
+ENCODED = encoded_samples()
+
+
+@st.composite
+def damaged_files(draw: st.DrawFn) -> bytes:
+    """A real image file with a few bytes overwritten, inserted or cut (headers, chunk
+    lengths, palette sizes and compressed data all get hit), or truncated."""
+    content = bytearray(ENCODED[draw(st.sampled_from(sorted(ENCODED)))])
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(content)))
+        action = draw(st.sampled_from(["set", "insert", "cut", "truncate"]))
+        piece = draw(st.binary(min_size=1, max_size=8))
+        if action == "set":
+            content[at:at + len(piece)] = piece
+        elif action == "insert":
+            content[at:at] = piece
+        elif action == "cut":
+            del content[at:at + len(piece)]
+        else:
+            del content[at:]
+    return bytes(content)
+
+
+@settings(max_examples=300, deadline=None)
+@given(encoded=damaged_files(), mode=st.sampled_from(["L", "RGB"]))
+def test_damaged_image_bytes_are_answered_never_raised(encoded: bytes, mode: str) -> None:
+    """Scoring's contract for every file: decoded to the model's shape, or a one-line
+    reason; never an exception that would stop the run (PIL's decoders raise many types
+    for damaged data, and a mangled header can announce a huge image)."""
+    item = data.load_item(encoded, mode, 16, index=3)
+    assert item.index == 3 and item.image.dtype == torch.uint8
+    assert item.image.shape == (1 if mode == "L" else 3, 16, 16)
+    if item.ok:
+        assert item.error == ""
+    else:
+        assert item.error and "\n" not in item.error and len(item.error) < 500, item.error
+        assert not item.image.any()
