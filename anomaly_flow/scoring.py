@@ -883,6 +883,9 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
             table = pd.read_csv(io.BytesIO(data), dtype={"path": "string", "error": "string"},
                                 **EXACT_FLOATS)
         else:
+            # text that is not UTF-8 (a damaged file) is found only when a value is used,
+            # far from here: check every value now
+            pa_parquet.read_table(out).validate(full=True)
             table = pd.read_parquet(out)
     except Exception as exc:  # pandas and pyarrow raise many types for damaged files
         reason = " ".join(str(exc).split()) or type(exc).__name__

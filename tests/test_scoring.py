@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from anomaly_flow import scoring
@@ -824,6 +826,18 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
         score_folder(model, None, messy, deeper, resume=True)
     with pytest.raises(ScoringError, match="lacks column"):
         read_table(other, score_names(model))
+    # damaged text: Parquet stores strings unchecked, and pandas reads them lazily, so
+    # the bad byte would surface later, in a traceback, as the rows are matched to files
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    damaged = tmp_path / "damaged.parquet"
+    arrow = pa.Table.from_pandas(full_table, preserve_index=False)
+    paths = pa.array([p.encode("utf-8", "surrogateescape") + b"\x80"
+                      for p in full_table["path"]], pa.binary()).view(pa.string())
+    pq.write_table(arrow.set_column(0, "path", paths), damaged)
+    with pytest.raises(ScoringError, match=r"cannot read the earlier output .*damaged\.parquet"):
+        score_folder(model, None, messy, damaged, resume=True)
 
 
 def test_resume_refuses_a_table_another_model_or_folder_made(
@@ -1420,3 +1434,58 @@ def test_resume_scores_again_a_last_row_cut_short(model: Glow, tmp_path: Path,
             in caplog.text
         assert (summary.n_resumed, summary.n_files) == (3, 4)
         assert out.read_bytes() == whole
+
+
+def scores_table_bytes(fmt: str) -> bytes:
+    """A small scores table as score_folder writes it: scored rows, a failed row with a
+    reason holding a comma and quotes, and a path with a line end in its name."""
+    names = ["bpd", "complexity", "level_1", "level_2"]
+    table = pd.DataFrame({
+        "path": ["/data/a.png", "/data/b, \"odd\".png", "/data/c\nd.png", "/data/e.png"],
+        "bpd": [3.25, np.nan, 4.5, 2.0], "complexity": [0.5, np.nan, -1.25, 0.0],
+        "level_1": [1.0, np.nan, 2.0, 0.5], "level_2": [0.125, np.nan, 0.25, 0.5],
+        "score": [3.25, np.nan, 4.5, 2.0], "p_value": np.nan, "is_anomaly": None,
+        "error": ["", "truncated image file", "", ""]})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"scores.{fmt}"
+        write_table(table[["path", *names, "score", "p_value", "is_anomaly", "error"]], path)
+        return path.read_bytes()
+
+
+TABLES = {fmt: scores_table_bytes(fmt) for fmt in ("csv", "parquet")}
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(sorted(TABLES)), edits=st.lists(st.tuples(
+    st.sampled_from(["set", "insert", "cut", "truncate"]), st.floats(0, 1),
+    st.binary(min_size=1, max_size=6)), min_size=1, max_size=3))
+def test_a_damaged_earlier_output_is_resumed_from_or_refused_clearly(
+        tmp_path: Path, fmt: str, edits: list[tuple[str, float, bytes]]) -> None:
+    """Whatever a crash, a copy or an editor did to the table, resuming reads what it can
+    (rows that are whole and consistent, at most one per path) or refuses with a
+    ScoringError that says what to do; never another exception."""
+    content = bytearray(TABLES[fmt])
+    for action, where, piece in edits:
+        at = int(where * len(content))
+        if action == "set":
+            content[at:at + len(piece)] = piece
+        elif action == "insert":
+            content[at:at] = piece
+        elif action == "cut":
+            del content[at:at + len(piece)]
+        else:
+            del content[at:]
+    out = tmp_path / f"damaged.{fmt}"
+    out.write_bytes(bytes(content))
+    names = ["bpd", "complexity", "level_1", "level_2"]
+    try:
+        kept = read_table(out, names)
+    except ScoringError as exc:
+        assert "\n" not in str(exc) and str(exc).strip()
+        return
+    assert list(kept.columns) == [*names, "error"] and kept.index.is_unique
+    assert kept.index.notna().all()
+    scored = kept["error"] == ""
+    assert np.isfinite(kept.loc[scored, names].to_numpy()).all()
+    assert not np.isfinite(kept.loc[~scored, names].to_numpy()).any()
