@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from anomaly_flow.config import RunConfig, load_preset
 from anomaly_flow.data import SampleData, load_sample, write_image_folder
@@ -223,3 +224,22 @@ def obeying_file_modes(command: list[str]) -> list[str]:
         pytest.skip("running as root, and setpriv (util-linux) is missing to drop root's "
                     "power over file modes")
     return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+
+
+JSON_VALUES = st.recursive(  # what a hand-edited JSON or TOML file can hold
+    st.none() | st.booleans() | st.integers(-10**20, 10**20)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                   max_size=3),
+    max_leaves=5)
+
+
+def json_paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every place in a JSON value (a list's first item only)."""
+    places = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            places += json_paths(item, (*prefix, key))
+    elif isinstance(value, list) and value:
+        places += json_paths(value[0], (*prefix, 0))
+    return places

@@ -31,6 +31,7 @@ from anomaly_flow.calibration import (
     select_score,
     youden_threshold,
 )
+from tests.conftest import JSON_VALUES, json_paths
 
 PROPERTY = settings(
     max_examples=40,
@@ -769,25 +770,6 @@ def stored_calibrations() -> list[dict]:
 
 
 STORED = stored_calibrations()
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**20, 10**20)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                   max_size=3),
-    max_leaves=5)
-
-
-def json_paths(value: object, prefix: tuple = ()) -> list[tuple]:
-    """Every place in a JSON value (a list's first item only)."""
-    places = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            places += json_paths(item, (*prefix, key))
-    elif isinstance(value, list) and value:
-        places += json_paths(value[0], (*prefix, 0))
-    return places
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_an_edited_calibration_loads_and_works_or_is_refused_clearly(data: st.DataObject) -> None:
