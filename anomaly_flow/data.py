@@ -432,6 +432,10 @@ def _read_regular_file(path: Path) -> bytes:
         if len(data) > MAX_FILE_BYTES:
             raise ImageDecodeError(name, _file_too_large(None))
         return data
+    except ImageDecodeError:
+        raise
+    except ValueError:  # what the system calls raise for a name no file can have
+        raise ImageDecodeError(name, "not a file name: it holds a NUL character") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             reason = "symlink loop"

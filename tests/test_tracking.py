@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import logging
 import os
@@ -27,7 +28,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow.types.schema import AnyType, DataType
+from PIL import Image
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
@@ -462,6 +466,52 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
                                              f"of images, not {bad}"):
             wrapper.predict(None, pd.DataFrame({"path": ["x.png"]}),  # type: ignore[arg-type]
                             params={"batch_size": bad})
+
+
+def tiny_wrapper() -> GlowPyfunc:
+    wrapper = GlowPyfunc()
+    wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
+                                    hidden_channels=4)).eval()
+    wrapper.calibration = None
+    return wrapper
+
+
+def png_bytes(value: int = 7) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+CELLS = st.one_of(st.none(), st.just(png_bytes()), st.binary(max_size=20), st.text(max_size=10),
+                  st.integers(-5, 10**20), st.floats(), st.booleans(),
+                  st.lists(st.integers(0, 255), max_size=4), st.just("/no/such/file.png"),
+                  st.just("a\x00b.png"), st.just(""))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_pyfunc_answers_every_row_of_any_table(data: st.DataObject) -> None:
+    """Any mix of columns and cell values (what a REST client or a Spark table can send):
+    one row out per row in, in the same order and index, scores or a reason in each; a
+    table without a usable column is a PredictError (HTTP 400), never another exception.
+    A path with a NUL character in it once raised out of the whole batch."""
+    wrapper = tiny_wrapper()
+    columns = data.draw(st.lists(st.sampled_from(["path", "image", "other", "Path"]),
+                                 max_size=3, unique=True))
+    n = data.draw(st.integers(0, 4))
+    index = data.draw(st.sampled_from([None, list(range(10, 10 + n))]))
+    frame = pd.DataFrame({c: [data.draw(CELLS) for _ in range(n)] for c in columns},
+                         index=index if n else None)
+    params = data.draw(st.sampled_from([None, {"threshold": 1.0}, {"batch_size": 1}]))
+    try:
+        out = wrapper.predict(None, frame, params=params)  # type: ignore[arg-type]
+    except PredictError as error:
+        assert str(error).strip()
+        return
+    assert list(out.columns) == output_columns(wrapper.model)
+    assert list(out.index) == list(frame.index)
+    failed = out["error"] != ""
+    assert out.loc[~failed, "bpd"].notna().all() and out.loc[failed, "bpd"].isna().all()
 
 
 def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
