@@ -23,13 +23,20 @@
 #   b2       B2: scoring 50,000 PNG files to CSV vs decoding them, 16 workers
 #   batch-invariance  whether a file scored alone gets the bits it gets in a large batch
 #            on the GPU (the README claims it for x86 CPUs only)
-# B3 (15 minutes of training) and B4 (ten models) do not fit one lease beside these.
+# B3 (15 minutes of training) and B4 (ten models) do not fit one lease beside these;
+# PART=quality runs them instead, shortened to fit a lease of their own (trends, not the
+# protocols' figures):
+#   b3       B3 with 4 minutes of bf16 training (the protocol: 15), test bits/dim, curve
+#            logged to a sqlite MLflow store
+#   b4       B4 with 15 s of bf16 training per class, every score against 5-NN and
+#            IsolationForest on raw pixels
 #
 # SMOKE=1 DEVICE=cpu runs every step with tiny sizes on the CPU, to check the wiring here.
 set -u
 out=${OUT:-/tmp/gpu-session}
 device=${DEVICE:-cuda}
 smoke=${SMOKE:-0}
+part=${PART:-speed}
 work=$(mktemp -d)
 touch "$work/started"
 mkdir -p "$out/logs"
@@ -61,8 +68,30 @@ step() {
     timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/logs/$name.log" 2>&1
     local rc=$?
     echo "$name rc=$rc seconds=$((SECONDS - start)) limit=$limit" | tee -a "$summary"
-    grep -E "^\|" "$out/logs/$name.log" | tail -12 >> "$summary"
+    grep -E "^\|" "$out/logs/$name.log" | tail -24 >> "$summary"
 }
+
+# finish: the JSON the benchmarks wrote, and every log, into one tarball
+finish() {
+    find benchmarks/results -type f -newer "$work/started" -exec cp {} "$out/logs/" \;
+    tar -czf "$out/gpu-session.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+    rm -rf "$work"
+}
+
+if [ "$part" = quality ]; then
+    if [ "$smoke" = 1 ]; then
+        b3=(--minutes 0.2 --train-images 600 --val-images 100)
+        b4=(--classes 0,7 --train-images 300 --minutes-per-class 0.05)
+    else
+        b3=(--minutes 4 --bf16); b4=(--minutes-per-class 0.25 --bf16)
+    fi
+    step b3 300 python3 benchmarks/density.py --device "$device" "${b3[@]}" \
+        --mlruns "$work/mlruns" --out "$out/logs/b3.json"
+    step b4 260 python3 benchmarks/oneclass_fmnist.py --device "$device" "${b4[@]}" \
+        --out "$out/logs/b4.json"
+    finish
+    exit 0
+fi
 
 if [ "$smoke" = 1 ]; then
     n_train=600; preset=tiny; b1=(--tiny --steps 3 --warmup 1 --eval-images 200); n_score=300; workers=2
@@ -119,6 +148,4 @@ step b2 100 python3 benchmarks/score_throughput.py --device "$device" --n "$n_sc
 tail -7 "$out/logs/b2.log" >> "$summary"
 step batch-invariance 25 python3 benchmarks/batch_invariance.py --device "$device"
 
-find benchmarks/results -type f -newer "$work/started" -exec cp {} "$out/logs/" \;
-tar -czf "$out/gpu-session.tar.gz" -C "$out" logs && rm -rf "$out/logs"
-rm -rf "$work"
+finish
