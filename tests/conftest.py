@@ -243,3 +243,26 @@ def json_paths(value: object, prefix: tuple = ()) -> list[tuple]:
     elif isinstance(value, list) and value:
         places += json_paths(value[0], (*prefix, 0))
     return places
+
+
+FILE_EDITS = st.lists(st.tuples(st.sampled_from(["set", "insert", "cut", "truncate"]),
+                                st.floats(0, 1), st.binary(min_size=1, max_size=8)),
+                      min_size=1, max_size=4)
+"""Damage to a file, as :func:`damaged` applies it: a few bytes overwritten, inserted or
+cut at a relative position, or the rest cut off."""
+
+
+def damaged(content: bytes, edits: list[tuple[str, float, bytes]]) -> bytes:
+    """``content`` with ``edits`` (:data:`FILE_EDITS`) applied in order."""
+    data = bytearray(content)
+    for action, where, piece in edits:
+        at = int(where * len(data))
+        if action == "set":
+            data[at:at + len(piece)] = piece
+        elif action == "insert":
+            data[at:at] = piece
+        elif action == "cut":
+            del data[at:at + len(piece)]
+        else:
+            del data[at:]
+    return bytes(data)

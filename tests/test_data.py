@@ -39,7 +39,7 @@ from anomaly_flow.data import (
     try_load_image,
     write_image_folder,
 )
-from tests.conftest import obeying_file_modes
+from tests.conftest import FILE_EDITS, damaged, obeying_file_modes
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = {"png": "PNG", "jpg": "JPEG", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "gif": "GIF"}
@@ -652,33 +652,16 @@ def encoded_samples() -> dict[str, bytes]:
 ENCODED = encoded_samples()
 
 
-@st.composite
-def damaged_files(draw: st.DrawFn) -> bytes:
-    """A real image file with a few bytes overwritten, inserted or cut (headers, chunk
-    lengths, palette sizes and compressed data all get hit), or truncated."""
-    content = bytearray(ENCODED[draw(st.sampled_from(sorted(ENCODED)))])
-    for _ in range(draw(st.integers(1, 4))):
-        at = draw(st.integers(0, len(content)))
-        action = draw(st.sampled_from(["set", "insert", "cut", "truncate"]))
-        piece = draw(st.binary(min_size=1, max_size=8))
-        if action == "set":
-            content[at:at + len(piece)] = piece
-        elif action == "insert":
-            content[at:at] = piece
-        elif action == "cut":
-            del content[at:at + len(piece)]
-        else:
-            del content[at:]
-    return bytes(content)
-
-
 @settings(max_examples=300, deadline=None)
-@given(encoded=damaged_files(), mode=st.sampled_from(["L", "RGB"]))
-def test_damaged_image_bytes_are_answered_never_raised(encoded: bytes, mode: str) -> None:
+@given(kind=st.sampled_from(sorted(ENCODED)), edits=FILE_EDITS,
+       mode=st.sampled_from(["L", "RGB"]))
+def test_damaged_image_bytes_are_answered_never_raised(
+        kind: str, edits: list[tuple[str, float, bytes]], mode: str) -> None:
     """Scoring's contract for every file: decoded to the model's shape, or a one-line
     reason; never an exception that would stop the run (PIL's decoders raise many types
-    for damaged data, and a mangled header can announce a huge image)."""
-    item = data.load_item(encoded, mode, 16, index=3)
+    for damaged data, and a mangled header can announce a huge image). The damage hits
+    headers, chunk lengths, palette sizes and compressed data alike."""
+    item = data.load_item(damaged(ENCODED[kind], edits), mode, 16, index=3)
     assert item.index == 3 and item.image.dtype == torch.uint8
     assert item.image.shape == (1 if mode == "L" else 3, 16, 16)
     if item.ok:

@@ -57,7 +57,7 @@ from anomaly_flow.scoring import (
     write_table,
 )
 from anomaly_flow.train import fit_reference
-from tests.conftest import ended_process_id
+from tests.conftest import FILE_EDITS, damaged, ended_process_id
 from tests.test_complexity import pil_png_bits
 
 TINY = GlowConfig(image_size=16, levels=2, steps_per_level=2, hidden_channels=16)
@@ -831,13 +831,13 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    damaged = tmp_path / "damaged.parquet"
+    not_utf8 = tmp_path / "not-utf8.parquet"
     arrow = pa.Table.from_pandas(full_table, preserve_index=False)
     paths = pa.array([p.encode("utf-8", "surrogateescape") + b"\x80"
                       for p in full_table["path"]], pa.binary()).view(pa.string())
-    pq.write_table(arrow.set_column(0, "path", paths), damaged)
-    with pytest.raises(ScoringError, match=r"cannot read the earlier output .*damaged\.parquet"):
-        score_folder(model, None, messy, damaged, resume=True)
+    pq.write_table(arrow.set_column(0, "path", paths), not_utf8)
+    with pytest.raises(ScoringError, match=r"cannot read the earlier output .*not-utf8\.parquet"):
+        score_folder(model, None, messy, not_utf8, resume=True)
 
 
 def test_resume_refuses_a_table_another_model_or_folder_made(
@@ -1457,27 +1457,14 @@ TABLES = {fmt: scores_table_bytes(fmt) for fmt in ("csv", "parquet")}
 
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(sorted(TABLES)), edits=st.lists(st.tuples(
-    st.sampled_from(["set", "insert", "cut", "truncate"]), st.floats(0, 1),
-    st.binary(min_size=1, max_size=6)), min_size=1, max_size=3))
+@given(fmt=st.sampled_from(sorted(TABLES)), edits=FILE_EDITS)
 def test_a_damaged_earlier_output_is_resumed_from_or_refused_clearly(
         tmp_path: Path, fmt: str, edits: list[tuple[str, float, bytes]]) -> None:
     """Whatever a crash, a copy or an editor did to the table, resuming reads what it can
     (rows that are whole and consistent, at most one per path) or refuses with a
     ScoringError that says what to do; never another exception."""
-    content = bytearray(TABLES[fmt])
-    for action, where, piece in edits:
-        at = int(where * len(content))
-        if action == "set":
-            content[at:at + len(piece)] = piece
-        elif action == "insert":
-            content[at:at] = piece
-        elif action == "cut":
-            del content[at:at + len(piece)]
-        else:
-            del content[at:]
     out = tmp_path / f"damaged.{fmt}"
-    out.write_bytes(bytes(content))
+    out.write_bytes(damaged(TABLES[fmt], edits))
     names = ["bpd", "complexity", "level_1", "level_2"]
     try:
         kept = read_table(out, names)
