@@ -85,6 +85,9 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     config = load_preset(preset).replace(epochs=epochs)
     mlruns = out / "mlruns"
     uri = tracking.configure(mlruns)
+    # in a store of the user's (MLFLOW_TRACKING_URI), a model of the same name that the
+    # demo did not make keeps its aliases: the demo stops instead
+    tracking.claim_model_name(MODEL_NAME, "demo", check=not tracking.uses_default_store())
 
     logger.info("writing the sample images to %s", out / "data")
     folders = write_sample_folders(out / "data")  # a fresh copy of the sample
@@ -110,6 +113,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     loaded = tracking.load_model(champion, device=device)
     scores_csv, heatmaps = out / "scores.csv", out / "heatmaps"
     shutil.rmtree(heatmaps, ignore_errors=True)
+    scores_csv.unlink(missing_ok=True)  # the last demo's: replaced, as the folder says
     score_folder(loaded.model, loaded.calibration, folders["test"], scores_csv,
                  heatmaps=heatmaps, progress=progress)
 
@@ -157,8 +161,8 @@ def _claim(out: Path) -> None:
     ours = (out / DEMO_MARKER).is_file() or (out / "data" / SAMPLE_MARKER).is_file()
     if out.is_dir() and not ours and any(out.iterdir()):
         raise DataError(f"{display_path(out)} is not empty and no demo wrote it; the demo "
-                        "replaces its images, scores.csv and heatmaps/, so give it a new or "
-                        "empty folder (--out DIR), or one an earlier demo wrote")
+                        "replaces its images, scores.csv, heatmaps/ and report.html, so give "
+                        "it a new or empty folder (--out DIR), or one an earlier demo wrote")
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("Written by `anomaly-flow demo`; a demo run here again "
                                    "replaces data/, scores.csv, heatmaps/ and report.html.\n")
@@ -232,10 +236,9 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             operating_points={name: (point["fpr"], point["tpr"])}),
     }
     ranked = scored.sort_values("score", ascending=False)
-    db = tracking_uri.removeprefix("sqlite:///")
-    how = (f"<p>Open the runs and the registry with <code>mlflow ui --backend-store-uri "
-           f"{tracking_uri}</code> (store: <code>{db}</code>); calibration run "
-           f"<code>{calibrate_run}</code>, evaluation run <code>{evaluate_run}</code>.</p>")
+    how = (f"<p>The runs and the registry: <code>{tracking.ui_command(tracking_uri)}</code>; "
+           f"calibration run <code>{calibrate_run}</code>, evaluation run "
+           f"<code>{evaluate_run}</code>.</p>")
     return report.render_report(
         "anomaly-flow demo: Fashion-MNIST sneakers",
         "A Glow trained on sneakers only; every other class is an anomaly.",

@@ -16,7 +16,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,3 +160,12 @@ def add_mlruns_option(parser: argparse.ArgumentParser, *,
     parser.add_argument("--mlruns", type=given_path, default=None, help=help or (
         "folder of the local MLflow store (default: ./mlruns); MLFLOW_TRACKING_URI, when "
         "set, replaces it"))
+
+
+def setup_logging() -> None:
+    """INFO lines from anomaly-flow and the script on stderr; MLflow's own only from
+    WARNING up (its INFO lines: the database set-up, "Successfully registered model"),
+    unless ``MLFLOW_LOGGING_LEVEL`` asks for them."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from anomaly_flow.calibration import METHODS
@@ -27,6 +26,7 @@ from anomaly_flow.pipeline_options import (
     add_target_fpr_option,
     check_cost_options,
     given_path,
+    setup_logging,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # the seconds torch and mlflow take to load
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         outcome = calibrate_model(
             args.model, args.normal, args.anomalous, score=args.score,

@@ -41,6 +41,7 @@ from anomaly_flow.pipeline_options import (
     add_target_fpr_option,
     at_least,
     given_path,
+    setup_logging,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -186,8 +187,9 @@ def named_config(name: str) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from anomaly_flow.data import write_sample_folders
+    from anomaly_flow.tracking import ensure_configured, ui_command
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         named_config(args.preset)  # a wrong --preset is refused before the sample is written
         if args.sample is not None:
@@ -206,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained: {result.train.model_uri} (val bpd {result.train.val_bpd:.4f})")
     print(f"calibrated: {result.calibrate.model_uri} (threshold {result.calibrate.threshold!r})")
     print(result.evaluate.table.to_string(float_format=lambda v: f"{v:.4f}"))
+    point = result.evaluate.metrics
+    if "calibrated_fpr" in point:
+        print(f"at the threshold, on the test folders: false-positive rate "
+              f"{point['calibrated_fpr']:.2%}, anomalies flagged {point['calibrated_tpr']:.2%}")
+    print(f"MLflow: {ui_command(ensure_configured())}")
     return 0
 
 

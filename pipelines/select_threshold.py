@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from anomaly_flow.errors import describe, user_error_types
@@ -28,6 +27,7 @@ from anomaly_flow.pipeline_options import (
     add_target_fpr_option,
     check_cost_options,
     given_path,
+    setup_logging,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from anomaly_flow.scoring import score_names
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.register == "conformal" and args.target_fpr is None:
         print("error: --register conformal needs --target-fpr", file=sys.stderr)
         return 2

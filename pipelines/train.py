@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from anomaly_flow.config import PRESETS, load_config, load_preset
@@ -24,6 +23,7 @@ from anomaly_flow.pipeline_options import (
     add_mlruns_option,
     add_name_option,
     given_path,
+    setup_logging,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_option(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint of --name")
-    add_mlruns_option(parser, help="folder of the local MLflow store (default: ./mlruns)")
+    add_mlruns_option(parser)
     return parser.parse_args(argv)
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     # the seconds torch and mlflow take to load
     from anomaly_flow.tracking import interrupted_message, train_and_register
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = load_config(args.config) if args.config else load_preset(args.preset or "small")
         config = config.replace(epochs=args.epochs, batch_size=args.batch_size)

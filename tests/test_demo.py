@@ -110,10 +110,27 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: 
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines() == [
         f"Error: {theirs} is not empty and no demo wrote it; the demo replaces its images, "
-        "scores.csv and heatmaps/, so give it a new or empty folder (--out DIR), or one an "
-        "earlier demo wrote"]
+        "scores.csv, heatmaps/ and report.html, so give it a new or empty folder (--out DIR), "
+        "or one an earlier demo wrote"]
     assert sorted(p.relative_to(theirs).as_posix() for p in theirs.rglob("*")) == [
         "data", "data/train", "data/train/only-copy.png", "scores.csv"]
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "file")])
     assert result.exit_code == 2 and "is a file" in result.output  # click's own check
+
+
+def test_the_demo_leaves_a_model_of_its_name_it_did_not_make_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a store of the user's (a shared server), the demo would add versions to someone
+    else's fashion-sneaker and move its champion alias: it stops first."""
+    db = tmp_path / "shared" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    tracking.configure()
+    mlflow.MlflowClient().create_registered_model("fashion-sneaker")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--preset",
+                                       "tiny", "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert f"Error: the MLflow store sqlite:///{db} already holds a registered model " \
+        "'fashion-sneaker' that anomaly-flow's demo did not make" in result.output
+    assert mlflow.MlflowClient().search_model_versions("name='fashion-sneaker'") == []
+    assert not (tmp_path / "demo" / "data").exists()  # stopped before any work

@@ -4,6 +4,7 @@ through their ``main(argv)`` on real PNG folders and real sqlite MLflow stores."
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,9 @@ def test_end_to_end_logs_a_parent_run_with_three_nested_runs(
     assert end_to_end.main([str(a) for a in argv]) == 0
     out = capsys.readouterr().out
     parent_id = out.split("parent run: ")[1].split()[0]
+    assert re.search(r"at the threshold, on the test folders: false-positive rate "
+                     r"\d+\.\d\d%, anomalies flagged \d+\.\d\d%", out)
+    assert f"MLflow: mlflow ui --backend-store-uri sqlite:///{mlruns}/mlflow.db" in out
 
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)

@@ -191,6 +191,56 @@ def test_mlruns_given_beside_the_environment_store_is_named(
         assert tracking.configure(tmp_path / "typed") == uri
     assert f"MLFLOW_TRACKING_URI is set, so runs and models go to {uri}, not to the store " \
         f"in {tmp_path / 'typed'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a command configures more than once: said once
+        tracking.configure(tmp_path / "typed")
+    assert "MLFLOW_TRACKING_URI is set" not in caplog.text
+
+
+def test_a_database_given_by_the_environment_keeps_its_artifacts_beside_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow would put them in ./mlruns of whatever folder a command ran in, MLflow's own
+    Default experiment included: a store that cannot be moved or deleted as one."""
+    elsewhere = tmp_path / "working-folder"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    db = tmp_path / "shared" / "mlflow.db"  # a new database in a new folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    tracking.configure()
+    (tmp_path / "a.json").write_text("{}")
+    with tracking.start_run("env-parts", "train") as run:
+        run.log_artifact(tmp_path / "a.json")
+    client = mlflow.MlflowClient()
+    for name in ("env-parts", "Default"):
+        location = Path(client.get_experiment_by_name(name).artifact_location)
+        assert location.parent == db.parent / "artifacts", (name, location)
+    assert list((db.parent / "artifacts" / "env-parts").rglob("a.json"))
+    assert list(elsewhere.iterdir()) == []  # nothing in the folder the command ran in
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the store under --mlruns: the same
+    tracking.configure(tmp_path / "default-store")
+    assert Path(mlflow.MlflowClient().get_experiment("0").artifact_location) \
+        == tmp_path / "default-store" / "artifacts" / "0"
+
+
+def test_a_model_name_is_claimed_once_and_kept_from_other_owners(mlruns: Path) -> None:
+    tracking.claim_model_name("claimed-parts", "demo")  # new: created with the tag
+    tracking.claim_model_name("claimed-parts", "demo")  # ours already
+    client = mlflow.MlflowClient()
+    assert client.get_registered_model("claimed-parts").tags == {"anomaly_flow.owner": "demo"}
+    with pytest.raises(tracking.TrackingError, match="already holds a registered model "
+                                                     "'claimed-parts' that anomaly-flow's "
+                                                     "pipeline did not make"):
+        tracking.claim_model_name("claimed-parts", "pipeline")
+    client.create_registered_model("made-by-hand")
+    with pytest.raises(tracking.TrackingError, match="'made-by-hand'"):
+        tracking.claim_model_name("made-by-hand", "demo")
+    tracking.claim_model_name("made-by-hand", "demo", check=False)  # a store of its own
+    assert client.get_registered_model("made-by-hand").tags == {"anomaly_flow.owner": "demo"}
+    assert tracking.ui_command("http://127.0.0.1:5000") \
+        == "open http://127.0.0.1:5000 in a browser (the tracking server's UI)"
+    assert tracking.ui_command(f"sqlite:///{mlruns}/mlflow.db") \
+        == f"mlflow ui --backend-store-uri sqlite:///{mlruns}/mlflow.db"
 
 
 def test_git_commit_is_the_codes_not_the_working_directorys(

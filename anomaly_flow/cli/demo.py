@@ -32,7 +32,9 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
 
     Sneakers are the normal class; the nine other classes are anomalies. Writes
     scores.csv, heatmaps/ and a self-contained report.html under OUT, and an MLflow
-    store under OUT/mlruns.
+    store under OUT/mlruns (with MLFLOW_TRACKING_URI set, the runs and the model
+    fashion-sneaker go to that store instead; the demo refuses to touch a model of that
+    name it did not make there).
     """
     from anomaly_flow.demo import run_demo
 
@@ -52,6 +54,8 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
     click.echo(f"scores:   {result.scores_csv}")
     click.echo(f"heatmaps: {result.heatmaps}")
     click.echo(f"report:   {result.report_html}")
-    click.echo(f"MLflow:   mlflow ui --backend-store-uri {db}")
+    from anomaly_flow.tracking import ui_command
+
+    click.echo(f"MLflow:   {ui_command(db)}")
     click.echo(f"serve:    MLFLOW_TRACKING_URI={db} mlflow models serve -m "
                f"{result.model_uri} --env-manager local -p 5001")

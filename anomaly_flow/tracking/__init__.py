@@ -7,6 +7,7 @@ code report through plain return values and callbacks.
   experiments and the :class:`Run` handle (:func:`start_run`).
 - :mod:`.pyfunc` and ``model_code.py``: the pyfunc model logged from code.
 - :mod:`.models`: :func:`log_model`, :func:`register_model`, :func:`set_alias`,
+  :func:`claim_model_name`,
   :func:`register_calibrated_version`, :func:`load_model` (:class:`LoadedModel`).
 - :mod:`.training`: :func:`train_and_register` (:class:`TrainOutcome`).
 
@@ -22,6 +23,7 @@ from anomaly_flow.tracking.models import (
     CHAMPION,
     LoadedModel,
     ModelNotFoundError,
+    claim_model_name,
     is_local_model_uri,
     load_model,
     log_model,
@@ -43,6 +45,8 @@ from anomaly_flow.tracking.store import (
     mlruns_dir,
     require_writable_store,
     start_run,
+    ui_command,
+    uses_default_store,
 )
 from anomaly_flow.tracking.training import (
     TrainOutcome,
@@ -62,6 +66,7 @@ __all__ = [
     "TrackingError",
     "TrainOutcome",
     "checkpoint_dir",
+    "claim_model_name",
     "configure",
     "default_tracking_uri",
     "ensure_configured",
@@ -85,4 +90,6 @@ __all__ = [
     "train_and_register",
     "training_image_digests",
     "training_run_of",
+    "ui_command",
+    "uses_default_store",
 ]

@@ -44,6 +44,7 @@ from anomaly_flow.tracking.pyfunc import (
 )
 from anomaly_flow.tracking.store import (
     Run,
+    TrackingError,
     configured_uri,
     ensure_configured,
     missing_default_store,
@@ -187,6 +188,44 @@ def register_model(model_uri: str, name: str, *, alias: str | None = None,
     logger.info("registered %s as models:/%s/%s%s", model_uri, name, version.version,
                 f" (alias {alias})" if alias else "")
     return str(version.version)
+
+
+OWNER_TAG = "anomaly_flow.owner"
+"""The registered-model tag :func:`claim_model_name` sets and checks."""
+
+
+def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
+    """Make registered model ``name`` one that ``owner`` (e.g. ``"demo"``) may add versions
+    to and move the aliases of: created now with the tag :data:`OWNER_TAG` = ``owner``, or
+    holding that tag already. ``check=False`` takes over a model without the tag (a store
+    that is ``owner``'s anyway).
+
+    Raises:
+        TrackingError: The model exists and someone else made it (a shared server holding a
+            model of the same name): its aliases stay where they are.
+    """
+    uri = ensure_configured()
+    client = mlflow.MlflowClient()
+    with stops_deferred():
+        try:
+            existing = client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            with contextlib.suppress(MlflowException):  # unless made concurrently: checked below
+                client.create_registered_model(name, tags={OWNER_TAG: owner})
+            existing = client.get_registered_model(name)
+        tag = existing.tags.get(OWNER_TAG)
+        if tag == owner:
+            return
+        if check:
+            raise TrackingError(
+                f"the MLflow store {uri} already holds a registered model {name!r} that "
+                f"anomaly-flow's {owner} did not make (it has {len(existing.latest_versions or [])}"
+                f" latest version(s)); the {owner} would add versions to it and move its "
+                "aliases, so it stops here: unset MLFLOW_TRACKING_URI to use a store of its "
+                "own, or rename or delete that model")
+        client.set_registered_model_tag(name, OWNER_TAG, owner)
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:

@@ -24,7 +24,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,9 @@ class TrackingError(RuntimeError):
 @dataclass
 class _State:
     uri: str | None = None
-    artifact_root: Path | None = None  # set only for the default (sqlite) store
+    artifact_root: Path | None = None  # set for sqlite stores: where new experiments go
+    default_store: bool = False  # the store under --mlruns, not MLFLOW_TRACKING_URI's
+    warned: set[tuple[str, str]] = field(default_factory=set)  # said once per process
 
 
 _state = _State()
@@ -109,10 +111,11 @@ def configure(mlruns: str | Path | None = None) -> str:
     quiet_mlflow_logs()
     uri = default_tracking_uri(mlruns)
     env_given = bool(os.environ.get(TRACKING_ENV))
-    if env_given and mlruns is not None:
+    if env_given and mlruns is not None and (uri, str(mlruns)) not in _state.warned:
+        _state.warned.add((uri, str(mlruns)))  # once: a command configures more than once
         logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
-                       "store in %s (--mlruns still holds training checkpoints); unset it to "
-                       "use that store", uri, mlruns)
+                       "store in %s (that folder still holds training checkpoints); unset it "
+                       "to use that store", uri, mlruns)
     file_store = ((not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) and uri != "databricks")
                   or uri.startswith("file:"))
     if env_given and file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() \
@@ -123,6 +126,17 @@ def configure(mlruns: str | Path | None = None) -> str:
             "(sqlite:////ABSOLUTE/PATH/mlflow.db) or a server (http://HOST:PORT), or unset it "
             "to use the store under --mlruns")
     artifact_root = None
+    sqlite_db = _sqlite_file(uri)
+    if env_given and sqlite_db is not None:
+        # a database alone: MLflow would put its artifacts in ./mlruns of whatever folder
+        # the command ran in; beside the database instead, as in the default store
+        artifact_root = sqlite_db.parent / ARTIFACTS_DIR
+        try:
+            artifact_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create the artifacts folder {artifact_root} beside "
+                                f"the database of MLFLOW_TRACKING_URI={uri}: "
+                                f"{exc.strerror or exc}") from None
     if not env_given:
         folder = mlruns_dir(mlruns)
         artifact_root = folder / ARTIFACTS_DIR
@@ -148,8 +162,15 @@ def configure(mlruns: str | Path | None = None) -> str:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    _state.uri, _state.artifact_root = uri, artifact_root
+    _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given
     try:
+        if sqlite_db is not None and artifact_root is not None \
+                and not (sqlite_db.is_file() and sqlite_db.stat().st_size > 0):
+            # a new database: built here so that even MLflow's "Default" experiment keeps
+            # its artifacts under the store's artifacts folder, not in ./mlruns
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, str(artifact_root))
         with _first_contact():
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # any failure here means the store is unusable
@@ -158,8 +179,33 @@ def configure(mlruns: str | Path | None = None) -> str:
                 else "check that the folder is writable, or pass another --mlruns DIR")
         raise TrackingError(f"cannot open the MLflow tracking store {uri}: {first}; {hint}") \
             from None
-    logger.info("MLflow tracking store: %s", uri)
+    if ("configured", uri) not in _state.warned:
+        _state.warned.add(("configured", uri))
+        logger.info("MLflow tracking store: %s", uri)
     return uri
+
+
+def uses_default_store() -> bool:
+    """Whether runs go to the store under ``--mlruns`` (``MLFLOW_TRACKING_URI`` unset)."""
+    ensure_configured()
+    return _state.default_store
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the store ``uri`` in MLflow's UI: a server's own address, else
+    ``mlflow ui`` on the store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file a ``sqlite:///`` URI names (absolute), or None (another store,
+    or an in-memory database)."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return None
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    return db if db.is_absolute() else Path.cwd() / db
 
 
 FIRST_CONTACT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
@@ -204,14 +250,9 @@ def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
     (other URIs: None). Opening a missing or empty sqlite store builds one there; a
     command that only reads from the store checks this first."""
     env = os.environ.get(TRACKING_ENV)
-    if env:
-        if not env.startswith("sqlite:///") or ":memory:" in env:
-            return None
-        db = Path(env.removeprefix("sqlite:///").split("?")[0])
-        if not db.is_absolute():
-            db = Path.cwd() / db
-    else:
-        db = mlruns_dir(mlruns) / DB_FILE
+    db = _sqlite_file(env) if env else mlruns_dir(mlruns) / DB_FILE
+    if db is None:
+        return None
     # an empty file is no store either: opening it would build one there
     return None if db.is_file() and db.stat().st_size > 0 else db
 
@@ -226,9 +267,9 @@ def require_writable_store() -> None:
             it) or the artifact folder is read-only.
     """
     uri = ensure_configured()
-    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+    db = _sqlite_file(uri)
+    if db is None:
         return  # a server, or another store: its own answer says what is wrong
-    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
     places = [db, db.parent]
     if _state.artifact_root is not None:
         places.append(_state.artifact_root)
@@ -287,8 +328,8 @@ def _warn_if_elsewhere(name: str, location: str) -> None:
     reading from) the old place."""
     root = _state.artifact_root
     parsed = urllib.parse.urlparse(location or "")
-    if root is None or parsed.scheme not in ("", "file"):
-        return
+    if root is None or not _state.default_store or parsed.scheme not in ("", "file"):
+        return  # a store of the user's may hold experiments other tools put elsewhere
     where = Path(urllib.parse.unquote(parsed.path)).resolve()
     if not where.is_relative_to(root.resolve()):
         logger.warning("experiment %r keeps its artifacts in %s, outside this store's %s (was "
