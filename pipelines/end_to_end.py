@@ -17,7 +17,7 @@ calibration folder that shares images with the training folder is refused before
 training when too few held-out images would be left.
 
 Example:
-    python pipelines/end_to_end.py --name sneakers --sample /tmp/sneakers --preset tiny \\
+    python pipelines/end_to_end.py --name sneakers --sample /tmp/sneakers --preset small \\
         --epochs 1 --target-fpr 0.01
 """
 
