@@ -254,8 +254,14 @@ class Level(nn.Module):
     def run_steps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = squeeze(x)
         logdet_map = x.new_zeros(x.shape[0], *x.shape[2:])
-        for step in self.steps:
-            x, step_map = step.forward_map(x)
+        # every step's 1x1 convolution weight in one batch of small matrix operations:
+        # K times fewer kernel launches (in the backward pass too) than one step at a time
+        convs = [step.invconv for step in self.steps]
+        weights, logdets = type(convs[0]).stacked_weights(convs)
+        # unbind: one view op, and one stack of the gradients in the backward pass
+        for step, weight, logdet in zip(self.steps, weights.unbind(), logdets.unbind(),
+                                        strict=True):
+            x, step_map = step.forward_map(x, (weight, logdet))
             logdet_map = logdet_map + step_map
         return x, logdet_map
 

@@ -14,6 +14,7 @@ per-position form is what the likelihood heatmaps are built from.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,19 @@ class InvConv1x1(Bijection):
     def _weight_and_logdet(self) -> tuple[Tensor, Tensor]:
         return self.weight, torch.linalg.slogdet(self.weight)[1]
 
-    def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        weight, logdet = self._weight_and_logdet()
+    @staticmethod
+    def stacked_weights(convs: Sequence[InvConv1x1]) -> tuple[Tensor, Tensor]:
+        """The weights ``(K, C, C)`` and ``log|det|`` ``(K,)`` of ``convs`` (all of this
+        class, same C) in one batch of operations instead of K: what a level's K flow
+        steps need per pass, in a handful of kernel launches."""
+        weights = torch.stack([conv.weight for conv in convs])
+        return weights, torch.linalg.slogdet(weights)[1]
+
+    def forward_map(self, x: Tensor, weight_logdet: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor]:
+        """``weight_logdet``: this layer's row of :meth:`stacked_weights`, when the caller
+        computed the whole level's at once."""
+        weight, logdet = self._weight_and_logdet() if weight_logdet is None else weight_logdet
         y = F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
         return y, _broadcast_map(logdet, x)
 
@@ -126,9 +138,25 @@ class InvConv1x1LU(InvConv1x1):
         self.log_s = nn.Parameter(torch.log(torch.abs(s)))
 
     def _weight_and_logdet(self) -> tuple[Tensor, Tensor]:
-        lower = self.lower * self.lower_mask + self.eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
-        return self.perm @ lower @ upper, self.log_s.sum()
+        return self._compose(self.perm, self.lower, self.upper, self.sign_s, self.log_s,
+                             self.lower_mask, self.eye)
+
+    @staticmethod
+    def _compose(perm: Tensor, lower: Tensor, upper: Tensor, sign_s: Tensor, log_s: Tensor,
+                 lower_mask: Tensor, eye: Tensor) -> tuple[Tensor, Tensor]:
+        """``W = P L (U + diag(s))`` and ``sum(log_s)``, for one layer or a stack of them
+        (leading dimension K)."""
+        lower = lower * lower_mask + eye
+        upper = upper * lower_mask.mT + torch.diag_embed(sign_s * torch.exp(log_s))
+        return perm @ lower @ upper, log_s.sum(-1)
+
+    @staticmethod
+    def stacked_weights(convs: Sequence[InvConv1x1]) -> tuple[Tensor, Tensor]:
+        first = convs[0]
+        return InvConv1x1LU._compose(
+            *(torch.stack([getattr(conv, name) for conv in convs])
+              for name in ("perm", "lower", "upper", "sign_s", "log_s")),
+            first.lower_mask, first.eye)
 
 
 class ZeroConv2d(nn.Module):
@@ -236,9 +264,12 @@ class FlowStep(Bijection):
         self.actnorm.initialize(x)
         return self.forward_map(x)[0]
 
-    def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_map(self, x: Tensor, conv_weight: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor]:
+        """``conv_weight``: the 1x1 convolution's weight and log-det, when the level
+        computed its steps' at once (:meth:`InvConv1x1.stacked_weights`)."""
         x, ld_act = self.actnorm.forward_map(x)
-        x, ld_conv = self.invconv.forward_map(x)
+        x, ld_conv = self.invconv.forward_map(x, conv_weight)
         x, ld_coup = self.coupling.forward_map(x)
         return x, ld_act + ld_conv + ld_coup
 

@@ -118,3 +118,32 @@ def test_squeeze_round_trip_and_block_layout() -> None:
     # Channel k of the squeezed tensor holds pixel (k // 2, k % 2) of each 2x2 block.
     torch.testing.assert_close(s[0, :, 0, 0], torch.tensor([0.0, 1.0, 4.0, 5.0]))
     torch.testing.assert_close(unsqueeze(s), x)
+
+
+@pytest.mark.parametrize("cls", [InvConv1x1, InvConv1x1LU], ids=["plain", "lu"])
+def test_a_levels_stacked_weights_are_each_layers_own(cls: type[InvConv1x1]) -> None:
+    """What Level.run_steps computes for its K steps at once: each row is the layer's own
+    weight and log-det, and the gradients reach each layer's parameters as if alone."""
+    torch.manual_seed(0)
+    convs = [cls(6).double() for _ in range(4)]
+    with torch.no_grad():
+        for conv in convs:  # off the initial values (upper, log_s), as after training
+            for parameter in conv.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    weights, logdets = cls.stacked_weights(convs)
+    assert weights.shape == (4, 6, 6) and logdets.shape == (4,)
+    for conv, weight, logdet in zip(convs, weights, logdets, strict=True):
+        own_weight, own_logdet = conv._weight_and_logdet()
+        torch.testing.assert_close(weight, own_weight, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(logdet, own_logdet, rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    outputs = [conv.forward_map(x, (w, ld)) for conv, w, ld in zip(convs, weights, logdets,
+                                                                      strict=True)]
+    sum(y.square().sum() + ld.sum() for y, ld in outputs).backward()
+    stacked_grads = [[p.grad.clone() for p in conv.parameters()] for conv in convs]
+    for conv in convs:
+        conv.zero_grad()
+        y, ld = conv.forward_map(x)
+        (y.square().sum() + ld.sum()).backward()
+        for p, stacked in zip(conv.parameters(), stacked_grads.pop(0), strict=True):
+            torch.testing.assert_close(stacked, p.grad, rtol=1e-10, atol=1e-12)
