@@ -69,9 +69,12 @@ class ActNorm(Bijection):
         self.log_scale.copy_(-torch.log(std + eps))
         self.initialized.fill_(True)
 
+    def transform(self, x: Tensor) -> Tensor:
+        """``y`` alone; its log-det per position is ``sum(log_scale)`` whatever ``x``."""
+        return (x + self.loc) * torch.exp(self.log_scale)
+
     def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = (x + self.loc) * torch.exp(self.log_scale)
-        return y, _broadcast_map(self.log_scale.sum(), x)
+        return self.transform(x), _broadcast_map(self.log_scale.sum(), x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = y * torch.exp(-self.log_scale) - self.loc
@@ -101,13 +104,15 @@ class InvConv1x1(Bijection):
         weights = torch.stack([conv.weight for conv in convs])
         return weights, torch.linalg.slogdet(weights)[1]
 
-    def forward_map(self, x: Tensor, weight_logdet: tuple[Tensor, Tensor] | None = None
-                    ) -> tuple[Tensor, Tensor]:
-        """``weight_logdet``: this layer's row of :meth:`stacked_weights`, when the caller
-        computed the whole level's at once."""
-        weight, logdet = self._weight_and_logdet() if weight_logdet is None else weight_logdet
-        y = F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
-        return y, _broadcast_map(logdet, x)
+    @staticmethod
+    def transform(x: Tensor, weight: Tensor) -> Tensor:
+        """``y`` alone, for the weight of :meth:`_weight_and_logdet` or a row of
+        :meth:`stacked_weights`; its log-det per position is the matching log-det."""
+        return F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
+
+    def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        weight, logdet = self._weight_and_logdet()
+        return self.transform(x, weight), _broadcast_map(logdet, x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         weight, logdet = self._weight_and_logdet()
@@ -194,8 +199,9 @@ class CouplingNet(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.autocast_dtype
-        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16,
-                            enabled=dtype is not None):
+        if dtype is None:  # no autocast context to build, 96 times a pass in eager mode
+            return super().forward(x)
+        with torch.autocast(x.device.type, dtype=dtype):
             return super().forward(x).to(x.dtype)
 
 
@@ -264,14 +270,17 @@ class FlowStep(Bijection):
         self.actnorm.initialize(x)
         return self.forward_map(x)[0]
 
-    def forward_map(self, x: Tensor, conv_weight: tuple[Tensor, Tensor] | None = None
-                    ) -> tuple[Tensor, Tensor]:
-        """``conv_weight``: the 1x1 convolution's weight and log-det, when the level
-        computed its steps' at once (:meth:`InvConv1x1.stacked_weights`)."""
-        x, ld_act = self.actnorm.forward_map(x)
-        x, ld_conv = self.invconv.forward_map(x, conv_weight)
-        x, ld_coup = self.coupling.forward_map(x)
-        return x, ld_act + ld_conv + ld_coup
+    def transform(self, x: Tensor, conv_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, the coupling's log-det map)``, given the 1x1 convolution's weight; the
+        rest of the step's log-det is the same at every position of every image:
+        :meth:`constant_logdet`. What a level runs, its steps' constants summed once."""
+        x = self.invconv.transform(self.actnorm.transform(x), conv_weight)
+        return self.coupling.forward_map(x)
+
+    def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        weight, conv_logdet = self.invconv._weight_and_logdet()
+        y, coupling_map = self.transform(x, weight)
+        return y, coupling_map + _broadcast_map(self.actnorm.log_scale.sum() + conv_logdet, x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y, ld_coup = self.coupling.inverse(y)

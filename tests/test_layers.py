@@ -137,13 +137,12 @@ def test_a_levels_stacked_weights_are_each_layers_own(cls: type[InvConv1x1]) -> 
         torch.testing.assert_close(weight, own_weight, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(logdet, own_logdet, rtol=1e-12, atol=1e-12)
     x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
-    outputs = [conv.forward_map(x, (w, ld)) for conv, w, ld in zip(convs, weights, logdets,
-                                                                      strict=True)]
-    sum(y.square().sum() + ld.sum() for y, ld in outputs).backward()
+    sum(conv.transform(x, w).square().sum() + ld
+        for conv, w, ld in zip(convs, weights, logdets, strict=True)).backward()
     stacked_grads = [[p.grad.clone() for p in conv.parameters()] for conv in convs]
     for conv in convs:
         conv.zero_grad()
-        y, ld = conv.forward_map(x)
-        (y.square().sum() + ld.sum()).backward()
+        weight, logdet = conv._weight_and_logdet()
+        (conv.transform(x, weight).square().sum() + logdet).backward()
         for p, stacked in zip(conv.parameters(), stacked_grads.pop(0), strict=True):
             torch.testing.assert_close(stacked, p.grad, rtol=1e-10, atol=1e-12)
