@@ -86,12 +86,14 @@ class GlowConfig:
                "must be a positive width")
         _check(1 <= self.n_bits <= 8, "n_bits", self.n_bits, "must be between 1 and 8")
         # 2**levels of a mistyped levels (a million, say) would take long to compute and
-        # could not be printed; no image is 2**64 pixels wide
-        factor = 2**self.levels if self.levels <= 64 else None
-        _check(factor is not None and self.image_size >= factor
-               and self.image_size % factor == 0, "image_size", self.image_size,
-               f"must be a positive multiple of 2**levels = {factor or f'2**{self.levels}'}; "
-               "resize the images or change levels")
+        # could not be printed; no image is 2**30 pixels wide
+        _check(self.levels <= 30, "levels", self.levels,
+               "at most 30 (each level halves the image side; 2**levels must divide it)")
+        factor = 2**self.levels
+        _check(self.image_size >= factor and self.image_size % factor == 0, "image_size",
+               self.image_size,
+               f"must be a positive multiple of 2**levels = {factor}; resize the images or "
+               "change levels")
         _check_choice("coupling", self.coupling, Coupling)
         _check_choice("invconv", self.invconv, InvConv)
 

@@ -94,7 +94,11 @@ def display_path(path: str | os.PathLike[str]) -> str:
     File names that are not valid UTF-8 reach Python as lone surrogates; they are shown as
     ``\\xff`` escapes instead of making a log handler or CSV writer fail.
     """
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate no file name decodes to (text a client sent)
+        raw = os.fspath(path).encode("utf-8", errors="surrogatepass")
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 _BYTE_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
@@ -107,7 +111,11 @@ def undisplayed_path(text: str) -> str:
     file exists."""
     if "\\x" not in text or os.path.lexists(text):
         return text
-    raw = _BYTE_ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), os.fsencode(text))
+    try:
+        encoded = os.fsencode(text)
+    except UnicodeEncodeError:  # no file name: reading it says so
+        return text
+    raw = _BYTE_ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), encoded)
     name = os.fsdecode(raw)
     return name if os.path.lexists(name) else text
 
@@ -435,7 +443,9 @@ def _read_regular_file(path: Path) -> bytes:
     except ImageDecodeError:
         raise
     except ValueError:  # what the system calls raise for a name no file can have
-        raise ImageDecodeError(name, "not a file name: it holds a NUL character") from None
+        why = ("a NUL character" if "\0" in os.fspath(path)
+               else "a character no file name can (a lone surrogate)")
+        raise ImageDecodeError(name, f"not a file name: it holds {why}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             reason = "symlink loop"

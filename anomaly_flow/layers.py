@@ -271,9 +271,10 @@ class FlowStep(Bijection):
         return self.forward_map(x)[0]
 
     def transform(self, x: Tensor, conv_weight: Tensor) -> tuple[Tensor, Tensor]:
-        """``(y, the coupling's log-det map)``, given the 1x1 convolution's weight; the
-        rest of the step's log-det is the same at every position of every image:
-        :meth:`constant_logdet`. What a level runs, its steps' constants summed once."""
+        """``(y, the coupling's log-det map)``, given the 1x1 convolution's weight. The
+        rest of the step's log-det, ``sum(actnorm.log_scale)`` plus the convolution's
+        ``log|det W|``, is the same at every position of every image: a level runs this
+        and adds its steps' constants once (:meth:`anomaly_flow.glow.Level.run_steps`)."""
         x = self.invconv.transform(self.actnorm.transform(x), conv_weight)
         return self.coupling.forward_map(x)
 

@@ -885,8 +885,9 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
         else:
             # text that is not UTF-8 (a damaged file) is found only when a value is used,
             # far from here: check every value now
-            pa_parquet.read_table(out).validate(full=True)
-            table = pd.read_parquet(out)
+            arrow = pa_parquet.read_table(out)
+            arrow.validate(full=True)
+            table = arrow.to_pandas()
     except Exception as exc:  # pandas and pyarrow raise many types for damaged files
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ScoringError(

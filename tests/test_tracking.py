@@ -213,14 +213,29 @@ def test_a_database_given_by_the_environment_keeps_its_artifacts_beside_it(
     client = mlflow.MlflowClient()
     for name in ("env-parts", "Default"):
         location = Path(client.get_experiment_by_name(name).artifact_location)
-        assert location.parent == db.parent / "artifacts", (name, location)
-    assert list((db.parent / "artifacts" / "env-parts").rglob("a.json"))
+        assert location.parent == db.parent / "mlflow-artifacts", (name, location)
+    assert list((db.parent / "mlflow-artifacts" / "env-parts").rglob("a.json"))
     assert list(elsewhere.iterdir()) == []  # nothing in the folder the command ran in
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the store under --mlruns: the same
-    tracking.configure(tmp_path / "default-store")
+    store = tmp_path / "default-store"
+    tracking.configure(store)
     assert Path(mlflow.MlflowClient().get_experiment("0").artifact_location) \
-        == tmp_path / "default-store" / "artifacts" / "0"
+        == store / "artifacts" / "0"
+    # that store named through the variable (as MLflow's own tools need): its artifacts/
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    tracking.configure()
+    tracking.ensure_experiment("env-parts-too")
+    assert Path(mlflow.MlflowClient().get_experiment_by_name("env-parts-too")
+                .artifact_location) == store / "artifacts" / "env-parts-too"
+    # opening a store makes nothing beside it (a read-only one stays readable): the
+    # artifacts folder comes with the first artifact
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copyfile(store / "mlflow.db", plain / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{plain / 'mlflow.db'}")
+    tracking.configure()
+    assert [p.name for p in plain.iterdir()] == ["mlflow.db"]
 
 
 def test_a_model_name_is_claimed_once_and_kept_from_other_owners(mlruns: Path) -> None:
@@ -535,7 +550,7 @@ def png_bytes(value: int = 7) -> bytes:
 CELLS = st.one_of(st.none(), st.just(png_bytes()), st.binary(max_size=20), st.text(max_size=10),
                   st.integers(-5, 10**20), st.floats(), st.booleans(),
                   st.lists(st.integers(0, 255), max_size=4), st.just("/no/such/file.png"),
-                  st.just("a\x00b.png"), st.just(""))
+                  st.just("a\x00b.png"), st.just("a\ud800.png"), st.just(""))
 
 
 @settings(max_examples=150, deadline=None)
@@ -544,14 +559,18 @@ def test_pyfunc_answers_every_row_of_any_table(data: st.DataObject) -> None:
     """Any mix of columns and cell values (what a REST client or a Spark table can send):
     one row out per row in, in the same order and index, scores or a reason in each; a
     table without a usable column is a PredictError (HTTP 400), never another exception.
-    A path with a NUL character in it once raised out of the whole batch."""
+    A path with a NUL character or a lone surrogate in it once raised out of the whole
+    batch."""
     wrapper = tiny_wrapper()
     columns = data.draw(st.lists(st.sampled_from(["path", "image", "other", "Path"]),
                                  max_size=3, unique=True))
     n = data.draw(st.integers(0, 4))
     index = data.draw(st.sampled_from([None, list(range(10, 10 + n))]))
-    frame = pd.DataFrame({c: [data.draw(CELLS) for _ in range(n)] for c in columns},
-                         index=index if n else None)
+    cells = {c: [data.draw(CELLS) for _ in range(n)] for c in columns}
+    try:
+        frame = pd.DataFrame(cells, index=index if n else None)
+    except UnicodeEncodeError:  # pandas' Arrow strings hold no lone surrogate; objects do
+        frame = pd.DataFrame(cells, index=index if n else None, dtype=object)
     params = data.draw(st.sampled_from([None, {"threshold": 1.0}, {"batch_size": 1}]))
     try:
         out = wrapper.predict(None, frame, params=params)  # type: ignore[arg-type]

@@ -219,12 +219,14 @@ def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
         if tag == owner:
             return
         if check:
+            versions = len(client.search_model_versions(f"name = '{name}'"))
             raise TrackingError(
                 f"the MLflow store {uri} already holds a registered model {name!r} that "
-                f"anomaly-flow's {owner} did not make (it has {len(existing.latest_versions or [])}"
-                f" latest version(s)); the {owner} would add versions to it and move its "
+                f"anomaly-flow's {owner} did not make ({versions} version(s), no tag "
+                f"{OWNER_TAG}={owner}); the {owner} would add versions to it and move its "
                 "aliases, so it stops here: unset MLFLOW_TRACKING_URI to use a store of its "
-                "own, or rename or delete that model")
+                f"own, rename or delete that model, or, if an earlier {owner} made it, tag it "
+                f"{OWNER_TAG}={owner} (MlflowClient().set_registered_model_tag)")
         client.set_registered_model_tag(name, OWNER_TAG, owner)
 
 
@@ -464,8 +466,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     # an alias is read once: the files come from the version it named then, even if a
     # --promote moves it meanwhile
     source = uri if name is None else f"models:/{name}/{version}"
-    # a stop (Ctrl-C, SIGTERM) waits for the model's files and row to be written
-    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), stops_deferred():
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
         try:
             model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                                  dst_path=tmp))

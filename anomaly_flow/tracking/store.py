@@ -36,6 +36,7 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from PIL import Image
+from sqlalchemy.engine import make_url
 
 from anomaly_flow.stopping import stops_deferred
 
@@ -129,14 +130,12 @@ def configure(mlruns: str | Path | None = None) -> str:
     sqlite_db = _sqlite_file(uri)
     if env_given and sqlite_db is not None:
         # a database alone: MLflow would put its artifacts in ./mlruns of whatever folder
-        # the command ran in; beside the database instead, as in the default store
-        artifact_root = sqlite_db.parent / ARTIFACTS_DIR
-        try:
-            artifact_root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrackingError(f"cannot create the artifacts folder {artifact_root} beside "
-                                f"the database of MLFLOW_TRACKING_URI={uri}: "
-                                f"{exc.strerror or exc}") from None
+        # the command ran in. Beside the database instead: in its artifacts/ folder where
+        # it has one (a default store named through the variable), else <name>-artifacts/.
+        # Made by the first artifact logged, not here: a read-only store stays readable.
+        shared = sqlite_db.parent / ARTIFACTS_DIR
+        artifact_root = (shared if shared.is_dir()
+                         else sqlite_db.parent / f"{sqlite_db.stem}-{ARTIFACTS_DIR}")
     if not env_given:
         folder = mlruns_dir(mlruns)
         artifact_root = folder / ARTIFACTS_DIR
@@ -196,15 +195,23 @@ def ui_command(uri: str) -> str:
     ``mlflow ui`` on the store."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the tracking server's UI)"
+    if uri.startswith("databricks"):
+        return "open the Experiments page of your Databricks workspace"
     return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _sqlite_file(uri: str) -> Path | None:
-    """The database file a ``sqlite:///`` URI names (absolute), or None (another store,
-    or an in-memory database)."""
-    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+    """The database file a ``sqlite:`` URI names, read as SQLAlchemy reads it (absolute),
+    or None: another store, an in-memory database, or a URI that is not one."""
+    if not uri.startswith("sqlite:"):
         return None
-    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    try:
+        database = make_url(uri).database
+    except Exception:  # not a URL SQLAlchemy can read: MLflow says so when it opens it
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    db = Path(database)
     return db if db.is_absolute() else Path.cwd() / db
 
 
@@ -513,15 +520,18 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         tag_values = {f"resumed.{key}": value for key, value in tag_values.items()
                       if before.get(f"resumed.{key}", before.get(key)) != value}
     tag_values.update({key: str(value) for key, value in (tags or {}).items()})
+    parent = mlflow.active_run()
     try:
         with stops_deferred():  # a stop waits for the run's row and tags to be written
             active = mlflow.start_run(
                 run_id=run_id, experiment_id=None if run_id else experiment_id,
                 run_name=None if run_id else run_name, nested=nested, tags=tag_values or None)
     except KeyboardInterrupt:
-        if mlflow.active_run() is not None:  # the stop came during the start: end it too
+        started = mlflow.active_run()
+        if started is not None and (parent is None
+                                    or started.info.run_id != parent.info.run_id):
             with contextlib.redirect_stdout(sys.stderr), stops_deferred():
-                mlflow.end_run("KILLED")
+                mlflow.end_run("KILLED")  # the stop came as it started: end it, not a parent
         raise
     run = Run(active.info.run_id, active.info.experiment_id)
     status = "FINISHED"
