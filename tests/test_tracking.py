@@ -813,6 +813,17 @@ def test_a_stop_during_a_run_start_model_logging_or_registration_finishes_it_fir
     (started,) = client.search_runs([client.get_experiment_by_name("stopped-parts")
                                      .experiment_id])
     assert started.info.status == "KILLED"
+    # a nested run stopped as it starts is ended; its parent goes on
+    with tracking.start_run("stopped-parts", "parent") as parent:
+        with monkeypatch.context() as patch:
+            stop_during(patch, mlflow, "start_run")
+            with pytest.raises(Terminated), sigterm_as_interrupt(), \
+                    tracking.start_run("stopped-parts", "child", nested=True):
+                pytest.fail("the stop should be raised before the block runs")
+        assert mlflow.active_run().info.run_id == parent.run_id
+    (child,) = client.search_runs([parent.experiment_id], "attributes.run_name = 'child'")
+    assert (child.info.status, client.get_run(parent.run_id).info.status) \
+        == ("KILLED", "FINISHED")
 
     with pytest.raises(Terminated), sigterm_as_interrupt(), \
             tracking.start_run("stopped-parts", "logged") as run:
