@@ -11,7 +11,7 @@
 # Everything comes back as $OUT/summary.txt (each step's exit status, seconds and table)
 # and $OUT/gpu-session.tar.gz (each step's log, and the JSON the benchmarks wrote).
 #
-# Steps, most important first, each under its own time limit (535 s in all):
+# Steps, most important first, each under its own time limit (550 s in all):
 #   issue3   `anomaly-flow train` on the 60,000 Fashion-MNIST training images as PNG files,
 #            preset fashion-mnist (the B1 architecture, bf16), one epoch: images/s and
 #            validation bits/dim, logged to a real sqlite MLflow store
@@ -19,6 +19,8 @@
 #            skipped on the device, pinned-memory scoring equal to the CPU's
 #   b1-fp32  B1 as the public implementations run it (float32, eager)
 #   b1-bf16  B1 with the preset's bf16 autocast
+#   b1-profile  train() under torch.profiler in that mode: the kernel table the speed
+#            pass starts from (NOTES.md's plan)
 #   b1-bf16-compile   B1 with bf16 and torch.compile
 #   b2       B2: scoring 50,000 PNG files to CSV vs decoding them, 16 workers
 #   batch-invariance  whether a file scored alone gets the bits it gets in a large batch
@@ -95,8 +97,10 @@ fi
 
 if [ "$smoke" = 1 ]; then
     n_train=600; preset=tiny; b1=(--tiny --steps 3 --warmup 1 --eval-images 200); n_score=300; workers=2
+    b1_profile=(--tiny --steps 3 --warmup 1)
 else
     n_train=60000; preset=fashion-mnist; b1=(--steps 30 --warmup 5 --eval-images 2000); n_score=50000; workers=16
+    b1_profile=(--steps 10 --warmup 3)
 fi
 
 # The PNG folders of issue3 and b2, written by all cores (one process writes ~1,200/s).
@@ -122,7 +126,7 @@ print(f"wrote {n_train} + {n_score} PNG files in {time.perf_counter() - start:.1
 EOF
 echo "write-pngs rc=$? $(tail -1 "$out/logs/write-pngs.log")" >> "$summary"
 
-step issue3 140 python3 -m anomaly_flow train "$work/fmnist-train" --name fmnist-gpu \
+step issue3 130 python3 -m anomaly_flow train "$work/fmnist-train" --name fmnist-gpu \
     --preset "$preset" --epochs 1 --device "$device" --mlruns "$work/mlruns"
 grep -E "registered|run_id|model_uri" "$out/logs/issue3.log" | tail -4 >> "$summary"
 python3 - "$work/mlruns" >> "$summary" 2>> "$out/logs/issue3.log" <<'EOF'
@@ -141,9 +145,11 @@ step b1-fp32 50 python3 benchmarks/train_throughput.py --device "$device" "${b1[
     --out "$out/logs/b1-fp32.json"
 step b1-bf16 50 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" --bf16 \
     --out "$out/logs/b1-bf16.json"
-step b1-bf16-compile 130 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
+step b1-profile 45 python3 benchmarks/train_throughput.py --device "$device" "${b1_profile[@]}" \
+    --bf16 --profile --out "$out/logs/b1-profile.json"
+step b1-bf16-compile 120 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
     --bf16 --compile --out "$out/logs/b1-bf16-compile.json"
-step b2 100 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
+step b2 90 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
     --workers "$workers" --preset "$preset" --data "$work/b2-pngs"
 tail -7 "$out/logs/b2.log" >> "$summary"
 step batch-invariance 25 python3 benchmarks/batch_invariance.py --device "$device"
