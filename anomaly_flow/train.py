@@ -791,8 +791,9 @@ def train(
             logger.info("removed %d unfinished checkpoint folder(s) that a killed run left "
                         "in %s", removed, ckpt_dir)
     try:
-        result = _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
-                        latest if resume else None, callback, progress)
+        with _convolutions_autotuned(dev):
+            result = _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
+                            latest if resume else None, callback, progress)
         if joined:  # leave together: rank 0 draws samples after the last collective, and
             dist.barrier()  # a rank leaving a gloo group early can abort on its way out
         return result
@@ -804,6 +805,25 @@ def train(
     finally:
         if joined:  # whoever joined the group leaves it; a caller's own group stays
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _convolutions_autotuned(device: torch.device) -> Iterator[None]:
+    """On CUDA, cuDNN times its convolution algorithms for each new shape and keeps the
+    fastest (``cudnn.benchmark``): training repeats a few fixed shapes for thousands of
+    steps, and Glow's odd ones (a 3x3 convolution from 2 to 8 channels, the zero-initialised
+    one down to 4 to 16) are where the default heuristic is weakest. Restored after; the
+    validation and reference passes set their own deterministic numerics inside
+    (:func:`anomaly_flow.scoring.numerics`)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _out_of_memory(error: RuntimeError, config: RunConfig, device: torch.device) -> str | None:

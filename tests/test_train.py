@@ -888,7 +888,9 @@ def test_cuda_paths(image_folder: Path, tmp_path: Path,
     data = folder_datasets(image_folder, config)
     torch.cuda.manual_seed_all(99)
     states = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    autotune = torch.backends.cudnn.benchmark
     result = train(config, data.train, data.val, device="cuda")
+    assert torch.backends.cudnn.benchmark == autotune  # on during training only
     train_module.sample_grid(result.model, 4, 0.7, seed=5)
     assert result.skipped_steps == 1 and math.isfinite(result.val_bpd)
     assert all(torch.equal(torch.cuda.get_rng_state(i), state)
