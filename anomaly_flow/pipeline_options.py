@@ -16,11 +16,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, ensemble, level_1, ..., "
               "or auto (the highest AUROC on --anomalous); default: ensemble, or bpd for a "
@@ -169,3 +173,21 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A pipeline's ``main``, with SIGTERM (a scheduler's stop) a stop as Ctrl-C is: any
+    MLflow run started ends KILLED, a store write under way is finished first, and the
+    script says so and returns 130 or 143, as a shell reports the signal."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            with sigterm_as_interrupt(hold_after_stop=True):
+                return main(argv)
+        except KeyboardInterrupt as stop:
+            print("interrupted (a run it had started ends KILLED); run the same command "
+                  "again", file=sys.stderr)
+            return interrupt_exit_code(stop)
+
+    return run

@@ -42,6 +42,7 @@ from anomaly_flow.pipeline_options import (
     at_least,
     given_path,
     setup_logging,
+    stoppable,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -184,6 +185,7 @@ def named_config(name: str) -> RunConfig:
     return load_config(Path(name))
 
 
+@stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from anomaly_flow.data import write_sample_folders

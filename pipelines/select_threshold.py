@@ -28,6 +28,7 @@ from anomaly_flow.pipeline_options import (
     check_cost_options,
     given_path,
     setup_logging,
+    stoppable,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported after parsing: --help and a mistyped option answer at once, not after

@@ -674,3 +674,34 @@ def test_a_read_only_store_is_refused_before_any_folder_is_scored(
         f"({copy / 'mlflow.db'} is read-only); this command logs a run and registers a "
         "model there: pass a writable --mlruns DIR (a copy of the store, to keep its "
         "models), or fix the permissions"]
+
+
+def test_a_stop_during_calibrate_or_evaluate_exits_as_the_signal(
+        store: Path, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (a scheduler's stop) is a stop there as in train and score: any run started
+    ends KILLED, a store write under way is finished first, and the command says so and
+    exits 143, not killed outright or with a traceback."""
+    import signal
+
+    from anomaly_flow import evaluation, stopping
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        # where a SIGTERM would land now: the handler it would meet, then what it raises
+        assert signal.getsignal(signal.SIGTERM) is stopping._interrupt
+        stopping._interrupt(signal.SIGTERM, None)
+
+    monkeypatch.setattr(evaluation, "score_folder_table", stopped)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for command, args in (("calibrate", ["--target-fpr", "0.1"]),
+                              ("evaluate", ["--anomalous", image_dirs.test_anomalous])):
+            result = run(command, "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                         *args, "--device", "cpu", "--mlruns", store)
+            assert result.exit_code == 143, result.output
+            assert f"{command} interrupted (a run it had started ends KILLED); run the same " \
+                "command again" in result.stderr
+            assert "Traceback" not in result.output
+    finally:  # the commands keep their handlers for the process's exit: put ours back
+        stopping._STOPPED_AT.clear()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)

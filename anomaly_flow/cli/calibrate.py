@@ -22,6 +22,7 @@ from anomaly_flow.cli.common import (
     finite,
     mlruns_option,
     model_option,
+    stops_reported,
     user_errors,
 )
 
@@ -100,15 +101,14 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         raise click.UsageError("--method conformal needs --target-fpr, e.g. --target-fpr 0.01.")
     if method != "conformal" and anomalous is None:
         raise click.UsageError(f"--method {method} needs labelled anomalies: pass --anomalous DIR.")
-    if score == "auto" and anomalous is None:
-        raise click.UsageError("--score auto chooses the score with the highest AUROC on "
-                               "labelled anomalies: pass --anomalous DIR, or name a score "
-                               "(--score bpd, complexity, coarse_complexity, typicality, "
-                               "knn, ensemble, level_1 ...).")
-    if score not in (None, "auto"):
+    if score is not None:
         from anomaly_flow.scoring import SCORE_CHOICES, is_score_name
 
-        if not is_score_name(score):  # whether this model gives it is known once loaded
+        if score == "auto" and anomalous is None:
+            raise click.UsageError("--score auto chooses the score with the highest AUROC on "
+                                   "labelled anomalies: pass --anomalous DIR, or name a score "
+                                   f"({SCORE_CHOICES}).")
+        if score != "auto" and not is_score_name(score):  # this model's: known once loaded
             raise click.BadParameter(f"unknown score {score!r}; choose one of {SCORE_CHOICES}, "
                                      "or auto (with --anomalous).", param_hint="--score")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
@@ -122,12 +122,14 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
 
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
 
-    outcome = calibrate_model(
-        model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
-        cost_fp=1.0 if cost_fp is None else cost_fp, cost_fn=1.0 if cost_fn is None else cost_fn,
-        promote=promote, device=device,
-        batch_size=batch_size, workers=workers, mlruns=mlruns,
-    )
+    with stops_reported(lambda: "calibrate interrupted (a run it had started ends KILLED); "
+                                "run the same command again"):
+        outcome = calibrate_model(
+            model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
+            cost_fp=1.0 if cost_fp is None else cost_fp,
+            cost_fn=1.0 if cost_fn is None else cost_fn, promote=promote, device=device,
+            batch_size=batch_size, workers=workers, mlruns=mlruns,
+        )
     for line in calibration_summary(outcome):
         click.echo(line)
     click.echo(f"run: {outcome.run_id}" + ("; alias 'champion' moved" if outcome.promoted else ""),
@@ -169,8 +171,10 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
     """
     from anomaly_flow.evaluation import evaluate_model
 
-    outcome = evaluate_model(model, normal, anomalous, device=device, batch_size=batch_size,
-                             workers=workers, mlruns=mlruns)
+    with stops_reported(lambda: "evaluate interrupted (a run it had started ends KILLED); "
+                                "run the same command again"):
+        outcome = evaluate_model(model, normal, anomalous, device=device,
+                                 batch_size=batch_size, workers=workers, mlruns=mlruns)
     click.echo(format_table(outcome.table))
     metrics = outcome.metrics
     if "calibrated_fpr" in metrics:

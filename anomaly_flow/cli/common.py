@@ -7,6 +7,8 @@
 - :data:`model_option` (``--model``, a :class:`ModelURI`), :data:`mlruns_option`
   (``--mlruns``) and :data:`device_option` (``--device``).
 - :func:`configure_logging`: the library's log records on click's stderr.
+- :func:`stops_reported`: around a command's work, Ctrl-C and SIGTERM end it with a
+  line saying how to go on and the status a shell expects.
 
 This module imports neither torch nor mlflow, so ``anomaly-flow --help`` stays fast;
 commands import the library inside their function.
@@ -14,18 +16,20 @@ commands import the library inside their function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from anomaly_flow.errors import describe, user_error_types
+from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,6 +109,20 @@ def printable(text: str) -> str:
     file name prints as one line and cannot pass itself off as another message."""
     return re.sub(r"[\x00-\x1f\x7f]",
                   lambda m: repr(m.group())[1:-1], text)
+
+
+@contextlib.contextmanager
+def stops_reported(said: Callable[[], str]) -> Iterator[None]:
+    """Within the block, SIGTERM stops the work as Ctrl-C does (:func:`sigterm_as_interrupt`:
+    an MLflow run ends KILLED, a store write under way is finished first); either one
+    ends the command with ``said()`` on stderr (read after the stop, so it can say what is
+    left) and status 130 or 143, as a shell reports the signal."""
+    try:
+        with sigterm_as_interrupt(hold_after_stop=True):
+            yield
+    except KeyboardInterrupt as stop:
+        click.echo(said(), err=True)
+        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
 
 
 def user_errors(func: F) -> F:

@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import PathGiven, show_stages, user_errors
+from anomaly_flow.cli.common import PathGiven, show_stages, stops_reported, user_errors
 from anomaly_flow.config import PRESETS
-from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 
 @main.command(epilog="""\b
@@ -39,13 +38,9 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
     from anomaly_flow.demo import run_demo
 
     show_stages("anomaly_flow.demo", "anomaly_flow.train")
-    try:
-        with sigterm_as_interrupt(hold_after_stop=True):  # the MLflow run ends KILLED
-            result = run_demo(out, preset=preset, device=device, epochs=epochs)
-    except KeyboardInterrupt as stop:
-        click.echo(f"demo interrupted; run it again to start over (it rewrites {out})",
-                   err=True)
-        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
+    with stops_reported(lambda: f"demo interrupted; run it again to start over (it "
+                                f"rewrites {out})"):
+        result = run_demo(out, preset=preset, device=device, epochs=epochs)
     db = result.tracking_uri
     click.echo(f"model:    {result.model_uri}  (threshold {result.threshold:.4f})")
     click.echo(f"AUROC {result.auroc:.4f} ({result.score_name} score); on the test set "

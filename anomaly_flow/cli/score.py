@@ -14,9 +14,10 @@ from anomaly_flow.cli.common import (
     mlruns_option,
     model_option,
     printable,
+    stops_reported,
     user_errors,
 )
-from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt, usable_cores
+from anomaly_flow.stopping import usable_cores
 
 _FAILURES_SHOWN = 5
 
@@ -111,20 +112,20 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     output_format(out)
     check_writable(out, resume=resume)  # before loading a model or scoring anything
     loaded = open_model(model, device, mlruns, logs=False)
-    try:
-        with sigterm_as_interrupt(hold_after_stop=True):  # the rows scored are kept
-            summary = score_folder(
-                loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
-                num_workers=_default_workers() if workers is None else workers,
-                heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
-                compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
-            )
-    except KeyboardInterrupt as stop:
-        shown = printable(display_path(out))
-        click.echo("interrupted; run the same command with --resume to score the files "
-                   f"not yet in {shown}" if out.exists() else "interrupted before any row "
-                   f"was written to {shown}; run the same command again", err=True)
-        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
+    shown = printable(display_path(out))
+
+    def interrupted() -> str:  # the rows scored so far are kept
+        return ("interrupted; run the same command with --resume to score the files not "
+                f"yet in {shown}" if out.exists() else "interrupted before any row was "
+                f"written to {shown}; run the same command again")
+
+    with stops_reported(interrupted):
+        summary = score_folder(
+            loaded.model, loaded.calibration, folder, out, batch_size=batch_size,
+            num_workers=_default_workers() if workers is None else workers,
+            heatmaps=heatmaps, resume=resume, fdr=fdr, precision=precision,  # type: ignore[arg-type]
+            compile=compile_model, heatmap_kind=heatmap_kind or "auto",  # type: ignore[arg-type]
+        )
 
     if summary.n_failed:
         click.echo(f"{summary.n_failed} file(s) could not be scored:", err=True)
@@ -141,7 +142,6 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                f"{summary.n_files - summary.n_resumed} files read now)" if resume else "")
     click.echo(f"{summary.n_scored} scored, {summary.n_failed} failed, {decided}{resumed}",
                err=True)
-    shown = printable(display_path(out))
     click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
     unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:

@@ -12,11 +12,11 @@ from anomaly_flow.cli.common import (
     device_option,
     mlruns_option,
     show_stages,
+    stops_reported,
     user_errors,
 )
 from anomaly_flow.config import PRESETS, load_config, load_preset
 from anomaly_flow.errors import describe, is_store_error
-from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 DEFAULT_PRESET = "small"
 
@@ -70,12 +70,9 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
 
     show_stages("anomaly_flow.train")  # a line an epoch where no progress bar shows
     try:
-        with sigterm_as_interrupt(hold_after_stop=True):  # SIGTERM as Ctrl-C
+        with stops_reported(lambda: interrupted_message(name, config, mlruns)):
             outcome = train_and_register(data, name, config, device=device, resume=resume,
                                          mlruns=mlruns)
-    except KeyboardInterrupt as stop:
-        click.echo(interrupted_message(name, config, mlruns), err=True)
-        raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
     except Exception as error:
         if not is_store_error(error):
             raise
