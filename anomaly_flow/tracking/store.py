@@ -163,8 +163,7 @@ def configure(mlruns: str | Path | None = None) -> str:
                 os.environ[name] = value
     _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given
     try:
-        if sqlite_db is not None and artifact_root is not None \
-                and not (sqlite_db.is_file() and sqlite_db.stat().st_size > 0):
+        if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db):
             # a new database: built here so that even MLflow's "Default" experiment keeps
             # its artifacts under the store's artifacts folder, not in ./mlruns
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -198,6 +197,12 @@ def ui_command(uri: str) -> str:
     if uri.startswith("databricks"):
         return "open the Experiments page of your Databricks workspace"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _has_database(db: Path) -> bool:
+    """Whether the sqlite file ``db`` holds a database: there and not empty (opening an
+    empty file, as a missing one, would build a store there)."""
+    return db.is_file() and db.stat().st_size > 0
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -260,8 +265,7 @@ def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
     db = _sqlite_file(env) if env else mlruns_dir(mlruns) / DB_FILE
     if db is None:
         return None
-    # an empty file is no store either: opening it would build one there
-    return None if db.is_file() and db.stat().st_size > 0 else db
+    return None if _has_database(db) else db
 
 
 def require_writable_store() -> None:
@@ -530,8 +534,7 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         started = mlflow.active_run()
         if started is not None and (parent is None
                                     or started.info.run_id != parent.info.run_id):
-            with contextlib.redirect_stdout(sys.stderr), stops_deferred():
-                mlflow.end_run("KILLED")  # the stop came as it started: end it, not a parent
+            _end_run("KILLED")  # the stop came as it started: end it, not a parent
         raise
     run = Run(active.info.run_id, active.info.experiment_id)
     status = "FINISHED"
@@ -547,8 +550,13 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         try:
             run.flush()
         finally:
-            # MLflow writes "View run ... at: URL" to stdout for a server store; stdout
-            # carries a command's data, so the link goes to stderr with the other news
-            with contextlib.redirect_stdout(sys.stderr), stops_deferred():
-                mlflow.end_run(status)
+            _end_run(status)
+
+
+def _end_run(status: str) -> None:
+    """End the active run as ``status``, a stop waiting for the write. MLflow writes "View
+    run ... at: URL" to stdout for a server store; stdout carries a command's data, so the
+    link goes to stderr with the other news."""
+    with contextlib.redirect_stdout(sys.stderr), stops_deferred():
+        mlflow.end_run(status)
 
