@@ -123,6 +123,19 @@ def undisplayed_path(text: str) -> str:
 # --------------------------------------------------------------------------- discovery
 
 
+def check_image_folder(root: Path) -> None:
+    """Refuse ``root`` as a folder of images when it is missing or not a folder, without
+    searching it (a command checks this before loading a model).
+
+    Raises:
+        DataError: Which of the two, and what to do.
+    """
+    if not root.exists():
+        raise DataError(f"image folder not found: {display_path(root)}; check the path")
+    if not root.is_dir():
+        raise DataError(f"{display_path(root)} is not a folder; pass the folder of images")
+
+
 def find_images(root: Path) -> list[Path]:
     """Every file under ``root`` whose extension is an image extension, in sorted order.
 
@@ -145,10 +158,7 @@ def find_images(root: Path) -> list[Path]:
             image files.
     """
     root = Path(root)
-    if not root.exists():
-        raise DataError(f"image folder not found: {display_path(root)}; check the path")
-    if not root.is_dir():
-        raise DataError(f"{display_path(root)} is not a folder; pass the folder of images")
+    check_image_folder(root)
     # Real folders are known first, so that a file reachable both directly and through a
     # symlinked folder is listed once, under its real path.
     real_dirs = {_dir_id(Path(d)) for d, _, _ in os.walk(root)}

@@ -401,3 +401,14 @@ def test_heatmaps_that_cannot_be_written_are_counted_and_fail_strict(
     assert_one_line_error(result, "8 heatmap(s) could not be written (--strict)")
     assert len(pd.read_csv(out)) == 8  # the table is written all the same
     assert all(p.read_text().startswith("a file of the user's") for p in heat.iterdir())
+
+
+def test_a_missing_folder_and_a_bad_out_are_named_before_any_model_loads(tmp_path: Path) -> None:
+    """Both are the user's slips that need no model to find: said at once, not after the
+    seconds a model takes to load (or instead of a model error)."""
+    missing_model = ("--model", "models:/nope@champion", "--mlruns", tmp_path / "absent")
+    result = run("score", tmp_path / "nowhere", *missing_model, "--out", tmp_path / "o.csv")
+    assert_one_line_error(result, "image folder not found")
+    result = run("score", tmp_path, *missing_model, "--out", tmp_path / "o.txt")
+    assert result.exit_code == 2  # a value the option cannot take: a usage error
+    assert_one_line_error(result, "Invalid value for --out: cannot tell the output format")

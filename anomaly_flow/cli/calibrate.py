@@ -42,7 +42,7 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
     return func
 
 
-@main.command()
+@main.command(short_help="Fit a threshold on held-out images as a new model version.")
 @click.option("--model", "model", type=MODEL_URI, required=True, metavar="URI",
               help="The registered model to calibrate: models:/NAME@ALIAS (e.g. @candidate), "
                    "models:/NAME/VERSION, or runs:/RUN_ID/model of a registered training "
@@ -95,13 +95,7 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
       anomaly-flow calibrate --model models:/parts@candidate \\
           --normal data/val/normal --target-fpr 0.01 --promote
     """
-    if method != "conformal" and target_fpr is not None:
-        raise click.UsageError(f"--target-fpr only applies to --method conformal, not {method}.")
-    if method == "conformal" and target_fpr is None:
-        raise click.UsageError("--method conformal needs --target-fpr, e.g. --target-fpr 0.01.")
-    if method != "conformal" and anomalous is None:
-        raise click.UsageError(f"--method {method} needs labelled anomalies: pass --anomalous DIR.")
-    if score is not None:
+    if score is not None:  # first: a misspelt name is the likelier slip
         from anomaly_flow.scoring import SCORE_CHOICES, is_score_name
 
         if score == "auto" and anomalous is None:
@@ -111,6 +105,12 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         if score != "auto" and not is_score_name(score):  # this model's: known once loaded
             raise click.BadParameter(f"unknown score {score!r}; choose one of {SCORE_CHOICES}, "
                                      "or auto (with --anomalous).", param_hint="--score")
+    if method != "conformal" and target_fpr is not None:
+        raise click.UsageError(f"--target-fpr only applies to --method conformal, not {method}.")
+    if method == "conformal" and target_fpr is None:
+        raise click.UsageError("--method conformal needs --target-fpr, e.g. --target-fpr 0.01.")
+    if method != "conformal" and anomalous is None:
+        raise click.UsageError(f"--method {method} needs labelled anomalies: pass --anomalous DIR.")
     if method != "cost" and (cost_fp, cost_fn) != (None, None):
         raise click.UsageError("--cost-fp and --cost-fn only apply to --method cost.")
     if cost_fp == 0 and cost_fn == 0:
@@ -147,7 +147,7 @@ def format_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(short_help="AUROC, AUPR, FPR at 95% TPR of every score, logged.")
 @model_option
 @click.option("--normal", required=True, type=existing_dir, help="Folder of normal test images.")
 @click.option("--anomalous", required=True, type=existing_dir,

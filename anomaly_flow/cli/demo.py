@@ -11,7 +11,8 @@ from anomaly_flow.cli.common import PathGiven, show_stages, stops_reported, user
 from anomaly_flow.config import PRESETS
 
 
-@main.command(epilog="""\b
+@main.command(short_help="Run the whole product on the shipped Fashion-MNIST sample.",
+              epilog="""\b
 Example:
   anomaly-flow demo --out ./anomaly-flow-demo
   mlflow ui --backend-store-uri sqlite:///$PWD/anomaly-flow-demo/mlruns/mlflow.db

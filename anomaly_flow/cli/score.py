@@ -28,7 +28,8 @@ def _default_workers() -> int:
     return min(8, usable_cores())
 
 
-@main.command(epilog="""\b
+@main.command(short_help="Score every image under DIR into a CSV or Parquet table.",
+              epilog="""\b
 Examples:
   anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.csv
   anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.parquet \\
@@ -102,15 +103,20 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     of a table written before coarse_complexity, typicality, knn or ensemble existed, to
     fill the column). A summary goes to stderr: N scored, M failed, K anomalous.
     """
-    from anomaly_flow.data import display_path
+    from anomaly_flow.data import check_image_folder, display_path
     from anomaly_flow.evaluation import open_model
-    from anomaly_flow.scoring import check_writable, output_format, score_folder
+    from anomaly_flow.scoring import ScoringError, check_writable, output_format, score_folder
 
     if heatmap_kind is not None and heatmaps is None:
         raise click.UsageError("--heatmap-kind says which heatmaps to write; add --heatmaps "
                                "DIR, or drop --heatmap-kind")
-    output_format(out)
-    check_writable(out, resume=resume)  # before loading a model or scoring anything
+    try:
+        output_format(out)
+    except ScoringError as exc:  # a file name the option cannot take
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    # before loading a model or scoring anything
+    check_image_folder(folder)
+    check_writable(out, resume=resume)
     loaded = open_model(model, device, mlruns, logs=False)
     shown = printable(display_path(out))
 

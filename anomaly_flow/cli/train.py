@@ -21,7 +21,8 @@ from anomaly_flow.errors import describe, is_store_error
 DEFAULT_PRESET = "small"
 
 
-@main.command(epilog="""\b
+@main.command(short_help="Train a Glow on DATA and register it as NAME@candidate.",
+              epilog="""\b
 Examples:
   anomaly-flow train images/good --name bottle-caps --preset tiny --epochs 2
   anomaly-flow train images/good --name bottle-caps --config my-glow.toml --device cuda
