@@ -542,13 +542,8 @@ def score_dataset(
             else:
                 stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
                                       None if heatmaps is None else heatmap_kind, forward)
-            cuda = device.type == "cuda"
-            launched = _Pending(
-                batch,
-                stats.to("cpu", non_blocking=cuda),
-                None if maps is None else maps.to("cpu", non_blocking=cuda),
-                _recorded_event(device) if cuda else None,
-            )
+            (stats, maps), ready = to_host_async(stats, maps)
+            launched = _Pending(batch, stats, maps, ready)
             if pending is not None:
                 finish(pending)  # the device is already busy with `launched`
             pending = launched
@@ -560,12 +555,19 @@ def score_dataset(
     return pd.concat(frames)
 
 
-def _recorded_event(device: torch.device) -> Any:
-    """An event after the work queued so far on ``device``'s current stream (where the
-    copies to the host went), not the current device's, which may be another GPU."""
+def to_host_async(*tensors: torch.Tensor | None) -> tuple[list[torch.Tensor | None], Any]:
+    """``tensors`` (all on one device; None passes through) copied to the host without
+    waiting for the device, and the ``torch.cuda.Event`` to wait on before reading them:
+    None for tensors on the CPU, which are only ever copied at once. From CUDA the copies
+    land in pinned memory, queued behind the work that makes the tensors; the event is
+    recorded on their own device's stream, which need not be the current device's."""
+    cuda = [t.device for t in tensors if t is not None and t.is_cuda]
+    host = [None if t is None else t.to("cpu", non_blocking=bool(cuda)) for t in tensors]
+    if not cuda:
+        return host, None
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
+    event.record(torch.cuda.current_stream(cuda[0]))
+    return host, event
 
 
 def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None

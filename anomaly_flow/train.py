@@ -72,7 +72,7 @@ from anomaly_flow.glow import (
     preprocess,
     save_tensors,
 )
-from anomaly_flow.scoring import numerics
+from anomaly_flow.scoring import numerics, to_host_async
 from anomaly_flow.stopping import (
     loader_worker_options,
     raise_if_stopped,
@@ -1072,14 +1072,7 @@ class _LaunchedStep:
         self.step, self.lr = step, lr
         # No update when any rank saw a non-finite value or no image was decoded.
         self.skip = ((figures[1] > 0) | (figures[2] == 0)).float()
-        self._ready: torch.cuda.Event | None = None
-        if figures.is_cuda:
-            self._host = torch.empty(figures.shape, dtype=figures.dtype, pin_memory=True)
-            self._host.copy_(figures, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(figures.device))  # the copy's stream
-        else:
-            self._host = figures
+        (self._host,), self._ready = to_host_async(figures)
         self._values: tuple[float, float, float, float] | None = None
 
     def read(self) -> tuple[float, float, float, float]:
