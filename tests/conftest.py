@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -266,3 +268,34 @@ def damaged(content: bytes, edits: list[tuple[str, float, bytes]]) -> bytes:
         else:
             del data[at:]
     return bytes(data)
+
+
+def stop_during(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+    """Make ``owner.name`` meet a SIGTERM as it begins, as a scheduler's stop landing
+    inside the call would: the handler it would find must be the stop handler (else the
+    signal would kill the process), which raises the stop, or keeps it until a store write
+    is done (then the call itself, the real one, goes on)."""
+    from anomaly_flow import stopping
+
+    real = getattr(owner, name)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        assert signal.getsignal(signal.SIGTERM) is stopping._interrupt, \
+            "no stop handler here: a SIGTERM would kill the process"
+        stopping._interrupt(signal.SIGTERM, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.fixture
+def signal_handlers_restored() -> Iterator[None]:
+    """A command run in-process keeps its stop handlers once stopped (for its process's
+    exit): the test's own come back after it."""
+    from anomaly_flow import stopping
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    stopping._STOPPED_AT.clear()
+    for number, handler in handlers.items():
+        signal.signal(number, handler)

@@ -31,7 +31,14 @@ from anomaly_flow.data import fingerprint_and_digests
 from anomaly_flow.evaluation import FolderScores, calibrate_scores, score_folder_table
 from anomaly_flow.glow import REFERENCE_KEYS
 from anomaly_flow.scoring import score_names
-from tests.conftest import ImageDirs, TrainedModel, corrupt_png, new_store, obeying_file_modes
+from tests.conftest import (
+    ImageDirs,
+    TrainedModel,
+    corrupt_png,
+    new_store,
+    obeying_file_modes,
+    stop_during,
+)
 from tests.test_scoring import make_tiny_model
 
 NAME = "cal-parts"
@@ -677,31 +684,19 @@ def test_a_read_only_store_is_refused_before_any_folder_is_scored(
 
 
 def test_a_stop_during_calibrate_or_evaluate_exits_as_the_signal(
-        store: Path, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Path, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch,
+        signal_handlers_restored: None) -> None:
     """SIGTERM (a scheduler's stop) is a stop there as in train and score: any run started
     ends KILLED, a store write under way is finished first, and the command says so and
     exits 143, not killed outright or with a traceback."""
-    import signal
+    from anomaly_flow import evaluation
 
-    from anomaly_flow import evaluation, stopping
-
-    def stopped(*args: object, **kwargs: object) -> None:
-        # where a SIGTERM would land now: the handler it would meet, then what it raises
-        assert signal.getsignal(signal.SIGTERM) is stopping._interrupt
-        stopping._interrupt(signal.SIGTERM, None)
-
-    monkeypatch.setattr(evaluation, "score_folder_table", stopped)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for command, args in (("calibrate", ["--target-fpr", "0.1"]),
-                              ("evaluate", ["--anomalous", image_dirs.test_anomalous])):
-            result = run(command, "--model", CANDIDATE, "--normal", image_dirs.calibration,
-                         *args, "--device", "cpu", "--mlruns", store)
-            assert result.exit_code == 143, result.output
-            assert f"{command} interrupted (a run it had started ends KILLED); run the same " \
-                "command again" in result.stderr
-            assert "Traceback" not in result.output
-    finally:  # the commands keep their handlers for the process's exit: put ours back
-        stopping._STOPPED_AT.clear()
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    stop_during(monkeypatch, evaluation, "score_folder_table")
+    for command, args in (("calibrate", ["--target-fpr", "0.1"]),
+                          ("evaluate", ["--anomalous", image_dirs.test_anomalous])):
+        result = run(command, "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                     *args, "--device", "cpu", "--mlruns", store)
+        assert result.exit_code == 143, result.output
+        assert f"{command} interrupted (a run it had started ends KILLED); run the same " \
+            "command again" in result.stderr
+        assert "Traceback" not in result.output

@@ -19,7 +19,7 @@ from anomaly_flow import tracking
 from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
 from anomaly_flow.evaluation import score_folder_table
 from anomaly_flow.scoring import score_names
-from tests.conftest import ImageDirs, TrainedModel
+from tests.conftest import ImageDirs, TrainedModel, stop_during
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -356,26 +356,14 @@ def test_end_to_end_refuses_limit_without_sample(capsys: pytest.CaptureFixture[s
 
 def test_a_stop_in_a_pipeline_returns_the_signals_status(
         trained: TrainedModel, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, signal_handlers_restored: None) -> None:
     """SIGTERM is a stop in the calibration pipelines as in pipelines/train.py: a line,
     status 143, no traceback."""
-    import signal
+    from anomaly_flow import evaluation
 
-    from anomaly_flow import evaluation, stopping
-
-    def stopped(*args: object, **kwargs: object) -> None:
-        assert signal.getsignal(signal.SIGTERM) is stopping._interrupt  # where it would land
-        stopping._interrupt(signal.SIGTERM, None)
-
-    monkeypatch.setattr(evaluation, "score_folder_table", stopped)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        argv = ["--model", trained.alias_uri, "--normal", str(image_dirs.calibration),
-                "--target-fpr", "0.1", "--device", "cpu", "--mlruns", str(trained.mlruns)]
-        assert load_script("calibrate").main(argv) == 143
-    finally:  # the script keeps its handlers for the process's exit: put ours back
-        stopping._STOPPED_AT.clear()
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+    stop_during(monkeypatch, evaluation, "score_folder_table")
+    argv = ["--model", trained.alias_uri, "--normal", str(image_dirs.calibration),
+            "--target-fpr", "0.1", "--device", "cpu", "--mlruns", str(trained.mlruns)]
+    assert load_script("calibrate").main(argv) == 143
     assert capsys.readouterr().err.strip().endswith(
         "interrupted (a run it had started ends KILLED); run the same command again")

@@ -41,7 +41,7 @@ from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
 from anomaly_flow.tracking.pyfunc import GlowPyfunc, PredictError, input_sources, output_columns
-from tests.conftest import ImageDirs, TrainedModel, new_store, tiny_config
+from tests.conftest import ImageDirs, TrainedModel, new_store, stop_during, tiny_config
 
 # The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
 # that exact comparisons hold on a GPU machine too.
@@ -779,20 +779,6 @@ def test_registration_prints_nothing_and_links_the_logged_model(
         loaded = tracking.load_model(uri)
         assert (loaded.version, loaded.run_id) == (version, run.run_id)
         assert mlflow.pyfunc.load_model(uri).metadata.run_id == run.run_id
-
-
-def stop_during(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
-    """Make ``owner.name`` (an MLflow call) be interrupted by a SIGTERM as it begins, as a
-    scheduler's stop landing inside the call would be: the call itself is MLflow's own."""
-    from anomaly_flow import stopping
-
-    real = getattr(owner, name)
-
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        stopping._interrupt(signal.SIGTERM, None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, interrupted)
 
 
 def test_a_stop_during_a_run_start_model_logging_or_registration_finishes_it_first(
