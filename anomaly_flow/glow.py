@@ -323,7 +323,8 @@ class Glow(nn.Module):
         self.reference_scale: Tensor | None
         for key in REFERENCE_KEYS:
             self.register_buffer(key, None)
-        self._knn_cache: tuple[Any, tuple[Tensor, Tensor, Tensor]] | None = None
+        # (the maps tensor itself, its version, what _standardised_reference made of it)
+        self._knn_cache: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -393,6 +394,7 @@ class Glow(nn.Module):
         if bool((std < 0).any()):
             raise ValueError("the reference std has negative values")
         device = self.device
+        self._knn_cache = None
         self.reference_mean = mean.detach().to(device, torch.float32).clone()
         self.reference_std = std.detach().to(device, torch.float32).clone()
         self.reference_maps = self.reference_scale = None
@@ -484,13 +486,16 @@ class Glow(nn.Module):
         of the reference maps; computed once per set of maps (on its device)."""
         maps = self.reference_maps
         assert maps is not None
-        key = (maps.data_ptr(), maps.device, maps._version)
-        if self._knn_cache is None or self._knn_cache[0] != key:
+        # Known by the tensor object, not its address: a refit's new maps often land where
+        # the freed old ones were. The cache holds the tensor, so its identity stays unique.
+        cache = self._knn_cache
+        if cache is None or cache[0] is not maps or cache[1] != maps._version:
             refs = maps.flatten(1).double()
             centre = refs.mean(dim=0)
             spread = refs.std(dim=0, correction=0) + REFERENCE_STD_FLOOR
-            self._knn_cache = (key, (centre, spread, (refs - centre) / spread))
-        return self._knn_cache[1]
+            cache = self._knn_cache = (maps, maps._version,
+                                       (centre, spread, (refs - centre) / spread))
+        return cache[2]
 
     def ensemble(self, knn: Tensor, coarse_complexity: Tensor) -> Tensor:
         """The ``ensemble`` score ``(B,)``: ``knn`` and ``coarse_complexity`` ``(B,)``, each
@@ -537,6 +542,7 @@ class Glow(nn.Module):
                               f"needs ({size}, {size}) twice, (N, {grid}, {grid}) and "
                               "(2, 2)")
             return
+        self._knn_cache = None
         for key, value in zip(REFERENCE_KEYS, values, strict=True):  # buffers to copy into
             setattr(self, key, None if value is None
                     else torch.empty(value.shape, device=self.device))

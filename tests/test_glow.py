@@ -341,6 +341,40 @@ def test_knn_follows_reference_maps_loaded_in_place() -> None:
     assert not torch.equal(model.knn(maps), first)
 
 
+def test_knn_follows_every_refit_of_the_reference() -> None:
+    """A refit frees the old maps and allocates new ones of the same size, often at the
+    same address: knn and reference_scale must come from the new maps each time, through
+    set_reference and through load_state_dict (which allocates fresh buffers to copy
+    into)."""
+    model = make_model(1, 16, 1).float().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        maps = model.breakdown(torch.rand(4, 1, 16, 16, generator=generator) - 0.5).pixel_bpd
+    mean, std = maps.mean(0), maps.std(0)
+
+    def reference(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(200, 8, 8, generator=generator) * scale, torch.rand(200, generator=generator)
+
+    def fresh_knn(pooled: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fresh = make_model(1, 16, 1).float().eval()
+        fresh.set_reference(mean, std, pooled, coarse)
+        return fresh.reference_scale, fresh.knn(maps)
+
+    for scale in range(1, 7):
+        pooled, coarse = reference(scale)
+        model.set_reference(mean, std, pooled, coarse)
+        del pooled  # the model's copy is then the only one
+        expected_scale, expected_knn = fresh_knn(model.reference_maps.clone(), coarse)
+        assert torch.equal(model.reference_scale, expected_scale)
+        assert torch.equal(model.knn(maps), expected_knn)
+    for scale in range(1, 7):
+        pooled, coarse = reference(scale)
+        state = {**model.state_dict(), "reference_maps": pooled}
+        model.load_state_dict(state)
+        del state
+        assert torch.equal(model.knn(maps), fresh_knn(pooled, torch.zeros(200))[1])
+
+
 def test_normal_reference_is_checked(tmp_path) -> None:
     model = make_model(1, 8, 2).float()
     ones, cc = torch.ones(3, 8, 8), torch.zeros(3)
