@@ -96,6 +96,9 @@ _EXECUTION_ONLY = frozenset({"compile", "num_workers", "epochs"})
 """Training settings that change how fast a run goes or where it stops, not the steps it
 takes (the learning rate depends on the step alone, so a longer run's first steps are a
 shorter one's)."""
+RESUME_MUST_MATCH = ("batch_size", "optimizer")
+"""Training settings a resumed run cannot change: the step count of an epoch, and the
+optimizer whose state the checkpoint holds."""
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 """Optimizer settings that choose a kernel, not the arithmetic."""
 _ALLOCATION = re.compile(r"tried to allocate (?:(\d+) bytes|(\d+(?:\.\d+)? ?[KMGTP]i?B))",
@@ -589,10 +592,39 @@ def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
     leaves the previous checkpoint usable (:func:`latest_checkpoint` also falls back to
     the newest complete folder should the pointer name a missing one).
     """
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write_checkpoint(tmp, model, optimizer, config, step, extra)
+    except OSError as error:  # a full disk, a folder taken away: nothing half-written kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write the checkpoint {final}: "
+                            f"{error.strerror or error}. Free space there or checkpoint "
+                            "elsewhere (anomaly-flow train --mlruns DIR); the previous "
+                            "checkpoint is intact.") from error
+    if final.exists():  # same step written before (an earlier attempt): set it aside
+        stale = folder / f".old-{final.name}-{os.getpid()}"
+        final.rename(stale)
+        tmp.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    pointer = folder / f".{CHECKPOINT_LATEST}.tmp"
+    pointer.write_text(final.name)
+    _fsync(pointer)
+    pointer.replace(folder / CHECKPOINT_LATEST)
+    _fsync(folder)
+    for old in _checkpoints(folder)[:-CHECKPOINTS_KEPT]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model: Glow, optimizer: torch.optim.Optimizer,
+                      config: RunConfig, step: int, extra: dict[str, Any]) -> None:
+    """A checkpoint's files, written and flushed into the folder ``tmp``."""
     model.save(tmp)
     (tmp / "run_config.json").write_text(config.to_json())
     opt_state = optimizer.state_dict()
@@ -610,22 +642,6 @@ def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
     for path in tmp.iterdir():
         _fsync(path)
     _fsync(tmp)
-    if final.exists():  # same step written before (an earlier attempt): set it aside
-        stale = folder / f".old-{final.name}-{os.getpid()}"
-        final.rename(stale)
-        tmp.rename(final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    pointer = folder / f".{CHECKPOINT_LATEST}.tmp"
-    pointer.write_text(final.name)
-    _fsync(pointer)
-    pointer.replace(folder / CHECKPOINT_LATEST)
-    _fsync(folder)
-    for old in _checkpoints(folder)[:-CHECKPOINTS_KEPT]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -662,6 +678,10 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
             f"the checkpoint {path} is of another architecture than the configuration given "
             f"({'; '.join(differ)}); resume with the run's own configuration or start "
             "afresh in an empty checkpoint folder.")
+    if refused := changed_fields(saved.train, config.train, "train", RESUME_MUST_MATCH):
+        raise TrainingError(
+            f"cannot resume from the checkpoint {path}: {'; '.join(refused)}; resume with "
+            "the same values or start afresh in an empty checkpoint folder.")
     changed = sorted(k for k, v in config.train.to_dict().items()
                      if saved.train.to_dict()[k] != v and k not in _EXECUTION_ONLY)
     if changed:
@@ -960,67 +980,71 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     # waits for the device; Adamax reads them at once to decide on the update.
     deferred = _skips_on_device(optimizer)
     disable = True if rank != 0 else (None if progress is None else not progress)
-    with tqdm(total=n_steps, initial=step, disable=disable, desc="train", unit="step",
-              dynamic_ncols=True) as bar:
-        for epoch in range(step // steps_per_epoch, t.epochs):
-            model.train()
-            sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
-            if step == epoch * steps_per_epoch:
-                epoch_sum, epoch_n = 0.0, 0
-            clock = _Throughput()
-            pending: _LaunchedStep | None = None
-            for batch in worker_batches(loader):
-                raise_if_stopped()  # a stop whose signal landed where Python ignores it
-                images, ok = failed.keep(batch)
-                noise = _step_noise(t.seed, step, shape, dev)[rank::world][: len(ok)]
-                if not bool(ok.all()):  # a CPU mask: no device sync when all decoded
-                    noise = noise[ok.to(dev)]
-                x = preprocess(images.to(dev, non_blocking=True), m.n_bits, noise)
-                figures = _forward_backward(net, model, optimizer, x, world, max_norm)
-                launched = _LaunchedStep(step + 1, learning_rate(t, step), figures)
-                step += 1
-                if pending is not None:  # the previous step, before this one's update
-                    # (a checkpoint written here already lists this batch's undecodable
-                    # files: harmless, they are only not logged again after a resume)
-                    settle(pending, epoch, clock, bar)
-                for group in optimizer.param_groups:
-                    group["lr"] = launched.lr
-                if deferred:
-                    optimizer.found_inf = launched.skip  # type: ignore[attr-defined]
-                    optimizer.step()
-                    pending = launched
-                else:
-                    if not launched.skips():
+    try:
+        with tqdm(total=n_steps, initial=step, disable=disable, desc="train", unit="step",
+                  dynamic_ncols=True) as bar:
+            for epoch in range(step // steps_per_epoch, t.epochs):
+                model.train()
+                sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
+                if step == epoch * steps_per_epoch:
+                    epoch_sum, epoch_n = 0.0, 0
+                clock = _Throughput()
+                pending: _LaunchedStep | None = None
+                for batch in worker_batches(loader):
+                    raise_if_stopped()  # a stop whose signal landed where Python ignores it
+                    images, ok = failed.keep(batch)
+                    noise = _step_noise(t.seed, step, shape, dev)[rank::world][: len(ok)]
+                    if not bool(ok.all()):  # a CPU mask: no device sync when all decoded
+                        noise = noise[ok.to(dev)]
+                    x = preprocess(images.to(dev, non_blocking=True), m.n_bits, noise)
+                    figures = _forward_backward(net, model, optimizer, x, world, max_norm)
+                    launched = _LaunchedStep(step + 1, learning_rate(t, step), figures)
+                    step += 1
+                    if pending is not None:  # the previous step, before this one's update
+                        # (a checkpoint written here already lists this batch's undecodable
+                        # files: harmless, they are only not logged again after a resume)
+                        settle(pending, epoch, clock, bar)
+                    for group in optimizer.param_groups:
+                        group["lr"] = launched.lr
+                    if deferred:
+                        optimizer.found_inf = launched.skip  # type: ignore[attr-defined]
                         optimizer.step()
-                    settle(launched, epoch, clock, bar)
-            if pending is not None:
-                settle(pending, epoch, clock, bar)
-            if val_set is not None and len(val_set):
-                # after the last epoch the same pass fits the normal reference, before
-                # the final checkpoint, which keeps it
-                last = epoch == t.epochs - 1
-                val_bpd, n = _held_out_pass(model, val_set, t.batch_size, dev,
-                                            t.num_workers, rank, world, reference=last,
-                                            failed=failed)
-                if last:
-                    n_reference = _checked_reference(n, rank)
-            failed.gather(world)  # both splits' failures, once an epoch
-            epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
-                             "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
-                             float("nan"), "images_per_sec_epoch": imgs_per_sec,
-                             "skipped_steps": float(skipped_steps),
-                             "failed_files": float(len(failed.reasons))}
-            if n_reference is not None:
-                epoch_metrics["reference_images"] = float(n_reference)
-            history.append(epoch_metrics)
-            if rank == 0 and bar.disable:  # no bar (not a terminal): a line an epoch
-                logger.info("epoch %d of %d: train %.4f bits/dim, validation %.4f, "
-                            "%.0f images/s", epoch + 1, t.epochs,
-                            epoch_metrics["train_bpd_epoch"], val_bpd, imgs_per_sec)
-            emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
-            if step % t.checkpoint_every == 0:
-                checkpoint(epoch + 1, step)
-    del loader  # ends persistent workers
+                        pending = launched
+                    else:
+                        if not launched.skips():
+                            optimizer.step()
+                        settle(launched, epoch, clock, bar)
+                if pending is not None:
+                    settle(pending, epoch, clock, bar)
+                if val_set is not None and len(val_set):
+                    # after the last epoch the same pass fits the normal reference, before
+                    # the final checkpoint, which keeps it
+                    last = epoch == t.epochs - 1
+                    val_bpd, n = _held_out_pass(model, val_set, t.batch_size, dev,
+                                                t.num_workers, rank, world, reference=last,
+                                                failed=failed)
+                    if last:
+                        n_reference = _checked_reference(n, rank)
+                failed.gather(world)  # both splits' failures, once an epoch
+                epoch_metrics = {"epoch": float(epoch + 1), "val_bpd": val_bpd,
+                                 "train_bpd_epoch": epoch_sum / epoch_n if epoch_n else
+                                 float("nan"), "images_per_sec_epoch": imgs_per_sec,
+                                 "skipped_steps": float(skipped_steps),
+                                 "failed_files": float(len(failed.reasons))}
+                if n_reference is not None:
+                    epoch_metrics["reference_images"] = float(n_reference)
+                history.append(epoch_metrics)
+                if rank == 0 and bar.disable:  # no bar (not a terminal): a line an epoch
+                    logger.info("epoch %d of %d: train %.4f bits/dim, validation %.4f, "
+                                "%.0f images/s", epoch + 1, t.epochs,
+                                epoch_metrics["train_bpd_epoch"], val_bpd, imgs_per_sec)
+                emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
+                if step % t.checkpoint_every == 0:
+                    checkpoint(epoch + 1, step)
+    finally:
+        # ends the persistent workers, also when an error leaves the traceback holding
+        # this frame (the loader's only other holder: no closure takes it)
+        del loader
 
     model.eval()
     model.set_coupling_autocast(None)

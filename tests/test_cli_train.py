@@ -280,6 +280,13 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
                           f"checkpoint's (model.hidden_channels is "
                           f"{2 * tiny.model.hidden_channels} but was "
                           f"{tiny.model.hidden_channels}); resume with the same preset")
+    adamax = mlruns.parent / "adamax.json"
+    adamax.write_text(json.dumps(tiny.replace(epochs=3, optimizer="adamax").to_dict()))
+    other_optimizer = invoke(str(image_dirs.train), "--name", "cli-parts", "--config",
+                             str(adamax), "--batch-size", "24", "--mlruns", str(mlruns),
+                             "--resume")
+    assert_one_line_error(other_optimizer, 1, "cannot resume: train.optimizer is 'adamax' but "
+                          "was 'adam' in the checkpoint's run")
     fewer = invoke(*common, "--epochs", "1", "--resume")  # 4 steps done, 2 asked for
     assert_one_line_error(fewer, 1, "the checkpoint of 'cli-parts' is at step 4, past the 2 "
                           "steps of the 1 epoch(s) asked for; to go on, resume with --epochs 3 "
@@ -308,6 +315,7 @@ def test_an_unregistrable_model_exits_1_and_says_why(
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the curves drew a stored inf
 def test_a_diverged_training_is_not_registered(image_dirs: ImageDirs, mlruns: Path) -> None:
     config = mlruns.parent / "hot.toml"
     config.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'

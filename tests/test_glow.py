@@ -353,7 +353,8 @@ def test_knn_follows_every_refit_of_the_reference() -> None:
     mean, std = maps.mean(0), maps.std(0)
 
     def reference(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.rand(200, 8, 8, generator=generator) * scale, torch.rand(200, generator=generator)
+        return (torch.rand(200, 8, 8, generator=generator) * scale,
+                torch.rand(200, generator=generator))
 
     def fresh_knn(pooled: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fresh = make_model(1, 16, 1).float().eval()

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import socket
@@ -505,6 +506,35 @@ def test_checkpoints_atomic_pruned_and_restore_optimizer_exactly(tmp_path: Path)
         (newest / name).write_bytes(kept)
 
 
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while writing a checkpoint: a training error naming the checkpoint and
+    the way out, no temp folder left behind, and the previous checkpoint still the
+    latest, whole."""
+    config = run_config()
+    model = Glow(MODEL)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.initialize(torch.rand(4, 1, 16, 16) - 0.5)
+    folder = tmp_path / "ckpt"
+    save_checkpoint(folder, model, optimizer, config, 1, {})
+    real_save = train_module.save_tensors
+
+    def disk_full(tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if path.name == "optimizer.safetensors":
+            path.write_bytes(b"part")
+            raise OSError(28, "No space left on device")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(train_module, "save_tensors", disk_full)
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*step-00000002: "
+                                            r"No space left on device\. Free space there"):
+        save_checkpoint(folder, model, optimizer, config, 2, {})
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-00000001"]
+    assert latest_checkpoint(folder) == folder / "step-00000001"
+    train_module._load_checkpoint(folder / "step-00000001", Glow(MODEL),
+                                  torch.optim.Adam(Glow(MODEL).parameters()), config)
+
+
 # --------------------------------------------------------------------------- non-finite
 
 
@@ -599,13 +629,17 @@ def test_a_model_that_cannot_draw_samples_comes_back_without_a_grid(
     assert warnings == [f"no sample grid: {result.samples_skipped}"]
 
 
-def test_many_nans_in_a_row_stop_training(image_folder: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    config = run_config(epochs=1, max_nonfinite_steps=3)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_many_nans_in_a_row_stop_training(image_folder: Path, monkeypatch: pytest.MonkeyPatch,
+                                          workers: int) -> None:
+    """... and a run that stops with an error leaves no decoding workers behind, though the
+    error's traceback (kept here by pytest.raises) still holds the training's frames."""
+    config = run_config(epochs=1, max_nonfinite_steps=3, num_workers=workers)
     data = folder_datasets(image_folder, config)
     poison_preprocess(monkeypatch, None)
-    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row \(step 3\)"):
+    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row \(step 3\)") as caught:
         train(config, data.train, data.val, device="cpu")
+    assert caught.tb is not None and multiprocessing.active_children() == []
 
 
 # --------------------------------------------------------------------------- errors
@@ -630,6 +664,13 @@ def test_errors(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
                                  hidden_channels=8), config.train)
     with pytest.raises(TrainingError, match="another architecture"):
         train(wider, data.train, device="cpu", checkpoint_dir=tmp_path / "old", resume=True)
+    # the checkpoint holds Adam's state; a batch size would count its steps in other epochs
+    for change, said in (({"optimizer": "adamax"}, "train.optimizer is 'adamax' but was "
+                          "'adam'"), ({"batch_size": 8}, "train.batch_size is 8 but was 16")):
+        with pytest.raises(TrainingError, match=f"cannot resume from the checkpoint "
+                                                f".*old.*: {said}; resume with the same"):
+            train(config.replace(**change), data.train, device="cpu",
+                  checkpoint_dir=tmp_path / "old", resume=True)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(TrainingError, match="CUDA is not available"):

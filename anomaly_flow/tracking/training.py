@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from anomaly_flow.tracking.store import (
     start_run,
 )
 from anomaly_flow.train import (
+    RESUME_MUST_MATCH,
     FolderData,
     TrainEvent,
     TrainingError,
@@ -68,7 +70,7 @@ TRAINING_IMAGES_FILE = "training_images.sha256"
 """Run artifact: the SHA-256 content digest of each image of the training folder (both
 splits), one per line."""
 _STEP_METRICS = ("train_bpd", "lr", "grad_norm", "images_per_sec", "skipped_steps")
-_RESUME_MUST_MATCH = ("batch_size", "seed", "val_fraction")
+_RESUME_MUST_MATCH = (*RESUME_MUST_MATCH, "seed", "val_fraction")  # the split too
 
 
 @dataclass(frozen=True)
@@ -285,14 +287,16 @@ def _log_params(run: Run, params: dict[str, Any], resumed: bool) -> None:
 
 
 def curves_figure(run_id: str) -> Figure:
-    """Train (per step) and validation (per epoch) bits/dim of a run, from the store."""
+    """Train (per step) and validation (per epoch) bits/dim of a run, from the store. A
+    non-finite value (a diverged step or model) is left out; the sqlite store keeps ±inf
+    as ±sys.float_info.max, which no bits/dim reaches."""
     client = mlflow.MlflowClient()
     figure = Figure(figsize=(7, 4), dpi=100)
     axes = figure.add_subplot()
     for key, style in (("train_bpd", {"lw": 1, "alpha": 0.8}),
                        ("val_bpd", {"marker": "o", "lw": 2})):
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)
-                         if math.isfinite(m.value))
+                         if abs(m.value) < sys.float_info.max)  # NaN fails it too
         if history:
             steps, values = zip(*history, strict=True)
             axes.plot(steps, values, label=key, **style)
