@@ -330,11 +330,14 @@ class HeatmapWriter:
         return removed
 
     def close(self) -> None:
-        """Wait for every queued heatmap, then stop the threads."""
-        for future in self._futures:
-            future.result()
-        self._futures.clear()
-        self._pool.shutdown(wait=True)
+        """Wait for every queued heatmap, then stop the threads (also when a write failed
+        in a way that is not a file's own problem, which is raised here)."""
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._futures.clear()
+            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> HeatmapWriter:
         return self

@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -1267,6 +1268,23 @@ def test_a_heatmap_is_written_whole_or_not_at_all(model: Glow, tmp_path: Path,
         summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
     assert summary.n_heatmaps == 0 and list(heat.iterdir()) == []
     assert caplog.text.count("No space left on device") == 2
+
+
+def test_a_heatmap_writer_that_fails_outright_still_stops_its_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that is not one file's (here, rendering itself) is raised by close, and
+    the writer's threads end all the same."""
+    from anomaly_flow import heatmap as heatmap_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("renderer broken")
+
+    monkeypatch.setattr(heatmap_module, "render_heatmap", broken)
+    writer = heatmap_module.HeatmapWriter(tmp_path, [Path("a.png")], vmin=0, vmax=8)
+    writer([0], torch.zeros(1, 1, 8, 8, dtype=torch.uint8), torch.zeros(1, 8, 8))
+    with pytest.raises(RuntimeError, match="renderer broken"):
+        writer.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("heatmap")]
 
 
 def test_a_heatmap_of_a_file_with_a_long_name_is_written(model: Glow, tmp_path: Path) -> None:
