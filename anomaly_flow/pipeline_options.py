@@ -182,12 +182,15 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
+        from anomaly_flow.tracking import killed_note, runs_killed
+
+        mark = runs_killed()
         try:
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)
         except KeyboardInterrupt as stop:
-            print("interrupted (a run it had started ends KILLED); run the same command "
-                  "again", file=sys.stderr)
+            print(f"interrupted ({killed_note(mark)}); run the same command again",
+                  file=sys.stderr)
             return interrupt_exit_code(stop)
 
     return run

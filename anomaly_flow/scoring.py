@@ -192,6 +192,9 @@ def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     """
     _check_precision(precision)
     cuda = model.device.type == "cuda"
+    if precision == "tf32" and not cuda:
+        logger.warning("precision tf32 changes nothing on %s (TF32 is CUDA's): the scores "
+                       "are float32's", model.device.type.upper())
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; both work
@@ -1157,6 +1160,11 @@ def score_folder(
                            "folder would mix colour scales; resume with --heatmap-kind %s, "
                            "or run without --resume for one kind", display_path(heatmaps),
                            " and ".join(other_kinds), maps, other_kinds[0])
+        elif other_kinds:
+            logger.warning("the kept heatmaps under %s draw %s, not %s, and no file is left "
+                           "to score, so none is drawn again; run without --resume to draw "
+                           "them all as %s", display_path(heatmaps),
+                           " and ".join(other_kinds), maps, maps)
         vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
         writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
                                sources=[sources[i] for i in todo])
@@ -1225,9 +1233,11 @@ def score_folder(
                                "either: %s", sum(map(len, frames)), display_path(out), failed)
                 raise stop from failed  # the stop first; what the write met, as its cause
             logger.warning(
-                "%s: %d of %d files are in %s; run again with resume (--resume) to score "
-                "the rest", "interrupted" if interrupted else "stopped by an error",
-                sum(map(len, frames)) + len(done), len(keys), display_path(out))
+                "%s: %d of %d files are in %s%s", "interrupted" if interrupted
+                else "stopped by an error", sum(map(len, frames)) + len(done), len(keys),
+                display_path(out), "" if interrupted  # the command's own line says what next
+                else "; once the error is dealt with, run again with resume (--resume) to "
+                "score the rest")
         raise
     finally:
         if writer is not None:

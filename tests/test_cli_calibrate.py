@@ -683,20 +683,34 @@ def test_a_read_only_store_is_refused_before_any_folder_is_scored(
         "models), or fix the permissions"]
 
 
+@pytest.mark.parametrize("during", ["score_folder_table", "roc_curves"])
 def test_a_stop_during_calibrate_or_evaluate_exits_as_the_signal(
         store: Path, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch,
-        signal_handlers_restored: None) -> None:
-    """SIGTERM (a scheduler's stop) is a stop there as in train and score: any run started
-    ends KILLED, a store write under way is finished first, and the command says so and
-    exits 143, not killed outright or with a traceback."""
+        signal_handlers_restored: None, during: str) -> None:
+    """SIGTERM (a scheduler's stop) is a stop there as in train and score: a run started
+    ends KILLED, a store write under way is finished first, and the command says so (which
+    run, or that none had started: the folders are scored before the run) and exits 143,
+    not killed outright or with a traceback."""
     from anomaly_flow import evaluation
 
-    stop_during(monkeypatch, evaluation, "score_folder_table")
+    stop_during(monkeypatch, evaluation if during == "score_folder_table" else evaluation.plots,
+                during)
+    client = mlflow.MlflowClient()
     for command, args in (("calibrate", ["--target-fpr", "0.1"]),
                           ("evaluate", ["--anomalous", image_dirs.test_anomalous])):
+        if command == "calibrate" and during == "roc_curves":
+            args = [*args, "--anomalous", image_dirs.test_anomalous]  # curves need labels
         result = run(command, "--model", CANDIDATE, "--normal", image_dirs.calibration,
                      *args, "--device", "cpu", "--mlruns", store)
         assert result.exit_code == 143, result.output
-        assert f"{command} interrupted (a run it had started ends KILLED); run the same " \
-            "command again" in result.stderr
         assert "Traceback" not in result.output
+        said = re.search(rf"{command} interrupted \((.*)\); run the same command again",
+                         result.stderr)
+        assert said is not None, result.stderr
+        if during == "score_folder_table":
+            assert said.group(1) == "before it started an MLflow run"
+        else:
+            killed = re.fullmatch(r"its MLflow run (\w+) ends KILLED", said.group(1))
+            assert killed is not None, said.group(1)
+            stopped = client.get_run(killed.group(1))
+            assert stopped.info.status == "KILLED" and stopped.info.run_name == command

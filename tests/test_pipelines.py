@@ -366,4 +366,4 @@ def test_a_stop_in_a_pipeline_returns_the_signals_status(
             "--target-fpr", "0.1", "--device", "cpu", "--mlruns", str(trained.mlruns)]
     assert load_script("calibrate").main(argv) == 143
     assert capsys.readouterr().err.strip().endswith(
-        "interrupted (a run it had started ends KILLED); run the same command again")
+        "interrupted (before it started an MLflow run); run the same command again")

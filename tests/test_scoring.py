@@ -704,8 +704,10 @@ def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
     with pytest.raises(stop), caplog.at_level(logging.WARNING):
         score_folder(model, None, messy, out, batch_size=3, flush_every_s=float("inf"))
     said = "interrupted" if stop is KeyboardInterrupt else "stopped by an error"
-    assert f"{said}: 6 of {len(MESSY)} files are in {out}; run again with resume" \
-        in caplog.text
+    # after Ctrl-C the command's own line says what to do next; after an error, this one
+    advice = "" if stop is KeyboardInterrupt else "; once the error is dealt with, run again"
+    assert f"{said}: 6 of {len(MESSY)} files are in {out}{advice}" in caplog.text
+    assert ("run again" in caplog.text) == (stop is not KeyboardInterrupt)
     partial = read_csv(out)
     assert len(partial) == 6  # batches 1 and 2 finished; batch 3 was still on the device
     assert partial["path"].tolist() == full_table["path"].head(6).tolist()
@@ -1167,8 +1169,8 @@ def test_heatmap_names_avoid_collisions() -> None:
 
 
 def test_bf16_is_close_to_float32_and_repeatable(model: Glow, messy: Path,
-                                                 full_table: pd.DataFrame,
-                                                 tmp_path: Path) -> None:
+                                                 full_table: pd.DataFrame, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     for run in ("a", "b"):
         score_folder(model, None, messy, tmp_path / f"{run}.csv", precision="bf16")
     first, second = read_csv(tmp_path / "a.csv"), read_csv(tmp_path / "b.csv")
@@ -1204,8 +1206,12 @@ def test_bf16_is_close_to_float32_and_repeatable(model: Glow, messy: Path,
     score_folder(rounded, None, messy, resumed, resume=True, precision="bf16")
     pd.testing.assert_frame_equal(read_csv(resumed), half_rows)
     write_table(exact_rows.head(10), resumed)  # tf32 on a CPU is float32: the same numbers
-    score_folder(rounded, None, messy, resumed, resume=True, precision="tf32")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        score_folder(rounded, None, messy, resumed, resume=True, precision="tf32")
     pd.testing.assert_frame_equal(read_csv(resumed), exact_rows)
+    assert "precision tf32 changes nothing on CPU (TF32 is CUDA's): the scores are " \
+        "float32's" in caplog.text
 
 
 # --------------------------------------------------------------------------- what a run may touch
@@ -1348,6 +1354,14 @@ def test_resume_warns_when_its_heatmaps_would_mix_two_scales(
         score_folder(model, None, folder, out, heatmaps=heat, heatmap_kind="bpd",
                      resume=True)
     assert "draw typicality, and this run draws bpd" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # nothing left to score: nothing redrawn either
+        summary = score_folder(model, None, folder, out, heatmaps=heat,
+                               heatmap_kind="typicality", resume=True)
+    assert summary.n_heatmaps == 0
+    assert re.search(r"the kept heatmaps under .*heat draw bpd, not typicality, and no file "
+                     r"is left to score, so none is drawn again; run without --resume to "
+                     r"draw them all as typicality", caplog.text)
     caplog.clear()
     write_image_folder(sample_images(1, offset=5), folder, "w-")
     (out.parent / "same.csv").write_bytes(out.read_bytes())

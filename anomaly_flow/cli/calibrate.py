@@ -56,8 +56,9 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
 @click.option("--score", default=None,
               help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
                    "typicality, knn, ensemble (these three: models trained with a "
-                   "validation set), level_1 ... level_L [default: ensemble, or bpd for a "
-                   "model without a normal reference]; or "
+                   "validation set), level_1 ... level_L [default: ensemble; typicality for a "
+                   "model whose normal reference predates knn; bpd for a model without "
+                   "one]; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
                    "images, recorded in the calibration. That AUROC is measured on the same "
                    "images that chose it, so it is optimistic; a conformal threshold still "
@@ -121,9 +122,11 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
                                  param_hint="--target-fpr")
 
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
+    from anomaly_flow.tracking import killed_note, runs_killed
 
-    with stops_reported(lambda: "calibrate interrupted (a run it had started ends KILLED); "
-                                "run the same command again"):
+    mark = runs_killed()
+    with stops_reported(lambda: f"calibrate interrupted ({killed_note(mark)}); run the "
+                                "same command again"):
         outcome = calibrate_model(
             model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
             cost_fp=1.0 if cost_fp is None else cost_fp,
@@ -170,9 +173,11 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
           --normal data/test/normal --anomalous data/test/anomalous
     """
     from anomaly_flow.evaluation import evaluate_model
+    from anomaly_flow.tracking import killed_note, runs_killed
 
-    with stops_reported(lambda: "evaluate interrupted (a run it had started ends KILLED); "
-                                "run the same command again"):
+    mark = runs_killed()
+    with stops_reported(lambda: f"evaluate interrupted ({killed_note(mark)}); run the "
+                                "same command again"):
         outcome = evaluate_model(model, normal, anomalous, device=device,
                                  batch_size=batch_size, workers=workers, mlruns=mlruns)
     click.echo(format_table(outcome.table))

@@ -39,7 +39,7 @@ Examples:
 @click.argument("folder", metavar="DIR", type=PathGiven(path_type=Path))
 @model_option
 @click.option("--out", required=True, type=PathGiven(dir_okay=False, path_type=Path),
-              metavar="FILE", help="The table to write: FILE.csv or FILE.parquet.")
+              metavar="FILE", help="The table to write: FILE.csv or FILE.parquet (or .pq).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -61,9 +61,10 @@ Examples:
                    "typicality, knn or ensemble, else bpd.")
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out and score only the files missing from "
-                   "it. Rows that failed stay as they were (run without --resume to retry "
-                   "them); a few kept files are scored again first, and a table another "
-                   "model or --precision scored is refused.")
+                   "it or changed since it was written. Rows that failed stay as they were "
+                   "(run without --resume to retry them); a few kept files are scored "
+                   "again first, and a table another model or --precision scored is "
+                   "refused.")
 @click.option("--strict", is_flag=True,
               help="Exit with an error when any file could not be scored (the table is "
                    "still written).")

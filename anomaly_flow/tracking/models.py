@@ -22,6 +22,7 @@ import difflib
 import logging
 import re
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -31,6 +32,8 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM, disable_logging, enable_logging
 
 from anomaly_flow.calibration import Calibration
@@ -330,6 +333,22 @@ def _load_local(path: Path, uri: str, device: str) -> LoadedModel:
     raise ModelNotFoundError(f"no model at {uri}: that path does not exist; {_URI_HELP}")
 
 
+def _files_location(source: str) -> str | None:
+    """Where the store keeps the files of a ``models:/`` or ``runs:/`` URI (a local path
+    for a ``file:`` location), or None when that cannot be told."""
+    with contextlib.suppress(Exception):  # informative only
+        if source.startswith("models:/"):
+            location = ModelsArtifactRepository.get_underlying_uri(source)
+        elif source.startswith("runs:/"):
+            location = RunsArtifactRepository.get_underlying_uri(source)
+        else:
+            return None
+        parsed = urllib.parse.urlparse(location)
+        return (urllib.parse.unquote(parsed.path) if parsed.scheme in ("", "file")
+                else location)
+    return None
+
+
 def _registered_from_run(run_id: str, model_id: str | None
                          ) -> tuple[str, str, dict[str, str]] | None:
     """``(name, version, tags)`` of the registered version of the model ``model_id`` that
@@ -482,11 +501,14 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
                 f"no model at {uri} in {mlflow.get_tracking_uri()} ({first}); {_URI_HELP}, "
                 "and check --mlruns / MLFLOW_TRACKING_URI") from None
         if not any(model_dir.iterdir()):
+            where = _files_location(source)
             raise ModelNotFoundError(
                 f"{uri} is known to {mlflow.get_tracking_uri()}, but none of its files came "
-                "from the artifact store: the store's artifacts folder (for the default "
-                "store, mlruns/artifacts beside mlflow.db) was moved or deleted; put it "
-                "back, or train and register the model again")
+                f"from the artifact store{f' (MLflow looked in {where})' if where else ''}: "
+                "the store's artifacts folder (for the default store, mlruns/artifacts "
+                "beside mlflow.db) was moved or deleted (MLflow records absolute paths, so "
+                "a moved or copied store still looks in the old place); put it back, or "
+                "train and register the model again")
         if not (model_dir / "MLmodel").is_file():
             raise ModelNotFoundError(
                 f"{uri} exists but is not an MLflow model (no MLmodel file); {_URI_HELP}")

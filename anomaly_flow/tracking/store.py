@@ -63,6 +63,7 @@ class _State:
     artifact_root: Path | None = None  # set for sqlite stores: where new experiments go
     default_store: bool = False  # the store under --mlruns, not MLFLOW_TRACKING_URI's
     warned: set[tuple[str, str]] = field(default_factory=set)  # said once per process
+    killed: list[str] = field(default_factory=list)  # runs a stop ended, oldest first
 
 
 _state = _State()
@@ -558,5 +559,25 @@ def _end_run(status: str) -> None:
     run ... at: URL" to stdout for a server store; stdout carries a command's data, so the
     link goes to stderr with the other news."""
     with contextlib.redirect_stdout(sys.stderr), stops_deferred():
+        active = mlflow.active_run()
         mlflow.end_run(status)
+    if status == "KILLED" and active is not None:
+        _state.killed.append(active.info.run_id)
+
+
+def runs_killed() -> int:
+    """How many runs a stop has ended KILLED in this process: a mark for
+    :func:`killed_note`."""
+    return len(_state.killed)
+
+
+def killed_note(mark: int) -> str:
+    """For a stopped command's message: the runs a stop ended KILLED since ``mark`` (a
+    :func:`runs_killed` count), or that it came before any was started."""
+    ids = _state.killed[mark:]
+    if not ids:
+        return "before it started an MLflow run"
+    if len(ids) == 1:
+        return f"its MLflow run {ids[0]} ends KILLED"
+    return f"its MLflow runs {', '.join(ids)} end KILLED"
 
