@@ -27,6 +27,11 @@ Device = Literal["auto", "cpu", "cuda"]
 
 PRESETS = ("tiny", "small", "fashion-mnist")
 
+MAX_BATCH = 65536
+"""The largest training ``batch_size`` and ``init_batch_size``: each step draws noise for
+a whole batch, so a size far past any memory (a typo, an extra digit) would fail inside
+torch with pages of C++ instead of as a setting."""
+
 MAX_IMAGE_SIZE = 1024
 """The largest ``image_size`` a config accepts. A flow is invertible, so it discards no
 resolution: its first level's K coupling networks run at half the image side, and
@@ -173,7 +178,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "train for at least one epoch")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be positive")
+        _check(1 <= self.batch_size <= MAX_BATCH, "batch_size", self.batch_size,
+               f"must be from 1 to {MAX_BATCH}")
         _check(0 < self.lr < math.inf, "lr", self.lr, "must be a positive finite number")
         _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _check_choice("optimizer", self.optimizer, Optimizer)
@@ -188,8 +194,9 @@ class TrainConfig:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _check(0 < self.sample_temperature < math.inf, "sample_temperature",
                self.sample_temperature, "must be a positive finite number")
-        _check(self.init_batch_size >= 1, "init_batch_size", self.init_batch_size,
-               "must be positive")
+        _check(1 <= self.init_batch_size <= MAX_BATCH, "init_batch_size",
+               self.init_batch_size, f"must be from 1 to {MAX_BATCH}")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be from 0 to 2**32 - 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -153,7 +153,8 @@ def _claim(out: Path) -> None:
     since the demo replaces its images, ``scores.csv`` and ``heatmaps/`` there.
 
     Raises:
-        DataError: ``out`` is a file, or a folder with someone else's contents.
+        DataError: ``out`` is a file, a folder with someone else's contents, or cannot
+            be written.
     """
     if out.exists() and not out.is_dir():
         raise DataError(f"{display_path(out)} is a file; give the demo a new or empty "
@@ -163,9 +164,14 @@ def _claim(out: Path) -> None:
         raise DataError(f"{display_path(out)} is not empty and no demo wrote it; the demo "
                         "replaces its images, scores.csv, heatmaps/ and report.html, so give "
                         "it a new or empty folder (--out DIR), or one an earlier demo wrote")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("Written by `anomaly-flow demo`; a demo run here again "
-                                   "replaces data/, scores.csv, heatmaps/ and report.html.\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARKER).write_text("Written by `anomaly-flow demo`; a demo run here "
+                                       "again replaces data/, scores.csv, heatmaps/ and "
+                                       "report.html.\n")
+    except OSError as exc:  # a file on the way, a read-only disk, no permission
+        raise DataError(f"cannot write the demo's folder {display_path(out)}: "
+                        f"{exc.strerror or exc}; give it a writable --out DIR") from None
 
 
 def _folder_scores(table: pd.DataFrame, folders: dict[str, Path], label: str) -> FolderScores:

@@ -594,7 +594,7 @@ def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
 
 
 def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None, *,
-               logs: bool = True) -> tracking.LoadedModel:
+               logs: bool = True, registers: bool = True) -> tracking.LoadedModel:
     """Configure the MLflow store and load a model (weights and calibration) by URI.
 
     Args:
@@ -603,6 +603,8 @@ def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None,
         mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
         logs: The caller will log to the store. When False and ``model_uri`` is a local
             folder, no store is opened (so none is created in the working directory).
+        registers: The caller will also register a model version (said when the store
+            is read-only).
 
     Returns:
         A :class:`anomaly_flow.tracking.LoadedModel`.
@@ -611,7 +613,8 @@ def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None,
     if logs or not tracking.is_local_model_uri(model_uri):
         tracking.configure(mlruns)
     if logs:
-        tracking.require_writable_store()  # not after the folders are scored
+        tracking.require_writable_store("logs a run and registers a model" if registers
+                                        else "logs a run")  # before the folders are scored
     return tracking.load_model(model_uri, device=device)
 
 
@@ -1071,7 +1074,7 @@ def evaluate_model(
     """
     normal, anomalous = Path(normal), Path(anomalous)
     check_separate_folders(normal, anomalous)  # lists both: a missing folder fails here
-    loaded = open_model(model_uri, device, mlruns)
+    loaded = open_model(model_uri, device, mlruns, registers=False)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     return evaluate_scores(
         loaded,

@@ -655,8 +655,20 @@ class Glow(nn.Module):
                     f"{folder / name} is missing; a model folder holds {CONFIG_FILE} and "
                     f"{WEIGHTS_FILE} as written by Glow.save."
                 )
-        config = GlowConfig.from_json((folder / CONFIG_FILE).read_text())
-        model = cls(config)
+        try:
+            config = GlowConfig.from_json((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # not JSON, not UTF-8, or not a model's config
+            raise ModelFileError(
+                f"{folder / CONFIG_FILE} is not a model configuration anomaly-flow can read "
+                f"({_first_line(exc)}); copy or download the model again, or re-register it "
+                "from its training run's artifacts") from None
+        try:
+            model = cls(config)
+        except (RuntimeError, MemoryError) as exc:  # a size no memory holds (an edit)
+            first = _first_line(exc)
+            raise ModelFileError(
+                f"the model {folder / CONFIG_FILE} describes cannot be built here ({first}); "
+                "check its image_size, levels and hidden_channels") from None
         try:
             weights = load_file(str(folder / WEIGHTS_FILE))
         except (SafetensorError, OSError) as exc:
@@ -671,6 +683,12 @@ class Glow(nn.Module):
                 f"the weights in {folder} do not fit its {CONFIG_FILE}: {exc}"
             ) from exc
         return model.to(device).eval()
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's first line of text, or its type where it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def log_prob_from_output(out: FlowOutput) -> Tensor:

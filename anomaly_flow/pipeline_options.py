@@ -182,13 +182,16 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        from anomaly_flow.tracking import killed_note, runs_killed
-
-        mark = runs_killed()
+        # not imported for a --help or an option error, which must come at once: a run
+        # can only have been ended by a stop once it is
+        store = sys.modules.get("anomaly_flow.tracking.store")
+        mark = store.runs_killed() if store is not None else 0
         try:
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)
         except KeyboardInterrupt as stop:
+            from anomaly_flow.tracking import killed_note
+
             print(f"interrupted ({killed_note(mark)}); run the same command again",
                   file=sys.stderr)
             return interrupt_exit_code(stop)

@@ -74,8 +74,8 @@ from anomaly_flow.stopping import (
     loader_worker_options,
     raise_if_stopped,
     remove_leftovers,
-    usable_cores,
     worker_batches,
+    worker_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -496,12 +496,7 @@ def score_dataset(
     device = model.device
     model.eval()
     batch_size = min(batch_size, max(len(dataset), 1))  # a batch past the data is the data
-    # a worker per batch at most: more would only start processes with nothing to decode
-    asked, num_workers = num_workers, min(num_workers, math.ceil(len(dataset) / batch_size))
-    if num_workers > (cores := usable_cores()):  # warned only where it changes something
-        logger.warning("%d decoding workers asked for, but this process may use %d CPU "
-                       "cores; using %d", asked, cores, cores)
-        num_workers = cores
+    num_workers = worker_count(num_workers, math.ceil(len(dataset) / batch_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=ScoringDataset.collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -687,15 +682,20 @@ def check_writable(out: Path, *, resume: bool = False) -> None:
     out = Path(out)
     parent = out.parent
     name = display_path(out)
-    if out.is_dir():
-        raise ScoringError(f"cannot write the output {name}: it is a folder; "
-                           "give a file name ending in .csv or .parquet")
     if not parent.exists():
         raise ScoringError(f"cannot write the output {name}: folder {display_path(parent)} "
                            "does not exist; create it or choose another output path")
     if not parent.is_dir():
         raise ScoringError(f"cannot write the output {name}: {display_path(parent)} is not a "
                            "folder; choose another output path")
+    length, limit = len(os.fsencode(out.name)), _longest_name(parent)
+    if length > limit:
+        raise ScoringError(f"cannot write the output {name}: its name is {length} bytes "
+                           f"long, and the file system there takes {limit} at most; choose "
+                           "a shorter name")
+    if out.is_dir():
+        raise ScoringError(f"cannot write the output {name}: it is a folder; "
+                           "give a file name ending in .csv or .parquet")
     if not resume and out.is_file() and out.stat().st_size and not _is_scores_table(out):
         raise ScoringError(f"{name} exists and is not a scores table (it lacks a path, bpd "
                            "or error column); only an earlier output is replaced: choose "
@@ -708,6 +708,15 @@ def check_writable(out: Path, *, resume: bool = False) -> None:
         raise ScoringError(f"cannot write the output {name}: {exc.strerror or exc}; "
                            "choose another output path") from None
     os.unlink(probe)
+
+
+def _longest_name(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` takes (255 where it
+    does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not POSIX, or no such setting there
+        return 255
 
 
 def _is_scores_table(path: Path) -> bool:
@@ -727,16 +736,25 @@ def _is_scores_table(path: Path) -> bool:
     return {"path", "bpd", "error"} <= set(columns)
 
 
+def _temporary_stem(out: Path) -> str:
+    """``out``'s name, cut before its suffix to leave room in a file name (255 bytes on
+    most file systems) for what the temporary and spare names add to it."""
+    base, suffix = out.name[: len(out.name) - len(out.suffix)], out.suffix
+    while len(os.fsencode(base + suffix)) > 200 and base:
+        base = base[:-1]
+    return base + suffix
+
+
 def _temporary_name(out: Path) -> Path:
     """Where :func:`write_table` writes ``out`` before renaming it: in the same folder,
     hidden, unique to this process and call."""
-    return out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return out.with_name(f".{_temporary_stem(out)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _temporary_names(out: Path) -> re.Pattern[str]:
     """Every name :func:`_temporary_name` gives ``out``, the writer's process id as
     ``pid``: what :func:`anomaly_flow.stopping.remove_leftovers` looks for."""
-    return re.compile(re.escape(f".{out.name}.") + r"(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+    return re.compile(re.escape(f".{_temporary_stem(out)}.") + r"(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 def write_table(table: pd.DataFrame, out: Path) -> None:
@@ -791,7 +809,8 @@ def write_or_keep(table: pd.DataFrame, out: Path, *, modified_ns: int | None = N
     try:
         stamped(out)
     except OutputWriteError as refused:
-        spare = Path(tempfile.gettempdir()) / f"anomaly-flow-{os.getpid()}-{Path(out).name}"
+        spare = (Path(tempfile.gettempdir())
+                 / f"anomaly-flow-{os.getpid()}-{_temporary_stem(Path(out))}")
         try:
             stamped(spare)
         except OutputWriteError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import multiprocessing
 import os
 import re
@@ -35,6 +36,8 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -238,6 +241,18 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def worker_count(asked: int, n_batches: int) -> int:
+    """The decoding workers to start when ``asked`` for ``n_batches`` batches: at most one
+    a batch (more would have nothing to decode) and one a usable core, with a warning
+    where the cores cut the number (1,000 workers would start 1,000 processes)."""
+    count = min(asked, n_batches)
+    if count > (cores := usable_cores()):
+        logger.warning("%d decoding workers asked for, but this process may use %d CPU "
+                       "cores; using %d", asked, cores, cores)
+        count = cores
+    return count
 
 
 def loader_worker_options(num_workers: int) -> dict[str, Any]:

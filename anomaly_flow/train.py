@@ -78,6 +78,7 @@ from anomaly_flow.stopping import (
     raise_if_stopped,
     remove_leftovers,
     worker_batches,
+    worker_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -439,6 +440,7 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     Undecodable images are noted in ``failed`` (this rank's share) when given."""
     model.eval()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    num_workers = worker_count(num_workers, math.ceil(len(shard) / batch_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                         generator=torch.Generator(), **loader_worker_options(num_workers))
     size, grid = model.config.image_size, knn_grid(model.config)
@@ -924,10 +926,11 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     collate = functools.partial(_collate_share, image_shape=shape[1:])
     # each loader's own generator: a DataLoader draws its workers' base seed from the one
     # it is given, else from the caller's global random state, which train() leaves alone
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=t.num_workers,
+    workers = worker_count(t.num_workers, steps_per_epoch)  # and the validation passes
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate, pin_memory=dev.type == "cuda",
-                        persistent_workers=t.num_workers > 0, generator=torch.Generator(),
-                        **loader_worker_options(t.num_workers))
+                        persistent_workers=workers > 0, generator=torch.Generator(),
+                        **loader_worker_options(workers))
 
     def checkpoint(epoch: int, at_step: int) -> None:
         nonlocal saved_step
@@ -1021,7 +1024,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                     # the final checkpoint, which keeps it
                     last = epoch == t.epochs - 1
                     val_bpd, n = _held_out_pass(model, val_set, t.batch_size, dev,
-                                                t.num_workers, rank, world, reference=last,
+                                                workers, rank, world, reference=last,
                                                 failed=failed)
                     if last:
                         n_reference = _checked_reference(n, rank)
@@ -1050,7 +1053,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     model.set_coupling_autocast(None)
     if n_reference is None and val_set is not None and len(val_set) \
             and not model.has_knn_reference:  # a finished run resumed from an older checkpoint
-        _checked_reference(fit_reference(model, val_set, t.batch_size, dev, t.num_workers,
+        _checked_reference(fit_reference(model, val_set, t.batch_size, dev, workers,
                                          rank, world), rank)
     if step != saved_step:
         checkpoint(t.epochs, step)

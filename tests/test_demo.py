@@ -117,6 +117,12 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: 
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "file")])
     assert result.exit_code == 2 and "is a file" in result.output  # click's own check
+    # a folder that cannot be made: under a file (a read-only disk says so likewise)
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "file" / "demo")])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: cannot write the demo's folder {tmp_path / 'file' / 'demo'}: Not a "
+        "directory; give it a writable --out DIR"]
 
 
 def test_the_demo_leaves_a_model_of_its_name_it_did_not_make_alone(

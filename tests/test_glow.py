@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -428,6 +429,21 @@ def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
                                                      steps_per_level=3).to_json())
     with pytest.raises(ModelFileError, match="do not fit"):
         Glow.load(tmp_path)
+    # a config.json cut short, not UTF-8, of an unknown form, or of a size no memory holds
+    make_model(1, 8, 2).float().save(tmp_path)
+    config = tmp_path / "config.json"
+    good = config.read_bytes()
+    for damaged, said in ((b"{", r"is not a model configuration anomaly-flow can read "
+                                 r"\(Expecting property name"),
+                          (b"\xff\xfe", r"can read \('utf-8' codec can't decode"),
+                          (b'{"image_size": "big"}', r"can read \(image_size"),
+                          (good.replace(b'"image_size": 8', b'"image_size": 1048576'),
+                           r"the model .*config\.json describes cannot be built here \(.+\); "
+                           r"check its image_size")):
+        config.write_bytes(damaged)
+        with pytest.raises(ModelFileError, match=said) as info:
+            Glow.load(tmp_path)
+        assert "\n" not in str(info.value)
     # weights cut short (a failed copy or download): one line saying so, no traceback
     make_model(1, 8, 2).float().save(tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -521,6 +537,21 @@ def test_train_config_refuses_non_finite_numbers(field: str, value: float) -> No
 
     with pytest.raises(ConfigError, match=f"{field} = {value!r} is invalid: must be a .*finite"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("seed", -1, "must be from 0 to 2**32 - 1"), ("seed", 2**63, "must be from 0 to 2**32 - 1"),
+    ("batch_size", 0, "must be from 1 to 65536"), ("batch_size", 10**20, "must be from 1 to"),
+    ("init_batch_size", 65537, "must be from 1 to 65536"),
+])
+def test_train_config_refuses_integers_out_of_range(field: str, value: int, said: str) -> None:
+    """Past these, numpy's and torch's own errors came instead (a negative seed, an
+    int64 overflow, a batch no tensor can hold)."""
+    from anomaly_flow.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=rf"^{field} = {value} is invalid: {re.escape(said)}"):
+        TrainConfig(**{field: value})
+    TrainConfig(seed=2**32 - 1, batch_size=65536, init_batch_size=65536)
 
 
 def test_wrong_inputs_are_refused_with_what_the_model_takes() -> None:

@@ -1301,6 +1301,19 @@ def test_a_heatmap_of_a_file_with_a_long_name_is_written(model: Glow, tmp_path: 
     assert summary.n_heatmaps == 1 and (heat / f"{'a' * 240}00000.png").is_file()
 
 
+def test_an_output_with_a_name_of_255_bytes_is_written(model: Glow, tmp_path: Path) -> None:
+    """The table's temporary file takes a cut of its name: the longest name a file system
+    takes for the table itself still works, and so does resuming it."""
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(3), folder, "x-")
+    out = tmp_path / ("é" * 125 + "t.csv")  # 255 bytes in UTF-8
+    assert len(os.fsencode(out.name)) == 255
+    score_folder(model, None, folder, out)
+    summary = score_folder(model, None, folder, out, resume=True)
+    assert len(read_csv(out)) == 3 and summary.n_scored == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["images", out.name])
+
+
 def test_heatmap_names_stay_apart_from_each_other_and_from_folders() -> None:
     names = heatmap_names([Path("x.jpg"), Path("x.png"), Path("x.png.png")])
     assert names == [Path("x.jpg.png"), Path("x.png.png"), Path("x.png~2.png")]

@@ -121,6 +121,51 @@ def test_unreachable_store_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         tracking.configure()
 
 
+def test_a_store_uri_with_a_password_never_shows_it(monkeypatch: pytest.MonkeyPatch,
+                                                   free_port: int) -> None:
+    """Nothing listens there; the message names the store with its password masked."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{free_port}")
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.configure()
+    assert f"cannot open the MLflow tracking store http://alice:***@127.0.0.1:{free_port}: " \
+        in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert tracking.redacted("postgresql://bob:p%40ss@db:5432/mlflow") == \
+        "postgresql://bob:***@db:5432/mlflow"
+    assert tracking.ui_command("https://carol:pw@mlflow.example:443") == \
+        "open https://carol:***@mlflow.example:443 in a browser (the tracking server's UI)"
+    for plain in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "databricks"):
+        assert tracking.redacted(plain) == plain
+
+
+@pytest.mark.parametrize("where", ["store folder", "folder", "mlruns"])
+def test_a_sqlite_database_that_cannot_be_there_is_refused_at_once(
+        where: str, tmp_path: Path, mlflow_db_template: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store's folder given for its database, a folder in the database's place: MLflow
+    would retry for minutes."""
+    store = new_store(tmp_path / "store", mlflow_db_template)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "taken" / "mlflow.db").mkdir(parents=True)
+    database, said = {
+        "store folder": (store, f"{store} is a store folder, not its database; point "
+                                f"MLFLOW_TRACKING_URI at sqlite:///{store / 'mlflow.db'}"),
+        "folder": (tmp_path / "plain", f"{tmp_path / 'plain'} is not a file, where the sqlite "
+                                       "database goes; move it away, or point "
+                                       "MLFLOW_TRACKING_URI at a database file"),
+        "mlruns": (None, f"{tmp_path / 'taken' / 'mlflow.db'} is not a file, where the sqlite "
+                         "database goes; move it away, or pass another --mlruns DIR"),
+    }[where]
+    if database is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking "
+                                                     "store sqlite:///") as info:
+        tracking.configure(tmp_path / "taken" if database is None else None)
+    assert said in str(info.value)
+
+
 def test_databricks_is_not_taken_for_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "databricks")  # MLflow's name, no colon
     with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking "

@@ -337,6 +337,27 @@ def test_decoding_workers_train_the_same_model(tmp_path: Path, sneakers: np.ndar
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_workers_past_the_cores_are_cut_to_fit(tmp_path: Path, sneakers: np.ndarray,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """num_workers = 1000 started 1,000 processes (and as many again for each validation
+    pass), enough to take a machine down: training starts one a batch and one a core at
+    most, says so, and trains the model of in-process decoding."""
+    folder = tmp_path / "train"
+    write_image_folder(sneakers[:40], folder, "s", "png")
+    results = []
+    for workers in (0, 1000):
+        config = run_config(epochs=1, batch_size=2, num_workers=workers)
+        data = folder_datasets(folder, config)
+        with caplog.at_level(logging.WARNING):
+            results.append(train(config, data.train, data.val, device="cpu"))
+    cores = len(os.sched_getaffinity(0))
+    said = f"1000 decoding workers asked for, but this process may use {cores} CPU cores"
+    assert caplog.text.count(said) == (1 if cores < 18 else 0)  # 18 batches an epoch
+    for a, b in zip(results[0].model.state_dict().values(),
+                    results[1].model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bf16_is_ignored_on_cpu(tmp_path: Path, sneakers: np.ndarray,
                                 caplog: pytest.LogCaptureFixture) -> None:
     """bf16 autocast is CUDA-only: on the CPU the run is the float32 run, bit for bit."""

@@ -15,7 +15,7 @@ from anomaly_flow.cli.common import (
     stops_reported,
     user_errors,
 )
-from anomaly_flow.config import PRESETS, load_config, load_preset
+from anomaly_flow.config import MAX_BATCH, PRESETS, load_config, load_preset
 from anomaly_flow.errors import describe, is_store_error
 
 DEFAULT_PRESET = "small"
@@ -41,7 +41,7 @@ Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held
                                  "tables (see anomaly_flow/presets/*.toml).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override the configuration's epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None,
               help="Override the configuration's batch size.")
 @device_option
 @click.option("--resume", is_flag=True,

@@ -51,7 +51,9 @@ from anomaly_flow.tracking.store import (
     configured_uri,
     ensure_configured,
     missing_default_store,
+    password_masked,
     quiet_mlflow,
+    redacted,
 )
 from anomaly_flow.train import resolve_device
 
@@ -224,7 +226,7 @@ def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
         if check:
             versions = len(client.search_model_versions(f"name = '{name}'"))
             raise TrackingError(
-                f"the MLflow store {uri} already holds a registered model {name!r} that "
+                f"the MLflow store {redacted(uri)} already holds a registered model {name!r} that "
                 f"anomaly-flow's {owner} did not make ({versions} version(s), no tag "
                 f"{OWNER_TAG}={owner}); the {owner} would add versions to it and move its "
                 "aliases, so it stops here: unset MLFLOW_TRACKING_URI to use a store of its "
@@ -496,15 +498,17 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
                 "google-cloud-storage for gs://, azure-storage-blob for wasbs://), or copy "
                 "the model to a local folder and give that") from None
         except Exception as exc:  # MLflow's stores raise many types for what is not there
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = password_masked((str(exc).strip().splitlines()
+                                     or [type(exc).__name__])[0], mlflow.get_tracking_uri())
             raise ModelNotFoundError(
-                f"no model at {uri} in {mlflow.get_tracking_uri()} ({first}); {_URI_HELP}, "
-                "and check --mlruns / MLFLOW_TRACKING_URI") from None
+                f"no model at {uri} in {redacted(mlflow.get_tracking_uri())} ({first}); "
+                f"{_URI_HELP}, and check --mlruns / MLFLOW_TRACKING_URI") from None
         if not any(model_dir.iterdir()):
             where = _files_location(source)
             raise ModelNotFoundError(
-                f"{uri} is known to {mlflow.get_tracking_uri()}, but none of its files came "
-                f"from the artifact store{f' (MLflow looked in {where})' if where else ''}: "
+                f"{uri} is known to {redacted(mlflow.get_tracking_uri())}, but none of its "
+                f"files came from the artifact store"
+                f"{f' (MLflow looked in {where})' if where else ''}: "
                 "the store's artifacts folder (for the default store, mlruns/artifacts "
                 "beside mlflow.db) was moved or deleted (MLflow records absolute paths, so "
                 "a moved or copied store still looks in the old place); put it back, or "

@@ -163,6 +163,8 @@ def configure(mlruns: str | Path | None = None) -> str:
             else:
                 os.environ[name] = value
     _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given
+    if sqlite_db is not None and (problem := _sqlite_place_problem(sqlite_db, env_given)):
+        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {problem}")
     try:
         if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db):
             # a new database: built here so that even MLflow's "Default" experiment keeps
@@ -174,13 +176,17 @@ def configure(mlruns: str | Path | None = None) -> str:
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # any failure here means the store is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = ("check MLFLOW_TRACKING_URI and that the server is running" if env_given
-                else "check that the folder is writable, or pass another --mlruns DIR")
-        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {first}; {hint}") \
-            from None
+        if isinstance(exc, ModuleNotFoundError) or "No module named" in first:
+            hint = "install the database driver it names (pip install it), or use another store"
+        elif env_given:
+            hint = "check MLFLOW_TRACKING_URI and that the server is running"
+        else:
+            hint = "check that the folder is writable, or pass another --mlruns DIR"
+        raise TrackingError(f"cannot open the MLflow tracking store {redacted(uri)}: "
+                            f"{password_masked(first, uri)}; {hint}") from None
     if ("configured", uri) not in _state.warned:
         _state.warned.add(("configured", uri))
-        logger.info("MLflow tracking store: %s", uri)
+        logger.info("MLflow tracking store: %s", redacted(uri))
     return uri
 
 
@@ -194,10 +200,50 @@ def ui_command(uri: str) -> str:
     """How to look at the store ``uri`` in MLflow's UI: a server's own address, else
     ``mlflow ui`` on the store."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser (the tracking server's UI)"
+        return f"open {redacted(uri)} in a browser (the tracking server's UI)"
     if uri.startswith("databricks"):
         return "open the Experiments page of your Databricks workspace"
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {redacted(uri)}"
+
+
+def redacted(uri: str) -> str:
+    """``uri`` with the password in it, if any, masked (``user:***@host``): what messages,
+    logs and records show of a tracking URI."""
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        password = parts.password
+    except ValueError:  # a malformed port or netloc: no credentials to find
+        return uri
+    if not password:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def password_masked(text: str, uri: str) -> str:
+    """``text`` (an error from the store) with the password of ``uri``, if any, masked."""
+    with contextlib.suppress(ValueError):
+        password = urllib.parse.urlsplit(uri).password
+        if password:
+            return text.replace(password, "***")
+    return text
+
+
+def _sqlite_place_problem(db: Path, env_given: bool) -> str | None:
+    """Why the sqlite database ``db`` cannot be opened or made there, or None. Said at
+    once: MLflow would retry for minutes before giving up."""
+    if db.exists() and not db.is_file():
+        if env_given and (db / DB_FILE).is_file():
+            return (f"{db} is a store folder, not its database; point MLFLOW_TRACKING_URI "
+                    f"at sqlite:///{db / DB_FILE}")
+        return (f"{db} is not a file, where the sqlite database goes; move it away, or "
+                + ("point MLFLOW_TRACKING_URI at a database file" if env_given
+                   else "pass another --mlruns DIR"))
+    if not db.exists() and db.parent.is_dir() and not os.access(db.parent, os.W_OK | os.X_OK):
+        return (f"the folder {db.parent} is not writable, so the database cannot be made "
+                "there; fix its permissions, or name a database in a writable folder")
+    return None  # a missing folder is made
 
 
 def _has_database(db: Path) -> bool:
@@ -269,14 +315,15 @@ def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
     return None if _has_database(db) else db
 
 
-def require_writable_store() -> None:
+def require_writable_store(what: str = "logs a run and registers a model") -> None:
     """Refuse, before any work, a local sqlite store this process cannot write (a
     read-only mount, a file without write permission): MLflow would fail only at the
     first write, after the folders were scored, with pages of SQL.
 
     Raises:
         TrackingError: The database file, its folder (sqlite writes a journal beside
-            it) or the artifact folder is read-only.
+            it) or the artifact folder is read-only; the message says the command ``what``
+            there.
     """
     uri = ensure_configured()
     db = _sqlite_file(uri)
@@ -289,7 +336,7 @@ def require_writable_store() -> None:
         if place.exists() and not os.access(place, os.W_OK):
             raise TrackingError(
                 f"the MLflow store {uri} cannot be written ({place} is read-only); this "
-                "command logs a run and registers a model there: pass a writable --mlruns "
+                f"command {what} there: pass a writable --mlruns "
                 "DIR (a copy of the store, to keep its models), or fix the permissions")
 
 

@@ -38,6 +38,7 @@ from anomaly_flow.tracking.store import (
     git_commit,
     mlruns_dir,
     quiet_mlflow,
+    redacted,
     require_writable_store,
     safe_name,
     start_run,
@@ -425,16 +426,16 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
-        if previous_run is None and recorded and recorded != mlflow.get_tracking_uri():
+        here = redacted(mlflow.get_tracking_uri())  # as the record keeps it
+        if previous_run is None and recorded and recorded != here:
             raise TrainingError(
                 f"the training of {name!r} was logged to {recorded} (run "
-                f"{state.get('run_id')}), not to {mlflow.get_tracking_uri()}; resume it where "
+                f"{state.get('run_id')}), not to {here}; resume it where "
                 f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
                 "or drop --resume to start afresh here")
         if previous_run is None:
             logger.warning("the run %s of the checkpoint is not in %s; logging the "
-                           "resumed training as a new run", state.get("run_id"),
-                           mlflow.get_tracking_uri())
+                           "resumed training as a new run", state.get("run_id"), here)
     elif ckpt.exists():
         if (latest := latest_checkpoint(ckpt)) is not None:
             could = ("was the finished model" if earlier.get("concluded")
@@ -458,7 +459,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                    run_id=previous_run, nested=nested) as run:
         ckpt.mkdir(parents=True, exist_ok=True)
         record = {"model_name": name, "run_id": run.run_id,
-                  "tracking_uri": mlflow.get_tracking_uri(),
+                  "tracking_uri": redacted(mlflow.get_tracking_uri()),
                   "data_fingerprint": folder.fingerprint,
                   "data_folder": display_path(data_root), "config": config.to_dict(),
                   "concluded": False}  # True once the model is logged and registered
