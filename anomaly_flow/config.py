@@ -196,7 +196,8 @@ class TrainConfig:
                self.sample_temperature, "must be a positive finite number")
         _check(1 <= self.init_batch_size <= MAX_BATCH, "init_batch_size",
                self.init_batch_size, f"must be from 1 to {MAX_BATCH}")
-        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be from 0 to 2**32 - 1")
+        # each step's noise generator is seeded with seed·1,000,003 + step, within 2**64
+        _check(0 <= self.seed < 2**42, "seed", self.seed, "must be from 0 to 2**42 - 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

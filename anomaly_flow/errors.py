@@ -7,6 +7,7 @@ never imported cannot have been raised).
 
 from __future__ import annotations
 
+import re
 import sys
 
 USER_ERRORS: tuple[tuple[str, str], ...] = (
@@ -25,6 +26,15 @@ them: past the store check, what reaches the user from MLflow is a store or serv
 went away or refused a request mid-run (:func:`describe`)."""
 
 
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s/@]+@")
+
+
+def without_passwords(text: str) -> str:
+    """``text`` with the password of every URL in it masked (``scheme://user:***@host``):
+    a tracking URI may carry one, and MLflow's errors repeat the URI they failed on."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
 def is_store_error(error: BaseException) -> bool:
     """Whether ``error`` is MLflow's: a tracking store or server failing a request."""
     return type(error).__module__.startswith("mlflow")
@@ -33,7 +43,7 @@ def is_store_error(error: BaseException) -> bool:
 def describe(error: BaseException) -> str:
     """The message for a user error: its own, or for an MLflow error (whose message is
     the failed request) what to check and to run the command again."""
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = without_passwords(" ".join(str(error).split())) or type(error).__name__
     if is_store_error(error):
         if len(message) > 400:
             message = message[:397] + "..."

@@ -190,10 +190,10 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)
         except KeyboardInterrupt as stop:
-            from anomaly_flow.tracking import killed_note
-
-            print(f"interrupted ({killed_note(mark)}); run the same command again",
-                  file=sys.stderr)
+            store = sys.modules.get("anomaly_flow.tracking.store")  # not loaded: no run yet
+            note = ("before it started an MLflow run" if store is None
+                    else store.killed_note(mark))
+            print(f"interrupted ({note}); run the same command again", file=sys.stderr)
             return interrupt_exit_code(stop)
 
     return run

@@ -174,6 +174,10 @@ def _check_precision(precision: str) -> None:
                            f"{', '.join(PRECISIONS)}")
 
 
+_SAID_ONCE: dict[str, bool] = {}
+"""Notes a process gives once, however often the code that gives them runs."""
+
+
 @contextlib.contextmanager
 def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     """The arithmetic scoring runs in, set for the duration and then restored.
@@ -192,7 +196,8 @@ def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     """
     _check_precision(precision)
     cuda = model.device.type == "cuda"
-    if precision == "tf32" and not cuda:
+    if precision == "tf32" and not cuda and not _SAID_ONCE.get("tf32"):
+        _SAID_ONCE["tf32"] = True  # entered for every batch of a library caller's loop
         logger.warning("precision tf32 changes nothing on %s (TF32 is CUDA's): the scores "
                        "are float32's", model.device.type.upper())
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -712,11 +717,12 @@ def check_writable(out: Path, *, resume: bool = False) -> None:
 
 def _longest_name(folder: Path) -> int:
     """The longest file name, in bytes, the file system of ``folder`` takes (255 where it
-    does not say)."""
+    does not say, or says it has no limit)."""
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
+        limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # not POSIX, or no such setting there
         return 255
+    return limit if limit > 0 else 255
 
 
 def _is_scores_table(path: Path) -> bool:

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -600,28 +601,44 @@ def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         _write_checkpoint(tmp, model, optimizer, config, step, extra)
+        if final.exists():  # same step written before (an earlier attempt): set it aside
+            stale = folder / f".old-{final.name}-{os.getpid()}"
+            final.rename(stale)
+            tmp.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        pointer = folder / f".{CHECKPOINT_LATEST}.tmp"
+        pointer.write_text(final.name)
+        _fsync(pointer)
+        pointer.replace(folder / CHECKPOINT_LATEST)
+        _fsync(folder)
     except OSError as error:  # a full disk, a folder taken away: nothing half-written kept
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"could not write the checkpoint {final}: "
-                            f"{error.strerror or error}. Free space there or checkpoint "
-                            "elsewhere (anomaly-flow train --mlruns DIR); the previous "
-                            "checkpoint is intact.") from error
-    if final.exists():  # same step written before (an earlier attempt): set it aside
-        stale = folder / f".old-{final.name}-{os.getpid()}"
-        final.rename(stale)
-        tmp.rename(final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    pointer = folder / f".{CHECKPOINT_LATEST}.tmp"
-    pointer.write_text(final.name)
-    _fsync(pointer)
-    pointer.replace(folder / CHECKPOINT_LATEST)
-    _fsync(folder)
+        kept = None
+        with contextlib.suppress(OSError):
+            kept = latest_checkpoint(folder) if folder.is_dir() else None
+        raise TrainingError(_unwritable_checkpoint(final, error, kept)) from error
     for old in _checkpoints(folder)[:-CHECKPOINTS_KEPT]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _unwritable_checkpoint(path: Path, error: OSError, kept: Path | None) -> str:
+    """What to tell a user whose checkpoint ``path`` could not be written; ``kept`` is the
+    latest complete checkpoint left."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make that folder writable"
+    else:
+        fix = "check that folder"
+    left = (f"The latest complete checkpoint, {kept.name}, is intact" if kept is not None
+            else "No checkpoint was written before it")
+    return (f"could not write the checkpoint {path}: {error.strerror or error}. {left}; "
+            f"{fix}, or train with another --mlruns DIR (checkpoints go under it), then "
+            "resume")
 
 
 def _write_checkpoint(tmp: Path, model: Glow, optimizer: torch.optim.Optimizer,

@@ -1207,11 +1207,13 @@ def test_bf16_is_close_to_float32_and_repeatable(model: Glow, messy: Path,
     pd.testing.assert_frame_equal(read_csv(resumed), half_rows)
     write_table(exact_rows.head(10), resumed)  # tf32 on a CPU is float32: the same numbers
     caplog.clear()
+    scoring._SAID_ONCE.clear()
     with caplog.at_level(logging.WARNING):
         score_folder(rounded, None, messy, resumed, resume=True, precision="tf32")
+        score_folder(rounded, None, messy, tmp_path / "again.csv", precision="tf32")
     pd.testing.assert_frame_equal(read_csv(resumed), exact_rows)
-    assert "precision tf32 changes nothing on CPU (TF32 is CUDA's): the scores are " \
-        "float32's" in caplog.text
+    assert caplog.text.count("precision tf32 changes nothing on CPU (TF32 is CUDA's): the "
+                             "scores are float32's") == 1  # once a process, not a batch
 
 
 # --------------------------------------------------------------------------- what a run may touch

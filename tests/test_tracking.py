@@ -136,6 +136,14 @@ def test_a_store_uri_with_a_password_never_shows_it(monkeypatch: pytest.MonkeyPa
         "open https://carol:***@mlflow.example:443 in a browser (the tracking server's UI)"
     for plain in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "databricks"):
         assert tracking.redacted(plain) == plain
+    # an error met mid-run repeats the URI it failed on
+    from mlflow.exceptions import MlflowException
+
+    from anomaly_flow.errors import describe
+
+    said = describe(MlflowException("API request to http://alice:s3cret@10.0.0.1:5000/api/2.0/"
+                                    "mlflow/runs/log-batch failed with exception"))
+    assert "http://alice:***@10.0.0.1:5000/api" in said and "s3cret" not in said
 
 
 @pytest.mark.parametrize("where", ["store folder", "folder", "mlruns"])
@@ -1059,14 +1067,19 @@ def test_training_logs_and_registers_on_a_real_mlflow_server(
     with process(command, tracking_env, log) as proc:
         url = f"http://127.0.0.1:{free_port}"
         wait_for(f"{url}/health", proc, log)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        # credentials in the URI (this server ignores them): never shown anywhere
+        with_password = f"http://alice:s3cret@127.0.0.1:{free_port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", with_password)
         outcome = tracking.train_and_register(image_dirs.train, "served", tiny_config(1),
                                               device="cpu", mlruns=tmp_path / "local",
                                               progress=False)
         # MLflow's link to the run goes to stderr: stdout is a command's data
         captured = capsys.readouterr()
         assert "View run" not in captured.out and "View run" in captured.err
-        assert mlflow.get_tracking_uri() == url
+        assert "alice:***@" in captured.err and "s3cret" not in captured.out + captured.err
+        assert "s3cret" not in (tmp_path / "local" / "checkpoints" / "served" /
+                                "run.json").read_text()
+        assert mlflow.get_tracking_uri() == with_password
         client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
         run = client.get_run(outcome.run_id)
         assert run.data.params["model.levels"] == "2" and "val_bpd" in run.data.metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -548,9 +549,26 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
 
     monkeypatch.setattr(train_module, "save_tensors", disk_full)
     with pytest.raises(TrainingError, match=r"could not write the checkpoint .*step-00000002: "
-                                            r"No space left on device\. Free space there"):
+                                            r"No space left on device\. The latest complete "
+                                            r"checkpoint, step-00000001, is intact; free space "
+                                            r"there, or train with another --mlruns DIR"):
         save_checkpoint(folder, model, optimizer, config, 2, {})
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-00000001"]
+    # the first checkpoint, in a folder that cannot be written (a read-only disk says so
+    # likewise): the renames and the pointer are inside the same net
+    monkeypatch.setattr(train_module, "save_tensors", real_save)
+    real_rename = Path.rename
+
+    def read_only(self: Path, target: Path) -> Path:
+        if self.name.startswith(".tmp-step-"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", read_only)
+    with pytest.raises(TrainingError, match=r"Read-only file system\. No checkpoint was written "
+                                            r"before it; make that folder writable"):
+        save_checkpoint(tmp_path / "first", model, optimizer, config, 1, {})
+    assert list((tmp_path / "first").iterdir()) == []
     assert latest_checkpoint(folder) == folder / "step-00000001"
     train_module._load_checkpoint(folder / "step-00000001", Glow(MODEL),
                                   torch.optim.Adam(Glow(MODEL).parameters()), config)

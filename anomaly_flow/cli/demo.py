@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -53,5 +54,7 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
     from anomaly_flow.tracking import ui_command
 
     click.echo(f"MLflow:   {ui_command(db)}")
-    click.echo(f"serve:    MLFLOW_TRACKING_URI={db} mlflow models serve -m "
+    # where the variable named the store, it is already set (and may hold a password)
+    store = "" if os.environ.get("MLFLOW_TRACKING_URI") else f"MLFLOW_TRACKING_URI={db} "
+    click.echo(f"serve:    {store}mlflow models serve -m "
                f"{result.model_uri} --env-manager local -p 5001")

@@ -397,7 +397,7 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise  # a damaged or unreachable store, not a missing name: said as such
         raise ModelNotFoundError(
-            f"no registered model {name!r} in {mlflow.get_registry_uri()}"
+            f"no registered model {name!r} in {redacted(mlflow.get_registry_uri())}"
             f"{_other_names(client, name)}; train one with "
             f"`anomaly-flow train DATA --name {name}`, or point --mlruns / "
             "MLFLOW_TRACKING_URI at the store that holds it") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import os
 import platform
@@ -38,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from sqlalchemy.engine import make_url
 
+from anomaly_flow.errors import without_passwords
 from anomaly_flow.stopping import stops_deferred
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def configure(mlruns: str | Path | None = None) -> str:
         _state.warned.add((uri, str(mlruns)))  # once: a command configures more than once
         logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
                        "store in %s (that folder still holds training checkpoints); unset it "
-                       "to use that store", uri, mlruns)
+                       "to use that store", redacted(uri), mlruns)
     file_store = ((not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) and uri != "databricks")
                   or uri.startswith("file:"))
     if env_given and file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() \
@@ -209,16 +211,7 @@ def ui_command(uri: str) -> str:
 def redacted(uri: str) -> str:
     """``uri`` with the password in it, if any, masked (``user:***@host``): what messages,
     logs and records show of a tracking URI."""
-    parts = urllib.parse.urlsplit(uri)
-    try:
-        password = parts.password
-    except ValueError:  # a malformed port or netloc: no credentials to find
-        return uri
-    if not password:
-        return uri
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return without_passwords(uri)
 
 
 def password_masked(text: str, uri: str) -> str:
@@ -605,9 +598,11 @@ def _end_run(status: str) -> None:
     """End the active run as ``status``, a stop waiting for the write. MLflow writes "View
     run ... at: URL" to stdout for a server store; stdout carries a command's data, so the
     link goes to stderr with the other news."""
-    with contextlib.redirect_stdout(sys.stderr), stops_deferred():
+    said = io.StringIO()  # the link carries the tracking URI, password and all
+    with contextlib.redirect_stdout(said), stops_deferred():
         active = mlflow.active_run()
         mlflow.end_run(status)
+    sys.stderr.write(without_passwords(said.getvalue()))
     if status == "KILLED" and active is not None:
         _state.killed.append(active.info.run_id)
 

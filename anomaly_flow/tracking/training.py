@@ -427,6 +427,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
         here = redacted(mlflow.get_tracking_uri())  # as the record keeps it
+        recorded = recorded and redacted(recorded)  # an older record kept it whole
         if previous_run is None and recorded and recorded != here:
             raise TrainingError(
                 f"the training of {name!r} was logged to {recorded} (run "
