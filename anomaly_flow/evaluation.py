@@ -53,6 +53,7 @@ from anomaly_flow.calibration import (
     operating_point,
     select_score,
 )
+from anomaly_flow.config import RunConfig
 from anomaly_flow.data import (
     DataError,
     display_path,
@@ -61,15 +62,18 @@ from anomaly_flow.data import (
 )
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
+    LIKELIHOOD_SCORES,
     REFERENCE_SCORES,
     SCORE_CHOICES,
     ScoringDataset,
     default_score,
     is_score_name,
+    level_columns,
     paths_frame,
     score_dataset,
     score_names,
 )
+from anomaly_flow.stopping import stops_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -366,6 +370,24 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
             f"{n_files}. Add more normal images to the calibration folder or raise "
             "--target-fpr."
         )
+
+
+def precheck_score_of_training(score: str | None, config: RunConfig) -> None:
+    """Refuse, before training, a score the model ``config`` trains will not give: a level
+    past its levels, or a reference score without a validation split to fit it on.
+
+    Raises:
+        CalibrationError: ``score`` is not among that model's scores.
+    """
+    if score is None or score == AUTO_SCORE:
+        return
+    reference = list(REFERENCE_SCORES) if config.train.val_fraction > 0 else []
+    given = [*LIKELIHOOD_SCORES, *reference, *level_columns(config.model.levels)]
+    if score not in given:
+        raise CalibrationError(
+            f"the model this configuration trains ({config.model.levels} levels, "
+            f"val_fraction {config.train.val_fraction:g}) will not give the score {score!r}; "
+            f"choose one of {', '.join(given)}")
 
 
 def precheck_held_out(train: str | Path, calibration: str | Path,
@@ -779,10 +801,11 @@ def calibrate_scores(
                 "pr_curve.png",
             )
         _log_failures(run, failures)
-        model_uri, version = tracking.register_calibrated_version(
-            loaded, calibration, run, promote=promote
-        )
-        run.set_tags({"calibrated_model_uri": str(model_uri)})
+        with stops_deferred():  # the version and the run's link to it, as one step
+            model_uri, version = tracking.register_calibrated_version(
+                loaded, calibration, run, promote=promote
+            )
+            run.set_tags({"calibrated_model_uri": str(model_uri)})
         run_id = run.run_id
     logger.info("calibrated %s on %s: threshold %.6g (%s), new version %s", loaded.uri, score,
                 threshold.value, method, model_uri)

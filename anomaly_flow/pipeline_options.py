@@ -185,15 +185,15 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
         # not imported for a --help or an option error, which must come at once: a run
         # can only have been ended by a stop once it is
         store = sys.modules.get("anomaly_flow.tracking.store")
-        mark = store.runs_killed() if store is not None else 0
+        mark = store.stop_mark() if store is not None else (0, 0)
         try:
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)
         except KeyboardInterrupt as stop:
             store = sys.modules.get("anomaly_flow.tracking.store")  # not loaded: no run yet
-            note = ("before it started an MLflow run" if store is None
-                    else store.killed_note(mark))
-            print(f"interrupted ({note}); run the same command again", file=sys.stderr)
+            advice = ("(before it started an MLflow run); run the same command again"
+                      if store is None else store.stop_advice(mark))
+            print(f"interrupted {advice}", file=sys.stderr)
             return interrupt_exit_code(stop)
 
     return run

@@ -91,16 +91,20 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     from anomaly_flow import tracking
     from anomaly_flow.evaluation import (
         calibrate_model,
+        check_separate_folders,
         evaluate_model,
         precheck_calibration,
         precheck_held_out,
+        precheck_score_of_training,
     )
     from anomaly_flow.train import TrainingError
 
     config = named_config(config_name).replace(epochs=epochs)
     # what calibrating would refuse, refused before hours of training
     precheck_calibration(folders["calibration"], None, score=score, target_fpr=target_fpr)
+    precheck_score_of_training(score, config)
     precheck_held_out(folders["train"], folders["calibration"], target_fpr)
+    check_separate_folders(folders["test_normal"], folders["test_anomalous"])  # evaluate's
     tracking.configure(mlruns)
     params = {"name": name, "config": config_name, "epochs": config.train.epochs,
               "target_fpr": target_fpr, "score": score or "default", "promote": promote,

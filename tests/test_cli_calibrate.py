@@ -714,3 +714,27 @@ def test_a_stop_during_calibrate_or_evaluate_exits_as_the_signal(
             assert killed is not None, said.group(1)
             stopped = client.get_run(killed.group(1))
             assert stopped.info.status == "KILLED" and stopped.info.run_name == command
+
+
+def test_a_stop_during_the_registration_of_a_calibration_says_the_version_is_whole(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
+        monkeypatch: pytest.MonkeyPatch, signal_handlers_restored: None) -> None:
+    """SIGTERM as calibrate --promote registers: the version, its alias and the run's link
+    to it are written first, and the command names the version instead of asking for a
+    run that would register and promote another."""
+    from anomaly_flow.tracking import models
+
+    before = len(client.search_model_versions(f"name = '{NAME}'"))
+    stop_during(monkeypatch, models, "register_model")
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.1", "--promote", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 143, result.output
+    said = re.search(r"calibrate interrupted \(its MLflow run (\w+) ends KILLED, after it "
+                     rf"registered models:/{NAME}/(\d+), which is whole\); use it, or run the "
+                     "same command again for a new version", result.stderr)
+    assert said is not None, result.stderr
+    run_id, version = said.groups()
+    assert int(version) == before + 1
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == version
+    assert client.get_run(run_id).data.tags["calibrated_model_uri"] == \
+        f"models:/{NAME}/{version}"

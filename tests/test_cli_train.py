@@ -24,7 +24,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
-from tests.conftest import ImageDirs, corrupt_png, new_store, tiny_config
+from tests.conftest import ImageDirs, corrupt_png, new_store, stop_during, tiny_config
 from tests.test_pipelines import load_script
 
 
@@ -746,3 +746,28 @@ def test_a_refused_resume_leaves_the_stopped_run_as_it_was(
     after = client.get_run(run.info.run_id)
     assert after.info.status == run.info.status == "KILLED"
     assert after.data.tags == run.data.tags
+
+
+def test_a_stop_during_registration_waits_for_the_record_and_says_the_training_finished(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch,
+        signal_handlers_restored: None) -> None:
+    """SIGTERM as the model is registered: the version, its tags and the finished record
+    are all written first, the command says the training had finished (it used to ask for
+    a --resume, which registered the same model a second time), and a --resume is
+    refused with nothing added."""
+    from anomaly_flow.tracking import training as training_module
+
+    common = [str(image_dirs.train), "--name", "late-stop", "--preset", "tiny", "--epochs",
+              "1", "--mlruns", str(mlruns)]
+    with monkeypatch.context() as patch:
+        stop_during(patch, training_module, "register_model")
+        stopped = invoke(*common)
+    assert stopped.exit_code == 143, stopped.output
+    assert "interrupted after the training had finished (registered models:/late-stop/1 " \
+        "with alias candidate" in stopped.stderr
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions("name = 'late-stop'")
+    assert client.get_run(version.run_id).data.tags["registered_version"] == "1"
+    again = invoke(*common, "--resume")
+    assert_one_line_error(again, 1, "the training of 'late-stop' already finished")
+    assert len(client.search_model_versions("name = 'late-stop'")) == 1

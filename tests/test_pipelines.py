@@ -100,6 +100,28 @@ def test_calibrate_pipeline_refusal_is_one_line(
     assert len(err) == 1 and "at least 99" in err[0]
 
 
+def test_end_to_end_refuses_what_calibrate_and_evaluate_would_before_training(
+        mlruns: Path, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str]) -> None:
+    """A level the trained model will not have, or test folders that are one folder, used
+    to be found after training, registering and promoting."""
+    end_to_end = load_script("end_to_end")
+    common = ["--name", "e2e-early", "--train", image_dirs.train, "--calibration",
+              image_dirs.calibration, "--preset", "tiny", "--epochs", "1", "--target-fpr",
+              "0.1", "--device", "cpu", "--mlruns", mlruns]
+    for extra, said in (
+            (["--test-normal", image_dirs.test_normal, "--test-anomalous",
+              image_dirs.test_anomalous, "--score", "level_5"],
+             "the model this configuration trains (2 levels, val_fraction 0.1) will not give "
+             "the score 'level_5'; choose one of bpd, complexity, coarse_complexity, "
+             "typicality, knn, ensemble, level_1, level_2"),
+            (["--test-normal", image_dirs.test_normal, "--test-anomalous",
+              image_dirs.test_normal], "the normal and the anomalous folder are the same")):
+        assert end_to_end.main([str(a) for a in common + extra]) == 1
+        assert said in capsys.readouterr().err
+    assert mlflow.MlflowClient().search_registered_models() == []
+    assert not (mlruns / "checkpoints" / "e2e-early").exists()
+
+
 def test_end_to_end_refuses_score_auto_before_training(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     end_to_end = load_script("end_to_end")

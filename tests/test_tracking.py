@@ -690,7 +690,7 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert signature["coarse_complexity"] == DataType.double
     assert signature["is_anomaly"] == DataType.double  # so Spark keeps nulls (see pyfunc)
     inputs = {spec.name: spec.type for spec in pyfunc.metadata.get_input_schema().inputs}
-    assert inputs == {"path": DataType.string, "image": AnyType()}  # see model_signature
+    assert inputs == {"path": AnyType(), "image": AnyType()}  # see model_signature
     # a device given at load time reaches the model (a bad one is refused by name)
     assert pyfunc.model_config == {"device": "auto"}
     on_cpu = mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "cpu"})
@@ -722,6 +722,15 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert mixed["error"].tolist() == ["", "", "", "the 'image' value is text but not base64; "
                                        "pass the image file's bytes (or its path in the "
                                        "'path' column)"]
+    # a path column that is not all text (a missing value makes pandas' column float):
+    # each cell answered in its row, where MLflow used to refuse the whole call
+    odd = pyfunc.predict(pd.DataFrame({"path": [np.nan, 1.5, None, paths[0]]}, dtype=object))
+    assert odd["error"].tolist() == [
+        "no image given (empty value)", "the 'path' value is a float (1.5), not a string; "
+        "pass one file path per row", "no image given (empty value)", ""]
+    assert odd["bpd"].iloc[3] == expected["bpd"].iloc[0]
+    assert pyfunc.predict(pd.DataFrame({"path": [np.nan]}))["error"].tolist() == [
+        "no image given (empty value)"]
     listed = pyfunc.predict({"path": paths[:2]})  # MLflow makes this one row of a list
     assert listed["error"].iloc[0].startswith("the 'path' value is a list (['")
     assert listed["error"].iloc[0].endswith("not a string; pass one file path per row")
@@ -1023,6 +1032,10 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         mixed = post_json(f"{base}/invocations", {"dataframe_split": {
             "columns": ["image", "path"],
             "data": [[png, None], [None, paths[1]], ["!!", None], [None, None], ["", ""]]}})
+        # the other request formats: a null path is no image, not a file named "None"
+        other_formats = [post_json(f"{base}/invocations", payload)["predictions"]
+                         for payload in ({"inputs": {"path": [None, paths[0]]}},
+                                         {"instances": [{"path": None}, {"path": paths[0]}]})]
         empty = post_refused(f"{base}/invocations", {"dataframe_records": []})
         misnamed = post_refused(f"{base}/invocations", {
             "dataframe_split": {"columns": ["Path"], "data": [[p] for p in paths]}})
@@ -1048,6 +1061,9 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
     assert bad_param[0] == 400
     assert "the batch_size param must be a positive number of images, not 0" in bad_param[1]
     assert alone == expected["bpd"].tolist()[:3]
+    for answer in other_formats:
+        assert [row["error"] for row in answer] == ["no image given (empty value)", ""]
+        assert answer[1]["bpd"] == expected["bpd"].iloc[0]
     assert [row["is_anomaly"] for row in rows] == [False] * len(paths)
     assert [row["bpd"] for row in by_bytes["predictions"]] == expected["bpd"].tolist()
     assert all(row["error"] == "" for row in rows)

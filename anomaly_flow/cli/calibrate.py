@@ -122,11 +122,10 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
                                  param_hint="--target-fpr")
 
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
-    from anomaly_flow.tracking import killed_note, runs_killed
+    from anomaly_flow.tracking import stop_advice, stop_mark
 
-    mark = runs_killed()
-    with stops_reported(lambda: f"calibrate interrupted ({killed_note(mark)}); run the "
-                                "same command again"):
+    mark = stop_mark()
+    with stops_reported(lambda: f"calibrate interrupted {stop_advice(mark)}"):
         outcome = calibrate_model(
             model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
             cost_fp=1.0 if cost_fp is None else cost_fp,
@@ -173,11 +172,10 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
           --normal data/test/normal --anomalous data/test/anomalous
     """
     from anomaly_flow.evaluation import evaluate_model
-    from anomaly_flow.tracking import killed_note, runs_killed
+    from anomaly_flow.tracking import stop_advice, stop_mark
 
-    mark = runs_killed()
-    with stops_reported(lambda: f"evaluate interrupted ({killed_note(mark)}); run the "
-                                "same command again"):
+    mark = stop_mark()
+    with stops_reported(lambda: f"evaluate interrupted {stop_advice(mark)}"):
         outcome = evaluate_model(model, normal, anomalous, device=device,
                                  batch_size=batch_size, workers=workers, mlruns=mlruns)
     click.echo(format_table(outcome.table))

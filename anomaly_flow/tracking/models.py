@@ -51,6 +51,7 @@ from anomaly_flow.tracking.store import (
     configured_uri,
     ensure_configured,
     missing_default_store,
+    note_registered,
     password_masked,
     quiet_mlflow,
     redacted,
@@ -188,6 +189,7 @@ def register_model(model_uri: str, name: str, *, alias: str | None = None,
     with _without_registration_chatter(), stops_deferred():
         version = mlflow.register_model(
             model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()} or None)
+        note_registered(f"models:/{name}/{version.version}")
         if alias:
             set_alias(name, alias, version.version)
     logger.info("registered %s as models:/%s/%s%s", model_uri, name, version.version,
@@ -226,8 +228,8 @@ def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
         if check:
             versions = len(client.search_model_versions(f"name = '{name}'"))
             raise TrackingError(
-                f"the MLflow store {redacted(uri)} already holds a registered model {name!r} that "
-                f"anomaly-flow's {owner} did not make ({versions} version(s), no tag "
+                f"the MLflow store {redacted(uri)} already holds a registered model {name!r} "
+                f"that anomaly-flow's {owner} did not make ({versions} version(s), no tag "
                 f"{OWNER_TAG}={owner}); the {owner} would add versions to it and move its "
                 "aliases, so it stops here: unset MLFLOW_TRACKING_URI to use a store of its "
                 f"own, rename or delete that model, or, if an earlier {owner} made it, tag it "

@@ -88,10 +88,14 @@ def model_signature(model: Glow) -> ModelSignature:
     of a binary column for the whole request before the model sees it, so one empty
     (null) or mangled cell would fail every row with HTTP 400. Declared ``Any``, bytes
     (Python, Spark) and base64 text (REST) reach :func:`input_sources`, which decodes
-    each cell and turns a bad one into an error in its own row.
+    each cell and turns a bad one into an error in its own row. ``path`` likewise: as a
+    string column, MLflow would cast a null (or NaN, or a number) in the ``inputs`` and
+    ``instances`` request formats to the text "None" ("nan", "2.5"), a file name that
+    may exist in the server's folder, and would refuse a whole Python call whose column
+    is not text; as ``Any``, such a cell gets its own row's error.
     """
     inputs = Schema([
-        ColSpec(DataType.string, "path", required=False),
+        ColSpec(AnyType(), "path", required=False),
         ColSpec(AnyType(), "image", required=False),
     ])
     doubles = [*score_names(model), "score", "p_value"]

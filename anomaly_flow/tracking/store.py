@@ -66,6 +66,7 @@ class _State:
     default_store: bool = False  # the store under --mlruns, not MLFLOW_TRACKING_URI's
     warned: set[tuple[str, str]] = field(default_factory=set)  # said once per process
     killed: list[str] = field(default_factory=list)  # runs a stop ended, oldest first
+    registered: list[str] = field(default_factory=list)  # models:/NAME/N made, oldest first
 
 
 _state = _State()
@@ -607,19 +608,28 @@ def _end_run(status: str) -> None:
         _state.killed.append(active.info.run_id)
 
 
-def runs_killed() -> int:
-    """How many runs a stop has ended KILLED in this process: a mark for
-    :func:`killed_note`."""
-    return len(_state.killed)
+def note_registered(uri: str) -> None:
+    """Record a model version this process registered (``models:/NAME/N``), for
+    :func:`stop_advice`."""
+    _state.registered.append(uri)
 
 
-def killed_note(mark: int) -> str:
-    """For a stopped command's message: the runs a stop ended KILLED since ``mark`` (a
-    :func:`runs_killed` count), or that it came before any was started."""
-    ids = _state.killed[mark:]
-    if not ids:
-        return "before it started an MLflow run"
-    if len(ids) == 1:
-        return f"its MLflow run {ids[0]} ends KILLED"
-    return f"its MLflow runs {', '.join(ids)} end KILLED"
+def stop_mark() -> tuple[int, int]:
+    """Where this process stands in runs ended KILLED and versions registered: what
+    :func:`stop_advice` counts from."""
+    return len(_state.killed), len(_state.registered)
+
+
+def stop_advice(mark: tuple[int, int]) -> str:
+    """For a stopped command's message: the runs a stop ended KILLED since ``mark`` (or
+    that it came before any run started) and, where the command had already registered
+    a version, that the version is whole; then what to do."""
+    ids, made = _state.killed[mark[0]:], _state.registered[mark[1]:]
+    runs = ("before it started an MLflow run" if not ids
+            else f"its MLflow run {ids[0]} ends KILLED" if len(ids) == 1
+            else f"its MLflow runs {', '.join(ids)} end KILLED")
+    if not made:
+        return f"({runs}); run the same command again"
+    return (f"({runs}, after it registered {', '.join(made)}, which is whole); use it, or "
+            "run the same command again for a new version")
 

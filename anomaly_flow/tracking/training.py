@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path
+from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
 from anomaly_flow.tracking.store import (
     CHECKPOINTS_DIR,
@@ -505,30 +506,33 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         record.update(logged_model_uri=logged_uri, logged_at_step=result.steps)
         (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
         diverged = 2 * result.skipped_steps > result.steps
-        if math.isfinite(result.val_bpd) and not diverged:
-            version = register_model(logged_uri, name, alias=CANDIDATE, tags={
-                "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
-                "val_bpd": repr(result.val_bpd)})
-            run.set_tags({"registered_version": version})
-            model_uri = f"models:/{name}/{version}"
-            message = (f"registered {model_uri} with alias {CANDIDATE} "
-                       f"(validation bits/dim {result.val_bpd:.4f})")
-        else:
-            version, model_uri = None, logged_uri
-            reason = (f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
-                      "non-finite loss or gradient: training diverged; lower lr or raise "
-                      "warmup_steps" if diverged else
-                      _not_registered_reason(result.val_bpd, folder, result.failed_files))
-            run.set_tags({"registered_version": "none", "not_registered_reason": reason})
-            message = f"model not registered: {reason}"
-            logger.warning(message)
-        if result.skipped_steps and not diverged:
-            message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
-                        "non-finite loss or gradient")
-        if result.failed_files:
-            message += f"; {len(result.failed_files)} training file(s) could not be decoded"
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps({**record, "concluded": True},
-                                                      indent=2))
+        # registered and recorded as one step: a stop in between would leave a version the
+        # record does not know, and the --resume it asks for would register it again
+        with stops_deferred():
+            if math.isfinite(result.val_bpd) and not diverged:
+                version = register_model(logged_uri, name, alias=CANDIDATE, tags={
+                    "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
+                    "val_bpd": repr(result.val_bpd)})
+                run.set_tags({"registered_version": version})
+                model_uri = f"models:/{name}/{version}"
+                message = (f"registered {model_uri} with alias {CANDIDATE} "
+                           f"(validation bits/dim {result.val_bpd:.4f})")
+            else:
+                version, model_uri = None, logged_uri
+                reason = (f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
+                          "non-finite loss or gradient: training diverged; lower lr or raise "
+                          "warmup_steps" if diverged else
+                          _not_registered_reason(result.val_bpd, folder, result.failed_files))
+                run.set_tags({"registered_version": "none", "not_registered_reason": reason})
+                message = f"model not registered: {reason}"
+                logger.warning(message)
+            if result.skipped_steps and not diverged:
+                message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
+                            "non-finite loss or gradient")
+            if result.failed_files:
+                message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+            (ckpt / RUN_STATE_FILE).write_text(json.dumps(
+                {**record, "concluded": True, "outcome": message}, indent=2))
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
@@ -553,7 +557,12 @@ def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None 
     """What to tell a user whose training of ``name`` stopped (``what``: interrupted, or
     how else it stopped): where it can go on from, or that no checkpoint was written
     yet."""
-    latest = latest_checkpoint(checkpoint_dir(name, mlruns))
+    folder = checkpoint_dir(name, mlruns)
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((folder / RUN_STATE_FILE).read_text())
+        if state.get("concluded") and state.get("outcome"):  # the stop came after the end
+            return f"{what} after the training had finished ({state['outcome']})"
+    latest = latest_checkpoint(folder)
     every = config.train.checkpoint_every
     if latest is None:
         return (f"{what}; no checkpoint was written yet (one every {every} steps, "
