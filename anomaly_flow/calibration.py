@@ -667,7 +667,7 @@ def conformal_need(alpha: float) -> str:
     n = min_calibration_size(alpha)
     count = str(n) if n <= 10**9 else f"{decimal.Decimal(n):.3g}".replace(".00e", "e")
     return (f"the conformal threshold needs at least {count} held-out normal images for a "
-            f"false-positive rate of {alpha:g}")
+            f"false-positive rate of {alpha:.10g}")
 
 
 def _refusal(n: int, alpha: float) -> CalibrationError:

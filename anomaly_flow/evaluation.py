@@ -707,6 +707,14 @@ def calibrate_scores(
                     selection.rule,
                     ", ".join(f"{name} {value:.4f}" for name, value in selection.auroc.items()),
                     selection.n_normal, selection.n_anomalous)
+        if selection.auroc[score] <= 0.5:
+            logger.warning(
+                "no score separates the %d anomalous images from the %d normal ones better "
+                "than chance (best AUROC %.4f, %s); the threshold keeps the false-positive "
+                "rate but will flag anomalies no more often than normal images: check that "
+                "the folders are labelled the right way round and that the model was trained "
+                "on images like the normal ones", selection.n_anomalous, selection.n_normal,
+                selection.auroc[score], score)
     normal_values = normal.values(score)
     anomalous_values = None if anomalous is None else anomalous.values(score)
     failures = _failures_dict(normal, anomalous, score)
@@ -829,7 +837,7 @@ def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
                      f"{selection.n_normal} normal and {selection.n_anomalous} anomalous "
                      "images, the same that chose it, so optimistic)")
     lines.append(f"threshold: {threshold.value} ({calibration.score_name}, {threshold.method}"
-                 + (f", target FPR {threshold.alpha:g}" if threshold.alpha is not None
+                 + (f", target FPR {threshold.alpha:.10g}" if threshold.alpha is not None
                     else "") + ")")
     line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
     if threshold.n_anomalous:

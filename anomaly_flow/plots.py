@@ -62,8 +62,10 @@ def _draw_histogram(
         low, high = float(both.min()), float(both.max())
         if threshold is not None:
             low, high = min(low, threshold), max(high, threshold)
-        if high <= low:  # all equal: give the single bar some width
-            low, high = low - 0.5, high + 0.5
+        scale = max(1.0, abs(low), abs(high))
+        if high - low <= 1e-9 * scale:  # (nearly) all equal: give the single bar some width
+            middle = low + (high - low) / 2
+            low, high = middle - 0.5 * scale, middle + 0.5 * scale
         edges = np.linspace(low, high, bins + 1)
         if normal.size:
             ax.hist(normal, bins=edges, density=True, alpha=0.55, color=NORMAL_COLOR,

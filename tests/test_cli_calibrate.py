@@ -5,6 +5,7 @@ shared store's model must not get new versions or aliases)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -450,6 +451,38 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     stored = Calibration.from_json(Path(mlflow.artifacts.download_artifacts(
         run_id=outcome.run_id, artifact_path="calibration.json")).read_text())
     assert stored.score_selection == selection
+
+
+def test_calibrate_scores_auto_warns_when_no_score_beats_chance(
+        store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    loaded = tracking.load_model(CANDIDATE)
+    columns = score_names(loaded.model)
+    rng = np.random.default_rng(5)
+    base = rng.normal(0.0, 1.0, 30)
+    normal = hand_scores("normal", dict.fromkeys(columns, base))
+    # every score ranks the anomalies below the normal images: folders swapped, say
+    anomalous = hand_scores("anomalous", dict.fromkeys(columns, base.min() - 1.0 - np.arange(12.0)))
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
+        outcome = calibrate_scores(loaded, normal, anomalous, score="auto", target_fpr=0.1)
+    assert outcome.calibration.score_name == "bpd"  # the tie goes to the first
+    warned = [r.getMessage() for r in caplog.records if "better than chance" in r.getMessage()]
+    assert len(warned) == 1
+    assert "best AUROC 0.0000, bpd" in warned[0]
+    assert "labelled the right way round" in warned[0]
+
+
+def test_calibrate_scores_auto_says_nothing_of_chance_when_a_score_separates(
+        store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    loaded = tracking.load_model(CANDIDATE)
+    columns = score_names(loaded.model)
+    base = np.random.default_rng(6).normal(0.0, 1.0, 30)
+    normal = hand_scores("normal", dict.fromkeys(columns, base))
+    anomalous = hand_scores("anomalous", {**dict.fromkeys(columns, base[:12]),
+                                          "knn": base[:12] + 3.0})
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
+        outcome = calibrate_scores(loaded, normal, anomalous, score="auto", target_fpr=0.1)
+    assert outcome.calibration.score_name == "knn"
+    assert not [r for r in caplog.records if "better than chance" in r.getMessage()]
 
 
 NO_REFERENCE = r"and this model has none.*val_fraction > 0"

@@ -109,6 +109,13 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     again = read_csv(partial)
     assert not again["path"].duplicated().any()
     pd.testing.assert_frame_equal(again, table, check_exact=True)
+    # and --resume of the finished table reads nothing and says so
+    done = run("score", messy, "--model", model_dir, "--out", partial, "--workers", "0",
+               "--resume")
+    assert done.exit_code == 0, done.output
+    assert f"in the whole table (all {len(MESSY)} rows kept from before; no file was new)" \
+        in done.stderr
+    pd.testing.assert_frame_equal(read_csv(partial), table, check_exact=True)
 
     # a table from before coarse_complexity existed: its scored files are scored again
     older = tmp_path / "older.csv"

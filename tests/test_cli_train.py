@@ -53,7 +53,9 @@ def test_help_shows_an_example() -> None:
 
 
 @pytest.mark.parametrize(("args", "code", "fragments"), [
-    (["/no/such/folder", "--name", "x"], 2, ["'/no/such/folder' does not exist"]),
+    (["/no/such/folder", "--name", "x", "--mlruns", "{store}"], 1,
+     ["image folder not found: /no/such/folder; check the path"]),
+    (["{single}/only.png", "--name", "x", "--mlruns", "{store}"], 2, ["is a file"]),
     (["{data}", "--name", "x", "--preset", "huge"], 2, ["--preset", "'huge'"]),
     (["{data}", "--name", "x", "--epochs", "0"], 2, ["--epochs", "0"]),
     (["{data}", "--name", "x", "--bogus"], 2, ["No such option '--bogus'"]),

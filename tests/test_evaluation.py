@@ -280,6 +280,22 @@ def test_histogram_draws_both_groups_and_the_threshold(tmp_path: Path) -> None:
     assert (tmp_path / "hist.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("scores", [
+    [3.0, 3.0, 3.0],
+    [1.0, 1.0 + 2.0**-52, 1.0],  # one ulp apart: 50 bins would not be increasing edges
+    [4.5e6, 4.5e6 * (1 + 1e-15)],
+])
+def test_histogram_of_scores_equal_or_one_ulp_apart_draws_one_visible_bar(
+        tmp_path: Path, scores: list[float]) -> None:
+    fig = plots.score_histogram(np.array(scores), threshold=scores[0], score_name="bpd")
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    assert low < min(scores) and max(scores) < high
+    assert high - low >= 1.0  # wide enough to see
+    assert sum(patch.get_height() > 0 for patch in ax.patches) >= 1
+    fig.savefig(tmp_path / "hist.png")
+
+
 def test_roc_and_pr_curves_label_every_score_with_its_area(tmp_path: Path) -> None:
     curves = {"bpd": (NORMAL, ANOMALOUS), "complexity": (NORMAL, -ANOMALOUS)}
     auroc = detection_metrics(NORMAL, ANOMALOUS).auroc

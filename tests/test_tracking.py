@@ -37,7 +37,7 @@ from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
-from anomaly_flow.glow import Glow
+from anomaly_flow.glow import Glow, ModelFileError
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
 from anomaly_flow.tracking.pyfunc import GlowPyfunc, PredictError, input_sources, output_columns
@@ -524,6 +524,45 @@ def test_a_model_whose_files_were_moved_away_is_named_so(trained: TrainedModel) 
             tracking.load_model(trained.alias_uri)
     finally:
         away.rename(artifacts)
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    ("model.safetensors", r"is damaged or incomplete"),
+    ("config.json", r"is not a model configuration anomaly-flow can read"),
+])
+def test_a_damaged_stored_model_names_the_store_file_not_a_temporary_copy(
+        trained: TrainedModel, damage: str, said: str) -> None:
+    """The files are downloaded to a temporary folder, gone when the user reads the
+    message: the message names the file in the store's artifacts."""
+    originals = {path: path.read_bytes()
+                 for path in (trained.mlruns / "artifacts").rglob(damage)}
+    assert originals
+    try:
+        for path, data in originals.items():
+            path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ModelFileError, match=said) as info:
+            tracking.load_model(trained.alias_uri)
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)
+    named = Path(str(info.value).split(" ", 1)[0])
+    assert named in originals, str(info.value)
+
+
+def test_a_damaged_calibration_file_is_named(trained: TrainedModel, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    tracking.load_model(trained.alias_uri).model.save(folder)
+    for damaged, said in (("{", "is not valid JSON"), ("[]", "must be a JSON object"),
+                          ('{"schema_version": 1}', "")):
+        (folder / "calibration.json").write_text(damaged)
+        with pytest.raises(ModelFileError, match=rf"^{re.escape(str(folder))}/calibration.json "
+                                                 rf"is not a calibration anomaly-flow can read "
+                                                 rf"\(.*{said}.*\); copy or download the model "
+                                                 "again, or calibrate"):
+            tracking.load_model(str(folder))
+    (folder / "calibration.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ModelFileError, match=r"calibration\.json is not a calibration"):
+        tracking.load_model(str(folder))
 
 
 def test_the_readmes_python_api_runs(trained: TrainedModel, image_dirs: ImageDirs,

@@ -145,8 +145,12 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     decided = (f"{summary.n_anomalous} anomalous{how}" if summary.n_anomalous is not None
                else "anomalies not decided (uncalibrated model; see anomaly-flow calibrate)")
     # with --resume the counts are the whole table's, and the next words say so
-    resumed = (f" in the whole table ({summary.n_resumed} rows kept from before, "
-               f"{summary.n_files - summary.n_resumed} files read now)" if resume else "")
+    read_now = summary.n_files - summary.n_resumed
+    resumed = ("" if not resume
+               else f" in the whole table (all {summary.n_resumed} rows kept from before; no "
+                    "file was new)" if read_now == 0 and summary.n_resumed
+               else f" in the whole table ({summary.n_resumed} rows kept from before, "
+                    f"{read_now} files read now)")
     click.echo(f"{summary.n_scored} scored, {summary.n_failed} failed, {decided}{resumed}",
                err=True)
     click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)

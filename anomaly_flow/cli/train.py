@@ -31,7 +31,7 @@ Examples:
 \b
 Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held-out/ ...
 """)
-@click.argument("data", type=PathGiven(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", type=PathGiven(file_okay=False, path_type=Path))
 @click.option("--name", required=True,
               help="Registered model name; also the MLflow experiment's name.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,

@@ -37,7 +37,7 @@ from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM, disable_logging, enable_logging
 
 from anomaly_flow.calibration import Calibration
-from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow
+from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow, ModelFileError
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.pyfunc import (
     CALIBRATION_FILE,
@@ -525,5 +525,13 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             registered = _registered_from_run(run_id, Model.load(str(model_dir)).model_id)
             if registered is not None:
                 name, version, tags = registered
-        return _read(_glow_folder(model_dir), uri, device, name=name, version=version,
-                     run_id=run_id, tags=tags)
+        try:
+            return _read(_glow_folder(model_dir), uri, device, name=name, version=version,
+                         run_id=run_id, tags=tags)
+        except (ModelFileError, ModelNotFoundError) as exc:
+            # name where the store keeps the files, not the temporary copy, which is gone
+            # by the time the user reads the message
+            location = _files_location(source)
+            stored = (location.rstrip("/") if location
+                      else f"<the files of {uri} in {redacted(mlflow.get_tracking_uri())}>")
+            raise type(exc)(str(exc).replace(str(model_dir), stored)) from None

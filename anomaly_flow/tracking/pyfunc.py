@@ -39,9 +39,9 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from anomaly_flow.calibration import Calibration
+from anomaly_flow.calibration import Calibration, CalibrationError
 from anomaly_flow.data import InvalidSource, undisplayed_path
-from anomaly_flow.glow import Glow
+from anomaly_flow.glow import Glow, ModelFileError
 from anomaly_flow.scoring import (
     DECISION_COLUMNS,
     ScoringDataset,
@@ -219,9 +219,23 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
 
 
 def load_calibration(folder: Path) -> Calibration | None:
-    """The ``calibration.json`` beside a saved Glow, or None when uncalibrated."""
+    """The ``calibration.json`` beside a saved Glow, or None when uncalibrated.
+
+    Raises:
+        ModelFileError: The file is there but is not a calibration (damaged, cut short,
+            edited by hand); the message names it.
+    """
     path = Path(folder) / CALIBRATION_FILE
-    return Calibration.from_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return Calibration.from_json(path.read_text())
+    except (CalibrationError, UnicodeDecodeError) as exc:
+        raise ModelFileError(
+            f"{path} is not a calibration anomaly-flow can read ({str(exc).rstrip('.')}); "
+            "copy or download "
+            "the model again, or calibrate the uncalibrated version again (anomaly-flow "
+            "calibrate)") from None
 
 
 class GlowPyfunc(mlflow.pyfunc.PythonModel):
