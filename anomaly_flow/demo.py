@@ -9,6 +9,7 @@ and histogram plots); write ``scores.csv``, heatmaps and a self-contained ``repo
 
 from __future__ import annotations
 
+import html
 import logging
 import shutil
 from dataclasses import dataclass
@@ -197,6 +198,15 @@ def _gallery(rows: pd.DataFrame, test_root: Path, heatmaps: Path) -> list[report
     return items
 
 
+def _runs_note(tracking_uri: str, calibrate_run: str, evaluate_run: str) -> str:
+    """The report's paragraph on where the runs are, as HTML: the store's location is
+    text (a demo folder may be named ``a<b>&c``), so it is escaped like every other."""
+    command = html.escape(tracking.ui_command(tracking_uri))
+    return (f"<p>The runs and the registry: <code>{command}</code>; calibration run "
+            f"<code>{html.escape(calibrate_run)}</code>, evaluation run "
+            f"<code>{html.escape(evaluate_run)}</code>.</p>")
+
+
 def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dict,
             point: dict, calibration, *, preset: str, model_uri: str, tracking_uri: str,
             val_bpd: float, calibrate_run: str, evaluate_run: str) -> str:
@@ -242,9 +252,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             operating_points={name: (point["fpr"], point["tpr"])}),
     }
     ranked = scored.sort_values("score", ascending=False)
-    how = (f"<p>The runs and the registry: <code>{tracking.ui_command(tracking_uri)}</code>; "
-           f"calibration run <code>{calibrate_run}</code>, evaluation run "
-           f"<code>{evaluate_run}</code>.</p>")
+    how = _runs_note(tracking_uri, calibrate_run, evaluate_run)
     return report.render_report(
         "anomaly-flow demo: Fashion-MNIST sneakers",
         "A Glow trained on sneakers only; every other class is an anomaly.",

@@ -432,6 +432,13 @@ def test_detection_metrics_perfect_and_tied_separation():
     assert detection_metrics([1.0, 1.0], [1.0, 1.0]).auroc == 0.5
 
 
+@pytest.mark.parametrize("n_anomalous", range(1, 41))
+def test_a_perfect_ranking_has_an_aupr_of_one_not_more(n_anomalous: int) -> None:
+    # scikit-learn's sum of recall steps gives 1.0000000000000002 for 20 anomalies
+    metrics = detection_metrics(np.arange(40.0), 100.0 + np.arange(float(n_anomalous)))
+    assert metrics.aupr == pytest.approx(1.0) and metrics.aupr <= 1.0
+
+
 # --------------------------------------------------------------- Benjamini-Hochberg
 
 

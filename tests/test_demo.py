@@ -76,6 +76,16 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert by_name["evaluate"].info.run_id in page
 
 
+def test_the_reports_note_on_the_runs_escapes_the_stores_folder() -> None:
+    from anomaly_flow.demo import _runs_note
+
+    note = _runs_note("sqlite:////tmp/a <b>&c/mlruns/mlflow.db", "0123abc", "4567def")
+    assert "<b>" not in note and "&c" not in note
+    assert ("<code>mlflow ui --backend-store-uri &#x27;sqlite:////tmp/a &lt;b&gt;&amp;c/"
+            "mlruns/mlflow.db&#x27;</code>") in note
+    assert "<code>0123abc</code>" in note and "<code>4567def</code>" in note
+
+
 @pytest.mark.slow
 def test_a_stopped_demo_ends_its_run_and_says_how_to_go_on(tmp_path: Path) -> None:
     """SIGTERM mid-training, as a scheduler stops a job: a message and SIGTERM's status,

@@ -309,6 +309,9 @@ def test_a_model_name_is_claimed_once_and_kept_from_other_owners(mlruns: Path) -
         == "open http://127.0.0.1:5000 in a browser (the tracking server's UI)"
     assert tracking.ui_command(f"sqlite:///{mlruns}/mlflow.db") \
         == f"mlflow ui --backend-store-uri sqlite:///{mlruns}/mlflow.db"
+    # a folder name a shell would split or act on is quoted: the line can be pasted
+    assert tracking.ui_command("sqlite:////data/my runs & co/mlflow.db") \
+        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs & co/mlflow.db'"
 
 
 def test_git_commit_is_the_codes_not_the_working_directorys(

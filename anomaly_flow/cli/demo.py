@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -55,6 +56,7 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
 
     click.echo(f"MLflow:   {ui_command(db)}")
     # where the variable named the store, it is already set (and may hold a password)
-    store = "" if os.environ.get("MLFLOW_TRACKING_URI") else f"MLFLOW_TRACKING_URI={db} "
+    store = ("" if os.environ.get("MLFLOW_TRACKING_URI")
+             else f"MLFLOW_TRACKING_URI={shlex.quote(db)} ")
     click.echo(f"serve:    {store}mlflow models serve -m "
                f"{result.model_uri} --env-manager local -p 5001")

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -201,12 +202,13 @@ def uses_default_store() -> bool:
 
 def ui_command(uri: str) -> str:
     """How to look at the store ``uri`` in MLflow's UI: a server's own address, else
-    ``mlflow ui`` on the store."""
+    ``mlflow ui`` on the store, with the URI quoted for a shell where it needs it (a
+    store under a folder named ``my runs`` or ``a&b``), so the line can be pasted."""
     if uri.startswith(("http://", "https://")):
         return f"open {redacted(uri)} in a browser (the tracking server's UI)"
     if uri.startswith("databricks"):
         return "open the Experiments page of your Databricks workspace"
-    return f"mlflow ui --backend-store-uri {redacted(uri)}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(redacted(uri))}"
 
 
 def redacted(uri: str) -> str:
