@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -101,6 +102,16 @@ def display_path(path: str | os.PathLike[str]) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` (a :func:`display_path`, say) with its control characters escaped, a
+    newline as ``\\n``: a file name in a log message or a line-per-file report stays on
+    its line and cannot pass itself off as another message."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 _BYTE_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
 
 
@@ -137,7 +148,29 @@ def check_image_folder(root: Path) -> None:
 
 
 def find_images(root: Path) -> list[Path]:
-    """Every file under ``root`` whose extension is an image extension, in sorted order.
+    """Every file under ``root`` whose extension is an image extension, in sorted order:
+    :func:`search_images`, without the folders it could not list (logged as warnings).
+    """
+    return search_images(root).paths
+
+
+class ImageSearch(NamedTuple):
+    """What :func:`search_images` found.
+
+    Attributes:
+        paths: The image files, as :func:`find_images` returns them.
+        unlisted: ``(folder, reason)`` of each folder below the root that could not be
+            listed (no permission, gone while searched): images inside it are missing
+            from ``paths``, which a command that promises every file must say.
+    """
+
+    paths: list[Path]
+    unlisted: list[tuple[Path, str]]
+
+
+def search_images(root: Path) -> ImageSearch:
+    """Every file under ``root`` whose extension is an image extension, in sorted order,
+    and the folders below ``root`` that could not be listed.
 
     Nothing is skipped for being unreadable: dangling symlinks, symlink loops, files
     without read permission and names that are not valid UTF-8 are all listed, so that
@@ -151,7 +184,8 @@ def find_images(root: Path) -> list[Path]:
         root: The folder to search recursively.
 
     Returns:
-        Paths below ``root`` (``root / relative``), sorted by their relative path.
+        Paths below ``root`` (``root / relative``), sorted by their relative path, and the
+        folders that could not be listed, with the reason.
 
     Raises:
         DataError: ``root`` is missing, is not a folder, cannot be listed, or holds no
@@ -160,8 +194,12 @@ def find_images(root: Path) -> list[Path]:
     root = Path(root)
     check_image_folder(root)
     # Real folders are known first, so that a file reachable both directly and through a
-    # symlinked folder is listed once, under its real path.
-    real_dirs = {_dir_id(Path(d)) for d, _, _ in os.walk(root)}
+    # symlinked folder is listed once, under its real path. A folder removed while the
+    # tree is searched is passed over here; the walk below reports it.
+    real_dirs: set[tuple[int, int]] = set()
+    for d, _, _ in os.walk(root):
+        with contextlib.suppress(OSError):
+            real_dirs.add(_dir_id(Path(d)))
     seen_dirs = set(real_dirs)
     walk_errors: list[OSError] = []
     # (relative path as bytes, folder, name): strings until the end, since a folder of
@@ -189,6 +227,7 @@ def find_images(root: Path) -> list[Path]:
                        "are runs' plots and models, not images to use; move any images of "
                        "yours out of them", len(stores), display_path(root),
                        display_path(stores[0]))
+    unlisted: list[tuple[Path, str]] = []
     for exc in walk_errors:
         where = display_path(exc.filename or root)
         if Path(exc.filename or root) == root:
@@ -198,13 +237,20 @@ def find_images(root: Path) -> list[Path]:
         logger.warning(
             "cannot list folder %s (%s); images inside it are not included", where, exc.strerror
         )
+        unlisted.append((Path(exc.filename), exc.strerror or str(exc)))
     if not found:
+        if unlisted:
+            folder, reason = unlisted[0]
+            raise DataError(
+                f"no image files found in {display_path(root)}, and {len(unlisted)} "
+                f"folder(s) inside it could not be listed (e.g. {display_path(folder)}: "
+                f"{reason}); check their permissions")
         raise DataError(
             f"no image files found in {display_path(root)} (looked recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
         )
     found.sort(key=lambda item: item[0])
-    return [Path(folder, name) for _, folder, name in found]
+    return ImageSearch([Path(folder, name) for _, folder, name in found], unlisted)
 
 
 _NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})

@@ -59,6 +59,7 @@ from anomaly_flow.data import (
     display_path,
     find_images,
     fingerprint_and_digests,
+    one_line,
 )
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
@@ -199,7 +200,8 @@ def score_folder_table(
     scores = FolderScores(root, table, folder_digest, tuple(digests))
     failed = scores.failures("bpd")
     if failed:
-        lines = [f"  {path}: {reason}" for path, reason in failed[:_MAX_REASONS_LOGGED]]
+        lines = [f"  {one_line(path)}: {reason}"
+                 for path, reason in failed[:_MAX_REASONS_LOGGED]]
         if len(failed) > _MAX_REASONS_LOGGED:
             lines.append(f"  ... and {len(failed) - _MAX_REASONS_LOGGED} more")
         logger.warning("%d of %d image files in %s could not be scored and are left out:\n%s",

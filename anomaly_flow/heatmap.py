@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -162,6 +163,8 @@ def recorded_heatmaps(folder: Path) -> dict[str, tuple[Path, str | None]]:
     if not folder.is_dir():
         return found
     for path in sorted(folder.rglob("*.png")):
+        if not _is_regular(path):  # a pipe named .png would block the open
+            continue
         try:
             with Image.open(path) as image:
                 info = dict(image.info) if image.format == "PNG" else {}
@@ -192,11 +195,21 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
 def is_heatmap(path: Path) -> bool:
     """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
     text chunk): the only kind of existing file a heatmap may replace."""
+    if not _is_regular(path):  # a pipe named .png would block the open, and the run
+        return False
     try:
         with Image.open(path) as image:
             return image.format == "PNG" and any(
                 str(key).startswith("anomaly-flow:") for key in image.info)
     except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` is (or links to) a regular file, which opening cannot block."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
         return False
 
 

@@ -68,7 +68,7 @@ from anomaly_flow.complexity import (
     batch_png_bits_per_dim,
     coarse_complexity,
 )
-from anomaly_flow.data import ImageMode, InvalidSource, display_path, find_images, load_item
+from anomaly_flow.data import ImageMode, InvalidSource, display_path, load_item, search_images
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.stopping import (
     loader_worker_options,
@@ -1000,6 +1000,8 @@ class ScoreSummary:
         heatmap_failures: Heatmaps this run could not write (a full disk, a name taken
             by another file), and the first one's path and reason.
         failures: ``(path, reason)`` of the first :data:`FAILURES_KEPT` failed rows.
+        unlisted: ``(folder, reason)`` of the folders under the scored one that could not
+            be listed: the images inside them have no row.
     """
 
     n_files: int
@@ -1012,6 +1014,7 @@ class ScoreSummary:
     n_heatmaps: int = 0
     heatmap_failures: tuple[int, str | None] = (0, None)
     failures: tuple[tuple[str, str], ...] = ()
+    unlisted: tuple[tuple[str, str], ...] = ()
 
 
 def score_folder(
@@ -1033,14 +1036,15 @@ def score_folder(
 ) -> ScoreSummary:
     """Score every image file under ``folder`` into one table at ``out``.
 
-    One row per file found (:func:`anomaly_flow.data.find_images`), in sorted path order,
+    One row per file found (:func:`anomaly_flow.data.search_images`), in sorted path order,
     with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
     ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble`` (models
     with a normal reference), ``level_1..level_L`` (bits/dim), ``score``
     (the calibration's score, or ``bpd`` when uncalibrated), ``p_value`` and
     ``is_anomaly`` (filled when calibrated) and ``error`` (empty for scored files, else
     a one-line reason; the score columns are then empty). A file that cannot be read
-    never stops the run.
+    never stops the run; a folder that cannot be listed is named in the summary's
+    ``unlisted``, since its images can have no row.
 
     The table is written atomically. During a long run the partial table (the rows done
     so far, in order) is rewritten every ``flush_every_s`` seconds or more (at least ten
@@ -1120,7 +1124,7 @@ def score_folder(
     root = Path(os.path.abspath(folder))
     if heatmaps is not None:
         _check_heatmaps_apart(Path(heatmaps), root)
-    paths = find_images(root)
+    paths, unlisted = search_images(root)
     keys = [display_path(p) for p in paths]
     clash = pd.Index(keys).duplicated()
     if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge
@@ -1294,6 +1298,7 @@ def score_folder(
             for path, error in table.loc[failed, ["path", "error"]].head(FAILURES_KEPT)
             .itertuples(index=False)
         ),
+        unlisted=tuple((display_path(folder), reason) for folder, reason in unlisted),
     )
 
 

@@ -58,6 +58,7 @@ from anomaly_flow.data import (
     find_images,
     fingerprint_and_digests,
     is_unreadable,
+    one_line,
     split_train_val,
 )
 from anomaly_flow.glow import (
@@ -350,7 +351,8 @@ class _FailedFiles:
         if name not in self.reasons:
             self.reasons[name] = reason
             if self._log:
-                logger.warning("skipping undecodable training image %s: %s", name, reason)
+                logger.warning("skipping undecodable training image %s: %s", one_line(name),
+                               reason)
 
     def record(self, batch: Any) -> torch.Tensor:
         """Note the undecodable items of a collated batch; return its ``ok`` mask."""
@@ -1077,7 +1079,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
     if failed.reasons and rank == 0:
         logger.warning("%d training file(s) could not be decoded and were skipped: %s",
-                       len(failed.reasons), ", ".join(sorted(failed.reasons)))
+                       len(failed.reasons), ", ".join(map(one_line, sorted(failed.reasons))))
     samples, samples_skipped = np.zeros((0, 0), dtype=np.uint8), None
     if rank == 0:
         try:

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from anomaly_flow.calibration import Calibration, calibrate
 from anomaly_flow.cli import main
-from anomaly_flow.data import ArrayDataset
+from anomaly_flow.data import ArrayDataset, write_image_folder
 from anomaly_flow.scoring import score_images, write_table
 from tests.conftest import obeying_file_modes
 from tests.test_scoring import (
@@ -180,6 +180,37 @@ def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: 
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: {n_failed} file(s) could not be scored (--strict); the error column of "
         f"{out} says why for each")
+
+
+def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """Images in a folder that cannot be listed have no row: the summary says so and
+    --strict fails, as for a file that could not be read (the real command, in a process
+    that obeys file modes)."""
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(3), folder, "n-")
+    locked = folder / "locked"
+    write_image_folder(sample_images(2, offset=3), locked, "m-")
+    locked.chmod(0o000)
+    out = tmp_path / "scores.csv"
+    command = [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model",
+               str(model_dir), "--out", str(out), "--workers", "0", "--strict"]
+    command = obeying_file_modes(command)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                cwd=tmp_path,
+                                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        locked.chmod(0o755)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert len(read_csv(out)) == 3  # the table of what could be listed is written
+    assert "3 scored, 0 failed" in result.stderr
+    assert (f"1 folder(s) could not be listed, so the images inside have no row (the "
+            f"first, {locked}: Permission denied)") in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: 1 folder(s) under {folder} could not be listed (--strict); their images "
+        "were not scored")
 
 
 def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,

@@ -34,7 +34,9 @@ from anomaly_flow.data import (
     fingerprint,
     image_to_array,
     load_image,
+    one_line,
     read_idx,
+    search_images,
     split_train_val,
     try_load_image,
     write_image_folder,
@@ -440,6 +442,58 @@ def test_find_images_survives_a_symlinked_folder_loop(tmp_path: Path) -> None:
     (tmp_path / "again").symlink_to("sub")
     found = find_images(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["sub/a.png"]
+
+
+def test_find_images_survives_a_folder_removed_while_it_searches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that goes between being listed and being looked at (an ingest job
+    moving it away) is passed over, not a raw FileNotFoundError with a traceback."""
+    save(rgb_pattern(), tmp_path / "a.png")
+    (tmp_path / "gone").mkdir()
+    save(rgb_pattern(), tmp_path / "gone" / "b.png")
+    walk = os.walk
+
+    def walk_then_remove(top: object, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for dirpath, dirnames, filenames in walk(top, *args, **kwargs):  # type: ignore[arg-type]
+            if Path(dirpath).name == "gone":
+                shutil.rmtree(dirpath)  # listed already, and now away
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", walk_then_remove)
+    found = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png"]
+
+
+def test_search_images_names_the_folders_it_could_not_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    save(rgb_pattern(), tmp_path / "a.png")
+    (tmp_path / "locked").mkdir()
+    save(rgb_pattern(), tmp_path / "locked" / "b.png")
+    scandir = os.scandir
+
+    def refuse_locked(path: object = ".") -> object:
+        if Path(os.fsdecode(path)).name == "locked":  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))  # type: ignore[arg-type]
+        return scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    with caplog.at_level(logging.WARNING):
+        paths, unlisted = search_images(tmp_path)
+    assert [p.name for p in paths] == ["a.png"]
+    assert unlisted == [(tmp_path / "locked", "Permission denied")]
+    assert "cannot list folder" in caplog.text
+    (tmp_path / "a.png").unlink()  # nothing found: the error says a folder was not listed
+    with pytest.raises(DataError, match=r"no image files found in .*, and 1 folder\(s\) "
+                                        r"inside it could not be listed \(e\.g\. .*locked: "
+                                        r"Permission denied\); check their permissions"):
+        find_images(tmp_path)
+
+
+def test_one_line_escapes_control_characters() -> None:
+    assert one_line("x.png\nERROR fake\r\t\x1b[31m\x7f") == (
+        "x.png\\nERROR fake\\r\\t\\x1b[31m\\x7f")
+    assert one_line("plain é name.png") == "plain é name.png"
 
 
 def test_find_images_errors_name_the_folder(tmp_path: Path) -> None:

@@ -95,6 +95,21 @@ def test_score_folder_table_reports_and_leaves_out_broken_files(
     assert "more" not in message
 
 
+def test_a_failed_file_name_cannot_forge_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A name with a line break is shown escaped: one line a file, no forged message."""
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(2), folder, "ok-")
+    (folder / "x.png\nERROR anomaly_flow: all good.png").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
+        score_folder_table(make_tiny_model(), folder, batch_size=4)
+    [record] = caplog.records
+    lines = record.getMessage().splitlines()
+    assert len(lines) == 2 and not lines[1].lstrip().startswith("ERROR")
+    assert lines[1].endswith("x.png\\nERROR anomaly_flow: all good.png: cannot identify image "
+                             "file (not an image or unsupported format)")
+
+
 def test_score_folder_table_names_ten_failed_files_and_counts_the_rest(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "normal"

@@ -1253,6 +1253,24 @@ def test_a_heatmap_never_replaces_a_file_it_did_not_write(model: Glow, tmp_path:
     assert summary.n_heatmaps == 1 and (heat / "x-00001.png").stat().st_mtime_ns >= before
 
 
+@pytest.mark.timeout(120, method="thread")  # the bug it guards against hangs
+def test_a_pipe_named_like_a_heatmap_does_not_hang_the_run(model: Glow, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """Telling a heatmap from a user's file, or finding earlier heatmaps on resuming,
+    never opens a pipe (which would block the writer thread and the run for good)."""
+    folder, heat = tmp_path / "images", tmp_path / "heat"
+    write_image_folder(sample_images(2), folder, "x-")
+    heat.mkdir()
+    os.mkfifo(heat / "x-00000.png")
+    out = tmp_path / "s.csv"
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, out, heatmaps=heat)
+        summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert "x-00000.png exists and is not a heatmap; it is left as it is" in caplog.text
+    assert summary.n_files == 2 and (heat / "x-00001.png").is_file()
+
+
 def test_a_heatmap_is_written_whole_or_not_at_all(model: Glow, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:

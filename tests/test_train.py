@@ -985,3 +985,19 @@ def test_cuda_paths(image_folder: Path, tmp_path: Path,
     on_cpu = score_dataset(cpu_model.eval(), files, batch_size=64)
     assert on_gpu["error"].eq("").all() and len(on_gpu) == len(files) > 64
     np.testing.assert_allclose(on_gpu["bpd"], on_cpu["bpd"], rtol=1e-4)
+
+
+def test_an_undecodable_file_name_cannot_forge_a_log_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its warning and its failed_files.txt line keep a line break in the name escaped."""
+    from anomaly_flow.tracking.training import _failed_files_report
+
+    dataset = train_module.ImageFolderDataset([Path("x.png\nERROR fake.png")], "L", 8)
+    failed = train_module._FailedFiles(dataset, log=True)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        failed.add(failed._name(0), "cannot identify image file")
+    [record] = caplog.records
+    assert record.getMessage() == ("skipping undecodable training image x.png\\nERROR "
+                                   "fake.png: cannot identify image file")
+    assert _failed_files_report(failed.reasons) == [
+        "x.png\\nERROR fake.png\tcannot identify image file"]

@@ -153,6 +153,11 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                     f"{read_now} files read now)")
     click.echo(f"{summary.n_scored} scored, {summary.n_failed} failed, {decided}{resumed}",
                err=True)
+    if summary.unlisted:
+        unlisted, reason = summary.unlisted[0]
+        click.echo(f"{len(summary.unlisted)} folder(s) could not be listed, so the images "
+                   f"inside have no row (the first, {printable(unlisted)}: {reason}); fix "
+                   "their permissions and run again with --resume to score them", err=True)
     click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
     unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:
@@ -166,5 +171,9 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
         raise click.ClickException(
             f"{summary.n_failed} file(s) could not be scored (--strict); the error column of "
             f"{shown} says why for each")
+    if strict and summary.unlisted:
+        raise click.ClickException(
+            f"{len(summary.unlisted)} folder(s) under {printable(display_path(folder))} could "
+            "not be listed (--strict); their images were not scored")
     if strict and unwritten:
         raise click.ClickException(f"{unwritten} heatmap(s) could not be written (--strict)")

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 
 from anomaly_flow.config import RunConfig, changed_fields
-from anomaly_flow.data import display_path
+from anomaly_flow.data import display_path, one_line
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
 from anomaly_flow.tracking.store import (
@@ -314,7 +314,7 @@ def curves_figure(run_id: str) -> Figure:
 
 def _failed_files_report(result_failed: dict[str, str]) -> list[str]:
     """``file<TAB>reason`` lines; ``TrainResult.failed_files`` is keyed by file name."""
-    return [f"{name}\t{reason}" for name, reason in sorted(result_failed.items())]
+    return [f"{one_line(name)}\t{reason}" for name, reason in sorted(result_failed.items())]
 
 
 def _not_registered_reason(val_bpd: float, data: FolderData,
