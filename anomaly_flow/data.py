@@ -414,10 +414,11 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
     of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
     colour defect; judged on the first 16 colour-mode images), and detail lost when most
-    of them are larger than ``size``. Only regular files within the pixel limit are looked
+    of them are larger than ``size``, and floating-point images scaled to 0..1 (read as
+    0..255, they are near black). Only regular files within the pixel limit are looked
     at; others are passed over (training reports them)."""
     step = max(1, len(paths) // sample)
-    checked, coloured, judged = 0, 0, 0
+    checked, coloured, judged, floats, unit_floats = 0, 0, 0, 0, 0
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in list(paths)[::step][:sample]:
         try:
@@ -435,6 +436,10 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                             and (img.format == "JPEG" or img.width * img.height <= 2**24)):
                         judged += 1
                         coloured += _in_colour(img)
+                    if img.mode == "F" and img.width * img.height <= 2**24:
+                        floats += 1
+                        low, high = img.getextrema()
+                        unit_floats += low >= 0.0 and high <= 1.0
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
     notes = []
@@ -442,6 +447,11 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
         notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour, and "
                      "the model is grey (model.in_channels = 1): it sees them in grey and "
                      "cannot tell colours apart; set in_channels = 3 in a --config for colour")
+    if unit_floats:
+        notes.append(f"{unit_floats} of {floats} floating-point images looked at hold values "
+                     "in 0..1 only, and float grey is read as 0..255 (clipped), so they are "
+                     "near black to the model: save them scaled to 0..255, or as 8- or 16-bit "
+                     "images")
     n_larger = sum(larger.values())
     if checked and 2 * n_larger > checked:
         (width, height), _ = larger.most_common(1)[0]

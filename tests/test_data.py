@@ -416,6 +416,21 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
     assert note.startswith("4 of 7 images looked at are larger than 32×32")
 
 
+def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path) -> None:
+    """Float grey is read as 0..255: a float TIFF in 0..1 is near black to the model."""
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.random((16, 16), dtype=np.float32), mode="F").save(
+            tmp_path / f"unit-{i}.tiff")
+    Image.fromarray(rng.random((16, 16), dtype=np.float32) * 255, mode="F").save(
+        tmp_path / "full.tiff")
+    paths = sorted(tmp_path.iterdir())
+    (note,) = conversion_notes(paths, "L", 16)
+    assert note.startswith("3 of 4 floating-point images looked at hold values in 0..1 only")
+    assert load_image(tmp_path / "unit-0.tiff", "L", 16).max() <= 1  # as the note says
+    assert conversion_notes([tmp_path / "full.tiff"], "L", 16) == []
+
+
 def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """An image in a format it does not read (HEIC, say) is not silently dropped; hidden
