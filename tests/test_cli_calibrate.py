@@ -232,7 +232,7 @@ def test_refusal_when_too_few_normal_images(store: Path, image_dirs: ImageDirs) 
     ([], "--method conformal needs --target-fpr"),
     (["--target-fpr", "1.5"], "must be between 0 and 1"),
     (["--method", "youden", "--anomalous", ".", "--target-fpr", "0.1"],
-     "--target-fpr only applies to --method conformal"),
+     "--target-fpr only applies to --method conformal, not youden: youden picks its"),
     (["--target-fpr", "0.1", "--cost-fn", "3"], "only apply to --method cost"),
     (["--target-fpr", "0.1", "--score", "auto"], "pass --anomalous DIR, or name a score"),
     (["--method", "cost", "--anomalous", ".", "--cost-fn", "inf"],

@@ -95,8 +95,9 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     """Score every image file under DIR into one table, one row per file.
 
     Columns: path, bpd, complexity, coarse_complexity, typicality, knn and ensemble
-    (models trained with a validation set), level_1..level_L (bits/dim), score, p_value
-    and is_anomaly (filled when the model is calibrated), error (why a file could not be
+    (models trained with a validation set), level_1..level_L (bits/dim), score (the
+    calibration's score; bpd when uncalibrated), p_value and is_anomaly (filled when the
+    model is calibrated), error (why a file could not be
     scored; empty otherwise). Files that cannot be read (not images, truncated, empty,
     too large, unreadable) get a row with the reason and do not stop the run. The table
     is written atomically and rewritten now and then during long runs; after an

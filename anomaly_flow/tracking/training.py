@@ -379,12 +379,12 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrainingError: Training failed (diverged, nothing to resume, ...).
         TrackingError: The tracking store cannot be used.
     """
-    if (not name or len(name) > MAX_NAME_LENGTH or any(c in name for c in "/:@")
+    if (not name or len(name) > MAX_NAME_LENGTH or any(c in name for c in "/:?@")
             or any(c.isspace() for c in name) or name.startswith(".")):
         shown = name if len(name) <= 60 else f"{name[:57]}..."
         raise TrainingError(
             f"model name {shown!r} is invalid; use 1 to {MAX_NAME_LENGTH} characters "
-            "without spaces, '/', ':' or '@', not starting with '.' (model URIs such as "
+            "without spaces, '/', ':', '?' or '@', not starting with '.' (model URIs such as "
             "models:/NAME@candidate could not name it, and MLflow refuses '.' and '..'), "
             "e.g. --name bottle-caps.")
     if config.train.val_fraction == 0:
