@@ -30,17 +30,25 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlflow.models.utils import _enforce_schema
 from mlflow.types.schema import AnyType, DataType
 from PIL import Image
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
 from anomaly_flow.config import GlowConfig
-from anomaly_flow.data import SampleData, split_train_val, write_image_folder
+from anomaly_flow.data import InvalidSource, SampleData, split_train_val, write_image_folder
 from anomaly_flow.glow import Glow, ModelFileError
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
-from anomaly_flow.tracking.pyfunc import GlowPyfunc, PredictError, input_sources, output_columns
+from anomaly_flow.tracking.pyfunc import (
+    GlowPyfunc,
+    PredictError,
+    input_sources,
+    model_signature,
+    output_columns,
+    rows_from_columns,
+)
 from tests.conftest import ImageDirs, TrainedModel, new_store, stop_during, tiny_config
 
 # The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
@@ -247,6 +255,12 @@ def test_mlruns_given_beside_the_environment_store_is_named(
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # a command configures more than once: said once
         tracking.configure(tmp_path / "typed")
+    assert "MLFLOW_TRACKING_URI is set" not in caplog.text
+    # the environment naming the --mlruns store itself (the README's export for MLflow's
+    # own tools, here through a relative path) is no news
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert tracking.configure(Path("env-store")) == uri
     assert "MLFLOW_TRACKING_URI is set" not in caplog.text
 
 
@@ -653,6 +667,56 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
                             params={"batch_size": bad})
 
 
+def test_a_column_mlflow_packed_into_one_cell_is_a_row_per_image(tmp_path: Path) -> None:
+    """MLflow turns ``{"inputs": {"path": ["a.png", "b.png"]}}`` (REST) and
+    ``predict({"path": [...]})`` into one row holding the list, unless the list has a
+    null in it; both must be answered with a row per image."""
+    wrapper = tiny_wrapper()
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    for value, file in enumerate(files):
+        file.write_bytes(png_bytes(value))
+    paths = [str(f) for f in files]
+    schema = model_signature(wrapper.model).inputs
+    packed = _enforce_schema({"path": paths}, schema)
+    assert len(packed) == 1  # what MLflow gives the model
+    with_null = _enforce_schema({"path": [*paths, None]}, schema)
+    by_list = wrapper.predict(None, packed)  # type: ignore[arg-type]
+    by_rows = wrapper.predict(None, with_null)  # type: ignore[arg-type]
+    assert (by_list["error"] == "").all() and len(by_list) == 2
+    assert by_list["bpd"].tolist() == by_rows["bpd"].tolist()[:2]
+    images = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    by_bytes = wrapper.predict(None, _enforce_schema({"image": images}, schema))  # type: ignore[arg-type]
+    assert by_bytes["bpd"].tolist() == by_list["bpd"].tolist()
+    both = rows_from_columns(pd.DataFrame({"path": [paths], "image": [None]}))
+    assert both["path"].tolist() == paths and both["image"].tolist() == [None, None]
+    empty = wrapper.predict(None, _enforce_schema({"path": []}, schema))  # type: ignore[arg-type]
+    assert len(empty) == 0
+    # not what MLflow packs: left as it is, an error in its one row
+    for cell in ([1, 2], np.array(paths)):
+        unchanged = pd.DataFrame({"path": [cell]})
+        assert rows_from_columns(unchanged) is unchanged
+    uneven = pd.DataFrame({"path": [paths], "image": [images[:1]]})
+    assert rows_from_columns(uneven) is uneven
+
+
+def test_a_file_uri_is_its_file_and_other_uris_and_bytes_say_what_to_do(
+        tmp_path: Path) -> None:
+    """Spark's binaryFile source gives ``file:/...`` paths; bytes in the path column are
+    what ``spark_udf(...)("content")`` sends (it names unnamed columns path first)."""
+    folder = tmp_path / "my parts"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"PNG")
+    local = str(folder / "a.png")
+    uris = [f"file:{local}", f"file://{local}", f"file://localhost{local}",
+            f"file:{local.replace(' ', '%20')}"]
+    assert input_sources(pd.DataFrame({"path": uris})) == [local] * 4
+    remote, raw = input_sources(pd.DataFrame({"path": ["s3://bucket/a.png", b"\x89PNG"]}))
+    assert isinstance(remote, InvalidSource) and isinstance(raw, InvalidSource)
+    assert "is a URI ('s3://bucket/a.png'); the model reads local files only" in remote.reason
+    assert "pass them in the 'image' column" in raw.reason
+    assert "struct(col(...).alias('image'))" in raw.reason
+
+
 def tiny_wrapper() -> GlowPyfunc:
     wrapper = GlowPyfunc()
     wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
@@ -698,7 +762,8 @@ def test_pyfunc_answers_every_row_of_any_table(data: st.DataObject) -> None:
         assert str(error).strip()
         return
     assert list(out.columns) == output_columns(wrapper.model)
-    assert list(out.index) == list(frame.index)
+    # (a one-row frame of lists of strings is what MLflow makes of a columnar request)
+    assert list(out.index) == list(rows_from_columns(frame).index)
     failed = out["error"] != ""
     assert out.loc[~failed, "bpd"].notna().all() and out.loc[failed, "bpd"].isna().all()
 
@@ -1078,6 +1143,10 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         other_formats = [post_json(f"{base}/invocations", payload)["predictions"]
                          for payload in ({"inputs": {"path": [None, paths[0]]}},
                                          {"instances": [{"path": None}, {"path": paths[0]}]})]
+        # columns of strings only, which MLflow packs into one row of lists: a row each
+        columnar = [post_json(f"{base}/invocations", payload)["predictions"]
+                    for payload in ({"inputs": {"path": paths[:3]}},
+                                    {"instances": {"path": paths[:3]}})]
         empty = post_refused(f"{base}/invocations", {"dataframe_records": []})
         misnamed = post_refused(f"{base}/invocations", {
             "dataframe_split": {"columns": ["Path"], "data": [[p] for p in paths]}})
@@ -1103,6 +1172,8 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
     assert bad_param[0] == 400
     assert "the batch_size param must be a positive number of images, not 0" in bad_param[1]
     assert alone == expected["bpd"].tolist()[:3]
+    for answer in columnar:
+        assert [row["bpd"] for row in answer] == expected["bpd"].tolist()[:3]
     for answer in other_formats:
         assert [row["error"] for row in answer] == ["no image given (empty value)", ""]
         assert answer[1]["bpd"] == expected["bpd"].iloc[0]
@@ -1187,6 +1258,14 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
             "path string, image binary")
         by_bytes = with_bytes.withColumn("scores", udf("path", "image")).select(
             "scores.bpd", "scores.error").toPandas()
+        # Spark's own file source: file: URIs in path, the bytes in content
+        from pyspark.sql.functions import col, struct
+        source = spark.read.format("binaryFile").load(str(image_dirs.test_normal))
+        binary = source.select(
+            "path", udf("path").alias("by_path"),
+            udf(struct(col("content").alias("image"))).alias("by_content"),
+        ).selectExpr("path", "by_path.bpd AS by_path", "by_path.error AS path_error",
+                     "by_content.bpd AS by_content").toPandas()
     finally:
         spark.stop()
     assert scored["path"].tolist() == paths
@@ -1199,3 +1278,10 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
     assert decided["missing"].tolist() == [False] * len(files) + [True]  # null, not NaN
     np.testing.assert_array_equal(by_bytes["bpd"].to_numpy(), expected["bpd"].to_numpy())
     assert by_bytes["error"].tolist() == expected["error"].tolist()
+    normal = image_dirs.files(image_dirs.test_normal)
+    binary = binary.sort_values("path", ignore_index=True)
+    assert binary["path"].tolist() == [f"file:{p}" for p in normal]
+    assert (binary["path_error"] == "").all()
+    np.testing.assert_array_equal(binary["by_path"].to_numpy(),
+                                  expected["bpd"].to_numpy()[:len(normal)])
+    np.testing.assert_array_equal(binary["by_content"].to_numpy(), binary["by_path"].to_numpy())

@@ -4,7 +4,8 @@ The model is logged *from code* (``model_code.py`` calls ``mlflow.models.set_mod
 loading it executes this package's code and reads ``config.json``, ``model.safetensors``
 and the optional ``calibration.json``: nothing is unpickled.
 
-Input: a DataFrame with a ``path`` column (image files readable where the model runs)
+Input: a DataFrame with a ``path`` column (image files readable where the model runs, as
+paths or ``file:`` URIs)
 and/or an ``image`` column (encoded file bytes; base64 in JSON requests). Where a row has
 both, the bytes win. Output: one row per input row, in order, with ``bpd``,
 ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble`` (models with a
@@ -27,7 +28,9 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import reprlib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +156,33 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | Non
     return sources
 
 
+def rows_from_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with one row per image where MLflow packed a whole column into one cell.
+
+    MLflow's schema enforcement turns a dict whose values are all lists of strings (the
+    columnar ``{"inputs": {"path": ["a.png", "b.png"]}}`` of a REST request, or
+    ``predict({"path": [...]})`` in Python) into a frame of *one* row holding the lists,
+    where a list with a null in it gives a row per item: without this, a request of
+    paths (or base64 images) only would be answered by one row that says "the 'path'
+    value is a list", and an empty ``{"path": []}`` by one failed row. A one-row frame
+    whose ``path``/``image`` cells are equally long lists of strings (the others empty)
+    is unpacked into a row per item, index 0..n-1. A list is never one image, so no
+    answer with a score in it changes; numpy arrays, as a Spark array column gives them,
+    stay an error in their row (Spark needs one row out per row in).
+    """
+    if not isinstance(frame, pd.DataFrame) or len(frame) != 1:
+        return frame
+    cells = {name: frame[name].iloc[0] for name in ("path", "image") if name in frame.columns}
+    lists = {name: cell for name, cell in cells.items()
+             if isinstance(cell, list) and all(isinstance(item, str) for item in cell)}
+    if not lists or len({len(cell) for cell in lists.values()}) != 1:
+        return frame
+    if any(not _missing(cell) for name, cell in cells.items() if name not in lists):
+        return frame
+    n = len(next(iter(lists.values())))
+    return pd.DataFrame({name: lists.get(name, [None] * n) for name in cells}, dtype=object)
+
+
 def _image_source(value: Any) -> bytes | InvalidSource:
     """An ``image`` cell: the encoded file's bytes, or text holding them in base64 (what a
     REST request carries for a binary column)."""
@@ -169,11 +199,36 @@ def _image_source(value: Any) -> bytes | InvalidSource:
                          "image file's bytes per row")
 
 
+_FILE_URI = re.compile(r"file:(?://(?:localhost)?)?(?=/)")
+"""``file:/x``, ``file:///x`` and ``file://localhost/x`` (RFC 8089), as Spark's
+``binaryFile`` source and ``input_file_name()`` give local files."""
+
+_OTHER_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
 def _path_source(value: Any) -> str | InvalidSource:
-    """A ``path`` cell: a string (or path object) naming one file; a name that is not
-    UTF-8 as a scores table prints it (``\\xff`` escapes) is taken back."""
+    """A ``path`` cell: a string (or path object) naming one file, or a ``file:`` URI of
+    one; a name that is not UTF-8 as a scores table prints it (``\\xff`` escapes) is
+    taken back."""
     if isinstance(value, str | os.PathLike):
-        return undisplayed_path(str(value))
+        text = str(value)
+        local = _FILE_URI.match(text)
+        if local and not os.path.lexists(text):
+            text = text[local.end():]
+            if not os.path.lexists(text):  # Spark writes a space in a name as %20
+                text = urllib.parse.unquote(text)
+        elif _OTHER_URI.match(text) and not os.path.lexists(text):
+            return InvalidSource(
+                f"the 'path' value is a URI ({reprlib.repr(text)}); the model reads local "
+                "files only: copy the files where it runs, or pass their bytes in the "
+                "'image' column (Spark's binaryFile source has them as 'content')")
+        return undisplayed_path(text)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return InvalidSource(
+            f"the 'path' value is {_described(value)}, not a string; to score an image's "
+            "bytes, pass them in the 'image' column (spark_udf names unnamed columns in "
+            "the signature's order, path first: call it with "
+            "struct(col(...).alias('image')))")
     return InvalidSource(f"the 'path' value is {_described(value)}, not a string; pass one "
                          "file path per row")
 
@@ -265,7 +320,7 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
             raise PredictError(f"the batch_size param must be a positive number of "
                                f"images, not {given!r}; leave it out for "
                                f"{DEFAULT_BATCH_SIZE}")
-        frame = predict_frame(self.model, self.calibration, model_input,
+        frame = predict_frame(self.model, self.calibration, rows_from_columns(model_input),
                               threshold=None if threshold is None else float(threshold),
                               batch_size=batch_size)
         return _json_safe(frame) if _serving() else frame

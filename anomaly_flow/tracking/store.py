@@ -117,7 +117,12 @@ def configure(mlruns: str | Path | None = None) -> str:
     quiet_mlflow_logs()
     uri = default_tracking_uri(mlruns)
     env_given = bool(os.environ.get(TRACKING_ENV))
-    if env_given and mlruns is not None and (uri, str(mlruns)) not in _state.warned:
+    sqlite_db = _sqlite_file(uri)
+    same_store = (mlruns is not None and sqlite_db is not None  # the README's export for
+                  and os.path.realpath(sqlite_db)  # MLflow's own tools: no news
+                  == os.path.realpath(Path(mlruns) / "mlflow.db"))
+    if env_given and mlruns is not None and not same_store \
+            and (uri, str(mlruns)) not in _state.warned:
         _state.warned.add((uri, str(mlruns)))  # once: a command configures more than once
         logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
                        "store in %s (that folder still holds training checkpoints); unset it "
@@ -132,7 +137,6 @@ def configure(mlruns: str | Path | None = None) -> str:
             "(sqlite:////ABSOLUTE/PATH/mlflow.db) or a server (http://HOST:PORT), or unset it "
             "to use the store under --mlruns")
     artifact_root = None
-    sqlite_db = _sqlite_file(uri)
     if env_given and sqlite_db is not None:
         # a database alone: MLflow would put its artifacts in ./mlruns of whatever folder
         # the command ran in. Beside the database instead: in its artifacts/ folder where
