@@ -41,6 +41,17 @@ preset and 75 GB with the default architecture (512 channels, K=32), and larger 
 end in an out-of-memory error, or the system's OOM killer, not in a model."""
 
 
+MAX_STEPS_PER_LEVEL = 1024
+"""The largest ``steps_per_level`` (K): the reference architecture has 32, and the model
+is built step by step in Python, so a typo of a million steps would hang building it
+before any error could be raised."""
+
+MAX_HIDDEN_CHANNELS = 65536
+"""The largest ``hidden_channels``: the reference architecture has 512; a width past any
+memory (a typo, an extra digit) would fail inside torch with pages of C++, or past 2**63
+with a traceback, instead of as a setting."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
@@ -85,10 +96,11 @@ class GlowConfig:
         _check(self.in_channels in (1, 3), "in_channels", self.in_channels,
                "use 1 for grey images or 3 for RGB")
         _check(self.levels >= 1, "levels", self.levels, "need at least one level")
-        _check(self.steps_per_level >= 1, "steps_per_level", self.steps_per_level,
-               "need at least one flow step per level")
-        _check(self.hidden_channels >= 1, "hidden_channels", self.hidden_channels,
-               "must be a positive width")
+        _check(1 <= self.steps_per_level <= MAX_STEPS_PER_LEVEL, "steps_per_level",
+               self.steps_per_level,
+               f"need from 1 to {MAX_STEPS_PER_LEVEL} flow steps per level")
+        _check(1 <= self.hidden_channels <= MAX_HIDDEN_CHANNELS, "hidden_channels",
+               self.hidden_channels, f"must be a width from 1 to {MAX_HIDDEN_CHANNELS}")
         _check(1 <= self.n_bits <= 8, "n_bits", self.n_bits, "must be between 1 and 8")
         # 2**levels of a mistyped levels (a million, say) would take long to compute and
         # could not be printed; no image is 2**30 pixels wide

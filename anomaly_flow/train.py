@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from tqdm.auto import tqdm
 
 from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
-from anomaly_flow.config import RunConfig, TrainConfig, changed_fields
+from anomaly_flow.config import ConfigError, RunConfig, TrainConfig, changed_fields
 from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
@@ -669,8 +669,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint in ``folder`` (the one ``latest`` names), or None."""
     pointer = folder / CHECKPOINT_LATEST
     if pointer.is_file():
-        path = folder / pointer.read_text().strip()
-        if (path / "state.json").is_file():
+        # a damaged pointer (bytes that are not text, a path out of the folder) names no
+        # checkpoint: fall back to the newest complete one, as for a missing folder
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        path = folder / name
+        if _CHECKPOINT_NAME.fullmatch(name) and (path / "state.json").is_file():
             return path
     complete = [p for p in _checkpoints(folder) if (p / "state.json").is_file()]
     return complete[-1] if complete else None
@@ -686,14 +689,24 @@ def _damaged_checkpoint(path: Path, error: Exception) -> str:
             "to resume from the checkpoint before it, or train afresh without --resume")
 
 
+_TRAINING_STATE_KEYS = ("skipped_steps", "nonfinite_run", "train_bpd", "epoch_bpd_sum",
+                        "epoch_images", "history", "failed_files")
+"""What a checkpoint's ``state.json`` holds, beside the step and the optimizer's groups,
+for a training to resume from it."""
+
+
 def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
-                     config: RunConfig) -> dict[str, Any]:
-    """Restore weights and optimizer state in place; return the saved training state."""
+                     config: RunConfig, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Restore weights and optimizer state in place; return the saved training state,
+    which must hold ``required`` beside the step and the optimizer's groups."""
     try:
         saved_json = json.loads((path / "run_config.json").read_text())
     except (OSError, ValueError) as exc:
         raise TrainingError(_damaged_checkpoint(path, exc)) from None
-    saved = RunConfig.from_dict(saved_json)
+    try:
+        saved = RunConfig.from_dict(saved_json)
+    except ConfigError as exc:  # valid JSON, but not a configuration
+        raise TrainingError(_damaged_checkpoint(path, exc)) from None
     if differ := changed_fields(saved.model, config.model, "model"):
         raise TrainingError(
             f"the checkpoint {path} is of another architecture than the configuration given "
@@ -714,6 +727,11 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
         moments = load_file(str(path / "optimizer.safetensors"))
     except (SafetensorError, OSError, ValueError) as exc:  # JSON errors are ValueErrors
         raise TrainingError(_damaged_checkpoint(path, exc)) from None
+    missing = [key for key in ("step", "param_groups", *required)
+               if not isinstance(meta, dict) or key not in meta]
+    if missing:  # valid JSON, but not what save_checkpoint writes
+        raise TrainingError(_damaged_checkpoint(
+            path, ValueError(f"state.json lacks {', '.join(missing)}")))
     model.load_state_dict(weights)
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in moments.items():
@@ -909,7 +927,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     epoch_sum, epoch_n = 0.0, 0  # the running epoch's bits/dim sum over its images
     history: list[dict[str, float]] = []
     if resume_from is not None:
-        meta = _load_checkpoint(resume_from, model, optimizer, config)
+        meta = _load_checkpoint(resume_from, model, optimizer, config, _TRAINING_STATE_KEYS)
         step, skipped_steps = meta["step"], meta["skipped_steps"]
         nonfinite_run, last_bpd = meta["nonfinite_run"], meta["train_bpd"]
         epoch_sum, epoch_n = meta["epoch_bpd_sum"], meta["epoch_images"]

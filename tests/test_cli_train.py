@@ -306,6 +306,27 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     assert str(client.get_model_version_by_alias("cli-parts", "candidate").version) == "2"
 
 
+def test_a_damaged_training_record_is_a_one_line_error_and_a_fresh_training_clears_it(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """run.json that is valid JSON but no record (a list, an object without the config)
+    or not UTF-8 text: --resume ended in an AttributeError, KeyError or
+    UnicodeDecodeError traceback, and a fresh training too for two of them."""
+    record = mlruns / "checkpoints" / "rec" / "run.json"
+    record.parent.mkdir(parents=True)
+    common = [str(image_dirs.train), "--name", "rec", "--preset", "tiny", "--epochs", "1",
+              "--mlruns", str(mlruns)]
+    for damaged, said in ((b"[]", "a JSON object was expected, got list"),
+                          (b"{}", "no 'config'"), (b"\xff", "not UTF-8 text")):
+        record.write_bytes(damaged)
+        result = invoke(*common, "--resume")
+        assert_one_line_error(result, 1, f"{record} is damaged ({said}", "train without "
+                              "--resume (a fresh training clears it)")
+    record.write_bytes(b"[]")
+    fresh = invoke(*common)
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(record.read_text())["concluded"] is True
+
+
 def test_an_unregistrable_model_exits_1_and_says_why(
         tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
     config = tiny_config(epochs=1)

@@ -557,6 +557,22 @@ def test_train_config_refuses_integers_out_of_range(field: str, value: int, said
     _step_noise(2**42 - 1, 10**9, (1, 1, 2, 2), torch.device("cpu"))  # seeds that fit
 
 
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("hidden_channels", 2**63 - 1, "must be a width from 1 to 65536"),
+    ("hidden_channels", 10**30, "must be a width from 1 to 65536"),
+    ("steps_per_level", 10**6, "need from 1 to 1024 flow steps per level"),
+])
+def test_model_config_refuses_sizes_no_model_can_be_built_with(field: str, value: int,
+                                                               said: str) -> None:
+    """A hidden_channels past int64 (JSON) ended in torch's "Overflow when unpacking long
+    long" traceback, int64's largest (TOML) in "Storage size calculation overflowed", and a
+    million steps_per_level hung building the model: refused as settings instead."""
+    with pytest.raises(ConfigError, match=rf"^{field} = {value} in \[model\] is invalid: "
+                                          rf"{re.escape(said)}\.$"):
+        RunConfig.from_dict({"model": {field: value, "image_size": 16, "levels": 2}})
+    GlowConfig(hidden_channels=65536, steps_per_level=1024)  # the largest, still settings
+
+
 def test_wrong_inputs_are_refused_with_what_the_model_takes() -> None:
     model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1, hidden_channels=4))
     good = preprocess(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8), n_bits=8)

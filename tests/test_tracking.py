@@ -838,9 +838,15 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert odd["bpd"].iloc[3] == expected["bpd"].iloc[0]
     assert pyfunc.predict(pd.DataFrame({"path": [np.nan]}))["error"].tolist() == [
         "no image given (empty value)"]
-    listed = pyfunc.predict({"path": paths[:2]})  # MLflow makes this one row of a list
-    assert listed["error"].iloc[0].startswith("the 'path' value is a list (['")
-    assert listed["error"].iloc[0].endswith("not a string; pass one file path per row")
+    # MLflow makes a dict of strings one row of a list: answered a row per path
+    listed = pyfunc.predict({"path": paths[:2]})
+    assert listed["bpd"].tolist() == expected["bpd"].tolist()[:2]
+    assert listed["error"].tolist() == ["", ""]
+    # a list in one row of a real table is no path: an error in its row
+    nested = pyfunc.predict(pd.DataFrame({"path": [paths[:2], paths[2]]}))
+    assert nested["error"].iloc[0].startswith("the 'path' value is a list (['")
+    assert nested["error"].iloc[0].endswith("not a string; pass one file path per row")
+    assert nested["error"].iloc[1] == ""
     # the answer keeps the request's index, so it lines up with (and joins onto) it
     frame = pd.DataFrame({"path": paths[:3]}, index=[10, 5, 7])
     joined = frame.join(pyfunc.predict(frame))

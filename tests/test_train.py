@@ -528,6 +528,44 @@ def test_checkpoints_atomic_pruned_and_restore_optimizer_exactly(tmp_path: Path)
         (newest / name).write_bytes(kept)
 
 
+def test_a_tampered_checkpoint_folder_is_a_one_line_error_or_a_fallback(
+        tmp_path: Path) -> None:
+    """A pointer that is not text (a UnicodeDecodeError traceback, even for a fresh
+    training) or names a folder outside the checkpoint folder falls back to the newest
+    complete checkpoint there; a state.json or run_config.json that is valid JSON but not
+    what a checkpoint holds (a KeyError traceback; a config error naming no file) is the
+    damaged-checkpoint message."""
+    config = run_config()
+    model = Glow(MODEL)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.initialize(torch.rand(4, 1, 16, 16) - 0.5)
+    folder = tmp_path / "ckpt"
+    extra = {"skipped_steps": 0, "nonfinite_run": 0, "train_bpd": 1.0, "epoch_bpd_sum": 0.0,
+             "epoch_images": 0, "history": [], "failed_files": {}}
+    for step in (1, 2):
+        save_checkpoint(folder, model, optimizer, config, step, extra)
+    newest = folder / "step-00000002"
+    elsewhere = tmp_path / "other" / "step-00000001"
+    save_checkpoint(elsewhere.parent, model, optimizer, config, 1, extra)
+    for pointer in (b"\xff\xfe\x00", b"../other/step-00000001", str(elsewhere).encode()):
+        (folder / "latest").write_bytes(pointer)
+        assert latest_checkpoint(folder) == newest, pointer
+    for name, damaged in (("state.json", "{}"), ("state.json", "[]"),
+                          ("run_config.json", "[]"), ("run_config.json", '{"model": 3}')):
+        kept = (newest / name).read_bytes()
+        (newest / name).write_text(damaged)
+        with pytest.raises(TrainingError, match=rf"^the checkpoint {re.escape(str(newest))} "
+                                                r"is damaged or incomplete \(.+\); delete "
+                                                "that folder to resume from the checkpoint "
+                                                "before it") as info:
+            train_module._load_checkpoint(newest, Glow(MODEL), torch.optim.Adam(
+                Glow(MODEL).parameters()), config, train_module._TRAINING_STATE_KEYS)
+        assert "\n" not in str(info.value)
+        (newest / name).write_bytes(kept)
+    train_module._load_checkpoint(newest, Glow(MODEL), torch.optim.Adam(
+        Glow(MODEL).parameters()), config, train_module._TRAINING_STATE_KEYS)
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while writing a checkpoint: a training error naming the checkpoint and

@@ -157,9 +157,19 @@ def _read_run_state(folder: Path) -> dict[str, Any]:
         raise TrainingError(f"--resume found no earlier training in {folder}; train without "
                             "--resume to start afresh (or pass the --mlruns DIR used before).")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TrainingError(f"{path} is damaged ({exc}); train without --resume.") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON object was expected, got {type(state).__name__}")
+        RunConfig.from_dict(state["config"])  # what _check_resumable compares with
+    except OSError as exc:
+        raise TrainingError(f"cannot read {path} ({exc.strerror or exc}); check its "
+                            "permissions, or train without --resume.") from None
+    except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8 and ConfigError too
+        what = (f"no {exc}" if isinstance(exc, KeyError) else "not UTF-8 text"
+                if isinstance(exc, UnicodeDecodeError) else str(exc))
+        raise TrainingError(f"{path} is damaged ({what}); train without --resume (a fresh "
+                            "training clears it).") from None
+    return state
 
 
 @contextlib.contextmanager
@@ -560,7 +570,8 @@ def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None 
     folder = checkpoint_dir(name, mlruns)
     with contextlib.suppress(OSError, ValueError):
         state = json.loads((folder / RUN_STATE_FILE).read_text())
-        if state.get("concluded") and state.get("outcome"):  # the stop came after the end
+        # the stop came after the end
+        if isinstance(state, dict) and state.get("concluded") and state.get("outcome"):
             return f"{what} after the training had finished ({state['outcome']})"
     latest = latest_checkpoint(folder)
     every = config.train.checkpoint_every
