@@ -638,7 +638,14 @@ def _unwritable_checkpoint(path: Path, error: OSError, kept: Path | None) -> str
         fix = "check that folder"
     left = (f"The latest complete checkpoint, {kept.name}, is intact" if kept is not None
             else "No checkpoint was written before it")
-    return (f"could not write the checkpoint {path}: {error.strerror or error}. {left}; "
+    if kept == path:  # the folder is whole: what failed came after it (the pointer)
+        left = f"The checkpoint {kept.name} itself is complete and --resume finds it"
+    # the file the system refused, where it is beside the checkpoint, not in it (the
+    # pointer, say): a file in its temporary folder is gone with that folder
+    where = Path(os.fsdecode(error.filename2 or error.filename or path))
+    shown = (f" ({where})" if where.parent == path.parent
+             and not where.name.startswith((".tmp-", path.name)) else "")
+    return (f"could not write the checkpoint {path}: {error.strerror or error}{shown}. {left}; "
             f"{fix}, or train with another --mlruns DIR (checkpoints go under it), then "
             "resume")
 

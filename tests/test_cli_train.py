@@ -350,7 +350,11 @@ def test_a_diverged_training_is_not_registered(image_dirs: ImageDirs, mlruns: Pa
                     "--mlruns", str(mlruns))
     assert_one_line_error(result, 1, "model not registered:", "steps were skipped for a "
                           "non-finite loss or gradient: training diverged; lower lr")
-    assert mlflow.MlflowClient().search_registered_models() == []
+    client = mlflow.MlflowClient()
+    assert client.search_registered_models() == []
+    [run] = client.search_runs([client.get_experiment_by_name("hot").experiment_id])
+    assert run.info.status == "FAILED"  # its logs kept, its status the command's
+    assert run.data.tags["registered_version"] == "none"
 
 
 def test_a_model_that_cannot_draw_samples_is_not_registered_and_says_why(
@@ -372,7 +376,7 @@ def test_a_model_that_cannot_draw_samples_is_not_registered_and_says_why(
     client = mlflow.MlflowClient()
     assert client.search_registered_models() == []
     run = client.get_run(result.stdout.split()[1])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FAILED"  # as the command: no model came of it
     assert run.data.tags["registered_version"] == "none"
     assert run.data.tags["samples_skipped"].startswith("the model cannot draw samples")
     files = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1052,6 +1052,7 @@ def test_non_finite_validation_bpd_is_never_registered(
     assert client.search_registered_models(filter_string="name = 'never'") == []
     run = client.get_run(outcome.run_id)
     assert "not finite" in run.data.tags["not_registered_reason"]
+    assert run.info.status == "FAILED"
     assert run.data.tags["failed_files"] == "2"
     failed = Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
                                                       artifact_path="failed_files.txt"))

@@ -610,6 +610,16 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
     assert latest_checkpoint(folder) == folder / "step-00000001"
     train_module._load_checkpoint(folder / "step-00000001", Glow(MODEL),
                                   torch.optim.Adam(Glow(MODEL).parameters()), config)
+    # the pointer's place taken by a folder: the checkpoint is whole, the pointer is named
+    monkeypatch.setattr(Path, "rename", real_rename)
+    (folder / "latest").unlink()
+    (folder / "latest").mkdir()
+    with pytest.raises(TrainingError, match=rf"could not write the checkpoint .*step-00000003: "
+                                            rf"Is a directory \({re.escape(str(folder))}/latest"
+                                            r"\)\. The checkpoint step-00000003 itself is "
+                                            r"complete and --resume finds it"):
+        save_checkpoint(folder, model, optimizer, config, 3, {})
+    assert latest_checkpoint(folder) == folder / "step-00000003"
 
 
 # --------------------------------------------------------------------------- non-finite

@@ -473,6 +473,13 @@ class Run:
         self._client = mlflow.MlflowClient()
         self._pending: list[Metric] = []
         self._last_flush = time.monotonic()
+        self.failed = False  # set by mark_failed: the run ends FAILED though nothing raised
+
+    def mark_failed(self) -> None:
+        """End the run ``FAILED`` when its block ends without an exception: a run that
+        logged everything it could but did not make what it was for (a training that
+        registered no model), so its status agrees with its command's exit status."""
+        self.failed = True
 
     def __repr__(self) -> str:
         return f"Run(run_id={self.run_id!r}, experiment_id={self.experiment_id!r})"
@@ -556,8 +563,8 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
     A new run is tagged with :func:`environment_tags` (``tags`` win on a clash); a
     reopened one keeps its tags and gets ``resumed.<tag>`` for each that differs now from
     the last resume (or the start): a training resumed under another torch, say. The run
-    ends when the block does: ``FINISHED``, or ``FAILED`` on an exception (``KILLED`` on
-    Ctrl-C). Queued metrics are flushed either way.
+    ends when the block does: ``FINISHED``, or ``FAILED`` on an exception or after
+    :meth:`Run.mark_failed` (``KILLED`` on Ctrl-C). Queued metrics are flushed either way.
 
     Example:
         >>> with start_run("parts", "train") as run:  # doctest: +SKIP
@@ -588,6 +595,8 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
     status = "FINISHED"
     try:
         yield run
+        if run.failed:
+            status = "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -534,6 +534,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                           "warmup_steps" if diverged else
                           _not_registered_reason(result.val_bpd, folder, result.failed_files))
                 run.set_tags({"registered_version": "none", "not_registered_reason": reason})
+                run.mark_failed()  # as the command fails: FINISHED would read as a model
                 message = f"model not registered: {reason}"
                 logger.warning(message)
             if result.skipped_steps and not diverged:
