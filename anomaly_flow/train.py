@@ -322,6 +322,37 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def join_launch_group(device: torch.device) -> bool:
+    """Under torchrun, join its process group now, with this rank's GPU pinned first (as
+    :func:`train` does); True when this call joined it (the caller then leaves it with
+    :func:`leave_launch_group`). Alone, nothing happens."""
+    if _world_size() <= 1:
+        return False
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return _join_process_group(device)[2]
+
+
+def leave_launch_group() -> None:
+    """Leave the process group :func:`join_launch_group` joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share_verdict(error: str | None = None) -> str | None:
+    """Under torchrun: rank 0 sends ``error`` (None: go on) and every rank returns what
+    rank 0 sent. Rank 0 checks alone what the others cannot (the store, the name's lock,
+    a resume's record); without this, a refusal there would leave the others waiting in
+    the first collective of training until the group's timeout. Alone: ``error``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    sent = [error]
+    dist.broadcast_object_list(sent, src=0)
+    return sent[0]
+
+
 def _join_process_group(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world size, whether this call joined the group) under torchrun."""
     created = False
@@ -851,6 +882,7 @@ def train(
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # before NCCL starts: it and all_gather_object use it
     rank, world, joined = _join_process_group(dev)
+    together = world > 1  # a group, this call's or the caller's: leave training together
     if rank == 0 and ckpt_dir is not None:  # the one writer; another host's ids mean nothing
         removed = remove_leftovers(ckpt_dir, _UNFINISHED_CHECKPOINT)
         if removed:
@@ -860,8 +892,8 @@ def train(
         with _convolutions_autotuned(dev):
             result = _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
                             latest if resume else None, callback, progress)
-        if joined:  # leave together: rank 0 draws samples after the last collective, and
-            dist.barrier()  # a rank leaving a gloo group early can abort on its way out
+        if together:  # rank 0 draws samples after the last collective, and a rank
+            dist.barrier()  # leaving a gloo group early can abort on its way out
         return result
     except RuntimeError as exc:
         message = None if isinstance(exc, TrainingError) else _out_of_memory(exc, config, dev)

@@ -567,6 +567,34 @@ def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp
     assert len(client.get_metric_history(runs[0].info.run_id, "train_bpd")) > 0
 
 
+@pytest.mark.slow
+def test_a_refusal_of_rank_0_under_torchrun_ends_every_rank(image_dirs: ImageDirs,
+                                                           tmp_path: Path,
+                                                           free_port: int) -> None:
+    """Rank 0 alone checks the store and the resume's record: its refusal reaches the
+    other ranks, which leave with it instead of waiting in training's first collective
+    until torchrun kills them (SIGKILL after its 30 s grace, a ChildFailedError naming
+    the wrong rank)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port), "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
+           "ddp-refused", "--preset", "tiny", "--device", "cpu", "--resume",
+           "--mlruns", str(tmp_path / "store")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Error: --resume found no earlier training" in proc.stderr, proc.stderr[-4000:]
+    assert "rank 0 did not start the training: --resume found no earlier training" \
+        in proc.stderr, proc.stderr[-4000:]
+    assert "SIGKILL" not in proc.stderr and "Signals.SIGKILL" not in proc.stderr
+
+
 def test_resuming_against_another_store_than_the_run_was_logged_to_is_refused(
         image_dirs: ImageDirs, mlruns: Path, mlflow_db_template: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +52,12 @@ from anomaly_flow.train import (
     check_batch_split,
     checkpoint_step,
     folder_datasets,
+    join_launch_group,
     latest_checkpoint,
     launch_rank,
+    leave_launch_group,
     resolve_device,
+    share_verdict,
     total_steps,
     train,
     uses_bf16,
@@ -406,21 +409,56 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     check_batch_split(config)
     folder = folder_datasets(data, config)
     ckpt = checkpoint_dir(name, mlruns)
-    if launch_rank() != 0:  # under torchrun: rank 0 checks, clears, logs and registers
-        train(config, folder.train, folder.val, device=device,
-              checkpoint_dir=ckpt if resume else None, resume=resume, progress=False)
-        return None
-    with _training_lock(ckpt, name):  # one training of a name at a time
-        return _train_and_register_locked(data, name, config, dev, folder, ckpt,
-                                          device=device, resume=resume, mlruns=mlruns,
-                                          progress=progress, nested=nested)
+    joined = join_launch_group(dev)  # under torchrun: the group before rank 0's checks
+    try:
+        if launch_rank() != 0:  # rank 0 checks, clears, logs and registers
+            refused = share_verdict()
+            if refused is not None:  # rank 0 says why; this rank only leaves with it
+                raise TrainingError(f"rank 0 did not start the training: {refused}")
+            train(config, folder.train, folder.val, device=device,
+                  checkpoint_dir=ckpt if resume else None, resume=resume, progress=False)
+            return None
+        verdict = _Verdict()
+        try:
+            with _training_lock(ckpt, name):  # one training of a name at a time
+                return _train_and_register_locked(data, name, config, dev, folder, ckpt,
+                                                  device=device, resume=resume,
+                                                  mlruns=mlruns, progress=progress,
+                                                  nested=nested, ready=verdict.go)
+        except BaseException as exc:
+            verdict.refuse(exc)  # the other ranks wait for word before training
+            raise
+    finally:
+        if joined:
+            leave_launch_group()
+
+
+class _Verdict:
+    """Rank 0's word to the other ranks under torchrun, sent once: go (just before
+    training) or the error that stopped it before."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def go(self) -> None:
+        if not self.sent:
+            self.sent = True
+            share_verdict(None)
+
+    def refuse(self, exc: BaseException) -> None:
+        if not self.sent:
+            self.sent = True
+            share_verdict(str(exc).strip().splitlines()[0] if str(exc).strip()
+                          else type(exc).__name__)
 
 
 def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                                dev: torch.device, folder: FolderData, ckpt: Path, *,
                                device: str, resume: bool, mlruns: str | Path | None,
-                               progress: bool | None, nested: bool) -> TrainOutcome:
-    """:func:`train_and_register` past its checks, with the name's training lock held."""
+                               progress: bool | None, nested: bool,
+                               ready: Callable[[], None]) -> TrainOutcome:
+    """:func:`train_and_register` past its checks, with the name's training lock held;
+    ``ready`` is called once everything but the training is in place."""
     previous_run, state = None, {}
     earlier: dict[str, Any] = {}  # the record of a training this one replaces
     if resume:
@@ -486,6 +524,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         every = config.train.checkpoint_every
         metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
                    else _MetricLogger(run, every))
+        ready()
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
                        resume=resume, callback=metrics, progress=progress)
         finals = {"final_val_bpd": result.val_bpd, "final_train_bpd": result.train_bpd,
