@@ -95,10 +95,12 @@ REFERENCE_MIN_IMAGES = 30
 """Fewer validation images than this for the normal reference draw a warning."""
 
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
-_EXECUTION_ONLY = frozenset({"compile", "num_workers", "epochs"})
-"""Training settings that change how fast a run goes or where it stops, not the steps it
-takes (the learning rate depends on the step alone, so a longer run's first steps are a
-shorter one's)."""
+_EXECUTION_ONLY = frozenset({"compile", "num_workers", "epochs", "checkpoint_every",
+                             "init_batch_size"})
+"""Training settings that change how fast a run goes, where it stops or what it keeps on
+the way, not the steps it takes (the learning rate depends on the step alone, so a longer
+run's first steps are a shorter one's; the ActNorm initialisation is in the checkpoint's
+weights, so its batch size is past by a resume)."""
 RESUME_MUST_MATCH = ("batch_size", "optimizer")
 """Training settings a resumed run cannot change: the step count of an epoch, and the
 optimizer whose state the checkpoint holds."""

@@ -566,6 +566,30 @@ def test_a_tampered_checkpoint_folder_is_a_one_line_error_or_a_fallback(
         Glow(MODEL).parameters()), config, train_module._TRAINING_STATE_KEYS)
 
 
+def test_resuming_warns_only_of_settings_that_change_the_steps(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A changed learning rate makes the run differ from an uninterrupted one; more
+    epochs, another checkpoint interval or ActNorm batch (already in the weights) do not."""
+    config = run_config()
+    model = Glow(MODEL)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.initialize(torch.rand(4, 1, 16, 16) - 0.5)
+    path = save_checkpoint(tmp_path / "ckpt", model, optimizer, config, 1, {})
+
+    def warned(changed: RunConfig) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+            train_module._load_checkpoint(path, Glow(MODEL), torch.optim.Adam(
+                Glow(MODEL).parameters()), changed)
+        return [r.getMessage() for r in caplog.records]
+
+    assert warned(config.replace(epochs=9, checkpoint_every=7, init_batch_size=8,
+                                 num_workers=1, compile=True)) == []
+    assert warned(config.replace(lr=0.5, epochs=9)) == [
+        "resuming with changed training settings ['lr']; the run will not match an "
+        "uninterrupted one"]
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while writing a checkpoint: a training error naming the checkpoint and
