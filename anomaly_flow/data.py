@@ -39,6 +39,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from anomaly_flow.errors import one_line
+
 logger = logging.getLogger(__name__)
 
 ImageMode = Literal["L", "RGB"]
@@ -100,16 +102,6 @@ def display_path(path: str | os.PathLike[str]) -> str:
     except UnicodeEncodeError:  # a lone surrogate no file name decodes to (text a client sent)
         raw = os.fspath(path).encode("utf-8", errors="surrogatepass")
     return raw.decode("utf-8", errors="backslashreplace")
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def one_line(text: str) -> str:
-    """``text`` (a :func:`display_path`, say) with its control characters escaped, a
-    newline as ``\\n``: a file name in a log message or a line-per-file report stays on
-    its line and cannot pass itself off as another message."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 _BYTE_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
@@ -229,7 +221,7 @@ def search_images(root: Path) -> ImageSearch:
                        display_path(stores[0]))
     unlisted: list[tuple[Path, str]] = []
     for exc in walk_errors:
-        where = display_path(exc.filename or root)
+        where = one_line(display_path(exc.filename or root))
         if Path(exc.filename or root) == root:
             raise DataError(
                 f"cannot list image folder {where}: {exc.strerror}; check its permissions"
@@ -244,7 +236,7 @@ def search_images(root: Path) -> ImageSearch:
             raise DataError(
                 f"no image files found in {display_path(root)}, and {len(unlisted)} "
                 f"folder(s) inside it could not be listed (e.g. {display_path(folder)}: "
-                f"{reason}); check their permissions")
+                f"{reason}); make them readable (or put back what was moved away)")
         raise DataError(
             f"no image files found in {display_path(root)} (looked recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"

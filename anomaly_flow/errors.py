@@ -62,3 +62,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         if isinstance(error, type):
             types.append(error)
     return tuple(types)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` (a file name, say) with its control characters escaped, a newline as
+    ``\\n``: in a log message, a line-per-file report or a CLI message it stays on its
+    line and cannot pass itself off as another message."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)

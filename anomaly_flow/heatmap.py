@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from anomaly_flow.data import display_path
+from anomaly_flow.data import display_path, one_line
 from anomaly_flow.stopping import remove_leftovers
 
 logger = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class HeatmapWriter:
                     failed = self.n_failed
                     self.first_failure = self.first_failure or reason
                 if failed <= FAILURES_LOGGED:  # a full disk fails every one: not a flood
-                    logger.warning("cannot write heatmap %s%s", reason,
+                    logger.warning("cannot write heatmap %s%s", one_line(reason),
                                    "; further failures are counted, not listed"
                                    if failed == FAILURES_LOGGED else "")
             else:

@@ -68,7 +68,14 @@ from anomaly_flow.complexity import (
     batch_png_bits_per_dim,
     coarse_complexity,
 )
-from anomaly_flow.data import ImageMode, InvalidSource, display_path, load_item, search_images
+from anomaly_flow.data import (
+    ImageMode,
+    InvalidSource,
+    display_path,
+    load_item,
+    one_line,
+    search_images,
+)
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.stopping import (
     loader_worker_options,
@@ -1174,7 +1181,8 @@ def score_folder(
                 "%d kept file(s) keep the heatmap an earlier run wrote, under another name "
                 "than a run over the folder as it is now would give (e.g. %s's heatmap is "
                 "%s); run without --resume for a fresh set of names", len(renamed),
-                sources[renamed[0]], display_path(Path(heatmaps) / held[renamed[0]]))
+                one_line(sources[renamed[0]]),
+                one_line(display_path(Path(heatmaps) / held[renamed[0]])))
         scored_before = (set() if previous is None
                          else set(previous.index[previous["error"] == ""]))
         unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
@@ -1182,7 +1190,7 @@ def score_folder(
             logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: no "
                            "earlier run drew one there); run without --resume to draw "
                            "them", len(unmapped), display_path(out), display_path(heatmaps),
-                           display_path(unmapped[0]))
+                           one_line(display_path(unmapped[0])))
         other_kinds = sorted(kept_kinds - {maps})
         if todo and other_kinds:
             logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
@@ -1413,7 +1421,7 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
     if changed.any():
         logger.warning("%d file(s) changed since %s was written (e.g. %s); scoring them "
                        "again", int(changed.sum()), display_path(out),
-                       previous.index[int(np.flatnonzero(changed)[0])])
+                       one_line(previous.index[int(np.flatnonzero(changed)[0])]))
     return previous[~changed]
 
 

@@ -828,3 +828,10 @@ def test_a_stop_during_registration_waits_for_the_record_and_says_the_training_f
     again = invoke(*common, "--resume")
     assert_one_line_error(again, 1, "the training of 'late-stop' already finished")
     assert len(client.search_model_versions("name = 'late-stop'")) == 1
+    # a new training stopped before it replaced that record is not said to have finished
+    with monkeypatch.context() as patch:
+        stop_during(patch, training_module, "folder_datasets")
+        early = invoke(*common)
+    assert early.exit_code == 143, early.output
+    assert "after the training had finished" not in early.stderr
+    assert "no checkpoint was written yet" in early.stderr or "--resume" in early.stderr

@@ -501,8 +501,28 @@ def test_search_images_names_the_folders_it_could_not_list(
     (tmp_path / "a.png").unlink()  # nothing found: the error says a folder was not listed
     with pytest.raises(DataError, match=r"no image files found in .*, and 1 folder\(s\) "
                                         r"inside it could not be listed \(e\.g\. .*locked: "
-                                        r"Permission denied\); check their permissions"):
+                                        r"Permission denied\); make them readable"):
         find_images(tmp_path)
+
+
+def test_a_folder_name_that_cannot_be_listed_cannot_forge_a_log_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    save(rgb_pattern(), tmp_path / "a.png")
+    forged = "locked\nERROR anomaly_flow: all fine"
+    (tmp_path / forged).mkdir()
+    scandir = os.scandir
+
+    def refuse_locked(path: object = ".") -> object:
+        if Path(os.fsdecode(path)).name == forged:  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))  # type: ignore[arg-type]
+        return scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    with caplog.at_level(logging.WARNING):
+        search_images(tmp_path)
+    [message] = [r.getMessage() for r in caplog.records if "cannot list" in r.getMessage()]
+    assert "\n" not in message and "locked\\nERROR anomaly_flow: all fine" in message
 
 
 def test_one_line_escapes_control_characters() -> None:

@@ -547,8 +547,9 @@ def test_a_model_whose_files_were_moved_away_is_named_so(trained: TrainedModel) 
     ("model.safetensors", r"is damaged or incomplete"),
     ("config.json", r"is not a model configuration anomaly-flow can read"),
 ])
+@pytest.mark.parametrize("uri_kind", ["alias_uri", "run_uri"])
 def test_a_damaged_stored_model_names_the_store_file_not_a_temporary_copy(
-        trained: TrainedModel, damage: str, said: str) -> None:
+        trained: TrainedModel, damage: str, said: str, uri_kind: str) -> None:
     """The files are downloaded to a temporary folder, gone when the user reads the
     message: the message names the file in the store's artifacts."""
     originals = {path: path.read_bytes()
@@ -558,7 +559,7 @@ def test_a_damaged_stored_model_names_the_store_file_not_a_temporary_copy(
         for path, data in originals.items():
             path.write_bytes(data[: len(data) // 2])
         with pytest.raises(ModelFileError, match=said) as info:
-            tracking.load_model(trained.alias_uri)
+            tracking.load_model(getattr(trained, uri_kind))
     finally:
         for path, data in originals.items():
             path.write_bytes(data)
@@ -710,6 +711,11 @@ def test_a_file_uri_is_its_file_and_other_uris_and_bytes_say_what_to_do(
     uris = [f"file:{local}", f"file://{local}", f"file://localhost{local}",
             f"file:{local.replace(' ', '%20')}"]
     assert input_sources(pd.DataFrame({"path": uris})) == [local] * 4
+    assert input_sources(pd.DataFrame({"path": [f"FILE://{local}"]})) == [local]
+    # another host's file is not this one's /HOST/...: the URI message answers it
+    (other_host,) = input_sources(pd.DataFrame({"path": [f"file://fileserver{local}"]}))
+    assert isinstance(other_host, InvalidSource)
+    assert "the model reads local files only" in other_host.reason
     remote, raw = input_sources(pd.DataFrame({"path": ["s3://bucket/a.png", b"\x89PNG"]}))
     assert isinstance(remote, InvalidSource) and isinstance(raw, InvalidSource)
     assert "is a URI ('s3://bucket/a.png'); the model reads local files only" in remote.reason

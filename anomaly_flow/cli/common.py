@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import click
 
-from anomaly_flow.errors import describe, user_error_types
+from anomaly_flow.errors import describe, one_line, user_error_types
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -107,8 +107,7 @@ def show_stages(*names: str) -> None:
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (a newline as ``\\n``), so that a
     file name prints as one line and cannot pass itself off as another message."""
-    return re.sub(r"[\x00-\x1f\x7f]",
-                  lambda m: repr(m.group())[1:-1], text)
+    return one_line(text)
 
 
 @contextlib.contextmanager

@@ -157,8 +157,9 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     if summary.unlisted:
         unlisted, reason = summary.unlisted[0]
         click.echo(f"{len(summary.unlisted)} folder(s) could not be listed, so the images "
-                   f"inside have no row (the first, {printable(unlisted)}: {reason}); fix "
-                   "their permissions and run again with --resume to score them", err=True)
+                   f"inside have no row (the first, {printable(unlisted)}: {reason}); make "
+                   "them readable (or put back what was moved away) and run again with "
+                   "--resume to score them", err=True)
     click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
     unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:

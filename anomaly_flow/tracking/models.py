@@ -532,6 +532,10 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             # name where the store keeps the files, not the temporary copy, which is gone
             # by the time the user reads the message
             location = _files_location(source)
+            if source.startswith("runs:/"):  # MLflow 3 keeps a logged model apart from
+                with contextlib.suppress(Exception):  # the run's own artifacts
+                    model_id = Model.load(str(model_dir)).model_id
+                    location = _files_location(f"models:/{model_id}") or location
             stored = (location.rstrip("/") if location
                       else f"<the files of {uri} in {redacted(mlflow.get_tracking_uri())}>")
             raise type(exc)(str(exc).replace(str(model_dir), stored)) from None

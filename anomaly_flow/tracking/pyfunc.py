@@ -199,9 +199,10 @@ def _image_source(value: Any) -> bytes | InvalidSource:
                          "image file's bytes per row")
 
 
-_FILE_URI = re.compile(r"file:(?://(?:localhost)?)?(?=/)")
+_FILE_URI = re.compile(r"file:(?://(?:localhost)?(?=/)|(?=/(?!/)))", re.IGNORECASE)
 """``file:/x``, ``file:///x`` and ``file://localhost/x`` (RFC 8089), as Spark's
-``binaryFile`` source and ``input_file_name()`` give local files."""
+``binaryFile`` source and ``input_file_name()`` give local files; not ``file://HOST/x``,
+another host's file, which the URI message below answers."""
 
 _OTHER_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 

@@ -405,10 +405,11 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
             "train.val_fraction is 0, so there would be no validation images to check the "
             "model (and fit its normal reference) before registering it; set "
             "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
+    ckpt = checkpoint_dir(name, mlruns)
+    _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
     dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
     check_batch_split(config)
     folder = folder_datasets(data, config)
-    ckpt = checkpoint_dir(name, mlruns)
     joined = join_launch_group(dev)  # under torchrun: the group before rank 0's checks
     try:
         if launch_rank() != 0:  # rank 0 checks, clears, logs and registers
@@ -583,7 +584,12 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                 message += f"; {len(result.failed_files)} training file(s) could not be decoded"
             (ckpt / RUN_STATE_FILE).write_text(json.dumps(
                 {**record, "concluded": True, "outcome": message}, indent=2))
+            _CONCLUDED_HERE[ckpt.resolve()] = message
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+
+
+_CONCLUDED_HERE: dict[Path, str] = {}
+"""The outcome of each training this process concluded, by checkpoint folder."""
 
 
 def _logged_earlier(state: dict[str, Any], run_id: str, steps: int) -> str | None:
@@ -608,11 +614,10 @@ def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None 
     how else it stopped): where it can go on from, or that no checkpoint was written
     yet."""
     folder = checkpoint_dir(name, mlruns)
-    with contextlib.suppress(OSError, ValueError):
-        state = json.loads((folder / RUN_STATE_FILE).read_text())
-        # the stop came after the end
-        if isinstance(state, dict) and state.get("concluded") and state.get("outcome"):
-            return f"{what} after the training had finished ({state['outcome']})"
+    # the stop came after the end of a training this process ran (run.json may hold the
+    # outcome of an earlier one, which a new training stopped early has not replaced yet)
+    if (outcome := _CONCLUDED_HERE.get(folder.resolve())) is not None:
+        return f"{what} after the training had finished ({outcome})"
     latest = latest_checkpoint(folder)
     every = config.train.checkpoint_every
     if latest is None:
