@@ -330,11 +330,17 @@ def join_launch_group(device: torch.device) -> bool:
     :func:`leave_launch_group`). Alone, nothing happens."""
     if _world_size() <= 1:
         return False
-    if device.type == "cuda" and device.index is None:
+    return _join_process_group(_launch_device(device))[2]
+
+
+def _launch_device(device: torch.device) -> torch.device:
+    """``device``, on CUDA under torchrun this rank's GPU (LOCAL_RANK), pinned as the
+    current one: NCCL and ``all_gather_object`` use it, so before the group starts."""
+    if device.type == "cuda" and _world_size() > 1 and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    return _join_process_group(device)[2]
+    return device
 
 
 def leave_launch_group() -> None:
@@ -879,10 +885,7 @@ def train(
                             f"({latest.name}); pass --resume to continue it, or choose an "
                             "empty folder.")
 
-    if dev.type == "cuda" and _world_size() > 1 and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if dev.type == "cuda" and dev.index is not None:
-        torch.cuda.set_device(dev)  # before NCCL starts: it and all_gather_object use it
+    dev = _launch_device(dev)
     rank, world, joined = _join_process_group(dev)
     together = world > 1  # a group, this call's or the caller's: leave training together
     if rank == 0 and ckpt_dir is not None:  # the one writer; another host's ids mean nothing
