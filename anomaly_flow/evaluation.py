@@ -443,6 +443,26 @@ def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
             "symlink), so they would count as both; pass folders that share no files")
 
 
+def check_held_out_of_calibration(calibration: str | Path, test_normal: str | Path) -> None:
+    """Refuse a normal test folder that shares image files with the calibration folder:
+    measured on the images it was fitted to, a threshold's false-positive rate is the
+    one it was fitted for, not an estimate of the rate on new images.
+
+    Raises:
+        CalibrationError: The folders are one folder, lie inside each other, or share files.
+        DataError: A folder is missing or holds no image files.
+    """
+    a, b = Path(os.path.realpath(calibration)), Path(os.path.realpath(test_normal))
+    files = {os.path.realpath(path) for path in find_images(Path(calibration))}
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a) or any(
+            os.path.realpath(path) in files for path in find_images(Path(test_normal))):
+        raise CalibrationError(
+            f"the normal test folder {display_path(test_normal)} shares images with the "
+            f"calibration folder {display_path(calibration)}, so the false-positive rate "
+            "measured at the threshold would be the one it was fitted to; test on normal "
+            "images kept out of both training and calibration")
+
+
 def _check_folder_paths(normal: str | Path, anomalous: str | Path) -> None:
     """Refuse two folders that are one folder or lie inside each other."""
     a, b = Path(os.path.realpath(normal)), Path(os.path.realpath(anomalous))

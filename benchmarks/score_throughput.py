@@ -85,6 +85,10 @@ def png_folder(n: int, folder: Path | None) -> tuple[Path, str]:
     if folder.is_dir() and len(list(folder.glob("*.png"))) == n:
         logger.info("reusing %d PNG files in %s", n, folder)
         return folder, source
+    if folder.exists() and any(not p.name.startswith("fmnist")
+                               for p in folder.iterdir()):
+        raise SystemExit(f"{folder} holds files this script did not write; give --data an "
+                         "empty or new folder (it is rewritten when its PNG count is not --n)")
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     write_image_folder(images, folder, "fmnist", "png")

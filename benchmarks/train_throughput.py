@@ -450,7 +450,10 @@ def main() -> None:
     window = stamps[warmup - 1 :] if warmup > 0 else stamps
     durations = [b - a for a, b in itertools.pairwise(window)]
     elapsed = window[-1] - window[0]
-    images_per_sec = steps_in_window(len(durations), loop, config) * batch / elapsed
+    n_steps = steps_in_window(len(durations), loop, config)
+    images_per_sec = n_steps * batch / elapsed
+    if n_steps < len(durations):  # reported late: the last interval is only the last update
+        durations = durations[:-1]
     flops = math.nan if args.no_flops else flops_per_image(config.model, device)
     tflops = flops * images_per_sec / 1e12
     eval_bpd = math.nan
@@ -460,7 +463,7 @@ def main() -> None:
         eval_bpd = evaluate_bpd(model, ArrayDataset(test), 500, device)
     payload.update({
         "images_per_sec": images_per_sec,
-        "step_ms_mean": 1000 * elapsed / len(durations),
+        "step_ms_mean": 1000 * elapsed / n_steps,
         "step_ms_median": 1000 * statistics.median(durations),
         "step_ms_min": 1000 * min(durations),
         "step_ms": [round(1000 * d, 3) for d in durations],

@@ -91,13 +91,14 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     from anomaly_flow import tracking
     from anomaly_flow.evaluation import (
         calibrate_model,
+        check_held_out_of_calibration,
         check_separate_folders,
         evaluate_model,
         precheck_calibration,
         precheck_held_out,
         precheck_score_of_training,
     )
-    from anomaly_flow.train import TrainingError
+    from anomaly_flow.train import TrainingError, resolve_device
 
     config = named_config(config_name).replace(epochs=epochs)
     # what calibrating would refuse, refused before hours of training
@@ -105,10 +106,17 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     precheck_score_of_training(score, config)
     precheck_held_out(folders["train"], folders["calibration"], target_fpr)
     check_separate_folders(folders["test_normal"], folders["test_anomalous"])  # evaluate's
+    # the test folders are new to the threshold: the calibration images are normal, and
+    # measured on them the false-positive rate at the threshold is the one it was fitted to
+    check_separate_folders(folders["calibration"], folders["test_anomalous"])
+    check_held_out_of_calibration(folders["calibration"], folders["test_normal"])
+    tracking.precheck_training(name, config)  # before the parent run names an experiment
+    resolve_device(device)
     tracking.configure(mlruns)
     params = {"name": name, "config": config_name, "epochs": config.train.epochs,
               "target_fpr": target_fpr, "score": score or "default", "promote": promote,
-              **{f"folder.{key}": str(path) for key, path in folders.items()}}
+              "device": device,
+              **{f"folder.{key}": str(Path(path).resolve()) for key, path in folders.items()}}
     with tracking.start_run(name, "end-to-end", tags={"pipeline": "end_to_end"}) as parent:
         parent.log_params(params)
         trained = tracking.train_and_register(folders["train"], name, config, device=device,

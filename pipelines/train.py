@@ -24,6 +24,7 @@ from anomaly_flow.pipeline_options import (
     add_name_option,
     given_path,
     setup_logging,
+    stoppable,
 )
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@stoppable  # a stop before training starts (imports, the config) is a line too
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported after parsing: --help and a mistyped option answer at once, not after

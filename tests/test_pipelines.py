@@ -389,3 +389,47 @@ def test_a_stop_in_a_pipeline_returns_the_signals_status(
     assert load_script("calibrate").main(argv) == 143
     assert capsys.readouterr().err.strip().endswith(
         "interrupted (before it started an MLflow run); run the same command again")
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (["--name", ""], "model name '' is invalid"),
+    (["--name", "a/b"], "model name 'a/b' is invalid"),
+    (["--name", "e2e", "--device", "cuda:99"], "CUDA"),
+    (["--name", "e2e", "--test-normal-is-calibration"],
+     "shares images with the calibration folder"),
+    (["--name", "e2e", "--test-anomalous-is-calibration"],
+     "the normal and the anomalous folder are the same folder"),
+])
+def test_end_to_end_refuses_before_its_parent_run(
+        mlruns: Path, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str],
+        extra: list[str], said: str) -> None:
+    """A name, a device or test folders the stages would refuse leave no experiment and no
+    FAILED parent run behind (an experiment named 'a/b' stayed in the store)."""
+    folders = {"--train": image_dirs.train, "--calibration": image_dirs.calibration,
+               "--test-normal": image_dirs.test_normal,
+               "--test-anomalous": image_dirs.test_anomalous}
+    if "--test-normal-is-calibration" in extra:
+        extra, folders["--test-normal"] = extra[:2], image_dirs.calibration
+    if "--test-anomalous-is-calibration" in extra:
+        extra, folders["--test-anomalous"] = extra[:2], image_dirs.calibration
+    argv = [*extra, *(str(part) for pair in folders.items() for part in pair),
+            "--preset", "tiny", "--epochs", "1", "--target-fpr", "0.1", "--mlruns", str(mlruns)]
+    if "--device" not in extra:
+        argv += ["--device", "cpu"]
+    assert load_script("end_to_end").main(argv) == 1
+    assert said in capsys.readouterr().err
+    assert [e.name for e in mlflow.MlflowClient().search_experiments()] == ["Default"]
+
+
+def test_a_stop_before_training_in_the_train_pipeline_is_a_line(
+        image_dirs: ImageDirs, mlruns: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, signal_handlers_restored: None) -> None:
+    """Ctrl-C or SIGTERM while the script loads torch and mlflow, or reads its config, was
+    a traceback (pipelines/train.py alone had no stop handling there)."""
+    train = load_script("train")
+    stop_during(monkeypatch, train, "load_preset")
+    argv = [str(image_dirs.train), "--name", "stopped", "--preset", "tiny", "--mlruns",
+            str(mlruns)]
+    assert train.main(argv) == 143
+    assert capsys.readouterr().err.strip().endswith(
+        "interrupted (before it started an MLflow run); run the same command again")

@@ -645,6 +645,7 @@ def stop_advice(mark: tuple[int, int]) -> str:
             else f"its MLflow runs {', '.join(ids)} end KILLED")
     if not made:
         return f"({runs}); run the same command again"
-    return (f"({runs}, after it registered {', '.join(made)}, which is whole); use it, or "
-            "run the same command again for a new version")
+    whole = "which is whole); use it" if len(made) == 1 else "which are whole); use them"
+    return (f"({runs}, after it registered {', '.join(made)}, {whole}, or run the same "
+            "command again for a new version")
 

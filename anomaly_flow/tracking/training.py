@@ -392,19 +392,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrainingError: Training failed (diverged, nothing to resume, ...).
         TrackingError: The tracking store cannot be used.
     """
-    if (not name or len(name) > MAX_NAME_LENGTH or any(c in name for c in "/:?@")
-            or any(c.isspace() for c in name) or name.startswith(".")):
-        shown = name if len(name) <= 60 else f"{name[:57]}..."
-        raise TrainingError(
-            f"model name {shown!r} is invalid; use 1 to {MAX_NAME_LENGTH} characters "
-            "without spaces, '/', ':', '?' or '@', not starting with '.' (model URIs such as "
-            "models:/NAME@candidate could not name it, and MLflow refuses '.' and '..'), "
-            "e.g. --name bottle-caps.")
-    if config.train.val_fraction == 0:
-        raise TrainingError(
-            "train.val_fraction is 0, so there would be no validation images to check the "
-            "model (and fit its normal reference) before registering it; set "
-            "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
+    precheck_training(name, config)
     ckpt = checkpoint_dir(name, mlruns)
     _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
     dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
@@ -432,6 +420,30 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     finally:
         if joined:
             leave_launch_group()
+
+
+def precheck_training(name: str, config: RunConfig) -> None:
+    """What :func:`train_and_register` refuses about its name and configuration before it
+    touches the store: for a caller (the end-to-end pipeline) that opens a parent run
+    first, and must not leave an experiment named ``a/b`` or a FAILED run behind.
+
+    Raises:
+        TrainingError: The name cannot be a registered model's, or the configuration
+            keeps no validation images.
+    """
+    if (not name or len(name) > MAX_NAME_LENGTH or any(c in name for c in "/:?@")
+            or any(c.isspace() for c in name) or name.startswith(".")):
+        shown = name if len(name) <= 60 else f"{name[:57]}..."
+        raise TrainingError(
+            f"model name {shown!r} is invalid; use 1 to {MAX_NAME_LENGTH} characters "
+            "without spaces, '/', ':', '?' or '@', not starting with '.' (model URIs such as "
+            "models:/NAME@candidate could not name it, and MLflow refuses '.' and '..'), "
+            "e.g. --name bottle-caps.")
+    if config.train.val_fraction == 0:
+        raise TrainingError(
+            "train.val_fraction is 0, so there would be no validation images to check the "
+            "model (and fit its normal reference) before registering it; set "
+            "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
 
 
 class _Verdict:
