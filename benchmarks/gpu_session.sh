@@ -11,7 +11,9 @@
 # Everything comes back as $OUT/summary.txt (each step's exit status, seconds and table)
 # and $OUT/gpu-session.tar.gz (each step's log, and the JSON the benchmarks wrote).
 #
-# Steps, most important first, each under its own time limit (550 s in all):
+# Steps, most important first, each under its own time limit and all under one deadline
+# (BUDGET, 540 s from the start: a step that would pass it is cut to what is left, or
+# skipped, so that the logs are packed before the device call's 600 s end it):
 #   issue3   `anomaly-flow train` on the 60,000 Fashion-MNIST training images as PNG files,
 #            preset fashion-mnist (the B1 architecture, bf16), one epoch: images/s and
 #            validation bits/dim, logged to a real sqlite MLflow store
@@ -19,15 +21,18 @@
 #            skipped on the device, pinned-memory scoring equal to the CPU's
 #   b1-fp32  B1 as the public implementations run it (float32, eager)
 #   b1-bf16  B1 with the preset's bf16 autocast
+#   b2       B2: scoring 50,000 PNG files to CSV vs decoding them, 16 workers
 #   b1-profile  train() under torch.profiler in that mode: the kernel table the speed
 #            pass starts from (NOTES.md's plan)
-#   b1-bf16-compile   B1 with bf16 and torch.compile
-#   b2       B2: scoring 50,000 PNG files to CSV vs decoding them, 16 workers
 #   batch-invariance  whether a file scored alone gets the bits it gets in a large batch
 #            on the GPU (the README claims it for x86 CPUs only)
+#   b1-bf16-compile   B1 with bf16 and torch.compile (compiling the reference model takes
+#            minutes: it gets what is left)
+#   b2-bf16  B2 with bf16 scoring, if time is left
 # B3 (15 minutes of training) and B4 (ten models) do not fit one lease beside these;
-# PART=quality runs them instead, shortened to fit a lease of their own (trends, not the
-# protocols' figures):
+# PART=quality runs them instead, shortened to fit a device session of their own (another
+# task's: one session's 15 minutes hold one of the two parts; trends, not the protocols'
+# figures):
 #   b3       B3 with 4 minutes of bf16 training (the protocol: 15), test bits/dim, curve
 #            logged to a sqlite MLflow store
 #   b4       B4 with 15 s of bf16 training per class, every score against 5-NN and
@@ -44,6 +49,17 @@ touch "$work/started"
 mkdir -p "$out/logs"
 summary=$out/summary.txt
 : > "$summary"
+deadline=$((SECONDS + ${BUDGET:-540}))
+
+# finish: the JSON the benchmarks wrote, the MLflow database (runs, metrics, curves'
+# numbers; not the weights) and every log, into one tarball; run on any exit
+finish() {
+    find benchmarks/results -type f -newer "$work/started" -exec cp {} "$out/logs/" \; 2>/dev/null
+    [ -f "$work/mlruns/mlflow.db" ] && cp "$work/mlruns/mlflow.db" "$out/logs/"
+    tar -czf "$out/gpu-session.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+    rm -rf "$work"
+}
+trap finish EXIT
 
 if [ -d .whl ] && [ "$smoke" != 1 ]; then  # the smoke run uses this machine's environment
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
@@ -62,22 +78,22 @@ python3 -c "import torch, sys; print(sys.version); print(torch.__version__, torc
 python3 -c "import mlflow, sqlalchemy, alembic, anomaly_flow.tracking; print('mlflow', mlflow.__version__)" \
     >> "$summary" 2>&1 || echo "imports failed: the steps that log to MLflow will fail" >> "$summary"
 
-# step NAME SECONDS COMMAND...: run under a time limit, log to logs/NAME.log, one summary line
+# step NAME SECONDS COMMAND...: run under a time limit (cut to the deadline, with 15 s
+# for a stopped step to be killed), log to logs/NAME.log, one summary line
 step() {
     local name=$1 limit=$2
     shift 2
+    local left=$((deadline - SECONDS - 15))
+    if [ "$left" -lt 20 ]; then
+        echo "$name skipped: $((deadline - SECONDS)) s left before the deadline" | tee -a "$summary"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local start=$SECONDS
     timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/logs/$name.log" 2>&1
     local rc=$?
     echo "$name rc=$rc seconds=$((SECONDS - start)) limit=$limit" | tee -a "$summary"
     grep -E "^\|" "$out/logs/$name.log" | tail -24 >> "$summary"
-}
-
-# finish: the JSON the benchmarks wrote, and every log, into one tarball
-finish() {
-    find benchmarks/results -type f -newer "$work/started" -exec cp {} "$out/logs/" \;
-    tar -czf "$out/gpu-session.tar.gz" -C "$out" logs && rm -rf "$out/logs"
-    rm -rf "$work"
 }
 
 if [ "$part" = quality ]; then
@@ -91,16 +107,16 @@ if [ "$part" = quality ]; then
         --mlruns "$work/mlruns" --out "$out/logs/b3.json"
     step b4 260 python3 benchmarks/oneclass_fmnist.py --device "$device" "${b4[@]}" \
         --out "$out/logs/b4.json"
-    finish
     exit 0
 fi
 
 if [ "$smoke" = 1 ]; then
     n_train=600; preset=tiny; b1=(--tiny --steps 3 --warmup 1 --eval-images 200); n_score=300; workers=2
-    b1_profile=(--tiny --steps 3 --warmup 1)
+    b1_profile=(--tiny --steps 3 --warmup 1); invariance=(--threads 1 --images 32 --sizes 1 16)
 else
     n_train=60000; preset=fashion-mnist; b1=(--steps 30 --warmup 5 --eval-images 2000); n_score=50000; workers=16
-    b1_profile=(--steps 10 --warmup 3)
+    # few profiled steps: the profiler's own processing of the events takes longer
+    b1_profile=(--steps 3 --warmup 2); invariance=()
 fi
 
 # The PNG folders of issue3 and b2, written by all cores (one process writes ~1,200/s).
@@ -145,13 +161,14 @@ step b1-fp32 50 python3 benchmarks/train_throughput.py --device "$device" "${b1[
     --out "$out/logs/b1-fp32.json"
 step b1-bf16 50 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" --bf16 \
     --out "$out/logs/b1-bf16.json"
-step b1-profile 45 python3 benchmarks/train_throughput.py --device "$device" "${b1_profile[@]}" \
-    --bf16 --profile --out "$out/logs/b1-profile.json"
-step b1-bf16-compile 120 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
-    --bf16 --compile --out "$out/logs/b1-bf16-compile.json"
 step b2 90 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
     --workers "$workers" --preset "$preset" --data "$work/b2-pngs"
 tail -7 "$out/logs/b2.log" >> "$summary"
-step batch-invariance 25 python3 benchmarks/batch_invariance.py --device "$device"
-
-finish
+step b1-profile 90 python3 benchmarks/train_throughput.py --device "$device" "${b1_profile[@]}" \
+    --bf16 --profile --out "$out/logs/b1-profile.json"
+step batch-invariance 25 python3 benchmarks/batch_invariance.py --device "$device" "${invariance[@]}"
+step b1-bf16-compile 240 python3 benchmarks/train_throughput.py --device "$device" "${b1[@]}" \
+    --bf16 --compile --out "$out/logs/b1-bf16-compile.json"
+step b2-bf16 60 python3 benchmarks/score_throughput.py --device "$device" --n "$n_score" \
+    --workers "$workers" --preset "$preset" --data "$work/b2-pngs" --precision bf16
+tail -7 "$out/logs/b2-bf16.log" >> "$summary" 2>/dev/null || true
