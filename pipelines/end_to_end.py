@@ -47,6 +47,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
+from anomaly_flow.stopping import interrupt_exit_code
 
 if TYPE_CHECKING:
     from anomaly_flow.evaluation import CalibrateOutcome, EvaluateOutcome
@@ -68,7 +69,7 @@ class PipelineResult:
 def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tiny",
                  epochs: int | None = None, target_fpr: float = 0.01, score: str | None = None,
                  promote: bool = True, device: str = "auto", mlruns: Path | None = None,
-                 progress: bool | None = None) -> PipelineResult:
+                 progress: bool | None = None, resume: bool = False) -> PipelineResult:
     """Train, calibrate and evaluate model ``name`` under one parent run.
 
     Args:
@@ -83,6 +84,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         device: ``auto``, ``cpu`` or ``cuda``.
         mlruns: Root of the local MLflow store (default ``./mlruns``).
         progress: Progress bars on stderr; None: only on a terminal.
+        resume: Continue the stopped training of ``name`` from its latest checkpoint.
 
     Returns:
         The parent run id and the three stages' outcomes.
@@ -120,7 +122,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     with tracking.start_run(name, "end-to-end", tags={"pipeline": "end_to_end"}) as parent:
         parent.log_params(params)
         trained = tracking.train_and_register(folders["train"], name, config, device=device,
-                                              mlruns=mlruns, progress=progress, nested=True)
+                                              mlruns=mlruns, progress=progress, nested=True,
+                                              resume=resume)
         if trained is None:
             raise TrainingError("the end-to-end pipeline runs in one process; train on "
                                 "several with torchrun ... -m anomaly_flow train")
@@ -165,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "coarse_complexity, typicality, knn, ensemble, level_1, "
                                   "...; default: ensemble, or bpd for a model without a "
                                   "normal reference")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the training of --name that a stop interrupted from "
+                             "its latest checkpoint, then calibrate and evaluate")
     parser.add_argument("--no-promote", action="store_true",
                         help="do not move alias 'champion' to the calibrated version")
     add_device_option(parser)
@@ -201,7 +207,12 @@ def named_config(name: str) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from anomaly_flow.data import write_sample_folders
-    from anomaly_flow.tracking import ensure_configured, ui_command
+    from anomaly_flow.tracking import (
+        ensure_configured,
+        interrupted_message,
+        training_concluded,
+        ui_command,
+    )
 
     setup_logging()
     try:
@@ -214,10 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         result = run_pipeline(
             args.name, folders, config_name=args.preset, epochs=args.epochs,
             target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,
-            device=args.device, mlruns=args.mlruns)
+            device=args.device, mlruns=args.mlruns, resume=args.resume)
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:
+        if training_concluded(args.name, args.mlruns) is not None:
+            raise  # after the training: its model is registered, the usual line says so
+        # during the training (or before it): where --resume goes on from, not "run the
+        # same command again", which would delete its checkpoint
+        config = named_config(args.preset).replace(epochs=args.epochs)
+        print(interrupted_message(args.name, config, args.mlruns), file=sys.stderr)
+        return interrupt_exit_code(stop)
     print(f"parent run: {result.run_id}")
     print(f"trained: {result.train.model_uri} (val bpd {result.train.val_bpd:.4f})")
     print(f"calibrated: {result.calibrate.model_uri} (threshold {result.calibrate.threshold!r})")

@@ -433,3 +433,35 @@ def test_a_stop_before_training_in_the_train_pipeline_is_a_line(
     assert train.main(argv) == 143
     assert capsys.readouterr().err.strip().endswith(
         "interrupted (before it started an MLflow run); run the same command again")
+
+
+def test_a_stopped_end_to_end_training_goes_on_with_resume(
+        image_dirs: ImageDirs, mlruns: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop during the training says where --resume goes on from (run again without it,
+    the pipeline deleted the checkpoint, and it had no --resume); with --resume the same
+    training run finishes, then calibration and evaluation run."""
+    from tests.test_cli_train import often_config, stop_training_at
+
+    argv = ["--name", "e2e-stop", "--train", str(image_dirs.train), "--calibration",
+            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
+            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
+            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
+            "--mlruns", str(mlruns)]
+    end_to_end = load_script("end_to_end")
+    with monkeypatch.context() as patch:
+        stop_training_at(patch, 3, KeyboardInterrupt())
+        assert end_to_end.main(argv) == 130
+    said = capsys.readouterr().err
+    assert "interrupted; the last checkpoint is " in said
+    assert "run the same command with --resume to go on from it" in said
+    client = mlflow.MlflowClient()
+    [stopped] = client.search_runs([client.get_experiment_by_name("e2e-stop").experiment_id],
+                                   filter_string="tags.command = 'train'")
+    assert stopped.info.status == "KILLED"
+    assert end_to_end.main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    [finished] = client.search_runs([client.get_experiment_by_name("e2e-stop").experiment_id],
+                                    filter_string="tags.command = 'train'")
+    assert finished.info.run_id == stopped.info.run_id  # the same training, gone on
+    assert finished.info.status == "FINISHED"
+    assert client.get_model_version_by_alias("e2e-stop", "champion") is not None

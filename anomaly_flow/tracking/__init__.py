@@ -57,6 +57,7 @@ from anomaly_flow.tracking.training import (
     interrupted_message,
     precheck_training,
     train_and_register,
+    training_concluded,
     training_image_digests,
     training_run_of,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "stop_advice",
     "stop_mark",
     "train_and_register",
+    "training_concluded",
     "training_image_digests",
     "training_run_of",
     "ui_command",

@@ -604,6 +604,12 @@ _CONCLUDED_HERE: dict[Path, str] = {}
 """The outcome of each training this process concluded, by checkpoint folder."""
 
 
+def training_concluded(name: str, mlruns: str | Path | None = None) -> str | None:
+    """The outcome of the training of ``name`` this process ran to its end (registered,
+    or why not), or None: none did, or a newer one of that name has started since."""
+    return _CONCLUDED_HERE.get(checkpoint_dir(name, mlruns).resolve())
+
+
 def _logged_earlier(state: dict[str, Any], run_id: str, steps: int) -> str | None:
     """The model an earlier attempt of this run logged after its last step (its store
     failed at registration), so that a resume which only finishes the logging registers
@@ -628,7 +634,7 @@ def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None 
     folder = checkpoint_dir(name, mlruns)
     # the stop came after the end of a training this process ran (run.json may hold the
     # outcome of an earlier one, which a new training stopped early has not replaced yet)
-    if (outcome := _CONCLUDED_HERE.get(folder.resolve())) is not None:
+    if (outcome := training_concluded(name, mlruns)) is not None:
         return f"{what} after the training had finished ({outcome})"
     latest = latest_checkpoint(folder)
     every = config.train.checkpoint_every
