@@ -310,6 +310,8 @@ def changed_fields(before: Any, after: Any, section: str,
 def load_config(path: str | Path) -> RunConfig:
     """Read a TOML (preset) or JSON run configuration."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .toml or .json file.")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing .toml or .json.")
     try:

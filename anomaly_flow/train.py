@@ -291,8 +291,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except RuntimeError as exc:
         raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu or cuda.") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but CUDA is not available on this "
-                            "machine; use --device cpu or auto.")
+        raise TrainingError(f"--device {resolved} was asked for but CUDA is not available on "
+                            "this machine; use --device cpu or auto.")
+    if resolved.type == "cuda" and resolved.index is not None \
+            and resolved.index >= torch.cuda.device_count():
+        raise TrainingError(f"--device {resolved} was asked for but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1}; name one of them, or cuda.")
     return resolved
 
 

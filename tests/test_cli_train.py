@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,7 @@ def test_help_shows_an_example() -> None:
      ["--preset or --config, not both"]),
     (["{data}", "--name", "x", "--config", "/no/such.toml"], 1,
      ["config file /no/such.toml does not exist"]),
+    (["{data}", "--name", "x", "--config", "{data}"], 2, ["'{data}' is a directory"]),
     (["{empty}", "--name", "x", "--mlruns", "{store}"], 1, ["no image files found"]),
     (["{single}", "--name", "x", "--mlruns", "{store}"], 1,
      ["{single} holds a single image ({single}/only.png)", "Add more normal images"]),
@@ -172,6 +174,12 @@ def test_a_config_without_a_model_table_says_which_model_it_gets(
         assert load_config(config).train.epochs == 1
     assert f"{config} has no [model] table, so the model is the default one: 32×32 grey, " \
         "L=3, K=32, 512 channels, slow to train on a CPU" in caplog.text
+    # a folder given as the file (pipelines/train.py --config DIR): said so, not "missing"
+    from anomaly_flow.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(tmp_path))} is a "
+                                          r"folder; pass a \.toml or \.json file\.$"):
+        load_config(tmp_path)
 
 
 def test_a_config_with_an_unknown_field_is_a_one_line_error(

@@ -786,6 +786,14 @@ def test_errors(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(TrainingError, match="CUDA is not available"):
         train(config, data.train, device="cuda")
+    with pytest.raises(TrainingError, match="--device cuda:7 was asked for but CUDA is not"):
+        train(config, data.train, device="cuda:7")  # the device as given, index and all
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(TrainingError, match=r"--device cuda:7 was asked for but this machine "
+                                            r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        train(config, data.train, device="cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it; checked before joining
     with pytest.raises(TrainingError, match="batch_size 16 is not divisible by the 3"):
