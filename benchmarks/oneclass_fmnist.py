@@ -79,6 +79,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.common` impor
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
+    RESULTS,
+    device_slug,
     pick_device,
     print_table,
     set_threads,
@@ -182,6 +184,24 @@ def main() -> None:
     methods = flow_methods + ([] if args.no_baselines else list(BASELINES))
     logger.info("B4 on %s, classes %s: %s; %s", device, classes, config.model, config.train)
 
+    # written after every class, so that a run stopped part way (a device lease's end)
+    # keeps the classes it finished; "complete" says whether all were
+    out = args.out or RESULTS / (f"oneclass_fmnist-{device_slug(device)}-"
+                                 f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+    def payload(done: list[int]) -> dict[str, Any]:
+        mean = {m: float(np.mean([per_class[k]["auroc"][m] for k in done])) for m in methods}
+        worst = {m: float(np.min([per_class[k]["auroc"][m] for k in done])) for m in methods}
+        return {"config": config.to_dict(), "classes": classes, "classes_done": done,
+                "complete": done == classes, "minutes_per_class": args.minutes_per_class,
+                "val_fraction": args.val_fraction,
+                "reference_std_floor": REFERENCE_STD_FLOOR,
+                "knn": "Euclidean distance on raw pixels in [0, 1]: knn5_mean = mean of the "
+                       "5 nearest, knn5_kth = the 5th nearest",
+                "iforest": "IsolationForest(random_state=0), defaults, score = "
+                           "-score_samples",
+                "mean_auroc": mean, "min_auroc": worst, "per_class": per_class}
+
     per_class: dict[int, dict[str, Any]] = {}
     for k in classes:
         train_k = train_all[train_labels == k][: args.train_images]
@@ -237,18 +257,10 @@ def main() -> None:
                     aurocs["knn"], aurocs["ensemble"],
                     "" if args.no_baselines else
                     f", 5-NN {aurocs['knn5_mean']:.1f}, IF {aurocs['iforest']:.1f}")
+        path = write_results("oneclass_fmnist", device, payload(list(per_class)), out)
 
-    mean = {m: float(np.mean([per_class[k]["auroc"][m] for k in classes])) for m in methods}
-    worst = {m: float(np.min([per_class[k]["auroc"][m] for k in classes])) for m in methods}
-    payload = {"config": config.to_dict(), "classes": classes,
-               "minutes_per_class": args.minutes_per_class,
-               "val_fraction": args.val_fraction,
-               "reference_std_floor": REFERENCE_STD_FLOOR,
-               "knn": "Euclidean distance on raw pixels in [0, 1]: knn5_mean = mean of the 5 "
-                      "nearest, knn5_kth = the 5th nearest",
-               "iforest": "IsolationForest(random_state=0), defaults, score = -score_samples",
-               "mean_auroc": mean, "min_auroc": worst, "per_class": per_class}
-    path = write_results("oneclass_fmnist", device, payload, args.out)
+    final = payload(classes)
+    mean, worst = final["mean_auroc"], final["min_auroc"]
     rows = [(f"{k} {FASHION_MNIST_CLASSES[k]}", *(f"{per_class[k]['auroc'][m]:.1f}"
                                                    for m in methods)) for k in classes]
     rows.append(("**mean**", *(f"**{mean[m]:.1f}**" for m in methods)))
