@@ -310,7 +310,7 @@ def _check_auto(score: str | None, has_anomalous: bool) -> None:
         )
 
 
-def _check_registered(loaded: tracking.LoadedModel) -> None:
+def check_registered(loaded: tracking.LoadedModel) -> None:
     """A calibrated version is added to the model's registered name: there must be one."""
     if not loaded.name:
         raise CalibrationError(
@@ -319,6 +319,19 @@ def _check_registered(loaded: tracking.LoadedModel) -> None:
             "models:/NAME/VERSION or the runs:/ URI of a registered model (anomaly-flow "
             "train registers NAME@candidate)."
         )
+
+
+def warn_replaced_calibration(loaded: tracking.LoadedModel, asked: str | None,
+                              score: str) -> None:
+    """Warn, before a calibration of ``loaded`` on ``score`` is registered, that the new
+    version replaces the calibration the model already carries (``asked``: the score the
+    user named, None for the default, which may differ from the earlier one's)."""
+    if (earlier := loaded.calibration) is not None:
+        keep = (f"; pass --score {earlier.score_name} to keep its score"
+                if asked is None and earlier.score_name != score else "")
+        logger.warning("%s already carries a calibration (%s, %s threshold %.6g); the new "
+                       "version replaces it with one on %s%s", loaded.uri, earlier.score_name,
+                       earlier.threshold.method, earlier.threshold.value, score, keep)
 
 
 def _check_method(method: str, target_fpr: float | None, has_anomalous: bool) -> None:
@@ -714,7 +727,7 @@ def calibrate_scores(
         CalibrationError: Bad options, or too few usable normal images for α (the
             message says how many are needed).
     """
-    _check_registered(loaded)
+    check_registered(loaded)
     score = resolve_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
@@ -929,14 +942,9 @@ def calibrate_model(
     precheck_calibration(normal, anomalous_path, score=score, method=method,
                          target_fpr=target_fpr)
     loaded = open_model(model_uri, device, mlruns)
-    _check_registered(loaded)
+    check_registered(loaded)
     asked, score = score, resolve_score(score, loaded.model)
-    if (earlier := loaded.calibration) is not None:
-        keep = (f"; pass --score {earlier.score_name} to keep its score"
-                if asked is None and earlier.score_name != score else "")
-        logger.warning("%s already carries a calibration (%s, %s threshold %.6g); the new "
-                       "version replaces it with one on %s%s", model_uri, earlier.score_name,
-                       earlier.threshold.method, earlier.threshold.value, score, keep)
+    warn_replaced_calibration(loaded, asked, score)
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     normal_scores = score_folder_table(loaded.model, normal, **options)
     anomalous_scores = (

@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_mlruns_option(parser)
     args = parser.parse_args(argv)
     check_cost_options(parser, args, "cost")  # the comparison always shows the cost method
+    if args.register == "conformal" and args.target_fpr is None:
+        parser.error("--register conformal needs --target-fpr, e.g. --target-fpr 0.01")
     if args.promote and args.register is None:
         parser.error("--promote moves champion to the version --register makes; add "
                      "--register METHOD, or drop --promote")
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly_flow.evaluation import (
         AUTO_SCORE,
         calibrate_scores,
+        check_registered,
         compare_thresholds,
         leave_out_training_images,
         open_model,
@@ -78,13 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         score_folder_table,
         select_folder_score,
         warn_labelled_both,
+        warn_replaced_calibration,
     )
     from anomaly_flow.scoring import score_names
 
     setup_logging()
-    if args.register == "conformal" and args.target_fpr is None:
-        print("error: --register conformal needs --target-fpr", file=sys.stderr)
-        return 2
     try:
         # the labelled methods' checks, and with --target-fpr the conformal row's size
         precheck_calibration(args.normal, args.anomalous, score=args.score,
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         # without --register nothing is logged: a read-only store serves
         loaded = open_model(args.model, args.device, args.mlruns,
                             logs=args.register is not None)
+        if args.register is not None:  # what registering needs, before the scoring
+            check_registered(loaded)
+            warn_replaced_calibration(loaded, args.score, resolve_score(args.score,
+                                                                        loaded.model))
         options = {"batch_size": args.batch_size, "workers": args.workers}
         normal = leave_out_training_images(
             loaded, score_folder_table(loaded.model, args.normal, **options),

@@ -170,6 +170,33 @@ def test_two_zero_costs_are_refused_before_scoring(capsys: pytest.CaptureFixture
     assert "--cost-fp and --cost-fn are both 0" in capsys.readouterr().err
 
 
+def test_select_threshold_register_conformal_needs_a_target_fpr_as_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("select_threshold").parse_args(
+            ["--model", "models:/x@candidate", "--normal", "n", "--anomalous", "a",
+             "--register", "conformal"])
+    assert exit_info.value.code == 2
+    assert "--register conformal needs --target-fpr, e.g. --target-fpr 0.01" \
+        in capsys.readouterr().err
+
+
+def test_select_threshold_refuses_to_register_an_unregistered_model_before_scoring(
+        trained: TrainedModel, image_dirs: ImageDirs, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A model folder has no registered name to add a version to: said before both
+    folders are scored and the comparison printed, not after."""
+    folder = tmp_path / "model"
+    tracking.load_model(trained.version_uri).model.save(folder)
+    argv = ["--model", folder, "--normal", image_dirs.calibration, "--anomalous",
+            image_dirs.test_anomalous, "--register", "f1", "--device", "cpu", "--mlruns",
+            trained.mlruns]
+    assert load_script("select_threshold").main([str(a) for a in argv]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no table: nothing was scored
+    assert "is not a registered model version" in captured.err
+
+
 @pytest.mark.parametrize("script", ["calibrate", "select_threshold"])
 def test_pipeline_with_an_unknown_model_is_one_line(
         script: str, trained: TrainedModel, image_dirs: ImageDirs,
