@@ -414,7 +414,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in list(paths)[::step][:sample]:
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe named .png would block
+            if not is_regular_file(path):  # a pipe named .png would block
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -724,6 +724,15 @@ _UNREADABLE = "unreadable:"
 def is_unreadable(digest: str) -> bool:
     """Whether a digest of :func:`fingerprint_and_digests` marks a file it could not read."""
     return digest.startswith(_UNREADABLE)
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is (or links to) a regular file: one that opening cannot block, as
+    a pipe named ``x.png`` would."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _read_digest(path: Path) -> tuple[int, str]:

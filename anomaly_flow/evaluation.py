@@ -445,10 +445,7 @@ def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
         DataError: A folder is missing or holds no image files.
     """
     _check_folder_paths(normal, anomalous)
-    files = {os.path.realpath(path): path for path in find_images(Path(normal))}
-    shared = [(path, files[os.path.realpath(path)]) for path in find_images(Path(anomalous))
-              if os.path.realpath(path) in files]
-    if shared:
+    if shared := _shared_files(normal, anomalous):
         raise CalibrationError(
             f"{len(shared)} image file(s) are in both the anomalous folder "
             f"{display_path(anomalous)} and the normal folder {display_path(normal)} (e.g. "
@@ -465,15 +462,20 @@ def check_held_out_of_calibration(calibration: str | Path, test_normal: str | Pa
         CalibrationError: The folders are one folder, lie inside each other, or share files.
         DataError: A folder is missing or holds no image files.
     """
-    a, b = Path(os.path.realpath(calibration)), Path(os.path.realpath(test_normal))
-    files = {os.path.realpath(path) for path in find_images(Path(calibration))}
-    if a == b or a.is_relative_to(b) or b.is_relative_to(a) or any(
-            os.path.realpath(path) in files for path in find_images(Path(test_normal))):
+    if _shared_files(calibration, test_normal):  # one folder, nested, or linked
         raise CalibrationError(
             f"the normal test folder {display_path(test_normal)} shares images with the "
             f"calibration folder {display_path(calibration)}, so the false-positive rate "
             "measured at the threshold would be the one it was fitted to; test on normal "
             "images kept out of both training and calibration")
+
+
+def _shared_files(first: str | Path, second: str | Path) -> list[tuple[Path, Path]]:
+    """``(path under second, path under first)`` of every image file both folders reach
+    (the same folder, one inside the other, or a symlink), by real path."""
+    files = {os.path.realpath(path): path for path in find_images(Path(first))}
+    return [(path, files[os.path.realpath(path)]) for path in find_images(Path(second))
+            if os.path.realpath(path) in files]
 
 
 def _check_folder_paths(normal: str | Path, anomalous: str | Path) -> None:

@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import secrets
-import stat
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from anomaly_flow.data import display_path, one_line
+from anomaly_flow.data import display_path, is_regular_file, one_line
 from anomaly_flow.stopping import remove_leftovers
 
 logger = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ def recorded_heatmaps(folder: Path) -> dict[str, tuple[Path, str | None]]:
     if not folder.is_dir():
         return found
     for path in sorted(folder.rglob("*.png")):
-        if not _is_regular(path):  # a pipe named .png would block the open
+        if not is_regular_file(path):  # a pipe named .png would block the open
             continue
         try:
             with Image.open(path) as image:
@@ -195,21 +194,13 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
 def is_heatmap(path: Path) -> bool:
     """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
     text chunk): the only kind of existing file a heatmap may replace."""
-    if not _is_regular(path):  # a pipe named .png would block the open, and the run
+    if not is_regular_file(path):  # a pipe named .png would block the open, and the run
         return False
     try:
         with Image.open(path) as image:
             return image.format == "PNG" and any(
                 str(key).startswith("anomaly-flow:") for key in image.info)
     except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-
-
-def _is_regular(path: Path) -> bool:
-    """Whether ``path`` is (or links to) a regular file, which opening cannot block."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
         return False
 
 
