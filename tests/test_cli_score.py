@@ -320,23 +320,24 @@ def test_a_file_name_cannot_forge_a_line_of_the_listing(model_dir: Path,
 def scoring_in_its_own_group(model_dir: Path, tmp_path: Path
                              ) -> tuple[subprocess.Popen, Path]:
     """``score`` of the 600 shipped images in a process group of its own, with two
-    decoding workers, one image a batch (slow enough to stop), once both workers run;
-    and its output path."""
+    decoding workers, one image a batch (slow enough to stop), once both workers run and
+    the first images are scored (their heatmaps written: a fixed sleep was too short on
+    a loaded machine); and its output path."""
     import time
 
     from anomaly_flow.data import write_image_folder
 
-    folder, out = tmp_path / "images", tmp_path / "s.csv"
+    folder, out, maps = tmp_path / "images", tmp_path / "s.csv", tmp_path / "maps"
     write_image_folder(sample_images(600), folder, "x-")
     process = subprocess.Popen(
         [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model", str(model_dir),
-         "--out", str(out), "--workers", "2", "--batch-size", "1"],
+         "--out", str(out), "--workers", "2", "--batch-size", "1", "--heatmaps", str(maps)],
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    deadline = time.monotonic() + 120
-    while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)  # until both decoding workers run
-    time.sleep(1.0)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None and (
+            len(children.read_text().split()) < 2 or len(list(maps.rglob("*.png"))) < 3):
+        time.sleep(0.1)  # until both decoding workers run and a few images are scored
     assert process.poll() is None, "scoring ended before it could be stopped"
     return process, out
 
