@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,8 +27,9 @@ from anomaly_flow.stopping import (
 from tests.conftest import ended_process_id
 
 
-def _sleeping_worker(main_pid: int) -> None:
+def _sleeping_worker(main_pid: int, ready: Any) -> None:
     init_loader_worker(0, main_pid)
+    ready.set()
     time.sleep(120)
 
 
@@ -37,12 +39,14 @@ def test_a_loader_worker_ignores_a_group_stop_but_obeys_its_main_process() -> No
     at exit) ends the worker at once, or the exit would wait on it forever."""
     options = loader_worker_options(2)  # what the scoring and training loaders get
     assert options["multiprocessing_context"] == "fork"
-    worker = multiprocessing.get_context("fork").Process(
-        target=_sleeping_worker, args=(options["worker_init_fn"].keywords["main_pid"],),
-        daemon=True)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(
+        target=_sleeping_worker,
+        args=(options["worker_init_fn"].keywords["main_pid"], ready), daemon=True)
     worker.start()
     try:
-        time.sleep(1.0)  # the worker has run init_loader_worker
+        assert ready.wait(timeout=120), "the worker did not run init_loader_worker"
         subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # not its parent
         time.sleep(1.0)
         assert worker.is_alive()
