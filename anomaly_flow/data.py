@@ -154,10 +154,13 @@ class ImageSearch(NamedTuple):
         unlisted: ``(folder, reason)`` of each folder below the root that could not be
             listed (no permission, gone while searched): images inside it are missing
             from ``paths``, which a command that promises every file must say.
+        folders: ``(st_dev, st_ino)`` of every folder searched, those reached through a
+            symlinked folder included (see :func:`folder_id`).
     """
 
     paths: list[Path]
     unlisted: list[tuple[Path, str]]
+    folders: frozenset[tuple[int, int]] = frozenset()
 
 
 def search_images(root: Path) -> ImageSearch:
@@ -191,7 +194,7 @@ def search_images(root: Path) -> ImageSearch:
     real_dirs: set[tuple[int, int]] = set()
     for d, _, _ in os.walk(root):
         with contextlib.suppress(OSError):
-            real_dirs.add(_dir_id(Path(d)))
+            real_dirs.add(folder_id(Path(d)))
     seen_dirs = set(real_dirs)
     walk_errors: list[OSError] = []
     # (relative path as bytes, folder, name): strings until the end, since a folder of
@@ -242,7 +245,8 @@ def search_images(root: Path) -> ImageSearch:
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
         )
     found.sort(key=lambda item: item[0])
-    return ImageSearch([Path(folder, name) for _, folder, name in found], unlisted)
+    return ImageSearch([Path(folder, name) for _, folder, name in found], unlisted,
+                       frozenset(seen_dirs))
 
 
 _NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})
@@ -282,7 +286,8 @@ def _is_store(folder: Path) -> bool:
         return False
 
 
-def _dir_id(path: Path) -> tuple[int, int]:
+def folder_id(path: Path) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of the folder ``path`` leads to, symlinks followed."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
@@ -290,7 +295,7 @@ def _dir_id(path: Path) -> tuple[int, int]:
 def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int]]) -> bool:
     """Enter every real folder of the tree, and a symlinked folder only if it is new."""
     try:
-        folder = _dir_id(path)
+        folder = folder_id(path)
     except OSError:
         return True  # os.walk reports it through onerror
     if folder in real_dirs and not path.is_symlink():

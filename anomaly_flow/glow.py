@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -680,9 +681,32 @@ class Glow(nn.Module):
             model.load_state_dict(weights)
         except RuntimeError as exc:
             raise ModelFileError(
-                f"the weights in {folder} do not fit its {CONFIG_FILE}: {exc}"
-            ) from exc
+                f"the weights in {folder} do not fit its {CONFIG_FILE} "
+                f"({_load_errors_in_brief(exc)}); copy or download the model again (its "
+                f"{CONFIG_FILE} and {WEIGHTS_FILE} must come from the same save), or "
+                "re-register it from its training run's artifacts") from None
         return model.to(device).eval()
+
+
+def _load_errors_in_brief(error: RuntimeError) -> str:
+    """``load_state_dict``'s error in a line: its key lists and size mismatches, which
+    run to hundreds of names, as a count and the first of each; other lines as they are."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    parts, mismatches = [], []
+    for line in lines:
+        head, _, names = line.partition(": ")
+        if head in ("Missing key(s) in state_dict", "Unexpected key(s) in state_dict"):
+            keys = re.findall(r'"([^"]+)"', names)
+            first = f", e.g. {keys[0]}" if keys else ""
+            kind = "missing" if head.startswith("Missing") else "unexpected"
+            parts.append(f"{len(keys)} {kind} tensor(s){first}")
+        elif line.startswith("size mismatch for "):
+            mismatches.append(line.removeprefix("size mismatch for ").rstrip("."))
+        else:
+            parts.append(line.rstrip("."))
+    if mismatches:
+        parts.append(f"{len(mismatches)} tensor(s) of another shape, e.g. {mismatches[0]}")
+    return "; ".join(parts) or _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -72,6 +72,7 @@ from anomaly_flow.data import (
     ImageMode,
     InvalidSource,
     display_path,
+    folder_id,
     load_item,
     one_line,
     search_images,
@@ -1131,7 +1132,13 @@ def score_folder(
     root = Path(os.path.abspath(folder))
     if heatmaps is not None:
         _check_heatmaps_apart(Path(heatmaps), root)
-    paths, unlisted = search_images(root)
+    paths, unlisted, searched = search_images(root)
+    if heatmaps is not None and folder_id(Path(heatmaps)) in searched:
+        raise ScoringError(
+            f"the heatmap folder {display_path(heatmaps)} is reached from the scored folder "
+            f"{display_path(root)} through a symlinked folder inside it, so the next run "
+            "would score the heatmaps as images; choose a heatmap folder the scored folder "
+            "does not link to, or remove the link")
     keys = [display_path(p) for p in paths]
     clash = pd.Index(keys).duplicated()
     if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge

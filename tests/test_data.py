@@ -494,7 +494,7 @@ def test_search_images_names_the_folders_it_could_not_list(
 
     monkeypatch.setattr(os, "scandir", refuse_locked)
     with caplog.at_level(logging.WARNING):
-        paths, unlisted = search_images(tmp_path)
+        paths, unlisted, _ = search_images(tmp_path)
     assert [p.name for p in paths] == ["a.png"]
     assert unlisted == [(tmp_path / "locked", "Permission denied")]
     assert "cannot list folder" in caplog.text

@@ -427,8 +427,19 @@ def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
     make_model(1, 8, 2).float().save(tmp_path)
     (tmp_path / "config.json").write_text(GlowConfig(image_size=8, levels=2,
                                                      steps_per_level=3).to_json())
-    with pytest.raises(ModelFileError, match="do not fit"):
+    with pytest.raises(ModelFileError, match=r"do not fit its config\.json \(\d+ "
+                                             r"(missing|unexpected) tensor\(s\), e\.g\. "
+                                             r"levels\.[^;)]+[;)].*\); copy or download "
+                                             r"the model again") as info:
         Glow.load(tmp_path)
+    # one line, not the hundreds of key names load_state_dict lists
+    assert "\n" not in str(info.value) and len(str(info.value)) < 800
+    (tmp_path / "config.json").write_text(GlowConfig(image_size=8, levels=2,
+                                                     hidden_channels=16).to_json())
+    with pytest.raises(ModelFileError, match=r"do not fit its config\.json \(.*\d+ tensor\(s\) "
+                                             r"of another shape, e\.g\. levels\.") as info:
+        Glow.load(tmp_path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 800
     # a config.json cut short, not UTF-8, of an unknown form, or of a size no memory holds
     make_model(1, 8, 2).float().save(tmp_path)
     config = tmp_path / "config.json"

@@ -1235,6 +1235,27 @@ def test_heatmaps_refuse_a_folder_overlapping_the_scored_one(model: Glow,
     assert not (folder / "heat").exists() and not (tmp_path / "s.csv").exists()
 
 
+def test_heatmaps_refuse_a_folder_the_scored_one_links_to(model: Glow, tmp_path: Path) -> None:
+    """A symlinked folder inside the scored folder that leads to the heatmap folder (or to
+    a folder around it) would have the next run score the heatmaps as images."""
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(2), folder, "x-")
+    for heat, target in [(tmp_path / "heat", tmp_path / "heat"),
+                         (tmp_path / "around" / "heat", tmp_path / "around")]:
+        link = folder / "link"
+        target.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=True)
+        with pytest.raises(ScoringError, match=r"the heatmap folder .*heat is reached from the "
+                                               r"scored folder .*images through a symlinked "
+                                               "folder inside it, so the next run would "
+                                               "score the heatmaps as images"):
+            score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
+        assert not (tmp_path / "s.csv").exists() and not any(heat.iterdir())
+        link.unlink()
+    summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=tmp_path / "heat")
+    assert summary.n_heatmaps == 2
+
+
 def test_a_heatmap_never_replaces_a_file_it_did_not_write(model: Glow, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture
                                                           ) -> None:

@@ -305,7 +305,10 @@ def _glow_folder(model_dir: Path) -> Path:
         flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
         relative = flavor.get("artifacts", {}).get(GLOW_ARTIFACT, {}).get("path")
     except Exception as exc:  # an unreadable MLmodel file
-        raise ModelNotFoundError(f"cannot read {model_dir / 'MLmodel'}: {exc}") from None
+        raise ModelNotFoundError(
+            f"cannot read {model_dir / 'MLmodel'} ({' '.join(str(exc).split())}); copy or "
+            "download the model folder again, or use the registered model "
+            "(models:/NAME@ALIAS)") from None
     folder = model_dir / relative if relative else model_dir / "artifacts" / GLOW_ARTIFACT
     if not (folder / CONFIG_FILE).is_file():
         raise ModelNotFoundError(
