@@ -118,7 +118,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     score_folder(loaded.model, loaded.calibration, folders["test"], scores_csv,
                  heatmaps=heatmaps, progress=progress)
 
-    table = pd.read_csv(scores_csv, keep_default_na=False, na_values=[""])
+    table = pd.read_csv(scores_csv, keep_default_na=False, na_values=[""], dtype={"error": str})
     table["error"] = table["error"].fillna("")
     # test/normal/... or test/anomalous/<class>/..., whatever the folders above test/ are
     table["label"] = [Path(path).relative_to(folders["test"]).parts[0]

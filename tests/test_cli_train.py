@@ -808,6 +808,10 @@ def test_a_refused_resume_leaves_the_stopped_run_as_it_was(
     again = invoke(*common, "--resume")
     assert_one_line_error(again, 1, "resume was asked for but there is no checkpoint in",
                           "stopped before its first, one every 2 steps")
+    # from another folder too: no checkpoint, not "the images changed since the checkpoint"
+    elsewhere = invoke(str(image_dirs.calibration), *common[1:], "--resume")
+    assert_one_line_error(elsewhere, 1, "resume was asked for but there is no checkpoint in",
+                          "stopped before its first, one every 2 steps")
     after = client.get_run(run.info.run_id)
     assert after.info.status == run.info.status == "KILLED"
     assert after.data.tags == run.data.tags

@@ -246,16 +246,23 @@ def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
             "digits, '.', '_' or '-', or another --mlruns DIR")
 
 
-def _check_unfinished(ckpt: Path, config: RunConfig, n_train: int, name: str,
+def _check_has_checkpoint(ckpt: Path, name: str, state: dict[str, Any]) -> Path:
+    """The latest checkpoint, or a refusal (before the comparisons with the checkpoint,
+    and before the earlier run is reopened and retagged)."""
+    latest = latest_checkpoint(ckpt)
+    if latest is None:
+        every = RunConfig.from_dict(state["config"]).train.checkpoint_every
+        raise TrainingError(
+            f"resume was asked for but there is no checkpoint in {ckpt} (the training of "
+            f"{name!r} stopped before its first, one every {every} steps); train without "
+            "--resume to start afresh")
+    return latest
+
+
+def _check_unfinished(latest: Path, config: RunConfig, n_train: int, name: str,
                       state: dict[str, Any]) -> None:
     """Refuse to resume a training that already reached its last step and was logged and
     registered (one whose store failed after the last step resumes to finish that)."""
-    latest = latest_checkpoint(ckpt)
-    if latest is None:  # refused here, before the earlier run is reopened and retagged
-        raise TrainingError(
-            f"resume was asked for but there is no checkpoint in {ckpt} (the training of "
-            f"{name!r} stopped before its first, one every "
-            f"{config.train.checkpoint_every} steps); train without --resume to start afresh")
     done = checkpoint_step(latest)
     planned = total_steps(config, n_train)
     if done > planned:
@@ -477,8 +484,9 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
     if resume:
         state = _read_run_state(ckpt)
         _check_owner(state, name, ckpt)
+        latest = _check_has_checkpoint(ckpt, name, state)
         _check_resumable(state, config, folder.fingerprint)
-        _check_unfinished(ckpt, config, len(folder.train), name, state)
+        _check_unfinished(latest, config, len(folder.train), name, state)
     elif (ckpt / RUN_STATE_FILE).is_file():
         with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
             earlier = _read_run_state(ckpt)
