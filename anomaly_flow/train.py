@@ -112,6 +112,14 @@ _ALLOCATION = re.compile(r"tried to allocate (?:(\d+) bytes|(\d+(?:\.\d+)? ?[KMG
 bytes`` (CPU), ``Tried to allocate 2.00 GiB`` (CUDA)."""
 
 
+def trajectory_changes(before: TrainConfig, after: TrainConfig) -> list[str]:
+    """The training settings (sorted) that differ between ``before`` and ``after`` and
+    change the steps a run takes: a resume with them does not continue the same run."""
+    old = before.to_dict()
+    return sorted(k for k, v in after.to_dict().items()
+                  if old[k] != v and k not in _EXECUTION_ONLY)
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
@@ -767,9 +775,7 @@ def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
         raise TrainingError(
             f"cannot resume from the checkpoint {path}: {'; '.join(refused)}; resume with "
             "the same values or start afresh in an empty checkpoint folder.")
-    changed = sorted(k for k, v in config.train.to_dict().items()
-                     if saved.train.to_dict()[k] != v and k not in _EXECUTION_ONLY)
-    if changed:
+    if changed := trajectory_changes(saved.train, config.train):
         logger.warning("resuming with changed training settings %s; the run will not "
                        "match an uninterrupted one", changed)
     try:

@@ -462,6 +462,27 @@ def test_ctrl_c_says_where_training_can_resume_from(
     run_id = resumed.stdout.split("run_id: ")[1].split()[0]
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_bpd")]
     assert sorted(steps) == list(range(1, max(steps) + 1)), steps
+    assert "resumed.steps_from_before" not in mlflow.get_run(run_id).data.tags  # the same run
+
+
+def test_a_resume_with_another_learning_rate_says_whose_steps_the_run_keeps(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 3 ran at the first learning rate and is logged; its replay at the second is
+    another step, which MLflow cannot replace: the run says which steps are the first's."""
+    common = [str(image_dirs.train), "--name", "new-lr", "--mlruns", str(mlruns)]
+    stop_training_at(monkeypatch, 3, KeyboardInterrupt())
+    assert invoke(*common, "--config", str(often_config(mlruns.parent))).exit_code == 130
+    monkeypatch.undo()
+    (mlruns.parent / "slower").mkdir()
+    slower = often_config(mlruns.parent / "slower", extra="lr = 0.0005\n")
+    resumed = invoke(*common, "--config", str(slower), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    run_id = resumed.stdout.split("run_id: ")[1].split()[0]
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags["resumed.train.lr"] == "0.0005"
+    assert tags["resumed.steps_from_before"] == (
+        "3-3: their per-step metrics are the interrupted attempt's, before lr changed; this "
+        "attempt resumed from the checkpoint of step 2")
 
 
 def test_the_pipeline_script_trains_and_registers(

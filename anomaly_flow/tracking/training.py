@@ -60,6 +60,7 @@ from anomaly_flow.train import (
     share_verdict,
     total_steps,
     train,
+    trajectory_changes,
     uses_bf16,
 )
 
@@ -308,6 +309,18 @@ def _log_params(run: Run, params: dict[str, Any], resumed: bool) -> None:
         run.set_tags(changed)
 
 
+def _tag_kept_steps(run: Run, metrics: _MetricLogger, start: int, changes: list[str]) -> None:
+    """A resume with other settings takes other steps after its checkpoint than the
+    attempt it resumes took, but the per-step metrics that attempt logged past the
+    checkpoint stay (MLflow keeps every value; the replay logs no second one): say which
+    steps they are, and why they differ from the resumed weights' own history."""
+    if changes and metrics.logged_steps > start:
+        run.set_tags({"resumed.steps_from_before": (
+            f"{start + 1}-{metrics.logged_steps}: their per-step metrics are the interrupted "
+            f"attempt's, before {', '.join(changes)} changed; this attempt resumed from the "
+            f"checkpoint of step {start}")})
+
+
 def curves_figure(run_id: str) -> Figure:
     """Train (per step) and validation (per epoch) bits/dim of a run, from the store. A
     non-finite value (a diverged step or model) is left out; the sqlite store keeps ±inf
@@ -545,6 +558,9 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         every = config.train.checkpoint_every
         metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
                    else _MetricLogger(run, every))
+        if previous_run is not None:
+            _tag_kept_steps(run, metrics, checkpoint_step(latest), trajectory_changes(
+                RunConfig.from_dict(state["config"]).train, config.train))
         ready()
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
                        resume=resume, callback=metrics, progress=progress)
