@@ -315,7 +315,9 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing .toml or .json.")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors add one) is dropped, not a
+        # "cannot parse ... (at line 1, column 1)" on a first line that looks right
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 TOML or "
                           "JSON.") from None

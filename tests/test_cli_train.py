@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 from anomaly_flow import tracking
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
-from anomaly_flow.config import load_preset
+from anomaly_flow.config import load_config, load_preset
 from anomaly_flow.data import SampleData, split_train_val, write_image_folder
 from tests.conftest import ImageDirs, corrupt_png, new_store, stop_during, tiny_config
 from tests.test_pipelines import load_script
@@ -858,6 +858,9 @@ def test_a_stop_during_registration_waits_for_the_record_and_says_the_training_f
     client = mlflow.MlflowClient()
     (version,) = client.search_model_versions("name = 'late-stop'")
     assert client.get_run(version.run_id).data.tags["registered_version"] == "1"
+    # the run of a registered, recorded model ended FINISHED (it ended KILLED, as if
+    # its training had been cut short)
+    assert client.get_run(version.run_id).info.status == "FINISHED"
     again = invoke(*common, "--resume")
     assert_one_line_error(again, 1, "the training of 'late-stop' already finished")
     assert len(client.search_model_versions("name = 'late-stop'")) == 1
@@ -868,3 +871,45 @@ def test_a_stop_during_registration_waits_for_the_record_and_says_the_training_f
     assert early.exit_code == 143, early.output
     assert "after the training had finished" not in early.stderr
     assert "no checkpoint was written yet" in early.stderr or "--resume" in early.stderr
+
+
+def test_a_fresh_training_ends_the_run_a_killed_training_left_running(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """A training killed outright (SIGKILL, the OOM killer) leaves its MLflow run RUNNING;
+    the next training of that name starts afresh and deletes the checkpoints it could
+    have resumed from, and left it RUNNING forever."""
+    killed = f"""
+import os, signal
+from anomaly_flow import tracking
+from anomaly_flow.tracking import training
+from tests.conftest import tiny_config
+def die(self, event):
+    if event.kind == "checkpoint":
+        os.kill(os.getpid(), signal.SIGKILL)
+training._MetricLogger.__call__ = die
+config = tiny_config(epochs=1).replace(checkpoint_every=1)
+tracking.train_and_register({str(image_dirs.train)!r}, "killed", config, device="cpu",
+                            mlruns={str(mlruns)!r}, progress=False)
+"""
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    record = json.loads((mlruns / "checkpoints" / "killed" / "run.json").read_text())
+    client = mlflow.MlflowClient()
+    assert client.get_run(record["run_id"]).info.status == "RUNNING"
+    result = invoke(str(image_dirs.train), "--name", "killed", "--preset", "tiny",
+                    "--epochs", "1", "--mlruns", str(mlruns))
+    assert result.exit_code == 0, result.output
+    assert client.get_run(record["run_id"]).info.status == "KILLED"
+    assert "marked KILLED" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["glow.toml", "glow.json"])
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path, name: str) -> None:
+    """A UTF-8 file with a BOM (Notepad's "UTF-8 with BOM") was refused as "cannot parse
+    ... Invalid statement (at line 1, column 1)", on a first line that looks right."""
+    text = ('{"train": {"epochs": 3}}' if name.endswith(".json")
+            else "[train]\nepochs = 3\n")
+    config = tmp_path / name
+    config.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_config(config).train.epochs == 3

@@ -1298,3 +1298,18 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
     np.testing.assert_array_equal(binary["by_path"].to_numpy(),
                                   expected["bpd"].to_numpy()[:len(normal)])
     np.testing.assert_array_equal(binary["by_content"].to_numpy(), binary["by_path"].to_numpy())
+
+
+def test_commands_started_at_once_on_a_new_store_all_open_it(tmp_path: Path) -> None:
+    """Several commands started together on a new --mlruns (a sweep) all built its
+    database: MLflow's migrations raced, and all but one failed with "Online migration
+    expected to match one row ... in 'alembic_version'" and advice to check that the
+    folder is writable."""
+    folder = tmp_path / "mlruns"
+    code = (f"from anomaly_flow import tracking; tracking.configure({str(folder)!r}); "
+            "import mlflow; mlflow.MlflowClient().search_experiments()")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent) for _ in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err

@@ -174,14 +174,8 @@ def configure(mlruns: str | Path | None = None) -> str:
     if sqlite_db is not None and (problem := _sqlite_place_problem(sqlite_db, env_given)):
         raise TrackingError(f"cannot open the MLflow tracking store {uri}: {problem}")
     try:
-        if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db):
-            # a new database: built here so that even MLflow's "Default" experiment keeps
-            # its artifacts under the store's artifacts folder, not in ./mlruns
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            SqlAlchemyStore(uri, str(artifact_root))
-        with _first_contact():
-            mlflow.MlflowClient().search_experiments(max_results=1)
+        with _creation_lock(sqlite_db):
+            _open_store(uri, sqlite_db, artifact_root)
     except Exception as exc:  # any failure here means the store is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, ModuleNotFoundError) or "No module named" in first:
@@ -196,6 +190,56 @@ def configure(mlruns: str | Path | None = None) -> str:
         _state.warned.add(("configured", uri))
         logger.info("MLflow tracking store: %s", redacted(uri))
     return uri
+
+
+def _open_store(uri: str, sqlite_db: Path | None, artifact_root: Path | None) -> None:
+    """Build a new sqlite database (where ``sqlite_db`` is missing or empty), then reach
+    the store once."""
+    if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db):
+        # a new database: built here so that even MLflow's "Default" experiment keeps
+        # its artifacts under the store's artifacts folder, not in ./mlruns
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(uri, str(artifact_root))
+    with _first_contact():
+        mlflow.MlflowClient().search_experiments(max_results=1)
+
+
+@contextmanager
+def _creation_lock(sqlite_db: Path | None) -> Iterator[None]:
+    """Hold ``.<db>.lock`` beside a sqlite database while it is built and first read: two
+    commands started at once on a new store both ran MLflow's migrations, and all but one
+    failed ("Online migration expected to match one row ... in 'alembic_version'") or read
+    a half-built schema. Made only for a database that does not exist yet (or is empty);
+    once there, every command takes it (a database made beside it may still be being
+    built). Nothing is held where it cannot be opened (a read-only folder, no ``fcntl``)."""
+    if sqlite_db is None:
+        yield
+        return
+    lock = sqlite_db.parent / f".{sqlite_db.name}.lock"
+    try:
+        import fcntl
+
+        if lock.is_file():
+            handle = open(lock)  # noqa: SIM115 (a read-only store: flock needs no write)
+        elif not _has_database(sqlite_db):
+            handle = open(lock, "a")  # noqa: SIM115
+        else:
+            yield
+            return
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def uses_default_store() -> bool:

@@ -293,6 +293,28 @@ def _reusable_run(run_id: str | None, experiment: str) -> str | None:
     return run_id if live else None
 
 
+def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
+    """End as KILLED the run of an earlier training of ``name`` that never concluded and
+    that the store still shows RUNNING: its process was killed outright (SIGKILL, the OOM
+    killer, a lost machine), so nothing ended it. Called with the name's training lock
+    held (no process trains it now) before a fresh training deletes the checkpoints it
+    could have resumed from; without this the run would read as running forever."""
+    run_id = earlier.get("run_id")
+    if earlier.get("concluded", True) or _reusable_run(run_id, name) is None:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        client.set_tag(run_id, "ended_by", "a fresh training of the same name found it "
+                                           "abandoned (its process was killed)")
+        client.set_terminated(run_id, status="KILLED")
+    except MlflowException:
+        return
+    logger.warning("the run %s of an earlier training of %r was left RUNNING by a process "
+                   "that was killed; marked KILLED", run_id, name)
+
+
 def _log_params(run: Run, params: dict[str, Any], resumed: bool) -> None:
     """Log params; on a resumed run only the new ones (MLflow forbids changing a param),
     with changed values recorded as ``resumed.<key>`` tags."""
@@ -521,6 +543,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             logger.warning("the run %s of the checkpoint is not in %s; logging the "
                            "resumed training as a new run", state.get("run_id"), here)
     elif ckpt.exists():
+        _end_abandoned_run(earlier, name)
         if (latest := latest_checkpoint(ckpt)) is not None:
             could = ("was the finished model" if earlier.get("concluded")
                      else "could go on with --resume")
@@ -539,8 +562,11 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         tags["resumed"] = "true"
         if previous_run is None:
             tags["resumed_from_run_id"] = state.get("run_id", "unknown")
-    with start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
-                   run_id=previous_run, nested=nested) as run:
+    # a stop held back by the registration is raised once the run has ended, so a run
+    # whose model is registered and recorded ends FINISHED, not KILLED
+    with (contextlib.ExitStack() as after_run,
+          start_run(name, run_name=f"train-{safe_name(name)}", tags=tags,
+                    run_id=previous_run, nested=nested) as run):
         ckpt.mkdir(parents=True, exist_ok=True)
         record = {"model_name": name, "run_id": run.run_id,
                   "tracking_uri": redacted(mlflow.get_tracking_uri()),
@@ -594,33 +620,33 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         diverged = 2 * result.skipped_steps > result.steps
         # registered and recorded as one step: a stop in between would leave a version the
         # record does not know, and the --resume it asks for would register it again
-        with stops_deferred():
-            if math.isfinite(result.val_bpd) and not diverged:
-                version = register_model(logged_uri, name, alias=CANDIDATE, tags={
-                    "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
-                    "val_bpd": repr(result.val_bpd)})
-                run.set_tags({"registered_version": version})
-                model_uri = f"models:/{name}/{version}"
-                message = (f"registered {model_uri} with alias {CANDIDATE} "
-                           f"(validation bits/dim {result.val_bpd:.4f})")
-            else:
-                version, model_uri = None, logged_uri
-                reason = (f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
-                          "non-finite loss or gradient: training diverged; lower lr or raise "
-                          "warmup_steps" if diverged else
-                          _not_registered_reason(result.val_bpd, folder, result.failed_files))
-                run.set_tags({"registered_version": "none", "not_registered_reason": reason})
-                run.mark_failed()  # as the command fails: FINISHED would read as a model
-                message = f"model not registered: {reason}"
-                logger.warning(message)
-            if result.skipped_steps and not diverged:
-                message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
-                            "non-finite loss or gradient")
-            if result.failed_files:
-                message += f"; {len(result.failed_files)} training file(s) could not be decoded"
-            (ckpt / RUN_STATE_FILE).write_text(json.dumps(
-                {**record, "concluded": True, "outcome": message}, indent=2))
-            _CONCLUDED_HERE[ckpt.resolve()] = message
+        after_run.enter_context(stops_deferred())
+        if math.isfinite(result.val_bpd) and not diverged:
+            version = register_model(logged_uri, name, alias=CANDIDATE, tags={
+                "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
+                "val_bpd": repr(result.val_bpd)})
+            run.set_tags({"registered_version": version})
+            model_uri = f"models:/{name}/{version}"
+            message = (f"registered {model_uri} with alias {CANDIDATE} "
+                       f"(validation bits/dim {result.val_bpd:.4f})")
+        else:
+            version, model_uri = None, logged_uri
+            reason = (f"{result.skipped_steps} of its {result.steps} steps were skipped for a "
+                      "non-finite loss or gradient: training diverged; lower lr or raise "
+                      "warmup_steps" if diverged else
+                      _not_registered_reason(result.val_bpd, folder, result.failed_files))
+            run.set_tags({"registered_version": "none", "not_registered_reason": reason})
+            run.mark_failed()  # as the command fails: FINISHED would read as a model
+            message = f"model not registered: {reason}"
+            logger.warning(message)
+        if result.skipped_steps and not diverged:
+            message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
+                        "non-finite loss or gradient")
+        if result.failed_files:
+            message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+        (ckpt / RUN_STATE_FILE).write_text(json.dumps(
+            {**record, "concluded": True, "outcome": message}, indent=2))
+        _CONCLUDED_HERE[ckpt.resolve()] = message
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
