@@ -8,6 +8,7 @@ a ``[train]`` table (see ``pipelines/configs/``).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -289,7 +290,9 @@ def _from_dict(cls: type, data: Any, section: str) -> Any:
         if not _type_ok(value, hint):
             kind = ("a string" if get_origin(hint) is Literal
                     else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
-            shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML
+            shown = (str(value).lower() if isinstance(value, bool)  # as TOML writes them
+                     else value.isoformat() if isinstance(value, (dt.date, dt.time))
+                     else repr(value))
             raise ConfigError(f"{name} = {shown} in [{section}] is invalid: must be {kind}.")
     try:
         return cls(**data)

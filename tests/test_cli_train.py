@@ -196,6 +196,8 @@ def test_a_config_with_an_unknown_field_is_a_one_line_error(
     ("glow.toml", "[train]\nepochs = true\n", "epochs = true in [train] is invalid"),
     ("glow.toml", "[train]\nlr = -1.0\n", "lr = -1.0 in [train] is invalid: must be a positive"),
     ("glow.toml", "[train]\nbf16 = 1\n", "bf16 = 1 in [train] is invalid"),
+    ("glow.toml", "[train]\nepochs = 1979-05-27\n",
+     "epochs = 1979-05-27 in [train] is invalid: must be a whole number"),
     ("glow.toml", "model = 3\n", "[model] must be a table"),
     ("glow.json", "5", "a configuration must be a table"),
     ("glow.toml", "", "glow.toml is empty; give at least a [model] or [train] table"),
