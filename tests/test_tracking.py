@@ -1313,3 +1313,26 @@ def test_commands_started_at_once_on_a_new_store_all_open_it(tmp_path: Path) -> 
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+
+
+def test_a_new_store_in_a_path_with_both_quote_kinds_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """MLflow quotes the first row of a new sqlite database with repr(): a path holding
+    both ' and " made an SQL syntax error, logged by MLflow with its traceback."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "it's a \"store\""
+    with caplog.at_level(logging.ERROR), \
+            pytest.raises(tracking.TrackingError, match="holds both ' and \"") as info:
+        tracking.configure(folder)
+    assert "\n" not in str(info.value) and "pass a --mlruns DIR whose path" in str(info.value)
+    assert "Traceback" not in caplog.text and "syntax error" not in caplog.text
+    assert not folder.exists()  # refused before any folder is made
+    database = tmp_path / "it's" / '"here"' / "mlflow.db"  # through the variable too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    with pytest.raises(tracking.TrackingError, match="point MLFLOW_TRACKING_URI at a database "
+                                                     "in a folder whose path has at most"):
+        tracking.configure(tmp_path / "unused")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    single = tmp_path / "it's a store"  # one kind of quote: MLflow copes
+    assert tracking.configure(single) == f"sqlite:///{single}/mlflow.db"

@@ -148,6 +148,18 @@ def configure(mlruns: str | Path | None = None) -> str:
     if not env_given:
         folder = mlruns_dir(mlruns)
         artifact_root = folder / ARTIFACTS_DIR
+    if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db) \
+            and {"'", '"'} <= set(str(artifact_root)):
+        # MLflow writes a new database's first row as SQL text quoted by Python's repr(),
+        # which a path with both quote characters breaks (an SQL syntax error, with
+        # MLflow's own traceback on stderr); refused before any folder is made
+        raise TrackingError(
+            f"cannot make an MLflow store at {redacted(uri)}: the path of its artifacts "
+            f"folder ({artifact_root}) holds both ' and \", which MLflow cannot write to a "
+            "new database; " + ("point MLFLOW_TRACKING_URI at a database in a folder"
+                                if env_given else "pass a --mlruns DIR")
+            + " whose path has at most one kind of quote")
+    if not env_given:
         try:
             if (folder / DB_FILE).is_file() and not os.path.lexists(artifact_root):
                 # a store whose artifacts were moved away: an empty folder made here would
