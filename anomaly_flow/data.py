@@ -373,6 +373,27 @@ def try_load_image(
         return None, exc.reason
 
 
+def check_decodable(folder: str | Path, mode: ImageMode, size: int) -> None:
+    """Refuse a folder none of whose image files decodes, before work that needs one of
+    them (a pipeline's training, ahead of an evaluation that would find no image to
+    score). Stops at the first file that decodes: a usable folder costs one decode.
+
+    Raises:
+        DataError: The folder is missing, holds no image files, or none decodes.
+    """
+    paths = find_images(Path(folder))
+    first: tuple[Path, str | None] | None = None
+    for path in paths:
+        array, reason = try_load_image(path, mode, size)
+        if array is not None:
+            return
+        first = first or (path, reason)
+    assert first is not None  # find_images raises on a folder without image files
+    raise DataError(
+        f"none of the {len(paths)} image file(s) in {display_path(folder)} can be decoded "
+        f"(e.g. {one_line(display_path(first[0]))}: {first[1]}); put readable images there")
+
+
 def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
     """Convert a decoded PIL image to the model's input; the conversion :func:`load_image` uses.
 

@@ -331,7 +331,9 @@ def warn_replaced_calibration(loaded: tracking.LoadedModel, asked: str | None,
                 if asked is None and earlier.score_name != score else "")
         logger.warning("%s already carries a calibration (%s, %s threshold %.6g); the new "
                        "version replaces it with one on %s%s", loaded.uri, earlier.score_name,
-                       earlier.threshold.method, earlier.threshold.value, score, keep)
+                       earlier.threshold.method, earlier.threshold.value,
+                       "the score with the best AUROC on the anomalous folder"
+                       if score == AUTO_SCORE else score, keep)
 
 
 def _check_method(method: str, target_fpr: float | None, has_anomalous: bool) -> None:

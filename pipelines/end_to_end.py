@@ -91,6 +91,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     """
     # imported here: the script's --help and option errors answer without loading them
     from anomaly_flow import tracking
+    from anomaly_flow.data import check_decodable
     from anomaly_flow.evaluation import (
         calibrate_model,
         check_held_out_of_calibration,
@@ -112,6 +113,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     # measured on them the false-positive rate at the threshold is the one it was fitted to
     check_separate_folders(folders["calibration"], folders["test_anomalous"])
     check_held_out_of_calibration(folders["calibration"], folders["test_normal"])
+    for key in ("calibration", "test_normal", "test_anomalous"):  # not found after training
+        check_decodable(folders[key], config.model.mode, config.model.image_size)
     tracking.precheck_training(name, config)  # before the parent run names an experiment
     resolve_device(device)
     tracking.configure(mlruns)

@@ -543,6 +543,14 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
         calibration.sorted_scores, 0.1).value
     np.testing.assert_allclose(calibration.sorted_scores, np.sort(normal.values(chosen)),
                                rtol=1e-6)
+    # calibrated again with auto: the warning names what replaces the calibration
+    again = run("calibrate", "--model", model_uri_from(result), "--normal",
+                image_dirs.calibration, "--anomalous", image_dirs.test_anomalous, "--score",
+                "auto", "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert again.exit_code == 0, again.output
+    assert f"already carries a calibration ({chosen}, conformal threshold " \
+        f"{calibration.threshold.value:.6g}); the new version replaces it with one on the " \
+        "score with the best AUROC on the anomalous folder" in again.stderr
     version = client.get_model_version(NAME, str(loaded.version))
     assert version.tags["score_name"] == chosen
 

@@ -108,7 +108,14 @@ def test_end_to_end_refuses_what_calibrate_and_evaluate_would_before_training(
     common = ["--name", "e2e-early", "--train", image_dirs.train, "--calibration",
               image_dirs.calibration, "--preset", "tiny", "--epochs", "1", "--target-fpr",
               "0.1", "--device", "cpu", "--mlruns", mlruns]
+    broken = mlruns.parent / "broken"  # image names, no image: evaluate would score none
+    broken.mkdir()
+    (broken / "a.png").write_text("not an image")
+    (broken / "b.jpg").write_bytes(b"")
     for extra, said in (
+            (["--test-normal", image_dirs.test_normal, "--test-anomalous", broken],
+             f"none of the 2 image file(s) in {broken} can be decoded (e.g. {broken / 'a.png'}"
+             ": "),
             (["--test-normal", image_dirs.test_normal, "--test-anomalous",
               image_dirs.test_anomalous, "--score", "level_5"],
              "the model this configuration trains (2 levels, val_fraction 0.1) will not give "
