@@ -404,6 +404,29 @@ def hand_scores(folder: str, columns: dict[str, np.ndarray]) -> FolderScores:
     return FolderScores(Path(f"/data/{folder}"), table, "fingerprint")
 
 
+def test_a_model_deleted_while_it_is_calibrated_is_not_made_anew(
+        store: Path, client: mlflow.MlflowClient) -> None:
+    """MLflow creates a missing name on registration: the calibrated version would be
+    version 1 of a new model, its source_version naming a version that is gone."""
+    weights = tracking.load_model(CANDIDATE).model
+    with tracking.start_run("gone-parts", "train-copy") as run:
+        uri = tracking.log_model(run, weights)
+    tracking.register_model(uri, "gone-parts", alias="candidate")
+    loaded = tracking.load_model("models:/gone-parts@candidate")
+    client.delete_registered_model("gone-parts")  # by someone else, while it is scored
+    values = dict.fromkeys(score_names(loaded.model), np.linspace(5.0, 6.0, 30))
+    with pytest.raises(tracking.ModelNotFoundError,
+                       match="the registered model 'gone-parts' was deleted while version 1 "
+                             "was being calibrated, so no version was added"):
+        calibrate_scores(loaded, hand_scores("normal", values), None, score="bpd",
+                         target_fpr=0.1, promote=True)
+    assert "gone-parts" not in {m.name for m in client.search_registered_models()}
+    (calibration_run,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("gone-parts").experiment_id])
+        if r.info.run_id != run.run_id]
+    assert calibration_run.info.status == "FAILED"
+
+
 @pytest.mark.parametrize(("best", "runner_up"), [("complexity", "coarse_complexity"),
                                                  ("coarse_complexity", "complexity")])
 def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evidence(

@@ -237,6 +237,22 @@ def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
         client.set_registered_model_tag(name, OWNER_TAG, owner)
 
 
+def _check_still_registered(name: str, version: str) -> None:
+    """Refuse to add a calibrated version to a registered model deleted since its version
+    was loaded: MLflow would create the name afresh, with a first version whose
+    ``source_version`` names a version that is gone (and ``--promote`` its champion)."""
+    try:
+        mlflow.MlflowClient().get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ModelNotFoundError(
+            f"the registered model {name!r} was deleted while version {version} was being "
+            f"calibrated, so no version was added (MLflow would have made {name!r} anew); "
+            "register the model again (train it, or register its training run's model) "
+            "and calibrate that version") from None
+
+
 def set_alias(name: str, alias: str, version: str | int) -> None:
     """Point ``models:/name@alias`` at ``version``."""
     ensure_configured()
@@ -273,6 +289,8 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
             "threshold": repr(float(threshold.value)), "threshold_method": threshold.method}
     run.set_tags(links)
     model_uri = log_model(run, source.model, calibration)
+    if source.version and target == source.name:
+        _check_still_registered(target, source.version)
     with stops_deferred():  # a stop lets --promote finish what the registration began
         version = register_model(model_uri, target, tags=tags)
         if promote:
