@@ -154,13 +154,13 @@ class ImageSearch(NamedTuple):
         unlisted: ``(folder, reason)`` of each folder below the root that could not be
             listed (no permission, gone while searched): images inside it are missing
             from ``paths``, which a command that promises every file must say.
-        folders: ``(st_dev, st_ino)`` of every folder searched, those reached through a
-            symlinked folder included (see :func:`folder_id`).
+        linked: The real paths of the symlinked folders the search followed (the only
+            ways out of the root's own tree).
     """
 
     paths: list[Path]
     unlisted: list[tuple[Path, str]]
-    folders: frozenset[tuple[int, int]] = frozenset()
+    linked: tuple[Path, ...] = ()
 
 
 def search_images(root: Path) -> ImageSearch:
@@ -196,6 +196,7 @@ def search_images(root: Path) -> ImageSearch:
         with contextlib.suppress(OSError):
             real_dirs.add(folder_id(Path(d)))
     seen_dirs = set(real_dirs)
+    linked: list[Path] = []
     walk_errors: list[OSError] = []
     # (relative path as bytes, folder, name): strings until the end, since a folder of
     # 50,000 images would otherwise spend most of the search building Path objects
@@ -203,7 +204,8 @@ def search_images(root: Path) -> ImageSearch:
     others: collections.Counter[str] = collections.Counter()  # left out, by extension
     stores: list[Path] = []  # MLflow stores met below root, left out
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
-        dirnames[:] = [d for d in dirnames if _enter(Path(dirpath, d), real_dirs, seen_dirs)]
+        dirnames[:] = [d for d in dirnames
+                       if _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
         for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
             dirnames.remove(d)
             stores.append(Path(dirpath, d))
@@ -246,7 +248,7 @@ def search_images(root: Path) -> ImageSearch:
         )
     found.sort(key=lambda item: item[0])
     return ImageSearch([Path(folder, name) for _, folder, name in found], unlisted,
-                       frozenset(seen_dirs))
+                       tuple(linked))
 
 
 _NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})
@@ -292,18 +294,23 @@ def folder_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int]]) -> bool:
-    """Enter every real folder of the tree, and a symlinked folder only if it is new."""
+def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int]],
+           linked: list[Path]) -> bool:
+    """Enter every real folder of the tree, and a symlinked folder only if it is new (its
+    real path then noted in ``linked``)."""
     try:
         folder = folder_id(path)
     except OSError:
         return True  # os.walk reports it through onerror
-    if folder in real_dirs and not path.is_symlink():
+    symlink = path.is_symlink()
+    if folder in real_dirs and not symlink:
         return True
     if folder in seen:
         logger.info("not following %s: it leads to a folder already searched", display_path(path))
         return False
     seen.add(folder)
+    if symlink:
+        linked.append(Path(os.path.realpath(path)))
     return True
 
 

@@ -72,7 +72,6 @@ from anomaly_flow.data import (
     ImageMode,
     InvalidSource,
     display_path,
-    folder_id,
     load_item,
     one_line,
     search_images,
@@ -1132,13 +1131,16 @@ def score_folder(
     root = Path(os.path.abspath(folder))
     if heatmaps is not None:
         _check_heatmaps_apart(Path(heatmaps), root)
-    paths, unlisted, searched = search_images(root)
-    if heatmaps is not None and folder_id(Path(heatmaps)) in searched:
-        raise ScoringError(
-            f"the heatmap folder {display_path(heatmaps)} is reached from the scored folder "
-            f"{display_path(root)} through a symlinked folder inside it, so the next run "
-            "would score the heatmaps as images; choose a heatmap folder the scored folder "
-            "does not link to, or remove the link")
+    paths, unlisted, linked = search_images(root)
+    if heatmaps is not None:
+        real = Path(os.path.realpath(heatmaps))
+        if reached := [f for f in linked if f.is_relative_to(real) or real.is_relative_to(f)]:
+            raise ScoringError(
+                f"the heatmap folder {display_path(heatmaps)} is reached from the scored "
+                f"folder {display_path(root)} through a symlinked folder inside it (to "
+                f"{display_path(reached[0])}), so the next run would score the heatmaps as "
+                "images; choose a heatmap folder the scored folder does not link to, or "
+                "remove the link")
     keys = [display_path(p) for p in paths]
     clash = pd.Index(keys).duplicated()
     if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge

@@ -425,6 +425,17 @@ def test_a_model_deleted_while_it_is_calibrated_is_not_made_anew(
         [client.get_experiment_by_name("gone-parts").experiment_id])
         if r.info.run_id != run.run_id]
     assert calibration_run.info.status == "FAILED"
+    # the name kept, the version deleted: a new version would name a source that is gone
+    tracking.register_model(uri, "gone-version", alias="candidate")
+    tracking.register_model(uri, "gone-version")
+    loaded = tracking.load_model("models:/gone-version@candidate")
+    client.delete_model_version("gone-version", "1")
+    with pytest.raises(tracking.ModelNotFoundError,
+                       match="version 1 of the registered model 'gone-version' was deleted "
+                             "while it was being calibrated, so no version was added"):
+        calibrate_scores(loaded, hand_scores("normal", values), None, score="bpd",
+                         target_fpr=0.1, promote=True)
+    assert [str(v.version) for v in client.search_model_versions("name = 'gone-version'")] == ["2"]
 
 
 @pytest.mark.parametrize(("best", "runner_up"), [("complexity", "coarse_complexity"),

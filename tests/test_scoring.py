@@ -1241,16 +1241,17 @@ def test_heatmaps_refuse_a_folder_the_scored_one_links_to(model: Glow, tmp_path:
     folder = tmp_path / "images"
     write_image_folder(sample_images(2), folder, "x-")
     for heat, target in [(tmp_path / "heat", tmp_path / "heat"),
-                         (tmp_path / "around" / "heat", tmp_path / "around")]:
+                         (tmp_path / "around" / "heat", tmp_path / "around"),
+                         (tmp_path / "maps", tmp_path / "maps" / "sub")]:  # a folder in it
         link = folder / "link"
         target.mkdir(parents=True, exist_ok=True)
         link.symlink_to(target, target_is_directory=True)
-        with pytest.raises(ScoringError, match=r"the heatmap folder .*heat is reached from the "
-                                               r"scored folder .*images through a symlinked "
-                                               "folder inside it, so the next run would "
-                                               "score the heatmaps as images"):
+        said = (f"the heatmap folder {heat} is reached from the scored folder {folder} "
+                f"through a symlinked folder inside it (to {target}), so the next run would "
+                "score the heatmaps as images")
+        with pytest.raises(ScoringError, match=re.escape(said)):
             score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
-        assert not (tmp_path / "s.csv").exists() and not any(heat.iterdir())
+        assert not (tmp_path / "s.csv").exists() and not list(heat.rglob("*.png"))
         link.unlink()
     summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=tmp_path / "heat")
     assert summary.n_heatmaps == 2

@@ -1336,3 +1336,26 @@ def test_a_new_store_in_a_path_with_both_quote_kinds_is_refused_in_one_line(
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     single = tmp_path / "it's a store"  # one kind of quote: MLflow copes
     assert tracking.configure(single) == f"sqlite:///{single}/mlflow.db"
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_a_store_that_fails_to_open_says_why_with_or_without_its_creation_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locked: bool) -> None:
+    """An error while the store opens reaches the message as itself: the creation lock's
+    context manager once caught it (an OSError or ImportError of the store's) and said
+    "generator didn't stop after throw()"."""
+    from anomaly_flow.tracking import store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "mlruns"
+    tracking.configure(folder)  # an existing store, with its lock file
+    if not locked:  # as a store made before the lock was
+        (folder / ".mlflow.db.lock").unlink()
+
+    def no_driver(*args: object) -> None:
+        raise ModuleNotFoundError("No module named '_sqlite3'")
+
+    monkeypatch.setattr(store, "_open_store", no_driver)
+    with pytest.raises(tracking.TrackingError, match="No module named '_sqlite3'; install the "
+                                                     "database driver it names"):
+        tracking.configure(folder)

@@ -241,8 +241,9 @@ def _check_still_registered(name: str, version: str) -> None:
     """Refuse to add a calibrated version to a registered model deleted since its version
     was loaded: MLflow would create the name afresh, with a first version whose
     ``source_version`` names a version that is gone (and ``--promote`` its champion)."""
+    client = mlflow.MlflowClient()
     try:
-        mlflow.MlflowClient().get_registered_model(name)
+        client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
@@ -251,6 +252,15 @@ def _check_still_registered(name: str, version: str) -> None:
             f"calibrated, so no version was added (MLflow would have made {name!r} anew); "
             "register the model again (train it, or register its training run's model) "
             "and calibrate that version") from None
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ModelNotFoundError(
+            f"version {version} of the registered model {name!r} was deleted while it was "
+            "being calibrated, so no version was added (its source_version would name a "
+            "version that is gone); calibrate a version that is registered") from None
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:

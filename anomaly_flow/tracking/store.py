@@ -229,29 +229,31 @@ def _creation_lock(sqlite_db: Path | None) -> Iterator[None]:
         yield
         return
     lock = sqlite_db.parent / f".{sqlite_db.name}.lock"
-    try:
+    handle = None
+    try:  # the body runs outside this try: an error of its own must not reach the except
         import fcntl
 
         if lock.is_file():
             handle = open(lock)  # noqa: SIM115 (a read-only store: flock needs no write)
         elif not _has_database(sqlite_db):
             handle = open(lock, "a")  # noqa: SIM115
-        else:
-            yield
-            return
     except (ImportError, OSError):
+        handle = None
+    if handle is None:
         yield
         return
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:  # no locks on this file system
-            yield
-            return
+            locked = False
+        else:
+            locked = True
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def uses_default_store() -> bool:

@@ -177,17 +177,18 @@ def _read_run_state(folder: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _training_lock(ckpt: Path, name: str) -> Iterator[None]:
+def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
     """Hold ``<checkpoints>/.<folder>.lock`` while training ``name``: a second training of
     the same name (another terminal, a scheduler's retry) would delete or take over the
-    checkpoints of the first. Where ``fcntl`` is missing (Windows) nothing is held."""
+    checkpoints of the first. Where ``fcntl`` is missing (Windows) nothing is held.
+    Yields whether the lock is held."""
     if ckpt.exists() and not ckpt.is_dir():
         raise TrainingError(f"{ckpt} is a file, where the checkpoints of {name!r} go; move "
                             "it away, or train under another --name")
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     path = ckpt.parent / f".{ckpt.name}.lock"
     try:
@@ -208,14 +209,14 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[None]:
         except OSError as exc:  # no locks on this file system (NFS without lockd, FUSE)
             logger.warning("cannot lock %s (%s), so nothing stops a second training of %r "
                            "from using its checkpoints meanwhile", path, exc.strerror, name)
-            yield
+            yield False
             return
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -451,9 +452,9 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
             return None
         verdict = _Verdict()
         try:
-            with _training_lock(ckpt, name):  # one training of a name at a time
+            with _training_lock(ckpt, name) as locked:  # one training of a name at a time
                 return _train_and_register_locked(data, name, config, dev, folder, ckpt,
-                                                  device=device, resume=resume,
+                                                  locked=locked, device=device, resume=resume,
                                                   mlruns=mlruns, progress=progress,
                                                   nested=nested, ready=verdict.go)
         except BaseException as exc:
@@ -509,7 +510,8 @@ class _Verdict:
 
 def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                                dev: torch.device, folder: FolderData, ckpt: Path, *,
-                               device: str, resume: bool, mlruns: str | Path | None,
+                               locked: bool, device: str, resume: bool,
+                               mlruns: str | Path | None,
                                progress: bool | None, nested: bool,
                                ready: Callable[[], None]) -> TrainOutcome:
     """:func:`train_and_register` past its checks, with the name's training lock held;
@@ -543,7 +545,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             logger.warning("the run %s of the checkpoint is not in %s; logging the "
                            "resumed training as a new run", state.get("run_id"), here)
     elif ckpt.exists():
-        _end_abandoned_run(earlier, name)
+        if locked:  # unlocked (no flock here), the earlier training may still be running
+            _end_abandoned_run(earlier, name)
         if (latest := latest_checkpoint(ckpt)) is not None:
             could = ("was the finished model" if earlier.get("concluded")
                      else "could go on with --resume")
