@@ -194,7 +194,7 @@ def search_images(root: Path) -> ImageSearch:
     real_dirs: set[tuple[int, int]] = set()
     for d, _, _ in os.walk(root):
         with contextlib.suppress(OSError):
-            real_dirs.add(folder_id(Path(d)))
+            real_dirs.add(_dir_id(Path(d)))
     seen_dirs = set(real_dirs)
     linked: list[Path] = []
     walk_errors: list[OSError] = []
@@ -288,8 +288,7 @@ def _is_store(folder: Path) -> bool:
         return False
 
 
-def folder_id(path: Path) -> tuple[int, int]:
-    """``(st_dev, st_ino)`` of the folder ``path`` leads to, symlinks followed."""
+def _dir_id(path: Path) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
@@ -299,7 +298,7 @@ def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int
     """Enter every real folder of the tree, and a symlinked folder only if it is new (its
     real path then noted in ``linked``)."""
     try:
-        folder = folder_id(path)
+        folder = _dir_id(path)
     except OSError:
         return True  # os.walk reports it through onerror
     symlink = path.is_symlink()

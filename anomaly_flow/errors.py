@@ -64,6 +64,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line of text, or its type's name where it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from anomaly_flow.config import GlowConfig
+from anomaly_flow.errors import first_line
 from anomaly_flow.layers import FlowStep, SplitPrior, TopPrior, squeeze, unsqueeze
 
 CONFIG_FILE = "config.json"
@@ -661,12 +662,12 @@ class Glow(nn.Module):
         except (OSError, ValueError) as exc:  # not JSON, not UTF-8, or not a model's config
             raise ModelFileError(
                 f"{folder / CONFIG_FILE} is not a model configuration anomaly-flow can read "
-                f"({_first_line(exc)}); copy or download the model again, or re-register it "
+                f"({first_line(exc)}); copy or download the model again, or re-register it "
                 "from its training run's artifacts") from None
         try:
             model = cls(config)
         except (RuntimeError, MemoryError) as exc:  # a size no memory holds (an edit)
-            first = _first_line(exc)
+            first = first_line(exc)
             raise ModelFileError(
                 f"the model {folder / CONFIG_FILE} describes cannot be built here ({first}); "
                 "check its image_size, levels and hidden_channels") from None
@@ -706,13 +707,7 @@ def _load_errors_in_brief(error: RuntimeError) -> str:
             parts.append(line.rstrip("."))
     if mismatches:
         parts.append(f"{len(mismatches)} tensor(s) of another shape, e.g. {mismatches[0]}")
-    return "; ".join(parts) or _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    """An error's first line of text, or its type where it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return "; ".join(parts) or first_line(error)
 
 
 def log_prob_from_output(out: FlowOutput) -> Tensor:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import click
 
-from anomaly_flow.errors import describe, one_line, user_error_types
+from anomaly_flow.errors import describe, user_error_types
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,12 +102,6 @@ def show_stages(*names: str) -> None:
     for name in names:
         named = logging.getLogger(name)
         named.setLevel(min(named.getEffectiveLevel(), logging.INFO))
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped (a newline as ``\\n``), so that a
-    file name prints as one line and cannot pass itself off as another message."""
-    return one_line(text)
 
 
 @contextlib.contextmanager

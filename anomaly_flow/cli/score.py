@@ -13,10 +13,10 @@ from anomaly_flow.cli.common import (
     finite,
     mlruns_option,
     model_option,
-    printable,
     stops_reported,
     user_errors,
 )
+from anomaly_flow.errors import one_line
 from anomaly_flow.stopping import usable_cores
 
 _FAILURES_SHOWN = 5
@@ -120,7 +120,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     check_image_folder(folder)
     check_writable(out, resume=resume)
     loaded = open_model(model, device, mlruns, logs=False)
-    shown = printable(display_path(out))
+    shown = one_line(display_path(out))
 
     def interrupted() -> str:  # the rows scored so far are kept
         return ("interrupted; run the same command with --resume to score the files not "
@@ -138,7 +138,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     if summary.n_failed:
         click.echo(f"{summary.n_failed} file(s) could not be scored:", err=True)
         for path, reason in summary.failures[:_FAILURES_SHOWN]:
-            click.echo(f"  {printable(path)}: {reason}", err=True)
+            click.echo(f"  {one_line(path)}: {reason}", err=True)
         if summary.n_failed > _FAILURES_SHOWN:
             click.echo(f"  ... and {summary.n_failed - _FAILURES_SHOWN} more (see the error "
                        "column)", err=True)
@@ -157,7 +157,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     if summary.unlisted:
         unlisted, reason = summary.unlisted[0]
         click.echo(f"{len(summary.unlisted)} folder(s) could not be listed, so the images "
-                   f"inside have no row (the first, {printable(unlisted)}: {reason}); make "
+                   f"inside have no row (the first, {one_line(unlisted)}: {reason}); make "
                    "them readable (or put back what was moved away) and run again with "
                    "--resume to score them", err=True)
     click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
@@ -166,7 +166,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
         lost = (f"; {unwritten} could not be written (the first, {first}); make room or fix "
                 "the folder, then score again (without --resume) to draw them"
                 if unwritten else "")
-        where = printable(display_path(summary.heatmaps))
+        where = one_line(display_path(summary.heatmaps))
         click.echo(f"wrote {summary.n_heatmaps} heatmaps under {where}{lost}",
                    err=True)
     if strict and summary.n_failed:
@@ -175,7 +175,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
             f"{shown} says why for each")
     if strict and summary.unlisted:
         raise click.ClickException(
-            f"{len(summary.unlisted)} folder(s) under {printable(display_path(folder))} could "
+            f"{len(summary.unlisted)} folder(s) under {one_line(display_path(folder))} could "
             "not be listed (--strict); their images were not scored")
     if strict and unwritten:
         raise click.ClickException(f"{unwritten} heatmap(s) could not be written (--strict)")

@@ -238,11 +238,18 @@ def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
 
 
 def _check_still_registered(name: str, version: str) -> None:
-    """Refuse to add a calibrated version to a registered model deleted since its version
-    was loaded: MLflow would create the name afresh, with a first version whose
-    ``source_version`` names a version that is gone (and ``--promote`` its champion)."""
+    """Refuse to add a calibrated version to a registered model whose source version (or
+    the whole name) was deleted since it was loaded: MLflow would register it anyway, the
+    name made afresh if need be, with a ``source_version`` naming a version that is gone
+    (and ``--promote`` its champion)."""
     client = mlflow.MlflowClient()
     try:
+        client.get_model_version(name, version)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:  # which of the two is gone: only asked when one is
         client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
@@ -252,15 +259,10 @@ def _check_still_registered(name: str, version: str) -> None:
             f"calibrated, so no version was added (MLflow would have made {name!r} anew); "
             "register the model again (train it, or register its training run's model) "
             "and calibrate that version") from None
-    try:
-        client.get_model_version(name, version)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise ModelNotFoundError(
-            f"version {version} of the registered model {name!r} was deleted while it was "
-            "being calibrated, so no version was added (its source_version would name a "
-            "version that is gone); calibrate a version that is registered") from None
+    raise ModelNotFoundError(
+        f"version {version} of the registered model {name!r} was deleted while it was "
+        "being calibrated, so no version was added (its source_version would name a "
+        "version that is gone); calibrate a version that is registered")
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:

@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from sqlalchemy.engine import make_url
 
-from anomaly_flow.errors import without_passwords
+from anomaly_flow.errors import first_line, without_passwords
 from anomaly_flow.stopping import stops_deferred
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def configure(mlruns: str | Path | None = None) -> str:
         with _creation_lock(sqlite_db):
             _open_store(uri, sqlite_db, artifact_root)
     except Exception as exc:  # any failure here means the store is unusable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if isinstance(exc, ModuleNotFoundError) or "No module named" in first:
             hint = "install the database driver it names (pip install it), or use another store"
         elif env_given:

@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path, one_line
+from anomaly_flow.errors import first_line
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
 from anomaly_flow.tracking.store import (
@@ -155,7 +156,9 @@ class _MetricLogger:
             self.run.set_tags({"last_checkpoint": str(event.path)})
 
 
-def _read_run_state(folder: Path) -> dict[str, Any]:
+def _read_run_state(folder: Path) -> tuple[dict[str, Any], RunConfig]:
+    """The record of the training whose checkpoints ``folder`` holds, and its
+    configuration (what a resume is compared with)."""
     path = folder / RUN_STATE_FILE
     if not path.is_file():
         raise TrainingError(f"--resume found no earlier training in {folder}; train without "
@@ -164,7 +167,7 @@ def _read_run_state(folder: Path) -> dict[str, Any]:
         state = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(state, dict):
             raise ValueError(f"a JSON object was expected, got {type(state).__name__}")
-        RunConfig.from_dict(state["config"])  # what _check_resumable compares with
+        config = RunConfig.from_dict(state["config"])
     except OSError as exc:
         raise TrainingError(f"cannot read {path} ({exc.strerror or exc}); check its "
                             "permissions, or train without --resume.") from None
@@ -173,7 +176,7 @@ def _read_run_state(folder: Path) -> dict[str, Any]:
                 if isinstance(exc, UnicodeDecodeError) else str(exc))
         raise TrainingError(f"{path} is damaged ({what}); train without --resume (a fresh "
                             "training clears it).") from None
-    return state
+    return state, config
 
 
 @contextlib.contextmanager
@@ -221,9 +224,10 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check_resumable(state: dict[str, Any], config: RunConfig, fingerprint: str) -> None:
-    """Refuse a resume that would not continue the same training."""
-    before = RunConfig.from_dict(state["config"])
+def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig,
+                     fingerprint: str) -> None:
+    """Refuse a resume that would not continue the same training (``before``: the
+    configuration the checkpoint's training ran with)."""
     if differ := changed_fields(before.model, config.model, "model"):
         raise TrainingError(f"the model configuration differs from the checkpoint's "
                             f"({'; '.join(differ)}); resume with the same preset or config "
@@ -248,12 +252,12 @@ def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
             "digits, '.', '_' or '-', or another --mlruns DIR")
 
 
-def _check_has_checkpoint(ckpt: Path, name: str, state: dict[str, Any]) -> Path:
+def _check_has_checkpoint(ckpt: Path, name: str, every: int) -> Path:
     """The latest checkpoint, or a refusal (before the comparisons with the checkpoint,
-    and before the earlier run is reopened and retagged)."""
+    and before the earlier run is reopened and retagged); ``every``: the earlier
+    training's ``checkpoint_every``."""
     latest = latest_checkpoint(ckpt)
     if latest is None:
-        every = RunConfig.from_dict(state["config"]).train.checkpoint_every
         raise TrainingError(
             f"resume was asked for but there is no checkpoint in {ckpt} (the training of "
             f"{name!r} stopped before its first, one every {every} steps); train without "
@@ -504,8 +508,7 @@ class _Verdict:
     def refuse(self, exc: BaseException) -> None:
         if not self.sent:
             self.sent = True
-            share_verdict(str(exc).strip().splitlines()[0] if str(exc).strip()
-                          else type(exc).__name__)
+            share_verdict(first_line(exc))
 
 
 def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
@@ -519,14 +522,14 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
     previous_run, state = None, {}
     earlier: dict[str, Any] = {}  # the record of a training this one replaces
     if resume:
-        state = _read_run_state(ckpt)
+        state, before = _read_run_state(ckpt)
         _check_owner(state, name, ckpt)
-        latest = _check_has_checkpoint(ckpt, name, state)
-        _check_resumable(state, config, folder.fingerprint)
+        latest = _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
+        _check_resumable(state, before, config, folder.fingerprint)
         _check_unfinished(latest, config, len(folder.train), name, state)
     elif (ckpt / RUN_STATE_FILE).is_file():
         with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
-            earlier = _read_run_state(ckpt)
+            earlier, _ = _read_run_state(ckpt)
         _check_owner(earlier, name, ckpt)
     configure(mlruns)
     require_writable_store()
@@ -588,8 +591,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         metrics = (_MetricLogger.resuming(run, every) if previous_run is not None
                    else _MetricLogger(run, every))
         if previous_run is not None:
-            _tag_kept_steps(run, metrics, checkpoint_step(latest), trajectory_changes(
-                RunConfig.from_dict(state["config"]).train, config.train))
+            _tag_kept_steps(run, metrics, checkpoint_step(latest),
+                            trajectory_changes(before.train, config.train))
         ready()
         result = train(config, folder.train, folder.val, device=device, checkpoint_dir=ckpt,
                        resume=resume, callback=metrics, progress=progress)
