@@ -156,7 +156,8 @@ class TrainConfig:
         optimizer: ``"adam"`` or ``"adamax"``.
         grad_clip: Maximum gradient norm; 0 disables clipping.
         val_fraction: Share of the images held out for validation bits/dim and the
-            normal reference (the ``typicality``, ``knn`` and ``ensemble`` scores).
+            normal reference (the ``typicality``, ``knn``, ``pixel_knn`` and
+            ``ensemble`` scores).
         seed: Seed for the split, initialisation, shuffling and dequantisation noise.
         bf16: Run the coupling networks under bf16 autocast; log-dets and priors stay
             in float32. CUDA only: ignored (float32, logged) when training on the CPU.

@@ -277,7 +277,7 @@ def resolve_score(score: str | None, model: Glow) -> str:
     score = default_score(model) if score is None else score
     names = score_names(model)
     if score in REFERENCE_SCORES and score not in names:
-        why = ("its reference predates knn and ensemble (an older anomaly-flow trained it)"
+        why = (f"its reference predates {score} (an older anomaly-flow trained it)"
                if model.has_reference else
                "this model has none (it was trained without a validation set, or by an "
                "older anomaly-flow)")
@@ -576,13 +576,14 @@ def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores
 
     An image counts when its content digest is among those the model's training run
     recorded for its training folder: the training split, and the validation split too,
-    since the normal reference behind ``typicality``, ``knn`` and ``ensemble`` was
-    fitted on it (a validation image is its own nearest neighbour there). Left-out rows
-    keep their scores and get the reason in ``error`` (starting with :data:`TRAINED_ON`),
-    so they are listed with the other failures; a warning says how many. Rows that
-    already failed keep their own reason. Where the training run recorded no digests
-    (trained before they were recorded, or not by this package) nothing can be checked,
-    and a warning says so; ``scores`` built by hand without digests are used as they are.
+    since the normal reference behind ``typicality``, ``knn``, ``pixel_knn`` and
+    ``ensemble`` was fitted on it (a validation image is its own nearest neighbour
+    there). Left-out rows keep their scores and get the reason in ``error`` (starting
+    with :data:`TRAINED_ON`), so they are listed with the other failures; a warning says
+    how many. Rows that already failed keep their own reason. Where the training run
+    recorded no digests (trained before they were recorded, or not by this package)
+    nothing can be checked, and a warning says so; ``scores`` built by hand without
+    digests are used as they are.
 
     Raises:
         CalibrationError: Every usable image of the folder is one of the training folder.

@@ -11,12 +11,14 @@ when scoring, so the same image always gets the same number.
 
 A trained model may also carry a *normal reference* (:meth:`Glow.set_reference`): the
 per-pixel mean and spread of the bits/dim map over held-out normal images, and those
-images' maps averaged over blocks (:func:`knn_grid`). From it :meth:`Glow.typicality`
-scores how far an image's map is from the average normal map, and :meth:`Glow.knn` how
-far it is from the nearest normal maps; the mean and spread of ``knn`` and of
-``coarse_complexity`` over those images put the two on one scale for the ``ensemble``
-score (:meth:`Glow.ensemble`). It lives in the state dict (``reference_mean``,
-``reference_std``, ``reference_maps``, ``reference_scale``) only once set.
+images' maps and the images themselves averaged over blocks (:func:`knn_grid`). From it
+:meth:`Glow.typicality` scores how far an image's map is from the average normal map,
+:meth:`Glow.knn` how far it is from the nearest normal maps and :meth:`Glow.pixel_knn`
+how far the image is from the nearest normal images; the mean and spread of ``knn``,
+``coarse_complexity`` and ``pixel_knn`` over those images put the three on one scale for
+the ``ensemble`` score (:meth:`Glow.ensemble`). It lives in the state dict
+(``reference_mean``, ``reference_std``, ``reference_maps``, ``reference_scale``,
+``reference_images``) only once set.
 """
 
 from __future__ import annotations
@@ -55,9 +57,15 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "reference_scale")
+REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "reference_scale",
+                  "reference_images")
 """State-dict keys of the normal reference (:meth:`Glow.set_reference`); optional. The
-first two alone (the reference of an older anomaly-flow, before ``knn``) also load."""
+references of older anomaly-flows also load: the first two alone (before ``knn``), and the
+first four (before ``pixel_knn``: ``reference_scale`` then has two rows)."""
+
+_REFERENCE_LAYOUTS = {(False,) * 5: "none", (True, True, False, False, False): "typicality",
+                      (True, True, True, True, False): "knn", (True,) * 5: "full"}
+"""Which of :data:`REFERENCE_KEYS` a state may hold together, and what they make."""
 
 REFERENCE_MAX_MAPS = 10_000
 """Most held-out maps a normal reference keeps for :meth:`Glow.knn` (training keeps every
@@ -107,15 +115,22 @@ def knn_grid(config: GlowConfig) -> int:
 
 
 _RETRAIN = ("train it with a validation set (val_fraction > 0); a model trained by an older "
-            "anomaly-flow has a reference without maps (typicality only): train it again")
+            "anomaly-flow has a smaller reference, without what this score needs: train it "
+            "again")
 
 
-def ensemble_score(knn: Tensor, coarse_complexity: Tensor, scale: Tensor) -> Tensor:
-    """:meth:`Glow.ensemble` ``(B,)`` float64 for a ``reference_scale`` ``(2, 2)`` already
-    at hand (scoring keeps a host copy, so that no batch waits for the device)."""
+def ensemble_score(knn: Tensor, coarse_complexity: Tensor, scale: Tensor,
+                   pixel_knn: Tensor | None = None) -> Tensor:
+    """:meth:`Glow.ensemble` ``(B,)`` float64 for a ``reference_scale`` already at hand
+    (scoring keeps a host copy, so that no batch waits for the device): ``(3, 2)`` with
+    ``pixel_knn`` given, ``(2, 2)`` (an older reference) without."""
+    if (pixel_knn is not None) != (len(scale) == 3):
+        raise ValueError(f"a reference_scale of {len(scale)} rows goes with "
+                         f"{'a' if len(scale) == 3 else 'no'} pixel_knn")
     scale = scale.to(knn.device, torch.float64)
-    return ((knn.double() - scale[0, 0]) / scale[0, 1]
-            + (coarse_complexity.double() - scale[1, 0]) / scale[1, 1])
+    terms = [knn, coarse_complexity] + ([] if pixel_knn is None else [pixel_knn])
+    return sum(((term.double() - scale[i, 0]) / scale[i, 1] for i, term in enumerate(terms)),
+               torch.zeros(len(knn), dtype=torch.float64, device=knn.device))
 
 
 def _mean_and_std(values: Tensor) -> Tensor:
@@ -130,12 +145,13 @@ def _mean_and_std(values: Tensor) -> Tensor:
 
 def _reference_shape_problem(config: GlowConfig, mean: Tensor, std: Tensor,
                              maps: Tensor | None = None,
-                             companion: tuple[str, Tensor, tuple[int, ...]] | None = None
+                             *companions: tuple[str, Tensor | None, tuple[int, ...]]
                              ) -> str | None:
     """What is wrong with the shapes of a normal reference for a model of ``config``, or
     None: ``mean`` and ``std`` ``(H, W)``; ``maps`` ``(N, G, G)`` with
-    ``1 <= N <= REFERENCE_MAX_MAPS``; and the maps' ``companion`` (name, tensor, shape it
-    must have: their ``coarse_complexity`` when set, ``reference_scale`` when loaded)."""
+    ``1 <= N <= REFERENCE_MAX_MAPS``; and the maps' ``companions`` (name, tensor or None
+    for absent, shape it must have: their ``coarse_complexity`` when set,
+    ``reference_scale`` when loaded, the pooled images ``(N, C, G, G)``)."""
     size, grid = config.image_size, knn_grid(config)
     for name, value in (("mean", mean), ("std", std)):
         if tuple(value.shape) != (size, size):
@@ -145,15 +161,51 @@ def _reference_shape_problem(config: GlowConfig, mean: Tensor, std: Tensor,
                              or not 1 <= len(maps) <= REFERENCE_MAX_MAPS):
         return (f"the reference maps must have shape (N, {grid}, {grid}) with "
                 f"1 <= N <= {REFERENCE_MAX_MAPS}; got {tuple(maps.shape)}")
-    if companion is not None and tuple(companion[1].shape) != companion[2]:
-        name, value, shape = companion
-        return f"the reference {name} must have shape {shape}; got {tuple(value.shape)}"
+    for name, value, shape in companions:
+        if value is not None and tuple(value.shape) != shape:
+            return f"the reference {name} must have shape {shape}; got {tuple(value.shape)}"
     return None
 
 
 def pool_to_grid(pixel_bpd: Tensor, grid: int) -> Tensor:
     """Average per-pixel maps ``(B, H, W)`` over square blocks to ``(B, grid, grid)``."""
     return F.avg_pool2d(pixel_bpd[:, None], pixel_bpd.shape[-1] // grid)[:, 0]
+
+
+def pool_images(x: Tensor, grid: int) -> Tensor:
+    """Average flow inputs ``(B, C, H, W)`` (:func:`preprocess`) over square blocks to
+    ``(B, C, grid, grid)``, float32: what :meth:`Glow.pixel_knn` compares."""
+    return F.avg_pool2d(x.float(), x.shape[-1] // grid)
+
+
+def _mean_nearest(queries: Tensor, keys: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """``(B,)`` float64: the mean Euclidean distance of each row of ``queries`` ``(B, D)``
+    to its :data:`KNN_NEIGHBOURS` nearest rows of ``keys`` ``(N, D)`` (both float64);
+    ``exclude`` ``(B,)`` names a key each query must not count (itself, for
+    leave-one-out)."""
+    # |a|² + |b|² − 2a·b as one matrix product: several times faster than differencing
+    # every pair, and in float64 its cancellation costs nothing visible (~1e-14).
+    distances = torch.cdist(queries, keys, compute_mode="use_mm_for_euclid_dist")
+    available = len(keys)
+    if exclude is not None:
+        distances[torch.arange(len(queries), device=distances.device), exclude] = math.inf
+        available -= 1
+    k = min(KNN_NEIGHBOURS, available)
+    return distances.topk(k, dim=1, largest=False).values.mean(dim=1)
+
+
+def _leave_one_out(keys: Tensor, nearest: Any, chunk: int = 1024) -> Tensor:
+    """``nearest(rows, exclude=rows)`` for every row of ``keys`` ``(N, ...)`` against the
+    other N − 1 (empty for N = 1), in chunks of rows so the distance matrix never exceeds
+    chunk × N; float64 ``(N,)``."""
+    n = len(keys)
+    if n < 2:
+        return keys.new_zeros(0, dtype=torch.float64)
+    parts = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=keys.device)
+        parts.append(nearest(keys[rows], exclude=rows))
+    return torch.cat(parts)
 
 
 class ModelFileError(ValueError):
@@ -316,17 +368,18 @@ class Glow(nn.Module):
             channels = level.out_channels
         self.levels = nn.ModuleList(levels)
         # The normal reference: per-pixel mean and std of pixel_bpd over held-out normal
-        # images, their maps pooled to knn_grid, and the (mean, std) of their knn and
-        # coarse_complexity (set by training); None until set, and then absent from the
-        # state dict.
+        # images, their maps pooled to knn_grid, the (mean, std) of their knn,
+        # coarse_complexity and pixel_knn, and the images pooled to knn_grid (set by
+        # training); None until set, and then absent from the state dict.
         self.reference_mean: Tensor | None
         self.reference_std: Tensor | None
         self.reference_maps: Tensor | None
         self.reference_scale: Tensor | None
+        self.reference_images: Tensor | None
         for key in REFERENCE_KEYS:
             self.register_buffer(key, None)
-        # (the maps tensor itself, its version, what _standardised_reference made of it)
-        self._knn_cache: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]] | None = None
+        # per reference tensor name: (the tensor itself, its version, what was made of it)
+        self._knn_cache: dict[str, tuple[Tensor, int, Any]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -363,63 +416,75 @@ class Glow(nn.Module):
         ``ensemble`` (every reference fitted by this version does; an older one does not)."""
         return self.reference_maps is not None
 
+    @property
+    def has_image_reference(self) -> bool:
+        """Whether its normal reference also holds the pooled images behind ``pixel_knn``
+        (every reference fitted by this version does; an older one does not), so that
+        ``ensemble`` has three terms."""
+        return self.reference_images is not None
+
     def set_reference(self, mean: Tensor, std: Tensor, maps: Tensor | None = None,
-                      coarse_complexity: Tensor | None = None) -> None:
+                      coarse_complexity: Tensor | None = None,
+                      images: Tensor | None = None) -> None:
         """Store the normal reference, from N held-out normal images: the per-pixel mean
         and standard deviation of ``pixel_bpd`` (:class:`LikelihoodBreakdown`), each
-        ``(H, W)`` at the model's image size; and, for ``knn`` and ``ensemble``, the
-        images' maps pooled to :func:`knn_grid`, ``(N, G, G)`` with
-        ``1 <= N <= REFERENCE_MAX_MAPS``, with their ``coarse_complexity`` scores ``(N,)``.
-        From those it derives the mean and standard deviation of ``knn`` over the N images
-        (each against the other N − 1, leave-one-out) and of ``coarse_complexity``
-        (``reference_scale``: rows ``knn`` and ``coarse_complexity``, columns mean and
-        std), which :meth:`ensemble` uses. Without maps the model scores ``typicality``
-        only. Saved and loaded with the weights.
+        ``(H, W)`` at the model's image size; and, for ``knn``, ``pixel_knn`` and
+        ``ensemble``, the images' maps pooled to :func:`knn_grid`, ``(N, G, G)`` with
+        ``1 <= N <= REFERENCE_MAX_MAPS``, their ``coarse_complexity`` scores ``(N,)`` and
+        the images themselves as flow inputs pooled to the same grid (:func:`pool_images`,
+        ``(N, C, G, G)``). From those it derives the mean and standard deviation over the
+        N images of ``knn`` and ``pixel_knn`` (each image against the other N − 1,
+        leave-one-out) and of ``coarse_complexity`` (``reference_scale``: rows ``knn``,
+        ``coarse_complexity`` and ``pixel_knn``, columns mean and std), which
+        :meth:`ensemble` uses. Without maps the model scores ``typicality`` only; with maps
+        but without images (an older anomaly-flow's reference) ``ensemble`` has two terms
+        and there is no ``pixel_knn``. Saved and loaded with the weights.
 
         Raises:
             ValueError: A shape other than these, only one of ``maps`` and
-                ``coarse_complexity``, or a non-finite or negative value.
+                ``coarse_complexity``, images without maps, or a non-finite or negative
+                value.
         """
         if (maps is None) != (coarse_complexity is None):
             raise ValueError("the reference maps and coarse_complexity go together: give both "
                              "or neither")
+        if images is not None and maps is None:
+            raise ValueError("the reference images need the reference maps and "
+                             "coarse_complexity too")
+        grid, channels = knn_grid(self.config), self.config.in_channels
         problem = _reference_shape_problem(
             self.config, mean, std, maps,
-            None if maps is None or coarse_complexity is None
-            else ("coarse_complexity", coarse_complexity, (len(maps),)))
+            *([] if maps is None else [
+                ("coarse_complexity", coarse_complexity, (len(maps),)),
+                ("images", images, (len(maps), channels, grid, grid))]))
         if problem:
             raise ValueError(problem)
         for name, value in (("mean", mean), ("std", std), ("maps", maps),
-                            ("coarse_complexity", coarse_complexity)):
+                            ("coarse_complexity", coarse_complexity), ("images", images)):
             if value is not None and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"the reference {name} has non-finite values")
         if bool((std < 0).any()):
             raise ValueError("the reference std has negative values")
         device = self.device
-        self._knn_cache = None
+        self._knn_cache = {}
         self.reference_mean = mean.detach().to(device, torch.float32).clone()
         self.reference_std = std.detach().to(device, torch.float32).clone()
-        self.reference_maps = self.reference_scale = None
+        self.reference_maps = self.reference_scale = self.reference_images = None
         if maps is not None and coarse_complexity is not None:
             self.reference_maps = maps.detach().to(device, torch.float32).clone()
-            self.reference_scale = torch.stack([
-                _mean_and_std(self._reference_knn()),
-                _mean_and_std(coarse_complexity.detach().to(device, torch.float64)),
-            ]).float()
+            rows = [_mean_and_std(self._reference_knn()),
+                    _mean_and_std(coarse_complexity.detach().to(device, torch.float64))]
+            if images is not None:
+                self.reference_images = images.detach().to(device, torch.float32).clone()
+                rows.append(_mean_and_std(_leave_one_out(
+                    self.reference_images.flatten(1).double(), self._pixel_knn_pooled)))
+            self.reference_scale = torch.stack(rows).float()
 
-    def _reference_knn(self, chunk: int = 1024) -> Tensor:
+    def _reference_knn(self) -> Tensor:
         """``knn`` ``(N,)`` float64 of each reference map against the other N − 1 (empty
-        for N = 1), in chunks of rows so the distance matrix never exceeds chunk × N."""
+        for N = 1)."""
         assert self.reference_maps is not None
-        refs = self.reference_maps.flatten(1)
-        n = len(refs)
-        if n < 2:
-            return refs.new_zeros(0, dtype=torch.float64)
-        parts = []
-        for start in range(0, n, chunk):
-            rows = torch.arange(start, min(start + chunk, n), device=refs.device)
-            parts.append(self._knn_pooled(refs[rows], exclude=rows))
-        return torch.cat(parts)
+        return _leave_one_out(self.reference_maps.flatten(1), self._knn_pooled)
 
     def typicality_map(self, pixel_bpd: Tensor) -> Tensor:
         """The per-pixel terms ``(B, H, W)`` of :meth:`typicality` for per-pixel bits/dim
@@ -472,51 +537,80 @@ class Glow(nn.Module):
         """``knn`` ``(B,)`` float64 of pooled maps ``(B, G·G)``; ``exclude`` ``(B,)`` names
         a reference map each one must not count (itself, for leave-one-out)."""
         centre, spread, keys = self._standardised_reference()
-        queries = (pooled.double() - centre) / spread
-        # |a|² + |b|² − 2a·b as one matrix product: several times faster than differencing
-        # every pair, and in float64 its cancellation costs nothing visible (~1e-14).
-        distances = torch.cdist(queries, keys, compute_mode="use_mm_for_euclid_dist")
-        available = len(keys)
-        if exclude is not None:
-            distances[torch.arange(len(queries), device=distances.device), exclude] = math.inf
-            available -= 1
-        k = min(KNN_NEIGHBOURS, available)
-        return distances.topk(k, dim=1, largest=False).values.mean(dim=1)
+        return _mean_nearest((pooled.double() - centre) / spread, keys, exclude)
+
+    def pixel_knn(self, x: Tensor) -> Tensor:
+        """The ``pixel_knn`` score ``(B,)`` of flow inputs ``x`` ``(B, C, H, W)``
+        (:func:`preprocess`): the mean Euclidean distance to the :data:`KNN_NEIGHBOURS`
+        nearest normal reference images, all pooled to :func:`knn_grid`
+        (:func:`pool_images`), in the flow's input units (a pixel's range is 1). 0 for an
+        image that looks like several normal ones at that resolution.
+
+        Where :meth:`knn` compares where the model finds an image unlikely, this compares
+        what the image looks like. Each sees anomalies the other misses, so
+        :meth:`ensemble` adds them (B4, ``benchmarks/NOTES.md``).
+
+        Raises:
+            ValueError: The model's reference has no images.
+        """
+        if self.reference_images is None:
+            raise ValueError("this model's normal reference has no images, so it cannot "
+                             f"score pixel_knn; {_RETRAIN}")
+        pooled = pool_images(x, knn_grid(self.config)).flatten(1)
+        return self._pixel_knn_pooled(pooled.double()).to(torch.float32)
+
+    def _pixel_knn_pooled(self, pooled: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """``pixel_knn`` ``(B,)`` float64 of pooled images ``(B, C·G·G)`` float64."""
+        keys = self._cached("reference_images", lambda images: images.flatten(1).double())
+        return _mean_nearest(pooled, keys, exclude)
+
+    def _cached(self, name: str, make: Any) -> Any:
+        """``make(tensor)`` for the reference tensor ``name``, computed once per tensor.
+
+        Known by the tensor object and its version, not its address: a refit's new maps
+        often land where the freed old ones were. The cache holds the tensor, so its
+        identity stays unique."""
+        tensor = getattr(self, name)
+        assert tensor is not None
+        cache = self._knn_cache.get(name)
+        if cache is None or cache[0] is not tensor or cache[1] != tensor._version:
+            cache = self._knn_cache[name] = (tensor, tensor._version, make(tensor))
+        return cache[2]
 
     def _standardised_reference(self) -> tuple[Tensor, Tensor, Tensor]:
         """(centre ``(G·G,)``, spread ``(G·G,)``, standardised maps ``(N, G·G)``), float64,
         of the reference maps; computed once per set of maps (on its device)."""
-        maps = self.reference_maps
-        assert maps is not None
-        # Known by the tensor object, not its address: a refit's new maps often land where
-        # the freed old ones were. The cache holds the tensor, so its identity stays unique.
-        cache = self._knn_cache
-        if cache is None or cache[0] is not maps or cache[1] != maps._version:
+        def standardise(maps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             refs = maps.flatten(1).double()
             centre = refs.mean(dim=0)
             spread = refs.std(dim=0, correction=0) + REFERENCE_STD_FLOOR
-            cache = self._knn_cache = (maps, maps._version,
-                                       (centre, spread, (refs - centre) / spread))
-        return cache[2]
+            return centre, spread, (refs - centre) / spread
 
-    def ensemble(self, knn: Tensor, coarse_complexity: Tensor) -> Tensor:
-        """The ``ensemble`` score ``(B,)``: ``knn`` and ``coarse_complexity`` ``(B,)``, each
-        in standard deviations from its mean over the normal reference images
-        (``reference_scale``), summed. 0 for an image average on both; each term counts
-        as much as the other whatever its units.
+        return self._cached("reference_maps", standardise)
 
-        Why: ``knn`` sees how unlike normal images the likelihood map is, and
+    def ensemble(self, knn: Tensor, coarse_complexity: Tensor,
+                 pixel_knn: Tensor | None = None) -> Tensor:
+        """The ``ensemble`` score ``(B,)``: ``knn``, ``coarse_complexity`` and ``pixel_knn``
+        ``(B,)``, each in standard deviations from its mean over the normal reference
+        images (``reference_scale``), summed. 0 for an image average on all three; each
+        term counts as much as the others whatever its units. A model whose reference has
+        no images (an older anomaly-flow's) sums the first two, and takes no
+        ``pixel_knn``.
+
+        Why: ``knn`` sees how unlike normal images the likelihood map is,
         ``coarse_complexity`` how likely the image's global structure is for its
-        simplicity (:func:`anomaly_flow.complexity.coarse_complexity`); their errors differ,
-        so the sum separates better than either (B4, ``benchmarks/NOTES.md``).
+        simplicity (:func:`anomaly_flow.complexity.coarse_complexity`), and ``pixel_knn``
+        how unlike normal images the image itself looks; their errors differ, so the sum
+        separates better than any of them (B4, ``benchmarks/NOTES.md``).
 
         Raises:
-            ValueError: The model has no normal reference.
+            ValueError: The model has no normal reference, or ``pixel_knn`` is given to a
+                model without reference images or missing for one with them.
         """
         if self.reference_scale is None:
             raise ValueError(f"this model has no reference maps, so it cannot score "
                              f"ensemble; {_RETRAIN}")
-        return ensemble_score(knn, coarse_complexity, self.reference_scale)
+        return ensemble_score(knn, coarse_complexity, self.reference_scale, pixel_knn)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str],
@@ -526,25 +620,27 @@ class Glow(nn.Module):
         a reference for ``typicality`` only, a state without it leaves the model without
         one. Runs for every way of loading (``load_state_dict`` on the model or on a
         wrapper such as DistributedDataParallel)."""
-        present = [prefix + key in state_dict for key in REFERENCE_KEYS]
-        if present not in ([False] * 4, [True, True, False, False], [True] * 4):
+        present = tuple(prefix + key in state_dict for key in REFERENCE_KEYS)
+        if present not in _REFERENCE_LAYOUTS:
             error_msgs.append(f"the state has only part of the normal reference "
                               f"({', '.join(REFERENCE_KEYS)} go together; the first two "
-                              "may come alone)")
+                              "may come alone, or the first four)")
             return
         values = [state_dict[prefix + key] if there else None
                   for key, there in zip(REFERENCE_KEYS, present, strict=True)]
-        mean, std, maps, scale = values
+        mean, std, maps, scale, images = values
+        size, grid = self.config.image_size, knn_grid(self.config)
+        n, rows = (0 if maps is None else len(maps)), 2 if images is None else 3
         if mean is not None and std is not None and _reference_shape_problem(
-                self.config, mean, std, maps,
-                None if scale is None else ("reference_scale", scale, (2, 2))):
-            size, grid = self.config.image_size, knn_grid(self.config)
+                self.config, mean, std, maps, ("reference_scale", scale, (rows, 2)),
+                ("reference_images", images, (n, self.config.in_channels, grid, grid))):
             shapes = [tuple(value.shape) for value in values if value is not None]
             error_msgs.append(f"the normal reference has shapes {shapes}; this model "
-                              f"needs ({size}, {size}) twice, (N, {grid}, {grid}) and "
-                              "(2, 2)")
+                              f"needs ({size}, {size}) twice, then (N, {grid}, {grid}), "
+                              f"(3, 2) and (N, {self.config.in_channels}, {grid}, {grid}) "
+                              f"(an older reference: (2, 2) and no images)")
             return
-        self._knn_cache = None
+        self._knn_cache = {}
         for key, value in zip(REFERENCE_KEYS, values, strict=True):  # buffers to copy into
             setattr(self, key, None if value is None
                     else torch.empty(value.shape, device=self.device))

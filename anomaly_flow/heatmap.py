@@ -15,7 +15,7 @@ regions show the image and unlikely regions glow. Each PNG records its scale and
 map's mean (the image's bpd) as text chunks (``anomaly-flow:*``).
 
 When a model's decisions rest on its normal reference (its calibration chose
-``typicality``, ``knn`` or ``ensemble``), the map drawn is the typicality score's
+``typicality``, ``knn``, ``pixel_knn`` or ``ensemble``), the map drawn is the typicality score's
 per-pixel terms instead: ``|m − μ| / (σ + floor)`` against the model's
 normal reference (:meth:`anomaly_flow.glow.Glow.typicality`), whose mean over pixels is
 the image's ``typicality``, on a fixed scale from 0 to :data:`TYPICALITY_VMAX` normal

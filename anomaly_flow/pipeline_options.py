@@ -26,7 +26,8 @@ from pathlib import Path
 
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
-SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, ensemble, level_1, ..., "
+SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, pixel_knn, ensemble, "
+              "level_1, ..., "
               "or auto (the highest AUROC on --anomalous); default: ensemble (typicality "
               "for a model whose normal reference predates knn, bpd for a model without "
               "one)")

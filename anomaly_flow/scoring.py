@@ -14,9 +14,13 @@ Scores, higher always more anomalous (PRODUCT.md "Scores"):
 - ``knn`` (the same models): the mean distance from the image's bits/dim map to the five
   nearest maps of held-out normal images, compared on a coarse grid, in units of the
   normal spread (:meth:`~anomaly_flow.glow.Glow.knn`).
-- ``ensemble`` (the same models): ``knn`` plus ``coarse_complexity``, each in standard
-  deviations from its mean over the held-out normal images
-  (:meth:`~anomaly_flow.glow.Glow.ensemble`); the default score.
+- ``pixel_knn`` (the same models): the mean distance from the image itself to the five
+  nearest held-out normal images, both averaged to the same coarse grid
+  (:meth:`~anomaly_flow.glow.Glow.pixel_knn`).
+- ``ensemble`` (the same models): ``knn`` plus ``coarse_complexity`` plus ``pixel_knn``,
+  each in standard deviations from its mean over the held-out normal images
+  (:meth:`~anomaly_flow.glow.Glow.ensemble`); the default score. (A model trained before
+  ``pixel_knn`` has neither it nor its term in ``ensemble``.)
 - ``level_1`` ... ``level_L``: each scale's exact share of ``-log p(x)`` in bits/dim,
   finest first; ``bpd == n_bits + sum(level_l)``.
 
@@ -119,12 +123,12 @@ def level_columns(levels: int) -> list[str]:
     return [f"level_{i + 1}" for i in range(levels)]
 
 
-LATER_SCORES = ("coarse_complexity", "typicality", "knn", "ensemble")
+LATER_SCORES = ("coarse_complexity", "typicality", "knn", "pixel_knn", "ensemble")
 """Scores added after the first release: a table written before them lacks the column,
 and resuming it scores its scored files again to fill the column in."""
 
 
-REFERENCE_SCORES = ("typicality", "knn", "ensemble")
+REFERENCE_SCORES = ("typicality", "knn", "pixel_knn", "ensemble")
 """Scores built on the model's normal reference (:meth:`Glow.set_reference`)."""
 
 LIKELIHOOD_SCORES = ("bpd", "complexity", "coarse_complexity")
@@ -143,8 +147,11 @@ def is_score_name(name: str) -> bool:
 def score_names(model: Glow) -> list[str]:
     """Every score ``model`` gives, which a calibration can be built on, in column (and
     tie-break) order: ``typicality`` only when the model has a normal reference, ``knn``
-    and ``ensemble`` only when that reference has maps (every one this version fits)."""
-    reference = (list(REFERENCE_SCORES) if model.has_knn_reference
+    and ``ensemble`` only when that reference has maps, ``pixel_knn`` only when it has
+    images too (every reference this version fits has all of them)."""
+    reference = ([name for name in REFERENCE_SCORES
+                  if name != "pixel_knn" or model.has_image_reference]
+                 if model.has_knn_reference
                  else ["typicality"] if model.has_reference else [])
     return [*LIKELIHOOD_SCORES, *reference, *level_columns(model.config.levels)]
 
@@ -315,6 +322,7 @@ class BatchScores:
         level_bits: ``(B, L)`` float64 per-level share in bits/dim.
         typicality: ``(B,)`` float64, or None for a model without a normal reference.
         knn: ``(B,)`` float64, or None for a model without reference maps.
+        pixel_knn: ``(B,)`` float64, or None for a model without reference images.
         pixel_bpd: ``(B, H, W)`` float32 per-pixel bits/dim, or None when not asked for.
     """
 
@@ -322,6 +330,7 @@ class BatchScores:
     level_bits: torch.Tensor
     typicality: torch.Tensor | None
     knn: torch.Tensor | None
+    pixel_knn: torch.Tensor | None
     pixel_bpd: torch.Tensor | None
 
 
@@ -338,6 +347,8 @@ def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
         return BatchScores(bpd=stats[:, 0], level_bits=stats[:, 1:1 + levels],
                            typicality=stats[:, 1 + levels] if model.has_reference else None,
                            knn=stats[:, 2 + levels] if model.has_knn_reference else None,
+                           pixel_knn=(stats[:, 3 + levels] if model.has_image_reference
+                                      else None),
                            pixel_bpd=None if maps is None else maps.cpu())
 
 
@@ -410,16 +421,18 @@ def _min_batch(device: torch.device) -> int:
 
 
 def _n_stats(model: Glow) -> int:
-    """The width of :func:`_launch`'s stats: bpd, the level bits, typicality and knn
-    where the model has them."""
-    return 1 + model.config.levels + model.has_reference + model.has_knn_reference
+    """The width of :func:`_launch`'s stats: bpd, the level bits, typicality, knn and
+    pixel_knn where the model has them."""
+    return (1 + model.config.levels + model.has_reference + model.has_knn_reference
+            + model.has_image_reference)
 
 
 def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
             forward: _Forward | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1]])`` float64 ``[bpd, level bits,
-    typicality when the model has a normal reference, knn when it has reference maps]``
-    and the ``maps`` asked for. ``forward`` (default: the model itself) runs the flow."""
+    """Queue the forward pass: ``(B, 1 + L [+ 1 [+ 1 [+ 1]]])`` float64 ``[bpd, level
+    bits, typicality when the model has a normal reference, knn when it has reference
+    maps, pixel_knn when it has reference images]`` and the ``maps`` asked for.
+    ``forward`` (default: the model itself) runs the flow."""
     n = len(images)
     smallest = max(_min_batch(images.device), 1 if forward is None else forward.min_batch())
     if n < smallest:  # padded with blank images, whose rows are dropped
@@ -428,14 +441,16 @@ def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
         return stats[:n], None if pixel_maps is None else pixel_maps[:n]
     reference = model.has_reference
     flow = model if forward is None else forward
-    parts = breakdown_from_output(flow(preprocess(images, model.config.n_bits)), model.config,
-                                  maps is not None or reference)
+    x = preprocess(images, model.config.n_bits)
+    parts = breakdown_from_output(flow(x), model.config, maps is not None or reference)
     columns = [parts.bpd[:, None], parts.level_bits]
     typical = model.typicality_map(parts.pixel_bpd) if reference else None
     if typical is not None:
         columns.append(typical.mean(dim=(1, 2))[:, None])
     if model.has_knn_reference:
         columns.append(model.knn(parts.pixel_bpd)[:, None])
+    if model.has_image_reference:
+        columns.append(model.pixel_knn(x)[:, None])
     stats = torch.cat(columns, dim=1).double()
     if maps is None:
         return stats, None
@@ -455,7 +470,7 @@ class _Pending(NamedTuple):
     """A batch whose results are still on their way back from the device."""
 
     batch: ScoreBatch
-    stats: torch.Tensor  # (B, 1 + L [+ 1 [+ 1]]) float64 on the host, once `ready` is done
+    stats: torch.Tensor  # (B, 1 + L [+ 1 [+ 1 [+ 1]]]) float64 on the host, once `ready` is done
     maps: torch.Tensor | None
     ready: Any  # torch.cuda.Event, or None on CPU
 
@@ -586,7 +601,7 @@ def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None
     and the result is finite; ``scale`` is the model's ``reference_scale`` on the host
     (for ``ensemble``)."""
     batch = pending.batch
-    stats = pending.stats.numpy().copy()  # bpd, level bits, [typicality, knn]
+    stats = pending.stats.numpy().copy()  # bpd, level bits, [typicality, knn, pixel_knn]
     errors = np.array(batch.errors, dtype=object)
     ok = batch.ok
     non_finite = ok & ~np.isfinite(stats).all(axis=1)
@@ -604,9 +619,13 @@ def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None
         columns["typicality"] = stats[:, 1 + len(levels)]
     if scale is not None:  # the model has reference maps: knn and ensemble
         columns["knn"] = stats[:, 2 + len(levels)]
+        pixel_knn = None
+        if "pixel_knn" in names:
+            columns["pixel_knn"] = stats[:, 3 + len(levels)]
+            pixel_knn = torch.from_numpy(columns["pixel_knn"])
         columns["ensemble"] = ensemble_score(
             torch.from_numpy(columns["knn"]), torch.from_numpy(columns["coarse_complexity"]),
-            scale).numpy()
+            scale, pixel_knn).numpy()
     frame = pd.DataFrame({name: columns[name] for name in names},
                          index=batch.index)
     frame["error"] = errors.astype(str)
@@ -1092,8 +1111,8 @@ def score_folder(
             ``-log p(x)``); ``typicality``: its per-pixel typicality terms, how far each
             pixel's bits/dim is from the normal images' (needs the model's normal
             reference); ``auto`` (default): the map of the deciding score,
-            ``typicality`` when the calibration decides by ``typicality``, ``knn`` or
-            ``ensemble``, else ``bpd``.
+            ``typicality`` when the calibration decides by ``typicality``, ``knn``,
+            ``pixel_knn`` or ``ensemble``, else ``bpd``.
 
     Returns:
         Counts of the rows written.

@@ -69,6 +69,7 @@ from anomaly_flow.glow import (
     breakdown_from_output,
     knn_grid,
     log_prob_from_output,
+    pool_images,
     pool_to_grid,
     postprocess,
     preprocess,
@@ -471,10 +472,11 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
 
     The reference is the per-pixel mean and (population) standard deviation of the
     deterministic per-pixel bits/dim map over the decodable images of ``dataset``, and
-    those maps pooled to :func:`~anomaly_flow.glow.knn_grid` with the same images'
-    ``coarse_complexity`` (:meth:`Glow.set_reference`) — all of them, or beyond
-    ``REFERENCE_MAX_MAPS`` images an evenly spaced subset (every k-th); scoring
-    turns it into the ``typicality``, ``knn`` and ``ensemble`` scores. An image whose map
+    those maps and the images themselves pooled to :func:`~anomaly_flow.glow.knn_grid`,
+    with the same images' ``coarse_complexity`` (:meth:`Glow.set_reference`) — all of
+    them, or beyond ``REFERENCE_MAX_MAPS`` images an evenly spaced subset (every k-th);
+    scoring turns it into the ``typicality``, ``knn``, ``pixel_knn`` and ``ensemble``
+    scores. An image whose map
     is not finite (the model overflows on it) is left out and counted in a warning; this
     never raises. Sums are accumulated in float64. With ``world > 1`` every rank maps its
     share, the sums are all-reduced and the pooled maps gathered in the dataset's order
@@ -503,9 +505,11 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     map_sums = (torch.zeros(2, size, size, dtype=torch.float64, device=device)  # Σm, Σm²
                 if reference else None)
     # The knn maps: every `stride`-th image of `dataset` (all of them up to
-    # REFERENCE_MAX_MAPS), pooled to the knn grid, with its coarse_complexity and index.
+    # REFERENCE_MAX_MAPS), pooled to the knn grid, with the image pooled to the same grid,
+    # its coarse_complexity and its index.
     stride = max(1, math.ceil(len(dataset) / REFERENCE_MAX_MAPS))
     pooled: list[torch.Tensor] = []
+    pooled_images: list[torch.Tensor] = []
     coarse: list[torch.Tensor] = []
     positions: list[torch.Tensor] = []
     start = 0  # index in `shard` of the batch's first item
@@ -519,8 +523,8 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
             images = host_images.to(device)
             if not len(images):
                 continue
-            parts = breakdown_from_output(model(preprocess(images, model.config.n_bits)),
-                                          model.config, pixel_maps=reference)
+            x = preprocess(images, model.config.n_bits)
+            parts = breakdown_from_output(model(x), model.config, pixel_maps=reference)
             sums[0] += parts.bpd.double().sum()
             sums[1] += len(images)
             if map_sums is not None and parts.pixel_bpd is not None:
@@ -535,6 +539,7 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                 if kept.any():
                     on_device = kept.to(device)
                     pooled.append(pool_to_grid(parts.pixel_bpd[on_device], grid).cpu())
+                    pooled_images.append(pool_images(x[on_device], grid).cpu())
                     positions.append(index[kept])
                     png = batch_coarse_png_bits_per_dim(host_images[kept].numpy(), n_bits,
                                                         levels)
@@ -551,9 +556,10 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     if map_sums is not None and n:
         mean = map_sums[0] / n
         std = (map_sums[1] / n - mean.square()).clamp_min(0).sqrt()
-        maps, values = _gathered_maps(pooled, coarse, positions, grid, world)
+        maps, values, pooled_x = _gathered_maps(pooled, coarse, positions, pooled_images,
+                                                model.config.in_channels, grid, world)
         if len(maps):
-            model.set_reference(mean, std, maps, values)
+            model.set_reference(mean, std, maps, values, pooled_x)
         else:  # every k-th image failed: no maps, so no knn or ensemble
             model.set_reference(mean, std)
             if rank == 0:
@@ -567,20 +573,24 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
 
 
 def _gathered_maps(pooled: list[torch.Tensor], coarse: list[torch.Tensor],
-                   positions: list[torch.Tensor], grid: int,
-                   world: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   positions: list[torch.Tensor], pooled_images: list[torch.Tensor],
+                   channels: int, grid: int, world: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pooled maps ``(N, G, G)`` in the dataset's order (at most
-    ``REFERENCE_MAX_MAPS``) and their images' ``coarse_complexity`` ``(N,)``, from every
-    rank's share when ``world > 1`` (a collective)."""
+    ``REFERENCE_MAX_MAPS``), their images' ``coarse_complexity`` ``(N,)`` and the pooled
+    images ``(N, C, G, G)``, from every rank's share when ``world > 1`` (a collective)."""
     maps = torch.cat(pooled) if pooled else torch.empty(0, grid, grid)
     values = torch.cat(coarse) if coarse else torch.empty(0, dtype=torch.float64)
     index = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
+    images = (torch.cat(pooled_images) if pooled_images
+              else torch.empty(0, channels, grid, grid))
     if world > 1:
         shares: list[Any] = [None] * world
-        dist.all_gather_object(shares, (index, maps, values))
-        index, maps, values = (torch.cat([share[i] for share in shares]) for i in range(3))
+        dist.all_gather_object(shares, (index, maps, values, images))
+        index, maps, values, images = (torch.cat([share[i] for share in shares])
+                                       for i in range(4))
     order = torch.argsort(index)[:REFERENCE_MAX_MAPS]
-    return maps[order], values[order]
+    return maps[order], values[order], images[order]
 
 
 def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
@@ -1144,7 +1154,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     model.eval()
     model.set_coupling_autocast(None)
     if n_reference is None and val_set is not None and len(val_set) \
-            and not model.has_knn_reference:  # a finished run resumed from an older checkpoint
+            and not model.has_image_reference:  # a finished run resumed from an older one
         _checked_reference(fit_reference(model, val_set, t.batch_size, dev, workers,
                                          rank, world), rank)
     if step != saved_step:

@@ -19,9 +19,11 @@ score = more anomalous) for every score:
   images' average map, per pixel, in their standard deviations (:meth:`Glow.typicality`);
 * ``knn``: the mean distance from the map to the 5 nearest held-out normal maps, on a
   7x7 grid, in the normal standard deviations (:meth:`Glow.knn`);
-* ``ensemble``: ``knn`` plus ``coarse_complexity``, each standardised by its mean and
-  std over the held-out normal images (:meth:`Glow.ensemble`); the score
-  ``anomaly-flow calibrate`` uses by default;
+* ``pixel_knn``: the mean distance from the image itself to the 5 nearest held-out
+  normal images, both averaged to the same 7x7 grid (:meth:`Glow.pixel_knn`);
+* ``ensemble``: ``knn``, ``coarse_complexity`` and ``pixel_knn``, each standardised by
+  its mean and std over the held-out normal images, summed (:meth:`Glow.ensemble`); the
+  score ``anomaly-flow calibrate`` uses by default;
 * ``level_1`` .. ``level_L``: each scale's share of ``-log p(x)`` in bits/dim.
 
 Baselines, fitted on all the class-k training images (the held-out tenth included, so
@@ -115,13 +117,14 @@ def build_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
 
 def score_test_set(model: Glow, test: np.ndarray, device: torch.device,
                    batch: int = 1000) -> dict[str, np.ndarray]:
-    """``bpd`` ``(N,)``, ``level_bits`` ``(N, L)``, ``typicality`` and ``knn`` ``(N,)`` of
-    uint8 images ``(N, 1, 28, 28)``; the model must have a normal reference."""
+    """``bpd`` ``(N,)``, ``level_bits`` ``(N, L)``, ``typicality``, ``knn`` and
+    ``pixel_knn`` ``(N,)`` of uint8 images ``(N, 1, 28, 28)``; the model must have a
+    normal reference."""
     parts: dict[str, list[np.ndarray]] = {"bpd": [], "level_bits": [], "typicality": [],
-                                          "knn": []}
+                                          "knn": [], "pixel_knn": []}
     for start in range(0, len(test), batch):
         scores = score_images(model, torch.from_numpy(test[start : start + batch]).to(device))
-        assert scores.typicality is not None and scores.knn is not None
+        assert scores.typicality is not None and scores.pixel_knn is not None
         for name in parts:
             parts[name].append(getattr(scores, name).numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
@@ -180,7 +183,7 @@ def main() -> None:
                 time.perf_counter() - tick)
     level_names = [f"level_{i + 1}" for i in range(levels)]
     flow_methods = ["bpd", "complexity", "coarse_complexity", "typicality", "knn",
-                    "ensemble", *level_names]
+                    "pixel_knn", "ensemble", *level_names]
     methods = flow_methods + ([] if args.no_baselines else list(BASELINES))
     logger.info("B4 on %s, classes %s: %s; %s", device, classes, config.model, config.train)
 
@@ -219,10 +222,11 @@ def main() -> None:
         flow = score_test_set(run.model, test, device)
         bpd, level_bits = flow["bpd"], flow["level_bits"]
         coarse = coarse_complexity(level_bits, coarse_png_bpd)
-        ensemble = run.model.ensemble(torch.from_numpy(flow["knn"]),
-                                      torch.from_numpy(coarse)).numpy()
+        ensemble = run.model.ensemble(torch.from_numpy(flow["knn"]), torch.from_numpy(coarse),
+                                      torch.from_numpy(flow["pixel_knn"])).numpy()
         scores = {"bpd": bpd, "complexity": bpd - png_bpd, "coarse_complexity": coarse,
-                  "typicality": flow["typicality"], "knn": flow["knn"], "ensemble": ensemble,
+                  "typicality": flow["typicality"], "knn": flow["knn"],
+                  "pixel_knn": flow["pixel_knn"], "ensemble": ensemble,
                   **{name: level_bits[:, i] for i, name in enumerate(level_names)}}
         score_seconds = time.perf_counter() - tick
         tick = time.perf_counter()

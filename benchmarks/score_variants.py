@@ -22,7 +22,11 @@ reference's mean and population std + 0.1):
   7 is :func:`anomaly_flow.glow.knn_grid`, the product's ``knn``; 4 straddles level
   positions); ``knn_map_7_kK`` with K neighbours; ``knn_map_7_refsN`` with the first N
   reference maps only.
-* ``typicality+cc``, ``knn_map_7+cc`` (the product's ``ensemble``),
+* ``pixel_knn_G``: 5-NN distance on the images themselves (flow inputs, a pixel's range
+  1) averaged to G×G, not standardised; ``pixel_knn_7`` is the product's ``pixel_knn``;
+  ``pixel_knn_7s`` standardised per position like the maps.
+* ``typicality+cc``, ``knn_map_7+cc`` (the product's ``ensemble`` before ``pixel_knn``),
+  ``knn_map_7+cc+pixel_knn_7`` (the product's ``ensemble``), ``knn_map_7+pixel_knn_7``,
   ``knn_map_28+typicality_levels+cc``: sums of scores standardised by their mean and std
   over the reference images (leave-one-out for k-NN), cc = ``coarse_complexity``.
 
@@ -58,6 +62,7 @@ from anomaly_flow.glow import (
     FlowOutput,
     Glow,
     breakdown_from_output,
+    pool_images,
     preprocess,
 )
 
@@ -70,7 +75,8 @@ from benchmarks.oneclass_fmnist import build_config
 
 logger = logging.getLogger("benchmarks.score_variants")
 
-PRODUCT = {"typicality": "typicality", "knn_map_7": "knn", "knn_map_7+cc": "ensemble"}
+PRODUCT = {"typicality": "typicality", "knn_map_7": "knn", "pixel_knn_7": "pixel_knn",
+           "knn_map_7+cc+pixel_knn_7": "ensemble"}
 """Variants that are the product's scores (on 28x28 at L=2), and their names there."""
 
 
@@ -139,10 +145,18 @@ def standardised(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (x - reference.mean()) / reference.std()
 
 
+def pooled_images(images: np.ndarray, grid: int, n_bits: int) -> np.ndarray:
+    """uint8 images ``(N, C, H, W)`` as flow inputs averaged to ``(N, C, grid, grid)``."""
+    return pool_images(preprocess(torch.from_numpy(images), n_bits), grid).numpy()
+
+
 def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: int,
              ref_cc: np.ndarray, test_cc: np.ndarray,
-             fit_maps: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every variant's test scores (higher = more anomalous)."""
+             fit_maps: np.ndarray | None = None,
+             images: tuple[np.ndarray, np.ndarray, int] | None = None
+             ) -> dict[str, np.ndarray]:
+    """Every variant's test scores (higher = more anomalous); ``images`` = (reference
+    and test uint8 images, n_bits) adds the ``pixel_knn`` variants."""
     m_ref, m_test = ref["pixel_bpd"], test["pixel_bpd"]
     flat = {name: tuple(np.concatenate([d[f"{name}{i}"].reshape(len(d[f"{name}{i}"]), -1)
                                         for i in range(levels)], 1) for d in (ref, test))
@@ -184,6 +198,16 @@ def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: in
         scores_ref["knn_map_7_fit"] = knn_distances(f7, r7)
     out["cc"], scores_ref["cc"] = test_cc, ref_cc
     combos = [("typicality", "cc"), ("knn_map_7", "cc"), ("knn_map_28", "typicality_levels", "cc")]
+    if images is not None:
+        ref_images, test_images, n_bits = images
+        for grid in (28, 14, 7):
+            r, t = (pooled_images(x, grid, n_bits) for x in (ref_images, test_images))
+            out[f"pixel_knn_{grid}"] = knn_distances(r, t, standardise=False)
+            scores_ref[f"pixel_knn_{grid}"] = knn_distances(r, None, standardise=False)
+            if grid == 7:
+                out["pixel_knn_7s"] = knn_distances(r, t)
+        combos += [("knn_map_7", "cc", "pixel_knn_7"), ("knn_map_7", "pixel_knn_7"),
+                   ("knn_map_7", "cc", "pixel_knn_14"), ("knn_map_7", "cc", "pixel_knn_28")]
     if fit_maps is not None:
         combos += [("knn_map_7_fit", "cc"), ("knn_map_7_fit", "typicality", "cc")]
     for combo in combos:
@@ -230,7 +254,8 @@ def main() -> None:
         fit_maps = flow_parts(model, images[fit_idx])["pixel_bpd"] if args.fit_reference \
             else None
         scores = variants(ref, tst, levels, coarse_complexity(ref["level_bits"], ref_cpng),
-                          coarse_complexity(tst["level_bits"], test_cpng), fit_maps)
+                          coarse_complexity(tst["level_bits"], test_cpng), fit_maps,
+                          (images[val_idx], test, n_bits))
         normal = test_labels == k
         aurocs[k] = {name: 100 * detection_metrics(s[normal], s[~normal]).auroc
                      for name, s in scores.items()}

@@ -255,8 +255,8 @@ def test_unknown_score_names_the_choices(store: Path, image_dirs: ImageDirs) -> 
                  "--target-fpr", "0.1", "--score", "level_9", "--device", "cpu",
                  "--mlruns", store)
     assert_one_line_error(result, "unknown score 'level_9'",
-                          "bpd, complexity, coarse_complexity, typicality, knn, ensemble, "
-                          "level_1, level_2")
+                          "bpd, complexity, coarse_complexity, typicality, knn, pixel_knn, "
+                          "ensemble, level_1, level_2")
     assert result.exit_code == 1  # a name scores have, but not this model's
 
 
@@ -447,7 +447,7 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     loaded = tracking.load_model(CANDIDATE)
     columns = score_names(loaded.model)
     assert columns == ["bpd", "complexity", "coarse_complexity", "typicality", "knn",
-                       "ensemble", "level_1", "level_2"]
+                       "pixel_knn", "ensemble", "level_1", "level_2"]
     normal = hand_scores("normal", dict.fromkeys(columns, base_normal))
     anomalous = hand_scores("anomalous", {
         "bpd": base_anomalous + 0.5,        # a little separated
@@ -455,6 +455,7 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
         runner_up: base_anomalous + 2.0,    # separated, less well
         "typicality": base_anomalous + 0.25,
         "knn": base_anomalous + 0.75,
+        "pixel_knn": base_anomalous + 0.6,
         "ensemble": base_anomalous + 1.5,
         "level_1": base_anomalous - 4.0,    # reversed
         "level_2": base_anomalous + 1.0})
@@ -520,24 +521,31 @@ def test_calibrate_scores_auto_says_nothing_of_chance_when_a_score_separates(
 
 
 NO_REFERENCE = r"and this model has none.*val_fraction > 0"
-OLDER_REFERENCE = r"and its reference predates knn and ensemble.*typicality"
+OLDER_REFERENCE = r"and its reference predates {score}.*typicality"
+BEFORE_PIXELS = ("reference_images",)
 
 
 @pytest.mark.parametrize(("score", "dropped", "why"), [
     ("typicality", REFERENCE_KEYS, NO_REFERENCE),
     ("knn", REFERENCE_KEYS, NO_REFERENCE),
+    ("pixel_knn", REFERENCE_KEYS, NO_REFERENCE),
     ("ensemble", REFERENCE_KEYS, NO_REFERENCE),
     # a model whose reference predates knn (mean and std only) is told so by name
-    ("knn", ("reference_maps", "reference_scale"), OLDER_REFERENCE),
-    ("ensemble", ("reference_maps", "reference_scale"), OLDER_REFERENCE),
+    ("knn", ("reference_maps", "reference_scale", "reference_images"), OLDER_REFERENCE),
+    ("ensemble", ("reference_maps", "reference_scale", "reference_images"), OLDER_REFERENCE),
+    # and one whose reference predates pixel_knn (no images, a two-row scale)
+    ("pixel_knn", BEFORE_PIXELS, OLDER_REFERENCE),
 ])
 def test_reference_scores_need_the_normal_reference(store: Path, score: str,
                                                     dropped: tuple[str, ...], why: str) -> None:
     loaded = tracking.load_model(CANDIDATE)
-    loaded.model.load_state_dict({k: v for k, v in loaded.model.state_dict().items()
-                                  if k not in dropped})
+    state = {k: v for k, v in loaded.model.state_dict().items() if k not in dropped}
+    if dropped == BEFORE_PIXELS:
+        state["reference_scale"] = state["reference_scale"][:2].clone()
+    loaded.model.load_state_dict(state)
     assert score not in score_names(loaded.model)
     assert ("typicality" in score_names(loaded.model)) == (why == OLDER_REFERENCE)
+    why = why.format(score=score)
     values = {"bpd": np.linspace(5.0, 6.0, 20)}
     with pytest.raises(CalibrationError,
                        match=rf"score '{score}' needs the model.s normal reference, {why}"):

@@ -54,8 +54,8 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     page = (out / "report.html").read_text()
     for heading in ("Summary", "Every score", "Most anomalous test images"):
         assert heading in page
-    for name in ("bpd", "complexity", "coarse_complexity", "typicality", "knn", "ensemble",
-                 "level_1"):
+    for name in ("bpd", "complexity", "coarse_complexity", "typicality", "knn", "pixel_knn",
+                 "ensemble", "level_1"):
         assert f"<td class='l'>{name}</td>" in page, name
     assert "data:image/png;base64," in page  # self-contained: figures inlined
     assert "src='http" not in page and 'src="http' not in page

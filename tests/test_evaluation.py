@@ -77,8 +77,8 @@ def test_score_folder_table_reports_and_leaves_out_broken_files(
 
     assert scores.n_files == 8
     assert list(scores.table.columns) == ["path", "bpd", "complexity", "coarse_complexity",
-                                          "typicality", "knn", "ensemble", "level_1", "level_2",
-                                          "error"]
+                                          "typicality", "knn", "pixel_knn", "ensemble",
+                                          "level_1", "level_2", "error"]
     assert scores.values("bpd").shape == (6,) and np.isfinite(scores.values("bpd")).all()
     failed = dict(scores.failures("bpd"))
     assert sorted(Path(p).name for p in failed) == ["broken.png", "empty.png"]

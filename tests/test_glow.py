@@ -23,6 +23,8 @@ from anomaly_flow.glow import (
     ModelFileError,
     SamplingError,
     knn_grid,
+    pool_images,
+    pool_to_grid,
     postprocess,
     preprocess,
 )
@@ -297,6 +299,83 @@ def test_ensemble_standardises_knn_and_coarse_complexity_by_the_reference_images
     assert model.reference_scale.tolist() == [[0.0, 1.0], [pytest.approx(0.3), 1.0]]
 
 
+def test_pixel_knn_by_hand_and_the_three_term_ensemble() -> None:
+    """16x16 RGB at L=1: images (flow inputs) are compared on the 8x8 grid of 2x2 block
+    means of every channel, unstandardised; pixel_knn is the mean distance to the 5
+    nearest reference images. reference_scale's third row is the mean and population std
+    of each reference image's pixel_knn against the others (leave-one-out), and ensemble
+    adds the standardised pixel_knn to the other two terms."""
+    model = make_model(3, 16, 1).float().eval()
+    assert knn_grid(model.config) == 8
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(9, 3, 16, 16, generator=generator) - 0.5
+    with pytest.raises(ValueError, match="cannot score pixel_knn"):
+        model.pixel_knn(x)
+    with torch.no_grad():
+        maps = model.breakdown(x).pixel_bpd
+    pooled_maps = pool_to_grid(maps, 8)
+    pooled = x.double().numpy().reshape(9, 3, 8, 2, 8, 2).mean(axis=(3, 5))
+    np.testing.assert_allclose(pool_images(x, 8).double().numpy(), pooled, rtol=1e-6)
+    coarse = torch.linspace(-1, 1, 7)
+    model.set_reference(maps.mean(0), maps.std(0), pooled_maps[:7], coarse,
+                        torch.from_numpy(pooled[:7]).float())
+    assert model.has_image_reference
+
+    refs = torch.from_numpy(pooled[:7]).float().double().reshape(7, -1).numpy()
+
+    def nearest(query: np.ndarray, skip: int | None = None) -> float:
+        distances = sorted(math.dist(query, ref) for j, ref in enumerate(refs) if j != skip)
+        return sum(distances[:5]) / 5
+
+    by_hand = [nearest(query) for query in pooled.reshape(9, -1)]
+    np.testing.assert_allclose(model.pixel_knn(x).double().numpy(), by_hand, rtol=1e-5)
+    assert float(model.pixel_knn(x[:1])[0]) > 0 and by_hand[0] > 0
+    loo = [nearest(query, i) for i, query in enumerate(refs)]
+    np.testing.assert_allclose(model.reference_scale[2].double().numpy(),
+                               [np.mean(loo), np.std(loo)], rtol=1e-5)
+
+    knn, cc, pixel = torch.tensor([1.0, 4.0]), torch.tensor([0.2, -1.0]), torch.tensor([0.3, 2.0])
+    (km, ks), (cm, cs), (pm, ps) = model.reference_scale.double().tolist()
+    expected = [(k - km) / ks + (c - cm) / cs + (q - pm) / ps
+                for k, c, q in zip(knn.tolist(), cc.tolist(), pixel.tolist(), strict=True)]
+    np.testing.assert_allclose(model.ensemble(knn, cc, pixel).numpy(), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="3 rows goes with a pixel_knn"):
+        model.ensemble(knn, cc)
+
+
+def test_a_reference_without_images_scores_knn_and_a_two_term_ensemble(tmp_path) -> None:
+    """The reference of the anomaly-flow before pixel_knn had maps and a two-row scale but
+    no images: it loads and scores knn and the ensemble it was calibrated with (knn +
+    coarse_complexity), and says plainly that it cannot score pixel_knn."""
+    model = make_model(1, 8, 2).float().eval()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(4)) - 0.5
+    with torch.no_grad():
+        maps = model.breakdown(x).pixel_bpd
+    coarse = torch.linspace(0, 1, 6)
+    model.set_reference(maps.mean(0), maps.std(0), maps, coarse, pool_images(x, 8))
+    older = Glow(model.config)
+    state = model.state_dict()
+    del state["reference_images"]
+    state["reference_scale"] = state["reference_scale"][:2].clone()
+    older.load_state_dict(state)
+    older.eval()
+    assert older.has_knn_reference and not older.has_image_reference
+    assert torch.equal(older.knn(maps), model.knn(maps))
+    with pytest.raises(ValueError, match=r"no images.*older anomaly-flow"):
+        older.pixel_knn(x)
+    knn, cc = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0])
+    (km, ks), (cm, cs) = older.reference_scale.double().tolist()
+    np.testing.assert_allclose(older.ensemble(knn, cc).numpy(),
+                               ((knn - km) / ks + (cc - cm) / cs).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="2 rows goes with no pixel_knn"):
+        older.ensemble(knn, cc, torch.ones(2))
+    # set_reference without images gives the same; saved and loaded, it stays so
+    model.set_reference(maps.mean(0), maps.std(0), maps, coarse)
+    assert torch.equal(model.reference_scale, older.reference_scale)
+    loaded = Glow.load(model.save(tmp_path / "older"))
+    assert loaded.has_knn_reference and not loaded.has_image_reference
+
+
 def test_a_reference_without_maps_scores_typicality_only(tmp_path) -> None:
     """An older anomaly-flow saved only the reference's mean and std: such a state loads,
     and the model scores typicality but says plainly that it cannot score knn or
@@ -353,28 +432,36 @@ def test_knn_follows_every_refit_of_the_reference() -> None:
         maps = model.breakdown(torch.rand(4, 1, 16, 16, generator=generator) - 0.5).pixel_bpd
     mean, std = maps.mean(0), maps.std(0)
 
-    def reference(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.rand(200, 8, 8, generator=generator) * scale,
-                torch.rand(200, generator=generator))
+    x = torch.rand(4, 1, 16, 16, generator=generator) - 0.5
 
-    def fresh_knn(pooled: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.rand(200, 8, 8, generator=generator) * scale,
+                torch.rand(200, generator=generator),
+                torch.rand(200, 1, 8, 8, generator=generator) * scale)
+
+    def fresh_knn(pooled: torch.Tensor, coarse: torch.Tensor, images: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fresh = make_model(1, 16, 1).float().eval()
-        fresh.set_reference(mean, std, pooled, coarse)
-        return fresh.reference_scale, fresh.knn(maps)
+        fresh.set_reference(mean, std, pooled, coarse, images)
+        return fresh.reference_scale, fresh.knn(maps), fresh.pixel_knn(x)
 
     for scale in range(1, 7):
-        pooled, coarse = reference(scale)
-        model.set_reference(mean, std, pooled, coarse)
-        del pooled  # the model's copy is then the only one
-        expected_scale, expected_knn = fresh_knn(model.reference_maps.clone(), coarse)
+        pooled, coarse, images = reference(scale)
+        model.set_reference(mean, std, pooled, coarse, images)
+        del pooled, images  # the model's copies are then the only ones
+        expected_scale, expected_knn, expected_pixel = fresh_knn(
+            model.reference_maps.clone(), coarse, model.reference_images.clone())
         assert torch.equal(model.reference_scale, expected_scale)
         assert torch.equal(model.knn(maps), expected_knn)
+        assert torch.equal(model.pixel_knn(x), expected_pixel)
     for scale in range(1, 7):
-        pooled, coarse = reference(scale)
-        state = {**model.state_dict(), "reference_maps": pooled}
+        pooled, coarse, images = reference(scale)
+        state = {**model.state_dict(), "reference_maps": pooled, "reference_images": images}
         model.load_state_dict(state)
         del state
-        assert torch.equal(model.knn(maps), fresh_knn(pooled, torch.zeros(200))[1])
+        _, expected_knn, expected_pixel = fresh_knn(pooled, torch.zeros(200), images)
+        assert torch.equal(model.knn(maps), expected_knn)
+        assert torch.equal(model.pixel_knn(x), expected_pixel)
 
 
 def test_normal_reference_is_checked(tmp_path) -> None:
@@ -396,25 +483,44 @@ def test_normal_reference_is_checked(tmp_path) -> None:
         model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc + math.nan)
     with pytest.raises(ValueError, match="negative"):
         model.set_reference(torch.zeros(8, 8), -torch.ones(8, 8), ones, cc)
-    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc)
+    images = torch.zeros(3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"images must have shape \(3, 1, 8, 8\).*got \(3, 8, 8\)"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc, images[:, 0])
+    with pytest.raises(ValueError, match=r"images must have shape \(3, 1, 8, 8\).*got \(2, 1"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc, images[:2])
+    with pytest.raises(ValueError, match="images has non-finite"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc, images + math.inf)
+    with pytest.raises(ValueError, match="images need the reference maps"):
+        model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), images=images)
+    model.set_reference(torch.zeros(8, 8), torch.ones(8, 8), ones, cc, images)
     for key in ("reference_std", "reference_maps", "reference_scale"):
         state = model.state_dict()
         del state[key]
         with pytest.raises(RuntimeError, match="only part of the normal reference"):
             Glow(model.config).load_state_dict(state)
+    state = model.state_dict()  # a full reference with an older reference's scale
+    state["reference_scale"] = state["reference_scale"][:2]
+    with pytest.raises(RuntimeError, match=r"shapes \[.*\(2, 2\), \(3, 1, 8, 8\)\]"):
+        Glow(model.config).load_state_dict(state)
+    state = model.state_dict()
+    state["reference_images"] = torch.zeros(3, 3, 8, 8)
+    with pytest.raises(RuntimeError, match=r"\(N, 1, 8, 8\)"):
+        Glow(model.config).load_state_dict(state)
     state = model.state_dict()
     state["reference_mean"] = state["reference_std"] = torch.zeros(4, 4)
-    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice, \(N, 8, 8\) and \(2, 2\)"):
+    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice, then \(N, 8, 8\), \(3, 2\)"):
         Glow(model.config).load_state_dict(state)
     state = model.state_dict()
     state["reference_maps"] = torch.zeros(2, 4, 4)
-    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice, \(N, 8, 8\) and \(2, 2\)"):
+    with pytest.raises(RuntimeError, match=r"needs \(8, 8\) twice, then \(N, 8, 8\), \(3, 2\)"):
         Glow(model.config).load_state_dict(state)
-    # Any number of maps loads: the buffer takes the saved shape.
+    # Any number of maps loads (with as many images): the buffer takes the saved shape.
     state["reference_maps"] = torch.full((5, 8, 8), 2.0)
+    state["reference_images"] = torch.full((5, 1, 8, 8), 0.25)
     other = Glow(model.config)
     other.load_state_dict(state)
     assert torch.equal(other.reference_maps, state["reference_maps"])
+    assert torch.equal(other.reference_images, state["reference_images"])
     # A wrapper's state dict (prefixed keys) loads the reference too.
     wrapper = torch.nn.ModuleDict({"glow": Glow(model.config)})
     wrapper.load_state_dict({f"glow.{k}": v for k, v in model.state_dict().items()})

@@ -120,7 +120,7 @@ def test_end_to_end_refuses_what_calibrate_and_evaluate_would_before_training(
               image_dirs.test_anomalous, "--score", "level_5"],
              "the model this configuration trains (2 levels, val_fraction 0.1) will not give "
              "the score 'level_5'; choose one of bpd, complexity, coarse_complexity, "
-             "typicality, knn, ensemble, level_1, level_2"),
+             "typicality, knn, pixel_knn, ensemble, level_1, level_2"),
             (["--test-normal", image_dirs.test_normal, "--test-anomalous",
               image_dirs.test_normal], "the normal and the anomalous folder are the same")):
         assert end_to_end.main([str(a) for a in common + extra]) == 1

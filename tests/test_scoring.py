@@ -195,7 +195,7 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, **scoring.EXACT_FLOATS, keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
-                                                    "typicality", "knn", "ensemble",
+                                                    "typicality", "knn", "pixel_knn", "ensemble",
                                                     "level_1", "level_2",
                                                     "score", "p_value", "is_anomaly")})
 
@@ -330,33 +330,38 @@ def test_coarse_complexity_is_level_L_minus_the_coarse_png_length(
                                    table["complexity"] - n_bits, rtol=0, atol=ULPS)
 
 
-@pytest.mark.parametrize("name", ["typicality", "knn"])
+@pytest.mark.parametrize("name", ["typicality", "knn", "pixel_knn"])
 def test_reference_columns_are_the_models_scores_of_each_file(
         model: Glow, messy: Path, full_table: pd.DataFrame, name: str) -> None:
-    """Per file: ``Glow.typicality`` and ``Glow.knn`` of the file's per-pixel bits/dim map,
-    as the library computes them from the decoded image."""
+    """Per file: ``Glow.typicality`` and ``Glow.knn`` of the file's per-pixel bits/dim map
+    and ``Glow.pixel_knn`` of the image, as the library computes them from the decoded
+    image."""
     assert model.has_reference
     scored = full_table[full_table["error"] == ""]
     files = {display_path(path): path for path in find_images(messy)}
     images = torch.from_numpy(np.stack([load_image(files[key], TINY.mode, TINY.image_size)
                                         for key in scored["path"]]))
+    x = preprocess(images, TINY.n_bits)
     with torch.no_grad():
-        maps = model.breakdown(preprocess(images, TINY.n_bits)).pixel_bpd
-        expected = getattr(model, name)(maps).double().numpy()
+        maps = model.breakdown(x).pixel_bpd
+        expected = getattr(model, name)(x if name == "pixel_knn" else maps).double().numpy()
     np.testing.assert_allclose(scored[name], expected, rtol=1e-5, atol=0)
     assert (scored[name] > 0).all()
     failed = full_table[full_table["error"] != ""]
     assert failed[name].isna().all()
 
 
-def test_ensemble_column_sums_standardised_knn_and_coarse_complexity(
+def test_ensemble_column_sums_standardised_knn_coarse_complexity_and_pixel_knn(
         model: Glow, full_table: pd.DataFrame) -> None:
-    """Per file: knn and coarse_complexity, each standardised by the mean and std over the
-    normal reference images (reference_scale), summed; empty where the file failed."""
-    (knn_mean, knn_std), (cc_mean, cc_std) = model.reference_scale.double().tolist()
-    assert knn_std > 0 and cc_std > 0
+    """Per file: knn, coarse_complexity and pixel_knn, each standardised by the mean and
+    std over the normal reference images (reference_scale), summed; empty where the file
+    failed."""
+    (knn_mean, knn_std), (cc_mean, cc_std), (px_mean, px_std) = \
+        model.reference_scale.double().tolist()
+    assert knn_std > 0 and cc_std > 0 and px_std > 0
     by_hand = ((full_table["knn"] - knn_mean) / knn_std
-               + (full_table["coarse_complexity"] - cc_mean) / cc_std)
+               + (full_table["coarse_complexity"] - cc_mean) / cc_std
+               + (full_table["pixel_knn"] - px_mean) / px_std)
     np.testing.assert_allclose(full_table["ensemble"], by_hand, rtol=1e-9, atol=1e-9)
     assert full_table.loc[full_table["error"] != "", "ensemble"].isna().all()
 
@@ -891,6 +896,7 @@ def test_resume_refuses_a_table_another_model_or_folder_made(
     (".parquet", ["coarse_complexity", "typicality"], "coarse_complexity or typicality columns"),
     (".csv", ["knn"], "knn column"),
     (".parquet", ["knn", "ensemble"], "knn or ensemble columns"),
+    (".csv", ["pixel_knn"], "pixel_knn column"),
 ])
 def test_resume_from_a_table_without_a_later_score_rescores_its_files(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str,
@@ -975,15 +981,32 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
 def test_default_score_and_a_calibration_the_model_cannot_serve(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path) -> None:
     assert default_score(model) == "ensemble"
+    # The reference of the anomaly-flow before pixel_knn (maps, a two-row scale, no
+    # images): no pixel_knn column, and its ensemble the two-term sum it was calibrated on.
+    before = Glow(model.config)
+    state = model.state_dict()
+    del state["reference_images"]
+    state["reference_scale"] = state["reference_scale"][:2].clone()
+    before.load_state_dict(state)
+    assert default_score(before) == "ensemble" and "pixel_knn" not in score_names(before)
+    before_out = tmp_path / "before.csv"
+    score_folder(before.eval(), None, messy, before_out, batch_size=4)
+    before_table = read_csv(before_out)
+    assert list(before_table.columns) == output_columns(before)
+    (knn_mean, knn_std), (cc_mean, cc_std) = before.reference_scale.double().tolist()
+    np.testing.assert_allclose(
+        before_table["ensemble"], (full_table["knn"] - knn_mean) / knn_std
+        + (full_table["coarse_complexity"] - cc_mean) / cc_std, rtol=1e-9, atol=1e-9)
     bare = Glow(model.config)
     bare.load_state_dict({k: v for k, v in model.state_dict().items()
                           if not k.startswith("reference_")})
     assert default_score(bare) == "bpd"
-    assert not {"typicality", "knn", "ensemble"} & set(score_names(bare))
+    assert not {"typicality", "knn", "pixel_knn", "ensemble"} & set(score_names(bare))
     # An older reference (mean and std, no maps): typicality, the default, and no knn.
     older = Glow(model.config)
     older.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if k not in ("reference_maps", "reference_scale")})
+                           if k not in ("reference_maps", "reference_scale",
+                                        "reference_images")})
     assert default_score(older) == "typicality"
     assert score_names(older) == ["bpd", "complexity", "coarse_complexity", "typicality",
                                   "level_1", "level_2"]
@@ -1001,10 +1024,10 @@ def test_default_score_and_a_calibration_the_model_cannot_serve(
     assert not out.exists()  # refused before scoring anything
 
 
-@pytest.mark.parametrize("score", ["typicality", "knn", "ensemble"])
+@pytest.mark.parametrize("score", ["typicality", "knn", "pixel_knn", "ensemble"])
 def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
         model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, score: str) -> None:
-    """Calibrated on typicality, knn or ensemble: each heatmap draws the typicality terms
+    """Calibrated on typicality, knn, pixel_knn or ensemble: each heatmap draws the typicality terms
     |m - mu| / (sigma + floor), whose mean is the image's typicality, on the fixed 0..5
     standard-deviation scale."""
     scored = full_table[full_table["error"] == ""]

@@ -788,12 +788,13 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     by_path = pyfunc.predict(pd.DataFrame({"path": [*paths, str(broken)]}))
     by_bytes = pyfunc.predict(pd.DataFrame({"image": [p.read_bytes() for p in files]}))
 
-    columns = ["bpd", "complexity", "coarse_complexity", "typicality", "knn", "ensemble",
-               "level_1", "level_2", "score", "p_value", "is_anomaly", "error"]
+    columns = ["bpd", "complexity", "coarse_complexity", "typicality", "knn", "pixel_knn",
+               "ensemble", "level_1", "level_2", "score", "p_value", "is_anomaly", "error"]
     assert list(by_path.columns) == columns
     np.testing.assert_array_equal(by_path["bpd"].to_numpy()[:-1], expected["bpd"].to_numpy())
     np.testing.assert_array_equal(by_bytes["bpd"].to_numpy(), expected["bpd"].to_numpy())
-    for name in ("complexity", "coarse_complexity", "typicality", "knn", "ensemble"):
+    for name in ("complexity", "coarse_complexity", "typicality", "knn", "pixel_knn",
+                 "ensemble"):
         assert by_path[name].dtype == by_bytes[name].dtype == np.float64, name
         np.testing.assert_array_equal(by_path[name].to_numpy()[:-1], expected[name].to_numpy())
         np.testing.assert_array_equal(by_bytes[name].to_numpy(), expected[name].to_numpy())

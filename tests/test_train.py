@@ -180,6 +180,12 @@ def test_training_fits_the_normal_reference_on_the_validation_images(
     coarse = coarse_complexity(parts.level_bits.numpy(), np.array(png))
     np.testing.assert_allclose(model.reference_scale[1].numpy(), [coarse.mean(), coarse.std()],
                                rtol=1e-5)
+    # and the images themselves (flow inputs), pooled to the same grid, for pixel_knn
+    x = preprocess(images, MODEL.n_bits).double().numpy()
+    np.testing.assert_allclose(model.reference_images.numpy(),
+                               x.reshape(32, MODEL.in_channels, 8, 2, 8, 2).mean(axis=(3, 5)),
+                               rtol=1e-6, atol=1e-7)
+    assert model.reference_scale.shape == (3, 2)
     weights, _, _ = final_checkpoint_files(tmp_path)
     for key in REFERENCE_KEYS:
         assert torch.equal(weights[key], getattr(model, key))
@@ -240,21 +246,26 @@ def test_fit_reference_without_a_usable_sampled_map_keeps_typicality(
         in caplog.text
 
 
-def test_resuming_a_finished_run_from_an_older_checkpoint_fits_the_knn_reference(
-        image_folder: Path, tmp_path: Path) -> None:
-    """A finished run whose last checkpoint holds an older reference (mean and std only)
-    gets the whole reference when resumed: nothing left to train, the reference refitted."""
+@pytest.mark.parametrize("older", ["mean and std only", "no images"])
+def test_resuming_a_finished_run_from_an_older_checkpoint_fits_the_whole_reference(
+        image_folder: Path, tmp_path: Path, older: str) -> None:
+    """A finished run whose last checkpoint holds an older reference (mean and std only, or
+    maps and a two-row scale without images) gets the whole reference when resumed:
+    nothing left to train, the reference refitted."""
     config = run_config(epochs=1)
     data = folder_datasets(image_folder, config)
     first = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path)
     path = latest_checkpoint(tmp_path)
     weights = load_file(str(path / "model.safetensors"))
-    save_file({k: v for k, v in weights.items()
-               if k not in ("reference_maps", "reference_scale")},
-              str(path / "model.safetensors"))
+    del weights["reference_images"]
+    if older == "no images":
+        weights["reference_scale"] = weights["reference_scale"][:2].clone()
+    else:
+        del weights["reference_maps"], weights["reference_scale"]
+    save_file(weights, str(path / "model.safetensors"))
     resumed = train(config, data.train, data.val, device="cpu", checkpoint_dir=tmp_path,
                     resume=True)
-    assert resumed.steps == first.steps and resumed.model.has_knn_reference
+    assert resumed.steps == first.steps and resumed.model.has_image_reference
     for key in REFERENCE_KEYS:
         torch.testing.assert_close(getattr(resumed.model, key), getattr(first.model, key))
 

@@ -55,8 +55,8 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
                    "and enables --method f1, youden and cost, and --score auto.")
 @click.option("--score", default=None,
               help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
-                   "typicality, knn, ensemble (these three: models trained with a "
-                   "validation set), level_1 ... level_L [default: ensemble; typicality for a "
+                   "typicality, knn, pixel_knn, ensemble (these four: models trained with "
+                   "a validation set), level_1 ... level_L [default: ensemble; typicality for a "
                    "model whose normal reference predates knn; bpd for a model without "
                    "one]; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
@@ -167,7 +167,7 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
     """AUROC, AUPR and FPR at 95% TPR of every score type on labelled folders.
 
     Prints a table (one row per score: bpd, complexity, coarse_complexity, typicality, knn,
-    ensemble, level_1 ... level_L) and logs it as a run with ROC and PR curves and score
+    pixel_knn, ensemble, level_1 ... level_L) and logs it as a run with ROC and PR curves and score
     histograms.
 
     \b

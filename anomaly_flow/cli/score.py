@@ -58,7 +58,7 @@ Examples:
                    "(yellow). typicality: how far each pixel's bits/dim is from the normal "
                    "images', 0 to 5 of their standard deviations (models trained with a "
                    "validation set). auto (default): typicality for a model calibrated on "
-                   "typicality, knn or ensemble, else bpd.")
+                   "typicality, knn, pixel_knn or ensemble, else bpd.")
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out and score only the files missing from "
                    "it or changed since it was written. Rows that failed stay as they were "
@@ -94,16 +94,17 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
           mlruns: Path | None) -> None:
     """Score every image file under DIR into one table, one row per file.
 
-    Columns: path, bpd, complexity, coarse_complexity, typicality, knn and ensemble
-    (models trained with a validation set), level_1..level_L (bits/dim), score (the
+    Columns: path, bpd, complexity, coarse_complexity, typicality, knn, pixel_knn and
+    ensemble (models trained with a validation set), level_1..level_L (bits/dim), score (the
     calibration's score; bpd when uncalibrated), p_value and is_anomaly (filled when the
     model is calibrated), error (why a file could not be
     scored; empty otherwise). Files that cannot be read (not images, truncated, empty,
     too large, unreadable) get a row with the reason and do not stop the run. The table
     is written atomically and rewritten now and then during long runs; after an
     interruption, --resume scores only the files still missing (and rescores the files
-    of a table written before coarse_complexity, typicality, knn or ensemble existed, to
-    fill the column). A summary goes to stderr: N scored, M failed, K anomalous.
+    of a table written before coarse_complexity, typicality, knn, pixel_knn or ensemble
+    existed, to fill the column). A summary goes to stderr: N scored, M failed, K
+    anomalous.
     """
     from anomaly_flow.data import check_image_folder, display_path
     from anomaly_flow.evaluation import open_model

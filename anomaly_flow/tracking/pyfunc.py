@@ -8,8 +8,8 @@ Input: a DataFrame with a ``path`` column (image files readable where the model 
 paths or ``file:`` URIs)
 and/or an ``image`` column (encoded file bytes; base64 in JSON requests). Where a row has
 both, the bytes win. Output: one row per input row, in order, with ``bpd``,
-``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble`` (models with a
-normal reference), ``level_1..level_L``, ``score``, ``p_value``, ``is_anomaly`` and
+``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``pixel_knn``, ``ensemble``
+(models with a normal reference), ``level_1..level_L``, ``score``, ``p_value``, ``is_anomaly`` and
 ``error`` (see :func:`predict_frame`).
 
 Params at predict time: ``threshold`` (decide ``score > threshold`` instead of the
