@@ -162,8 +162,7 @@ def default_score(model: Glow) -> str:
 
     Chosen on evidence: on the one-class Fashion-MNIST benchmark (B4,
     ``benchmarks/NOTES.md``, CPU-sized models) ``ensemble`` has the best mean AUROC of the
-    Glow scores, ahead of ``knn``, ``typicality`` and far ahead of ``bpd``, and the best
-    on the five hardest classes after three times the training as well.
+    scores, ahead of ``pixel_knn``, ``knn``, ``typicality`` and far ahead of ``bpd``.
     """
     if model.has_knn_reference:
         return "ensemble"
