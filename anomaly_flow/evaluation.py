@@ -704,7 +704,8 @@ def calibrate_scores(
         normal: Scores of held-out normal images (never training images).
         anomalous: Scores of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble``, ``level_i``);
+            ``coarse_complexity``, ``typicality``, ``knn``, ``pixel_knn``, ``ensemble``,
+            ``level_i``);
             None (default) for :func:`~anomaly_flow.scoring.default_score` (``ensemble``
             when the model has a normal reference, else ``bpd``); or ``"auto"`` (needs
             ``anomalous``): the one with the highest AUROC on the labelled images, ties
@@ -917,7 +918,8 @@ def calibrate_model(
         normal: Folder of held-out normal images (never training images).
         anomalous: Folder of labelled anomalies, or None.
         score: Score type the threshold applies to (``bpd``, ``complexity``,
-            ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble``, ``level_i``);
+            ``coarse_complexity``, ``typicality``, ``knn``, ``pixel_knn``, ``ensemble``,
+            ``level_i``);
             None (default) for :func:`~anomaly_flow.scoring.default_score`; or ``"auto"``
             (needs ``anomalous``): the one with the highest AUROC on the labelled images,
             recorded with its evidence in the calibration. The selection and the reported

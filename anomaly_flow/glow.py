@@ -68,8 +68,9 @@ _REFERENCE_LAYOUTS = {(False,) * 5: "none", (True, True, False, False, False): "
 """Which of :data:`REFERENCE_KEYS` a state may hold together, and what they make."""
 
 REFERENCE_MAX_MAPS = 10_000
-"""Most held-out maps a normal reference keeps for :meth:`Glow.knn` (training keeps every
-k-th held-out image beyond it); 10,000 maps of 16x16 are 10 MB of weights."""
+"""Most held-out maps (and pooled images) a normal reference keeps for :meth:`Glow.knn`
+and :meth:`Glow.pixel_knn` (training keeps every k-th held-out image beyond it); 10,000
+maps of 16x16 are 10 MB of weights, and their pooled images as much again per channel."""
 
 KNN_NEIGHBOURS = 5
 """How many nearest normal maps :meth:`Glow.knn` averages the distance to (fewer when
@@ -81,7 +82,7 @@ KNN_MIN_GRID = 7
 
 KNN_MAX_GRID = 16
 """The grid side :func:`knn_grid` halves down to, where it can: bounds the stored maps
-(10,000 of 16x16 are 10 MB)."""
+and images (10,000 of 16x16 are 10 MB, per channel for the images)."""
 
 REFERENCE_STD_FLOOR = 0.1
 """Bits/dim added to every per-pixel standard deviation of the normal reference: a pixel

@@ -162,7 +162,8 @@ def default_score(model: Glow) -> str:
 
     Chosen on evidence: on the one-class Fashion-MNIST benchmark (B4,
     ``benchmarks/NOTES.md``, CPU-sized models) ``ensemble`` has the best mean AUROC of the
-    scores, ahead of ``pixel_knn``, ``knn``, ``typicality`` and far ahead of ``bpd``.
+    scores, ahead of ``pixel_knn``, ``knn``, ``typicality`` and far ahead of ``bpd`` (94.8
+    mean over the ten classes, against 93.4, 92.4, 90.6 and 69.7).
     """
     if model.has_knn_reference:
         return "ensemble"
@@ -507,10 +508,10 @@ def score_dataset(
 
     Returns:
         Columns :func:`score_names` (``bpd``, ``complexity``, ``coarse_complexity``,
-        ``typicality``, ``knn`` and ``ensemble`` when the model has a normal reference,
-        ``level_1..level_L``) and ``error`` (empty for scored images; the score columns
-        are NaN for failed ones, including images on which the model overflows), indexed
-        by dataset index.
+        ``typicality``, ``knn``, ``pixel_knn`` and ``ensemble`` as far as the model's
+        normal reference gives them, ``level_1..level_L``) and ``error`` (empty for scored
+        images; the score columns are NaN for failed ones, including images on which the
+        model overflows), indexed by dataset index.
 
     Raises:
         ValueError: The dataset was built for a model with another number of levels.
@@ -616,7 +617,7 @@ def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None
     }
     if "typicality" in names:
         columns["typicality"] = stats[:, 1 + len(levels)]
-    if scale is not None:  # the model has reference maps: knn and ensemble
+    if scale is not None:  # reference maps: knn and ensemble (pixel_knn with images too)
         columns["knn"] = stats[:, 2 + len(levels)]
         pixel_knn = None
         if "pixel_knn" in names:
@@ -1063,8 +1064,8 @@ def score_folder(
 
     One row per file found (:func:`anomaly_flow.data.search_images`), in sorted path order,
     with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
-    ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``ensemble`` (models
-    with a normal reference), ``level_1..level_L`` (bits/dim), ``score``
+    ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``pixel_knn``,
+    ``ensemble`` (models with a normal reference), ``level_1..level_L`` (bits/dim), ``score``
     (the calibration's score, or ``bpd`` when uncalibrated), ``p_value`` and
     ``is_anomaly`` (filled when calibrated) and ``error`` (empty for scored files, else
     a one-line reason; the score columns are then empty). A file that cannot be read

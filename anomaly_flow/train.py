@@ -560,14 +560,14 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
                                                 model.config.in_channels, grid, world)
         if len(maps):
             model.set_reference(mean, std, maps, values, pooled_x)
-        else:  # every k-th image failed: no maps, so no knn or ensemble
+        else:  # every k-th image failed: no maps, so no knn, pixel_knn or ensemble
             model.set_reference(mean, std)
             if rank == 0:
                 logger.warning(
                     "none of the %d validation images sampled for the knn reference (every "
                     "%d-th) could be used (undecodable, or the model overflows on them), so "
-                    "this model scores typicality but not knn or ensemble; remove the files "
-                    "reported as failed from the training folder and train again",
+                    "this model scores typicality but not knn, pixel_knn or ensemble; remove "
+                    "the files reported as failed from the training folder and train again",
                     math.ceil(len(dataset) / stride), stride)
     return (total / count if count else float("nan")), int(n)
 
@@ -1182,9 +1182,9 @@ def _checked_reference(n: int, rank: int) -> int:
     they are too few for it to be reliable."""
     if rank == 0 and n < REFERENCE_MIN_IMAGES:
         logger.warning(
-            "the normal reference (typicality, knn, ensemble) rests on %d validation image(s); "
-            "with fewer than %d its per-pixel spread is unreliable: raise val_fraction or "
-            "add images", n, REFERENCE_MIN_IMAGES)
+            "the normal reference (typicality, knn, pixel_knn, ensemble) rests on %d "
+            "validation image(s); with fewer than %d its per-pixel spread is unreliable: "
+            "raise val_fraction or add images", n, REFERENCE_MIN_IMAGES)
     return n
 
 

@@ -255,10 +255,11 @@ def main() -> None:
             "auroc": aurocs,
         }
         logger.info("class %d (%s): %d steps in %.0f s, bpd AUROC %.1f, complexity %.1f, "
-                    "coarse_complexity %.1f, typicality %.1f, knn %.1f, ensemble %.1f%s", k,
+                    "coarse_complexity %.1f, typicality %.1f, knn %.1f, pixel_knn %.1f, "
+                    "ensemble %.1f%s", k,
                     FASHION_MNIST_CLASSES[k], run.steps, train_seconds, aurocs["bpd"],
                     aurocs["complexity"], aurocs["coarse_complexity"], aurocs["typicality"],
-                    aurocs["knn"], aurocs["ensemble"],
+                    aurocs["knn"], aurocs["pixel_knn"], aurocs["ensemble"],
                     "" if args.no_baselines else
                     f", 5-NN {aurocs['knn5_mean']:.1f}, IF {aurocs['iforest']:.1f}")
         path = write_results("oneclass_fmnist", device, payload(list(per_class)), out)

@@ -5,9 +5,9 @@ device; class k's training images less a held-out 10 %), keeps the exact per-lev
 (log-det and prior log-density per latent position), the latents and the standardised
 latents of the held-out ("reference") and test images, and scores the test set with
 each variant below. Class k is normal, the nine others anomalous; AUROC per class, mean
-and min. The product's scores are among them (``typicality``, ``knn``, ``ensemble``), so
-this is the evidence behind :func:`anomaly_flow.scoring.default_score`; choosing on
-these test AUROCs makes the winner's figure somewhat optimistic.
+and min. The product's scores are among them (``typicality``, ``knn``, ``pixel_knn``,
+``ensemble``), so this is the evidence behind :func:`anomaly_flow.scoring.default_score`;
+choosing on these test AUROCs makes the winner's figure somewhat optimistic.
 
 Variants (reference = the held-out images; "standardised" = per position, by the
 reference's mean and population std + 0.1):

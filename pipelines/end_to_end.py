@@ -168,9 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_epochs_option(parser)
     add_target_fpr_option(parser, default=0.01)
     add_score_option(parser, help="the score the threshold applies to: bpd, complexity, "
-                                  "coarse_complexity, typicality, knn, ensemble, level_1, "
-                                  "...; default: ensemble, or bpd for a model without a "
-                                  "normal reference")
+                                  "coarse_complexity, typicality, knn, pixel_knn, ensemble, "
+                                  "level_1, ...; default: ensemble, or bpd for a model "
+                                  "without a normal reference")
     parser.add_argument("--resume", action="store_true",
                         help="continue the training of --name that a stop interrupted from "
                              "its latest checkpoint, then calibrate and evaluate")
@@ -191,8 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.score == "auto":  # checked before training, not after
         parser.error("--score auto needs labelled anomalies, and this pipeline calibrates "
                      "on normal images only: name a score (bpd, complexity, "
-                     "coarse_complexity, typicality, knn, ensemble, level_1, ...), or run "
-                     "pipelines/select_threshold.py --score auto on the trained model")
+                     "coarse_complexity, typicality, knn, pixel_knn, ensemble, level_1, ...), "
+                     "or run pipelines/select_threshold.py --score auto on the trained model")
     return args
 
 

@@ -56,10 +56,10 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
 
     DATA is a folder of images of normal data, searched recursively; a share of them
     (train.val_fraction) is held out for validation bits/dim and for the normal
-    reference behind the typicality, knn and ensemble scores. The run (params, metrics,
-    sample grid, training curves) goes to MLflow; a model whose validation bits/dim is
-    finite becomes a new version of NAME with alias 'candidate'. Prints the run id and
-    the model URI on stdout.
+    reference behind the typicality, knn, pixel_knn and ensemble scores. The run (params,
+    metrics, sample grid, training curves) goes to MLflow; a model whose validation
+    bits/dim is finite becomes a new version of NAME with alias 'candidate'. Prints the
+    run id and the model URI on stdout.
     """
     if preset is not None and config_file is not None:
         raise click.UsageError("give --preset or --config, not both.")
