@@ -4,6 +4,7 @@ through their ``main(argv)`` on real PNG folders and real sqlite MLflow stores."
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import subprocess
 import sys
@@ -499,3 +500,63 @@ def test_a_stopped_end_to_end_training_goes_on_with_resume(
     assert finished.info.run_id == stopped.info.run_id  # the same training, gone on
     assert finished.info.status == "FINISHED"
     assert client.get_model_version_by_alias("e2e-stop", "champion") is not None
+
+
+@pytest.mark.parametrize("again", ["--resume", "afresh"])
+def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
+        image_dirs: ImageDirs, mlruns: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture, again: str) -> None:
+    """Killed outright (SIGKILL, the OOM killer) during its training, the pipeline left
+    its parent run RUNNING as well as the training run. The next run of the name, under
+    a new parent, marks the abandoned parent KILLED instead of leaving it running
+    forever: ``--resume`` goes on with the same training run; without it the abandoned
+    training run is ended KILLED too and a new one trains."""
+    from tests.test_cli_train import often_config
+
+    argv = ["--name", "e2e-killed", "--train", str(image_dirs.train), "--calibration",
+            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
+            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
+            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
+            "--mlruns", str(mlruns)]
+    killed = f"""
+import os, signal
+from anomaly_flow.tracking import training
+from tests.test_pipelines import load_script
+def die(self, event):
+    if event.kind == "checkpoint":
+        os.kill(os.getpid(), signal.SIGKILL)
+training._MetricLogger.__call__ = die
+load_script("end_to_end").main({argv!r})
+"""
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == -9, done.stderr
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("e2e-killed").experiment_id
+    [abandoned] = client.search_runs([experiment], "tags.pipeline = 'end_to_end'")
+    [training_run] = client.search_runs([experiment], "tags.command = 'train'")
+    assert abandoned.info.status == training_run.info.status == "RUNNING"
+
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking"):
+        assert end_to_end_main(argv + ([again] if again == "--resume" else [])) == 0, \
+            capsys.readouterr().err
+    parents = {run.info.run_id: run for run in
+               client.search_runs([experiment], "tags.pipeline = 'end_to_end'")}
+    assert len(parents) == 2
+    assert parents[abandoned.info.run_id].info.status == "KILLED"
+    assert "found its training run" in parents[abandoned.info.run_id].data.tags["ended_by"]
+    [new] = [run for key, run in parents.items() if key != abandoned.info.run_id]
+    assert new.info.status == "FINISHED"
+    trainings = {run.info.run_id: run.info.status
+                 for run in client.search_runs([experiment], "tags.command = 'train'")}
+    if again == "--resume":  # the same training, gone on
+        assert trainings == {training_run.info.run_id: "FINISHED"}
+    else:
+        assert trainings.pop(training_run.info.run_id) == "KILLED"
+        assert list(trainings.values()) == ["FINISHED"]
+    assert f"the end-to-end pipeline run {abandoned.info.run_id} of a killed training of " \
+        "'e2e-killed' was left RUNNING; marked KILLED" in caplog.text
+
+
+def end_to_end_main(argv: list[str]) -> int:
+    return load_script("end_to_end").main(argv)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path, one_line
@@ -298,6 +299,14 @@ def _reusable_run(run_id: str | None, experiment: str) -> str | None:
     return run_id if live else None
 
 
+def _run_status(run_id: str) -> str | None:
+    """The status of a run in the current store, or None where it cannot be read."""
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
 def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
     """End as KILLED the run of an earlier training of ``name`` that never concluded and
     that the store still shows RUNNING: its process was killed outright (SIGKILL, the OOM
@@ -318,6 +327,33 @@ def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
         return
     logger.warning("the run %s of an earlier training of %r was left RUNNING by a process "
                    "that was killed; marked KILLED", run_id, name)
+    _end_abandoned_pipeline(run_id, name)
+
+
+def _end_abandoned_pipeline(run_id: str, name: str) -> None:
+    """End as KILLED the end-to-end pipeline run that ``run_id``, a training of ``name``
+    whose process was killed outright, was nested in, where the store still shows it
+    RUNNING: the pipeline ran in that process and died with it. Only a parent tagged as
+    this package's ``end_to_end`` pipeline, and never the run active here (an
+    ``end_to_end --resume`` logs under a new parent), is ended; a caller's own parent run
+    is left to its owner. Called with the name's training lock held."""
+    client = mlflow.MlflowClient()
+    try:
+        parent_id = client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
+        active = mlflow.active_run()
+        if not parent_id or (active is not None and active.info.run_id == parent_id):
+            return
+        parent = client.get_run(parent_id)
+        if parent.info.status != "RUNNING" or parent.data.tags.get("pipeline") != "end_to_end":
+            return
+        client.set_tag(parent_id, "ended_by", f"a later training of {name!r} found its "
+                                              f"training run {run_id} abandoned (their "
+                                              "process was killed)")
+        client.set_terminated(parent_id, status="KILLED")
+    except MlflowException:
+        return
+    logger.warning("the end-to-end pipeline run %s of a killed training of %r was left "
+                   "RUNNING; marked KILLED", parent_id, name)
 
 
 def _log_params(run: Run, params: dict[str, Any], resumed: bool) -> None:
@@ -547,6 +583,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         if previous_run is None:
             logger.warning("the run %s of the checkpoint is not in %s; logging the "
                            "resumed training as a new run", state.get("run_id"), here)
+        elif locked and _run_status(previous_run) == "RUNNING":  # its process was killed
+            _end_abandoned_pipeline(previous_run, name)
     elif ckpt.exists():
         if locked:  # unlocked (no flock here), the earlier training may still be running
             _end_abandoned_run(earlier, name)
