@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -195,7 +196,7 @@ def _mean_nearest(queries: Tensor, keys: Tensor, exclude: Tensor | None = None) 
     return distances.topk(k, dim=1, largest=False).values.mean(dim=1)
 
 
-def _leave_one_out(keys: Tensor, nearest: Any, chunk: int = 1024) -> Tensor:
+def _leave_one_out(keys: Tensor, nearest: Callable[..., Tensor], chunk: int = 1024) -> Tensor:
     """``nearest(rows, exclude=rows)`` for every row of ``keys`` ``(N, ...)`` against the
     other N − 1 (empty for N = 1), in chunks of rows so the distance matrix never exceeds
     chunk × N; float64 ``(N,)``."""
@@ -565,7 +566,7 @@ class Glow(nn.Module):
         keys = self._cached("reference_images", lambda images: images.flatten(1).double())
         return _mean_nearest(pooled, keys, exclude)
 
-    def _cached(self, name: str, make: Any) -> Any:
+    def _cached(self, name: str, make: Callable[[Tensor], Any]) -> Any:
         """``make(tensor)`` for the reference tensor ``name``, computed once per tensor.
 
         Known by the tensor object and its version, not its address: a refit's new maps
