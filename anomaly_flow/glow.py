@@ -217,9 +217,10 @@ class ModelFileError(ValueError):
 class SamplingError(RuntimeError):
     """The model cannot draw samples: its flow has no inverse, or its samples overflow.
 
-    Both come from weights a diverged training left (a 1x1 convolution driven to a
-    singular matrix, values grown past float range); the density side
-    (:meth:`Glow.forward`) still runs and gives non-finite bits/dim instead.
+    A singular 1x1 convolution comes from a diverged training. Samples that overflow come
+    from the inverse dividing by actnorm or coupling scales near 0 away from the training
+    images: a diverged training does it, and so does a briefly trained model at higher
+    temperatures, whose density (:meth:`Glow.forward`) is fine.
     """
 
 
@@ -731,9 +732,13 @@ class Glow(nn.Module):
         bad = int((~torch.isfinite(z)).sum())
         if bad:
             raise SamplingError(
-                f"the model cannot draw samples: {bad} of the {z.numel()} sampled values are "
-                "NaN or infinite, so its weights overflow; such weights come from a training "
-                "that diverged (train again with a lower lr or a longer warmup_steps)")
+                f"the model cannot draw samples: {bad} of the {z.numel()} values sampled at "
+                f"temperature {temperature:g} are NaN or infinite, so the flow's inverse "
+                "overflows (an actnorm or affine coupling divides by a scale that is near 0 "
+                "away from the training images); a briefly trained model often does this: a "
+                "lower train.sample_temperature or more epochs usually mend it, and after a "
+                "diverged training (validation bits/dim far above training's) train again "
+                "with a lower lr or a longer warmup_steps")
         return z
 
     def save(self, folder: str | Path) -> Path:

@@ -163,7 +163,7 @@ class TrainResult:
         checkpoint_dir: The final checkpoint (None when none was written).
         history: One dict of epoch metrics per epoch.
         samples_skipped: Why rank 0 drew no sample grid (a :class:`SamplingError`'s
-            message: the weights of a diverged training), else None.
+            message: a singular 1x1 convolution, or samples that overflow), else None.
     """
 
     model: Glow

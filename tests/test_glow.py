@@ -142,7 +142,8 @@ SINGULAR = r"a 1x1 convolution of level 2 has a singular weight, so the flow has
 
 @pytest.mark.parametrize(("damage", "message"), [
     ("lu", SINGULAR), ("plain", SINGULAR),
-    ("overflow", r"\d+ of the 192 sampled values are NaN or infinite, so its weights overflow"),
+    ("overflow", r"\d+ of the 192 values sampled at temperature 0.7 are NaN or infinite, so "
+                 r"the flow's inverse overflows \(an actnorm or affine coupling divides"),
 ], ids=["lu", "plain", "overflow"])
 def test_weights_of_a_diverged_training_refuse_to_sample(damage: str, message: str) -> None:
     """What a huge learning rate leaves: a 1x1 convolution driven singular (the LU
@@ -159,9 +160,8 @@ def test_weights_of_a_diverged_training_refuse_to_sample(damage: str, message: s
         else:
             step.actnorm.log_scale.fill_(-1000.0)  # its inverse multiplies by exp(1000)
     model.log_prob(torch.rand(2, 1, 8, 8, dtype=torch.float64) - 0.5)  # still runs
-    with pytest.raises(SamplingError, match=f"^the model cannot draw samples: {message}; "
-                                            "such weights come from a training that "
-                                            r"diverged \(train again with a lower lr"):
+    with pytest.raises(SamplingError, match=f"^the model cannot draw samples: {message}.*"
+                                            r"train again with a lower lr"):
         model.sample(3, temperature=0.7)
 
 

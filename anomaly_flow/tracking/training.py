@@ -644,7 +644,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
 
         if result.samples.size:
             run.log_image(result.samples, "samples.png")
-        elif result.samples_skipped:  # the weights of a diverged training (warned about)
+        elif result.samples_skipped:  # the model cannot sample (warned about)
             run.set_tags({"samples_skipped": result.samples_skipped})
         run.log_figure(curves_figure(run.run_id), "training_curves.png")
         if result.failed_files:
