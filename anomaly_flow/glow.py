@@ -217,9 +217,10 @@ class ModelFileError(ValueError):
 class SamplingError(RuntimeError):
     """The model cannot draw samples: its flow has no inverse, or its samples overflow.
 
-    A singular 1x1 convolution comes from a diverged training. Samples that overflow come
-    from the inverse dividing by actnorm or coupling scales near 0 away from the training
-    images: a diverged training does it, and so does a briefly trained model at higher
+    A singular 1x1 convolution comes from a diverged training. Samples overflow where the
+    inverse divides by small scales: an actnorm's (one per channel, whatever the input)
+    or an affine coupling's (which can be near 0 for latents unlike the training
+    images'). A diverged training does it, and so does a briefly trained model at higher
     temperatures, whose density (:meth:`Glow.forward`) is fine.
     """
 
@@ -731,14 +732,16 @@ class Glow(nn.Module):
                     "longer warmup_steps)") from None
         bad = int((~torch.isfinite(z)).sum())
         if bad:
+            couplings = (", its affine couplings by scales that can be near 0 for latents "
+                         "unlike the training images'" if self.config.coupling == "affine"
+                         else "")
             raise SamplingError(
                 f"the model cannot draw samples: {bad} of the {z.numel()} values sampled at "
                 f"temperature {temperature:g} are NaN or infinite, so the flow's inverse "
-                "overflows (an actnorm or affine coupling divides by a scale that is near 0 "
-                "away from the training images); a briefly trained model often does this: a "
-                "lower train.sample_temperature or more epochs usually mend it, and after a "
-                "diverged training (validation bits/dim far above training's) train again "
-                "with a lower lr or a longer warmup_steps")
+                f"overflows (its actnorms divide by their scales{couplings}); a briefly "
+                "trained model often does this: a lower train.sample_temperature or more "
+                "epochs usually mend it, and after a diverged training (validation bits/dim "
+                "far above training's) train again with a lower lr or a longer warmup_steps")
         return z
 
     def save(self, folder: str | Path) -> Path:

@@ -600,8 +600,9 @@ def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
     Drawn from ``seed`` without touching the caller's random state.
 
     Raises:
-        SamplingError: The model cannot draw samples (the weights of a diverged
-            training: a singular 1x1 convolution, or samples that are not finite).
+        SamplingError: The model cannot draw samples: a singular 1x1 convolution (a
+            diverged training's), or samples that are not finite at ``temperature`` (a
+            diverged or a briefly trained model's).
     """
     model.eval()
     side = math.isqrt(n)

@@ -140,23 +140,31 @@ def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
 SINGULAR = r"a 1x1 convolution of level 2 has a singular weight, so the flow has no inverse there"
 
 
+OVERFLOW = (r"\d+ of the 192 values sampled at temperature 0.7 are NaN or infinite, so the "
+            r"flow's inverse overflows \(its actnorms divide by their scales")
+AFFINE = ", its affine couplings by scales that can be near 0 for latents unlike the training"
+
+
 @pytest.mark.parametrize(("damage", "message"), [
-    ("lu", SINGULAR), ("plain", SINGULAR),
-    ("overflow", r"\d+ of the 192 values sampled at temperature 0.7 are NaN or infinite, so "
-                 r"the flow's inverse overflows \(an actnorm or affine coupling divides"),
-], ids=["lu", "plain", "overflow"])
+    ("lu", SINGULAR), ("plain", SINGULAR), ("overflow", OVERFLOW + AFFINE),
+    ("coupling", OVERFLOW + AFFINE), ("additive", OVERFLOW + r"\); a briefly trained"),
+], ids=["lu", "plain", "overflow", "coupling", "additive"])
 def test_weights_of_a_diverged_training_refuse_to_sample(damage: str, message: str) -> None:
     """What a huge learning rate leaves: a 1x1 convolution driven singular (the LU
-    variant's scales underflow to 0), or a scale whose inverse overflows. The density
-    side still runs; sampling says why it cannot, instead of a LinAlgError or a grid of
-    NaNs turned into black pixels."""
-    model = make_model(1, 8, 2, invconv="plain" if damage == "plain" else "lu")
+    variant's scales underflow to 0), or a scale whose inverse overflows (an actnorm's,
+    or an affine coupling's; an additive coupling divides by none). The density side
+    still runs; sampling says why it cannot, instead of a LinAlgError or a grid of NaNs
+    turned into black pixels."""
+    model = make_model(1, 8, 2, invconv="plain" if damage == "plain" else "lu",
+                       coupling="additive" if damage == "additive" else "affine")
     step = model.levels[-1].steps[0]  # sampling inverts the last level first
     with torch.no_grad():
         if damage == "lu":
             step.invconv.log_s.fill_(-1000.0)  # exp(-1000) is 0: a zero on W's diagonal
         elif damage == "plain":
             step.invconv.weight.zero_()
+        elif damage == "coupling":  # a scale sigmoid(-1000) whose inverse is exp(1000)
+            step.coupling.net[-1].conv.bias[1::2] = -1000.0
         else:
             step.actnorm.log_scale.fill_(-1000.0)  # its inverse multiplies by exp(1000)
     model.log_prob(torch.rand(2, 1, 8, 8, dtype=torch.float64) - 0.5)  # still runs

@@ -518,19 +518,7 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
             "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
             str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
             "--mlruns", str(mlruns)]
-    killed = f"""
-import os, signal
-from anomaly_flow.tracking import training
-from tests.test_pipelines import load_script
-def die(self, event):
-    if event.kind == "checkpoint":
-        os.kill(os.getpid(), signal.SIGKILL)
-training._MetricLogger.__call__ = die
-load_script("end_to_end").main({argv!r})
-"""
-    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=300)
-    assert done.returncode == -9, done.stderr
+    end_to_end_killed(argv)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("e2e-killed").experiment_id
     [abandoned] = client.search_runs([experiment], "tags.pipeline = 'end_to_end'")
@@ -556,6 +544,53 @@ load_script("end_to_end").main({argv!r})
         assert list(trainings.values()) == ["FINISHED"]
     assert f"the end-to-end pipeline run {abandoned.info.run_id} of a killed training of " \
         "'e2e-killed' was left RUNNING; marked KILLED" in caplog.text
+
+
+def test_a_resumed_end_to_end_run_killed_again_is_ended_too(
+        image_dirs: ImageDirs, mlruns: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed, resumed under a new parent and killed again: the training run keeps its
+    first parent's tag (MLflow does not move a reopened run), so the parent to end is the
+    one the run record names, the second; the next run of the name ends it."""
+    from tests.test_cli_train import often_config
+
+    argv = ["--name", "e2e-twice", "--train", str(image_dirs.train), "--calibration",
+            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
+            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
+            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
+            "--mlruns", str(mlruns)]
+    end_to_end_killed(argv)
+    end_to_end_killed([*argv, "--resume"])
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("e2e-twice").experiment_id
+    parents = client.search_runs([experiment], "tags.pipeline = 'end_to_end'",
+                                 order_by=["attribute.start_time ASC"])
+    assert [run.info.status for run in parents] == ["KILLED", "RUNNING"]
+    second = parents[1].info.run_id
+
+    assert end_to_end_main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    ended = client.get_run(second)
+    assert ended.info.status == "KILLED"
+    assert "found its training run" in ended.data.tags["ended_by"]
+    [training_run] = client.search_runs([experiment], "tags.command = 'train'")
+    assert training_run.info.status == "FINISHED"
+
+
+def end_to_end_killed(argv: list[str]) -> None:
+    """Run the end-to-end pipeline in a process killed outright (SIGKILL) at its
+    training's first checkpoint."""
+    killed = f"""
+import os, signal
+from anomaly_flow.tracking import training
+from tests.test_pipelines import load_script
+def die(self, event):
+    if event.kind == "checkpoint":
+        os.kill(os.getpid(), signal.SIGKILL)
+training._MetricLogger.__call__ = die
+load_script("end_to_end").main({argv!r})
+"""
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == -9, done.stderr
 
 
 def end_to_end_main(argv: list[str]) -> int:

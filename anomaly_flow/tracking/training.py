@@ -327,21 +327,27 @@ def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
         return
     logger.warning("the run %s of an earlier training of %r was left RUNNING by a process "
                    "that was killed; marked KILLED", run_id, name)
-    _end_abandoned_pipeline(run_id, name)
+    _end_abandoned_pipeline(earlier, name)
 
 
-def _end_abandoned_pipeline(run_id: str, name: str) -> None:
-    """End as KILLED the end-to-end pipeline run that ``run_id``, a training of ``name``
-    whose process was killed outright, was nested in, where the store still shows it
-    RUNNING: the pipeline ran in that process and died with it. Only a parent tagged as
-    this package's ``end_to_end`` pipeline, and never the run active here (an
-    ``end_to_end --resume`` logs under a new parent), is ended; a caller's own parent run
-    is left to its owner. Called with the name's training lock held."""
+def _end_abandoned_pipeline(record: dict[str, Any], name: str) -> None:
+    """End as KILLED the end-to-end pipeline run that the training attempt of ``record``
+    (the run record of a training of ``name`` whose process was killed outright) was
+    nested in, where the store still shows it RUNNING: the pipeline ran in that process
+    and died with it. The parent is the one the record names: a resumed training keeps
+    its first parent's tag (MLflow does not move a reopened run), so the tag is read only
+    for a record written before parents were recorded. Only a parent tagged as this
+    package's ``end_to_end`` pipeline, and never the run active here (an ``end_to_end
+    --resume`` logs under a new parent), is ended; a caller's own parent run is left to
+    its owner. Called with the name's training lock held."""
+    run_id = record.get("run_id")
     client = mlflow.MlflowClient()
     try:
-        parent_id = client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
+        parent_id = (record["parent_run_id"] if "parent_run_id" in record
+                     else client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID))
         active = mlflow.active_run()
-        if not parent_id or (active is not None and active.info.run_id == parent_id):
+        if (not isinstance(parent_id, str) or not parent_id  # none, or a damaged record
+                or (active is not None and active.info.run_id == parent_id)):
             return
         parent = client.get_run(parent_id)
         if parent.info.status != "RUNNING" or parent.data.tags.get("pipeline") != "end_to_end":
@@ -584,7 +590,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             logger.warning("the run %s of the checkpoint is not in %s; logging the "
                            "resumed training as a new run", state.get("run_id"), here)
         elif locked and _run_status(previous_run) == "RUNNING":  # its process was killed
-            _end_abandoned_pipeline(previous_run, name)
+            _end_abandoned_pipeline(state, name)
     elif ckpt.exists():
         if locked:  # unlocked (no flock here), the earlier training may still be running
             _end_abandoned_run(earlier, name)
@@ -606,6 +612,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         tags["resumed"] = "true"
         if previous_run is None:
             tags["resumed_from_run_id"] = state.get("run_id", "unknown")
+    # the run this one nests in: a later training ends it if this process is killed
+    parent = mlflow.active_run() if nested else None
     # a stop held back by the registration is raised once the run has ended, so a run
     # whose model is registered and recorded ends FINISHED, not KILLED
     with (contextlib.ExitStack() as after_run,
@@ -616,6 +624,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                   "tracking_uri": redacted(mlflow.get_tracking_uri()),
                   "data_fingerprint": folder.fingerprint,
                   "data_folder": display_path(data_root), "config": config.to_dict(),
+                  "parent_run_id": parent.info.run_id if parent is not None else None,
                   "concluded": False}  # True once the model is logged and registered
         (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
         params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
