@@ -64,9 +64,10 @@ REFERENCE_KEYS = ("reference_mean", "reference_std", "reference_maps", "referenc
 references of older anomaly-flows also load: the first two alone (before ``knn``), and the
 first four (before ``pixel_knn``: ``reference_scale`` then has two rows)."""
 
-_REFERENCE_LAYOUTS = {(False,) * 5: "none", (True, True, False, False, False): "typicality",
-                      (True, True, True, True, False): "knn", (True,) * 5: "full"}
-"""Which of :data:`REFERENCE_KEYS` a state may hold together, and what they make."""
+_REFERENCE_LAYOUTS = frozenset({(False,) * 5, (True, True, False, False, False),
+                                (True, True, True, True, False), (True,) * 5})
+"""Which of :data:`REFERENCE_KEYS` a state may hold together: none, the typicality-only
+reference, the one before ``pixel_knn``, all."""
 
 REFERENCE_MAX_MAPS = 10_000
 """Most held-out maps (and pooled images) a normal reference keeps for :meth:`Glow.knn`
@@ -383,7 +384,7 @@ class Glow(nn.Module):
         for key in REFERENCE_KEYS:
             self.register_buffer(key, None)
         # per reference tensor name: (the tensor itself, its version, what was made of it)
-        self._knn_cache: dict[str, tuple[Tensor, int, Any]] = {}
+        self._reference_cache: dict[str, tuple[Tensor, int, Any]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -470,7 +471,7 @@ class Glow(nn.Module):
         if bool((std < 0).any()):
             raise ValueError("the reference std has negative values")
         device = self.device
-        self._knn_cache = {}
+        self._reference_cache = {}
         self.reference_mean = mean.detach().to(device, torch.float32).clone()
         self.reference_std = std.detach().to(device, torch.float32).clone()
         self.reference_maps = self.reference_scale = self.reference_images = None
@@ -561,7 +562,7 @@ class Glow(nn.Module):
             raise ValueError("this model's normal reference has no images, so it cannot "
                              f"score pixel_knn; {_RETRAIN}")
         pooled = pool_images(x, knn_grid(self.config)).flatten(1)
-        return self._pixel_knn_pooled(pooled.double()).to(torch.float32)
+        return self._pixel_knn_pooled(pooled.double()).to(x.dtype)
 
     def _pixel_knn_pooled(self, pooled: Tensor, exclude: Tensor | None = None) -> Tensor:
         """``pixel_knn`` ``(B,)`` float64 of pooled images ``(B, C·G·G)`` float64."""
@@ -576,9 +577,9 @@ class Glow(nn.Module):
         identity stays unique."""
         tensor = getattr(self, name)
         assert tensor is not None
-        cache = self._knn_cache.get(name)
+        cache = self._reference_cache.get(name)
         if cache is None or cache[0] is not tensor or cache[1] != tensor._version:
-            cache = self._knn_cache[name] = (tensor, tensor._version, make(tensor))
+            cache = self._reference_cache[name] = (tensor, tensor._version, make(tensor))
         return cache[2]
 
     def _standardised_reference(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -644,7 +645,7 @@ class Glow(nn.Module):
                               f"(3, 2) and (N, {self.config.in_channels}, {grid}, {grid}) "
                               f"(an older reference: (2, 2) and no images)")
             return
-        self._knn_cache = {}
+        self._reference_cache = {}
         for key, value in zip(REFERENCE_KEYS, values, strict=True):  # buffers to copy into
             setattr(self, key, None if value is None
                     else torch.empty(value.shape, device=self.device))

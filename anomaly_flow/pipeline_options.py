@@ -24,10 +24,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
-SCORE_HELP = ("bpd, complexity, coarse_complexity, typicality, knn, pixel_knn, ensemble, "
-              "level_1, ..., "
+SCORE_HELP = (f"{SCORE_CHOICES}, "
               "or auto (the highest AUROC on --anomalous); default: ensemble (typicality "
               "for a model whose normal reference predates knn, bpd for a model without "
               "one)")

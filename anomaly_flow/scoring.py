@@ -81,6 +81,12 @@ from anomaly_flow.data import (
     search_images,
 )
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
+from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_name: re-exported)
+    LIKELIHOOD_SCORES,
+    REFERENCE_SCORES,
+    SCORE_CHOICES,
+    is_score_name,
+)
 from anomaly_flow.stopping import (
     loader_worker_options,
     raise_if_stopped,
@@ -127,21 +133,6 @@ LATER_SCORES = ("coarse_complexity", "typicality", "knn", "pixel_knn", "ensemble
 """Scores added after the first release: a table written before them lacks the column,
 and resuming it scores its scored files again to fill the column in."""
 
-
-REFERENCE_SCORES = ("typicality", "knn", "pixel_knn", "ensemble")
-"""Scores built on the model's normal reference (:meth:`Glow.set_reference`)."""
-
-LIKELIHOOD_SCORES = ("bpd", "complexity", "coarse_complexity")
-"""Scores every model gives (besides its per-level columns ``level_1..level_L``)."""
-
-SCORE_CHOICES = ", ".join([*LIKELIHOOD_SCORES, *REFERENCE_SCORES, "level_1 ... level_L"])
-"""Every score name, for messages."""
-
-
-def is_score_name(name: str) -> bool:
-    """Whether ``name`` is a score some model gives (``level_l`` for any level ``l``)."""
-    return (name in (*LIKELIHOOD_SCORES, *REFERENCE_SCORES)
-            or re.fullmatch(r"level_[1-9][0-9]*", name) is not None)
 
 
 def score_names(model: Glow) -> list[str]:
@@ -1148,18 +1139,9 @@ def score_folder(
     if heatmaps is not None:
         maps = _resolve_heatmap_kind(heatmap_kind, model, calibration)
     root = Path(os.path.abspath(folder))
-    if heatmaps is not None:
-        _check_heatmaps_apart(Path(heatmaps), root)
     paths, unlisted, linked = search_images(root)
     if heatmaps is not None:
-        real = Path(os.path.realpath(heatmaps))
-        if reached := [f for f in linked if f.is_relative_to(real) or real.is_relative_to(f)]:
-            raise ScoringError(
-                f"the heatmap folder {display_path(heatmaps)} is reached from the scored "
-                f"folder {display_path(root)} through a symlinked folder inside it (to "
-                f"{display_path(reached[0])}), so the next run would score the heatmaps as "
-                "images; choose a heatmap folder the scored folder does not link to, or "
-                "remove the link")
+        _check_heatmaps_apart(Path(heatmaps), root, linked)
     keys = [display_path(p) for p in paths]
     clash = pd.Index(keys).duplicated()
     if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge
@@ -1381,9 +1363,10 @@ def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> He
     return kind  # type: ignore[return-value]
 
 
-def _check_heatmaps_apart(folder: Path, root: Path) -> None:
-    """Refuse a heatmap folder that overlaps the scored folder, then create it (or fail
-    with a message) before any scoring.
+def _check_heatmaps_apart(folder: Path, root: Path, linked: Sequence[Path] = ()) -> None:
+    """Refuse a heatmap folder that overlaps the scored folder, or one of the symlinked
+    folders its search followed (``linked``, real paths), then create it (or fail with a
+    message) before any scoring.
 
     Inside the scored folder, heatmaps would take the names of the images they draw
     (``x.png``'s heatmap is ``x.png``) and be scored by the next run; around it, they
@@ -1398,6 +1381,13 @@ def _check_heatmaps_apart(folder: Path, root: Path) -> None:
             f"the heatmap folder {display_path(folder)} {where} {display_path(root)}: its "
             "heatmaps would overwrite or mix with the images (and the next run would score "
             "them); choose a heatmap folder outside it, e.g. a new folder beside it")
+    if reached := [f for f in linked if f.is_relative_to(real) or real.is_relative_to(f)]:
+        raise ScoringError(
+            f"the heatmap folder {display_path(folder)} is reached from the scored folder "
+            f"{display_path(root)} through a symlinked folder inside it (to "
+            f"{display_path(reached[0])}), so the next run would score the heatmaps as "
+            "images; choose a heatmap folder the scored folder does not link to, or remove "
+            "the link")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.", suffix=".png")

@@ -476,12 +476,11 @@ def fit_reference(model: Glow, dataset: Dataset, batch_size: int, device: torch.
     with the same images' ``coarse_complexity`` (:meth:`Glow.set_reference`) — all of
     them, or beyond ``REFERENCE_MAX_MAPS`` images an evenly spaced subset (every k-th);
     scoring turns it into the ``typicality``, ``knn``, ``pixel_knn`` and ``ensemble``
-    scores. An image whose map
-    is not finite (the model overflows on it) is left out and counted in a warning; this
-    never raises. Sums are accumulated in float64. With ``world > 1`` every rank maps its
-    share, the sums are all-reduced and the pooled maps gathered in the dataset's order
-    (a collective: all ranks call it); every rank gets the same reference as a single
-    process would.
+    scores. An image whose map is not finite (the model overflows on it) is left out and
+    counted in a warning; this never raises. Sums are accumulated in float64. With
+    ``world > 1`` every rank maps its share, the sums are all-reduced and the pooled maps
+    gathered in the dataset's order (a collective: all ranks call it); every rank gets the
+    same reference as a single process would.
     """
     return _held_out_pass(model, dataset, batch_size, device, num_workers, rank, world,
                           reference=True)[1]

@@ -47,6 +47,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
+from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code
 
 if TYPE_CHECKING:
@@ -167,10 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"preset name ({', '.join(PRESETS)}) or a TOML/JSON config file")
     add_epochs_option(parser)
     add_target_fpr_option(parser, default=0.01)
-    add_score_option(parser, help="the score the threshold applies to: bpd, complexity, "
-                                  "coarse_complexity, typicality, knn, pixel_knn, ensemble, "
-                                  "level_1, ...; default: ensemble, or bpd for a model "
-                                  "without a normal reference")
+    add_score_option(parser, help=f"the score the threshold applies to: {SCORE_CHOICES}; "
+                                  "default: ensemble, or bpd for a model without a normal "
+                                  "reference")
     parser.add_argument("--resume", action="store_true",
                         help="continue the training of --name that a stop interrupted from "
                              "its latest checkpoint, then calibrate and evaluate")
@@ -190,9 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "drop it (or give fewer images)")
     if args.score == "auto":  # checked before training, not after
         parser.error("--score auto needs labelled anomalies, and this pipeline calibrates "
-                     "on normal images only: name a score (bpd, complexity, "
-                     "coarse_complexity, typicality, knn, pixel_knn, ensemble, level_1, ...), "
-                     "or run pipelines/select_threshold.py --score auto on the trained model")
+                     f"on normal images only: name a score ({SCORE_CHOICES}), or run "
+                     "pipelines/select_threshold.py --score auto on the trained model")
     return args
 
 

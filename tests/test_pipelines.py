@@ -476,13 +476,9 @@ def test_a_stopped_end_to_end_training_goes_on_with_resume(
     """A stop during the training says where --resume goes on from (run again without it,
     the pipeline deleted the checkpoint, and it had no --resume); with --resume the same
     training run finishes, then calibration and evaluation run."""
-    from tests.test_cli_train import often_config, stop_training_at
+    from tests.test_cli_train import stop_training_at
 
-    argv = ["--name", "e2e-stop", "--train", str(image_dirs.train), "--calibration",
-            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
-            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
-            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
-            "--mlruns", str(mlruns)]
+    argv = often_checkpointed("e2e-stop", image_dirs, mlruns)
     end_to_end = load_script("end_to_end")
     with monkeypatch.context() as patch:
         stop_training_at(patch, 3, KeyboardInterrupt())
@@ -511,13 +507,7 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
     a new parent, marks the abandoned parent KILLED instead of leaving it running
     forever: ``--resume`` goes on with the same training run; without it the abandoned
     training run is ended KILLED too and a new one trains."""
-    from tests.test_cli_train import often_config
-
-    argv = ["--name", "e2e-killed", "--train", str(image_dirs.train), "--calibration",
-            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
-            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
-            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
-            "--mlruns", str(mlruns)]
+    argv = often_checkpointed("e2e-killed", image_dirs, mlruns)
     end_to_end_killed(argv)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("e2e-killed").experiment_id
@@ -551,13 +541,7 @@ def test_a_resumed_end_to_end_run_killed_again_is_ended_too(
     """Killed, resumed under a new parent and killed again: the training run keeps its
     first parent's tag (MLflow does not move a reopened run), so the parent to end is the
     one the run record names, the second; the next run of the name ends it."""
-    from tests.test_cli_train import often_config
-
-    argv = ["--name", "e2e-twice", "--train", str(image_dirs.train), "--calibration",
-            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
-            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
-            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
-            "--mlruns", str(mlruns)]
+    argv = often_checkpointed("e2e-twice", image_dirs, mlruns)
     end_to_end_killed(argv)
     end_to_end_killed([*argv, "--resume"])
     client = mlflow.MlflowClient()
@@ -573,6 +557,17 @@ def test_a_resumed_end_to_end_run_killed_again_is_ended_too(
     assert "found its training run" in ended.data.tags["ended_by"]
     [training_run] = client.search_runs([experiment], "tags.command = 'train'")
     assert training_run.info.status == "FINISHED"
+
+
+def often_checkpointed(name: str, image_dirs: ImageDirs, mlruns: Path) -> list[str]:
+    """end_to_end's arguments for a model ``name`` trained with a checkpoint every step."""
+    from tests.test_cli_train import often_config
+
+    return ["--name", name, "--train", str(image_dirs.train), "--calibration",
+            str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
+            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
+            str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
+            "--mlruns", str(mlruns)]
 
 
 def end_to_end_killed(argv: list[str]) -> None:

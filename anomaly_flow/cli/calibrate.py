@@ -25,6 +25,7 @@ from anomaly_flow.cli.common import (
     stops_reported,
     user_errors,
 )
+from anomaly_flow.score_kinds import REFERENCE_SCORES, SCORE_CHOICES, is_score_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,11 +55,10 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
               help="Folder of labelled anomalies: adds precision/recall, ROC and PR curves, "
                    "and enables --method f1, youden and cost, and --score auto.")
 @click.option("--score", default=None,
-              help="Score the threshold applies to: bpd, complexity, coarse_complexity, "
-                   "typicality, knn, pixel_knn, ensemble (these four: models trained with "
-                   "a validation set), level_1 ... level_L [default: ensemble; typicality for a "
-                   "model whose normal reference predates knn; bpd for a model without "
-                   "one]; or "
+              help=f"Score the threshold applies to: {SCORE_CHOICES} "
+                   f"({', '.join(REFERENCE_SCORES)}: models trained with a validation set) "
+                   "[default: ensemble; typicality for a model whose normal reference "
+                   "predates knn; bpd for a model without one]; or "
                    "auto (needs --anomalous): the one with the highest AUROC on the labelled "
                    "images, recorded in the calibration. That AUROC is measured on the same "
                    "images that chose it, so it is optimistic; a conformal threshold still "
@@ -97,8 +97,6 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
           --normal data/val/normal --target-fpr 0.01 --promote
     """
     if score is not None:  # first: a misspelt name is the likelier slip
-        from anomaly_flow.scoring import SCORE_CHOICES, is_score_name
-
         if score == "auto" and anomalous is None:
             raise click.UsageError("--score auto chooses the score with the highest AUROC on "
                                    "labelled anomalies: pass --anomalous DIR, or name a score "

@@ -17,6 +17,7 @@ from anomaly_flow.cli.common import (
     user_errors,
 )
 from anomaly_flow.errors import one_line
+from anomaly_flow.score_kinds import REFERENCE_SCORES
 from anomaly_flow.stopping import usable_cores
 
 _FAILURES_SHOWN = 5
@@ -58,7 +59,7 @@ Examples:
                    "(yellow). typicality: how far each pixel's bits/dim is from the normal "
                    "images', 0 to 5 of their standard deviations (models trained with a "
                    "validation set). auto (default): typicality for a model calibrated on "
-                   "typicality, knn, pixel_knn or ensemble, else bpd.")
+                   f"{', '.join(REFERENCE_SCORES)}, else bpd.")
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out and score only the files missing from "
                    "it or changed since it was written. Rows that failed stay as they were "

@@ -307,6 +307,20 @@ def _run_status(run_id: str) -> str | None:
         return None
 
 
+def _end_if_running(run_id: str, ended_by: str) -> bool:
+    """Mark ``run_id`` KILLED, tagged ``ended_by``, where the store still shows it
+    RUNNING; whether it did (a store that cannot be read or written leaves it)."""
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "ended_by", ended_by)
+        client.set_terminated(run_id, status="KILLED")
+    except MlflowException:
+        return False
+    return True
+
+
 def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
     """End as KILLED the run of an earlier training of ``name`` that never concluded and
     that the store still shows RUNNING: its process was killed outright (SIGKILL, the OOM
@@ -316,18 +330,11 @@ def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
     run_id = earlier.get("run_id")
     if earlier.get("concluded", True) or _reusable_run(run_id, name) is None:
         return
-    client = mlflow.MlflowClient()
-    try:
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
-        client.set_tag(run_id, "ended_by", "a fresh training of the same name found it "
-                                           "abandoned (its process was killed)")
-        client.set_terminated(run_id, status="KILLED")
-    except MlflowException:
-        return
-    logger.warning("the run %s of an earlier training of %r was left RUNNING by a process "
-                   "that was killed; marked KILLED", run_id, name)
-    _end_abandoned_pipeline(earlier, name)
+    if _end_if_running(run_id, "a fresh training of the same name found it abandoned (its "
+                               "process was killed)"):
+        logger.warning("the run %s of an earlier training of %r was left RUNNING by a "
+                       "process that was killed; marked KILLED", run_id, name)
+        _end_abandoned_pipeline(earlier, name)
 
 
 def _end_abandoned_pipeline(record: dict[str, Any], name: str) -> None:
@@ -341,25 +348,22 @@ def _end_abandoned_pipeline(record: dict[str, Any], name: str) -> None:
     --resume`` logs under a new parent), is ended; a caller's own parent run is left to
     its owner. Called with the name's training lock held."""
     run_id = record.get("run_id")
-    client = mlflow.MlflowClient()
     try:
         parent_id = (record["parent_run_id"] if "parent_run_id" in record
-                     else client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID))
+                     else mlflow.MlflowClient().get_run(run_id).data.tags.get(
+                         MLFLOW_PARENT_RUN_ID))
         active = mlflow.active_run()
         if (not isinstance(parent_id, str) or not parent_id  # none, or a damaged record
                 or (active is not None and active.info.run_id == parent_id)):
             return
-        parent = client.get_run(parent_id)
-        if parent.info.status != "RUNNING" or parent.data.tags.get("pipeline") != "end_to_end":
+        if mlflow.MlflowClient().get_run(parent_id).data.tags.get("pipeline") != "end_to_end":
             return
-        client.set_tag(parent_id, "ended_by", f"a later training of {name!r} found its "
-                                              f"training run {run_id} abandoned (their "
-                                              "process was killed)")
-        client.set_terminated(parent_id, status="KILLED")
     except MlflowException:
         return
-    logger.warning("the end-to-end pipeline run %s of a killed training of %r was left "
-                   "RUNNING; marked KILLED", parent_id, name)
+    if _end_if_running(parent_id, f"a later training of {name!r} found its training run "
+                                  f"{run_id} abandoned (their process was killed)"):
+        logger.warning("the end-to-end pipeline run %s of a killed training of %r was left "
+                       "RUNNING; marked KILLED", parent_id, name)
 
 
 def _log_params(run: Run, params: dict[str, Any], resumed: bool) -> None:
