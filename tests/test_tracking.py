@@ -433,6 +433,8 @@ def test_training_run_has_params_metrics_artifacts_tags_and_candidate(
     assert params["model.levels"] == str(trained.config.model.levels)
     assert params["train.epochs"] == "2" and params["train.lr"] == str(trained.config.train.lr)
     assert params["data.n_images"] == "48"
+    # MLflow records the packaged model's load-time setting as a param (README: "MLflow")
+    assert params["device"] == "auto"
     steps = client.get_metric_history(trained.run_id, "train_bpd")
     assert len(steps) >= 4 and [m.step for m in steps] == sorted(m.step for m in steps)
     assert len(client.get_metric_history(trained.run_id, "val_bpd")) == 2  # per epoch
