@@ -70,6 +70,9 @@ FASHION_MNIST_CLASSES = (
 _CHANNELS = {"L": 1, "RGB": 3}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _GREY_MODES = frozenset({"1", "L", "LA", "F", *_SIXTEEN_BIT_MODES})
+NARROW_SIXTEEN_BIT = 4096
+"""A 16-bit image whose values all lie below this holds 12 bits or fewer (a camera's raw
+range), which the scaling to 8 bits (``/ 257``) leaves in the darkest sixteenth."""
 _UNIDENTIFIED = "cannot identify image file (not an image or unsupported format)"
 
 
@@ -434,15 +437,17 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
 
 
 def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
-                     sample: int = 64) -> list[str]:
+                     sample: int = 64, *, resizing: bool = True) -> list[str]:
     """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
     of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
-    colour defect; judged on the first 16 colour-mode images), and detail lost when most
-    of them are larger than ``size``, and floating-point images scaled to 0..1 (read as
-    0..255, they are near black). Only regular files within the pixel limit are looked
-    at; others are passed over (training reports them)."""
+    colour defect; judged on the first 16 colour-mode images), detail lost when most of
+    them are larger than ``size`` (left out without ``resizing``), floating-point images
+    scaled to 0..1 (read as 0..255, they are near black), and 16-bit images that use
+    only values below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they are
+    dark). Only regular files within the pixel limit are looked at; others are passed
+    over (training and scoring report them)."""
     step = max(1, len(paths) // sample)
-    checked, coloured, judged, floats, unit_floats = 0, 0, 0, 0, 0
+    checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in list(paths)[::step][:sample]:
         try:
@@ -464,6 +469,9 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                         floats += 1
                         low, high = img.getextrema()
                         unit_floats += low >= 0.0 and high <= 1.0
+                    if img.mode in _SIXTEEN_BIT_MODES and img.width * img.height <= 2**24:
+                        wide += 1
+                        narrow += img.getextrema()[1] < NARROW_SIXTEEN_BIT
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
     notes = []
@@ -476,8 +484,13 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      "in 0..1 only, and float grey is read as 0..255 (clipped), so they are "
                      "near black to the model: save them scaled to 0..255, or as 8- or 16-bit "
                      "images")
+    if narrow:
+        notes.append(f"{narrow} of {wide} 16-bit images looked at use only values below "
+                     f"{NARROW_SIXTEEN_BIT} (8- or 12-bit data stored in 16 bits?), and 16-bit "
+                     "grey is scaled to 8 bits by 1/257, so they are dark to the model: "
+                     "scale them to the full 0..65535 range, or save them as 8-bit images")
     n_larger = sum(larger.values())
-    if checked and 2 * n_larger > checked:
+    if resizing and checked and 2 * n_larger > checked:
         (width, height), _ = larger.most_common(1)[0]
         share = "all" if n_larger == checked else f"{n_larger} of {checked}"
         notes.append(f"{share} images looked at are larger than {size}×{size} (e.g. "

@@ -75,6 +75,7 @@ from anomaly_flow.complexity import (
 from anomaly_flow.data import (
     ImageMode,
     InvalidSource,
+    conversion_notes,
     display_path,
     load_item,
     one_line,
@@ -963,6 +964,13 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
             f"the earlier output {name} {problem}, so it was not written by this model's "
             "scoring; resume with the same model, or choose another output path"
         )
+    foreign = [str(c) for c in table.columns if c not in {*raw, *DECISION_COLUMNS}
+               and not re.fullmatch(r"Unnamed: \d+", str(c))]  # pandas' index, written back
+    if foreign:  # a column someone added (labels, notes): the rewritten table drops it
+        raise ScoringError(
+            f"the earlier output {name} has column(s) {foreign[:8]} that scoring does not "
+            "write, so resuming would drop them; save them elsewhere (they join back on "
+            "path) and remove them from the table, or write to another --out")
     table = table[raw].copy()
     table["path"] = table["path"].astype("string")
     table = table[table["path"].notna()]
@@ -1165,6 +1173,11 @@ def score_folder(
     elif out.exists():
         logger.warning("replacing the earlier output %s (--resume would keep its rows)",
                        display_path(out))
+    # what the conversion to the model's mode loses (resizing is training's concern: its
+    # folder set the size), as training says it of its own folder
+    for note in conversion_notes([paths[i] for i in todo], config.mode, config.image_size,
+                                 resizing=False):
+        logger.warning("%s: %s", display_path(root), note)
 
     writer = None
     if heatmaps is not None:

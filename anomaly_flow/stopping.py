@@ -281,14 +281,21 @@ def worker_batches(loader: Iterable[T]) -> Iterator[T]:
     process reports "DataLoader worker ... is killed by signal" instead of stopping. Born
     with SIGTERM blocked, the worker leaves it pending until its init decides."""
     workers = getattr(loader, "num_workers", 0)
-    if not (workers and _forked_workers()
-            and threading.current_thread() is threading.main_thread()):
+    if not workers or threading.current_thread() is not threading.main_thread():
         return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    # Blocking SIGTERM here does not keep Python's handler out: another thread (torch's
+    # pool, a heatmap writer) can take the signal, and the handler then raises in the
+    # main thread, inside DataLoader's iterator setup, whose __del__ prints a traceback
+    # (no attribute '_workers_status'); Ctrl-C is not blocked at all. A stop that lands
+    # while the workers start is raised once the iterator is whole.
+    with stops_deferred():
+        if not _forked_workers():
+            return iter(loader)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def init_loader_worker(worker_id: int, main_pid: int | None = None) -> None:

@@ -414,6 +414,7 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
         Image.fromarray(np.zeros((side, side), np.uint8)).save(small / f"b-{i}.png")
     (note,) = conversion_notes(sorted(small.iterdir()), "L", 32)
     assert note.startswith("4 of 7 images looked at are larger than 32×32")
+    assert conversion_notes(sorted(small.iterdir()), "L", 32, resizing=False) == []
 
 
 def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path) -> None:
@@ -429,6 +430,23 @@ def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path
     assert note.startswith("3 of 4 floating-point images looked at hold values in 0..1 only")
     assert load_image(tmp_path / "unit-0.tiff", "L", 16).max() <= 1  # as the note says
     assert conversion_notes([tmp_path / "full.tiff"], "L", 16) == []
+
+
+def test_conversion_notes_say_when_16_bit_images_hold_fewer_bits(tmp_path: Path) -> None:
+    """16-bit grey is scaled by 1/257: 12-bit camera data, or 8-bit values in a 32-bit
+    TIFF, come out in the darkest sixteenth."""
+    rng = np.random.default_rng(2)
+    for i in range(2):  # 12-bit data in a 16-bit PNG
+        Image.fromarray(rng.integers(0, 4096, (16, 16), dtype=np.uint16)).save(
+            tmp_path / f"twelve-{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16)).astype(np.int32), mode="I").save(
+        tmp_path / "eight-in-32.tiff")
+    Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(
+        tmp_path / "full.png")
+    (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 16)
+    assert note.startswith("3 of 4 16-bit images looked at use only values below 4096")
+    assert load_image(tmp_path / "twelve-0.png", "L", 16).max() <= 16  # as the note says
+    assert conversion_notes([tmp_path / "full.png"], "L", 16) == []
 
 
 def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,

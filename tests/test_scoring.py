@@ -237,6 +237,33 @@ def test_every_file_gets_a_row_with_scores_or_a_reason(model: Glow, messy: Path,
         assert np.isnan(row.p_value) and np.isnan(row.is_anomaly)  # uncalibrated
 
 
+def test_scoring_says_when_images_lose_their_range_in_the_conversion(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Float TIFFs in 0..1 and 12-bit data in 16-bit PNGs are scored (near) black, without
+    an error: the run says so, as training does, and only of the files it scores."""
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.random((16, 16), dtype=np.float32), mode="F").save(
+            folder / f"unit-{i}.tiff")
+        Image.fromarray(rng.integers(0, 4096, (16, 16), dtype=np.uint16)).save(
+            folder / f"twelve-{i}.png")
+    out = tmp_path / "scores.csv"
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"):
+        summary = score_folder(model, None, folder, out)
+    assert (summary.n_scored, summary.n_failed) == (4, 0)
+    notes = [r.getMessage() for r in caplog.records]
+    assert any("2 of 2 floating-point images looked at hold values in 0..1" in n
+               for n in notes), notes
+    assert any("2 of 2 16-bit images looked at use only values below 4096" in n
+               for n in notes), notes
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"):
+        score_folder(model, None, folder, out, resume=True)  # nothing left to score
+    assert not [r for r in caplog.records if "images looked at" in r.getMessage()]
+
+
 def test_scores_are_the_models_bits_per_dim(model: Glow, messy: Path,
                                             full_table: pd.DataFrame) -> None:
     names = ["cmyk.jpg", "gray16.png", "palette_alpha.png", "rgba.png", "sub/c_good.png"]
@@ -832,6 +859,17 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     with pytest.raises(ScoringError,
                        match=r"score column\(s\) \[.level_3.\] this model does not give"):
         score_folder(model, None, messy, deeper, resume=True)
+    # a column the user added (a label, a note) would be dropped by the rewrite
+    noted = tmp_path / "noted.csv"
+    full_table.assign(note="checked").to_csv(noted, index=False)
+    before = noted.read_bytes()
+    with pytest.raises(ScoringError, match=r"noted\.csv has column\(s\) \['note'\] that "
+                                           r"scoring does not write, so resuming would drop"):
+        score_folder(model, None, messy, noted, resume=True)
+    assert noted.read_bytes() == before
+    indexed = tmp_path / "indexed.csv"  # pandas' index written back: nothing of the user's
+    full_table.to_csv(indexed)
+    assert len(read_table(indexed, score_names(model))) == len(full_table)
     with pytest.raises(ScoringError, match="lacks column"):
         read_table(other, score_names(model))
     # damaged text: Parquet stores strings unchecked, and pandas reads them lazily, so

@@ -121,6 +121,42 @@ def test_a_group_stop_while_a_worker_starts_leaves_it_to_the_main_process(how: s
         assert result.stdout.startswith("died: DataLoader worker (pid"), result.stdout
 
 
+A_STOP_WHILE_THE_LOADER_STARTS = textwrap.dedent("""
+    import os, signal, sys
+    import torch.utils.data._utils.signal_handling as handling
+    from torch.utils.data import DataLoader
+    from anomaly_flow.stopping import loader_worker_options, sigterm_as_interrupt, worker_batches
+
+    register = handling._set_worker_pids
+    def register_then_stop(*args):  # the stop lands inside the iterator's __init__
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        return register(*args)
+    handling._set_worker_pids = register_then_stop
+    loader = DataLoader(list(range(4)), batch_size=2, num_workers=1,
+                        **loader_worker_options(1))
+    try:
+        with sigterm_as_interrupt():
+            print(sum(len(batch) for batch in worker_batches(loader)))
+    except KeyboardInterrupt as stop:
+        print("stopped:", type(stop).__name__)
+""")
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_loader_starts_its_workers_prints_no_traceback(
+        signame: str) -> None:
+    """A stop raised inside the DataLoader iterator's construction left it half made, and
+    its ``__del__`` printed "Exception ignored ... no attribute '_workers_status'" under
+    the command's one-line message; the stop now waits until the iterator is whole."""
+    result = subprocess.run([sys.executable, "-c", A_STOP_WHILE_THE_LOADER_STARTS, signame],
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    stop = "Terminated" if signame == "SIGTERM" else "KeyboardInterrupt"
+    assert result.stdout.strip() == f"stopped: {stop}", result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, \
+        result.stderr
+
+
 def test_sigterm_raises_an_interrupt_that_exits_as_the_shell_reports_sigterm() -> None:
     """Handled as Ctrl-C (a ``KeyboardInterrupt``), but a scheduler reading the status
     still sees SIGTERM's 143, not Ctrl-C's 130; the previous handler comes back after."""
