@@ -110,8 +110,8 @@ class GlowConfig:
         factor = 2**self.levels
         _check(self.image_size >= factor and self.image_size % factor == 0, "image_size",
                self.image_size,
-               f"must be a positive multiple of 2**levels = {factor}; resize the images or "
-               "change levels")
+               f"must be a positive multiple of 2**levels = {factor}; pick such an image_size "
+               "(the images are resized to it) or change levels")
         _check_choice("coupling", self.coupling, Coupling)
         _check_choice("invconv", self.invconv, InvConv)
 

@@ -817,6 +817,26 @@ def fingerprint_and_digests(paths: Sequence[Path], root: Path) -> tuple[str, lis
     return digest.hexdigest(), digests
 
 
+def duplicate_note(digests: Sequence[str]) -> str | None:
+    """What repeated contents (equal SHA-256 ``digests`` of readable files) do to a
+    training, when they are not a few stray copies: every file the same, or more than a
+    tenth of them copies of another."""
+    distinct = len(set(digests))
+    if len(digests) < 2 or distinct == len(digests):
+        return None
+    if distinct == 1:
+        return (f"all {len(digests)} image files have the same content: the model learns "
+                "that one image, validation bits/dim measures nothing else, and every other "
+                "image will score as an anomaly; train on varied normal images")
+    copies = len(digests) - distinct
+    if 10 * copies <= len(digests):
+        return None
+    return (f"{copies} of {len(digests)} image files repeat another's content: copies on "
+            "both sides of the training/validation split make validation bits/dim and the "
+            "normal reference (typicality, knn, pixel_knn, ensemble) look better than new "
+            "images will; remove the copies")
+
+
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into sorted, disjoint training and validation indices, reproducibly.
 

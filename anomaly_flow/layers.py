@@ -62,11 +62,16 @@ class ActNorm(Bijection):
 
     @torch.no_grad()
     def initialize(self, x: Tensor, eps: float = 1e-6) -> None:
-        """Set loc and scale so that this batch leaves with zero mean, unit std."""
+        """Set loc and scale so that this batch leaves with zero mean, unit std (a channel
+        without spread: zero mean, scale 1)."""
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        # a channel with no spread (one image at a 1x1 level: one value per channel) says
+        # nothing about its scale; 1/eps would multiply it by a million and the model's
+        # bits/dim by as much, so such a channel keeps the scale 1
+        scale = torch.where(std > eps, std + eps, torch.ones_like(std))
         self.loc.copy_(-mean)
-        self.log_scale.copy_(-torch.log(std + eps))
+        self.log_scale.copy_(-torch.log(scale))
         self.initialized.fill_(True)
 
     def transform(self, x: Tensor) -> Tensor:

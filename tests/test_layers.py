@@ -100,6 +100,17 @@ def test_actnorm_initialisation_normalises_and_is_stored() -> None:
     torch.testing.assert_close(fresh(x)[0], y)
 
 
+def test_actnorm_leaves_the_scale_of_a_channel_without_spread() -> None:
+    """One image at a 1x1 level gives one value per channel: no spread to measure, so the
+    scale stays 1 (1/eps would multiply the channel by a million)."""
+    layer = ActNorm(3).double()
+    x = torch.tensor([[[[2.0]], [[-1.0]], [[0.5]]]], dtype=torch.float64)
+    layer.initialize(torch.cat([x, x + torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1)]))
+    torch.testing.assert_close(layer.log_scale.flatten()[:2], torch.zeros(2, dtype=torch.float64))
+    assert layer.log_scale.flatten()[2].item() == pytest.approx(-torch.log(
+        torch.tensor(0.5 + 1e-6)).item())  # a channel with spread: 1 / (std + eps)
+
+
 def test_affine_coupling_starts_as_near_identity_with_scale_sigmoid_two() -> None:
     layer = AffineCoupling(4, hidden=8).double()
     x = torch.randn(2, 4, 4, 4)

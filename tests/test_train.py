@@ -116,6 +116,27 @@ def final_checkpoint_files(folder: Path) -> tuple[dict, dict, dict]:
 # --------------------------------------------------------------------------- learning
 
 
+def test_a_folder_of_one_image_copied_or_of_many_copies_is_named(
+        sneakers: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Thirty copies of one image trained without a word (validation bits/dim below 0,
+    every other image an anomaly); a tenth or more copies inflate the validation figures."""
+    same = tmp_path / "same"
+    write_image_folder(np.repeat(sneakers[:1], 30, axis=0), same, "s", "png")
+    copies = tmp_path / "copies"
+    write_image_folder(np.concatenate([sneakers[:20], sneakers[:4]]), copies, "s", "png")
+    few = tmp_path / "few"
+    write_image_folder(np.concatenate([sneakers[:20], sneakers[:2]]), few, "s", "png")
+    config = run_config()
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        folder_datasets(same, config)
+        folder_datasets(copies, config)
+        folder_datasets(few, config)  # 2 of 22: stray copies pass
+    notes = [r.getMessage() for r in caplog.records if "content" in r.getMessage()]
+    assert len(notes) == 2, caplog.text
+    assert notes[0].startswith(f"{same}: all 30 image files have the same content")
+    assert notes[1].startswith(f"{copies}: 4 of 24 image files repeat another's content")
+
+
 def test_bits_per_dim_falls(image_folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """Validation bits/dim falls from 7.78 (untrained, ActNorm initialised) to 6.37 after
     the first epoch and 5.47 after the fourth (72 steps of 16 images; measured on CPU,
