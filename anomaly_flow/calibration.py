@@ -797,7 +797,11 @@ def _labelled_threshold(
         # each) do not overflow every sum to inf, nor two tiny ones (1e-300) sink into
         # subnormals, and the tie tolerance is relative at any scale
         largest = max(cost_fp, cost_fn)  # type: ignore[type-var]
-        objective = -(cost_fp / largest * fp + cost_fn / largest * fn)  # type: ignore[operator]
+        # a positive cost whose ratio underflows (1e-300 against 1e300) stays positive,
+        # the smallest float: it still breaks ties, instead of counting as a free error
+        w_fp, w_fn = (0.0 if c == 0 else max(c / largest, math.ulp(0.0))  # type: ignore[operator]
+                      for c in (cost_fp, cost_fn))
+        objective = -(w_fp * fp + w_fn * fn)
     value = _pick(objective, strict, floor=0.0 if method == "cost" else 1.0)
     rates = _rates(*_counts(normal, anomalous, value), labelled=True)
     return Threshold(

@@ -1078,6 +1078,17 @@ def evaluate_scores(
     pr_points: dict[str, tuple[float, float]] = {}
     if calibration is not None and calibration.score_name in table.index:
         name, value = calibration.score_name, calibration.threshold.value
+        # scoring is deterministic: a normal image scoring exactly as a calibration score
+        # is, all but surely, one of the calibration images
+        reused = int(np.isin(normal.values(name), calibration.sorted_scores).sum())
+        if reused:
+            logger.warning(
+                "%d of the %d normal images in %s score exactly as images %s was calibrated "
+                "on (%s): they are, almost surely, its calibration images, and the "
+                "false-positive rate at its threshold measured on them is the one it was "
+                "fitted to; evaluate on normal images kept out of training and calibration",
+                reused, normal.values(name).size, display_path(normal.folder), loaded.uri,
+                name)
         point = operating_point(normal.values(name), anomalous.values(name), value)
         metrics.update({f"calibrated_{key}": val for key, val in point.items()})
         metrics["calibrated_threshold"] = value

@@ -67,6 +67,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from anomaly_flow.calibration import min_calibration_size
 from anomaly_flow.complexity import (
     batch_coarse_png_bits_per_dim,
     batch_png_bits_per_dim,
@@ -651,6 +652,13 @@ def apply_calibration(scores: pd.DataFrame, calibration: Any | None,
         out["p_value"] = np.nan
         out["is_anomaly"] = pd.array([None] * len(out), dtype="boolean")
         return out
+    n = len(calibration.calibration_scores)
+    if fdr is not None and 1 / (n + 1) > fdr * (1 + 1e-12):  # BH's own tolerance
+        raise ScoringError(
+            f"--fdr {fdr:g} can never flag an image: the calibration holds {n} scores, so "
+            f"the smallest p-value is 1/{n + 1} = {1 / (n + 1):.4g}, above {fdr:g}; raise "
+            f"--fdr to at least {1 / (n + 1):.4g}, or recalibrate on at least "
+            f"{min_calibration_size(fdr)} held-out normal images.")
     name = calibration.score_name
     if name not in out.columns:
         raise ScoringError(
@@ -1142,7 +1150,7 @@ def score_folder(
         apply_calibration(pd.DataFrame({"bpd": []}), None, fdr)  # raises the explanation
     if calibration is not None:  # a score the model does not give: fail before scoring
         apply_calibration(pd.DataFrame({name: [] for name in score_names(model)}),
-                          calibration)
+                          calibration, fdr)
     maps: HeatmapKind = "bpd"
     if heatmaps is not None:
         maps = _resolve_heatmap_kind(heatmap_kind, model, calibration)

@@ -130,6 +130,13 @@ def raise_if_stopped() -> None:
         raise _PENDING.pop()
 
 
+def stop_reported() -> None:
+    """The caller caught the stop and reported it itself: nothing is left pending for
+    :func:`raise_if_stopped`, so the end of :func:`sigterm_as_interrupt` does not raise it
+    again (and a second, different line is not printed after the caller's)."""
+    _PENDING.clear()
+
+
 def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
     """The exit status of a command ended by ``stop``: 128 + the signal's number, as a
     shell reports a process the signal killed (130 for Ctrl-C, 143 for SIGTERM), so that a

@@ -48,7 +48,7 @@ from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
 from anomaly_flow.score_kinds import SCORE_CHOICES
-from anomaly_flow.stopping import interrupt_exit_code
+from anomaly_flow.stopping import interrupt_exit_code, stop_reported
 
 if TYPE_CHECKING:
     from anomaly_flow.evaluation import CalibrateOutcome, EvaluateOutcome
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         # same command again", which would delete its checkpoint
         config = named_config(args.preset).replace(epochs=args.epochs)
         print(interrupted_message(args.name, config, args.mlruns), file=sys.stderr)
+        stop_reported()  # else stoppable raises it again and adds "run the same command again"
         return interrupt_exit_code(stop)
     print(f"parent run: {result.run_id}")
     print(f"trained: {result.train.model_uri} (val bpd {result.train.val_bpd:.4f})")

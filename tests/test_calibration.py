@@ -345,6 +345,13 @@ def test_cost_threshold_hand_computed(cost_fp, cost_fn, expected):
     assert (threshold.cost_fp, threshold.cost_fn) == (cost_fp, cost_fn)
 
 
+def test_a_cost_too_small_to_divide_still_counts():
+    """1e-300 / 1e300 underflows to 0: the misses were then free, and of the thresholds
+    without a false alarm the one flagging nothing won (4), not the one catching 4 (3)."""
+    assert cost_threshold([0.0, 3.0], [1.0, 2.0, 4.0], 1e300, 1e-300).value == 3.0
+    assert cost_threshold([0.0, 3.0], [1.0, 2.0, 4.0], 1.0, 0.0).value == 4.0  # truly free
+
+
 def test_flag_everything_uses_the_float_just_below_the_smallest_score():
     # normal 5; anomalous 1, 2, 3: F1 is best (6/7) when all four images are flagged
     threshold = f1_threshold([5.0], [1.0, 2.0, 3.0])

@@ -156,6 +156,19 @@ def test_calibrate_promote_then_score_with_champion(
     np.testing.assert_array_equal(table["p_value"] <= 0.1, is_anomaly)
     np.testing.assert_array_equal(table["p_value"], calibration.p_values(scores))
 
+    # evaluated on its own calibration images, the champion's FPR is the one it was fitted
+    # to: said; on other normal images nothing is said
+    reused = run("evaluate", "--model", f"models:/{NAME}@champion", "--normal",
+                 image_dirs.calibration, "--anomalous", image_dirs.test_anomalous,
+                 "--device", "cpu", "--mlruns", store)
+    assert reused.exit_code == 0, reused.output
+    assert f"{n_good} of the {n_good} normal images in " in reused.stderr
+    assert "almost surely, its calibration images" in reused.stderr
+    fresh = run("evaluate", "--model", f"models:/{NAME}@champion", "--normal",
+                image_dirs.test_normal, "--anomalous", image_dirs.test_anomalous,
+                "--device", "cpu", "--mlruns", store)
+    assert fresh.exit_code == 0 and "calibration images" not in fresh.stderr, fresh.output
+
     # calibrating the champion again: told that its calibration is replaced, and how to
     # keep its score when the default differs
     again = run("calibrate", "--model", f"models:/{NAME}@champion", "--normal", normal,

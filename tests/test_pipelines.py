@@ -498,6 +498,32 @@ def test_a_stopped_end_to_end_training_goes_on_with_resume(
     assert client.get_model_version_by_alias("e2e-stop", "champion") is not None
 
 
+def test_a_real_ctrl_c_during_the_end_to_end_training_gives_one_instruction(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """A signal leaves its stop pending for the end of the stop handling, which raised it
+    again after the pipeline had said where --resume goes on from: a second line then
+    said "run the same command again", which would delete the checkpoint."""
+    argv = often_checkpointed("e2e-sigint", image_dirs, mlruns)
+    script = f"""
+import os, signal, sys
+from anomaly_flow.tracking import training
+from tests.test_pipelines import load_script
+log = training._MetricLogger.__call__
+def stop_at_checkpoint(self, event):
+    log(self, event)
+    if event.kind == "checkpoint":
+        os.kill(os.getpid(), signal.SIGINT)
+training._MetricLogger.__call__ = stop_at_checkpoint
+sys.exit(load_script("end_to_end").main({argv!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert "run the same command with --resume to go on from it" in done.stderr
+    assert "run the same command again" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("again", ["--resume", "afresh"])
 def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
         image_dirs: ImageDirs, mlruns: Path, capsys: pytest.CaptureFixture[str],

@@ -993,6 +993,14 @@ def test_calibrated_run_fills_p_values_and_verdicts(model: Glow, messy: Path,
     bh = pd.read_parquet(out)
     np.testing.assert_array_equal(bh.loc[scored, "is_anomaly"].to_numpy(dtype=bool),
                                   benjamini_hochberg(cal.p_values(values), 0.2))
+    # 19 calibration scores: no p-value is below 1/20, so BH at q < 0.05 never flags
+    never = tmp_path / "never.csv"
+    with pytest.raises(ScoringError, match=r"--fdr 0\.04 can never flag an image: the "
+                                           r"calibration holds 19 scores, so the smallest "
+                                           r"p-value is 1/20 = 0\.05.*at least 24 held-out"):
+        score_folder(model, cal, messy, never, fdr=0.04)
+    assert not never.exists()  # refused before scoring
+    score_folder(model, cal, messy, never, fdr=0.05)  # the smallest p-value can be flagged
 
 
 # --------------------------------------------------------------------------- heatmaps
