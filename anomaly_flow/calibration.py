@@ -582,7 +582,8 @@ def select_score(
 
     Each candidate's AUROC (anomalies positive) is measured on the same images; the
     highest wins, and ties go to the candidate that comes first in ``normal_scores``
-    (pass them in :func:`anomaly_flow.scoring.score_names` order).
+    (:func:`anomaly_flow.evaluation.select_folder_score` puts the model's default score
+    first, then :func:`anomaly_flow.scoring.score_names` order).
 
     The winner's AUROC is measured on the images that chose it, so it is optimistic.
 

@@ -817,20 +817,24 @@ def fingerprint_and_digests(paths: Sequence[Path], root: Path) -> tuple[str, lis
     return digest.hexdigest(), digests
 
 
+def notable_copies(digests: Sequence[str]) -> int:
+    """How many of ``digests`` (SHA-256 of readable files) repeat another's, when that is
+    more than a few stray copies: every file the same (``len(digests) - 1``), or more than
+    a tenth of them copies; 0 otherwise."""
+    copies = len(digests) - len(set(digests))
+    return copies if copies and (copies == len(digests) - 1 or 10 * copies > len(digests)) \
+        else 0
+
+
 def duplicate_note(digests: Sequence[str]) -> str | None:
-    """What repeated contents (equal SHA-256 ``digests`` of readable files) do to a
-    training, when they are not a few stray copies: every file the same, or more than a
-    tenth of them copies of another."""
-    distinct = len(set(digests))
-    if len(digests) < 2 or distinct == len(digests):
+    """What repeated contents (:func:`notable_copies`) do to a training, or None."""
+    copies = notable_copies(digests)
+    if not copies:
         return None
-    if distinct == 1:
+    if copies == len(digests) - 1:
         return (f"all {len(digests)} image files have the same content: the model learns "
                 "that one image, validation bits/dim measures nothing else, and every other "
                 "image will score as an anomaly; train on varied normal images")
-    copies = len(digests) - distinct
-    if 10 * copies <= len(digests):
-        return None
     return (f"{copies} of {len(digests)} image files repeat another's content: copies on "
             "both sides of the training/validation split make validation bits/dim and the "
             "normal reference (typicality, knn, pixel_knn, ensemble) look better than new "

@@ -59,6 +59,7 @@ from anomaly_flow.data import (
     display_path,
     find_images,
     fingerprint_and_digests,
+    notable_copies,
     one_line,
 )
 from anomaly_flow.glow import Glow
@@ -96,6 +97,7 @@ __all__ = [
     "open_model",
     "score_folder_table",
     "select_folder_score",
+    "warn_copies",
     "warn_labelled_both",
 ]
 
@@ -516,6 +518,26 @@ def warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
             display_path(normal.folder), both[0][0], both[0][1])
 
 
+def warn_copies(normal: FolderScores) -> None:
+    """Warn when the usable calibration images are largely copies of each other (by
+    digest): the threshold counts each copy as an image of its own."""
+    if len(normal.digests) != normal.n_files:
+        return
+    used = [digest for digest, error in zip(normal.digests, normal.table["error"], strict=True)
+            if error == ""]
+    copies = notable_copies(used)
+    folder = display_path(normal.folder)
+    if copies and copies == len(used) - 1:
+        logger.warning("all %d normal images of %s have the same content: the threshold "
+                       "rests on that one image; calibrate on varied held-out normal images",
+                       len(used), folder)
+    elif copies:
+        logger.warning("%d of the %d normal images of %s repeat another's content: the "
+                       "threshold counts each copy as an image, so it rests on fewer distinct "
+                       "images than it says; remove the copies, unless new images repeat as "
+                       "often", copies, len(used), folder)
+
+
 def _check_labels(normal: FolderScores, anomalous: FolderScores | None) -> None:
     if anomalous is not None:
         _check_folder_paths(normal.folder, anomalous.folder)
@@ -550,9 +572,13 @@ def _log_failures(run: tracking.Run, failures: Mapping[str, Sequence[tuple[str, 
 
 
 def select_folder_score(normal: FolderScores, anomalous: FolderScores,
-                  names: Sequence[str]) -> ScoreSelection:
-    """:func:`~anomaly_flow.calibration.select_score` over the images usable for every
-    candidate, so that all AUROCs are measured on the same images."""
+                        model: Glow) -> ScoreSelection:
+    """:func:`~anomaly_flow.calibration.select_score` among ``model``'s scores, over the
+    images usable for every candidate, so that all AUROCs are measured on the same images.
+    A tie (labelled anomalies every score separates: AUROC 1 for all) goes to the model's
+    default score, not to ``bpd``, the first in column order and the weakest at large."""
+    preferred = default_score(model)
+    names = [preferred, *(name for name in score_names(model) if name != preferred)]
     common: dict[str, dict[str, np.ndarray]] = {}
     for side, scores in (("normal", normal), ("anomalous", anomalous)):
         usable = np.logical_and.reduce([scores.usable(name) for name in names])
@@ -739,10 +765,11 @@ def calibrate_scores(
     _check_method(method, target_fpr, anomalous is not None)
     _check_labels(normal, anomalous)
     normal = leave_out_training_images(loaded, normal, "calibration")
+    warn_copies(normal)
     selection = None
     if score == AUTO_SCORE:
         selection = select_folder_score(normal, anomalous,  # type: ignore[arg-type]
-                                        score_names(loaded.model))
+                                        loaded.model)
         score = selection.chosen
         logger.info("chose score %s: %s (AUROC %s on %d normal, %d anomalous images)", score,
                     selection.rule,

@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         warn_labelled_both,
         warn_replaced_calibration,
     )
-    from anomaly_flow.scoring import score_names
 
     setup_logging()
     try:
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             warn_labelled_both(normal, anomalous)
         score = resolve_score(args.score, loaded.model)
         if score == AUTO_SCORE:
-            selection = select_folder_score(normal, anomalous,
-                                            score_names(loaded.model))
+            selection = select_folder_score(normal, anomalous, loaded.model)
             score = selection.chosen
             print("AUROC by score: " + ", ".join(
                 f"{name} {value:.4f}" for name, value in selection.auroc.items())

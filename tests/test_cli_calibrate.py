@@ -240,6 +240,24 @@ def test_refusal_when_too_few_normal_images(store: Path, image_dirs: ImageDirs) 
     assert_one_line_error(result, "at least 99 held-out normal images", f"only {n}")
 
 
+def test_calibration_images_that_are_copies_of_one_are_named(
+        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    """Twenty copies of one image calibrated without a word: the threshold, stated on
+    n = 20, rests on a single image."""
+    one = image_dirs.files(image_dirs.calibration)[0]
+    same = tmp_path / "same"
+    same.mkdir()
+    for i in range(20):
+        shutil.copy(one, same / f"copy-{i:02d}{one.suffix}")
+    result = run("calibrate", "--model", CANDIDATE, "--normal", same, "--target-fpr", "0.1",
+                 "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert f"all 20 normal images of {same} have the same content" in result.stderr
+    varied = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert varied.exit_code == 0 and "content" not in varied.stderr, varied.output
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--method", "f1"], "--method f1 needs labelled anomalies"),
     ([], "--method conformal needs --target-fpr"),
@@ -479,7 +497,9 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     calibration = outcome.calibration
     selection = calibration.score_selection
     assert selection is not None and calibration.score_name == selection.chosen == best
-    assert list(selection.auroc) == columns  # every score was a candidate, in column order
+    # every score was a candidate, the model's default first (it wins a tie), then the
+    # others in column order
+    assert list(selection.auroc) == ["ensemble", *(c for c in columns if c != "ensemble")]
     reference = select_score({c: normal.table[c].to_numpy()[1:] for c in columns},
                              {c: anomalous.table[c].to_numpy() for c in columns})
     assert selection == reference
@@ -512,11 +532,26 @@ def test_calibrate_scores_auto_warns_when_no_score_beats_chance(
     anomalous = hand_scores("anomalous", dict.fromkeys(columns, base.min() - 1.0 - np.arange(12.0)))
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
         outcome = calibrate_scores(loaded, normal, anomalous, score="auto", target_fpr=0.1)
-    assert outcome.calibration.score_name == "bpd"  # the tie goes to the first
+    assert outcome.calibration.score_name == "ensemble"  # the tie: the model's default
     warned = [r.getMessage() for r in caplog.records if "better than chance" in r.getMessage()]
     assert len(warned) == 1
-    assert "best AUROC 0.0000, bpd" in warned[0]
+    assert "best AUROC 0.0000, ensemble" in warned[0]
     assert "labelled the right way round" in warned[0]
+
+
+def test_calibrate_scores_auto_gives_a_tie_of_perfect_scores_to_the_default(
+        store: Path) -> None:
+    """Anomalies every score separates (AUROC 1 for all) chose bpd, the first column and
+    the weakest score at large; the tie now goes to the model's default score."""
+    loaded = tracking.load_model(CANDIDATE)
+    columns = score_names(loaded.model)
+    base = np.random.default_rng(7).normal(0.0, 1.0, 30)
+    normal = hand_scores("normal", dict.fromkeys(columns, base))
+    anomalous = hand_scores("anomalous", dict.fromkeys(columns, base.max() + 1 + np.arange(12.0)))
+    outcome = calibrate_scores(loaded, normal, anomalous, score="auto", target_fpr=0.1)
+    selection = outcome.calibration.score_selection
+    assert selection is not None and set(selection.auroc.values()) == {1.0}
+    assert outcome.calibration.score_name == "ensemble"
 
 
 def test_calibrate_scores_auto_says_nothing_of_chance_when_a_score_separates(
@@ -582,10 +617,11 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
     # The evidence is this model's AUROCs on the same folders, and the choice follows.
     normal = score_folder_table(loaded.model, image_dirs.calibration)
     anomalous = score_folder_table(loaded.model, image_dirs.test_anomalous)
-    reference = select_score({n: normal.values(n) for n in names},
-                             {n: anomalous.values(n) for n in names})
+    candidates = ["ensemble", *(n for n in names if n != "ensemble")]  # the default first
+    reference = select_score({n: normal.values(n) for n in candidates},
+                             {n: anomalous.values(n) for n in candidates})
     assert chosen == reference.chosen
-    assert list(calibration.score_selection.auroc) == names  # reference scores included
+    assert list(calibration.score_selection.auroc) == candidates  # reference scores included
     assert calibration.score_selection.auroc == pytest.approx(reference.auroc)
     assert f"coarse_complexity {reference.auroc['coarse_complexity']:.4f}" in result.stdout
     assert (calibration.score_selection.n_normal,
@@ -593,7 +629,7 @@ def test_calibrate_score_auto_end_to_end_then_score_uses_the_chosen_score(
     assert f"threshold: {calibration.threshold.value} ({chosen}, conformal, target FPR 0.1)" \
         in result.stdout
     assert "auto" not in result.stdout.replace("AUROC", "")
-    assert f"score: {chosen} (max AUROC on labelled anomalies: bpd " in result.stdout
+    assert f"score: {chosen} (max AUROC on labelled anomalies: ensemble " in result.stdout
     assert calibration.threshold.value == conformal_threshold(
         calibration.sorted_scores, 0.1).value
     np.testing.assert_allclose(calibration.sorted_scores, np.sort(normal.values(chosen)),
