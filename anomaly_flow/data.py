@@ -442,9 +442,9 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
     colour defect; judged on the first 16 colour-mode images), detail lost when most of
     them are larger than ``size`` (left out without ``resizing``), floating-point images
-    scaled to 0..1 (read as 0..255, they are near black), and 16-bit images that use
-    only values below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they are
-    dark). Only regular files within the pixel limit are looked at; others are passed
+    scaled to 0..1 (read as 0..255, they are near black), and 16-bit images most of which
+    use only values below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they
+    are dark). Only regular files within the pixel limit are looked at; others are passed
     over (training and scoring report them)."""
     step = max(1, len(paths) // sample)
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
@@ -478,13 +478,14 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     if coloured:
         notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour, and "
                      "the model is grey (model.in_channels = 1): it sees them in grey and "
-                     "cannot tell colours apart; set in_channels = 3 in a --config for colour")
+                     "cannot tell colours apart; for colour, train with in_channels = 3 in a "
+                     "--config")
     if unit_floats:
         notes.append(f"{unit_floats} of {floats} floating-point images looked at hold values "
                      "in 0..1 only, and float grey is read as 0..255 (clipped), so they are "
                      "near black to the model: save them scaled to 0..255, or as 8- or 16-bit "
                      "images")
-    if narrow:
+    if 2 * narrow > wide:  # most: a stray dark frame among full-range ones is no sign
         notes.append(f"{narrow} of {wide} 16-bit images looked at use only values below "
                      f"{NARROW_SIXTEEN_BIT} (8- or 12-bit data stored in 16 bits?), and 16-bit "
                      "grey is scaled to 8 bits by 1/257, so they are dark to the model: "

@@ -972,8 +972,13 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
             f"the earlier output {name} {problem}, so it was not written by this model's "
             "scoring; resume with the same model, or choose another output path"
         )
-    foreign = [str(c) for c in table.columns if c not in {*raw, *DECISION_COLUMNS}
-               and not re.fullmatch(r"Unnamed: \d+", str(c))]  # pandas' index, written back
+    # pandas names a column without a header "Unnamed: N": the first one is its index
+    # written back, an empty one a trailing separator; one holding values elsewhere is a
+    # column someone added without a name
+    foreign = [str(c) for i, c in enumerate(table.columns)
+               if c not in {*raw, *DECISION_COLUMNS}
+               and not (re.fullmatch(r"Unnamed: \d+", str(c))
+                        and (i == 0 or table.iloc[:, i].isna().all()))]
     if foreign:  # a column someone added (labels, notes): the rewritten table drops it
         raise ScoringError(
             f"the earlier output {name} has column(s) {foreign[:8]} that scoring does not "

@@ -447,6 +447,15 @@ def test_conversion_notes_say_when_16_bit_images_hold_fewer_bits(tmp_path: Path)
     assert note.startswith("3 of 4 16-bit images looked at use only values below 4096")
     assert load_image(tmp_path / "twelve-0.png", "L", 16).max() <= 16  # as the note says
     assert conversion_notes([tmp_path / "full.png"], "L", 16) == []
+    # one dark frame among full-range images is no sign of 12-bit data: scaling it to the
+    # full range, as the note would say, is wrong for it
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(
+            mixed / f"full-{i}.png")
+    Image.fromarray(rng.integers(0, 100, (16, 16), dtype=np.uint16)).save(mixed / "dark.png")
+    assert conversion_notes(sorted(mixed.iterdir()), "L", 16) == []
 
 
 def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,

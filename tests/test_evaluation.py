@@ -32,6 +32,7 @@ from anomaly_flow.evaluation import (
     detection_table,
     evaluate_model,
     evaluate_scores,
+    reused_calibration_images,
     score_folder_table,
 )
 from anomaly_flow.glow import Glow
@@ -199,6 +200,21 @@ def test_an_image_labelled_both_ways_is_named_in_a_warning(
                               f"{tmp_path / 'anomalous' / 'a-00000.png'} and "
                               f"{tmp_path / 'normal' / 'n-00005.png'})")
     assert outcome.metrics["n_anomalous"] == 4  # counted, not dropped: the warning says so
+
+
+def test_only_a_share_of_normal_images_scoring_as_calibration_images_is_reuse() -> None:
+    """Two float32 scores of different images are equal by chance (about 24 times in
+    10,000 against 10,000 spread as a bpd is): such stray matches warned that the normal
+    images were "almost surely" the calibration images. The calibration folder itself,
+    or one holding it, still counts."""
+    rng = np.random.default_rng(0)
+    calibration = np.sort(rng.normal(3.5, 0.3, 10_000).astype(np.float32).astype(np.float64))
+    fresh = rng.normal(3.5, 0.3, 10_000).astype(np.float32).astype(np.float64)
+    assert np.isin(fresh, calibration).sum() > 5  # the chance matches are there
+    assert reused_calibration_images(fresh, calibration) == 0
+    assert reused_calibration_images(calibration[::-1], calibration) == 10_000
+    holding = np.concatenate([calibration[:2_000], fresh[:8_000]])
+    assert reused_calibration_images(holding, calibration) >= 2_000
 
 
 def test_failed_images_do_not_count_towards_the_minimum() -> None:

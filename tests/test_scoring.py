@@ -870,6 +870,14 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     indexed = tmp_path / "indexed.csv"  # pandas' index written back: nothing of the user's
     full_table.to_csv(indexed)
     assert len(read_table(indexed, score_names(model))) == len(full_table)
+    # a column added without a header is named "Unnamed: N" too, but holds values; an
+    # empty one (a trailing separator) holds nothing to lose
+    unnamed = tmp_path / "unnamed.csv"
+    full_table.assign(**{"": "checked"}).to_csv(unnamed, index=False)
+    with pytest.raises(ScoringError, match=r"has column\(s\) \['Unnamed: \d+'\] that scoring"):
+        read_table(unnamed, score_names(model))
+    full_table.assign(**{"": None}).to_csv(unnamed, index=False)
+    assert len(read_table(unnamed, score_names(model))) == len(full_table)
     with pytest.raises(ScoringError, match="lacks column"):
         read_table(other, score_names(model))
     # damaged text: Parquet stores strings unchecked, and pandas reads them lazily, so
