@@ -1341,6 +1341,36 @@ def test_a_new_store_in_a_path_with_both_quote_kinds_is_refused_in_one_line(
     assert tracking.configure(single) == f"sqlite:///{single}/mlflow.db"
 
 
+@pytest.mark.parametrize("name", ["runs?1", "100%41"])
+def test_a_store_in_a_path_with_a_question_mark_or_percent_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """SQLAlchemy read ``sqlite:////t/runs?1/mlruns/mlflow.db`` as the database file
+    ``/t/runs`` (the demo trained into it, then said there was no store under --out), and
+    decoded ``%41`` to ``A`` (minutes of retries, then "check that the folder is
+    writable"; MLflow decodes a plain artifact path likewise)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / name / "mlruns"
+    with pytest.raises(tracking.TrackingError, match="which MLflow reads as part of a URL") \
+            as info:
+        tracking.configure(folder)
+    assert "\n" not in str(info.value) and "pass a --mlruns DIR" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made, anywhere
+
+
+def test_a_store_in_a_path_with_a_hash_is_not_taken_for_a_moved_one(
+        tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The experiment's plain artifact path was read as a URL, cut at '#': every command
+    warned that the store had been moved or copied."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = new_store(tmp_path / "c#" / "mlruns", mlflow_db_template)
+    assert tracking.configure(folder) == f"sqlite:///{folder}/mlflow.db"
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking.store"):
+        tracking.ensure_experiment("parts")
+        tracking.ensure_experiment("parts")
+    assert "outside this store" not in caplog.text
+
+
 @pytest.mark.parametrize("locked", [False, True])
 def test_a_store_that_fails_to_open_says_why_with_or_without_its_creation_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locked: bool) -> None:

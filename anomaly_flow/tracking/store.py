@@ -159,6 +159,15 @@ def configure(mlruns: str | Path | None = None) -> str:
             "new database; " + ("point MLFLOW_TRACKING_URI at a database in a folder"
                                 if env_given else "pass a --mlruns DIR")
             + " whose path has at most one kind of quote")
+    if not env_given and {"?", "%"} & set(str(folder)):
+        # SQLAlchemy reads '?' in a sqlite URI as the start of its query (a store under
+        # runs?1/ would be the file runs) and decodes %XX, as MLflow does in a plain
+        # artifact path: the store would be made, or its files written, somewhere else
+        odd = " and ".join(repr(c) for c in "?%" if c in str(folder))
+        raise TrackingError(
+            f"cannot make an MLflow store in {folder}: its path holds {odd}, which MLflow "
+            "reads as part of a URL, so the database or its artifacts would go to another "
+            "folder; pass a --mlruns DIR (for the demo, an --out DIR) without them")
     if not env_given:
         try:
             if (folder / DB_FILE).is_file() and not os.path.lexists(artifact_root):
@@ -447,7 +456,8 @@ def _warn_if_elsewhere(name: str, location: str) -> None:
     parsed = urllib.parse.urlparse(location or "")
     if root is None or not _state.default_store or parsed.scheme not in ("", "file"):
         return  # a store of the user's may hold experiments other tools put elsewhere
-    where = Path(urllib.parse.unquote(parsed.path)).resolve()
+    # a plain path as it is: read as a URL, a '#' in it would cut it short
+    where = Path(location if not parsed.scheme else urllib.parse.unquote(parsed.path)).resolve()
     if not where.is_relative_to(root.resolve()):
         logger.warning("experiment %r keeps its artifacts in %s, outside this store's %s (was "
                        "the store moved or copied? MLflow records absolute paths); its new "
