@@ -19,7 +19,8 @@ machine's load from other processes then hits one round of each pass alike).
 Target: scoring time within 1.3x of decode-only time (ratio <= 1.3). The model is
 untrained but initialised (ActNorm on a batch): its cost is the trained model's cost.
 Prints a table and writes JSON to
-``benchmarks/results/score_throughput_<device>_<preset>.json``.
+``benchmarks/results/score_throughput_<device>_<preset>[_<precision>][_compiled].json``
+(no precision suffix for float32).
 
 Example:
     /work/venv/bin/python benchmarks/score_throughput.py --n 2000 --preset tiny --workers 2
@@ -256,8 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"ratio scoring time / decode-only time: {ratio:.2f} (target <= {TARGET_RATIO}: "
           f"{'met' if result['meets_target'] else 'not met'})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    label = (args.preset if args.model is None else "model") + ("_compiled" if args.compile
-                                                                  else "")
+    label = ((args.preset if args.model is None else "model")
+             + ("" if args.precision == "float32" else f"_{args.precision}")
+             + ("_compiled" if args.compile else ""))
     out = RESULTS / f"score_throughput_{device.type}_{label}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {out}")
