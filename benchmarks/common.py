@@ -201,7 +201,12 @@ def train_for(config: RunConfig, train_set: Any, val_set: Any, device: torch.dev
         if on_event is not None:
             on_event(event)
         if event.kind == "checkpoint":
-            interval = (now - last_ckpt["t"]) / max(event.step - last_ckpt["step"], 1)
+            # the first interval starts at the first step's end, not at t0: the start-up
+            # (ActNorm init, a compile, the first batch) would make every step look slow
+            # and a short budget stop at its first check
+            since = (last_ckpt if last_ckpt["step"] or not steps
+                     else {"t": steps[0]["t"], "step": steps[0]["step"]})
+            interval = (now - since["t"]) / max(event.step - since["step"], 1)
             last_ckpt.update(t=now, step=event.step)
             if event.step < total_steps and now + interval * check_every > budget:
                 raise _OutOfTime
