@@ -40,10 +40,43 @@ def is_store_error(error: BaseException) -> bool:
     return type(error).__module__.startswith("mlflow")
 
 
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why a tracking server could not be reached, in a few words, where ``error`` (MLflow's
+    error for a request) comes from the network, not from an answer of the server; else
+    None. MLflow raises its own error inside the ``except`` of the ``requests`` error, so
+    the latter is in its context chain. ``requests`` is looked up, not imported: where it
+    was never loaded, no request failed."""
+    requests = sys.modules.get("requests")
+    exceptions = getattr(requests, "exceptions", None)
+    if exceptions is None:
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, exceptions.SSLError):
+            return "TLS handshake failed: an http:// server named with https://?"
+        if isinstance(current, exceptions.Timeout):
+            return "no answer in time"
+        if isinstance(current, exceptions.ConnectionError):
+            text = str(current)
+            if "NameResolutionError" in text or "Failed to resolve" in text:
+                return "its host name does not resolve"
+            if "Connection refused" in text:
+                return "connection refused: nothing listens at that address and port"
+            return "no connection could be made"
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def describe(error: BaseException) -> str:
     """The message for a user error: its own, or for an MLflow error (whose message is
     the failed request) what to check and to run the command again."""
     message = without_passwords(" ".join(str(error).split())) or type(error).__name__
+    if is_store_error(error) and (reason := unreachable_reason(error)) is not None:
+        return (f"the MLflow tracking server became unreachable ({reason}); check "
+                "MLFLOW_TRACKING_URI and that the server is running, then run the command "
+                "again (the run it was logging may be incomplete)")
     if is_store_error(error):
         if len(message) > 400:
             message = message[:397] + "..."

@@ -30,6 +30,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlflow.exceptions import MlflowException
 from mlflow.models.utils import _enforce_schema
 from mlflow.types.schema import AnyType, DataType
 from PIL import Image
@@ -242,6 +243,23 @@ def test_a_server_that_is_down_is_reported_in_seconds(
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
+def test_a_server_that_is_down_is_one_short_line(
+        monkeypatch: pytest.MonkeyPatch, free_port: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not urllib3's "Retrying ..." warning before it, nor MLflow's nested exception text."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port}")
+    pool = logging.getLogger("urllib3.connectionpool")
+    level = pool.level
+    with caplog.at_level(logging.WARNING), pytest.raises(tracking.TrackingError) as info:
+        tracking.configure()
+    assert str(info.value) == (
+        f"cannot open the MLflow tracking store http://127.0.0.1:{free_port}: the server is "
+        "unreachable (connection refused: nothing listens at that address and port); check "
+        "MLFLOW_TRACKING_URI and that the server is running")
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")]
+    assert pool.level == level
+
+
 def test_mlruns_given_beside_the_environment_store_is_named(
         tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -420,6 +438,55 @@ def test_failed_block_marks_the_run_failed(mlruns: Path) -> None:
     with pytest.raises(RuntimeError), tracking.start_run("handles") as run:
         raise RuntimeError("boom")
     assert mlflow.MlflowClient().get_run(run.run_id).info.status == "FAILED"
+
+
+def _server_gone() -> MlflowException:
+    """MLflow's error for a request to a server that went away, as MLflow raises it:
+    inside the ``except`` of the ``requests`` error."""
+    import requests
+
+    try:
+        raise requests.exceptions.ConnectionError(
+            "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded "
+            "(Caused by NewConnectionError(... [Errno 111] Connection refused))")
+    except requests.exceptions.ConnectionError as error:
+        try:
+            raise MlflowException(f"API request to ... failed with exception {error}")
+        except MlflowException as wrapped:
+            return wrapped
+
+
+def test_a_server_gone_mid_run_is_given_one_quick_try_to_end_it(
+        mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's default retries take minutes per request: after the request that failed
+    had them, ending the run must not take minutes more, nor hide the first error."""
+    retries = []
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        retries.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+        raise _server_gone()
+
+    gone = _server_gone()
+    with pytest.raises(MlflowException) as info, tracking.start_run("handles") as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", refused)
+        monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", refused)
+        raise gone
+    assert info.value is gone
+    assert retries == ["1", "1"]  # flush, then end: each with the first contact's settings
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert mlflow.active_run() is None
+
+
+def test_a_server_gone_mid_run_is_said_in_a_few_words() -> None:
+    from anomaly_flow.errors import describe
+
+    assert describe(_server_gone()) == (
+        "the MLflow tracking server became unreachable (connection refused: nothing listens "
+        "at that address and port); check MLFLOW_TRACKING_URI and that the server is "
+        "running, then run the command again (the run it was logging may be incomplete)")
+    assert describe(MlflowException("RESOURCE_DOES_NOT_EXIST: no run")).startswith(
+        "MLflow failed: RESOURCE_DOES_NOT_EXIST: no run; ")
 
 
 # ------------------------------------------------------------------- training runs

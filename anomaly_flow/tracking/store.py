@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from sqlalchemy.engine import make_url
 
-from anomaly_flow.errors import first_line, without_passwords
+from anomaly_flow.errors import first_line, unreachable_reason, without_passwords
 from anomaly_flow.stopping import stops_deferred
 
 logger = logging.getLogger(__name__)
@@ -205,8 +205,11 @@ def configure(mlruns: str | Path | None = None) -> str:
             hint = "check MLFLOW_TRACKING_URI and that the server is running"
         else:
             hint = "check that the folder is writable, or pass another --mlruns DIR"
+        reason = unreachable_reason(exc)
+        problem = (f"the server is unreachable ({reason})" if reason is not None
+                   else password_masked(first, uri))
         raise TrackingError(f"cannot open the MLflow tracking store {redacted(uri)}: "
-                            f"{password_masked(first, uri)}; {hint}") from None
+                            f"{problem}; {hint}") from None
     if ("configured", uri) not in _state.warned:
         _state.warned.add(("configured", uri))
         logger.info("MLflow tracking store: %s", redacted(uri))
@@ -344,11 +347,19 @@ seven retries (about four minutes). Later requests keep MLflow's patient default
 
 @contextmanager
 def _first_contact() -> Iterator[None]:
+    """MLflow's HTTP settings of :data:`FIRST_CONTACT`, and urllib3's "Retrying ..." line
+    kept off the terminal: a server that is down is then reported in the one line of
+    :func:`configure`'s error, not with a warning about its retry before it."""
     added = {key: value for key, value in FIRST_CONTACT.items() if key not in os.environ}
     os.environ.update(added)
+    pool = logging.getLogger("urllib3.connectionpool")
+    level = pool.level
+    if logging.DEBUG < pool.getEffectiveLevel() < logging.ERROR:
+        pool.setLevel(logging.ERROR)  # -vv (DEBUG) still shows it
     try:
         yield
     finally:
+        pool.setLevel(level)
         for key in added:
             os.environ.pop(key, None)
 
@@ -661,6 +672,7 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         raise
     run = Run(active.info.run_id, active.info.experiment_id)
     status = "FINISHED"
+    unreachable = False
     try:
         yield run
         if run.failed:
@@ -668,14 +680,25 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
+    except BaseException as exc:
         status = "FAILED"
+        unreachable = unreachable_reason(exc) is not None
         raise
     finally:
-        try:
-            run.flush()
-        finally:
-            _end_run(status)
+        if unreachable:
+            # the server went away and MLflow's retries of the request that failed took
+            # minutes already: one quick try to end the run, not minutes more per request,
+            # and the error that stopped the block stays the one reported
+            with _first_contact(), contextlib.suppress(MlflowException):
+                try:
+                    run.flush()
+                finally:
+                    _end_run(status)
+        else:
+            try:
+                run.flush()
+            finally:
+                _end_run(status)
 
 
 def _end_run(status: str) -> None:
