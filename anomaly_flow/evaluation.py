@@ -1121,16 +1121,16 @@ def evaluate_scores(
     pr_points: dict[str, tuple[float, float]] = {}
     if calibration is not None and calibration.score_name in table.index:
         name, value = calibration.score_name, calibration.threshold.value
-        reused = reused_calibration_images(normal.values(name), calibration.sorted_scores)
+        normal_values = normal.values(name)
+        reused = reused_calibration_images(normal_values, calibration.sorted_scores)
         if reused:
             logger.warning(
                 "%d of the %d normal images in %s score exactly as images %s was calibrated "
                 "on (%s): they are, almost surely, its calibration images, and the "
                 "false-positive rate at its threshold measured on them is the one it was "
                 "fitted to; evaluate on normal images kept out of training and calibration",
-                reused, normal.values(name).size, display_path(normal.folder), loaded.uri,
-                name)
-        point = operating_point(normal.values(name), anomalous.values(name), value)
+                reused, normal_values.size, display_path(normal.folder), loaded.uri, name)
+        point = operating_point(normal_values, anomalous.values(name), value)
         metrics.update({f"calibrated_{key}": val for key, val in point.items()})
         metrics["calibrated_threshold"] = value
         thresholds[name] = value

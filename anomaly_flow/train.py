@@ -221,10 +221,11 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
     digest, digests = fingerprint_and_digests(paths, root)
-    if note := duplicate_note([d for d in digests if not is_unreadable(d)]):
+    readable = [d for d in digests if not is_unreadable(d)]
+    if note := duplicate_note(readable):
         logger.warning("%s: %s", display_path(root), note)
     return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
-                      tuple(sorted({d for d in digests if not is_unreadable(d)})))
+                      tuple(sorted(set(readable))))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -685,16 +685,13 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         unreachable = unreachable_reason(exc) is not None
         raise
     finally:
-        if unreachable:
-            # the server went away and MLflow's retries of the request that failed took
-            # minutes already: one quick try to end the run, not minutes more per request,
-            # and the error that stopped the block stays the one reported
-            with _first_contact(), contextlib.suppress(MlflowException):
-                try:
-                    run.flush()
-                finally:
-                    _end_run(status)
-        else:
+        with contextlib.ExitStack() as ending:
+            if unreachable:
+                # the server went away and MLflow's retries of the request that failed took
+                # minutes already: one quick try to end the run, not minutes more per
+                # request, and the error that stopped the block stays the one reported
+                ending.enter_context(_first_contact())
+                ending.enter_context(contextlib.suppress(MlflowException))
             try:
                 run.flush()
             finally:
