@@ -827,8 +827,19 @@ def notable_copies(digests: Sequence[str]) -> int:
         else 0
 
 
-def duplicate_note(digests: Sequence[str]) -> str | None:
-    """What repeated contents (:func:`notable_copies`) do to a training, or None."""
+def duplicate_note(digests: Sequence[str], paths: Sequence[Path]) -> str | None:
+    """What repeated contents (:func:`notable_copies`) do to a training, or None.
+
+    ``digests`` are :func:`fingerprint_and_digests`' for ``paths``. Copies of a file that
+    is not an image (the same broken download twice) are no image the model learns: a
+    repeated content counts only when one of its files opens as an image (its header;
+    one file per repeated content is opened)."""
+    files: dict[str, list[Path]] = collections.defaultdict(list)
+    for digest, path in zip(digests, paths, strict=True):
+        if not is_unreadable(digest):
+            files[digest].append(path)
+    digests = [digest for digest, same in files.items() for _ in same
+               if len(same) == 1 or _opens_as_image(same[0])]
     copies = notable_copies(digests)
     if not copies:
         return None
@@ -840,6 +851,17 @@ def duplicate_note(digests: Sequence[str]) -> str | None:
             "both sides of the training/validation split make validation bits/dim and the "
             "normal reference (typicality, knn, pixel_knn, ensemble) look better than new "
             "images will; remove the copies")
+
+
+def _opens_as_image(path: Path) -> bool:
+    """Whether PIL recognises ``path``'s header as an image (nothing is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path):
+                return True
+    except Exception:  # PIL raises many types for what is not an image
+        return False
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

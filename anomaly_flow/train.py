@@ -221,11 +221,10 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
     digest, digests = fingerprint_and_digests(paths, root)
-    readable = [d for d in digests if not is_unreadable(d)]
-    if note := duplicate_note(readable):
+    if note := duplicate_note(digests, paths):
         logger.warning("%s: %s", display_path(root), note)
     return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
-                      tuple(sorted(set(readable))))
+                      tuple(sorted({d for d in digests if not is_unreadable(d)})))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -126,11 +126,16 @@ def test_a_folder_of_one_image_copied_or_of_many_copies_is_named(
     write_image_folder(np.concatenate([sneakers[:20], sneakers[:4]]), copies, "s", "png")
     few = tmp_path / "few"
     write_image_folder(np.concatenate([sneakers[:20], sneakers[:2]]), few, "s", "png")
+    broken = tmp_path / "broken"  # the same broken download twice: no image to learn
+    write_image_folder(sneakers[:3], broken, "s", "png")
+    for name in ("a.png", "b.png"):
+        (broken / name).write_text("not an image\n")
     config = run_config()
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
         folder_datasets(same, config)
         folder_datasets(copies, config)
         folder_datasets(few, config)  # 2 of 22: stray copies pass
+        folder_datasets(broken, config)  # 1 of 5 a copy, but of no image
     notes = [r.getMessage() for r in caplog.records if "content" in r.getMessage()]
     assert len(notes) == 2, caplog.text
     assert notes[0].startswith(f"{same}: all 30 image files have the same content")
