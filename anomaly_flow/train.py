@@ -382,6 +382,13 @@ def _join_process_group(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world size, whether this call joined the group) under torchrun."""
     created = False
     if _world_size() > 1 and not dist.is_initialized():
+        # Imported before the group exists: on its first import (DDP makes it) this module
+        # binds the world group as default argument of its functions, which would keep the
+        # group alive past destroy_process_group, its gloo threads still running when the
+        # interpreter shuts down; one of them then dropping a finished collective's tensors
+        # aborts the process ("terminate called without an active exception", SIGABRT),
+        # and torchrun ends the other ranks, rank 0 before it registers the model.
+        import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
     if dist.is_available() and dist.is_initialized():
@@ -921,8 +928,8 @@ def train(
         with _convolutions_autotuned(dev):
             result = _train(config, train_set, val_set, dev, rank, world, ckpt_dir,
                             latest if resume else None, callback, progress)
-        if together:  # rank 0 draws samples after the last collective, and a rank
-            dist.barrier()  # leaving a gloo group early can abort on its way out
+        if together:  # rank 0 draws samples after the last collective; the others wait
+            dist.barrier()  # for it, so every rank leaves training at the same step
         return result
     except RuntimeError as exc:
         message = None if isinstance(exc, TrainingError) else _out_of_memory(exc, config, dev)

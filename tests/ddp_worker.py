@@ -24,6 +24,12 @@ from anomaly_flow.config import RunConfig
 from anomaly_flow.train import folder_datasets, train
 
 
+def thread_names() -> list[str]:
+    """The names of this process's threads (Linux)."""
+    tasks = Path("/proc/self/task")
+    return [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+
+
 def main(data_dir: str, config_json: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     config = RunConfig.from_dict(json.loads(Path(config_json).read_text()))
@@ -41,6 +47,7 @@ def main(data_dir: str, config_json: str, out_dir: str) -> None:
         "failed_files": result.failed_files,
         "checkpoint_dir": str(result.checkpoint_dir) if result.checkpoint_dir else None,
         "group_left": not dist.is_initialized(),
+        "gloo_threads": sorted(name for name in thread_names() if "gloo" in name),
         "samples_shape": list(result.samples.shape),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
