@@ -210,11 +210,14 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
         train_idx, val_idx = split_train_val(len(paths), config.train.val_fraction,
                                              config.train.seed)
     except DataError:  # a single image and a validation split asked for
+        only = ImageFolderDataset(paths, config.model.mode, config.model.image_size)[0]
+        what = (f"a single image ({display_path(paths[0])})" if only.ok else
+                f"a single image file, {display_path(paths[0])}, and it cannot be read as an "
+                f"image ({only.error})")
         raise DataError(
-            f"{display_path(root)} holds a single image ({display_path(paths[0])}); training "
-            "needs at least 2, some to train on and at least one held out to measure "
-            "validation bits/dim (a model is registered only with a finite one). Add more "
-            "normal images to the folder."
+            f"{display_path(root)} holds {what}; training needs at least 2 images, some to "
+            "train on and at least one held out to measure validation bits/dim (a model is "
+            "registered only with a finite one). Add more normal images to the folder."
         ) from None
     for note in conversion_notes(paths, config.model.mode, config.model.image_size):
         logger.warning("%s: %s", display_path(root), note)

@@ -69,6 +69,9 @@ def test_help_shows_an_example() -> None:
     (["{empty}", "--name", "x", "--mlruns", "{store}"], 1, ["no image files found"]),
     (["{single}", "--name", "x", "--mlruns", "{store}"], 1,
      ["{single} holds a single image ({single}/only.png)", "Add more normal images"]),
+    (["{broken}", "--name", "x", "--mlruns", "{store}"], 1,
+     ["{broken} holds a single image file, {broken}/only.png, and it cannot be read as an "
+      "image (cannot identify image file", "Add more normal images"]),
     (["{data}", "--name", "x", "--resume", "--mlruns", "{store}", "--preset", "tiny"], 1,
      ["--resume found no earlier training"]),
     (["{data}", "--name", "a/b", "--mlruns", "{store}", "--preset", "tiny"], 1,
@@ -94,6 +97,8 @@ def test_bad_input_gives_a_one_line_error(
     (tmp_path / "empty").mkdir()
     (tmp_path / "single").mkdir()
     shutil.copy(image_dirs.files(image_dirs.train)[0], tmp_path / "single" / "only.png")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "only.png").write_text("not an image")
     no_val = tmp_path / "no_val.toml"
     no_val.write_text('[model]\nimage_size = 16\nlevels = 2\nsteps_per_level = 2\n'
                       'hidden_channels = 16\n[train]\nval_fraction = 0.0\n')
@@ -101,7 +106,8 @@ def test_bad_input_gives_a_one_line_error(
     (tmp_path / "blocked" / "checkpoints" / "x").write_text("not a folder")
     values = {"data": str(image_dirs.train), "empty": str(tmp_path / "empty"),
               "single": str(tmp_path / "single"), "store": str(tmp_path / "store"),
-              "no_val": str(no_val), "blocked": str(tmp_path / "blocked")}
+              "no_val": str(no_val), "blocked": str(tmp_path / "blocked"),
+              "broken": str(tmp_path / "broken")}
     result = invoke(*(arg.format(**values) for arg in args))
     assert_one_line_error(result, code, *(f.format(**values) for f in fragments))
     assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store
