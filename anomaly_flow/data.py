@@ -496,8 +496,8 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
         share = "all" if n_larger == checked else f"{n_larger} of {checked}"
         notes.append(f"{share} images looked at are larger than {size}×{size} (e.g. "
                      f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
-                     "for training and scoring: detail finer than that is lost; raise "
-                     "image_size in a --config to keep it")
+                     "for training and scoring: detail finer than that is lost; to keep "
+                     "it, train with a larger model.image_size (train --config FILE)")
     return notes
 
 

@@ -403,6 +403,8 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
                              "model is grey")
     assert size.startswith("all images looked at are larger than 16×16 (e.g. 30×40) and are "
                            "resized to 16×16 (model.image_size)")
+    assert size.endswith("to keep it, train with a larger model.image_size (train --config "
+                         "FILE)")
     assert conversion_notes(paths, "RGB", 40) == []  # colour kept, nothing shrunk
     greys = [p for p in paths if p.suffix == ".jpg"]  # grey stored as RGB JPEG: no colour
     assert conversion_notes(greys, "L", 64) == []
