@@ -838,8 +838,8 @@ def duplicate_note(digests: Sequence[str], paths: Sequence[Path]) -> str | None:
     for digest, path in zip(digests, paths, strict=True):
         if not is_unreadable(digest):
             files[digest].append(path)
-    digests = [digest for digest, same in files.items() for _ in same
-               if len(same) == 1 or _opens_as_image(same[0])]
+    digests = [digest for digest, same in files.items()
+               if len(same) == 1 or _opens_as_image(same[0]) for _ in same]
     copies = notable_copies(digests)
     if not copies:
         return None

@@ -99,6 +99,7 @@ __all__ = [
     "score_folder_table",
     "select_folder_score",
     "warn_copies",
+    "warn_held_out",
     "warn_labelled_both",
 ]
 
@@ -554,10 +555,12 @@ def reused_calibration_images(values: np.ndarray, calibration_scores: np.ndarray
     return reused if 10 * reused > values.size else 0
 
 
-def _check_labels(normal: FolderScores, anomalous: FolderScores | None) -> None:
+def warn_held_out(normal: FolderScores, anomalous: FolderScores | None) -> None:
+    """What a threshold fitted on these folders should be warned of: anomalous images with
+    the content of a normal one, and normal images largely copies of each other."""
     if anomalous is not None:
-        _check_folder_paths(normal.folder, anomalous.folder)
         warn_labelled_both(normal, anomalous)
+    warn_copies(normal)
 
 
 def _failures_dict(
@@ -779,9 +782,10 @@ def calibrate_scores(
     score = resolve_score(score, loaded.model)
     _check_auto(score, anomalous is not None)
     _check_method(method, target_fpr, anomalous is not None)
-    _check_labels(normal, anomalous)
+    if anomalous is not None:
+        _check_folder_paths(normal.folder, anomalous.folder)
     normal = leave_out_training_images(loaded, normal, "calibration")
-    warn_copies(normal)
+    warn_held_out(normal, anomalous)
     selection = None
     if score == AUTO_SCORE:
         selection = select_folder_score(normal, anomalous,  # type: ignore[arg-type]
@@ -1100,7 +1104,8 @@ def evaluate_scores(
         DataError: No score type could be evaluated (nothing scored on one side).
         CalibrationError: Every usable normal image is one of the model's training folder.
     """
-    _check_labels(normal, anomalous)
+    _check_folder_paths(normal.folder, anomalous.folder)
+    warn_labelled_both(normal, anomalous)
     normal = leave_out_training_images(loaded, normal, "evaluation")
     names = score_names(loaded.model)
     table = detection_table(normal, anomalous, names)

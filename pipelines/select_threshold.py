@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_score,
         score_folder_table,
         select_folder_score,
-        warn_labelled_both,
+        warn_held_out,
         warn_replaced_calibration,
     )
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "threshold selection")
         anomalous = score_folder_table(loaded.model, args.anomalous, **options)
         if args.register is None:  # calibrate_scores below warns when registering
-            warn_labelled_both(normal, anomalous)
+            warn_held_out(normal, anomalous)
         score = resolve_score(args.score, loaded.model)
         if score == AUTO_SCORE:
             selection = select_folder_score(normal, anomalous, loaded.model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,23 @@ def test_select_threshold_compares_the_labelled_methods(
     for method, threshold in expected.items():
         assert float(rows[method][1]) == pytest.approx(threshold.value, abs=1e-4)
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{trained.name}'")) == 1
+
+
+def test_select_threshold_without_registering_names_copied_normal_images(
+        trained: TrainedModel, image_dirs: ImageDirs, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The comparison alone warns as calibrate does: twenty copies of one normal image
+    give thresholds that rest on that one image."""
+    one = image_dirs.files(image_dirs.calibration)[0]
+    same = tmp_path / "same"
+    same.mkdir()
+    for i in range(20):
+        shutil.copy(one, same / f"copy-{i:02d}{one.suffix}")
+    argv = ["--model", trained.version_uri, "--normal", same, "--anomalous",
+            image_dirs.test_anomalous, "--device", "cpu", "--mlruns", trained.mlruns]
+    with caplog.at_level(logging.WARNING):
+        assert load_script("select_threshold").main([str(a) for a in argv]) == 0
+    assert f"all 20 normal images of {same} have the same content" in caplog.text
 
 
 def test_select_threshold_auto_score_registers_the_chosen_score(

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
+import anomaly_flow.data as data_module
 import anomaly_flow.train as train_module
 from anomaly_flow.complexity import coarse_complexity, coarse_png_bits_per_dim
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
@@ -117,7 +118,8 @@ def final_checkpoint_files(folder: Path) -> tuple[dict, dict, dict]:
 
 
 def test_a_folder_of_one_image_copied_or_of_many_copies_is_named(
-        sneakers: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        sneakers: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Thirty copies of one image trained without a word (validation bits/dim below 0,
     every other image an anomaly); a tenth or more copies inflate the validation figures."""
     same = tmp_path / "same"
@@ -131,8 +133,13 @@ def test_a_folder_of_one_image_copied_or_of_many_copies_is_named(
     for name in ("a.png", "b.png"):
         (broken / name).write_text("not an image\n")
     config = run_config()
+    opened: list[Path] = []
+    opens = data_module._opens_as_image
+    monkeypatch.setattr(data_module, "_opens_as_image",
+                        lambda path: opened.append(path) or opens(path))
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
         folder_datasets(same, config)
+        assert len(opened) == 1  # one header read for the thirty copies of one content
         folder_datasets(copies, config)
         folder_datasets(few, config)  # 2 of 22: stray copies pass
         folder_datasets(broken, config)  # 1 of 5 a copy, but of no image
