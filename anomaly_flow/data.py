@@ -823,8 +823,8 @@ def notable_copies(digests: Sequence[str]) -> int:
     more than a few stray copies: every file the same (``len(digests) - 1``), or more than
     a tenth of them copies; 0 otherwise."""
     copies = len(digests) - len(set(digests))
-    return copies if copies and (copies == len(digests) - 1 or 10 * copies > len(digests)) \
-        else 0
+    notable = copies == len(digests) - 1 or 10 * copies > len(digests)
+    return copies if copies and notable else 0
 
 
 def duplicate_note(digests: Sequence[str], paths: Sequence[Path]) -> str | None:
