@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
@@ -56,10 +57,18 @@ class ShowDefaults(argparse.HelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """Says a usage error in one line, ``error: ... (see 'calibrate.py --help')``, where
+    argparse would first print the whole usage synopsis; exit code 2 as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def parser(description: str | None) -> argparse.ArgumentParser:
     """An argument parser for a pipeline script: its docstring's first paragraph as the
-    description, defaults shown in ``--help``."""
-    return argparse.ArgumentParser(
+    description, defaults shown in ``--help``, usage errors in one line."""
+    return _Parser(
         description=None if description is None else description.split("\n\n")[0],
         formatter_class=ShowDefaults)
 

@@ -42,6 +42,9 @@ def assert_one_line_error(result: Result, code: int, *fragments: str) -> None:
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+    if code == 2:  # a usage error is that one line, no usage synopsis, and says where help is
+        assert result.stderr.splitlines() == errors, result.stderr
+        assert errors[0].endswith(" train --help')"), errors[0]  # 'main' under CliRunner
 
 
 def test_help_shows_an_example() -> None:

@@ -151,8 +151,10 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
     with pytest.raises(SystemExit) as exit_info:
         load_script(script).parse_args(argv)
     assert exit_info.value.code == 2
-    assert "the path is empty; give a file or folder ('.' for the current folder)" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err  # one line, no usage synopsis before it, and where help is
+    assert err.count("\n") == 1 and err.startswith("error: argument "), err
+    assert "the path is empty; give a file or folder ('.' for the current folder)" in err
+    assert err.endswith(" --help')\n"), err  # the script's name, as it was run
 
 
 def test_end_to_end_refuses_a_wrong_preset_before_writing_the_sample(

@@ -1,10 +1,12 @@
 """The ``anomaly-flow`` command line: a thin click layer over the library.
 
 Expected failures become ``click.ClickException`` (one line, exit code 1) or usage errors
-(exit code 2); data goes to stdout, progress and logs to stderr.
+(one line too, exit code 2); data goes to stdout, progress and logs to stderr.
 """
 
 from __future__ import annotations
+
+from typing import IO, Any
 
 import click
 
@@ -12,14 +14,44 @@ from anomaly_flow.cli.common import configure_logging
 from anomaly_flow.stopping import interrupt_exit_code
 
 
+class _OneLineUsageError(click.UsageError):
+    """A usage error told in one line, ``Error: ... (see 'anomaly-flow score --help')``,
+    where click would print the usage synopsis and a hint on lines of their own."""
+
+    def show(self, file: IO[str] | None = None) -> None:
+        message = self.format_message()
+        if self.ctx is not None:
+            message = f"{message.rstrip('.')} (see '{self.ctx.command_path} --help')"
+        click.echo(f"Error: {message}", file=file, err=file is None)
+
+
+def _one_line(error: click.UsageError) -> click.UsageError:
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):  # the help text, as asked
+        return error
+    brief = _OneLineUsageError(error.format_message(), error.ctx)
+    brief.__cause__ = error.__cause__
+    return brief
+
+
 class _Group(click.Group):
-    """A Ctrl-C or SIGTERM that no command turned into its own message (one during start-up,
-    say) exits as a shell reports the signal (130, 143) instead of click's "Aborted!"
-    with status 1, which would read as a failure."""
+    """Two departures from click's defaults, for every command.
+
+    A usage error (a missing argument, a bad option value) is one line on stderr, exit
+    code 2. A Ctrl-C or SIGTERM that no command turned into its own message (one during
+    start-up, say) exits as a shell reports the signal (130, 143) instead of click's
+    "Aborted!" with status 1, which would read as a failure."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:  # the group's own options: ``anomaly-flow --bogus``
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            raise _one_line(error) from None
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:  # a command's arguments, or its own checks
+            raise _one_line(error) from None
         except KeyboardInterrupt as stop:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
