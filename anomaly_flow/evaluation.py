@@ -638,6 +638,13 @@ def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores
         logger.info("no content digests for the images of %s, so %s cannot check that they "
                     "were held out of training", folder, purpose)
         return scores
+    if tracking.configured_uri() is None:  # a model folder, and no store to look it up in
+        logger.warning("there is no MLflow store to read the training run of %s from (none "
+                       "at --mlruns or MLFLOW_TRACKING_URI), so %s cannot check that the "
+                       "images of %s were held out of training; make sure they were, or "
+                       "point --mlruns at the store the model was trained in",
+                       loaded.uri, purpose, folder)
+        return scores
     run_id = _training_run(loaded)
     trained_on = None if run_id is None else tracking.training_image_digests(run_id)
     if trained_on is None:
@@ -701,7 +708,8 @@ def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
 
 
 def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None, *,
-               logs: bool = True, registers: bool = True) -> tracking.LoadedModel:
+               logs: bool = True, registers: bool = True,
+               reads_runs: bool = True) -> tracking.LoadedModel:
     """Configure the MLflow store and load a model (weights and calibration) by URI.
 
     Args:
@@ -709,20 +717,27 @@ def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None,
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
         logs: The caller will log to the store. When False and ``model_uri`` is a local
-            folder, no store is opened (so none is created in the working directory).
+            folder, no store is created (in the working directory, say), and an existing
+            one is opened only for ``reads_runs``.
         registers: The caller will also register a model version (said when the store
             is read-only).
+        reads_runs: The caller reads the records of the run that trained the model (the
+            images it was trained on, for :func:`leave_out_training_images`).
 
     Returns:
         A :class:`anomaly_flow.tracking.LoadedModel`.
     """
     tracking.require_store(model_uri, mlruns)  # before configure() creates an empty one
-    if logs or not tracking.is_local_model_uri(model_uri):
+    if logs or not tracking.is_local_model_uri(model_uri) \
+            or (reads_runs and tracking.missing_default_store(mlruns) is None):
         tracking.configure(mlruns)
+    what = "logs a run and registers a model" if registers else "logs a run"
     if logs:
-        tracking.require_writable_store("logs a run and registers a model" if registers
-                                        else "logs a run")  # before the folders are scored
-    return tracking.load_model(model_uri, device=device)
+        tracking.require_writable_store(what)  # before the folders are scored
+    loaded = tracking.load_model(model_uri, device=device)
+    if logs:
+        tracking.require_writable_experiment(default_experiment(loaded), what)
+    return loaded
 
 
 # --------------------------------------------------------------------------- calibration

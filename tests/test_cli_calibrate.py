@@ -4,6 +4,7 @@ shared store's model must not get new versions or aliases)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -786,33 +787,82 @@ def test_an_unscorable_anomalous_folder_gets_advice_for_the_method(
                          target_fpr=0.1 if method == "conformal" else None)
 
 
+@pytest.mark.parametrize("named_by", ["--mlruns", "MLFLOW_TRACKING_URI"])
 def test_a_read_only_store_is_refused_before_any_folder_is_scored(
-        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
+        store: Path, image_dirs: ImageDirs, tmp_path: Path, named_by: str) -> None:
     """The real command in a process that obeys file modes (as root: setpriv drops the
-    override): one line before scoring, not MLflow's pages of SQL after it."""
+    override): one line before scoring, not MLflow's pages of SQL after it; the advice
+    fits the way the store was named (--mlruns cannot help while the variable is set)."""
     import os
     import subprocess
     import sys
 
     copy = tmp_path / "mlruns"
     shutil.copytree(store, copy)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "anomaly_flow", "calibrate", "--model", CANDIDATE,
                "--normal", str(image_dirs.calibration), "--target-fpr", "0.1",
-               "--device", "cpu", "--mlruns", str(copy)]
+               "--device", "cpu"]
+    if named_by == "--mlruns":
+        command += ["--mlruns", str(copy)]
+        advice = "pass a writable --mlruns DIR"
+    else:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{copy / 'mlflow.db'}"
+        advice = ("point MLFLOW_TRACKING_URI at a writable store (or unset it and pass a "
+                  "writable --mlruns DIR)")
     command = obeying_file_modes(command)
     (copy / "mlflow.db").chmod(0o444)
     copy.chmod(0o555)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                                env=env, cwd=tmp_path)
     finally:
         copy.chmod(0o755)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"Error: the MLflow store sqlite:///{copy / 'mlflow.db'} cannot be written "
         f"({copy / 'mlflow.db'} is read-only); this command logs a run and registers a "
-        "model there: pass a writable --mlruns DIR (a copy of the store, to keep its "
-        "models), or fix the permissions"]
+        f"model there: {advice} (a copy of the store, to keep its models), or fix the "
+        "permissions"]
+
+
+@pytest.mark.parametrize("command", ["calibrate", "train"])
+def test_an_experiment_folder_that_cannot_be_written_is_refused_before_the_work(
+        store: Path, image_dirs: ImageDirs, tmp_path: Path, command: str) -> None:
+    """MLflow keeps an experiment's artifacts folder as the absolute path it had when made:
+    in a store made by another user, or copied from one, it can be a folder this user
+    cannot write. Said in one line before scoring or training, not as a PermissionError
+    traceback after it."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    copy = tmp_path / "mlruns"
+    shutil.copytree(store, copy)
+    theirs = tmp_path / "their-artifacts" / NAME
+    theirs.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE name = ?",
+                   (str(theirs), NAME))
+    args = (["calibrate", "--model", CANDIDATE, "--normal", str(image_dirs.calibration),
+             "--target-fpr", "0.1"] if command == "calibrate" else
+            ["train", str(image_dirs.train), "--name", NAME, "--preset", "tiny"])
+    argv = obeying_file_modes([sys.executable, "-m", "anomaly_flow", *args, "--device", "cpu",
+                               "--mlruns", str(copy)])
+    theirs.chmod(0o555)
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        theirs.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: the artifacts of MLflow experiment '{NAME}' go to {theirs}, and {theirs} "
+        "cannot be written; this command logs a run and registers a model there: fix the "
+        f"permissions of {theirs}, or log to another store (--mlruns DIR, or "
+        "MLFLOW_TRACKING_URI)")
+    assert list(theirs.iterdir()) == []
 
 
 @pytest.mark.parametrize("during", ["score_folder_table", "roc_curves"])

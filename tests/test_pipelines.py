@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -245,6 +246,38 @@ def test_select_threshold_compares_the_labelled_methods(
     for method, threshold in expected.items():
         assert float(rows[method][1]) == pytest.approx(threshold.value, abs=1e-4)
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{trained.name}'")) == 1
+
+
+def test_select_threshold_on_a_model_folder_reads_the_store_it_is_given_and_makes_none(
+        trained: TrainedModel, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    """A model folder, nothing registered: the training run's record of its images is read
+    from the --mlruns store (so training images in the normal folder are left out, as
+    calibrate and evaluate leave them out), and no store appears in the working folder,
+    neither MLflow's own ./mlflow.db nor ./mlruns. Without a store there is nothing to
+    read, and a warning says what goes unchecked."""
+    folder = Path(mlflow.artifacts.download_artifacts(trained.version_uri,
+                                                      dst_path=str(tmp_path / "model")))
+    normal = tmp_path / "normal"
+    shutil.copytree(image_dirs.calibration, normal)
+    for image in image_dirs.files(image_dirs.train)[:5]:
+        shutil.copy(image, normal)
+    work = tmp_path / "work"
+    work.mkdir()
+    script = PIPELINES / "select_threshold.py"
+    for store, expected in (
+            (trained.mlruns, f"5 of the 45 images in {normal} are images of the folder "
+                             f"{folder} was trained on"),
+            (tmp_path / "no-store", f"there is no MLflow store to read the training run of "
+                                    f"{folder} from")):
+        done = subprocess.run(
+            [sys.executable, str(script), "--model", str(folder), "--normal", str(normal),
+             "--anomalous", str(image_dirs.test_anomalous), "--device", "cpu", "--mlruns",
+             str(store)], capture_output=True, text=True, timeout=300, cwd=work,
+            env={**os.environ, "PYTHONPATH": str(PIPELINES.parent)})
+        assert done.returncode == 0, done.stderr
+        assert expected in " ".join(done.stderr.split()), done.stderr
+        assert list(work.iterdir()) == []
+    assert not (tmp_path / "no-store").exists()
 
 
 def test_select_threshold_without_registering_names_copied_normal_images(

@@ -121,7 +121,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     # before loading a model or scoring anything
     check_image_folder(folder)
     check_writable(out, resume=resume)
-    loaded = open_model(model, device, mlruns, logs=False)
+    loaded = open_model(model, device, mlruns, logs=False, reads_runs=False)
     shown = one_line(display_path(out))
 
     def interrupted() -> str:  # the rows scored so far are kept

@@ -412,10 +412,40 @@ def require_writable_store(what: str = "logs a run and registers a model") -> No
         places.append(_state.artifact_root)
     for place in places:
         if place.exists() and not os.access(place, os.W_OK):
+            where = ("pass a writable --mlruns DIR" if _state.default_store else
+                     "point MLFLOW_TRACKING_URI at a writable store (or unset it and pass a "
+                     "writable --mlruns DIR)")
             raise TrackingError(
                 f"the MLflow store {uri} cannot be written ({place} is read-only); this "
-                f"command {what} there: pass a writable --mlruns "
-                "DIR (a copy of the store, to keep its models), or fix the permissions")
+                f"command {what} there: {where} (a copy of the store, to keep its "
+                "models), or fix the permissions")
+
+
+def require_writable_experiment(name: str, what: str = "logs a run") -> None:
+    """Refuse, before any work, an experiment whose artifacts folder on this machine
+    cannot be written. MLflow keeps each experiment's folder as the absolute path it had
+    when made, so in a store that was copied or moved, or made by another user, the new
+    run's plots and model would fail there only after the work, with a traceback.
+
+    Raises:
+        TrackingError: The folder (or the nearest one above it that exists) is
+            read-only; the message names it.
+    """
+    ensure_configured()
+    experiment = mlflow.MlflowClient().get_experiment_by_name(name)
+    if experiment is None:
+        return  # made under the store's artifacts folder, which require_writable_store checks
+    parsed = urllib.parse.urlparse(experiment.artifact_location or "")
+    if parsed.scheme not in ("", "file"):
+        return  # a server's or a cloud store's: its own answer says what is wrong
+    folder = Path(experiment.artifact_location if not parsed.scheme
+                  else urllib.parse.unquote(parsed.path))
+    place = next((above for above in (folder, *folder.parents) if above.exists()), None)
+    if place is not None and not os.access(place, os.W_OK):
+        raise TrackingError(
+            f"the artifacts of MLflow experiment {name!r} go to {folder}, and {place} cannot "
+            f"be written; this command {what} there: fix the permissions of {place}, or "
+            "log to another store (--mlruns DIR, or MLFLOW_TRACKING_URI)")
 
 
 def configured_uri() -> str | None:

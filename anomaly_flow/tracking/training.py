@@ -42,6 +42,7 @@ from anomaly_flow.tracking.store import (
     mlruns_dir,
     quiet_mlflow,
     redacted,
+    require_writable_experiment,
     require_writable_store,
     safe_name,
     start_run,
@@ -579,6 +580,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         _check_owner(earlier, name, ckpt)
     configure(mlruns)
     require_writable_store()
+    require_writable_experiment(name, "logs a run and registers a model")
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
