@@ -229,6 +229,8 @@ class CalibrateOutcome:
         metrics: The metrics logged on the run.
         failures: ``{"normal": [(path, reason)], "anomalous": [...]}``: files left out.
         promoted: Whether alias ``champion`` now points at the new version.
+        previous_champion: The version ``champion`` pointed at before (None where it
+            was not moved, or pointed at none).
     """
 
     run_id: str
@@ -238,6 +240,17 @@ class CalibrateOutcome:
     metrics: dict[str, float]
     failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     promoted: bool = False
+    previous_champion: str | None = None
+
+    @property
+    def promotion(self) -> str:
+        """How alias ``champion`` moved, for a summary line; empty where it did not."""
+        if not self.promoted:
+            return ""
+        if self.previous_champion is None:
+            return f"alias 'champion' set to version {self.version} (it pointed at none)"
+        return (f"alias 'champion' moved from version {self.previous_champion} to "
+                f"{self.version}")
 
     @property
     def threshold(self) -> float:
@@ -411,22 +424,31 @@ def precheck_score_of_training(score: str | None, config: RunConfig) -> None:
             f"choose one of {', '.join(given)}")
 
 
-def precheck_held_out(train: str | Path, calibration: str | Path,
-                      target_fpr: float) -> None:
+def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: float, *,
+                      test_normal: str | Path | None = None,
+                      test_anomalous: str | Path | None = None) -> None:
     """Before training on ``train``: refuse a ``calibration`` folder that will not hold
     enough held-out images once its images of the training folder (same content, as
-    :func:`leave_out_training_images` finds them after training) are left out.
+    :func:`leave_out_training_images` finds them after training) are left out, and a
+    ``test_normal`` folder that would hold none. Warn of ``test_anomalous`` images with
+    the content of a training or calibration image: normal there, anomalous in the test.
 
     Raises:
-        CalibrationError: Too few calibration images are not also training images.
+        CalibrationError: Too few calibration images, or no normal test image, are not
+            also training images.
         DataError: A folder is missing or holds no image files.
     """
+    def digests(folder: Path) -> tuple[list[Path], list[str]]:
+        paths = find_images(folder)
+        return paths, fingerprint_and_digests(paths, folder)[1]
+
+    def readable(found: list[str]) -> set[str]:
+        return {d for d in found if not d.startswith("unreadable:")}
+
     train, calibration = Path(train), Path(calibration)
-    _, trained_on = fingerprint_and_digests(find_images(train), train)
-    paths = find_images(calibration)
-    _, digests = fingerprint_and_digests(paths, calibration)
-    seen = {d for d in trained_on if not d.startswith("unreadable:")}
-    n_shared = sum(d in seen for d in digests)
+    seen = readable(digests(train)[1])
+    paths, calibrating = digests(calibration)
+    n_shared = sum(d in seen for d in calibrating)
     held_out = len(paths) - n_shared
     needed = min_calibration_size(target_fpr)
     if n_shared and held_out < needed:
@@ -436,6 +458,27 @@ def precheck_held_out(train: str | Path, calibration: str | Path,
             f"{held_out} held-out images: {conformal_need(target_fpr)}; calibrate on "
             "normal images kept out of the training folder."
         )
+    if test_normal is not None:
+        test_normal = Path(test_normal)
+        paths, testing = digests(test_normal)
+        if all(d in seen for d in testing):
+            raise CalibrationError(
+                f"all {len(paths)} images in {display_path(test_normal)} are also in the "
+                f"training folder {display_path(train)} (same content), and evaluation "
+                "needs normal test images the model never saw; pass a folder of normal "
+                "images kept out of the training folder.")
+    if test_anomalous is not None:
+        test_anomalous = Path(test_anomalous)
+        normal = seen | readable(calibrating)
+        paths, testing = digests(test_anomalous)
+        both = [path for path, d in zip(paths, testing, strict=True) if d in normal]
+        if both:
+            logger.warning(
+                "%d image(s) of %s have the same content as an image of the training folder "
+                "%s or the calibration folder %s (e.g. %s): normal there and anomalous in "
+                "the test, they count on both sides; check the labels", len(both),
+                display_path(test_anomalous), display_path(train), display_path(calibration),
+                display_path(both[0]))
 
 
 def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
@@ -871,6 +914,19 @@ def calibrate_scores(
             fpr_at_95_tpr=detection.fpr_at_95_tpr,
             n_failed_anomalous=len(failures["anomalous"]),
         )
+        if selection is None and detection.auroc <= 0.5:  # auto warned of its own choice
+            logger.warning(
+                "the %s score does not separate the %d anomalous images from the %d normal "
+                "ones better than chance (AUROC %.4f): check that the folders are labelled "
+                "the right way round, or pick another score (evaluate compares them, "
+                "--score auto chooses)", score, anomalous_values.size, normal_values.size,
+                detection.auroc)
+        if method != "conformal" and threshold.fpr == 1.0:
+            logger.warning(
+                "the %s threshold %r flags every normal image (false-positive rate 1 on "
+                "these %d): the version it registers calls every image anomalous; a "
+                "conformal threshold (--method conformal --target-fpr A) keeps a stated rate",
+                method, threshold.value, normal_values.size)
     params: dict[str, Any] = {
         "model_uri": loaded.uri, "score": score, "method": method,
         "target_fpr": target_fpr, "normal_folder": display_path(normal.folder),
@@ -913,7 +969,7 @@ def calibrate_scores(
             )
         _log_failures(run, failures)
         with stops_deferred():  # the version and the run's link to it, as one step
-            model_uri, version = tracking.register_calibrated_version(
+            model_uri, version, previous = tracking.register_calibrated_version(
                 loaded, calibration, run, promote=promote
             )
             run.set_tags({"calibrated_model_uri": str(model_uri)})
@@ -922,7 +978,7 @@ def calibrate_scores(
                 threshold.value, method, model_uri)
     return CalibrateOutcome(
         run_id=run_id, model_uri=str(model_uri), version=version, calibration=calibration,
-        metrics=metrics, failures=failures, promoted=promote,
+        metrics=metrics, failures=failures, promoted=promote, previous_champion=previous,
     )
 
 

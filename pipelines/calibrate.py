@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for line in calibration_summary(outcome):
         print(line)
-    print(f"run: {outcome.run_id}" + ("; alias 'champion' moved" if outcome.promoted else ""))
+    print(f"run: {outcome.run_id}" + (f"; {outcome.promotion}" if outcome.promoted else ""))
     return 0
 
 

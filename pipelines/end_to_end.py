@@ -108,7 +108,9 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     # what calibrating would refuse, refused before hours of training
     precheck_calibration(folders["calibration"], None, score=score, target_fpr=target_fpr)
     precheck_score_of_training(score, config)
-    precheck_held_out(folders["train"], folders["calibration"], target_fpr)
+    precheck_held_out(folders["train"], folders["calibration"], target_fpr,
+                      test_normal=folders["test_normal"],
+                      test_anomalous=folders["test_anomalous"])
     check_separate_folders(folders["test_normal"], folders["test_anomalous"])  # evaluate's
     # the test folders are new to the threshold: the calibration images are normal, and
     # measured on them the false-positive rate at the threshold is the one it was fitted to

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"registered {outcome.model_uri} with the {args.register} threshold "
                   f"{outcome.threshold!r} (run {outcome.run_id})"
-                  + ("; alias 'champion' moved to it" if outcome.promoted else ""))
+                  + (f"; {outcome.promotion}" if outcome.promoted else ""))
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1

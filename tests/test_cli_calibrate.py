@@ -103,6 +103,7 @@ def test_calibrate_promote_then_score_with_champion(
     shutil.copytree(image_dirs.calibration, normal)
     corrupt_png(normal / "zz-broken.png")
     n_good = len(image_dirs.files(image_dirs.calibration))
+    aliases = client.get_registered_model(NAME).aliases  # the store is the module's
 
     result = run("calibrate", "--model", CANDIDATE, "--normal", normal, "--target-fpr", "0.1",
                  "--promote", "--device", "cpu", "--mlruns", store)
@@ -110,6 +111,13 @@ def test_calibrate_promote_then_score_with_champion(
     uri = model_uri_from(result)
     new_version = uri.rsplit("/", 1)[1]
     assert uri == f"models:/{NAME}/{new_version}" and new_version != "1"
+    # where champion was, said and tagged: a promotion can be undone
+    previous = aliases.get("champion")
+    assert f"run: {run_id_from(result)}; alias 'champion' " + (
+        f"set to version {new_version} (it pointed at none)" if previous is None else
+        f"moved from version {previous} to {new_version}") in result.stderr
+    assert client.get_model_version(NAME, new_version).tags.get("previous_champion") == (
+        None if previous is None else str(previous))
     # The broken file is reported, with its reason, and left out.
     assert "1 of 41 image files in " in result.stderr
     assert "zz-broken.png: " in result.stderr
@@ -538,6 +546,36 @@ def test_calibrate_scores_auto_warns_when_no_score_beats_chance(
     assert len(warned) == 1
     assert "best AUROC 0.0000, ensemble" in warned[0]
     assert "labelled the right way round" in warned[0]
+
+
+@pytest.mark.parametrize("method", ["f1", "conformal"])
+def test_calibrate_scores_warns_when_the_named_score_does_not_beat_chance(
+        store: Path, caplog: pytest.LogCaptureFixture, method: str) -> None:
+    """Named, not chosen: a score that ranks the anomalies below the normal images is
+    still said, and a labelled threshold that flags every normal image too (f1 reaches
+    recall 1 only by calling everything anomalous here)."""
+    loaded = tracking.load_model(CANDIDATE)
+    columns = score_names(loaded.model)
+    base = np.random.default_rng(8).normal(0.0, 1.0, 30)
+    normal = hand_scores("normal", dict.fromkeys(columns, base))
+    anomalous = hand_scores("anomalous", dict.fromkeys(columns, base.min() - 1 - np.arange(40.0)))
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
+        outcome = calibrate_scores(loaded, normal, anomalous, score="complexity", method=method,
+                                   target_fpr=0.1 if method == "conformal" else None)
+    messages = [r.getMessage() for r in caplog.records]
+    chance = [m for m in messages if "better than chance" in m]
+    assert chance == ["the complexity score does not separate the 40 anomalous images from "
+                      "the 30 normal ones better than chance (AUROC 0.0000): check that the "
+                      "folders are labelled the right way round, or pick another score "
+                      "(evaluate compares them, --score auto chooses)"]
+    every = [m for m in messages if "flags every normal image" in m]
+    if method == "f1":
+        assert outcome.calibration.threshold.fpr == 1.0
+        assert len(every) == 1 and every[0].startswith(
+            f"the f1 threshold {outcome.calibration.threshold.value!r} flags every normal "
+            "image (false-positive rate 1 on these 30)"), every
+    else:
+        assert every == []
 
 
 def test_calibrate_scores_auto_gives_a_tie_of_perfect_scores_to_the_default(

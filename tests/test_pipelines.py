@@ -369,7 +369,8 @@ def test_help_and_option_errors_come_before_torch_mlflow_or_sklearn_load(
 
 
 def test_end_to_end_refuses_what_calibrating_would_before_training(
-        image_dirs: ImageDirs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        image_dirs: ImageDirs, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
     end_to_end = load_script("end_to_end")
     store = tmp_path / "store"
     folders = ["--train", image_dirs.train, "--calibration", image_dirs.calibration,
@@ -388,6 +389,28 @@ def test_end_to_end_refuses_what_calibrating_would_before_training(
     assert len(err) == 1 and f"{n} of the {n} images in {image_dirs.train} are also in the " \
         f"training folder {image_dirs.train} (same content), which leaves 0 held-out " \
         "images" in err[0], err
+    # so is evaluating on normal test images that are all training images
+    folders[3] = image_dirs.calibration
+    trained_copy = shutil.copytree(image_dirs.train, tmp_path / "test-normal")
+    folders[5] = trained_copy
+    assert end_to_end.main([str(a) for a in [*folders, "--target-fpr", "0.1"]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"all {n} images in {trained_copy} are also in the training " \
+        f"folder {image_dirs.train} (same content), and evaluation needs normal test " \
+        "images the model never saw" in err[0], err
+    # anomalous test images that are normal images of the calibration folder: a warning
+    folders[5] = image_dirs.test_normal
+    mixed = shutil.copytree(image_dirs.test_anomalous, tmp_path / "test-anomalous")
+    shutil.copy(image_dirs.files(image_dirs.calibration)[0], mixed / "relabelled.png")
+    folders[7] = mixed
+    argv = [*folders[:-1], "a b", "--target-fpr", "0.1"]  # a name refused next: no training
+    with caplog.at_level(logging.WARNING):
+        assert end_to_end.main([str(a) for a in argv]) == 1
+    assert "model name 'a b' is invalid" in capsys.readouterr().err
+    err = " ".join(caplog.text.split())
+    assert f"1 image(s) of {mixed} have the same content as an image of the training " \
+        f"folder {image_dirs.train} or the calibration folder {image_dirs.calibration} " \
+        f"(e.g. {mixed / 'relabelled.png'}): normal there and anomalous in the test" in err
     assert not store.exists()  # nothing trained, logged or registered
 
 

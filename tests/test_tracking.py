@@ -992,16 +992,25 @@ def test_calibrated_version_is_registered_linked_and_promoted(
     calibration = calibrate("bpd", cal_scores, alpha=0.1)
 
     with tracking.start_run("calibrated-parts", "calibrate") as run:
-        model_uri, version = tracking.register_calibrated_version(
-            source, calibration, run, promote=True)
+        registered = tracking.register_calibrated_version(source, calibration, run, promote=True)
         calibration_run = run.run_id
-    assert (model_uri, version) == ("models:/calibrated-parts/2", "2")
+    assert registered == ("models:/calibrated-parts/2", "2", None)  # no champion before
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("calibrated-parts", "champion")
     assert str(mv.version) == "2"
     assert mv.tags["calibration_run_id"] == calibration_run
     assert mv.tags["training_run_id"] == training_run
+    # what chose the threshold, readable in the registry
+    assert (mv.tags["threshold_method"], mv.tags["target_fpr"]) == ("conformal", "0.1")
+    assert "previous_champion" not in mv.tags and "cost_fp" not in mv.tags
     assert str(client.get_model_version_by_alias("calibrated-parts", "candidate").version) == "1"
+    # promoted again: the version champion left is returned and tagged, to undo a promotion
+    with tracking.start_run("calibrated-parts", "calibrate") as run:
+        again = tracking.register_calibrated_version(
+            source, calibrate("bpd", cal_scores, alpha=0.2), run, promote=True)
+    assert again == ("models:/calibrated-parts/3", "3", "2")
+    assert client.get_model_version("calibrated-parts", "3").tags["previous_champion"] == "2"
+    client.set_registered_model_alias("calibrated-parts", "champion", "2")
 
     champion = tracking.load_model("models:/calibrated-parts@champion")
     assert champion.calibration == calibration

@@ -136,7 +136,7 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         )
     for line in calibration_summary(outcome):
         click.echo(line)
-    click.echo(f"run: {outcome.run_id}" + ("; alias 'champion' moved" if outcome.promoted else ""),
+    click.echo(f"run: {outcome.run_id}" + (f"; {outcome.promotion}" if outcome.promoted else ""),
                err=True)
 
 

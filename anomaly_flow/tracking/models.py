@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -271,16 +271,27 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
+class RegisteredVersion(NamedTuple):
+    """A calibrated version :func:`register_calibrated_version` registered."""
+
+    uri: str  # models:/NAME/VERSION
+    version: str
+    previous_champion: str | None  # the version ``champion`` left, where it was moved
+
+
 def register_calibrated_version(source: LoadedModel, calibration: Calibration, run: Run, *,
-                                promote: bool, name: str | None = None) -> tuple[str, str]:
+                                promote: bool, name: str | None = None) -> RegisteredVersion:
     """Log ``source``'s weights with ``calibration`` in ``run`` and register them.
 
     The new version of ``name`` (default: the source's registered name) is tagged with
-    ``calibration_run_id``, ``training_run_id`` (when known) and ``source_version``;
-    ``promote`` moves the ``champion`` alias to it. The run is tagged with the same links.
+    ``calibration_run_id``, ``training_run_id`` (when known), ``source_version``, the
+    score, the threshold and what chose it (``threshold_method``, ``target_fpr`` for a
+    conformal threshold, ``cost_fp``/``cost_fn`` for a cost one); ``promote`` moves the
+    ``champion`` alias to it, and tags it ``previous_champion`` with the version the alias
+    left (so a promotion can be undone). The run is tagged with the same links.
 
     Returns:
-        ``(models:/NAME/VERSION, VERSION)``.
+        The new version's URI and number, and the version ``champion`` left.
 
     Raises:
         ModelNotFoundError: The source is not a registered version and no ``name`` is
@@ -299,17 +310,35 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
     threshold = calibration.threshold
     tags = {**links, "calibrated": "true", "score_name": calibration.score_name,
             "threshold": repr(float(threshold.value)), "threshold_method": threshold.method}
+    chosen_by = {"target_fpr": threshold.alpha, "cost_fp": threshold.cost_fp,
+                 "cost_fn": threshold.cost_fn}
+    tags.update({key: repr(float(value)) for key, value in chosen_by.items()
+                 if value is not None})
     run.set_tags(links)
     model_uri = log_model(run, source.model, calibration)
     if source.version and target == source.name:
         _check_still_registered(target, source.version)
+    previous = _alias_version(target, CHAMPION) if promote else None
+    if previous is not None:
+        tags["previous_champion"] = previous
     with stops_deferred():  # a stop lets --promote finish what the registration began
         version = register_model(model_uri, target, tags=tags)
         if promote:
             set_alias(target, CHAMPION, version)
     if promote:
-        logger.info("alias %s now points at models:/%s/%s", CHAMPION, target, version)
-    return f"models:/{target}/{version}", version
+        logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, target, version,
+                    "" if previous is None else f" (it pointed at version {previous})")
+    return RegisteredVersion(f"models:/{target}/{version}", str(version), previous)
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    """The version ``models:/name@alias`` points at, or None where the alias is unset."""
+    ensure_configured()
+    try:
+        with quiet_mlflow():
+            return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
 
 
 # --------------------------------------------------------------------------- loading
