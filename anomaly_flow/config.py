@@ -311,6 +311,13 @@ def changed_fields(before: Any, after: Any, section: str,
             for name in names if getattr(before, name) != getattr(after, name)]
 
 
+# the fields that decide what a training costs and gives: a file that leaves one out is
+# told the default it gets (model.hidden_channels = 512 makes a CPU training crawl)
+_SIZING_FIELDS = {"model": ("image_size", "in_channels", "levels", "steps_per_level",
+                            "hidden_channels"),
+                  "train": ("epochs", "batch_size", "lr")}
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a TOML (preset) or JSON run configuration."""
     path = Path(path)
@@ -335,13 +342,21 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {path} is empty; give at least a [model] or [train] "
                           "table (see the presets in anomaly_flow/presets/).")
     config = RunConfig.from_dict(data)
-    if isinstance(data, dict) and "model" not in data:
+    if "model" not in data:
         m = config.model
         logger.warning("%s has no [model] table, so the model is the default one: %d×%d "
                        "%s, L=%d, K=%d, %d channels, slow to train on a CPU; copy the [model] "
                        "table of a preset (anomaly_flow/presets/) to choose", path,
                        m.image_size, m.image_size, "grey" if m.in_channels == 1 else "RGB",
                        m.levels, m.steps_per_level, m.hidden_channels)
+    defaulted = [f"{section}.{name} = {getattr(getattr(config, section), name)!r}"
+                 for section, names in _SIZING_FIELDS.items()
+                 if section in data or section != "model"  # no [model]: said above
+                 for name in names if name not in data.get(section, {})]
+    if defaulted:
+        logger.warning("%s does not set %s, so these defaults are used; set them to choose "
+                       "(each preset in anomaly_flow/presets/ sets them all)", path,
+                       ", ".join(defaulted))
     return config
 
 

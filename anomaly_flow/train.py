@@ -219,6 +219,11 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
             "train on and at least one held out to measure validation bits/dim (a model is "
             "registered only with a finite one). Add more normal images to the folder."
         ) from None
+    if len(train_idx) < len(val_idx):
+        logger.warning("%s: train.val_fraction = %g holds out %d of the %d image files for "
+                       "validation, so the model trains on %d; lower val_fraction (the "
+                       "presets hold out 0.1)", display_path(root), config.train.val_fraction,
+                       len(val_idx), len(paths), len(train_idx))
     for note in conversion_notes(paths, config.model.mode, config.model.image_size):
         logger.warning("%s: %s", display_path(root), note)
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
@@ -297,20 +302,25 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+def resolve_device(device: str | torch.device, *, option: str = "--device") -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is an error.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        option: How the user gave ``device``, for the messages (``--device``).
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu or cuda.") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {resolved} was asked for but CUDA is not available on "
-                            "this machine; use --device cpu or auto.")
+        raise TrainingError(f"{option} {resolved} was asked for but CUDA is not available on "
+                            f"this machine; use {option} cpu or auto.")
     if resolved.type == "cuda" and resolved.index is not None \
             and resolved.index >= torch.cuda.device_count():
-        raise TrainingError(f"--device {resolved} was asked for but this machine has "
+        raise TrainingError(f"{option} {resolved} was asked for but this machine has "
                             f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
                             f"cuda:{torch.cuda.device_count() - 1}; name one of them, or cuda.")
     return resolved

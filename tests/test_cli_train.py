@@ -183,6 +183,20 @@ def test_a_config_without_a_model_table_says_which_model_it_gets(
         assert load_config(config).train.epochs == 1
     assert f"{config} has no [model] table, so the model is the default one: 32×32 grey, " \
         "L=3, K=32, 512 channels, slow to train on a CPU" in caplog.text
+    caplog.clear()
+    # a partial [model] table, and no [train] one: each sizing default that fills in is named
+    config.write_text("[model]\nimage_size = 16\nlevels = 2\n")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.config"):
+        load_config(config)
+    assert caplog.messages == [
+        f"{config} does not set model.in_channels = 1, model.steps_per_level = 32, "
+        "model.hidden_channels = 512, train.epochs = 10, train.batch_size = 64, "
+        "train.lr = 0.001, so these defaults are used; set them to choose (each preset in "
+        "anomaly_flow/presets/ sets them all)"]
+    caplog.clear()
+    for preset in sorted((Path(__file__).parents[1] / "anomaly_flow" / "presets").glob("*.toml")):
+        load_config(preset)  # a preset sets them all: nothing to say
+    assert caplog.messages == []
     # a folder given as the file (pipelines/train.py --config DIR): said so, not "missing"
     from anomaly_flow.config import ConfigError
 
@@ -314,6 +328,12 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     assert_one_line_error(fewer, 1, "the checkpoint of 'cli-parts' is at step 4, past the 2 "
                           "steps of the 1 epoch(s) asked for; to go on, resume with --epochs 3 "
                           "or more")
+    # another folder: named, with the checkpoint's, not taken for the same one changed
+    other_folder = invoke(str(image_dirs.calibration), *common[1:], "--epochs", "3", "--resume")
+    assert_one_line_error(other_folder, 1, "the checkpoint's training ran on the images of "
+                          f"{image_dirs.train.resolve()}, and {image_dirs.calibration.resolve()} "
+                          "holds other images, so the train/validation split would change; "
+                          f"resume with {image_dirs.train.resolve()}, or train without --resume")
     # a name that maps to the same checkpoint folder does not take it over or delete it
     other = [str(image_dirs.train), "--name", "cli-parts!", "--preset", "tiny",
              "--mlruns", str(mlruns), "--epochs", "1"]

@@ -882,6 +882,14 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
         expected["bpd"].tolist()[:2]
     with pytest.raises(Exception, match="unknown device 'tpu'; use auto, cpu or cuda"):
         mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "tpu"})
+    # null is the default, auto; a missing CUDA is said in the words the device was set in
+    assert mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": None}).predict(
+        pd.DataFrame({"path": paths[:1]}))["bpd"].tolist() == expected["bpd"].tolist()[:1]
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match='the model_config "device" cuda was asked for but '
+                                            'CUDA is not available on this machine; use the '
+                                            'model_config "device" cpu or auto'):
+            mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "cuda"})
     assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
     assert (by_path["error"][:-1] == "").all()

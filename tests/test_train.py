@@ -74,6 +74,25 @@ def sneakers() -> np.ndarray:
     return load_sample().train  # uint8 (2000, 1, 28, 28)
 
 
+@pytest.mark.parametrize(("val_fraction", "n_train"), [(0.999, 1), (0.6, 8), (0.5, None)])
+def test_a_validation_split_larger_than_the_training_one_is_warned_of(
+        sneakers: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        val_fraction: float, n_train: int | None) -> None:
+    """val_fraction = 0.999 trained on one image of 20, and the model was registered
+    without a word."""
+    write_image_folder(sneakers[:20], tmp_path, "s", "png")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        data = folder_datasets(tmp_path, run_config(val_fraction=val_fraction))
+    warned = [m for m in caplog.messages if "holds out" in m]
+    if n_train is None:  # an even split is a choice, not a slip
+        assert warned == [] and len(data.train) == 10
+        return
+    assert len(data.train) == n_train
+    assert warned == [f"{tmp_path}: train.val_fraction = {val_fraction:g} holds out "
+                      f"{20 - n_train} of the 20 image files for validation, so the model "
+                      f"trains on {n_train}; lower val_fraction (the presets hold out 0.1)"]
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory, sneakers: np.ndarray) -> Path:
     """320 images: 300 PNG and 20 JPEG. With val_fraction 0.1: 288 training images,

@@ -303,8 +303,11 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         folder = Path(context.artifacts[GLOW_ARTIFACT])
-        device = (context.model_config or {}).get("device", "auto")
-        self.model = Glow.load(folder, resolve_device(device))
+        device = (context.model_config or {}).get("device")
+        # unset or null: auto; named as a load's model_config, or MLFLOW_PYFUNC_INFERENCE_CONFIG
+        # for `mlflow models serve`, not as a command's --device
+        self.model = Glow.load(folder, resolve_device(
+            "auto" if device is None else device, option='the model_config "device"'))
         self.calibration = load_calibration(folder)
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,

@@ -227,9 +227,9 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
 
 
 def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig,
-                     fingerprint: str) -> None:
+                     fingerprint: str, data: Path) -> None:
     """Refuse a resume that would not continue the same training (``before``: the
-    configuration the checkpoint's training ran with)."""
+    configuration the checkpoint's training ran with; ``data``: the folder given now)."""
     if differ := changed_fields(before.model, config.model, "model"):
         raise TrainingError(f"the model configuration differs from the checkpoint's "
                             f"({'; '.join(differ)}); resume with the same preset or config "
@@ -239,6 +239,13 @@ def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig
         raise TrainingError(f"cannot resume: {'; '.join(changed)} in the checkpoint's run; "
                             "resume with the same values, or train without --resume.")
     if state.get("data_fingerprint") != fingerprint:
+        recorded = state.get("data_folder")
+        given = display_path(data.resolve())
+        if recorded and recorded != given:  # another folder, not the same one changed
+            raise TrainingError(
+                f"the checkpoint's training ran on the images of {recorded}, and {given} "
+                "holds other images, so the train/validation split would change; resume "
+                f"with {recorded}, or train without --resume.")
         raise TrainingError("the images in the training folder changed since the checkpoint "
                             "(different fingerprint), so the train/validation split would "
                             "change; train without --resume.")
@@ -572,7 +579,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         state, before = _read_run_state(ckpt)
         _check_owner(state, name, ckpt)
         latest = _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
-        _check_resumable(state, before, config, folder.fingerprint)
+        _check_resumable(state, before, config, folder.fingerprint, Path(data))
         _check_unfinished(latest, config, len(folder.train), name, state)
     elif (ckpt / RUN_STATE_FILE).is_file():
         with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
