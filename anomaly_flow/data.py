@@ -540,12 +540,17 @@ def _read_regular_file(path: Path) -> bytes:
         if st.st_size > MAX_FILE_BYTES:
             raise ImageDecodeError(name, _file_too_large(st.st_size))
         with open(path, "rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)  # the file may have grown since stat
+            size = os.fstat(file.fileno()).st_size  # another file may have taken the name
+            if size > MAX_FILE_BYTES:
+                raise ImageDecodeError(name, _file_too_large(size))
+            data = _read_up_to_limit(file, size)
         if len(data) > MAX_FILE_BYTES:
             raise ImageDecodeError(name, _file_too_large(None))
         return data
     except ImageDecodeError:
         raise
+    except MemoryError:
+        raise ImageDecodeError(name, "out of memory while reading the file") from None
     except ValueError:  # what the system calls raise for a name no file can have
         why = ("a NUL character" if "\0" in os.fspath(path)
                else "a character no file name can (a lone surrogate)")
@@ -560,6 +565,26 @@ def _read_regular_file(path: Path) -> bytes:
         else:
             reason = f"cannot read file ({exc.strerror or exc})"
         raise ImageDecodeError(name, reason) from None
+
+
+def _read_up_to_limit(file: io.BufferedReader, size: int) -> bytes:
+    """What ``file`` holds, up to one byte past :data:`MAX_FILE_BYTES`: ``size`` bytes
+    (its size when opened, at most the limit) and one more, to see whether it has grown
+    since; where it has, the rest in steps of 1 MiB. One read of the limit would allocate
+    it whole (CPython sizes the buffer to the request), which fails in a process whose
+    memory is capped (``ulimit -v``)."""
+    wanted = size + 1
+    data = file.read(wanted)
+    if len(data) < wanted:
+        return data
+    pieces, total = [data], len(data)
+    while total <= MAX_FILE_BYTES:
+        piece = file.read(min(2**20, MAX_FILE_BYTES + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
 
 
 # --------------------------------------------------------------------------- datasets

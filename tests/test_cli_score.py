@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from tests.test_scoring import (
     N_BAD,
     N_GOOD,
     TINY,
+    blank_png,
     make_messy_folder,
     make_tiny_model,
     read_csv,
@@ -180,6 +183,45 @@ def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: 
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: {n_failed} file(s) could not be scored (--strict); the error column of "
         f"{out} says why for each")
+
+
+def capped_memory(limit_bytes: int) -> Callable[[], None]:
+    """For ``preexec_fn``: the child may map at most ``limit_bytes`` (``ulimit -v``)."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return cap
+
+
+CAPPED_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+              "MALLOC_ARENA_MAX": "2"}
+"""One compute thread and two malloc arenas: the address space a run maps then varies
+little between machines (about 1.5 GB to score the tiny model's images, measured)."""
+
+MEMORY_CAP = 2_250_000_000
+
+
+def test_capped_memory_scores_what_fits_and_names_what_does_not(model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Under a cap on the address space (``ulimit -v``, a batch system's limit), reading
+    a file takes what it holds, not the most an image file may hold (717 MB); an image
+    whose decoding needs more than is left gets an error row, not a traceback."""
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(4), folder, "n-")
+    # 88 M 16-bit pixels, within the pixel limit: converting them to 8 bits takes 1.6 GB
+    (folder / "wide.png").write_bytes(blank_png(9400, 9400, depth=16))
+    out = tmp_path / "scores.csv"
+    command = [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model",
+               str(model_dir), "--out", str(out), "--workers", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=CAPPED_ENV,
+                            preexec_fn=capped_memory(MEMORY_CAP))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    table = read_csv(out)
+    assert (table["error"] == "").sum() == 4, table
+    wide = table[table["path"].str.endswith("/wide.png")]
+    assert wide["error"].tolist() == ["out of memory while decoding"]
+    assert "4 scored, 1 failed" in result.stderr
 
 
 def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,

@@ -344,6 +344,21 @@ def test_a_file_too_large_to_be_an_image_is_refused_unread(
     assert int(load_image(image, "L", 8).max()) == 77
 
 
+def test_a_file_longer_than_its_size_says_is_read_whole_up_to_the_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that has grown since its size was read (as /proc's files, whose size is 0,
+    always have) is read to its end, and refused once past the limit: the read follows
+    the file, not the size it gave."""
+    grown = tmp_path / "grown.png"
+    grown.symlink_to("/proc/self/status")
+    assert os.stat(grown).st_size == 0
+    assert reason_of(grown) == "cannot identify image file (not an image or unsupported format)"
+    assert len(data._read_regular_file(grown)) > 100
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 100)
+    assert reason_of(grown) == ("file too large: more bytes exceeds the 100-byte safety "
+                                "limit for an image file")
+
+
 PERMISSION_CHECK = """
 import json, sys
 from anomaly_flow.data import find_images, try_load_image

@@ -111,8 +111,9 @@ def png_bytes(img: Image.Image, **kwargs: object) -> bytes:
     return buffer.getvalue()
 
 
-def blank_png(width: int, height: int) -> bytes:
-    """A valid 8-bit grey PNG of ``width × height`` black pixels (tiny once compressed)."""
+def blank_png(width: int, height: int, depth: int = 8) -> bytes:
+    """A valid grey PNG of ``width × height`` black pixels (tiny once compressed), of 8 or
+    16 bits a pixel (``depth``)."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(
@@ -120,9 +121,9 @@ def blank_png(width: int, height: int) -> bytes:
         )
 
     packer = zlib.compressobj(9)
-    row = bytes(width + 1)  # filter byte 0 + pixels
+    row = bytes(width * depth // 8 + 1)  # filter byte 0 + pixels
     data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data)
             + chunk(b"IEND", b""))
 
