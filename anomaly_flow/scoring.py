@@ -396,6 +396,32 @@ class _Forward:
             return out
 
 
+_ALLOCATION = re.compile(r"tried to allocate (?:(\d+) bytes|(\d+(?:\.\d+)? ?[KMGTP]i?B))",
+                         re.IGNORECASE)
+"""The failed allocation in torch's out-of-memory messages: ``you tried to allocate N
+bytes`` (CPU), ``Tried to allocate 2.00 GiB`` (CUDA)."""
+
+
+def out_of_memory(error: BaseException, device: torch.device | str) -> str | None:
+    """``out of memory on <device>``, with the allocation that failed where torch's
+    message names it (`` (an allocation of 2.25 GiB failed)``), or None when ``error`` is
+    not torch's out-of-memory error (``torch.OutOfMemoryError`` on CUDA, a RuntimeError
+    "DefaultCPUAllocator: can't allocate memory" on the CPU): the words training and
+    scoring tell a user whose batch did not fit."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    failed = ""
+    if found := _ALLOCATION.search(text):
+        size = found[2] or (f"{int(found[1]) / 2**30:.2f} GiB" if int(found[1]) >= 2**30
+                            else f"{int(found[1]) / 2**20:.1f} MiB")
+        failed = f" (an allocation of {size} failed)"
+    return f"out of memory on {device}{failed}"
+
+
 def _min_batch(device: torch.device) -> int:
     """The smallest batch whose sums come out as in any larger batch.
 
@@ -1135,7 +1161,8 @@ def score_folder(
             resumed from (unreadable, other columns, another model or precision scored
             it, or none of its rows is under ``folder``); two files' names print alike;
             ``fdr`` is given for an uncalibrated model; or typicality heatmaps for a
-            model without a normal reference.
+            model without a normal reference; or a batch ran out of memory (the rows
+            done before it are kept, and the message names the batch size to lower).
     """
     # The table's modification time is set back to this moment, before any file or an
     # earlier table is looked at: a file changed while the run goes on is then newer than
@@ -1295,6 +1322,8 @@ def score_folder(
     except BaseException as stop:  # what is scored is kept, whatever stopped the run
         if isinstance(stop, OutputWriteError):  # a flush failed: it said where rows went
             raise
+        ran_out = out_of_memory(stop, model.device)
+        kept = ""
         if frames:
             interrupted = isinstance(stop, KeyboardInterrupt)
             try:
@@ -1305,12 +1334,16 @@ def score_folder(
                 logger.warning("could not keep the %d rows scored before the error in %s "
                                "either: %s", sum(map(len, frames)), display_path(out), failed)
                 raise stop from failed  # the stop first; what the write met, as its cause
-            logger.warning(
-                "%s: %d of %d files are in %s%s", "interrupted" if interrupted
-                else "stopped by an error", sum(map(len, frames)) + len(done), len(keys),
-                display_path(out), "" if interrupted  # the command's own line says what next
-                else "; once the error is dealt with, run again with resume (--resume) to "
-                "score the rest")
+            kept = (f"{sum(map(len, frames)) + len(done)} of {len(keys)} files are in "
+                    f"{display_path(out)}")
+            if ran_out is None:  # the error below says it all
+                logger.warning(
+                    "%s: %s%s", "interrupted" if interrupted else "stopped by an error", kept,
+                    "" if interrupted  # the command's own line says what next
+                    else "; once the error is dealt with, run again with resume (--resume) "
+                    "to score the rest")
+        if ran_out is not None:  # the batch did not fit: a smaller one may
+            raise ScoringError(_ran_out_message(ran_out, batch_size, len(todo), kept)) from None
         raise
     finally:
         if writer is not None:
@@ -1344,6 +1377,20 @@ def score_folder(
         ),
         unlisted=tuple((display_path(folder), reason) for folder, reason in unlisted),
     )
+
+
+def _ran_out_message(ran_out: str, batch_size: int, n_todo: int, kept: str) -> str:
+    """What to tell a user whose scoring ran out of memory (``ran_out``, from
+    :func:`out_of_memory`) with ``batch_size`` over ``n_todo`` files; ``kept`` says which
+    rows the output holds, or is empty."""
+    used = min(batch_size, n_todo)  # a batch is never larger than the files to score
+    size = (f"batch_size = {batch_size} (--batch-size)" if used == batch_size else
+            f"batch_size = {batch_size} (--batch-size; {used} here, the files to score)")
+    advice = (f"lower it, e.g. to {max(used // 4, 1)}" if used > 1 else
+              "even one image a batch does not fit: free memory, or score on a device "
+              "with more")
+    rest = f"; {kept}: run again with resume (--resume) to score the rest" if kept else ""
+    return f"scoring ran {ran_out} with {size}; {advice}{rest}"
 
 
 def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],

@@ -76,7 +76,7 @@ from anomaly_flow.glow import (
     preprocess,
     save_tensors,
 )
-from anomaly_flow.scoring import numerics, to_host_async
+from anomaly_flow.scoring import numerics, out_of_memory, to_host_async
 from anomaly_flow.stopping import (
     loader_worker_options,
     raise_if_stopped,
@@ -108,10 +108,6 @@ RESUME_MUST_MATCH = ("batch_size", "optimizer")
 optimizer whose state the checkpoint holds."""
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 """Optimizer settings that choose a kernel, not the arithmetic."""
-_ALLOCATION = re.compile(r"tried to allocate (?:(\d+) bytes|(\d+(?:\.\d+)? ?[KMGTP]i?B))",
-                         re.IGNORECASE)
-"""The failed allocation in torch's out-of-memory messages: ``you tried to allocate N
-bytes`` (CPU), ``Tried to allocate 2.00 GiB`` (CUDA)."""
 
 
 def trajectory_changes(before: TrainConfig, after: TrainConfig) -> list[str]:
@@ -975,19 +971,12 @@ def _convolutions_autotuned(device: torch.device) -> Iterator[None]:
 
 def _out_of_memory(error: RuntimeError, config: RunConfig, device: torch.device) -> str | None:
     """What to tell a user whose training ran out of memory, or None when ``error`` is
-    not torch's out-of-memory error (``torch.OutOfMemoryError`` on CUDA, a RuntimeError
-    "DefaultCPUAllocator: can't allocate memory" on the CPU)."""
-    text = str(error)
-    if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text
-            or "out of memory" in text.lower()):
+    not torch's out-of-memory error (see :func:`anomaly_flow.scoring.out_of_memory`)."""
+    ran_out = out_of_memory(error, device)
+    if ran_out is None:
         return None
-    failed = ""
-    if found := _ALLOCATION.search(text):
-        size = found[2] or (f"{int(found[1]) / 2**30:.2f} GiB" if int(found[1]) >= 2**30
-                            else f"{int(found[1]) / 2**20:.1f} MiB")
-        failed = f" (an allocation of {size} failed)"
     m, t = config.model, config.train
-    return (f"training ran out of memory on {device}{failed} with batch_size = "
+    return (f"training ran {ran_out} with batch_size = "
             f"{t.batch_size}, init_batch_size = {t.init_batch_size}, image_size = "
             f"{m.image_size} and hidden_channels = {m.hidden_channels}; lower "
             "train.batch_size (--batch-size) or train.init_batch_size, or use a smaller "

@@ -21,7 +21,7 @@ from anomaly_flow.calibration import Calibration, calibrate
 from anomaly_flow.cli import main
 from anomaly_flow.data import ArrayDataset, write_image_folder
 from anomaly_flow.scoring import score_images, write_table
-from tests.conftest import obeying_file_modes
+from tests.conftest import corrupt_png, obeying_file_modes
 from tests.test_scoring import (
     MESSY,
     N_BAD,
@@ -192,10 +192,11 @@ def capped_memory(limit_bytes: int) -> Callable[[], None]:
     return cap
 
 
-CAPPED_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+CAPPED_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "2",
               "MALLOC_ARENA_MAX": "2"}
-"""One compute thread and two malloc arenas: the address space a run maps then varies
-little between machines (about 1.5 GB to score the tiny model's images, measured)."""
+"""Two compute threads and two malloc arenas: the address space a run maps then varies
+little between machines (1.3 GB was enough to score the tiny model's images, 3.8 GB not
+enough to convert 88 M 16-bit pixels; measured)."""
 
 MEMORY_CAP = 2_250_000_000
 
@@ -222,6 +223,44 @@ def test_capped_memory_scores_what_fits_and_names_what_does_not(model_dir: Path,
     wide = table[table["path"].str.endswith("/wide.png")]
     assert wide["error"].tolist() == ["out of memory while decoding"]
     assert "4 scored, 1 failed" in result.stderr
+
+
+def test_a_batch_too_large_for_memory_is_a_one_line_error_and_keeps_the_rows(
+        tmp_path: Path) -> None:
+    """A batch whose forward pass needs more memory than the process may have (here, 100
+    images of 128x128 through couplings 512 wide: 4 GB or more, under a cap of 2.25 GB)
+    ends the run with one line naming the batch size and what to do, not torch's
+    traceback; the rows done before it (two batches of files that are not images) are
+    in the table, for --resume."""
+    from anomaly_flow.config import GlowConfig
+    from anomaly_flow.glow import Glow, preprocess
+
+    config = GlowConfig(image_size=128, levels=2, steps_per_level=1, hidden_channels=512)
+    torch.manual_seed(0)
+    model = Glow(config)
+    model.initialize(preprocess(
+        ArrayDataset(sample_images(4), config.mode, config.image_size).images, config.n_bits))
+    folder = model.eval().save(tmp_path / "wide-model")
+    images = tmp_path / "images"
+    for i in range(200):  # sorted first: two batches with no image to run the model on
+        corrupt_png(images / f"a-{i:03d}.png")
+    write_image_folder(sample_images(100), images, "b-")
+    out = tmp_path / "scores.csv"
+    command = [sys.executable, "-m", "anomaly_flow", "score", str(images), "--model",
+               str(folder), "--out", str(out), "--workers", "0", "--batch-size", "100"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=CAPPED_ENV,
+                            preexec_fn=capped_memory(MEMORY_CAP))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"Error: scoring ran out of memory on cpu \(an allocation of [\d.]+ [MG]iB "
+        r"failed\) with batch_size = 100 \(--batch-size\); lower it, e.g. to 25; "
+        rf"100 of 300 files are in {re.escape(str(out))}: run again with resume "
+        r"\(--resume\) to score the rest", last), last
+    table = read_csv(out)
+    assert len(table) == 100 and table["path"].str.contains("/a-").all()
 
 
 def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,
