@@ -172,8 +172,11 @@ def search_images(root: Path) -> ImageSearch:
 
     Nothing is skipped for being unreadable: dangling symlinks, symlink loops, files
     without read permission and names that are not valid UTF-8 are all listed, so that
-    scoring gives them a row with an error. Symlinked folders are followed, each real
-    folder at most once, so a link to a parent folder cannot cause an endless walk.
+    scoring gives them a row with an error. Hidden names (starting with ``.``: macOS's
+    ``._x.png`` copies, ``.ipynb_checkpoints/``, ``.Trashes/``) are left out, files and
+    folders, and the image files and folders among them counted in one warning.
+    Symlinked folders are followed, each real folder at most once, so a link to a parent
+    folder cannot cause an endless walk.
     Folders that cannot be listed, and files left out for their extension (an image
     saved as ``.heic``, say; hidden files and ``Thumbs.db`` aside), are logged as
     warnings, once per folder and tally.
@@ -195,7 +198,8 @@ def search_images(root: Path) -> ImageSearch:
     # symlinked folder is listed once, under its real path. A folder removed while the
     # tree is searched is passed over here; the walk below reports it.
     real_dirs: set[tuple[int, int]] = set()
-    for d, _, _ in os.walk(root):
+    for d, dirnames, _ in os.walk(root):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
         with contextlib.suppress(OSError):
             real_dirs.add(_dir_id(Path(d)))
     seen_dirs = set(real_dirs)
@@ -206,22 +210,29 @@ def search_images(root: Path) -> ImageSearch:
     found: list[tuple[bytes, str, str]] = []
     others: collections.Counter[str] = collections.Counter()  # left out, by extension
     stores: list[Path] = []  # MLflow stores met below root, left out
+    hidden: list[str] = []  # hidden folders and image files below root, left out
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
-        dirnames[:] = [d for d in dirnames
-                       if _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
+        below = os.path.relpath(dirpath, root)
+        prefix = "" if below == os.curdir else below + os.sep
+        hidden += [prefix + d for d in dirnames if d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
         for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
             dirnames.remove(d)
             stores.append(Path(dirpath, d))
-        below = os.path.relpath(dirpath, root)
-        prefix = "" if below == os.curdir else below + os.sep
         for f in filenames:
             suffix = _suffix(f).lower()
-            if suffix in IMAGE_EXTENSIONS:
+            if f.startswith("."):  # clutter (.DS_Store) unless named like an image
+                if suffix in IMAGE_EXTENSIONS:
+                    hidden.append(prefix + f)
+            elif suffix in IMAGE_EXTENSIONS:
                 found.append((os.fsencode(prefix + f), dirpath, f))
-            elif not f.startswith(".") and f.lower() not in _NOT_DATA:
+            elif f.lower() not in _NOT_DATA:
                 others[suffix or "no extension"] += 1
     if others:
         _warn_left_out(root, others)
+    if hidden:
+        _warn_hidden(root, hidden)
     if stores:
         logger.warning("left out %d MLflow store folder(s) under %s (e.g. %s): their files "
                        "are runs' plots and models, not images to use; move any images of "
@@ -245,6 +256,12 @@ def search_images(root: Path) -> ImageSearch:
                 f"no image files found in {display_path(root)}, and {len(unlisted)} "
                 f"folder(s) inside it could not be listed (e.g. {display_path(folder)}: "
                 f"{reason}); make them readable (or put back what was moved away)")
+        if hidden:
+            raise DataError(
+                f"no image files found in {display_path(root)} but hidden ones: "
+                f"{len(hidden)} file(s) and folder(s) whose names start with '.' (e.g. "
+                f"{one_line(display_path(sorted(hidden)[0]))}) are left out; rename the "
+                "ones that hold your images without the leading '.'")
         raise DataError(
             f"no image files found in {display_path(root)} (looked recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
@@ -273,6 +290,23 @@ def _warn_left_out(root: Path, others: collections.Counter[str]) -> None:
                    "anomaly-flow reads (%s%s; it reads %s); convert or rename any images "
                    "among them", sum(others.values()), display_path(root), shown, more,
                    " ".join(sorted(IMAGE_EXTENSIONS)))
+
+
+_HIDDEN_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_hidden(root: Path, hidden: list[str]) -> None:
+    """Say once per folder and count which hidden names (``.x``) :func:`find_images`
+    leaves out: the image files and the folders, with an example or two."""
+    key = (os.path.abspath(root), len(hidden))
+    if key in _HIDDEN_WARNED:
+        return
+    _HIDDEN_WARNED.add(key)
+    shown = ", ".join(one_line(display_path(name)) for name in sorted(hidden)[:2])
+    logger.warning("left out %d hidden file(s) and folder(s) under %s (names starting with "
+                   "'.', e.g. %s): macOS's ._ copies, .ipynb_checkpoints and .Trashes hold "
+                   "no images of yours; to include one, rename it without the leading '.'",
+                   len(hidden), display_path(root), shown)
 
 
 def _suffix(name: str) -> str:

@@ -263,6 +263,24 @@ def test_a_batch_too_large_for_memory_is_a_one_line_error_and_keeps_the_rows(
     assert len(table) == 100 and table["path"].str.contains("/a-").all()
 
 
+def test_a_folder_copied_from_a_mac_passes_strict(model_dir: Path, tmp_path: Path) -> None:
+    """The ``._x.png`` files macOS leaves beside each copied file, and its and Jupyter's
+    hidden folders, get no row (they are not images), so --strict does not fail on them;
+    a warning says they were left out."""
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(2), folder, "n-")
+    for image in list(folder.iterdir()):
+        (folder / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00")
+    write_image_folder(sample_images(1), folder / ".ipynb_checkpoints", "n-")
+    out = tmp_path / "scores.csv"
+    result = run("score", folder, "--model", model_dir, "--out", out, "--workers", "0",
+                 "--strict")
+    assert result.exit_code == 0, result.output
+    assert len(read_csv(out)) == 2
+    assert (f"left out 3 hidden file(s) and folder(s) under {folder} (names starting with "
+            "'.', e.g. ._n-00000.png, ._n-00001.png)") in result.stderr
+
+
 def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,
                                                       tmp_path: Path) -> None:
     """Images in a folder that cannot be listed have no row: the summary says so and

@@ -391,11 +391,13 @@ def test_permission_denied_is_reported(tmp_path: Path) -> None:
 
 def test_find_images_extensions_and_order(tmp_path: Path) -> None:
     names = ["b/z.PNG", "a.jpeg", "a.JPG", "c.bmp", "d.tif", "e.TIFF", "f.webp", "g.gif", "b/a.png",
-             "..png", "b/...jpg", "h.x.png"]  # the extension is the last suffix, as Path's
+             "h.x.png"]  # the extension is the last suffix, as Path's
     for name in names:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "readme.md").write_text("x")
+    for hidden in ("..png", "b/...jpg"):  # hidden, though named like images
+        (tmp_path / hidden).write_bytes(b"x")
     for no_suffix in (".png", "b/.jpg", "png.", "jpg"):  # no extension at all
         (tmp_path / no_suffix).write_bytes(b"x")
     (tmp_path / "folder.png").mkdir()  # a folder is never listed as an image
@@ -492,6 +494,44 @@ def test_find_images_says_which_files_it_leaves_out(tmp_path: Path,
                               "are not of images anomaly-flow reads (.heic 2, .txt 1, no "
                               "extension 1; it reads .bmp .gif .jpeg .jpg .png .tif .tiff "
                               ".webp); convert or rename any images among them")
+
+
+def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What macOS (``._x.png`` beside each copied file, ``.Trashes``) and Jupyter
+    (``.ipynb_checkpoints``) leave in a folder is not the user's images: left out, in one
+    warning that counts them and says how to include one; hidden clutter that is not named
+    like an image (``.DS_Store``) is not worth a word."""
+    for folder in ("sub/.Trashes/501", ".ipynb_checkpoints"):
+        (tmp_path / folder).mkdir(parents=True)
+    save(rgb_pattern(8, 8), tmp_path / "a.png")
+    save(rgb_pattern(8, 8), tmp_path / "sub" / "b.png")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (tmp_path / "sub" / "._b.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    save(rgb_pattern(8, 8), tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png")
+    save(rgb_pattern(8, 8), tmp_path / "sub" / ".Trashes" / "501" / "old.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.data"):
+        assert find_images(tmp_path) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
+        find_images(tmp_path)  # the same folder again: said once
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == (f"left out 4 hidden file(s) and folder(s) under {tmp_path} (names "
+                       "starting with '.', e.g. ._a.png, .ipynb_checkpoints): macOS's ._ "
+                       "copies, .ipynb_checkpoints and .Trashes hold no images of yours; to "
+                       "include one, rename it without the leading '.'")
+    # the folder given may itself be hidden: only what is inside it is left out
+    trash = tmp_path / "sub" / ".Trashes"
+    assert find_images(trash) == [trash / "501" / "old.png"]
+    # a folder of hidden images only: the refusal says where the images went
+    only = tmp_path.parent / f"{tmp_path.name}-only"
+    (only / ".ipynb_checkpoints").mkdir(parents=True)
+    save(rgb_pattern(8, 8), only / ".ipynb_checkpoints" / "a-checkpoint.png")
+    with pytest.raises(DataError) as refused:
+        find_images(only)
+    assert str(refused.value) == (
+        f"no image files found in {only} but hidden ones: 1 file(s) and folder(s) whose "
+        "names start with '.' (e.g. .ipynb_checkpoints) are left out; rename the ones that "
+        "hold your images without the leading '.'")
 
 
 def test_find_images_survives_a_symlinked_folder_loop(tmp_path: Path) -> None:
