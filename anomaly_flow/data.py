@@ -28,7 +28,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -198,7 +198,7 @@ def search_images(root: Path) -> ImageSearch:
     # symlinked folder is listed once, under its real path. A folder removed while the
     # tree is searched is passed over here; the walk below reports it.
     real_dirs: set[tuple[int, int]] = set()
-    for d, dirnames, _ in os.walk(root):
+    for d, dirnames, _ in walk_tree(os.fspath(root), follow_links=False):
         dirnames[:] = [name for name in dirnames if not name.startswith(".")]
         with contextlib.suppress(OSError):
             real_dirs.add(_dir_id(Path(d)))
@@ -211,7 +211,8 @@ def search_images(root: Path) -> ImageSearch:
     others: collections.Counter[str] = collections.Counter()  # left out, by extension
     stores: list[Path] = []  # MLflow stores met below root, left out
     hidden: list[str] = []  # hidden folders and image files below root, left out
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
+    for dirpath, dirnames, filenames in walk_tree(os.fspath(root), follow_links=True,
+                                                  onerror=walk_errors.append):
         below = os.path.relpath(dirpath, root)
         prefix = "" if below == os.curdir else below + os.sep
         hidden += [prefix + d for d in dirnames if d.startswith(".")]
@@ -269,6 +270,53 @@ def search_images(root: Path) -> ImageSearch:
     found.sort(key=lambda item: item[0])
     return ImageSearch([Path(folder, name) for _, folder, name in found], unlisted,
                        tuple(linked))
+
+
+def walk_tree(top: str, *, follow_links: bool,
+              onerror: Callable[[OSError], object] | None = None
+              ) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(top, followlinks=follow_links, onerror=onerror)``, top-down, in the same
+    order, without its recursion: Python 3.11's recurses once a level, and a tree deeper
+    than about 980 folders raised RecursionError. As there, the caller may prune
+    ``dirnames`` in place; a folder that cannot be listed goes to ``onerror`` (or is passed
+    over) and is not entered; a symlinked folder is entered only with ``follow_links``."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        dirnames: list[str] = []
+        filenames: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:  # as os.walk: what cannot be looked at is a file
+                        is_dir = False
+                    (dirnames if is_dir else filenames).append(entry.name)
+        except OSError as exc:
+            if onerror is not None:
+                onerror(exc)
+            continue
+        yield folder, dirnames, filenames
+        below = [os.path.join(folder, name) for name in dirnames]
+        stack.extend(reversed([path for path in below
+                               if follow_links or not os.path.islink(path)]))
+
+
+def make_folders(folder: Path) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` one level at a time: pathlib's and
+    ``os.makedirs`` recurse once a missing level, and a tree deeper than about 980
+    folders raised RecursionError.
+
+    Raises:
+        OSError: As ``mkdir`` does.
+    """
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for level in reversed(missing):
+        level.mkdir(exist_ok=True)
 
 
 _NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from anomaly_flow.data import display_path, is_regular_file, one_line
+from anomaly_flow.data import display_path, is_regular_file, make_folders, one_line, walk_tree
 from anomaly_flow.stopping import remove_leftovers
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ def recorded_heatmaps(folder: Path) -> dict[str, tuple[Path, str | None]]:
     found: dict[str, tuple[Path, str | None]] = {}
     if not folder.is_dir():
         return found
-    for path in sorted(folder.rglob("*.png")):
+    pngs = [Path(top, name) for top, _, names in walk_tree(os.fspath(folder), follow_links=False)
+            for name in names if name.endswith(".png")]  # rglob recurses once a level
+    for path in sorted(pngs):
         if not is_regular_file(path):  # a pipe named .png would block the open
             continue
         try:
@@ -286,7 +288,7 @@ class HeatmapWriter:
                               f"{self.vmax:g} {UNITS[self.quantity]} (fixed)")
                 if self.sources is not None:
                     info.add_text(SOURCE_KEY, self.sources[index])
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_folders(path.parent)
                 if os.path.lexists(path) and not is_heatmap(path):
                     raise OSError(f"{display_path(path)} exists and is not a heatmap; "
                                   "it is left as it is")

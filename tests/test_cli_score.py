@@ -22,6 +22,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.data import ArrayDataset, write_image_folder
 from anomaly_flow.scoring import score_images, write_table
 from tests.conftest import corrupt_png, obeying_file_modes
+from tests.test_data import DEEP, deep_folder, remove_tree
 from tests.test_scoring import (
     MESSY,
     N_BAD,
@@ -279,6 +280,29 @@ def test_a_folder_copied_from_a_mac_passes_strict(model_dir: Path, tmp_path: Pat
     assert len(read_csv(out)) == 2
     assert (f"left out 3 hidden file(s) and folder(s) under {folder} (names starting with "
             "'.', e.g. ._n-00000.png, ._n-00001.png)") in result.stderr
+
+
+def test_a_folder_tree_a_thousand_folders_deep_is_scored_with_heatmaps(
+        model_dir: Path, tmp_path: Path) -> None:
+    """Searching the tree, writing heatmaps under the same nesting and finding them again
+    on --resume go a level at a time: Python 3.11's os.walk, pathlib's mkdir(parents=True)
+    and rglob recurse once a level, and raised RecursionError past about 980."""
+    folder, out, maps = tmp_path / "images", tmp_path / "scores.csv", tmp_path / "maps"
+    write_image_folder(sample_images(1), folder, "top-")
+    with deep_folder(folder) as bottom:
+        write_image_folder(sample_images(1, offset=1), bottom, "bottom-")
+        try:
+            for again in ([], ["--resume"]):
+                result = run("score", folder, "--model", model_dir, "--out", out,
+                             "--workers", "0", "--heatmaps", maps, *again)
+                assert result.exit_code == 0, result.output[-2000:]
+            assert "all 2 rows kept from before" in result.stderr
+            table = read_csv(out)
+            assert len(table) == 2 and (table["error"] == "").all()
+            assert (maps / ("d/" * DEEP + "bottom-00000.png")).is_file()
+        finally:
+            if maps.exists():
+                remove_tree(maps)
 
 
 def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,

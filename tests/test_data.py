@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -534,6 +536,49 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
         "hold your images without the leading '.'")
 
 
+DEEP = 1_100
+"""Folders nested deeper than Python 3.11's recursive ``os.walk`` could go (about 980)."""
+
+
+def remove_tree(folder: Path) -> None:
+    """``shutil.rmtree(folder)`` without its recursion, which fails on a deep tree."""
+    folders, stack = [], [folder]
+    while stack:
+        folders.append(stack.pop())
+        with os.scandir(folders[-1]) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                else:
+                    os.unlink(entry.path)
+    for each in reversed(folders):
+        each.rmdir()
+
+
+@contextlib.contextmanager
+def deep_folder(root: Path, depth: int = DEEP) -> Iterator[Path]:
+    """``root/d/d/.../d``, ``depth`` folders deep (the deepest given), removed after (as
+    pytest's clean-up, recursive, could not)."""
+    folder = root
+    for _ in range(depth):
+        folder = folder / "d"
+        folder.mkdir()
+    try:
+        yield folder
+    finally:
+        remove_tree(root / "d")
+
+
+def test_find_images_searches_a_folder_tree_a_thousand_folders_deep(tmp_path: Path) -> None:
+    save(rgb_pattern(), tmp_path / "top.png")
+    with deep_folder(tmp_path) as bottom:
+        save(rgb_pattern(), bottom / "bottom.png")
+        (bottom / "up").symlink_to(tmp_path)  # a loop at the bottom is still not followed
+        found = search_images(tmp_path)
+        assert found.paths == [tmp_path / ("d/" * DEEP + "bottom.png"), tmp_path / "top.png"]
+        assert found.unlisted == []
+
+
 def test_find_images_survives_a_symlinked_folder_loop(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     save(rgb_pattern(), tmp_path / "sub" / "a.png")
@@ -550,15 +595,17 @@ def test_find_images_survives_a_folder_removed_while_it_searches(
     save(rgb_pattern(), tmp_path / "a.png")
     (tmp_path / "gone").mkdir()
     save(rgb_pattern(), tmp_path / "gone" / "b.png")
-    walk = os.walk
+    scandir = os.scandir
 
-    def walk_then_remove(top: object, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        for dirpath, dirnames, filenames in walk(top, *args, **kwargs):  # type: ignore[arg-type]
-            if Path(dirpath).name == "gone":
-                shutil.rmtree(dirpath)  # listed already, and now away
-            yield dirpath, dirnames, filenames
+    def list_then_remove(path: str | int) -> object:
+        if isinstance(path, int) or Path(path).name != "gone":  # rmtree lists by descriptor
+            return scandir(path)
+        with scandir(path) as entries:
+            listed = list(entries)
+        shutil.rmtree(path)  # listed already, and now away
+        return contextlib.nullcontext(iter(listed))
 
-    monkeypatch.setattr(os, "walk", walk_then_remove)
+    monkeypatch.setattr(os, "scandir", list_then_remove)
     found = find_images(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png"]
 
