@@ -753,6 +753,11 @@ def check_writable(out: Path, *, resume: bool = False) -> None:
     if out.is_dir():
         raise ScoringError(f"cannot write the output {name}: it is a folder; "
                            "give a file name ending in .csv or .parquet")
+    if out.is_file() and (other := _misnamed_format(out)) is not None:
+        fmt = output_format(out)
+        raise ScoringError(f"{name} is a {other} file, not {_FORMAT_NAMES[fmt]} as its name "
+                           f"says; name the output .{'csv' if other == 'CSV' else 'parquet'} "
+                           "(or move that file away)")
     if not resume and out.is_file() and out.stat().st_size and not _is_scores_table(out):
         raise ScoringError(f"{name} exists and is not a scores table (it lacks a path, bpd "
                            "or error column); only an earlier output is replaced: choose "
@@ -775,6 +780,35 @@ def _longest_name(folder: Path) -> int:
     except (OSError, ValueError, AttributeError):  # not POSIX, or no such setting there
         return 255
     return limit if limit > 0 else 255
+
+
+_FORMAT_NAMES = {"csv": "CSV", "parquet": "Parquet"}
+_PARQUET_MAGIC = b"PAR1"
+"""The four bytes a Parquet file starts and ends with."""
+
+
+def _misnamed_format(path: Path) -> str | None:
+    """``"Parquet"`` where ``path`` is named like a CSV file and holds Parquet (its
+    first and last four bytes), ``"CSV"`` where it is named like a Parquet file and holds
+    a CSV scores table; else None (unreadable files included: others say why)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+            size = os.fstat(file.fileno()).st_size
+            file.seek(max(size - 4, 0))
+            tail = file.read(4)
+    except OSError:
+        return None
+    parquet = size >= 8 and head == tail == _PARQUET_MAGIC
+    if output_format(path) == "csv":
+        return "Parquet" if parquet else None
+    if parquet or not size:
+        return None
+    try:
+        columns = pd.read_csv(path, nrows=0).columns
+    except Exception:  # not CSV either: pandas raises many types
+        return None
+    return "CSV" if {"path", "bpd", "error"} <= set(columns) else None
 
 
 def _is_scores_table(path: Path) -> bool:

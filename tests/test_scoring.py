@@ -839,6 +839,30 @@ def test_partial_table_is_flushed_during_the_run(model: Glow, messy: Path, tmp_p
     assert sizes == [5, 10, 15, len(MESSY), len(MESSY)]  # after each batch, then the final
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["replace", "resume"])
+def test_a_table_saved_under_the_other_format_s_name_is_named_as_such(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        resume: bool) -> None:
+    """A Parquet table renamed .csv (or a CSV one renamed .parquet) is neither called
+    "not a scores table" nor read as damaged text: the message says what it is, and it
+    is left as it was."""
+    fake_csv, fake_parquet = tmp_path / "fake.csv", tmp_path / "fake.parquet"
+    write_table(full_table, tmp_path / "real.parquet")
+    (tmp_path / "real.parquet").rename(fake_csv)
+    write_table(full_table, tmp_path / "real.csv")
+    (tmp_path / "real.csv").rename(fake_parquet)
+    before = fake_csv.read_bytes(), fake_parquet.read_bytes()
+    with pytest.raises(ScoringError) as refused:
+        score_folder(model, None, messy, fake_csv, resume=resume)
+    assert str(refused.value) == (f"{fake_csv} is a Parquet file, not CSV as its name says; "
+                                  "name the output .parquet (or move that file away)")
+    with pytest.raises(ScoringError) as refused:
+        score_folder(model, None, messy, fake_parquet, resume=resume)
+    assert str(refused.value) == (f"{fake_parquet} is a CSV file, not Parquet as its name "
+                                  "says; name the output .csv (or move that file away)")
+    assert (fake_csv.read_bytes(), fake_parquet.read_bytes()) == before
+
+
 def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_table: pd.DataFrame,
                                                 tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.parquet"
