@@ -256,7 +256,7 @@ def search_images(root: Path) -> ImageSearch:
             raise DataError(
                 f"no image files found in {display_path(root)}, and {len(unlisted)} "
                 f"folder(s) inside it could not be listed (e.g. {display_path(folder)}: "
-                f"{reason}); make them readable (or put back what was moved away)")
+                f"{reason}); {unlisted_advice(reason)}")
         if hidden:
             raise DataError(
                 f"no image files found in {display_path(root)} but hidden ones: "
@@ -317,6 +317,18 @@ def make_folders(folder: Path) -> None:
         folder = folder.parent
     for level in reversed(missing):
         level.mkdir(exist_ok=True)
+
+
+_PATH_TOO_LONG = os.strerror(errno.ENAMETOOLONG)
+
+
+def unlisted_advice(reason: str) -> str:
+    """What to do about folders that could not be listed, the first for ``reason`` (an
+    ``OSError.strerror``, as :class:`ImageSearch` keeps it)."""
+    if reason == _PATH_TOO_LONG:  # the whole path is over the system's limit (4,096 bytes)
+        return ("shorten the names of the folders on their path, or move them nearer the "
+                "top of the tree")
+    return "make them readable (or put back what was moved away)"
 
 
 _NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})

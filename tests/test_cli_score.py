@@ -22,7 +22,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.data import ArrayDataset, write_image_folder
 from anomaly_flow.scoring import score_images, write_table
 from tests.conftest import corrupt_png, obeying_file_modes
-from tests.test_data import DEEP, deep_folder, remove_tree
+from tests.test_data import DEEP, deep_folder, remove_tree, too_long_a_path
 from tests.test_scoring import (
     MESSY,
     N_BAD,
@@ -303,6 +303,19 @@ def test_a_folder_tree_a_thousand_folders_deep_is_scored_with_heatmaps(
         finally:
             if maps.exists():
                 remove_tree(maps)
+
+
+def test_a_folder_whose_path_is_too_long_says_to_shorten_it(model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    folder, out = tmp_path / "images", tmp_path / "scores.csv"
+    write_image_folder(sample_images(1), folder, "n-")
+    with too_long_a_path(folder) as unlistable:
+        result = run("score", folder, "--model", model_dir, "--out", out, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert (f"1 folder(s) could not be listed, so the images inside have no row (the first, "
+            f"{unlistable}: File name too long); shorten the names of the folders on their "
+            "path, or move them nearer the top of the tree and run again with --resume to "
+            "score them") in result.stderr
 
 
 def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,

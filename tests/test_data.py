@@ -579,6 +579,42 @@ def test_find_images_searches_a_folder_tree_a_thousand_folders_deep(tmp_path: Pa
         assert found.unlisted == []
 
 
+@contextlib.contextmanager
+def too_long_a_path(root: Path, levels: int = 20) -> Iterator[Path]:
+    """``levels`` nested folders of 250-character names under ``root``: the whole path
+    is longer than the system takes (4,096 bytes), so they are made, and removed after,
+    from inside one another. Gives the first folder whose path is too long to list."""
+    name, back = "x" * 250, os.getcwd()
+    os.chdir(root)
+    try:
+        for _ in range(levels):
+            os.mkdir(name)
+            os.chdir(name)
+        depth = next(i for i in range(1, levels + 1)
+                     if len(os.fsencode(root)) + i * (len(name) + 1) >= 4096)
+        yield root.joinpath(*[name] * depth)
+    finally:
+        for _ in range(levels):
+            os.chdir("..")
+            os.rmdir(name)
+        os.chdir(back)
+
+
+def test_a_folder_whose_path_is_too_long_is_named_with_what_to_do(tmp_path: Path) -> None:
+    """Making it readable would not help: the names on its path must be shorter."""
+    with too_long_a_path(tmp_path) as unlistable:
+        with pytest.raises(DataError) as refused:
+            find_images(tmp_path)
+        save(rgb_pattern(), tmp_path / "a.png")
+        found = search_images(tmp_path)
+    assert str(refused.value) == (
+        f"no image files found in {tmp_path}, and 1 folder(s) inside it could not be listed "
+        f"(e.g. {unlistable}: File name too long); shorten the names of the folders on "
+        "their path, or move them nearer the top of the tree")
+    assert found.paths == [tmp_path / "a.png"]
+    assert found.unlisted == [(unlistable, "File name too long")]
+
+
 def test_find_images_survives_a_symlinked_folder_loop(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     save(rgb_pattern(), tmp_path / "sub" / "a.png")

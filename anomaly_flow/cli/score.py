@@ -107,7 +107,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     existed, to fill the column). A summary goes to stderr: N scored, M failed, K
     anomalous.
     """
-    from anomaly_flow.data import check_image_folder, display_path
+    from anomaly_flow.data import check_image_folder, display_path, unlisted_advice
     from anomaly_flow.evaluation import open_model
     from anomaly_flow.scoring import ScoringError, check_writable, output_format, score_folder
 
@@ -159,9 +159,9 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     if summary.unlisted:
         unlisted, reason = summary.unlisted[0]
         click.echo(f"{len(summary.unlisted)} folder(s) could not be listed, so the images "
-                   f"inside have no row (the first, {one_line(unlisted)}: {reason}); make "
-                   "them readable (or put back what was moved away) and run again with "
-                   "--resume to score them", err=True)
+                   f"inside have no row (the first, {one_line(unlisted)}: {reason}); "
+                   f"{unlisted_advice(reason)} and run again with --resume to score them",
+                   err=True)
     click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
     unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:
