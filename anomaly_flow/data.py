@@ -534,14 +534,16 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      sample: int = 64, *, resizing: bool = True) -> list[str]:
     """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
     of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
-    colour defect; judged on the first 16 colour-mode images), detail lost when most of
-    them are larger than ``size`` (left out without ``resizing``), floating-point images
-    scaled to 0..1 (read as 0..255, they are near black), and 16-bit images most of which
-    use only values below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they
-    are dark). Only regular files within the pixel limit are looked at; others are passed
-    over (training and scoring report them)."""
+    colour defect; judged on the first 16 colour-mode images), grey-mode images given to a
+    colour model (repeated into three equal channels, unlike colour images), detail lost
+    when most of them are larger than ``size`` (left out without ``resizing``),
+    floating-point images scaled to 0..1 (read as 0..255, they are near black), and 16-bit
+    images most of which use only values below 4096 (8- or 12-bit data stored in 16 bits:
+    divided by 257, they are dark). Only regular files within the pixel limit are looked
+    at; others are passed over (training and scoring report them)."""
     step = max(1, len(paths) // sample)
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
+    grey = 0  # grey-mode images a colour model takes
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in list(paths)[::step][:sample]:
         try:
@@ -555,6 +557,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                     checked += 1
                     if max(img.size) > size:
                         larger[img.size] += 1
+                    grey += mode == "RGB" and img.mode in _GREY_MODES
                     if (mode == "L" and img.mode not in _GREY_MODES and judged < 16
                             and (img.format == "JPEG" or img.width * img.height <= 2**24)):
                         judged += 1
@@ -574,6 +577,12 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      "the model is grey (model.in_channels = 1): it sees them in grey and "
                      "cannot tell colours apart; for colour, train with in_channels = 3 in a "
                      "--config")
+    if grey:
+        notes.append(f"{grey} of {checked} images looked at are grey, and the model is colour "
+                     "(model.in_channels = 3): each grey image is repeated into three equal "
+                     "channels, so its likelihood is not comparable with a colour image's "
+                     "and it is likely flagged for being grey; use colour images "
+                     "throughout, or a grey model (in_channels = 1) for grey ones")
     if unit_floats:
         notes.append(f"{unit_floats} of {floats} floating-point images looked at hold values "
                      "in 0..1 only, and float grey is read as 0..255 (clipped), so they are "

@@ -438,6 +438,27 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
     assert conversion_notes(sorted(small.iterdir()), "L", 32, resizing=False) == []
 
 
+def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Path) -> None:
+    """The reverse of a grey model seeing colour: grey images (8- and 16-bit) repeated
+    into three channels are nothing like the colour images a colour model knows."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / f"colour-{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(
+        tmp_path / "g16.png")
+    paths = sorted(tmp_path.iterdir())
+    (note,) = conversion_notes(paths, "RGB", 16)
+    assert note == ("2 of 5 images looked at are grey, and the model is colour "
+                    "(model.in_channels = 3): each grey image is repeated into three equal "
+                    "channels, so its likelihood is not comparable with a colour image's and "
+                    "it is likely flagged for being grey; use colour images throughout, or a "
+                    "grey model (in_channels = 1) for grey ones")
+    assert int(load_image(tmp_path / "g.png", "RGB", 16).std(axis=0).max()) == 0  # as said
+    assert conversion_notes([p for p in paths if "colour" in p.name], "RGB", 16) == []
+
+
 def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path) -> None:
     """Float grey is read as 0..255: a float TIFF in 0..1 is near black to the model."""
     rng = np.random.default_rng(1)
