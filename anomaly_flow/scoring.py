@@ -1518,7 +1518,10 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
     lost files but a slip of the folder argument.
     """
     if not out.exists():
-        logger.info("no earlier output at %s; scoring every file", display_path(out))
+        # a mistyped --out would otherwise rescore a large folder without a word
+        logger.warning("resuming, but the output %s was not found, so every file is scored; "
+                       "if the earlier table is elsewhere, stop and resume with its path",
+                       display_path(out))
         return None
     previous = read_table(out, names)
     present = previous.index.isin(list(files))

@@ -318,6 +318,20 @@ def test_a_folder_whose_path_is_too_long_says_to_shorten_it(model_dir: Path,
             "score them") in result.stderr
 
 
+def test_resume_with_an_output_that_is_not_there_warns(model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """A mistyped --out with --resume would score the whole folder again: say so."""
+    folder, out = tmp_path / "images", tmp_path / "scroes.csv"
+    write_image_folder(sample_images(2), folder, "n-")
+    result = run("score", folder, "--model", model_dir, "--out", out, "--workers", "0",
+                 "--resume")
+    assert result.exit_code == 0, result.output
+    assert (f"WARNING anomaly_flow.scoring: resuming, but the output {out} was not found, "
+            "so every file is scored; if the earlier table is elsewhere, stop and resume "
+            "with its path") in result.stderr
+    assert len(read_csv(out)) == 2
+
+
 def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,
                                                       tmp_path: Path) -> None:
     """Images in a folder that cannot be listed have no row: the summary says so and
