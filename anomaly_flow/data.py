@@ -174,7 +174,8 @@ def search_images(root: Path) -> ImageSearch:
     without read permission and names that are not valid UTF-8 are all listed, so that
     scoring gives them a row with an error. Hidden names (starting with ``.``: macOS's
     ``._x.png`` copies, ``.ipynb_checkpoints/``, ``.Trashes/``) are left out, files and
-    folders, and the image files and folders among them counted in one warning.
+    folders; the image files among them, and the folders that hold image files directly,
+    are counted in one warning.
     Symlinked folders are followed, each real folder at most once, so a link to a parent
     folder cannot cause an endless walk.
     Folders that cannot be listed, and files left out for their extension (an image
@@ -215,7 +216,8 @@ def search_images(root: Path) -> ImageSearch:
                                                   onerror=walk_errors.append):
         below = os.path.relpath(dirpath, root)
         prefix = "" if below == os.curdir else below + os.sep
-        hidden += [prefix + d for d in dirnames if d.startswith(".")]
+        hidden += [prefix + d for d in dirnames  # .git, .venv and the like: not a word
+                   if d.startswith(".") and _holds_images(os.path.join(dirpath, d))]
         dirnames[:] = [d for d in dirnames if not d.startswith(".")
                        and _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
         for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
@@ -301,6 +303,17 @@ def walk_tree(top: str, *, follow_links: bool,
         below = [os.path.join(folder, name) for name in dirnames]
         stack.extend(reversed([path for path in below
                                if follow_links or not os.path.islink(path)]))
+
+
+def _holds_images(folder: str) -> bool:
+    """Whether ``folder`` itself (not below) holds a file named like an image: a hidden
+    folder worth a word (``.ipynb_checkpoints``), unlike ``.git`` or ``.venv``."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(_suffix(entry.name).lower() in IMAGE_EXTENSIONS
+                       and not entry.name.startswith(".") for entry in entries)
+    except OSError:
+        return False
 
 
 def make_folders(folder: Path) -> None:
@@ -531,12 +544,15 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
 
 
 def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
-                     sample: int = 64, *, resizing: bool = True) -> list[str]:
+                     sample: int = 64, *, resizing: bool = True,
+                     training: bool = True) -> list[str]:
     """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
     of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
     colour defect; judged on the first 16 colour-mode images), grey-mode images given to a
-    colour model (repeated into three equal channels, unlike colour images), detail lost
-    when most of them are larger than ``size`` (left out without ``resizing``),
+    colour model (repeated into three equal channels, unlike colour images: said of a
+    folder that mixes the two, and for scoring (not ``training``) of one all grey, which a
+    model trained on colour images would flag), detail lost when most of them are larger
+    than ``size`` (left out without ``resizing``),
     floating-point images scaled to 0..1 (read as 0..255, they are near black), and 16-bit
     images most of which use only values below 4096 (8- or 12-bit data stored in 16 bits:
     divided by 257, they are dark). Only regular files within the pixel limit are looked
@@ -577,12 +593,17 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      "the model is grey (model.in_channels = 1): it sees them in grey and "
                      "cannot tell colours apart; for colour, train with in_channels = 3 in a "
                      "--config")
-    if grey:
+    if grey and grey < checked:
         notes.append(f"{grey} of {checked} images looked at are grey, and the model is colour "
                      "(model.in_channels = 3): each grey image is repeated into three equal "
                      "channels, so its likelihood is not comparable with a colour image's "
                      "and it is likely flagged for being grey; use colour images "
                      "throughout, or a grey model (in_channels = 1) for grey ones")
+    elif grey and not training:  # a colour model trained on grey images knows them
+        notes.append(f"all {grey} images looked at are grey, and the model is colour "
+                     "(model.in_channels = 3): each is repeated into three equal channels; "
+                     "unless the model was trained on grey images too, their likelihoods "
+                     "are unlike a colour image's and they are likely flagged for being grey")
     if unit_floats:
         notes.append(f"{unit_floats} of {floats} floating-point images looked at hold values "
                      "in 0..1 only, and float grey is read as 0..255 (clipped), so they are "

@@ -384,9 +384,9 @@ class _Forward:
                             "minute on a CPU unless torch has it cached)")
                 self.compiled = torch.compile(self.model)
             return self.compiled(x)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as exc:  # no C++ compiler, an unsupported platform, ...
+            if out_of_memory(exc, x.device) is not None:  # the batch, not compiling
+                raise
             # the model itself must work on this batch, or the problem is not compiling
             # and its own error says what it is
             out = self.model(x)
@@ -787,6 +787,10 @@ _PARQUET_MAGIC = b"PAR1"
 """The four bytes a Parquet file starts and ends with."""
 
 
+_TABLE_COLUMNS = frozenset({"path", "bpd", "error"})
+"""The columns every table :func:`score_folder` writes has."""
+
+
 def _misnamed_format(path: Path) -> str | None:
     """``"Parquet"`` where ``path`` is named like a CSV file and holds Parquet (its
     first and last four bytes), ``"CSV"`` where it is named like a Parquet file and holds
@@ -805,27 +809,32 @@ def _misnamed_format(path: Path) -> str | None:
     if parquet or not size:
         return None
     try:
-        columns = pd.read_csv(path, nrows=0).columns
+        columns = _header(path, "csv")
     except Exception:  # not CSV either: pandas raises many types
         return None
-    return "CSV" if {"path", "bpd", "error"} <= set(columns) else None
+    return "CSV" if set(columns) >= _TABLE_COLUMNS else None
+
+
+def _header(path: Path, fmt: str) -> list[str]:
+    """The column names of the table at ``path`` read as ``fmt`` (``csv`` or
+    ``parquet``), from its header alone; raises what pandas or pyarrow raise."""
+    if fmt == "csv":
+        return [str(name) for name in pd.read_csv(path, nrows=0).columns]
+    return pa_parquet.read_schema(path).names
 
 
 def _is_scores_table(path: Path) -> bool:
     """Whether ``path`` has the columns every table :func:`score_folder` writes has (its
     header alone is read)."""
     try:
-        if output_format(path) == "csv":
-            columns = pd.read_csv(path, nrows=0).columns
-        else:
-            columns = pa_parquet.read_schema(path).names
+        columns = _header(path, output_format(path))
     except OSError as exc:  # unreadable: whose table it is cannot be told
         raise ScoringError(f"cannot read {display_path(path)} to check that it is an earlier "
                            f"scores table ({exc.strerror or exc}); choose another output path "
                            "or fix its permissions") from None
     except Exception:  # not CSV or Parquet at all: pandas and pyarrow raise many types
         return False
-    return {"path", "bpd", "error"} <= set(columns)
+    return set(columns) >= _TABLE_COLUMNS
 
 
 def _temporary_stem(out: Path) -> str:
@@ -1250,7 +1259,7 @@ def score_folder(
     # what the conversion to the model's mode loses (resizing is training's concern: its
     # folder set the size), as training says it of its own folder
     for note in conversion_notes([paths[i] for i in todo], config.mode, config.image_size,
-                                 resizing=False):
+                                 resizing=False, training=False):
         logger.warning("%s: %s", display_path(root), note)
 
     writer = None
@@ -1376,8 +1385,11 @@ def score_folder(
                     "" if interrupted  # the command's own line says what next
                     else "; once the error is dealt with, run again with resume (--resume) "
                     "to score the rest")
+        elif done:  # nothing new, but the output still holds the rows kept from before
+            kept = f"{len(done)} of {len(keys)} files are in {display_path(out)}"
         if ran_out is not None:  # the batch did not fit: a smaller one may
-            raise ScoringError(_ran_out_message(ran_out, batch_size, len(todo), kept)) from None
+            raise ScoringError(ran_out_message(ran_out, batch_size, len(todo), model.device,
+                                               compiled=compile, kept=kept)) from None
         raise
     finally:
         if writer is not None:
@@ -1413,16 +1425,21 @@ def score_folder(
     )
 
 
-def _ran_out_message(ran_out: str, batch_size: int, n_todo: int, kept: str) -> str:
+def ran_out_message(ran_out: str, batch_size: int, n_todo: int, device: torch.device, *,
+                    compiled: bool = False, kept: str = "") -> str:
     """What to tell a user whose scoring ran out of memory (``ran_out``, from
-    :func:`out_of_memory`) with ``batch_size`` over ``n_todo`` files; ``kept`` says which
-    rows the output holds, or is empty."""
-    used = min(batch_size, n_todo)  # a batch is never larger than the files to score
-    size = (f"batch_size = {batch_size} (--batch-size)" if used == batch_size else
-            f"batch_size = {batch_size} (--batch-size; {used} here, the files to score)")
-    advice = (f"lower it, e.g. to {max(used // 4, 1)}" if used > 1 else
-              "even one image a batch does not fit: free memory, or score on a device "
-              "with more")
+    :func:`out_of_memory`) with ``batch_size`` over ``n_todo`` files on ``device``;
+    ``compiled``: the flow ran compiled (every batch padded to ``batch_size``); ``kept``
+    says which rows the output holds, or is empty."""
+    floor = _min_batch(device)  # shorter batches are padded to it (see _launch)
+    ran = batch_size if compiled else max(min(batch_size, n_todo), floor)
+    size = f"batch_size = {batch_size} (--batch-size)"
+    if ran != batch_size:
+        size += f", {ran} images a forward pass here"
+    advice = (f"lower it, e.g. to {max(ran // 4, floor if not compiled else 1)}"
+              if ran > (1 if compiled else floor) else
+              f"even the smallest batch ({ran} image(s), padded so that every batch size "
+              "gives the same sums) does not fit: free memory, or score on a device with more")
     rest = f"; {kept}: run again with resume (--resume) to score the rest" if kept else ""
     return f"scoring ran {ran_out} with {size}; {advice}{rest}"
 
@@ -1540,8 +1557,18 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
             "would drop them; resume with the folder the table was made from, or write to "
             "another --out")
     if not present.all():
-        logger.warning("dropping %d row(s) of %s whose files are no longer under %s",
-                       int((~present).sum()), display_path(out), display_path(root))
+        # a file under a hidden name is left out of the search now, though it is there
+        hidden = sum(os.path.lexists(key) and any(
+            part.startswith(".") for part in Path(key).relative_to(root).parts)
+            for key in previous.index[~present] if Path(key).is_relative_to(root))
+        gone = int((~present).sum()) - hidden
+        if gone:
+            logger.warning("dropping %d row(s) of %s whose files are no longer under %s",
+                           gone, display_path(out), display_path(root))
+        if hidden:
+            logger.warning("dropping %d row(s) of %s whose files have hidden names (starting "
+                           "with '.'), which the folder search now leaves out", hidden,
+                           display_path(out))
     previous = previous[present]
     written = out.stat().st_mtime_ns
     changed = np.fromiter((_changed_since(files[key], written) for key in previous.index),

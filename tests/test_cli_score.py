@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -186,13 +184,6 @@ def test_a_file_without_read_permission(messy: Path, model_dir: Path, tmp_path: 
         f"{out} says why for each")
 
 
-def capped_memory(limit_bytes: int) -> Callable[[], None]:
-    """For ``preexec_fn``: the child may map at most ``limit_bytes`` (``ulimit -v``)."""
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-    return cap
-
-
 CAPPED_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "2",
               "MALLOC_ARENA_MAX": "2"}
 """Two compute threads and two malloc arenas: the address space a run maps then varies
@@ -201,22 +192,36 @@ enough to convert 88 M 16-bit pixels; measured)."""
 
 MEMORY_CAP = 2_250_000_000
 
+needs_cpu_torch = pytest.mark.skipif(
+    torch.version.cuda is not None,
+    reason="a CUDA build of torch maps more address space than the cap on import")
 
+
+def run_capped(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python args`` in a process that may map at most :data:`MEMORY_CAP` bytes
+    (``ulimit -v``, a batch system's limit), set by the child itself before it becomes
+    the command (no ``preexec_fn``, which a parent with threads must not use)."""
+    cap = ("import os, resource, sys; "
+           "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); "
+           "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+    return subprocess.run([sys.executable, "-c", cap, str(MEMORY_CAP), *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=CAPPED_ENV)
+
+
+@needs_cpu_torch
 def test_capped_memory_scores_what_fits_and_names_what_does_not(model_dir: Path,
                                                                  tmp_path: Path) -> None:
-    """Under a cap on the address space (``ulimit -v``, a batch system's limit), reading
-    a file takes what it holds, not the most an image file may hold (717 MB); an image
-    whose decoding needs more than is left gets an error row, not a traceback."""
+    """Under a cap on the address space, reading a file takes what it holds, not the
+    most an image file may hold (717 MB); an image whose decoding needs more than is left
+    gets an error row, not a traceback."""
     folder = tmp_path / "images"
     write_image_folder(sample_images(4), folder, "n-")
     # 88 M 16-bit pixels, within the pixel limit: converting them to 8 bits takes 1.6 GB
     (folder / "wide.png").write_bytes(blank_png(9400, 9400, depth=16))
     out = tmp_path / "scores.csv"
-    command = [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model",
-               str(model_dir), "--out", str(out), "--workers", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path, env=CAPPED_ENV,
-                            preexec_fn=capped_memory(MEMORY_CAP))
+    result = run_capped(["-m", "anomaly_flow", "score", str(folder), "--model",
+                         str(model_dir), "--out", str(out), "--workers", "0", "--device",
+                         "cpu"], tmp_path)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 0, result.stderr
     table = read_csv(out)
@@ -226,13 +231,10 @@ def test_capped_memory_scores_what_fits_and_names_what_does_not(model_dir: Path,
     assert "4 scored, 1 failed" in result.stderr
 
 
-def test_a_batch_too_large_for_memory_is_a_one_line_error_and_keeps_the_rows(
-        tmp_path: Path) -> None:
-    """A batch whose forward pass needs more memory than the process may have (here, 100
-    images of 128x128 through couplings 512 wide: 4 GB or more, under a cap of 2.25 GB)
-    ends the run with one line naming the batch size and what to do, not torch's
-    traceback; the rows done before it (two batches of files that are not images) are
-    in the table, for --resume."""
+@pytest.fixture
+def wide_model(tmp_path: Path) -> Path:
+    """A model folder whose forward pass over 100 images of 128x128 through couplings
+    512 wide needs 4 GB or more: over :data:`MEMORY_CAP`."""
     from anomaly_flow.config import GlowConfig
     from anomaly_flow.glow import Glow, preprocess
 
@@ -241,17 +243,24 @@ def test_a_batch_too_large_for_memory_is_a_one_line_error_and_keeps_the_rows(
     model = Glow(config)
     model.initialize(preprocess(
         ArrayDataset(sample_images(4), config.mode, config.image_size).images, config.n_bits))
-    folder = model.eval().save(tmp_path / "wide-model")
+    return model.eval().save(tmp_path / "wide-model")
+
+
+@needs_cpu_torch
+def test_a_batch_too_large_for_memory_is_a_one_line_error_and_keeps_the_rows(
+        tmp_path: Path, wide_model: Path) -> None:
+    """A batch that needs more memory than the process may have ends the run with one
+    line naming the batch size and what to do, not torch's traceback; the rows done
+    before it (two batches of files that are not images) are in the table, for
+    --resume."""
     images = tmp_path / "images"
     for i in range(200):  # sorted first: two batches with no image to run the model on
         corrupt_png(images / f"a-{i:03d}.png")
     write_image_folder(sample_images(100), images, "b-")
     out = tmp_path / "scores.csv"
-    command = [sys.executable, "-m", "anomaly_flow", "score", str(images), "--model",
-               str(folder), "--out", str(out), "--workers", "0", "--batch-size", "100"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path, env=CAPPED_ENV,
-                            preexec_fn=capped_memory(MEMORY_CAP))
+    result = run_capped(["-m", "anomaly_flow", "score", str(images), "--model",
+                         str(wide_model), "--out", str(out), "--workers", "0",
+                         "--batch-size", "100", "--device", "cpu"], tmp_path)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -262,6 +271,58 @@ def test_a_batch_too_large_for_memory_is_a_one_line_error_and_keeps_the_rows(
         r"\(--resume\) to score the rest", last), last
     table = read_csv(out)
     assert len(table) == 100 and table["path"].str.contains("/a-").all()
+
+
+@needs_cpu_torch
+def test_a_batch_too_large_for_memory_in_calibrate_or_evaluate_is_one_line(
+        tmp_path: Path, wide_model: Path) -> None:
+    """The folders calibrate, evaluate and select_threshold score meet the same
+    refusal (score_folder_table), not torch's traceback."""
+    images = tmp_path / "images"
+    write_image_folder(sample_images(100), images, "b-")
+    probe = ("import sys\n"
+             "from anomaly_flow.evaluation import score_folder_table\n"
+             "from anomaly_flow.glow import Glow\n"
+             "from anomaly_flow.scoring import ScoringError\n"
+             "try:\n"
+             "    score_folder_table(Glow.load(sys.argv[1]), sys.argv[2], batch_size=100)\n"
+             "except ScoringError as error:\n"
+             "    print(error)\n")
+    result = run_capped(["-c", probe, str(wide_model), str(images)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        r"scoring ran out of memory on cpu \(an allocation of [\d.]+ [MG]iB failed\) with "
+        r"batch_size = 100 \(--batch-size\); lower it, e.g. to 25\n", result.stdout), \
+        result.stdout
+
+
+@pytest.mark.parametrize(("threads", "compiled", "n_todo", "expected"), [
+    (2, False, 300, "with batch_size = 100 (--batch-size); lower it, e.g. to 25"),
+    (2, False, 10, "with batch_size = 100 (--batch-size), 10 images a forward pass here; "
+                   "lower it, e.g. to 2"),
+    (2, True, 10, "with batch_size = 100 (--batch-size); lower it, e.g. to 25"),
+    (1, False, 10, "with batch_size = 100 (--batch-size), 16 images a forward pass here; "
+                   "even the smallest batch (16 image(s), padded so that every batch size "
+                   "gives the same sums) does not fit: free memory, or score on a device "
+                   "with more"),
+    (2, False, 1, "with batch_size = 100 (--batch-size), 2 images a forward pass here; even "
+                  "the smallest batch (2 image(s)"),
+])
+def test_the_out_of_memory_advice_counts_the_padding(
+        threads: int, compiled: bool, n_todo: int, expected: str) -> None:
+    """A batch shorter than the smallest one is padded (and a compiled flow pads every
+    batch to --batch-size): the advice names the batch that ran, and does not ask for a
+    batch size below the padding, which would change nothing."""
+    from anomaly_flow.scoring import ran_out_message
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        said = ran_out_message("out of memory on cpu", 100, n_todo, torch.device("cpu"),
+                               compiled=compiled)
+    finally:
+        torch.set_num_threads(before)
+    assert said.startswith(f"scoring ran out of memory on cpu {expected}"), said
 
 
 def test_a_folder_copied_from_a_mac_passes_strict(model_dir: Path, tmp_path: Path) -> None:

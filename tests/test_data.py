@@ -457,6 +457,15 @@ def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Pa
                     "grey model (in_channels = 1) for grey ones")
     assert int(load_image(tmp_path / "g.png", "RGB", 16).std(axis=0).max()) == 0  # as said
     assert conversion_notes([p for p in paths if "colour" in p.name], "RGB", 16) == []
+    # all grey: a colour model may be trained on them (MVTec's grey categories), and
+    # knows them; scored, they are what a model trained on colour would flag
+    greys = [p for p in paths if p.name.startswith("g")]
+    assert conversion_notes(greys, "RGB", 16) == []
+    assert conversion_notes(greys, "RGB", 16, resizing=False, training=False) == [
+        "all 2 images looked at are grey, and the model is colour (model.in_channels = 3): "
+        "each is repeated into three equal channels; unless the model was trained on grey "
+        "images too, their likelihoods are unlike a colour image's and they are likely "
+        "flagged for being grey"]
 
 
 def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path) -> None:
@@ -524,9 +533,11 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
     """What macOS (``._x.png`` beside each copied file, ``.Trashes``) and Jupyter
     (``.ipynb_checkpoints``) leave in a folder is not the user's images: left out, in one
     warning that counts them and says how to include one; hidden clutter that is not named
-    like an image (``.DS_Store``) is not worth a word."""
-    for folder in ("sub/.Trashes/501", ".ipynb_checkpoints"):
+    like an image (``.DS_Store``) is not worth a word, nor a hidden folder that holds no
+    image file itself (``.git``, a ``.Trashes`` of per-user folders)."""
+    for folder in ("sub/.Trashes/501", ".ipynb_checkpoints", ".git/objects"):
         (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     save(rgb_pattern(8, 8), tmp_path / "a.png")
     save(rgb_pattern(8, 8), tmp_path / "sub" / "b.png")
     (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
@@ -538,7 +549,7 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
         assert find_images(tmp_path) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
         find_images(tmp_path)  # the same folder again: said once
     (message,) = [r.getMessage() for r in caplog.records]
-    assert message == (f"left out 4 hidden file(s) and folder(s) under {tmp_path} (names "
+    assert message == (f"left out 3 hidden file(s) and folder(s) under {tmp_path} (names "
                        "starting with '.', e.g. ._a.png, .ipynb_checkpoints): macOS's ._ "
                        "copies, .ipynb_checkpoints and .Trashes hold no images of yours; to "
                        "include one, rename it without the leading '.'")
@@ -555,6 +566,12 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
         f"no image files found in {only} but hidden ones: 1 file(s) and folder(s) whose "
         "names start with '.' (e.g. .ipynb_checkpoints) are left out; rename the ones that "
         "hold your images without the leading '.'")
+    # a folder of a git checkout only: nothing hidden to speak of, the plain refusal
+    checkout = tmp_path.parent / f"{tmp_path.name}-checkout"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(DataError, match=r"^no image files found in .* \(looked recursively"):
+        find_images(checkout)
 
 
 DEEP = 1_100

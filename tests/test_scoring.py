@@ -958,6 +958,21 @@ def test_resume_refuses_a_table_another_model_or_folder_made(
     assert summary.n_resumed == 10
     assert "dropping 1 row(s) of" in caplog.text and "no longer under" in caplog.text
     pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
+    # a row of a file with a hidden name (a table from before they were left out): it is
+    # there, so not called gone
+    table.loc[10, "path"] = str(messy / "._a_good.png")
+    write_table(table, out)
+    caplog.clear()
+    (messy / "._a_good.png").write_bytes(b"\x00\x05\x16\x07")  # in the module's folder:
+    try:  # taken away whatever happens
+        with caplog.at_level(logging.WARNING):
+            score_folder(model, None, messy, out, resume=True)
+    finally:
+        (messy / "._a_good.png").unlink()
+    assert "no longer under" not in caplog.text
+    assert "dropping 1 row(s) of" in caplog.text and "whose files have hidden names " \
+        "(starting with '.'), which the folder search now leaves out" in caplog.text
+    pd.testing.assert_frame_equal(read_csv(out), full_table, check_exact=True)
 
 
 @pytest.mark.parametrize(("suffix", "dropped", "named"), [

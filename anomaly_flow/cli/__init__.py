@@ -25,12 +25,14 @@ class _OneLineUsageError(click.UsageError):
         click.echo(f"Error: {message}", file=file, err=file is None)
 
 
+# click 8.2 and later: a command given no arguments shows its help this way
+_HELP_FOR_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _one_line(error: click.UsageError) -> click.UsageError:
-    if isinstance(error, click.exceptions.NoArgsIsHelpError):  # the help text, as asked
+    if isinstance(error, _HELP_FOR_NO_ARGS):  # the help text, as asked
         return error
-    brief = _OneLineUsageError(error.format_message(), error.ctx)
-    brief.__cause__ = error.__cause__
-    return brief
+    return _OneLineUsageError(error.format_message(), error.ctx)
 
 
 class _Group(click.Group):
