@@ -1385,7 +1385,7 @@ def score_folder(
                     "" if interrupted  # the command's own line says what next
                     else "; once the error is dealt with, run again with resume (--resume) "
                     "to score the rest")
-        elif done:  # nothing new, but the output still holds the rows kept from before
+        elif len(done):  # nothing new, but the output still holds the rows kept from before
             kept = f"{len(done)} of {len(keys)} files are in {display_path(out)}"
         if ran_out is not None:  # the batch did not fit: a smaller one may
             raise ScoringError(ran_out_message(ran_out, batch_size, len(todo), model.device,

@@ -647,6 +647,33 @@ def test_compiled_scoring_reports_the_models_own_error(
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_running_out_of_memory_on_a_resumed_run_says_to_resume_again(
+        model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first batch of a resumed run does not fit: nothing new is written, but the
+    output still holds the rows kept from before, and the advice says so."""
+    calls = []
+    forward = Glow.forward
+
+    def out_of_memory(self: Glow, x: torch.Tensor) -> Any:
+        calls.append(len(x))
+        if len(calls) == 1:  # the resume's check rescores a few kept files first: they fit
+            return forward(self, x)
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 123456789 bytes. Error code 12 (Cannot allocate memory)")
+
+    out = tmp_path / "scores.csv"
+    write_table(full_table.head(10), out)
+    monkeypatch.setattr(Glow, "forward", out_of_memory)
+    with pytest.raises(ScoringError, match=(
+            r"^scoring ran out of memory on cpu \(an allocation of 117\.7 MiB failed\) with "
+            rf"batch_size = 256 \(--batch-size\), \d+ images a forward pass here; lower it, "
+            rf"e\.g\. to \d+; 10 of {len(full_table)} files are in {re.escape(str(out))}: run "
+            r"again with resume \(--resume\) to score the rest$")):
+        score_folder(model, None, messy, out, resume=True)
+    pd.testing.assert_frame_equal(read_csv(out), full_table.head(10), check_exact=True)
+
+
 def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:
     # the table's CSV (Arrow's writer) reads back to what pandas' writer gives: floats
     # to the last bit, empty and missing cells, booleans, quotes, commas, line breaks
