@@ -1254,7 +1254,7 @@ def score_folder(
         logger.info("resuming: %d of %d files already in %s, scoring %d", len(previous),
                     len(keys), display_path(out), len(todo))
     elif out.exists():
-        logger.warning("replacing the earlier output %s (--resume would keep its rows)",
+        logger.warning("replacing the earlier output %s (resuming, --resume, would keep its rows)",
                        display_path(out))
     # what the conversion to the model's mode loses (resizing is training's concern: its
     # folder set the size), as training says it of its own folder

@@ -1637,7 +1637,7 @@ def test_an_output_link_is_written_through_and_a_replaced_table_is_named(
         summary = score_folder(model, None, folder, link)
     assert link.is_symlink() and summary.out == target
     assert len(read_csv(link)) == 2
-    assert f"replacing the earlier output {target} (--resume would keep its rows)" \
+    assert f"replacing the earlier output {target} (resuming, --resume, would keep its rows)" \
         in caplog.text
 
 
