@@ -1621,8 +1621,16 @@ def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Pat
     def rescored(at: Precision) -> tuple[np.ndarray, np.ndarray]:
         dataset = ScoringDataset([files[key] for key in probes], config.mode,
                                  config.image_size, config.n_bits, config.levels)
-        again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
-                              precision=at)
+        try:
+            again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
+                                  precision=at)
+        except RuntimeError as error:  # even these few kept files do not fit
+            if (ran_out := out_of_memory(error, model.device)) is None:
+                raise
+            raise ScoringError(
+                f"checking that {display_path(out)} was scored by this model ran "
+                f"{ran_out} on {len(probes)} of its files; free memory, or score on a "
+                "device with more") from None
         return again["bpd"].to_numpy(dtype=float), (again["error"].fillna("") == "").to_numpy()
 
     now, readable = rescored(precision)

@@ -672,6 +672,13 @@ def test_running_out_of_memory_on_a_resumed_run_says_to_resume_again(
             r"again with resume \(--resume\) to score the rest$")):
         score_folder(model, None, messy, out, resume=True)
     pd.testing.assert_frame_equal(read_csv(out), full_table.head(10), check_exact=True)
+    # the check of the kept rows, which rescores a few of them first, does not fit either
+    calls.append(0)
+    with pytest.raises(ScoringError, match=(
+            rf"^checking that {re.escape(str(out))} was scored by this model ran out of "
+            r"memory on cpu \(an allocation of 117\.7 MiB failed\) on 4 of its files; free "
+            r"memory, or score on a device with more$")):
+        score_folder(model, None, messy, out, resume=True)
 
 
 def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:
