@@ -68,13 +68,10 @@ from anomaly_flow.scoring import (
     REFERENCE_SCORES,
     SCORE_CHOICES,
     ScoringDataset,
-    ScoringError,
     default_score,
     is_score_name,
     level_columns,
-    out_of_memory,
     paths_frame,
-    ran_out_message,
     score_dataset,
     score_names,
 )
@@ -192,21 +189,16 @@ def score_folder_table(
 
     Raises:
         DataError: The folder is missing, not a folder, or holds no image files.
-        ScoringError: A batch ran out of memory (the message names the batch size).
+        BatchOutOfMemory: A batch did not fit in memory (the message names the
+            batch size to lower).
     """
     root = Path(folder)
     paths = find_images(root)
     config = model.config
     dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
                              config.levels)
-    try:
-        table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
-                              progress=progress)
-    except RuntimeError as error:  # a batch that does not fit: said in one line, as score does
-        if (ran_out := out_of_memory(error, model.device)) is None:
-            raise
-        raise ScoringError(ran_out_message(ran_out, batch_size, len(paths),
-                                           model.device)) from None
+    table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
+                          progress=progress)
     table = table.reset_index(drop=True)
     table.insert(0, "path", paths_frame(paths).to_numpy(dtype=object))
     table["error"] = table["error"].fillna("").astype(str)

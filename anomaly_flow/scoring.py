@@ -126,6 +126,40 @@ class OutputWriteError(ScoringError):
     """The table could not be written where it was asked for (disk full, name too long)."""
 
 
+class BatchOutOfMemory(ScoringError):
+    """A batch did not fit in memory (:func:`score_dataset`); the message names the batch
+    size and what to lower it to (:meth:`advice`).
+
+    Attributes:
+        ran_out: ``out of memory on <device>`` and the allocation that failed
+            (:func:`out_of_memory`).
+    """
+
+    def __init__(self, ran_out: str, batch_size: int, n_items: int, device: torch.device,
+                 compiled: bool) -> None:
+        self.ran_out, self.batch_size, self.n_items = ran_out, batch_size, n_items
+        self.device, self.compiled = device, compiled
+        super().__init__(self.advice())
+
+    def advice(self, kept: str = "") -> str:
+        """The message; ``kept`` says which rows an output holds, for resuming, or is
+        empty."""
+        floor = _min_batch(self.device)  # shorter batches are padded to it (see _launch)
+        asked = self.batch_size
+        # a compiled flow pads every batch to the batch size (see _Forward)
+        ran = asked if self.compiled else max(min(asked, self.n_items), floor)
+        size = f"batch_size = {asked} (--batch-size)"
+        if ran != asked:
+            size += f", {ran} images a forward pass here"
+        smallest = 1 if self.compiled else floor
+        advice = (f"lower it, e.g. to {max(ran // 4, smallest)}" if ran > smallest else
+                  f"even the smallest batch ({ran} image(s), padded so that every batch size "
+                  "gives the same sums) does not fit: free memory, or score on a device "
+                  "with more")
+        rest = f"; {kept}: run again with resume (--resume) to score the rest" if kept else ""
+        return f"scoring ran {self.ran_out} with {size}; {advice}{rest}"
+
+
 def level_columns(levels: int) -> list[str]:
     """Names of the per-level columns, finest scale first."""
     return [f"level_{i + 1}" for i in range(levels)]
@@ -534,6 +568,7 @@ def score_dataset(
 
     Raises:
         ValueError: The dataset was built for a model with another number of levels.
+        BatchOutOfMemory: A batch did not fit in memory.
     """
     if dataset.levels != model.config.levels:
         raise ValueError(f"the dataset measures PNG lengths for a {dataset.levels}-level "
@@ -541,6 +576,7 @@ def score_dataset(
                          "with the model's config.levels")
     device = model.device
     model.eval()
+    asked = batch_size
     batch_size = min(batch_size, max(len(dataset), 1))  # a batch past the data is the data
     num_workers = worker_count(num_workers, math.ceil(len(dataset) / batch_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -570,29 +606,34 @@ def score_dataset(
             on_batch(frame)
         bar.update(len(frame))
 
-    with (
-        tqdm(total=len(dataset), disable=(not progress) if progress is not None else None,
-             desc="score", unit="img", dynamic_ncols=True) as bar,
-        numerics(model, precision),
-        torch.inference_mode(),
-    ):
-        pending: _Pending | None = None
-        for batch in worker_batches(loader):
-            raise_if_stopped()  # a stop whose signal landed where Python ignores it
-            if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
-                stats = torch.full((len(batch.ok), _n_stats(model)), float("nan"),
-                                   dtype=torch.float64)  # as _launch's
-                maps = None
-            else:
-                stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
-                                      None if heatmaps is None else heatmap_kind, forward)
-            (stats, maps), ready = to_host_async(stats, maps)
-            launched = _Pending(batch, stats, maps, ready)
+    try:
+        with (
+            tqdm(total=len(dataset), disable=(not progress) if progress is not None else None,
+                 desc="score", unit="img", dynamic_ncols=True) as bar,
+            numerics(model, precision),
+            torch.inference_mode(),
+        ):
+            pending: _Pending | None = None
+            for batch in worker_batches(loader):
+                raise_if_stopped()  # a stop whose signal landed where Python ignores it
+                if not batch.ok.any():  # nothing decoded: rows with errors, no forward pass
+                    stats = torch.full((len(batch.ok), _n_stats(model)), float("nan"),
+                                       dtype=torch.float64)  # as _launch's
+                    maps = None
+                else:
+                    stats, maps = _launch(model, batch.images.to(device, non_blocking=True),
+                                          None if heatmaps is None else heatmap_kind, forward)
+                (stats, maps), ready = to_host_async(stats, maps)
+                launched = _Pending(batch, stats, maps, ready)
+                if pending is not None:
+                    finish(pending)  # the device is already busy with `launched`
+                pending = launched
             if pending is not None:
-                finish(pending)  # the device is already busy with `launched`
-            pending = launched
-        if pending is not None:
-            finish(pending)
+                finish(pending)
+    except RuntimeError as error:  # a batch that does not fit: a smaller one may
+        if (ran_out := out_of_memory(error, device)) is None:
+            raise
+        raise BatchOutOfMemory(ran_out, asked, len(dataset), device, compile) from None
     if not frames:  # the columns' types all the same
         return pd.DataFrame({**{name: pd.Series(dtype=np.float64) for name in names},
                              "error": pd.Series(dtype=str)})
@@ -1365,7 +1406,7 @@ def score_folder(
     except BaseException as stop:  # what is scored is kept, whatever stopped the run
         if isinstance(stop, OutputWriteError):  # a flush failed: it said where rows went
             raise
-        ran_out = out_of_memory(stop, model.device)
+        ran_out = stop if isinstance(stop, BatchOutOfMemory) else None
         kept = ""
         if frames:
             interrupted = isinstance(stop, KeyboardInterrupt)
@@ -1387,9 +1428,8 @@ def score_folder(
                     "to score the rest")
         elif len(done):  # nothing new, but the output still holds the rows kept from before
             kept = f"{len(done)} of {len(keys)} files are in {display_path(out)}"
-        if ran_out is not None:  # the batch did not fit: a smaller one may
-            raise ScoringError(ran_out_message(ran_out, batch_size, len(todo), model.device,
-                                               compiled=compile, kept=kept)) from None
+        if ran_out is not None:  # said again with the rows the output holds
+            raise ScoringError(ran_out.advice(kept)) from None
         raise
     finally:
         if writer is not None:
@@ -1423,25 +1463,6 @@ def score_folder(
         ),
         unlisted=tuple((display_path(folder), reason) for folder, reason in unlisted),
     )
-
-
-def ran_out_message(ran_out: str, batch_size: int, n_todo: int, device: torch.device, *,
-                    compiled: bool = False, kept: str = "") -> str:
-    """What to tell a user whose scoring ran out of memory (``ran_out``, from
-    :func:`out_of_memory`) with ``batch_size`` over ``n_todo`` files on ``device``;
-    ``compiled``: the flow ran compiled (every batch padded to ``batch_size``); ``kept``
-    says which rows the output holds, or is empty."""
-    floor = _min_batch(device)  # shorter batches are padded to it (see _launch)
-    ran = batch_size if compiled else max(min(batch_size, n_todo), floor)
-    size = f"batch_size = {batch_size} (--batch-size)"
-    if ran != batch_size:
-        size += f", {ran} images a forward pass here"
-    advice = (f"lower it, e.g. to {max(ran // 4, floor if not compiled else 1)}"
-              if ran > (1 if compiled else floor) else
-              f"even the smallest batch ({ran} image(s), padded so that every batch size "
-              "gives the same sums) does not fit: free memory, or score on a device with more")
-    rest = f"; {kept}: run again with resume (--resume) to score the rest" if kept else ""
-    return f"scoring ran {ran_out} with {size}; {advice}{rest}"
 
 
 def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
@@ -1624,12 +1645,10 @@ def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Pat
         try:
             again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
                                   precision=at)
-        except RuntimeError as error:  # even these few kept files do not fit
-            if (ran_out := out_of_memory(error, model.device)) is None:
-                raise
+        except BatchOutOfMemory as error:  # even these few kept files do not fit
             raise ScoringError(
                 f"checking that {display_path(out)} was scored by this model ran "
-                f"{ran_out} on {len(probes)} of its files; free memory, or score on a "
+                f"{error.ran_out} on {len(probes)} of its files; free memory, or score on a "
                 "device with more") from None
         return again["bpd"].to_numpy(dtype=float), (again["error"].fillna("") == "").to_numpy()
 

@@ -313,13 +313,13 @@ def test_the_out_of_memory_advice_counts_the_padding(
     """A batch shorter than the smallest one is padded (and a compiled flow pads every
     batch to --batch-size): the advice names the batch that ran, and does not ask for a
     batch size below the padding, which would change nothing."""
-    from anomaly_flow.scoring import ran_out_message
+    from anomaly_flow.scoring import BatchOutOfMemory
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        said = ran_out_message("out of memory on cpu", 100, n_todo, torch.device("cpu"),
-                               compiled=compiled)
+        said = str(BatchOutOfMemory("out of memory on cpu", 100, n_todo, torch.device("cpu"),
+                                    compiled))
     finally:
         torch.set_num_threads(before)
     assert said.startswith(f"scoring ran out of memory on cpu {expected}"), said
