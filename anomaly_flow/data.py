@@ -347,16 +347,23 @@ def unlisted_advice(reason: str) -> str:
 _NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})
 """Files an operating system leaves in image folders (with hidden files, never counted)."""
 
-_LEFT_OUT_WARNED: set[tuple[str, tuple[tuple[str, int], ...]]] = set()
+_SEARCH_WARNED: set[tuple[object, ...]] = set()
+
+
+def _first_time(*key: object) -> bool:
+    """Whether the folder search's warning ``key`` (its kind, the folder, what it
+    counts) is new to this process: a command searches a folder more than once."""
+    if key in _SEARCH_WARNED:
+        return False
+    _SEARCH_WARNED.add(key)
+    return True
 
 
 def _warn_left_out(root: Path, others: collections.Counter[str]) -> None:
     """Say once per folder and tally which files :func:`find_images` leaves out."""
     tally = tuple(sorted(others.items(), key=lambda item: (-item[1], item[0])))
-    key = (os.path.abspath(root), tally)
-    if key in _LEFT_OUT_WARNED:
+    if not _first_time("extensions", os.path.abspath(root), tally):
         return
-    _LEFT_OUT_WARNED.add(key)
     shown = ", ".join(f"{suffix} {n}" for suffix, n in tally[:6])
     more = f", and {len(tally) - 6} other kinds" if len(tally) > 6 else ""
     logger.warning("%d file(s) under %s are left out: their extensions are not of images "
@@ -365,16 +372,11 @@ def _warn_left_out(root: Path, others: collections.Counter[str]) -> None:
                    " ".join(sorted(IMAGE_EXTENSIONS)))
 
 
-_HIDDEN_WARNED: set[tuple[str, int]] = set()
-
-
 def _warn_hidden(root: Path, hidden: list[str]) -> None:
     """Say once per folder and count which hidden names (``.x``) :func:`find_images`
     leaves out: the image files and the folders, with an example or two."""
-    key = (os.path.abspath(root), len(hidden))
-    if key in _HIDDEN_WARNED:
+    if not _first_time("hidden", os.path.abspath(root), len(hidden)):
         return
-    _HIDDEN_WARNED.add(key)
     shown = ", ".join(one_line(display_path(name)) for name in sorted(hidden)[:2])
     logger.warning("left out %d hidden file(s) and folder(s) under %s (names starting with "
                    "'.', e.g. %s): macOS's ._ copies, .ipynb_checkpoints and .Trashes hold "
@@ -552,11 +554,11 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     colour model (repeated into three equal channels, unlike colour images: said of a
     folder that mixes the two, and for scoring (not ``training``) of one all grey, which a
     model trained on colour images would flag), detail lost when most of them are larger
-    than ``size`` (left out without ``resizing``),
-    floating-point images scaled to 0..1 (read as 0..255, they are near black), and 16-bit
-    images most of which use only values below 4096 (8- or 12-bit data stored in 16 bits:
-    divided by 257, they are dark). Only regular files within the pixel limit are looked
-    at; others are passed over (training and scoring report them)."""
+    than ``size`` (left out without ``resizing``), floating-point images scaled to 0..1
+    (read as 0..255, they are near black), and 16-bit images most of which use only values
+    below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they are dark). Only
+    regular files within the pixel limit are looked at; others are passed over (training
+    and scoring report them)."""
     step = max(1, len(paths) // sample)
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
     grey = 0  # grey-mode images a colour model takes

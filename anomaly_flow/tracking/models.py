@@ -22,7 +22,6 @@ import difflib
 import logging
 import re
 import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -50,6 +49,7 @@ from anomaly_flow.tracking.store import (
     TrackingError,
     configured_uri,
     ensure_configured,
+    local_folder,
     missing_default_store,
     note_registered,
     password_masked,
@@ -409,9 +409,8 @@ def _files_location(source: str) -> str | None:
             location = RunsArtifactRepository.get_underlying_uri(source)
         else:
             return None
-        parsed = urllib.parse.urlparse(location)
-        return (urllib.parse.unquote(parsed.path) if parsed.scheme in ("", "file")
-                else location)
+        folder = local_folder(location)
+        return location if folder is None else str(folder)
     return None
 
 

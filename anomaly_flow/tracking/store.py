@@ -435,11 +435,9 @@ def require_writable_experiment(name: str, what: str = "logs a run") -> None:
     experiment = mlflow.MlflowClient().get_experiment_by_name(name)
     if experiment is None:
         return  # made under the store's artifacts folder, which require_writable_store checks
-    parsed = urllib.parse.urlparse(experiment.artifact_location or "")
-    if parsed.scheme not in ("", "file"):
+    folder = local_folder(experiment.artifact_location)
+    if folder is None:
         return  # a server's or a cloud store's: its own answer says what is wrong
-    folder = Path(experiment.artifact_location if not parsed.scheme
-                  else urllib.parse.unquote(parsed.path))
     place = next((above for above in (folder, *folder.parents) if above.exists()), None)
     if place is not None and not os.access(place, os.W_OK):
         raise TrackingError(
@@ -489,16 +487,25 @@ def ensure_experiment(name: str) -> str:
         return experiment.experiment_id
 
 
+def local_folder(location: str | None) -> Path | None:
+    """The folder an artifact location names on this machine, or None for a server's or
+    a cloud store's: a ``file:`` URI decoded, a plain path as it is (read as a URL, a
+    '#' in it would cut it short)."""
+    parsed = urllib.parse.urlparse(location or "")
+    if not location or parsed.scheme not in ("", "file"):
+        return None
+    return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else location)
+
+
 def _warn_if_elsewhere(name: str, location: str) -> None:
     """Warn when a local experiment keeps its artifacts outside this store's folder: MLflow
     records absolute paths, so a store that was moved or copied keeps writing to (and
     reading from) the old place."""
     root = _state.artifact_root
-    parsed = urllib.parse.urlparse(location or "")
-    if root is None or not _state.default_store or parsed.scheme not in ("", "file"):
+    folder = local_folder(location)
+    if root is None or not _state.default_store or folder is None:
         return  # a store of the user's may hold experiments other tools put elsewhere
-    # a plain path as it is: read as a URL, a '#' in it would cut it short
-    where = Path(location if not parsed.scheme else urllib.parse.unquote(parsed.path)).resolve()
+    where = folder.resolve()
     if not where.is_relative_to(root.resolve()):
         logger.warning("experiment %r keeps its artifacts in %s, outside this store's %s (was "
                        "the store moved or copied? MLflow records absolute paths); its new "
