@@ -59,6 +59,7 @@ from anomaly_flow.data import (
     display_path,
     find_images,
     fingerprint_and_digests,
+    is_unreadable,
     notable_copies,
     one_line,
 )
@@ -445,7 +446,7 @@ def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: fl
         return paths, fingerprint_and_digests(paths, folder)[1]
 
     def readable(found: list[str]) -> set[str]:
-        return {d for d in found if not d.startswith("unreadable:")}
+        return {d for d in found if not is_unreadable(d)}
 
     train, calibration = Path(train), Path(calibration)
     seen = readable(digests(train)[1])
@@ -776,12 +777,11 @@ def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None,
     if logs or not tracking.is_local_model_uri(model_uri) \
             or (reads_runs and tracking.missing_default_store(mlruns) is None):
         tracking.configure(mlruns)
-    what = "logs a run and registers a model" if registers else "logs a run"
-    if logs:
-        tracking.require_writable_store(what)  # before the folders are scored
     loaded = tracking.load_model(model_uri, device=device)
-    if logs:
-        tracking.require_writable_experiment(default_experiment(loaded), what)
+    if logs:  # before the folders are scored
+        tracking.require_writable_store(
+            "logs a run and registers a model" if registers else "logs a run",
+            experiment=default_experiment(loaded))
     return loaded
 
 

@@ -393,22 +393,24 @@ def missing_default_store(mlruns: str | Path | None = None) -> Path | None:
     return None if _has_database(db) else db
 
 
-def require_writable_store(what: str = "logs a run and registers a model") -> None:
+def require_writable_store(what: str = "logs a run and registers a model", *,
+                           experiment: str | None = None) -> None:
     """Refuse, before any work, a local sqlite store this process cannot write (a
-    read-only mount, a file without write permission): MLflow would fail only at the
-    first write, after the folders were scored, with pages of SQL.
+    read-only mount, a file without write permission), or an ``experiment`` whose
+    artifacts folder on this machine it cannot write: MLflow would fail only at the first
+    write, after the folders were scored, with pages of SQL or a traceback. MLflow keeps
+    each experiment's folder as the absolute path it had when made, so in a store that
+    was copied or moved, or made by another user, it need not be the store's.
 
     Raises:
         TrackingError: The database file, its folder (sqlite writes a journal beside
-            it) or the artifact folder is read-only; the message says the command ``what``
-            there.
+            it), the artifact folder or the experiment's (or the nearest folder above it
+            that exists) is read-only; the message says the command ``what`` there.
     """
     uri = ensure_configured()
     db = _sqlite_file(uri)
-    if db is None:
-        return  # a server, or another store: its own answer says what is wrong
-    places = [db, db.parent]
-    if _state.artifact_root is not None:
+    places = [] if db is None else [db, db.parent]  # else a server, or another store:
+    if db is not None and _state.artifact_root is not None:  # its own answer says
         places.append(_state.artifact_root)
     for place in places:
         if place.exists() and not os.access(place, os.W_OK):
@@ -419,31 +421,17 @@ def require_writable_store(what: str = "logs a run and registers a model") -> No
                 f"the MLflow store {uri} cannot be written ({place} is read-only); this "
                 f"command {what} there: {where} (a copy of the store, to keep its "
                 "models), or fix the permissions")
-
-
-def require_writable_experiment(name: str, what: str = "logs a run") -> None:
-    """Refuse, before any work, an experiment whose artifacts folder on this machine
-    cannot be written. MLflow keeps each experiment's folder as the absolute path it had
-    when made, so in a store that was copied or moved, or made by another user, the new
-    run's plots and model would fail there only after the work, with a traceback.
-
-    Raises:
-        TrackingError: The folder (or the nearest one above it that exists) is
-            read-only; the message names it.
-    """
-    ensure_configured()
-    experiment = mlflow.MlflowClient().get_experiment_by_name(name)
-    if experiment is None:
-        return  # made under the store's artifacts folder, which require_writable_store checks
-    folder = local_folder(experiment.artifact_location)
+    found = None if experiment is None else mlflow.MlflowClient().get_experiment_by_name(
+        experiment)  # a new one is made under the artifact folder checked above
+    folder = None if found is None else local_folder(found.artifact_location)
     if folder is None:
-        return  # a server's or a cloud store's: its own answer says what is wrong
+        return  # none yet, or a server's or a cloud store's: its own answer says
     place = next((above for above in (folder, *folder.parents) if above.exists()), None)
     if place is not None and not os.access(place, os.W_OK):
         raise TrackingError(
-            f"the artifacts of MLflow experiment {name!r} go to {folder}, and {place} cannot "
-            f"be written; this command {what} there: fix the permissions of {place}, or "
-            "log to another store (--mlruns DIR, or MLFLOW_TRACKING_URI)")
+            f"the artifacts of MLflow experiment {experiment!r} go to {folder}, and {place} "
+            f"cannot be written; this command {what} there: fix the permissions of {place}, "
+            "or log to another store (--mlruns DIR, or MLFLOW_TRACKING_URI)")
 
 
 def configured_uri() -> str | None:

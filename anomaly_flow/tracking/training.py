@@ -42,7 +42,6 @@ from anomaly_flow.tracking.store import (
     mlruns_dir,
     quiet_mlflow,
     redacted,
-    require_writable_experiment,
     require_writable_store,
     safe_name,
     start_run,
@@ -586,8 +585,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             earlier, _ = _read_run_state(ckpt)
         _check_owner(earlier, name, ckpt)
     configure(mlruns)
-    require_writable_store()
-    require_writable_experiment(name, "logs a run and registers a model")
+    require_writable_store(experiment=name)
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
