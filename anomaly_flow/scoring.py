@@ -141,14 +141,14 @@ class BatchOutOfMemory(ScoringError):
         self.device, self.compiled = device, compiled
         super().__init__(self.advice())
 
-    def advice(self, kept: str = "") -> str:
+    def advice(self, kept: str = "", option: str = "--batch-size") -> str:
         """The message; ``kept`` says which rows an output holds, for resuming, or is
-        empty."""
+        empty; ``option`` is where the batch size was set."""
         floor = _min_batch(self.device)  # shorter batches are padded to it (see _launch)
         asked = self.batch_size
         # a compiled flow pads every batch to the batch size (see _Forward)
         ran = asked if self.compiled else max(min(asked, self.n_items), floor)
-        size = f"batch_size = {asked} (--batch-size)"
+        size = f"batch_size = {asked} ({option})"
         if ran != asked:
             size += f", {ran} images a forward pass here"
         smallest = 1 if self.compiled else floor

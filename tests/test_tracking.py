@@ -737,6 +737,42 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
                             params={"batch_size": bad})
 
 
+def test_a_batch_that_does_not_fit_is_a_400_naming_the_batch_size_param(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory once reached a REST client as MLflow's "unexpected error" with a
+    stack trace (only an MlflowException keeps its message), and a Python caller was told
+    to lower --batch-size, an option the model does not have."""
+    from mlflow.pyfunc import scoring_server
+
+    def out_of_memory(self: Glow, x: torch.Tensor) -> Any:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 123456789 bytes. Error code 12 (Cannot allocate memory)")
+
+    wrapper = tiny_wrapper()
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    monkeypatch.setattr(Glow, "forward", out_of_memory)
+    with pytest.raises(PredictError, match=(
+            r"^scoring ran out of memory on cpu \(an allocation of 117\.7 MiB failed\) with "
+            r"batch_size = 256 \(the batch_size param\), \d+ images a forward pass here; ")
+    ) as info:
+        wrapper.predict(None, pd.DataFrame({"path": [str(image)] * 2}))  # type: ignore[arg-type]
+    assert info.value.get_http_status_code() == 400
+
+    class Loaded:  # what mlflow.pyfunc.load_model wraps the pyfunc in
+        def predict(self, data: Any, params: dict | None = None) -> pd.DataFrame:
+            return wrapper.predict(None, data, params)  # type: ignore[arg-type]
+
+    model = mlflow.pyfunc.PyFuncModel(model_meta=mlflow.models.Model(), model_impl=Loaded())
+    with pytest.raises(MlflowException) as served:  # what `mlflow models serve` answers
+        scoring_server.invocations(json.dumps({"inputs": {"path": [str(image)] * 2}}),
+                                   "application/json", model, None)
+    answer = json.loads(served.value.serialize_as_json())
+    assert served.value.get_http_status_code() == 400
+    assert "batch_size = 256 (the batch_size param)" in answer["message"]
+    assert "stack_trace" not in answer
+
+
 def test_a_column_mlflow_packed_into_one_cell_is_a_row_per_image(tmp_path: Path) -> None:
     """MLflow turns ``{"inputs": {"path": ["a.png", "b.png"]}}`` (REST) and
     ``predict({"path": [...]})`` into one row holding the list, unless the list has a

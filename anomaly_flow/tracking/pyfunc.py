@@ -14,9 +14,10 @@ both, the bytes win. Output: one row per input row, in order, with ``bpd``,
 
 Params at predict time: ``threshold`` (decide ``score > threshold`` instead of the
 calibrated threshold; also works on an uncalibrated model, whose score is ``bpd``) and
-``batch_size``. A request without an image column or with a bad param raises
-:class:`PredictError` (HTTP 400 over REST). Behind MLflow's REST server a missing number
-is None (``null``), not NaN (see :func:`_json_safe`).
+``batch_size``. A request without an image column, with a bad param or with a batch
+that does not fit in memory raises :class:`PredictError` (HTTP 400 over REST). Behind
+MLflow's REST server a missing number is None (``null``), not NaN (see
+:func:`_json_safe`).
 
 ``model_config={"device": "cpu"|"cuda"|"auto"}`` at load time (or the
 ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` environment variable for ``mlflow models serve``)
@@ -47,6 +48,7 @@ from anomaly_flow.data import InvalidSource, undisplayed_path
 from anomaly_flow.glow import Glow, ModelFileError
 from anomaly_flow.scoring import (
     DECISION_COLUMNS,
+    BatchOutOfMemory,
     ScoringDataset,
     apply_calibration,
     score_dataset,
@@ -64,9 +66,9 @@ DEFAULT_BATCH_SIZE = 256
 
 
 class PredictError(MlflowException, ValueError):
-    """A request the model cannot answer (no image column, a bad param). An
-    ``MlflowException`` so that a REST client gets its message with HTTP 400, where a
-    plain exception would reach it as MLflow's generic "unexpected error"."""
+    """A request the model cannot answer (no image column, a bad param, a batch too large
+    for memory). An ``MlflowException`` so that a REST client gets its message with HTTP
+    400, where a plain exception would reach it as MLflow's generic "unexpected error"."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
@@ -324,9 +326,12 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
             raise PredictError(f"the batch_size param must be a positive number of "
                                f"images, not {given!r}; leave it out for "
                                f"{DEFAULT_BATCH_SIZE}")
-        frame = predict_frame(self.model, self.calibration, rows_from_columns(model_input),
-                              threshold=None if threshold is None else float(threshold),
-                              batch_size=batch_size)
+        try:
+            frame = predict_frame(self.model, self.calibration, rows_from_columns(model_input),
+                                  threshold=None if threshold is None else float(threshold),
+                                  batch_size=batch_size)
+        except BatchOutOfMemory as exc:  # as any other exception, REST would lose the advice
+            raise PredictError(exc.advice(option="the batch_size param")) from None
         return _json_safe(frame) if _serving() else frame
 
 
