@@ -828,6 +828,19 @@ def test_a_file_uri_is_its_file_and_other_uris_and_bytes_say_what_to_do(
     assert "struct(col(...).alias('image'))" in raw.reason
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_a_device_the_model_cannot_score_on_is_refused_at_load(device: str,
+                                                               tmp_path: Path) -> None:
+    """torch knows these devices, so they once passed: ``meta`` loaded a model without
+    weights that failed every request ("Cannot copy out of meta tensor"), ``mps`` and
+    ``xpu`` failed in torch's words."""
+    folder = tiny_wrapper().model.save(tmp_path / "glow")
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
+                                               model_config={"device": device})
+    with pytest.raises(Exception, match=f"unknown device '{device}'; use auto, cpu or cuda"):
+        GlowPyfunc().load_context(context)
+
+
 def tiny_wrapper() -> GlowPyfunc:
     wrapper = GlowPyfunc()
     wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
