@@ -14,9 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from collections.abc import Iterator
 from importlib import metadata
@@ -771,6 +773,40 @@ def test_a_batch_that_does_not_fit_is_a_400_naming_the_batch_size_param(
     assert served.value.get_http_status_code() == 400
     assert "batch_size = 256 (the batch_size param)" in answer["message"]
     assert "stack_trace" not in answer
+
+
+def test_predict_from_two_threads_at_once_leaves_the_process_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring sets process-wide state for its duration (warning filters while an image
+    decodes; on CUDA, torch's TF32 and cuDNN flags) and restores what it saw on entry: two
+    calls at once each restored the other's, which left "ignore every warning" in force
+    in the process for good (and, on CUDA, TF32 on for a call still running)."""
+    wrapper = tiny_wrapper()
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    opened, entered, second_in = Image.open, [], threading.Event()
+
+    def slow_open(*args: Any, **kwargs: Any) -> Image.Image:
+        # the first decode waits (a while) for the other call's to begin, and ends first
+        entered.append(None)
+        if len(entered) == 1:
+            second_in.wait(timeout=1)
+        else:
+            second_in.set()
+            time.sleep(0.2)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    before = list(warnings.filters)
+    answers: list[pd.DataFrame] = []
+    threads = [threading.Thread(target=lambda: answers.append(wrapper.predict(
+        None, pd.DataFrame({"path": [str(image)]})))) for _ in range(2)]  # type: ignore[arg-type]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.filters == before
+    assert len(answers) == 2 and answers[0]["bpd"].equals(answers[1]["bpd"])
 
 
 def test_a_column_mlflow_packed_into_one_cell_is_a_row_per_image(tmp_path: Path) -> None:

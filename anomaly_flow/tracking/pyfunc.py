@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import reprlib
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ GLOW_ARTIFACT = "glow"
 
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_BATCH_SIZE = 256
+
+_SCORING = threading.Lock()
+"""Held by each ``predict``: scoring sets process-wide state for its duration (warning
+filters while an image decodes; on CUDA, TF32 and cuDNN flags) and then restores what it
+found, so two calls at once would each restore the other's (leaving, for one, every
+warning ignored in the process for good)."""
 
 
 class PredictError(MlflowException, ValueError):
@@ -327,9 +334,11 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
                                f"images, not {given!r}; leave it out for "
                                f"{DEFAULT_BATCH_SIZE}")
         try:
-            frame = predict_frame(self.model, self.calibration, rows_from_columns(model_input),
-                                  threshold=None if threshold is None else float(threshold),
-                                  batch_size=batch_size)
+            with _SCORING:
+                frame = predict_frame(self.model, self.calibration,
+                                      rows_from_columns(model_input),
+                                      threshold=None if threshold is None else float(threshold),
+                                      batch_size=batch_size)
         except BatchOutOfMemory as exc:  # as any other exception, REST would lose the advice
             raise PredictError(exc.advice(option="the batch_size param")) from None
         return _json_safe(frame) if _serving() else frame
