@@ -232,6 +232,28 @@ def test_an_empty_database_file_is_not_made_a_store_by_reading(
     assert db.stat().st_size == 0
 
 
+@pytest.mark.parametrize("given", ["mlruns", "environment"])
+def test_a_damaged_database_file_is_named_not_the_folder_permissions(
+        given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database file that is not one (overwritten, a bad copy): the fix is the file, not
+    the folder's permissions the message once sent the user to check."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    (tmp_path / "mlruns" / "artifacts").mkdir(parents=True)
+    db.write_bytes(b"not a database, but text long enough to fill a page " * 100)
+    if given == "mlruns":
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.configure(tmp_path / "mlruns" if given == "mlruns" else None)
+    said = str(info.value)
+    assert "file is not a database" in said
+    assert f"; {db} is damaged or not an MLflow database; restore it from a backup, or " \
+        + ("pass another --mlruns DIR" if given == "mlruns"
+           else "point MLFLOW_TRACKING_URI at another database") in said
+    assert "writable" not in said and "server" not in said
+
+
 def test_a_server_that_is_down_is_reported_in_seconds(
         monkeypatch: pytest.MonkeyPatch, free_port: int) -> None:
     import time

@@ -201,6 +201,10 @@ def configure(mlruns: str | Path | None = None) -> str:
         first = first_line(exc)
         if isinstance(exc, ModuleNotFoundError) or "No module named" in first:
             hint = "install the database driver it names (pip install it), or use another store"
+        elif sqlite_db is not None and _DAMAGED_DATABASE.search(first):
+            hint = (f"{sqlite_db} is damaged or not an MLflow database; restore it from a "
+                    "backup, or " + ("point MLFLOW_TRACKING_URI at another database"
+                                     if env_given else "pass another --mlruns DIR"))
         elif env_given:
             hint = "check MLFLOW_TRACKING_URI and that the server is running"
         else:
@@ -214,6 +218,11 @@ def configure(mlruns: str | Path | None = None) -> str:
         _state.warned.add(("configured", uri))
         logger.info("MLflow tracking store: %s", redacted(uri))
     return uri
+
+
+_DAMAGED_DATABASE = re.compile(r"file is not a database|database disk image is malformed")
+"""sqlite's words for a file that is not (or no longer) a database: neither the folder's
+permissions nor the server is at fault, as the other hints would say."""
 
 
 def _open_store(uri: str, sqlite_db: Path | None, artifact_root: Path | None) -> None:
