@@ -157,6 +157,24 @@ def test_a_store_uri_with_a_password_never_shows_it(monkeypatch: pytest.MonkeyPa
     assert "http://alice:***@10.0.0.1:5000/api" in said and "s3cret" not in said
 
 
+def test_a_short_password_is_masked_without_mangling_the_rest_of_the_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's error names what to install ('psycopg'); a password that is part of a
+    word there ('g') once turned it into 'psyco***', a module no one can install."""
+    from anomaly_flow.tracking.store import password_masked
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://bob:g@127.0.0.1:1/mlflow")
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.configure()
+    said = str(info.value)
+    assert said.startswith("cannot open the MLflow tracking store "
+                           "postgresql://bob:***@127.0.0.1:1/mlflow: ")
+    assert said.count("***") == 1, said  # the URI's password, and nothing in the words
+    uri = "postgresql://bob:p.g@db/mlflow"
+    assert password_masked("login p.g refused for bob:p.g@db; (p.g) psycopg p.gx",
+                           uri) == "login *** refused for bob:***@db; (***) psycopg p.gx"
+
+
 @pytest.mark.parametrize("where", ["store folder", "folder", "mlruns"])
 def test_a_sqlite_database_that_cannot_be_there_is_refused_at_once(
         where: str, tmp_path: Path, mlflow_db_template: Path,

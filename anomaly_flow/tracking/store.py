@@ -301,11 +301,13 @@ def redacted(uri: str) -> str:
 
 
 def password_masked(text: str, uri: str) -> str:
-    """``text`` (an error from the store) with the password of ``uri``, if any, masked."""
+    """``text`` (an error from the store) with the password of ``uri``, if any, masked
+    where it stands on its own: not inside a longer word, where a short password (``pg``)
+    would mangle the rest of the message (``No module named 'psyco***2'``)."""
     with contextlib.suppress(ValueError):
         password = urllib.parse.urlsplit(uri).password
         if password:
-            return text.replace(password, "***")
+            return re.sub(rf"(?<!\w){re.escape(password)}(?!\w)", "***", text)
     return text
 
 
