@@ -64,6 +64,9 @@ def unreachable_reason(error: BaseException) -> str | None:
                 return "its host name does not resolve"
             if "Connection refused" in text:
                 return "connection refused: nothing listens at that address and port"
+            if "Read timed out" in text:  # requests' word for retries spent on read timeouts
+                return ("no answer in time: something listens at that address and port but "
+                        "sent nothing back")
             return "no connection could be made"
         current = current.__cause__ or current.__context__
     return None

@@ -302,6 +302,27 @@ def test_a_server_that_is_down_is_one_short_line(
     assert pool.level == level
 
 
+def test_a_server_that_takes_the_connection_but_never_answers_is_said_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung server (or a port something else listens on) accepts the connection: it is
+    reachable, but silent, which "no connection could be made" told the wrong way round."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing ever reads or answers
+        port = silent.getsockname()[1]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+        with pytest.raises(tracking.TrackingError) as info:
+            tracking.configure()
+    assert str(info.value) == (
+        f"cannot open the MLflow tracking store http://127.0.0.1:{port}: the server is "
+        "unreachable (no answer in time: something listens at that address and port but "
+        "sent nothing back); check "
+        "MLFLOW_TRACKING_URI and that the server is running")
+
+
 def test_mlruns_given_beside_the_environment_store_is_named(
         tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
