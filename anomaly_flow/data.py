@@ -236,6 +236,10 @@ def search_images(root: Path) -> ImageSearch:
         _warn_left_out(root, others)
     if hidden:
         _warn_hidden(root, hidden)
+    if _is_store(root):  # asked for by name, so searched: but likely a slip (mlruns<TAB>)
+        logger.warning("%s is an MLflow store: its images are runs' plots and sample grids, "
+                       "not data of yours; if that is not what you meant, pass the folder of "
+                       "your images", display_path(root))
     if stores:
         logger.warning("left out %d MLflow store folder(s) under %s (e.g. %s): their files "
                        "are runs' plots and models, not images to use; move any images of "
