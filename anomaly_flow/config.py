@@ -334,10 +334,18 @@ def load_config(path: str | Path) -> RunConfig:
                           "JSON.") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}.") from None
+    as_json = path.suffix.lower() == ".json"
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        data = json.loads(text) if as_json else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        kind = path.suffix.lstrip(".").upper()  # a YAML or INI file, most likely
+        fix = ""
+        if not as_json and kind != "TOML":
+            fix = ("; a config file is TOML (or JSON, named .json)"
+                   + (f", not {kind}" if kind else "")
+                   + ": copy a preset from anomaly_flow/presets/ and edit it")
+        raise ConfigError(f"cannot parse {path} as {'JSON' if as_json else 'TOML'}: "
+                          f"{exc}{fix}") from exc
     if data == {}:
         raise ConfigError(f"config file {path} is empty; give at least a [model] or [train] "
                           "table (see the presets in anomaly_flow/presets/).")

@@ -205,6 +205,34 @@ def test_a_config_without_a_model_table_says_which_model_it_gets(
         load_config(tmp_path)
 
 
+def test_a_config_that_does_not_parse_says_the_format_it_was_read_as(tmp_path: Path) -> None:
+    """A YAML file given as --config was refused in TOML's words only ("Expected '=' after
+    a key"), which does not tell a user that configs are TOML."""
+    from anomaly_flow.config import ConfigError, load_config
+
+    yaml = tmp_path / "glow.yaml"
+    yaml.write_text("model:\n  levels: 2\n")
+    with pytest.raises(ConfigError, match=rf"^cannot parse {re.escape(str(yaml))} as TOML: "
+                                          r"Expected '=' .*; a config file is TOML \(or JSON, "
+                                          r"named \.json\), not YAML: copy a preset from "
+                                          r"anomaly_flow/presets/ and edit it$"):
+        load_config(yaml)
+    bare = tmp_path / "glow"
+    bare.write_text("model:\n  levels: 2\n")
+    with pytest.raises(ConfigError, match=r"as TOML: .*named \.json\): copy a preset"):
+        load_config(bare)
+    broken = tmp_path / "glow.toml"  # a TOML file with a slip: only the parser's words
+    broken.write_text("[model]\nlevels = \n")
+    with pytest.raises(ConfigError, match=r"as TOML: Invalid value \(at line 2, column 10\)$"):
+        load_config(broken)
+    upper = tmp_path / "GLOW.JSON"  # read as JSON whatever the suffix's case
+    upper.write_text('{"model": {"levels": 2}')
+    with pytest.raises(ConfigError, match=r"as JSON: Expecting ',' delimiter"):
+        load_config(upper)
+    upper.write_text('{"model": {"levels": 2}}')
+    assert load_config(upper).model.levels == 2
+
+
 def test_a_config_with_an_unknown_field_is_a_one_line_error(
         tmp_path: Path, image_dirs: ImageDirs) -> None:
     config = tmp_path / "glow.toml"
