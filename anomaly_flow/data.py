@@ -567,6 +567,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
     grey = 0  # grey-mode images a colour model takes
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
+    shapes: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in list(paths)[::step][:sample]:
         try:
             if not is_regular_file(path):  # a pipe named .png would block
@@ -577,6 +578,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                     if img.width * img.height > MAX_IMAGE_PIXELS:
                         continue
                     checked += 1
+                    shapes[img.size] += 1
                     if max(img.size) > size:
                         larger[img.size] += 1
                     grey += mode == "RGB" and img.mode in _GREY_MODES
@@ -628,7 +630,27 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
                      "for training and scoring: detail finer than that is lost; to keep "
                      "it, train with a larger model.image_size (train --config FILE)")
+    if note := _mixed_shapes_note(shapes, size):
+        notes.append(note)
     return notes
+
+
+def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int) -> str | None:
+    """A note when the images looked at (their ``(width, height)`` counts) differ in aspect
+    ratio by more than a tenth: each is stretched to a square, so their shapes are
+    distorted unequally, and an image whose shape the model did not learn looks unlikely
+    for its distortion alone."""
+    if not shapes:
+        return None
+    ratios = {shape: shape[0] / shape[1] for shape in shapes}
+    widest, tallest = max(ratios, key=ratios.__getitem__), min(ratios, key=ratios.__getitem__)
+    if ratios[widest] <= 1.1 * ratios[tallest]:
+        return None
+    shown = " and ".join(f"{w}×{h}" for w, h in (widest, tallest))
+    return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
+            f"stretched to {size}×{size} (the aspect ratio is not kept): unequally "
+            "distorted, an image of a shape the model rarely trained on can be flagged for "
+            "its shape alone; crop or pad the images to one aspect ratio")
 
 
 def _in_colour(img: Image.Image) -> bool:

@@ -442,6 +442,24 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
     assert conversion_notes(sorted(small.iterdir()), "L", 32, resizing=False) == []
 
 
+def test_conversion_notes_say_when_images_differ_in_aspect_ratio(tmp_path: Path) -> None:
+    """Each image is stretched to a square: a folder of one shape is distorted alike, one
+    that mixes shapes is not, which was said nowhere."""
+    for i in range(3):
+        Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / f"wide-{i}.png")
+    Image.fromarray(np.zeros((300, 400), np.uint8)).save(tmp_path / "wide-large.png")
+    Image.fromarray(np.zeros((31, 40), np.uint8)).save(tmp_path / "near.png")  # within 10%
+    alike = sorted(tmp_path.iterdir())
+    assert conversion_notes(alike, "L", 64, resizing=False) == []
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "tall.png")
+    (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 64, training=False)
+    assert note == ("the images looked at differ in aspect ratio (e.g. 40×30 and 30×40), and "
+                    "each is stretched to 64×64 (the aspect ratio is not kept): unequally "
+                    "distorted, an image of a shape the model rarely trained on can be flagged "
+                    "for its shape alone; crop or pad the images to one aspect ratio")
+    assert conversion_notes([], "L", 64) == []
+
+
 def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Path) -> None:
     """The reverse of a grey model seeing colour: grey images (8- and 16-bit) repeated
     into three channels are nothing like the colour images a colour model knows."""
