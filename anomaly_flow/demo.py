@@ -80,6 +80,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
         progress: Progress bars; ``None`` shows them on a terminal only.
     """
     out = Path(out).resolve()
+    tracking.check_store_folder(out / "mlruns")  # before _claim makes the folder
     _claim(out)
     use_cuda = resolve_device(device).type == "cuda"
     preset = preset or (GPU_PRESET if use_cuda else CPU_PRESET)

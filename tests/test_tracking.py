@@ -1587,6 +1587,24 @@ def test_a_store_in_a_path_with_a_question_mark_or_percent_is_refused_in_one_lin
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made, anywhere
 
 
+@pytest.mark.parametrize("name", ["runs?1", "100%41"])
+def test_training_and_the_demo_refuse_such_a_store_before_making_any_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_dirs: ImageDirs,
+        name: str) -> None:
+    """``train --mlruns 'a?b'`` was refused only after its training lock had made
+    ``a?b/checkpoints/.NAME.lock``, and ``demo --out 'a?b'`` after writing its marker into
+    the new folder: a refused command left a folder behind."""
+    from anomaly_flow.demo import run_demo
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(tracking.TrackingError, match="which MLflow reads as part of a URL"):
+        tracking.train_and_register(image_dirs.train, "m", tiny_config(epochs=1),
+                                    device="cpu", mlruns=tmp_path / name / "mlruns")
+    with pytest.raises(tracking.TrackingError, match="which MLflow reads as part of a URL"):
+        run_demo(tmp_path / name / "demo", preset="tiny", device="cpu", epochs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made, anywhere
+
+
 def test_a_store_in_a_path_with_a_hash_is_not_taken_for_a_moved_one(
         tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

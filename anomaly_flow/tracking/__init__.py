@@ -36,6 +36,7 @@ from anomaly_flow.tracking.pyfunc import model_signature, output_columns, predic
 from anomaly_flow.tracking.store import (
     Run,
     TrackingError,
+    check_store_folder,
     configure,
     configured_uri,
     default_tracking_uri,
@@ -72,6 +73,7 @@ __all__ = [
     "Run",
     "TrackingError",
     "TrainOutcome",
+    "check_store_folder",
     "checkpoint_dir",
     "claim_model_name",
     "configure",

@@ -100,6 +100,29 @@ def quiet_mlflow_logs() -> None:
             mlflow_logger.setLevel(logging.WARNING)
 
 
+def check_store_folder(mlruns: str | Path | None = None) -> None:
+    """Refuse a default-store folder MLflow would misread, before anything is made: a
+    command that would also make its training lock or the demo's folder calls it first,
+    so a refused ``--mlruns`` leaves no folder behind. Nothing to check when
+    ``MLFLOW_TRACKING_URI`` names the store.
+
+    Raises:
+        TrackingError: The folder's path holds ``?`` or ``%``.
+    """
+    if os.environ.get(TRACKING_ENV):
+        return
+    folder = mlruns_dir(mlruns)
+    if {"?", "%"} & set(str(folder)):
+        # SQLAlchemy reads '?' in a sqlite URI as the start of its query (a store under
+        # runs?1/ would be the file runs) and decodes %XX, as MLflow does in a plain
+        # artifact path: the store would be made, or its files written, somewhere else
+        odd = " and ".join(repr(c) for c in "?%" if c in str(folder))
+        raise TrackingError(
+            f"cannot make an MLflow store in {folder}: its path holds {odd}, which MLflow "
+            "reads as part of a URL, so the database or its artifacts would go to another "
+            "folder; pass a --mlruns DIR (for the demo, an --out DIR) without them")
+
+
 def configure(mlruns: str | Path | None = None) -> str:
     """Point MLflow's tracking and registry at :func:`default_tracking_uri` and check it.
 
@@ -159,15 +182,7 @@ def configure(mlruns: str | Path | None = None) -> str:
             "new database; " + ("point MLFLOW_TRACKING_URI at a database in a folder"
                                 if env_given else "pass a --mlruns DIR")
             + " whose path has at most one kind of quote")
-    if not env_given and {"?", "%"} & set(str(folder)):
-        # SQLAlchemy reads '?' in a sqlite URI as the start of its query (a store under
-        # runs?1/ would be the file runs) and decodes %XX, as MLflow does in a plain
-        # artifact path: the store would be made, or its files written, somewhere else
-        odd = " and ".join(repr(c) for c in "?%" if c in str(folder))
-        raise TrackingError(
-            f"cannot make an MLflow store in {folder}: its path holds {odd}, which MLflow "
-            "reads as part of a URL, so the database or its artifacts would go to another "
-            "folder; pass a --mlruns DIR (for the demo, an --out DIR) without them")
+    check_store_folder(mlruns)
     if not env_given:
         try:
             if (folder / DB_FILE).is_file() and not os.path.lexists(artifact_root):

@@ -36,6 +36,7 @@ from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
 from anomaly_flow.tracking.store import (
     CHECKPOINTS_DIR,
     Run,
+    check_store_folder,
     configure,
     flatten,
     git_commit,
@@ -493,6 +494,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrackingError: The tracking store cannot be used.
     """
     precheck_training(name, config)
+    check_store_folder(mlruns)  # before the lock makes <mlruns>/checkpoints/
     ckpt = checkpoint_dir(name, mlruns)
     _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
     dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
