@@ -1587,20 +1587,23 @@ def test_a_store_in_a_path_with_a_question_mark_or_percent_is_refused_in_one_lin
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made, anywhere
 
 
-@pytest.mark.parametrize("name", ["runs?1", "100%41"])
+@pytest.mark.parametrize("name, refusal", [("runs?1", "which MLflow reads as part of a URL"),
+                                           ("100%41", "which MLflow reads as part of a URL"),
+                                           ("it's \"here\"", "holds both ' and \"")])
 def test_training_and_the_demo_refuse_such_a_store_before_making_any_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_dirs: ImageDirs,
-        name: str) -> None:
+        name: str, refusal: str) -> None:
     """``train --mlruns 'a?b'`` was refused only after its training lock had made
     ``a?b/checkpoints/.NAME.lock``, and ``demo --out 'a?b'`` after writing its marker into
-    the new folder: a refused command left a folder behind."""
+    the new folder: a refused command left a folder behind (a path with both quote
+    characters, likewise)."""
     from anomaly_flow.demo import run_demo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(tracking.TrackingError, match="which MLflow reads as part of a URL"):
+    with pytest.raises(tracking.TrackingError, match=refusal):
         tracking.train_and_register(image_dirs.train, "m", tiny_config(epochs=1),
                                     device="cpu", mlruns=tmp_path / name / "mlruns")
-    with pytest.raises(tracking.TrackingError, match="which MLflow reads as part of a URL"):
+    with pytest.raises(tracking.TrackingError, match=refusal):
         run_demo(tmp_path / name / "demo", preset="tiny", device="cpu", epochs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made, anywhere
 

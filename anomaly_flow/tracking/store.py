@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlflow
 import numpy as np
@@ -107,11 +107,14 @@ def check_store_folder(mlruns: str | Path | None = None) -> None:
     ``MLFLOW_TRACKING_URI`` names the store.
 
     Raises:
-        TrackingError: The folder's path holds ``?`` or ``%``.
+        TrackingError: The folder's path holds ``?`` or ``%``, or holds both quote
+            characters and the folder has no database yet.
     """
     if os.environ.get(TRACKING_ENV):
         return
     folder = mlruns_dir(mlruns)
+    if {"'", '"'} <= set(str(folder)) and not _has_database(folder / DB_FILE):
+        _refuse_quotes(f"sqlite:///{folder / DB_FILE}", folder / ARTIFACTS_DIR, False)
     if {"?", "%"} & set(str(folder)):
         # SQLAlchemy reads '?' in a sqlite URI as the start of its query (a store under
         # runs?1/ would be the file runs) and decodes %XX, as MLflow does in a plain
@@ -121,6 +124,18 @@ def check_store_folder(mlruns: str | Path | None = None) -> None:
             f"cannot make an MLflow store in {folder}: its path holds {odd}, which MLflow "
             "reads as part of a URL, so the database or its artifacts would go to another "
             "folder; pass a --mlruns DIR (for the demo, an --out DIR) without them")
+
+
+def _refuse_quotes(uri: str, artifact_root: Path, env_given: bool) -> NoReturn:
+    """Refuse a new store whose artifacts folder's path holds both ' and ": MLflow writes
+    a new database's first row as SQL text quoted by Python's repr(), which such a path
+    breaks (an SQL syntax error, with MLflow's own traceback on stderr)."""
+    raise TrackingError(
+        f"cannot make an MLflow store at {redacted(uri)}: the path of its artifacts "
+        f"folder ({artifact_root}) holds both ' and \", which MLflow cannot write to a "
+        "new database; " + ("point MLFLOW_TRACKING_URI at a database in a folder"
+                            if env_given else "pass a --mlruns DIR")
+        + " whose path has at most one kind of quote")
 
 
 def configure(mlruns: str | Path | None = None) -> str:
@@ -171,17 +186,9 @@ def configure(mlruns: str | Path | None = None) -> str:
     if not env_given:
         folder = mlruns_dir(mlruns)
         artifact_root = folder / ARTIFACTS_DIR
-    if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db) \
-            and {"'", '"'} <= set(str(artifact_root)):
-        # MLflow writes a new database's first row as SQL text quoted by Python's repr(),
-        # which a path with both quote characters breaks (an SQL syntax error, with
-        # MLflow's own traceback on stderr); refused before any folder is made
-        raise TrackingError(
-            f"cannot make an MLflow store at {redacted(uri)}: the path of its artifacts "
-            f"folder ({artifact_root}) holds both ' and \", which MLflow cannot write to a "
-            "new database; " + ("point MLFLOW_TRACKING_URI at a database in a folder"
-                                if env_given else "pass a --mlruns DIR")
-            + " whose path has at most one kind of quote")
+    if env_given and sqlite_db is not None and artifact_root is not None \
+            and not _has_database(sqlite_db) and {"'", '"'} <= set(str(artifact_root)):
+        _refuse_quotes(uri, artifact_root, True)
     check_store_folder(mlruns)
     if not env_given:
         try:
