@@ -1065,7 +1065,7 @@ class Calibration:
         """Rebuild from `to_dict` output, validating it.
 
         Raises:
-            CalibrationError: Wrong schema version, missing fields, unknown method,
+            CalibrationError: Wrong schema version, missing or unknown fields, unknown method,
                 non-finite scores, or a threshold inconsistent with the scores.
         """
         if not isinstance(data, Mapping):
@@ -1078,10 +1078,9 @@ class Calibration:
                 f"unsupported calibration schema_version {version!r}; this version of "
                 f"anomaly-flow reads {SCHEMA_VERSION}. Re-run calibration or upgrade."
             )
-        required = ("score_name", "created_at", "threshold", "calibration_scores")
-        missing = [key for key in required if key not in data]
-        if missing:
-            raise CalibrationError(f"calibration is missing field(s) {missing}.")
+        required = {"score_name", "created_at", "threshold", "calibration_scores"}
+        _check_fields(data, "calibration", required | {"schema_version", "score_selection"},
+                      required)
         scores = data["calibration_scores"]
         if not isinstance(scores, list) or not all(
             isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores

@@ -557,6 +557,10 @@ def valid_dict() -> dict:
         (lambda d: d.update(schema_version=2), "schema_version 2"),
         (lambda d: d.pop("threshold"), "missing field"),
         (lambda d: d["threshold"].update(extra=1), "unknown threshold field"),
+        # a newer version's field (a score transform, say) would change the decisions
+        # if ignored, as it is refused one level down
+        (lambda d: d.update(score_transform="log"), r"unknown calibration field\(s\) "
+                                                    r"\['score_transform'\]"),
         (lambda d: d["threshold"].update(alpha=1.5), "between 0 and 1"),
         (lambda d: d.update(created_at="yesterday"), "ISO 8601"),
         (lambda d: d.update(score_name=""), "score_name"),
