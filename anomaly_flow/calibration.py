@@ -749,7 +749,8 @@ def _candidates(
     scikit-learn's ROC thresholds ``t`` flag ``score >= t`` (the first one is +inf,
     flagging nothing). The same set of images is flagged by ``score > t'`` where ``t'``
     is the largest observed score below ``t``, or the largest float below the smallest
-    score when there is none.
+    score when there is none; when the smallest score is the lowest float, flagging every
+    image has no finite threshold, and that point is left out.
     """
     from sklearn.metrics import roc_curve
 
@@ -757,15 +758,14 @@ def _candidates(
     fpr, tpr, sk_thresholds = roc_curve(y_true, y_score, drop_intermediate=False)
     distinct = np.unique(y_score)
     below = np.searchsorted(distinct, sk_thresholds, side="left")
-    strict = np.where(
-        below > 0,
-        distinct[np.maximum(below - 1, 0)],
-        np.nextafter(distinct[0], -np.inf),
-    )
+    with np.errstate(over="ignore"):  # below the lowest float: -inf, left out below
+        below_all = np.nextafter(distinct[0], -np.inf)
+    strict = np.where(below > 0, distinct[np.maximum(below - 1, 0)], below_all)
     # Rates are counts / totals; recover the integer counts exactly.
     fp = np.rint(fpr * normal.size).astype(np.int64)
     tp = np.rint(tpr * anomalous.size).astype(np.int64)
-    return strict, fp, tp
+    finite = np.isfinite(strict)
+    return strict[finite], fp[finite], tp[finite]
 
 
 def _pick(objective: np.ndarray, strict: np.ndarray, *, floor: float = 1.0) -> float:

@@ -359,6 +359,17 @@ def test_flag_everything_uses_the_float_just_below_the_smallest_score():
     assert (threshold.fpr, threshold.recall) == (1.0, 1.0)
 
 
+def test_flag_everything_is_left_out_when_the_smallest_score_is_the_lowest_float():
+    # no finite t has -1.8e308 > t, so "flag all four" (cost 2) cannot be a threshold; of
+    # the others, t = 2 (flags 3, misses the lowest anomaly: cost 10) is the cheapest, not
+    # t = 1 (11) or t = -1.8e308 (12); it was refused as "Threshold.value must be finite"
+    lowest = -np.finfo(np.float64).max
+    threshold = cost_threshold([1.0, 2.0], [lowest, 3.0], cost_fp=1.0, cost_fn=10.0)
+    assert threshold.value == 2.0
+    assert (threshold.fpr, threshold.recall) == (0.0, 0.5)
+    assert f1_threshold([0.0] * 9, [lowest]).value == 0.0  # every other F1 is 0
+
+
 def test_flag_nothing_uses_the_largest_score():
     # false alarms are very expensive and the anomalies are below the normal score
     threshold = cost_threshold([5.0], [1.0, 2.0], cost_fp=100.0, cost_fn=1.0)
