@@ -109,7 +109,7 @@ Method = Literal["conformal", "f1", "youden", "cost"]
 METHODS: tuple[str, ...] = get_args(Method)
 SCHEMA_VERSION = 1
 
-# Relative tolerance under which two objective values (F1, J, cost, AUROC) count as a tie.
+# Relative tolerance under which two rounded objective values (cost, AUROC) count as a tie.
 _TIE_RTOL = 1e-12
 
 SCORE_SELECTION_RULE = "max AUROC on labelled anomalies"
@@ -768,12 +768,13 @@ def _candidates(
     return strict[finite], fp[finite], tp[finite]
 
 
-def _pick(objective: np.ndarray, strict: np.ndarray, *, floor: float = 1.0) -> float:
-    """Highest threshold whose objective is maximal, up to float round-off: relative to
-    the best value, or to ``floor`` where that is larger (F1's values lie in [0, 1]; a
-    sum of costs has no scale of its own, so its floor is 0)."""
+def _pick(objective: np.ndarray, strict: np.ndarray, *, rtol: float) -> float:
+    """Highest threshold whose objective is maximal, up to ``rtol`` relative to the best
+    value: 0 where equal objectives are equal floats, as F1 (a correctly rounded quotient
+    of integers) and J (integers) are; a weighted sum of costs is rounded, so it needs
+    :data:`_TIE_RTOL`."""
     best = objective.max()
-    ties = objective >= best - _TIE_RTOL * max(floor, abs(best))
+    ties = objective >= best - rtol * abs(best)
     return float(strict[ties].max())
 
 
@@ -803,7 +804,7 @@ def _labelled_threshold(
         w_fp, w_fn = (0.0 if c == 0 else max(c / largest, math.ulp(0.0))  # type: ignore[operator]
                       for c in (cost_fp, cost_fn))
         objective = -(w_fp * fp + w_fn * fn)
-    value = _pick(objective, strict, floor=0.0 if method == "cost" else 1.0)
+    value = _pick(objective, strict, rtol=_TIE_RTOL if method == "cost" else 0.0)
     rates = _rates(*_counts(normal, anomalous, value), labelled=True)
     return Threshold(
         value=value,

@@ -331,6 +331,23 @@ def test_ties_go_to_the_highest_threshold():
     assert cost_threshold(NORMAL, ANOMALOUS).value == 0.4
 
 
+def test_a_better_f1_or_j_is_not_taken_for_a_tie_however_close():
+    """F1 and J are compared exactly (equal fractions are equal floats; J is an integer
+    over a common denominator): a relative 1e-12 merged points that differ only at
+    millions of images. One normal and one anomaly at 5, the rest far apart: t = 0 flags
+    both, t = 5 neither; t = 0 is better by 1/((2M + 1)(2M - 1)) in F1 and by
+    1/(N·M) in J, and it won only by a tolerance in the higher one's favour."""
+    m = 710_000
+    normal, anomalous = np.zeros(10), np.full(m, 10.0)
+    normal[0] = anomalous[0] = 5.0
+    assert 2 * m / (2 * m + 1) - 2 * (m - 1) / (2 * m - 1) < 1e-12
+    assert f1_threshold(normal, anomalous).value == 0.0
+    n, m = 2_000_001, 2_000_000  # J = 1 - 1/N at t = 0, (M - 1)/M at t = 5
+    normal, anomalous = np.zeros(n), np.full(m, 10.0)
+    normal[0] = anomalous[0] = 5.0
+    assert youden_threshold(normal, anomalous).value == 0.0
+
+
 @pytest.mark.parametrize(
     ("cost_fp", "cost_fn", "expected"),
     [(1.0, 1.0, 0.4), (1.0, 5.0, 0.3), (10.0, 1.0, 0.4), (0.0, 1.0, 0.3), (1.0, 0.0, 0.6),
