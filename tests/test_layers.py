@@ -69,7 +69,14 @@ def test_inverse_and_logdet_match_jacobian(name: str, channels: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_logdet_map_sums_to_logdet_per_sample(name: str) -> None:
+def test_logdet_map_is_each_positions_jacobian_block(name: str) -> None:
+    """Each position's entry of the log-det map is ``log|det|`` of the C x C block of the
+    autograd Jacobian that maps that position's input channels to its output channels.
+
+    Every layer here is pointwise or a coupling whose conditioner reads only the other
+    half of the channels, so the full Jacobian is block-triangular and these blocks'
+    log-dets add up to the whole one; a map with the right sum but its entries at the
+    wrong positions (flipped, transposed, averaged) fails here, as the heatmaps would."""
     torch.manual_seed(0)
     layer = randomised(LAYERS[name](4), seed=2)
     x = torch.randn(3, 4, 4, 4)
@@ -80,6 +87,16 @@ def test_logdet_map_sums_to_logdet_per_sample(name: str) -> None:
     torch.testing.assert_close(logdet_map.sum(dim=(1, 2)), logdet)
     # Each sample's log-det depends on that sample alone.
     torch.testing.assert_close(layer(x[1:2])[1], logdet[1:2])
+
+    for b in range(3):
+        sample = x[b : b + 1]
+        jac = jacobian(lambda v, s=sample: layer(v.view_as(s))[0].reshape(-1),
+                       sample.reshape(-1)).view(4, 4, 4, 4, 4, 4)  # (c, i, j, c', i', j')
+        blocks = torch.stack([torch.stack([jac[:, i, j, :, i, j] for j in range(4)])
+                              for i in range(4)])  # (i, j, c, c')
+        sign, by_block = torch.linalg.slogdet(blocks)
+        assert bool((sign != 0).all())
+        torch.testing.assert_close(logdet_map[b], by_block, rtol=1e-6, atol=1e-9)
 
 
 def test_actnorm_initialisation_normalises_and_is_stored() -> None:
