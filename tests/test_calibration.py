@@ -107,7 +107,8 @@ def test_min_calibration_size(alpha, expected):
     assert min_calibration_size(alpha) == expected
     conformal_threshold(np.arange(expected, dtype=float), alpha)  # exactly enough: accepted
     if expected > 1:
-        with pytest.raises(CalibrationError):
+        with pytest.raises(CalibrationError, match=rf"needs at least {expected} held-out "
+                                                   rf"normal images .*; got {expected - 1}\."):
             conformal_threshold(np.arange(expected - 1, dtype=float), alpha)
 
 
@@ -191,7 +192,9 @@ def test_conformal_threshold_reports_labelled_metrics_when_given_anomalies():
 def test_threshold_rule_equals_p_value_rule_with_ties(cal, scores, alpha):
     """score > threshold  <=>  p <= alpha, for every score, ties included."""
     if len(cal) < min_calibration_size(alpha):
-        with pytest.raises(CalibrationError):
+        with pytest.raises(CalibrationError, match=rf"needs at least "
+                                                   rf"{min_calibration_size(alpha)} .*; got "
+                                                   rf"{len(cal)}\."):
             conformal_threshold(cal, alpha)
         return
     cal, scores = np.array(cal, float), np.array(scores, float)
@@ -214,7 +217,8 @@ def test_threshold_rule_equals_float_p_value_rule_for_computed_alphas(alpha, n):
     cal = np.arange(1.0, n + 1.0)
     if n < min_calibration_size(alpha):
         assert 1 / (n + 1) > alpha  # not even the smallest p-value reaches alpha
-        with pytest.raises(CalibrationError):
+        with pytest.raises(CalibrationError, match=rf"needs at least "
+                                                   rf"{min_calibration_size(alpha)} .*; got {n}\."):
             conformal_threshold(cal, alpha)
         return
     assert 1 / min_calibration_size(alpha) > alpha  # one fewer would be too few

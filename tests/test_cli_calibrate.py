@@ -366,9 +366,11 @@ def test_labelled_methods_store_the_calibration_modules_threshold(
         "estimates" in result.stderr
 
     metrics = client.get_run(run_id_from(result)).data.metrics
-    for key in ("precision", "recall", "f1", "auroc", "aupr", "fpr_at_95_tpr"):
-        assert key in metrics
-    assert metrics["auroc"] == pytest.approx(detection_metrics(normal, anomalous).auroc)
+    for key in ("fpr", "precision", "recall", "f1"):  # at the stored threshold
+        assert metrics[key] == pytest.approx(getattr(expected, key), abs=1e-12), key
+    reference = detection_metrics(normal, anomalous)
+    for key in ("auroc", "aupr", "fpr_at_95_tpr"):
+        assert metrics[key] == pytest.approx(getattr(reference, key), abs=1e-12), key
     artifacts = {a.path for a in client.list_artifacts(run_id_from(result))}
     assert {"calibration.json", "score_histogram.png", "roc_curve.png", "pr_curve.png"} \
         <= artifacts
@@ -394,7 +396,8 @@ def test_evaluate_prints_and_logs_every_score(store: Path, client: mlflow.Mlflow
         reference = detection_metrics(normal.values(name), anomalous.values(name))
         assert logged.data.metrics[f"{name}_auroc"] == pytest.approx(reference.auroc)
         assert logged.data.metrics[f"{name}_aupr"] == pytest.approx(reference.aupr)
-        assert f"{name}_fpr_at_95_tpr" in logged.data.metrics
+        assert logged.data.metrics[f"{name}_fpr_at_95_tpr"] == \
+            pytest.approx(reference.fpr_at_95_tpr)
         line = next(row for row in result.stdout.splitlines() if row.startswith(f"{name} "))
         assert f"{reference.auroc:.4f}" in line
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from anomaly_flow import plots, tracking
 from anomaly_flow.calibration import (
     CalibrationError,
+    conformal_threshold,
     cost_threshold,
     detection_metrics,
     f1_threshold,
@@ -244,37 +245,62 @@ def test_auto_score_without_anomalies_says_what_to_do() -> None:
 
 
 def test_compare_thresholds_matches_the_calibration_module() -> None:
+    """Each row's threshold is the calibration module's for its method (the conformal
+    row's too), and its fpr, precision, recall, f1 and cost are counted here from the
+    scores under ``score > threshold``."""
     normal, anomalous = fake_scores(NORMAL), fake_scores(ANOMALOUS, folder="anomalous")
-    table = compare_thresholds(normal, anomalous, "bpd", target_fpr=0.1, cost_fp=1.0,
+    table = compare_thresholds(normal, anomalous, "bpd", target_fpr=0.05, cost_fp=1.0,
                                cost_fn=5.0)
     assert list(table.index) == ["conformal", "f1", "youden", "cost"]
     expected = {
-        "f1": f1_threshold(NORMAL, ANOMALOUS),
-        "youden": youden_threshold(NORMAL, ANOMALOUS),
-        "cost": cost_threshold(NORMAL, ANOMALOUS, 1.0, 5.0),
+        "conformal": conformal_threshold(NORMAL, 0.05).value,
+        "f1": f1_threshold(NORMAL, ANOMALOUS).value,
+        "youden": youden_threshold(NORMAL, ANOMALOUS).value,
+        "cost": cost_threshold(NORMAL, ANOMALOUS, 1.0, 5.0).value,
     }
-    for method, threshold in expected.items():
-        assert table.loc[method, "threshold"] == threshold.value
-        assert table.loc[method, "f1"] == pytest.approx(threshold.f1)
-        fp = np.sum(threshold.value < NORMAL)
-        fn = np.sum(threshold.value >= ANOMALOUS)
-        if method == "cost":
-            assert table.loc[method, "cost"] == fp + 5 * fn
+    # rows to tell apart (F1 and Youden's J pick the same cut on these scores)
+    assert len(set(expected.values())) == 3
+    for method, value in expected.items():
+        assert table.loc[method, "threshold"] == value
+        fp, tp = int(np.sum(value < NORMAL)), int(np.sum(value < ANOMALOUS))  # score > t
+        fn = len(ANOMALOUS) - tp
+        assert table.loc[method, "fpr"] == pytest.approx(fp / len(NORMAL), abs=1e-12)
+        assert table.loc[method, "recall"] == pytest.approx(tp / len(ANOMALOUS), abs=1e-12)
+        assert table.loc[method, "precision"] == pytest.approx(tp / (tp + fp), abs=1e-12)
+        assert table.loc[method, "f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
+        assert table.loc[method, "cost"] == fp + 5 * fn
     # No other method's threshold is cheaper than the cost threshold.
     assert table.loc["cost", "cost"] == table["cost"].min()
 
 
 def test_detection_table_has_every_score_and_matches_sklearn_metrics() -> None:
-    normal, anomalous = fake_scores(NORMAL), fake_scores(ANOMALOUS, folder="anomalous")
+    """Each row holds the metrics of its own column: the five columns here rank the
+    images differently, so a row computed from another column's values fails."""
+    rng = np.random.default_rng(11)
+
+    def scores(values: np.ndarray, folder: str) -> FolderScores:
+        table = pd.DataFrame({
+            "path": [f"/data/{folder}/{i:03d}.png" for i in range(len(values))],
+            "bpd": values, "complexity": values + rng.normal(0, 1.0, len(values)),
+            "coarse_complexity": rng.normal(0, 1.0, len(values)), "level_1": -values,
+            "level_2": values + rng.normal(0, 3.0, len(values)), "error": "",
+        })
+        return FolderScores(Path(f"/data/{folder}"), table, "fingerprint")
+
+    normal, anomalous = scores(NORMAL, "normal"), scores(ANOMALOUS, "anomalous")
     names = ["bpd", "complexity", "coarse_complexity", "level_1", "level_2"]
     table = detection_table(normal, anomalous, names)
     assert list(table.index) == names
-    reference = detection_metrics(NORMAL, ANOMALOUS)
-    assert table.loc["bpd", "auroc"] == reference.auroc
-    assert table.loc["bpd", "aupr"] == reference.aupr
-    assert table.loc["bpd", "fpr_at_95_tpr"] == reference.fpr_at_95_tpr
-    # A shift or a positive scale does not change a ranking metric.
-    assert table.loc["level_1", "auroc"] == pytest.approx(reference.auroc)
+    assert table["auroc"].nunique() == len(names)
+    for name in names:
+        reference = detection_metrics(normal.table[name].to_numpy(),
+                                      anomalous.table[name].to_numpy())
+        assert table.loc[name, "auroc"] == reference.auroc
+        assert table.loc[name, "aupr"] == reference.aupr
+        assert table.loc[name, "fpr_at_95_tpr"] == reference.fpr_at_95_tpr
+        assert (table.loc[name, "n_normal"], table.loc[name, "n_anomalous"]) == (60, 30)
+    # A reversed score ranks the pairs the other way round.
+    assert table.loc["level_1", "auroc"] == pytest.approx(1 - table.loc["bpd", "auroc"])
 
 
 def test_detection_table_names_an_unscorable_folder_and_warns_once(
