@@ -43,12 +43,14 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A plain ``Glow.save`` folder with a conformal calibration (α = 0.2) beside it."""
+    """A plain ``Glow.save`` folder with a conformal calibration (α = 0.6) beside it: at
+    0.2 its threshold lay above every image of the messy folder, so no test saw a file
+    flagged (8 of its 11 scorable images are at 0.6)."""
     model = make_tiny_model()
     folder = model.save(tmp_path_factory.mktemp("model") / "tiny")
     normal = ArrayDataset(sample_images(24, offset=200), TINY.mode, TINY.image_size).images
     scores = score_images(model, normal).bpd.numpy()
-    (folder / CALIBRATION_FILE).write_text(calibrate("bpd", scores, alpha=0.2).to_json())
+    (folder / CALIBRATION_FILE).write_text(calibrate("bpd", scores, alpha=0.6).to_json())
     return folder
 
 
@@ -87,9 +89,12 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert int(scored.sum()) == N_GOOD
     cal = Calibration.from_json((model_dir / CALIBRATION_FILE).read_text())
     values = table.loc[scored, "score"].to_numpy()
+    # the score column is the calibrated score's, and the threshold splits this folder
+    np.testing.assert_array_equal(values, table.loc[scored, cal.score_name].to_numpy())
     np.testing.assert_array_equal(table.loc[scored, "p_value"], cal.p_values(values))
     verdict = table.loc[scored, "is_anomaly"].to_numpy() == 1.0
     np.testing.assert_array_equal(verdict, values > cal.threshold.value)
+    assert 0 < verdict.sum() < N_GOOD, values
     assert table.loc[~scored, ["p_value", "is_anomaly"]].isna().all().all()
     k = int(verdict.sum())
     assert f"{N_GOOD} scored, {N_BAD} failed, {k} anomalous" in result.stderr

@@ -1206,6 +1206,8 @@ def test_heatmap_kind_overrides_the_deciding_scores_map(
 
 
 def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
+    """The maps scoring hands to the heatmap writer are each image's per-pixel bits/dim
+    (the breakdown of its decoded pixels), and average to the row's bpd."""
     received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     paths = find_images(messy)
     dataset = ScoringDataset(paths, TINY.mode, TINY.image_size, TINY.n_bits, TINY.levels)
@@ -1219,6 +1221,14 @@ def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
                                rtol=0, atol=1e-5)
     images = torch.cat([batch[1] for batch in received])
     assert images.dtype == torch.uint8 and images.shape == (N_GOOD, 1, 16, 16)
+    # each map is its own image's, pixel for pixel: the decoded file's Glow.breakdown map
+    decoded = torch.stack([torch.from_numpy(load_image(paths[i], TINY.mode, TINY.image_size))
+                           for i in indices])
+    assert torch.equal(images, decoded)
+    with torch.no_grad():
+        expected = model.breakdown(preprocess(decoded, TINY.n_bits)).pixel_bpd.double()
+    assert float((expected - expected.mean(dim=(1, 2), keepdim=True)).abs().max()) > 0.1
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-5)
 
 
 def test_render_heatmap_uses_the_fixed_scale() -> None:
