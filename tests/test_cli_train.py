@@ -972,3 +972,37 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path, name: str
     config = tmp_path / name
     config.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert load_config(config).train.epochs == 3
+
+
+def test_a_resume_after_a_kill_between_registration_and_record_registers_once(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """A training killed outright (SIGKILL, the OOM killer) just after it registered its
+    model, before its record says so: the --resume that finishes the logging registered
+    the same model again, as version 2."""
+    killed = f"""
+import os, signal
+from anomaly_flow import tracking
+from anomaly_flow.tracking import training
+from tests.conftest import tiny_config
+real = training.register_model
+def register_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+training.register_model = register_then_die
+tracking.train_and_register({str(image_dirs.train)!r}, "reg-killed", tiny_config(epochs=1),
+                            device="cpu", mlruns={str(mlruns)!r}, progress=False)
+"""
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    client = mlflow.MlflowClient()
+    (first,) = client.search_model_versions("name = 'reg-killed'")
+    result = invoke(str(image_dirs.train), "--name", "reg-killed", "--preset", "tiny",
+                    "--epochs", "1", "--mlruns", str(mlruns), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "model_uri: models:/reg-killed/1" in result.stdout
+    (version,) = client.search_model_versions("name = 'reg-killed'")
+    assert str(version.version) == str(first.version) == "1"
+    assert str(client.get_model_version_by_alias("reg-killed", "candidate").version) == "1"
+    run = client.get_run(version.run_id)
+    assert (run.info.status, run.data.tags["registered_version"]) == ("FINISHED", "1")

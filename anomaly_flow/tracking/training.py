@@ -32,7 +32,7 @@ from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path, one_line
 from anomaly_flow.errors import first_line
 from anomaly_flow.stopping import stops_deferred
-from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model
+from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model, set_alias
 from anomaly_flow.tracking.store import (
     CHECKPOINTS_DIR,
     Run,
@@ -688,9 +688,14 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         # record does not know, and the --resume it asks for would register it again
         after_run.enter_context(stops_deferred())
         if math.isfinite(result.val_bpd) and not diverged:
-            version = register_model(logged_uri, name, alias=CANDIDATE, tags={
-                "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
-                "val_bpd": repr(result.val_bpd)})
+            version = _registered_earlier(name, run.run_id, logged_uri) if previous_run \
+                else None
+            if version is not None:  # the attempt that registered it died before its record
+                set_alias(name, CANDIDATE, version)
+            else:
+                version = register_model(logged_uri, name, alias=CANDIDATE, tags={
+                    "training_run_id": run.run_id, "data_fingerprint": folder.fingerprint,
+                    "val_bpd": repr(result.val_bpd)})
             run.set_tags({"registered_version": version})
             model_uri = f"models:/{name}/{version}"
             message = (f"registered {model_uri} with alias {CANDIDATE} "
@@ -740,6 +745,20 @@ def _logged_earlier(state: dict[str, Any], run_id: str, steps: int) -> str | Non
         return None
     ready = str(model.status).upper().endswith("READY")
     return uri if ready and model.source_run_id == run_id else None
+
+
+def _registered_earlier(name: str, run_id: str, logged_uri: str) -> str | None:
+    """The version of ``name`` that an earlier attempt of run ``run_id`` registered from
+    ``logged_uri``, where that attempt was killed outright (SIGKILL, the OOM killer) or
+    lost its store between the registration and its record: a resume that only finishes
+    the logging takes that version instead of registering the same model again; None
+    where there is none."""
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    found = [v.version for v in versions if v.name == name and v.source == logged_uri]
+    return str(max(found, key=int)) if found else None
 
 
 def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
