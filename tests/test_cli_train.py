@@ -1006,3 +1006,23 @@ tracking.train_and_register({str(image_dirs.train)!r}, "reg-killed", tiny_config
     assert str(client.get_model_version_by_alias("reg-killed", "candidate").version) == "1"
     run = client.get_run(version.run_id)
     assert (run.info.status, run.data.tags["registered_version"]) == ("FINISHED", "1")
+
+
+def test_model_files_the_store_cannot_write_are_a_one_line_error_that_says_to_resume(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """MLflow's local artifact store lets an OSError through as it is (a full disk: "No
+    space left on device"): the training ended in a traceback, without the checkpoint to
+    resume from. Here a file stands where the experiment's models folder goes."""
+    blocker = mlruns / "artifacts" / "blocked" / "models"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    common = [str(image_dirs.train), "--name", "blocked", "--preset", "tiny", "--epochs",
+              "1", "--mlruns", str(mlruns)]
+    result = invoke(*common)
+    assert_one_line_error(result, 1, "Error: MLflow failed: cannot write the run's files: ",
+                          str(blocker))
+    assert "run the same command with --resume to go on from it" in result.stderr
+    blocker.unlink()
+    resumed = invoke(*common, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "candidate: models:/blocked@candidate" in resumed.stdout

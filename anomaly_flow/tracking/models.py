@@ -47,6 +47,7 @@ from anomaly_flow.tracking.pyfunc import (
 from anomaly_flow.tracking.store import (
     Run,
     TrackingError,
+    artifact_errors,
     configured_uri,
     ensure_configured,
     local_folder,
@@ -128,7 +129,8 @@ def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
         raise ValueError(f"log_model needs run {run.run_id} to be the active run; call it "
                          "inside its `with start_run(...)` block (innermost).")
     # a stop (Ctrl-C, SIGTERM) waits for the model's files and row to be written
-    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), stops_deferred():
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), stops_deferred(), \
+            artifact_errors():
         folder = model.save(Path(tmp) / GLOW_ARTIFACT)
         if calibration is not None:
             (folder / CALIBRATION_FILE).write_text(calibration.to_json(indent=2))

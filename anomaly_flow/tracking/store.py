@@ -579,13 +579,28 @@ def environment_tags() -> dict[str, str]:
             "python_version": platform.python_version()}
 
 
+@contextmanager
+def artifact_errors() -> Iterator[None]:
+    """An ``OSError`` writing a run's or a model's files (a full disk, a folder without
+    write permission), which MLflow's local artifact store lets through as it is, raised
+    as the :class:`MlflowException` a server's refusal is: one line for the user, and
+    ``train`` says where to resume from, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename2 or exc.filename
+        raise MlflowException(f"cannot write the run's files: {exc.strerror or exc}"
+                              + (f" ({os.fsdecode(where)})" if where else "")) from exc
+
+
 def _uninterrupted(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method``, with a stop (Ctrl-C, SIGTERM) that comes during its store write raised
-    once the write is done (:func:`anomaly_flow.stopping.stops_deferred`)."""
+    once the write is done (:func:`anomaly_flow.stopping.stops_deferred`), and a file it
+    cannot write an :class:`MlflowException` (:func:`artifact_errors`)."""
 
     @functools.wraps(method)
     def write(*args: Any, **kwargs: Any) -> Any:
-        with stops_deferred():
+        with stops_deferred(), artifact_errors():
             return method(*args, **kwargs)
 
     return write
