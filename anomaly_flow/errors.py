@@ -72,6 +72,12 @@ def unreachable_reason(error: BaseException) -> str | None:
     return None
 
 
+_SQL_DETAILS = re.compile(r"\(raised as a result of Query-invoked autoflush;[^)]*\) ?"
+                          r"| ?\[SQL: .*| ?\(Background on this error at: [^)]*\)")
+"""What SQLAlchemy adds to a database's own error (sqlite's "database or disk is full"):
+the statement with its values, the step that ran it, a link; MLflow passes it all on."""
+
+
 def describe(error: BaseException) -> str:
     """The message for a user error: its own, or for an MLflow error (whose message is
     the failed request) what to check and to run the command again."""
@@ -81,6 +87,7 @@ def describe(error: BaseException) -> str:
                 "MLFLOW_TRACKING_URI and that the server is running, then run the command "
                 "again (the run it was logging may be incomplete)")
     if is_store_error(error):
+        message = _SQL_DETAILS.sub("", message) or message
         if len(message) > 400:
             message = message[:397] + "..."
         return (f"MLflow failed: {message}; check the tracking store (MLFLOW_TRACKING_URI, "

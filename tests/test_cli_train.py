@@ -4,12 +4,15 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -1026,3 +1029,29 @@ def test_model_files_the_store_cannot_write_are_a_one_line_error_that_says_to_re
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "candidate: models:/blocked@candidate" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_store_database_that_cannot_grow_is_a_one_line_error(
+        image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path) -> None:
+    """sqlite refuses a write mid-run (a full disk; here a limit on file sizes, which it
+    reports as a disk I/O error): MLflow logged the error, its traceback and its SQL
+    statement on stderr before raising it, and the message repeated the statement."""
+    store = new_store(tmp_path / "mlruns", mlflow_db_template)
+    with contextlib.closing(sqlite3.connect(store / "mlflow.db")) as db:
+        db.execute("VACUUM")  # no free pages: the run's first rows make it grow
+    limit = (store / "mlflow.db").stat().st_size  # a checkpoint is smaller
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails, not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
+         "full", "--preset", "tiny", "--epochs", "3", "--batch-size", "2", "--mlruns", str(store),
+         "--device", "cpu"], capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "[SQL:" not in done.stderr, done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith("Error: MLflow failed: (sqlite3.OperationalError) disk I/O error; "
+                            "check the tracking store"), error

@@ -98,6 +98,9 @@ def quiet_mlflow_logs() -> None:
         mlflow_logger = logging.getLogger("mlflow")
         if mlflow_logger.getEffectiveLevel() < logging.WARNING:
             mlflow_logger.setLevel(logging.WARNING)
+        # a database error (a full disk) is logged there with its traceback, then raised
+        # as an MlflowException, which the command reports in one line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def check_store_folder(mlruns: str | Path | None = None) -> None:
