@@ -20,6 +20,7 @@ from pathlib import Path
 
 import click
 import mlflow
+import mlflow.pyfunc
 import pytest
 from click.testing import CliRunner, Result
 
@@ -1055,3 +1056,32 @@ def test_a_store_database_that_cannot_grow_is_a_one_line_error(
     (error,) = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert error.startswith("Error: MLflow failed: (sqlite3.OperationalError) disk I/O error; "
                             "check the tracking store"), error
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    """Another tool's model: what anomaly-flow did not register."""
+
+    def predict(self, context: object, model_input: object) -> object:
+        return model_input
+
+
+def test_a_registered_model_anomaly_flow_did_not_make_is_not_trained_into(
+        image_dirs: ImageDirs, mlruns: Path) -> None:
+    """A shared store holds another team's model under the name: training added a Glow as
+    its next version and moved its alias candidate there, without a word."""
+    client = mlflow.MlflowClient()
+    mlflow.set_experiment("their-experiment")
+    with mlflow.start_run():
+        logged = mlflow.pyfunc.log_model(name="model", python_model=_Echo())
+    theirs = mlflow.register_model(logged.model_uri, "bottles").version
+    client.set_registered_model_alias("bottles", "candidate", theirs)
+    result = invoke(str(image_dirs.train), "--name", "bottles", "--preset", "tiny",
+                    "--epochs", "1", "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "already holds a registered model 'bottles' that "
+                          "anomaly-flow did not register (1 version(s)",
+                          "train under another --name")
+    assert [str(v.version) for v in client.search_model_versions("name = 'bottles'")] \
+        == [str(theirs)]
+    assert str(client.get_model_version_by_alias("bottles", "candidate").version) \
+        == str(theirs)
+    assert not (mlruns / "checkpoints" / "bottles").exists()

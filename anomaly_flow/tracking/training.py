@@ -293,6 +293,26 @@ def _check_unfinished(latest: Path, config: RunConfig, n_train: int, name: str,
             "longer, resume with a larger --epochs; to start again, drop --resume")
 
 
+def _check_not_foreign(name: str) -> None:
+    """Refuse to train ``name`` where the store holds a registered model of that name
+    whose versions anomaly-flow did not register (another team's model on a shared
+    server: every version train or calibrate registers is tagged ``training_run_id`` or
+    ``calibration_run_id``): its model would become a version among theirs, and their
+    alias ``candidate`` would move to it."""
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:  # a name MLflow's filter cannot quote: nothing to compare
+        return
+    ours = ("training_run_id", "calibration_run_id")
+    if versions and not any(key in v.tags for v in versions for key in ours):
+        raise TrainingError(
+            f"the MLflow store {redacted(mlflow.get_tracking_uri())} already holds a "
+            f"registered model {name!r} that anomaly-flow did not register ({len(versions)} "
+            f"version(s), none tagged {' or '.join(ours)}); training would add a version "
+            f"to it and move its alias {CANDIDATE!r}, so it stops here: train under another "
+            "--name, or rename or delete that model")
+
+
 def _reusable_run(run_id: str | None, experiment: str) -> str | None:
     """``run_id`` if the current store still has it, live, in ``experiment``."""
     if not run_id:
@@ -588,6 +608,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         _check_owner(earlier, name, ckpt)
     configure(mlruns)
     require_writable_store(experiment=name)
+    _check_not_foreign(name)
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
