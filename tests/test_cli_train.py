@@ -1061,7 +1061,7 @@ def test_a_store_database_that_cannot_grow_is_a_one_line_error(
 class _Echo(mlflow.pyfunc.PythonModel):
     """Another tool's model: what anomaly-flow did not register."""
 
-    def predict(self, context: object, model_input: object) -> object:
+    def predict(self, context: object, model_input: list[str]) -> list[str]:
         return model_input
 
 
