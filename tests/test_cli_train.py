@@ -1085,3 +1085,26 @@ def test_a_registered_model_anomaly_flow_did_not_make_is_not_trained_into(
     assert str(client.get_model_version_by_alias("bottles", "candidate").version) \
         == str(theirs)
     assert not (mlruns / "checkpoints" / "bottles").exists()
+
+
+def test_a_store_that_cannot_end_the_stopped_run_leaves_the_stop_reported(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C, then the store fails to mark the run KILLED (a full disk fails that write as
+    it failed the checkpoint before): the store's error replaced the stop, exit 1 and
+    "MLflow failed" instead of 130 and where to resume from."""
+    from mlflow.exceptions import MlflowException
+
+    def refused(self: mlflow.MlflowClient, *args: object, **kwargs: object) -> None:
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full [SQL: "
+                              "UPDATE runs SET status=?, end_time=? WHERE runs.run_uuid = ?]")
+
+    stop_training_at(monkeypatch, 3, KeyboardInterrupt())
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", refused)
+    result = invoke(str(image_dirs.train), "--name", "unended", "--config",
+                    str(often_config(mlruns.parent)), "--mlruns", str(mlruns))
+    assert result.exit_code == 130, result.output
+    assert "Error:" not in result.stderr and "Traceback" not in result.output
+    assert "could not be marked KILLED: MLflow failed: (sqlite3.OperationalError) database " \
+        "or disk is full; check the tracking store" in result.stderr
+    assert f"interrupted; the last checkpoint is {mlruns / 'checkpoints' / 'unended'}/step-" \
+        in result.stderr

@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from sqlalchemy.engine import make_url
 
-from anomaly_flow.errors import first_line, unreachable_reason, without_passwords
+from anomaly_flow.errors import describe, first_line, unreachable_reason, without_passwords
 from anomaly_flow.stopping import stops_deferred
 
 logger = logging.getLogger(__name__)
@@ -748,16 +748,16 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         raise
     run = Run(active.info.run_id, active.info.experiment_id)
     status = "FINISHED"
-    unreachable = False
+    raised = unreachable = False
     try:
         yield run
         if run.failed:
             status = "FAILED"
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, raised = "KILLED", True
         raise
     except BaseException as exc:
-        status = "FAILED"
+        status, raised = "FAILED", True
         unreachable = unreachable_reason(exc) is not None
         raise
     finally:
@@ -768,10 +768,24 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
                 # request, and the error that stopped the block stays the one reported
                 ending.enter_context(_first_contact())
                 ending.enter_context(contextlib.suppress(MlflowException))
+            elif raised:
+                # the error (or stop) that ended the block stays the one reported, not a
+                # store failing to record it as well (a full disk fails both)
+                ending.enter_context(_unended_run_noted(run.run_id, status))
             try:
                 run.flush()
             finally:
                 _end_run(status)
+
+
+@contextmanager
+def _unended_run_noted(run_id: str, status: str) -> Iterator[None]:
+    """An MLflow error ending run ``run_id`` as ``status`` said in a warning, not raised."""
+    try:
+        yield
+    except MlflowException as exc:
+        logger.warning("the MLflow run %s could not be marked %s: %s", run_id, status,
+                       describe(exc))
 
 
 def _end_run(status: str) -> None:
