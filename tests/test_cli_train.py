@@ -5,6 +5,7 @@ for the thin script ``pipelines/train.py``, and for the shared pieces in
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -1108,3 +1109,28 @@ def test_a_store_that_cannot_end_the_stopped_run_leaves_the_stop_reported(
         "or disk is full; check the tracking store" in result.stderr
     assert f"interrupted; the last checkpoint is {mlruns / 'checkpoints' / 'unended'}/step-" \
         in result.stderr
+
+
+def test_a_training_record_the_disk_refuses_is_a_one_line_error_and_resumable(
+        image_dirs: ImageDirs, mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up as the training record (run.json) is rewritten after the last
+    step: the command ended in an OSError traceback, and the record was left empty, so the
+    --resume meant to finish the logging was refused as damaged; the training was lost."""
+    common = [str(image_dirs.train), "--name", "full-record", "--config",
+              str(often_config(mlruns.parent, epochs=1)), "--mlruns", str(mlruns)]
+    real_write = Path.write_text
+
+    def disk_full(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        if "run.json" in self.name and "logged_model_uri" in data:
+            real_write(self, "")  # opened for writing: emptied, then nothing fits
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", disk_full)
+        failed = invoke(*common)
+    assert_one_line_error(failed, 1, "could not write the training record ",
+                          "No space left on device; free space there")
+    resumed = invoke(*common, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "candidate: models:/full-record@candidate" in resumed.stdout

@@ -181,6 +181,27 @@ def _read_run_state(folder: Path) -> tuple[dict[str, Any], RunConfig]:
     return state, config
 
 
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Replace the training record ``folder/run.json`` with ``record`` at once (written
+    beside it, then renamed over it): a write cut short by a full disk or a kill leaves
+    the record before it, which --resume still reads, not an empty file it refuses.
+
+    Raises:
+        TrainingError: The record could not be written.
+    """
+    path, tmp = folder / RUN_STATE_FILE, folder / f".{RUN_STATE_FILE}.tmp"
+    try:
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise TrainingError(f"could not write the training record {path}: "
+                            f"{exc.strerror or exc}; free space there or make it writable, "
+                            "then run the same command again (with --resume where "
+                            "checkpoints were written)") from None
+
+
 @contextlib.contextmanager
 def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
     """Hold ``<checkpoints>/.<folder>.lock`` while training ``name``: a second training of
@@ -660,7 +681,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                   "data_folder": display_path(data_root), "config": config.to_dict(),
                   "parent_run_id": parent.info.run_id if parent is not None else None,
                   "concluded": False}  # True once the model is logged and registered
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
+        _write_record(ckpt, record)
         params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
                   "data.n_train": len(folder.train),
                   "data.n_val": len(folder.val) if folder.val is not None else 0}
@@ -703,7 +724,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             logged_uri = log_model(run, result.model, None)
         # kept for a resume after this attempt too (its registration may fail again)
         record.update(logged_model_uri=logged_uri, logged_at_step=result.steps)
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps(record, indent=2))
+        _write_record(ckpt, record)
         diverged = 2 * result.skipped_steps > result.steps
         # registered and recorded as one step: a stop in between would leave a version the
         # record does not know, and the --resume it asks for would register it again
@@ -736,8 +757,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                         "non-finite loss or gradient")
         if result.failed_files:
             message += f"; {len(result.failed_files)} training file(s) could not be decoded"
-        (ckpt / RUN_STATE_FILE).write_text(json.dumps(
-            {**record, "concluded": True, "outcome": message}, indent=2))
+        _write_record(ckpt, {**record, "concluded": True, "outcome": message})
         _CONCLUDED_HERE[ckpt.resolve()] = message
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
