@@ -1134,3 +1134,26 @@ def test_a_training_record_the_disk_refuses_is_a_one_line_error_and_resumable(
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "candidate: models:/full-record@candidate" in resumed.stdout
+
+
+def test_a_checkpoint_folder_on_a_full_disk_is_a_one_line_error(
+        image_dirs: ImageDirs, tmp_path: Path) -> None:
+    """The first write of a training, the holder's line in its lock file, met a full disk
+    (here a limit on file sizes): an OSError traceback, raised twice (again as the file
+    closed, flushing the same line)."""
+
+    def no_room() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails, not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+
+    mlruns = tmp_path / "mlruns"
+    done = subprocess.run(
+        [sys.executable, "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
+         "no-room", "--preset", "tiny", "--mlruns", str(mlruns), "--device", "cpu"],
+        capture_output=True, text=True, preexec_fn=no_room, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert error == (f"Error: cannot write in the checkpoint folder {mlruns / 'checkpoints'} "
+                     "(File too large); free space there, or train with another --mlruns "
+                     "DIR (checkpoints go under it)")

@@ -239,8 +239,12 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
             return
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        try:  # unbuffered: a write the disk refused would be retried, and fail, at close
+            os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as exc:  # a full disk: no checkpoint would fit either
+            raise TrainingError(f"cannot write in the checkpoint folder {ckpt.parent} "
+                                f"({exc.strerror}); free space there, or train with another "
+                                "--mlruns DIR (checkpoints go under it)") from None
         try:
             yield True
         finally:
