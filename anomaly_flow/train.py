@@ -729,8 +729,8 @@ def _unwritable_checkpoint(path: Path, error: OSError, kept: Path | None) -> str
     shown = (f" ({where})" if where.parent == path.parent
              and not where.name.startswith((".tmp-", path.name)) else "")
     return (f"could not write the checkpoint {path}: {error.strerror or error}{shown}. {left}; "
-            f"{fix}, or train with another --mlruns DIR (checkpoints go under it), then "
-            "resume")
+            f"{fix}, then run the same command with --resume (a training started afresh "
+            "with another --mlruns DIR would keep its checkpoints there, not resume these)")
 
 
 def _write_checkpoint(tmp: Path, model: Glow, optimizer: torch.optim.Optimizer,

@@ -676,7 +676,8 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
     with pytest.raises(TrainingError, match=r"could not write the checkpoint .*step-00000002: "
                                             r"No space left on device\. The latest complete "
                                             r"checkpoint, step-00000001, is intact; free space "
-                                            r"there, or train with another --mlruns DIR"):
+                                            r"there, then run the same command with "
+                                            r"--resume"):
         save_checkpoint(folder, model, optimizer, config, 2, {})
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-00000001"]
     # the first checkpoint, in a folder that cannot be written (a read-only disk says so
@@ -691,7 +692,10 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_half_written(
 
     monkeypatch.setattr(Path, "rename", read_only)
     with pytest.raises(TrainingError, match=r"Read-only file system\. No checkpoint was written "
-                                            r"before it; make that folder writable"):
+                                            r"before it; make that folder writable, then run "
+                                            r"the same command with --resume \(a training "
+                                            r"started afresh with another --mlruns DIR would "
+                                            r"keep its checkpoints there, not resume these\)$"):
         save_checkpoint(tmp_path / "first", model, optimizer, config, 1, {})
     assert list((tmp_path / "first").iterdir()) == []
     assert latest_checkpoint(folder) == folder / "step-00000001"
