@@ -239,6 +239,32 @@ def claim_model_name(name: str, owner: str, *, check: bool = True) -> None:
         client.set_registered_model_tag(name, OWNER_TAG, owner)
 
 
+_OUR_VERSION_TAGS = ("training_run_id", "calibration_run_id")
+"""Tags every version train or calibrate registers carries."""
+
+
+def check_not_foreign(name: str) -> None:
+    """Refuse to add versions to registered model ``name`` where it holds versions and
+    none is anomaly-flow's (tagged as in :data:`_OUR_VERSION_TAGS`): another team's model
+    of the same name on a shared server, whose alias ``candidate`` would move. A model
+    :func:`claim_model_name` marks as a tool's own is checked there instead.
+
+    Raises:
+        TrackingError: The model's versions are all someone else's.
+    """
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:  # a name MLflow's filter cannot quote: nothing to compare
+        return
+    if versions and not any(key in v.tags for v in versions for key in _OUR_VERSION_TAGS):
+        raise TrackingError(
+            f"the MLflow store {redacted(mlflow.get_tracking_uri())} already holds a "
+            f"registered model {name!r} that anomaly-flow did not register ({len(versions)} "
+            f"version(s), none tagged {' or '.join(_OUR_VERSION_TAGS)}); training would add "
+            f"a version to it and move its alias {CANDIDATE!r}, so it stops here: train "
+            "under another --name, or rename or delete that model")
+
+
 def _check_still_registered(name: str, version: str) -> None:
     """Refuse to add a calibrated version to a registered model whose source version (or
     the whole name) was deleted since it was loaded: MLflow would register it anyway, the
@@ -416,8 +442,8 @@ def _files_location(source: str) -> str | None:
     return None
 
 
-def _registered_from_run(run_id: str, model_id: str | None
-                         ) -> tuple[str, str, dict[str, str]] | None:
+def registered_from_run(run_id: str, model_id: str | None
+                        ) -> tuple[str, str, dict[str, str]] | None:
     """``(name, version, tags)`` of the registered version of the model ``model_id`` that
     run ``run_id`` logged (a resumed training logs and registers more than one), or None
     when that model was not registered."""
@@ -585,7 +611,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             with contextlib.suppress(Exception):  # informative only
                 run_id = Model.load(str(model_dir)).run_id
         elif name is None:  # a run URI: the registered version of the model it names
-            registered = _registered_from_run(run_id, Model.load(str(model_dir)).model_id)
+            registered = registered_from_run(run_id, Model.load(str(model_dir)).model_id)
             if registered is not None:
                 name, version, tags = registered
         try:

@@ -32,7 +32,14 @@ from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path, one_line
 from anomaly_flow.errors import first_line
 from anomaly_flow.stopping import stops_deferred
-from anomaly_flow.tracking.models import CANDIDATE, log_model, register_model, set_alias
+from anomaly_flow.tracking.models import (
+    CANDIDATE,
+    check_not_foreign,
+    log_model,
+    register_model,
+    registered_from_run,
+    set_alias,
+)
 from anomaly_flow.tracking.store import (
     CHECKPOINTS_DIR,
     Run,
@@ -316,26 +323,6 @@ def _check_unfinished(latest: Path, config: RunConfig, n_train: int, name: str,
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
             "longer, resume with a larger --epochs; to start again, drop --resume")
-
-
-def _check_not_foreign(name: str) -> None:
-    """Refuse to train ``name`` where the store holds a registered model of that name
-    whose versions anomaly-flow did not register (another team's model on a shared
-    server: every version train or calibrate registers is tagged ``training_run_id`` or
-    ``calibration_run_id``): its model would become a version among theirs, and their
-    alias ``candidate`` would move to it."""
-    try:
-        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
-    except MlflowException:  # a name MLflow's filter cannot quote: nothing to compare
-        return
-    ours = ("training_run_id", "calibration_run_id")
-    if versions and not any(key in v.tags for v in versions for key in ours):
-        raise TrainingError(
-            f"the MLflow store {redacted(mlflow.get_tracking_uri())} already holds a "
-            f"registered model {name!r} that anomaly-flow did not register ({len(versions)} "
-            f"version(s), none tagged {' or '.join(ours)}); training would add a version "
-            f"to it and move its alias {CANDIDATE!r}, so it stops here: train under another "
-            "--name, or rename or delete that model")
 
 
 def _reusable_run(run_id: str | None, experiment: str) -> str | None:
@@ -633,7 +620,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         _check_owner(earlier, name, ckpt)
     configure(mlruns)
     require_writable_store(experiment=name)
-    _check_not_foreign(name)
+    check_not_foreign(name)
     if resume:
         previous_run = _reusable_run(state.get("run_id"), name)
         recorded = state.get("tracking_uri")
@@ -734,9 +721,11 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         # record does not know, and the --resume it asks for would register it again
         after_run.enter_context(stops_deferred())
         if math.isfinite(result.val_bpd) and not diverged:
-            version = _registered_earlier(name, run.run_id, logged_uri) if previous_run \
-                else None
-            if version is not None:  # the attempt that registered it died before its record
+            # an attempt killed between registering the model and recording it: its version
+            earlier = registered_from_run(run.run_id, logged_uri.removeprefix("models:/")) \
+                if previous_run else None
+            if earlier is not None and earlier[0] == name:
+                version = earlier[1]
                 set_alias(name, CANDIDATE, version)
             else:
                 version = register_model(logged_uri, name, alias=CANDIDATE, tags={
@@ -790,20 +779,6 @@ def _logged_earlier(state: dict[str, Any], run_id: str, steps: int) -> str | Non
         return None
     ready = str(model.status).upper().endswith("READY")
     return uri if ready and model.source_run_id == run_id else None
-
-
-def _registered_earlier(name: str, run_id: str, logged_uri: str) -> str | None:
-    """The version of ``name`` that an earlier attempt of run ``run_id`` registered from
-    ``logged_uri``, where that attempt was killed outright (SIGKILL, the OOM killer) or
-    lost its store between the registration and its record: a resume that only finishes
-    the logging takes that version instead of registering the same model again; None
-    where there is none."""
-    try:
-        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
-    except MlflowException:
-        return None
-    found = [v.version for v in versions if v.name == name and v.source == logged_uri]
-    return str(max(found, key=int)) if found else None
 
 
 def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
