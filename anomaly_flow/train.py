@@ -309,9 +309,9 @@ def resolve_device(device: str | torch.device, *, option: str = "--device") -> t
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu or cuda.") from exc
-    if resolved.type not in ("cpu", "cuda"):  # torch knows more (meta holds no weights)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):  # torch knows meta, mps...
         raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu or cuda.")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"{option} {resolved} was asked for but CUDA is not available on "
