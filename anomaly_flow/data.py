@@ -629,10 +629,22 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
         notes.append(f"{share} images looked at are larger than {size}×{size} (e.g. "
                      f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
                      "for training and scoring: detail finer than that is lost; to keep "
-                     "it, train with a larger model.image_size (train --config FILE)")
+                     f"it, train with a larger model.image_size ({_larger_presets(mode, size)})")
     if note := _mixed_shapes_note(shapes, size):
         notes.append(note)
     return notes
+
+
+def _larger_presets(mode: ImageMode, size: int) -> str:
+    """Where a larger ``model.image_size`` than ``size`` comes from: the shipped presets
+    for ``mode`` that have one, smallest first, then a config file."""
+    from anomaly_flow.config import PRESETS, load_preset  # config is above data
+
+    sizes = {name: load_preset(name).model for name in PRESETS}
+    larger = sorted((model.image_size, name) for name, model in sizes.items()
+                    if model.mode == mode and model.image_size > size)
+    named = ", ".join(f"preset {name} has {side}×{side}" for side, name in larger)
+    return f"{named}; or train --config FILE" if named else "train --config FILE"
 
 
 def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int) -> str | None:

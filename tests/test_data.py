@@ -426,8 +426,8 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
                              "model is grey")
     assert size.startswith("all images looked at are larger than 16×16 (e.g. 30×40) and are "
                            "resized to 16×16 (model.image_size)")
-    assert size.endswith("to keep it, train with a larger model.image_size (train --config "
-                         "FILE)")
+    assert size.endswith("to keep it, train with a larger model.image_size (preset small has "
+                         "28×28, preset fashion-mnist has 32×32; or train --config FILE)")
     assert conversion_notes(paths, "RGB", 40) == []  # colour kept, nothing shrunk
     greys = [p for p in paths if p.suffix == ".jpg"]  # grey stored as RGB JPEG: no colour
     assert conversion_notes(greys, "L", 64) == []
@@ -439,6 +439,7 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
         Image.fromarray(np.zeros((side, side), np.uint8)).save(small / f"b-{i}.png")
     (note,) = conversion_notes(sorted(small.iterdir()), "L", 32)
     assert note.startswith("4 of 7 images looked at are larger than 32×32")
+    assert note.endswith("(train --config FILE)")  # no shipped preset is larger than 32
     assert conversion_notes(sorted(small.iterdir()), "L", 32, resizing=False) == []
 
 
