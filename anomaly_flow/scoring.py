@@ -50,6 +50,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -218,6 +219,11 @@ def _check_precision(precision: str) -> None:
 _SAID_ONCE: dict[str, bool] = {}
 """Notes a process gives once, however often the code that gives them runs."""
 
+_NUMERICS = threading.RLock()
+"""Held while :func:`numerics` has its settings in place: they are a model's and the
+process's (cuDNN and TF32 flags), so a second thread scoring at the same time would
+restore them under the first, whose later batches would then score in another precision."""
+
 
 @contextlib.contextmanager
 def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
@@ -232,10 +238,19 @@ def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     - ``bf16``: the coupling networks under bf16 autocast (log-determinants and priors
       stay float32), the fastest on a GPU; bits/dim move by about 1e-4 to 1e-3.
 
+    The settings belong to the model and the process, so threads take turns: scoring in
+    one waits while another thread of the process is inside ``numerics``.
+
     Raises:
         ScoringError: An unknown ``precision``.
     """
     _check_precision(precision)
+    with _NUMERICS:
+        yield from _numerics_held(model, precision)
+
+
+def _numerics_held(model: Glow, precision: Precision) -> Iterator[None]:
+    """:func:`numerics` with its lock held."""
     cuda = model.device.type == "cuda"
     if precision == "tf32" and not cuda and not _SAID_ONCE.get("tf32"):
         _SAID_ONCE["tf32"] = True  # entered for every batch of a library caller's loop

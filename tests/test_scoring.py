@@ -549,6 +549,28 @@ def test_scores_do_not_depend_on_the_batch_size(wide_model: tuple[Glow, torch.Te
         torch.set_num_threads(saved)
 
 
+def test_threads_scoring_one_model_take_turns(wide_model: tuple[Glow, torch.Tensor]) -> None:
+    """numerics sets the model's coupling autocast and restores it on the way out: a
+    thread scoring meanwhile would lose its float32 to the restored bf16 half way."""
+    model, images = wide_model
+    exact = score_images(model, images[:8]).bpd
+    model.set_coupling_autocast(torch.bfloat16)  # as a bf16 training leaves it
+    try:
+        results: dict[str, torch.Tensor] = {}
+        with scoring.numerics(model, "bf16"):
+            other = threading.Thread(
+                target=lambda: results.update(bpd=score_images(model, images[:8]).bpd))
+            other.start()
+            other.join(timeout=1.0)
+            assert other.is_alive()  # waiting for this thread's numerics to end
+        other.join(timeout=60)
+        assert not other.is_alive()
+        torch.testing.assert_close(results["bpd"], exact, rtol=0, atol=0)  # float32's
+        assert model.levels[0].steps[0].coupling.net.autocast_dtype == torch.bfloat16
+    finally:
+        model.set_coupling_autocast(None)
+
+
 def test_model_overflow_is_an_error_row(model: Glow, messy: Path, tmp_path: Path) -> None:
     broken = make_tiny_model()
     with torch.no_grad():
