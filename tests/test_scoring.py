@@ -1196,6 +1196,20 @@ def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
                                            rel=1e-5)
             assert img.text["anomaly-flow:scale"] == \
                 "inferno 0..5 normal standard deviations (fixed)"
+            drawn = np.asarray(img.convert("RGB"))
+        if score != "typicality":
+            continue
+        # the map itself, pixel by pixel: |m - mu| / (sigma + 0.1) of the image's per-pixel
+        # bits/dim from the model's own breakdown, drawn as render_heatmap draws
+        image = load_image(messy / name, TINY.mode, TINY.image_size)
+        with torch.no_grad():
+            pixel_bpd = model.breakdown(preprocess(torch.from_numpy(image)[None], 8)).pixel_bpd
+        terms = ((pixel_bpd[0] - model.reference_mean) / (model.reference_std + 0.1)).abs()
+        expected = render_heatmap(image, terms.numpy(), vmin=0.0, vmax=5.0,
+                                  table=colormap_table("inferno"))
+        assert drawn.shape == expected.shape
+        differ = np.abs(drawn.astype(int) - expected).max(axis=-1)
+        assert differ.max() <= 8 and (differ == 0).mean() > 0.95  # float32 rounding only
 
 
 def test_heatmap_kind_overrides_the_deciding_scores_map(
