@@ -84,9 +84,12 @@ def _card(item: GalleryItem) -> str:
     verdict = ("" if item.is_anomaly is None else
                "<span class='anom'>anomalous</span>" if item.is_anomaly else
                "<span class='norm'>normal</span>")
-    heat = (f"<img src='{png_data_uri(item.heatmap)}' alt='heatmap'>"
+    # alt names the image: a screen reader (or a page whose images do not load) otherwise
+    # reads "image, heatmap" for every card alike
+    name = html.escape(", ".join(part for part in (item.title, item.note) if part))
+    heat = (f"<img src='{png_data_uri(item.heatmap)}' alt='heatmap of {name}'>"
             if item.heatmap is not None else "")
-    return (f"<div class='card'><img src='{png_data_uri(item.image, 2)}' alt='image'>{heat}"
+    return (f"<div class='card'><img src='{png_data_uri(item.image, 2)}' alt='{name}'>{heat}"
             f"<br>{html.escape(item.title)}<br>score {item.score:.3f} {verdict}"
             f"<br>{html.escape(item.note)}</div>")
 
