@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from anomaly_flow import plots, report, tracking
+from anomaly_flow import heatmap, plots, report, tracking
 from anomaly_flow.calibration import DetectionMetrics, operating_point
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import (
@@ -141,7 +141,8 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     page = _render(table, folders["test"], heatmaps, detection, point, calibration,
                    preset=preset, model_uri=champion, tracking_uri=uri,
                    val_bpd=trained.val_bpd, calibrate_run=calibrated.run_id,
-                   evaluate_run=evaluated.run_id)
+                   evaluate_run=evaluated.run_id, n_bits=loaded.model.config.n_bits,
+                   image_size=loaded.model.config.image_size)
     report_html = report.write_report(out / "report.html", page)
     return DemoResult(out=out, tracking_uri=uri, model_uri=champion, scores_csv=scores_csv,
                       report_html=report_html, heatmaps=heatmaps,
@@ -208,14 +209,32 @@ def _runs_note(tracking_uri: str, calibrate_run: str, evaluate_run: str) -> str:
             f"<code>{html.escape(evaluate_run)}</code>.</p>")
 
 
+def _heatmap_caption(score_name: str, *, n_bits: int, image_size: int) -> str:
+    """What the galleries' heatmaps draw and how to read their colours: the map scoring
+    draws for ``score_name``, on the fixed scale and overlay of :mod:`anomaly_flow.heatmap`
+    (``n_bits`` and ``image_size`` are the model's)."""
+    if score_name in REFERENCE_SCORES:
+        what = ("how far each pixel's bits/dim is from the normal images', in their standard "
+                "deviations (bright = unlike a normal image)")
+        top, unit = heatmap.TYPICALITY_VMAX, heatmap.UNITS["typicality"]
+    else:
+        what = "its per-pixel bits/dim (bright = unlikely)"
+        top, unit = float(n_bits), heatmap.UNITS["bpd"]
+    low, high = heatmap.ALPHA_RANGE
+    return (f"Left: the image; right: {what}. The colours are {heatmap.COLORMAP}'s, on one "
+            f"fixed scale for every image, so heatmaps compare: black at 0, through purple "
+            f"and orange, to yellow at {top:g} {unit} or more. They are drawn over the image "
+            f"as the model saw it ({image_size}×{image_size}), more opaque where the value is "
+            f"higher ({low:.0%} at 0 to {high:.0%} at {top:g}).")
+
+
 def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dict,
             point: dict, calibration, *, preset: str, model_uri: str, tracking_uri: str,
-            val_bpd: float, calibrate_run: str, evaluate_run: str) -> str:
+            val_bpd: float, calibrate_run: str, evaluate_run: str, n_bits: int,
+            image_size: int) -> str:
     anomalous = table["label"] == "anomalous"
     name = calibration.score_name
-    caption = ("how far each pixel's bits/dim is from the normal images', in their standard "
-               "deviations (bright = unlike a normal image)." if name in REFERENCE_SCORES
-               else "its per-pixel bits/dim (bright = unlikely).")
+    caption = _heatmap_caption(name, n_bits=n_bits, image_size=image_size)
     scored = table[table["error"].fillna("") == ""]
     summary = [
         {"item": "model", "value": model_uri},
@@ -263,9 +282,8 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             ("Detection rate per anomalous class", report.table_section(per_class)),
             ("Figures", report.figures_section(figures)),
             ("Most anomalous test images", report.gallery_section(
-                _gallery(ranked.head(12), test_root, heatmaps),
-                f"Left: the image; right: {caption}")),
+                _gallery(ranked.head(12), test_root, heatmaps), caption)),
             ("Least anomalous test images", report.gallery_section(
-                _gallery(ranked.tail(12).iloc[::-1], test_root, heatmaps))),
+                _gallery(ranked.tail(12).iloc[::-1], test_root, heatmaps), caption)),
         ],
     )

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from anomaly_flow import tracking
 from anomaly_flow.cli import main
@@ -61,6 +62,11 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert "src='http" not in page and 'src="http' not in page
     assert len(list((out / "heatmaps").rglob("*.png"))) == len(table)
     assert "in their standard deviations (bright = unlike a normal image)" in page
+    # both galleries say how to read the heatmaps' colours, on the scale the PNGs record
+    with Image.open(next((out / "heatmaps").rglob("*.png"))) as heatmap:
+        assert heatmap.text["anomaly-flow:scale"] == \
+            "inferno 0..5 normal standard deviations (fixed)"
+    assert page.count("to yellow at 5 normal standard deviations or more") == 2
     assert (out / "mlruns" / "mlflow.db").is_file()
 
     # train, calibrate and evaluate runs, the last with every score's AUROC on the test set
@@ -74,6 +80,23 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert f"AUROC {evaluated['ensemble_auroc']:.4f} (ensemble score)" in result.output
     assert re.search(r"INFO anomaly_flow.train: epoch 1 of 1: train ", result.stderr)
     assert by_name["evaluate"].info.run_id in page
+
+
+@pytest.mark.parametrize(("score", "n_bits", "top"), [
+    ("ensemble", 8, "5 normal standard deviations"), ("typicality", 5, "5 normal standard "
+     "deviations"), ("bpd", 8, "8 bits/dim"), ("complexity", 5, "5 bits/dim")])
+def test_the_reports_heatmap_caption_gives_the_fixed_colour_scale(
+        score: str, n_bits: int, top: str) -> None:
+    """The scale the heatmaps are drawn on (what each PNG records as anomaly-flow:scale:
+    typicality maps 0..5 standard deviations, bits/dim maps 0..n_bits), and the overlay."""
+    from anomaly_flow.demo import _heatmap_caption
+
+    caption = _heatmap_caption(score, n_bits=n_bits, image_size=16)
+    assert ("inferno's, on one fixed scale for every image, so heatmaps compare: black at 0, "
+            f"through purple and orange, to yellow at {top} or more") in caption
+    assert f"more opaque where the value is higher (20% at 0 to 80% at {top.split()[0]})" \
+        in caption
+    assert "drawn over the image as the model saw it (16×16)" in caption
 
 
 def test_the_reports_note_on_the_runs_escapes_the_stores_folder() -> None:
