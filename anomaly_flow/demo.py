@@ -186,18 +186,39 @@ def _folder_scores(table: pd.DataFrame, folders: dict[str, Path], label: str) ->
 
 
 def _gallery(rows: pd.DataFrame, test_root: Path, heatmaps: Path) -> list[report.GalleryItem]:
+    """The report's cards for ``rows`` of ``scores.csv``, each with the heatmap scoring
+    drew of it under ``heatmaps`` (found by the source each heatmap records: a name two
+    files would share gets another), or none where it drew none."""
+    drawn = heatmap.recorded_heatmaps(heatmaps)
     items = []
     for row in rows.itertuples():
         rel = Path(row.path).relative_to(test_root)
-        image = np.asarray(Image.open(test_root / rel))
-        heat_file = heatmaps / rel.with_suffix(".png")
-        heat = np.asarray(Image.open(heat_file).convert("RGB")) if heat_file.is_file() else None
+        with Image.open(test_root / rel) as img:
+            image = np.asarray(img)
+        heat = None
+        if (found := drawn.get(display_path(rel))) is not None:
+            with Image.open(heatmaps / found[0]) as img:
+                heat = np.asarray(img.convert("RGB"))
         items.append(report.GalleryItem(
-            title=rel.parent.name if rel.parent.name != "normal" else "normal",
-            image=image, heatmap=heat, score=float(row.score),
+            title=rel.parent.name, image=image, heatmap=heat, score=float(row.score),
             is_anomaly=None if pd.isna(row.is_anomaly) else bool(row.is_anomaly),
             note=rel.name))
     return items
+
+
+def _per_class(anomalous: pd.DataFrame) -> list[dict[str, object]]:
+    """Per class (the folder above each file) of ``scores.csv``'s anomalous rows: its
+    images, those scored, and the share of the scored flagged (a failed file has no
+    verdict, so it counts in ``images`` only)."""
+    classes = anomalous["path"].map(lambda p: Path(p).parent.name)
+    rows = []
+    for name in sorted(classes.unique()):
+        of_class = anomalous.loc[classes == name]
+        verdicts = of_class.loc[of_class["error"].fillna("") == "", "is_anomaly"]
+        rows.append({"class": name, "images": len(of_class), "scored": len(verdicts),
+                     "detected": (f"{verdicts.astype(bool).mean():.1%}" if len(verdicts)
+                                  else "none scored")})
+    return rows
 
 
 def _runs_note(tracking_uri: str, calibrate_run: str, evaluate_run: str) -> str:
@@ -254,12 +275,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
     ]
     per_score = [{"score": k, "AUROC": m.auroc, "AUPR": m.aupr,
                   "FPR at 95% TPR": m.fpr_at_95_tpr} for k, m in detection.items()]
-    classes = table.loc[anomalous, "path"].map(lambda p: Path(p).parent.name)
-    per_class = [
-        {"class": c, "images": int((classes == c).sum()),
-         "detected": f"{table.loc[classes[classes == c].index, 'is_anomaly'].mean():.1%}"}
-        for c in sorted(classes.unique())
-    ]
+    per_class = _per_class(table.loc[anomalous])
     normal_scores = table.loc[~anomalous, name].to_numpy(float)
     anomalous_scores = table.loc[anomalous, name].to_numpy(float)
     figures = {
@@ -272,6 +288,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             operating_points={name: (point["fpr"], point["tpr"])}),
     }
     ranked = scored.sort_values("score", ascending=False)
+    n_shown = min(12, len(ranked) // 2)  # a small table shows no image in both galleries
     how = _runs_note(tracking_uri, calibrate_run, evaluate_run)
     return report.render_report(
         "anomaly-flow demo: Fashion-MNIST sneakers",
@@ -282,8 +299,8 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             ("Detection rate per anomalous class", report.table_section(per_class)),
             ("Figures", report.figures_section(figures)),
             ("Most anomalous test images", report.gallery_section(
-                _gallery(ranked.head(12), test_root, heatmaps), caption)),
+                _gallery(ranked.head(n_shown), test_root, heatmaps), caption)),
             ("Least anomalous test images", report.gallery_section(
-                _gallery(ranked.tail(12).iloc[::-1], test_root, heatmaps), caption)),
+                _gallery(ranked.iloc[::-1].head(n_shown), test_root, heatmaps), caption)),
         ],
     )

@@ -102,7 +102,7 @@ def render_report(
     """Assemble the page from ``(heading, html_body)`` sections."""
     parts = [f"<h2>{html.escape(h)}</h2>\n{body}" for h, body in sections]
     return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(subtitle)}</p>"
         + "\n".join(parts) + "</body></html>"
@@ -110,7 +110,8 @@ def render_report(
 
 
 def table_section(rows: Sequence[Mapping[str, object]], note: str = "") -> str:
-    return _table(rows) + (f"<p>{note}</p>" if note else "")
+    """A table of ``rows`` (one column per key of the first), then ``note`` (text)."""
+    return _table(rows) + (f"<p>{html.escape(note)}</p>" if note else "")
 
 
 def figures_section(figures: Mapping[str, object]) -> str:
@@ -121,8 +122,9 @@ def figures_section(figures: Mapping[str, object]) -> str:
 
 
 def gallery_section(items: Sequence[GalleryItem], note: str = "") -> str:
+    """``note`` (text) above a card per item."""
     cards = "".join(_card(item) for item in items)
-    return (f"<p>{note}</p>" if note else "") + f"<div class='gallery'>{cards}</div>"
+    return (f"<p>{html.escape(note)}</p>" if note else "") + f"<div class='gallery'>{cards}</div>"
 
 
 def write_report(path: Path, page: str) -> Path:

@@ -109,6 +109,49 @@ def test_the_reports_note_on_the_runs_escapes_the_stores_folder() -> None:
     assert "<code>0123abc</code>" in note and "<code>4567def</code>" in note
 
 
+def test_the_reports_cards_find_the_heatmaps_scoring_named_apart(tmp_path: Path) -> None:
+    """``b.jpg`` and ``b.png`` share a plain heatmap name, so scoring draws them as
+    ``b.jpg.png`` and ``b.png.png``: each card shows its own file's heatmap, not none."""
+    from anomaly_flow.demo import _gallery
+    from anomaly_flow.scoring import score_folder
+    from tests.test_scoring import make_tiny_model
+
+    root = tmp_path / "test"
+    (root / "shoe").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("b.jpg", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "shoe" / name)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "shoe" / "plain.png")
+    heat = tmp_path / "heatmaps"
+    score_folder(make_tiny_model(), None, root, tmp_path / "s.csv", heatmaps=heat)
+    assert sorted(p.name for p in (heat / "shoe").iterdir()) == [
+        "b.jpg.png", "b.png.png", "plain.png"]
+    table = pd.read_csv(tmp_path / "s.csv", keep_default_na=False, na_values=[""])
+    cards = _gallery(table, root, heat)
+    for card, path in zip(cards, table["path"], strict=True):
+        mine = {"b.jpg": "b.jpg.png", "b.png": "b.png.png"}.get(Path(path).name, "plain.png")
+        with Image.open(heat / "shoe" / mine) as drawn:
+            np.testing.assert_array_equal(card.heatmap, np.asarray(drawn.convert("RGB")))
+        assert (card.title, card.note) == ("shoe", Path(path).name)
+    (heat / "shoe" / "plain.png").unlink()  # a file scoring drew no heatmap of: no picture
+    assert [c.heatmap is None for c in _gallery(table, root, heat)] == [
+        Path(p).name == "plain.png" for p in table["path"]]
+
+
+def test_the_reports_detection_rate_per_class_leaves_failed_files_out() -> None:
+    """A failed file has no verdict: the rate is over the scored ones, and a class none of
+    whose files could be scored says so instead of ``nan%``."""
+    from anomaly_flow.demo import _per_class
+
+    table = pd.DataFrame({
+        "path": ["/t/bag/1.png", "/t/bag/2.png", "/t/bag/3.png", "/t/coat/1.png"],
+        "is_anomaly": [True, False, None, None],
+        "error": ["", "", "truncated PNG", "empty file (0 bytes)"]})
+    assert _per_class(table) == [
+        {"class": "bag", "images": 3, "scored": 2, "detected": "50.0%"},
+        {"class": "coat", "images": 1, "scored": 0, "detected": "none scored"}]
+
+
 @pytest.mark.slow
 def test_a_stopped_demo_ends_its_run_and_says_how_to_go_on(tmp_path: Path) -> None:
     """SIGTERM mid-training, as a scheduler stops a job: a message and SIGTERM's status,

@@ -52,3 +52,11 @@ def test_a_card_without_a_heatmap_has_one_image() -> None:
                               score=float("nan"), is_anomaly=None, note="coat_1.png")
     page = _read(report.gallery_section([item]))
     assert page.alts == ["coat, coat_1.png"]
+
+
+def test_notes_are_text() -> None:
+    """A note may name a file (``a<b>&c``): it is escaped, as every other text is."""
+    for section in (report.table_section([{"a": 1}], note="see a<b>&c"),
+                    report.gallery_section([], note="see a<b>&c")):
+        page = _read(section)
+        assert "see a<b>&c" in "".join(page.text) and "b" not in page.tags
