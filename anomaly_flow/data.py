@@ -26,6 +26,7 @@ import re
 import shutil
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -66,6 +67,27 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+
+_FILTERS = threading.RLock()
+
+
+def _new_filters_lock() -> None:
+    global _FILTERS
+    _FILTERS = threading.RLock()  # a fork may copy it held by a thread the child lacks
+
+
+os.register_at_fork(after_in_child=_new_filters_lock)
+
+
+@contextlib.contextmanager
+def warnings_caught() -> Iterator[None]:
+    """:func:`warnings.catch_warnings`, one thread at a time. It saves the process's
+    warning filters on the way in and puts them back on the way out (per process before
+    Python 3.14), so two threads' blocks interleaved would leave one's filters (PIL's
+    warnings ignored, say) in force for the whole process after both."""
+    with _FILTERS, warnings.catch_warnings():
+        yield
+
 
 _CHANNELS = {"L": 1, "RGB": 3}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -461,7 +483,7 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
     if not data:
         raise ImageDecodeError(name, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings_caught():
             warnings.simplefilter("ignore")  # PIL's notes on odd files would flood the log
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
@@ -572,7 +594,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
         try:
             if not is_regular_file(path):  # a pipe named .png would block
                 continue
-            with warnings.catch_warnings():
+            with warnings_caught():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
                     if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -1045,7 +1067,7 @@ def duplicate_note(digests: Sequence[str], paths: Sequence[Path]) -> str | None:
 def _opens_as_image(path: Path) -> bool:
     """Whether PIL recognises ``path``'s header as an image (nothing is decoded)."""
     try:
-        with warnings.catch_warnings():
+        with warnings_caught():
             warnings.simplefilter("ignore")
             with Image.open(path):
                 return True

@@ -82,6 +82,7 @@ from anomaly_flow.data import (
     load_item,
     one_line,
     search_images,
+    warnings_caught,
 )
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_name: re-exported)
@@ -225,6 +226,14 @@ process's (cuDNN and TF32 flags), so a second thread scoring at the same time wo
 restore them under the first, whose later batches would then score in another precision."""
 
 
+def _new_numerics_lock() -> None:
+    global _NUMERICS
+    _NUMERICS = threading.RLock()  # a fork may copy it held by a thread the child lacks
+
+
+os.register_at_fork(after_in_child=_new_numerics_lock)
+
+
 @contextlib.contextmanager
 def numerics(model: Glow, precision: Precision = "float32") -> Iterator[None]:
     """The arithmetic scoring runs in, set for the duration and then restored.
@@ -257,7 +266,7 @@ def _numerics_held(model: Glow, precision: Precision) -> Iterator[None]:
         logger.warning("precision tf32 changes nothing on %s (TF32 is CUDA's): the scores "
                        "are float32's", model.device.type.upper())
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    with warnings.catch_warnings():
+    with warnings_caught():
         warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; both work
         saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
         if cuda:
@@ -269,7 +278,7 @@ def _numerics_held(model: Glow, precision: Precision) -> Iterator[None]:
         yield
     finally:
         model.set_coupling_autocast(autocast)
-        with warnings.catch_warnings():
+        with warnings_caught():
             warnings.simplefilter("ignore")
             cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = saved
 

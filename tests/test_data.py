@@ -13,6 +13,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -986,3 +988,50 @@ def test_damaged_image_bytes_are_answered_never_raised(
     else:
         assert item.error and "\n" not in item.error and len(item.error) < 500, item.error
         assert not item.image.any()
+
+
+def test_threads_decoding_take_turns_with_the_warning_filters(tmp_path: Path) -> None:
+    """catch_warnings saves and restores the process's filters: a thread decoding inside
+    another's block would, leaving after it, put that block's filters (PIL's warnings
+    ignored) back for good. Decoding waits for the block instead, and a process forked
+    while a thread holds it (a DataLoader worker) decodes all the same."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    before = list(warnings.filters)
+    decoded: list[np.ndarray] = []
+    with data.warnings_caught():
+        warnings.simplefilter("ignore")
+        other = threading.Thread(target=lambda: decoded.append(load_image(path, "L", 8)))
+        other.start()
+        other.join(timeout=0.5)
+        assert other.is_alive() and not decoded  # waiting for this block to end
+    other.join(timeout=30)
+    assert len(decoded) == 1 and warnings.filters == before
+    # the lock held by a thread the forked child does not have
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with data.warnings_caught():
+            entered.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 once it has decoded
+            os._exit(0 if load_image(path, "L", 8).shape == (1, 8, 8) else 1)
+        for _ in range(300):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("a child forked while a thread held the filters lock hung decoding")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        holder.join()

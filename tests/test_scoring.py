@@ -563,6 +563,18 @@ def test_threads_scoring_one_model_take_turns(wide_model: tuple[Glow, torch.Tens
             other.start()
             other.join(timeout=1.0)
             assert other.is_alive()  # waiting for this thread's numerics to end
+            pid = os.fork()  # a child has no thread to wait for: it gets the lock at once
+            if pid == 0:
+                with scoring.numerics(model):
+                    os._exit(0)
+            for _ in range(100):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("a child forked during numerics waited for a thread it lacks")
         other.join(timeout=60)
         assert not other.is_alive()
         torch.testing.assert_close(results["bpd"], exact, rtol=0, atol=0)  # float32's

@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from sqlalchemy.engine import make_url
 
+from anomaly_flow.data import warnings_caught
 from anomaly_flow.errors import describe, first_line, unreachable_reason, without_passwords
 from anomaly_flow.stopping import stops_deferred
 
@@ -409,7 +410,7 @@ def quiet_mlflow() -> Iterator[None]:
     if saved is None:
         os.environ[key] = "false"
     try:
-        with warnings.catch_warnings():
+        with warnings_caught():
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             yield
     finally:
