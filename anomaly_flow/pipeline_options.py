@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
@@ -59,17 +59,32 @@ class ShowDefaults(argparse.HelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """Says a usage error in one line, ``error: ... (see 'calibrate.py --help')``, where
-    argparse would first print the whole usage synopsis; exit code 2 as argparse's."""
+    argparse would first print the whole usage synopsis; exit code 2 as argparse's. Ends
+    ``--help`` with ``example``, as written: argparse would refill an epilog's lines, and
+    a command spread over lines ending in ``\\`` would no longer run when pasted."""
+
+    def __init__(self, *args: Any, example: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.example = example
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
+    def format_help(self) -> str:
+        text = super().format_help()
+        return text if self.example is None else f"{text}\n{self.example}\n"
+
 
 def parser(description: str | None) -> argparse.ArgumentParser:
-    """An argument parser for a pipeline script: its docstring's first paragraph as the
-    description, defaults shown in ``--help``, usage errors in one line."""
+    """An argument parser for a pipeline script, from its docstring: the first paragraph
+    as the description, and the example section (the docstring's last) closing
+    ``--help``; defaults shown in ``--help``, usage errors in one line."""
+    paragraphs = [] if description is None else description.strip().split("\n\n")
+    example = next((i for i, text in enumerate(paragraphs)
+                    if text.startswith("Example")), None)
     return _Parser(
-        description=None if description is None else description.split("\n\n")[0],
+        description=paragraphs[0] if paragraphs else None,
+        example=None if example is None else "\n\n".join(paragraphs[example:]),
         formatter_class=ShowDefaults)
 
 

@@ -5,9 +5,10 @@ A thin script over :func:`anomaly_flow.tracking.train_and_register`, the same ca
 curves go to MLflow; a model with a finite validation bits/dim becomes a new version of
 NAME with alias ``candidate``. Checkpoints go to ``<mlruns>/checkpoints/NAME``.
 
-Example:
+Examples (the second trains the first's model for two more epochs, in the same run):
     python pipelines/train.py data/good --name parts --preset tiny --epochs 2
-    python pipelines/train.py data/good --name parts --config pipelines/configs/small.toml --resume
+    python pipelines/train.py data/good --name parts --preset tiny --epochs 4 --resume
+    python pipelines/train.py data/good --name parts-small --config pipelines/configs/small.toml
 """
 
 from __future__ import annotations

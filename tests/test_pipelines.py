@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from anomaly_flow import tracking
 from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
 from anomaly_flow.evaluation import score_folder_table
 from anomaly_flow.scoring import score_names
-from tests.conftest import ImageDirs, TrainedModel, stop_during
+from tests.conftest import ImageDirs, TrainedModel, new_store, stop_during
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -347,6 +348,47 @@ def test_help_explains_every_option_and_shows_its_default(
     if script in ("calibrate", "select_threshold"):
         words = " ".join(text.split())  # argparse wraps lines anywhere
         assert "(default: 256)" in words and "(default: 0)" in words  # batch size, workers
+
+
+def help_examples(script: str, capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
+    """The commands after ``Example`` in the script's ``--help``, each split as a shell
+    would (lines ending in a backslash joined)."""
+    with pytest.raises(SystemExit):
+        load_script(script).parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "\nExample" in text, text
+    section = text[text.index("\nExample"):].replace("\\\n", " ")
+    return [shlex.split(line) for line in section.splitlines()
+            if line.strip().startswith("python ")]
+
+
+@pytest.mark.parametrize("script", ["train", "calibrate", "select_threshold", "end_to_end"])
+def test_help_ends_with_examples_the_script_accepts(
+        script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--help showed the docstring's first paragraph only: the examples never reached it."""
+    examples = help_examples(script, capsys)
+    assert examples
+    for argv in examples:
+        assert argv[:2] == ["python", f"pipelines/{script}.py"], argv
+        load_script(script).parse_args(argv[2:])  # an option error exits
+
+
+def test_the_train_examples_run_as_written(
+        image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second example resumed the first's training with another configuration, which
+    a resume refuses; now it trains the same model longer."""
+    train = load_script("train")
+    first, second = help_examples("train", capsys)[:2]
+    shutil.copytree(image_dirs.train, tmp_path / "data" / "good")
+    new_store(tmp_path / "mlruns", mlflow_db_template)  # ./mlruns, already migrated
+    monkeypatch.chdir(tmp_path)  # as written: data/good, and the store in ./mlruns
+    try:
+        assert train.main(first[2:]) == 0
+        assert train.main(second[2:]) == 0, capsys.readouterr().err
+        assert "model_uri: models:/parts/2" in capsys.readouterr().out
+    finally:
+        tracking.configure(tmp_path / "mlruns")  # the process-global URI stays on tmp_path
 
 
 @pytest.mark.parametrize("script", ["train", "calibrate", "select_threshold", "end_to_end"])
