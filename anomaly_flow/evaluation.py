@@ -56,12 +56,14 @@ from anomaly_flow.calibration import (
 from anomaly_flow.config import RunConfig
 from anomaly_flow.data import (
     DataError,
+    ImageMode,
     display_path,
     find_images,
     fingerprint_and_digests,
     is_unreadable,
     notable_copies,
     one_line,
+    try_load_image,
 )
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import (
@@ -429,16 +431,21 @@ def precheck_score_of_training(score: str | None, config: RunConfig) -> None:
 
 def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: float, *,
                       test_normal: str | Path | None = None,
-                      test_anomalous: str | Path | None = None) -> None:
+                      test_anomalous: str | Path | None = None,
+                      mode: ImageMode | None = None, size: int | None = None) -> None:
     """Before training on ``train``: refuse a ``calibration`` folder that will not hold
     enough held-out images once its images of the training folder (same content, as
     :func:`leave_out_training_images` finds them after training) are left out, and a
     ``test_normal`` folder that would hold none. Warn of ``test_anomalous`` images with
     the content of a training or calibration image: normal there, anomalous in the test.
 
+    With the model's ``mode`` and ``size``, the held-out calibration images are also
+    decoded, as scoring will, until enough of them do: files that cannot be decoded are
+    left out of a calibration, and found only then they would cost the whole training.
+
     Raises:
-        CalibrationError: Too few calibration images, or no normal test image, are not
-            also training images.
+        CalibrationError: Too few calibration images are held out of training (and, with
+            ``mode`` and ``size``, decode), or no normal test image is held out.
         DataError: A folder is missing or holds no image files.
     """
     def digests(folder: Path) -> tuple[list[Path], list[str]]:
@@ -461,6 +468,9 @@ def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: fl
             f"{held_out} held-out images: {conformal_need(target_fpr)}; calibrate on "
             "normal images kept out of the training folder."
         )
+    if mode is not None and size is not None:
+        held = [path for path, d in zip(paths, calibrating, strict=True) if d not in seen]
+        _precheck_decodable(calibration, held, len(paths), target_fpr, mode, size)
     if test_normal is not None:
         test_normal = Path(test_normal)
         paths, testing = digests(test_normal)
@@ -482,6 +492,35 @@ def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: fl
                 "the test, they count on both sides; check the labels", len(both),
                 display_path(test_anomalous), display_path(train), display_path(calibration),
                 display_path(both[0]))
+
+
+def _precheck_decodable(folder: Path, held_out: list[Path], n_files: int, target_fpr: float,
+                        mode: ImageMode, size: int) -> None:
+    """Refuse, as :func:`calibrate_scores` would after scoring, a calibration folder whose
+    ``held_out`` images (of its ``n_files``) hold too few that decode for ``target_fpr``.
+    Decodes until enough do, so a usable folder costs at most 1/α decodes."""
+    needed = min_calibration_size(target_fpr)
+    usable, failed = 0, []
+    for path in held_out:
+        if usable >= needed:
+            return
+        array, reason = try_load_image(path, mode, size)
+        if array is None:
+            failed.append((path, reason))
+        else:
+            usable += 1
+    if usable >= needed:
+        return
+    shared = n_files - len(held_out)
+    why = [f"{shared} are also in the training folder"] if shared else []
+    if failed:
+        path, reason = failed[0]
+        why.append(f"{len(failed)} cannot be decoded, e.g. {one_line(display_path(path))}: "
+                   f"{reason}")
+    raise CalibrationError(
+        f"{conformal_need(target_fpr)}; only {usable} of the {n_files} files in "
+        f"{display_path(folder)} can be used ({'; '.join(why)}). Add or fix held-out normal "
+        "images, or raise --target-fpr.")
 
 
 def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:

@@ -110,7 +110,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     precheck_score_of_training(score, config)
     precheck_held_out(folders["train"], folders["calibration"], target_fpr,
                       test_normal=folders["test_normal"],
-                      test_anomalous=folders["test_anomalous"])
+                      test_anomalous=folders["test_anomalous"],
+                      mode=config.model.mode, size=config.model.image_size)
     check_separate_folders(folders["test_normal"], folders["test_anomalous"])  # evaluate's
     # the test folders are new to the threshold: the calibration images are normal, and
     # measured on them the false-positive rate at the threshold is the one it was fitted to

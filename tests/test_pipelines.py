@@ -23,7 +23,7 @@ from anomaly_flow import tracking
 from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
 from anomaly_flow.evaluation import score_folder_table
 from anomaly_flow.scoring import score_names
-from tests.conftest import ImageDirs, TrainedModel, new_store, stop_during
+from tests.conftest import ImageDirs, TrainedModel, corrupt_png, new_store, stop_during
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -453,6 +453,30 @@ def test_end_to_end_refuses_what_calibrating_would_before_training(
     assert f"1 image(s) of {mixed} have the same content as an image of the training " \
         f"folder {image_dirs.train} or the calibration folder {image_dirs.calibration} " \
         f"(e.g. {mixed / 'relabelled.png'}): normal there and anomalous in the test" in err
+    assert not store.exists()  # nothing trained, logged or registered
+
+
+def test_end_to_end_counts_only_decodable_calibration_images_before_training(
+        image_dirs: ImageDirs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ten calibration files for a rate of 0.1 (nine needed), two of them not images: the
+    training ran, then calibrating refused the eight that decode."""
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for path in image_dirs.files(image_dirs.calibration)[:8]:
+        shutil.copy(path, calibration)
+    corrupt_png(calibration / "broken-1.png")
+    corrupt_png(calibration / "broken-2.png")
+    store = tmp_path / "store"
+    argv = ["--name", "e2e-undecodable", "--train", image_dirs.train, "--calibration",
+            calibration, "--test-normal", image_dirs.test_normal, "--test-anomalous",
+            image_dirs.test_anomalous, "--preset", "tiny", "--epochs", "1", "--target-fpr",
+            "0.1", "--device", "cpu", "--mlruns", store]
+    assert load_script("end_to_end").main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "needs at least 9 held-out normal images for a false-positive rate of 0.1; only 8 " \
+        f"of the 10 files in {calibration} can be used (2 cannot be decoded, e.g. " \
+        f"{calibration / 'broken-1.png'}: " in err[0], err
     assert not store.exists()  # nothing trained, logged or registered
 
 
