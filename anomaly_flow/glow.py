@@ -663,7 +663,8 @@ class Glow(nn.Module):
         dtype only: no values are looked at, so :meth:`forward` stays compilable).
 
         Raises:
-            ValueError: Not ``(B, C, H, W)`` floats at the model's channels and size.
+            ValueError: Not ``(B, C, H, W)`` floats at the model's channels and size, on
+                the model's device, of a dtype its weights can take (theirs or narrower).
         """
         c, size = self.config.in_channels, self.config.image_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, size, size):
@@ -675,6 +676,16 @@ class Glow(nn.Module):
             raise ValueError(
                 f"the model takes flow inputs (floats in [-0.5, 0.5)), not {x.dtype} pixels; "
                 f"pass preprocess(images, n_bits={self.config.n_bits}) instead")
+        weight = self.levels[0].steps[0].actnorm.log_scale  # the first the inputs meet
+        if x.device != weight.device:
+            raise ValueError(
+                f"the model is on {weight.device} but the flow inputs are on {x.device}; "
+                f"move them with x.to(model.device), or the model with model.to('{x.device}')")
+        if torch.promote_types(x.dtype, weight.dtype) != weight.dtype:  # conv would refuse
+            raise ValueError(
+                f"the model's weights are {weight.dtype} and take flow inputs of that dtype "
+                f"(preprocess() returns float32), not {x.dtype}; convert the inputs with "
+                f"x.to({weight.dtype}), or the model with model.to({x.dtype})")
 
     def forward(self, x: Tensor) -> FlowOutput:
         """Map flow inputs ``(B, C, H, W)`` to latents with per-position log-det and

@@ -777,6 +777,14 @@ def test_wrong_inputs_are_refused_with_what_the_model_takes() -> None:
     with pytest.raises(ValueError, match=r"not torch.uint8 pixels; pass preprocess\(images, "
                                          r"n_bits=8\)"):
         model.breakdown(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"weights are torch.float32 .* not torch.float64; "
+                                         r"convert the inputs with x.to\(torch.float32\)"):
+        model.log_prob(good.double())  # torch's own refusal named conv biases
+    torch.testing.assert_close(model.bpd(good.half()), model.bpd(good))  # narrower: fine
+    with pytest.raises(ValueError, match=r"the model is on cpu but the flow inputs are on "
+                                         r"meta; move them with x.to\(model.device\)"):
+        model.bpd(good.to("meta"))  # as for inputs on cpu to a model on cuda
+    assert model.double().bpd(good.double()).dtype == torch.float64  # converted: fine
 
 
 @settings(max_examples=300, deadline=None)
