@@ -24,6 +24,7 @@ the ``ensemble`` score (:meth:`Glow.ensemble`). It lives in the state dict
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable
@@ -277,12 +278,26 @@ def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tens
     Raises:
         TypeError: ``images`` are floats: their scale (0-1 or 0-255) cannot be told from
             the dtype, and truncating 0-1 floats to integers would score black images.
+        ValueError: ``n_bits`` is not from 1 to 8, or integer ``images`` other than uint8
+            hold values outside [0, 255] (16-bit pixels, say; checked here, a host sync).
     """
     if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
         raise TypeError(
             f"preprocess takes integer pixels in [0, 255] (uint8), not {images.dtype}; "
             "convert floats in [0, 1] with (images * 255).round().to(torch.uint8), or "
             "floats in [0, 255] with images.round().to(torch.uint8)")
+    if isinstance(n_bits, bool) or not isinstance(n_bits, numbers.Integral) \
+            or not 1 <= n_bits <= 8:
+        raise ValueError(f"n_bits must be a whole number from 1 to 8 (the model's "
+                         f"config.n_bits); got {n_bits!r}")
+    if images.dtype != torch.uint8 and images.numel():
+        wide = images.to(torch.int64)  # torch has no min() for uint16 (a 16-bit PNG's)
+        low, high = int(wide.min()), int(wide.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"preprocess takes pixels in [0, 255]; these {images.dtype} pixels run from "
+                f"{low} to {high}: scale them to 8 bits first (16-bit pixels as image_to_array "
+                "does: (images / 257).round().to(torch.uint8))")
     n_bins = 2**n_bits
     k = torch.div(images.to(torch.int32), 2 ** (8 - n_bits), rounding_mode="floor")
     u = 0.5 if noise is None else noise

@@ -184,6 +184,23 @@ def test_preprocess_is_deterministic_and_inverts() -> None:
             preprocess(floats, 8)
 
 
+def test_preprocess_refuses_pixels_and_bits_it_cannot_quantise() -> None:
+    """16-bit pixels in an int32 tensor, or an n_bits of 0 or 9, gave flow inputs far
+    outside [-0.5, 0.5), which the model scored without a word."""
+    sixteen = torch.from_numpy(np.full((1, 1, 4, 4), 60000, dtype=np.uint16))  # a 16-bit PNG
+    for pixels in (torch.full((1, 1, 4, 4), 300), torch.full((1, 1, 4, 4), -3, dtype=torch.int16),
+                   sixteen, torch.full((1, 1, 4, 4), 2**32 + 7)):  # not wrapped to 7
+        with pytest.raises(ValueError, match=r"pixels in \[0, 255\]; these torch.u?int\d+ pixels "
+                                             r"run from -?\d+ to -?\d+: scale them to 8 bits"):
+            preprocess(pixels, 8)
+    for n_bits in (0, 9, 8.0):
+        with pytest.raises(ValueError, match=rf"n_bits must be a whole number from 1 to 8 .*"
+                                             rf"got {n_bits}$"):
+            preprocess(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), n_bits)
+    wide = torch.arange(256, dtype=torch.int64).view(1, 1, 16, 16)  # in range: as uint8
+    assert torch.equal(preprocess(wide, 8), preprocess(wide.to(torch.uint8), 8))
+
+
 def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
     model = make_model(3, 8, 2)
     assert model.sample(3, temperature=0.7).shape == (3, 3, 8, 8)
