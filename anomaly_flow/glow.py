@@ -731,9 +731,35 @@ class Glow(nn.Module):
         """Exact per-level and per-pixel decomposition of ``-log p(x)``."""
         return breakdown_from_output(self(x), self.config)
 
+    def _latent_shapes(self) -> list[tuple[int, int, int]]:
+        """``(C_l, H_l, W_l)`` of each level's latent in :class:`FlowOutput`, finest first."""
+        shapes, channels, size = [], self.config.in_channels, self.config.image_size
+        for level in self.levels:
+            channels, size = channels * 4, size // 2
+            latent = channels if level.last else channels - level.prior.kept
+            shapes.append((latent, size, size))
+            channels = level.out_channels
+        return shapes
+
     @torch.no_grad()
     def inverse(self, latents: list[Tensor]) -> Tensor:
-        """Reconstruct flow inputs from all the latents :meth:`forward` returned."""
+        """Reconstruct flow inputs ``(B, C, H, W)`` from all the latents :meth:`forward`
+        returned (:attr:`FlowOutput.latents`, one per level, finest first).
+
+        Raises:
+            ValueError: Not one latent per level, each ``(B, C_l, H_l, W_l)`` of this
+                model, with one batch size.
+        """
+        shapes = self._latent_shapes()
+        given = [tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                 for z in latents]
+        if [shape[1:] if isinstance(shape, tuple) else shape for shape in given] != shapes \
+                or len({shape[0] for shape in given}) != 1:
+            expected = ", ".join(f"(B, {c}, {h}, {w})" for c, h, w in shapes)
+            raise ValueError(
+                f"inverse takes this model's {len(shapes)} latent(s), one per level, of "
+                f"shapes {expected} with one B: the latents of its forward() (or encode()); "
+                f"got {len(given)}: {', '.join(map(str, given)) or 'none'}")
         z = latents[-1]
         for level, latent in zip(reversed(self.levels), reversed(latents), strict=True):
             z = level.inverse(z, latent, temperature=1.0)
@@ -744,10 +770,22 @@ class Glow(nn.Module):
         """Draw ``n`` flow inputs ``(n, C, H, W)``; temperature scales the prior std.
 
         Raises:
+            ValueError: ``n`` is not a whole number >= 0, or ``temperature`` not a finite
+                number >= 0 (1 samples the model's own density, lower values images
+                more typical of it, 0 its most likely latents).
             SamplingError: A 1x1 convolution's weight is singular, so the flow cannot be
                 inverted, or the samples are not finite (checked here, a host sync).
         """
-        z = torch.empty(n, 0, device=self.device)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"sample takes the number of images to draw, a whole number "
+                             f">= 0; got {n!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not 0 <= temperature < math.inf:
+            raise ValueError(
+                f"the temperature scales the prior's standard deviation and must be a "
+                f"finite number >= 0 (1 samples the model's density, lower values more "
+                f"typical images, 0 the most likely latents); got {temperature!r}")
+        z = torch.empty(int(n), 0, device=self.device)
         for index in reversed(range(len(self.levels))):
             try:
                 z = self.levels[index].inverse(z, None, temperature)

@@ -208,6 +208,30 @@ def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
                                model.sample(2, temperature=0.0))
 
 
+def test_inverse_and_sample_refuse_arguments_they_cannot_use() -> None:
+    """Latents of another model, or too few, met torch's conv or unpacking errors deep in
+    a level; a negative n a tensor-shape error; a NaN temperature was blamed on the
+    model's training."""
+    model = make_model(1, 8, 2)
+    latents = model(torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5).latents
+    assert [tuple(z.shape[1:]) for z in latents] == model._latent_shapes()
+    expected = r"inverse takes this model's 2 latent\(s\), one per level, of shapes " \
+               r"\(B, 2, 4, 4\), \(B, 8, 2, 2\) with one B.*got "
+    for bad, got in ((latents[:1], r"1: \(3, 2, 4, 4\)$"), ([], "0: none$"),
+                     ([latents[0], latents[1][:2]], r"2: \(3, 2, 4, 4\), \(2, 8, 2, 2\)$"),
+                     ([latents[0], None], "2: \\(3, 2, 4, 4\\), NoneType$"),
+                     (latents[::-1], r"2: \(3, 8, 2, 2\), \(3, 2, 4, 4\)$")):
+        with pytest.raises(ValueError, match=expected + got):
+            model.inverse(bad)
+    for n in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"a whole number >= 0; got {n}$"):
+            model.sample(n)
+    for temperature in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match=rf"finite number >= 0 .*got {temperature}$"):
+            model.sample(2, temperature=temperature)
+    assert model.sample(np.int64(2), temperature=np.float32(0.5)).shape == (2, 1, 8, 8)
+
+
 SINGULAR = r"a 1x1 convolution of level 2 has a singular weight, so the flow has no inverse there"
 
 
