@@ -820,7 +820,13 @@ class Glow(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Glow:
-        """Rebuild a model from the config and weights :meth:`save` wrote; never unpickles."""
+        """Rebuild a model from the config and weights :meth:`save` wrote; never unpickles.
+
+        Raises:
+            ModelFileError: A file is missing, unreadable, or does not fit the other.
+            ValueError: The model cannot go on ``device`` (not a device torch knows, or
+                ``cuda`` where CUDA is not available).
+        """
         folder = Path(folder)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
@@ -857,7 +863,12 @@ class Glow(nn.Module):
                 f"({_load_errors_in_brief(exc)}); copy or download the model again (its "
                 f"{CONFIG_FILE} and {WEIGHTS_FILE} must come from the same save), or "
                 "re-register it from its training run's artifacts") from None
-        return model.to(device).eval()
+        try:
+            return model.to(device).eval()
+        except (RuntimeError, AssertionError) as exc:  # torch asserts it has CUDA
+            raise ValueError(
+                f"cannot put the model on device {str(device)!r} ({first_line(exc)}); use "
+                "'cpu', or 'cuda' (or 'cuda:N') on a machine with CUDA") from None
 
 
 def _load_errors_in_brief(error: RuntimeError) -> str:

@@ -630,6 +630,17 @@ def test_normal_reference_is_checked(tmp_path) -> None:
     assert torch.equal(wrapper["glow"].reference_std, torch.ones(8, 8))
 
 
+def test_load_refuses_a_device_the_model_cannot_go_on(tmp_path) -> None:
+    """Glow.load("m", "cuda") on a machine without CUDA ended in torch's AssertionError
+    ("Torch not compiled with CUDA enabled"); a mistyped device in its RuntimeError."""
+    make_model(1, 8, 2).float().save(tmp_path)
+    for device in ("gpu", "cuda:99"):  # cuda:99: no machine has it, CUDA or not
+        with pytest.raises(ValueError, match=rf"^cannot put the model on device '{device}' "
+                                             r"\(.+\); use 'cpu', or 'cuda'"):
+            Glow.load(tmp_path, device)
+    assert Glow.load(tmp_path, torch.device("cpu")).device == torch.device("cpu")
+
+
 def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
     with pytest.raises(ModelFileError, match=r"config\.json is missing"):
         Glow.load(tmp_path)
