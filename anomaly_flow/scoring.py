@@ -46,6 +46,7 @@ import contextlib
 import io
 import logging
 import math
+import numbers
 import os
 import re
 import secrets
@@ -215,6 +216,13 @@ def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ScoringError(f"unknown precision {precision!r}; choose one of "
                            f"{', '.join(PRECISIONS)}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
+        raise ScoringError(f"batch_size is the number of images per forward pass, a whole "
+                           f"number >= 1; got {batch_size!r}")
 
 
 _SAID_ONCE: dict[str, bool] = {}
@@ -592,8 +600,10 @@ def score_dataset(
 
     Raises:
         ValueError: The dataset was built for a model with another number of levels.
+        ScoringError: ``batch_size`` is not a whole number >= 1, or ``precision`` unknown.
         BatchOutOfMemory: A batch did not fit in memory.
     """
+    _check_batch_size(batch_size)
     if dataset.levels != model.config.levels:
         raise ValueError(f"the dataset measures PNG lengths for a {dataset.levels}-level "
                          f"model, but this model has {model.config.levels} levels; build it "
@@ -1265,9 +1275,10 @@ def score_folder(
 
     Raises:
         DataError: The folder is missing, not a folder, or holds no image files.
-        ScoringError: The output cannot be written; the earlier output cannot be
-            resumed from (unreadable, other columns, another model or precision scored
-            it, or none of its rows is under ``folder``); two files' names print alike;
+        ScoringError: ``batch_size`` is not a whole number >= 1; the output cannot be
+            written; the earlier output cannot be resumed from (unreadable, other
+            columns, another model or precision scored it, or none of its rows is under
+            ``folder``); two files' names print alike;
             ``fdr`` is given for an uncalibrated model; or typicality heatmaps for a
             model without a normal reference; or a batch ran out of memory (the rows
             done before it are kept, and the message names the batch size to lower).
@@ -1282,6 +1293,7 @@ def score_folder(
     output_format(out)
     check_writable(out, resume=resume)
     _check_precision(precision)
+    _check_batch_size(batch_size)
     removed = remove_leftovers(out.parent, _temporary_names(out))
     if removed:
         logger.info("removed %d unfinished copy(ies) of %s that a killed run left",

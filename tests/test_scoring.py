@@ -1374,6 +1374,22 @@ def test_heatmap_names_avoid_collisions() -> None:
     assert names == [Path("a/x.jpg.png"), Path("a/x.png.png"), Path("b/y.png"), Path("z.png")]
 
 
+def test_a_batch_size_below_one_is_refused_before_anything_is_written(model: Glow, messy: Path,
+                                                                     tmp_path: Path) -> None:
+    """batch_size=0 ended in ZeroDivisionError, -1 in DataLoader's complaint about
+    num_workers (which the caller had not set), and 2.5 in DataLoader's own words."""
+    config = model.config
+    dataset = ScoringDataset([None] * 3, config.mode, config.image_size, config.n_bits,
+                             config.levels)
+    for size in (0, -1, 2.5):
+        with pytest.raises(ScoringError, match=rf"^batch_size is the number of images per "
+                                               rf"forward pass, a whole number >= 1; got {size}$"):
+            score_folder(model, None, messy, tmp_path / "s.csv", batch_size=size)
+        with pytest.raises(ScoringError, match=rf"got {size}$"):
+            score_dataset(model, dataset, batch_size=size)
+    assert not list(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------- precision
 
 
