@@ -225,6 +225,15 @@ def _check_batch_size(batch_size: int) -> None:
                            f"number >= 1; got {batch_size!r}")
 
 
+def _check_initialized(model: Glow) -> None:
+    if not model.initialized:
+        raise ScoringError(
+            "the model's ActNorm layers were never initialised, so it has learned nothing "
+            "and its scores say nothing about the images; score a trained model "
+            "(anomaly_flow.tracking.load_model, Glow.load), or initialise and train this "
+            "one first (Glow.initialize on a batch of normal images, then training)")
+
+
 _SAID_ONCE: dict[str, bool] = {}
 """Notes a process gives once, however often the code that gives them runs."""
 
@@ -600,10 +609,12 @@ def score_dataset(
 
     Raises:
         ValueError: The dataset was built for a model with another number of levels.
-        ScoringError: ``batch_size`` is not a whole number >= 1, or ``precision`` unknown.
+        ScoringError: ``batch_size`` is not a whole number >= 1, ``precision`` unknown, or
+            the model never initialised (:attr:`Glow.initialized`).
         BatchOutOfMemory: A batch did not fit in memory.
     """
     _check_batch_size(batch_size)
+    _check_initialized(model)
     if dataset.levels != model.config.levels:
         raise ValueError(f"the dataset measures PNG lengths for a {dataset.levels}-level "
                          f"model, but this model has {model.config.levels} levels; build it "
@@ -1202,12 +1213,12 @@ class ScoreSummary:
 def score_folder(
     model: Glow,
     calibration: Any | None,
-    folder: Path,
-    out: Path,
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     batch_size: int = 256,
     num_workers: int = 0,
-    heatmaps: Path | None = None,
+    heatmaps: str | os.PathLike[str] | None = None,
     resume: bool = False,
     fdr: float | None = None,
     progress: bool | None = None,
@@ -1275,8 +1286,9 @@ def score_folder(
 
     Raises:
         DataError: The folder is missing, not a folder, or holds no image files.
-        ScoringError: ``batch_size`` is not a whole number >= 1; the output cannot be
-            written; the earlier output cannot be resumed from (unreadable, other
+        ScoringError: ``batch_size`` is not a whole number >= 1; the model was never
+            initialised (:attr:`Glow.initialized`: it has learned nothing); the output
+            cannot be written; the earlier output cannot be resumed from (unreadable, other
             columns, another model or precision scored it, or none of its rows is under
             ``folder``); two files' names print alike;
             ``fdr`` is given for an uncalibrated model; or typicality heatmaps for a
@@ -1294,6 +1306,7 @@ def score_folder(
     check_writable(out, resume=resume)
     _check_precision(precision)
     _check_batch_size(batch_size)
+    _check_initialized(model)
     removed = remove_leftovers(out.parent, _temporary_names(out))
     if removed:
         logger.info("removed %d unfinished copy(ies) of %s that a killed run left",

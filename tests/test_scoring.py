@@ -1390,6 +1390,24 @@ def test_a_batch_size_below_one_is_refused_before_anything_is_written(model: Glo
     assert not list(tmp_path.iterdir())
 
 
+def test_a_model_never_initialised_is_refused(model: Glow, messy: Path, tmp_path: Path) -> None:
+    """A Glow fresh from its config has identity ActNorms and the couplings' zero last
+    convolutions: it scores every file, and the numbers mean nothing."""
+    fresh = Glow(model.config).eval()
+    config = model.config
+    dataset = ScoringDataset([None], config.mode, config.image_size, config.n_bits,
+                             config.levels)
+    for call in (lambda: score_folder(fresh, None, messy, tmp_path / "s.csv"),
+                 lambda: score_dataset(fresh, dataset)):
+        with pytest.raises(ScoringError, match=r"^the model's ActNorm layers were never "
+                                               r"initialised, so it has learned nothing"):
+            call()
+    assert not list(tmp_path.iterdir())
+    fresh.load_state_dict(model.state_dict())  # a trained model's weights: scored
+    assert fresh.initialized
+    assert len(score_dataset(fresh, dataset)) == 1
+
+
 # --------------------------------------------------------------------------- precision
 
 

@@ -41,7 +41,7 @@ from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import InvalidSource, SampleData, split_train_val, write_image_folder
-from anomaly_flow.glow import Glow, ModelFileError
+from anomaly_flow.glow import Glow, ModelFileError, preprocess
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
 from anomaly_flow.tracking.pyfunc import (
@@ -766,10 +766,7 @@ def test_a_path_as_a_scores_table_prints_it_is_read_back(tmp_path: Path) -> None
 
 
 def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
-    wrapper = GlowPyfunc()
-    wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
-                                    hidden_channels=4)).eval()
-    wrapper.calibration = None
+    wrapper = tiny_wrapper()
     empty = wrapper.predict(None, pd.DataFrame({"path": []}))  # type: ignore[arg-type]
     assert len(empty) == 0 and list(empty.columns) == output_columns(wrapper.model)
     failed = wrapper.predict(None, pd.DataFrame({"path": ["missing.png"]}))  # type: ignore[arg-type]
@@ -939,9 +936,14 @@ def test_a_device_the_model_cannot_score_on_is_refused_at_load(device: str,
 
 
 def tiny_wrapper() -> GlowPyfunc:
+    """The pyfunc over an 8×8 Glow, its ActNorms initialised on random images (scoring
+    refuses a model never initialised), uncalibrated."""
     wrapper = GlowPyfunc()
     wrapper.model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1,
                                     hidden_channels=4)).eval()
+    noise = torch.Generator().manual_seed(0)
+    wrapper.model.initialize(preprocess(
+        torch.randint(0, 256, (4, 1, 8, 8), generator=noise, dtype=torch.uint8), 8))
     wrapper.calibration = None
     return wrapper
 
