@@ -11,6 +11,10 @@ draws figures with :mod:`anomaly_flow.plots` and logs runs and model versions th
   calibration JSON), tagged with the training run. ``promote=True`` moves ``champion``.
   ``score="auto"`` chooses the score type with the highest AUROC on the labelled
   anomalies and records that evidence in the calibration and the run.
+* :func:`select_threshold` — held-out normal images and labelled anomalies in; the
+  thresholds F1, Youden's J and cost pick (and the conformal one at a target rate), side
+  by side with their error rates on these images; ``register=METHOD`` then calibrates
+  as :func:`calibrate_model` does, with that method's threshold.
 * :func:`evaluate_model` — normal and anomalous folders in; AUROC, AUPR and FPR at
   95 % TPR for every score type, ROC/PR curves and histograms, logged as a run.
 
@@ -31,8 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +91,7 @@ __all__ = [
     "CalibrateOutcome",
     "EvaluateOutcome",
     "FolderScores",
+    "SelectThresholdOutcome",
     "calibrate_model",
     "calibrate_scores",
     "check_separate_folders",
@@ -101,6 +106,7 @@ __all__ = [
     "reused_calibration_images",
     "score_folder_table",
     "select_folder_score",
+    "select_threshold",
     "warn_copies",
     "warn_held_out",
     "warn_labelled_both",
@@ -283,6 +289,32 @@ class EvaluateOutcome:
     metrics: dict[str, float]
     failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     stored_threshold: str | None = None
+
+
+@dataclass(frozen=True)
+class SelectThresholdOutcome:
+    """What :func:`select_threshold` compared, and registered when asked.
+
+    Attributes:
+        table: One row per method (index ``method``: ``conformal`` first when a target
+            false-positive rate was given, then ``f1``, ``youden``, ``cost``), columns
+            ``threshold``, ``fpr``, ``precision``, ``recall``, ``f1``, ``cost``, as
+            :func:`compare_thresholds` gives them.
+        score: The score the thresholds apply to (the one chosen, for ``auto``).
+        score_selection: For ``score="auto"``, every candidate's AUROC and the rule
+            that chose; None when the score was named (or the default).
+        n_normal: Normal images the thresholds were measured on (usable, and not of
+            the model's training folder).
+        n_anomalous: Anomalous images they were measured on.
+        registered: The calibration registered with ``register=METHOD``; None without.
+    """
+
+    table: pd.DataFrame
+    score: str
+    score_selection: ScoreSelection | None
+    n_normal: int
+    n_anomalous: int
+    registered: CalibrateOutcome | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1047,6 +1079,41 @@ def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
     return lines
 
 
+def _open_and_score(
+    model_uri: str,
+    normal: Path,
+    anomalous: Path | None,
+    *,
+    score: str | None,
+    registers: bool,
+    device: str,
+    mlruns: Path | None,
+    batch_size: int,
+    workers: int,
+    progress: bool | None,
+) -> tuple[tracking.LoadedModel, str, FolderScores, FolderScores | None]:
+    """The steps between the prechecks and the thresholds, shared by
+    :func:`calibrate_model` and :func:`select_threshold`: load the model, refuse a score
+    it does not give and, for a calibration it ``registers``, a model with no registered
+    name, all before the folders are scored (minutes, on large ones); then score them.
+
+    Returns:
+        The loaded model, the score resolved (``auto`` stays ``auto``), and the scores of
+        the normal and the anomalous folder (None without one).
+    """
+    loaded = open_model(model_uri, device, mlruns, logs=registers)
+    if registers:
+        check_registered(loaded)
+    resolved = resolve_score(score, loaded.model)
+    if registers:
+        warn_replaced_calibration(loaded, score, resolved)
+    options = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    normal_scores = score_folder_table(loaded.model, normal, **options)
+    anomalous_scores = (None if anomalous is None
+                        else score_folder_table(loaded.model, anomalous, **options))
+    return loaded, resolved, normal_scores, anomalous_scores
+
+
 def calibrate_model(
     model_uri: str,
     normal: str | Path,
@@ -1107,16 +1174,9 @@ def calibrate_model(
     normal, anomalous_path = Path(normal), None if anomalous is None else Path(anomalous)
     precheck_calibration(normal, anomalous_path, score=score, method=method,
                          target_fpr=target_fpr)
-    loaded = open_model(model_uri, device, mlruns)
-    check_registered(loaded)
-    asked, score = score, resolve_score(score, loaded.model)
-    warn_replaced_calibration(loaded, asked, score)
-    options = {"batch_size": batch_size, "workers": workers, "progress": progress}
-    normal_scores = score_folder_table(loaded.model, normal, **options)
-    anomalous_scores = (
-        None if anomalous_path is None
-        else score_folder_table(loaded.model, anomalous_path, **options)
-    )
+    loaded, score, normal_scores, anomalous_scores = _open_and_score(
+        model_uri, normal, anomalous_path, score=score, registers=True, device=device,
+        mlruns=mlruns, batch_size=batch_size, workers=workers, progress=progress)
     return calibrate_scores(
         loaded, normal_scores, anomalous_scores, score=score, target_fpr=target_fpr,
         method=method, cost_fp=cost_fp, cost_fn=cost_fn, promote=promote, nested=nested,
@@ -1163,6 +1223,113 @@ def compare_thresholds(
                      "precision": threshold.precision, "recall": threshold.recall,
                      "f1": threshold.f1, "cost": cost_fp * fp + cost_fn * fn})
     return pd.DataFrame(rows).set_index("method")
+
+
+def select_threshold(
+    model_uri: str,
+    normal: str | Path,
+    anomalous: str | Path,
+    *,
+    score: str | None = None,
+    target_fpr: float | None = None,
+    cost_fp: float = 1.0,
+    cost_fn: float = 1.0,
+    register: Method | None = None,
+    promote: bool = False,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int = 0,
+    mlruns: Path | None = None,
+    progress: bool | None = None,
+    on_compared: Callable[[SelectThresholdOutcome], None] | None = None,
+) -> SelectThresholdOutcome:
+    """Compare the thresholds F1, Youden's J and cost pick on labelled folders; optionally
+    register a calibrated version with one of them.
+
+    Both folders are scored once; normal images of the model's training folder are left
+    out, as :func:`calibrate_model` leaves them out. Without ``register`` nothing is
+    logged, so a read-only store serves. With ``register=METHOD`` the same scores are
+    calibrated by :func:`calibrate_scores` (a run named ``select-threshold-METHOD`` and
+    a new model version carrying that method's threshold), after the same checks
+    :func:`calibrate_model` makes, made before any folder is scored.
+
+    Args:
+        model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, a run URI or, without
+            ``register``, a local model folder.
+        normal: Folder of held-out normal images (never training images).
+        anomalous: Folder of labelled anomalies.
+        score: Score type the thresholds apply to, as for :func:`calibrate_model`: a
+            name, None for the model's default, or ``"auto"``: the one with the highest
+            AUROC on these labelled images (so that AUROC is optimistic).
+        target_fpr: Also a ``conformal`` row at this false-positive rate α; needed for
+            ``register="conformal"``.
+        cost_fp: Cost of a false positive (the ``cost`` row, and ``register="cost"``).
+        cost_fn: Cost of a false negative.
+        register: ``f1``, ``youden``, ``cost`` or ``conformal``: register a new model
+            version with that method's threshold; None (default) registers nothing.
+        promote: With ``register``: move alias ``champion`` to the new version.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: Images per forward pass.
+        workers: DataLoader workers decoding images.
+        mlruns: Root of the local MLflow store (default: ``./mlruns``), unless
+            ``MLFLOW_TRACKING_URI`` is set.
+        progress: Progress bars on stderr; None shows them only on a terminal.
+        on_compared: Called with the comparison (``registered`` None) as soon as it is
+            made, before anything is registered: a caller shows it even when the
+            registration then fails or is stopped.
+
+    Returns:
+        The comparison table, the score it is on (with the evidence for an ``auto``
+        choice), the image counts, and the calibration registered, if any.
+
+    Raises:
+        CalibrationError: Inconsistent options, a score the model does not give, a model
+            with no registered name to add a version to (with ``register``), too few
+            normal images for the conformal row, or a normal folder of training images
+            only.
+        DataError: A folder is missing or holds no image files.
+    """
+    if register is not None and register not in METHODS:
+        raise CalibrationError(f"unknown method {register!r} to register; choose one of "
+                               f"{', '.join(METHODS)}.")
+    if register == "conformal" and target_fpr is None:
+        raise CalibrationError("registering the conformal threshold needs a target "
+                               "false-positive rate; pass --target-fpr (e.g. 0.01).")
+    if promote and register is None:
+        raise CalibrationError("promote=True moves champion to the version register=METHOD "
+                               "makes; pass register, or drop promote.")
+    normal, anomalous = Path(normal), Path(anomalous)
+    # the labelled methods' checks, and with a target rate the conformal row's size
+    precheck_calibration(normal, anomalous, score=score,
+                         method="f1" if target_fpr is None else "conformal",
+                         target_fpr=target_fpr)
+    loaded, chosen, normal_scores, anomalous_scores = _open_and_score(
+        model_uri, normal, anomalous, score=score, registers=register is not None,
+        device=device, mlruns=mlruns, batch_size=batch_size, workers=workers,
+        progress=progress)
+    assert anomalous_scores is not None  # an anomalous folder was given
+    normal_scores = leave_out_training_images(loaded, normal_scores, "threshold selection")
+    if register is None:  # calibrate_scores warns when registering
+        warn_held_out(normal_scores, anomalous_scores)
+    selection = None
+    if chosen == AUTO_SCORE:
+        selection = select_folder_score(normal_scores, anomalous_scores, loaded.model)
+        chosen = selection.chosen
+    table = compare_thresholds(normal_scores, anomalous_scores, chosen, target_fpr=target_fpr,
+                               cost_fp=cost_fp, cost_fn=cost_fn)
+    outcome = SelectThresholdOutcome(
+        table=table, score=chosen, score_selection=selection,
+        n_normal=normal_scores.values(chosen).size,
+        n_anomalous=anomalous_scores.values(chosen).size)
+    if on_compared is not None:
+        on_compared(outcome)
+    if register is None:
+        return outcome
+    registered = calibrate_scores(
+        loaded, normal_scores, anomalous_scores, score=score, method=register,
+        target_fpr=target_fpr if register == "conformal" else None, cost_fp=cost_fp,
+        cost_fn=cost_fn, promote=promote, run_name=f"select-threshold-{register}")
+    return replace(outcome, registered=registered)
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -69,69 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
-    from anomaly_flow.evaluation import (
-        AUTO_SCORE,
-        calibrate_scores,
-        check_registered,
-        compare_thresholds,
-        leave_out_training_images,
-        open_model,
-        precheck_calibration,
-        resolve_score,
-        score_folder_table,
-        select_folder_score,
-        warn_held_out,
-        warn_replaced_calibration,
-    )
+    from anomaly_flow.evaluation import SelectThresholdOutcome, select_threshold
+
+    def show(compared: SelectThresholdOutcome) -> None:
+        """The comparison, printed before a registration that could fail or be stopped."""
+        if (selection := compared.score_selection) is not None:
+            print("AUROC by score: " + ", ".join(
+                f"{name} {value:.4f}" for name, value in selection.auroc.items())
+                + f"; chosen: {compared.score} (optimistic: chosen on these images)")
+        print(f"score {compared.score}: {compared.n_normal} normal, "
+              f"{compared.n_anomalous} anomalous images; "
+              f"cost = {args.cost_fp:g}·FP + {args.cost_fn:g}·FN")
+        print(compared.table.to_string(float_format=lambda v: f"{v:.4f}"))
 
     setup_logging()
     try:
-        # the labelled methods' checks, and with --target-fpr the conformal row's size
-        precheck_calibration(args.normal, args.anomalous, score=args.score,
-                             method="f1" if args.target_fpr is None else "conformal",
-                             target_fpr=args.target_fpr)
-        # without --register nothing is logged: a read-only store serves
-        loaded = open_model(args.model, args.device, args.mlruns,
-                            logs=args.register is not None)
-        if args.register is not None:  # what registering needs, before the scoring
-            check_registered(loaded)
-            warn_replaced_calibration(loaded, args.score, resolve_score(args.score,
-                                                                        loaded.model))
-        options = {"batch_size": args.batch_size, "workers": args.workers}
-        normal = leave_out_training_images(
-            loaded, score_folder_table(loaded.model, args.normal, **options),
-            "threshold selection")
-        anomalous = score_folder_table(loaded.model, args.anomalous, **options)
-        if args.register is None:  # calibrate_scores below warns when registering
-            warn_held_out(normal, anomalous)
-        score = resolve_score(args.score, loaded.model)
-        if score == AUTO_SCORE:
-            selection = select_folder_score(normal, anomalous, loaded.model)
-            score = selection.chosen
-            print("AUROC by score: " + ", ".join(
-                f"{name} {value:.4f}" for name, value in selection.auroc.items())
-                + f"; chosen: {score} (optimistic: chosen on these images)")
-        table = compare_thresholds(normal, anomalous, score, methods=LABELLED,
-                                   target_fpr=args.target_fpr, cost_fp=args.cost_fp,
-                                   cost_fn=args.cost_fn)
-        print(f"score {score}: {len(normal.values(score))} normal, "
-              f"{len(anomalous.values(score))} anomalous images; "
-              f"cost = {args.cost_fp:g}·FP + {args.cost_fn:g}·FN")
-        print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-        if args.register is not None:
-            conformal = args.register == "conformal"
-            outcome = calibrate_scores(
-                loaded, normal, anomalous, score=args.score, method=args.register,
-                target_fpr=args.target_fpr if conformal else None,
-                cost_fp=args.cost_fp, cost_fn=args.cost_fn, promote=args.promote,
-                run_name=f"select-threshold-{args.register}",
-            )
-            print(f"registered {outcome.model_uri} with the {args.register} threshold "
-                  f"{outcome.threshold!r} (run {outcome.run_id})"
-                  + (f"; {outcome.promotion}" if outcome.promoted else ""))
+        outcome = select_threshold(
+            args.model, args.normal, args.anomalous, score=args.score,
+            target_fpr=args.target_fpr, cost_fp=args.cost_fp, cost_fn=args.cost_fn,
+            register=args.register, promote=args.promote, device=args.device,
+            batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
+            on_compared=show,
+        )
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1
+    if (registered := outcome.registered) is not None:
+        print(f"registered {registered.model_uri} with the {args.register} threshold "
+              f"{registered.threshold!r} (run {registered.run_id})"
+              + (f"; {registered.promotion}" if registered.promoted else ""))
     return 0
 
 

@@ -1,13 +1,15 @@
-"""Tests for :mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.plots` without MLflow:
-scoring real folders (with broken files), option checks that fail before any scoring,
-threshold comparison and detection tables against :mod:`anomaly_flow.calibration`, and
-the figures. Calibration runs against a real store are in ``test_cli_calibrate.py``."""
+"""Tests for :mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.plots`: scoring real
+folders (with broken files), option checks that fail before any scoring, threshold
+comparison and detection tables against :mod:`anomaly_flow.calibration`, threshold
+selection with the session's tiny trained model, and the figures. Calibration runs
+against a real store are in ``test_cli_calibrate.py``."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,9 +37,10 @@ from anomaly_flow.evaluation import (
     evaluate_scores,
     reused_calibration_images,
     score_folder_table,
+    select_threshold,
 )
 from anomaly_flow.glow import Glow
-from tests.conftest import corrupt_png
+from tests.conftest import ImageDirs, TrainedModel, corrupt_png
 from tests.test_scoring import make_tiny_model, sample_images
 
 RNG = np.random.default_rng(7)
@@ -271,6 +274,92 @@ def test_compare_thresholds_matches_the_calibration_module() -> None:
         assert table.loc[method, "cost"] == fp + 5 * fn
     # No other method's threshold is cheaper than the cost threshold.
     assert table.loc["cost", "cost"] == table["cost"].min()
+
+
+def test_select_threshold_compares_the_methods_on_the_models_scores_and_registers_nothing(
+        trained: TrainedModel, image_dirs: ImageDirs) -> None:
+    """Without ``register``: the table is :func:`compare_thresholds` on the model's default
+    score over both folders, handed to ``on_compared`` as it is returned, and the store
+    gets no version."""
+    client = mlflow.MlflowClient()
+    versions = len(client.search_model_versions(f"name = '{trained.name}'"))
+    shown = []
+    outcome = select_threshold(trained.version_uri, image_dirs.calibration,
+                               image_dirs.test_anomalous, target_fpr=0.1, cost_fn=4.0,
+                               device="cpu", mlruns=trained.mlruns, progress=False,
+                               on_compared=shown.append)
+    assert len(shown) == 1 and shown[0] is outcome
+    model = tracking.load_model(trained.version_uri).model
+    normal = score_folder_table(model, image_dirs.calibration)
+    anomalous = score_folder_table(model, image_dirs.test_anomalous)
+    assert (outcome.score, outcome.score_selection, outcome.registered) == ("ensemble", None,
+                                                                           None)
+    assert (outcome.n_normal, outcome.n_anomalous) == (len(normal.values("ensemble")),
+                                                       len(anomalous.values("ensemble")))
+    pd.testing.assert_frame_equal(outcome.table, compare_thresholds(
+        normal, anomalous, "ensemble", target_fpr=0.1, cost_fn=4.0))
+    assert list(outcome.table.index) == ["conformal", "f1", "youden", "cost"]
+    assert len(client.search_model_versions(f"name = '{trained.name}'")) == versions
+
+
+def test_select_threshold_registers_the_method_it_is_asked_for_on_the_score_auto_chose(
+        trained: TrainedModel, image_dirs: ImageDirs, mlruns: Path) -> None:
+    """``register="youden"`` with ``score="auto"``: the new version's calibration is on the
+    score the comparison chose, with the comparison's Youden threshold and its evidence.
+    In a store of its own (the session's store keeps one version for other tests)."""
+    tracking.configure(trained.mlruns)
+    weights = tracking.load_model(trained.version_uri).model
+    tracking.configure(mlruns)
+    with tracking.start_run("select", "train-copy") as run:
+        uri = tracking.log_model(run, weights)
+    tracking.register_model(uri, "select", alias="candidate")
+    shown = []
+    outcome = select_threshold("models:/select@candidate", image_dirs.calibration,
+                               image_dirs.test_anomalous, score="auto", register="youden",
+                               device="cpu", mlruns=mlruns, progress=False,
+                               on_compared=shown.append)
+    assert len(shown) == 1 and shown[0].registered is None
+    registered = outcome.registered
+    assert registered is not None and registered.model_uri == "models:/select/2"
+    assert outcome.score_selection is not None
+    assert outcome.score == outcome.score_selection.chosen
+    calibration = tracking.load_model(registered.model_uri).calibration
+    assert calibration.score_name == outcome.score
+    assert calibration.threshold.method == "youden"
+    assert calibration.threshold.value == outcome.table.loc["youden", "threshold"]
+    assert calibration.score_selection is not None
+    assert calibration.score_selection.auroc == outcome.score_selection.auroc
+    assert mlflow.get_run(registered.run_id).info.run_name == "select-threshold-youden"
+    assert not registered.promoted
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"register": "conformal"}, "needs a target false-positive rate"),
+    ({"promote": True}, "moves champion to the version register=METHOD makes"),
+    ({"register": "median"}, "unknown method 'median'"),
+    ({"score": "auto", "target_fpr": 1e-300}, r"at least 1e\+300 held-out normal images"),
+])
+def test_select_threshold_refuses_inconsistent_options_before_loading(
+        image_dirs: ImageDirs, kwargs: dict, message: str) -> None:
+    # The model URI does not exist: the check must come first.
+    with pytest.raises(CalibrationError, match=message):
+        select_threshold("models:/does-not-exist@candidate", image_dirs.calibration,
+                         image_dirs.test_anomalous, **kwargs)
+
+
+def test_select_threshold_refuses_a_score_the_model_lacks_before_scoring(
+        trained: TrainedModel, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As calibrate_model does: minutes of scoring do not come before this refusal."""
+    from anomaly_flow import evaluation
+
+    def not_called(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a folder was scored")
+
+    monkeypatch.setattr(evaluation, "score_folder_table", not_called)
+    with pytest.raises(CalibrationError, match="unknown score 'level_7' for this model"):
+        select_threshold(trained.version_uri, image_dirs.calibration,
+                         image_dirs.test_anomalous, score="level_7", device="cpu",
+                         mlruns=trained.mlruns)
 
 
 def test_detection_table_has_every_score_and_matches_sklearn_metrics() -> None:
