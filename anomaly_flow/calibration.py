@@ -80,10 +80,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from anomaly_flow.threshold_methods import METHODS, Method
 
 __all__ = [
     "Calibration",
@@ -105,8 +107,6 @@ __all__ = [
     "youden_threshold",
 ]
 
-Method = Literal["conformal", "f1", "youden", "cost"]
-METHODS: tuple[str, ...] = get_args(Method)
 SCHEMA_VERSION = 1
 
 # Relative tolerance under which two rounded objective values (cost, AUROC) count as a tie.

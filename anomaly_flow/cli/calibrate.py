@@ -26,11 +26,10 @@ from anomaly_flow.cli.common import (
     user_errors,
 )
 from anomaly_flow.score_kinds import REFERENCE_SCORES, SCORE_CHOICES, is_score_name
+from anomaly_flow.threshold_methods import METHODS
 
 if TYPE_CHECKING:
     import pandas as pd
-
-METHODS = ("conformal", "f1", "youden", "cost")  # anomaly_flow.calibration.METHODS
 
 existing_dir = PathGiven(file_okay=False, path_type=Path)
 
