@@ -173,7 +173,17 @@ def steps_in_window(intervals: int, loop: str, config: RunConfig) -> int:
 def time_step_loop(config: RunConfig, images: np.ndarray, device: torch.device,
                    warmup: int, compile_mode: str | None,
                    channels_last: bool) -> tuple[list[float], float, Glow]:
-    """The per-step code of ``train()`` in a bare loop (see the module docstring)."""
+    """The per-step code of ``train()`` in a bare loop (see the module docstring), with
+    what ``train()`` sets around it on CUDA: the batches in pinned memory (``train()``'s
+    loader pins them; a copy from pageable memory first waits for the device's queued
+    work, a host sync per step that ``train()`` does not have) and cuDNN's autotuning."""
+    with train_module._convolutions_autotuned(device):
+        return _step_loop(config, images, device, warmup, compile_mode, channels_last)
+
+
+def _step_loop(config: RunConfig, images: np.ndarray, device: torch.device, warmup: int,
+               compile_mode: str | None, channels_last: bool) -> tuple[list[float], float,
+                                                                       Glow]:
     t, m = config.train, config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
@@ -181,6 +191,8 @@ def time_step_loop(config: RunConfig, images: np.ndarray, device: torch.device,
     model.to(device)
     optimizer = train_module._make_optimizer(model, config)
     batches = torch.from_numpy(images).view(-1, t.batch_size, *images.shape[1:])
+    if device.type == "cuda":
+        batches = batches.pin_memory()
     shape = tuple(batches.shape[1:])
     init = batches[0][: t.init_batch_size].to(device)
     model.initialize(preprocess(init, m.n_bits, train_module._step_noise(
