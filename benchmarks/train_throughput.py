@@ -309,12 +309,14 @@ def _is_compute(e: Any) -> bool:
 def _compute_ops(events: Any) -> dict[str, int]:
     """Outermost aten operators that do work (see :func:`_is_compute`), by phase: on a GPU
     each is at least one kernel launch in eager mode, so their count per step is a floor
-    on the launches a step needs."""
+    on the launches a step needs. Operators under no ``phase:`` marker, optimizer step or
+    autograd engine land in one bucket: in ``train()``, which has no markers, that is the
+    forward pass with the data, noise, loss and clipping around it."""
     phases: dict[str, int] = {}
     for e in events:
         if not _is_compute(e):
             continue
-        phase, parent = "other (data, noise, loss, clipping)", e.cpu_parent
+        phase, parent = "forward and the rest (data, noise, loss, clipping)", e.cpu_parent
         while parent is not None:
             if parent.name.startswith(("Optimizer.", "phase:")):
                 phase = parent.name.removeprefix("phase:")
