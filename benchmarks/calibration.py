@@ -18,7 +18,9 @@ Where the held-out normal scores come from (one of):
 
 The score defaults to ``ensemble``, the one ``anomaly-flow calibrate`` uses.
 
-Prints a table and writes JSON to ``benchmarks/results/calibration.json``.
+Prints a table and writes JSON, with the machine described (git commit, torch, device;
+``benchmarks.common.environment``), to
+``benchmarks/results/calibration-<device>-<date>.json`` (or ``--out``).
 
 Example:
     /work/venv/bin/python benchmarks/calibration.py
@@ -30,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import math
-import platform
 import sys
 import time
 from fractions import Fraction
@@ -55,7 +55,10 @@ from anomaly_flow.data import (
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.train import train
 
-RESULTS = Path(__file__).resolve().parent / "results"
+if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import pick_device, write_results
+
 ALPHAS = (0.1, 0.01)
 
 logger = logging.getLogger("benchmarks.calibration")
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--splits", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default: results/calibration-<device>-<date>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -223,15 +227,10 @@ def main(argv: list[str] | None = None) -> int:
               + (f"refused: {r['message']}" if r["refused"] else "NOT refused")
               + f" | {r['needed']} images: {'accepted' if r['accepted_at_needed'] else 'failed'}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "B5 calibration", "score": args.score, "n_scores": int(scores.size),
-              **info, "results": rows, "refusals": refusals,
-              "python": platform.python_version(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+              **info, "results": rows, "refusals": refusals}
+    path = write_results("calibration", pick_device(args.device), result, args.out)
+    print(f"wrote {path}")
     return 0 if all(r["passes"] for r in rows) and all(r["refused"] for r in refusals) else 1
 
 

@@ -18,9 +18,10 @@ passes run in ``--repeats`` interleaved rounds and each keeps its fastest time (
 machine's load from other processes then hits one round of each pass alike).
 Target: scoring time within 1.3x of decode-only time (ratio <= 1.3). The model is
 untrained but initialised (ActNorm on a batch): its cost is the trained model's cost.
-Prints a table and writes JSON to
-``benchmarks/results/score_throughput_<device>_<preset>[_<precision>][_compiled].json``
-(no precision suffix for float32).
+Prints a table and writes JSON, with the machine described (git commit, torch, device,
+load; ``benchmarks.common.environment``), to
+``benchmarks/results/score_throughput-<preset>[_<precision>][_compiled]-<device>-<date>.json``
+(no precision suffix for float32), a new file each run.
 
 Example:
     /work/venv/bin/python benchmarks/score_throughput.py --n 2000 --preset tiny --workers 2
@@ -30,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -59,7 +59,10 @@ from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.scoring import ScoringDataset, score_folder, score_images
 from anomaly_flow.train import fit_reference, resolve_device
 
-RESULTS = Path(__file__).resolve().parent / "results"
+if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import write_results
+
 TARGET_RATIO = 1.3
 
 logger = logging.getLogger("benchmarks.score_throughput")
@@ -256,12 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:<38} {value:>10.0f}")
     print(f"ratio scoring time / decode-only time: {ratio:.2f} (target <= {TARGET_RATIO}: "
           f"{'met' if result['meets_target'] else 'not met'})")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     label = ((args.preset if args.model is None else "model")
              + ("" if args.precision == "float32" else f"_{args.precision}")
              + ("_compiled" if args.compile else ""))
-    out = RESULTS / f"score_throughput_{device.type}_{label}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(f"score_throughput-{label}", device, result)
     print(f"written {out}")
     return result
 
