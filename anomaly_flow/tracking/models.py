@@ -554,6 +554,8 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
 
     Raises:
         ModelNotFoundError: Nothing loadable at ``uri``; the message says what to do.
+        TrainingError: ``device`` is not ``auto``, ``cpu`` or ``cuda[:N]``, or names a
+            CUDA device this machine lacks (:func:`anomaly_flow.train.resolve_device`).
     """
     uri = str(uri)
     local = _local_path(uri)
