@@ -61,6 +61,21 @@ def test_help_shows_an_example() -> None:
         assert option in result.output
 
 
+def test_the_version_is_the_installed_distributions() -> None:
+    """``anomaly_flow.__version__``, ``anomaly-flow --version`` and the runs' tag read the
+    same number: the installed distribution's."""
+    from importlib import metadata
+
+    import anomaly_flow
+    from anomaly_flow.tracking import store
+
+    installed = metadata.version("anomaly-flow")
+    assert anomaly_flow.__version__ == installed
+    result = CliRunner().invoke(main, ["--version"], prog_name="anomaly-flow")
+    assert result.exit_code == 0 and result.output == f"anomaly-flow, version {installed}\n"
+    assert store.environment_tags()["anomaly_flow_version"] == installed
+
+
 @pytest.mark.parametrize(("args", "code", "fragments"), [
     (["/no/such/folder", "--name", "x", "--mlruns", "{store}"], 1,
      ["image folder not found: /no/such/folder; check the path"]),

@@ -27,7 +27,6 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from sqlalchemy.engine import make_url
 
+import anomaly_flow
 from anomaly_flow.data import warnings_caught
 from anomaly_flow.errors import describe, first_line, unreachable_reason, without_passwords
 from anomaly_flow.stopping import stops_deferred
@@ -574,11 +574,7 @@ def environment_tags() -> dict[str, str]:
     """What a run's numbers depend on besides its data and config: the versions of
     anomaly-flow, torch, Pillow and the zlib library (the PNG lengths of the complexity
     scores are zlib's), and Python. :func:`start_run` sets them on every run."""
-    try:
-        version = metadata.version("anomaly-flow")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        version = "unknown"
-    return {"anomaly_flow_version": version, "torch_version": torch.__version__,
+    return {"anomaly_flow_version": anomaly_flow.__version__, "torch_version": torch.__version__,
             "pillow_version": PIL.__version__, "zlib_version": zlib.ZLIB_RUNTIME_VERSION,
             "python_version": platform.python_version()}
 
