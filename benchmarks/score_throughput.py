@@ -10,7 +10,8 @@ DataLoader workers and batch size:
 2. **decode + complexity**: the same over ``ScoringDataset``, which also measures each
    image's PNG-compressed lengths for the ``complexity`` and ``coarse_complexity``
    scores (part of scoring's cost);
-3. **model only**: the forward pass on in-memory batches (no files), for context;
+3. **model only**: the forward pass on in-memory batches (no files), for context (eager,
+   also under ``--compile``);
 4. **scoring**: :func:`anomaly_flow.scoring.score_folder` end to end, into a CSV.
 
 After a warm-up pass over the files (so all passes read from the page cache), the four
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [
         ("decode-only", result["decode_only_img_s"]),
         ("decode + complexity (no model)", result["decode_and_complexity_img_s"]),
-        ("model only (in memory)", result["model_only_img_s"]),
+        ("model only (in memory" + (", not compiled)" if args.compile else ")"),
+         result["model_only_img_s"]),
         ("scoring, end to end to CSV" + (" (compiled)" if args.compile else ""),
          result["scoring_img_s"]),
     ]
