@@ -31,7 +31,8 @@ Results come back to the host one batch late, so the device is never idle while 
 host turns a batch into table rows.
 
 :func:`score_folder` is the ``anomaly-flow score`` job: one row per image file found,
-written atomically as CSV or Parquet, resumable, with optional heatmaps.
+written atomically as CSV or Parquet (:mod:`anomaly_flow.score_table`), resumable, with
+optional heatmaps.
 
 Example:
     >>> model = Glow.load("my-model")  # doctest: +SKIP
@@ -43,13 +44,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import numbers
 import os
 import re
-import secrets
 import tempfile
 import threading
 import time
@@ -61,10 +60,6 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pa_compute
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pa_parquet
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
@@ -92,6 +87,16 @@ from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_na
     SCORE_CHOICES,
     is_score_name,
 )
+from anomaly_flow.score_table import (
+    DECISION_COLUMNS,
+    OutputWriteError,
+    ScoringError,
+    check_writable,
+    output_format,
+    read_table,
+    temporary_names,
+    write_or_keep,
+)
 from anomaly_flow.stopping import (
     loader_worker_options,
     raise_if_stopped,
@@ -102,31 +107,14 @@ from anomaly_flow.stopping import (
 
 logger = logging.getLogger(__name__)
 
-DECISION_COLUMNS = ("score", "p_value", "is_anomaly", "error")
-OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-"""Output file extensions (lower case) and the format each one means."""
-
 FLUSH_EVERY_S = 60.0
 """A long run rewrites its partial table at least this many seconds apart (see
 :func:`score_folder`), so a killed run leaves something to ``resume`` from."""
-
-EXACT_FLOATS: dict[str, Any] = (
-    {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"})
-"""``pandas.read_csv`` options that read every float back to the last bit: the default
-from pandas 3 (which deprecates ``float_precision``), ``round_trip`` before."""
 
 FAILURES_KEPT = 10
 """How many failed files a :class:`ScoreSummary` names."""
 
 NON_FINITE_ERROR = "the model gave a non-finite bits/dim for this image (numerical overflow)"
-
-
-class ScoringError(ValueError):
-    """A scoring run cannot start or finish; the message says why and what to do."""
-
-
-class OutputWriteError(ScoringError):
-    """The table could not be written where it was asked for (disk full, name too long)."""
 
 
 class BatchOutOfMemory(ScoringError):
@@ -166,12 +154,6 @@ class BatchOutOfMemory(ScoringError):
 def level_columns(levels: int) -> list[str]:
     """Names of the per-level columns, finest scale first."""
     return [f"level_{i + 1}" for i in range(levels)]
-
-
-LATER_SCORES = ("coarse_complexity", "typicality", "knn", "pixel_knn", "ensemble")
-"""Scores added after the first release: a table written before them lacks the column,
-and resuming it scores its scored files again to fill the column in."""
-
 
 
 def score_names(model: Glow) -> list[str]:
@@ -795,385 +777,6 @@ def paths_frame(paths: Sequence[Path]) -> pd.Series:
     return pd.Series([display_path(p) for p in paths], dtype="string")
 
 
-# --------------------------------------------------------------------------- output files
-
-
-def output_format(out: Path) -> str:
-    """``"csv"`` or ``"parquet"``, from the output file's extension.
-
-    Raises:
-        ScoringError: Any other extension.
-    """
-    fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
-    if fmt is None:
-        raise ScoringError(
-            f"cannot tell the output format of {display_path(out)}: use a file name "
-            f"ending in {', '.join(OUTPUT_FORMATS)}"
-        )
-    return fmt
-
-
-def check_writable(out: Path, *, resume: bool = False) -> None:
-    """Fail now, before any scoring, if ``out`` cannot be written (atomically), or would
-    replace a file that is not a scores table (``resume`` reads it instead, and says what
-    is wrong with it there).
-
-    Raises:
-        ScoringError: The folder is missing, is not a folder, or refuses a new file;
-            or ``out`` itself is a folder, or a file other than a scores table.
-    """
-    out = Path(out)
-    parent = out.parent
-    name = display_path(out)
-    if not parent.exists():
-        raise ScoringError(f"cannot write the output {name}: folder {display_path(parent)} "
-                           "does not exist; create it or choose another output path")
-    if not parent.is_dir():
-        raise ScoringError(f"cannot write the output {name}: {display_path(parent)} is not a "
-                           "folder; choose another output path")
-    length, limit = len(os.fsencode(out.name)), _longest_name(parent)
-    if length > limit:
-        raise ScoringError(f"cannot write the output {name}: its name is {length} bytes "
-                           f"long, and the file system there takes {limit} at most; choose "
-                           "a shorter name")
-    if out.is_dir():
-        raise ScoringError(f"cannot write the output {name}: it is a folder; "
-                           "give a file name ending in .csv or .parquet")
-    if out.is_file() and (other := _misnamed_format(out)) is not None:
-        fmt = output_format(out)
-        raise ScoringError(f"{name} is a {other} file, not {_FORMAT_NAMES[fmt]} as its name "
-                           f"says; name the output .{'csv' if other == 'CSV' else 'parquet'} "
-                           "(or move that file away)")
-    if not resume and out.is_file() and out.stat().st_size and not _is_scores_table(out):
-        raise ScoringError(f"{name} exists and is not a scores table (it lacks a path, bpd "
-                           "or error column); only an earlier output is replaced: choose "
-                           "another output path, or move that file away")
-    probe = _temporary_name(out)  # the name write_table will use, so as long a name
-    try:
-        with open(probe, "xb"):
-            pass
-    except OSError as exc:
-        raise ScoringError(f"cannot write the output {name}: {exc.strerror or exc}; "
-                           "choose another output path") from None
-    os.unlink(probe)
-
-
-def _longest_name(folder: Path) -> int:
-    """The longest file name, in bytes, the file system of ``folder`` takes (255 where it
-    does not say, or says it has no limit)."""
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # not POSIX, or no such setting there
-        return 255
-    return limit if limit > 0 else 255
-
-
-_FORMAT_NAMES = {"csv": "CSV", "parquet": "Parquet"}
-_PARQUET_MAGIC = b"PAR1"
-"""The four bytes a Parquet file starts and ends with."""
-
-
-_TABLE_COLUMNS = frozenset({"path", "bpd", "error"})
-"""The columns every table :func:`score_folder` writes has."""
-
-
-def _misnamed_format(path: Path) -> str | None:
-    """``"Parquet"`` where ``path`` is named like a CSV file and holds Parquet (its
-    first and last four bytes), ``"CSV"`` where it is named like a Parquet file and holds
-    a CSV scores table; else None (unreadable files included: others say why)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(4)
-            size = os.fstat(file.fileno()).st_size
-            file.seek(max(size - 4, 0))
-            tail = file.read(4)
-    except OSError:
-        return None
-    parquet = size >= 8 and head == tail == _PARQUET_MAGIC
-    if output_format(path) == "csv":
-        return "Parquet" if parquet else None
-    if parquet or not size:
-        return None
-    try:
-        columns = _header(path, "csv")
-    except Exception:  # not CSV either: pandas raises many types
-        return None
-    return "CSV" if set(columns) >= _TABLE_COLUMNS else None
-
-
-def _header(path: Path, fmt: str) -> list[str]:
-    """The column names of the table at ``path`` read as ``fmt`` (``csv`` or
-    ``parquet``), from its header alone; raises what pandas or pyarrow raise."""
-    if fmt == "csv":
-        return [str(name) for name in pd.read_csv(path, nrows=0).columns]
-    return pa_parquet.read_schema(path).names
-
-
-def _is_scores_table(path: Path) -> bool:
-    """Whether ``path`` has the columns every table :func:`score_folder` writes has (its
-    header alone is read)."""
-    try:
-        columns = _header(path, output_format(path))
-    except OSError as exc:  # unreadable: whose table it is cannot be told
-        raise ScoringError(f"cannot read {display_path(path)} to check that it is an earlier "
-                           f"scores table ({exc.strerror or exc}); choose another output path "
-                           "or fix its permissions") from None
-    except Exception:  # not CSV or Parquet at all: pandas and pyarrow raise many types
-        return False
-    return set(columns) >= _TABLE_COLUMNS
-
-
-def _temporary_stem(out: Path) -> str:
-    """``out``'s name, cut before its suffix to leave room in a file name (255 bytes on
-    most file systems) for what the temporary and spare names add to it."""
-    base, suffix = out.name[: len(out.name) - len(out.suffix)], out.suffix
-    while len(os.fsencode(base + suffix)) > 200 and base:
-        base = base[:-1]
-    return base + suffix
-
-
-def _temporary_name(out: Path) -> Path:
-    """Where :func:`write_table` writes ``out`` before renaming it: in the same folder,
-    hidden, unique to this process and call."""
-    return out.with_name(f".{_temporary_stem(out)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _temporary_names(out: Path) -> re.Pattern[str]:
-    """Every name :func:`_temporary_name` gives ``out``, the writer's process id as
-    ``pid``: what :func:`anomaly_flow.stopping.remove_leftovers` looks for."""
-    return re.compile(re.escape(f".{_temporary_stem(out)}.") + r"(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
-
-
-def write_table(table: pd.DataFrame, out: Path) -> None:
-    """Write ``table`` to ``out`` (CSV or Parquet by extension) atomically.
-
-    The table goes to a temporary file in the same folder, is flushed to disk, and then
-    replaces ``out`` in one step: a reader sees the old file or the new one, never half.
-
-    Raises:
-        OutputWriteError: The file system refused (disk full, name too long, the folder
-            gone); ``out`` is as it was.
-    """
-    out = Path(out)
-    fmt = output_format(out)
-    # open(..., "xb") rather than mkstemp: the file gets the usual permissions (umask),
-    # not mkstemp's owner-only 0600, which os.replace would carry over to `out`.
-    tmp = _temporary_name(out)
-    try:
-        with open(tmp, "xb") as file:
-            if fmt == "csv":
-                _write_csv(table, file)
-            else:
-                table.to_parquet(file, index=False)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, out)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(error, OSError):
-            raise OutputWriteError(f"cannot write the output {display_path(out)}: "
-                                   f"{error.strerror or error}") from error
-        raise
-
-
-def write_or_keep(table: pd.DataFrame, out: Path, *, modified_ns: int | None = None) -> None:
-    """:func:`write_table`, and where ``out`` refuses the table, the table written to the
-    temporary-files folder instead, so that the scored rows are not lost. The file
-    written gets ``modified_ns`` as its modification time, where given (the start of the
-    run, which ``resume`` compares the files' times with).
-
-    Raises:
-        OutputWriteError: ``out`` refused; the message says where the rows are kept (or
-            that no place took them) and what to do.
-    """
-    def stamped(path: Path) -> None:
-        write_table(table, path)
-        if modified_ns is not None:
-            with contextlib.suppress(OSError):
-                os.utime(path, ns=(time.time_ns(), modified_ns))
-
-    try:
-        stamped(out)
-    except OutputWriteError as refused:
-        spare = (Path(tempfile.gettempdir())
-                 / f"anomaly-flow-{os.getpid()}-{_temporary_stem(Path(out))}")
-        try:
-            stamped(spare)
-        except OutputWriteError:
-            raise OutputWriteError(f"{refused}; {len(table)} rows are lost (the folder "
-                                   f"{tempfile.gettempdir()} refused them too): free space or "
-                                   "choose another output path and run again") from refused
-        raise OutputWriteError(
-            f"{refused}; its {len(table)} rows are kept in {display_path(spare)}: once there "
-            f"is room, move that file to {display_path(out)} and run again with resume "
-            "(--resume) to score what it lacks") from refused
-
-
-def _write_csv(table: pd.DataFrame, file: Any) -> None:
-    """``table`` as UTF-8 CSV by Arrow's writer: eight times faster than pandas' at
-    50,000 rows (0.1 against 0.75 s), which a big scoring run pays at its end.
-
-    Strings are quoted, empty and missing cells are empty, floats are written in their
-    shortest round-trip form (with ``.0`` where a column holds only whole numbers) and
-    booleans as ``True``/``False`` (pandas' spelling); ``pandas.read_csv`` reads the file
-    back to the same table as pandas' own writer's.
-    """
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    for i, field in enumerate(arrow.schema):
-        column = arrow.column(i)
-        if pa.types.is_boolean(field.type):
-            arrow = arrow.set_column(i, field.name,
-                                     pa_compute.if_else(column, "True", "False"))
-        elif pa.types.is_floating(field.type) and _only_whole_numbers(table[field.name]):
-            # Arrow writes 1.0 as "1", so such a column (p-values all 1, say) would read
-            # back as integers: give its numbers a decimal point (they are then quoted)
-            text = pa_compute.replace_substring_regex(
-                pa_compute.cast(column, pa.string()), r"^(-?[0-9]+)$", r"\1.0")
-            arrow = arrow.set_column(i, field.name, text)
-    pa_csv.write_csv(arrow, file)
-
-
-def _only_whole_numbers(column: pd.Series) -> bool:
-    """Whether a float column's finite values, of which it has at least one, are all
-    whole numbers."""
-    values = column.to_numpy(dtype=np.float64, na_value=np.nan)
-    finite = values[np.isfinite(values)]
-    return bool(len(finite)) and bool((finite == np.round(finite)).all())
-
-
-def _whole_csv_records(data: bytes) -> bytes:
-    """``data`` up to the end of its last complete CSV record: the last line end outside
-    quotes (a quoted path may hold line ends; the quotes before a record's end, doubled
-    ones included, are even in number)."""
-    end, quotes, start = 0, 0, 0
-    at = data.find(b"\n")
-    while at != -1:
-        quotes += data.count(b'"', start, at)
-        start = at
-        if quotes % 2 == 0:
-            end = at + 1
-        at = data.find(b"\n", at + 1)
-    return data[:end]
-
-
-def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
-    """Read a table :func:`score_folder` wrote, for ``resume``.
-
-    Args:
-        out: The table.
-        names: The scores the resuming model gives (:func:`score_names`).
-
-    Returns:
-        The stored raw score columns (``names``, ``error``) indexed by ``path``, one row
-        per path (the first row kept if a path repeats); rows with neither every score
-        nor an error are left out (to be scored again), as is a last row cut short (a
-        CSV that ends inside a line or a quoted path). A table written before a score
-        of :data:`LATER_SCORES` existed lacks that column: its scored rows are left out
-        too, so that resuming rescores those files and the finished table has every
-        column filled; its failed rows are kept.
-
-    Raises:
-        ScoringError: The file cannot be read, or its score columns are not ``names``
-            (another model wrote it).
-    """
-    out = Path(out)
-    fmt = output_format(out)
-    name = display_path(out)
-    try:
-        if fmt == "csv":
-            data = out.read_bytes()
-            # a copy or an edit cut it mid-row (it ends inside a line, or inside a quoted
-            # path holding a line end): the rows before the cut stand
-            if data and (not data.endswith(b"\n") or data.count(b'"') % 2):
-                whole = _whole_csv_records(data)
-                logger.warning("the earlier output %s ends in a row cut short (%d bytes "
-                               "after its last complete line); scoring that file again",
-                               name, len(data) - len(whole))
-                data = whole
-            table = pd.read_csv(io.BytesIO(data), dtype={"path": "string", "error": "string"},
-                                **EXACT_FLOATS)
-        else:
-            # text that is not UTF-8 (a damaged file) is found only when a value is used,
-            # far from here: check every value now
-            arrow = pa_parquet.read_table(out)
-            arrow.validate(full=True)
-            table = arrow.to_pandas()
-    except Exception as exc:  # pandas and pyarrow raise many types for damaged files
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ScoringError(
-            f"cannot read the earlier output {name} to resume from ({reason}); delete it "
-            "or choose another output path, then run again"
-        ) from None
-    raw = ["path", *names, "error"]
-    if "path" not in table.columns and "bpd" not in table.columns:
-        shown = [str(c) for c in table.columns[:8]]
-        raise ScoringError(
-            f"the earlier output {name} is not a scores table (no path or bpd column; its "
-            f"columns are {shown}{' ...' if len(table.columns) > 8 else ''}); choose "
-            "another output path, or run without --resume to replace it")
-    missing = [c for c in raw if c not in table.columns]
-    filled = missing if missing and set(missing) <= set(LATER_SCORES) else []
-    for column in filled:  # the table was written before these scores existed
-        table[column] = np.nan
-    if filled:
-        missing = []
-    extra = [c for c in table.columns
-             if (c.startswith("level_") or c in LATER_SCORES) and c not in raw]
-    if missing or extra:
-        problem = (f"lacks column(s) {missing}" if missing
-                   else f"has score column(s) {extra} this model does not give")
-        raise ScoringError(
-            f"the earlier output {name} {problem}, so it was not written by this model's "
-            "scoring; resume with the same model, or choose another output path"
-        )
-    # pandas names a column without a header "Unnamed: N": the first one is its index
-    # written back, an empty one a trailing separator; one holding values elsewhere is a
-    # column someone added without a name
-    foreign = [str(c) for i, c in enumerate(table.columns)
-               if c not in {*raw, *DECISION_COLUMNS}
-               and not (re.fullmatch(r"Unnamed: \d+", str(c))
-                        and (i == 0 or table.iloc[:, i].isna().all()))]
-    if foreign:  # a column someone added (labels, notes): the rewritten table drops it
-        raise ScoringError(
-            f"the earlier output {name} has column(s) {foreign[:8]} that scoring does not "
-            "write, so resuming would drop them; save them elsewhere (they join back on "
-            "path) and remove them from the table, or write to another --out")
-    table = table[raw].copy()
-    table["path"] = table["path"].astype("string")
-    table = table[table["path"].notna()]
-    table["error"] = table["error"].fillna("").astype(str)
-    for column in raw[1:-1]:
-        table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")
-    finite = np.isfinite(table[raw[1:-1]].to_numpy())
-    complete = finite.all(axis=1)
-    unanswered = (table["error"] == "") & ~complete
-    contradictory = (table["error"] != "") & finite.any(axis=1)
-    if contradictory.any():  # scores and a reason: edited by hand, trust neither
-        logger.warning("the earlier output %s has %d row(s) with both scores and an error "
-                       "(e.g. %s); scoring those files again", name,
-                       int(contradictory.sum()), table.loc[contradictory, "path"].iloc[0])
-        table = table[~contradictory]
-        complete, unanswered = complete[~contradictory], unanswered[~contradictory]
-    if filled and unanswered.any():
-        logger.warning("the earlier output %s has no %s column%s (it was written by an older "
-                       "anomaly-flow, or by a model without that score); scoring its %d "
-                       "scored file(s) again to fill %s in (rows with an error are kept)",
-                       name, " or ".join(filled),
-                       "s" if len(filled) > 1 else "", int(unanswered.sum()),
-                       "them" if len(filled) > 1 else "it")
-    elif unanswered.any():  # neither the scores nor a reason: score those files again
-        logger.warning("the earlier output %s has %d row(s) with neither every score nor an "
-                       "error; scoring those files again", name, int(unanswered.sum()))
-    table = table[~unanswered]
-    repeated = table["path"].duplicated()
-    if repeated.any():
-        logger.warning("the earlier output %s lists %d path(s) more than once; keeping the "
-                       "first row of each", name, int(repeated.sum()))
-        table = table[~repeated]
-    return table.set_index("path")
-
-
 # --------------------------------------------------------------------------- folder runs
 
 
@@ -1263,8 +866,9 @@ def score_folder(
         resume: Keep the rows of an existing ``out`` and score only the missing files.
             Rows that failed before are kept as they are (run without ``resume`` to
             retry them). Decisions (``p_value``, ``is_anomaly``) are recomputed for all.
-            A table from before a newer score (:data:`LATER_SCORES`) has its scored files
-            scored again, to fill that column in (see :func:`read_table`).
+            A table from before a newer score
+            (:data:`~anomaly_flow.score_table.LATER_SCORES`) has its scored files scored
+            again, to fill that column in (see :func:`~anomaly_flow.score_table.read_table`).
         fdr: Decide by Benjamini-Hochberg at this false discovery rate over the whole
             table instead of the calibration's threshold.
         progress: Progress bar on stderr; None shows it only on a terminal.
@@ -1307,7 +911,7 @@ def score_folder(
     _check_precision(precision)
     _check_batch_size(batch_size)
     _check_initialized(model)
-    removed = remove_leftovers(out.parent, _temporary_names(out))
+    removed = remove_leftovers(out.parent, temporary_names(out))
     if removed:
         logger.info("removed %d unfinished copy(ies) of %s that a killed run left",
                     removed, display_path(out))

@@ -18,7 +18,8 @@ from click.testing import CliRunner, Result
 from anomaly_flow.calibration import Calibration, calibrate
 from anomaly_flow.cli import main
 from anomaly_flow.data import ArrayDataset, write_image_folder
-from anomaly_flow.scoring import score_images, write_table
+from anomaly_flow.score_table import write_table
+from anomaly_flow.scoring import score_images
 from tests.conftest import corrupt_png, obeying_file_modes
 from tests.test_data import DEEP, deep_folder, remove_tree, too_long_a_path
 from tests.test_scoring import (
@@ -288,7 +289,7 @@ def test_a_batch_too_large_for_memory_in_calibrate_or_evaluate_is_one_line(
     probe = ("import sys\n"
              "from anomaly_flow.evaluation import score_folder_table\n"
              "from anomaly_flow.glow import Glow\n"
-             "from anomaly_flow.scoring import ScoringError\n"
+             "from anomaly_flow.score_table import ScoringError\n"
              "try:\n"
              "    score_folder_table(Glow.load(sys.argv[1]), sys.argv[2], batch_size=100)\n"
              "except ScoringError as error:\n"
@@ -617,7 +618,7 @@ def test_an_unreadable_earlier_output_is_not_called_a_foreign_file(tmp_path: Pat
     out = tmp_path / "scores.csv"
     out.write_text("path,bpd,error\n")
     out.chmod(0o000)
-    check = ("import sys; from pathlib import Path; from anomaly_flow.scoring import "
+    check = ("import sys; from pathlib import Path; from anomaly_flow.score_table import "
              "check_writable\ntry:\n    check_writable(Path(sys.argv[1]))\n"
              "except ValueError as error:\n    print(error)")
     command = [sys.executable, "-c", check, str(out)]

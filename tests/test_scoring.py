@@ -26,11 +26,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
-from anomaly_flow import scoring
+from anomaly_flow import score_table, scoring
 from anomaly_flow.calibration import Calibration, benjamini_hochberg, calibrate
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import (
@@ -44,21 +42,19 @@ from anomaly_flow.data import (
 )
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.heatmap import colormap_table, heatmap_names, render_heatmap
+from anomaly_flow.score_table import ScoringError, read_table, write_table
 from anomaly_flow.scoring import (
     NON_FINITE_ERROR,
     ScoringDataset,
-    ScoringError,
     default_score,
     output_columns,
-    read_table,
     score_dataset,
     score_folder,
     score_images,
     score_names,
-    write_table,
 )
 from anomaly_flow.train import fit_reference
-from tests.conftest import FILE_EDITS, damaged, ended_process_id
+from tests.conftest import ended_process_id
 from tests.test_complexity import pil_png_bits
 
 TINY = GlowConfig(image_size=16, levels=2, steps_per_level=2, hidden_channels=16)
@@ -194,7 +190,7 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, **scoring.EXACT_FLOATS, keep_default_na=False,
+    return pd.read_csv(path, **score_table.EXACT_FLOATS, keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
                                                     "typicality", "knn", "pixel_knn", "ensemble",
                                                     "level_1", "level_2",
@@ -715,35 +711,6 @@ def test_running_out_of_memory_on_a_resumed_run_says_to_resume_again(
         score_folder(model, None, messy, out, resume=True)
 
 
-def test_csv_reads_back_as_pandas_own_csv(tmp_path: Path) -> None:
-    # the table's CSV (Arrow's writer) reads back to what pandas' writer gives: floats
-    # to the last bit, empty and missing cells, booleans, quotes, commas, line breaks
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal(300) * 10.0 ** rng.integers(-15, 15, 300)
-    values[::7] = np.nan
-    table = pd.DataFrame({
-        "path": pd.array([f"/data/{i},é \\xff.png" if i % 10 == 0 else f"/data/{i}.png"
-                          for i in range(300)], dtype="string"),
-        "bpd": values,
-        "p_value": np.where(np.arange(300) % 3 == 0, np.nan, rng.random(300)),
-        "is_anomaly": pd.array([True, False, None] * 100, dtype="boolean"),
-        "error": pd.array(["" if i % 4 else 'cannot decode "x",\nline two' for i in range(300)],
-                          dtype="string"),
-        # whole numbers only (every image above all calibration scores): still floats
-        "whole": np.arange(300) % 3 - 1.0,
-        "all_missing": np.full(300, np.nan),
-    })
-    write_table(table, tmp_path / "ours.csv")
-    table.to_csv(tmp_path / "pandas.csv", index=False)
-    options = {"keep_default_na": False,
-               "na_values": {name: [""] for name in ("bpd", "p_value", "whole", "all_missing")}}
-    ours = pd.read_csv(tmp_path / "ours.csv", **options)
-    pd.testing.assert_frame_equal(ours, pd.read_csv(tmp_path / "pandas.csv", **options))
-    np.testing.assert_array_equal(ours["bpd"].to_numpy(), values)  # bit for bit
-    assert ours["is_anomaly"].tolist()[:3] == ["True", "False", ""]
-    assert ours["whole"].dtype == ours["all_missing"].dtype == np.float64
-
-
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
     model: Glow, messy: Path, full_table: pd.DataFrame, tmp_path: Path, suffix: str
@@ -876,7 +843,7 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
         shutil.rmtree(out.parent)
 
     before_launch(monkeypatch, 2, lose_the_folder)
-    with pytest.raises(scoring.OutputWriteError) as info:
+    with pytest.raises(score_table.OutputWriteError) as info:
         score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
     (spare,) = spare_folder.iterdir()
     assert str(info.value).startswith(f"cannot write the output {out}: No such file")
@@ -888,7 +855,7 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # no place at all
     before_launch(monkeypatch, 2, lose_the_folder)
     out.parent.mkdir()
-    with pytest.raises(scoring.OutputWriteError, match=f"; {len(MESSY)} rows are lost"):
+    with pytest.raises(score_table.OutputWriteError, match=f"; {len(MESSY)} rows are lost"):
         score_folder(model, None, messy, out, batch_size=5, flush_every_s=float("inf"))
 
 
@@ -896,13 +863,13 @@ def test_partial_table_is_flushed_during_the_run(model: Glow, messy: Path, tmp_p
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "scores.csv"
     sizes: list[int] = []
-    real_write = scoring.write_table
+    real_write = score_table.write_table
 
     def spy(table: pd.DataFrame, path: Path) -> None:
         sizes.append(len(table))
         real_write(table, path)
 
-    monkeypatch.setattr(scoring, "write_table", spy)
+    monkeypatch.setattr(score_table, "write_table", spy)
     score_folder(model, None, messy, out, batch_size=5, flush_every_s=0)
     assert sizes == [5, 10, 15, len(MESSY), len(MESSY)]  # after each batch, then the final
 
@@ -1065,7 +1032,7 @@ def test_resume_from_a_table_without_a_later_score_rescores_its_files(
     n_failed = int((older["error"] != "").sum())
     assert 0 < n_failed < k
     write_table(older, out)
-    with caplog.at_level(logging.WARNING, logger="anomaly_flow.scoring"):
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.score_table"):
         summary = score_folder(model, None, messy, out, batch_size=4, resume=True,
                                heatmaps=tmp_path / "heat")
     assert summary.n_resumed == n_failed and summary.n_files == len(MESSY)
@@ -1764,45 +1731,3 @@ def test_resume_scores_again_a_last_row_cut_short(model: Glow, tmp_path: Path,
             in caplog.text
         assert (summary.n_resumed, summary.n_files) == (3, 4)
         assert out.read_bytes() == whole
-
-
-def scores_table_bytes(fmt: str) -> bytes:
-    """A small scores table as score_folder writes it: scored rows, a failed row with a
-    reason holding a comma and quotes, and a path with a line end in its name."""
-    names = ["bpd", "complexity", "level_1", "level_2"]
-    table = pd.DataFrame({
-        "path": ["/data/a.png", "/data/b, \"odd\".png", "/data/c\nd.png", "/data/e.png"],
-        "bpd": [3.25, np.nan, 4.5, 2.0], "complexity": [0.5, np.nan, -1.25, 0.0],
-        "level_1": [1.0, np.nan, 2.0, 0.5], "level_2": [0.125, np.nan, 0.25, 0.5],
-        "score": [3.25, np.nan, 4.5, 2.0], "p_value": np.nan, "is_anomaly": None,
-        "error": ["", "truncated image file", "", ""]})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"scores.{fmt}"
-        write_table(table[["path", *names, "score", "p_value", "is_anomaly", "error"]], path)
-        return path.read_bytes()
-
-
-TABLES = {fmt: scores_table_bytes(fmt) for fmt in ("csv", "parquet")}
-
-
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(sorted(TABLES)), edits=FILE_EDITS)
-def test_a_damaged_earlier_output_is_resumed_from_or_refused_clearly(
-        tmp_path: Path, fmt: str, edits: list[tuple[str, float, bytes]]) -> None:
-    """Whatever a crash, a copy or an editor did to the table, resuming reads what it can
-    (rows that are whole and consistent, at most one per path) or refuses with a
-    ScoringError that says what to do; never another exception."""
-    out = tmp_path / f"damaged.{fmt}"
-    out.write_bytes(damaged(TABLES[fmt], edits))
-    names = ["bpd", "complexity", "level_1", "level_2"]
-    try:
-        kept = read_table(out, names)
-    except ScoringError as exc:
-        assert "\n" not in str(exc) and str(exc).strip()
-        return
-    assert list(kept.columns) == [*names, "error"] and kept.index.is_unique
-    assert kept.index.notna().all()
-    scored = kept["error"] == ""
-    assert np.isfinite(kept.loc[scored, names].to_numpy()).all()
-    assert not np.isfinite(kept.loc[~scored, names].to_numpy()).any()

@@ -47,8 +47,8 @@ from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSp
 from anomaly_flow.calibration import Calibration, CalibrationError
 from anomaly_flow.data import InvalidSource, undisplayed_path
 from anomaly_flow.glow import Glow, ModelFileError
+from anomaly_flow.score_table import DECISION_COLUMNS
 from anomaly_flow.scoring import (
-    DECISION_COLUMNS,
     BatchOutOfMemory,
     ScoringDataset,
     apply_calibration,
