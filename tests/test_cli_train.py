@@ -76,6 +76,30 @@ def test_the_version_is_the_installed_distributions() -> None:
     assert store.environment_tags()["anomaly_flow_version"] == installed
 
 
+def test_help_does_not_look_the_version_up(tmp_path: Path) -> None:
+    """``anomaly_flow.__version__`` is looked up on first use: at the package's import,
+    importlib.metadata and its search of the installed distributions cost every command,
+    ``--help`` too, a fifth of its start-up."""
+    probe = (
+        "import runpy, sys\n"
+        "before = 'importlib.metadata' in sys.modules\n"
+        "sys.argv = ['anomaly-flow', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('anomaly_flow', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    import anomaly_flow\n"
+        "    looked_up = '__version__' in vars(anomaly_flow)\n"
+        "    loaded = not before and 'importlib.metadata' in sys.modules\n"
+        "    print(f'exit {stop.code} looked up {looked_up} loaded {loaded}')\n"
+        "    print(anomaly_flow.__version__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    assert "exit 0 looked up False loaded False" in lines, done.stdout + done.stderr
+    assert lines[-1] not in ("", "None")  # and still there when asked for
+
+
 @pytest.mark.parametrize(("args", "code", "fragments"), [
     (["/no/such/folder", "--name", "x", "--mlruns", "{store}"], 1,
      ["image folder not found: /no/such/folder; check the path"]),
