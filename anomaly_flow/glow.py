@@ -679,7 +679,8 @@ class Glow(nn.Module):
 
         Raises:
             ValueError: Not ``(B, C, H, W)`` floats at the model's channels and size, on
-                the model's device, of a dtype its weights can take (theirs or narrower).
+                the model's device, of a dtype its weights can take (theirs or narrower;
+                under autocast, any but float64 for weights narrower than that).
         """
         c, size = self.config.in_channels, self.config.image_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, size, size):
@@ -696,7 +697,12 @@ class Glow(nn.Module):
             raise ValueError(
                 f"the model is on {weight.device} but the flow inputs are on {x.device}; "
                 f"move them with x.to(model.device), or the model with model.to('{x.device}')")
-        if torch.promote_types(x.dtype, weight.dtype) != weight.dtype:  # conv would refuse
+        # wider inputs meet the first convolution wider than its weight, which it refuses,
+        # unless autocast casts both for it (it leaves float64 alone): a bfloat16 model
+        # under autocast takes preprocess()'s float32
+        wider = torch.promote_types(x.dtype, weight.dtype) != weight.dtype
+        if wider and (x.dtype == torch.float64
+                      or not torch.is_autocast_enabled(x.device.type)):
             raise ValueError(
                 f"the model's weights are {weight.dtype} and take flow inputs of that dtype "
                 f"(preprocess() returns float32), not {x.dtype}; convert the inputs with "

@@ -839,6 +839,22 @@ def test_wrong_inputs_are_refused_with_what_the_model_takes() -> None:
     assert model.double().bpd(good.double()).dtype == torch.float64  # converted: fine
 
 
+def test_a_narrower_model_under_autocast_takes_preprocess_output() -> None:
+    """Autocast casts a bfloat16 model's float32 inputs for its convolutions, as it did
+    before the dtype check: only float64, which autocast leaves alone, is refused."""
+    model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1, hidden_channels=4))
+    good = preprocess(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8), n_bits=8)
+    model.initialize(good)
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"weights are torch.bfloat16 .* not torch.float32"):
+        model.bpd(good)  # no autocast: the convolution would refuse
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bpd = model.bpd(good)
+        with pytest.raises(ValueError, match=r"weights are torch.bfloat16 .* not torch.float64"):
+            model.bpd(good.double())
+    assert bpd.shape == (2,) and torch.isfinite(bpd).all()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_an_edited_config_loads_or_is_refused_clearly(data: st.DataObject) -> None:
