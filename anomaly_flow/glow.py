@@ -213,7 +213,8 @@ def _leave_one_out(keys: Tensor, nearest: Callable[..., Tensor], chunk: int = 10
 
 
 class ModelFileError(ValueError):
-    """A saved model folder is missing a file or does not match its config."""
+    """A saved model folder cannot be loaded: a file is missing or does not match its
+    config, or the model does not fit in the free memory of the device asked for."""
 
 
 class SamplingError(RuntimeError):
@@ -871,6 +872,11 @@ class Glow(nn.Module):
                 "re-register it from its training run's artifacts") from None
         try:
             return model.to(device).eval()
+        except torch.OutOfMemoryError as exc:  # the device is there, its memory is taken
+            raise ModelFileError(
+                f"the model in {folder} does not fit in the free memory of {device} "
+                f"({first_line(exc)}); free it (other processes on that GPU), or load the "
+                "model on 'cpu'") from None
         except (RuntimeError, AssertionError) as exc:  # torch asserts it has CUDA
             raise ValueError(
                 f"cannot put the model on device {str(device)!r} ({first_line(exc)}); use "

@@ -641,6 +641,22 @@ def test_load_refuses_a_device_the_model_cannot_go_on(tmp_path) -> None:
     assert Glow.load(tmp_path, torch.device("cpu")).device == torch.device("cpu")
 
 
+def test_load_on_a_device_whose_memory_is_taken_says_so(tmp_path, monkeypatch) -> None:
+    """A GPU that is there but full (other processes) raises torch's OutOfMemoryError
+    while the weights move; that is not a device to be replaced by 'cuda'."""
+    make_model(1, 8, 2).float().save(tmp_path)
+
+    def full(self: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", full)
+    with pytest.raises(ModelFileError, match=r"^the model in .+ does not fit in the free memory "
+                                             r"of cpu \(CUDA out of memory\. Tried to allocate "
+                                             r"2\.00 MiB\); free it \(other processes on that "
+                                             r"GPU\), or load the model on 'cpu'$"):
+        Glow.load(tmp_path, "cpu")
+
+
 def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
     with pytest.raises(ModelFileError, match=r"config\.json is missing"):
         Glow.load(tmp_path)
