@@ -66,10 +66,10 @@ CALIBRATION_FILE = "calibration.json"
 DEFAULT_BATCH_SIZE = 256
 
 _SCORING = threading.Lock()
-"""Held by each ``predict``: scoring sets process-wide state for its duration (warning
-filters while an image decodes; on CUDA, TF32 and cuDNN flags) and then restores what it
-found, so two calls at once would each restore the other's (leaving, for one, every
-warning ignored in the process for good)."""
+"""Held by each ``predict``, so that a server's requests are scored one at a time: the
+scoring they would share takes turns anyway (its precision settings are the process's,
+:func:`anomaly_flow.scoring.numerics`), and requests in between each other's batches would
+hold several batches in the device's memory at once, where ``batch_size`` promises one."""
 
 
 class PredictError(MlflowException, ValueError):
