@@ -136,37 +136,39 @@ def _invalid_as_calibration_error(what: str) -> Iterator[None]:
                                "re-run calibration") from error
 
 
-def _as_scores(values: ArrayLike, name: str) -> np.ndarray:
+def _as_scores(values: ArrayLike, name: str, what: str = "scores") -> np.ndarray:
     """Return ``values`` as a finite, non-empty 1-D float64 array, or raise.
 
     Args:
         values: Scores, shape (N,). Higher = more anomalous.
         name: What these scores are, for error messages ("calibration", "normal", ...).
+        what: What the values are called in those messages (``p-values`` for p-values).
 
     Returns:
         A float64 array of shape (N,) (a copy when conversion was needed).
     """
+    label = f"{name} {what}".strip()
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as error:
         raise CalibrationError(
-            f"{name} scores must be numbers; could not convert them ({error})."
+            f"{label} must be numbers; could not convert them ({error})."
         ) from error
     if array.ndim != 1:
         raise CalibrationError(
-            f"{name} scores must be a 1-D array with one score per image; "
-            f"got shape {array.shape}. Flatten or select one score per image."
+            f"{label} must be a 1-D array with one per image; "
+            f"got shape {array.shape}. Flatten or select one value per image."
         )
     if array.size == 0:
         raise CalibrationError(
-            f"no {name} scores were given; at least one scored image is needed. "
+            f"no {label} were given; at least one scored image is needed. "
             "Check that the image folder is not empty and that scoring succeeded."
         )
     bad = ~np.isfinite(array)
     n_bad = int(bad.sum())
     if n_bad:
         raise CalibrationError(
-            f"{n_bad} of {array.size} {name} scores are NaN or infinite: those images "
+            f"{n_bad} of {array.size} {label} are NaN or infinite: those images "
             "failed to score (unreadable files, or a model that overflows on them). "
             "Remove or fix those images, or check the model, then run again."
         )
@@ -909,7 +911,7 @@ def benjamini_hochberg(p_values: ArrayLike, q: float) -> np.ndarray:
         array([ True,  True,  True,  True, False])
     """
     q = _check_rate(q, "q (the target false discovery rate)", "Use e.g. 0.05 or 0.1.")
-    p = _as_scores(p_values, "p-value")
+    p = _as_scores(p_values, "", "p-values")
     if p.min() < 0 or p.max() > 1:
         raise CalibrationError(
             f"p-values must lie in [0, 1]; got values from {p.min()} to {p.max()}. "

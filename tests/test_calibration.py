@@ -490,6 +490,15 @@ def test_benjamini_hochberg_hand_example():
     np.testing.assert_array_equal(benjamini_hochberg(p, 0.004), [False] * 5)
 
 
+def test_benjamini_hochberg_names_what_it_was_given_as_p_values():
+    for bad, says in (([], r"^no p-values were given"),
+                      ([0.1, float("nan")], r"^1 of 2 p-values are NaN or infinite"),
+                      ([[0.1, 0.2]], r"^p-values must be a 1-D array with one per image; "
+                                     r"got shape \(1, 2\)\. Flatten or select one value")):
+        with pytest.raises(CalibrationError, match=says):
+            benjamini_hochberg(bad, 0.05)
+
+
 def test_benjamini_hochberg_ties():
     # all equal to 0.04 <= 5 * 0.05 / 5: all rejected; none at q = 0.03
     p = np.full(5, 0.04)
