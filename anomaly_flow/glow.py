@@ -279,8 +279,9 @@ def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tens
     Raises:
         TypeError: ``images`` are floats: their scale (0-1 or 0-255) cannot be told from
             the dtype, and truncating 0-1 floats to integers would score black images.
-        ValueError: ``n_bits`` is not from 1 to 8, or integer ``images`` other than uint8
-            hold values outside [0, 255] (16-bit pixels, say; checked here, a host sync).
+        ValueError: ``n_bits`` is not from 1 to 8, integer ``images`` other than uint8
+            hold values outside [0, 255] (16-bit pixels, say; checked here, a host sync),
+            or ``noise`` has another shape.
     """
     if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
         raise TypeError(
@@ -299,6 +300,9 @@ def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tens
                 f"preprocess takes pixels in [0, 255]; these {images.dtype} pixels run from "
                 f"{low} to {high}: scale them to 8 bits first (16-bit pixels as image_to_array "
                 "does: (images / 257).round().to(torch.uint8))")
+    if noise is not None and noise.shape != images.shape:  # broadcasting would hide it
+        raise ValueError(f"noise must have the images' shape {tuple(images.shape)}, one value "
+                         f"per pixel; got {tuple(noise.shape)}")
     n_bins = 2**n_bits
     k = torch.div(images.to(torch.int32), 2 ** (8 - n_bits), rounding_mode="floor")
     u = 0.5 if noise is None else noise

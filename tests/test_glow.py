@@ -199,6 +199,14 @@ def test_preprocess_refuses_pixels_and_bits_it_cannot_quantise() -> None:
             preprocess(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), n_bits)
     wide = torch.arange(256, dtype=torch.int64).view(1, 1, 16, 16)  # in range: as uint8
     assert torch.equal(preprocess(wide, 8), preprocess(wide.to(torch.uint8), 8))
+    # noise of one image for a batch of two broadcast silently: both got the same noise
+    pixels = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    for shape in ((1, 1, 4, 4), (2, 1, 4)):
+        says = re.escape(f"noise must have the images' shape (2, 1, 4, 4), one value per "
+                         f"pixel; got {shape}")
+        with pytest.raises(ValueError, match=f"^{says}$"):
+            preprocess(pixels, 8, torch.rand(shape))
+    assert preprocess(pixels, 8, torch.rand(2, 1, 4, 4)).shape == (2, 1, 4, 4)
 
 
 def test_sample_shape_and_temperature_zero_is_deterministic() -> None:
