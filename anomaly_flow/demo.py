@@ -185,11 +185,12 @@ def _folder_scores(table: pd.DataFrame, folders: dict[str, Path], label: str) ->
     return FolderScores(folder, rows, digest, tuple(digests))
 
 
-def _gallery(rows: pd.DataFrame, test_root: Path, heatmaps: Path) -> list[report.GalleryItem]:
+def _gallery(rows: pd.DataFrame, test_root: Path, heatmaps: Path,
+             drawn: dict[str, tuple[Path, str | None]]) -> list[report.GalleryItem]:
     """The report's cards for ``rows`` of ``scores.csv``, each with the heatmap scoring
-    drew of it under ``heatmaps`` (found by the source each heatmap records: a name two
-    files would share gets another), or none where it drew none."""
-    drawn = heatmap.recorded_heatmaps(heatmaps)
+    drew of it under ``heatmaps``, found in ``drawn`` (:func:`heatmap.recorded_heatmaps`
+    of that folder: by the source each heatmap records, since a name two files would
+    share gets another), or none where it drew none."""
     items = []
     for row in rows.itertuples():
         rel = Path(row.path).relative_to(test_root)
@@ -289,6 +290,7 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
     }
     ranked = scored.sort_values("score", ascending=False)
     n_shown = min(12, len(ranked) // 2)  # a small table shows no image in both galleries
+    drawn = heatmap.recorded_heatmaps(heatmaps)
     how = _runs_note(tracking_uri, calibrate_run, evaluate_run)
     return report.render_report(
         "anomaly-flow demo: Fashion-MNIST sneakers",
@@ -299,8 +301,8 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
             ("Detection rate per anomalous class", report.table_section(per_class)),
             ("Figures", report.figures_section(figures)),
             ("Most anomalous test images", report.gallery_section(
-                _gallery(ranked.head(n_shown), test_root, heatmaps), caption)),
+                _gallery(ranked.head(n_shown), test_root, heatmaps, drawn), caption)),
             ("Least anomalous test images", report.gallery_section(
-                _gallery(ranked.iloc[::-1].head(n_shown), test_root, heatmaps), caption)),
+                _gallery(ranked.iloc[::-1].head(n_shown), test_root, heatmaps, drawn), caption)),
         ],
     )

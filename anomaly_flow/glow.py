@@ -413,7 +413,8 @@ class Glow(nn.Module):
     @property
     def initialized(self) -> bool:
         """Whether every ActNorm has had its data-dependent initialisation."""
-        return all(bool(step.actnorm.initialized) for lvl in self.levels for step in lvl.steps)
+        flags = [step.actnorm.initialized for lvl in self.levels for step in lvl.steps]
+        return bool(torch.stack(flags).all())  # one read of the device, not one per step
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:

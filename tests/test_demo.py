@@ -113,6 +113,7 @@ def test_the_reports_cards_find_the_heatmaps_scoring_named_apart(tmp_path: Path)
     """``b.jpg`` and ``b.png`` share a plain heatmap name, so scoring draws them as
     ``b.jpg.png`` and ``b.png.png``: each card shows its own file's heatmap, not none."""
     from anomaly_flow.demo import _gallery
+    from anomaly_flow.heatmap import recorded_heatmaps
     from anomaly_flow.scoring import score_folder
     from tests.test_scoring import make_tiny_model
 
@@ -127,14 +128,14 @@ def test_the_reports_cards_find_the_heatmaps_scoring_named_apart(tmp_path: Path)
     assert sorted(p.name for p in (heat / "shoe").iterdir()) == [
         "b.jpg.png", "b.png.png", "plain.png"]
     table = pd.read_csv(tmp_path / "s.csv", keep_default_na=False, na_values=[""])
-    cards = _gallery(table, root, heat)
+    cards = _gallery(table, root, heat, recorded_heatmaps(heat))
     for card, path in zip(cards, table["path"], strict=True):
         mine = {"b.jpg": "b.jpg.png", "b.png": "b.png.png"}.get(Path(path).name, "plain.png")
         with Image.open(heat / "shoe" / mine) as drawn:
             np.testing.assert_array_equal(card.heatmap, np.asarray(drawn.convert("RGB")))
         assert (card.title, card.note) == ("shoe", Path(path).name)
     (heat / "shoe" / "plain.png").unlink()  # a file scoring drew no heatmap of: no picture
-    assert [c.heatmap is None for c in _gallery(table, root, heat)] == [
+    assert [c.heatmap is None for c in _gallery(table, root, heat, recorded_heatmaps(heat))] == [
         Path(p).name == "plain.png" for p in table["path"]]
 
 
