@@ -83,6 +83,7 @@ from anomaly_flow.scoring import (
     score_names,
 )
 from anomaly_flow.stopping import stops_deferred
+from anomaly_flow.threshold_methods import LABELLED_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -1188,7 +1189,7 @@ def compare_thresholds(
     anomalous: FolderScores,
     score: str = "bpd",
     *,
-    methods: Sequence[str] = ("f1", "youden", "cost"),
+    methods: Sequence[str] = LABELLED_METHODS,
     target_fpr: float | None = None,
     cost_fp: float = 1.0,
     cost_fn: float = 1.0,

@@ -18,3 +18,6 @@ Method = Literal["conformal", "f1", "youden", "cost"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 """Every method, ``conformal`` first."""
+
+LABELLED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "conformal")
+"""The methods that need labelled anomalies (``f1``, ``youden``, ``cost``)."""
