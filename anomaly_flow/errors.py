@@ -14,7 +14,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("anomaly_flow.config", "ConfigError"),
     ("anomaly_flow.data", "DataError"),
     ("anomaly_flow.glow", "ModelFileError"),
-    ("anomaly_flow.train", "TrainingError"),
+    ("anomaly_flow.checkpoint", "TrainingError"),
     ("anomaly_flow.score_table", "ScoringError"),
     ("anomaly_flow.calibration", "CalibrationError"),
     ("anomaly_flow.tracking.models", "ModelNotFoundError"),

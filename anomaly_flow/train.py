@@ -9,8 +9,11 @@ so a resumed run sees exactly the batches and noise of an uninterrupted one, and
 DDP run (each rank taking its share of the same global batch) sees those of a
 single-process run.
 
+Checkpoints (:mod:`anomaly_flow.checkpoint`) are written every ``checkpoint_every``
+steps and at the end; ``resume`` goes on from the latest as if the run had never stopped.
+
 Several processes: started by ``torchrun``, :func:`train` joins the process group
-(NCCL on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel after the
+(:mod:`anomaly_flow.distributed`), wraps the model in DistributedDataParallel after the
 ActNorm initialisation, and leaves the group again at the end if it was the one that
 joined it. Only rank 0 calls the callback, shows the progress bar and writes
 checkpoints; validation is shared out over the ranks.
@@ -25,14 +28,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import json
 import logging
 import math
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,13 +40,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm.auto import tqdm
 
+from anomaly_flow.checkpoint import (
+    TRAINING_STATE_KEYS,
+    UNFINISHED_CHECKPOINT,
+    TrainingError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
-from anomaly_flow.config import ConfigError, RunConfig, TrainConfig, changed_fields
+from anomaly_flow.config import RunConfig, TrainConfig
 from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
@@ -62,6 +66,7 @@ from anomaly_flow.data import (
     one_line,
     split_train_val,
 )
+from anomaly_flow.distributed import join_process_group, launch_device, world_size
 from anomaly_flow.glow import (
     REFERENCE_MAX_MAPS,
     Glow,
@@ -74,7 +79,6 @@ from anomaly_flow.glow import (
     pool_to_grid,
     postprocess,
     preprocess,
-    save_tensors,
 )
 from anomaly_flow.scoring import numerics, out_of_memory, to_host_async
 from anomaly_flow.stopping import (
@@ -87,39 +91,8 @@ from anomaly_flow.stopping import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_LATEST = "latest"
-"""Name of the file in a checkpoint folder that names the newest checkpoint."""
-
-CHECKPOINTS_KEPT = 2
-"""How many checkpoints a checkpoint folder keeps; older ones are deleted."""
-
 REFERENCE_MIN_IMAGES = 30
 """Fewer validation images than this for the normal reference draw a warning."""
-
-_CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
-_EXECUTION_ONLY = frozenset({"compile", "num_workers", "epochs", "checkpoint_every",
-                             "init_batch_size"})
-"""Training settings that change how fast a run goes, where it stops or what it keeps on
-the way, not the steps it takes (the learning rate depends on the step alone, so a longer
-run's first steps are a shorter one's; the ActNorm initialisation is in the checkpoint's
-weights, so its batch size is past by a resume)."""
-RESUME_MUST_MATCH = ("batch_size", "optimizer")
-"""Training settings a resumed run cannot change: the step count of an epoch, and the
-optimizer whose state the checkpoint holds."""
-_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
-"""Optimizer settings that choose a kernel, not the arithmetic."""
-
-
-def trajectory_changes(before: TrainConfig, after: TrainConfig) -> list[str]:
-    """The training settings (sorted) that differ between ``before`` and ``after`` and
-    change the steps a run takes: a resume with them does not continue the same run."""
-    old = before.to_dict()
-    return sorted(k for k, v in after.to_dict().items()
-                  if old[k] != v and k not in _EXECUTION_ONLY)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -330,81 +303,12 @@ def uses_bf16(config: RunConfig, device: torch.device) -> bool:
     return config.train.bf16 and device.type == "cuda"
 
 
-def launch_rank() -> int:
-    """This process's rank: the joined group's, else what torchrun set in RANK (0 alone)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
 def check_batch_split(config: RunConfig) -> None:
     """Refuse a global batch that the processes torchrun started cannot share equally."""
-    world = _world_size()
+    world = world_size()
     if config.train.batch_size % world:
         raise TrainingError(f"batch_size {config.train.batch_size} is not divisible by the "
                             f"{world} processes; pick a multiple of the process count.")
-
-
-def _world_size() -> int:
-    """The number of processes: the joined group's, else what torchrun set in WORLD_SIZE."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def join_launch_group(device: torch.device) -> bool:
-    """Under torchrun, join its process group now, with this rank's GPU pinned first (as
-    :func:`train` does); True when this call joined it (the caller then leaves it with
-    :func:`leave_launch_group`). Alone, nothing happens."""
-    if _world_size() <= 1:
-        return False
-    return _join_process_group(_launch_device(device))[2]
-
-
-def _launch_device(device: torch.device) -> torch.device:
-    """``device``, on CUDA under torchrun this rank's GPU (LOCAL_RANK), pinned as the
-    current one: NCCL and ``all_gather_object`` use it, so before the group starts."""
-    if device.type == "cuda" and _world_size() > 1 and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    return device
-
-
-def leave_launch_group() -> None:
-    """Leave the process group :func:`join_launch_group` joined."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def share_verdict(error: str | None = None) -> str | None:
-    """Under torchrun: rank 0 sends ``error`` (None: go on) and every rank returns what
-    rank 0 sent. Rank 0 checks alone what the others cannot (the store, the name's lock,
-    a resume's record); without this, a refusal there would leave the others waiting in
-    the first collective of training until the group's timeout. Alone: ``error``."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return error
-    sent = [error]
-    dist.broadcast_object_list(sent, src=0)
-    return sent[0]
-
-
-def _join_process_group(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether this call joined the group) under torchrun."""
-    created = False
-    if _world_size() > 1 and not dist.is_initialized():
-        # Imported before the group exists: on its first import (DDP makes it) this module
-        # binds the world group as default argument of its functions, which would keep the
-        # group alive past destroy_process_group, its gloo threads still running when the
-        # interpreter shuts down; one of them then dropping a finished collective's tensors
-        # aborts the process ("terminate called without an active exception", SIGABRT),
-        # and torchrun ends the other ranks, rank 0 before it registers the model.
-        import torch.distributed.nn.functional  # noqa: F401
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), created
-    return 0, 1, False
 
 
 class _FailedFiles:
@@ -638,206 +542,9 @@ def sample_grid(model: Glow, n: int = 16, temperature: float = 0.7,
     return grid[..., 0].numpy() if c == 1 else grid.numpy()
 
 
-# --------------------------------------------------------------------- checkpoints
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk (folders: where the OS allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint folder holds (from its ``step-N`` name), or None."""
-    found = _CHECKPOINT_NAME.fullmatch(path.name)
-    return int(found[1]) if found and path.is_dir() else None
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first (only finished ones carry the
-    ``step-N`` name: they are written under a temp name and renamed)."""
-    if not folder.is_dir():
-        return []
-    found = [(s, p) for p in folder.iterdir() if (s := checkpoint_step(p)) is not None]
-    return [p for _, p in sorted(found)]
-
-
-_UNFINISHED_CHECKPOINT = re.compile(r"\.(?:tmp|old)-step-\d{8}-(?P<pid>\d+)")
-"""The folders :func:`save_checkpoint` writes, or sets aside, before a rename; the
-writer's process id as ``pid``."""
-
-
-def save_checkpoint(folder: Path, model: Glow, optimizer: torch.optim.Optimizer,
-                    config: RunConfig, step: int, extra: dict[str, Any]) -> Path:
-    """Write ``folder/step-N`` and point ``folder/latest`` at it; keep the two newest.
-
-    Atomic: everything is written and flushed under a temp name, then renamed into
-    place, then the pointer is swapped with ``os.replace``. A run killed at any moment
-    leaves the previous checkpoint usable (:func:`latest_checkpoint` also falls back to
-    the newest complete folder should the pointer name a missing one).
-    """
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write_checkpoint(tmp, model, optimizer, config, step, extra)
-        if final.exists():  # same step written before (an earlier attempt): set it aside
-            stale = folder / f".old-{final.name}-{os.getpid()}"
-            final.rename(stale)
-            tmp.rename(final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        pointer = folder / f".{CHECKPOINT_LATEST}.tmp"
-        pointer.write_text(final.name)
-        _fsync(pointer)
-        pointer.replace(folder / CHECKPOINT_LATEST)
-        _fsync(folder)
-    except OSError as error:  # a full disk, a folder taken away: nothing half-written kept
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = None
-        with contextlib.suppress(OSError):
-            kept = latest_checkpoint(folder) if folder.is_dir() else None
-        raise TrainingError(_unwritable_checkpoint(final, error, kept)) from error
-    for old in _checkpoints(folder)[:-CHECKPOINTS_KEPT]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _unwritable_checkpoint(path: Path, error: OSError, kept: Path | None) -> str:
-    """What to tell a user whose checkpoint ``path`` could not be written; ``kept`` is the
-    latest complete checkpoint left."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free space there"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make that folder writable"
-    else:
-        fix = "check that folder"
-    left = (f"The latest complete checkpoint, {kept.name}, is intact" if kept is not None
-            else "No checkpoint was written before it")
-    if kept == path:  # the folder is whole: what failed came after it (the pointer)
-        left = f"The checkpoint {kept.name} itself is complete and --resume finds it"
-    # the file the system refused, where it is beside the checkpoint, not in it (the
-    # pointer, say): a file in its temporary folder is gone with that folder
-    where = Path(os.fsdecode(error.filename2 or error.filename or path))
-    shown = (f" ({where})" if where.parent == path.parent
-             and not where.name.startswith((".tmp-", path.name)) else "")
-    return (f"could not write the checkpoint {path}: {error.strerror or error}{shown}. {left}; "
-            f"{fix}, then run the same command with --resume (a training started afresh "
-            "with another --mlruns DIR would keep its checkpoints there, not resume these)")
-
-
-def _write_checkpoint(tmp: Path, model: Glow, optimizer: torch.optim.Optimizer,
-                      config: RunConfig, step: int, extra: dict[str, Any]) -> None:
-    """A checkpoint's files, written and flushed into the folder ``tmp``."""
-    model.save(tmp)
-    (tmp / "run_config.json").write_text(config.to_json())
-    opt_state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in opt_state["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    save_tensors(tensors, tmp / "optimizer.safetensors")
-    meta = {"step": step, "param_groups": opt_state["param_groups"],
-            "optimizer_scalars": scalars, **extra}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (the one ``latest`` names), or None."""
-    pointer = folder / CHECKPOINT_LATEST
-    if pointer.is_file():
-        # a damaged pointer (bytes that are not text, a path out of the folder) names no
-        # checkpoint: fall back to the newest complete one, as for a missing folder
-        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
-        path = folder / name
-        if _CHECKPOINT_NAME.fullmatch(name) and (path / "state.json").is_file():
-            return path
-    complete = [p for p in _checkpoints(folder) if (p / "state.json").is_file()]
-    return complete[-1] if complete else None
-
-
 def total_steps(config: RunConfig, n_train: int) -> int:
     """Optimiser steps of a whole training of ``n_train`` images."""
     return math.ceil(n_train / config.train.batch_size) * config.train.epochs
-
-
-def _damaged_checkpoint(path: Path, error: Exception) -> str:
-    return (f"the checkpoint {path} is damaged or incomplete ({error}); delete that folder "
-            "to resume from the checkpoint before it, or train afresh without --resume")
-
-
-_TRAINING_STATE_KEYS = ("skipped_steps", "nonfinite_run", "train_bpd", "epoch_bpd_sum",
-                        "epoch_images", "history", "failed_files")
-"""What a checkpoint's ``state.json`` holds, beside the step and the optimizer's groups,
-for a training to resume from it."""
-
-
-def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
-                     config: RunConfig, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Restore weights and optimizer state in place; return the saved training state,
-    which must hold ``required`` beside the step and the optimizer's groups."""
-    try:
-        saved_json = json.loads((path / "run_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise TrainingError(_damaged_checkpoint(path, exc)) from None
-    try:
-        saved = RunConfig.from_dict(saved_json)
-    except ConfigError as exc:  # valid JSON, but not a configuration
-        raise TrainingError(_damaged_checkpoint(path, exc)) from None
-    if differ := changed_fields(saved.model, config.model, "model"):
-        raise TrainingError(
-            f"the checkpoint {path} is of another architecture than the configuration given "
-            f"({'; '.join(differ)}); resume with the run's own configuration or start "
-            "afresh in an empty checkpoint folder.")
-    if refused := changed_fields(saved.train, config.train, "train", RESUME_MUST_MATCH):
-        raise TrainingError(
-            f"cannot resume from the checkpoint {path}: {'; '.join(refused)}; resume with "
-            "the same values or start afresh in an empty checkpoint folder.")
-    if changed := trajectory_changes(saved.train, config.train):
-        logger.warning("resuming with changed training settings %s; the run will not "
-                       "match an uninterrupted one", changed)
-    try:
-        weights = load_file(str(path / "model.safetensors"), device=str(model.device))
-        meta = json.loads((path / "state.json").read_text())
-        moments = load_file(str(path / "optimizer.safetensors"))
-    except (SafetensorError, OSError, ValueError) as exc:  # JSON errors are ValueErrors
-        raise TrainingError(_damaged_checkpoint(path, exc)) from None
-    missing = [key for key in ("step", "param_groups", *required)
-               if not isinstance(meta, dict) or key not in meta]
-    if missing:  # valid JSON, but not what save_checkpoint writes
-        raise TrainingError(_damaged_checkpoint(
-            path, ValueError(f"state.json lacks {', '.join(missing)}")))
-    model.load_state_dict(weights)
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in moments.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = tensor
-    for name, value in meta.get("optimizer_scalars", {}).items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    # JSON turned tuples (Adam's betas) into lists; give them back their type. Which
-    # kernel runs the update (fused, foreach) is this optimizer's choice, not the
-    # checkpoint's: a checkpoint of per-tensor Adam (older versions) resumes fused, with
-    # the same state and the same update up to float rounding.
-    how = {k: optimizer.param_groups[0][k] for k in _IMPLEMENTATION_KEYS
-           if k in optimizer.param_groups[0]}
-    groups = [{**{k: tuple(v) if isinstance(v, list) and k != "params" else v
-                  for k, v in group.items()}, **how} for group in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return meta
 
 
 # ------------------------------------------------------------------------ training
@@ -927,11 +634,11 @@ def train(
                             f"({latest.name}); pass --resume to continue it, or choose an "
                             "empty folder.")
 
-    dev = _launch_device(dev)
-    rank, world, joined = _join_process_group(dev)
+    dev = launch_device(dev)
+    rank, world, joined = join_process_group(dev)
     together = world > 1  # a group, this call's or the caller's: leave training together
     if rank == 0 and ckpt_dir is not None:  # the one writer; another host's ids mean nothing
-        removed = remove_leftovers(ckpt_dir, _UNFINISHED_CHECKPOINT)
+        removed = remove_leftovers(ckpt_dir, UNFINISHED_CHECKPOINT)
         if removed:
             logger.info("removed %d unfinished checkpoint folder(s) that a killed run left "
                         "in %s", removed, ckpt_dir)
@@ -1006,7 +713,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     epoch_sum, epoch_n = 0.0, 0  # the running epoch's bits/dim sum over its images
     history: list[dict[str, float]] = []
     if resume_from is not None:
-        meta = _load_checkpoint(resume_from, model, optimizer, config, _TRAINING_STATE_KEYS)
+        meta = load_checkpoint(resume_from, model, optimizer, config, TRAINING_STATE_KEYS)
         step, skipped_steps = meta["step"], meta["skipped_steps"]
         nonfinite_run, last_bpd = meta["nonfinite_run"], meta["train_bpd"]
         epoch_sum, epoch_n = meta["epoch_bpd_sum"], meta["epoch_images"]

@@ -92,6 +92,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     """
     # imported here: the script's --help and option errors answer without loading them
     from anomaly_flow import tracking
+    from anomaly_flow.checkpoint import TrainingError
     from anomaly_flow.data import check_decodable
     from anomaly_flow.evaluation import (
         calibrate_model,
@@ -102,7 +103,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         precheck_held_out,
         precheck_score_of_training,
     )
-    from anomaly_flow.train import TrainingError, resolve_device
+    from anomaly_flow.train import resolve_device
 
     config = named_config(config_name).replace(epochs=epochs)
     # what calibrating would refuse, refused before hours of training

@@ -28,8 +28,21 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from anomaly_flow.checkpoint import (
+    RESUME_MUST_MATCH,
+    TrainingError,
+    checkpoint_step,
+    latest_checkpoint,
+    trajectory_changes,
+)
 from anomaly_flow.config import RunConfig, changed_fields
 from anomaly_flow.data import display_path, one_line
+from anomaly_flow.distributed import (
+    join_launch_group,
+    launch_rank,
+    leave_launch_group,
+    share_verdict,
+)
 from anomaly_flow.errors import first_line
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.models import (
@@ -55,22 +68,13 @@ from anomaly_flow.tracking.store import (
     start_run,
 )
 from anomaly_flow.train import (
-    RESUME_MUST_MATCH,
     FolderData,
     TrainEvent,
-    TrainingError,
     check_batch_split,
-    checkpoint_step,
     folder_datasets,
-    join_launch_group,
-    latest_checkpoint,
-    launch_rank,
-    leave_launch_group,
     resolve_device,
-    share_verdict,
     total_steps,
     train,
-    trajectory_changes,
     uses_bf16,
 )
 
