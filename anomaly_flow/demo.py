@@ -29,12 +29,9 @@ from anomaly_flow.data import (
     fingerprint_and_digests,
     write_sample_folders,
 )
-from anomaly_flow.evaluation import (
-    FolderScores,
-    calibrate_model,
-    evaluate_scores,
-    leave_out_training_images,
-)
+from anomaly_flow.evaluation import calibrate_model, evaluate_scores
+from anomaly_flow.folder_scores import FolderScores
+from anomaly_flow.prechecks import leave_out_training_images
 from anomaly_flow.scoring import REFERENCE_SCORES, score_folder
 from anomaly_flow.train import resolve_device
 

@@ -14,6 +14,9 @@ LIKELIHOOD_SCORES = ("bpd", "complexity", "coarse_complexity")
 SCORE_CHOICES = ", ".join([*LIKELIHOOD_SCORES, *REFERENCE_SCORES, "level_1 ... level_L"])
 """Every score name, for messages."""
 
+AUTO_SCORE = "auto"
+"""``score=AUTO_SCORE``: choose the score type by AUROC on labelled anomalies."""
+
 
 def is_score_name(name: str) -> bool:
     """Whether ``name`` is a score some model gives (``level_l`` for any level ``l``)."""

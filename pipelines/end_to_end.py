@@ -94,11 +94,10 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     from anomaly_flow import tracking
     from anomaly_flow.checkpoint import TrainingError
     from anomaly_flow.data import check_decodable
-    from anomaly_flow.evaluation import (
-        calibrate_model,
+    from anomaly_flow.evaluation import calibrate_model, evaluate_model
+    from anomaly_flow.prechecks import (
         check_held_out_of_calibration,
         check_separate_folders,
-        evaluate_model,
         precheck_calibration,
         precheck_held_out,
         precheck_score_of_training,

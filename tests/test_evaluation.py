@@ -1,8 +1,9 @@
-"""Tests for :mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.plots`: scoring real
-folders (with broken files), option checks that fail before any scoring, threshold
-comparison and detection tables against :mod:`anomaly_flow.calibration`, threshold
-selection with the session's tiny trained model, and the figures. Calibration runs
-against a real store are in ``test_cli_calibrate.py``."""
+"""Tests for :mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.plots`: option checks
+that fail before any scoring, threshold comparison and detection tables against
+:mod:`anomaly_flow.calibration`, threshold selection with the session's tiny trained
+model, and the figures. Scoring real folders (with broken files) is in
+``test_folder_scores.py``, the checks and warnings on their own in ``test_prechecks.py``,
+calibration runs against a real store in ``test_cli_calibrate.py``."""
 
 from __future__ import annotations
 
@@ -27,20 +28,16 @@ from anomaly_flow.calibration import (
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import DataError, write_image_folder
 from anomaly_flow.evaluation import (
-    FolderScores,
     calibrate_model,
     calibrate_scores,
-    check_separate_folders,
     compare_thresholds,
     detection_table,
-    evaluate_model,
     evaluate_scores,
-    reused_calibration_images,
-    score_folder_table,
     select_threshold,
 )
+from anomaly_flow.folder_scores import FolderScores, score_folder_table
 from anomaly_flow.glow import Glow
-from tests.conftest import ImageDirs, TrainedModel, corrupt_png
+from tests.conftest import ImageDirs, TrainedModel
 from tests.test_scoring import make_tiny_model, sample_images
 
 RNG = np.random.default_rng(7)
@@ -68,73 +65,6 @@ LOADED = tracking.LoadedModel(model=Glow(GlowConfig(image_size=8, levels=2, step
                               calibration=None, uri="models:/fake@candidate", name="fake")
 
 
-# ------------------------------------------------------------------------- scoring folders
-
-
-def test_score_folder_table_reports_and_leaves_out_broken_files(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tmp_path / "normal"
-    write_image_folder(sample_images(6), folder, "ok-")
-    corrupt_png(folder / "broken.png")
-    (folder / "empty.png").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
-        scores = score_folder_table(make_tiny_model(), folder, batch_size=4)
-
-    assert scores.n_files == 8
-    assert list(scores.table.columns) == ["path", "bpd", "complexity", "coarse_complexity",
-                                          "typicality", "knn", "pixel_knn", "ensemble",
-                                          "level_1", "level_2", "error"]
-    assert scores.values("bpd").shape == (6,) and np.isfinite(scores.values("bpd")).all()
-    failed = dict(scores.failures("bpd"))
-    assert sorted(Path(p).name for p in failed) == ["broken.png", "empty.png"]
-    assert all(reason for reason in failed.values())
-    assert len(scores.fingerprint) == 64
-    # One warning for the folder, naming each failed file once, with its reason.
-    [record] = caplog.records
-    message = record.getMessage()
-    assert record.levelno == logging.WARNING
-    assert message.startswith("2 of 8 image files in ")
-    for path, reason in failed.items():
-        assert message.count(Path(path).name) == 1
-        assert f"{path}: {reason}" in message
-    assert "more" not in message
-
-
-def test_a_failed_file_name_cannot_forge_a_log_line(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A name with a line break is shown escaped: one line a file, no forged message."""
-    folder = tmp_path / "normal"
-    write_image_folder(sample_images(2), folder, "ok-")
-    (folder / "x.png\nERROR anomaly_flow: all good.png").write_bytes(b"junk")
-    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
-        score_folder_table(make_tiny_model(), folder, batch_size=4)
-    [record] = caplog.records
-    lines = record.getMessage().splitlines()
-    assert len(lines) == 2 and not lines[1].lstrip().startswith("ERROR")
-    assert lines[1].endswith("x.png\\nERROR anomaly_flow: all good.png: cannot identify image "
-                             "file (not an image or unsupported format)")
-
-
-def test_score_folder_table_names_ten_failed_files_and_counts_the_rest(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tmp_path / "normal"
-    write_image_folder(sample_images(2), folder, "ok-")
-    for i in range(13):
-        corrupt_png(folder / f"broken-{i:02d}.png")
-    with caplog.at_level(logging.WARNING, logger="anomaly_flow.evaluation"):
-        score_folder_table(make_tiny_model(), folder, batch_size=4)
-    [record] = caplog.records
-    message = record.getMessage()
-    counts = [message.count(f"broken-{i:02d}.png") for i in range(13)]
-    assert max(counts) == 1 and sum(counts) == 10
-    assert message.count("... and 3 more") == 1
-
-
-def test_missing_folder_is_a_data_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
-        score_folder_table(make_tiny_model(), tmp_path / "nowhere")
-
-
 # --------------------------------------------------- options refused before any scoring
 
 
@@ -159,33 +89,6 @@ def test_too_small_folder_refused_before_loading(tmp_path: Path) -> None:
     assert "at least 99" in str(info.value) and "only 20" in str(info.value)
 
 
-def test_normal_and_anomalous_folders_must_not_contain_each_other(tmp_path: Path) -> None:
-    test = tmp_path / "test"
-    write_image_folder(sample_images(12), test / "normal", "n-")
-    write_image_folder(sample_images(4, offset=12), test / "anomalous", "a-")
-    (tmp_path / "link").symlink_to(test)
-    for normal, anomalous, message in [
-        (test, test / "anomalous", r"the anomalous folder .*test/anomalous is inside the "
-                                   r"normal folder .*test, which is searched recursively, so "
-                                   r"its images would count as normal too"),
-        (test / "normal", test, "the normal folder .* is inside the anomalous folder"),
-        (test, tmp_path / "link", r"are the same folder \(.*test\); its images cannot be "
-                                  r"both"),
-    ]:
-        # refused before the model is opened (the URI does not exist)
-        with pytest.raises(CalibrationError, match=message):
-            calibrate_model("models:/does-not-exist@candidate", normal, anomalous=anomalous,
-                            method="f1")
-        with pytest.raises(CalibrationError, match=message):
-            evaluate_model("models:/does-not-exist@candidate", normal, anomalous)
-    check_separate_folders(test / "normal", test / "anomalous")  # siblings are fine
-    (test / "normal" / "more").symlink_to(test / "anomalous")  # reaches the anomalies too
-    with pytest.raises(CalibrationError, match=r"4 image file\(s\) are in both the anomalous "
-                       r"folder .*anomalous and the normal folder .*normal \(e\.g\. "
-                       r".*anomalous/a-00000\.png is .*normal/more/a-00000\.png"):
-        evaluate_model("models:/does-not-exist@candidate", test / "normal", test / "anomalous")
-
-
 def test_an_image_labelled_both_ways_is_named_in_a_warning(
         tmp_path: Path, mlruns: Path, caplog: pytest.LogCaptureFixture) -> None:
     images = sample_images(8)
@@ -204,21 +107,6 @@ def test_an_image_labelled_both_ways_is_named_in_a_warning(
                               f"{tmp_path / 'anomalous' / 'a-00000.png'} and "
                               f"{tmp_path / 'normal' / 'n-00005.png'})")
     assert outcome.metrics["n_anomalous"] == 4  # counted, not dropped: the warning says so
-
-
-def test_only_a_share_of_normal_images_scoring_as_calibration_images_is_reuse() -> None:
-    """Two float32 scores of different images are equal by chance (about 24 times in
-    10,000 against 10,000 spread as a bpd is): such stray matches warned that the normal
-    images were "almost surely" the calibration images. The calibration folder itself,
-    or one holding it, still counts."""
-    rng = np.random.default_rng(0)
-    calibration = np.sort(rng.normal(3.5, 0.3, 10_000).astype(np.float32).astype(np.float64))
-    fresh = rng.normal(3.5, 0.3, 10_000).astype(np.float32).astype(np.float64)
-    assert np.isin(fresh, calibration).sum() > 5  # the chance matches are there
-    assert reused_calibration_images(fresh, calibration) == 0
-    assert reused_calibration_images(calibration[::-1], calibration) == 10_000
-    holding = np.concatenate([calibration[:2_000], fresh[:8_000]])
-    assert reused_calibration_images(holding, calibration) >= 2_000
 
 
 def test_failed_images_do_not_count_towards_the_minimum() -> None:
