@@ -4,7 +4,9 @@ Training and scoring both go through :func:`load_image`, so an image file become
 same ``(C, H, W)`` uint8 array whichever command reads it. A file that cannot be read
 never stops a run: :func:`find_images` lists every candidate file, and decoding turns
 each failure into an :class:`ImageDecodeError` (or an ``error`` string) with a one-line
-reason.
+reason. What is not about reading images lives beside it: the fingerprints of the files
+found in :mod:`anomaly_flow.fingerprint`, the Fashion-MNIST data the package reads and
+ships in :mod:`anomaly_flow.fashion_mnist`.
 
 Example:
     >>> paths = find_images(Path("parts/"))  # doctest: +SKIP
@@ -16,22 +18,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import gzip
-import hashlib
 import io
 import logging
 import math
 import os
 import re
-import shutil
 import stat
-import struct
 import threading
 import warnings
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -61,12 +57,6 @@ image would take that much memory in each decoding worker."""
 
 RESAMPLE = Image.Resampling.BICUBIC
 """The one filter used to resize every image to the model's size."""
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
 
 _FILTERS = threading.RLock()
 
@@ -896,91 +886,7 @@ def write_image_folder(
     return paths
 
 
-# --------------------------------------------------------------------------- IDX / Fashion-MNIST
-
-_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzip-compressed or plain.
-
-    Returns:
-        The array, in native byte order, with the shape the header gives.
-
-    Raises:
-        DataError: The file is missing, damaged or not an IDX file.
-    """
-    path, name = Path(path), display_path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {name}: {exc.strerror or exc}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"{name} is a damaged gzip file ({exc}); download it again") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{name} is not an IDX file: it lacks the magic number 00 00 <type> <ndim>")
-    ndim = raw[3]
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{name} is a damaged IDX file: header cut short; download it again")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = math.prod(shape) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{name} is a damaged IDX file: its header promises shape {shape} ({expected} "
-            f"bytes) but it holds {len(raw) - header} bytes of data; download it again"
-        )
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def load_fashion_mnist(
-    split: Literal["train", "test"], root: Path = FASHION_MNIST_DIR
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST from its IDX files (``.gz`` or plain).
-
-    Returns:
-        ``(images, labels)``: uint8 ``(N, 1, 28, 28)`` and int64 ``(N,)`` class indices
-        into :data:`FASHION_MNIST_CLASSES`.
-
-    Raises:
-        DataError: The files are missing or damaged.
-    """
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    found = []
-    for kind in ("images-idx3", "labels-idx1"):
-        candidates = [root / f"{prefix}-{kind}-ubyte{ext}" for ext in (".gz", "")]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            raise DataError(
-                f"Fashion-MNIST {split} file {candidates[0].name} not found in {root}; "
-                "install it with `apt-get install dataset-fashion-mnist` or pass the folder as root"
-            )
-        found.append(read_idx(path))
-    images, labels = found
-    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-        raise DataError(
-            f"Fashion-MNIST files in {root} do not match: images {images.dtype} {images.shape}, "
-            f"labels {labels.shape}; download them again"
-        )
-    return images[:, None], labels.astype(np.int64)
-
-
 # --------------------------------------------------------------------------- bookkeeping
-
-
-_UNREADABLE = "unreadable:"
-
-
-def is_unreadable(digest: str) -> bool:
-    """Whether a digest of :func:`fingerprint_and_digests` marks a file it could not read."""
-    return digest.startswith(_UNREADABLE)
 
 
 def is_regular_file(path: Path) -> bool:
@@ -989,89 +895,6 @@ def is_regular_file(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
-        return False
-
-
-def _read_digest(path: Path) -> tuple[int, str]:
-    """``(size, SHA-256 hex)`` of a regular file, or ``(-1, "unreadable:<errno>")``."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            return size, hashlib.file_digest(file, "sha256").hexdigest()
-    except OSError as exc:
-        return -1, f"{_UNREADABLE}{errno.errorcode.get(exc.errno or 0, exc.errno)}"
-
-
-def fingerprint(paths: Sequence[Path], root: Path) -> str:
-    """A SHA-256 hex digest of a set of files: their paths relative to ``root``, sizes and contents.
-
-    Every file's content is hashed (fine for image folders of up to a few GB), so the
-    digest changes when any byte does and not when files are touched or copied. The order
-    of ``paths`` does not matter. A file that cannot be read enters as its error code.
-    """
-    return fingerprint_and_digests(paths, root)[0]
-
-
-def fingerprint_and_digests(paths: Sequence[Path], root: Path) -> tuple[str, list[str]]:
-    """:func:`fingerprint`, and each file's SHA-256 hex digest in the order of ``paths``
-    (``unreadable:<errno name>`` for a file that cannot be read), from one read of each."""
-    records, digests = [], []
-    for path in paths:
-        relative = os.fsencode(os.path.relpath(path, root))
-        size, content = _read_digest(path)
-        digests.append(content)
-        records.append(relative + f"\0{size}\0{content}\n".encode())
-    digest = hashlib.sha256()
-    for record in sorted(records):
-        digest.update(record)
-    return digest.hexdigest(), digests
-
-
-def notable_copies(digests: Sequence[str]) -> int:
-    """How many of ``digests`` (SHA-256 of readable files) repeat another's, when that is
-    more than a few stray copies: every file the same (``len(digests) - 1``), or more than
-    a tenth of them copies; 0 otherwise."""
-    copies = len(digests) - len(set(digests))
-    notable = copies == len(digests) - 1 or 10 * copies > len(digests)
-    return copies if copies and notable else 0
-
-
-def duplicate_note(digests: Sequence[str], paths: Sequence[Path]) -> str | None:
-    """What repeated contents (:func:`notable_copies`) do to a training, or None.
-
-    ``digests`` are :func:`fingerprint_and_digests`' for ``paths``. Copies of a file that
-    is not an image (the same broken download twice) are no image the model learns: a
-    repeated content counts only when one of its files opens as an image (its header;
-    one file per repeated content is opened)."""
-    files: dict[str, list[Path]] = collections.defaultdict(list)
-    for digest, path in zip(digests, paths, strict=True):
-        if not is_unreadable(digest):
-            files[digest].append(path)
-    digests = [digest for digest, same in files.items()
-               if len(same) == 1 or _opens_as_image(same[0]) for _ in same]
-    copies = notable_copies(digests)
-    if not copies:
-        return None
-    if copies == len(digests) - 1:
-        return (f"all {len(digests)} image files have the same content: the model learns "
-                "that one image, validation bits/dim measures nothing else, and every other "
-                "image will score as an anomaly; train on varied normal images")
-    return (f"{copies} of {len(digests)} image files repeat another's content: copies on "
-            "both sides of the training/validation split make validation bits/dim and the "
-            "normal reference (typicality, knn, pixel_knn, ensemble) look better than new "
-            "images will; remove the copies")
-
-
-def _opens_as_image(path: Path) -> bool:
-    """Whether PIL recognises ``path``'s header as an image (nothing is decoded)."""
-    try:
-        with warnings_caught():
-            warnings.simplefilter("ignore")
-            with Image.open(path):
-                return True
-    except Exception:  # PIL raises many types for what is not an image
         return False
 
 
@@ -1097,103 +920,3 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     n_val = min(max(round(n * val_fraction), 1), n - 1) if val_fraction > 0 else 0
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-# --------------------------------------------------------------------------- shipped sample
-
-
-@dataclass(frozen=True, eq=False)
-class SampleData:
-    """The Fashion-MNIST subset shipped for the demo (built by ``scripts/build_sample.py``).
-
-    Attributes:
-        train: uint8 ``(N, 1, 28, 28)``, the normal class, from the training split.
-        calibration: uint8 ``(M, 1, 28, 28)``, more of the normal class, disjoint from ``train``.
-        test_images: uint8 ``(T, 1, 28, 28)`` from the test split, normal and anomalous.
-        test_labels: int64 ``(T,)`` class indices into ``classes``.
-        normal_class: Index of the normal class.
-        classes: Class names.
-    """
-
-    train: np.ndarray
-    calibration: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    normal_class: int
-    classes: tuple[str, ...]
-
-    @property
-    def test_is_anomaly(self) -> np.ndarray:
-        """bool ``(T,)``: True for test images not of the normal class."""
-        return self.test_labels != self.normal_class
-
-
-def load_sample() -> SampleData:
-    """Load the sample data shipped inside the package."""
-    resource = resources.files("anomaly_flow") / "sample_data" / "fashion_mnist_sample.npz"
-    with resource.open("rb") as file, np.load(file, allow_pickle=False) as npz:
-        return SampleData(
-            train=npz["train"],
-            calibration=npz["calibration"],
-            test_images=npz["test_images"],
-            test_labels=npz["test_labels"].astype(np.int64),
-            normal_class=int(npz["normal_class"]),
-            classes=tuple(str(c) for c in npz["classes"]),
-        )
-
-
-SAMPLE_MARKER = ".anomaly-flow-sample"
-"""The file :func:`write_sample_folders` leaves in a folder it wrote."""
-
-
-def write_sample_folders(root: Path, limit: int | None = None) -> dict[str, Path]:
-    """Write the shipped sample as PNG folders under ``root``: ``train``, ``calibration``
-    (held-out normal images), ``test_normal`` (``test/normal``) and ``test_anomalous``
-    (``test/anomalous/<class>``); ``test`` is their parent. Files are named after their
-    class; with ``limit``, at most that many images go to each of the four folders.
-
-    ``root`` must be new, empty, or a folder this function wrote before (it leaves
-    :data:`SAMPLE_MARKER` there), whose three folders are then replaced: images of an
-    earlier, larger sample must not stay among the new ones, nor the sample mix with
-    someone's own images.
-
-    Raises:
-        DataError: ``root`` is a file, or a folder with other contents.
-        ValueError: ``limit`` is below 1.
-    """
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 image per folder, not {limit}")
-    root = Path(root)
-    if root.is_dir() and (root / SAMPLE_MARKER).is_file():
-        for old in ("train", "calibration", "test"):
-            shutil.rmtree(root / old, ignore_errors=True)
-    elif root.is_dir() and any(root.iterdir()):
-        raise DataError(f"{display_path(root)} is not empty, and the sample goes into a new "
-                        "or empty folder (or one it was written to before, which it "
-                        "replaces); give another folder, or empty this one")
-    elif root.exists() and not root.is_dir():
-        raise DataError(f"{display_path(root)} is a file, not a folder; give a folder for "
-                        "the sample")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SAMPLE_MARKER).write_text(
-        "The anomaly-flow sample images. Writing the sample here again replaces the "
-        "train, calibration and test folders.\n")
-    sample = load_sample()
-
-    def slug(label: int) -> str:
-        return sample.classes[label].lower().replace("/", "-").replace(" ", "-")
-
-    folders = {"train": root / "train", "calibration": root / "calibration",
-               "test": root / "test", "test_normal": root / "test" / "normal",
-               "test_anomalous": root / "test" / "anomalous"}
-    normal = f"{slug(sample.normal_class)}_"
-    cap = slice(None, limit)
-    write_image_folder(sample.train[cap], folders["train"], normal)
-    write_image_folder(sample.calibration[cap], folders["calibration"], normal)
-    is_anomaly = sample.test_is_anomaly
-    write_image_folder(sample.test_images[~is_anomaly][cap], folders["test_normal"], normal)
-    images, labels = sample.test_images[is_anomaly][cap], sample.test_labels[is_anomaly][cap]
-    for label in np.unique(labels):
-        write_image_folder(images[labels == label], folders["test_anomalous"] / slug(label),
-                           f"{slug(label)}_")
-    return folders

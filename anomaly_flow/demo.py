@@ -22,14 +22,10 @@ from PIL import Image
 from anomaly_flow import heatmap, plots, report, tracking
 from anomaly_flow.calibration import DetectionMetrics, operating_point
 from anomaly_flow.config import load_preset
-from anomaly_flow.data import (
-    SAMPLE_MARKER,
-    DataError,
-    display_path,
-    fingerprint_and_digests,
-    write_sample_folders,
-)
+from anomaly_flow.data import DataError, display_path
 from anomaly_flow.evaluation import calibrate_model, evaluate_scores
+from anomaly_flow.fashion_mnist import SAMPLE_MARKER, write_sample_folders
+from anomaly_flow.fingerprint import fingerprint_and_digests
 from anomaly_flow.folder_scores import FolderScores
 from anomaly_flow.prechecks import leave_out_training_images
 from anomaly_flow.scoring import REFERENCE_SCORES, score_folder

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from anomaly_flow.data import display_path, find_images, fingerprint_and_digests, one_line
+from anomaly_flow.data import display_path, find_images, one_line
+from anomaly_flow.fingerprint import fingerprint_and_digests
 from anomaly_flow.glow import Glow
 from anomaly_flow.scoring import ScoringDataset, paths_frame, score_dataset
 

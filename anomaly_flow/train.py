@@ -59,14 +59,12 @@ from anomaly_flow.data import (
     ImageItem,
     conversion_notes,
     display_path,
-    duplicate_note,
     find_images,
-    fingerprint_and_digests,
-    is_unreadable,
     one_line,
     split_train_val,
 )
 from anomaly_flow.distributed import join_process_group, launch_device, world_size
+from anomaly_flow.fingerprint import duplicate_note, fingerprint_and_digests, is_unreadable
 from anomaly_flow.glow import (
     REFERENCE_MAX_MAPS,
     Glow,

@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.common` impor
 
 from anomaly_flow import scoring
 from anomaly_flow.config import GlowConfig
-from anomaly_flow.data import ArrayDataset, load_sample
+from anomaly_flow.data import ArrayDataset
+from anomaly_flow.fashion_mnist import load_sample
 from anomaly_flow.glow import Glow, breakdown_from_output, preprocess
 from benchmarks.common import pick_device, print_table, setup_logging, write_results
 

@@ -45,13 +45,8 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_flow.calibration import CalibrationError, conformal_threshold, min_calibration_size
-from anomaly_flow.data import (
-    ArrayDataset,
-    DataError,
-    load_fashion_mnist,
-    load_sample,
-    split_train_val,
-)
+from anomaly_flow.data import ArrayDataset, DataError, split_train_val
+from anomaly_flow.fashion_mnist import load_fashion_mnist, load_sample
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.train import train
 

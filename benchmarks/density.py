@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
-from anomaly_flow.data import ArrayDataset, load_fashion_mnist
+from anomaly_flow.data import ArrayDataset
+from anomaly_flow.fashion_mnist import load_fashion_mnist
 from anomaly_flow.train import evaluate_bpd
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable

@@ -126,7 +126,8 @@ import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
-from anomaly_flow.data import load_fashion_mnist, write_image_folder
+from anomaly_flow.data import write_image_folder
+from anomaly_flow.fashion_mnist import load_fashion_mnist
 from benchmarks.score_throughput import fashion_mnist
 
 def write(images, folder, prefix):

@@ -66,12 +66,8 @@ from anomaly_flow.complexity import (
     coarse_complexity,
 )
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
-from anomaly_flow.data import (
-    FASHION_MNIST_CLASSES,
-    ArrayDataset,
-    load_fashion_mnist,
-    split_train_val,
-)
+from anomaly_flow.data import ArrayDataset, split_train_val
+from anomaly_flow.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from anomaly_flow.glow import REFERENCE_STD_FLOOR, Glow
 from anomaly_flow.scoring import score_images
 from anomaly_flow.train import fit_reference

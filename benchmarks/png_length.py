@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from anomaly_flow.complexity import _png_filtered_rows, batch_png_bits_per_dim
-from anomaly_flow.data import DataError, load_fashion_mnist, load_sample
+from anomaly_flow.data import DataError
+from anomaly_flow.fashion_mnist import load_fashion_mnist, load_sample
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     import sys

@@ -52,10 +52,9 @@ from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
     find_images,
-    load_fashion_mnist,
-    load_sample,
     write_image_folder,
 )
+from anomaly_flow.fashion_mnist import load_fashion_mnist, load_sample
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.scoring import ScoringDataset, score_folder, score_images
 from anomaly_flow.train import fit_reference, resolve_device

@@ -59,7 +59,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anomaly_flow import train as train_module
 from anomaly_flow.config import GlowConfig, RunConfig, load_preset
-from anomaly_flow.data import ArrayDataset, load_fashion_mnist
+from anomaly_flow.data import ArrayDataset
+from anomaly_flow.fashion_mnist import load_fashion_mnist
 from anomaly_flow.glow import Glow, bits_per_dim, log_prob_from_output, preprocess
 from anomaly_flow.train import TrainEvent, evaluate_bpd, learning_rate, train
 

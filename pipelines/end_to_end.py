@@ -211,7 +211,7 @@ def named_config(name: str) -> RunConfig:
 @stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from anomaly_flow.data import write_sample_folders
+    from anomaly_flow.fashion_mnist import write_sample_folders
     from anomaly_flow.tracking import (
         ensure_configured,
         interrupted_message,

@@ -27,12 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly_flow.data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    DataError,
-    load_fashion_mnist,
-)
+from anomaly_flow.data import DataError
+from anomaly_flow.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 
 logger = logging.getLogger("build_sample")
 

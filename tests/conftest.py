@@ -47,7 +47,8 @@ import pytest
 from hypothesis import strategies as st
 
 from anomaly_flow.config import RunConfig, load_preset
-from anomaly_flow.data import SampleData, load_sample, write_image_folder
+from anomaly_flow.data import write_image_folder
+from anomaly_flow.fashion_mnist import SampleData, load_sample
 
 MODEL_NAME = "tiny-parts"
 

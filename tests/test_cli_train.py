@@ -29,7 +29,8 @@ from anomaly_flow import tracking
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.config import load_config, load_preset
-from anomaly_flow.data import SampleData, split_train_val, write_image_folder
+from anomaly_flow.data import split_train_val, write_image_folder
+from anomaly_flow.fashion_mnist import SampleData
 from tests.conftest import ImageDirs, corrupt_png, new_store, stop_during, tiny_config
 from tests.test_pipelines import load_script
 

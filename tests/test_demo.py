@@ -19,7 +19,7 @@ from PIL import Image
 
 from anomaly_flow import tracking
 from anomaly_flow.cli import main
-from anomaly_flow.data import load_sample
+from anomaly_flow.fashion_mnist import load_sample
 
 
 @pytest.mark.slow

@@ -37,9 +37,9 @@ from anomaly_flow.data import (
     display_path,
     find_images,
     load_image,
-    load_sample,
     write_image_folder,
 )
+from anomaly_flow.fashion_mnist import load_sample
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.heatmap import colormap_table, heatmap_names, render_heatmap
 from anomaly_flow.score_table import ScoringError, read_table, write_table

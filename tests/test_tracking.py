@@ -40,7 +40,8 @@ from PIL import Image
 from anomaly_flow import tracking
 from anomaly_flow.calibration import calibrate
 from anomaly_flow.config import GlowConfig
-from anomaly_flow.data import InvalidSource, SampleData, split_train_val, write_image_folder
+from anomaly_flow.data import InvalidSource, split_train_val, write_image_folder
+from anomaly_flow.fashion_mnist import SampleData
 from anomaly_flow.glow import Glow, ModelFileError, preprocess
 from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError

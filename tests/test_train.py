@@ -27,12 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
-import anomaly_flow.data as data_module
+import anomaly_flow.fingerprint as fingerprint_module
 import anomaly_flow.train as train_module
 from anomaly_flow.checkpoint import TrainingError, latest_checkpoint, save_checkpoint
 from anomaly_flow.complexity import coarse_complexity, coarse_png_bits_per_dim
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
-from anomaly_flow.data import ArrayDataset, display_path, load_sample, write_image_folder
+from anomaly_flow.data import ArrayDataset, display_path, write_image_folder
+from anomaly_flow.fashion_mnist import load_sample
 from anomaly_flow.glow import REFERENCE_KEYS, Glow, knn_grid, preprocess
 from anomaly_flow.train import (
     TrainEvent,
@@ -149,8 +150,8 @@ def test_a_folder_of_one_image_copied_or_of_many_copies_is_named(
         (broken / name).write_text("not an image\n")
     config = run_config()
     opened: list[Path] = []
-    opens = data_module._opens_as_image
-    monkeypatch.setattr(data_module, "_opens_as_image",
+    opens = fingerprint_module._opens_as_image
+    monkeypatch.setattr(fingerprint_module, "_opens_as_image",
                         lambda path: opened.append(path) or opens(path))
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
         folder_datasets(same, config)
