@@ -1,9 +1,10 @@
 """anomaly-flow: image anomaly detection by exact likelihood under a Glow normalizing flow.
 
 The library: :mod:`anomaly_flow.glow` (the model), :mod:`anomaly_flow.data`,
-:mod:`anomaly_flow.train`, :mod:`anomaly_flow.scoring`, :mod:`anomaly_flow.calibration`,
-:mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.tracking` (MLflow); the
-``anomaly-flow`` command is :mod:`anomaly_flow.cli`.
+:mod:`anomaly_flow.train`, :mod:`anomaly_flow.scoring`, :mod:`anomaly_flow.folder_scoring`,
+:mod:`anomaly_flow.calibration`, :mod:`anomaly_flow.evaluation` and
+:mod:`anomaly_flow.tracking` (MLflow); the ``anomaly-flow`` command is
+:mod:`anomaly_flow.cli`.
 
 ``anomaly_flow.__version__`` is the installed distribution's version (``unknown`` for a
 source tree on ``PYTHONPATH``), looked up when first asked for.

@@ -1,17 +1,17 @@
 """The scores table on disk: its format (CSV or Parquet, by the file's extension), its
 atomic writes, and reading an earlier table back for ``resume``.
 
-:func:`anomaly_flow.scoring.score_folder` writes its table through :func:`write_or_keep`
-at its end and, in a long run, every so often while it runs, so that a killed run leaves
-rows to ``resume`` from. Each write goes to a hidden temporary file in the same folder,
-flushed to disk, which then replaces the table in one rename: whatever stops the run
-mid-write (a kill, a full disk) leaves the previous complete table, and a reader
-(``--resume``, a dashboard) never sees one cut short. A table cut short anyway (by a
+:func:`anomaly_flow.folder_scoring.score_folder` writes its table through
+:func:`write_or_keep` at its end and, in a long run, every so often while it runs, so that
+a killed run leaves rows to ``resume`` from. Each write goes to a hidden temporary file in
+the same folder, flushed to disk, which then replaces the table in one rename: whatever
+stops the run mid-write (a kill, a full disk) leaves the previous complete table, and a
+reader (``--resume``, a dashboard) never sees one cut short. A table cut short anyway (by a
 copy or an edit) is read up to its last complete row (:func:`read_table`).
 
 :class:`ScoringError` lives here, the lowest of the scoring modules, since the table's
-checks raise it as :mod:`anomaly_flow.scoring` does; this module knows nothing of models
-or batches and never imports that one.
+checks raise it as :mod:`anomaly_flow.scoring` and :mod:`anomaly_flow.folder_scoring` do;
+this module knows nothing of models or batches and imports neither.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ _PARQUET_MAGIC = b"PAR1"
 
 
 _TABLE_COLUMNS = frozenset({"path", "bpd", "error"})
-"""The columns every table :func:`~anomaly_flow.scoring.score_folder` writes has."""
+"""The columns every table :func:`~anomaly_flow.folder_scoring.score_folder` writes has."""
 
 
 def _misnamed_format(path: Path) -> str | None:
@@ -174,7 +174,7 @@ def _header(path: Path, fmt: str) -> list[str]:
 
 def _is_scores_table(path: Path) -> bool:
     """Whether ``path`` has the columns every table
-    :func:`~anomaly_flow.scoring.score_folder` writes has (its header alone is read)."""
+    :func:`~anomaly_flow.folder_scoring.score_folder` writes has (its header alone is read)."""
     try:
         columns = _header(path, output_format(path))
     except OSError as exc:  # unreadable: whose table it is cannot be told
@@ -321,7 +321,7 @@ def _whole_csv_records(data: bytes) -> bytes:
 
 
 def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
-    """Read a table :func:`~anomaly_flow.scoring.score_folder` wrote, for ``resume``.
+    """Read a table :func:`~anomaly_flow.folder_scoring.score_folder` wrote, for ``resume``.
 
     Args:
         out: The table.

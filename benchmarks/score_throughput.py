@@ -12,7 +12,7 @@ DataLoader workers and batch size:
    scores (part of scoring's cost);
 3. **model only**: the forward pass on in-memory batches (no files), for context (eager,
    also under ``--compile``);
-4. **scoring**: :func:`anomaly_flow.scoring.score_folder` end to end, into a CSV.
+4. **scoring**: :func:`anomaly_flow.folder_scoring.score_folder` end to end, into a CSV.
 
 After a warm-up pass over the files (so all passes read from the page cache), the four
 passes run in ``--repeats`` interleaved rounds and each keeps its fastest time (a shared
@@ -55,8 +55,9 @@ from anomaly_flow.data import (
     write_image_folder,
 )
 from anomaly_flow.fashion_mnist import load_fashion_mnist, load_sample
+from anomaly_flow.folder_scoring import score_folder
 from anomaly_flow.glow import Glow, preprocess
-from anomaly_flow.scoring import ScoringDataset, score_folder, score_images
+from anomaly_flow.scoring import ScoringDataset, score_images
 from anomaly_flow.train import fit_reference, resolve_device
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable

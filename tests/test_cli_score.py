@@ -393,7 +393,7 @@ def test_resume_with_an_output_that_is_not_there_warns(model_dir: Path,
     result = run("score", folder, "--model", model_dir, "--out", out, "--workers", "0",
                  "--resume")
     assert result.exit_code == 0, result.output
-    assert (f"WARNING anomaly_flow.scoring: resuming, but the output {out} was not found, "
+    assert (f"WARNING anomaly_flow.folder_scoring: resuming, but the output {out} was not found, "
             "so every file is scored; if the earlier table is elsewhere, stop and resume "
             "with its path") in result.stderr
     assert len(read_csv(out)) == 2
@@ -597,7 +597,7 @@ def test_ctrl_c_pressed_again_while_stopping_keeps_the_rows(model_dir: Path,
 def test_a_stop_before_any_row_says_to_run_again(model_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing was written, so there is nothing to --resume from: say so."""
-    from anomaly_flow import scoring
+    from anomaly_flow import folder_scoring
 
     def stopped(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -606,7 +606,7 @@ def test_a_stop_before_any_row_says_to_run_again(model_dir: Path, tmp_path: Path
     from anomaly_flow.data import write_image_folder
 
     write_image_folder(sample_images(3), folder, "x-")
-    monkeypatch.setattr(scoring, "score_folder", stopped)
+    monkeypatch.setattr(folder_scoring, "score_folder", stopped)
     result = run("score", folder, "--model", model_dir, "--out", out)
     assert result.exit_code == 130
     assert result.stderr.strip() == (f"interrupted before any row was written to {out}; run "

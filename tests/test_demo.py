@@ -113,8 +113,8 @@ def test_the_reports_cards_find_the_heatmaps_scoring_named_apart(tmp_path: Path)
     """``b.jpg`` and ``b.png`` share a plain heatmap name, so scoring draws them as
     ``b.jpg.png`` and ``b.png.png``: each card shows its own file's heatmap, not none."""
     from anomaly_flow.demo import _gallery
+    from anomaly_flow.folder_scoring import score_folder
     from anomaly_flow.heatmap import recorded_heatmaps
-    from anomaly_flow.scoring import score_folder
     from tests.test_scoring import make_tiny_model
 
     root = tmp_path / "test"

@@ -1,6 +1,6 @@
 """Tests for anomaly_flow.score_table: the scores table on disk, written and read back
-without a model (tables that a scoring run writes and resumes from are tested in
-``tests/test_scoring.py``)."""
+without a model (tables that a folder run writes and resumes from are tested in
+``tests/test_folder_scoring.py``)."""
 
 from __future__ import annotations
 

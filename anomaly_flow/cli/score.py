@@ -1,4 +1,4 @@
-"""``anomaly-flow score``: a thin wrapper over :func:`anomaly_flow.scoring.score_folder`."""
+"""``anomaly-flow score``: a thin wrapper over :func:`anomaly_flow.folder_scoring.score_folder`."""
 
 from __future__ import annotations
 
@@ -109,8 +109,8 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     """
     from anomaly_flow.data import check_image_folder, display_path, unlisted_advice
     from anomaly_flow.evaluation import open_model
+    from anomaly_flow.folder_scoring import score_folder
     from anomaly_flow.score_table import ScoringError, check_writable, output_format
-    from anomaly_flow.scoring import score_folder
 
     if heatmap_kind is not None and heatmaps is None:
         raise click.UsageError("--heatmap-kind says which heatmaps to write; add --heatmaps "

@@ -1,0 +1,657 @@
+"""The ``anomaly-flow score`` job: every image file under a folder scored into one table,
+written atomically, resumable after a kill, with optional heatmaps.
+
+:func:`score_folder` answers every file: one row per image file found, in sorted path
+order, with scores or, for a file that cannot be read, the reason in ``error`` (such a
+file never stops the run); a folder that cannot be listed is named in the
+:class:`ScoreSummary`, since its images can have no row. The scoring itself (batches,
+numerics, decisions) is :mod:`anomaly_flow.scoring`'s, the table's format and atomic
+writes :mod:`anomaly_flow.score_table`'s; this module is the run around them.
+
+A run of hours is worth keeping when it is stopped: the partial table (the rows done so
+far, in order) is rewritten every :data:`FLUSH_EVERY_S` seconds or more, and once more
+when the run is interrupted or fails. Each write replaces the table in one rename, so
+whatever stops the run, even mid-write, leaves a complete table.
+
+``resume`` scores only the files missing from that table and ends with the table an
+uninterrupted run would have written: the same rows in the same order, with the same
+numbers, since scoring gives a file the same bits in a batch of any size (on the same
+device, precision and thread count). A kept row must still be what scoring its file
+now would give, so files modified or replaced since the table was written are scored
+again, rows of files gone are dropped, and a few kept files are scored again to check
+that the same model and precision made the table (:data:`RESUME_PROBES`); a table of
+another folder, model or precision is refused rather than mixed in.
+
+Heatmaps go to a folder apart from the scored one (inside it, the next run would score
+them as images), one PNG per scored image, named so that a file scored in a resumed
+run gets the name an uninterrupted run gives it and never a kept file's.
+
+Example:
+    >>> model = Glow.load("my-model")  # doctest: +SKIP
+    >>> summary = score_folder(model, None, Path("parts/"), Path("scores.csv"))  # doctest: +SKIP
+    >>> summary.n_scored, summary.n_failed  # doctest: +SKIP
+    (980, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from anomaly_flow.data import conversion_notes, display_path, one_line, search_images
+from anomaly_flow.glow import Glow
+from anomaly_flow.score_kinds import REFERENCE_SCORES
+from anomaly_flow.score_table import (
+    OutputWriteError,
+    ScoringError,
+    check_writable,
+    output_format,
+    read_table,
+    temporary_names,
+    write_or_keep,
+)
+from anomaly_flow.scoring import (
+    BatchOutOfMemory,
+    HeatmapKind,
+    Precision,
+    ScoringDataset,
+    apply_calibration,
+    check_batch_size,
+    check_initialized,
+    check_precision,
+    output_columns,
+    score_dataset,
+    score_names,
+)
+from anomaly_flow.stopping import remove_leftovers
+
+logger = logging.getLogger(__name__)
+
+FLUSH_EVERY_S = 60.0
+"""A long run rewrites its partial table at least this many seconds apart (see
+:func:`score_folder`), so a killed run leaves something to ``resume`` from."""
+
+FAILURES_KEPT = 10
+"""How many failed files a :class:`ScoreSummary` names."""
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What :func:`score_folder` did.
+
+    Attributes:
+        n_files: Image files found (= rows written).
+        n_scored: Rows with scores (this run's and resumed ones).
+        n_failed: Rows with an ``error`` instead of scores.
+        n_anomalous: Rows with ``is_anomaly`` true; None when the model is uncalibrated.
+        out: The table written.
+        n_resumed: Rows taken over from the earlier output (``resume``).
+        heatmaps: Where heatmaps were written, or None.
+        n_heatmaps: Heatmap files written in this run.
+        heatmap_failures: Heatmaps this run could not write (a full disk, a name taken
+            by another file), and the first one's path and reason.
+        failures: ``(path, reason)`` of the first :data:`FAILURES_KEPT` failed rows.
+        unlisted: ``(folder, reason)`` of the folders under the scored one that could not
+            be listed: the images inside them have no row.
+    """
+
+    n_files: int
+    n_scored: int
+    n_failed: int
+    n_anomalous: int | None
+    out: Path
+    n_resumed: int = 0
+    heatmaps: Path | None = None
+    n_heatmaps: int = 0
+    heatmap_failures: tuple[int, str | None] = (0, None)
+    failures: tuple[tuple[str, str], ...] = ()
+    unlisted: tuple[tuple[str, str], ...] = ()
+
+
+def score_folder(
+    model: Glow,
+    calibration: Any | None,
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    heatmaps: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    fdr: float | None = None,
+    progress: bool | None = None,
+    flush_every_s: float = FLUSH_EVERY_S,
+    precision: Precision = "float32",
+    compile: bool = False,
+    heatmap_kind: HeatmapKind | Literal["auto"] = "auto",
+) -> ScoreSummary:
+    """Score every image file under ``folder`` into one table at ``out``.
+
+    One row per file found (:func:`anomaly_flow.data.search_images`), in sorted path order,
+    with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
+    ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``pixel_knn``,
+    ``ensemble`` (models with a normal reference), ``level_1..level_L`` (bits/dim), ``score``
+    (the calibration's score, or ``bpd`` when uncalibrated), ``p_value`` and
+    ``is_anomaly`` (filled when calibrated) and ``error`` (empty for scored files, else
+    a one-line reason; the score columns are then empty). A file that cannot be read
+    never stops the run; a folder that cannot be listed is named in the summary's
+    ``unlisted``, since its images can have no row.
+
+    The table is written atomically. During a long run the partial table (the rows done
+    so far, in order) is rewritten every ``flush_every_s`` seconds or more (at least ten
+    times as long as the last write took), and when the run is interrupted
+    (``KeyboardInterrupt``, which the CLI also raises on SIGTERM); ``resume=True`` then
+    scores only the files missing from it.
+
+    The same file gets the same numbers in every run on the same device, precision and
+    thread count, in a batch of any size or composition (a resumed run, a one-image
+    batch; see :func:`anomaly_flow.scoring._min_batch`): bit for bit on the CPUs this was
+    measured and tested on. Another CPU model or another number of threads may change the
+    last bit.
+
+    Args:
+        model: The flow, already on its scoring device.
+        calibration: An :class:`anomaly_flow.calibration.Calibration`, or None.
+        folder: Folder searched recursively for image files.
+        out: Output file, ``.csv`` or ``.parquet``.
+        batch_size: Images per forward pass.
+        num_workers: DataLoader worker processes that decode images.
+        heatmaps: Folder for one heatmap PNG per scored image (same relative path,
+            ``.png`` suffix; see :mod:`anomaly_flow.heatmap`), or None; ``heatmap_kind``
+            says which map.
+        resume: Keep the rows of an existing ``out`` and score only the missing files.
+            Rows that failed before are kept as they are (run without ``resume`` to
+            retry them). Decisions (``p_value``, ``is_anomaly``) are recomputed for all.
+            A table from before a newer score
+            (:data:`~anomaly_flow.score_table.LATER_SCORES`) has its scored files scored
+            again, to fill that column in (see :func:`~anomaly_flow.score_table.read_table`).
+        fdr: Decide by Benjamini-Hochberg at this false discovery rate over the whole
+            table instead of the calibration's threshold.
+        progress: Progress bar on stderr; None shows it only on a terminal.
+        flush_every_s: Least time between two writes of the partial table; ``inf``
+            writes only at the end (and on interruption), ``0`` after every batch.
+        precision: ``float32`` (exact, the default), ``tf32`` or ``bf16`` (faster on a
+            GPU, approximate); see :func:`~anomaly_flow.scoring.numerics`. Resume with the
+            same precision.
+        compile: Run the flow compiled (see :func:`~anomaly_flow.scoring.score_dataset`):
+            for big folders; the scores move by a few millionths of their size.
+        heatmap_kind: ``bpd``: the per-pixel bits/dim (the exact decomposition of
+            ``-log p(x)``); ``typicality``: its per-pixel typicality terms, how far each
+            pixel's bits/dim is from the normal images' (needs the model's normal
+            reference); ``auto`` (default): the map of the deciding score,
+            ``typicality`` when the calibration decides by ``typicality``, ``knn``,
+            ``pixel_knn`` or ``ensemble``, else ``bpd``.
+
+    Returns:
+        Counts of the rows written.
+
+    Raises:
+        DataError: The folder is missing, not a folder, or holds no image files.
+        ScoringError: ``batch_size`` is not a whole number >= 1; the model was never
+            initialised (:attr:`Glow.initialized`: it has learned nothing); the output
+            cannot be written; the earlier output cannot be resumed from (unreadable, other
+            columns, another model or precision scored it, or none of its rows is under
+            ``folder``); two files' names print alike;
+            ``fdr`` is given for an uncalibrated model; or typicality heatmaps for a
+            model without a normal reference; or a batch ran out of memory (the rows
+            done before it are kept, and the message names the batch size to lower).
+    """
+    # The table's modification time is set back to this moment, before any file or an
+    # earlier table is looked at: a file changed while the run goes on is then newer than
+    # the table, and a later --resume reads it again.
+    started_ns = time.time_ns()
+    out = Path(out)
+    if out.is_symlink():  # replace the file the link names, not the link
+        out = Path(os.path.realpath(out))
+    output_format(out)
+    check_writable(out, resume=resume)
+    check_precision(precision)
+    check_batch_size(batch_size)
+    check_initialized(model)
+    removed = remove_leftovers(out.parent, temporary_names(out))
+    if removed:
+        logger.info("removed %d unfinished copy(ies) of %s that a killed run left",
+                    removed, display_path(out))
+    if fdr is not None and calibration is None:
+        apply_calibration(pd.DataFrame({"bpd": []}), None, fdr)  # raises the explanation
+    if calibration is not None:  # a score the model does not give: fail before scoring
+        apply_calibration(pd.DataFrame({name: [] for name in score_names(model)}),
+                          calibration, fdr)
+    maps: HeatmapKind = "bpd"
+    if heatmaps is not None:
+        maps = _resolve_heatmap_kind(heatmap_kind, model, calibration)
+    root = Path(os.path.abspath(folder))
+    paths, unlisted, linked = search_images(root)
+    if heatmaps is not None:
+        _check_heatmaps_apart(Path(heatmaps), root, linked)
+    keys = [display_path(p) for p in paths]
+    clash = pd.Index(keys).duplicated()
+    if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge
+        raise ScoringError(
+            f"two files under {display_path(root)} print as the same name, "
+            f"{keys[int(np.flatnonzero(clash)[0])]} (one name is not valid UTF-8 and its "
+            "bytes are shown as \\x escapes, the other has those characters); rename one "
+            "of them, or their rows could not be told apart")
+    config = model.config
+    columns = output_columns(model)
+
+    files = dict(zip(keys, paths, strict=True))
+    previous = _previous_rows(out, score_names(model), files, root) if resume else None
+    if previous is not None:
+        _check_same_scores(model, previous, files, out, precision)
+    done = previous.index if previous is not None else pd.Index([], dtype="string")
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    if previous is not None:
+        logger.info("resuming: %d of %d files already in %s, scoring %d", len(previous),
+                    len(keys), display_path(out), len(todo))
+    elif out.exists():
+        logger.warning("replacing the earlier output %s (resuming, --resume, would keep its rows)",
+                       display_path(out))
+    # what the conversion to the model's mode loses (resizing is training's concern: its
+    # folder set the size), as training says it of its own folder
+    for note in conversion_notes([paths[i] for i in todo], config.mode, config.image_size,
+                                 resizing=False, training=False):
+        logger.warning("%s: %s", display_path(root), note)
+
+    writer = None
+    if heatmaps is not None:
+        from anomaly_flow.heatmap import (
+            TYPICALITY_VMAX,
+            HeatmapWriter,
+            heatmap_names,
+            resumed_names,
+        )
+
+        # named over every file, so a file scored now gets the name an uninterrupted run
+        # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
+        # earlier x.png)
+        relative = [path.relative_to(root) for path in paths]
+        sources = [display_path(path) for path in relative]
+        every_name = heatmap_names(relative)
+        kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
+        held, kept_kinds = (({}, set()) if previous is None else _earlier_heatmaps(
+            Path(heatmaps), kept, relative, sources, every_name))
+        names = resumed_names(every_name, held, todo)
+        renamed = [i for i in kept if i in held and held[i] != every_name[i]]
+        if renamed:
+            logger.warning(
+                "%d kept file(s) keep the heatmap an earlier run wrote, under another name "
+                "than a run over the folder as it is now would give (e.g. %s's heatmap is "
+                "%s); run without --resume for a fresh set of names", len(renamed),
+                one_line(sources[renamed[0]]),
+                one_line(display_path(Path(heatmaps) / held[renamed[0]])))
+        scored_before = (set() if previous is None
+                         else set(previous.index[previous["error"] == ""]))
+        unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
+        if unmapped:
+            logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: no "
+                           "earlier run drew one there); run without --resume to draw "
+                           "them", len(unmapped), display_path(out), display_path(heatmaps),
+                           one_line(display_path(unmapped[0])))
+        other_kinds = sorted(kept_kinds - {maps})
+        if todo and other_kinds:
+            logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
+                           "folder would mix colour scales; resume with --heatmap-kind %s, "
+                           "or run without --resume for one kind", display_path(heatmaps),
+                           " and ".join(other_kinds), maps, other_kinds[0])
+        elif other_kinds:
+            logger.warning("the kept heatmaps under %s draw %s, not %s, and no file is left "
+                           "to score, so none is drawn again; run without --resume to draw "
+                           "them all as %s", display_path(heatmaps),
+                           " and ".join(other_kinds), maps, maps)
+        vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
+        writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
+                               sources=[sources[i] for i in todo])
+        removed = writer.remove_leftovers()
+        if removed:
+            logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
+                        removed, display_path(heatmaps))
+
+    def write(table: pd.DataFrame) -> None:
+        write_or_keep(table, out, modified_ns=started_ns)
+
+    todo_keys = np.array([keys[i] for i in todo], dtype=object)
+    todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
+    frames: list[pd.DataFrame] = []
+    flush = _Flusher(flush_every_s)
+    # Rows go out in `keys` order; the earlier rows' places are looked up once.
+    parts: list[tuple[pd.DataFrame, np.ndarray]] = []
+    if previous is not None and len(previous):
+        place = {key: i for i, key in enumerate(keys)}
+        parts.append((previous.reset_index(),
+                      np.fromiter((place[k] for k in previous.index), np.int64, len(previous))))
+
+    def assemble() -> pd.DataFrame:
+        pieces = list(parts)
+        for frame in frames:
+            rows = frame.index.to_numpy()
+            frame = frame.copy()
+            frame.insert(0, "path", todo_keys[rows])
+            pieces.append((frame, todo_positions[rows]))
+        pieces = [(frame, at) for frame, at in pieces if len(frame)]
+        if pieces:
+            table = pd.concat([frame for frame, _ in pieces], ignore_index=True)
+            table = table.iloc[np.argsort(np.concatenate([at for _, at in pieces]),
+                                          kind="stable")]
+        else:
+            table = pd.DataFrame({c: [] for c in ["path", *columns[1:-4], "error"]})
+        table = apply_calibration(table.reset_index(drop=True), calibration, fdr)
+        table["path"] = table["path"].astype("string")
+        table["error"] = table["error"].fillna("").astype("string")
+        return table[columns]
+
+    def on_batch(frame: pd.DataFrame) -> None:
+        frames.append(frame)
+        if flush.due():
+            with flush.timing():
+                write(assemble())
+
+    dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
+                             config.n_bits, config.levels)
+    try:
+        if todo:
+            score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
+                          heatmaps=writer, heatmap_kind=maps, progress=progress,
+                          on_batch=on_batch, precision=precision, compile=compile)
+    except BaseException as stop:  # what is scored is kept, whatever stopped the run
+        if isinstance(stop, OutputWriteError):  # a flush failed: it said where rows went
+            raise
+        ran_out = stop if isinstance(stop, BatchOutOfMemory) else None
+        kept = ""
+        if frames:
+            interrupted = isinstance(stop, KeyboardInterrupt)
+            try:
+                write(assemble())
+            except Exception as failed:
+                if interrupted:
+                    raise
+                logger.warning("could not keep the %d rows scored before the error in %s "
+                               "either: %s", sum(map(len, frames)), display_path(out), failed)
+                raise stop from failed  # the stop first; what the write met, as its cause
+            kept = (f"{sum(map(len, frames)) + len(done)} of {len(keys)} files are in "
+                    f"{display_path(out)}")
+            if ran_out is None:  # the error below says it all
+                logger.warning(
+                    "%s: %s%s", "interrupted" if interrupted else "stopped by an error", kept,
+                    "" if interrupted  # the command's own line says what next
+                    else "; once the error is dealt with, run again with resume (--resume) "
+                    "to score the rest")
+        elif len(done):  # nothing new, but the output still holds the rows kept from before
+            kept = f"{len(done)} of {len(keys)} files are in {display_path(out)}"
+        if ran_out is not None:  # said again with the rows the output holds
+            raise ScoringError(ran_out.advice(kept)) from None
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+    if writer is not None:  # a file that fails now keeps no heatmap from an earlier run
+        failed_now = [int(i) for frame in frames
+                      for i in frame.index[frame["error"].fillna("") != ""]]
+        removed = writer.discard(failed_now)
+        if removed:
+            logger.warning("removed %d heatmap(s) an earlier run drew of files that cannot "
+                           "be scored now", removed)
+    table = assemble()
+    write(table)
+    failed = table["error"] != ""
+    return ScoreSummary(
+        n_files=len(table),
+        n_scored=int((~failed).sum()),
+        n_failed=int(failed.sum()),
+        n_anomalous=None if calibration is None else int(table["is_anomaly"].fillna(False).sum()),
+        out=out,
+        n_resumed=len(done),
+        heatmaps=None if heatmaps is None else Path(heatmaps),
+        n_heatmaps=0 if writer is None else writer.n_written,
+        heatmap_failures=(0, None) if writer is None else (writer.n_failed,
+                                                            writer.first_failure),
+        failures=tuple(
+            (str(path), str(error))
+            for path, error in table.loc[failed, ["path", "error"]].head(FAILURES_KEPT)
+            .itertuples(index=False)
+        ),
+        unlisted=tuple((display_path(folder), reason) for folder, reason in unlisted),
+    )
+
+
+def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
+                      sources: Sequence[str], every_name: Sequence[Path]
+                      ) -> tuple[dict[int, Path], set[str]]:
+    """For a resumed run: by file index, the heatmap an earlier run drew of each file
+    under ``folder`` (relative to it), by the source each heatmap records. For a kept file
+    whose heatmap, from a version that recorded none, sits under the file's name now or
+    its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that.
+    Also what the kept files' recorded heatmaps draw (``bpd``, ``typicality``)."""
+    from anomaly_flow.heatmap import is_heatmap, recorded_heatmaps
+
+    recorded = recorded_heatmaps(folder)
+    held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
+    kinds = {kind for i in kept if sources[i] in recorded
+             and (kind := recorded[sources[i]][1]) is not None}
+    claimed = {name for name, _ in recorded.values()}
+    for i in kept:
+        if i in held:
+            continue
+        for name in (every_name[i], relative[i].with_suffix(".png")):
+            if name not in claimed and is_heatmap(folder / name):
+                held[i] = name
+                claimed.add(name)
+                break
+    return held, kinds
+
+
+def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> HeatmapKind:
+    """The map ``kind`` names (``auto``: the deciding score's); refused before scoring
+    when the model cannot give it."""
+    if kind not in ("auto", "bpd", "typicality"):
+        raise ScoringError(f"unknown heatmap kind {kind!r}; choose auto, bpd or typicality")
+    if kind == "auto":
+        # the deciding score was checked above to be one this model gives
+        deciding = getattr(calibration, "score_name", "bpd")
+        return "typicality" if deciding in REFERENCE_SCORES else "bpd"
+    if kind == "typicality" and not model.has_reference:
+        raise ScoringError(
+            "typicality heatmaps need the model's normal reference (measured on the "
+            "validation images at training), and this model has none; use bpd heatmaps "
+            "(--heatmap-kind bpd), or train with a validation fraction above 0")
+    return kind  # type: ignore[return-value]
+
+
+def _check_heatmaps_apart(folder: Path, root: Path, linked: Sequence[Path] = ()) -> None:
+    """Refuse a heatmap folder that overlaps the scored folder, or one of the symlinked
+    folders its search followed (``linked``, real paths), then create it (or fail with a
+    message) before any scoring.
+
+    Inside the scored folder, heatmaps would take the names of the images they draw
+    (``x.png``'s heatmap is ``x.png``) and be scored by the next run; around it, they
+    land beside the user's own files.
+    """
+    real, real_root = Path(os.path.realpath(folder)), Path(os.path.realpath(root))
+    if real.is_relative_to(real_root) or real_root.is_relative_to(real):
+        where = ("is the scored folder" if real == real_root else
+                 "is inside the scored folder" if real.is_relative_to(real_root) else
+                 "contains the scored folder")
+        raise ScoringError(
+            f"the heatmap folder {display_path(folder)} {where} {display_path(root)}: its "
+            "heatmaps would overwrite or mix with the images (and the next run would score "
+            "them); choose a heatmap folder outside it, e.g. a new folder beside it")
+    if reached := [f for f in linked if f.is_relative_to(real) or real.is_relative_to(f)]:
+        raise ScoringError(
+            f"the heatmap folder {display_path(folder)} is reached from the scored folder "
+            f"{display_path(root)} through a symlinked folder inside it (to "
+            f"{display_path(reached[0])}), so the next run would score the heatmaps as "
+            "images; choose a heatmap folder the scored folder does not link to, or remove "
+            "the link")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.", suffix=".png")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ScoringError(f"cannot write heatmaps to {display_path(folder)}: "
+                           f"{exc.strerror or exc}; choose another heatmap folder") from None
+
+
+def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Path
+                   ) -> pd.DataFrame | None:
+    """The earlier output's rows to keep, or None if there is no output.
+
+    ``files`` maps each file found under ``root`` to its row's ``path``. Kept: the rows of
+    files still there and unchanged since the table was last written (neither their
+    modification nor their status-change time is later; a file copied or rewritten over
+    an old one is scored again). Rows of files gone from ``root`` are dropped with a
+    warning. Resuming is refused when it would drop rows of files that still exist
+    outside ``root`` (a subfolder of the table's folder, or another folder): they are not
+    lost files but a slip of the folder argument.
+    """
+    if not out.exists():
+        # a mistyped --out would otherwise rescore a large folder without a word
+        logger.warning("resuming, but the output %s was not found, so every file is scored; "
+                       "if the earlier table is elsewhere, stop and resume with its path",
+                       display_path(out))
+        return None
+    previous = read_table(out, names)
+    present = previous.index.isin(list(files))
+    if len(previous) and not present.any():
+        raise ScoringError(
+            f"none of the {len(previous)} rows of {display_path(out)} is a file under "
+            f"{display_path(root)} (its first row is {previous.index[0]}), so resuming "
+            "would drop them all; resume with the folder the table was made from, spelled "
+            "as then, or write to another --out")
+    elsewhere = [key for key in previous.index[~present]
+                 if os.path.lexists(key) and not Path(key).is_relative_to(root)]
+    if elsewhere:
+        raise ScoringError(
+            f"{len(elsewhere)} row(s) of {display_path(out)} are files outside "
+            f"{display_path(root)} that still exist (e.g. {elsewhere[0]}), so resuming "
+            "would drop them; resume with the folder the table was made from, or write to "
+            "another --out")
+    if not present.all():
+        # a file under a hidden name is left out of the search now, though it is there
+        hidden = sum(os.path.lexists(key) and any(
+            part.startswith(".") for part in Path(key).relative_to(root).parts)
+            for key in previous.index[~present] if Path(key).is_relative_to(root))
+        gone = int((~present).sum()) - hidden
+        if gone:
+            logger.warning("dropping %d row(s) of %s whose files are no longer under %s",
+                           gone, display_path(out), display_path(root))
+        if hidden:
+            logger.warning("dropping %d row(s) of %s whose files have hidden names (starting "
+                           "with '.'), which the folder search now leaves out", hidden,
+                           display_path(out))
+    previous = previous[present]
+    written = out.stat().st_mtime_ns
+    changed = np.fromiter((_changed_since(files[key], written) for key in previous.index),
+                          bool, len(previous))
+    if changed.any():
+        logger.warning("%d file(s) changed since %s was written (e.g. %s); scoring them "
+                       "again", int(changed.sum()), display_path(out),
+                       one_line(previous.index[int(np.flatnonzero(changed)[0])]))
+    return previous[~changed]
+
+
+def _changed_since(path: Path, time_ns: int) -> bool:
+    """Whether ``path`` (the link, or the file it leads to) was modified or replaced
+    after ``time_ns``; a file gone since counts as changed, so it is read again."""
+    try:
+        stats = [os.lstat(path)]
+    except OSError:
+        return True
+    with contextlib.suppress(OSError):  # a dangling link or a loop is the link alone
+        stats.append(os.stat(path))
+    return any(max(st.st_mtime_ns, st.st_ctime_ns) > time_ns for st in stats)
+
+
+RESUME_PROBES = 4
+"""Kept rows scored again on resuming, to check they are the same model's numbers."""
+
+
+def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Path],
+                       out: Path, precision: Precision) -> None:
+    """Refuse to resume a table whose kept rows another model (or precision) scored.
+
+    Scoring is deterministic, so up to :data:`RESUME_PROBES` of the kept files, scored
+    again, must give their ``bpd`` back. In float32 the tolerance (1e-5 relative) admits
+    the last digits ``--compile`` moves and nothing a retrained, fine-tuned or bf16 model
+    would give; in ``tf32`` or ``bf16``, whose GPU kernels may round otherwise in another
+    batch size, it is 1e-3, still far below what other weights change; a float32 table
+    falls within it, so there the probes are also scored in float32, and a table whose
+    numbers are float32's (and not this precision's too) is refused. A probe that
+    cannot be read now is not compared. A table of the same weights with another
+    calibration passes: decisions are recomputed for every row anyway.
+    """
+    scored = previous.index[previous["error"] == ""]
+    if not len(scored):
+        return
+    probes = scored[np.linspace(0, len(scored) - 1, min(RESUME_PROBES, len(scored)))
+                    .round().astype(int)].unique()
+    config = model.config
+    before = previous.loc[probes, "bpd"].to_numpy(dtype=float)
+
+    def rescored(at: Precision) -> tuple[np.ndarray, np.ndarray]:
+        dataset = ScoringDataset([files[key] for key in probes], config.mode,
+                                 config.image_size, config.n_bits, config.levels)
+        try:
+            again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
+                                  precision=at)
+        except BatchOutOfMemory as error:  # even these few kept files do not fit
+            raise ScoringError(
+                f"checking that {display_path(out)} was scored by this model ran "
+                f"{error.ran_out} on {len(probes)} of its files; free memory, or score on a "
+                "device with more") from None
+        return again["bpd"].to_numpy(dtype=float), (again["error"].fillna("") == "").to_numpy()
+
+    now, readable = rescored(precision)
+    rtol = 1e-5 if precision == "float32" else 1e-3
+    off = readable & ~np.isclose(now, before, rtol=rtol, atol=0.0)
+    if not off.any() and precision != "float32" and (readable & ~np.isclose(
+            now, before, rtol=1e-5, atol=0.0)).any():
+        # within the loose tolerance but not the same numbers: a float32 table, whose
+        # numbers a bf16 or tf32 run comes as close to, is not to be mixed with them
+        exact, _ = rescored("float32")
+        if np.isclose(exact, before, rtol=1e-5, atol=0.0)[readable].all():
+            raise ScoringError(
+                f"{display_path(out)} was scored in float32 (its bpd is float32's to 1e-5), "
+                f"and this run is {precision}: the table would mix the two; resume with "
+                "--precision float32, or score everything again in "
+                f"{precision} (without --resume, or to another --out)")
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ScoringError(
+            f"{display_path(out)} was scored by another model or precision, or its files "
+            f"changed since: {probes[i]} has bpd {before[i]:.6f} there and {now[i]:.6f} "
+            "now; resume only with the model and --precision that started the table, or "
+            "score everything again (without --resume, or to another --out)")
+
+
+class _Flusher:
+    """When to rewrite the partial table: every ``every_s`` seconds, and never more than
+    a tenth of the time (at least ten times the last write's duration apart); ``0``
+    means after every batch."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.last = time.monotonic()
+        self.gap = every_s
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.gap
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        start = time.monotonic()
+        yield
+        self.last = time.monotonic()
+        if self.every_s > 0:
+            self.gap = max(self.every_s, 10 * (self.last - start))
