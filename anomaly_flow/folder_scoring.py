@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,9 @@ from anomaly_flow.scoring import (
     score_names,
 )
 from anomaly_flow.stopping import remove_leftovers
+
+if TYPE_CHECKING:
+    from anomaly_flow.heatmap import HeatmapWriter
 
 logger = logging.getLogger(__name__)
 
@@ -235,15 +238,8 @@ def score_folder(
     if heatmaps is not None:
         _check_heatmaps_apart(Path(heatmaps), root, linked)
     keys = [display_path(p) for p in paths]
-    clash = pd.Index(keys).duplicated()
-    if clash.any():  # a name that is not UTF-8 printed like one that is: rows would merge
-        raise ScoringError(
-            f"two files under {display_path(root)} print as the same name, "
-            f"{keys[int(np.flatnonzero(clash)[0])]} (one name is not valid UTF-8 and its "
-            "bytes are shown as \\x escapes, the other has those characters); rename one "
-            "of them, or their rows could not be told apart")
+    _check_names_apart(keys, root)
     config = model.config
-    columns = output_columns(model)
 
     files = dict(zip(keys, paths, strict=True))
     previous = _previous_rows(out, score_names(model), files, root) if resume else None
@@ -265,96 +261,20 @@ def score_folder(
 
     writer = None
     if heatmaps is not None:
-        from anomaly_flow.heatmap import (
-            TYPICALITY_VMAX,
-            HeatmapWriter,
-            heatmap_names,
-            resumed_names,
-        )
-
-        # named over every file, so a file scored now gets the name an uninterrupted run
-        # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
-        # earlier x.png)
-        relative = [path.relative_to(root) for path in paths]
-        sources = [display_path(path) for path in relative]
-        every_name = heatmap_names(relative)
-        kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
-        held, kept_kinds = (({}, set()) if previous is None else _earlier_heatmaps(
-            Path(heatmaps), kept, relative, sources, every_name))
-        names = resumed_names(every_name, held, todo)
-        renamed = [i for i in kept if i in held and held[i] != every_name[i]]
-        if renamed:
-            logger.warning(
-                "%d kept file(s) keep the heatmap an earlier run wrote, under another name "
-                "than a run over the folder as it is now would give (e.g. %s's heatmap is "
-                "%s); run without --resume for a fresh set of names", len(renamed),
-                one_line(sources[renamed[0]]),
-                one_line(display_path(Path(heatmaps) / held[renamed[0]])))
-        scored_before = (set() if previous is None
-                         else set(previous.index[previous["error"] == ""]))
-        unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
-        if unmapped:
-            logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: no "
-                           "earlier run drew one there); run without --resume to draw "
-                           "them", len(unmapped), display_path(out), display_path(heatmaps),
-                           one_line(display_path(unmapped[0])))
-        other_kinds = sorted(kept_kinds - {maps})
-        if todo and other_kinds:
-            logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
-                           "folder would mix colour scales; resume with --heatmap-kind %s, "
-                           "or run without --resume for one kind", display_path(heatmaps),
-                           " and ".join(other_kinds), maps, other_kinds[0])
-        elif other_kinds:
-            logger.warning("the kept heatmaps under %s draw %s, not %s, and no file is left "
-                           "to score, so none is drawn again; run without --resume to draw "
-                           "them all as %s", display_path(heatmaps),
-                           " and ".join(other_kinds), maps, maps)
-        vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
-        writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
-                               sources=[sources[i] for i in todo])
-        removed = writer.remove_leftovers()
-        if removed:
-            logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
-                        removed, display_path(heatmaps))
+        writer = _heatmap_writer(heatmaps, root, paths, keys, todo, previous, maps,
+                                 config.n_bits, out)
 
     def write(table: pd.DataFrame) -> None:
         write_or_keep(table, out, modified_ns=started_ns)
 
-    todo_keys = np.array([keys[i] for i in todo], dtype=object)
-    todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
-    frames: list[pd.DataFrame] = []
+    rows = _Rows(keys, todo, previous, output_columns(model), calibration, fdr)
     flush = _Flusher(flush_every_s)
-    # Rows go out in `keys` order; the earlier rows' places are looked up once.
-    parts: list[tuple[pd.DataFrame, np.ndarray]] = []
-    if previous is not None and len(previous):
-        place = {key: i for i, key in enumerate(keys)}
-        parts.append((previous.reset_index(),
-                      np.fromiter((place[k] for k in previous.index), np.int64, len(previous))))
-
-    def assemble() -> pd.DataFrame:
-        pieces = list(parts)
-        for frame in frames:
-            rows = frame.index.to_numpy()
-            frame = frame.copy()
-            frame.insert(0, "path", todo_keys[rows])
-            pieces.append((frame, todo_positions[rows]))
-        pieces = [(frame, at) for frame, at in pieces if len(frame)]
-        if pieces:
-            table = pd.concat([frame for frame, _ in pieces], ignore_index=True)
-            table = table.iloc[np.argsort(np.concatenate([at for _, at in pieces]),
-                                          kind="stable")]
-        else:
-            table = pd.DataFrame({c: [] for c in ["path", *columns[1:-4], "error"]})
-        table = apply_calibration(table.reset_index(drop=True), calibration, fdr)
-        table["path"] = table["path"].astype("string")
-        table["error"] = table["error"].fillna("").astype("string")
-        return table[columns]
 
     def on_batch(frame: pd.DataFrame) -> None:
-        frames.append(frame)
+        rows.add(frame)
         if flush.due():
             with flush.timing():
-                write(assemble())
+                write(rows.table())
 
     dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
                              config.n_bits, config.levels)
@@ -368,17 +288,17 @@ def score_folder(
             raise
         ran_out = stop if isinstance(stop, BatchOutOfMemory) else None
         kept = ""
-        if frames:
+        if rows.frames:
             interrupted = isinstance(stop, KeyboardInterrupt)
             try:
-                write(assemble())
+                write(rows.table())
             except Exception as failed:
                 if interrupted:
                     raise
                 logger.warning("could not keep the %d rows scored before the error in %s "
-                               "either: %s", sum(map(len, frames)), display_path(out), failed)
+                               "either: %s", rows.n_new, display_path(out), failed)
                 raise stop from failed  # the stop first; what the write met, as its cause
-            kept = (f"{sum(map(len, frames)) + len(done)} of {len(keys)} files are in "
+            kept = (f"{rows.n_new + len(done)} of {len(keys)} files are in "
                     f"{display_path(out)}")
             if ran_out is None:  # the error below says it all
                 logger.warning(
@@ -396,13 +316,13 @@ def score_folder(
             writer.close()
 
     if writer is not None:  # a file that fails now keeps no heatmap from an earlier run
-        failed_now = [int(i) for frame in frames
+        failed_now = [int(i) for frame in rows.frames
                       for i in frame.index[frame["error"].fillna("") != ""]]
         removed = writer.discard(failed_now)
         if removed:
             logger.warning("removed %d heatmap(s) an earlier run drew of files that cannot "
                            "be scored now", removed)
-    table = assemble()
+    table = rows.table()
     write(table)
     failed = table["error"] != ""
     return ScoreSummary(
@@ -423,6 +343,131 @@ def score_folder(
         ),
         unlisted=tuple((display_path(folder), reason) for folder, reason in unlisted),
     )
+
+
+def _check_names_apart(keys: Sequence[str], root: Path) -> None:
+    """Refuse two files under ``root`` whose rows' paths (``keys``) print alike: a name
+    that is not UTF-8 printed like one that is, whose rows would merge."""
+    clash = pd.Index(keys).duplicated()
+    if clash.any():
+        raise ScoringError(
+            f"two files under {display_path(root)} print as the same name, "
+            f"{keys[int(np.flatnonzero(clash)[0])]} (one name is not valid UTF-8 and its "
+            "bytes are shown as \\x escapes, the other has those characters); rename one "
+            "of them, or their rows could not be told apart")
+
+
+class _Rows:
+    """The table's rows, in the order of the files found (``keys``): the earlier output's
+    kept rows (``previous``, or None) and this run's batches for the files ``todo``
+    (indices into ``keys``) as they come, with ``columns`` and the calibration's
+    decisions for every row."""
+
+    def __init__(self, keys: Sequence[str], todo: Sequence[int],
+                 previous: pd.DataFrame | None, columns: list[str], calibration: Any | None,
+                 fdr: float | None) -> None:
+        self.columns, self.calibration, self.fdr = columns, calibration, fdr
+        self.todo_keys = np.array([keys[i] for i in todo], dtype=object)
+        self.todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
+        self.frames: list[pd.DataFrame] = []
+        # Rows go out in `keys` order; the earlier rows' places are looked up once.
+        self.parts: list[tuple[pd.DataFrame, np.ndarray]] = []
+        if previous is not None and len(previous):
+            place = {key: i for i, key in enumerate(keys)}
+            self.parts.append((previous.reset_index(), np.fromiter(
+                (place[k] for k in previous.index), np.int64, len(previous))))
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """A batch's rows (:func:`~anomaly_flow.scoring.score_dataset`'s ``on_batch``)."""
+        self.frames.append(frame)
+
+    @property
+    def n_new(self) -> int:
+        """Rows this run scored so far."""
+        return sum(map(len, self.frames))
+
+    def table(self) -> pd.DataFrame:
+        """The table so far."""
+        pieces = list(self.parts)
+        for frame in self.frames:
+            rows = frame.index.to_numpy()
+            frame = frame.copy()
+            frame.insert(0, "path", self.todo_keys[rows])
+            pieces.append((frame, self.todo_positions[rows]))
+        pieces = [(frame, at) for frame, at in pieces if len(frame)]
+        columns = self.columns
+        if pieces:
+            table = pd.concat([frame for frame, _ in pieces], ignore_index=True)
+            table = table.iloc[np.argsort(np.concatenate([at for _, at in pieces]),
+                                          kind="stable")]
+        else:
+            table = pd.DataFrame({c: [] for c in ["path", *columns[1:-4], "error"]})
+        table = apply_calibration(table.reset_index(drop=True), self.calibration, self.fdr)
+        table["path"] = table["path"].astype("string")
+        table["error"] = table["error"].fillna("").astype("string")
+        return table[columns]
+
+
+def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequence[Path],
+                    keys: Sequence[str], todo: Sequence[int], previous: pd.DataFrame | None,
+                    maps: HeatmapKind, n_bits: int, out: Path) -> HeatmapWriter:
+    """The writer of this run's heatmaps (``maps``) under ``heatmaps``: one for each file
+    of ``paths`` (found under ``root``, their rows' paths ``keys``) whose index is in
+    ``todo``. On resuming (``previous``: the rows kept from ``out``), it says which kept
+    files keep a heatmap under another name, which have none, and whether the kept ones
+    draw another map. Removes the unfinished heatmaps a killed run left."""
+    from anomaly_flow.heatmap import (
+        TYPICALITY_VMAX,
+        HeatmapWriter,
+        heatmap_names,
+        resumed_names,
+    )
+
+    # named over every file, so a file scored now gets the name an uninterrupted run
+    # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
+    # earlier x.png)
+    relative = [path.relative_to(root) for path in paths]
+    sources = [display_path(path) for path in relative]
+    every_name = heatmap_names(relative)
+    kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
+    held, kept_kinds = (({}, set()) if previous is None else _earlier_heatmaps(
+        Path(heatmaps), kept, relative, sources, every_name))
+    names = resumed_names(every_name, held, todo)
+    renamed = [i for i in kept if i in held and held[i] != every_name[i]]
+    if renamed:
+        logger.warning(
+            "%d kept file(s) keep the heatmap an earlier run wrote, under another name "
+            "than a run over the folder as it is now would give (e.g. %s's heatmap is "
+            "%s); run without --resume for a fresh set of names", len(renamed),
+            one_line(sources[renamed[0]]),
+            one_line(display_path(Path(heatmaps) / held[renamed[0]])))
+    scored_before = (set() if previous is None
+                     else set(previous.index[previous["error"] == ""]))
+    unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
+    if unmapped:
+        logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: no "
+                       "earlier run drew one there); run without --resume to draw "
+                       "them", len(unmapped), display_path(out), display_path(heatmaps),
+                       one_line(display_path(unmapped[0])))
+    other_kinds = sorted(kept_kinds - {maps})
+    if todo and other_kinds:
+        logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
+                       "folder would mix colour scales; resume with --heatmap-kind %s, "
+                       "or run without --resume for one kind", display_path(heatmaps),
+                       " and ".join(other_kinds), maps, other_kinds[0])
+    elif other_kinds:
+        logger.warning("the kept heatmaps under %s draw %s, not %s, and no file is left "
+                       "to score, so none is drawn again; run without --resume to draw "
+                       "them all as %s", display_path(heatmaps),
+                       " and ".join(other_kinds), maps, maps)
+    vmax = TYPICALITY_VMAX if maps == "typicality" else float(n_bits)
+    writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
+                           sources=[sources[i] for i in todo])
+    removed = writer.remove_leftovers()
+    if removed:
+        logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
+                    removed, display_path(heatmaps))
+    return writer
 
 
 def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
