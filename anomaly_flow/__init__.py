@@ -1,10 +1,26 @@
 """anomaly-flow: image anomaly detection by exact likelihood under a Glow normalizing flow.
 
-The library: :mod:`anomaly_flow.glow` (the model), :mod:`anomaly_flow.data`,
-:mod:`anomaly_flow.train`, :mod:`anomaly_flow.scoring`, :mod:`anomaly_flow.folder_scoring`,
-:mod:`anomaly_flow.calibration`, :mod:`anomaly_flow.evaluation` and
-:mod:`anomaly_flow.tracking` (MLflow); the ``anomaly-flow`` command is
-:mod:`anomaly_flow.cli`.
+The library, by concept; a module imports only from its own group or the groups above:
+
+* the model: :mod:`~anomaly_flow.config` (frozen, validated configurations),
+  :mod:`~anomaly_flow.layers` (each bijection with its inverse and log-determinant),
+  :mod:`~anomaly_flow.glow` (the multi-scale flow, exact bits/dim and its parts);
+* images: :mod:`~anomaly_flow.data` (finding and decoding files, datasets),
+  :mod:`~anomaly_flow.fingerprint` (content digests of folders),
+  :mod:`~anomaly_flow.fashion_mnist` (IDX files and the shipped sample);
+* :mod:`~anomaly_flow.calibration`: p-values and thresholds, plain functions over arrays;
+* scoring: :mod:`~anomaly_flow.scoring` (batches and datasets),
+  :mod:`~anomaly_flow.complexity`, :mod:`~anomaly_flow.heatmap`,
+  :mod:`~anomaly_flow.score_table` (the output file),
+  :mod:`~anomaly_flow.folder_scoring` (every file of a folder answered);
+* training: :mod:`~anomaly_flow.train` (the loop), :mod:`~anomaly_flow.checkpoint`,
+  :mod:`~anomaly_flow.distributed` (torchrun);
+* :mod:`~anomaly_flow.plots`, then :mod:`~anomaly_flow.tracking`, the only package that
+  imports MLflow;
+* the workflows over them: :mod:`~anomaly_flow.prechecks`,
+  :mod:`~anomaly_flow.evaluation` (calibrating and evaluating a registered model),
+  :mod:`~anomaly_flow.report`, :mod:`~anomaly_flow.demo`;
+* :mod:`~anomaly_flow.cli`, the ``anomaly-flow`` command, the only one that imports click.
 
 ``anomaly_flow.__version__`` is the installed distribution's version (``unknown`` for a
 source tree on ``PYTHONPATH``), looked up when first asked for.

@@ -26,8 +26,7 @@ from anomaly_flow.data import DataError, display_path
 from anomaly_flow.evaluation import calibrate_model, evaluate_scores
 from anomaly_flow.fashion_mnist import SAMPLE_MARKER, write_sample_folders
 from anomaly_flow.fingerprint import fingerprint_and_digests
-from anomaly_flow.folder_scores import FolderScores
-from anomaly_flow.folder_scoring import score_folder
+from anomaly_flow.folder_scoring import FolderScores, score_folder
 from anomaly_flow.prechecks import leave_out_training_images
 from anomaly_flow.scoring import REFERENCE_SCORES
 from anomaly_flow.train import resolve_device

@@ -1,7 +1,7 @@
 """Calibrating and evaluating a registered model on folders of images, logged to MLflow.
 
 This module orchestrates the pieces: it scores image folders with
-:mod:`anomaly_flow.folder_scores` (over :mod:`anomaly_flow.scoring`), checks the options,
+:mod:`anomaly_flow.folder_scoring` (over :mod:`anomaly_flow.scoring`), checks the options,
 folders and model and warns of the images used with :mod:`anomaly_flow.prechecks`, fits
 thresholds with :mod:`anomaly_flow.calibration`, draws figures with
 :mod:`anomaly_flow.plots` and logs runs and model versions through
@@ -22,7 +22,7 @@ thresholds with :mod:`anomaly_flow.calibration`, draws figures with
 
 Images that fail to decode are never used: each folder's failures are counted,
 reported with their reasons (one warning per folder from
-:func:`~anomaly_flow.folder_scores.score_folder_table`, the outcome object, a
+:func:`~anomaly_flow.folder_scoring.score_folder_table`, the outcome object, a
 ``failed_images.json`` artifact) and left out. A decoded image whose score is not finite
 is treated the same way. So is a normal image of the model's training folder (the same
 content as one the training run recorded, either split:
@@ -61,7 +61,7 @@ from anomaly_flow.calibration import (
     select_score,
 )
 from anomaly_flow.data import DataError, display_path
-from anomaly_flow.folder_scores import MAX_REASONS_LOGGED, FolderScores, score_folder_table
+from anomaly_flow.folder_scoring import MAX_REASONS_LOGGED, FolderScores, score_folder_table
 from anomaly_flow.glow import Glow
 from anomaly_flow.prechecks import (
     check_auto,
@@ -223,7 +223,7 @@ def _failures_dict(
 def _log_failures(run: tracking.Run, failures: Mapping[str, Sequence[tuple[str, str]]]) -> None:
     """Store every left-out file with its reason as ``failed_images.json`` in ``run``.
 
-    :func:`~anomaly_flow.folder_scores.score_folder_table` already named the first ten of
+    :func:`~anomaly_flow.folder_scoring.score_folder_table` already named the first ten of
     each folder in its warning; this one names no file, and is logged only when some were
     not shown there, to say where the full list is.
     """

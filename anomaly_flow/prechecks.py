@@ -37,7 +37,7 @@ from anomaly_flow.calibration import (
 from anomaly_flow.config import RunConfig
 from anomaly_flow.data import ImageMode, display_path, find_images, one_line, try_load_image
 from anomaly_flow.fingerprint import fingerprint_and_digests, is_unreadable, notable_copies
-from anomaly_flow.folder_scores import FolderScores
+from anomaly_flow.folder_scoring import FolderScores
 from anomaly_flow.glow import Glow
 from anomaly_flow.score_kinds import (
     AUTO_SCORE,

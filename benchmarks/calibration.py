@@ -115,7 +115,7 @@ def scores_from_training(args: argparse.Namespace) -> tuple[np.ndarray, dict[str
 def scores_from_model(args: argparse.Namespace) -> tuple[np.ndarray, dict[str, Any]]:
     """Score a folder of held-out normal images with a registered model."""
     from anomaly_flow import tracking
-    from anomaly_flow.folder_scores import score_folder_table
+    from anomaly_flow.folder_scoring import score_folder_table
 
     tracking.configure(args.mlruns)
     loaded = tracking.load_model(args.model, device=args.device)

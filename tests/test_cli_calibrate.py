@@ -31,7 +31,7 @@ from anomaly_flow.calibration import (
 from anomaly_flow.cli import main
 from anomaly_flow.evaluation import calibrate_scores
 from anomaly_flow.fingerprint import fingerprint_and_digests
-from anomaly_flow.folder_scores import FolderScores, score_folder_table
+from anomaly_flow.folder_scoring import FolderScores, score_folder_table
 from anomaly_flow.glow import REFERENCE_KEYS
 from anomaly_flow.scoring import score_names
 from tests.conftest import (

@@ -287,7 +287,7 @@ def test_a_batch_too_large_for_memory_in_calibrate_or_evaluate_is_one_line(
     images = tmp_path / "images"
     write_image_folder(sample_images(100), images, "b-")
     probe = ("import sys\n"
-             "from anomaly_flow.folder_scores import score_folder_table\n"
+             "from anomaly_flow.folder_scoring import score_folder_table\n"
              "from anomaly_flow.glow import Glow\n"
              "from anomaly_flow.score_table import ScoringError\n"
              "try:\n"

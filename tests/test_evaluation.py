@@ -2,7 +2,7 @@
 that fail before any scoring, threshold comparison and detection tables against
 :mod:`anomaly_flow.calibration`, threshold selection with the session's tiny trained
 model, and the figures. Scoring real folders (with broken files) is in
-``test_folder_scores.py``, the checks and warnings on their own in ``test_prechecks.py``,
+``test_folder_scoring.py``, the checks and warnings on their own in ``test_prechecks.py``,
 calibration runs against a real store in ``test_cli_calibrate.py``."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from anomaly_flow.evaluation import (
     evaluate_scores,
     select_threshold,
 )
-from anomaly_flow.folder_scores import FolderScores, score_folder_table
+from anomaly_flow.folder_scoring import FolderScores, score_folder_table
 from anomaly_flow.glow import Glow
 from tests.conftest import ImageDirs, TrainedModel
 from tests.test_scoring import make_tiny_model, sample_images

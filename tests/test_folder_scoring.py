@@ -1,6 +1,8 @@
-"""Tests for :mod:`anomaly_flow.folder_scoring`: the folder run on real image files, its
-table (one row per file, atomic writes, the partial table kept on a stop), resuming it
-(the uninterrupted table again, or a refusal), and the heatmap folder beside it.
+"""Tests for :mod:`anomaly_flow.folder_scoring`: a folder's scores in memory, with broken
+files among the images and the one warning that names them; the folder run on real image
+files, its table (one row per file, atomic writes, the partial table kept on a stop),
+resuming it (the uninterrupted table again, or a refusal), and the heatmap folder beside
+it.
 
 The numbers in the table are :mod:`anomaly_flow.scoring`'s, tested in
 ``tests/test_scoring.py``, whose tiny model, messy folder and helpers these tests share.
@@ -27,12 +29,12 @@ from PIL import Image
 from anomaly_flow import score_table, scoring
 from anomaly_flow.calibration import calibrate
 from anomaly_flow.data import DataError, load_image, write_image_folder
-from anomaly_flow.folder_scoring import score_folder
+from anomaly_flow.folder_scoring import score_folder, score_folder_table
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.heatmap import colormap_table, render_heatmap
 from anomaly_flow.score_table import ScoringError, read_table, write_table
 from anomaly_flow.scoring import output_columns, score_names
-from tests.conftest import ended_process_id
+from tests.conftest import corrupt_png, ended_process_id
 from tests.test_scoring import (
     MESSY,
     N_BAD,
@@ -65,8 +67,73 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
     return read_csv(out)
 
 
-# --------------------------------------------------------------------------- every file
+# --------------------------------------------------------------------------- in memory
 
+def test_score_folder_table_reports_and_leaves_out_broken_files(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(6), folder, "ok-")
+    corrupt_png(folder / "broken.png")
+    (folder / "empty.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.folder_scoring"):
+        scores = score_folder_table(make_tiny_model(), folder, batch_size=4)
+
+    assert scores.n_files == 8
+    assert list(scores.table.columns) == ["path", "bpd", "complexity", "coarse_complexity",
+                                          "typicality", "knn", "pixel_knn", "ensemble",
+                                          "level_1", "level_2", "error"]
+    assert scores.values("bpd").shape == (6,) and np.isfinite(scores.values("bpd")).all()
+    failed = dict(scores.failures("bpd"))
+    assert sorted(Path(p).name for p in failed) == ["broken.png", "empty.png"]
+    assert all(reason for reason in failed.values())
+    assert len(scores.fingerprint) == 64
+    # One warning for the folder, naming each failed file once, with its reason.
+    [record] = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert message.startswith("2 of 8 image files in ")
+    for path, reason in failed.items():
+        assert message.count(Path(path).name) == 1
+        assert f"{path}: {reason}" in message
+    assert "more" not in message
+
+
+def test_a_failed_file_name_cannot_forge_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A name with a line break is shown escaped: one line a file, no forged message."""
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(2), folder, "ok-")
+    (folder / "x.png\nERROR anomaly_flow: all good.png").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.folder_scoring"):
+        score_folder_table(make_tiny_model(), folder, batch_size=4)
+    [record] = caplog.records
+    lines = record.getMessage().splitlines()
+    assert len(lines) == 2 and not lines[1].lstrip().startswith("ERROR")
+    assert lines[1].endswith("x.png\\nERROR anomaly_flow: all good.png: cannot identify image "
+                             "file (not an image or unsupported format)")
+
+
+def test_score_folder_table_names_ten_failed_files_and_counts_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "normal"
+    write_image_folder(sample_images(2), folder, "ok-")
+    for i in range(13):
+        corrupt_png(folder / f"broken-{i:02d}.png")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.folder_scoring"):
+        score_folder_table(make_tiny_model(), folder, batch_size=4)
+    [record] = caplog.records
+    message = record.getMessage()
+    counts = [message.count(f"broken-{i:02d}.png") for i in range(13)]
+    assert max(counts) == 1 and sum(counts) == 10
+    assert message.count("... and 3 more") == 1
+
+
+def test_missing_folder_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        score_folder_table(make_tiny_model(), tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- every file
 
 def test_every_file_gets_a_row_with_scores_or_a_reason(model: Glow, messy: Path,
                                                        tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly_flow import tracking
 from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
-from anomaly_flow.folder_scores import score_folder_table
+from anomaly_flow.folder_scoring import score_folder_table
 from anomaly_flow.scoring import score_names
 from tests.conftest import ImageDirs, TrainedModel, corrupt_png, new_store, stop_during
 
