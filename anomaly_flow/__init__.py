@@ -19,7 +19,8 @@ The library, by concept; a module imports only from its own group or the groups 
   imports MLflow;
 * the workflows over them: :mod:`~anomaly_flow.prechecks`,
   :mod:`~anomaly_flow.evaluation` (calibrating and evaluating a registered model),
-  :mod:`~anomaly_flow.report`, :mod:`~anomaly_flow.demo`;
+  :mod:`~anomaly_flow.report`, :mod:`~anomaly_flow.demo`, and
+  :mod:`~anomaly_flow.pipeline_options` for the MLflow-logged scripts in ``pipelines/``;
 * :mod:`~anomaly_flow.cli`, the ``anomaly-flow`` command, the only one that imports click.
 
 ``anomaly_flow.__version__`` is the installed distribution's version (``unknown`` for a
