@@ -25,8 +25,9 @@ Fixtures:
     free_port: A TCP port on 127.0.0.1 that was free a moment ago.
 
 Helpers (``from tests.conftest import ...``): ``tiny_config(epochs)``, ``new_store(folder,
-template)``, ``corrupt_png(path)``, ``gray_images(n)``, and the ``ImageDirs`` and
-``TrainedModel`` types.
+template)``, ``corrupt_png(path)``, ``gray_images(n)``, ``unused_port()``,
+``torchrun(tmp, *args)`` (a two-rank command and its environment), and the ``ImageDirs``
+and ``TrainedModel`` types.
 """
 
 from __future__ import annotations
@@ -186,12 +187,32 @@ def tracking_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def free_port() -> int:
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
+
+@pytest.fixture
+def free_port() -> int:
+    return unused_port()
+
+
+
+def torchrun(tmp: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start ``args`` as two CPU ranks under torchrun:
+    one thread a rank, the rendezvous on an unused port of 127.0.0.1, the caller's tracking URI and
+    world size dropped, and the folders torchrun makes for its logs (``torchelastic_*``)
+    made in ``tmp``, not left behind in the system's temporary folder."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "TMPDIR": str(tmp)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(unused_port()), *args]
+    return cmd, env
 
 
 def corrupt_png(path: Path) -> Path:

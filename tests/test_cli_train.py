@@ -31,7 +31,14 @@ from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.config import load_config, load_preset
 from anomaly_flow.data import split_train_val, write_image_folder
 from anomaly_flow.fashion_mnist import SampleData
-from tests.conftest import ImageDirs, corrupt_png, new_store, stop_during, tiny_config
+from tests.conftest import (
+    ImageDirs,
+    corrupt_png,
+    new_store,
+    stop_during,
+    tiny_config,
+    torchrun,
+)
 from tests.test_pipelines import load_script
 
 
@@ -668,23 +675,16 @@ def test_a_fresh_training_clears_a_damaged_checkpoint_record(
 
 
 @pytest.mark.slow
-def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp_path: Path,
-                                                      free_port: int) -> None:
+def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs,
+                                                      tmp_path: Path) -> None:
     """The README's several-process command (2 CPU processes, gloo): one run, one version;
     only rank 0 prints the run and the model."""
-    import os
     import subprocess
-    import sys
-
 
     store = tmp_path / "store"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port), "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
-           "ddp-parts", "--preset", "tiny", "--epochs", "1", "--device", "cpu",
-           "--mlruns", str(store)]
+    cmd, env = torchrun(tmp_path / "tmp", "-m", "anomaly_flow", "train",
+                        str(image_dirs.train), "--name", "ddp-parts", "--preset", "tiny",
+                        "--epochs", "1", "--device", "cpu", "--mlruns", str(store))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -702,23 +702,16 @@ def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs, tmp
 
 @pytest.mark.slow
 def test_a_refusal_of_rank_0_under_torchrun_ends_every_rank(image_dirs: ImageDirs,
-                                                           tmp_path: Path,
-                                                           free_port: int) -> None:
+                                                           tmp_path: Path) -> None:
     """Rank 0 alone checks the store and the resume's record: its refusal reaches the
     other ranks, which leave with it instead of waiting in training's first collective
     until torchrun kills them (SIGKILL after its 30 s grace, a ChildFailedError naming
     the wrong rank)."""
-    import os
     import subprocess
-    import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port), "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
-           "ddp-refused", "--preset", "tiny", "--device", "cpu", "--resume",
-           "--mlruns", str(tmp_path / "store")]
+    cmd, env = torchrun(tmp_path / "tmp", "-m", "anomaly_flow", "train",
+                        str(image_dirs.train), "--name", "ddp-refused", "--preset", "tiny",
+                        "--device", "cpu", "--resume", "--mlruns", str(tmp_path / "store"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode != 0

@@ -15,9 +15,7 @@ import math
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from anomaly_flow.train import (
     learning_rate,
     train,
 )
-from tests.conftest import ended_process_id
+from tests.conftest import ended_process_id, torchrun
 
 MODEL = GlowConfig(in_channels=1, image_size=16, levels=2, steps_per_level=2,
                    hidden_channels=16)
@@ -735,12 +733,6 @@ def test_other_runtime_errors_are_not_called_out_of_memory(image_folder: Path,
 # --------------------------------------------------------------------------- DDP
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(folder: Path, config: RunConfig,
                   tmp_path: Path) -> tuple[list[dict], list[dict[str, torch.Tensor]]]:
     """Train under torchrun (gloo, 2 CPU processes, tests/ddp_worker.py): each rank's
@@ -750,12 +742,8 @@ def run_two_ranks(folder: Path, config: RunConfig,
     out = tmp_path / "out"
     out.mkdir()
     worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(worker), str(folder), str(config_file),
-           str(out)]
+    cmd, env = torchrun(tmp_path / "tmp", str(worker), str(folder),
+                        str(config_file), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)],
@@ -842,12 +830,9 @@ def test_ddp_rank_with_an_empty_share_of_the_last_batch(tmp_path: Path,
     config_file.write_text(config.to_json())
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_worker.py")),
-           str(folder), str(config_file), str(out)]
+    cmd, env = torchrun(tmp_path / "tmp",
+                        str(Path(__file__).with_name("ddp_worker.py")), str(folder),
+                        str(config_file), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
