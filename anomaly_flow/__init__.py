@@ -8,7 +8,10 @@ The library, by concept; a module imports only from its own group or the groups 
 * images: :mod:`~anomaly_flow.data` (finding and decoding files, datasets),
   :mod:`~anomaly_flow.fingerprint` (content digests of folders),
   :mod:`~anomaly_flow.fashion_mnist` (IDX files and the shipped sample);
-* :mod:`~anomaly_flow.calibration`: p-values and thresholds, plain functions over arrays;
+* calibration, plain functions over arrays: :mod:`~anomaly_flow.calibration_checks` (the
+  score and stored-record checks and the CalibrationError they raise),
+  :mod:`~anomaly_flow.detection` (AUROC on labelled images, choosing a score type),
+  :mod:`~anomaly_flow.calibration` (p-values and thresholds);
 * scoring: :mod:`~anomaly_flow.scoring` (batches and datasets),
   :mod:`~anomaly_flow.complexity`, :mod:`~anomaly_flow.heatmap`,
   :mod:`~anomaly_flow.score_table` (the output file),

@@ -56,9 +56,10 @@ flags the fewest images (the highest threshold) wins.
 
 `Calibration` is what is stored, as JSON, with a model version: the score name, the
 chosen `Threshold` and the sorted calibration scores, from which p-values (and
-Benjamini-Hochberg decisions over a batch) can be recomputed later. When the score
-itself was chosen from data, `select_score` records the evidence as a `ScoreSelection`
-(the AUROC of every candidate on labelled anomalies), stored with the calibration.
+Benjamini-Hochberg decisions over a batch) can be recomputed later, and, when the score
+itself was chosen from data, the :class:`~anomaly_flow.detection.ScoreSelection` that
+chose it. How well a score separates anomalies regardless of any threshold (AUROC, and
+the choice of a score type by it) is :mod:`anomaly_flow.detection`.
 
 Example:
     >>> import numpy as np
@@ -71,108 +72,47 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import decimal
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from anomaly_flow.calibration_checks import (
+    CalibrationError,
+    as_scores,
+    check_fields,
+    invalid_as_calibration_error,
+    is_int,
+)
+from anomaly_flow.detection import TIE_RTOL, ScoreSelection, labelled_scores
 from anomaly_flow.threshold_methods import METHODS, Method
 
 __all__ = [
     "Calibration",
-    "CalibrationError",
-    "DetectionMetrics",
     "Method",
-    "ScoreSelection",
     "Threshold",
     "benjamini_hochberg",
     "calibrate",
     "conformal_p_values",
     "conformal_threshold",
     "cost_threshold",
-    "detection_metrics",
     "f1_threshold",
     "min_calibration_size",
     "operating_point",
-    "select_score",
     "youden_threshold",
 ]
 
 SCHEMA_VERSION = 1
 
-# Relative tolerance under which two rounded objective values (cost, AUROC) count as a tie.
-_TIE_RTOL = 1e-12
-
-SCORE_SELECTION_RULE = "max AUROC on labelled anomalies"
-"""The rule `select_score` applies; ties go to the candidate listed first."""
-
-
-class CalibrationError(ValueError):
-    """Calibration inputs or stored calibration data are unusable; the message says why."""
-
 
 # --------------------------------------------------------------------------- validation
-
-
-@contextlib.contextmanager
-def _invalid_as_calibration_error(what: str) -> Iterator[None]:
-    """Turn what a malformed stored value makes Python raise (a list where a name goes,
-    an integer past a float's range) into a :class:`CalibrationError` naming ``what``."""
-    try:
-        yield
-    except CalibrationError:
-        raise
-    except (TypeError, ValueError, OverflowError) as error:
-        raise CalibrationError(f"invalid {what} in the stored calibration: {error}; "
-                               "re-run calibration") from error
-
-
-def _as_scores(values: ArrayLike, name: str, what: str = "scores") -> np.ndarray:
-    """Return ``values`` as a finite, non-empty 1-D float64 array, or raise.
-
-    Args:
-        values: Scores, shape (N,). Higher = more anomalous.
-        name: What these scores are, for error messages ("calibration", "normal", ...).
-        what: What the values are called in those messages (``p-values`` for p-values).
-
-    Returns:
-        A float64 array of shape (N,) (a copy when conversion was needed).
-    """
-    label = f"{name} {what}".strip()
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError) as error:
-        raise CalibrationError(
-            f"{label} must be numbers; could not convert them ({error})."
-        ) from error
-    if array.ndim != 1:
-        raise CalibrationError(
-            f"{label} must be a 1-D array with one per image; "
-            f"got shape {array.shape}. Flatten or select one value per image."
-        )
-    if array.size == 0:
-        raise CalibrationError(
-            f"no {label} were given; at least one scored image is needed. "
-            "Check that the image folder is not empty and that scoring succeeded."
-        )
-    bad = ~np.isfinite(array)
-    n_bad = int(bad.sum())
-    if n_bad:
-        raise CalibrationError(
-            f"{n_bad} of {array.size} {label} are NaN or infinite: those images "
-            "failed to score (unreadable files, or a model that overflows on them). "
-            "Remove or fix those images, or check the model, then run again."
-        )
-    return array
 
 
 def _check_rate(value: float, name: str, hint: str) -> float:
@@ -284,8 +224,8 @@ def operating_point(
         >>> operating_point([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6], 0.3)["f1"]
         0.8571428571428571
     """
-    normal = _as_scores(normal_scores, "normal")
-    anomalous = None if anomalous_scores is None else _as_scores(anomalous_scores, "anomalous")
+    normal = as_scores(normal_scores, "normal")
+    anomalous = None if anomalous_scores is None else as_scores(anomalous_scores, "anomalous")
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise CalibrationError(f"threshold must be a finite number; got {threshold}.")
@@ -303,25 +243,6 @@ def _optional_unit(value: Any, name: str) -> float | None:
         raise CalibrationError(f"Threshold.{name} must be in [0, 1]; got {value}.")
     return value
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_fields(data: Any, what: str, known: set[str], required: set[str]) -> None:
-    """Refuse a stored ``what`` that is not a JSON object, has fields this version does not
-    know, or lacks required ones."""
-    if not isinstance(data, Mapping):
-        raise CalibrationError(f"{what} must be a JSON object; got {type(data).__name__}.")
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CalibrationError(
-            f"unknown {what} field(s) {unknown}; expected only {sorted(known)}. "
-            "The file may come from a newer version of anomaly-flow."
-        )
-    missing = sorted(required - set(data))
-    if missing:
-        raise CalibrationError(f"{what} is missing field(s) {missing}.")
 
 
 @dataclass(frozen=True)
@@ -378,7 +299,7 @@ class Threshold:
             )
         for name, minimum in (("n_calibration", 1), ("n_anomalous", 0)):
             count = getattr(self, name)
-            if not _is_int(count) or count < minimum:
+            if not is_int(count) or count < minimum:
                 raise CalibrationError(
                     f"Threshold.{name} must be an integer >= {minimum}; got {count!r}."
                 )
@@ -420,222 +341,17 @@ class Threshold:
         Raises:
             CalibrationError: Missing or unknown keys, or invalid values.
         """
-        _check_fields(data, "threshold", set(cls.__dataclass_fields__),
+        check_fields(data, "threshold", set(cls.__dataclass_fields__),
                       {"value", "method", "alpha", "n_calibration", "fpr"})
-        with _invalid_as_calibration_error("threshold"):
+        with invalid_as_calibration_error("threshold"):
             return cls(**data)
-
-
-@dataclass(frozen=True)
-class DetectionMetrics:
-    """Threshold-free separation of normal and anomalous scores (anomalies positive).
-
-    Attributes:
-        auroc: Area under the ROC curve.
-        aupr: Average precision (area under the precision-recall curve).
-        fpr_at_95_tpr: Smallest FPR among ROC points with TPR >= 0.95.
-        n_normal: Number of normal scores.
-        n_anomalous: Number of anomalous scores.
-    """
-
-    auroc: float
-    aupr: float
-    fpr_at_95_tpr: float
-    n_normal: int
-    n_anomalous: int
-
-    def to_dict(self) -> dict[str, float | int]:
-        """Plain dict, e.g. for ``mlflow.log_metrics``."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-def labelled_scores(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (1 = anomaly) and scores, concatenated, for scikit-learn."""
-    y_true = np.concatenate([np.zeros(normal.size, np.int8), np.ones(anomalous.size, np.int8)])
-    return y_true, np.concatenate([normal, anomalous])
-
-
-def detection_metrics(normal_scores: ArrayLike, anomalous_scores: ArrayLike) -> DetectionMetrics:
-    """AUROC, AUPR and FPR at 95 % TPR, anomalies being the positive class.
-
-    Args:
-        normal_scores: Scores of normal images, shape (N,).
-        anomalous_scores: Scores of anomalous images, shape (M,).
-
-    Returns:
-        The metrics; ties between a normal and an anomalous score count half in AUROC.
-
-    Example:
-        >>> detection_metrics([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6]).fpr_at_95_tpr
-        0.25
-    """
-    normal = _as_scores(normal_scores, "normal")
-    anomalous = _as_scores(anomalous_scores, "anomalous")
-    # scikit-learn loads in a second: imported where used, so the scripts that only read
-    # METHODS (their --help, their option errors) answer at once
-    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-
-    y_true, y_score = labelled_scores(normal, anomalous)
-    fpr, tpr, _ = roc_curve(y_true, y_score, drop_intermediate=False)
-    return DetectionMetrics(
-        auroc=float(roc_auc_score(y_true, y_score)),
-        # scikit-learn sums the recall steps in floats: a perfect ranking of 20 anomalies
-        # gives 1.0000000000000002, a precision above 1
-        aupr=min(1.0, float(average_precision_score(y_true, y_score))),
-        fpr_at_95_tpr=float(fpr[tpr >= 0.95].min()),
-        n_normal=normal.size,
-        n_anomalous=anomalous.size,
-    )
-
-
-# ------------------------------------------------------------------------ score selection
-
-
-def _first_best(auroc: Mapping[str, float]) -> str:
-    """The first name, in order, whose AUROC is maximal (up to float round-off)."""
-    best = max(auroc.values())
-    return next(name for name, value in auroc.items()
-                if value >= best - _TIE_RTOL * max(1.0, abs(best)))
-
-
-@dataclass(frozen=True)
-class ScoreSelection:
-    """Which score type a calibration uses, and the evidence it was chosen on.
-
-    The AUROCs are measured on the same labelled images that chose the score, so the
-    winner's AUROC is optimistic (a maximum over candidates); judge it on other data
-    (``anomaly-flow evaluate``) before trusting the number.
-
-    Attributes:
-        chosen: The selected score, e.g. ``"complexity"``.
-        auroc: AUROC of every candidate, in candidate order (the tie-break order), e.g.
-            ``{"bpd": 0.61, "complexity": 0.83, "coarse_complexity": 0.86,
-            "level_1": 0.58, "level_2": 0.66}``.
-        n_normal: Normal images the AUROCs were measured on (the same for every candidate).
-        n_anomalous: Labelled anomalous images they were measured on.
-        rule: How ``chosen`` follows from ``auroc``.
-    """
-
-    chosen: str
-    auroc: Mapping[str, float] = field(hash=False)
-    n_normal: int
-    n_anomalous: int
-    rule: str = SCORE_SELECTION_RULE
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rule, str) or not self.rule:
-            raise CalibrationError(f"ScoreSelection.rule must be a non-empty string; got "
-                                   f"{self.rule!r}.")
-        if not isinstance(self.auroc, Mapping) or not self.auroc:
-            raise CalibrationError(
-                "ScoreSelection.auroc must map each candidate score name to its AUROC; "
-                f"got {self.auroc!r}."
-            )
-        auroc: dict[str, float] = {}
-        for name, value in self.auroc.items():
-            if not isinstance(name, str) or not name:
-                raise CalibrationError(f"score names must be non-empty strings; got {name!r}.")
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                    or not 0.0 <= float(value) <= 1.0:
-                raise CalibrationError(
-                    f"the AUROC of {name!r} must be a number in [0, 1]; got {value!r}."
-                )
-            auroc[name] = float(value)
-        object.__setattr__(self, "auroc", MappingProxyType(auroc))  # read-only, like the rest
-        if self.chosen not in auroc:
-            raise CalibrationError(
-                f"the chosen score {self.chosen!r} is not among the candidates {list(auroc)}."
-            )
-        if self.rule == SCORE_SELECTION_RULE and self.chosen != _first_best(auroc):
-            raise CalibrationError(
-                f"score {self.chosen!r} (AUROC {auroc[self.chosen]}) does not have the highest "
-                f"AUROC among {auroc}; the selection was altered. Re-run calibration."
-            )
-        for name in ("n_normal", "n_anomalous"):
-            count = getattr(self, name)
-            if not _is_int(count) or count < 1:
-                raise CalibrationError(
-                    f"ScoreSelection.{name} must be an integer >= 1; got {count!r}."
-                )
-            object.__setattr__(self, name, int(count))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of every field."""
-        return {"rule": self.rule, "chosen": self.chosen, "auroc": dict(self.auroc),
-                "n_normal": self.n_normal, "n_anomalous": self.n_anomalous}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ScoreSelection:
-        """Rebuild from `to_dict` output, validating every field.
-
-        Raises:
-            CalibrationError: Missing or unknown keys, or invalid values.
-        """
-        known = set(cls.__dataclass_fields__)
-        _check_fields(data, "score_selection", known, known)
-        with _invalid_as_calibration_error("score_selection"):
-            return cls(**data)
-
-
-def select_score(
-    normal_scores: Mapping[str, ArrayLike], anomalous_scores: Mapping[str, ArrayLike]
-) -> ScoreSelection:
-    """Choose the score type that best separates labelled anomalies from normal images.
-
-    Each candidate's AUROC (anomalies positive) is measured on the same images; the
-    highest wins, and ties go to the candidate that comes first in ``normal_scores``
-    (:func:`anomaly_flow.evaluation.select_folder_score` puts the model's default score
-    first, then :func:`anomaly_flow.scoring.score_names` order).
-
-    The winner's AUROC is measured on the images that chose it, so it is optimistic.
-
-    Args:
-        normal_scores: ``{score name: scores of the normal images, shape (N,)}``, the
-            same N images, in the same order, for every candidate.
-        anomalous_scores: ``{score name: scores of the anomalous images, shape (M,)}``,
-            with the same names.
-
-    Returns:
-        A `ScoreSelection` with every candidate's AUROC and the chosen name.
-
-    Raises:
-        CalibrationError: No candidates, different names on the two sides, different
-            image counts between candidates, or empty / non-finite scores.
-
-    Example:
-        >>> normal = {"bpd": [1.0, 2.0, 3.0], "complexity": [1.0, 2.0, 3.0]}
-        >>> anomalous = {"bpd": [2.5, 0.5], "complexity": [4.0, 5.0]}
-        >>> select_score(normal, anomalous).chosen
-        'complexity'
-    """
-    names = list(normal_scores)
-    if not names:
-        raise CalibrationError("no candidate scores were given to choose from.")
-    if set(anomalous_scores) != set(names):
-        raise CalibrationError(
-            f"normal and anomalous scores must name the same candidates; got {names} and "
-            f"{list(anomalous_scores)}."
-        )
-    auroc: dict[str, float] = {}
-    sizes: set[tuple[int, int]] = set()
-    for name in names:
-        metrics = detection_metrics(normal_scores[name], anomalous_scores[name])
-        auroc[name] = metrics.auroc
-        sizes.add((metrics.n_normal, metrics.n_anomalous))
-    if len(sizes) > 1:
-        raise CalibrationError(
-            "every candidate score must be measured on the same images, but the candidates "
-            f"have different numbers of (normal, anomalous) scores: {sorted(sizes)}."
-        )
-    n_normal, n_anomalous = sizes.pop()
-    return ScoreSelection(_first_best(auroc), auroc, n_normal, n_anomalous)
 
 
 # -------------------------------------------------------------------- conformal p-values
 
 
 def _sorted_calibration(calibration_scores: ArrayLike) -> np.ndarray:
-    return np.sort(_as_scores(calibration_scores, "calibration"))
+    return np.sort(as_scores(calibration_scores, "calibration"))
 
 
 def _p_values_sorted(sorted_cal: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -662,7 +378,7 @@ def conformal_p_values(calibration_scores: ArrayLike, scores: ArrayLike) -> np.n
         >>> conformal_p_values([1.0, 2.0, 2.0, 3.0], [0.0, 2.0, 2.5, 4.0])
         array([1. , 0.8, 0.4, 0.2])
     """
-    return _p_values_sorted(_sorted_calibration(calibration_scores), _as_scores(scores, "test"))
+    return _p_values_sorted(_sorted_calibration(calibration_scores), as_scores(scores, "test"))
 
 
 def conformal_need(alpha: float) -> str:
@@ -736,7 +452,7 @@ def conformal_threshold(
         >>> conformal_threshold([1, 2, 3, 4, 5, 6, 7, 8, 9], alpha=0.3).value
         7.0
     """
-    anomalous = None if anomalous_scores is None else _as_scores(anomalous_scores, "anomalous")
+    anomalous = None if anomalous_scores is None else as_scores(anomalous_scores, "anomalous")
     return _conformal_from_sorted(_sorted_calibration(calibration_scores), alpha, anomalous)
 
 
@@ -774,7 +490,7 @@ def _pick(objective: np.ndarray, strict: np.ndarray, *, rtol: float) -> float:
     """Highest threshold whose objective is maximal, up to ``rtol`` relative to the best
     value: 0 where equal objectives are equal floats, as F1 (a correctly rounded quotient
     of integers) and J (integers) are; a weighted sum of costs is rounded, so it needs
-    :data:`_TIE_RTOL`."""
+    :data:`~anomaly_flow.detection.TIE_RTOL`."""
     best = objective.max()
     ties = objective >= best - rtol * abs(best)
     return float(strict[ties].max())
@@ -787,8 +503,8 @@ def _labelled_threshold(
     cost_fp: float | None = None,
     cost_fn: float | None = None,
 ) -> Threshold:
-    normal = _as_scores(normal_scores, "normal")
-    anomalous = _as_scores(anomalous_scores, "anomalous")
+    normal = as_scores(normal_scores, "normal")
+    anomalous = as_scores(anomalous_scores, "anomalous")
     strict, fp, tp = _candidates(normal, anomalous)
     fn = anomalous.size - tp
     if method == "f1":
@@ -806,7 +522,7 @@ def _labelled_threshold(
         w_fp, w_fn = (0.0 if c == 0 else max(c / largest, math.ulp(0.0))  # type: ignore[operator]
                       for c in (cost_fp, cost_fn))
         objective = -(w_fp * fp + w_fn * fn)
-    value = _pick(objective, strict, rtol=_TIE_RTOL if method == "cost" else 0.0)
+    value = _pick(objective, strict, rtol=TIE_RTOL if method == "cost" else 0.0)
     rates = _rates(*_counts(normal, anomalous, value), labelled=True)
     return Threshold(
         value=value,
@@ -911,7 +627,7 @@ def benjamini_hochberg(p_values: ArrayLike, q: float) -> np.ndarray:
         array([ True,  True,  True,  True, False])
     """
     q = _check_rate(q, "q (the target false discovery rate)", "Use e.g. 0.05 or 0.1.")
-    p = _as_scores(p_values, "", "p-values")
+    p = as_scores(p_values, "", "p-values")
     if p.min() < 0 or p.max() > 1:
         raise CalibrationError(
             f"p-values must lie in [0, 1]; got values from {p.min()} to {p.max()}. "
@@ -949,7 +665,8 @@ class Calibration:
         calibration_scores: The normal calibration scores, sorted ascending, shape
             (n,) as a tuple of floats; any array-like is accepted and sorted.
         created_at: ISO 8601 timestamp (UTC) of creation.
-        score_selection: How ``score_name`` was chosen from data (`select_score`), or
+        score_selection: How ``score_name`` was chosen from data
+            (:func:`~anomaly_flow.detection.select_score`), or
             None when it was named by the user (and in calibrations stored before
             selection existed).
     """
@@ -1018,7 +735,7 @@ class Calibration:
 
     def p_values(self, scores: ArrayLike) -> np.ndarray:
         """Conformal p-values of ``scores`` (shape (B,)) against the stored scores."""
-        return _p_values_sorted(self._sorted, _as_scores(scores, "test"))
+        return _p_values_sorted(self._sorted, as_scores(scores, "test"))
 
     def decide(self, scores: ArrayLike, fdr: float | None = None) -> np.ndarray:
         """Flag anomalies in a batch of scores.
@@ -1031,7 +748,7 @@ class Calibration:
         Returns:
             Boolean mask, shape (B,): ``scores > threshold.value``, or the BH rejections.
         """
-        scores = _as_scores(scores, "test")
+        scores = as_scores(scores, "test")
         if fdr is not None:
             return benjamini_hochberg(_p_values_sorted(self._sorted, scores), fdr)
         return scores > self.threshold.value
@@ -1082,7 +799,7 @@ class Calibration:
                 f"anomaly-flow reads {SCHEMA_VERSION}. Re-run calibration or upgrade."
             )
         required = {"score_name", "created_at", "threshold", "calibration_scores"}
-        _check_fields(data, "calibration", required | {"schema_version", "score_selection"},
+        check_fields(data, "calibration", required | {"schema_version", "score_selection"},
                       required)
         scores = data["calibration_scores"]
         if not isinstance(scores, list) or not all(
@@ -1090,7 +807,7 @@ class Calibration:
         ):
             raise CalibrationError("calibration_scores must be a JSON list of numbers.")
         selection = data.get("score_selection")
-        with _invalid_as_calibration_error("calibration"):
+        with invalid_as_calibration_error("calibration"):
             return cls(
                 score_name=data["score_name"],
                 threshold=Threshold.from_dict(data["threshold"]),
@@ -1137,8 +854,9 @@ def calibrate(
             ``"conformal"`` (then only used to report precision/recall).
         cost_fp: Cost of a false positive, for ``"cost"``.
         cost_fn: Cost of a false negative, for ``"cost"``.
-        score_selection: How ``score_name`` was chosen (`select_score`), stored with the
-            calibration; None when the score was named.
+        score_selection: How ``score_name`` was chosen
+            (:func:`~anomaly_flow.detection.select_score`), stored with the calibration;
+            None when the score was named.
 
     Returns:
         A validated `Calibration`.

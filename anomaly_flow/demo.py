@@ -20,9 +20,10 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_flow import heatmap, plots, report, tracking
-from anomaly_flow.calibration import DetectionMetrics, operating_point
+from anomaly_flow.calibration import operating_point
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import DataError, display_path
+from anomaly_flow.detection import DetectionMetrics
 from anomaly_flow.evaluation import calibrate_model, evaluate_scores
 from anomaly_flow.fashion_mnist import SAMPLE_MARKER, write_sample_folders
 from anomaly_flow.fingerprint import fingerprint_and_digests

@@ -16,7 +16,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("anomaly_flow.glow", "ModelFileError"),
     ("anomaly_flow.checkpoint", "TrainingError"),
     ("anomaly_flow.score_table", "ScoringError"),
-    ("anomaly_flow.calibration", "CalibrationError"),
+    ("anomaly_flow.calibration_checks", "CalibrationError"),
     ("anomaly_flow.tracking.models", "ModelNotFoundError"),
     ("anomaly_flow.tracking.store", "TrackingError"),
     ("mlflow.exceptions", "MlflowException"),

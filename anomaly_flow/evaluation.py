@@ -3,9 +3,10 @@
 This module orchestrates the pieces: it scores image folders with
 :mod:`anomaly_flow.folder_scoring` (over :mod:`anomaly_flow.scoring`), checks the options,
 folders and model and warns of the images used with :mod:`anomaly_flow.prechecks`, fits
-thresholds with :mod:`anomaly_flow.calibration`, draws figures with
-:mod:`anomaly_flow.plots` and logs runs and model versions through
-:mod:`anomaly_flow.tracking` (the only module that talks to MLflow).
+thresholds with :mod:`anomaly_flow.calibration`, measures AUROC and chooses a score type
+with :mod:`anomaly_flow.detection`, draws figures with :mod:`anomaly_flow.plots` and logs
+runs and model versions through :mod:`anomaly_flow.tracking` (the only module that talks
+to MLflow).
 
 * :func:`calibrate_model` — held-out normal images (and optionally labelled anomalies)
   in; a new model version carrying the calibration out, with a logged run (metrics,
@@ -50,17 +51,15 @@ from anomaly_flow import plots, tracking
 from anomaly_flow.calibration import (
     METHODS,
     Calibration,
-    CalibrationError,
     Method,
-    ScoreSelection,
     calibrate,
     conformal_need,
-    detection_metrics,
     min_calibration_size,
     operating_point,
-    select_score,
 )
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import DataError, display_path
+from anomaly_flow.detection import ScoreSelection, detection_metrics, select_score
 from anomaly_flow.folder_scoring import MAX_REASONS_LOGGED, FolderScores, score_folder_table
 from anomaly_flow.glow import Glow
 from anomaly_flow.prechecks import (
@@ -240,7 +239,7 @@ def _log_failures(run: tracking.Run, failures: Mapping[str, Sequence[tuple[str, 
 
 def select_folder_score(normal: FolderScores, anomalous: FolderScores,
                         model: Glow) -> ScoreSelection:
-    """:func:`~anomaly_flow.calibration.select_score` among ``model``'s scores, over the
+    """:func:`~anomaly_flow.detection.select_score` among ``model``'s scores, over the
     images usable for every candidate, so that all AUROCs are measured on the same images.
     A tie (labelled anomalies every score separates: AUROC 1 for all) goes to the model's
     default score, not to ``bpd``, the first in column order and the weakest at large."""

@@ -27,7 +27,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from anomaly_flow.calibration import labelled_scores
+from anomaly_flow.detection import labelled_scores
 
 __all__ = ["pr_curves", "roc_curves", "score_histogram", "score_histograms"]
 

@@ -30,10 +30,10 @@ import numpy as np
 from anomaly_flow import tracking
 from anomaly_flow.calibration import (
     METHODS,
-    CalibrationError,
     conformal_need,
     min_calibration_size,
 )
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.config import RunConfig
 from anomaly_flow.data import ImageMode, display_path, find_images, one_line, try_load_image
 from anomaly_flow.fingerprint import fingerprint_and_digests, is_unreadable, notable_copies

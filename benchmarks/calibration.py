@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from anomaly_flow.calibration import CalibrationError, conformal_threshold, min_calibration_size
+from anomaly_flow.calibration import conformal_threshold, min_calibration_size
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import ArrayDataset, DataError, split_train_val
 from anomaly_flow.fashion_mnist import load_fashion_mnist, load_sample
 from anomaly_flow.scoring import ScoringDataset, score_dataset

@@ -7,7 +7,7 @@ images of class k only (28x28, L=2), holding out ``--val-fraction`` of them (0.1
 ``anomaly-flow train`` does) for validation and the normal reference; score the whole
 test set with
 :func:`anomaly_flow.scoring.score_images`; class k is normal, the nine others anomalous;
-AUROC (:func:`anomaly_flow.calibration.detection_metrics`, anomalies positive, higher
+AUROC (:func:`anomaly_flow.detection.detection_metrics`, anomalies positive, higher
 score = more anomalous) for every score:
 
 * ``bpd``: bits/dim (deterministic, bin centres);
@@ -59,7 +59,6 @@ import torch
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
 
-from anomaly_flow.calibration import detection_metrics
 from anomaly_flow.complexity import (
     batch_coarse_png_bits_per_dim,
     batch_png_bits_per_dim,
@@ -67,6 +66,7 @@ from anomaly_flow.complexity import (
 )
 from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
 from anomaly_flow.data import ArrayDataset, split_train_val
+from anomaly_flow.detection import detection_metrics
 from anomaly_flow.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from anomaly_flow.glow import REFERENCE_STD_FLOOR, Glow
 from anomaly_flow.scoring import score_images

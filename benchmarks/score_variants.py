@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from anomaly_flow.calibration import detection_metrics
 from anomaly_flow.complexity import batch_coarse_png_bits_per_dim, coarse_complexity
 from anomaly_flow.data import ArrayDataset, split_train_val
+from anomaly_flow.detection import detection_metrics
 from anomaly_flow.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from anomaly_flow.glow import (
     REFERENCE_STD_FLOOR,

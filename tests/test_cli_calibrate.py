@@ -20,15 +20,14 @@ from click.testing import CliRunner, Result
 from anomaly_flow import tracking
 from anomaly_flow.calibration import (
     Calibration,
-    CalibrationError,
     conformal_threshold,
     cost_threshold,
-    detection_metrics,
     f1_threshold,
-    select_score,
     youden_threshold,
 )
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.cli import main
+from anomaly_flow.detection import detection_metrics, select_score
 from anomaly_flow.evaluation import calibrate_scores
 from anomaly_flow.fingerprint import fingerprint_and_digests
 from anomaly_flow.folder_scoring import FolderScores, score_folder_table

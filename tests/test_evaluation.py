@@ -1,9 +1,9 @@
 """Tests for :mod:`anomaly_flow.evaluation` and :mod:`anomaly_flow.plots`: option checks
-that fail before any scoring, threshold comparison and detection tables against
-:mod:`anomaly_flow.calibration`, threshold selection with the session's tiny trained
-model, and the figures. Scoring real folders (with broken files) is in
-``test_folder_scoring.py``, the checks and warnings on their own in ``test_prechecks.py``,
-calibration runs against a real store in ``test_cli_calibrate.py``."""
+that fail before any scoring, threshold comparison against :mod:`anomaly_flow.calibration`
+and detection tables against :mod:`anomaly_flow.detection`, threshold selection with the
+session's tiny trained model, and the figures. Scoring real folders (with broken files) is
+in ``test_folder_scoring.py``, the checks and warnings on their own in
+``test_prechecks.py``, calibration runs against a real store in ``test_cli_calibrate.py``."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from matplotlib.figure import Figure
 
 from anomaly_flow import plots, tracking
 from anomaly_flow.calibration import (
-    CalibrationError,
     conformal_threshold,
     cost_threshold,
-    detection_metrics,
     f1_threshold,
     youden_threshold,
 )
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import DataError, write_image_folder
+from anomaly_flow.detection import detection_metrics
 from anomaly_flow.evaluation import (
     calibrate_model,
     calibrate_scores,

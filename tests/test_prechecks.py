@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomaly_flow.calibration import CalibrationError
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import write_image_folder
 from anomaly_flow.evaluation import calibrate_model, evaluate_model
 from anomaly_flow.prechecks import check_separate_folders, reused_calibration_images

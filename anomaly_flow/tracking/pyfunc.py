@@ -44,7 +44,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from anomaly_flow.calibration import Calibration, CalibrationError
+from anomaly_flow.calibration import Calibration
+from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import InvalidSource, undisplayed_path
 from anomaly_flow.glow import Glow, ModelFileError
 from anomaly_flow.score_table import DECISION_COLUMNS
