@@ -18,7 +18,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(group) for group in (
     {"config", "layers", "glow", "score_kinds", "threshold_methods", "errors", "stopping",
      "presets"},
     {"data", "fingerprint", "fashion_mnist"},
-    {"calibration"},
+    {"calibration_checks", "detection", "calibration"},
     {"scoring", "complexity", "heatmap", "score_table", "folder_scoring"},
     {"train", "checkpoint", "distributed"},
     {"plots"},
