@@ -23,6 +23,8 @@ Fixtures:
     tracking_env: ``os.environ`` plus the venv's ``bin`` on ``PATH`` (``mlflow models
         serve`` starts ``uvicorn`` by name), for subprocesses.
     free_port: A TCP port on 127.0.0.1 that was free a moment ago.
+    one_thread: One intra-op torch thread during the test (``pytestmark =
+        pytest.mark.usefixtures("one_thread")`` for a whole module).
 
 Helpers (``from tests.conftest import ...``): ``tiny_config(epochs)``, ``new_store(folder,
 template)``, ``corrupt_png(path)``, ``gray_images(n)``, ``unused_port()``,
@@ -45,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import strategies as st
 
 from anomaly_flow.config import RunConfig, load_preset
@@ -185,6 +188,16 @@ def tracking_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test: fair to the other tests on a 2-core machine, and
+    the same reduction order in every run of a comparison."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def unused_port() -> int:

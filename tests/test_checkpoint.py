@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,27 +22,11 @@ from anomaly_flow.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from anomaly_flow.config import GlowConfig, RunConfig, TrainConfig
+from anomaly_flow.config import RunConfig
 from anomaly_flow.glow import Glow
+from tests.test_train import MODEL, run_config
 
-MODEL = GlowConfig(in_channels=1, image_size=16, levels=2, steps_per_level=2,
-                   hidden_channels=16)
-
-
-def run_config(**train_fields) -> RunConfig:
-    fields = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5,
-              "val_fraction": 0.1, "seed": 0, "checkpoint_every": 1000,
-              "init_batch_size": 64, **train_fields}
-    return RunConfig(MODEL, TrainConfig(**fields))
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: fair to the other tests on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_checkpoints_atomic_pruned_and_restore_optimizer_exactly(tmp_path: Path) -> None:

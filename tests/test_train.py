@@ -54,14 +54,7 @@ def run_config(**train_fields) -> RunConfig:
     return RunConfig(MODEL, TrainConfig(**fields))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: fair to the other tests on a 2-core machine, and the same
-    reduction order in every run of a comparison."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
