@@ -28,8 +28,8 @@ Fixtures:
 
 Helpers (``from tests.conftest import ...``): ``tiny_config(epochs)``, ``new_store(folder,
 template)``, ``corrupt_png(path)``, ``gray_images(n)``, ``unused_port()``,
-``torchrun(tmp, *args)`` (a two-rank command and its environment), and the ``ImageDirs``
-and ``TrainedModel`` types.
+``torchrun(tmp, *args)`` (a two-rank command and its environment), ``run_killed(code,
+tmp)`` (a process that kills itself), and the ``ImageDirs`` and ``TrainedModel`` types.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,25 @@ from anomaly_flow.data import write_image_folder
 from anomaly_flow.fashion_mnist import SampleData, load_sample
 
 MODEL_NAME = "tiny-parts"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_of_this_session(tmp_path_factory: pytest.TempPathFactory
+                                     ) -> Iterator[None]:
+    """What the code under test leaves in the temporary folder goes to this session's
+    pytest folder (pytest keeps the last three sessions'), not to /tmp for good: the copy
+    ``mlflow.pyfunc.load_model`` downloads a model to and never removes, and what the
+    processes the tests kill on purpose cannot remove. Subprocesses inherit it
+    (``TMPDIR``)."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    saved_env, saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    tempfile.tempdir = saved
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -226,6 +246,18 @@ def torchrun(tmp: Path, *args: str) -> tuple[list[str], dict[str, str]]:
            "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(unused_port()), *args]
     return cmd, env
+
+
+def run_killed(code: str, tmp: Path) -> None:
+    """Run the Python ``code`` from the repository root in a process that kills itself
+    outright (SIGKILL, as the OOM killer would), and check that it did. A process killed
+    so cannot remove its temporary folders (MLflow's, for the artifacts it was logging):
+    they go to ``tmp``, not to the system's temporary folder for good."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp)})
+    assert done.returncode == -signal.SIGKILL, done.stderr
 
 
 def corrupt_png(path: Path) -> Path:

@@ -484,7 +484,8 @@ def test_a_model_deleted_while_it_is_calibrated_is_not_made_anew(
 @pytest.mark.parametrize(("best", "runner_up"), [("complexity", "coarse_complexity"),
                                                  ("coarse_complexity", "complexity")])
 def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evidence(
-        store: Path, client: mlflow.MlflowClient, best: str, runner_up: str) -> None:
+        store: Path, client: mlflow.MlflowClient, best: str, runner_up: str,
+        tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     base_normal, base_anomalous = rng.normal(0.0, 1.0, 30), rng.normal(0.0, 1.0, 12)
     loaded = tracking.load_model(CANDIDATE)
@@ -529,7 +530,8 @@ def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evid
     for name, value in selection.auroc.items():
         assert logged.metrics[f"selection_{name}_auroc"] == pytest.approx(value)
     stored = Calibration.from_json(Path(mlflow.artifacts.download_artifacts(
-        run_id=outcome.run_id, artifact_path="calibration.json")).read_text())
+        run_id=outcome.run_id, artifact_path="calibration.json",
+        dst_path=str(tmp_path))).read_text())
     assert stored.score_selection == selection
 
 
@@ -742,8 +744,8 @@ def test_calibration_leaves_out_the_images_the_model_was_trained_on(
     run_id = run_id_from(result)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["n_trained_on_normal"] == metrics["n_failed_normal"] == 5
-    listed = json.loads(Path(client.download_artifacts(run_id, "failed_images.json"))
-                        .read_text())["normal"]
+    listed = json.loads(Path(client.download_artifacts(run_id, "failed_images.json",
+                                                       str(tmp_path))).read_text())["normal"]
     assert sorted(Path(row["path"]).name for row in listed) == \
         [f"looks-new-{i}.png" for i in range(5)]
     assert all("training folder" in row["reason"] for row in listed)

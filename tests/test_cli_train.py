@@ -35,6 +35,7 @@ from tests.conftest import (
     ImageDirs,
     corrupt_png,
     new_store,
+    run_killed,
     stop_during,
     tiny_config,
     torchrun,
@@ -988,9 +989,7 @@ config = tiny_config(epochs=1).replace(checkpoint_every=1)
 tracking.train_and_register({str(image_dirs.train)!r}, "killed", config, device="cpu",
                             mlruns={str(mlruns)!r}, progress=False)
 """
-    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_killed(killed, mlruns.parent / "tmp")
     record = json.loads((mlruns / "checkpoints" / "killed" / "run.json").read_text())
     client = mlflow.MlflowClient()
     assert client.get_run(record["run_id"]).info.status == "RUNNING"
@@ -1030,9 +1029,7 @@ training.register_model = register_then_die
 tracking.train_and_register({str(image_dirs.train)!r}, "reg-killed", tiny_config(epochs=1),
                             device="cpu", mlruns={str(mlruns)!r}, progress=False)
 """
-    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_killed(killed, mlruns.parent / "tmp")
     client = mlflow.MlflowClient()
     (first,) = client.search_model_versions("name = 'reg-killed'")
     result = invoke(str(image_dirs.train), "--name", "reg-killed", "--preset", "tiny",

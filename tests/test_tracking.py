@@ -557,7 +557,7 @@ def test_a_server_gone_mid_run_is_said_in_a_few_words() -> None:
 
 
 def test_training_run_has_params_metrics_artifacts_tags_and_candidate(
-        trained: TrainedModel) -> None:
+        trained: TrainedModel, tmp_path: Path) -> None:
     client = mlflow.MlflowClient()
     run = client.get_run(trained.run_id)
     params = run.data.params
@@ -575,7 +575,8 @@ def test_training_run_has_params_metrics_artifacts_tags_and_candidate(
     files = {f.path for f in client.list_artifacts(trained.run_id)}
     assert {"config.json", "samples.png", "training_curves.png"} <= files
     config = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=trained.run_id, artifact_path="config.json")).read_text())
+        run_id=trained.run_id, artifact_path="config.json", dst_path=str(tmp_path))
+        ).read_text())
     assert config == trained.config.to_dict()
     tags = run.data.tags
     assert len(tags["data_fingerprint"]) == 64
@@ -1297,7 +1298,8 @@ def test_non_finite_validation_bpd_is_never_registered(
     assert run.info.status == "FAILED"
     assert run.data.tags["failed_files"] == "2"
     failed = Path(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
-                                                      artifact_path="failed_files.txt"))
+                                                      artifact_path="failed_files.txt",
+                                                      dst_path=str(tmp_path)))
     assert paths[int(train_idx[0])].name in failed.read_text()
     assert paths[int(val_idx[0])].name in failed.read_text()
     assert outcome.model_uri.startswith("models:/m-")  # logged for inspection, not registered
