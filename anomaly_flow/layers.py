@@ -189,8 +189,9 @@ class ZeroConv2d(nn.Module):
 class CouplingNet(nn.Sequential):
     """The coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3 conv.
 
-    ``autocast_dtype`` (set through :meth:`Glow.set_coupling_autocast`) runs only this
-    network under autocast, so log-dets and priors stay in the input's precision.
+    ``autocast_dtype`` (set through
+    :meth:`~anomaly_flow.glow.Glow.set_coupling_autocast`) runs only this network under
+    autocast, so log-dets and priors stay in the input's precision.
     """
 
     def __init__(self, in_channels: int, hidden: int, out_channels: int) -> None:

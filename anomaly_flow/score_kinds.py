@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 REFERENCE_SCORES = ("typicality", "knn", "pixel_knn", "ensemble")
-"""Scores built on the model's normal reference (:meth:`Glow.set_reference`)."""
+"""Scores built on the model's normal reference (:meth:`~anomaly_flow.glow.Glow.set_reference`)."""
 
 LIKELIHOOD_SCORES = ("bpd", "complexity", "coarse_complexity")
 """Scores every model gives (besides its per-level columns ``level_1..level_L``)."""
