@@ -877,7 +877,7 @@ class Glow(nn.Module):
                 "re-register it from its training run's artifacts") from None
         try:
             return model.to(device).eval()
-        except torch.OutOfMemoryError as exc:  # the device is there, its memory is taken
+        except torch.cuda.OutOfMemoryError as exc:  # the device is there, its memory is taken
             raise ModelFileError(
                 f"the model in {folder} does not fit in the free memory of {device} "
                 f"({first_line(exc)}); free it (other processes on that GPU), or load the "

@@ -436,13 +436,13 @@ bytes`` (CPU), ``Tried to allocate 2.00 GiB`` (CUDA)."""
 def out_of_memory(error: BaseException, device: torch.device | str) -> str | None:
     """``out of memory on <device>``, with the allocation that failed where torch's
     message names it (`` (an allocation of 2.25 GiB failed)``), or None when ``error`` is
-    not torch's out-of-memory error (``torch.OutOfMemoryError`` on CUDA, a RuntimeError
+    not torch's out-of-memory error (``torch.cuda.OutOfMemoryError`` on CUDA, a RuntimeError
     "DefaultCPUAllocator: can't allocate memory" on the CPU): the words training and
     scoring tell a user whose batch did not fit."""
     if not isinstance(error, RuntimeError):
         return None
     text = str(error)
-    if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text
+    if not (isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text
             or "out of memory" in text.lower()):
         return None
     failed = ""

@@ -655,7 +655,7 @@ def test_load_on_a_device_whose_memory_is_taken_says_so(tmp_path, monkeypatch) -
     make_model(1, 8, 2).float().save(tmp_path)
 
     def full(self: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
 
     monkeypatch.setattr(torch.nn.Module, "to", full)
     with pytest.raises(ModelFileError, match=r"^the model in .+ does not fit in the free memory "

@@ -685,7 +685,7 @@ CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: c
 
 @pytest.mark.parametrize(("error", "failed"), [
     (RuntimeError(CPU_OOM), "2.25 GiB"),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
                             "total capacity of 79.10 GiB of which 3.12 GiB is free."),
      "20.00 GiB"),
 ], ids=["cpu", "cuda"])
