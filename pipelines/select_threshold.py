@@ -33,7 +33,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.threshold_methods import LABELLED_METHODS
+from anomaly_flow.threshold_methods import METHODS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_cost_options(parser)
     add_target_fpr_option(
         parser, help="also show the conformal threshold at this false-positive rate")
-    parser.add_argument("--register", choices=(*LABELLED_METHODS, "conformal"), default=None,
+    parser.add_argument("--register", choices=METHODS, default=None,
                         help="register a model version with this method's threshold")
     parser.add_argument("--promote", action="store_true", help="with --register: move champion")
     add_device_option(parser)
