@@ -28,8 +28,8 @@ Fixtures:
 
 Helpers (``from tests.conftest import ...``): ``tiny_config(epochs)``, ``new_store(folder,
 template)``, ``corrupt_png(path)``, ``gray_images(n)``, ``unused_port()``,
-``torchrun(tmp, *args)`` (a two-rank command and its environment), ``run_killed(code,
-tmp)`` (a process that kills itself), and the ``ImageDirs`` and ``TrainedModel`` types.
+``torchrun(*args)`` (a two-rank command and its environment), ``run_killed(code)`` (a
+process that kills itself), and the ``ImageDirs`` and ``TrainedModel`` types.
 """
 
 from __future__ import annotations
@@ -233,13 +233,11 @@ def free_port() -> int:
 
 
 
-def torchrun(tmp: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+def torchrun(*args: str) -> tuple[list[str], dict[str, str]]:
     """The command and environment that start ``args`` as two CPU ranks under torchrun:
-    one thread a rank, the rendezvous on an unused port of 127.0.0.1, the caller's tracking URI and
-    world size dropped, and the folders torchrun makes for its logs (``torchelastic_*``)
-    made in ``tmp``, not left behind in the system's temporary folder."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "TMPDIR": str(tmp)}
+    one thread a rank, the rendezvous on an unused port of 127.0.0.1, the caller's
+    tracking URI and world size dropped."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
@@ -248,15 +246,13 @@ def torchrun(tmp: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
-def run_killed(code: str, tmp: Path) -> None:
+def run_killed(code: str) -> None:
     """Run the Python ``code`` from the repository root in a process that kills itself
-    outright (SIGKILL, as the OOM killer would), and check that it did. A process killed
-    so cannot remove its temporary folders (MLflow's, for the artifacts it was logging):
-    they go to ``tmp``, not to the system's temporary folder for good."""
-    tmp.mkdir(parents=True, exist_ok=True)
+    outright (SIGKILL, as the OOM killer would), and check that it did. The temporary
+    folders it cannot remove (MLflow's, for the artifacts it was logging) stay in the
+    session's folder (``_temporary_files_of_this_session``)."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=300,
-                          env={**os.environ, "TMPDIR": str(tmp)})
+                          cwd=Path(__file__).parent.parent, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
 
 

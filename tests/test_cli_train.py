@@ -683,9 +683,9 @@ def test_train_under_torchrun_logs_and_registers_once(image_dirs: ImageDirs,
     import subprocess
 
     store = tmp_path / "store"
-    cmd, env = torchrun(tmp_path / "tmp", "-m", "anomaly_flow", "train",
-                        str(image_dirs.train), "--name", "ddp-parts", "--preset", "tiny",
-                        "--epochs", "1", "--device", "cpu", "--mlruns", str(store))
+    cmd, env = torchrun("-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
+                        "ddp-parts", "--preset", "tiny", "--epochs", "1", "--device", "cpu",
+                        "--mlruns", str(store))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -710,7 +710,7 @@ def test_a_refusal_of_rank_0_under_torchrun_ends_every_rank(image_dirs: ImageDir
     the wrong rank)."""
     import subprocess
 
-    cmd, env = torchrun(tmp_path / "tmp", "-m", "anomaly_flow", "train",
+    cmd, env = torchrun("-m", "anomaly_flow", "train",
                         str(image_dirs.train), "--name", "ddp-refused", "--preset", "tiny",
                         "--device", "cpu", "--resume", "--mlruns", str(tmp_path / "store"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
@@ -989,7 +989,7 @@ config = tiny_config(epochs=1).replace(checkpoint_every=1)
 tracking.train_and_register({str(image_dirs.train)!r}, "killed", config, device="cpu",
                             mlruns={str(mlruns)!r}, progress=False)
 """
-    run_killed(killed, mlruns.parent / "tmp")
+    run_killed(killed)
     record = json.loads((mlruns / "checkpoints" / "killed" / "run.json").read_text())
     client = mlflow.MlflowClient()
     assert client.get_run(record["run_id"]).info.status == "RUNNING"
@@ -1029,7 +1029,7 @@ training.register_model = register_then_die
 tracking.train_and_register({str(image_dirs.train)!r}, "reg-killed", tiny_config(epochs=1),
                             device="cpu", mlruns={str(mlruns)!r}, progress=False)
 """
-    run_killed(killed, mlruns.parent / "tmp")
+    run_killed(killed)
     client = mlflow.MlflowClient()
     (first,) = client.search_model_versions("name = 'reg-killed'")
     result = invoke(str(image_dirs.train), "--name", "reg-killed", "--preset", "tiny",

@@ -683,7 +683,7 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
     forever: ``--resume`` goes on with the same training run; without it the abandoned
     training run is ended KILLED too and a new one trains."""
     argv = often_checkpointed("e2e-killed", image_dirs, mlruns)
-    end_to_end_killed(argv, mlruns.parent / "tmp")
+    end_to_end_killed(argv)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("e2e-killed").experiment_id
     [abandoned] = client.search_runs([experiment], "tags.pipeline = 'end_to_end'")
@@ -717,8 +717,8 @@ def test_a_resumed_end_to_end_run_killed_again_is_ended_too(
     first parent's tag (MLflow does not move a reopened run), so the parent to end is the
     one the run record names, the second; the next run of the name ends it."""
     argv = often_checkpointed("e2e-twice", image_dirs, mlruns)
-    end_to_end_killed(argv, mlruns.parent / "tmp")
-    end_to_end_killed([*argv, "--resume"], mlruns.parent / "tmp")
+    end_to_end_killed(argv)
+    end_to_end_killed([*argv, "--resume"])
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("e2e-twice").experiment_id
     parents = client.search_runs([experiment], "tags.pipeline = 'end_to_end'",
@@ -745,9 +745,9 @@ def often_checkpointed(name: str, image_dirs: ImageDirs, mlruns: Path) -> list[s
             "--mlruns", str(mlruns)]
 
 
-def end_to_end_killed(argv: list[str], tmp: Path) -> None:
+def end_to_end_killed(argv: list[str]) -> None:
     """Run the end-to-end pipeline in a process killed outright (SIGKILL) at its
-    training's first checkpoint; its temporary folders are left in ``tmp``."""
+    training's first checkpoint."""
     killed = f"""
 import os, signal
 from anomaly_flow.tracking import training
@@ -758,7 +758,7 @@ def die(self, event):
 training._MetricLogger.__call__ = die
 load_script("end_to_end").main({argv!r})
 """
-    run_killed(killed, tmp)
+    run_killed(killed)
 
 
 def end_to_end_main(argv: list[str]) -> int:

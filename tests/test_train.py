@@ -735,8 +735,7 @@ def run_two_ranks(folder: Path, config: RunConfig,
     out = tmp_path / "out"
     out.mkdir()
     worker = Path(__file__).with_name("ddp_worker.py")
-    cmd, env = torchrun(tmp_path / "tmp", str(worker), str(folder),
-                        str(config_file), str(out))
+    cmd, env = torchrun(str(worker), str(folder), str(config_file), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)],
@@ -823,8 +822,7 @@ def test_ddp_rank_with_an_empty_share_of_the_last_batch(tmp_path: Path,
     config_file.write_text(config.to_json())
     out = tmp_path / "out"
     out.mkdir()
-    cmd, env = torchrun(tmp_path / "tmp",
-                        str(Path(__file__).with_name("ddp_worker.py")), str(folder),
+    cmd, env = torchrun(str(Path(__file__).with_name("ddp_worker.py")), str(folder),
                         str(config_file), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
