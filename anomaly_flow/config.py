@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 Coupling = Literal["affine", "additive"]
 InvConv = Literal["lu", "plain"]
+Resize = Literal["stretch", "crop", "pad"]
 Optimizer = Literal["adam", "adamax"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -82,6 +83,10 @@ class GlowConfig:
         coupling: ``"affine"`` (scale ``sigmoid(h + 2)``) or ``"additive"``.
         invconv: ``"lu"`` (LU-parametrised 1x1 convolution) or ``"plain"``.
         n_bits: Bits per colour channel the images are quantised to; ``n_bins = 2**n_bits``.
+        resize: How an image that is not ``image_size`` square becomes so, in training and
+            scoring alike: ``"stretch"`` resizes it to the square (the aspect ratio is
+            not kept), ``"crop"`` takes its centred square first (what lies outside is
+            not seen), ``"pad"`` fits it whole inside the square, centred on black.
     """
 
     in_channels: int = 1
@@ -92,6 +97,7 @@ class GlowConfig:
     coupling: Coupling = "affine"
     invconv: InvConv = "lu"
     n_bits: int = 8
+    resize: Resize = "stretch"
 
     def __post_init__(self) -> None:
         _check(self.in_channels in (1, 3), "in_channels", self.in_channels,
@@ -114,6 +120,7 @@ class GlowConfig:
                "(the images are resized to it) or change levels")
         _check_choice("coupling", self.coupling, Coupling)
         _check_choice("invconv", self.invconv, InvConv)
+        _check_choice("resize", self.resize, Resize)
 
     @property
     def mode(self) -> Literal["L", "RGB"]:

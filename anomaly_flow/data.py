@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from anomaly_flow.config import Resize
 from anomaly_flow.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -444,20 +445,24 @@ def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int
 # --------------------------------------------------------------------------- decoding
 
 
-def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int) -> np.ndarray:
+def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int,
+               resize: Resize = "stretch") -> np.ndarray:
     """Read one image file and convert it exactly as training and scoring expect.
 
     The steps: take the first frame (GIF, multi-page TIFF); apply the EXIF orientation;
     16-bit grey is scaled to 8 bits (``round(v / 257)``), float grey is clipped to
     0..255; palette images with transparency and images with an alpha channel are
     composited onto **black** (``rgb * alpha / 255``); CMYK and other modes are converted
-    by PIL; then to ``mode`` and resized to ``size × size`` with :data:`RESAMPLE` (the
-    aspect ratio is not kept).
+    by PIL; then to ``mode`` and to ``size × size`` with :data:`RESAMPLE`, as ``resize``
+    says.
 
     Args:
         source: A file path, or the encoded file content as ``bytes``.
         mode: ``"L"`` (grey, C = 1) or ``"RGB"`` (C = 3).
         size: Side length in pixels of the square output.
+        resize: ``"stretch"`` to the square (the aspect ratio is not kept), ``"crop"``
+            the centred square first, or ``"pad"``: the whole image fitted inside the
+            square, centred on black (:attr:`anomaly_flow.config.GlowConfig.resize`).
 
     Returns:
         uint8 array of shape ``(C, size, size)``.
@@ -481,7 +486,7 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
                 if pixels > MAX_IMAGE_PIXELS:
                     raise ImageDecodeError(name, _too_large(pixels))
                 img.load()  # decode everything now, so truncated files fail here
-                return image_to_array(img, mode, size)
+                return image_to_array(img, mode, size, resize)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -498,16 +503,18 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
 
 
 def try_load_image(
-    source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int
+    source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int,
+    resize: Resize = "stretch",
 ) -> tuple[np.ndarray | None, str | None]:
     """Like :func:`load_image`, but returns ``(array, None)`` or ``(None, reason)``."""
     try:
-        return load_image(source, mode, size), None
+        return load_image(source, mode, size, resize), None
     except ImageDecodeError as exc:
         return None, exc.reason
 
 
-def check_decodable(folder: str | Path, mode: ImageMode, size: int) -> None:
+def check_decodable(folder: str | Path, mode: ImageMode, size: int,
+                    resize: Resize = "stretch") -> None:
     """Refuse a folder none of whose image files decodes, before work that needs one of
     them (a pipeline's training, ahead of an evaluation that would find no image to
     score). Stops at the first file that decodes: a usable folder costs one decode.
@@ -518,7 +525,7 @@ def check_decodable(folder: str | Path, mode: ImageMode, size: int) -> None:
     paths = find_images(Path(folder))
     first: tuple[Path, str | None] | None = None
     for path in paths:
-        array, reason = try_load_image(path, mode, size)
+        array, reason = try_load_image(path, mode, size, resize)
         if array is not None:
             return
         first = first or (path, reason)
@@ -528,7 +535,8 @@ def check_decodable(folder: str | Path, mode: ImageMode, size: int) -> None:
         f"(e.g. {one_line(display_path(first[0]))}: {first[1]}); put readable images there")
 
 
-def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
+def image_to_array(img: Image.Image, mode: ImageMode, size: int,
+                   resize: Resize = "stretch") -> np.ndarray:
     """Convert a decoded PIL image to the model's input; the conversion :func:`load_image` uses.
 
     Returns:
@@ -556,25 +564,44 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int) -> np.ndarray:
     if img.mode != mode:
         img = img.convert(mode)
     if img.size != (size, size):
-        img = img.resize((size, size), resample=RESAMPLE)
+        img = _to_square(img, size, resize)
     array = np.array(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
+    """``img`` (mode L or RGB) as ``size × size``, the way ``resize`` names."""
+    if resize == "crop":
+        return ImageOps.fit(img, (size, size), method=RESAMPLE)
+    if resize == "pad":
+        # ImageOps.pad, except that a thin strip keeps a row (there, it may vanish, or
+        # fail in older Pillow); black, as transparency is composited
+        scale = size / max(img.size)
+        width, height = (max(1, round(side * scale)) for side in img.size)
+        square = Image.new(img.mode, (size, size), 0)
+        square.paste(img.resize((width, height), resample=RESAMPLE),
+                     (round((size - width) / 2), round((size - height) / 2)))
+        return square
+    if resize != "stretch":
+        raise ValueError(f"unknown resize {resize!r}; choose 'stretch', 'crop' or 'pad'")
+    return img.resize((size, size), resample=RESAMPLE)
+
+
 def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      sample: int = 64, *, resizing: bool = True,
-                     training: bool = True) -> list[str]:
-    """What converting images to ``mode`` and ``size`` drops, judged from up to ``sample``
-    of them spread over ``paths``: colour seen in grey (a model of grey images cannot see a
-    colour defect; judged on the first 16 colour-mode images), grey-mode images given to a
-    colour model (repeated into three equal channels, unlike colour images: said of a
-    folder that mixes the two, and for scoring (not ``training``) of one all grey, which a
-    model trained on colour images would flag), detail lost when most of them are larger
-    than ``size`` (left out without ``resizing``), floating-point images scaled to 0..1
-    (read as 0..255, they are near black), and 16-bit images most of which use only values
-    below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they are dark). Only
-    regular files within the pixel limit are looked at; others are passed over (training
-    and scoring report them)."""
+                     training: bool = True, resize: Resize = "stretch") -> list[str]:
+    """What converting images to ``mode`` and ``size`` (by ``resize``) drops, judged from up to
+    ``sample`` of them spread over ``paths``: colour seen in grey (a model of grey images
+    cannot see a colour defect; judged on the first 16 colour-mode images), grey-mode images
+    given to a colour model (repeated into three equal channels, unlike colour images: said
+    of a folder that mixes the two, and for scoring (not ``training``) of one all grey,
+    which a model trained on colour images would flag), detail lost when most of them are
+    larger than ``size`` (left out without ``resizing``), floating-point images scaled to
+    0..1 (read as 0..255, they are near black), 16-bit images most of which use only values
+    below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they are dark), and
+    aspect ratios that differ, where ``resize`` makes that visible to the model. Only
+    regular files within the pixel limit are looked at; others are passed over (training and
+    scoring report them)."""
     step = max(1, len(paths) // sample)
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
     grey = 0  # grey-mode images a colour model takes
@@ -591,7 +618,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                         continue
                     checked += 1
                     shapes[img.size] += 1
-                    if max(img.size) > size:
+                    if (min(img.size) if resize == "crop" else max(img.size)) > size:
                         larger[img.size] += 1
                     grey += mode == "RGB" and img.mode in _GREY_MODES
                     if (mode == "L" and img.mode not in _GREY_MODES and judged < 16
@@ -642,7 +669,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
                      "for training and scoring: detail finer than that is lost; to keep "
                      f"it, train with a larger model.image_size ({_larger_presets(mode, size)})")
-    if note := _mixed_shapes_note(shapes, size):
+    if note := _mixed_shapes_note(shapes, size, resize):
         notes.append(note)
     return notes
 
@@ -659,22 +686,31 @@ def _larger_presets(mode: ImageMode, size: int) -> str:
     return f"{named}; or train --config FILE" if named else "train --config FILE"
 
 
-def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int) -> str | None:
+def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
+                       resize: Resize) -> str | None:
     """A note when the images looked at (their ``(width, height)`` counts) differ in aspect
-    ratio by more than a tenth: each is stretched to a square, so their shapes are
-    distorted unequally, and an image whose shape the model did not learn looks unlikely
-    for its distortion alone."""
-    if not shapes:
+    ratio by more than a tenth and ``resize`` shows it: stretched to a square, their shapes
+    are distorted unequally; padded, their black bars differ; either way an image whose
+    shape the model did not learn looks unlikely for that alone. A centred crop keeps
+    the content undistorted and shows no bars (what it cuts off is documented)."""
+    if not shapes or resize == "crop":
         return None
     ratios = {shape: shape[0] / shape[1] for shape in shapes}
     widest, tallest = max(ratios, key=ratios.__getitem__), min(ratios, key=ratios.__getitem__)
     if ratios[widest] <= 1.1 * ratios[tallest]:
         return None
     shown = " and ".join(f"{w}×{h}" for w, h in (widest, tallest))
+    if resize == "pad":
+        return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
+                f"fitted inside {size}×{size} on black bars of its own width (model.resize "
+                "= 'pad'): an image of a shape the model rarely trained on can be flagged "
+                "for its bars alone; crop or pad the images to one aspect ratio, or train "
+                "with model.resize = 'crop' (train --config FILE)")
     return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
-            f"stretched to {size}×{size} (the aspect ratio is not kept): unequally "
-            "distorted, an image of a shape the model rarely trained on can be flagged for "
-            "its shape alone; crop or pad the images to one aspect ratio")
+            f"stretched to {size}×{size} (model.resize = 'stretch': the aspect ratio is not "
+            "kept): unequally distorted, an image of a shape the model rarely trained on "
+            "can be flagged for its shape alone; crop or pad the images to one aspect "
+            "ratio, or train with model.resize = 'crop' or 'pad' (train --config FILE)")
 
 
 def _in_colour(img: Image.Image) -> bool:
@@ -784,7 +820,7 @@ class InvalidSource:
 
 
 def load_item(source: str | Path | bytes | InvalidSource | None, mode: ImageMode, size: int,
-              index: int) -> ImageItem:
+              index: int, resize: Resize = "stretch") -> ImageItem:
     """Decode one image (a path or encoded bytes) into an :class:`ImageItem`; a failure,
     a missing source (``None`` or NaN, as an empty table cell reads) or an
     :class:`InvalidSource` included, gives a blank image with ``ok=False`` and the
@@ -794,7 +830,7 @@ def load_item(source: str | Path | bytes | InvalidSource | None, mode: ImageMode
     elif isinstance(source, InvalidSource):
         array, error = None, source.reason
     else:
-        array, error = try_load_image(source, mode, size)
+        array, error = try_load_image(source, mode, size, resize)
     if array is None:
         blank = torch.zeros(_CHANNELS[mode], size, size, dtype=torch.uint8)
         return ImageItem(blank, False, error or "unknown error", index)
@@ -810,30 +846,34 @@ class ImageFolderDataset(Dataset[ImageItem]):
         paths: Image files, e.g. from :func:`find_images`.
         mode: ``"L"`` or ``"RGB"``.
         size: Output side length.
+        resize: How other sizes become ``size × size`` (see :func:`load_image`).
     """
 
-    def __init__(self, paths: Sequence[Path], mode: ImageMode, size: int) -> None:
+    def __init__(self, paths: Sequence[Path], mode: ImageMode, size: int,
+                 resize: Resize = "stretch") -> None:
         _check_mode_size(mode, size)
         self.paths = [Path(p) for p in paths]
         self.mode: ImageMode = mode
         self.size = size
+        self.resize: Resize = resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> ImageItem:
-        return load_item(self.paths[index], self.mode, self.size, index)
+        return load_item(self.paths[index], self.mode, self.size, index, self.resize)
 
 
 class ArrayDataset(Dataset[ImageItem]):
     """In-memory uint8 images ``(N, C, H, W)`` with the same items as :class:`ImageFolderDataset`.
 
     Given ``mode`` and ``size``, images of another shape are converted once, up front, by
-    :func:`image_to_array`, exactly as if they had been read from files.
+    :func:`image_to_array` (with ``resize``), exactly as if they had been read from files.
     """
 
     def __init__(
-        self, images: np.ndarray, mode: ImageMode | None = None, size: int | None = None
+        self, images: np.ndarray, mode: ImageMode | None = None, size: int | None = None,
+        resize: Resize = "stretch",
     ) -> None:
         _check_image_array(images)
         if (mode is None) != (size is None):
@@ -841,7 +881,8 @@ class ArrayDataset(Dataset[ImageItem]):
         if mode is not None and size is not None:
             wanted = (_CHANNELS[mode], size, size)
             if images.shape[1:] != wanted:
-                images = np.stack([image_to_array(_to_pil(a), mode, size) for a in images])
+                images = np.stack([image_to_array(_to_pil(a), mode, size, resize)
+                                   for a in images])
         self.images = torch.from_numpy(np.ascontiguousarray(images))
 
     def __len__(self) -> int:

@@ -273,7 +273,7 @@ def score_folder(
     # what the conversion to the model's mode loses (resizing is training's concern: its
     # folder set the size), as training says it of its own folder
     for note in conversion_notes([paths[i] for i in todo], config.mode, config.image_size,
-                                 resizing=False, training=False):
+                                 resizing=False, training=False, resize=config.resize):
         logger.warning("%s: %s", display_path(root), note)
 
     writer = None
@@ -294,7 +294,7 @@ def score_folder(
                 write(rows.table())
 
     dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
-                             config.n_bits, config.levels)
+                             config.n_bits, config.levels, config.resize)
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
@@ -663,7 +663,8 @@ def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Pat
 
     def rescored(at: Precision) -> tuple[np.ndarray, np.ndarray]:
         dataset = ScoringDataset([files[key] for key in probes], config.mode,
-                                 config.image_size, config.n_bits, config.levels)
+                                 config.image_size, config.n_bits, config.levels,
+                                 config.resize)
         try:
             again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
                                   precision=at)
@@ -803,7 +804,7 @@ def score_folder_table(
     paths = find_images(root)
     config = model.config
     dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
-                             config.levels)
+                             config.levels, config.resize)
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
                           progress=progress)
     table = table.reset_index(drop=True)

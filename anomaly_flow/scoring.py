@@ -70,6 +70,7 @@ from anomaly_flow.complexity import (
     batch_png_bits_per_dim,
     coarse_complexity,
 )
+from anomaly_flow.config import Resize
 from anomaly_flow.data import ImageMode, InvalidSource, display_path, load_item, warnings_caught
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_name: re-exported)
@@ -280,7 +281,7 @@ class ScoreBatch(NamedTuple):
 class ScoringDataset(Dataset[ScoreItem]):
     """Images from file paths or encoded bytes, decoded (and PNG-measured) in workers.
 
-    ``mode``, ``size``, ``n_bits`` and ``levels`` are the scoring model's (its
+    ``mode``, ``size``, ``n_bits``, ``levels`` and ``resize`` are the scoring model's (its
     :class:`~anomaly_flow.config.GlowConfig`): ``levels`` sets the resolution of the
     coarse PNG length (:func:`~anomaly_flow.complexity.coarse_png_bits_per_dim`). A
     DataLoader fetches whole batches (``__getitems__``), so the PNG lengths of a batch
@@ -290,9 +291,11 @@ class ScoringDataset(Dataset[ScoreItem]):
     """
 
     def __init__(self, sources: Sequence[str | Path | bytes | InvalidSource | None],
-                 mode: ImageMode, size: int, n_bits: int, levels: int) -> None:
+                 mode: ImageMode, size: int, n_bits: int, levels: int,
+                 resize: Resize = "stretch") -> None:
         self.sources = list(sources)
         self.mode, self.size, self.n_bits, self.levels = mode, size, n_bits, levels
+        self.resize: Resize = resize
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -301,7 +304,8 @@ class ScoringDataset(Dataset[ScoreItem]):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[ScoreItem]:
-        items = [load_item(self.sources[i], self.mode, self.size, i) for i in indices]
+        items = [load_item(self.sources[i], self.mode, self.size, i, self.resize)
+                 for i in indices]
         ok = [item for item in items if item.ok]
         if not ok:
             return [ScoreItem(*item, float("nan"), float("nan")) for item in items]

@@ -177,7 +177,8 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
         train_idx, val_idx = split_train_val(len(paths), config.train.val_fraction,
                                              config.train.seed)
     except DataError:  # a single image and a validation split asked for
-        only = ImageFolderDataset(paths, config.model.mode, config.model.image_size)[0]
+        only = ImageFolderDataset(paths, config.model.mode, config.model.image_size,
+                                  config.model.resize)[0]
         what = (f"a single image ({display_path(paths[0])})" if only.ok else
                 f"a single image file, {display_path(paths[0])}, and it cannot be read as an "
                 f"image ({only.error})")
@@ -191,9 +192,11 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
                        "validation, so the model trains on %d; lower val_fraction (the "
                        "presets hold out 0.1)", display_path(root), config.train.val_fraction,
                        len(val_idx), len(paths), len(train_idx))
-    for note in conversion_notes(paths, config.model.mode, config.model.image_size):
+    for note in conversion_notes(paths, config.model.mode, config.model.image_size,
+                                 resize=config.model.resize):
         logger.warning("%s: %s", display_path(root), note)
-    dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size)
+    dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size,
+                                 config.model.resize)
     val = Subset(dataset, val_idx.tolist()) if len(val_idx) else None
     digest, digests = fingerprint_and_digests(paths, root)
     if note := duplicate_note(digests, paths):

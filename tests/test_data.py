@@ -117,6 +117,54 @@ def test_native_size_is_not_resampled(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_image(path, "L", 12)[0], array)
 
 
+def test_resize_stretches_crops_or_pads_to_the_square(tmp_path: Path) -> None:
+    """A 4×2 image (two columns of 50, two of 250, above a row of 100s) made 2×2 each way:
+    stretched (both halves squeezed), its centred square cropped, or fitted whole inside
+    the square on black; a square image of the model's size is left as it is by all."""
+    pixels = np.array([[50, 50, 250, 250], [100, 100, 100, 100]], np.uint8)  # (H=2, W=4)
+    path = save(Image.fromarray(pixels), tmp_path / "wide.png")
+    stretched = load_image(path, "L", 2)
+    np.testing.assert_array_equal(stretched, image_to_array(Image.fromarray(pixels), "L", 2))
+    assert stretched[0, 0, 0] < stretched[0, 0, 1]  # both columns of the left half squeezed
+    cropped = load_image(path, "L", 2, "crop")
+    np.testing.assert_array_equal(cropped[0], pixels[:, 1:3])  # the centre, not resampled
+    padded = load_image(path, "L", 2, "pad")  # 4×2 fitted as 2×1, centred: a bar below
+    np.testing.assert_array_equal(padded[0, 1], [0, 0])
+    assert padded[0, 0, 0] < padded[0, 0, 1]
+    square = np.random.default_rng(0).integers(0, 256, (6, 6), dtype=np.uint8)
+    for resize in ("stretch", "crop", "pad"):
+        np.testing.assert_array_equal(load_image(save(Image.fromarray(square), tmp_path / "s.png"),
+                                                 "L", 6, resize)[0], square)
+        assert load_image(path.read_bytes(), "RGB", 8, resize).shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="unknown resize 'squash'"):
+        image_to_array(Image.fromarray(pixels), "L", 2, "squash")  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 70), height=st.integers(1, 70), size=st.sampled_from([4, 8, 16]),
+       colour=st.booleans())
+def test_pad_is_pillows_pad_and_keeps_a_thin_strip(width: int, height: int, size: int,
+                                                   colour: bool) -> None:
+    """``pad`` is ``ImageOps.pad`` (bicubic, black, centred) wherever that keeps the image;
+    where Pillow's fitted side would round to 0 pixels (a strip thinner than ``1/(2·size)``
+    of its length), ``pad`` keeps it one pixel thick instead of losing it."""
+    from PIL import ImageOps
+
+    shape = (height, width, 3) if colour else (height, width)
+    img = Image.fromarray(np.random.default_rng(width * 71 + height).integers(
+        0, 256, shape, dtype=np.uint8))
+    mode = "RGB" if colour else "L"
+    padded = image_to_array(img, mode, size, "pad")
+    assert padded.shape == ((3 if colour else 1), size, size)
+    if round(min(width, height) * size / max(width, height)) >= 1:
+        expected = np.asarray(ImageOps.pad(img, (size, size), method=data.RESAMPLE, color=0))
+        expected = expected.transpose(2, 0, 1) if colour else expected[None]
+        np.testing.assert_array_equal(padded, expected)
+    else:  # Pillow's pad would give a black square: the strip is kept one pixel thick
+        rows, cols = padded.any(axis=(0, 2)), padded.any(axis=(0, 1))
+        assert (rows.sum(), cols.sum()) in ((1, size), (size, 1))
+
+
 def test_first_frame_of_gif_and_tiff(tmp_path: Path) -> None:
     frames = [Image.new("L", (8, 8), 40), Image.new("L", (8, 8), 200)]
     for ext in ("gif", "tiff"):
@@ -455,9 +503,21 @@ def test_conversion_notes_say_when_images_differ_in_aspect_ratio(tmp_path: Path)
     Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "tall.png")
     (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 64, training=False)
     assert note == ("the images looked at differ in aspect ratio (e.g. 40×30 and 30×40), and "
-                    "each is stretched to 64×64 (the aspect ratio is not kept): unequally "
-                    "distorted, an image of a shape the model rarely trained on can be flagged "
-                    "for its shape alone; crop or pad the images to one aspect ratio")
+                    "each is stretched to 64×64 (model.resize = 'stretch': the aspect ratio is "
+                    "not kept): unequally distorted, an image of a shape the model rarely "
+                    "trained on can be flagged for its shape alone; crop or pad the images to "
+                    "one aspect ratio, or train with model.resize = 'crop' or 'pad' (train "
+                    "--config FILE)")
+    mixed = sorted(tmp_path.iterdir())
+    (padded,) = conversion_notes(mixed, "L", 64, training=False, resize="pad")
+    assert "fitted inside 64×64 on black bars of its own width" in padded
+    assert padded.endswith("or train with model.resize = 'crop' (train --config FILE)")
+    assert conversion_notes(mixed, "L", 64, resizing=False, resize="crop") == []
+    # a crop shrinks only images whose shorter side is larger (here the 400×300 alone)
+    assert conversion_notes(mixed, "L", 32, resize="crop") == []
+    assert "6 of 6 images looked at are larger than 32×32" not in " ".join(
+        conversion_notes(mixed, "L", 32))
+    assert conversion_notes(mixed, "L", 32)[0].startswith("all images looked at are larger")
     assert conversion_notes([], "L", 64) == []
 
 

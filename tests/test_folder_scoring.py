@@ -10,6 +10,7 @@ The numbers in the table are :mod:`anomaly_flow.scoring`'s, tested in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ from tests.test_scoring import (
     N_BAD,
     N_GOOD,
     TINY,
+    ULPS,
     make_messy_folder,
     make_tiny_model,
     read_csv,
@@ -1069,3 +1071,44 @@ def test_a_heatmap_of_a_file_with_a_long_name_is_written(model: Glow, tmp_path: 
     write_image_folder(sample_images(1), folder, "a" * 240)
     summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
     assert summary.n_heatmaps == 1 and (heat / f"{'a' * 240}00000.png").is_file()
+
+
+@pytest.mark.parametrize("resize", ["crop", "pad"])
+def test_every_reader_converts_images_as_the_models_resize_says(tmp_path: Path,
+                                                                resize: str) -> None:
+    """``model.resize`` reaches training's split, folder scoring and the pyfunc alike: the
+    same file becomes the same input everywhere, here 32×16 images made 16×16 by a crop
+    (the centred square, as it is) or a pad (fitted as 16×8, on black bars)."""
+    from anomaly_flow.config import RunConfig, TrainConfig
+    from anomaly_flow.tracking.pyfunc import predict_frame
+    from anomaly_flow.train import folder_datasets
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    pixels = rng.integers(64, 256, (6, 16, 32), dtype=np.uint8)  # (N, H, W): wide
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    config = dataclasses.replace(TINY, resize=resize)
+    data = folder_datasets(folder, RunConfig(config, TrainConfig(val_fraction=0.5)))
+    items = [*data.train, *data.val]
+    assert sorted(item.index for item in items) == list(range(6))
+    for item in items:
+        image = item.image.numpy()[0]
+        if resize == "crop":
+            np.testing.assert_array_equal(image, pixels[item.index][:, 8:24])
+        else:
+            assert (image[:4] == 0).all() and (image[12:] == 0).all() and image[4:12].min() > 0
+
+    torch.manual_seed(0)
+    model = Glow(config)
+    inputs = torch.stack([item.image for item in sorted(items, key=lambda item: item.index)])
+    model.initialize(preprocess(inputs, config.n_bits))
+    model.eval()
+    with torch.no_grad():
+        expected = model.bpd(preprocess(inputs, config.n_bits)).double().numpy()
+    table = score_folder_table(model, folder, batch_size=4).table.set_index("path")
+    paths = [str(folder / f"{i}.png") for i in range(6)]
+    np.testing.assert_allclose(table.loc[paths, "bpd"], expected, rtol=0, atol=ULPS)
+    served = predict_frame(model, None, pd.DataFrame({"path": paths}))
+    np.testing.assert_allclose(served["bpd"], expected, rtol=0, atol=ULPS)

@@ -713,7 +713,8 @@ def test_load_reports_missing_and_mismatched_files(tmp_path) -> None:
     ("field", "kwargs"),
     [("image_size", {"image_size": 30, "levels": 2}), ("steps_per_level",
       {"steps_per_level": 0}), ("in_channels", {"in_channels": 2}),
-     ("coupling", {"coupling": "spline"}), ("levels", {"levels": 0})],
+     ("coupling", {"coupling": "spline"}), ("levels", {"levels": 0}),
+     ("resize", {"resize": "squash"})],
 )
 def test_config_validation_names_the_field(field, kwargs) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -737,8 +738,12 @@ def test_config_refuses_an_image_size_too_large_for_memory(tmp_path) -> None:
 
 
 def test_config_json_round_trip() -> None:
-    config = GlowConfig(in_channels=3, image_size=16, levels=2, coupling="additive")
+    config = GlowConfig(in_channels=3, image_size=16, levels=2, coupling="additive",
+                        resize="pad")
     assert GlowConfig.from_json(config.to_json()) == config
+    # a model saved before model.resize existed was trained on stretched images
+    older = {k: v for k, v in config.to_dict().items() if k != "resize"}
+    assert GlowConfig.from_dict(older).resize == "stretch"
     with pytest.raises(ConfigError, match="unknown field"):
         GlowConfig.from_dict({**config.to_dict(), "depth": 3})
 

@@ -269,7 +269,7 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
     """
     cfg = model.config
     dataset = ScoringDataset(input_sources(frame), cfg.mode, cfg.image_size, cfg.n_bits,
-                             cfg.levels)
+                             cfg.levels, cfg.resize)
     scores = score_dataset(model, dataset, batch_size=batch_size, progress=False)
     out = apply_calibration(scores, calibration)
     verdict = out["is_anomaly"].astype(object).where(out["is_anomaly"].notna(), None)
