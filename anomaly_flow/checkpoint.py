@@ -17,9 +17,9 @@ its process id) are cleared when the next training starts.
 Resume equivalence: a checkpoint holds all a training needs to go on as if it had never
 stopped (weights, optimizer state, counters, history); the batch order and noise being
 drawn from the seed and the step (:mod:`anomaly_flow.train`), a resumed run equals an
-uninterrupted one. :func:`load_checkpoint` refuses another architecture and a change of
-:data:`RESUME_MUST_MATCH`, and warns of any other setting that changes the steps a run
-takes (:func:`trajectory_changes`).
+uninterrupted one. :func:`load_checkpoint` refuses another model configuration and a
+change of :data:`RESUME_MUST_MATCH`, and warns of any other setting that changes the steps
+a run takes (:func:`trajectory_changes`).
 
 Under several processes only rank 0 writes checkpoints; this module knows nothing of
 ranks or of the training loop. :class:`TrainingError` lives here, the lowest of the
@@ -234,7 +234,7 @@ def load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer,
         raise TrainingError(_damaged_checkpoint(path, exc)) from None
     if differ := changed_fields(saved.model, config.model, "model"):
         raise TrainingError(
-            f"the checkpoint {path} is of another architecture than the configuration given "
+            f"the checkpoint {path} is of another model configuration than the one given "
             f"({'; '.join(differ)}); resume with the run's own configuration or start "
             "afresh in an empty checkpoint folder.")
     if refused := changed_fields(saved.train, config.train, "train", RESUME_MUST_MATCH):

@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 from anomaly_flow.config import Resize
@@ -571,20 +571,27 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int,
 
 def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
     """``img`` (mode L or RGB) as ``size × size``, the way ``resize`` names."""
+    width, height = img.size
     if resize == "crop":
-        return ImageOps.fit(img, (size, size), method=RESAMPLE)
-    if resize == "pad":
-        # ImageOps.pad, except that a thin strip keeps a row (there, it may vanish, or
-        # fail in older Pillow); black, as transparency is composited
-        scale = size / max(img.size)
-        width, height = (max(1, round(side * scale)) for side in img.size)
+        # the centred square on whole pixels: ImageOps.fit's box can fall half a pixel
+        # off them (33×32), which resamples, and so blurs, an image that needed no resize
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    elif resize == "pad":
+        # ImageOps.pad, except that a thin strip keeps a pixel (there it may vanish, or
+        # fail in older Pillow); on black, as transparency is composited
+        if width > height:
+            fitted = (size, max(1, round(height / width * size)))
+        else:
+            fitted = (max(1, round(width / height * size)), size)
         square = Image.new(img.mode, (size, size), 0)
-        square.paste(img.resize((width, height), resample=RESAMPLE),
-                     (round((size - width) / 2), round((size - height) / 2)))
+        square.paste(img.resize(fitted, resample=RESAMPLE),
+                     (round((size - fitted[0]) / 2), round((size - fitted[1]) / 2)))
         return square
-    if resize != "stretch":
+    elif resize != "stretch":
         raise ValueError(f"unknown resize {resize!r}; choose 'stretch', 'crop' or 'pad'")
-    return img.resize((size, size), resample=RESAMPLE)
+    return img if img.size == (size, size) else img.resize((size, size), resample=RESAMPLE)
 
 
 def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
@@ -617,9 +624,10 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                     if img.width * img.height > MAX_IMAGE_PIXELS:
                         continue
                     checked += 1
-                    shapes[img.size] += 1
-                    if (min(img.size) if resize == "crop" else max(img.size)) > size:
-                        larger[img.size] += 1
+                    shape = _upright_size(img)
+                    shapes[shape] += 1
+                    if (min(shape) if resize == "crop" else max(shape)) > size:
+                        larger[shape] += 1
                     grey += mode == "RGB" and img.mode in _GREY_MODES
                     if (mode == "L" and img.mode not in _GREY_MODES and judged < 16
                             and (img.format == "JPEG" or img.width * img.height <= 2**24)):
@@ -700,17 +708,28 @@ def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
     if ratios[widest] <= 1.1 * ratios[tallest]:
         return None
     shown = " and ".join(f"{w}×{h}" for w, h in (widest, tallest))
+    crop = ("or train with model.resize = 'crop' (train --config FILE): the centred square, "
+            "undistorted and without bars, though what lies outside it goes unseen")
     if resize == "pad":
         return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
                 f"fitted inside {size}×{size} on black bars of its own width (model.resize "
                 "= 'pad'): an image of a shape the model rarely trained on can be flagged "
-                "for its bars alone; crop or pad the images to one aspect ratio, or train "
-                "with model.resize = 'crop' (train --config FILE)")
+                f"for its bars alone; crop or pad the files to one aspect ratio, {crop}")
     return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
             f"stretched to {size}×{size} (model.resize = 'stretch': the aspect ratio is not "
             "kept): unequally distorted, an image of a shape the model rarely trained on "
-            "can be flagged for its shape alone; crop or pad the images to one aspect "
-            "ratio, or train with model.resize = 'crop' or 'pad' (train --config FILE)")
+            f"can be flagged for its shape alone; crop or pad the files to one aspect "
+            f"ratio, {crop}")
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` as the model sees the image: after its EXIF orientation (a
+    quarter turn, 5 to 8, swaps them), which decoding applies (:func:`image_to_array`)."""
+    try:
+        turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    except Exception:  # a damaged EXIF block: decoding ignores it too
+        turned = False
+    return (img.height, img.width) if turned else img.size
 
 
 def _in_colour(img: Image.Image) -> bool:

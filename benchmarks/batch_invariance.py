@@ -66,7 +66,7 @@ def main() -> None:
     torch.manual_seed(1)
     model = Glow(config)
     images = ArrayDataset(load_sample().train[:args.images], config.mode,
-                          config.image_size).images
+                          config.image_size, config.resize).images
     model.initialize(preprocess(images[:64], config.n_bits))
     with torch.no_grad():
         for parameter in model.parameters():

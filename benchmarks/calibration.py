@@ -101,11 +101,12 @@ def scores_from_training(args: argparse.Namespace) -> tuple[np.ndarray, dict[str
     m = config.model
     fit, val = split_train_val(len(train_images), config.train.val_fraction, args.seed)
     start = time.perf_counter()
-    result = train(config, ArrayDataset(train_images[fit], m.mode, m.image_size),
-                   ArrayDataset(train_images[val], m.mode, m.image_size),
+    result = train(config, ArrayDataset(train_images[fit], m.mode, m.image_size, m.resize),
+                   ArrayDataset(train_images[val], m.mode, m.image_size, m.resize),
                    device=args.device, progress=False)
     train_s = time.perf_counter() - start
-    dataset = ScoringDataset(_png_bytes(held_out), m.mode, m.image_size, m.n_bits, m.levels)
+    dataset = ScoringDataset(_png_bytes(held_out), m.mode, m.image_size, m.n_bits, m.levels,
+                             m.resize)
     table = score_dataset(result.model, dataset, batch_size=512, progress=False)
     info = {"source": source, "preset": args.preset, "epochs": args.epochs,
             "n_train": len(fit), "n_reference": len(val), "train_seconds": round(train_s, 1),

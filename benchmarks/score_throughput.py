@@ -111,7 +111,7 @@ def build_model(preset: str, model_uri: str | None, device: torch.device,
     config = load_preset(preset).model
     torch.manual_seed(0)
     model = Glow(config)
-    images = ArrayDataset(reference_images, config.mode, config.image_size)
+    images = ArrayDataset(reference_images, config.mode, config.image_size, config.resize)
     model.initialize(preprocess(images.images[:256], config.n_bits))
     model = model.to(device).eval()
     # As every trained model has one, so scoring also computes the reference scores (speed
@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths = find_images(folder)
     n, bs, workers = len(paths), args.batch_size, args.workers
 
-    decoding = ImageFolderDataset(paths, config.mode, config.image_size)
+    decoding = ImageFolderDataset(paths, config.mode, config.image_size, config.resize)
     scoring = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
-                             config.levels)
+                             config.levels, config.resize)
     time_loader(decoding, bs, workers)  # warm-up: files into the page cache
 
     def score_once() -> float:

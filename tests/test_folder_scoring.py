@@ -1074,11 +1074,12 @@ def test_a_heatmap_of_a_file_with_a_long_name_is_written(model: Glow, tmp_path: 
 
 
 @pytest.mark.parametrize("resize", ["crop", "pad"])
-def test_every_reader_converts_images_as_the_models_resize_says(tmp_path: Path,
-                                                                resize: str) -> None:
-    """``model.resize`` reaches training's split, folder scoring and the pyfunc alike: the
-    same file becomes the same input everywhere, here 32×16 images made 16×16 by a crop
-    (the centred square, as it is) or a pad (fitted as 16×8, on black bars)."""
+def test_every_reader_converts_images_as_the_models_resize_says(
+        tmp_path: Path, resize: str, caplog: pytest.LogCaptureFixture) -> None:
+    """``model.resize`` reaches training's split and its notes, folder scoring (in memory,
+    to a table, resumed) and the pyfunc alike: the same file becomes the same input
+    everywhere, here 32×16 images made 16×16 by a crop (the centred square, as it is) or
+    a pad (fitted as 16×8, on black bars)."""
     from anomaly_flow.config import RunConfig, TrainConfig
     from anomaly_flow.tracking.pyfunc import predict_frame
     from anomaly_flow.train import folder_datasets
@@ -1090,7 +1091,11 @@ def test_every_reader_converts_images_as_the_models_resize_says(tmp_path: Path,
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(folder / f"{i}.png")
     config = dataclasses.replace(TINY, resize=resize)
-    data = folder_datasets(folder, RunConfig(config, TrainConfig(val_fraction=0.5)))
+    with caplog.at_level(logging.WARNING):
+        data = folder_datasets(folder, RunConfig(config, TrainConfig(val_fraction=0.5)))
+    # the pad shrinks each image by half; the crop takes a square of the model's size
+    assert ("are larger than 16×16 (e.g. 32×16) and are resized" in caplog.text) == \
+        (resize == "pad")
     items = [*data.train, *data.val]
     assert sorted(item.index for item in items) == list(range(6))
     for item in items:
@@ -1112,3 +1117,12 @@ def test_every_reader_converts_images_as_the_models_resize_says(tmp_path: Path,
     np.testing.assert_allclose(table.loc[paths, "bpd"], expected, rtol=0, atol=ULPS)
     served = predict_frame(model, None, pd.DataFrame({"path": paths}))
     np.testing.assert_allclose(served["bpd"], expected, rtol=0, atol=ULPS)
+    out = tmp_path / "scores.csv"
+    score_folder(model, None, folder, out, batch_size=4)
+    full = read_csv(out)
+    np.testing.assert_allclose(full.set_index("path").loc[paths, "bpd"], expected, rtol=0,
+                               atol=ULPS)
+    write_table(full.head(3), out)  # a run killed half way; the resumed run checks the
+    summary = score_folder(model, None, folder, out, resume=True)  # kept rows' files again
+    assert summary.n_resumed == 3
+    pd.testing.assert_frame_equal(read_csv(out), full, check_exact=True)

@@ -650,7 +650,7 @@ def test_errors(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         train(config, data.train, device="cpu", checkpoint_dir=tmp_path / "old")
     wider = RunConfig(GlowConfig(image_size=16, levels=2, steps_per_level=2,
                                  hidden_channels=8), config.train)
-    with pytest.raises(TrainingError, match="another architecture"):
+    with pytest.raises(TrainingError, match="another model configuration"):
         train(wider, data.train, device="cpu", checkpoint_dir=tmp_path / "old", resume=True)
     # the checkpoint holds Adam's state; a batch size would count its steps in other epochs
     for change, said in (({"optimizer": "adamax"}, "train.optimizer is 'adamax' but was "
