@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,14 @@ from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 
-from anomaly_flow.config import MAX_IMAGE_SIZE, ConfigError, GlowConfig, RunConfig, load_preset
+from anomaly_flow.config import (
+    MAX_IMAGE_SIZE,
+    ConfigError,
+    GlowConfig,
+    RunConfig,
+    load_config,
+    load_preset,
+)
 from anomaly_flow.glow import (
     REFERENCE_STD_FLOOR,
     Glow,
@@ -911,3 +920,17 @@ def test_an_edited_config_loads_or_is_refused_clearly(data: st.DataObject) -> No
         assert str(error).strip() and "\n" not in str(error)
         return
     assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_readmes_colour_config_loads_as_written(tmp_path, caplog) -> None:
+    """The README's example config file sets every field a config is warned of leaving
+    out, and means what its comments say."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    path = tmp_path / "parts.toml"
+    path.write_text(block)
+    with caplog.at_level(logging.WARNING):
+        config = load_config(path)
+    assert caplog.text == ""
+    assert (config.model.mode, config.model.image_size, config.model.resize) == \
+        ("RGB", 64, "crop")
