@@ -718,7 +718,7 @@ def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
     return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
             f"stretched to {size}×{size} (model.resize = 'stretch': the aspect ratio is not "
             "kept): unequally distorted, an image of a shape the model rarely trained on "
-            f"can be flagged for its shape alone; crop or pad the files to one aspect "
+            "can be flagged for its shape alone; crop or pad the files to one aspect "
             f"ratio, {crop}")
 
 
