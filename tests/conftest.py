@@ -78,6 +78,21 @@ def _temporary_files_of_this_session(tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_heard_in_this_session() -> Iterator[None]:
+    """The tests that press Ctrl-C (SIGINT) on a command need it heard. A shell starts a
+    background job (``pytest ... &`` in a script) with SIGINT ignored, which every
+    process inherits, and Python then never raises KeyboardInterrupt; a handler, unlike
+    an ignored signal, is reset to the default when a subprocess starts, so with
+    Python's own handler here the tests' processes hear Ctrl-C as a terminal's user's
+    would."""
+    saved = signal.getsignal(signal.SIGINT)
+    if saved == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _no_user_mlflow_store() -> Iterator[None]:
     saved = {key: os.environ.pop(key, None)
              for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
