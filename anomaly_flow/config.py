@@ -257,8 +257,18 @@ class RunConfig:
             raise ConfigError("a configuration must be a table with [model] and [train] "
                               f"sections, got {data!r}.")
         unknown = set(map(str, data)) - {"model", "train"}
+        if homeless := {name for name in unknown if _home(name)}:  # keys above any table
+            raise ConfigError("; ".join(f"{name} is outside any table: it goes under "
+                                        f"[{_home(name)}]" for name in sorted(homeless)) + ".")
         if unknown:
             raise ConfigError(f"unknown section(s) {sorted(unknown)}; use [model] and [train].")
+        for section, fields in data.items():
+            if isinstance(fields, dict) and (strays := sorted(
+                    name for name in map(str, fields) if _home(name) not in (None, section))):
+                raise ConfigError(f"{', '.join(strays)} in [{section}] "
+                                  f"{'belongs' if len(strays) == 1 else 'belong'} in "
+                                  f"[{_home(strays[0])}]; move "
+                                  f"{'it' if len(strays) == 1 else 'them'} there.")
         return cls(GlowConfig.from_dict(data.get("model", {})),
                    TrainConfig.from_dict(data.get("train", {})))
 
@@ -266,6 +276,15 @@ class RunConfig:
         """A copy with some training fields changed (``None`` values are ignored)."""
         changes = {k: v for k, v in train_overrides.items() if v is not None}
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+
+_FIELDS = {"model": {f.name for f in dataclasses.fields(GlowConfig)},
+           "train": {f.name for f in dataclasses.fields(TrainConfig)}}
+
+
+def _home(name: str) -> str | None:
+    """The table (``model`` or ``train``) that has a field ``name``, if one has."""
+    return next((section for section, fields in _FIELDS.items() if name in fields), None)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

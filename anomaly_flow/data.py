@@ -609,12 +609,15 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     aspect ratios that differ, where ``resize`` makes that visible to the model. Only
     regular files within the pixel limit are looked at; others are passed over (training and
     scoring report them)."""
-    step = max(1, len(paths) // sample)
+    # evenly spaced over the whole list: a stride of len // sample would look only at the
+    # first sample files of a list up to twice as long, never at the last ones
+    looked = min(sample, len(paths))
+    spread = sorted({round(i * (len(paths) - 1) / max(1, looked - 1)) for i in range(looked)})
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
     grey = 0  # grey-mode images a colour model takes
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     shapes: collections.Counter[tuple[int, int]] = collections.Counter()
-    for path in list(paths)[::step][:sample]:
+    for path in (paths[i] for i in spread):
         try:
             if not is_regular_file(path):  # a pipe named .png would block
                 continue

@@ -157,6 +157,23 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_the_summary_counts_one_of_a_thing_in_the_singular(model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    folder, out, heat = tmp_path / "images", tmp_path / "s.csv", tmp_path / "heat"
+    write_image_folder(sample_images(2), folder, "x-")
+    (folder / "x-00001.png").rename(tmp_path / "later.png")
+    result = run("score", folder, "--model", model_dir, "--out", out, "--heatmaps", heat)
+    assert result.exit_code == 0, result.output
+    assert f"wrote 1 row to {out}" in result.stderr
+    assert f"wrote 1 heatmap under {heat}" in result.stderr
+    (tmp_path / "later.png").rename(folder / "x-00001.png")
+    result = run("score", folder, "--model", model_dir, "--out", out, "--heatmaps", heat,
+                 "--resume")
+    assert result.exit_code == 0, result.output
+    assert "(1 row kept from before, 1 file read now)" in result.stderr
+    assert f"wrote 2 rows to {out}" in result.stderr
+
+
 def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model_dir: Path,
                                                               tmp_path: Path) -> None:
     out = tmp_path / "scores.parquet"

@@ -533,6 +533,17 @@ def test_conversion_notes_say_when_images_differ_in_aspect_ratio(tmp_path: Path)
     assert conversion_notes([], "L", 64) == []
 
 
+def test_conversion_notes_look_at_files_spread_over_the_whole_list(tmp_path: Path) -> None:
+    """120 files, the last 20 tall: the 64 looked at reach the end of the list (a stride
+    of 120 // 64 = 1 looked only at the first 64, all wide, and said nothing)."""
+    for i in range(100):
+        Image.fromarray(np.zeros((3, 4), np.uint8)).save(tmp_path / f"a-{i:03d}.png")
+    for i in range(20):
+        Image.fromarray(np.zeros((4, 3), np.uint8)).save(tmp_path / f"p-{i:02d}.png")
+    (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 4)
+    assert note.startswith("the images looked at differ in aspect ratio (e.g. 4×3 and 3×4)")
+
+
 def test_conversion_notes_judge_shapes_as_the_exif_orientation_turns_them(
         tmp_path: Path) -> None:
     """Two 40×30 JPEGs, one marked as turned a quarter (orientation 6): the model sees one

@@ -922,6 +922,26 @@ def test_an_edited_config_loads_or_is_refused_clearly(data: st.DataObject) -> No
     assert RunConfig.from_dict(config.to_dict()) == config
 
 
+@pytest.mark.parametrize(("text", "said"), [
+    ('resize = "crop"\n[model]\nlevels = 2\n',
+     "resize is outside any table: it goes under [model]."),
+    ('epochs = 2\nresize = "crop"\n', "epochs is outside any table: it goes under [train]; "
+                                        "resize is outside any table: it goes under [model]."),
+    ('[train]\nresize = "crop"\n', "resize in [train] belongs in [model]; move it there."),
+    ("[model]\nepochs = 2\nlr = 0.1\n", "epochs, lr in [model] belong in [train]; move them "
+                                         "there."),
+    ("[models]\nlevels = 2\n", "unknown section(s) ['models']; use [model] and [train]."),
+])
+def test_a_field_in_the_wrong_table_is_named_with_its_table(tmp_path, text, said) -> None:
+    """TOML keys above the first header, or under the other table, were called unknown
+    sections or fields: the message now says where they go."""
+    path = tmp_path / "glow.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == said
+
+
 def test_the_readmes_colour_config_loads_as_written(tmp_path, caplog) -> None:
     """The README's example config file sets every field a config is warned of leaving
     out, and means what its comments say."""

@@ -150,11 +150,12 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                else "anomalies not decided (uncalibrated model; see anomaly-flow calibrate)")
     # with --resume the counts are the whole table's, and the next words say so
     read_now = summary.n_files - summary.n_resumed
+    kept = _count(summary.n_resumed, "row")
     resumed = ("" if not resume
-               else f" in the whole table (all {summary.n_resumed} rows kept from before; no "
-                    "file was new)" if read_now == 0 and summary.n_resumed
-               else f" in the whole table ({summary.n_resumed} rows kept from before, "
-                    f"{read_now} files read now)")
+               else f" in the whole table (all {kept} kept from before; no file was new)"
+               if read_now == 0 and summary.n_resumed
+               else f" in the whole table ({kept} kept from before, "
+                    f"{_count(read_now, 'file')} read now)")
     click.echo(f"{summary.n_scored} scored, {summary.n_failed} failed, {decided}{resumed}",
                err=True)
     if summary.unlisted:
@@ -163,14 +164,14 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
                    f"inside have no row (the first, {one_line(unlisted)}: {reason}); "
                    f"{unlisted_advice(reason)} and run again with --resume to score them",
                    err=True)
-    click.echo(f"wrote {summary.n_files} rows to {shown}", err=True)
+    click.echo(f"wrote {_count(summary.n_files, 'row')} to {shown}", err=True)
     unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:
         lost = (f"; {unwritten} could not be written (the first, {first}); make room or fix "
                 "the folder, then score again (without --resume) to draw them"
                 if unwritten else "")
         where = one_line(display_path(summary.heatmaps))
-        click.echo(f"wrote {summary.n_heatmaps} heatmaps under {where}{lost}",
+        click.echo(f"wrote {_count(summary.n_heatmaps, 'heatmap')} under {where}{lost}",
                    err=True)
     if strict and summary.n_failed:
         raise click.ClickException(
@@ -182,3 +183,8 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
             "not be listed (--strict); their images were not scored")
     if strict and unwritten:
         raise click.ClickException(f"{unwritten} heatmap(s) could not be written (--strict)")
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 row"``, ``"2 rows"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
