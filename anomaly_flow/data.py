@@ -603,10 +603,12 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     given to a colour model (repeated into three equal channels, unlike colour images: said
     of a folder that mixes the two, and for scoring (not ``training``) of one all grey,
     which a model trained on colour images would flag), detail lost when most of them are
-    larger than ``size`` (left out without ``resizing``), floating-point images scaled to
-    0..1 (read as 0..255, they are near black), 16-bit images most of which use only values
-    below 4096 (8- or 12-bit data stored in 16 bits: divided by 257, they are dark), and
-    aspect ratios that differ, where ``resize`` makes that visible to the model. Only
+    larger than ``size``, an interpolation learned when most are at most half of it (both
+    left out without ``resizing``), floating-point images scaled to 0..1 (read as 0..255,
+    they are near black), 16-bit images most of which use only values below 4096 (8- or
+    12-bit data stored in 16 bits: divided by 257, they are dark), aspect ratios that
+    differ, where ``resize`` makes that visible to the model, and images a ``crop`` keeps
+    less than half of. Only
     regular files within the pixel limit are looked at; others are passed over (training and
     scoring report them)."""
     # evenly spaced over the whole list: a stride of len // sample would look only at the
@@ -616,6 +618,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
     grey = 0  # grey-mode images a colour model takes
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
+    smaller: collections.Counter[tuple[int, int]] = collections.Counter()
     shapes: collections.Counter[tuple[int, int]] = collections.Counter()
     for path in (paths[i] for i in spread):
         try:
@@ -629,8 +632,11 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                     checked += 1
                     shape = _upright_size(img)
                     shapes[shape] += 1
-                    if (min(shape) if resize == "crop" else max(shape)) > size:
+                    scaled = min(shape) if resize == "crop" else max(shape)  # to size
+                    if scaled > size:
                         larger[shape] += 1
+                    elif 2 * scaled <= size:
+                        smaller[shape] += 1
                     grey += mode == "RGB" and img.mode in _GREY_MODES
                     if (mode == "L" and img.mode not in _GREY_MODES and judged < 16
                             and (img.format == "JPEG" or img.width * img.height <= 2**24)):
@@ -680,8 +686,26 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
                      "for training and scoring: detail finer than that is lost; to keep "
                      f"it, train with a larger model.image_size ({_larger_presets(mode, size)})")
+    n_smaller = sum(smaller.values())
+    if resizing and checked and 2 * n_smaller > checked:
+        (width, height), _ = smaller.most_common(1)[0]
+        share = "all" if n_smaller == checked else f"{n_smaller} of {checked}"
+        notes.append(f"{share} images looked at are at most half of {size}×{size} (e.g. "
+                     f"{width}×{height}) and are enlarged to it (model.image_size): the model "
+                     "learns the interpolation as much as the images, at several times the "
+                     "cost of their own size; train with a model.image_size near it (train "
+                     "--config FILE)")
     if note := _mixed_shapes_note(shapes, size, resize):
         notes.append(note)
+    long = collections.Counter({shape: n for shape, n in shapes.items()
+                                if max(shape) > 2 * min(shape)})
+    if resize == "crop" and long:
+        (width, height), _ = long.most_common(1)[0]
+        notes.append(f"{sum(long.values())} of {checked} images looked at have one side "
+                     f"more than twice the other (e.g. {width}×{height}), and the centred "
+                     "square (model.resize = 'crop') keeps less than half of each: what lies "
+                     "beyond it is neither learned nor scored; model.resize = 'pad' sees the "
+                     "whole image")
     return notes
 
 

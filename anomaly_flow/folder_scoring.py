@@ -778,9 +778,11 @@ def score_folder_table(
 ) -> FolderScores:
     """Score every image file under ``folder`` with ``model``.
 
-    Files that fail to decode get a row with the reason in ``error`` and NaN scores; one
-    warning states how many failed and why (the first ten files with their reasons,
-    then how many more). This is the only place a failing file is named in the log:
+    What the conversion to the model's input drops is warned of first, as
+    :func:`score_folder` does. Files that fail to decode get a row with the reason in
+    ``error`` and NaN scores; one warning states how many failed and why (the first ten
+    files with their reasons, then how many more). This is the only place a failing file
+    is named in the log:
     :func:`~anomaly_flow.evaluation.calibrate_scores` and
     :func:`~anomaly_flow.evaluation.evaluate_scores` add only where the full list was
     stored.
@@ -803,6 +805,9 @@ def score_folder_table(
     root = Path(folder)
     paths = find_images(root)
     config = model.config
+    for note in conversion_notes(paths, config.mode, config.image_size, resizing=False,
+                                 training=False, resize=config.resize):  # as score says
+        logger.warning("%s: %s", display_path(root), note)
     dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
                              config.levels, config.resize)
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,

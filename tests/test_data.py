@@ -533,6 +533,30 @@ def test_conversion_notes_say_when_images_differ_in_aspect_ratio(tmp_path: Path)
     assert conversion_notes([], "L", 64) == []
 
 
+def test_conversion_notes_say_when_images_are_enlarged_or_mostly_cropped_away(
+        tmp_path: Path) -> None:
+    """Images at most half the model's side are enlarged (the model learns the
+    interpolation); a crop of an image with one side more than twice the other keeps less
+    than half of it. Which side counts follows ``resize``: a crop scales the shorter one."""
+    for i in range(3):
+        Image.fromarray(np.zeros((12, 40), np.uint8)).save(tmp_path / f"strip-{i}.png")
+    strips = sorted(tmp_path.iterdir())
+    (enlarged,) = conversion_notes(strips, "L", 80)  # 40 of 80: enlarged twice
+    assert enlarged == ("all images looked at are at most half of 80×80 (e.g. 40×12) and are "
+                        "enlarged to it (model.image_size): the model learns the interpolation "
+                        "as much as the images, at several times the cost of their own size; "
+                        "train with a model.image_size near it (train --config FILE)")
+    assert conversion_notes(strips, "L", 80, resizing=False) == []  # scoring: training's say
+    assert conversion_notes(strips, "L", 64) == []  # 40 of 64: more than half
+    cropped = conversion_notes(strips, "L", 16, resize="crop")  # 12 of 16: more than half
+    assert cropped == ["3 of 3 images looked at have one side more than twice the other "
+                       "(e.g. 40×12), and the centred square (model.resize = 'crop') keeps "
+                       "less than half of each: what lies beyond it is neither learned nor "
+                       "scored; model.resize = 'pad' sees the whole image"]
+    assert conversion_notes(strips, "L", 24, resize="crop")[0].startswith(
+        "all images looked at are at most half of 24×24 (e.g. 40×12)")  # the 12 side
+
+
 def test_conversion_notes_look_at_files_spread_over_the_whole_list(tmp_path: Path) -> None:
     """120 files, the last 20 tall: the 64 looked at reach the end of the list (a stride
     of 120 // 64 = 1 looked only at the first 64, all wide, and said nothing)."""

@@ -1126,3 +1126,16 @@ def test_every_reader_converts_images_as_the_models_resize_says(
     summary = score_folder(model, None, folder, out, resume=True)  # kept rows' files again
     assert summary.n_resumed == 3
     pd.testing.assert_frame_equal(read_csv(out), full, check_exact=True)
+
+
+def test_scoring_a_folder_in_memory_warns_of_what_the_conversion_drops(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Calibration and evaluation score folders through ``score_folder_table``: a folder
+    that mixes shapes there is warned of as ``score`` warns of it (it was silent, while
+    its threshold moved with the mix)."""
+    for i, shape in enumerate([(16, 32)] * 3 + [(32, 16)]):
+        Image.fromarray(np.full(shape, 128, np.uint8)).save(tmp_path / f"{i}.png")
+    with caplog.at_level(logging.WARNING):
+        score_folder_table(model, tmp_path)
+    assert f"{tmp_path}: the images looked at differ in aspect ratio (e.g. 32×16 and 16×32)" \
+        in caplog.text
