@@ -38,7 +38,9 @@ Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held
               help=f"A shipped configuration [default: {DEFAULT_PRESET}].")
 @click.option("--config", "config_file", type=PathGiven(dir_okay=False, path_type=Path),
               default=None, help="A TOML or JSON configuration with [model] and [train] "
-                                 "tables (see anomaly_flow/presets/*.toml).")
+                                 "tables (see anomaly_flow/presets/*.toml); for colour, "
+                                 "in_channels = 3; for non-square images, resize = 'crop' "
+                                 "or 'pad' keeps their aspect ratio.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override the configuration's epochs.")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None,
