@@ -690,19 +690,24 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     if resizing and checked and 2 * n_smaller > checked:
         (width, height), _ = smaller.most_common(1)[0]
         share = "all" if n_smaller == checked else f"{n_smaller} of {checked}"
+        side = min(width, height) if resize == "crop" else max(width, height)
+        shown = (f"{width}×{height}, whose centred square is {side}×{side}"
+                 if resize == "crop" and width != height else f"{width}×{height}")
         notes.append(f"{share} images looked at are at most half of {size}×{size} (e.g. "
-                     f"{width}×{height}) and are enlarged to it (model.image_size): the model "
-                     "learns the interpolation as much as the images, at several times the "
-                     "cost of their own size; train with a model.image_size near it (train "
-                     "--config FILE)")
+                     f"{shown}) and are enlarged to it (model.image_size): the model learns "
+                     "the interpolation as much as the images, at several times the cost of "
+                     f"their own size; train with a model.image_size near {side} (a multiple "
+                     "of 2**levels; train --config FILE)")
     if note := _mixed_shapes_note(shapes, size, resize):
         notes.append(note)
     long = collections.Counter({shape: n for shape, n in shapes.items()
                                 if max(shape) > 2 * min(shape)})
     if resize == "crop" and long:
         (width, height), _ = long.most_common(1)[0]
-        notes.append(f"{sum(long.values())} of {checked} images looked at have one side "
-                     f"more than twice the other (e.g. {width}×{height}), and the centred "
+        n_long = sum(long.values())
+        share = "all" if n_long == checked else f"{n_long} of {checked}"
+        notes.append(f"{share} images looked at have one side more than twice the other "
+                     f"(e.g. {width}×{height}), and the centred "
                      "square (model.resize = 'crop') keeps less than half of each: what lies "
                      "beyond it is neither learned nor scored; model.resize = 'pad' sees the "
                      "whole image")
@@ -749,9 +754,15 @@ def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
             f"ratio, {crop}")
 
 
+_HEADER_EXIF = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
+"""Formats whose EXIF block Pillow reads with the header, before any pixel is decoded."""
+
+
 def _upright_size(img: Image.Image) -> tuple[int, int]:
     """``(width, height)`` as the model sees the image: after its EXIF orientation (a
     quarter turn, 5 to 8, swaps them), which decoding applies (:func:`image_to_array`)."""
+    if img.format not in _HEADER_EXIF and "exif" not in img.info:
+        return img.size  # a PNG's getexif() would decode the whole image to look for it
     try:
         turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
     except Exception:  # a damaged EXIF block: decoding ignores it too

@@ -118,7 +118,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     check_separate_folders(folders["calibration"], folders["test_anomalous"])
     check_held_out_of_calibration(folders["calibration"], folders["test_normal"])
     for key in ("calibration", "test_normal", "test_anomalous"):  # not found after training
-        check_decodable(folders[key], config.model.mode, config.model.image_size)
+        check_decodable(folders[key], config.model.mode, config.model.image_size,
+                        config.model.resize)
     tracking.precheck_training(name, config)  # before the parent run names an experiment
     resolve_device(device)
     tracking.configure(mlruns)

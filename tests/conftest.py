@@ -85,11 +85,12 @@ def _ctrl_c_heard_in_this_session() -> Iterator[None]:
     an ignored signal, is reset to the default when a subprocess starts, so with
     Python's own handler here the tests' processes hear Ctrl-C as a terminal's user's
     would."""
-    saved = signal.getsignal(signal.SIGINT)
-    if saved == signal.SIG_IGN:
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, saved)
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -672,7 +672,7 @@ def test_heatmaps_that_cannot_be_written_are_counted_and_fail_strict(
                      r"\(the first, .*x-0000\d\.png: .* exists and is not a heatmap; it is "
                      r"left as it is\); make room or fix the folder, then score again "
                      r"\(without --resume\) to draw them", result.stderr), result.stderr
-    assert_one_line_error(result, "8 heatmap(s) could not be written (--strict)")
+    assert_one_line_error(result, "8 heatmaps could not be written (--strict)")
     assert len(pd.read_csv(out)) == 8  # the table is written all the same
     assert all(p.read_text().startswith("a file of the user's") for p in heat.iterdir())
 

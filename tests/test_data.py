@@ -545,16 +545,18 @@ def test_conversion_notes_say_when_images_are_enlarged_or_mostly_cropped_away(
     assert enlarged == ("all images looked at are at most half of 80×80 (e.g. 40×12) and are "
                         "enlarged to it (model.image_size): the model learns the interpolation "
                         "as much as the images, at several times the cost of their own size; "
-                        "train with a model.image_size near it (train --config FILE)")
+                        "train with a model.image_size near 40 (a multiple of 2**levels; train "
+                        "--config FILE)")
     assert conversion_notes(strips, "L", 80, resizing=False) == []  # scoring: training's say
     assert conversion_notes(strips, "L", 64) == []  # 40 of 64: more than half
     cropped = conversion_notes(strips, "L", 16, resize="crop")  # 12 of 16: more than half
-    assert cropped == ["3 of 3 images looked at have one side more than twice the other "
+    assert cropped == ["all images looked at have one side more than twice the other "
                        "(e.g. 40×12), and the centred square (model.resize = 'crop') keeps "
                        "less than half of each: what lies beyond it is neither learned nor "
                        "scored; model.resize = 'pad' sees the whole image"]
     assert conversion_notes(strips, "L", 24, resize="crop")[0].startswith(
-        "all images looked at are at most half of 24×24 (e.g. 40×12)")  # the 12 side
+        "all images looked at are at most half of 24×24 (e.g. 40×12, whose centred square is "
+        "12×12) and are enlarged")
 
 
 def test_conversion_notes_look_at_files_spread_over_the_whole_list(tmp_path: Path) -> None:
@@ -574,11 +576,15 @@ def test_conversion_notes_judge_shapes_as_the_exif_orientation_turns_them(
     wide and one tall image, so their aspect ratios differ."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    wide = np.zeros((30, 40), np.uint8)
+    wide = np.full((30, 40), 200, np.uint8)
     save(Image.fromarray(wide), tmp_path / "a.jpg")
     assert conversion_notes([tmp_path / "a.jpg"], "L", 64, resizing=False) == []
     save(Image.fromarray(wide), tmp_path / "b.jpg", exif=exif)
-    assert load_image(tmp_path / "b.jpg", "L", 64, "pad")[0, :, :8].max() == 0  # tall: bars
+    # fitted as 48×64 (turned: tall) and 64×48: bars at the sides, then above and below
+    tall, wide_too = (load_image(tmp_path / name, "L", 64, "pad")[0] for name in ("b.jpg",
+                                                                               "a.jpg"))
+    assert tall[:, :8].max() == 0 and tall[:8, 16:48].min() > 150
+    assert wide_too[:8, :].max() == 0 and wide_too[16:48, :8].min() > 150
     (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 64, resize="pad")
     assert note.startswith("the images looked at differ in aspect ratio (e.g. 40×30 and 30×40)")
 

@@ -152,7 +152,8 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     read_now = summary.n_files - summary.n_resumed
     kept = _count(summary.n_resumed, "row")
     resumed = ("" if not resume
-               else f" in the whole table (all {kept} kept from before; no file was new)"
+               else f" in the whole table ({'the' if summary.n_resumed == 1 else 'all'} "
+                    f"{kept} kept from before; no file was new)"
                if read_now == 0 and summary.n_resumed
                else f" in the whole table ({kept} kept from before, "
                     f"{_count(read_now, 'file')} read now)")
@@ -182,7 +183,8 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
             f"{len(summary.unlisted)} folder(s) under {one_line(display_path(folder))} could "
             "not be listed (--strict); their images were not scored")
     if strict and unwritten:
-        raise click.ClickException(f"{unwritten} heatmap(s) could not be written (--strict)")
+        raise click.ClickException(f"{_count(unwritten, 'heatmap')} could not be written "
+                                   "(--strict)")
 
 
 def _count(n: int, noun: str) -> str:
