@@ -293,8 +293,7 @@ def score_folder(
             with flush.timing():
                 write(rows.table())
 
-    dataset = ScoringDataset([paths[i] for i in todo], config.mode, config.image_size,
-                             config.n_bits, config.levels, config.resize)
+    dataset = ScoringDataset([paths[i] for i in todo], config)
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
@@ -662,9 +661,7 @@ def _check_same_scores(model: Glow, previous: pd.DataFrame, files: dict[str, Pat
     before = previous.loc[probes, "bpd"].to_numpy(dtype=float)
 
     def rescored(at: Precision) -> tuple[np.ndarray, np.ndarray]:
-        dataset = ScoringDataset([files[key] for key in probes], config.mode,
-                                 config.image_size, config.n_bits, config.levels,
-                                 config.resize)
+        dataset = ScoringDataset([files[key] for key in probes], config)
         try:
             again = score_dataset(model, dataset, batch_size=len(probes), progress=False,
                                   precision=at)
@@ -808,8 +805,7 @@ def score_folder_table(
     for note in conversion_notes(paths, config.mode, config.image_size, resizing=False,
                                  training=False, resize=config.resize):  # as score says
         logger.warning("%s: %s", display_path(root), note)
-    dataset = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
-                             config.levels, config.resize)
+    dataset = ScoringDataset(paths, config)
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
                           progress=progress)
     table = table.reset_index(drop=True)

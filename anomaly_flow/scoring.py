@@ -70,8 +70,8 @@ from anomaly_flow.complexity import (
     batch_png_bits_per_dim,
     coarse_complexity,
 )
-from anomaly_flow.config import Resize
-from anomaly_flow.data import ImageMode, InvalidSource, display_path, load_item, warnings_caught
+from anomaly_flow.config import GlowConfig
+from anomaly_flow.data import InvalidSource, display_path, load_item, warnings_caught
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_name: re-exported)
     LIKELIHOOD_SCORES,
@@ -281,8 +281,8 @@ class ScoreBatch(NamedTuple):
 class ScoringDataset(Dataset[ScoreItem]):
     """Images from file paths or encoded bytes, decoded (and PNG-measured) in workers.
 
-    ``mode``, ``size``, ``n_bits``, ``levels`` and ``resize`` are the scoring model's (its
-    :class:`~anomaly_flow.config.GlowConfig`): ``levels`` sets the resolution of the
+    ``config`` is the scoring model's: images are converted to its mode, size and
+    ``resize``, quantised to its ``n_bits``, and its ``levels`` set the resolution of the
     coarse PNG length (:func:`~anomaly_flow.complexity.coarse_png_bits_per_dim`). A
     DataLoader fetches whole batches (``__getitems__``), so the PNG lengths of a batch
     are measured together (:func:`~anomaly_flow.complexity.batch_png_bits_per_dim`).
@@ -291,11 +291,9 @@ class ScoringDataset(Dataset[ScoreItem]):
     """
 
     def __init__(self, sources: Sequence[str | Path | bytes | InvalidSource | None],
-                 mode: ImageMode, size: int, n_bits: int, levels: int,
-                 resize: Resize = "stretch") -> None:
+                 config: GlowConfig) -> None:
         self.sources = list(sources)
-        self.mode, self.size, self.n_bits, self.levels = mode, size, n_bits, levels
-        self.resize: Resize = resize
+        self.config = config
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -304,15 +302,16 @@ class ScoringDataset(Dataset[ScoreItem]):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[ScoreItem]:
-        items = [load_item(self.sources[i], self.mode, self.size, i, self.resize)
+        c = self.config
+        items = [load_item(self.sources[i], c.mode, c.image_size, i, c.resize)
                  for i in indices]
         ok = [item for item in items if item.ok]
         if not ok:
             return [ScoreItem(*item, float("nan"), float("nan")) for item in items]
         images = torch.stack([item.image for item in ok]).numpy()
-        png_bpd = batch_png_bits_per_dim(images, self.n_bits)
-        coarse = (png_bpd if self.levels == 1
-                  else batch_coarse_png_bits_per_dim(images, self.n_bits, self.levels))
+        png_bpd = batch_png_bits_per_dim(images, c.n_bits)
+        coarse = (png_bpd if c.levels == 1
+                  else batch_coarse_png_bits_per_dim(images, c.n_bits, c.levels))
         measured = iter(zip(png_bpd.tolist(), coarse.tolist(), strict=True))
         return [ScoreItem(*item, *(next(measured) if item.ok else (float("nan"),) * 2))
                 for item in items]
@@ -529,6 +528,13 @@ class _Pending(NamedTuple):
     ready: Any  # torch.cuda.Event, or None on CPU
 
 
+
+def _conversion(config: GlowConfig) -> tuple[str, int, str, int, int]:
+    """What :class:`ScoringDataset` takes from a model's config: how a file becomes its
+    input, and the PNG lengths' resolution."""
+    return config.mode, config.image_size, config.resize, config.n_bits, config.levels
+
+
 def score_dataset(
     model: Glow,
     dataset: ScoringDataset,
@@ -568,17 +574,17 @@ def score_dataset(
         model overflows), indexed by dataset index.
 
     Raises:
-        ValueError: The dataset was built for a model with another number of levels.
+        ValueError: The dataset was built for a model that prepares images otherwise.
         ScoringError: ``batch_size`` is not a whole number >= 1, ``precision`` unknown, or
             the model never initialised (:attr:`Glow.initialized`).
         BatchOutOfMemory: A batch did not fit in memory.
     """
     check_batch_size(batch_size)
     check_initialized(model)
-    if dataset.levels != model.config.levels:
-        raise ValueError(f"the dataset measures PNG lengths for a {dataset.levels}-level "
-                         f"model, but this model has {model.config.levels} levels; build it "
-                         "with the model's config.levels")
+    if _conversion(dataset.config) != _conversion(model.config):
+        raise ValueError(f"the dataset prepares images for another model (mode, size, "
+                         f"resize, n_bits, levels: {_conversion(dataset.config)}, this model's "
+                         f"{_conversion(model.config)}); build it with the model's config")
     device = model.device
     model.eval()
     asked = batch_size

@@ -105,8 +105,7 @@ def scores_from_training(args: argparse.Namespace) -> tuple[np.ndarray, dict[str
                    ArrayDataset(train_images[val], m.mode, m.image_size, m.resize),
                    device=args.device, progress=False)
     train_s = time.perf_counter() - start
-    dataset = ScoringDataset(_png_bytes(held_out), m.mode, m.image_size, m.n_bits, m.levels,
-                             m.resize)
+    dataset = ScoringDataset(_png_bytes(held_out), m)
     table = score_dataset(result.model, dataset, batch_size=512, progress=False)
     info = {"source": source, "preset": args.preset, "epochs": args.epochs,
             "n_train": len(fit), "n_reference": len(val), "train_seconds": round(train_s, 1),

@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n, bs, workers = len(paths), args.batch_size, args.workers
 
     decoding = ImageFolderDataset(paths, config.mode, config.image_size, config.resize)
-    scoring = ScoringDataset(paths, config.mode, config.image_size, config.n_bits,
-                             config.levels, config.resize)
+    scoring = ScoringDataset(paths, config)
     time_loader(decoding, bs, workers)  # warm-up: files into the page cache
 
     def score_once() -> float:

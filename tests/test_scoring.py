@@ -8,6 +8,7 @@ meaningless as anomaly scores but exact as likelihoods, which is all these tests
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -238,7 +239,7 @@ def test_scoring_dataset_measures_a_batch_as_single_items(tmp_path: Path) -> Non
     sources: list[str | Path | bytes] = [png_bytes(Image.fromarray(image[0])) for image in images]
     sources.insert(2, b"not an image")
     sources.append(tmp_path / "missing.png")
-    dataset = ScoringDataset(sources, TINY.mode, TINY.image_size, TINY.n_bits, TINY.levels)
+    dataset = ScoringDataset(sources, TINY)
     batch = dataset.__getitems__(range(len(sources)))
     singles = [dataset[i] for i in range(len(sources))]
     assert [item.ok for item in batch] == [True, True, False, True, True, True, False]
@@ -405,8 +406,7 @@ def test_a_batch_with_nothing_decoded_skips_the_model(
 
     monkeypatch.setattr(scoring, "_launch", counted)
     config = model.config
-    empty = ScoringDataset([None] * 10, config.mode, config.image_size, config.n_bits,
-                           config.levels)
+    empty = ScoringDataset([None] * 10, config)
     table = score_dataset(model, empty, batch_size=4)
     assert launches == 0 and len(table) == 10
     assert table["error"].eq("no image given (empty value)").all()
@@ -444,8 +444,7 @@ def test_a_file_scored_alone_gets_its_folder_run_numbers(
     columns = ["bpd", "level_1", "level_2", "typicality", "knn"]
     alone = []
     for path in rows["path"]:
-        dataset = ScoringDataset([files[path].read_bytes()], TINY.mode, TINY.image_size,
-                                 TINY.n_bits, TINY.levels)
+        dataset = ScoringDataset([files[path].read_bytes()], TINY)
         scores = score_images(model, ScoringDataset.collate([dataset[0]]).images)
         alone.append([float(scores.bpd[0]), *scores.level_bits[0].tolist(),
                       float(scores.typicality[0]), float(scores.knn[0])])
@@ -689,7 +688,7 @@ def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     (the breakdown of its decoded pixels), and average to the row's bpd."""
     received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     paths = find_images(messy)
-    dataset = ScoringDataset(paths, TINY.mode, TINY.image_size, TINY.n_bits, TINY.levels)
+    dataset = ScoringDataset(paths, TINY)
     table = score_dataset(model, dataset, batch_size=5,
                           heatmaps=lambda i, x, m: received.append((list(i), x, m)))
     indices = [i for batch in received for i in batch[0]]
@@ -736,8 +735,7 @@ def test_a_batch_size_below_one_is_refused_before_anything_is_written(model: Glo
     """batch_size=0 ended in ZeroDivisionError, -1 in DataLoader's complaint about
     num_workers (which the caller had not set), and 2.5 in DataLoader's own words."""
     config = model.config
-    dataset = ScoringDataset([None] * 3, config.mode, config.image_size, config.n_bits,
-                             config.levels)
+    dataset = ScoringDataset([None] * 3, config)
     for size in (0, -1, 2.5):
         with pytest.raises(ScoringError, match=rf"^batch_size is the number of images per "
                                                rf"forward pass, a whole number >= 1; got {size}$"):
@@ -747,13 +745,22 @@ def test_a_batch_size_below_one_is_refused_before_anything_is_written(model: Glo
     assert not list(tmp_path.iterdir())
 
 
+def test_a_dataset_built_for_another_model_is_refused(model: Glow) -> None:
+    """The dataset converts the images: one built from another config (a pad where the
+    model stretches, other levels for the PNG lengths) would score them otherwise."""
+    for change in ({"resize": "pad"}, {"levels": 1}):
+        other = ScoringDataset([None], dataclasses.replace(model.config, **change))
+        with pytest.raises(ValueError, match=r"the dataset prepares images for another model "
+                                             r"\(mode, size, resize, n_bits, levels: "):
+            score_dataset(model, other)
+
+
 def test_a_model_never_initialised_is_refused(model: Glow, messy: Path, tmp_path: Path) -> None:
     """A Glow fresh from its config has identity ActNorms and the couplings' zero last
     convolutions: it scores every file, and the numbers mean nothing."""
     fresh = Glow(model.config).eval()
     config = model.config
-    dataset = ScoringDataset([None], config.mode, config.image_size, config.n_bits,
-                             config.levels)
+    dataset = ScoringDataset([None], config)
     for call in (lambda: score_folder(fresh, None, messy, tmp_path / "s.csv"),
                  lambda: score_dataset(fresh, dataset)):
         with pytest.raises(ScoringError, match=r"^the model's ActNorm layers were never "

@@ -63,8 +63,7 @@ AUTO = "auto"
 def library_scores(model: Glow, sources: list) -> pd.DataFrame:
     """What the library itself says for these files: the reference for every path."""
     cfg = model.config
-    return score_dataset(model, ScoringDataset(sources, cfg.mode, cfg.image_size, cfg.n_bits,
-                                               cfg.levels))
+    return score_dataset(model, ScoringDataset(sources, cfg))
 
 
 # ------------------------------------------------------------------- the store
@@ -750,12 +749,13 @@ def test_input_sources_take_the_bytes_else_the_path_and_blank_is_no_image() -> N
                           "image": [b"PNG", None, None, None, b"", np.nan]})
     assert input_sources(frame) == [b"PNG", "b.png", None, None, None, None]
     # a blank path is "no image given", not the working directory
-    dataset = ScoringDataset(input_sources(pd.DataFrame({"path": [""]})), "L", 16, 8, 2)
+    grey_16 = GlowConfig(image_size=16, levels=2)
+    dataset = ScoringDataset(input_sources(pd.DataFrame({"path": [""]})), grey_16)
     assert dataset[0].error == "no image given (empty value)"
     odd = input_sources(pd.DataFrame({"path": [3, Path("c.png"), None],
                                       "image": [None, None, bytearray(b"PNG")]}))
     assert odd[1:] == ["c.png", b"PNG"]
-    dataset = ScoringDataset(odd, "L", 16, 8, 2)
+    dataset = ScoringDataset(odd, grey_16)
     assert dataset[0].error == "the 'path' value is an int (3), not a string; pass one file " \
         "path per row"
 

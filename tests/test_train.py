@@ -870,8 +870,7 @@ def test_training_and_samples_leave_the_callers_random_state_alone(
     grid = train_module.sample_grid(result.model, 4, 0.7, seed=5)
     np.testing.assert_array_equal(grid, train_module.sample_grid(result.model, 4, 0.7, seed=5))
     cfg = result.model.config
-    score_dataset(result.model, ScoringDataset(sorted(image_folder.iterdir())[:4], cfg.mode,
-                                               cfg.image_size, cfg.n_bits, cfg.levels))
+    score_dataset(result.model, ScoringDataset(sorted(image_folder.iterdir())[:4], cfg))
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -922,8 +921,7 @@ def test_cuda_paths(image_folder: Path, tmp_path: Path,
                for i, state in enumerate(states))
 
     cfg = result.model.config
-    files = ScoringDataset(sorted(p for p in image_folder.rglob("*") if p.is_file()),
-                           cfg.mode, cfg.image_size, cfg.n_bits, cfg.levels)
+    files = ScoringDataset(sorted(p for p in image_folder.rglob("*") if p.is_file()), cfg)
     on_gpu = score_dataset(result.model, files, batch_size=64)  # several batches in flight
     cpu_model = Glow(cfg)
     cpu_model.load_state_dict(result.model.state_dict())

@@ -268,8 +268,7 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         reason in ``error``.
     """
     cfg = model.config
-    dataset = ScoringDataset(input_sources(frame), cfg.mode, cfg.image_size, cfg.n_bits,
-                             cfg.levels, cfg.resize)
+    dataset = ScoringDataset(input_sources(frame), cfg)
     scores = score_dataset(model, dataset, batch_size=batch_size, progress=False)
     out = apply_calibration(scores, calibration)
     verdict = out["is_anomaly"].astype(object).where(out["is_anomaly"].notna(), None)
