@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -54,6 +55,7 @@ from hypothesis import strategies as st
 from anomaly_flow.config import RunConfig, load_preset
 from anomaly_flow.data import write_image_folder
 from anomaly_flow.fashion_mnist import SampleData, load_sample
+from anomaly_flow.glow import Glow
 
 MODEL_NAME = "tiny-parts"
 
@@ -91,6 +93,37 @@ def _ctrl_c_heard_in_this_session() -> Iterator[None]:
     yield
     if ignored:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# The scoring tests' folder and model (tests/test_scoring.py, test_folder_scoring.py,
+# test_cli_score.py), built once in each module that asks for them.
+
+@pytest.fixture(scope="module")
+def model() -> Glow:
+    """The tiny Glow of :func:`tests.test_scoring.make_tiny_model`."""
+    from tests.test_scoring import make_tiny_model
+
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good images beside every kind of bad file (:data:`tests.test_scoring.MESSY`)."""
+    from tests.test_scoring import make_messy_folder
+
+    return make_messy_folder(tmp_path_factory.mktemp("messy") / "images")
+
+
+@pytest.fixture(scope="module")
+def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> pd.DataFrame:
+    """An uninterrupted run over the messy folder, read back from CSV."""
+    from anomaly_flow.folder_scoring import score_folder
+    from tests.test_scoring import read_csv
+
+    out = tmp_path_factory.mktemp("full") / "scores.csv"
+    score_folder(model, None, messy, out, batch_size=64)
+    return read_csv(out)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -28,18 +28,12 @@ from tests.test_scoring import (
     N_GOOD,
     TINY,
     blank_png,
-    make_messy_folder,
     make_tiny_model,
     read_csv,
     sample_images,
 )
 
 CALIBRATION_FILE = "calibration.json"  # beside config.json, as tracking.load_model reads it
-
-
-@pytest.fixture(scope="module")
-def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_messy_folder(tmp_path_factory.mktemp("messy") / "images")
 
 
 @pytest.fixture(scope="module")

@@ -42,32 +42,11 @@ from tests.test_scoring import (
     N_GOOD,
     TINY,
     ULPS,
-    make_messy_folder,
     make_tiny_model,
     read_csv,
     relative,
     sample_images,
 )
-
-
-@pytest.fixture(scope="module")
-def model() -> Glow:
-    return make_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_messy_folder(tmp_path_factory.mktemp("messy") / "images")
-
-
-@pytest.fixture(scope="module")
-def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactory
-               ) -> pd.DataFrame:
-    """An uninterrupted run over the messy folder, read back from CSV."""
-    out = tmp_path_factory.mktemp("full") / "scores.csv"
-    score_folder(model, None, messy, out, batch_size=64)
-    return read_csv(out)
-
 
 # --------------------------------------------------------------------------- in memory
 

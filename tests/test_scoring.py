@@ -168,25 +168,6 @@ def make_tiny_model() -> Glow:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def model() -> Glow:
-    return make_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_messy_folder(tmp_path_factory.mktemp("messy") / "images")
-
-
-@pytest.fixture(scope="module")
-def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactory
-               ) -> pd.DataFrame:
-    """An uninterrupted run over the messy folder, read back from CSV."""
-    out = tmp_path_factory.mktemp("full") / "scores.csv"
-    score_folder(model, None, messy, out, batch_size=64)
-    return read_csv(out)
-
-
 def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, **score_table.EXACT_FLOATS, keep_default_na=False,
                        na_values={c: [""] for c in ("bpd", "complexity", "coarse_complexity",
