@@ -608,9 +608,8 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     they are near black), 16-bit images most of which use only values below 4096 (8- or
     12-bit data stored in 16 bits: divided by 257, they are dark), aspect ratios that
     differ, where ``resize`` makes that visible to the model, and images a ``crop`` keeps
-    less than half of. Only
-    regular files within the pixel limit are looked at; others are passed over (training and
-    scoring report them)."""
+    less than half of. Only regular files within the pixel limit are looked at; others are
+    passed over (training and scoring report them)."""
     # evenly spaced over the whole list: a stride of len // sample would look only at the
     # first sample files of a list up to twice as long, never at the last ones
     looked = min(sample, len(paths))
@@ -701,8 +700,8 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     if note := _mixed_shapes_note(shapes, size, resize):
         notes.append(note)
     long = collections.Counter({shape: n for shape, n in shapes.items()
-                                if max(shape) > 2 * min(shape)})
-    if resize == "crop" and long:
+                                if resize == "crop" and max(shape) > 2 * min(shape)})
+    if long:
         (width, height), _ = long.most_common(1)[0]
         n_long = sum(long.values())
         share = "all" if n_long == checked else f"{n_long} of {checked}"
