@@ -398,6 +398,8 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
                           f"checkpoint's (model.hidden_channels is "
                           f"{2 * tiny.model.hidden_channels} but was "
                           f"{tiny.model.hidden_channels}); resume with the same preset")
+    # refused before the folder is read: nothing said of its images (28x28 at size 16)
+    assert other_model.stderr.splitlines()[0].startswith("Error:"), other_model.stderr
     adamax = mlruns.parent / "adamax.json"
     adamax.write_text(json.dumps(tiny.replace(epochs=3, optimizer="adamax").to_dict()))
     other_optimizer = invoke(str(image_dirs.train), "--name", "cli-parts", "--config",

@@ -266,14 +266,7 @@ def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig
                      fingerprint: str, data: Path) -> None:
     """Refuse a resume that would not continue the same training (``before``: the
     configuration the checkpoint's training ran with; ``data``: the folder given now)."""
-    if differ := changed_fields(before.model, config.model, "model"):
-        raise TrainingError(f"the model configuration differs from the checkpoint's "
-                            f"({'; '.join(differ)}); resume with the same preset or config "
-                            "file, or train without --resume.")
-    changed = changed_fields(before.train, config.train, "train", _RESUME_MUST_MATCH)
-    if changed:
-        raise TrainingError(f"cannot resume: {'; '.join(changed)} in the checkpoint's run; "
-                            "resume with the same values, or train without --resume.")
+    _check_same_settings(before, config)
     if state.get("data_fingerprint") != fingerprint:
         recorded = state.get("data_folder")
         given = display_path(data.resolve())
@@ -285,6 +278,19 @@ def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig
         raise TrainingError("the images in the training folder changed since the checkpoint "
                             "(different fingerprint), so the train/validation split would "
                             "change; train without --resume.")
+
+
+def _check_same_settings(before: RunConfig, config: RunConfig) -> None:
+    """Refuse a resume with another model configuration or another value of a setting
+    that must match (``before``: the configuration the checkpoint's training ran with)."""
+    if differ := changed_fields(before.model, config.model, "model"):
+        raise TrainingError(f"the model configuration differs from the checkpoint's "
+                            f"({'; '.join(differ)}); resume with the same preset or config "
+                            "file, or train without --resume.")
+    changed = changed_fields(before.train, config.train, "train", _RESUME_MUST_MATCH)
+    if changed:
+        raise TrainingError(f"cannot resume: {'; '.join(changed)} in the checkpoint's run; "
+                            "resume with the same values, or train without --resume.")
 
 
 def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
@@ -535,6 +541,11 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
     dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
     check_batch_split(config)
+    if resume:  # a resume refused for its settings says so before the folder is read
+        state, before = _read_run_state(ckpt)  # (and again under the lock, to be sure)
+        _check_owner(state, name, ckpt)
+        _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
+        _check_same_settings(before, config)
     folder = folder_datasets(data, config)
     joined = join_launch_group(dev)  # under torchrun: the group before rank 0's checks
     try:
