@@ -594,9 +594,51 @@ def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
     return img if img.size == (size, size) else img.resize((size, size), resample=RESAMPLE)
 
 
+def _spread(paths: Sequence[Path], sample: int) -> list[Path]:
+    """Up to ``sample`` of ``paths``, evenly spaced over the whole list (a stride of
+    ``len // sample`` would look only at the first ``sample`` files of a list up to twice
+    as long, never at the last ones)."""
+    looked = min(sample, len(paths))
+    spread = sorted({round(i * (len(paths) - 1) / max(1, looked - 1)) for i in range(looked)})
+    return [paths[i] for i in spread]
+
+
+def _look_at(paths: Sequence[Path], sample: int, look: Callable[[Image.Image], None]
+             ) -> None:
+    """Call ``look`` on up to ``sample`` of ``paths`` spread over the list, each opened
+    (its header read; ``look`` decodes what it needs). Files that are not regular (a pipe
+    named .png would block), cannot be opened, or are above the pixel limit are passed
+    over, as is the rest of an image ``look`` fails to decode: the caller notes what it
+    can, and training and scoring report the files themselves."""
+    for path in _spread(paths, sample):
+        try:
+            if not is_regular_file(path):
+                continue
+            with warnings_caught():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    if img.width * img.height <= MAX_IMAGE_PIXELS:
+                        look(img)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+
+
+def image_shapes(paths: Sequence[Path], sample: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """The shapes of up to ``sample`` of ``paths`` spread over the list, as
+    ``(width, height, count)``, most common first: each image's size as shown upright
+    (EXIF orientation applied), read from the file's header (what :func:`_look_at`
+    passes over is not counted). What a model records of its training folder
+    (:attr:`anomaly_flow.glow.Glow.training_shapes`), so that scoring can say when images
+    come in a size it never saw (:func:`conversion_notes`)."""
+    shapes: collections.Counter[tuple[int, int]] = collections.Counter()
+    _look_at(paths, sample, lambda img: shapes.update([_upright_size(img)]))
+    return tuple((w, h, n) for (w, h), n in shapes.most_common())
+
+
 def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      sample: int = 64, *, resizing: bool = True,
-                     training: bool = True, resize: Resize = "stretch") -> list[str]:
+                     training: bool = True, resize: Resize = "stretch",
+                     trained_shapes: Sequence[tuple[int, int, int]] = ()) -> list[str]:
     """What converting images to ``mode`` and ``size`` (by ``resize``) drops, judged from up to
     ``sample`` of them spread over ``paths``: colour seen in grey (a model of grey images
     cannot see a colour defect; judged on the first 16 colour-mode images), grey-mode images
@@ -607,49 +649,43 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     left out without ``resizing``), floating-point images scaled to 0..1 (read as 0..255,
     they are near black), 16-bit images most of which use only values below 4096 (8- or
     12-bit data stored in 16 bits: divided by 257, they are dark), aspect ratios that
-    differ, where ``resize`` makes that visible to the model, and images a ``crop`` keeps
-    less than half of. Only regular files within the pixel limit are looked at; others are
+    differ, where ``resize`` makes that visible to the model, images a ``crop`` keeps
+    less than half of, and, for scoring, images most of which come in a size unlike any
+    of ``trained_shapes`` (:func:`image_shapes` of the model's training folder; unknown
+    when empty). Only regular files within the pixel limit are looked at; others are
     passed over (training and scoring report them)."""
-    # evenly spaced over the whole list: a stride of len // sample would look only at the
-    # first sample files of a list up to twice as long, never at the last ones
-    looked = min(sample, len(paths))
-    spread = sorted({round(i * (len(paths) - 1) / max(1, looked - 1)) for i in range(looked)})
-    checked, coloured, judged, floats, unit_floats, wide, narrow = 0, 0, 0, 0, 0, 0, 0
-    grey = 0  # grey-mode images a colour model takes
+    seen: collections.Counter[str] = collections.Counter()  # images looked at, by kind
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     smaller: collections.Counter[tuple[int, int]] = collections.Counter()
     shapes: collections.Counter[tuple[int, int]] = collections.Counter()
-    for path in (paths[i] for i in spread):
-        try:
-            if not is_regular_file(path):  # a pipe named .png would block
-                continue
-            with warnings_caught():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    if img.width * img.height > MAX_IMAGE_PIXELS:
-                        continue
-                    checked += 1
-                    shape = _upright_size(img)
-                    shapes[shape] += 1
-                    scaled = min(shape) if resize == "crop" else max(shape)  # to size
-                    if scaled > size:
-                        larger[shape] += 1
-                    elif 2 * scaled <= size:
-                        smaller[shape] += 1
-                    grey += mode == "RGB" and img.mode in _GREY_MODES
-                    if (mode == "L" and img.mode not in _GREY_MODES and judged < 16
-                            and (img.format == "JPEG" or img.width * img.height <= 2**24)):
-                        judged += 1
-                        coloured += _in_colour(img)
-                    if img.mode == "F" and img.width * img.height <= 2**24:
-                        floats += 1
-                        low, high = img.getextrema()
-                        unit_floats += low >= 0.0 and high <= 1.0
-                    if img.mode in _SIXTEEN_BIT_MODES and img.width * img.height <= 2**24:
-                        wide += 1
-                        narrow += img.getextrema()[1] < NARROW_SIXTEEN_BIT
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
+
+    def look(img: Image.Image) -> None:
+        seen["checked"] += 1
+        shape = _upright_size(img)
+        shapes[shape] += 1
+        scaled = min(shape) if resize == "crop" else max(shape)  # to size
+        if scaled > size:
+            larger[shape] += 1
+        elif 2 * scaled <= size:
+            smaller[shape] += 1
+        seen["grey"] += mode == "RGB" and img.mode in _GREY_MODES  # a colour model takes
+        if (mode == "L" and img.mode not in _GREY_MODES and seen["judged"] < 16
+                and (img.format == "JPEG" or img.width * img.height <= 2**24)):
+            seen["judged"] += 1
+            seen["coloured"] += _in_colour(img)
+        if img.mode == "F" and img.width * img.height <= 2**24:
+            seen["floats"] += 1
+            low, high = img.getextrema()
+            seen["unit_floats"] += low >= 0.0 and high <= 1.0
+        if img.mode in _SIXTEEN_BIT_MODES and img.width * img.height <= 2**24:
+            seen["wide"] += 1
+            seen["narrow"] += img.getextrema()[1] < NARROW_SIXTEEN_BIT
+
+    _look_at(paths, sample, look)
+    checked, grey, judged, coloured = (seen[k] for k in ("checked", "grey", "judged",
+                                                           "coloured"))
+    floats, unit_floats, wide, narrow = (seen[k] for k in ("floats", "unit_floats", "wide",
+                                                           "narrow"))
     notes = []
     if coloured:
         notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour, and "
@@ -698,6 +734,8 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      f"their own size; train with a model.image_size near {side} (a multiple "
                      "of 2**levels; train --config FILE)")
     if note := _mixed_shapes_note(shapes, size, resize):
+        notes.append(note)
+    if not training and (note := _unseen_shapes_note(shapes, trained_shapes, size)):
         notes.append(note)
     long = collections.Counter({shape: n for shape, n in shapes.items()
                                 if resize == "crop" and max(shape) > 2 * min(shape)})
@@ -751,6 +789,54 @@ def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
             "kept): unequally distorted, an image of a shape the model rarely trained on "
             "can be flagged for its shape alone; crop or pad the files to one aspect "
             f"ratio, {crop}")
+
+
+def describe_shapes(shapes: Sequence[tuple[int, int, int]], most: int = 5) -> str:
+    """:func:`image_shapes` in words: ``28×28 (all 64 looked at)``, or the ``most`` commonest
+    with their counts, ``640×480 (60), 480×640 (4) of 64 looked at``; ``unknown`` for none."""
+    if not shapes:
+        return "unknown"
+    total = sum(n for _, _, n in shapes)
+    if len(shapes) == 1:
+        return f"{shapes[0][0]}×{shapes[0][1]} (all {total} looked at)"
+    listed = ", ".join(f"{w}×{h} ({n})" for w, h, n in shapes[:most])
+    more = f" and {len(shapes) - most} other sizes" if len(shapes) > most else ""
+    return f"{listed}{more} of {total} looked at"
+
+
+SHAPE_TOLERANCE = 0.1
+"""How far (a fraction of each side) an image's size may be from a training image's for
+:func:`conversion_notes` to count it as a size the model trained on."""
+
+
+def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
+                        trained: Sequence[tuple[int, int, int]], size: int) -> str | None:
+    """A note when most of the images looked at (their ``(width, height)`` counts) have a
+    size no training image looked at had (within :data:`SHAPE_TOLERANCE` of each side):
+    resized to the model's size from another one, their detail, and with another aspect
+    ratio their proportions, differ from every training image's, so they can score as
+    anomalous for that alone. None when the training shapes are unknown."""
+    if not trained or not shapes:
+        return None
+
+    def seen(shape: tuple[int, int]) -> bool:
+        return any(abs(shape[0] - w) <= SHAPE_TOLERANCE * w
+                   and abs(shape[1] - h) <= SHAPE_TOLERANCE * h for w, h, _ in trained)
+
+    unseen = collections.Counter({shape: n for shape, n in shapes.items() if not seen(shape)})
+    n_unseen, checked = sum(unseen.values()), sum(shapes.values())
+    if 2 * n_unseen <= checked:
+        return None
+    (width, height), _ = unseen.most_common(1)[0]
+    share = "all" if n_unseen == checked else f"{n_unseen} of {checked}"
+    known = " and ".join(f"{w}×{h}" for w, h, _ in trained[:3])
+    more = f" among {len(trained)} sizes" if len(trained) > 3 else ""
+    return (f"{share} images looked at are of a size none of the model's training images "
+            f"looked at had (e.g. {width}×{height}; the training images were {known}{more}): "
+            f"resized to {size}×{size} from another size, their detail (and proportions, "
+            "where the aspect ratio differs) is unlike every training image's, which alone "
+            "can make them score as anomalous; score images from the same source and size "
+            "as the training images, or train a model on images like these")
 
 
 _HEADER_EXIF = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})

@@ -273,7 +273,8 @@ def score_folder(
     # what the conversion to the model's mode loses (resizing is training's concern: its
     # folder set the size), as training says it of its own folder
     for note in conversion_notes([paths[i] for i in todo], config.mode, config.image_size,
-                                 resizing=False, training=False, resize=config.resize):
+                                 resizing=False, training=False, resize=config.resize,
+                                 trained_shapes=model.training_shapes):
         logger.warning("%s: %s", display_path(root), note)
 
     writer = None
@@ -803,7 +804,8 @@ def score_folder_table(
     paths = find_images(root)
     config = model.config
     for note in conversion_notes(paths, config.mode, config.image_size, resizing=False,
-                                 training=False, resize=config.resize):  # as score says
+                                 training=False, resize=config.resize,  # as score says
+                                 trained_shapes=model.training_shapes):
         logger.warning("%s: %s", display_path(root), note)
     dataset = ScoringDataset(paths, config)
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,

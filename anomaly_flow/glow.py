@@ -23,6 +23,7 @@ the ``ensemble`` score (:meth:`Glow.ensemble`). It lives in the state dict
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -45,16 +46,19 @@ from anomaly_flow.layers import FlowStep, SplitPrior, TopPrior, squeeze, unsquee
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TRAINING_SHAPES_KEY = "anomaly_flow.training_shapes"
+"""The weights file's metadata key for :attr:`Glow.training_shapes` (JSON)."""
 
 
-def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """Write ``tensors`` to a safetensors file, atomically (a temp file renamed into
-    place), with the mode any new file gets (0644 under umask 022): safetensors'
-    ``save_file`` makes its file 0600, which another user (a serving account, a shared
-    registry's reader) could not read."""
+def save_tensors(tensors: dict[str, Tensor], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (and the file's string ``metadata``) to a safetensors file,
+    atomically (a temp file renamed into place), with the mode any new file gets (0644
+    under umask 022): safetensors' ``save_file`` makes its file 0600, which another user
+    (a serving account, a shared registry's reader) could not read."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(safetensors.torch.save(tensors))
+        tmp.write_bytes(safetensors.torch.save(tensors, metadata=metadata or None))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -405,6 +409,12 @@ class Glow(nn.Module):
             self.register_buffer(key, None)
         # per reference tensor name: (the tensor itself, its version, what was made of it)
         self._reference_cache: dict[str, tuple[Tensor, int, Any]] = {}
+        self.training_shapes: tuple[tuple[int, int, int], ...] = ()
+        """``(width, height, count)`` of the training folder's images looked at
+        (:func:`anomaly_flow.data.image_shapes`), most common first; empty when unknown
+        (set by :func:`anomaly_flow.tracking.train_and_register`, saved with the weights
+        as the file's metadata), so that scoring can say when images come in a size the
+        model never trained on."""
 
     @property
     def device(self) -> torch.device:
@@ -827,7 +837,9 @@ class Glow(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(self.config.to_json())
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_tensors(state, folder / WEIGHTS_FILE)
+        metadata = ({TRAINING_SHAPES_KEY: json.dumps([list(s) for s in self.training_shapes])}
+                    if self.training_shapes else None)
+        save_tensors(state, folder / WEIGHTS_FILE, metadata)
         return folder
 
     @classmethod
@@ -862,6 +874,8 @@ class Glow(nn.Module):
                 "check its image_size, levels and hidden_channels") from None
         try:
             weights = load_file(str(folder / WEIGHTS_FILE))
+            with safetensors.safe_open(str(folder / WEIGHTS_FILE), "pt") as opened:
+                metadata = opened.metadata() or {}
         except (SafetensorError, OSError) as exc:
             raise ModelFileError(
                 f"{folder / WEIGHTS_FILE} is damaged or incomplete ({exc}); "
@@ -875,6 +889,7 @@ class Glow(nn.Module):
                 f"({_load_errors_in_brief(exc)}); copy or download the model again (its "
                 f"{CONFIG_FILE} and {WEIGHTS_FILE} must come from the same save), or "
                 "re-register it from its training run's artifacts") from None
+        model.training_shapes = _read_shapes(metadata.get(TRAINING_SHAPES_KEY))
         try:
             return model.to(device).eval()
         except torch.cuda.OutOfMemoryError as exc:  # the device is there, its memory is taken
@@ -886,6 +901,20 @@ class Glow(nn.Module):
             raise ValueError(
                 f"cannot put the model on device {str(device)!r} ({first_line(exc)}); use "
                 "'cpu', or 'cuda' (or 'cuda:N') on a machine with CUDA") from None
+
+
+def _read_shapes(text: str | None) -> tuple[tuple[int, int, int], ...]:
+    """:attr:`Glow.training_shapes` from the weights file's metadata; empty (unknown) when
+    absent or not a list of ``[width, height, count]`` positive integers: the record only
+    informs a note, so a damaged one is passed over rather than refusing the model."""
+    try:
+        shapes = tuple(tuple(entry) for entry in json.loads(text)) if text else ()
+    except (ValueError, TypeError):
+        return ()
+    if all(len(entry) == 3 and all(type(v) is int and v > 0 for v in entry)
+           for entry in shapes):
+        return shapes  # type: ignore[return-value]
+    return ()
 
 
 def _load_errors_in_brief(error: RuntimeError) -> str:

@@ -60,6 +60,7 @@ from anomaly_flow.data import (
     conversion_notes,
     display_path,
     find_images,
+    image_shapes,
     one_line,
     split_train_val,
 )
@@ -155,6 +156,8 @@ class FolderData:
     ``digests``: the sorted, distinct SHA-256 content digests of the folder's files,
     both splits (the validation split is fitted by the normal reference), so that
     calibration can tell the images the model was trained on from held-out ones.
+    ``shapes``: the sizes of a sample of its images (:func:`image_shapes`), which the
+    trained model records (:attr:`Glow.training_shapes`).
     """
 
     train: Dataset
@@ -162,6 +165,7 @@ class FolderData:
     paths: list[Path]
     fingerprint: str
     digests: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, int, int], ...] = ()
 
 
 def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
@@ -202,7 +206,8 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
     if note := duplicate_note(digests, paths):
         logger.warning("%s: %s", display_path(root), note)
     return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
-                      tuple(sorted({d for d in digests if not is_unreadable(d)})))
+                      tuple(sorted({d for d in digests if not is_unreadable(d)})),
+                      image_shapes(paths))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -33,7 +33,9 @@ from anomaly_flow.data import (
     ImageDecodeError,
     ImageFolderDataset,
     conversion_notes,
+    describe_shapes,
     find_images,
+    image_shapes,
     image_to_array,
     load_image,
     one_line,
@@ -587,6 +589,66 @@ def test_conversion_notes_judge_shapes_as_the_exif_orientation_turns_them(
     assert wide_too[:8, :].max() == 0 and wide_too[16:48, :8].min() > 150
     (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 64, resize="pad")
     assert note.startswith("the images looked at differ in aspect ratio (e.g. 40×30 and 30×40)")
+
+
+def test_image_shapes_record_the_upright_sizes_of_a_sample(tmp_path: Path) -> None:
+    """What a model keeps of its training folder's sizes: counted upright (an EXIF
+    quarter turn swaps the sides), most common first; files that are not images or not
+    regular files are passed over, and a sample spreads over the whole list."""
+    for i in range(3):
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / f"a-{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(Image.fromarray(np.zeros((30, 40), np.uint8)), tmp_path / "b.jpg", exif=exif)
+    (tmp_path / "c.png").write_text("not an image")
+    os.mkfifo(tmp_path / "d.png")  # opening it would block
+    paths = sorted(tmp_path.iterdir())
+    assert image_shapes(paths) == ((28, 28, 3), (30, 40, 1))
+    assert describe_shapes(image_shapes(paths)) == "28×28 (3), 30×40 (1) of 4 looked at"
+    assert describe_shapes(((28, 28, 64),)) == "28×28 (all 64 looked at)"
+    assert describe_shapes(tuple((i, i, 1) for i in range(1, 8))) == (
+        "1×1 (1), 2×2 (1), 3×3 (1), 4×4 (1), 5×5 (1) and 2 other sizes of 7 looked at")
+    assert describe_shapes(()) == "unknown"
+    assert image_shapes([]) == ()
+    # two of a list of four: the first and the last
+    assert image_shapes([*paths[:3], tmp_path / "b.jpg"], sample=2) == ((28, 28, 1),
+                                                                         (30, 40, 1))
+
+
+def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on(
+        tmp_path: Path) -> None:
+    """A model trained on 28×28 images scores a folder of 64×48 ones: each is resized
+    from another size, which alone can make it look anomalous. Said for scoring only,
+    when most images are of such a size, each side more than 10 % from every training
+    size; not when the training sizes are unknown."""
+    for i in range(3):
+        Image.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / f"photo-{i}.png")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "known.png")
+    paths = sorted(tmp_path.iterdir())
+    trained = ((28, 28, 60), (30, 30, 4))
+    score = {"resizing": False, "training": False, "resize": "crop"}  # crop: no aspect note
+    (note,) = conversion_notes(paths, "L", 16, **score, trained_shapes=trained)
+    assert note == ("3 of 4 images looked at are of a size none of the model's training "
+                    "images looked at had (e.g. 64×48; the training images were 28×28 and "
+                    "30×30): resized to 16×16 from another size, their detail (and "
+                    "proportions, where the aspect ratio differs) is unlike every training "
+                    "image's, which alone can make them score as anomalous; score images "
+                    "from the same source and size as the training images, or train a model "
+                    "on images like these")
+    assert conversion_notes(paths, "L", 16, **score) == []  # sizes unknown
+    assert conversion_notes(paths, "L", 16, resizing=False, resize="crop",
+                            trained_shapes=trained) == []  # training judges its own folder
+    assert conversion_notes(paths[1:], "L", 16, **score, trained_shapes=trained) != []
+    half = paths[:2]  # known.png and one photo: not most
+    assert conversion_notes(half, "L", 16, **score, trained_shapes=trained) == []
+    # within 10 % of a training size on each side counts as that size
+    assert conversion_notes(paths, "L", 16, **score,
+                            trained_shapes=((60, 52, 1), (28, 28, 5))) == []
+    assert conversion_notes(paths, "L", 16, **score,
+                            trained_shapes=((57, 52, 1),)) != []  # 64 is 12 % above 57
+    many = tuple((20 + i, 20, 1) for i in range(5))
+    (listed,) = conversion_notes(paths, "L", 16, **score, trained_shapes=many)
+    assert "the training images were 20×20 and 21×20 and 22×20 among 5 sizes)" in listed
 
 
 def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Path) -> None:

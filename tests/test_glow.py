@@ -297,6 +297,29 @@ def test_save_load_round_trip_keeps_actnorm_init(tmp_path) -> None:
     assert not fresh.initialized
 
 
+def test_the_training_images_sizes_are_saved_with_the_weights(tmp_path) -> None:
+    """:attr:`Glow.training_shapes` travels in the weights file's metadata; a model saved
+    without it, or with a record that is not a list of three positive integers each,
+    loads with none (unknown) and the same weights."""
+    import safetensors.torch
+
+    model = make_model(1, 8, 2).float()
+    assert model.training_shapes == ()
+    model.training_shapes = ((28, 28, 60), (30, 40, 4))
+    folder = model.save(tmp_path / "model")
+    loaded = Glow.load(folder)
+    assert loaded.training_shapes == ((28, 28, 60), (30, 40, 4))
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    assert torch.equal(loaded.log_prob(x), model.eval().log_prob(x))
+    model.training_shapes = ()
+    assert Glow.load(model.save(tmp_path / "none")).training_shapes == ()
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    for damaged in ("[[28, 28]]", "[[28, 28, 0]]", "[[28, 28, 1.5]]", "{}", "[1]", "not json"):
+        (folder / "model.safetensors").write_bytes(safetensors.torch.save(
+            weights, metadata={"anomaly_flow.training_shapes": damaged}))
+        assert Glow.load(folder).training_shapes == (), damaged
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask: int) -> None:
     # safetensors' own writer makes its file 0600: unreadable to a serving account

@@ -581,6 +581,7 @@ def test_training_run_has_params_metrics_artifacts_tags_and_candidate(
     assert len(tags["data_fingerprint"]) == 64
     assert (tags["device"], tags["precision"]) == ("cpu", "float32")
     assert tags["data_folder"] == str(trained.data.resolve())
+    assert tags["data_shapes"] == "28×28 (all 48 looked at)"  # the sample's Fashion-MNIST
     commit = tracking.git_commit()
     assert tags.get("git_commit") == commit  # present whenever the tests run in a checkout
     version = client.get_model_version_by_alias(trained.name, "candidate")
@@ -610,10 +611,44 @@ def test_model_loads_the_same_from_every_kind_of_uri(trained: TrainedModel,
     assert others[trained.run_uri].run_id == trained.run_id
     assert others["mlflow folder"].run_id == trained.run_id
     reference = by_alias.model.state_dict()
+    assert by_alias.model.training_shapes == ((28, 28, 48),)
     for where, loaded in others.items():
+        assert loaded.model.training_shapes == ((28, 28, 48),), where
         state = loaded.model.state_dict()
         assert state.keys() == reference.keys(), where
         assert all(torch.equal(state[k], reference[k]) for k in reference), where
+
+
+def test_scoring_says_when_images_come_in_a_size_the_trained_model_never_saw(
+        trained: TrainedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The registered model knows its training images were 28×28: a folder of 64×48
+    photos is scored, with a warning that their size alone can make them look
+    anomalous; a folder of 28×28 images gets none."""
+    from anomaly_flow.folder_scoring import score_folder
+
+    loaded = tracking.load_model(trained.alias_uri)
+    photos, alike = tmp_path / "photos", tmp_path / "alike"
+    rng = np.random.default_rng(0)
+    for folder, shape in ((photos, (48, 64)), (alike, (28, 28))):
+        folder.mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+                folder / f"{i}.png")
+    caplog.set_level(logging.WARNING, logger="anomaly_flow")
+    score_folder(loaded.model, None, photos, tmp_path / "photos.csv")
+    said = [r.getMessage() for r in caplog.records if "none of the model's training" in
+            r.getMessage()]
+    assert said == [f"{photos}: all images looked at are of a size none of the model's "
+                    "training images looked at had (e.g. 64×48; the training images were "
+                    "28×28): resized to 16×16 from another size, their detail (and "
+                    "proportions, where the aspect ratio differs) is unlike every training "
+                    "image's, which alone can make them score as anomalous; score images "
+                    "from the same source and size as the training images, or train a "
+                    "model on images like these"]
+    assert len(pd.read_csv(tmp_path / "photos.csv")) == 4  # scored all the same
+    caplog.clear()
+    score_folder(loaded.model, None, alike, tmp_path / "alike.csv")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize(("uri", "message"), [

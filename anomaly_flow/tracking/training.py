@@ -36,12 +36,13 @@ from anomaly_flow.checkpoint import (
     trajectory_changes,
 )
 from anomaly_flow.config import RunConfig, changed_fields
-from anomaly_flow.data import display_path, one_line
+from anomaly_flow.data import describe_shapes, display_path, one_line
 from anomaly_flow.distributed import (
     join_launch_group,
     launch_rank,
     leave_launch_group,
     share_verdict,
+    world_size,
 )
 from anomaly_flow.errors import first_line
 from anomaly_flow.stopping import stops_deferred
@@ -541,8 +542,9 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
     dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
     check_batch_split(config)
-    if resume:  # a resume refused for its settings says so before the folder is read
-        state, before = _read_run_state(ckpt)  # (and again under the lock, to be sure)
+    if resume and world_size() == 1:  # a refused resume says so before the folder is read
+        # (again under the lock, to be sure; under torchrun rank 0 alone checks, there)
+        state, before = _read_run_state(ckpt)
         _check_owner(state, name, ckpt)
         _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
         _check_same_settings(before, config)
@@ -665,6 +667,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
     data_root = Path(data).resolve()
     tags: dict[str, Any] = {"data_fingerprint": folder.fingerprint,
                             "data_folder": display_path(data_root), "model_name": name,
+                            "data_shapes": describe_shapes(folder.shapes),
                             "command": "train", "device": dev.type,
                             "precision": "bf16" if uses_bf16(config, dev) else "float32"}
     if commit := git_commit():
@@ -725,6 +728,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             logger.warning("%d training file(s) could not be decoded and were skipped; see "
                            "failed_files.txt in run %s", len(lines), run.run_id)
 
+        result.model.training_shapes = folder.shapes  # scoring compares sizes with it
         logged_uri = _logged_earlier(state, run.run_id, result.steps) if previous_run else None
         if logged_uri is None:
             logged_uri = log_model(run, result.model, None)
