@@ -224,13 +224,14 @@ def search_images(root: Path) -> ImageSearch:
     found: list[tuple[bytes, str, str]] = []
     others: collections.Counter[str] = collections.Counter()  # left out, by extension
     stores: list[Path] = []  # MLflow stores met below root, left out
-    hidden: list[str] = []  # hidden folders and image files below root, left out
+    hidden: list[str] = []  # hidden image files below root, left out
+    hidden_dirs: list[str] = []  # hidden folders below root holding image files, left out
     for dirpath, dirnames, filenames in walk_tree(os.fspath(root), follow_links=True,
                                                   onerror=walk_errors.append):
         below = os.path.relpath(dirpath, root)
         prefix = "" if below == os.curdir else below + os.sep
-        hidden += [prefix + d for d in dirnames  # .git, .venv and the like: not a word
-                   if d.startswith(".") and _holds_images(os.path.join(dirpath, d))]
+        hidden_dirs += [prefix + d for d in dirnames  # .git, .venv and the like: not a word
+                        if d.startswith(".") and _holds_images(os.path.join(dirpath, d))]
         dirnames[:] = [d for d in dirnames if not d.startswith(".")
                        and _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
         for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
@@ -247,8 +248,8 @@ def search_images(root: Path) -> ImageSearch:
                 others[suffix or "no extension"] += 1
     if others:
         _warn_left_out(root, others)
-    if hidden:
-        _warn_hidden(root, hidden)
+    if hidden or hidden_dirs:
+        _warn_hidden(root, hidden, hidden_dirs)
     if _is_store(root):  # asked for by name, so searched: but likely a slip (mlruns<TAB>)
         logger.warning("%s is an MLflow store: its images are runs' plots and sample grids, "
                        "not data of yours; if that is not what you meant, pass the folder of "
@@ -276,12 +277,12 @@ def search_images(root: Path) -> ImageSearch:
                 f"no image files found in {display_path(root)}, and {len(unlisted)} "
                 f"folder(s) inside it could not be listed (e.g. {display_path(folder)}: "
                 f"{reason}); {unlisted_advice(reason)}")
-        if hidden:
+        if hidden or hidden_dirs:
             raise DataError(
                 f"no image files found in {display_path(root)} but hidden ones: "
-                f"{len(hidden)} file(s) and folder(s) whose names start with '.' (e.g. "
-                f"{one_line(display_path(sorted(hidden)[0]))}) are left out; rename the "
-                "ones that hold your images without the leading '.'")
+                f"{_hidden_counted(hidden, hidden_dirs)} (names starting with '.', e.g. "
+                f"{one_line(display_path(sorted(hidden + hidden_dirs)[0]))}) left out; "
+                "rename the ones that hold your images without the leading '.'")
         raise DataError(
             f"no image files found in {display_path(root)} (looked recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
@@ -389,16 +390,26 @@ def _warn_left_out(root: Path, others: collections.Counter[str]) -> None:
                    " ".join(sorted(IMAGE_EXTENSIONS)))
 
 
-def _warn_hidden(root: Path, hidden: list[str]) -> None:
+def _warn_hidden(root: Path, files: list[str], folders: list[str]) -> None:
     """Say once per folder and count which hidden names (``.x``) :func:`find_images`
-    leaves out: the image files and the folders, with an example or two."""
-    if not _first_time("hidden", os.path.abspath(root), len(hidden)):
+    leaves out: the image files, and apart from them the folders holding image files
+    (whose images are not counted one by one), with an example or two."""
+    if not _first_time("hidden", os.path.abspath(root), len(files), len(folders)):
         return
-    shown = ", ".join(one_line(display_path(name)) for name in sorted(hidden)[:2])
-    logger.warning("left out %d hidden file(s) and folder(s) under %s (names starting with "
-                   "'.', e.g. %s): macOS's ._ copies, .ipynb_checkpoints and .Trashes hold "
-                   "no images of yours; to include one, rename it without the leading '.'",
-                   len(hidden), display_path(root), shown)
+    shown = ", ".join(one_line(display_path(name)) for name in sorted(files + folders)[:2])
+    logger.warning("left out %s under %s (names starting with '.', e.g. %s): macOS's ._ "
+                   "copies, .ipynb_checkpoints and .Trashes hold no images of yours; to "
+                   "include one, rename it without the leading '.'",
+                   _hidden_counted(files, folders), display_path(root), shown)
+
+
+def _hidden_counted(files: list[str], folders: list[str]) -> str:
+    """``2 hidden image files and 1 hidden folder holding images``, leaving out a kind
+    there is none of."""
+    return " and ".join(f"{n} hidden {what}{'' if n == 1 else 's'}{holding}"
+                        for n, what, holding in ((len(files), "image file", ""),
+                                                 (len(folders), "folder", " holding images"))
+                        if n)
 
 
 def _suffix(name: str) -> str:

@@ -428,7 +428,9 @@ def calibrate_scores(
         "fpr": threshold.fpr,
         "n_calibration": threshold.n_calibration,
         "n_anomalous": threshold.n_anomalous,
-        "n_failed_normal": len(failures["normal"]),
+        # failed: could not be scored; trained on: left out though scored (two counts,
+        # both listed in failed_images.json)
+        "n_failed_normal": len(failures["normal"]) - n_trained_on(normal),
         "n_trained_on_normal": n_trained_on(normal),
     }
     if anomalous_values is not None:
@@ -847,7 +849,7 @@ def evaluate_scores(
     failures = _failures_dict(normal, anomalous, "bpd")
     metrics["n_normal"] = float(normal.n_files - len(failures["normal"]))
     metrics["n_anomalous"] = float(anomalous.n_files - len(failures["anomalous"]))
-    metrics["n_failed_normal"] = len(failures["normal"])
+    metrics["n_failed_normal"] = len(failures["normal"]) - n_trained_on(normal)
     metrics["n_trained_on_normal"] = n_trained_on(normal)
     metrics["n_failed_anomalous"] = len(failures["anomalous"])
 

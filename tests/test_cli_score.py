@@ -356,8 +356,9 @@ def test_a_folder_copied_from_a_mac_passes_strict(model_dir: Path, tmp_path: Pat
                  "--strict")
     assert result.exit_code == 0, result.output
     assert len(read_csv(out)) == 2
-    assert (f"left out 3 hidden file(s) and folder(s) under {folder} (names starting with "
-            "'.', e.g. ._n-00000.png, ._n-00001.png)") in result.stderr
+    assert (f"left out 2 hidden image files and 1 hidden folder holding images under "
+            f"{folder} (names starting with '.', e.g. ._n-00000.png, ._n-00001.png)"
+            ) in result.stderr
 
 
 def test_a_folder_tree_a_thousand_folders_deep_is_scored_with_heatmaps(

@@ -762,8 +762,9 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
         assert find_images(tmp_path) == [tmp_path / "a.png", tmp_path / "sub" / "b.png"]
         find_images(tmp_path)  # the same folder again: said once
     (message,) = [r.getMessage() for r in caplog.records]
-    assert message == (f"left out 3 hidden file(s) and folder(s) under {tmp_path} (names "
-                       "starting with '.', e.g. ._a.png, .ipynb_checkpoints): macOS's ._ "
+    assert message == (f"left out 2 hidden image files and 1 hidden folder holding images "
+                       f"under {tmp_path} (names starting with '.', e.g. ._a.png, "
+                       ".ipynb_checkpoints): macOS's ._ "
                        "copies, .ipynb_checkpoints and .Trashes hold no images of yours; to "
                        "include one, rename it without the leading '.'")
     # the folder given may itself be hidden: only what is inside it is left out
@@ -776,8 +777,8 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
     with pytest.raises(DataError) as refused:
         find_images(only)
     assert str(refused.value) == (
-        f"no image files found in {only} but hidden ones: 1 file(s) and folder(s) whose "
-        "names start with '.' (e.g. .ipynb_checkpoints) are left out; rename the ones that "
+        f"no image files found in {only} but hidden ones: 1 hidden folder holding images "
+        "(names starting with '.', e.g. .ipynb_checkpoints) left out; rename the ones that "
         "hold your images without the leading '.'")
     # a folder of a git checkout only: nothing hidden to speak of, the plain refusal
     checkout = tmp_path.parent / f"{tmp_path.name}-checkout"

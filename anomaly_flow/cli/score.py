@@ -79,10 +79,11 @@ Examples:
               help="Compile the model (torch.compile) first: about twice the images/s on "
                    "a CPU for big folders, after tens of seconds of compiling. The same "
                    "float32 sums in another order: bpd moves by a few millionths of its "
-                   "size, scores that are differences (complexity, coarse_complexity, "
-                   "ensemble) by up to a few 1e-5 (a table started without it can be "
-                   "resumed with it, and the reverse). Scores without it, with a warning, "
-                   "where compiling fails.")
+                   "size, complexity and coarse_complexity by up to a few 1e-5, typicality, "
+                   "knn and ensemble (distances in units of the normal images' spread) by "
+                   "up to about 1e-3 (a table started without it can be resumed with it, "
+                   "and the reverse). Scores without it, with a warning, where compiling "
+                   "fails.")
 @click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, metavar="Q",
               help="Flag anomalies by Benjamini-Hochberg at false discovery rate Q over "
