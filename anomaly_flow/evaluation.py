@@ -52,6 +52,7 @@ from anomaly_flow.calibration import (
     METHODS,
     Calibration,
     Method,
+    Threshold,
     calibrate,
     conformal_need,
     min_calibration_size,
@@ -65,6 +66,7 @@ from anomaly_flow.glow import Glow
 from anomaly_flow.prechecks import (
     check_auto,
     check_folder_paths,
+    check_labelled_both,
     check_method,
     check_registered,
     check_separate_folders,
@@ -75,7 +77,6 @@ from anomaly_flow.prechecks import (
     reused_calibration_images,
     trained_by,
     warn_held_out,
-    warn_labelled_both,
     warn_replaced_calibration,
 )
 from anomaly_flow.score_kinds import AUTO_SCORE
@@ -454,6 +455,9 @@ def calibrate_scores(
                 "these %d): the version it registers calls every image anomalous; a "
                 "conformal threshold (--method conformal --target-fpr A) keeps a stated rate",
                 method, threshold.value, normal_values.size)
+    if promote:
+        _check_promotable(threshold, score, method, normal_values.size,
+                          None if anomalous_values is None else anomalous_values.size)
     params: dict[str, Any] = {
         "model_uri": loaded.uri, "score": score, "method": method,
         "target_fpr": target_fpr, "normal_folder": display_path(normal.folder),
@@ -507,6 +511,29 @@ def calibrate_scores(
         run_id=run_id, model_uri=str(model_uri), version=version, calibration=calibration,
         metrics=metrics, failures=failures, promoted=promote, previous_champion=previous,
     )
+
+
+def _check_promotable(threshold: Threshold, score: str, method: str, n_normal: int,
+                      n_anomalous: int | None) -> None:
+    """Refuse to make ``champion`` of a threshold that decides nothing on the images that
+    set it: one that flags every normal image, or none of the labelled anomalies. The
+    warnings before it say why such a threshold comes about; registered without
+    promotion it can still be looked at, and promoted by hand.
+
+    Raises:
+        CalibrationError: The threshold flags every normal image or no anomalous one.
+    """
+    if threshold.fpr == 1.0:
+        what = f"flags every one of the {n_normal} normal images"
+    elif n_anomalous and threshold.recall == 0.0:
+        what = f"flags none of the {n_anomalous} anomalous images"
+    else:
+        return
+    raise CalibrationError(
+        f"not promoted: the {method} threshold {threshold.value:.6g} on {score} {what}, so "
+        "as champion it would decide nothing; calibrate again with another --method or "
+        "--score (evaluate compares the scores) or other images, or without --promote to "
+        "register it anyway")
 
 
 def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
@@ -838,7 +865,7 @@ def evaluate_scores(
         CalibrationError: Every usable normal image is one of the model's training folder.
     """
     check_folder_paths(normal.folder, anomalous.folder)
-    warn_labelled_both(normal, anomalous)
+    check_labelled_both(normal, anomalous)
     normal = leave_out_training_images(loaded, normal, "evaluation")
     names = score_names(loaded.model)
     table = detection_table(normal, anomalous, names)

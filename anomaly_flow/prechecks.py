@@ -55,6 +55,7 @@ __all__ = [
     "check_auto",
     "check_folder_paths",
     "check_held_out_of_calibration",
+    "check_labelled_both",
     "check_method",
     "check_registered",
     "check_separate_folders",
@@ -68,7 +69,6 @@ __all__ = [
     "trained_by",
     "warn_copies",
     "warn_held_out",
-    "warn_labelled_both",
     "warn_replaced_calibration",
 ]
 
@@ -380,8 +380,14 @@ def check_folder_paths(normal: str | Path, anomalous: str | Path) -> None:
 # ---------------------------------------------------------------------- the images used
 
 
-def warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
-    """Warn about anomalous images with the same content as a normal one (by digest)."""
+def check_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
+    """Warn about anomalous images with the same content as a normal one (by digest), and
+    refuse a pair where every readable anomalous image is such a copy: a copy of the
+    normal folder, which the refusal of the same folder by path does not catch.
+
+    Raises:
+        CalibrationError: Every readable anomalous image has a normal image's content.
+    """
     if len(normal.digests) != normal.n_files or len(anomalous.digests) != anomalous.n_files:
         return
     # images only: files that could not be read (two empty files, say) carry no label
@@ -391,6 +397,12 @@ def warn_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
     both = [(path, normal_paths[digest]) for digest, path, error in zip(
         anomalous.digests, anomalous.table["path"], anomalous.table["error"], strict=True)
         if error == "" and digest in normal_paths]
+    if both and len(both) == int((anomalous.table["error"] == "").sum()):
+        raise CalibrationError(
+            f"every readable image of {display_path(anomalous.folder)} ({len(both)}) has the "
+            f"same content as an image of {display_path(normal.folder)} (e.g. {both[0][0]} "
+            f"and {both[0][1]}): the anomalous folder is a copy of normal images, so there "
+            "is nothing to tell apart; pass a folder of anomalous images")
     if both:
         logger.warning(
             "%d image(s) of %s have the same content as an image of %s (e.g. %s and %s): "
@@ -436,9 +448,10 @@ def reused_calibration_images(values: np.ndarray, calibration_scores: np.ndarray
 
 def warn_held_out(normal: FolderScores, anomalous: FolderScores | None) -> None:
     """What a threshold fitted on these folders should be warned of: anomalous images with
-    the content of a normal one, and normal images largely copies of each other."""
+    the content of a normal one (refused when all are: :func:`check_labelled_both`), and
+    normal images largely copies of each other."""
     if anomalous is not None:
-        warn_labelled_both(normal, anomalous)
+        check_labelled_both(normal, anomalous)
     warn_copies(normal)
 
 

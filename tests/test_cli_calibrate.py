@@ -581,6 +581,22 @@ def test_calibrate_scores_warns_when_the_named_score_does_not_beat_chance(
             "image (false-positive rate 1 on these 30)"), every
     else:
         assert every == []
+    # such a threshold is not made champion: refused before anything is logged
+    client = mlflow.MlflowClient()
+    versions = len(client.search_model_versions(f"name = '{loaded.name}'"))
+    champion = client.get_registered_model(loaded.name).aliases.get("champion")
+    what = ("flags every one of the 30 normal images" if method == "f1"
+            else "flags none of the 40 anomalous images")
+    with pytest.raises(CalibrationError) as refused:
+        calibrate_scores(loaded, normal, anomalous, score="complexity", method=method,
+                         target_fpr=0.1 if method == "conformal" else None, promote=True)
+    assert str(refused.value) == (
+        f"not promoted: the {method} threshold "
+        f"{outcome.calibration.threshold.value:.6g} on complexity {what}, so as champion it "
+        "would decide nothing; calibrate again with another --method or --score (evaluate "
+        "compares the scores) or other images, or without --promote to register it anyway")
+    assert len(client.search_model_versions(f"name = '{loaded.name}'")) == versions
+    assert client.get_registered_model(loaded.name).aliases.get("champion") == champion
 
 
 def test_calibrate_scores_auto_gives_a_tie_of_perfect_scores_to_the_default(

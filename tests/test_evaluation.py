@@ -107,6 +107,19 @@ def test_an_image_labelled_both_ways_is_named_in_a_warning(
                               f"{tmp_path / 'anomalous' / 'a-00000.png'} and "
                               f"{tmp_path / 'normal' / 'n-00005.png'})")
     assert outcome.metrics["n_anomalous"] == 4  # counted, not dropped: the warning says so
+    # a copy of the normal folder (the same folder by path is refused before scoring):
+    # every readable anomalous image labelled both ways leaves nothing to tell apart
+    copy = tmp_path / "copy"
+    write_image_folder(images[:3], copy, "c-")
+    (copy / "broken.png").write_bytes(b"not an image")  # unreadable: carries no label
+    copied = score_folder_table(model, copy)
+    with pytest.raises(CalibrationError) as refused:
+        evaluate_scores(loaded, normal, copied)
+    assert str(refused.value) == (
+        f"every readable image of {copy} (3) has the same content as an image of "
+        f"{tmp_path / 'normal'} (e.g. {copy / 'c-00000.png'} and "
+        f"{tmp_path / 'normal' / 'n-00000.png'}): the anomalous folder is a copy of normal "
+        "images, so there is nothing to tell apart; pass a folder of anomalous images")
 
 
 def test_failed_images_do_not_count_towards_the_minimum() -> None:

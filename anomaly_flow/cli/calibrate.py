@@ -72,7 +72,10 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
               help="Cost of one false alarm (--method cost) [default: 1].")
 @click.option("--cost-fn", type=click.FloatRange(min=0), default=None, callback=finite,
               help="Cost of one missed anomaly (--method cost) [default: 1].")
-@click.option("--promote", is_flag=True, help="Move alias 'champion' to the new version.")
+@click.option("--promote", is_flag=True,
+              help="Move alias 'champion' to the new version; refused (nothing registered) "
+                   "when its threshold flags every normal image or none of the anomalous "
+                   "ones.")
 @device_option
 @_scoring_options
 @mlruns_option
