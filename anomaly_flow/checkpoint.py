@@ -211,7 +211,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def _damaged_checkpoint(path: Path, error: Exception) -> str:
     return (f"the checkpoint {path} is damaged or incomplete ({error}); delete that folder "
-            "to resume from the checkpoint before it, or train afresh without --resume")
+            "to resume from the checkpoint before it, or train afresh (--restart instead "
+            "of --resume)")
 
 
 TRAINING_STATE_KEYS = ("skipped_steps", "nonfinite_run", "train_bpd", "epoch_bpd_sum",

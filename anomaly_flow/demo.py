@@ -90,7 +90,8 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
 
     logger.info("training preset %r on %s", preset, folders["train"])
     trained = tracking.train_and_register(folders["train"], MODEL_NAME, config,
-                                          device=device, mlruns=mlruns, progress=progress)
+                                          device=device, mlruns=mlruns, progress=progress,
+                                          restart=True)  # a demo stopped before: anew
     if trained is None:
         raise RuntimeError("the demo runs in one process; train on several with "
                            "torchrun ... -m anomaly_flow train")

@@ -336,20 +336,41 @@ def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
 
 
 def check_held_out_of_calibration(calibration: str | Path, test_normal: str | Path) -> None:
-    """Refuse a normal test folder that shares image files with the calibration folder:
+    """Refuse a normal test folder that shares image files with the calibration folder,
+    or more than a tenth of whose images are copies of calibration images (same content):
     measured on the images it was fitted to, a threshold's false-positive rate is the
-    one it was fitted for, not an estimate of the rate on new images.
+    one it was fitted for, not an estimate of the rate on new images. Fewer copies (a
+    data set's stray duplicates) are warned of.
 
     Raises:
-        CalibrationError: The folders are one folder, lie inside each other, or share files.
+        CalibrationError: The folders are one folder, lie inside each other, share files,
+            or the test folder is largely copies of calibration images.
         DataError: A folder is missing or holds no image files.
     """
+    advice = ("so the false-positive rate measured at the threshold would be the one it was "
+              "fitted to; test on normal images kept out of both training and calibration")
     if _shared_files(calibration, test_normal):  # one folder, nested, or linked
         raise CalibrationError(
             f"the normal test folder {display_path(test_normal)} shares images with the "
-            f"calibration folder {display_path(calibration)}, so the false-positive rate "
-            "measured at the threshold would be the one it was fitted to; test on normal "
-            "images kept out of both training and calibration")
+            f"calibration folder {display_path(calibration)}, {advice}")
+    calibration, test_normal = Path(calibration), Path(test_normal)
+    fitted = {d for d in fingerprint_and_digests(find_images(calibration), calibration)[1]
+              if not is_unreadable(d)}
+    paths = find_images(test_normal)
+    copies = [path for path, digest in zip(
+        paths, fingerprint_and_digests(paths, test_normal)[1], strict=True) if digest in fitted]
+    if 10 * len(copies) > len(paths):
+        raise CalibrationError(
+            f"{len(copies)} of the {len(paths)} images in the normal test folder "
+            f"{display_path(test_normal)} have the same content as images of the "
+            f"calibration folder {display_path(calibration)} (e.g. "
+            f"{display_path(copies[0])}), {advice}")
+    if copies:
+        logger.warning("%d of the %d images in the normal test folder %s have the same "
+                       "content as images of the calibration folder %s (e.g. %s); they "
+                       "count in the test's false-positive rate as new images", len(copies),
+                       len(paths), display_path(test_normal), display_path(calibration),
+                       display_path(copies[0]))
 
 
 def _shared_files(first: str | Path, second: str | Path) -> list[tuple[Path, Path]]:

@@ -70,7 +70,8 @@ class PipelineResult:
 def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tiny",
                  epochs: int | None = None, target_fpr: float = 0.01, score: str | None = None,
                  promote: bool = True, device: str = "auto", mlruns: Path | None = None,
-                 progress: bool | None = None, resume: bool = False) -> PipelineResult:
+                 progress: bool | None = None, resume: bool = False,
+                 restart: bool = False) -> PipelineResult:
     """Train, calibrate and evaluate model ``name`` under one parent run.
 
     Args:
@@ -86,6 +87,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         mlruns: Root of the local MLflow store (default ``./mlruns``).
         progress: Progress bars on stderr; None: only on a terminal.
         resume: Continue the stopped training of ``name`` from its latest checkpoint.
+        restart: Start afresh even over a stopped training of ``name`` that ``resume``
+            could continue (refused without it).
 
     Returns:
         The parent run id and the three stages' outcomes.
@@ -121,6 +124,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         check_decodable(folders[key], config.model.mode, config.model.image_size,
                         config.model.resize)
     tracking.precheck_training(name, config)  # before the parent run names an experiment
+    tracking.precheck_checkpoints(name, config, mlruns, resume=resume, restart=restart)
     resolve_device(device)
     tracking.configure(mlruns)
     params = {"name": name, "config": config_name, "epochs": config.train.epochs,
@@ -131,7 +135,7 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         parent.log_params(params)
         trained = tracking.train_and_register(folders["train"], name, config, device=device,
                                               mlruns=mlruns, progress=progress, nested=True,
-                                              resume=resume)
+                                              resume=resume, restart=restart)
         if trained is None:
             raise TrainingError("the end-to-end pipeline runs in one process; train on "
                                 "several with torchrun ... -m anomaly_flow train")
@@ -178,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue the training of --name that a stop interrupted from "
                              "its latest checkpoint, then calibrate and evaluate")
+    parser.add_argument("--restart", action="store_true",
+                        help="start afresh even where the training of --name stopped before "
+                             "its end (its checkpoint is deleted; refused without it)")
     parser.add_argument("--no-promote", action="store_true",
                         help="do not move alias 'champion' to the calibrated version")
     add_device_option(parser)
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_pipeline(
             args.name, folders, config_name=args.preset, epochs=args.epochs,
             target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,
-            device=args.device, mlruns=args.mlruns, resume=args.resume)
+            device=args.device, mlruns=args.mlruns, resume=args.resume,
+            restart=args.restart)
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1

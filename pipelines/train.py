@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_option(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint of --name")
+    parser.add_argument("--restart", action="store_true",
+                        help="start afresh even where the training of --name stopped before "
+                             "its end (its checkpoint is deleted; refused without it)")
     add_mlruns_option(parser)
     return parser.parse_args(argv)
 
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt(hold_after_stop=True):  # SIGTERM as Ctrl-C
             outcome = train_and_register(args.data, args.name, config, device=args.device,
-                                         resume=args.resume, mlruns=args.mlruns)
+                                         resume=args.resume, restart=args.restart,
+                                         mlruns=args.mlruns)
     except user_error_types() as error:
         print(f"error: {describe(error)}", file=sys.stderr)
         if is_store_error(error):  # mid-training: where to go on, not to start again

@@ -416,7 +416,8 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     assert_one_line_error(other_folder, 1, "the checkpoint's training ran on the images of "
                           f"{image_dirs.train.resolve()}, and {image_dirs.calibration.resolve()} "
                           "holds other images, so the train/validation split would change; "
-                          f"resume with {image_dirs.train.resolve()}, or train without --resume")
+                          f"resume with {image_dirs.train.resolve()}, or train afresh with "
+                          "--restart")
     # a name that maps to the same checkpoint folder does not take it over or delete it
     other = [str(image_dirs.train), "--name", "cli-parts!", "--preset", "tiny",
              "--mlruns", str(mlruns), "--epochs", "1"]
@@ -441,8 +442,8 @@ def test_a_damaged_training_record_is_a_one_line_error_and_a_fresh_training_clea
                           (b"{}", "no 'config'"), (b"\xff", "not UTF-8 text")):
         record.write_bytes(damaged)
         result = invoke(*common, "--resume")
-        assert_one_line_error(result, 1, f"{record} is damaged ({said}", "train without "
-                              "--resume (a fresh training clears it)")
+        assert_one_line_error(result, 1, f"{record} is damaged ({said}", "train with "
+                              "--restart instead of --resume (a fresh training clears it)")
     record.write_bytes(b"[]")
     fresh = invoke(*common)
     assert fresh.exit_code == 0, fresh.output
@@ -570,6 +571,18 @@ def test_ctrl_c_says_where_training_can_resume_from(
     assert "(one every 2 steps, train.checkpoint_every); run the same command with --resume " \
         "to go on from it" in result.stderr
     monkeypatch.setattr(tracking_module.training, "train", real_train)
+    # the same command without --resume would delete the checkpoint: refused, unless
+    # --restart says so (both at once contradict)
+    latest = tracking.checkpoint_dir("ctrl-c", mlruns) / "step-00000002"
+    forgot = invoke(*common)
+    assert_one_line_error(forgot, 1, "the last training of 'ctrl-c' stopped before its end, "
+                          f"and its checkpoint {latest} (step 2) can go on: pass --resume to "
+                          "continue it, or --restart to delete it and start afresh")
+    assert "resized to" not in forgot.stderr  # refused before the folder is read
+    both = invoke(*common, "--resume", "--restart")
+    assert_one_line_error(both, 1, "resume continues the last training and restart deletes "
+                          "it: pass one of them (--resume or --restart), not both")
+    assert latest.is_dir()
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output
     # step 3 ran before the interruption and again after the resume: logged once
@@ -577,6 +590,13 @@ def test_ctrl_c_says_where_training_can_resume_from(
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_bpd")]
     assert sorted(steps) == list(range(1, max(steps) + 1)), steps
     assert "resumed.steps_from_before" not in mlflow.get_run(run_id).data.tags  # the same run
+    # stopped again: --restart starts afresh, in a new run
+    stop_training_at(monkeypatch, 3, KeyboardInterrupt())
+    assert invoke(*common).exit_code == 130
+    monkeypatch.setattr(tracking_module.training, "train", real_train)
+    restarted = invoke(*common, "--restart")
+    assert restarted.exit_code == 0, restarted.output
+    assert restarted.stdout.split("run_id: ")[1].split()[0] != run_id
 
 
 def test_a_resume_with_another_learning_rate_says_whose_steps_the_run_keeps(
@@ -746,7 +766,8 @@ def test_resuming_against_another_store_than_the_run_was_logged_to_is_refused(
     assert result.exit_code == 1, result.output
     assert f"Error: the training of 'split' was logged to {server_uri} (run " in result.stderr
     assert f"resume it where it was logged (MLFLOW_TRACKING_URI={server_uri}, or that " \
-        "store's --mlruns), or drop --resume to start afresh here" in result.stderr
+        "store's --mlruns), or start afresh here with --restart instead of --resume" \
+        in result.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
     resumed = invoke(*common, "--resume")
     assert resumed.exit_code == 0, resumed.output
@@ -767,8 +788,8 @@ def test_a_store_failing_mid_training_says_to_resume_not_to_start_again(
     assert "Error: MLflow failed: API request to http://127.0.0.1:5077" in result.stderr
     assert f"training stopped; the last checkpoint is {mlruns / 'checkpoints' / 'gone'}/step-" \
         in result.stderr
-    assert "run the same command with --resume to go on from it (without --resume, a new " \
-        "training deletes it)" in result.stderr
+    assert "run the same command with --resume to go on from it (or with --restart to " \
+        "delete it and start afresh)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -996,7 +1017,7 @@ tracking.train_and_register({str(image_dirs.train)!r}, "killed", config, device=
     client = mlflow.MlflowClient()
     assert client.get_run(record["run_id"]).info.status == "RUNNING"
     result = invoke(str(image_dirs.train), "--name", "killed", "--preset", "tiny",
-                    "--epochs", "1", "--mlruns", str(mlruns))
+                    "--epochs", "1", "--mlruns", str(mlruns), "--restart")
     assert result.exit_code == 0, result.output
     assert client.get_run(record["run_id"]).info.status == "KILLED"
     assert "marked KILLED" in result.stderr

@@ -673,15 +673,15 @@ sys.exit(load_script("end_to_end").main({argv!r}))
     assert "Traceback" not in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("again", ["--resume", "afresh"])
+@pytest.mark.parametrize("again", ["--resume", "--restart"])
 def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
         image_dirs: ImageDirs, mlruns: Path, capsys: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture, again: str) -> None:
     """Killed outright (SIGKILL, the OOM killer) during its training, the pipeline left
     its parent run RUNNING as well as the training run. The next run of the name, under
     a new parent, marks the abandoned parent KILLED instead of leaving it running
-    forever: ``--resume`` goes on with the same training run; without it the abandoned
-    training run is ended KILLED too and a new one trains."""
+    forever: ``--resume`` goes on with the same training run; ``--restart`` ends the
+    abandoned training run KILLED too and trains a new one."""
     argv = often_checkpointed("e2e-killed", image_dirs, mlruns)
     end_to_end_killed(argv)
     client = mlflow.MlflowClient()
@@ -691,8 +691,7 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
     assert abandoned.info.status == training_run.info.status == "RUNNING"
 
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.tracking"):
-        assert end_to_end_main(argv + ([again] if again == "--resume" else [])) == 0, \
-            capsys.readouterr().err
+        assert end_to_end_main([*argv, again]) == 0, capsys.readouterr().err
     parents = {run.info.run_id: run for run in
                client.search_runs([experiment], "tags.pipeline = 'end_to_end'")}
     assert len(parents) == 2

@@ -49,11 +49,15 @@ Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held
 @click.option("--resume", is_flag=True,
               help="Continue the last training of --name from its latest checkpoint "
                    "(<mlruns>/checkpoints/NAME), in the same MLflow run.")
+@click.option("--restart", is_flag=True,
+              help="Start afresh even where the last training of --name stopped before "
+                   "its end (its checkpoint is deleted); without it that is refused, so a "
+                   "forgotten --resume loses no work.")
 @mlruns_option
 @user_errors
 def train(data: Path, name: str, preset: str | None, config_file: Path | None,
           epochs: int | None, batch_size: int | None, device: str, resume: bool,
-          mlruns: Path | None) -> None:
+          restart: bool, mlruns: Path | None) -> None:
     """Train a Glow on the images under DATA and register it as NAME@candidate.
 
     DATA is a folder of images of normal data, searched recursively; a share of them
@@ -75,7 +79,7 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
     try:
         with stops_reported(lambda: interrupted_message(name, config, mlruns)):
             outcome = train_and_register(data, name, config, device=device, resume=resume,
-                                         mlruns=mlruns)
+                                         restart=restart, mlruns=mlruns)
     except Exception as error:
         if not is_store_error(error):
             raise

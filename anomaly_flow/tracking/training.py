@@ -184,12 +184,13 @@ def _read_run_state(folder: Path) -> tuple[dict[str, Any], RunConfig]:
         config = RunConfig.from_dict(state["config"])
     except OSError as exc:
         raise TrainingError(f"cannot read {path} ({exc.strerror or exc}); check its "
-                            "permissions, or train without --resume.") from None
+                            "permissions, or train with --restart instead of --resume (it "
+                            "deletes the checkpoints).") from None
     except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8 and ConfigError too
         what = (f"no {exc}" if isinstance(exc, KeyError) else "not UTF-8 text"
                 if isinstance(exc, UnicodeDecodeError) else str(exc))
-        raise TrainingError(f"{path} is damaged ({what}); train without --resume (a fresh "
-                            "training clears it).") from None
+        raise TrainingError(f"{path} is damaged ({what}); train with --restart instead of "
+                            "--resume (a fresh training clears it).") from None
     return state, config
 
 
@@ -275,10 +276,10 @@ def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig
             raise TrainingError(
                 f"the checkpoint's training ran on the images of {recorded}, and {given} "
                 "holds other images, so the train/validation split would change; resume "
-                f"with {recorded}, or train without --resume.")
+                f"with {recorded}, or train afresh with --restart instead of --resume.")
         raise TrainingError("the images in the training folder changed since the checkpoint "
                             "(different fingerprint), so the train/validation split would "
-                            "change; train without --resume.")
+                            "change; train afresh with --restart instead of --resume.")
 
 
 def _check_same_settings(before: RunConfig, config: RunConfig) -> None:
@@ -287,11 +288,12 @@ def _check_same_settings(before: RunConfig, config: RunConfig) -> None:
     if differ := changed_fields(before.model, config.model, "model"):
         raise TrainingError(f"the model configuration differs from the checkpoint's "
                             f"({'; '.join(differ)}); resume with the same preset or config "
-                            "file, or train without --resume.")
+                            "file, or train afresh with --restart instead of --resume.")
     changed = changed_fields(before.train, config.train, "train", _RESUME_MUST_MATCH)
     if changed:
         raise TrainingError(f"cannot resume: {'; '.join(changed)} in the checkpoint's run; "
-                            "resume with the same values, or train without --resume.")
+                            "resume with the same values, or train afresh with --restart "
+                            "instead of --resume.")
 
 
 def _check_owner(state: dict[str, Any], name: str, ckpt: Path) -> None:
@@ -317,6 +319,32 @@ def _check_has_checkpoint(ckpt: Path, name: str, every: int) -> Path:
     return latest
 
 
+def _check_nothing_resumable(ckpt: Path, name: str,
+                             earlier: dict[str, Any] | None = None) -> None:
+    """Refuse to start afresh over a training of ``name`` that stopped before its end
+    with a checkpoint a resume can go on from (``earlier``: its record, read here when
+    not given): starting afresh deletes it, hours of work lost to a forgotten --resume.
+    A finished training's checkpoints (its record concluded) go without a word; a
+    damaged or missing record counts as unfinished.
+
+    Raises:
+        TrainingError: There is such a training; --resume or --restart says what to do.
+    """
+    latest = latest_checkpoint(ckpt)
+    if latest is None:
+        return
+    if earlier is None:
+        earlier = {}
+        with contextlib.suppress(TrainingError):
+            earlier, _ = _read_run_state(ckpt)
+    if earlier.get("concluded"):
+        return
+    raise TrainingError(
+        f"the last training of {name!r} stopped before its end, and its checkpoint "
+        f"{latest} (step {checkpoint_step(latest)}) can go on: pass --resume to continue "
+        "it, or --restart to delete it and start afresh")
+
+
 def _check_unfinished(latest: Path, config: RunConfig, n_train: int, name: str,
                       state: dict[str, Any]) -> None:
     """Refuse to resume a training that already reached its last step and was logged and
@@ -328,12 +356,12 @@ def _check_unfinished(latest: Path, config: RunConfig, n_train: int, name: str,
         raise TrainingError(
             f"the checkpoint of {name!r} is at step {done}, past the {planned} steps of the "
             f"{config.train.epochs} epoch(s) asked for; to go on, resume with --epochs "
-            f"{done // per_epoch + 1} or more; to start again, drop --resume")
+            f"{done // per_epoch + 1} or more; to start again, --restart instead of --resume")
     if done == planned and state.get("concluded", True):
         raise TrainingError(
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
-            "longer, resume with a larger --epochs; to start again, drop --resume")
+            "longer, resume with a larger --epochs; to start again, train without --resume")
 
 
 def _reusable_run(run_id: str | None, experiment: str) -> str | None:
@@ -498,7 +526,7 @@ def _not_registered_reason(val_bpd: float, data: FolderData,
 
 
 def train_and_register(data: str | Path, name: str, config: RunConfig, *,
-                       device: str = "auto", resume: bool = False,
+                       device: str = "auto", resume: bool = False, restart: bool = False,
                        mlruns: str | Path | None = None,
                        progress: bool | None = None, nested: bool = False
                        ) -> TrainOutcome | None:
@@ -523,6 +551,9 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         resume: Continue the last training of ``name`` from its latest checkpoint (see
             the module docstring for where checkpoints live).
+        restart: Start afresh even where the last training of ``name`` stopped before
+            its end and ``resume`` could go on from its checkpoint (deleted then); without
+            it such a training is refused, so a forgotten ``resume`` loses no work.
         mlruns: Folder of the default store and of the checkpoints (default ``./mlruns``).
         progress: Progress bar on stderr; ``None``: only on a terminal.
         nested: Log the run as a child of the active run (e.g. an end-to-end pipeline's).
@@ -537,17 +568,16 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrackingError: The tracking store cannot be used.
     """
     precheck_training(name, config)
+    if resume and restart:
+        raise TrainingError("resume continues the last training and restart deletes it: "
+                            "pass one of them (--resume or --restart), not both")
     check_store_folder(mlruns)  # before the lock makes <mlruns>/checkpoints/
     ckpt = checkpoint_dir(name, mlruns)
     _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
     dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
     check_batch_split(config)
-    if resume and world_size() == 1:  # a refused resume says so before the folder is read
-        # (again under the lock, to be sure; under torchrun rank 0 alone checks, there)
-        state, before = _read_run_state(ckpt)
-        _check_owner(state, name, ckpt)
-        _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
-        _check_same_settings(before, config)
+    if world_size() == 1:  # under torchrun rank 0 alone checks, under the lock below
+        precheck_checkpoints(name, config, mlruns, resume=resume, restart=restart)
     folder = folder_datasets(data, config)
     joined = join_launch_group(dev)  # under torchrun: the group before rank 0's checks
     try:
@@ -563,6 +593,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
             with _training_lock(ckpt, name) as locked:  # one training of a name at a time
                 return _train_and_register_locked(data, name, config, dev, folder, ckpt,
                                                   locked=locked, device=device, resume=resume,
+                                                  restart=restart,
                                                   mlruns=mlruns, progress=progress,
                                                   nested=nested, ready=verdict.go)
         except BaseException as exc:
@@ -597,6 +628,28 @@ def precheck_training(name: str, config: RunConfig) -> None:
             "train.val_fraction > 0, e.g. 0.1 (anomaly_flow.train.train trains without one)")
 
 
+def precheck_checkpoints(name: str, config: RunConfig, mlruns: str | Path | None = None, *,
+                         resume: bool = False, restart: bool = False) -> None:
+    """What :func:`train_and_register` refuses about the checkpoints of ``name``'s last
+    training, checked before the training folder is read (and again once the name's lock
+    is held): for ``resume``, a missing record or checkpoint and settings that cannot
+    continue it; without ``resume`` or ``restart``, an unfinished training a resume could
+    continue (starting afresh would delete it). For a caller that opens a run first
+    (the end-to-end pipeline), as :func:`precheck_training`.
+
+    Raises:
+        TrainingError: The checkpoints refuse this training; the message says what to do.
+    """
+    ckpt = checkpoint_dir(name, mlruns)
+    if resume:
+        state, before = _read_run_state(ckpt)
+        _check_owner(state, name, ckpt)
+        _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
+        _check_same_settings(before, config)
+    elif not restart:
+        _check_nothing_resumable(ckpt, name)
+
+
 class _Verdict:
     """Rank 0's word to the other ranks under torchrun, sent once: go (just before
     training) or the error that stopped it before."""
@@ -617,7 +670,7 @@ class _Verdict:
 
 def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                                dev: torch.device, folder: FolderData, ckpt: Path, *,
-                               locked: bool, device: str, resume: bool,
+                               locked: bool, device: str, resume: bool, restart: bool,
                                mlruns: str | Path | None,
                                progress: bool | None, nested: bool,
                                ready: Callable[[], None]) -> TrainOutcome:
@@ -635,6 +688,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
             earlier, _ = _read_run_state(ckpt)
         _check_owner(earlier, name, ckpt)
+        if not restart:
+            _check_nothing_resumable(ckpt, name, earlier)
     configure(mlruns)
     require_writable_store(experiment=name)
     check_not_foreign(name)
@@ -648,7 +703,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                 f"the training of {name!r} was logged to {recorded} (run "
                 f"{state.get('run_id')}), not to {here}; resume it where "
                 f"it was logged (MLFLOW_TRACKING_URI={recorded}, or that store's --mlruns), "
-                "or drop --resume to start afresh here")
+                "or start afresh here with --restart instead of --resume")
         if previous_run is None:
             logger.warning("the run %s of the checkpoint is not in %s; logging the "
                            "resumed training as a new run", state.get("run_id"), here)
@@ -817,7 +872,7 @@ def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None 
                 "train.checkpoint_every), so a new run starts from the beginning")
     return (f"{what}; the last checkpoint is {latest} (one every {every} steps, "
             "train.checkpoint_every); run the same command with --resume to go on from it "
-            "(without --resume, a new training deletes it)")
+            "(or with --restart to delete it and start afresh)")
 
 
 _RECORDS: dict[tuple[str, str], frozenset[str]] = {}
