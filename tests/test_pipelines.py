@@ -583,6 +583,8 @@ def test_a_stop_in_a_pipeline_returns_the_signals_status(
      "shares images with the calibration folder"),
     (["--name", "e2e", "--test-anomalous-is-calibration"],
      "the normal and the anomalous folder are the same folder"),
+    (["--name", "e2e", "--test-normal-copies-calibration"],
+     "40 of the 40 images in the normal test folder"),
 ])
 def test_end_to_end_refuses_before_its_parent_run(
         mlruns: Path, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str],
@@ -596,6 +598,10 @@ def test_end_to_end_refuses_before_its_parent_run(
         extra, folders["--test-normal"] = extra[:2], image_dirs.calibration
     if "--test-anomalous-is-calibration" in extra:
         extra, folders["--test-anomalous"] = extra[:2], image_dirs.calibration
+    if "--test-normal-copies-calibration" in extra:  # a copy, not the folder: by content
+        copy = mlruns.parent / "copy"
+        shutil.copytree(image_dirs.calibration, copy)
+        extra, folders["--test-normal"] = extra[:2], copy
     argv = [*extra, *(str(part) for pair in folders.items() for part in pair),
             "--preset", "tiny", "--epochs", "1", "--target-fpr", "0.1", "--mlruns", str(mlruns)]
     if "--device" not in extra:
@@ -639,6 +645,13 @@ def test_a_stopped_end_to_end_training_goes_on_with_resume(
     [stopped] = client.search_runs([client.get_experiment_by_name("e2e-stop").experiment_id],
                                    filter_string="tags.command = 'train'")
     assert stopped.info.status == "KILLED"
+    experiment = client.get_experiment_by_name("e2e-stop").experiment_id
+    parents = len(client.search_runs([experiment], "tags.pipeline = 'end_to_end'"))
+    # run again without --resume: refused before a new parent run, the checkpoint kept
+    assert end_to_end.main(argv) == 1
+    assert "the last training of 'e2e-stop' stopped before its end" in \
+        capsys.readouterr().err
+    assert len(client.search_runs([experiment], "tags.pipeline = 'end_to_end'")) == parents
     assert end_to_end.main([*argv, "--resume"]) == 0, capsys.readouterr().err
     [finished] = client.search_runs([client.get_experiment_by_name("e2e-stop").experiment_id],
                                     filter_string="tags.command = 'train'")

@@ -5,6 +5,8 @@ The checks as the commands and pipelines meet them are tested in ``test_evaluati
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,11 @@ import pytest
 from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import write_image_folder
 from anomaly_flow.evaluation import calibrate_model, evaluate_model
-from anomaly_flow.prechecks import check_separate_folders, reused_calibration_images
+from anomaly_flow.prechecks import (
+    check_held_out_of_calibration,
+    check_separate_folders,
+    reused_calibration_images,
+)
 from tests.test_scoring import sample_images
 
 # ------------------------------------------------------------- folders that share files
@@ -62,3 +68,25 @@ def test_only_a_share_of_normal_images_scoring_as_calibration_images_is_reuse() 
     assert reused_calibration_images(calibration[::-1], calibration) == 10_000
     holding = np.concatenate([calibration[:2_000], fresh[:8_000]])
     assert reused_calibration_images(holding, calibration) >= 2_000
+
+
+def test_a_normal_test_folder_of_calibration_copies_is_refused_a_few_are_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Copies by content, not by path: more than a tenth of the test folder refuses (its
+    false-positive rate would be the one the threshold was fitted to), fewer (a data
+    set's stray duplicates) are warned of."""
+    write_image_folder(sample_images(20), tmp_path / "cal", "c-")
+    write_image_folder(sample_images(19, offset=100), tmp_path / "test", "t-")
+    shutil.copy(tmp_path / "cal" / "c-00003.png", tmp_path / "test" / "copy.png")
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.prechecks"):
+        check_held_out_of_calibration(tmp_path / "cal", tmp_path / "test")
+    assert caplog.messages == [
+        f"1 of the 20 images in the normal test folder {tmp_path / 'test'} have the same "
+        f"content as images of the calibration folder {tmp_path / 'cal'} (e.g. "
+        f"{tmp_path / 'test' / 'copy.png'}); they count in the test's false-positive rate "
+        "as new images"]
+    for i in range(4, 6):
+        shutil.copy(tmp_path / "cal" / f"c-{i:05d}.png", tmp_path / "test" / f"copy{i}.png")
+    with pytest.raises(CalibrationError, match=r"^3 of the 22 images in the normal test "
+                                               r"folder .* calibration folder"):
+        check_held_out_of_calibration(tmp_path / "cal", tmp_path / "test")
