@@ -580,6 +580,37 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int,
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def content_box(width: int, height: int, size: int, resize: Resize
+                ) -> tuple[int, int, int, int]:
+    """Where an upright ``width × height`` image lies in its ``size × size`` square
+    (:func:`load_image`), as ``(left, top, right, bottom)`` in the square's pixels: under
+    ``pad`` the fitted image between its black bars (as ImageOps.pad fits it, except
+    that a thin strip keeps a pixel, where it may vanish, or fail in older Pillow); under
+    ``stretch`` and ``crop`` the whole square (all of it shows image)."""
+    if resize != "pad":
+        return 0, 0, size, size
+    if width > height:
+        fitted = (size, max(1, round(height / width * size)))
+    else:
+        fitted = (max(1, round(width / height * size)), size)
+    left, top = round((size - fitted[0]) / 2), round((size - fitted[1]) / 2)
+    return left, top, left + fitted[0], top + fitted[1]
+
+
+def source_shape(path: str | Path) -> tuple[int, int] | None:
+    """The upright ``(width, height)`` of the image file at ``path`` from its header (EXIF
+    orientation applied), or None when it cannot be read that far."""
+    try:
+        if not is_regular_file(Path(path)):  # a pipe named .png would block
+            return None
+        with warnings_caught():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return _upright_size(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
     """``img`` (mode L or RGB) as ``size × size``, the way ``resize`` names."""
     width, height = img.size
@@ -590,15 +621,9 @@ def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
         left, top = (width - side) // 2, (height - side) // 2
         img = img.crop((left, top, left + side, top + side))
     elif resize == "pad":
-        # ImageOps.pad, except that a thin strip keeps a pixel (there it may vanish, or
-        # fail in older Pillow); on black, as transparency is composited
-        if width > height:
-            fitted = (size, max(1, round(height / width * size)))
-        else:
-            fitted = (max(1, round(width / height * size)), size)
-        square = Image.new(img.mode, (size, size), 0)
-        square.paste(img.resize(fitted, resample=RESAMPLE),
-                     (round((size - fitted[0]) / 2), round((size - fitted[1]) / 2)))
+        left, top, right, bottom = content_box(width, height, size, resize)
+        square = Image.new(img.mode, (size, size), 0)  # on black, as alpha is composited
+        square.paste(img.resize((right - left, bottom - top), resample=RESAMPLE), (left, top))
         return square
     elif resize != "stretch":
         raise ValueError(f"unknown resize {resize!r}; choose 'stretch', 'crop' or 'pad'")

@@ -93,6 +93,7 @@ from anomaly_flow.scoring import (
 from anomaly_flow.stopping import remove_leftovers
 
 if TYPE_CHECKING:
+    from anomaly_flow.config import GlowConfig
     from anomaly_flow.heatmap import HeatmapWriter
 
 logger = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def score_folder(
     writer = None
     if heatmaps is not None:
         writer = _heatmap_writer(heatmaps, root, paths, keys, todo, previous, maps,
-                                 config.n_bits, out)
+                                 config, out)
 
     def write(table: pd.DataFrame) -> None:
         write_or_keep(table, out, modified_ns=started_ns)
@@ -427,12 +428,14 @@ class _Rows:
 
 def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequence[Path],
                     keys: Sequence[str], todo: Sequence[int], previous: pd.DataFrame | None,
-                    maps: HeatmapKind, n_bits: int, out: Path) -> HeatmapWriter:
+                    maps: HeatmapKind, config: GlowConfig, out: Path) -> HeatmapWriter:
     """The writer of this run's heatmaps (``maps``) under ``heatmaps``: one for each file
     of ``paths`` (found under ``root``, their rows' paths ``keys``) whose index is in
-    ``todo``. On resuming (``previous``: the rows kept from ``out``), it says which kept
-    files keep a heatmap under another name, which have none, and whether the kept ones
-    draw another map. Removes the unfinished heatmaps a killed run left."""
+    ``todo``, for a model of ``config`` (its ``n_bits`` tops the scale, its ``resize``
+    says how to put each heatmap back in its file's shape). On resuming (``previous``:
+    the rows kept from ``out``), it says which kept files keep a heatmap under another
+    name, which have none, and whether the kept ones draw another map. Removes the
+    unfinished heatmaps a killed run left."""
     from anomaly_flow.heatmap import (
         TYPICALITY_VMAX,
         HeatmapWriter,
@@ -477,9 +480,10 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
                        "to score, so none is drawn again; run without --resume to draw "
                        "them all as %s", display_path(heatmaps),
                        " and ".join(other_kinds), maps, maps)
-    vmax = TYPICALITY_VMAX if maps == "typicality" else float(n_bits)
+    vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
     writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
-                           sources=[sources[i] for i in todo])
+                           sources=[sources[i] for i in todo],
+                           originals=[paths[i] for i in todo], resize=config.resize)
     removed = writer.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",

@@ -4,7 +4,8 @@ The map is the exact per-pixel decomposition of the bits/dim
 (:attr:`anomaly_flow.glow.LikelihoodBreakdown.pixel_bpd`): its mean over pixels is the
 image's ``bpd``. Each map is colour-mapped and blended over the image the model saw
 (converted to the model's mode and size), upsampled by an integer factor with nearest
-neighbours so that one model pixel stays one block of screen pixels.
+neighbours so that one model pixel stays one block of screen pixels, then put back in
+the shape of its file (:func:`in_source_shape`: stretched back, or the pad's bars cut).
 
 Colour scale: **fixed**, the same for every image, so heatmaps can be compared with one
 another: ``vmin = 0`` bits/dim (perfectly predicted) to ``vmax = n_bits`` bits/dim (no
@@ -46,7 +47,16 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from anomaly_flow.data import display_path, is_regular_file, make_folders, one_line, walk_tree
+from anomaly_flow.data import (
+    Resize,
+    content_box,
+    display_path,
+    is_regular_file,
+    make_folders,
+    one_line,
+    source_shape,
+    walk_tree,
+)
 from anomaly_flow.stopping import remove_leftovers
 
 logger = logging.getLogger(__name__)
@@ -115,6 +125,29 @@ def render_heatmap(
     blended = np.rint((1 - alpha) * base + alpha * colour).astype(np.uint8)  # grey broadcasts
     factor = max(1, -(-min_side // blended.shape[1]))
     return blended.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def in_source_shape(rgb: np.ndarray, size: int, shape: tuple[int, int],
+                    resize: Resize) -> np.ndarray:
+    """A heatmap drawn over the model's ``size × size`` view (uint8 ``(S, S, 3)``, ``S`` a
+    whole multiple of ``size``, from :func:`render_heatmap`) in the shape of its source
+    file, upright ``(width, height)``: under ``pad`` without the black bars, under
+    ``stretch`` stretched back to the file's aspect ratio, under ``crop`` as it is (the
+    file's centred square, undistorted). The longer side keeps ``S`` pixels; the model's
+    pixels stay blocks (nearest neighbour), a little unequal where the ratio is not whole.
+    """
+    if resize == "crop":
+        return rgb
+    side = rgb.shape[0]
+    factor = side // size
+    left, top, right, bottom = content_box(*shape, size, resize)
+    view = rgb[top * factor : bottom * factor, left * factor : right * factor]
+    width, height = shape
+    target = ((side, max(1, round(side * height / width))) if width >= height
+              else (max(1, round(side * width / height)), side))
+    if (view.shape[1], view.shape[0]) == target:
+        return view
+    return np.asarray(Image.fromarray(view).resize(target, Image.Resampling.NEAREST))
 
 
 def heatmap_names(relative_paths: Sequence[Path]) -> list[Path]:
@@ -206,6 +239,9 @@ def is_heatmap(path: Path) -> bool:
         return False
 
 
+VIEW_KEY = "anomaly-flow:view"
+"""The PNG text chunk that says a heatmap was put back in its source file's shape."""
+
 FAILURES_LOGGED = 5
 """Heatmaps that cannot be written logged one by one; the rest are counted."""
 
@@ -233,6 +269,10 @@ class HeatmapWriter:
             (its per-pixel terms, :meth:`anomaly_flow.glow.Glow.typicality_map`; ``vmin``
             and ``vmax`` are then in normal standard deviations). Names the PNG's text
             chunk that records the map's mean.
+        originals: For each dataset index, the scored file, whose shape (read from its
+            header on the writer's thread) each heatmap takes (:func:`in_source_shape`);
+            None, or a file that cannot be read, keeps the model's square view.
+        resize: How the model made its square view of each file (``model.resize``).
     """
 
     def __init__(
@@ -246,6 +286,8 @@ class HeatmapWriter:
         threads: int = 2,
         quantity: str = "bpd",
         sources: Sequence[str] | None = None,
+        originals: Sequence[Path] | None = None,
+        resize: Resize = "stretch",
     ) -> None:
         if quantity not in UNITS:
             raise ValueError(f"unknown heatmap quantity {quantity!r}; use one of "
@@ -254,6 +296,8 @@ class HeatmapWriter:
         self.quantity = quantity
         self.names = list(names)
         self.sources = None if sources is None else list(sources)
+        self.originals = None if originals is None else list(originals)
+        self.resize = resize
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
         self.n_written = 0
@@ -282,6 +326,13 @@ class HeatmapWriter:
                 rgb = render_heatmap(image, pixel_map, vmin=self.vmin, vmax=self.vmax,
                                      table=self.table)
                 info = PngImagePlugin.PngInfo()
+                shape = (None if self.originals is None or self.resize == "crop"
+                         else source_shape(self.originals[index]))
+                if shape is not None:
+                    rgb = in_source_shape(rgb, image.shape[-1], shape, self.resize)
+                    info.add_text(VIEW_KEY, f"{image.shape[-1]}x{image.shape[-1]} model view "
+                                  f"({self.resize}) of a {shape[0]}x{shape[1]} file, in its "
+                                  "shape")
                 info.add_text(f"anomaly-flow:{self.quantity}",
                               repr(float(pixel_map.astype(np.float64).mean())))
                 info.add_text("anomaly-flow:scale", f"{self.colormap} {self.vmin:g}.."

@@ -29,10 +29,10 @@ from PIL import Image
 
 from anomaly_flow import score_table, scoring
 from anomaly_flow.calibration import calibrate
-from anomaly_flow.data import DataError, load_image, write_image_folder
+from anomaly_flow.data import DataError, load_image, source_shape, write_image_folder
 from anomaly_flow.folder_scoring import score_folder, score_folder_table
 from anomaly_flow.glow import Glow, preprocess
-from anomaly_flow.heatmap import colormap_table, render_heatmap
+from anomaly_flow.heatmap import colormap_table, in_source_shape, render_heatmap
 from anomaly_flow.score_table import ScoringError, read_table, write_table
 from anomaly_flow.scoring import output_columns, score_names
 from tests.conftest import corrupt_png, ended_process_id
@@ -750,8 +750,12 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
     assert len(list(heat.rglob("*.png"))) == N_GOOD
     bpd = dict(zip(relative(full_table, messy), full_table["bpd"], strict=True))
     for name, heatmap in heatmap_of.items():
+        width, height = source_shape(messy / name) or (1, 1)
+        # 16 px, upsampled × 16 to 256, in the file's shape (its longer side 256)
+        shape = ((256, round(256 * height / width)) if width >= height
+                 else (round(256 * width / height), 256))
         with Image.open(heat / heatmap) as img:
-            assert img.mode == "RGB" and img.size == (256, 256)  # 16 px, upsampled × 16
+            assert img.mode == "RGB" and img.size == shape, name
             # the map's mean is the image's bpd (float32 map, averaged in float64)
             stored = float(img.text["anomaly-flow:bpd"])
             assert stored == pytest.approx(bpd[name.replace("\udcff", "\\xff")], abs=1e-5)
@@ -789,8 +793,10 @@ def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
         with torch.no_grad():
             pixel_bpd = model.breakdown(preprocess(torch.from_numpy(image)[None], 8)).pixel_bpd
         terms = ((pixel_bpd[0] - model.reference_mean) / (model.reference_std + 0.1)).abs()
-        expected = render_heatmap(image, terms.numpy(), vmin=0.0, vmax=5.0,
-                                  table=colormap_table("inferno"))
+        expected = in_source_shape(render_heatmap(image, terms.numpy(), vmin=0.0, vmax=5.0,
+                                                  table=colormap_table("inferno")),
+                                   TINY.image_size, source_shape(messy / name) or (1, 1),
+                                   "stretch")
         assert drawn.shape == expected.shape
         differ = np.abs(drawn.astype(int) - expected).max(axis=-1)
         assert differ.max() <= 8 and (differ == 0).mean() > 0.95  # float32 rounding only
@@ -1105,6 +1111,42 @@ def test_every_reader_converts_images_as_the_models_resize_says(
     summary = score_folder(model, None, folder, out, resume=True)  # kept rows' files again
     assert summary.n_resumed == 3
     pd.testing.assert_frame_equal(read_csv(out), full, check_exact=True)
+
+
+@pytest.mark.parametrize(("resize", "shape"), [("stretch", (256, 128)), ("pad", (256, 128)),
+                                               ("crop", (256, 256))])
+def test_heatmaps_take_the_shape_of_their_file(tmp_path: Path, resize: str,
+                                              shape: tuple[int, int]) -> None:
+    """A 32×16 file seen as 16×16: its heatmap is drawn over that square view, then put
+    back in the file's shape (stretched back, or without the pad's black bars; a crop's
+    square is the file's centred square as it is), so what glows lies where it lies in
+    the file. The pad's bars are cut exactly: the heatmap equals the square one's rows
+    4 to 12 of 16."""
+    from anomaly_flow.heatmap import VIEW_KEY
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    Image.fromarray(rng.integers(64, 256, (16, 32), dtype=np.uint8)).save(folder / "w.png")
+    torch.manual_seed(0)
+    model = Glow(dataclasses.replace(TINY, resize=resize))
+    square = load_image(folder / "w.png", "L", 16, resize)[0]
+    model.initialize(preprocess(torch.from_numpy(square)[None, None].repeat(4, 1, 1, 1),
+                                TINY.n_bits))
+    model.eval()
+    score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=tmp_path / "heat")
+    with Image.open(tmp_path / "heat" / "w.png") as drawn:
+        assert drawn.size == shape
+        assert (VIEW_KEY in drawn.info) == (resize != "crop")
+        pixels = np.asarray(drawn.convert("RGB"))
+    if resize == "pad":  # the square heatmap, bars cut: rows 4..12 of 16, 16 pixels each
+        with torch.no_grad():
+            breakdown = model.breakdown(preprocess(torch.from_numpy(square)[None, None],
+                                                   TINY.n_bits))
+        assert breakdown.pixel_bpd is not None
+        whole = render_heatmap(square[None], breakdown.pixel_bpd[0].numpy(), vmin=0.0,
+                               vmax=float(TINY.n_bits))
+        np.testing.assert_array_equal(pixels, whole[64:192])
 
 
 def test_scoring_a_folder_in_memory_warns_of_what_the_conversion_drops(
