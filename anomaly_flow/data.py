@@ -771,7 +771,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      "of 2**levels; train --config FILE)")
     if note := _mixed_shapes_note(shapes, size, resize):
         notes.append(note)
-    if not training and (note := _unseen_shapes_note(shapes, trained_shapes, size)):
+    if not training and (note := _unseen_shapes_note(shapes, trained_shapes, size, resize)):
         notes.append(note)
     long = collections.Counter({shape: n for shape, n in shapes.items()
                                 if resize == "crop" and max(shape) > 2 * min(shape)})
@@ -846,18 +846,24 @@ SHAPE_TOLERANCE = 0.1
 
 
 def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
-                        trained: Sequence[tuple[int, int, int]], size: int) -> str | None:
+                        trained: Sequence[tuple[int, int, int]], size: int,
+                        resize: Resize = "stretch") -> str | None:
     """A note when most of the images looked at (their ``(width, height)`` counts) have a
-    size no training image looked at had (within :data:`SHAPE_TOLERANCE` of each side):
-    resized to the model's size from another one, their detail, and with another aspect
-    ratio their proportions, differ from every training image's, so they can score as
+    size no training image looked at had (within :data:`SHAPE_TOLERANCE` of each side;
+    under ``crop``, of the centred square's side, all the model sees): brought to the
+    model's size from another one, their detail, and with another aspect ratio their
+    proportions or bars, differ from every training image's, so they can score as
     anomalous for that alone. None when the training shapes are unknown."""
     if not trained or not shapes:
         return None
 
+    def near(a: int, b: int) -> bool:
+        return abs(a - b) <= SHAPE_TOLERANCE * b
+
     def seen(shape: tuple[int, int]) -> bool:
-        return any(abs(shape[0] - w) <= SHAPE_TOLERANCE * w
-                   and abs(shape[1] - h) <= SHAPE_TOLERANCE * h for w, h, _ in trained)
+        if resize == "crop":
+            return any(near(min(shape), min(w, h)) for w, h, _ in trained)
+        return any(near(shape[0], w) and near(shape[1], h) for w, h, _ in trained)
 
     unseen = collections.Counter({shape: n for shape, n in shapes.items() if not seen(shape)})
     n_unseen, checked = sum(unseen.values()), sum(shapes.values())
@@ -869,10 +875,11 @@ def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
     more = f" among {len(trained)} sizes" if len(trained) > 3 else ""
     return (f"{share} images looked at are of a size none of the model's training images "
             f"looked at had (e.g. {width}×{height}; the training images were {known}{more}): "
-            f"resized to {size}×{size} from another size, their detail (and proportions, "
-            "where the aspect ratio differs) is unlike every training image's, which alone "
-            "can make them score as anomalous; score images from the same source and size "
-            "as the training images, or train a model on images like these")
+            f"brought to {size}×{size} (model.image_size) from another size than they were, "
+            "their detail (and proportions, where the aspect ratio differs) is unlike every "
+            "training image's, which alone can make them score as anomalous; score images "
+            "from the same source and size as the training images, or train a model on "
+            "images like these")
 
 
 _HEADER_EXIF = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})

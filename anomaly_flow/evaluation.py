@@ -865,8 +865,8 @@ def evaluate_scores(
         CalibrationError: Every usable normal image is one of the model's training folder.
     """
     check_folder_paths(normal.folder, anomalous.folder)
-    check_labelled_both(normal, anomalous)
     normal = leave_out_training_images(loaded, normal, "evaluation")
+    check_labelled_both(normal, anomalous)
     names = score_names(loaded.model)
     table = detection_table(normal, anomalous, names)
     metrics: dict[str, float] = {}

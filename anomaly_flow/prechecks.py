@@ -422,8 +422,9 @@ def check_labelled_both(normal: FolderScores, anomalous: FolderScores) -> None:
         raise CalibrationError(
             f"every readable image of {display_path(anomalous.folder)} ({len(both)}) has the "
             f"same content as an image of {display_path(normal.folder)} (e.g. {both[0][0]} "
-            f"and {both[0][1]}): the anomalous folder is a copy of normal images, so there "
-            "is nothing to tell apart; pass a folder of anomalous images")
+            f"and {both[0][1]}): the two folders hold the same images, so there is nothing "
+            "to tell apart; pass held-out normal images as --normal and anomalous ones as "
+            "--anomalous")
     if both:
         logger.warning(
             "%d image(s) of %s have the same content as an image of %s (e.g. %s and %s): "

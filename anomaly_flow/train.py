@@ -666,9 +666,9 @@ def train(
 
 
 def _rate(images_per_sec: float) -> str:
-    """A throughput for people: whole images/s from 10 up, two significant digits below
-    (a big model on a CPU trains at 0.31 images/s, which ``%.0f`` shows as 0)."""
-    return f"{images_per_sec:.0f}" if images_per_sec >= 10 else f"{images_per_sec:.2g}"
+    """A throughput for people: whole images/s from 10 up, two decimals below (a big
+    model on a CPU trains at 0.31 images/s, which ``%.0f`` shows as 0)."""
+    return f"{images_per_sec:.0f}" if images_per_sec >= 10 else f"{images_per_sec:.2f}"
 
 
 @contextlib.contextmanager

@@ -619,8 +619,9 @@ def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on
         tmp_path: Path) -> None:
     """A model trained on 28×28 images scores a folder of 64×48 ones: each is resized
     from another size, which alone can make it look anomalous. Said for scoring only,
-    when most images are of such a size, each side more than 10 % from every training
-    size; not when the training sizes are unknown."""
+    when most images are of such a size, a side more than 10 % from every training
+    size's (under crop, the centred square's: all the model sees); not when the training
+    sizes are unknown."""
     for i in range(3):
         Image.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / f"photo-{i}.png")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "known.png")
@@ -630,11 +631,11 @@ def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on
     (note,) = conversion_notes(paths, "L", 16, **score, trained_shapes=trained)
     assert note == ("3 of 4 images looked at are of a size none of the model's training "
                     "images looked at had (e.g. 64×48; the training images were 28×28 and "
-                    "30×30): resized to 16×16 from another size, their detail (and "
-                    "proportions, where the aspect ratio differs) is unlike every training "
-                    "image's, which alone can make them score as anomalous; score images "
-                    "from the same source and size as the training images, or train a model "
-                    "on images like these")
+                    "30×30): brought to 16×16 (model.image_size) from another size than "
+                    "they were, their detail (and proportions, where the aspect ratio "
+                    "differs) is unlike every training image's, which alone can make them "
+                    "score as anomalous; score images from the same source and size as the "
+                    "training images, or train a model on images like these")
     assert conversion_notes(paths, "L", 16, **score) == []  # sizes unknown
     assert conversion_notes(paths, "L", 16, resizing=False, resize="crop",
                             trained_shapes=trained) == []  # training judges its own folder
@@ -642,10 +643,18 @@ def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on
     half = paths[:2]  # known.png and one photo: not most
     assert conversion_notes(half, "L", 16, **score, trained_shapes=trained) == []
     # within 10 % of a training size on each side counts as that size
-    assert conversion_notes(paths, "L", 16, **score,
-                            trained_shapes=((60, 52, 1), (28, 28, 5))) == []
-    assert conversion_notes(paths, "L", 16, **score,
-                            trained_shapes=((57, 52, 1),)) != []  # 64 is 12 % above 57
+    stretch = {**score, "resize": "stretch"}
+
+    def unseen(way: dict[str, object], trained: tuple[tuple[int, int, int], ...]) -> bool:
+        notes = conversion_notes(paths, "L", 16, **way, trained_shapes=trained)
+        return any("of a size none of" in note for note in notes)  # (stretch: aspect too)
+
+    for way in (score, stretch):
+        assert not unseen(way, ((60, 52, 1), (28, 28, 5))), way
+        assert unseen(way, ((57, 43, 1),)), way  # 48 is 12 % above 43
+    # a crop sees 48×48 of a 64×48 photo and of an 80×48 one alike; a stretch does not
+    wider = ((80, 48, 1), (28, 28, 5))
+    assert not unseen(score, wider) and unseen(stretch, wider)
     many = tuple((20 + i, 20, 1) for i in range(5))
     (listed,) = conversion_notes(paths, "L", 16, **score, trained_shapes=many)
     assert "the training images were 20×20 and 21×20 and 22×20 among 5 sizes)" in listed

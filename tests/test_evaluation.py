@@ -118,8 +118,9 @@ def test_an_image_labelled_both_ways_is_named_in_a_warning(
     assert str(refused.value) == (
         f"every readable image of {copy} (3) has the same content as an image of "
         f"{tmp_path / 'normal'} (e.g. {copy / 'c-00000.png'} and "
-        f"{tmp_path / 'normal' / 'n-00000.png'}): the anomalous folder is a copy of normal "
-        "images, so there is nothing to tell apart; pass a folder of anomalous images")
+        f"{tmp_path / 'normal' / 'n-00000.png'}): the two folders hold the same images, so "
+        "there is nothing to tell apart; pass held-out normal images as --normal and "
+        "anomalous ones as --anomalous")
 
 
 def test_failed_images_do_not_count_towards_the_minimum() -> None:

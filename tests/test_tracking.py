@@ -640,11 +640,11 @@ def test_scoring_says_when_images_come_in_a_size_the_trained_model_never_saw(
             r.getMessage()]
     assert said == [f"{photos}: all images looked at are of a size none of the model's "
                     "training images looked at had (e.g. 64×48; the training images were "
-                    "28×28): resized to 16×16 from another size, their detail (and "
-                    "proportions, where the aspect ratio differs) is unlike every training "
-                    "image's, which alone can make them score as anomalous; score images "
-                    "from the same source and size as the training images, or train a "
-                    "model on images like these"]
+                    "28×28): brought to 16×16 (model.image_size) from another size than "
+                    "they were, their detail (and proportions, where the aspect ratio "
+                    "differs) is unlike every training image's, which alone can make them "
+                    "score as anomalous; score images from the same source and size as the "
+                    "training images, or train a model on images like these"]
     assert len(pd.read_csv(tmp_path / "photos.csv")) == 4  # scored all the same
     caplog.clear()
     score_folder(loaded.model, None, alike, tmp_path / "alike.csv")
@@ -1683,3 +1683,54 @@ def test_a_store_that_fails_to_open_says_why_with_or_without_its_creation_lock(
     with pytest.raises(tracking.TrackingError, match="No module named '_sqlite3'; install the "
                                                      "database driver it names"):
         tracking.configure(folder)
+
+
+def test_the_checks_before_a_training_reads_its_folder(tmp_path: Path) -> None:
+    """What ``precheck_checkpoints`` says of a name's checkpoint folder before the
+    training folder is read: a stopped training is kept from a plain start, but not
+    named as resumable when another process is training the name (it is that one's), when
+    its record is another name's, or when there is no record to resume from."""
+    import fcntl
+
+    from anomaly_flow.checkpoint import TrainingError
+
+    config = tiny_config()
+    folder = tracking.checkpoint_dir("parts", tmp_path)
+    (folder / "step-00000004").mkdir(parents=True)
+    (folder / "step-00000004" / "state.json").write_text("{}")
+
+    def says(name: str = "parts", **flags: bool) -> str:
+        with pytest.raises(TrainingError) as refused:
+            tracking.precheck_checkpoints(name, config, tmp_path, **flags)
+        return str(refused.value)
+
+    assert says(resume=True, restart=True) == (
+        "resume continues the last training and restart deletes it: pass one of them "
+        "(--resume or --restart), not both")
+    latest = folder / "step-00000004"
+    assert says() == (f"the checkpoint folder of 'parts' holds a checkpoint ({latest}) and "
+                      "no training record (run.json), so whether that training finished is "
+                      "unknown; pass --restart to delete it and start afresh")
+    (folder / "run.json").write_text("[]")
+    assert says().startswith(f"the checkpoint folder of 'parts' holds a checkpoint ({latest}) "
+                             f"and a damaged training record ({folder / 'run.json'}), so")
+    record = {"model_name": "parts", "config": config.to_dict()}  # an older record
+    (folder / "run.json").write_text(json.dumps(record))
+    tracking.precheck_checkpoints("parts", config, tmp_path)  # finished, as it had no word
+    (folder / "run.json").write_text(json.dumps({**record, "concluded": False}))
+    assert says().startswith("the last training of 'parts' stopped before its end, and its "
+                             f"checkpoint {folder / 'step-00000004'} (step 4) can go on")
+    tracking.precheck_checkpoints("parts", config, tmp_path, restart=True)
+    assert says("parts!").startswith(  # the same folder: not its training to resume
+        f"the checkpoint folder {folder} holds the training of model 'parts'")
+    with open(folder.parent / ".parts.lock", "w") as lock:
+        lock.write("pid 4321 on elsewhere\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # flock locks belong to the open file: another open of it is another holder
+        for flags in ({}, {"resume": True}, {"restart": True}):
+            assert says(**flags) == (
+                "another training of 'parts' is running (pid 4321 on elsewhere, holding "
+                f"{folder.parent / '.parts.lock'}); wait for it to end, or train under "
+                "another --name")
+    tracking.precheck_checkpoints("parts", config, tmp_path, restart=True)  # released

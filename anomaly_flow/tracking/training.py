@@ -175,8 +175,9 @@ def _read_run_state(folder: Path) -> tuple[dict[str, Any], RunConfig]:
     configuration (what a resume is compared with)."""
     path = folder / RUN_STATE_FILE
     if not path.is_file():
-        raise TrainingError(f"--resume found no earlier training in {folder}; train without "
-                            "--resume to start afresh (or pass the --mlruns DIR used before).")
+        raise TrainingError(f"--resume found no earlier training in {folder}; train with "
+                            "--restart instead to start afresh (or pass the --mlruns DIR used "
+                            "before).")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(state, dict):
@@ -215,6 +216,42 @@ def _write_record(folder: Path, record: dict[str, Any]) -> None:
                             "checkpoints were written)") from None
 
 
+def _running_message(handle: Any, name: str, path: Path) -> str:
+    """What to tell a training of ``name`` whose lock ``path`` (open as ``handle``)
+    another process holds."""
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    return (f"another training of {name!r} is running ({holder}, holding {path}); wait "
+            "for it to end, or train under another --name")
+
+
+def _check_not_running(ckpt: Path, name: str) -> None:
+    """Refuse, as :func:`_training_lock` will, while another process trains ``name``:
+    checked before the checkpoints, which are then that training's, not a stopped one's.
+    Nothing is held after it; where locks cannot be taken nothing is said.
+
+    Raises:
+        TrainingError: Another process holds the name's lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = ckpt.parent / f".{ckpt.name}.lock"
+    try:
+        handle = open(path)  # noqa: SIM115 (closed below)
+    except OSError:  # no lock file: no training of the name ever ran here
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(_running_message(handle, name, path)) from None
+        except OSError:  # no locks on this file system: the lock itself will say so
+            return
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
     """Hold ``<checkpoints>/.<folder>.lock`` while training ``name``: a second training of
@@ -240,11 +277,7 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise TrainingError(
-                f"another training of {name!r} is running ({holder}, holding {path}); wait "
-                "for it to end, or train under another --name") from None
+            raise TrainingError(_running_message(handle, name, path)) from None
         except OSError as exc:  # no locks on this file system (NFS without lockd, FUSE)
             logger.warning("cannot lock %s (%s), so nothing stops a second training of %r "
                            "from using its checkpoints meanwhile", path, exc.strerror, name)
@@ -319,13 +352,14 @@ def _check_has_checkpoint(ckpt: Path, name: str, every: int) -> Path:
     return latest
 
 
-def _check_nothing_resumable(ckpt: Path, name: str,
-                             earlier: dict[str, Any] | None = None) -> None:
+def _check_nothing_resumable(ckpt: Path, name: str) -> None:
     """Refuse to start afresh over a training of ``name`` that stopped before its end
-    with a checkpoint a resume can go on from (``earlier``: its record, read here when
-    not given): starting afresh deletes it, hours of work lost to a forgotten --resume.
-    A finished training's checkpoints (its record concluded) go without a word; a
-    damaged or missing record counts as unfinished.
+    with a checkpoint a resume can go on from: starting afresh deletes it, hours of work
+    lost to a forgotten --resume. A finished training's checkpoints (its record
+    concluded, or a record from before that was recorded) go without a word; checkpoints
+    without a readable record are refused too, since nothing says whether they are
+    finished (and --resume cannot take them: --restart can). The record must be this
+    name's (:func:`_check_owner`).
 
     Raises:
         TrainingError: There is such a training; --resume or --restart says what to do.
@@ -333,11 +367,17 @@ def _check_nothing_resumable(ckpt: Path, name: str,
     latest = latest_checkpoint(ckpt)
     if latest is None:
         return
-    if earlier is None:
-        earlier = {}
-        with contextlib.suppress(TrainingError):
-            earlier, _ = _read_run_state(ckpt)
-    if earlier.get("concluded"):
+    try:
+        earlier, _ = _read_run_state(ckpt)
+    except TrainingError:
+        what = (f"a damaged training record ({ckpt / RUN_STATE_FILE})"
+                if (ckpt / RUN_STATE_FILE).exists() else f"no training record ({RUN_STATE_FILE})")
+        raise TrainingError(
+            f"the checkpoint folder of {name!r} holds a checkpoint ({latest}) and {what}, "
+            "so whether that training finished is unknown; pass --restart to delete it and "
+            "start afresh") from None
+    _check_owner(earlier, name, ckpt)
+    if earlier.get("concluded", True):
         return
     raise TrainingError(
         f"the last training of {name!r} stopped before its end, and its checkpoint "
@@ -568,9 +608,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrackingError: The tracking store cannot be used.
     """
     precheck_training(name, config)
-    if resume and restart:
-        raise TrainingError("resume continues the last training and restart deletes it: "
-                            "pass one of them (--resume or --restart), not both")
+    _check_one_way(resume, restart)
     check_store_folder(mlruns)  # before the lock makes <mlruns>/checkpoints/
     ckpt = checkpoint_dir(name, mlruns)
     _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
@@ -640,7 +678,9 @@ def precheck_checkpoints(name: str, config: RunConfig, mlruns: str | Path | None
     Raises:
         TrainingError: The checkpoints refuse this training; the message says what to do.
     """
+    _check_one_way(resume, restart)
     ckpt = checkpoint_dir(name, mlruns)
+    _check_not_running(ckpt, name)  # its checkpoints are no stopped training's
     if resume:
         state, before = _read_run_state(ckpt)
         _check_owner(state, name, ckpt)
@@ -648,6 +688,13 @@ def precheck_checkpoints(name: str, config: RunConfig, mlruns: str | Path | None
         _check_same_settings(before, config)
     elif not restart:
         _check_nothing_resumable(ckpt, name)
+
+
+def _check_one_way(resume: bool, restart: bool) -> None:
+    """Refuse ``resume`` and ``restart`` together."""
+    if resume and restart:
+        raise TrainingError("resume continues the last training and restart deletes it: "
+                            "pass one of them (--resume or --restart), not both")
 
 
 class _Verdict:
@@ -684,12 +731,13 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         latest = _check_has_checkpoint(ckpt, name, before.train.checkpoint_every)
         _check_resumable(state, before, config, folder.fingerprint, Path(data))
         _check_unfinished(latest, config, len(folder.train), name, state)
-    elif (ckpt / RUN_STATE_FILE).is_file():
-        with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
-            earlier, _ = _read_run_state(ckpt)
-        _check_owner(earlier, name, ckpt)
+    else:
         if not restart:
-            _check_nothing_resumable(ckpt, name, earlier)
+            _check_nothing_resumable(ckpt, name)
+        if (ckpt / RUN_STATE_FILE).is_file():
+            with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
+                earlier, _ = _read_run_state(ckpt)
+            _check_owner(earlier, name, ckpt)
     configure(mlruns)
     require_writable_store(experiment=name)
     check_not_foreign(name)
@@ -714,7 +762,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             _end_abandoned_run(earlier, name)
         if (latest := latest_checkpoint(ckpt)) is not None:
             could = ("was the finished model" if earlier.get("concluded")
-                     else "could go on with --resume")
+                     else "had stopped before its end: --restart")
             logger.warning("starting afresh: deleting the earlier training's checkpoints "
                            "in %s (the latest, %s, %s)", ckpt, latest.name, could)
         shutil.rmtree(ckpt)
