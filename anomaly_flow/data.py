@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ from anomaly_flow.config import Resize
 from anomaly_flow.errors import one_line
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 ImageMode = Literal["L", "RGB"]
 
@@ -599,16 +601,8 @@ def content_box(width: int, height: int, size: int, resize: Resize
 
 def source_shape(path: str | Path) -> tuple[int, int] | None:
     """The upright ``(width, height)`` of the image file at ``path`` from its header (EXIF
-    orientation applied), or None when it cannot be read that far."""
-    try:
-        if not is_regular_file(Path(path)):  # a pipe named .png would block
-            return None
-        with warnings_caught():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return _upright_size(img)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+    orientation applied), or None where :func:`_with_header` passes the file over."""
+    return _with_header(Path(path), _upright_size)
 
 
 def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
@@ -639,24 +633,29 @@ def _spread(paths: Sequence[Path], sample: int) -> list[Path]:
     return [paths[i] for i in spread]
 
 
+def _with_header(path: Path, look: Callable[[Image.Image], _T]) -> _T | None:
+    """``look(img)`` for the image file at ``path`` opened (its header read; ``look``
+    decodes what it needs), or None for a file that is not regular (a pipe named .png
+    would block), cannot be opened, or is above the pixel limit, and where ``look`` fails
+    to decode it: the callers note what they can, and training and scoring report the
+    files themselves."""
+    try:
+        if not is_regular_file(path):
+            return None
+        with warnings_caught():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return look(img) if img.width * img.height <= MAX_IMAGE_PIXELS else None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def _look_at(paths: Sequence[Path], sample: int, look: Callable[[Image.Image], None]
              ) -> None:
-    """Call ``look`` on up to ``sample`` of ``paths`` spread over the list, each opened
-    (its header read; ``look`` decodes what it needs). Files that are not regular (a pipe
-    named .png would block), cannot be opened, or are above the pixel limit are passed
-    over, as is the rest of an image ``look`` fails to decode: the caller notes what it
-    can, and training and scoring report the files themselves."""
+    """Call ``look`` on up to ``sample`` of ``paths`` spread over the list, as
+    :func:`_with_header` opens them."""
     for path in _spread(paths, sample):
-        try:
-            if not is_regular_file(path):
-                continue
-            with warnings_caught():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    if img.width * img.height <= MAX_IMAGE_PIXELS:
-                        look(img)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
+        _with_header(path, look)
 
 
 def image_shapes(paths: Sequence[Path], sample: int = 64) -> tuple[tuple[int, int, int], ...]:

@@ -271,12 +271,7 @@ def score_folder(
     elif out.exists():
         logger.warning("replacing the earlier output %s (resuming, --resume, would keep its rows)",
                        display_path(out))
-    # what the conversion to the model's mode loses (resizing is training's concern: its
-    # folder set the size), as training says it of its own folder
-    for note in conversion_notes([paths[i] for i in todo], config.mode, config.image_size,
-                                 resizing=False, training=False, resize=config.resize,
-                                 trained_shapes=model.training_shapes):
-        logger.warning("%s: %s", display_path(root), note)
+    _warn_conversion(model, root, [paths[i] for i in todo])
 
     writer = None
     if heatmaps is not None:
@@ -424,6 +419,17 @@ class _Rows:
         table["path"] = table["path"].astype("string")
         table["error"] = table["error"].fillna("").astype("string")
         return table[columns]
+
+
+def _warn_conversion(model: Glow, root: Path, paths: Sequence[Path]) -> None:
+    """Warn of what converting the images of ``paths`` (under ``root``) to ``model``'s
+    input loses, as training says it of its own folder; resizing is training's concern
+    (its folder set the size), sizes the model never trained on are not."""
+    config = model.config
+    for note in conversion_notes(paths, config.mode, config.image_size, resizing=False,
+                                 training=False, resize=config.resize,
+                                 trained_shapes=model.training_shapes):
+        logger.warning("%s: %s", display_path(root), note)
 
 
 def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequence[Path],
@@ -807,10 +813,7 @@ def score_folder_table(
     root = Path(folder)
     paths = find_images(root)
     config = model.config
-    for note in conversion_notes(paths, config.mode, config.image_size, resizing=False,
-                                 training=False, resize=config.resize,  # as score says
-                                 trained_shapes=model.training_shapes):
-        logger.warning("%s: %s", display_path(root), note)
+    _warn_conversion(model, root, paths)
     dataset = ScoringDataset(paths, config)
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
                           progress=progress)

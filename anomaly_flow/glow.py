@@ -37,7 +37,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from anomaly_flow.config import GlowConfig
@@ -873,8 +872,8 @@ class Glow(nn.Module):
                 f"the model {folder / CONFIG_FILE} describes cannot be built here ({first}); "
                 "check its image_size, levels and hidden_channels") from None
         try:
-            weights = load_file(str(folder / WEIGHTS_FILE))
             with safetensors.safe_open(str(folder / WEIGHTS_FILE), "pt") as opened:
+                weights = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
                 metadata = opened.metadata() or {}
         except (SafetensorError, OSError) as exc:
             raise ModelFileError(

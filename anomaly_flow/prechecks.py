@@ -223,8 +223,9 @@ def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: fl
     """Before training on ``train``: refuse a ``calibration`` folder that will not hold
     enough held-out images once its images of the training folder (same content, as
     :func:`leave_out_training_images` finds them after training) are left out, and a
-    ``test_normal`` folder that would hold none. Warn of ``test_anomalous`` images with
-    the content of a training or calibration image: normal there, anomalous in the test.
+    ``test_normal`` folder that would hold none, or that is more than a tenth copies of
+    calibration images (a few are warned of). Warn of ``test_anomalous`` images with the
+    content of a training or calibration image: normal there, anomalous in the test.
 
     With the model's ``mode`` and ``size``, the held-out calibration images are also
     decoded, as scoring will, until enough of them do: files that cannot be decoded are
@@ -232,7 +233,8 @@ def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: fl
 
     Raises:
         CalibrationError: Too few calibration images are held out of training (and, with
-            ``mode`` and ``size``, decode), or no normal test image is held out.
+            ``mode`` and ``size``, decode), or no normal test image is held out of
+            training, or too few of calibration.
         DataError: A folder is missing or holds no image files.
     """
     def digests(folder: Path) -> tuple[list[Path], list[str]]:
@@ -267,6 +269,8 @@ def precheck_held_out(train: str | Path, calibration: str | Path, target_fpr: fl
                 f"training folder {display_path(train)} (same content), and evaluation "
                 "needs normal test images the model never saw; pass a folder of normal "
                 "images kept out of the training folder.")
+        _check_test_not_calibration(calibration, readable(calibrating), test_normal,
+                                    paths, testing)
     if test_anomalous is not None:
         test_anomalous = Path(test_anomalous)
         normal = seen | readable(calibrating)
@@ -336,35 +340,39 @@ def check_separate_folders(normal: str | Path, anomalous: str | Path) -> None:
 
 
 def check_held_out_of_calibration(calibration: str | Path, test_normal: str | Path) -> None:
-    """Refuse a normal test folder that shares image files with the calibration folder,
-    or more than a tenth of whose images are copies of calibration images (same content):
+    """Refuse a normal test folder that shares image files with the calibration folder:
     measured on the images it was fitted to, a threshold's false-positive rate is the
-    one it was fitted for, not an estimate of the rate on new images. Fewer copies (a
-    data set's stray duplicates) are warned of.
+    one it was fitted for, not an estimate of the rate on new images. (Copies by content
+    are :func:`precheck_held_out`'s, which reads both folders' digests anyway.)
 
     Raises:
-        CalibrationError: The folders are one folder, lie inside each other, share files,
-            or the test folder is largely copies of calibration images.
+        CalibrationError: The folders are one folder, lie inside each other, or share files.
         DataError: A folder is missing or holds no image files.
     """
-    advice = ("so the false-positive rate measured at the threshold would be the one it was "
-              "fitted to; test on normal images kept out of both training and calibration")
     if _shared_files(calibration, test_normal):  # one folder, nested, or linked
         raise CalibrationError(
             f"the normal test folder {display_path(test_normal)} shares images with the "
-            f"calibration folder {display_path(calibration)}, {advice}")
-    calibration, test_normal = Path(calibration), Path(test_normal)
-    fitted = {d for d in fingerprint_and_digests(find_images(calibration), calibration)[1]
-              if not is_unreadable(d)}
-    paths = find_images(test_normal)
-    copies = [path for path, digest in zip(
-        paths, fingerprint_and_digests(paths, test_normal)[1], strict=True) if digest in fitted]
+            f"calibration folder {display_path(calibration)}, {_TEST_ADVICE}")
+
+
+_TEST_ADVICE = ("so the false-positive rate measured at the threshold would be the one it "
+                "was fitted to; test on normal images kept out of both training and "
+                "calibration")
+
+
+def _check_test_not_calibration(calibration: Path, fitted: set[str], test_normal: Path,
+                                paths: list[Path], testing: list[str]) -> None:
+    """Refuse a normal test folder (``paths``, their digests ``testing``) more than a
+    tenth of whose images are copies of calibration images (readable digests ``fitted``),
+    as :func:`check_held_out_of_calibration` refuses shared files; fewer copies (a data
+    set's stray duplicates) are warned of."""
+    copies = [path for path, digest in zip(paths, testing, strict=True) if digest in fitted]
     if 10 * len(copies) > len(paths):
         raise CalibrationError(
             f"{len(copies)} of the {len(paths)} images in the normal test folder "
             f"{display_path(test_normal)} have the same content as images of the "
             f"calibration folder {display_path(calibration)} (e.g. "
-            f"{display_path(copies[0])}), {advice}")
+            f"{display_path(copies[0])}), {_TEST_ADVICE}")
     if copies:
         logger.warning("%d of the %d images in the normal test folder %s have the same "
                        "content as images of the calibration folder %s (e.g. %s); they "

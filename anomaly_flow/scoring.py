@@ -528,7 +528,6 @@ class _Pending(NamedTuple):
     ready: Any  # torch.cuda.Event, or None on CPU
 
 
-
 def _conversion(config: GlowConfig) -> tuple[str, int, str, int, int]:
     """What :class:`ScoringDataset` takes from a model's config: how a file becomes its
     input, and the PNG lengths' resolution."""

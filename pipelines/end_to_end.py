@@ -111,6 +111,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     # what calibrating would refuse, refused before hours of training
     precheck_calibration(folders["calibration"], None, score=score, target_fpr=target_fpr)
     precheck_score_of_training(score, config)
+    # shared files said as such, before precheck_held_out counts them as copies
+    check_held_out_of_calibration(folders["calibration"], folders["test_normal"])
     precheck_held_out(folders["train"], folders["calibration"], target_fpr,
                       test_normal=folders["test_normal"],
                       test_anomalous=folders["test_anomalous"],
@@ -119,7 +121,6 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     # the test folders are new to the threshold: the calibration images are normal, and
     # measured on them the false-positive rate at the threshold is the one it was fitted to
     check_separate_folders(folders["calibration"], folders["test_anomalous"])
-    check_held_out_of_calibration(folders["calibration"], folders["test_normal"])
     for key in ("calibration", "test_normal", "test_anomalous"):  # not found after training
         check_decodable(folders[key], config.model.mode, config.model.image_size,
                         config.model.resize)

@@ -18,6 +18,7 @@ from anomaly_flow.evaluation import calibrate_model, evaluate_model
 from anomaly_flow.prechecks import (
     check_held_out_of_calibration,
     check_separate_folders,
+    precheck_held_out,
     reused_calibration_images,
 )
 from tests.test_scoring import sample_images
@@ -77,9 +78,16 @@ def test_a_normal_test_folder_of_calibration_copies_is_refused_a_few_are_said(
     set's stray duplicates) are warned of."""
     write_image_folder(sample_images(20), tmp_path / "cal", "c-")
     write_image_folder(sample_images(19, offset=100), tmp_path / "test", "t-")
+    write_image_folder(sample_images(10, offset=200), tmp_path / "train", "x-")
     shutil.copy(tmp_path / "cal" / "c-00003.png", tmp_path / "test" / "copy.png")
+
+    def check() -> None:  # before a pipeline trains, with the training-folder checks
+        check_held_out_of_calibration(tmp_path / "cal", tmp_path / "test")  # no shared file
+        precheck_held_out(tmp_path / "train", tmp_path / "cal", 0.1,
+                          test_normal=tmp_path / "test")
+
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.prechecks"):
-        check_held_out_of_calibration(tmp_path / "cal", tmp_path / "test")
+        check()
     assert caplog.messages == [
         f"1 of the 20 images in the normal test folder {tmp_path / 'test'} have the same "
         f"content as images of the calibration folder {tmp_path / 'cal'} (e.g. "
@@ -89,4 +97,4 @@ def test_a_normal_test_folder_of_calibration_copies_is_refused_a_few_are_said(
         shutil.copy(tmp_path / "cal" / f"c-{i:05d}.png", tmp_path / "test" / f"copy{i}.png")
     with pytest.raises(CalibrationError, match=r"^3 of the 22 images in the normal test "
                                                r"folder .* calibration folder"):
-        check_held_out_of_calibration(tmp_path / "cal", tmp_path / "test")
+        check()

@@ -761,8 +761,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         if locked:  # unlocked (no flock here), the earlier training may still be running
             _end_abandoned_run(earlier, name)
         if (latest := latest_checkpoint(ckpt)) is not None:
-            could = ("was the finished model" if earlier.get("concluded")
-                     else "had stopped before its end: --restart")
+            finished = bool(earlier) and earlier.get("concluded", True)  # as resume reads
+            could = "was the finished model" if finished else "--restart deletes it"
             logger.warning("starting afresh: deleting the earlier training's checkpoints "
                            "in %s (the latest, %s, %s)", ckpt, latest.name, could)
         shutil.rmtree(ckpt)
