@@ -762,7 +762,7 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             _end_abandoned_run(earlier, name)
         if (latest := latest_checkpoint(ckpt)) is not None:
             finished = bool(earlier) and earlier.get("concluded", True)  # as resume reads
-            could = "was the finished model" if finished else "--restart deletes it"
+            could = "was the finished model" if finished else "had stopped before its end"
             logger.warning("starting afresh: deleting the earlier training's checkpoints "
                            "in %s (the latest, %s, %s)", ckpt, latest.name, could)
         shutil.rmtree(ckpt)
