@@ -483,6 +483,15 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
     Raises:
         ImageDecodeError: The file cannot be read or decoded; ``reason`` says why.
     """
+    return decode_image(source, mode, size, resize)[0]
+
+
+def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int,
+                 resize: Resize = "stretch") -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image`, and the decoded image's upright ``(width, height)`` (after its
+    EXIF orientation, before it is made square): the shape a heatmap is put back into.
+    The shape comes from the decoded pixels, so it holds where a header does not tell it
+    (a PNG's EXIF block after the image data)."""
     _check_mode_size(mode, size)
     if isinstance(source, bytes | bytearray | memoryview):
         name, data = "<bytes>", bytes(source)
@@ -499,7 +508,7 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
                 if pixels > MAX_IMAGE_PIXELS:
                     raise ImageDecodeError(name, _too_large(pixels))
                 img.load()  # decode everything now, so truncated files fail here
-                return image_to_array(img, mode, size, resize)
+                return _to_input(img, mode, size, resize)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -555,6 +564,12 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int,
     Returns:
         uint8 array of shape ``(C, size, size)``.
     """
+    return _to_input(img, mode, size, resize)[0]
+
+
+def _to_input(img: Image.Image, mode: ImageMode, size: int, resize: Resize
+              ) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`image_to_array`, and the upright ``(width, height)`` it squared."""
     _check_mode_size(mode, size)
     try:
         img = ImageOps.exif_transpose(img)
@@ -576,10 +591,12 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int,
         img = img.convert("RGB")
     if img.mode != mode:
         img = img.convert(mode)
+    upright = img.size
     if img.size != (size, size):
         img = _to_square(img, size, resize)
     array = np.array(img, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+    return (array[None] if array.ndim == 2
+            else np.ascontiguousarray(array.transpose(2, 0, 1))), upright
 
 
 def content_box(width: int, height: int, size: int, resize: Resize
@@ -597,12 +614,6 @@ def content_box(width: int, height: int, size: int, resize: Resize
         fitted = (max(1, round(width / height * size)), size)
     left, top = round((size - fitted[0]) / 2), round((size - fitted[1]) / 2)
     return left, top, left + fitted[0], top + fitted[1]
-
-
-def source_shape(path: str | Path) -> tuple[int, int] | None:
-    """The upright ``(width, height)`` of the image file at ``path`` from its header (EXIF
-    orientation applied), or None where :func:`_with_header` passes the file over."""
-    return _with_header(Path(path), _upright_size)
 
 
 def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
@@ -993,6 +1004,7 @@ class ImageItem(NamedTuple):
     ok: bool
     error: str  # one-line reason when ok is False, else ""
     index: int  # position in the dataset
+    shape: tuple[int, int]  # the decoded file's upright (width, height); (0, 0) when not ok
 
 
 @dataclass(frozen=True)
@@ -1010,15 +1022,17 @@ def load_item(source: str | Path | bytes | InvalidSource | None, mode: ImageMode
     :class:`InvalidSource` included, gives a blank image with ``ok=False`` and the
     one-line reason."""
     if source is None or (isinstance(source, float) and math.isnan(source)):
-        array, error = None, "no image given (empty value)"
+        error = "no image given (empty value)"
     elif isinstance(source, InvalidSource):
-        array, error = None, source.reason
+        error = source.reason
     else:
-        array, error = try_load_image(source, mode, size, resize)
-    if array is None:
-        blank = torch.zeros(_CHANNELS[mode], size, size, dtype=torch.uint8)
-        return ImageItem(blank, False, error or "unknown error", index)
-    return ImageItem(torch.from_numpy(array), True, "", index)
+        try:
+            array, shape = decode_image(source, mode, size, resize)
+            return ImageItem(torch.from_numpy(array), True, "", index, shape)
+        except ImageDecodeError as exc:
+            error = exc.reason
+    blank = torch.zeros(_CHANNELS[mode], size, size, dtype=torch.uint8)
+    return ImageItem(blank, False, error or "unknown error", index, (0, 0))
 
 
 class ImageFolderDataset(Dataset[ImageItem]):
@@ -1073,7 +1087,8 @@ class ArrayDataset(Dataset[ImageItem]):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> ImageItem:
-        return ImageItem(self.images[index], True, "", index)
+        image = self.images[index]
+        return ImageItem(image, True, "", index, (image.shape[-1], image.shape[-2]))
 
 
 def _check_image_array(images: np.ndarray) -> None:

@@ -488,8 +488,7 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
                        " and ".join(other_kinds), maps, maps)
     vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
     writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
-                           sources=[sources[i] for i in todo],
-                           originals=[paths[i] for i in todo], resize=config.resize)
+                           sources=[sources[i] for i in todo], resize=config.resize)
     removed = writer.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",

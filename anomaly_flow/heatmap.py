@@ -54,7 +54,6 @@ from anomaly_flow.data import (
     is_regular_file,
     make_folders,
     one_line,
-    source_shape,
     walk_tree,
 )
 from anomaly_flow.stopping import remove_leftovers
@@ -269,10 +268,10 @@ class HeatmapWriter:
             (its per-pixel terms, :meth:`anomaly_flow.glow.Glow.typicality_map`; ``vmin``
             and ``vmax`` are then in normal standard deviations). Names the PNG's text
             chunk that records the map's mean.
-        originals: For each dataset index, the scored file, whose shape (read from its
-            header on the writer's thread) each heatmap takes (:func:`in_source_shape`);
-            None, or a file that cannot be read, keeps the model's square view.
-        resize: How the model made its square view of each file (``model.resize``).
+        resize: How the model made its square view of each file (``model.resize``); each
+            heatmap takes its file's shape (:func:`in_source_shape`), as the scoring
+            loop passes it from decoding, except under ``crop`` and where the sink is
+            given no shapes (the model's square view is kept).
     """
 
     def __init__(
@@ -286,7 +285,6 @@ class HeatmapWriter:
         threads: int = 2,
         quantity: str = "bpd",
         sources: Sequence[str] | None = None,
-        originals: Sequence[Path] | None = None,
         resize: Resize = "stretch",
     ) -> None:
         if quantity not in UNITS:
@@ -296,7 +294,6 @@ class HeatmapWriter:
         self.quantity = quantity
         self.names = list(names)
         self.sources = None if sources is None else list(sources)
-        self.originals = None if originals is None else list(originals)
         self.resize = resize
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
@@ -309,26 +306,29 @@ class HeatmapWriter:
         self._futures: list[Future[None]] = []
 
     def __call__(self, indices: Sequence[int], images: torch.Tensor,
-                 maps: torch.Tensor) -> None:
-        """Queue heatmaps for a batch: uint8 ``(B, C, H, W)`` images, ``(B, H, W)`` maps."""
+                 maps: torch.Tensor, shapes: np.ndarray | None = None) -> None:
+        """Queue heatmaps for a batch: uint8 ``(B, C, H, W)`` images, ``(B, H, W)`` maps,
+        the files' upright ``(width, height)`` as ``(B, 2)`` (None: keep the square)."""
         if not len(indices):
             return
         self._slots.acquire()  # back-pressure: wait while the threads are behind
+        kept = [None] * len(indices) if shapes is None else [
+            (int(w), int(h)) for w, h in np.asarray(shapes).reshape(-1, 2)]
         future = self._pool.submit(self._write_batch, list(indices), images.numpy(),
-                                   maps.float().numpy())
+                                   maps.float().numpy(), kept)
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
 
-    def _write_batch(self, indices: list[int], images: np.ndarray, maps: np.ndarray) -> None:
-        for index, image, pixel_map in zip(indices, images, maps, strict=True):
+    def _write_batch(self, indices: list[int], images: np.ndarray, maps: np.ndarray,
+                     shapes: list[tuple[int, int] | None]) -> None:
+        for index, image, pixel_map, shape in zip(indices, images, maps, shapes,
+                                                  strict=True):
             path = self.folder / self.names[index]
             try:
                 rgb = render_heatmap(image, pixel_map, vmin=self.vmin, vmax=self.vmax,
                                      table=self.table)
                 info = PngImagePlugin.PngInfo()
-                shape = (None if self.originals is None or self.resize == "crop"
-                         else source_shape(self.originals[index]))
-                if shape is not None:
+                if shape is not None and self.resize != "crop":
                     rgb = in_source_shape(rgb, image.shape[-1], shape, self.resize)
                     info.add_text(VIEW_KEY, f"{image.shape[-1]}x{image.shape[-1]} model view "
                                   f"({self.resize}) of a {shape[0]}x{shape[1]} file, in its "

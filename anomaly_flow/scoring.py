@@ -262,6 +262,7 @@ class ScoreItem(NamedTuple):
     ok: bool
     error: str
     index: int
+    shape: tuple[int, int]  # the decoded file's upright (width, height); (0, 0) when not ok
     png_bpd: float  # NaN when ok is False
     coarse_png_bpd: float  # NaN when ok is False
 
@@ -274,6 +275,7 @@ class ScoreBatch(NamedTuple):
     ok: np.ndarray  # bool (B,)
     errors: list[str]
     index: np.ndarray  # int64 (B,)
+    shapes: np.ndarray  # int64 (B, 2): each file's upright (width, height)
     png_bpd: np.ndarray  # float64 (B,)
     coarse_png_bpd: np.ndarray  # float64 (B,)
 
@@ -333,6 +335,7 @@ class ScoringDataset(Dataset[ScoreItem]):
             errors=[item.error for item in items],
             index=np.fromiter((item.index for item in items), dtype=np.int64,
                               count=len(items)),
+            shapes=np.array([item.shape for item in items], dtype=np.int64).reshape(-1, 2),
             png_bpd=np.fromiter((item.png_bpd for item in items), dtype=np.float64,
                                 count=len(items)),
             coarse_png_bpd=np.fromiter((item.coarse_png_bpd for item in items),
@@ -515,8 +518,9 @@ def _launch(model: Glow, images: torch.Tensor, maps: HeatmapKind | None,
     return stats, parts.pixel_bpd.float()
 
 
-HeatmapSink = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
-"""Receives (dataset indices, uint8 images (B, C, H, W), per-pixel maps (B, H, W))."""
+HeatmapSink = Callable[[Sequence[int], torch.Tensor, torch.Tensor, np.ndarray], None]
+"""Receives (dataset indices, uint8 images (B, C, H, W), per-pixel maps (B, H, W), each
+file's upright (width, height) as decoded, int64 (B, 2))."""
 
 
 class _Pending(NamedTuple):
@@ -610,7 +614,7 @@ def score_dataset(
             batch = pending.batch
             scored = batch.ok & (frame["error"].to_numpy() == "")
             heatmaps(batch.index[scored].tolist(), batch.images[torch.from_numpy(scored)],
-                     pending.maps[torch.from_numpy(scored)])
+                     pending.maps[torch.from_numpy(scored)], batch.shapes[scored])
         frames.append(frame)
         if on_batch is not None:
             on_batch(frame)

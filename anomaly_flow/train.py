@@ -339,8 +339,9 @@ class _FailedFiles:
                                reason)
 
     def record(self, batch: Any) -> torch.Tensor:
-        """Note the undecodable items of a collated batch; return its ``ok`` mask."""
-        _, ok, errors, index = batch
+        """Note the undecodable items of a collated batch (:func:`_collate_share`'s, or
+        default-collated :class:`ImageItem` fields); return its ``ok`` mask."""
+        ok, errors, index = batch[1], batch[2], batch[3]
         ok = torch.as_tensor(ok)  # the training loop's mask is a CPU tensor
         if not bool(ok.all()):
             for i in torch.nonzero(~ok).flatten().tolist():

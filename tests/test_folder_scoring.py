@@ -11,12 +11,15 @@ The numbers in the table are :mod:`anomaly_flow.scoring`'s, tested in
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from anomaly_flow import score_table, scoring
 from anomaly_flow.calibration import calibrate
-from anomaly_flow.data import DataError, load_image, source_shape, write_image_folder
+from anomaly_flow.data import DataError, load_image, write_image_folder
 from anomaly_flow.folder_scoring import score_folder, score_folder_table
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.heatmap import colormap_table, in_source_shape, render_heatmap
@@ -740,6 +743,13 @@ def test_a_table_resumes_only_in_the_precision_that_scored_it(
 # --------------------------------------------------------------------------- heatmaps
 
 
+def upright(path: Path) -> tuple[int, int]:
+    """The file's ``(width, height)`` after its EXIF orientation, as PIL decodes it."""
+    with Image.open(path) as img:
+        img.load()
+        return ImageOps.exif_transpose(img).size
+
+
 def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: pd.DataFrame,
                                          tmp_path: Path) -> None:
     heat = tmp_path / "heat"
@@ -750,7 +760,7 @@ def test_heatmaps_for_every_scored_image(model: Glow, messy: Path, full_table: p
     assert len(list(heat.rglob("*.png"))) == N_GOOD
     bpd = dict(zip(relative(full_table, messy), full_table["bpd"], strict=True))
     for name, heatmap in heatmap_of.items():
-        width, height = source_shape(messy / name) or (1, 1)
+        width, height = upright(messy / name)
         # 16 px, upsampled × 16 to 256, in the file's shape (its longer side 256)
         shape = ((256, round(256 * height / width)) if width >= height
                  else (round(256 * width / height), 256))
@@ -795,7 +805,7 @@ def test_heatmaps_of_a_reference_calibration_show_the_typicality_terms(
         terms = ((pixel_bpd[0] - model.reference_mean) / (model.reference_std + 0.1)).abs()
         expected = in_source_shape(render_heatmap(image, terms.numpy(), vmin=0.0, vmax=5.0,
                                                   table=colormap_table("inferno")),
-                                   TINY.image_size, source_shape(messy / name) or (1, 1),
+                                   TINY.image_size, upright(messy / name),
                                    "stretch")
         assert drawn.shape == expected.shape
         differ = np.abs(drawn.astype(int) - expected).max(axis=-1)
@@ -1147,6 +1157,44 @@ def test_heatmaps_take_the_shape_of_their_file(tmp_path: Path, resize: str,
         whole = render_heatmap(square[None], breakdown.pixel_bpd[0].numpy(), vmin=0.0,
                                vmax=float(TINY.n_bits))
         np.testing.assert_array_equal(pixels, whole[64:192])
+
+
+def png_with_late_exif(path: Path, pixels: np.ndarray, orientation: int) -> None:
+    """A PNG whose eXIf chunk (with this EXIF orientation) comes after the image data, as
+    the PNG specification allows: Pillow finds it only when it decodes the pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    body = b"eXIf" + exif.tobytes()
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    end = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:end] + chunk + data[end:])
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_a_heatmap_takes_the_shape_of_its_decoded_file(tmp_path: Path, resize: str) -> None:
+    """A 32×16 PNG whose EXIF orientation (a quarter turn) sits after its pixel data is
+    scored upright, 16×32, so its heatmap is 128×256: the shape comes from decoding, not
+    from the file's header, which does not tell the turn."""
+    folder = tmp_path / "turned"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(64, 256, (16, 32), dtype=np.uint8)
+    png_with_late_exif(folder / "t.png", pixels, orientation=6)
+    with Image.open(folder / "t.png") as img:
+        assert img.size == (32, 16) and "exif" not in img.info  # the header says 32×16
+    assert upright(folder / "t.png") == (16, 32)
+    torch.manual_seed(0)
+    model = Glow(dataclasses.replace(TINY, resize=resize))
+    square = load_image(folder / "t.png", "L", 16, resize)
+    model.initialize(preprocess(torch.from_numpy(square)[None].repeat(4, 1, 1, 1),
+                                TINY.n_bits))
+    model.eval()
+    score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=tmp_path / "heat")
+    with Image.open(tmp_path / "heat" / "t.png") as drawn:
+        assert drawn.size == (128, 256)
+        assert "of a 16x32 file" in drawn.info["anomaly-flow:view"]
 
 
 def test_scoring_a_folder_in_memory_warns_of_what_the_conversion_drops(

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from anomaly_flow import score_table, scoring
 from anomaly_flow.calibration import Calibration, benjamini_hochberg, calibrate
@@ -667,11 +667,11 @@ def test_default_score_and_a_calibration_the_model_cannot_serve(
 def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     """The maps scoring hands to the heatmap writer are each image's per-pixel bits/dim
     (the breakdown of its decoded pixels), and average to the row's bpd."""
-    received: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    received: list[tuple[list[int], torch.Tensor, torch.Tensor, np.ndarray]] = []
     paths = find_images(messy)
     dataset = ScoringDataset(paths, TINY)
     table = score_dataset(model, dataset, batch_size=5,
-                          heatmaps=lambda i, x, m: received.append((list(i), x, m)))
+                          heatmaps=lambda i, x, m, s: received.append((list(i), x, m, s)))
     indices = [i for batch in received for i in batch[0]]
     assert indices == [i for i in range(len(paths)) if table.loc[i, "error"] == ""]
     maps = torch.cat([batch[2] for batch in received]).double()
@@ -684,6 +684,13 @@ def test_pixel_maps_average_to_bpd(model: Glow, messy: Path) -> None:
     decoded = torch.stack([torch.from_numpy(load_image(paths[i], TINY.mode, TINY.image_size))
                            for i in indices])
     assert torch.equal(images, decoded)
+    # with each file's decoded (width, height), the shape its heatmap takes
+    shapes = np.concatenate([batch[3] for batch in received])
+    assert shapes.dtype == np.int64 and shapes.shape == (N_GOOD, 2)
+    for i, shape in zip(indices, shapes.tolist(), strict=True):
+        with Image.open(paths[i]) as img:
+            img.load()
+            assert tuple(shape) == ImageOps.exif_transpose(img).size
     with torch.no_grad():
         expected = model.breakdown(preprocess(decoded, TINY.n_bits)).pixel_bpd.double()
     assert float((expected - expected.mean(dim=(1, 2), keepdim=True)).abs().max()) > 0.1
