@@ -86,8 +86,8 @@ def assert_one_line_error(result: Result, *expected: str) -> None:
 
 
 def run_id_from(result: Result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("run: ")]
-    assert lines, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("run: ")]
+    assert lines, result.stdout
     return lines[-1].removeprefix("run: ").split(";")[0]
 
 
@@ -115,7 +115,7 @@ def test_calibrate_promote_then_score_with_champion(
     previous = aliases.get("champion")
     assert f"run: {run_id_from(result)}; alias 'champion' " + (
         f"set to version {new_version} (it pointed at none)" if previous is None else
-        f"moved from version {previous} to {new_version}") in result.stderr
+        f"moved from version {previous} to {new_version}") in result.stdout
     assert client.get_model_version(NAME, new_version).tags.get("previous_champion") == (
         None if previous is None else str(previous))
     # The broken file is reported, with its reason, and left out.

@@ -70,6 +70,16 @@ def test_help_shows_an_example() -> None:
         assert option in result.output
 
 
+@pytest.mark.parametrize("module", ["anomaly_flow", "anomaly_flow.cli"])
+def test_python_dash_m_runs_the_command_line(module: str, tmp_path: Path) -> None:
+    """``python -m anomaly_flow`` and ``python -m anomaly_flow.cli`` are the command too
+    (where the console script is not on PATH)."""
+    done = subprocess.run([sys.executable, "-m", module, "train", "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "anomaly-flow train images/good --name bottle-caps" in done.stdout
+
+
 def test_the_version_is_the_installed_distributions() -> None:
     """``anomaly_flow.__version__``, ``anomaly-flow --version`` and the runs' tag read the
     same number: the installed distribution's."""

@@ -811,11 +811,11 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
         for name in ("bpd", "complexity", "level_1", "score", "p_value"):
             assert answer[name].dtype == np.float64, name
     for columnless, empty_too in ((pd.DataFrame(index=[0, 1]), ""),  # what MLflow leaves
-                                  (pd.DataFrame(), ", so an empty request reads the same")):
-        with pytest.raises(PredictError, match=r"the input has no column the model takes "
-                                               r"\(through MLflow, columns its signature does "
-                                               r"not name, such as 'Path', are dropped before "
-                                               r"the model sees them, rows and all"
+                                  (pd.DataFrame(), "; an empty request reads the same")):
+        with pytest.raises(PredictError, match=r"the input has no 'path' or 'image' column "
+                                               r"\(MLflow drops every column the model's "
+                                               r"signature does not name, a misspelt one too, "
+                                               r"before the model sees the input"
                                                + re.escape(empty_too) + r"\), but the model "
                                                r"needs a 'path'") as info:
             wrapper.predict(None, columnless)  # type: ignore[arg-type]
@@ -1452,9 +1452,9 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         "no image given (empty value)"]
     for status, message in (empty, misnamed):
         assert status == 400
-        assert "the input has no column the model takes" in message
+        assert "the input has no 'path' or 'image' column" in message
         assert "but the model needs a 'path' (string) or an 'image' (bytes) column" in message
-    assert "so an empty request reads the same" in empty[1]
+    assert "an empty request reads the same" in empty[1]
     assert bad_param[0] == 400
     assert "the batch_size param must be a positive number of images, not 0" in bad_param[1]
     assert alone == expected["bpd"].tolist()[:3]

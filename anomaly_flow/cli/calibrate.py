@@ -138,8 +138,7 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         )
     for line in calibration_summary(outcome):
         click.echo(line)
-    click.echo(f"run: {outcome.run_id}" + (f"; {outcome.promotion}" if outcome.promoted else ""),
-               err=True)
+    click.echo(f"run: {outcome.run_id}" + (f"; {outcome.promotion}" if outcome.promoted else ""))
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -190,4 +189,4 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
                    f"FPR {metrics['calibrated_fpr']:.4g}, "
                    f"recall {metrics['calibrated_recall']:.4g}, "
                    f"precision {metrics['calibrated_precision']:.4g}")
-    click.echo(f"run: {outcome.run_id}", err=True)
+    click.echo(f"run: {outcome.run_id}")

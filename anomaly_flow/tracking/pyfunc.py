@@ -146,9 +146,9 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | Non
         if len(frame.columns):
             named = f"has columns {list(frame.columns)}"
         else:
-            named = ("has no column the model takes (through MLflow, columns its signature "
-                     "does not name, such as 'Path', are dropped before the model sees them, "
-                     "rows and all" + (", so an empty request reads the same" if not n else "")
+            named = ("has no 'path' or 'image' column (MLflow drops every column the "
+                     "model's signature does not name, a misspelt one too, before the model "
+                     "sees the input" + ("; an empty request reads the same" if not n else "")
                      + ")")
         raise PredictError(f"the input {named}, but the model needs a 'path' (string) or "
                            "an 'image' (bytes) column; pass one of them, with one row per "
