@@ -1588,6 +1588,51 @@ def test_commands_started_at_once_on_a_new_store_all_open_it(tmp_path: Path) -> 
         assert proc.returncode == 0, err
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL])
+def test_a_command_stopped_while_it_builds_a_new_store_leaves_none(tmp_path: Path,
+                                                                  stop: int) -> None:
+    """MLflow's migrations take a second on a new database; a command stopped then (Ctrl-C
+    a second into the first ``train``) left a half-built mlflow.db that every later command
+    refused ("table _alembic_tmp_... already exists"). The schema is built under a hidden
+    name and takes the database's name whole: the stop leaves no database, and the next
+    command builds one (and removes what a killed build left)."""
+    folder = tmp_path / "mlruns"
+    code = (f"from anomaly_flow import tracking; tracking.configure({str(folder)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(".mlflow.db.building-*")):  # the migrations are running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        time.sleep(0.002)
+    proc.send_signal(stop)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not (folder / "mlflow.db").exists()
+    assert len(list(folder.glob(".mlflow.db.building-*"))) == (stop == signal.SIGKILL)
+    tracking.configure(folder)  # the next command: a whole store
+    assert not list(folder.glob(".mlflow.db.building-*"))
+    assert [e.name for e in mlflow.MlflowClient().search_experiments()] == ["Default"]
+
+
+def test_a_half_built_database_says_to_delete_it(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One that an older version (or MLflow itself) left half-built when stopped: the
+    error says so, not "check that the folder is writable"."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "mlruns"
+    (folder / "artifacts").mkdir(parents=True)
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as db:
+        db.execute("CREATE TABLE _alembic_tmp_latest_metrics (key TEXT)")  # as they leave it
+        db.commit()
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.configure(folder)
+    assert str(info.value).endswith(
+        f"{folder / 'mlflow.db'} was left half-built by a command stopped while it made the "
+        "database, so it holds no runs yet; delete it and run the command again")
+
+
 def test_a_new_store_in_a_path_with_both_quote_kinds_is_refused_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -227,6 +227,9 @@ def configure(mlruns: str | Path | None = None) -> str:
         first = first_line(exc)
         if isinstance(exc, ModuleNotFoundError) or "No module named" in first:
             hint = "install the database driver it names (pip install it), or use another store"
+        elif sqlite_db is not None and "_alembic_tmp_" in first:
+            hint = (f"{sqlite_db} was left half-built by a command stopped while it made the "
+                    "database, so it holds no runs yet; delete it and run the command again")
         elif sqlite_db is not None and _DAMAGED_DATABASE.search(first):
             hint = (f"{sqlite_db} is damaged or not an MLflow database; restore it from a "
                     "backup, or " + ("point MLFLOW_TRACKING_URI at another database"
@@ -248,7 +251,9 @@ def configure(mlruns: str | Path | None = None) -> str:
 
 _DAMAGED_DATABASE = re.compile(r"file is not a database|database disk image is malformed")
 """sqlite's words for a file that is not (or no longer) a database: neither the folder's
-permissions nor the server is at fault, as the other hints would say."""
+permissions nor the server is at fault, as the other hints would say. (A database
+MLflow's migrations left half-built, by an older anomaly-flow or MLflow itself stopped
+while making it, names an ``_alembic_tmp_`` table.)"""
 
 
 def _open_store(uri: str, sqlite_db: Path | None, artifact_root: Path | None) -> None:
@@ -257,11 +262,37 @@ def _open_store(uri: str, sqlite_db: Path | None, artifact_root: Path | None) ->
     if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db):
         # a new database: built here so that even MLflow's "Default" experiment keeps
         # its artifacts under the store's artifacts folder, not in ./mlruns
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        SqlAlchemyStore(uri, str(artifact_root))
+        _build_database(sqlite_db, artifact_root)
     with _first_contact():
         mlflow.MlflowClient().search_experiments(max_results=1)
+
+
+_BUILDING = ".building-"
+"""Infix of the name a new database is built under (:func:`_build_database`)."""
+
+
+def _build_database(db: Path, artifact_root: Path) -> None:
+    """Make MLflow's sqlite database ``db`` whole or not at all: its schema is built (by
+    MLflow's migrations, a second or so) in a hidden file beside it, which then takes its
+    name. A command stopped during the migrations (Ctrl-C a second into the first
+    ``train`` or ``demo``) left a half-built ``mlflow.db`` that every later command
+    refused ("table _alembic_tmp_... already exists"). Called under
+    :func:`_creation_lock`; a file a killed build left is removed here."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for stale in db.parent.glob(f".{db.name}{_BUILDING}*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    building = db.with_name(f".{db.name}{_BUILDING}{os.getpid()}")
+    building_uri = f"sqlite:///{building}"
+    try:
+        store = SqlAlchemyStore(building_uri, str(artifact_root))
+        store.engine.dispose()  # its connections closed before the file moves
+        SqlAlchemyStore._engine_map.pop(building_uri, None)
+        os.replace(building, db)
+    finally:
+        with contextlib.suppress(OSError):
+            building.unlink(missing_ok=True)
 
 
 @contextmanager
