@@ -72,6 +72,7 @@ from anomaly_flow.score_table import (
     ScoringError,
     check_writable,
     output_format,
+    output_lock,
     read_table,
     temporary_names,
     write_or_keep,
@@ -239,6 +240,21 @@ def score_folder(
     check_precision(precision)
     check_batch_size(batch_size)
     check_initialized(model)
+    with output_lock(out):
+        return _score_folder(model, calibration, folder, out, batch_size=batch_size,
+                             num_workers=num_workers, heatmaps=heatmaps, resume=resume,
+                             fdr=fdr, progress=progress, flush_every_s=flush_every_s,
+                             precision=precision, compile=compile,
+                             heatmap_kind=heatmap_kind, started_ns=started_ns)
+
+
+def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLike[str],
+                  out: Path, *, batch_size: int, num_workers: int,
+                  heatmaps: str | os.PathLike[str] | None, resume: bool, fdr: float | None,
+                  progress: bool | None, flush_every_s: float, precision: Precision,
+                  compile: bool, heatmap_kind: HeatmapKind | Literal["auto"],
+                  started_ns: int) -> ScoreSummary:
+    """:func:`score_folder` once its arguments are checked, the output's lock held."""
     removed = remove_leftovers(out.parent, temporary_names(out))
     if removed:
         logger.info("removed %d unfinished copy(ies) of %s that a killed run left",
@@ -449,6 +465,8 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
         resumed_names,
     )
 
+    scored_folder = display_path(root)
+
     # named over every file, so a file scored now gets the name an uninterrupted run
     # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
     # earlier x.png)
@@ -457,8 +475,9 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
     every_name = heatmap_names(relative)
     kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
     held, kept_kinds = (({}, set()) if previous is None else _earlier_heatmaps(
-        Path(heatmaps), kept, relative, sources, every_name))
+        Path(heatmaps), kept, relative, sources, every_name, scored_folder))
     names = resumed_names(every_name, held, todo)
+    _check_heatmaps_own(Path(heatmaps), names, scored_folder)
     renamed = [i for i in kept if i in held and held[i] != every_name[i]]
     if renamed:
         logger.warning(
@@ -488,7 +507,8 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
                        " and ".join(other_kinds), maps, maps)
     vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
     writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
-                           sources=[sources[i] for i in todo], resize=config.resize)
+                           sources=[sources[i] for i in todo], scored_folder=scored_folder,
+                           resize=config.resize)
     removed = writer.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
@@ -496,17 +516,38 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
     return writer
 
 
-def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
-                      sources: Sequence[str], every_name: Sequence[Path]
-                      ) -> tuple[dict[int, Path], set[str]]:
-    """For a resumed run: by file index, the heatmap an earlier run drew of each file
-    under ``folder`` (relative to it), by the source each heatmap records. For a kept file
-    whose heatmap, from a version that recorded none, sits under the file's name now or
-    its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that.
-    Also what the kept files' recorded heatmaps draw (``bpd``, ``typicality``)."""
-    from anomaly_flow.heatmap import is_heatmap, recorded_heatmaps
+def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str) -> None:
+    """Refuse, before scoring, to draw over heatmaps that another scored folder's run drew
+    under ``folder`` (two folders whose files share relative names, such as ``0001.png``,
+    given one heatmap folder): the first folder's heatmaps were replaced without a word.
+    Only the ``names`` this run writes that exist are read."""
+    from anomaly_flow.heatmap import heatmap_folder
 
-    recorded = recorded_heatmaps(folder)
+    theirs = [(name, other) for name in names
+              if os.path.lexists(folder / name)
+              and (other := heatmap_folder(folder / name)) not in (None, scored_folder)]
+    if theirs:
+        name, other = theirs[0]
+        raise ScoringError(
+            f"the heatmap folder {display_path(folder)} holds heatmaps of another scored "
+            f"folder's files under {len(theirs)} of the names this run would draw (e.g. "
+            f"{one_line(display_path(name))}, of a file in {one_line(other)}); give each "
+            "scored folder its own heatmap folder (e.g. a subfolder named after it), or "
+            "delete those heatmaps")
+
+
+def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
+                      sources: Sequence[str], every_name: Sequence[Path],
+                      scored_folder: str) -> tuple[dict[int, Path], set[str]]:
+    """For a resumed run: by file index, the heatmap an earlier run drew of each file
+    under ``folder`` (relative to it), by the source (and the scored folder,
+    ``scored_folder``) each heatmap records. For a kept file whose heatmap, from a
+    version that recorded neither, sits under the file's name now or its plain name
+    (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that. Also what the
+    kept files' recorded heatmaps draw (``bpd``, ``typicality``)."""
+    from anomaly_flow.heatmap import heatmap_folder, is_heatmap, recorded_heatmaps
+
+    recorded = recorded_heatmaps(folder, scored_folder)
     held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
     kinds = {kind for i in kept if sources[i] in recorded
              and (kind := recorded[sources[i]][1]) is not None}
@@ -515,7 +556,8 @@ def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path
         if i in held:
             continue
         for name in (every_name[i], relative[i].with_suffix(".png")):
-            if name not in claimed and is_heatmap(folder / name):
+            if name not in claimed and is_heatmap(folder / name) \
+                    and heatmap_folder(folder / name) in (None, scored_folder):
                 held[i] = name
                 claimed.add(name)
                 break

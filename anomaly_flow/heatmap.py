@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,27 +184,49 @@ def _take_free(name: Path, taken: set[Path], folders: set[Path] | frozenset[Path
 SOURCE_KEY = "anomaly-flow:source"
 """The PNG text chunk holding the scored file's path relative to the scored folder."""
 
+FOLDER_KEY = "anomaly-flow:folder"
+"""The PNG text chunk holding the scored folder's absolute path: a heatmap folder may
+serve several scored folders, whose files' relative paths can be the same."""
 
-def recorded_heatmaps(folder: Path) -> dict[str, tuple[Path, str | None]]:
+
+def _png_text(path: Path) -> dict[str, Any]:
+    """The text chunks (and other header info) of the PNG at ``path``; empty for anything
+    else, or a file that cannot be read."""
+    if not is_regular_file(path):  # a pipe named .png would block the open
+        return {}
+    try:
+        with Image.open(path) as image:
+            return dict(image.info) if image.format == "PNG" else {}
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return {}
+
+
+def heatmap_folder(path: Path) -> str | None:
+    """The scored folder the heatmap at ``path`` records (:data:`FOLDER_KEY`), or None
+    (not a heatmap, or one from a version that recorded none)."""
+    folder = _png_text(path).get(FOLDER_KEY)
+    return folder if isinstance(folder, str) else None
+
+
+def recorded_heatmaps(folder: Path, scored_folder: str | None = None
+                      ) -> dict[str, tuple[Path, str | None]]:
     """For each source path recorded in a heatmap under ``folder`` (the :data:`SOURCE_KEY`
     chunk), the heatmap's path relative to ``folder`` (what a resumed run keeps) and what
     it draws (a key of :data:`UNITS`, from its ``anomaly-flow:<quantity>`` chunk; None
     when it records none). Reads only PNG headers. Heatmaps from versions that did not
-    record their source are not listed."""
+    record their source are not listed, nor, with ``scored_folder``, those recording
+    another scored folder (:data:`FOLDER_KEY`; one recording none may be any folder's)."""
     found: dict[str, tuple[Path, str | None]] = {}
     if not folder.is_dir():
         return found
     pngs = [Path(top, name) for top, _, names in walk_tree(os.fspath(folder), follow_links=False)
             for name in names if name.endswith(".png")]  # rglob recurses once a level
     for path in sorted(pngs):
-        if not is_regular_file(path):  # a pipe named .png would block the open
+        info = _png_text(path)
+        source, recorded = info.get(SOURCE_KEY), info.get(FOLDER_KEY)
+        if scored_folder is not None and isinstance(recorded, str) \
+                and recorded != scored_folder:
             continue
-        try:
-            with Image.open(path) as image:
-                info = dict(image.info) if image.format == "PNG" else {}
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-        source = info.get(SOURCE_KEY)
         if isinstance(source, str):
             quantity = next((q for q in UNITS if f"anomaly-flow:{q}" in info), None)
             found.setdefault(source, (path.relative_to(folder), quantity))
@@ -228,14 +251,7 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
 def is_heatmap(path: Path) -> bool:
     """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
     text chunk): the only kind of existing file a heatmap may replace."""
-    if not is_regular_file(path):  # a pipe named .png would block the open, and the run
-        return False
-    try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and any(
-                str(key).startswith("anomaly-flow:") for key in image.info)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
+    return any(str(key).startswith("anomaly-flow:") for key in _png_text(path))
 
 
 VIEW_KEY = "anomaly-flow:view"
@@ -260,6 +276,8 @@ class HeatmapWriter:
         sources: For each dataset index, the scored file's path relative to the scored
             folder, recorded in the PNG (:data:`SOURCE_KEY`) so a resumed run knows which
             heatmap is whose; None records none.
+        scored_folder: The scored folder's absolute path, recorded in each PNG
+            (:data:`FOLDER_KEY`); None records none.
         vmin: Bits/dim at the bottom of the fixed colour scale.
         vmax: Bits/dim at the top of the fixed colour scale.
         colormap: A matplotlib colormap name.
@@ -285,6 +303,7 @@ class HeatmapWriter:
         threads: int = 2,
         quantity: str = "bpd",
         sources: Sequence[str] | None = None,
+        scored_folder: str | None = None,
         resize: Resize = "stretch",
     ) -> None:
         if quantity not in UNITS:
@@ -294,6 +313,7 @@ class HeatmapWriter:
         self.quantity = quantity
         self.names = list(names)
         self.sources = None if sources is None else list(sources)
+        self.scored_folder = scored_folder
         self.resize = resize
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
@@ -339,6 +359,8 @@ class HeatmapWriter:
                               f"{self.vmax:g} {UNITS[self.quantity]} (fixed)")
                 if self.sources is not None:
                     info.add_text(SOURCE_KEY, self.sources[index])
+                if self.scored_folder is not None:
+                    info.add_text(FOLDER_KEY, self.scored_folder)
                 make_folders(path.parent)
                 if os.path.lexists(path) and not is_heatmap(path):
                     raise OSError(f"{display_path(path)} exists and is not a heatmap; "

@@ -22,9 +22,10 @@ import logging
 import os
 import re
 import secrets
+import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,61 @@ def temporary_names(out: Path) -> re.Pattern[str]:
     return re.compile(re.escape(f".{_temporary_stem(out)}.") + r"(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
 
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``.<out>.lock`` beside ``out`` while a run writes it: two scoring runs given
+    the same output each replaced the other's table, and the rows of one were lost while
+    both said they wrote them. The file goes when the run ends; where locks cannot be
+    taken (no ``fcntl``, a file system without locks) nothing is held.
+
+    Raises:
+        ScoringError: Another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = out.with_name(f".{_temporary_stem(out)}.lock")
+    while True:
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 (held until the run ends)
+        except OSError:  # check_writable has said what it can of the folder
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = " ".join(handle.read(200).split()) or "another process"
+            handle.close()
+            raise ScoringError(f"another scoring run ({holder}) is writing "
+                               f"{display_path(out)}; wait for it to end, or choose another "
+                               "output path") from None
+        except OSError:
+            handle.close()
+            yield
+            return
+        try:  # the file a run that just ended removed is no lock: take the new one
+            held = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+        except OSError:
+            held = False
+        if held:
+            break
+        handle.close()
+    with handle:
+        with contextlib.suppress(OSError):
+            handle.seek(0)
+            handle.truncate()
+            os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()  # still held: no other run can have taken it meanwhile
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_table(table: pd.DataFrame, out: Path) -> None:
     """Write ``table`` to ``out`` (CSV or Parquet by extension) atomically.
 
@@ -374,7 +430,7 @@ def read_table(out: Path, names: Sequence[str]) -> pd.DataFrame:
         raise ScoringError(
             f"the earlier output {name} is not a scores table (no path or bpd column; its "
             f"columns are {shown}{' ...' if len(table.columns) > 8 else ''}); choose "
-            "another output path, or run without --resume to replace it")
+            "another output path, or move that file away")
     missing = [c for c in raw if c not in table.columns]
     filled = missing if missing and set(missing) <= set(LATER_SCORES) else []
     for column in filled:  # the table was written before these scores existed

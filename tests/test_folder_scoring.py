@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -573,6 +574,28 @@ def test_resume_from_a_table_without_a_later_score_rescores_its_files(
     )
 
 
+def test_two_runs_cannot_write_one_output_at_once(model: Glow, messy: Path,
+                                                 tmp_path: Path) -> None:
+    """Two runs given the same output each replaced the other's table, and one's rows were
+    lost while both said they wrote them: the second is refused while the first holds the
+    output's lock, which goes with the run. A lock file a killed run left holds nothing."""
+    from anomaly_flow.score_table import output_lock
+
+    out = tmp_path / "scores.csv"
+    lock = tmp_path / ".scores.csv.lock"
+    with output_lock(out):  # another run, busy
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(ScoringError, match=rf"another scoring run \(pid {os.getpid()} on "
+                                               r".*\) is writing .*scores\.csv; wait for it "
+                                               r"to end, or choose another output path"):
+            score_folder(model, None, messy, out)
+        assert not out.exists()
+    assert not lock.exists()
+    lock.write_text("pid 1 on elsewhere")  # what a killed run leaves: a file, no lock
+    summary = score_folder(model, None, messy, out)
+    assert summary.n_files == len(MESSY) and not lock.exists()
+
+
 def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_table: pd.DataFrame,
                                                 tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.parquet"
@@ -587,8 +610,11 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     unrelated.write_text("name,price\nwidget,3\n")
     with pytest.raises(ScoringError, match=r"unrelated\.csv is not a scores table \(no path "
                                            r"or bpd column; its columns are \['name', "
-                                           r"'price'\]\); choose another output path"):
+                                           r"'price'\]\); choose another output path, "
+                                           r"or move that file away"):
         score_folder(model, None, messy, unrelated, resume=True)
+    with pytest.raises(ScoringError, match="is not a scores table"):  # not replaced either
+        score_folder(model, None, messy, unrelated)
     deeper = tmp_path / "deeper.csv"
     full_table.assign(level_3=1.0).to_csv(deeper, index=False)
     with pytest.raises(ScoringError,
@@ -1157,6 +1183,40 @@ def test_heatmaps_take_the_shape_of_their_file(tmp_path: Path, resize: str,
         whole = render_heatmap(square[None], breakdown.pixel_bpd[0].numpy(), vmin=0.0,
                                vmax=float(TINY.n_bits))
         np.testing.assert_array_equal(pixels, whole[64:192])
+
+
+def test_a_heatmap_folder_shared_by_two_scored_folders_keeps_each_ones_heatmaps(
+        model: Glow, tmp_path: Path) -> None:
+    """Two folders whose files share names (``x00000.png``) given one heatmap folder: the
+    second run replaced the first's heatmaps without a word (and a resumed run would have
+    kept them as its own). Each heatmap records its scored folder; the second run is
+    refused before scoring, the first folder's heatmaps untouched, and a run of the first
+    folder again draws over its own."""
+    from anomaly_flow.heatmap import FOLDER_KEY, recorded_heatmaps
+
+    rng = np.random.default_rng(0)
+    first, second = tmp_path / "line-a", tmp_path / "line-b"
+    for folder in (first, second):
+        write_image_folder(rng.integers(0, 256, (3, 1, 16, 16), dtype=np.uint8), folder, "x")
+    heat = tmp_path / "heat"
+    score_folder(model, None, first, tmp_path / "a.csv", heatmaps=heat)
+    drawn = {p.name: p.read_bytes() for p in heat.glob("*.png")}
+    assert len(drawn) == 3
+    with Image.open(heat / "x00000.png") as img:
+        assert img.text[FOLDER_KEY] == str(first)
+    with pytest.raises(ScoringError, match=r"the heatmap folder .*heat holds heatmaps of "
+                                           r"another scored folder's files under 3 of the "
+                                           r"names this run would draw \(e\.g\. x0000\d\.png, "
+                                           r"of a file in .*line-a\); give each scored folder "
+                                           r"its own heatmap folder"):
+        score_folder(model, None, second, tmp_path / "b.csv", heatmaps=heat)
+    assert not (tmp_path / "b.csv").exists()
+    assert {p.name: p.read_bytes() for p in heat.glob("*.png")} == drawn
+    assert set(recorded_heatmaps(heat, str(second))) == set()  # none is the second's
+    assert len(recorded_heatmaps(heat, str(first))) == 3
+    score_folder(model, None, second, tmp_path / "b.csv", heatmaps=heat / "line-b")
+    summary = score_folder(model, None, first, tmp_path / "a.csv", heatmaps=heat)
+    assert summary.n_heatmaps == 3
 
 
 def png_with_late_exif(path: Path, pixels: np.ndarray, orientation: int) -> None:
