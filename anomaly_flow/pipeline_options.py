@@ -211,7 +211,7 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
         # not imported for a --help or an option error, which must come at once: a run
         # can only have been ended by a stop once it is
         store = sys.modules.get("anomaly_flow.tracking.store")
-        mark = store.stop_mark() if store is not None else (0, 0)
+        mark = store.stop_mark() if store is not None else (0, 0, 0)
         try:
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)

@@ -52,6 +52,7 @@ from anomaly_flow.tracking.store import (
     ensure_configured,
     local_folder,
     missing_default_store,
+    note_promoted,
     note_registered,
     password_masked,
     quiet_mlflow,
@@ -353,6 +354,8 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
         version = register_model(model_uri, target, tags=tags)
         if promote:
             set_alias(target, CHAMPION, version)
+            note_promoted(f"moved alias {CHAMPION!r} of {target!r} to it"
+                          + ("" if previous is None else f" (from version {previous})"))
     if promote:
         logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, target, version,
                     "" if previous is None else f" (it pointed at version {previous})")

@@ -69,6 +69,7 @@ class _State:
     warned: set[tuple[str, str]] = field(default_factory=set)  # said once per process
     killed: list[str] = field(default_factory=list)  # runs a stop ended, oldest first
     registered: list[str] = field(default_factory=list)  # models:/NAME/N made, oldest first
+    promoted: list[str] = field(default_factory=list)  # what each promotion moved, said
 
 
 _state = _State()
@@ -835,23 +836,33 @@ def note_registered(uri: str) -> None:
     _state.registered.append(uri)
 
 
-def stop_mark() -> tuple[int, int]:
-    """Where this process stands in runs ended KILLED and versions registered: what
-    :func:`stop_advice` counts from."""
-    return len(_state.killed), len(_state.registered)
+def note_promoted(what: str) -> None:
+    """Record an alias this process moved (``alias 'champion' of NAME moved to version N
+    from M``), for :func:`stop_advice`: a stop after it leaves the alias moved."""
+    _state.promoted.append(what)
 
 
-def stop_advice(mark: tuple[int, int]) -> str:
+def stop_mark() -> tuple[int, int, int]:
+    """Where this process stands in runs ended KILLED, versions registered and aliases
+    moved: what :func:`stop_advice` counts from."""
+    return len(_state.killed), len(_state.registered), len(_state.promoted)
+
+
+def stop_advice(mark: tuple[int, int, int]) -> str:
     """For a stopped command's message: the runs a stop ended KILLED since ``mark`` (or
     that it came before any run started) and, where the command had already registered
-    a version, that the version is whole; then what to do."""
+    a version, that the version is whole, and which alias it moved to it; then what to
+    do."""
     ids, made = _state.killed[mark[0]:], _state.registered[mark[1]:]
+    moved = _state.promoted[mark[2]:]
     runs = ("before it started an MLflow run" if not ids
             else f"its MLflow run {ids[0]} ends KILLED" if len(ids) == 1
             else f"its MLflow runs {', '.join(ids)} end KILLED")
     if not made:
         return f"({runs}); run the same command again"
-    whole = "which is whole); use it" if len(made) == 1 else "which are whole); use them"
-    return (f"({runs}, after it registered {', '.join(made)}, {whole}, or run the same "
-            "command again for a new version")
+    whole = "which is whole" if len(made) == 1 else "which are whole"
+    also = "".join(f", and {what}" for what in moved)
+    use = "use it" if len(made) == 1 else "use them"
+    return (f"({runs}, after it registered {', '.join(made)}, {whole}{also}); {use}, or run "
+            "the same command again for a new version")
 
