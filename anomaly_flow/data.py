@@ -486,12 +486,22 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
     return decode_image(source, mode, size, resize)[0]
 
 
+class Decoded(NamedTuple):
+    """An image as :func:`decode_image` gives it."""
+
+    array: np.ndarray  # uint8 (C, size, size), as load_image returns it
+    shape: tuple[int, int]  # upright (width, height) of the decoded first frame
+    frames: int  # frames or pages the file holds; only the first is the image
+
+
 def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int,
-                 resize: Resize = "stretch") -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`load_image`, and the decoded image's upright ``(width, height)`` (after its
-    EXIF orientation, before it is made square): the shape a heatmap is put back into.
-    The shape comes from the decoded pixels, so it holds where a header does not tell it
-    (a PNG's EXIF block after the image data)."""
+                 resize: Resize = "stretch") -> Decoded:
+    """:func:`load_image`, with the decoded image's upright ``(width, height)`` (after its
+    EXIF orientation, before it is made square: the shape a heatmap is put back into; it
+    comes from the decoded pixels, so it holds where a header does not tell it, as for a
+    PNG's EXIF block after the image data) and how many frames the file holds (an
+    animated GIF, PNG or WebP, a multi-page TIFF: only the first is read, which scoring
+    says)."""
     _check_mode_size(mode, size)
     if isinstance(source, bytes | bytearray | memoryview):
         name, data = "<bytes>", bytes(source)
@@ -508,7 +518,8 @@ def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: 
                 if pixels > MAX_IMAGE_PIXELS:
                     raise ImageDecodeError(name, _too_large(pixels))
                 img.load()  # decode everything now, so truncated files fail here
-                return _to_input(img, mode, size, resize)
+                array, shape = _to_input(img, mode, size, resize)
+                return Decoded(array, shape, _frame_count(img))
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -555,6 +566,15 @@ def check_decodable(folder: str | Path, mode: ImageMode, size: int,
     raise DataError(
         f"none of the {len(paths)} image file(s) in {display_path(folder)} can be decoded "
         f"(e.g. {one_line(display_path(first[0]))}: {first[1]}); put readable images there")
+
+
+def _frame_count(img: Image.Image) -> int:
+    """The frames or pages of an opened image file: 1 unless its format says it is
+    animated or has pages (asked after the first frame is decoded: counting may seek)."""
+    try:
+        return int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+    except Exception:  # a damaged later frame: the first was read, which is what counts
+        return 2
 
 
 def image_to_array(img: Image.Image, mode: ImageMode, size: int,
@@ -696,7 +716,9 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     they are near black), 16-bit images most of which use only values below 4096 (8- or
     12-bit data stored in 16 bits: divided by 257, they are dark), aspect ratios that
     differ, where ``resize`` makes that visible to the model, images a ``crop`` keeps
-    less than half of, and, for scoring, images most of which come in a size unlike any
+    less than half of, for training, files with several frames (only the first is read;
+    scoring counts every such file itself), and, for scoring, images most of which come in
+    a size unlike any
     of ``trained_shapes`` (:func:`image_shapes` of the model's training folder; unknown
     when empty). Only regular files within the pixel limit are looked at; others are
     passed over (training and scoring report them)."""
@@ -726,6 +748,10 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
         if img.mode in _SIXTEEN_BIT_MODES and img.width * img.height <= 2**24:
             seen["wide"] += 1
             seen["narrow"] += img.getextrema()[1] < NARROW_SIXTEEN_BIT
+        # scoring counts them all, as it decodes them; a damaged later frame is not asked
+        # about again: decoding reads the first alone
+        with contextlib.suppress(Exception):
+            seen["layered"] += training and bool(getattr(img, "is_animated", False))
 
     _look_at(paths, sample, look)
     checked, grey, judged, coloured = (seen[k] for k in ("checked", "grey", "judged",
@@ -733,6 +759,11 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     floats, unit_floats, wide, narrow = (seen[k] for k in ("floats", "unit_floats", "wide",
                                                            "narrow"))
     notes = []
+    if seen["layered"]:
+        notes.append(f"{seen['layered']} of {checked} images looked at hold several frames or "
+                     "pages (an animated GIF, PNG or WebP, a multi-page TIFF), and only the "
+                     "first of each is read; to train on the others, save each frame as an "
+                     "image file of its own")
     if coloured:
         notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour, and "
                      "the model is grey (model.in_channels = 1): it sees them in grey and "
@@ -1005,6 +1036,7 @@ class ImageItem(NamedTuple):
     error: str  # one-line reason when ok is False, else ""
     index: int  # position in the dataset
     shape: tuple[int, int]  # the decoded file's upright (width, height); (0, 0) when not ok
+    frames: int  # frames or pages in the file (only the first is the image); 0 when not ok
 
 
 @dataclass(frozen=True)
@@ -1027,12 +1059,12 @@ def load_item(source: str | Path | bytes | InvalidSource | None, mode: ImageMode
         error = source.reason
     else:
         try:
-            array, shape = decode_image(source, mode, size, resize)
-            return ImageItem(torch.from_numpy(array), True, "", index, shape)
+            array, shape, frames = decode_image(source, mode, size, resize)
+            return ImageItem(torch.from_numpy(array), True, "", index, shape, frames)
         except ImageDecodeError as exc:
             error = exc.reason
     blank = torch.zeros(_CHANNELS[mode], size, size, dtype=torch.uint8)
-    return ImageItem(blank, False, error or "unknown error", index, (0, 0))
+    return ImageItem(blank, False, error or "unknown error", index, (0, 0), 0)
 
 
 class ImageFolderDataset(Dataset[ImageItem]):
@@ -1088,7 +1120,7 @@ class ArrayDataset(Dataset[ImageItem]):
 
     def __getitem__(self, index: int) -> ImageItem:
         image = self.images[index]
-        return ImageItem(image, True, "", index, (image.shape[-1], image.shape[-2]))
+        return ImageItem(image, True, "", index, (image.shape[-1], image.shape[-2]), 1)
 
 
 def _check_image_array(images: np.ndarray) -> None:

@@ -71,7 +71,13 @@ from anomaly_flow.complexity import (
     coarse_complexity,
 )
 from anomaly_flow.config import GlowConfig
-from anomaly_flow.data import InvalidSource, display_path, load_item, warnings_caught
+from anomaly_flow.data import (
+    InvalidSource,
+    display_path,
+    load_item,
+    one_line,
+    warnings_caught,
+)
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_name: re-exported)
     LIKELIHOOD_SCORES,
@@ -263,6 +269,7 @@ class ScoreItem(NamedTuple):
     error: str
     index: int
     shape: tuple[int, int]  # the decoded file's upright (width, height); (0, 0) when not ok
+    frames: int  # frames or pages in the file (only the first is scored); 0 when not ok
     png_bpd: float  # NaN when ok is False
     coarse_png_bpd: float  # NaN when ok is False
 
@@ -276,6 +283,7 @@ class ScoreBatch(NamedTuple):
     errors: list[str]
     index: np.ndarray  # int64 (B,)
     shapes: np.ndarray  # int64 (B, 2): each file's upright (width, height)
+    frames: np.ndarray  # int64 (B,): frames or pages in each file (only the first scored)
     png_bpd: np.ndarray  # float64 (B,)
     coarse_png_bpd: np.ndarray  # float64 (B,)
 
@@ -336,6 +344,8 @@ class ScoringDataset(Dataset[ScoreItem]):
             index=np.fromiter((item.index for item in items), dtype=np.int64,
                               count=len(items)),
             shapes=np.array([item.shape for item in items], dtype=np.int64).reshape(-1, 2),
+            frames=np.fromiter((item.frames for item in items), dtype=np.int64,
+                               count=len(items)),
             png_bpd=np.fromiter((item.png_bpd for item in items), dtype=np.float64,
                                 count=len(items)),
             coarse_png_bpd=np.fromiter((item.coarse_png_bpd for item in items),
@@ -605,16 +615,20 @@ def score_dataset(
     # one batch shape: the batch size, or the whole dataset when it is smaller
     forward = _Forward(model, min(batch_size, len(dataset))) if compile else None
     frames = []
+    layered: list[tuple[int, int]] = []  # (index, frames) of scored multi-frame files
 
     def finish(pending: _Pending) -> None:
         if pending.ready is not None:
             pending.ready.synchronize()
         frame = _batch_frame(pending, names, scale)
+        batch = pending.batch
+        scored = batch.ok & (frame["error"].to_numpy() == "")
         if heatmaps is not None and pending.maps is not None:
-            batch = pending.batch
-            scored = batch.ok & (frame["error"].to_numpy() == "")
             heatmaps(batch.index[scored].tolist(), batch.images[torch.from_numpy(scored)],
                      pending.maps[torch.from_numpy(scored)], batch.shapes[scored])
+        several = scored & (batch.frames > 1)
+        layered.extend(zip(batch.index[several].tolist(), batch.frames[several].tolist(),
+                           strict=True))
         frames.append(frame)
         if on_batch is not None:
             on_batch(frame)
@@ -648,10 +662,25 @@ def score_dataset(
         if (ran_out := out_of_memory(error, device)) is None:
             raise
         raise BatchOutOfMemory(ran_out, asked, len(dataset), device, compile) from None
+    if layered:
+        _warn_first_frames(layered, dataset.sources)
     if not frames:  # the columns' types all the same
         return pd.DataFrame({**{name: pd.Series(dtype=np.float64) for name in names},
                              "error": pd.Series(dtype=str)})
     return pd.concat(frames)
+
+
+def _warn_first_frames(layered: Sequence[tuple[int, int]], sources: Sequence[Any]) -> None:
+    """Say that files holding several frames or pages (``layered``: dataset index and
+    frame count) were each scored by their first only: the others have no row."""
+    index, count = min(layered)
+    source = sources[index]
+    example = (f"image {index} (given as bytes)" if isinstance(source, bytes | bytearray)
+               else one_line(display_path(source)))
+    logger.warning("%d scored file(s) hold several frames or pages (an animated GIF, PNG or "
+                   "WebP, a multi-page TIFF), and only the first of each was scored (e.g. "
+                   "%s, %d frames); to score the others, save each frame as an image file of "
+                   "its own", len(layered), example, count)
 
 
 def to_host_async(*tensors: torch.Tensor | None) -> tuple[list[torch.Tensor | None], Any]:

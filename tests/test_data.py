@@ -15,8 +15,9 @@ import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from anomaly_flow.data import (
     ImageDecodeError,
     ImageFolderDataset,
     conversion_notes,
+    decode_image,
     describe_shapes,
     find_images,
     image_shapes,
@@ -499,6 +501,32 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
     assert note.startswith("4 of 7 images looked at are larger than 32×32")
     assert note.endswith("(train --config FILE)")  # no shipped preset is larger than 32
     assert conversion_notes(sorted(small.iterdir()), "L", 32, resizing=False) == []
+
+
+def save_frames(path: Path, values: Sequence[int], **options: Any) -> None:
+    """An image file of 16×16 grey frames (or pages), one per value."""
+    frames = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in values]
+    frames[0].save(path, save_all=len(frames) > 1, append_images=frames[1:], **options)
+
+
+def test_a_file_of_several_frames_is_read_by_its_first_and_counted(tmp_path: Path) -> None:
+    """An animated GIF, PNG or WebP, or a multi-page TIFF: the first frame is the image,
+    and decoding counts the frames, so scoring can say what it did not read; training's
+    notes say it of the folder."""
+    for name in ("anim.gif", "anim.png", "anim.webp", "pages.tiff"):
+        save_frames(tmp_path / name, [10, 200, 90], lossless=True)
+        decoded = decode_image(tmp_path / name, "L", 8)
+        assert decoded.frames == 3 and decoded.shape == (16, 16), name
+        assert (decoded.array == 10).all(), name
+    for name in ("still.gif", "still.png", "still.tiff", "still.jpg"):
+        save_frames(tmp_path / name, [10])
+        assert decode_image(tmp_path / name, "L", 8).frames == 1, name
+    paths = sorted(tmp_path.iterdir())
+    assert conversion_notes(paths, "L", 16) == [
+        "4 of 8 images looked at hold several frames or pages (an animated GIF, PNG or "
+        "WebP, a multi-page TIFF), and only the first of each is read; to train on the "
+        "others, save each frame as an image file of its own"]
+    assert conversion_notes(paths, "L", 16, training=False) == []  # scoring counts them
 
 
 def test_conversion_notes_say_when_images_differ_in_aspect_ratio(tmp_path: Path) -> None:

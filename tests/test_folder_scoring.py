@@ -1219,6 +1219,28 @@ def test_a_heatmap_folder_shared_by_two_scored_folders_keeps_each_ones_heatmaps(
     assert summary.n_heatmaps == 3
 
 
+def test_files_of_several_frames_are_scored_by_their_first_and_said(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A multi-page TIFF or an animated GIF has one row, its first frame's: the frames
+    after it are not images the run read, and the run says how many files had them."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    pages = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (10, 200, 90)]
+    pages[0].save(folder / "a.tiff", save_all=True, append_images=pages[1:])
+    pages[0].save(folder / "b.gif", save_all=True, append_images=pages[1:2])
+    pages[0].save(folder / "c.png")
+    with caplog.at_level(logging.WARNING):
+        summary = score_folder(model, None, folder, tmp_path / "s.csv")
+    assert summary.n_scored == 3
+    table = read_csv(tmp_path / "s.csv")
+    np.testing.assert_array_equal(table["bpd"], table["bpd"].iloc[2])  # frame 1 each
+    said = [r.getMessage() for r in caplog.records if "several frames" in r.getMessage()]
+    assert said == [f"2 scored file(s) hold several frames or pages (an animated GIF, PNG "
+                    f"or WebP, a multi-page TIFF), and only the first of each was scored "
+                    f"(e.g. {folder / 'a.tiff'}, 3 frames); to score the others, save each "
+                    "frame as an image file of its own"]
+
+
 def png_with_late_exif(path: Path, pixels: np.ndarray, orientation: int) -> None:
     """A PNG whose eXIf chunk (with this EXIF orientation) comes after the image data, as
     the PNG specification allows: Pillow finds it only when it decodes the pixels."""
