@@ -596,6 +596,12 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         except Exception as exc:  # MLflow's stores raise many types for what is not there
             first = password_masked((str(exc).strip().splitlines()
                                      or [type(exc).__name__])[0], mlflow.get_tracking_uri())
+            if re.match(r"https?://", uri, re.IGNORECASE):  # MLflow's words are its parser's
+                raise ModelNotFoundError(
+                    f"cannot load a model from the web address {redacted(uri)} "
+                    f"({password_masked(first, uri)}): MLflow reads such an address only as "
+                    "a model folder on an MLflow artifact server; download the model folder "
+                    f"and give its local path, or {_URI_HELP}") from None
             raise ModelNotFoundError(
                 f"no model at {uri} in {redacted(mlflow.get_tracking_uri())} ({first}); "
                 f"{_URI_HELP}, and check --mlruns / MLFLOW_TRACKING_URI") from None
