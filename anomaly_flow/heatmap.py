@@ -378,14 +378,13 @@ class HeatmapWriter:
                         tmp.unlink(missing_ok=True)
             except (OSError, ValueError) as exc:
                 reason = f"{display_path(path)}: {exc}"
-                with self._lock:
+                with self._lock:  # logged in the order counted: the first is first_failure
                     self.n_failed += 1
-                    failed = self.n_failed
                     self.first_failure = self.first_failure or reason
-                if failed <= FAILURES_LOGGED:  # a full disk fails every one: not a flood
-                    logger.warning("cannot write heatmap %s%s", one_line(reason),
-                                   "; further failures are counted, not listed"
-                                   if failed == FAILURES_LOGGED else "")
+                    if self.n_failed <= FAILURES_LOGGED:  # a full disk fails every one
+                        logger.warning("cannot write heatmap %s%s", one_line(reason),
+                                       "; further failures are counted, not listed"
+                                       if self.n_failed == FAILURES_LOGGED else "")
             else:
                 with self._lock:
                     self.n_written += 1
