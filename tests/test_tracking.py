@@ -1638,6 +1638,33 @@ def test_a_half_built_database_says_to_delete_it(tmp_path: Path,
         "database, so it holds no runs yet; delete it and run the command again")
 
 
+def test_a_database_of_something_else_is_not_made_a_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLFLOW_TRACKING_URI (or --mlruns) at a sqlite file of another application: MLflow
+    added its twenty tables to it, even for a command that only reads. Refused, the file
+    left as it was."""
+    import sqlite3
+
+    other = tmp_path / "sales.db"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+        db.commit()
+    before = other.read_bytes()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.configure()
+    assert str(info.value) == (
+        f"cannot open the MLflow tracking store sqlite:///{other}: {other} is a database of "
+        "something else (its tables are invoices), not an MLflow store, and MLflow would add "
+        "its tables to it; point MLFLOW_TRACKING_URI at an MLflow database or a new file")
+    assert other.read_bytes() == before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(other, tmp_path / "mlruns" / "mlflow.db")
+    with pytest.raises(tracking.TrackingError, match=r"pass another --mlruns DIR$"):
+        tracking.configure(tmp_path / "mlruns")
+
+
 def test_a_new_store_in_a_path_with_both_quote_kinds_is_refused_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

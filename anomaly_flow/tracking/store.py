@@ -382,7 +382,34 @@ def _sqlite_place_problem(db: Path, env_given: bool) -> str | None:
     if not db.exists() and db.parent.is_dir() and not os.access(db.parent, os.W_OK | os.X_OK):
         return (f"the folder {db.parent} is not writable, so the database cannot be made "
                 "there; fix its permissions, or name a database in a writable folder")
+    if (others := _foreign_tables(db)) is not None:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        return (f"{db} is a database of something else (its tables are {shown}), not an "
+                "MLflow store, and MLflow would add its tables to it; "
+                + ("point MLFLOW_TRACKING_URI at an MLflow database or a new file"
+                   if env_given else "pass another --mlruns DIR"))
     return None  # a missing folder is made
+
+
+def _foreign_tables(db: Path) -> list[str] | None:
+    """The tables of the sqlite database ``db`` where it holds some and none of them is
+    MLflow's (``experiments``, ``alembic_version`` or a migration's ``_alembic_tmp_*``);
+    None for an MLflow database, an empty one, or a file sqlite cannot read (opening it
+    says what is wrong)."""
+    if not _has_database(db):
+        return None
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro",
+                                                uri=True)) as connection:
+            tables = sorted(row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"))
+    except sqlite3.Error:
+        return None
+    mlflow_own = any(name in ("experiments", "alembic_version")
+                     or name.startswith("_alembic_tmp_") for name in tables)
+    return tables if tables and not mlflow_own else None
 
 
 def _has_database(db: Path) -> bool:
