@@ -1635,7 +1635,45 @@ def test_a_half_built_database_says_to_delete_it(tmp_path: Path,
         tracking.configure(folder)
     assert str(info.value).endswith(
         f"{folder / 'mlflow.db'} was left half-built by a command stopped while it made the "
-        "database, so it holds no runs yet; delete it and run the command again")
+        "database, and it holds no runs; delete it and run the command again")
+
+
+def test_a_half_built_database_that_holds_runs_is_not_called_empty(tmp_path: Path) -> None:
+    """A newer MLflow upgrades an old store's tables in place; stopped half way, it leaves
+    an ``_alembic_tmp_`` table beside the runs: the advice is to back it up and finish
+    the upgrade, never to delete it."""
+    import sqlite3
+
+    from anomaly_flow.tracking.store import _half_built_hint
+
+    db = tmp_path / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        connection.execute("CREATE TABLE runs (run_uuid TEXT)")
+        connection.executemany("INSERT INTO runs VALUES (?)", [("a",), ("b",)])
+        connection.execute("CREATE TABLE _alembic_tmp_latest_metrics (key TEXT)")
+        connection.commit()
+    assert _half_built_hint(db, f"sqlite:///{db}") == (
+        f"{db} holds 2 runs, and an upgrade of its tables by a newer MLflow was stopped half "
+        "way; copy it somewhere safe, then drop the table(s) it left "
+        f"(_alembic_tmp_latest_metrics) with sqlite3 and run 'mlflow db upgrade sqlite:///{db}'")
+
+
+def test_a_store_built_where_another_command_built_one_meanwhile_keeps_that_one(
+        tmp_path: Path) -> None:
+    """Where no lock can be taken (a file system without locks), two commands can build
+    a new store at once: the second's database must not replace the first's, which may
+    already hold its runs."""
+    from anomaly_flow.tracking.store import _build_database
+
+    folder = tmp_path / "mlruns"
+    tracking.configure(folder)
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("kept")
+    before = (folder / "mlflow.db").stat().st_ino
+    _build_database(folder / "mlflow.db", folder / "artifacts", locked=False)
+    assert (folder / "mlflow.db").stat().st_ino == before
+    assert client.get_experiment(experiment).name == "kept"
+    assert not list(folder.glob(".mlflow.db.building-*"))
 
 
 def test_a_database_of_something_else_is_not_made_a_store(
@@ -1657,6 +1695,14 @@ def test_a_database_of_something_else_is_not_made_a_store(
         f"cannot open the MLflow tracking store sqlite:///{other}: {other} is a database of "
         "something else (its tables are invoices), not an MLflow store, and MLflow would add "
         "its tables to it; point MLFLOW_TRACKING_URI at an MLflow database or a new file")
+    assert other.read_bytes() == before
+    with contextlib.closing(sqlite3.connect(other)) as db:  # alembic is not only MLflow's
+        db.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        db.commit()
+    before = other.read_bytes()
+    with pytest.raises(tracking.TrackingError, match="its tables are alembic_version, "
+                                                     "invoices"):
+        tracking.configure()
     assert other.read_bytes() == before
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     (tmp_path / "mlruns").mkdir()

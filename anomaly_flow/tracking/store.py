@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import io
 import logging
 import os
@@ -222,15 +223,14 @@ def configure(mlruns: str | Path | None = None) -> str:
     if sqlite_db is not None and (problem := _sqlite_place_problem(sqlite_db, env_given)):
         raise TrackingError(f"cannot open the MLflow tracking store {uri}: {problem}")
     try:
-        with _creation_lock(sqlite_db):
-            _open_store(uri, sqlite_db, artifact_root)
+        with _creation_lock(sqlite_db) as locked:
+            _open_store(uri, sqlite_db, artifact_root, locked=locked)
     except Exception as exc:  # any failure here means the store is unusable
         first = first_line(exc)
         if isinstance(exc, ModuleNotFoundError) or "No module named" in first:
             hint = "install the database driver it names (pip install it), or use another store"
         elif sqlite_db is not None and "_alembic_tmp_" in first:
-            hint = (f"{sqlite_db} was left half-built by a command stopped while it made the "
-                    "database, so it holds no runs yet; delete it and run the command again")
+            hint = _half_built_hint(sqlite_db, uri)
         elif sqlite_db is not None and _DAMAGED_DATABASE.search(first):
             hint = (f"{sqlite_db} is damaged or not an MLflow database; restore it from a "
                     "backup, or " + ("point MLFLOW_TRACKING_URI at another database"
@@ -257,13 +257,14 @@ MLflow's migrations left half-built, by an older anomaly-flow or MLflow itself s
 while making it, names an ``_alembic_tmp_`` table.)"""
 
 
-def _open_store(uri: str, sqlite_db: Path | None, artifact_root: Path | None) -> None:
+def _open_store(uri: str, sqlite_db: Path | None, artifact_root: Path | None, *,
+                locked: bool = False) -> None:
     """Build a new sqlite database (where ``sqlite_db`` is missing or empty), then reach
     the store once."""
     if sqlite_db is not None and artifact_root is not None and not _has_database(sqlite_db):
         # a new database: built here so that even MLflow's "Default" experiment keeps
         # its artifacts under the store's artifacts folder, not in ./mlruns
-        _build_database(sqlite_db, artifact_root)
+        _build_database(sqlite_db, artifact_root, locked=locked)
     with _first_contact():
         mlflow.MlflowClient().search_experiments(max_results=1)
 
@@ -272,40 +273,80 @@ _BUILDING = ".building-"
 """Infix of the name a new database is built under (:func:`_build_database`)."""
 
 
-def _build_database(db: Path, artifact_root: Path) -> None:
+def _build_database(db: Path, artifact_root: Path, *, locked: bool) -> None:
     """Make MLflow's sqlite database ``db`` whole or not at all: its schema is built (by
     MLflow's migrations, a second or so) in a hidden file beside it, which then takes its
     name. A command stopped during the migrations (Ctrl-C a second into the first
     ``train`` or ``demo``) left a half-built ``mlflow.db`` that every later command
-    refused ("table _alembic_tmp_... already exists"). Called under
-    :func:`_creation_lock`; a file a killed build left is removed here."""
+    refused ("table _alembic_tmp_... already exists").
+
+    Under :func:`_creation_lock` (``locked``) a file a killed build left is removed here.
+    The built file takes the name only where none is there (or an empty one is): where
+    no lock could be taken, another command may have built and begun to use one meanwhile,
+    which must not be replaced."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    for stale in db.parent.glob(f".{db.name}{_BUILDING}*"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    if locked:  # no other build can be under way
+        for stale in db.parent.glob(f"{glob.escape('.' + db.name)}{_BUILDING}*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     building = db.with_name(f".{db.name}{_BUILDING}{os.getpid()}")
     building_uri = f"sqlite:///{building}"
     try:
         store = SqlAlchemyStore(building_uri, str(artifact_root))
         store.engine.dispose()  # its connections closed before the file moves
         SqlAlchemyStore._engine_map.pop(building_uri, None)
-        os.replace(building, db)
+        # a pool this process kept for an earlier database of that name (deleted since)
+        # would go on writing to the deleted file
+        cached = SqlAlchemyStore._engine_map.pop(f"sqlite:///{db}", None)
+        if cached is not None:
+            cached.dispose()
+        try:
+            os.link(building, db)
+        except FileExistsError:
+            if not _has_database(db):  # an empty file: nothing in it to lose
+                os.replace(building, db)
+            # else another command built it meanwhile: its database stands, ours goes
     finally:
         with contextlib.suppress(OSError):
             building.unlink(missing_ok=True)
 
 
+def _half_built_hint(db: Path, uri: str) -> str:
+    """What to do with a sqlite store MLflow's migrations left half-built (``_alembic_tmp_``
+    tables): a new one holds nothing yet and can go; one an upgrade was stopped in
+    (the first command after a newer MLflow came) holds runs."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro",
+                                                uri=True)) as connection:
+            runs = connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            tables = [row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE name LIKE '\\_alembic\\_tmp\\_%' "
+                "ESCAPE '\\'")]
+    except sqlite3.Error:  # no runs table: the build stopped before it
+        runs, tables = 0, []
+    if not runs:
+        return (f"{db} was left half-built by a command stopped while it made the database, "
+                "and it holds no runs; delete it and run the command again")
+    return (f"{db} holds {runs} runs, and an upgrade of its tables by a newer MLflow was "
+            f"stopped half way; copy it somewhere safe, then drop the table(s) it left "
+            f"({', '.join(tables) or '_alembic_tmp_*'}) with sqlite3 and run "
+            f"'mlflow db upgrade {uri}'")
+
+
 @contextmanager
-def _creation_lock(sqlite_db: Path | None) -> Iterator[None]:
+def _creation_lock(sqlite_db: Path | None) -> Iterator[bool]:
     """Hold ``.<db>.lock`` beside a sqlite database while it is built and first read: two
     commands started at once on a new store both ran MLflow's migrations, and all but one
     failed ("Online migration expected to match one row ... in 'alembic_version'") or read
     a half-built schema. Made only for a database that does not exist yet (or is empty);
     once there, every command takes it (a database made beside it may still be being
-    built). Nothing is held where it cannot be opened (a read-only folder, no ``fcntl``)."""
+    built). Nothing is held where it cannot be opened (a read-only folder, no ``fcntl``).
+    Yields whether the lock is held."""
     if sqlite_db is None:
-        yield
+        yield False
         return
     lock = sqlite_db.parent / f".{sqlite_db.name}.lock"
     handle = None
@@ -319,7 +360,7 @@ def _creation_lock(sqlite_db: Path | None) -> Iterator[None]:
     except (ImportError, OSError):
         handle = None
     if handle is None:
-        yield
+        yield False
         return
     with handle:
         try:
@@ -329,7 +370,7 @@ def _creation_lock(sqlite_db: Path | None) -> Iterator[None]:
         else:
             locked = True
         try:
-            yield
+            yield locked
         finally:
             if locked:
                 fcntl.flock(handle, fcntl.LOCK_UN)
@@ -393,7 +434,8 @@ def _sqlite_place_problem(db: Path, env_given: bool) -> str | None:
 
 def _foreign_tables(db: Path) -> list[str] | None:
     """The tables of the sqlite database ``db`` where it holds some and none of them is
-    MLflow's (``experiments``, ``alembic_version`` or a migration's ``_alembic_tmp_*``);
+    MLflow's (``experiments``, which MLflow makes first, or a migration's
+    ``_alembic_tmp_*``);
     None for an MLflow database, an empty one, or a file sqlite cannot read (opening it
     says what is wrong)."""
     if not _has_database(db):
@@ -407,8 +449,9 @@ def _foreign_tables(db: Path) -> list[str] | None:
                 "SELECT name FROM sqlite_master WHERE type = 'table'"))
     except sqlite3.Error:
         return None
-    mlflow_own = any(name in ("experiments", "alembic_version")
-                     or name.startswith("_alembic_tmp_") for name in tables)
+    # not alembic_version alone: other applications keep their migrations with alembic too
+    mlflow_own = any(name == "experiments" or name.startswith("_alembic_tmp_")
+                     for name in tables)
     return tables if tables and not mlflow_own else None
 
 
