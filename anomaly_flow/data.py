@@ -491,7 +491,7 @@ class Decoded(NamedTuple):
 
     array: np.ndarray  # uint8 (C, size, size), as load_image returns it
     shape: tuple[int, int]  # upright (width, height) of the decoded first frame
-    frames: int  # frames or pages the file holds; only the first is the image
+    more_frames: bool  # the file holds frames or pages after the first, which is the image
 
 
 def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: int,
@@ -499,7 +499,7 @@ def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: 
     """:func:`load_image`, with the decoded image's upright ``(width, height)`` (after its
     EXIF orientation, before it is made square: the shape a heatmap is put back into; it
     comes from the decoded pixels, so it holds where a header does not tell it, as for a
-    PNG's EXIF block after the image data) and how many frames the file holds (an
+    PNG's EXIF block after the image data) and whether the file holds more frames (an
     animated GIF, PNG or WebP, a multi-page TIFF: only the first is read, which scoring
     says)."""
     _check_mode_size(mode, size)
@@ -519,7 +519,7 @@ def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: 
                     raise ImageDecodeError(name, _too_large(pixels))
                 img.load()  # decode everything now, so truncated files fail here
                 array, shape = _to_input(img, mode, size, resize)
-                return Decoded(array, shape, _frame_count(img))
+                return Decoded(array, shape, _has_more_frames(img))
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -568,13 +568,18 @@ def check_decodable(folder: str | Path, mode: ImageMode, size: int,
         f"(e.g. {one_line(display_path(first[0]))}: {first[1]}); put readable images there")
 
 
-def _frame_count(img: Image.Image) -> int:
-    """The frames or pages of an opened image file: 1 unless its format says it is
-    animated or has pages (asked after the first frame is decoded: counting may seek)."""
+_FRAMED_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
+"""Formats whose further frames or pages are further images. Not MPO: a JPEG whose
+extra pictures (a phone's gain map, a preview) Pillow reads as frames holds one image."""
+
+
+def _has_more_frames(img: Image.Image) -> bool:
+    """Whether an opened image file holds frames or pages after the first (asked after the
+    first is decoded: for a GIF it seeks to the second frame, never further)."""
     try:
-        return int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
-    except Exception:  # a damaged later frame: the first was read, which is what counts
-        return 2
+        return img.format in _FRAMED_FORMATS and bool(getattr(img, "is_animated", False))
+    except Exception:  # a damaged second frame: the first, read, is all there is
+        return False
 
 
 def image_to_array(img: Image.Image, mode: ImageMode, size: int,
@@ -750,8 +755,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
             seen["narrow"] += img.getextrema()[1] < NARROW_SIXTEEN_BIT
         # scoring counts them all, as it decodes them; a damaged later frame is not asked
         # about again: decoding reads the first alone
-        with contextlib.suppress(Exception):
-            seen["layered"] += training and bool(getattr(img, "is_animated", False))
+        seen["layered"] += training and _has_more_frames(img)
 
     _look_at(paths, sample, look)
     checked, grey, judged, coloured = (seen[k] for k in ("checked", "grey", "judged",
@@ -1036,7 +1040,7 @@ class ImageItem(NamedTuple):
     error: str  # one-line reason when ok is False, else ""
     index: int  # position in the dataset
     shape: tuple[int, int]  # the decoded file's upright (width, height); (0, 0) when not ok
-    frames: int  # frames or pages in the file (only the first is the image); 0 when not ok
+    more_frames: bool  # the file holds frames or pages after the first (not read)
 
 
 @dataclass(frozen=True)
@@ -1059,12 +1063,12 @@ def load_item(source: str | Path | bytes | InvalidSource | None, mode: ImageMode
         error = source.reason
     else:
         try:
-            array, shape, frames = decode_image(source, mode, size, resize)
-            return ImageItem(torch.from_numpy(array), True, "", index, shape, frames)
+            array, shape, more_frames = decode_image(source, mode, size, resize)
+            return ImageItem(torch.from_numpy(array), True, "", index, shape, more_frames)
         except ImageDecodeError as exc:
             error = exc.reason
     blank = torch.zeros(_CHANNELS[mode], size, size, dtype=torch.uint8)
-    return ImageItem(blank, False, error or "unknown error", index, (0, 0), 0)
+    return ImageItem(blank, False, error or "unknown error", index, (0, 0), False)
 
 
 class ImageFolderDataset(Dataset[ImageItem]):
@@ -1120,7 +1124,7 @@ class ArrayDataset(Dataset[ImageItem]):
 
     def __getitem__(self, index: int) -> ImageItem:
         image = self.images[index]
-        return ImageItem(image, True, "", index, (image.shape[-1], image.shape[-2]), 1)
+        return ImageItem(image, True, "", index, (image.shape[-1], image.shape[-2]), False)
 
 
 def _check_image_array(images: np.ndarray) -> None:

@@ -307,11 +307,13 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
                 write(rows.table())
 
     dataset = ScoringDataset([paths[i] for i in todo], config)
+    layered: list[int] = []
     try:
         if todo:
             score_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers,
                           heatmaps=writer, heatmap_kind=maps, progress=progress,
-                          on_batch=on_batch, precision=precision, compile=compile)
+                          on_batch=on_batch, precision=precision, compile=compile,
+                          layered=layered)
     except BaseException as stop:  # what is scored is kept, whatever stopped the run
         if isinstance(stop, OutputWriteError):  # a flush failed: it said where rows went
             raise
@@ -353,6 +355,7 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
                            "be scored now", removed)
     table = rows.table()
     write(table)
+    _warn_first_frames([paths[todo[i]] for i in layered])
     failed = table["error"] != ""
     return ScoreSummary(
         n_files=len(table),
@@ -437,6 +440,16 @@ class _Rows:
         return table[columns]
 
 
+def _warn_first_frames(files: Sequence[Path]) -> None:
+    """Say that ``files`` hold frames or pages after the first, and were each scored by
+    their first: the others have no row."""
+    if files:
+        logger.warning("%d scored file(s) hold several frames or pages (an animated GIF, PNG "
+                       "or WebP, a multi-page TIFF), and only the first of each was scored "
+                       "(e.g. %s); to score the others, save each frame as an image file of "
+                       "its own", len(files), one_line(display_path(min(files))))
+
+
 def _warn_conversion(model: Glow, root: Path, paths: Sequence[Path]) -> None:
     """Warn of what converting the images of ``paths`` (under ``root``) to ``model``'s
     input loses, as training says it of its own folder; resizing is training's concern
@@ -465,7 +478,8 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
         resumed_names,
     )
 
-    scored_folder = display_path(root)
+    # the folder itself, by whatever path it was reached (a symlink, another mount)
+    scored_folder = display_path(os.path.normcase(os.path.realpath(root)))
 
     # named over every file, so a file scored now gets the name an uninterrupted run
     # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
@@ -533,7 +547,8 @@ def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str)
             f"folder's files under {len(theirs)} of the names this run would draw (e.g. "
             f"{one_line(display_path(name))}, of a file in {one_line(other)}); give each "
             "scored folder its own heatmap folder (e.g. a subfolder named after it), or "
-            "delete those heatmaps")
+            "delete those heatmaps (if this folder was moved there since, they are its own "
+            "from before)")
 
 
 def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
@@ -856,8 +871,10 @@ def score_folder_table(
     config = model.config
     _warn_conversion(model, root, paths)
     dataset = ScoringDataset(paths, config)
+    layered: list[int] = []
     table = score_dataset(model, dataset, batch_size=batch_size, num_workers=workers,
-                          progress=progress)
+                          progress=progress, layered=layered)
+    _warn_first_frames([paths[i] for i in layered])
     table = table.reset_index(drop=True)
     table.insert(0, "path", paths_frame(paths).to_numpy(dtype=object))
     table["error"] = table["error"].fillna("").astype(str)

@@ -362,9 +362,8 @@ class HeatmapWriter:
                 if self.scored_folder is not None:
                     info.add_text(FOLDER_KEY, self.scored_folder)
                 make_folders(path.parent)
-                if os.path.lexists(path) and not is_heatmap(path):
-                    raise OSError(f"{display_path(path)} exists and is not a heatmap; "
-                                  "it is left as it is")
+                if os.path.lexists(path):
+                    self._check_replaceable(path)
                 # whole or not at all: a run killed mid-write must not leave a cut PNG
                 # whose header still passes for this heatmap on --resume
                 # short: the heatmap's own name may be near the file system's limit
@@ -388,6 +387,19 @@ class HeatmapWriter:
             else:
                 with self._lock:
                     self.n_written += 1
+
+    def _check_replaceable(self, path: Path) -> None:
+        """Refuse (as a failure of this heatmap) to replace a file that is not a heatmap,
+        or another scored folder's heatmap: one drawn by a run over another folder since
+        this run's check before scoring (two runs at once, one heatmap folder)."""
+        before = _png_text(path)
+        if not any(str(key).startswith("anomaly-flow:") for key in before):
+            raise OSError("it exists and is not a heatmap; it is left as it is")
+        other = before.get(FOLDER_KEY)
+        if self.scored_folder is not None and isinstance(other, str) \
+                and other != self.scored_folder:
+            raise OSError(f"it is the heatmap of a file in another scored folder "
+                          f"({one_line(other)}); it is left as it is")
 
     def remove_leftovers(self) -> int:
         """Delete the unfinished heatmaps (temp files) that a run killed outright left in

@@ -239,8 +239,11 @@ def output_lock(out: Path) -> Iterator[None]:
             raise ScoringError(f"another scoring run ({holder}) is writing "
                                f"{display_path(out)}; wait for it to end, or choose another "
                                "output path") from None
-        except OSError:
+        except OSError as exc:  # no locks on this file system (NFS without lockd, FUSE)
             handle.close()
+            logger.warning("cannot lock %s (%s), so nothing stops a second run from writing "
+                           "%s meanwhile", display_path(path), exc.strerror,
+                           display_path(out))
             yield
             return
         try:  # the file a run that just ended removed is no lock: take the new one

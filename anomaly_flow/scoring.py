@@ -71,13 +71,7 @@ from anomaly_flow.complexity import (
     coarse_complexity,
 )
 from anomaly_flow.config import GlowConfig
-from anomaly_flow.data import (
-    InvalidSource,
-    display_path,
-    load_item,
-    one_line,
-    warnings_caught,
-)
+from anomaly_flow.data import InvalidSource, display_path, load_item, warnings_caught
 from anomaly_flow.glow import Glow, breakdown_from_output, ensemble_score, preprocess
 from anomaly_flow.score_kinds import (  # noqa: F401 (SCORE_CHOICES, is_score_name: re-exported)
     LIKELIHOOD_SCORES,
@@ -269,7 +263,7 @@ class ScoreItem(NamedTuple):
     error: str
     index: int
     shape: tuple[int, int]  # the decoded file's upright (width, height); (0, 0) when not ok
-    frames: int  # frames or pages in the file (only the first is scored); 0 when not ok
+    more_frames: bool  # the file holds frames or pages after the first (not scored)
     png_bpd: float  # NaN when ok is False
     coarse_png_bpd: float  # NaN when ok is False
 
@@ -283,7 +277,7 @@ class ScoreBatch(NamedTuple):
     errors: list[str]
     index: np.ndarray  # int64 (B,)
     shapes: np.ndarray  # int64 (B, 2): each file's upright (width, height)
-    frames: np.ndarray  # int64 (B,): frames or pages in each file (only the first scored)
+    more_frames: np.ndarray  # bool (B,): each file holds frames after the first (not read)
     png_bpd: np.ndarray  # float64 (B,)
     coarse_png_bpd: np.ndarray  # float64 (B,)
 
@@ -317,13 +311,16 @@ class ScoringDataset(Dataset[ScoreItem]):
                  for i in indices]
         ok = [item for item in items if item.ok]
         if not ok:
-            return [ScoreItem(*item, float("nan"), float("nan")) for item in items]
+            return [ScoreItem(**item._asdict(), png_bpd=float("nan"),
+                              coarse_png_bpd=float("nan")) for item in items]
         images = torch.stack([item.image for item in ok]).numpy()
         png_bpd = batch_png_bits_per_dim(images, c.n_bits)
         coarse = (png_bpd if c.levels == 1
                   else batch_coarse_png_bits_per_dim(images, c.n_bits, c.levels))
         measured = iter(zip(png_bpd.tolist(), coarse.tolist(), strict=True))
-        return [ScoreItem(*item, *(next(measured) if item.ok else (float("nan"),) * 2))
+        return [ScoreItem(**item._asdict(), **dict(zip(
+                    ("png_bpd", "coarse_png_bpd"),
+                    next(measured) if item.ok else (float("nan"),) * 2, strict=True)))
                 for item in items]
 
     @staticmethod
@@ -344,8 +341,8 @@ class ScoringDataset(Dataset[ScoreItem]):
             index=np.fromiter((item.index for item in items), dtype=np.int64,
                               count=len(items)),
             shapes=np.array([item.shape for item in items], dtype=np.int64).reshape(-1, 2),
-            frames=np.fromiter((item.frames for item in items), dtype=np.int64,
-                               count=len(items)),
+            more_frames=np.fromiter((item.more_frames for item in items), dtype=bool,
+                                    count=len(items)),
             png_bpd=np.fromiter((item.png_bpd for item in items), dtype=np.float64,
                                 count=len(items)),
             coarse_png_bpd=np.fromiter((item.coarse_png_bpd for item in items),
@@ -560,6 +557,7 @@ def score_dataset(
     on_batch: Callable[[pd.DataFrame], Any] | None = None,
     precision: Precision = "float32",
     compile: bool = False,
+    layered: list[int] | None = None,
 ) -> pd.DataFrame:
     """Score every item of ``dataset``; one row per item, in dataset order.
 
@@ -578,6 +576,8 @@ def score_dataset(
             compiled (tens of seconds), scores within a few millionths of their size of
             the eager ones (see :class:`_Forward`); falls back to eager, with a warning,
             where compiling fails.
+        layered: Receives the dataset index of each scored file that holds frames or
+            pages after its first (only the first is scored), for the caller to say so.
 
     Returns:
         Columns :func:`score_names` (``bpd``, ``complexity``, ``coarse_complexity``,
@@ -615,7 +615,6 @@ def score_dataset(
     # one batch shape: the batch size, or the whole dataset when it is smaller
     forward = _Forward(model, min(batch_size, len(dataset))) if compile else None
     frames = []
-    layered: list[tuple[int, int]] = []  # (index, frames) of scored multi-frame files
 
     def finish(pending: _Pending) -> None:
         if pending.ready is not None:
@@ -626,9 +625,8 @@ def score_dataset(
         if heatmaps is not None and pending.maps is not None:
             heatmaps(batch.index[scored].tolist(), batch.images[torch.from_numpy(scored)],
                      pending.maps[torch.from_numpy(scored)], batch.shapes[scored])
-        several = scored & (batch.frames > 1)
-        layered.extend(zip(batch.index[several].tolist(), batch.frames[several].tolist(),
-                           strict=True))
+        if layered is not None:
+            layered.extend(batch.index[scored & batch.more_frames].tolist())
         frames.append(frame)
         if on_batch is not None:
             on_batch(frame)
@@ -662,25 +660,10 @@ def score_dataset(
         if (ran_out := out_of_memory(error, device)) is None:
             raise
         raise BatchOutOfMemory(ran_out, asked, len(dataset), device, compile) from None
-    if layered:
-        _warn_first_frames(layered, dataset.sources)
     if not frames:  # the columns' types all the same
         return pd.DataFrame({**{name: pd.Series(dtype=np.float64) for name in names},
                              "error": pd.Series(dtype=str)})
     return pd.concat(frames)
-
-
-def _warn_first_frames(layered: Sequence[tuple[int, int]], sources: Sequence[Any]) -> None:
-    """Say that files holding several frames or pages (``layered``: dataset index and
-    frame count) were each scored by their first only: the others have no row."""
-    index, count = min(layered)
-    source = sources[index]
-    example = (f"image {index} (given as bytes)" if isinstance(source, bytes | bytearray)
-               else one_line(display_path(source)))
-    logger.warning("%d scored file(s) hold several frames or pages (an animated GIF, PNG or "
-                   "WebP, a multi-page TIFF), and only the first of each was scored (e.g. "
-                   "%s, %d frames); to score the others, save each frame as an image file of "
-                   "its own", len(layered), example, count)
 
 
 def to_host_async(*tensors: torch.Tensor | None) -> tuple[list[torch.Tensor | None], Any]:

@@ -976,11 +976,13 @@ def test_a_stop_during_the_registration_of_a_calibration_says_the_version_is_who
                  "--target-fpr", "0.1", "--promote", "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 143, result.output
     # the alias it moved is said too: the stop leaves a promoted version
-    moved = "" if previous is None else re.escape(f" (from version {previous})")
+    moved = "" if previous is None else re.escape(
+        f" from {previous} (to undo: MlflowClient().set_registered_model_alias('{NAME}', "
+        f"'champion', '{previous}'))")
     said = re.search(r"calibrate interrupted \(its MLflow run (\w+) ends KILLED, after it "
                      rf"registered models:/{NAME}/(\d+), which is whole, and moved alias "
-                     rf"'champion' of '{NAME}' to it{moved}\); use it, or run the same "
-                     "command again for a new version", result.stderr)
+                     rf"'champion' of '{NAME}' to version \2{moved}\); use it, or run the "
+                     "same command again for a new version", result.stderr)
     assert said is not None, result.stderr
     run_id, version = said.groups()
     assert int(version) == before + 1

@@ -664,7 +664,7 @@ def test_heatmaps_that_cannot_be_written_are_counted_and_fail_strict(
     assert len(listed) == FAILURES_LOGGED < 8
     assert listed[-1].getMessage().endswith("; further failures are counted, not listed")
     assert re.search(rf"wrote 0 heatmaps under {re.escape(str(heat))}; 8 could not be written "
-                     r"\(the first, .*x-0000\d\.png: .* exists and is not a heatmap; it is "
+                     r"\(the first, .*x-0000\d\.png: it exists and is not a heatmap; it is "
                      r"left as it is\); make room or fix the folder, then score again "
                      r"\(without --resume\) to draw them", result.stderr), result.stderr
     assert_one_line_error(result, "8 heatmaps could not be written (--strict)")

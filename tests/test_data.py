@@ -516,14 +516,20 @@ def test_a_file_of_several_frames_is_read_by_its_first_and_counted(tmp_path: Pat
     for name in ("anim.gif", "anim.png", "anim.webp", "pages.tiff"):
         save_frames(tmp_path / name, [10, 200, 90], lossless=True)
         decoded = decode_image(tmp_path / name, "L", 8)
-        assert decoded.frames == 3 and decoded.shape == (16, 16), name
+        assert decoded.more_frames and decoded.shape == (16, 16), name
         assert (decoded.array == 10).all(), name
     for name in ("still.gif", "still.png", "still.tiff", "still.jpg"):
         save_frames(tmp_path / name, [10])
-        assert decode_image(tmp_path / name, "L", 8).frames == 1, name
+        assert not decode_image(tmp_path / name, "L", 8).more_frames, name
+    # a JPEG with a second picture (a phone's gain map, a preview) is one image: Pillow
+    # reads it as an MPO of two frames, which are not two images
+    save_frames(tmp_path / "camera.jpg", [10, 90], format="MPO")
+    with Image.open(tmp_path / "camera.jpg") as img:
+        assert img.format == "MPO" and img.is_animated
+    assert not decode_image(tmp_path / "camera.jpg", "L", 8).more_frames
     paths = sorted(tmp_path.iterdir())
     assert conversion_notes(paths, "L", 16) == [
-        "4 of 8 images looked at hold several frames or pages (an animated GIF, PNG or "
+        "4 of 9 images looked at hold several frames or pages (an animated GIF, PNG or "
         "WebP, a multi-page TIFF), and only the first of each is read; to train on the "
         "others, save each frame as an image file of its own"]
     assert conversion_notes(paths, "L", 16, training=False) == []  # scoring counts them

@@ -1035,7 +1035,7 @@ def test_a_heatmap_never_replaces_a_file_it_did_not_write(model: Glow, tmp_path:
     with caplog.at_level(logging.WARNING):
         summary = score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=heat)
     assert (heat / "x-00000.png").read_bytes() == b"the user's own file"
-    assert "x-00000.png exists and is not a heatmap; it is left as it is" in caplog.text
+    assert "x-00000.png: it exists and is not a heatmap; it is left as it is" in caplog.text
     assert summary.n_heatmaps == 1
     # its own heatmaps it does replace
     before = (heat / "x-00001.png").stat().st_mtime_ns
@@ -1057,7 +1057,7 @@ def test_a_pipe_named_like_a_heatmap_does_not_hang_the_run(model: Glow, tmp_path
     with caplog.at_level(logging.WARNING):
         summary = score_folder(model, None, folder, out, heatmaps=heat)
         summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
-    assert "x-00000.png exists and is not a heatmap; it is left as it is" in caplog.text
+    assert "x-00000.png: it exists and is not a heatmap; it is left as it is" in caplog.text
     assert summary.n_files == 2 and (heat / "x-00001.png").is_file()
 
 
@@ -1203,7 +1203,7 @@ def test_a_heatmap_folder_shared_by_two_scored_folders_keeps_each_ones_heatmaps(
     drawn = {p.name: p.read_bytes() for p in heat.glob("*.png")}
     assert len(drawn) == 3
     with Image.open(heat / "x00000.png") as img:
-        assert img.text[FOLDER_KEY] == str(first)
+        assert img.text[FOLDER_KEY] == os.path.realpath(first)
     with pytest.raises(ScoringError, match=r"the heatmap folder .*heat holds heatmaps of "
                                            r"another scored folder's files under 3 of the "
                                            r"names this run would draw \(e\.g\. x0000\d\.png, "
@@ -1212,11 +1212,37 @@ def test_a_heatmap_folder_shared_by_two_scored_folders_keeps_each_ones_heatmaps(
         score_folder(model, None, second, tmp_path / "b.csv", heatmaps=heat)
     assert not (tmp_path / "b.csv").exists()
     assert {p.name: p.read_bytes() for p in heat.glob("*.png")} == drawn
-    assert set(recorded_heatmaps(heat, str(second))) == set()  # none is the second's
-    assert len(recorded_heatmaps(heat, str(first))) == 3
+    assert set(recorded_heatmaps(heat, os.path.realpath(second))) == set()  # none is its
+    assert len(recorded_heatmaps(heat, os.path.realpath(first))) == 3
     score_folder(model, None, second, tmp_path / "b.csv", heatmaps=heat / "line-b")
     summary = score_folder(model, None, first, tmp_path / "a.csv", heatmaps=heat)
     assert summary.n_heatmaps == 3
+    (tmp_path / "link").symlink_to(first)  # the same folder by another path is the same
+    summary = score_folder(model, None, tmp_path / "link", tmp_path / "a.csv", heatmaps=heat)
+    assert summary.n_heatmaps == 3
+
+
+def test_a_heatmap_another_folders_run_drew_meanwhile_is_not_replaced(
+        tmp_path: Path) -> None:
+    """Two runs at once over two folders, one heatmap folder: both pass the check before
+    scoring, so the writer checks each file it would replace, and leaves another scored
+    folder's heatmap as it is (a failure of this heatmap, counted)."""
+    from anomaly_flow.heatmap import HeatmapWriter
+
+    image = np.full((1, 1, 8, 8), 100, np.uint8)
+    maps = torch.ones(1, 8, 8)
+    with HeatmapWriter(tmp_path, [Path("x.png")], vmin=0, vmax=8, sources=["x.png"],
+                       scored_folder="/data/a") as writer:
+        writer([0], torch.from_numpy(image), maps, np.array([[8, 8]]))
+    assert writer.n_written == 1
+    theirs = (tmp_path / "x.png").read_bytes()
+    with HeatmapWriter(tmp_path, [Path("x.png")], vmin=0, vmax=8, sources=["x.png"],
+                       scored_folder="/data/b") as writer:
+        writer([0], torch.from_numpy(image), maps, np.array([[8, 8]]))
+    assert (writer.n_written, writer.n_failed) == (0, 1)
+    assert writer.first_failure == (f"{tmp_path / 'x.png'}: it is the heatmap of a file in "
+                                    "another scored folder (/data/a); it is left as it is")
+    assert (tmp_path / "x.png").read_bytes() == theirs
 
 
 def test_files_of_several_frames_are_scored_by_their_first_and_said(
@@ -1237,8 +1263,13 @@ def test_files_of_several_frames_are_scored_by_their_first_and_said(
     said = [r.getMessage() for r in caplog.records if "several frames" in r.getMessage()]
     assert said == [f"2 scored file(s) hold several frames or pages (an animated GIF, PNG "
                     f"or WebP, a multi-page TIFF), and only the first of each was scored "
-                    f"(e.g. {folder / 'a.tiff'}, 3 frames); to score the others, save each "
-                    "frame as an image file of its own"]
+                    f"(e.g. {folder / 'a.tiff'}); to score the others, save each frame as "
+                    "an image file of its own"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # calibrate and evaluate say it too
+        score_folder_table(model, folder)
+    assert [r.getMessage() for r in caplog.records if "several frames" in r.getMessage()] \
+        == said
 
 
 def png_with_late_exif(path: Path, pixels: np.ndarray, orientation: int) -> None:

@@ -354,8 +354,11 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
         version = register_model(model_uri, target, tags=tags)
         if promote:
             set_alias(target, CHAMPION, version)
-            note_promoted(f"moved alias {CHAMPION!r} of {target!r} to it"
-                          + ("" if previous is None else f" (from version {previous})"))
+            note_promoted(
+                f"moved alias {CHAMPION!r} of {target!r} to version {version}" + (
+                    "" if previous is None else
+                    f" from {previous} (to undo: MlflowClient().set_registered_model_alias("
+                    f"{target!r}, {CHAMPION!r}, {str(previous)!r}))"))
     if promote:
         logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, target, version,
                     "" if previous is None else f" (it pointed at version {previous})")
