@@ -822,7 +822,8 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
     try:
         with tqdm(total=n_steps, initial=step, disable=disable, desc="train", unit="step",
                   dynamic_ncols=True) as bar:
-            for epoch in range(step // steps_per_epoch, t.epochs):
+            first_epoch = step // steps_per_epoch
+            for epoch in range(first_epoch, t.epochs):
                 model.train()
                 sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
                 if step == epoch * steps_per_epoch:
@@ -874,9 +875,12 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                     epoch_metrics["reference_images"] = float(n_reference)
                 history.append(epoch_metrics)
                 if rank == 0 and bar.disable:  # no bar (not a terminal): a line an epoch
+                    # the first epoch a process runs pays its start-up (the first steps
+                    # build the kernels), which a short epoch's rate shows
                     logger.info("epoch %d of %d: train %.4f bits/dim, validation %.4f, "
-                                "%s images/s", epoch + 1, t.epochs,
-                                epoch_metrics["train_bpd_epoch"], val_bpd, _rate(imgs_per_sec))
+                                "%s images/s%s", epoch + 1, t.epochs,
+                                epoch_metrics["train_bpd_epoch"], val_bpd, _rate(imgs_per_sec),
+                                " (start-up included)" if epoch == first_epoch else "")
                 emit(TrainEvent("epoch", step, epoch + 1, epoch_metrics))
                 if step % t.checkpoint_every == 0:
                     checkpoint(epoch + 1, step)

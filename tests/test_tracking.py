@@ -1799,7 +1799,7 @@ def test_a_store_that_fails_to_open_says_why_with_or_without_its_creation_lock(
     if not locked:  # as a store made before the lock was
         (folder / ".mlflow.db.lock").unlink()
 
-    def no_driver(*args: object) -> None:
+    def no_driver(*args: object, **kwargs: object) -> None:
         raise ModuleNotFoundError("No module named '_sqlite3'")
 
     monkeypatch.setattr(store, "_open_store", no_driver)
