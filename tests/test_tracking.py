@@ -1638,6 +1638,46 @@ def test_a_half_built_database_says_to_delete_it(tmp_path: Path,
         "database, and it holds no runs; delete it and run the command again")
 
 
+def test_a_run_whose_process_was_killed_outright_is_ended_by_the_next_run(
+        mlruns: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """calibrate or evaluate killed outright (SIGKILL, the OOM killer) cannot end its run,
+    which read as RUNNING forever. Each run records its process; a run started later in
+    the experiment marks KILLED those whose process on this host has ended (or whose pid
+    another process has taken since), never a live process's or another host's."""
+    from anomaly_flow.tracking.store import PROCESS_TAG, _this_process
+
+    code = ("import os; from anomaly_flow import tracking; "
+            f"tracking.configure({str(mlruns)!r}); "
+            "block = tracking.start_run('killed-parts', 'calibrate'); run = block.__enter__(); "
+            "print(run.run_id, flush=True); os.kill(os.getpid(), 9)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    killed = done.stdout.split()[0]
+    client = mlflow.MlflowClient()
+    assert client.get_run(killed).info.status == "RUNNING"
+    host, pid, start = _this_process().split(" ")
+    experiment = client.get_experiment_by_name("killed-parts").experiment_id
+    others = {  # a live process's (this one's), another host's, a reused pid's
+        "alive": _this_process(), "elsewhere": f"not-{host} 1 -",
+        "reused": f"{host} {pid} {int(start) - 1}" if start != "-" else None}
+    made = {}
+    for label, value in others.items():
+        if value is not None:
+            made[label] = client.create_run(experiment, tags={PROCESS_TAG: value}).info.run_id
+    with caplog.at_level(logging.WARNING), tracking.start_run("killed-parts", "evaluate"):
+        pass
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(killed).data.tags["ended_by"] == \
+        "a later run found its process gone (killed outright)"
+    assert f"the run {killed} (calibrate) was left RUNNING by a process that was killed; " \
+        "marked KILLED" in caplog.text
+    assert client.get_run(made["alive"]).info.status == "RUNNING"
+    assert client.get_run(made["elsewhere"]).info.status == "RUNNING"
+    if "reused" in made:
+        assert client.get_run(made["reused"]).info.status == "KILLED"
+
+
 def test_a_half_built_database_that_holds_runs_is_not_called_empty(tmp_path: Path) -> None:
     """A newer MLflow upgrades an old store's tables in place; stopped half way, it leaves
     an ``_alembic_tmp_`` table beside the runs: the advice is to back it up and finish

@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -826,6 +827,10 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
     """
     experiment_id = ensure_experiment(experiment)
     tag_values = environment_tags()
+    if run_id:  # told before it reads as running again, so no sweep takes it for dead
+        mlflow.MlflowClient().set_tag(run_id, PROCESS_TAG, _this_process())
+    else:
+        _end_abandoned_runs(experiment_id)
     if run_id:
         before = mlflow.MlflowClient().get_run(run_id).data.tags
         # against the latest resume's values, else the start's; a run started without
@@ -833,6 +838,8 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
         tag_values = {f"resumed.{key}": value for key, value in tag_values.items()
                       if before.get(f"resumed.{key}", before.get(key)) != value}
     tag_values.update({key: str(value) for key, value in (tags or {}).items()})
+    if not run_id:
+        tag_values[PROCESS_TAG] = _this_process()
     parent = mlflow.active_run()
     try:
         with stops_deferred():  # a stop waits for the run's row and tags to be written
@@ -875,6 +882,70 @@ def start_run(experiment: str, run_name: str | None = None, *, nested: bool = Fa
                 run.flush()
             finally:
                 _end_run(status)
+
+
+PROCESS_TAG = "anomaly_flow.process"
+"""The run tag naming the process that runs it: ``HOST PID START`` (``START`` the
+process's start time from ``/proc``, ``-`` where there is none)."""
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``'s 22nd
+    field): with the pid, a process's identity (pids are reused). None without ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid()) or '-'}"
+
+
+def _process_gone(value: str) -> bool:
+    """Whether the process a :data:`PROCESS_TAG` value names has ended: only known for
+    this host's processes (another host's may be running)."""
+    try:
+        host, pid_text, start = value.split(" ")
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: there
+        pass
+    now = _start_time(pid)
+    return start != "-" and now is not None and now != start  # its pid, reused
+
+
+def _end_abandoned_runs(experiment_id: str) -> None:
+    """End as KILLED the runs of ``experiment_id`` that the store shows RUNNING though the
+    process that ran them on this host has ended: one killed outright (SIGKILL, the OOM
+    killer) cannot end its run, which would read as running forever. Looked at as each
+    new run starts; a store that cannot be asked is left as it is."""
+    client = mlflow.MlflowClient()
+    try:
+        with quiet_mlflow():
+            running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                                         max_results=200)
+    except MlflowException:
+        return
+    for run in running:
+        value = run.data.tags.get(PROCESS_TAG)
+        if not value or not _process_gone(value):
+            continue
+        with contextlib.suppress(MlflowException):
+            client.set_tag(run.info.run_id, "ended_by", "a later run found its process "
+                           "gone (killed outright)")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            logger.warning("the run %s (%s) was left RUNNING by a process that was killed; "
+                           "marked KILLED", run.info.run_id, run.info.run_name)
 
 
 @contextmanager
