@@ -455,6 +455,13 @@ def calibrate_scores(
                 "these %d): the version it registers calls every image anomalous; a "
                 "conformal threshold (--method conformal --target-fpr A) keeps a stated rate",
                 method, threshold.value, normal_values.size)
+        if method != "conformal" and threshold.recall == 0.0:
+            logger.warning(
+                "the %s threshold %r flags none of the %d anomalous images (recall 0): the "
+                "version it registers calls every image like them normal; with so few "
+                "anomalies, or costs that make a miss no dearer than a false alarm, try "
+                "--method f1 or youden, a higher --cost-fn, or more anomalous images",
+                method, threshold.value, anomalous_values.size)
     if promote:
         _check_promotable(threshold, score, method, normal_values.size,
                           None if anomalous_values is None else anomalous_values.size)
@@ -554,7 +561,10 @@ def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
                     else "") + ")")
     line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
     if threshold.n_anomalous:
-        line += (f"; precision {threshold.precision:.4g}, recall {threshold.recall:.4g}, "
+        # precision of a threshold that flags nothing is 0/0: no figure, not a perfect one
+        flagged = threshold.recall > 0 or threshold.fpr > 0
+        precision = f"{threshold.precision:.4g}" if flagged else "n/a (nothing flagged)"
+        line += (f"; precision {precision}, recall {threshold.recall:.4g}, "
                  f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} anomalies")
     lines.append(line)
     return lines

@@ -291,7 +291,8 @@ def resolve_device(device: str | torch.device, *, option: str = "--device") -> t
     except (RuntimeError, TypeError):
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda"):  # torch knows meta, mps...
-        raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu or cuda.")
+        raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N "
+                            "(N a GPU's index, e.g. cuda:0).")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"{option} {resolved} was asked for but CUDA is not available on "
                             f"this machine; use {option} cpu or auto.")

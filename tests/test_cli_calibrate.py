@@ -339,6 +339,26 @@ def test_coarse_complexity_calibrates_and_then_drives_score(
                                   table["score"].to_numpy() > calibration.threshold.value)
 
 
+def test_a_threshold_that_flags_no_labelled_anomaly_is_warned_of(
+        store: Path, image_dirs: ImageDirs, tmp_path: Path) -> None:
+    """One labelled anomaly that looks normal, and a false alarm costlier than a miss: the
+    cost threshold flags nothing. Registered (without --promote), it is warned of, and its
+    precision, 0/0, is said to be no figure rather than printed as 1."""
+    loaded = tracking.load_model(CANDIDATE)
+    table = score_folder_table(loaded.model, image_dirs.test_normal).table
+    most_normal = Path(table.loc[table["complexity"].idxmin(), "path"])
+    anomalous = tmp_path / "one"
+    anomalous.mkdir()
+    shutil.copy(most_normal, anomalous / "looks-normal.png")
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--anomalous", anomalous, "--method", "cost", "--score", "complexity",
+                 "--cost-fp", "4", "--cost-fn", "1", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert "flags none of the 1 anomalous images (recall 0): the version it registers calls " \
+        "every image like them normal" in result.stderr
+    assert "; precision n/a (nothing flagged), recall 0, F1 0 on 1 anomalies" in result.stdout
+
+
 @pytest.mark.parametrize("method", ["f1", "youden", "cost"])
 def test_labelled_methods_store_the_calibration_modules_threshold(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs, method: str) -> None:

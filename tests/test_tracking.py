@@ -973,7 +973,8 @@ def test_a_device_the_model_cannot_score_on_is_refused_at_load(device: str,
     folder = tiny_wrapper().model.save(tmp_path / "glow")
     context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
                                                model_config={"device": device})
-    with pytest.raises(Exception, match=f"unknown device '{device}'; use auto, cpu or cuda"):
+    with pytest.raises(Exception,
+                       match=f"unknown device '{device}'; use auto, cpu, cuda or cuda:N"):
         GlowPyfunc().load_context(context)
 
 
@@ -1070,7 +1071,7 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
     assert on_cpu.model_config == {"device": "cpu"}
     assert on_cpu.predict(pd.DataFrame({"path": paths[:2]}))["bpd"].tolist() == \
         expected["bpd"].tolist()[:2]
-    with pytest.raises(Exception, match="unknown device 'tpu'; use auto, cpu or cuda"):
+    with pytest.raises(Exception, match="unknown device 'tpu'; use auto, cpu, cuda or cuda:N"):
         mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "tpu"})
     # null is the default, auto; a missing CUDA is said in the words the device was set in
     assert mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": None}).predict(
