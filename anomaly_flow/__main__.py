@@ -1,3 +1,3 @@
-from anomaly_flow.cli import main
+from anomaly_flow.cli import run
 
-main()
+run()

@@ -35,7 +35,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,17 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
             if ours_int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def exit_when_done(code: int | None) -> NoReturn:
+    """``sys.exit(code)`` for a program's entry point. Where ``code`` says success, stops
+    are ignored from here on: the work is done (outputs written, runs ended), and a Ctrl-C
+    or SIGTERM in the second or so the interpreter's shutdown takes (MLflow's and torch's
+    clean-up) would report a finished job as stopped (130, 143, or killed by the signal)."""
+    if not code and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _hold_stops_at_exit() -> None:

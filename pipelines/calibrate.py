@@ -32,6 +32,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
+from anomaly_flow.stopping import exit_when_done
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,4 +82,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_when_done(main())

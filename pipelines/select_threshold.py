@@ -33,6 +33,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
+from anomaly_flow.stopping import exit_when_done
 from anomaly_flow.threshold_methods import METHODS
 
 
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_when_done(main())

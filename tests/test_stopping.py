@@ -312,3 +312,25 @@ def test_a_stop_during_a_store_write_waits_for_the_write_to_finish(
             stopping._interrupt(signal.SIGINT, None)
         raise KeyboardInterrupt  # as the handler's raise would go on
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("code", "status"), [(0, 0), (1, -signal.SIGTERM)])
+def test_a_stop_after_the_work_is_done_does_not_fail_the_finished_job(code: int,
+                                                                     status: int) -> None:
+    """A Ctrl-C or SIGTERM in the second a finished command's interpreter takes to shut
+    down (MLflow's and torch's clean-up) reported the job as stopped (130, 143, or killed
+    by the signal), its output complete. After success the stop is ignored; after a
+    failure it still ends the process as before."""
+    script = textwrap.dedent(f"""
+        import atexit, os, signal, time
+        from anomaly_flow.stopping import exit_when_done
+        def late_stop():  # as a scheduler's stop during the shutdown
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        atexit.register(late_stop)
+        exit_when_done({code})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr

@@ -11,7 +11,7 @@ from typing import IO, Any
 import click
 
 from anomaly_flow.cli.common import configure_logging
-from anomaly_flow.stopping import interrupt_exit_code
+from anomaly_flow.stopping import exit_when_done, interrupt_exit_code
 
 
 class _OneLineUsageError(click.UsageError):
@@ -65,6 +65,15 @@ class _Group(click.Group):
 def main(verbose: int) -> None:
     """Image anomaly detection by exact likelihood (Glow), tracked in MLflow."""
     configure_logging(verbose)
+
+
+def run() -> None:
+    """The ``anomaly-flow`` program: :data:`main` as a process's entry point, whose
+    success ends the process without a stop's exit status (:func:`exit_when_done`)."""
+    try:
+        main()
+    except SystemExit as done:
+        exit_when_done(done.code if isinstance(done.code, int | None) else 1)
 
 
 # Each command lives in its own module and registers itself on `main`.

@@ -1,5 +1,5 @@
 """``python -m anomaly_flow.cli``: the ``anomaly-flow`` command, as ``python -m anomaly_flow``."""
 
-from anomaly_flow.cli import main
+from anomaly_flow.cli import run
 
-main()
+run()
