@@ -703,6 +703,11 @@ def image_shapes(paths: Sequence[Path], sample: int = 64) -> tuple[tuple[int, in
     come in a size it never saw (:func:`conversion_notes`)."""
     shapes: collections.Counter[tuple[int, int]] = collections.Counter()
     _look_at(paths, sample, lambda img: shapes.update([_upright_size(img)]))
+    return _shape_table(shapes)
+
+
+def _shape_table(shapes: collections.Counter[tuple[int, int]]
+                 ) -> tuple[tuple[int, int, int], ...]:
     return tuple((w, h, n) for (w, h), n in shapes.most_common())
 
 
@@ -710,6 +715,22 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      sample: int = 64, *, resizing: bool = True,
                      training: bool = True, resize: Resize = "stretch",
                      trained_shapes: Sequence[tuple[int, int, int]] = ()) -> list[str]:
+    """:func:`conversion_look`'s notes."""
+    return conversion_look(paths, mode, size, sample, resizing=resizing, training=training,
+                           resize=resize, trained_shapes=trained_shapes).notes
+
+
+class ConversionLook(NamedTuple):
+    """What :func:`conversion_look` found in one pass over a sample of a folder's headers."""
+
+    notes: list[str]
+    shapes: tuple[tuple[int, int, int], ...]  # as image_shapes gives them, from the same files
+
+
+def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
+                    sample: int = 64, *, resizing: bool = True,
+                    training: bool = True, resize: Resize = "stretch",
+                    trained_shapes: Sequence[tuple[int, int, int]] = ()) -> ConversionLook:
     """What converting images to ``mode`` and ``size`` (by ``resize``) drops, judged from up to
     ``sample`` of them spread over ``paths``: colour seen in grey (a model of grey images
     cannot see a colour defect; judged on the first 16 colour-mode images), grey-mode images
@@ -725,8 +746,9 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
     scoring counts every such file itself), and, for scoring, images most of which come in
     a size unlike any
     of ``trained_shapes`` (:func:`image_shapes` of the model's training folder; unknown
-    when empty). Only regular files within the pixel limit are looked at; others are
-    passed over (training and scoring report them)."""
+    when empty); and the shapes of the images looked at (:func:`image_shapes`, without a
+    second pass over the headers). Only regular files within the pixel limit are looked
+    at; others are passed over (training and scoring report them)."""
     seen: collections.Counter[str] = collections.Counter()  # images looked at, by kind
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     smaller: collections.Counter[tuple[int, int]] = collections.Counter()
@@ -829,7 +851,7 @@ def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
                      "square (model.resize = 'crop') keeps less than half of each: what lies "
                      "beyond it is neither learned nor scored; model.resize = 'pad' sees the "
                      "whole image")
-    return notes
+    return ConversionLook(notes, _shape_table(shapes))
 
 
 def _larger_presets(mode: ImageMode, size: int) -> str:

@@ -560,7 +560,7 @@ def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path
     version that recorded neither, sits under the file's name now or its plain name
     (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that. Also what the
     kept files' recorded heatmaps draw (``bpd``, ``typicality``)."""
-    from anomaly_flow.heatmap import heatmap_folder, is_heatmap, recorded_heatmaps
+    from anomaly_flow.heatmap import heatmap_mark, recorded_heatmaps
 
     recorded = recorded_heatmaps(folder, scored_folder)
     held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
@@ -571,8 +571,10 @@ def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path
         if i in held:
             continue
         for name in (every_name[i], relative[i].with_suffix(".png")):
-            if name not in claimed and is_heatmap(folder / name) \
-                    and heatmap_folder(folder / name) in (None, scored_folder):
+            if name in claimed:
+                continue
+            mark = heatmap_mark(folder / name)
+            if mark.is_heatmap and mark.folder in (None, scored_folder):
                 held[i] = name
                 claimed.add(name)
                 break

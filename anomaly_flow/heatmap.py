@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -201,11 +201,26 @@ def _png_text(path: Path) -> dict[str, Any]:
         return {}
 
 
+class HeatmapMark(NamedTuple):
+    """What a file's PNG header says of it as a heatmap (:func:`heatmap_mark`)."""
+
+    is_heatmap: bool  # a PNG this module wrote: it carries an ``anomaly-flow:*`` chunk
+    folder: str | None  # the scored folder it records (FOLDER_KEY); None: none recorded
+
+
+def heatmap_mark(path: Path) -> HeatmapMark:
+    """Whether ``path`` is a heatmap, and the scored folder it records, from one read of
+    its header."""
+    info = _png_text(path)
+    folder = info.get(FOLDER_KEY)
+    return HeatmapMark(any(str(key).startswith("anomaly-flow:") for key in info),
+                       folder if isinstance(folder, str) else None)
+
+
 def heatmap_folder(path: Path) -> str | None:
     """The scored folder the heatmap at ``path`` records (:data:`FOLDER_KEY`), or None
     (not a heatmap, or one from a version that recorded none)."""
-    folder = _png_text(path).get(FOLDER_KEY)
-    return folder if isinstance(folder, str) else None
+    return heatmap_mark(path).folder
 
 
 def recorded_heatmaps(folder: Path, scored_folder: str | None = None
@@ -251,7 +266,7 @@ def resumed_names(every_name: Sequence[Path], held: dict[int, Path],
 def is_heatmap(path: Path) -> bool:
     """Whether ``path`` is a PNG this module wrote (it carries an ``anomaly-flow:*``
     text chunk): the only kind of existing file a heatmap may replace."""
-    return any(str(key).startswith("anomaly-flow:") for key in _png_text(path))
+    return heatmap_mark(path).is_heatmap
 
 
 VIEW_KEY = "anomaly-flow:view"
@@ -392,14 +407,12 @@ class HeatmapWriter:
         """Refuse (as a failure of this heatmap) to replace a file that is not a heatmap,
         or another scored folder's heatmap: one drawn by a run over another folder since
         this run's check before scoring (two runs at once, one heatmap folder)."""
-        before = _png_text(path)
-        if not any(str(key).startswith("anomaly-flow:") for key in before):
+        mark = heatmap_mark(path)
+        if not mark.is_heatmap:
             raise OSError("it exists and is not a heatmap; it is left as it is")
-        other = before.get(FOLDER_KEY)
-        if self.scored_folder is not None and isinstance(other, str) \
-                and other != self.scored_folder:
+        if self.scored_folder is not None and mark.folder not in (None, self.scored_folder):
             raise OSError(f"it is the heatmap of a file in another scored folder "
-                          f"({one_line(other)}); it is left as it is")
+                          f"({one_line(mark.folder)}); it is left as it is")
 
     def remove_leftovers(self) -> int:
         """Delete the unfinished heatmaps (temp files) that a run killed outright left in

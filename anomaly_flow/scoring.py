@@ -268,6 +268,11 @@ class ScoreItem(NamedTuple):
     coarse_png_bpd: float  # NaN when ok is False
 
 
+# a ScoreItem is built from an ImageItem positionally: its fields, then the PNG lengths
+# (tests/test_scoring.py holds the two field lists together)
+_NO_PNG = (float("nan"), float("nan"))  # the PNG lengths of an image not decoded
+
+
 class ScoreBatch(NamedTuple):
     """A batch of :class:`ScoreItem` (:meth:`ScoringDataset.collate`): the images as one
     tensor, everything else as small arrays."""
@@ -311,17 +316,13 @@ class ScoringDataset(Dataset[ScoreItem]):
                  for i in indices]
         ok = [item for item in items if item.ok]
         if not ok:
-            return [ScoreItem(**item._asdict(), png_bpd=float("nan"),
-                              coarse_png_bpd=float("nan")) for item in items]
+            return [ScoreItem(*item, *_NO_PNG) for item in items]
         images = torch.stack([item.image for item in ok]).numpy()
         png_bpd = batch_png_bits_per_dim(images, c.n_bits)
         coarse = (png_bpd if c.levels == 1
                   else batch_coarse_png_bits_per_dim(images, c.n_bits, c.levels))
         measured = iter(zip(png_bpd.tolist(), coarse.tolist(), strict=True))
-        return [ScoreItem(**item._asdict(), **dict(zip(
-                    ("png_bpd", "coarse_png_bpd"),
-                    next(measured) if item.ok else (float("nan"),) * 2, strict=True)))
-                for item in items]
+        return [ScoreItem(*item, *(next(measured) if item.ok else _NO_PNG)) for item in items]
 
     @staticmethod
     def collate(items: Sequence[ScoreItem]) -> ScoreBatch:

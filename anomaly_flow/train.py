@@ -57,10 +57,9 @@ from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
     ImageItem,
-    conversion_notes,
+    conversion_look,
     display_path,
     find_images,
-    image_shapes,
     one_line,
     split_train_val,
 )
@@ -156,7 +155,7 @@ class FolderData:
     ``digests``: the sorted, distinct SHA-256 content digests of the folder's files,
     both splits (the validation split is fitted by the normal reference), so that
     calibration can tell the images the model was trained on from held-out ones.
-    ``shapes``: the sizes of a sample of its images (:func:`image_shapes`), which the
+    ``shapes``: the sizes of a sample of its images (:func:`conversion_look`), which the
     trained model records (:attr:`Glow.training_shapes`).
     """
 
@@ -196,8 +195,9 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
                        "validation, so the model trains on %d; lower val_fraction (the "
                        "presets hold out 0.1)", display_path(root), config.train.val_fraction,
                        len(val_idx), len(paths), len(train_idx))
-    for note in conversion_notes(paths, config.model.mode, config.model.image_size,
-                                 resize=config.model.resize):
+    look = conversion_look(paths, config.model.mode, config.model.image_size,
+                           resize=config.model.resize)
+    for note in look.notes:
         logger.warning("%s: %s", display_path(root), note)
     dataset = ImageFolderDataset(paths, config.model.mode, config.model.image_size,
                                  config.model.resize)
@@ -207,7 +207,7 @@ def folder_datasets(folder: str | Path, config: RunConfig) -> FolderData:
         logger.warning("%s: %s", display_path(root), note)
     return FolderData(Subset(dataset, train_idx.tolist()), val, paths, digest,
                       tuple(sorted({d for d in digests if not is_unreadable(d)})),
-                      image_shapes(paths))
+                      look.shapes)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -805,3 +805,12 @@ def test_heatmap_names_stay_apart_from_each_other_and_from_folders() -> None:
                                                                    Path("x.png/a.png")]
 
 
+
+
+def test_a_score_item_is_an_image_item_and_its_png_lengths() -> None:
+    """ScoringDataset builds each ScoreItem from an ImageItem positionally (in the
+    workers' loop, no per-image dict): the fields must stay in step."""
+    from anomaly_flow.data import ImageItem
+    from anomaly_flow.scoring import ScoreItem
+
+    assert ScoreItem._fields == (*ImageItem._fields, "png_bpd", "coarse_png_bpd")

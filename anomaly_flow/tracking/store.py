@@ -44,7 +44,7 @@ from sqlalchemy.engine import make_url
 import anomaly_flow
 from anomaly_flow.data import warnings_caught
 from anomaly_flow.errors import describe, first_line, unreachable_reason, without_passwords
-from anomaly_flow.stopping import stops_deferred
+from anomaly_flow.stopping import process_running, stops_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,14 @@ def _build_database(db: Path, artifact_root: Path, *, locked: bool) -> None:
             building.unlink(missing_ok=True)
 
 
+def _read_only(db: Path) -> contextlib.closing[Any]:
+    """A read-only connection to the sqlite database ``db`` (nothing written, nor made
+    where it is missing), closed at the end of a ``with`` block."""
+    import sqlite3
+
+    return contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True))
+
+
 def _half_built_hint(db: Path, uri: str) -> str:
     """What to do with a sqlite store MLflow's migrations left half-built (``_alembic_tmp_``
     tables): a new one holds nothing yet and can go; one an upgrade was stopped in
@@ -320,8 +328,7 @@ def _half_built_hint(db: Path, uri: str) -> str:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro",
-                                                uri=True)) as connection:
+        with _read_only(db) as connection:
             runs = connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             tables = [row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE name LIKE '\\_alembic\\_tmp\\_%' "
@@ -444,8 +451,7 @@ def _foreign_tables(db: Path) -> list[str] | None:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro",
-                                                uri=True)) as connection:
+        with _read_only(db) as connection:
             tables = sorted(row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'"))
     except sqlite3.Error:
@@ -914,12 +920,8 @@ def _process_gone(value: str) -> bool:
         return False
     if host != socket.gethostname():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_running(pid):
         return True
-    except OSError:  # another user's process: there
-        pass
     now = _start_time(pid)
     return start != "-" and now is not None and now != start  # its pid, reused
 
@@ -938,14 +940,24 @@ def _end_abandoned_runs(experiment_id: str) -> None:
         return
     for run in running:
         value = run.data.tags.get(PROCESS_TAG)
-        if not value or not _process_gone(value):
-            continue
-        with contextlib.suppress(MlflowException):
-            client.set_tag(run.info.run_id, "ended_by", "a later run found its process "
-                           "gone (killed outright)")
-            client.set_terminated(run.info.run_id, status="KILLED")
+        if value and _process_gone(value) and end_if_running(
+                run.info.run_id, "a later run found its process gone (killed outright)"):
             logger.warning("the run %s (%s) was left RUNNING by a process that was killed; "
                            "marked KILLED", run.info.run_id, run.info.run_name)
+
+
+def end_if_running(run_id: str, ended_by: str) -> bool:
+    """Mark ``run_id`` KILLED, tagged ``ended_by``, where the store still shows it
+    RUNNING; whether it did (a store that cannot be read or written leaves it)."""
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "ended_by", ended_by)
+        client.set_terminated(run_id, status="KILLED")
+    except MlflowException:
+        return False
+    return True
 
 
 @contextmanager

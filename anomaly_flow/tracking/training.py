@@ -59,6 +59,7 @@ from anomaly_flow.tracking.store import (
     Run,
     check_store_folder,
     configure,
+    end_if_running,
     flatten,
     git_commit,
     mlruns_dir,
@@ -426,20 +427,6 @@ def _run_status(run_id: str) -> str | None:
         return None
 
 
-def _end_if_running(run_id: str, ended_by: str) -> bool:
-    """Mark ``run_id`` KILLED, tagged ``ended_by``, where the store still shows it
-    RUNNING; whether it did (a store that cannot be read or written leaves it)."""
-    client = mlflow.MlflowClient()
-    try:
-        if client.get_run(run_id).info.status != "RUNNING":
-            return False
-        client.set_tag(run_id, "ended_by", ended_by)
-        client.set_terminated(run_id, status="KILLED")
-    except MlflowException:
-        return False
-    return True
-
-
 def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
     """End as KILLED the run of an earlier training of ``name`` that never concluded and
     that the store still shows RUNNING: its process was killed outright (SIGKILL, the OOM
@@ -449,7 +436,7 @@ def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
     run_id = earlier.get("run_id")
     if earlier.get("concluded", True) or _reusable_run(run_id, name) is None:
         return
-    if _end_if_running(run_id, "a fresh training of the same name found it abandoned (its "
+    if end_if_running(run_id, "a fresh training of the same name found it abandoned (its "
                                "process was killed)"):
         logger.warning("the run %s of an earlier training of %r was left RUNNING by a "
                        "process that was killed; marked KILLED", run_id, name)
@@ -479,7 +466,7 @@ def _end_abandoned_pipeline(record: dict[str, Any], name: str) -> None:
             return
     except MlflowException:
         return
-    if _end_if_running(parent_id, f"a later training of {name!r} found its training run "
+    if end_if_running(parent_id, f"a later training of {name!r} found its training run "
                                   f"{run_id} abandoned (their process was killed)"):
         logger.warning("the end-to-end pipeline run %s of a killed training of %r was left "
                        "RUNNING; marked KILLED", parent_id, name)
