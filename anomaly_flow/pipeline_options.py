@@ -100,7 +100,7 @@ def add_name_option(parser: argparse.ArgumentParser) -> None:
 
 def add_epochs_option(parser: argparse.ArgumentParser) -> None:
     """``--epochs N``: replaces the configuration's number of epochs."""
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="number of training epochs (default: the preset's)")
 
 

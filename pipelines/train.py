@@ -23,6 +23,7 @@ from anomaly_flow.pipeline_options import (
     add_epochs_option,
     add_mlruns_option,
     add_name_option,
+    at_least,
     given_path,
     setup_logging,
     stoppable,
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--config", type=given_path, default=None,
                         help="TOML or JSON configuration")
     add_epochs_option(parser)
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=at_least(1), default=None,
                         help="images per step (default: the preset's)")
     add_device_option(parser, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true",

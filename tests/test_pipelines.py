@@ -560,6 +560,23 @@ def test_end_to_end_refuses_limit_without_sample(capsys: pytest.CaptureFixture[s
     assert "--limit caps the folders --sample writes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("script", "argv"), [
+    ("train", ["data", "--name", "n", "--epochs", "0"]),
+    ("train", ["data", "--name", "n", "--batch-size", "-1"]),
+    ("end_to_end", ["--name", "e", "--train", "a", "--calibration", "b", "--test-normal", "c",
+                    "--test-anomalous", "d", "--epochs", "-1"]),
+])
+def test_a_count_below_one_is_an_option_error(
+        script: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """As the command line refuses it (exit 2, naming the option), not later as a config
+    field the user never typed (exit 1)."""
+    with pytest.raises(SystemExit) as stop:
+        load_script(script).parse_args(argv)
+    assert stop.value.code == 2
+    option = argv[-2]
+    assert f"argument {option}: {argv[-1]} is below 1" in capsys.readouterr().err
+
+
 def test_a_stop_in_a_pipeline_returns_the_signals_status(
         trained: TrainedModel, image_dirs: ImageDirs, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, signal_handlers_restored: None) -> None:
