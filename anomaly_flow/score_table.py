@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import secrets
-import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ import pyarrow.compute as pa_compute
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pa_parquet
 
+from anomaly_flow import file_lock
 from anomaly_flow.data import display_path
 
 logger = logging.getLogger(__name__)
@@ -213,14 +213,12 @@ def output_lock(out: Path) -> Iterator[None]:
     """Hold ``.<out>.lock`` beside ``out`` while a run writes it: two scoring runs given
     the same output each replaced the other's table, and the rows of one were lost while
     both said they wrote them. The file goes when the run ends; where locks cannot be
-    taken (no ``fcntl``, a file system without locks) nothing is held.
+    taken (no ``flock``, a file system without locks) nothing is held.
 
     Raises:
         ScoringError: Another process holds the lock.
     """
-    try:
-        import fcntl
-    except ImportError:
+    if not file_lock.SUPPORTED:
         yield
         return
     path = out.with_name(f".{_temporary_stem(out)}.lock")
@@ -231,14 +229,7 @@ def output_lock(out: Path) -> Iterator[None]:
             yield
             return
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = " ".join(handle.read(200).split()) or "another process"
-            handle.close()
-            raise ScoringError(f"another scoring run ({holder}) is writing "
-                               f"{display_path(out)}; wait for it to end, or choose another "
-                               "output path") from None
+            held = file_lock.lock(handle)
         except OSError as exc:  # no locks on this file system (NFS without lockd, FUSE)
             handle.close()
             logger.warning("cannot lock %s (%s), so nothing stops a second run from writing "
@@ -246,24 +237,28 @@ def output_lock(out: Path) -> Iterator[None]:
                            display_path(out))
             yield
             return
+        if not held:
+            holder = file_lock.holder(handle)
+            handle.close()
+            raise ScoringError(f"another scoring run ({holder}) is writing "
+                               f"{display_path(out)}; wait for it to end, or choose another "
+                               "output path")
         try:  # the file a run that just ended removed is no lock: take the new one
-            held = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+            current = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
         except OSError:
-            held = False
-        if held:
+            current = False
+        if current:
             break
         handle.close()
     with handle:
         with contextlib.suppress(OSError):
-            handle.seek(0)
-            handle.truncate()
-            os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            file_lock.claim(handle)
         try:
             yield
         finally:
             with contextlib.suppress(OSError):
                 path.unlink()  # still held: no other run can have taken it meanwhile
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            file_lock.unlock(handle)
 
 
 def write_table(table: pd.DataFrame, out: Path) -> None:

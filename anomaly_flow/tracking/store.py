@@ -42,6 +42,7 @@ from PIL import Image
 from sqlalchemy.engine import make_url
 
 import anomaly_flow
+from anomaly_flow import file_lock
 from anomaly_flow.data import warnings_caught
 from anomaly_flow.errors import describe, first_line, unreachable_reason, without_passwords
 from anomaly_flow.stopping import process_running, stops_deferred
@@ -351,37 +352,34 @@ def _creation_lock(sqlite_db: Path | None) -> Iterator[bool]:
     failed ("Online migration expected to match one row ... in 'alembic_version'") or read
     a half-built schema. Made only for a database that does not exist yet (or is empty);
     once there, every command takes it (a database made beside it may still be being
-    built). Nothing is held where it cannot be opened (a read-only folder, no ``fcntl``).
+    built). Nothing is held where it cannot be opened (a read-only folder, no ``flock``).
     Yields whether the lock is held."""
     if sqlite_db is None:
         yield False
         return
     lock = sqlite_db.parent / f".{sqlite_db.name}.lock"
     handle = None
-    try:  # the body runs outside this try: an error of its own must not reach the except
-        import fcntl
-
-        if lock.is_file():
-            handle = open(lock)  # noqa: SIM115 (a read-only store: flock needs no write)
-        elif not _has_database(sqlite_db):
-            handle = open(lock, "a")  # noqa: SIM115
-    except (ImportError, OSError):
-        handle = None
+    if file_lock.SUPPORTED:
+        try:  # the body runs outside this try: an error of its own must not reach the except
+            if lock.is_file():
+                handle = open(lock)  # noqa: SIM115 (a read-only store: flock needs no write)
+            elif not _has_database(sqlite_db):
+                handle = open(lock, "a")  # noqa: SIM115
+        except OSError:
+            handle = None
     if handle is None:
         yield False
         return
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            locked = file_lock.lock(handle, wait=True)
         except OSError:  # no locks on this file system
             locked = False
-        else:
-            locked = True
         try:
             yield locked
         finally:
             if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                file_lock.unlock(handle)
 
 
 def uses_default_store() -> bool:

@@ -14,9 +14,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from anomaly_flow import file_lock
 from anomaly_flow.checkpoint import (
     RESUME_MUST_MATCH,
     TrainingError,
@@ -220,10 +219,8 @@ def _write_record(folder: Path, record: dict[str, Any]) -> None:
 def _running_message(handle: Any, name: str, path: Path) -> str:
     """What to tell a training of ``name`` whose lock ``path`` (open as ``handle``)
     another process holds."""
-    handle.seek(0)
-    holder = handle.read().strip() or "another process"
-    return (f"another training of {name!r} is running ({holder}, holding {path}); wait "
-            "for it to end, or train under another --name")
+    return (f"another training of {name!r} is running ({file_lock.holder(handle)}, holding "
+            f"{path}); wait for it to end, or train under another --name")
 
 
 def _check_not_running(ckpt: Path, name: str) -> None:
@@ -234,9 +231,7 @@ def _check_not_running(ckpt: Path, name: str) -> None:
     Raises:
         TrainingError: Another process holds the name's lock.
     """
-    try:
-        import fcntl
-    except ImportError:
+    if not file_lock.SUPPORTED:
         return
     path = ckpt.parent / f".{ckpt.name}.lock"
     try:
@@ -245,26 +240,24 @@ def _check_not_running(ckpt: Path, name: str) -> None:
         return
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingError(_running_message(handle, name, path)) from None
+            held = file_lock.lock(handle)
         except OSError:  # no locks on this file system: the lock itself will say so
             return
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        if not held:
+            raise TrainingError(_running_message(handle, name, path))
+        file_lock.unlock(handle)
 
 
 @contextlib.contextmanager
 def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
     """Hold ``<checkpoints>/.<folder>.lock`` while training ``name``: a second training of
     the same name (another terminal, a scheduler's retry) would delete or take over the
-    checkpoints of the first. Where ``fcntl`` is missing (Windows) nothing is held.
+    checkpoints of the first. Where there is no ``flock`` (Windows) nothing is held.
     Yields whether the lock is held."""
     if ckpt.exists() and not ckpt.is_dir():
         raise TrainingError(f"{ckpt} is a file, where the checkpoints of {name!r} go; move "
                             "it away, or train under another --name")
-    try:
-        import fcntl
-    except ImportError:
+    if not file_lock.SUPPORTED:
         yield False
         return
     path = ckpt.parent / f".{ckpt.name}.lock"
@@ -276,18 +269,16 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
                             "check --mlruns and its permissions") from None
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingError(_running_message(handle, name, path)) from None
+            held = file_lock.lock(handle)
         except OSError as exc:  # no locks on this file system (NFS without lockd, FUSE)
             logger.warning("cannot lock %s (%s), so nothing stops a second training of %r "
                            "from using its checkpoints meanwhile", path, exc.strerror, name)
             yield False
             return
-        handle.seek(0)
-        handle.truncate()
-        try:  # unbuffered: a write the disk refused would be retried, and fail, at close
-            os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        if not held:
+            raise TrainingError(_running_message(handle, name, path))
+        try:
+            file_lock.claim(handle)
         except OSError as exc:  # a full disk: no checkpoint would fit either
             raise TrainingError(f"cannot write in the checkpoint folder {ckpt.parent} "
                                 f"({exc.strerror}); free space there, or train with another "
@@ -295,7 +286,7 @@ def _training_lock(ckpt: Path, name: str) -> Iterator[bool]:
         try:
             yield True
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            file_lock.unlock(handle)
 
 
 def _check_resumable(state: dict[str, Any], before: RunConfig, config: RunConfig,
