@@ -106,6 +106,8 @@ __all__ = [
     "f1_threshold",
     "min_calibration_size",
     "operating_point",
+    "rate_interval",
+    "shown_precision",
     "youden_threshold",
 ]
 
@@ -204,6 +206,33 @@ def _rates(fp: int, tn: int, tp: int, fn: int, labelled: bool) -> dict[str, floa
         f1 = 2 * tp / (2 * tp + fp + fn)
         rates.update(tpr=recall, recall=recall, precision=precision, f1=f1)
     return rates
+
+
+def rate_interval(count: int, total: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval, at confidence ``level``, of a rate measured as
+    ``count`` of ``total`` images: where a false-positive rate measured on a test set may
+    lie by chance alone (4 of 300 is 1.3 %, and 0.4 % to 3.4 % at 95 %).
+
+    Raises:
+        ValueError: ``total`` is not positive, or ``count`` is outside 0..``total``.
+    """
+    if total < 1 or not 0 <= count <= total:
+        raise ValueError(f"a rate needs 0 <= count <= total and total >= 1; got {count} of "
+                         f"{total}")
+    from scipy.stats import binomtest  # seconds of import, for the report only
+
+    interval = binomtest(count, total).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
+def shown_precision(precision: float, recall: float, fpr: float, spec: str = ".4g") -> str:
+    """Precision as a person reads it: formatted by ``spec``, or ``n/a (nothing flagged)``
+    where the threshold flags no image (recall and false-positive rate both 0), whose
+    precision is 0/0, held as 1 in the figures (scikit-learn's end point), not a perfect
+    one."""
+    if recall == 0 and fpr == 0:
+        return "n/a (nothing flagged)"
+    return format(precision, spec)
 
 
 def operating_point(

@@ -20,7 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_flow import heatmap, plots, report, tracking
-from anomaly_flow.calibration import operating_point
+from anomaly_flow.calibration import operating_point, rate_interval, shown_precision
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import DataError, display_path
 from anomaly_flow.detection import DetectionMetrics
@@ -245,6 +245,14 @@ def _heatmap_caption(score_name: str, *, n_bits: int, image_size: int) -> str:
             f"higher ({low:.0%} at 0 to {high:.0%} at {top:g}).")
 
 
+def _rate_text(rate: float, total: int) -> str:
+    """A rate measured on ``total`` images, with the count it is and its 95 % interval: a
+    test false-positive rate a little above the target is then seen to be chance."""
+    count = round(rate * total)
+    low, high = rate_interval(count, total)
+    return f"{rate:.4f} ({count} of {total}; 95% interval {low:.4f} to {high:.4f})"
+
+
 def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dict,
             point: dict, calibration, *, preset: str, model_uri: str, tracking_uri: str,
             val_bpd: float, calibrate_run: str, evaluate_run: str, n_bits: int,
@@ -262,9 +270,12 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
          "value": f"{calibration.threshold.value:.4f}"},
         {"item": "target false-positive rate", "value": f"{calibration.threshold.alpha}"},
         {"item": "calibration images", "value": calibration.threshold.n_calibration},
-        {"item": "achieved false-positive rate on test normals", "value": f"{point['fpr']:.4f}"},
-        {"item": "detection rate (TPR) on test anomalies", "value": f"{point['tpr']:.4f}"},
-        {"item": "precision", "value": f"{point['precision']:.4f}"},
+        {"item": "achieved false-positive rate on test normals",
+         "value": _rate_text(point["fpr"], detection[name].n_normal)},
+        {"item": "detection rate (TPR) on test anomalies",
+         "value": _rate_text(point["tpr"], detection[name].n_anomalous)},
+        {"item": "precision",
+         "value": shown_precision(point["precision"], point["tpr"], point["fpr"], ".4f")},
         {"item": f"AUROC ({name})", "value": f"{detection[name].auroc:.4f}"},
         {"item": "test images scored / failed",
          "value": f"{len(scored)} / {len(table) - len(scored)}"},

@@ -57,6 +57,7 @@ from anomaly_flow.calibration import (
     conformal_need,
     min_calibration_size,
     operating_point,
+    shown_precision,
 )
 from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import DataError, display_path
@@ -561,11 +562,11 @@ def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
                     else "") + ")")
     line = f"calibration FPR: {threshold.fpr:.4g} on {threshold.n_calibration} normal images"
     if threshold.n_anomalous:
-        # precision of a threshold that flags nothing is 0/0: no figure, not a perfect one
-        flagged = threshold.recall > 0 or threshold.fpr > 0
-        precision = f"{threshold.precision:.4g}" if flagged else "n/a (nothing flagged)"
+        precision = shown_precision(threshold.precision, threshold.recall, threshold.fpr)
         line += (f"; precision {precision}, recall {threshold.recall:.4g}, "
-                 f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} anomalies")
+                 f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} "
+                 f"{'anomaly' if threshold.n_anomalous == 1 else 'anomalies'} (the images "
+                 "that chose the threshold, so optimistic: measure on others with evaluate)")
     lines.append(line)
     return lines
 

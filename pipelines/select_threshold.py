@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
+    from anomaly_flow.calibration import shown_precision
     from anomaly_flow.evaluation import SelectThresholdOutcome, select_threshold
 
     def show(compared: SelectThresholdOutcome) -> None:
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score {compared.score}: {compared.n_normal} normal, "
               f"{compared.n_anomalous} anomalous images; "
               f"cost = {args.cost_fp:g}·FP + {args.cost_fn:g}·FN")
-        print(compared.table.to_string(float_format=lambda v: f"{v:.4f}"))
+        shown = compared.table.astype(object)
+        shown["precision"] = [shown_precision(row.precision, row.recall, row.fpr, ".4f")
+                              for row in compared.table.itertuples()]
+        print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
 
     setup_logging()
     try:

@@ -24,6 +24,7 @@ from anomaly_flow.calibration import (
     f1_threshold,
     min_calibration_size,
     operating_point,
+    rate_interval,
     youden_threshold,
 )
 from anomaly_flow.calibration_checks import CalibrationError
@@ -442,6 +443,22 @@ def test_operating_point_hand_computed():
     )
     assert operating_point(NORMAL, None, 0.2) == {"fpr": 0.5}
     assert operating_point(NORMAL, None, 0.4) == {"fpr": 0.0}  # equal to threshold: normal
+
+
+def test_rate_interval_is_clopper_pearson():
+    """Closed forms at the ends (0 of n: upper 1 - 0.025^(1/n)); in between, the beta
+    quantiles that define the exact interval."""
+    from scipy.stats import beta
+
+    assert rate_interval(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
+    assert rate_interval(10, 10) == pytest.approx((0.025 ** 0.1, 1.0))
+    low, high = rate_interval(4, 300)
+    assert low == pytest.approx(beta.ppf(0.025, 4, 297))
+    assert high == pytest.approx(beta.ppf(0.975, 5, 296))
+    assert (round(low, 4), round(high, 4)) == (0.0036, 0.0338)
+    for count, total in ((-1, 5), (6, 5), (0, 0)):
+        with pytest.raises(ValueError, match="a rate needs 0 <= count <= total"):
+            rate_interval(count, total)
 
 
 # --------------------------------------------------------------- Benjamini-Hochberg

@@ -23,6 +23,7 @@ from anomaly_flow.calibration import (
     conformal_threshold,
     cost_threshold,
     f1_threshold,
+    shown_precision,
     youden_threshold,
 )
 from anomaly_flow.calibration_checks import CalibrationError
@@ -356,7 +357,19 @@ def test_a_threshold_that_flags_no_labelled_anomaly_is_warned_of(
     assert result.exit_code == 0, result.output
     assert "flags none of the 1 anomalous images (recall 0): the version it registers calls " \
         "every image like them normal" in result.stderr
-    assert "; precision n/a (nothing flagged), recall 0, F1 0 on 1 anomalies" in result.stdout
+    assert ("; precision n/a (nothing flagged), recall 0, F1 0 on 1 anomaly (the images that "
+            "chose the threshold, so optimistic: measure on others with evaluate)\n"
+            ) in result.stdout
+    # evaluate, on the same images, says it in the same words
+    result = run("evaluate", "--model", model_uri_from(result), "--normal",
+                 image_dirs.calibration, "--anomalous", anomalous, "--device", "cpu",
+                 "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^at the stored threshold \S+ \(complexity, cost\): FPR 0, recall 0, "
+                     r"precision n/a \(nothing flagged\)$", result.stdout, re.MULTILINE), \
+        result.stdout
+    assert shown_precision(1.0, 0.0, 0.0) == "n/a (nothing flagged)"
+    assert shown_precision(1.0, 0.5, 0.0) == "1" and shown_precision(0.0, 0.0, 0.1) == "0"
 
 
 @pytest.mark.parametrize("method", ["f1", "youden", "cost"])

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_flow import tracking
+from anomaly_flow.calibration import rate_interval
 from anomaly_flow.cli import main
 from anomaly_flow.fashion_mnist import load_sample
 
@@ -58,6 +59,12 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     for name in ("bpd", "complexity", "coarse_complexity", "typicality", "knn", "pixel_knn",
                  "ensemble", "level_1"):
         assert f"<td class='l'>{name}</td>" in page, name
+    # the test false-positive rate with its count and chance interval, from the table
+    normals = table[~is_anomalous]
+    flagged = int(normals["is_anomaly"].astype(bool).sum())
+    low, high = rate_interval(flagged, len(normals))
+    assert (f"{flagged / len(normals):.4f} ({flagged} of {len(normals)}; 95% interval "
+            f"{low:.4f} to {high:.4f})") in page
     assert "data:image/png;base64," in page  # self-contained: figures inlined
     assert "src='http" not in page and 'src="http' not in page
     assert len(list((out / "heatmaps").rglob("*.png"))) == len(table)

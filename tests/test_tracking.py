@@ -47,10 +47,12 @@ from anomaly_flow.scoring import ScoringDataset, score_dataset
 from anomaly_flow.tracking import ModelNotFoundError
 from anomaly_flow.tracking.pyfunc import (
     GlowPyfunc,
+    ModelLoadError,
     PredictError,
     input_sources,
     model_signature,
     output_columns,
+    path_root,
     rows_from_columns,
 )
 from tests.conftest import ImageDirs, TrainedModel, new_store, stop_during, tiny_config
@@ -816,7 +818,8 @@ def test_pyfunc_answers_empty_input_and_refuses_bad_params_clearly() -> None:
         for name in ("bpd", "complexity", "level_1", "score", "p_value"):
             assert answer[name].dtype == np.float64, name
     for columnless, empty_too in ((pd.DataFrame(index=[0, 1]), ""),  # what MLflow leaves
-                                  (pd.DataFrame(), "; an empty request reads the same")):
+                                  (pd.DataFrame(), "; an empty request, or a plain list of "
+                                   "values that is no table, reads the same")):
         with pytest.raises(PredictError, match=r"the input has no 'path' or 'image' column "
                                                r"\(MLflow drops every column the model's "
                                                r"signature does not name, a misspelt one too, "
@@ -938,7 +941,9 @@ def test_a_column_mlflow_packed_into_one_cell_is_a_row_per_image(tmp_path: Path)
         unchanged = pd.DataFrame({"path": [cell]})
         assert rows_from_columns(unchanged) is unchanged
     uneven = pd.DataFrame({"path": [paths], "image": [images[:1]]})
-    assert rows_from_columns(uneven) is uneven
+    with pytest.raises(PredictError, match=r"^the input's columns hold lists of different "
+                                           r"lengths \(2 in 'path' and 1 in 'image'\), so"):
+        rows_from_columns(uneven)  # one row back would drop a path without a word
 
 
 def test_a_file_uri_is_its_file_and_other_uris_and_bytes_say_what_to_do(
@@ -962,6 +967,82 @@ def test_a_file_uri_is_its_file_and_other_uris_and_bytes_say_what_to_do(
     assert "is a URI ('s3://bucket/a.png'); the model reads local files only" in remote.reason
     assert "pass them in the 'image' column" in raw.reason
     assert "struct(col(...).alias('image'))" in raw.reason
+
+
+def test_base64_as_bytes_and_data_uris_are_the_image_they_encode() -> None:
+    """``base64.b64encode(data)`` gives bytes, not text; a browser's ``readAsDataURL`` gives
+    ``data:image/png;base64,...``: both were "not an image" / "not base64"."""
+    png = png_bytes()
+    text = base64.b64encode(png).decode()
+    sources = input_sources(pd.DataFrame({"image": [
+        text.encode(), base64.encodebytes(png), f"data:image/png;base64,{text}",
+        "DATA:image/png;base64," + text, b"PNG", base64.b64encode(b"hello")]}))
+    assert sources == [png, png, png, png, b"PNG", base64.b64encode(b"hello")]
+    grey_8 = GlowConfig(image_size=8, levels=2, steps_per_level=1, hidden_channels=4)
+    assert ScoringDataset(sources, grey_8)[0].ok
+
+
+def test_a_path_root_confines_a_served_model_to_one_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A served model read any file its process could, and its row errors told a client
+    which paths exist ("file not found" / "not a regular file"): with
+    ANOMALY_FLOW_PATH_ROOT it reads under one folder, and everything outside gets one
+    answer."""
+    root = tmp_path / "served"
+    (root / "parts").mkdir(parents=True)
+    (root / "parts" / "a.png").write_bytes(png_bytes(7))
+    (tmp_path / "secret.png").write_bytes(png_bytes(9))
+    (root / "parts" / "leak.png").symlink_to(tmp_path / "secret.png")
+    folder = tiny_wrapper().model.save(tmp_path / "glow")
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
+                                               model_config={"device": "cpu"})
+    unconfined = GlowPyfunc()
+    unconfined.load_context(context)
+    monkeypatch.setenv("ANOMALY_FLOW_PATH_ROOT", str(root / "parts" / ".."))
+    confined = GlowPyfunc()
+    confined.load_context(context)
+    assert confined.root == str(root)
+    inside = ["parts/a.png", str(root / "parts" / "a.png"), f"file://{root}/parts/a.png",
+              "parts/../parts/a.png"]
+    outside = [str(tmp_path / "secret.png"), str(tmp_path / "nothing.png"), "../secret.png",
+               "parts/leak.png", "/"]
+    answer = confined.predict(None, pd.DataFrame({"path": inside + outside}))  # type: ignore[arg-type]
+    expected = unconfined.predict(None, pd.DataFrame(  # type: ignore[arg-type]
+        {"path": [str(root / "parts" / "a.png")]}))["bpd"].item()
+    assert answer["bpd"].tolist()[:4] == [expected] * 4
+    assert answer["error"].tolist()[:4] == [""] * 4
+    for name, error in zip(outside, answer["error"].tolist()[4:], strict=True):
+        assert error == (f"the 'path' value {name!r} is outside {root}, the one folder this "
+                         "model reads (ANOMALY_FLOW_PATH_ROOT); pass a path under it, or "
+                         "the file's bytes in the 'image' column")
+    assert answer["bpd"].iloc[4:].isna().all()
+    missing = confined.predict(None, pd.DataFrame({"path": ["parts/b.png"]}))  # type: ignore[arg-type]
+    assert "not found" in missing["error"].item()  # inside, a file's absence is still said
+    assert np.isfinite(confined.predict(None, pd.DataFrame(  # type: ignore[arg-type]
+        {"image": [png_bytes(9)]}))["bpd"].item())  # bytes are no file: not confined
+    (tmp_path / "a-file").write_text("")
+    for bad in (str(tmp_path / "a-file"), str(tmp_path / "nowhere")):
+        monkeypatch.setenv("ANOMALY_FLOW_PATH_ROOT", bad)
+        with pytest.raises(ModelLoadError, match=(
+                f"^ANOMALY_FLOW_PATH_ROOT is '{re.escape(bad)}', which is not a folder; set it "
+                "to the folder whose images the model may read, or unset it")):
+            GlowPyfunc().load_context(context)
+    monkeypatch.setenv("ANOMALY_FLOW_PATH_ROOT", " ")
+    assert path_root() is None
+
+
+def test_a_calibration_of_a_score_the_model_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    """Refused by every predict, it reached REST clients as "verify that the serialized
+    input Dataframe is compatible with the model" with a stack trace."""
+    folder = tiny_wrapper().model.save(tmp_path / "glow")
+    calibration = calibrate("level_3", np.linspace(0, 1, 40), alpha=0.1)
+    (folder / "calibration.json").write_text(calibration.to_json())
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
+                                               model_config={"device": "cpu"})
+    with pytest.raises(ModelFileError, match=r"calibration\.json calibrates score 'level_3', "
+                                             r"which this model does not produce \(its "
+                                             r"scores: bpd, .*level_2\); copy or download"):
+        GlowPyfunc().load_context(context)
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
@@ -1035,7 +1116,8 @@ def test_pyfunc_answers_every_row_of_any_table(data: st.DataObject) -> None:
 
 
 def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
-        trained: TrainedModel, image_dirs: ImageDirs, tmp_path: Path) -> None:
+        trained: TrainedModel, image_dirs: ImageDirs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = tracking.load_model(trained.alias_uri, device=AUTO)
     files = image_dirs.files(image_dirs.test_normal)[:6] + image_dirs.files(
         image_dirs.test_anomalous)[:6]
@@ -1081,6 +1163,12 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
                                             'CUDA is not available on this machine; use the '
                                             'model_config "device" cpu or auto'):
             mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "cuda"})
+        # `mlflow models serve` takes it from the environment: the advice names that
+        monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", '{"device": "cuda"}')
+        with pytest.raises(Exception, match="MLFLOW_PYFUNC_INFERENCE_CONFIG's \"device\" "
+                                            "cuda was asked for but CUDA is not available"):
+            mlflow.pyfunc.load_model(trained.alias_uri)
+        monkeypatch.delenv("MLFLOW_PYFUNC_INFERENCE_CONFIG")
     assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
     assert (by_path["error"][:-1] == "").all()
@@ -1460,7 +1548,8 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         assert status == 400
         assert "the input has no 'path' or 'image' column" in message
         assert "but the model needs a 'path' (string) or an 'image' (bytes) column" in message
-    assert "an empty request reads the same" in empty[1]
+    assert "an empty request, or a plain list of values that is no table, reads the same" \
+        in empty[1]
     assert bad_param[0] == 400
     assert "the batch_size param must be a positive number of images, not 0" in bad_param[1]
     assert alone == expected["bpd"].tolist()[:3]

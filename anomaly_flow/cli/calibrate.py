@@ -174,6 +174,7 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
       anomaly-flow evaluate --model models:/parts@champion \\
           --normal data/test/normal --anomalous data/test/anomalous
     """
+    from anomaly_flow.calibration import shown_precision
     from anomaly_flow.evaluation import evaluate_model
     from anomaly_flow.tracking import stop_advice, stop_mark
 
@@ -188,5 +189,7 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
                    f"({outcome.stored_threshold}): "
                    f"FPR {metrics['calibrated_fpr']:.4g}, "
                    f"recall {metrics['calibrated_recall']:.4g}, "
-                   f"precision {metrics['calibrated_precision']:.4g}")
+                   "precision " + shown_precision(metrics["calibrated_precision"],
+                                                  metrics["calibrated_recall"],
+                                                  metrics["calibrated_fpr"]))
     click.echo(f"run: {outcome.run_id}")

@@ -14,14 +14,18 @@ both, the bytes win. Output: one row per input row, in order, with ``bpd``,
 
 Params at predict time: ``threshold`` (decide ``score > threshold`` instead of the
 calibrated threshold; also works on an uncalibrated model, whose score is ``bpd``) and
-``batch_size``. A request without an image column, with a bad param or with a batch
-that does not fit in memory raises :class:`PredictError` (HTTP 400 over REST). Behind
-MLflow's REST server a missing number is None (``null``), not NaN (see
-:func:`_json_safe`).
+``batch_size``. A request without an image column, with columns of different lengths,
+with a bad param or with a batch that does not fit in memory raises
+:class:`PredictError` (HTTP 400 over REST). Behind MLflow's REST server a missing number
+is None (``null``), not NaN (see :func:`_json_safe`).
 
 ``model_config={"device": "cpu"|"cuda"|"auto"}`` at load time (or the
 ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` environment variable for ``mlflow models serve``)
 picks the device; the default, ``auto``, is CUDA where there is one.
+
+A model reads any file its process can: where the ones sending paths are not trusted with
+that (a REST server), ``ANOMALY_FLOW_PATH_ROOT`` at load time confines ``path`` values to
+one folder (see :func:`path_root`).
 """
 
 from __future__ import annotations
@@ -66,11 +70,17 @@ GLOW_ARTIFACT = "glow"
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_BATCH_SIZE = 256
 
+PATH_ROOT_VARIABLE = "ANOMALY_FLOW_PATH_ROOT"
+
 _SCORING = threading.Lock()
 """Held by each ``predict``, so that a server's requests are scored one at a time: the
 scoring they would share takes turns anyway (its precision settings are the process's,
 :func:`anomaly_flow.scoring.numerics`), and requests in between each other's batches would
 hold several batches in the device's memory at once, where ``batch_size`` promises one."""
+
+
+class ModelLoadError(ValueError):
+    """The model cannot load as its environment asks (a bad ``ANOMALY_FLOW_PATH_ROOT``)."""
 
 
 class PredictError(MlflowException, ValueError):
@@ -133,9 +143,11 @@ def _missing(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
 
 
-def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | None]:
-    """One image source per row: the ``image`` bytes where given, else the ``path``; a
-    cell of another type becomes an :class:`InvalidSource`, an error in its own row."""
+def input_sources(frame: pd.DataFrame, root: str | None = None,
+                  ) -> list[str | bytes | InvalidSource | None]:
+    """One image source per row: the ``image`` bytes where given, else the ``path``
+    (confined to the folder ``root`` where one is given, see :func:`path_root`); a cell
+    of another type becomes an :class:`InvalidSource`, an error in its own row."""
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     n = len(frame)
@@ -146,10 +158,11 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | Non
         if len(frame.columns):
             named = f"has columns {list(frame.columns)}"
         else:
+            alike = ("; an empty request, or a plain list of values that is no table, reads "
+                     "the same" if not n else "")
             named = ("has no 'path' or 'image' column (MLflow drops every column the "
                      "model's signature does not name, a misspelt one too, before the model "
-                     "sees the input" + ("; an empty request reads the same" if not n else "")
-                     + ")")
+                     f"sees the input{alike})")
         raise PredictError(f"the input {named}, but the model needs a 'path' (string) or "
                            "an 'image' (bytes) column; pass one of them, with one row per "
                            "image")
@@ -160,7 +173,7 @@ def input_sources(frame: pd.DataFrame) -> list[str | bytes | InvalidSource | Non
         if not _missing(image):
             sources.append(_image_source(image))
         elif not _missing(path):
-            sources.append(_path_source(path))
+            sources.append(_path_source(path, root))
         else:
             sources.append(None)
     return sources
@@ -179,29 +192,60 @@ def rows_from_columns(frame: pd.DataFrame) -> pd.DataFrame:
     is unpacked into a row per item, index 0..n-1. A list is never one image, so no
     answer with a score in it changes; numpy arrays, as a Spark array column gives them,
     stay an error in their row (Spark needs one row out per row in).
+
+    Raises:
+        PredictError: The cells are lists of different lengths (one row back would have
+            dropped the images of the longer one).
     """
     if not isinstance(frame, pd.DataFrame) or len(frame) != 1:
         return frame
     cells = {name: frame[name].iloc[0] for name in ("path", "image") if name in frame.columns}
     lists = {name: cell for name, cell in cells.items()
              if isinstance(cell, list) and all(isinstance(item, str) for item in cell)}
-    if not lists or len({len(cell) for cell in lists.values()}) != 1:
+    if not lists:
         return frame
+    if len({len(cell) for cell in lists.values()}) != 1:  # not one image per row: refused
+        lengths = " and ".join(f"{len(cell)} in {name!r}" for name, cell in lists.items())
+        raise PredictError(f"the input's columns hold lists of different lengths ({lengths}), "
+                           "so its rows cannot be told apart; give every column one value "
+                           "per image, null where an image has none")
     if any(not _missing(cell) for name, cell in cells.items() if name not in lists):
         return frame
     n = len(next(iter(lists.values())))
     return pd.DataFrame({name: lists.get(name, [None] * n) for name in cells}, dtype=object)
 
 
+_DATA_URI = re.compile(r"data:[^,]*;base64,", re.IGNORECASE)
+"""The head of a ``data:`` URI (``data:image/png;base64,...``), what a browser's
+``FileReader.readAsDataURL`` and ``<canvas>.toDataURL`` give."""
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+"""How the image files anomaly-flow reads begin: bytes that are base64 *text* of one
+(``base64.b64encode(data)`` without ``.decode()``) are taken as what they encode."""
+
+
 def _image_source(value: Any) -> bytes | InvalidSource:
     """An ``image`` cell: the encoded file's bytes, or text holding them in base64 (what a
-    REST request carries for a binary column)."""
+    REST request carries for a binary column; a ``data:`` URI's head is dropped), or bytes
+    holding base64 text of an image file."""
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
+        data = bytes(value)
+        if _BASE64_TEXT.fullmatch(data):  # never an image file's own bytes
+            try:
+                decoded = base64.b64decode(b"".join(data.split()), validate=True)
+            except ValueError:
+                return data
+            if decoded.startswith(_IMAGE_MAGIC):
+                return decoded
+        return data
     if isinstance(value, str):
+        text = "".join(value.split())
+        if head := _DATA_URI.match(text):
+            text = text[head.end():]
         try:
             # line breaks allowed, as `base64` and encodebytes write them
-            return base64.b64decode("".join(value.split()), validate=True)
+            return base64.b64decode(text, validate=True)
         except ValueError:  # binascii.Error
             return InvalidSource("the 'image' value is text but not base64; pass the image "
                                  "file's bytes (or its path in the 'path' column)")
@@ -216,11 +260,16 @@ another host's file, which the URI message below answers."""
 
 _OTHER_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
+_PATH_REPR = reprlib.Repr()
+_PATH_REPR.maxstring = 240  # a path in a row's error whole, as a rule (the row has no name)
 
-def _path_source(value: Any) -> str | InvalidSource:
+
+def _path_source(value: Any, root: str | None = None) -> str | InvalidSource:
     """A ``path`` cell: a string (or path object) naming one file, or a ``file:`` URI of
     one; a name that is not UTF-8 as a scores table prints it (``\\xff`` escapes) is
-    taken back."""
+    taken back. With ``root`` (a real path), a relative path is taken under it and one
+    that leads out of it, by ``..`` or a link, is refused the same way whether or not
+    its file exists."""
     if isinstance(value, str | os.PathLike):
         text = str(value)
         local = _FILE_URI.match(text)
@@ -233,7 +282,15 @@ def _path_source(value: Any) -> str | InvalidSource:
                 f"the 'path' value is a URI ({reprlib.repr(text)}); the model reads local "
                 "files only: copy the files where it runs, or pass their bytes in the "
                 "'image' column (Spark's binaryFile source has them as 'content')")
-        return undisplayed_path(text)
+        if root is None:
+            return undisplayed_path(text)
+        inside = os.path.realpath(os.path.join(root, undisplayed_path(text)))
+        if os.path.commonpath([root, inside]) != root:
+            return InvalidSource(f"the 'path' value {_PATH_REPR.repr(text)} is outside {root}, "
+                                 f"the one folder this model reads ({PATH_ROOT_VARIABLE}); "
+                                 "pass a path under it, or the file's bytes in the 'image' "
+                                 "column")
+        return inside
     if isinstance(value, bytes | bytearray | memoryview):
         return InvalidSource(
             f"the 'path' value is {_described(value)}, not a string; to score an image's "
@@ -250,8 +307,8 @@ def _described(value: Any) -> str:
 
 
 def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFrame, *,
-                  threshold: float | None = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> pd.DataFrame:
+                  threshold: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                  root: str | None = None) -> pd.DataFrame:
     """Score the images a frame names; what the pyfunc's ``predict`` returns.
 
     Args:
@@ -261,6 +318,7 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         frame: ``path`` and/or ``image`` columns, one image per row.
         threshold: Overrides the calibrated threshold: ``is_anomaly = score > threshold``.
         batch_size: Images per forward pass.
+        root: The one folder ``path`` values may name files in (:func:`path_root`).
 
     Returns:
         One row per input row, columns :func:`output_columns`, with the frame's index;
@@ -268,7 +326,7 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         reason in ``error``.
     """
     cfg = model.config
-    dataset = ScoringDataset(input_sources(frame), cfg)
+    dataset = ScoringDataset(input_sources(frame, root), cfg)
     scores = score_dataset(model, dataset, batch_size=batch_size, progress=False)
     out = apply_calibration(scores, calibration)
     verdict = out["is_anomaly"].astype(object).where(out["is_anomaly"].notna(), None)
@@ -309,15 +367,28 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
 
     model: Glow
     calibration: Calibration | None
+    root: str | None = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         folder = Path(context.artifacts[GLOW_ARTIFACT])
         device = (context.model_config or {}).get("device")
         # unset or null: auto; named as a load's model_config, or MLFLOW_PYFUNC_INFERENCE_CONFIG
         # for `mlflow models serve`, not as a command's --device
+        given_by = ("MLFLOW_PYFUNC_INFERENCE_CONFIG's" if "device" in os.environ.get(
+            "MLFLOW_PYFUNC_INFERENCE_CONFIG", "") else "the model_config")
         self.model = Glow.load(folder, resolve_device(
-            "auto" if device is None else device, option='the model_config "device"'))
+            "auto" if device is None else device, option=f'{given_by} "device"'))
         self.calibration = load_calibration(folder)
+        self.root = path_root()
+        produced = score_names(self.model)
+        if self.calibration is not None and self.calibration.score_name not in produced:
+            # found here, the model refuses to load; found by predict, every request failed
+            # (a REST client was told its input was at fault)
+            raise ModelFileError(
+                f"{folder / CALIBRATION_FILE} calibrates score "
+                f"{self.calibration.score_name!r}, which this model does not produce "
+                f"(its scores: {', '.join(produced)}); copy or download the model again, "
+                "or calibrate the uncalibrated version again (anomaly-flow calibrate)")
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -338,10 +409,30 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
                 frame = predict_frame(self.model, self.calibration,
                                       rows_from_columns(model_input),
                                       threshold=None if threshold is None else float(threshold),
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, root=self.root)
         except BatchOutOfMemory as exc:  # as any other exception, REST would lose the advice
             raise PredictError(exc.advice(option="the batch_size param")) from None
         return _json_safe(frame) if _serving() else frame
+
+
+def path_root() -> str | None:
+    """The folder ``ANOMALY_FLOW_PATH_ROOT`` names (its real path), or None where it is
+    unset or empty. Read when a model loads: a served model then reads files under it
+    only, takes a relative ``path`` under it (not under the server's working folder),
+    and answers a path outside it with the same error whether that file exists or not.
+
+    Raises:
+        ModelLoadError: It names no folder.
+    """
+    given = os.environ.get(PATH_ROOT_VARIABLE, "")
+    if not given.strip():
+        return None
+    root = os.path.realpath(given)
+    if not os.path.isdir(root):
+        raise ModelLoadError(f"{PATH_ROOT_VARIABLE} is {given!r}, which is not a folder; set "
+                             "it to the folder whose images the model may read, or unset it "
+                             "to let the model read any file its process can")
+    return root
 
 
 def _serving() -> bool:
