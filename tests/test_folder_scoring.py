@@ -584,7 +584,7 @@ def test_two_runs_cannot_write_one_output_at_once(model: Glow, messy: Path,
     out = tmp_path / "scores.csv"
     lock = tmp_path / ".scores.csv.lock"
     with output_lock(out):  # another run, busy
-        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
         with pytest.raises(ScoringError, match=rf"another scoring run \(pid {os.getpid()} on "
                                                r".*\) is writing .*scores\.csv; wait for it "
                                                r"to end, or choose another output path"):

@@ -16,7 +16,7 @@ PACKAGE = Path(anomaly_flow.__file__).parent
 
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(group) for group in (
     {"config", "layers", "glow", "score_kinds", "threshold_methods", "errors", "stopping",
-     "presets"},
+     "presets", "file_lock"},
     {"data", "fingerprint", "fashion_mnist"},
     {"calibration_checks", "detection", "calibration"},
     {"scoring", "complexity", "heatmap", "score_table", "folder_scoring"},
@@ -27,7 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(group) for group in (
     {"cli"},
 ))
 """The package's modules (a subpackage by its name), lowest first; the first group is
-the model and what even it may use (names, errors, stop handling, the preset files)."""
+the model and what even it may use (names, errors, stop handling, file locks, the preset files)."""
 
 
 def _modules() -> dict[str, list[Path]]:
