@@ -85,6 +85,7 @@ def warnings_caught() -> Iterator[None]:
 _CHANNELS = {"L": 1, "RGB": 3}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _GREY_MODES = frozenset({"1", "L", "LA", "F", *_SIXTEEN_BIT_MODES})
+_ALPHA_MODES = frozenset({"PA", "LA", "RGBa", "RGBA"})  # composited onto black
 NARROW_SIXTEEN_BIT = 4096
 """A 16-bit image whose values all lie below this holds 12 bits or fewer (a camera's raw
 range), which the scaling to 8 bits (``/ 257``) leaves in the darkest sixteenth."""
@@ -532,6 +533,9 @@ def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: 
     except Exception as exc:  # PIL's plugins raise many types for damaged data
         if "truncated" in str(exc).lower():
             raise ImageDecodeError(name, "truncated image file") from None
+        if "could not create decoder object" in str(exc):  # WebP's word for cut-short data
+            raise ImageDecodeError(name, "damaged or truncated image file (its decoder "
+                                         "refused the data)") from None
         raise ImageDecodeError(name, f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
@@ -608,7 +612,7 @@ def _to_input(img: Image.Image, mode: ImageMode, size: int, resize: Resize
         img = Image.fromarray(np.rint(grey).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("PA", "LA", "RGBa", "RGBA"):
+    if img.mode in _ALPHA_MODES:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
         on_black = np.rint(rgba[..., :3] * rgba[..., 3:] / 255).astype(np.uint8)
         img = Image.fromarray(on_black)
@@ -750,9 +754,15 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
     second pass over the headers). Only regular files within the pixel limit are looked
     at; others are passed over (training and scoring report them)."""
     seen: collections.Counter[str] = collections.Counter()  # images looked at, by kind
+    first: dict[str, str] = {}  # the first file of each kind a note is about, to name it
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
     smaller: collections.Counter[tuple[int, int]] = collections.Counter()
     shapes: collections.Counter[tuple[int, int]] = collections.Counter()
+
+    def count(kind: str, img: Image.Image, found: bool = True) -> None:
+        seen[kind] += found
+        if found and img.filename:
+            first.setdefault(kind, display_path(img.filename))
 
     def look(img: Image.Image) -> None:
         seen["checked"] += 1
@@ -763,18 +773,23 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
             larger[shape] += 1
         elif 2 * scaled <= size:
             smaller[shape] += 1
-        seen["grey"] += mode == "RGB" and img.mode in _GREY_MODES  # a colour model takes
+        count("grey", img, mode == "RGB" and img.mode in _GREY_MODES)  # a colour model takes
+        small = img.width * img.height <= 2**24  # decoded to judge it in a few ms
         if (mode == "L" and img.mode not in _GREY_MODES and seen["judged"] < 16
-                and (img.format == "JPEG" or img.width * img.height <= 2**24)):
+                and (img.format == "JPEG" or small)):
             seen["judged"] += 1
-            seen["coloured"] += _in_colour(img)
-        if img.mode == "F" and img.width * img.height <= 2**24:
+            count("coloured", img, _in_colour(img))
+        if (img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)) \
+                and seen["with_alpha"] < 16 and small:
+            seen["with_alpha"] += 1
+            count("transparent", img, _has_transparency(img))
+        if img.mode == "F" and small:
             seen["floats"] += 1
             low, high = img.getextrema()
-            seen["unit_floats"] += low >= 0.0 and high <= 1.0
-        if img.mode in _SIXTEEN_BIT_MODES and img.width * img.height <= 2**24:
+            count("unit_floats", img, low >= 0.0 and high <= 1.0)
+        if img.mode in _SIXTEEN_BIT_MODES and small:
             seen["wide"] += 1
-            seen["narrow"] += img.getextrema()[1] < NARROW_SIXTEEN_BIT
+            count("narrow", img, img.getextrema()[1] < NARROW_SIXTEEN_BIT)
         # scoring counts them all, as it decodes them; a damaged later frame is not asked
         # about again: decoding reads the first alone
         seen["layered"] += training and _has_more_frames(img)
@@ -784,6 +799,9 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
                                                            "coloured"))
     floats, unit_floats, wide, narrow = (seen[k] for k in ("floats", "unit_floats", "wide",
                                                            "narrow"))
+    def eg(kind: str) -> str:
+        return f" (e.g. {first[kind]})" if kind in first else ""
+
     notes = []
     if seen["layered"]:
         notes.append(f"{seen['layered']} of {checked} images looked at hold several frames or "
@@ -791,29 +809,44 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
                      "first of each is read; to train on the others, save each frame as an "
                      "image file of its own")
     if coloured:
-        notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour, and "
-                     "the model is grey (model.in_channels = 1): it sees them in grey and "
-                     "cannot tell colours apart; for colour, train with in_channels = 3 in a "
-                     "--config")
+        notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour"
+                     f"{eg('coloured')}, and the model is grey (model.in_channels = 1): it "
+                     "sees them in grey and cannot tell colours apart; for colour, train "
+                     "with in_channels = 3 in a --config")
     if grey and grey < checked:
-        notes.append(f"{grey} of {checked} images looked at are grey, and the model is colour "
-                     "(model.in_channels = 3): each grey image is repeated into three equal "
-                     "channels, so its likelihood is not comparable with a colour image's "
-                     "and it is likely flagged for being grey; use colour images "
-                     "throughout, or a grey model (in_channels = 1) for grey ones")
+        notes.append(f"{grey} of {checked} images looked at are grey{eg('grey')}, and the "
+                     "model is colour (model.in_channels = 3): each grey image is repeated "
+                     "into three equal channels, so its likelihood is not comparable with a "
+                     "colour image's" + (
+                         ", and a model trained on both learns two kinds of image; use "
+                         if training else " and it is likely flagged for being grey; use ")
+                     + "colour images throughout, or a grey model (in_channels = 1) for grey "
+                     "ones")
     elif grey and not training:  # a colour model trained on grey images knows them
-        notes.append(f"all {grey} images looked at are grey, and the model is colour "
+        notes.append(f"all {grey} images looked at are grey{eg('grey')}, and the model is "
+                     "colour "
                      "(model.in_channels = 3): each is repeated into three equal channels; "
                      "unless the model was trained on grey images too, their likelihoods "
                      "are unlike a colour image's and they are likely flagged for being grey")
     if unit_floats:
         notes.append(f"{unit_floats} of {floats} floating-point images looked at hold values "
-                     "in 0..1 only, and float grey is read as 0..255 (clipped), so they are "
-                     "near black to the model: save them scaled to 0..255, or as 8- or 16-bit "
-                     "images")
+                     f"in 0..1 only{eg('unit_floats')}, and float grey is read as 0..255 "
+                     "(clipped), so they are near black to the model: save them scaled to "
+                     "0..255, or as 8- or 16-bit images")
+    if transparent := seen["transparent"]:
+        notes.append(
+            f"{transparent} of {seen['with_alpha']} images with an alpha channel or a "
+            f"transparent colour looked at are partly transparent{eg('transparent')}, and "
+            "transparent pixels are composited onto black: the model "
+            + ("learns them on black" if training else "sees them on black, and where its "
+               "training images were opaque or on another background, they are likely "
+               "flagged for that alone")
+            + "; to see them on their own background, flatten them onto it before "
+            + ("training" if training else "scoring"))
     if 2 * narrow > wide:  # most: a stray dark frame among full-range ones is no sign
         notes.append(f"{narrow} of {wide} 16-bit images looked at use only values below "
-                     f"{NARROW_SIXTEEN_BIT} (8- or 12-bit data stored in 16 bits?), and 16-bit "
+                     f"{NARROW_SIXTEEN_BIT}{eg('narrow')} (8- or 12-bit data stored in 16 "
+                     "bits?), and 16-bit "
                      "grey is scaled to 8 bits by 1/257, so they are dark to the model: "
                      "scale them to the full 0..65535 range, or save them as 8-bit images")
     n_larger = sum(larger.values())
@@ -849,8 +882,9 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
         notes.append(f"{share} images looked at have one side more than twice the other "
                      f"(e.g. {width}×{height}), and the centred "
                      "square (model.resize = 'crop') keeps less than half of each: what lies "
-                     "beyond it is neither learned nor scored; model.resize = 'pad' sees the "
-                     "whole image")
+                     "beyond it is neither learned nor scored; cut the files to the part that "
+                     "matters, in one aspect ratio, or train with model.resize = 'pad', which "
+                     "sees the whole image, on black bars as wide as its shape leaves")
     return ConversionLook(notes, _shape_table(shapes))
 
 
@@ -920,17 +954,29 @@ def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
     under ``crop``, of the centred square's side, all the model sees): brought to the
     model's size from another one, their detail, and with another aspect ratio their
     proportions or bars, differ from every training image's, so they can score as
-    anomalous for that alone. None when the training shapes are unknown."""
+    anomalous for that alone. Images brought down to the model's size from twice it or
+    more, as a training image of their aspect ratio (within the same tolerance; any,
+    under ``crop``) was, count as seen: both lose their finest detail alike, whatever
+    their size. None when the training shapes are unknown."""
     if not trained or not shapes:
         return None
 
-    def near(a: int, b: int) -> bool:
+    def near(a: float, b: float) -> bool:
         return abs(a - b) <= SHAPE_TOLERANCE * b
 
-    def seen(shape: tuple[int, int]) -> bool:
+    def reduced(width: int, height: int) -> bool:  # halved or more on the way to size
+        return (min(width, height) if resize == "crop" else max(width, height)) >= 2 * size
+
+    def alike(shape: tuple[int, int], w: int, h: int) -> bool:
+        if reduced(*shape) and reduced(w, h) and (
+                resize == "crop" or near(shape[0] / shape[1], w / h)):
+            return True
         if resize == "crop":
-            return any(near(min(shape), min(w, h)) for w, h, _ in trained)
-        return any(near(shape[0], w) and near(shape[1], h) for w, h, _ in trained)
+            return near(min(shape), min(w, h))
+        return near(shape[0], w) and near(shape[1], h)
+
+    def seen(shape: tuple[int, int]) -> bool:
+        return any(alike(shape, w, h) for w, h, _ in trained)
 
     unseen = collections.Counter({shape: n for shape, n in shapes.items() if not seen(shape)})
     n_unseen, checked = sum(unseen.values()), sum(shapes.values())
@@ -938,10 +984,12 @@ def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
         return None
     (width, height), _ = unseen.most_common(1)[0]
     share = "all" if n_unseen == checked else f"{n_unseen} of {checked}"
-    known = " and ".join(f"{w}×{h}" for w, h, _ in trained[:3])
-    more = f" among {len(trained)} sizes" if len(trained) > 3 else ""
+    listed = [f"{w}×{h}" for w, h, _ in trained[:3]]
+    known = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} and {listed[-1]}"
+    came = (f"came in {len(trained)} sizes, among them {known}" if len(trained) > 3
+            else f"were {known}")
     return (f"{share} images looked at are of a size none of the model's training images "
-            f"looked at had (e.g. {width}×{height}; the training images were {known}{more}): "
+            f"looked at had (e.g. {width}×{height}; the training images {came}): "
             f"brought to {size}×{size} (model.image_size) from another size than they were, "
             "their detail (and proportions, where the aspect ratio differs) is unlike every "
             "training image's, which alone can make them score as anomalous; score images "
@@ -965,6 +1013,13 @@ def _upright_size(img: Image.Image) -> tuple[int, int]:
     return (img.height, img.width) if turned else img.size
 
 
+def _has_transparency(img: Image.Image) -> bool:
+    """Whether any pixel of an image with alpha (or a palette's transparent colour) is
+    less than opaque, as decoding composites it (:func:`image_to_array`)."""
+    alpha = img.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[0] < 255
+
+
 def _in_colour(img: Image.Image) -> bool:
     """Whether an image's pixels differ between channels beyond a JPEG's rounding (grey
     stored as RGB is not colour)."""
@@ -984,7 +1039,8 @@ def _check_mode_size(mode: str, size: int) -> None:
 
 def _too_large(pixels: int) -> str:
     limit = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
-    return f"image too large: {pixels} pixels exceeds the {limit}-pixel safety limit"
+    return (f"image too large: {pixels} pixels exceeds the {limit}-pixel safety limit; save "
+            "it smaller (the model sees every image at its image_size anyway)")
 
 
 def _file_too_large(size: int | None) -> str:

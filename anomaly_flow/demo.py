@@ -69,7 +69,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
         out: Output folder (images, ``mlruns/``, ``scores.csv``, ``heatmaps/``,
             ``report.html``).
         preset: Model preset; ``small`` on a CPU, ``fashion-mnist`` when CUDA is there.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         epochs: Override the preset's epochs (e.g. 1 for a smoke run).
         progress: Progress bars; ``None`` shows them on a terminal only.
     """

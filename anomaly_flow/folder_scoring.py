@@ -287,7 +287,7 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
     elif out.exists():
         logger.warning("replacing the earlier output %s (resuming, --resume, would keep its rows)",
                        display_path(out))
-    _warn_conversion(model, root, [paths[i] for i in todo])
+    _warn_conversion(model, root, [paths[i] for i in todo], only_new=len(todo) < len(keys))
 
     writer = None
     if heatmaps is not None:
@@ -450,15 +450,21 @@ def _warn_first_frames(files: Sequence[Path]) -> None:
                        "its own", len(files), one_line(display_path(min(files))))
 
 
-def _warn_conversion(model: Glow, root: Path, paths: Sequence[Path]) -> None:
-    """Warn of what converting the images of ``paths`` (under ``root``) to ``model``'s
-    input loses, as training says it of its own folder; resizing is training's concern
-    (its folder set the size), sizes the model never trained on are not."""
+def _warn_conversion(model: Glow, root: Path, paths: Sequence[Path], *,
+                     only_new: bool = False) -> None:
+    """Warn of what converting the images of ``paths`` (under ``root``; with ``only_new``,
+    the files a resumed run has left to score, which the notes then speak of) to
+    ``model``'s input loses, as training says it of its own folder; resizing is
+    training's concern (its folder set the size), sizes the model never trained on are
+    not."""
     config = model.config
+    files = "file" if len(paths) == 1 else "files"
+    where = display_path(root) + (f" (the {len(paths)} {files} not scored before)"
+                                  if only_new else "")
     for note in conversion_notes(paths, config.mode, config.image_size, resizing=False,
                                  training=False, resize=config.resize,
                                  trained_shapes=model.training_shapes):
-        logger.warning("%s: %s", display_path(root), note)
+        logger.warning("%s: %s", where, note)
 
 
 def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequence[Path],

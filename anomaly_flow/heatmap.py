@@ -363,11 +363,12 @@ class HeatmapWriter:
                 rgb = render_heatmap(image, pixel_map, vmin=self.vmin, vmax=self.vmax,
                                      table=self.table)
                 info = PngImagePlugin.PngInfo()
-                if shape is not None and self.resize != "crop":
+                if shape is not None:
                     rgb = in_source_shape(rgb, image.shape[-1], shape, self.resize)
+                    shown = (f"its centred {min(shape)}x{min(shape)} square"
+                             if self.resize == "crop" else "in its shape")
                     info.add_text(VIEW_KEY, f"{image.shape[-1]}x{image.shape[-1]} model view "
-                                  f"({self.resize}) of a {shape[0]}x{shape[1]} file, in its "
-                                  "shape")
+                                  f"({self.resize}) of a {shape[0]}x{shape[1]} file, {shown}")
                 info.add_text(f"anomaly-flow:{self.quantity}",
                               repr(float(pixel_map.astype(np.float64).mean())))
                 info.add_text("anomaly-flow:scale", f"{self.colormap} {self.vmin:g}.."

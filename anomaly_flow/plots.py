@@ -46,6 +46,27 @@ def _finite(values: ArrayLike | None) -> np.ndarray:
     return array[np.isfinite(array)]
 
 
+OUTLIER_SPANS = 3.0
+"""How far past the normal scores (and the threshold), in their own spans, a histogram's
+axis reaches; higher scores are piled into its last bar."""
+
+
+def _axis_window(normal: np.ndarray, threshold: float | None, low: float, high: float
+                 ) -> tuple[float, float]:
+    """The x range of a histogram: all of ``low..high``, unless scores far above the normal
+    ones (anomalies scoring thousands where normal images score a few units) would squeeze
+    every normal image and the threshold into one bar; then the normal scores and the
+    threshold, plus :data:`OUTLIER_SPANS` of their span above them."""
+    core = normal if threshold is None else np.append(normal, threshold)
+    if core.size < 2:
+        return low, high
+    core_low, core_high = float(core.min()), float(core.max())
+    span = core_high - core_low
+    if span <= 0:
+        return low, high
+    return low, min(high, core_high + OUTLIER_SPANS * span)
+
+
 def _draw_histogram(
     ax: Axes,
     normal: np.ndarray,
@@ -62,17 +83,22 @@ def _draw_histogram(
         low, high = float(both.min()), float(both.max())
         if threshold is not None:
             low, high = min(low, threshold), max(high, threshold)
+        low, high = _axis_window(normal, threshold, low, high)
         scale = max(1.0, abs(low), abs(high))
         if high - low <= 1e-9 * scale:  # (nearly) all equal: give the single bar some width
             middle = low + (high - low) / 2
             low, high = middle - 0.5 * scale, middle + 0.5 * scale
         edges = np.linspace(low, high, bins + 1)
-        if normal.size:
-            ax.hist(normal, bins=edges, density=True, alpha=0.55, color=NORMAL_COLOR,
-                    label=f"normal (n={normal.size})")
-        if anomalous.size:
-            ax.hist(anomalous, bins=edges, density=True, alpha=0.55, color=ANOMALOUS_COLOR,
-                    label=f"anomalous (n={anomalous.size})")
+        for values, color, name in ((normal, NORMAL_COLOR, "normal"),
+                                    (anomalous, ANOMALOUS_COLOR, "anomalous")):
+            if not values.size:
+                continue
+            beyond = int(np.count_nonzero(values > high))
+            label = f"{name} (n={values.size}"
+            if beyond:  # piled into the last bar, so every image still counts
+                label += f"; {beyond} > {high:.3g} in last bar"
+            ax.hist(np.minimum(values, high), bins=edges, density=True, alpha=0.55,
+                    color=color, label=label + ")")
     if threshold is not None:
         ax.axvline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
                    label=f"threshold {threshold:.4g}")

@@ -473,8 +473,12 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
         (("score", messy, *good, "--heatmaps", tmp_path / "h", "--heatmap-kind", "pink"),
          "'pink' is not one of 'auto', 'bpd', 'typicality'"),
     ]
+    cases.append((("score", messy, *good, "--device", "tpu"),
+                  "'tpu' is not a device; use auto, cpu, cuda or cuda:N (N a GPU's index"))
     if not torch.cuda.is_available():
         cases.append((("score", messy, *good, "--device", "cuda"), "CUDA is not available"))
+        cases.append((("score", messy, *good, "--device", "cuda:1"),
+                      "--device cuda:1 was asked for but CUDA is not available"))
     for args, expected in cases:
         assert_one_line_error(run(*args), expected)
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "o.csv").exists()

@@ -384,12 +384,26 @@ def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
         path.write_bytes(png_header_only(width, height))
         expected = (
             f"image too large: {width * height} pixels exceeds the {limit}-pixel safety limit"
+            "; save it smaller (the model sees every image at its image_size anyway)"
         )
         assert reason_of(path) == expected
     # The module constant is the policy: lower it and a small real image is refused.
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
     small = save(Image.new("L", (20, 20)), tmp_path / "small.png")
-    assert reason_of(small) == "image too large: 400 pixels exceeds the 100-pixel safety limit"
+    assert reason_of(small).startswith(
+        "image too large: 400 pixels exceeds the 100-pixel safety limit; save it smaller")
+
+
+def test_a_truncated_webp_is_said_to_be_damaged_not_a_decoder_error(tmp_path: Path) -> None:
+    """Pillow's WebP decoder says "could not create decoder object" for data cut short,
+    where PNG and JPEG say "truncated"."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                    ).save(buffer, "WEBP", quality=90)
+    (tmp_path / "cut.webp").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageDecodeError, match=r"damaged or truncated image file \(its "
+                                               r"decoder refused the data\)"):
+        load_image(tmp_path / "cut.webp", "RGB", 16)
 
 
 def test_a_file_too_large_to_be_an_image_is_refused_unread(
@@ -482,8 +496,8 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
     os.mkfifo(tmp_path / "pipe.png")  # listed by find_images; opening it would block
     paths = sorted(tmp_path.iterdir())
     colour, size = conversion_notes(paths, "L", 16)
-    assert colour.startswith("4 of 8 colour-mode images looked at are in colour, and the "
-                             "model is grey")
+    assert colour.startswith(f"4 of 8 colour-mode images looked at are in colour (e.g. "
+                             f"{tmp_path / 'colour-0.png'}), and the model is grey")
     assert size.startswith("all images looked at are larger than 16×16 (e.g. 30×40) and are "
                            "resized to 16×16 (model.image_size)")
     assert size.endswith("to keep it, train with a larger model.image_size (preset small has "
@@ -589,7 +603,9 @@ def test_conversion_notes_say_when_images_are_enlarged_or_mostly_cropped_away(
     assert cropped == ["all images looked at have one side more than twice the other "
                        "(e.g. 40×12), and the centred square (model.resize = 'crop') keeps "
                        "less than half of each: what lies beyond it is neither learned nor "
-                       "scored; model.resize = 'pad' sees the whole image"]
+                       "scored; cut the files to the part that matters, in one aspect "
+                       "ratio, or train with model.resize = 'pad', which sees the whole "
+                       "image, on black bars as wide as its shape leaves"]
     assert conversion_notes(strips, "L", 24, resize="crop")[0].startswith(
         "all images looked at are at most half of 24×24 (e.g. 40×12, whose centred square is "
         "12×12) and are enlarged")
@@ -685,13 +701,19 @@ def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on
 
     for way in (score, stretch):
         assert not unseen(way, ((60, 52, 1), (28, 28, 5))), way
-        assert unseen(way, ((57, 43, 1),)), way  # 48 is 12 % above 43
+        assert unseen(way, ((25, 19, 1),)), way  # 19 is 21 % below 24
+    # brought down from twice the model's size or more, a 64×48 photo loses its finest
+    # detail as a 57×43 one does (48 is 12 % above 43, but the aspect ratio is the same)
+    assert not unseen(stretch, ((57, 43, 1),)) and not unseen(score, ((57, 43, 1),))
+    assert not unseen(stretch, ((200, 150, 1),))
+    assert unseen(stretch, ((150, 150, 1),))  # square: not the photo's proportions
+    assert not unseen(score, ((150, 150, 1),))  # under crop, only the square counts
     # a crop sees 48×48 of a 64×48 photo and of an 80×48 one alike; a stretch does not
     wider = ((80, 48, 1), (28, 28, 5))
     assert not unseen(score, wider) and unseen(stretch, wider)
     many = tuple((20 + i, 20, 1) for i in range(5))
     (listed,) = conversion_notes(paths, "L", 16, **score, trained_shapes=many)
-    assert "the training images were 20×20 and 21×20 and 22×20 among 5 sizes)" in listed
+    assert "the training images came in 5 sizes, among them 20×20, 21×20 and 22×20)" in listed
 
 
 def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Path) -> None:
@@ -706,11 +728,14 @@ def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Pa
         tmp_path / "g16.png")
     paths = sorted(tmp_path.iterdir())
     (note,) = conversion_notes(paths, "RGB", 16)
-    assert note == ("2 of 5 images looked at are grey, and the model is colour "
-                    "(model.in_channels = 3): each grey image is repeated into three equal "
-                    "channels, so its likelihood is not comparable with a colour image's and "
-                    "it is likely flagged for being grey; use colour images throughout, or a "
-                    "grey model (in_channels = 1) for grey ones")
+    assert note == (f"2 of 5 images looked at are grey (e.g. {tmp_path / 'g.png'}), and the "
+                    "model is colour (model.in_channels = 3): each grey image is repeated into "
+                    "three equal channels, so its likelihood is not comparable with a colour "
+                    "image's, and a model trained on both learns two kinds of image; use "
+                    "colour images throughout, or a grey model (in_channels = 1) for grey ones")
+    (scored,) = conversion_notes(paths, "RGB", 16, training=False)
+    assert scored.startswith(f"2 of 5 images looked at are grey (e.g. {tmp_path / 'g.png'})")
+    assert "colour image's and it is likely flagged for being grey; use colour" in scored
     assert int(load_image(tmp_path / "g.png", "RGB", 16).std(axis=0).max()) == 0  # as said
     assert conversion_notes([p for p in paths if "colour" in p.name], "RGB", 16) == []
     # all grey: a colour model may be trained on them (MVTec's grey categories), and
@@ -718,10 +743,45 @@ def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Pa
     greys = [p for p in paths if p.name.startswith("g")]
     assert conversion_notes(greys, "RGB", 16) == []
     assert conversion_notes(greys, "RGB", 16, resizing=False, training=False) == [
-        "all 2 images looked at are grey, and the model is colour (model.in_channels = 3): "
+        f"all 2 images looked at are grey (e.g. {tmp_path / 'g.png'}), and the model is "
+        "colour (model.in_channels = 3): "
         "each is repeated into three equal channels; unless the model was trained on grey "
         "images too, their likelihoods are unlike a colour image's and they are likely "
         "flagged for being grey"]
+
+
+def test_conversion_notes_say_when_transparent_pixels_are_seen_on_black(
+        tmp_path: Path) -> None:
+    """A cut-out product shot on a transparent background is seen on black: scored by a
+    model of opaque images, every one was flagged, and nothing said why."""
+    rng = np.random.default_rng(3)
+    disc = np.zeros((16, 16, 4), dtype=np.uint8)
+    disc[..., :3] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    disc[4:12, 4:12, 3] = 255  # opaque in the middle, transparent around it
+    Image.fromarray(disc, "RGBA").save(tmp_path / "a-cutout.png")
+    half = disc.copy()
+    half[..., 3] = 128  # half transparent throughout
+    Image.fromarray(half, "RGBA").save(tmp_path / "b-faded.webp", lossless=True)
+    palette = Image.fromarray(rng.integers(0, 4, (16, 16), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    palette.save(tmp_path / "c-palette.png", transparency=0)
+    opaque = disc.copy()
+    opaque[..., 3] = 255
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "d-opaque.png")
+    Image.fromarray(opaque[..., :3]).save(tmp_path / "e-plain.png")
+    paths = sorted(tmp_path.iterdir())
+    (trained,) = conversion_notes(paths, "RGB", 16)
+    assert trained == (f"3 of 4 images with an alpha channel or a transparent colour looked at "
+                       f"are partly transparent (e.g. {tmp_path / 'a-cutout.png'}), and "
+                       "transparent pixels are composited onto black: the model learns them "
+                       "on black; to see them on their own background, flatten them onto it "
+                       "before training")
+    assert load_image(tmp_path / "a-cutout.png", "RGB", 16)[:, 0, 0].tolist() == [0, 0, 0]
+    notes = conversion_notes(paths, "RGB", 16, training=False)
+    assert any(note.endswith("they are likely flagged for that alone; to see them on their "
+                             "own background, flatten them onto it before scoring")
+               for note in notes), notes
+    assert conversion_notes(paths[3:], "RGB", 16, training=False) == []  # opaque: no word
 
 
 def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path) -> None:

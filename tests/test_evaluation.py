@@ -365,3 +365,21 @@ def test_curves_need_both_classes_and_grids_hide_unused_panels() -> None:
                                  thresholds={"bpd": 0.5}, columns=3)
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == ["bpd", "level_1"]
+
+
+def test_histogram_piles_far_anomalies_into_the_last_bar_so_normals_stay_readable(
+        tmp_path: Path) -> None:
+    # anomalies scoring thousands where normal images score a few units (a wrong-colour
+    # part under a colour model): one axis for all would squeeze every normal into one bar
+    anomalous = np.concatenate([ANOMALOUS, [2500.0, 9000.0]])
+    fig = plots.score_histogram(NORMAL, anomalous, threshold=1.25, score_name="bpd")
+    ax = fig.axes[0]
+    high = ax.get_xlim()[1]
+    assert high < 100  # the normal scores' own scale, not the outliers'
+    labels = ax.get_legend_handles_labels()[1]
+    assert any(label.startswith("anomalous (n=32; 2 > ") and label.endswith("in last bar)")
+               for label in labels)
+    normal_bars = [patch for patch in ax.patches
+                   if patch.get_facecolor()[:3] == ax.patches[0].get_facecolor()[:3]]
+    assert sum(patch.get_height() > 0 for patch in normal_bars) > 5  # spread, not one bar
+    fig.savefig(tmp_path / "hist.png")

@@ -1173,7 +1173,8 @@ def test_heatmaps_take_the_shape_of_their_file(tmp_path: Path, resize: str,
     score_folder(model, None, folder, tmp_path / "s.csv", heatmaps=tmp_path / "heat")
     with Image.open(tmp_path / "heat" / "w.png") as drawn:
         assert drawn.size == shape
-        assert (VIEW_KEY in drawn.info) == (resize != "crop")
+        assert drawn.info[VIEW_KEY] == f"16x16 model view ({resize}) of a 32x16 file, " + (
+            "its centred 16x16 square" if resize == "crop" else "in its shape")
         pixels = np.asarray(drawn.convert("RGB"))
     if resize == "pad":  # the square heatmap, bars cut: rows 4..12 of 16, 16 pixels each
         with torch.no_grad():

@@ -83,7 +83,8 @@ MESSY = {
     "empty.png": "empty file (0 bytes)",
     "bomb.png": (
         f"image too large: {BOMB_SIDE**2} pixels exceeds the "
-        f"{Image.MAX_IMAGE_PIXELS}-pixel safety limit"
+        f"{Image.MAX_IMAGE_PIXELS}-pixel safety limit; save it smaller (the model sees "
+        "every image at its image_size anyway)"
     ),
     "loop.png": "symlink loop",
 }

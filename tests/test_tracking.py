@@ -651,6 +651,13 @@ def test_scoring_says_when_images_come_in_a_size_the_trained_model_never_saw(
     caplog.clear()
     score_folder(loaded.model, None, alike, tmp_path / "alike.csv")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # resumed, the notes speak of the files the run scores, not of the folder
+    shutil.copy(photos / "0.png", alike / "photo.png")
+    score_folder(loaded.model, None, alike, tmp_path / "alike.csv", resume=True)
+    said = [r.getMessage() for r in caplog.records if "none of the model's training" in
+            r.getMessage()]
+    assert said and said[0].startswith(f"{alike} (the 1 file not scored before): all images "
+                                       "looked at are of a size none")
 
 
 @pytest.mark.parametrize(("uri", "message"), [

@@ -183,6 +183,22 @@ mlruns_option = click.option(
     help="Folder of the local MLflow store (mlflow.db, artifacts/) and of training "
          "checkpoints [default: ./mlruns]. MLFLOW_TRACKING_URI, when set, replaces the store.")
 
+class DeviceName(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (one GPU of several), as the pipelines and
+    the library take them; anything else is an option error, not a traceback later."""
+
+    name = "[auto|cpu|cuda|cuda:N]"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+            return text
+        self.fail(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N (N a GPU's "
+                  "index, e.g. cuda:0)", param, ctx)
+
+
 device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-    help="Where the model runs; auto picks CUDA when available.")
+    "--device", type=DeviceName(), default="auto", show_default=True,
+    help="Where the model runs: auto (CUDA when available), cpu, cuda, or cuda:N for one GPU "
+         "of several.")

@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 
 from anomaly_flow.cli import main
-from anomaly_flow.cli.common import PathGiven, show_stages, stops_reported, user_errors
+from anomaly_flow.cli.common import (
+    PathGiven,
+    device_option,
+    show_stages,
+    stops_reported,
+    user_errors,
+)
 from anomaly_flow.config import PRESETS
 
 
@@ -24,8 +30,7 @@ Example:
               help="Folder for the images, the MLflow store, scores and the report.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
               help="Model preset [default: small on a CPU, fashion-mnist with CUDA].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
+@device_option
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override the preset's epochs (1 gives a quick smoke run).")
 @user_errors
