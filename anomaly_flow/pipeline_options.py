@@ -153,13 +153,11 @@ def check_cost_options(parser: argparse.ArgumentParser, args: argparse.Namespace
     args.cost_fn = 1.0 if args.cost_fn is None else args.cost_fn
 
 
-def add_device_option(parser: argparse.ArgumentParser, *,
-                      choices: tuple[str, ...] | None = None) -> None:
-    """``--device`` (default ``auto``): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; the
-    library rejects anything else with a message, or ``choices`` does it while parsing."""
-    parser.add_argument("--device", choices=choices, default="auto",
-                        help="auto (CUDA when available), cpu, cuda"
-                             + ("" if choices else " or cuda:N"))
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``auto``): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, as the
+    command line takes it; the library rejects anything else with a message."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
 def add_loader_options(parser: argparse.ArgumentParser) -> None:

@@ -173,8 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration", type=given_path, help="folder of held-out normal images")
     parser.add_argument("--test-normal", type=given_path, help="folder of normal test images")
     parser.add_argument("--test-anomalous", type=given_path, help="folder of anomalous test images")
-    parser.add_argument("--preset", default="tiny",
-                        help=f"preset name ({', '.join(PRESETS)}) or a TOML/JSON config file")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None,
+                        help=f"shipped configuration: {', '.join(PRESETS)} (default: tiny)")
+    source.add_argument("--config", type=given_path, default=None,
+                        help="TOML or JSON configuration, as train's --config")
     add_epochs_option(parser)
     add_target_fpr_option(parser, default=0.01)
     add_score_option(parser, help=f"the score the threshold applies to: {SCORE_CHOICES}; "
@@ -191,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_option(parser)
     add_mlruns_option(parser)
     args = parser.parse_args(argv)
+    if args.config is not None and not args.config.is_file():
+        parser.error(f"--config {args.config} is not a file; give a TOML or JSON "
+                     "configuration (see pipelines/configs/)")
+    # what run_pipeline takes: a preset's name or a config file's path
+    args.preset = str(args.config) if args.config is not None else args.preset or "tiny"
     given = [args.train, args.calibration, args.test_normal, args.test_anomalous]
     if args.sample is None and None in given:
         parser.error("give --sample DIR, or all of --train, --calibration, --test-normal "

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_epochs_option(parser)
     parser.add_argument("--batch-size", type=at_least(1), default=None,
                         help="images per step (default: the preset's)")
-    add_device_option(parser, choices=("auto", "cpu", "cuda"))
+    add_device_option(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint of --name")
     parser.add_argument("--restart", action="store_true",

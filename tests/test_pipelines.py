@@ -178,6 +178,17 @@ def test_end_to_end_refuses_a_wrong_preset_before_writing_the_sample(
         argv = ["--name", "e2e", "--sample", str(tmp_path / "sample"), "--preset", preset]
         assert end_to_end.main(argv) == 1
         assert message in capsys.readouterr().err
+    # --config, as train takes it: a file, or an option error
+    argv = ["--name", "e2e", "--sample", str(tmp_path / "sample"), "--config", str(not_toml)]
+    assert end_to_end.main(argv) == 1
+    assert f"cannot parse {not_toml}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        end_to_end.main([*argv[:-1], str(tmp_path / "absent.toml")])
+    assert exit_info.value.code == 2
+    assert f"--config {tmp_path / 'absent.toml'} is not a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one or the other
+        end_to_end.main([*argv, "--preset", "tiny"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert not (tmp_path / "sample").exists()
 
 
@@ -772,7 +783,7 @@ def often_checkpointed(name: str, image_dirs: ImageDirs, mlruns: Path) -> list[s
 
     return ["--name", name, "--train", str(image_dirs.train), "--calibration",
             str(image_dirs.calibration), "--test-normal", str(image_dirs.test_normal),
-            "--test-anomalous", str(image_dirs.test_anomalous), "--preset",
+            "--test-anomalous", str(image_dirs.test_anomalous), "--config",
             str(often_config(mlruns.parent)), "--target-fpr", "0.1", "--device", "cpu",
             "--mlruns", str(mlruns)]
 
