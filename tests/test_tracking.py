@@ -1504,7 +1504,10 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         image_dirs.test_anomalous)[:4]
     paths = [str(p) for p in files]
     expected = library_scores(tracking.load_model(trained.alias_uri, device=AUTO).model, paths)
-    env = {**tracking_env, "MLFLOW_TRACKING_URI": trained.tracking_uri}
+    # the server reads under the images' folder only, relative paths taken from there
+    root = Path(os.path.commonpath(files)).resolve()
+    env = {**tracking_env, "MLFLOW_TRACKING_URI": trained.tracking_uri,
+           "ANOMALY_FLOW_PATH_ROOT": str(root)}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", trained.alias_uri,
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(free_port), "-w", "1"]
     log = tmp_path / "serve.log"
@@ -1540,7 +1543,18 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
         bad_param = post_refused(f"{base}/invocations", {
             "dataframe_split": {"columns": ["path"], "data": [[paths[0]]]},
             "params": {"batch_size": 0}})
+        confined = post_json(f"{base}/invocations", {"dataframe_split": {
+            "columns": ["path"], "data": [[os.path.relpath(paths[0], root)], [str(log)]]}})
+        uneven = post_refused(f"{base}/invocations",
+                              {"inputs": {"path": paths[:2], "image": [png]}})
     rows = by_path["predictions"]
+    assert confined["predictions"][0]["bpd"] == expected["bpd"].iloc[0]
+    assert confined["predictions"][1]["error"] == (
+        f"the 'path' value {str(log)!r} is outside {root}, the one folder this model reads "
+        "(ANOMALY_FLOW_PATH_ROOT); pass a path under it, or the file's bytes in the 'image' "
+        "column")
+    assert uneven[0] == 400
+    assert "columns hold lists of different lengths (2 in 'path' and 1 in 'image')" in uneven[1]
     assert [row["bpd"] for row in rows] == expected["bpd"].tolist()
     assert [row["p_value"] for row in rows] == [None] * len(paths)  # null, not NaN
     mixed_rows = mixed["predictions"]
