@@ -762,7 +762,7 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
     def count(kind: str, img: Image.Image, found: bool = True) -> None:
         seen[kind] += found
         if found and img.filename:
-            first.setdefault(kind, display_path(img.filename))
+            first.setdefault(kind, one_line(display_path(img.filename)))
 
     def look(img: Image.Image) -> None:
         seen["checked"] += 1
@@ -965,7 +965,9 @@ def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
         return abs(a - b) <= SHAPE_TOLERANCE * b
 
     def reduced(width: int, height: int) -> bool:  # halved or more on the way to size
-        return (min(width, height) if resize == "crop" else max(width, height)) >= 2 * size
+        # pad scales by the longer side; crop, and stretch (each side on its own), by
+        # the shorter one, or what is enlarged there too
+        return (max(width, height) if resize == "pad" else min(width, height)) >= 2 * size
 
     def alike(shape: tuple[int, int], w: int, h: int) -> bool:
         if reduced(*shape) and reduced(w, h) and (

@@ -565,8 +565,10 @@ def calibration_summary(outcome: CalibrateOutcome) -> list[str]:
         precision = shown_precision(threshold.precision, threshold.recall, threshold.fpr)
         line += (f"; precision {precision}, recall {threshold.recall:.4g}, "
                  f"F1 {threshold.f1:.4g} on {threshold.n_anomalous} "
-                 f"{'anomaly' if threshold.n_anomalous == 1 else 'anomalies'} (the images "
-                 "that chose the threshold, so optimistic: measure on others with evaluate)")
+                 f"{'anomaly' if threshold.n_anomalous == 1 else 'anomalies'}")
+        if threshold.method != "conformal":  # a conformal threshold saw no anomaly
+            line += (" (the images that chose the threshold, so optimistic: measure on "
+                     "others with evaluate)")
     lines.append(line)
     return lines
 

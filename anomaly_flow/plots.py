@@ -55,14 +55,15 @@ def _axis_window(normal: np.ndarray, threshold: float | None, low: float, high: 
                  ) -> tuple[float, float]:
     """The x range of a histogram: all of ``low..high``, unless scores far above the normal
     ones (anomalies scoring thousands where normal images score a few units) would squeeze
-    every normal image and the threshold into one bar; then the normal scores and the
-    threshold, plus :data:`OUTLIER_SPANS` of their span above them."""
+    every normal image and the threshold into a tenth of it (five bars of fifty or
+    fewer); then the normal scores and the threshold, plus :data:`OUTLIER_SPANS` of their
+    span above them."""
     core = normal if threshold is None else np.append(normal, threshold)
     if core.size < 2:
         return low, high
     core_low, core_high = float(core.min()), float(core.max())
     span = core_high - core_low
-    if span <= 0:
+    if span <= 0 or span >= (high - low) / 10:
         return low, high
     return low, min(high, core_high + OUTLIER_SPANS * span)
 

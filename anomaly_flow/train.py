@@ -293,6 +293,10 @@ def resolve_device(device: str | torch.device, *, option: str = "--device") -> t
     if resolved is None or resolved.type not in ("cpu", "cuda"):  # torch knows meta, mps...
         raise TrainingError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N "
                             "(N a GPU's index, e.g. cuda:0).")
+    if resolved.type == "cuda" and resolved.index is not None and world_size() > 1:
+        raise TrainingError(f"{option} {resolved} names one GPU, but under torchrun each "
+                            "process takes its own (LOCAL_RANK); use cuda, and choose the "
+                            "GPUs with CUDA_VISIBLE_DEVICES")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"{option} {resolved} was asked for but CUDA is not available on "
                             f"this machine; use {option} cpu or auto.")

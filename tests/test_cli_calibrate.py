@@ -182,8 +182,12 @@ def test_calibrate_promote_then_score_with_champion(
     # calibrating the champion again: told that its calibration is replaced, and how to
     # keep its score when the default differs
     again = run("calibrate", "--model", f"models:/{NAME}@champion", "--normal", normal,
-                "--target-fpr", "0.2", "--score", "bpd", "--device", "cpu", "--mlruns", store)
+                "--anomalous", image_dirs.test_anomalous, "--target-fpr", "0.2", "--score",
+                "bpd", "--device", "cpu", "--mlruns", store)
     assert again.exit_code == 0, again.output
+    # the anomalies only measure a conformal threshold, which normal images alone set
+    assert re.search(r"; precision \S+, recall \S+, F1 \S+ on \d+ anomalies$",
+                     again.stdout, re.MULTILINE), again.stdout
     assert f"models:/{NAME}@champion already carries a calibration (ensemble, conformal " \
         f"threshold {threshold.value:.6g}); the new version replaces it with one on bpd" \
         in again.stderr

@@ -695,13 +695,17 @@ def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on
     # within 10 % of a training size on each side counts as that size
     stretch = {**score, "resize": "stretch"}
 
-    def unseen(way: dict[str, object], trained: tuple[tuple[int, int, int], ...]) -> bool:
-        notes = conversion_notes(paths, "L", 16, **way, trained_shapes=trained)
+    def unseen(way: dict[str, object], trained: tuple[tuple[int, int, int], ...],
+               size: int = 16) -> bool:
+        notes = conversion_notes(paths, "L", size, **way, trained_shapes=trained)
         return any("of a size none of" in note for note in notes)  # (stretch: aspect too)
 
     for way in (score, stretch):
         assert not unseen(way, ((60, 52, 1), (28, 28, 5))), way
-        assert unseen(way, ((25, 19, 1),)), way  # 19 is 21 % below 24
+        assert unseen(way, ((25, 19, 1),)), way  # smaller than the model: enlarged
+        # at 32×32 the photo is not halved on its way: the 10 % tolerance alone decides
+        assert not unseen(way, ((60, 52, 1),), size=32), way  # 64/60, 48/52: within
+        assert unseen(way, ((57, 43, 1),), size=32), way  # 48 is 12 % above 43
     # brought down from twice the model's size or more, a 64×48 photo loses its finest
     # detail as a 57×43 one does (48 is 12 % above 43, but the aspect ratio is the same)
     assert not unseen(stretch, ((57, 43, 1),)) and not unseen(score, ((57, 43, 1),))

@@ -383,3 +383,15 @@ def test_histogram_piles_far_anomalies_into_the_last_bar_so_normals_stay_readabl
                    if patch.get_facecolor()[:3] == ax.patches[0].get_facecolor()[:3]]
     assert sum(patch.get_height() > 0 for patch in normal_bars) > 5  # spread, not one bar
     fig.savefig(tmp_path / "hist.png")
+
+
+def test_histogram_keeps_the_whole_axis_for_anomalies_that_are_merely_well_apart() -> None:
+    """Normal scores in a tight cluster and anomalies well above it, as a good model
+    gives them: the normals fill more than a tenth of the axis, so nothing is piled."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(1.05, 0.02, 300)
+    anomalous = rng.uniform(1.4, 2.0, 40)
+    fig = plots.score_histogram(normal, anomalous, threshold=1.1, score_name="bpd")
+    ax = fig.axes[0]
+    assert ax.get_xlim()[1] >= anomalous.max()
+    assert not any("last bar" in label for label in ax.get_legend_handles_labels()[1])

@@ -951,6 +951,13 @@ def test_a_column_mlflow_packed_into_one_cell_is_a_row_per_image(tmp_path: Path)
     with pytest.raises(PredictError, match=r"^the input's columns hold lists of different "
                                            r"lengths \(2 in 'path' and 1 in 'image'\), so"):
         rows_from_columns(uneven)  # one row back would drop a path without a word
+    with pytest.raises(PredictError, match=r"\(3 in 'path' and 2 in 'image'\)"):
+        rows_from_columns(pd.DataFrame({"path": [[*paths, paths[0]]], "image": [[None, "x"]]}))
+    # the advice followed: one value per image, null where it has none
+    followed = rows_from_columns(pd.DataFrame({"path": [[paths[0], None]],
+                                               "image": [[None, images[1]]]}))
+    assert followed["path"].tolist() == [paths[0], None]
+    assert followed["image"].tolist() == [None, images[1]]
 
 
 def test_a_file_uri_is_its_file_and_other_uris_and_bytes_say_what_to_do(
@@ -998,7 +1005,9 @@ def test_a_path_root_confines_a_served_model_to_one_folder(
     root = tmp_path / "served"
     (root / "parts").mkdir(parents=True)
     (root / "parts" / "a.png").write_bytes(png_bytes(7))
+    (root / "parts" / "b\udcff.png").write_bytes(png_bytes(7))  # a name not UTF-8
     (tmp_path / "secret.png").write_bytes(png_bytes(9))
+    (tmp_path / "xA.png").write_bytes(png_bytes(9))  # file:...x%41.png, decoded
     (root / "parts" / "leak.png").symlink_to(tmp_path / "secret.png")
     folder = tiny_wrapper().model.save(tmp_path / "glow")
     context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
@@ -1010,19 +1019,32 @@ def test_a_path_root_confines_a_served_model_to_one_folder(
     confined.load_context(context)
     assert confined.root == str(root)
     inside = ["parts/a.png", str(root / "parts" / "a.png"), f"file://{root}/parts/a.png",
-              "parts/../parts/a.png"]
+              "parts/../parts/a.png", f"file:{root}/parts/%61.png", "parts/b\\xff.png"]
+    # whether a file is there or not, outside is one answer: secret.png and xA.png exist
     outside = [str(tmp_path / "secret.png"), str(tmp_path / "nothing.png"), "../secret.png",
-               "parts/leak.png", "/"]
+               "parts/leak.png", "/", f"file://{tmp_path}/x%41.png",
+               f"file://{tmp_path}/y%41.png"]
     answer = confined.predict(None, pd.DataFrame({"path": inside + outside}))  # type: ignore[arg-type]
     expected = unconfined.predict(None, pd.DataFrame(  # type: ignore[arg-type]
         {"path": [str(root / "parts" / "a.png")]}))["bpd"].item()
-    assert answer["bpd"].tolist()[:4] == [expected] * 4
-    assert answer["error"].tolist()[:4] == [""] * 4
-    for name, error in zip(outside, answer["error"].tolist()[4:], strict=True):
-        assert error == (f"the 'path' value {name!r} is outside {root}, the one folder this "
-                         "model reads (ANOMALY_FLOW_PATH_ROOT); pass a path under it, or "
-                         "the file's bytes in the 'image' column")
-    assert answer["bpd"].iloc[4:].isna().all()
+    n = len(inside)
+    assert answer["bpd"].tolist()[:n] == [expected] * n
+    assert answer["error"].tolist()[:n] == [""] * n
+    for name, error in zip(outside, answer["error"].tolist()[n:], strict=True):
+        assert error == (f"the 'path' value {name!r} is outside the one folder this model "
+                         "reads (ANOMALY_FLOW_PATH_ROOT); pass a path under it, relative to "
+                         "it or whole, or the file's bytes in the 'image' column")
+    assert answer["bpd"].iloc[n:].isna().all()
+    # no file name can be these: an error in their rows, the others still answered
+    odd = confined.predict(None, pd.DataFrame(  # type: ignore[arg-type]
+        {"path": ["a\x00b.png", "a\ud800.png", "parts/a.png", "http://host/a.png"]},
+        dtype=object))
+    assert odd["error"].tolist()[:2] == [
+        f"the 'path' value {name!r} is not a file name this model can read (it holds a NUL "
+        "character, a lone surrogate, or another drive's name)"
+        for name in ("a\x00b.png", "a\ud800.png")]
+    assert odd["bpd"].iloc[2] == expected
+    assert odd["error"].iloc[3].startswith("the 'path' value is a URI ('http://host/a.png')")
     missing = confined.predict(None, pd.DataFrame({"path": ["parts/b.png"]}))  # type: ignore[arg-type]
     assert "not found" in missing["error"].item()  # inside, a file's absence is still said
     assert np.isfinite(confined.predict(None, pd.DataFrame(  # type: ignore[arg-type]
@@ -1175,6 +1197,10 @@ def test_pyfunc_predicts_the_library_bpd_from_paths_and_bytes(
         with pytest.raises(Exception, match="MLFLOW_PYFUNC_INFERENCE_CONFIG's \"device\" "
                                             "cuda was asked for but CUDA is not available"):
             mlflow.pyfunc.load_model(trained.alias_uri)
+        # a load's own model_config wins over the environment: the advice names it
+        monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", '{"device": "cpu"}')
+        with pytest.raises(Exception, match='the model_config "device" cuda was asked for'):
+            mlflow.pyfunc.load_model(trained.alias_uri, model_config={"device": "cuda"})
         monkeypatch.delenv("MLFLOW_PYFUNC_INFERENCE_CONFIG")
     assert by_path["score"].equals(by_path["bpd"])  # uncalibrated: score is bpd
     assert by_path["p_value"].isna().all() and by_path["is_anomaly"].isna().all()
@@ -1550,9 +1576,9 @@ def test_mlflow_models_serve_answers_with_the_same_scores(
     rows = by_path["predictions"]
     assert confined["predictions"][0]["bpd"] == expected["bpd"].iloc[0]
     assert confined["predictions"][1]["error"] == (
-        f"the 'path' value {str(log)!r} is outside {root}, the one folder this model reads "
-        "(ANOMALY_FLOW_PATH_ROOT); pass a path under it, or the file's bytes in the 'image' "
-        "column")
+        f"the 'path' value {str(log)!r} is outside the one folder this model reads "
+        "(ANOMALY_FLOW_PATH_ROOT); pass a path under it, relative to it or whole, or the "
+        "file's bytes in the 'image' column")
     assert uneven[0] == 400
     assert "columns hold lists of different lengths (2 in 'path' and 1 in 'image')" in uneven[1]
     assert [row["bpd"] for row in rows] == expected["bpd"].tolist()

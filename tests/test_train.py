@@ -676,6 +676,11 @@ def test_errors(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it; checked before joining
     with pytest.raises(TrainingError, match="batch_size 16 is not divisible by the 3"):
         train(config, data.train, device="cpu")
+    # one GPU named for every process of a torchrun: each takes its own instead
+    with pytest.raises(TrainingError, match=r"^--device cuda:1 names one GPU, but under "
+                                            r"torchrun each process takes its own "
+                                            r"\(LOCAL_RANK\); use cuda, and choose"):
+        train(config, data.train, device="cuda:1")
 
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "

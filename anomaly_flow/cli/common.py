@@ -187,7 +187,10 @@ class DeviceName(click.ParamType):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (one GPU of several), as the pipelines and
     the library take them; anything else is an option error, not a traceback later."""
 
-    name = "[auto|cpu|cuda|cuda:N]"
+    name = "device"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[auto|cpu|cuda|cuda:N]"
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:

@@ -31,6 +31,7 @@ one folder (see :func:`path_root`).
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import re
@@ -188,8 +189,8 @@ def rows_from_columns(frame: pd.DataFrame) -> pd.DataFrame:
     where a list with a null in it gives a row per item: without this, a request of
     paths (or base64 images) only would be answered by one row that says "the 'path'
     value is a list", and an empty ``{"path": []}`` by one failed row. A one-row frame
-    whose ``path``/``image`` cells are equally long lists of strings (the others empty)
-    is unpacked into a row per item, index 0..n-1. A list is never one image, so no
+    whose ``path``/``image`` cells are equally long lists of strings or nulls (the others
+    empty) is unpacked into a row per item, index 0..n-1. A list is never one image, so no
     answer with a score in it changes; numpy arrays, as a Spark array column gives them,
     stay an error in their row (Spark needs one row out per row in).
 
@@ -201,7 +202,8 @@ def rows_from_columns(frame: pd.DataFrame) -> pd.DataFrame:
         return frame
     cells = {name: frame[name].iloc[0] for name in ("path", "image") if name in frame.columns}
     lists = {name: cell for name, cell in cells.items()
-             if isinstance(cell, list) and all(isinstance(item, str) for item in cell)}
+             if isinstance(cell, list)
+             and all(isinstance(item, str) or item is None for item in cell)}
     if not lists:
         return frame
     if len({len(cell) for cell in lists.values()}) != 1:  # not one image per row: refused
@@ -267,30 +269,19 @@ _PATH_REPR.maxstring = 240  # a path in a row's error whole, as a rule (the row 
 def _path_source(value: Any, root: str | None = None) -> str | InvalidSource:
     """A ``path`` cell: a string (or path object) naming one file, or a ``file:`` URI of
     one; a name that is not UTF-8 as a scores table prints it (``\\xff`` escapes) is
-    taken back. With ``root`` (a real path), a relative path is taken under it and one
-    that leads out of it, by ``..`` or a link, is refused the same way whether or not
-    its file exists."""
+    taken back. With ``root`` (a real path), see :func:`_confined`."""
     if isinstance(value, str | os.PathLike):
         text = str(value)
+        if root is not None:
+            return _confined(text, root)
         local = _FILE_URI.match(text)
         if local and not os.path.lexists(text):
             text = text[local.end():]
             if not os.path.lexists(text):  # Spark writes a space in a name as %20
                 text = urllib.parse.unquote(text)
         elif _OTHER_URI.match(text) and not os.path.lexists(text):
-            return InvalidSource(
-                f"the 'path' value is a URI ({reprlib.repr(text)}); the model reads local "
-                "files only: copy the files where it runs, or pass their bytes in the "
-                "'image' column (Spark's binaryFile source has them as 'content')")
-        if root is None:
-            return undisplayed_path(text)
-        inside = os.path.realpath(os.path.join(root, undisplayed_path(text)))
-        if os.path.commonpath([root, inside]) != root:
-            return InvalidSource(f"the 'path' value {_PATH_REPR.repr(text)} is outside {root}, "
-                                 f"the one folder this model reads ({PATH_ROOT_VARIABLE}); "
-                                 "pass a path under it, or the file's bytes in the 'image' "
-                                 "column")
-        return inside
+            return _uri_refused(text)
+        return undisplayed_path(text)
     if isinstance(value, bytes | bytearray | memoryview):
         return InvalidSource(
             f"the 'path' value is {_described(value)}, not a string; to score an image's "
@@ -299,6 +290,45 @@ def _path_source(value: Any, root: str | None = None) -> str | InvalidSource:
             "struct(col(...).alias('image')))")
     return InvalidSource(f"the 'path' value is {_described(value)}, not a string; pass one "
                          "file path per row")
+
+
+def _uri_refused(text: str) -> InvalidSource:
+    return InvalidSource(
+        f"the 'path' value is a URI ({reprlib.repr(text)}); the model reads local files "
+        "only: copy the files where it runs, or pass their bytes in the 'image' column "
+        "(Spark's binaryFile source has them as 'content')")
+
+
+def _confined(text: str, root: str) -> str | InvalidSource:
+    """The file a ``path`` value names under ``root`` (:func:`path_root`), as
+    :func:`_path_source` reads one without a root but looked up under ``root`` alone: a
+    relative path is taken under it, and the readings of the value are tried in the same
+    order (as given, a ``file:`` URI's path, then that path ``%``-decoded; each with its
+    ``\\xff`` escapes taken back where that file exists), the first that exists winning.
+    A reading that leads out of ``root`` (an absolute path elsewhere, ``..``, a link)
+    refuses the value, quoted as given, whether or not any file exists there; so does a
+    value no file name can be (a NUL, a lone surrogate)."""
+    readings = [text]
+    if local := _FILE_URI.match(text):
+        readings += [text[local.end():], urllib.parse.unquote(text[local.end():])]
+    inside = ""
+    try:
+        for reading in readings:
+            inside = os.path.realpath(undisplayed_path(os.path.join(root, reading)))
+            if os.path.commonpath([root, inside]) != root:
+                return InvalidSource(
+                    f"the 'path' value {_PATH_REPR.repr(text)} is outside the one folder "
+                    f"this model reads ({PATH_ROOT_VARIABLE}); pass a path under it, "
+                    "relative to it or whole, or the file's bytes in the 'image' column")
+            if os.path.lexists(inside):
+                return inside
+    except ValueError:  # a NUL or a lone surrogate; on Windows, another drive
+        return InvalidSource(f"the 'path' value {_PATH_REPR.repr(text)} is not a file name "
+                             "this model can read (it holds a NUL character, a lone "
+                             "surrogate, or another drive's name)")
+    if not local and _OTHER_URI.match(text):
+        return _uri_refused(text)
+    return inside
 
 
 def _described(value: Any) -> str:
@@ -374,8 +404,9 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
         device = (context.model_config or {}).get("device")
         # unset or null: auto; named as a load's model_config, or MLFLOW_PYFUNC_INFERENCE_CONFIG
         # for `mlflow models serve`, not as a command's --device
-        given_by = ("MLFLOW_PYFUNC_INFERENCE_CONFIG's" if "device" in os.environ.get(
-            "MLFLOW_PYFUNC_INFERENCE_CONFIG", "") else "the model_config")
+        given_by = ("MLFLOW_PYFUNC_INFERENCE_CONFIG's"
+                    if device is not None and device == _environment_device()
+                    else "the model_config")
         self.model = Glow.load(folder, resolve_device(
             "auto" if device is None else device, option=f'{given_by} "device"'))
         self.calibration = load_calibration(folder)
@@ -413,6 +444,17 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
         except BatchOutOfMemory as exc:  # as any other exception, REST would lose the advice
             raise PredictError(exc.advice(option="the batch_size param")) from None
         return _json_safe(frame) if _serving() else frame
+
+
+def _environment_device() -> Any:
+    """The ``device`` that ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` sets (what ``mlflow models
+    serve`` is given), or None: to name it in advice where the device came from there
+    (a load's own ``model_config`` wins over it)."""
+    try:
+        config = json.loads(os.environ.get("MLFLOW_PYFUNC_INFERENCE_CONFIG") or "{}")
+    except ValueError:
+        return None
+    return config.get("device") if isinstance(config, dict) else None
 
 
 def path_root() -> str | None:
