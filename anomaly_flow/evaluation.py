@@ -147,8 +147,10 @@ class CalibrateOutcome:
             return ""
         if self.previous_champion is None:
             return f"alias 'champion' set to version {self.version} (it pointed at none)"
+        name = self.model_uri.removeprefix("models:/").rpartition("/")[0]
         return (f"alias 'champion' moved from version {self.previous_champion} to "
-                f"{self.version}")
+                f"{self.version} (to undo: MlflowClient().set_registered_model_alias("
+                f"{name!r}, 'champion', {self.previous_champion!r}))")
 
     @property
     def threshold(self) -> float:
@@ -271,6 +273,8 @@ def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
     }
     if training_run := trained_by(loaded):
         tags["training_run_id"] = training_run
+    if commit := tracking.git_commit():  # the code that scored and chose, as training's
+        tags["git_commit"] = commit
     if anomalous is not None:
         tags["anomalous_folder"] = display_path(anomalous.folder.resolve())
         tags["anomalous_fingerprint"] = anomalous.fingerprint
@@ -509,7 +513,8 @@ def calibrate_scores(
         _log_failures(run, failures)
         with stops_deferred():  # the version and the run's link to it, as one step
             model_uri, version, previous = tracking.register_calibrated_version(
-                loaded, calibration, run, promote=promote
+                loaded, calibration, run, promote=promote,
+                calibration_fingerprint=normal.fingerprint,
             )
             run.set_tags({"calibrated_model_uri": str(model_uri)})
         run_id = run.run_id

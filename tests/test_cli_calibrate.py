@@ -54,7 +54,9 @@ def store(tmp_path_factory: pytest.TempPathFactory, _trained_store: TrainedModel
     """A store of its own holding the session's trained weights as ``NAME@candidate``,
     with the record of the images they were trained on."""
     tracking.configure(_trained_store.mlruns)
-    weights = tracking.load_model(_trained_store.version_uri).model
+    loaded = tracking.load_model(_trained_store.version_uri)
+    weights = loaded.model
+    lineage = {key: loaded.tags[key] for key in ("data_fingerprint", "val_bpd")}
     trained_on = tracking.training_image_digests(_trained_store.run_id)
     assert trained_on is not None
     mlruns = new_store(tmp_path_factory.mktemp("calibrate") / "mlruns", mlflow_db_template)
@@ -62,7 +64,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, _trained_store: TrainedModel
     with tracking.start_run(NAME, "train-copy") as run:
         uri = tracking.log_model(run, weights)
         run.log_text("".join(f"{d}\n" for d in sorted(trained_on)), "training_images.sha256")
-    tracking.register_model(uri, NAME, alias="candidate", tags={"training_run_id": run.run_id})
+    tracking.register_model(uri, NAME, alias="candidate",
+                            tags={"training_run_id": run.run_id, **lineage})
     return mlruns
 
 
@@ -116,7 +119,8 @@ def test_calibrate_promote_then_score_with_champion(
     previous = aliases.get("champion")
     assert f"run: {run_id_from(result)}; alias 'champion' " + (
         f"set to version {new_version} (it pointed at none)" if previous is None else
-        f"moved from version {previous} to {new_version}") in result.stdout
+        f"moved from version {previous} to {new_version} (to undo: MlflowClient()"
+        f".set_registered_model_alias('{NAME}', 'champion', '{previous}'))") in result.stdout
     assert client.get_model_version(NAME, new_version).tags.get("previous_champion") == (
         None if previous is None else str(previous))
     # The broken file is reported, with its reason, and left out.
@@ -146,6 +150,12 @@ def test_calibrate_promote_then_score_with_champion(
     assert calibration_run.info.run_id == run_id_from(result)
     candidate = client.get_model_version(NAME, "1")
     assert calibration_run.data.tags["training_run_id"] == candidate.tags["training_run_id"]
+    # what an audit of the champion asks, on the version itself: the training data and
+    # how well it was learned (from the source version), the calibration images
+    for key in ("data_fingerprint", "val_bpd"):
+        assert version.tags[key] == candidate.tags[key], key
+    assert version.tags["calibration_fingerprint"] == \
+        calibration_run.data.tags["normal_fingerprint"]
     assert calibration_run.data.metrics["threshold"] == threshold.value
     assert calibration_run.data.metrics["n_failed_normal"] == 1
     artifacts = {a.path for a in client.list_artifacts(calibration_run.info.run_id)}
@@ -157,6 +167,9 @@ def test_calibrate_promote_then_score_with_champion(
     result = run("score", image_dirs.test_normal.parent, "--model", f"models:/{NAME}@champion",
                  "--out", out, "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 0, result.output
+    # which version the alias named, and what decides: a line to keep with the table
+    assert (f"model: models:/{NAME}/{new_version} (models:/{NAME}@champion), ensemble > "
+            f"{threshold.value:.6g} is anomalous (conformal threshold)") in result.stderr
     table = pd.read_csv(out)
     assert len(table) == 32 and table["error"].isna().all()
     scores = table["score"].to_numpy(float)
@@ -191,6 +204,35 @@ def test_calibrate_promote_then_score_with_champion(
     assert f"models:/{NAME}@champion already carries a calibration (ensemble, conformal " \
         f"threshold {threshold.value:.6g}); the new version replaces it with one on bpd" \
         in again.stderr
+
+
+def test_a_store_lost_after_the_registration_says_what_was_registered_and_not_promoted(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking server that dies between the registration and the alias: the version is
+    whole, champion did not move, and the message says both, and how to finish, where
+    running the command again would leave that version unnamed. The version carries no
+    previous_champion, since no promotion happened."""
+    from anomaly_flow.tracking import models
+    from anomaly_flow.tracking.store import TrackingError
+
+    def server_gone(*args: object, **kwargs: object) -> None:
+        raise TrackingError("the MLflow tracking server became unreachable (no connection "
+                            "could be made); check MLFLOW_TRACKING_URI, then run the "
+                            "command again")
+
+    before = client.get_registered_model(NAME).aliases.get("champion")
+    monkeypatch.setattr(models, "set_alias", server_gone)
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.1", "--promote", "--device", "cpu", "--mlruns", store)
+    assert_one_line_error(result, "the MLflow tracking server became unreachable")
+    made = max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
+    assert (f"; before it failed, it registered models:/{NAME}/{made}, which is whole, but "
+            f"did not move alias 'champion' to it (to do so: MlflowClient()"
+            f".set_registered_model_alias('{NAME}', 'champion', '{made}')); use it rather "
+            "than running the command again for another version") in result.stderr
+    assert client.get_registered_model(NAME).aliases.get("champion") == before
+    assert "previous_champion" not in client.get_model_version(NAME, str(made)).tags
 
 
 def with_broken_files(source: Path, target: Path, names: list[str]) -> Path:

@@ -625,8 +625,11 @@ def test_a_stop_before_any_row_says_to_run_again(model_dir: Path, tmp_path: Path
     monkeypatch.setattr(folder_scoring, "score_folder", stopped)
     result = run("score", folder, "--model", model_dir, "--out", out)
     assert result.exit_code == 130
-    assert result.stderr.strip() == (f"interrupted before any row was written to {out}; run "
-                                     "the same command again")
+    # the model it loaded, then the stop
+    said = result.stderr.strip().splitlines()
+    assert len(said) == 2 and said[0].startswith(f"model: {model_dir}, bpd > "), said
+    assert said[1] == (f"interrupted before any row was written to {out}; run the same "
+                       "command again")
 
 
 def test_an_unreadable_earlier_output_is_not_called_a_foreign_file(tmp_path: Path) -> None:

@@ -740,7 +740,7 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
     # ended as the new parent run started: its process is gone (the training's own check,
     # for a run another host left, then finds it ended)
     assert parents[abandoned.info.run_id].data.tags["ended_by"] == \
-        "a later run found its process gone (killed outright)"
+        "a later run found its process gone (killed, or cut off from the store)"
     [new] = [run for key, run in parents.items() if key != abandoned.info.run_id]
     assert new.info.status == "FINISHED"
     trainings = {run.info.run_id: run.info.status
@@ -751,7 +751,8 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
         assert trainings.pop(training_run.info.run_id) == "KILLED"
         assert list(trainings.values()) == ["FINISHED"]
     assert f"the run {abandoned.info.run_id} (end-to-end) was left RUNNING by a process " \
-        "that was killed; marked KILLED" in caplog.text
+        "that ended without closing it (killed, or cut off from the store); marked KILLED" \
+        in caplog.text
 
 
 def test_a_resumed_end_to_end_run_killed_again_is_ended_too(
@@ -772,7 +773,8 @@ def test_a_resumed_end_to_end_run_killed_again_is_ended_too(
     assert end_to_end_main([*argv, "--resume"]) == 0, capsys.readouterr().err
     ended = client.get_run(second)
     assert ended.info.status == "KILLED"
-    assert ended.data.tags["ended_by"] == "a later run found its process gone (killed outright)"
+    assert ended.data.tags["ended_by"] == \
+        "a later run found its process gone (killed, or cut off from the store)"
     [training_run] = client.search_runs([experiment], "tags.command = 'train'")
     assert training_run.info.status == "FINISHED"
 

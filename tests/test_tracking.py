@@ -1806,9 +1806,9 @@ def test_a_run_whose_process_was_killed_outright_is_ended_by_the_next_run(
         pass
     assert client.get_run(killed).info.status == "KILLED"
     assert client.get_run(killed).data.tags["ended_by"] == \
-        "a later run found its process gone (killed outright)"
-    assert f"the run {killed} (calibrate) was left RUNNING by a process that was killed; " \
-        "marked KILLED" in caplog.text
+        "a later run found its process gone (killed, or cut off from the store)"
+    assert f"the run {killed} (calibrate) was left RUNNING by a process that ended without " \
+        "closing it (killed, or cut off from the store); marked KILLED" in caplog.text
     assert client.get_run(made["alive"]).info.status == "RUNNING"
     assert client.get_run(made["elsewhere"]).info.status == "RUNNING"
     if "reused" in made:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,7 +21,25 @@ from anomaly_flow.errors import one_line
 from anomaly_flow.score_kinds import REFERENCE_SCORES
 from anomaly_flow.stopping import usable_cores
 
+if TYPE_CHECKING:  # the tracking package imports mlflow: not for --help
+    from anomaly_flow.tracking import LoadedModel
+
 _FAILURES_SHOWN = 5
+
+
+def _which_model(loaded: LoadedModel, given: str) -> str:
+    """The version scoring uses, as a line to keep with the table: an alias is read once,
+    so the version it named then, and the calibration that decides."""
+    which = (f"models:/{loaded.name}/{loaded.version}" if loaded.version is not None
+             else one_line(str(loaded.uri)))
+    if which != given:
+        which += f" ({one_line(given)})"
+    calibration = loaded.calibration
+    if calibration is None:
+        return f"{which}, uncalibrated (no verdicts)"
+    threshold = calibration.threshold
+    return (f"{which}, {calibration.score_name} > {threshold.value:.6g} is anomalous "
+            f"({threshold.method} threshold)")
 
 
 def _default_workers() -> int:
@@ -124,6 +143,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     check_image_folder(folder)
     check_writable(out, resume=resume)
     loaded = open_model(model, device, mlruns, logs=False, reads_runs=False)
+    click.echo(f"model: {_which_model(loaded, model)}", err=True)
     shown = one_line(display_path(out))
 
     def interrupted() -> str:  # the rows scored so far are kept

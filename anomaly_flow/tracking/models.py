@@ -50,6 +50,7 @@ from anomaly_flow.tracking.store import (
     artifact_errors,
     configured_uri,
     ensure_configured,
+    git_commit,
     local_folder,
     missing_default_store,
     note_promoted,
@@ -309,15 +310,20 @@ class RegisteredVersion(NamedTuple):
 
 
 def register_calibrated_version(source: LoadedModel, calibration: Calibration, run: Run, *,
-                                promote: bool, name: str | None = None) -> RegisteredVersion:
+                                promote: bool, name: str | None = None,
+                                calibration_fingerprint: str | None = None
+                                ) -> RegisteredVersion:
     """Log ``source``'s weights with ``calibration`` in ``run`` and register them.
 
     The new version of ``name`` (default: the source's registered name) is tagged with
     ``calibration_run_id``, ``training_run_id`` (when known), ``source_version``, the
-    score, the threshold and what chose it (``threshold_method``, ``target_fpr`` for a
-    conformal threshold, ``cost_fp``/``cost_fn`` for a cost one); ``promote`` moves the
-    ``champion`` alias to it, and tags it ``previous_champion`` with the version the alias
-    left (so a promotion can be undone). The run is tagged with the same links.
+    source's ``data_fingerprint`` and ``val_bpd`` (where it has them), the calibration
+    images' ``calibration_fingerprint`` (where given), this code's ``git_commit`` (from a
+    checkout), the score, the threshold and what chose it (``threshold_method``,
+    ``target_fpr`` for a conformal threshold, ``cost_fp``/``cost_fn`` for a cost one);
+    ``promote`` moves the ``champion`` alias to it, then tags it ``previous_champion``
+    with the version the alias left (so a promotion can be undone). The run is tagged
+    with the same links.
 
     Returns:
         The new version's URI and number, and the version ``champion`` left.
@@ -337,7 +343,15 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
     if source.version and target == source.name:
         links["source_version"] = source.version
     threshold = calibration.threshold
-    tags = {**links, "calibrated": "true", "score_name": calibration.score_name,
+    # what the weights were trained on and how well, on the version itself: an audit of
+    # the champion reads them there, not through a chain of recalibrated versions
+    lineage = {key: source.tags[key] for key in ("data_fingerprint", "val_bpd")
+               if key in source.tags}
+    if calibration_fingerprint is not None:
+        lineage["calibration_fingerprint"] = calibration_fingerprint
+    if commit := git_commit():
+        lineage["git_commit"] = commit
+    tags = {**links, **lineage, "calibrated": "true", "score_name": calibration.score_name,
             "threshold": repr(float(threshold.value)), "threshold_method": threshold.method}
     chosen_by = {"target_fpr": threshold.alpha, "cost_fp": threshold.cost_fp,
                  "cost_fn": threshold.cost_fn}
@@ -348,12 +362,12 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
     if source.version and target == source.name:
         _check_still_registered(target, source.version)
     previous = _alias_version(target, CHAMPION) if promote else None
-    if previous is not None:
-        tags["previous_champion"] = previous
     with stops_deferred():  # a stop lets --promote finish what the registration began
         version = register_model(model_uri, target, tags=tags)
         if promote:
             set_alias(target, CHAMPION, version)
+            if previous is not None:  # once it moved: a failure before leaves no such word
+                _tag_version(target, version, "previous_champion", previous)
             note_promoted(
                 f"moved alias {CHAMPION!r} of {target!r} to version {version}" + (
                     "" if previous is None else
@@ -363,6 +377,12 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
         logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, target, version,
                     "" if previous is None else f" (it pointed at version {previous})")
     return RegisteredVersion(f"models:/{target}/{version}", str(version), previous)
+
+
+def _tag_version(name: str, version: str | int, key: str, value: str) -> None:
+    ensure_configured()
+    with quiet_mlflow():
+        mlflow.MlflowClient().set_model_version_tag(name, str(version), key, value)
 
 
 def _alias_version(name: str, alias: str) -> str | None:

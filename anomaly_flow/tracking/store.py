@@ -939,9 +939,11 @@ def _end_abandoned_runs(experiment_id: str) -> None:
     for run in running:
         value = run.data.tags.get(PROCESS_TAG)
         if value and _process_gone(value) and end_if_running(
-                run.info.run_id, "a later run found its process gone (killed outright)"):
-            logger.warning("the run %s (%s) was left RUNNING by a process that was killed; "
-                           "marked KILLED", run.info.run_id, run.info.run_name)
+                run.info.run_id, "a later run found its process gone (killed, or cut off "
+                                  "from the store)"):
+            logger.warning("the run %s (%s) was left RUNNING by a process that ended without "
+                           "closing it (killed, or cut off from the store); marked KILLED",
+                           run.info.run_id, run.info.run_name)
 
 
 def end_if_running(run_id: str, ended_by: str) -> bool:
@@ -997,6 +999,26 @@ def stop_mark() -> tuple[int, int, int]:
     """Where this process stands in runs ended KILLED, versions registered and aliases
     moved: what :func:`stop_advice` counts from."""
     return len(_state.killed), len(_state.registered), len(_state.promoted)
+
+
+def failure_advice(mark: tuple[int, int, int], *, promote: bool = False) -> str:
+    """For a command that failed (a store gone, a disk full) after it registered a version
+    since ``mark``: that the version is whole, which alias it moved, or that ``champion``
+    was not moved though ``promote`` asked (and the call that moves it); empty where it
+    registered nothing. Running the command again would register another version and
+    leave this one unnamed."""
+    made = _state.registered[mark[1]:]
+    if not made:
+        return ""
+    moved = _state.promoted[mark[2]:]
+    whole = "which is whole" if len(made) == 1 else "which are whole"
+    said = f"; before it failed, it registered {', '.join(made)}, {whole}"
+    said += "".join(f", and {what}" for what in moved)
+    if promote and not moved:
+        name, _, version = made[-1].removeprefix("models:/").rpartition("/")
+        said += (f", but did not move alias 'champion' to it (to do so: MlflowClient()"
+                 f".set_registered_model_alias({name!r}, 'champion', {version!r}))")
+    return said + "; use it rather than running the command again for another version"
 
 
 def stop_advice(mark: tuple[int, int, int]) -> str:

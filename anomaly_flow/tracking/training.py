@@ -428,9 +428,10 @@ def _end_abandoned_run(earlier: dict[str, Any], name: str) -> None:
     if earlier.get("concluded", True) or _reusable_run(run_id, name) is None:
         return
     if end_if_running(run_id, "a fresh training of the same name found it abandoned (its "
-                               "process was killed)"):
+                               "process was killed, or cut off from the store)"):
         logger.warning("the run %s of an earlier training of %r was left RUNNING by a "
-                       "process that was killed; marked KILLED", run_id, name)
+                       "process that ended without closing it (killed, or cut off from the "
+                       "store); marked KILLED", run_id, name)
         _end_abandoned_pipeline(earlier, name)
 
 
