@@ -149,8 +149,8 @@ class CalibrateOutcome:
             return f"alias 'champion' set to version {self.version} (it pointed at none)"
         name = self.model_uri.removeprefix("models:/").rpartition("/")[0]
         return (f"alias 'champion' moved from version {self.previous_champion} to "
-                f"{self.version} (to undo: MlflowClient().set_registered_model_alias("
-                f"{name!r}, 'champion', {self.previous_champion!r}))")
+                f"{self.version} (to undo: "
+                f"{tracking.undo_command(name, self.previous_champion)})")
 
     @property
     def threshold(self) -> float:
@@ -526,27 +526,102 @@ def calibrate_scores(
     )
 
 
+def _undecided(threshold: Threshold, n_normal: int, n_anomalous: int | None) -> str | None:
+    """What makes a threshold decide nothing on the images that set it (it flags every
+    normal image, or none of the labelled anomalies), or None where it decides."""
+    if threshold.fpr == 1.0:
+        return f"flags every one of the {n_normal} normal images"
+    if n_anomalous and threshold.recall == 0.0:
+        return f"flags none of the {n_anomalous} anomalous images"
+    return None
+
+
 def _check_promotable(threshold: Threshold, score: str, method: str, n_normal: int,
                       n_anomalous: int | None) -> None:
     """Refuse to make ``champion`` of a threshold that decides nothing on the images that
-    set it: one that flags every normal image, or none of the labelled anomalies. The
-    warnings before it say why such a threshold comes about; registered without
-    promotion it can still be looked at, and promoted by hand.
+    set it (:func:`_undecided`). The warnings before it say why such a threshold comes
+    about; registered without promotion it can still be looked at.
 
     Raises:
         CalibrationError: The threshold flags every normal image or no anomalous one.
     """
-    if threshold.fpr == 1.0:
-        what = f"flags every one of the {n_normal} normal images"
-    elif n_anomalous and threshold.recall == 0.0:
-        what = f"flags none of the {n_anomalous} anomalous images"
-    else:
-        return
-    raise CalibrationError(
-        f"not promoted: the {method} threshold {threshold.value:.6g} on {score} {what}, so "
-        "as champion it would decide nothing; calibrate again with another --method or "
-        "--score (evaluate compares the scores) or other images, or without --promote to "
-        "register it anyway")
+    if (what := _undecided(threshold, n_normal, n_anomalous)) is not None:
+        raise CalibrationError(
+            f"not promoted: the {method} threshold {threshold.value:.6g} on {score} {what}, "
+            "so as champion it would decide nothing; calibrate again with another --method "
+            "or --score (evaluate compares the scores) or other images, or without "
+            "--promote to register it anyway")
+
+
+@dataclass(frozen=True)
+class PromoteOutcome:
+    """What :func:`promote_model` did.
+
+    Attributes:
+        model_uri: The version now ``champion``, ``models:/NAME/VERSION``.
+        previous: The version ``champion`` left (None where it pointed at none).
+        already: ``champion`` pointed at that version already; nothing moved.
+    """
+
+    model_uri: str
+    previous: str | None
+    already: bool = False
+
+    @property
+    def line(self) -> str:
+        """How alias ``champion`` moved, with the command that undoes it."""
+        name, _, version = self.model_uri.removeprefix("models:/").rpartition("/")
+        if self.already:
+            return f"alias 'champion' already points at {self.model_uri}; nothing moved"
+        if self.previous is None:
+            return f"alias 'champion' set to {self.model_uri} (it pointed at none)"
+        return (f"alias 'champion' moved from version {self.previous} to {version} (to "
+                f"undo: {tracking.undo_command(name, self.previous)})")
+
+
+def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
+    """Point alias ``champion`` at a calibrated registered version: to roll back to the
+    one before (``previous_champion``), or to promote a version calibrated without
+    ``--promote``. The version must carry a calibration that decides something on the
+    images that set it (as ``calibrate --promote`` checks); it is tagged
+    ``previous_champion`` with the version the alias leaves.
+
+    Args:
+        model_uri: ``models:/NAME/VERSION``, or ``models:/NAME@ALIAS`` for the version the
+            alias names now.
+        mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
+
+    Raises:
+        CalibrationError: Not a registered version, an uncalibrated one, or one whose
+            threshold decides nothing.
+        ModelNotFoundError: No such model, version or alias.
+    """
+    if not str(model_uri).startswith("models:/"):
+        raise CalibrationError(
+            f"{model_uri} is not a registered model version, and promote moves alias "
+            "'champion' of a registered model; give models:/NAME/VERSION")
+    loaded = open_model(model_uri, "cpu", mlruns, logs=True, registers=True, reads_runs=False)
+    if loaded.name is None or loaded.version is None:  # a logged model's models:/m-... id
+        raise CalibrationError(
+            f"{model_uri} is not a registered model version, and promote moves alias "
+            "'champion' of a registered model; give models:/NAME/VERSION")
+    version_uri = f"models:/{loaded.name}/{loaded.version}"
+    calibration = loaded.calibration
+    if calibration is None:
+        raise CalibrationError(
+            f"{version_uri} is not calibrated, so as champion it would give scores but no "
+            f"verdicts; calibrate it with --promote (anomaly-flow calibrate --model "
+            f"{version_uri} --normal DIR --target-fpr 0.01 --promote)")
+    threshold = calibration.threshold
+    if (what := _undecided(threshold, threshold.n_calibration, threshold.n_anomalous)):
+        raise CalibrationError(
+            f"not promoted: the {threshold.method} threshold {threshold.value:.6g} of "
+            f"{version_uri} on {calibration.score_name} {what}, so as champion it would "
+            "decide nothing; calibrate it again with another --method or --score, or other "
+            "images")
+    if tracking.alias_version(loaded.name, tracking.CHAMPION) == loaded.version:
+        return PromoteOutcome(version_uri, None, already=True)
+    return PromoteOutcome(version_uri, tracking.promote_version(loaded.name, loaded.version))
 
 
 def calibration_summary(outcome: CalibrateOutcome) -> list[str]:

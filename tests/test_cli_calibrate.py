@@ -119,8 +119,8 @@ def test_calibrate_promote_then_score_with_champion(
     previous = aliases.get("champion")
     assert f"run: {run_id_from(result)}; alias 'champion' " + (
         f"set to version {new_version} (it pointed at none)" if previous is None else
-        f"moved from version {previous} to {new_version} (to undo: MlflowClient()"
-        f".set_registered_model_alias('{NAME}', 'champion', '{previous}'))") in result.stdout
+        f"moved from version {previous} to {new_version} (to undo: anomaly-flow promote "
+        f"models:/{NAME}/{previous})") in result.stdout
     assert client.get_model_version(NAME, new_version).tags.get("previous_champion") == (
         None if previous is None else str(previous))
     # The broken file is reported, with its reason, and left out.
@@ -228,11 +228,70 @@ def test_a_store_lost_after_the_registration_says_what_was_registered_and_not_pr
     assert_one_line_error(result, "the MLflow tracking server became unreachable")
     made = max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
     assert (f"; before it failed, it registered models:/{NAME}/{made}, which is whole, but "
-            f"did not move alias 'champion' to it (to do so: MlflowClient()"
-            f".set_registered_model_alias('{NAME}', 'champion', '{made}')); use it rather "
-            "than running the command again for another version") in result.stderr
+            f"did not move alias 'champion' to it (to do so: anomaly-flow promote "
+            f"models:/{NAME}/{made}); use it rather than running the command again for "
+            "another version") in result.stderr
     assert client.get_registered_model(NAME).aliases.get("champion") == before
     assert "previous_champion" not in client.get_model_version(NAME, str(made)).tags
+
+
+def test_promote_moves_champion_to_a_calibrated_version_and_back(
+        store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
+        tmp_path: Path) -> None:
+    """A version calibrated without --promote is promoted by name; the line printed says
+    how to undo it, and the undo works the same way. Uncalibrated versions, thresholds
+    that decide nothing, and what is no registered version are refused, each in a line."""
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--target-fpr", "0.1", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    made = model_uri_from(result)
+    version = made.rsplit("/", 1)[1]
+    def champion() -> str | None:
+        found = client.get_registered_model(NAME).aliases.get("champion")
+        return None if found is None else str(found)
+
+    before = champion()
+    promoted = run("promote", made, "--mlruns", store)
+    assert promoted.exit_code == 0, promoted.output
+    assert champion() == version
+    if before is None:
+        assert promoted.stdout == f"alias 'champion' set to {made} (it pointed at none)\n"
+    else:
+        assert promoted.stdout == (f"alias 'champion' moved from version {before} to "
+                                   f"{version} (to undo: anomaly-flow promote "
+                                   f"models:/{NAME}/{before})\n")
+        assert client.get_model_version(NAME, version).tags["previous_champion"] == before
+        undone = run("promote", f"models:/{NAME}/{before}", "--mlruns", store)
+        assert undone.exit_code == 0, undone.output
+        assert champion() == before
+        assert client.get_model_version(NAME, before).tags["previous_champion"] == version
+        run("promote", made, "--mlruns", store)
+    again = run("promote", f"models:/{NAME}@champion", "--mlruns", store)
+    assert again.stdout == f"alias 'champion' already points at {made}; nothing moved\n"
+
+    # a cost threshold that flags the one (normal-looking) anomaly it was given: nothing
+    loaded = tracking.load_model(CANDIDATE)
+    table = score_folder_table(loaded.model, image_dirs.test_normal).table
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(Path(table.loc[table["complexity"].idxmin(), "path"]), one / "x.png")
+    result = run("calibrate", "--model", CANDIDATE, "--normal", image_dirs.calibration,
+                 "--anomalous", one, "--method", "cost", "--score", "complexity",
+                 "--cost-fp", "4", "--cost-fn", "1", "--device", "cpu", "--mlruns", store)
+    assert result.exit_code == 0, result.output
+    undecided = model_uri_from(result)
+    for uri, expected in [
+            (undecided, "not promoted: the cost threshold "),
+            (f"models:/{NAME}/1", f"models:/{NAME}/1 is not calibrated, so as champion it "
+                                  "would give scores but no verdicts; calibrate it with "
+                                  "--promote"),
+            (f"models:/{NAME}/999", "has no version 999"),
+            (str(tmp_path), "is not a registered model version, and promote moves alias "
+                            "'champion' of a registered model; give models:/NAME/VERSION")]:
+        assert_one_line_error(run("promote", uri, "--mlruns", store), expected)
+    assert "flags none of the 1 anomalous images, so as champion it would decide nothing" \
+        in run("promote", undecided, "--mlruns", store).stderr
+    assert champion() == version
 
 
 def with_broken_files(source: Path, target: Path, names: list[str]) -> Path:
@@ -1056,8 +1115,7 @@ def test_a_stop_during_the_registration_of_a_calibration_says_the_version_is_who
     assert result.exit_code == 143, result.output
     # the alias it moved is said too: the stop leaves a promoted version
     moved = "" if previous is None else re.escape(
-        f" from {previous} (to undo: MlflowClient().set_registered_model_alias('{NAME}', "
-        f"'champion', '{previous}'))")
+        f" from {previous} (to undo: anomaly-flow promote models:/{NAME}/{previous})")
     said = re.search(r"calibrate interrupted \(its MLflow run (\w+) ends KILLED, after it "
                      rf"registered models:/{NAME}/(\d+), which is whole, and moved alias "
                      rf"'champion' of '{NAME}' to version \2{moved}\); use it, or run the "

@@ -199,3 +199,26 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
                                                   metrics["calibrated_recall"],
                                                   metrics["calibrated_fpr"]))
     click.echo(f"run: {outcome.run_id}")
+
+
+@main.command(short_help="Point alias champion at a calibrated version (or back).")
+@click.argument("model", type=MODEL_URI, metavar="MODEL")
+@mlruns_option
+@user_errors
+def promote(model: str, mlruns: Path | None) -> None:
+    """Point alias champion at the calibrated version MODEL (models:/NAME/VERSION).
+
+    To roll back (every promotion prints the command that undoes it), or to promote a
+    version calibrated without --promote. The version must be calibrated, with a
+    threshold that decides something on the images that set it, as calibrate --promote
+    checks; it is tagged previous_champion with the version the alias leaves.
+
+    \b
+    Example:
+      anomaly-flow promote models:/parts/4
+    """
+    from anomaly_flow.evaluation import promote_model
+
+    with stops_reported(lambda: "promote interrupted; run the same command again"):
+        outcome = promote_model(model, mlruns)
+    click.echo(outcome.line)

@@ -23,14 +23,17 @@ from anomaly_flow.tracking.models import (
     CHAMPION,
     LoadedModel,
     ModelNotFoundError,
+    alias_version,
     claim_model_name,
     is_local_model_uri,
     load_model,
     log_model,
+    promote_version,
     register_calibrated_version,
     register_model,
     require_store,
     set_alias,
+    undo_command,
 )
 from anomaly_flow.tracking.pyfunc import model_signature, output_columns, predict_frame
 from anomaly_flow.tracking.store import (
@@ -75,6 +78,7 @@ __all__ = [
     "Run",
     "TrackingError",
     "TrainOutcome",
+    "alias_version",
     "check_store_folder",
     "checkpoint_dir",
     "claim_model_name",
@@ -97,6 +101,7 @@ __all__ = [
     "precheck_checkpoints",
     "precheck_training",
     "predict_frame",
+    "promote_version",
     "redacted",
     "register_calibrated_version",
     "register_model",
@@ -111,5 +116,6 @@ __all__ = [
     "training_image_digests",
     "training_run_of",
     "ui_command",
+    "undo_command",
     "uses_default_store",
 ]

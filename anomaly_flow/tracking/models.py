@@ -361,22 +361,37 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
     model_uri = log_model(run, source.model, calibration)
     if source.version and target == source.name:
         _check_still_registered(target, source.version)
-    previous = _alias_version(target, CHAMPION) if promote else None
+    previous = None
     with stops_deferred():  # a stop lets --promote finish what the registration began
         version = register_model(model_uri, target, tags=tags)
         if promote:
-            set_alias(target, CHAMPION, version)
-            if previous is not None:  # once it moved: a failure before leaves no such word
-                _tag_version(target, version, "previous_champion", previous)
-            note_promoted(
-                f"moved alias {CHAMPION!r} of {target!r} to version {version}" + (
-                    "" if previous is None else
-                    f" from {previous} (to undo: MlflowClient().set_registered_model_alias("
-                    f"{target!r}, {CHAMPION!r}, {str(previous)!r}))"))
-    if promote:
-        logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, target, version,
-                    "" if previous is None else f" (it pointed at version {previous})")
+            previous = promote_version(target, str(version))
     return RegisteredVersion(f"models:/{target}/{version}", str(version), previous)
+
+
+def undo_command(name: str, version: str) -> str:
+    """The command that points ``champion`` back at ``version``."""
+    return f"anomaly-flow promote models:/{name}/{version}"
+
+
+def promote_version(name: str, version: str) -> str | None:
+    """Point ``models:/name@champion`` at ``version``, then tag the version with
+    ``previous_champion``, the version the alias left (once it moved: a failure before
+    leaves no such word), so that the promotion can be undone. Returns that version,
+    None where the alias pointed at none (or at ``version`` already: nothing moved)."""
+    previous = alias_version(name, CHAMPION)
+    if previous == str(version):
+        return None
+    with stops_deferred():  # the alias and its record, as one step
+        set_alias(name, CHAMPION, version)
+        if previous is not None:
+            _tag_version(name, version, "previous_champion", previous)
+        note_promoted(f"moved alias {CHAMPION!r} of {name!r} to version {version}" + (
+            "" if previous is None else
+            f" from {previous} (to undo: {undo_command(name, previous)})"))
+    logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, name, version,
+                "" if previous is None else f" (it pointed at version {previous})")
+    return previous
 
 
 def _tag_version(name: str, version: str | int, key: str, value: str) -> None:
@@ -385,7 +400,7 @@ def _tag_version(name: str, version: str | int, key: str, value: str) -> None:
         mlflow.MlflowClient().set_model_version_tag(name, str(version), key, value)
 
 
-def _alias_version(name: str, alias: str) -> str | None:
+def alias_version(name: str, alias: str) -> str | None:
     """The version ``models:/name@alias`` points at, or None where the alias is unset."""
     ensure_configured()
     try:

@@ -1015,9 +1015,8 @@ def failure_advice(mark: tuple[int, int, int], *, promote: bool = False) -> str:
     said = f"; before it failed, it registered {', '.join(made)}, {whole}"
     said += "".join(f", and {what}" for what in moved)
     if promote and not moved:
-        name, _, version = made[-1].removeprefix("models:/").rpartition("/")
-        said += (f", but did not move alias 'champion' to it (to do so: MlflowClient()"
-                 f".set_registered_model_alias({name!r}, 'champion', {version!r}))")
+        said += (f", but did not move alias 'champion' to it (to do so: anomaly-flow "
+                 f"promote {made[-1]})")
     return said + "; use it rather than running the command again for another version"
 
 
