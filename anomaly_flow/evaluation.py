@@ -595,12 +595,14 @@ def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
         CalibrationError: Not a registered version, an uncalibrated one, or one whose
             threshold decides nothing.
         ModelNotFoundError: No such model, version or alias.
+        TrackingError: The store cannot be written.
     """
     if not str(model_uri).startswith("models:/"):
         raise CalibrationError(
             f"{model_uri} is not a registered model version, and promote moves alias "
             "'champion' of a registered model; give models:/NAME/VERSION")
-    loaded = open_model(model_uri, "cpu", mlruns, logs=True, registers=True, reads_runs=False)
+    loaded = open_model(model_uri, "cpu", mlruns, logs=False, reads_runs=False)
+    tracking.require_writable_store("moves a model's alias")
     if loaded.name is None or loaded.version is None:  # a logged model's models:/m-... id
         raise CalibrationError(
             f"{model_uri} is not a registered model version, and promote moves alias "
