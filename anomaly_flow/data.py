@@ -698,18 +698,6 @@ def _look_at(paths: Sequence[Path], sample: int, look: Callable[[Image.Image], N
         _with_header(path, look)
 
 
-def image_shapes(paths: Sequence[Path], sample: int = 64) -> tuple[tuple[int, int, int], ...]:
-    """The shapes of up to ``sample`` of ``paths`` spread over the list, as
-    ``(width, height, count)``, most common first: each image's size as shown upright
-    (EXIF orientation applied), read from the file's header (what :func:`_look_at`
-    passes over is not counted). What a model records of its training folder
-    (:attr:`anomaly_flow.glow.Glow.training_shapes`), so that scoring can say when images
-    come in a size it never saw (:func:`conversion_notes`)."""
-    shapes: collections.Counter[tuple[int, int]] = collections.Counter()
-    _look_at(paths, sample, lambda img: shapes.update([_upright_size(img)]))
-    return _shape_table(shapes)
-
-
 def _shape_table(shapes: collections.Counter[tuple[int, int]]
                  ) -> tuple[tuple[int, int, int], ...]:
     return tuple((w, h, n) for (w, h), n in shapes.most_common())
@@ -728,7 +716,11 @@ class ConversionLook(NamedTuple):
     """What :func:`conversion_look` found in one pass over a sample of a folder's headers."""
 
     notes: list[str]
-    shapes: tuple[tuple[int, int, int], ...]  # as image_shapes gives them, from the same files
+    # (width, height, count) of the images looked at, each upright (EXIF orientation
+    # applied, from the header), most common first: what a model records of its training
+    # folder (Glow.training_shapes), so that scoring can say when images come in a size
+    # it never saw
+    shapes: tuple[tuple[int, int, int], ...]
 
 
 def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
@@ -748,11 +740,10 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
     differ, where ``resize`` makes that visible to the model, images a ``crop`` keeps
     less than half of, for training, files with several frames (only the first is read;
     scoring counts every such file itself), and, for scoring, images most of which come in
-    a size unlike any
-    of ``trained_shapes`` (:func:`image_shapes` of the model's training folder; unknown
-    when empty); and the shapes of the images looked at (:func:`image_shapes`, without a
-    second pass over the headers). Only regular files within the pixel limit are looked
-    at; others are passed over (training and scoring report them)."""
+    a size unlike any of ``trained_shapes`` (the ``shapes`` of the model's training
+    folder; unknown when empty); and the shapes of the images looked at. Only regular
+    files within the pixel limit are looked at; others are passed over (training and
+    scoring report them)."""
     seen: collections.Counter[str] = collections.Counter()  # images looked at, by kind
     first: dict[str, str] = {}  # the first file of each kind a note is about, to name it
     larger: collections.Counter[tuple[int, int]] = collections.Counter()
@@ -929,8 +920,9 @@ def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
 
 
 def describe_shapes(shapes: Sequence[tuple[int, int, int]], most: int = 5) -> str:
-    """:func:`image_shapes` in words: ``28×28 (all 64 looked at)``, or the ``most`` commonest
-    with their counts, ``640×480 (60), 480×640 (4) of 64 looked at``; ``unknown`` for none."""
+    """:attr:`ConversionLook.shapes` in words: ``28×28 (all 64 looked at)``, or the
+    ``most`` commonest with their counts, ``640×480 (60), 480×640 (4) of 64 looked at``;
+    ``unknown`` for none."""
     if not shapes:
         return "unknown"
     total = sum(n for _, _, n in shapes)

@@ -541,11 +541,11 @@ def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str)
     under ``folder`` (two folders whose files share relative names, such as ``0001.png``,
     given one heatmap folder): the first folder's heatmaps were replaced without a word.
     Only the ``names`` this run writes that exist are read."""
-    from anomaly_flow.heatmap import heatmap_folder
+    from anomaly_flow.heatmap import heatmap_mark
 
     theirs = [(name, other) for name in names
               if os.path.lexists(folder / name)
-              and (other := heatmap_folder(folder / name)) not in (None, scored_folder)]
+              and (other := heatmap_mark(folder / name).folder) not in (None, scored_folder)]
     if theirs:
         name, other = theirs[0]
         raise ScoringError(

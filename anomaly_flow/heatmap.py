@@ -217,12 +217,6 @@ def heatmap_mark(path: Path) -> HeatmapMark:
                        folder if isinstance(folder, str) else None)
 
 
-def heatmap_folder(path: Path) -> str | None:
-    """The scored folder the heatmap at ``path`` records (:data:`FOLDER_KEY`), or None
-    (not a heatmap, or one from a version that recorded none)."""
-    return heatmap_mark(path).folder
-
-
 def recorded_heatmaps(folder: Path, scored_folder: str | None = None
                       ) -> dict[str, tuple[Path, str | None]]:
     """For each source path recorded in a heatmap under ``folder`` (the :data:`SOURCE_KEY`

@@ -33,11 +33,11 @@ from anomaly_flow.data import (
     DataError,
     ImageDecodeError,
     ImageFolderDataset,
+    conversion_look,
     conversion_notes,
     decode_image,
     describe_shapes,
     find_images,
-    image_shapes,
     image_to_array,
     load_image,
     one_line,
@@ -653,16 +653,19 @@ def test_image_shapes_record_the_upright_sizes_of_a_sample(tmp_path: Path) -> No
     (tmp_path / "c.png").write_text("not an image")
     os.mkfifo(tmp_path / "d.png")  # opening it would block
     paths = sorted(tmp_path.iterdir())
-    assert image_shapes(paths) == ((28, 28, 3), (30, 40, 1))
-    assert describe_shapes(image_shapes(paths)) == "28×28 (3), 30×40 (1) of 4 looked at"
+
+    def shapes(paths: list[Path], sample: int = 64) -> tuple[tuple[int, int, int], ...]:
+        return conversion_look(paths, "L", 28, sample).shapes
+
+    assert shapes(paths) == ((28, 28, 3), (30, 40, 1))
+    assert describe_shapes(shapes(paths)) == "28×28 (3), 30×40 (1) of 4 looked at"
     assert describe_shapes(((28, 28, 64),)) == "28×28 (all 64 looked at)"
     assert describe_shapes(tuple((i, i, 1) for i in range(1, 8))) == (
         "1×1 (1), 2×2 (1), 3×3 (1), 4×4 (1), 5×5 (1) and 2 other sizes of 7 looked at")
     assert describe_shapes(()) == "unknown"
-    assert image_shapes([]) == ()
+    assert shapes([]) == ()
     # two of a list of four: the first and the last
-    assert image_shapes([*paths[:3], tmp_path / "b.jpg"], sample=2) == ((28, 28, 1),
-                                                                         (30, 40, 1))
+    assert shapes([*paths[:3], tmp_path / "b.jpg"], sample=2) == ((28, 28, 1), (30, 40, 1))
 
 
 def test_scoring_notes_say_when_images_come_in_a_size_the_model_never_trained_on(
