@@ -272,16 +272,14 @@ def _path_source(value: Any, root: str | None = None) -> str | InvalidSource:
     taken back. With ``root`` (a real path), see :func:`_confined`."""
     if isinstance(value, str | os.PathLike):
         text = str(value)
+        readings = _readings(text)
         if root is not None:
-            return _confined(text, root)
-        local = _FILE_URI.match(text)
-        if local and not os.path.lexists(text):
-            text = text[local.end():]
-            if not os.path.lexists(text):  # Spark writes a space in a name as %20
-                text = urllib.parse.unquote(text)
-        elif _OTHER_URI.match(text) and not os.path.lexists(text):
+            return _confined(text, readings, root)
+        chosen = next((reading for reading in readings if os.path.lexists(reading)),
+                      readings[-1])
+        if len(readings) == 1 and _OTHER_URI.match(text) and not os.path.lexists(text):
             return _uri_refused(text)
-        return undisplayed_path(text)
+        return undisplayed_path(chosen)
     if isinstance(value, bytes | bytearray | memoryview):
         return InvalidSource(
             f"the 'path' value is {_described(value)}, not a string; to score an image's "
@@ -299,18 +297,24 @@ def _uri_refused(text: str) -> InvalidSource:
         "(Spark's binaryFile source has them as 'content')")
 
 
-def _confined(text: str, root: str) -> str | InvalidSource:
+def _readings(text: str) -> list[str]:
+    """What a ``path`` value may name, in the order tried (the first that exists wins,
+    else the last): as given, and for a ``file:`` URI its path, then that path
+    ``%``-decoded (Spark writes a space in a name as ``%20``)."""
+    if local := _FILE_URI.match(text):
+        return [text, text[local.end():], urllib.parse.unquote(text[local.end():])]
+    return [text]
+
+
+def _confined(text: str, readings: list[str], root: str) -> str | InvalidSource:
     """The file a ``path`` value names under ``root`` (:func:`path_root`), as
     :func:`_path_source` reads one without a root but looked up under ``root`` alone: a
-    relative path is taken under it, and the readings of the value are tried in the same
-    order (as given, a ``file:`` URI's path, then that path ``%``-decoded; each with its
-    ``\\xff`` escapes taken back where that file exists), the first that exists winning.
+    relative path is taken under it, and the value's :func:`_readings` are tried in
+    order (each with its ``\\xff`` escapes taken back where that file exists), the first
+    that exists winning.
     A reading that leads out of ``root`` (an absolute path elsewhere, ``..``, a link)
     refuses the value, quoted as given, whether or not any file exists there; so does a
     value no file name can be (a NUL, a lone surrogate)."""
-    readings = [text]
-    if local := _FILE_URI.match(text):
-        readings += [text[local.end():], urllib.parse.unquote(text[local.end():])]
     inside = ""
     try:
         for reading in readings:
@@ -326,7 +330,7 @@ def _confined(text: str, root: str) -> str | InvalidSource:
         return InvalidSource(f"the 'path' value {_PATH_REPR.repr(text)} is not a file name "
                              "this model can read (it holds a NUL character, a lone "
                              "surrogate, or another drive's name)")
-    if not local and _OTHER_URI.match(text):
+    if len(readings) == 1 and _OTHER_URI.match(text):
         return _uri_refused(text)
     return inside
 
