@@ -121,3 +121,23 @@ def one_line(text: str) -> str:
     ``\\n``: in a log message, a line-per-file report or a CLI message it stays on its
     line and cannot pass itself off as another message."""
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def store_mark() -> tuple[int, int, int]:
+    """Where the store's record of registrations and promotions stands
+    (:func:`anomaly_flow.tracking.stop_mark`); nothing is registered before the store
+    module is loaded, which is not loaded here (a ``--help`` stays fast)."""
+    store = sys.modules.get("anomaly_flow.tracking.store")
+    return store.stop_mark() if store is not None else (0, 0, 0)
+
+
+def describe_failure(error: BaseException, mark: tuple[int, int, int]) -> str:
+    """:func:`describe`, and for a command that registered a model version since ``mark``
+    before it failed (a store lost in between) which version that is and how to finish
+    (:func:`anomaly_flow.tracking.failure_advice`): running it again would register
+    another."""
+    message = describe(error)
+    store = sys.modules.get("anomaly_flow.tracking.store")
+    if store is not None and (advice := store.failure_advice(mark)):
+        message = message.rstrip(".") + advice
+    return message

@@ -143,14 +143,7 @@ class CalibrateOutcome:
     @property
     def promotion(self) -> str:
         """How alias ``champion`` moved, for a summary line; empty where it did not."""
-        if not self.promoted:
-            return ""
-        if self.previous_champion is None:
-            return f"alias 'champion' set to version {self.version} (it pointed at none)"
-        name = self.model_uri.removeprefix("models:/").rpartition("/")[0]
-        return (f"alias 'champion' moved from version {self.previous_champion} to "
-                f"{self.version} (to undo: "
-                f"{tracking.undo_command(name, self.previous_champion)})")
+        return promotion_line(self.model_uri, self.previous_champion) if self.promoted else ""
 
     @property
     def threshold(self) -> float:
@@ -570,13 +563,19 @@ class PromoteOutcome:
     @property
     def line(self) -> str:
         """How alias ``champion`` moved, with the command that undoes it."""
-        name, _, version = self.model_uri.removeprefix("models:/").rpartition("/")
         if self.already:
             return f"alias 'champion' already points at {self.model_uri}; nothing moved"
-        if self.previous is None:
-            return f"alias 'champion' set to {self.model_uri} (it pointed at none)"
-        return (f"alias 'champion' moved from version {self.previous} to {version} (to "
-                f"undo: {tracking.undo_command(name, self.previous)})")
+        return promotion_line(self.model_uri, self.previous)
+
+
+def promotion_line(model_uri: str, previous: str | None) -> str:
+    """How alias ``champion`` moved to ``model_uri`` (``models:/NAME/VERSION``) from
+    ``previous``, with the command that undoes it."""
+    name, _, version = model_uri.removeprefix("models:/").rpartition("/")
+    if previous is None:
+        return f"alias 'champion' set to version {version} (it pointed at none)"
+    return (f"alias 'champion' moved from version {previous} to {version} (to undo: "
+            f"{tracking.undo_command(name, previous)})")
 
 
 def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
@@ -597,16 +596,15 @@ def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
         ModelNotFoundError: No such model, version or alias.
         TrackingError: The store cannot be written.
     """
-    if not str(model_uri).startswith("models:/"):
-        raise CalibrationError(
-            f"{model_uri} is not a registered model version, and promote moves alias "
-            "'champion' of a registered model; give models:/NAME/VERSION")
+    unregistered = CalibrationError(
+        f"{model_uri} is not a registered model version, and promote moves alias "
+        "'champion' of a registered model; give models:/NAME/VERSION")
+    if not str(model_uri).startswith("models:/"):  # a folder or a run: not loaded for it
+        raise unregistered
     loaded = open_model(model_uri, "cpu", mlruns, logs=False, reads_runs=False)
-    tracking.require_writable_store("moves a model's alias")
     if loaded.name is None or loaded.version is None:  # a logged model's models:/m-... id
-        raise CalibrationError(
-            f"{model_uri} is not a registered model version, and promote moves alias "
-            "'champion' of a registered model; give models:/NAME/VERSION")
+        raise unregistered
+    tracking.require_writable_store("moves a model's alias")
     version_uri = f"models:/{loaded.name}/{loaded.version}"
     calibration = loaded.calibration
     if calibration is None:
@@ -621,9 +619,8 @@ def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
             f"{version_uri} on {calibration.score_name} {what}, so as champion it would "
             "decide nothing; calibrate it again with another --method or --score, or other "
             "images")
-    if tracking.alias_version(loaded.name, tracking.CHAMPION) == loaded.version:
-        return PromoteOutcome(version_uri, None, already=True)
-    return PromoteOutcome(version_uri, tracking.promote_version(loaded.name, loaded.version))
+    moved, previous = tracking.promote_version(loaded.name, loaded.version)
+    return PromoteOutcome(version_uri, previous if moved else None, already=not moved)
 
 
 def calibration_summary(outcome: CalibrateOutcome) -> list[str]:

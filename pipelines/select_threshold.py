@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from anomaly_flow.errors import describe, user_error_types
+from anomaly_flow.errors import describe_failure, store_mark, user_error_types
 from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    mark = store_mark()  # what this run registers is said if it then fails
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
     from anomaly_flow.calibration import shown_precision
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             on_compared=show,
         )
     except user_error_types() as error:
-        print(f"error: {describe(error)}", file=sys.stderr)
+        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
         return 1
     if (registered := outcome.registered) is not None:
         print(f"registered {registered.model_uri} with the {args.register} threshold "

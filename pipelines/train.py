@@ -17,7 +17,12 @@ import argparse
 import sys
 
 from anomaly_flow.config import PRESETS, load_config, load_preset
-from anomaly_flow.errors import describe, is_store_error, user_error_types
+from anomaly_flow.errors import (
+    describe_failure,
+    is_store_error,
+    store_mark,
+    user_error_types,
+)
 from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @stoppable  # a stop before training starts (imports, the config) is a line too
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    mark = store_mark()  # what this run registers is said if it then fails
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
     from anomaly_flow.tracking import interrupted_message, train_and_register
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config) if args.config else load_preset(args.preset or "small")
         config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
     except user_error_types() as error:
-        print(f"error: {describe(error)}", file=sys.stderr)
+        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
         return 1
     # the configuration is read before the stop handling below, which names it in the
     # resume hint
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                          resume=args.resume, restart=args.restart,
                                          mlruns=args.mlruns)
     except user_error_types() as error:
-        print(f"error: {describe(error)}", file=sys.stderr)
+        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
         if is_store_error(error):  # mid-training: where to go on, not to start again
             print(interrupted_message(args.name, config, args.mlruns,
                                       what="training stopped"), file=sys.stderr)

@@ -208,7 +208,7 @@ def test_calibrate_promote_then_score_with_champion(
 
 def test_a_store_lost_after_the_registration_says_what_was_registered_and_not_promoted(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A tracking server that dies between the registration and the alias: the version is
     whole, champion did not move, and the message says both, and how to finish, where
     running the command again would leave that version unnamed. The version carries no
@@ -234,6 +234,19 @@ def test_a_store_lost_after_the_registration_says_what_was_registered_and_not_pr
     assert client.get_registered_model(NAME).aliases.get("champion") == before
     assert "previous_champion" not in client.get_model_version(NAME, str(made)).tags
 
+    # the pipeline script says it in the same words
+    from tests.test_pipelines import load_script
+
+    argv = ["--model", CANDIDATE, "--normal", str(image_dirs.calibration), "--target-fpr",
+            "0.1", "--promote", "--device", "cpu", "--mlruns", str(store)]
+    assert load_script("calibrate").main(argv) == 1
+    made = max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
+    err = capsys.readouterr().err
+    assert err.startswith("error: the MLflow tracking server became unreachable"), err
+    assert (f"; before it failed, it registered models:/{NAME}/{made}, which is whole, but "
+            f"did not move alias 'champion' to it (to do so: anomaly-flow promote "
+            f"models:/{NAME}/{made}); use it rather") in err
+
 
 def test_promote_moves_champion_to_a_calibrated_version_and_back(
         store: Path, client: mlflow.MlflowClient, image_dirs: ImageDirs,
@@ -255,7 +268,8 @@ def test_promote_moves_champion_to_a_calibrated_version_and_back(
     assert promoted.exit_code == 0, promoted.output
     assert champion() == version
     if before is None:
-        assert promoted.stdout == f"alias 'champion' set to {made} (it pointed at none)\n"
+        assert promoted.stdout == \
+            f"alias 'champion' set to version {version} (it pointed at none)\n"
     else:
         assert promoted.stdout == (f"alias 'champion' moved from version {before} to "
                                    f"{version} (to undo: anomaly-flow promote "

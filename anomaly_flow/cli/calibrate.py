@@ -125,23 +125,17 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         raise click.BadParameter(f"must be between 0 and 1 (e.g. 0.01), got {target_fpr}.",
                                  param_hint="--target-fpr")
 
-    from anomaly_flow.errors import describe, user_error_types
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
-    from anomaly_flow.tracking import failure_advice, stop_advice, stop_mark
+    from anomaly_flow.tracking import stop_advice, stop_mark
 
     mark = stop_mark()
     with stops_reported(lambda: f"calibrate interrupted {stop_advice(mark)}"):
-        try:
-            outcome = calibrate_model(
-                model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
-                cost_fp=1.0 if cost_fp is None else cost_fp,
-                cost_fn=1.0 if cost_fn is None else cost_fn, promote=promote, device=device,
-                batch_size=batch_size, workers=workers, mlruns=mlruns,
-            )
-        except user_error_types() as exc:  # a store gone after the registration: say so
-            if not (advice := failure_advice(mark, promote=promote)):
-                raise
-            raise click.ClickException(describe(exc).rstrip(".") + advice) from None
+        outcome = calibrate_model(
+            model, normal, anomalous, score=score, target_fpr=target_fpr, method=method,  # type: ignore[arg-type]
+            cost_fp=1.0 if cost_fp is None else cost_fp,
+            cost_fn=1.0 if cost_fn is None else cost_fn, promote=promote, device=device,
+            batch_size=batch_size, workers=workers, mlruns=mlruns,
+        )
     for line in calibration_summary(outcome):
         click.echo(line)
     click.echo(f"run: {outcome.run_id}" + (f"; {outcome.promotion}" if outcome.promoted else ""))

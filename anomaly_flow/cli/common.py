@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import click
 
-from anomaly_flow.errors import describe, user_error_types
+from anomaly_flow.errors import describe_failure, store_mark, user_error_types
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,13 +129,14 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        mark = store_mark()
         try:
             return func(*args, **kwargs)
         except click.ClickException:
             raise
         except Exception as exc:
             if isinstance(exc, user_error_types()):
-                raise click.ClickException(describe(exc)) from None
+                raise click.ClickException(describe_failure(exc, mark)) from None
             raise
 
     return wrapper  # type: ignore[return-value]

@@ -55,6 +55,7 @@ from anomaly_flow.tracking.store import (
     missing_default_store,
     note_promoted,
     note_registered,
+    note_to_promote,
     password_masked,
     quiet_mlflow,
     redacted,
@@ -365,7 +366,8 @@ def register_calibrated_version(source: LoadedModel, calibration: Calibration, r
     with stops_deferred():  # a stop lets --promote finish what the registration began
         version = register_model(model_uri, target, tags=tags)
         if promote:
-            previous = promote_version(target, str(version))
+            note_to_promote(f"models:/{target}/{version}")
+            _, previous = promote_version(target, str(version))
     return RegisteredVersion(f"models:/{target}/{version}", str(version), previous)
 
 
@@ -374,24 +376,26 @@ def undo_command(name: str, version: str) -> str:
     return f"anomaly-flow promote models:/{name}/{version}"
 
 
-def promote_version(name: str, version: str) -> str | None:
+def promote_version(name: str, version: str) -> tuple[bool, str | None]:
     """Point ``models:/name@champion`` at ``version``, then tag the version with
     ``previous_champion``, the version the alias left (once it moved: a failure before
-    leaves no such word), so that the promotion can be undone. Returns that version,
-    None where the alias pointed at none (or at ``version`` already: nothing moved)."""
+    leaves no such word), so that the promotion can be undone. Returns whether the alias
+    moved (not where it pointed at ``version`` already) and the version it left (None
+    where it pointed at none)."""
     previous = alias_version(name, CHAMPION)
     if previous == str(version):
-        return None
+        return False, previous
     with stops_deferred():  # the alias and its record, as one step
         set_alias(name, CHAMPION, version)
         if previous is not None:
             _tag_version(name, version, "previous_champion", previous)
         note_promoted(f"moved alias {CHAMPION!r} of {name!r} to version {version}" + (
             "" if previous is None else
-            f" from {previous} (to undo: {undo_command(name, previous)})"))
+            f" from {previous} (to undo: {undo_command(name, previous)})"),
+            f"models:/{name}/{version}")
     logger.info("alias %s now points at models:/%s/%s%s", CHAMPION, name, version,
                 "" if previous is None else f" (it pointed at version {previous})")
-    return previous
+    return True, previous
 
 
 def _tag_version(name: str, version: str | int, key: str, value: str) -> None:

@@ -73,6 +73,7 @@ class _State:
     killed: list[str] = field(default_factory=list)  # runs a stop ended, oldest first
     registered: list[str] = field(default_factory=list)  # models:/NAME/N made, oldest first
     promoted: list[str] = field(default_factory=list)  # what each promotion moved, said
+    to_promote: set[str] = field(default_factory=set)  # registered, champion not yet moved
 
 
 _state = _State()
@@ -989,10 +990,19 @@ def note_registered(uri: str) -> None:
     _state.registered.append(uri)
 
 
-def note_promoted(what: str) -> None:
+def note_to_promote(uri: str) -> None:
+    """Record that the version ``uri`` this process registered is to become ``champion``,
+    for :func:`failure_advice`, until :func:`note_promoted` says it did."""
+    _state.to_promote.add(uri)
+
+
+def note_promoted(what: str, uri: str | None = None) -> None:
     """Record an alias this process moved (``alias 'champion' of NAME moved to version N
-    from M``), for :func:`stop_advice`: a stop after it leaves the alias moved."""
+    from M``), to version ``uri``, for :func:`stop_advice`: a stop after it leaves the
+    alias moved."""
     _state.promoted.append(what)
+    if uri is not None:
+        _state.to_promote.discard(uri)
 
 
 def stop_mark() -> tuple[int, int, int]:
@@ -1001,22 +1011,19 @@ def stop_mark() -> tuple[int, int, int]:
     return len(_state.killed), len(_state.registered), len(_state.promoted)
 
 
-def failure_advice(mark: tuple[int, int, int], *, promote: bool = False) -> str:
+def failure_advice(mark: tuple[int, int, int]) -> str:
     """For a command that failed (a store gone, a disk full) after it registered a version
     since ``mark``: that the version is whole, which alias it moved, or that ``champion``
-    was not moved though ``promote`` asked (and the call that moves it); empty where it
-    registered nothing. Running the command again would register another version and
-    leave this one unnamed."""
-    made = _state.registered[mark[1]:]
+    was not moved to it though that was asked (and the command that moves it); empty
+    where it registered nothing. Running the command again would register another
+    version and leave this one unnamed."""
+    made, _, registered = _registered_since(mark)
     if not made:
         return ""
-    moved = _state.promoted[mark[2]:]
-    whole = "which is whole" if len(made) == 1 else "which are whole"
-    said = f"; before it failed, it registered {', '.join(made)}, {whole}"
-    said += "".join(f", and {what}" for what in moved)
-    if promote and not moved:
+    said = f"; before it failed, it {registered}"
+    for uri in (uri for uri in made if uri in _state.to_promote):
         said += (f", but did not move alias 'champion' to it (to do so: anomaly-flow "
-                 f"promote {made[-1]})")
+                 f"promote {uri})")
     return said + "; use it rather than running the command again for another version"
 
 
@@ -1025,16 +1032,23 @@ def stop_advice(mark: tuple[int, int, int]) -> str:
     that it came before any run started) and, where the command had already registered
     a version, that the version is whole, and which alias it moved to it; then what to
     do."""
-    ids, made = _state.killed[mark[0]:], _state.registered[mark[1]:]
-    moved = _state.promoted[mark[2]:]
+    ids = _state.killed[mark[0]:]
+    made, _, registered = _registered_since(mark)
     runs = ("before it started an MLflow run" if not ids
             else f"its MLflow run {ids[0]} ends KILLED" if len(ids) == 1
             else f"its MLflow runs {', '.join(ids)} end KILLED")
     if not made:
         return f"({runs}); run the same command again"
-    whole = "which is whole" if len(made) == 1 else "which are whole"
-    also = "".join(f", and {what}" for what in moved)
     use = "use it" if len(made) == 1 else "use them"
-    return (f"({runs}, after it registered {', '.join(made)}, {whole}{also}); {use}, or run "
-            "the same command again for a new version")
+    return (f"({runs}, after it {registered}); {use}, or run the same command again for a "
+            "new version")
+
+
+def _registered_since(mark: tuple[int, int, int]) -> tuple[list[str], list[str], str]:
+    """The versions registered and the aliases moved since ``mark``, and both in words:
+    ``registered models:/NAME/N, which is whole, and moved alias ...``."""
+    made, moved = _state.registered[mark[1]:], _state.promoted[mark[2]:]
+    whole = "which is whole" if len(made) == 1 else "which are whole"
+    return made, moved, (f"registered {', '.join(made)}, {whole}"
+                         + "".join(f", and {what}" for what in moved))
 
