@@ -586,8 +586,8 @@ def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
     ``previous_champion`` with the version the alias leaves.
 
     Args:
-        model_uri: ``models:/NAME/VERSION``, or ``models:/NAME@ALIAS`` for the version the
-            alias names now.
+        model_uri: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` for the version the
+            alias names now, or ``runs:/RUN/model`` of a run whose model was registered.
         mlruns: Root of the local MLflow store, unless ``MLFLOW_TRACKING_URI`` is set.
 
     Raises:
@@ -599,7 +599,7 @@ def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
     unregistered = CalibrationError(
         f"{model_uri} is not a registered model version, and promote moves alias "
         "'champion' of a registered model; give models:/NAME/VERSION")
-    if not str(model_uri).startswith("models:/"):  # a folder or a run: not loaded for it
+    if tracking.is_local_model_uri(str(model_uri)):  # a folder: no store to move it in
         raise unregistered
     loaded = open_model(model_uri, "cpu", mlruns, logs=False, reads_runs=False)
     if loaded.name is None or loaded.version is None:  # a logged model's models:/m-... id

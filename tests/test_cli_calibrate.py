@@ -280,6 +280,9 @@ def test_promote_moves_champion_to_a_calibrated_version_and_back(
         assert champion() == before
         assert client.get_model_version(NAME, before).tags["previous_champion"] == version
         run("promote", made, "--mlruns", store)
+    # the run that registered it names it too
+    by_run = run("promote", f"runs:/{run_id_from(result)}/model", "--mlruns", store)
+    assert by_run.stdout == f"alias 'champion' already points at {made}; nothing moved\n"
     again = run("promote", f"models:/{NAME}@champion", "--mlruns", store)
     assert again.stdout == f"alias 'champion' already points at {made}; nothing moved\n"
 

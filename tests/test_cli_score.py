@@ -177,6 +177,10 @@ def test_strict_fails_when_a_file_failed_but_writes_the_table(messy: Path, model
     assert result.exit_code == 1
     assert f"{N_GOOD} scored, {N_BAD} failed" in result.stderr
     assert "anomalous (Benjamini-Hochberg at FDR 0.1)" in result.stderr
+    # the first line says the same of what decides: not the calibrated threshold
+    assert result.stderr.startswith(
+        f"model: {model_dir}, Benjamini-Hochberg over the bpd p-values at false discovery "
+        "rate 0.1 decides (not the calibrated threshold)\n"), result.stderr
     assert len(pd.read_parquet(out)) == len(MESSY)
 
 

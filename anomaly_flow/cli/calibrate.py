@@ -122,8 +122,8 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
         raise click.UsageError("--cost-fp and --cost-fn are both 0, so every threshold costs "
                                "the same; give at least one of them a positive cost.")
     if target_fpr is not None and not 0 < target_fpr < 1:
-        raise click.BadParameter(f"must be between 0 and 1 (e.g. 0.01), got {target_fpr}.",
-                                 param_hint="--target-fpr")
+        raise click.BadParameter(f"must be between 0 and 1, both excluded (e.g. 0.01), got "
+                                 f"{target_fpr}.", param_hint="--target-fpr")
 
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
     from anomaly_flow.tracking import stop_advice, stop_mark

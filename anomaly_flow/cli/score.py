@@ -27,9 +27,10 @@ if TYPE_CHECKING:  # the tracking package imports mlflow: not for --help
 _FAILURES_SHOWN = 5
 
 
-def _which_model(loaded: LoadedModel, given: str) -> str:
+def _which_model(loaded: LoadedModel, given: str, fdr: float | None = None) -> str:
     """The version scoring uses, as a line to keep with the table: an alias is read once,
-    so the version it named then, and the calibration that decides."""
+    so the version it named then, and what decides (the calibrated threshold, or
+    Benjamini-Hochberg over the p-values with ``fdr``)."""
     which = (f"models:/{loaded.name}/{loaded.version}" if loaded.version is not None
              else one_line(str(loaded.uri)))
     if which != given:
@@ -37,6 +38,9 @@ def _which_model(loaded: LoadedModel, given: str) -> str:
     calibration = loaded.calibration
     if calibration is None:
         return f"{which}, uncalibrated (no verdicts)"
+    if fdr is not None:
+        return (f"{which}, Benjamini-Hochberg over the {calibration.score_name} p-values at "
+                f"false discovery rate {fdr:g} decides (not the calibrated threshold)")
     threshold = calibration.threshold
     return (f"{which}, {calibration.score_name} > {threshold.value:.6g} is anomalous "
             f"({threshold.method} threshold)")
@@ -143,7 +147,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     check_image_folder(folder)
     check_writable(out, resume=resume)
     loaded = open_model(model, device, mlruns, logs=False, reads_runs=False)
-    click.echo(f"model: {_which_model(loaded, model)}", err=True)
+    click.echo(f"model: {_which_model(loaded, model, fdr)}", err=True)
     shown = one_line(display_path(out))
 
     def interrupted() -> str:  # the rows scored so far are kept
