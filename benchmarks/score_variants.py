@@ -29,6 +29,11 @@ reference's mean and population std + 0.1):
   ``knn_map_7+cc+pixel_knn_7`` (the product's ``ensemble``), ``knn_map_7+pixel_knn_7``,
   ``knn_map_28+typicality_levels+cc``: sums of scores standardised by their mean and std
   over the reference images (leave-one-out for k-NN), cc = ``coarse_complexity``.
+* ``pixel_knn_G_all``: ``pixel_knn_G`` against the training images and the reference
+  images together (pixels are not fitted by the model, so the training images carry no
+  memorisation bias there), standardised by the reference images' distances to the
+  training images; its sum with ``knn_map_7`` and cc, once with the pixel term counted
+  twice (``knn_map_7+cc+pixel_knn_7_all+pixel_knn_7_all``), and with ``knn_map_7_fit``.
 
 Examples:
     python benchmarks/score_variants.py --device cpu                 # ten 2-epoch models
@@ -149,8 +154,8 @@ def pooled_images(images: np.ndarray, grid: int, n_bits: int) -> np.ndarray:
 def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: int,
              ref_cc: np.ndarray, test_cc: np.ndarray,
              fit_maps: np.ndarray | None = None,
-             images: tuple[np.ndarray, np.ndarray, int] | None = None
-             ) -> dict[str, np.ndarray]:
+             images: tuple[np.ndarray, np.ndarray, int] | None = None,
+             fit_images: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every variant's test scores (higher = more anomalous); ``images`` = (reference
     and test uint8 images, n_bits) adds the ``pixel_knn`` variants."""
     m_ref, m_test = ref["pixel_bpd"], test["pixel_bpd"]
@@ -204,6 +209,19 @@ def variants(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], levels: in
                 out["pixel_knn_7s"] = knn_distances(r, t)
         combos += [("knn_map_7", "cc", "pixel_knn_7"), ("knn_map_7", "pixel_knn_7"),
                    ("knn_map_7", "cc", "pixel_knn_14"), ("knn_map_7", "cc", "pixel_knn_28")]
+        if fit_images is not None:  # every training image as the pixel k-NN reference
+            for grid in (14, 7):
+                r, t, f = (pooled_images(x, grid, n_bits)
+                           for x in (ref_images, test_images, fit_images))
+                both = np.concatenate([f, r])
+                name = f"pixel_knn_{grid}_all"
+                out[name] = knn_distances(both, t, standardise=False)
+                scores_ref[name] = knn_distances(f, r, standardise=False)
+                combos += [("knn_map_7", "cc", name)]
+                if grid == 7:
+                    combos += [("knn_map_7", "cc", name, name)]
+                    if fit_maps is not None:
+                        combos += [("knn_map_7_fit", "cc", name)]
     if fit_maps is not None:
         combos += [("knn_map_7_fit", "cc"), ("knn_map_7_fit", "typicality", "cc")]
     for combo in combos:
@@ -251,7 +269,7 @@ def main() -> None:
             else None
         scores = variants(ref, tst, levels, coarse_complexity(ref["level_bits"], ref_cpng),
                           coarse_complexity(tst["level_bits"], test_cpng), fit_maps,
-                          (images[val_idx], test, n_bits))
+                          (images[val_idx], test, n_bits), images[fit_idx])
         normal = test_labels == k
         aurocs[k] = {name: 100 * detection_metrics(s[normal], s[~normal]).auroc
                      for name, s in scores.items()}
