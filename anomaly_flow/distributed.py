@@ -21,6 +21,7 @@ nothing of models, configurations or MLflow.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,17 @@ def share_verdict(error: str | None = None) -> str | None:
     sent = [error]
     dist.broadcast_object_list(sent, src=0)
     return sent[0]
+
+
+def gathered(value: Any) -> list[Any]:
+    """Under torchrun: every rank's ``value`` (picklable), in rank order, on every rank (a
+    collective: all ranks call it); for the ranks to compare what each sees before they
+    train together. Alone: ``[value]``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def join_process_group(device: torch.device) -> tuple[int, int, bool]:

@@ -7,8 +7,11 @@ never imported cannot have been raised).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("anomaly_flow.config", "ConfigError"),
@@ -141,3 +144,72 @@ def describe_failure(error: BaseException, mark: tuple[int, int, int]) -> str:
     if store is not None and (advice := store.failure_advice(mark)):
         message = message.rstrip(".") + advice
     return message
+
+
+_ALIKE = "_anomaly_flow_alike_on_every_process"
+
+
+def alike_on_every_process(error: BaseException) -> BaseException:
+    """Mark ``error`` as one that every process of a ``torchrun`` training raises with the
+    same message (a check of the same arguments and files before the processes meet, or
+    a refusal they share), so that one process per host says it (:func:`told_nearby`)."""
+    setattr(error, _ALIKE, True)
+    return error
+
+
+@contextmanager
+def raised_alike() -> Iterator[None]:
+    """Mark what the block raises :func:`alike_on_every_process`: for checks every process
+    makes alike (the same arguments, the same files) before the processes meet."""
+    try:
+        yield
+    except Exception as exc:
+        alike_on_every_process(exc)
+        raise
+
+
+def _processes() -> tuple[int, int]:
+    """(``WORLD_SIZE``, ``LOCAL_RANK``) as torchrun sets them; (1, 0) alone or when they are
+    not numbers."""
+    try:
+        return (int(os.environ.get("WORLD_SIZE", "1")),
+                int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        return 1, 0
+
+
+_PEER_GONE = re.compile(r"gloo|nccl|connection (reset|closed) by peer|broken pipe", re.I)
+_SOURCE_PLACE = re.compile(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*")
+
+
+_AGAIN = ("mend that, then run the same command again (a training: with --resume, from its "
+          "last checkpoint)")
+
+
+def peer_lost(error: BaseException, then: str | None = None) -> str | None:
+    """Under ``torchrun``, what to tell a user whose process failed in a collective
+    because another process of the training stopped (killed, out of memory, a refusal
+    of its own) or lost its connection: gloo's and NCCL's errors name a socket and a
+    source line, not that; ``then`` says what to do (by default: mend it and run the
+    command again). None for any other error, or alone."""
+    if _processes()[0] <= 1 or not isinstance(error, RuntimeError):
+        return None
+    if not (type(error).__module__.startswith("torch.distributed")
+            or _PEER_GONE.search(str(error))):
+        return None
+    cause = _SOURCE_PLACE.sub("", first_line(error)).split(". ")[0].rstrip(".")
+    return (f"another process of this torchrun stopped or lost its connection "
+            f"({one_line(cause)[:200]}); its own message (above, or in its host's log) says "
+            f"why: {then or _AGAIN}")
+
+
+def told_nearby(error: BaseException | None = None) -> bool:
+    """Whether this process should leave ``error`` unsaid: under ``torchrun`` (``WORLD_SIZE``
+    above 1) in a process of ``LOCAL_RANK`` above 0, for an error marked
+    :func:`alike_on_every_process` (``None``: one alike by nature, a usage error), which
+    the host's local rank 0 says as well. Eight GPUs then print one line, not eight; an
+    error of this process alone (its GPU out of memory) is still said."""
+    if error is not None and not getattr(error, _ALIKE, False):
+        return False
+    world, local_rank = _processes()
+    return world > 1 and local_rank > 0

@@ -64,6 +64,7 @@ from anomaly_flow.data import (
     split_train_val,
 )
 from anomaly_flow.distributed import join_process_group, launch_device, world_size
+from anomaly_flow.errors import peer_lost
 from anomaly_flow.fingerprint import duplicate_note, fingerprint_and_digests, is_unreadable
 from anomaly_flow.glow import (
     REFERENCE_MAX_MAPS,
@@ -662,13 +663,29 @@ def train(
             dist.barrier()  # for it, so every rank leaves training at the same step
         return result
     except RuntimeError as exc:
-        message = None if isinstance(exc, TrainingError) else _out_of_memory(exc, config, dev)
+        if isinstance(exc, TrainingError):
+            raise
+        message = _out_of_memory(exc, config, dev)
+        if message is None and together:  # another rank died: say so, and what is kept
+            message = peer_lost(exc, _resume_advice(ckpt_dir if rank == 0 else None))
         if message is None:
             raise
         raise TrainingError(message) from None
     finally:
         if joined:  # whoever joined the group leaves it; a caller's own group stays
             dist.destroy_process_group()
+
+
+def _resume_advice(ckpt_dir: Path | None) -> str | None:
+    """What to do after another process of a training failed, for the rank that writes
+    the checkpoints into ``ckpt_dir`` (None: another rank, or none are written; the
+    general advice of :func:`~anomaly_flow.errors.peer_lost` then)."""
+    if ckpt_dir is None:
+        return None
+    if (latest := latest_checkpoint(ckpt_dir)) is not None:
+        return (f"mend that, then run the same command with --resume to go on from the last "
+                f"checkpoint ({latest.name} in {ckpt_dir})")
+    return "mend that, then run the same command again (no checkpoint was written yet)"
 
 
 def _rate(images_per_sec: float) -> str:
@@ -739,6 +756,11 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         for name, reason in meta["failed_files"].items():
             failed.reasons[name] = reason  # already reported before the interruption
         logger.info("resuming from %s at step %d", resume_from, step)
+        if rank == 0 and meta.get("processes", world) != world:  # older ones: unrecorded
+            logger.warning("resuming with %d process(es) a training of %d wrote: the same "
+                           "global batches, each split otherwise, so its float rounding "
+                           "differs and the run will not match an uninterrupted one "
+                           "exactly", world, meta["processes"])
     else:
         init = _init_batch(train_set, config, failed).to(dev)
         noise = _step_noise(t.seed, -1, tuple(init.shape), dev)
@@ -780,7 +802,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
             extra = {"skipped_steps": skipped_steps, "nonfinite_run": nonfinite_run,
                      "train_bpd": last_bpd, "epoch_bpd_sum": epoch_sum,
                      "epoch_images": epoch_n, "history": history,
-                     "failed_files": failed.reasons}
+                     "failed_files": failed.reasons, "processes": world}
             path = save_checkpoint(ckpt_dir, model, optimizer, config, at_step, extra)
             emit(TrainEvent("checkpoint", at_step, epoch, path=path))
         saved_step = at_step

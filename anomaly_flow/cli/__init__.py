@@ -11,6 +11,7 @@ from typing import IO, Any
 import click
 
 from anomaly_flow.cli.common import configure_logging
+from anomaly_flow.errors import told_nearby
 from anomaly_flow.stopping import exit_when_done, interrupt_exit_code
 
 
@@ -19,6 +20,8 @@ class _OneLineUsageError(click.UsageError):
     where click would print the usage synopsis and a hint on lines of their own."""
 
     def show(self, file: IO[str] | None = None) -> None:
+        if told_nearby():  # under torchrun: the same arguments, the same error everywhere
+            return
         message = self.format_message()
         if self.ctx is not None:
             message = f"{message.rstrip('.')} (see '{self.ctx.command_path} --help')"

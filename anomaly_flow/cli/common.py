@@ -28,7 +28,13 @@ from typing import Any, TypeVar
 
 import click
 
-from anomaly_flow.errors import describe_failure, store_mark, user_error_types
+from anomaly_flow.errors import (
+    describe_failure,
+    peer_lost,
+    store_mark,
+    told_nearby,
+    user_error_types,
+)
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -114,7 +120,8 @@ def stops_reported(said: Callable[[], str]) -> Iterator[None]:
         with sigterm_as_interrupt(hold_after_stop=True):
             yield
     except KeyboardInterrupt as stop:
-        click.echo(said(), err=True)
+        if not told_nearby():  # a stop reaches every process of a torchrun alike
+            click.echo(said(), err=True)
         raise click.exceptions.Exit(interrupt_exit_code(stop)) from None
 
 
@@ -135,8 +142,12 @@ def user_errors(func: F) -> F:
         except click.ClickException:
             raise
         except Exception as exc:
+            if told_nearby(exc):  # under torchrun, local rank 0 says the same
+                raise click.exceptions.Exit(1) from None
             if isinstance(exc, user_error_types()):
                 raise click.ClickException(describe_failure(exc, mark)) from None
+            if (lost := peer_lost(exc)) is not None:
+                raise click.ClickException(lost) from None
             raise
 
     return wrapper  # type: ignore[return-value]

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,15 +36,16 @@ from anomaly_flow.checkpoint import (
     trajectory_changes,
 )
 from anomaly_flow.config import RunConfig, changed_fields
-from anomaly_flow.data import describe_shapes, display_path, one_line
+from anomaly_flow.data import DataError, describe_shapes, display_path, one_line
 from anomaly_flow.distributed import (
+    gathered,
     join_launch_group,
     launch_rank,
     leave_launch_group,
     share_verdict,
     world_size,
 )
-from anomaly_flow.errors import first_line
+from anomaly_flow.errors import alike_on_every_process, first_line, raised_alike
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.models import (
     CANDIDATE,
@@ -586,26 +588,30 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrainingError: Training failed (diverged, nothing to resume, ...).
         TrackingError: The tracking store cannot be used.
     """
-    precheck_training(name, config)
-    _check_one_way(resume, restart)
-    check_store_folder(mlruns)  # before the lock makes <mlruns>/checkpoints/
-    ckpt = checkpoint_dir(name, mlruns)
-    _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
-    dev = resolve_device(device)  # before the store, the checkpoints or the data are touched
-    check_batch_split(config)
-    if world_size() == 1:  # under torchrun rank 0 alone checks, under the lock below
-        precheck_checkpoints(name, config, mlruns, resume=resume, restart=restart)
-    folder = folder_datasets(data, config)
+    with raised_alike():  # under torchrun every process checks the same, so fails alike
+        precheck_training(name, config)
+        _check_one_way(resume, restart)
+        check_store_folder(mlruns)  # before the lock makes <mlruns>/checkpoints/
+        ckpt = checkpoint_dir(name, mlruns)
+        _CONCLUDED_HERE.pop(ckpt.resolve(), None)  # a stop from here on is this training's
+        dev = resolve_device(device)  # before the store, the checkpoints or the data
+        check_batch_split(config)
+        if world_size() == 1:  # under torchrun rank 0 alone checks, under the lock below
+            precheck_checkpoints(name, config, mlruns, resume=resume, restart=restart)
+        folder = folder_datasets(data, config)
     joined = join_launch_group(dev)  # under torchrun: the group before rank 0's checks
     try:
+        _check_same_images(folder, Path(data))
         if launch_rank() != 0:  # rank 0 checks, clears, logs and registers
             refused = share_verdict()
             if refused is not None:  # rank 0 says why; this rank only leaves with it
-                raise TrainingError(f"rank 0 did not start the training: {refused}")
+                raise alike_on_every_process(
+                    TrainingError(f"rank 0 did not start the training: {refused}"))
+            _check_same_checkpoint(ckpt, resume)
             train(config, folder.train, folder.val, device=device,
                   checkpoint_dir=ckpt if resume else None, resume=resume, progress=False)
             return None
-        verdict = _Verdict()
+        verdict = _Verdict(ckpt, resume)
         try:
             with _training_lock(ckpt, name) as locked:  # one training of a name at a time
                 return _train_and_register_locked(data, name, config, dev, folder, ckpt,
@@ -678,20 +684,62 @@ def _check_one_way(resume: bool, restart: bool) -> None:
 
 class _Verdict:
     """Rank 0's word to the other ranks under torchrun, sent once: go (just before
-    training) or the error that stopped it before."""
+    training; then every rank checks it has the checkpoint a resume starts from) or the
+    error that stopped it before."""
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt: Path, resume: bool) -> None:
         self.sent = False
+        self.ckpt, self.resume = ckpt, resume
 
     def go(self) -> None:
         if not self.sent:
             self.sent = True
             share_verdict(None)
+            _check_same_checkpoint(self.ckpt, self.resume)
 
     def refuse(self, exc: BaseException) -> None:
         if not self.sent:
             self.sent = True
             share_verdict(first_line(exc))
+
+
+def _check_same_images(folder: FolderData, data: Path) -> None:
+    """Under torchrun, refuse on every rank a training whose ranks listed different images
+    (each lists the folder itself): they would split it differently, and validate on
+    images another rank trains on. A collective; alone, nothing to compare."""
+    views = gathered((folder.fingerprint, len(folder.paths), socket.gethostname()))
+    if len({view[:2] for view in views}) == 1:
+        return
+    groups: dict[tuple[str, int], list[str]] = {}
+    for rank, (fingerprint, n, host) in enumerate(views):
+        groups.setdefault((fingerprint, n), []).append(f"{rank} ({host})")
+    seen = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {n} images, "
+                     f"fingerprint {fingerprint[:12]}"
+                     for (fingerprint, n), ranks in groups.items())
+    raise alike_on_every_process(DataError(
+        f"the processes of this training see different images in {display_path(data)} "
+        f"({seen}): the folder changed while they read it, or the hosts' copies differ; "
+        "keep it unchanged while training, the same on every host, and train again"))
+
+
+def _check_same_checkpoint(ckpt: Path, resume: bool) -> None:
+    """Under torchrun, refuse on every rank a resume that some rank cannot read the
+    checkpoint of: each loads it from its own ``ckpt``, which only rank 0 writes (another
+    host's folder of that path is another folder). A collective; alone, nothing to do."""
+    if not resume:
+        return
+    latest = latest_checkpoint(ckpt)
+    views = gathered((latest.name if latest is not None else None, socket.gethostname()))
+    wanted = views[0][0]
+    for rank, (name, host) in enumerate(views):
+        if name != wanted:
+            found = f"finds {name}" if name else "finds none"
+            raise alike_on_every_process(TrainingError(
+                f"rank 0 resumes from the checkpoint {wanted} in {ckpt}, but rank {rank} "
+                f"(host {host}) {found} there: every process reads the checkpoint, and only "
+                "rank 0 writes it; on several hosts put --mlruns on a file system they all "
+                "share (or copy that folder to the same path on each), then run the same "
+                "command again"))
 
 
 def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
@@ -773,7 +821,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                   "parent_run_id": parent.info.run_id if parent is not None else None,
                   "concluded": False}  # True once the model is logged and registered
         _write_record(ckpt, record)
-        params = {**flatten(config.to_dict()), "data.n_images": len(folder.paths),
+        params = {**flatten(config.to_dict()), "processes": world_size(),
+                  "data.n_images": len(folder.paths),
                   "data.n_train": len(folder.train),
                   "data.n_val": len(folder.val) if folder.val is not None else 0}
         _log_params(run, params, resumed=previous_run is not None)
