@@ -168,6 +168,10 @@ def _unwritable_checkpoint(path: Path, error: OSError, kept: Path | None) -> str
     where = Path(os.fsdecode(error.filename2 or error.filename or path))
     shown = (f" ({where})" if where.parent == path.parent
              and not where.name.startswith((".tmp-", path.name)) else "")
+    if kept is None:  # --resume would find nothing to go on from
+        return (f"could not write the checkpoint {path}: {error.strerror or error}{shown}. "
+                f"{left}, so there is nothing to resume; {fix}, then run the same command "
+                "again")
     return (f"could not write the checkpoint {path}: {error.strerror or error}{shown}. {left}; "
             f"{fix}, then run the same command with --resume (a training started afresh "
             "with another --mlruns DIR would keep its checkpoints there, not resume these)")

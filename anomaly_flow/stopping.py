@@ -1,10 +1,12 @@
-"""How a long command stops when asked to: SIGTERM handled as Ctrl-C is.
+"""How a long command stops when asked to: SIGTERM and SIGHUP handled as Ctrl-C is.
 
 A service manager, a batch scheduler (Slurm, Kubernetes) or ``timeout`` stops a job with
-SIGTERM, often sent to its whole process group. Python's default for it is to die on the
-spot: no partial table, no message, an MLflow run left RUNNING. Here it becomes the
-``KeyboardInterrupt`` Ctrl-C raises (as :class:`Terminated`, its subclass), so scoring keeps
-its rows, training ends its run as KILLED, and both say how to go on with ``--resume``.
+SIGTERM, often sent to its whole process group; a terminal that closes (an SSH session
+dropped) sends SIGHUP. Python's default for both is to die on the spot: no partial table,
+no message, an MLflow run left RUNNING. Here each becomes the ``KeyboardInterrupt`` Ctrl-C
+raises (as :class:`Terminated` or :class:`HungUp`, its subclasses), so scoring keeps its
+rows, training ends its run as KILLED, and both say how to go on with ``--resume``. A
+SIGHUP that is ignored (a command started under ``nohup``) stays ignored.
 
 - :func:`sigterm_as_interrupt`: around a command's work in the main process;
   :func:`interrupt_exit_code` then gives the status a shell expects for the stop. Within
@@ -46,6 +48,19 @@ class Terminated(KeyboardInterrupt):
     """The ``KeyboardInterrupt`` that SIGTERM raises inside :func:`sigterm_as_interrupt`:
     handled everywhere as Ctrl-C is, told apart only for the exit status."""
 
+    signum: int = signal.SIGTERM
+
+
+class HungUp(Terminated):
+    """The ``KeyboardInterrupt`` that SIGHUP (the terminal closed) raises inside
+    :func:`sigterm_as_interrupt`; a :class:`Terminated` with its own exit status."""
+
+    signum = getattr(signal, "SIGHUP", signal.SIGTERM)
+
+
+_HANGUP = getattr(signal, "SIGHUP", None)
+"""SIGHUP where the platform has it (not on Windows)."""
+
 
 _PENDING: list[type[KeyboardInterrupt]] = []
 """The stop a signal asked for, until it reaches :func:`sigterm_as_interrupt`: Python
@@ -80,7 +95,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
         return
     first = not _STOPPED_AT
-    stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    stop = {signal.SIGTERM: Terminated, _HANGUP: HungUp}.get(signum, KeyboardInterrupt)
     _STOPPED_AT[:] = [time.monotonic()]
     _PENDING[:] = [stop]
     if first and _DEFERRING[0]:
@@ -139,15 +154,16 @@ def stop_reported() -> None:
 
 def interrupt_exit_code(stop: KeyboardInterrupt) -> int:
     """The exit status of a command ended by ``stop``: 128 + the signal's number, as a
-    shell reports a process the signal killed (130 for Ctrl-C, 143 for SIGTERM), so that a
-    scheduler or a script sees which stop it was."""
-    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    shell reports a process the signal killed (130 for Ctrl-C, 143 for SIGTERM, 129 for
+    SIGHUP), so that a scheduler or a script sees which stop it was."""
+    return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
-    the main thread, and Ctrl-C its ``KeyboardInterrupt`` as before; both are also kept
+    the main thread, SIGHUP :class:`HungUp` (unless it is ignored, as under ``nohup``), and
+    Ctrl-C its ``KeyboardInterrupt`` as before; each is also kept
     for :func:`raise_if_stopped`, should the exception be swallowed (and then not printed
     as Python's "Exception ignored" traceback: :func:`_quiet_swallowed_stops`). A stop repeated
     within :data:`REPEAT_GRACE_S` of the first is held (a line on stderr says so).
@@ -161,6 +177,10 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
     ours_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if ours_int:  # a handler someone else installed stays theirs
         signal.signal(signal.SIGINT, _interrupt)
+    # SIGHUP's default kills; SIG_IGN (nohup) or someone else's handler stays
+    ours_hup = _HANGUP is not None and signal.getsignal(_HANGUP) == signal.SIG_DFL
+    if ours_hup:
+        signal.signal(_HANGUP, _interrupt)
     _PENDING.clear()
     _STOPPED_AT.clear()
     _DEFERRED.clear()
@@ -186,6 +206,8 @@ def sigterm_as_interrupt(*, hold_after_stop: bool = False) -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
             if ours_int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+            if ours_hup:
+                signal.signal(_HANGUP, signal.SIG_DFL)
 
 
 def exit_when_done(code: int | None) -> NoReturn:
@@ -194,9 +216,22 @@ def exit_when_done(code: int | None) -> NoReturn:
     or SIGTERM in the second or so the interpreter's shutdown takes (MLflow's and torch's
     clean-up) would report a finished job as stopped (130, 143, or killed by the signal)."""
     if not code and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_stops()
     sys.exit(code)
+
+
+def run_as_program(main: Callable[[], int | None]) -> NoReturn:
+    """A script's entry point: ``main()`` with stderr that cannot end it
+    (:func:`keep_going_without_stderr`), its status the process's (:func:`exit_when_done`)."""
+    keep_going_without_stderr()
+    exit_when_done(main())
+
+
+def _ignore_stops() -> None:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP from here on."""
+    for signum in (signal.SIGINT, signal.SIGTERM, _HANGUP):
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _hold_stops_at_exit() -> None:
@@ -205,8 +240,45 @@ def _hold_stops_at_exit() -> None:
     has a Python one, and a repeated Ctrl-C would then kill the process by the signal
     instead of letting it exit with the status :func:`interrupt_exit_code` gave."""
     if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_stops()
+
+
+class _DroppingStream:
+    """A text stream (stderr) whose failed writes are dropped, with every later one: see
+    :func:`keep_going_without_stderr`. Everything else is the stream's own."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            try:
+                return int(self._stream.write(text))
+            except OSError:  # a closed pipe, a full disk, a terminal gone
+                self.failed = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self._stream.flush()
+            except OSError:
+                self.failed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def keep_going_without_stderr() -> None:
+    """From here on, a message the process cannot write to stderr is dropped instead of
+    ending it: a command's work (a scores table, a registered model) matters more than its
+    progress bar and log lines, and stderr fails where the work need not (a log file on a
+    full disk, a pipe to a reader that quit, the terminal of a dropped SSH session, whose
+    SIGHUP the command is still reporting). For a program's entry point, before logging
+    and progress bars take hold of ``sys.stderr``."""
+    if sys.stderr is not None and not isinstance(sys.stderr, _DroppingStream):
+        sys.stderr = _DroppingStream(sys.stderr)
 
 
 def process_running(pid: int) -> bool:
@@ -329,6 +401,8 @@ def init_loader_worker(worker_id: int, main_pid: int | None = None) -> None:
     handshake, which it would print as a traceback; that is the stop, not an error."""
     sys.excepthook = _quiet_abandoned_handshakes(sys.excepthook)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
+    if _HANGUP is not None:  # a closed terminal stops the main process, which ends these
+        signal.signal(_HANGUP, signal.SIG_IGN)
     if main_pid is None:  # see loader_worker_options
         return
     # blocked in this thread before any other starts (a forked worker has no other), so

@@ -32,7 +32,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.stopping import exit_when_done
+from anomaly_flow.stopping import run_as_program
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_when_done(main())
+    run_as_program(main)

@@ -48,7 +48,7 @@ from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
 from anomaly_flow.score_kinds import SCORE_CHOICES
-from anomaly_flow.stopping import exit_when_done, interrupt_exit_code, stop_reported
+from anomaly_flow.stopping import interrupt_exit_code, run_as_program, stop_reported
 
 if TYPE_CHECKING:
     from anomaly_flow.evaluation import CalibrateOutcome, EvaluateOutcome
@@ -275,4 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_when_done(main())
+    run_as_program(main)

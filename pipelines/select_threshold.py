@@ -33,7 +33,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.stopping import exit_when_done
+from anomaly_flow.stopping import run_as_program
 from anomaly_flow.threshold_methods import METHODS
 
 
@@ -107,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_when_done(main())
+    run_as_program(main)

@@ -36,7 +36,7 @@ from anomaly_flow.pipeline_options import (
 from anomaly_flow.pipeline_options import (
     parser as pipeline_parser,
 )
-from anomaly_flow.stopping import exit_when_done, interrupt_exit_code, sigterm_as_interrupt
+from anomaly_flow.stopping import interrupt_exit_code, run_as_program, sigterm_as_interrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_when_done(main())
+    run_as_program(main)

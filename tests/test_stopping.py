@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from anomaly_flow.stopping import (
+    HungUp,
     Terminated,
     init_loader_worker,
     interrupt_exit_code,
@@ -168,6 +169,48 @@ def test_sigterm_raises_an_interrupt_that_exits_as_the_shell_reports_sigterm() -
     assert interrupt_exit_code(stopped.value) == 143
     assert interrupt_exit_code(KeyboardInterrupt()) == 130
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_closed_terminal_stops_as_ctrl_c_does_unless_hangups_are_ignored() -> None:
+    """SIGHUP (an SSH session dropped) killed a command on the spot, its table unwritten
+    and its MLflow run left RUNNING: it stops as Ctrl-C does now, with status 129. Under
+    ``nohup`` (SIGHUP ignored) it stays ignored, and either way the handler goes back."""
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt) as stopped, sigterm_as_interrupt():
+        signal.raise_signal(signal.SIGHUP)
+        time.sleep(5)  # not reached
+    assert isinstance(stopped.value, HungUp) and interrupt_exit_code(stopped.value) == 129
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        with sigterm_as_interrupt():
+            signal.raise_signal(signal.SIGHUP)  # nothing happens
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def test_a_program_goes_on_when_stderr_cannot_be_written(tmp_path: Path) -> None:
+    """A log on a full disk (/dev/full here) or a pipe to a reader that quit made the
+    first progress line end ``score`` before it wrote its table; the messages are lost,
+    the work is not, and the status is the work's."""
+    script = textwrap.dedent(f"""
+        import logging, sys
+        from pathlib import Path
+        from anomaly_flow.stopping import run_as_program
+        def main():
+            logging.basicConfig()
+            print("progress", file=sys.stderr, flush=True)
+            logging.getLogger("x").warning("a warning")
+            Path({str(tmp_path / "table.csv")!r}).write_text("path,bpd\\n")
+            return 3
+        run_as_program(main)
+    """)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", script], stderr=full, timeout=120,
+                              cwd=Path(__file__).parent.parent)
+    assert done.returncode == 3
+    assert (tmp_path / "table.csv").read_text() == "path,bpd\n"
 
 
 STOP_WHERE_PYTHON_SWALLOWS_IT = textwrap.dedent("""

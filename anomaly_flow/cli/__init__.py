@@ -12,7 +12,11 @@ import click
 
 from anomaly_flow.cli.common import configure_logging
 from anomaly_flow.errors import told_nearby
-from anomaly_flow.stopping import exit_when_done, interrupt_exit_code
+from anomaly_flow.stopping import (
+    exit_when_done,
+    interrupt_exit_code,
+    keep_going_without_stderr,
+)
 
 
 class _OneLineUsageError(click.UsageError):
@@ -72,7 +76,9 @@ def main(verbose: int) -> None:
 
 def run() -> None:
     """The ``anomaly-flow`` program: :data:`main` as a process's entry point, whose
-    success ends the process without a stop's exit status (:func:`exit_when_done`)."""
+    success ends the process without a stop's exit status (:func:`exit_when_done`), and
+    whose work goes on when stderr cannot be written (:func:`keep_going_without_stderr`)."""
+    keep_going_without_stderr()
     try:
         main()
     except SystemExit as done:
