@@ -20,7 +20,7 @@ from anomaly_flow.cli import main
 from anomaly_flow.data import ArrayDataset, write_image_folder
 from anomaly_flow.score_table import write_table
 from anomaly_flow.scoring import score_images
-from tests.conftest import corrupt_png, obeying_file_modes
+from tests.conftest import TrainedModel, corrupt_png, obeying_file_modes
 from tests.test_data import DEEP, deep_folder, remove_tree, too_long_a_path
 from tests.test_scoring import (
     MESSY,
@@ -692,3 +692,32 @@ def test_a_missing_folder_and_a_bad_out_are_named_before_any_model_loads(tmp_pat
     result = run("score", tmp_path, *missing_model, "--out", tmp_path / "o.txt")
     assert result.exit_code == 2  # a value the option cannot take: a usage error
     assert_one_line_error(result, "Invalid value for --out: cannot tell the output format")
+
+
+def test_a_temporary_folder_without_room_is_named_not_taken_for_a_missing_model(
+        trained: TrainedModel, tmp_path: Path) -> None:
+    """MLflow copies a registered model's files into a temporary folder before they are
+    read; a full /tmp (here a limit on file sizes, which fails the copy of the weights)
+    read as "no model at models:/...", pointing the user at the wrong place."""
+    import resource
+    import signal
+
+    weights = next(trained.mlruns.rglob("model.safetensors")).stat().st_size
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails, not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (weights // 2, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "anomaly_flow", "score", str(trained.data), "--model",
+         trained.alias_uri, "--mlruns", str(trained.mlruns), "--out",
+         str(tmp_path / "scores.csv")], capture_output=True, text=True, preexec_fn=limited,
+        timeout=300, env={**os.environ, "TMPDIR": str(temporary)})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert error == (f"Error: cannot load {trained.alias_uri}: its files are in the store, but "
+                     f"copying them into the temporary folder {temporary} failed (File too "
+                     "large); check that folder, or point TMPDIR at another one"), error

@@ -725,6 +725,28 @@ def test_a_model_whose_files_were_moved_away_is_named_so(trained: TrainedModel) 
         away.rename(artifacts)
 
 
+def test_a_store_moved_whole_still_loads_its_models(
+        trained: TrainedModel, caplog: pytest.LogCaptureFixture) -> None:
+    """Moved with its database to another --mlruns (a bigger disk), the store records
+    the absolute paths of where it was made: its models read from the same place below
+    its own artifacts folder, with a warning, not "train and register it again"."""
+    moved = trained.mlruns.parent / "elsewhere" / "mlruns"
+    moved.parent.mkdir()
+    trained.mlruns.rename(moved)
+    try:
+        tracking.configure(moved)
+        loaded = tracking.load_model(trained.alias_uri)
+        assert (loaded.name, loaded.version) == (trained.name, trained.version)
+        assert f"which is gone; reading them from {moved / 'artifacts'}/" in caplog.text
+    finally:
+        moved.rename(trained.mlruns)
+        moved.parent.rmdir()
+        tracking.configure(trained.mlruns)
+    reference = tracking.load_model(trained.alias_uri).model.state_dict()
+    assert all(torch.equal(value, reference[key])
+               for key, value in loaded.model.state_dict().items())
+
+
 @pytest.mark.parametrize(("damage", "said"), [
     ("model.safetensors", r"is damaged or incomplete"),
     ("config.json", r"is not a model configuration anomaly-flow can read"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import logging
 import re
 import tempfile
@@ -53,6 +54,7 @@ from anomaly_flow.tracking.store import (
     git_commit,
     local_folder,
     missing_default_store,
+    moved_location,
     note_promoted,
     note_registered,
     note_to_promote,
@@ -590,6 +592,30 @@ def require_store(uri: str, mlruns: str | Path | None = None) -> None:
             "point --mlruns / MLFLOW_TRACKING_URI at the store that holds it")
 
 
+_COPY_FAILED = re.compile(r"\[Errno (\d+)\] ([^\n]+?): '[^'\n]*' -> '([^'\n]*)'")
+"""A file MLflow failed to copy, in the message of its download error: errno, reason and
+destination."""
+
+
+def _refuse_failed_copy(error: Exception, uri: str, tmp: Path) -> None:
+    """Say so when loading failed because the model's files could not be written into the
+    temporary folder (a full /tmp, say), not because they are missing.
+
+    Raises:
+        ModelNotFoundError: ``error`` is such a failure.
+    """
+    failed = _COPY_FAILED.search(str(error))
+    if failed is None or not Path(failed[3]).is_relative_to(tmp):
+        return
+    number, reason = int(failed[1]), failed[2]
+    fix = ("free space there, or point TMPDIR at a folder with room"
+           if number in (errno.ENOSPC, errno.EDQUOT) else
+           "check that folder, or point TMPDIR at another one")
+    raise ModelNotFoundError(
+        f"cannot load {uri}: its files are in the store, but copying them into the temporary "
+        f"folder {tmp.parent} failed ({reason}); {fix}") from None
+
+
 def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     """Load a model and its calibration from a registry URI, run URI or folder.
 
@@ -636,6 +662,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
                 "google-cloud-storage for gs://, azure-storage-blob for wasbs://), or copy "
                 "the model to a local folder and give that") from None
         except Exception as exc:  # MLflow's stores raise many types for what is not there
+            _refuse_failed_copy(exc, uri, Path(tmp))
             first = password_masked((str(exc).strip().splitlines()
                                      or [type(exc).__name__])[0], mlflow.get_tracking_uri())
             if re.match(r"https?://", uri, re.IGNORECASE):  # MLflow's words are its parser's
@@ -647,6 +674,13 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             raise ModelNotFoundError(
                 f"no model at {uri} in {redacted(mlflow.get_tracking_uri())} ({first}); "
                 f"{_URI_HELP}, and check --mlruns / MLFLOW_TRACKING_URI") from None
+        if not any(model_dir.iterdir()) and (moved := moved_location(
+                where := _files_location(source))) is not None:
+            logger.warning("the files of %s are recorded at %s, which is gone; reading them "
+                           "from %s, below this store's artifacts folder (was the store "
+                           "moved? MLflow keeps the absolute paths of where it was made, and "
+                           "its experiments still log to them)", uri, where, moved)
+            model_dir = moved
         if not any(model_dir.iterdir()):
             where = _files_location(source)
             raise ModelNotFoundError(

@@ -630,6 +630,23 @@ def local_folder(location: str | None) -> Path | None:
     return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else location)
 
 
+def moved_location(location: str | None) -> Path | None:
+    """Where the files at the local ``location`` the store recorded are now, when the
+    default store was moved whole (its ``mlflow.db`` and artifacts folder together, now
+    under another ``--mlruns``): MLflow records the absolute paths of the place the store
+    was made in. The same path below this store's artifacts folder, where the recorded one
+    is gone and that one exists; None otherwise."""
+    folder = local_folder(location)
+    root = _state.artifact_root
+    if folder is None or root is None or not _state.default_store or folder.exists():
+        return None
+    parts = folder.parts
+    for i, part in enumerate(parts):  # the old store's own folder, wherever it was
+        if part == ARTIFACTS_DIR and (moved := root.joinpath(*parts[i + 1:])).exists():
+            return moved
+    return None
+
+
 def _warn_if_elsewhere(name: str, location: str) -> None:
     """Warn when a local experiment keeps its artifacts outside this store's folder: MLflow
     records absolute paths, so a store that was moved or copied keeps writing to (and
