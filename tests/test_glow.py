@@ -27,10 +27,12 @@ from anomaly_flow.config import (
     load_preset,
 )
 from anomaly_flow.glow import (
+    KNN_NEIGHBOURS,
     REFERENCE_STD_FLOOR,
     Glow,
     ModelFileError,
     SamplingError,
+    _mean_nearest,
     knn_grid,
     pool_images,
     pool_to_grid,
@@ -407,6 +409,26 @@ def test_knn_by_hand_on_pooled_maps() -> None:
     # A query equal to every reference map is at distance 0.
     model.reference_maps = torch.from_numpy(np.repeat(pooled[:1], 6, axis=0)).float()
     assert float(model.knn(maps[:1])[0]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_neighbour_distances_are_exact_and_do_not_depend_on_the_batch() -> None:
+    """A file that is one of the reference images (a validation image scored later) is at
+    distance 0 from it; torch's matrix-product distance put it at ~1e-7 (the root of a
+    cancellation's rounding), by an amount that changed with the number of queries, so a
+    file's knn moved in its last bits with the batch it was scored in."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(300, 49, generator=g, dtype=torch.float64) * 3 + 2
+    queries = torch.cat([keys[:3], torch.randn(5, 49, generator=g, dtype=torch.float64) * 3 + 2])
+    together = _mean_nearest(queries, keys)
+    assert torch.equal(together, torch.cat([_mean_nearest(q[None], keys) for q in queries]))
+    exact = (queries[:, None] - keys[None]).square().sum(2).sqrt()
+    assert torch.allclose(together, exact.topk(KNN_NEIGHBOURS, largest=False).values.mean(1),
+                          rtol=0, atol=1e-12)
+    mine = (keys[:3, None] - keys[None]).square().sum(2).sqrt()
+    mine[torch.arange(3), torch.arange(3)] = float("inf")  # leave-one-out: not itself
+    assert torch.allclose(_mean_nearest(keys[:3], keys, torch.arange(3)),
+                          mine.topk(KNN_NEIGHBOURS, largest=False).values.mean(1), rtol=0,
+                          atol=1e-12)
 
 
 def test_ensemble_standardises_knn_and_coarse_complexity_by_the_reference_images() -> None:
