@@ -406,7 +406,8 @@ def signal_handlers_restored() -> Iterator[None]:
     exit): the test's own come back after it."""
     from anomaly_flow import stopping
 
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {number: signal.getsignal(number)
+                for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
     stopping._STOPPED_AT.clear()
     for number, handler in handlers.items():

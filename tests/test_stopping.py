@@ -171,23 +171,21 @@ def test_sigterm_raises_an_interrupt_that_exits_as_the_shell_reports_sigterm() -
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.usefixtures("signal_handlers_restored")
 def test_a_closed_terminal_stops_as_ctrl_c_does_unless_hangups_are_ignored() -> None:
     """SIGHUP (an SSH session dropped) killed a command on the spot, its table unwritten
     and its MLflow run left RUNNING: it stops as Ctrl-C does now, with status 129. Under
     ``nohup`` (SIGHUP ignored) it stays ignored, and either way the handler goes back."""
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a process starts
     with pytest.raises(KeyboardInterrupt) as stopped, sigterm_as_interrupt():
         signal.raise_signal(signal.SIGHUP)
         time.sleep(5)  # not reached
     assert isinstance(stopped.value, HungUp) and interrupt_exit_code(stopped.value) == 129
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
-    try:
-        with sigterm_as_interrupt():
-            signal.raise_signal(signal.SIGHUP)  # nothing happens
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    with sigterm_as_interrupt():
+        signal.raise_signal(signal.SIGHUP)  # nothing happens
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 
 
 def test_a_program_goes_on_when_stderr_cannot_be_written(tmp_path: Path) -> None:
