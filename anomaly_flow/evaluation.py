@@ -519,31 +519,29 @@ def calibrate_scores(
     )
 
 
-def _undecided(threshold: Threshold, n_normal: int, n_anomalous: int | None) -> str | None:
-    """What makes a threshold decide nothing on the images that set it (it flags every
-    normal image, or none of the labelled anomalies), or None where it decides."""
-    if threshold.fpr == 1.0:
-        return f"flags every one of the {n_normal} normal images"
-    if n_anomalous and threshold.recall == 0.0:
-        return f"flags none of the {n_anomalous} anomalous images"
-    return None
-
-
 def _check_promotable(threshold: Threshold, score: str, method: str, n_normal: int,
-                      n_anomalous: int | None) -> None:
+                      n_anomalous: int | None, *, of: str = "",
+                      otherwise: str = ", or without --promote to register it anyway"
+                      ) -> None:
     """Refuse to make ``champion`` of a threshold that decides nothing on the images that
-    set it (:func:`_undecided`). The warnings before it say why such a threshold comes
-    about; registered without promotion it can still be looked at.
+    set it: one that flags every normal image, or none of the labelled anomalies. The
+    warnings before it say why such a threshold comes about; registered without
+    promotion it can still be looked at. ``of`` names the version (`` of models:/...``)
+    and ``otherwise`` ends the advice.
 
     Raises:
         CalibrationError: The threshold flags every normal image or no anomalous one.
     """
-    if (what := _undecided(threshold, n_normal, n_anomalous)) is not None:
-        raise CalibrationError(
-            f"not promoted: the {method} threshold {threshold.value:.6g} on {score} {what}, "
-            "so as champion it would decide nothing; calibrate again with another --method "
-            "or --score (evaluate compares the scores) or other images, or without "
-            "--promote to register it anyway")
+    if threshold.fpr == 1.0:
+        what = f"flags every one of the {n_normal} normal images"
+    elif n_anomalous and threshold.recall == 0.0:
+        what = f"flags none of the {n_anomalous} anomalous images"
+    else:
+        return
+    raise CalibrationError(
+        f"not promoted: the {method} threshold {threshold.value:.6g}{of} on {score} {what}, "
+        "so as champion it would decide nothing; calibrate again with another --method "
+        f"or --score (evaluate compares the scores) or other images{otherwise}")
 
 
 @dataclass(frozen=True)
@@ -613,12 +611,9 @@ def promote_model(model_uri: str, mlruns: Path | None = None) -> PromoteOutcome:
             f"verdicts; calibrate it with --promote (anomaly-flow calibrate --model "
             f"{version_uri} --normal DIR --target-fpr 0.01 --promote)")
     threshold = calibration.threshold
-    if (what := _undecided(threshold, threshold.n_calibration, threshold.n_anomalous)):
-        raise CalibrationError(
-            f"not promoted: the {threshold.method} threshold {threshold.value:.6g} of "
-            f"{version_uri} on {calibration.score_name} {what}, so as champion it would "
-            "decide nothing; calibrate it again with another --method or --score, or other "
-            "images")
+    _check_promotable(threshold, calibration.score_name, threshold.method,
+                      threshold.n_calibration, threshold.n_anomalous, of=f" of {version_uri}",
+                      otherwise="")
     moved, previous = tracking.promote_version(loaded.name, loaded.version)
     return PromoteOutcome(version_uri, previous if moved else None, already=not moved)
 

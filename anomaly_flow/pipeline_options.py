@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from anomaly_flow.errors import describe_failure, store_mark, user_error_types
 from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
@@ -202,17 +203,21 @@ def setup_logging() -> None:
 def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """A pipeline's ``main``, with SIGTERM (a scheduler's stop) a stop as Ctrl-C is: any
     MLflow run started ends KILLED, a store write under way is finished first, and the
-    script says so and returns 130 or 143, as a shell reports the signal."""
+    script says so and returns 130 or 143, as a shell reports the signal. An error a user
+    can cause is one line, ``error: ...`` (with what the run registered before it,
+    :func:`~anomaly_flow.errors.describe_failure`), and status 1."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        # not imported for a --help or an option error, which must come at once: a run
-        # can only have been ended by a stop once it is
-        store = sys.modules.get("anomaly_flow.tracking.store")
-        mark = store.stop_mark() if store is not None else (0, 0, 0)
+        mark = store_mark()
         try:
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)
+        except Exception as error:
+            if not isinstance(error, user_error_types()):
+                raise
+            print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt as stop:
             store = sys.modules.get("anomaly_flow.tracking.store")  # not loaded: no run yet
             advice = ("(before it started an MLflow run); run the same command again"

@@ -51,15 +51,15 @@ class Terminated(KeyboardInterrupt):
     signum: int = signal.SIGTERM
 
 
+_HANGUP = getattr(signal, "SIGHUP", None)
+"""SIGHUP where the platform has it (not on Windows)."""
+
+
 class HungUp(Terminated):
     """The ``KeyboardInterrupt`` that SIGHUP (the terminal closed) raises inside
     :func:`sigterm_as_interrupt`; a :class:`Terminated` with its own exit status."""
 
-    signum = getattr(signal, "SIGHUP", signal.SIGTERM)
-
-
-_HANGUP = getattr(signal, "SIGHUP", None)
-"""SIGHUP where the platform has it (not on Windows)."""
+    signum = _HANGUP or signal.SIGTERM
 
 
 _PENDING: list[type[KeyboardInterrupt]] = []

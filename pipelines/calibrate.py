@@ -12,10 +12,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 
 from anomaly_flow.calibration import METHODS
-from anomaly_flow.errors import describe_failure, store_mark, user_error_types
 from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
@@ -60,22 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mark = store_mark()  # what this run registers is said if it then fails
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
     from anomaly_flow.evaluation import calibrate_model, calibration_summary
 
     setup_logging()
-    try:
-        outcome = calibrate_model(
-            args.model, args.normal, args.anomalous, score=args.score,
-            target_fpr=args.target_fpr, method=args.method, cost_fp=args.cost_fp,
-            cost_fn=args.cost_fn, promote=args.promote, device=args.device,
-            batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
-        )
-    except user_error_types() as error:
-        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
-        return 1
+    outcome = calibrate_model(
+        args.model, args.normal, args.anomalous, score=args.score,
+        target_fpr=args.target_fpr, method=args.method, cost_fp=args.cost_fp,
+        cost_fn=args.cost_fn, promote=args.promote, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
+    )
     for line in calibration_summary(outcome):
         print(line)
     print(f"run: {outcome.run_id}" + (f"; {outcome.promotion}" if outcome.promoted else ""))

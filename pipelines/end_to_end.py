@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomaly_flow.config import PRESETS, ConfigError, RunConfig, load_config, load_preset
-from anomaly_flow.errors import describe_failure, store_mark, user_error_types
 from anomaly_flow.pipeline_options import (
     add_device_option,
     add_epochs_option,
@@ -228,7 +227,6 @@ def named_config(name: str) -> RunConfig:
 @stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mark = store_mark()  # what this run registers is said if it then fails
     from anomaly_flow.fashion_mnist import write_sample_folders
     from anomaly_flow.tracking import (
         ensure_configured,
@@ -250,9 +248,6 @@ def main(argv: list[str] | None = None) -> int:
             target_fpr=args.target_fpr, score=args.score, promote=not args.no_promote,
             device=args.device, mlruns=args.mlruns, resume=args.resume,
             restart=args.restart)
-    except user_error_types() as error:
-        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as stop:
         if training_concluded(args.name, args.mlruns) is not None:
             raise  # after the training: its model is registered, the usual line says so

@@ -14,9 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 
-from anomaly_flow.errors import describe_failure, store_mark, user_error_types
 from anomaly_flow.pipeline_options import (
     add_cost_options,
     add_device_option,
@@ -67,7 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @stoppable
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mark = store_mark()  # what this run registers is said if it then fails
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
     from anomaly_flow.calibration import shown_precision
@@ -88,17 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(shown.to_string(float_format=lambda v: f"{v:.4f}"))
 
     setup_logging()
-    try:
-        outcome = select_threshold(
-            args.model, args.normal, args.anomalous, score=args.score,
-            target_fpr=args.target_fpr, cost_fp=args.cost_fp, cost_fn=args.cost_fn,
-            register=args.register, promote=args.promote, device=args.device,
-            batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
-            on_compared=show,
-        )
-    except user_error_types() as error:
-        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
-        return 1
+    outcome = select_threshold(
+        args.model, args.normal, args.anomalous, score=args.score,
+        target_fpr=args.target_fpr, cost_fp=args.cost_fp, cost_fn=args.cost_fn,
+        register=args.register, promote=args.promote, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, mlruns=args.mlruns,
+        on_compared=show,
+    )
     if (registered := outcome.registered) is not None:
         print(f"registered {registered.model_uri} with the {args.register} threshold "
               f"{registered.threshold!r} (run {registered.run_id})"

@@ -64,18 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @stoppable  # a stop before training starts (imports, the config) is a line too
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mark = store_mark()  # what this run registers is said if it then fails
+    mark = store_mark()  # what training registers is said if the store then fails
     # imported after parsing: --help and a mistyped option answer at once, not after
     # the seconds torch and mlflow take to load
     from anomaly_flow.tracking import interrupted_message, train_and_register
 
     setup_logging()
-    try:
-        config = load_config(args.config) if args.config else load_preset(args.preset or "small")
-        config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
-    except user_error_types() as error:
-        print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
-        return 1
+    config = load_config(args.config) if args.config else load_preset(args.preset or "small")
+    config = config.replace(epochs=args.epochs, batch_size=args.batch_size)
     # the configuration is read before the stop handling below, which names it in the
     # resume hint
     try:

@@ -1094,6 +1094,10 @@ def test_a_calibration_of_a_score_the_model_lacks_is_refused_at_load(tmp_path: P
                                              r"which this model does not produce \(its "
                                              r"scores: bpd, .*level_2\); copy or download"):
         GlowPyfunc().load_context(context)
+    # the library's loader (score, calibrate, evaluate) refuses it alike, not per batch
+    with pytest.raises(ModelFileError, match=r"calibrates score 'level_3', which this model "
+                                             r"does not produce"):
+        tracking.load_model(str(folder))
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])

@@ -453,7 +453,7 @@ def _glow_folder(model_dir: Path) -> Path:
 
 def _read(folder: Path, uri: str, device: str, **where: Any) -> LoadedModel:
     model = Glow.load(folder, resolve_device(device))
-    return LoadedModel(model, load_calibration(folder), uri, **where)
+    return LoadedModel(model, load_calibration(folder, model), uri, **where)
 
 
 def _load_local(path: Path, uri: str, device: str) -> LoadedModel:
@@ -674,23 +674,22 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             raise ModelNotFoundError(
                 f"no model at {uri} in {redacted(mlflow.get_tracking_uri())} ({first}); "
                 f"{_URI_HELP}, and check --mlruns / MLFLOW_TRACKING_URI") from None
-        if not any(model_dir.iterdir()) and (moved := moved_location(
-                where := _files_location(source))) is not None:
+        if not any(model_dir.iterdir()):  # none copied: the store's files are elsewhere
+            where = _files_location(source)
+            if (moved := moved_location(where)) is None:
+                raise ModelNotFoundError(
+                    f"{uri} is known to {redacted(mlflow.get_tracking_uri())}, but none of "
+                    f"its files came from the artifact store"
+                    f"{f' (MLflow looked in {where})' if where else ''}: the store's "
+                    "artifacts folder (for the default store, mlruns/artifacts beside "
+                    "mlflow.db) was moved or deleted (MLflow records absolute paths, so a "
+                    "moved or copied store still looks in the old place); put it back, or "
+                    "train and register the model again")
             logger.warning("the files of %s are recorded at %s, which is gone; reading them "
                            "from %s, below this store's artifacts folder (was the store "
                            "moved? MLflow keeps the absolute paths of where it was made, and "
                            "its experiments still log to them)", uri, where, moved)
             model_dir = moved
-        if not any(model_dir.iterdir()):
-            where = _files_location(source)
-            raise ModelNotFoundError(
-                f"{uri} is known to {redacted(mlflow.get_tracking_uri())}, but none of its "
-                f"files came from the artifact store"
-                f"{f' (MLflow looked in {where})' if where else ''}: "
-                "the store's artifacts folder (for the default store, mlruns/artifacts "
-                "beside mlflow.db) was moved or deleted (MLflow records absolute paths, so "
-                "a moved or copied store still looks in the old place); put it back, or "
-                "train and register the model again")
         if not (model_dir / "MLmodel").is_file():
             raise ModelNotFoundError(
                 f"{uri} exists but is not an MLflow model (no MLmodel file); {_URI_HELP}")

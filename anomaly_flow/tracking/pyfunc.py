@@ -375,24 +375,34 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
     return result
 
 
-def load_calibration(folder: Path) -> Calibration | None:
-    """The ``calibration.json`` beside a saved Glow, or None when uncalibrated.
+def load_calibration(folder: Path, model: Glow) -> Calibration | None:
+    """The ``calibration.json`` beside the saved Glow ``model`` (loaded from ``folder``),
+    or None when uncalibrated.
 
     Raises:
         ModelFileError: The file is there but is not a calibration (damaged, cut short,
-            edited by hand); the message names it.
+            edited by hand), or calibrates a score ``model`` does not produce (found here,
+            the model refuses to load; found by scoring, every request of a served model
+            failed, and a REST client was told its input was at fault); the message names
+            the file.
     """
     path = Path(folder) / CALIBRATION_FILE
     if not path.is_file():
         return None
+    advice = ("copy or download the model again, or calibrate the uncalibrated version "
+              "again (anomaly-flow calibrate)")
     try:
-        return Calibration.from_json(path.read_text())
+        calibration = Calibration.from_json(path.read_text())
     except (CalibrationError, UnicodeDecodeError) as exc:
         raise ModelFileError(
             f"{path} is not a calibration anomaly-flow can read ({str(exc).rstrip('.')}); "
-            "copy or download "
-            "the model again, or calibrate the uncalibrated version again (anomaly-flow "
-            "calibrate)") from None
+            f"{advice}") from None
+    produced = score_names(model)
+    if calibration.score_name not in produced:
+        raise ModelFileError(
+            f"{path} calibrates score {calibration.score_name!r}, which this model does not "
+            f"produce (its scores: {', '.join(produced)}); {advice}")
+    return calibration
 
 
 class GlowPyfunc(mlflow.pyfunc.PythonModel):
@@ -413,17 +423,8 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
                     else "the model_config")
         self.model = Glow.load(folder, resolve_device(
             "auto" if device is None else device, option=f'{given_by} "device"'))
-        self.calibration = load_calibration(folder)
+        self.calibration = load_calibration(folder, self.model)
         self.root = path_root()
-        produced = score_names(self.model)
-        if self.calibration is not None and self.calibration.score_name not in produced:
-            # found here, the model refuses to load; found by predict, every request failed
-            # (a REST client was told its input was at fault)
-            raise ModelFileError(
-                f"{folder / CALIBRATION_FILE} calibrates score "
-                f"{self.calibration.score_name!r}, which this model does not produce "
-                f"(its scores: {', '.join(produced)}); copy or download the model again, "
-                "or calibrate the uncalibrated version again (anomaly-flow calibrate)")
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

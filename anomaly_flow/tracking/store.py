@@ -1034,7 +1034,7 @@ def failure_advice(mark: tuple[int, int, int]) -> str:
     was not moved to it though that was asked (and the command that moves it); empty
     where it registered nothing. Running the command again would register another
     version and leave this one unnamed."""
-    made, _, registered = _registered_since(mark)
+    made, registered = _registered_since(mark)
     if not made:
         return ""
     said = f"; before it failed, it {registered}"
@@ -1050,7 +1050,7 @@ def stop_advice(mark: tuple[int, int, int]) -> str:
     a version, that the version is whole, and which alias it moved to it; then what to
     do."""
     ids = _state.killed[mark[0]:]
-    made, _, registered = _registered_since(mark)
+    made, registered = _registered_since(mark)
     runs = ("before it started an MLflow run" if not ids
             else f"its MLflow run {ids[0]} ends KILLED" if len(ids) == 1
             else f"its MLflow runs {', '.join(ids)} end KILLED")
@@ -1061,11 +1061,11 @@ def stop_advice(mark: tuple[int, int, int]) -> str:
             "new version")
 
 
-def _registered_since(mark: tuple[int, int, int]) -> tuple[list[str], list[str], str]:
-    """The versions registered and the aliases moved since ``mark``, and both in words:
+def _registered_since(mark: tuple[int, int, int]) -> tuple[list[str], str]:
+    """The versions registered since ``mark``, and in words with the aliases moved since:
     ``registered models:/NAME/N, which is whole, and moved alias ...``."""
     made, moved = _state.registered[mark[1]:], _state.promoted[mark[2]:]
     whole = "which is whole" if len(made) == 1 else "which are whole"
-    return made, moved, (f"registered {', '.join(made)}, {whole}"
-                         + "".join(f", and {what}" for what in moved))
+    return made, (f"registered {', '.join(made)}, {whole}"
+                  + "".join(f", and {what}" for what in moved))
 
