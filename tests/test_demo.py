@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,6 +37,16 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     db = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
     assert f"serve:    MLFLOW_TRACKING_URI={db} mlflow models serve -m " \
         "models:/fashion-sneaker@champion --env-manager local -p 5001" in result.output
+    # the score line it prints works as printed, from another working folder
+    (line,) = [x for x in result.output.splitlines() if x.startswith("score:    ")]
+    words = shlex.split(line.removeprefix("score:    "))
+    assert words[:2] == ["anomaly-flow", "score"] and "--mlruns" in words
+    words[words.index("DIR")] = str(out / "data" / "test" / "normal")
+    words[words.index("more-scores.csv")] = str(tmp_path / "more.csv")
+    monkeypatch.chdir(tmp_path)
+    more = CliRunner().invoke(main, words[1:])
+    assert more.exit_code == 0, more.output
+    assert len(pd.read_csv(tmp_path / "more.csv")) > 0
     # each stage says so without -v: no progress bar shows outside a terminal
     for stage in ("writing the sample images", "training preset 'tiny'", "calibrating at 1%",
                   "scoring", "evaluating every score type"):

@@ -65,3 +65,8 @@ def demo(out: Path, preset: str | None, device: str, epochs: int | None) -> None
              else f"MLFLOW_TRACKING_URI={shlex.quote(db)} ")
     click.echo(f"serve:    {store}mlflow models serve -m "
                f"{result.model_uri} --env-manager local -p 5001")
+    # the commands read ./mlruns unless told: the demo's store is under OUT
+    mlruns = ("" if os.environ.get("MLFLOW_TRACKING_URI")
+              else f" --mlruns {shlex.quote(str(out / 'mlruns'))}")
+    click.echo(f"score:    anomaly-flow score DIR --model {result.model_uri}{mlruns} "
+               "--out more-scores.csv")
