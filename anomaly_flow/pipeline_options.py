@@ -44,6 +44,19 @@ def given_path(text: str) -> Path:
     return Path(text)
 
 
+def image_folder(text: str) -> Path:
+    """An argparse ``type`` for a folder of images to read: :func:`given_path`, refused
+    at once when missing or not a folder, so the error names the option that gave it."""
+    from anomaly_flow.data import DataError, check_image_folder
+
+    path = given_path(text)
+    try:
+        check_image_folder(path)
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return path
+
+
 class ShowDefaults(argparse.HelpFormatter):
     """``--help`` with each option's default, where it has one (not None or a flag's
     False), as the ``anomaly-flow`` commands show theirs."""

@@ -23,7 +23,7 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
     check_cost_options,
-    given_path,
+    image_folder,
     setup_logging,
     stoppable,
 )
@@ -36,9 +36,9 @@ from anomaly_flow.stopping import run_as_program
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
     add_model_option(parser)
-    parser.add_argument("--normal", required=True, type=given_path,
+    parser.add_argument("--normal", required=True, type=image_folder,
                         help="folder of held-out normal images (never training images)")
-    parser.add_argument("--anomalous", type=given_path, default=None,
+    parser.add_argument("--anomalous", type=image_folder, default=None,
                         help="folder of labelled anomalies (optional)")
     add_score_option(parser)
     add_target_fpr_option(parser, help="target false-positive rate for the conformal method")

@@ -40,6 +40,7 @@ from anomaly_flow.pipeline_options import (
     add_target_fpr_option,
     at_least,
     given_path,
+    image_folder,
     setup_logging,
     stoppable,
 )
@@ -168,10 +169,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "earlier sample's, which is replaced) and use it as the data")
     parser.add_argument("--limit", type=at_least(1), default=None,
                         help="with --sample: at most this many images per folder")
-    parser.add_argument("--train", type=given_path, help="folder of normal training images")
-    parser.add_argument("--calibration", type=given_path, help="folder of held-out normal images")
-    parser.add_argument("--test-normal", type=given_path, help="folder of normal test images")
-    parser.add_argument("--test-anomalous", type=given_path, help="folder of anomalous test images")
+    parser.add_argument("--train", type=image_folder, help="folder of normal training images")
+    parser.add_argument("--calibration", type=image_folder, help="folder of held-out normal images")
+    parser.add_argument("--test-normal", type=image_folder, help="folder of normal test images")
+    parser.add_argument("--test-anomalous", type=image_folder,
+                        help="folder of anomalous test images")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None,
                         help=f"shipped configuration: {', '.join(PRESETS)} (default: tiny)")

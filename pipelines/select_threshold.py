@@ -24,7 +24,7 @@ from anomaly_flow.pipeline_options import (
     add_score_option,
     add_target_fpr_option,
     check_cost_options,
-    given_path,
+    image_folder,
     setup_logging,
     stoppable,
 )
@@ -38,9 +38,9 @@ from anomaly_flow.threshold_methods import METHODS
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
     add_model_option(parser)
-    parser.add_argument("--normal", required=True, type=given_path,
+    parser.add_argument("--normal", required=True, type=image_folder,
                         help="folder of held-out normal images")
-    parser.add_argument("--anomalous", required=True, type=given_path,
+    parser.add_argument("--anomalous", required=True, type=image_folder,
                         help="folder of labelled anomalies")
     add_score_option(parser)
     add_cost_options(parser)

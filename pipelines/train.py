@@ -30,6 +30,7 @@ from anomaly_flow.pipeline_options import (
     add_name_option,
     at_least,
     given_path,
+    image_folder,
     setup_logging,
     stoppable,
 )
@@ -41,7 +42,7 @@ from anomaly_flow.stopping import interrupt_exit_code, run_as_program, sigterm_a
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = pipeline_parser(__doc__)
-    parser.add_argument("data", type=given_path, help="folder of images of normal data")
+    parser.add_argument("data", type=image_folder, help="folder of images of normal data")
     add_name_option(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=PRESETS, default=None,

@@ -404,6 +404,12 @@ def test_calibration_images_that_are_copies_of_one_are_named(
      "Invalid value for '--cost-fp': nan is not a finite number"),
     (["--method", "cost", "--anomalous", ".", "--cost-fp", "0", "--cost-fn", "0"],
      "--cost-fp and --cost-fn are both 0"),  # refused before any folder is scored
+    (["--target-fpr", "0.1", "--anomalous", "/no/such/folder"],  # which of two folders
+     "Invalid value for '--anomalous': image folder not found: /no/such/folder; check the "
+     "path"),
+    (["--target-fpr", "0.1", "--anomalous", __file__],
+     f"Invalid value for '--anomalous': {__file__} is not a folder; pass the folder of "
+     "images"),
 ])
 def test_usage_errors(store: Path, image_dirs: ImageDirs, args: list[str],
                       message: str) -> None:

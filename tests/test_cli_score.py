@@ -498,7 +498,11 @@ def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
     ["train", "", "--name", "x"],
     ["demo", "--out", ""],
 ])
-def test_an_empty_path_is_refused_not_taken_for_the_current_folder(args: list[str]) -> None:
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
+        args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for folder in ("d", "n"):  # the other folders named: a missing one is refused first
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path)
     result = run(*args)  # as `--out "$UNSET"` gives it: the working folder is not meant
     assert result.exit_code == 2, result.output
     assert "the path is empty; give a file or folder ('.' for the current folder)" \

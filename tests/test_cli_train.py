@@ -120,9 +120,10 @@ def test_help_does_not_look_the_version_up(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "code", "fragments"), [
-    (["/no/such/folder", "--name", "x", "--mlruns", "{store}"], 1,
-     ["image folder not found: /no/such/folder; check the path"]),
-    (["{single}/only.png", "--name", "x", "--mlruns", "{store}"], 2, ["is a file"]),
+    (["/no/such/folder", "--name", "x", "--mlruns", "{store}"], 2,
+     ["Invalid value for 'DATA': image folder not found: /no/such/folder; check the path"]),
+    (["{single}/only.png", "--name", "x", "--mlruns", "{store}"], 2,
+     ["{single}/only.png is not a folder; pass the folder of images"]),
     (["{data}", "--name", "x", "--preset", "huge"], 2, ["--preset", "'huge'"]),
     (["{data}", "--name", "x", "--epochs", "0"], 2, ["--epochs", "0"]),
     (["{data}", "--name", "x", "--bogus"], 2, ["No such option '--bogus'"]),
@@ -638,8 +639,10 @@ def test_the_pipeline_script_trains_and_registers(
                         "--epochs", "1", "--device", "cpu", "--mlruns", str(store)])
     assert code == 0
     assert "model_uri: models:/script-parts/1" in capsys.readouterr().out
-    assert script.main([str(tmp_path / "missing"), "--name", "x", "--mlruns", str(store)]) == 1
-    assert "image folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path / "missing"), "--name", "x", "--mlruns", str(store)])
+    assert exit_info.value.code == 2
+    assert "argument data: image folder not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("value", "ok"), [
@@ -1201,16 +1204,16 @@ def test_a_training_record_the_disk_refuses_is_a_one_line_error_and_resumable(
 
 
 def test_a_checkpoint_folder_on_a_full_disk_is_a_one_line_error(
-        image_dirs: ImageDirs, tmp_path: Path) -> None:
-    """The first write of a training, the holder's line in its lock file, met a full disk
-    (here a limit on file sizes): an OSError traceback, raised twice (again as the file
-    closed, flushing the same line)."""
+        image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path) -> None:
+    """The first write of a training in a store that exists, the holder's line in its
+    lock file, met a full disk (here a limit on file sizes): an OSError traceback, raised
+    twice (again as the file closed, flushing the same line)."""
 
     def no_room() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails, not the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
 
-    mlruns = tmp_path / "mlruns"
+    mlruns = new_store(tmp_path / "mlruns", mlflow_db_template)  # opened, not written
     done = subprocess.run(
         [sys.executable, "-m", "anomaly_flow", "train", str(image_dirs.train), "--name",
          "no-room", "--preset", "tiny", "--mlruns", str(mlruns), "--device", "cpu"],

@@ -4,6 +4,7 @@ through their ``main(argv)`` on real PNG folders and real sqlite MLflow stores."
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 import re
@@ -149,20 +150,35 @@ def test_end_to_end_refuses_score_auto_before_training(
     assert "--score auto needs labelled anomalies" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("script", "argv"), [
-    ("train", ["", "--name", "x"]),
-    ("calibrate", ["--model", "models:/x@candidate", "--normal", ""]),
-    ("select_threshold", ["--model", "models:/x@candidate", "--normal", "n", "--anomalous", ""]),
-    ("end_to_end", ["--name", "x", "--sample", ""]),
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("train", ["", "--name", "x"], "the path is empty"),
+    ("calibrate", ["--model", "models:/x@candidate", "--normal", ""], "the path is empty"),
+    ("select_threshold", ["--model", "models:/x@candidate", "--normal", "{here}",
+                          "--anomalous", ""], "the path is empty"),
+    ("end_to_end", ["--name", "x", "--sample", ""], "the path is empty"),
+    ("train", ["{missing}", "--name", "x"], "argument data: image folder not found"),
+    ("calibrate", ["--model", "models:/x@candidate", "--normal", "{here}", "--anomalous",
+                   "{missing}"], "argument --anomalous: image folder not found"),
+    ("select_threshold", ["--model", "models:/x@candidate", "--normal", "{file}",
+                          "--anomalous", "{here}"], "argument --normal: {file} is not a folder"),
+    ("end_to_end", ["--name", "x", "--train", "{here}", "--calibration", "{here}",
+                    "--test-normal", "{missing}", "--test-anomalous", "{here}"],
+     "argument --test-normal: image folder not found: {missing}; check the path"),
 ])
-def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
-        script: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_argument_that_is_empty_missing_or_a_file_names_its_option(
+        script: str, argv: list[str], message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty path is refused, not taken for the current folder; a missing folder or a
+    file is refused before any work, by the option that gave it (a pipeline takes up to
+    four folders)."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    names = {"here": tmp_path, "missing": tmp_path / "absent", "file": tmp_path / "notes.txt"}
     with pytest.raises(SystemExit) as exit_info:
-        load_script(script).parse_args(argv)
+        load_script(script).parse_args([arg.format(**names) for arg in argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err  # one line, no usage synopsis before it, and where help is
     assert err.count("\n") == 1 and err.startswith("error: argument "), err
-    assert "the path is empty; give a file or folder ('.' for the current folder)" in err
+    assert message.format(**names) in err
     assert err.endswith(" --help')\n"), err  # the script's name, as it was run
 
 
@@ -192,6 +208,16 @@ def test_end_to_end_refuses_a_wrong_preset_before_writing_the_sample(
     assert not (tmp_path / "sample").exists()
 
 
+@pytest.fixture
+def placeholder_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folders that option-parsing tests name (``--normal n``), as empty folders in
+    the working folder: a folder option is refused as it is parsed when it is missing."""
+    for name in ("n", "a", "b", "c", "d", "x", "data"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.usefixtures("placeholder_folders")
 def test_two_zero_costs_are_refused_before_scoring(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         load_script("select_threshold").parse_args(
@@ -201,6 +227,7 @@ def test_two_zero_costs_are_refused_before_scoring(capsys: pytest.CaptureFixture
     assert "--cost-fp and --cost-fn are both 0" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("placeholder_folders")
 def test_select_threshold_register_conformal_needs_a_target_fpr_as_a_usage_error(
         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -382,13 +409,25 @@ def help_examples(script: str, capsys: pytest.CaptureFixture[str]) -> list[list[
 
 @pytest.mark.parametrize("script", ["train", "calibrate", "select_threshold", "end_to_end"])
 def test_help_ends_with_examples_the_script_accepts(
-        script: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """--help showed the docstring's first paragraph only: the examples never reached it."""
+        script: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--help showed the docstring's first paragraph only: the examples never reached it.
+    (Their image folders are made first: a missing one is refused as it is parsed.)"""
     examples = help_examples(script, capsys)
     assert examples
+    monkeypatch.chdir(tmp_path)
+    folder_options = {"--normal", "--anomalous", "--train", "--calibration", "--test-normal",
+                      "--test-anomalous"}
     for argv in examples:
         assert argv[:2] == ["python", f"pipelines/{script}.py"], argv
-        load_script(script).parse_args(argv[2:])  # an option error exits
+        args = argv[2:]
+        folders = [value for option, value in itertools.pairwise(args)
+                   if option in folder_options]
+        if script == "train":
+            folders.append(args[0])
+        for folder in folders:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        load_script(script).parse_args(args)  # an option error exits
 
 
 def test_the_train_examples_run_as_written(
@@ -553,6 +592,7 @@ def test_select_threshold_refuses_an_unknown_score_in_one_line(
     ("select_threshold", ["--anomalous", "x", "--promote"],
      "--promote moves champion to the version --register makes"),
 ])
+@pytest.mark.usefixtures("placeholder_folders")
 def test_pipeline_options_that_would_be_ignored_or_fail_late_are_refused(
         script: str, argv: list[str], expected: str,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -563,6 +603,7 @@ def test_pipeline_options_that_would_be_ignored_or_fail_late_are_refused(
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("placeholder_folders")
 def test_end_to_end_refuses_limit_without_sample(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         load_script("end_to_end").parse_args(
@@ -577,6 +618,7 @@ def test_end_to_end_refuses_limit_without_sample(capsys: pytest.CaptureFixture[s
     ("end_to_end", ["--name", "e", "--train", "a", "--calibration", "b", "--test-normal", "c",
                     "--test-anomalous", "d", "--epochs", "-1"]),
 ])
+@pytest.mark.usefixtures("placeholder_folders")
 def test_a_count_below_one_is_an_option_error(
         script: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """As the command line refuses it (exit 2, naming the option), not later as a config

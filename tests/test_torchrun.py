@@ -151,17 +151,20 @@ def test_a_rank_that_dies_stops_the_others_with_the_checkpoint_to_resume_from(
 
 def test_an_error_every_process_meets_is_said_by_one_process_per_host(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As torchrun starts the second process of a host (LOCAL_RANK 1 of 2): a missing
-    folder and a bad option end it with their exit codes and nothing on stderr, which
-    the host's first process prints; the first process prints them."""
-    missing = ["train", str(tmp_path / "nope"), "--name", "x", "--preset", "tiny",
-               "--device", "cpu", "--mlruns", str(tmp_path / "ml")]
+    """As torchrun starts the second process of a host (LOCAL_RANK 1 of 2): a folder
+    without images, a missing folder and a bad option end it with their exit codes and
+    nothing on stderr, which the host's first process prints; the first process prints
+    them."""
+    (tmp_path / "empty").mkdir()
+    empty = ["train", str(tmp_path / "empty"), "--name", "x", "--preset", "tiny",
+             "--device", "cpu", "--mlruns", str(tmp_path / "ml")]
+    missing = ["train", str(tmp_path / "nope"), "--name", "x"]
     bogus = ["train", str(tmp_path), "--name", "x", "--bogus"]
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for local_rank, said in (("1", 0), ("0", 1)):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        for args, code in ((missing, 1), (bogus, 2)):
+        for args, code in ((empty, 1), (missing, 2), (bogus, 2)):
             result = CliRunner().invoke(main, args)
             assert result.exit_code == code, result.output
             assert len(errors(result.stderr)) == said, result.stderr

@@ -304,6 +304,18 @@ def test_a_server_that_is_down_is_one_short_line(
     assert pool.level == level
 
 
+def test_a_training_logged_to_a_server_that_is_down_leaves_no_files(
+        monkeypatch: pytest.MonkeyPatch, free_port: int, image_dirs: ImageDirs,
+        tmp_path: Path) -> None:
+    """The store is opened before the name's lock file is made: a server that is down
+    left <mlruns>/checkpoints/.NAME.lock (in ./mlruns by default) and nothing else."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port}")
+    with pytest.raises(tracking.TrackingError, match="the server is unreachable"):
+        tracking.train_and_register(image_dirs.train, "parts", tiny_config(1), device="cpu",
+                                    mlruns=tmp_path / "mlruns")
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_a_server_that_takes_the_connection_but_never_answers_is_said_so(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A hung server (or a port something else listens on) accepts the connection: it is

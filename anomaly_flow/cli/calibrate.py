@@ -17,7 +17,7 @@ import click
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
     MODEL_URI,
-    PathGiven,
+    ImageFolder,
     device_option,
     finite,
     mlruns_option,
@@ -31,7 +31,7 @@ from anomaly_flow.threshold_methods import METHODS
 if TYPE_CHECKING:
     import pandas as pd
 
-existing_dir = PathGiven(file_okay=False, path_type=Path)
+existing_dir = ImageFolder()
 
 
 def _scoring_options(func):  # type: ignore[no-untyped-def]

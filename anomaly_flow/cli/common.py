@@ -63,6 +63,26 @@ class PathGiven(click.Path):
         return super().convert(value, param, ctx)
 
 
+class ImageFolder(PathGiven):
+    """A folder of images to read, refused when missing or not a folder, with the name
+    of the option (or argument) that gave it, before a store is opened or a model
+    loaded: ``calibrate`` and the pipelines take several folders."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)  # a file is refused below, in the library's words
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        from anomaly_flow.data import DataError, check_image_folder
+
+        path = super().convert(value, param, ctx)
+        try:
+            check_image_folder(Path(path))
+        except DataError as error:
+            self.fail(str(error), param, ctx)
+        return path
+
+
 class ClickLogHandler(logging.Handler):
     """Writes log records with ``click.echo(err=True)``, looking the stream up per record.
 

@@ -9,6 +9,7 @@ import click
 
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
+    ImageFolder,
     PathGiven,
     device_option,
     finite,
@@ -60,7 +61,7 @@ Examples:
       --heatmaps heatmaps/ --workers 8 --device cuda
   anomaly-flow score incoming/ --model models:/bottle-caps@champion --out scores.csv --resume
 """)
-@click.argument("folder", metavar="DIR", type=PathGiven(path_type=Path))
+@click.argument("folder", metavar="DIR", type=ImageFolder())
 @model_option
 @click.option("--out", required=True, type=PathGiven(dir_okay=False, path_type=Path),
               metavar="FILE", help="The table to write: FILE.csv or FILE.parquet (or .pq).")
@@ -131,7 +132,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     existed, to fill the column). A summary goes to stderr: N scored, M failed, K
     anomalous.
     """
-    from anomaly_flow.data import check_image_folder, display_path, unlisted_advice
+    from anomaly_flow.data import display_path, unlisted_advice
     from anomaly_flow.evaluation import open_model
     from anomaly_flow.folder_scoring import score_folder
     from anomaly_flow.score_table import ScoringError, check_writable, output_format
@@ -144,7 +145,6 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     except ScoringError as exc:  # a file name the option cannot take
         raise click.BadParameter(str(exc), param_hint="--out") from None
     # before loading a model or scoring anything
-    check_image_folder(folder)
     check_writable(out, resume=resume)
     loaded = open_model(model, device, mlruns, logs=False, reads_runs=False)
     click.echo(f"model: {_which_model(loaded, model, fdr)}", err=True)

@@ -8,6 +8,7 @@ import click
 
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
+    ImageFolder,
     PathGiven,
     device_option,
     mlruns_option,
@@ -31,7 +32,7 @@ Examples:
 \b
 Then: anomaly-flow calibrate --model models:/bottle-caps@candidate --normal held-out/ ...
 """)
-@click.argument("data", type=PathGiven(file_okay=False, path_type=Path))
+@click.argument("data", type=ImageFolder())
 @click.option("--name", required=True,
               help="Registered model name; also the MLflow experiment's name.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,

@@ -613,6 +613,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
             return None
         verdict = _Verdict(ckpt, resume)
         try:
+            configure(mlruns)  # a store that cannot be opened leaves no lock file behind
             with _training_lock(ckpt, name) as locked:  # one training of a name at a time
                 return _train_and_register_locked(data, name, config, dev, folder, ckpt,
                                                   locked=locked, device=device, resume=resume,
@@ -765,7 +766,6 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             with contextlib.suppress(TrainingError):  # a damaged one is cleared below anyway
                 earlier, _ = _read_run_state(ckpt)
             _check_owner(earlier, name, ckpt)
-    configure(mlruns)
     require_writable_store(experiment=name)
     check_not_foreign(name)
     if resume:
