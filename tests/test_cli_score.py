@@ -136,7 +136,7 @@ def test_score_a_messy_folder_then_resume(messy: Path, model_dir: Path, tmp_path
     # --compile: the same table to float32 rounding (the sums run in another order)
     compiled = tmp_path / "compiled.csv"
     result = run("score", messy, "--model", model_dir, "--out", compiled, "--workers", "0",
-                 "--batch-size", "5", "--compile")
+                 "--batch-size", "4", "--compile")
     assert result.exit_code == 0, result.output
     assert "could not compile" not in result.stderr
     pd.testing.assert_frame_equal(read_csv(compiled), table, check_exact=False, rtol=1e-5,
