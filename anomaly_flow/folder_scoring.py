@@ -52,7 +52,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -279,6 +279,10 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
     previous = _previous_rows(out, score_names(model), files, root) if resume else None
     if previous is not None:
         _check_same_scores(model, previous, files, out, precision)
+    earlier: _EarlierHeatmaps | None = None
+    if heatmaps is not None and previous is not None:
+        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous)
+        previous = _redraw_missing(previous, earlier, keys, paths, root, out, Path(heatmaps))
     done = previous.index if previous is not None else pd.Index([], dtype="string")
     todo = [i for i, key in enumerate(keys) if key not in done]
     if previous is not None:
@@ -291,8 +295,7 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
 
     writer = None
     if heatmaps is not None:
-        writer = _heatmap_writer(heatmaps, root, paths, keys, todo, previous, maps,
-                                 config, out)
+        writer = _heatmap_writer(heatmaps, root, paths, todo, earlier, maps, config)
 
     def write(table: pd.DataFrame) -> None:
         write_or_keep(table, out, modified_ns=started_ns)
@@ -468,37 +471,25 @@ def _warn_conversion(model: Glow, root: Path, paths: Sequence[Path], *,
 
 
 def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequence[Path],
-                    keys: Sequence[str], todo: Sequence[int], previous: pd.DataFrame | None,
-                    maps: HeatmapKind, config: GlowConfig, out: Path) -> HeatmapWriter:
+                    todo: Sequence[int], earlier: _EarlierHeatmaps | None,
+                    maps: HeatmapKind, config: GlowConfig) -> HeatmapWriter:
     """The writer of this run's heatmaps (``maps``) under ``heatmaps``: one for each file
-    of ``paths`` (found under ``root``, their rows' paths ``keys``) whose index is in
-    ``todo``, for a model of ``config`` (its ``n_bits`` tops the scale, its ``resize``
-    says how to put each heatmap back in its file's shape). On resuming (``previous``:
-    the rows kept from ``out``), it says which kept files keep a heatmap under another
-    name, which have none, and whether the kept ones draw another map. Removes the
-    unfinished heatmaps a killed run left."""
-    from anomaly_flow.heatmap import (
-        TYPICALITY_VMAX,
-        HeatmapWriter,
-        heatmap_names,
-        resumed_names,
-    )
+    of ``paths`` (found under ``root``) whose index is in ``todo``, for a model of
+    ``config`` (its ``n_bits`` tops the scale, its ``resize`` says how to put each
+    heatmap back in its file's shape). On resuming (``earlier``: the heatmaps the kept
+    files have), it says which kept files keep a heatmap under another name, and whether
+    the kept ones draw another map. Removes the unfinished heatmaps a killed run left."""
+    from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, resumed_names
 
-    # the folder itself, by whatever path it was reached (a symlink, another mount)
-    scored_folder = display_path(os.path.normcase(os.path.realpath(root)))
-
-    # named over every file, so a file scored now gets the name an uninterrupted run
-    # gives it, and never the name of a kept file's heatmap (x.bmp added beside an
-    # earlier x.png)
+    scored_folder = _scored_folder(root)
     relative = [path.relative_to(root) for path in paths]
     sources = [display_path(path) for path in relative]
-    every_name = heatmap_names(relative)
-    kept = [] if previous is None else sorted(set(range(len(paths))) - set(todo))
-    held, kept_kinds = (({}, set()) if previous is None else _earlier_heatmaps(
-        Path(heatmaps), kept, relative, sources, every_name, scored_folder))
+    if earlier is None:
+        earlier = _EarlierHeatmaps(_every_name(relative), {}, set(), [])
+    every_name, held = earlier.every_name, earlier.held
     names = resumed_names(every_name, held, todo)
     _check_heatmaps_own(Path(heatmaps), names, scored_folder)
-    renamed = [i for i in kept if i in held and held[i] != every_name[i]]
+    renamed = [i for i in earlier.kept if i in held and held[i] != every_name[i]]
     if renamed:
         logger.warning(
             "%d kept file(s) keep the heatmap an earlier run wrote, under another name "
@@ -506,15 +497,7 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
             "%s); run without --resume for a fresh set of names", len(renamed),
             one_line(sources[renamed[0]]),
             one_line(display_path(Path(heatmaps) / held[renamed[0]])))
-    scored_before = (set() if previous is None
-                     else set(previous.index[previous["error"] == ""]))
-    unmapped = [relative[i] for i in kept if keys[i] in scored_before and i not in held]
-    if unmapped:
-        logger.warning("%d file(s) kept from %s have no heatmap under %s (e.g. %s: no "
-                       "earlier run drew one there); run without --resume to draw "
-                       "them", len(unmapped), display_path(out), display_path(heatmaps),
-                       one_line(display_path(unmapped[0])))
-    other_kinds = sorted(kept_kinds - {maps})
+    other_kinds = sorted(earlier.kinds - {maps})
     if todo and other_kinds:
         logger.warning("the kept heatmaps under %s draw %s, and this run draws %s: the "
                        "folder would mix colour scales; resume with --heatmap-kind %s, "
@@ -534,6 +517,21 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
         logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
                     removed, display_path(heatmaps))
     return writer
+
+
+def _scored_folder(root: Path) -> str:
+    """The folder ``root`` itself, by whatever path it was reached (a symlink, another
+    mount), as heatmaps record it."""
+    return display_path(os.path.normcase(os.path.realpath(root)))
+
+
+def _every_name(relative: Sequence[Path]) -> list[Path]:
+    """Each file's heatmap name, named over every file, so a file scored now gets the
+    name an uninterrupted run gives it, and never the name of a kept file's heatmap
+    (x.bmp added beside an earlier x.png)."""
+    from anomaly_flow.heatmap import heatmap_names
+
+    return heatmap_names(relative)
 
 
 def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str) -> None:
@@ -557,17 +555,37 @@ def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str)
             "from before)")
 
 
-def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path],
-                      sources: Sequence[str], every_name: Sequence[Path],
-                      scored_folder: str) -> tuple[dict[int, Path], set[str]]:
-    """For a resumed run: by file index, the heatmap an earlier run drew of each file
-    under ``folder`` (relative to it), by the source (and the scored folder,
-    ``scored_folder``) each heatmap records. For a kept file whose heatmap, from a
-    version that recorded neither, sits under the file's name now or its plain name
-    (``x.png`` for ``x.bmp``) where no recorded heatmap claims it, that. Also what the
-    kept files' recorded heatmaps draw (``bpd``, ``typicality``)."""
+class _EarlierHeatmaps(NamedTuple):
+    """What a resumed run with heatmaps finds of the earlier runs' (by file index).
+
+    Attributes:
+        every_name: Each file's heatmap name in a run over the folder as it is now.
+        held: The heatmap an earlier run drew of a file, relative to the heatmap folder.
+        kinds: What the kept files' recorded heatmaps draw (``bpd``, ``typicality``).
+        kept: The files whose rows the run keeps.
+    """
+
+    every_name: list[Path]
+    held: dict[int, Path]
+    kinds: set[str]
+    kept: list[int]
+
+
+def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Sequence[str],
+                      previous: pd.DataFrame) -> _EarlierHeatmaps:
+    """For a resumed run: the heatmap an earlier run drew of each file of ``paths``
+    (found under ``root``, their rows' paths ``keys``; ``previous`` the rows kept) under
+    ``folder``, by the source (and the scored folder) each heatmap records. For a kept
+    file whose heatmap, from a version that recorded neither, sits under the file's
+    name now or its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap
+    claims it, that."""
     from anomaly_flow.heatmap import heatmap_mark, recorded_heatmaps
 
+    scored_folder = _scored_folder(root)
+    relative = [path.relative_to(root) for path in paths]
+    sources = [display_path(path) for path in relative]
+    every_name = _every_name(relative)
+    kept = [i for i, key in enumerate(keys) if key in previous.index]
     recorded = recorded_heatmaps(folder, scored_folder)
     held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
     kinds = {kind for i in kept if sources[i] in recorded
@@ -584,7 +602,23 @@ def _earlier_heatmaps(folder: Path, kept: Sequence[int], relative: Sequence[Path
                 held[i] = name
                 claimed.add(name)
                 break
-    return held, kinds
+    return _EarlierHeatmaps(every_name, held, kinds, kept)
+
+
+def _redraw_missing(previous: pd.DataFrame, earlier: _EarlierHeatmaps, keys: Sequence[str],
+                    paths: Sequence[Path], root: Path, out: Path,
+                    heatmaps: Path) -> pd.DataFrame:
+    """``previous`` without the scored rows of kept files that have no heatmap (an
+    earlier run without ``heatmaps``, one whose heatmaps met a full disk, heatmaps
+    deleted since): they are scored again, to draw them."""
+    missing = [i for i in earlier.kept if previous.at[keys[i], "error"] == ""
+               and i not in earlier.held]
+    if not missing:
+        return previous
+    logger.info("%d file(s) kept from %s have no heatmap under %s (e.g. %s); scoring them "
+                "again to draw them", len(missing), display_path(out), display_path(heatmaps),
+                one_line(display_path(paths[missing[0]].relative_to(root))))
+    return previous.drop(index=[keys[i] for i in missing])
 
 
 def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> HeatmapKind:

@@ -680,11 +680,20 @@ def test_heatmaps_that_cannot_be_written_are_counted_and_fail_strict(
     assert listed[-1].getMessage().endswith("; further failures are counted, not listed")
     assert re.search(rf"wrote 0 heatmaps under {re.escape(str(heat))}; 8 could not be written "
                      r"\(the first, .*x-0000\d\.png: it exists and is not a heatmap; it is "
-                     r"left as it is\); make room or fix the folder, then score again "
-                     r"\(without --resume\) to draw them", result.stderr), result.stderr
+                     r"left as it is\); make room or fix the folder, then run the same "
+                     r"command with --resume to draw them", result.stderr), result.stderr
     assert_one_line_error(result, "8 heatmaps could not be written (--strict)")
-    assert len(pd.read_csv(out)) == 8  # the table is written all the same
+    table = read_csv(out)
+    assert len(table) == 8  # the table is written all the same
     assert all(p.read_text().startswith("a file of the user's") for p in heat.iterdir())
+
+    for taken in heat.iterdir():  # the folder fixed, as the summary says
+        taken.unlink()
+    result = run("score", folder, "--model", model_dir, "--out", out, "--heatmaps", heat,
+                 "--strict", "--workers", "0", "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"wrote 8 heatmaps under {heat}\n" in result.stderr
+    pd.testing.assert_frame_equal(read_csv(out), table, check_exact=True)
 
 
 def test_a_missing_folder_and_a_bad_out_are_named_before_any_model_loads(tmp_path: Path) -> None:

@@ -378,6 +378,8 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
 ) -> None:
     out = tmp_path / f"scores{suffix}"
     k = 7
+    # the killed run's heatmaps (a kept file without one is scored again to draw it)
+    score_folder(model, None, messy, tmp_path / "whole.csv", heatmaps=tmp_path / "heat")
     partial = full_table.head(k).copy()  # what a run killed after k files leaves
     partial["is_anomaly"] = partial["is_anomaly"].astype("boolean")
     assert partial.loc[0, "error"] == ""
@@ -385,7 +387,7 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
     write_table(partial, out)
     # and, killed outright, its unfinished copies of the table and a heatmap
     ended, alive = ended_process_id(), os.getpid()
-    (tmp_path / "heat" / "sub").mkdir(parents=True)
+    (tmp_path / "heat" / "sub").mkdir(parents=True, exist_ok=True)
     leftovers = [tmp_path / f".{out.name}.{ended}.0badf00d.tmp",
                  tmp_path / "heat" / "sub" / f".hm.{ended}.12345678.tmp"]
     running = tmp_path / f".{out.name}.{alive}.0badf00d.tmp"  # a live writer's: kept
@@ -395,7 +397,7 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_table(
                            heatmaps=tmp_path / "heat")
     assert not any(path.exists() for path in leftovers) and running.exists()
     assert summary.n_resumed == k - 1 and summary.n_files == len(MESSY)
-    # only the missing files were scored: heatmaps exist for those alone
+    # only the missing files were scored: heatmaps drawn for those alone
     n_good_missing = int((full_table["error"].iloc[k:] == "").sum()) + 1
     assert summary.n_heatmaps == n_good_missing
     resumed = read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
@@ -932,18 +934,37 @@ def test_a_file_that_fails_now_loses_its_old_heatmap(model: Glow, tmp_path: Path
         in caplog.text
 
 
-def test_resume_with_heatmaps_names_the_kept_files_without_one(
+def test_resume_with_heatmaps_draws_those_the_kept_files_lack(
         model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A kept file without a heatmap (an earlier run without --heatmaps, or whose
+    heatmaps met a full disk) is scored again to draw it; the heatmaps there stay as they
+    were, and the table is the uninterrupted run's."""
     folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
     write_image_folder(sample_images(3), folder, "x-")
     score_folder(model, None, folder, out)  # no heatmaps
     write_image_folder(sample_images(1, offset=3), folder, "y-")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
+        summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_heatmaps == 4
+    assert re.search(r"3 file\(s\) kept from .*s\.csv have no heatmap under .*heat \(e\.g\. "
+                     r"x-00000\.png\); scoring them again to draw them", caplog.text)
+    whole = tmp_path / "whole.csv"
+    score_folder(model, None, folder, whole, heatmaps=tmp_path / "whole-heat")
+    pd.testing.assert_frame_equal(read_csv(out), read_csv(whole), check_exact=True)
+    assert sorted(p.name for p in heat.iterdir()) == [
+        "x-00000.png", "x-00001.png", "x-00002.png", "y-00000.png"]
+
+    (heat / "x-00001.png").unlink()  # as if its write had met a full disk
+    kept = {p.name: p.stat().st_mtime_ns for p in heat.iterdir()}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
         summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
     assert summary.n_heatmaps == 1
-    assert re.search(r"3 file\(s\) kept from .*s\.csv have no heatmap under .*heat \(e\.g\. "
-                     r"x-00000\.png: no earlier run drew one there\); run without "
-                     r"--resume to draw them", caplog.text)
+    assert "1 file(s) kept from" in caplog.text
+    assert (heat / "x-00001.png").read_bytes() == (tmp_path / "whole-heat" /
+                                                    "x-00001.png").read_bytes()
+    assert {name: (heat / name).stat().st_mtime_ns for name in kept} == kept
+    pd.testing.assert_frame_equal(read_csv(out), read_csv(whole), check_exact=True)
 
 
 def test_resume_warns_when_its_heatmaps_would_mix_two_scales(

@@ -194,7 +194,7 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     unwritten, first = summary.heatmap_failures
     if summary.heatmaps is not None:
         lost = (f"; {unwritten} could not be written (the first, {first}); make room or fix "
-                "the folder, then score again (without --resume) to draw them"
+                "the folder, then run the same command with --resume to draw them"
                 if unwritten else "")
         where = one_line(display_path(summary.heatmaps))
         click.echo(f"wrote {_count(summary.n_heatmaps, 'heatmap')} under {where}{lost}",
