@@ -134,6 +134,17 @@ def store_mark() -> tuple[int, int, int]:
     return store.stop_mark() if store is not None else (0, 0, 0)
 
 
+def command_started() -> tuple[int, int, int]:
+    """What a command (``anomaly-flow ...``, a pipeline script) does first, also when it
+    runs inside a Python process: :func:`store_mark`, and ``./mlruns`` as the store when
+    it is given no ``--mlruns`` whatever folder an earlier call gave
+    :func:`anomaly_flow.tracking.configure`."""
+    store = sys.modules.get("anomaly_flow.tracking.store")
+    if store is not None:
+        store.forget_configured_folder()
+    return store_mark()
+
+
 def describe_failure(error: BaseException, mark: tuple[int, int, int]) -> str:
     """:func:`describe`, and for a command that registered a model version since ``mark``
     before it failed (a store lost in between) which version that is and how to finish

@@ -272,6 +272,19 @@ class LikelihoodBreakdown:
     pixel_bpd: Tensor | None
 
 
+def _check_flow_range(x: Tensor, method: str) -> None:
+    """Refuse flow inputs outside [-0.5, 0.5), where :func:`preprocess` puts images: raw
+    pixels (0-1 or 0-255 floats) would get a bits/dim that looks plausible, or inf."""
+    if not x.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if not (low >= -0.5 and high < 0.5):
+        raise ValueError(
+            f"{method} takes flow inputs in [-0.5, 0.5), as preprocess(images, n_bits) gives "
+            f"them; these run from {low:g} to {high:g} (raw pixels?): pass uint8 images "
+            "through preprocess first")
+
+
 def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tensor:
     """Quantise ``uint8`` images to ``n_bits`` and map them into the flow's input range.
 
@@ -436,8 +449,19 @@ class Glow(nn.Module):
 
         Call once, on the first batch, before training (and before wrapping the model
         in DistributedDataParallel, so every rank starts from the same weights).
+
+        Raises:
+            ValueError: ``x`` is not a batch of this model's flow inputs, or the model is
+                already initialised (trained or loaded): initialising it again would
+                replace what its ActNorm layers learned.
         """
         self.check_input(x)
+        if any(bool(step.actnorm.initialized) for lvl in self.levels for step in lvl.steps):
+            raise ValueError(
+                "the model is already initialised (trained, or loaded with its weights): "
+                "initialising it again would replace what its ActNorm layers learned and "
+                "change its scores; score it as it is, or build a new Glow(config) to train "
+                "from scratch")
         for level in self.levels:
             x = squeeze(x)
             for step in level.steps:
@@ -750,11 +774,17 @@ class Glow(nn.Module):
         return log_prob_from_output(self(x))
 
     def bpd(self, x: Tensor) -> Tensor:
-        """Bits per dimension ``(B,)`` of the quantised images behind flow inputs ``x``."""
+        """Bits per dimension ``(B,)`` of the quantised images behind flow inputs ``x``
+        (:func:`preprocess`'s output; other values are refused, a host sync)."""
+        self.check_input(x)  # before the values are read: a tensor on another device
+        _check_flow_range(x, "bpd")
         return bits_per_dim(self.log_prob(x), self.config)
 
     def breakdown(self, x: Tensor) -> LikelihoodBreakdown:
-        """Exact per-level and per-pixel decomposition of ``-log p(x)``."""
+        """Exact per-level and per-pixel decomposition of ``-log p(x)``, of flow inputs
+        ``x`` (:func:`preprocess`'s output; other values are refused, a host sync)."""
+        self.check_input(x)
+        _check_flow_range(x, "breakdown")
         return breakdown_from_output(self(x), self.config)
 
     def _latent_shapes(self) -> list[tuple[int, int, int]]:

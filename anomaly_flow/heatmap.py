@@ -8,9 +8,10 @@ neighbours so that one model pixel stays one block of screen pixels, then put ba
 the shape of its file (:func:`in_source_shape`: stretched back, or the pad's bars cut).
 
 Colour scale: **fixed**, the same for every image, so heatmaps can be compared with one
-another: ``vmin = 0`` bits/dim (perfectly predicted) to ``vmax = n_bits`` bits/dim (no
-better than uniform noise over the ``2**n_bits`` levels), clipped at both ends, through
-matplotlib's ``inferno`` colormap (black → purple → orange → yellow). The overlay's
+another: ``vmin = 0`` bits/dim (certain; a density above 1 gives less, clipped) to
+``vmax = n_bits`` bits/dim (no better than uniform noise over the ``2**n_bits`` levels),
+clipped at both ends, through matplotlib's ``inferno`` colormap (black → purple → orange
+→ yellow). The overlay's
 opacity grows with the value (``0.2`` at ``vmin`` to ``0.8`` at ``vmax``), so likely
 regions show the image and unlikely regions glow. Each PNG records its scale and the
 map's mean (the image's bpd) as text chunks (``anomaly-flow:*``).

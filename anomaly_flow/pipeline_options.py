@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from anomaly_flow.errors import describe_failure, store_mark, user_error_types
+from anomaly_flow.errors import command_started, describe_failure, user_error_types
 from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
@@ -222,7 +222,7 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        mark = store_mark()
+        mark = command_started()
         try:
             with sigterm_as_interrupt(hold_after_stop=True):
                 return main(argv)

@@ -374,10 +374,18 @@ class BatchScores:
 
 def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
                  precision: Precision = "float32") -> BatchScores:
-    """Score uint8 images ``(B, C, H, W)`` (already on the model's device).
+    """Score uint8 images ``(B, C, H, W)`` (already on the model's device; a numpy array
+    is taken as it is, on the CPU).
 
     ``precision`` is ``float32`` (exact), ``tf32`` or ``bf16``; see :func:`numerics`.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`Glow` (a ``LoadedModel``: pass its
+            ``.model``), or ``images`` are neither a tensor nor an array, or floats.
+        ValueError: ``images`` are not ``(B, C, H, W)`` at the model's channels and size.
+        ScoringError: The model was never initialised (it has learned nothing).
     """
+    images = _checked_images(model, images)
     levels = model.config.levels
     with numerics(model, precision), torch.inference_mode():
         stats, maps = _launch(model, images, "bpd" if pixel_maps else None)
@@ -388,6 +396,30 @@ def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
                            pixel_knn=(stats[:, 3 + levels] if model.has_image_reference
                                       else None),
                            pixel_bpd=None if maps is None else maps.cpu())
+
+
+def _checked_images(model: Glow, images: Any) -> torch.Tensor:
+    """``images`` as :func:`score_images` scores them, refused, before a short batch is
+    padded, in terms of what the caller gave."""
+    if not isinstance(model, Glow):
+        inner = getattr(model, "model", None)
+        hint = ("; pass its .model (and its .calibration to apply_calibration or "
+                "score_folder)" if isinstance(inner, Glow) else "")
+        raise TypeError(f"score_images takes a Glow, not a {type(model).__name__}{hint}")
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"score_images takes uint8 pixels as a torch.Tensor or numpy array "
+                        f"(B, C, H, W), not a {type(images).__name__}")
+    c, size = model.config.in_channels, model.config.image_size
+    if images.dim() != 4 or tuple(images.shape[1:]) != (c, size, size):
+        raise ValueError(
+            f"score_images takes uint8 pixels of shape (B, {c}, {size}, {size}), channels "
+            f"first, not {tuple(images.shape)}; convert each image to the model's mode and "
+            "size with anomaly_flow.data.image_to_array and stack them (score_folder reads "
+            "files itself)")
+    check_initialized(model)
+    return images
 
 
 HeatmapKind = Literal["bpd", "typicality"]
@@ -747,6 +779,10 @@ def apply_calibration(scores: pd.DataFrame, calibration: Any | None,
         out["is_anomaly"] = pd.array([None] * len(out), dtype="boolean")
         return out
     n = len(calibration.calibration_scores)
+    if fdr is not None and (isinstance(fdr, bool) or not isinstance(fdr, numbers.Real)
+                            or not 0 < fdr < 1):
+        raise ScoringError(f"the false discovery rate (fdr, --fdr) must be a number strictly "
+                           f"between 0 and 1; got {fdr!r}. Use e.g. 0.05 or 0.1.")
     if fdr is not None and 1 / (n + 1) > fdr * (1 + 1e-12):  # BH's own tolerance
         raise ScoringError(
             f"--fdr {fdr:g} can never flag an image: the calibration holds {n} scores, so "

@@ -126,6 +126,15 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
     return read_csv(out)
 
 
+@pytest.fixture(autouse=True)
+def _store_folder_of_the_test() -> None:
+    """Each test starts with ``mlruns=None`` meaning ``./mlruns``, whatever folder an
+    earlier test (or a module's fixture) gave ``tracking.configure``."""
+    store = sys.modules.get("anomaly_flow.tracking.store")
+    if store is not None:
+        store.forget_configured_folder()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_user_mlflow_store() -> Iterator[None]:
     saved = {key: os.environ.pop(key, None)

@@ -208,6 +208,12 @@ def test_output_problems_are_found_before_scoring(model: Glow, messy: Path,
         score_folder(model, None, tmp_path / "nowhere", tmp_path / "out.csv")
     with pytest.raises(ScoringError, match="no calibration"):
         score_folder(model, None, messy, tmp_path / "out.csv", fdr=0.1)
+    calibration = calibrate("bpd", np.linspace(3.0, 4.0, 99), alpha=0.1)
+    for fdr in (0, -0.1, 1.5, "0.05"):  # 0 and -0.1 were refused as "alpha (the target
+        # false-positive rate)", a name the caller never gave
+        with pytest.raises(ScoringError, match=r"the false discovery rate \(fdr, --fdr\) "
+                                               r"must be a number strictly between 0 and 1"):
+            score_folder(model, calibration, messy, tmp_path / "out.csv", fdr=fdr)
     assert sorted(os.listdir(tmp_path)) == ["dir.csv", "file.csv"]
 
 

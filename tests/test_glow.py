@@ -922,6 +922,28 @@ def test_wrong_inputs_are_refused_with_what_the_model_takes() -> None:
     assert model.double().bpd(good.double()).dtype == torch.float64  # converted: fine
 
 
+def test_raw_pixels_and_a_second_initialisation_are_refused() -> None:
+    """Floats in 0-1 got a plausible bits/dim (about 8), 0-255 floats up to inf; a second
+    ``initialize`` (the README's line after ``load_model``) replaced the trained ActNorm
+    and changed every score, without a word."""
+    model = Glow(GlowConfig(image_size=8, levels=2, steps_per_level=1, hidden_channels=4))
+    pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    good = preprocess(pixels, n_bits=8)
+    model.initialize(good)
+    before = model.bpd(good)
+    for raw, top in ((pixels.float() / 255, 1), (pixels.float(), 255)):
+        raw[0, 0, 0, :2] = torch.tensor([0.0, top])  # both ends of the range present
+        shown = f"from 0 to {top}"
+        for method in (model.bpd, model.breakdown):
+            with pytest.raises(ValueError, match=rf"takes flow inputs in \[-0\.5, 0\.5\), as "
+                                                 rf"preprocess\(images, n_bits\) gives them; "
+                                                 rf"these run {shown} \(raw pixels\?\)"):
+                method(raw)
+    with pytest.raises(ValueError, match="the model is already initialised"):
+        model.initialize(preprocess(torch.zeros_like(pixels), n_bits=8))
+    torch.testing.assert_close(model.bpd(good), before, rtol=0, atol=0)
+
+
 def test_a_narrower_model_under_autocast_takes_preprocess_output() -> None:
     """Autocast casts a bfloat16 model's float32 inputs for its convolutions, as it did
     before the dtype check: only float64, which autocast leaves alone, is refused."""

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -447,6 +448,31 @@ def wide_model() -> tuple[Glow, torch.Tensor]:
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
     return model.eval(), images
+
+
+def test_score_images_refuses_what_it_cannot_score_in_the_callers_terms(model: Glow) -> None:
+    """A shape error named the padded batch ((1, 1, 28, 28) was "not (2, 1, 28, 28)") and
+    advised preprocess(), which score_images then refuses; a numpy array or a LoadedModel
+    met an AttributeError; an untrained model was scored, as score_folder refuses to."""
+    from anomaly_flow.tracking import LoadedModel
+
+    images = ArrayDataset(load_sample().train[:3], TINY.mode, TINY.image_size).images
+    for bad in (torch.zeros(1, 1, 28, 28, dtype=torch.uint8), images[0]):
+        with pytest.raises(ValueError, match=rf"score_images takes uint8 pixels of shape "
+                                             rf"\(B, 1, 16, 16\), channels first, not "
+                                             rf"{re.escape(str(tuple(bad.shape)))}; convert"):
+            score_images(model, bad)
+    with pytest.raises(TypeError, match="preprocess takes integer pixels"):
+        score_images(model, images.float())  # its message says how to convert
+    torch.testing.assert_close(score_images(model, images.numpy()).bpd,
+                               score_images(model, images).bpd, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"score_images takes a Glow, not a LoadedModel; "
+                                        r"pass its \.model"):
+        score_images(LoadedModel(model, None, "folder"), images)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a list"):
+        score_images(model, images.tolist())
+    with pytest.raises(ScoringError, match="never initialised"):
+        score_images(Glow(TINY), images)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

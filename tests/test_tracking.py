@@ -316,6 +316,39 @@ def test_a_training_logged_to_a_server_that_is_down_leaves_no_files(
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_the_store_configure_was_given_is_the_one_later_calls_use(
+        image_dirs: ImageDirs, tmp_path: Path, mlflow_db_template: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``configure(folder)`` as the README's Python API begins, then the library's calls
+    without ``mlruns``: training, its checkpoints, evaluation and promotion went to a new
+    ./mlruns instead (or failed on its absence); a command run in the same process
+    without --mlruns still means ./mlruns."""
+    from click.testing import CliRunner
+
+    from anomaly_flow.cli import main
+    from anomaly_flow.evaluation import evaluate_model
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    store = new_store(tmp_path / "store", mlflow_db_template)
+    tracking.configure(store)
+    outcome = tracking.train_and_register(image_dirs.train, "kept", tiny_config(1),
+                                          device="cpu", progress=False)
+    assert outcome.version == "1"
+    assert (store / "checkpoints" / "kept").is_dir()
+    evaluated = evaluate_model("models:/kept@candidate", image_dirs.test_normal,
+                               image_dirs.test_anomalous, device="cpu", progress=False)
+    assert mlflow.get_run(evaluated.run_id).info.status == "FINISHED"
+    assert tracking.load_model("models:/kept/1", device="cpu").version == "1"
+    assert list(work.iterdir()) == []
+
+    result = CliRunner().invoke(main, ["promote", "models:/kept/1"])
+    assert result.exit_code == 1
+    assert f"there is no MLflow store at {work / 'mlruns' / 'mlflow.db'}" in result.output
+    assert list(work.iterdir()) == []
+
+
 def test_a_server_that_takes_the_connection_but_never_answers_is_said_so(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A hung server (or a port something else listens on) accepts the connection: it is

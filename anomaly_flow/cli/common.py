@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 import click
 
 from anomaly_flow.errors import (
+    command_started,
     describe_failure,
     peer_lost,
-    store_mark,
     told_nearby,
     user_error_types,
 )
@@ -156,7 +156,7 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        mark = store_mark()
+        mark = command_started()
         try:
             return func(*args, **kwargs)
         except click.ClickException:

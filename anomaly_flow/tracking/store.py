@@ -74,21 +74,33 @@ class _State:
     registered: list[str] = field(default_factory=list)  # models:/NAME/N made, oldest first
     promoted: list[str] = field(default_factory=list)  # what each promotion moved, said
     to_promote: set[str] = field(default_factory=set)  # registered, champion not yet moved
+    folder: Path | None = None  # the store folder last given to configure(): mlruns=None's
 
 
 _state = _State()
 
 
 def mlruns_dir(mlruns: str | Path | None = None) -> Path:
-    """The absolute folder of the default store: ``mlruns`` or ``./mlruns``."""
-    return Path(mlruns if mlruns is not None else Path.cwd() / "mlruns").expanduser().absolute()
+    """The absolute folder of the default store: ``mlruns``; else the folder last given
+    to :func:`configure` in this process (so ``configure(folder)`` then a library call
+    without ``mlruns`` uses that store, as it reads); else ``./mlruns``."""
+    if mlruns is None:
+        mlruns = _state.folder if _state.folder is not None else Path.cwd() / "mlruns"
+    return Path(mlruns).expanduser().absolute()
+
+
+def forget_configured_folder() -> None:
+    """``mlruns=None`` means ``./mlruns`` again, whatever :func:`configure` was given: a
+    command (``anomaly-flow ...``, a pipeline script) run inside a Python process starts
+    from its own options, not from an earlier call's store."""
+    _state.folder = None
 
 
 def default_tracking_uri(mlruns: str | Path | None = None) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<mlruns>/mlflow.db`` (absolute).
 
     Args:
-        mlruns: The store's folder; ``None`` means ``./mlruns``.
+        mlruns: The store's folder; ``None``: :func:`mlruns_dir`'s default.
     """
     env = os.environ.get(TRACKING_ENV)
     if env:
@@ -155,6 +167,11 @@ def configure(mlruns: str | Path | None = None) -> str:
     own ``set_tracking_uri`` exports the URI to the environment; that is undone, so
     ``MLFLOW_TRACKING_URI`` keeps meaning only what the user set.
 
+    Args:
+        mlruns: The default store's folder (and the checkpoints'), kept for the rest of
+            the process: a later call without one, here or in any library function that
+            takes ``mlruns``, means it too. ``None``: the folder kept, else ``./mlruns``.
+
     Returns:
         The tracking URI now in use.
 
@@ -173,7 +190,8 @@ def configure(mlruns: str | Path | None = None) -> str:
         _state.warned.add((uri, str(mlruns)))  # once: a command configures more than once
         logger.warning("MLFLOW_TRACKING_URI is set, so runs and models go to %s, not to the "
                        "store in %s (that folder still holds training checkpoints); unset it "
-                       "to use that store", redacted(uri), mlruns)
+                       "to use that store (mlflow.set_tracking_uri sets it too, in a Python "
+                       "process)", redacted(uri), mlruns)
     file_store = ((not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) and uri != "databricks")
                   or uri.startswith("file:"))
     if env_given and file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() \
@@ -247,6 +265,8 @@ def configure(mlruns: str | Path | None = None) -> str:
                    else password_masked(first, uri))
         raise TrackingError(f"cannot open the MLflow tracking store {redacted(uri)}: "
                             f"{problem}; {hint}") from None
+    if mlruns is not None:  # what mlruns=None means from now on in this process
+        _state.folder = mlruns_dir(mlruns)
     if ("configured", uri) not in _state.warned:
         _state.warned.add(("configured", uri))
         logger.info("MLflow tracking store: %s", redacted(uri))
