@@ -1,7 +1,7 @@
 """Scoring images by exact likelihood with a model: batches of images, whole datasets, and
 the decisions a calibration makes of their scores.
 
-Scores, higher always more anomalous (PRODUCT.md "Scores"):
+Scores, higher always more anomalous (the README's "Scores" defines each):
 
 - ``bpd``: bits per dimension of the quantised image, deterministic (bin centres).
 - ``complexity``: ``bpd`` minus the length of the losslessly PNG-compressed quantised
@@ -34,6 +34,14 @@ host turns a batch into table rows.
 A batch that does not fit in memory raises :class:`BatchOutOfMemory`, whose message names
 the batch size to lower it to. Scoring a whole folder into a table, resumably, is
 :mod:`anomaly_flow.folder_scoring`.
+
+Which call gives what: :func:`score_images` scores uint8 tensors the model's size and
+gives the model's own scores (``bpd``, the level bits, ``typicality``, ``knn``,
+``pixel_knn``), not those that need each image's PNG length (``complexity``,
+``coarse_complexity``, ``ensemble``); :func:`score_dataset` over a
+:class:`ScoringDataset` of paths or encoded bytes gives every score, and
+:func:`apply_calibration` then adds ``score``, ``p_value`` and ``is_anomaly``, as
+``score`` and the served model do.
 
 Example:
     >>> model = Glow.load("my-model")  # doctest: +SKIP

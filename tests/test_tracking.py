@@ -854,6 +854,20 @@ def test_the_readmes_python_api_runs(trained: TrainedModel, image_dirs: ImageDir
     parts = names["parts"]
     torch.testing.assert_close(parts.bpd, 8 + parts.level_bits.sum(dim=1))
 
+    # the next example: every column of images in memory, as `score` wrote them above
+    after = readme[code.end():]
+    every = re.search(r"```python\n(.*?)```", after, re.DOTALL)
+    assert every is not None and "paths_or_png_bytes" in every.group(1)
+    files = image_dirs.files(image_dirs.test_normal)
+    names["paths_or_png_bytes"] = [path.read_bytes() for path in files]
+    exec(compile(every.group(1), "README.md", "exec"), names)
+    written = pd.read_csv(tmp_path / "scores.csv")
+    assert written["path"].tolist() == [str(path) for path in files]
+    columns = [c for c in written.columns if c not in ("path", "error")]
+    in_memory = names["table"][columns].astype({"is_anomaly": float})  # NA as CSV reads it
+    pd.testing.assert_frame_equal(in_memory.reset_index(drop=True), written[columns],
+                                  check_exact=True, check_dtype=False)
+
 
 def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="holds no model"):
