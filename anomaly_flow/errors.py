@@ -7,6 +7,7 @@ never imported cannot have been raised).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -134,15 +135,16 @@ def store_mark() -> tuple[int, int, int]:
     return store.stop_mark() if store is not None else (0, 0, 0)
 
 
-def command_started() -> tuple[int, int, int]:
-    """What a command (``anomaly-flow ...``, a pipeline script) does first, also when it
-    runs inside a Python process: :func:`store_mark`, and ``./mlruns`` as the store when
-    it is given no ``--mlruns`` whatever folder an earlier call gave
-    :func:`anomaly_flow.tracking.configure`."""
+@contextmanager
+def command_scope() -> Iterator[tuple[int, int, int]]:
+    """Around a command (``anomaly-flow ...``, a pipeline script), also one run inside a
+    Python process: yields :func:`store_mark`; while it runs, ``./mlruns`` is the store
+    when it is given no ``--mlruns``, whatever folder the caller gave
+    :func:`anomaly_flow.tracking.configure`, which is back after it
+    (:func:`~anomaly_flow.tracking.store.own_store_folder`)."""
     store = sys.modules.get("anomaly_flow.tracking.store")
-    if store is not None:
-        store.forget_configured_folder()
-    return store_mark()
+    with store.own_store_folder() if store is not None else contextlib.nullcontext():
+        yield store_mark()
 
 
 def describe_failure(error: BaseException, mark: tuple[int, int, int]) -> str:

@@ -279,23 +279,27 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
     previous = _previous_rows(out, score_names(model), files, root) if resume else None
     if previous is not None:
         _check_same_scores(model, previous, files, out, precision)
-    earlier: _EarlierHeatmaps | None = None
-    if heatmaps is not None and previous is not None:
-        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous)
-        previous = _redraw_missing(previous, earlier, keys, paths, root, out, Path(heatmaps))
     done = previous.index if previous is not None else pd.Index([], dtype="string")
-    todo = [i for i, key in enumerate(keys) if key not in done]
+    new = [i for i, key in enumerate(keys) if key not in done]
+    earlier: _EarlierHeatmaps | None = None
+    redraw: list[int] = []  # kept rows scored again to draw their heatmaps (kept till then)
+    if heatmaps is not None:
+        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous)
+        redraw = _without_heatmaps(previous, earlier, keys, out, Path(heatmaps))
+    todo = sorted(new + redraw)
     if previous is not None:
-        logger.info("resuming: %d of %d files already in %s, scoring %d", len(previous),
-                    len(keys), display_path(out), len(todo))
+        logger.info("resuming: %d of %d files already in %s, scoring %d%s", len(previous),
+                    len(keys), display_path(out), len(new),
+                    f" (and {len(redraw)} again, to draw their heatmaps)" if redraw else "")
     elif out.exists():
         logger.warning("replacing the earlier output %s (resuming, --resume, would keep its rows)",
                        display_path(out))
-    _warn_conversion(model, root, [paths[i] for i in todo], only_new=len(todo) < len(keys))
+    _warn_conversion(model, root, [paths[i] for i in new], only_new=len(new) < len(keys))
 
     writer = None
     if heatmaps is not None:
-        writer = _heatmap_writer(heatmaps, root, paths, todo, earlier, maps, config)
+        assert earlier is not None  # found with the heatmaps above
+        writer = _heatmap_writer(heatmaps, todo, earlier, maps, config)
 
     def write(table: pd.DataFrame) -> None:
         write_or_keep(table, out, modified_ns=started_ns)
@@ -324,16 +328,16 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
         kept = ""
         if rows.frames:
             interrupted = isinstance(stop, KeyboardInterrupt)
+            so_far = rows.table()
             try:
-                write(rows.table())
+                write(so_far)
             except Exception as failed:
                 if interrupted:
                     raise
                 logger.warning("could not keep the %d rows scored before the error in %s "
                                "either: %s", rows.n_new, display_path(out), failed)
                 raise stop from failed  # the stop first; what the write met, as its cause
-            kept = (f"{rows.n_new + len(done)} of {len(keys)} files are in "
-                    f"{display_path(out)}")
+            kept = f"{len(so_far)} of {len(keys)} files are in {display_path(out)}"
             if ran_out is None:  # the error below says it all
                 logger.warning(
                     "%s: %s%s", "interrupted" if interrupted else "stopped by an error", kept,
@@ -366,7 +370,7 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
         n_failed=int(failed.sum()),
         n_anomalous=None if calibration is None else int(table["is_anomaly"].fillna(False).sum()),
         out=out,
-        n_resumed=len(done),
+        n_resumed=len(done) - len(redraw),
         heatmaps=None if heatmaps is None else Path(heatmaps),
         n_heatmaps=0 if writer is None else writer.n_written,
         heatmap_failures=(0, None) if writer is None else (writer.n_failed,
@@ -422,13 +426,19 @@ class _Rows:
         return sum(map(len, self.frames))
 
     def table(self) -> pd.DataFrame:
-        """The table so far."""
-        pieces = list(self.parts)
+        """The table so far: a kept row scored again (to draw its heatmap) is there once,
+        as kept until its new row comes."""
+        pieces = []
         for frame in self.frames:
             rows = frame.index.to_numpy()
             frame = frame.copy()
             frame.insert(0, "path", self.todo_keys[rows])
             pieces.append((frame, self.todo_positions[rows]))
+        if self.parts:
+            kept, at = self.parts[0]
+            new_at = np.concatenate([at for _, at in pieces]) if pieces else at[:0]
+            still = ~np.isin(at, new_at)
+            pieces.insert(0, (kept[still], at[still]))
         pieces = [(frame, at) for frame, at in pieces if len(frame)]
         columns = self.columns
         if pieces:
@@ -470,25 +480,20 @@ def _warn_conversion(model: Glow, root: Path, paths: Sequence[Path], *,
         logger.warning("%s: %s", where, note)
 
 
-def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequence[Path],
-                    todo: Sequence[int], earlier: _EarlierHeatmaps | None,
-                    maps: HeatmapKind, config: GlowConfig) -> HeatmapWriter:
+def _heatmap_writer(heatmaps: str | os.PathLike[str], todo: Sequence[int],
+                    earlier: _EarlierHeatmaps, maps: HeatmapKind,
+                    config: GlowConfig) -> HeatmapWriter:
     """The writer of this run's heatmaps (``maps``) under ``heatmaps``: one for each file
-    of ``paths`` (found under ``root``) whose index is in ``todo``, for a model of
-    ``config`` (its ``n_bits`` tops the scale, its ``resize`` says how to put each
-    heatmap back in its file's shape). On resuming (``earlier``: the heatmaps the kept
-    files have), it says which kept files keep a heatmap under another name, and whether
-    the kept ones draw another map. Removes the unfinished heatmaps a killed run left."""
+    whose index is in ``todo``, for a model of ``config`` (its ``n_bits`` tops the scale,
+    its ``resize`` says how to put each heatmap back in its file's shape). On resuming
+    (``earlier``: the heatmaps the kept files have), it says which kept files keep a
+    heatmap under another name, and whether the kept ones draw another map. Removes the
+    unfinished heatmaps a killed run left."""
     from anomaly_flow.heatmap import TYPICALITY_VMAX, HeatmapWriter, resumed_names
 
-    scored_folder = _scored_folder(root)
-    relative = [path.relative_to(root) for path in paths]
-    sources = [display_path(path) for path in relative]
-    if earlier is None:
-        earlier = _EarlierHeatmaps(_every_name(relative), {}, set(), [])
-    every_name, held = earlier.every_name, earlier.held
+    every_name, held, sources = earlier.every_name, earlier.held, earlier.sources
     names = resumed_names(every_name, held, todo)
-    _check_heatmaps_own(Path(heatmaps), names, scored_folder)
+    _check_heatmaps_own(Path(heatmaps), names, earlier.scored_folder)
     renamed = [i for i in earlier.kept if i in held and held[i] != every_name[i]]
     if renamed:
         logger.warning(
@@ -510,28 +515,13 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], root: Path, paths: Sequenc
                        " and ".join(other_kinds), maps, maps)
     vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
     writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
-                           sources=[sources[i] for i in todo], scored_folder=scored_folder,
-                           resize=config.resize)
+                           sources=[sources[i] for i in todo],
+                           scored_folder=earlier.scored_folder, resize=config.resize)
     removed = writer.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
                     removed, display_path(heatmaps))
     return writer
-
-
-def _scored_folder(root: Path) -> str:
-    """The folder ``root`` itself, by whatever path it was reached (a symlink, another
-    mount), as heatmaps record it."""
-    return display_path(os.path.normcase(os.path.realpath(root)))
-
-
-def _every_name(relative: Sequence[Path]) -> list[Path]:
-    """Each file's heatmap name, named over every file, so a file scored now gets the
-    name an uninterrupted run gives it, and never the name of a kept file's heatmap
-    (x.bmp added beside an earlier x.png)."""
-    from anomaly_flow.heatmap import heatmap_names
-
-    return heatmap_names(relative)
 
 
 def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str) -> None:
@@ -556,15 +546,24 @@ def _check_heatmaps_own(folder: Path, names: Sequence[Path], scored_folder: str)
 
 
 class _EarlierHeatmaps(NamedTuple):
-    """What a resumed run with heatmaps finds of the earlier runs' (by file index).
+    """The heatmaps of a run's files: what they are called, and what earlier runs drew.
 
     Attributes:
-        every_name: Each file's heatmap name in a run over the folder as it is now.
-        held: The heatmap an earlier run drew of a file, relative to the heatmap folder.
+        scored_folder: The scored folder itself, by whatever path it was reached (a
+            symlink, another mount), as heatmaps record it.
+        sources: Each file's path under the scored folder, as heatmaps record it.
+        every_name: Each file's heatmap name in a run over the folder as it is now (named
+            over every file, so a file scored now gets the name an uninterrupted run
+            gives it, and never the name of a kept file's heatmap: x.bmp added beside an
+            earlier x.png).
+        held: By file index, the heatmap an earlier run drew of the file, relative to the
+            heatmap folder.
         kinds: What the kept files' recorded heatmaps draw (``bpd``, ``typicality``).
         kept: The files whose rows the run keeps.
     """
 
+    scored_folder: str
+    sources: list[str]
     every_name: list[Path]
     held: dict[int, Path]
     kinds: set[str]
@@ -572,19 +571,21 @@ class _EarlierHeatmaps(NamedTuple):
 
 
 def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Sequence[str],
-                      previous: pd.DataFrame) -> _EarlierHeatmaps:
-    """For a resumed run: the heatmap an earlier run drew of each file of ``paths``
-    (found under ``root``, their rows' paths ``keys``; ``previous`` the rows kept) under
-    ``folder``, by the source (and the scored folder) each heatmap records. For a kept
-    file whose heatmap, from a version that recorded neither, sits under the file's
-    name now or its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap
+                      previous: pd.DataFrame | None) -> _EarlierHeatmaps:
+    """The heatmaps under ``folder`` of the files ``paths`` (found under ``root``, their
+    rows' paths ``keys``; ``previous``: the rows a resumed run keeps, or None). An earlier
+    run's heatmap of a file is found by the source (and the scored folder) it records;
+    for a kept file whose heatmap, from a version that recorded neither, sits under the
+    file's name now or its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap
     claims it, that."""
-    from anomaly_flow.heatmap import heatmap_mark, recorded_heatmaps
+    from anomaly_flow.heatmap import heatmap_mark, heatmap_names, recorded_heatmaps
 
-    scored_folder = _scored_folder(root)
+    scored_folder = display_path(os.path.normcase(os.path.realpath(root)))
     relative = [path.relative_to(root) for path in paths]
     sources = [display_path(path) for path in relative]
-    every_name = _every_name(relative)
+    every_name = heatmap_names(relative)
+    if previous is None:
+        return _EarlierHeatmaps(scored_folder, sources, every_name, {}, set(), [])
     kept = [i for i, key in enumerate(keys) if key in previous.index]
     recorded = recorded_heatmaps(folder, scored_folder)
     held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
@@ -602,23 +603,24 @@ def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Seq
                 held[i] = name
                 claimed.add(name)
                 break
-    return _EarlierHeatmaps(every_name, held, kinds, kept)
+    return _EarlierHeatmaps(scored_folder, sources, every_name, held, kinds, kept)
 
 
-def _redraw_missing(previous: pd.DataFrame, earlier: _EarlierHeatmaps, keys: Sequence[str],
-                    paths: Sequence[Path], root: Path, out: Path,
-                    heatmaps: Path) -> pd.DataFrame:
-    """``previous`` without the scored rows of kept files that have no heatmap (an
-    earlier run without ``heatmaps``, one whose heatmaps met a full disk, heatmaps
-    deleted since): they are scored again, to draw them."""
-    missing = [i for i in earlier.kept if previous.at[keys[i], "error"] == ""
-               and i not in earlier.held]
-    if not missing:
-        return previous
-    logger.info("%d file(s) kept from %s have no heatmap under %s (e.g. %s); scoring them "
-                "again to draw them", len(missing), display_path(out), display_path(heatmaps),
-                one_line(display_path(paths[missing[0]].relative_to(root))))
-    return previous.drop(index=[keys[i] for i in missing])
+def _without_heatmaps(previous: pd.DataFrame | None, earlier: _EarlierHeatmaps,
+                      keys: Sequence[str], out: Path, heatmaps: Path) -> list[int]:
+    """The kept files (indices into ``keys``) whose scored rows in ``previous`` have no
+    heatmap (an earlier run without ``heatmaps``, one whose heatmaps met a full disk,
+    heatmaps deleted since): scored again to draw them, their rows kept until then."""
+    if previous is None:
+        return []
+    scored = (previous["error"] == "").reindex([keys[i] for i in earlier.kept]).to_numpy()
+    missing = [i for i, ok in zip(earlier.kept, scored, strict=True)
+               if ok and i not in earlier.held]
+    if missing:
+        logger.info("%d file(s) kept from %s have no heatmap under %s (e.g. %s); scoring "
+                    "them again to draw them", len(missing), display_path(out),
+                    display_path(heatmaps), one_line(earlier.sources[missing[0]]))
+    return missing
 
 
 def _resolve_heatmap_kind(kind: str, model: Glow, calibration: Any | None) -> HeatmapKind:

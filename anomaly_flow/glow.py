@@ -277,10 +277,12 @@ def _check_flow_range(x: Tensor, method: str) -> None:
     pixels (0-1 or 0-255 floats) would get a bits/dim that looks plausible, or inf."""
     if not x.numel():
         return
-    low, high = (float(v) for v in torch.aminmax(x.detach()))
-    if not (low >= -0.5 and high < 0.5):
+    low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # one read of the device
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{method} takes flow inputs in [-0.5, 0.5]; these hold NaN")
+    if not (low >= -0.5 and high <= 0.5):  # noise of 1 - 2**-24 rounds up to 0.5
         raise ValueError(
-            f"{method} takes flow inputs in [-0.5, 0.5), as preprocess(images, n_bits) gives "
+            f"{method} takes flow inputs in [-0.5, 0.5], as preprocess(images, n_bits) gives "
             f"them; these run from {low:g} to {high:g} (raw pixels?): pass uint8 images "
             "through preprocess first")
 
@@ -295,7 +297,8 @@ def preprocess(images: Tensor, n_bits: int, noise: Tensor | None = None) -> Tens
             value at the centre of its bin (deterministic scoring).
 
     Returns:
-        ``(B, C, H, W)`` float32 in [-0.5, 0.5).
+        ``(B, C, H, W)`` float32 in [-0.5, 0.5) (0.5 itself where ``noise`` within
+        2**-17 of 1 meets a top bin: float32 rounds it up).
 
     Raises:
         TypeError: ``images`` are floats: their scale (0-1 or 0-255) cannot be told from
@@ -456,7 +459,7 @@ class Glow(nn.Module):
                 replace what its ActNorm layers learned.
         """
         self.check_input(x)
-        if any(bool(step.actnorm.initialized) for lvl in self.levels for step in lvl.steps):
+        if self.initialized:  # one partly initialised (a failed first try) may go again
             raise ValueError(
                 "the model is already initialised (trained, or loaded with its weights): "
                 "initialising it again would replace what its ActNorm layers learned and "

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from anomaly_flow.errors import command_started, describe_failure, user_error_types
+from anomaly_flow.errors import command_scope, describe_failure, user_error_types
 from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
@@ -222,20 +222,20 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
-        mark = command_started()
-        try:
-            with sigterm_as_interrupt(hold_after_stop=True):
-                return main(argv)
-        except Exception as error:
-            if not isinstance(error, user_error_types()):
-                raise
-            print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as stop:
-            store = sys.modules.get("anomaly_flow.tracking.store")  # not loaded: no run yet
-            advice = ("(before it started an MLflow run); run the same command again"
-                      if store is None else store.stop_advice(mark))
-            print(f"interrupted {advice}", file=sys.stderr)
-            return interrupt_exit_code(stop)
+        with command_scope() as mark:
+            try:
+                with sigterm_as_interrupt(hold_after_stop=True):
+                    return main(argv)
+            except Exception as error:
+                if not isinstance(error, user_error_types()):
+                    raise
+                print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt as stop:
+                store = sys.modules.get("anomaly_flow.tracking.store")  # not loaded: no run
+                advice = ("(before it started an MLflow run); run the same command again"
+                          if store is None else store.stop_advice(mark))
+                print(f"interrupted {advice}", file=sys.stderr)
+                return interrupt_exit_code(stop)
 
     return run

@@ -382,8 +382,8 @@ class BatchScores:
 
 def score_images(model: Glow, images: torch.Tensor, pixel_maps: bool = False,
                  precision: Precision = "float32") -> BatchScores:
-    """Score uint8 images ``(B, C, H, W)`` (already on the model's device; a numpy array
-    is taken as it is, on the CPU).
+    """Score uint8 images ``(B, C, H, W)`` (a tensor already on the model's device, or a
+    numpy array).
 
     ``precision`` is ``float32`` (exact), ``tf32`` or ``bf16``; see :func:`numerics`.
 
@@ -414,8 +414,8 @@ def _checked_images(model: Glow, images: Any) -> torch.Tensor:
         hint = ("; pass its .model (and its .calibration to apply_calibration or "
                 "score_folder)" if isinstance(inner, Glow) else "")
         raise TypeError(f"score_images takes a Glow, not a {type(model).__name__}{hint}")
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+    if isinstance(images, np.ndarray):  # a copy: flipped (BGR to RGB) or read-only too
+        images = torch.from_numpy(np.array(images, order="C")).to(model.device)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"score_images takes uint8 pixels as a torch.Tensor or numpy array "
                         f"(B, C, H, W), not a {type(images).__name__}")

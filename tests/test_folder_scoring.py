@@ -973,6 +973,35 @@ def test_resume_with_heatmaps_draws_those_the_kept_files_lack(
     pd.testing.assert_frame_equal(read_csv(out), read_csv(whole), check_exact=True)
 
 
+def test_a_redraw_stopped_half_way_keeps_every_row(
+        model: Glow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept rows scored again to draw their heatmaps stay in the table until their new
+    rows come: a stop half way left the table with the rows scored so far alone."""
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
+    write_image_folder(sample_images(12), folder, "x-")
+    score_folder(model, None, folder, out)  # no heatmaps
+    whole = read_csv(out)
+    real_launch, launches = scoring._launch, 0
+
+    def stop_at_the_third(*args: Any, **kwargs: Any) -> Any:
+        nonlocal launches
+        launches += 1
+        if launches == 3:
+            raise KeyboardInterrupt
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_launch", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        score_folder(model, None, folder, out, heatmaps=heat, resume=True, batch_size=4,
+                     flush_every_s=0.0)
+    pd.testing.assert_frame_equal(read_csv(out), whole, check_exact=True)
+    assert len(list(heat.iterdir())) < 12  # stopped before the last was drawn
+    monkeypatch.setattr(scoring, "_launch", real_launch)
+    summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_files == 12 and len(list(heat.iterdir())) == 12
+    pd.testing.assert_frame_equal(read_csv(out), whole, check_exact=True)
+
+
 def test_resume_warns_when_its_heatmaps_would_mix_two_scales(
         model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"

@@ -935,13 +935,24 @@ def test_raw_pixels_and_a_second_initialisation_are_refused() -> None:
         raw[0, 0, 0, :2] = torch.tensor([0.0, top])  # both ends of the range present
         shown = f"from 0 to {top}"
         for method in (model.bpd, model.breakdown):
-            with pytest.raises(ValueError, match=rf"takes flow inputs in \[-0\.5, 0\.5\), as "
+            with pytest.raises(ValueError, match=rf"takes flow inputs in \[-0\.5, 0\.5\], as "
                                                  rf"preprocess\(images, n_bits\) gives them; "
                                                  rf"these run {shown} \(raw pixels\?\)"):
                 method(raw)
+    with pytest.raises(ValueError, match="these hold NaN"):
+        model.bpd(torch.full_like(good, float("nan")))
+    # preprocess's noise just below 1 rounds a white pixel to 0.5 in float32: taken
+    top = preprocess(torch.full_like(pixels, 255), n_bits=8,
+                     noise=torch.full(pixels.shape, 1 - 2**-24))
+    assert top.max().item() == 0.5
+    assert torch.isfinite(model.bpd(top)).all()
     with pytest.raises(ValueError, match="the model is already initialised"):
         model.initialize(preprocess(torch.zeros_like(pixels), n_bits=8))
     torch.testing.assert_close(model.bpd(good), before, rtol=0, atol=0)
+    fresh = Glow(model.config)  # a first try stopped part way (out of memory) may go again
+    fresh.levels[0].steps[0].actnorm.initialized.fill_(True)
+    fresh.initialize(good)
+    assert fresh.initialized
 
 
 def test_a_narrower_model_under_autocast_takes_preprocess_output() -> None:

@@ -347,6 +347,25 @@ def test_the_store_configure_was_given_is_the_one_later_calls_use(
     assert result.exit_code == 1
     assert f"there is no MLflow store at {work / 'mlruns' / 'mlflow.db'}" in result.output
     assert list(work.iterdir()) == []
+    # and after the command, the store configured before it again
+    assert tracking.load_model("models:/kept/1", device="cpu").version == "1"
+    assert tracking.mlruns_dir() == store
+    assert list(work.iterdir()) == []
+
+
+def test_a_store_that_fails_to_open_leaves_the_one_configured_before(
+        tmp_path: Path, mlflow_db_template: Path) -> None:
+    """MLflow's URI pointed at the broken store while the checkpoints' folder stayed at
+    the one before: plain MLflow calls then read the broken one."""
+    good = new_store(tmp_path / "good", mlflow_db_template)
+    tracking.configure(good)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "mlflow.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(tracking.TrackingError, match="damaged or not an MLflow database"):
+        tracking.configure(broken)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{good / 'mlflow.db'}"
+    assert tracking.mlruns_dir() == good
 
 
 def test_a_server_that_takes_the_connection_but_never_answers_is_said_so(

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import click
 
 from anomaly_flow.errors import (
-    command_started,
+    command_scope,
     describe_failure,
     peer_lost,
     told_nearby,
@@ -156,19 +156,19 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        mark = command_started()
-        try:
-            return func(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except Exception as exc:
-            if told_nearby(exc):  # under torchrun, local rank 0 says the same
-                raise click.exceptions.Exit(1) from None
-            if isinstance(exc, user_error_types()):
-                raise click.ClickException(describe_failure(exc, mark)) from None
-            if (lost := peer_lost(exc)) is not None:
-                raise click.ClickException(lost) from None
-            raise
+        with command_scope() as mark:
+            try:
+                return func(*args, **kwargs)
+            except click.ClickException:
+                raise
+            except Exception as exc:
+                if told_nearby(exc):  # under torchrun, local rank 0 says the same
+                    raise click.exceptions.Exit(1) from None
+                if isinstance(exc, user_error_types()):
+                    raise click.ClickException(describe_failure(exc, mark)) from None
+                if (lost := peer_lost(exc)) is not None:
+                    raise click.ClickException(lost) from None
+                raise
 
     return wrapper  # type: ignore[return-value]
 

@@ -89,6 +89,22 @@ def mlruns_dir(mlruns: str | Path | None = None) -> Path:
     return Path(mlruns).expanduser().absolute()
 
 
+@contextlib.contextmanager
+def own_store_folder() -> Iterator[None]:
+    """While a command (``anomaly-flow ...``, a pipeline script) runs inside a Python
+    process: ``mlruns=None`` means ``./mlruns``, whatever folder the caller gave
+    :func:`configure`; after it the caller's store is back, MLflow's URIs too."""
+    saved = (_state.uri, _state.artifact_root, _state.default_store, _state.folder)
+    _state.folder = None
+    try:
+        yield
+    finally:
+        if saved[3] is not None:  # the caller configured a folder: its store, as it was
+            _state.uri, _state.artifact_root, _state.default_store, _state.folder = saved
+            if saved[0] is not None:
+                _point_mlflow(saved[0])
+
+
 def forget_configured_folder() -> None:
     """``mlruns=None`` means ``./mlruns`` again, whatever :func:`configure` was given: a
     command (``anomaly-flow ...``, a pipeline script) run inside a Python process starts
@@ -230,6 +246,28 @@ def configure(mlruns: str | Path | None = None) -> str:
         except OSError as exc:
             raise TrackingError(f"cannot create the MLflow store folder {folder}: "
                                 f"{exc.strerror or exc}; pass a writable --mlruns DIR") from None
+    before = (_state.uri, _state.artifact_root, _state.default_store)
+    _point_mlflow(uri)
+    _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given
+    try:
+        _open_or_say_why(uri, sqlite_db, artifact_root, env_given)
+    except BaseException:  # the store configured before stays the one in use
+        _state.uri, _state.artifact_root, _state.default_store = before
+        if before[0] is not None:
+            _point_mlflow(before[0])
+        raise
+    if mlruns is not None:  # what mlruns=None means from now on in this process
+        _state.folder = mlruns_dir(mlruns)
+    if ("configured", uri) not in _state.warned:
+        _state.warned.add(("configured", uri))
+        logger.info("MLflow tracking store: %s", redacted(uri))
+    return uri
+
+
+def _point_mlflow(uri: str) -> None:
+    """Point MLflow's tracking and registry at ``uri``. MLflow's own ``set_tracking_uri``
+    exports the URI to the environment; that is undone, so ``MLFLOW_TRACKING_URI`` keeps
+    meaning only what the user set."""
     saved = {name: os.environ.get(name) for name in (TRACKING_ENV, REGISTRY_ENV)}
     try:
         mlflow.set_tracking_uri(uri)
@@ -240,7 +278,15 @@ def configure(mlruns: str | Path | None = None) -> str:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given
+
+
+def _open_or_say_why(uri: str, sqlite_db: Path | None, artifact_root: Path | None,
+                     env_given: bool) -> None:
+    """Open the store :func:`configure` points at (creating a new one's tables).
+
+    Raises:
+        TrackingError: It cannot be opened, with what to do about it.
+    """
     if sqlite_db is not None and (problem := _sqlite_place_problem(sqlite_db, env_given)):
         raise TrackingError(f"cannot open the MLflow tracking store {uri}: {problem}")
     try:
@@ -265,12 +311,6 @@ def configure(mlruns: str | Path | None = None) -> str:
                    else password_masked(first, uri))
         raise TrackingError(f"cannot open the MLflow tracking store {redacted(uri)}: "
                             f"{problem}; {hint}") from None
-    if mlruns is not None:  # what mlruns=None means from now on in this process
-        _state.folder = mlruns_dir(mlruns)
-    if ("configured", uri) not in _state.warned:
-        _state.warned.add(("configured", uri))
-        logger.info("MLflow tracking store: %s", redacted(uri))
-    return uri
 
 
 _DAMAGED_DATABASE = re.compile(r"file is not a database|database disk image is malformed")
