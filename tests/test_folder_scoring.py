@@ -342,6 +342,24 @@ def test_rows_the_output_folder_refuses_are_kept_elsewhere(
 # --------------------------------------------------------------------------- stops and resuming
 
 
+def stop_at_launch(monkeypatch: pytest.MonkeyPatch, n: int,
+                   stop: type[BaseException]) -> Callable[..., Any]:
+    """Make scoring's ``n``-th batch launch raise ``stop`` (Ctrl-C, an error no one
+    expected); returns the real launch, to put back."""
+    launches = 0
+    real_launch = scoring._launch
+
+    def launch_then_stop(*args: object, **kwargs: object) -> object:
+        nonlocal launches
+        launches += 1
+        if launches == n:
+            raise stop
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_launch", launch_then_stop)
+    return real_launch
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError])
 def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
                                                full_table: pd.DataFrame, tmp_path: Path,
@@ -350,17 +368,7 @@ def test_an_interrupted_run_writes_what_it_has(model: Glow, messy: Path,
                                                stop: type[BaseException]) -> None:
     """Ctrl-C (or SIGTERM, through the CLI), or an error no one expected (out of memory
     on the device), mid-run: the rows scored so far are kept for --resume."""
-    launches = 0
-    real_launch = scoring._launch
-
-    def launch_then_stop(*args: object, **kwargs: object) -> object:
-        nonlocal launches
-        launches += 1
-        if launches == 4:
-            raise stop
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "_launch", launch_then_stop)
+    real_launch = stop_at_launch(monkeypatch, 4, stop)
     out = tmp_path / "scores.csv"
     with pytest.raises(stop), caplog.at_level(logging.WARNING):
         score_folder(model, None, messy, out, batch_size=3, flush_every_s=float("inf"))
@@ -981,16 +989,7 @@ def test_a_redraw_stopped_half_way_keeps_every_row(
     write_image_folder(sample_images(12), folder, "x-")
     score_folder(model, None, folder, out)  # no heatmaps
     whole = read_csv(out)
-    real_launch, launches = scoring._launch, 0
-
-    def stop_at_the_third(*args: Any, **kwargs: Any) -> Any:
-        nonlocal launches
-        launches += 1
-        if launches == 3:
-            raise KeyboardInterrupt
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "_launch", stop_at_the_third)
+    real_launch = stop_at_launch(monkeypatch, 3, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         score_folder(model, None, folder, out, heatmaps=heat, resume=True, batch_size=4,
                      flush_every_s=0.0)
