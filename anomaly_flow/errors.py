@@ -7,12 +7,11 @@ never imported cannot have been raised).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("anomaly_flow.config", "ConfigError"),
@@ -143,7 +142,7 @@ def command_scope() -> Iterator[tuple[int, int, int]]:
     :func:`anomaly_flow.tracking.configure`, which is back after it
     (:func:`~anomaly_flow.tracking.store.own_store_folder`)."""
     store = sys.modules.get("anomaly_flow.tracking.store")
-    with store.own_store_folder() if store is not None else contextlib.nullcontext():
+    with store.own_store_folder() if store is not None else nullcontext():
         yield store_mark()
 
 

@@ -410,11 +410,11 @@ class _Rows:
         self.todo_positions = np.asarray(todo, dtype=np.int64)  # each todo item's place in `keys`
         self.frames: list[pd.DataFrame] = []
         # Rows go out in `keys` order; the earlier rows' places are looked up once.
-        self.parts: list[tuple[pd.DataFrame, np.ndarray]] = []
+        self.kept: tuple[pd.DataFrame, np.ndarray] | None = None
         if previous is not None and len(previous):
             place = {key: i for i, key in enumerate(keys)}
-            self.parts.append((previous.reset_index(), np.fromiter(
-                (place[k] for k in previous.index), np.int64, len(previous))))
+            self.kept = (previous.reset_index(), np.fromiter(
+                (place[k] for k in previous.index), np.int64, len(previous)))
 
     def add(self, frame: pd.DataFrame) -> None:
         """A batch's rows (:func:`~anomaly_flow.scoring.score_dataset`'s ``on_batch``)."""
@@ -434,8 +434,8 @@ class _Rows:
             frame = frame.copy()
             frame.insert(0, "path", self.todo_keys[rows])
             pieces.append((frame, self.todo_positions[rows]))
-        if self.parts:
-            kept, at = self.parts[0]
+        if self.kept is not None:
+            kept, at = self.kept
             new_at = np.concatenate([at for _, at in pieces]) if pieces else at[:0]
             still = ~np.isin(at, new_at)
             pieces.insert(0, (kept[still], at[still]))

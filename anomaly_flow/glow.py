@@ -273,8 +273,9 @@ class LikelihoodBreakdown:
 
 
 def _check_flow_range(x: Tensor, method: str) -> None:
-    """Refuse flow inputs outside [-0.5, 0.5), where :func:`preprocess` puts images: raw
-    pixels (0-1 or 0-255 floats) would get a bits/dim that looks plausible, or inf."""
+    """Refuse flow inputs outside [-0.5, 0.5], where :func:`preprocess` puts images (0.5
+    only by float32 rounding), and NaN: raw pixels (0-1 or 0-255 floats) would get a
+    bits/dim that looks plausible, or inf."""
     if not x.numel():
         return
     low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # one read of the device

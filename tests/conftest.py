@@ -34,6 +34,7 @@ process that kills itself), and the ``ImageDirs`` and ``TrainedModel`` types.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -127,12 +128,12 @@ def full_table(model: Glow, messy: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(autouse=True)
-def _store_folder_of_the_test() -> None:
+def _store_folder_of_the_test() -> Iterator[None]:
     """Each test starts with ``mlruns=None`` meaning ``./mlruns``, whatever folder an
-    earlier test (or a module's fixture) gave ``tracking.configure``."""
+    earlier test (or a module's fixture) gave ``tracking.configure``, as a command does."""
     store = sys.modules.get("anomaly_flow.tracking.store")
-    if store is not None:
-        store.forget_configured_folder()
+    with store.own_store_folder() if store is not None else contextlib.nullcontext():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

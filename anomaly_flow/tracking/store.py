@@ -94,22 +94,26 @@ def own_store_folder() -> Iterator[None]:
     """While a command (``anomaly-flow ...``, a pipeline script) runs inside a Python
     process: ``mlruns=None`` means ``./mlruns``, whatever folder the caller gave
     :func:`configure`; after it the caller's store is back, MLflow's URIs too."""
-    saved = (_state.uri, _state.artifact_root, _state.default_store, _state.folder)
+    saved = _configuration()
     _state.folder = None
     try:
         yield
     finally:
         if saved[3] is not None:  # the caller configured a folder: its store, as it was
-            _state.uri, _state.artifact_root, _state.default_store, _state.folder = saved
-            if saved[0] is not None:
-                _point_mlflow(saved[0])
+            _restore(saved)
 
 
-def forget_configured_folder() -> None:
-    """``mlruns=None`` means ``./mlruns`` again, whatever :func:`configure` was given: a
-    command (``anomaly-flow ...``, a pipeline script) run inside a Python process starts
-    from its own options, not from an earlier call's store."""
-    _state.folder = None
+def _configuration() -> tuple[str | None, Path | None, bool, Path | None]:
+    """What :func:`configure` set: the URI, artifact root, whether it is the default
+    store, and the folder ``mlruns=None`` means."""
+    return _state.uri, _state.artifact_root, _state.default_store, _state.folder
+
+
+def _restore(saved: tuple[str | None, Path | None, bool, Path | None]) -> None:
+    """Put back a :func:`_configuration`, MLflow's URIs with it."""
+    _state.uri, _state.artifact_root, _state.default_store, _state.folder = saved
+    if saved[0] is not None:
+        _point_mlflow(saved[0])
 
 
 def default_tracking_uri(mlruns: str | Path | None = None) -> str:
@@ -246,15 +250,13 @@ def configure(mlruns: str | Path | None = None) -> str:
         except OSError as exc:
             raise TrackingError(f"cannot create the MLflow store folder {folder}: "
                                 f"{exc.strerror or exc}; pass a writable --mlruns DIR") from None
-    before = (_state.uri, _state.artifact_root, _state.default_store)
+    before = _configuration()
     _point_mlflow(uri)
     _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given
     try:
         _open_or_say_why(uri, sqlite_db, artifact_root, env_given)
     except BaseException:  # the store configured before stays the one in use
-        _state.uri, _state.artifact_root, _state.default_store = before
-        if before[0] is not None:
-            _point_mlflow(before[0])
+        _restore(before)
         raise
     if mlruns is not None:  # what mlruns=None means from now on in this process
         _state.folder = mlruns_dir(mlruns)
