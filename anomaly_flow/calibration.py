@@ -75,6 +75,7 @@ from __future__ import annotations
 import decimal
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -698,6 +699,10 @@ class Calibration:
             (:func:`~anomaly_flow.detection.select_score`), or
             None when it was named by the user (and in calibrations stored before
             selection existed).
+        model_digest: :meth:`~anomaly_flow.glow.Glow.weights_digest` of the model whose
+            scores these are, or None when not known (a calibration fitted from bare
+            scores and not yet logged with its model). Logging a model with its
+            calibration records it; loading the pair checks it.
     """
 
     score_name: str
@@ -705,6 +710,7 @@ class Calibration:
     calibration_scores: tuple[float, ...] = field(repr=False)
     created_at: str = field(default_factory=_now)
     score_selection: ScoreSelection | None = None
+    model_digest: str | None = None
     _sorted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -745,6 +751,13 @@ class Calibration:
             raise CalibrationError(
                 f"created_at must be an ISO 8601 timestamp; got {self.created_at!r}."
             ) from error
+        digest = self.model_digest
+        if digest is not None and not (isinstance(digest, str)
+                                       and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise CalibrationError(
+                f"model_digest must be a SHA-256 as 64 lowercase hex digits (what "
+                f"Glow.weights_digest returns), or None; got {digest!r}."
+            )
         selection = self.score_selection
         if selection is not None:
             if not isinstance(selection, ScoreSelection):
@@ -793,6 +806,8 @@ class Calibration:
         }
         if self.score_selection is not None:
             data["score_selection"] = self.score_selection.to_dict()
+        if self.model_digest is not None:
+            data["model_digest"] = self.model_digest
         return data
 
     def to_json(self, indent: int | None = None) -> str:
@@ -802,10 +817,11 @@ class Calibration:
 
             {"schema_version": 1, "score_name": "bpd", "created_at": "...",
              "threshold": {Threshold.to_dict()}, "calibration_scores": [sorted floats],
-             "score_selection": {ScoreSelection.to_dict()}}
+             "score_selection": {ScoreSelection.to_dict()}, "model_digest": "<sha256>"}
 
         ``score_selection`` is present only when the score was chosen from data; files
         without it (named scores, older files) read back with ``score_selection=None``.
+        ``model_digest`` likewise only when the model is known; without it, None.
         """
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
@@ -828,8 +844,8 @@ class Calibration:
                 f"anomaly-flow reads {SCHEMA_VERSION}. Re-run calibration or upgrade."
             )
         required = {"score_name", "created_at", "threshold", "calibration_scores"}
-        check_fields(data, "calibration", required | {"schema_version", "score_selection"},
-                      required)
+        check_fields(data, "calibration",
+                     required | {"schema_version", "score_selection", "model_digest"}, required)
         scores = data["calibration_scores"]
         if not isinstance(scores, list) or not all(
             isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
@@ -844,6 +860,7 @@ class Calibration:
                 created_at=data["created_at"],
                 score_selection=(None if selection is None
                                  else ScoreSelection.from_dict(selection)),
+                model_digest=data.get("model_digest"),
             )
 
     @classmethod
@@ -870,6 +887,7 @@ def calibrate(
     cost_fp: float = 1.0,
     cost_fn: float = 1.0,
     score_selection: ScoreSelection | None = None,
+    model_digest: str | None = None,
 ) -> Calibration:
     """Choose a threshold and package it with the calibration scores.
 
@@ -886,6 +904,9 @@ def calibrate(
         score_selection: How ``score_name`` was chosen
             (:func:`~anomaly_flow.detection.select_score`), stored with the calibration;
             None when the score was named.
+        model_digest: :meth:`~anomaly_flow.glow.Glow.weights_digest` of the model that
+            gave the scores, or None (then logging the calibration with a model records
+            that model's).
 
     Returns:
         A validated `Calibration`.
@@ -916,4 +937,4 @@ def calibrate(
         else:
             threshold = cost_threshold(normal_scores, anomalous_scores, cost_fp, cost_fn)
     return Calibration(score_name, threshold, normal_scores,  # type: ignore[arg-type]
-                       score_selection=score_selection)
+                       score_selection=score_selection, model_digest=model_digest)

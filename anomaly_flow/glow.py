@@ -23,6 +23,7 @@ the ``ensemble`` score (:meth:`Glow.ensemble`). It lives in the state dict
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -868,6 +869,18 @@ class Glow(nn.Module):
                 "epochs usually mend it, and after a diverged training (validation bits/dim "
                 "far above training's) train again with a lower lr or a longer warmup_steps")
         return z
+
+    def weights_digest(self) -> str:
+        """SHA-256 (hex) of the weights: each state-dict entry's name, dtype, shape and
+        bytes, in name order. Equal weights give the same digest wherever they are (CPU or
+        GPU, trained or loaded); a calibration stores the digest of the model it was
+        fitted to, so weights put in its place later are caught when the model loads."""
+        hasher = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            value = tensor.detach().cpu().contiguous()
+            hasher.update(f"{name}|{value.dtype}|{list(value.shape)}\n".encode())
+            hasher.update(value.reshape(-1).view(torch.uint8).numpy())
+        return hasher.hexdigest()
 
     def save(self, folder: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``folder``."""

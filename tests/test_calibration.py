@@ -559,6 +559,21 @@ def test_calibration_json_layout():
     assert Threshold.from_dict(data["threshold"]) == calibration.threshold
 
 
+def test_a_calibration_records_the_digest_of_its_models_weights() -> None:
+    digest = "0123456789abcdef" * 4
+    calibration = calibrate("bpd", [3.0, 1.0, 2.0], alpha=0.5, model_digest=digest)
+    data = json.loads(calibration.to_json())
+    assert data["model_digest"] == digest
+    assert Calibration.from_json(calibration.to_json()) == calibration
+    del data["model_digest"]  # as stored before digests, or fitted from bare scores
+    assert Calibration.from_dict(data).model_digest is None
+    for bad in ("0123456789ABCDEF" * 4, digest[:-1], digest + "0", 7, ["a"]):
+        with pytest.raises(CalibrationError, match=(
+                rf"^model_digest must be a SHA-256 as 64 lowercase hex digits \(what "
+                rf"Glow.weights_digest returns\), or None; got {re.escape(repr(bad))}\.$")):
+            Calibration.from_dict({**data, "model_digest": bad})
+
+
 def test_calibration_is_frozen_and_scores_read_only():
     calibration = calibrate("bpd", [3.0, 1.0, 2.0], alpha=0.5)
     with pytest.raises(AttributeError):
@@ -758,7 +773,8 @@ def stored_calibrations() -> list[dict]:
             calibrate("bpd", normal, method="f1", anomalous_scores=anomalous).to_dict(),
             calibrate("bpd", normal, method="cost", anomalous_scores=anomalous, cost_fp=2,
                       cost_fn=1).to_dict(),
-            calibrate("knn", normal, alpha=0.1, score_selection=selection).to_dict()]
+            calibrate("knn", normal, alpha=0.1, score_selection=selection,
+                      model_digest="0123456789abcdef" * 4).to_dict()]
 
 
 STORED = stored_calibrations()

@@ -131,6 +131,9 @@ def test_calibrate_promote_then_score_with_champion(
     assert champion.version == new_version
     calibration = champion.calibration
     assert isinstance(calibration, Calibration)
+    # it records the weights it was fitted to, those of the version it calibrated
+    assert calibration.model_digest == champion.model.weights_digest() \
+        == tracking.load_model(CANDIDATE).model.weights_digest()
     threshold = calibration.threshold
     assert (threshold.method, threshold.alpha, threshold.n_calibration) == ("conformal", 0.1,
                                                                              n_good)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -38,7 +39,7 @@ from mlflow.types.schema import AnyType, DataType
 from PIL import Image
 
 from anomaly_flow import tracking
-from anomaly_flow.calibration import calibrate
+from anomaly_flow.calibration import CalibrationError, calibrate
 from anomaly_flow.config import GlowConfig
 from anomaly_flow.data import InvalidSource, split_train_val, write_image_folder
 from anomaly_flow.fashion_mnist import SampleData
@@ -1176,6 +1177,53 @@ def test_a_calibration_of_a_score_the_model_lacks_is_refused_at_load(tmp_path: P
     with pytest.raises(ModelFileError, match=r"calibrates score 'level_3', which this model "
                                              r"does not produce"):
         tracking.load_model(str(folder))
+
+
+def test_weights_put_in_place_of_the_calibrated_ones_are_refused_at_load(
+        tmp_path: Path) -> None:
+    """A calibration's threshold and p-values hold for the weights it was fitted to; other
+    weights saved into the folder (Glow.save, a copied file) leave it stale, and a model
+    with it would answer with confident, wrong verdicts."""
+    wrapper = tiny_wrapper()
+    folder = wrapper.model.save(tmp_path / "glow")
+    calibration = calibrate("bpd", np.linspace(0, 1, 40), alpha=0.1,
+                            model_digest=wrapper.model.weights_digest())
+    (folder / "calibration.json").write_text(calibration.to_json())
+    assert tracking.load_model(str(folder)).calibration == calibration
+    assert wrapper.model.weights_digest() == Glow.load(folder).weights_digest()
+    other = tiny_wrapper().model
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    other.save(folder)
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
+                                               model_config={"device": "cpu"})
+    said = (rf"^{re.escape(str(folder))}/calibration\.json was fitted to a model with other "
+            rf"weights than those beside it \(its digest {calibration.model_digest[:12]}\.\.\., "
+            rf"theirs {other.weights_digest()[:12]}\.\.\.\): the weights were replaced after "
+            r"calibration, .*; put back the weights it was calibrated with, or calibrate these")
+    for load in (lambda: tracking.load_model(str(folder)),
+                 lambda: GlowPyfunc().load_context(context)):
+        with pytest.raises(ModelFileError, match=said):
+            load()
+
+
+def test_log_model_records_the_weights_and_refuses_another_models_calibration(
+        mlruns: Path) -> None:
+    model, other = tiny_wrapper().model, tiny_wrapper().model
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    bare = calibrate("bpd", np.linspace(0, 1, 40), alpha=0.1)
+    with tracking.start_run("digests", "log") as run:
+        logged = tracking.log_model(run, model, bare, artifact_path="a")
+        stored = tracking.load_model(logged).calibration
+        assert stored is not None and stored.model_digest == model.weights_digest()
+        assert stored == dataclasses.replace(bare, model_digest=model.weights_digest())
+        with pytest.raises(CalibrationError, match=(
+                r"^this calibration was fitted to the scores of a model with other weights "
+                rf"\(its digest {model.weights_digest()[:12]}\.\.\., this model's "
+                rf"{other.weights_digest()[:12]}\.\.\.\), so its threshold and p-values do "
+                "not hold for this one; log it with the model it was fitted to, or calibrate")):
+            tracking.log_model(run, other, stored, artifact_path="b")
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])

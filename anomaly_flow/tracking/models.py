@@ -24,7 +24,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +36,7 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM, disable_logging, enable_logging
 
-from anomaly_flow.calibration import Calibration
+from anomaly_flow.calibration import Calibration, CalibrationError
 from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow, ModelFileError
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.pyfunc import (
@@ -121,18 +121,44 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
+def _fitted_to(calibration: Calibration, model: Glow) -> Calibration:
+    """``calibration``, recording the digest of ``model``'s weights when it has none.
+
+    Raises:
+        CalibrationError: ``calibration`` records another model's digest.
+    """
+    digest = model.weights_digest()
+    if calibration.model_digest is None:
+        return replace(calibration, model_digest=digest)
+    if calibration.model_digest != digest:
+        raise CalibrationError(
+            f"this calibration was fitted to the scores of a model with other weights (its "
+            f"digest {calibration.model_digest[:12]}..., this model's {digest[:12]}...), so "
+            "its threshold and p-values do not hold for this one; log it with the model it "
+            "was fitted to, or calibrate this model (anomaly-flow calibrate)")
+    return calibration
+
+
 def log_model(run: Run, model: Glow, calibration: Calibration | None = None,
               artifact_path: str = "model") -> str:
     """Log ``model`` (and its calibration) as a pyfunc in ``run``, which must be active.
 
+    A calibration that does not yet record the digest of the weights it was fitted to
+    (:attr:`Calibration.model_digest`) is logged with ``model``'s.
+
     Returns:
         The logged model's URI (``models:/m-...``); ``runs:/<run_id>/<artifact_path>``
         names the same model.
+
+    Raises:
+        CalibrationError: ``calibration`` was fitted to a model with other weights.
     """
     active = mlflow.active_run()
     if active is None or active.info.run_id != run.run_id:
         raise ValueError(f"log_model needs run {run.run_id} to be the active run; call it "
                          "inside its `with start_run(...)` block (innermost).")
+    if calibration is not None:
+        calibration = _fitted_to(calibration, model)
     # a stop (Ctrl-C, SIGTERM) waits for the model's files and row to be written
     with tempfile.TemporaryDirectory() as tmp, quiet_mlflow(), stops_deferred(), \
             artifact_errors():

@@ -381,10 +381,10 @@ def load_calibration(folder: Path, model: Glow) -> Calibration | None:
 
     Raises:
         ModelFileError: The file is there but is not a calibration (damaged, cut short,
-            edited by hand), or calibrates a score ``model`` does not produce (found here,
-            the model refuses to load; found by scoring, every request of a served model
-            failed, and a REST client was told its input was at fault); the message names
-            the file.
+            edited by hand), calibrates a score ``model`` does not produce, or was fitted
+            to other weights than ``model``'s (found here, the model refuses to load;
+            found by scoring, every request of a served model failed, and a REST client
+            was told its input was at fault); the message names the file.
     """
     path = Path(folder) / CALIBRATION_FILE
     if not path.is_file():
@@ -402,6 +402,13 @@ def load_calibration(folder: Path, model: Glow) -> Calibration | None:
         raise ModelFileError(
             f"{path} calibrates score {calibration.score_name!r}, which this model does not "
             f"produce (its scores: {', '.join(produced)}); {advice}")
+    fitted, digest = calibration.model_digest, model.weights_digest()
+    if fitted is not None and fitted != digest:
+        raise ModelFileError(
+            f"{path} was fitted to a model with other weights than those beside it (its "
+            f"digest {fitted[:12]}..., theirs {digest[:12]}...): the weights were replaced "
+            "after calibration, so its threshold and p-values do not hold for them; put back "
+            "the weights it was calibrated with, or calibrate these (anomaly-flow calibrate)")
     return calibration
 
 
