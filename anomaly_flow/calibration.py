@@ -877,6 +877,22 @@ class Calibration:
         return cls.from_dict(data)
 
 
+def check_fitted_to(calibration: Calibration, digest: str, *, advice: str) -> None:
+    """Refuse ``calibration`` for a model whose :meth:`~anomaly_flow.glow.Glow.weights_digest`
+    is ``digest`` when it records another model's: its threshold and p-values were set
+    on that model's scores. ``advice`` ends the message (what to do instead).
+
+    Raises:
+        CalibrationError: ``calibration.model_digest`` is set and is not ``digest``.
+    """
+    fitted = calibration.model_digest
+    if fitted is not None and fitted != digest:
+        raise CalibrationError(
+            f"this calibration was fitted to the scores of a model with other weights (its "
+            f"digest {fitted[:12]}..., this model's {digest[:12]}...), so its threshold and "
+            f"p-values do not hold for this one; {advice}")
+
+
 def calibrate(
     score_name: str,
     normal_scores: ArrayLike,

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
+from anomaly_flow.calibration import check_fitted_to
 from anomaly_flow.data import (
     conversion_notes,
     display_path,
@@ -219,6 +220,8 @@ def score_folder(
 
     Raises:
         DataError: The folder is missing, not a folder, or holds no image files.
+        CalibrationError: ``calibration`` was fitted to a model with other weights
+            (:attr:`~anomaly_flow.calibration.Calibration.model_digest`).
         ScoringError: ``batch_size`` is not a whole number >= 1; the model was never
             initialised (:attr:`Glow.initialized`: it has learned nothing); the output
             cannot be written; the earlier output cannot be resumed from (unreadable, other
@@ -240,6 +243,10 @@ def score_folder(
     check_precision(precision)
     check_batch_size(batch_size)
     check_initialized(model)
+    if calibration is not None:
+        check_fitted_to(calibration, model.weights_digest(), advice=(
+            "score with the calibration loaded with this model (load_model(URI).calibration),"
+            " or calibrate this model (anomaly-flow calibrate)"))
     with output_lock(out):
         return _score_folder(model, calibration, folder, out, batch_size=batch_size,
                              num_workers=num_workers, heatmaps=heatmaps, resume=resume,

@@ -32,7 +32,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from anomaly_flow import score_table, scoring
-from anomaly_flow.calibration import calibrate
+from anomaly_flow.calibration import CalibrationError, calibrate
 from anomaly_flow.data import DataError, load_image, write_image_folder
 from anomaly_flow.folder_scoring import score_folder, score_folder_table
 from anomaly_flow.glow import Glow, preprocess
@@ -214,6 +214,15 @@ def test_output_problems_are_found_before_scoring(model: Glow, messy: Path,
         with pytest.raises(ScoringError, match=r"the false discovery rate \(fdr, --fdr\) "
                                                r"must be a number strictly between 0 and 1"):
             score_folder(model, calibration, messy, tmp_path / "out.csv", fdr=fdr)
+    # a calibration of other weights (another training's): refused before any file is read
+    other = dataclasses.replace(calibration, model_digest="0" * 64)
+    with pytest.raises(CalibrationError, match=(
+            r"^this calibration was fitted to the scores of a model with other weights \(its "
+            rf"digest 000000000000\.\.\., this model's {model.weights_digest()[:12]}\.\.\.\),"
+            r" so its threshold and p-values do not hold for this one; score with the "
+            r"calibration loaded with this model \(load_model\(URI\)\.calibration\), or "
+            r"calibrate this model \(anomaly-flow calibrate\)$")):
+        score_folder(model, other, messy, tmp_path / "out.csv")
     assert sorted(os.listdir(tmp_path)) == ["dir.csv", "file.csv"]
 
 

@@ -36,7 +36,7 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM, disable_logging, enable_logging
 
-from anomaly_flow.calibration import Calibration, CalibrationError
+from anomaly_flow.calibration import Calibration, check_fitted_to
 from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow, ModelFileError
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.tracking.pyfunc import (
@@ -130,12 +130,8 @@ def _fitted_to(calibration: Calibration, model: Glow) -> Calibration:
     digest = model.weights_digest()
     if calibration.model_digest is None:
         return replace(calibration, model_digest=digest)
-    if calibration.model_digest != digest:
-        raise CalibrationError(
-            f"this calibration was fitted to the scores of a model with other weights (its "
-            f"digest {calibration.model_digest[:12]}..., this model's {digest[:12]}...), so "
-            "its threshold and p-values do not hold for this one; log it with the model it "
-            "was fitted to, or calibrate this model (anomaly-flow calibrate)")
+    check_fitted_to(calibration, digest, advice="log it with the model it was fitted to, or "
+                    "calibrate this model (anomaly-flow calibrate)")
     return calibration
 
 
