@@ -1485,7 +1485,9 @@ def test_calibrated_version_is_registered_linked_and_promoted(
     client.set_registered_model_alias("calibrated-parts", "champion", "2")
 
     champion = tracking.load_model("models:/calibrated-parts@champion")
-    assert champion.calibration == calibration
+    # the calibration, now recording the weights it was fitted to
+    assert champion.calibration == dataclasses.replace(
+        calibration, model_digest=source.model.weights_digest())
     test_paths = [str(p) for p in image_dirs.files(image_dirs.test_anomalous)]
     out = mlflow.pyfunc.load_model("models:/calibrated-parts@champion").predict(
         pd.DataFrame({"path": test_paths}))
