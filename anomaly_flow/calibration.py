@@ -58,8 +58,9 @@ flags the fewest images (the highest threshold) wins.
 chosen `Threshold` and the sorted calibration scores, from which p-values (and
 Benjamini-Hochberg decisions over a batch) can be recomputed later, and, when the score
 itself was chosen from data, the :class:`~anomaly_flow.detection.ScoreSelection` that
-chose it. How well a score separates anomalies regardless of any threshold (AUROC, and
-the choice of a score type by it) is :mod:`anomaly_flow.detection`.
+chose it, and the digest of the model it belongs to (checked wherever the two meet).
+How well a score separates anomalies regardless of any threshold (AUROC, and the choice
+of a score type by it) is :mod:`anomaly_flow.detection`.
 
 Example:
     >>> import numpy as np
@@ -699,10 +700,12 @@ class Calibration:
             (:func:`~anomaly_flow.detection.select_score`), or
             None when it was named by the user (and in calibrations stored before
             selection existed).
-        model_digest: :meth:`~anomaly_flow.glow.Glow.weights_digest` of the model whose
-            scores these are, or None when not known (a calibration fitted from bare
-            scores and not yet logged with its model). Logging a model with its
-            calibration records it; loading the pair checks it.
+        model_digest: :meth:`~anomaly_flow.glow.Glow.digest` of the model the
+            calibration belongs to: the one whose scores it was fitted on where
+            :func:`~anomaly_flow.evaluation.calibrate_model` made it (it records that),
+            else the one :func:`~anomaly_flow.tracking.log_model` first logged it with;
+            None for one fitted from bare scores and not yet logged, or stored before
+            digests. Loading the pair, scoring a folder or a frame with it checks it.
     """
 
     score_name: str
@@ -756,7 +759,7 @@ class Calibration:
                                        and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise CalibrationError(
                 f"model_digest must be a SHA-256 as 64 lowercase hex digits (what "
-                f"Glow.weights_digest returns), or None; got {digest!r}."
+                f"Glow.digest returns), or None; got {digest!r}."
             )
         selection = self.score_selection
         if selection is not None:
@@ -878,7 +881,7 @@ class Calibration:
 
 
 def check_fitted_to(calibration: Calibration, digest: str, *, advice: str) -> None:
-    """Refuse ``calibration`` for a model whose :meth:`~anomaly_flow.glow.Glow.weights_digest`
+    """Refuse ``calibration`` for a model whose :meth:`~anomaly_flow.glow.Glow.digest`
     is ``digest`` when it records another model's: its threshold and p-values were set
     on that model's scores. ``advice`` ends the message (what to do instead).
 
@@ -888,9 +891,10 @@ def check_fitted_to(calibration: Calibration, digest: str, *, advice: str) -> No
     fitted = calibration.model_digest
     if fitted is not None and fitted != digest:
         raise CalibrationError(
-            f"this calibration was fitted to the scores of a model with other weights (its "
-            f"digest {fitted[:12]}..., this model's {digest[:12]}...), so its threshold and "
-            f"p-values do not hold for this one; {advice}")
+            f"this calibration was fitted to the scores of another model (its digest "
+            f"{fitted[:12]}..., this model's {digest[:12]}...; a digest covers the config "
+            f"and the weights), so its threshold and p-values do not hold for this one; "
+            f"{advice}")
 
 
 def calibrate(
@@ -920,7 +924,7 @@ def calibrate(
         score_selection: How ``score_name`` was chosen
             (:func:`~anomaly_flow.detection.select_score`), stored with the calibration;
             None when the score was named.
-        model_digest: :meth:`~anomaly_flow.glow.Glow.weights_digest` of the model that
+        model_digest: :meth:`~anomaly_flow.glow.Glow.digest` of the model that
             gave the scores, or None (then logging the calibration with a model records
             that model's).
 

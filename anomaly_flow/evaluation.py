@@ -419,7 +419,7 @@ def calibrate_scores(
     calibration = calibrate(
         score, normal_values, method=method, alpha=target_fpr,
         anomalous_scores=anomalous_values, cost_fp=cost_fp, cost_fn=cost_fn,
-        score_selection=selection, model_digest=loaded.model.weights_digest(),
+        score_selection=selection, model_digest=loaded.model.digest(),
     )
     threshold = calibration.threshold
     metrics: dict[str, float] = {

@@ -244,7 +244,7 @@ def score_folder(
     check_batch_size(batch_size)
     check_initialized(model)
     if calibration is not None:
-        check_fitted_to(calibration, model.weights_digest(), advice=(
+        check_fitted_to(calibration, model.digest(), advice=(
             "score with the calibration loaded with this model (load_model(URI).calibration),"
             " or calibrate this model (anomaly-flow calibrate)"))
     with output_lock(out):

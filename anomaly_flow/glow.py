@@ -50,6 +50,13 @@ TRAINING_SHAPES_KEY = "anomaly_flow.training_shapes"
 """The weights file's metadata key for :attr:`Glow.training_shapes` (JSON)."""
 
 
+DIGESTED_CONFIG = ("in_channels", "image_size", "levels", "steps_per_level", "hidden_channels",
+                   "coupling", "invconv", "n_bits", "resize")
+"""The config fields every :meth:`Glow.digest` covers. A field added to
+:class:`~anomaly_flow.config.GlowConfig` later enters a digest only where it differs from
+its default, so that the digests calibrations recorded before it stay valid."""
+
+
 def save_tensors(tensors: dict[str, Tensor], path: Path,
                  metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (and the file's string ``metadata``) to a safetensors file,
@@ -870,15 +877,24 @@ class Glow(nn.Module):
                 "far above training's) train again with a lower lr or a longer warmup_steps")
         return z
 
-    def weights_digest(self) -> str:
-        """SHA-256 (hex) of the weights: each state-dict entry's name, dtype, shape and
-        bytes, in name order. Equal weights give the same digest wherever they are (CPU or
-        GPU, trained or loaded); a calibration stores the digest of the model it was
-        fitted to, so weights put in its place later are caught when the model loads."""
-        hasher = hashlib.sha256()
+    def digest(self) -> str:
+        """SHA-256 (hex) of what the model's scores depend on: the config (see
+        :data:`DIGESTED_CONFIG`) and each state-dict entry's name, shape and values, in
+        name order, floating-point ones as float32, the precision :meth:`load` gives
+        them. The same model gives the same digest wherever it is (CPU or GPU, as
+        trained, converted with ``.double()`` or saved and loaded); a calibration records
+        the digest of the model it was fitted to, so weights or a config put in their
+        place later are caught when the model loads."""
+        defaults = GlowConfig().to_dict()
+        config = {key: value for key, value in self.config.to_dict().items()
+                  if key in DIGESTED_CONFIG or value != defaults[key]}
+        hasher = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
-            value = tensor.detach().cpu().contiguous()
-            hasher.update(f"{name}|{value.dtype}|{list(value.shape)}\n".encode())
+            value = tensor.detach().cpu()
+            if value.is_floating_point():
+                value = value.float()
+            value = value.contiguous()
+            hasher.update(f"\n{name}|{value.dtype}|{list(value.shape)}\n".encode())
             hasher.update(value.reshape(-1).view(torch.uint8).numpy())
         return hasher.hexdigest()
 

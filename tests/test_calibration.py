@@ -570,7 +570,7 @@ def test_a_calibration_records_the_digest_of_its_models_weights() -> None:
     for bad in ("0123456789ABCDEF" * 4, digest[:-1], digest + "0", 7, ["a"]):
         with pytest.raises(CalibrationError, match=(
                 rf"^model_digest must be a SHA-256 as 64 lowercase hex digits \(what "
-                rf"Glow.weights_digest returns\), or None; got {re.escape(repr(bad))}\.$")):
+                rf"Glow.digest returns\), or None; got {re.escape(repr(bad))}\.$")):
             Calibration.from_dict({**data, "model_digest": bad})
 
 

@@ -132,8 +132,8 @@ def test_calibrate_promote_then_score_with_champion(
     calibration = champion.calibration
     assert isinstance(calibration, Calibration)
     # it records the weights it was fitted to, those of the version it calibrated
-    assert calibration.model_digest == champion.model.weights_digest() \
-        == tracking.load_model(CANDIDATE).model.weights_digest()
+    assert calibration.model_digest == champion.model.digest() \
+        == tracking.load_model(CANDIDATE).model.digest()
     threshold = calibration.threshold
     assert (threshold.method, threshold.alpha, threshold.n_calibration) == ("conformal", 0.1,
                                                                              n_good)

@@ -217,9 +217,10 @@ def test_output_problems_are_found_before_scoring(model: Glow, messy: Path,
     # a calibration of other weights (another training's): refused before any file is read
     other = dataclasses.replace(calibration, model_digest="0" * 64)
     with pytest.raises(CalibrationError, match=(
-            r"^this calibration was fitted to the scores of a model with other weights \(its "
-            rf"digest 000000000000\.\.\., this model's {model.weights_digest()[:12]}\.\.\.\),"
-            r" so its threshold and p-values do not hold for this one; score with the "
+            r"^this calibration was fitted to the scores of another model \(its digest "
+            rf"000000000000\.\.\., this model's {model.digest()[:12]}\.\.\.; a digest covers "
+            r"the config and the weights\), so its threshold and p-values do not hold for "
+            r"this one; score with the "
             r"calibration loaded with this model \(load_model\(URI\)\.calibration\), or "
             r"calibrate this model \(anomaly-flow calibrate\)$")):
         score_folder(model, other, messy, tmp_path / "out.csv")

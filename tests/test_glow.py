@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +29,7 @@ from anomaly_flow.config import (
     load_preset,
 )
 from anomaly_flow.glow import (
+    DIGESTED_CONFIG,
     KNN_NEIGHBOURS,
     REFERENCE_STD_FLOOR,
     Glow,
@@ -297,6 +300,31 @@ def test_save_load_round_trip_keeps_actnorm_init(tmp_path) -> None:
     assert torch.equal(loaded.log_prob(x), model.eval().log_prob(x))
     fresh = Glow(model.config)
     assert not fresh.initialized
+
+
+def test_the_digest_is_the_models_wherever_it_is_and_changes_with_any_part(tmp_path) -> None:
+    """What a calibration records: equal for the model as trained, saved and loaded, or
+    converted (Glow.load gives float32); different for one weight one float32 step off,
+    or a config field that changes the scores but no weight's shape (n_bits, resize)."""
+    model = make_model(1, 8, 2).float()
+    digest = model.digest()
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert Glow.load(model.save(tmp_path / "a")).digest() == digest
+    assert copy.deepcopy(model).double().digest() == digest
+    doubled = copy.deepcopy(model).double()
+    assert Glow.load(doubled.save(tmp_path / "b")).digest() == doubled.digest() == digest
+    model.training_shapes = ((28, 28, 1),)  # metadata: the scores do not depend on it
+    assert model.digest() == digest
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = next(nudged.parameters())
+        weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(math.inf))
+    assert nudged.digest() != digest
+    for field in ({"n_bits": 5}, {"resize": "pad"}):
+        other = Glow(dataclasses.replace(model.config, **field))
+        other.load_state_dict(model.state_dict())
+        assert other.digest() != digest, field
+    assert set(DIGESTED_CONFIG) <= set(GlowConfig().to_dict())
 
 
 def test_the_training_images_sizes_are_saved_with_the_weights(tmp_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -54,6 +55,7 @@ from anomaly_flow.tracking.pyfunc import (
     model_signature,
     output_columns,
     path_root,
+    predict_frame,
     rows_from_columns,
 )
 from tests.conftest import ImageDirs, TrainedModel, new_store, stop_during, tiny_config
@@ -1179,35 +1181,56 @@ def test_a_calibration_of_a_score_the_model_lacks_is_refused_at_load(tmp_path: P
         tracking.load_model(str(folder))
 
 
-def test_weights_put_in_place_of_the_calibrated_ones_are_refused_at_load(
-        tmp_path: Path) -> None:
-    """A calibration's threshold and p-values hold for the weights it was fitted to; other
-    weights saved into the folder (Glow.save, a copied file) leave it stale, and a model
-    with it would answer with confident, wrong verdicts."""
+@pytest.mark.parametrize("replaced", ["weights", "config"])
+def test_a_model_put_in_place_of_the_calibrated_one_is_refused_at_load(
+        replaced: str, tmp_path: Path) -> None:
+    """A calibration's threshold and p-values hold for the model it was fitted to; other
+    weights saved into the folder (Glow.save, a copied file), or a config that scores
+    otherwise (n_bits), leave it stale, and a model with it would answer with confident,
+    wrong verdicts."""
     wrapper = tiny_wrapper()
     folder = wrapper.model.save(tmp_path / "glow")
     calibration = calibrate("bpd", np.linspace(0, 1, 40), alpha=0.1,
-                            model_digest=wrapper.model.weights_digest())
+                            model_digest=wrapper.model.digest())
     (folder / "calibration.json").write_text(calibration.to_json())
     assert tracking.load_model(str(folder)).calibration == calibration
-    assert wrapper.model.weights_digest() == Glow.load(folder).weights_digest()
-    other = tiny_wrapper().model
-    with torch.no_grad():
-        next(other.parameters()).add_(1e-3)
-    other.save(folder)
+    assert wrapper.model.digest() == Glow.load(folder).digest()
+    if replaced == "weights":
+        other = tiny_wrapper().model
+        with torch.no_grad():
+            next(other.parameters()).add_(1e-3)
+        other.save(folder)
+    else:
+        (folder / "config.json").write_text(
+            dataclasses.replace(wrapper.model.config, n_bits=5).to_json())
+        other = Glow.load(folder)
     context = mlflow.pyfunc.PythonModelContext(artifacts={"glow": str(folder)},
                                                model_config={"device": "cpu"})
-    said = (rf"^{re.escape(str(folder))}/calibration\.json was fitted to a model with other "
-            rf"weights than those beside it \(its digest {calibration.model_digest[:12]}\.\.\., "
-            rf"theirs {other.weights_digest()[:12]}\.\.\.\): the weights were replaced after "
-            r"calibration, .*; put back the weights it was calibrated with, or calibrate these")
+    said = (rf"^{re.escape(str(folder))}/calibration\.json was fitted to another model than "
+            rf"the config\.json and model\.safetensors beside it \(its digest "
+            rf"{calibration.model_digest[:12]}\.\.\., theirs {other.digest()[:12]}\.\.\.\): "
+            r"they were replaced after calibration, .*; put back the files it was calibrated "
+            r"with, or delete it to score uncalibrated and calibrate a registered version")
     for load in (lambda: tracking.load_model(str(folder)),
                  lambda: GlowPyfunc().load_context(context)):
         with pytest.raises(ModelFileError, match=said):
             load()
 
 
-def test_log_model_records_the_weights_and_refuses_another_models_calibration(
+def test_predict_frame_refuses_another_models_calibration(tmp_path: Path) -> None:
+    model = tiny_wrapper().model
+    frame = pd.DataFrame({"image": [png_bytes()]})
+    calibration = calibrate("bpd", np.linspace(0, 1, 40), alpha=0.1,
+                            model_digest=model.digest())
+    assert predict_frame(model, calibration, frame)["error"].tolist() == [""]
+    with pytest.raises(CalibrationError, match=(
+            r"^this calibration was fitted to the scores of another model \(its digest "
+            r"000000000000\.\.\., this model's .*; predict with the calibration loaded with "
+            r"this model \(load_model\(URI\)\.calibration\), or calibrate this model")):
+        predict_frame(model, dataclasses.replace(calibration, model_digest="0" * 64), frame)
+
+
+def test_log_model_records_the_model_and_refuses_another_models_calibration(
         mlruns: Path) -> None:
     model, other = tiny_wrapper().model, tiny_wrapper().model
     with torch.no_grad():
@@ -1216,14 +1239,20 @@ def test_log_model_records_the_weights_and_refuses_another_models_calibration(
     with tracking.start_run("digests", "log") as run:
         logged = tracking.log_model(run, model, bare, artifact_path="a")
         stored = tracking.load_model(logged).calibration
-        assert stored is not None and stored.model_digest == model.weights_digest()
-        assert stored == dataclasses.replace(bare, model_digest=model.weights_digest())
+        assert stored is not None and stored.model_digest == model.digest()
+        assert stored == dataclasses.replace(bare, model_digest=model.digest())
         with pytest.raises(CalibrationError, match=(
-                r"^this calibration was fitted to the scores of a model with other weights "
-                rf"\(its digest {model.weights_digest()[:12]}\.\.\., this model's "
-                rf"{other.weights_digest()[:12]}\.\.\.\), so its threshold and p-values do "
-                "not hold for this one; log it with the model it was fitted to, or calibrate")):
+                r"^this calibration was fitted to the scores of another model \(its digest "
+                rf"{model.digest()[:12]}\.\.\., this model's {other.digest()[:12]}\.\.\.; a "
+                r"digest covers the config and the weights\), so its threshold and p-values "
+                "do not hold for this one; log it with the model it was fitted to, or "
+                "calibrate")):
             tracking.log_model(run, other, stored, artifact_path="b")
+        # a model converted to float64 (as Glow.check_input advises for float64 images)
+        # is the same model: logged with its calibration, it loads as saved, in float32
+        doubled = copy.deepcopy(model).double()
+        uri = tracking.log_model(run, doubled, bare, artifact_path="c")
+        assert tracking.load_model(uri).calibration == stored
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
@@ -1487,7 +1516,7 @@ def test_calibrated_version_is_registered_linked_and_promoted(
     champion = tracking.load_model("models:/calibrated-parts@champion")
     # the calibration, now recording the weights it was fitted to
     assert champion.calibration == dataclasses.replace(
-        calibration, model_digest=source.model.weights_digest())
+        calibration, model_digest=source.model.digest())
     test_paths = [str(p) for p in image_dirs.files(image_dirs.test_anomalous)]
     out = mlflow.pyfunc.load_model("models:/calibrated-parts@champion").predict(
         pd.DataFrame({"path": test_paths}))

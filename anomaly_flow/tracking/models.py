@@ -127,7 +127,7 @@ def _fitted_to(calibration: Calibration, model: Glow) -> Calibration:
     Raises:
         CalibrationError: ``calibration`` records another model's digest.
     """
-    digest = model.weights_digest()
+    digest = model.digest()
     if calibration.model_digest is None:
         return replace(calibration, model_digest=digest)
     check_fitted_to(calibration, digest, advice="log it with the model it was fitted to, or "

@@ -49,10 +49,10 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from anomaly_flow.calibration import Calibration
+from anomaly_flow.calibration import Calibration, check_fitted_to
 from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.data import InvalidSource, undisplayed_path
-from anomaly_flow.glow import Glow, ModelFileError
+from anomaly_flow.glow import CONFIG_FILE, WEIGHTS_FILE, Glow, ModelFileError
 from anomaly_flow.score_table import DECISION_COLUMNS
 from anomaly_flow.scoring import (
     BatchOutOfMemory,
@@ -358,7 +358,24 @@ def predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFr
         One row per input row, columns :func:`output_columns`, with the frame's index;
         a row whose image cannot be read has NaN scores, ``is_anomaly`` None and the
         reason in ``error``.
+
+    Raises:
+        CalibrationError: ``calibration`` was fitted to another model
+            (:attr:`~anomaly_flow.calibration.Calibration.model_digest`).
     """
+    if calibration is not None:
+        check_fitted_to(calibration, model.digest(), advice=(
+            "predict with the calibration loaded with this model (load_model(URI)"
+            ".calibration), or calibrate this model (anomaly-flow calibrate)"))
+    return _predict_frame(model, calibration, frame, threshold=threshold,
+                          batch_size=batch_size, root=root)
+
+
+def _predict_frame(model: Glow, calibration: Calibration | None, frame: pd.DataFrame, *,
+                   threshold: float | None, batch_size: int,
+                   root: str | None) -> pd.DataFrame:
+    """:func:`predict_frame` without its check of the pair, which the pyfunc made once,
+    when it loaded them (it is not repeated for each request)."""
     cfg = model.config
     dataset = ScoringDataset(input_sources(frame, root), cfg)
     scores = score_dataset(model, dataset, batch_size=batch_size, progress=False)
@@ -402,13 +419,15 @@ def load_calibration(folder: Path, model: Glow) -> Calibration | None:
         raise ModelFileError(
             f"{path} calibrates score {calibration.score_name!r}, which this model does not "
             f"produce (its scores: {', '.join(produced)}); {advice}")
-    fitted, digest = calibration.model_digest, model.weights_digest()
+    fitted, digest = calibration.model_digest, model.digest()
     if fitted is not None and fitted != digest:
         raise ModelFileError(
-            f"{path} was fitted to a model with other weights than those beside it (its "
-            f"digest {fitted[:12]}..., theirs {digest[:12]}...): the weights were replaced "
-            "after calibration, so its threshold and p-values do not hold for them; put back "
-            "the weights it was calibrated with, or calibrate these (anomaly-flow calibrate)")
+            f"{path} was fitted to another model than the {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE} beside it (its digest {fitted[:12]}..., theirs "
+            f"{digest[:12]}...): they were replaced after calibration, so its threshold and "
+            "p-values do not hold for them; put back the files it was calibrated with, or "
+            "delete it to score uncalibrated and calibrate a registered version of this "
+            "model (anomaly-flow calibrate --model models:/NAME/VERSION)")
     return calibration
 
 
@@ -449,7 +468,7 @@ class GlowPyfunc(mlflow.pyfunc.PythonModel):
                                f"{DEFAULT_BATCH_SIZE}")
         try:
             with _SCORING:
-                frame = predict_frame(self.model, self.calibration,
+                frame = _predict_frame(self.model, self.calibration,
                                       rows_from_columns(model_input),
                                       threshold=None if threshold is None else float(threshold),
                                       batch_size=batch_size, root=self.root)
