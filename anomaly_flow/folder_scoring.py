@@ -291,7 +291,8 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
     earlier: _EarlierHeatmaps | None = None
     redraw: list[int] = []  # kept rows scored again to draw their heatmaps (kept till then)
     if heatmaps is not None:
-        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous)
+        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous,
+                                    model.digest())
         redraw = _without_heatmaps(previous, earlier, keys, out, Path(heatmaps))
     todo = sorted(new + redraw)
     if previous is not None:
@@ -523,7 +524,8 @@ def _heatmap_writer(heatmaps: str | os.PathLike[str], todo: Sequence[int],
     vmax = TYPICALITY_VMAX if maps == "typicality" else float(config.n_bits)
     writer = HeatmapWriter(Path(heatmaps), names, vmin=0.0, vmax=vmax, quantity=maps,
                            sources=[sources[i] for i in todo],
-                           scored_folder=earlier.scored_folder, resize=config.resize)
+                           scored_folder=earlier.scored_folder, model=earlier.model,
+                           resize=config.resize)
     removed = writer.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished heatmap(s) that a killed run left under %s",
@@ -567,6 +569,8 @@ class _EarlierHeatmaps(NamedTuple):
             heatmap folder.
         kinds: What the kept files' recorded heatmaps draw (``bpd``, ``typicality``).
         kept: The files whose rows the run keeps.
+        model: The digest of the run's model, as heatmaps record it; another model's
+            heatmap of a kept file is not held (it is drawn again).
     """
 
     scored_folder: str
@@ -575,13 +579,15 @@ class _EarlierHeatmaps(NamedTuple):
     held: dict[int, Path]
     kinds: set[str]
     kept: list[int]
+    model: str
 
 
 def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Sequence[str],
-                      previous: pd.DataFrame | None) -> _EarlierHeatmaps:
+                      previous: pd.DataFrame | None, model: str) -> _EarlierHeatmaps:
     """The heatmaps under ``folder`` of the files ``paths`` (found under ``root``, their
-    rows' paths ``keys``; ``previous``: the rows a resumed run keeps, or None). An earlier
-    run's heatmap of a file is found by the source (and the scored folder) it records;
+    rows' paths ``keys``; ``previous``: the rows a resumed run keeps, or None), for a run
+    of the model whose digest is ``model``. An earlier run's heatmap of a file is found
+    by the source (and the scored folder, and the model) it records;
     for a kept file whose heatmap, from a version that recorded neither, sits under the
     file's name now or its plain name (``x.png`` for ``x.bmp``) where no recorded heatmap
     claims it, that."""
@@ -592,9 +598,9 @@ def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Seq
     sources = [display_path(path) for path in relative]
     every_name = heatmap_names(relative)
     if previous is None:
-        return _EarlierHeatmaps(scored_folder, sources, every_name, {}, set(), [])
+        return _EarlierHeatmaps(scored_folder, sources, every_name, {}, set(), [], model)
     kept = [i for i, key in enumerate(keys) if key in previous.index]
-    recorded = recorded_heatmaps(folder, scored_folder)
+    recorded = recorded_heatmaps(folder, scored_folder, model)
     held = {i: recorded[source][0] for i, source in enumerate(sources) if source in recorded}
     kinds = {kind for i in kept if sources[i] in recorded
              and (kind := recorded[sources[i]][1]) is not None}
@@ -606,26 +612,29 @@ def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Seq
             if name in claimed:
                 continue
             mark = heatmap_mark(folder / name)
-            if mark.is_heatmap and mark.folder in (None, scored_folder):
+            if mark.is_heatmap and mark.folder in (None, scored_folder) \
+                    and mark.model in (None, model):
                 held[i] = name
                 claimed.add(name)
                 break
-    return _EarlierHeatmaps(scored_folder, sources, every_name, held, kinds, kept)
+    return _EarlierHeatmaps(scored_folder, sources, every_name, held, kinds, kept, model)
 
 
 def _without_heatmaps(previous: pd.DataFrame | None, earlier: _EarlierHeatmaps,
                       keys: Sequence[str], out: Path, heatmaps: Path) -> list[int]:
     """The kept files (indices into ``keys``) whose scored rows in ``previous`` have no
-    heatmap (an earlier run without ``heatmaps``, one whose heatmaps met a full disk,
-    heatmaps deleted since): scored again to draw them, their rows kept until then."""
+    heatmap of this model (an earlier run without ``heatmaps``, one whose heatmaps met a
+    full disk, heatmaps deleted since, or drawn over by a run of another model): scored
+    again to draw them, their rows kept until then."""
     if previous is None:
         return []
     scored = (previous["error"] == "").reindex([keys[i] for i in earlier.kept]).to_numpy()
     missing = [i for i, ok in zip(earlier.kept, scored, strict=True)
                if ok and i not in earlier.held]
     if missing:
-        logger.info("%d file(s) kept from %s have no heatmap under %s (e.g. %s); scoring "
-                    "them again to draw them", len(missing), display_path(out),
+        logger.info("%d file(s) kept from %s have no heatmap under %s, or one another model "
+                    "drew (e.g. %s); scoring them again to draw them", len(missing),
+                    display_path(out),
                     display_path(heatmaps), one_line(earlier.sources[missing[0]]))
     return missing
 

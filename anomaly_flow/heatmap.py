@@ -190,6 +190,11 @@ FOLDER_KEY = "anomaly-flow:folder"
 serve several scored folders, whose files' relative paths can be the same."""
 
 
+MODEL_KEY = "anomaly-flow:model"
+"""The PNG text chunk holding the digest of the model that drew the heatmap
+(:meth:`anomaly_flow.glow.Glow.digest`): a resumed run keeps only its own model's."""
+
+
 def _png_text(path: Path) -> dict[str, Any]:
     """The text chunks (and other header info) of the PNG at ``path``; empty for anything
     else, or a file that cannot be read."""
@@ -207,25 +212,32 @@ class HeatmapMark(NamedTuple):
 
     is_heatmap: bool  # a PNG this module wrote: it carries an ``anomaly-flow:*`` chunk
     folder: str | None  # the scored folder it records (FOLDER_KEY); None: none recorded
+    model: str | None  # the digest of the model that drew it (MODEL_KEY); None: none recorded
+
+
+def _text(info: dict[str, Any], key: str) -> str | None:
+    value = info.get(key)
+    return value if isinstance(value, str) else None
 
 
 def heatmap_mark(path: Path) -> HeatmapMark:
-    """Whether ``path`` is a heatmap, and the scored folder it records, from one read of
-    its header."""
+    """Whether ``path`` is a heatmap, the scored folder and the model it records, from one
+    read of its header."""
     info = _png_text(path)
-    folder = info.get(FOLDER_KEY)
     return HeatmapMark(any(str(key).startswith("anomaly-flow:") for key in info),
-                       folder if isinstance(folder, str) else None)
+                       _text(info, FOLDER_KEY), _text(info, MODEL_KEY))
 
 
-def recorded_heatmaps(folder: Path, scored_folder: str | None = None
-                      ) -> dict[str, tuple[Path, str | None]]:
+def recorded_heatmaps(folder: Path, scored_folder: str | None = None,
+                      model: str | None = None) -> dict[str, tuple[Path, str | None]]:
     """For each source path recorded in a heatmap under ``folder`` (the :data:`SOURCE_KEY`
     chunk), the heatmap's path relative to ``folder`` (what a resumed run keeps) and what
     it draws (a key of :data:`UNITS`, from its ``anomaly-flow:<quantity>`` chunk; None
     when it records none). Reads only PNG headers. Heatmaps from versions that did not
     record their source are not listed, nor, with ``scored_folder``, those recording
-    another scored folder (:data:`FOLDER_KEY`; one recording none may be any folder's)."""
+    another scored folder (:data:`FOLDER_KEY`; one recording none may be any folder's),
+    nor, with ``model`` (a :meth:`~anomaly_flow.glow.Glow.digest`), those another model
+    drew (:data:`MODEL_KEY`; one recording none may be any model's)."""
     found: dict[str, tuple[Path, str | None]] = {}
     if not folder.is_dir():
         return found
@@ -233,9 +245,10 @@ def recorded_heatmaps(folder: Path, scored_folder: str | None = None
             for name in names if name.endswith(".png")]  # rglob recurses once a level
     for path in sorted(pngs):
         info = _png_text(path)
-        source, recorded = info.get(SOURCE_KEY), info.get(FOLDER_KEY)
-        if scored_folder is not None and isinstance(recorded, str) \
-                and recorded != scored_folder:
+        source, recorded = info.get(SOURCE_KEY), _text(info, FOLDER_KEY)
+        if scored_folder is not None and recorded not in (None, scored_folder):
+            continue
+        if model is not None and _text(info, MODEL_KEY) not in (None, model):
             continue
         if isinstance(source, str):
             quantity = next((q for q in UNITS if f"anomaly-flow:{q}" in info), None)
@@ -288,6 +301,8 @@ class HeatmapWriter:
             heatmap is whose; None records none.
         scored_folder: The scored folder's absolute path, recorded in each PNG
             (:data:`FOLDER_KEY`); None records none.
+        model: The digest of the model that draws them, recorded in each PNG
+            (:data:`MODEL_KEY`); None records none.
         vmin: Bits/dim at the bottom of the fixed colour scale.
         vmax: Bits/dim at the top of the fixed colour scale.
         colormap: A matplotlib colormap name.
@@ -314,6 +329,7 @@ class HeatmapWriter:
         quantity: str = "bpd",
         sources: Sequence[str] | None = None,
         scored_folder: str | None = None,
+        model: str | None = None,
         resize: Resize = "stretch",
     ) -> None:
         if quantity not in UNITS:
@@ -324,6 +340,7 @@ class HeatmapWriter:
         self.names = list(names)
         self.sources = None if sources is None else list(sources)
         self.scored_folder = scored_folder
+        self.model = model
         self.resize = resize
         self.vmin, self.vmax, self.colormap = float(vmin), float(vmax), colormap
         self.table = colormap_table(colormap)
@@ -372,6 +389,8 @@ class HeatmapWriter:
                     info.add_text(SOURCE_KEY, self.sources[index])
                 if self.scored_folder is not None:
                     info.add_text(FOLDER_KEY, self.scored_folder)
+                if self.model is not None:
+                    info.add_text(MODEL_KEY, self.model)
                 make_folders(path.parent)
                 if os.path.lexists(path):
                     self._check_replaceable(path)

@@ -10,6 +10,7 @@ The numbers in the table are :mod:`anomaly_flow.scoring`'s, tested in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -970,8 +971,9 @@ def test_resume_with_heatmaps_draws_those_the_kept_files_lack(
     with caplog.at_level(logging.INFO):
         summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
     assert summary.n_heatmaps == 4
-    assert re.search(r"3 file\(s\) kept from .*s\.csv have no heatmap under .*heat \(e\.g\. "
-                     r"x-00000\.png\); scoring them again to draw them", caplog.text)
+    assert re.search(r"3 file\(s\) kept from .*s\.csv have no heatmap under .*heat, or one "
+                     r"another model drew \(e\.g\. x-00000\.png\); scoring them again to draw "
+                     "them", caplog.text)
     whole = tmp_path / "whole.csv"
     score_folder(model, None, folder, whole, heatmaps=tmp_path / "whole-heat")
     pd.testing.assert_frame_equal(read_csv(out), read_csv(whole), check_exact=True)
@@ -988,6 +990,31 @@ def test_resume_with_heatmaps_draws_those_the_kept_files_lack(
     assert (heat / "x-00001.png").read_bytes() == (tmp_path / "whole-heat" /
                                                     "x-00001.png").read_bytes()
     assert {name: (heat / name).stat().st_mtime_ns for name in kept} == kept
+
+
+def test_resume_draws_again_the_heatmaps_another_model_drew_meanwhile(
+        model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An interrupted run of one model, then a run of another into the same heatmap
+    folder, then the first resumed: the kept files' heatmaps are the other model's, and
+    are drawn again, so that table and heatmaps are what an uninterrupted run gives."""
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "s.csv"
+    write_image_folder(sample_images(4), folder, "x-")
+    whole = tmp_path / "whole.csv"
+    score_folder(model, None, folder, whole, heatmaps=tmp_path / "whole-heat")
+    write_table(read_csv(whole).head(2), out)  # as a run stopped after 2 files left it
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.5)
+    score_folder(other, None, folder, tmp_path / "other.csv", heatmaps=heat)
+    assert (heat / "x-00000.png").read_bytes() != (tmp_path / "whole-heat" /
+                                                    "x-00000.png").read_bytes()
+    with caplog.at_level(logging.INFO):
+        summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert summary.n_heatmaps == 4
+    assert "2 file(s) kept from" in caplog.text and "or one another model drew" in caplog.text
+    pd.testing.assert_frame_equal(read_csv(out), read_csv(whole), check_exact=True)
+    for path in (tmp_path / "whole-heat").iterdir():
+        assert (heat / path.name).read_bytes() == path.read_bytes(), path.name
     pd.testing.assert_frame_equal(read_csv(out), read_csv(whole), check_exact=True)
 
 
