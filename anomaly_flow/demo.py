@@ -29,6 +29,7 @@ from anomaly_flow.fashion_mnist import SAMPLE_MARKER, write_sample_folders
 from anomaly_flow.fingerprint import fingerprint_and_digests
 from anomaly_flow.folder_scoring import FolderScores, score_folder
 from anomaly_flow.prechecks import leave_out_training_images
+from anomaly_flow.score_table import output_lock
 from anomaly_flow.scoring import REFERENCE_SCORES
 from anomaly_flow.train import resolve_device
 
@@ -72,9 +73,20 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         epochs: Override the preset's epochs (e.g. 1 for a smoke run).
         progress: Progress bars; ``None`` shows them on a terminal only.
+
+    Raises:
+        ScoringError: Another demo is running in ``out`` (it would delete this one's
+            images and tables mid-run).
     """
     out = Path(out).resolve()
     tracking.check_store_folder(out / "mlruns")  # before _claim makes the folder
+    with output_lock(out, holder="demo", instead="give this one another folder (--out DIR)"):
+        return _run_demo(out, preset=preset, device=device, epochs=epochs, progress=progress)
+
+
+def _run_demo(out: Path, *, preset: str | None, device: str, epochs: int | None,
+              progress: bool | None) -> DemoResult:
+    """:func:`run_demo` in ``out`` (absolute), once it holds the folder's lock."""
     _claim(out)
     use_cuda = resolve_device(device).type == "cuda"
     preset = preset or (GPU_PRESET if use_cuda else CPU_PRESET)

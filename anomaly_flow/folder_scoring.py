@@ -247,7 +247,9 @@ def score_folder(
         check_fitted_to(calibration, model.digest(), advice=(
             "score with the calibration loaded with this model (load_model(URI).calibration),"
             " or calibrate this model (anomaly-flow calibrate)"))
-    with output_lock(out):
+    heatmaps_lock = contextlib.nullcontext() if heatmaps is None else output_lock(
+        Path(heatmaps), instead="choose another heatmap folder (--heatmaps)")
+    with output_lock(out), heatmaps_lock:
         return _score_folder(model, calibration, folder, out, batch_size=batch_size,
                              num_workers=num_workers, heatmaps=heatmaps, resume=resume,
                              fdr=fdr, progress=progress, flush_every_s=flush_every_s,

@@ -209,19 +209,23 @@ def temporary_names(out: Path) -> re.Pattern[str]:
 
 
 @contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold ``.<out>.lock`` beside ``out`` while a run writes it: two scoring runs given
-    the same output each replaced the other's table, and the rows of one were lost while
-    both said they wrote them. The file goes when the run ends; where locks cannot be
-    taken (no ``flock``, a file system without locks) nothing is held.
+def output_lock(out: Path, *, holder: str = "scoring run",
+                instead: str = "choose another output path") -> Iterator[None]:
+    """Hold ``.<out>.lock`` beside ``out`` (a file or a folder) while a run writes it: two
+    scoring runs given the same output each replaced the other's table, and the rows of
+    one were lost while both said they wrote them. The file goes when the run ends; where
+    locks cannot be taken (no ``flock``, a file system without locks) nothing is held.
+    ``holder`` names the kind of run that may hold it, ``instead`` ends the refusal's
+    advice.
 
     Raises:
         ScoringError: Another process holds the lock.
     """
-    if not file_lock.SUPPORTED:
+    target = Path(os.path.abspath(out))
+    if not file_lock.SUPPORTED or not target.name:  # the root folder: no place beside it
         yield
         return
-    path = out.with_name(f".{_temporary_stem(out)}.lock")
+    path = target.with_name(f".{_temporary_stem(target)}.lock")
     while True:
         try:
             handle = open(path, "a+")  # noqa: SIM115 (held until the run ends)
@@ -238,11 +242,10 @@ def output_lock(out: Path) -> Iterator[None]:
             yield
             return
         if not held:
-            holder = file_lock.holder(handle)
+            who = file_lock.holder(handle)
             handle.close()
-            raise ScoringError(f"another scoring run ({holder}) is writing "
-                               f"{display_path(out)}; wait for it to end, or choose another "
-                               "output path")
+            raise ScoringError(f"another {holder} ({who}) is writing {display_path(out)}; "
+                               f"wait for it to end, or {instead}")
         try:  # the file a run that just ended removed is no lock: take the new one
             current = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
         except OSError:

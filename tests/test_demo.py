@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,6 +219,21 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: 
     assert result.output.strip().splitlines() == [
         f"Error: cannot write the demo's folder {tmp_path / 'file' / 'demo'}: Not a "
         "directory; give it a writable --out DIR"]
+
+
+def test_a_second_demo_in_a_folder_a_running_one_holds_is_refused(tmp_path: Path) -> None:
+    """It rewrote data/, scores.csv and heatmaps/ under the running one, which then failed
+    with a traceback (a file gone from its test folder)."""
+    from anomaly_flow.score_table import output_lock
+
+    out = tmp_path / "demo"
+    with output_lock(out, holder="demo"):  # the running demo
+        result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: another demo (pid {os.getpid()} on {socket.gethostname()}) is writing {out}; "
+        "wait for it to end, or give this one another folder (--out DIR)"]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == []
 
 
 def test_the_demo_leaves_a_model_of_its_name_it_did_not_make_alone(

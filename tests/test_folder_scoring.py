@@ -621,6 +621,18 @@ def test_two_runs_cannot_write_one_output_at_once(model: Glow, messy: Path,
     lock.write_text("pid 1 on elsewhere")  # what a killed run leaves: a file, no lock
     summary = score_folder(model, None, messy, out)
     assert summary.n_files == len(MESSY) and not lock.exists()
+    # two runs with their own tables and one heatmap folder: one's heatmaps were lost
+    heat = tmp_path / "heat"
+    with output_lock(heat):
+        assert (tmp_path / ".heat.lock").is_file()
+        with pytest.raises(ScoringError, match=rf"^another scoring run \(pid {os.getpid()} on "
+                                               r".*\) is writing .*heat; wait for it to end, "
+                                               r"or choose another heatmap folder "
+                                               r"\(--heatmaps\)$"):
+            score_folder(model, None, messy, tmp_path / "other.csv", heatmaps=heat)
+        assert not heat.exists() and not (tmp_path / "other.csv").exists()
+    score_folder(model, None, messy, tmp_path / "other.csv", heatmaps=heat)
+    assert not (tmp_path / ".heat.lock").exists() and not (tmp_path / ".other.csv.lock").exists()
 
 
 def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_table: pd.DataFrame,

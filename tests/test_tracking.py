@@ -277,6 +277,36 @@ def test_a_damaged_database_file_is_named_not_the_folder_permissions(
     assert "writable" not in said and "server" not in said
 
 
+def test_a_database_another_process_holds_is_not_blamed_on_the_folder(
+        mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite's "database is locked" after MLflow's 20 s wait: another process holds the
+    store; the folder's permissions, which the message sent the user to check, are fine.
+    The store is really locked (an open exclusive transaction); the open that meets it
+    is sqlite's own, without MLflow's wait, so that the test takes no 20 s."""
+    import sqlite3
+
+    from anomaly_flow.tracking import store
+
+    holder = sqlite3.connect(mlruns / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def open_store(*args: Any, **kwargs: Any) -> None:
+        sqlite3.connect(mlruns / "mlflow.db", timeout=0).execute("SELECT 1 FROM experiments")
+
+    monkeypatch.setattr(store, "_open_store", open_store)
+    try:
+        with pytest.raises(tracking.TrackingError) as info:
+            tracking.configure(mlruns)
+    finally:
+        holder.rollback()
+        holder.close()
+    said = str(info.value)
+    assert said.startswith(f"cannot open the MLflow tracking store sqlite:///{mlruns}/mlflow.db"
+                           ": database is locked; another process has held the database for "
+                           "longer than a command waits"), said
+    assert "writable" not in said
+
+
 def test_a_server_that_is_down_is_reported_in_seconds(
         monkeypatch: pytest.MonkeyPatch, free_port: int) -> None:
     import time

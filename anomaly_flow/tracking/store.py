@@ -304,6 +304,10 @@ def _open_or_say_why(uri: str, sqlite_db: Path | None, artifact_root: Path | Non
             hint = (f"{sqlite_db} is damaged or not an MLflow database; restore it from a "
                     "backup, or " + ("point MLFLOW_TRACKING_URI at another database"
                                      if env_given else "pass another --mlruns DIR"))
+        elif sqlite_db is not None and "database is locked" in first:
+            hint = ("another process has held the database for longer than a command waits "
+                    "(a long write, or a process stopped while writing it, such as a "
+                    "suspended sqlite3 shell); let it finish or end it, then run this again")
         elif env_given:
             hint = "check MLFLOW_TRACKING_URI and that the server is running"
         else:
