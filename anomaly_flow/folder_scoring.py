@@ -247,6 +247,10 @@ def score_folder(
         check_fitted_to(calibration, model.digest(), advice=(
             "score with the calibration loaded with this model (load_model(URI).calibration),"
             " or calibrate this model (anomaly-flow calibrate)"))
+    if heatmaps is not None and os.path.realpath(heatmaps) == os.path.realpath(out):
+        raise ScoringError(f"the heatmap folder and the output are one path, "
+                           f"{display_path(out)}; give the heatmaps a folder of their own "
+                           "(--heatmaps DIR)")
     heatmaps_lock = contextlib.nullcontext() if heatmaps is None else output_lock(
         Path(heatmaps), instead="choose another heatmap folder (--heatmaps)")
     with output_lock(out), heatmaps_lock:

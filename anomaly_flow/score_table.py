@@ -17,6 +17,7 @@ this module knows nothing of models or batches and imports neither.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -211,25 +212,36 @@ def temporary_names(out: Path) -> re.Pattern[str]:
 @contextlib.contextmanager
 def output_lock(out: Path, *, holder: str = "scoring run",
                 instead: str = "choose another output path") -> Iterator[None]:
-    """Hold ``.<out>.lock`` beside ``out`` (a file or a folder) while a run writes it: two
-    scoring runs given the same output each replaced the other's table, and the rows of
-    one were lost while both said they wrote them. The file goes when the run ends; where
-    locks cannot be taken (no ``flock``, a file system without locks) nothing is held.
+    """Hold ``.<out>.lock`` beside ``out`` (a file or a folder; its real path, so that a
+    symlink to it takes the same lock) while a run writes it: two scoring runs given the
+    same output each replaced the other's table, and the rows of one were lost while both
+    said they wrote them. The folder it goes in is made where missing; the file goes when
+    the run ends; where locks cannot be taken (no ``flock``, a file system without locks,
+    a folder that cannot be written or made) nothing is held, with a warning where the
+    folder is there (the run says itself why it cannot make one).
     ``holder`` names the kind of run that may hold it, ``instead`` ends the refusal's
     advice.
 
     Raises:
         ScoringError: Another process holds the lock.
     """
-    target = Path(os.path.abspath(out))
+    target = Path(os.path.realpath(out))
     if not file_lock.SUPPORTED or not target.name:  # the root folder: no place beside it
         yield
         return
-    path = target.with_name(f".{_temporary_stem(target)}.lock")
+    stem = _temporary_stem(target)
+    if stem != target.name:  # cut short: names alike up to the cut get locks of their own
+        stem += "-" + hashlib.sha256(os.fsencode(target.name)).hexdigest()[:8]
+    path = target.with_name(f".{stem}.lock")
     while True:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")  # noqa: SIM115 (held until the run ends)
-        except OSError:  # check_writable has said what it can of the folder
+        except OSError as exc:
+            if path.parent.is_dir():  # else the run fails making its folder, and says why
+                logger.warning("cannot create the lock file %s (%s), so nothing stops a "
+                               "second run from writing %s meanwhile", display_path(path),
+                               exc.strerror or exc, display_path(out))
             yield
             return
         try:

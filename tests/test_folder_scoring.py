@@ -633,6 +633,34 @@ def test_two_runs_cannot_write_one_output_at_once(model: Glow, messy: Path,
         assert not heat.exists() and not (tmp_path / "other.csv").exists()
     score_folder(model, None, messy, tmp_path / "other.csv", heatmaps=heat)
     assert not (tmp_path / ".heat.lock").exists() and not (tmp_path / ".other.csv.lock").exists()
+    # the same folder by a symlink, or in a folder not made yet, takes the same lock
+    (tmp_path / "link").symlink_to(heat)
+    for given, held in ((tmp_path / "link", heat), (tmp_path / "new" / "hm", None)):
+        with output_lock(held or given), pytest.raises(
+                ScoringError, match=r"is writing .*; wait for it to end, or choose another "
+                                    r"heatmap folder"):
+            score_folder(model, None, messy, tmp_path / "third.csv", heatmaps=given)
+    assert not (tmp_path / "third.csv").exists()
+
+
+def test_a_heatmap_folder_and_a_table_of_long_like_names_lock_apart(
+        model: Glow, tmp_path: Path) -> None:
+    """Lock names are cut short to fit a file name; two cut alike each keep their own."""
+    folder = tmp_path / "images"
+    write_image_folder(sample_images(2), folder, "x-")
+    out, heat = tmp_path / ("A" * 230 + "-scores.csv"), tmp_path / ("A" * 230 + "-heat.csv")
+    summary = score_folder(model, None, folder, out, heatmaps=heat)
+    assert summary.n_heatmaps == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(["images", out.name, heat.name])
+
+
+def test_a_heatmap_folder_that_is_the_output_is_refused(model: Glow, tmp_path: Path) -> None:
+    out = tmp_path / "same.csv"
+    with pytest.raises(ScoringError, match=rf"^the heatmap folder and the output are one "
+                                           rf"path, {re.escape(str(out))}; give the heatmaps "
+                                           r"a folder of their own \(--heatmaps DIR\)$"):
+        score_folder(model, None, tmp_path, out, heatmaps=tmp_path / "same.csv")
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_table: pd.DataFrame,
