@@ -243,8 +243,9 @@ def score_folder(
     check_precision(precision)
     check_batch_size(batch_size)
     check_initialized(model)
+    digest = model.digest()  # once: each is a copy of every weight to the host
     if calibration is not None:
-        check_fitted_to(calibration, model.digest(), advice=(
+        check_fitted_to(calibration, digest, advice=(
             "score with the calibration loaded with this model (load_model(URI).calibration),"
             " or calibrate this model (anomaly-flow calibrate)"))
     if heatmaps is not None and os.path.realpath(heatmaps) == os.path.realpath(out):
@@ -258,7 +259,8 @@ def score_folder(
                              num_workers=num_workers, heatmaps=heatmaps, resume=resume,
                              fdr=fdr, progress=progress, flush_every_s=flush_every_s,
                              precision=precision, compile=compile,
-                             heatmap_kind=heatmap_kind, started_ns=started_ns)
+                             heatmap_kind=heatmap_kind, started_ns=started_ns,
+                             digest=digest)
 
 
 def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLike[str],
@@ -266,8 +268,9 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
                   heatmaps: str | os.PathLike[str] | None, resume: bool, fdr: float | None,
                   progress: bool | None, flush_every_s: float, precision: Precision,
                   compile: bool, heatmap_kind: HeatmapKind | Literal["auto"],
-                  started_ns: int) -> ScoreSummary:
-    """:func:`score_folder` once its arguments are checked, the output's lock held."""
+                  started_ns: int, digest: str) -> ScoreSummary:
+    """:func:`score_folder` once its arguments are checked, the output's lock held
+    (``digest``: the model's :meth:`~anomaly_flow.glow.Glow.digest`)."""
     removed = remove_leftovers(out.parent, temporary_names(out))
     if removed:
         logger.info("removed %d unfinished copy(ies) of %s that a killed run left",
@@ -297,8 +300,7 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
     earlier: _EarlierHeatmaps | None = None
     redraw: list[int] = []  # kept rows scored again to draw their heatmaps (kept till then)
     if heatmaps is not None:
-        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous,
-                                    model.digest())
+        earlier = _earlier_heatmaps(Path(heatmaps), root, paths, keys, previous, digest)
         redraw = _without_heatmaps(previous, earlier, keys, out, Path(heatmaps))
     todo = sorted(new + redraw)
     if previous is not None:
@@ -640,8 +642,8 @@ def _without_heatmaps(previous: pd.DataFrame | None, earlier: _EarlierHeatmaps,
     if missing:
         logger.info("%d file(s) kept from %s have no heatmap under %s, or one another model "
                     "drew (e.g. %s); scoring them again to draw them", len(missing),
-                    display_path(out),
-                    display_path(heatmaps), one_line(earlier.sources[missing[0]]))
+                    display_path(out), display_path(heatmaps),
+                    one_line(earlier.sources[missing[0]]))
     return missing
 
 
