@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import mlflow
 import numpy as np
@@ -99,21 +99,29 @@ def own_store_folder() -> Iterator[None]:
     try:
         yield
     finally:
-        if saved[3] is not None:  # the caller configured a folder: its store, as it was
+        if saved.folder is not None:  # the caller configured a folder: its store, as it was
             _restore(saved)
 
 
-def _configuration() -> tuple[str | None, Path | None, bool, Path | None]:
-    """What :func:`configure` set: the URI, artifact root, whether it is the default
-    store, and the folder ``mlruns=None`` means."""
-    return _state.uri, _state.artifact_root, _state.default_store, _state.folder
+class _Configuration(NamedTuple):
+    """What :func:`configure` set."""
+
+    uri: str | None
+    artifact_root: Path | None
+    default_store: bool  # the store under --mlruns, not MLFLOW_TRACKING_URI's
+    folder: Path | None  # the folder mlruns=None means
 
 
-def _restore(saved: tuple[str | None, Path | None, bool, Path | None]) -> None:
+def _configuration() -> _Configuration:
+    return _Configuration(_state.uri, _state.artifact_root, _state.default_store,
+                          _state.folder)
+
+
+def _restore(saved: _Configuration) -> None:
     """Put back a :func:`_configuration`, MLflow's URIs with it."""
     _state.uri, _state.artifact_root, _state.default_store, _state.folder = saved
-    if saved[0] is not None:
-        _point_mlflow(saved[0])
+    if saved.uri is not None:
+        _point_mlflow(saved.uri)
 
 
 def default_tracking_uri(mlruns: str | Path | None = None) -> str:
