@@ -686,8 +686,8 @@ def _with_header(path: Path, look: Callable[[Image.Image], _T]) -> _T | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 return look(img) if img.width * img.height <= MAX_IMAGE_PIXELS else None
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+    except Exception:  # PIL's plugins raise many types for damaged data (SyntaxError for
+        return None    # a broken PNG chunk past the first IDAT)
 
 
 def _look_at(paths: Sequence[Path], sample: int, look: Callable[[Image.Image], None]

@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 import zlib
@@ -1168,6 +1169,51 @@ def test_damaged_image_bytes_are_answered_never_raised(
     else:
         assert item.error and "\n" not in item.error and len(item.error) < 500, item.error
         assert not item.image.any()
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=st.sampled_from(sorted(ENCODED)), edits=FILE_EDITS,
+       mode=st.sampled_from(["L", "RGB"]), training=st.booleans())
+def test_damaged_image_files_are_passed_over_by_the_conversion_look(
+        kind: str, edits: list[tuple[str, float, bytes]], mode: str, training: bool) -> None:
+    """The look before training and scoring decodes a sample of the files (colour,
+    transparency, value range): a damaged one is left to the run to report, never raised."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"damaged.{kind}"
+        path.write_bytes(damaged(ENCODED[kind], edits))
+        looked = conversion_look([path], mode, 16, training=training)
+    assert all(isinstance(note, str) and note for note in looked.notes)
+
+
+def broken_past_first_idat(path: Path, img: Image.Image) -> None:
+    """Save ``img`` as a PNG of several IDAT chunks whose second chunk's type is zeroed:
+    the header and the first rows read, then PIL raises SyntaxError ("broken PNG file")."""
+    img.save(path)
+    encoded = bytearray(path.read_bytes())
+    second = encoded.find(b"IDAT", encoded.find(b"IDAT") + 4)
+    assert second > 0, "the image is too small to be written in several IDAT chunks"
+    encoded[second:second + 4] = bytes(4)
+    path.write_bytes(bytes(encoded))
+
+
+def test_a_png_broken_past_its_first_chunk_is_reported_by_the_run_not_raised_by_the_look(
+        tmp_path: Path) -> None:
+    """The colour and transparency checks decode the whole image; PIL's SyntaxError for a
+    chunk broken after the first IDAT once stopped training and scoring with a traceback."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+            tmp_path / f"grey-{i}.png")
+    pixels = rng.integers(0, 256, (300, 300, 4), dtype=np.uint8)
+    broken_past_first_idat(tmp_path / "colour.png", Image.fromarray(pixels[..., :3]))
+    broken_past_first_idat(tmp_path / "alpha.png", Image.fromarray(pixels, "RGBA"))
+    paths = sorted(tmp_path.iterdir())
+    for mode in ("L", "RGB"):
+        for training in (True, False):
+            conversion_look(paths, mode, 16, training=training)
+    for name in ("colour.png", "alpha.png"):
+        image, reason = try_load_image(tmp_path / name, "RGB", 16)
+        assert image is None and "broken PNG file" in reason, reason
 
 
 def test_threads_decoding_take_turns_with_the_warning_filters(tmp_path: Path) -> None:
