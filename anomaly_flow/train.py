@@ -573,20 +573,27 @@ def _make_optimizer(model: Glow, config: RunConfig) -> torch.optim.Optimizer:
 
 
 def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> torch.Tensor:
-    """The first images of epoch 0's order, for the data-dependent ActNorm init."""
+    """The first ``init_batch_size`` decodable images of epoch 0's order, for the
+    data-dependent ActNorm init: undecodable ones are passed over, further images read in
+    their place."""
     t = config.train
     order = next(iter(GlobalBatchSampler(len(dataset), len(dataset), t.seed, epoch=0)))
-    loader = DataLoader(Subset(dataset, order[: t.init_batch_size]),
-                        batch_size=t.init_batch_size, num_workers=0, generator=torch.Generator())
-    images, _ = failed.keep(next(iter(loader)))
-    if len(images) == 0:
+    kept: list[torch.Tensor] = []
+    found = read = 0
+    while found < t.init_batch_size and read < len(order):
+        chunk = order[read: read + t.init_batch_size]
+        loader = DataLoader(Subset(dataset, chunk), batch_size=len(chunk), num_workers=0,
+                            generator=torch.Generator())
+        images, _ = failed.keep(next(iter(loader)))
+        kept.append(images)
+        found, read = found + len(images), read + len(chunk)
+    if found == 0:
         example = next(iter(failed.reasons.items()), None)
         seen = f" (e.g. {example[0]}: {example[1]})" if example else ""
-        raise TrainingError(f"none of the first {len(order[: t.init_batch_size])} of the "
-                            f"{len(dataset)} image(s) of the training split (the validation "
-                            f"split is held apart) could be decoded{seen}; check that the "
-                            "training folder holds readable images.")
-    return images
+        raise TrainingError(f"none of the {len(dataset)} image(s) of the training split (the "
+                            f"validation split is held apart) could be decoded{seen}; check "
+                            "that the training folder holds readable images.")
+    return kept[0] if len(kept) == 1 else torch.cat(kept)[: t.init_batch_size]
 
 
 def train(

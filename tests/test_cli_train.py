@@ -334,8 +334,8 @@ def test_a_folder_of_only_corrupt_files_names_one_of_them(
     store = new_store(tmp_path / "mlruns", mlflow_db_template)
     result = invoke(str(tmp_path / "data"), "--name", "x", "--preset", "tiny", "--epochs", "1",
                     "--mlruns", str(store))
-    assert_one_line_error(result, 1, "none of the first 2 of the 2 image(s) of the training split "
-                          "(the validation split is held apart) could be decoded (e.g. ",
+    assert_one_line_error(result, 1, "none of the 2 image(s) of the training split (the "
+                          "validation split is held apart) could be decoded (e.g. ",
                           ".png: cannot identify")
 
 

@@ -371,6 +371,37 @@ def test_corrupt_files_are_skipped_counted_and_reported(
     assert "img_s=" not in capfd.readouterr().err
 
 
+def test_the_actnorm_init_reads_past_undecodable_files_to_a_full_batch(
+        tmp_path: Path, sneakers: np.ndarray) -> None:
+    """The init batch is the first init_batch_size decodable images of epoch 0's order:
+    undecodable files at its start once left it short, or, all of them bad, stopped
+    training although the folder held good images further on."""
+    folder = tmp_path / "train"
+    write_image_folder(sneakers[:12], folder, "s", "png")
+    for i in range(12):
+        (folder / f"junk-{i:02d}.png").write_text("not an image\n")
+    data = folder_datasets(folder, run_config(val_fraction=0.0))
+    base, indices = data.train.dataset, data.train.indices
+
+    def junk(i: int) -> bool:
+        return base.paths[indices[i]].name.startswith("junk")
+
+    def order_of(seed: int) -> list[int]:
+        return next(iter(train_module.GlobalBatchSampler(len(data.train), len(data.train),
+                                                         seed, epoch=0)))
+
+    seed = next(s for s in range(1000) if all(junk(i) for i in order_of(s)[:4]))
+    config = run_config(val_fraction=0.0, init_batch_size=4, seed=seed)
+    failed = train_module._FailedFiles(data.train, log=False)
+    init = train_module._init_batch(data.train, config, failed)
+    order = order_of(seed)
+    good = [i for i in order if not junk(i)][:4]
+    assert init.shape == (4, 1, 16, 16)
+    assert torch.equal(init, torch.stack([data.train[i].image for i in good]))
+    read = order[: order.index(good[-1]) + 1]
+    assert len(failed.reasons) == sum(junk(i) for i in read) >= 4
+
+
 def test_decoding_workers_train_the_same_model(tmp_path: Path, sneakers: np.ndarray) -> None:
     # batches decoded in 2 worker processes (their own collate: images in shared memory,
     # masks and indices in the pickle) train bit for bit the model of in-process decoding,
