@@ -256,14 +256,19 @@ def select_folder_score(normal: FolderScores, anomalous: FolderScores,
 
 
 def _tags(loaded: tracking.LoadedModel, normal: FolderScores,
-          anomalous: FolderScores | None) -> dict[str, str]:
+          anomalous: FolderScores | None, digest: str) -> dict[str, str]:
+    """The run's tags: the model it measured (by the URI given, and, as an alias moves on,
+    by its registered version and its weights' digest) and the folders."""
     uri = str(loaded.uri)
     tags = {
         # a model folder by its absolute path: the run is read from anywhere
         "model_uri": display_path(Path(uri).resolve()) if Path(uri).is_dir() else uri,
+        "model_digest": digest,
         "normal_folder": display_path(normal.folder.resolve()),
         "normal_fingerprint": normal.fingerprint,
     }
+    if loaded.name is not None and loaded.version is not None:
+        tags.update(model_name=loaded.name, model_version=str(loaded.version))
     if training_run := trained_by(loaded):
         tags["training_run_id"] = training_run
     if commit := tracking.git_commit():  # the code that scored and chose, as training's
@@ -416,10 +421,11 @@ def calibrate_scores(
             "than %d on a side its precision, recall and false-positive rate are rough "
             "estimates (one image moves them by several points); add labelled images",
             method, normal_values.size, anomalous_values.size, LABELLED_MIN_IMAGES)
+    digest = loaded.model.digest()
     calibration = calibrate(
         score, normal_values, method=method, alpha=target_fpr,
         anomalous_scores=anomalous_values, cost_fp=cost_fp, cost_fn=cost_fn,
-        score_selection=selection, model_digest=loaded.model.digest(),
+        score_selection=selection, model_digest=digest,
     )
     threshold = calibration.threshold
     metrics: dict[str, float] = {
@@ -470,7 +476,7 @@ def calibrate_scores(
     }
     if method == "cost":
         params.update(cost_fp=cost_fp, cost_fn=cost_fn)
-    tags = _tags(loaded, normal, anomalous)
+    tags = _tags(loaded, normal, anomalous, digest)
     curves = {} if anomalous_values is None else {score: (normal_values, anomalous_values)}
     if selection is not None:
         params["score_selection"] = AUTO_SCORE
@@ -991,7 +997,8 @@ def evaluate_scores(
 
     curves = {name: (normal.values(name), anomalous.values(name)) for name in table.index}
     with tracking.start_run(default_experiment(loaded), "evaluate", nested=nested,
-                            tags=_tags(loaded, normal, anomalous)) as run:
+                            tags=_tags(loaded, normal, anomalous,
+                                       loaded.model.digest())) as run:
         run.log_params({"model_uri": loaded.uri,
                         "normal_folder": display_path(normal.folder),
                         "anomalous_folder": display_path(anomalous.folder)})

@@ -153,6 +153,11 @@ def test_calibrate_promote_then_score_with_champion(
     assert calibration_run.info.run_id == run_id_from(result)
     candidate = client.get_model_version(NAME, "1")
     assert calibration_run.data.tags["training_run_id"] == candidate.tags["training_run_id"]
+    # the model it calibrated, by version and weights: the alias given moves on
+    assert {key: calibration_run.data.tags[key] for key in
+            ("model_uri", "model_name", "model_version", "model_digest")} == {
+        "model_uri": CANDIDATE, "model_name": NAME, "model_version": "1",
+        "model_digest": calibration.model_digest}
     # what an audit of the champion asks, on the version itself: the training data and
     # how well it was learned (from the source version), the calibration images
     for key in ("data_fingerprint", "val_bpd"):
@@ -987,6 +992,8 @@ def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
     assert tags["training_run_id"] == version.tags["training_run_id"]
     assert tags["model_uri"] == str(local)
+    assert tags["model_digest"] == tracking.load_model(local).model.digest()
+    assert "model_version" not in tags  # a folder: no version of the registry
     # the calibrated version's own evaluation names the threshold's score and method
     threshold = tracking.load_model(model_uri_from(calibrated)).calibration.threshold.value
     result = run("evaluate", "--model", model_uri_from(calibrated), "--normal",
@@ -995,6 +1002,9 @@ def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
     assert result.exit_code == 0, result.output
     assert f"at the stored threshold {threshold!r} (ensemble, conformal): FPR " \
         in result.stdout
+    tags = mlflow.MlflowClient().get_run(run_id_from(result)).data.tags
+    assert (tags["model_name"], tags["model_version"]) == (
+        NAME, model_uri_from(calibrated).rsplit("/", 1)[1])
 
 
 @pytest.mark.parametrize(("method", "advice"), [
