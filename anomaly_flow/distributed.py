@@ -20,11 +20,21 @@ nothing of models, configurations or MLflow.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+"""Linux's prctl option: the signal this process gets when the thread that started it
+ends (<linux/prctl.h>)."""
 
 
 def launch_rank() -> int:
@@ -89,10 +99,32 @@ def gathered(value: Any) -> list[Any]:
     return everyone
 
 
+def end_with_launcher() -> bool:
+    """Under torchrun on Linux, have the kernel send this process SIGTERM when torchrun
+    (its parent) dies; True when that is set up. torchrun starts each process in a
+    session of its own and forwards a stop to it, so a torchrun killed outright (SIGKILL,
+    the OOM killer) left its processes training on, orphaned, holding their GPUs and
+    registering a model nobody waits for; SIGTERM ends training as Ctrl-C does (the run
+    ended as KILLED, the checkpoint to go on from said). torchrun starts its processes
+    from its main thread, which lives as long as torchrun does."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # a libc without prctl: nothing to set
+        return False
+    if prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        logger.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
 def join_process_group(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether this call joined the group) under torchrun."""
+    """(rank, world size, whether this call joined the group) under torchrun; a process
+    that joins ends with torchrun (:func:`end_with_launcher`)."""
     created = False
     if world_size() > 1 and not dist.is_initialized():
+        end_with_launcher()
         # Imported before the group exists: on its first import (DDP makes it) this module
         # binds the world group as default argument of its functions, which would keep the
         # group alive past destroy_process_group, its gloo threads still running when the

@@ -79,6 +79,14 @@ for a clean-up that hangs."""
 _STOPPED_AT: list[float] = []
 """When the current block's first stop came (``time.monotonic()``), while one has."""
 
+_STOPPED_BY: list[int] = []
+"""The signal of the current block's first stop, while one has."""
+
+ECHO_S = 1.0
+"""A SIGTERM this soon after a first one is its echo, held without a word: one stop can
+reach a process several times (Linux sends a process torchrun started the signal it set
+to get at torchrun's death once per thread of its own: :mod:`anomaly_flow.distributed`)."""
+
 _HELD_MESSAGE = (b"\nstill stopping: keeping what is done so far (a stop more than "
                  + str(int(REPEAT_GRACE_S)).encode() + b" s after the first ends it at once)\n")
 
@@ -92,11 +100,14 @@ _DEFERRED: list[type[KeyboardInterrupt]] = []
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     if _STOPPED_AT and time.monotonic() - _STOPPED_AT[0] < REPEAT_GRACE_S:
-        os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
+        if not (signum == signal.SIGTERM == _STOPPED_BY[0]
+                and time.monotonic() - _STOPPED_AT[0] < ECHO_S):
+            os.write(2, _HELD_MESSAGE)  # async-signal-safe, unlike logging
         return
     first = not _STOPPED_AT
     stop = {signal.SIGTERM: Terminated, _HANGUP: HungUp}.get(signum, KeyboardInterrupt)
     _STOPPED_AT[:] = [time.monotonic()]
+    _STOPPED_BY[:] = [signum]
     _PENDING[:] = [stop]
     if first and _DEFERRING[0]:
         _DEFERRED[:] = [stop]

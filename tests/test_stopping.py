@@ -297,6 +297,19 @@ def test_a_stop_repeated_during_the_first_ones_clean_up_is_held(
                                         "once)") == 2
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():  # a new block: anew
         stopping._interrupt(signal.SIGINT, None)
+    # a SIGTERM that echoes the first (one stop reaching the process twice) is held
+    # without a word; a SIGTERM after a Ctrl-C, or past ECHO_S, is a second stop, said
+    capfd.readouterr()
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        try:
+            stopping._interrupt(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            stopping._interrupt(signal.SIGTERM, None)
+            assert "still stopping" not in capfd.readouterr().err
+            stopping._STOPPED_AT[0] -= stopping.ECHO_S
+            stopping._interrupt(signal.SIGTERM, None)
+            assert "still stopping" in capfd.readouterr().err
+            raise
 
 
 def test_remove_leftovers_takes_what_ended_processes_left_and_nothing_else(

@@ -1,6 +1,7 @@
 """``anomaly-flow train`` under torchrun where its processes disagree or fail: ranks that
 list different images, a host without the checkpoint a resume starts from, a rank that
-dies mid-training, and errors every process meets alike said once per host. Real
+dies mid-training, errors every process meets alike said once per host, and a torchrun
+killed outright. Real
 torchrun processes (gloo on the CPU); two "hosts" are two torchrun agents on 127.0.0.1,
 each in its own working folder, so that relative paths (the data, ``--mlruns``) name
 different folders as on two machines."""
@@ -12,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import mlflow
@@ -19,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from anomaly_flow.cli import main
+from anomaly_flow.distributed import end_with_launcher
 from tests.conftest import ImageDirs, new_store, torchrun, unused_port
 from tests.test_cli_train import often_config
 
@@ -169,3 +173,52 @@ def test_an_error_every_process_meets_is_said_by_one_process_per_host(
             assert result.exit_code == code, result.output
             assert len(errors(result.stderr)) == said, result.stderr
             assert "Traceback" not in result.output
+
+
+RANK = textwrap.dedent("""
+    import sys, threading, time
+    from anomaly_flow.distributed import end_with_launcher
+    from anomaly_flow.stopping import sigterm_as_interrupt
+    for _ in range(4):  # threads of its own, as gloo's and OpenMP's in a rank
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    try:
+        with sigterm_as_interrupt():
+            print("set up" if end_with_launcher() else "not set up", flush=True)
+            time.sleep(60)
+        print("slept on", flush=True)
+    except KeyboardInterrupt as stop:
+        print("stopped", type(stop).__name__, flush=True)
+""")
+
+LAUNCHER = textwrap.dedent("""
+    import subprocess, sys
+    rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True,
+                            stdout=open(sys.argv[2], "w"), stderr=subprocess.STDOUT)
+    rank.wait()
+""")
+
+
+def test_a_process_of_a_torchrun_killed_outright_is_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun starts each process in a session of its own (as the launcher here does):
+    killed outright (SIGKILL, the OOM killer), it forwards no stop, and its processes
+    trained on, orphaned. Linux now sends each SIGTERM, which ends training as Ctrl-C
+    does, once, without a second stop said for the echoes of the signal."""
+    out = tmp_path / "rank.txt"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(
+        Path(__file__).resolve().parents[1])}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, RANK, str(out)], env=env)
+    deadline = time.monotonic() + 60
+    while "set up" not in (out.read_text() if out.exists() else "") \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert out.read_text() == "set up\n"
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while "stopped" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert out.read_text() == "set up\nstopped Terminated\n"
+    # alone, or started by another launcher, a process sets nothing up
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not end_with_launcher()
