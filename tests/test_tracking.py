@@ -1869,6 +1869,12 @@ def test_spark_udf_scores_a_table_of_paths_with_the_registered_model(
         trained: TrainedModel, image_dirs: ImageDirs, monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> None:
     pyspark_sql = pytest.importorskip("pyspark.sql")
+    java_home = os.environ.get("JAVA_HOME")
+    if shutil.which("java") is None and not (java_home and Path(java_home, "bin", "java")
+                                             .is_file()):
+        pytest.skip("Spark needs a Java runtime (17 or later), which this machine lacks: "
+                    "install one (e.g. apt-get install openjdk-17-jre-headless) or set "
+                    "JAVA_HOME to run this test")
     monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
     monkeypatch.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
     files = image_dirs.files(image_dirs.test_normal) + image_dirs.files(
