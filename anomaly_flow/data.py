@@ -683,7 +683,8 @@ def _with_header(path: Path, look: Callable[[Image.Image], _T]) -> _T | None:
         if not is_regular_file(path):
             return None
         with warnings_caught():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # PIL's warnings (a bomb, corrupt EXIF data): the run reports the file itself
+            warnings.simplefilter("ignore")
             with Image.open(path) as img:
                 return look(img) if img.width * img.height <= MAX_IMAGE_PIXELS else None
     except Exception:  # PIL's plugins raise many types for damaged data (SyntaxError for

@@ -1178,11 +1178,13 @@ def test_damaged_image_files_are_passed_over_by_the_conversion_look(
         kind: str, edits: list[tuple[str, float, bytes]], mode: str, training: bool) -> None:
     """The look before training and scoring decodes a sample of the files (colour,
     transparency, value range): a damaged one is left to the run to report, never raised."""
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         path = Path(folder) / f"damaged.{kind}"
         path.write_bytes(damaged(ENCODED[kind], edits))
         looked = conversion_look([path], mode, 16, training=training)
     assert all(isinstance(note, str) and note for note in looked.notes)
+    assert not said, [str(w.message) for w in said]  # PIL's, raw on the user's terminal
 
 
 def broken_past_first_idat(path: Path, img: Image.Image) -> None:
