@@ -36,6 +36,9 @@ _PR_SET_PDEATHSIG = 1
 """Linux's prctl option: the signal this process gets when the thread that started it
 ends (<linux/prctl.h>)."""
 
+_PARENT = os.getppid()
+"""This process's parent as this module is imported: torchrun's agent, under torchrun."""
+
 
 def launch_rank() -> int:
     """This process's rank: the joined group's, else what torchrun set in RANK (0 alone)."""
@@ -55,6 +58,7 @@ def join_launch_group(device: torch.device) -> bool:
     """Under torchrun, join its process group now, with this rank's GPU pinned first (as
     :func:`anomaly_flow.train.train` does); True when this call joined it (the caller then
     leaves it with :func:`leave_launch_group`). Alone, nothing happens."""
+    end_with_launcher()  # one process of torchrun too
     if world_size() <= 1:
         return False
     return join_process_group(launch_device(device))[2]
@@ -106,25 +110,31 @@ def end_with_launcher() -> bool:
     the OOM killer) left its processes training on, orphaned, holding their GPUs and
     registering a model nobody waits for; SIGTERM ends training as Ctrl-C does (the run
     ended as KILLED, the checkpoint to go on from said). torchrun starts its processes
-    from its main thread, which lives as long as torchrun does."""
+    from its main thread, which lives as long as torchrun does; one that died before this
+    call (its parent is no longer the one this module was imported under) is answered
+    with the same SIGTERM at once."""
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # a libc without prctl: nothing to set
         return False
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
     if prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         logger.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
         return False
+    if os.getppid() != _PARENT:  # torchrun died before the kernel was asked to say so
+        os.kill(os.getpid(), signal.SIGTERM)
     return True
 
 
 def join_process_group(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world size, whether this call joined the group) under torchrun; a process
-    that joins ends with torchrun (:func:`end_with_launcher`)."""
+    that torchrun started ends with it (:func:`end_with_launcher`)."""
+    end_with_launcher()
     created = False
     if world_size() > 1 and not dist.is_initialized():
-        end_with_launcher()
         # Imported before the group exists: on its first import (DDP makes it) this module
         # binds the world group as default argument of its functions, which would keep the
         # group alive past destroy_process_group, its gloo threads still running when the

@@ -84,8 +84,9 @@ _STOPPED_BY: list[int] = []
 
 ECHO_S = 1.0
 """A SIGTERM this soon after a first one is its echo, held without a word: one stop can
-reach a process several times (Linux sends a process torchrun started the signal it set
-to get at torchrun's death once per thread of its own: :mod:`anomaly_flow.distributed`)."""
+reach a process several times (the signal a process torchrun started asks for at
+torchrun's death comes each time the kernel hands it on from one of torchrun's dying
+threads to the next, within a millisecond: :mod:`anomaly_flow.distributed`)."""
 
 _HELD_MESSAGE = (b"\nstill stopping: keeping what is done so far (a stop more than "
                  + str(int(REPEAT_GRACE_S)).encode() + b" s after the first ends it at once)\n")
@@ -106,8 +107,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         return
     first = not _STOPPED_AT
     stop = {signal.SIGTERM: Terminated, _HANGUP: HungUp}.get(signum, KeyboardInterrupt)
+    _STOPPED_BY[:] = [signum]  # first: a repeat landing between the two finds it set
     _STOPPED_AT[:] = [time.monotonic()]
-    _STOPPED_BY[:] = [signum]
     _PENDING[:] = [stop]
     if first and _DEFERRING[0]:
         _DEFERRED[:] = [stop]

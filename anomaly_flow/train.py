@@ -572,12 +572,18 @@ def _make_optimizer(model: Glow, config: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
 
 
+INIT_READ_LIMIT = 4
+"""The ActNorm init reads at most this many times ``init_batch_size`` images looking for
+decodable ones: a folder in which none of those decode is refused before training."""
+
+
 def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> torch.Tensor:
     """The first ``init_batch_size`` decodable images of epoch 0's order, for the
     data-dependent ActNorm init: undecodable ones are passed over, further images read in
-    their place."""
+    their place (up to :data:`INIT_READ_LIMIT` times ``init_batch_size`` in all)."""
     t = config.train
     order = next(iter(GlobalBatchSampler(len(dataset), len(dataset), t.seed, epoch=0)))
+    order = order[: INIT_READ_LIMIT * t.init_batch_size]
     kept: list[torch.Tensor] = []
     found = read = 0
     while found < t.init_batch_size and read < len(order):
@@ -590,9 +596,11 @@ def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> to
     if found == 0:
         example = next(iter(failed.reasons.items()), None)
         seen = f" (e.g. {example[0]}: {example[1]})" if example else ""
-        raise TrainingError(f"none of the {len(dataset)} image(s) of the training split (the "
-                            f"validation split is held apart) could be decoded{seen}; check "
-                            "that the training folder holds readable images.")
+        first = "" if read == len(dataset) else f"first {read} of the "
+        raise TrainingError(f"none of the {first}{len(dataset)} image(s) of the training "
+                            f"split (the validation split is held apart) could be "
+                            f"decoded{seen}; check that the training folder holds readable "
+                            "images.")
     return kept[0] if len(kept) == 1 else torch.cat(kept)[: t.init_batch_size]
 
 

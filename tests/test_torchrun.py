@@ -21,8 +21,8 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
+from anomaly_flow import distributed
 from anomaly_flow.cli import main
-from anomaly_flow.distributed import end_with_launcher
 from tests.conftest import ImageDirs, new_store, torchrun, unused_port
 from tests.test_cli_train import often_config
 
@@ -176,14 +176,16 @@ def test_an_error_every_process_meets_is_said_by_one_process_per_host(
 
 
 RANK = textwrap.dedent("""
-    import sys, threading, time
-    from anomaly_flow.distributed import end_with_launcher
+    import os, sys, time
+    from anomaly_flow import distributed
     from anomaly_flow.stopping import sigterm_as_interrupt
-    for _ in range(4):  # threads of its own, as gloo's and OpenMP's in a rank
-        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    print("imported", flush=True)
+    if sys.argv[1] == "before":  # torchrun dies before the process asks to hear of it
+        while os.getppid() == distributed._PARENT:
+            time.sleep(0.05)
     try:
         with sigterm_as_interrupt():
-            print("set up" if end_with_launcher() else "not set up", flush=True)
+            print("set up" if distributed.end_with_launcher() else "not set up", flush=True)
             time.sleep(60)
         print("slept on", flush=True)
     except KeyboardInterrupt as stop:
@@ -192,33 +194,39 @@ RANK = textwrap.dedent("""
 
 LAUNCHER = textwrap.dedent("""
     import subprocess, sys
-    rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True,
-                            stdout=open(sys.argv[2], "w"), stderr=subprocess.STDOUT)
+    rank = subprocess.Popen([sys.executable, "-c", *sys.argv[1:3]], start_new_session=True,
+                            stdout=open(sys.argv[3], "w"), stderr=subprocess.STDOUT)
     rank.wait()
 """)
 
 
+def wait_for_text(path: Path, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else "") \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.read_text()
+
+
+@pytest.mark.parametrize("killed", ["after", "before"])
 def test_a_process_of_a_torchrun_killed_outright_is_stopped(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: str) -> None:
     """torchrun starts each process in a session of its own (as the launcher here does):
     killed outright (SIGKILL, the OOM killer), it forwards no stop, and its processes
     trained on, orphaned. Linux now sends each SIGTERM, which ends training as Ctrl-C
-    does, once, without a second stop said for the echoes of the signal."""
+    does; killed before the process asked for that, the process stops itself as it asks.
+    (The echoes of that signal a launcher of several threads causes are test_stopping's.)"""
     out = tmp_path / "rank.txt"
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(
         Path(__file__).resolve().parents[1])}
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, RANK, str(out)], env=env)
-    deadline = time.monotonic() + 60
-    while "set up" not in (out.read_text() if out.exists() else "") \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert out.read_text() == "set up\n"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, RANK, killed, str(out)],
+                                env=env)
+    assert wait_for_text(out, "set up" if killed == "after" else "imported", 60) \
+        == "imported\n" + ("set up\n" if killed == "after" else "")
     launcher.kill()
     launcher.wait()
-    deadline = time.monotonic() + 30
-    while "stopped" not in out.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert out.read_text() == "set up\nstopped Terminated\n"
+    assert wait_for_text(out, "stopped", 30) == "imported\n" + (
+        "set up\n" if killed == "after" else "") + "stopped Terminated\n"
     # alone, or started by another launcher, a process sets nothing up
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert not end_with_launcher()
+    assert not distributed.end_with_launcher()

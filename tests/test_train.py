@@ -400,6 +400,18 @@ def test_the_actnorm_init_reads_past_undecodable_files_to_a_full_batch(
     assert torch.equal(init, torch.stack([data.train[i].image for i in good]))
     read = order[: order.index(good[-1]) + 1]
     assert len(failed.reasons) == sum(junk(i) for i in read) >= 4
+    # a folder of which none of the first INIT_READ_LIMIT batches decode is refused then
+    for i in range(12, 40):
+        (folder / f"junk-{i:02d}.png").write_text("not an image\n")
+    data = folder_datasets(folder, run_config(val_fraction=0.0))
+    base, indices = data.train.dataset, data.train.indices
+    seed = next(s for s in range(1000) if all(junk(i) for i in order_of(s)[:8]))
+    config = run_config(val_fraction=0.0, init_batch_size=2, seed=seed)
+    failed = train_module._FailedFiles(data.train, log=False)
+    with pytest.raises(TrainingError, match=r"^none of the first 8 of the 52 image\(s\) of "
+                                            r"the training split .* could be decoded \(e\.g\. "):
+        train_module._init_batch(data.train, config, failed)
+    assert len(failed.reasons) == 8
 
 
 def test_decoding_workers_train_the_same_model(tmp_path: Path, sneakers: np.ndarray) -> None:
