@@ -58,7 +58,6 @@ def join_launch_group(device: torch.device) -> bool:
     """Under torchrun, join its process group now, with this rank's GPU pinned first (as
     :func:`anomaly_flow.train.train` does); True when this call joined it (the caller then
     leaves it with :func:`leave_launch_group`). Alone, nothing happens."""
-    end_with_launcher()  # one process of torchrun too
     if world_size() <= 1:
         return False
     return join_process_group(launch_device(device))[2]

@@ -620,8 +620,7 @@ def _earlier_heatmaps(folder: Path, root: Path, paths: Sequence[Path], keys: Seq
             if name in claimed:
                 continue
             mark = heatmap_mark(folder / name)
-            if mark.is_heatmap and mark.folder in (None, scored_folder) \
-                    and mark.model in (None, model):
+            if mark.is_heatmap and mark.drawn_for(scored_folder, model):
                 held[i] = name
                 claimed.add(name)
                 break

@@ -214,18 +214,28 @@ class HeatmapMark(NamedTuple):
     folder: str | None  # the scored folder it records (FOLDER_KEY); None: none recorded
     model: str | None  # the digest of the model that drew it (MODEL_KEY); None: none recorded
 
+    def drawn_for(self, scored_folder: str | None, model: str | None) -> bool:
+        """Whether it may be a heatmap of a run over ``scored_folder`` with the model of
+        digest ``model`` (None: any): it records them, or nothing in their place (a
+        version before it recorded them)."""
+        return (scored_folder is None or self.folder in (None, scored_folder)) \
+            and (model is None or self.model in (None, model))
+
 
 def _text(info: dict[str, Any], key: str) -> str | None:
     value = info.get(key)
     return value if isinstance(value, str) else None
 
 
+def _mark(info: dict[str, Any]) -> HeatmapMark:
+    return HeatmapMark(any(str(key).startswith("anomaly-flow:") for key in info),
+                       _text(info, FOLDER_KEY), _text(info, MODEL_KEY))
+
+
 def heatmap_mark(path: Path) -> HeatmapMark:
     """Whether ``path`` is a heatmap, the scored folder and the model it records, from one
     read of its header."""
-    info = _png_text(path)
-    return HeatmapMark(any(str(key).startswith("anomaly-flow:") for key in info),
-                       _text(info, FOLDER_KEY), _text(info, MODEL_KEY))
+    return _mark(_png_text(path))
 
 
 def recorded_heatmaps(folder: Path, scored_folder: str | None = None,
@@ -245,12 +255,9 @@ def recorded_heatmaps(folder: Path, scored_folder: str | None = None,
             for name in names if name.endswith(".png")]  # rglob recurses once a level
     for path in sorted(pngs):
         info = _png_text(path)
-        source, recorded = info.get(SOURCE_KEY), _text(info, FOLDER_KEY)
-        if scored_folder is not None and recorded not in (None, scored_folder):
+        if not _mark(info).drawn_for(scored_folder, model):
             continue
-        if model is not None and _text(info, MODEL_KEY) not in (None, model):
-            continue
-        if isinstance(source, str):
+        if isinstance(source := info.get(SOURCE_KEY), str):
             quantity = next((q for q in UNITS if f"anomaly-flow:{q}" in info), None)
             found.setdefault(source, (path.relative_to(folder), quantity))
     return found
