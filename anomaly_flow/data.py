@@ -724,6 +724,12 @@ class ConversionLook(NamedTuple):
     shapes: tuple[tuple[int, int, int], ...]
 
 
+_JUDGED_KINDS = {"judged": "coloured", "with_alpha": "transparent", "floats": "unit_floats",
+                 "wide": "narrow"}
+"""What :func:`conversion_look` finds by decoding an image, by the count of images it
+was judged among."""
+
+
 def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
                     sample: int = 64, *, resizing: bool = True,
                     training: bool = True, resize: Resize = "stretch",
@@ -757,6 +763,24 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
             first.setdefault(kind, one_line(display_path(img.filename)))
 
     def look(img: Image.Image) -> None:
+        # what needs the pixels first: a file whose decoding fails here is not counted
+        # at all (the run reports it), so no note speaks of it
+        small = img.width * img.height <= 2**24  # decoded to judge it in a few ms
+        judged: dict[str, bool] = {}  # kind -> found, under the kind's count of images
+        if (mode == "L" and img.mode not in _GREY_MODES and seen["judged"] < 16
+                and (img.format == "JPEG" or small)):
+            judged["judged"] = _in_colour(img)
+        if (img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)) \
+                and seen["with_alpha"] < 16 and small:
+            judged["with_alpha"] = _has_transparency(img)
+        if img.mode == "F" and small:
+            low, high = img.getextrema()
+            judged["floats"] = low >= 0.0 and high <= 1.0
+        if img.mode in _SIXTEEN_BIT_MODES and small:
+            judged["wide"] = img.getextrema()[1] < NARROW_SIXTEEN_BIT
+        # scoring counts them all, as it decodes them; a damaged later frame is not asked
+        # about again: decoding reads the first alone
+        layered = training and _has_more_frames(img)
         seen["checked"] += 1
         shape = _upright_size(img)
         shapes[shape] += 1
@@ -766,25 +790,10 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
         elif 2 * scaled <= size:
             smaller[shape] += 1
         count("grey", img, mode == "RGB" and img.mode in _GREY_MODES)  # a colour model takes
-        small = img.width * img.height <= 2**24  # decoded to judge it in a few ms
-        if (mode == "L" and img.mode not in _GREY_MODES and seen["judged"] < 16
-                and (img.format == "JPEG" or small)):
-            seen["judged"] += 1
-            count("coloured", img, _in_colour(img))
-        if (img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)) \
-                and seen["with_alpha"] < 16 and small:
-            seen["with_alpha"] += 1
-            count("transparent", img, _has_transparency(img))
-        if img.mode == "F" and small:
-            seen["floats"] += 1
-            low, high = img.getextrema()
-            count("unit_floats", img, low >= 0.0 and high <= 1.0)
-        if img.mode in _SIXTEEN_BIT_MODES and small:
-            seen["wide"] += 1
-            count("narrow", img, img.getextrema()[1] < NARROW_SIXTEEN_BIT)
-        # scoring counts them all, as it decodes them; a damaged later frame is not asked
-        # about again: decoding reads the first alone
-        seen["layered"] += training and _has_more_frames(img)
+        for among, found in judged.items():
+            seen[among] += 1
+            count(_JUDGED_KINDS[among], img, found)
+        seen["layered"] += layered
 
     _look_at(paths, sample, look)
     checked, grey, judged, coloured = (seen[k] for k in ("checked", "grey", "judged",

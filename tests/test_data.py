@@ -1212,7 +1212,11 @@ def test_a_png_broken_past_its_first_chunk_is_reported_by_the_run_not_raised_by_
     paths = sorted(tmp_path.iterdir())
     for mode in ("L", "RGB"):
         for training in (True, False):
-            conversion_look(paths, mode, 16, training=training)
+            looked = conversion_look(paths, mode, 16, training=training)
+            if mode == "L":  # both decoded to judge their colour, and found damaged:
+                # neither counted, so no note speaks of their 300×300
+                assert looked.shapes == ((28, 28, 3),)
+                assert not any("300" in note for note in looked.notes), looked.notes
     for name in ("colour.png", "alpha.png"):
         image, reason = try_load_image(tmp_path / name, "RGB", 16)
         assert image is None and "broken PNG file" in reason, reason
