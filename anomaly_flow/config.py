@@ -174,11 +174,13 @@ class TrainConfig:
         sample_temperature: Temperature of the sample grid drawn after training.
         init_batch_size: Images used for the data-dependent ActNorm initialisation.
         compile: ``torch.compile`` the model for the training steps (after the ActNorm
-            initialisation, around DDP). The first steps pay the compilation (tens of
-            seconds on a CPU, minutes for the reference architecture); validation,
-            sampling and the saved model stay eager. Needs a C++ compiler on the CPU.
-            Under DDP every rank compiles the wrapped model on its own (tested with
-            gloo on the CPU, ranks with batches of different sizes included).
+            initialisation, around DDP). The first step pays the compilation (tens of
+            seconds on a CPU, minutes for the reference architecture), once: the batch
+            size is left symbolic, so the shorter last batch of an epoch does not compile
+            again (a batch of one image does). Validation, sampling and the saved model
+            stay eager. Needs a C++ compiler on the CPU. Under DDP every rank compiles the
+            wrapped model on its own (tested with gloo on the CPU, ranks with batches of
+            different sizes included).
     """
 
     epochs: int = 10

@@ -20,12 +20,6 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
 
 from anomaly_flow.detection import labelled_scores
 
@@ -216,12 +210,19 @@ def _curve_figure(
     return fig, ax, prevalence
 
 
+# scikit-learn takes a second or more to import: imported where a curve is drawn, so the
+# commands that import this module and draw none (score) start without it
+
 def _roc(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     fpr, tpr, _ = roc_curve(y_true, y_score)
     return fpr, tpr, f"AUROC {roc_auc_score(y_true, y_score):.3f}"
 
 
 def _pr(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(y_true, y_score)
     return recall, precision, f"AP {average_precision_score(y_true, y_score):.3f}"
 

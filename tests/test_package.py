@@ -6,6 +6,9 @@ its own group or the groups above it, in the order the package docstring maps th
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,14 @@ def test_only_one_part_of_the_package_imports(library: str, owner: str) -> None:
                for imported in _imports(path))
     )
     assert importers == []
+
+
+def test_the_score_command_starts_without_scikit_learn() -> None:
+    """scikit-learn takes a second or more to import and scoring draws no curve: what
+    ``anomaly-flow score`` imports (the command and the evaluation module it runs) leaves
+    it out, so a command that fails at once (a model URI with no store) answers at once."""
+    probe = ("import sys, anomaly_flow.cli.score, anomaly_flow.evaluation\n"
+             "print(sorted({'sklearn', 'torch', 'mlflow'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.stdout.strip() == "['mlflow', 'torch']", done.stdout + done.stderr

@@ -473,12 +473,15 @@ def test_bf16_is_ignored_on_cpu(tmp_path: Path, sneakers: np.ndarray,
 def test_compiled_training_matches_eager(tmp_path: Path, sneakers: np.ndarray) -> None:
     """``compile=True`` trains the same model: the same losses step by step, up to the
     float32 reordering of Inductor's fused kernels, and a last partial batch of another
-    shape (recompiled or dynamic) is taken too. The saved model is the eager module."""
+    shape is taken by the same compiled graph (the batch size is symbolic from the first
+    step). The saved model is the eager module."""
     write_image_folder(sneakers[:28], tmp_path, "s", "png")  # 3 steps of 8, one of 4
     runs = []
     model = GlowConfig(in_channels=1, image_size=16, levels=2, steps_per_level=1,
                        hidden_channels=8)  # little to compile: the test stays short
     for compiled in (False, True):  # batches of 8, as each DDP rank's in the test below
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         config = RunConfig(model, run_config(epochs=1, val_fraction=0.0, batch_size=8,
                                              compile=compiled).train)
         data = folder_datasets(tmp_path, config)
@@ -486,6 +489,7 @@ def test_compiled_training_matches_eager(tmp_path: Path, sneakers: np.ndarray) -
         result = train(config, data.train, device="cpu", callback=lambda e, out=losses:
                        out.append(e.metrics["train_bpd"]) if e.kind == "step" else None)
         runs.append((losses, result))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # not one per shape
     (eager, eager_result), (compiled_losses, compiled_result) = runs
     assert len(eager) == len(compiled_losses) == 4
     assert compiled_losses == pytest.approx(eager, rel=1e-4)
@@ -839,8 +843,8 @@ def test_ddp_with_compile_matches_one_eager_process(tmp_path: Path,
                                                    sneakers: np.ndarray) -> None:
     """``compile=True`` under DDP: each rank compiles the DDP-wrapped model; a bad file
     met by one rank and the short last batch give the ranks batches of different sizes
-    (each recompiles on its own). Same weights as one eager process, up to the float32
-    reordering of compiled kernels and DDP's reduction."""
+    (each takes them with its one graph, the batch size symbolic). Same weights as one
+    eager process, up to the float32 reordering of compiled kernels and DDP's reduction."""
     folder = tmp_path / "data"
     write_image_folder(sneakers[:56], folder, "s", "png")  # 3 global batches of 16, one of 8
     (folder / "notes.png").write_text("not an image")
