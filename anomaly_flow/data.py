@@ -96,6 +96,11 @@ class DataError(ValueError):
     """The images or data files given cannot be used; the message says why and what to do."""
 
 
+class _UnscalableImage(DataError):
+    """A decoded image whose pixel values the conversion to 8 bits has no scale for; the
+    message says why, without the file name (decoding from a file adds it)."""
+
+
 class ImageDecodeError(DataError):
     """One image could not be read or decoded.
 
@@ -464,7 +469,8 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
     """Read one image file and convert it exactly as training and scoring expect.
 
     The steps: take the first frame (GIF, multi-page TIFF); apply the EXIF orientation;
-    16-bit grey is scaled to 8 bits (``round(v / 257)``), float grey is clipped to
+    16-bit grey is scaled to 8 bits (``round(v / 257)``; 32-bit integer grey too where
+    its values lie in 0..65535, and is refused where they do not), float grey is clipped to
     0..255; palette images with transparency and images with an alpha channel are
     composited onto **black** (``rgb * alpha / 255``); CMYK and other modes are converted
     by PIL; then to ``mode`` and to ``size × size`` with :data:`RESAMPLE`, as ``resize``
@@ -523,6 +529,8 @@ def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: 
                 return Decoded(array, shape, _has_more_frames(img))
     except ImageDecodeError:
         raise
+    except _UnscalableImage as exc:
+        raise ImageDecodeError(name, str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         raise ImageDecodeError(name, _too_large(int(found[1])) if found else str(exc)) from None
@@ -592,6 +600,10 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int,
 
     Returns:
         uint8 array of shape ``(C, size, size)``.
+
+    Raises:
+        DataError: A 32-bit integer grey image (mode ``I``) with values outside 0..65535,
+            which 8 bits have no scale for.
     """
     return _to_input(img, mode, size, resize)[0]
 
@@ -605,7 +617,16 @@ def _to_input(img: Image.Image, mode: ImageMode, size: int, resize: Resize
     except Exception as exc:  # a damaged EXIF block should not cost an otherwise good image
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
     if img.mode in _SIXTEEN_BIT_MODES:
-        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257
+        grey = np.asarray(img, dtype=np.float64)
+        # mode I holds 32-bit integers too (a 32-bit TIFF): clipped to 16 bits, most of such
+        # an image would turn white, and scored, flagged for that alone
+        low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+        if low < 0 or high > 65535:
+            raise _UnscalableImage(
+                f"32-bit integer grey image with values from {low:.0f} to {high:.0f}: only "
+                "0..65535 (16-bit grey) is scaled to 8 bits; save it as a 16- or 8-bit image, "
+                "scaled to that range")
+        grey /= 257
         img = Image.fromarray(np.rint(grey).astype(np.uint8))
     elif img.mode == "F":
         grey = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0, 255)
@@ -742,8 +763,9 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
     which a model trained on colour images would flag), detail lost when most of them are
     larger than ``size``, an interpolation learned when most are at most half of it (both
     left out without ``resizing``), floating-point images scaled to 0..1 (read as 0..255,
-    they are near black), 16-bit images most of which use only values below 4096 (8- or
-    12-bit data stored in 16 bits: divided by 257, they are dark), aspect ratios that
+    they are near black), 16- or 32-bit integer grey images most of which use only values
+    below 4096 (8- or 12-bit data stored in more bits: divided by 257, they are dark),
+    aspect ratios that
     differ, where ``resize`` makes that visible to the model, images a ``crop`` keeps
     less than half of, for training, files with several frames (only the first is read;
     scoring counts every such file itself), and, for scoring, images most of which come in
@@ -845,11 +867,11 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
             + "; to see them on their own background, flatten them onto it before "
             + ("training" if training else "scoring"))
     if 2 * narrow > wide:  # most: a stray dark frame among full-range ones is no sign
-        notes.append(f"{narrow} of {wide} 16-bit images looked at use only values below "
-                     f"{NARROW_SIXTEEN_BIT}{eg('narrow')} (8- or 12-bit data stored in 16 "
-                     "bits?), and 16-bit "
-                     "grey is scaled to 8 bits by 1/257, so they are dark to the model: "
-                     "scale them to the full 0..65535 range, or save them as 8-bit images")
+        notes.append(f"{narrow} of {wide} 16- or 32-bit integer grey images looked at use "
+                     f"only values below {NARROW_SIXTEEN_BIT}{eg('narrow')} (8- or 12-bit "
+                     "data stored in more bits?), and integer grey is scaled to 8 bits as "
+                     "16-bit grey is, by 1/257, so they are dark to the model: scale them to "
+                     "the full 0..65535 range, or save them as 8-bit images")
     n_larger = sum(larger.values())
     if resizing and checked and 2 * n_larger > checked:
         (width, height), _ = larger.most_common(1)[0]

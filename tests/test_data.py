@@ -212,11 +212,15 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
 
 
 def test_int32_and_float_images() -> None:
-    as_int = Image.fromarray(np.array([[0, 65535, 70000, -3]], dtype=np.int32))
+    as_int = Image.fromarray(np.array([[0, 65535, 257 * 7, 3]], dtype=np.int32))
     assert as_int.mode == "I"
-    np.testing.assert_array_equal(
-        image_to_array(as_int.resize((4, 4)), "L", 4)[0, 0], [0, 255, 255, 0]
+    np.testing.assert_array_equal(  # values 16 bits hold: scaled as 16-bit grey
+        image_to_array(as_int.resize((4, 4)), "L", 4)[0, 0], [0, 255, 7, 0]
     )
+    for wide in ([0, 65535, 70000, 3], [0, 65535, 20, -3]):  # clipped, they would be lost
+        with pytest.raises(DataError, match=r"^32-bit integer grey image with values from "
+                                            rf"{min(wide)} to {max(wide)}: only 0\.\.65535"):
+            image_to_array(Image.fromarray(np.array([wide], dtype=np.int32)), "L", 4)
     as_float = Image.fromarray(np.array([[-5.0, 300.7, 12.4, np.nan]], dtype=np.float32))
     assert as_float.mode == "F"
     np.testing.assert_array_equal(
@@ -807,6 +811,29 @@ def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path
     assert conversion_notes([tmp_path / "full.tiff"], "L", 16) == []
 
 
+def test_a_32_bit_tiff_beyond_16_bits_is_an_error_not_white(tmp_path: Path) -> None:
+    """A 32-bit integer TIFF using its range (here an 8-bit image times 2^23, as some
+    scientific cameras write) would be clipped to white in most pixels and flagged for
+    that; it is an undecodable file instead, its reason saying what to do. One whose values
+    fit 16 bits reads as the same image in a 16-bit PNG does."""
+    rng = np.random.default_rng(3)
+    eight = rng.integers(0, 256, (16, 16))
+    Image.fromarray((eight * 2 ** 23).astype(np.int32), mode="I").save(tmp_path / "wide.tiff")
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(tmp_path / "wide.tiff", "L", 16)
+    assert caught.value.reason.startswith(
+        f"32-bit integer grey image with values from {eight.min() * 2 ** 23} to "
+        f"{eight.max() * 2 ** 23}: only 0..65535 (16-bit grey) is scaled to 8 bits; save "
+        "it as a 16- or 8-bit image"), caught.value.reason
+    assert try_load_image(tmp_path / "wide.tiff", "L", 16) == (None, caught.value.reason)
+    sixteen = eight * 257
+    Image.fromarray(sixteen.astype(np.int32), mode="I").save(tmp_path / "fits.tiff")
+    Image.fromarray(sixteen.astype(np.uint16)).save(tmp_path / "fits.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "fits.tiff", "L", 16),
+                                  load_image(tmp_path / "fits.png", "L", 16))
+    np.testing.assert_array_equal(load_image(tmp_path / "fits.png", "L", 16)[0], eight)
+
+
 def test_conversion_notes_say_when_16_bit_images_hold_fewer_bits(tmp_path: Path) -> None:
     """16-bit grey is scaled by 1/257: 12-bit camera data, or 8-bit values in a 32-bit
     TIFF, come out in the darkest sixteenth."""
@@ -819,7 +846,8 @@ def test_conversion_notes_say_when_16_bit_images_hold_fewer_bits(tmp_path: Path)
     Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(
         tmp_path / "full.png")
     (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 16)
-    assert note.startswith("3 of 4 16-bit images looked at use only values below 4096")
+    assert note.startswith("3 of 4 16- or 32-bit integer grey images looked at use only "
+                           "values below 4096")
     assert load_image(tmp_path / "twelve-0.png", "L", 16).max() <= 16  # as the note says
     assert conversion_notes([tmp_path / "full.png"], "L", 16) == []
     # one dark frame among full-range images is no sign of 12-bit data: scaling it to the

@@ -168,7 +168,8 @@ def test_scoring_says_when_images_lose_their_range_in_the_conversion(
     notes = [r.getMessage() for r in caplog.records]
     assert any("2 of 2 floating-point images looked at hold values in 0..1" in n
                for n in notes), notes
-    assert any("2 of 2 16-bit images looked at use only values below 4096" in n
+    assert any("2 of 2 16- or 32-bit integer grey images looked at use only values below "
+               "4096" in n
                for n in notes), notes
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.folder_scoring"):
