@@ -687,10 +687,14 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             _refuse_failed_copy(exc, uri, Path(tmp))
             first = password_masked((str(exc).strip().splitlines()
                                      or [type(exc).__name__])[0], mlflow.get_tracking_uri())
-            if re.match(r"https?://", uri, re.IGNORECASE):  # MLflow's words are its parser's
+            if re.match(r"https?://", uri, re.IGNORECASE):
+                # a server's answer says something; a Python error from MLflow's parsing of
+                # the address (not enough values to unpack) says nothing to the user
+                said = "" if isinstance(exc, ValueError | TypeError | LookupError) \
+                    else f" ({password_masked(first, uri)})"
                 raise ModelNotFoundError(
-                    f"cannot load a model from the web address {redacted(uri)} "
-                    f"({password_masked(first, uri)}): MLflow reads such an address only as "
+                    f"cannot load a model from the web address {redacted(uri)}{said}: "
+                    "MLflow reads such an address only as "
                     "a model folder on an MLflow artifact server; download the model folder "
                     f"and give its local path, or {_URI_HELP}") from None
             raise ModelNotFoundError(
