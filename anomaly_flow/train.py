@@ -601,7 +601,7 @@ def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> to
                             f"split (the validation split is held apart) could be "
                             f"decoded{seen}; check that the training folder holds readable "
                             "images.")
-    return kept[0] if len(kept) == 1 else torch.cat(kept)[: t.init_batch_size]
+    return torch.cat(kept)[: t.init_batch_size]
 
 
 def train(
@@ -879,6 +879,10 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
                     if not bool(ok.all()):  # a CPU mask: no device sync when all decoded
                         noise = noise[ok.to(dev)]
                     x = preprocess(images.to(dev, non_blocking=True), m.n_bits, noise)
+                    if t.compile:  # one graph for every batch size: without the hint the
+                        # shorter last batch of an epoch compiles a second (a third of the
+                        # compile time on a CPU)
+                        torch._dynamo.maybe_mark_dynamic(x, 0)
                     figures = _forward_backward(net, model, optimizer, x, world, max_norm)
                     launched = _LaunchedStep(step + 1, learning_rate(t, step), figures)
                     step += 1
@@ -1021,9 +1025,6 @@ def _forward_backward(net: torch.nn.Module, model: Glow, optimizer: torch.optim.
     n = torch.full((), float(len(x)), device=x.device)  # torch.tensor() would wait on CUDA
     if world > 1:
         dist.all_reduce(n)
-    # compiled, one graph serves every batch size: without the hint the shorter last batch
-    # of an epoch compiles a second (a third of the compile time on a CPU)
-    torch._dynamo.maybe_mark_dynamic(x, 0)
     bpd = bits_per_dim(log_prob_from_output(net(x)), model.config)
     loss = bpd.sum() * (world / n.clamp_min(1.0))
     optimizer.zero_grad(set_to_none=True)
