@@ -5,7 +5,9 @@ The library, by concept; a module imports only from its own group or the groups 
 * the model: :mod:`~anomaly_flow.config` (frozen, validated configurations),
   :mod:`~anomaly_flow.layers` (each bijection with its inverse and log-determinant),
   :mod:`~anomaly_flow.glow` (the multi-scale flow, exact bits/dim and its parts);
-* images: :mod:`~anomaly_flow.data` (finding and decoding files, datasets),
+* images: :mod:`~anomaly_flow.data` (decoding files, datasets),
+  :mod:`~anomaly_flow.folders` (finding the image files below a folder),
+  :mod:`~anomaly_flow.survey` (what converting a folder's images drops),
   :mod:`~anomaly_flow.fingerprint` (content digests of folders),
   :mod:`~anomaly_flow.fashion_mnist` (IDX files and the shipped sample);
 * calibration, plain functions over arrays: :mod:`~anomaly_flow.calibration_checks` (the

@@ -1,21 +1,20 @@
-"""Finding, decoding and loading images: the one place pixels enter the package.
+"""Decoding and loading images: the one place pixels enter the package.
 
 Training and scoring both go through :func:`load_image`, so an image file becomes the
 same ``(C, H, W)`` uint8 array whichever command reads it. A file that cannot be read
-never stops a run: :func:`find_images` lists every candidate file, and decoding turns
-each failure into an :class:`ImageDecodeError` (or an ``error`` string) with a one-line
-reason. What is not about reading images lives beside it: the fingerprints of the files
-found in :mod:`anomaly_flow.fingerprint`, the Fashion-MNIST data the package reads and
-ships in :mod:`anomaly_flow.fashion_mnist`.
+never stops a run: decoding turns each failure into an :class:`ImageDecodeError` (or an
+``error`` string) with a one-line reason. What is not about reading one image lives
+beside it: finding the files in :mod:`anomaly_flow.folders`, the notes on what
+converting a folder's images drops in :mod:`anomaly_flow.survey`, the fingerprints of
+the files found in :mod:`anomaly_flow.fingerprint`, the Fashion-MNIST data the package
+reads and ships in :mod:`anomaly_flow.fashion_mnist`.
 
 Example:
-    >>> paths = find_images(Path("parts/"))  # doctest: +SKIP
-    >>> array, error = try_load_image(paths[0], mode="L", size=32)  # doctest: +SKIP
+    >>> array, error = try_load_image(Path("parts/a.png"), mode="L", size=32)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import io
@@ -26,27 +25,25 @@ import re
 import stat
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from anomaly_flow.config import Resize
-from anomaly_flow.errors import one_line
 
 logger = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 ImageMode = Literal["L", "RGB"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
-"""File name extensions (compared in lower case) that :func:`find_images` lists."""
+"""File name extensions (compared in lower case) of the files
+:func:`anomaly_flow.folders.find_images` lists."""
 
 MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 """Images with more pixels are refused (decompression-bomb protection). PIL's own limit,
@@ -83,9 +80,9 @@ def warnings_caught() -> Iterator[None]:
 
 
 _CHANNELS = {"L": 1, "RGB": 3}
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-_GREY_MODES = frozenset({"1", "L", "LA", "F", *_SIXTEEN_BIT_MODES})
-_ALPHA_MODES = frozenset({"PA", "LA", "RGBa", "RGBA"})  # composited onto black
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+GREY_MODES = frozenset({"1", "L", "LA", "F", *SIXTEEN_BIT_MODES})
+ALPHA_MODES = frozenset({"PA", "LA", "RGBa", "RGBA"})  # composited onto black
 NARROW_SIXTEEN_BIT = 4096
 """A 16-bit image whose values all lie below this holds 12 bits or fewer (a camera's raw
 range), which the scaling to 8 bits (``/ 257``) leaves in the darkest sixteenth."""
@@ -145,320 +142,6 @@ def undisplayed_path(text: str) -> str:
     raw = _BYTE_ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), encoded)
     name = os.fsdecode(raw)
     return name if os.path.lexists(name) else text
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-def check_image_folder(root: Path) -> None:
-    """Refuse ``root`` as a folder of images when it is missing or not a folder, without
-    searching it (a command checks this before loading a model).
-
-    Raises:
-        DataError: Which of the two, and what to do.
-    """
-    if not root.exists():
-        raise DataError(f"image folder not found: {display_path(root)}; check the path")
-    if not root.is_dir():
-        raise DataError(f"{display_path(root)} is not a folder; pass the folder of images")
-
-
-def find_images(root: Path) -> list[Path]:
-    """Every file under ``root`` whose extension is an image extension, in sorted order:
-    :func:`search_images`, without the folders it could not list (logged as warnings).
-    """
-    return search_images(root).paths
-
-
-class ImageSearch(NamedTuple):
-    """What :func:`search_images` found.
-
-    Attributes:
-        paths: The image files, as :func:`find_images` returns them.
-        unlisted: ``(folder, reason)`` of each folder below the root that could not be
-            listed (no permission, gone while searched): images inside it are missing
-            from ``paths``, which a command that promises every file must say.
-        linked: The real paths of the symlinked folders the search followed (the only
-            ways out of the root's own tree).
-    """
-
-    paths: list[Path]
-    unlisted: list[tuple[Path, str]]
-    linked: tuple[Path, ...] = ()
-
-
-def search_images(root: Path) -> ImageSearch:
-    """Every file under ``root`` whose extension is an image extension, in sorted order,
-    and the folders below ``root`` that could not be listed.
-
-    Nothing is skipped for being unreadable: dangling symlinks, symlink loops, files
-    without read permission and names that are not valid UTF-8 are all listed, so that
-    scoring gives them a row with an error. Hidden names (starting with ``.``: macOS's
-    ``._x.png`` copies, ``.ipynb_checkpoints/``, ``.Trashes/``) are left out, files and
-    folders; the image files among them, and the folders that hold image files directly,
-    are counted in one warning.
-    Symlinked folders are followed, each real folder at most once, so a link to a parent
-    folder cannot cause an endless walk.
-    Folders that cannot be listed, and files left out for their extension (an image
-    saved as ``.heic``, say; hidden files and ``Thumbs.db`` aside), are logged as
-    warnings, once per folder and tally.
-
-    Args:
-        root: The folder to search recursively.
-
-    Returns:
-        Paths below ``root`` (``root / relative``), sorted by their relative path, and the
-        folders that could not be listed, with the reason.
-
-    Raises:
-        DataError: ``root`` is missing, is not a folder, cannot be listed, or holds no
-            image files.
-    """
-    root = Path(root)
-    check_image_folder(root)
-    # Real folders are known first, so that a file reachable both directly and through a
-    # symlinked folder is listed once, under its real path. A folder removed while the
-    # tree is searched is passed over here; the walk below reports it.
-    real_dirs: set[tuple[int, int]] = set()
-    for d, dirnames, _ in walk_tree(os.fspath(root), follow_links=False):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        with contextlib.suppress(OSError):
-            real_dirs.add(_dir_id(Path(d)))
-    seen_dirs = set(real_dirs)
-    linked: list[Path] = []
-    walk_errors: list[OSError] = []
-    # (relative path as bytes, folder, name): strings until the end, since a folder of
-    # 50,000 images would otherwise spend most of the search building Path objects
-    found: list[tuple[bytes, str, str]] = []
-    others: collections.Counter[str] = collections.Counter()  # left out, by extension
-    stores: list[Path] = []  # MLflow stores met below root, left out
-    hidden: list[str] = []  # hidden image files below root, left out
-    hidden_dirs: list[str] = []  # hidden folders below root holding image files, left out
-    for dirpath, dirnames, filenames in walk_tree(os.fspath(root), follow_links=True,
-                                                  onerror=walk_errors.append):
-        below = os.path.relpath(dirpath, root)
-        prefix = "" if below == os.curdir else below + os.sep
-        hidden_dirs += [prefix + d for d in dirnames  # .git, .venv and the like: not a word
-                        if d.startswith(".") and _holds_images(os.path.join(dirpath, d))]
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")
-                       and _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
-        for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
-            dirnames.remove(d)
-            stores.append(Path(dirpath, d))
-        for f in filenames:
-            suffix = _suffix(f).lower()
-            if f.startswith("."):  # clutter (.DS_Store) unless named like an image
-                if suffix in IMAGE_EXTENSIONS:
-                    hidden.append(prefix + f)
-            elif suffix in IMAGE_EXTENSIONS:
-                found.append((os.fsencode(prefix + f), dirpath, f))
-            elif f.lower() not in _NOT_DATA:
-                others[suffix or "no extension"] += 1
-    if others:
-        _warn_left_out(root, others)
-    if hidden or hidden_dirs:
-        _warn_hidden(root, hidden, hidden_dirs)
-    if _is_store(root):  # asked for by name, so searched: but likely a slip (mlruns<TAB>)
-        logger.warning("%s is an MLflow store: its images are runs' plots and sample grids, "
-                       "not data of yours; if that is not what you meant, pass the folder of "
-                       "your images", display_path(root))
-    if stores:
-        logger.warning("left out %d MLflow store folder(s) under %s (e.g. %s): their files "
-                       "are runs' plots and models, not images to use; move any images of "
-                       "yours out of them", len(stores), display_path(root),
-                       display_path(stores[0]))
-    unlisted: list[tuple[Path, str]] = []
-    for exc in walk_errors:
-        where = one_line(display_path(exc.filename or root))
-        if Path(exc.filename or root) == root:
-            raise DataError(
-                f"cannot list image folder {where}: {exc.strerror}; check its permissions"
-            )
-        logger.warning(
-            "cannot list folder %s (%s); images inside it are not included", where, exc.strerror
-        )
-        unlisted.append((Path(exc.filename), exc.strerror or str(exc)))
-    if not found:
-        if unlisted:
-            folder, reason = unlisted[0]
-            raise DataError(
-                f"no image files found in {display_path(root)}, and {len(unlisted)} "
-                f"folder(s) inside it could not be listed (e.g. {display_path(folder)}: "
-                f"{reason}); {unlisted_advice(reason)}")
-        if hidden or hidden_dirs:
-            raise DataError(
-                f"no image files found in {display_path(root)} but hidden ones: "
-                f"{_hidden_counted(hidden, hidden_dirs)} (names starting with '.', e.g. "
-                f"{one_line(display_path(sorted(hidden + hidden_dirs)[0]))}) left out; "
-                "rename the ones that hold your images without the leading '.'")
-        raise DataError(
-            f"no image files found in {display_path(root)} (looked recursively for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to the folder that holds the images"
-        )
-    found.sort(key=lambda item: item[0])
-    return ImageSearch([Path(folder, name) for _, folder, name in found], unlisted,
-                       tuple(linked))
-
-
-def walk_tree(top: str, *, follow_links: bool,
-              onerror: Callable[[OSError], object] | None = None
-              ) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(top, followlinks=follow_links, onerror=onerror)``, top-down, in the same
-    order, without its recursion: Python 3.11's recurses once a level, and a tree deeper
-    than about 980 folders raised RecursionError. As there, the caller may prune
-    ``dirnames`` in place; a folder that cannot be listed goes to ``onerror`` (or is passed
-    over) and is not entered; a symlinked folder is entered only with ``follow_links``."""
-    stack = [top]
-    while stack:
-        folder = stack.pop()
-        dirnames: list[str] = []
-        filenames: list[str] = []
-        try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    try:
-                        is_dir = entry.is_dir()
-                    except OSError:  # as os.walk: what cannot be looked at is a file
-                        is_dir = False
-                    (dirnames if is_dir else filenames).append(entry.name)
-        except OSError as exc:
-            if onerror is not None:
-                onerror(exc)
-            continue
-        yield folder, dirnames, filenames
-        below = [os.path.join(folder, name) for name in dirnames]
-        stack.extend(reversed([path for path in below
-                               if follow_links or not os.path.islink(path)]))
-
-
-def _holds_images(folder: str) -> bool:
-    """Whether ``folder`` itself (not below) holds a file named like an image: a hidden
-    folder worth a word (``.ipynb_checkpoints``), unlike ``.git`` or ``.venv``."""
-    try:
-        with os.scandir(folder) as entries:
-            return any(_suffix(entry.name).lower() in IMAGE_EXTENSIONS
-                       and not entry.name.startswith(".") for entry in entries)
-    except OSError:
-        return False
-
-
-def make_folders(folder: Path) -> None:
-    """``folder.mkdir(parents=True, exist_ok=True)`` one level at a time: pathlib's and
-    ``os.makedirs`` recurse once a missing level, and a tree deeper than about 980
-    folders raised RecursionError.
-
-    Raises:
-        OSError: As ``mkdir`` does.
-    """
-    missing = []
-    while not folder.is_dir() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    for level in reversed(missing):
-        level.mkdir(exist_ok=True)
-
-
-_PATH_TOO_LONG = os.strerror(errno.ENAMETOOLONG)
-
-
-def unlisted_advice(reason: str) -> str:
-    """What to do about folders that could not be listed, the first for ``reason`` (an
-    ``OSError.strerror``, as :class:`ImageSearch` keeps it)."""
-    if reason == _PATH_TOO_LONG:  # the whole path is over the system's limit (4,096 bytes)
-        return ("shorten the names of the folders on their path, or move them nearer the "
-                "top of the tree")
-    return "make them readable (or put back what was moved away)"
-
-
-_NOT_DATA = frozenset({"thumbs.db", "desktop.ini"})
-"""Files an operating system leaves in image folders (with hidden files, never counted)."""
-
-_SEARCH_WARNED: set[tuple[object, ...]] = set()
-
-
-def _first_time(*key: object) -> bool:
-    """Whether the folder search's warning ``key`` (its kind, the folder, what it
-    counts) is new to this process: a command searches a folder more than once."""
-    if key in _SEARCH_WARNED:
-        return False
-    _SEARCH_WARNED.add(key)
-    return True
-
-
-def _warn_left_out(root: Path, others: collections.Counter[str]) -> None:
-    """Say once per folder and tally which files :func:`find_images` leaves out."""
-    tally = tuple(sorted(others.items(), key=lambda item: (-item[1], item[0])))
-    if not _first_time("extensions", os.path.abspath(root), tally):
-        return
-    shown = ", ".join(f"{suffix} {n}" for suffix, n in tally[:6])
-    more = f", and {len(tally) - 6} other kinds" if len(tally) > 6 else ""
-    logger.warning("%d file(s) under %s are left out: their extensions are not of images "
-                   "anomaly-flow reads (%s%s; it reads %s); convert or rename any images "
-                   "among them", sum(others.values()), display_path(root), shown, more,
-                   " ".join(sorted(IMAGE_EXTENSIONS)))
-
-
-def _warn_hidden(root: Path, files: list[str], folders: list[str]) -> None:
-    """Say once per folder and count which hidden names (``.x``) :func:`find_images`
-    leaves out: the image files, and apart from them the folders holding image files
-    (whose images are not counted one by one), with an example or two."""
-    if not _first_time("hidden", os.path.abspath(root), len(files), len(folders)):
-        return
-    shown = ", ".join(one_line(display_path(name)) for name in sorted(files + folders)[:2])
-    logger.warning("left out %s under %s (names starting with '.', e.g. %s): macOS's ._ "
-                   "copies, .ipynb_checkpoints and .Trashes hold no images of yours; to "
-                   "include one, rename it without the leading '.'",
-                   _hidden_counted(files, folders), display_path(root), shown)
-
-
-def _hidden_counted(files: list[str], folders: list[str]) -> str:
-    """``2 hidden image files and 1 hidden folder holding images``, leaving out a kind
-    there is none of."""
-    return " and ".join(f"{n} hidden {what}{'' if n == 1 else 's'}{holding}"
-                        for n, what, holding in ((len(files), "image file", ""),
-                                                 (len(folders), "folder", " holding images"))
-                        if n)
-
-
-def _suffix(name: str) -> str:
-    """``Path(name).suffix`` without building a Path: ``..png`` has the suffix ``.png``
-    (``os.path.splitext`` would give none), ``.png`` and ``a.`` have none."""
-    dot = name.rfind(".")
-    return name[dot:] if 0 < dot < len(name) - 1 else ""
-
-
-def _is_store(folder: Path) -> bool:
-    """Whether ``folder`` is a local MLflow store (``mlruns/``: its sqlite database beside
-    the ``artifacts/`` of the runs), which :func:`find_images` does not search."""
-    try:
-        return (folder / "mlflow.db").is_file() and (folder / "artifacts").is_dir()
-    except OSError:  # a folder that cannot be searched: os.walk reports it
-        return False
-
-
-def _dir_id(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def _enter(path: Path, real_dirs: set[tuple[int, int]], seen: set[tuple[int, int]],
-           linked: list[Path]) -> bool:
-    """Enter every real folder of the tree, and a symlinked folder only if it is new (its
-    real path then noted in ``linked``)."""
-    try:
-        folder = _dir_id(path)
-    except OSError:
-        return True  # os.walk reports it through onerror
-    symlink = path.is_symlink()
-    if folder in real_dirs and not symlink:
-        return True
-    if folder in seen:
-        logger.info("not following %s: it leads to a folder already searched", display_path(path))
-        return False
-    seen.add(folder)
-    if symlink:
-        linked.append(Path(os.path.realpath(path)))
-    return True
 
 
 # --------------------------------------------------------------------------- decoding
@@ -526,7 +209,7 @@ def decode_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: 
                     raise ImageDecodeError(name, _too_large(pixels))
                 img.load()  # decode everything now, so truncated files fail here
                 array, shape = _to_input(img, mode, size, resize)
-                return Decoded(array, shape, _has_more_frames(img))
+                return Decoded(array, shape, has_more_frames(img))
     except ImageDecodeError:
         raise
     except _UnscalableImage as exc:
@@ -558,34 +241,12 @@ def try_load_image(
         return None, exc.reason
 
 
-def check_decodable(folder: str | Path, mode: ImageMode, size: int,
-                    resize: Resize = "stretch") -> None:
-    """Refuse a folder none of whose image files decodes, before work that needs one of
-    them (a pipeline's training, ahead of an evaluation that would find no image to
-    score). Stops at the first file that decodes: a usable folder costs one decode.
-
-    Raises:
-        DataError: The folder is missing, holds no image files, or none decodes.
-    """
-    paths = find_images(Path(folder))
-    first: tuple[Path, str | None] | None = None
-    for path in paths:
-        array, reason = try_load_image(path, mode, size, resize)
-        if array is not None:
-            return
-        first = first or (path, reason)
-    assert first is not None  # find_images raises on a folder without image files
-    raise DataError(
-        f"none of the {len(paths)} image file(s) in {display_path(folder)} can be decoded "
-        f"(e.g. {one_line(display_path(first[0]))}: {first[1]}); put readable images there")
-
-
 _FRAMED_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 """Formats whose further frames or pages are further images. Not MPO: a JPEG whose
 extra pictures (a phone's gain map, a preview) Pillow reads as frames holds one image."""
 
 
-def _has_more_frames(img: Image.Image) -> bool:
+def has_more_frames(img: Image.Image) -> bool:
     """Whether an opened image file holds frames or pages after the first (asked after the
     first is decoded: for a GIF it seeks to the second frame, never further)."""
     try:
@@ -616,7 +277,7 @@ def _to_input(img: Image.Image, mode: ImageMode, size: int, resize: Resize
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a damaged EXIF block should not cost an otherwise good image
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
-    if img.mode in _SIXTEEN_BIT_MODES:
+    if img.mode in SIXTEEN_BIT_MODES:
         grey = np.asarray(img, dtype=np.float64)
         # mode I holds 32-bit integers too (a 32-bit TIFF): clipped to 16 bits, most of such
         # an image would turn white, and scored, flagged for that alone
@@ -633,7 +294,7 @@ def _to_input(img: Image.Image, mode: ImageMode, size: int, resize: Resize
         img = Image.fromarray(np.rint(grey).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in _ALPHA_MODES:
+    if img.mode in ALPHA_MODES:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
         on_black = np.rint(rgba[..., :3] * rgba[..., 3:] / 255).astype(np.uint8)
         img = Image.fromarray(on_black)
@@ -683,377 +344,6 @@ def _to_square(img: Image.Image, size: int, resize: Resize) -> Image.Image:
     elif resize != "stretch":
         raise ValueError(f"unknown resize {resize!r}; choose 'stretch', 'crop' or 'pad'")
     return img if img.size == (size, size) else img.resize((size, size), resample=RESAMPLE)
-
-
-def _spread(paths: Sequence[Path], sample: int) -> list[Path]:
-    """Up to ``sample`` of ``paths``, evenly spaced over the whole list (a stride of
-    ``len // sample`` would look only at the first ``sample`` files of a list up to twice
-    as long, never at the last ones)."""
-    looked = min(sample, len(paths))
-    spread = sorted({round(i * (len(paths) - 1) / max(1, looked - 1)) for i in range(looked)})
-    return [paths[i] for i in spread]
-
-
-def _with_header(path: Path, look: Callable[[Image.Image], _T]) -> _T | None:
-    """``look(img)`` for the image file at ``path`` opened (its header read; ``look``
-    decodes what it needs), or None for a file that is not regular (a pipe named .png
-    would block), cannot be opened, or is above the pixel limit, and where ``look`` fails
-    to decode it: the callers note what they can, and training and scoring report the
-    files themselves."""
-    try:
-        if not is_regular_file(path):
-            return None
-        with warnings_caught():
-            # PIL's warnings (a bomb, corrupt EXIF data): the run reports the file itself
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                return look(img) if img.width * img.height <= MAX_IMAGE_PIXELS else None
-    except Exception:  # PIL's plugins raise many types for damaged data (SyntaxError for
-        return None    # a broken PNG chunk past the first IDAT)
-
-
-def _look_at(paths: Sequence[Path], sample: int, look: Callable[[Image.Image], None]
-             ) -> None:
-    """Call ``look`` on up to ``sample`` of ``paths`` spread over the list, as
-    :func:`_with_header` opens them."""
-    for path in _spread(paths, sample):
-        _with_header(path, look)
-
-
-def _shape_table(shapes: collections.Counter[tuple[int, int]]
-                 ) -> tuple[tuple[int, int, int], ...]:
-    return tuple((w, h, n) for (w, h), n in shapes.most_common())
-
-
-def conversion_notes(paths: Sequence[Path], mode: ImageMode, size: int,
-                     sample: int = 64, *, resizing: bool = True,
-                     training: bool = True, resize: Resize = "stretch",
-                     trained_shapes: Sequence[tuple[int, int, int]] = ()) -> list[str]:
-    """:func:`conversion_look`'s notes."""
-    return conversion_look(paths, mode, size, sample, resizing=resizing, training=training,
-                           resize=resize, trained_shapes=trained_shapes).notes
-
-
-class ConversionLook(NamedTuple):
-    """What :func:`conversion_look` found in one pass over a sample of a folder's headers."""
-
-    notes: list[str]
-    # (width, height, count) of the images looked at, each upright (EXIF orientation
-    # applied, from the header), most common first: what a model records of its training
-    # folder (Glow.training_shapes), so that scoring can say when images come in a size
-    # it never saw
-    shapes: tuple[tuple[int, int, int], ...]
-
-
-_JUDGED_KINDS = {"judged": "coloured", "with_alpha": "transparent", "floats": "unit_floats",
-                 "wide": "narrow"}
-"""What :func:`conversion_look` finds by decoding an image, by the count of images it
-was judged among."""
-
-
-def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
-                    sample: int = 64, *, resizing: bool = True,
-                    training: bool = True, resize: Resize = "stretch",
-                    trained_shapes: Sequence[tuple[int, int, int]] = ()) -> ConversionLook:
-    """What converting images to ``mode`` and ``size`` (by ``resize``) drops, judged from up to
-    ``sample`` of them spread over ``paths``: colour seen in grey (a model of grey images
-    cannot see a colour defect; judged on the first 16 colour-mode images), grey-mode images
-    given to a colour model (repeated into three equal channels, unlike colour images: said
-    of a folder that mixes the two, and for scoring (not ``training``) of one all grey,
-    which a model trained on colour images would flag), detail lost when most of them are
-    larger than ``size``, an interpolation learned when most are at most half of it (both
-    left out without ``resizing``), floating-point images scaled to 0..1 (read as 0..255,
-    they are near black), 16- or 32-bit integer grey images most of which use only values
-    below 4096 (8- or 12-bit data stored in more bits: divided by 257, they are dark),
-    aspect ratios that
-    differ, where ``resize`` makes that visible to the model, images a ``crop`` keeps
-    less than half of, for training, files with several frames (only the first is read;
-    scoring counts every such file itself), and, for scoring, images most of which come in
-    a size unlike any of ``trained_shapes`` (the ``shapes`` of the model's training
-    folder; unknown when empty); and the shapes of the images looked at. Only regular
-    files within the pixel limit are looked at; others are passed over (training and
-    scoring report them)."""
-    seen: collections.Counter[str] = collections.Counter()  # images looked at, by kind
-    first: dict[str, str] = {}  # the first file of each kind a note is about, to name it
-    larger: collections.Counter[tuple[int, int]] = collections.Counter()
-    smaller: collections.Counter[tuple[int, int]] = collections.Counter()
-    shapes: collections.Counter[tuple[int, int]] = collections.Counter()
-
-    def count(kind: str, img: Image.Image, found: bool = True) -> None:
-        seen[kind] += found
-        if found and img.filename:
-            first.setdefault(kind, one_line(display_path(img.filename)))
-
-    def look(img: Image.Image) -> None:
-        # what needs the pixels first: a file whose decoding fails here is not counted
-        # at all (the run reports it), so no note speaks of it
-        small = img.width * img.height <= 2**24  # decoded to judge it in a few ms
-        judged: dict[str, bool] = {}  # kind -> found, under the kind's count of images
-        if (mode == "L" and img.mode not in _GREY_MODES and seen["judged"] < 16
-                and (img.format == "JPEG" or small)):
-            judged["judged"] = _in_colour(img)
-        if (img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)) \
-                and seen["with_alpha"] < 16 and small:
-            judged["with_alpha"] = _has_transparency(img)
-        if img.mode == "F" and small:
-            low, high = img.getextrema()
-            judged["floats"] = low >= 0.0 and high <= 1.0
-        if img.mode in _SIXTEEN_BIT_MODES and small:
-            judged["wide"] = img.getextrema()[1] < NARROW_SIXTEEN_BIT
-        # scoring counts them all, as it decodes them; a damaged later frame is not asked
-        # about again: decoding reads the first alone
-        layered = training and _has_more_frames(img)
-        seen["checked"] += 1
-        shape = _upright_size(img)
-        shapes[shape] += 1
-        scaled = min(shape) if resize == "crop" else max(shape)  # to size
-        if scaled > size:
-            larger[shape] += 1
-        elif 2 * scaled <= size:
-            smaller[shape] += 1
-        count("grey", img, mode == "RGB" and img.mode in _GREY_MODES)  # a colour model takes
-        for among, found in judged.items():
-            seen[among] += 1
-            count(_JUDGED_KINDS[among], img, found)
-        seen["layered"] += layered
-
-    _look_at(paths, sample, look)
-    checked, grey, judged, coloured = (seen[k] for k in ("checked", "grey", "judged",
-                                                           "coloured"))
-    floats, unit_floats, wide, narrow = (seen[k] for k in ("floats", "unit_floats", "wide",
-                                                           "narrow"))
-    def eg(kind: str) -> str:
-        return f" (e.g. {first[kind]})" if kind in first else ""
-
-    notes = []
-    if seen["layered"]:
-        notes.append(f"{seen['layered']} of {checked} images looked at hold several frames or "
-                     "pages (an animated GIF, PNG or WebP, a multi-page TIFF), and only the "
-                     "first of each is read; to train on the others, save each frame as an "
-                     "image file of its own")
-    if coloured:
-        notes.append(f"{coloured} of {judged} colour-mode images looked at are in colour"
-                     f"{eg('coloured')}, and the model is grey (model.in_channels = 1): it "
-                     "sees them in grey and cannot tell colours apart; for colour, train "
-                     "with in_channels = 3 in a --config")
-    if grey and grey < checked:
-        notes.append(f"{grey} of {checked} images looked at are grey{eg('grey')}, and the "
-                     "model is colour (model.in_channels = 3): each grey image is repeated "
-                     "into three equal channels, so its likelihood is not comparable with a "
-                     "colour image's" + (
-                         ", and a model trained on both learns two kinds of image; use "
-                         if training else " and it is likely flagged for being grey; use ")
-                     + "colour images throughout, or a grey model (in_channels = 1) for grey "
-                     "ones")
-    elif grey and not training:  # a colour model trained on grey images knows them
-        notes.append(f"all {grey} images looked at are grey{eg('grey')}, and the model is "
-                     "colour "
-                     "(model.in_channels = 3): each is repeated into three equal channels; "
-                     "unless the model was trained on grey images too, their likelihoods "
-                     "are unlike a colour image's and they are likely flagged for being grey")
-    if unit_floats:
-        notes.append(f"{unit_floats} of {floats} floating-point images looked at hold values "
-                     f"in 0..1 only{eg('unit_floats')}, and float grey is read as 0..255 "
-                     "(clipped), so they are near black to the model: save them scaled to "
-                     "0..255, or as 8- or 16-bit images")
-    if transparent := seen["transparent"]:
-        notes.append(
-            f"{transparent} of {seen['with_alpha']} images with an alpha channel or a "
-            f"transparent colour looked at are partly transparent{eg('transparent')}, and "
-            "transparent pixels are composited onto black: the model "
-            + ("learns them on black" if training else "sees them on black, and where its "
-               "training images were opaque or on another background, they are likely "
-               "flagged for that alone")
-            + "; to see them on their own background, flatten them onto it before "
-            + ("training" if training else "scoring"))
-    if 2 * narrow > wide:  # most: a stray dark frame among full-range ones is no sign
-        notes.append(f"{narrow} of {wide} 16- or 32-bit integer grey images looked at use "
-                     f"only values below {NARROW_SIXTEEN_BIT}{eg('narrow')} (8- or 12-bit "
-                     "data stored in more bits?), and integer grey is scaled to 8 bits as "
-                     "16-bit grey is, by 1/257, so they are dark to the model: scale them to "
-                     "the full 0..65535 range, or save them as 8-bit images")
-    n_larger = sum(larger.values())
-    if resizing and checked and 2 * n_larger > checked:
-        (width, height), _ = larger.most_common(1)[0]
-        share = "all" if n_larger == checked else f"{n_larger} of {checked}"
-        notes.append(f"{share} images looked at are larger than {size}×{size} (e.g. "
-                     f"{width}×{height}) and are resized to {size}×{size} (model.image_size) "
-                     "for training and scoring: detail finer than that is lost; to keep "
-                     f"it, train with a larger model.image_size ({_larger_presets(mode, size)})")
-    n_smaller = sum(smaller.values())
-    if resizing and checked and 2 * n_smaller > checked:
-        (width, height), _ = smaller.most_common(1)[0]
-        share = "all" if n_smaller == checked else f"{n_smaller} of {checked}"
-        side = min(width, height) if resize == "crop" else max(width, height)
-        shown = (f"{width}×{height}, whose centred square is {side}×{side}"
-                 if resize == "crop" and width != height else f"{width}×{height}")
-        notes.append(f"{share} images looked at are at most half of {size}×{size} (e.g. "
-                     f"{shown}) and are enlarged to it (model.image_size): the model learns "
-                     "the interpolation as much as the images, at several times the cost of "
-                     f"their own size; train with a model.image_size near {side} (a multiple "
-                     "of 2**levels; train --config FILE)")
-    if note := _mixed_shapes_note(shapes, size, resize):
-        notes.append(note)
-    if not training and (note := _unseen_shapes_note(shapes, trained_shapes, size, resize)):
-        notes.append(note)
-    long = collections.Counter({shape: n for shape, n in shapes.items()
-                                if resize == "crop" and max(shape) > 2 * min(shape)})
-    if long:
-        (width, height), _ = long.most_common(1)[0]
-        n_long = sum(long.values())
-        share = "all" if n_long == checked else f"{n_long} of {checked}"
-        notes.append(f"{share} images looked at have one side more than twice the other "
-                     f"(e.g. {width}×{height}), and the centred "
-                     "square (model.resize = 'crop') keeps less than half of each: what lies "
-                     "beyond it is neither learned nor scored; cut the files to the part that "
-                     "matters, in one aspect ratio, or train with model.resize = 'pad', which "
-                     "sees the whole image, on black bars as wide as its shape leaves")
-    return ConversionLook(notes, _shape_table(shapes))
-
-
-def _larger_presets(mode: ImageMode, size: int) -> str:
-    """Where a larger ``model.image_size`` than ``size`` comes from: the shipped presets
-    for ``mode`` that have one, smallest first, then a config file."""
-    from anomaly_flow.config import PRESETS, load_preset  # config is above data
-
-    sizes = {name: load_preset(name).model for name in PRESETS}
-    larger = sorted((model.image_size, name) for name, model in sizes.items()
-                    if model.mode == mode and model.image_size > size)
-    named = ", ".join(f"preset {name} has {side}×{side}" for side, name in larger)
-    return f"{named}; or train --config FILE" if named else "train --config FILE"
-
-
-def _mixed_shapes_note(shapes: collections.Counter[tuple[int, int]], size: int,
-                       resize: Resize) -> str | None:
-    """A note when the images looked at (their ``(width, height)`` counts) differ in aspect
-    ratio by more than a tenth and ``resize`` shows it: stretched to a square, their shapes
-    are distorted unequally; padded, their black bars differ; either way an image whose
-    shape the model did not learn looks unlikely for that alone. A centred crop keeps
-    the content undistorted and shows no bars (what it cuts off is documented)."""
-    if not shapes or resize == "crop":
-        return None
-    ratios = {shape: shape[0] / shape[1] for shape in shapes}
-    widest, tallest = max(ratios, key=ratios.__getitem__), min(ratios, key=ratios.__getitem__)
-    if ratios[widest] <= 1.1 * ratios[tallest]:
-        return None
-    shown = " and ".join(f"{w}×{h}" for w, h in (widest, tallest))
-    crop = ("or train with model.resize = 'crop' (train --config FILE): the centred square, "
-            "undistorted and without bars, though what lies outside it goes unseen")
-    if resize == "pad":
-        return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
-                f"fitted inside {size}×{size} on black bars of its own width (model.resize "
-                "= 'pad'): an image of a shape the model rarely trained on can be flagged "
-                f"for its bars alone; crop or pad the files to one aspect ratio, {crop}")
-    return (f"the images looked at differ in aspect ratio (e.g. {shown}), and each is "
-            f"stretched to {size}×{size} (model.resize = 'stretch': the aspect ratio is not "
-            "kept): unequally distorted, an image of a shape the model rarely trained on "
-            "can be flagged for its shape alone; crop or pad the files to one aspect "
-            f"ratio, {crop}")
-
-
-def describe_shapes(shapes: Sequence[tuple[int, int, int]], most: int = 5) -> str:
-    """:attr:`ConversionLook.shapes` in words: ``28×28 (all 64 looked at)``, or the
-    ``most`` commonest with their counts, ``640×480 (60), 480×640 (4) of 64 looked at``;
-    ``unknown`` for none."""
-    if not shapes:
-        return "unknown"
-    total = sum(n for _, _, n in shapes)
-    if len(shapes) == 1:
-        return f"{shapes[0][0]}×{shapes[0][1]} (all {total} looked at)"
-    listed = ", ".join(f"{w}×{h} ({n})" for w, h, n in shapes[:most])
-    more = f" and {len(shapes) - most} other sizes" if len(shapes) > most else ""
-    return f"{listed}{more} of {total} looked at"
-
-
-SHAPE_TOLERANCE = 0.1
-"""How far (a fraction of each side) an image's size may be from a training image's for
-:func:`conversion_notes` to count it as a size the model trained on."""
-
-
-def _unseen_shapes_note(shapes: collections.Counter[tuple[int, int]],
-                        trained: Sequence[tuple[int, int, int]], size: int,
-                        resize: Resize = "stretch") -> str | None:
-    """A note when most of the images looked at (their ``(width, height)`` counts) have a
-    size no training image looked at had (within :data:`SHAPE_TOLERANCE` of each side;
-    under ``crop``, of the centred square's side, all the model sees): brought to the
-    model's size from another one, their detail, and with another aspect ratio their
-    proportions or bars, differ from every training image's, so they can score as
-    anomalous for that alone. Images brought down to the model's size from twice it or
-    more, as a training image of their aspect ratio (within the same tolerance; any,
-    under ``crop``) was, count as seen: both lose their finest detail alike, whatever
-    their size. None when the training shapes are unknown."""
-    if not trained or not shapes:
-        return None
-
-    def near(a: float, b: float) -> bool:
-        return abs(a - b) <= SHAPE_TOLERANCE * b
-
-    def reduced(width: int, height: int) -> bool:  # halved or more on the way to size
-        # pad scales by the longer side; crop, and stretch (each side on its own), by
-        # the shorter one, or what is enlarged there too
-        return (max(width, height) if resize == "pad" else min(width, height)) >= 2 * size
-
-    def alike(shape: tuple[int, int], w: int, h: int) -> bool:
-        if reduced(*shape) and reduced(w, h) and (
-                resize == "crop" or near(shape[0] / shape[1], w / h)):
-            return True
-        if resize == "crop":
-            return near(min(shape), min(w, h))
-        return near(shape[0], w) and near(shape[1], h)
-
-    def seen(shape: tuple[int, int]) -> bool:
-        return any(alike(shape, w, h) for w, h, _ in trained)
-
-    unseen = collections.Counter({shape: n for shape, n in shapes.items() if not seen(shape)})
-    n_unseen, checked = sum(unseen.values()), sum(shapes.values())
-    if 2 * n_unseen <= checked:
-        return None
-    (width, height), _ = unseen.most_common(1)[0]
-    share = "all" if n_unseen == checked else f"{n_unseen} of {checked}"
-    listed = [f"{w}×{h}" for w, h, _ in trained[:3]]
-    known = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} and {listed[-1]}"
-    came = (f"came in {len(trained)} sizes, among them {known}" if len(trained) > 3
-            else f"were {known}")
-    return (f"{share} images looked at are of a size none of the model's training images "
-            f"looked at had (e.g. {width}×{height}; the training images {came}): "
-            f"brought to {size}×{size} (model.image_size) from another size than they were, "
-            "their detail (and proportions, where the aspect ratio differs) is unlike every "
-            "training image's, which alone can make them score as anomalous; score images "
-            "from the same source and size as the training images, or train a model on "
-            "images like these")
-
-
-_HEADER_EXIF = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
-"""Formats whose EXIF block Pillow reads with the header, before any pixel is decoded."""
-
-
-def _upright_size(img: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` as the model sees the image: after its EXIF orientation (a
-    quarter turn, 5 to 8, swaps them), which decoding applies (:func:`image_to_array`)."""
-    if img.format not in _HEADER_EXIF and "exif" not in img.info:
-        return img.size  # a PNG's getexif() would decode the whole image to look for it
-    try:
-        turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
-    except Exception:  # a damaged EXIF block: decoding ignores it too
-        turned = False
-    return (img.height, img.width) if turned else img.size
-
-
-def _has_transparency(img: Image.Image) -> bool:
-    """Whether any pixel of an image with alpha (or a palette's transparent colour) is
-    less than opaque, as decoding composites it (:func:`image_to_array`)."""
-    alpha = img.convert("RGBA").getchannel("A")
-    return alpha.getextrema()[0] < 255
-
-
-def _in_colour(img: Image.Image) -> bool:
-    """Whether an image's pixels differ between channels beyond a JPEG's rounding (grey
-    stored as RGB is not colour)."""
-    img.draft("RGB", (64, 64))  # JPEG: decode at a fraction of the size
-    small = img.convert("RGB")
-    small.thumbnail((64, 64))
-    rgb = np.asarray(small, dtype=np.int16)
-    return bool(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean() > 2)
 
 
 def _check_mode_size(mode: str, size: int) -> None:
@@ -1181,7 +471,7 @@ class ImageFolderDataset(Dataset[ImageItem]):
     Holds only paths and settings (no open files), so it works with DataLoader workers.
 
     Args:
-        paths: Image files, e.g. from :func:`find_images`.
+        paths: Image files, e.g. from :func:`anomaly_flow.folders.find_images`.
         mode: ``"L"`` or ``"RGB"``.
         size: Output side length.
         resize: How other sizes become ``size × size`` (see :func:`load_image`).

@@ -58,14 +58,10 @@ import numpy as np
 import pandas as pd
 
 from anomaly_flow.calibration import check_fitted_to
-from anomaly_flow.data import (
-    conversion_notes,
-    display_path,
-    find_images,
-    one_line,
-    search_images,
-)
+from anomaly_flow.data import display_path
+from anomaly_flow.errors import one_line
 from anomaly_flow.fingerprint import fingerprint_and_digests
+from anomaly_flow.folders import find_images, search_images
 from anomaly_flow.glow import Glow
 from anomaly_flow.score_kinds import REFERENCE_SCORES
 from anomaly_flow.score_table import (
@@ -93,6 +89,7 @@ from anomaly_flow.scoring import (
     score_names,
 )
 from anomaly_flow.stopping import remove_leftovers
+from anomaly_flow.survey import conversion_notes
 
 if TYPE_CHECKING:
     from anomaly_flow.config import GlowConfig
@@ -160,7 +157,7 @@ def score_folder(
 ) -> ScoreSummary:
     """Score every image file under ``folder`` into one table at ``out``.
 
-    One row per file found (:func:`anomaly_flow.data.search_images`), in sorted path order,
+    One row per file found (:func:`anomaly_flow.folders.search_images`), in sorted path order,
     with columns ``path`` (absolute; non-UTF-8 bytes as ``\\xff`` escapes), ``bpd``,
     ``complexity``, ``coarse_complexity``, ``typicality``, ``knn``, ``pixel_knn``,
     ``ensemble`` (models with a normal reference), ``level_1..level_L`` (bits/dim), ``score``

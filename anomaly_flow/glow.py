@@ -440,7 +440,7 @@ class Glow(nn.Module):
         self._reference_cache: dict[str, tuple[Tensor, int, Any]] = {}
         self.training_shapes: tuple[tuple[int, int, int], ...] = ()
         """``(width, height, count)`` of the training folder's images looked at
-        (:attr:`anomaly_flow.data.ConversionLook.shapes`), most common first; empty when unknown
+        (:attr:`anomaly_flow.survey.ConversionLook.shapes`), most common first; empty when unknown
         (set by :func:`anomaly_flow.tracking.train_and_register`, saved with the weights
         as the file's metadata), so that scoring can say when images come in a size the
         model never trained on."""

@@ -49,15 +49,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from anomaly_flow.data import (
-    Resize,
-    content_box,
-    display_path,
-    is_regular_file,
-    make_folders,
-    one_line,
-    walk_tree,
-)
+from anomaly_flow.data import Resize, content_box, display_path, is_regular_file
+from anomaly_flow.errors import one_line
+from anomaly_flow.folders import make_folders, walk_tree
 from anomaly_flow.stopping import remove_leftovers
 
 logger = logging.getLogger(__name__)

@@ -47,7 +47,8 @@ def given_path(text: str) -> Path:
 def image_folder(text: str) -> Path:
     """An argparse ``type`` for a folder of images to read: :func:`given_path`, refused
     at once when missing or not a folder, so the error names the option that gave it."""
-    from anomaly_flow.data import DataError, check_image_folder
+    from anomaly_flow.data import DataError
+    from anomaly_flow.folders import check_image_folder
 
     path = given_path(text)
     try:

@@ -35,9 +35,11 @@ from anomaly_flow.calibration import (
 )
 from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.config import RunConfig
-from anomaly_flow.data import ImageMode, display_path, find_images, one_line, try_load_image
+from anomaly_flow.data import ImageMode, display_path, try_load_image
+from anomaly_flow.errors import one_line
 from anomaly_flow.fingerprint import fingerprint_and_digests, is_unreadable, notable_copies
 from anomaly_flow.folder_scoring import FolderScores
+from anomaly_flow.folders import find_images
 from anomaly_flow.glow import Glow
 from anomaly_flow.score_kinds import (
     AUTO_SCORE,

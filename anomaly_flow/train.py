@@ -57,15 +57,13 @@ from anomaly_flow.data import (
     DataError,
     ImageFolderDataset,
     ImageItem,
-    conversion_look,
     display_path,
-    find_images,
-    one_line,
     split_train_val,
 )
 from anomaly_flow.distributed import join_process_group, launch_device, world_size
-from anomaly_flow.errors import peer_lost
+from anomaly_flow.errors import one_line, peer_lost
 from anomaly_flow.fingerprint import duplicate_note, fingerprint_and_digests, is_unreadable
+from anomaly_flow.folders import find_images
 from anomaly_flow.glow import (
     REFERENCE_MAX_MAPS,
     Glow,
@@ -87,6 +85,7 @@ from anomaly_flow.stopping import (
     worker_batches,
     worker_count,
 )
+from anomaly_flow.survey import conversion_look
 
 logger = logging.getLogger(__name__)
 

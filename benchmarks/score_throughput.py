@@ -47,15 +47,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly_flow.config import PRESETS, load_preset
-from anomaly_flow.data import (
-    ArrayDataset,
-    DataError,
-    ImageFolderDataset,
-    find_images,
-    write_image_folder,
-)
+from anomaly_flow.data import ArrayDataset, DataError, ImageFolderDataset, write_image_folder
 from anomaly_flow.fashion_mnist import load_fashion_mnist, load_sample
 from anomaly_flow.folder_scoring import score_folder
+from anomaly_flow.folders import find_images
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.scoring import ScoringDataset, score_images
 from anomaly_flow.train import fit_reference, resolve_device

@@ -96,8 +96,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
     # imported here: the script's --help and option errors answer without loading them
     from anomaly_flow import tracking
     from anomaly_flow.checkpoint import TrainingError
-    from anomaly_flow.data import check_decodable
     from anomaly_flow.evaluation import calibrate_model, evaluate_model
+    from anomaly_flow.folders import check_decodable
     from anomaly_flow.prechecks import (
         check_held_out_of_calibration,
         check_separate_folders,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomaly_flow.data import DataError, find_images
+from anomaly_flow.data import DataError
 from anomaly_flow.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -18,6 +18,7 @@ from anomaly_flow.fashion_mnist import (
     read_idx,
     write_sample_folders,
 )
+from anomaly_flow.folders import find_images
 
 # --------------------------------------------------------------------------- IDX
 

@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from anomaly_flow.data import find_images
 from anomaly_flow.fingerprint import fingerprint
+from anomaly_flow.folders import find_images
 from tests.test_data import rgb_pattern, save
 
 

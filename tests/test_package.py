@@ -20,7 +20,7 @@ PACKAGE = Path(anomaly_flow.__file__).parent
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(group) for group in (
     {"config", "layers", "glow", "score_kinds", "threshold_methods", "errors", "stopping",
      "presets", "file_lock"},
-    {"data", "fingerprint", "fashion_mnist"},
+    {"data", "folders", "survey", "fingerprint", "fashion_mnist"},
     {"calibration_checks", "detection", "calibration"},
     {"scoring", "complexity", "heatmap", "score_table", "folder_scoring"},
     {"train", "checkpoint", "distributed"},

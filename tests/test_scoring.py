@@ -32,15 +32,10 @@ from PIL import Image, ImageOps
 from anomaly_flow import score_table, scoring
 from anomaly_flow.calibration import Calibration, benjamini_hochberg, calibrate
 from anomaly_flow.config import GlowConfig
-from anomaly_flow.data import (
-    ArrayDataset,
-    display_path,
-    find_images,
-    load_image,
-    write_image_folder,
-)
+from anomaly_flow.data import ArrayDataset, display_path, load_image, write_image_folder
 from anomaly_flow.fashion_mnist import load_sample
 from anomaly_flow.folder_scoring import score_folder
+from anomaly_flow.folders import find_images
 from anomaly_flow.glow import Glow, preprocess
 from anomaly_flow.heatmap import colormap_table, heatmap_names, render_heatmap
 from anomaly_flow.score_table import ScoringError

@@ -73,7 +73,8 @@ class ImageFolder(PathGiven):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
-        from anomaly_flow.data import DataError, check_image_folder
+        from anomaly_flow.data import DataError
+        from anomaly_flow.folders import check_image_folder
 
         path = super().convert(value, param, ctx)
         try:

@@ -132,9 +132,10 @@ def score(folder: Path, model: str, out: Path, batch_size: int, workers: int | N
     existed, to fill the column). A summary goes to stderr: N scored, M failed, K
     anomalous.
     """
-    from anomaly_flow.data import display_path, unlisted_advice
+    from anomaly_flow.data import display_path
     from anomaly_flow.evaluation import open_model
     from anomaly_flow.folder_scoring import score_folder
+    from anomaly_flow.folders import unlisted_advice
     from anomaly_flow.score_table import ScoringError, check_writable, output_format
 
     if heatmap_kind is not None and heatmaps is None:

@@ -36,7 +36,7 @@ from anomaly_flow.checkpoint import (
     trajectory_changes,
 )
 from anomaly_flow.config import RunConfig, changed_fields
-from anomaly_flow.data import DataError, describe_shapes, display_path, one_line
+from anomaly_flow.data import DataError, display_path
 from anomaly_flow.distributed import (
     gathered,
     join_launch_group,
@@ -45,8 +45,9 @@ from anomaly_flow.distributed import (
     share_verdict,
     world_size,
 )
-from anomaly_flow.errors import alike_on_every_process, first_line, raised_alike
+from anomaly_flow.errors import alike_on_every_process, first_line, one_line, raised_alike
 from anomaly_flow.stopping import stops_deferred
+from anomaly_flow.survey import describe_shapes
 from anomaly_flow.tracking.models import (
     CANDIDATE,
     check_not_foreign,
