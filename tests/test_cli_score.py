@@ -21,7 +21,7 @@ from anomaly_flow.data import ArrayDataset, write_image_folder
 from anomaly_flow.score_table import write_table
 from anomaly_flow.scoring import score_images
 from tests.conftest import TrainedModel, corrupt_png, obeying_file_modes
-from tests.test_data import DEEP, deep_folder, remove_tree, too_long_a_path
+from tests.test_folders import DEEP, deep_folder, remove_tree, too_long_a_path
 from tests.test_scoring import (
     MESSY,
     N_BAD,
