@@ -128,10 +128,10 @@ def one_line(text: str) -> str:
 
 def store_mark() -> tuple[int, int, int]:
     """Where the store's record of registrations and promotions stands
-    (:func:`anomaly_flow.tracking.stop_mark`); nothing is registered before the store
+    (:func:`anomaly_flow.tracking.stop_mark`); nothing is registered before the runs
     module is loaded, which is not loaded here (a ``--help`` stays fast)."""
-    store = sys.modules.get("anomaly_flow.tracking.store")
-    return store.stop_mark() if store is not None else (0, 0, 0)
+    runs = sys.modules.get("anomaly_flow.tracking.runs")
+    return runs.stop_mark() if runs is not None else (0, 0, 0)
 
 
 @contextmanager
@@ -152,8 +152,8 @@ def describe_failure(error: BaseException, mark: tuple[int, int, int]) -> str:
     (:func:`anomaly_flow.tracking.failure_advice`): running it again would register
     another."""
     message = describe(error)
-    store = sys.modules.get("anomaly_flow.tracking.store")
-    if store is not None and (advice := store.failure_advice(mark)):
+    runs = sys.modules.get("anomaly_flow.tracking.runs")
+    if runs is not None and (advice := runs.failure_advice(mark)):
         message = message.rstrip(".") + advice
     return message
 

@@ -233,9 +233,9 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
                 print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
                 return 1
             except KeyboardInterrupt as stop:
-                store = sys.modules.get("anomaly_flow.tracking.store")  # not loaded: no run
+                runs = sys.modules.get("anomaly_flow.tracking.runs")  # not loaded: no run
                 advice = ("(before it started an MLflow run); run the same command again"
-                          if store is None else store.stop_advice(mark))
+                          if runs is None else runs.stop_advice(mark))
                 print(f"interrupted {advice}", file=sys.stderr)
                 return interrupt_exit_code(stop)
 

@@ -86,13 +86,13 @@ def test_the_version_is_the_installed_distributions() -> None:
     from importlib import metadata
 
     import anomaly_flow
-    from anomaly_flow.tracking import store
+    from anomaly_flow.tracking import runs
 
     installed = metadata.version("anomaly-flow")
     assert anomaly_flow.__version__ == installed
     result = CliRunner().invoke(main, ["--version"], prog_name="anomaly-flow")
     assert result.exit_code == 0 and result.output == f"anomaly-flow, version {installed}\n"
-    assert store.environment_tags()["anomaly_flow_version"] == installed
+    assert runs.environment_tags()["anomaly_flow_version"] == installed
 
 
 def test_help_does_not_look_the_version_up(tmp_path: Path) -> None:
@@ -816,7 +816,7 @@ def test_metrics_queued_when_the_store_fails_are_logged_by_the_resume(
 
     from anomaly_flow import tracking as tracking_module
     from anomaly_flow import train as train_module
-    from anomaly_flow.tracking import store as store_module
+    from anomaly_flow.tracking import runs as runs_module
 
     real_train, real_log_batch = train_module.train, mlflow.MlflowClient.log_batch
     gone = {"now": False}
@@ -833,7 +833,7 @@ def test_metrics_queued_when_the_store_fails_are_logged_by_the_resume(
                                   "runs/log-batch failed: Connection refused")
         real_log_batch(self, *args, **kwargs)
 
-    monkeypatch.setattr(store_module.Run.__init__, "__defaults__", (3600.0,))
+    monkeypatch.setattr(runs_module.Run.__init__, "__defaults__", (3600.0,))
     monkeypatch.setattr(tracking_module.training, "train", dying)
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
     common = [str(image_dirs.train), "--name", "queued", "--config",

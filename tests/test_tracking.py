@@ -564,8 +564,8 @@ def test_a_reopened_run_records_what_changed_in_its_environment(
         mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with tracking.start_run("handles", "first") as run:
         run_id = run.run_id
-    same = tracking.store.environment_tags()
-    monkeypatch.setattr(tracking.store, "environment_tags",
+    same = tracking.runs.environment_tags()
+    monkeypatch.setattr(tracking.runs, "environment_tags",
                         lambda: {**same, "torch_version": "9.9.9"})
     with tracking.start_run("handles", run_id=run_id):
         pass
@@ -574,7 +574,7 @@ def test_a_reopened_run_records_what_changed_in_its_environment(
     assert tags["resumed.torch_version"] == "9.9.9"
     assert not {"resumed.zlib_version", "resumed.python_version"} & set(tags)
     # resumed again under the torch it started with: the latest resume says so
-    monkeypatch.setattr(tracking.store, "environment_tags", lambda: same)
+    monkeypatch.setattr(tracking.runs, "environment_tags", lambda: same)
     with tracking.start_run("handles", run_id=run_id):
         pass
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
@@ -2001,7 +2001,7 @@ def test_a_run_whose_process_was_killed_outright_is_ended_by_the_next_run(
     which read as RUNNING forever. Each run records its process; a run started later in
     the experiment marks KILLED those whose process on this host has ended (or whose pid
     another process has taken since), never a live process's or another host's."""
-    from anomaly_flow.tracking.store import PROCESS_TAG, _this_process
+    from anomaly_flow.tracking.runs import PROCESS_TAG, _this_process
 
     code = ("import os; from anomaly_flow import tracking; "
             f"tracking.configure({str(mlruns)!r}); "

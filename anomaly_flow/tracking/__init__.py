@@ -3,8 +3,10 @@
 This package is the only place that imports ``mlflow``; the model, training and scoring
 code report through plain return values and callbacks.
 
-- :mod:`.store`: the tracking URI (:func:`default_tracking_uri`, :func:`configure`),
-  experiments and the :class:`Run` handle (:func:`start_run`).
+- :mod:`.store`: the tracking URI (:func:`default_tracking_uri`, :func:`configure`) and
+  experiments (:func:`ensure_experiment`).
+- :mod:`.runs`: the :class:`Run` handle (:func:`start_run`), and what a stopped or
+  failed command says of the runs and versions it made (:func:`stop_advice`).
 - :mod:`.pyfunc` and ``model_code.py``: the pyfunc model logged from code.
 - :mod:`.models`: :func:`log_model`, :func:`register_model`, :func:`set_alias`,
   :func:`claim_model_name`,
@@ -35,8 +37,16 @@ from anomaly_flow.tracking.models import (
     undo_command,
 )
 from anomaly_flow.tracking.pyfunc import model_signature, output_columns, predict_frame
-from anomaly_flow.tracking.store import (
+from anomaly_flow.tracking.runs import (
     Run,
+    failure_advice,
+    flatten,
+    git_commit,
+    start_run,
+    stop_advice,
+    stop_mark,
+)
+from anomaly_flow.tracking.store import (
     TrackingError,
     check_store_folder,
     configure,
@@ -44,16 +54,10 @@ from anomaly_flow.tracking.store import (
     default_tracking_uri,
     ensure_configured,
     ensure_experiment,
-    failure_advice,
-    flatten,
-    git_commit,
     missing_default_store,
     mlruns_dir,
     redacted,
     require_writable_store,
-    start_run,
-    stop_advice,
-    stop_mark,
     ui_command,
     uses_default_store,
 )

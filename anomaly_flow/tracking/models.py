@@ -45,19 +45,21 @@ from anomaly_flow.tracking.pyfunc import (
     load_calibration,
     model_signature,
 )
-from anomaly_flow.tracking.store import (
+from anomaly_flow.tracking.runs import (
     Run,
-    TrackingError,
     artifact_errors,
-    configured_uri,
-    ensure_configured,
     git_commit,
-    local_folder,
-    missing_default_store,
-    moved_location,
     note_promoted,
     note_registered,
     note_to_promote,
+)
+from anomaly_flow.tracking.store import (
+    TrackingError,
+    configured_uri,
+    ensure_configured,
+    local_folder,
+    missing_default_store,
+    moved_location,
     password_masked,
     quiet_mlflow,
     redacted,

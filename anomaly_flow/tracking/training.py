@@ -56,20 +56,16 @@ from anomaly_flow.tracking.models import (
     registered_from_run,
     set_alias,
 )
+from anomaly_flow.tracking.runs import Run, end_if_running, flatten, git_commit, start_run
 from anomaly_flow.tracking.store import (
     CHECKPOINTS_DIR,
-    Run,
     check_store_folder,
     configure,
-    end_if_running,
-    flatten,
-    git_commit,
     mlruns_dir,
     quiet_mlflow,
     redacted,
     require_writable_store,
     safe_name,
-    start_run,
 )
 from anomaly_flow.train import (
     FolderData,
