@@ -57,6 +57,7 @@ from anomaly_flow.config import RunConfig, load_preset
 from anomaly_flow.data import write_image_folder
 from anomaly_flow.fashion_mnist import SampleData, load_sample
 from anomaly_flow.glow import Glow
+from anomaly_flow.scoring import ScoringDataset, score_dataset
 
 MODEL_NAME = "tiny-parts"
 
@@ -422,3 +423,14 @@ def signal_handlers_restored() -> Iterator[None]:
     stopping._STOPPED_AT.clear()
     for number, handler in handlers.items():
         signal.signal(number, handler)
+
+
+# The pyfunc runs on CUDA when there is one ("auto"); references load the same way, so
+# that exact comparisons hold on a GPU machine too.
+AUTO = "auto"
+
+
+def library_scores(model: Glow, sources: list) -> pd.DataFrame:
+    """What the library itself says for these files: the reference for every path."""
+    cfg = model.config
+    return score_dataset(model, ScoringDataset(sources, cfg))
