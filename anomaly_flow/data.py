@@ -81,8 +81,11 @@ def warnings_caught() -> Iterator[None]:
 
 _CHANNELS = {"L": 1, "RGB": 3}
 SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+"""PIL's modes of 16-bit grey (and of 32-bit integer grey, ``I``): scaled to 8 bits by 1/257."""
 GREY_MODES = frozenset({"1", "L", "LA", "F", *SIXTEEN_BIT_MODES})
-ALPHA_MODES = frozenset({"PA", "LA", "RGBa", "RGBA"})  # composited onto black
+"""PIL's modes of grey images: bilevel, 8-bit (alone or with alpha), float and the above."""
+ALPHA_MODES = frozenset({"PA", "LA", "RGBa", "RGBA"})
+"""PIL's modes with an alpha channel, whose pixels are composited onto black."""
 NARROW_SIXTEEN_BIT = 4096
 """A 16-bit image whose values all lie below this holds 12 bits or fewer (a camera's raw
 range), which the scaling to 8 bits (``/ 257``) leaves in the darkest sixteenth."""
