@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from types import ModuleType
 
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("anomaly_flow.config", "ConfigError"),
@@ -126,11 +127,17 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def _runs() -> ModuleType | None:
+    """:mod:`anomaly_flow.tracking.runs` where it is loaded, else None: it is not loaded
+    here (a ``--help`` stays fast), and a command that never loaded it started no run,
+    registered nothing and moved no alias."""
+    return sys.modules.get("anomaly_flow.tracking.runs")
+
+
 def store_mark() -> tuple[int, int, int]:
     """Where the store's record of registrations and promotions stands
-    (:func:`anomaly_flow.tracking.stop_mark`); nothing is registered before the runs
-    module is loaded, which is not loaded here (a ``--help`` stays fast)."""
-    runs = sys.modules.get("anomaly_flow.tracking.runs")
+    (:func:`anomaly_flow.tracking.stop_mark`)."""
+    runs = _runs()
     return runs.stop_mark() if runs is not None else (0, 0, 0)
 
 
@@ -152,10 +159,18 @@ def describe_failure(error: BaseException, mark: tuple[int, int, int]) -> str:
     (:func:`anomaly_flow.tracking.failure_advice`): running it again would register
     another."""
     message = describe(error)
-    runs = sys.modules.get("anomaly_flow.tracking.runs")
+    runs = _runs()
     if runs is not None and (advice := runs.failure_advice(mark)):
         message = message.rstrip(".") + advice
     return message
+
+
+def stop_advice(mark: tuple[int, int, int]) -> str:
+    """For a stopped command's message, what it leaves and what to do
+    (:func:`anomaly_flow.tracking.stop_advice`)."""
+    runs = _runs()
+    return (runs.stop_advice(mark) if runs is not None
+            else "(before it started an MLflow run); run the same command again")
 
 
 _ALIKE = "_anomaly_flow_alike_on_every_process"

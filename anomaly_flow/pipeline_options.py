@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from anomaly_flow.errors import command_scope, describe_failure, user_error_types
+from anomaly_flow.errors import command_scope, describe_failure, stop_advice, user_error_types
 from anomaly_flow.score_kinds import SCORE_CHOICES
 from anomaly_flow.stopping import interrupt_exit_code, sigterm_as_interrupt
 
@@ -233,10 +233,7 @@ def stoppable(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
                 print(f"error: {describe_failure(error, mark)}", file=sys.stderr)
                 return 1
             except KeyboardInterrupt as stop:
-                runs = sys.modules.get("anomaly_flow.tracking.runs")  # not loaded: no run
-                advice = ("(before it started an MLflow run); run the same command again"
-                          if runs is None else runs.stop_advice(mark))
-                print(f"interrupted {advice}", file=sys.stderr)
+                print(f"interrupted {stop_advice(mark)}", file=sys.stderr)
                 return interrupt_exit_code(stop)
 
     return run

@@ -211,7 +211,8 @@ def _curve_figure(
 
 
 # scikit-learn takes a second or more to import: imported where a curve is drawn, so the
-# commands that import this module and draw none (score) start without it
+# commands that import this module and draw none (score) start without it.
+
 
 def _roc(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     from sklearn.metrics import roc_auc_score, roc_curve
