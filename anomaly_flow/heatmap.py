@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from anomaly_flow.data import Resize, content_box, display_path, is_regular_file
+from anomaly_flow.config import Resize
+from anomaly_flow.data import content_box, display_path, is_regular_file
 from anomaly_flow.errors import one_line
 from anomaly_flow.folders import make_folders, walk_tree
 from anomaly_flow.stopping import remove_leftovers
