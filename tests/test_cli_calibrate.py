@@ -307,12 +307,19 @@ def test_promote_moves_champion_to_a_calibrated_version_and_back(
     undecided = model_uri_from(result)
     for uri, expected in [
             (undecided, "not promoted: the cost threshold "),
+            (f"models:/{NAME}/latest", "not promoted: the cost threshold "),  # undecided's
             (f"models:/{NAME}/1", f"models:/{NAME}/1 is not calibrated, so as champion it "
                                   "would give scores but no verdicts; calibrate it with "
                                   "--promote"),
             (f"models:/{NAME}/999", "has no version 999"),
             (str(tmp_path), "is not a registered model version, and promote moves alias "
-                            "'champion' of a registered model; give models:/NAME/VERSION")]:
+                            "'champion' of a registered model; give models:/NAME/VERSION"),
+            # promote takes no folder, so its advice names none
+            (str(tmp_path / "bogus"), "is neither a model URI nor an existing folder; use "
+                                      "models:/NAME@ALIAS, models:/NAME/VERSION or "
+                                      "runs:/RUN_ID/model (see"),
+            (__file__, "is a file, not a model; use models:/NAME@ALIAS, "
+                       "models:/NAME/VERSION or runs:/RUN_ID/model (see")]:
         assert_one_line_error(run("promote", uri, "--mlruns", store), expected)
     assert "flags none of the 1 anomalous images, so as champion it would decide nothing" \
         in run("promote", undecided, "--mlruns", store).stderr

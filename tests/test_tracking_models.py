@@ -259,6 +259,14 @@ def test_calibrated_version_is_registered_linked_and_promoted(
     np.testing.assert_array_equal(out["p_value"].to_numpy(), calibration.p_values(scores))
     assert out["is_anomaly"].tolist() == calibration.decide(scores).tolist()
 
+    # models:/NAME/latest is the highest version, in any case, as MLflow reads it
+    for latest in ("latest", "LATEST"):
+        assert tracking.load_model(f"models:/calibrated-parts/{latest}").version == "3"
+    client.create_registered_model("empty-parts")
+    with pytest.raises(ModelNotFoundError, match="'empty-parts' has no versions yet, so "
+                                                 "models:/empty-parts/latest names none"):
+        tracking.load_model("models:/empty-parts/latest")
+
     # the run URI of a registered model is that version; of an unregistered one, none
     from_run = tracking.load_model(f"runs:/{training_run}/model")
     assert (from_run.name, from_run.version) == ("calibrated-parts", "1")

@@ -16,7 +16,7 @@ import click
 
 from anomaly_flow.cli import main
 from anomaly_flow.cli.common import (
-    MODEL_URI,
+    REGISTERED_MODEL_URI,
     ImageFolder,
     device_option,
     finite,
@@ -43,7 +43,7 @@ def _scoring_options(func):  # type: ignore[no-untyped-def]
 
 
 @main.command(short_help="Fit a threshold on held-out images as a new model version.")
-@click.option("--model", "model", type=MODEL_URI, required=True, metavar="URI",
+@click.option("--model", "model", type=REGISTERED_MODEL_URI, required=True, metavar="URI",
               help="The registered model to calibrate: models:/NAME@ALIAS (e.g. @candidate), "
                    "models:/NAME/VERSION, or runs:/RUN_ID/model of a registered training "
                    "run; the calibration becomes a new version of NAME (so not a local "
@@ -196,7 +196,7 @@ def evaluate(model: str, normal: Path, anomalous: Path, device: str, batch_size:
 
 
 @main.command(short_help="Point alias champion at a calibrated version (or back).")
-@click.argument("model", type=MODEL_URI, metavar="MODEL")
+@click.argument("model", type=REGISTERED_MODEL_URI, metavar="MODEL")
 @mlruns_option
 @user_errors
 def promote(model: str, mlruns: Path | None) -> None:

@@ -175,12 +175,24 @@ def user_errors(func: F) -> F:
 
 
 class ModelURI(click.ParamType):
-    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``, another
-    MLflow model URI (``models:/m-...``), or a local model folder. Only the form is
-    checked here; whether the model exists is found out when it is loaded."""
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (or ``/latest``),
+    ``runs:/RUN_ID/PATH``, another MLflow model URI (``models:/m-...``), or a local model
+    folder. Only the form is checked here; whether the model exists is found out when it
+    is loaded.
+
+    Args:
+        folders: Whether the command takes a model folder at all; ``calibrate`` and
+            ``promote`` work on a registered model, so their advice names none.
+    """
 
     name = "model"
-    _FORMS = re.compile(r"^(models:/[^/@\s]+(@[^/@\s]+|/\d+|)/?|runs:/[0-9A-Za-z]+/\S+)$")
+    _FORMS = re.compile(r"^(models:/[^/@\s]+(@[^/@\s]+|/\d+|/(?i:latest)|)/?"
+                        r"|runs:/[0-9A-Za-z]+/\S+)$")
+
+    def __init__(self, *, folders: bool = True) -> None:
+        self.folders = folders
+        self._forms = "models:/NAME@ALIAS, models:/NAME/VERSION" + (
+            ", runs:/RUN_ID/model or a model folder" if folders else " or runs:/RUN_ID/model")
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
@@ -195,15 +207,17 @@ class ModelURI(click.ParamType):
         path = Path(text.removeprefix("file://")).expanduser()
         if not path.exists():
             self.fail(f"{text!r} is neither a model URI nor an existing folder; use "
-                      "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
-                      "model folder", param, ctx)
-        if not path.is_dir():
+                      f"{self._forms}", param, ctx)
+        if not path.is_dir() and self.folders:
             self.fail(f"{text!r} is a file, not a model folder; give the folder that holds "
                       "the model (its MLmodel file), or a models:/ or runs:/ URI", param, ctx)
+        if not path.is_dir():
+            self.fail(f"{text!r} is a file, not a model; use {self._forms}", param, ctx)
         return text
 
 
 MODEL_URI = ModelURI()
+REGISTERED_MODEL_URI = ModelURI(folders=False)
 
 model_option = click.option(
     "--model", "model", type=MODEL_URI, required=True, metavar="URI",

@@ -5,7 +5,8 @@ artifact, ``glow/``, holds ``config.json``, ``model.safetensors`` and, once cali
 ``calibration.json``. :func:`load_model` reads those files directly (no pickle, no
 pyfunc code run) from any of:
 
-- ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` (the registry),
+- ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` (the registry; ``models:/NAME/latest``
+  is its highest version, as MLflow reads it),
 - ``runs:/RUN_ID/model`` and ``models:/<logged model id>`` (what a run logged),
 - a local MLflow model folder (with an ``MLmodel`` file),
 - a local folder written by ``Glow.save`` (``config.json`` + ``model.safetensors``,
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
-_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+|(?i:latest))/?$")
 _URI_HELP = ("use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model "
              "folder")
 
@@ -563,11 +564,19 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
             f"{_other_names(client, name)}; train one with "
             f"`anomaly-flow train DATA --name {name}`, or point --mlruns / "
             "MLFLOW_TRACKING_URI at the store that holds it") from None
+    version = by_version["version"] if by_version else None
+    if version is not None and version.lower() == "latest":  # as MLflow reads it
+        numbers = [int(mv.version) for mv in registered.latest_versions or []]
+        if not numbers:
+            raise ModelNotFoundError(
+                f"registered model {name!r} has no versions yet, so models:/{name}/latest "
+                f"names none; train one with `anomaly-flow train DATA --name {name}`")
+        version = str(max(numbers))
     try:
         if by_alias:
             mv = client.get_model_version_by_alias(name, by_alias["alias"])
-        elif int(by_version["version"]) < 2**63:  # type: ignore[index]  # sqlite's INTEGER
-            mv = client.get_model_version(name, by_version["version"])  # type: ignore[index]
+        elif int(version) < 2**63:  # type: ignore[arg-type]  # sqlite's INTEGER
+            mv = client.get_model_version(name, version)
         else:
             mv = None  # past any version number
     except MlflowException as exc:
@@ -582,7 +591,7 @@ def _registry_entry(uri: str) -> tuple[str, str, str | None, dict[str, str]] | N
                 f"{', '.join(aliases) or 'none'}); use one of those, a version "
                 f"(models:/{name}/N), or set the alias (e.g. calibrate --promote)") from None
         raise ModelNotFoundError(
-            f"registered model {name!r} has no version {by_version['version']}; "  # type: ignore[index]
+            f"registered model {name!r} has no version {version}; "
             f"see its versions in the MLflow UI, or use models:/{name}@{CANDIDATE}") from None
     return name, str(mv.version), mv.run_id, dict(mv.tags or {})
 
