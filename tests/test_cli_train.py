@@ -31,6 +31,7 @@ from anomaly_flow.cli.common import model_option, user_errors
 from anomaly_flow.config import load_config, load_preset
 from anomaly_flow.data import split_train_val, write_image_folder
 from anomaly_flow.fashion_mnist import SampleData
+from anomaly_flow.tracking.models import check_not_foreign
 from tests.conftest import (
     ImageDirs,
     corrupt_png,
@@ -1153,6 +1154,10 @@ def test_a_registered_model_anomaly_flow_did_not_make_is_not_trained_into(
     assert str(client.get_model_version_by_alias("bottles", "candidate").version) \
         == str(theirs)
     assert not (mlruns / "checkpoints" / "bottles").exists()
+    # a registered model without versions (made beforehand, to set its description or
+    # permissions) has no alias to move: it is trained into, as the README says
+    client.create_registered_model("empty-bottles", description="made by the admins")
+    check_not_foreign("empty-bottles")
 
 
 def test_a_store_that_cannot_end_the_stopped_run_leaves_the_stop_reported(

@@ -551,6 +551,15 @@ def test_end_to_end_refuses_a_sample_folder_with_other_contents_and_a_limit_belo
             end_to_end.parse_args([*argv, "--limit", limit])
         assert exit_info.value.code == 2
         assert f"argument --limit: {limit} is below 1" in capsys.readouterr().err
+    # a calibration folder too small for --target-fpr: said before the sample is written,
+    # naming the --limit that would do (the sample's own folder then says "add images")
+    with pytest.raises(SystemExit) as exit_info:
+        end_to_end.parse_args([*argv, "--limit", "10", "--target-fpr", "0.01"])
+    assert exit_info.value.code == 2
+    assert ("--limit 10 leaves at most 10 calibration images, and --target-fpr 0.01 needs "
+            "at least 99; give --limit 99 or more, or a --target-fpr of at least 1/11"
+            ) in capsys.readouterr().err
+    assert end_to_end.parse_args([*argv, "--limit", "9", "--target-fpr", "0.1"]).limit == 9
 
 
 def test_select_threshold_refuses_a_conformal_row_it_cannot_fill_before_scoring(
