@@ -292,8 +292,8 @@ def _render(table: pd.DataFrame, test_root: Path, heatmaps: Path, detection: dic
         {"item": "test images scored / failed",
          "value": f"{len(scored)} / {len(table) - len(scored)}"},
     ]
-    per_score = [{"score": k, "AUROC": m.auroc, "AUPR": m.aupr,
-                  "FPR at 95% TPR": m.fpr_at_95_tpr} for k, m in detection.items()]
+    per_score = [{"score": k, "AUROC": f"{m.auroc:.4f}", "AUPR": f"{m.aupr:.4f}",
+                  "FPR at 95% TPR": f"{m.fpr_at_95_tpr:.4f}"} for k, m in detection.items()]
     per_class = _per_class(table.loc[anomalous])
     normal_scores = table.loc[~anomalous, name].to_numpy(float)
     anomalous_scores = table.loc[anomalous, name].to_numpy(float)

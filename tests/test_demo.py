@@ -97,6 +97,11 @@ def test_demo_trains_calibrates_scores_and_reports(tmp_path, monkeypatch) -> Non
     assert evaluated["n_normal"] + evaluated["n_anomalous"] == len(table)
     assert evaluated["n_anomalous"] == sample.test_is_anomaly.sum()
     assert f"AUROC {evaluated['ensemble_auroc']:.4f} (ensemble score)" in result.output
+    # every score's row, each figure to 4 decimals (the FPR column was 4 significant digits)
+    row = (f"<td class='l'>ensemble</td><td>{evaluated['ensemble_auroc']:.4f}</td>"
+           f"<td>{evaluated['ensemble_aupr']:.4f}</td>"
+           f"<td>{evaluated['ensemble_fpr_at_95_tpr']:.4f}</td>")
+    assert row in page, row
     assert re.search(r"INFO anomaly_flow.train: epoch 1 of 1: train ", result.stderr)
     assert by_name["evaluate"].info.run_id in page
 
