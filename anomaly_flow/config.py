@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -346,6 +347,18 @@ _SIZING_FIELDS = {"model": ("image_size", "in_channels", "levels", "steps_per_le
                   "train": ("epochs", "batch_size", "lr")}
 
 
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a key given twice (``json`` keeps the last one
+    silently; TOML refuses it)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"config file {path} gives {key!r} twice in one object, and "
+                              "only one value can hold; keep the one you mean.")
+        seen[key] = value
+    return seen
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a TOML (preset) or JSON run configuration."""
     path = Path(path)
@@ -364,7 +377,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}.") from None
     as_json = path.suffix.lower() == ".json"
     try:
-        data = json.loads(text) if as_json else tomllib.loads(text)
+        data = (json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
+                if as_json else tomllib.loads(text))
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         kind = path.suffix.lstrip(".").upper()  # a YAML or INI file, most likely
         fix = ""

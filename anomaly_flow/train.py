@@ -323,7 +323,8 @@ def check_batch_split(config: RunConfig) -> None:
 
 
 class _FailedFiles:
-    """Undecodable training images met so far: name -> reason, each logged once (rank 0)."""
+    """Undecodable images of the data folder met so far, in either split: name -> reason,
+    each logged once (rank 0) with the split it is in."""
 
     def __init__(self, dataset: Dataset, log: bool) -> None:
         base = dataset
@@ -332,42 +333,52 @@ class _FailedFiles:
         self._paths: list[Path] | None = getattr(base, "paths", None)
         self._log = log
         self.reasons: dict[str, str] = {}
+        self._splits: dict[str, str] = {}  # name -> "training" or "validation"
 
     def _name(self, index: int) -> str:
         return display_path(self._paths[index]) if self._paths is not None else f"item {index}"
 
-    def add(self, name: str, reason: str) -> None:
+    def add(self, name: str, reason: str, split: str = "training") -> None:
         if name not in self.reasons:
             self.reasons[name] = reason
+            self._splits[name] = split
             if self._log:
-                logger.warning("skipping undecodable training image %s: %s", one_line(name),
-                               reason)
+                logger.warning("skipping undecodable image %s (%s split): %s",
+                               one_line(name), split, reason)
 
-    def record(self, batch: Any) -> torch.Tensor:
+    def record(self, batch: Any, split: str = "training") -> torch.Tensor:
         """Note the undecodable items of a collated batch (:func:`_collate_share`'s, or
-        default-collated :class:`ImageItem` fields); return its ``ok`` mask."""
+        default-collated :class:`ImageItem` fields) of ``split``; return its ``ok`` mask."""
         ok, errors, index = batch[1], batch[2], batch[3]
         ok = torch.as_tensor(ok)  # the training loop's mask is a CPU tensor
         if not bool(ok.all()):
             for i in torch.nonzero(~ok).flatten().tolist():
-                self.add(self._name(int(index[i])), errors[i])
+                self.add(self._name(int(index[i])), errors[i], split)
         return ok
 
     def keep(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoded images ``(b, C, H, W)`` of a collated batch and its ``ok`` mask."""
+        """The decoded images ``(b, C, H, W)`` of a collated training batch and its ``ok``
+        mask."""
         ok = self.record(batch)
         if bool(ok.all()):
             return batch[0], ok  # no copy: the loader's pinned memory stays pinned
         return batch[0][ok], ok
 
+    def example(self, split: str) -> str:
+        """`` (e.g. NAME: REASON)`` for the first failure met in ``split``, else ``""``."""
+        name = next((n for n, s in self._splits.items() if s == split), None)
+        return "" if name is None else f" (e.g. {name}: {self.reasons[name]})"
+
     def gather(self, world: int) -> None:
         """Merge what every rank has met (a collective: all ranks call it)."""
         if world > 1:
-            everyone: list[dict[str, str] | None] = [None] * world
-            dist.all_gather_object(everyone, self.reasons)
-            for reasons in everyone:
-                for name, reason in (reasons or {}).items():
-                    self.add(name, reason)
+            mine = {name: (reason, self._splits.get(name, "training"))
+                    for name, reason in self.reasons.items()}
+            everyone: list[dict[str, tuple[str, str]] | None] = [None] * world
+            dist.all_gather_object(everyone, mine)
+            for met in everyone:
+                for name, (reason, split) in (met or {}).items():
+                    self.add(name, reason, split)
 
 
 class _Throughput:
@@ -452,7 +463,7 @@ def _held_out_pass(model: Glow, dataset: Dataset, batch_size: int, device: torch
     n_bits, levels = model.config.n_bits, model.config.levels
     with numerics(model, "float32"):  # no bf16, no TF32
         for batch in worker_batches(loader):
-            ok = failed.record(batch) if failed is not None else batch[1]
+            ok = failed.record(batch, "validation") if failed is not None else batch[1]
             index = (start + torch.arange(len(ok)))[ok] * world + rank
             start += len(ok)
             host_images = batch[0][ok]
@@ -603,6 +614,26 @@ def _init_batch(dataset: Dataset, config: RunConfig, failed: _FailedFiles) -> to
     return torch.cat(kept)[: t.init_batch_size]
 
 
+def _check_validation_decodes(dataset: Dataset, failed: _FailedFiles) -> None:
+    """Refuse, before any training, a validation split none of whose images decodes: its
+    bits/dim would be NaN after every epoch and the model would never be registered. Reads
+    the split in small chunks until an image decodes (the first one, usually)."""
+    read = 0
+    while read < len(dataset):
+        part = range(read, min(read + 16, len(dataset)))
+        loader = DataLoader(Subset(dataset, part), batch_size=len(part), num_workers=0,
+                            generator=torch.Generator())
+        if bool(failed.record(next(iter(loader)), "validation").any()):
+            return
+        read += len(part)
+    raise TrainingError(
+        f"none of the {len(dataset)} image(s) of the validation split (the share of the "
+        f"folder held out for validation bits/dim and the normal reference) could be "
+        f"decoded{failed.example('validation')}, so the model could not be validated or "
+        "registered; replace or remove the undecodable files (the split is drawn again "
+        "from what is left), or add readable images.")
+
+
 def train(
     config: RunConfig,
     train_set: Dataset,
@@ -667,7 +698,7 @@ def train(
     if rank == 0 and ckpt_dir is not None:  # the one writer; another host's ids mean nothing
         removed = remove_leftovers(ckpt_dir, UNFINISHED_CHECKPOINT)
         if removed:
-            logger.info("removed %d unfinished checkpoint folder(s) that a killed run left "
+            logger.info("removed %d unfinished checkpoint folder(s) that a stopped run left "
                         "in %s", removed, ckpt_dir)
     try:
         with _convolutions_autotuned(dev):
@@ -779,6 +810,8 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         init = _init_batch(train_set, config, failed).to(dev)
         noise = _step_noise(t.seed, -1, tuple(init.shape), dev)
         model.initialize(preprocess(init, m.n_bits, noise))
+    if val_set is not None and len(val_set):
+        _check_validation_decodes(val_set, failed)
     use_bf16 = uses_bf16(config, dev)
     if t.bf16 and not use_bf16:
         logger.info("bf16 autocast is CUDA-only; training in float32 on %s", dev)
@@ -944,8 +977,9 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         checkpoint(t.epochs, step)
     final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
     if failed.reasons and rank == 0:
-        logger.warning("%d training file(s) could not be decoded and were skipped: %s",
-                       len(failed.reasons), ", ".join(map(one_line, sorted(failed.reasons))))
+        logger.warning("%d file(s) of the data folder could not be decoded and were "
+                       "skipped: %s", len(failed.reasons),
+                       ", ".join(map(one_line, sorted(failed.reasons))))
     samples, samples_skipped = np.zeros((0, 0), dtype=np.uint8), None
     if rank == 0:
         try:

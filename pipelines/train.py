@@ -92,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     if outcome is None:  # a process of rank above 0 under torchrun: rank 0 reports
         return 0
     print(f"run_id: {outcome.run_id}")
+    if outcome.version is None:  # no model_uri line: a script reading it gets none to use
+        print(f"error: {outcome.message}; the model is logged for inspection as "
+              f"{outcome.model_uri}", file=sys.stderr)
+        return 1
     print(f"model_uri: {outcome.model_uri}")
     print(outcome.message, file=sys.stderr)
-    return 0 if outcome.version is not None else 1
+    return 0
 
 
 if __name__ == "__main__":

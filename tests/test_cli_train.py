@@ -296,6 +296,11 @@ def test_a_config_that_does_not_parse_says_the_format_it_was_read_as(tmp_path: P
         load_config(upper)
     upper.write_text('{"model": {"levels": 2}}')
     assert load_config(upper).model.levels == 2
+    # a key given twice: refused, as TOML does, not the last value taken without a word
+    upper.write_text('{"model": {"levels": 2, "levels": 3}}')
+    with pytest.raises(ConfigError, match=r"GLOW\.JSON gives 'levels' twice in one object, "
+                                          r"and only one value can hold; keep the one you"):
+        load_config(upper)
 
 
 def test_a_config_with_an_unknown_field_is_a_one_line_error(
@@ -462,16 +467,21 @@ def test_a_damaged_training_record_is_a_one_line_error_and_a_fresh_training_clea
     assert json.loads(record.read_text())["concluded"] is True
 
 
-def test_an_unregistrable_model_exits_1_and_says_why(
+def test_a_validation_split_that_cannot_be_decoded_exits_1_before_training(
         tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
+    """It trained every epoch, then refused to register the model (validation bits/dim
+    NaN), and called the validation file a training file."""
     config = tiny_config(epochs=1)
     _, val_idx = split_train_val(10, config.train.val_fraction, config.train.seed)
     paths = write_image_folder(sample.train[:10], tmp_path / "data", "img-")
     paths[int(val_idx[0])].write_bytes(b"")  # the only validation image cannot be decoded
     result = invoke(str(tmp_path / "data"), "--name", "nan-parts", "--preset", "tiny",
-                    "--epochs", "1", "--mlruns", str(mlruns))
-    assert_one_line_error(result, 1, "model not registered", "not finite")
-    assert result.stdout.startswith("run_id: ")
+                    "--epochs", "30", "--mlruns", str(mlruns))
+    assert_one_line_error(result, 1, "none of the 1 image(s) of the validation split",
+                          f"{paths[int(val_idx[0])].name}: empty file (0 bytes)",
+                          "replace or remove the undecodable files")
+    assert "epoch 1 of" not in result.stderr and "training file" not in result.stderr
+    assert f"{paths[int(val_idx[0])].name} (validation split): empty file" in result.stderr
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
@@ -508,6 +518,8 @@ def test_a_model_that_cannot_draw_samples_is_not_registered_and_says_why(
     assert "WARNING anomaly_flow.train: no sample grid: the model cannot draw samples: a 1x1 " \
         "convolution of level 2 has a singular weight" in result.stderr
     assert result.stdout.startswith("run_id: ")
+    assert "model_uri" not in result.stdout  # nothing registered for a script to pick up
+    assert "; the model is logged for inspection as models:/m-" in result.stderr
     client = mlflow.MlflowClient()
     assert client.search_registered_models() == []
     run = client.get_run(result.stdout.split()[1])

@@ -30,6 +30,7 @@ from PIL import Image
 from anomaly_flow import tracking
 from anomaly_flow.data import split_train_val, write_image_folder
 from anomaly_flow.fashion_mnist import SampleData
+from anomaly_flow.train import TrainingError
 from tests.conftest import (
     AUTO,
     ImageDirs,
@@ -155,24 +156,34 @@ def test_the_readmes_python_api_runs(trained: TrainedModel, image_dirs: ImageDir
 
 
 def test_non_finite_validation_bpd_is_never_registered(
-        tmp_path: Path, sample: SampleData, mlruns: Path) -> None:
-    """An honest way to get a NaN validation bits/dim: the only validation image is a
-    file that cannot be decoded. A broken training file rides along to check reporting."""
+        tmp_path: Path, sample: SampleData, mlruns: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An honest way to get a NaN validation bits/dim: the only validation image decodes
+    when training starts (a validation split that never does is refused before it) and is
+    damaged on disk while the model trains. A broken training file rides along to check
+    reporting."""
+    from anomaly_flow import train as train_module
+
     config = tiny_config(epochs=1)
     n = 12
     train_idx, val_idx = split_train_val(n, config.train.val_fraction, config.train.seed)
     assert len(val_idx) == 1
     folder = tmp_path / "data"
     paths = write_image_folder(sample.train[:n], folder, "img-")
-    for index in (int(val_idx[0]), int(train_idx[0])):
-        paths[index].write_bytes(b"not an image")
+    paths[int(train_idx[0])].write_bytes(b"not an image")
+    checked = train_module._check_validation_decodes
 
+    def then_damaged(*args: Any) -> None:
+        checked(*args)
+        paths[int(val_idx[0])].write_bytes(b"not an image")
+
+    monkeypatch.setattr(train_module, "_check_validation_decodes", then_damaged)
     outcome = tracking.train_and_register(folder, "never", config, device="cpu",
                                           mlruns=mlruns, progress=False)
     assert outcome.version is None
     assert "not registered" in outcome.message and "not finite" in outcome.message
     # both broken files, the validation one included, are reported
-    assert "2 training file(s) could not be decoded" in outcome.message
+    assert "2 file(s) of the data folder could not be decoded" in outcome.message
     client = mlflow.MlflowClient()
     assert client.search_registered_models(filter_string="name = 'never'") == []
     run = client.get_run(outcome.run_id)
@@ -185,6 +196,35 @@ def test_non_finite_validation_bpd_is_never_registered(
     assert paths[int(train_idx[0])].name in failed.read_text()
     assert paths[int(val_idx[0])].name in failed.read_text()
     assert outcome.model_uri.startswith("models:/m-")  # logged for inspection, not registered
+
+
+def test_a_validation_split_that_never_decodes_is_refused_before_training(
+        tmp_path: Path, sample: SampleData, mlruns: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its bits/dim would be NaN after every epoch, and the model refused registration
+    only at the end: hours of GPU time for nothing."""
+    config = tiny_config(epochs=50)
+    n = 30
+    _, val_idx = split_train_val(n, config.train.val_fraction, config.train.seed)
+    folder = tmp_path / "data"
+    paths = write_image_folder(sample.train[:n], folder, "img-")
+    for index in val_idx:
+        paths[int(index)].write_bytes(b"not an image")
+    with caplog.at_level(logging.INFO, logger="anomaly_flow.train"), \
+            pytest.raises(TrainingError, match=(
+                rf"^none of the {len(val_idx)} image\(s\) of the validation split \(the share "
+                r"of the folder held out for validation bits/dim and the normal reference\) "
+                r"could be decoded \(e\.g\. .*img-\d+\.png: cannot identify image file.*\), "
+                r"so the model could not be validated or registered; replace or remove the "
+                r"undecodable files")):
+        tracking.train_and_register(folder, "never-valid", config, device="cpu",
+                                    mlruns=mlruns, progress=False)
+    assert not [r for r in caplog.records if "epoch 1 of 50" in r.getMessage()]  # none run
+    # each is reported once, in the split it is in
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == len(val_idx)
+    assert all("(validation split): cannot identify image file" in m for m in skipped)
+    assert mlflow.MlflowClient().search_registered_models("name = 'never-valid'") == []
 
 
 # ------------------------------------------------------------------- real processes

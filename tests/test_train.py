@@ -362,7 +362,8 @@ def test_corrupt_files_are_skipped_counted_and_reported(
         per_file = [r for r in caplog.records if name in r.getMessage()
                     and "skipping" in r.getMessage()]
         assert len(per_file) == 1, "each bad file is reported once, not once per epoch"
-    summary = [r.getMessage() for r in caplog.records if "3 training file(s)" in r.getMessage()]
+    summary = [r.getMessage() for r in caplog.records
+               if "3 file(s) of the data folder" in r.getMessage()]
     assert len(summary) == 1
     assert result.steps == 2 * 4 and result.skipped_steps == 0
     assert result.history[-1]["failed_files"] == 3
@@ -993,7 +994,7 @@ def test_an_undecodable_file_name_cannot_forge_a_log_line(
     with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
         failed.add(failed._name(0), "cannot identify image file")
     [record] = caplog.records
-    assert record.getMessage() == ("skipping undecodable training image x.png\\nERROR "
-                                   "fake.png: cannot identify image file")
+    assert record.getMessage() == ("skipping undecodable image x.png\\nERROR fake.png "
+                                   "(training split): cannot identify image file")
     assert _failed_files_report(failed.reasons) == [
         "x.png\\nERROR fake.png\tcannot identify image file"]

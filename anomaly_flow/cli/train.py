@@ -91,9 +91,10 @@ def train(data: Path, name: str, preset: str | None, config_file: Path | None,
     if outcome is None:  # a process of rank above 0 under torchrun: rank 0 reports
         return
     click.echo(f"run_id: {outcome.run_id}")
+    if outcome.version is None:  # no model_uri line: a script reading it gets none to use
+        raise click.ClickException(f"{outcome.message}; the model is logged for inspection "
+                                   f"as {outcome.model_uri}")
     click.echo(f"model_uri: {outcome.model_uri}")
-    if outcome.version is None:
-        raise click.ClickException(outcome.message)
     click.echo(f"candidate: models:/{name}@candidate")
     click.echo(f"val_bpd: {outcome.val_bpd:.6f}")
     click.echo(outcome.message, err=True)

@@ -853,8 +853,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             run.log_text("\n".join(lines) + "\n", "failed_files.txt")
             run.set_tags({"failed_files": len(lines),
                           "failed_files_examples": "; ".join(lines[:3]).replace("\t", ": ")})
-            logger.warning("%d training file(s) could not be decoded and were skipped; see "
-                           "failed_files.txt in run %s", len(lines), run.run_id)
+            logger.warning("%d file(s) of the data folder could not be decoded and were "
+                           "skipped; see failed_files.txt in run %s", len(lines), run.run_id)
 
         result.model.training_shapes = folder.shapes  # scoring compares sizes with it
         logged_uri = _logged_earlier(state, run.run_id, result.steps) if previous_run else None
@@ -896,7 +896,8 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             message += (f"; {result.skipped_steps} of {result.steps} steps skipped for a "
                         "non-finite loss or gradient")
         if result.failed_files:
-            message += f"; {len(result.failed_files)} training file(s) could not be decoded"
+            message += (f"; {len(result.failed_files)} file(s) of the data folder could not "
+                        "be decoded")
         _write_record(ckpt, {**record, "concluded": True, "outcome": message})
         _CONCLUDED_HERE[ckpt.resolve()] = message
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
