@@ -160,6 +160,21 @@ def _conformal_rank(n: int, alpha: float) -> int:
     return n - (first_too_large - 1)
 
 
+def rounded_up(value: float, digits: int = 4) -> float:
+    """``value`` (positive) to ``digits`` significant digits, rounded up: a bound printed
+    for the user to type back that the check it came from accepts.
+
+    Example:
+        >>> rounded_up(1 / 41), rounded_up(1 / 160), rounded_up(1 / 10000)
+        (0.0244, 0.00625, 0.0001)
+    """
+    nearest = f"{value:.{digits - 1}e}"  # the decimal nearest to value, correctly rounded
+    if float(nearest) >= value:
+        return float(nearest)
+    up = decimal.Decimal(nearest)
+    return float(up + decimal.Decimal(1).scaleb(up.adjusted() - digits + 1))
+
+
 def min_calibration_size(alpha: float) -> int:
     """Smallest number of calibration scores for which a conformal threshold exists.
 

@@ -72,7 +72,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from anomaly_flow.calibration import min_calibration_size
+from anomaly_flow.calibration import min_calibration_size, rounded_up
 from anomaly_flow.complexity import (
     batch_coarse_png_bits_per_dim,
     batch_png_bits_per_dim,
@@ -762,14 +762,6 @@ def _batch_frame(pending: _Pending, names: list[str], scale: torch.Tensor | None
 # ------------------------------------------------------------------------------ decisions
 
 
-def _rounded_up(value: float, digits: int = 4) -> float:
-    """``value`` (positive) to ``digits`` significant digits, rounded up: a bound printed
-    for the user to type back that the check it came from accepts."""
-    step = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
-    rounded = round(value / step) * step
-    return rounded if rounded >= value else rounded + step
-
-
 def apply_calibration(scores: pd.DataFrame, calibration: Any | None,
                       fdr: float | None = None) -> pd.DataFrame:
     """Add ``score``, ``p_value`` and ``is_anomaly`` from a calibration.
@@ -803,7 +795,7 @@ def apply_calibration(scores: pd.DataFrame, calibration: Any | None,
         raise ScoringError(
             f"--fdr {fdr:g} can never flag an image: the calibration holds {n} scores, so "
             f"the smallest p-value is 1/{n + 1} = {1 / (n + 1):.6g}, above {fdr:g}; raise "
-            f"--fdr to at least {_rounded_up(1 / (n + 1)):g}, or recalibrate on at least "
+            f"--fdr to at least {rounded_up(1 / (n + 1)):g}, or recalibrate on at least "
             f"{min_calibration_size(fdr)} held-out normal images.")
     name = calibration.score_name
     if name not in out.columns:

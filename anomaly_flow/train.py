@@ -32,7 +32,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -322,21 +322,34 @@ def check_batch_split(config: RunConfig) -> None:
                             f"{world} processes; pick a multiple of the process count.")
 
 
+def _file_paths(dataset: Dataset | None) -> list[Path] | None:
+    """The files behind a dataset's indices (:class:`ImageItem.index` is the index in the
+    base set, under any :class:`Subset`), or None for images in memory."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    return getattr(base, "paths", None)
+
+
 class _FailedFiles:
     """Undecodable images of the data folder met so far, in either split: name -> reason,
-    each logged once (rank 0) with the split it is in."""
+    each logged once (rank 0) with the split it is in.
 
-    def __init__(self, dataset: Dataset, log: bool) -> None:
-        base = dataset
-        while isinstance(base, Subset):  # ImageItem.index is the index in the base set
-            base = base.dataset
-        self._paths: list[Path] | None = getattr(base, "paths", None)
+    Args:
+        dataset: The training split; ``val_set``, the validation split (the same folder's
+            other share, or a dataset of its own given to :func:`train`).
+    """
+
+    def __init__(self, dataset: Dataset, log: bool, val_set: Dataset | None = None) -> None:
+        self._sets = {"training": dataset, "validation": val_set}
+        self._paths = {split: _file_paths(data) for split, data in self._sets.items()}
         self._log = log
         self.reasons: dict[str, str] = {}
         self._splits: dict[str, str] = {}  # name -> "training" or "validation"
 
-    def _name(self, index: int) -> str:
-        return display_path(self._paths[index]) if self._paths is not None else f"item {index}"
+    def _name(self, index: int, split: str = "training") -> str:
+        paths = self._paths[split]
+        return display_path(paths[index]) if paths is not None else f"item {index}"
 
     def add(self, name: str, reason: str, split: str = "training") -> None:
         if name not in self.reasons:
@@ -353,7 +366,7 @@ class _FailedFiles:
         ok = torch.as_tensor(ok)  # the training loop's mask is a CPU tensor
         if not bool(ok.all()):
             for i in torch.nonzero(~ok).flatten().tolist():
-                self.add(self._name(int(index[i])), errors[i], split)
+                self.add(self._name(int(index[i]), split), errors[i], split)
         return ok
 
     def keep(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,8 +378,17 @@ class _FailedFiles:
         return batch[0][ok], ok
 
     def example(self, split: str) -> str:
-        """`` (e.g. NAME: REASON)`` for the first failure met in ``split``, else ``""``."""
+        """`` (e.g. NAME: REASON)`` for the first failure met in ``split``, else ``""``
+        (failures restored from a checkpoint are found by their file)."""
         name = next((n for n, s in self._splits.items() if s == split), None)
+        if name is None and (paths := self._paths[split]) is not None:
+            indices: Sequence[int] = range(len(self._sets[split]))  # type: ignore[arg-type]
+            data = self._sets[split]
+            while isinstance(data, Subset):  # the split's own files, not all of its base's
+                indices = [data.indices[i] for i in indices]
+                data = data.dataset
+            names = {display_path(paths[i]) for i in indices}
+            name = next((n for n in self.reasons if n in names), None)
         return "" if name is None else f" (e.g. {name}: {self.reasons[name]})"
 
     def gather(self, world: int) -> None:
@@ -788,7 +810,7 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         model = Glow(m)
     model.to(dev)
     optimizer = _make_optimizer(model, config)
-    failed = _FailedFiles(train_set, log=rank == 0)
+    failed = _FailedFiles(train_set, log=rank == 0, val_set=val_set)
     step, skipped_steps, nonfinite_run, last_bpd = 0, 0, 0, float("nan")
     epoch_sum, epoch_n = 0.0, 0  # the running epoch's bits/dim sum over its images
     history: list[dict[str, float]] = []

@@ -210,14 +210,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--limit caps the folders --sample writes; with your own folders, "
                      "drop it (or give fewer images)")
     if args.limit is not None:  # the calibration folder --sample writes holds --limit images
-        from anomaly_flow.calibration import min_calibration_size
+        from anomaly_flow.calibration import min_calibration_size, rounded_up
 
         needed = min_calibration_size(args.target_fpr)
         if args.limit < needed:
+            from anomaly_flow.fashion_mnist import load_sample
+
+            shipped = len(load_sample().calibration)  # only now: it takes a second
+            fpr = f"a --target-fpr of at least {rounded_up(1 / (min(args.limit, shipped) + 1)):g}"
             parser.error(f"--limit {args.limit} leaves at most {args.limit} calibration "
                          f"images, and --target-fpr {args.target_fpr:g} needs at least "
-                         f"{needed}; give --limit {needed} or more, or a --target-fpr of at "
-                         f"least 1/{args.limit + 1}")
+                         f"{needed}; " + (f"give --limit {needed} or more, or {fpr}"
+                                          if needed <= shipped else
+                                          f"the sample holds {shipped}, so give {fpr}"))
     if args.score == "auto":  # checked before training, not after
         parser.error("--score auto needs labelled anomalies, and this pipeline calibrates "
                      f"on normal images only: name a score ({SCORE_CHOICES}), or run "

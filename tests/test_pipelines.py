@@ -21,7 +21,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from anomaly_flow import tracking
-from anomaly_flow.calibration import cost_threshold, f1_threshold, youden_threshold
+from anomaly_flow.calibration import cost_threshold, f1_threshold, rounded_up, youden_threshold
+from anomaly_flow.fashion_mnist import load_sample
 from anomaly_flow.folder_scoring import score_folder_table
 from anomaly_flow.scoring import score_names
 from tests.conftest import (
@@ -557,8 +558,15 @@ def test_end_to_end_refuses_a_sample_folder_with_other_contents_and_a_limit_belo
         end_to_end.parse_args([*argv, "--limit", "10", "--target-fpr", "0.01"])
     assert exit_info.value.code == 2
     assert ("--limit 10 leaves at most 10 calibration images, and --target-fpr 0.01 needs "
-            "at least 99; give --limit 99 or more, or a --target-fpr of at least 1/11"
-            ) in capsys.readouterr().err
+            "at least 99; give --limit 99 or more, or a --target-fpr of at least 0.09091 "
+            ) in capsys.readouterr().err  # 1/11 rounded up: typed back, it is accepted
+    assert end_to_end.parse_args([*argv, "--limit", "10", "--target-fpr", "0.09091"])
+    # more than the shipped sample holds: no --limit would do
+    with pytest.raises(SystemExit):
+        end_to_end.parse_args([*argv, "--limit", "700", "--target-fpr", "0.001"])
+    shipped = len(load_sample().calibration)
+    assert (f"needs at least 999; the sample holds {shipped}, so give a --target-fpr of at "
+            f"least {rounded_up(1 / (shipped + 1)):g} ") in capsys.readouterr().err
     assert end_to_end.parse_args([*argv, "--limit", "9", "--target-fpr", "0.1"]).limit == 9
 
 

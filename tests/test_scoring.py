@@ -639,10 +639,12 @@ def test_calibrated_run_fills_p_values_and_verdicts(model: Glow, messy: Path,
     score_folder(model, cal, messy, never, fdr=0.05)  # the smallest p-value can be flagged
 
 
-@pytest.mark.parametrize("n", [19, 40, 98, 1000, 12345])
+@pytest.mark.parametrize("n", [19, 40, 98, 159, 1000, 9999, 12345])
 def test_the_fdr_the_refusal_advises_is_accepted_when_typed_back(n: int) -> None:
     """The refusal prints the smallest usable --fdr rounded up, never down: 1/41 is
-    0.024390..., and an advice of 0.02439 (rounded to nearest) would be refused again."""
+    0.024390..., and an advice of 0.02439 (rounded to nearest) would be refused again.
+    Nor a step too far up where 1/(n+1) is a short decimal (1/160 = 0.00625, not
+    0.006251)."""
     cal = calibrate("bpd", np.arange(float(n)), alpha=0.5)
     row = pd.DataFrame({"bpd": [n + 1.0]})  # above every calibration score: p = 1/(n+1)
     with pytest.raises(ScoringError, match=r"raise --fdr to at least ") as refused:
@@ -651,6 +653,9 @@ def test_the_fdr_the_refusal_advises_is_accepted_when_typed_back(n: int) -> None
     assert advice is not None
     typed = float(advice.group(1))
     assert 1 / (n + 1) <= typed < 1 / (n + 1) * 1.001  # four significant digits, rounded up
+    nearest = float(f"{1 / (n + 1):.3e}")
+    if nearest >= 1 / (n + 1):
+        assert typed == nearest
     flagged = scoring.apply_calibration(row, cal, typed)
     assert flagged["is_anomaly"].tolist() == [True]
 

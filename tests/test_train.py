@@ -415,6 +415,35 @@ def test_the_actnorm_init_reads_past_undecodable_files_to_a_full_batch(
     assert len(failed.reasons) == 8
 
 
+def test_undecodable_validation_files_are_named_by_their_own_split(
+        tmp_path: Path, sneakers: np.ndarray) -> None:
+    """A validation set of its own (train() takes one): its files were named by the
+    training set's paths, the wrong file or an IndexError; a validation split none of
+    whose images decodes is refused before any training step, naming one of them."""
+    good = write_image_folder(sneakers[:8], tmp_path / "train", "t-", "png")
+    bad = [tmp_path / "val" / f"v-{i}.png" for i in range(12)]
+    bad[0].parent.mkdir()
+    for path in bad:
+        path.write_text("not an image\n")
+    size = MODEL.image_size
+    with pytest.raises(TrainingError, match=r"^none of the 12 image\(s\) of the validation "
+                                            r"split .* could be decoded \(e\.g\. "
+                                            r".*val/v-0\.png: cannot identify image file"):
+        train(run_config(epochs=50, batch_size=4, init_batch_size=4),
+              train_module.ImageFolderDataset(good, "L", size),
+              train_module.ImageFolderDataset(bad, "L", size), device="cpu")
+    # failures a checkpoint restores carry no split: found by their file
+    folder = folder_datasets(tmp_path / "train", run_config(val_fraction=0.25))
+    assert folder.val is not None
+    val_file = display_path(folder.val.dataset.paths[folder.val.indices[0]])
+    train_file = display_path(folder.train.dataset.paths[folder.train.indices[0]])
+    failed = train_module._FailedFiles(folder.train, log=False, val_set=folder.val)
+    failed.reasons[train_file] = "truncated"
+    assert failed.example("validation") == ""  # a training file is no validation example
+    failed.reasons[val_file] = "empty file (0 bytes)"
+    assert failed.example("validation") == f" (e.g. {val_file}: empty file (0 bytes))"
+
+
 def test_decoding_workers_train_the_same_model(tmp_path: Path, sneakers: np.ndarray) -> None:
     # batches decoded in 2 worker processes (their own collate: images in shared memory,
     # masks and indices in the pickle) train bit for bit the model of in-process decoding,
