@@ -32,7 +32,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -341,8 +341,7 @@ class _FailedFiles:
     """
 
     def __init__(self, dataset: Dataset, log: bool, val_set: Dataset | None = None) -> None:
-        self._sets = {"training": dataset, "validation": val_set}
-        self._paths = {split: _file_paths(data) for split, data in self._sets.items()}
+        self._paths = {"training": _file_paths(dataset), "validation": _file_paths(val_set)}
         self._log = log
         self.reasons: dict[str, str] = {}
         self._splits: dict[str, str] = {}  # name -> "training" or "validation"
@@ -352,9 +351,9 @@ class _FailedFiles:
         return display_path(paths[index]) if paths is not None else f"item {index}"
 
     def add(self, name: str, reason: str, split: str = "training") -> None:
+        self._splits.setdefault(name, split)  # a failure a checkpoint restored learns it here
         if name not in self.reasons:
             self.reasons[name] = reason
-            self._splits[name] = split
             if self._log:
                 logger.warning("skipping undecodable image %s (%s split): %s",
                                one_line(name), split, reason)
@@ -378,17 +377,8 @@ class _FailedFiles:
         return batch[0][ok], ok
 
     def example(self, split: str) -> str:
-        """`` (e.g. NAME: REASON)`` for the first failure met in ``split``, else ``""``
-        (failures restored from a checkpoint are found by their file)."""
+        """`` (e.g. NAME: REASON)`` for the first failure met in ``split``, else ``""``."""
         name = next((n for n, s in self._splits.items() if s == split), None)
-        if name is None and (paths := self._paths[split]) is not None:
-            indices: Sequence[int] = range(len(self._sets[split]))  # type: ignore[arg-type]
-            data = self._sets[split]
-            while isinstance(data, Subset):  # the split's own files, not all of its base's
-                indices = [data.indices[i] for i in indices]
-                data = data.dataset
-            names = {display_path(paths[i]) for i in indices}
-            name = next((n for n in self.reasons if n in names), None)
         return "" if name is None else f" (e.g. {name}: {self.reasons[name]})"
 
     def gather(self, world: int) -> None:

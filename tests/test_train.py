@@ -432,15 +432,21 @@ def test_undecodable_validation_files_are_named_by_their_own_split(
         train(run_config(epochs=50, batch_size=4, init_batch_size=4),
               train_module.ImageFolderDataset(good, "L", size),
               train_module.ImageFolderDataset(bad, "L", size), device="cpu")
-    # failures a checkpoint restores carry no split: found by their file
+    # failures a checkpoint restores carry no split: they learn it when the resumed
+    # training meets them again, and the refusal still names one
     folder = folder_datasets(tmp_path / "train", run_config(val_fraction=0.25))
     assert folder.val is not None
-    val_file = display_path(folder.val.dataset.paths[folder.val.indices[0]])
+    val_paths = [folder.val.dataset.paths[i] for i in folder.val.indices]
+    for path in val_paths:
+        path.write_bytes(b"")  # damaged since the checkpoint
+    val_file = display_path(val_paths[0])
     train_file = display_path(folder.train.dataset.paths[folder.train.indices[0]])
     failed = train_module._FailedFiles(folder.train, log=False, val_set=folder.val)
-    failed.reasons[train_file] = "truncated"
-    assert failed.example("validation") == ""  # a training file is no validation example
+    failed.reasons[train_file] = "truncated"  # as the resume restores them
     failed.reasons[val_file] = "empty file (0 bytes)"
+    assert failed.example("validation") == ""  # not met yet in this process
+    with pytest.raises(TrainingError, match=re.escape(f"(e.g. {val_file}: empty file")):
+        train_module._check_validation_decodes(folder.val, failed)
     assert failed.example("validation") == f" (e.g. {val_file}: empty file (0 bytes))"
 
 

@@ -208,11 +208,11 @@ class ModelURI(click.ParamType):
         if not path.exists():
             self.fail(f"{text!r} is neither a model URI nor an existing folder; use "
                       f"{self._forms}", param, ctx)
-        if not path.is_dir() and self.folders:
-            self.fail(f"{text!r} is a file, not a model folder; give the folder that holds "
-                      "the model (its MLmodel file), or a models:/ or runs:/ URI", param, ctx)
         if not path.is_dir():
-            self.fail(f"{text!r} is a file, not a model; use {self._forms}", param, ctx)
+            self.fail(f"{text!r} is a file, not a model folder; give the folder that holds "
+                      "the model (its MLmodel file), or a models:/ or runs:/ URI"
+                      if self.folders else f"{text!r} is a file, not a model; use "
+                      f"{self._forms}", param, ctx)
         return text
 
 
