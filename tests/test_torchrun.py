@@ -129,11 +129,11 @@ def test_a_resume_needs_the_checkpoint_on_every_host_and_may_change_the_process_
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_the_checkpoint_to_resume_from(
         image_dirs: ImageDirs, tmp_path: Path) -> None:
-    """Rank 1 is killed outright in its fifth step (tests/dying_rank.py): rank 0 meets a
-    reset connection in its next collective and says so in one line, with the checkpoint
-    to go on from, not gloo's traceback. torchrun
-    looks at its workers every 5 s here, so that rank 0 meets the dead peer before
-    torchrun stops it (the stop would be said too, as an interruption)."""
+    """Rank 1 is killed outright in its sixth step (tests/dying_rank.py) while rank 0 waits
+    in that step's all-reduce: rank 0 meets the closed connection and says so in one line,
+    with the checkpoint to go on from, not gloo's traceback. torchrun looks at its workers
+    every 5 s here, so that it finds rank 1 gone after rank 0 has (had it looked first, it
+    would have stopped rank 0, which says that as an interruption)."""
     store, config = tmp_path / "store", often_config(tmp_path, epochs=4)
     args = ["train", str(image_dirs.train), "--name", "dies", "--config", str(config),
             "--device", "cpu", "--mlruns", str(store)]
