@@ -21,9 +21,12 @@ from PIL import Image
 
 from anomaly_flow import heatmap, plots, report, tracking
 from anomaly_flow.calibration import operating_point, rate_interval, shown_precision
+from anomaly_flow.checkpoint import TrainingError
 from anomaly_flow.config import load_preset
 from anomaly_flow.data import DataError, display_path
 from anomaly_flow.detection import DetectionMetrics
+from anomaly_flow.distributed import world_size
+from anomaly_flow.errors import alike_on_every_process
 from anomaly_flow.evaluation import calibrate_model, evaluate_scores
 from anomaly_flow.fashion_mnist import SAMPLE_MARKER, write_sample_folders
 from anomaly_flow.fingerprint import fingerprint_and_digests
@@ -77,7 +80,13 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
     Raises:
         ScoringError: Another demo is running in ``out`` (it would delete this one's
             images and tables mid-run).
+        TrainingError: Started under torchrun (the demo runs in one process), or the
+            model's validation bits/dim was not finite, so it was not registered.
     """
+    if world_size() > 1:
+        raise alike_on_every_process(TrainingError(
+            "the demo runs in one process, not under torchrun; run anomaly-flow demo "
+            "alone, and train on several processes with torchrun ... -m anomaly_flow train"))
     out = Path(out).resolve()
     tracking.check_store_folder(out / "mlruns")  # before _claim makes the folder
     with output_lock(out, holder="demo", instead="give this one another folder (--out DIR)"):
@@ -104,11 +113,9 @@ def _run_demo(out: Path, *, preset: str | None, device: str, epochs: int | None,
     trained = tracking.train_and_register(folders["train"], MODEL_NAME, config,
                                           device=device, mlruns=mlruns, progress=progress,
                                           restart=True)  # a demo stopped before: anew
-    if trained is None:
-        raise RuntimeError("the demo runs in one process; train on several with "
-                           "torchrun ... -m anomaly_flow train")
-    if trained.version is None:
-        raise RuntimeError(f"the demo model was not registered: {trained.message}")
+    if trained is None or trained.version is None:  # None: another process of a torchrun
+        said = trained.message if trained else "model not registered (under torchrun)"
+        raise TrainingError(f"the demo stops before calibrating: {said}")
 
     logger.info("calibrating at %.0f%% false-positive rate", 100 * TARGET_FPR)
     calibrated = calibrate_model(
@@ -117,9 +124,11 @@ def _run_demo(out: Path, *, preset: str | None, device: str, epochs: int | None,
         progress=progress,
     )
 
+    # the version just calibrated, which champion names unless another process of a
+    # shared store (MLFLOW_TRACKING_URI) has moved it since
     champion = f"models:/{MODEL_NAME}@champion"
-    logger.info("scoring %s with %s", folders["test"], champion)
-    loaded = tracking.load_model(champion, device=device)
+    logger.info("scoring %s with %s (alias champion)", folders["test"], calibrated.model_uri)
+    loaded = tracking.load_model(calibrated.model_uri, device=device)
     scores_csv, heatmaps = out / "scores.csv", out / "heatmaps"
     shutil.rmtree(heatmaps, ignore_errors=True)
     scores_csv.unlink(missing_ok=True)  # the last demo's: replaced, as the folder says

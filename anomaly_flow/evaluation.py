@@ -340,8 +340,10 @@ def calibrate_scores(
             ``level_i``);
             None (default) for :func:`~anomaly_flow.scoring.default_score` (``ensemble``
             when the model has a normal reference, else ``bpd``); or ``"auto"`` (needs
-            ``anomalous``): the one with the highest AUROC on the labelled images, ties
-            going to the first in :func:`~anomaly_flow.scoring.score_names` order.
+            ``anomalous``): the one with the highest AUROC on the labelled images, a tie
+            going to the model's default score, then to the first in
+            :func:`~anomaly_flow.scoring.score_names` order
+            (:func:`select_folder_score`).
             The choice and its AUROCs are stored in ``calibration.score_selection`` and
             logged (params ``score``/``score_selection``, metrics
             ``selection_<score>_auroc``, tags). The selection and the reported AUROC use
@@ -378,6 +380,9 @@ def calibrate_scores(
         selection = select_folder_score(normal, anomalous,  # type: ignore[arg-type]
                                         loaded.model)
         score = selection.chosen
+    normal = normal.finite_in([score])
+    anomalous = None if anomalous is None else anomalous.finite_in([score])
+    if selection is not None:
         logger.info("chose score %s: %s (AUROC %s on %d normal, %d anomalous images)", score,
                     selection.rule,
                     ", ".join(f"{name} {value:.4f}" for name, value in selection.auroc.items()),
@@ -889,6 +894,8 @@ def select_threshold(
     if chosen == AUTO_SCORE:
         selection = select_folder_score(normal_scores, anomalous_scores, loaded.model)
         chosen = selection.chosen
+    normal_scores = normal_scores.finite_in([chosen])
+    anomalous_scores = anomalous_scores.finite_in([chosen])
     table = compare_thresholds(normal_scores, anomalous_scores, chosen, target_fpr=target_fpr,
                                cost_fp=cost_fp, cost_fn=cost_fn)
     outcome = SelectThresholdOutcome(
@@ -961,6 +968,7 @@ def evaluate_scores(
     normal = leave_out_training_images(loaded, normal, "evaluation")
     check_labelled_both(normal, anomalous)
     names = score_names(loaded.model)
+    normal, anomalous = normal.finite_in(names), anomalous.finite_in(names)
     table = detection_table(normal, anomalous, names)
     metrics: dict[str, float] = {}
     for name, row in table.iterrows():

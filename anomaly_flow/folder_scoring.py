@@ -895,6 +895,27 @@ class FolderScores:
             for path, error in rows.itertuples(index=False)
         ]
 
+    def finite_in(self, scores: Sequence[str]) -> FolderScores:
+        """These scores with each decoded image that has a non-finite value in any of
+        ``scores`` left out like a file that failed (the reason in ``error``), and a
+        warning naming them, so that every count and figure over ``scores`` rests on the
+        same images. Scoring itself leaves such an image out (its ``bpd`` is NaN, every
+        score with it); a table made otherwise may not have."""
+        decoded = (self.table["error"] == "").to_numpy()
+        values = self.table[list(scores)].to_numpy(dtype=np.float64)
+        bad = decoded & ~np.isfinite(values).all(axis=1)
+        if not bad.any():
+            return self
+        table = self.table.copy()
+        first_bad = np.asarray(scores)[(~np.isfinite(values)).argmax(axis=1)]
+        table.loc[bad, "error"] = [f"the model gave a non-finite {name} for this image"
+                                   for name in first_bad[bad]]
+        left = list(table.loc[bad, ["path", "error"]].itertuples(index=False))
+        logger.warning("%d of %d image files in %s have a non-finite score and are left "
+                       "out:\n%s", len(left), self.n_files, display_path(self.folder),
+                       _listed(left))
+        return FolderScores(self.folder, table, self.fingerprint, self.digests)
+
 
 def score_folder_table(
     model: Glow,
@@ -946,10 +967,15 @@ def score_folder_table(
     scores = FolderScores(root, table, folder_digest, tuple(digests))
     failed = scores.failures("bpd")
     if failed:
-        lines = [f"  {one_line(path)}: {reason}"
-                 for path, reason in failed[:MAX_REASONS_LOGGED]]
-        if len(failed) > MAX_REASONS_LOGGED:
-            lines.append(f"  ... and {len(failed) - MAX_REASONS_LOGGED} more")
         logger.warning("%d of %d image files in %s could not be scored and are left out:\n%s",
-                       len(failed), len(paths), display_path(root), "\n".join(lines))
+                       len(failed), len(paths), display_path(root), _listed(failed))
     return scores
+
+
+def _listed(failed: Sequence[tuple[str, str]]) -> str:
+    """The lines of a warning that names left-out files: the first
+    :data:`MAX_REASONS_LOGGED` with their reasons, then how many more."""
+    lines = [f"  {one_line(path)}: {reason}" for path, reason in failed[:MAX_REASONS_LOGGED]]
+    if len(failed) > MAX_REASONS_LOGGED:
+        lines.append(f"  ... and {len(failed) - MAX_REASONS_LOGGED} more")
+    return "\n".join(lines)

@@ -547,10 +547,11 @@ def leave_out_training_images(loaded: tracking.LoadedModel, scores: FolderScores
     table = scores.table.copy()
     table.loc[seen, "error"] = (f"{TRAINED_ON} (same content as one recorded by training run "
                                 f"{run_id}); {purpose} uses held-out images only")
-    logger.warning("%d of the %d images in %s are images of the folder %s was trained on "
-                   "(same content); %s leaves them out and uses the other %d",
-                   int(seen.sum()), scores.n_files, folder, loaded.uri, purpose,
-                   int((usable & ~seen).sum()))
+    counted = (f"{scores.n_files} images" if usable.all() else
+               f"{int(usable.sum())} usable images (of {scores.n_files} files)")
+    logger.warning("%d of the %s in %s are images of the folder %s was trained on (same "
+                   "content); %s leaves them out and uses the other %d", int(seen.sum()),
+                   counted, folder, loaded.uri, purpose, int((usable & ~seen).sum()))
     return FolderScores(scores.folder, table, scores.fingerprint, scores.digests)
 
 

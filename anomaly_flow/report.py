@@ -7,8 +7,10 @@ artifact, or opened from disk.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
+
+from anomaly_flow.data import DataError, display_path
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -128,9 +132,21 @@ def gallery_section(items: Sequence[GalleryItem], note: str = "") -> str:
 
 
 def write_report(path: Path, page: str) -> Path:
-    """Write the page atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    """Write the page atomically (temp file, then rename).
+
+    Raises:
+        DataError: The file system refused (disk full, no permission); no temporary
+            file is left behind.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DataError(f"cannot write the report {display_path(path)}: "
+                        f"{error.strerror or error}; free some space or give a writable "
+                        "folder") from error
     return path

@@ -29,7 +29,7 @@ from anomaly_flow.calibration import (
 from anomaly_flow.calibration_checks import CalibrationError
 from anomaly_flow.cli import main
 from anomaly_flow.detection import detection_metrics, select_score
-from anomaly_flow.evaluation import calibrate_scores
+from anomaly_flow.evaluation import calibrate_scores, evaluate_scores
 from anomaly_flow.fingerprint import fingerprint_and_digests
 from anomaly_flow.folder_scoring import FolderScores, score_folder_table
 from anomaly_flow.glow import REFERENCE_KEYS
@@ -657,6 +657,47 @@ def test_a_model_deleted_while_it_is_calibrated_is_not_made_anew(
     assert [str(v.version) for v in client.search_model_versions("name = 'gone-version'")] == ["2"]
 
 
+def test_images_with_a_non_finite_score_are_named_and_left_out_of_every_figure(
+        store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Scoring leaves out an image whose bits/dim is not finite; a table made otherwise
+    (by hand, as here) may hold a decoded image with a non-finite value in one score:
+    evaluation leaves it out of every score's figures and counts, calibration out of its
+    score's, and each names it in a warning, as it does a file that failed to decode."""
+    loaded = tracking.load_model(CANDIDATE)
+    columns = score_names(loaded.model)
+    normal = hand_scores("normal", dict.fromkeys(columns, np.linspace(5.0, 6.0, 40)))
+    normal.table.loc[3, "ensemble"] = np.inf
+    normal.table.loc[7, "complexity"] = np.nan
+    anomalous = hand_scores("anomalous", dict.fromkeys(columns, np.linspace(5.5, 7.0, 12)))
+    anomalous.table.loc[0, "knn"] = -np.inf
+    with caplog.at_level(logging.WARNING):
+        evaluated = evaluate_scores(loaded, normal, anomalous)
+    said = [r.getMessage() for r in caplog.records if "non-finite score" in r.getMessage()]
+    assert said == [
+        "2 of 40 image files in /data/normal have a non-finite score and are left out:\n"
+        "  /data/normal/003.png: the model gave a non-finite ensemble for this image\n"
+        "  /data/normal/007.png: the model gave a non-finite complexity for this image",
+        "1 of 12 image files in /data/anomalous have a non-finite score and are left out:\n"
+        "  /data/anomalous/000.png: the model gave a non-finite knn for this image"]
+    assert (evaluated.table["n_normal"] == 38).all()
+    assert (evaluated.table["n_anomalous"] == 11).all()
+    assert {key: evaluated.metrics[key] for key in (
+        "n_normal", "n_failed_normal", "n_anomalous", "n_failed_anomalous")} == {
+        "n_normal": 38, "n_failed_normal": 2, "n_anomalous": 11, "n_failed_anomalous": 1}
+    assert [path for path, _ in evaluated.failures["normal"]] == [
+        "/data/normal/003.png", "/data/normal/007.png"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        calibrated = calibrate_scores(loaded, normal, None, score="ensemble", target_fpr=0.1)
+    said = [r.getMessage() for r in caplog.records if "non-finite score" in r.getMessage()]
+    assert said == [
+        "1 of 40 image files in /data/normal have a non-finite score and are left out:\n"
+        "  /data/normal/003.png: the model gave a non-finite ensemble for this image"]
+    assert calibrated.calibration.threshold.n_calibration == 39
+    assert calibrated.failures["normal"] == [
+        ("/data/normal/003.png", "the model gave a non-finite ensemble for this image")]
+
+
 @pytest.mark.parametrize(("best", "runner_up"), [("complexity", "coarse_complexity"),
                                                  ("coarse_complexity", "complexity")])
 def test_calibrate_scores_auto_picks_the_best_separating_score_and_logs_the_evidence(
@@ -926,22 +967,24 @@ def test_calibration_leaves_out_the_images_the_model_was_trained_on(
     shutil.copytree(image_dirs.calibration, normal)
     for i, path in enumerate(train_files[:5]):
         shutil.copy(path, normal / f"looks-new-{i}.png")
+    corrupt_png(normal / "zz-broken.png")  # counted apart: neither used nor trained on
     result = run("calibrate", "--model", CANDIDATE, "--normal", normal, "--target-fpr", "0.1",
                  "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 0, result.output
-    assert "5 of the 45 images in " in result.stderr
+    assert "5 of the 45 usable images (of 46 files) in " in result.stderr
+    assert "calibration leaves them out and uses the other 40" in result.stderr
     assert "the folder models:/cal-parts@candidate was trained on" in result.stderr
     calibration = tracking.load_model(model_uri_from(result)).calibration
     assert calibration is not None and calibration.threshold.n_calibration == 40
     run_id = run_id_from(result)
     metrics = client.get_run(run_id).data.metrics
     # left out, not failed: every one of them was read and scored
-    assert (metrics["n_trained_on_normal"], metrics["n_failed_normal"]) == (5, 0)
+    assert (metrics["n_trained_on_normal"], metrics["n_failed_normal"]) == (5, 1)
     listed = json.loads(Path(client.download_artifacts(run_id, "failed_images.json",
                                                        str(tmp_path))).read_text())["normal"]
     assert sorted(Path(row["path"]).name for row in listed) == \
-        [f"looks-new-{i}.png" for i in range(5)]
-    assert all("training folder" in row["reason"] for row in listed)
+        [*(f"looks-new-{i}.png" for i in range(5)), "zz-broken.png"]
+    assert all("training folder" in row["reason"] for row in listed[:5])
 
 
 def test_calibrating_on_the_training_folder_is_refused(

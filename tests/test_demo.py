@@ -256,3 +256,19 @@ def test_the_demo_leaves_a_model_of_its_name_it_did_not_make_alone(
         "'fashion-sneaker' that anomaly-flow's demo did not make" in result.output
     assert mlflow.MlflowClient().search_model_versions("name='fashion-sneaker'") == []
     assert not (tmp_path / "demo" / "data").exists()  # stopped before any work
+
+
+def test_the_demo_refuses_to_run_under_torchrun(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of a torchrun would run the whole demo; the first of each host says
+    why none does, before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for local_rank, said in (("1", []), ("0", [
+            "Error: the demo runs in one process, not under torchrun; run anomaly-flow demo "
+            "alone, and train on several processes with torchrun ... -m anomaly_flow train"])):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines() == said
+    assert sorted(os.listdir(tmp_path)) == []
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -60,3 +62,24 @@ def test_notes_are_text() -> None:
                     report.gallery_section([], note="see a<b>&c")):
         page = _read(section)
         assert "see a<b>&c" in "".join(page.text) and "b" not in page.tags
+
+
+def test_a_report_that_cannot_be_written_is_a_data_error_and_leaves_no_temporary_file(
+        tmp_path) -> None:
+    import pytest
+
+    from anomaly_flow.data import DataError
+
+    page = "<html><body>report</body></html>"
+    path = report.write_report(tmp_path / "out" / "report.html", page)
+    assert path.read_text(encoding="utf-8") == page
+    taken = tmp_path / "taken"
+    (taken / "report.html").mkdir(parents=True)  # a folder where the page would go
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot write the report {taken / 'report.html'}: Is a directory")):
+        report.write_report(taken / "report.html", page)
+    assert os.listdir(taken) == ["report.html"]  # the page written beside it is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot write the report {tmp_path / 'file' / 'report.html'}: File exists")):
+        report.write_report(tmp_path / "file" / "report.html", page)

@@ -111,7 +111,8 @@ def calibrate(model: str, normal: Path, anomalous: Path | None, score: str | Non
             f"--target-fpr only applies to --method conformal, not {method}: {method} picks "
             "its threshold from the labelled anomalies, whatever false-positive rate that "
             "gives; drop --target-fpr, or drop --method for a conformal threshold at that "
-            "rate (pipelines/select_threshold.py compares the two and registers either)")
+            "rate (the repository's pipelines/select_threshold.py compares the two and "
+            "registers either)")
     if method == "conformal" and target_fpr is None:
         raise click.UsageError("--method conformal needs --target-fpr, e.g. --target-fpr 0.01.")
     if method != "conformal" and anomalous is None:
