@@ -301,10 +301,14 @@ def open_model(model_uri: str, device: str = "auto", mlruns: Path | None = None,
         A :class:`anomaly_flow.tracking.LoadedModel`.
     """
     tracking.require_store(model_uri, mlruns)  # before configure() creates an empty one
-    if logs or not tracking.is_local_model_uri(model_uri) \
-            or (reads_runs and tracking.missing_default_store(mlruns) is None):
+    local = tracking.is_local_model_uri(model_uri)
+    if not local:
         tracking.configure(mlruns)
+    # a folder is read first: one refused (a calibration fitted to other weights, no
+    # model there) leaves no store behind in the working folder
     loaded = tracking.load_model(model_uri, device=device)
+    if local and (logs or (reads_runs and tracking.missing_default_store(mlruns) is None)):
+        tracking.configure(mlruns)
     if logs:  # before the folders are scored
         tracking.require_writable_store(
             "logs a run and registers a model" if registers else "logs a run",

@@ -113,7 +113,9 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
                     trained_shapes: Sequence[tuple[int, int, int]] = ()) -> ConversionLook:
     """What converting images to ``mode`` and ``size`` (by ``resize``) drops, judged from up to
     ``sample`` of them spread over ``paths``: colour seen in grey (a model of grey images
-    cannot see a colour defect; judged on the first 16 colour-mode images), grey-mode images
+    cannot see a colour defect; judged on the first 16 colour-mode images, and where
+    those are all grey, on the others until one is in colour: JPEGs and images of up to
+    4 megapixels), grey-mode images
     given to a colour model (repeated into three equal channels, unlike colour images: said
     of a folder that mixes the two, and for scoring (not ``training``) of one all grey,
     which a model trained on colour images would flag), detail lost when most of them are
@@ -145,8 +147,12 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
         # at all (the run reports it), so no note speaks of it
         small = img.width * img.height <= 2**24  # decoded to judge it in a few ms
         judged: dict[str, bool] = {}  # kind -> found, under the kind's count of images
-        if (mode == "L" and img.mode not in GREY_MODES and seen["judged"] < 16
-                and (img.format == "JPEG" or small)):
+        if mode == "L" and img.mode not in GREY_MODES and (
+                (seen["judged"] < 16 and (img.format == "JPEG" or small))
+                # past 16 grey ones (grey stored as RGB, say), the rest of the sample
+                # until one is in colour, where each is quick to decode
+                or (not seen["coloured"]
+                    and (img.format == "JPEG" or img.width * img.height <= 2**22))):
             judged["judged"] = _in_colour(img)
         if (img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)) \
                 and seen["with_alpha"] < 16 and small:

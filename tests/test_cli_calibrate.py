@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors.torch
 from click.testing import CliRunner, Result
 
 from anomaly_flow import tracking
@@ -1038,12 +1039,29 @@ def test_a_local_copy_of_a_calibrated_version_still_knows_its_training_images(
                  image_dirs.test_normal, "--anomalous", image_dirs.test_anomalous,
                  "--device", "cpu", "--mlruns", store)
     assert result.exit_code == 0, result.output
+    assert not (tmp_path / "mlruns").exists()  # the store given, not one here
     tags = mlflow.MlflowClient().get_run(run_id_from(result)).data.tags
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
     assert tags["training_run_id"] == version.tags["training_run_id"]
     assert tags["model_uri"] == str(local)
     assert tags["model_digest"] == tracking.load_model(local).model.digest()
     assert "model_version" not in tags  # a folder: no version of the registry
+    # a copy whose weights were changed after calibration is refused before a store is
+    # made where the command runs (no --mlruns: ./mlruns)
+    edited = tmp_path / "edited"
+    shutil.copytree(local, edited)
+    (weights,) = edited.rglob("model.safetensors")
+    tensors = safetensors.torch.load_file(weights)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1e-3
+    safetensors.torch.save_file(tensors, weights)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = run("evaluate", "--model", edited, "--normal", image_dirs.test_normal,
+                 "--anomalous", image_dirs.test_anomalous, "--device", "cpu")
+    assert_one_line_error(result, "was fitted to another model")
+    assert list(work.iterdir()) == []
     # the calibrated version's own evaluation names the threshold's score and method
     threshold = tracking.load_model(model_uri_from(calibrated)).calibration.threshold.value
     result = run("evaluate", "--model", model_uri_from(calibrated), "--normal",

@@ -141,7 +141,8 @@ def test_help_does_not_look_the_version_up(tmp_path: Path) -> None:
      ["{broken} holds a single image file, {broken}/only.png, and it cannot be read as an "
       "image (cannot identify image file", "Add more normal images"]),
     (["{data}", "--name", "x", "--resume", "--mlruns", "{store}", "--preset", "tiny"], 1,
-     ["--resume found no earlier training"]),
+     ["--resume found no earlier training", "nothing of this name was trained in this "
+      "store; train without --resume to start (or pass the --mlruns DIR used before)"]),
     (["{data}", "--name", "a/b", "--mlruns", "{store}", "--preset", "tiny"], 1,
      ["model name 'a/b' is invalid", "without spaces, '/', ':', '?' or '@'"]),
     (["{data}", "--name", "a b", "--mlruns", "{store}", "--preset", "tiny"], 1,
@@ -158,6 +159,9 @@ def test_help_does_not_look_the_version_up(tmp_path: Path) -> None:
      ["{blocked}/checkpoints/x is a file, where the checkpoints of 'x' go; move it away"]),
     (["{data}", "--name", "x", "--mlruns", "{store}", "--config", "{no_val}"], 1,
      ["train.val_fraction is 0", "set train.val_fraction > 0"]),
+    (["{data}", "--name", "x", "--resume", "--mlruns", "{unrecorded}", "--preset", "tiny"], 1,
+     ["--resume found no earlier training in {unrecorded}/checkpoints/x; train with "
+      "--restart instead to start afresh"]),  # a checkpoint folder without its record
 ])
 def test_bad_input_gives_a_one_line_error(
         tmp_path: Path, image_dirs: ImageDirs, args: list[str], code: int,
@@ -172,10 +176,11 @@ def test_bad_input_gives_a_one_line_error(
                       'hidden_channels = 16\n[train]\nval_fraction = 0.0\n')
     (tmp_path / "blocked" / "checkpoints").mkdir(parents=True)
     (tmp_path / "blocked" / "checkpoints" / "x").write_text("not a folder")
+    (tmp_path / "unrecorded" / "checkpoints" / "x" / "step-00000002").mkdir(parents=True)
     values = {"data": str(image_dirs.train), "empty": str(tmp_path / "empty"),
               "single": str(tmp_path / "single"), "store": str(tmp_path / "store"),
               "no_val": str(no_val), "blocked": str(tmp_path / "blocked"),
-              "broken": str(tmp_path / "broken")}
+              "broken": str(tmp_path / "broken"), "unrecorded": str(tmp_path / "unrecorded")}
     result = invoke(*(arg.format(**values) for arg in args))
     assert_one_line_error(result, code, *(f.format(**values) for f in fragments))
     assert not (tmp_path / "store" / "mlflow.db").exists()  # refused before any store

@@ -49,6 +49,25 @@ def test_conversion_notes_say_what_a_grey_or_smaller_model_drops(tmp_path: Path)
     assert conversion_notes(sorted(small.iterdir()), "L", 32, resizing=False) == []
 
 
+def test_colour_after_sixteen_grey_rgb_images_is_still_seen(tmp_path: Path) -> None:
+    """The first 16 colour-mode images of the sample hold grey pixels (grey stored as RGB,
+    RGBA): the look goes on through the sample until it meets one in colour, and stops
+    judging there."""
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        grey = np.repeat(rng.integers(0, 256, (12, 12, 1), dtype=np.uint8), 4, axis=2)
+        grey[..., 3] = 255
+        Image.fromarray(grey, "RGBA").save(tmp_path / f"a-grey-{i:02d}.png")
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            tmp_path / f"b-colour-{i:02d}.png")
+    (note,) = conversion_notes(sorted(tmp_path.iterdir()), "L", 12)
+    assert note.startswith(f"1 of 21 colour-mode images looked at are in colour (e.g. "
+                           f"{tmp_path / 'b-colour-00.png'}), and the model is grey"), note
+    # grey alone: all forty judged, none in colour, no note
+    assert conversion_notes(sorted(tmp_path.glob("a-*")), "L", 12) == []
+
+
 def test_conversion_notes_say_when_images_differ_in_aspect_ratio(tmp_path: Path) -> None:
     """Each image is stretched to a square: a folder of one shape is distorted alike, one
     that mixes shapes is not, which was said nowhere."""

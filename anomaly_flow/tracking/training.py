@@ -173,6 +173,10 @@ def _read_run_state(folder: Path) -> tuple[dict[str, Any], RunConfig]:
     """The record of the training whose checkpoints ``folder`` holds, and its
     configuration (what a resume is compared with)."""
     path = folder / RUN_STATE_FILE
+    if not path.is_file() and not (folder.is_dir() and any(folder.iterdir())):
+        raise TrainingError(f"--resume found no earlier training in {folder}: nothing of "
+                            "this name was trained in this store; train without --resume to "
+                            "start (or pass the --mlruns DIR used before).")
     if not path.is_file():
         raise TrainingError(f"--resume found no earlier training in {folder}; train with "
                             "--restart instead to start afresh (or pass the --mlruns DIR used "
