@@ -113,9 +113,9 @@ def _run_demo(out: Path, *, preset: str | None, device: str, epochs: int | None,
     trained = tracking.train_and_register(folders["train"], MODEL_NAME, config,
                                           device=device, mlruns=mlruns, progress=progress,
                                           restart=True)  # a demo stopped before: anew
-    if trained is None or trained.version is None:  # None: another process of a torchrun
-        said = trained.message if trained else "model not registered (under torchrun)"
-        raise TrainingError(f"the demo stops before calibrating: {said}")
+    assert trained is not None  # None is a torchrun's other process: refused above
+    if trained.version is None:
+        raise TrainingError(f"the demo stops before calibrating: {trained.message}")
 
     logger.info("calibrating at %.0f%% false-positive rate", 100 * TARGET_FPR)
     calibrated = calibrate_model(

@@ -891,7 +891,7 @@ class FolderScores:
         left_out = ~self.usable(score)
         rows = self.table.loc[left_out, ["path", "error"]]
         return [
-            (str(path), str(error) or f"the model gave a non-finite {score} for this image")
+            (str(path), str(error) or _non_finite(score))
             for path, error in rows.itertuples(index=False)
         ]
 
@@ -908,8 +908,7 @@ class FolderScores:
             return self
         table = self.table.copy()
         first_bad = np.asarray(scores)[(~np.isfinite(values)).argmax(axis=1)]
-        table.loc[bad, "error"] = [f"the model gave a non-finite {name} for this image"
-                                   for name in first_bad[bad]]
+        table.loc[bad, "error"] = [_non_finite(name) for name in first_bad[bad]]
         left = list(table.loc[bad, ["path", "error"]].itertuples(index=False))
         logger.warning("%d of %d image files in %s have a non-finite score and are left "
                        "out:\n%s", len(left), self.n_files, display_path(self.folder),
@@ -970,6 +969,11 @@ def score_folder_table(
         logger.warning("%d of %d image files in %s could not be scored and are left out:\n%s",
                        len(failed), len(paths), display_path(root), _listed(failed))
     return scores
+
+
+def _non_finite(score: str) -> str:
+    """The reason given for an image whose ``score`` is not finite."""
+    return f"the model gave a non-finite {score} for this image"
 
 
 def _listed(failed: Sequence[tuple[str, str]]) -> str:

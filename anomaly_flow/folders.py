@@ -265,6 +265,24 @@ def make_folders(folder: Path) -> None:
         level.mkdir(exist_ok=True)
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all: beside it first, then
+    renamed over it, so that a full disk or a kill leaves the file before it, never half
+    of the new one; the file written beside it does not outlive a failure.
+
+    Raises:
+        OSError: As writing or renaming does.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 _PATH_TOO_LONG = os.strerror(errno.ENAMETOOLONG)
 
 

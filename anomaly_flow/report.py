@@ -7,10 +7,8 @@ artifact, or opened from disk.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from anomaly_flow.data import DataError, display_path
+from anomaly_flow.folders import replace_text
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -138,14 +137,10 @@ def write_report(path: Path, page: str) -> Path:
         DataError: The file system refused (disk full, no permission); no temporary
             file is left behind.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(path)
+        replace_text(path, page)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise DataError(f"cannot write the report {display_path(path)}: "
                         f"{error.strerror or error}; free some space or give a writable "
                         "folder") from error

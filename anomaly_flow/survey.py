@@ -145,14 +145,14 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
     def look(img: Image.Image) -> None:
         # what needs the pixels first: a file whose decoding fails here is not counted
         # at all (the run reports it), so no note speaks of it
-        small = img.width * img.height <= 2**24  # decoded to judge it in a few ms
+        pixels = img.width * img.height
+        small = pixels <= 2**24  # decoded to judge it in a few ms
         judged: dict[str, bool] = {}  # kind -> found, under the kind's count of images
-        if mode == "L" and img.mode not in GREY_MODES and (
-                (seen["judged"] < 16 and (img.format == "JPEG" or small))
-                # past 16 grey ones (grey stored as RGB, say), the rest of the sample
-                # until one is in colour, where each is quick to decode
-                or (not seen["coloured"]
-                    and (img.format == "JPEG" or img.width * img.height <= 2**22))):
+        # colour: 16 images, then (all grey so far: grey stored as RGB, say) the rest of
+        # the sample until one is in colour, where each is quicker still to decode
+        if mode == "L" and img.mode not in GREY_MODES and (img.format == "JPEG" or (
+                pixels <= (2**24 if seen["judged"] < 16 else 2**22))) and (
+                seen["judged"] < 16 or not seen["coloured"]):
             judged["judged"] = _in_colour(img)
         if (img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)) \
                 and seen["with_alpha"] < 16 and small:

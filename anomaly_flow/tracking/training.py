@@ -46,6 +46,7 @@ from anomaly_flow.distributed import (
     world_size,
 )
 from anomaly_flow.errors import alike_on_every_process, first_line, one_line, raised_alike
+from anomaly_flow.folders import replace_text
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.survey import describe_shapes
 from anomaly_flow.tracking.models import (
@@ -173,11 +174,11 @@ def _read_run_state(folder: Path) -> tuple[dict[str, Any], RunConfig]:
     """The record of the training whose checkpoints ``folder`` holds, and its
     configuration (what a resume is compared with)."""
     path = folder / RUN_STATE_FILE
-    if not path.is_file() and not (folder.is_dir() and any(folder.iterdir())):
-        raise TrainingError(f"--resume found no earlier training in {folder}: nothing of "
-                            "this name was trained in this store; train without --resume to "
-                            "start (or pass the --mlruns DIR used before).")
     if not path.is_file():
+        if not (folder.is_dir() and any(folder.iterdir())):
+            raise TrainingError(f"--resume found no earlier training in {folder}: nothing of "
+                                "this name was trained in this store; train without --resume "
+                                "to start (or pass the --mlruns DIR used before).")
         raise TrainingError(f"--resume found no earlier training in {folder}; train with "
                             "--restart instead to start afresh (or pass the --mlruns DIR used "
                             "before).")
@@ -206,13 +207,10 @@ def _write_record(folder: Path, record: dict[str, Any]) -> None:
     Raises:
         TrainingError: The record could not be written.
     """
-    path, tmp = folder / RUN_STATE_FILE, folder / f".{RUN_STATE_FILE}.tmp"
+    path = folder / RUN_STATE_FILE
     try:
-        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-        tmp.replace(path)
+        replace_text(path, json.dumps(record, indent=2))
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise TrainingError(f"could not write the training record {path}: "
                             f"{exc.strerror or exc}; free space there or make it writable, "
                             "then run the same command again (with --resume where "
