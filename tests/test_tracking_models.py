@@ -148,7 +148,10 @@ def test_a_store_moved_whole_still_loads_its_models(
         trained: TrainedModel, caplog: pytest.LogCaptureFixture) -> None:
     """Moved with its database to another --mlruns (a bigger disk), the store records
     the absolute paths of where it was made: its models read from the same place below
-    its own artifacts folder, with a warning, not "train and register it again"."""
+    its own artifacts folder, with a warning, not "train and register it again"; so is the
+    record of its training images, which calibrate and evaluate leave out."""
+    trained_on = tracking.training_image_digests(trained.run_id)
+    assert trained_on  # what calibrate and evaluate leave out of their folders
     moved = trained.mlruns.parent / "elsewhere" / "mlruns"
     moved.parent.mkdir()
     trained.mlruns.rename(moved)
@@ -157,6 +160,7 @@ def test_a_store_moved_whole_still_loads_its_models(
         loaded = tracking.load_model(trained.alias_uri)
         assert (loaded.name, loaded.version) == (trained.name, trained.version)
         assert f"which is gone; reading them from {moved / 'artifacts'}/" in caplog.text
+        assert tracking.training_image_digests(trained.run_id) == trained_on
     finally:
         moved.rename(trained.mlruns)
         moved.parent.rmdir()

@@ -63,6 +63,7 @@ from anomaly_flow.tracking.store import (
     check_store_folder,
     configure,
     mlruns_dir,
+    moved_location,
     quiet_mlflow,
     redacted,
     require_writable_store,
@@ -977,6 +978,18 @@ def training_image_digests(run_id: str) -> frozenset[str] | None:
             with quiet_mlflow():
                 text = mlflow.artifacts.load_text(f"runs:/{run_id}/{TRAINING_IMAGES_FILE}")
         except (MlflowException, OSError):
-            return None
+            # a store moved whole keeps the run's old absolute artifact path: read the
+            # record where the model's files are read from too (tracking.models)
+            with quiet_mlflow():
+                try:
+                    where = mlflow.get_run(run_id).info.artifact_uri
+                except MlflowException:
+                    return None
+            if (moved := moved_location(where)) is None:
+                return None
+            try:
+                text = (moved / TRAINING_IMAGES_FILE).read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError):
+                return None
         _RECORDS[key] = frozenset(text.split())
     return _RECORDS[key]
