@@ -160,6 +160,8 @@ def test_a_store_moved_whole_still_loads_its_models(
         loaded = tracking.load_model(trained.alias_uri)
         assert (loaded.name, loaded.version) == (trained.name, trained.version)
         assert f"which is gone; reading them from {moved / 'artifacts'}/" in caplog.text
+        by_run = tracking.load_model(trained.run_uri)  # MLflow 3 keeps it apart from the run
+        assert (by_run.name, by_run.version) == (trained.name, trained.version)
         assert tracking.training_image_digests(trained.run_id) == trained_on
     finally:
         moved.rename(trained.mlruns)

@@ -506,12 +506,35 @@ def _files_location(source: str) -> str | None:
         if source.startswith("models:/"):
             location = ModelsArtifactRepository.get_underlying_uri(source)
         elif source.startswith("runs:/"):
-            location = RunsArtifactRepository.get_underlying_uri(source)
+            location = (_logged_model_location(source)
+                        or RunsArtifactRepository.get_underlying_uri(source))
         else:
             return None
         folder = local_folder(location)
         return location if folder is None else str(folder)
     return None
+
+
+def _logged_model_location(source: str) -> str | None:
+    """Where the store keeps the model ``runs:/RUN/NAME`` names: MLflow 3 keeps a model
+    logged in a run apart from the run's own artifacts, and reads the run's first logged
+    model of that name (as MLflow's runs repository does); None where the run logged none."""
+    run_id, path = RunsArtifactRepository.parse_runs_uri(source)
+    name, _, below = (path or "").strip("/").partition("/")
+    if not name:
+        return None
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    token = None
+    while True:
+        page = client.search_logged_models(experiment_ids=[experiment], page_token=token,
+                                           filter_string=f"name = '{name}'")
+        for logged in page:
+            if logged.source_run_id == run_id:
+                return "/".join(filter(None, [ModelsArtifactRepository.get_underlying_uri(
+                    f"models:/{logged.model_id}").rstrip("/"), below]))
+        if not (token := page.token):
+            return None
 
 
 def registered_from_run(run_id: str, model_id: str | None
@@ -744,10 +767,6 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
             # name where the store keeps the files, not the temporary copy, which is gone
             # by the time the user reads the message
             location = _files_location(source)
-            if source.startswith("runs:/"):  # MLflow 3 keeps a logged model apart from
-                with contextlib.suppress(Exception):  # the run's own artifacts
-                    model_id = Model.load(str(model_dir)).model_id
-                    location = _files_location(f"models:/{model_id}") or location
             stored = (location.rstrip("/") if location
                       else f"<the files of {uri} in {redacted(mlflow.get_tracking_uri())}>")
             raise type(exc)(str(exc).replace(str(model_dir), stored)) from None
