@@ -238,15 +238,33 @@ def walk_tree(top: str, *, follow_links: bool,
                                if follow_links or not os.path.islink(path)]))
 
 
+_TOOL_FOLDERS = frozenset({
+    ".git", ".hg", ".svn", ".venv", ".tox", ".nox", ".cache", ".mypy_cache", ".pytest_cache",
+    ".ruff_cache", ".idea", ".vscode", ".Trash", ".Trashes", "node_modules", "__pycache__"})
+"""Folders tools keep beside data (whose images, if any, are not the user's): never searched
+by :func:`_holds_images`."""
+
+_HIDDEN_LOOK = 10_000
+"""Entries :func:`_holds_images` looks at in one hidden folder before it gives up."""
+
+
 def _holds_images(folder: str) -> bool:
-    """Whether ``folder`` itself (not below) holds a file named like an image: a hidden
-    folder worth a word (``.ipynb_checkpoints``), unlike ``.git`` or ``.venv``."""
-    try:
-        with os.scandir(folder) as entries:
-            return any(_suffix(entry.name).lower() in IMAGE_EXTENSIONS
-                       and not entry.name.startswith(".") for entry in entries)
-    except OSError:
+    """Whether a hidden ``folder`` holds, in it or below, a file named like an image: a
+    folder worth a word (``.ipynb_checkpoints``, ``.snapshot/day1``), unlike ``.git`` or
+    ``.venv``. Looks at :data:`_HIDDEN_LOOK` entries at most, and not into tools' folders
+    (:data:`_TOOL_FOLDERS`) nor through symlinks."""
+    if os.path.basename(folder) in _TOOL_FOLDERS:
         return False
+    looked = 0
+    for _, dirnames, filenames in walk_tree(folder, follow_links=False):
+        if any(_suffix(name).lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+               for name in filenames):
+            return True
+        looked += len(dirnames) + len(filenames)
+        if looked > _HIDDEN_LOOK:
+            return False
+        dirnames[:] = [name for name in dirnames if name not in _TOOL_FOLDERS]
+    return False
 
 
 def make_folders(folder: Path) -> None:

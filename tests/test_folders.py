@@ -81,7 +81,7 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
     (``.ipynb_checkpoints``) leave in a folder is not the user's images: left out, in one
     warning that counts them and says how to include one; hidden clutter that is not named
     like an image (``.DS_Store``) is not worth a word, nor a hidden folder that holds no
-    image file itself (``.git``, a ``.Trashes`` of per-user folders)."""
+    image file, or is a tool's (``.git``, ``.Trashes``)."""
     for folder in ("sub/.Trashes/501", ".ipynb_checkpoints", ".git/objects"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
@@ -114,6 +114,14 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
         f"no image files found in {only} but hidden ones: 1 hidden folder holding images "
         "(names starting with '.', e.g. .ipynb_checkpoints) left out; rename the ones that "
         "hold your images without the leading '.'")
+    # images a level or more below a hidden folder (a file server's snapshots) count too
+    snapshots = tmp_path.parent / f"{tmp_path.name}-snapshots"
+    (snapshots / ".snapshot" / "day1").mkdir(parents=True)
+    save(rgb_pattern(8, 8), snapshots / ".snapshot" / "day1" / "a.png")
+    with pytest.raises(DataError, match=r"^no image files found in .* but hidden ones: 1 "
+                       r"hidden folder holding images \(names starting with '\.', e\.g\. "
+                       r"\.snapshot\) left out"):
+        find_images(snapshots)
     # a folder of a git checkout only: nothing hidden to speak of, the plain refusal
     checkout = tmp_path.parent / f"{tmp_path.name}-checkout"
     (checkout / ".git").mkdir(parents=True)
