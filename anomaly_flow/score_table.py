@@ -38,6 +38,7 @@ import pyarrow.parquet as pa_parquet
 
 from anomaly_flow import file_lock
 from anomaly_flow.data import display_path
+from anomaly_flow.errors import first_line, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,11 @@ def check_writable(out: Path, *, resume: bool = False) -> None:
         raise ScoringError(f"{name} is a {other} file, not {_FORMAT_NAMES[fmt]} as its name "
                            f"says; name the output .{'csv' if other == 'CSV' else 'parquet'} "
                            "(or move that file away)")
-    if not resume and out.is_file() and out.stat().st_size and not _is_scores_table(out):
-        raise ScoringError(f"{name} exists and is not a scores table (it lacks a path, bpd "
-                           "or error column); only an earlier output is replaced: choose "
-                           "another output path, or move that file away")
+    if not resume and out.is_file() and out.stat().st_size \
+            and (problem := _not_a_table(out)) is not None:
+        raise ScoringError(f"{name} exists and is not a scores table ({problem}); only an "
+                           "earlier output is replaced: choose another output path, or move "
+                           "that file away")
     probe = _temporary_name(out)  # the name write_table will use, so as long a name
     try:
         with open(probe, "xb"):
@@ -174,18 +176,24 @@ def _header(path: Path, fmt: str) -> list[str]:
     return pa_parquet.read_schema(path).names
 
 
-def _is_scores_table(path: Path) -> bool:
-    """Whether ``path`` has the columns every table
-    :func:`~anomaly_flow.folder_scoring.score_folder` writes has (its header alone is read)."""
+def _not_a_table(path: Path) -> str | None:
+    """None where ``path`` has the columns every table
+    :func:`~anomaly_flow.folder_scoring.score_folder` writes has (its header alone is
+    read); else why it is not such a table, in a few words."""
+    fmt = output_format(path)
     try:
-        columns = _header(path, output_format(path))
+        columns = _header(path, fmt)
     except OSError as exc:  # unreadable: whose table it is cannot be told
         raise ScoringError(f"cannot read {display_path(path)} to check that it is an earlier "
                            f"scores table ({exc.strerror or exc}); choose another output path "
                            "or fix its permissions") from None
-    except Exception:  # not CSV or Parquet at all: pandas and pyarrow raise many types
-        return False
-    return set(columns) >= _TABLE_COLUMNS
+    except Exception as exc:  # pandas and pyarrow raise many types
+        # a table cut short (a copy that stopped) is no less unreadable: its rows cannot be
+        # told from another file's, so it is not replaced either
+        return f"it cannot be read as {_FORMAT_NAMES[fmt]}: {one_line(first_line(exc))}"
+    if not set(columns) >= _TABLE_COLUMNS:
+        return "it lacks a path, bpd or error column"
+    return None
 
 
 def _temporary_stem(out: Path) -> str:

@@ -670,6 +670,14 @@ def test_resume_refuses_an_output_it_cannot_use(model: Glow, messy: Path, full_t
     garbage.write_bytes(b"not parquet at all")
     with pytest.raises(ScoringError, match=r"cannot read the earlier output .*garbage\.parquet"):
         score_folder(model, None, messy, garbage, resume=True)
+    cut = tmp_path / "cut.parquet"  # a table cut short: unreadable, so not replaced either
+    full_table.to_parquet(cut)
+    cut.write_bytes(cut.read_bytes()[:300])
+    with pytest.raises(ScoringError, match=r"cut\.parquet exists and is not a scores table "
+                                           r"\(it cannot be read as Parquet: .*magic bytes.*\); "
+                                           r"only an earlier output is replaced"):
+        score_folder(model, None, messy, cut)
+    assert cut.stat().st_size == 300
     other = tmp_path / "other.csv"
     full_table[["path", "bpd"]].to_csv(other, index=False)
     with pytest.raises(ScoringError, match=r"lacks column\(s\) \['complexity'"):
