@@ -432,7 +432,7 @@ def test_train_prints_the_run_and_model_then_resumes_into_the_same_run(
     fewer = invoke(*common, "--epochs", "1", "--resume")  # 4 steps done, 2 asked for
     assert_one_line_error(fewer, 1, "the checkpoint of 'cli-parts' is at step 4, past the 2 "
                           "steps of the 1 epoch(s) asked for; to go on, resume with --epochs 3 "
-                          "or more")
+                          "or more; to start again, train without --resume")  # it finished
     # another folder: named, with the checkpoint's, not taken for the same one changed
     other_folder = invoke(str(image_dirs.calibration), *common[1:], "--epochs", "3", "--resume")
     assert_one_line_error(other_folder, 1, "the checkpoint's training ran on the images of "

@@ -1,10 +1,9 @@
 """``anomaly-flow train`` under torchrun where its processes disagree or fail: ranks that
-list different images, a host without the checkpoint a resume starts from, a rank that
-dies mid-training, errors every process meets alike said once per host, and a torchrun
-killed outright. Real
-torchrun processes (gloo on the CPU); two "hosts" are two torchrun agents on 127.0.0.1,
-each in its own working folder, so that relative paths (the data, ``--mlruns``) name
-different folders as on two machines."""
+list different images or were given different settings, a host without the checkpoint a
+resume starts from, a rank that dies mid-training, errors every process meets alike said
+once per host, and a torchrun killed outright. Real torchrun processes (gloo on the CPU);
+two "hosts" are two torchrun agents on 127.0.0.1, each in its own working folder, so that
+relative paths (the data, ``--mlruns``) name different folders as on two machines."""
 
 from __future__ import annotations
 
@@ -27,9 +26,11 @@ from tests.conftest import ImageDirs, new_store, torchrun, unused_port
 from tests.test_cli_train import often_config
 
 
-def two_hosts(folders: list[Path], *args: str) -> list[subprocess.CompletedProcess[str]]:
+def two_hosts(folders: list[Path], *args: str, apart: tuple[list[str], list[str]] = ([], [])
+              ) -> list[subprocess.CompletedProcess[str]]:
     """``anomaly-flow ARGS`` as one training of two processes, one per "host": torchrun
-    node ranks 0 and 1, each started in its folder of ``folders``."""
+    node ranks 0 and 1, each started in its folder of ``folders``, each with its own
+    further arguments of ``apart``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("WORLD_SIZE", None)
@@ -37,7 +38,7 @@ def two_hosts(folders: list[Path], *args: str) -> list[subprocess.CompletedProce
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
          "1", "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
-         "-m", "anomaly_flow", *args],
+         "-m", "anomaly_flow", *args, *apart[node]],
         cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node, folder in enumerate(folders)]
     done = []
@@ -86,6 +87,26 @@ def test_ranks_that_list_different_images_refuse_together(image_dirs: ImageDirs,
             r"fingerprint [0-9a-f]{12}\): the folder changed while they read it, or the "
             r"hosts' copies differ; keep it unchanged while training, the same on every "
             r"host, and train again")
+    assert not (hosts[0] / "ml" / "mlflow.db").exists()  # refused before any run
+
+
+@pytest.mark.slow
+def test_ranks_given_different_settings_refuse_together(image_dirs: ImageDirs,
+                                                        tmp_path: Path) -> None:
+    """A host given another --epochs (or configuration file, or --resume) would train
+    another model, or stop at another step and leave the others waiting in a collective
+    until the group's timeout: every rank refuses, naming what differs, before any run."""
+    hosts = hosts_with_data(tmp_path, image_dirs, (40, 40))
+    results = two_hosts(hosts, "train", "data", "--name", "apart", "--preset", "tiny",
+                        "--device", "cpu", "--mlruns", "ml",
+                        apart=(["--epochs", "1"], ["--epochs", "2"]))
+    for result in results:
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert_one_error(
+            result.stderr,
+            r"Error: the processes of this training were given different settings: "
+            r"train\.epochs is 1 on rank 0 \(.+\), 2 on rank 1 \(.+\); give every process "
+            r"the same command, options and configuration file, then train again")
     assert not (hosts[0] / "ml" / "mlflow.db").exists()  # refused before any run
 
 

@@ -385,13 +385,16 @@ def _check_unfinished(latest: Path, config: RunConfig, n_train: int, name: str,
     registered (one whose store failed after the last step resumes to finish that)."""
     done = checkpoint_step(latest)
     planned = total_steps(config, n_train)
+    concluded = state.get("concluded", True)
     if done > planned:
         per_epoch = planned // config.train.epochs
+        # a finished training is replaced by a plain one; a stopped one only with --restart
+        again = "train without --resume" if concluded else "--restart instead of --resume"
         raise TrainingError(
             f"the checkpoint of {name!r} is at step {done}, past the {planned} steps of the "
             f"{config.train.epochs} epoch(s) asked for; to go on, resume with --epochs "
-            f"{done // per_epoch + 1} or more; to start again, --restart instead of --resume")
-    if done == planned and state.get("concluded", True):
+            f"{done // per_epoch + 1} or more; to start again, {again}")
+    if done == planned and concluded:
         raise TrainingError(
             f"the training of {name!r} already finished ({done} of {planned} steps, "
             f"{config.train.epochs} epoch(s)), so there is nothing to resume; to train "
@@ -602,6 +605,7 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
     joined = join_launch_group(dev)  # under torchrun: the group before rank 0's checks
     try:
         _check_same_images(folder, Path(data))
+        _check_same_options(name, config, dev, resume=resume, restart=restart)
         if launch_rank() != 0:  # rank 0 checks, clears, logs and registers
             refused = share_verdict()
             if refused is not None:  # rank 0 says why; this rank only leaves with it
@@ -721,6 +725,34 @@ def _check_same_images(folder: FolderData, data: Path) -> None:
         f"the processes of this training see different images in {display_path(data)} "
         f"({seen}): the folder changed while they read it, or the hosts' copies differ; "
         "keep it unchanged while training, the same on every host, and train again"))
+
+
+def _check_same_options(name: str, config: RunConfig, dev: torch.device, *,
+                         resume: bool, restart: bool) -> None:
+    """Under torchrun, refuse on every rank a training whose ranks were given different
+    settings (another --epochs, --batch-size, configuration file or --resume on one host):
+    they would train different models, or stop at different steps and leave the others
+    waiting in a collective until the group's timeout. A collective; alone, nothing to
+    compare."""
+    mine = {"--name": name, "--resume": resume, "--restart": restart,
+            "--device": dev.type, **flatten(config.to_dict())}
+    views = gathered((mine, socket.gethostname()))
+    differ = [key for key in mine if len({repr(view[key]) for view, _ in views}) > 1]
+    if not differ:
+        return
+    said = []
+    for key in differ[:3]:
+        groups: dict[str, list[str]] = {}
+        for rank, (view, host) in enumerate(views):
+            groups.setdefault(repr(view[key]), []).append(f"{rank} ({host})")
+        said.append(f"{key} is " + ", ".join(
+            f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+            for value, ranks in groups.items()))
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise alike_on_every_process(TrainingError(
+        f"the processes of this training were given different settings: {'; '.join(said)}"
+        f"{more}; give every process the same command, options and configuration file, then "
+        "train again"))
 
 
 def _check_same_checkpoint(ckpt: Path, resume: bool) -> None:
