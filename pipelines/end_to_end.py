@@ -86,7 +86,8 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
         device: ``auto``, ``cpu`` or ``cuda``.
         mlruns: Root of the local MLflow store (default ``./mlruns``).
         progress: Progress bars on stderr; None: only on a terminal.
-        resume: Continue the stopped training of ``name`` from its latest checkpoint.
+        resume: Continue the stopped training of ``name`` from its latest checkpoint;
+            where it had finished (the pipeline stopped later), go on from its model.
         restart: Start afresh even over a stopped training of ``name`` that ``resume``
             could continue (refused without it).
 
@@ -134,9 +135,17 @@ def run_pipeline(name: str, folders: dict[str, Path], *, config_name: str = "tin
               **{f"folder.{key}": str(Path(path).resolve()) for key, path in folders.items()}}
     with tracking.start_run(name, "end-to-end", tags={"pipeline": "end_to_end"}) as parent:
         parent.log_params(params)
-        trained = tracking.train_and_register(folders["train"], name, config, device=device,
-                                              mlruns=mlruns, progress=progress, nested=True,
-                                              resume=resume, restart=restart)
+        # a run stopped past its training (in calibration, say) goes on from its model
+        trained = tracking.finished_training(folders["train"], name, config, mlruns) \
+            if resume else None
+        if trained is not None:
+            logger.info("the training of %r had finished (%s): resuming with its model",
+                        name, trained.message)
+            parent.set_tags({"train_resumed_finished": trained.model_uri})
+        else:
+            trained = tracking.train_and_register(
+                folders["train"], name, config, device=device, mlruns=mlruns,
+                progress=progress, nested=True, resume=resume, restart=restart)
         if trained is None:
             raise TrainingError("the end-to-end pipeline runs in one process; train on "
                                 "several with torchrun ... -m anomaly_flow train")
@@ -186,7 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "reference")
     parser.add_argument("--resume", action="store_true",
                         help="continue the training of --name that a stop interrupted from "
-                             "its latest checkpoint, then calibrate and evaluate")
+                             "its latest checkpoint (or, where it had finished, its model), "
+                             "then calibrate and evaluate")
     parser.add_argument("--restart", action="store_true",
                         help="start afresh even where the training of --name stopped before "
                              "its end (its checkpoint is deleted; refused without it)")
@@ -266,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             restart=args.restart)
     except KeyboardInterrupt as stop:
         if training_concluded(args.name, args.mlruns) is not None:
-            raise  # after the training: its model is registered, the usual line says so
+            # after the training: its model is registered, the usual line says so
+            print("the training had finished: the same command with --resume calibrates "
+                  "and evaluates its model without training again", file=sys.stderr)
+            raise
         # during the training (or before it): where --resume goes on from, not "run the
         # same command again", which would delete its checkpoint
         config = named_config(args.preset).replace(epochs=args.epochs)

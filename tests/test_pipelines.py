@@ -717,7 +717,8 @@ def test_a_stopped_end_to_end_training_goes_on_with_resume(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop during the training says where --resume goes on from (run again without it,
     the pipeline deleted the checkpoint, and it had no --resume); with --resume the same
-    training run finishes, then calibration and evaluation run."""
+    training run finishes, then calibration and evaluation run. A stop after the training
+    (in calibration) goes on with --resume from the registered model, training nothing."""
     from tests.test_cli_train import stop_training_at
 
     argv = often_checkpointed("e2e-stop", image_dirs, mlruns)
@@ -739,12 +740,29 @@ def test_a_stopped_end_to_end_training_goes_on_with_resume(
     assert "the last training of 'e2e-stop' stopped before its end" in \
         capsys.readouterr().err
     assert len(client.search_runs([experiment], "tags.pipeline = 'end_to_end'")) == parents
-    assert end_to_end.main([*argv, "--resume"]) == 0, capsys.readouterr().err
-    [finished] = client.search_runs([client.get_experiment_by_name("e2e-stop").experiment_id],
-                                    filter_string="tags.command = 'train'")
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # the training finishes, its calibration stops
+        patch.setattr("anomaly_flow.evaluation.calibrate_model", stop)
+        assert end_to_end.main([*argv, "--resume"]) == 130
+    assert ("the training had finished: the same command with --resume calibrates and "
+            "evaluates its model without training again") in capsys.readouterr().err
+    [finished] = client.search_runs([experiment], filter_string="tags.command = 'train'")
     assert finished.info.run_id == stopped.info.run_id  # the same training, gone on
     assert finished.info.status == "FINISHED"
-    assert client.get_model_version_by_alias("e2e-stop", "champion") is not None
+    # --resume again: no training left, so none runs; its model is calibrated, evaluated
+    assert end_to_end.main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    [trained] = client.search_runs([experiment], filter_string="tags.command = 'train'")
+    assert trained.info.run_id == stopped.info.run_id
+    assert str(client.get_model_version_by_alias("e2e-stop", "candidate").version) == "1"
+    champion = client.get_model_version_by_alias("e2e-stop", "champion")
+    assert champion.tags["training_run_id"] == stopped.info.run_id
+    [last] = client.search_runs([experiment], "tags.pipeline = 'end_to_end'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    assert last.info.status == "FINISHED"
+    assert last.data.tags["train_resumed_finished"] == "models:/e2e-stop/1"
 
 
 def test_a_real_ctrl_c_during_the_end_to_end_training_gives_one_instruction(

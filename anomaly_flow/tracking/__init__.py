@@ -64,6 +64,7 @@ from anomaly_flow.tracking.store import (
 from anomaly_flow.tracking.training import (
     TrainOutcome,
     checkpoint_dir,
+    finished_training,
     interrupted_message,
     precheck_checkpoints,
     precheck_training,
@@ -90,6 +91,7 @@ __all__ = [
     "ensure_configured",
     "ensure_experiment",
     "failure_advice",
+    "finished_training",
     "flatten",
     "git_commit",
     "interrupted_message",

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from anomaly_flow import file_lock
+from anomaly_flow import fingerprint as folder_digest
 from anomaly_flow.checkpoint import (
     RESUME_MUST_MATCH,
     TrainingError,
@@ -46,7 +47,7 @@ from anomaly_flow.distributed import (
     world_size,
 )
 from anomaly_flow.errors import alike_on_every_process, first_line, one_line, raised_alike
-from anomaly_flow.folders import replace_text
+from anomaly_flow.folders import find_images, replace_text
 from anomaly_flow.stopping import stops_deferred
 from anomaly_flow.survey import describe_shapes
 from anomaly_flow.tracking.models import (
@@ -933,13 +934,40 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
         if result.failed_files:
             message += (f"; {len(result.failed_files)} file(s) of the data folder could not "
                         "be decoded")
-        _write_record(ckpt, {**record, "concluded": True, "outcome": message})
+        _write_record(ckpt, {**record, "concluded": True, "outcome": message,
+                             "version": version, "val_bpd": result.val_bpd})
         _CONCLUDED_HERE[ckpt.resolve()] = message
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
 
 _CONCLUDED_HERE: dict[Path, str] = {}
 """The outcome of each training this process concluded, by checkpoint folder."""
+
+
+def finished_training(data: str | Path, name: str, config: RunConfig,
+                      mlruns: str | Path | None = None) -> TrainOutcome | None:
+    """The outcome of the last training of ``name`` in the configured store where it
+    finished and registered its model with ``config`` (every setting alike) on the images
+    now in ``data``; None otherwise. For a pipeline resumed after a stop past its training
+    (the end-to-end pipeline's calibration), which goes on from that model instead of
+    refusing a resume with nothing left to train."""
+    ckpt = checkpoint_dir(name, mlruns)
+    try:
+        state, before = _read_run_state(ckpt)
+    except TrainingError:
+        return None
+    if (not state.get("concluded") or not isinstance(state.get("version"), str)
+            or state.get("model_name") != name or before.to_dict() != config.to_dict()
+            or state.get("tracking_uri") != redacted(mlflow.get_tracking_uri())):
+        return None
+    root = Path(data)
+    if folder_digest.fingerprint(find_images(root), root) != state.get("data_fingerprint"):
+        return None
+    val_bpd = state.get("val_bpd")
+    return TrainOutcome(state["run_id"], f"models:/{name}/{state['version']}",
+                        state["version"],
+                        float(val_bpd) if isinstance(val_bpd, int | float) else math.nan,
+                        state.get("outcome", ""))
 
 
 def training_concluded(name: str, mlruns: str | Path | None = None) -> str | None:
