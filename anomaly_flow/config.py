@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class GlowConfig:
     resize: Resize = "stretch"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.in_channels in (1, 3), "in_channels", self.in_channels,
                "use 1 for grey images or 3 for RGB")
         _check(self.levels >= 1, "levels", self.levels, "need at least one level")
@@ -201,6 +203,7 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.epochs >= 1, "epochs", self.epochs, "train for at least one epoch")
         _check(1 <= self.batch_size <= MAX_BATCH, "batch_size", self.batch_size,
                f"must be from 1 to {MAX_BATCH}")
@@ -239,6 +242,12 @@ class RunConfig:
     train: TrainConfig
 
     def __post_init__(self) -> None:
+        for section, part, kind in (("model", self.model, GlowConfig),
+                                    ("train", self.train, TrainConfig)):
+            if not isinstance(part, kind):
+                raise ConfigError(f"{section} must be a {kind.__name__}, got "
+                                  f"{type(part).__name__}; RunConfig.from_dict reads a "
+                                  "configuration given as a dict")
         # a training limit, not the model's: a saved model of any size still loads
         size = self.model.image_size
         _check(size <= MAX_IMAGE_SIZE, "image_size", size,
@@ -291,16 +300,35 @@ def _home(name: str) -> str | None:
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (as read from TOML/JSON) fits a field annotated ``hint``."""
+    """Whether ``value`` (as read from TOML/JSON, or given in Python) fits a field
+    annotated ``hint``."""
     if get_origin(hint) is Literal:
         return isinstance(value, str)  # the choice itself is checked by __post_init__
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     return True
+
+
+_field_types = functools.cache(get_type_hints)
+
+
+def _check_types(config: Any) -> None:
+    """Refuse a field of the dataclass ``config`` whose value is not of its type (a
+    ``2.5`` batch size, an ``"2"`` epochs given in Python), before its range checks
+    compare it."""
+    for name, hint in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _type_ok(value, hint):
+            kind = ("a string" if get_origin(hint) is Literal
+                    else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
+            shown = (str(value).lower() if isinstance(value, bool)  # as TOML writes them
+                     else value.isoformat() if isinstance(value, (dt.date, dt.time))
+                     else repr(value))
+            raise ConfigError(f"{name} = {shown} is invalid: must be {kind}.")
 
 
 def _from_dict(cls: type, data: Any, section: str) -> Any:
@@ -314,19 +342,9 @@ def _from_dict(cls: type, data: Any, section: str) -> Any:
             f"unknown field(s) {sorted(map(str, unknown))} in [{section}]; known fields: "
             f"{sorted(names)}."
         )
-    hints = get_type_hints(cls)
-    for name, value in data.items():
-        hint = hints[name]
-        if not _type_ok(value, hint):
-            kind = ("a string" if get_origin(hint) is Literal
-                    else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
-            shown = (str(value).lower() if isinstance(value, bool)  # as TOML writes them
-                     else value.isoformat() if isinstance(value, (dt.date, dt.time))
-                     else repr(value))
-            raise ConfigError(f"{name} = {shown} in [{section}] is invalid: must be {kind}.")
     try:
         return cls(**data)
-    except ConfigError as exc:  # a range check: say which table the field is in
+    except ConfigError as exc:  # a type or range check: say which table the field is in
         raise ConfigError(str(exc).replace(" is invalid", f" in [{section}] is invalid", 1)) \
             from None
 

@@ -592,6 +592,10 @@ def train_and_register(data: str | Path, name: str, config: RunConfig, *,
         TrainingError: Training failed (diverged, nothing to resume, ...).
         TrackingError: The tracking store cannot be used.
     """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}; read one "
+                        "with anomaly_flow.config.load_preset, load_config or "
+                        "RunConfig.from_dict")
     with raised_alike():  # under torchrun every process checks the same, so fails alike
         precheck_training(name, config)
         _check_one_way(resume, restart)
