@@ -48,6 +48,22 @@ def test_configure_creates_the_store_and_leaves_the_environment_alone(
     assert "MLFLOW_REGISTRY_URI" not in os.environ
 
 
+def test_a_store_folder_that_exists_but_cannot_take_its_artifacts_folder_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing --mlruns (a read-only mount, or a file where its artifacts/ goes) is
+    not said to be a folder that could not be created."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "artifacts").write_text("not a folder")
+    with pytest.raises(tracking.TrackingError, match=rf"^cannot create the MLflow store "
+                       rf"artifacts folder in {re.escape(str(tmp_path))}: File exists; pass a "
+                       r"writable --mlruns DIR$"):
+        tracking.configure(tmp_path)
+    with pytest.raises(tracking.TrackingError,
+                       match=r"^cannot create the MLflow store folder .*/file/store: "):
+        (tmp_path / "file").write_text("")
+        tracking.configure(tmp_path / "file" / "store")
+
+
 def test_a_store_whose_artifacts_were_moved_away_is_not_given_new_ones(
         tmp_path: Path, mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
