@@ -331,9 +331,14 @@ def _file_paths(dataset: Dataset | None) -> list[Path] | None:
     return getattr(base, "paths", None)
 
 
+FAILED_FILES_LOGGED = 10
+"""Undecodable training images logged one by one; the rest are counted (the run's
+``failed_files.txt`` lists them all)."""
+
+
 class _FailedFiles:
     """Undecodable images of the data folder met so far, in either split: name -> reason,
-    each logged once (rank 0) with the split it is in.
+    the first :data:`FAILED_FILES_LOGGED` logged (rank 0) with the split each is in.
 
     Args:
         dataset: The training split; ``val_set``, the validation split (the same folder's
@@ -354,9 +359,12 @@ class _FailedFiles:
         self._splits.setdefault(name, split)  # a failure a checkpoint restored learns it here
         if name not in self.reasons:
             self.reasons[name] = reason
-            if self._log:
-                logger.warning("skipping undecodable image %s (%s split): %s",
-                               one_line(name), split, reason)
+            # a folder emptied while it trains (or a damaged disk) fails every file
+            if self._log and len(self.reasons) <= FAILED_FILES_LOGGED:
+                logger.warning("skipping undecodable image %s (%s split): %s%s",
+                               one_line(name), split, reason,
+                               "; further ones are counted, not listed"
+                               if len(self.reasons) == FAILED_FILES_LOGGED else "")
 
     def record(self, batch: Any, split: str = "training") -> torch.Tensor:
         """Note the undecodable items of a collated batch (:func:`_collate_share`'s, or

@@ -1033,3 +1033,23 @@ def test_an_undecodable_file_name_cannot_forge_a_log_line(
                                    "(training split): cannot identify image file")
     assert _failed_files_report(failed.reasons) == [
         "x.png\\nERROR fake.png\tcannot identify image file"]
+
+
+def test_a_folder_whose_files_all_fail_logs_ten_and_counts_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A folder emptied while it trains fails every file: ten warnings, the tenth saying
+    the rest are counted (failed_files.txt and the outcome list and count them all), not
+    a line for each of thousands."""
+    names = [f"gone-{i:03d}.png" for i in range(25)]
+    dataset = train_module.ImageFolderDataset([Path(name) for name in names], "L", 8)
+    failed = train_module._FailedFiles(dataset, log=True)
+    with caplog.at_level(logging.WARNING, logger="anomaly_flow.train"):
+        for i in range(len(names)):
+            failed.add(failed._name(i), "No such file or directory")
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == train_module.FAILED_FILES_LOGGED == 10
+    assert said[0] == ("skipping undecodable image gone-000.png (training split): No such "
+                       "file or directory")
+    assert said[-1].endswith("gone-009.png (training split): No such file or directory; "
+                             "further ones are counted, not listed")
+    assert len(failed.reasons) == 25
