@@ -367,8 +367,10 @@ def _end_abandoned_runs(experiment_id: str) -> None:
                 run.info.run_id, "a later run found its process gone (killed, or cut off "
                                   "from the store)"):
             logger.warning("the run %s (%s) was left RUNNING by a process that ended without "
-                           "closing it (killed, or cut off from the store); marked KILLED",
-                           run.info.run_id, run.info.run_name)
+                           "closing it (killed, or cut off from the store); marked KILLED%s",
+                           run.info.run_id, run.info.run_name,
+                           " (a --resume of its training reopens it)"
+                           if run.data.tags.get("command") == "train" else "")
 
 
 def end_if_running(run_id: str, ended_by: str) -> bool:
