@@ -939,7 +939,9 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
             message += (f"; {len(result.failed_files)} file(s) of the data folder could not "
                         "be decoded")
         _write_record(ckpt, {**record, "concluded": True, "outcome": message,
-                             "version": version, "val_bpd": result.val_bpd})
+                             "version": version,  # strict JSON: no NaN
+                             "val_bpd": result.val_bpd if math.isfinite(result.val_bpd)
+                             else None})
         _CONCLUDED_HERE[ckpt.resolve()] = message
     return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
 
