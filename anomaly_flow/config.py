@@ -319,10 +319,13 @@ _field_types = functools.cache(get_type_hints)
 def _check_types(config: Any) -> None:
     """Refuse a field of the dataclass ``config`` whose value is not of its type (a
     ``2.5`` batch size, an ``"2"`` epochs given in Python), before its range checks
-    compare it."""
+    compare it; a number of another numeric type (numpy's) becomes a plain ``int`` or
+    ``float``, as JSON writes them and processes compare them."""
     for name, hint in _field_types(type(config)).items():
         value = getattr(config, name)
-        if not _type_ok(value, hint):
+        if hint in (int, float) and _type_ok(value, hint) and type(value) is not hint:
+            object.__setattr__(config, name, hint(value))  # frozen: set before anyone reads
+        elif not _type_ok(value, hint):
             kind = ("a string" if get_origin(hint) is Literal
                     else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
             shown = (str(value).lower() if isinstance(value, bool)  # as TOML writes them

@@ -80,7 +80,8 @@ def search_images(root: Path) -> ImageSearch:
     without read permission and names that are not valid UTF-8 are all listed, so that
     scoring gives them a row with an error. Hidden names (starting with ``.``: macOS's
     ``._x.png`` copies, ``.ipynb_checkpoints/``, ``.Trashes/``) are left out, files and
-    folders; the image files among them, and the folders that hold image files directly,
+    folders; the image files among them, and the folders that hold image files (in them
+    or below; not tools' folders: version control, virtual environments, MLflow stores),
     are counted in one warning.
     Symlinked folders are followed, each real folder at most once, so a link to a parent
     folder cannot cause an endless walk.
@@ -244,6 +245,9 @@ _TOOL_FOLDERS = frozenset({
 """Folders tools keep beside data (whose images, if any, are not the user's): never searched
 by :func:`_holds_images`."""
 
+_TOOL_MARKS = frozenset({"pyvenv.cfg", "conda-meta"})
+"""Names that make a folder a Python environment, whatever it is called (``.env``)."""
+
 _HIDDEN_LOOK = 10_000
 """Entries :func:`_holds_images` looks at in one hidden folder before it gives up."""
 
@@ -252,11 +256,14 @@ def _holds_images(folder: str) -> bool:
     """Whether a hidden ``folder`` holds, in it or below, a file named like an image: a
     folder worth a word (``.ipynb_checkpoints``, ``.snapshot/day1``), unlike ``.git`` or
     ``.venv``. Looks at :data:`_HIDDEN_LOOK` entries at most, and not into tools' folders
-    (:data:`_TOOL_FOLDERS`) nor through symlinks."""
+    (:data:`_TOOL_FOLDERS`, :data:`_TOOL_MARKS`, MLflow stores) nor through symlinks."""
     if os.path.basename(folder) in _TOOL_FOLDERS:
         return False
     looked = 0
-    for _, dirnames, filenames in walk_tree(folder, follow_links=False):
+    for below, dirnames, filenames in walk_tree(folder, follow_links=False):
+        if _TOOL_MARKS & set(filenames + dirnames) or _is_store(Path(below)):
+            dirnames.clear()  # a virtual environment or conda's, an MLflow store
+            continue
         if any(_suffix(name).lower() in IMAGE_EXTENSIONS and not name.startswith(".")
                for name in filenames):
             return True

@@ -997,9 +997,12 @@ def _train(config: RunConfig, train_set: Dataset, val_set: Dataset | None,
         checkpoint(t.epochs, step)
     final = (latest_checkpoint(ckpt_dir) if ckpt_dir is not None and rank == 0 else None)
     if failed.reasons and rank == 0:
+        names = sorted(failed.reasons)
+        more = len(names) - FAILED_FILES_LOGGED
         logger.warning("%d file(s) of the data folder could not be decoded and were "
-                       "skipped: %s", len(failed.reasons),
-                       ", ".join(map(one_line, sorted(failed.reasons))))
+                       "skipped: %s%s", len(names),
+                       ", ".join(map(one_line, names[:FAILED_FILES_LOGGED])),
+                       f", and {more} more" if more > 0 else "")
     samples, samples_skipped = np.zeros((0, 0), dtype=np.uint8), None
     if rank == 0:
         try:

@@ -275,10 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, mlruns=args.mlruns, resume=args.resume,
             restart=args.restart)
     except KeyboardInterrupt as stop:
-        if training_concluded(args.name, args.mlruns) is not None:
-            # after the training: its model is registered, the usual line says so
-            print("the training had finished: the same command with --resume calibrates "
-                  "and evaluates its model without training again", file=sys.stderr)
+        if (outcome := training_concluded(args.name, args.mlruns)) is not None:
+            # after the training: its model is registered (or why not), the usual line
+            # says so
+            if outcome.startswith("registered "):
+                print("the training had finished: the same command with --resume "
+                      "calibrates and evaluates its model without training again",
+                      file=sys.stderr)
             raise
         # during the training (or before it): where --resume goes on from, not "run the
         # same command again", which would delete its checkpoint

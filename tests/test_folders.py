@@ -126,6 +126,14 @@ def test_find_images_leaves_out_hidden_files_and_folders_and_says_so(
     checkout = tmp_path.parent / f"{tmp_path.name}-checkout"
     (checkout / ".git").mkdir(parents=True)
     (checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    # nor a Python environment by another name, or a hidden MLflow store, with images
+    # of their own (matplotlib's icons, runs' plots)
+    (checkout / ".env" / "lib" / "mpl-data" / "images").mkdir(parents=True)
+    (checkout / ".env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    save(rgb_pattern(8, 8), checkout / ".env" / "lib" / "mpl-data" / "images" / "home.png")
+    (checkout / ".mlruns" / "artifacts" / "1").mkdir(parents=True)
+    (checkout / ".mlruns" / "mlflow.db").write_bytes(b"")
+    save(rgb_pattern(8, 8), checkout / ".mlruns" / "artifacts" / "1" / "curves.png")
     with pytest.raises(DataError, match=r"^no image files found in .* \(looked recursively"):
         find_images(checkout)
 

@@ -930,7 +930,11 @@ def test_a_config_built_in_python_refuses_values_of_another_type(
     tiny = load_preset("tiny")
     with pytest.raises(ConfigError, match=rf"^{field} = {re.escape(said)}\.$"):
         dataclasses.replace(getattr(tiny, kind), **{field: value})
-    assert dataclasses.replace(tiny.train, lr=1, batch_size=np.int64(8)).lr == 1  # numbers
+    numbers = dataclasses.replace(tiny.train, lr=np.float32(0.5), batch_size=np.int64(8),
+                                  grad_clip=50)  # numbers of other types: plain ones
+    assert (type(numbers.lr), type(numbers.batch_size), type(numbers.grad_clip)) == (
+        float, int, float)
+    assert RunConfig(tiny.model, numbers).to_json()  # as JSON writes them
     with pytest.raises(ConfigError, match=r"^model must be a GlowConfig, got dict; "
                                           r"RunConfig\.from_dict reads"):
         RunConfig(tiny.model.to_dict(), tiny.train)  # type: ignore[arg-type]

@@ -833,7 +833,8 @@ def test_a_killed_end_to_end_run_is_ended_by_the_next_run_of_its_name(
     # the training run is said to be reopened by a resume, as --resume then does
     assert f"the run {training_run.info.run_id} (train-e2e-killed) was left RUNNING by a " \
         "process that ended without closing it (killed, or cut off from the store); marked " \
-        "KILLED (a --resume of its training reopens it)" in caplog.text
+        "KILLED (a --resume of its training, from a checkpoint it wrote, reopens it)" \
+        in caplog.text
 
 
 def test_a_resumed_end_to_end_run_killed_again_is_ended_too(

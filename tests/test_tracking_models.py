@@ -364,3 +364,29 @@ def test_a_stop_during_a_run_start_model_logging_or_registration_finishes_it_fir
         with pytest.raises(Terminated), sigterm_as_interrupt():
             tracking.register_model(logged_uri, "stopped-parts", alias="candidate")
     assert str(client.get_model_version_by_alias("stopped-parts", "candidate").version) == "1"
+
+
+def test_a_finished_training_is_reused_only_as_it_was(trained: TrainedModel,
+                                                      image_dirs: ImageDirs) -> None:
+    """What end_to_end --resume goes on from after a stop past the training: the version
+    that training registered, on the same images with the same settings, and only while
+    the registry still holds it as that training's."""
+    reused = tracking.finished_training(trained.data, trained.name, trained.config,
+                                        trained.mlruns)
+    assert reused is not None
+    assert (reused.run_id, reused.version) == (trained.run_id, trained.version)
+    assert reused.model_uri == f"models:/{trained.name}/{trained.version}"
+    longer = trained.config.replace(epochs=trained.config.train.epochs + 1)
+    assert tracking.finished_training(trained.data, trained.name, longer,
+                                      trained.mlruns) is None
+    assert tracking.finished_training(image_dirs.calibration, trained.name, trained.config,
+                                      trained.mlruns) is None
+    record = tracking.checkpoint_dir(trained.name, trained.mlruns) / "run.json"
+    kept = record.read_text()
+    try:  # a version the registry no longer has (deleted), or another training's
+        for version in ("999", str(int(trained.version) + 1)):
+            record.write_text(json.dumps({**json.loads(kept), "version": version}))
+            assert tracking.finished_training(trained.data, trained.name, trained.config,
+                                              trained.mlruns) is None
+    finally:
+        record.write_text(kept)

@@ -521,20 +521,23 @@ def _logged_model_location(source: str) -> str | None:
     model of that name (as MLflow's runs repository does); None where the run logged none."""
     run_id, path = RunsArtifactRepository.parse_runs_uri(source)
     name, _, below = (path or "").strip("/").partition("/")
-    if not name:
+    if not name or "'" in name:
         return None
     client = mlflow.MlflowClient()
-    experiment = client.get_run(run_id).info.experiment_id
     token = None
-    while True:
-        page = client.search_logged_models(experiment_ids=[experiment], page_token=token,
-                                           filter_string=f"name = '{name}'")
-        for logged in page:
-            if logged.source_run_id == run_id:
-                return "/".join(filter(None, [ModelsArtifactRepository.get_underlying_uri(
-                    f"models:/{logged.model_id}").rstrip("/"), below]))
-        if not (token := page.token):
-            return None
+    try:  # a server without logged models' search: the run's own artifacts then
+        experiment = client.get_run(run_id).info.experiment_id
+        while True:
+            page = client.search_logged_models(experiment_ids=[experiment], page_token=token,
+                                               filter_string=f"name = '{name}'")
+            for logged in page:
+                if logged.source_run_id == run_id:
+                    return "/".join(filter(None, [ModelsArtifactRepository.get_underlying_uri(
+                        f"models:/{logged.model_id}").rstrip("/"), below]))
+            if not (token := page.token):
+                return None
+    except Exception:  # MLflow's stores raise many types
+        return None
 
 
 def registered_from_run(run_id: str, model_id: str | None

@@ -369,7 +369,8 @@ def _end_abandoned_runs(experiment_id: str) -> None:
             logger.warning("the run %s (%s) was left RUNNING by a process that ended without "
                            "closing it (killed, or cut off from the store); marked KILLED%s",
                            run.info.run_id, run.info.run_name,
-                           " (a --resume of its training reopens it)"
+                           " (a --resume of its training, from a checkpoint it wrote, "
+                           "reopens it)"
                            if run.data.tags.get("command") == "train" else "")
 
 

@@ -966,14 +966,24 @@ def finished_training(data: str | Path, name: str, config: RunConfig,
             or state.get("model_name") != name or before.to_dict() != config.to_dict()
             or state.get("tracking_uri") != redacted(mlflow.get_tracking_uri())):
         return None
+    try:  # the version must still be that training's (not deleted, nor a new one's)
+        with quiet_mlflow():
+            registered = mlflow.MlflowClient().get_model_version(name, state["version"])
+    except MlflowException:
+        return None
+    if registered.run_id != state.get("run_id") or str(registered.status) != "READY":
+        return None
     root = Path(data)
     if folder_digest.fingerprint(find_images(root), root) != state.get("data_fingerprint"):
         return None
     val_bpd = state.get("val_bpd")
-    return TrainOutcome(state["run_id"], f"models:/{name}/{state['version']}",
-                        state["version"],
-                        float(val_bpd) if isinstance(val_bpd, int | float) else math.nan,
-                        state.get("outcome", ""))
+    outcome = TrainOutcome(state["run_id"], f"models:/{name}/{state['version']}",
+                           state["version"],
+                           float(val_bpd) if isinstance(val_bpd, int | float) else math.nan,
+                           state.get("outcome") or f"registered models:/{name}/"
+                                                   f"{state['version']}")
+    _CONCLUDED_HERE[ckpt.resolve()] = outcome.message  # a stop from here on comes after it
+    return outcome
 
 
 def training_concluded(name: str, mlruns: str | Path | None = None) -> str | None:
