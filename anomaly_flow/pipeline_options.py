@@ -129,8 +129,20 @@ def add_score_option(parser: argparse.ArgumentParser, *,
 def add_target_fpr_option(parser: argparse.ArgumentParser, *, default: float | None = None,
                           help: str | None = None) -> None:
     """``--target-fpr RATE``: the false-positive rate of the conformal threshold."""
-    parser.add_argument("--target-fpr", type=float, default=default, help=help or (
+    parser.add_argument("--target-fpr", type=_rate, default=default, help=help or (
         "target false-positive rate of the conformal threshold"))
+
+
+def _rate(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not a rate strictly between 0 and 1 "
+                                         "(e.g. 0.01 for 1 false alarm in 100)")
+    return value
 
 
 def add_cost_options(parser: argparse.ArgumentParser) -> None:

@@ -608,6 +608,11 @@ def test_select_threshold_refuses_an_unknown_score_in_one_line(
     ("calibrate", ["--target-fpr", "0.1", "--workers", "-1"], "-1 is below 0"),
     ("select_threshold", ["--anomalous", "x", "--promote"],
      "--promote moves champion to the version --register makes"),
+    ("select_threshold", ["--anomalous", "x", "--target-fpr", "1.5"],
+     "argument --target-fpr: 1.5 is not a rate strictly between 0 and 1 (e.g. 0.01"),
+    ("calibrate", ["--target-fpr", "nan"],
+     "argument --target-fpr: nan is not a rate strictly between 0 and 1"),
+    ("calibrate", ["--target-fpr", "1%"], "argument --target-fpr: '1%' is not a number"),
 ])
 @pytest.mark.usefixtures("placeholder_folders")
 def test_pipeline_options_that_would_be_ignored_or_fail_late_are_refused(
