@@ -581,6 +581,13 @@ def test_select_threshold_refuses_a_conformal_row_it_cannot_fill_before_scoring(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs at least 1e+300 held-out normal images for a " \
         "false-positive rate of 1e-300" in err[0], err
+    assert err[0].endswith("raise --target-fpr. Or drop --target-fpr: here it only adds "
+                           "the conformal row to the comparison of the labelled methods.")
+    # registering that row: the rate is needed, so dropping it is no advice
+    assert load_script("select_threshold").main(
+        [*map(str, argv), "--register", "conformal"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("raise --target-fpr."), err
 
 
 def test_select_threshold_refuses_an_unknown_score_in_one_line(
