@@ -101,7 +101,9 @@ def _draw_histogram(
     ax.set_ylabel("density")
     ax.set_title(score_name)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        # asked for by name: matplotlib warns of the default's cost when a busy machine
+        # takes over a second to place it (a few dozen bars here)
+        ax.legend(fontsize="small", loc="best")
 
 
 def score_histogram(
