@@ -323,15 +323,15 @@ def _check_types(config: Any) -> None:
     ``float``, as JSON writes them and processes compare them."""
     for name, hint in _field_types(type(config)).items():
         value = getattr(config, name)
-        if hint in (int, float) and _type_ok(value, hint) and type(value) is not hint:
-            object.__setattr__(config, name, hint(value))  # frozen: set before anyone reads
-        elif not _type_ok(value, hint):
+        if not _type_ok(value, hint):
             kind = ("a string" if get_origin(hint) is Literal
                     else {bool: "true or false", int: "a whole number"}.get(hint, "a number"))
             shown = (str(value).lower() if isinstance(value, bool)  # as TOML writes them
                      else value.isoformat() if isinstance(value, (dt.date, dt.time))
                      else repr(value))
             raise ConfigError(f"{name} = {shown} is invalid: must be {kind}.")
+        if hint in (int, float) and type(value) is not hint:
+            object.__setattr__(config, name, hint(value))  # frozen: set before anyone reads
 
 
 def _from_dict(cls: type, data: Any, section: str) -> Any:

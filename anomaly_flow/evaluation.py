@@ -883,17 +883,9 @@ def select_threshold(
                                "makes; pass register, or drop promote.")
     normal, anomalous = Path(normal), Path(anomalous)
     # the labelled methods' checks, and with a target rate the conformal row's size
-    try:
-        precheck_calibration(normal, anomalous, score=score,
-                             method="f1" if target_fpr is None else "conformal",
-                             target_fpr=target_fpr)
-    except CalibrationError as exc:
-        if target_fpr is None or register == "conformal" \
-                or not str(exc).startswith(conformal_need(target_fpr)):
-            raise
-        raise CalibrationError(f"{exc} Or drop --target-fpr: here it only adds the "
-                               "conformal row to the comparison of the labelled "
-                               "methods.") from None
+    precheck_calibration(normal, anomalous, score=score,
+                         method="f1" if target_fpr is None else "conformal",
+                         target_fpr=target_fpr, rate_optional=register != "conformal")
     loaded, chosen, normal_scores, anomalous_scores = _open_and_score(
         model_uri, normal, anomalous, score=score, registers=register is not None,
         device=device, mlruns=mlruns, batch_size=batch_size, workers=workers,

@@ -166,10 +166,12 @@ def check_method(method: str, target_fpr: float | None, has_anomalous: bool) -> 
 
 def precheck_calibration(normal: str | Path, anomalous: str | Path | None, *,
                          score: str | None, method: str = "conformal",
-                         target_fpr: float | None = None) -> None:
+                         target_fpr: float | None = None, rate_optional: bool = False
+                         ) -> None:
     """Everything about a calibration that can be refused before a model is loaded (or
     trained): the score's name, the method's options, the normal folder's size for the
-    conformal threshold, and folders that share files.
+    conformal threshold (``rate_optional``: the threshold only adds a row to a comparison
+    of the labelled methods, as the refusal then says), and folders that share files.
 
     Raises:
         CalibrationError: What :func:`~anomaly_flow.evaluation.calibrate_model` would
@@ -180,12 +182,12 @@ def precheck_calibration(normal: str | Path, anomalous: str | Path | None, *,
     check_auto(score, anomalous is not None)
     check_method(method, target_fpr, anomalous is not None)
     if method == "conformal":
-        _precheck_size(Path(normal), target_fpr)  # type: ignore[arg-type]
+        _precheck_size(Path(normal), target_fpr, rate_optional)  # type: ignore[arg-type]
     if anomalous is not None:  # lists both: a missing or empty folder fails here
         check_separate_folders(normal, anomalous)
 
 
-def _precheck_size(folder: Path, target_fpr: float) -> None:
+def _precheck_size(folder: Path, target_fpr: float, rate_optional: bool = False) -> None:
     """Refuse early, before scoring, when the folder cannot hold enough images."""
     needed = min_calibration_size(target_fpr)
     n_files = len(find_images(folder))
@@ -193,7 +195,9 @@ def _precheck_size(folder: Path, target_fpr: float) -> None:
         raise CalibrationError(
             f"{conformal_need(target_fpr)}; the folder {display_path(folder)} holds only "
             f"{n_files}. Add more normal images to the calibration folder or raise "
-            "--target-fpr."
+            "--target-fpr." + (" Or drop --target-fpr: here it only adds the conformal row "
+                               "to the comparison of the labelled methods."
+                               if rate_optional else "")
         )
 
 

@@ -350,6 +350,7 @@ class _FailedFiles:
         self._log = log
         self.reasons: dict[str, str] = {}
         self._splits: dict[str, str] = {}  # name -> "training" or "validation"
+        self._logged = 0  # by this process: those a checkpoint restored were said before
 
     def _name(self, index: int, split: str = "training") -> str:
         paths = self._paths[split]
@@ -360,11 +361,12 @@ class _FailedFiles:
         if name not in self.reasons:
             self.reasons[name] = reason
             # a folder emptied while it trains (or a damaged disk) fails every file
-            if self._log and len(self.reasons) <= FAILED_FILES_LOGGED:
+            if self._log and self._logged < FAILED_FILES_LOGGED:
+                self._logged += 1
                 logger.warning("skipping undecodable image %s (%s split): %s%s",
                                one_line(name), split, reason,
                                "; further ones are counted, not listed"
-                               if len(self.reasons) == FAILED_FILES_LOGGED else "")
+                               if self._logged == FAILED_FILES_LOGGED else "")
 
     def record(self, batch: Any, split: str = "training") -> torch.Tensor:
         """Note the undecodable items of a collated batch (:func:`_collate_share`'s, or

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if (outcome := training_concluded(args.name, args.mlruns)) is not None:
             # after the training: its model is registered (or why not), the usual line
             # says so
-            if outcome.startswith("registered "):
+            if outcome.version is not None:
                 print("the training had finished: the same command with --resume "
                       "calibrates and evaluates its model without training again",
                       file=sys.stderr)

@@ -233,11 +233,9 @@ def configure(mlruns: str | Path | None = None) -> str:
             else:
                 artifact_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            made = folder if folder.is_dir() else None  # the store's own, or its artifacts'
-            raise TrackingError(
-                f"cannot create the MLflow store "
-                f"{f'folder {folder}' if made is None else f'artifacts folder in {made}'}: "
-                f"{exc.strerror or exc}; pass a writable --mlruns DIR") from None
+            what = f"artifacts folder in {folder}" if folder.is_dir() else f"folder {folder}"
+            raise TrackingError(f"cannot create the MLflow store {what}: "
+                                f"{exc.strerror or exc}; pass a writable --mlruns DIR") from None
     before = _configuration()
     _point_mlflow(uri)
     _state.uri, _state.artifact_root, _state.default_store = uri, artifact_root, not env_given

@@ -942,11 +942,12 @@ def _train_and_register_locked(data: str | Path, name: str, config: RunConfig,
                              "version": version,  # strict JSON: no NaN
                              "val_bpd": result.val_bpd if math.isfinite(result.val_bpd)
                              else None})
-        _CONCLUDED_HERE[ckpt.resolve()] = message
-    return TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+        outcome = TrainOutcome(run.run_id, model_uri, version, result.val_bpd, message)
+        _CONCLUDED_HERE[ckpt.resolve()] = outcome
+    return outcome
 
 
-_CONCLUDED_HERE: dict[Path, str] = {}
+_CONCLUDED_HERE: dict[Path, TrainOutcome] = {}
 """The outcome of each training this process concluded, by checkpoint folder."""
 
 
@@ -980,13 +981,12 @@ def finished_training(data: str | Path, name: str, config: RunConfig,
     outcome = TrainOutcome(state["run_id"], f"models:/{name}/{state['version']}",
                            state["version"],
                            float(val_bpd) if isinstance(val_bpd, int | float) else math.nan,
-                           state.get("outcome") or f"registered models:/{name}/"
-                                                   f"{state['version']}")
-    _CONCLUDED_HERE[ckpt.resolve()] = outcome.message  # a stop from here on comes after it
+                           state.get("outcome", ""))
+    _CONCLUDED_HERE[ckpt.resolve()] = outcome  # a stop from here on comes after it
     return outcome
 
 
-def training_concluded(name: str, mlruns: str | Path | None = None) -> str | None:
+def training_concluded(name: str, mlruns: str | Path | None = None) -> TrainOutcome | None:
     """The outcome of the training of ``name`` this process ran to its end (registered,
     or why not), or None: none did, or a newer one of that name has started since."""
     return _CONCLUDED_HERE.get(checkpoint_dir(name, mlruns).resolve())
@@ -1017,7 +1017,7 @@ def interrupted_message(name: str, config: RunConfig, mlruns: str | Path | None 
     # the stop came after the end of a training this process ran (run.json may hold the
     # outcome of an earlier one, which a new training stopped early has not replaced yet)
     if (outcome := training_concluded(name, mlruns)) is not None:
-        return f"{what} after the training had finished ({outcome})"
+        return f"{what} after the training had finished ({outcome.message})"
     latest = latest_checkpoint(folder)
     every = config.train.checkpoint_every
     if latest is None:
