@@ -59,6 +59,14 @@ def assert_one_error(stderr: str, pattern: str) -> None:
     assert re.fullmatch(pattern, said[0]), said[0]
 
 
+def assert_every_rank_refused(results: list[subprocess.CompletedProcess[str]],
+                              pattern: str) -> None:
+    """Each process exited 1 with one ``Error:`` line that ``pattern`` matches all of."""
+    for result in results:
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert_one_error(result.stderr, pattern)
+
+
 def hosts_with_data(root: Path, image_dirs: ImageDirs, counts: tuple[int, int]) -> list[Path]:
     """Two host folders, each with ``data/`` holding the first N training images."""
     hosts = [root / "host-a", root / "host-b"]
@@ -78,15 +86,13 @@ def test_ranks_that_list_different_images_refuse_together(image_dirs: ImageDirs,
     hosts = hosts_with_data(tmp_path, image_dirs, (40, 41))
     results = two_hosts(hosts, "train", "data", "--name", "split", "--preset", "tiny",
                         "--device", "cpu", "--mlruns", "ml")
-    for result in results:
-        assert result.returncode == 1, result.stderr[-3000:]
-        assert_one_error(
-            result.stderr,
-            r"Error: the processes of this training see different images in data \(rank 0 "
-            r"\(.+\): 40 images, fingerprint [0-9a-f]{12}; rank 1 \(.+\): 41 images, "
-            r"fingerprint [0-9a-f]{12}\): the folder changed while they read it, or the "
-            r"hosts' copies differ; keep it unchanged while training, the same on every "
-            r"host, and train again")
+    assert_every_rank_refused(
+        results,
+        r"Error: the processes of this training see different images in data \(rank 0 "
+        r"\(.+\): 40 images, fingerprint [0-9a-f]{12}; rank 1 \(.+\): 41 images, "
+        r"fingerprint [0-9a-f]{12}\): the folder changed while they read it, or the "
+        r"hosts' copies differ; keep it unchanged while training, the same on every "
+        r"host, and train again")
     assert not (hosts[0] / "ml" / "mlflow.db").exists()  # refused before any run
 
 
@@ -100,13 +106,11 @@ def test_ranks_given_different_settings_refuse_together(image_dirs: ImageDirs,
     results = two_hosts(hosts, "train", "data", "--name", "apart", "--preset", "tiny",
                         "--device", "cpu", "--mlruns", "ml",
                         apart=(["--epochs", "1"], ["--epochs", "2"]))
-    for result in results:
-        assert result.returncode == 1, result.stderr[-3000:]
-        assert_one_error(
-            result.stderr,
-            r"Error: the processes of this training were given different settings: "
-            r"train\.epochs is 1 on rank 0 \(.+\), 2 on rank 1 \(.+\); give every process "
-            r"the same command, options and configuration file, then train again")
+    assert_every_rank_refused(
+        results,
+        r"Error: the processes of this training were given different settings: "
+        r"train\.epochs is 1 on rank 0 \(.+\), 2 on rank 1 \(.+\); give every process "
+        r"the same command, options and configuration file, then train again")
     assert not (hosts[0] / "ml" / "mlflow.db").exists()  # refused before any run
 
 
@@ -127,14 +131,12 @@ def test_a_resume_needs_the_checkpoint_on_every_host_and_may_change_the_process_
     assert alone.exit_code == 0, alone.output
     resume = ("train", "data", "--name", "moved", "--config", "often-1.toml", "--epochs", "2",
               "--device", "cpu", "--mlruns", "ml", "--resume")
-    for result in two_hosts(hosts, *resume):
-        assert result.returncode == 1, result.stderr[-3000:]
-        assert_one_error(
-            result.stderr,
-            r"Error: rank 0 resumes from the checkpoint step-\d{8} in .+, but rank 1 \(host "
-            r".+\) finds none there: every process reads the checkpoint, and only rank 0 "
-            r"writes it; on several hosts put --mlruns on a file system they all share \(or "
-            r"copy that folder to the same path on each\), then run the same command again")
+    assert_every_rank_refused(
+        two_hosts(hosts, *resume),
+        r"Error: rank 0 resumes from the checkpoint step-\d{8} in .+, but rank 1 \(host "
+        r".+\) finds none there: every process reads the checkpoint, and only rank 0 "
+        r"writes it; on several hosts put --mlruns on a file system they all share \(or "
+        r"copy that folder to the same path on each\), then run the same command again")
 
     shutil.copytree(hosts[0] / "ml", hosts[1] / "ml")
     first, second = two_hosts(hosts, *resume)
