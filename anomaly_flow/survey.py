@@ -117,8 +117,9 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
     those are all grey, on the others until one is in colour: JPEGs and images of up to
     4 megapixels), grey-mode images
     given to a colour model (repeated into three equal channels, unlike colour images: said
-    of a folder that mixes the two, and for scoring (not ``training``) of one all grey,
-    which a model trained on colour images would flag), detail lost when most of them are
+    of a folder that mixes the two; of one all grey, for training that a grey model would
+    learn them from a third of the values, and for scoring (not ``training``) that a model
+    trained on colour images would flag them), detail lost when most of them are
     larger than ``size``, an interpolation learned when most are at most half of it (both
     left out without ``resizing``), floating-point images scaled to 0..1 (read as 0..255,
     they are near black), 16- or 32-bit integer grey images most of which use only values
@@ -207,7 +208,13 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
                          if training else " and it is likely flagged for being grey; use ")
                      + "colour images throughout, or a grey model (in_channels = 1) for grey "
                      "ones")
-    elif grey and not training:  # a colour model trained on grey images knows them
+    elif grey and training:  # not wrong (MVTec's grey categories in a colour pipeline)
+        notes.append(f"all {grey} images looked at are grey{eg('grey')}, and the model is "
+                     "colour (model.in_channels = 3): each is repeated into three equal "
+                     "channels, so two of every three values it learns carry nothing new; a "
+                     "grey model (in_channels = 1) learns the same images from a third of "
+                     "the values")
+    elif grey:
         notes.append(f"all {grey} images looked at are grey{eg('grey')}, and the model is "
                      "colour "
                      "(model.in_channels = 3): each is repeated into three equal channels; "

@@ -265,9 +265,14 @@ def test_conversion_notes_say_when_a_colour_model_takes_grey_images(tmp_path: Pa
     assert int(load_image(tmp_path / "g.png", "RGB", 16).std(axis=0).max()) == 0  # as said
     assert conversion_notes([p for p in paths if "colour" in p.name], "RGB", 16) == []
     # all grey: a colour model may be trained on them (MVTec's grey categories), and
-    # knows them; scored, they are what a model trained on colour would flag
+    # knows them, though a grey one would do with a third of the values; scored, they are
+    # what a model trained on colour would flag
     greys = [p for p in paths if p.name.startswith("g")]
-    assert conversion_notes(greys, "RGB", 16) == []
+    assert conversion_notes(greys, "RGB", 16) == [
+        f"all 2 images looked at are grey (e.g. {tmp_path / 'g.png'}), and the model is "
+        "colour (model.in_channels = 3): each is repeated into three equal channels, so two "
+        "of every three values it learns carry nothing new; a grey model (in_channels = 1) "
+        "learns the same images from a third of the values"]
     assert conversion_notes(greys, "RGB", 16, resizing=False, training=False) == [
         f"all 2 images looked at are grey (e.g. {tmp_path / 'g.png'}), and the model is "
         "colour (model.in_channels = 3): "
