@@ -61,7 +61,7 @@ from anomaly_flow.calibration import check_fitted_to
 from anomaly_flow.data import display_path
 from anomaly_flow.errors import one_line
 from anomaly_flow.fingerprint import fingerprint_and_digests
-from anomaly_flow.folders import find_images, search_images
+from anomaly_flow.folders import find_images, search_images, unlisted_advice
 from anomaly_flow.glow import Glow
 from anomaly_flow.score_kinds import REFERENCE_SCORES
 from anomaly_flow.score_table import (
@@ -289,7 +289,8 @@ def _score_folder(model: Glow, calibration: Any | None, folder: str | os.PathLik
     config = model.config
 
     files = dict(zip(keys, paths, strict=True))
-    previous = _previous_rows(out, score_names(model), files, root) if resume else None
+    previous = (_previous_rows(out, score_names(model), files, root, unlisted) if resume
+                else None)
     if previous is not None:
         _check_same_scores(model, previous, files, out, precision)
     done = previous.index if previous is not None else pd.Index([], dtype="string")
@@ -695,17 +696,20 @@ def _check_heatmaps_apart(folder: Path, root: Path, linked: Sequence[Path] = ())
                            f"{exc.strerror or exc}; choose another heatmap folder") from None
 
 
-def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Path
-                   ) -> pd.DataFrame | None:
+def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Path,
+                   unlisted: Sequence[tuple[Path, str]] = ()) -> pd.DataFrame | None:
     """The earlier output's rows to keep, or None if there is no output.
 
     ``files`` maps each file found under ``root`` to its row's ``path``. Kept: the rows of
     files still there and unchanged since the table was last written (neither their
     modification nor their status-change time is later; a file copied or rewritten over
     an old one is scored again). Rows of files gone from ``root`` are dropped with a
-    warning. Resuming is refused when it would drop rows of files that still exist
-    outside ``root`` (a subfolder of the table's folder, or another folder): they are not
-    lost files but a slip of the folder argument.
+    warning, and so are those of files under hidden names, which the search leaves out.
+    Resuming is refused when it would drop rows of files that still exist outside
+    ``root`` (a subfolder of the table's folder, or another folder: not lost files but a
+    slip of the folder argument), or that may still exist where the search did not find
+    them: in a folder it could not list (``unlisted``: ``(folder, reason)``), or one it
+    now leaves out (an MLflow store).
     """
     if not out.exists():
         # a mistyped --out would otherwise rescore a large folder without a word
@@ -715,6 +719,7 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
         return None
     previous = read_table(out, names)
     present = previous.index.isin(list(files))
+    _check_none_unfound(previous.index[~present], out, root, files, unlisted)
     if len(previous) and not present.any():
         raise ScoringError(
             f"none of the {len(previous)} rows of {display_path(out)} is a file under "
@@ -751,6 +756,42 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
                        "again", int(changed.sum()), display_path(out),
                        one_line(previous.index[int(np.flatnonzero(changed)[0])]))
     return previous[~changed]
+
+
+def _check_none_unfound(missing: pd.Index, out: Path, root: Path, files: dict[str, Path],
+                        unlisted: Sequence[tuple[Path, str]]) -> None:
+    """Refuse to drop the rows of files under ``root`` that the search did not find but
+    that may still be there: in a folder it could not list (whether or not the file can
+    be seen from here), or, not hidden, in one it now leaves out (a file found under
+    another path to it, through a symlinked folder, is not dropped: it has a row)."""
+    def in_unlisted(key: str) -> tuple[Path, str] | None:
+        return next(((folder, reason) for folder, reason in unlisted
+                     if Path(key).is_relative_to(folder)), None)
+
+    def left_out(key: str) -> bool:
+        below = Path(key)
+        return (below.is_relative_to(root) and os.path.lexists(key)
+                and not any(part.startswith(".") for part in below.relative_to(root).parts))
+
+    if blocked := [(key, where) for key in missing if (where := in_unlisted(key))]:
+        key, (folder, reason) = blocked[0]
+        raise ScoringError(
+            f"{len(blocked)} row(s) of {display_path(out)} are files in folders under "
+            f"{display_path(root)} that could not be listed this time (e.g. {one_line(key)} "
+            f"in {one_line(display_path(folder))}: {reason}), so resuming would drop rows of "
+            f"files that may still be there; {unlisted_advice(reason)}, then resume, or "
+            "write to another --out")
+    unfound = [key for key in missing if left_out(key)]
+    if unfound:  # a file listed now under its real path, not a link's, has its row
+        found = {os.path.realpath(path) for path in files.values()}
+        unfound = [key for key in unfound if os.path.realpath(key) not in found]
+    if unfound:
+        raise ScoringError(
+            f"{len(unfound)} row(s) of {display_path(out)} are files under "
+            f"{display_path(root)} that still exist but that the folder search now leaves out "
+            f"(e.g. {one_line(unfound[0])}: in a folder it takes for an MLflow store), so "
+            "resuming would drop them; move them out of such a folder, or write to another "
+            "--out")
 
 
 def _changed_since(path: Path, time_ns: int) -> bool:

@@ -446,6 +446,65 @@ def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,
         "were not scored")
 
 
+@pytest.mark.parametrize("mode", [0o311, 0o000])  # files reachable, not listable; neither
+def test_resume_keeps_the_rows_of_a_folder_it_cannot_list_now(model_dir: Path, tmp_path: Path,
+                                                             mode: int) -> None:
+    """A folder scored earlier that cannot be listed now: its files may well be there, so
+    resuming refuses rather than drop their rows as gone, and the table is kept as it was
+    (the real command, in a process that obeys file modes)."""
+    folder, out = tmp_path / "images", tmp_path / "scores.csv"
+    write_image_folder(sample_images(2), folder, "n-")
+    locked = folder / "sub"
+    write_image_folder(sample_images(3, offset=2), locked, "m-")
+    command = [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model",
+               str(model_dir), "--out", str(out), "--workers", "0"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    assert subprocess.run(command, capture_output=True, timeout=120, env=env).returncode == 0
+    table = out.read_bytes()
+    locked.chmod(mode)
+    try:
+        result = subprocess.run(obeying_file_modes([*command, "--resume"]), capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path, env=env)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: 3 row(s) of {out} are files in folders under {folder} that could not be "
+        f"listed this time (e.g. {locked / 'm-00000.png'} in {locked}: Permission denied), so "
+        "resuming would drop rows of files that may still be there; make them readable (or "
+        "put back what was moved away), then resume, or write to another --out")
+    assert "no longer under" not in result.stderr
+    assert out.read_bytes() == table  # a refusal writes nothing
+
+
+def test_resume_keeps_the_rows_of_a_folder_now_taken_for_an_mlflow_store(
+        model_dir: Path, tmp_path: Path) -> None:
+    """A subfolder that has since become an MLflow store is left out of the search, but
+    the files in it are there: resuming refuses rather than call them gone, and resumes
+    once the folder is a plain one again."""
+    folder, out = tmp_path / "images", tmp_path / "scores.csv"
+    write_image_folder(sample_images(2), folder, "n-")
+    sub = folder / "sub"
+    write_image_folder(sample_images(3, offset=2), sub, "m-")
+    command = ["score", folder, "--model", model_dir, "--out", out]
+    assert run(*command).exit_code == 0
+    table = out.read_bytes()
+    (sub / "mlflow.db").write_bytes(b"")
+    (sub / "artifacts").mkdir()
+    result = run(*command, "--resume")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: 3 row(s) of {out} are files under {folder} that still exist but that the "
+        f"folder search now leaves out (e.g. {sub / 'm-00000.png'}: in a folder it takes for "
+        "an MLflow store), so resuming would drop them; move them out of such a folder, or "
+        "write to another --out")
+    assert out.read_bytes() == table
+    (sub / "mlflow.db").unlink()
+    result = run(*command, "--resume")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == table  # every row kept, none scored again
+
+
 def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,
                                   tmp_path: Path) -> None:
     (tmp_path / "file.csv").write_text("a file, not a folder")
