@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -154,11 +155,13 @@ def heatmap_names(relative_paths: Sequence[Path]) -> list[Path]:
     them keeps its whole name and gets ``.png`` appended (``b.jpg.png``, ``b.png.png``).
     A name still taken after that (``b.png.png`` was also a file there), or one that is
     a folder of other heatmaps (``x.jpg`` beside a folder ``x.png/``), gets ``~2``,
-    ``~3``, ... before its suffix, in the order of ``relative_paths``.
+    ``~3``, ... before its suffix, in the order of ``relative_paths``. A name longer than
+    file systems take (:data:`NAME_BYTES`, as a file named to the limit gets with
+    ``.png`` added) is cut, and ends in a hash of the whole (see :func:`_fitted`).
     """
     plain = [p.with_suffix(".png") for p in relative_paths]
     counts = Counter(plain)
-    wanted = [name if counts[name] == 1 else path.with_name(path.name + ".png")
+    wanted = [_fitted(name if counts[name] == 1 else path.with_name(path.name + ".png"))
               for name, path in zip(plain, relative_paths, strict=True)]
     folders = {parent for name in wanted for parent in name.parents}
     taken: set[Path] = set()
@@ -172,9 +175,30 @@ def _take_free(name: Path, taken: set[Path], folders: set[Path] | frozenset[Path
     candidate, n = name, 1
     while candidate in taken or candidate in folders:
         n += 1
-        candidate = name.with_name(f"{name.stem}~{n}.png")
+        candidate = _fitted(name.with_name(f"{name.stem}~{n}.png"))
     taken.add(candidate)
     return candidate
+
+
+NAME_BYTES = 255
+"""The longest file name, in bytes, that common file systems take (ext4, XFS, btrfs, APFS):
+a heatmap's name must fit it wherever the heatmaps are written."""
+
+
+def _fitted(name: Path) -> Path:
+    """``name``, or, where its last part is over :data:`NAME_BYTES` bytes, that part cut
+    to leave room for ``~N`` and ending in ``~`` and 12 hex digits of its SHA-256, then
+    ``.png``: the same for the same name, different for different ones (the heatmap's
+    text chunk keeps the scored file's path in full)."""
+    whole = os.fsencode(name.name)
+    if len(whole) <= NAME_BYTES:
+        return name
+    tail = f"~{hashlib.sha256(whole).hexdigest()[:12]}.png".encode()
+    stem = os.fsencode(name.stem)
+    end = NAME_BYTES - len(tail) - 8  # 8: room for a ~N
+    while end > 0 and stem[end] & 0xC0 == 0x80:  # not inside a UTF-8 character
+        end -= 1
+    return name.with_name(os.fsdecode(stem[:end] + tail))
 
 
 SOURCE_KEY = "anomaly-flow:source"

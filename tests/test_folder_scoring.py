@@ -963,6 +963,28 @@ def test_a_resumed_run_does_not_overwrite_an_earlier_heatmap(
     assert (heat / "x.bmp.png").is_file()
 
 
+def test_files_named_to_the_length_limit_get_their_heatmaps(model: Glow,
+                                                             tmp_path: Path) -> None:
+    """Two files of one 251-byte stem (.png and .jpg) had heatmap names of 259 bytes: none
+    could be written, and the advice to resume could never mend it."""
+    folder, heat, out = tmp_path / "images", tmp_path / "heat", tmp_path / "scores.csv"
+    folder.mkdir()
+    first, second = sample_images(2)
+    stem = "b" * 251
+    Image.fromarray(first[0]).save(folder / f"{stem}.png")
+    Image.fromarray(second[0]).save(folder / f"{stem}.jpg")
+    summary = score_folder(model, None, folder, out, heatmaps=heat)
+    assert (summary.n_heatmaps, summary.heatmap_failures) == (2, (0, None))
+    from anomaly_flow.heatmap import recorded_heatmaps
+    drawn = recorded_heatmaps(heat)  # each names its file in full
+    assert sorted(drawn) == [f"{stem}.jpg", f"{stem}.png"]
+    assert all(len(name.name) < 255 for name, _ in drawn.values())
+    before = {path: path.read_bytes() for path in heat.iterdir()}
+    summary = score_folder(model, None, folder, out, heatmaps=heat, resume=True)
+    assert (summary.n_resumed, summary.n_heatmaps) == (2, 0)
+    assert {path: path.read_bytes() for path in heat.iterdir()} == before
+
+
 def test_a_resumed_run_never_draws_over_a_kept_files_heatmap(
         model: Glow, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Each heatmap records its source, so a resumed run knows whose it is: a new b.png,

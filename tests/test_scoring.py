@@ -842,6 +842,29 @@ def test_a_heatmap_writer_that_fails_outright_still_stops_its_threads(
     assert not [t for t in threading.enumerate() if t.name.startswith("heatmap")]
 
 
+def test_heatmap_names_longer_than_a_file_system_takes_are_cut_apart() -> None:
+    """A file named to the 255-byte limit, beside one of the same stem, got the name plus
+    .png, which no file system took: its heatmap could never be written."""
+    stem = "b" * 251
+    names = heatmap_names([Path(f"d/{stem}.png"), Path(f"d/{stem}.jpg"), Path("d/é" * 1),
+                           Path("é" * 200 + ".tif")])
+    # 255 - 17 (~, 12 hex digits, .png) - 8 (room for a ~N) bytes of the name kept, in
+    # whole characters (é is 2 bytes)
+    assert [len(os.fsencode(name.name)) for name in names] == [247, 247, 6, 247]
+    assert all(name.parent == Path("d") for name in names[:3])
+    first, second = names[0].name, names[1].name
+    assert re.fullmatch("b{230}~[0-9a-f]{12}[.]png", first) and first != second
+    assert names[2] == Path("d/é.png")
+    assert re.fullmatch("é{115}~[0-9a-f]{12}[.]png", names[3].name)
+    (odd,) = heatmap_names([Path("a" + "é" * 200 + ".tif")])  # the cut falls inside an é
+    assert re.fullmatch("aé{114}~[0-9a-f]{12}[.]png", odd.name)
+    assert heatmap_names([Path(f"d/{stem}.png"), Path(f"d/{stem}.jpg")]) == names[:2]
+    # a cut name that is taken (here by a folder of heatmaps) gets ~2 within the limit
+    beside = heatmap_names([Path(f"d/{stem}.png"), Path(f"d/{stem}.jpg"), names[0] / "a.png"])
+    assert beside[0] == names[0].with_name(f"{names[0].stem}~2.png")
+    assert len(os.fsencode(beside[0].name)) == 249
+
+
 def test_heatmap_names_stay_apart_from_each_other_and_from_folders() -> None:
     names = heatmap_names([Path("x.jpg"), Path("x.png"), Path("x.png.png")])
     assert names == [Path("x.jpg.png"), Path("x.png.png"), Path("x.png~2.png")]
