@@ -157,10 +157,10 @@ def load_image(source: str | os.PathLike[str] | bytes, mode: ImageMode, size: in
     The steps: take the first frame (GIF, multi-page TIFF); apply the EXIF orientation;
     16-bit grey is scaled to 8 bits (``round(v / 257)``; 32-bit integer grey too where
     its values lie in 0..65535, and is refused where they do not), float grey is clipped to
-    0..255; palette images with transparency and images with an alpha channel are
-    composited onto **black** (``rgb * alpha / 255``); CMYK and other modes are converted
-    by PIL; then to ``mode`` and to ``size × size`` with :data:`RESAMPLE`, as ``resize``
-    says.
+    0..255 (and refused where it holds NaN); palette images with transparency and images
+    with an alpha channel are composited onto **black** (``rgb * alpha / 255``); CMYK and
+    other modes are converted by PIL; then to ``mode`` and to ``size × size`` with
+    :data:`RESAMPLE`, as ``resize`` says.
 
     Args:
         source: A file path, or the encoded file content as ``bytes``.
@@ -293,7 +293,12 @@ def _to_input(img: Image.Image, mode: ImageMode, size: int, resize: Resize
         grey /= 257
         img = Image.fromarray(np.rint(grey).astype(np.uint8))
     elif img.mode == "F":
-        grey = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float64)), 0, 255)
+        grey = np.asarray(img, dtype=np.float64)
+        if n_nan := int(np.isnan(grey).sum()):  # a "no data" mark (depth, thermal): as black,
+            raise _UnscalableImage(  # it would be scored as a dark patch and nothing said
+                f"float grey image with {n_nan} NaN pixel(s) of {grey.size}: NaN has no grey "
+                "level; replace them (with the background's value, say) and save it again")
+        grey = np.clip(grey, 0, 255)  # ±inf too
         img = Image.fromarray(np.rint(grey).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

@@ -213,11 +213,16 @@ def test_int32_and_float_images() -> None:
         with pytest.raises(DataError, match=r"^32-bit integer grey image with values from "
                                             rf"{min(wide)} to {max(wide)}: only 0\.\.65535"):
             image_to_array(Image.fromarray(np.array([wide], dtype=np.int32)), "L", 4)
-    as_float = Image.fromarray(np.array([[-5.0, 300.7, 12.4, np.nan]], dtype=np.float32))
+    as_float = Image.fromarray(np.array([[-5.0, 300.7, 12.4, np.inf]], dtype=np.float32))
     assert as_float.mode == "F"
     np.testing.assert_array_equal(
-        image_to_array(as_float.resize((4, 4)), "L", 4)[0, 0], [0, 255, 12, 0]
+        image_to_array(as_float.resize((4, 4)), "L", 4)[0, 0], [0, 255, 12, 255]
     )
+    # NaN, a "no data" mark, was taken as black: scored as a dark patch, nothing said
+    with_nan = Image.fromarray(np.array([[1.0, np.nan], [np.nan, 3.0]], dtype=np.float32))
+    with pytest.raises(DataError, match=r"^float grey image with 2 NaN pixel\(s\) of 4: NaN "
+                                        "has no grey level; replace them"):
+        image_to_array(with_nan, "L", 4)
 
 
 @pytest.mark.parametrize("mode", ["1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "I;16B"])
@@ -496,6 +501,23 @@ def test_a_32_bit_tiff_beyond_16_bits_is_an_error_not_white(tmp_path: Path) -> N
     np.testing.assert_array_equal(load_image(tmp_path / "fits.tiff", "L", 16),
                                   load_image(tmp_path / "fits.png", "L", 16))
     np.testing.assert_array_equal(load_image(tmp_path / "fits.png", "L", 16)[0], eight)
+
+
+def test_a_float_tiff_with_nan_pixels_is_an_error_not_black(tmp_path: Path) -> None:
+    """NaN marks "no data" in float images (depth maps, thermal cameras); read as black,
+    such a file was scored as a dark patch with nothing said. It is an undecodable file,
+    its reason saying what to do; the same image with the NaNs filled reads as before."""
+    depth = np.random.default_rng(4).uniform(0, 255, (16, 16)).astype(np.float32)
+    depth[:, :8] = np.nan
+    Image.fromarray(depth).save(tmp_path / "depth.tiff")
+    reason = ("float grey image with 128 NaN pixel(s) of 256: NaN has no grey level; replace "
+              "them (with the background's value, say) and save it again")
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(tmp_path / "depth.tiff", "L", 16)
+    assert caught.value.reason == reason
+    assert try_load_image(tmp_path / "depth.tiff", "L", 16) == (None, reason)
+    Image.fromarray(np.nan_to_num(depth)).save(tmp_path / "filled.tiff")
+    assert load_image(tmp_path / "filled.tiff", "L", 16)[0, :, :8].max() == 0
 
 
 # --------------------------------------------------------------------------- in-memory data
