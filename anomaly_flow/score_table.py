@@ -71,6 +71,10 @@ def output_format(out: Path) -> str:
         ScoringError: Any other extension.
     """
     fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None and Path(out).name.lower() in OUTPUT_FORMATS:  # ".csv": a name, no suffix
+        raise ScoringError(
+            f"{display_path(out)} is a hidden file name without an extension, so its output "
+            f"format is unknown: give the table a name, such as scores{Path(out).name}")
     if fmt is None:
         raise ScoringError(
             f"cannot tell the output format of {display_path(out)}: use a file name "

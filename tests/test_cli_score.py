@@ -764,6 +764,11 @@ def test_a_missing_folder_and_a_bad_out_are_named_before_any_model_loads(tmp_pat
     result = run("score", tmp_path, *missing_model, "--out", tmp_path / "o.txt")
     assert result.exit_code == 2  # a value the option cannot take: a usage error
     assert_one_line_error(result, "Invalid value for --out: cannot tell the output format")
+    result = run("score", tmp_path, *missing_model, "--out", tmp_path / ".csv")
+    assert result.exit_code == 2  # named as hidden: said so, not "use a name ending in .csv"
+    assert_one_line_error(result, f"Invalid value for --out: {tmp_path / '.csv'} is a hidden "
+                          "file name without an extension, so its output format is unknown: "
+                          "give the table a name, such as scores.csv")
 
 
 def test_a_temporary_folder_without_room_is_named_not_taken_for_a_missing_model(
