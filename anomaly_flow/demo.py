@@ -87,6 +87,7 @@ def run_demo(out: Path, *, preset: str | None = None, device: str = "auto",
         raise alike_on_every_process(TrainingError(
             "the demo runs in one process, not under torchrun; run anomaly-flow demo "
             "alone, and train on several processes with torchrun ... -m anomaly_flow train"))
+    resolve_device(device)  # a device this machine lacks: refused before any folder is made
     out = Path(out).resolve()
     tracking.check_store_folder(out / "mlruns")  # before _claim makes the folder
     with output_lock(out, holder="demo", instead="give this one another folder (--out DIR)"):

@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -224,6 +225,11 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: 
     assert result.output.strip().splitlines() == [
         f"Error: cannot write the demo's folder {tmp_path / 'file' / 'demo'}: Not a "
         "directory; give it a writable --out DIR"]
+    if not torch.cuda.is_available():  # a device the machine lacks: said before any folder
+        result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "new" / "demo"),
+                                           "--device", "cuda"])
+        assert result.exit_code == 1 and "CUDA" in result.output, result.output
+        assert not (tmp_path / "new").exists()
 
 
 def test_a_second_demo_in_a_folder_a_running_one_holds_is_refused(tmp_path: Path) -> None:
