@@ -267,7 +267,7 @@ def image_to_array(img: Image.Image, mode: ImageMode, size: int,
 
     Raises:
         DataError: A 32-bit integer grey image (mode ``I``) with values outside 0..65535,
-            which 8 bits have no scale for.
+            which 8 bits have no scale for, or a float grey one (mode ``F``) holding NaN.
     """
     return _to_input(img, mode, size, resize)[0]
 

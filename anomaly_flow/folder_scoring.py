@@ -58,10 +58,10 @@ import numpy as np
 import pandas as pd
 
 from anomaly_flow.calibration import check_fitted_to
-from anomaly_flow.data import display_path
+from anomaly_flow.data import display_path, undisplayed_path
 from anomaly_flow.errors import one_line
 from anomaly_flow.fingerprint import fingerprint_and_digests
-from anomaly_flow.folders import find_images, search_images, unlisted_advice
+from anomaly_flow.folders import find_images, is_store, search_images, unlisted_advice
 from anomaly_flow.glow import Glow
 from anomaly_flow.score_kinds import REFERENCE_SCORES
 from anomaly_flow.score_table import (
@@ -222,8 +222,10 @@ def score_folder(
         ScoringError: ``batch_size`` is not a whole number >= 1; the model was never
             initialised (:attr:`Glow.initialized`: it has learned nothing); the output
             cannot be written; the earlier output cannot be resumed from (unreadable, other
-            columns, another model or precision scored it, or none of its rows is under
-            ``folder``); two files' names print alike;
+            columns, another model or precision scored it, none of its rows is under
+            ``folder``, or resuming would drop rows of files that still exist outside it,
+            or may still exist in a subfolder that cannot be listed now or is now left out
+            as an MLflow store); two files' names print alike;
             ``fdr`` is given for an uncalibrated model; or typicality heatmaps for a
             model without a normal reference; or a batch ran out of memory (the rows
             done before it are kept, and the message names the batch size to lower).
@@ -719,15 +721,16 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
         return None
     previous = read_table(out, names)
     present = previous.index.isin(list(files))
-    _check_none_unfound(previous.index[~present], out, root, files, unlisted)
+    _check_none_unfound(previous.index[~present], out, root, unlisted)
     if len(previous) and not present.any():
         raise ScoringError(
             f"none of the {len(previous)} rows of {display_path(out)} is a file under "
             f"{display_path(root)} (its first row is {previous.index[0]}), so resuming "
             "would drop them all; resume with the folder the table was made from, spelled "
             "as then, or write to another --out")
+    under = display_path(root)  # as the rows' paths are written
     elsewhere = [key for key in previous.index[~present]
-                 if os.path.lexists(key) and not Path(key).is_relative_to(root)]
+                 if os.path.lexists(undisplayed_path(key)) and not Path(key).is_relative_to(under)]
     if elsewhere:
         raise ScoringError(
             f"{len(elsewhere)} row(s) of {display_path(out)} are files outside "
@@ -736,9 +739,9 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
             "another --out")
     if not present.all():
         # a file under a hidden name is left out of the search now, though it is there
-        hidden = sum(os.path.lexists(key) and any(
-            part.startswith(".") for part in Path(key).relative_to(root).parts)
-            for key in previous.index[~present] if Path(key).is_relative_to(root))
+        hidden = sum(os.path.lexists(undisplayed_path(key)) and any(
+            part.startswith(".") for part in Path(key).relative_to(under).parts)
+            for key in previous.index[~present] if Path(key).is_relative_to(under))
         gone = int((~present).sum()) - hidden
         if gone:
             logger.warning("dropping %d row(s) of %s whose files are no longer under %s",
@@ -758,40 +761,42 @@ def _previous_rows(out: Path, names: list[str], files: dict[str, Path], root: Pa
     return previous[~changed]
 
 
-def _check_none_unfound(missing: pd.Index, out: Path, root: Path, files: dict[str, Path],
+def _check_none_unfound(missing: pd.Index, out: Path, root: Path,
                         unlisted: Sequence[tuple[Path, str]]) -> None:
     """Refuse to drop the rows of files under ``root`` that the search did not find but
     that may still be there: in a folder it could not list (whether or not the file can
-    be seen from here), or, not hidden, in one it now leaves out (a file found under
-    another path to it, through a symlinked folder, is not dropped: it has a row)."""
-    def in_unlisted(key: str) -> tuple[Path, str] | None:
-        return next(((folder, reason) for folder, reason in unlisted
-                     if Path(key).is_relative_to(folder)), None)
+    be seen from here), or in one it now leaves out as an MLflow store. ``missing`` holds
+    the rows' ``path`` texts (:func:`display_path`), as the folders are compared."""
+    under = display_path(root)
+    shown = [(display_path(folder), reason) for folder, reason in unlisted]
 
-    def left_out(key: str) -> bool:
-        below = Path(key)
-        return (below.is_relative_to(root) and os.path.lexists(key)
-                and not any(part.startswith(".") for part in below.relative_to(root).parts))
+    def in_unlisted(key: str) -> tuple[str, str] | None:
+        return next(((folder, reason) for folder, reason in shown
+                     if Path(key).is_relative_to(folder)), None)
 
     if blocked := [(key, where) for key in missing if (where := in_unlisted(key))]:
         key, (folder, reason) = blocked[0]
         raise ScoringError(
             f"{len(blocked)} row(s) of {display_path(out)} are files in folders under "
-            f"{display_path(root)} that could not be listed this time (e.g. {one_line(key)} "
-            f"in {one_line(display_path(folder))}: {reason}), so resuming would drop rows of "
-            f"files that may still be there; {unlisted_advice(reason)}, then resume, or "
-            "write to another --out")
-    unfound = [key for key in missing if left_out(key)]
-    if unfound:  # a file listed now under its real path, not a link's, has its row
-        found = {os.path.realpath(path) for path in files.values()}
-        unfound = [key for key in unfound if os.path.realpath(key) not in found]
-    if unfound:
-        raise ScoringError(
-            f"{len(unfound)} row(s) of {display_path(out)} are files under "
-            f"{display_path(root)} that still exist but that the folder search now leaves out "
-            f"(e.g. {one_line(unfound[0])}: in a folder it takes for an MLflow store), so "
-            "resuming would drop them; move them out of such a folder, or write to another "
+            f"{under} that could not be listed this time (e.g. {one_line(key)} in "
+            f"{one_line(folder)}: {reason}), so resuming would drop rows of files that may "
+            f"still be there; {unlisted_advice(reason)}, then resume, or write to another "
             "--out")
+
+    def in_store(key: str) -> Path | None:
+        if not Path(key).is_relative_to(under):
+            return None
+        folder = Path(undisplayed_path(key)).parent
+        return next((above for above in [folder, *folder.parents]
+                     if above.is_relative_to(root) and above != root and is_store(above)),
+                    None)
+
+    if stored := [(key, store) for key in missing if (store := in_store(key))]:
+        key, store = stored[0]
+        raise ScoringError(
+            f"{len(stored)} row(s) of {display_path(out)} are files in {display_path(store)}, "
+            f"which the folder search now leaves out as an MLflow store (e.g. {one_line(key)}), "
+            "so resuming would drop them; move them out of it, or write to another --out")
 
 
 def _changed_since(path: Path, time_ns: int) -> bool:

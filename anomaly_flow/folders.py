@@ -128,7 +128,7 @@ def search_images(root: Path) -> ImageSearch:
                         if d.startswith(".") and _holds_images(os.path.join(dirpath, d))]
         dirnames[:] = [d for d in dirnames if not d.startswith(".")
                        and _enter(Path(dirpath, d), real_dirs, seen_dirs, linked)]
-        for d in [d for d in dirnames if _is_store(Path(dirpath, d))]:
+        for d in [d for d in dirnames if is_store(Path(dirpath, d))]:
             dirnames.remove(d)
             stores.append(Path(dirpath, d))
         for f in filenames:
@@ -144,7 +144,7 @@ def search_images(root: Path) -> ImageSearch:
         _warn_left_out(root, others)
     if hidden or hidden_dirs:
         _warn_hidden(root, hidden, hidden_dirs)
-    if _is_store(root):  # asked for by name, so searched: but likely a slip (mlruns<TAB>)
+    if is_store(root):  # asked for by name, so searched: but likely a slip (mlruns<TAB>)
         logger.warning("%s is an MLflow store: its images are runs' plots and sample grids, "
                        "not data of yours; if that is not what you meant, pass the folder of "
                        "your images", display_path(root))
@@ -261,7 +261,7 @@ def _holds_images(folder: str) -> bool:
         return False
     looked = 0
     for below, dirnames, filenames in walk_tree(folder, follow_links=False):
-        if _TOOL_MARKS & set(filenames + dirnames) or _is_store(Path(below)):
+        if _TOOL_MARKS & set(filenames + dirnames) or is_store(Path(below)):
             dirnames.clear()  # a virtual environment or conda's, an MLflow store
             continue
         if any(_suffix(name).lower() in IMAGE_EXTENSIONS and not name.startswith(".")
@@ -377,7 +377,7 @@ def _suffix(name: str) -> str:
     return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
-def _is_store(folder: Path) -> bool:
+def is_store(folder: Path) -> bool:
     """Whether ``folder`` is a local MLflow store (``mlruns/``: its sqlite database beside
     the ``artifacts/`` of the runs), which :func:`find_images` does not search."""
     try:

@@ -196,7 +196,9 @@ def _fitted(name: Path) -> Path:
     tail = f"~{hashlib.sha256(whole).hexdigest()[:12]}.png".encode()
     stem = os.fsencode(name.stem)
     end = NAME_BYTES - len(tail) - 8  # 8: room for a ~N
-    while end > 0 and stem[end] & 0xC0 == 0x80:  # not inside a UTF-8 character
+    for _ in range(3):  # not inside a UTF-8 character (of at most 4 bytes)
+        if stem[end] & 0xC0 != 0x80:
+            break
         end -= 1
     return name.with_name(os.fsdecode(stem[:end] + tail))
 

@@ -159,6 +159,8 @@ def conversion_look(paths: Sequence[Path], mode: ImageMode, size: int,
                 and seen["with_alpha"] < 16 and small:
             judged["with_alpha"] = _has_transparency(img)
         if img.mode == "F" and small:
+            if np.isnan(np.asarray(img)).any():  # refused when decoded: not judged here
+                return
             low, high = img.getextrema()
             judged["floats"] = low >= 0.0 and high <= 1.0
         if img.mode in SIXTEEN_BIT_MODES and small:

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from anomaly_flow.calibration import Calibration, calibrate
 from anomaly_flow.cli import main
-from anomaly_flow.data import ArrayDataset, write_image_folder
+from anomaly_flow.data import ArrayDataset, display_path, write_image_folder
 from anomaly_flow.score_table import write_table
 from anomaly_flow.scoring import score_images
 from tests.conftest import TrainedModel, corrupt_png, obeying_file_modes
@@ -446,15 +446,16 @@ def test_strict_fails_when_a_folder_could_not_be_listed(model_dir: Path,
         "were not scored")
 
 
-@pytest.mark.parametrize("mode", [0o311, 0o000])  # files reachable, not listable; neither
+@pytest.mark.parametrize(("mode", "name"), [  # files reachable, not listable; neither
+    (0o311, "sub"), (0o000, "sub"), (0o000, os.fsdecode(b"caf\xe9"))])  # not UTF-8 too
 def test_resume_keeps_the_rows_of_a_folder_it_cannot_list_now(model_dir: Path, tmp_path: Path,
-                                                             mode: int) -> None:
+                                                             mode: int, name: str) -> None:
     """A folder scored earlier that cannot be listed now: its files may well be there, so
     resuming refuses rather than drop their rows as gone, and the table is kept as it was
     (the real command, in a process that obeys file modes)."""
     folder, out = tmp_path / "images", tmp_path / "scores.csv"
     write_image_folder(sample_images(2), folder, "n-")
-    locked = folder / "sub"
+    locked = folder / name
     write_image_folder(sample_images(3, offset=2), locked, "m-")
     command = [sys.executable, "-m", "anomaly_flow", "score", str(folder), "--model",
                str(model_dir), "--out", str(out), "--workers", "0"]
@@ -470,7 +471,8 @@ def test_resume_keeps_the_rows_of_a_folder_it_cannot_list_now(model_dir: Path, t
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: 3 row(s) of {out} are files in folders under {folder} that could not be "
-        f"listed this time (e.g. {locked / 'm-00000.png'} in {locked}: Permission denied), so "
+        f"listed this time (e.g. {display_path(locked / 'm-00000.png')} in "
+        f"{display_path(locked)}: Permission denied), so "
         "resuming would drop rows of files that may still be there; make them readable (or "
         "put back what was moved away), then resume, or write to another --out")
     assert "no longer under" not in result.stderr
@@ -494,15 +496,21 @@ def test_resume_keeps_the_rows_of_a_folder_now_taken_for_an_mlflow_store(
     result = run(*command, "--resume")
     assert result.exit_code == 1, result.output
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: 3 row(s) of {out} are files under {folder} that still exist but that the "
-        f"folder search now leaves out (e.g. {sub / 'm-00000.png'}: in a folder it takes for "
-        "an MLflow store), so resuming would drop them; move them out of such a folder, or "
-        "write to another --out")
+        f"Error: 3 row(s) of {out} are files in {sub}, which the folder search now leaves "
+        f"out as an MLflow store (e.g. {sub / 'm-00000.png'}), so resuming would drop them; "
+        "move them out of it, or write to another --out")
     assert out.read_bytes() == table
     (sub / "mlflow.db").unlink()
     result = run(*command, "--resume")
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == table  # every row kept, none scored again
+    # a file that is a folder now is not one the search left out: its row goes, as gone
+    (folder / "n-00000.png").unlink()
+    (folder / "n-00000.png").mkdir()
+    result = run(*command, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "dropping 1 row(s) of" in result.stderr and "no longer under" in result.stderr
+    assert len(read_csv(out)) == 4
 
 
 def test_user_errors_are_one_line(messy: Path, model_dir: Path, mlruns: Path,

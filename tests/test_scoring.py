@@ -858,6 +858,9 @@ def test_heatmap_names_longer_than_a_file_system_takes_are_cut_apart() -> None:
     assert re.fullmatch("é{115}~[0-9a-f]{12}[.]png", names[3].name)
     (odd,) = heatmap_names([Path("a" + "é" * 200 + ".tif")])  # the cut falls inside an é
     assert re.fullmatch("aé{114}~[0-9a-f]{12}[.]png", odd.name)
+    # a name that is not UTF-8 is cut near the mark too, not back to its first character
+    (raw,) = heatmap_names([Path(os.fsdecode(b"a\xc3" + b"\xa9" * 299 + b".tif"))])
+    assert len(os.fsencode(raw.name)) == 244 and os.fsencode(raw.name).startswith(b"a\xc3")
     assert heatmap_names([Path(f"d/{stem}.png"), Path(f"d/{stem}.jpg")]) == names[:2]
     # a cut name that is taken (here by a folder of heatmaps) gets ~2 within the limit
     beside = heatmap_names([Path(f"d/{stem}.png"), Path(f"d/{stem}.jpg"), names[0] / "a.png"])

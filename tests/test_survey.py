@@ -328,6 +328,12 @@ def test_conversion_notes_say_when_float_images_are_scaled_to_one(tmp_path: Path
     assert note.startswith("3 of 4 floating-point images looked at hold values in 0..1 only")
     assert load_image(tmp_path / "unit-0.tiff", "L", 16).max() <= 1  # as the note says
     assert conversion_notes([tmp_path / "full.tiff"], "L", 16) == []
+    # images holding NaN are refused when decoded, so no note speaks of them
+    for i in range(3):
+        unit = rng.random((16, 16), dtype=np.float32)
+        unit[0, 0] = np.nan
+        Image.fromarray(unit, mode="F").save(tmp_path / f"unit-{i}.tiff")
+    assert conversion_notes(paths, "L", 16) == []
 
 
 def test_conversion_notes_say_when_16_bit_images_hold_fewer_bits(tmp_path: Path) -> None:
