@@ -331,7 +331,11 @@ def _check_types(config: Any) -> None:
                      else repr(value))
             raise ConfigError(f"{name} = {shown} is invalid: must be {kind}.")
         if hint in (int, float) and type(value) is not hint:
-            object.__setattr__(config, name, hint(value))  # frozen: set before anyone reads
+            try:
+                coerced = hint(value)
+            except OverflowError:  # a whole number past any float: said as lr = 1e400 is
+                coerced = math.inf
+            object.__setattr__(config, name, coerced)  # frozen: set before anyone reads
 
 
 def _from_dict(cls: type, data: Any, section: str) -> Any:
@@ -409,6 +413,9 @@ def load_config(path: str | Path) -> RunConfig:
                    + ": copy a preset from anomaly_flow/presets/ and edit it")
         raise ConfigError(f"cannot parse {path} as {'JSON' if as_json else 'TOML'}: "
                           f"{exc}{fix}") from exc
+    except RecursionError:  # arrays nested thousands deep: no config is
+        raise ConfigError(f"cannot parse {path}: its values are nested too deeply for a "
+                          "config; copy a preset from anomaly_flow/presets/ and edit it") from None
     if data == {}:
         raise ConfigError(f"config file {path} is empty; give at least a [model] or [train] "
                           "table (see the presets in anomaly_flow/presets/).")

@@ -275,6 +275,28 @@ def test_a_config_without_a_model_table_says_which_model_it_gets(
         load_config(tmp_path)
 
 
+def test_a_config_past_what_python_reads_gets_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A whole number past any float in a decimal field ended in OverflowError, and
+    arrays nested thousands deep in RecursionError; 1e400 was already refused by name."""
+    from anomaly_flow.config import ConfigError, load_config
+
+    huge = tmp_path / "huge.toml"
+    huge.write_text("[train]\ngrad_clip = 1" + "0" * 400 + "\n")
+    with pytest.raises(ConfigError, match=r"^grad_clip = inf in \[train\] is invalid: must be "
+                                          r"a finite number >= 0"):
+        load_config(huge)
+    as_json = tmp_path / "huge.json"
+    as_json.write_text('{"train": {"lr": 1' + "0" * 400 + "}}")
+    with pytest.raises(ConfigError, match=r"^lr = inf in \[train\] is invalid: must be a "
+                                          "positive finite number"):
+        load_config(as_json)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match=rf"^cannot parse {re.escape(str(deep))}: its values "
+                                          "are nested too deeply for a config; copy a preset"):
+        load_config(deep)
+
+
 def test_a_config_that_does_not_parse_says_the_format_it_was_read_as(tmp_path: Path) -> None:
     """A YAML file given as --config was refused in TOML's words only ("Expected '=' after
     a key"), which does not tell a user that configs are TOML."""
